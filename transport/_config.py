@@ -1,0 +1,152 @@
+"""Deployment configuration: one object, from code, environment or TOML.
+
+Switching a deployment from ``sqlite://`` to Kafka, NATS or Pulsar is a change
+of ``TRANSPORT_URL`` (or of the TOML file), never of ensemble code.
+Secrets are ``SecretStr``: they never appear in ``repr``, logs or errors.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from transport._naming import validate_name
+from transport.errors import ConfigurationError
+
+__all__ = ["DEFAULT_URL", "TLSConfig", "TransportConfig", "load_config"]
+
+#: The embedded default: durable, no server, one file in the working directory.
+DEFAULT_URL = "sqlite:///transport.db"
+
+
+class TLSConfig(BaseModel):
+    """TLS settings shared by every backend that speaks TLS.
+
+    ``verify_hostname`` is on by default and should stay on: a certificate for
+    another host is refused (pulsar-client's own default is off; we turn it on).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    key_password: SecretStr | None = None
+    verify_hostname: bool = True
+
+
+class TransportConfig(BaseSettings):
+    """Everything a backend needs to connect.
+
+    Environment variables use the ``TRANSPORT_`` prefix (``TRANSPORT_URL``,
+    ``TRANSPORT_NAMESPACE``, nested ``TRANSPORT_TLS__CA_FILE`` …).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRANSPORT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    url: str = DEFAULT_URL
+    namespace: str = Field(
+        default="agentensemble",
+        description="prefix of every topic, stream, subject and table the library creates",
+    )
+    consumer_group: str = Field(default="workers", description="group shared by a queue's workers")
+    lease_seconds: float = Field(
+        default=30.0, gt=0, description="how long a delivery is held before redelivery"
+    )
+    max_attempts: int = Field(default=5, ge=1, description="deliveries before dead-lettering")
+    max_payload_bytes: int = Field(default=1_048_576, gt=0, le=64 * 1_048_576)
+    registry_ttl_seconds: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="how long delivery records are kept"
+    )
+    capability_lease_seconds: float = Field(default=30.0, gt=0)
+    username: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    credentials_file: Path | None = Field(default=None, description="NATS .creds file")
+    nkey_seed: SecretStr | None = None
+    sasl_mechanism: str | None = None
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="backend-specific options (see each backend)"
+    )
+
+    @field_validator("namespace", "consumer_group")
+    @classmethod
+    def _check_names(cls, value: str) -> str:
+        return validate_name(value, "namespace")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"transport url must look like 'scheme://…', got {value!r}")
+        return value
+
+    @property
+    def scheme(self) -> str:
+        """The URL scheme that selects the backend (``kafka``, ``nats`` …)."""
+        return urlsplit(self.url).scheme.lower()
+
+    def redacted_url(self) -> str:
+        """The URL with any password replaced, safe for logs."""
+        parts = urlsplit(self.url)
+        if parts.password is None:
+            return self.url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+
+    def __repr_args__(self) -> Any:
+        for key, value in super().__repr_args__():
+            yield key, (self.redacted_url() if key == "url" else value)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> TransportConfig:
+        """Read a TOML file: keys at the top level or under ``[transport]``.
+
+        Environment variables still override what the file says, and keyword
+        ``overrides`` override both.
+
+        Raises:
+            ConfigurationError: the file is missing or not valid TOML.
+        """
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"cannot read transport config {path}: {exc}") from exc
+        section = data.get("transport", data)
+        if not isinstance(section, dict):
+            raise ConfigurationError(f"{path}: [transport] must be a table")
+        env = cls()  # what the environment sets
+        merged = {**section}
+        for key in env.model_fields_set:
+            merged[key] = getattr(env, key)
+        merged.update(overrides)
+        return cls.model_validate(merged)
+
+
+def load_config(url_or_config: str | TransportConfig | None = None, **overrides: Any) -> TransportConfig:
+    """Resolve the configuration ``connect`` uses.
+
+    A ``TransportConfig`` is taken as is; a string is a URL; ``None`` reads the
+    environment and, if ``TRANSPORT_CONFIG_FILE`` is set, that TOML file.
+    """
+    if isinstance(url_or_config, TransportConfig):
+        return url_or_config.model_copy(update=overrides) if overrides else url_or_config
+    if isinstance(url_or_config, str):
+        overrides = {"url": url_or_config, **overrides}
+    path = os.environ.get("TRANSPORT_CONFIG_FILE")
+    if path:
+        return TransportConfig.from_toml(path, **overrides)
+    return TransportConfig(**overrides)

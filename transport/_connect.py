@@ -1,0 +1,83 @@
+"""``connect``: configuration in, a :class:`Transport` out.
+
+Backends are found through the ``transport.backends`` entry-point group,
+keyed by URL scheme, so third-party backends plug in without changes here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from importlib.metadata import entry_points
+from typing import Any, cast
+
+from transport._config import TransportConfig, load_config
+from transport._transport import Transport, TransportFactory
+from transport.errors import BackendNotAvailableError
+
+__all__ = ["available_backends", "connect"]
+
+log = logging.getLogger("transport")
+
+# Used when the distribution's entry points are not installed (running from a
+# source checkout); installed entry points always win.
+_BUILTIN = {
+    "memory": ("transport_inprocess:open_memory", None),
+    "sqlite": ("transport_inprocess:open_sqlite", None),
+    "kafka": ("transport_kafka:open_kafka", "kafka"),
+    "nats": ("transport_nats:open_nats", "nats"),
+    "tls": ("transport_nats:open_nats", "nats"),
+    "pulsar": ("transport_pulsar:open_pulsar", "pulsar"),
+    "pulsar+ssl": ("transport_pulsar:open_pulsar", "pulsar"),
+}
+
+GROUP = "transport.backends"
+
+
+def available_backends() -> dict[str, str]:
+    """URL scheme → ``module:factory`` for every known backend."""
+    found = {scheme: target for scheme, (target, _) in _BUILTIN.items()}
+    for ep in entry_points(group=GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def _load(scheme: str) -> TransportFactory:
+    target = available_backends().get(scheme)
+    if target is None:
+        known = ", ".join(sorted(available_backends()))
+        raise BackendNotAvailableError(
+            scheme, f"no transport backend for URL scheme {scheme!r} (known: {known})"
+        )
+    module_name, _, attr = target.partition(":")
+    extra = _BUILTIN.get(scheme, (None, None))[1]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = (
+            f"pip install 'agentensemble-transport[{extra}]'"
+            if extra
+            else f"install the package providing {module_name!r}"
+        )
+        raise BackendNotAvailableError(
+            scheme, f"backend for {scheme}:// is not installed ({exc.name or exc}); {hint}"
+        ) from exc
+    return cast(TransportFactory, getattr(module, attr))
+
+
+async def connect(url_or_config: str | TransportConfig | None = None, **overrides: Any) -> Transport:
+    """Open a transport for a URL (``sqlite:///app.db``, ``kafka://host:9092`` …)
+    or a :class:`TransportConfig`; ``None`` reads ``TRANSPORT_URL`` and friends
+    from the environment (and ``TRANSPORT_CONFIG_FILE`` if set).
+
+    Raises:
+        BackendNotAvailableError: unknown scheme or missing extra (the message
+            says what to install).
+        ConfigurationError: invalid settings.
+        TransientTransportError: the backend is unreachable.
+    """
+    config = load_config(url_or_config, **overrides)
+    factory = _load(config.scheme)
+    transport = await factory(config)
+    log.debug("connected %r", transport)
+    return transport

@@ -1,0 +1,82 @@
+"""Validation of every user-given name that becomes part of a topic, subject,
+stream, table key or file.
+
+One rule for all backends, so that a name accepted on ``memory://`` is also
+accepted on Kafka, NATS and Pulsar: ASCII letters, digits, ``_`` and ``-``;
+starting with a letter or digit; at most 100 characters; no ``__`` (reserved
+for the library's own suffixes such as ``orders__p0`` or ``orders__dlq``).
+That excludes every separator or wildcard of the supported brokers
+(``.``, ``*``, ``>``, ``/``, ``:``, ``$``, whitespace, control characters).
+"""
+
+from __future__ import annotations
+
+import re
+
+from transport.errors import InvalidNameError
+
+MAX_NAME_LENGTH = 100
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}")
+_FORBIDDEN_IN_VALUES = ("\r", "\n", "\x00")
+MAX_HEADER_VALUE_LENGTH = 8192
+
+
+def validate_name(name: object, what: str = "name") -> str:
+    """Return ``name`` if it is safe as a queue/registry/ensemble name, else raise.
+
+    Raises:
+        InvalidNameError: not a string, empty, too long, or containing a
+            character outside ``[A-Za-z0-9_-]``, or the reserved ``__``.
+    """
+    if not isinstance(name, str):
+        raise InvalidNameError(what, name, "must be a string")
+    if not name:
+        raise InvalidNameError(what, name, "must not be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidNameError(what, name, f"longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME_RE.fullmatch(name):
+        raise InvalidNameError(
+            what,
+            name,
+            "only ASCII letters, digits, '_' and '-' are allowed, starting with a letter "
+            "or digit (separators and wildcards such as . * > / : $ would change routing)",
+        )
+    if "__" in name:
+        raise InvalidNameError(what, name, "'__' is reserved for internal names")
+    return name
+
+
+def validate_request_id(request_id: object) -> str:
+    """Return ``request_id`` if usable as a key on every backend, else raise.
+
+    Raises:
+        InvalidNameError: not 1-128 characters of ``[A-Za-z0-9_-]``.
+    """
+    if not isinstance(request_id, str) or not _REQUEST_ID_RE.fullmatch(request_id):
+        raise InvalidNameError(
+            "request id", request_id, "must be 1-128 characters of A-Z a-z 0-9 _ -"
+        )
+    return request_id
+
+
+def validate_header(key: object, value: object) -> None:
+    """Raise if a header could break a wire protocol's header block.
+
+    Raises:
+        InvalidNameError: bad header name, or a value with CR, LF or NUL.
+    """
+    if not isinstance(key, str) or not _HEADER_NAME_RE.fullmatch(key):
+        raise InvalidNameError("header name", key, "must be an HTTP token (no spaces or colons)")
+    if not isinstance(value, str):
+        raise InvalidNameError("header value", value, "must be a string")
+    if len(value) > MAX_HEADER_VALUE_LENGTH:
+        raise InvalidNameError("header value", value, "longer than 8192 characters")
+    if any(ch in value for ch in _FORBIDDEN_IN_VALUES):
+        raise InvalidNameError("header value", value, "must not contain CR, LF or NUL")
+
+
+def internal_name(base: str, suffix: str) -> str:
+    """Build a library-owned name such as ``orders__dlq`` from a validated base."""
+    return f"{base}__{suffix}"

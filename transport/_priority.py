@@ -1,0 +1,263 @@
+"""Priority levels with aging, layered on any :class:`RequestQueue`.
+
+Each level is an ordinary queue of the backend (``name__p0`` is the highest),
+so a priority queue is exactly as durable as the backend: nothing is acked
+before it is processed, and nothing lives only in memory. Aging is computed
+from each request's ``enqueued_at`` (stamped once at first enqueue), so it is
+the same after a restart as before.
+
+Selection: the head (oldest request) of every level is leased and compared by
+effective level = level − ⌊waited / aging_interval⌋ (never below 0), ties to the
+oldest ``enqueued_at``. Because a level is FIFO, its head is also its most-aged
+request, so comparing heads is exact on ordered backends. Heads that lose the
+comparison stay leased by this queue (their leases are kept alive) and compete
+again on the next poll: at most one held request per level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from transport._models import DeadLetter, QueueStats, WorkRequest, utcnow
+from transport._naming import validate_name
+from transport._queue import Delivery, RequestQueue
+from transport.errors import ClosedResourceError
+
+__all__ = ["AgingPolicy", "PriorityRequestQueue"]
+
+log = logging.getLogger("transport.priority")
+
+# How long one background poll of an empty level waits before it is re-issued.
+_POLL_SLICE = 1.0
+
+
+@dataclass(frozen=True)
+class AgingPolicy:
+    """How many levels there are and how fast waiting requests are promoted.
+
+    ``clock`` is injectable so tests can move time without sleeping.
+    """
+
+    levels: int = 3
+    aging_interval: timedelta | float = timedelta(minutes=5)
+    clock: Callable[[], datetime] = field(default=utcnow, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.levels, int) or self.levels < 1:
+            raise ValueError(f"levels must be a positive integer, got {self.levels!r}")
+        if self.levels > 16:
+            raise ValueError("at most 16 priority levels are supported")
+        if self.interval_seconds <= 0:
+            raise ValueError("aging_interval must be positive")
+
+    @property
+    def interval_seconds(self) -> float:
+        interval = self.aging_interval
+        return interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
+
+    def effective_level(self, level: int, enqueued_at: datetime | None, now: datetime | None = None) -> int:
+        """``level − ⌊waited / aging_interval⌋``, never below 0."""
+        if enqueued_at is None:
+            return level
+        waited = ((now or self.clock()) - enqueued_at).total_seconds()
+        promoted = math.floor(max(waited, 0.0) / self.interval_seconds)
+        return max(0, level - promoted)
+
+
+class PriorityRequestQueue(RequestQueue):
+    """N priority levels (0 = highest) with aging; a :class:`RequestQueue` itself.
+
+    Guarantees: those of the queues underneath (at-least-once, dead-lettering
+    per level); higher effective level first under backlog; no starvation: a
+    request waiting ``k × aging_interval`` competes as ``k`` levels higher, and
+    ties go to the oldest.
+    """
+
+    def __init__(self, name: str, queues: list[RequestQueue], *, policy: AgingPolicy) -> None:
+        if len(queues) != policy.levels:
+            raise ValueError("one queue per level is required")
+        self.name = validate_name(name, "queue name")
+        self.policy = policy
+        self.lease_seconds = queues[0].lease_seconds
+        self.max_attempts = queues[0].max_attempts
+        self._queues = queues
+        self._slots: list[Delivery | None] = [None] * policy.levels
+        self._held_since: list[float] = [0.0] * policy.levels
+        self._tasks: list[asyncio.Task[Delivery | None] | None] = [None] * policy.levels
+        self._lock = asyncio.Lock()
+        self._keeper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def levels(self) -> int:
+        return self.policy.levels
+
+    async def enqueue(self, request: WorkRequest, priority: int | None = None) -> WorkRequest:
+        """Enqueue at ``priority`` (default: ``request.priority``).
+
+        Guarantees: as the underlying queue's ``enqueue``; ``priority`` and
+        ``enqueued_at`` travel with the request and survive redelivery.
+        Raises: ValueError if ``priority`` is outside ``0..levels-1``; as
+        :meth:`RequestQueue.enqueue`.
+        """
+        if self._closed:
+            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        level = request.priority if priority is None else priority
+        if not isinstance(level, int) or not 0 <= level < self.levels:
+            raise ValueError(f"priority must be in 0..{self.levels - 1}, got {level!r}")
+        if request.priority != level:
+            request = request.model_copy(update={"priority": level})
+        return await self._queues[level].enqueue(request)
+
+    async def poll(self, timeout: float | None = None) -> Delivery | None:
+        """Lease the request with the best effective level (see module doc).
+
+        Guarantees and raises: as :meth:`RequestQueue.poll`.
+        """
+        if self._closed:
+            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._lock.acquire()
+        except TimeoutError:
+            return None
+        try:
+            while True:
+                self._harvest()
+                for level in range(self.levels):
+                    if self._slots[level] is None and self._tasks[level] is None:
+                        self._fill(level, await self._queues[level].poll(0))
+                best = self._choose()
+                if best is not None:
+                    return best
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                slice_ = _POLL_SLICE if remaining is None else min(remaining, _POLL_SLICE)
+                for level in range(self.levels):
+                    if self._slots[level] is None and self._tasks[level] is None:
+                        self._tasks[level] = asyncio.create_task(self._queues[level].poll(slice_))
+                pending = {t for t in self._tasks if t is not None}
+                await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._lock.release()
+
+    def _fill(self, level: int, delivery: Delivery | None) -> None:
+        if delivery is None:
+            return
+        self._slots[level] = delivery
+        self._held_since[level] = asyncio.get_running_loop().time()
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep_leases())
+
+    def _harvest(self) -> None:
+        error: BaseException | None = None
+        for level, task in enumerate(self._tasks):
+            if task is None or not task.done():
+                continue
+            self._tasks[level] = None
+            if task.cancelled():
+                continue
+            exc = task.exception()
+            if exc is not None:
+                error = exc
+                continue
+            self._fill(level, task.result())
+        if error is not None:
+            raise error
+
+    def _choose(self) -> Delivery | None:
+        now = self.policy.clock()
+        best_level = -1
+        best_key: tuple[int, datetime, int] | None = None
+        for level, delivery in enumerate(self._slots):
+            if delivery is None:
+                continue
+            enqueued = delivery.request.enqueued_at or now
+            key = (self.policy.effective_level(level, enqueued, now), enqueued, level)
+            if best_key is None or key < best_key:
+                best_key, best_level = key, level
+        if best_key is None:
+            return None
+        chosen = self._slots[best_level]
+        self._slots[best_level] = None
+        return chosen
+
+    async def _keep_leases(self) -> None:
+        # Held heads are leased to this process: renew them well before expiry
+        # so no other worker gets them while they wait for their turn here.
+        period = max(self.lease_seconds / 3, 0.05)
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(period)
+            for level, delivery in enumerate(self._slots):
+                if delivery is None or loop.time() - self._held_since[level] < period:
+                    continue
+                try:
+                    kept = await delivery.extend()
+                except Exception as exc:  # transient: try again next period
+                    log.warning("priority queue %r: lease renewal failed: %s", self.name, exc)
+                    continue
+                if self._slots[level] is not delivery:
+                    continue  # handed out meanwhile; the worker owns it now
+                if kept:
+                    self._held_since[level] = loop.time()
+                else:
+                    self._slots[level] = None  # lease lost: it is someone else's now
+
+    async def stats(self) -> QueueStats:
+        """Totals over all levels."""
+        parts = await asyncio.gather(*(q.stats() for q in self._queues))
+        in_flight = [p.in_flight for p in parts]
+        delayed = [p.delayed for p in parts]
+        return QueueStats(
+            queue=self.name,
+            depth=sum(p.depth for p in parts),
+            in_flight=None if None in in_flight else sum(i or 0 for i in in_flight),
+            delayed=None if None in delayed else sum(d or 0 for d in delayed),
+            dead_lettered=sum(p.dead_lettered for p in parts),
+        )
+
+    async def level_stats(self) -> list[QueueStats]:
+        """Per-level stats, level 0 first."""
+        return list(await asyncio.gather(*(q.stats() for q in self._queues)))
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters of every level, oldest first."""
+        parts = await asyncio.gather(*(q.dead_letters(limit) for q in self._queues))
+        merged = sorted((d for p in parts for d in p), key=lambda d: d.dead_lettered_at)
+        return merged[:limit]
+
+    async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
+        """Requeue dead letters to their own level."""
+        ids = None if request_ids is None else list(request_ids)
+        counts = await asyncio.gather(*(q.requeue_dead_letters(ids) for q in self._queues))
+        return sum(counts)
+
+    async def aclose(self) -> None:
+        """Stop background polls, close every level (held heads are released)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        for level, task in enumerate(self._tasks):
+            if task is None:
+                continue
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                self._fill(level, await task)
+        # Held heads are given back by the level queues' own close, which
+        # releases unsettled leases without counting a failure.
+        self._slots = [None] * self.levels
+        await asyncio.gather(*(q.aclose() for q in self._queues), return_exceptions=True)

@@ -1,0 +1,174 @@
+"""The request-queue SPI: :class:`RequestQueue` and :class:`Delivery`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from datetime import timedelta
+from types import TracebackType
+from typing import Self
+
+from transport._models import DeadLetter, QueueStats, WorkRequest
+
+__all__ = ["Delivery", "RequestQueue", "seconds"]
+
+
+def seconds(value: float | timedelta | None) -> float | None:
+    """Normalise a duration given as seconds or ``timedelta``.
+
+    Raises:
+        ValueError: the duration is negative.
+    """
+    if value is None:
+        return None
+    out = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if out < 0:
+        raise ValueError(f"duration must not be negative, got {value!r}")
+    return out
+
+
+class Delivery(ABC):
+    """One leased request, handed to exactly one worker until it is settled
+    or its lease runs out.
+
+    Settling is idempotent and never raises for a stale lease: the methods
+    return ``True`` when they took effect and ``False`` when the delivery was
+    already settled, or its lease had expired and the request may already be
+    with another worker (then the outcome is a redelivery, never a loss).
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: WorkRequest) -> None:
+        #: The request, with ``attempt`` filled in (1 = first delivery).
+        self.request = request
+
+    @property
+    def attempt(self) -> int:
+        """1-based delivery count of this request, including this one."""
+        return self.request.attempt
+
+    @abstractmethod
+    async def ack(self) -> bool:
+        """Mark the request done.
+
+        Guarantees: after ``True`` the request is never delivered again.
+        Acks may be given in any order. ``False``: already settled, or the
+        lease was lost (the request will be, or was, redelivered).
+        Raises: TransientTransportError if the broker is unreachable (the
+        request stays leased and is redelivered if the lease runs out).
+        """
+
+    @abstractmethod
+    async def nack(self, delay: float | timedelta | None = None, *, error: str | None = None) -> bool:
+        """Give the request back for redelivery, not before ``delay``.
+
+        Guarantees: other requests keep flowing meanwhile. ``error`` is kept
+        and shown in the dead-letter record if this was the last attempt
+        (``attempt >= max_attempts``: the request is dead-lettered now).
+        Raises: ValueError for a negative delay; TransientTransportError.
+        """
+
+    @abstractmethod
+    async def extend(self, seconds: float | timedelta | None = None) -> bool:
+        """Keep the lease for long work: renew it for ``seconds`` (default:
+        the queue's lease) from now.
+
+        Guarantees: while a live worker keeps extending, the request is not
+        delivered to anyone else, however long the work takes.
+        ``False``: the lease was already lost or the delivery settled.
+        Raises: TransientTransportError.
+        """
+
+    @abstractmethod
+    async def dead_letter(self, error: str) -> bool:
+        """Move the request to the dead-letter queue now (a permanent failure).
+
+        Guarantees: the request is kept, with ``error`` and the attempt count,
+        and is not delivered from the source queue again.
+        Raises: TransientTransportError.
+        """
+
+
+class RequestQueue(ABC):
+    """One named, durable queue of :class:`WorkRequest` with manual-commit
+    semantics, shared by all workers of an ensemble.
+
+    Guarantees (all backends): at-least-once. A request is removed only by
+    :meth:`Delivery.ack` or moved by dead-lettering; one that is never acked
+    (worker crashed, closed, lease expired) is delivered again with a higher
+    ``attempt``; after ``max_attempts`` deliveries it goes to the dead-letter
+    queue with its last error. Ordering and persistence depend on the
+    backend's :class:`~transport.TransportCapabilities`.
+    """
+
+    name: str
+    lease_seconds: float
+    max_attempts: int
+
+    @abstractmethod
+    async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        """Durably add ``request``; returns it with ``enqueued_at`` stamped.
+
+        Guarantees: returns only after the backend durably accepted the request
+        (SQLite commit, Kafka acks=all delivery report, JetStream PubAck,
+        Pulsar send receipt). ``enqueued_at`` already set is kept.
+        Raises: PayloadTooLargeError, PermanentTransportError (not JSON,
+        auth, config), TransientTransportError (broker unreachable or timed
+        out: the request may or may not have been stored), ClosedResourceError.
+        """
+
+    @abstractmethod
+    async def poll(self, timeout: float | None = None) -> Delivery | None:
+        """Lease the next request; ``None`` if none arrived within ``timeout``
+        seconds (``None`` waits indefinitely, ``0`` does not wait).
+
+        Guarantees: the delivery is held by this caller alone until settled or
+        until its lease (``lease_seconds``, renewable by ``extend``) expires.
+        Cancellation-safe: a cancelled poll loses nothing (at worst the request
+        is redelivered after its lease). Undecodable records are
+        dead-lettered, never returned and never raised.
+        Raises: TransientTransportError, ClosedResourceError.
+        """
+
+    @abstractmethod
+    async def stats(self) -> QueueStats:
+        """Depth (lag), in-flight and dead-letter counts.
+
+        Raises: TransientTransportError.
+        """
+
+    @abstractmethod
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead-lettered requests of this queue.
+
+        Raises: TransientTransportError.
+        """
+
+    @abstractmethod
+    async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
+        """Move dead letters (all, or those named) back to the queue with a
+        fresh attempt count; returns how many moved. Undecodable dead letters
+        stay where they are.
+
+        Guarantees: a request is enqueued again before it is removed from the
+        dead-letter queue (a crash in between gives a duplicate, never a loss).
+        Raises: TransientTransportError.
+        """
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release this handle. Requests leased through it and not yet settled
+        are given back for redelivery; enqueues that returned are durable.
+        Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,518 @@
+"""Delivery and capability registries, built once on :class:`KeyedLog`.
+
+Delivery records move ``pending`` → ``completed`` (carrying the response) →
+``taken`` (a small tombstone marker written once the caller has the
+response). A reader applies a record only if its state ranks at least as high
+as the one it holds, so a late or duplicate completion can never resurrect a
+taken entry, whatever order replicas see the writes in. Records are deleted
+for real (a log tombstone) only after they expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Generator
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import Field
+
+from transport._codec import decode, encode
+from transport._keyed import CAUGHT_UP, KeyedChange, KeyedLog
+from transport._models import Capability, CapabilityChange, WorkResponse, _WireModel, utcnow
+from transport._naming import validate_name, validate_request_id
+from transport.errors import (
+    ClosedResourceError,
+    DeliveryTimeoutError,
+    TransientTransportError,
+    UndecodableMessageError,
+    UnknownDeliveryError,
+)
+
+__all__ = [
+    "CapabilityRegistry",
+    "DeliveryRecord",
+    "DeliveryRegistry",
+    "PendingDelivery",
+]
+
+log = logging.getLogger("transport.registry")
+
+_RANK = {"pending": 0, "completed": 1, "taken": 2}
+
+
+class DeliveryRecord(_WireModel):
+    """One entry of a delivery registry's keyed log."""
+
+    request_id: str
+    state: Literal["pending", "completed", "taken"]
+    response: WorkResponse | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+
+
+class _LogView:
+    """Runs ``log.watch()`` in a background task, feeding ``apply``.
+
+    Re-watches from the start after a transient error: replays are harmless
+    because the appliers are idempotent.
+    """
+
+    def __init__(self, log_: KeyedLog, apply: Callable[[str, bytes | None], None], what: str):
+        self._log = log_
+        self._apply = apply
+        self._what = what
+        self._task: asyncio.Task[None] | None = None
+        self._caught_up = asyncio.Event()
+        self._closed = False
+
+    async def ready(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"{self._what} is closed")
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"view:{self._what}")
+        if not self._caught_up.is_set():
+            waiter = asyncio.ensure_future(self._caught_up.wait())
+            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                waiter.cancel()
+                # The watch task ended before catching up: surface its error.
+                self._task.result()
+                raise TransientTransportError(f"{self._what}: watch ended before catching up")
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                async for item in self._log.watch():
+                    if item is CAUGHT_UP:
+                        self._caught_up.set()
+                    elif isinstance(item, KeyedChange):
+                        self._apply(item.key, item.value)
+                    backoff = 0.05
+                raise TransientTransportError("watch ended")
+            except TransientTransportError as exc:
+                log.warning("%s: watch interrupted (%s); re-watching", self._what, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+class PendingDelivery:
+    """A caller's handle on a response that may not have arrived yet.
+
+    ``await pending`` waits without limit; :meth:`result` takes a timeout.
+    """
+
+    def __init__(self, registry: DeliveryRegistry, request_id: str) -> None:
+        self._registry = registry
+        self.request_id = request_id
+        self._response: WorkResponse | None = None
+
+    def __await__(self) -> Generator[Any, None, WorkResponse]:
+        return self.result().__await__()
+
+    def __repr__(self) -> str:
+        return f"PendingDelivery({self.request_id!r}, done={self.done()})"
+
+    def done(self) -> bool:
+        """True once the response is available without waiting."""
+        return self._response is not None or self._registry._completed(self.request_id)
+
+    async def result(self, timeout: float | None = None) -> WorkResponse:
+        """Wait for the response, then tombstone the record.
+
+        Guarantees: the same response on every call; on timeout the record
+        stays (until the registry TTL) and a later call can still collect it.
+        Raises: DeliveryTimeoutError; UnknownDeliveryError if the record
+        expired or was taken by another caller; ClosedResourceError.
+        """
+        if self._response is None:
+            self._response = await self._registry._take(self.request_id, timeout)
+        return self._response
+
+
+class DeliveryRegistry:
+    """Routes responses back to callers, across caller restarts.
+
+    Callers ``register`` before sending a request and await the returned
+    :class:`PendingDelivery`; any process ``complete``s it. State lives in the
+    backend's keyed log, so a restarted caller re-attaches with
+    :meth:`pending` / :meth:`wait` and receives responses that arrived while
+    it was down.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        log_: KeyedLog,
+        *,
+        ttl_seconds: float = 7 * 24 * 3600.0,
+        max_payload_bytes: int | None = None,
+        janitor_interval: float | None = None,
+    ) -> None:
+        self.name = validate_name(name, "delivery registry name")
+        self._log = log_
+        self._ttl = ttl_seconds
+        self._limit = max_payload_bytes
+        self._records: dict[str, DeliveryRecord] = {}
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._view = _LogView(log_, self._apply_raw, f"delivery registry {name!r}")
+        self._janitor_interval = janitor_interval or min(max(ttl_seconds / 4, 1.0), 60.0)
+        self._janitor: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- view maintenance -------------------------------------------------
+    def _apply_raw(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self._records.pop(key, None)
+            return
+        try:
+            record = decode(DeliveryRecord, value)
+        except UndecodableMessageError as exc:
+            log.warning("delivery registry %r: skipping bad record %r: %s", self.name, key, exc)
+            return
+        self._apply(record)
+
+    def _apply(self, record: DeliveryRecord) -> None:
+        current = self._records.get(record.request_id)
+        if current is not None and _RANK[record.state] <= _RANK[current.state]:
+            return  # stale, duplicate or late: never move backwards
+        self._records[record.request_id] = record
+        if record.state != "pending":
+            waiter = self._waiters.get(record.request_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _completed(self, request_id: str) -> bool:
+        record = self._records.get(request_id)
+        return record is not None and record.state == "completed"
+
+    async def _ready(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"delivery registry {self.name!r} is closed")
+        await self._view.ready()
+        if self._janitor is None:
+            self._janitor = asyncio.create_task(self._run_janitor())
+
+    async def _run_janitor(self) -> None:
+        while True:
+            await asyncio.sleep(self._janitor_interval)
+            now = utcnow()
+            for request_id, record in list(self._records.items()):
+                if record.expires_at <= now:
+                    try:
+                        await self._log.delete(request_id)
+                    except TransientTransportError as exc:
+                        log.warning("delivery registry %r: expiry failed: %s", self.name, exc)
+                        break
+                    self._records.pop(request_id, None)
+
+    async def _put(self, record: DeliveryRecord) -> None:
+        await self._log.put(record.request_id, encode(record, self._limit))
+        self._apply(record)
+
+    # -- public API -------------------------------------------------------
+    async def register(self, request_id: str, *, ttl: float | timedelta | None = None) -> PendingDelivery:
+        """Record that a response to ``request_id`` is awaited. Call before
+        sending the request.
+
+        Guarantees: durable on return; registering an id again returns a
+        handle on the existing record.
+        Raises: InvalidNameError, TransientTransportError, ClosedResourceError.
+        """
+        validate_request_id(request_id)
+        await self._ready()
+        if request_id not in self._records:
+            ttl_s = ttl.total_seconds() if isinstance(ttl, timedelta) else (ttl or self._ttl)
+            now = utcnow()
+            await self._put(
+                DeliveryRecord(
+                    request_id=request_id,
+                    state="pending",
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=ttl_s),
+                )
+            )
+        return PendingDelivery(self, request_id)
+
+    async def complete(self, request_id: str, response: WorkResponse) -> bool:
+        """Record the response to ``request_id``; callable from any process.
+
+        Guarantees: durable on return. Returns ``False`` (and changes nothing)
+        if the request was already completed or its response already taken:
+        duplicate and late completions are harmless.
+        Raises: ValueError if ``response.request_id`` differs; PayloadTooLargeError;
+        TransientTransportError.
+        """
+        validate_request_id(request_id)
+        if response.request_id != request_id:
+            raise ValueError(
+                f"response is for {response.request_id!r}, not {request_id!r}"
+            )
+        if self._closed:
+            raise ClosedResourceError(f"delivery registry {self.name!r} is closed")
+        current = self._records.get(request_id)
+        if current is None:
+            raw = await self._log.get(request_id)
+            if raw is not None:
+                with contextlib.suppress(UndecodableMessageError):
+                    current = decode(DeliveryRecord, raw)
+        if current is not None and current.state != "pending":
+            return False
+        now = utcnow()
+        expires = current.expires_at if current else now + timedelta(seconds=self._ttl)
+        await self._put(
+            DeliveryRecord(
+                request_id=request_id,
+                state="completed",
+                response=response,
+                created_at=current.created_at if current else now,
+                expires_at=expires,
+            )
+        )
+        return True
+
+    async def pending(self) -> list[PendingDelivery]:
+        """Handles on every request of this registry still awaiting collection
+        (pending or completed, not yet taken), oldest first. Use after a
+        restart to re-attach.
+
+        Raises: TransientTransportError, ClosedResourceError.
+        """
+        await self._ready()
+        live = [r for r in self._records.values() if r.state != "taken"]
+        live.sort(key=lambda r: r.created_at)
+        return [PendingDelivery(self, r.request_id) for r in live]
+
+    async def wait(self, request_id: str) -> PendingDelivery:
+        """Re-attach to one request registered earlier (possibly by a previous
+        run of this process).
+
+        Raises: UnknownDeliveryError if no live record exists.
+        """
+        validate_request_id(request_id)
+        await self._ready()
+        record = self._records.get(request_id)
+        if record is None or record.state == "taken":
+            raise UnknownDeliveryError(request_id)
+        return PendingDelivery(self, request_id)
+
+    async def records(self) -> list[DeliveryRecord]:
+        """Every record currently held (for operators and the CLI)."""
+        await self._ready()
+        return sorted(self._records.values(), key=lambda r: r.created_at)
+
+    async def _take(self, request_id: str, timeout: float | None) -> WorkResponse:
+        await self._ready()
+        record = self._records.get(request_id)
+        if record is None or record.state == "taken":
+            raise UnknownDeliveryError(request_id)
+        if record.state == "pending":
+            waiter = self._waiters.get(request_id)
+            if waiter is None or waiter.done():
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters[request_id] = waiter
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(waiter)
+            except TimeoutError:
+                raise DeliveryTimeoutError(request_id, timeout or 0.0) from None
+            record = self._records.get(request_id)
+            if record is None or record.state == "taken" or record.response is None:
+                raise UnknownDeliveryError(request_id)
+        self._waiters.pop(request_id, None)
+        response = record.response
+        assert response is not None
+        now = utcnow()
+        await self._put(
+            DeliveryRecord(
+                request_id=request_id,
+                state="taken",
+                created_at=record.created_at,
+                expires_at=now + timedelta(seconds=self._ttl),
+            )
+        )
+        return response
+
+    async def aclose(self) -> None:
+        """Stop watching. Records stay in the backend. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        await self._view.aclose()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ClosedResourceError(f"delivery registry {self.name!r} closed"))
+                waiter.exception()  # mark retrieved
+        await self._log.aclose()
+
+    async def __aenter__(self) -> DeliveryRegistry:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class CapabilityRegistry:
+    """Shared tasks and tools, discoverable across restarts.
+
+    Eventually consistent: every process materialises the backend's keyed log.
+    Each advertisement carries a lease (``expires_at``); a provider that stops
+    refreshing disappears from lookups once it expires.
+    """
+
+    def __init__(self, log_: KeyedLog, *, lease_seconds: float = 30.0) -> None:
+        self._log = log_
+        self._lease = lease_seconds
+        self._entries: dict[str, Capability] = {}
+        self._watchers: set[asyncio.Queue[tuple[str, Capability | None]]] = set()
+        self._view = _LogView(log_, self._apply_raw, "capability registry")
+        self._janitor: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def _apply_raw(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self._set(key, None)
+            return
+        try:
+            capability = decode(Capability, value)
+        except UndecodableMessageError as exc:
+            log.warning("capability registry: skipping bad record %r: %s", key, exc)
+            return
+        self._set(key, capability)
+
+    def _set(self, key: str, capability: Capability | None) -> None:
+        if capability is None:
+            if self._entries.pop(key, None) is None:
+                return
+        else:
+            self._entries[key] = capability
+        for queue in self._watchers:
+            queue.put_nowait((key, capability))
+
+    async def _ready(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("capability registry is closed")
+        await self._view.ready()
+        if self._janitor is None:
+            self._janitor = asyncio.create_task(self._run_janitor())
+
+    async def _run_janitor(self) -> None:
+        # Long-dead providers are removed from the log so it does not grow
+        # without bound; a grace of one lease avoids racing a late refresh.
+        while True:
+            await asyncio.sleep(max(self._lease, 1.0))
+            cutoff = utcnow() - timedelta(seconds=self._lease)
+            for key, cap in list(self._entries.items()):
+                if cap.expires_at is not None and cap.expires_at <= cutoff:
+                    try:
+                        await self._log.delete(key)
+                    except TransientTransportError as exc:
+                        log.warning("capability registry: expiry failed: %s", exc)
+                        break
+
+    async def advertise(self, capability: Capability, *, lease: float | timedelta | None = None) -> Capability:
+        """Publish or refresh ``capability``; returns it with ``expires_at``.
+
+        Call again before the lease runs out to stay discoverable.
+        Guarantees: durable on return; visible to other processes eventually.
+        Raises: TransientTransportError, ClosedResourceError.
+        """
+        lease_s = lease.total_seconds() if isinstance(lease, timedelta) else (lease or self._lease)
+        stamped = capability.model_copy(update={"expires_at": utcnow() + timedelta(seconds=lease_s)})
+        await self._ready()
+        await self._log.put(stamped.key, encode(stamped))
+        self._set(stamped.key, stamped)
+        return stamped
+
+    async def withdraw(self, ensemble: str, name: str) -> None:
+        """Remove an advertisement. Withdrawing an unknown one is not an error.
+
+        Raises: InvalidNameError, TransientTransportError.
+        """
+        key = f"{validate_name(ensemble, 'ensemble name')}.{validate_name(name, 'capability name')}"
+        await self._ready()
+        await self._log.delete(key)
+        self._set(key, None)
+
+    async def lookup(self, name: str) -> list[Capability]:
+        """Live (unexpired) providers of capability ``name``, by ensemble name.
+
+        Raises: InvalidNameError, TransientTransportError.
+        """
+        validate_name(name, "capability name")
+        return [c for c in await self.all() if c.name == name]
+
+    async def all(self) -> list[Capability]:
+        """Every live advertisement, sorted by (name, ensemble)."""
+        await self._ready()
+        now = utcnow()
+        live = [c for c in self._entries.values() if not c.expired(now)]
+        return sorted(live, key=lambda c: (c.name, c.ensemble))
+
+    async def watch(self) -> AsyncIterator[CapabilityChange]:
+        """Changes from now on: advertised (new or refreshed), withdrawn,
+        expired. Runs until the consumer stops iterating."""
+        await self._ready()
+        queue: asyncio.Queue[tuple[str, Capability | None]] = asyncio.Queue()
+        self._watchers.add(queue)
+        known = {k: c for k, c in self._entries.items() if not c.expired()}
+        try:
+            while True:
+                expiries = [c.expires_at for c in known.values() if c.expires_at is not None]
+                wait = None
+                if expiries:
+                    wait = max((min(expiries) - utcnow()).total_seconds(), 0.0)
+                try:
+                    key, cap = await asyncio.wait_for(queue.get(), wait)
+                except TimeoutError:
+                    now = utcnow()
+                    for k, c in list(known.items()):
+                        if c.expired(now):
+                            del known[k]
+                            yield CapabilityChange(
+                                kind="expired", ensemble=c.ensemble, name=c.name, capability=c
+                            )
+                    continue
+                if cap is None:
+                    gone = known.pop(key, None)
+                    if gone is not None:
+                        yield CapabilityChange(kind="withdrawn", ensemble=gone.ensemble, name=gone.name)
+                elif not cap.expired():
+                    known[key] = cap
+                    yield CapabilityChange(
+                        kind="advertised", ensemble=cap.ensemble, name=cap.name, capability=cap
+                    )
+        finally:
+            self._watchers.discard(queue)
+
+    async def aclose(self) -> None:
+        """Stop watching; advertisements stay until they expire. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._janitor is not None:
+            self._janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._janitor
+        await self._view.aclose()
+        await self._log.aclose()
+
+    async def __aenter__(self) -> CapabilityRegistry:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

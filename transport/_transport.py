@@ -1,0 +1,212 @@
+"""The :class:`Transport` SPI: one object per deployment, built by ``connect``."""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from datetime import timedelta
+from types import TracebackType
+from typing import Protocol, Self
+
+from pydantic import BaseModel, ConfigDict
+
+from transport._config import TransportConfig
+from transport._keyed import KeyedLog
+from transport._models import HealthStatus
+from transport._naming import validate_name
+from transport._priority import AgingPolicy, PriorityRequestQueue
+from transport._queue import RequestQueue
+from transport._registries import CapabilityRegistry, DeliveryRegistry
+from transport.errors import ClosedResourceError
+
+__all__ = ["Transport", "TransportCapabilities", "TransportFactory"]
+
+
+class TransportCapabilities(BaseModel):
+    """What a backend guarantees, as data. Tests and callers branch on these
+    flags, never on the backend's name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Enqueued requests and registry state survive the death of every
+    #: client process (and can be shared by several processes).
+    persistent: bool
+    #: A single consumer sees requests in enqueue order (FIFO), apart from
+    #: redeliveries and delayed nacks.
+    ordered: bool
+    #: Several worker processes can share one queue.
+    consumer_groups: bool
+    #: ``nack(delay)`` is honoured by the broker, not by a client-side timer.
+    native_delay: bool
+    #: ``extend()`` renews the lease on the broker.
+    lease_extension: bool
+    #: Accepted requests survive a broker restart, and the test harness can
+    #: restart the broker.
+    restart_broker: bool = False
+    #: Ephemeral subject pub/sub is available.
+    event_bus: bool = False
+    #: Durable, replayable event log is available.
+    event_log: bool = False
+
+
+class Transport(ABC):
+    """One connection to one backend, from which queues and registries are made.
+
+    Every object it hands out is closed by :meth:`aclose`.
+    """
+
+    #: URL scheme of the backend (``memory``, ``sqlite``, ``kafka`` …).
+    backend: str
+    capabilities: TransportCapabilities
+
+    def __init__(self, config: TransportConfig) -> None:
+        self.config = config
+        self._resources: list[RequestQueue | DeliveryRegistry | CapabilityRegistry] = []
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.config.redacted_url()}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"{self!r} is closed")
+
+    # -- what backends implement -----------------------------------------
+    @abstractmethod
+    def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> RequestQueue:
+        """Build a queue handle for a validated name (may connect lazily)."""
+
+    @abstractmethod
+    def _open_keyed_log(self, kind: str, name: str) -> KeyedLog:
+        """Build the keyed log behind a registry; ``kind`` is ``delivery`` or
+        ``capability``, ``name`` a validated name."""
+
+    @abstractmethod
+    async def health(self) -> HealthStatus:
+        """Check that the backend is reachable and usable.
+
+        Guarantees: never raises for an unreachable backend; reports ``ok=False``.
+        """
+
+    async def _close_backend(self) -> None:
+        """Release backend connections; called once by :meth:`aclose`."""
+
+    # -- public API -------------------------------------------------------
+    def request_queue(
+        self,
+        name: str,
+        *,
+        lease_seconds: float | timedelta | None = None,
+        max_attempts: int | None = None,
+    ) -> RequestQueue:
+        """A handle on the durable queue ``name`` (created on first use).
+
+        ``lease_seconds`` and ``max_attempts`` default to the config's.
+        Raises: InvalidNameError, ClosedResourceError, ValueError.
+        """
+        self._check_open()
+        validate_name(name, "queue name")
+        lease = (
+            lease_seconds.total_seconds()
+            if isinstance(lease_seconds, timedelta)
+            else (lease_seconds or self.config.lease_seconds)
+        )
+        if lease <= 0:
+            raise ValueError("lease_seconds must be positive")
+        attempts = max_attempts if max_attempts is not None else self.config.max_attempts
+        if attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        queue = self._open_queue(name, lease_seconds=lease, max_attempts=attempts)
+        self._resources.append(queue)
+        return queue
+
+    def priority_queue(
+        self,
+        name: str,
+        levels: int = 3,
+        aging_interval: timedelta | float = timedelta(minutes=5),
+        *,
+        lease_seconds: float | timedelta | None = None,
+        max_attempts: int | None = None,
+        policy: AgingPolicy | None = None,
+    ) -> PriorityRequestQueue:
+        """A :class:`PriorityRequestQueue` over one queue per level
+        (``name__p0`` … ``name__p{levels-1}``) of this backend.
+
+        Raises: InvalidNameError, ValueError (levels < 1, interval ≤ 0).
+        """
+        self._check_open()
+        validate_name(name, "queue name")
+        policy = policy or AgingPolicy(levels=levels, aging_interval=aging_interval)
+        queues = [
+            self._open_queue(
+                f"{name}__p{level}",
+                lease_seconds=(
+                    lease_seconds.total_seconds()
+                    if isinstance(lease_seconds, timedelta)
+                    else (lease_seconds or self.config.lease_seconds)
+                ),
+                max_attempts=max_attempts if max_attempts is not None else self.config.max_attempts,
+            )
+            for level in range(policy.levels)
+        ]
+        pq = PriorityRequestQueue(name, queues, policy=policy)
+        self._resources.append(pq)
+        return pq
+
+    def delivery_registry(self, name: str) -> DeliveryRegistry:
+        """The delivery registry ``name`` (usually the caller's inbox name,
+        used as ``reply_to``).
+
+        Raises: InvalidNameError, ClosedResourceError.
+        """
+        self._check_open()
+        validate_name(name, "delivery registry name")
+        registry = DeliveryRegistry(
+            name,
+            self._open_keyed_log("delivery", name),
+            ttl_seconds=self.config.registry_ttl_seconds,
+            max_payload_bytes=self.config.max_payload_bytes,
+        )
+        self._resources.append(registry)
+        return registry
+
+    def capability_registry(self) -> CapabilityRegistry:
+        """The deployment's shared capability registry.
+
+        Raises: ClosedResourceError.
+        """
+        self._check_open()
+        registry = CapabilityRegistry(
+            self._open_keyed_log("capability", "capabilities"),
+            lease_seconds=self.config.capability_lease_seconds,
+        )
+        self._resources.append(registry)
+        return registry
+
+    async def aclose(self) -> None:
+        """Close every queue and registry made from this transport, then the
+        connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        resources, self._resources = self._resources, []
+        await asyncio.gather(*(r.aclose() for r in resources), return_exceptions=True)
+        await self._close_backend()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class TransportFactory(Protocol):
+    """What a ``transport.backends`` entry point resolves to."""
+
+    async def __call__(self, config: TransportConfig) -> Transport: ...

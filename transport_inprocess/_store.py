@@ -1,0 +1,270 @@
+"""The SQLite file behind ``sqlite://``: one connection on one thread per
+transport, with group commit.
+
+Every operation is a function of the connection run on the store's thread.
+Consecutive writes submitted while a transaction is being committed are run
+together in the next transaction (each inside its own SAVEPOINT, so one
+failing operation does not undo the others) and share its fsync; each caller
+still resumes only after *its* commit. Several processes may share the file:
+WAL mode, ``BEGIN IMMEDIATE`` and a busy timeout serialise writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transport.errors import (
+    ClosedResourceError,
+    ConfigurationError,
+    PermanentTransportError,
+    TransientTransportError,
+)
+
+__all__ = ["SqliteStore", "map_sqlite_errors"]
+
+log = logging.getLogger("transport.sqlite")
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    request_id TEXT,
+    body BLOB NOT NULL,
+    available_at REAL NOT NULL,
+    token INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS messages_order ON messages(queue, seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    request_id TEXT,
+    body BLOB NOT NULL,
+    decodable INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    dead_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_queue ON dead_letters(queue, id);
+CREATE TABLE IF NOT EXISTS kv (
+    log TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (log, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS kv_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    log TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS kv_changes_log ON kv_changes(log, seq);
+"""
+
+_SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA"}
+_MAX_BATCH = 512
+
+
+@contextlib.contextmanager
+def map_sqlite_errors(path: str) -> Iterator[None]:
+    """The one place SQLite exceptions become transport errors."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        text = str(exc).lower()
+        if "locked" in text or "busy" in text or "disk i/o" in text or "unable to open" in text:
+            raise TransientTransportError(f"sqlite {path}: {exc}") from exc
+        raise PermanentTransportError(f"sqlite {path}: {exc}") from exc
+    except sqlite3.DatabaseError as exc:
+        raise PermanentTransportError(f"sqlite {path}: {exc}") from exc
+
+
+class _Op:
+    __slots__ = ("fn", "future", "loop", "write")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        write: bool,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.fn = fn
+        self.write = write
+        self.loop = loop
+        self.future = future
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class SqliteStore:
+    """Owns the connection and its thread. Create with :meth:`open`."""
+
+    def __init__(self, path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000) -> None:
+        synchronous = synchronous.upper()
+        if synchronous not in _SYNCHRONOUS:
+            raise ConfigurationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
+        self.path = path
+        self.synchronous = synchronous
+        self._busy_timeout_ms = busy_timeout_ms
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._closed = False
+
+    async def open(self) -> None:
+        """Open the file (creating it and its schema) on the store thread."""
+        if self.path != ":memory:":
+            parent = Path(self.path).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise ConfigurationError(f"sqlite: directory {parent} does not exist")
+        self._thread = threading.Thread(target=self._run, name=f"sqlite:{self.path}", daemon=True)
+        self._thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
+        if self._startup_error is not None:
+            with map_sqlite_errors(self.path):
+                raise self._startup_error
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_ms / 1000
+        )
+        conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.executescript(SCHEMA)  # idempotent; serialised by the busy timeout
+        return conn
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                op = self._ops.get()
+                if op is None:
+                    return
+                batch = [op]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        nxt = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self._ops.put(None)  # finish this batch, then stop
+                        break
+                    batch.append(nxt)
+                self._execute(conn, batch)
+        finally:
+            conn.close()
+
+    def _execute(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        i = 0
+        while i < len(batch):
+            if not batch[i].write:
+                op = batch[i]
+                try:
+                    with map_sqlite_errors(self.path):
+                        result = op.fn(conn)
+                    self._done(op, result, None)
+                except BaseException as exc:
+                    self._done(op, None, exc)
+                i += 1
+                continue
+            j = i
+            while j < len(batch) and batch[j].write:
+                j += 1
+            self._write_group(conn, batch[i:j])
+            i = j
+
+    def _write_group(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
+        results: list[tuple[Any, BaseException | None]] = []
+        try:
+            with map_sqlite_errors(self.path):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for op in ops:
+                        conn.execute("SAVEPOINT op")
+                        try:
+                            result = op.fn(conn)
+                        except Exception as exc:
+                            conn.execute("ROLLBACK TO op")
+                            conn.execute("RELEASE op")
+                            try:
+                                with map_sqlite_errors(self.path):
+                                    raise exc
+                            except Exception as mapped:
+                                results.append((None, mapped))
+                            continue
+                        conn.execute("RELEASE op")
+                        results.append((result, None))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+        except BaseException as exc:
+            for op in ops:
+                self._done(op, None, exc)
+            return
+        for op, (result, error) in zip(ops, results, strict=True):
+            self._done(op, result, error)
+
+    @staticmethod
+    def _done(op: _Op, result: Any, error: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+            op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> asyncio.Future[T]:
+        """Schedule ``fn``; the future resolves after its transaction commits.
+
+        Raises: ClosedResourceError.
+        """
+        if self._closed:
+            raise ClosedResourceError(f"sqlite store {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._ops.put(_Op(fn, write, loop, future))
+        return future
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a (group-committed) write transaction."""
+        return await self.submit(fn, write=True)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` outside a write transaction (a consistent read)."""
+        return await self.submit(fn, write=False)
+
+    async def aclose(self) -> None:
+        """Finish queued operations, then close the connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ops.put(None)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
