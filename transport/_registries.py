@@ -463,14 +463,25 @@ class CapabilityRegistry:
         live = [c for c in self._entries.values() if not c.expired(now)]
         return sorted(live, key=lambda c: (c.name, c.ensemble))
 
-    async def watch(self) -> AsyncIterator[CapabilityChange]:
-        """Changes from now on: advertised (new or refreshed), withdrawn,
-        expired. Runs until the consumer stops iterating."""
-        await self._ready()
+    def watch(self) -> AsyncIterator[CapabilityChange]:
+        """Changes from this call on: advertised (new or refreshed), withdrawn,
+        expired, as an async iterator; close it (``aclose``) when done.
+
+        If this registry object had not loaded its state yet, advertisements
+        that already existed are reported as ``advertised`` first.
+        """
+        if self._closed:
+            raise ClosedResourceError("capability registry is closed")
         queue: asyncio.Queue[tuple[str, Capability | None]] = asyncio.Queue()
-        self._watchers.add(queue)
+        self._watchers.add(queue)  # registered now: nothing after this call is missed
         known = {k: c for k, c in self._entries.items() if not c.expired()}
+        return self._watch(queue, known)
+
+    async def _watch(
+        self, queue: asyncio.Queue[tuple[str, Capability | None]], known: dict[str, Capability]
+    ) -> AsyncIterator[CapabilityChange]:
         try:
+            await self._ready()
             while True:
                 expiries = [c.expires_at for c in known.values() if c.expires_at is not None]
                 wait = None
