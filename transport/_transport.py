@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from transport._config import TransportConfig
 from transport._keyed import KeyedLog
+from transport._metrics import InstrumentedRequestQueue, get_metrics_sink, metrics_enabled
 from transport._models import HealthStatus
 from transport._naming import validate_name
 from transport._priority import AgingPolicy, PriorityRequestQueue
@@ -120,7 +121,7 @@ class Transport(ABC):
         attempts = max_attempts if max_attempts is not None else self.config.max_attempts
         if attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        queue = self._open_queue(name, lease_seconds=lease, max_attempts=attempts)
+        queue = _instrument(self._open_queue(name, lease_seconds=lease, max_attempts=attempts))
         self._resources.append(queue)
         return queue
 
@@ -143,14 +144,18 @@ class Transport(ABC):
         validate_name(name, "queue name")
         policy = policy or AgingPolicy(levels=levels, aging_interval=aging_interval)
         queues = [
-            self._open_queue(
-                f"{name}__p{level}",
-                lease_seconds=(
-                    lease_seconds.total_seconds()
-                    if isinstance(lease_seconds, timedelta)
-                    else (lease_seconds or self.config.lease_seconds)
-                ),
-                max_attempts=max_attempts if max_attempts is not None else self.config.max_attempts,
+            _instrument(
+                self._open_queue(
+                    f"{name}__p{level}",
+                    lease_seconds=(
+                        lease_seconds.total_seconds()
+                        if isinstance(lease_seconds, timedelta)
+                        else (lease_seconds or self.config.lease_seconds)
+                    ),
+                    max_attempts=max_attempts
+                    if max_attempts is not None
+                    else self.config.max_attempts,
+                )
             )
             for level in range(policy.levels)
         ]
@@ -208,6 +213,12 @@ class Transport(ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _instrument(queue: RequestQueue) -> RequestQueue:
+    if not metrics_enabled():
+        return queue
+    return InstrumentedRequestQueue(queue, get_metrics_sink())
 
 
 class TransportFactory(Protocol):

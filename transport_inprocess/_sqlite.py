@@ -49,6 +49,7 @@ from transport import (
     utcnow,
 )
 from transport._queue import seconds as _seconds
+from transport._sqlitestore import SqliteStore
 from transport.errors import (
     ClosedResourceError,
     ConfigurationError,
@@ -56,7 +57,6 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport_inprocess._store import SqliteStore
 
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 

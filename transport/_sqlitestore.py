@@ -121,13 +121,19 @@ class SqliteStore:
     """Owns the connection and its thread. Create with :meth:`open`."""
 
     def __init__(
-        self, path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 30_000,
+        schema: str = SCHEMA,
     ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
         self.path = path
         self.synchronous = synchronous
+        self._schema = schema
         self._busy_timeout_ms = busy_timeout_ms
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -158,7 +164,7 @@ class SqliteStore:
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.executescript(SCHEMA)  # idempotent; serialised by the busy timeout
+        conn.executescript(self._schema)  # idempotent; serialised by the busy timeout
         return conn
 
     def _run(self) -> None:
