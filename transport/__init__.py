@@ -11,6 +11,17 @@ The SPI (this package) never imports a backend; backends register under the
 from transport._codec import decode, encode
 from transport._config import DEFAULT_URL, TLSConfig, TransportConfig, load_config
 from transport._connect import available_backends, connect
+from transport._events import (
+    Event,
+    EventBus,
+    EventLog,
+    EventReader,
+    LogEvent,
+    Subscription,
+    subject_matches,
+    subjects,
+    validate_subject,
+)
 from transport._keyed import CAUGHT_UP, KeyedChange, KeyedLog
 from transport._metrics import (
     InMemoryMetrics,
@@ -55,6 +66,7 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
     UnknownDeliveryError,
+    UnsupportedFeatureError,
 )
 
 __all__ = [
@@ -73,6 +85,10 @@ __all__ = [
     "DeliveryRegistry",
     "DeliveryTimeoutError",
     "Ensemble",
+    "Event",
+    "EventBus",
+    "EventLog",
+    "EventReader",
     "Handler",
     "HealthStatus",
     "InMemoryMetrics",
@@ -80,6 +96,7 @@ __all__ = [
     "InvalidNameError",
     "KeyedChange",
     "KeyedLog",
+    "LogEvent",
     "MetricsSink",
     "Network",
     "NoProviderError",
@@ -93,6 +110,7 @@ __all__ = [
     "QueueStats",
     "RequestQueue",
     "RetryTaskError",
+    "Subscription",
     "TLSConfig",
     "TaskContext",
     "TransientTransportError",
@@ -103,6 +121,7 @@ __all__ = [
     "TransportFactory",
     "UndecodableMessageError",
     "UnknownDeliveryError",
+    "UnsupportedFeatureError",
     "WorkRequest",
     "WorkResponse",
     "available_backends",
@@ -115,7 +134,10 @@ __all__ = [
     "load_config",
     "new_traceparent",
     "set_metrics_sink",
+    "subject_matches",
+    "subjects",
     "utcnow",
     "validate_name",
     "validate_request_id",
+    "validate_subject",
 ]

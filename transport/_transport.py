@@ -18,7 +18,8 @@ from transport._naming import validate_name
 from transport._priority import AgingPolicy, PriorityRequestQueue
 from transport._queue import RequestQueue
 from transport._registries import CapabilityRegistry, DeliveryRegistry
-from transport.errors import ClosedResourceError
+from transport._events import EventBus, EventLog
+from transport.errors import ClosedResourceError, UnsupportedFeatureError
 
 __all__ = ["Transport", "TransportCapabilities", "TransportFactory"]
 
@@ -66,7 +67,9 @@ class Transport(ABC):
 
     def __init__(self, config: TransportConfig) -> None:
         self.config = config
-        self._resources: list[RequestQueue | DeliveryRegistry | CapabilityRegistry] = []
+        self._resources: list[
+            RequestQueue | DeliveryRegistry | CapabilityRegistry | EventBus | EventLog
+        ] = []
         self._closed = False
 
     def __repr__(self) -> str:
@@ -92,6 +95,19 @@ class Transport(ABC):
 
         Guarantees: never raises for an unreachable backend; reports ``ok=False``.
         """
+
+    def _open_event_bus(self) -> EventBus:
+        """Backends with ``capabilities.event_bus`` override this."""
+        raise UnsupportedFeatureError(
+            f"the {self.backend}:// backend has no event bus (capability 'event_bus' is false); "
+            "use nats:// or memory:// for ephemeral pub/sub"
+        )
+
+    def _open_event_log(self) -> EventLog:
+        """Backends with ``capabilities.event_log`` override this."""
+        raise UnsupportedFeatureError(
+            f"the {self.backend}:// backend has no event log (capability 'event_log' is false)"
+        )
 
     async def _close_backend(self) -> None:  # noqa: B027 - optional hook
         """Release backend connections; called once by :meth:`aclose`."""
@@ -192,6 +208,26 @@ class Transport(ABC):
         )
         self._resources.append(registry)
         return registry
+
+    def event_bus(self) -> EventBus:
+        """Ephemeral subject pub/sub (NATS core, in-process).
+
+        Raises: UnsupportedFeatureError if the backend has none.
+        """
+        self._check_open()
+        bus = self._open_event_bus()
+        self._resources.append(bus)
+        return bus
+
+    def event_log(self) -> EventLog:
+        """Durable, replayable event streams.
+
+        Raises: UnsupportedFeatureError if the backend has none.
+        """
+        self._check_open()
+        event_log = self._open_event_log()
+        self._resources.append(event_log)
+        return event_log
 
     async def aclose(self) -> None:
         """Close every queue and registry made from this transport, then the
