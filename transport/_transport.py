@@ -11,6 +11,7 @@ from typing import Protocol, Self
 from pydantic import BaseModel, ConfigDict
 
 from transport._config import TransportConfig
+from transport._events import EventBus, EventLog
 from transport._keyed import KeyedLog
 from transport._metrics import InstrumentedRequestQueue, get_metrics_sink, metrics_enabled
 from transport._models import HealthStatus
@@ -18,7 +19,6 @@ from transport._naming import validate_name
 from transport._priority import AgingPolicy, PriorityRequestQueue
 from transport._queue import RequestQueue
 from transport._registries import CapabilityRegistry, DeliveryRegistry
-from transport._events import EventBus, EventLog
 from transport.errors import ClosedResourceError, UnsupportedFeatureError
 
 __all__ = ["Transport", "TransportCapabilities", "TransportFactory"]

@@ -189,7 +189,8 @@ class EventLogConformance:
         again = await reader.next(harness.scaled(10))
         assert again is not None and again.data == "before-0"
         await reader.seek(boundary)
-        assert (await reader.next(harness.scaled(10))).data == "after-0"  # type: ignore[union-attr]
+        after_seek = await reader.next(harness.scaled(10))
+        assert after_seek is not None and after_seek.data == "after-0"
         await reader.aclose()
 
     async def test_named_cursor_resumes_after_a_restart(
@@ -209,6 +210,7 @@ class EventLogConformance:
         rest = [await resumed.next(harness.scaled(10)) for _ in range(2)]
         assert [e.data for e in rest if e] == [3, 4]
         other = await restarted.read(queue_name, "earliest", cursor="another-reader")
-        assert (await other.next(harness.scaled(10))).data == 0  # type: ignore[union-attr]
+        first_of_other = await other.next(harness.scaled(10))
+        assert first_of_other is not None and first_of_other.data == 0
         await resumed.aclose()
         await other.aclose()
