@@ -30,9 +30,13 @@ class NatsHarness(BackendHarness):
         self.server = server
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
-        queue = transport.request_queue(queue_name)
-        assert isinstance(queue, NatsRequestQueue)
-        await queue._publish(queue.subject, queue.stream, data, f"raw-{uuid.uuid4().hex}")
+        # Built directly: priority levels (``name__p0``) are internal names.
+        assert isinstance(transport, NatsTransport)
+        queue = NatsRequestQueue(transport, queue_name, lease_seconds=self.lease_seconds, max_attempts=1)
+        try:
+            await queue._publish(queue.subject, queue.stream, data, f"raw-{uuid.uuid4().hex}")
+        finally:
+            await queue.aclose()
 
     async def restart_broker(self) -> None:
         assert self.server is not None, "an external NATS_URL broker cannot be restarted"
