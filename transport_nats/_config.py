@@ -62,7 +62,8 @@ def load_options(config: TransportConfig) -> NatsOptions:
         return NatsOptions.model_validate(config.options)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}"
+            for err in exc.errors()
         )
         raise ConfigurationError(f"invalid nats option(s): {problems}") from exc
 

@@ -7,7 +7,6 @@ verification, bad configuration, oversize messages — retrying cannot help.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ssl
 from collections.abc import Iterator
@@ -69,9 +68,12 @@ def map_nats_errors(what: str) -> Iterator[None]:
     except nats.js.errors.APIError as exc:
         code = exc.code or 0
         if code >= 500 or code in (408, 409):
-            raise TransientTransportError(f"{what}: JetStream error {code} ({exc.description})") from exc
+            raise TransientTransportError(
+                f"{what}: JetStream error {code} ({exc.description})"
+            ) from exc
         raise PermanentTransportError(
-            f"{what}: JetStream rejected the request: {exc.description} (code {code}, err_code {exc.err_code})"
+            f"{what}: JetStream rejected the request: {exc.description}"
+            f" (code {code}, err_code {exc.err_code})"
         ) from exc
     except (
         nats.errors.MaxPayloadError,
@@ -86,6 +88,7 @@ def map_nats_errors(what: str) -> Iterator[None]:
     except ssl.SSLError as exc:
         raise PermanentTransportError(f"{what}: TLS error: {exc}") from exc
     except (
+        TimeoutError,
         nats.errors.TimeoutError,
         nats.errors.NoRespondersError,
         nats.errors.NoServersError,
@@ -94,7 +97,6 @@ def map_nats_errors(what: str) -> Iterator[None]:
         nats.errors.OutboundBufferLimitError,
         nats.errors.ConnectionDrainingError,
         nats.js.errors.NoStreamResponseError,
-        asyncio.TimeoutError,
         OSError,
     ) as exc:
         raise TransientTransportError(f"{what}: NATS unavailable ({type(exc).__name__})") from exc

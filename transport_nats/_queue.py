@@ -44,7 +44,16 @@ from nats.js.api import (
 )
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from transport import DeadLetter, Delivery, QueueStats, RequestQueue, WorkRequest, decode, encode, utcnow
+from transport import (
+    DeadLetter,
+    Delivery,
+    QueueStats,
+    RequestQueue,
+    WorkRequest,
+    decode,
+    encode,
+    utcnow,
+)
 from transport._naming import internal_name
 from transport._queue import seconds as _seconds
 from transport.errors import (
@@ -79,7 +88,9 @@ class NatsDelivery(Delivery):
 
     __slots__ = ("_keeper", "_lease_until", "_msg", "_q", "_seq", "_settled")
 
-    def __init__(self, request: WorkRequest, queue: NatsRequestQueue, msg: Msg, seq: int, lease_until: float):
+    def __init__(
+        self, request: WorkRequest, queue: NatsRequestQueue, msg: Msg, seq: int, lease_until: float
+    ):
         super().__init__(request)
         self._q = queue
         self._msg = msg
@@ -118,7 +129,9 @@ class NatsDelivery(Delivery):
     async def ack(self) -> bool:
         return await self._settle(b"+ACK")
 
-    async def nack(self, delay: float | timedelta | None = None, *, error: str | None = None) -> bool:
+    async def nack(
+        self, delay: float | timedelta | None = None, *, error: str | None = None
+    ) -> bool:
         wait = _seconds(delay) or 0.0
         if not self._usable():
             return False
@@ -178,7 +191,9 @@ class NatsDelivery(Delivery):
 class NatsRequestQueue(RequestQueue):
     """See the module docstring. Guarantees as :class:`RequestQueue`."""
 
-    def __init__(self, transport: NatsTransport, name: str, *, lease_seconds: float, max_attempts: int):
+    def __init__(
+        self, transport: NatsTransport, name: str, *, lease_seconds: float, max_attempts: int
+    ):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
@@ -360,11 +375,11 @@ class NatsRequestQueue(RequestQueue):
         loop = asyncio.get_running_loop()
         now = loop.time()
         # Forget pulls the server should long have answered.
-        for token, (future, until) in list(self._pulls.items()):
+        for token, (stale, until) in list(self._pulls.items()):
             if until < now:
                 del self._pulls[token]
-                if not future.done():
-                    future.cancel()
+                if not stale.done():
+                    stale.cancel()
         token = f"{self._inbox}.{next(self._tokens)}"
         request: dict[str, Any] = {"batch": 1}
         grace = min(1.0, self._opts.request_timeout)
@@ -434,7 +449,7 @@ class NatsRequestQueue(RequestQueue):
                 return delivery
         return None
 
-    async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
+    async def poll(self, timeout: float | None = None) -> NatsDelivery | None:  # noqa: ASYNC109
         self._check()
         await self._ensure_consumer()
         loop = asyncio.get_running_loop()
@@ -458,7 +473,11 @@ class NatsRequestQueue(RequestQueue):
             if remaining is not None and remaining < _NO_WAIT_BELOW:
                 expires = None
             else:
-                expires = self._opts.pull_expires if remaining is None else min(remaining, self._opts.pull_expires)
+                expires = (
+                    self._opts.pull_expires
+                    if remaining is None
+                    else min(remaining, self._opts.pull_expires)
+                )
             msg = await self._pull_one(expires)
             if msg is not None:
                 delivery = await self._accept(msg, loop.time())
@@ -489,7 +508,9 @@ class NatsRequestQueue(RequestQueue):
             attempts=attempts,
         )
         # Message id from the source sequence: retrying the copy stores it once.
-        await self._publish(self.dlq_subject, self.dlq_stream, encode(record), f"dlq-{self.stream}-{seq}")
+        await self._publish(
+            self.dlq_subject, self.dlq_stream, encode(record), f"dlq-{self.stream}-{seq}"
+        )
         await self._reply(msg, b"+ACK")
         self._t.last_errors.pop((self.stream, seq), None)
 
@@ -524,7 +545,9 @@ class NatsRequestQueue(RequestQueue):
         while True:
             with map_nats_errors(f"reading {self.dlq_stream}"):
                 try:
-                    raw = await js.get_msg(self.dlq_stream, seq=seq, subject=self.dlq_subject, next=True)
+                    raw = await js.get_msg(
+                        self.dlq_stream, seq=seq, subject=self.dlq_subject, next=True
+                    )
                 except nats.js.errors.NotFoundError:
                     return
             assert raw.seq is not None
@@ -532,7 +555,9 @@ class NatsRequestQueue(RequestQueue):
             try:
                 record = decode(DeadLetter, raw.data or b"")
             except UndecodableMessageError:
-                log.warning("%s: skipping unreadable dead-letter record %d", self.dlq_stream, raw.seq)
+                log.warning(
+                    "%s: skipping unreadable dead-letter record %d", self.dlq_stream, raw.seq
+                )
                 continue
             yield raw.seq, record
 
@@ -560,7 +585,9 @@ class NatsRequestQueue(RequestQueue):
             body = encode(request.model_copy(update={"attempt": 1}))
             # A distinct message id: the original id may still be inside the
             # duplicate window, and the requeue must not be swallowed.
-            await self._publish(self.subject, self.stream, body, f"{request.request_id}-requeue-{seq}")
+            await self._publish(
+                self.subject, self.stream, body, f"{request.request_id}-requeue-{seq}"
+            )
             with map_nats_errors(f"removing dead letter from {self.dlq_stream}"):
                 await self._t.js.delete_msg(self.dlq_stream, seq)
             moved += 1

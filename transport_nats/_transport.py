@@ -88,6 +88,7 @@ class NatsTransport(Transport):
         self.nc = NatsClient()
         self._js: JetStreamContext | None = None
         self._last_error: BaseException | None = None
+        self._fatal: asyncio.Future[BaseException] | None = None
         self._reconnect_listeners: set[Callable[[], None]] = set()
         self._ensured_streams: set[str] = set()
         # Last nack error per (stream, sequence), so a request whose final
@@ -135,7 +136,9 @@ class NatsTransport(Transport):
             "tls_handshake_first": opts.tls_handshake_first,
         }
         user = cfg.username or self._url_creds.get("user")
-        password = cfg.password.get_secret_value() if cfg.password else self._url_creds.get("password")
+        password = (
+            cfg.password.get_secret_value() if cfg.password else self._url_creds.get("password")
+        )
         token = cfg.token.get_secret_value() if cfg.token else self._url_creds.get("token")
         if user is not None:
             kwargs["user"] = user
@@ -146,7 +149,9 @@ class NatsTransport(Transport):
             kwargs["nkeys_seed_str"] = cfg.nkey_seed.get_secret_value()
         if cfg.credentials_file is not None:
             if not cfg.credentials_file.is_file():
-                raise ConfigurationError(f"NATS credentials file {cfg.credentials_file} does not exist")
+                raise ConfigurationError(
+                    f"NATS credentials file {cfg.credentials_file} does not exist"
+                )
             kwargs["user_credentials"] = str(cfg.credentials_file)
         tls = self._tls_context()
         if tls is not None:
@@ -155,13 +160,20 @@ class NatsTransport(Transport):
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = exc
+        fatal = self._fatal
+        permanent = isinstance(classify_connect_error(exc, ""), PermanentTransportError)
+        if fatal is not None and not fatal.done() and permanent:
+            fatal.set_result(exc)
         log.debug("nats client error: %s: %s", type(exc).__name__, exc)
 
     async def _on_disconnected(self) -> None:
         log.info("disconnected from NATS")
 
     async def _on_reconnected(self) -> None:
-        log.info("reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+        log.info(
+            "reconnected to NATS at %s",
+            self.nc.connected_url.netloc if self.nc.connected_url else "?",
+        )
         # A restarted server has forgotten streams we cached as present and
         # every pending pull request: re-check and re-issue.
         self._ensured_streams.clear()
@@ -180,13 +192,33 @@ class NatsTransport(Transport):
     async def _start(self) -> None:
         kwargs = self._connect_kwargs()
         where = ", ".join(self.servers)
+        loop = asyncio.get_running_loop()
+        fatal: asyncio.Future[BaseException] = loop.create_future()
+        self._fatal = fatal
+        connecting: asyncio.Future[Any] = asyncio.ensure_future(self.nc.connect(**kwargs))
+        # nats-py may keep retrying (or hang) after a refused TLS certificate
+        # or credentials: stop at the first such error instead of waiting.
+        budget = self.options.connect_timeout * 2 * len(self.servers) + 1.0
         try:
-            await self.nc.connect(**kwargs)
-        except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+            await asyncio.wait(
+                {connecting, fatal}, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                cause = fatal.result() if fatal.done() else self._last_error
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+                raise classify_connect_error(cause, where) from cause
+            connecting.result()
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             cause = self._last_error or exc
             with contextlib.suppress(Exception):
                 await self.nc.close()
             raise classify_connect_error(cause, where) from exc
+        finally:
+            self._fatal = None
         self.nc.options["max_reconnect_attempts"] = self.options.max_reconnect_attempts
         self._js = self.nc.jetstream(timeout=self.options.request_timeout)
         try:

@@ -82,7 +82,9 @@ jetstream {{
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {self.log.read_text(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"nats-server exited: {self.log.read_text(errors='replace')[-2000:]}"
+                )
             with self.log.open("rb") as fh:
                 fh.seek(before)
                 if b"Server is ready" in fh.read():

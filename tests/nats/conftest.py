@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.nats._server import NatsServer
 from transport import Transport, TransportConfig
 from transport.testing import BackendHarness
 from transport_nats import NatsRequestQueue, NatsTransport
-from tests.nats._server import NatsServer
 
 
 class NatsHarness(BackendHarness):
@@ -32,7 +32,9 @@ class NatsHarness(BackendHarness):
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         # Built directly: priority levels (``name__p0``) are internal names.
         assert isinstance(transport, NatsTransport)
-        queue = NatsRequestQueue(transport, queue_name, lease_seconds=self.lease_seconds, max_attempts=1)
+        queue = NatsRequestQueue(
+            transport, queue_name, lease_seconds=self.lease_seconds, max_attempts=1
+        )
         try:
             await queue._publish(queue.subject, queue.stream, data, f"raw-{uuid.uuid4().hex}")
         finally:
