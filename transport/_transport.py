@@ -92,7 +92,7 @@ class Transport(ABC):
         Guarantees: never raises for an unreachable backend; reports ``ok=False``.
         """
 
-    async def _close_backend(self) -> None:
+    async def _close_backend(self) -> None:  # noqa: B027 - optional hook
         """Release backend connections; called once by :meth:`aclose`."""
 
     # -- public API -------------------------------------------------------

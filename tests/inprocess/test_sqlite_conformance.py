@@ -39,7 +39,9 @@ class SqliteHarness(BackendHarness):
 
 @pytest.fixture
 def transport_harness(tmp_path: Path) -> SqliteHarness:
-    config = TransportConfig(url=f"sqlite:///{tmp_path / 'conformance.db'}", options={"poll_interval": 0.02})
+    config = TransportConfig(
+        url=f"sqlite:///{tmp_path / 'conformance.db'}", options={"poll_interval": 0.02}
+    )
     return SqliteHarness(config, SqliteTransport.capabilities)
 
 

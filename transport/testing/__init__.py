@@ -10,9 +10,15 @@ The pytest plugin (``transport.testing.plugin``) is registered through the
 """
 
 from transport.testing._crash_suite import CrashConformance
-from transport.testing._priority_suite import PriorityAsRequestQueueConformance, PriorityQueueConformance
+from transport.testing._priority_suite import (
+    PriorityAsRequestQueueConformance,
+    PriorityQueueConformance,
+)
 from transport.testing._queue_suite import RequestQueueConformance
-from transport.testing._registry_suite import CapabilityRegistryConformance, DeliveryRegistryConformance
+from transport.testing._registry_suite import (
+    CapabilityRegistryConformance,
+    DeliveryRegistryConformance,
+)
 from transport.testing.harness import BackendHarness
 
 __all__ = [

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import time
-from typing import Any
 
 import pytest
 
@@ -28,7 +27,10 @@ class WorkerProcess:
     @classmethod
     async def start(cls, harness: BackendHarness, *args: str) -> WorkerProcess:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "transport.testing.worker", *args,
+            sys.executable,
+            "-m",
+            "transport.testing.worker",
+            *args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=harness.subprocess_env(),
@@ -44,7 +46,9 @@ class WorkerProcess:
                     stderr = b""
                     if self.proc.stderr is not None:
                         stderr = await self.proc.stderr.read()
-                    raise AssertionError(f"worker exited: {stderr.decode(errors='replace')[-2000:]}")
+                    raise AssertionError(
+                        f"worker exited: {stderr.decode(errors='replace')[-2000:]}"
+                    )
                 line = raw.decode().strip()
                 self.lines.append(line)
                 if line.startswith(prefix):
@@ -55,8 +59,12 @@ class WorkerProcess:
             os.kill(self.proc.pid, signal.SIGKILL)
 
     async def reap(self) -> None:
+        """SIGKILL the worker, wait for it, and collect what it had printed."""
         self.kill()
         await self.proc.wait()
+        if self.proc.stdout is not None:
+            rest = await self.proc.stdout.read()
+            self.lines.extend(line.strip() for line in rest.decode().splitlines() if line.strip())
 
     def ids(self, verb: str) -> list[str]:
         return [line.split()[1] for line in self.lines if line.startswith(verb + " ")]
@@ -68,7 +76,9 @@ class CrashConformance:
     @pytest.fixture(autouse=True)
     def _needs_persistence(self, harness: BackendHarness) -> None:
         if not harness.capabilities.persistent:
-            pytest.skip("backend state does not outlive a process (capability 'persistent' is false)")
+            pytest.skip(
+                "backend state does not outlive a process (capability 'persistent' is false)"
+            )
 
     async def test_sigkill_mid_handler_is_redelivered_with_higher_attempt(
         self, transport: Transport, queue_name: str, harness: BackendHarness
@@ -76,8 +86,15 @@ class CrashConformance:
         queue = transport.request_queue(queue_name, lease_seconds=harness.lease_seconds)
         sent = await enqueue_all(queue, make_requests(3))
         worker = await WorkerProcess.start(
-            harness, "--queue", queue_name, "--mode", "hold", "--count", "1",
-            "--lease", str(harness.lease_seconds),
+            harness,
+            "--queue",
+            queue_name,
+            "--mode",
+            "hold",
+            "--count",
+            "1",
+            "--lease",
+            str(harness.lease_seconds),
         )
         try:
             await worker.wait_for("READY", harness.scaled(60))
@@ -95,8 +112,15 @@ class CrashConformance:
         queue = transport.request_queue(queue_name, lease_seconds=harness.lease_seconds)
         sent = await enqueue_all(queue, make_requests(5))
         worker = await WorkerProcess.start(
-            harness, "--queue", queue_name, "--mode", "ack-all-but-oldest", "--count", "5",
-            "--lease", str(harness.lease_seconds),
+            harness,
+            "--queue",
+            queue_name,
+            "--mode",
+            "ack-all-but-oldest",
+            "--count",
+            "5",
+            "--lease",
+            str(harness.lease_seconds),
         )
         try:
             await worker.wait_for("READY", harness.scaled(60))
@@ -131,15 +155,22 @@ class CrashConformance:
         deadline = time.monotonic() + harness.scaled(120)
         while not wanted <= acked and time.monotonic() < deadline:
             worker = await WorkerProcess.start(
-                harness, "--queue", queue_name, "--mode", "process",
-                "--lease", str(harness.lease_seconds),
+                harness,
+                "--queue",
+                queue_name,
+                "--mode",
+                "process",
+                "--lease",
+                str(harness.lease_seconds),
             )
             try:
                 await worker.wait_for("STARTED", harness.scaled(60))
                 target = min(len(acked) + 40, total)
                 try:
                     while len(acked) < target:
-                        line = await worker.wait_for("ACKED", harness.scaled(30) + 2 * harness.lease_seconds)
+                        line = await worker.wait_for(
+                            "ACKED", harness.scaled(30) + 2 * harness.lease_seconds
+                        )
                         rid = line.split()[1]
                         if rid in acked:
                             duplicates.append(rid)

@@ -37,7 +37,9 @@ class PriorityQueueConformance:
         sent: dict[int, list[str]] = {0: [], 1: [], 2: []}
         for i in range(4):
             for level in (2, 1, 0):
-                r = await pq.enqueue(WorkRequest(task="t", payload={"level": level, "i": i}), priority=level)
+                r = await pq.enqueue(
+                    WorkRequest(task="t", payload={"level": level, "i": i}), priority=level
+                )
                 sent[level].append(r.request_id)
         got = await drain(pq, 12, harness.scaled(30))
         levels = [d.request.priority for d in got]
@@ -55,7 +57,9 @@ class PriorityQueueConformance:
         # enqueued_at given by the caller is kept: this request has waited
         # just over one interval, so it competes as level 1 and, being
         # older, wins the tie against a fresh level-1 request.
-        waited = WorkRequest(task="t", payload="old level 2", enqueued_at=utcnow() - interval - timedelta(seconds=5))
+        waited = WorkRequest(
+            task="t", payload="old level 2", enqueued_at=utcnow() - interval - timedelta(seconds=5)
+        )
         old_low = await pq.enqueue(waited, priority=2)
         new_mid = await pq.enqueue(WorkRequest(task="t", payload="new level 1"), priority=1)
         assert old_low.enqueued_at == waited.enqueued_at
@@ -79,7 +83,9 @@ class PriorityQueueConformance:
         interval = timedelta(minutes=10)
         pq = transport.priority_queue(queue_name, levels=3, aging_interval=interval)
         almost = utcnow() - interval + timedelta(seconds=30)  # not yet one interval
-        await pq.enqueue(WorkRequest(task="t", payload="old level 2", enqueued_at=almost), priority=2)
+        await pq.enqueue(
+            WorkRequest(task="t", payload="old level 2", enqueued_at=almost), priority=2
+        )
         new_mid = await pq.enqueue(WorkRequest(task="t", payload="new level 1"), priority=1)
         first = await pq.poll(harness.scaled(10))
         assert first is not None and first.request.request_id == new_mid.request_id
@@ -128,7 +134,9 @@ class PriorityQueueConformance:
         assert again.request.priority == 2
         assert again.request.enqueued_at == sent.enqueued_at
         await client.aclose()  # restart without acking
-        restarted = (await make_transport()).priority_queue(queue_name, levels=3, aging_interval=timedelta(hours=1))
+        restarted = (await make_transport()).priority_queue(
+            queue_name, levels=3, aging_interval=timedelta(hours=1)
+        )
         back = await restarted.poll(harness.scaled(20))
         assert back is not None and back.request.request_id == sent.request_id
         assert back.request.priority == 2
@@ -136,7 +144,9 @@ class PriorityQueueConformance:
         assert back.attempt >= 3
         await back.ack()
 
-    async def test_out_of_range_priority_is_rejected(self, transport: Transport, queue_name: str) -> None:
+    async def test_out_of_range_priority_is_rejected(
+        self, transport: Transport, queue_name: str
+    ) -> None:
         pq = transport.priority_queue(queue_name, levels=3)
         with pytest.raises(ValueError):
             await pq.enqueue(WorkRequest(task="t"), priority=3)

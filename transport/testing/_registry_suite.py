@@ -76,7 +76,9 @@ class DeliveryRegistryConformance:
         with pytest.raises(UnknownDeliveryError):
             await registry.wait("dup-1")
 
-    async def test_mismatched_response_is_rejected(self, transport: Transport, queue_name: str) -> None:
+    async def test_mismatched_response_is_rejected(
+        self, transport: Transport, queue_name: str
+    ) -> None:
         registry = transport.delivery_registry(queue_name)
         await registry.register("a-1")
         with pytest.raises(ValueError):
@@ -145,7 +147,9 @@ class CapabilityRegistryConformance:
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:
         registry = transport.capability_registry()
-        cap = Capability(name=queue_name, kind="task", ensemble="kitchen", description="v1", queue="kitchen")
+        cap = Capability(
+            name=queue_name, kind="task", ensemble="kitchen", description="v1", queue="kitchen"
+        )
         stamped = await registry.advertise(cap)
         assert stamped.expires_at is not None
         [found] = await registry.lookup(queue_name)

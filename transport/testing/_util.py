@@ -13,7 +13,11 @@ def make_requests(n: int, task: str = "work", **fields: Any) -> list[WorkRequest
     return [
         WorkRequest(
             task=task,
-            payload={"n": i, "text": f"request {i} ✓ «ünïcödé»", "nested": {"list": [i, None, True]}},
+            payload={
+                "n": i,
+                "text": f"request {i} ✓ «ünïcödé»",
+                "nested": {"list": [i, None, True]},
+            },
             headers={"traceparent": f"00-{i:032x}-{i + 1:016x}-01", "x-seq": str(i)},
             **fields,
         )

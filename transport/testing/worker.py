@@ -10,6 +10,8 @@ Modes:
 * ``ack-all-but-oldest N``: lease N, ack all but the first leased (in a
   shuffled order), print READY, wait to be killed.
 * ``process``: lease, print, ack, forever (killed at random points).
+* ``produce N``: enqueue N requests one by one, printing ``ENQUEUED <id>``
+  after each enqueue returned (killed at random points).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import asyncio
 import random
 import sys
 
-from transport import connect
+from transport import Delivery, RequestQueue, WorkRequest, connect
 
 
 def say(*parts: object) -> None:
@@ -30,17 +32,28 @@ def say(*parts: object) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--queue", required=True)
-    parser.add_argument("--mode", choices=["hold", "ack-all-but-oldest", "process"], required=True)
+    parser.add_argument(
+        "--mode", choices=["hold", "ack-all-but-oldest", "process", "produce"], required=True
+    )
     parser.add_argument("--count", type=int, default=1)
     parser.add_argument("--lease", type=float, default=None)
     parser.add_argument("--priority-levels", type=int, default=0)
     args = parser.parse_args()
     transport = await connect()
+    queue: RequestQueue
     if args.priority_levels:
-        queue = transport.priority_queue(args.queue, levels=args.priority_levels, lease_seconds=args.lease)
+        queue = transport.priority_queue(
+            args.queue, levels=args.priority_levels, lease_seconds=args.lease
+        )
     else:
         queue = transport.request_queue(args.queue, lease_seconds=args.lease)
     say("STARTED")
+    if args.mode == "produce":
+        for i in range(args.count):
+            request = await queue.enqueue(WorkRequest(task="produced", payload={"i": i}))
+            say("ENQUEUED", request.request_id)
+        say("READY")
+        await asyncio.Event().wait()
     if args.mode == "process":
         while True:
             delivery = await queue.poll(1.0)
@@ -49,7 +62,7 @@ async def main() -> None:
             say("LEASED", delivery.request.request_id, delivery.attempt)
             await asyncio.sleep(random.uniform(0, 0.005))
             say("ACKED" if await delivery.ack() else "STALE", delivery.request.request_id)
-    held = []
+    held: list[Delivery] = []
     while len(held) < args.count:
         delivery = await queue.poll(1.0)
         if delivery is None:
