@@ -449,7 +449,7 @@ class NatsRequestQueue(RequestQueue):
                 return delivery
         return None
 
-    async def poll(self, timeout: float | None = None) -> NatsDelivery | None:  # noqa: ASYNC109
+    async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
         self._check()
         await self._ensure_consumer()
         loop = asyncio.get_running_loop()
