@@ -451,9 +451,26 @@ class NatsRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
         self._check()
-        await self._ensure_consumer()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
+        backoff = 0.05
+        while True:
+            try:
+                return await self._poll_until(deadline)
+            except TransientTransportError as exc:
+                # The server is restarting or unreachable: keep trying while
+                # the caller is willing to wait; report it only when time is up.
+                self._check()
+                self._consumer_ready = False
+                if deadline is not None and loop.time() + backoff >= deadline:
+                    raise
+                log.warning("queue %r: poll retrying after: %s", self.name, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    async def _poll_until(self, deadline: float | None) -> NatsDelivery | None:
+        await self._ensure_consumer()
+        loop = asyncio.get_running_loop()
         may_ask = True  # even poll(0) asks the server once
         while True:
             delivery = await self._from_orphans()
