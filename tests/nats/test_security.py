@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import nkeys
 import pytest
 
 from tests.nats._certs import TestCA
@@ -189,5 +190,27 @@ async def test_certificate_from_an_unknown_ca_is_refused(tmp_path: Path, ca: Tes
                     url=f"tls://127.0.0.1:{server.port}", tls=TLSConfig(ca_file=other.ca_file)
                 )
             )
+    finally:
+        server.stop()
+
+
+def _user_seed() -> tuple[str, str]:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    return seed.decode(), public
+
+
+async def test_nkey_seed(tmp_path: Path, namespace: str) -> None:
+    seed, public = _user_seed()
+    server = NatsServer(
+        tmp_path / "nkey", extra_config=f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}'
+    )
+    server.start()
+    try:
+        await _round_trip(TransportConfig(url=server.url, namespace=namespace, nkey_seed=seed))
+        other_seed, _ = _user_seed()
+        with pytest.raises(PermanentTransportError) as info:
+            await connect(TransportConfig(url=server.url, nkey_seed=other_seed))
+        assert other_seed not in str(info.value)
     finally:
         server.stop()
