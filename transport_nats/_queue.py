@@ -109,7 +109,8 @@ class NatsDelivery(Delivery):
 
     def _finish(self) -> None:
         self._settled = True
-        self._q._held.pop(self._seq, None)
+        if self._q._held.get(self._seq) is self:
+            del self._q._held[self._seq]
         keeper, self._keeper = self._keeper, None
         if keeper is not None and keeper is not asyncio.current_task():
             keeper.cancel()
@@ -165,8 +166,8 @@ class NatsDelivery(Delivery):
         period = max(self._q.lease_seconds / 3, 0.05)
         while not self._settled:
             await asyncio.sleep(min(period, max(until - loop.time(), 0.0)))
-            if self._settled or loop.time() >= until:
-                return
+            if self._settled or loop.time() >= until or loop.time() >= self._lease_until:
+                return  # done, or the lease was already lost: renew nobody else's
             try:
                 await self._q._reply(self._msg, b"+WPI")
             except TransportError as exc:
