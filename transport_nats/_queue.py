@@ -230,6 +230,8 @@ class NatsRequestQueue(RequestQueue):
 
     # -- setup -------------------------------------------------------------
     async def _ensure_streams(self) -> None:
+        if self._t.has_streams(self.stream, self.dlq_stream):
+            return
         opts = self._opts
         await self._t.ensure_stream(
             StreamConfig(
@@ -283,6 +285,12 @@ class NatsRequestQueue(RequestQueue):
     async def _publish(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
         """Publish and wait for the PubAck, retrying transient failures with
         the same ``Nats-Msg-Id`` (the stream stores it once)."""
+        try:
+            await self._publish_once(subject, stream, body, msg_id)
+            return
+        except TransientTransportError:
+            if self._opts.enqueue_retry_seconds <= 0:
+                raise
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientTransportError),
             stop=stop_after_delay(self._opts.enqueue_retry_seconds),
@@ -291,20 +299,25 @@ class NatsRequestQueue(RequestQueue):
         )
         async for attempt in retrying:
             with attempt:
-                self._check()
-                try:
-                    await self._ensure_streams()
-                    with map_nats_errors(f"publishing to {stream}"):
-                        await self._t.js.publish(
-                            subject,
-                            body,
-                            timeout=self._opts.request_timeout,
-                            stream=stream,
-                            headers={"Nats-Msg-Id": msg_id},
-                        )
-                except TransientTransportError:
-                    self._t.forget_stream(stream)
-                    raise
+                await self._publish_once(subject, stream, body, msg_id)
+
+    async def _publish_once(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
+        self._check()
+        try:
+            await self._ensure_streams()
+            with map_nats_errors(f"publishing to {stream}"):
+                await self._t.js.publish(
+                    subject,
+                    body,
+                    timeout=self._opts.request_timeout,
+                    stream=stream,
+                    headers={"Nats-Msg-Id": msg_id},
+                )
+        except TransientTransportError:
+            # Re-check the streams on the next try (a restarted or wiped
+            # server may have lost them).
+            self._t.forget_stream(stream)
+            raise
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         self._check()

@@ -253,6 +253,9 @@ class NatsTransport(Transport):
                 await self.js.update_stream(config)
         self._ensured_streams.add(config.name)
 
+    def has_streams(self, *names: str) -> bool:
+        return all(name in self._ensured_streams for name in names)
+
     def forget_stream(self, name: str) -> None:
         self._ensured_streams.discard(name)
 
