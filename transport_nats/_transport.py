@@ -79,6 +79,8 @@ class NatsTransport(Transport):
         native_delay=True,
         lease_extension=True,
         restart_broker=True,
+        event_bus=True,
+        event_log=True,
     )
 
     def __init__(self, config: TransportConfig) -> None:
@@ -275,6 +277,16 @@ class NatsTransport(Transport):
         from transport_nats._registries import NatsKeyedLog
 
         return NatsKeyedLog(self, broker_name(self.config.namespace, kind, name))
+
+    def _open_event_bus(self) -> Any:
+        from transport_nats._events import NatsEventBus
+
+        return NatsEventBus(self)
+
+    def _open_event_log(self) -> Any:
+        from transport_nats._events import NatsEventLog
+
+        return NatsEventLog(self)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()

@@ -6,6 +6,8 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
+    EventBusConformance,
+    EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -28,3 +30,9 @@ class TestNatsCapabilityRegistry(CapabilityRegistryConformance): ...
 
 
 class TestNatsCrash(CrashConformance): ...
+
+
+class TestNatsEventBus(EventBusConformance): ...
+
+
+class TestNatsEventLog(EventLogConformance): ...
