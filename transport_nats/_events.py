@@ -44,7 +44,7 @@ from transport._events import (
 )
 from transport._models import _WireModel
 from transport._naming import validate_name
-from transport.errors import ClosedResourceError, UndecodableMessageError
+from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
 from transport_nats._errors import map_nats_errors
 
 if TYPE_CHECKING:
@@ -209,9 +209,21 @@ class _NatsReader(EventReader):
         if self._closed:
             raise StopAsyncIteration
         await self.commit()
+        backoff = 0.05
         while True:
+            if self._closed:
+                raise StopAsyncIteration
             self._wake.clear()
-            found = await self._log._get(self.stream, self._next)
+            try:
+                found = await self._log._get(self.stream, self._next)
+            except TransientTransportError as exc:
+                # Server restarting or unreachable: keep waiting (a caller's
+                # ``next(timeout)`` bounds it).
+                log.warning("event log %s: read retrying after: %s", self.stream, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
             if found is not None:
                 seq, event = found
                 self._returned = seq

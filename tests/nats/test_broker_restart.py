@@ -164,3 +164,35 @@ async def test_registries_survive_a_restart(own_server: NatsServer, namespace: s
     finally:
         await caller.aclose()
         await worker.aclose()
+
+
+async def test_event_log_reader_and_cursor_survive_a_restart(
+    own_server: NatsServer, namespace: str
+) -> None:
+    reader_side = await _connect(own_server, namespace)
+    writer_side = await _connect(own_server, namespace)
+    try:
+        writer = writer_side.event_log()
+        for i in range(3):
+            await writer.append("audit", i)
+        reader = await reader_side.event_log().read("audit", "earliest", cursor="auditor")
+        got = [await reader.next(5) for _ in range(3)]
+        assert [e.data for e in got if e] == [0, 1, 2]
+        await reader.commit()
+        waiting = asyncio.create_task(reader.next(20))
+        await asyncio.to_thread(own_server.restart)
+        for _ in range(50):
+            try:
+                await writer.append("audit", "after-restart")
+                break
+            except TransientTransportError:
+                await asyncio.sleep(0.1)
+        event = await asyncio.wait_for(waiting, 20)
+        assert event is not None and event.data == "after-restart"
+        await reader.aclose()
+        resumed = await writer_side.event_log().read("audit", "earliest", cursor="auditor")
+        assert await resumed.next(1) is None  # everything up to here was committed
+        await resumed.aclose()
+    finally:
+        await reader_side.aclose()
+        await writer_side.aclose()
