@@ -9,7 +9,8 @@ durable pull consumer shared by every worker of a queue), native_delay ✓
 (``nack(delay)`` is a JetStream NAK with delay), lease_extension ✓
 (``extend()`` is an in-progress ack, +WPI, repeated in the background for
 extensions longer than the lease), restart_broker ✓ (streams, consumers and KV
-buckets are file-backed; pull requests are re-issued after a reconnect).
+buckets are file-backed; pull requests are re-issued after a reconnect),
+event_bus ✓ (core NATS), event_log ✓ (JetStream streams; see ``_events``).
 
 Name mapping (``ns`` = ``TransportConfig.namespace``, ``q`` = queue name):
 
@@ -18,6 +19,8 @@ queue stream (work-queue)     ``ns__q``, subject ``ns.q.q``
 dead-letter stream (limits)   ``ns__q__dlq``, subject ``ns.dlq.q``
 durable pull consumer         ``TransportConfig.consumer_group``
 registry KV bucket            ``ns__delivery__<name>``, ``ns__capability__capabilities``
+event bus subject ``s``       ``ns.ev.s`` (core NATS)
+event log stream ``s``        ``ns__log__s``, subject ``ns.log.s``; cursors in ``ns__log_cursors``
 ============================  =========================================
 
 Names are validated (``[A-Za-z0-9_-]``, no ``__``) before they get here, so no
