@@ -44,6 +44,14 @@ class NatsHarness(BackendHarness):
         assert self.server is not None, "an external NATS_URL broker cannot be restarted"
         await asyncio.to_thread(self.server.restart)
 
+    async def stop_broker(self) -> None:
+        assert self.server is not None, "an external NATS_URL broker cannot be stopped"
+        await asyncio.to_thread(self.server.kill)
+
+    async def start_broker(self) -> None:
+        assert self.server is not None
+        await asyncio.to_thread(self.server.start)
+
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer | None]:

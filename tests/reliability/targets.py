@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,4 +25,23 @@ async def sqlite_target() -> AsyncIterator[BackendHarness]:
         yield harness
 
 
-TARGETS: dict[str, Callable[[], Any]] = {"sqlite": sqlite_target}
+@contextlib.asynccontextmanager
+async def nats_target() -> AsyncIterator[BackendHarness]:
+    from tests.nats._server import NatsServer
+    from tests.nats.conftest import NatsHarness
+
+    with tempfile.TemporaryDirectory(prefix="reliability-nats-") as tmp:
+        server = NatsServer(Path(tmp))
+        server.start()
+        try:
+            config = TransportConfig(
+                url=server.url,
+                namespace=f"rel{uuid.uuid4().hex[:8]}",
+                options={"pull_expires": 2.0, "request_timeout": 3.0, "reconnect_time_wait": 0.1},
+            )
+            yield NatsHarness(config, server)
+        finally:
+            server.stop()
+
+
+TARGETS: dict[str, Callable[[], Any]] = {"sqlite": sqlite_target, "nats": nats_target}
