@@ -137,8 +137,11 @@ class AsyncConsumer:
     waits for a message; what it yields lands in ``_ready`` on the loop.
     """
 
-    def __init__(self, consumer: _pulsar.Consumer, topic: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, consumer: _pulsar.Consumer, topic: str, loop: asyncio.AbstractEventLoop, ack_flush_wait: float
+    ) -> None:
         self._consumer = consumer
+        self._ack_flush_wait = ack_flush_wait
         self.topic = topic
         self._loop = loop
         self._ready: collections.deque[Message] = collections.deque()
@@ -211,6 +214,13 @@ class AsyncConsumer:
         with map_pulsar_errors(f"ack on {self.topic}"):
             self._consumer.acknowledge_async(message, _result_callback(future))
         await _wait(future, timeout, f"ack on {self.topic}")
+        # The C++ client completes an ack as soon as it is queued in its ack
+        # grouping tracker, which reaches the socket on the next 100 ms tick
+        # (neither ackGroupingTime nor ack receipts are settable from Python).
+        # Waiting past that tick means a process killed after ack() returned
+        # has still sent its ack.
+        if self._ack_flush_wait:
+            await asyncio.sleep(self._ack_flush_wait)
 
     def negative_acknowledge(self, message: Message) -> None:
         """Ask the broker to redeliver ``message`` (after the consumer's
@@ -326,6 +336,7 @@ class AsyncPulsarClient:
         key_shared: bool,
         receiver_queue_size: int,
         nack_delay_ms: int,
+        ack_flush_wait: float,
     ) -> AsyncConsumer:
         conf = _pulsar.ConsumerConfiguration()
         conf.consumer_type(pulsar.ConsumerType.KeyShared if key_shared else pulsar.ConsumerType.Shared)
@@ -339,7 +350,7 @@ class AsyncPulsarClient:
         with map_pulsar_errors(f"subscribe to {topic}"):
             self._core.subscribe_async_v2(topic, subscription, conf, _value_callback(future))
         consumer = await _wait(future, self._operation_timeout + 5.0, f"subscribe to {topic}")
-        return AsyncConsumer(consumer, topic, asyncio.get_running_loop())
+        return AsyncConsumer(consumer, topic, asyncio.get_running_loop(), ack_flush_wait)
 
     async def create_reader(self, topic: str) -> AsyncReader:
         conf = _pulsar.ReaderConfiguration()

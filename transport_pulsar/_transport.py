@@ -22,7 +22,9 @@ Options (``TransportConfig.options``, unknown keys rejected):
 ``subscription_type`` (``shared`` | ``key_shared``), ``receiver_queue_size``
 (1), ``nack_redelivery_delay_ms`` (100), ``operation_timeout_seconds`` (30),
 ``connection_timeout_ms`` (10000), ``send_timeout_ms`` (30000),
-``close_timeout_seconds`` (10), ``io_threads`` (1), ``admin_url`` (None:
+``close_timeout_seconds`` (10), ``io_threads`` (1), ``ack_flush_wait_ms``
+(150: how long ``ack()`` waits for the client's ack-grouping flush; 0 makes
+acks faster and lets a process killed right after ``ack()`` lose the ack), ``admin_url`` (None:
 admin REST endpoint for ``stats()``), ``listener_name``, and OAuth2
 client credentials ``oauth2_issuer_url``, ``oauth2_audience``,
 ``oauth2_scope``, ``oauth2_client_id``, ``oauth2_client_secret`` (secret).
@@ -158,6 +160,7 @@ class PulsarTransport(Transport):
             key_shared=options.subscription_type == "key_shared",
             receiver_queue_size=options.receiver_queue_size if receiver_queue_size is None else receiver_queue_size,
             nack_delay_ms=options.nack_redelivery_delay_ms,
+            ack_flush_wait=options.ack_flush_wait_ms / 1000,
         )
 
     async def ensure_subscription(self, topic: str) -> None:

@@ -134,10 +134,14 @@ class PulsarHarness(BackendHarness):
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         assert isinstance(transport, PulsarTransport)
-        queue = transport.request_queue(queue_name)
+        # _open_queue: the target may be an internal name such as a priority level (x__p0).
+        queue = transport._open_queue(queue_name, lease_seconds=5.0, max_attempts=1)
         assert isinstance(queue, PulsarRequestQueue)
-        producer = await queue._get_producer()
-        await producer.send(data)
+        try:
+            producer = await queue._get_producer()
+            await producer.send(data)
+        finally:
+            await queue.aclose()
 
     async def restart_broker(self) -> None:
         assert self.broker is not None, "an external broker cannot be restarted"
