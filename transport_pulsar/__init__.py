@@ -2,7 +2,11 @@
 
 from transport_pulsar._config import PulsarOptions
 from transport_pulsar._queue import PulsarDelivery, PulsarRequestQueue
-from transport_pulsar._registries import PulsarCapabilityRegistry, PulsarDeliveryRegistry, PulsarKeyedLog
+from transport_pulsar._registries import (
+    PulsarCapabilityRegistry,
+    PulsarDeliveryRegistry,
+    PulsarKeyedLog,
+)
 from transport_pulsar._transport import PulsarTransport, open_pulsar
 
 __all__ = [

@@ -21,7 +21,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 import _pulsar
 import pulsar
@@ -33,8 +33,9 @@ __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
 log = logging.getLogger("transport.pulsar")
 _client_log = logging.getLogger("transport.pulsar.client")
 
-Message = _pulsar.Message
-MessageId = _pulsar.MessageId
+# pulsar-client ships no type information: its objects are opaque here.
+Message: TypeAlias = Any
+MessageId: TypeAlias = Any
 
 
 def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
@@ -75,6 +76,13 @@ def _value_callback(future: asyncio.Future[Any]) -> Callable[[Any], None]:
             loop.call_soon_threadsafe(_settle_v2, future, value)
 
     return callback
+
+
+def _close_late_consumer(future: asyncio.Future[Any]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        future.result().close_async(lambda *_: None)
 
 
 async def _wait(future: asyncio.Future[Any], timeout: float, what: str) -> Any:
@@ -138,7 +146,11 @@ class AsyncConsumer:
     """
 
     def __init__(
-        self, consumer: _pulsar.Consumer, topic: str, loop: asyncio.AbstractEventLoop, ack_flush_wait: float
+        self,
+        consumer: _pulsar.Consumer,
+        topic: str,
+        loop: asyncio.AbstractEventLoop,
+        ack_flush_wait: float,
     ) -> None:
         self._consumer = consumer
         self._ack_flush_wait = ack_flush_wait
@@ -181,7 +193,9 @@ class AsyncConsumer:
             self._ready.append(message)
             self._arrived.set()
         elif not self._closed and result != _pulsar.Result.AlreadyClosed:
-            log.warning("receive on %s failed: %s; retrying", self.topic, getattr(result, "name", result))
+            log.warning(
+                "receive on %s failed: %s; retrying", self.topic, getattr(result, "name", result)
+            )
             self._schedule_retry()
 
     async def next(self, timeout: float) -> Message | None:
@@ -303,7 +317,9 @@ class AsyncPulsarClient:
         send_timeout_ms: int,
         **client_kwargs: Any,
     ) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pulsar-bridge")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="pulsar-bridge"
+        )
         self._operation_timeout = operation_timeout
         self._close_timeout = close_timeout
         self._send_timeout_ms = send_timeout_ms
@@ -337,9 +353,17 @@ class AsyncPulsarClient:
         receiver_queue_size: int,
         nack_delay_ms: int,
         ack_flush_wait: float,
+        attempt_timeout: float,
     ) -> AsyncConsumer:
+        """Join ``subscription``; one attempt, given up after ``attempt_timeout``.
+
+        An abandoned attempt keeps running inside the client; if it succeeds
+        later, that consumer is closed at once so it cannot hold messages.
+        """
         conf = _pulsar.ConsumerConfiguration()
-        conf.consumer_type(pulsar.ConsumerType.KeyShared if key_shared else pulsar.ConsumerType.Shared)
+        conf.consumer_type(
+            pulsar.ConsumerType.KeyShared if key_shared else pulsar.ConsumerType.Shared
+        )
         conf.receiver_queue_size(receiver_queue_size)
         conf.negative_ack_redelivery_delay_ms(nack_delay_ms)
         # Earliest: a subscription created after requests were enqueued still gets them.
@@ -349,7 +373,11 @@ class AsyncPulsarClient:
         future: asyncio.Future[_pulsar.Consumer] = asyncio.get_running_loop().create_future()
         with map_pulsar_errors(f"subscribe to {topic}"):
             self._core.subscribe_async_v2(topic, subscription, conf, _value_callback(future))
-        consumer = await _wait(future, self._operation_timeout + 5.0, f"subscribe to {topic}")
+        try:
+            consumer = await _wait(asyncio.shield(future), attempt_timeout, f"subscribe to {topic}")
+        except BaseException:
+            future.add_done_callback(_close_late_consumer)
+            raise
         return AsyncConsumer(consumer, topic, asyncio.get_running_loop(), ack_flush_wait)
 
     async def create_reader(self, topic: str) -> AsyncReader:

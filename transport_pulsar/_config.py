@@ -66,6 +66,12 @@ class PulsarOptions(BaseModel):
     ack_flush_wait_ms: int = Field(default=150, ge=0, le=10_000)
     operation_timeout_seconds: float = Field(default=30.0, gt=0)
     connection_timeout_ms: int = Field(default=10_000, gt=0)
+    #: One attempt to join a subscription; failed attempts are retried (with
+    #: a new consumer id) within operation_timeout_seconds. Short, because
+    #: pulsar-lite refuses a consumer whose id another connection already
+    #: uses on the subscription, and the client retries that id until its
+    #: operation timeout.
+    subscribe_attempt_timeout_seconds: float = Field(default=3.0, gt=0)
     send_timeout_ms: int = Field(default=30_000, gt=0)
     close_timeout_seconds: float = Field(default=10.0, gt=0)
     io_threads: int = Field(default=1, ge=1, le=64)
@@ -124,7 +130,9 @@ def parse_settings(config: TransportConfig) -> PulsarSettings:
             "credentials in the pulsar URL are not supported; use token/username/password settings"
         )
     if parts.path not in {"", "/"} or parts.query or parts.fragment:
-        raise ConfigurationError("a pulsar URL is pulsar://host:port[,host:port] with nothing after it")
+        raise ConfigurationError(
+            "a pulsar URL is pulsar://host:port[,host:port] with nothing after it"
+        )
     if not parts.netloc:
         raise ConfigurationError("the pulsar URL needs a host, e.g. pulsar://localhost:6650")
     use_tls = scheme == "pulsar+ssl"
@@ -149,10 +157,11 @@ def parse_settings(config: TransportConfig) -> PulsarSettings:
     ]
     if sum(auth_kinds) > 1:
         raise ConfigurationError("choose one of token, username/password and OAuth2 authentication")
-    if options.oauth2_issuer_url and not (options.oauth2_client_id and options.oauth2_client_secret):
-        if config.credentials_file is None:
-            raise ConfigurationError(
-                "OAuth2 needs oauth2_client_id + oauth2_client_secret or a credentials_file"
-            )
-    return PulsarSettings(service_url=f"{scheme}://{parts.netloc}", use_tls=use_tls, options=options)
-
+    has_client_secret = options.oauth2_client_id and options.oauth2_client_secret
+    if options.oauth2_issuer_url and not has_client_secret and config.credentials_file is None:
+        raise ConfigurationError(
+            "OAuth2 needs oauth2_client_id + oauth2_client_secret or a credentials_file"
+        )
+    return PulsarSettings(
+        service_url=f"{scheme}://{parts.netloc}", use_tls=use_tls, options=options
+    )

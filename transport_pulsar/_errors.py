@@ -102,7 +102,9 @@ def map_pulsar_errors(what: str) -> Iterator[None]:
         if name in _CONFIGURATION:
             raise ConfigurationError(f"{what}: {name}") from exc
         if name == "MessageTooBig":
-            raise PermanentTransportError(f"{what}: message is larger than the broker accepts") from exc
+            raise PermanentTransportError(
+                f"{what}: message is larger than the broker accepts"
+            ) from exc
         if name in {"AuthenticationError", "AuthorizationError", "ErrorGettingAuthenticationData"}:
             raise PermanentTransportError(f"{what}: {name} (check the token/credentials)") from exc
         raise PermanentTransportError(f"{what}: {name}") from exc

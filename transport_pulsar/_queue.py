@@ -79,7 +79,13 @@ _tiebreak = itertools.count()
 class PulsarDelivery(Delivery):
     __slots__ = ("_expires", "_last_error", "_message", "_queue", "_state", "_timer")
 
-    def __init__(self, request: WorkRequest, queue: PulsarRequestQueue, message: Message, last_error: str | None):
+    def __init__(
+        self,
+        request: WorkRequest,
+        queue: PulsarRequestQueue,
+        message: Message,
+        last_error: str | None,
+    ):
         super().__init__(request)
         self._queue = queue
         self._message = message
@@ -91,7 +97,9 @@ class PulsarDelivery(Delivery):
     async def ack(self) -> bool:
         return await self._queue._ack(self)
 
-    async def nack(self, delay: float | timedelta | None = None, *, error: str | None = None) -> bool:
+    async def nack(
+        self, delay: float | timedelta | None = None, *, error: str | None = None
+    ) -> bool:
         return await self._queue._nack(self, _seconds(delay) or 0.0, error)
 
     async def extend(self, seconds: float | timedelta | None = None) -> bool:
@@ -103,8 +111,14 @@ class PulsarDelivery(Delivery):
 
 class PulsarRequestQueue(RequestQueue):
     def __init__(
-        self, transport: PulsarTransport, name: str, *, topic: str, dlq_topic: str,
-        lease_seconds: float, max_attempts: int,
+        self,
+        transport: PulsarTransport,
+        name: str,
+        *,
+        topic: str,
+        dlq_topic: str,
+        lease_seconds: float,
+        max_attempts: int,
     ) -> None:
         self.name = name
         self.topic = topic
@@ -139,7 +153,9 @@ class PulsarRequestQueue(RequestQueue):
         async with self._lock:
             if self._producer is None:
                 await self._t.ensure_subscription(self.topic)
-                self._producer = await self._t.retrying(lambda: self._client.create_producer(self.topic))
+                self._producer = await self._t.retrying(
+                    lambda: self._client.create_producer(self.topic)
+                )
             return self._producer
 
     async def _get_consumer(self) -> AsyncConsumer:
@@ -208,8 +224,12 @@ class PulsarRequestQueue(RequestQueue):
             request = decode(WorkRequest, data)
         except UndecodableMessageError as exc:
             record = DeadLetter(
-                queue=self.name, request_id=None, request=None,
-                raw=data.decode("utf-8", "replace"), error=str(exc), attempts=attempt,
+                queue=self.name,
+                request_id=None,
+                request=None,
+                raw=data.decode("utf-8", "replace"),
+                error=str(exc),
+                attempts=attempt,
             )
             self._background(self._dead_letter_message(message, record))
             return None
@@ -218,7 +238,8 @@ class PulsarRequestQueue(RequestQueue):
             # worker died holding it): it goes to the dead letters instead.
             deliveries = attempt - 1
             record = DeadLetter(
-                queue=self.name, request_id=request.request_id,
+                queue=self.name,
+                request_id=request.request_id,
                 request=request.model_copy(update={"attempt": deliveries}),
                 error=last_error or f"not acknowledged after {deliveries} deliveries",
                 attempts=deliveries,
@@ -307,7 +328,8 @@ class PulsarRequestQueue(RequestQueue):
     async def _nack(self, delivery: PulsarDelivery, delay: float, error: str | None) -> bool:
         if delivery.attempt >= self.max_attempts:
             return await self._settle_dead(
-                delivery, error or delivery._last_error or f"nacked after {delivery.attempt} deliveries"
+                delivery,
+                error or delivery._last_error or f"nacked after {delivery.attempt} deliveries",
             )
         if not self._begin_settle(delivery):
             return False
@@ -353,13 +375,17 @@ class PulsarRequestQueue(RequestQueue):
             return False
         ok = False
         try:
-            await self._dead_letter_message(delivery._message, self._record(delivery, error), give_back=False)
+            await self._dead_letter_message(
+                delivery._message, self._record(delivery, error), give_back=False
+            )
             ok = True
         finally:
             self._finish_settle(delivery, ok)
         return True
 
-    async def _dead_letter_message(self, message: Message, record: DeadLetter, give_back: bool = True) -> None:
+    async def _dead_letter_message(
+        self, message: Message, record: DeadLetter, give_back: bool = True
+    ) -> None:
         """Store the record, then ack the source message (a crash in between
         leaves a duplicate dead letter, never a lost request)."""
         try:
@@ -369,7 +395,9 @@ class PulsarRequestQueue(RequestQueue):
             await self._consumer.acknowledge(message, self._timeout)
         except TransportError:
             if give_back:  # background: try again on the next delivery
-                log.warning("queue %r: dead-lettering failed; the message will come back", self.name)
+                log.warning(
+                    "queue %r: dead-lettering failed; the message will come back", self.name
+                )
                 self._give_back(message)
                 return
             raise
@@ -386,7 +414,9 @@ class PulsarRequestQueue(RequestQueue):
             try:
                 out.append((key, decode(DeadLetter, raw)))
             except UndecodableMessageError:
-                log.warning("queue %r: skipping an unreadable dead-letter record %r", self.name, key)
+                log.warning(
+                    "queue %r: skipping an unreadable dead-letter record %r", self.name, key
+                )
         return out
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
@@ -422,7 +452,11 @@ class PulsarRequestQueue(RequestQueue):
         else:
             depth = await self._t.subscription_backlog(self.topic)
         return QueueStats(
-            queue=self.name, depth=depth, in_flight=in_flight, delayed=len(self._delayed), dead_lettered=dead
+            queue=self.name,
+            depth=depth,
+            in_flight=in_flight,
+            delayed=len(self._delayed),
+            dead_lettered=dead,
         )
 
     async def _admin_backlog(self, admin: str) -> tuple[int, int | None]:
@@ -438,7 +472,7 @@ class PulsarRequestQueue(RequestQueue):
 
         def fetch() -> tuple[int, int | None]:
             req = urllib.request.Request(url, headers=headers)
-            with urllib.request.urlopen(req, timeout=self._timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(req, timeout=self._timeout) as response:
                 data = json.load(response)
             sub = data.get("subscriptions", {}).get(group)
             if sub is None:
@@ -446,9 +480,13 @@ class PulsarRequestQueue(RequestQueue):
             return int(sub.get("msgBacklog", 0)), sub.get("unackedMessages")
 
         try:
-            result: tuple[int, int | None] = await self._client.run_blocking(fetch, self._timeout + 1)
+            result: tuple[int, int | None] = await self._client.run_blocking(
+                fetch, self._timeout + 1
+            )
         except (OSError, ValueError, TimeoutError) as exc:
-            raise TransientTransportError(f"queue {self.name!r}: admin stats failed: {type(exc).__name__}") from exc
+            raise TransientTransportError(
+                f"queue {self.name!r}: admin stats failed: {type(exc).__name__}"
+            ) from exc
         return result
 
     # -- closing -----------------------------------------------------------------

@@ -57,7 +57,9 @@ def _is_empty_topic_error(exc: BaseException) -> bool:
 class KeyedTopic:
     """Writes to one keyed topic, and an incrementally maintained view of it."""
 
-    def __init__(self, client: AsyncPulsarClient, topic: str, *, timeout: float, close_timeout: float):
+    def __init__(
+        self, client: AsyncPulsarClient, topic: str, *, timeout: float, close_timeout: float
+    ):
         self._client = client
         self.topic = topic
         self._timeout = timeout
@@ -105,7 +107,9 @@ class KeyedTopic:
         while await self._available(reader):
             message = await reader.read_next(self._timeout)
             if message is None:
-                raise TransientTransportError(f"read {self.topic}: no message although one is available")
+                raise TransientTransportError(
+                    f"read {self.topic}: no message although one is available"
+                )
             change = keyed_change(message)
             if change is not None:
                 apply(change)

@@ -22,7 +22,9 @@ Options (``TransportConfig.options``, unknown keys rejected):
 ``subscription_type`` (``shared`` | ``key_shared``), ``receiver_queue_size``
 (1), ``nack_redelivery_delay_ms`` (100), ``operation_timeout_seconds`` (30),
 ``connection_timeout_ms`` (10000), ``send_timeout_ms`` (30000),
-``close_timeout_seconds`` (10), ``io_threads`` (1), ``ack_flush_wait_ms``
+``close_timeout_seconds`` (10), ``subscribe_attempt_timeout_seconds`` (3:
+one subscribe attempt; see the pulsar-lite consumer-id note in the docs),
+``io_threads`` (1), ``ack_flush_wait_ms``
 (150: how long ``ack()`` waits for the client's ack-grouping flush; 0 makes
 acks faster and lets a process killed right after ``ack()`` lose the ack), ``admin_url`` (None:
 admin REST endpoint for ``stats()``), ``listener_name``, and OAuth2
@@ -49,7 +51,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pulsar
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
 from transport._naming import internal_name
@@ -79,7 +87,10 @@ def _authentication(config: TransportConfig, settings: PulsarSettings) -> Any:
         password = config.password.get_secret_value() if config.password else ""
         return pulsar.AuthenticationBasic(config.username or "", password)
     if options.oauth2_issuer_url:
-        params: dict[str, str] = {"type": "client_credentials", "issuer_url": options.oauth2_issuer_url}
+        params: dict[str, str] = {
+            "type": "client_credentials",
+            "issuer_url": options.oauth2_issuer_url,
+        }
         if options.oauth2_client_id and options.oauth2_client_secret:
             params["client_id"] = options.oauth2_client_id
             params["client_secret"] = options.oauth2_client_secret.get_secret_value()
@@ -126,6 +137,9 @@ class PulsarTransport(Transport):
             )
             if tls.ca_file is not None:
                 kwargs["tls_trust_certs_file_path"] = str(tls.ca_file)
+        #: What the client was built with (inspectable; secrets stay inside
+        #: the authentication object, which has no revealing repr).
+        self.client_settings = {k: v for k, v in kwargs.items() if k != "authentication"}
         self.client = AsyncPulsarClient(
             self.settings.service_url,
             operation_timeout=options.operation_timeout_seconds,
@@ -141,26 +155,33 @@ class PulsarTransport(Transport):
         return self.settings.topic(self.config.namespace, kind, name)
 
     async def retrying(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Run ``make`` with retries on the transient branch only."""
+        """Run ``make`` with retries on the transient branch only, for at most
+        the operation timeout (and at least three attempts)."""
+        budget = self.settings.options.operation_timeout_seconds
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientTransportError),
-            stop=stop_after_attempt(3),
-            wait=wait_exponential(multiplier=0.2, max=2.0),
+            stop=stop_after_delay(budget) & stop_after_attempt(3),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
             reraise=True,
         ):
             with attempt:
                 return await make()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def subscribe(self, topic: str, *, receiver_queue_size: int | None = None) -> AsyncConsumer:
+    async def subscribe(
+        self, topic: str, *, receiver_queue_size: int | None = None
+    ) -> AsyncConsumer:
         options = self.settings.options
         return await self.client.subscribe(
             topic,
             self.config.consumer_group,
             key_shared=options.subscription_type == "key_shared",
-            receiver_queue_size=options.receiver_queue_size if receiver_queue_size is None else receiver_queue_size,
+            receiver_queue_size=options.receiver_queue_size
+            if receiver_queue_size is None
+            else receiver_queue_size,
             nack_delay_ms=options.nack_redelivery_delay_ms,
             ack_flush_wait=options.ack_flush_wait_ms / 1000,
+            attempt_timeout=options.subscribe_attempt_timeout_seconds,
         )
 
     async def ensure_subscription(self, topic: str) -> None:
@@ -212,7 +233,9 @@ class PulsarTransport(Transport):
         self._backlog_query = True
         return result.backlog
 
-    def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> PulsarRequestQueue:
+    def _open_queue(
+        self, name: str, *, lease_seconds: float, max_attempts: int
+    ) -> PulsarRequestQueue:
         return PulsarRequestQueue(
             self,
             name,
@@ -240,7 +263,9 @@ class PulsarTransport(Transport):
         try:
             await self.client.topic_partitions(self.topic("health", "probe"), timeout=5.0)
         except (TransportError, TimeoutError) as exc:
-            return HealthStatus(ok=False, backend="pulsar", detail=f"{self.settings.service_url}: {exc}")
+            return HealthStatus(
+                ok=False, backend="pulsar", detail=f"{self.settings.service_url}: {exc}"
+            )
         return HealthStatus(
             ok=True,
             backend="pulsar",

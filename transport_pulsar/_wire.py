@@ -127,7 +127,9 @@ async def subscription_backlog(
                 host, port, ssl=tls, server_hostname=host if tls else None
             )
             try:
-                return await _exchange(reader, writer, topic, subscription, subscription_type, token)
+                return await _exchange(
+                    reader, writer, topic, subscription, subscription_type, token
+                )
             finally:
                 writer.close()
                 with contextlib.suppress(Exception):

@@ -61,10 +61,14 @@ class PulsarLiteBroker:
             self.process = subprocess.Popen(
                 [
                     str(pulsar_lite_binary()),
-                    "--config", str(self.config_file),
-                    "--addr", f"127.0.0.1:{self.port}",
-                    "--db-path", str(self.data),
-                    "--log-level", "warn",
+                    "--config",
+                    str(self.config_file),
+                    "--addr",
+                    f"127.0.0.1:{self.port}",
+                    "--db-path",
+                    str(self.data),
+                    "--log-level",
+                    "warn",
                 ],
                 stdout=log,
                 stderr=log,
@@ -73,7 +77,9 @@ class PulsarLiteBroker:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"pulsar-lite exited: {self.log.read_text(errors='replace')[-2000:]}")
+                raise RuntimeError(
+                    f"pulsar-lite exited: {self.log.read_text(errors='replace')[-2000:]}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
@@ -153,7 +159,13 @@ def make_config(url: str, **overrides: object) -> TransportConfig:
         "url": url,
         "namespace": f"t{uuid.uuid4().hex[:10]}",
         "lease_seconds": 5.0,
-        "options": {"operation_timeout_seconds": 10, "close_timeout_seconds": 5},
+        "options": {
+            "operation_timeout_seconds": 10,
+            "close_timeout_seconds": 5,
+            # pulsar-lite refuses a second connection's consumer that reuses a
+            # consumer id on the same subscription: give up such attempts fast.
+            "subscribe_attempt_timeout_seconds": 1.0,
+        },
     }
     fields.update(overrides)
     return TransportConfig(**fields)  # type: ignore[arg-type]
@@ -163,3 +175,24 @@ def make_config(url: str, **overrides: object) -> TransportConfig:
 def transport_harness(pulsar_url: str, pulsar_broker: PulsarLiteBroker | None) -> PulsarHarness:
     """A fresh namespace per test, so registries never share state."""
     return PulsarHarness(make_config(pulsar_url), pulsar_broker)
+
+
+#: Conformance scenarios pulsar-lite cannot pass, with the reason. They run as
+#: strict xfails against pulsar-lite (an external Apache Pulsar runs them
+#: normally), so a pulsar-lite release that closes the gap is noticed.
+PULSAR_LITE_GAPS = {
+    "test_stats_report_depth_and_dead_letters": (
+        "pulsar-lite 0.2 has no admin REST API and does not implement CommandConsumerStats "
+        "('Unsupported command type: 25'), so the subscription backlog (stats().depth) is None"
+    ),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if EXTERNAL_URL:
+        return
+    here = Path(__file__).parent
+    for item in items:
+        reason = PULSAR_LITE_GAPS.get(getattr(item, "originalname", item.name))
+        if reason and here in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from transport import CAUGHT_UP, KeyedChange, WorkRequest, connect
+from transport import CAUGHT_UP, KeyedChange, WorkRequest
 from transport_pulsar import PulsarTransport
 
 from .conftest import PulsarHarness
