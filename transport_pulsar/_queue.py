@@ -76,6 +76,10 @@ _LEASED, _SETTLING, _SETTLED, _EXPIRED = "leased", "settling", "settled", "expir
 _tiebreak = itertools.count()
 
 
+def _message_key(message: Message) -> str:
+    return str(message.message_id())
+
+
 class PulsarDelivery(Delivery):
     __slots__ = ("_expires", "_last_error", "_message", "_queue", "_state", "_timer")
 
@@ -135,8 +139,12 @@ class PulsarRequestQueue(RequestQueue):
         self._producer: AsyncProducer | None = None
         self._consumer: AsyncConsumer | None = None
         self._lock = asyncio.Lock()
-        self._held: dict[int, PulsarDelivery] = {}
+        # Leased and held-back messages by message id: after a reconnect the
+        # broker dispatches every unacked message again, also to this
+        # consumer; a copy of one we still hold is dropped, not handed out twice.
+        self._held: dict[str, PulsarDelivery] = {}
         self._delayed: list[tuple[float, int, Message]] = []
+        self._delayed_ids: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -198,13 +206,18 @@ class PulsarRequestQueue(RequestQueue):
 
     def _due_delayed(self) -> Message | None:
         if self._delayed and self._delayed[0][0] <= time.time():
-            return heapq.heappop(self._delayed)[2]
+            message = heapq.heappop(self._delayed)[2]
+            self._delayed_ids.discard(_message_key(message))
+            return message
         return None
 
     def _admit(self, message: Message) -> PulsarDelivery | None:
         """Turn a received message into a leased delivery, or handle it
         (hold until due, dead-letter) and return ``None``. No awaits: a
         cancelled poll cannot lose the message between receive and lease."""
+        key = _message_key(message)
+        if key in self._held or key in self._delayed_ids:
+            return None  # a redispatch (after a reconnect) of a message we hold
         properties = message.properties()
         not_before = properties.get(NOT_BEFORE_PROPERTY)
         if not_before:
@@ -212,6 +225,7 @@ class PulsarRequestQueue(RequestQueue):
                 due = int(not_before) / 1000
                 if due > time.time():
                     heapq.heappush(self._delayed, (due, next(_tiebreak), message))
+                    self._delayed_ids.add(key)
                     return None
         try:
             before = int(properties.get(ATTEMPTS_PROPERTY, "0"))
@@ -250,7 +264,7 @@ class PulsarRequestQueue(RequestQueue):
             request = request.model_copy(update={"attempt": attempt})
         delivery = PulsarDelivery(request, self, message, last_error)
         self._lease(delivery, self.lease_seconds)
-        self._held[id(delivery)] = delivery
+        self._held[key] = delivery
         return delivery
 
     # -- leases ----------------------------------------------------------------
@@ -266,7 +280,7 @@ class PulsarRequestQueue(RequestQueue):
             return
         delivery._state = _EXPIRED
         delivery._timer = None
-        self._held.pop(id(delivery), None)
+        self._release(delivery)
         if self._closed or self._consumer is None:
             return
         if delivery.attempt >= self.max_attempts:
@@ -278,6 +292,11 @@ class PulsarRequestQueue(RequestQueue):
             self._background(self._dead_letter_message(delivery._message, record))
         else:
             self._give_back(delivery._message)
+
+    def _release(self, delivery: PulsarDelivery) -> None:
+        key = _message_key(delivery._message)
+        if self._held.get(key) is delivery:
+            del self._held[key]
 
     def _give_back(self, message: Message) -> None:
         if self._consumer is None:
@@ -305,7 +324,7 @@ class PulsarRequestQueue(RequestQueue):
             if delivery._timer is not None:
                 delivery._timer.cancel()
                 delivery._timer = None
-            self._held.pop(id(delivery), None)
+            self._release(delivery)
             return
         # The settle failed: the lease is still ours until it runs out.
         delivery._state = _LEASED
@@ -500,6 +519,7 @@ class PulsarRequestQueue(RequestQueue):
             delivery._state = _EXPIRED
         self._held.clear()
         self._delayed.clear()
+        self._delayed_ids.clear()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
         # Closing the consumer hands every unsettled message back at once.
