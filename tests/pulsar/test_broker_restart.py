@@ -30,16 +30,25 @@ def name() -> str:
     return f"r{uuid.uuid4().hex[:10]}"
 
 
-async def test_every_acknowledged_enqueue_survives_a_broker_sigkill(harness: PulsarHarness) -> None:
+@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
+async def test_every_acknowledged_enqueue_survives_a_broker_stop(
+    harness: PulsarHarness, pulsar_broker: PulsarLiteBroker, stop: str
+) -> None:
     transport = await harness.connect()
     try:
         queue = transport.request_queue(name())
-        # Concurrent enqueues: many sends in flight at once, each returning on
-        # its own receipt; the broker is killed right after the last receipt.
+        # Concurrent enqueues: many sends in flight at once (send_async under
+        # the hood), each returning on its own receipt; the broker is stopped
+        # right after the last receipt.
         sent = await asyncio.gather(*(queue.enqueue(r) for r in make_requests(200)))
-        await harness.restart_broker()
-        got = await drain(queue, 200, 60)
+        if stop == "sigkill":
+            await harness.restart_broker()
+        else:
+            await asyncio.to_thread(pulsar_broker.stop)
+            await asyncio.to_thread(pulsar_broker.start)
+        got = await drain(queue, 200, 60, ack=False)
         assert {d.request.request_id for d in got} == {r.request_id for r in sent}, "lost requests"
+        assert all(await asyncio.gather(*(d.ack() for d in got)))
     finally:
         await transport.aclose()
 
@@ -76,9 +85,10 @@ async def test_acks_given_before_a_restart_are_kept(harness: PulsarHarness) -> N
         await harness.restart_broker()
         transport = await harness.connect()
         queue = transport.request_queue(queue.name)
-        back = await drain(queue, 10, 20)
+        back = await drain(queue, 5, 20)
         ids = {d.request.request_id for d in back}
         assert ids == {r.request_id for r in sent} - acked
+        assert await queue.poll(1.5) is None, "an acked request came back after the restart"
     finally:
         await transport.aclose()
 
