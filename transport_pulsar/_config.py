@@ -30,14 +30,18 @@ __all__ = ["PulsarOptions", "PulsarSettings", "parse_settings", "validate_topic_
 # could add a path segment or a scheme ('/', ':'), change the topic domain
 # or hit Pulsar's reserved '-partition-' suffix.
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# Queue and registry names arrive validated (at most 100 characters) and get
+# library suffixes such as ``__p3__dlq``: allow room for those.
+_LOCAL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
 
 
-def validate_topic_part(value: str, what: str) -> str:
+def validate_topic_part(value: str, what: str, *, local_name: bool = False) -> str:
     """Return ``value`` if it is safe as one segment of a topic name.
 
     Raises: InvalidNameError.
     """
-    if not isinstance(value, str) or not _SEGMENT_RE.fullmatch(value):
+    pattern = _LOCAL_NAME_RE if local_name else _SEGMENT_RE
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise InvalidNameError(
             what, value, "only letters, digits, '_', '-' and '.' (no '/', ':' or spaces)"
         )
@@ -111,7 +115,7 @@ class PulsarSettings(BaseModel):
 
     def topic(self, prefix: str, kind: str, name: str) -> str:
         """``persistent://tenant/ns/<prefix>.<kind>.<name>`` for validated parts."""
-        validate_topic_part(name, "queue or registry name")
+        validate_topic_part(name, "queue or registry name", local_name=True)
         o = self.options
         return f"persistent://{o.tenant}/{o.pulsar_namespace}/{prefix}.{kind}.{name}"
 

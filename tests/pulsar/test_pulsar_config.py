@@ -52,6 +52,17 @@ def test_unsafe_tenant_or_namespace_is_rejected(bad: str) -> None:
         make(options={"pulsar_namespace": bad})
 
 
+async def test_longest_valid_names_fit_with_library_suffixes() -> None:
+    transport = make()
+    try:
+        name = "q" * 100
+        queue = transport.priority_queue(name, levels=3)
+        assert queue.levels == 3
+        assert transport.topic("q", f"{name}__p2__dlq").endswith(f"{name}__p2__dlq")
+    finally:
+        await transport.aclose()
+
+
 async def test_reserved_partition_suffix_in_a_queue_name_is_rejected() -> None:
     transport = make()
     try:
