@@ -71,6 +71,7 @@ ATTEMPTS_PROPERTY = "ae-attempts"
 ERROR_PROPERTY = "ae-last-error"
 NOT_BEFORE_PROPERTY = "ae-not-before"
 _MAX_ERROR_CHARS = 4000
+_JOIN_GRACE_SECONDS = 0.2
 
 _LEASED, _SETTLING, _SETTLED, _EXPIRED = "leased", "settling", "settled", "expired"
 _tiebreak = itertools.count()
@@ -184,8 +185,14 @@ class PulsarRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> PulsarDelivery | None:
         self._check()
+        joining = self._consumer is None
         consumer = await self._get_consumer()
         loop = asyncio.get_running_loop()
+        if joining and timeout is not None:
+            # Right after joining, waiting work is still on its way from the
+            # broker: even poll(0) gives the first dispatch a moment, so that
+            # "nothing" means an empty queue, not a consumer still warming up.
+            timeout = max(timeout, _JOIN_GRACE_SECONDS)
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             self._check()
