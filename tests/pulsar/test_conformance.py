@@ -7,6 +7,8 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
+    EventBusConformance,
+    EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -29,3 +31,9 @@ class TestPulsarCapabilityRegistry(CapabilityRegistryConformance): ...
 
 
 class TestPulsarCrash(CrashConformance): ...
+
+
+class TestPulsarEventBus(EventBusConformance): ...
+
+
+class TestPulsarEventLog(EventLogConformance): ...
