@@ -1,6 +1,7 @@
 """Apache Pulsar backend (``pulsar://``, ``pulsar+ssl://``) on pulsar-client."""
 
 from transport_pulsar._config import PulsarOptions
+from transport_pulsar._events import PulsarEventLog
 from transport_pulsar._queue import PulsarDelivery, PulsarRequestQueue
 from transport_pulsar._registries import (
     PulsarCapabilityRegistry,
@@ -13,6 +14,7 @@ __all__ = [
     "PulsarCapabilityRegistry",
     "PulsarDelivery",
     "PulsarDeliveryRegistry",
+    "PulsarEventLog",
     "PulsarKeyedLog",
     "PulsarOptions",
     "PulsarRequestQueue",

@@ -78,6 +78,11 @@ def _value_callback(future: asyncio.Future[Any]) -> Callable[[Any], None]:
     return callback
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _close_late_consumer(future: asyncio.Future[Any]) -> None:
     if future.cancelled() or future.exception() is not None:
         return
@@ -282,6 +287,8 @@ class AsyncReader:
             future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
             with map_pulsar_errors(f"read {self.topic}"):
                 self._reader.read_next_async(_result_callback(future))
+            # A read abandoned by a seek or close may still fail later: retrieve it.
+            future.add_done_callback(_retrieve)
             self._pending = future
         pending = self._pending
         try:
@@ -380,14 +387,18 @@ class AsyncPulsarClient:
             raise
         return AsyncConsumer(consumer, topic, asyncio.get_running_loop(), ack_flush_wait)
 
-    async def create_reader(self, topic: str) -> AsyncReader:
+    async def create_reader(
+        self, topic: str, start: MessageId | None = None, *, inclusive: bool = False
+    ) -> AsyncReader:
+        """A reader from ``start`` (default: the earliest message);
+        ``inclusive`` also applies to later seeks to a message id."""
         conf = _pulsar.ReaderConfiguration()
         conf.receiver_queue_size(200)
+        conf.start_message_id_inclusive(inclusive)
+        begin = _pulsar.MessageId.earliest if start is None else start
         future: asyncio.Future[_pulsar.Reader] = asyncio.get_running_loop().create_future()
         with map_pulsar_errors(f"create reader on {topic}"):
-            self._core.create_reader_async_v2(
-                topic, _pulsar.MessageId.earliest, conf, _value_callback(future)
-            )
+            self._core.create_reader_async_v2(topic, begin, conf, _value_callback(future))
         reader = await _wait(future, self._operation_timeout + 5.0, f"create reader on {topic}")
         return AsyncReader(reader, topic, self._operation_timeout + 5.0)
 

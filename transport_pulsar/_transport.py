@@ -15,6 +15,8 @@ native_delay   ✗     ``nack(delay)`` republishes with ``deliverAfter`` and a
 lease_extension ✓    leases are client-side timers, renewable without limit
 restart_broker ✓     accepted requests survive a broker restart (proven on
                      pulsar-lite by tests/pulsar/test_broker_restart.py)
+event_log      ✓     a topic per stream, readers, cursors in a keyed topic
+event_bus      ✗     use nats:// or memory://
 ============== ===== =====================================================
 
 Options (``TransportConfig.options``, unknown keys rejected):
@@ -69,6 +71,7 @@ from transport.errors import (
 )
 from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient
 from transport_pulsar._config import PulsarSettings, parse_settings
+from transport_pulsar._events import PulsarEventLog
 from transport_pulsar._queue import PulsarRequestQueue
 from transport_pulsar._registries import KeyedTopic, PulsarKeyedLog
 from transport_pulsar._wire import subscription_backlog
@@ -115,6 +118,7 @@ class PulsarTransport(Transport):
         native_delay=False,
         lease_extension=True,
         restart_broker=True,
+        event_log=True,
     )
 
     def __init__(self, config: TransportConfig) -> None:
@@ -257,6 +261,9 @@ class PulsarTransport(Transport):
                 close_timeout=options.close_timeout_seconds,
             )
         )
+
+    def _open_event_log(self) -> PulsarEventLog:
+        return PulsarEventLog(self)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()
