@@ -231,8 +231,13 @@ class PulsarTransport(Transport):
         except (TransientTransportError, PermanentTransportError) as exc:
             if not first:
                 raise
-            log.warning("broker does not report subscription backlogs (%s); depth is unknown", exc)
-            self._backlog_query = False
+            unanswered = isinstance(exc.__cause__, TimeoutError)
+            if unanswered or isinstance(exc, PermanentTransportError):
+                # No answer at all, or a refusal: the broker lacks the command.
+                log.warning(
+                    "broker does not report subscription backlogs (%s); depth is unknown", exc
+                )
+                self._backlog_query = False
             return None
         self._backlog_query = True
         return result.backlog

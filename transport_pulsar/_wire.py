@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import ssl
 import struct
 from dataclasses import dataclass
@@ -150,7 +151,9 @@ async def _exchange(
     if token is not None:
         connect += _bytes_field(3, token.encode()) + _bytes_field(5, b"token")
     writer.write(_command(_CONNECT, connect))
-    consumer_id, request_id = 1, 1
+    # Consumer ids are per connection in Pulsar; a random one also avoids
+    # pulsar-lite's clash with other connections' consumers on the subscription.
+    consumer_id, request_id = secrets.randbits(40), 1
 
     async def answer(expected: int) -> dict[int, object]:
         while True:
