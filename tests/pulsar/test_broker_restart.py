@@ -137,3 +137,27 @@ async def test_a_lease_held_when_the_broker_dies_comes_back(harness: PulsarHarne
         assert await again.ack()
     finally:
         await transport.aclose()
+
+
+async def test_event_log_and_its_cursors_survive_a_restart(harness: PulsarHarness) -> None:
+    stream = name()
+    transport = await harness.connect()
+    try:
+        log = transport.event_log()
+        positions = [await log.append(stream, i) for i in range(5)]
+        reader = await log.read(stream, "earliest", cursor="audit")
+        assert [(await reader.next(10)).data for _ in range(3)] == [0, 1, 2]  # type: ignore[union-attr]
+        await reader.aclose()
+    finally:
+        await transport.aclose()
+    await harness.restart_broker()
+    transport = await harness.connect()
+    try:
+        log = transport.event_log()
+        resumed = await log.read(stream, "earliest", cursor="audit")
+        assert [(await resumed.next(30)).data for _ in range(2)] == [3, 4]  # type: ignore[union-attr]
+        replay = await log.read(stream, positions[1])
+        first = await replay.next(10)
+        assert first is not None and first.data == 1 and first.position == positions[1]
+    finally:
+        await transport.aclose()

@@ -147,18 +147,24 @@ def test_sync_client_sanity(pulsar_url: str) -> None:
         client.close()
 
 
-@lite_gap("a seek by publish time is confirmed and then nothing is delivered")
+@lite_gap(
+    "a seek by publish time is confirmed and then, most of the time (8 of 10 tries here), "
+    "nothing is delivered"
+)
 def test_seek_by_publish_time(pulsar_url: str) -> None:
     client = pulsar.Client(pulsar_url, operation_timeout_seconds=5)
     try:
-        topic = f"persistent://public/default/gap-seek-{uuid.uuid4().hex[:8]}"
-        producer = client.create_producer(topic)
-        for i in range(3):
-            producer.send(f"m{i}".encode())
-        reader = client.create_reader(
-            topic, pulsar.MessageId.earliest, start_message_id_inclusive=True
-        )
-        reader.seek(0)  # every message was published after the epoch
-        assert reader.read_next(3000).data() == b"m0"
+        for _ in range(10):  # it works now and then: every try must work
+            topic = f"persistent://public/default/gap-seek-{uuid.uuid4().hex[:8]}"
+            producer = client.create_producer(topic)
+            for i in range(3):
+                producer.send(f"m{i}".encode())
+            reader = client.create_reader(
+                topic, pulsar.MessageId.earliest, start_message_id_inclusive=True
+            )
+            reader.seek(0)  # every message was published after the epoch
+            assert reader.read_next(1500).data() == b"m0"
+            reader.close()
+            producer.close()
     finally:
         client.close()
