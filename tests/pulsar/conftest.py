@@ -153,6 +153,14 @@ class PulsarHarness(BackendHarness):
         assert self.broker is not None, "an external broker cannot be restarted"
         await asyncio.to_thread(self.broker.restart)
 
+    async def stop_broker(self) -> None:
+        assert self.broker is not None, "an external broker cannot be stopped"
+        await asyncio.to_thread(self.broker.kill)
+
+    async def start_broker(self) -> None:
+        assert self.broker is not None
+        await asyncio.to_thread(self.broker.start)
+
 
 def make_config(url: str, **overrides: object) -> TransportConfig:
     fields: dict[str, object] = {

@@ -44,4 +44,21 @@ async def nats_target() -> AsyncIterator[BackendHarness]:
             server.stop()
 
 
-TARGETS: dict[str, Callable[[], Any]] = {"sqlite": sqlite_target, "nats": nats_target}
+@contextlib.asynccontextmanager
+async def pulsar_target() -> AsyncIterator[BackendHarness]:
+    from tests.pulsar.conftest import PulsarHarness, PulsarLiteBroker, make_config
+
+    with tempfile.TemporaryDirectory(prefix="reliability-pulsar-") as tmp:
+        broker = PulsarLiteBroker(Path(tmp))
+        broker.start()
+        try:
+            yield PulsarHarness(make_config(broker.url), broker)
+        finally:
+            broker.stop()
+
+
+TARGETS: dict[str, Callable[[], Any]] = {
+    "sqlite": sqlite_target,
+    "nats": nats_target,
+    "pulsar": pulsar_target,
+}
