@@ -27,6 +27,7 @@ from transport.errors import (
     ClosedResourceError,
     DeliveryTimeoutError,
     TransientTransportError,
+    TransportError,
     UndecodableMessageError,
     UnknownDeliveryError,
 )
@@ -97,6 +98,14 @@ class _LogView:
                 log.warning("%s: watch interrupted (%s); re-watching", self._what, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+            except TransportError as exc:
+                # Before the first catch-up a permanent error (auth, config)
+                # is the caller's to see; once the watch has worked, the
+                # backend is usable, so keep the view alive and retry.
+                if not self._caught_up.is_set():
+                    raise
+                log.error("%s: watch failed (%s); re-watching", self._what, exc)
+                await asyncio.sleep(2.0)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -49,6 +49,11 @@ _TRANSIENT = frozenset(
         "TopicNotFound",
         "SubscriptionNotFound",
         "ConsumerNotFound",
+        # A dropped connection; and the name the client gives a result code
+        # it has no name for, seen when pulsar-lite drops a connection under
+        # load ("Failed to getLastMessageId: ResultDisconnected").
+        "Disconnected",
+        "???",
     }
 )
 _CONFIGURATION = frozenset(
