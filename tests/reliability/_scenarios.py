@@ -177,15 +177,26 @@ async def broker_restart(backend: str, harness: BackendHarness, sizes: Sizes) ->
         if proc is not worker:
             ledger.read_lines(proc.lines)
     transport = await harness.connect()
+    fresh: WorkerProcess | None = None
     try:
         queue = transport.request_queue(queue_name, lease_seconds=lease)
-        drained = await _drain_ledger(
-            ledger, queue, [worker], [p for p in processes if p is not worker], harness.scaled(120)
-        )
+        finished = [p for p in processes if p is not worker]
+        drained = await _drain_ledger(ledger, queue, [worker], finished, harness.scaled(90))
+        if not drained:
+            # The worker that lived through the restart stalled. A fresh one
+            # tells a stalled consumer (availability) from lost data.
+            await worker.reap()
+            finished.append(worker)
+            fresh = await _worker(env_harness, queue_name, lease)
+            drained = await _drain_ledger(ledger, queue, [fresh], finished, harness.scaled(90))
     finally:
         await worker.reap()
+        if fresh is not None:
+            await fresh.reap()
         await transport.aclose()
     ledger.read_lines(worker.lines)
+    if fresh is not None:
+        ledger.read_lines(fresh.lines)
     return ledger.row(
         backend,
         "broker SIGKILL + restart"
@@ -303,8 +314,10 @@ async def poison(backend: str, harness: BackendHarness, sizes: Sizes) -> dict[st
 
 
 async def long_job(backend: str, harness: BackendHarness, sizes: Sizes) -> dict[str, Any]:
-    """A job running 3× its lease, two workers: never executed twice at once."""
-    lease = harness.lease_seconds
+    """A job running 3× its lease, two workers: never executed twice at once.
+    The lease is at least 3 s so that a briefly stalled event loop on a busy
+    machine is not mistaken for a dead worker."""
+    lease = max(harness.lease_seconds, 3.0)
     name = _qname("long")
     running: set[str] = set()
     concurrent = 0
