@@ -53,8 +53,9 @@ def _qname(prefix: str) -> str:
 
 
 async def _worker(harness: BackendHarness, queue: str, lease: float) -> WorkerProcess:
+    # Eight concurrent handlers per worker process, as an ensemble would run.
     worker = await WorkerProcess.start(
-        harness, "--queue", queue, "--mode", "process", "--lease", str(lease)
+        harness, "--queue", queue, "--mode", "process", "--lease", str(lease), "--concurrency", "8"
     )
     await worker.wait_for("STARTED", harness.scaled(60))
     return worker

@@ -47,6 +47,9 @@ async def main() -> None:
         "--mode", choices=["hold", "ack-all-but-oldest", "process", "produce"], required=True
     )
     parser.add_argument("--count", type=int, default=1)
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="concurrent handlers (process mode)"
+    )
     parser.add_argument("--lease", type=float, default=None)
     parser.add_argument("--priority-levels", type=int, default=0)
     args = parser.parse_args()
@@ -77,23 +80,27 @@ async def main() -> None:
         say("READY")
         await asyncio.Event().wait()
     if args.mode == "process":
-        while True:
-            try:
-                delivery = await queue.poll(1.0)
-            except TransportError as exc:  # broker restarting: keep trying
-                say("POLL-ERROR", type(exc).__name__)
-                await asyncio.sleep(0.2)
-                continue
-            if delivery is None:
-                continue
-            say("LEASED", delivery.request.request_id, delivery.attempt)
-            await asyncio.sleep(random.uniform(0, 0.005))
-            say("ACKING", delivery.request.request_id)  # killed after this: outcome unknown
-            try:
-                acked = await delivery.ack()
-            except TransportError:
-                acked = False  # outcome unknown: the request may come back
-            say("ACKED" if acked else "STALE", delivery.request.request_id)
+
+        async def process() -> None:
+            while True:
+                try:
+                    delivery = await queue.poll(1.0)
+                except TransportError as exc:  # broker restarting: keep trying
+                    say("POLL-ERROR", type(exc).__name__)
+                    await asyncio.sleep(0.2)
+                    continue
+                if delivery is None:
+                    continue
+                say("LEASED", delivery.request.request_id, delivery.attempt)
+                await asyncio.sleep(random.uniform(0, 0.005))
+                say("ACKING", delivery.request.request_id)  # killed after this: outcome unknown
+                try:
+                    acked = await delivery.ack()
+                except TransportError:
+                    acked = False  # outcome unknown: the request may come back
+                say("ACKED" if acked else "STALE", delivery.request.request_id)
+
+        await asyncio.gather(*(process() for _ in range(args.concurrency)))
     held: list[Delivery] = []
     while len(held) < args.count:
         delivery = await queue.poll(1.0)
