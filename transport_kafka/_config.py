@@ -63,6 +63,13 @@ class KafkaOptions(BaseModel):
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
     #: Records fetched but not yet settled before partitions are paused.
     max_buffered: int = Field(default=1_000, ge=1)
+    #: A process that holds fetched but undelivered work and has not polled
+    #: for this long (and holds no live lease) leaves the consumer group so
+    #: other processes get its partitions; 0 disables.
+    handoff_idle_s: float = Field(default=5.0, ge=0)
+    #: Partition assignment strategy: cooperative-sticky keeps partitions
+    #: (and the leases of records in them) with their owner when members join.
+    assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
     #: How often the contiguous acked prefix is committed.
     commit_interval_ms: int = Field(default=200, ge=10)
     #: Bound on produce (delivery report), admin and metadata calls.
@@ -141,6 +148,7 @@ class KafkaSettings:
                     "session.timeout.ms": o.session_timeout_ms,
                     "heartbeat.interval.ms": o.heartbeat_interval_ms,
                     "max.poll.interval.ms": o.max_poll_interval_ms,
+                    "partition.assignment.strategy": o.assignment_strategy,
                 }
             )
         else:

@@ -177,6 +177,10 @@ class _QueueEngine:
         self._consumer: Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
+        self._subscribed = False
+        self._pollers = 0
+        self._last_active = time.monotonic()
+        self._handoff_task: asyncio.Task[None] | None = None
         # consumer-thread state
         self._markers: dict[tuple[int, int], dict[str, Any]] = {}
         self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
@@ -218,16 +222,69 @@ class _QueueEngine:
         conf = self.transport.settings.consumer_config(self.topics.group, subscribe=True)
         with map_kafka_errors(f"creating consumer of {self.name!r}"):
             consumer = Consumer({**conf, "logger": _client_logger()})
-            consumer.subscribe(
-                [self.topics.requests],
-                on_assign=self._on_assign,
-                on_revoke=self._on_revoke,
-                on_lost=self._on_lost,
-            )
+            self._subscribe(consumer)
         self._consumer = consumer
+        self._subscribed = True
         self._thread = ConsumerThread(f"kafka-consumer-{self.name}", self._step, self._finish)
         self._thread.start()
         self._maint = asyncio.create_task(self._maintain(), name=f"kafka-maint-{self.name}")
+
+    def _subscribe(self, consumer: Consumer) -> None:
+        consumer.subscribe(
+            [self.topics.requests],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    # An engine that holds buffered work but whose process stopped polling
+    # gives its partitions up (like a consumer exceeding max.poll.interval.ms,
+    # but without losing live leases), so other processes get the work; the
+    # next poll() joins the group again.
+    def _should_hand_off(self) -> bool:
+        idle = self.options.handoff_idle_s
+        if not idle or not self._subscribed or self._pollers or self._handoff_task is not None:
+            return False
+        if time.monotonic() - self._last_active < idle:
+            return False
+        if any(lease.state in ("held", "settling") for lease in self.leases.values()):
+            return False
+        ready, delayed = self.local_counts()
+        return bool(ready or delayed)
+
+    async def _hand_off(self) -> None:
+        thread = self._thread
+        consumer = self._consumer
+        if thread is None or consumer is None:
+            return
+        log.info("queue %r: idle with buffered work; leaving the group", self.name)
+        self._subscribed = False
+        try:
+            await asyncio.wait_for(
+                thread.submit(consumer.unsubscribe), self.options.operation_timeout_s
+            )
+        except Exception as exc:
+            log.warning("queue %r: unsubscribe failed: %s", self.name, exc)
+
+    async def poller_enter(self) -> None:
+        """Called when a poll begins: joins the group again after a hand-off."""
+        self._pollers += 1
+        self._last_active = time.monotonic()
+        if self._handoff_task is not None:
+            with contextlib.suppress(Exception):
+                await self._handoff_task
+            self._handoff_task = None
+        if not self._subscribed and self._consumer is not None and self._thread is not None:
+            consumer = self._consumer
+            self._subscribed = True
+            await asyncio.wait_for(
+                self._thread.submit(lambda: self._subscribe(consumer)),
+                self.options.operation_timeout_s,
+            )
+
+    def poller_exit(self) -> None:
+        self._pollers -= 1
+        self._last_active = time.monotonic()
 
     async def stop(self) -> None:
         if self._stopped:
@@ -495,6 +552,8 @@ class _QueueEngine:
         while True:
             await asyncio.sleep(_TICK)
             self._reclaim()
+            if self._should_hand_off():
+                self._handoff_task = asyncio.create_task(self._hand_off())
             try:
                 await self._drain_exhausted()
             except Exception as exc:  # retried at the next tick
@@ -720,15 +779,19 @@ class KafkaRequestQueue(RequestQueue):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         await self._engine.start()
-        while True:
-            self._check()
-            delivery = await self._engine.take(self)
-            if delivery is not None:
-                return delivery
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                return None
-            await self._engine.wait(_TICK if remaining is None else min(remaining, 1.0))
+        await self._engine.poller_enter()
+        try:
+            while True:
+                self._check()
+                delivery = await self._engine.take(self)
+                if delivery is not None:
+                    return delivery
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                await self._engine.wait(_TICK if remaining is None else min(remaining, 1.0))
+        finally:
+            self._engine.poller_exit()
 
     async def stats(self) -> QueueStats:
         self._check()
