@@ -136,7 +136,9 @@ class TransportConfig(BaseSettings):
         return cls.model_validate(merged)
 
 
-def load_config(url_or_config: str | TransportConfig | None = None, **overrides: Any) -> TransportConfig:
+def load_config(
+    url_or_config: str | TransportConfig | None = None, **overrides: Any
+) -> TransportConfig:
     """Resolve the configuration ``connect`` uses.
 
     A ``TransportConfig`` is taken as is; a string is a URL; ``None`` reads the

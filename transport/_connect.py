@@ -65,7 +65,9 @@ def _load(scheme: str) -> TransportFactory:
     return cast(TransportFactory, getattr(module, attr))
 
 
-async def connect(url_or_config: str | TransportConfig | None = None, **overrides: Any) -> Transport:
+async def connect(
+    url_or_config: str | TransportConfig | None = None, **overrides: Any
+) -> Transport:
     """Open a transport for a URL (``sqlite:///app.db``, ``kafka://host:9092`` …)
     or a :class:`TransportConfig`; ``None`` reads ``TRANSPORT_URL`` and friends
     from the environment (and ``TRANSPORT_CONFIG_FILE`` if set).

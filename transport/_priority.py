@@ -61,7 +61,9 @@ class AgingPolicy:
         interval = self.aging_interval
         return interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
 
-    def effective_level(self, level: int, enqueued_at: datetime | None, now: datetime | None = None) -> int:
+    def effective_level(
+        self, level: int, enqueued_at: datetime | None, now: datetime | None = None
+    ) -> int:
         """``level − ⌊waited / aging_interval⌋``, never below 0."""
         if enqueued_at is None:
             return level

@@ -60,7 +60,9 @@ class Delivery(ABC):
         """
 
     @abstractmethod
-    async def nack(self, delay: float | timedelta | None = None, *, error: str | None = None) -> bool:
+    async def nack(
+        self, delay: float | timedelta | None = None, *, error: str | None = None
+    ) -> bool:
         """Give the request back for redelivery, not before ``delay``.
 
         Guarantees: other requests keep flowing meanwhile. ``error`` is kept

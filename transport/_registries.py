@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -221,7 +221,9 @@ class DeliveryRegistry:
         self._apply(record)
 
     # -- public API -------------------------------------------------------
-    async def register(self, request_id: str, *, ttl: float | timedelta | None = None) -> PendingDelivery:
+    async def register(
+        self, request_id: str, *, ttl: float | timedelta | None = None
+    ) -> PendingDelivery:
         """Record that a response to ``request_id`` is awaited. Call before
         sending the request.
 
@@ -255,9 +257,7 @@ class DeliveryRegistry:
         """
         validate_request_id(request_id)
         if response.request_id != request_id:
-            raise ValueError(
-                f"response is for {response.request_id!r}, not {request_id!r}"
-            )
+            raise ValueError(f"response is for {response.request_id!r}, not {request_id!r}")
         if self._closed:
             raise ClosedResourceError(f"delivery registry {self.name!r} is closed")
         current = self._records.get(request_id)
@@ -424,7 +424,9 @@ class CapabilityRegistry:
                         log.warning("capability registry: expiry failed: %s", exc)
                         break
 
-    async def advertise(self, capability: Capability, *, lease: float | timedelta | None = None) -> Capability:
+    async def advertise(
+        self, capability: Capability, *, lease: float | timedelta | None = None
+    ) -> Capability:
         """Publish or refresh ``capability``; returns it with ``expires_at``.
 
         Call again before the lease runs out to stay discoverable.
@@ -432,7 +434,9 @@ class CapabilityRegistry:
         Raises: TransientTransportError, ClosedResourceError.
         """
         lease_s = lease.total_seconds() if isinstance(lease, timedelta) else (lease or self._lease)
-        stamped = capability.model_copy(update={"expires_at": utcnow() + timedelta(seconds=lease_s)})
+        stamped = capability.model_copy(
+            update={"expires_at": utcnow() + timedelta(seconds=lease_s)}
+        )
         await self._ready()
         await self._log.put(stamped.key, encode(stamped))
         self._set(stamped.key, stamped)
@@ -463,14 +467,25 @@ class CapabilityRegistry:
         live = [c for c in self._entries.values() if not c.expired(now)]
         return sorted(live, key=lambda c: (c.name, c.ensemble))
 
-    async def watch(self) -> AsyncIterator[CapabilityChange]:
-        """Changes from now on: advertised (new or refreshed), withdrawn,
-        expired. Runs until the consumer stops iterating."""
-        await self._ready()
+    def watch(self) -> AsyncGenerator[CapabilityChange, None]:
+        """Changes from this call on: advertised (new or refreshed), withdrawn,
+        expired, as an async iterator; close it (``aclose``) when done.
+
+        If this registry object had not loaded its state yet, advertisements
+        that already existed are reported as ``advertised`` first.
+        """
+        if self._closed:
+            raise ClosedResourceError("capability registry is closed")
         queue: asyncio.Queue[tuple[str, Capability | None]] = asyncio.Queue()
-        self._watchers.add(queue)
+        self._watchers.add(queue)  # registered now: nothing after this call is missed
         known = {k: c for k, c in self._entries.items() if not c.expired()}
+        return self._watch(queue, known)
+
+    async def _watch(
+        self, queue: asyncio.Queue[tuple[str, Capability | None]], known: dict[str, Capability]
+    ) -> AsyncGenerator[CapabilityChange, None]:
         try:
+            await self._ready()
             while True:
                 expiries = [c.expires_at for c in known.values() if c.expires_at is not None]
                 wait = None
@@ -490,7 +505,9 @@ class CapabilityRegistry:
                 if cap is None:
                     gone = known.pop(key, None)
                     if gone is not None:
-                        yield CapabilityChange(kind="withdrawn", ensemble=gone.ensemble, name=gone.name)
+                        yield CapabilityChange(
+                            kind="withdrawn", ensemble=gone.ensemble, name=gone.name
+                        )
                 elif not cap.expired():
                     known[key] = cap
                     yield CapabilityChange(

@@ -40,6 +40,10 @@ class TransportCapabilities(BaseModel):
     native_delay: bool
     #: ``extend()`` renews the lease on the broker.
     lease_extension: bool
+    #: An ack settles exactly that request. False where acks become durable
+    #: only as a contiguous prefix (Kafka offsets): after a crash, requests
+    #: acked behind an unacked one may be delivered again.
+    individual_acks: bool = True
     #: Accepted requests survive a broker restart, and the test harness can
     #: restart the broker.
     restart_broker: bool = False
@@ -88,7 +92,7 @@ class Transport(ABC):
         Guarantees: never raises for an unreachable backend; reports ``ok=False``.
         """
 
-    async def _close_backend(self) -> None:
+    async def _close_backend(self) -> None:  # noqa: B027 - optional hook
         """Release backend connections; called once by :meth:`aclose`."""
 
     # -- public API -------------------------------------------------------

@@ -1,8 +1,18 @@
 """In-process backends: ``memory://`` (the test double) and ``sqlite://``
 (durable, single node, the embedded default)."""
 
-from transport_inprocess._memory import MemoryRequestQueue, MemoryTransport, open_memory, reset_memory
-from transport_inprocess._sqlite import SqliteRequestQueue, SqliteTransport, open_sqlite, sqlite_path
+from transport_inprocess._memory import (
+    MemoryRequestQueue,
+    MemoryTransport,
+    open_memory,
+    reset_memory,
+)
+from transport_inprocess._sqlite import (
+    SqliteRequestQueue,
+    SqliteTransport,
+    open_sqlite,
+    sqlite_path,
+)
 
 __all__ = [
     "MemoryRequestQueue",

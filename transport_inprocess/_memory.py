@@ -14,6 +14,7 @@ refuse are refused here too. Thread-safe and usable from several event loops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import threading
@@ -113,10 +114,8 @@ def _wake(waiter: _Waiter) -> None:
         if not waiter.future.done():
             waiter.future.set_result(None)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
         waiter.loop.call_soon_threadsafe(_set)
-    except RuntimeError:  # that loop is closed: nobody is waiting there
-        pass
 
 
 def _notify_one(state: _QueueState) -> None:
@@ -139,7 +138,9 @@ class MemoryDelivery(Delivery):
     async def ack(self) -> bool:
         return self._queue._settle(self._token, "ack", None, None)
 
-    async def nack(self, delay: float | timedelta | None = None, *, error: str | None = None) -> bool:
+    async def nack(
+        self, delay: float | timedelta | None = None, *, error: str | None = None
+    ) -> bool:
         return self._queue._settle(self._token, "nack", _seconds(delay), error)
 
     async def extend(self, seconds: float | timedelta | None = None) -> bool:
@@ -450,7 +451,9 @@ class MemoryTransport(Transport):
         self.broker_name = (parts.netloc + parts.path).strip("/") or "default"
         self._broker = _broker(self.broker_name)
 
-    def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> MemoryRequestQueue:
+    def _open_queue(
+        self, name: str, *, lease_seconds: float, max_attempts: int
+    ) -> MemoryRequestQueue:
         return MemoryRequestQueue(
             self._broker,
             name,
@@ -463,7 +466,9 @@ class MemoryTransport(Transport):
         return MemoryKeyedLog(self._broker, f"{kind}:{name}")
 
     async def health(self) -> HealthStatus:
-        return HealthStatus(ok=not self._closed, backend="memory", detail=f"broker {self.broker_name!r}")
+        return HealthStatus(
+            ok=not self._closed, backend="memory", detail=f"broker {self.broker_name!r}"
+        )
 
 
 async def open_memory(config: TransportConfig) -> MemoryTransport:

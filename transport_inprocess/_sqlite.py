@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import sqlite3
 import time
@@ -87,8 +88,13 @@ class _Signals:
 
 
 def _dead(
-    conn: sqlite3.Connection, queue: str, request_id: str | None, body: bytes, decodable: bool,
-    error: str, attempts: int,
+    conn: sqlite3.Connection,
+    queue: str,
+    request_id: str | None,
+    body: bytes,
+    decodable: bool,
+    error: str,
+    attempts: int,
 ) -> None:
     conn.execute(
         "INSERT INTO dead_letters(queue, request_id, body, decodable, error, attempts, dead_at)"
@@ -113,7 +119,9 @@ def _decodable(body: bytes) -> bool:
 class SqliteDelivery(Delivery):
     __slots__ = ("_queue", "_row", "_token")
 
-    def __init__(self, request: WorkRequest, queue: SqliteRequestQueue, row: int, token: int) -> None:
+    def __init__(
+        self, request: WorkRequest, queue: SqliteRequestQueue, row: int, token: int
+    ) -> None:
         super().__init__(request)
         self._queue = queue
         self._row = row
@@ -122,7 +130,9 @@ class SqliteDelivery(Delivery):
     async def ack(self) -> bool:
         return await self._queue._ack(self._row, self._token)
 
-    async def nack(self, delay: float | timedelta | None = None, *, error: str | None = None) -> bool:
+    async def nack(
+        self, delay: float | timedelta | None = None, *, error: str | None = None
+    ) -> bool:
         return await self._queue._nack(self._row, self._token, _seconds(delay) or 0.0, error, False)
 
     async def extend(self, seconds: float | timedelta | None = None) -> bool:
@@ -133,7 +143,9 @@ class SqliteDelivery(Delivery):
 
 
 class SqliteRequestQueue(RequestQueue):
-    def __init__(self, transport: SqliteTransport, name: str, *, lease_seconds: float, max_attempts: int):
+    def __init__(
+        self, transport: SqliteTransport, name: str, *, lease_seconds: float, max_attempts: int
+    ):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
@@ -176,7 +188,9 @@ class SqliteRequestQueue(RequestQueue):
                 return None
             row_id, request_id, body, attempts, last_error = row
             if attempts >= self.max_attempts:
-                error = last_error or f"not acknowledged after {attempts} deliveries (lease expired)"
+                error = (
+                    last_error or f"not acknowledged after {attempts} deliveries (lease expired)"
+                )
                 _dead(conn, self.name, request_id, body, _decodable(body), error, attempts)
                 conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                 continue
@@ -253,7 +267,9 @@ class SqliteRequestQueue(RequestQueue):
 
         return await self._store.write(op)
 
-    async def _nack(self, row_id: int, token: int, delay: float, error: str | None, dead: bool) -> bool:
+    async def _nack(
+        self, row_id: int, token: int, delay: float, error: str | None, dead: bool
+    ) -> bool:
         self._held.pop(row_id, None)
         name, max_attempts = self.name, self.max_attempts
 
@@ -268,8 +284,13 @@ class SqliteRequestQueue(RequestQueue):
             reason = error or last_error
             if dead or attempts >= max_attempts:
                 _dead(
-                    conn, name, request_id, body, True,
-                    reason or f"nacked after {attempts} deliveries", attempts,
+                    conn,
+                    name,
+                    request_id,
+                    body,
+                    True,
+                    reason or f"nacked after {attempts} deliveries",
+                    attempts,
                 )
                 conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                 return True
@@ -290,7 +311,8 @@ class SqliteRequestQueue(RequestQueue):
 
         def op(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
-                "UPDATE messages SET available_at = ? WHERE id = ? AND token = ?", (until, row_id, token)
+                "UPDATE messages SET available_at = ? WHERE id = ? AND token = ?",
+                (until, row_id, token),
             )
             return cur.rowcount == 1
 
@@ -316,9 +338,15 @@ class SqliteRequestQueue(RequestQueue):
                 " FROM messages WHERE queue = ?",
                 (now, now, name),
             ).fetchone()
-            dead = conn.execute("SELECT COUNT(*) FROM dead_letters WHERE queue = ?", (name,)).fetchone()[0]
+            dead = conn.execute(
+                "SELECT COUNT(*) FROM dead_letters WHERE queue = ?", (name,)
+            ).fetchone()[0]
             return QueueStats(
-                queue=name, depth=total - in_flight, in_flight=in_flight, delayed=delayed, dead_lettered=dead
+                queue=name,
+                depth=total - in_flight,
+                in_flight=in_flight,
+                delayed=delayed,
+                dead_lettered=dead,
             )
 
         return await self._store.read(op)
@@ -412,10 +440,12 @@ class SqliteKeyedLog(KeyedLog):
                 return
         else:
             conn.execute(
-                "INSERT OR REPLACE INTO kv(log, key, value) VALUES (?, ?, ?)", (self._name, key, value)
+                "INSERT OR REPLACE INTO kv(log, key, value) VALUES (?, ?, ?)",
+                (self._name, key, value),
             )
         seq = conn.execute(
-            "INSERT INTO kv_changes(log, key, value, at) VALUES (?, ?, ?, ?)", (self._name, key, value, now)
+            "INSERT INTO kv_changes(log, key, value, at) VALUES (?, ?, ?, ?)",
+            (self._name, key, value, now),
         ).lastrowid
         if seq is not None and seq % 512 == 0:
             conn.execute("DELETE FROM kv_changes WHERE at < ?", (now - _CHANGE_RETENTION_S,))
@@ -426,7 +456,9 @@ class SqliteKeyedLog(KeyedLog):
 
     async def get(self, key: str) -> bytes | None:
         def op(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute("SELECT value FROM kv WHERE log = ? AND key = ?", (self._name, key)).fetchone()
+            row = conn.execute(
+                "SELECT value FROM kv WHERE log = ? AND key = ?", (self._name, key)
+            ).fetchone()
             return None if row is None else bytes(row[0])
 
         return await self._store.read(op)
@@ -440,7 +472,9 @@ class SqliteKeyedLog(KeyedLog):
             conn.execute("COMMIT")
         return [(k, bytes(v)) for k, v in rows], int(last)
 
-    def _changes_op(self, conn: sqlite3.Connection, after: int) -> list[tuple[int, str, bytes | None]]:
+    def _changes_op(
+        self, conn: sqlite3.Connection, after: int
+    ) -> list[tuple[int, str, bytes | None]]:
         lowest = conn.execute("SELECT MIN(seq) FROM kv_changes").fetchone()[0]
         if lowest is not None and lowest > after + 1 and after > 0:
             # Rows after our position were pruned: we may have missed changes.
@@ -463,10 +497,10 @@ class SqliteKeyedLog(KeyedLog):
         interval = 0.002
         signal = f"kv:{self._name}"
         while True:
-            changes = await self._store.read(lambda conn: self._changes_op(conn, last))
-            for seq, key, value in changes:
+            changes = await self._store.read(functools.partial(self._changes_op, after=last))
+            for seq, key, change in changes:
                 last = seq
-                yield KeyedChange(key, value)
+                yield KeyedChange(key, change)
             if changes:
                 interval = 0.002
                 continue
@@ -531,8 +565,12 @@ class SqliteTransport(Transport):
     async def _start(self) -> None:
         await self._store.open()
 
-    def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> SqliteRequestQueue:
-        return SqliteRequestQueue(self, name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+    def _open_queue(
+        self, name: str, *, lease_seconds: float, max_attempts: int
+    ) -> SqliteRequestQueue:
+        return SqliteRequestQueue(
+            self, name, lease_seconds=lease_seconds, max_attempts=max_attempts
+        )
 
     def _open_keyed_log(self, kind: str, name: str) -> SqliteKeyedLog:
         return SqliteKeyedLog(self, f"{kind}:{name}")

@@ -120,7 +120,9 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
 class SqliteStore:
     """Owns the connection and its thread. Create with :meth:`open`."""
 
-    def __init__(self, path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000) -> None:
+    def __init__(
+        self, path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000
+    ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
@@ -136,7 +138,7 @@ class SqliteStore:
     async def open(self) -> None:
         """Open the file (creating it and its schema) on the store thread."""
         if self.path != ":memory:":
-            parent = Path(self.path).expanduser().resolve().parent
+            parent = Path(self.path).expanduser().resolve().parent  # noqa: ASYNC240 - once, at open
             if not parent.is_dir():
                 raise ConfigurationError(f"sqlite: directory {parent} does not exist")
         self._thread = threading.Thread(target=self._run, name=f"sqlite:{self.path}", daemon=True)
@@ -148,7 +150,10 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_ms / 1000
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=self._busy_timeout_ms / 1000,
         )
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode=WAL")

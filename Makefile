@@ -1,0 +1,41 @@
+# One entry point for every check, the same locally and in CI.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+BASE   := $(VENV)/.installed-base
+DEV    := $(VENV)/.installed-dev
+PYTEST_ARGS ?=
+
+.PHONY: demo test check bench reliability clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(BASE): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@ $(BASE)
+
+## demo: the kitchen network on the embedded default (sqlite:// in a temp dir)
+demo: $(BASE)
+	$(BIN)/python examples/kitchen_demo.py
+
+## test: the whole suite, every backend against a real broker process
+test: $(DEV)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## check: lint, format and strict typing of the library
+check: $(DEV)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## bench: throughput/latency against the raw clients, written to benchmarks/results.json
+bench: $(DEV)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,63 @@
+"""The whole conformance suite on ``sqlite://``."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from transport import Transport, TransportConfig
+from transport.testing import (
+    BackendHarness,
+    CapabilityRegistryConformance,
+    CrashConformance,
+    DeliveryRegistryConformance,
+    PriorityAsRequestQueueConformance,
+    PriorityQueueConformance,
+    RequestQueueConformance,
+)
+from transport_inprocess import SqliteTransport, sqlite_path
+
+
+class SqliteHarness(BackendHarness):
+    lease_seconds = 0.8
+
+    async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
+        path, _ = sqlite_path(self.config.url)
+        with sqlite3.connect(path) as conn:
+            conn.execute(
+                "INSERT INTO messages(queue, seq, request_id, body, available_at)"
+                " VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE queue = ?), NULL, ?, 0)",
+                (queue_name, queue_name, data),
+            )
+
+    async def restart_broker(self) -> None:
+        # The "broker" is the file: every client reopens it; nothing to do.
+        return None
+
+
+@pytest.fixture
+def transport_harness(tmp_path: Path) -> SqliteHarness:
+    config = TransportConfig(
+        url=f"sqlite:///{tmp_path / 'conformance.db'}", options={"poll_interval": 0.02}
+    )
+    return SqliteHarness(config, SqliteTransport.capabilities)
+
+
+class TestSqliteQueue(RequestQueueConformance): ...
+
+
+class TestSqlitePriority(PriorityQueueConformance): ...
+
+
+class TestSqlitePriorityAsQueue(PriorityAsRequestQueueConformance): ...
+
+
+class TestSqliteDeliveryRegistry(DeliveryRegistryConformance): ...
+
+
+class TestSqliteCapabilityRegistry(CapabilityRegistryConformance): ...
+
+
+class TestSqliteCrash(CrashConformance): ...

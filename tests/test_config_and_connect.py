@@ -1,0 +1,114 @@
+"""Configuration sources, secret redaction and backend discovery."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from transport import (
+    BackendNotAvailableError,
+    ConfigurationError,
+    TransportConfig,
+    available_backends,
+    connect,
+    load_config,
+)
+
+CANARY = "canary-S3cr3t-7f3a"
+
+
+def test_environment_configures_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSPORT_URL", "memory://from-env")
+    monkeypatch.setenv("TRANSPORT_NAMESPACE", "prod")
+    monkeypatch.setenv("TRANSPORT_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("TRANSPORT_TLS__VERIFY_HOSTNAME", "true")
+    monkeypatch.setenv("TRANSPORT_OPTIONS", '{"partitions": 3}')
+    config = load_config()
+    assert (config.url, config.namespace, config.max_attempts) == ("memory://from-env", "prod", 7)
+    assert config.options == {"partitions": 3}
+    assert config.tls.verify_hostname
+
+
+def test_toml_file_with_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "transport.toml"
+    path.write_text(
+        '[transport]\nurl = "memory://toml"\nnamespace = "staging"\nlease_seconds = 12.5\n'
+    )
+    monkeypatch.setenv("TRANSPORT_CONFIG_FILE", str(path))
+    monkeypatch.setenv("TRANSPORT_NAMESPACE", "override")
+    config = load_config()
+    assert config.url == "memory://toml"
+    assert config.lease_seconds == 12.5
+    assert config.namespace == "override"  # the environment wins over the file
+    assert load_config("memory://explicit").url == "memory://explicit"
+
+
+def test_bad_toml_is_a_configuration_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("url = [unclosed")
+    with pytest.raises(ConfigurationError):
+        TransportConfig.from_toml(path)
+
+
+def test_secrets_never_appear_in_reprs_or_logs(caplog: pytest.LogCaptureFixture) -> None:
+    config = TransportConfig(
+        url=f"kafka://user:{CANARY}@broker:9092",
+        password=CANARY,
+        token=CANARY,
+        nkey_seed=CANARY,
+        tls={"key_password": CANARY},
+    )
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("transport").info("config %r %s", config, config)
+    for text in (repr(config), str(config), caplog.text, config.redacted_url()):
+        assert CANARY not in text
+    assert config.password is not None and config.password.get_secret_value() == CANARY
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"url": "no-scheme"},
+        {"namespace": "bad.namespace"},
+        {"max_attempts": 0},
+        {"lease_seconds": 0},
+        {"unknown": 1},
+    ],
+)
+def test_invalid_settings_are_rejected(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        TransportConfig(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_unknown_scheme_says_what_is_known() -> None:
+    with pytest.raises(BackendNotAvailableError) as info:
+        await connect("carrier-pigeon://coop")
+    assert "carrier-pigeon" in str(info.value) and "sqlite" in str(info.value)
+
+
+def test_entry_points_register_the_inprocess_backends() -> None:
+    backends = available_backends()
+    assert backends["memory"].startswith("transport_inprocess")
+    assert backends["sqlite"].startswith("transport_inprocess")
+
+
+async def test_sqlite_url_conventions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    transport = await connect("sqlite:///relative.db?synchronous=NORMAL")
+    try:
+        assert (tmp_path / "relative.db").exists()
+        assert "synchronous=NORMAL" in (await transport.health()).detail
+    finally:
+        await transport.aclose()
+    absolute = await connect(f"sqlite:///{tmp_path / 'abs.db'}")
+    await absolute.aclose()
+    assert (tmp_path / "abs.db").exists()
+    with pytest.raises(ConfigurationError):
+        await connect("sqlite://host/file.db")
+    with pytest.raises(ConfigurationError):
+        await connect(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    with pytest.raises(ConfigurationError):
+        await connect(f"sqlite:///{tmp_path / 'x.db'}", options={"no_such_option": 1})

@@ -1,0 +1,127 @@
+"""Wire models and name validation, including property-based checks."""
+
+from __future__ import annotations
+
+import json
+import string
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transport import (
+    InvalidNameError,
+    PayloadTooLargeError,
+    PermanentTransportError,
+    UndecodableMessageError,
+    WorkRequest,
+    WorkResponse,
+    decode,
+    encode,
+    validate_name,
+)
+
+SAFE = string.ascii_letters + string.digits + "_-"
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(
+    payload=json_values,
+    headers=st.dictionaries(
+        st.text(alphabet=string.ascii_lowercase + "-", min_size=1, max_size=12),
+        st.text(alphabet=st.characters(blacklist_characters="\r\n\x00"), max_size=30),
+        max_size=4,
+    ),
+    priority=st.integers(0, 9),
+)
+def test_request_round_trips_through_the_wire_format(
+    payload: object, headers: dict[str, str], priority: int
+) -> None:
+    request = WorkRequest(
+        task="t", payload=payload, headers=headers, priority=priority, enqueued_at=datetime.now(UTC)
+    )
+    assert decode(WorkRequest, encode(request)) == request
+
+
+@given(st.text(max_size=120))
+def test_name_validation_accepts_exactly_the_safe_alphabet(name: str) -> None:
+    ok = (
+        0 < len(name) <= 100
+        and all(ch in SAFE for ch in name)
+        and name[0] not in "_-"
+        and "__" not in name
+    )
+    if ok:
+        assert validate_name(name) == name
+    else:
+        with pytest.raises(InvalidNameError):
+            validate_name(name)
+
+
+@pytest.mark.parametrize(
+    "bad", ["a.b", "a*", ">", "a/b", "$SYS", "tab\t", "cr\rlf\n", "ü", "x" * 101, ""]
+)
+def test_hostile_names_are_rejected_with_a_clear_message(bad: str) -> None:
+    with pytest.raises(InvalidNameError) as info:
+        validate_name(bad, "queue name")
+    assert "queue name" in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    data = json.dumps({"request_id": "abc", "task": "t", "payload": 1, "from_the_future": True})
+    assert decode(WorkRequest, data).request_id == "abc"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"task": "t", "request_id": "bad id!"}',
+        b'{"task": 5}',
+        b"\xff\xfe",
+    ],
+)
+def test_malformed_records_raise_undecodable(data: bytes) -> None:
+    with pytest.raises(UndecodableMessageError):
+        decode(WorkRequest, data)
+
+
+def test_header_injection_is_rejected() -> None:
+    # Raised inside model validation, so it arrives as pydantic's
+    # ValidationError — a ValueError that names the field and the reason.
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        WorkRequest(task="t", headers={"x": "a\r\nInjected: 1"})
+    with pytest.raises(ValueError, match="header name"):
+        WorkRequest(task="t", headers={"bad name": "v"})
+    with pytest.raises(ValueError, match="task name"):
+        WorkRequest(task="evil.>")
+
+
+def test_payload_limit_and_non_json_payloads() -> None:
+    with pytest.raises(PayloadTooLargeError) as info:
+        encode(WorkRequest(task="t", payload="x" * 2000), limit=1000)
+    assert info.value.limit == 1000
+    with pytest.raises(PermanentTransportError):
+        encode(WorkRequest(task="t", payload=object()))
+
+
+def test_naive_datetimes_are_taken_as_utc() -> None:
+    request = WorkRequest(task="t", enqueued_at=datetime(2026, 1, 1, 12, 0))
+    assert request.enqueued_at is not None and request.enqueued_at.tzinfo is not None
+    response = WorkResponse(request_id="r1", completed_at=datetime(2026, 1, 1))
+    assert response.completed_at.utcoffset() is not None

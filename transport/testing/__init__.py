@@ -1,0 +1,32 @@
+"""The backend conformance suite, shipped with the library.
+
+A backend (including a third-party one) runs it by providing a
+``transport_harness`` fixture and subclassing the classes below::
+
+    class TestMyQueues(RequestQueueConformance): ...
+
+The pytest plugin (``transport.testing.plugin``) is registered through the
+``pytest11`` entry point and supplies the other fixtures.
+"""
+
+from transport.testing._crash_suite import CrashConformance
+from transport.testing._priority_suite import (
+    PriorityAsRequestQueueConformance,
+    PriorityQueueConformance,
+)
+from transport.testing._queue_suite import RequestQueueConformance
+from transport.testing._registry_suite import (
+    CapabilityRegistryConformance,
+    DeliveryRegistryConformance,
+)
+from transport.testing.harness import BackendHarness
+
+__all__ = [
+    "BackendHarness",
+    "CapabilityRegistryConformance",
+    "CrashConformance",
+    "DeliveryRegistryConformance",
+    "PriorityAsRequestQueueConformance",
+    "PriorityQueueConformance",
+    "RequestQueueConformance",
+]

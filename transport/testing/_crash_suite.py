@@ -1,0 +1,189 @@
+"""SIGKILL scenarios (TESTING.md 6, 11): a real worker process is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from transport import Transport
+from transport.testing._util import drain, enqueue_all, make_requests
+from transport.testing.harness import BackendHarness
+
+pytestmark = [pytest.mark.conformance, pytest.mark.crash, pytest.mark.asyncio]
+
+
+class WorkerProcess:
+    """``python -m transport.testing.worker`` with line-by-line stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+
+    @classmethod
+    async def start(cls, harness: BackendHarness, *args: str) -> WorkerProcess:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "transport.testing.worker",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=harness.subprocess_env(),
+        )
+        return cls(proc)
+
+    async def wait_for(self, prefix: str, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await self.proc.stdout.readline()
+                if not raw:
+                    stderr = b""
+                    if self.proc.stderr is not None:
+                        stderr = await self.proc.stderr.read()
+                    raise AssertionError(
+                        f"worker exited: {stderr.decode(errors='replace')[-2000:]}"
+                    )
+                line = raw.decode().strip()
+                self.lines.append(line)
+                if line.startswith(prefix):
+                    return line
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+
+    async def reap(self) -> None:
+        """SIGKILL the worker, wait for it, and collect what it had printed."""
+        self.kill()
+        await self.proc.wait()
+        if self.proc.stdout is not None:
+            rest = await self.proc.stdout.read()
+            self.lines.extend(line.strip() for line in rest.decode().splitlines() if line.strip())
+
+    def ids(self, verb: str) -> list[str]:
+        return [line.split()[1] for line in self.lines if line.startswith(verb + " ")]
+
+
+class CrashConformance:
+    """Only for backends whose state outlives a process (``persistent``)."""
+
+    @pytest.fixture(autouse=True)
+    def _needs_persistence(self, harness: BackendHarness) -> None:
+        if not harness.capabilities.persistent:
+            pytest.skip(
+                "backend state does not outlive a process (capability 'persistent' is false)"
+            )
+
+    async def test_sigkill_mid_handler_is_redelivered_with_higher_attempt(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = transport.request_queue(queue_name, lease_seconds=harness.lease_seconds)
+        sent = await enqueue_all(queue, make_requests(3))
+        worker = await WorkerProcess.start(
+            harness,
+            "--queue",
+            queue_name,
+            "--mode",
+            "hold",
+            "--count",
+            "1",
+            "--lease",
+            str(harness.lease_seconds),
+        )
+        try:
+            await worker.wait_for("READY", harness.scaled(60))
+        finally:
+            await worker.reap()
+        [killed_id] = worker.ids("LEASED")
+        got = await drain(queue, 3, harness.scaled(30) + 2 * harness.lease_seconds)
+        assert {d.request.request_id for d in got} == {r.request_id for r in sent}
+        again = next(d for d in got if d.request.request_id == killed_id)
+        assert again.attempt > 1
+
+    async def test_sigkill_after_out_of_order_acks_redelivers_the_unacked(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = transport.request_queue(queue_name, lease_seconds=harness.lease_seconds)
+        sent = await enqueue_all(queue, make_requests(5))
+        worker = await WorkerProcess.start(
+            harness,
+            "--queue",
+            queue_name,
+            "--mode",
+            "ack-all-but-oldest",
+            "--count",
+            "5",
+            "--lease",
+            str(harness.lease_seconds),
+        )
+        try:
+            await worker.wait_for("READY", harness.scaled(60))
+        finally:
+            await worker.reap()
+        leased, acked = worker.ids("LEASED"), worker.ids("ACKED")
+        unacked = set(leased) - set(acked)
+        assert len(unacked) == 1
+        later = await enqueue_all(queue, make_requests(5))
+        expected = {r.request_id for r in later} | unacked
+        if not harness.capabilities.individual_acks:
+            expected |= set(acked)  # may come back: only a prefix was committed
+        got = await drain(queue, len(expected), harness.scaled(30) + 2 * harness.lease_seconds)
+        seen = {d.request.request_id for d in got}
+        assert unacked <= seen, "the unacked request must be redelivered"
+        assert {r.request_id for r in later} <= seen, "nothing enqueued later may be lost"
+        if harness.capabilities.individual_acks:
+            assert not (seen & set(acked)), "acked requests came back"
+        assert seen <= {r.request_id for r in sent} | {r.request_id for r in later}
+
+    async def test_repeated_sigkills_lose_nothing(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        total = 200
+        queue = transport.request_queue(queue_name, lease_seconds=harness.lease_seconds)
+        sent = await asyncio.gather(*(queue.enqueue(r) for r in make_requests(total)))
+        wanted = {r.request_id for r in sent}
+        acked: set[str] = set()
+        in_flight_at_kill: set[str] = set()
+        duplicates: list[str] = []
+        kills = 0
+        deadline = time.monotonic() + harness.scaled(120)
+        while not wanted <= acked and time.monotonic() < deadline:
+            worker = await WorkerProcess.start(
+                harness,
+                "--queue",
+                queue_name,
+                "--mode",
+                "process",
+                "--lease",
+                str(harness.lease_seconds),
+            )
+            try:
+                await worker.wait_for("STARTED", harness.scaled(60))
+                target = min(len(acked) + 40, total)
+                try:
+                    while len(acked) < target:
+                        line = await worker.wait_for(
+                            "ACKED", harness.scaled(30) + 2 * harness.lease_seconds
+                        )
+                        rid = line.split()[1]
+                        if rid in acked:
+                            duplicates.append(rid)
+                        acked.add(rid)
+                except TimeoutError:
+                    pass
+            finally:
+                await worker.reap()
+            kills += 1
+            in_flight_at_kill |= set(worker.ids("LEASED")) - set(worker.ids("ACKED"))
+        assert kills >= 2
+        assert wanted <= acked, f"lost {len(wanted - acked)} requests"
+        # Duplicates only among requests that were in flight when a worker died
+        # (or, without individual acks, acked but not yet committed).
+        if harness.capabilities.individual_acks:
+            assert set(duplicates) <= in_flight_at_kill

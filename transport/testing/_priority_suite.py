@@ -1,0 +1,165 @@
+"""Conformance scenarios for :class:`~transport.PriorityRequestQueue` (TESTING.md 16)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from transport import AgingPolicy, RequestQueue, Transport, WorkRequest, utcnow
+from transport.testing._queue_suite import RequestQueueConformance
+from transport.testing._util import drain
+from transport.testing.harness import BackendHarness
+
+pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
+
+
+class _Clock:
+    """A clock the test moves by hand: aging without sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return utcnow() + self.offset
+
+
+class PriorityQueueConformance:
+    """Priority and aging on the backend's queues."""
+
+    async def test_higher_level_first_under_backlog(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        pq = transport.priority_queue(queue_name, levels=3, aging_interval=timedelta(hours=1))
+        sent: dict[int, list[str]] = {0: [], 1: [], 2: []}
+        for i in range(4):
+            for level in (2, 1, 0):
+                r = await pq.enqueue(
+                    WorkRequest(task="t", payload={"level": level, "i": i}), priority=level
+                )
+                sent[level].append(r.request_id)
+        got = await drain(pq, 12, harness.scaled(30))
+        levels = [d.request.priority for d in got]
+        assert levels == sorted(levels), f"delivered out of priority order: {levels}"
+        if harness.capabilities.ordered:
+            assert [d.request.request_id for d in got] == sent[0] + sent[1] + sent[2]
+
+    async def test_aging_promotes_one_level_per_interval(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        clock = _Clock()
+        interval = timedelta(minutes=10)
+        policy = AgingPolicy(levels=3, aging_interval=interval, clock=clock)
+        pq = transport.priority_queue(queue_name, policy=policy)
+        # enqueued_at given by the caller is kept: this request has waited
+        # just over one interval, so it competes as level 1 and, being
+        # older, wins the tie against a fresh level-1 request.
+        waited = WorkRequest(
+            task="t", payload="old level 2", enqueued_at=utcnow() - interval - timedelta(seconds=5)
+        )
+        old_low = await pq.enqueue(waited, priority=2)
+        new_mid = await pq.enqueue(WorkRequest(task="t", payload="new level 1"), priority=1)
+        assert old_low.enqueued_at == waited.enqueued_at
+        assert policy.effective_level(2, old_low.enqueued_at) == 1
+        first = await pq.poll(harness.scaled(10))
+        assert first is not None and first.request.request_id == old_low.request_id
+        await first.ack()
+        second = await pq.poll(harness.scaled(10))
+        assert second is not None and second.request.request_id == new_mid.request_id
+        await second.ack()
+        # The clock moves on: two intervals → level 0, never below 0.
+        clock.offset = interval
+        assert policy.effective_level(2, old_low.enqueued_at) == 0
+        clock.offset = 10 * interval
+        assert policy.effective_level(2, old_low.enqueued_at) == 0
+        assert policy.effective_level(1, new_mid.enqueued_at) == 0
+
+    async def test_without_aging_higher_level_wins(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        interval = timedelta(minutes=10)
+        pq = transport.priority_queue(queue_name, levels=3, aging_interval=interval)
+        almost = utcnow() - interval + timedelta(seconds=30)  # not yet one interval
+        await pq.enqueue(
+            WorkRequest(task="t", payload="old level 2", enqueued_at=almost), priority=2
+        )
+        new_mid = await pq.enqueue(WorkRequest(task="t", payload="new level 1"), priority=1)
+        first = await pq.poll(harness.scaled(10))
+        assert first is not None and first.request.request_id == new_mid.request_id
+        await first.ack()
+
+    async def test_lowest_level_wait_is_bounded_under_sustained_high_priority_load(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        interval = 0.4
+        pq = transport.priority_queue(queue_name, levels=3, aging_interval=interval)
+        for _ in range(5):
+            await pq.enqueue(WorkRequest(task="t", payload="hot"), priority=0)
+        low = await pq.enqueue(WorkRequest(task="t", payload="cold"), priority=2)
+        started = time.monotonic()
+        served_low_at: float | None = None
+        hot_served = 0
+        deadline = started + harness.scaled(20)
+        while served_low_at is None and time.monotonic() < deadline:
+            delivery = await pq.poll(1.0)
+            if delivery is None:
+                continue
+            await delivery.ack()
+            if delivery.request.request_id == low.request_id:
+                served_low_at = time.monotonic()
+            else:
+                hot_served += 1
+                # Keep level 0 busy: one new hot request per one served.
+                await pq.enqueue(WorkRequest(task="t", payload="hot"), priority=0)
+                await asyncio.sleep(0.02)
+        assert served_low_at is not None, "level-2 request starved"
+        waited = served_low_at - started
+        assert waited <= 2 * interval + harness.scaled(3), f"waited {waited:.2f}s"
+        assert hot_served > 0
+
+    async def test_priority_and_enqueued_at_survive_redelivery_and_restart(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        client = await make_transport()
+        pq = client.priority_queue(queue_name, levels=3, aging_interval=timedelta(hours=1))
+        sent = await pq.enqueue(WorkRequest(task="t", payload="p"), priority=2)
+        delivery = await pq.poll(harness.scaled(10))
+        assert delivery is not None
+        assert await delivery.nack()
+        again = await pq.poll(harness.scaled(10))
+        assert again is not None and again.attempt == 2
+        assert again.request.priority == 2
+        assert again.request.enqueued_at == sent.enqueued_at
+        await client.aclose()  # restart without acking
+        restarted = (await make_transport()).priority_queue(
+            queue_name, levels=3, aging_interval=timedelta(hours=1)
+        )
+        back = await restarted.poll(harness.scaled(20))
+        assert back is not None and back.request.request_id == sent.request_id
+        assert back.request.priority == 2
+        assert back.request.enqueued_at == sent.enqueued_at
+        assert back.attempt >= 3
+        await back.ack()
+
+    async def test_out_of_range_priority_is_rejected(
+        self, transport: Transport, queue_name: str
+    ) -> None:
+        pq = transport.priority_queue(queue_name, levels=3)
+        with pytest.raises(ValueError):
+            await pq.enqueue(WorkRequest(task="t"), priority=3)
+        with pytest.raises(ValueError):
+            transport.priority_queue(queue_name, levels=0)
+
+
+class PriorityAsRequestQueueConformance(RequestQueueConformance):
+    """The whole queue contract, run through a priority queue (requests spread
+    over its levels)."""
+
+    def open_queue(self, transport: Transport, name: str, **kw: Any) -> RequestQueue:
+        return transport.priority_queue(name, levels=2, aging_interval=timedelta(hours=1), **kw)
+
+    def raw_target(self, name: str) -> str:
+        return f"{name}__p0"

@@ -1,0 +1,498 @@
+"""Conformance scenarios for :class:`~transport.RequestQueue` (TESTING.md 1-15, 20)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import pytest
+
+from transport import (
+    Delivery,
+    InvalidNameError,
+    PayloadTooLargeError,
+    PermanentTransportError,
+    RequestQueue,
+    Transport,
+    WorkRequest,
+)
+from transport.testing._util import drain, enqueue_all, make_requests, poll_until
+from transport.testing.harness import BackendHarness
+
+pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
+
+
+class RequestQueueConformance:
+    """Every backend's queues. Subclass it in the backend's tests, no body."""
+
+    # Hooks so the same scenarios run on priority queues.
+    def open_queue(self, transport: Transport, name: str, **kw: Any) -> RequestQueue:
+        return transport.request_queue(name, **kw)
+
+    def raw_target(self, name: str) -> str:
+        """The underlying queue raw bytes are injected into."""
+        return name
+
+    async def second_consumer(
+        self, harness: BackendHarness, make_transport: Any, transport: Transport
+    ) -> Transport:
+        """Another worker: a separate client where the backend shares queues
+        between processes, else another handle on the same client."""
+        if harness.capabilities.consumer_groups:
+            other: Transport = await make_transport()
+            return other
+        return transport
+
+    # 1 + 20
+    async def test_round_trip_keeps_payload_headers_and_ids(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(queue, make_requests(100, reply_to="caller-inbox"))
+        assert all(r.enqueued_at is not None for r in sent)
+        got = await drain(queue, 100, harness.scaled(30))
+        assert len(got) == 100
+        by_id = {d.request.request_id: d.request for d in got}
+        assert set(by_id) == {r.request_id for r in sent}
+        for original in sent:
+            received = by_id[original.request_id]
+            assert received.payload == original.payload
+            assert received.headers == original.headers  # traceparent crosses the hop
+            assert received.task == original.task
+            assert received.reply_to == "caller-inbox"
+            assert received.enqueued_at == original.enqueued_at
+            assert received.attempt == 1
+        if harness.capabilities.ordered:
+            assert [d.request.request_id for d in got] == [r.request_id for r in sent]
+
+    # 2
+    async def test_queues_are_isolated(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        a = self.open_queue(transport, f"{queue_name}-a")
+        b = self.open_queue(transport, f"{queue_name}-b")
+        sent_a = await enqueue_all(a, make_requests(5))
+        sent_b = await enqueue_all(b, make_requests(3))
+        got_a = await drain(a, 5, harness.scaled(15))
+        got_b = await drain(b, 3, harness.scaled(15))
+        assert {d.request.request_id for d in got_a} == {r.request_id for r in sent_a}
+        assert {d.request.request_id for d in got_b} == {r.request_id for r in sent_b}
+        assert await a.poll(0.3) is None
+        assert await b.poll(0.3) is None
+
+    # 3
+    async def test_competing_workers_never_hold_the_same_request(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        producer = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(producer, make_requests(60))
+        workers: list[RequestQueue] = []
+        for _ in range(3):
+            owner = await self.second_consumer(harness, make_transport, transport)
+            workers.append(self.open_queue(owner, queue_name))
+        held: set[str] = set()
+        processed: list[str] = []
+        violations: list[str] = []
+        done = asyncio.Event()
+        wanted = {r.request_id for r in sent}
+
+        async def work(queue: RequestQueue) -> None:
+            while not done.is_set():
+                delivery = await queue.poll(0.5)
+                if delivery is None:
+                    continue
+                rid = delivery.request.request_id
+                if rid in held:
+                    violations.append(rid)
+                held.add(rid)
+                await asyncio.sleep(random.uniform(0, 0.01))  # simulated work
+                held.discard(rid)
+                await delivery.ack()
+                processed.append(rid)
+                if wanted <= set(processed):
+                    done.set()
+
+        tasks = [asyncio.create_task(work(q)) for q in workers]
+        try:
+            await asyncio.wait_for(done.wait(), harness.scaled(60))
+        finally:
+            done.set()
+            await asyncio.gather(*tasks)
+        assert violations == []
+        assert wanted <= set(processed)
+
+    # 4
+    async def test_fifo_order_for_a_single_consumer(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        if not harness.capabilities.ordered:
+            pytest.skip("backend does not promise FIFO (capability 'ordered' is false)")
+        queue = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(queue, make_requests(50))
+        got = await drain(queue, 50, harness.scaled(20))
+        assert [d.request.request_id for d in got] == [r.request_id for r in sent]
+
+    # 5
+    async def test_unacked_request_redelivered_after_consumer_closes(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        producer = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(producer, make_requests(5))
+        first_client = await make_transport()
+        first = self.open_queue(first_client, queue_name)
+        taken = await first.poll(harness.scaled(15))
+        assert taken is not None
+        await first_client.aclose()  # closes without acking
+        second = self.open_queue(await make_transport(), queue_name)
+        got = await drain(second, 5, harness.scaled(30))
+        ids = [d.request.request_id for d in got]
+        assert set(ids) == {r.request_id for r in sent}, "nothing may be lost"
+        again = next(d for d in got if d.request.request_id == taken.request.request_id)
+        assert again.attempt >= 2
+
+    # 7
+    async def test_nack_redelivers_while_others_keep_flowing(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(queue, make_requests(3))
+        first = await queue.poll(harness.scaled(10))
+        assert first is not None
+        assert await first.nack(error="try later")
+        got = await drain(queue, 3, harness.scaled(20))
+        ids = [d.request.request_id for d in got]
+        assert set(ids) == {r.request_id for r in sent}
+        again = next(d for d in got if d.request.request_id == first.request.request_id)
+        assert again.attempt == 2
+
+    async def test_nack_with_delay_not_redelivered_before_the_delay(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        [request] = await enqueue_all(queue, make_requests(1))
+        delivery = await queue.poll(harness.scaled(10))
+        assert delivery is not None
+        delay = 1.5
+        nacked_at = time.monotonic()
+        assert await delivery.nack(delay=delay)
+        [other] = await enqueue_all(queue, make_requests(1))
+        flowing = await queue.poll(harness.scaled(10))
+        assert flowing is not None and flowing.request.request_id == other.request_id
+        await flowing.ack()
+        back = await poll_until(queue, request.request_id, harness.scaled(15) + delay)
+        assert back is not None, "delayed request never came back"
+        assert time.monotonic() - nacked_at >= delay - 0.05
+        assert back.attempt == 2
+        await back.ack()
+
+    async def test_negative_delay_is_rejected(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        await enqueue_all(queue, make_requests(1))
+        delivery = await queue.poll(harness.scaled(10))
+        assert delivery is not None
+        with pytest.raises(ValueError):
+            await delivery.nack(delay=-1)
+        assert await delivery.ack()
+
+    # 8
+    async def test_max_attempts_then_dead_letter_with_error(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name, max_attempts=3)
+        [poison] = await enqueue_all(queue, make_requests(1, task="poison"))
+        deliveries = 0
+        while True:
+            delivery = await poll_until(queue, poison.request_id, harness.scaled(3))
+            if delivery is None:
+                break
+            deliveries += 1
+            assert delivery.attempt == deliveries
+            assert await delivery.nack(error=f"handler failed on attempt {delivery.attempt}")
+        assert deliveries == 3, "exactly max_attempts deliveries"
+        [healthy] = await enqueue_all(queue, make_requests(1))
+        flowing = await poll_until(queue, healthy.request_id, harness.scaled(10))
+        assert flowing is not None, "the rest keeps flowing"
+        await flowing.ack()
+        dead = await queue.dead_letters()
+        assert len(dead) == 1
+        record = dead[0]
+        assert record.request is not None
+        assert record.request_id == poison.request_id
+        assert record.request.payload == poison.payload
+        assert record.request.headers == poison.headers
+        assert record.error == "handler failed on attempt 3"
+        assert record.attempts == 3
+        assert (await queue.stats()).dead_lettered == 1
+
+    async def test_lease_expiry_counts_toward_max_attempts(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(
+            transport, queue_name, max_attempts=2, lease_seconds=harness.lease_seconds
+        )
+        [request] = await enqueue_all(queue, make_requests(1))
+        timeout = harness.scaled(10) + harness.lease_seconds * 2
+        first = await poll_until(queue, request.request_id, timeout)
+        assert first is not None and first.attempt == 1
+        second = await poll_until(queue, request.request_id, timeout)  # lease ran out
+        assert second is not None and second.attempt == 2
+        assert await poll_until(queue, request.request_id, harness.lease_seconds * 2 + 2) is None
+        dead = await queue.dead_letters()
+        assert [d.request_id for d in dead] == [request.request_id]
+        assert dead[0].attempts == 2
+
+    async def test_dead_letters_can_be_requeued(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name, max_attempts=1)
+        [request] = await enqueue_all(queue, make_requests(1))
+        delivery = await queue.poll(harness.scaled(10))
+        assert delivery is not None
+        assert await delivery.dead_letter("permanent failure")
+        dead = await queue.dead_letters()
+        assert [(d.request_id, d.error) for d in dead] == [
+            (request.request_id, "permanent failure")
+        ]
+        assert await queue.requeue_dead_letters([request.request_id]) == 1
+        back = await poll_until(queue, request.request_id, harness.scaled(10))
+        assert back is not None and back.request.payload == request.payload
+        assert back.attempt == 1
+        await back.ack()
+        assert await queue.dead_letters() == []
+
+    # 9
+    async def test_undecodable_records_are_dead_lettered_and_consumer_goes_on(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        await harness.inject_raw(
+            transport, self.raw_target(queue_name), b"\xff\xfe not json at all"
+        )
+        await harness.inject_raw(
+            transport, self.raw_target(queue_name), b'{"unexpected": "schema"}'
+        )
+        [good] = await enqueue_all(queue, make_requests(1))
+        delivery = await poll_until(queue, good.request_id, harness.scaled(15), ack_others=False)
+        assert delivery is not None
+        await delivery.ack()
+        # Dead-lettering may complete asynchronously on brokers, and no event
+        # exposes it: re-read until it shows or the deadline passes.
+        deadline = time.monotonic() + harness.scaled(10)
+        while True:
+            dead = await queue.dead_letters()
+            if len(dead) >= 2 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert len(dead) == 2
+        assert all(d.request is None and d.raw for d in dead)
+        assert any("schema" in (d.raw or "") for d in dead)
+
+    # 10
+    async def test_long_handler_extending_is_not_redelivered(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        if not harness.capabilities.lease_extension:
+            pytest.skip("backend cannot extend leases")
+        lease = harness.lease_seconds
+        queue = self.open_queue(transport, queue_name, lease_seconds=lease)
+        [request] = await enqueue_all(queue, make_requests(1))
+        delivery = await queue.poll(harness.scaled(10))
+        assert delivery is not None
+        other_client = await self.second_consumer(harness, make_transport, transport)
+        rival = self.open_queue(other_client, queue_name, lease_seconds=lease)
+        stolen: list[Delivery] = []
+
+        async def rival_polls() -> None:
+            while True:
+                got = await rival.poll(0.2)
+                if got is not None:
+                    stolen.append(got)
+
+        rival_task = asyncio.create_task(rival_polls())
+        try:
+            end = time.monotonic() + 3 * lease
+            while time.monotonic() < end:
+                await asyncio.sleep(lease / 4)
+                assert await delivery.extend(), "lease lost while extending"
+            assert await delivery.ack()
+        finally:
+            rival_task.cancel()
+            await asyncio.gather(rival_task, return_exceptions=True)
+        assert [d.request.request_id for d in stolen] == [], "redelivered while the worker extended"
+        assert await rival.poll(lease + 0.5) is None
+        assert request.request_id
+
+    async def test_long_handler_without_extending_is_redelivered(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        lease = harness.lease_seconds
+        queue = self.open_queue(transport, queue_name, lease_seconds=lease)
+        [request] = await enqueue_all(queue, make_requests(1))
+        stale = await queue.poll(harness.scaled(10))
+        assert stale is not None
+        other_client = await self.second_consumer(harness, make_transport, transport)
+        rival = self.open_queue(other_client, queue_name, lease_seconds=lease)
+        again = await poll_until(rival, request.request_id, 3 * lease + harness.scaled(10))
+        assert again is not None, "an expired lease must be redelivered"
+        assert again.attempt == 2
+        assert await again.ack()
+        assert await stale.ack() is False, "ack of a stale delivery is a harmless no-op"
+        assert await rival.poll(lease + 0.5) is None
+
+    # 11 (in-process form; the SIGKILL form is in CrashConformance)
+    async def test_out_of_order_acks_then_crash_redeliver_only_unacked(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        producer = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(producer, make_requests(5))
+        crashed_client = await make_transport()
+        worker = self.open_queue(crashed_client, queue_name)
+        window = await drain(worker, 5, harness.scaled(20), ack=False)
+        assert len(window) == 5
+        oldest = next(d for d in window if d.request.request_id == sent[0].request_id)
+        others = [d for d in window if d is not oldest]
+        random.shuffle(others)
+        for delivery in others:
+            assert await delivery.ack()
+        await crashed_client.aclose()  # "crash": the oldest was never acked
+        survivor = self.open_queue(await make_transport(), queue_name)
+        if harness.capabilities.individual_acks:
+            redelivered = await drain(survivor, 1, harness.scaled(20) + harness.lease_seconds)
+            assert [d.request.request_id for d in redelivered] == [oldest.request.request_id]
+            extra = await survivor.poll(1.0)
+            assert extra is None, "acked requests must not come back"
+        else:
+            # Acks are durable as a contiguous prefix: everything behind the
+            # unacked oldest may come back, nothing else.
+            redelivered = await drain(survivor, 5, harness.scaled(20) + harness.lease_seconds)
+            ids = {d.request.request_id for d in redelivered}
+            assert oldest.request.request_id in ids
+            assert ids <= {r.request_id for r in sent}
+
+    # 12
+    async def test_workers_joining_and_leaving_lose_nothing(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        producer = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(producer, make_requests(40))
+        processed: set[str] = set()
+        first_client = await make_transport()
+        first = self.open_queue(first_client, queue_name)
+        processed.update(d.request.request_id for d in await drain(first, 10, harness.scaled(20)))
+        joiner = self.open_queue(
+            await self.second_consumer(harness, make_transport, transport), queue_name
+        )
+        processed.update(d.request.request_id for d in await drain(joiner, 5, harness.scaled(20)))
+        processed.update(d.request.request_id for d in await drain(first, 5, harness.scaled(20)))
+        await first_client.aclose()  # leaves mid-stream
+        wanted = {r.request_id for r in sent}
+        deadline = time.monotonic() + harness.scaled(30)
+        while not wanted <= processed and time.monotonic() < deadline:
+            missing = len(wanted - processed)
+            processed.update(d.request.request_id for d in await drain(joiner, missing, 1.0))
+        assert wanted <= processed
+
+    # 13
+    async def test_double_ack_ack_after_nack_and_stale_settles_are_harmless(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        await enqueue_all(queue, make_requests(2))
+        first = await queue.poll(harness.scaled(10))
+        assert first is not None
+        assert await first.ack() is True
+        assert await first.ack() is False
+        assert await first.nack() is False
+        assert await first.extend() is False
+        assert await first.dead_letter("late") is False
+        second = await queue.poll(harness.scaled(10))
+        assert second is not None
+        assert await second.nack() is True
+        assert await second.ack() is False
+        back = await queue.poll(harness.scaled(10))
+        assert back is not None and back.request.request_id == second.request.request_id
+        assert await back.ack() is True
+        assert await queue.poll(0.3) is None
+        assert (await queue.dead_letters()) == []
+
+    # 14
+    async def test_producer_close_flushes_everything_enqueued(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        producer_client = await make_transport()
+        producer = self.open_queue(producer_client, queue_name)
+        sent = await asyncio.gather(*(producer.enqueue(r) for r in make_requests(50)))
+        await producer_client.aclose()
+        consumer = self.open_queue(await make_transport(), queue_name)
+        got = await drain(consumer, 50, harness.scaled(30))
+        assert {d.request.request_id for d in got} == {r.request_id for r in sent}
+
+    # 15
+    async def test_requests_enqueued_before_the_consumer_existed_are_delivered(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        early = await make_transport()
+        sent = await enqueue_all(self.open_queue(early, queue_name), make_requests(10))
+        await early.aclose()
+        late = self.open_queue(await make_transport(), queue_name)
+        got = await drain(late, 10, harness.scaled(30))
+        assert {d.request.request_id for d in got} == {r.request_id for r in sent}
+
+    async def test_stats_report_depth_and_dead_letters(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name, max_attempts=1)
+        await enqueue_all(queue, make_requests(4))
+        stats = await queue.stats()
+        assert stats.depth == 4
+        delivery = await queue.poll(harness.scaled(10))
+        assert delivery is not None
+        await delivery.dead_letter("bad")
+        stats = await queue.stats()
+        assert stats.depth == 3
+        assert stats.dead_lettered == 1
+        assert stats.in_flight in (0, None)
+
+    # hostile input
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            "",
+            "a.b",
+            "a*",
+            "a>",
+            "a/b",
+            "$sys",
+            "a b",
+            "line\r\nbreak",
+            "x" * 10_000,
+            "ünï",
+            "a:b",
+            "a__b",
+            "-lead",
+        ],
+    )
+    async def test_unsafe_queue_names_are_rejected(self, transport: Transport, bad: str) -> None:
+        with pytest.raises(InvalidNameError):
+            self.open_queue(transport, bad)
+
+    async def test_oversize_payload_is_rejected_before_anything_is_stored(
+        self, transport: Transport, queue_name: str
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        limit = transport.config.max_payload_bytes
+        with pytest.raises(PayloadTooLargeError):
+            await queue.enqueue(WorkRequest(task="big", payload="x" * (limit + 1)))
+        assert await queue.poll(0.3) is None
+
+    async def test_non_json_payload_is_rejected(
+        self, transport: Transport, queue_name: str
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        with pytest.raises(PermanentTransportError):
+            await queue.enqueue(WorkRequest(task="bad", payload=object()))
+        assert await queue.poll(0.3) is None

@@ -1,0 +1,209 @@
+"""Conformance scenarios for the registries (TESTING.md 17, 18)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from transport import (
+    Capability,
+    CapabilityChange,
+    DeliveryTimeoutError,
+    Transport,
+    UnknownDeliveryError,
+    WorkResponse,
+)
+from transport.testing.harness import BackendHarness
+
+pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
+
+
+def _response(request_id: str, **kw: Any) -> WorkResponse:
+    return WorkResponse(request_id=request_id, result={"for": request_id, **kw})
+
+
+class DeliveryRegistryConformance:
+    async def test_concurrent_requests_matched_to_out_of_order_responses(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        caller = transport.delivery_registry(queue_name)
+        ids = [f"req-{i}" for i in range(100)]
+        pending = await asyncio.gather(*(caller.register(i) for i in ids))
+        worker = (await make_transport()).delivery_registry(queue_name)
+        order = ids[:]
+        random.shuffle(order)
+
+        async def complete_all() -> None:
+            for rid in order:
+                assert await worker.complete(rid, _response(rid))
+
+        completer = asyncio.create_task(complete_all())
+        results = await asyncio.gather(*(p.result(harness.scaled(30)) for p in pending))
+        await completer
+        assert [r.request_id for r in results] == ids
+        assert all(r.result == {"for": r.request_id} for r in results)
+
+    async def test_timeout_gives_clear_error_and_record_stays(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        registry = transport.delivery_registry(queue_name)
+        pending = await registry.register("slow-1")
+        with pytest.raises(DeliveryTimeoutError) as info:
+            await pending.result(timeout=0.2)
+        assert "slow-1" in str(info.value)
+        assert [p.request_id for p in await registry.pending()] == ["slow-1"]
+        assert await registry.complete("slow-1", _response("slow-1"))
+        response = await pending.result(harness.scaled(10))
+        assert response.result == {"for": "slow-1"}
+
+    async def test_late_and_duplicate_completions_are_harmless(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        registry = transport.delivery_registry(queue_name)
+        pending = await registry.register("dup-1")
+        assert await registry.complete("dup-1", _response("dup-1", n=1)) is True
+        assert await registry.complete("dup-1", _response("dup-1", n=2)) is False
+        first = await pending.result(harness.scaled(10))
+        assert first.result == {"for": "dup-1", "n": 1}
+        assert await registry.complete("dup-1", _response("dup-1", n=3)) is False
+        assert await pending.result(0.1) == first  # same answer again
+        assert [p.request_id for p in await registry.pending()] == []
+        with pytest.raises(UnknownDeliveryError):
+            await registry.wait("dup-1")
+
+    async def test_mismatched_response_is_rejected(
+        self, transport: Transport, queue_name: str
+    ) -> None:
+        registry = transport.delivery_registry(queue_name)
+        await registry.register("a-1")
+        with pytest.raises(ValueError):
+            await registry.complete("a-1", _response("b-1"))
+
+    async def test_completion_from_another_client_wakes_the_waiter(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        caller = transport.delivery_registry(queue_name)
+        pending = await caller.register("x-1")
+        waiter = asyncio.create_task(pending.result(harness.scaled(20)))
+        worker = (await make_transport()).delivery_registry(queue_name)
+        assert await worker.complete("x-1", _response("x-1"))
+        response = await waiter
+        assert response.request_id == "x-1"
+
+    async def test_caller_restart_reattaches_and_gets_responses_that_arrived_while_down(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        before = await make_transport()
+        registry = before.delivery_registry(queue_name)
+        for rid in ("r-1", "r-2", "r-3"):
+            await registry.register(rid)
+        await before.aclose()  # the caller goes down with three requests pending
+        worker = (await make_transport()).delivery_registry(queue_name)
+        assert await worker.complete("r-1", _response("r-1"))
+        assert await worker.complete("r-2", _response("r-2"))
+        after = (await make_transport()).delivery_registry(queue_name)
+        pending = {p.request_id: p for p in await after.pending()}
+        assert set(pending) == {"r-1", "r-2", "r-3"}
+        assert (await pending["r-1"].result(harness.scaled(10))).result == {"for": "r-1"}
+        assert (await (await after.wait("r-2")).result(harness.scaled(10))).result == {"for": "r-2"}
+        late = asyncio.create_task(pending["r-3"].result(harness.scaled(20)))
+        assert await worker.complete("r-3", _response("r-3"))
+        assert (await late).result == {"for": "r-3"}
+
+    async def test_taken_entries_never_return(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        first = (await make_transport()).delivery_registry(queue_name)
+        pending = await first.register("t-1")
+        await first.complete("t-1", _response("t-1"))
+        await pending.result(harness.scaled(10))
+        assert await first.complete("t-1", _response("t-1", late=True)) is False
+        again = (await make_transport()).delivery_registry(queue_name)
+        assert [p.request_id for p in await again.pending()] == []
+        with pytest.raises(UnknownDeliveryError):
+            await again.wait("t-1")
+        assert await again.complete("t-1", _response("t-1", later=True)) is False
+
+
+async def _next_change(
+    changes: AsyncIterator[CapabilityChange], timeout: float, kind: str, name: str
+) -> CapabilityChange:
+    async def find() -> CapabilityChange:
+        async for change in changes:
+            if change.kind == kind and change.name == name:
+                return change
+        raise AssertionError("watch ended")
+
+    return await asyncio.wait_for(find(), timeout)
+
+
+class CapabilityRegistryConformance:
+    async def test_advertise_lookup_update_withdraw(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        registry = transport.capability_registry()
+        cap = Capability(
+            name=queue_name, kind="task", ensemble="kitchen", description="v1", queue="kitchen"
+        )
+        stamped = await registry.advertise(cap)
+        assert stamped.expires_at is not None
+        [found] = await registry.lookup(queue_name)
+        assert (found.ensemble, found.description, found.queue) == ("kitchen", "v1", "kitchen")
+        await registry.advertise(cap.model_copy(update={"description": "v2"}))
+        [found] = await registry.lookup(queue_name)
+        assert found.description == "v2"
+        await registry.advertise(Capability(name=queue_name, kind="tool", ensemble="bakery"))
+        assert [c.ensemble for c in await registry.lookup(queue_name)] == ["bakery", "kitchen"]
+        await registry.withdraw("kitchen", queue_name)
+        assert [c.ensemble for c in await registry.lookup(queue_name)] == ["bakery"]
+        assert queue_name in {c.name for c in await registry.all()}
+
+    async def test_visible_to_other_clients_and_after_restart(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        observer = (await make_transport()).capability_registry()
+        changes = observer.watch()
+        first_change = asyncio.ensure_future(
+            _next_change(changes, harness.scaled(20), "advertised", queue_name)
+        )
+        await asyncio.sleep(0)  # let the watch start before advertising
+        provider_client = await make_transport()
+        await provider_client.capability_registry().advertise(
+            Capability(name=queue_name, ensemble="provider"), lease=timedelta(minutes=5)
+        )
+        change = await first_change
+        assert change.capability is not None and change.capability.ensemble == "provider"
+        await provider_client.aclose()
+        restarted = (await make_transport()).capability_registry()
+        assert [c.ensemble for c in await restarted.lookup(queue_name)] == ["provider"]
+        await changes.aclose()
+
+    async def test_lease_expiry_removes_silent_providers(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        registry = transport.capability_registry()
+        changes = registry.watch()
+        await registry.advertise(Capability(name=queue_name, ensemble="fleeting"), lease=0.5)
+        advertised = await _next_change(changes, harness.scaled(10), "advertised", queue_name)
+        assert advertised.capability is not None
+        expired = await _next_change(changes, harness.scaled(10), "expired", queue_name)
+        assert expired.ensemble == "fleeting"
+        assert await registry.lookup(queue_name) == []
+        await changes.aclose()
+
+    async def test_watch_sees_advertise_and_withdraw(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        registry = transport.capability_registry()
+        changes = registry.watch()
+        await registry.advertise(Capability(name=queue_name, ensemble="e1"))
+        await _next_change(changes, harness.scaled(10), "advertised", queue_name)
+        await registry.withdraw("e1", queue_name)
+        gone = await _next_change(changes, harness.scaled(10), "withdrawn", queue_name)
+        assert gone.ensemble == "e1"
+        await changes.aclose()

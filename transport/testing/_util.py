@@ -1,0 +1,80 @@
+"""Small helpers shared by the conformance scenarios."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from transport import Delivery, RequestQueue, WorkRequest
+
+
+def make_requests(n: int, task: str = "work", **fields: Any) -> list[WorkRequest]:
+    return [
+        WorkRequest(
+            task=task,
+            payload={
+                "n": i,
+                "text": f"request {i} ✓ «ünïcödé»",
+                "nested": {"list": [i, None, True]},
+            },
+            headers={"traceparent": f"00-{i:032x}-{i + 1:016x}-01", "x-seq": str(i)},
+            **fields,
+        )
+        for i in range(n)
+    ]
+
+
+async def enqueue_all(queue: RequestQueue, requests: list[WorkRequest]) -> list[WorkRequest]:
+    """Enqueue sequentially (keeps enqueue order for FIFO checks)."""
+    return [await queue.enqueue(r) for r in requests]
+
+
+async def drain(
+    queue: RequestQueue, count: int, timeout: float, *, ack: bool = True
+) -> list[Delivery]:
+    """Poll until ``count`` deliveries arrived or ``timeout`` passed."""
+    out: list[Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        delivery = await queue.poll(min(remaining, 1.0))
+        if delivery is None:
+            continue
+        if ack:
+            await delivery.ack()
+        out.append(delivery)
+    return out
+
+
+async def poll_until(
+    queue: RequestQueue, request_id: str, timeout: float, *, ack_others: bool = True
+) -> Delivery | None:
+    """Poll until the delivery of ``request_id`` arrives (acking others)."""
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        delivery = await queue.poll(min(remaining, 1.0))
+        if delivery is None:
+            continue
+        if delivery.request.request_id == request_id:
+            return delivery
+        if ack_others:
+            await delivery.ack()
+    return None
+
+
+async def expect_nothing(queue: RequestQueue, duration: float) -> Delivery | None:
+    """Poll for ``duration``; return the first delivery seen (the test then fails)."""
+    return await queue.poll(duration)
+
+
+async def gather_limited(coros: list[Any], limit: int = 32) -> list[Any]:
+    sem = asyncio.Semaphore(limit)
+
+    async def run(coro: Any) -> Any:
+        async with sem:
+            return await coro
+
+    return await asyncio.gather(*(run(c) for c in coros))

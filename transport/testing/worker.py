@@ -1,0 +1,82 @@
+"""A worker process for crash tests: ``python -m transport.testing.worker``.
+
+Connects with ``transport.connect()`` (configuration from ``TRANSPORT_*``
+environment variables), uses only the public API, and reports each step on
+stdout as one line (``LEASED <request_id> <attempt>``, ``ACKED <request_id>``,
+``READY``) so the test can SIGKILL it at a known point.
+
+Modes:
+* ``hold N``: lease N requests, ack none, print READY, wait to be killed.
+* ``ack-all-but-oldest N``: lease N, ack all but the first leased (in a
+  shuffled order), print READY, wait to be killed.
+* ``process``: lease, print, ack, forever (killed at random points).
+* ``produce N``: enqueue N requests one by one, printing ``ENQUEUED <id>``
+  after each enqueue returned (killed at random points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+
+from transport import Delivery, RequestQueue, WorkRequest, connect
+
+
+def say(*parts: object) -> None:
+    sys.stdout.write(" ".join(str(p) for p in parts) + "\n")
+    sys.stdout.flush()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queue", required=True)
+    parser.add_argument(
+        "--mode", choices=["hold", "ack-all-but-oldest", "process", "produce"], required=True
+    )
+    parser.add_argument("--count", type=int, default=1)
+    parser.add_argument("--lease", type=float, default=None)
+    parser.add_argument("--priority-levels", type=int, default=0)
+    args = parser.parse_args()
+    transport = await connect()
+    queue: RequestQueue
+    if args.priority_levels:
+        queue = transport.priority_queue(
+            args.queue, levels=args.priority_levels, lease_seconds=args.lease
+        )
+    else:
+        queue = transport.request_queue(args.queue, lease_seconds=args.lease)
+    say("STARTED")
+    if args.mode == "produce":
+        for i in range(args.count):
+            request = await queue.enqueue(WorkRequest(task="produced", payload={"i": i}))
+            say("ENQUEUED", request.request_id)
+        say("READY")
+        await asyncio.Event().wait()
+    if args.mode == "process":
+        while True:
+            delivery = await queue.poll(1.0)
+            if delivery is None:
+                continue
+            say("LEASED", delivery.request.request_id, delivery.attempt)
+            await asyncio.sleep(random.uniform(0, 0.005))
+            say("ACKED" if await delivery.ack() else "STALE", delivery.request.request_id)
+    held: list[Delivery] = []
+    while len(held) < args.count:
+        delivery = await queue.poll(1.0)
+        if delivery is None:
+            continue
+        held.append(delivery)
+        say("LEASED", delivery.request.request_id, delivery.attempt)
+    if args.mode == "ack-all-but-oldest":
+        rest = held[1:]
+        random.shuffle(rest)
+        for delivery in rest:
+            say("ACKED" if await delivery.ack() else "STALE", delivery.request.request_id)
+    say("READY")
+    await asyncio.Event().wait()  # until SIGKILL
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
