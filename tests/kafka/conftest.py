@@ -68,13 +68,13 @@ class TansuBroker:
 
     def start(self) -> None:
         url = f"tcp://127.0.0.1:{self.port}"
-        log = (self.dir / "broker.log").open("ab")
-        self.process = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.dir,
-        )
+        with (self.dir / "broker.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+            )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
