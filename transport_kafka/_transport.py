@@ -129,4 +129,8 @@ async def open_kafka(config: TransportConfig) -> KafkaTransport:
 
     Raises: ConfigurationError for invalid settings.
     """
-    return KafkaTransport(config)
+    transport = KafkaTransport(config)
+    # Creating the producer does not block; librdkafka's idempotent producer
+    # needs ~0.5 s to get its producer id, which then overlaps other startup.
+    transport.clients.producer()
+    return transport
