@@ -125,6 +125,7 @@ class _Record:
     deliveries: int  # deliveries of this record (state topic + local)
     not_before: float  # epoch seconds; 0 = at once
     last_error: str | None
+    reserved: bool = False  # the next delivery is already counted in the state topic
 
     @property
     def attempts(self) -> int:
@@ -150,6 +151,48 @@ def _int_header(headers: dict[str, bytes], name: str) -> int:
         return int(headers.get(name, b"0").decode())
     except (ValueError, UnicodeDecodeError):
         return 0
+
+
+class _Cohort:
+    """Engines of one transport whose consumers started together (the levels
+    of a priority queue, typically) open for hand-out together.
+
+    Each consumer joins its group and fetches its backlog at its own pace; if
+    the first primed level handed out at once, a priority queue polling its
+    levels would deliver a lower level's backlog before the higher level had
+    arrived. So no member hands out anything until every member has its
+    initial backlog buffered (or ``deadline`` passed); then the head of each
+    member is reserved (its delivery counted in the state topic), so the
+    first polls of all members complete in the same event-loop step.
+    """
+
+    WINDOW_S = 0.5
+
+    def __init__(self, max_wait: float) -> None:
+        self.members: list[_QueueEngine] = []
+        self.created = time.monotonic()
+        self.deadline = self.created + max_wait
+        self.opened = False
+        self._opening: asyncio.Task[None] | None = None
+
+    def accepts(self) -> bool:
+        return not self.opened and time.monotonic() - self.created < self.WINDOW_S
+
+    def check(self) -> None:
+        if self.opened or self._opening is not None:
+            return
+        if all(m.primed or m._stopped for m in self.members) or time.monotonic() >= self.deadline:
+            self._opening = asyncio.ensure_future(self._open())
+
+    async def _open(self) -> None:
+        try:
+            await asyncio.gather(
+                *(m.reserve_head() for m in self.members if not m._stopped), return_exceptions=True
+            )
+        finally:
+            self.opened = True
+            for member in self.members:
+                member._notify()
 
 
 class _QueueEngine:
@@ -186,6 +229,12 @@ class _QueueEngine:
         self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
         self._paused = False
         self._last_commit = 0.0
+        self._prime_targets: dict[int, int] | None = None
+        self._fetched: dict[int, int] = {}
+        self._prime_sent = False
+        # loop-side priming: first hand-out waits for the cohort (see _Cohort)
+        self.primed = False
+        self.cohort: _Cohort | None = None
 
     # -- topics ------------------------------------------------------------------
     def topic_specs(self) -> list[TopicSpec]:
@@ -224,6 +273,7 @@ class _QueueEngine:
             consumer = Consumer({**conf, "logger": _client_logger()})
             self._subscribe(consumer)
         self._consumer = consumer
+        self.cohort = self.transport._cohort_for(self)
         self._subscribed = True
         self._thread = ConsumerThread(f"kafka-consumer-{self.name}", self._step, self._finish)
         self._thread.start()
@@ -334,6 +384,7 @@ class _QueueEngine:
                 continue
             raw = raw_record(msg)
             p, off = raw.partition, raw.offset
+            self._fetched[p] = max(self._fetched.get(p, 0), off + 1)
             gen = self.tracker.generation(p)
             if gen is None:
                 continue
@@ -359,6 +410,7 @@ class _QueueEngine:
             )
         if batch:
             self._post(self._on_records, batch)
+        self._check_primed()
 
     def _flow_control(self, consumer: Consumer) -> None:
         outstanding = self.tracker.outstanding()
@@ -403,7 +455,39 @@ class _QueueEngine:
             marked.discard(off)
             self.clients.produce_nowait(self.topics.state, f"{partition}:{off}".encode(), None)
 
+    def _targets(
+        self, consumer: Consumer, partitions: list[TopicPartition], committed: dict[int, int]
+    ) -> dict[int, int]:
+        """High watermarks the first fetch must reach before this engine is
+        primed (its initial backlog is in the local buffer)."""
+        targets: dict[int, int] = {}
+        for tp in partitions:
+            try:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.topics.requests, tp.partition),
+                    timeout=self.options.operation_timeout_s,
+                    cached=False,
+                )
+            except KafkaException:
+                continue
+            start = committed.get(tp.partition, -1)
+            if high > (start if start >= 0 else low):
+                targets[tp.partition] = high
+        return targets
+
+    def _check_primed(self) -> None:
+        targets = self._prime_targets
+        if self._prime_sent or targets is None:
+            return
+        if all(self._fetched.get(p, 0) >= high for p, high in targets.items()):
+            self._prime_sent = True
+            self._post(self._on_primed)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not partitions:
+            if not self._prime_sent:
+                self._prime_targets = {}
+            return
         try:
             committed = {
                 tp.partition: tp.offset
@@ -413,6 +497,8 @@ class _QueueEngine:
             log.warning("queue %r: committed offsets unavailable: %s", self.name, exc)
             committed = {}
         assigned = {tp.partition for tp in partitions}
+        if not self._prime_sent:
+            self._prime_targets = self._targets(consumer, partitions, committed)
         try:
             replay = read_to_end(
                 self.clients.reader_config(), self.topics.state, self.options.operation_timeout_s
@@ -499,6 +585,11 @@ class _QueueEngine:
                 self.ready.append(rec)
         self._notify()
 
+    def _on_primed(self) -> None:
+        self.primed = True
+        if self.cohort is not None:
+            self.cohort.check()
+
     def _live(self, rec: _Record) -> bool:
         return self.tracker.is_outstanding(rec.partition, rec.offset, rec.generation)
 
@@ -551,6 +642,8 @@ class _QueueEngine:
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(_TICK)
+            if self.cohort is not None and not self.cohort.opened:
+                self.cohort.check()
             self._reclaim()
             if self._should_hand_off():
                 self._handoff_task = asyncio.create_task(self._hand_off())
@@ -571,6 +664,28 @@ class _QueueEngine:
             what="writing delivery state",
         )
         self._marked.setdefault(rec.partition, set()).add(rec.offset)
+
+    async def reserve_head(self) -> None:
+        """Count the next delivery of the head record now, so that the next
+        poll hands it out without waiting for the broker."""
+        while self.ready and not self._live(self.ready[0]):
+            self.ready.popleft()
+        if not self.ready:
+            return
+        rec = self.ready[0]
+        if rec.reserved:
+            return
+        try:
+            decode(WorkRequest, rec.value or b"")
+        except UndecodableMessageError:
+            return
+        rec.deliveries += 1
+        try:
+            await self._write_marker(rec, {"d": rec.deliveries})
+        except BaseException:
+            rec.deliveries -= 1
+            raise
+        rec.reserved = True
 
     async def settle_record(self, rec: _Record) -> bool:
         await self._write_marker(rec, {"s": 1})
@@ -604,6 +719,9 @@ class _QueueEngine:
         await self.clients.produce(self.topics.requests, rec.key, rec.value, headers, what="nack")
 
     async def take(self, handle: KafkaRequestQueue) -> KafkaDelivery | None:
+        if self.cohort is not None and not self.cohort.opened:
+            self.cohort.check()
+            return None
         self._reclaim()
         await self._drain_exhausted()
         while self.ready:
@@ -623,12 +741,15 @@ class _QueueEngine:
                         request,
                     )
                     continue
-                rec.deliveries += 1
-                try:
-                    await self._write_marker(rec, {"d": rec.deliveries})
-                except BaseException:
-                    rec.deliveries -= 1
-                    raise
+                if rec.reserved:
+                    rec.reserved = False
+                else:
+                    rec.deliveries += 1
+                    try:
+                        await self._write_marker(rec, {"d": rec.deliveries})
+                    except BaseException:
+                        rec.deliveries -= 1
+                        raise
             except BaseException:
                 self.ready.appendleft(rec)
                 raise
@@ -774,7 +895,7 @@ class KafkaRequestQueue(RequestQueue):
         await self._engine.ensure_topics()
         await self._engine.clients.produce(self.topics.requests, None, data, what="inject")
 
-    async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:  # noqa: ASYNC109
+    async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:
         self._check()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout

@@ -48,7 +48,7 @@ from transport import HealthStatus, Transport, TransportCapabilities, TransportC
 from transport.errors import TransportError
 from transport_kafka._client import KafkaClients
 from transport_kafka._config import KafkaSettings, parse_settings
-from transport_kafka._queue import KafkaRequestQueue, _QueueEngine
+from transport_kafka._queue import KafkaRequestQueue, _Cohort, _QueueEngine
 from transport_kafka._registries import KafkaKeyedLog
 
 __all__ = ["KafkaTransport", "open_kafka"]
@@ -74,6 +74,16 @@ class KafkaTransport(Transport):
             self.capabilities = self.capabilities.model_copy(update={"ordered": False})
         self.clients = KafkaClients(self.settings)
         self._engines: dict[str, _QueueEngine] = {}
+        self._cohort: _Cohort | None = None
+
+    def _cohort_for(self, engine: _QueueEngine) -> _Cohort:
+        """The start-up cohort ``engine`` belongs to (see ``_Cohort``)."""
+        cohort = self._cohort
+        if cohort is None or not cohort.accepts():
+            o = self.settings.options
+            cohort = self._cohort = _Cohort(o.session_timeout_ms / 1000 + 5.0)
+        cohort.members.append(engine)
+        return cohort
 
     def _acquire_engine(self, name: str) -> _QueueEngine:
         engine = self._engines.get(name)
