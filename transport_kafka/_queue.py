@@ -734,7 +734,9 @@ class _QueueEngine:
                 except UndecodableMessageError as exc:
                     await self.dead_letter(rec, str(exc), None, attempts=rec.attempts + 1)
                     continue
-                if rec.attempts >= handle.max_attempts:
+                if rec.attempts - rec.reserved >= handle.max_attempts:
+                    rec.deliveries -= rec.reserved
+                    rec.reserved = False
                     await self.dead_letter(
                         rec,
                         rec.last_error or f"not acknowledged after {rec.attempts} deliveries",
@@ -889,11 +891,6 @@ class KafkaRequestQueue(RequestQueue):
             what=f"enqueue to {self.name!r}",
         )
         return request
-
-    async def inject_raw(self, data: bytes) -> None:
-        """Write ``data`` verbatim to the request topic (for tests)."""
-        await self._engine.ensure_topics()
-        await self._engine.clients.produce(self.topics.requests, None, data, what="inject")
 
     async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:
         self._check()

@@ -101,6 +101,14 @@ class KafkaTransport(Transport):
             del self._engines[name]
             await engine.stop()
 
+    async def inject_raw(self, queue_name: str, data: bytes) -> None:
+        """Write ``data`` verbatim to the request topic of ``queue_name``
+        (an internal name such as ``orders__p0`` is allowed), as a foreign
+        producer would. For tests."""
+        engine = _QueueEngine(self, queue_name)
+        await engine.ensure_topics()
+        await self.clients.produce(engine.topics.requests, None, data, what="inject")
+
     def _open_queue(
         self, name: str, *, lease_seconds: float, max_attempts: int
     ) -> KafkaRequestQueue:

@@ -125,11 +125,7 @@ class KafkaHarness(BackendHarness):
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         assert isinstance(transport, KafkaTransport)
-        queue = transport.request_queue(queue_name)
-        try:
-            await queue.inject_raw(data)  # type: ignore[attr-defined]
-        finally:
-            await queue.aclose()
+        await transport.inject_raw(queue_name, data)
 
 
 @pytest.fixture(scope="session")
