@@ -137,6 +137,7 @@ def transport_harness(kafka_bootstrap: str, kafka_namespace: str) -> KafkaHarnes
 @pytest.fixture
 def kafka_config_factory(kafka_bootstrap: str, kafka_namespace: str) -> Any:
     def make(**overrides: Any) -> TransportConfig:
-        return kafka_config(kafka_bootstrap, kafka_namespace, **overrides)
+        namespace = overrides.pop("namespace", kafka_namespace)
+        return kafka_config(kafka_bootstrap, namespace, **overrides)
 
     return make
