@@ -14,6 +14,9 @@ native_delay       ✗  ``nack(delay)`` is a not-before header honoured by
                       the consumer (a local timer)
 lease_extension    ✓  client-side leases (see below), renewable forever:
                       a polling thread keeps ``max.poll.interval.ms`` happy
+individual_acks    ✓  an ack writes a settled marker to the queue's state
+                      topic, so a crash never redelivers an acked request
+                      (the committed offset alone is only a prefix)
 restart_broker     ✗  on the memory-only dev broker (Tansu); a real Kafka
                       cluster keeps data across restarts
 =================  =====================================================
@@ -64,6 +67,7 @@ class KafkaTransport(Transport):
         consumer_groups=True,
         native_delay=False,
         lease_extension=True,
+        individual_acks=True,
         restart_broker=False,
     )
 

@@ -70,7 +70,14 @@ class TansuBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         with (self.dir / "broker.log").open("ab") as log:
             self.process = subprocess.Popen(
-                [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [
+                    str(tansu_binary()),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.dir,
@@ -79,7 +86,10 @@ class TansuBroker:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"tansu exited with {self.process.returncode}; see {self.dir}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
                 return
             time.sleep(0.05)
         self.stop()
@@ -114,7 +124,9 @@ def kafka_namespace() -> str:
 
 def kafka_config(bootstrap: str, namespace: str, **overrides: Any) -> TransportConfig:
     options = {**TEST_OPTIONS, **overrides.pop("options", {})}
-    return TransportConfig(url=f"kafka://{bootstrap}", namespace=namespace, options=options, **overrides)
+    return TransportConfig(
+        url=f"kafka://{bootstrap}", namespace=namespace, options=options, **overrides
+    )
 
 
 class KafkaHarness(BackendHarness):

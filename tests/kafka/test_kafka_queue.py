@@ -142,10 +142,14 @@ async def test_bounded_buffer_pauses_and_resumes(kafka_config_factory: Any) -> N
         sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(40)]
         first = await queue.poll(15)
         assert first is not None
-        deadline = time.monotonic() + 5
-        while not queue._engine._paused and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        assert queue._engine._paused, "the consumer did not pause at max_buffered"
+        engine = queue._engine
+        assert engine._thread is not None
+        paused = False
+        for _ in range(20):  # each call runs between two steps of the consumer thread
+            paused = await engine._thread.submit(lambda: engine._paused)
+            if paused:
+                break
+        assert paused, "the consumer did not pause at max_buffered"
         got = [first]
         await first.ack()
         while len(got) < 40:
