@@ -66,6 +66,7 @@ import heapq
 import itertools
 import json
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -227,6 +228,7 @@ class _QueueEngine:
         # consumer-thread state
         self._markers: dict[tuple[int, int], dict[str, Any]] = {}
         self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
+        self._marked_lock = threading.Lock()  # loop adds, consumer thread drops
         self._paused = False
         self._last_commit = 0.0
         self._prime_targets: dict[int, int] | None = None
@@ -447,12 +449,13 @@ class _QueueEngine:
 
     def _drop_markers(self, partition: int, below: int) -> None:
         # State markers of committed records are no longer needed: tombstone them.
-        marked = self._marked.get(partition)
-        if not marked:
-            return
-        done = [o for o in list(marked) if o < below]
+        with self._marked_lock:
+            marked = self._marked.get(partition)
+            if not marked:
+                return
+            done = [o for o in marked if o < below]
+            marked.difference_update(done)
         for off in done:
-            marked.discard(off)
             self.clients.produce_nowait(self.topics.state, f"{partition}:{off}".encode(), None)
 
     def _targets(
@@ -524,7 +527,8 @@ class _QueueEngine:
                     markers[(p, off)] = json.loads(rec.value)
         for p in assigned:
             self.tracker.assign(p, committed.get(p))
-            self._marked.setdefault(p, set()).update(o for (pp, o) in markers if pp == p)
+            with self._marked_lock:
+                self._marked.setdefault(p, set()).update(o for (pp, o) in markers if pp == p)
         self._markers.update(markers)
         self._paused = False
         log.debug("queue %r: assigned %s", self.name, sorted(assigned))
@@ -552,8 +556,9 @@ class _QueueEngine:
         gone = {tp.partition for tp in partitions}
         for key in [k for k in self._markers if k[0] in gone]:
             del self._markers[key]
-        for p in gone:
-            self._marked.pop(p, None)
+        with self._marked_lock:
+            for p in gone:
+                self._marked.pop(p, None)
         self._post(self._purge)
 
     def _finish(self) -> None:
@@ -663,7 +668,8 @@ class _QueueEngine:
             json.dumps(value).encode(),
             what="writing delivery state",
         )
-        self._marked.setdefault(rec.partition, set()).add(rec.offset)
+        with self._marked_lock:
+            self._marked.setdefault(rec.partition, set()).add(rec.offset)
 
     async def reserve_head(self) -> None:
         """Count the next delivery of the head record now, so that the next
@@ -897,8 +903,8 @@ class KafkaRequestQueue(RequestQueue):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         await self._engine.start()
-        await self._engine.poller_enter()
         try:
+            await self._engine.poller_enter()
             while True:
                 self._check()
                 delivery = await self._engine.take(self)
