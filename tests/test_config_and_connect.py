@@ -112,3 +112,19 @@ async def test_sqlite_url_conventions(tmp_path: Path, monkeypatch: pytest.Monkey
         await connect(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
     with pytest.raises(ConfigurationError):
         await connect(f"sqlite:///{tmp_path / 'x.db'}", options={"no_such_option": 1})
+
+
+async def test_missing_capabilities_are_refused_clearly(tmp_path: Path) -> None:
+    from transport import UnsupportedFeatureError
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with pytest.raises(UnsupportedFeatureError, match="event_bus"):
+        await connect(url, require=["event_bus"])
+    transport = await connect(url, require=["event_log", "persistent"])
+    try:
+        with pytest.raises(UnsupportedFeatureError, match="no event bus"):
+            transport.event_bus()
+    finally:
+        await transport.aclose()
+    with pytest.raises(ValueError, match="unknown capability"):
+        await connect(url, require=["teleportation"])

@@ -11,7 +11,25 @@ The SPI (this package) never imports a backend; backends register under the
 from transport._codec import decode, encode
 from transport._config import DEFAULT_URL, TLSConfig, TransportConfig, load_config
 from transport._connect import available_backends, connect
+from transport._events import (
+    Event,
+    EventBus,
+    EventLog,
+    EventReader,
+    LogEvent,
+    Subscription,
+    subject_matches,
+    subjects,
+    validate_subject,
+)
 from transport._keyed import CAUGHT_UP, KeyedChange, KeyedLog
+from transport._metrics import (
+    InMemoryMetrics,
+    InstrumentedRequestQueue,
+    MetricsSink,
+    get_metrics_sink,
+    set_metrics_sink,
+)
 from transport._models import (
     Capability,
     CapabilityChange,
@@ -23,6 +41,8 @@ from transport._models import (
     utcnow,
 )
 from transport._naming import validate_name, validate_request_id
+from transport._network import Network, NoProviderError
+from transport._outbox import Outbox, OutboxDeadLetter
 from transport._priority import AgingPolicy, PriorityRequestQueue
 from transport._queue import Delivery, RequestQueue
 from transport._registries import (
@@ -31,6 +51,8 @@ from transport._registries import (
     DeliveryRegistry,
     PendingDelivery,
 )
+from transport._runtime import Ensemble, Handler, PermanentTaskError, RetryTaskError, TaskContext
+from transport._tracing import child_traceparent, current_traceparent, new_traceparent
 from transport._transport import Transport, TransportCapabilities, TransportFactory
 from transport.errors import (
     BackendNotAvailableError,
@@ -44,6 +66,7 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
     UnknownDeliveryError,
+    UnsupportedFeatureError,
 )
 
 __all__ = [
@@ -61,17 +84,35 @@ __all__ = [
     "DeliveryRecord",
     "DeliveryRegistry",
     "DeliveryTimeoutError",
+    "Ensemble",
+    "Event",
+    "EventBus",
+    "EventLog",
+    "EventReader",
+    "Handler",
     "HealthStatus",
+    "InMemoryMetrics",
+    "InstrumentedRequestQueue",
     "InvalidNameError",
     "KeyedChange",
     "KeyedLog",
+    "LogEvent",
+    "MetricsSink",
+    "Network",
+    "NoProviderError",
+    "Outbox",
+    "OutboxDeadLetter",
     "PayloadTooLargeError",
     "PendingDelivery",
+    "PermanentTaskError",
     "PermanentTransportError",
     "PriorityRequestQueue",
     "QueueStats",
     "RequestQueue",
+    "RetryTaskError",
+    "Subscription",
     "TLSConfig",
+    "TaskContext",
     "TransientTransportError",
     "Transport",
     "TransportCapabilities",
@@ -80,14 +121,23 @@ __all__ = [
     "TransportFactory",
     "UndecodableMessageError",
     "UnknownDeliveryError",
+    "UnsupportedFeatureError",
     "WorkRequest",
     "WorkResponse",
     "available_backends",
+    "child_traceparent",
     "connect",
+    "current_traceparent",
     "decode",
     "encode",
+    "get_metrics_sink",
     "load_config",
+    "new_traceparent",
+    "set_metrics_sink",
+    "subject_matches",
+    "subjects",
     "utcnow",
     "validate_name",
     "validate_request_id",
+    "validate_subject",
 ]

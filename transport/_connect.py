@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from typing import Any, cast
 
 from transport._config import TransportConfig, load_config
-from transport._transport import Transport, TransportFactory
-from transport.errors import BackendNotAvailableError
+from transport._transport import Transport, TransportCapabilities, TransportFactory
+from transport.errors import BackendNotAvailableError, UnsupportedFeatureError
 
 __all__ = ["available_backends", "connect"]
 
@@ -66,20 +67,37 @@ def _load(scheme: str) -> TransportFactory:
 
 
 async def connect(
-    url_or_config: str | TransportConfig | None = None, **overrides: Any
+    url_or_config: str | TransportConfig | None = None,
+    *,
+    require: Iterable[str] = (),
+    **overrides: Any,
 ) -> Transport:
     """Open a transport for a URL (``sqlite:///app.db``, ``kafka://host:9092`` …)
     or a :class:`TransportConfig`; ``None`` reads ``TRANSPORT_URL`` and friends
     from the environment (and ``TRANSPORT_CONFIG_FILE`` if set).
 
+    ``require`` names capability flags the caller needs (``"event_bus"``,
+    ``"persistent"`` …); a backend lacking one is refused up front.
+
     Raises:
         BackendNotAvailableError: unknown scheme or missing extra (the message
             says what to install).
+        UnsupportedFeatureError: a ``require``d capability is missing.
         ConfigurationError: invalid settings.
         TransientTransportError: the backend is unreachable.
     """
     config = load_config(url_or_config, **overrides)
     factory = _load(config.scheme)
+    wanted = set(require)
+    unknown = wanted - set(TransportCapabilities.model_fields)
+    if unknown:
+        raise ValueError(f"unknown capability name(s): {', '.join(sorted(unknown))}")
     transport = await factory(config)
+    missing = sorted(f for f in wanted if not getattr(transport.capabilities, f))
+    if missing:
+        await transport.aclose()
+        raise UnsupportedFeatureError(
+            f"the {config.scheme}:// backend lacks required capabilities: {', '.join(missing)}"
+        )
     log.debug("connected %r", transport)
     return transport

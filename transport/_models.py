@@ -121,6 +121,9 @@ class Capability(_WireModel):
     tags: list[str] = Field(default_factory=list)
     input_schema: dict[str, Any] | None = None
     queue: str | None = None
+    priority_levels: int = Field(
+        default=1, ge=1, le=16, description="levels of the queue (1: plain)"
+    )
     expires_at: datetime | None = None
 
     @field_validator("name")

@@ -281,6 +281,25 @@ class DeliveryRegistry:
         )
         return True
 
+    async def record(self, request_id: str) -> DeliveryRecord | None:
+        """The committed record for ``request_id`` (``None`` if absent or
+        expired), read from the backend without loading the whole registry —
+        what the runtime uses to detect a request that was already answered.
+
+        Raises: InvalidNameError, TransientTransportError.
+        """
+        validate_request_id(request_id)
+        current = self._records.get(request_id)
+        if current is not None and current.state != "pending":
+            return current
+        raw = await self._log.get(request_id)
+        if raw is None:
+            return current
+        try:
+            return decode(DeliveryRecord, raw)
+        except UndecodableMessageError:
+            return current
+
     async def pending(self) -> list[PendingDelivery]:
         """Handles on every request of this registry still awaiting collection
         (pending or completed, not yet taken), oldest first. Use after a

@@ -11,13 +11,15 @@ from typing import Protocol, Self
 from pydantic import BaseModel, ConfigDict
 
 from transport._config import TransportConfig
+from transport._events import EventBus, EventLog
 from transport._keyed import KeyedLog
+from transport._metrics import InstrumentedRequestQueue, get_metrics_sink, metrics_enabled
 from transport._models import HealthStatus
 from transport._naming import validate_name
 from transport._priority import AgingPolicy, PriorityRequestQueue
 from transport._queue import RequestQueue
 from transport._registries import CapabilityRegistry, DeliveryRegistry
-from transport.errors import ClosedResourceError
+from transport.errors import ClosedResourceError, UnsupportedFeatureError
 
 __all__ = ["Transport", "TransportCapabilities", "TransportFactory"]
 
@@ -65,7 +67,9 @@ class Transport(ABC):
 
     def __init__(self, config: TransportConfig) -> None:
         self.config = config
-        self._resources: list[RequestQueue | DeliveryRegistry | CapabilityRegistry] = []
+        self._resources: list[
+            RequestQueue | DeliveryRegistry | CapabilityRegistry | EventBus | EventLog
+        ] = []
         self._closed = False
 
     def __repr__(self) -> str:
@@ -91,6 +95,19 @@ class Transport(ABC):
 
         Guarantees: never raises for an unreachable backend; reports ``ok=False``.
         """
+
+    def _open_event_bus(self) -> EventBus:
+        """Backends with ``capabilities.event_bus`` override this."""
+        raise UnsupportedFeatureError(
+            f"the {self.backend}:// backend has no event bus (capability 'event_bus' is false); "
+            "use nats:// or memory:// for ephemeral pub/sub"
+        )
+
+    def _open_event_log(self) -> EventLog:
+        """Backends with ``capabilities.event_log`` override this."""
+        raise UnsupportedFeatureError(
+            f"the {self.backend}:// backend has no event log (capability 'event_log' is false)"
+        )
 
     async def _close_backend(self) -> None:  # noqa: B027 - optional hook
         """Release backend connections; called once by :meth:`aclose`."""
@@ -120,7 +137,7 @@ class Transport(ABC):
         attempts = max_attempts if max_attempts is not None else self.config.max_attempts
         if attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        queue = self._open_queue(name, lease_seconds=lease, max_attempts=attempts)
+        queue = _instrument(self._open_queue(name, lease_seconds=lease, max_attempts=attempts))
         self._resources.append(queue)
         return queue
 
@@ -143,14 +160,18 @@ class Transport(ABC):
         validate_name(name, "queue name")
         policy = policy or AgingPolicy(levels=levels, aging_interval=aging_interval)
         queues = [
-            self._open_queue(
-                f"{name}__p{level}",
-                lease_seconds=(
-                    lease_seconds.total_seconds()
-                    if isinstance(lease_seconds, timedelta)
-                    else (lease_seconds or self.config.lease_seconds)
-                ),
-                max_attempts=max_attempts if max_attempts is not None else self.config.max_attempts,
+            _instrument(
+                self._open_queue(
+                    f"{name}__p{level}",
+                    lease_seconds=(
+                        lease_seconds.total_seconds()
+                        if isinstance(lease_seconds, timedelta)
+                        else (lease_seconds or self.config.lease_seconds)
+                    ),
+                    max_attempts=max_attempts
+                    if max_attempts is not None
+                    else self.config.max_attempts,
+                )
             )
             for level in range(policy.levels)
         ]
@@ -188,6 +209,26 @@ class Transport(ABC):
         self._resources.append(registry)
         return registry
 
+    def event_bus(self) -> EventBus:
+        """Ephemeral subject pub/sub (NATS core, in-process).
+
+        Raises: UnsupportedFeatureError if the backend has none.
+        """
+        self._check_open()
+        bus = self._open_event_bus()
+        self._resources.append(bus)
+        return bus
+
+    def event_log(self) -> EventLog:
+        """Durable, replayable event streams.
+
+        Raises: UnsupportedFeatureError if the backend has none.
+        """
+        self._check_open()
+        event_log = self._open_event_log()
+        self._resources.append(event_log)
+        return event_log
+
     async def aclose(self) -> None:
         """Close every queue and registry made from this transport, then the
         connection. Idempotent."""
@@ -208,6 +249,12 @@ class Transport(ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _instrument(queue: RequestQueue) -> RequestQueue:
+    if not metrics_enabled():
+        return queue
+    return InstrumentedRequestQueue(queue, get_metrics_sink())
 
 
 class TransportFactory(Protocol):

@@ -25,6 +25,7 @@ __all__ = [
     "TransportError",
     "UndecodableMessageError",
     "UnknownDeliveryError",
+    "UnsupportedFeatureError",
 ]
 
 
@@ -50,6 +51,10 @@ class BackendNotAvailableError(ConfigurationError):
     def __init__(self, scheme: str, message: str) -> None:
         super().__init__(message)
         self.scheme = scheme
+
+
+class UnsupportedFeatureError(PermanentTransportError):
+    """The backend does not offer this feature (see its capability flags)."""
 
 
 class InvalidNameError(PermanentTransportError, ValueError):

@@ -44,6 +44,7 @@ from transport import (
 )
 from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, UndecodableMessageError
+from transport_inprocess._memory_events import BusState, LogState, MemoryEventBus, MemoryEventLog
 
 __all__ = ["MemoryRequestQueue", "MemoryTransport", "open_memory", "reset_memory"]
 
@@ -80,6 +81,8 @@ class _Broker:
         self.lock = threading.Lock()
         self.queues: dict[str, _QueueState] = {}
         self.logs: dict[str, _LogState] = {}
+        self.bus = BusState()
+        self.events = LogState()
 
     def queue(self, name: str) -> _QueueState:
         state = self.queues.get(name)
@@ -443,6 +446,8 @@ class MemoryTransport(Transport):
         consumer_groups=False,
         native_delay=True,
         lease_extension=True,
+        event_bus=True,
+        event_log=True,
     )
 
     def __init__(self, config: TransportConfig) -> None:
@@ -464,6 +469,12 @@ class MemoryTransport(Transport):
 
     def _open_keyed_log(self, kind: str, name: str) -> MemoryKeyedLog:
         return MemoryKeyedLog(self._broker, f"{kind}:{name}")
+
+    def _open_event_bus(self) -> MemoryEventBus:
+        return MemoryEventBus(self._broker.bus, self.config.max_payload_bytes)
+
+    def _open_event_log(self) -> MemoryEventLog:
+        return MemoryEventLog(self._broker.events, self.config.max_payload_bytes)
 
     async def health(self) -> HealthStatus:
         return HealthStatus(

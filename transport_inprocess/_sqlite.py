@@ -49,6 +49,7 @@ from transport import (
     utcnow,
 )
 from transport._queue import seconds as _seconds
+from transport._sqlitestore import SCHEMA, SqliteStore
 from transport.errors import (
     ClosedResourceError,
     ConfigurationError,
@@ -56,7 +57,7 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport_inprocess._store import SqliteStore
+from transport_inprocess._sqlite_events import EVENTS_SCHEMA, SqliteEventLog
 
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 
@@ -539,6 +540,7 @@ class SqliteTransport(Transport):
         native_delay=True,
         lease_extension=True,
         restart_broker=True,
+        event_log=True,
     )
 
     def __init__(self, config: TransportConfig) -> None:
@@ -557,7 +559,10 @@ class SqliteTransport(Transport):
             raise ConfigurationError("poll_interval must be positive")
         self.path = path
         self._store = SqliteStore(
-            path, synchronous=str(options.get("synchronous", "FULL")), busy_timeout_ms=busy
+            path,
+            synchronous=str(options.get("synchronous", "FULL")),
+            busy_timeout_ms=busy,
+            schema=SCHEMA + EVENTS_SCHEMA,
         )
         self._signals = _Signals()
         self._store_closed = False
@@ -574,6 +579,9 @@ class SqliteTransport(Transport):
 
     def _open_keyed_log(self, kind: str, name: str) -> SqliteKeyedLog:
         return SqliteKeyedLog(self, f"{kind}:{name}")
+
+    def _open_event_log(self) -> SqliteEventLog:
+        return SqliteEventLog(self)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()

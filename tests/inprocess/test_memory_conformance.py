@@ -12,6 +12,8 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
+    EventBusConformance,
+    EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -53,3 +55,9 @@ class TestMemoryCapabilityRegistry(CapabilityRegistryConformance): ...
 
 
 class TestMemoryCrash(CrashConformance): ...
+
+
+class TestMemoryEventBus(EventBusConformance): ...
+
+
+class TestMemoryEventLog(EventLogConformance): ...

@@ -13,6 +13,8 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
+    EventBusConformance,
+    EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -61,3 +63,9 @@ class TestSqliteCapabilityRegistry(CapabilityRegistryConformance): ...
 
 
 class TestSqliteCrash(CrashConformance): ...
+
+
+class TestSqliteEventBus(EventBusConformance): ...
+
+
+class TestSqliteEventLog(EventLogConformance): ...

@@ -10,6 +10,7 @@ The pytest plugin (``transport.testing.plugin``) is registered through the
 """
 
 from transport.testing._crash_suite import CrashConformance
+from transport.testing._events_suite import EventBusConformance, EventLogConformance
 from transport.testing._priority_suite import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
@@ -26,6 +27,8 @@ __all__ = [
     "CapabilityRegistryConformance",
     "CrashConformance",
     "DeliveryRegistryConformance",
+    "EventBusConformance",
+    "EventLogConformance",
     "PriorityAsRequestQueueConformance",
     "PriorityQueueConformance",
     "RequestQueueConformance",

@@ -117,17 +117,29 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
+def _resolve_all(items: list[tuple[_Op, Any, BaseException | None]]) -> None:
+    for op, result, error in items:
+        _resolve(op.future, result, error)
+
+
 class SqliteStore:
     """Owns the connection and its thread. Create with :meth:`open`."""
 
     def __init__(
-        self, path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 30_000
+        self,
+        path: str,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 30_000,
+        schema: str = SCHEMA,
     ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
         self.path = path
         self.synchronous = synchronous
+        self._schema = schema
+        self._completed: list[tuple[_Op, Any, BaseException | None]] = []
         self._busy_timeout_ms = busy_timeout_ms
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -158,7 +170,7 @@ class SqliteStore:
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.executescript(SCHEMA)  # idempotent; serialised by the busy timeout
+        conn.executescript(self._schema)  # idempotent; serialised by the busy timeout
         return conn
 
     def _run(self) -> None:
@@ -185,6 +197,7 @@ class SqliteStore:
                         break
                     batch.append(nxt)
                 self._execute(conn, batch)
+                self._flush_done()
         finally:
             conn.close()
 
@@ -240,10 +253,19 @@ class SqliteStore:
         for op, (result, error) in zip(ops, results, strict=True):
             self._done(op, result, error)
 
-    @staticmethod
-    def _done(op: _Op, result: Any, error: BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-            op.loop.call_soon_threadsafe(_resolve, op.future, result, error)
+    def _done(self, op: _Op, result: Any, error: BaseException | None) -> None:
+        self._completed.append((op, result, error))
+
+    def _flush_done(self) -> None:
+        # One wake-up of each caller loop per batch, not one per operation:
+        # call_soon_threadsafe writes to the loop's self-pipe every time.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, Any, BaseException | None]]] = {}
+        for item in self._completed:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        self._completed = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                loop.call_soon_threadsafe(_resolve_all, items)
 
     def submit(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> asyncio.Future[T]:
         """Schedule ``fn``; the future resolves after its transaction commits.

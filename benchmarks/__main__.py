@@ -1,0 +1,94 @@
+"""``python -m benchmarks [--full] [--backends memory,sqlite,...]``
+
+Starts what it needs, runs every operation for this library and for the
+baseline alternately (median of ``--rounds``), prints a table of ratios
+(higher is better: ours/baseline for throughput, baseline/ours for latency)
+and writes ``benchmarks/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from benchmarks._common import Row, Sizes
+
+ALL = ["memory", "sqlite", "nats", "kafka", "pulsar"]
+MODULES = {
+    "memory": "inprocess",
+    "sqlite": "inprocess",
+    "nats": "nats",
+    "kafka": "kafka",
+    "pulsar": "pulsar",
+}
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'backend':<8} {'operation':<26} {'ours':>12} {'baseline':>12} {'unit':<6} {'ratio':>7} {'target':>7}  baseline"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        target = "" if r.target is None else (f"{'✓' if r.ratio >= r.target else '✗'} {r.target:g}")
+        ratio = "" if r.ratio == 0 else f"{r.ratio:.2f}"
+        base = "" if r.baseline == 0 else f"{r.baseline:,.1f}"
+        lines.append(
+            f"{r.backend:<8} {r.operation:<26} {r.ours:>12,.1f} {base:>12} {r.unit:<6} {ratio:>7} {target:>7}  {r.baseline_name}"
+        )
+    return "\n".join(lines)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("--full", action="store_true", help="larger sizes (default: quick)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backends", default=",".join(ALL))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"))
+    args = parser.parse_args()
+    sizes = Sizes.for_mode(not args.full, args.rounds)
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    rows: list[Row] = []
+    started = time.perf_counter()
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    done_modules: set[str] = set()
+    for backend in wanted:
+        module_name = MODULES.get(backend)
+        if module_name is None:
+            parser.error(f"unknown backend {backend!r} (known: {', '.join(ALL)})")
+        if module_name in done_modules:
+            continue
+        try:
+            module = importlib.import_module(f"benchmarks.{module_name}")
+        except ImportError as exc:
+            progress(f"{backend}: skipped ({exc})")
+            continue
+        done_modules.add(module_name)
+        produced = await module.run(sizes, progress)
+        rows += [r for r in produced if r.backend in wanted]
+    print(table(rows))
+    result = {
+        "machine": machine(),
+        "mode": "quick" if sizes.quick else "full",
+        "rounds": sizes.rounds,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": [r.json() for r in rows],
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # noqa: ASYNC240 - once, at the end
+    print(f"\nwritten {args.out} ({machine()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,417 @@
+"""memory:// against asyncio.Queue and kombu's memory transport; sqlite://
+against raw SQLite with the same ``synchronous`` setting."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from benchmarks._common import (
+    Row,
+    Sizes,
+    alternate,
+    percentile,
+    rate,
+    rss_mb,
+    run_concurrently,
+    throughput_row,
+)
+from transport import Ensemble, Network, TaskContext, WorkRequest, WorkResponse, connect
+
+PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
+
+
+def _requests(n: int) -> list[WorkRequest]:
+    return [WorkRequest(task="work", payload=PAYLOAD) for _ in range(n)]
+
+
+async def ours_enqueue(url: str, n: int, concurrency: int) -> float:
+    transport = await connect(url)
+    try:
+        queue = transport.request_queue(f"bench-{uuid.uuid4().hex[:8]}")
+        requests = _requests(n)
+        return await rate(
+            n, lambda: run_concurrently(n, concurrency, lambda i: queue.enqueue(requests[i]))
+        )
+    finally:
+        await transport.aclose()
+
+
+async def ours_consume(url: str, n: int, consumers: int) -> float:
+    transport = await connect(url)
+    try:
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        queue = transport.request_queue(name)
+        await run_concurrently(
+            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
+        )
+        done = 0
+
+        async def consume() -> None:
+            nonlocal done
+            while done < n:
+                delivery = await queue.poll(0.5)
+                if delivery is None:
+                    continue
+                await delivery.ack()
+                done += 1
+
+        return await rate(n, lambda: asyncio.gather(*(consume() for _ in range(consumers))))
+    finally:
+        await transport.aclose()
+
+
+async def ours_round_trip(url: str, n: int) -> list[float]:
+    transport = await connect(url)
+    try:
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        queue = transport.request_queue(name)
+        inbox = transport.delivery_registry("bench-caller")
+        stop = asyncio.Event()
+
+        async def worker() -> None:
+            registry = transport.delivery_registry("bench-caller")
+            while not stop.is_set():
+                delivery = await queue.poll(0.2)
+                if delivery is None:
+                    continue
+                await registry.complete(
+                    delivery.request.request_id,
+                    WorkResponse(request_id=delivery.request.request_id),
+                )
+                await delivery.ack()
+
+        task = asyncio.create_task(worker())
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
+            pending = await inbox.register(request.request_id)
+            await queue.enqueue(request)
+            await pending.result(10)
+            samples.append((time.perf_counter() - start) * 1000)
+        stop.set()
+        await task
+        return samples
+    finally:
+        await transport.aclose()
+
+
+async def ours_ensemble(url: str, n: int) -> float:
+    transport = await connect(url)
+    try:
+        name = f"bench{uuid.uuid4().hex[:8]}"
+        ens = Ensemble(name, transport=transport, concurrency=16, advertise=False)
+
+        @ens.task("work")
+        async def work(ctx: TaskContext) -> int:
+            return 1
+
+        caller = Network(transport, caller=f"{name}-caller")
+        async with ens:
+
+            async def one(i: int) -> None:
+                await caller.request(name, "work", PAYLOAD, timeout=30)
+
+            return await rate(n, lambda: run_concurrently(n, 32, one))
+    finally:
+        await transport.aclose()
+
+
+# -- baselines ---------------------------------------------------------------
+async def asyncio_queue_put(n: int, concurrency: int) -> float:
+    queue: asyncio.Queue[WorkRequest] = asyncio.Queue()
+    requests = _requests(n)
+    return await rate(n, lambda: run_concurrently(n, concurrency, lambda i: queue.put(requests[i])))
+
+
+async def asyncio_queue_consume(n: int) -> float:
+    queue: asyncio.Queue[WorkRequest] = asyncio.Queue()
+    for r in _requests(n):
+        queue.put_nowait(r)
+
+    async def consume() -> None:
+        for _ in range(n):
+            await queue.get()
+            queue.task_done()
+
+    return await rate(n, consume)
+
+
+async def kombu_put_get_ack(n: int) -> float:
+    from kombu import Connection
+
+    def run() -> float:
+        with Connection("memory://") as conn:
+            q = conn.SimpleQueue(f"bench-{uuid.uuid4().hex[:8]}")
+            start = time.perf_counter()
+            for _ in range(n):
+                q.put(PAYLOAD)
+            for _ in range(n):
+                msg = q.get(timeout=1)
+                msg.ack()
+            q.close()
+            return n / (time.perf_counter() - start)
+
+    return await asyncio.to_thread(run)
+
+
+async def ours_put_get_ack(url: str, n: int) -> float:
+    transport = await connect(url)
+    try:
+        queue = transport.request_queue(f"bench-{uuid.uuid4().hex[:8]}")
+
+        async def body() -> None:
+            for _ in range(n):
+                await queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
+            for _ in range(n):
+                delivery = await queue.poll(1)
+                assert delivery is not None
+                await delivery.ack()
+
+        return await rate(n, body)
+    finally:
+        await transport.aclose()
+
+
+def _raw_db(path: Path, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("CREATE TABLE IF NOT EXISTS q (id INTEGER PRIMARY KEY, body BLOB)")
+    return conn
+
+
+async def raw_sqlite_batched_insert(path: Path, n: int, batch: int = 64) -> float:
+    """Best case for raw SQLite: ``batch`` rows per fsynced transaction, on a thread."""
+    bodies = [r.model_dump_json().encode() for r in _requests(n)]
+
+    def run() -> float:
+        conn = _raw_db(path, "FULL")
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO q(body) VALUES (?)", [(b,) for b in bodies[i : i + batch]]
+            )
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+        conn.close()
+        return n / elapsed
+
+    return await asyncio.to_thread(run)
+
+
+async def raw_sqlite_consume(path: Path, n: int, batch: int = 64) -> float:
+    """Raw at-least-once consume: read a batch, 'process', delete it in one commit."""
+
+    def run() -> float:
+        conn = _raw_db(path, "FULL")
+        conn.execute("DELETE FROM q")
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO q(body) VALUES (?)",
+            [(r.model_dump_json().encode(),) for r in _requests(n)],
+        )
+        conn.execute("COMMIT")
+        start = time.perf_counter()
+        done = 0
+        while done < n:
+            rows = conn.execute("SELECT id, body FROM q ORDER BY id LIMIT ?", (batch,)).fetchall()
+            for _, body in rows:
+                WorkRequest.model_validate_json(body)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("DELETE FROM q WHERE id = ?", [(r[0],) for r in rows])
+            conn.execute("COMMIT")
+            done += len(rows)
+        elapsed = time.perf_counter() - start
+        conn.close()
+        return n / elapsed
+
+    return await asyncio.to_thread(run)
+
+
+async def backlog_memory(url: str, n: int) -> tuple[float, float, float]:
+    """Drain an ``n`` request backlog with one worker: (RSS before fill, after
+    fill, peak while draining) in MB."""
+    transport = await connect(url)
+    try:
+        queue = transport.request_queue(f"backlog-{uuid.uuid4().hex[:8]}")
+        before = rss_mb()
+        await run_concurrently(n, 64, lambda i: queue.enqueue(WorkRequest(task="w", payload=i)))
+        filled = rss_mb()
+        peak = filled
+        done = 0
+        while done < n:
+            delivery = await queue.poll(1)
+            if delivery is None:
+                break
+            await delivery.ack()
+            done += 1
+            if done % 10000 == 0:
+                peak = max(peak, rss_mb())
+        return before, filled, peak
+    finally:
+        await transport.aclose()
+
+
+async def run(sizes: Sizes, progress: object) -> list[Row]:
+    say = progress  # callable
+    rows: list[Row] = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+    mem = f"memory://bench-{uuid.uuid4().hex[:6]}"
+    sqlite_url = f"sqlite:///{tmp / 'bench.db'}"
+    r = sizes.rounds
+
+    say("memory: enqueue")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: ours_enqueue(mem, sizes.enqueue, sizes.concurrency),
+        lambda: asyncio_queue_put(sizes.enqueue, sizes.concurrency),
+        r,
+    )
+    rows.append(throughput_row("memory", "enqueue", a, b, "asyncio.Queue.put", None))
+    say("memory: poll+ack")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: ours_consume(mem, sizes.consume, 1), lambda: asyncio_queue_consume(sizes.consume), r
+    )
+    rows.append(throughput_row("memory", "poll+ack", a, b, "asyncio.Queue.get+task_done", None))
+    say("memory: put+get+ack vs kombu")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: ours_put_get_ack(mem, sizes.consume), lambda: kombu_put_get_ack(sizes.consume), r
+    )
+    rows.append(throughput_row("memory", "put+get+ack", a, b, "kombu memory://", 5.0))
+
+    say("sqlite: enqueue (group commit)")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: ours_enqueue(sqlite_url, sizes.enqueue, sizes.concurrency),
+        lambda: raw_sqlite_batched_insert(tmp / "raw.db", sizes.enqueue),
+        r,
+    )
+    rows.append(
+        throughput_row(
+            "sqlite", "enqueue", a, b, "raw sqlite3 batched inserts (synchronous=FULL)", 0.8
+        )
+    )
+    say("sqlite: poll+ack")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: ours_consume(sqlite_url, sizes.consume, 32),
+        lambda: raw_sqlite_consume(tmp / "raw.db", sizes.consume),
+        r,
+    )
+    rows.append(
+        throughput_row(
+            "sqlite", "poll+ack", a, b, "raw sqlite3 batch select+delete (synchronous=FULL)", 0.5
+        )
+    )
+
+    for name, url, raw in (
+        ("memory", mem, asyncio_round_trip),
+        ("sqlite", sqlite_url, lambda n: raw_sqlite_round_trip(tmp / "rt.db", n)),
+    ):
+        say(f"{name}: round trip")  # type: ignore[operator]
+        ours_samples: list[float] = []
+        raw_samples: list[float] = []
+        for _ in range(r):
+            ours_samples += await ours_round_trip(url, sizes.round_trips)
+            raw_samples += await raw(sizes.round_trips)
+        for q in (0.5, 0.99):
+            o, b = percentile(ours_samples, q), percentile(raw_samples, q)
+            target = (b * 2 + 0.5) if q == 0.5 else None
+            rows.append(
+                Row(
+                    name,
+                    f"round trip p{int(q * 100)}",
+                    round(o, 3),
+                    round(b, 3),
+                    "raw publish→consume round trip",
+                    "ms",
+                    round(b / o, 3),
+                    None if target is None else round(b / target, 3),
+                )
+            )
+        say(f"{name}: ensemble end to end")  # type: ignore[operator]
+        thr = await ours_ensemble(url, sizes.round_trips * 2)
+        rows.append(
+            Row(
+                name,
+                "ensemble request/response",
+                round(thr, 1),
+                0.0,
+                "(informational)",
+                "req/s",
+                0.0,
+            )
+        )
+    return rows
+
+
+async def asyncio_round_trip(n: int) -> list[float]:
+    queue: asyncio.Queue[tuple[WorkRequest, asyncio.Future[None]]] = asyncio.Queue()
+
+    async def worker() -> None:
+        while True:
+            _, done = await queue.get()
+            done.set_result(None)
+
+    task = asyncio.create_task(worker())
+    samples = []
+    loop = asyncio.get_running_loop()
+    for _ in range(n):
+        start = time.perf_counter()
+        future = loop.create_future()
+        await queue.put((WorkRequest(task="work", payload=PAYLOAD), future))
+        await future
+        samples.append((time.perf_counter() - start) * 1000)
+    task.cancel()
+    return samples
+
+
+async def raw_sqlite_round_trip(path: Path, n: int) -> list[float]:
+    """Producer commits a row; a consumer thread polls, deletes it (commit)
+    and signals back: the raw publish→consume round trip."""
+    conn = _raw_db(path, "FULL")
+    conn.close()
+    done = threading.Event()
+    stop = threading.Event()
+
+    def consumer() -> None:
+        c = _raw_db(path, "FULL")
+        while not stop.is_set():
+            row = c.execute("SELECT id, body FROM q ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                time.sleep(0.0005)
+                continue
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("DELETE FROM q WHERE id = ?", (row[0],))
+            c.execute("COMMIT")
+            done.set()
+        c.close()
+
+    thread = threading.Thread(target=consumer)
+    thread.start()
+    producer = _raw_db(path, "FULL")
+    body = WorkRequest(task="work", payload=PAYLOAD).model_dump_json().encode()
+    samples = []
+    try:
+        for _ in range(n):
+            done.clear()
+            start = time.perf_counter()
+            await asyncio.to_thread(_insert_one, producer, body)
+            await asyncio.to_thread(done.wait, 10)
+            samples.append((time.perf_counter() - start) * 1000)
+    finally:
+        stop.set()
+        thread.join()
+        producer.close()
+    return samples
+
+
+def _insert_one(conn: sqlite3.Connection, body: bytes) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO q(body) VALUES (?)", (body,))
+    conn.execute("COMMIT")

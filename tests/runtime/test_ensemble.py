@@ -1,0 +1,369 @@
+"""The ensemble runtime and the client side, on the in-process backends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from tenacity import wait_fixed
+
+from transport import (
+    DeliveryTimeoutError,
+    Ensemble,
+    InMemoryMetrics,
+    Network,
+    NoProviderError,
+    PermanentTaskError,
+    TaskContext,
+    Transport,
+    WorkRequest,
+    set_metrics_sink,
+    utcnow,
+)
+from transport._tracing import TRACEPARENT, parse_traceparent
+
+
+def trace_id(ctx: TaskContext) -> str:
+    parsed = parse_traceparent(ctx.request.headers.get(TRACEPARENT))
+    assert parsed is not None
+    return parsed[0]
+
+
+async def test_request_response_with_priorities_served_in_order(transport: Transport) -> None:
+    served: list[int] = []
+    kitchen = Ensemble("kitchen", transport=transport, concurrency=1, priority_levels=3)
+
+    @kitchen.task("cook")
+    async def cook(ctx: TaskContext) -> dict[str, Any]:
+        served.append(ctx.request.priority)
+        return {"dish": ctx.payload["dish"], "attempt": ctx.attempt}
+
+    caller = Network(transport, caller="front-desk", default_levels=3)
+    handles = []
+    for i, level in enumerate([2, 1, 0, 2, 0, 1]):
+        handles.append(await caller.send("kitchen", "cook", {"dish": f"d{i}"}, priority=level))
+    async with kitchen:
+        responses = await asyncio.gather(*(h.result(timeout=20) for h in handles))
+    assert [r.status for r in responses] == ["completed"] * 6
+    assert [r.result["dish"] for r in responses] == [f"d{i}" for i in range(6)]
+    assert served == sorted(served), f"backlog not served by priority: {served}"
+    assert await caller.pending() == []
+
+
+async def test_transient_errors_are_retried_with_backoff(transport: Transport) -> None:
+    calls: list[int] = []
+    ens = Ensemble(
+        "flaky", transport=transport, concurrency=1, retry_wait=wait_fixed(0.05), max_attempts=5
+    )
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> str:
+        calls.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise ConnectionError("downstream hiccup")
+        return "ok"
+
+    async with ens:
+        response = await Network(transport, caller="c1").request("flaky", "work", timeout=20)
+    assert response.status == "completed" and response.result == "ok"
+    assert calls == [1, 2, 3]
+    assert ens.counts["retried"] == 2
+
+
+async def test_permanent_error_fails_fast_and_dead_letters(transport: Transport) -> None:
+    ens = Ensemble("strict", transport=transport, concurrency=1)
+
+    @ens.task("validate")
+    async def validate(ctx: TaskContext) -> None:
+        raise PermanentTaskError("payload has no 'order' field")
+
+    async with ens:
+        response = await Network(transport, caller="c2").request(
+            "strict", "validate", {"x": 1}, timeout=20
+        )
+        assert response.status == "failed"
+        assert response.error is not None and "no 'order' field" in response.error
+        dead = await ens.queue.dead_letters()
+    assert [d.request.payload for d in dead if d.request] == [{"x": 1}]
+
+
+async def test_exhausted_retries_answer_failed_and_dead_letter(transport: Transport) -> None:
+    calls = 0
+    ens = Ensemble(
+        "doomed", transport=transport, concurrency=1, max_attempts=3, retry_wait=wait_fixed(0.01)
+    )
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError(f"boom {ctx.attempt}")
+
+    async with ens:
+        response = await Network(transport, caller="c3").request("doomed", "work", timeout=20)
+        dead = await ens.queue.dead_letters()
+    assert response.status == "failed" and "boom 3" in (response.error or "")
+    assert calls == 3
+    assert len(dead) == 1 and dead[0].attempts == 3
+
+
+async def test_unknown_task_and_expired_deadline_are_rejected(transport: Transport) -> None:
+    ens = Ensemble("picky", transport=transport, concurrency=1)
+    ran: list[str] = []
+
+    @ens.task("known")
+    async def known(ctx: TaskContext) -> None:
+        ran.append(ctx.request_id)
+
+    caller = Network(transport, caller="c4")
+    async with ens:
+        unknown = await caller.request("picky", "unknown", timeout=20)
+        late = await caller.request(
+            "picky", "known", deadline=utcnow() - timedelta(seconds=1), timeout=20
+        )
+    assert unknown.status == "rejected" and "no task 'unknown'" in (unknown.error or "")
+    assert late.status == "rejected" and "deadline" in (late.error or "")
+    assert ran == []
+
+
+async def test_redelivered_request_already_answered_is_not_run_again(transport: Transport) -> None:
+    runs: Counter[str] = Counter()
+    ens = Ensemble("once", transport=transport, concurrency=1)
+
+    @ens.task("charge")
+    async def charge(ctx: TaskContext) -> str:
+        runs[ctx.request_id] += 1
+        return "charged"
+
+    inbox = transport.delivery_registry("c5")
+    request = WorkRequest(task="charge", reply_to="c5")
+    pending = await inbox.register(request.request_id)
+    queue = transport.request_queue("once")
+    await queue.enqueue(request)
+    await queue.enqueue(request)  # a duplicate delivery of the same request
+    # A marker behind both: with one worker on a FIFO queue, its answer
+    # means the duplicate was handled before it.
+    marker = WorkRequest(task="charge", reply_to="c5")
+    marker_pending = await inbox.register(marker.request_id)
+    await queue.enqueue(marker)
+    async with ens:
+        response = await pending.result(timeout=20)
+        await marker_pending.result(timeout=20)
+    assert ens.counts["duplicates"] == 1
+    assert response.result == "charged"
+    assert runs[request.request_id] == 1
+
+
+async def test_long_handler_keeps_its_lease_automatically(
+    runtime_url: str, transport: Transport
+) -> None:
+    from transport import connect
+
+    runs: list[str] = []
+    other = await connect(runtime_url, lease_seconds=0.5)
+    ensembles = []
+    try:
+        for t in (transport, other):
+            ens = Ensemble("slow", transport=t, concurrency=1, lease_seconds=0.5, advertise=False)
+
+            @ens.task("think")
+            async def think(ctx: TaskContext) -> str:
+                runs.append(ctx.request_id)
+                await asyncio.sleep(2.0)  # four leases long
+                return "thought"
+
+            ensembles.append(ens)
+        for ens in ensembles:
+            await ens.start()
+        response = await Network(transport, caller="c6").request("slow", "think", timeout=20)
+        assert response.status == "completed"
+        assert len(runs) == 1, "redelivered while the handler was alive"
+    finally:
+        for ens in ensembles:
+            await ens.aclose()
+        await other.aclose()
+
+
+async def test_shutdown_finishes_in_flight_work_within_grace(transport: Transport) -> None:
+    started = asyncio.Event()
+    ens = Ensemble("graceful", transport=transport, concurrency=1, shutdown_grace=5)
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> str:
+        started.set()
+        await asyncio.sleep(0.3)
+        return "finished"
+
+    await ens.start()
+    pending = await Network(transport, caller="c7").send("graceful", "work")
+    await asyncio.wait_for(started.wait(), 10)
+    await ens.aclose()
+    response = await pending.result(timeout=5)
+    assert response.result == "finished"
+
+
+async def test_work_over_grace_is_released_and_redone(
+    runtime_url: str, transport: Transport
+) -> None:
+    started = asyncio.Event()
+    first = Ensemble(
+        "impatient", transport=transport, concurrency=1, shutdown_grace=0.2, advertise=False
+    )
+
+    @first.task("work")
+    async def stuck(ctx: TaskContext) -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    await first.start()
+    pending = await Network(transport, caller="c8").send("impatient", "work")
+    await asyncio.wait_for(started.wait(), 10)
+    await first.aclose()  # grace runs out: the request is released, not lost
+    second = Ensemble("impatient", transport=transport, concurrency=1, advertise=False)
+
+    @second.task("work")
+    async def quick(ctx: TaskContext) -> int:
+        return ctx.attempt
+
+    async with second:
+        response = await pending.result(timeout=20)
+    assert response.status == "completed" and response.result >= 2
+
+
+async def test_trace_context_crosses_ensemble_hops(transport: Transport) -> None:
+    seen: dict[str, str] = {}
+    front = Ensemble("front", transport=transport, concurrency=1)
+    back = Ensemble("back", transport=transport, concurrency=1)
+    hop = Network(transport, caller="front")
+
+    @front.task("ask")
+    async def ask(ctx: TaskContext) -> Any:
+        seen["front"] = trace_id(ctx)
+        return (await hop.request("back", "answer", timeout=20)).result
+
+    @back.task("answer")
+    async def answer(ctx: TaskContext) -> int:
+        seen["back"] = trace_id(ctx)
+        return 42
+
+    async with front, back:
+        response = await Network(transport, caller="c9").request("front", "ask", timeout=20)
+    assert response.result == 42
+    assert seen["front"] == seen["back"]
+
+
+async def test_capabilities_are_advertised_refreshed_and_withdrawn(transport: Transport) -> None:
+    ens = Ensemble("advertiser", transport=transport, concurrency=1, priority_levels=2)
+
+    @ens.tool("lookup-price", description="prices a dish", input_schema={"type": "object"})
+    async def price(ctx: TaskContext) -> int:
+        return 7
+
+    registry = transport.capability_registry()
+    changes = registry.watch()
+    async with ens:
+        [cap] = await registry.lookup("lookup-price")
+        assert (cap.ensemble, cap.kind, cap.queue, cap.priority_levels) == (
+            "advertiser",
+            "tool",
+            "advertiser",
+            2,
+        )
+        first_expiry = cap.expires_at
+        # Refreshed before the 2 s lease runs out: a second advertisement.
+        async with asyncio.timeout(10):
+            async for change in changes:
+                if (
+                    change.kind == "advertised"
+                    and change.capability
+                    and change.capability.expires_at != first_expiry
+                ):
+                    break
+        response = await Network(transport, caller="c10").request(None, "lookup-price", timeout=20)
+        assert response.result == 7
+    # Withdrawn on stop; other registry objects see it eventually (watch).
+    async with asyncio.timeout(10):
+        async for change in changes:
+            if change.kind == "withdrawn" and change.name == "lookup-price":
+                break
+    assert await registry.lookup("lookup-price") == []
+    with pytest.raises(NoProviderError):
+        await Network(transport, caller="c10").send(None, "lookup-price")
+    await changes.aclose()
+
+
+async def test_caller_reattaches_after_restart(runtime_url: str) -> None:
+    from transport import connect
+
+    first = await connect(runtime_url)
+    caller = Network(first, caller="restartable")
+    handles = [await caller.send("later", "work", {"i": i}) for i in range(3)]
+    with pytest.raises(DeliveryTimeoutError):
+        await handles[0].result(timeout=0.1)
+    await first.aclose()  # the caller goes away with three requests pending
+    worker_transport = await connect(runtime_url)
+    ens = Ensemble("later", transport=worker_transport, concurrency=2)
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> int:
+        return int(ctx.payload["i"]) * 10
+
+    try:
+        async with ens:
+            restarted = await connect(runtime_url)
+            try:
+                again = Network(restarted, caller="restartable")
+                ids = [h.request_id for h in handles]
+                assert sorted(p.request_id for p in await again.pending()) == sorted(ids)
+                results = [await again.collect(rid, timeout=20) for rid in ids]
+                assert [r.result for r in results] == [0, 10, 20]
+            finally:
+                await restarted.aclose()
+    finally:
+        await worker_transport.aclose()
+
+
+async def test_metrics_hooks_count_what_happens(transport: Transport) -> None:
+    metrics = InMemoryMetrics()
+    set_metrics_sink(metrics)
+    try:
+        queue = transport.request_queue("metered")
+        await queue.enqueue(WorkRequest(task="t"))
+        await queue.enqueue(WorkRequest(task="t"))
+        first = await queue.poll(5)
+        assert first is not None
+        await first.extend()
+        await first.nack()
+        for _ in range(2):
+            delivery = await queue.poll(5)
+            assert delivery is not None
+            await delivery.ack()
+        await queue.stats()
+    finally:
+        set_metrics_sink(None)
+    assert metrics.count("enqueued", queue="metered") == 2
+    assert metrics.count("delivered", queue="metered") == 3
+    assert metrics.count("redelivered", queue="metered") == 1
+    assert metrics.count("acked", queue="metered") == 2
+    assert metrics.count("nacked", queue="metered") == 1
+    assert metrics.count("lease_extended", queue="metered") == 1
+    assert metrics.gauges[("queue_depth", (("queue", "metered"),))] == 0
+
+
+def test_ensemble_configuration_errors() -> None:
+    with pytest.raises(ValueError):
+        Ensemble("bad.name", queue=object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        Ensemble("ok")
+    ens = Ensemble("ok", queue=object(), advertise=False)  # type: ignore[arg-type]
+
+    async def handler(ctx: TaskContext) -> None:
+        return None
+
+    ens.add_task("t", handler)
+    with pytest.raises(ValueError):
+        ens.add_task("t", handler)

@@ -1,0 +1,120 @@
+"""The blocking facade and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from transport import Ensemble, TaskContext, WorkRequest, connect, sync
+from transport.cli import main as cli
+
+
+def test_sync_facade_enqueue_poll_ack_and_request() -> None:
+    url = f"memory://sync-{uuid.uuid4().hex[:8]}"
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def serve() -> None:
+        async def run() -> None:
+            transport = await connect(url)
+            ens = Ensemble("echo", transport=transport, concurrency=1)
+
+            @ens.task("echo")
+            async def echo(ctx: TaskContext) -> object:
+                return ctx.payload
+
+            async with ens:
+                ready.set()
+                await asyncio.to_thread(stop.wait)
+            await transport.aclose()
+
+        asyncio.run(run())
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        assert ready.wait(10)
+        with sync.connect(url) as transport:
+            queue = transport.request_queue("plain")
+            stored = queue.enqueue(WorkRequest(task="t", payload={"a": 1}))
+            delivery = queue.poll(timeout=5)
+            assert delivery is not None and delivery.request.request_id == stored.request_id
+            assert delivery.ack() is True and delivery.ack() is False
+            assert queue.stats().depth == 0
+            response = transport.request(
+                "echo", "echo", {"hello": "world"}, caller="sync-caller", timeout=10
+            )
+            assert response.result == {"hello": "world"}
+            assert transport.health().ok
+    finally:
+        stop.set()
+        server.join(10)
+
+
+def _db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cli.db'}"
+
+
+async def _seed(url: str) -> None:
+    transport = await connect(url)
+    try:
+        queue = transport.request_queue("kitchen", max_attempts=1)
+        for i in range(3):
+            await queue.enqueue(WorkRequest(request_id=f"req-{i}", task="cook", payload=i))
+        delivery = await queue.poll(1)
+        assert delivery is not None
+        await delivery.dead_letter("oven on fire")
+        await transport.delivery_registry("front-desk").register("waiting-1")
+    finally:
+        await transport.aclose()
+
+
+def test_cli_stats_dead_letters_pending_health(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _db(tmp_path)
+    asyncio.run(_seed(url))
+    assert cli(["--url", url, "health"]) == 0
+    assert "sqlite" in capsys.readouterr().out
+    assert cli(["--url", url, "--json", "stats", "kitchen"]) == 0
+    [stats] = json.loads(capsys.readouterr().out)
+    assert (stats["depth"], stats["dead_lettered"]) == (2, 1)
+    assert cli(["--url", url, "dead-letters", "list", "kitchen"]) == 0
+    out = capsys.readouterr().out
+    assert "req-0" in out and "oven on fire" in out
+    assert cli(["--url", url, "dead-letters", "requeue", "kitchen"]) == 0
+    captured = capsys.readouterr()
+    assert "requeued 1 of 1" in captured.err
+    assert cli(["--url", url, "--json", "stats", "kitchen"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["depth"] == 3
+    assert cli(["--url", url, "pending", "front-desk"]) == 0
+    assert "waiting-1" in capsys.readouterr().out
+    assert cli(["--url", url, "--json", "capabilities"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_cli_failures_exit_non_zero_without_leaking_secrets(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    canary = "canary-pw-91c2"
+    assert cli(["--url", f"nosuch://user:{canary}@host", "health"]) == 2
+    err = capsys.readouterr().err
+    assert "nosuch" in err and canary not in err
+    assert cli(["--url", "memory://x", "stats", "bad.name"]) == 2
+    assert "invalid" in capsys.readouterr().err
+    assert cli(["--url", "sqlite:////nonexistent-dir/x.db", "health"]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli(["no-such-command"])
+    assert info.value.code == 2
+
+
+def test_cli_demo_runs_the_kitchen_network(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["--url", "memory://cli-demo", "demo"]) == 0
+    assert "all 9 orders answered; pending now: 0" in capsys.readouterr().out

@@ -1,0 +1,365 @@
+"""Events beside work requests: an ephemeral :class:`EventBus` and a durable
+:class:`EventLog`.
+
+Rule of thumb: real-time sync and "ask another agent" go on the bus
+(at-most-once, sub-millisecond on NATS core and in-process); audit, event
+sourcing and replay go on the log (durable, ordered per stream, replayable
+from any position or time); work that must be done exactly by someone goes on
+a request queue.
+
+Subjects are dot-separated tokens of ``[A-Za-z0-9_-]``. Subscriptions may use
+``*`` (exactly one token) and ``>`` (one or more tokens, last only); publish
+subjects may not. Streams of the log are plain names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from pydantic import Field
+
+from transport._models import _WireModel, utcnow
+from transport._naming import validate_header, validate_name
+from transport.errors import InvalidNameError
+
+__all__ = [
+    "Event",
+    "EventBus",
+    "EventLog",
+    "EventReader",
+    "LogEvent",
+    "Start",
+    "Subscription",
+    "subject_matches",
+    "subjects",
+    "validate_subject",
+]
+
+MAX_SUBJECT_LENGTH = 255
+MAX_TOKENS = 16
+
+
+def validate_subject(subject: object, *, pattern: bool = False) -> str:
+    """Return ``subject`` if valid, else raise.
+
+    ``pattern=True`` allows ``*`` tokens and a final ``>``.
+    Raises: InvalidNameError.
+    """
+    what = "subscription pattern" if pattern else "subject"
+    if not isinstance(subject, str) or not subject:
+        raise InvalidNameError(what, subject, "must be a non-empty string")
+    if len(subject) > MAX_SUBJECT_LENGTH:
+        raise InvalidNameError(what, subject, f"longer than {MAX_SUBJECT_LENGTH} characters")
+    tokens = subject.split(".")
+    if len(tokens) > MAX_TOKENS:
+        raise InvalidNameError(what, subject, f"more than {MAX_TOKENS} tokens")
+    for i, token in enumerate(tokens):
+        if pattern and token == "*":
+            continue
+        if pattern and token == ">":
+            if i != len(tokens) - 1:
+                raise InvalidNameError(what, subject, "'>' may only be the last token")
+            continue
+        if token in ("*", ">"):
+            raise InvalidNameError(what, subject, "wildcards are only allowed in subscriptions")
+        try:
+            validate_name(token, "subject token")
+        except InvalidNameError as exc:
+            raise InvalidNameError(what, subject, f"token {token!r}: {exc.reason}") from None
+    return subject
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS semantics: ``*`` matches one token, a final ``>`` one or more."""
+    p_tokens = pattern.split(".")
+    s_tokens = subject.split(".")
+    for i, p in enumerate(p_tokens):
+        if p == ">":
+            return len(s_tokens) > i
+        if i >= len(s_tokens) or (p != "*" and p != s_tokens[i]):
+            return False
+    return len(p_tokens) == len(s_tokens)
+
+
+class subjects:
+    """The documented subject namespace for ensembles; every builder
+    validates its argument, so user-given names cannot inject tokens."""
+
+    @staticmethod
+    def events(ensemble: str, kind: str | None = None) -> str:
+        """``agent.events.<ensemble>[.<kind>]`` — what an ensemble announces."""
+        base = f"agent.events.{validate_name(ensemble, 'ensemble name')}"
+        return base if kind is None else f"{base}.{validate_name(kind, 'event kind')}"
+
+    @staticmethod
+    def route(agent_id: str) -> str:
+        """``agent.route.<id>`` — direct messages to one agent."""
+        return f"agent.route.{validate_name(agent_id, 'agent id')}"
+
+    @staticmethod
+    def plugin_inbound(plugin: str) -> str:
+        """``plugin.inbound.<plugin>`` — input for a plugin."""
+        return f"plugin.inbound.{validate_name(plugin, 'plugin name')}"
+
+    @staticmethod
+    def plugin_health(plugin: str) -> str:
+        """``plugin.health.<plugin>`` — a plugin's heartbeats."""
+        return f"plugin.health.{validate_name(plugin, 'plugin name')}"
+
+    ALL_EVENTS = "agent.events.>"
+    ALL_PLUGIN_HEALTH = "plugin.health.*"
+
+
+class Event(_WireModel):
+    """One message on the bus. ``reply_to`` is set on requests."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    subject: str
+    data: Any = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    published_at: datetime = Field(default_factory=utcnow)
+    reply_to: str | None = None
+
+
+class LogEvent(_WireModel):
+    """One record of the event log. ``position`` is opaque, backend-specific,
+    and can be given back to :meth:`EventLog.read` or :meth:`EventReader.seek`."""
+
+    stream: str
+    position: str
+    data: Any = None
+    key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    appended_at: datetime
+
+
+def _check_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    for k, v in (headers or {}).items():
+        validate_header(k, v)
+    return dict(headers or {})
+
+
+class Subscription(ABC):
+    """An async iterator of events matching a pattern; close it when done."""
+
+    pattern: str
+    queue_group: str | None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> Event: ...
+
+    async def next(self, timeout: float | None = None) -> Event | None:
+        """The next event, or ``None`` after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.__anext__()
+        except TimeoutError:
+            return None
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Stop receiving. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class EventBus(ABC):
+    """Ephemeral subject pub/sub with wildcards, queue groups and request/reply.
+
+    Guarantees: at-most-once; per-publisher order for one subscriber; no
+    persistence (a subscriber sees only what is published while it is
+    subscribed).
+    """
+
+    @abstractmethod
+    async def publish(
+        self, subject: str, data: Any = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        """Publish to ``subject`` (no wildcards).
+
+        Raises: InvalidNameError, PayloadTooLargeError, TransientTransportError.
+        """
+
+    @abstractmethod
+    async def subscribe(self, pattern: str, queue_group: str | None = None) -> Subscription:
+        """Receive events matching ``pattern`` from now on. Subscribers in
+        the same ``queue_group`` share the events: each goes to one of them.
+
+        Raises: InvalidNameError, TransientTransportError.
+        """
+
+    @abstractmethod
+    async def request(
+        self,
+        subject: str,
+        data: Any = None,
+        *,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+    ) -> Event:
+        """Publish a request and wait for the first reply.
+
+        Raises: TimeoutError (no reply in time — also when nobody listens),
+        InvalidNameError, TransientTransportError.
+        """
+
+    @abstractmethod
+    async def reply(
+        self, request: Event, data: Any = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer a request received from a subscription.
+
+        Raises: ValueError if ``request`` has no ``reply_to``.
+        """
+
+    async def serve(
+        self,
+        pattern: str,
+        handler: Callable[[Event], Awaitable[Any]],
+        queue_group: str | None = None,
+    ) -> asyncio.Task[None]:
+        """Answer every request matching ``pattern`` with ``handler``'s
+        return value, in a background task (cancel it to stop)."""
+        subscription = await self.subscribe(pattern, queue_group)
+
+        async def loop() -> None:
+            async with subscription:
+                async for event in subscription:
+                    if event.reply_to is not None:
+                        await self.reply(event, await handler(event))
+
+        return asyncio.create_task(loop(), name=f"serve:{pattern}")
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close every subscription. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+#: Where a reader starts: a position, a time, or one of the two ends.
+Start = str | datetime | Literal["earliest", "latest"]
+
+
+class EventReader(ABC):
+    """Reads one stream in order, then continues live, until closed.
+
+    With a ``cursor`` name, the position is stored durably: each event is
+    committed when the next one is requested (or by :meth:`commit`), so a
+    reader restarted with the same cursor resumes after the last committed
+    event (at-least-once: the last uncommitted event is read again).
+    """
+
+    stream: str
+    cursor: str | None
+
+    def __aiter__(self) -> Self:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> LogEvent: ...
+
+    async def next(self, timeout: float | None = None) -> LogEvent | None:
+        """The next event, or ``None`` if none arrives within ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.__anext__()
+        except TimeoutError:
+            return None
+
+    @abstractmethod
+    async def seek(self, to: Start) -> None:
+        """Continue from a position (inclusive), the first event appended at
+        or after a time, or an end."""
+
+    @abstractmethod
+    async def commit(self) -> None:
+        """Store the position after the last event returned (named cursors
+        only; a no-op otherwise)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Stop reading (commits a named cursor). Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class EventLog(ABC):
+    """Durable, replayable streams of events."""
+
+    @abstractmethod
+    async def append(
+        self,
+        stream: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        """Append an event; returns its position once durably stored.
+
+        Guarantees: order within a stream is append order (per appender).
+        Raises: InvalidNameError, PayloadTooLargeError, TransientTransportError.
+        """
+
+    @abstractmethod
+    async def read(
+        self, stream: str, start: Start = "earliest", *, cursor: str | None = None
+    ) -> EventReader:
+        """A reader of ``stream`` from ``start`` (ignored for a named
+        ``cursor`` that has a stored position).
+
+        Raises: InvalidNameError, TransientTransportError.
+        """
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close every reader. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def check_start(start: Start) -> Start:
+    if isinstance(start, datetime):
+        return start if start.tzinfo else start.replace(tzinfo=utcnow().tzinfo)
+    if not isinstance(start, str) or not start:
+        raise ValueError(
+            f"start must be a position, a datetime, 'earliest' or 'latest', not {start!r}"
+        )
+    return start
+
+
+def make_event(
+    subject: str, data: Any, headers: dict[str, str] | None, reply_to: str | None = None
+) -> Event:
+    return Event(subject=subject, data=data, headers=_check_headers(headers), reply_to=reply_to)

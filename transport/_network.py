@@ -1,0 +1,160 @@
+"""The client side: send requests to other ensembles and await the answers."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from transport._models import Capability, WorkRequest, WorkResponse
+from transport._naming import validate_name
+from transport._outbox import Outbox
+from transport._priority import PriorityRequestQueue
+from transport._queue import RequestQueue
+from transport._registries import CapabilityRegistry, DeliveryRegistry, PendingDelivery
+from transport._tracing import TRACEPARENT, child_traceparent, current_traceparent
+from transport._transport import Transport
+from transport.errors import TransportError
+
+__all__ = ["Network", "NoProviderError"]
+
+
+class NoProviderError(TransportError, LookupError):
+    """No live ensemble advertises the requested task."""
+
+
+class Network:
+    """A caller's view of the ensemble network.
+
+    ``caller`` names its delivery registry (inbox): responses to its requests
+    are routed there, so after a restart a new ``Network`` with the same
+    ``caller`` re-attaches with :meth:`pending` / :meth:`collect`.
+
+    Targets are ensemble names, or ``None`` to pick any live provider of the
+    task from the capability registry. The target's queue and priority levels
+    come from its advertisement; an ensemble that has not advertised is
+    reached at the queue of its name with ``default_levels`` levels.
+    Priorities default to the middle level.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        caller: str,
+        outbox: Outbox | None = None,
+        default_levels: int = 1,
+    ) -> None:
+        self.transport = transport
+        self.caller = validate_name(caller, "caller name")
+        self.outbox = outbox
+        self.default_levels = default_levels
+        self._inbox: DeliveryRegistry | None = None
+        self._capabilities: CapabilityRegistry | None = None
+        self._queues: dict[tuple[str, int], RequestQueue] = {}
+
+    @property
+    def inbox(self) -> DeliveryRegistry:
+        if self._inbox is None:
+            self._inbox = self.transport.delivery_registry(self.caller)
+        return self._inbox
+
+    @property
+    def capabilities(self) -> CapabilityRegistry:
+        if self._capabilities is None:
+            self._capabilities = self.transport.capability_registry()
+        return self._capabilities
+
+    async def discover(self, task: str) -> list[Capability]:
+        """Live providers of ``task``."""
+        return await self.capabilities.lookup(task)
+
+    async def _resolve(self, target: str | None, task: str) -> tuple[str, int]:
+        providers = await self.capabilities.lookup(task)
+        if target is not None:
+            validate_name(target, "ensemble name")
+            providers = [p for p in providers if p.ensemble == target]
+            if not providers:
+                return target, self.default_levels
+        if not providers:
+            raise NoProviderError(f"no live ensemble advertises task {task!r}")
+        chosen = random.choice(providers)
+        return chosen.queue or chosen.ensemble, chosen.priority_levels
+
+    def _queue(self, name: str, levels: int) -> RequestQueue:
+        queue = self._queues.get((name, levels))
+        if queue is None:
+            if levels > 1:
+                queue = self.transport.priority_queue(name, levels=levels)
+            else:
+                queue = self.transport.request_queue(name)
+            self._queues[(name, levels)] = queue
+        return queue
+
+    async def send(
+        self,
+        target: str | None,
+        task: str,
+        payload: Any = None,
+        *,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
+        request_id: str | None = None,
+        **fields: Any,
+    ) -> PendingDelivery:
+        """Send a request and return a handle to collect the response later
+        (fire-and-forget until you await it).
+
+        Guarantees: the pending record is durable before the request is sent,
+        so the response is never lost, even if this process restarts.
+        Raises: NoProviderError, ValueError (bad priority), the queue's errors.
+        """
+        queue_name, levels = await self._resolve(target, task)
+        level = levels // 2 if priority is None else priority
+        if not 0 <= level < levels:
+            raise ValueError(f"priority must be in 0..{levels - 1} for {queue_name!r}, got {level}")
+        headers = dict(headers or {})
+        headers.setdefault(TRACEPARENT, child_traceparent(current_traceparent()))
+        request = WorkRequest(
+            task=task,
+            payload=payload,
+            reply_to=self.caller,
+            priority=level,
+            headers=headers,
+            **({"request_id": request_id} if request_id else {}),
+            **fields,
+        )
+        pending = await self.inbox.register(request.request_id)
+        if self.outbox is not None:
+            await self.outbox.enqueue(queue_name, request, levels=levels)
+        else:
+            queue = self._queue(queue_name, levels)
+            if isinstance(queue, PriorityRequestQueue):
+                await queue.enqueue(request, priority=level)
+            else:
+                await queue.enqueue(request)
+        return pending
+
+    async def request(
+        self,
+        target: str | None,
+        task: str,
+        payload: Any = None,
+        *,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> WorkResponse:
+        """Send a request and wait for its response.
+
+        Raises: DeliveryTimeoutError (the request stays pending: collect it
+        later), NoProviderError, and as :meth:`send`.
+        """
+        pending = await self.send(target, task, payload, **kw)
+        return await pending.result(timeout)
+
+    async def pending(self) -> list[PendingDelivery]:
+        """Requests of this caller still awaiting collection (after a restart)."""
+        return await self.inbox.pending()
+
+    async def collect(self, request_id: str, timeout: float | None = None) -> WorkResponse:
+        """The response to an earlier request of this caller."""
+        return await (await self.inbox.wait(request_id)).result(timeout)

@@ -1,0 +1,251 @@
+"""An SQLite disk queue in front of ``enqueue`` for when the broker is down.
+
+``Outbox.enqueue`` returns once the request is committed to a local file; a
+background drainer sends requests to the transport strictly in FIFO order.
+A transient failure (broker unreachable, timeout) is retried with backoff,
+forever, holding the line — an outage alone never dead-letters anything.
+Only definitive (permanent) failures count toward ``max_attempts`` (3), after
+which the request moves to the outbox's dead-letter table and the line moves
+on. A request whose enqueue timed out may be sent twice (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from transport._codec import decode, encode
+from transport._models import WorkRequest, utcnow
+from transport._priority import PriorityRequestQueue
+from transport._queue import RequestQueue
+from transport._sqlitestore import SqliteStore
+from transport._transport import Transport
+from transport.errors import ClosedResourceError, PermanentTransportError, TransientTransportError
+
+__all__ = ["Outbox", "OutboxDeadLetter"]
+
+log = logging.getLogger("transport.outbox")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL, levels INTEGER NOT NULL, body BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox_dead (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL, body BLOB NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
+    dead_at REAL NOT NULL
+);
+"""
+
+
+class OutboxDeadLetter(tuple[str, WorkRequest, str, int]):
+    """(queue, request, error, attempts) of a request the outbox gave up on."""
+
+    @property
+    def queue(self) -> str:
+        return self[0]
+
+    @property
+    def request(self) -> WorkRequest:
+        return self[1]
+
+    @property
+    def error(self) -> str:
+        return self[2]
+
+    @property
+    def attempts(self) -> int:
+        return self[3]
+
+
+QueueFactory = Callable[[str, int], RequestQueue]
+
+
+class Outbox:
+    """Durable, FIFO store-and-forward in front of a transport.
+
+    Use as ``async with Outbox(transport, "outbox.db") as outbox:`` or call
+    :meth:`start` / :meth:`aclose`. ``queue_factory`` builds the destination
+    queue for (name, levels); by default the transport's.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        path: str | Path,
+        *,
+        max_attempts: int = 3,
+        retry_wait: wait_base | None = None,
+        queue_factory: QueueFactory | None = None,
+        synchronous: str = "FULL",
+    ) -> None:
+        self.transport = transport
+        self.path = str(path)
+        self.max_attempts = max_attempts
+        self._wait = retry_wait or wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1)
+        self._factory = queue_factory or self._default_queue
+        self._queues: dict[tuple[str, int], RequestQueue] = {}
+        self._store = SqliteStore(self.path, synchronous=synchronous, schema=_SCHEMA)
+        self._wake = asyncio.Event()
+        self._drainer: asyncio.Task[None] | None = None
+        self._empty = asyncio.Event()
+        self._closed = False
+        #: Consecutive transient failures of the head of the line (0 when flowing).
+        self.outage_failures = 0
+
+    def _default_queue(self, name: str, levels: int) -> RequestQueue:
+        if levels > 1:
+            return self.transport.priority_queue(name, levels=levels)
+        return self.transport.request_queue(name)
+
+    async def start(self) -> None:
+        """Open the file and start draining."""
+        await self._store.open()
+        self._drainer = asyncio.create_task(self._drain(), name="outbox-drainer")
+
+    async def __aenter__(self) -> Outbox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def enqueue(self, queue: str, request: WorkRequest, *, levels: int = 1) -> WorkRequest:
+        """Store ``request`` for ``queue``; returns once committed locally.
+
+        Raises: PayloadTooLargeError / PermanentTransportError for a request
+        the transport would refuse anyway; ClosedResourceError.
+        """
+        if self._closed:
+            raise ClosedResourceError("outbox is closed")
+        if request.enqueued_at is None:
+            request = request.model_copy(update={"enqueued_at": utcnow()})
+        body = encode(request, self.transport.config.max_payload_bytes)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO outbox(queue, levels, body, created_at) VALUES (?, ?, ?, ?)",
+                (queue, levels, body, time.time()),
+            )
+
+        await self._store.write(op)
+        self._empty.clear()
+        self._wake.set()
+        return request
+
+    async def depth(self) -> int:
+        """Requests stored and not yet accepted by the transport."""
+        return int(
+            await self._store.read(lambda c: c.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        )
+
+    async def dead_letters(self) -> list[OutboxDeadLetter]:
+        rows = await self._store.read(
+            lambda c: c.execute(
+                "SELECT queue, body, error, attempts FROM outbox_dead ORDER BY id"
+            ).fetchall()
+        )
+        return [OutboxDeadLetter((q, decode(WorkRequest, b), e, a)) for q, b, e, a in rows]
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything stored so far was handed to the transport.
+
+        Raises: TimeoutError.
+        """
+        async with asyncio.timeout(timeout):
+            while await self.depth():
+                self._empty.clear()
+                self._wake.set()
+                await self._empty.wait()
+
+    def _pause(self, failures: int) -> float:
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = failures
+        return float(self._wait(state))
+
+    async def _drain(self) -> None:
+        while True:
+            head = await self._store.read(
+                lambda c: c.execute(
+                    "SELECT id, queue, levels, body, attempts FROM outbox ORDER BY id LIMIT 1"
+                ).fetchone()
+            )
+            if head is None:
+                self._empty.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            row_id, queue_name, levels, body, _attempts = head
+            request = decode(WorkRequest, body)
+            try:
+                queue = self._queues.get((queue_name, levels))
+                if queue is None:
+                    queue = self._queues[(queue_name, levels)] = self._factory(queue_name, levels)
+                if isinstance(queue, PriorityRequestQueue):
+                    await queue.enqueue(request, priority=min(request.priority, queue.levels - 1))
+                else:
+                    await queue.enqueue(request)
+            except TransientTransportError as exc:
+                # Hold the line (FIFO) and retry; an outage never counts.
+                self.outage_failures += 1
+                pause = self._pause(self.outage_failures)
+                log.warning("outbox: transport unavailable (%s); retrying in %.2fs", exc, pause)
+                await asyncio.sleep(pause)
+                continue
+            except (PermanentTransportError, ValueError) as exc:
+                self.outage_failures = 0
+                await self._store.write(
+                    functools.partial(self._definitive_failure, row_id=row_id, error=str(exc))
+                )
+                continue
+            self.outage_failures = 0
+            await self._store.write(functools.partial(self._delete, row_id=row_id))
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, row_id: int) -> None:
+        conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+
+    def _definitive_failure(self, conn: sqlite3.Connection, row_id: int, error: str) -> None:
+        row = conn.execute(
+            "SELECT queue, body, attempts FROM outbox WHERE id = ?", (row_id,)
+        ).fetchone()
+        if row is None:
+            return
+        queue, body, attempts = row
+        attempts += 1
+        if attempts >= self.max_attempts:
+            conn.execute(
+                "INSERT INTO outbox_dead(queue, body, error, attempts, dead_at) VALUES (?, ?, ?, ?, ?)",
+                (queue, body, error, attempts, time.time()),
+            )
+            conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+            log.error(
+                "outbox: gave up on a request for %s after %d attempts: %s", queue, attempts, error
+            )
+        else:
+            conn.execute(
+                "UPDATE outbox SET attempts = ?, last_error = ? WHERE id = ?",
+                (attempts, error, row_id),
+            )
+
+    async def aclose(self) -> None:
+        """Stop draining; what is stored stays in the file for the next run."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        await self._store.aclose()

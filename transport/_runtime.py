@@ -1,0 +1,508 @@
+"""The ensemble runtime: what users actually run.
+
+An :class:`Ensemble` is a named service with a handler per task. It polls its
+queue (``concurrency`` requests at a time), runs the handler, records the
+response in the caller's delivery registry (``reply_to``) and only then acks —
+so a crash anywhere before the ack means a redelivery, never a lost request
+or a lost answer. Duplicate deliveries of a request that was already answered
+are acked without running the handler again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal, Self
+
+from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity.wait import wait_base
+
+from transport._metrics import get_metrics_sink
+from transport._models import Capability, WorkRequest, WorkResponse, utcnow
+from transport._naming import validate_name
+from transport._queue import Delivery, RequestQueue
+from transport._registries import CapabilityRegistry, DeliveryRegistry
+from transport._tracing import TRACEPARENT, reset_current, set_current
+from transport._transport import Transport
+from transport.errors import ConfigurationError, PermanentTransportError, TransportError
+
+__all__ = ["Ensemble", "Handler", "PermanentTaskError", "RetryTaskError", "TaskContext", "TaskSpec"]
+
+log = logging.getLogger("transport.runtime")
+
+
+class PermanentTaskError(Exception):
+    """Raise from a handler to fail the request without retrying: it is
+    dead-lettered and the caller gets a ``failed`` response at once."""
+
+
+class RetryTaskError(Exception):
+    """Raise from a handler to retry later (optionally after ``delay`` s)."""
+
+    def __init__(self, message: str = "", *, delay: float | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+@dataclass
+class TaskContext:
+    """What a handler gets: the request and the means to keep its lease."""
+
+    request: WorkRequest
+    delivery: Delivery
+    ensemble: Ensemble
+
+    @property
+    def payload(self) -> Any:
+        return self.request.payload
+
+    @property
+    def attempt(self) -> int:
+        return self.request.attempt
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    async def extend(self, seconds: float | None = None) -> bool:
+        """Renew the lease now (the runtime also does it periodically)."""
+        return await self.delivery.extend(seconds)
+
+
+Handler = Callable[[TaskContext], Awaitable[Any]]
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    handler: Handler
+    kind: Literal["task", "tool"] = "task"
+    description: str = ""
+    input_schema: dict[str, Any] | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+class Ensemble:
+    """A named service: handlers per task, an injected queue or transport.
+
+    Build it with the constructor and register handlers with :meth:`task`
+    (decorator) or :meth:`add_task` (fluent)::
+
+        kitchen = Ensemble("kitchen", transport=transport, concurrency=4, priority_levels=3)
+
+        @kitchen.task("cook")
+        async def cook(ctx: TaskContext) -> dict:
+            return {"dish": ctx.payload["dish"]}
+
+        await kitchen.run()          # until SIGTERM/SIGINT or kitchen.stop()
+
+    ``transport`` gives the queue (``name``, a priority queue when
+    ``priority_levels > 1``), the delivery registries responses are routed
+    through, and the capability registry it advertises in. ``queue`` injects
+    a queue instead (the transport is still needed to route responses).
+
+    Failures: a handler that raises :class:`PermanentTaskError` (or a
+    ``PermanentTransportError``) → dead letter + ``failed`` response; any
+    other exception → nack with exponential backoff (tenacity), and after the
+    queue's ``max_attempts`` → dead letter + ``failed`` response, so a caller
+    is never left waiting. An expired ``deadline`` → ``rejected`` response.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        transport: Transport | None = None,
+        queue: RequestQueue | None = None,
+        concurrency: int = 4,
+        priority_levels: int = 1,
+        aging_interval: timedelta | float = timedelta(minutes=5),
+        lease_seconds: float | None = None,
+        max_attempts: int | None = None,
+        shutdown_grace: float = 30.0,
+        retry_wait: wait_base | None = None,
+        advertise: bool = True,
+        poll_timeout: float = 1.0,
+    ) -> None:
+        self.name = validate_name(name, "ensemble name")
+        if transport is None and queue is None:
+            raise ConfigurationError("an Ensemble needs a transport or a queue")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if priority_levels < 1:
+            raise ValueError("priority_levels must be at least 1")
+        self.transport = transport
+        self.concurrency = concurrency
+        self.priority_levels = priority_levels
+        self.shutdown_grace = shutdown_grace
+        self._aging_interval = aging_interval
+        self._lease_seconds = lease_seconds
+        self._max_attempts = max_attempts
+        self._queue = queue
+        self._owns_queue = queue is None
+        self._retry_wait = retry_wait or wait_exponential_jitter(
+            multiplier=0.5, max=60.0, jitter=0.5
+        )
+        self._advertise = advertise and transport is not None
+        self._poll_timeout = poll_timeout
+        self._tasks: dict[str, TaskSpec] = {}
+        self._registries: dict[str, DeliveryRegistry] = {}
+        self._capabilities: CapabilityRegistry | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._busy: set[asyncio.Task[None]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._started = False
+        self._closed = False
+        #: Counters of this ensemble's outcomes (also sent to the metrics sink).
+        self.counts: dict[str, int] = {
+            "completed": 0,
+            "failed": 0,
+            "rejected": 0,
+            "retried": 0,
+            "duplicates": 0,
+        }
+
+    # -- registration -----------------------------------------------------
+    def add_task(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        kind: Literal["task", "tool"] = "task",
+        description: str = "",
+        input_schema: dict[str, Any] | None = None,
+        tags: list[str] | None = None,
+    ) -> Self:
+        """Register ``handler`` for task ``name``; returns ``self`` (fluent).
+
+        Raises: InvalidNameError; ValueError if the task is already registered.
+        """
+        validate_name(name, "task name")
+        if name in self._tasks:
+            raise ValueError(f"task {name!r} is already registered on {self.name!r}")
+        self._tasks[name] = TaskSpec(
+            name, handler, kind, description, input_schema, list(tags or [])
+        )
+        return self
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        kind: Literal["task", "tool"] = "task",
+        description: str = "",
+        input_schema: dict[str, Any] | None = None,
+        tags: list[str] | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Decorator form of :meth:`add_task` (name defaults to the function's)."""
+
+        def register(handler: Handler) -> Handler:
+            task_name = name or str(getattr(handler, "__name__", ""))
+            doc = description or (handler.__doc__ or "").strip().split("\n")[0]
+            self.add_task(
+                task_name, handler, kind=kind, description=doc, input_schema=input_schema, tags=tags
+            )
+            return handler
+
+        return register
+
+    def tool(self, name: str | None = None, **kw: Any) -> Callable[[Handler], Handler]:
+        """Like :meth:`task`, advertised as a tool."""
+        return self.task(name, kind="tool", **kw)
+
+    @property
+    def tasks(self) -> dict[str, TaskSpec]:
+        return dict(self._tasks)
+
+    # -- lifecycle ----------------------------------------------------------
+    @property
+    def queue(self) -> RequestQueue:
+        if self._queue is None:
+            assert self.transport is not None
+            if self.priority_levels > 1:
+                self._queue = self.transport.priority_queue(
+                    self.name,
+                    levels=self.priority_levels,
+                    aging_interval=self._aging_interval,
+                    lease_seconds=self._lease_seconds,
+                    max_attempts=self._max_attempts,
+                )
+            else:
+                self._queue = self.transport.request_queue(
+                    self.name, lease_seconds=self._lease_seconds, max_attempts=self._max_attempts
+                )
+        return self._queue
+
+    async def start(self) -> None:
+        """Advertise the tasks and start the workers; returns at once.
+        Any backlog is worked off while new work keeps being accepted."""
+        if self._started:
+            return
+        if not self._tasks:
+            raise ConfigurationError(f"ensemble {self.name!r} has no tasks")
+        self._started = True
+        queue = self.queue
+        if self._advertise:
+            assert self.transport is not None
+            self._capabilities = self.transport.capability_registry()
+            await self._advertise_all()
+            self._refresher = asyncio.create_task(
+                self._refresh_loop(), name=f"{self.name}:advertise"
+            )
+        self._workers = [
+            asyncio.create_task(self._worker(queue), name=f"{self.name}:worker-{i}")
+            for i in range(self.concurrency)
+        ]
+        log.info(
+            "ensemble %s started: %d workers, tasks %s",
+            self.name,
+            self.concurrency,
+            sorted(self._tasks),
+        )
+
+    def stop(self) -> None:
+        """Ask the ensemble to stop polling and shut down (idempotent)."""
+        self._stopping.set()
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Start, then serve until :meth:`stop` or SIGTERM/SIGINT; then stop
+        polling, let in-flight handlers finish within ``shutdown_grace``
+        (the rest are released for redelivery), withdraw, and close."""
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.add_signal_handler(sig, self.stop)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass  # not the main thread, or not supported here
+        try:
+            await self.start()
+            await self._stopping.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop and release everything (see :meth:`run`). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        # Idle workers are waiting in poll(), which is cancellation-safe.
+        for worker in self._workers:
+            if worker not in self._busy:
+                worker.cancel()
+        if self._workers:
+            _, late = await asyncio.wait(self._workers, timeout=self.shutdown_grace)
+            for worker in late:
+                log.warning(
+                    "ensemble %s: handler still running after grace; releasing it", self.name
+                )
+                worker.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        if self._capabilities is not None:
+            for spec in self._tasks.values():
+                with contextlib.suppress(TransportError):
+                    await self._capabilities.withdraw(self.name, spec.name)
+        if self._owns_queue and self._queue is not None:
+            await self._queue.aclose()  # unsettled deliveries go back for redelivery
+        log.info("ensemble %s stopped (%s)", self.name, self.counts)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- capability advertisement -------------------------------------------
+    def _capability(self, spec: TaskSpec) -> Capability:
+        return Capability(
+            name=spec.name,
+            kind=spec.kind,
+            ensemble=self.name,
+            description=spec.description,
+            tags=spec.tags,
+            input_schema=spec.input_schema,
+            queue=self.name,
+            priority_levels=self.priority_levels,
+        )
+
+    async def _advertise_all(self) -> None:
+        assert self._capabilities is not None
+        for spec in self._tasks.values():
+            await self._capabilities.advertise(self._capability(spec))
+
+    async def _refresh_loop(self) -> None:
+        assert self.transport is not None
+        period = max(self.transport.config.capability_lease_seconds / 3, 0.1)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self._advertise_all()
+            except TransportError as exc:
+                log.warning("ensemble %s: capability refresh failed: %s", self.name, exc)
+
+    # -- the work loop --------------------------------------------------------
+    async def _worker(self, queue: RequestQueue) -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        while not self._stopping.is_set():
+            try:
+                delivery = await queue.poll(self._poll_timeout)
+            except TransportError as exc:
+                log.warning("ensemble %s: poll failed: %s", self.name, exc)
+                await asyncio.sleep(1.0)
+                continue
+            if delivery is None:
+                continue
+            self._busy.add(current)
+            try:
+                await self._handle(delivery)
+            except TransportError as exc:
+                # Settling failed (broker unreachable): the lease will run out
+                # and the request comes back. Never a loss.
+                log.warning(
+                    "ensemble %s: could not settle %s: %s",
+                    self.name,
+                    delivery.request.request_id,
+                    exc,
+                )
+            finally:
+                self._busy.discard(current)
+
+    def _labels(self, request: WorkRequest) -> dict[str, str]:
+        return {"ensemble": self.name, "task": request.task}
+
+    def _registry(self, name: str) -> DeliveryRegistry:
+        registry = self._registries.get(name)
+        if registry is None:
+            assert self.transport is not None
+            registry = self._registries[name] = self.transport.delivery_registry(name)
+        return registry
+
+    async def _already_answered(self, request: WorkRequest) -> bool:
+        if request.reply_to is None or self.transport is None:
+            return False
+        record = await self._registry(request.reply_to).record(request.request_id)
+        return record is not None and record.state != "pending"
+
+    async def _respond(self, request: WorkRequest, response: WorkResponse) -> None:
+        if request.reply_to is None or self.transport is None:
+            return
+        await self._registry(request.reply_to).complete(request.request_id, response)
+
+    async def _keep_lease(self, delivery: Delivery, lease: float) -> None:
+        while True:
+            await asyncio.sleep(max(lease / 3, 0.05))
+            try:
+                if not await delivery.extend():
+                    log.warning(
+                        "ensemble %s: lease of %s was lost; it may be processed twice",
+                        self.name,
+                        delivery.request.request_id,
+                    )
+                    return
+            except TransportError as exc:
+                log.warning("ensemble %s: lease extension failed: %s", self.name, exc)
+
+    def _backoff(self, attempt: int) -> float:
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        return float(self._retry_wait(state))
+
+    async def _handle(self, delivery: Delivery) -> None:
+        request = delivery.request
+        sink = get_metrics_sink()
+        labels = self._labels(request)
+        if await self._already_answered(request):
+            self.counts["duplicates"] += 1
+            sink.increment("duplicate_skipped", labels)
+            await delivery.ack()
+            return
+        spec = self._tasks.get(request.task)
+        if spec is None or (request.deadline is not None and request.deadline <= utcnow()):
+            reason = (
+                f"ensemble {self.name!r} has no task {request.task!r}"
+                if spec is None
+                else "deadline passed before the request was started"
+            )
+            await self._respond(
+                request,
+                WorkResponse(request_id=request.request_id, status="rejected", error=reason),
+            )
+            self.counts["rejected"] += 1
+            await delivery.ack()
+            return
+        queue = self.queue
+        keeper = asyncio.create_task(self._keep_lease(delivery, queue.lease_seconds))
+        token = set_current(request.headers.get(TRACEPARENT))
+        started = time.perf_counter()
+        try:
+            result = await spec.handler(TaskContext(request, delivery, self))
+        except (PermanentTaskError, PermanentTransportError) as exc:
+            await self._fail(delivery, f"{type(exc).__name__}: {exc}", started)
+            return
+        except RetryTaskError as exc:
+            await self._retry(delivery, f"{type(exc).__name__}: {exc}", started, exc.delay)
+            return
+        except Exception as exc:
+            log.warning(
+                "ensemble %s: %s failed on attempt %d: %r",
+                self.name,
+                request.task,
+                request.attempt,
+                exc,
+            )
+            await self._retry(delivery, f"{type(exc).__name__}: {exc}", started, None)
+            return
+        finally:
+            keeper.cancel()
+            reset_current(token)
+        response = WorkResponse(
+            request_id=request.request_id,
+            status="completed",
+            result=result,
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+        await self._respond(request, response)
+        await delivery.ack()
+        self.counts["completed"] += 1
+
+    async def _fail(self, delivery: Delivery, error: str, started: float) -> None:
+        request = delivery.request
+        response = WorkResponse(
+            request_id=request.request_id,
+            status="failed",
+            error=error,
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+        # Answer first: a crash after this leaves a redelivery that is then
+        # recognised as already answered.
+        await self._respond(request, response)
+        await delivery.dead_letter(error)
+        self.counts["failed"] += 1
+        get_metrics_sink().increment("handler_failed", self._labels(request))
+
+    async def _retry(
+        self, delivery: Delivery, error: str, started: float, delay: float | None
+    ) -> None:
+        if delivery.attempt >= self.queue.max_attempts:
+            await self._fail(delivery, f"{error} (after {delivery.attempt} attempts)", started)
+            return
+        wait = delay if delay is not None else self._backoff(delivery.attempt)
+        await delivery.nack(delay=wait, error=error)
+        self.counts["retried"] += 1

@@ -1,0 +1,216 @@
+"""Conformance scenarios for the event bus and the event log."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from transport import Event, InvalidNameError, Transport, subject_matches, utcnow
+from transport.testing.harness import BackendHarness
+
+pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
+
+MATCH_TABLE = [
+    ("a.b.c", "a.b.c", True),
+    ("a.*.c", "a.b.c", True),
+    ("a.*", "a.b.c", False),
+    ("a.>", "a.b.c", True),
+    ("a.>", "a", False),
+    ("*.b.*", "a.b.c", True),
+    (">", "a", True),
+    ("a.b", "a.b.c", False),
+    ("a.b.c", "a.b", False),
+    ("*", "a.b", False),
+]
+
+
+class EventBusConformance:
+    @pytest.fixture(autouse=True)
+    def _needs_bus(self, harness: BackendHarness) -> None:
+        if not harness.capabilities.event_bus:
+            pytest.skip("backend has no event bus (capability 'event_bus' is false)")
+
+    def test_subject_matching_table(self) -> None:
+        for pattern, subject, expected in MATCH_TABLE:
+            assert subject_matches(pattern, subject) is expected, (pattern, subject)
+
+    async def test_wildcard_subscriptions_receive_exactly_their_subjects(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        bus = transport.event_bus()
+        root = queue_name
+        patterns = [f"{root}.a.*", f"{root}.a.>", f"{root}.*.b", f"{root}.a.b", f"{root}.>"]
+        subs = {p: await bus.subscribe(p) for p in patterns}
+        published = [f"{root}.a.b", f"{root}.a.c", f"{root}.a.b.c", f"{root}.x.b", f"{root}.x"]
+        for i, subject in enumerate(published):
+            await bus.publish(
+                subject, {"i": i}, headers={"traceparent": f"00-{i + 1:032x}-{i + 1:016x}-01"}
+            )
+        for pattern, sub in subs.items():
+            expected = [s for s in published if subject_matches(pattern, s)]
+            got: list[str] = []
+            for _ in expected:
+                event = await sub.next(harness.scaled(5))
+                assert event is not None, f"{pattern} missed events; got {got}"
+                got.append(event.subject)
+                assert event.headers["traceparent"].startswith("00-")
+            assert got == expected, pattern
+            assert await sub.next(0.2) is None, f"{pattern} received a subject it should not"
+            await sub.aclose()
+
+    @pytest.mark.parametrize("bad", ["a.*", "a.>", "a..b", ".a", "a b", "a.$x", "", "a/b"])
+    async def test_bad_publish_subjects_are_rejected(self, transport: Transport, bad: str) -> None:
+        with pytest.raises(InvalidNameError):
+            await transport.event_bus().publish(bad, {})
+
+    @pytest.mark.parametrize("bad", ["a.>.b", "a..b", "a.b*", "", "a.$sys"])
+    async def test_bad_patterns_are_rejected(self, transport: Transport, bad: str) -> None:
+        with pytest.raises(InvalidNameError):
+            await transport.event_bus().subscribe(bad)
+
+    async def test_queue_group_spreads_load_while_plain_subscribers_see_all(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        bus = transport.event_bus()
+        other_bus = (await make_transport()).event_bus()
+        members = [await bus.subscribe(f"{queue_name}.work", "workers") for _ in range(2)]
+        members.append(await other_bus.subscribe(f"{queue_name}.work", "workers"))
+        watcher = await bus.subscribe(f"{queue_name}.work")
+        await asyncio.sleep(0)  # subscriptions registered; NATS flushes in subscribe
+        for i in range(30):
+            await bus.publish(f"{queue_name}.work", i)
+        seen = [(await watcher.next(harness.scaled(5))) for _ in range(30)]
+        assert [e.data for e in seen if e] == list(range(30))
+        counts: Counter[int] = Counter()
+        received: list[Any] = []
+        for index, member in enumerate(members):
+            while (event := await member.next(0.3)) is not None:
+                counts[index] += 1
+                received.append(event.data)
+        assert sorted(received) == list(range(30)), "each event goes to exactly one member"
+        assert len(counts) >= 2, f"load not spread: {counts}"
+
+    async def test_request_reply_and_timeout(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        bus = transport.event_bus()
+
+        async def answer(event: Event) -> Any:
+            return {"echo": event.data}
+
+        server = await bus.serve(f"{queue_name}.ask", answer)
+        try:
+            reply = await bus.request(f"{queue_name}.ask", {"q": 1}, timeout=harness.scaled(5))
+            assert reply.data == {"echo": {"q": 1}}
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TimeoutError):
+                await bus.request(f"{queue_name}.nobody-home", {"q": 2}, timeout=0.3)
+            assert asyncio.get_running_loop().time() - started < harness.scaled(5)
+        finally:
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
+
+
+class EventLogConformance:
+    @pytest.fixture(autouse=True)
+    def _needs_log(self, harness: BackendHarness) -> None:
+        if not harness.capabilities.event_log:
+            pytest.skip("backend has no event log (capability 'event_log' is false)")
+
+    async def test_replay_from_earliest_equals_what_was_appended(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        log = transport.event_log()
+        positions = [
+            await log.append(
+                queue_name, {"n": i, "text": "ünïcode ✓"}, key=f"k{i % 3}", headers={"x-n": str(i)}
+            )
+            for i in range(50)
+        ]
+        assert len(set(positions)) == 50
+        reader = await log.read(queue_name, "earliest")
+        got = [await reader.next(harness.scaled(10)) for _ in range(50)]
+        assert [e.data["n"] for e in got if e] == list(range(50))
+        assert [e.position for e in got if e] == positions
+        assert all(
+            e is not None
+            and e.headers == {"x-n": str(e.data["n"])}
+            and e.key == f"k{e.data['n'] % 3}"
+            for e in got
+        )
+        assert await reader.next(0.2) is None
+        await reader.aclose()
+
+    async def test_reader_continues_live(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        log = transport.event_log()
+        await log.append(queue_name, "old")
+        reader = await log.read(queue_name, "latest")
+        waiting = asyncio.ensure_future(reader.next(harness.scaled(10)))
+        await asyncio.sleep(0.05)
+        writer = (await make_transport()).event_log()
+        await writer.append(queue_name, "new")
+        event = await waiting
+        assert event is not None and event.data == "new"
+        await reader.aclose()
+
+    async def test_read_from_a_position_is_inclusive_and_streams_are_isolated(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        log = transport.event_log()
+        await log.append(f"{queue_name}-other", "elsewhere")
+        positions = [await log.append(queue_name, i) for i in range(5)]
+        reader = await log.read(queue_name, positions[2])
+        got = [await reader.next(harness.scaled(10)) for _ in range(3)]
+        assert [e.data for e in got if e] == [2, 3, 4]
+        assert await reader.next(0.2) is None
+        await reader.aclose()
+
+    async def test_seek_to_time_boundary(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        log = transport.event_log()
+        for i in range(3):
+            await log.append(queue_name, f"before-{i}")
+        await asyncio.sleep(0.05)  # a gap in time, not synchronisation
+        boundary = utcnow()
+        await asyncio.sleep(0.05)
+        for i in range(3):
+            await log.append(queue_name, f"after-{i}")
+        reader = await log.read(queue_name, boundary)
+        first = await reader.next(harness.scaled(10))
+        assert first is not None and first.data == "after-0"
+        assert first.appended_at >= boundary
+        await reader.seek("earliest")
+        again = await reader.next(harness.scaled(10))
+        assert again is not None and again.data == "before-0"
+        await reader.seek(boundary)
+        after_seek = await reader.next(harness.scaled(10))
+        assert after_seek is not None and after_seek.data == "after-0"
+        await reader.aclose()
+
+    async def test_named_cursor_resumes_after_a_restart(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        first = await make_transport()
+        log = first.event_log()
+        for i in range(5):
+            await log.append(queue_name, i)
+        reader = await log.read(queue_name, "earliest", cursor="audit")
+        got = [await reader.next(harness.scaled(10)) for _ in range(3)]
+        assert [e.data for e in got if e] == [0, 1, 2]
+        await reader.aclose()  # commits: resume after event 2
+        await first.aclose()
+        restarted = (await make_transport()).event_log()
+        resumed = await restarted.read(queue_name, "earliest", cursor="audit")
+        rest = [await resumed.next(harness.scaled(10)) for _ in range(2)]
+        assert [e.data for e in rest if e] == [3, 4]
+        other = await restarted.read(queue_name, "earliest", cursor="another-reader")
+        first_of_other = await other.next(harness.scaled(10))
+        assert first_of_other is not None and first_of_other.data == 0
+        await resumed.aclose()
+        await other.aclose()

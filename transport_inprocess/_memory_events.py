@@ -1,0 +1,295 @@
+"""Event bus and event log for ``memory://`` (per process, per broker name)."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from transport import encode
+from transport._events import (
+    Event,
+    EventBus,
+    EventLog,
+    EventReader,
+    LogEvent,
+    Start,
+    Subscription,
+    _check_headers,
+    check_start,
+    make_event,
+    subject_matches,
+    validate_subject,
+)
+from transport._models import utcnow
+from transport._naming import validate_name
+from transport.errors import ClosedResourceError
+
+__all__ = ["MemoryEventBus", "MemoryEventLog"]
+
+_CLOSED = object()
+
+
+class _Inbox:
+    """A thread-safe hand-off into one subscriber's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(self, item: Any) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            return False
+        return True
+
+
+@dataclass(eq=False)
+class _Sub:
+    pattern: str
+    group: str | None
+    inbox: _Inbox
+
+
+@dataclass
+class BusState:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    subs: list[_Sub] = field(default_factory=list)
+    turn: itertools.count[int] = field(default_factory=itertools.count)
+
+
+class _MemorySubscription(Subscription):
+    def __init__(self, bus: MemoryEventBus, sub: _Sub) -> None:
+        self._bus = bus
+        self._sub = sub
+        self.pattern = sub.pattern
+        self.queue_group = sub.group
+        self._closed = False
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        item = await self._sub.inbox.queue.get()
+        if item is _CLOSED:
+            raise StopAsyncIteration
+        assert isinstance(item, Event)
+        return item
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._bus._remove(self._sub)
+        self._sub.inbox.queue.put_nowait(_CLOSED)
+
+
+class MemoryEventBus(EventBus):
+    def __init__(self, state: BusState, limit: int) -> None:
+        self._state = state
+        self._limit = limit
+        self._mine: list[_MemorySubscription] = []
+        self._closed = False
+
+    def _remove(self, sub: _Sub) -> None:
+        with self._state.lock:
+            if sub in self._state.subs:
+                self._state.subs.remove(sub)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("event bus is closed")
+
+    def _deliver(self, event: Event) -> int:
+        with self._state.lock:
+            matching = [s for s in self._state.subs if subject_matches(s.pattern, event.subject)]
+            turn = next(self._state.turn)
+        chosen: list[_Sub] = [s for s in matching if s.group is None]
+        groups: dict[str, list[_Sub]] = {}
+        for s in matching:
+            if s.group is not None:
+                groups.setdefault(s.group, []).append(s)
+        for members in groups.values():
+            chosen.append(members[turn % len(members)])
+        return sum(1 for s in chosen if s.inbox.put(event))
+
+    async def publish(
+        self, subject: str, data: Any = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        self._check()
+        event = make_event(validate_subject(subject), data, headers)
+        encode(event, self._limit)
+        self._deliver(event)
+
+    async def _subscribe(self, pattern: str, group: str | None) -> _MemorySubscription:
+        sub = _Sub(pattern, group, _Inbox())
+        with self._state.lock:
+            self._state.subs.append(sub)
+        subscription = _MemorySubscription(self, sub)
+        self._mine.append(subscription)
+        return subscription
+
+    async def subscribe(self, pattern: str, queue_group: str | None = None) -> Subscription:
+        self._check()
+        validate_subject(pattern, pattern=True)
+        if queue_group is not None:
+            validate_name(queue_group, "queue group")
+        return await self._subscribe(pattern, queue_group)
+
+    async def request(
+        self,
+        subject: str,
+        data: Any = None,
+        *,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+    ) -> Event:
+        self._check()
+        validate_subject(subject)
+        inbox = f"inbox.{uuid.uuid4().hex}"
+        replies = await self._subscribe(inbox, None)
+        try:
+            event = make_event(subject, data, headers, reply_to=inbox)
+            encode(event, self._limit)
+            self._deliver(event)
+            async with asyncio.timeout(timeout):
+                return await replies.__anext__()
+        finally:
+            await replies.aclose()
+
+    async def reply(
+        self, request: Event, data: Any = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        self._check()
+        if request.reply_to is None:
+            raise ValueError("this event is not a request (no reply_to)")
+        event = make_event(request.reply_to, data, headers)
+        encode(event, self._limit)
+        self._deliver(event)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for subscription in self._mine:
+            await subscription.aclose()
+
+
+@dataclass
+class LogState:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    streams: dict[str, list[LogEvent]] = field(default_factory=dict)
+    cursors: dict[tuple[str, str], int] = field(default_factory=dict)
+    waiters: dict[str, list[_Inbox]] = field(default_factory=dict)
+
+
+class _MemoryReader(EventReader):
+    def __init__(self, log: MemoryEventLog, stream: str, index: int, cursor: str | None) -> None:
+        self._log = log
+        self.stream = stream
+        self.cursor = cursor
+        self._next = index
+        self._returned: int | None = None
+        self._closed = False
+
+    async def __anext__(self) -> LogEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        await self.commit()
+        state = self._log._state
+        while True:
+            with state.lock:
+                events = state.streams.get(self.stream, [])
+                if self._next < len(events):
+                    event = events[self._next]
+                    self._returned = self._next
+                    self._next += 1
+                    return event
+                inbox = _Inbox()
+                state.waiters.setdefault(self.stream, []).append(inbox)
+            await inbox.queue.get()
+            if self._closed:
+                raise StopAsyncIteration
+
+    async def seek(self, to: Start) -> None:
+        self._next = self._log._index_for(self.stream, check_start(to))
+
+    async def commit(self) -> None:
+        if self.cursor is not None and self._returned is not None:
+            with self._log._state.lock:
+                self._log._state.cursors[(self.stream, self.cursor)] = self._returned + 1
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            await self.commit()
+            self._closed = True
+
+
+class MemoryEventLog(EventLog):
+    def __init__(self, state: LogState, limit: int) -> None:
+        self._state = state
+        self._limit = limit
+        self._closed = False
+
+    async def append(
+        self,
+        stream: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        if self._closed:
+            raise ClosedResourceError("event log is closed")
+        validate_name(stream, "stream name")
+        with self._state.lock:
+            events = self._state.streams.setdefault(stream, [])
+            event = LogEvent(
+                stream=stream,
+                position=str(len(events)),
+                data=data,
+                key=key,
+                headers=_check_headers(headers),
+                appended_at=max(utcnow(), events[-1].appended_at) if events else utcnow(),
+            )
+            encode(event, self._limit)
+            events.append(event)
+            for inbox in self._state.waiters.pop(stream, []):
+                inbox.put(None)
+        return event.position
+
+    def _index_for(self, stream: str, start: Start) -> int:
+        with self._state.lock:
+            events = self._state.streams.get(stream, [])
+            if start == "earliest":
+                return 0
+            if start == "latest":
+                return len(events)
+            if isinstance(start, datetime):
+                return bisect.bisect_left([e.appended_at for e in events], start)
+            try:
+                return max(int(start), 0)
+            except ValueError:
+                raise ValueError(f"not a position of this log: {start!r}") from None
+
+    async def read(
+        self, stream: str, start: Start = "earliest", *, cursor: str | None = None
+    ) -> EventReader:
+        if self._closed:
+            raise ClosedResourceError("event log is closed")
+        validate_name(stream, "stream name")
+        if cursor is not None:
+            validate_name(cursor, "cursor name")
+            with self._state.lock:
+                stored = self._state.cursors.get((stream, cursor))
+            if stored is not None:
+                return _MemoryReader(self, stream, stored, cursor)
+        return _MemoryReader(self, stream, self._index_for(stream, check_start(start)), cursor)
+
+    async def aclose(self) -> None:
+        self._closed = True

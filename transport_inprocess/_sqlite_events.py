@@ -1,0 +1,211 @@
+"""Event log for ``sqlite://``: one table of events, one of named cursors.
+
+Positions are the events' row ids (decimal strings): increasing within a
+stream, usable across processes sharing the file. Readers tail the table;
+appends by the same transport wake them at once, appends by other processes
+are noticed within ``poll_interval``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+from collections import deque
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from transport import encode
+from transport._events import EventLog, EventReader, LogEvent, Start, _check_headers, check_start
+from transport._models import utcnow
+from transport._naming import validate_name
+from transport.errors import ClosedResourceError
+
+if TYPE_CHECKING:
+    from transport_inprocess._sqlite import SqliteTransport
+
+__all__ = ["EVENTS_SCHEMA", "SqliteEventLog"]
+
+EVENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream TEXT NOT NULL,
+    key TEXT,
+    body BLOB NOT NULL,
+    appended_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_stream ON events(stream, id);
+CREATE INDEX IF NOT EXISTS events_time ON events(stream, appended_at);
+CREATE TABLE IF NOT EXISTS event_cursors (
+    stream TEXT NOT NULL,
+    name TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (stream, name)
+) WITHOUT ROWID;
+"""
+
+
+def _row_event(stream: str, row: tuple[int, bytes]) -> LogEvent:
+    row_id, body = row
+    fields = json.loads(body)
+    return LogEvent.model_validate({**fields, "stream": stream, "position": str(row_id)})
+
+
+def _fetch(conn: sqlite3.Connection, stream: str, after: int) -> list[tuple[int, bytes]]:
+    return conn.execute(
+        "SELECT id, body FROM events WHERE stream = ? AND id >= ? ORDER BY id LIMIT 256",
+        (stream, after),
+    ).fetchall()
+
+
+class _SqliteReader(EventReader):
+    def __init__(self, log: SqliteEventLog, stream: str, next_id: int, cursor: str | None) -> None:
+        self._log = log
+        self.stream = stream
+        self.cursor = cursor
+        self._next = next_id
+        self._buffer: deque[LogEvent] = deque()
+        self._returned: int | None = None
+        self._committed: int | None = None
+        self._closed = False
+
+    async def __anext__(self) -> LogEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        await self.commit()
+        interval = 0.002
+        t = self._log._t
+        while not self._buffer:
+            rows = await t._store.read(
+                functools.partial(_fetch, stream=self.stream, after=self._next)
+            )
+            for row in rows:
+                self._buffer.append(_row_event(self.stream, row))
+            if rows:
+                self._next = rows[-1][0] + 1
+                break
+            await t._signals.wait(f"events:{self.stream}", interval)
+            interval = min(interval * 2, t.poll_interval)
+            if self._closed:
+                raise StopAsyncIteration
+        event = self._buffer.popleft()
+        self._returned = int(event.position)
+        return event
+
+    async def seek(self, to: Start) -> None:
+        self._buffer.clear()
+        self._next = await self._log._resolve(self.stream, check_start(to))
+
+    async def commit(self) -> None:
+        if self.cursor is None or self._returned is None or self._returned == self._committed:
+            return
+        stream, name, position = self.stream, self.cursor, self._returned + 1
+        await self._log._t._store.write(
+            lambda conn: (
+                conn.execute(
+                    "INSERT INTO event_cursors(stream, name, position) VALUES (?, ?, ?)"
+                    " ON CONFLICT(stream, name) DO UPDATE SET position = excluded.position",
+                    (stream, name, position),
+                )
+                and None
+            )
+        )
+        self._committed = self._returned
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            await self.commit()
+            self._closed = True
+
+
+class SqliteEventLog(EventLog):
+    def __init__(self, transport: SqliteTransport) -> None:
+        self._t = transport
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("event log is closed")
+
+    async def append(
+        self,
+        stream: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        self._check()
+        validate_name(stream, "stream name")
+        now = utcnow()
+        event = LogEvent(
+            stream=stream,
+            position="0",
+            data=data,
+            key=key,
+            headers=_check_headers(headers),
+            appended_at=now,
+        )
+        body = encode(event, self._t.config.max_payload_bytes)
+        stamp = now.timestamp()
+
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO events(stream, key, body, appended_at) VALUES (?, ?, ?, ?)",
+                (stream, key, body, stamp),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+        row_id = await self._t._store.write(op)
+        self._t._signals.notify(f"events:{stream}")
+        return str(row_id)
+
+    async def _resolve(self, stream: str, start: Start) -> int:
+        if isinstance(start, datetime):
+            stamp = start.astimezone(UTC).timestamp()
+
+            def at_time(conn: sqlite3.Connection) -> int:
+                row = conn.execute(
+                    "SELECT MIN(id) FROM events WHERE stream = ? AND appended_at >= ?",
+                    (stream, stamp),
+                ).fetchone()
+                if row[0] is not None:
+                    return int(row[0])
+                return int(
+                    conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
+                )
+
+            return await self._t._store.read(at_time)
+        if start == "earliest":
+            return 0
+        if start == "latest":
+            return await self._t._store.read(
+                lambda conn: int(
+                    conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
+                )
+            )
+        try:
+            return int(start)
+        except ValueError:
+            raise ValueError(f"not a position of this log: {start!r}") from None
+
+    async def read(
+        self, stream: str, start: Start = "earliest", *, cursor: str | None = None
+    ) -> EventReader:
+        self._check()
+        validate_name(stream, "stream name")
+        if cursor is not None:
+            validate_name(cursor, "cursor name")
+            stored = await self._t._store.read(
+                lambda conn: conn.execute(
+                    "SELECT position FROM event_cursors WHERE stream = ? AND name = ?",
+                    (stream, cursor),
+                ).fetchone()
+            )
+            if stored is not None:
+                return _SqliteReader(self, stream, int(stored[0]), cursor)
+        return _SqliteReader(self, stream, await self._resolve(stream, check_start(start)), cursor)
+
+    async def aclose(self) -> None:
+        self._closed = True
