@@ -412,6 +412,7 @@ class _QueueEngine:
             )
         if batch:
             self._post(self._on_records, batch)
+        self._flow_control(consumer)
         self._check_primed()
 
     def _flow_control(self, consumer: Consumer) -> None:
@@ -482,7 +483,9 @@ class _QueueEngine:
         targets = self._prime_targets
         if self._prime_sent or targets is None:
             return
-        if all(self._fetched.get(p, 0) >= high for p, high in targets.items()):
+        # Primed: the initial backlog is buffered, or as much of it as the
+        # bounded buffer takes (paused).
+        if self._paused or all(self._fetched.get(p, 0) >= high for p, high in targets.items()):
             self._prime_sent = True
             self._post(self._on_primed)
 

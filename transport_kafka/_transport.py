@@ -19,6 +19,9 @@ individual_acks    ✓  an ack writes a settled marker to the queue's state
                       (the committed offset alone is only a prefix)
 restart_broker     ✗  on the memory-only dev broker (Tansu); a real Kafka
                       cluster keeps data across restarts
+event_log          ✓  one topic per stream (``NS.stream.<name>.events``);
+                      named cursors are committed group offsets
+event_bus          ✗
 =================  =====================================================
 
 Leases are client-side: an expired lease hands the request to another
@@ -51,6 +54,7 @@ from transport import HealthStatus, Transport, TransportCapabilities, TransportC
 from transport.errors import TransportError
 from transport_kafka._client import KafkaClients
 from transport_kafka._config import KafkaSettings, parse_settings
+from transport_kafka._events import KafkaEventLog
 from transport_kafka._queue import KafkaRequestQueue, _Cohort, _QueueEngine
 from transport_kafka._registries import KafkaKeyedLog
 
@@ -69,6 +73,7 @@ class KafkaTransport(Transport):
         lease_extension=True,
         individual_acks=True,
         restart_broker=False,
+        event_log=True,
     )
 
     def __init__(self, config: TransportConfig, settings: KafkaSettings | None = None) -> None:
@@ -120,6 +125,9 @@ class KafkaTransport(Transport):
 
     def _open_keyed_log(self, kind: str, name: str) -> KafkaKeyedLog:
         return KafkaKeyedLog(self.clients, self.settings.registry_topic(kind, name))
+
+    def _open_event_log(self) -> KafkaEventLog:
+        return KafkaEventLog(self.clients, self.config.max_payload_bytes)
 
     async def health(self) -> HealthStatus:
         if self._closed:

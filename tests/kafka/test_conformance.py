@@ -9,6 +9,7 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
+    EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -33,3 +34,6 @@ class TestKafkaCapabilityRegistry(CapabilityRegistryConformance): ...
 
 
 class TestKafkaCrash(CrashConformance): ...
+
+
+class TestKafkaEventLog(EventLogConformance): ...

@@ -220,3 +220,36 @@ async def test_health_reports_an_unreachable_broker(kafka_config_factory: Any) -
         assert "unreachable" in health.detail
     finally:
         await transport.aclose()
+
+
+async def test_priority_levels_open_together_even_with_a_backlog_beyond_the_buffer(
+    kafka_config_factory: Any,
+) -> None:
+    from datetime import timedelta
+
+    transport = await connect(kafka_config_factory(options={"max_buffered": 5}))
+    try:
+        pq = transport.priority_queue(_name(), levels=2, aging_interval=timedelta(hours=1))
+        for i in range(20):
+            await pq.enqueue(WorkRequest(task="t", payload=i), priority=1)
+        urgent = [await pq.enqueue(WorkRequest(task="t", payload=i), priority=0) for i in range(2)]
+        started = time.monotonic()
+        first = await pq.poll(20)
+        assert first is not None
+        # The start-up cohort opened when level 1 paused at max_buffered, not
+        # after its deadline.
+        assert time.monotonic() - started < 10
+        second = await pq.poll(10)
+        assert second is not None
+        assert [first.request.request_id, second.request.request_id] == [
+            r.request_id for r in urgent
+        ]
+        got = [first, second]
+        while len(got) < 22:
+            delivery = await pq.poll(10)
+            assert delivery is not None
+            got.append(delivery)
+        for delivery in got:
+            assert await delivery.ack()
+    finally:
+        await transport.aclose()
