@@ -39,3 +39,7 @@ bench: $(DEV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+## reliability: every fault on every backend; rewrites RELIABILITY.md
+reliability: $(DEV)
+	$(BIN)/python -m tests.reliability.run $(RELIABILITY_ARGS)

@@ -68,6 +68,13 @@ def test_secrets_never_appear_in_reprs_or_logs(caplog: pytest.LogCaptureFixture)
     assert config.password is not None and config.password.get_secret_value() == CANARY
 
 
+def test_token_as_url_user_part_is_redacted() -> None:
+    config = TransportConfig(url=f"nats://{CANARY}@h1:4222,h2:4222")
+    assert CANARY not in repr(config) and CANARY not in config.redacted_url()
+    assert config.redacted_url() == "nats://***@h1:4222,h2:4222"
+    assert TransportConfig(url="kafka://u:p@h:1").redacted_url() == "kafka://u:***@h:1"
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -100,12 +100,19 @@ class TransportConfig(BaseSettings):
         return urlsplit(self.url).scheme.lower()
 
     def redacted_url(self) -> str:
-        """The URL with any password replaced, safe for logs."""
+        """The URL with any password replaced, safe for logs.
+
+        A user part without a password (``nats://TOKEN@host``) is a token by
+        NATS convention, so it is replaced too.
+        """
         parts = urlsplit(self.url)
-        if parts.password is None:
+        if parts.username is None:
             return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        if parts.password is None:
+            return parts._replace(netloc=f"***@{hostport}").geturl()
+        user = userinfo.partition(":")[0]
+        return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
 
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():

@@ -169,7 +169,9 @@ class QueueStats(_WireModel):
     """A point-in-time view of a queue. ``None`` means the backend cannot tell."""
 
     queue: str
-    depth: int = Field(description="requests waiting to be delivered (lag on Kafka)")
+    depth: int | None = Field(
+        description="requests waiting to be delivered (lag on Kafka); None if the broker cannot tell"
+    )
     in_flight: int | None = Field(default=None, description="leased, not yet acked")
     delayed: int | None = Field(default=None, description="nacked with a delay, not yet due")
     dead_lettered: int = 0

@@ -218,11 +218,12 @@ class PriorityRequestQueue(RequestQueue):
     async def stats(self) -> QueueStats:
         """Totals over all levels."""
         parts = await asyncio.gather(*(q.stats() for q in self._queues))
+        depths = [p.depth for p in parts]
         in_flight = [p.in_flight for p in parts]
         delayed = [p.delayed for p in parts]
         return QueueStats(
             queue=self.name,
-            depth=sum(p.depth for p in parts),
+            depth=None if None in depths else sum(d or 0 for d in depths),
             in_flight=None if None in in_flight else sum(i or 0 for i in in_flight),
             delayed=None if None in delayed else sum(d or 0 for d in delayed),
             dead_lettered=sum(p.dead_lettered for p in parts),

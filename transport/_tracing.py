@@ -9,8 +9,10 @@ OpenTelemetry span.
 from __future__ import annotations
 
 import contextvars
+import importlib
 import re
 import secrets
+from typing import Any
 
 __all__ = [
     "TRACEPARENT",
@@ -54,16 +56,25 @@ def child_traceparent(parent: str | None) -> str:
 def current_traceparent() -> str | None:
     """The trace context to propagate from here: the OpenTelemetry span if
     one is active, else the request being handled by this task."""
-    try:  # optional dependency
-        from opentelemetry import trace  # type: ignore[import-not-found]
-
-        span = trace.get_current_span()
-        ctx = span.get_span_context()
+    otel = _otel_trace()
+    if otel is not None:
+        ctx = otel.get_current_span().get_span_context()
         if ctx.is_valid:
             return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-    except ImportError:
-        pass
     return _current.get()
+
+
+_OTEL: list[Any] = []
+
+
+def _otel_trace() -> Any:
+    """``opentelemetry.trace`` if installed (looked up once), else None."""
+    if not _OTEL:
+        try:
+            _OTEL.append(importlib.import_module("opentelemetry.trace"))
+        except ImportError:
+            _OTEL.append(None)
+    return _OTEL[0]
 
 
 def set_current(value: str | None) -> contextvars.Token[str | None]:

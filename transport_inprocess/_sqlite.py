@@ -153,6 +153,8 @@ class SqliteRequestQueue(RequestQueue):
         self._t = transport
         self._store = transport._store
         self._held: dict[int, int] = {}
+        self._lease_waiters: list[asyncio.Future[SqliteDelivery | None]] = []
+        self._leaser: asyncio.Task[None] | None = None
         self._closed = False
 
     def _check(self) -> None:
@@ -177,38 +179,42 @@ class SqliteRequestQueue(RequestQueue):
         self._t._signals.notify(self.name)
         return request
 
-    def _lease_op(self, conn: sqlite3.Connection) -> tuple[int, int, WorkRequest] | None:
+    def _lease_op(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, WorkRequest]]:
         now = time.time()
-        while True:
-            row = conn.execute(
+        out: list[tuple[int, int, WorkRequest]] = []
+        while len(out) < limit:
+            rows = conn.execute(
                 "SELECT id, request_id, body, attempts, last_error FROM messages"
-                " WHERE queue = ? AND available_at <= ? ORDER BY seq LIMIT 1",
-                (self.name, now),
-            ).fetchone()
-            if row is None:
-                return None
-            row_id, request_id, body, attempts, last_error = row
-            if attempts >= self.max_attempts:
-                error = (
-                    last_error or f"not acknowledged after {attempts} deliveries (lease expired)"
+                " WHERE queue = ? AND available_at <= ? ORDER BY seq LIMIT ?",
+                (self.name, now, limit - len(out)),
+            ).fetchall()
+            if not rows:
+                break
+            for row_id, request_id, body, attempts, last_error in rows:
+                if attempts >= self.max_attempts:
+                    error = (
+                        last_error
+                        or f"not acknowledged after {attempts} deliveries (lease expired)"
+                    )
+                    _dead(conn, self.name, request_id, body, _decodable(body), error, attempts)
+                    conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                    continue
+                try:
+                    request = decode(WorkRequest, body)
+                except UndecodableMessageError as exc:
+                    _dead(conn, self.name, request_id, body, False, str(exc), attempts + 1)
+                    conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                    continue
+                token = secrets.randbits(62)
+                conn.execute(
+                    "UPDATE messages SET available_at = ?, token = ?, attempts = attempts + 1"
+                    " WHERE id = ?",
+                    (now + self.lease_seconds, token, row_id),
                 )
-                _dead(conn, self.name, request_id, body, _decodable(body), error, attempts)
-                conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
-                continue
-            try:
-                request = decode(WorkRequest, body)
-            except UndecodableMessageError as exc:
-                _dead(conn, self.name, request_id, body, False, str(exc), attempts + 1)
-                conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
-                continue
-            token = secrets.randbits(62)
-            conn.execute(
-                "UPDATE messages SET available_at = ?, token = ?, attempts = attempts + 1 WHERE id = ?",
-                (now + self.lease_seconds, token, row_id),
-            )
-            if attempts:
-                request = request.model_copy(update={"attempt": attempts + 1})
-            return row_id, token, request
+                if attempts:
+                    request = request.model_copy(update={"attempt": attempts + 1})
+                out.append((row_id, token, request))
+        return out
 
     def _has_work_op(self, conn: sqlite3.Connection) -> bool:
         return (
@@ -220,27 +226,59 @@ class SqliteRequestQueue(RequestQueue):
         )
 
     async def _try_lease(self) -> SqliteDelivery | None:
-        if not await self._store.read(self._has_work_op):
-            return None
-        future = self._store.submit(self._lease_op, write=True)
+        # Concurrent polls of this handle are served by one leasing round:
+        # one transaction leases a row for each waiting poller (and shares
+        # its commit), instead of one transaction per poll.
+        waiter: asyncio.Future[SqliteDelivery | None] = asyncio.get_running_loop().create_future()
+        self._lease_waiters.append(waiter)
+        if self._leaser is None:
+            self._leaser = asyncio.create_task(self._lease_rounds())
         try:
-            leased = await asyncio.shield(future)
+            return await waiter
         except asyncio.CancelledError:
-            # Cancelled after the lease may have been written: give it back.
-            future.add_done_callback(self._release_orphan)
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                orphan = waiter.result()
+                if orphan is not None:  # leased for us after all: give it back
+                    self._give_back([(orphan._row, orphan._token)])
             raise
-        if leased is None:
-            return None
-        row_id, token, request = leased
-        self._held[row_id] = token
-        return SqliteDelivery(request, self, row_id, token)
 
-    def _release_orphan(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None or future.result() is None:
-            return
-        row_id, token, _ = future.result()
-        with contextlib.suppress(TransportError):
-            self._store.submit(lambda conn: self._release_op(conn, [(row_id, token)]), write=True)
+    async def _lease_rounds(self) -> None:
+        try:
+            while self._lease_waiters:
+                waiters = [w for w in self._lease_waiters if not w.done()]
+                self._lease_waiters.clear()
+                if not waiters:
+                    continue
+                try:
+                    leased: list[tuple[int, int, WorkRequest]] = []
+                    if await self._store.read(self._has_work_op):
+                        leased = await self._store.write(
+                            functools.partial(self._lease_op, limit=len(waiters))
+                        )
+                except Exception as exc:
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(exc)
+                    continue
+                for w in waiters:
+                    if w.done():
+                        continue
+                    if leased:
+                        row_id, token, request = leased.pop(0)
+                        self._held[row_id] = token
+                        w.set_result(SqliteDelivery(request, self, row_id, token))
+                    else:
+                        w.set_result(None)
+                if leased:  # every poller gave up meanwhile
+                    self._give_back([(row_id, token) for row_id, token, _ in leased])
+        finally:
+            self._leaser = None
+
+    def _give_back(self, held: list[tuple[int, int]]) -> None:
+        for row_id, _ in held:
+            self._held.pop(row_id, None)
+        with contextlib.suppress(TransportError, RuntimeError):
+            self._store.submit(functools.partial(self._release_op, held=held), write=True)
 
     async def poll(self, timeout: float | None = None) -> SqliteDelivery | None:
         self._check()
@@ -414,6 +452,8 @@ class SqliteRequestQueue(RequestQueue):
         if self._closed:
             return
         self._closed = True
+        if self._leaser is not None:  # let a leasing round finish so its rows are released below
+            await asyncio.gather(self._leaser, return_exceptions=True)
         held, self._held = list(self._held.items()), {}
         if held and not self._t._store_closed:
             with contextlib.suppress(TransportError):

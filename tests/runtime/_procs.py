@@ -56,6 +56,9 @@ async def collect() -> None:
 
 
 if __name__ == "__main__":
+    from transport.testing.worker import _die_with_parent
+
+    _die_with_parent()
     mode = sys.argv[1]
     if mode == "ensemble":
         asyncio.run(ensemble(float(sys.argv[2])))

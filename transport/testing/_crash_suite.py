@@ -18,11 +18,30 @@ pytestmark = [pytest.mark.conformance, pytest.mark.crash, pytest.mark.asyncio]
 
 
 class WorkerProcess:
-    """``python -m transport.testing.worker`` with line-by-line stdout."""
+    """``python -m transport.testing.worker`` whose stdout is read
+    continuously (so a chatty worker never blocks on a full pipe) into
+    :attr:`lines`."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.lines: list[str] = []
+        self._cursor = 0
+        self._changed = asyncio.Condition()
+        self._eof = False
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while True:
+            raw = await self.proc.stdout.readline()
+            async with self._changed:
+                if not raw:
+                    self._eof = True
+                else:
+                    self.lines.append(raw.decode().strip())
+                self._changed.notify_all()
+            if not raw:
+                return
 
     @classmethod
     async def start(cls, harness: BackendHarness, *args: str) -> WorkerProcess:
@@ -38,33 +57,35 @@ class WorkerProcess:
         return cls(proc)
 
     async def wait_for(self, prefix: str, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(timeout):
+        """The next line (after those already returned) starting with ``prefix``.
+
+        Raises: TimeoutError; AssertionError if the worker exited first.
+        """
+        async with asyncio.timeout(timeout), self._changed:
             while True:
-                raw = await self.proc.stdout.readline()
-                if not raw:
+                while self._cursor < len(self.lines):
+                    line = self.lines[self._cursor]
+                    self._cursor += 1
+                    if line.startswith(prefix):
+                        return line
+                if self._eof:
                     stderr = b""
                     if self.proc.stderr is not None:
                         stderr = await self.proc.stderr.read()
                     raise AssertionError(
                         f"worker exited: {stderr.decode(errors='replace')[-2000:]}"
                     )
-                line = raw.decode().strip()
-                self.lines.append(line)
-                if line.startswith(prefix):
-                    return line
+                await self._changed.wait()
 
     def kill(self) -> None:
         if self.proc.returncode is None:
             os.kill(self.proc.pid, signal.SIGKILL)
 
     async def reap(self) -> None:
-        """SIGKILL the worker, wait for it, and collect what it had printed."""
+        """SIGKILL the worker, wait for it, and collect all it had printed."""
         self.kill()
         await self.proc.wait()
-        if self.proc.stdout is not None:
-            rest = await self.proc.stdout.read()
-            self.lines.extend(line.strip() for line in rest.decode().splitlines() if line.strip())
+        await self._reader
 
     def ids(self, verb: str) -> list[str]:
         return [line.split()[1] for line in self.lines if line.startswith(verb + " ")]

@@ -49,6 +49,17 @@ class BackendHarness:
     async def restart_broker(self) -> None:
         """Stop the broker (hard) and start it again on the same address and
         data. Only called when ``capabilities.restart_broker`` is true."""
+        await self.stop_broker()
+        await self.start_broker()
+
+    async def stop_broker(self) -> None:
+        """Kill the broker (SIGKILL) — clients see it unreachable. Used by the
+        reliability suite's outage scenario."""
+        raise NotImplementedError
+
+    async def start_broker(self) -> None:
+        """Start the broker stopped by :meth:`stop_broker` on the same
+        address (and data, where the broker keeps any)."""
         raise NotImplementedError
 
     def subprocess_env(self, **overrides: Any) -> dict[str, str]:

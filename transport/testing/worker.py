@@ -18,10 +18,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sys
 
-from transport import Delivery, RequestQueue, WorkRequest, connect
+from transport import Delivery, RequestQueue, TransportError, WorkRequest, connect
+
+
+def _die_with_parent() -> None:
+    # A test runner killed hard must not leave workers consuming behind it.
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def say(*parts: object) -> None:
@@ -39,6 +50,7 @@ async def main() -> None:
     parser.add_argument("--lease", type=float, default=None)
     parser.add_argument("--priority-levels", type=int, default=0)
     args = parser.parse_args()
+    _die_with_parent()
     transport = await connect()
     queue: RequestQueue
     if args.priority_levels:
@@ -49,19 +61,39 @@ async def main() -> None:
         queue = transport.request_queue(args.queue, lease_seconds=args.lease)
     say("STARTED")
     if args.mode == "produce":
+        # ATTEMPT before, ENQUEUED after a successful return, INDETERMINATE if
+        # the outcome is unknown (a timed-out or failed enqueue may still have
+        # been stored): the checker counts only ENQUEUED as acknowledged.
         for i in range(args.count):
-            request = await queue.enqueue(WorkRequest(task="produced", payload={"i": i}))
+            request = WorkRequest(task="produced", payload={"i": i})
+            say("ATTEMPT", request.request_id)
+            try:
+                await queue.enqueue(request)
+            except TransportError as exc:
+                say("INDETERMINATE", request.request_id, type(exc).__name__)
+                await asyncio.sleep(0.05)
+                continue
             say("ENQUEUED", request.request_id)
         say("READY")
         await asyncio.Event().wait()
     if args.mode == "process":
         while True:
-            delivery = await queue.poll(1.0)
+            try:
+                delivery = await queue.poll(1.0)
+            except TransportError as exc:  # broker restarting: keep trying
+                say("POLL-ERROR", type(exc).__name__)
+                await asyncio.sleep(0.2)
+                continue
             if delivery is None:
                 continue
             say("LEASED", delivery.request.request_id, delivery.attempt)
             await asyncio.sleep(random.uniform(0, 0.005))
-            say("ACKED" if await delivery.ack() else "STALE", delivery.request.request_id)
+            say("ACKING", delivery.request.request_id)  # killed after this: outcome unknown
+            try:
+                acked = await delivery.ack()
+            except TransportError:
+                acked = False  # outcome unknown: the request may come back
+            say("ACKED" if acked else "STALE", delivery.request.request_id)
     held: list[Delivery] = []
     while len(held) < args.count:
         delivery = await queue.poll(1.0)

@@ -1,0 +1,149 @@
+"""NATS-specific behaviour beyond the conformance suite."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+import transport_nats
+from tests.nats._server import NatsServer, free_port
+from transport import Transport, TransportConfig, WorkRequest, connect
+from transport.errors import ConfigurationError, InvalidNameError, TransientTransportError
+from transport_nats import NatsOptions, NatsRequestQueue, NatsTransport
+from transport_nats._config import parse_servers
+
+pytestmark = [pytest.mark.timeout(60)]
+
+
+def test_public_names_import() -> None:
+    for name in transport_nats.__all__:
+        assert getattr(transport_nats, name) is not None
+
+
+def test_server_list_and_credentials_from_url() -> None:
+    servers, creds = parse_servers("nats://alice:pw@h1:4222,h2,nats://h3:5222", ["tls://h4"])
+    assert servers == ["nats://h1:4222", "nats://h2:4222", "nats://h3:5222", "tls://h4:4222"]
+    assert creds == {"user": "alice", "password": "pw"}
+    assert parse_servers("nats://tok@h1", [])[1] == {"token": "tok"}
+    with pytest.raises(ConfigurationError):
+        parse_servers("nats://h1/path", [])
+    with pytest.raises(ConfigurationError):
+        parse_servers("nats://h1:notaport", [])
+
+
+def test_unknown_or_bad_options_are_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="dupe_window"):
+        NatsTransport(TransportConfig(url="nats://127.0.0.1:4222", options={"dupe_window": 1}))
+    with pytest.raises(ConfigurationError, match="pull_expires"):
+        NatsTransport(TransportConfig(url="nats://127.0.0.1:4222", options={"pull_expires": -1}))
+    assert NatsOptions().duplicate_window == 120.0
+
+
+async def test_unreachable_server_is_transient() -> None:
+    with pytest.raises(TransientTransportError, match="no NATS server reachable"):
+        await connect(
+            TransportConfig(url=f"nats://127.0.0.1:{free_port()}", options={"connect_timeout": 1})
+        )
+
+
+def test_broker_names_follow_the_documented_mapping(nats_config: TransportConfig) -> None:
+    transport = NatsTransport(nats_config)
+    queue = NatsRequestQueue(transport, "orders", lease_seconds=1, max_attempts=3)
+    ns = nats_config.namespace
+    assert (queue.stream, queue.subject) == (f"{ns}__orders", f"{ns}.q.orders")
+    assert (queue.dlq_stream, queue.dlq_subject) == (f"{ns}__orders__dlq", f"{ns}.dlq.orders")
+    for bad in ("a.b", "a*", "a>", "a b", "$SYS", "a__b"):
+        with pytest.raises(InvalidNameError):
+            transport.request_queue(bad)
+
+
+async def test_poll_zero_is_prompt(transport: Transport, queue_name: str) -> None:
+    queue = transport.request_queue(queue_name, lease_seconds=2)
+    started = time.monotonic()
+    assert await queue.poll(0) is None
+    assert time.monotonic() - started < 0.5
+    sent = await queue.enqueue(WorkRequest(task="t"))
+    started = time.monotonic()
+    delivery = await queue.poll(0)
+    assert time.monotonic() - started < 0.5
+    assert delivery is not None and delivery.request.request_id == sent.request_id
+    assert await delivery.ack()
+
+
+async def test_retried_enqueue_is_stored_once(transport: Transport, queue_name: str) -> None:
+    queue = transport.request_queue(queue_name, lease_seconds=2)
+    request = WorkRequest(task="t")
+    await queue.enqueue(request)
+    await queue.enqueue(request)  # a retry with the same request_id (Nats-Msg-Id)
+    assert (await queue.stats()).depth == 1
+    delivery = await queue.poll(2)
+    assert delivery is not None and await delivery.ack()
+    assert await queue.poll(0.5) is None
+
+
+async def test_requeued_dead_letter_is_not_swallowed_by_the_duplicate_window(
+    transport: Transport, queue_name: str
+) -> None:
+    queue = transport.request_queue(queue_name, lease_seconds=2, max_attempts=1)
+    sent = await queue.enqueue(WorkRequest(task="t", payload={"k": 1}))
+    delivery = await queue.poll(2)
+    assert delivery is not None and await delivery.nack(error="boom")
+    [dead] = await queue.dead_letters()
+    assert dead.error == "boom" and dead.attempts == 1
+    for _ in range(2):  # requeued twice within the duplicate window
+        assert await queue.requeue_dead_letters() == 1
+        again = await queue.poll(2)
+        assert again is not None and again.request.request_id == sent.request_id
+        assert again.attempt == 1
+        assert await again.nack()
+    assert await queue.stats() == (await queue.stats()).model_copy(update={"dead_lettered": 1})
+
+
+async def test_single_extend_longer_than_the_ack_wait_holds_the_lease(
+    make_transport: Callable[[], Awaitable[Transport]], queue_name: str
+) -> None:
+    t1 = await make_transport()
+    t2 = await make_transport()
+    lease = 1.0
+    worker = t1.request_queue(queue_name, lease_seconds=lease)
+    rival = t2.request_queue(queue_name, lease_seconds=lease)
+    await worker.enqueue(WorkRequest(task="long"))
+    delivery = await worker.poll(2)
+    assert delivery is not None
+    assert await delivery.extend(4 * lease)  # one call; renewed in the background
+    assert await rival.poll(3.5 * lease) is None
+    assert await delivery.ack()
+
+
+async def test_nack_with_delay_is_counted_as_leased(transport: Transport, queue_name: str) -> None:
+    queue = transport.request_queue(queue_name, lease_seconds=2)
+    await queue.enqueue(WorkRequest(task="t"))
+    delivery = await queue.poll(2)
+    assert delivery is not None and await delivery.nack(delay=1.0)
+    stats = await queue.stats()
+    assert (stats.depth, stats.in_flight, stats.delayed) == (0, 1, None)
+    assert await queue.poll(0.3) is None
+    again = await queue.poll(3)
+    assert again is not None and again.attempt == 2
+    assert await again.ack()
+
+
+async def test_health_reports_a_dead_server_without_raising(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "h")
+    server.start()
+    transport = await connect(
+        TransportConfig(url=server.url, options={"reconnect_time_wait": 0.1, "request_timeout": 1})
+    )
+    try:
+        assert (await transport.health()).ok
+        server.kill()
+        await asyncio.sleep(0.2)
+        status = await transport.health()
+        assert not status.ok
+    finally:
+        server.stop()
+        await transport.aclose()

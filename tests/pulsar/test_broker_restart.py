@@ -1,0 +1,163 @@
+"""Broker killed with SIGKILL and restarted on the same port and data
+directory (pulsar-lite only: an external broker is not ours to kill)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from transport import WorkRequest, WorkResponse
+from transport.testing._util import drain, make_requests
+
+from .conftest import PulsarHarness, PulsarLiteBroker
+
+pytestmark = [pytest.mark.broker]
+
+
+@pytest.fixture
+def harness(
+    transport_harness: PulsarHarness, pulsar_broker: PulsarLiteBroker | None
+) -> PulsarHarness:
+    if pulsar_broker is None:
+        pytest.skip("an external broker (PULSAR_SERVICE_URL) is not restarted by the tests")
+    return transport_harness
+
+
+def name() -> str:
+    return f"r{uuid.uuid4().hex[:10]}"
+
+
+@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
+async def test_every_acknowledged_enqueue_survives_a_broker_stop(
+    harness: PulsarHarness, pulsar_broker: PulsarLiteBroker, stop: str
+) -> None:
+    transport = await harness.connect()
+    try:
+        queue = transport.request_queue(name())
+        # Concurrent enqueues: many sends in flight at once (send_async under
+        # the hood), each returning on its own receipt; the broker is stopped
+        # right after the last receipt.
+        sent = await asyncio.gather(*(queue.enqueue(r) for r in make_requests(200)))
+        if stop == "sigkill":
+            await harness.restart_broker()
+        else:
+            await asyncio.to_thread(pulsar_broker.stop)
+            await asyncio.to_thread(pulsar_broker.start)
+        got = await drain(queue, 200, 60, ack=False)
+        assert {d.request.request_id for d in got} == {r.request_id for r in sent}, "lost requests"
+        assert all(await asyncio.gather(*(d.ack() for d in got)))
+    finally:
+        await transport.aclose()
+
+
+async def test_a_connected_client_keeps_working_across_a_restart(harness: PulsarHarness) -> None:
+    transport = await harness.connect()
+    try:
+        queue = transport.request_queue(name())
+        before = await queue.enqueue(WorkRequest(task="before"))
+        first = await queue.poll(10)
+        assert first is not None and first.request.request_id == before.request_id
+        assert await first.ack()
+        await harness.restart_broker()
+        after = await queue.enqueue(WorkRequest(task="after"))  # the client reconnects by itself
+        again = await queue.poll(30)
+        assert again is not None and again.request.request_id == after.request_id
+        assert await again.ack()
+        assert await queue.poll(1.0) is None, "an acked request came back after the restart"
+    finally:
+        await transport.aclose()
+
+
+async def test_acks_given_before_a_restart_are_kept(harness: PulsarHarness) -> None:
+    transport = await harness.connect()
+    try:
+        queue = transport.request_queue(name())
+        sent = [await queue.enqueue(r) for r in make_requests(10)]
+        leased = await drain(queue, 10, 20, ack=False)
+        assert len(leased) == 10
+        acked = {d.request.request_id for d in leased[1::2]}
+        for delivery in leased[1::2]:  # out of order: every other one
+            assert await delivery.ack()
+        await transport.aclose()
+        await harness.restart_broker()
+        transport = await harness.connect()
+        queue = transport.request_queue(queue.name)
+        back = await drain(queue, 5, 20)
+        ids = {d.request.request_id for d in back}
+        assert ids == {r.request_id for r in sent} - acked
+        assert await queue.poll(1.5) is None, "an acked request came back after the restart"
+    finally:
+        await transport.aclose()
+
+
+async def test_registry_and_dead_letters_survive_a_restart(harness: PulsarHarness) -> None:
+    transport = await harness.connect()
+    inbox = name()
+    try:
+        registry = transport.delivery_registry(inbox)
+        await registry.register("req-1")
+        await registry.complete("req-1", WorkResponse(request_id="req-1", result={"ok": True}))
+        queue = transport.request_queue(name(), max_attempts=1)
+        await queue.enqueue(WorkRequest(request_id="poison-1", task="poison"))
+        delivery = await queue.poll(10)
+        assert delivery is not None
+        assert await delivery.dead_letter("broken")
+    finally:
+        await transport.aclose()
+    await harness.restart_broker()
+    transport = await harness.connect()
+    try:
+        registry = transport.delivery_registry(inbox)
+        pending = await registry.wait("req-1")
+        response = await pending.result(timeout=30)
+        assert response.result == {"ok": True}
+        dead = await transport.request_queue(queue.name).dead_letters()
+        assert [(d.request_id, d.error) for d in dead] == [("poison-1", "broken")]
+    finally:
+        await transport.aclose()
+
+
+async def test_a_lease_held_when_the_broker_dies_comes_back(harness: PulsarHarness) -> None:
+    transport = await harness.connect()
+    try:
+        queue = transport.request_queue(name(), lease_seconds=1.0)
+        request = await queue.enqueue(WorkRequest(task="held"))
+        held = await queue.poll(10)
+        assert held is not None
+        await harness.restart_broker()
+        deadline = time.monotonic() + 30
+        again = None
+        while again is None and time.monotonic() < deadline:
+            again = await queue.poll(1.0)
+        assert again is not None and again.request.request_id == request.request_id
+        assert await held.ack() is False, "the stale lease must not settle the request"
+        assert await again.ack()
+    finally:
+        await transport.aclose()
+
+
+async def test_event_log_and_its_cursors_survive_a_restart(harness: PulsarHarness) -> None:
+    stream = name()
+    transport = await harness.connect()
+    try:
+        log = transport.event_log()
+        positions = [await log.append(stream, i) for i in range(5)]
+        reader = await log.read(stream, "earliest", cursor="audit")
+        assert [(await reader.next(10)).data for _ in range(3)] == [0, 1, 2]  # type: ignore[union-attr]
+        await reader.aclose()
+    finally:
+        await transport.aclose()
+    await harness.restart_broker()
+    transport = await harness.connect()
+    try:
+        log = transport.event_log()
+        resumed = await log.read(stream, "earliest", cursor="audit")
+        assert [(await resumed.next(30)).data for _ in range(2)] == [3, 4]  # type: ignore[union-attr]
+        replay = await log.read(stream, positions[1])
+        first = await replay.next(10)
+        assert first is not None and first.data == 1 and first.position == positions[1]
+    finally:
+        await transport.aclose()

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import pytest
+
+from transport import CAUGHT_UP, KeyedChange, WorkRequest
+from transport_pulsar import PulsarTransport
+
+from .conftest import PulsarHarness
+
+pytestmark = pytest.mark.broker
+
+
+async def test_round_trip_ack_nack(transport_harness: PulsarHarness) -> None:
+    t = await transport_harness.connect()
+    try:
+        q = t.request_queue("smoke", lease_seconds=1.0, max_attempts=2)
+        r = await q.enqueue(WorkRequest(task="x", payload={"a": 1}))
+        d = await q.poll(5)
+        assert d is not None and d.request.request_id == r.request_id and d.attempt == 1
+        assert await d.nack(error="e1")
+        d2 = await q.poll(5)
+        assert d2 is not None and d2.attempt == 2
+        assert await d2.nack()
+        dead = await q.dead_letters()
+        assert len(dead) == 1 and dead[0].error == "e1"
+        assert await q.requeue_dead_letters() == 1
+        d3 = await q.poll(5)
+        assert d3 is not None and d3.attempt == 1
+        assert await d3.ack()
+        assert await q.poll(0.3) is None
+    finally:
+        await t.aclose()
+
+
+async def test_keyed_log(transport_harness: PulsarHarness) -> None:
+    t = await transport_harness.connect()
+    assert isinstance(t, PulsarTransport)
+    try:
+        log = t._open_keyed_log("delivery", "kv")
+        assert await log.get("a") is None
+        await log.put("a", b"1")
+        await log.put("b", b"2")
+        await log.delete("a")
+        assert await log.get("a") is None
+        assert await log.get("b") == b"2"
+        watch = log.watch()
+        items = []
+        async for item in watch:
+            items.append(item)
+            if item is CAUGHT_UP:
+                break
+        assert items == [KeyedChange("b", b"2"), CAUGHT_UP]
+        await log.put("c", b"3")
+        assert await anext(watch) == KeyedChange("c", b"3")
+        await watch.aclose()
+        await log.aclose()
+    finally:
+        await t.aclose()
+
+
+async def test_poll_zero_is_prompt_and_finds_waiting_work(transport_harness: PulsarHarness) -> None:
+    t = await transport_harness.connect()
+    try:
+        q = t.request_queue(f"z{uuid.uuid4().hex[:8]}")
+        started = time.monotonic()
+        assert await q.poll(0) is None
+        assert time.monotonic() - started < 5  # includes joining the subscription
+        started = time.monotonic()
+        assert await q.poll(0) is None
+        assert time.monotonic() - started < 0.1
+        request = await q.enqueue(WorkRequest(task="x"))
+        found = None
+        deadline = time.monotonic() + 5
+        while found is None and time.monotonic() < deadline:
+            found = await q.poll(0)
+            await asyncio.sleep(0.01)
+        assert found is not None and found.request.request_id == request.request_id
+        assert await found.ack()
+    finally:
+        await t.aclose()
+
+
+async def test_a_cancelled_poll_loses_nothing(transport_harness: PulsarHarness) -> None:
+    t = await transport_harness.connect()
+    try:
+        q = t.request_queue(f"c{uuid.uuid4().hex[:8]}")
+        await q.poll(0)  # join the subscription first
+        for _ in range(20):
+            task = asyncio.create_task(q.poll(5))
+            await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                got = await task
+                if got is not None:  # it won the race: give it back
+                    assert await got.nack()
+        request = await q.enqueue(WorkRequest(task="x"))
+        task = asyncio.create_task(q.poll(5))
+        await asyncio.sleep(0.05)  # the message may be in flight to the buffer now
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            early = await task
+            if early is not None:
+                assert await early.ack()
+                return
+        delivery = await q.poll(5)
+        assert delivery is not None and delivery.request.request_id == request.request_id
+        assert delivery.attempt == 1, "a cancelled poll must not cost a delivery"
+        assert await delivery.ack()
+    finally:
+        await t.aclose()
+
+
+async def test_extend_keeps_a_lease_past_pulsars_ack_timeout_minimum(
+    transport_harness: PulsarHarness,
+) -> None:
+    """Work longer than the client's 10 s ackTimeout floor, with 2 s leases."""
+    owner, rival_client = await transport_harness.connect(), await transport_harness.connect()
+    try:
+        name = f"l{uuid.uuid4().hex[:8]}"
+        q = owner.request_queue(name, lease_seconds=2.0)
+        request = await q.enqueue(WorkRequest(task="long"))
+        delivery = await q.poll(10)
+        assert delivery is not None
+        rival = rival_client.request_queue(name, lease_seconds=2.0)
+        end = time.monotonic() + 11
+        while time.monotonic() < end:
+            assert await delivery.extend()
+            assert await rival.poll(0.5) is None, "redelivered while the owner kept extending"
+        assert await delivery.ack()
+        assert await rival.poll(2.5) is None
+        assert request.request_id
+    finally:
+        await owner.aclose()
+        await rival_client.aclose()

@@ -1,0 +1,64 @@
+"""Backends the reliability suite runs against, each started on demand."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from transport import TransportConfig
+from transport.testing.harness import BackendHarness
+from transport_inprocess import SqliteTransport
+
+
+@contextlib.asynccontextmanager
+async def sqlite_target() -> AsyncIterator[BackendHarness]:
+    with tempfile.TemporaryDirectory(prefix="reliability-sqlite-") as tmp:
+        config = TransportConfig(
+            url=f"sqlite:///{Path(tmp) / 'reliability.db'}", options={"poll_interval": 0.02}
+        )
+        harness = BackendHarness(config, SqliteTransport.capabilities)
+        harness.lease_seconds = 1.0
+        yield harness
+
+
+@contextlib.asynccontextmanager
+async def nats_target() -> AsyncIterator[BackendHarness]:
+    from tests.nats._server import NatsServer
+    from tests.nats.conftest import NatsHarness
+
+    with tempfile.TemporaryDirectory(prefix="reliability-nats-") as tmp:
+        server = NatsServer(Path(tmp))
+        server.start()
+        try:
+            config = TransportConfig(
+                url=server.url,
+                namespace=f"rel{uuid.uuid4().hex[:8]}",
+                options={"pull_expires": 2.0, "request_timeout": 3.0, "reconnect_time_wait": 0.1},
+            )
+            yield NatsHarness(config, server)
+        finally:
+            server.stop()
+
+
+@contextlib.asynccontextmanager
+async def pulsar_target() -> AsyncIterator[BackendHarness]:
+    from tests.pulsar.conftest import PulsarHarness, PulsarLiteBroker, make_config
+
+    with tempfile.TemporaryDirectory(prefix="reliability-pulsar-") as tmp:
+        broker = PulsarLiteBroker(Path(tmp))
+        broker.start()
+        try:
+            yield PulsarHarness(make_config(broker.url), broker)
+        finally:
+            broker.stop()
+
+
+TARGETS: dict[str, Callable[[], Any]] = {
+    "sqlite": sqlite_target,
+    "nats": nats_target,
+    "pulsar": pulsar_target,
+}

@@ -1,0 +1,432 @@
+"""Event bus on core NATS and event log on JetStream.
+
+Bus: subject ``s`` is published as ``<ns>.ev.<s>`` (subscriptions likewise,
+with NATS's own ``*``/``>`` wildcards and queue groups); at-most-once, no
+persistence; ``request`` is a NATS request (no responders → TimeoutError).
+
+Log: stream ``s`` is the JetStream stream ``<ns>__log__<s>`` (limits
+retention, file storage, subject ``<ns>.log.<s>``); a position is the stream
+sequence; ``appended_at`` is the server's timestamp. Readers fetch by
+sequence (direct get) and wait for appends with a core subscription on the
+stream's subject, re-checking every second, so a reader survives a server
+restart without any consumer to re-create. Named cursors are stored in the
+KV bucket ``<ns>__log_cursors`` (key ``<stream>.<cursor>``: next sequence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
+from pydantic import Field
+
+from transport import decode, encode, utcnow
+from transport._events import (
+    Event,
+    EventBus,
+    EventLog,
+    EventReader,
+    LogEvent,
+    Start,
+    Subscription,
+    _check_headers,
+    check_start,
+    make_event,
+    validate_subject,
+)
+from transport._models import _WireModel
+from transport._naming import validate_name
+from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
+from transport_nats._errors import map_nats_errors
+
+if TYPE_CHECKING:
+    from transport_nats._transport import NatsTransport
+
+__all__ = ["NatsEventBus", "NatsEventLog"]
+
+log = logging.getLogger("transport.nats")
+
+_CLOSED = object()
+_RECHECK = 1.0  # seconds between re-checks of a waiting log reader
+
+
+class _NatsSubscription(Subscription):
+    def __init__(self, pattern: str, queue_group: str | None) -> None:
+        self.pattern = pattern
+        self.queue_group = queue_group
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.sub: Any = None
+        self._closed = False
+
+    async def on_msg(self, msg: Msg) -> None:
+        try:
+            event = decode(Event, msg.data)
+        except UndecodableMessageError as exc:
+            log.warning("event bus: dropping an undecodable event on %s: %s", msg.subject, exc)
+            return
+        if msg.reply:
+            event = event.model_copy(update={"reply_to": msg.reply})
+        self.queue.put_nowait(event)
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if item is _CLOSED:
+            raise StopAsyncIteration
+        assert isinstance(item, Event)
+        return item
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+        self.queue.put_nowait(_CLOSED)
+
+
+class NatsEventBus(EventBus):
+    """Core NATS publish/subscribe (see the module docstring)."""
+
+    def __init__(self, transport: NatsTransport) -> None:
+        self._t = transport
+        self._prefix = f"{transport.config.namespace}.ev."
+        self._limit = transport.config.max_payload_bytes
+        self._subs: list[_NatsSubscription] = []
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("event bus is closed")
+        self._t._check_open()
+
+    async def publish(
+        self, subject: str, data: Any = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        self._check()
+        event = make_event(validate_subject(subject), data, headers)
+        body = encode(event, self._limit)
+        with map_nats_errors(f"publishing {subject}"):
+            await self._t.nc.publish(self._prefix + subject, body)
+
+    async def subscribe(self, pattern: str, queue_group: str | None = None) -> Subscription:
+        self._check()
+        validate_subject(pattern, pattern=True)
+        if queue_group is not None:
+            validate_name(queue_group, "queue group")
+        subscription = _NatsSubscription(pattern, queue_group)
+        with map_nats_errors(f"subscribing to {pattern}"):
+            subscription.sub = await self._t.nc.subscribe(
+                self._prefix + pattern, queue=queue_group or "", cb=subscription.on_msg
+            )
+            # Registered on the server before this returns: events published
+            # afterwards by any client are seen.
+            await self._t.nc.flush(max(1, round(self._t.options.request_timeout)))
+        self._subs.append(subscription)
+        return subscription
+
+    async def request(
+        self,
+        subject: str,
+        data: Any = None,
+        *,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+    ) -> Event:
+        self._check()
+        event = make_event(validate_subject(subject), data, headers)
+        body = encode(event, self._limit)
+        try:
+            reply = await self._t.nc.request(self._prefix + subject, body, timeout=timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise TimeoutError(f"nobody answers requests on {subject!r}") from exc
+        except nats.errors.TimeoutError as exc:
+            raise TimeoutError(f"no reply on {subject!r} within {timeout:g}s") from exc
+        except nats.errors.Error as exc:
+            with map_nats_errors(f"request to {subject}"):
+                raise exc
+        return decode(Event, reply.data)
+
+    async def reply(
+        self, request: Event, data: Any = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        self._check()
+        if request.reply_to is None:
+            raise ValueError("this event is not a request (no reply_to)")
+        event = Event(subject=request.subject, data=data, headers=_check_headers(headers))
+        with map_nats_errors(f"replying to {request.subject}"):
+            await self._t.nc.publish(request.reply_to, encode(event, self._limit))
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        subs, self._subs = self._subs, []
+        for subscription in subs:
+            await subscription.aclose()
+
+
+class _Record(_WireModel):
+    """What a log message carries (the position and time are the stream's)."""
+
+    data: Any = None
+    key: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class _NatsReader(EventReader):
+    def __init__(self, log_: NatsEventLog, stream: str, next_seq: int, cursor: str | None) -> None:
+        self._log = log_
+        self.stream = stream
+        self.cursor = cursor
+        self._next = next_seq
+        self._returned: int | None = None
+        self._committed: int | None = None
+        self._wake = asyncio.Event()
+        self._sub: Any = None
+        self._closed = False
+
+    async def _start(self) -> None:
+        async def on_append(_: Msg) -> None:
+            self._wake.set()
+
+        with map_nats_errors(f"watching {self.stream}"):
+            self._sub = await self._log._t.nc.subscribe(
+                self._log._subject(self.stream), cb=on_append
+            )
+
+    async def __anext__(self) -> LogEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        await self.commit()
+        backoff = 0.05
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            self._wake.clear()
+            try:
+                found = await self._log._get(self.stream, self._next)
+            except TransientTransportError as exc:
+                # Server restarting or unreachable: keep waiting (a caller's
+                # ``next(timeout)`` bounds it).
+                log.warning("event log %s: read retrying after: %s", self.stream, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
+            backoff = 0.05
+            if found is not None:
+                seq, event = found
+                self._returned = seq
+                self._next = seq + 1
+                return event
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_RECHECK):
+                    await self._wake.wait()
+            if self._closed:
+                raise StopAsyncIteration
+
+    async def seek(self, to: Start) -> None:
+        self._next = await self._log._seq_for(self.stream, check_start(to))
+
+    async def commit(self) -> None:
+        if self.cursor is None or self._returned is None:
+            return
+        position = self._returned + 1
+        if position != self._committed:
+            await self._log._store_cursor(self.stream, self.cursor, position)
+            self._committed = position
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        try:
+            await self.commit()
+        finally:
+            self._closed = True
+            self._wake.set()
+            if self._sub is not None:
+                with contextlib.suppress(Exception):
+                    await self._sub.unsubscribe()
+
+
+class NatsEventLog(EventLog):
+    """JetStream streams as event logs (see the module docstring)."""
+
+    def __init__(self, transport: NatsTransport) -> None:
+        self._t = transport
+        self._ns = transport.config.namespace
+        self._limit = transport.config.max_payload_bytes
+        self._readers: list[_NatsReader] = []
+        self._cursors: KeyValue | None = None
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("event log is closed")
+        self._t._check_open()
+
+    def _stream(self, stream: str) -> str:
+        return f"{self._ns}__log__{stream}"
+
+    def _subject(self, stream: str) -> str:
+        return f"{self._ns}.log.{stream}"
+
+    async def _ensure(self, stream: str) -> None:
+        await self._t.ensure_stream(
+            StreamConfig(
+                name=self._stream(stream),
+                subjects=[self._subject(stream)],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=self._t.options.replicas,
+            )
+        )
+
+    async def append(
+        self,
+        stream: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        self._check()
+        validate_name(stream, "stream name")
+        record = _Record(data=data, key=key, headers=_check_headers(headers))
+        # The size limit applies to the event as readers receive it.
+        encode(
+            LogEvent(stream=stream, position="0", appended_at=utcnow(), **record.model_dump()),
+            self._limit,
+        )
+        await self._ensure(stream)
+        with map_nats_errors(f"appending to {stream}"):
+            ack = await self._t.js.publish(
+                self._subject(stream),
+                encode(record),
+                timeout=self._t.options.request_timeout,
+                stream=self._stream(stream),
+            )
+        return str(ack.seq)
+
+    async def _get(self, stream: str, seq: int) -> tuple[int, LogEvent] | None:
+        """The first event at or after ``seq``, or None."""
+        with map_nats_errors(f"reading {stream}"):
+            try:
+                raw = await self._t.js.get_msg(
+                    self._stream(stream), seq=max(seq, 1), subject=self._subject(stream), next=True
+                )
+            except nats.js.errors.NotFoundError:
+                return None
+        assert raw.seq is not None
+        try:
+            record = decode(_Record, raw.data or b"")
+        except UndecodableMessageError as exc:
+            log.warning("event log %s: position %d is not an event: %s", stream, raw.seq, exc)
+            record = _Record(data=None, headers={})
+        event = LogEvent(
+            stream=stream,
+            position=str(raw.seq),
+            data=record.data,
+            key=record.key,
+            headers=record.headers,
+            appended_at=raw.time or utcnow(),
+        )
+        return raw.seq, event
+
+    async def _bounds(self, stream: str) -> tuple[int, int]:
+        with map_nats_errors(f"reading {stream}"):
+            info = await self._t.js.stream_info(self._stream(stream))
+        return info.state.first_seq or 1, info.state.last_seq or 0
+
+    async def _seq_for(self, stream: str, start: Start) -> int:
+        await self._ensure(stream)
+        if start == "earliest":
+            return 1
+        if start == "latest":
+            return (await self._bounds(stream))[1] + 1
+        if isinstance(start, datetime):
+            # Binary search on the server timestamps (append order = time
+            # order): the first sequence appended at or after ``start``.
+            low, last = await self._bounds(stream)
+            high = last + 1  # the answer is in [low, high]
+            while low < high:
+                mid = (low + high) // 2
+                found = await self._get(stream, mid)
+                if found is None or found[0] >= high:
+                    high = mid  # nothing stored in [mid, high)
+                elif found[1].appended_at >= start:
+                    high = found[0]
+                else:
+                    low = found[0] + 1
+            return low
+        try:
+            return max(int(start), 1)
+        except ValueError:
+            raise ValueError(f"not a position of this log: {start!r}") from None
+
+    async def _cursor_bucket(self) -> KeyValue:
+        if self._cursors is None:
+            with map_nats_errors("opening the cursor bucket"):
+                self._cursors = await self._t.js.create_key_value(
+                    KeyValueConfig(
+                        bucket=f"{self._ns}__log_cursors",
+                        history=1,
+                        storage=StorageType.FILE,
+                        replicas=self._t.options.replicas,
+                    )
+                )
+        return self._cursors
+
+    async def _store_cursor(self, stream: str, cursor: str, position: int) -> None:
+        bucket = await self._cursor_bucket()
+        with map_nats_errors(f"storing cursor {cursor} of {stream}"):
+            await bucket.put(f"{stream}.{cursor}", str(position).encode())
+
+    async def _load_cursor(self, stream: str, cursor: str) -> int | None:
+        bucket = await self._cursor_bucket()
+        with map_nats_errors(f"loading cursor {cursor} of {stream}"):
+            try:
+                entry = await bucket.get(f"{stream}.{cursor}")
+            except nats.js.errors.KeyNotFoundError:
+                return None
+        try:
+            return int(entry.value or b"")
+        except ValueError:
+            return None
+
+    async def read(
+        self, stream: str, start: Start = "earliest", *, cursor: str | None = None
+    ) -> EventReader:
+        self._check()
+        validate_name(stream, "stream name")
+        start = check_start(start)
+        stored = None
+        if cursor is not None:
+            validate_name(cursor, "cursor name")
+            stored = await self._load_cursor(stream, cursor)
+        next_seq = stored if stored is not None else await self._seq_for(stream, start)
+        reader = _NatsReader(self, stream, next_seq, cursor)
+        if stored is not None:
+            reader._committed = stored
+        await reader._start()
+        self._readers.append(reader)
+        return reader
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        readers, self._readers = self._readers, []
+        for reader in readers:
+            with contextlib.suppress(Exception):
+                await reader.aclose()

@@ -1,0 +1,652 @@
+"""JetStream request queue: one work-queue stream per queue, one durable pull
+consumer shared by all its workers, one dead-letter stream.
+
+Leases are JetStream's ack wait (``ack_wait = lease_seconds``); the delivery
+count (``metadata.num_delivered``) is the attempt. JetStream alone never
+dead-letters (``max_deliver`` only emits an advisory and keeps the message),
+so this queue does: a request nacked on its last attempt, or seen again after
+its ``max_attempts``-th lease expired, is copied to the dead-letter stream
+(PubAck first) and then acked away.
+
+Pulls are issued by this module, one ``batch: 1`` request per waiting poll,
+each with its own reply subject and an ``expires`` no longer than the poll's
+remaining time (and ``pull_expires``). A pull that the server never answers —
+it restarted and forgot it — is abandoned after its expiry plus a grace
+period, and every pull is re-issued at once when the client reconnects, so a
+restarted server never leaves a consumer silently stalled. A message that
+arrives for a poll that has already given up (timeout, cancellation) is kept
+and handed to the next poll while its lease is still good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections import deque
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from transport import (
+    DeadLetter,
+    Delivery,
+    QueueStats,
+    RequestQueue,
+    WorkRequest,
+    decode,
+    encode,
+    utcnow,
+)
+from transport._naming import internal_name
+from transport._queue import seconds as _seconds
+from transport.errors import (
+    ClosedResourceError,
+    TransientTransportError,
+    TransportError,
+    UndecodableMessageError,
+)
+from transport_nats._errors import map_nats_errors
+
+if TYPE_CHECKING:
+    from transport_nats._transport import NatsTransport
+
+__all__ = ["NatsDelivery", "NatsRequestQueue"]
+
+log = logging.getLogger("transport.nats")
+
+_NO_WAIT_BELOW = 0.02  # a poll with less time left asks with no_wait
+
+
+def _status(msg: Msg) -> str | None:
+    headers = msg.headers
+    if headers and not msg.data:
+        return headers.get("Status")
+    return None
+
+
+class NatsDelivery(Delivery):
+    """A message pulled from the queue's consumer, leased until settled or
+    until its ack wait runs out (tracked locally, so a stale delivery reports
+    ``False`` instead of acking a message another worker now holds)."""
+
+    __slots__ = ("_keeper", "_lease_until", "_msg", "_q", "_seq", "_settled")
+
+    def __init__(
+        self, request: WorkRequest, queue: NatsRequestQueue, msg: Msg, seq: int, lease_until: float
+    ):
+        super().__init__(request)
+        self._q = queue
+        self._msg = msg
+        self._seq = seq
+        self._lease_until = lease_until
+        self._settled = False
+        self._keeper: asyncio.Task[None] | None = None
+
+    def _usable(self) -> bool:
+        if self._settled:
+            return False
+        if asyncio.get_running_loop().time() >= self._lease_until:
+            self._finish()  # the server has redelivered it, or is about to
+            return False
+        return True
+
+    def _finish(self) -> None:
+        self._settled = True
+        if self._q._held.get(self._seq) is self:
+            del self._q._held[self._seq]
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and keeper is not asyncio.current_task():
+            keeper.cancel()
+
+    async def _settle(self, payload: bytes) -> bool:
+        if not self._usable():
+            return False
+        self._settled = True
+        try:
+            await self._q._reply(self._msg, payload)
+        except BaseException:
+            self._settled = False
+            raise
+        self._finish()
+        return True
+
+    async def ack(self) -> bool:
+        return await self._settle(b"+ACK")
+
+    async def nack(
+        self, delay: float | timedelta | None = None, *, error: str | None = None
+    ) -> bool:
+        wait = _seconds(delay) or 0.0
+        if not self._usable():
+            return False
+        if self.attempt >= self._q.max_attempts:
+            return await self.dead_letter(error or f"nacked after {self.attempt} deliveries")
+        if error:
+            self._q._t.remember_error(self._q.stream, self._seq, error)
+        if wait > 0:
+            return await self._settle(b"-NAK " + json.dumps({"delay": int(wait * 1e9)}).encode())
+        return await self._settle(b"-NAK")
+
+    async def extend(self, seconds: float | timedelta | None = None) -> bool:
+        wanted = _seconds(seconds) or self._q.lease_seconds
+        if not self._usable():
+            return False
+        await self._q._reply(self._msg, b"+WPI")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._lease_until = now + self._q.lease_window
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
+        if wanted > self._q.lease_seconds:
+            # The server renews by one ack wait per +WPI: keep renewing until
+            # the asked-for time has passed (or the delivery is settled).
+            self._keeper = asyncio.create_task(self._keep(now + wanted))
+        return True
+
+    async def _keep(self, until: float) -> None:
+        loop = asyncio.get_running_loop()
+        period = max(self._q.lease_seconds / 3, 0.05)
+        while not self._settled:
+            await asyncio.sleep(min(period, max(until - loop.time(), 0.0)))
+            if self._settled or loop.time() >= until or loop.time() >= self._lease_until:
+                return  # done, or the lease was already lost: renew nobody else's
+            try:
+                await self._q._reply(self._msg, b"+WPI")
+            except TransportError as exc:
+                log.warning("queue %r: lease renewal failed: %s", self._q.name, exc)
+                continue
+            if not self._settled:
+                self._lease_until = loop.time() + self._q.lease_window
+
+    async def dead_letter(self, error: str) -> bool:
+        if not self._usable():
+            return False
+        self._settled = True
+        try:
+            await self._q._dead_letter_msg(self._msg, self.request, error, self.attempt)
+        except BaseException:
+            self._settled = False
+            raise
+        self._finish()
+        return True
+
+
+class NatsRequestQueue(RequestQueue):
+    """See the module docstring. Guarantees as :class:`RequestQueue`."""
+
+    def __init__(
+        self, transport: NatsTransport, name: str, *, lease_seconds: float, max_attempts: int
+    ):
+        self.name = name
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self._t = transport
+        self._opts = transport.options
+        ns = transport.config.namespace
+        self.stream = f"{ns}__{name}"
+        self.subject = f"{ns}.q.{name}"
+        self.dlq_stream = f"{ns}__{internal_name(name, 'dlq')}"
+        self.dlq_subject = f"{ns}.dlq.{name}"
+        self.durable = transport.config.consumer_group
+        # The local view of a lease ends a little before the server's, which
+        # starts when it sent the message (before we received it).
+        self.lease_window = lease_seconds - min(0.05 * lease_seconds, 0.25)
+        self._setup_lock = asyncio.Lock()
+        self._consumer_ready = False
+        self._sub: Any = None
+        self._inbox = ""
+        self._pulls: dict[str, tuple[asyncio.Future[Msg | None], float]] = {}
+        self._orphans: deque[tuple[Msg, float]] = deque()
+        self._held: dict[int, NatsDelivery] = {}
+        self._tokens = itertools.count()
+        self._closed = False
+        self._blocked_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"<NatsRequestQueue {self.name!r} stream={self.stream}>"
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"queue {self.name!r} is closed")
+        self._t._check_open()
+
+    # -- setup -------------------------------------------------------------
+    async def _ensure_streams(self) -> None:
+        if self._t.has_streams(self.stream, self.dlq_stream):
+            return
+        opts = self._opts
+        await self._t.ensure_stream(
+            StreamConfig(
+                name=self.stream,
+                subjects=[self.subject],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                duplicate_window=opts.duplicate_window,
+                num_replicas=opts.replicas,
+            )
+        )
+        await self._t.ensure_stream(
+            StreamConfig(
+                name=self.dlq_stream,
+                subjects=[self.dlq_subject],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                duplicate_window=opts.duplicate_window,
+                num_replicas=opts.replicas,
+            )
+        )
+
+    async def _ensure_consumer(self) -> None:
+        if self._consumer_ready:
+            return
+        async with self._setup_lock:
+            if self._consumer_ready:
+                return
+            await self._ensure_streams()
+            with map_nats_errors(f"creating consumer {self.durable} on {self.stream}"):
+                await self._t.js.add_consumer(
+                    self.stream,
+                    ConsumerConfig(
+                        durable_name=self.durable,
+                        ack_policy=AckPolicy.EXPLICIT,
+                        deliver_policy=DeliverPolicy.ALL,
+                        ack_wait=self.lease_seconds,
+                        max_deliver=-1,
+                        max_ack_pending=self._opts.max_ack_pending,
+                        num_replicas=self._opts.replicas,
+                    ),
+                )
+                if self._sub is None:
+                    self._inbox = self._t.nc.new_inbox()
+                    self._sub = await self._t.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+                    self._t.add_reconnect_listener(self._on_reconnect)
+            self._consumer_ready = True
+
+    # -- producing -----------------------------------------------------------
+    async def _publish(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
+        """Publish and wait for the PubAck, retrying transient failures with
+        the same ``Nats-Msg-Id`` (the stream stores it once)."""
+        try:
+            await self._publish_once(subject, stream, body, msg_id)
+            return
+        except TransientTransportError:
+            if self._opts.enqueue_retry_seconds <= 0:
+                raise
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientTransportError),
+            stop=stop_after_delay(self._opts.enqueue_retry_seconds),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                await self._publish_once(subject, stream, body, msg_id)
+
+    async def _publish_once(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
+        self._check()
+        try:
+            await self._ensure_streams()
+            with map_nats_errors(f"publishing to {stream}"):
+                await self._t.js.publish(
+                    subject,
+                    body,
+                    timeout=self._opts.request_timeout,
+                    stream=stream,
+                    headers={"Nats-Msg-Id": msg_id},
+                )
+        except TransientTransportError:
+            # Re-check the streams on the next try (a restarted or wiped
+            # server may have lost them).
+            self._t.forget_stream(stream)
+            raise
+
+    async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        self._check()
+        if request.enqueued_at is None:
+            request = request.model_copy(update={"enqueued_at": utcnow()})
+        body = encode(request, self._t.config.max_payload_bytes)
+        await self._publish(self.subject, self.stream, body, request.request_id)
+        return request
+
+    # -- consuming -----------------------------------------------------------
+    async def _on_msg(self, msg: Msg) -> None:
+        status = _status(msg)
+        if status is not None:
+            # Status messages come on the reply subject of the pull they end.
+            entry = self._pulls.pop(msg.subject, None)
+            if status == "100":  # heartbeat: the pull is still open
+                if entry is not None:
+                    self._pulls[msg.subject] = entry
+                return
+            if status in ("409", "503"):
+                desc = msg.headers.get("Description", "") if msg.headers else ""
+                log.debug("queue %r: pull ended with %s %s", self.name, status, desc)
+                # No responders / consumer deleted: check the consumer again
+                # and do not hammer the server meanwhile.
+                if status == "503" or "deleted" in desc.lower():
+                    self._consumer_ready = False
+                self._blocked_until = asyncio.get_running_loop().time() + 0.2
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(None)
+            return
+        # A JetStream message carries its stream subject, not the pull's reply
+        # subject: the server serves waiting pulls in order, so it answers the
+        # oldest open one. If that one's poll has given up, keep the message
+        # for the next poll.
+        now = asyncio.get_running_loop().time()
+        while self._pulls:
+            token = next(iter(self._pulls))
+            future, until = self._pulls.pop(token)
+            if until < now and not future.done():
+                future.cancel()
+                continue
+            if not future.done():
+                future.set_result(msg)
+                return
+            break
+        self._orphans.append((msg, now))
+
+    def _on_reconnect(self) -> None:
+        # Pull requests on a restarted server are gone: end them all now so
+        # that every waiting poll issues a fresh one.
+        pulls, self._pulls = self._pulls, {}
+        for future, _ in pulls.values():
+            if not future.done():
+                future.set_result(None)
+        self._consumer_ready = False
+
+    def _abandon(self, future: asyncio.Future[Msg | None]) -> None:
+        if future.done():
+            if not future.cancelled() and future.result() is not None:
+                msg = future.result()
+                assert msg is not None
+                self._orphans.append((msg, asyncio.get_running_loop().time()))
+        else:
+            future.cancel()
+
+    async def _pull_one(self, expires: float | None) -> Msg | None:
+        """One pull request for one message; ``expires`` None asks the server
+        to answer at once (no_wait)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # Forget pulls the server should long have answered.
+        for token, (stale, until) in list(self._pulls.items()):
+            if until < now:
+                del self._pulls[token]
+                if not stale.done():
+                    stale.cancel()
+        token = f"{self._inbox}.{next(self._tokens)}"
+        request: dict[str, Any] = {"batch": 1}
+        grace = min(1.0, self._opts.request_timeout)
+        if expires is None:
+            request["no_wait"] = True
+            wait = grace
+        else:
+            request["expires"] = max(int(expires * 1e9), 1_000_000)
+            wait = expires + grace
+        future: asyncio.Future[Msg | None] = loop.create_future()
+        self._pulls[token] = (future, now + wait)
+        try:
+            with map_nats_errors(f"pulling from {self.stream}"):
+                await self._t.nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
+                    json.dumps(request).encode(),
+                    reply=token,
+                )
+            done, _ = await asyncio.wait({future}, timeout=wait)
+        except BaseException:
+            self._abandon(future)
+            raise
+        if not done:
+            self._abandon(future)
+            return None
+        return future.result()
+
+    async def _accept(self, msg: Msg, received: float) -> NatsDelivery | None:
+        """Turn a pulled message into a delivery, or dead-letter it."""
+        try:
+            meta = msg.metadata
+        except nats.errors.Error:
+            log.warning("queue %r: ignoring a message without JetStream metadata", self.name)
+            return None
+        attempt = meta.num_delivered
+        seq = meta.sequence.stream
+        if attempt > self.max_attempts:
+            request: WorkRequest | None
+            try:
+                request = decode(WorkRequest, msg.data)
+            except UndecodableMessageError:
+                request = None
+            error = self._t.last_errors.pop((self.stream, seq), None) or (
+                f"not acknowledged after {attempt - 1} deliveries (lease expired)"
+            )
+            await self._dead_letter_msg(msg, request, error, attempt - 1)
+            return None
+        try:
+            request = decode(WorkRequest, msg.data)
+        except UndecodableMessageError as exc:
+            await self._dead_letter_msg(msg, None, str(exc), attempt)
+            return None
+        if request.attempt != attempt:
+            request = request.model_copy(update={"attempt": attempt})
+        delivery = NatsDelivery(request, self, msg, seq, received + self.lease_window)
+        self._held[seq] = delivery
+        return delivery
+
+    async def _from_orphans(self) -> NatsDelivery | None:
+        loop = asyncio.get_running_loop()
+        while self._orphans:
+            msg, received = self._orphans.popleft()
+            if loop.time() >= received + self.lease_window:
+                continue  # its lease ran out while nobody polled: redelivered by the server
+            delivery = await self._accept(msg, received)
+            if delivery is not None:
+                return delivery
+        return None
+
+    async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
+        self._check()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
+        backoff = 0.05
+        while True:
+            try:
+                return await self._poll_until(deadline)
+            except TransientTransportError as exc:
+                # The server is restarting or unreachable: keep trying while
+                # the caller is willing to wait; report it only when time is up.
+                self._check()
+                self._consumer_ready = False
+                if deadline is not None and loop.time() + backoff >= deadline:
+                    raise
+                log.warning("queue %r: poll retrying after: %s", self.name, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    async def _poll_until(self, deadline: float | None) -> NatsDelivery | None:
+        await self._ensure_consumer()
+        loop = asyncio.get_running_loop()
+        may_ask = True  # even poll(0) asks the server once
+        while True:
+            delivery = await self._from_orphans()
+            if delivery is not None:
+                return delivery
+            now = loop.time()
+            remaining = None if deadline is None else deadline - now
+            if not may_ask and remaining is not None and remaining <= 0:
+                return None
+            may_ask = False
+            if now < self._blocked_until:
+                pause = self._blocked_until - now
+                await asyncio.sleep(pause if remaining is None else max(min(pause, remaining), 0))
+                self._check()
+                await self._ensure_consumer()
+                continue
+            if remaining is not None and remaining < _NO_WAIT_BELOW:
+                expires = None
+            else:
+                expires = (
+                    self._opts.pull_expires
+                    if remaining is None
+                    else min(remaining, self._opts.pull_expires)
+                )
+            msg = await self._pull_one(expires)
+            if msg is not None:
+                delivery = await self._accept(msg, loop.time())
+                if delivery is not None:
+                    return delivery
+                may_ask = True  # that one was dead-lettered: look for the next
+            self._check()
+            if not self._consumer_ready:
+                await self._ensure_consumer()
+
+    # -- settling ------------------------------------------------------------
+    async def _reply(self, msg: Msg, payload: bytes) -> None:
+        """Send an ack-type reply and wait for the server's confirmation."""
+        assert msg.reply
+        with map_nats_errors(f"acknowledging on {self.stream}"):
+            await self._t.nc.request(msg.reply, payload, timeout=self._opts.request_timeout)
+
+    async def _dead_letter_msg(
+        self, msg: Msg, request: WorkRequest | None, error: str, attempts: int
+    ) -> None:
+        seq = msg.metadata.sequence.stream
+        record = DeadLetter(
+            queue=self.name,
+            request_id=request.request_id if request else None,
+            request=request,
+            raw=None if request else msg.data.decode("utf-8", "replace"),
+            error=error,
+            attempts=attempts,
+        )
+        # Message id from the source sequence: retrying the copy stores it once.
+        await self._publish(
+            self.dlq_subject, self.dlq_stream, encode(record), f"dlq-{self.stream}-{seq}"
+        )
+        await self._reply(msg, b"+ACK")
+        self._t.last_errors.pop((self.stream, seq), None)
+
+    # -- inspection ----------------------------------------------------------
+    async def stats(self) -> QueueStats:
+        self._check()
+        await self._ensure_streams()
+        js = self._t.js
+        with map_nats_errors(f"stats of {self.stream}"):
+            info = await js.stream_info(self.stream)
+            dead = await js.stream_info(self.dlq_stream)
+            try:
+                consumer = await js.consumer_info(self.stream, self.durable)
+                leased = consumer.num_ack_pending or 0
+            except nats.js.errors.NotFoundError:
+                leased = 0
+        messages = info.state.messages or 0
+        return QueueStats(
+            queue=self.name,
+            depth=max(messages - leased, 0),
+            # Leased includes nacked-with-delay requests and expired leases
+            # not yet redelivered: JetStream counts all of them as ack-pending.
+            in_flight=leased,
+            delayed=None,
+            dead_lettered=dead.state.messages or 0,
+        )
+
+    async def _dead_records(self) -> Any:
+        """Yield (sequence, record) of the dead-letter stream, oldest first."""
+        seq = 1
+        js = self._t.js
+        while True:
+            with map_nats_errors(f"reading {self.dlq_stream}"):
+                try:
+                    raw = await js.get_msg(
+                        self.dlq_stream, seq=seq, subject=self.dlq_subject, next=True
+                    )
+                except nats.js.errors.NotFoundError:
+                    return
+            assert raw.seq is not None
+            seq = raw.seq + 1
+            try:
+                record = decode(DeadLetter, raw.data or b"")
+            except UndecodableMessageError:
+                log.warning(
+                    "%s: skipping unreadable dead-letter record %d", self.dlq_stream, raw.seq
+                )
+                continue
+            yield raw.seq, record
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        self._check()
+        await self._ensure_streams()
+        out: list[DeadLetter] = []
+        if limit <= 0:
+            return out
+        async for _, record in self._dead_records():
+            out.append(record)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
+        self._check()
+        await self._ensure_streams()
+        wanted = None if request_ids is None else set(request_ids)
+        moved = 0
+        async for seq, record in self._dead_records():
+            request = record.request
+            if request is None or (wanted is not None and request.request_id not in wanted):
+                continue
+            body = encode(request.model_copy(update={"attempt": 1}))
+            # A distinct message id: the original id may still be inside the
+            # duplicate window, and the requeue must not be swallowed.
+            await self._publish(
+                self.subject, self.stream, body, f"{request.request_id}-requeue-{seq}"
+            )
+            with map_nats_errors(f"removing dead letter from {self.dlq_stream}"):
+                await self._t.js.delete_msg(self.dlq_stream, seq)
+            moved += 1
+        return moved
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._t.remove_reconnect_listener(self._on_reconnect)
+        for future, _ in self._pulls.values():
+            if not future.done():
+                future.cancel()
+        self._pulls.clear()
+        # Hand unsettled deliveries back now, not after their ack wait.
+        held = list(self._held.values())
+        self._held.clear()
+        nc = self._t.nc
+        for delivery in held:
+            delivery._finish()
+        with contextlib.suppress(Exception):
+            if self._sub is not None:
+                await self._sub.unsubscribe()
+        msgs = [d._msg for d in held] + [m for m, _ in self._orphans]
+        self._orphans.clear()
+        if msgs and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                for msg in msgs:
+                    if msg.reply:
+                        await nc.publish(msg.reply, b"-NAK")
+                await asyncio.wait_for(nc.flush(), self._opts.request_timeout)

@@ -1,0 +1,334 @@
+"""``nats://host:4222`` (also ``tls://``) — JetStream request queues and KV
+registries through nats-py (asyncio).
+
+Feature matrix: persistent ✓ (file-storage streams; an ``enqueue`` returns
+after the PubAck, which with ``sync_interval: always`` on the server means on
+disk), ordered ✓ (one consumer pulls in stream order; redeliveries — nacks,
+expired leases — come back ahead of newer requests), consumer_groups ✓ (one
+durable pull consumer shared by every worker of a queue), native_delay ✓
+(``nack(delay)`` is a JetStream NAK with delay), lease_extension ✓
+(``extend()`` is an in-progress ack, +WPI, repeated in the background for
+extensions longer than the lease), restart_broker ✓ (streams, consumers and KV
+buckets are file-backed; pull requests are re-issued after a reconnect),
+event_bus ✓ (core NATS), event_log ✓ (JetStream streams; see ``_events``).
+
+Name mapping (``ns`` = ``TransportConfig.namespace``, ``q`` = queue name):
+
+============================  =========================================
+queue stream (work-queue)     ``ns__q``, subject ``ns.q.q``
+dead-letter stream (limits)   ``ns__q__dlq``, subject ``ns.dlq.q``
+durable pull consumer         ``TransportConfig.consumer_group``
+registry KV bucket            ``ns__delivery__<name>``, ``ns__capability__capabilities``
+event bus subject ``s``       ``ns.ev.s`` (core NATS)
+event log stream ``s``        ``ns__log__s``, subject ``ns.log.s``; cursors in ``ns__log_cursors``
+============================  =========================================
+
+Names are validated (``[A-Za-z0-9_-]``, no ``__``) before they get here, so no
+``.``, ``*``, ``>``, whitespace or ``$`` can reach a subject token.
+
+Options (``TransportConfig.options``, see :class:`NatsOptions`):
+``servers``, ``duplicate_window`` (120 s), ``pull_expires`` (5 s),
+``request_timeout`` (5 s), ``enqueue_retry_seconds`` (10 s),
+``max_ack_pending`` (10000), ``replicas`` (1), ``connect_timeout`` (5 s),
+``max_reconnect_attempts`` (-1: forever), ``reconnect_time_wait`` (0.5 s),
+``name``, ``tls_handshake_first``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+
+from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport.errors import ConfigurationError, PermanentTransportError, TransientTransportError
+from transport_nats._config import NatsOptions, load_options, parse_servers
+from transport_nats._errors import classify_connect_error, map_nats_errors
+
+__all__ = ["NatsTransport", "open_nats"]
+
+log = logging.getLogger("transport.nats")
+
+# JetStream err_code: "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE = 10058
+_LAST_ERRORS_KEPT = 10_000
+
+
+def broker_name(namespace: str, *parts: str) -> str:
+    """Stream/bucket name from validated parts, joined by the reserved ``__``."""
+    return "__".join((namespace, *parts))
+
+
+class NatsTransport(Transport):
+    """One NATS connection (with JetStream) shared by every queue and registry."""
+
+    backend = "nats"
+    capabilities = TransportCapabilities(
+        persistent=True,
+        ordered=True,
+        consumer_groups=True,
+        native_delay=True,
+        lease_extension=True,
+        restart_broker=True,
+        event_bus=True,
+        event_log=True,
+    )
+
+    def __init__(self, config: TransportConfig) -> None:
+        super().__init__(config)
+        self.options: NatsOptions = load_options(config)
+        self.servers, self._url_creds = parse_servers(config.url, self.options.servers)
+        self.nc = NatsClient()
+        self._js: JetStreamContext | None = None
+        self._last_error: BaseException | None = None
+        self._fatal: asyncio.Future[BaseException] | None = None
+        self._reconnect_listeners: set[Callable[[], None]] = set()
+        self._ensured_streams: set[str] = set()
+        # Last nack error per (stream, sequence), so a request whose final
+        # lease expires in this process is dead-lettered with it.
+        self.last_errors: OrderedDict[tuple[str, int], str] = OrderedDict()
+
+    # -- connection ------------------------------------------------------
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        wanted = (
+            tls.enabled
+            or tls.ca_file is not None
+            or tls.cert_file is not None
+            or any(s.startswith("tls://") for s in self.servers)
+        )
+        if not wanted:
+            return None
+        try:
+            ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+            if tls.cert_file is not None:
+                ctx.load_cert_chain(
+                    str(tls.cert_file),
+                    str(tls.key_file) if tls.key_file else None,
+                    tls.key_password.get_secret_value() if tls.key_password else None,
+                )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"cannot load TLS files for NATS: {exc}") from exc
+        ctx.check_hostname = tls.verify_hostname
+        return ctx
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        cfg, opts = self.config, self.options
+        kwargs: dict[str, Any] = {
+            "servers": self.servers,
+            "name": opts.name,
+            "connect_timeout": opts.connect_timeout,
+            "reconnect_time_wait": opts.reconnect_time_wait,
+            # Few attempts for the first connection, so a wrong password or an
+            # unreachable server is reported quickly; unlimited afterwards.
+            "max_reconnect_attempts": 1,
+            "allow_reconnect": True,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "tls_handshake_first": opts.tls_handshake_first,
+        }
+        user = cfg.username or self._url_creds.get("user")
+        password = (
+            cfg.password.get_secret_value() if cfg.password else self._url_creds.get("password")
+        )
+        token = cfg.token.get_secret_value() if cfg.token else self._url_creds.get("token")
+        if user is not None:
+            kwargs["user"] = user
+            kwargs["password"] = password or ""
+        if token is not None:
+            kwargs["token"] = token
+        if cfg.nkey_seed is not None:
+            kwargs["nkeys_seed_str"] = cfg.nkey_seed.get_secret_value()
+        if cfg.credentials_file is not None:
+            if not cfg.credentials_file.is_file():
+                raise ConfigurationError(
+                    f"NATS credentials file {cfg.credentials_file} does not exist"
+                )
+            kwargs["user_credentials"] = str(cfg.credentials_file)
+        tls = self._tls_context()
+        if tls is not None:
+            kwargs["tls"] = tls
+        return kwargs
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._last_error = exc
+        fatal = self._fatal
+        permanent = isinstance(classify_connect_error(exc, ""), PermanentTransportError)
+        if fatal is not None and not fatal.done() and permanent:
+            fatal.set_result(exc)
+        log.debug("nats client error: %s: %s", type(exc).__name__, exc)
+
+    async def _on_disconnected(self) -> None:
+        log.info("disconnected from NATS")
+
+    async def _on_reconnected(self) -> None:
+        log.info(
+            "reconnected to NATS at %s",
+            self.nc.connected_url.netloc if self.nc.connected_url else "?",
+        )
+        # A restarted server has forgotten streams we cached as present and
+        # every pending pull request: re-check and re-issue.
+        self._ensured_streams.clear()
+        for listener in list(self._reconnect_listeners):
+            try:
+                listener()
+            except Exception:  # a listener must never break the client's task
+                log.exception("reconnect listener failed")
+
+    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        self._reconnect_listeners.add(listener)
+
+    def remove_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        self._reconnect_listeners.discard(listener)
+
+    async def _start(self) -> None:
+        kwargs = self._connect_kwargs()
+        where = ", ".join(self.servers)
+        loop = asyncio.get_running_loop()
+        fatal: asyncio.Future[BaseException] = loop.create_future()
+        self._fatal = fatal
+        connecting: asyncio.Future[Any] = asyncio.ensure_future(self.nc.connect(**kwargs))
+        # nats-py may keep retrying (or hang) after a refused TLS certificate
+        # or credentials: stop at the first such error instead of waiting.
+        budget = self.options.connect_timeout * 2 * len(self.servers) + 1.0
+        try:
+            await asyncio.wait(
+                {connecting, fatal}, timeout=budget, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(BaseException):
+                    await connecting
+                cause = fatal.result() if fatal.done() else self._last_error
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+                raise classify_connect_error(cause, where) from cause
+            connecting.result()
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            cause = self._last_error or exc
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+            raise classify_connect_error(cause, where) from exc
+        finally:
+            self._fatal = None
+        self.nc.options["max_reconnect_attempts"] = self.options.max_reconnect_attempts
+        self._js = self.nc.jetstream(timeout=self.options.request_timeout)
+        try:
+            with map_nats_errors("checking JetStream"):
+                await self._js.account_info()
+        except PermanentTransportError as exc:
+            await self.nc.close()
+            raise ConfigurationError(
+                f"JetStream is not enabled for this account on {where} (start nats-server with -js)"
+            ) from exc
+        except TransientTransportError:
+            await self.nc.close()
+            raise
+
+    @property
+    def js(self) -> JetStreamContext:
+        self._check_open()
+        assert self._js is not None
+        return self._js
+
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Create the stream, or update it if it exists with other settings."""
+        assert config.name is not None
+        if config.name in self._ensured_streams:
+            return
+        with map_nats_errors(f"creating stream {config.name}"):
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                await self.js.update_stream(config)
+        self._ensured_streams.add(config.name)
+
+    def has_streams(self, *names: str) -> bool:
+        return all(name in self._ensured_streams for name in names)
+
+    def forget_stream(self, name: str) -> None:
+        self._ensured_streams.discard(name)
+
+    def remember_error(self, stream: str, seq: int, error: str) -> None:
+        self.last_errors[(stream, seq)] = error
+        self.last_errors.move_to_end((stream, seq))
+        while len(self.last_errors) > _LAST_ERRORS_KEPT:
+            self.last_errors.popitem(last=False)
+
+    # -- Transport SPI -----------------------------------------------------
+    def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> Any:
+        from transport_nats._queue import NatsRequestQueue
+
+        return NatsRequestQueue(self, name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+
+    def _open_keyed_log(self, kind: str, name: str) -> Any:
+        from transport_nats._registries import NatsKeyedLog
+
+        return NatsKeyedLog(self, broker_name(self.config.namespace, kind, name))
+
+    def _open_event_bus(self) -> Any:
+        from transport_nats._events import NatsEventBus
+
+        return NatsEventBus(self)
+
+    def _open_event_log(self) -> Any:
+        from transport_nats._events import NatsEventLog
+
+        return NatsEventLog(self)
+
+    async def health(self) -> HealthStatus:
+        start = time.perf_counter()
+        if self._closed or self._js is None:
+            return HealthStatus(ok=False, backend="nats", detail="transport is closed")
+        if not self.nc.is_connected:
+            return HealthStatus(
+                ok=False, backend="nats", detail=f"not connected to {', '.join(self.servers)}"
+            )
+        try:
+            with map_nats_errors("health check"):
+                info = await self._js.account_info()
+        except Exception as exc:
+            return HealthStatus(ok=False, backend="nats", detail=str(exc))
+        url = self.nc.connected_url
+        return HealthStatus(
+            ok=True,
+            backend="nats",
+            detail=(
+                f"{url.hostname if url else '?'}:{url.port if url else '?'} "
+                f"(server {self.nc.connected_server_version}, {info.streams} streams)"
+            ),
+            latency_ms=(time.perf_counter() - start) * 1000,
+        )
+
+    async def _close_backend(self) -> None:
+        self._reconnect_listeners.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.flush(), self.options.request_timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.close(), self.options.request_timeout)
+
+
+async def open_nats(config: TransportConfig) -> NatsTransport:
+    """Entry point for ``nats://`` and ``tls://``.
+
+    Raises: ConfigurationError (bad options, JetStream off), PermanentTransportError
+    (credentials or TLS refused), TransientTransportError (no server reachable).
+    """
+    transport = NatsTransport(config)
+    await transport._start()
+    return transport

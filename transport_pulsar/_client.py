@@ -1,0 +1,431 @@
+"""The asyncio bridge over pulsar-client's C++ core — the only module that
+touches client threads.
+
+Every client operation is started with its ``*_async`` variant; the callback
+runs on a C++ I/O thread and hands the outcome to the event loop with
+``loop.call_soon_threadsafe`` (callback → future). The few calls that may
+block (building and shutting down the client) run on one dedicated thread.
+Every wait has a timeout, flush and close included.
+
+Receiving is a pump, not a per-call future: a message handed over by the
+client is appended to a local buffer by the loop, so a cancelled ``poll``
+can never drop a message the client already gave us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeAlias
+
+import _pulsar
+import pulsar
+
+from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
+
+__all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
+
+log = logging.getLogger("transport.pulsar")
+_client_log = logging.getLogger("transport.pulsar.client")
+
+# pulsar-client ships no type information: its objects are opaque here.
+Message: TypeAlias = Any
+MessageId: TypeAlias = Any
+
+
+def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
+    if future.done():
+        return
+    if result == _pulsar.Result.Ok:
+        future.set_result(value)
+    else:
+        future.set_exception(PulsarResultError(result))
+
+
+def _result_callback(future: asyncio.Future[Any]) -> Callable[..., None]:
+    """Callback for ``fn(..., callback(result[, value]))`` style calls."""
+    loop = future.get_loop()
+
+    def callback(result: Any, value: Any = None) -> None:
+        with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
+            loop.call_soon_threadsafe(_settle, future, result, value)
+
+    return callback
+
+
+def _settle_v2(future: asyncio.Future[Any], value: Any) -> None:
+    if future.done():
+        return
+    if isinstance(value, _pulsar.Error):
+        future.set_exception(PulsarResultError(value.error, value.message))
+    else:
+        future.set_result(value)
+
+
+def _value_callback(future: asyncio.Future[Any]) -> Callable[[Any], None]:
+    """Callback for ``*_async_v2`` calls (one argument: value or Error)."""
+    loop = future.get_loop()
+
+    def callback(value: Any) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle_v2, future, value)
+
+    return callback
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _close_late_consumer(future: asyncio.Future[Any]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    with contextlib.suppress(Exception):
+        future.result().close_async(lambda *_: None)
+
+
+async def _wait(future: asyncio.Future[Any], timeout: float, what: str) -> Any:
+    with map_pulsar_errors(what):
+        return await asyncio.wait_for(future, timeout)
+
+
+class AsyncProducer:
+    """A non-batching producer: every send has its own broker receipt."""
+
+    def __init__(self, producer: _pulsar.Producer, topic: str, timeout: float) -> None:
+        self._producer = producer
+        self.topic = topic
+        self._timeout = timeout
+
+    async def send(
+        self,
+        data: bytes,
+        *,
+        key: str | None = None,
+        properties: dict[str, str] | None = None,
+        deliver_after: float | None = None,
+        null_value: bool = False,
+    ) -> MessageId:
+        """Publish and wait for the broker's send receipt (the message is
+        durably stored once this returns)."""
+        builder = _pulsar.MessageBuilder()
+        builder.content(data)
+        if key is not None:
+            builder.partition_key(key)
+        for name, value in (properties or {}).items():
+            builder.property(name, value)
+        if deliver_after:
+            builder.deliver_after(timedelta(seconds=deliver_after))
+        if null_value:
+            builder.set_null_value()
+        future: asyncio.Future[MessageId] = asyncio.get_running_loop().create_future()
+        with map_pulsar_errors(f"send to {self.topic}"):
+            self._producer.send_async(builder.build(), _result_callback(future))
+        # The client fails the send itself after send_timeout; ours is a backstop.
+        result: MessageId = await _wait(future, self._timeout + 5.0, f"send to {self.topic}")
+        return result
+
+    async def close(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        flushed: asyncio.Future[None] = loop.create_future()
+        closed: asyncio.Future[None] = loop.create_future()
+        with contextlib.suppress(Exception):
+            self._producer.flush_async(_result_callback(flushed))
+            await _wait(flushed, timeout, f"flush {self.topic}")
+        with contextlib.suppress(Exception):
+            self._producer.close_async(_result_callback(closed))
+            await _wait(closed, timeout, f"close producer {self.topic}")
+
+
+class AsyncConsumer:
+    """A subscription member with a cancellation-safe receive pump.
+
+    At most one ``receive_async`` is outstanding, and only while someone
+    waits for a message; what it yields lands in ``_ready`` on the loop.
+    """
+
+    def __init__(
+        self,
+        consumer: _pulsar.Consumer,
+        topic: str,
+        loop: asyncio.AbstractEventLoop,
+        ack_flush_wait: float,
+    ) -> None:
+        self._consumer = consumer
+        self._ack_flush_wait = ack_flush_wait
+        self.topic = topic
+        self._loop = loop
+        self._ready: collections.deque[Message] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._receiving = False
+        self._closed = False
+        self._retry: asyncio.TimerHandle | None = None
+
+    def _request(self) -> None:
+        if self._receiving or self._closed or self._retry is not None:
+            return
+        self._receiving = True
+        loop = self._loop
+
+        def on_message(result: Any, message: Any = None) -> None:  # a client thread
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._on_message, result, message)
+
+        try:
+            self._consumer.receive_async(on_message)
+        except Exception as exc:
+            self._receiving = False
+            log.warning("receive on %s failed to start: %s", self.topic, exc)
+            self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        def again() -> None:
+            self._retry = None
+            if not self._closed:
+                self._arrived.set()  # wake waiters so they re-request
+
+        self._retry = self._loop.call_later(0.5, again)
+
+    def _on_message(self, result: Any, message: Any) -> None:
+        self._receiving = False
+        if result == _pulsar.Result.Ok:
+            self._ready.append(message)
+            self._arrived.set()
+        elif not self._closed and result != _pulsar.Result.AlreadyClosed:
+            log.warning(
+                "receive on %s failed: %s; retrying", self.topic, getattr(result, "name", result)
+            )
+            self._schedule_retry()
+
+    async def next(self, timeout: float) -> Message | None:
+        """The next message, or ``None`` after ``timeout`` seconds."""
+        deadline = self._loop.time() + timeout
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            if self._closed:
+                return None
+            self._arrived.clear()
+            self._request()
+            # A message already prefetched is handed over at once, but through
+            # the loop: let it land before deciding that nothing is there.
+            await asyncio.sleep(0)
+            if self._ready:
+                continue
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+
+    def push_back(self, message: Message) -> None:
+        """Return a message taken by :meth:`next` but not used (front of the line)."""
+        self._ready.appendleft(message)
+
+    async def acknowledge(self, message: Message, timeout: float) -> None:
+        future: asyncio.Future[None] = self._loop.create_future()
+        with map_pulsar_errors(f"ack on {self.topic}"):
+            self._consumer.acknowledge_async(message, _result_callback(future))
+        await _wait(future, timeout, f"ack on {self.topic}")
+        # The C++ client completes an ack as soon as it is queued in its ack
+        # grouping tracker, which reaches the socket on the next 100 ms tick
+        # (neither ackGroupingTime nor ack receipts are settable from Python).
+        # Waiting past that tick means a process killed after ack() returned
+        # has still sent its ack.
+        if self._ack_flush_wait:
+            await asyncio.sleep(self._ack_flush_wait)
+
+    def negative_acknowledge(self, message: Message) -> None:
+        """Ask the broker to redeliver ``message`` (after the consumer's
+        nack delay). Non-blocking: the client only records it."""
+        if self._closed:
+            return
+        with map_pulsar_errors(f"nack on {self.topic}"):
+            self._consumer.negative_acknowledge(message)
+
+    async def close(self, timeout: float) -> None:
+        """Leave the subscription: every unacknowledged message of this
+        consumer (leased, buffered or prefetched) goes back to the broker."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        self._ready.clear()
+        self._arrived.set()
+        future: asyncio.Future[None] = self._loop.create_future()
+        with contextlib.suppress(Exception):
+            self._consumer.close_async(_result_callback(future))
+            await _wait(future, timeout, f"close consumer {self.topic}")
+
+
+class AsyncReader:
+    """A non-durable cursor over a topic. Reads are shielded: a cancelled
+    ``read_next`` leaves its message for the next call."""
+
+    def __init__(self, reader: _pulsar.Reader, topic: str, timeout: float) -> None:
+        self._reader = reader
+        self.topic = topic
+        self._timeout = timeout
+        self._pending: asyncio.Future[Message] | None = None
+
+    async def has_message_available(self) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        with map_pulsar_errors(f"read {self.topic}"):
+            self._reader.has_message_available_async(_result_callback(future))
+        return bool(await _wait(future, self._timeout, f"read {self.topic}"))
+
+    async def read_next(self, timeout: float | None = None) -> Message | None:
+        """The next message; ``None`` if none arrived within ``timeout``."""
+        if self._pending is None:
+            future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+            with map_pulsar_errors(f"read {self.topic}"):
+                self._reader.read_next_async(_result_callback(future))
+            # A read abandoned by a seek or close may still fail later: retrieve it.
+            future.add_done_callback(_retrieve)
+            self._pending = future
+        pending = self._pending
+        try:
+            with map_pulsar_errors(f"read {self.topic}"):
+                message = await asyncio.wait_for(asyncio.shield(pending), timeout)
+        except TimeoutError:
+            return None
+        except BaseException:
+            if pending.done():
+                self._pending = None
+            raise
+        self._pending = None
+        return message
+
+    async def close(self, timeout: float) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(Exception):
+            self._reader.close_async(_result_callback(future))
+            await _wait(future, timeout, f"close reader {self.topic}")
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+
+
+class AsyncPulsarClient:
+    """One ``pulsar.Client`` (one connection pool) per transport."""
+
+    def __init__(
+        self,
+        service_url: str,
+        *,
+        operation_timeout: float,
+        close_timeout: float,
+        send_timeout_ms: int,
+        **client_kwargs: Any,
+    ) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="pulsar-bridge"
+        )
+        self._operation_timeout = operation_timeout
+        self._close_timeout = close_timeout
+        self._send_timeout_ms = send_timeout_ms
+        with map_pulsar_errors("pulsar client"):
+            self._client = pulsar.Client(
+                service_url,
+                operation_timeout_seconds=max(1, round(operation_timeout)),
+                logger=_client_log,
+                **client_kwargs,
+            )
+        self._core: _pulsar.Client = self._client._client
+        self._closed = False
+
+    async def create_producer(self, topic: str) -> AsyncProducer:
+        conf = _pulsar.ProducerConfiguration()
+        conf.batching_enabled(False)  # one receipt per message: enqueue returns on *its* receipt
+        conf.send_timeout_millis(self._send_timeout_ms)
+        conf.block_if_queue_full(True)
+        future: asyncio.Future[_pulsar.Producer] = asyncio.get_running_loop().create_future()
+        with map_pulsar_errors(f"create producer on {topic}"):
+            self._core.create_producer_async_v2(topic, conf, _value_callback(future))
+        producer = await _wait(future, self._operation_timeout + 5.0, f"create producer on {topic}")
+        return AsyncProducer(producer, topic, self._send_timeout_ms / 1000)
+
+    async def subscribe(
+        self,
+        topic: str,
+        subscription: str,
+        *,
+        key_shared: bool,
+        receiver_queue_size: int,
+        nack_delay_ms: int,
+        ack_flush_wait: float,
+        attempt_timeout: float,
+    ) -> AsyncConsumer:
+        """Join ``subscription``; one attempt, given up after ``attempt_timeout``.
+
+        An abandoned attempt keeps running inside the client; if it succeeds
+        later, that consumer is closed at once so it cannot hold messages.
+        """
+        conf = _pulsar.ConsumerConfiguration()
+        conf.consumer_type(
+            pulsar.ConsumerType.KeyShared if key_shared else pulsar.ConsumerType.Shared
+        )
+        conf.receiver_queue_size(receiver_queue_size)
+        conf.negative_ack_redelivery_delay_ms(nack_delay_ms)
+        # Earliest: a subscription created after requests were enqueued still gets them.
+        conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
+        # No ackTimeout: leases are enforced by the queue (the client's 10 s
+        # minimum and its lack of a per-message reset rule it out).
+        future: asyncio.Future[_pulsar.Consumer] = asyncio.get_running_loop().create_future()
+        with map_pulsar_errors(f"subscribe to {topic}"):
+            self._core.subscribe_async_v2(topic, subscription, conf, _value_callback(future))
+        try:
+            consumer = await _wait(asyncio.shield(future), attempt_timeout, f"subscribe to {topic}")
+        except BaseException:
+            future.add_done_callback(_close_late_consumer)
+            raise
+        return AsyncConsumer(consumer, topic, asyncio.get_running_loop(), ack_flush_wait)
+
+    async def create_reader(
+        self, topic: str, start: MessageId | None = None, *, inclusive: bool = False
+    ) -> AsyncReader:
+        """A reader from ``start`` (default: the earliest message);
+        ``inclusive`` also applies to later seeks to a message id."""
+        conf = _pulsar.ReaderConfiguration()
+        conf.receiver_queue_size(200)
+        conf.start_message_id_inclusive(inclusive)
+        begin = _pulsar.MessageId.earliest if start is None else start
+        future: asyncio.Future[_pulsar.Reader] = asyncio.get_running_loop().create_future()
+        with map_pulsar_errors(f"create reader on {topic}"):
+            self._core.create_reader_async_v2(topic, begin, conf, _value_callback(future))
+        reader = await _wait(future, self._operation_timeout + 5.0, f"create reader on {topic}")
+        return AsyncReader(reader, topic, self._operation_timeout + 5.0)
+
+    async def topic_partitions(self, topic: str, timeout: float) -> list[str]:
+        """A metadata round trip to the broker (used as a health probe)."""
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        with map_pulsar_errors(f"lookup {topic}"):
+            self._core.get_topic_partitions_async(topic, _result_callback(future))
+        result: list[str] = await _wait(future, timeout, f"lookup {topic}")
+        return result
+
+    async def run_blocking(self, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run a blocking call on the bridge's dedicated thread."""
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self._executor, fn), timeout)
+
+    async def close(self) -> None:
+        """Close every producer, consumer and reader; bounded by the close timeout."""
+        if self._closed:
+            return
+        self._closed = True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self._core.close_async(_result_callback(future))
+            await asyncio.wait_for(future, self._close_timeout)
+        except Exception as exc:
+            log.warning("pulsar client did not close cleanly (%s); shutting it down", exc)
+            with contextlib.suppress(Exception):
+                await self.run_blocking(self._core.shutdown, self._close_timeout)
+        self._executor.shutdown(wait=False)

@@ -1,0 +1,233 @@
+"""``PulsarEventLog``: one persistent topic per stream, read with readers.
+
+* append: a non-batched send; the position is the message id
+  (``<ledger>-<entry>``), returned on the send receipt.
+* read/seek: a reader from the earliest or latest message, a position
+  (inclusive) or a time: the first event published at or after it, found by
+  reading from the earliest event (pulsar-lite does not implement seeking by
+  publish time), so a time seek costs a scan of the stream.
+* named cursors: positions kept in a keyed topic ``<prefix>.logcursor.<stream>``
+  (key = cursor name), so they survive restarts without relying on
+  subscription state; a resumed reader starts after the stored event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import _pulsar
+
+from transport import LogEvent, encode, utcnow
+from transport._events import EventLog, EventReader, Start, _check_headers, check_start
+from transport._naming import validate_name
+from transport.errors import ClosedResourceError, TransportError
+from transport_pulsar._client import AsyncProducer, AsyncReader, Message, MessageId
+from transport_pulsar._registries import KeyedTopic
+
+if TYPE_CHECKING:
+    from transport_pulsar._transport import PulsarTransport
+
+__all__ = ["PulsarEventLog", "PulsarEventReader"]
+
+
+def _position(message_id: Any) -> str:
+    return f"{message_id.ledger_id()}-{message_id.entry_id()}"
+
+
+def _message_id(position: str) -> MessageId:
+    try:
+        ledger, entry = (int(part) for part in position.split("-"))
+    except ValueError:
+        raise ValueError(f"not a position of this log: {position!r}") from None
+    return _pulsar.MessageId(-1, ledger, entry, -1)
+
+
+def _millis(moment: datetime) -> int:
+    return int(moment.astimezone(UTC).timestamp() * 1000)
+
+
+def _target(start: Start) -> MessageId:
+    """The message id to start at; a time starts at the earliest message and
+    is applied by the reader (see :class:`PulsarEventReader`)."""
+    if isinstance(start, datetime) or start == "earliest":
+        return _pulsar.MessageId.earliest
+    if start == "latest":
+        return _pulsar.MessageId.latest
+    return _message_id(start)
+
+
+class PulsarEventReader(EventReader):
+    def __init__(
+        self,
+        log: PulsarEventLog,
+        stream: str,
+        reader: AsyncReader,
+        cursor: str | None,
+        skip: str | None,
+    ) -> None:
+        self.stream = stream
+        self.cursor = cursor
+        self._log = log
+        self._reader = reader
+        self._skip = skip  # the committed event a resumed cursor starts on
+        # Seeks to a time scan from the earliest event and skip what was
+        # published before it: pulsar-lite answers a seek by publish time
+        # with success and then delivers nothing.
+        self._not_before_ms: int | None = None
+        self._last: str | None = None
+        self._committed: str | None = skip
+        self._closed = False
+
+    async def __anext__(self) -> LogEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        # "Each event is committed when the next one is requested."
+        await self.commit()
+        while True:
+            message = await self._reader.read_next(None)
+            if message is None:
+                continue
+            position = _position(message.message_id())
+            if self._skip is not None:
+                skip, self._skip = self._skip, None
+                if position == skip:
+                    continue
+            if self._not_before_ms is not None:
+                if message.publish_timestamp() < self._not_before_ms:
+                    continue
+                self._not_before_ms = None
+            event = self._decode(message, position)
+            if event is None:
+                continue
+            self._last = position
+            return event
+
+    def _decode(self, message: Message, position: str) -> LogEvent | None:
+        try:
+            event = LogEvent.model_validate_json(bytes(message.data()))
+        except ValueError:
+            # A foreign record: surface nothing rather than crash the reader.
+            return None
+        return event.model_copy(update={"position": position, "stream": self.stream})
+
+    async def seek(self, to: Start) -> None:
+        if self._closed:
+            raise ClosedResourceError("event reader is closed")
+        self._skip = None
+        to = check_start(to)
+        # A fresh reader at the target rather than the seek command: brokers
+        # answer a seek by disconnecting the consumer, and pulsar-lite does so
+        # before confirming, so the client reports the seek as failed.
+        reader = await self._log._t.client.create_reader(
+            self._reader.topic, _target(to), inclusive=True
+        )
+        old, self._reader = self._reader, reader
+        self._not_before_ms = _millis(to) if isinstance(to, datetime) else None
+        await old.close(self._log._close_timeout)
+
+    async def commit(self) -> None:
+        if self.cursor is None or self._last is None or self._last == self._committed:
+            return
+        await self._log._cursors(self.stream).write(self.cursor, self._last.encode())
+        self._committed = self._last
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        try:
+            with contextlib.suppress(TransportError):
+                await self.commit()
+        finally:
+            self._closed = True
+            self._log._readers.discard(self)
+            await self._reader.close(self._log._close_timeout)
+
+
+class PulsarEventLog(EventLog):
+    def __init__(self, transport: PulsarTransport) -> None:
+        self._t = transport
+        self._close_timeout = transport.settings.options.close_timeout_seconds
+        self._producers: dict[str, AsyncProducer] = {}
+        self._cursor_topics: dict[str, KeyedTopic] = {}
+        self._readers: set[PulsarEventReader] = set()
+        self._closed = False
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("event log is closed")
+        self._t._check_open()
+
+    def _cursors(self, stream: str) -> KeyedTopic:
+        topic = self._cursor_topics.get(stream)
+        if topic is None:
+            options = self._t.settings.options
+            topic = self._cursor_topics[stream] = KeyedTopic(
+                self._t.client,
+                self._t.topic("logcursor", stream),
+                timeout=options.operation_timeout_seconds,
+                close_timeout=options.close_timeout_seconds,
+            )
+        return topic
+
+    async def append(
+        self,
+        stream: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        self._check()
+        validate_name(stream, "stream name")
+        event = LogEvent(
+            stream=stream,
+            position="0",
+            data=data,
+            key=key,
+            headers=_check_headers(headers),
+            appended_at=utcnow(),
+        )
+        body = encode(event, self._t.config.max_payload_bytes)
+        producer = self._producers.get(stream)
+        if producer is None:
+            topic = self._t.topic("log", stream)
+            producer = await self._t.retrying(lambda: self._t.client.create_producer(topic))
+            self._producers[stream] = producer
+        message_id = await producer.send(body, key=key)
+        return _position(message_id)
+
+    async def read(
+        self, stream: str, start: Start = "earliest", *, cursor: str | None = None
+    ) -> EventReader:
+        self._check()
+        validate_name(stream, "stream name")
+        skip: str | None = None
+        if cursor is not None:
+            validate_name(cursor, "cursor name")
+            stored = (await self._cursors(stream).snapshot()).get(cursor)
+            if stored is not None:
+                skip = stored.decode()
+                start = skip
+        start = check_start(start)
+        topic = self._t.topic("log", stream)
+        reader = await self._t.client.create_reader(topic, _target(start), inclusive=True)
+        event_reader = PulsarEventReader(self, stream, reader, cursor, skip)
+        if isinstance(start, datetime):
+            event_reader._not_before_ms = _millis(start)
+        self._readers.add(event_reader)
+        return event_reader
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for reader in list(self._readers):
+            with contextlib.suppress(Exception):
+                await reader.aclose()
+        for producer in self._producers.values():
+            await producer.close(self._close_timeout)
+        for topic in self._cursor_topics.values():
+            with contextlib.suppress(Exception):
+                await topic.aclose()

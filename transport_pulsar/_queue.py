@@ -1,0 +1,538 @@
+"""``PulsarRequestQueue``: a persistent topic shared by a queue's workers
+through one Shared (or Key_Shared) subscription.
+
+How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
+
+* enqueue: a non-batched send; returns on the broker's send receipt. The
+  first enqueue of a handle makes sure the subscription exists (a
+  zero-permit subscribe), so nothing is trimmed before a worker arrives.
+* poll: a message from the subscription, leased locally for
+  ``lease_seconds``. Leases are client-side timers: Pulsar's own ackTimeout
+  has a 10 s minimum and cannot be renewed per message. On expiry the
+  message is negatively acknowledged, so the broker redelivers it to any
+  worker; a worker that dies loses its connection and the broker redelivers
+  everything it held at once.
+* attempt: ``ae-attempts`` property (deliveries before a republish) +
+  the broker's redelivery count + 1.
+* ack: individual acknowledgement. nack(): negative acknowledgement;
+  nack(delay) or nack(error=): a copy carrying the attempt count, the error
+  and a not-before time is published (``deliverAfter``), then the original
+  is acked. The not-before time is also enforced by the client, for
+  brokers without delayed delivery.
+* dead letters: a keyed topic ``<queue>__dlq`` holding :class:`DeadLetter`
+  records, written before the source message is acked; requeue enqueues
+  first, then tombstones the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from transport import (
+    DeadLetter,
+    Delivery,
+    QueueStats,
+    RequestQueue,
+    WorkRequest,
+    decode,
+    encode,
+    utcnow,
+)
+from transport._queue import seconds as _seconds
+from transport.errors import (
+    ClosedResourceError,
+    TransientTransportError,
+    TransportError,
+    UndecodableMessageError,
+)
+from transport_pulsar._client import AsyncConsumer, AsyncProducer, Message
+from transport_pulsar._errors import map_pulsar_errors
+from transport_pulsar._registries import KeyedTopic
+
+if TYPE_CHECKING:
+    from transport_pulsar._transport import PulsarTransport
+
+__all__ = ["PulsarDelivery", "PulsarRequestQueue"]
+
+log = logging.getLogger("transport.pulsar")
+
+ATTEMPTS_PROPERTY = "ae-attempts"
+ERROR_PROPERTY = "ae-last-error"
+NOT_BEFORE_PROPERTY = "ae-not-before"
+_MAX_ERROR_CHARS = 4000
+_JOIN_GRACE_SECONDS = 0.2
+
+_LEASED, _SETTLING, _SETTLED, _EXPIRED = "leased", "settling", "settled", "expired"
+_tiebreak = itertools.count()
+
+
+def _message_key(message: Message) -> str:
+    return str(message.message_id())
+
+
+class PulsarDelivery(Delivery):
+    __slots__ = ("_expires", "_last_error", "_message", "_queue", "_state", "_timer")
+
+    def __init__(
+        self,
+        request: WorkRequest,
+        queue: PulsarRequestQueue,
+        message: Message,
+        last_error: str | None,
+    ):
+        super().__init__(request)
+        self._queue = queue
+        self._message = message
+        self._last_error = last_error
+        self._state = _LEASED
+        self._expires = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def ack(self) -> bool:
+        return await self._queue._ack(self)
+
+    async def nack(
+        self, delay: float | timedelta | None = None, *, error: str | None = None
+    ) -> bool:
+        return await self._queue._nack(self, _seconds(delay) or 0.0, error)
+
+    async def extend(self, seconds: float | timedelta | None = None) -> bool:
+        return self._queue._extend(self, _seconds(seconds))
+
+    async def dead_letter(self, error: str) -> bool:
+        return await self._queue._settle_dead(self, error)
+
+
+class PulsarRequestQueue(RequestQueue):
+    def __init__(
+        self,
+        transport: PulsarTransport,
+        name: str,
+        *,
+        topic: str,
+        dlq_topic: str,
+        lease_seconds: float,
+        max_attempts: int,
+    ) -> None:
+        self.name = name
+        self.topic = topic
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self._t = transport
+        self._opts = transport.settings.options
+        self._client = transport.client
+        self._timeout = self._opts.operation_timeout_seconds
+        self._close_timeout = self._opts.close_timeout_seconds
+        self._dlq = KeyedTopic(
+            transport.client, dlq_topic, timeout=self._timeout, close_timeout=self._close_timeout
+        )
+        self._producer: AsyncProducer | None = None
+        self._consumer: AsyncConsumer | None = None
+        self._lock = asyncio.Lock()
+        # Leased and held-back messages by message id: after a reconnect the
+        # broker dispatches every unacked message again, also to this
+        # consumer; a copy of one we still hold is dropped, not handed out twice.
+        self._held: dict[str, PulsarDelivery] = {}
+        self._delayed: list[tuple[float, int, Message]] = []
+        self._delayed_ids: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<PulsarRequestQueue {self.name!r} topic={self.topic!r}>"
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"queue {self.name!r} is closed")
+        self._t._check_open()
+
+    # -- connections ---------------------------------------------------------
+    async def _get_producer(self) -> AsyncProducer:
+        async with self._lock:
+            if self._producer is None:
+                await self._t.ensure_subscription(self.topic)
+                self._producer = await self._t.retrying(
+                    lambda: self._client.create_producer(self.topic)
+                )
+            return self._producer
+
+    async def _get_consumer(self) -> AsyncConsumer:
+        async with self._lock:
+            if self._consumer is None:
+                self._consumer = await self._t.retrying(lambda: self._t.subscribe(self.topic))
+            return self._consumer
+
+    # -- RequestQueue --------------------------------------------------------
+    async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        self._check()
+        if request.enqueued_at is None:
+            request = request.model_copy(update={"enqueued_at": utcnow()})
+        body = encode(request, self._t.config.max_payload_bytes)
+        producer = await self._get_producer()
+        await producer.send(body, key=request.request_id)
+        return request
+
+    async def poll(self, timeout: float | None = None) -> PulsarDelivery | None:
+        self._check()
+        joining = self._consumer is None
+        consumer = await self._get_consumer()
+        loop = asyncio.get_running_loop()
+        if joining and timeout is not None:
+            # Right after joining, waiting work is still on its way from the
+            # broker: even poll(0) gives the first dispatch a moment, so that
+            # "nothing" means an empty queue, not a consumer still warming up.
+            timeout = max(timeout, _JOIN_GRACE_SECONDS)
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            self._check()
+            message = self._due_delayed()
+            if message is None:
+                now = loop.time()
+                remaining = 3600.0 if deadline is None else max(deadline - now, 0.0)
+                if self._delayed:
+                    remaining = min(remaining, max(self._delayed[0][0] - time.time(), 0.0))
+                message = await consumer.next(remaining)
+            if message is None:
+                if deadline is not None and loop.time() >= deadline:
+                    return None
+                continue
+            delivery = self._admit(message)
+            if delivery is not None:
+                return delivery
+
+    def _due_delayed(self) -> Message | None:
+        if self._delayed and self._delayed[0][0] <= time.time():
+            message = heapq.heappop(self._delayed)[2]
+            self._delayed_ids.discard(_message_key(message))
+            return message
+        return None
+
+    def _admit(self, message: Message) -> PulsarDelivery | None:
+        """Turn a received message into a leased delivery, or handle it
+        (hold until due, dead-letter) and return ``None``. No awaits: a
+        cancelled poll cannot lose the message between receive and lease."""
+        key = _message_key(message)
+        if key in self._held or key in self._delayed_ids:
+            return None  # a redispatch (after a reconnect) of a message we hold
+        properties = message.properties()
+        not_before = properties.get(NOT_BEFORE_PROPERTY)
+        if not_before:
+            with contextlib.suppress(ValueError):
+                due = int(not_before) / 1000
+                if due > time.time():
+                    heapq.heappush(self._delayed, (due, next(_tiebreak), message))
+                    self._delayed_ids.add(key)
+                    return None
+        try:
+            before = int(properties.get(ATTEMPTS_PROPERTY, "0"))
+        except ValueError:
+            before = 0
+        attempt = before + message.redelivery_count() + 1
+        last_error = properties.get(ERROR_PROPERTY) or None
+        data = bytes(message.data())
+        try:
+            request = decode(WorkRequest, data)
+        except UndecodableMessageError as exc:
+            record = DeadLetter(
+                queue=self.name,
+                request_id=None,
+                request=None,
+                raw=data.decode("utf-8", "replace"),
+                error=str(exc),
+                attempts=attempt,
+            )
+            self._background(self._dead_letter_message(message, record))
+            return None
+        if attempt > self.max_attempts:
+            # Delivered max_attempts times already and never settled (the
+            # worker died holding it): it goes to the dead letters instead.
+            deliveries = attempt - 1
+            record = DeadLetter(
+                queue=self.name,
+                request_id=request.request_id,
+                request=request.model_copy(update={"attempt": deliveries}),
+                error=last_error or f"not acknowledged after {deliveries} deliveries",
+                attempts=deliveries,
+            )
+            self._background(self._dead_letter_message(message, record))
+            return None
+        if request.attempt != attempt:
+            request = request.model_copy(update={"attempt": attempt})
+        delivery = PulsarDelivery(request, self, message, last_error)
+        self._lease(delivery, self.lease_seconds)
+        self._held[key] = delivery
+        return delivery
+
+    # -- leases ----------------------------------------------------------------
+    def _lease(self, delivery: PulsarDelivery, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        if delivery._timer is not None:
+            delivery._timer.cancel()
+        delivery._expires = loop.time() + seconds
+        delivery._timer = loop.call_at(delivery._expires, self._expire, delivery)
+
+    def _expire(self, delivery: PulsarDelivery) -> None:
+        if delivery._state != _LEASED:
+            return
+        delivery._state = _EXPIRED
+        delivery._timer = None
+        self._release(delivery)
+        if self._closed or self._consumer is None:
+            return
+        if delivery.attempt >= self.max_attempts:
+            record = self._record(
+                delivery,
+                delivery._last_error
+                or f"not acknowledged after {delivery.attempt} deliveries (lease expired)",
+            )
+            self._background(self._dead_letter_message(delivery._message, record))
+        else:
+            self._give_back(delivery._message)
+
+    def _release(self, delivery: PulsarDelivery) -> None:
+        key = _message_key(delivery._message)
+        if self._held.get(key) is delivery:
+            del self._held[key]
+
+    def _give_back(self, message: Message) -> None:
+        if self._consumer is None:
+            return
+        try:
+            self._consumer.negative_acknowledge(message)
+        except TransportError as exc:  # redelivered when the consumer closes
+            log.warning("queue %r: could not hand a message back: %s", self.name, exc)
+
+    def _extend(self, delivery: PulsarDelivery, seconds: float | None) -> bool:
+        if delivery._state != _LEASED or self._closed:
+            return False
+        self._lease(delivery, seconds or self.lease_seconds)
+        return True
+
+    def _begin_settle(self, delivery: PulsarDelivery) -> bool:
+        if delivery._state != _LEASED or self._closed:
+            return False
+        delivery._state = _SETTLING
+        return True
+
+    def _finish_settle(self, delivery: PulsarDelivery, ok: bool) -> None:
+        if ok:
+            delivery._state = _SETTLED
+            if delivery._timer is not None:
+                delivery._timer.cancel()
+                delivery._timer = None
+            self._release(delivery)
+            return
+        # The settle failed: the lease is still ours until it runs out.
+        delivery._state = _LEASED
+        if asyncio.get_running_loop().time() >= delivery._expires:
+            self._expire(delivery)
+
+    # -- settling ----------------------------------------------------------------
+    async def _ack(self, delivery: PulsarDelivery) -> bool:
+        if not self._begin_settle(delivery):
+            return False
+        ok = False
+        try:
+            assert self._consumer is not None
+            await self._consumer.acknowledge(delivery._message, self._timeout)
+            ok = True
+        finally:
+            self._finish_settle(delivery, ok)
+        return True
+
+    async def _nack(self, delivery: PulsarDelivery, delay: float, error: str | None) -> bool:
+        if delivery.attempt >= self.max_attempts:
+            return await self._settle_dead(
+                delivery,
+                error or delivery._last_error or f"nacked after {delivery.attempt} deliveries",
+            )
+        if not self._begin_settle(delivery):
+            return False
+        ok = False
+        try:
+            assert self._consumer is not None
+            if not delay and error is None:
+                self._consumer.negative_acknowledge(delivery._message)
+            else:
+                await self._republish(delivery, delay, error)
+                await self._consumer.acknowledge(delivery._message, self._timeout)
+            ok = True
+        finally:
+            self._finish_settle(delivery, ok)
+        return True
+
+    async def _republish(self, delivery: PulsarDelivery, delay: float, error: str | None) -> None:
+        properties = {ATTEMPTS_PROPERTY: str(delivery.attempt)}
+        reason = error if error is not None else delivery._last_error
+        if reason:
+            properties[ERROR_PROPERTY] = reason[:_MAX_ERROR_CHARS]
+        if delay:
+            properties[NOT_BEFORE_PROPERTY] = str(int((time.time() + delay) * 1000))
+        producer = await self._get_producer()
+        await producer.send(
+            bytes(delivery._message.data()),
+            key=delivery.request.request_id,
+            properties=properties,
+            deliver_after=delay or None,
+        )
+
+    def _record(self, delivery: PulsarDelivery, error: str) -> DeadLetter:
+        return DeadLetter(
+            queue=self.name,
+            request_id=delivery.request.request_id,
+            request=delivery.request,
+            error=error,
+            attempts=delivery.attempt,
+        )
+
+    async def _settle_dead(self, delivery: PulsarDelivery, error: str) -> bool:
+        if not self._begin_settle(delivery):
+            return False
+        ok = False
+        try:
+            await self._dead_letter_message(
+                delivery._message, self._record(delivery, error), give_back=False
+            )
+            ok = True
+        finally:
+            self._finish_settle(delivery, ok)
+        return True
+
+    async def _dead_letter_message(
+        self, message: Message, record: DeadLetter, give_back: bool = True
+    ) -> None:
+        """Store the record, then ack the source message (a crash in between
+        leaves a duplicate dead letter, never a lost request)."""
+        try:
+            key = f"{record.request_id or 'raw'}.{uuid.uuid4().hex}"
+            await self._dlq.write(key, encode(record))
+            assert self._consumer is not None
+            await self._consumer.acknowledge(message, self._timeout)
+        except TransportError:
+            if give_back:  # background: try again on the next delivery
+                log.warning(
+                    "queue %r: dead-lettering failed; the message will come back", self.name
+                )
+                self._give_back(message)
+                return
+            raise
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- dead letters and stats ----------------------------------------------------
+    async def _dead_records(self) -> list[tuple[str, DeadLetter]]:
+        out = []
+        for key, raw in (await self._dlq.snapshot()).items():
+            try:
+                out.append((key, decode(DeadLetter, raw)))
+            except UndecodableMessageError:
+                log.warning(
+                    "queue %r: skipping an unreadable dead-letter record %r", self.name, key
+                )
+        return out
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        self._check()
+        return [record for _, record in await self._dead_records()][:limit]
+
+    async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
+        self._check()
+        wanted = None if request_ids is None else set(request_ids)
+        moved = 0
+        for key, record in await self._dead_records():
+            if record.request is None or (wanted is not None and record.request_id not in wanted):
+                continue
+            await self.enqueue(record.request.model_copy(update={"attempt": 1}))
+            await self._dlq.write(key, None)
+            moved += 1
+        return moved
+
+    async def stats(self) -> QueueStats:
+        """Depth is the subscription's backlog (every request not yet acked,
+        leased ones included), from the admin REST API if ``admin_url`` is
+        set, else from the broker's consumer-stats command; ``None`` if the
+        broker offers neither (pulsar-lite). ``delayed`` counts the delayed
+        requests this handle holds; ``in_flight`` is the broker's count of
+        dispatched-but-unacked messages where the admin API reports it."""
+        self._check()
+        dead = len(await self._dead_records())
+        admin = self._opts.admin_url
+        depth: int | None
+        in_flight: int | None = None
+        if admin is not None:
+            depth, in_flight = await self._admin_backlog(admin)
+        else:
+            depth = await self._t.subscription_backlog(self.topic)
+        return QueueStats(
+            queue=self.name,
+            depth=depth,
+            in_flight=in_flight,
+            delayed=len(self._delayed),
+            dead_lettered=dead,
+        )
+
+    async def _admin_backlog(self, admin: str) -> tuple[int, int | None]:
+        import urllib.request
+
+        path = self.topic.removeprefix("persistent://")
+        url = f"{admin.rstrip('/')}/admin/v2/persistent/{quote(path)}/stats"
+        headers = {"Accept": "application/json"}
+        token = self._t.config.token
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+        group = self._t.config.consumer_group
+
+        def fetch() -> tuple[int, int | None]:
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=self._timeout) as response:
+                data = json.load(response)
+            sub = data.get("subscriptions", {}).get(group)
+            if sub is None:
+                return 0, 0
+            return int(sub.get("msgBacklog", 0)), sub.get("unackedMessages")
+
+        try:
+            result: tuple[int, int | None] = await self._client.run_blocking(
+                fetch, self._timeout + 1
+            )
+        except (OSError, ValueError, TimeoutError) as exc:
+            raise TransientTransportError(
+                f"queue {self.name!r}: admin stats failed: {type(exc).__name__}"
+            ) from exc
+        return result
+
+    # -- closing -----------------------------------------------------------------
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for delivery in list(self._held.values()):
+            if delivery._timer is not None:
+                delivery._timer.cancel()
+            delivery._state = _EXPIRED
+        self._held.clear()
+        self._delayed.clear()
+        self._delayed_ids.clear()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
+        # Closing the consumer hands every unsettled message back at once.
+        if self._consumer is not None:
+            await self._consumer.close(self._close_timeout)
+        if self._producer is not None:
+            await self._producer.close(self._close_timeout)
+        with map_pulsar_errors(f"close {self.topic}"), contextlib.suppress(TransportError):
+            await self._dlq.aclose()

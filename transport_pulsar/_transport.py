@@ -1,0 +1,299 @@
+"""``pulsar://host:6650`` / ``pulsar+ssl://host:6651`` — Apache Pulsar through
+pulsar-client (the official C++-based client), bridged to asyncio.
+
+Feature matrix:
+
+============== ===== =====================================================
+persistent     ✓     persistent topics; enqueue returns on the send receipt
+ordered        ✗     Shared subscriptions dispatch to several consumers;
+                     redeliveries and nacks are out of order
+consumer_groups ✓    one Shared (or Key_Shared) subscription per queue,
+                     named after ``consumer_group``
+native_delay   ✗     ``nack(delay)`` republishes with ``deliverAfter`` and a
+                     not-before time the client also enforces (pulsar-lite
+                     ignores ``deliverAfter``)
+lease_extension ✓    leases are client-side timers, renewable without limit
+restart_broker ✓     accepted requests survive a broker restart (proven on
+                     pulsar-lite by tests/pulsar/test_broker_restart.py)
+event_log      ✓     a topic per stream, readers, cursors in a keyed topic
+event_bus      ✗     use nats:// or memory://
+============== ===== =====================================================
+
+Options (``TransportConfig.options``, unknown keys rejected):
+``tenant`` (``public``), ``pulsar_namespace`` (``default``),
+``subscription_type`` (``shared`` | ``key_shared``), ``receiver_queue_size``
+(1), ``nack_redelivery_delay_ms`` (100), ``operation_timeout_seconds`` (30),
+``connection_timeout_ms`` (10000), ``send_timeout_ms`` (30000),
+``close_timeout_seconds`` (10), ``subscribe_attempt_timeout_seconds`` (3:
+one subscribe attempt; see the pulsar-lite consumer-id note in the docs),
+``io_threads`` (1), ``ack_flush_wait_ms``
+(150: how long ``ack()`` waits for the client's ack-grouping flush; 0 makes
+acks faster and lets a process killed right after ``ack()`` lose the ack), ``admin_url`` (None:
+admin REST endpoint for ``stats()``), ``listener_name``, and OAuth2
+client credentials ``oauth2_issuer_url``, ``oauth2_audience``,
+``oauth2_scope``, ``oauth2_client_id``, ``oauth2_client_secret`` (secret).
+
+Authentication: ``token`` (JWT), ``username``/``password`` (basic),
+OAuth2 (options above, or ``credentials_file`` = an OAuth2 key file), TLS
+client certificates (``tls.cert_file``/``tls.key_file``). TLS hostname
+verification is on unless ``tls.verify_hostname`` is false (the client's
+own default is off).
+
+Topic names: see :mod:`transport_pulsar._config`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pulsar
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport._naming import internal_name
+from transport.errors import (
+    ConfigurationError,
+    PermanentTransportError,
+    TransientTransportError,
+    TransportError,
+)
+from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient
+from transport_pulsar._config import PulsarSettings, parse_settings
+from transport_pulsar._events import PulsarEventLog
+from transport_pulsar._queue import PulsarRequestQueue
+from transport_pulsar._registries import KeyedTopic, PulsarKeyedLog
+from transport_pulsar._wire import subscription_backlog
+
+__all__ = ["PulsarTransport", "open_pulsar"]
+
+T = TypeVar("T")
+log = logging.getLogger("transport.pulsar")
+
+
+def _authentication(config: TransportConfig, settings: PulsarSettings) -> Any:
+    options = settings.options
+    if config.token is not None:
+        return pulsar.AuthenticationToken(config.token.get_secret_value())
+    if config.username or config.password:
+        password = config.password.get_secret_value() if config.password else ""
+        return pulsar.AuthenticationBasic(config.username or "", password)
+    if options.oauth2_issuer_url:
+        params: dict[str, str] = {
+            "type": "client_credentials",
+            "issuer_url": options.oauth2_issuer_url,
+        }
+        if options.oauth2_client_id and options.oauth2_client_secret:
+            params["client_id"] = options.oauth2_client_id
+            params["client_secret"] = options.oauth2_client_secret.get_secret_value()
+        elif config.credentials_file is not None:
+            params["private_key"] = f"file://{config.credentials_file}"
+        if options.oauth2_audience:
+            params["audience"] = options.oauth2_audience
+        if options.oauth2_scope:
+            params["scope"] = options.oauth2_scope
+        return pulsar.AuthenticationOauth2(json.dumps(params))
+    if config.tls.cert_file is not None and config.tls.key_file is not None:
+        return pulsar.AuthenticationTLS(str(config.tls.cert_file), str(config.tls.key_file))
+    return None
+
+
+class PulsarTransport(Transport):
+    backend = "pulsar"
+    capabilities = TransportCapabilities(
+        persistent=True,
+        ordered=False,
+        consumer_groups=True,
+        native_delay=False,
+        lease_extension=True,
+        restart_broker=True,
+        event_log=True,
+    )
+
+    def __init__(self, config: TransportConfig) -> None:
+        super().__init__(config)
+        self.settings = parse_settings(config)
+        options = self.settings.options
+        tls = config.tls
+        kwargs: dict[str, Any] = {
+            "authentication": _authentication(config, self.settings),
+            "io_threads": options.io_threads,
+            "connection_timeout_ms": options.connection_timeout_ms,
+        }
+        if options.listener_name:
+            kwargs["listener_name"] = options.listener_name
+        if self.settings.use_tls:
+            kwargs.update(
+                use_tls=True,
+                tls_validate_hostname=tls.verify_hostname,
+                tls_allow_insecure_connection=False,
+            )
+            if tls.ca_file is not None:
+                kwargs["tls_trust_certs_file_path"] = str(tls.ca_file)
+        #: What the client was built with (inspectable; secrets stay inside
+        #: the authentication object, which has no revealing repr).
+        self.client_settings = {k: v for k, v in kwargs.items() if k != "authentication"}
+        self.client = AsyncPulsarClient(
+            self.settings.service_url,
+            operation_timeout=options.operation_timeout_seconds,
+            close_timeout=options.close_timeout_seconds,
+            send_timeout_ms=options.send_timeout_ms,
+            **kwargs,
+        )
+        self._subscribed: set[str] = set()
+        self._subscribe_lock = asyncio.Lock()
+        self._backlog_query: bool | None = None  # does the broker answer CommandConsumerStats?
+
+    def topic(self, kind: str, name: str) -> str:
+        return self.settings.topic(self.config.namespace, kind, name)
+
+    async def retrying(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Run ``make`` with retries on the transient branch only, for at most
+        the operation timeout (and at least three attempts)."""
+        budget = self.settings.options.operation_timeout_seconds
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientTransportError),
+            stop=stop_after_delay(budget) & stop_after_attempt(3),
+            wait=wait_exponential(multiplier=0.05, max=1.0),
+            reraise=True,
+        ):
+            with attempt:
+                return await make()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def subscribe(
+        self, topic: str, *, receiver_queue_size: int | None = None
+    ) -> AsyncConsumer:
+        options = self.settings.options
+        return await self.client.subscribe(
+            topic,
+            self.config.consumer_group,
+            key_shared=options.subscription_type == "key_shared",
+            receiver_queue_size=options.receiver_queue_size
+            if receiver_queue_size is None
+            else receiver_queue_size,
+            nack_delay_ms=options.nack_redelivery_delay_ms,
+            ack_flush_wait=options.ack_flush_wait_ms / 1000,
+            attempt_timeout=options.subscribe_attempt_timeout_seconds,
+        )
+
+    async def ensure_subscription(self, topic: str) -> None:
+        """Create the queue's durable subscription before the first enqueue:
+        Pulsar keeps a topic's messages for its subscriptions, so one must
+        exist before any request is accepted. A zero-permit consumer joins
+        and leaves without being dispatched anything."""
+        async with self._subscribe_lock:
+            if topic in self._subscribed:
+                return
+            consumer = await self.retrying(lambda: self.subscribe(topic, receiver_queue_size=0))
+            await consumer.close(self.settings.options.close_timeout_seconds)
+            self._subscribed.add(topic)
+
+    async def subscription_backlog(self, topic: str) -> int | None:
+        """The backlog of the queue subscription on ``topic`` over the binary
+        protocol, or ``None`` if the broker does not answer that command."""
+        if self._backlog_query is False:
+            return None
+        host, _, port = self.settings.service_url.split("://", 1)[1].split(",")[0].rpartition(":")
+        tls: ssl.SSLContext | None = None
+        if self.settings.use_tls:
+            tls = ssl.create_default_context(
+                cafile=str(self.config.tls.ca_file) if self.config.tls.ca_file else None
+            )
+            tls.check_hostname = self.config.tls.verify_hostname
+            if self.config.tls.cert_file and self.config.tls.key_file:
+                tls.load_cert_chain(self.config.tls.cert_file, self.config.tls.key_file)
+        # An unsupported command is silently ignored by some brokers: the
+        # first query waits briefly and the answer is remembered.
+        first = self._backlog_query is None
+        try:
+            result = await subscription_backlog(
+                host.strip("[]"),
+                int(port or (6651 if self.settings.use_tls else 6650)),
+                topic=topic,
+                subscription=self.config.consumer_group,
+                subscription_type=self.settings.options.subscription_type,
+                token=self.config.token.get_secret_value() if self.config.token else None,
+                tls=tls,
+                timeout=2.0 if first else self.settings.options.operation_timeout_seconds,
+            )
+        except (TransientTransportError, PermanentTransportError) as exc:
+            if not first:
+                raise
+            unanswered = isinstance(exc.__cause__, TimeoutError)
+            if unanswered or isinstance(exc, PermanentTransportError):
+                # No answer at all, or a refusal: the broker lacks the command.
+                log.warning(
+                    "broker does not report subscription backlogs (%s); depth is unknown", exc
+                )
+                self._backlog_query = False
+            return None
+        self._backlog_query = True
+        return result.backlog
+
+    def _open_queue(
+        self, name: str, *, lease_seconds: float, max_attempts: int
+    ) -> PulsarRequestQueue:
+        return PulsarRequestQueue(
+            self,
+            name,
+            topic=self.topic("q", name),
+            dlq_topic=self.topic("q", internal_name(name, "dlq")),
+            lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+        )
+
+    def _open_keyed_log(self, kind: str, name: str) -> PulsarKeyedLog:
+        if kind not in {"delivery", "capability"}:
+            raise ConfigurationError(f"unknown registry kind {kind!r}")
+        options = self.settings.options
+        return PulsarKeyedLog(
+            KeyedTopic(
+                self.client,
+                self.topic(f"kv.{kind}", name),
+                timeout=options.operation_timeout_seconds,
+                close_timeout=options.close_timeout_seconds,
+            )
+        )
+
+    def _open_event_log(self) -> PulsarEventLog:
+        return PulsarEventLog(self)
+
+    async def health(self) -> HealthStatus:
+        start = time.perf_counter()
+        try:
+            await self.client.topic_partitions(self.topic("health", "probe"), timeout=5.0)
+        except (TransportError, TimeoutError) as exc:
+            return HealthStatus(
+                ok=False, backend="pulsar", detail=f"{self.settings.service_url}: {exc}"
+            )
+        return HealthStatus(
+            ok=True,
+            backend="pulsar",
+            detail=self.settings.service_url,
+            latency_ms=(time.perf_counter() - start) * 1000,
+        )
+
+    async def _close_backend(self) -> None:
+        await self.client.close()
+
+
+async def open_pulsar(config: TransportConfig) -> PulsarTransport:
+    """Entry point for ``pulsar://`` and ``pulsar+ssl://``.
+
+    The client connects lazily: an unreachable broker shows up on first use
+    (and in :meth:`PulsarTransport.health`), as with every pulsar-client.
+    Raises: ConfigurationError.
+    """
+    return PulsarTransport(config)
