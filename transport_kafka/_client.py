@@ -261,15 +261,21 @@ class KafkaClients:
                 loop.call_soon_threadsafe(resolve, err, msg)
 
         producer = self.producer()
-        with map_kafka_errors(what):
-            producer.produce(
-                topic,
-                value=value,
-                key=key,
-                headers=list((headers or {}).items()) or None,
-                on_delivery=on_delivery,
-            )
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout + 5.0)
+        try:
+            with map_kafka_errors(what):
+                producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list((headers or {}).items()) or None,
+                    on_delivery=on_delivery,
+                )
+                return await asyncio.wait_for(asyncio.shield(future), self.timeout + 5.0)
+        except TransientTransportError:
+            # The topic may have gone (deleted, or a broker that lost its
+            # data): check it again, and create it if needed, next time.
+            self._topics.discard(topic)
+            raise
 
     def produce_nowait(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         """Best-effort produce (housekeeping tombstones); errors are logged."""

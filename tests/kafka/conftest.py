@@ -103,17 +103,23 @@ class TansuBroker:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if external:
-        yield external
+def tansu_broker() -> Iterator[TansuBroker | None]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield None
         return
     broker = TansuBroker()
     broker.start()
     try:
-        yield broker.bootstrap
+        yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tansu_broker: TansuBroker | None) -> str:
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or (
+        tansu_broker.bootstrap if tansu_broker else ""
+    )
 
 
 @pytest.fixture(scope="session")
@@ -130,10 +136,28 @@ def kafka_config(bootstrap: str, namespace: str, **overrides: Any) -> TransportC
 
 
 class KafkaHarness(BackendHarness):
-    """Conformance harness for ``kafka://`` on Tansu (or an external broker)."""
+    """Conformance harness for ``kafka://`` on Tansu (or an external broker).
+
+    No ``restart_broker``: Tansu keeps data in memory only. ``stop_broker`` /
+    ``start_broker`` (the outage scenario) restart it empty on the same port.
+    """
 
     lease_seconds = 1.0
     timeout_scale = 2.0
+
+    def __init__(self, config: TransportConfig, capabilities: Any, broker: Any = None) -> None:
+        super().__init__(config, capabilities)
+        self.broker: TansuBroker | None = broker
+
+    async def stop_broker(self) -> None:
+        if self.broker is None:
+            raise NotImplementedError("external broker: cannot stop it")
+        self.broker.stop()
+
+    async def start_broker(self) -> None:
+        if self.broker is None:
+            raise NotImplementedError("external broker: cannot start it")
+        self.broker.start()
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         assert isinstance(transport, KafkaTransport)
@@ -141,9 +165,11 @@ class KafkaHarness(BackendHarness):
 
 
 @pytest.fixture(scope="session")
-def transport_harness(kafka_bootstrap: str, kafka_namespace: str) -> KafkaHarness:
+def transport_harness(
+    kafka_bootstrap: str, kafka_namespace: str, tansu_broker: TansuBroker | None
+) -> KafkaHarness:
     config = kafka_config(kafka_bootstrap, kafka_namespace)
-    return KafkaHarness(config, KafkaTransport.capabilities)
+    return KafkaHarness(config, KafkaTransport.capabilities, tansu_broker)
 
 
 @pytest.fixture

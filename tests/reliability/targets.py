@@ -71,7 +71,7 @@ async def kafka_target() -> AsyncIterator[BackendHarness]:
     try:
         bootstrap = external or (broker.bootstrap if broker else "")
         config = kafka_config(bootstrap, f"rel{uuid.uuid4().hex[:8]}")
-        yield KafkaHarness(config, KafkaTransport.capabilities)
+        yield KafkaHarness(config, KafkaTransport.capabilities, broker)
     finally:
         if broker is not None:
             broker.stop()
