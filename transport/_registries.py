@@ -462,10 +462,12 @@ class CapabilityRegistry:
         Raises: TransientTransportError, ClosedResourceError.
         """
         lease_s = lease.total_seconds() if isinstance(lease, timedelta) else (lease or self._lease)
+        # Load the view first: the lease starts when the write is made, not
+        # before a (possibly slow) first catch-up.
+        await self._ready()
         stamped = capability.model_copy(
             update={"expires_at": utcnow() + timedelta(seconds=lease_s)}
         )
-        await self._ready()
         await self._log.put(stamped.key, encode(stamped))
         self._set(stamped.key, stamped)
         return stamped

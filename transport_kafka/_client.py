@@ -1,0 +1,467 @@
+"""The bridge between the synchronous confluent-kafka clients and asyncio.
+
+This module is the only place that touches threads:
+
+* delivery reports: the producer's ``on_delivery`` callback runs on the
+  producer's poll thread and resolves an asyncio future through
+  ``loop.call_soon_threadsafe``;
+* blocking calls (admin, metadata, watermarks, reading a topic to its end)
+  run on a dedicated executor thread and are awaited with a timeout;
+* consumers (``ConsumerThread``) are owned by one thread each, which is the
+  only thread calling them; other code submits closures to it.
+
+Flush and close are bounded by ``close_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from transport.errors import ClosedResourceError, TransientTransportError
+from transport_kafka._config import KafkaSettings
+from transport_kafka._errors import error_from_kafka, map_kafka_errors
+
+__all__ = [
+    "ConsumerThread",
+    "KafkaClients",
+    "RawRecord",
+    "TopicSpec",
+    "msg_position",
+    "raw_record",
+    "read_to_end",
+]
+
+log = logging.getLogger("transport.kafka")
+T = TypeVar("T")
+
+_LOG_LEVELS = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
+
+
+def _client_logger() -> logging.Logger:
+    # librdkafka logs go through Python logging instead of stderr.
+    return logging.getLogger("transport.kafka.librdkafka")
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A consumed record, detached from the client's ``Message``."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+
+
+def _bytes(value: str | bytes | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
+
+
+def msg_position(msg: Message) -> tuple[int, int]:
+    """(partition, offset) of a message; -1 where the client has none."""
+    partition, offset = msg.partition(), msg.offset()
+    return (-1 if partition is None else partition), (-1 if offset is None else offset)
+
+
+def raw_record(msg: Message) -> RawRecord:
+    headers: dict[str, bytes] = {}
+    for item in msg.headers() or []:
+        name, value = item[0], item[1]
+        headers[str(name)] = _bytes(value) or b""
+    partition, offset = msg_position(msg)
+    return RawRecord(
+        msg.topic() or "", partition, offset, _bytes(msg.key()), _bytes(msg.value()), headers
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def read_to_end(
+    conf: dict[str, Any], topic: str, timeout: float, partitions: Sequence[int] | None = None
+) -> list[RawRecord]:
+    """Read ``topic`` from the beginning up to the high watermark taken at
+    the start (blocking; call it on a worker thread).
+
+    Raises: KafkaException, TimeoutError.
+    """
+    consumer = Consumer({**conf, "logger": _client_logger()})
+    try:
+        if partitions is None:
+            meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise KafkaException(
+                    meta.error if meta else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+                )
+            partitions = sorted(meta.partitions)
+        targets: dict[int, int] = {}
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=timeout, cached=False
+            )
+            if high > low:
+                targets[p] = high
+        if not targets:
+            return []
+        consumer.assign([TopicPartition(topic, p, -2) for p in targets])
+        out: list[RawRecord] = []
+        deadline = time.monotonic() + timeout
+        while targets:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} to its end")
+            for msg in consumer.consume(500, 0.1):
+                err = msg.error()
+                p, offset = msg_position(msg)
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        if p in targets and offset >= targets[p]:
+                            del targets[p]
+                        continue
+                    raise KafkaException(err)
+                if p not in targets:
+                    continue
+                out.append(raw_record(msg))
+                if offset + 1 >= targets[p]:
+                    del targets[p]
+        return out
+    finally:
+        consumer.close()
+
+
+class KafkaClients:
+    """The clients one transport shares: an idempotent producer (with its poll
+    thread), an admin client, a metadata consumer and the executor thread
+    for blocking calls. Created lazily, so ``connect`` never blocks."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self._producer: Producer | None = None
+        self._admin: AdminClient | None = None
+        self._meta: Consumer | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kafka-io")
+        self._poll_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._topics: set[str] = set()
+        self._closed = False
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.options.operation_timeout_s
+
+    # -- lazily built clients --------------------------------------------------
+    def producer(self) -> Producer:
+        with self._lock:
+            if self._closed:
+                raise ClosedResourceError("kafka transport is closed")
+            if self._producer is None:
+                with map_kafka_errors("creating producer"):
+                    self._producer = Producer(
+                        {**self.settings.producer_config(), "logger": _client_logger()}
+                    )
+                self._poll_thread = threading.Thread(
+                    target=self._poll_producer, name="kafka-producer-poll", daemon=True
+                )
+                self._poll_thread.start()
+            return self._producer
+
+    def _poll_producer(self) -> None:
+        producer = self._producer
+        assert producer is not None
+        while not self._stop.is_set():
+            producer.poll(0.05)
+
+    def admin(self) -> AdminClient:
+        with self._lock:
+            if self._admin is None:
+                with map_kafka_errors("creating admin client"):
+                    conf: dict[str, Any] = {**self.settings.admin_config()}
+                    conf["logger"] = _client_logger()
+                    self._admin = AdminClient(conf)
+            return self._admin
+
+    def _meta_consumer(self) -> Consumer:
+        with self._lock:
+            if self._meta is None:
+                with map_kafka_errors("creating metadata client"):
+                    self._meta = Consumer(
+                        {
+                            **self.settings.consumer_config(
+                                f"{self.settings.namespace}.metadata", subscribe=False
+                            ),
+                            "logger": _client_logger(),
+                        }
+                    )
+            return self._meta
+
+    def reader_config(self) -> dict[str, Any]:
+        return self.settings.consumer_config(f"{self.settings.namespace}.reader", subscribe=False)
+
+    # -- asyncio bridge ----------------------------------------------------------
+    async def blocking(
+        self, what: str, fn: Callable[..., T], *args: Any, limit: float | None = None
+    ) -> T:
+        """Run a blocking client call on the executor thread, bounded in time.
+
+        Raises: TransientTransportError on timeout; mapped client errors.
+        """
+        if self._closed:
+            raise ClosedResourceError("kafka transport is closed")
+        loop = asyncio.get_running_loop()
+        bound = (limit or self.timeout) + 5.0
+        with map_kafka_errors(what):
+            return await asyncio.wait_for(loop.run_in_executor(self._executor, fn, *args), bound)
+
+    async def produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: dict[str, bytes] | None = None,
+        *,
+        what: str = "produce",
+    ) -> tuple[int, int]:
+        """Produce one record and wait for its delivery report (acks=all).
+
+        Returns (partition, offset). Raises: TransientTransportError (the
+        record may or may not be stored), PermanentTransportError.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[int, int]] = loop.create_future()
+
+        def resolve(err: KafkaError | None, msg: Message) -> None:
+            if future.done():
+                return
+            if err is not None:
+                future.set_exception(error_from_kafka(err, what))
+            else:
+                future.set_result(msg_position(msg))
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(resolve, err, msg)
+
+        producer = self.producer()
+        try:
+            with map_kafka_errors(what):
+                producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=list((headers or {}).items()) or None,
+                    on_delivery=on_delivery,
+                )
+                return await asyncio.wait_for(asyncio.shield(future), self.timeout + 5.0)
+        except TransientTransportError:
+            # The topic may have gone (deleted, or a broker that lost its
+            # data): check it again, and create it if needed, next time.
+            self._topics.discard(topic)
+            raise
+
+    def produce_nowait(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        """Best-effort produce (housekeeping tombstones); errors are logged."""
+        try:
+            self.producer().produce(topic, value=value, key=key)
+        except Exception as exc:
+            log.debug("housekeeping produce to %s failed: %s", topic, exc)
+
+    # -- admin -------------------------------------------------------------------
+    async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
+        """Create the topics that do not exist yet (never relying on
+        auto-create). Retries transient failures."""
+        missing = [s for s in specs if s.name not in self._topics]
+        if not missing:
+            return
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientTransportError),
+            stop=stop_after_attempt(4),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                await self.blocking("creating topics", self._create_topics, missing)
+        self._topics.update(s.name for s in missing)
+
+    def _create_topics(self, specs: Sequence[TopicSpec]) -> None:
+        rf = self.settings.options.replication_factor
+        futures = self.admin().create_topics(
+            [NewTopic(s.name, s.partitions, rf, config=s.config) for s in specs],
+            operation_timeout=self.timeout,
+            request_timeout=self.timeout,
+        )
+        for future in futures.values():
+            try:
+                future.result(self.timeout)
+            except KafkaException as exc:
+                err = exc.args[0]
+                if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    continue
+                raise
+
+    async def partitions(self, topic: str) -> list[int]:
+        def run() -> list[int]:
+            meta = self.admin().list_topics(topic, timeout=self.timeout).topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise KafkaException(
+                    meta.error if meta else KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)
+                )
+            return sorted(meta.partitions)
+
+        return await self.blocking(f"metadata of {topic}", run)
+
+    async def watermarks(self, topic: str, partitions: Sequence[int]) -> dict[int, tuple[int, int]]:
+        def run() -> dict[int, tuple[int, int]]:
+            meta = self._meta_consumer()
+            return {
+                p: meta.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=self.timeout, cached=False
+                )
+                for p in partitions
+            }
+
+        return await self.blocking(f"watermarks of {topic}", run)
+
+    async def committed(self, group: str, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        """Committed offsets of ``group`` (``-1`` where none)."""
+
+        def run() -> dict[int, int]:
+            consumer = Consumer(
+                {
+                    **self.settings.consumer_config(group, subscribe=False),
+                    "logger": _client_logger(),
+                }
+            )
+            try:
+                got = consumer.committed(
+                    [TopicPartition(topic, p) for p in partitions], timeout=self.timeout
+                )
+                return {tp.partition: tp.offset for tp in got}
+            finally:
+                consumer.close()
+
+        return await self.blocking(f"committed offsets of {group}", run)
+
+    async def read_to_end(self, topic: str) -> list[RawRecord]:
+        return await self.blocking(
+            f"reading {topic}", read_to_end, self.reader_config(), topic, self.timeout
+        )
+
+    async def list_topics(self, limit: float) -> int:
+        def run() -> int:
+            return len(self.admin().list_topics(timeout=limit).topics)
+
+        return await self.blocking("listing topics", run, limit=limit)
+
+    # -- shutdown ------------------------------------------------------------------
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        close_timeout = self.settings.options.close_timeout_s
+        loop = asyncio.get_running_loop()
+
+        def shutdown() -> None:
+            if self._producer is not None:
+                left = self._producer.flush(close_timeout)
+                if left:
+                    log.warning("%d records not delivered at close", left)
+            self._stop.set()
+            if self._poll_thread is not None:
+                self._poll_thread.join(close_timeout)
+            if self._meta is not None:
+                self._meta.close()
+
+        try:
+            await asyncio.wait_for(
+                loop.run_in_executor(self._executor, shutdown), close_timeout + 5
+            )
+        except Exception as exc:  # shutdown is best effort and bounded
+            log.warning("kafka client shutdown: %s", exc)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ConsumerThread:
+    """A thread that owns one consumer: it alone calls the client.
+
+    ``step`` is called by the thread in a loop (it polls); ``submit`` runs a
+    closure on the thread between steps and returns an awaitable result.
+    """
+
+    def __init__(self, name: str, step: Callable[[], None], finish: Callable[[], None]) -> None:
+        self._step = step
+        self._finish = finish
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.done = concurrent.futures.Future[None]()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        return asyncio.wrap_future(future)
+
+    def run_calls(self) -> None:
+        while True:
+            try:
+                fn, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.run_calls()
+                self._step()
+        except BaseException as exc:
+            log.exception("consumer thread %s failed", self._thread.name)
+            with contextlib.suppress(BaseException):
+                self._finish()
+            self.done.set_exception(exc)
+            return
+        try:
+            self._finish()
+        finally:
+            self.run_calls()
+            self.done.set_result(None)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def join(self, limit: float) -> None:
+        self.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.wrap_future(self.done), limit)

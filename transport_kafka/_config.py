@@ -1,0 +1,258 @@
+"""Options of the Kafka backend and the librdkafka configurations built from them.
+
+Everything backend-specific lives in ``TransportConfig.options`` (or the URL
+query string: ``kafka://h1:9092,h2:9092?partitions=3``) and is validated by
+:class:`KafkaOptions`; unknown keys are refused. Secrets (SASL password,
+OAUTHBEARER token, TLS key password) come from the ``SecretStr`` fields of
+:class:`~transport.TransportConfig` and are only unwrapped into the
+librdkafka dictionaries, which are never logged or shown in a ``repr``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from transport import TransportConfig
+from transport.errors import ConfigurationError
+
+__all__ = ["KafkaOptions", "KafkaSettings", "TopicNames", "parse_settings"]
+
+_SASL_MECHANISMS = {
+    "PLAIN": "PLAIN",
+    "SCRAM-SHA-256": "SCRAM-SHA-256",
+    "SCRAM-SHA-512": "SCRAM-SHA-512",
+    "OAUTHBEARER": "OAUTHBEARER",
+}
+
+# librdkafka keys the library owns: a passthrough may not change them, because
+# the delivery guarantees depend on them.
+_OWNED_PRODUCER = {"acks", "enable.idempotence", "bootstrap.servers", "on_delivery"}
+_OWNED_CONSUMER = {
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "group.id",
+    "bootstrap.servers",
+    "on_commit",
+}
+
+
+class KafkaOptions(BaseModel):
+    """``TransportConfig.options`` for ``kafka://``.
+
+    Defaults suit production; the test fixtures lower the fetch wait and the
+    group timeouts for the dev broker.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Partitions of each request topic. 1 (the default) keeps FIFO order.
+    partitions: int = Field(default=1, ge=1, le=10_000)
+    #: Replication factor of created topics; -1 = the broker's default.
+    replication_factor: int = Field(default=-1, ge=-1, le=32)
+    #: ``fetch.wait.max.ms`` of consumers (latency of an idle poll).
+    fetch_wait_max_ms: int = Field(default=100, ge=0, le=60_000)
+    session_timeout_ms: int = Field(default=10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    #: librdkafka's own limit; leases are kept by a polling thread, so a
+    #: handler may run far longer than this.
+    max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
+    #: Records fetched but not yet settled before partitions are paused.
+    max_buffered: int = Field(default=1_000, ge=1)
+    #: A process that holds fetched but undelivered work and has not polled
+    #: for this long (and holds no live lease) leaves the consumer group so
+    #: other processes get its partitions; 0 disables.
+    handoff_idle_s: float = Field(default=5.0, ge=0)
+    #: Partition assignment strategy: cooperative-sticky keeps partitions
+    #: (and the leases of records in them) with their owner when members join.
+    assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"
+    #: How often the contiguous acked prefix is committed.
+    commit_interval_ms: int = Field(default=200, ge=10)
+    #: Bound on produce (delivery report), admin and metadata calls.
+    operation_timeout_s: float = Field(default=30.0, gt=0)
+    #: Bound on flush / consumer close at shutdown.
+    close_timeout_s: float = Field(default=10.0, gt=0)
+    #: Overrides the protocol derived from the TLS/SASL settings.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    #: Extra librdkafka settings (not the ones guarantees depend on).
+    producer: dict[str, Any] = Field(default_factory=dict)
+    consumer: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TopicNames:
+    """Broker names of one queue (documented in docs/backends/kafka.md)."""
+
+    requests: str
+    state: str
+    dlq: str
+    group: str
+
+
+@dataclass(frozen=True, repr=False)
+class KafkaSettings:
+    """Resolved settings: bootstrap servers, options and client configs."""
+
+    bootstrap: str
+    namespace: str
+    consumer_group: str
+    options: KafkaOptions
+    common: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # never show the client configs (secrets)
+        return f"KafkaSettings(bootstrap={self.bootstrap!r}, namespace={self.namespace!r})"
+
+    def queue_topics(self, name: str) -> TopicNames:
+        base = f"{self.namespace}.{name}"
+        return TopicNames(
+            requests=f"{base}.requests",
+            state=f"{base}.state",
+            dlq=f"{base}.dlq",
+            group=f"{self.namespace}.{self.consumer_group}.{name}",
+        )
+
+    def registry_topic(self, kind: str, name: str) -> str:
+        # Four dot-separated parts, queue topics three: they cannot collide
+        # because validated names contain no dots.
+        return f"{self.namespace}.registry.{kind}.{name}"
+
+    def producer_config(self) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            **self.common,
+            "linger.ms": 1,
+            **self.options.producer,
+            "acks": "all",
+            "enable.idempotence": True,
+            "message.timeout.ms": int(self.options.operation_timeout_s * 1000),
+        }
+        return conf
+
+    def consumer_config(self, group: str, *, subscribe: bool) -> dict[str, Any]:
+        o = self.options
+        conf: dict[str, Any] = {
+            **self.common,
+            "fetch.wait.max.ms": o.fetch_wait_max_ms,
+            "auto.offset.reset": "earliest",
+            **o.consumer,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        }
+        if subscribe:
+            conf.update(
+                {
+                    "session.timeout.ms": o.session_timeout_ms,
+                    "heartbeat.interval.ms": o.heartbeat_interval_ms,
+                    "max.poll.interval.ms": o.max_poll_interval_ms,
+                    "partition.assignment.strategy": o.assignment_strategy,
+                }
+            )
+        else:
+            conf["enable.partition.eof"] = True
+        return conf
+
+    def admin_config(self) -> dict[str, Any]:
+        return dict(self.common)
+
+
+def _split_url(url: str) -> tuple[str, str | None, str | None, dict[str, str]]:
+    rest = url.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    rest = rest.split("/", 1)[0]
+    user = password = None
+    if "@" in rest:
+        userinfo, rest = rest.rsplit("@", 1)
+        user, _, pw = userinfo.partition(":")
+        user, password = unquote(user) or None, (unquote(pw) if pw else None)
+    hosts = [h for h in rest.split(",") if h]
+    if not hosts:
+        raise ConfigurationError("kafka:// URL needs at least one host:port")
+    for host in hosts:
+        name, sep, port = host.rpartition(":")
+        if not sep or not name or not port.isdigit():
+            raise ConfigurationError(f"kafka:// host must be host:port, got {host!r}")
+    return ",".join(hosts), user, password, dict(parse_qsl(query))
+
+
+def _oauth_cb(token: str) -> Any:
+    def callback(_config: str) -> tuple[str, float]:
+        # A static token: refreshed by reconnecting with a new config.
+        return token, time.time() + 3600
+
+    return callback
+
+
+def parse_settings(config: TransportConfig) -> KafkaSettings:
+    """Validate ``config`` for ``kafka://`` and build the client settings.
+
+    Raises: ConfigurationError (never echoing secrets).
+    """
+    bootstrap, url_user, url_password, query = _split_url(config.url)
+    try:
+        options = KafkaOptions.model_validate({**query, **config.options})
+    except ValidationError as exc:
+        raise ConfigurationError(f"invalid kafka options: {exc}") from None
+    for key in options.producer:
+        if key in _OWNED_PRODUCER:
+            raise ConfigurationError(f"producer option {key!r} is set by the library")
+    for key in options.consumer:
+        if key in _OWNED_CONSUMER:
+            raise ConfigurationError(f"consumer option {key!r} is set by the library")
+
+    common: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "client.id": f"agentensemble-{config.namespace}",
+        "log.connection.close": False,
+    }
+    tls = config.tls
+    use_tls = tls.enabled or tls.ca_file is not None or tls.cert_file is not None
+    if tls.ca_file is not None:
+        common["ssl.ca.location"] = str(tls.ca_file)
+    if tls.cert_file is not None:
+        common["ssl.certificate.location"] = str(tls.cert_file)
+    if tls.key_file is not None:
+        common["ssl.key.location"] = str(tls.key_file)
+    if tls.key_password is not None:
+        common["ssl.key.password"] = tls.key_password.get_secret_value()
+    if use_tls:
+        common["ssl.endpoint.identification.algorithm"] = "https" if tls.verify_hostname else "none"
+
+    mechanism = config.sasl_mechanism
+    username = config.username or url_user
+    password = config.password.get_secret_value() if config.password else url_password
+    if mechanism is None and username is not None:
+        mechanism = "PLAIN"
+    if mechanism is not None:
+        canonical = _SASL_MECHANISMS.get(mechanism.upper())
+        if canonical is None:
+            raise ConfigurationError(
+                f"unsupported sasl_mechanism {mechanism!r} (PLAIN, SCRAM-SHA-256, "
+                "SCRAM-SHA-512, OAUTHBEARER)"
+            )
+        common["sasl.mechanism"] = canonical
+        if canonical == "OAUTHBEARER":
+            if config.token is None:
+                raise ConfigurationError("sasl_mechanism OAUTHBEARER needs a token")
+            common["oauth_cb"] = _oauth_cb(config.token.get_secret_value())
+        else:
+            if username is None or password is None:
+                raise ConfigurationError(f"sasl_mechanism {canonical} needs username and password")
+            common["sasl.username"] = username
+            common["sasl.password"] = password
+    protocol = options.security_protocol or (
+        ("SASL_SSL" if use_tls else "SASL_PLAINTEXT")
+        if mechanism is not None
+        else ("SSL" if use_tls else "PLAINTEXT")
+    )
+    common["security.protocol"] = protocol
+    return KafkaSettings(
+        bootstrap=bootstrap,
+        namespace=config.namespace,
+        consumer_group=config.consumer_group,
+        options=options,
+        common=common,
+    )

@@ -1,0 +1,290 @@
+"""``EventLog`` on Kafka: one single-partition topic per stream.
+
+Stream ``S`` is topic ``NS.stream.S.events`` (created explicitly, not
+compacted). ``append`` produces ``data`` as JSON with the key and headers and
+returns the record's offset as the position once the delivery report
+(acks=all) arrived; ``appended_at`` is the record timestamp (CreateTime, ms).
+A reader assigns the partition (no consumer group, no join) at a position,
+an end, or the first offset at or after a time (``offsets_for_times``), and
+keeps reading live. A named cursor stores its position as the committed
+offset of consumer group ``NS.cursor.S.<cursor>`` (committed without joining
+the group), so a restarted reader resumes after the last committed event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from transport._codec import decode, encode
+from transport._events import EventLog, EventReader, LogEvent, Start, check_start
+from transport._models import utcnow
+from transport._naming import validate_header, validate_name
+from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
+from transport_kafka._client import ConsumerThread, KafkaClients, TopicSpec, _client_logger
+from transport_kafka._errors import map_kafka_errors
+
+__all__ = ["KafkaEventLog", "KafkaEventReader"]
+
+
+class KafkaEventReader(EventReader):
+    """Reads one stream topic from a start position, then live."""
+
+    def __init__(self, log: KafkaEventLog, stream: str, cursor: str | None) -> None:
+        self.stream = stream
+        self.cursor = cursor
+        self._log = log
+        self._topic = log.topic(stream)
+        self._queue: asyncio.Queue[LogEvent | BaseException] = asyncio.Queue()
+        self._thread: ConsumerThread | None = None
+        self._consumer: Consumer | None = None
+        self._last: int | None = None  # offset of the last event returned
+        self._committed: int | None = None
+        self._closed = False
+
+    async def _open(self, start: Start) -> None:
+        clients = self._log.clients
+        group = (
+            f"{clients.settings.namespace}.cursor.{self.stream}.{self.cursor}"
+            if self.cursor
+            else f"{clients.settings.namespace}.reader"
+        )
+        conf = {
+            **clients.settings.consumer_config(group, subscribe=False),
+            "enable.partition.eof": False,
+            "logger": _client_logger(),
+        }
+        with map_kafka_errors(f"reading {self.stream}"):
+            self._consumer = Consumer(conf)
+        offset: int | None = None
+        if self.cursor:
+            offset = await self._call(self._stored_position)
+        if offset is None:
+            offset = await self._call(lambda: self._resolve(start))
+        self._assign(offset)
+
+    async def _call(self, fn: Any) -> Any:
+        """A blocking consumer call, on the transport's executor before the
+        reader thread runs, or on the reader thread afterwards."""
+        if self._thread is not None:
+            return await asyncio.wait_for(self._thread.submit(fn), self._log.clients.timeout + 5)
+        return await self._log.clients.blocking(f"reading {self.stream}", fn)
+
+    def _stored_position(self) -> int | None:
+        assert self._consumer is not None
+        [tp] = self._consumer.committed(
+            [TopicPartition(self._topic, 0)], timeout=self._log.clients.timeout
+        )
+        return tp.offset if tp.offset >= 0 else None
+
+    def _resolve(self, start: Start) -> int:
+        """Offset to start at (blocking)."""
+        assert self._consumer is not None
+        timeout = self._log.clients.timeout
+        if isinstance(start, datetime):
+            millis = int(start.timestamp() * 1000)
+            [tp] = self._consumer.offsets_for_times(
+                [TopicPartition(self._topic, 0, millis)], timeout=timeout
+            )
+            if tp.offset >= 0:
+                return tp.offset
+            return self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, 0), timeout=timeout, cached=False
+            )[1]
+        if start == "earliest":
+            return self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, 0), timeout=timeout, cached=False
+            )[0]
+        if start == "latest":
+            return self._consumer.get_watermark_offsets(
+                TopicPartition(self._topic, 0), timeout=timeout, cached=False
+            )[1]
+        try:
+            return int(start)
+        except ValueError:
+            raise ValueError(f"not a Kafka event-log position: {start!r}") from None
+
+    def _assign(self, offset: int) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        if self._thread is None:
+            consumer.assign([TopicPartition(self._topic, 0, offset)])
+            self._thread = ConsumerThread(f"kafka-events-{self.stream}", self._step, consumer.close)
+            self._thread.start()
+
+    def _step(self) -> None:
+        assert self._consumer is not None
+        events: list[LogEvent | BaseException] = []
+        for msg in self._consumer.consume(200, 0.05):
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    events.append(KafkaException(err))
+                continue
+            events.append(_to_event(self.stream, msg))
+        if events:
+            with contextlib.suppress(RuntimeError):
+                self._log.loop.call_soon_threadsafe(self._deliver, events)
+
+    def _deliver(self, events: list[LogEvent | BaseException]) -> None:
+        for event in events:
+            self._queue.put_nowait(event)
+
+    async def __anext__(self) -> LogEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        if self.cursor and self._last is not None:
+            await self.commit()
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise TransientTransportError(f"reading {self.stream}: {item}") from item
+        self._last = int(item.position)
+        return item
+
+    async def seek(self, to: Start) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"reader of {self.stream!r} is closed")
+        to = check_start(to)
+        consumer = self._consumer
+        assert consumer is not None and self._thread is not None
+
+        def move() -> None:
+            offset = self._resolve(to)
+            consumer.assign([TopicPartition(self._topic, 0, offset)])
+            # Events fetched before the seek are dropped on the loop side.
+            self._log.loop.call_soon_threadsafe(self._drain)
+
+        with map_kafka_errors(f"seeking {self.stream}"):
+            await asyncio.wait_for(self._thread.submit(move), self._log.clients.timeout + 5)
+        # ``_drain`` was scheduled before this wake-up: the queue is clean.
+        await asyncio.sleep(0)
+        self._last = None
+
+    def _drain(self) -> None:
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    async def commit(self) -> None:
+        if not self.cursor or self._last is None or self._thread is None:
+            return
+        position = self._last + 1
+        if self._committed == position:
+            return
+        consumer = self._consumer
+        assert consumer is not None
+
+        def run() -> None:
+            consumer.commit(offsets=[TopicPartition(self._topic, 0, position)], asynchronous=False)
+
+        with map_kafka_errors(f"committing cursor {self.cursor!r}"):
+            await asyncio.wait_for(self._thread.submit(run), self._log.clients.timeout + 5)
+        self._committed = position
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        try:
+            if self.cursor and self._thread is not None and self._thread.alive:
+                await self.commit()
+        finally:
+            self._closed = True
+            if self._thread is not None:
+                await self._thread.join(self._log.clients.settings.options.close_timeout_s + 5)
+            self._log._readers.discard(self)
+
+
+def _to_event(stream: str, msg: Any) -> LogEvent:
+    position = str(msg.offset())
+    try:
+        event = decode(LogEvent, msg.value() or b"")
+    except UndecodableMessageError:
+        # A foreign record: keep its bytes as text, its timestamp as the time.
+        _, millis = msg.timestamp()
+        key = msg.key()
+        return LogEvent(
+            stream=stream,
+            position=position,
+            data=(msg.value() or b"").decode("utf-8", "replace"),
+            key=key.decode("utf-8", "replace") if isinstance(key, bytes) else None,
+            appended_at=datetime.fromtimestamp(max(millis, 0) / 1000, UTC),
+        )
+    return event.model_copy(update={"stream": stream, "position": position})
+
+
+class KafkaEventLog(EventLog):
+    """Streams as single-partition topics ``NS.stream.<name>.events``."""
+
+    def __init__(self, clients: KafkaClients, max_payload_bytes: int) -> None:
+        self.clients = clients
+        self._limit = max_payload_bytes
+        self._readers: set[KafkaEventReader] = set()
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "set by read()"
+        return self._loop
+
+    def topic(self, stream: str) -> str:
+        return f"{self.clients.settings.namespace}.stream.{stream}.events"
+
+    async def _ready(self, stream: str) -> str:
+        if self._closed:
+            raise ClosedResourceError("event log is closed")
+        validate_name(stream, "stream name")
+        topic = self.topic(stream)
+        await self.clients.ensure_topics([TopicSpec(topic, 1, {})])
+        return topic
+
+    async def append(
+        self,
+        stream: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        for name, text in (headers or {}).items():
+            validate_header(name, text)
+        # The record value is the whole event as JSON (position excepted):
+        # validated and size-checked before anything is sent.
+        event = LogEvent(
+            stream=stream,
+            position="",
+            data=data,
+            key=key,
+            headers=dict(headers or {}),
+            appended_at=utcnow(),
+        )
+        value = encode(event, self._limit)
+        topic = await self._ready(stream)
+        _, offset = await self.clients.produce(
+            topic, key.encode() if key is not None else None, value, what="append"
+        )
+        return str(offset)
+
+    async def read(
+        self, stream: str, start: Start = "earliest", *, cursor: str | None = None
+    ) -> KafkaEventReader:
+        start = check_start(start)
+        if cursor is not None:
+            validate_name(cursor, "cursor name")
+        await self._ready(stream)
+        self._loop = asyncio.get_running_loop()
+        reader = KafkaEventReader(self, stream, cursor)
+        await reader._open(start)
+        self._readers.add(reader)
+        return reader
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for reader in list(self._readers):
+            with contextlib.suppress(Exception):
+                await reader.aclose()

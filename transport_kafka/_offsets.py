@@ -1,0 +1,144 @@
+"""Which offsets may be committed, per partition, when acks come in any order.
+
+Kafka commits a single position per partition: everything before it counts
+as done. With concurrent handlers, acks arrive out of order, so the position
+we may commit is the lowest offset still outstanding (fetched but not
+settled), or one past the highest offset seen if nothing is outstanding —
+never beyond an unsettled record. Gaps in offsets (compaction, transaction
+markers) are harmless because only offsets actually seen are tracked.
+
+Each assignment of a partition gets a new *generation*. When a partition is
+revoked, its outstanding records belong to whoever gets it next: settling
+one of them through the old generation is refused (the caller reports the
+lease as lost, the record is redelivered — never lost).
+
+Thread-safe: the consumer thread tracks and revokes, the event loop settles.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from dataclasses import dataclass, field
+
+__all__ = ["OffsetTracker"]
+
+_generations = itertools.count(1)
+
+
+@dataclass
+class _Partition:
+    generation: int
+    committed: int | None  # last committed position (None: never committed)
+    high: int | None = None  # one past the highest offset seen
+    outstanding: set[int] = field(default_factory=set)
+    heap: list[int] = field(default_factory=list)  # lazy min-heap over outstanding
+
+    def lowest(self) -> int | None:
+        while self.heap and self.heap[0] not in self.outstanding:
+            heapq.heappop(self.heap)
+        return self.heap[0] if self.heap else None
+
+    def safe(self) -> int | None:
+        lowest = self.lowest()
+        if lowest is not None:
+            return lowest
+        return self.high if self.high is not None else self.committed
+
+
+class OffsetTracker:
+    """Per-partition bookkeeping of fetched, settled and committable offsets."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._parts: dict[int, _Partition] = {}
+
+    def assign(self, partition: int, committed: int | None) -> int:
+        """Start a new generation for ``partition``; returns it."""
+        with self._lock:
+            gen = next(_generations)
+            self._parts[partition] = _Partition(
+                gen, committed if committed is not None and committed >= 0 else None
+            )
+            return gen
+
+    def revoke(self, partition: int) -> int | None:
+        """Forget ``partition``; returns the position safe to commit (or None)."""
+        with self._lock:
+            part = self._parts.pop(partition, None)
+            if part is None:
+                return None
+            safe = part.safe()
+            return safe if safe is not None and safe != part.committed else None
+
+    def generation(self, partition: int) -> int | None:
+        with self._lock:
+            part = self._parts.get(partition)
+            return None if part is None else part.generation
+
+    def current(self, partition: int, generation: int) -> bool:
+        with self._lock:
+            part = self._parts.get(partition)
+            return part is not None and part.generation == generation
+
+    def track(self, partition: int, offset: int, generation: int, *, settled: bool = False) -> bool:
+        """Record a fetched offset (``settled``: already done, e.g. acked
+        before a crash). False if the generation is stale."""
+        with self._lock:
+            part = self._parts.get(partition)
+            if part is None or part.generation != generation:
+                return False
+            if part.committed is not None and offset < part.committed:
+                return False  # already committed: a refetch after a seek
+            part.high = offset + 1 if part.high is None else max(part.high, offset + 1)
+            if not settled and offset not in part.outstanding:
+                part.outstanding.add(offset)
+                heapq.heappush(part.heap, offset)
+            return True
+
+    def settle(self, partition: int, offset: int, generation: int) -> bool:
+        """Mark ``offset`` done. False if the generation is stale or it was
+        not outstanding (already settled)."""
+        with self._lock:
+            part = self._parts.get(partition)
+            if part is None or part.generation != generation or offset not in part.outstanding:
+                return False
+            part.outstanding.discard(offset)
+            return True
+
+    def is_outstanding(self, partition: int, offset: int, generation: int) -> bool:
+        with self._lock:
+            part = self._parts.get(partition)
+            return part is not None and part.generation == generation and offset in part.outstanding
+
+    def commit_candidates(self) -> dict[int, int]:
+        """Partition → position that may be committed and is ahead of the
+        last commit."""
+        with self._lock:
+            out: dict[int, int] = {}
+            for p, part in self._parts.items():
+                safe = part.safe()
+                if safe is not None and (part.committed is None or safe > part.committed):
+                    out[p] = safe
+            return out
+
+    def committed(self, partition: int, position: int) -> None:
+        """Record a successful commit of ``position``."""
+        with self._lock:
+            part = self._parts.get(partition)
+            if part is not None and (part.committed is None or position > part.committed):
+                part.committed = position
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return sum(len(p.outstanding) for p in self._parts.values())
+
+    def snapshot(self) -> dict[int, tuple[int | None, int | None]]:
+        """Partition → (committed, high) for stats."""
+        with self._lock:
+            return {p: (part.committed, part.high) for p, part in self._parts.items()}
+
+    def partitions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._parts)

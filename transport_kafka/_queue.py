@@ -1,0 +1,997 @@
+"""``KafkaRequestQueue``: a durable request queue on Kafka topics.
+
+Topics of queue ``Q`` in namespace ``NS`` (all created explicitly, never by
+auto-create):
+
+* ``NS.Q.requests`` — the requests, keyed by ``request_id``
+  (``partitions`` option, default 1);
+* ``NS.Q.state`` — compacted, one partition: per-record delivery counts and
+  "settled" markers, keyed ``"<partition>:<offset>"``;
+* ``NS.Q.dlq`` — compacted, one partition: dead letters keyed
+  ``"<request_id>.<partition>.<offset>"``; a tombstone means "requeued";
+* consumer group ``NS.<consumer_group>.Q``.
+
+**Consuming.** Each transport runs one consumer per queue in the group, on
+its own thread, which polls continuously (so ``max.poll.interval.ms`` never
+expires however long a handler runs) and hands records to the event loop.
+Auto-commit and auto offset store are off. Settled offsets are tracked per
+partition (:mod:`transport_kafka._offsets`) and only the contiguous settled
+prefix is committed, every ``commit_interval_ms`` and synchronously on
+revocation and close — never past an unsettled record. When the local
+buffer holds ``max_buffered`` unsettled records, the partitions are paused
+(backpressure) and resumed at half of that.
+
+**Leases are client-side.** Kafka has no per-record lease: a partition
+belongs to one consumer until a rebalance. A delivery not acked or extended
+within ``lease_seconds`` goes back to this process's local buffer and is
+handed to the next ``poll`` of *this process* (any handle of this transport
+on the queue). Kafka moves partitions between processes only on rebalance,
+i.e. when a consumer dies (session timeout), leaves (``aclose``) or joins;
+then the new owner resumes from the committed offset.
+
+**Attempts and settled markers.** Kafka counts no deliveries, so before a
+record is handed out its delivery count is written to the state topic
+(acks=all), and an ack writes a "settled" marker before the offset is
+marked done. A consumer that gets a partition replays the state topic, so
+after a crash ``attempt`` keeps counting and records acked out of order
+beyond the committed offset are not delivered again. Markers below the
+committed offset are tombstoned.
+
+**nack and delays.** A partition cannot skip one record, so ``nack(delay)``
+re-produces the request to the same topic (same key, so the same partition)
+with headers ``ae-attempts`` (deliveries so far), ``ae-not-before`` (epoch
+ms) and ``ae-error``, and then settles the original. A consumer that reads a
+record whose not-before time is in the future keeps it in a local timer heap
+(still unsettled, so it is never committed past and survives a crash) while
+the rest of the partition keeps flowing. A crash between the re-produce and
+the settle gives a duplicate, never a loss. Delays are therefore
+client-side (``native_delay`` is false) and a redelivered request goes to the
+back of its partition.
+
+**Dead letters.** After ``max_attempts`` deliveries (a nack at the last
+attempt, or a lease that ran out at the last attempt) or on
+``dead_letter()``, the request is produced to the DLQ with its last error
+and attempt count, then settled. Undecodable records are dead-lettered with
+``request=None`` and the raw text. ``dead_letters()`` reads the DLQ to its
+high watermark (last record per key wins); ``requeue_dead_letters()``
+re-produces the request first and tombstones its DLQ key second (a crash in
+between gives a duplicate, never a loss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from transport import (
+    DeadLetter,
+    Delivery,
+    QueueStats,
+    RequestQueue,
+    WorkRequest,
+    decode,
+    encode,
+    utcnow,
+)
+from transport._queue import seconds as _seconds
+from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
+from transport_kafka._client import (
+    ConsumerThread,
+    KafkaClients,
+    TopicSpec,
+    _client_logger,
+    raw_record,
+    read_to_end,
+)
+from transport_kafka._config import TopicNames
+from transport_kafka._errors import map_kafka_errors
+from transport_kafka._offsets import OffsetTracker
+
+if TYPE_CHECKING:
+    from transport_kafka._transport import KafkaTransport
+
+__all__ = ["KafkaDelivery", "KafkaRequestQueue"]
+
+log = logging.getLogger("transport.kafka")
+
+H_ATTEMPTS = "ae-attempts"
+H_NOT_BEFORE = "ae-not-before"
+H_ERROR = "ae-error"
+
+_tokens = itertools.count(1)
+_TICK = 0.05
+
+
+@dataclass(eq=False, slots=True)
+class _Record:
+    partition: int
+    offset: int
+    generation: int
+    key: bytes | None
+    value: bytes | None
+    base: int  # deliveries before this record was produced (header)
+    deliveries: int  # deliveries of this record (state topic + local)
+    not_before: float  # epoch seconds; 0 = at once
+    last_error: str | None
+    reserved: bool = False  # the next delivery is already counted in the state topic
+
+    @property
+    def attempts(self) -> int:
+        return self.base + self.deliveries
+
+    @property
+    def state_key(self) -> bytes:
+        return f"{self.partition}:{self.offset}".encode()
+
+
+@dataclass(eq=False, slots=True)
+class _Lease:
+    record: _Record
+    request: WorkRequest
+    handle: KafkaRequestQueue
+    deadline: float
+    state: Literal["held", "settling", "done", "lost"] = "held"
+    token: int = field(default_factory=lambda: next(_tokens))
+
+
+def _int_header(headers: dict[str, bytes], name: str) -> int:
+    try:
+        return int(headers.get(name, b"0").decode())
+    except (ValueError, UnicodeDecodeError):
+        return 0
+
+
+class _Cohort:
+    """Engines of one transport whose consumers started together (the levels
+    of a priority queue, typically) open for hand-out together.
+
+    Each consumer joins its group and fetches its backlog at its own pace; if
+    the first primed level handed out at once, a priority queue polling its
+    levels would deliver a lower level's backlog before the higher level had
+    arrived. So no member hands out anything until every member has its
+    initial backlog buffered (or ``deadline`` passed); then the head of each
+    member is reserved (its delivery counted in the state topic), so the
+    first polls of all members complete in the same event-loop step.
+    """
+
+    WINDOW_S = 0.5
+
+    def __init__(self, max_wait: float) -> None:
+        self.members: list[_QueueEngine] = []
+        self.created = time.monotonic()
+        self.deadline = self.created + max_wait
+        self.opened = False
+        self._opening: asyncio.Task[None] | None = None
+
+    def accepts(self) -> bool:
+        return not self.opened and time.monotonic() - self.created < self.WINDOW_S
+
+    def check(self) -> None:
+        if self.opened or self._opening is not None:
+            return
+        if all(m.primed or m._stopped for m in self.members) or time.monotonic() >= self.deadline:
+            self._opening = asyncio.ensure_future(self._open())
+
+    async def _open(self) -> None:
+        try:
+            await asyncio.gather(
+                *(m.reserve_head() for m in self.members if not m._stopped), return_exceptions=True
+            )
+        finally:
+            self.opened = True
+            for member in self.members:
+                member._notify()
+
+
+class _QueueEngine:
+    """One consumer-group member per (transport, queue), shared by every
+    handle of that queue in the transport. Loop-side state (buffer, timers,
+    leases) is touched only on the event loop; the consumer only on its
+    thread; the offset tracker is the thread-safe meeting point."""
+
+    def __init__(self, transport: KafkaTransport, name: str) -> None:
+        self.transport = transport
+        self.clients: KafkaClients = transport.clients
+        self.name = name
+        self.topics: TopicNames = transport.settings.queue_topics(name)
+        self.options = transport.settings.options
+        self.tracker = OffsetTracker()
+        self.handles = 0
+        self.ready: deque[_Record] = deque()
+        self.delayed: list[tuple[float, int, _Record]] = []
+        self.leases: dict[int, _Lease] = {}
+        self.exhausted: list[_Lease] = []
+        self._changed = asyncio.Event()
+        self._start_task: asyncio.Future[None] | None = None
+        self._maint: asyncio.Task[None] | None = None
+        self._thread: ConsumerThread | None = None
+        self._consumer: Consumer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
+        self._subscribed = False
+        self._pollers = 0
+        self._last_active = time.monotonic()
+        self._handoff_task: asyncio.Task[None] | None = None
+        # consumer-thread state
+        self._markers: dict[tuple[int, int], dict[str, Any]] = {}
+        self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
+        self._marked_lock = threading.Lock()  # loop adds, consumer thread drops
+        self._paused = False
+        self._last_commit = 0.0
+        self._prime_targets: dict[int, int] | None = None
+        self._fetched: dict[int, int] = {}
+        self._prime_sent = False
+        # loop-side priming: first hand-out waits for the cohort (see _Cohort)
+        self.primed = False
+        self.cohort: _Cohort | None = None
+
+    # -- topics ------------------------------------------------------------------
+    def topic_specs(self) -> list[TopicSpec]:
+        compact = {"cleanup.policy": "compact"}
+        return [
+            TopicSpec(self.topics.requests, self.options.partitions, {}),
+            TopicSpec(self.topics.state, 1, compact),
+            TopicSpec(self.topics.dlq, 1, compact),
+        ]
+
+    async def ensure_topics(self) -> None:
+        await self.clients.ensure_topics(self.topic_specs())
+
+    # -- lifecycle ---------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._stopped
+
+    async def start(self) -> None:
+        if self._stopped:
+            raise ClosedResourceError(f"queue {self.name!r} is closed")
+        if self._start_task is None:
+            self._start_task = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._start_task)
+        thread = self._thread
+        if thread is not None and thread.done.done() and thread.done.exception() is not None:
+            raise TransientTransportError(
+                f"consumer of queue {self.name!r} failed: {thread.done.exception()}"
+            )
+
+    async def _start(self) -> None:
+        await self.ensure_topics()
+        self._loop = asyncio.get_running_loop()
+        conf = self.transport.settings.consumer_config(self.topics.group, subscribe=True)
+        with map_kafka_errors(f"creating consumer of {self.name!r}"):
+            consumer = Consumer({**conf, "logger": _client_logger()})
+            self._subscribe(consumer)
+        self._consumer = consumer
+        self.cohort = self.transport._cohort_for(self)
+        self._subscribed = True
+        self._thread = ConsumerThread(f"kafka-consumer-{self.name}", self._step, self._finish)
+        self._thread.start()
+        self._maint = asyncio.create_task(self._maintain(), name=f"kafka-maint-{self.name}")
+
+    def _subscribe(self, consumer: Consumer) -> None:
+        consumer.subscribe(
+            [self.topics.requests],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    # An engine that holds buffered work but whose process stopped polling
+    # gives its partitions up (like a consumer exceeding max.poll.interval.ms,
+    # but without losing live leases), so other processes get the work; the
+    # next poll() joins the group again.
+    def _should_hand_off(self) -> bool:
+        idle = self.options.handoff_idle_s
+        if not idle or not self._subscribed or self._pollers or self._handoff_task is not None:
+            return False
+        if time.monotonic() - self._last_active < idle:
+            return False
+        if any(lease.state in ("held", "settling") for lease in self.leases.values()):
+            return False
+        ready, delayed = self.local_counts()
+        return bool(ready or delayed)
+
+    async def _hand_off(self) -> None:
+        thread = self._thread
+        consumer = self._consumer
+        if thread is None or consumer is None:
+            return
+        log.info("queue %r: idle with buffered work; leaving the group", self.name)
+        self._subscribed = False
+        try:
+            await asyncio.wait_for(
+                thread.submit(consumer.unsubscribe), self.options.operation_timeout_s
+            )
+        except Exception as exc:
+            log.warning("queue %r: unsubscribe failed: %s", self.name, exc)
+
+    async def poller_enter(self) -> None:
+        """Called when a poll begins: joins the group again after a hand-off."""
+        self._pollers += 1
+        self._last_active = time.monotonic()
+        if self._handoff_task is not None:
+            with contextlib.suppress(Exception):
+                await self._handoff_task
+            self._handoff_task = None
+        if not self._subscribed and self._consumer is not None and self._thread is not None:
+            consumer = self._consumer
+            self._subscribed = True
+            await asyncio.wait_for(
+                self._thread.submit(lambda: self._subscribe(consumer)),
+                self.options.operation_timeout_s,
+            )
+
+    def poller_exit(self) -> None:
+        self._pollers -= 1
+        self._last_active = time.monotonic()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._start_task
+        if self._maint is not None:
+            self._maint.cancel()
+            with contextlib.suppress(BaseException):
+                await self._maint
+        if self._thread is not None:
+            await self._thread.join(self.options.close_timeout_s + 5)
+        for lease in self.leases.values():
+            lease.state = "lost"
+        self.leases.clear()
+        self.ready.clear()
+        self.delayed.clear()
+        self._notify()
+
+    # -- consumer thread -----------------------------------------------------------
+    def _post(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _step(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        now = time.monotonic()
+        if now - self._last_commit >= self.options.commit_interval_ms / 1000:
+            self._last_commit = now
+            self._commit()
+        self._flow_control(consumer)
+        batch: list[_Record] = []
+        for msg in consumer.consume(500, _TICK):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("queue %r: consumer error: %s", self.name, err)
+                continue
+            raw = raw_record(msg)
+            p, off = raw.partition, raw.offset
+            self._fetched[p] = max(self._fetched.get(p, 0), off + 1)
+            gen = self.tracker.generation(p)
+            if gen is None:
+                continue
+            marker = self._markers.pop((p, off), None) or {}
+            if marker.get("s"):
+                self.tracker.track(p, off, gen, settled=True)
+                continue
+            if not self.tracker.track(p, off, gen):
+                continue
+            error = raw.headers.get(H_ERROR)
+            batch.append(
+                _Record(
+                    partition=p,
+                    offset=off,
+                    generation=gen,
+                    key=raw.key,
+                    value=raw.value,
+                    base=_int_header(raw.headers, H_ATTEMPTS),
+                    deliveries=int(marker.get("d", 0)),
+                    not_before=_int_header(raw.headers, H_NOT_BEFORE) / 1000,
+                    last_error=error.decode("utf-8", "replace") if error else None,
+                )
+            )
+        if batch:
+            self._post(self._on_records, batch)
+        self._flow_control(consumer)
+        self._check_primed()
+
+    def _flow_control(self, consumer: Consumer) -> None:
+        outstanding = self.tracker.outstanding()
+        limit = self.options.max_buffered
+        try:
+            if not self._paused and outstanding >= limit:
+                consumer.pause(consumer.assignment())
+                self._paused = True
+            elif self._paused and outstanding <= limit // 2:
+                consumer.resume(consumer.assignment())
+                self._paused = False
+        except KafkaException as exc:
+            log.debug("queue %r: pause/resume: %s", self.name, exc)
+
+    def _commit(self, candidates: dict[int, int] | None = None) -> None:
+        """Synchronously commit the safe positions (consumer thread only)."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        if candidates is None:
+            candidates = self.tracker.commit_candidates()
+        if not candidates:
+            return
+        tps = [TopicPartition(self.topics.requests, p, off) for p, off in candidates.items()]
+        try:
+            result = consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            log.info("queue %r: commit failed, will retry: %s", self.name, exc)
+            return
+        for tp in result or []:
+            if tp.error is None:
+                self.tracker.committed(tp.partition, tp.offset)
+                self._drop_markers(tp.partition, tp.offset)
+
+    def _drop_markers(self, partition: int, below: int) -> None:
+        # State markers of committed records are no longer needed: tombstone them.
+        with self._marked_lock:
+            marked = self._marked.get(partition)
+            if not marked:
+                return
+            done = [o for o in marked if o < below]
+            marked.difference_update(done)
+        for off in done:
+            self.clients.produce_nowait(self.topics.state, f"{partition}:{off}".encode(), None)
+
+    def _targets(
+        self, consumer: Consumer, partitions: list[TopicPartition], committed: dict[int, int]
+    ) -> dict[int, int]:
+        """High watermarks the first fetch must reach before this engine is
+        primed (its initial backlog is in the local buffer)."""
+        targets: dict[int, int] = {}
+        for tp in partitions:
+            try:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.topics.requests, tp.partition),
+                    timeout=self.options.operation_timeout_s,
+                    cached=False,
+                )
+            except KafkaException:
+                continue
+            start = committed.get(tp.partition, -1)
+            if high > (start if start >= 0 else low):
+                targets[tp.partition] = high
+        return targets
+
+    def _check_primed(self) -> None:
+        targets = self._prime_targets
+        if self._prime_sent or targets is None:
+            return
+        # Primed: the initial backlog is buffered, or as much of it as the
+        # bounded buffer takes (paused).
+        if self._paused or all(self._fetched.get(p, 0) >= high for p, high in targets.items()):
+            self._prime_sent = True
+            self._post(self._on_primed)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not partitions:
+            if not self._prime_sent:
+                self._prime_targets = {}
+            return
+        try:
+            committed = {
+                tp.partition: tp.offset
+                for tp in consumer.committed(partitions, timeout=self.options.operation_timeout_s)
+            }
+        except KafkaException as exc:
+            log.warning("queue %r: committed offsets unavailable: %s", self.name, exc)
+            committed = {}
+        assigned = {tp.partition for tp in partitions}
+        if not self._prime_sent:
+            self._prime_targets = self._targets(consumer, partitions, committed)
+        try:
+            replay = read_to_end(
+                self.clients.reader_config(), self.topics.state, self.options.operation_timeout_s
+            )
+        except Exception as exc:  # degrade to duplicates, never to losses
+            log.warning(
+                "queue %r: state replay failed (attempt counts may restart): %s", self.name, exc
+            )
+            replay = []
+        markers: dict[tuple[int, int], dict[str, Any]] = {}
+        for rec in replay:
+            try:
+                p_s, _, o_s = (rec.key or b"").decode().partition(":")
+                p, off = int(p_s), int(o_s)
+            except ValueError:
+                continue
+            if p not in assigned or off < committed.get(p, -1):
+                continue
+            if rec.value is None:
+                markers.pop((p, off), None)
+            else:
+                with contextlib.suppress(ValueError):
+                    markers[(p, off)] = json.loads(rec.value)
+        for p in assigned:
+            self.tracker.assign(p, committed.get(p))
+            with self._marked_lock:
+                self._marked.setdefault(p, set()).update(o for (pp, o) in markers if pp == p)
+        self._markers.update(markers)
+        self._paused = False
+        log.debug("queue %r: assigned %s", self.name, sorted(assigned))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        safe: dict[int, int] = {}
+        for tp in partitions:
+            position = self.tracker.revoke(tp.partition)
+            if position is not None:
+                safe[tp.partition] = position
+        if safe:
+            tps = [TopicPartition(self.topics.requests, p, off) for p, off in safe.items()]
+            try:
+                consumer.commit(offsets=tps, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("queue %r: commit on revoke failed: %s", self.name, exc)
+        self._forget(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.tracker.revoke(tp.partition)
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        gone = {tp.partition for tp in partitions}
+        for key in [k for k in self._markers if k[0] in gone]:
+            del self._markers[key]
+        with self._marked_lock:
+            for p in gone:
+                self._marked.pop(p, None)
+        self._post(self._purge)
+
+    def _finish(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        self._commit()
+        try:
+            consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("queue %r: consumer close: %s", self.name, exc)
+
+    # -- event loop: buffer, timers, leases ------------------------------------------
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait(self, limit: float | None) -> None:
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), limit)
+
+    def _on_records(self, batch: list[_Record]) -> None:
+        now = time.time()
+        for rec in batch:
+            if rec.not_before > now:
+                heapq.heappush(self.delayed, (rec.not_before, next(_tokens), rec))
+            else:
+                self.ready.append(rec)
+        self._notify()
+
+    def _on_primed(self) -> None:
+        self.primed = True
+        if self.cohort is not None:
+            self.cohort.check()
+
+    def _live(self, rec: _Record) -> bool:
+        return self.tracker.is_outstanding(rec.partition, rec.offset, rec.generation)
+
+    def _purge(self) -> None:
+        self.ready = deque(r for r in self.ready if self._live(r))
+        self.delayed = [d for d in self.delayed if self._live(d[2])]
+        heapq.heapify(self.delayed)
+
+    def _reclaim(self) -> None:
+        """Expired leases back to the front of the buffer (or, at their last
+        attempt, to the dead-letter backlog); due delayed records to the back."""
+        now = time.monotonic()
+        for lease in [lease for lease in self.leases.values() if lease.deadline <= now]:
+            if lease.state != "held":
+                continue
+            self._drop_lease(lease, "lost")
+            if not self._live(lease.record):
+                continue
+            if lease.record.attempts >= lease.handle.max_attempts:
+                self.exhausted.append(lease)
+            else:
+                self.ready.appendleft(lease.record)
+        wall = time.time()
+        while self.delayed and self.delayed[0][0] <= wall:
+            self.ready.append(heapq.heappop(self.delayed)[2])
+        if self.ready:
+            self._notify()
+
+    async def _drain_exhausted(self) -> None:
+        while self.exhausted:
+            lease = self.exhausted.pop(0)
+            rec = lease.record
+            if not self._live(rec):
+                continue
+            try:
+                await self.dead_letter(
+                    rec,
+                    rec.last_error or f"not acknowledged after {rec.attempts} deliveries",
+                    lease.request,
+                )
+            except BaseException:
+                self.exhausted.insert(0, lease)
+                raise
+
+    def _drop_lease(self, lease: _Lease, state: Literal["done", "lost"]) -> None:
+        lease.state = state
+        self.leases.pop(lease.token, None)
+        lease.handle._held.discard(lease.token)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK)
+            if self.cohort is not None and not self.cohort.opened:
+                self.cohort.check()
+            self._reclaim()
+            if self._should_hand_off():
+                self._handoff_task = asyncio.create_task(self._hand_off())
+            try:
+                await self._drain_exhausted()
+            except Exception as exc:  # retried at the next tick
+                log.warning("queue %r: dead-lettering failed: %s", self.name, exc)
+
+    def in_flight(self) -> int:
+        return sum(1 for lease in self.leases.values() if lease.state in ("held", "settling"))
+
+    # -- records -------------------------------------------------------------------------
+    async def _write_marker(self, rec: _Record, value: dict[str, Any]) -> None:
+        await self.clients.produce(
+            self.topics.state,
+            rec.state_key,
+            json.dumps(value).encode(),
+            what="writing delivery state",
+        )
+        with self._marked_lock:
+            self._marked.setdefault(rec.partition, set()).add(rec.offset)
+
+    async def reserve_head(self) -> None:
+        """Count the next delivery of the head record now, so that the next
+        poll hands it out without waiting for the broker."""
+        while self.ready and not self._live(self.ready[0]):
+            self.ready.popleft()
+        if not self.ready:
+            return
+        rec = self.ready[0]
+        if rec.reserved:
+            return
+        try:
+            decode(WorkRequest, rec.value or b"")
+        except UndecodableMessageError:
+            return
+        rec.deliveries += 1
+        try:
+            await self._write_marker(rec, {"d": rec.deliveries})
+        except BaseException:
+            rec.deliveries -= 1
+            raise
+        rec.reserved = True
+
+    async def settle_record(self, rec: _Record) -> bool:
+        await self._write_marker(rec, {"s": 1})
+        return self.tracker.settle(rec.partition, rec.offset, rec.generation)
+
+    async def dead_letter(
+        self, rec: _Record, error: str, request: WorkRequest | None, *, attempts: int | None = None
+    ) -> bool:
+        raw = None
+        if request is None:
+            raw = (rec.value or b"").decode("utf-8", "replace")
+        dead = DeadLetter(
+            queue=self.name,
+            request_id=request.request_id if request else None,
+            request=request,
+            raw=raw,
+            error=error,
+            attempts=attempts if attempts is not None else rec.attempts,
+        )
+        key = f"{request.request_id if request else 'raw'}.{rec.partition}.{rec.offset}".encode()
+        await self.clients.produce(self.topics.dlq, key, encode(dead), what="dead-lettering")
+        return await self.settle_record(rec)
+
+    async def republish(self, rec: _Record, delay: float | None, error: str | None) -> None:
+        headers = {H_ATTEMPTS: str(rec.attempts).encode()}
+        last = error or rec.last_error
+        if last:
+            headers[H_ERROR] = last.encode()[:4096]
+        if delay:
+            headers[H_NOT_BEFORE] = str(int((time.time() + delay) * 1000)).encode()
+        await self.clients.produce(self.topics.requests, rec.key, rec.value, headers, what="nack")
+
+    async def take(self, handle: KafkaRequestQueue) -> KafkaDelivery | None:
+        if self.cohort is not None and not self.cohort.opened:
+            self.cohort.check()
+            return None
+        self._reclaim()
+        await self._drain_exhausted()
+        while self.ready:
+            rec = self.ready.popleft()
+            if not self._live(rec):
+                continue
+            try:
+                try:
+                    request = decode(WorkRequest, rec.value or b"")
+                except UndecodableMessageError as exc:
+                    await self.dead_letter(rec, str(exc), None, attempts=rec.attempts + 1)
+                    continue
+                if rec.attempts - rec.reserved >= handle.max_attempts:
+                    rec.deliveries -= rec.reserved
+                    rec.reserved = False
+                    await self.dead_letter(
+                        rec,
+                        rec.last_error or f"not acknowledged after {rec.attempts} deliveries",
+                        request,
+                    )
+                    continue
+                if rec.reserved:
+                    rec.reserved = False
+                else:
+                    rec.deliveries += 1
+                    try:
+                        await self._write_marker(rec, {"d": rec.deliveries})
+                    except BaseException:
+                        rec.deliveries -= 1
+                        raise
+            except BaseException:
+                self.ready.appendleft(rec)
+                raise
+            request = request.model_copy(update={"attempt": rec.attempts})
+            lease = _Lease(rec, request, handle, time.monotonic() + handle.lease_seconds)
+            self.leases[lease.token] = lease
+            handle._held.add(lease.token)
+            return KafkaDelivery(request, self, lease)
+        return None
+
+    def release(self, handle: KafkaRequestQueue) -> None:
+        """Give back the unsettled deliveries of a closing handle at once."""
+        for token in sorted(handle._held, reverse=True):
+            lease = self.leases.get(token)
+            if lease is None or lease.state != "held":
+                continue
+            self._drop_lease(lease, "lost")
+            if self._live(lease.record):
+                self.ready.appendleft(lease.record)
+        handle._held.clear()
+        self._notify()
+
+    def _valid(self, lease: _Lease) -> bool:
+        if lease.state != "held" or self._stopped:
+            return False
+        if time.monotonic() >= lease.deadline:
+            self._reclaim()
+            return False
+        return self._live(lease.record)
+
+    async def settle(
+        self,
+        lease: _Lease,
+        how: Literal["ack", "nack", "dead"],
+        delay: float | None,
+        error: str | None,
+    ) -> bool:
+        if not self._valid(lease):
+            return False
+        lease.state = "settling"
+        rec = lease.record
+        try:
+            if how == "ack":
+                ok = await self.settle_record(rec)
+            elif how == "dead" or rec.attempts >= lease.handle.max_attempts:
+                reason = error or rec.last_error or f"nacked after {rec.attempts} deliveries"
+                ok = await self.dead_letter(rec, reason, lease.request)
+            else:
+                await self.republish(rec, delay, error)
+                ok = await self.settle_record(rec)
+        except BaseException:
+            if lease.state == "settling":
+                lease.state = "held"
+            raise
+        self._drop_lease(lease, "done")
+        return ok
+
+    def extend(self, lease: _Lease, seconds: float | None) -> bool:
+        if not self._valid(lease):
+            return False
+        lease.deadline = time.monotonic() + (seconds or lease.handle.lease_seconds)
+        return True
+
+    async def commit_now(self) -> None:
+        if self._thread is not None and self._thread.alive and not self._stopped:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self._thread.submit(self._commit), self.options.operation_timeout_s
+                )
+
+    def local_counts(self) -> tuple[int, int]:
+        live_ready = sum(1 for r in self.ready if self._live(r))
+        live_delayed = sum(1 for d in self.delayed if self._live(d[2]))
+        return live_ready, live_delayed
+
+
+class KafkaDelivery(Delivery):
+    """A request leased from a :class:`KafkaRequestQueue` (client-side lease)."""
+
+    __slots__ = ("_engine", "_lease")
+
+    def __init__(self, request: WorkRequest, engine: _QueueEngine, lease: _Lease) -> None:
+        super().__init__(request)
+        self._engine = engine
+        self._lease = lease
+
+    async def ack(self) -> bool:
+        return await self._engine.settle(self._lease, "ack", None, None)
+
+    async def nack(
+        self, delay: float | timedelta | None = None, *, error: str | None = None
+    ) -> bool:
+        return await self._engine.settle(self._lease, "nack", _seconds(delay), error)
+
+    async def extend(self, seconds: float | timedelta | None = None) -> bool:
+        return self._engine.extend(self._lease, _seconds(seconds))
+
+    async def dead_letter(self, error: str) -> bool:
+        return await self._engine.settle(self._lease, "dead", None, error)
+
+
+class KafkaRequestQueue(RequestQueue):
+    """A handle on queue ``name``; see the module docstring for the design."""
+
+    def __init__(
+        self, transport: KafkaTransport, name: str, *, lease_seconds: float, max_attempts: int
+    ) -> None:
+        self.name = name
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self._transport = transport
+        self._engine = transport._acquire_engine(name)
+        self._held: set[int] = set()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<KafkaRequestQueue {self.name!r} topic={self._engine.topics.requests!r}>"
+
+    @property
+    def topics(self) -> TopicNames:
+        return self._engine.topics
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"queue {self.name!r} is closed")
+
+    async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        self._check()
+        if request.enqueued_at is None:
+            request = request.model_copy(update={"enqueued_at": utcnow()})
+        data = encode(request, self._transport.config.max_payload_bytes)
+        await self._engine.ensure_topics()
+        await self._engine.clients.produce(
+            self.topics.requests,
+            request.request_id.encode(),
+            data,
+            what=f"enqueue to {self.name!r}",
+        )
+        return request
+
+    async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:
+        self._check()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        await self._engine.start()
+        try:
+            await self._engine.poller_enter()
+            while True:
+                self._check()
+                delivery = await self._engine.take(self)
+                if delivery is not None:
+                    return delivery
+                remaining = None if deadline is None else deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    return None
+                await self._engine.wait(_TICK if remaining is None else min(remaining, 1.0))
+        finally:
+            self._engine.poller_exit()
+
+    async def stats(self) -> QueueStats:
+        self._check()
+        engine = self._engine
+        clients = engine.clients
+        await engine.ensure_topics()
+        await engine.commit_now()
+        topic = self.topics.requests
+        parts = await clients.partitions(topic)
+        marks = await clients.watermarks(topic, parts)
+        owned = engine.tracker.snapshot() if engine.running else {}
+        need = [p for p in parts if p not in owned or owned[p][1] is None]
+        committed = await clients.committed(self.topics.group, topic, need) if need else {}
+        depth = 0
+        for p in parts:
+            low, high = marks[p]
+            if p in owned and owned[p][1] is not None:
+                depth += max(0, high - (owned[p][1] or 0))
+            else:
+                position = committed.get(p, -1)
+                depth += max(0, high - (position if position >= 0 else low))
+        ready, delayed = engine.local_counts() if engine.running else (0, 0)
+        dead = await self._dead_entries()
+        return QueueStats(
+            queue=self.name,
+            depth=depth + ready + delayed,
+            in_flight=engine.in_flight(),
+            delayed=delayed,
+            dead_lettered=len(dead),
+        )
+
+    async def _dead_entries(self) -> list[tuple[bytes, DeadLetter | None]]:
+        await self._engine.ensure_topics()
+        latest: dict[bytes, tuple[int, bytes | None]] = {}
+        for rec in await self._engine.clients.read_to_end(self.topics.dlq):
+            if rec.key is not None:
+                latest[rec.key] = (rec.offset, rec.value)
+        out: list[tuple[bytes, DeadLetter | None]] = []
+        for key, (_, value) in sorted(latest.items(), key=lambda kv: kv[1][0]):
+            if value is None:
+                continue
+            try:
+                out.append((key, decode(DeadLetter, value)))
+            except UndecodableMessageError:
+                out.append((key, None))
+        return out
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        self._check()
+        entries = await self._dead_entries()
+        return [dead for _, dead in entries if dead is not None][:limit]
+
+    async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
+        self._check()
+        wanted = None if request_ids is None else set(request_ids)
+        moved = 0
+        clients = self._engine.clients
+        for key, dead in await self._dead_entries():
+            if dead is None or dead.request is None:
+                continue
+            if wanted is not None and dead.request_id not in wanted:
+                continue
+            fresh = dead.request.model_copy(update={"attempt": 1})
+            await clients.produce(
+                self.topics.requests, fresh.request_id.encode(), encode(fresh), what="requeue"
+            )
+            await clients.produce(self.topics.dlq, key, None, what="requeue (dlq tombstone)")
+            moved += 1
+        return moved
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.release(self)
+        await self._transport._release_engine(self.name)

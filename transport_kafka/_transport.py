@@ -1,0 +1,166 @@
+"""``kafka://host:port[,host:port]`` — the Kafka backend (confluent-kafka).
+
+Feature matrix:
+
+=================  =====================================================
+persistent         ✓  requests and registry state live in the broker
+ordered            ✓  with the default ``partitions=1`` and one consumer:
+                      FIFO apart from redeliveries and nacks (a nacked
+                      request is re-produced to the back of its partition).
+                      With more partitions: per partition only.
+consumer_groups    ✓  one consumer group per queue; partitions are spread
+                      over processes and move on rebalance
+native_delay       ✗  ``nack(delay)`` is a not-before header honoured by
+                      the consumer (a local timer)
+lease_extension    ✓  client-side leases (see below), renewable forever:
+                      a polling thread keeps ``max.poll.interval.ms`` happy
+individual_acks    ✓  an ack writes a settled marker to the queue's state
+                      topic, so a crash never redelivers an acked request
+                      (the committed offset alone is only a prefix)
+restart_broker     ✗  on the memory-only dev broker (Tansu); a real Kafka
+                      cluster keeps data across restarts
+event_log          ✓  one topic per stream (``NS.stream.<name>.events``);
+                      named cursors are committed group offsets
+event_bus          ✗
+=================  =====================================================
+
+Leases are client-side: an expired lease hands the request to another
+``poll`` of the same process; Kafka itself moves work between processes only
+when partitions are reassigned (a consumer dies, leaves or joins).
+
+Names (``NS`` = ``config.namespace``): ``NS.<queue>.requests``,
+``NS.<queue>.state`` (compacted), ``NS.<queue>.dlq`` (compacted), consumer
+group ``NS.<consumer_group>.<queue>``; registries
+``NS.registry.delivery.<name>`` and ``NS.registry.capability.capabilities``
+(compacted).
+
+Options (``TransportConfig.options`` or URL query), validated by
+:class:`~transport_kafka.KafkaOptions`: ``partitions`` (1),
+``replication_factor`` (-1 = broker default), ``fetch_wait_max_ms`` (100),
+``session_timeout_ms`` (10000), ``heartbeat_interval_ms`` (3000),
+``max_poll_interval_ms`` (300000), ``max_buffered`` (1000),
+``commit_interval_ms`` (200), ``operation_timeout_s`` (30),
+``close_timeout_s`` (10), ``security_protocol``, ``producer`` / ``consumer``
+(librdkafka passthrough, except the keys guarantees depend on).
+Security: ``sasl_mechanism`` PLAIN / SCRAM-SHA-256 / SCRAM-SHA-512 with
+``username``/``password``, OAUTHBEARER with ``token``; ``tls`` for SSL.
+"""
+
+from __future__ import annotations
+
+import time
+
+from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport.errors import TransportError
+from transport_kafka._client import KafkaClients
+from transport_kafka._config import KafkaSettings, parse_settings
+from transport_kafka._events import KafkaEventLog
+from transport_kafka._queue import KafkaRequestQueue, _Cohort, _QueueEngine
+from transport_kafka._registries import KafkaKeyedLog
+
+__all__ = ["KafkaTransport", "open_kafka"]
+
+
+class KafkaTransport(Transport):
+    """One set of Kafka clients (producer, admin, one consumer per queue)."""
+
+    backend = "kafka"
+    capabilities = TransportCapabilities(
+        persistent=True,
+        ordered=True,
+        consumer_groups=True,
+        native_delay=False,
+        lease_extension=True,
+        individual_acks=True,
+        restart_broker=False,
+        event_log=True,
+    )
+
+    def __init__(self, config: TransportConfig, settings: KafkaSettings | None = None) -> None:
+        super().__init__(config)
+        self.settings = settings or parse_settings(config)
+        if self.settings.options.partitions > 1:
+            self.capabilities = self.capabilities.model_copy(update={"ordered": False})
+        self.clients = KafkaClients(self.settings)
+        self._engines: dict[str, _QueueEngine] = {}
+        self._cohort: _Cohort | None = None
+
+    def _cohort_for(self, engine: _QueueEngine) -> _Cohort:
+        """The start-up cohort ``engine`` belongs to (see ``_Cohort``)."""
+        cohort = self._cohort
+        if cohort is None or not cohort.accepts():
+            o = self.settings.options
+            cohort = self._cohort = _Cohort(o.session_timeout_ms / 1000 + 5.0)
+        cohort.members.append(engine)
+        return cohort
+
+    def _acquire_engine(self, name: str) -> _QueueEngine:
+        engine = self._engines.get(name)
+        if engine is None:
+            engine = self._engines[name] = _QueueEngine(self, name)
+        engine.handles += 1
+        return engine
+
+    async def _release_engine(self, name: str) -> None:
+        engine = self._engines.get(name)
+        if engine is None:
+            return
+        engine.handles -= 1
+        if engine.handles <= 0:
+            del self._engines[name]
+            await engine.stop()
+
+    async def inject_raw(self, queue_name: str, data: bytes) -> None:
+        """Write ``data`` verbatim to the request topic of ``queue_name``
+        (an internal name such as ``orders__p0`` is allowed), as a foreign
+        producer would. For tests."""
+        engine = _QueueEngine(self, queue_name)
+        await engine.ensure_topics()
+        await self.clients.produce(engine.topics.requests, None, data, what="inject")
+
+    def _open_queue(
+        self, name: str, *, lease_seconds: float, max_attempts: int
+    ) -> KafkaRequestQueue:
+        return KafkaRequestQueue(self, name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+
+    def _open_keyed_log(self, kind: str, name: str) -> KafkaKeyedLog:
+        return KafkaKeyedLog(self.clients, self.settings.registry_topic(kind, name))
+
+    def _open_event_log(self) -> KafkaEventLog:
+        return KafkaEventLog(self.clients, self.config.max_payload_bytes)
+
+    async def health(self) -> HealthStatus:
+        if self._closed:
+            return HealthStatus(ok=False, backend="kafka", detail="transport is closed")
+        started = time.perf_counter()
+        try:
+            count = await self.clients.list_topics(
+                limit=min(5.0, self.settings.options.operation_timeout_s)
+            )
+        except TransportError as exc:
+            return HealthStatus(ok=False, backend="kafka", detail=f"broker unreachable: {exc}")
+        latency = (time.perf_counter() - started) * 1000
+        return HealthStatus(
+            ok=True,
+            backend="kafka",
+            detail=f"{self.settings.bootstrap}: {count} topics visible",
+            latency_ms=latency,
+        )
+
+    async def _close_backend(self) -> None:
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            await engine.stop()
+        await self.clients.aclose()
+
+
+async def open_kafka(config: TransportConfig) -> KafkaTransport:
+    """Entry point for ``kafka://``. Connects lazily: nothing blocks here.
+
+    Raises: ConfigurationError for invalid settings.
+    """
+    transport = KafkaTransport(config)
+    # Creating the producer does not block; librdkafka's idempotent producer
+    # needs ~0.5 s to get its producer id, which then overlaps other startup.
+    transport.clients.producer()
+    return transport
