@@ -6,7 +6,16 @@ import importlib
 
 import pytest
 
-PACKAGES = ["transport", "transport.errors", "transport.testing", "transport_inprocess"]
+PACKAGES = [
+    "transport",
+    "transport.errors",
+    "transport.testing",
+    "transport.sync",
+    "transport_inprocess",
+    "transport_kafka",
+    "transport_nats",
+    "transport_pulsar",
+]
 
 
 @pytest.mark.parametrize("package", PACKAGES)
