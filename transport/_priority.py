@@ -148,7 +148,15 @@ class PriorityRequestQueue(RequestQueue):
                     if self._slots[level] is None and self._tasks[level] is None:
                         self._tasks[level] = asyncio.create_task(self._queues[level].poll(slice_))
                 pending = {t for t in self._tasks if t is not None}
-                await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    # Level polls answered by the same broker round trip finish
+                    # in consecutive loop steps: let them land before choosing,
+                    # so a lower level does not win by a step.
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
         finally:
             self._lock.release()
 

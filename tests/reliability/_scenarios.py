@@ -133,6 +133,7 @@ async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -
             backend,
             f"SIGKILL of workers ×{sizes.kills}",
             window=len(ledger.in_flight_at_faults),
+            duplicates_outside_window=len(ledger.duplicated - ledger.in_flight_at_faults),
             drained=drained,
             ok=not ledger.lost and dup_ok and drained,
         )
