@@ -1,0 +1,113 @@
+"""TLS hostname verification against the Kafka wire protocol, proven with a
+TLS-terminating proxy in front of Tansu (whose listener is plain TCP here):
+Tansu advertises the proxy's address, so every connection of the client —
+bootstrap and broker — goes through TLS."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from tests._tls import make_certificate, tls_proxy
+from transport import TransportConfig, connect
+
+from .conftest import TEST_OPTIONS, free_port, tansu_binary
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    directory = tmp_path_factory.mktemp("kafka-tls")
+    return {
+        "right": make_certificate(directory, "right", "IP:127.0.0.1"),
+        "wrong": make_certificate(directory, "wrong", "DNS:wrong.example"),
+    }
+
+
+@pytest.fixture(scope="module")
+def plain_and_tls_ports() -> Iterator[tuple[int, int]]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("the TLS proxy fronts the dev broker only")
+    plain, tls = free_port(), free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="tansu-tls-"))
+    with (workdir / "broker.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                f"tcp://127.0.0.1:{plain}",
+                "--advertised-listener-url",
+                f"tcp://127.0.0.1:{tls}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+    try:
+        yield plain, tls
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest_asyncio.fixture
+async def proxied(
+    plain_and_tls_ports: tuple[int, int],
+    certificates: dict[str, tuple[Path, Path]],
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[int, Path]]:
+    plain, tls = plain_and_tls_ports
+    cert, key = certificates[request.param]
+    async with tls_proxy(plain, cert, key, port=tls) as port:
+        yield port, cert
+
+
+def _config(port: int, ca: Path, verify: bool = True) -> TransportConfig:
+    options = {**TEST_OPTIONS, "operation_timeout_s": 5}
+    return TransportConfig(
+        url=f"kafka://127.0.0.1:{port}",
+        namespace="tls",
+        tls={"ca_file": ca, "verify_hostname": verify},
+        options=options,
+    )
+
+
+async def _healthy(config: TransportConfig) -> bool:
+    try:
+        transport = await connect(config)
+    except Exception:
+        return False
+    try:
+        return (await transport.health()).ok
+    finally:
+        await transport.aclose()
+
+
+@pytest.mark.parametrize("proxied", ["wrong"], indirect=True)
+async def test_a_certificate_for_another_host_is_refused(proxied: tuple[int, Path]) -> None:
+    port, cert = proxied
+    assert await _healthy(_config(port, cert)) is False
+
+
+@pytest.mark.parametrize("proxied", ["right"], indirect=True)
+async def test_a_certificate_for_this_host_is_accepted(proxied: tuple[int, Path]) -> None:
+    port, cert = proxied
+    assert await _healthy(_config(port, cert)) is True
+
+
+@pytest.mark.parametrize("proxied", ["wrong"], indirect=True)
+async def test_the_refusal_is_the_hostname_check(proxied: tuple[int, Path]) -> None:
+    """Same wrong certificate with verification explicitly off: accepted."""
+    port, cert = proxied
+    assert await _healthy(_config(port, cert, verify=False)) is True
