@@ -538,7 +538,9 @@ class CapabilityRegistry:
                         yield CapabilityChange(
                             kind="withdrawn", ensemble=gone.ensemble, name=gone.name
                         )
-                elif not cap.expired():
+                else:
+                    # Reported even if its lease ran out while this watcher was
+                    # catching up: "expired" follows at once.
                     known[key] = cap
                     yield CapabilityChange(
                         kind="advertised", ensemble=cap.ensemble, name=cap.name, capability=cap
