@@ -63,6 +63,7 @@ from transport.errors import (
     UndecodableMessageError,
 )
 from transport_nats._errors import map_nats_errors
+from transport_nats._transport import check_puback
 
 if TYPE_CHECKING:
     from transport_nats._transport import NatsTransport
@@ -325,10 +326,7 @@ class NatsRequestQueue(RequestQueue):
                     )
                 except nats.errors.NoRespondersError:
                     raise nats.js.errors.NoStreamResponseError from None
-                if b'"error"' in reply.data:
-                    answer = json.loads(reply.data)
-                    if "error" in answer:
-                        raise nats.js.errors.APIError.from_error(answer["error"])
+                check_puback(reply)
         except TransientTransportError:
             # Re-check the streams on the next try (a restarted or wiped
             # server may have lost them).

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import ssl
 import time
@@ -133,6 +134,15 @@ class Requests:
         for future, _ in waiting.values():
             if not future.done():
                 future.set_exception(nats.errors.ConnectionClosedError())
+
+
+def check_puback(reply: Msg) -> None:
+    """Raise the JetStream error carried by a PubAck, if any (what
+    ``js.publish`` does, without building a PubAck object nobody reads)."""
+    if b'"error"' in reply.data:
+        answer = json.loads(reply.data)
+        if "error" in answer:
+            raise nats.js.errors.APIError.from_error(answer["error"])
 
 
 def broker_name(namespace: str, *parts: str) -> str:
