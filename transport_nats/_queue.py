@@ -512,7 +512,7 @@ class NatsRequestQueue(RequestQueue):
             return
         room = self._prefetch - len(self._buffer) - self._outstanding()
         if room >= self._prefetch // 2:
-            await self._send_pull(room, self._opts.pull_expires, now)
+            await self._send_pull(room, None, now)  # what is there now, no more
 
     async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
         self._check()
@@ -537,6 +537,7 @@ class NatsRequestQueue(RequestQueue):
         await self._ensure_consumer()
         loop = asyncio.get_running_loop()
         may_ask = True  # even poll(0) asks the server once
+        first = True
         while True:
             self._last_poll = now = loop.time()
             delivery = await self._from_buffer()
@@ -568,12 +569,19 @@ class NatsRequestQueue(RequestQueue):
                 # back about then), but never past the poll's own deadline.
                 wait = expires + grace if remaining is None else min(expires + grace, remaining)
             # Ask for as many as there are polls waiting that no open pull will
-            # serve (one pull for many concurrent polls), or for the prefetch.
+            # serve (one pull for many concurrent polls). With a prefetch, the
+            # first ask takes what is there now, up to the prefetch (no_wait:
+            # nothing stays open to catch requests nobody polls for); only
+            # then a waiting pull, for the waiting polls alone.
             outstanding = self._outstanding()
             need = sum(1 for w in self._waiters if not w.done()) + 1 - outstanding
-            if need > 0 or expires is None:
-                room = self._prefetch - len(self._buffer) - outstanding
-                await self._send_pull(max(need, room, 1), expires, now)
+            room = self._prefetch - len(self._buffer) - outstanding
+            if first and self._prefetch > 1 and need > 0 and room > 1:
+                await self._send_pull(max(need, room), None, now)
+                wait = grace if remaining is None else min(grace, max(remaining, grace / 10))
+            elif need > 0 or expires is None:
+                await self._send_pull(max(need, 1), expires, now)
+            first = False
             waiter: asyncio.Future[_Held | None] = loop.create_future()
             self._waiters.append(waiter)
             held: _Held | None = None
@@ -634,6 +642,11 @@ class NatsRequestQueue(RequestQueue):
             except nats.js.errors.NotFoundError:
                 leased = 0
         messages = info.state.messages or 0
+        # Prefetched requests no poll took yet are leased for the server but
+        # waiting for this process's workers (other processes' buffers are
+        # not known here).
+        buffered = min(len(self._buffer), leased)
+        leased -= buffered
         return QueueStats(
             queue=self.name,
             depth=max(messages - leased, 0),
