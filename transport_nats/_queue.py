@@ -8,14 +8,22 @@ so this queue does: a request nacked on its last attempt, or seen again after
 its ``max_attempts``-th lease expired, is copied to the dead-letter stream
 (PubAck first) and then acked away.
 
-Pulls are issued by this module, one ``batch: 1`` request per waiting poll,
-each with its own reply subject and an ``expires`` no longer than the poll's
-remaining time (and ``pull_expires``). A pull that the server never answers —
-it restarted and forgot it — is abandoned after its expiry plus a grace
-period, and every pull is re-issued at once when the client reconnects, so a
-restarted server never leaves a consumer silently stalled. A message that
-arrives for a poll that has already given up (timeout, cancellation) is kept
-and handed to the next poll while its lease is still good.
+Pulls are issued by this module, each with its own reply subject and an
+``expires`` no longer than the poll's remaining time (and ``pull_expires``),
+asking for as many messages as there are polls waiting on the handle that no
+open pull will serve (concurrent polls share pulls). Messages go to the
+oldest waiting poll; a message that arrives when no poll waits (it gave up:
+timeout, cancellation) is kept and handed to the next poll while its lease is
+still good. With ``prefetch`` > 1, a poll that finds the buffer empty first
+asks for what is available now (``no_wait``, up to ``prefetch``), the buffer
+is topped up the same way when it falls below half, and the leases of
+buffered messages are renewed (``+WPI``) while the handle is being polled.
+
+A pull that the server never answers — it restarted and forgot it — is
+abandoned after its expiry plus a grace period, and every waiting poll asks
+again at once when the client reconnects, so a restarted server never leaves
+a consumer silently stalled. PubAcks and acknowledgements are request/replies
+on the transport's shared reply subscription (``NatsTransport.requests``).
 """
 
 from __future__ import annotations

@@ -98,6 +98,8 @@ class NatsKeyedLog(KeyedLog):
 
     async def get(self, key: str) -> bytes | None:
         kv = await self._bucket()
+        if getattr(kv, "_direct", False):
+            return await self._direct_get(key)
         with map_nats_errors(f"reading {self.bucket}"):
             try:
                 entry = await kv.get(key)
@@ -106,6 +108,28 @@ class NatsKeyedLog(KeyedLog):
         if entry.operation in (KV_DEL, KV_PURGE):
             return None
         return entry.value or b""
+
+    async def _direct_get(self, key: str) -> bytes | None:
+        """The latest value by a direct get (one request; the value comes back
+        as the reply's body, the KV operation in its headers) — kv.get
+        without building an entry and parsing its timestamp."""
+        if not _is_key_valid(key):
+            raise PermanentTransportError(f"reading {self.bucket}: invalid key")
+        subject = self._prefix + key
+        with map_nats_errors(f"reading {self.bucket}"):
+            reply = await self._t.requests.request(
+                f"$JS.API.DIRECT.GET.KV_{self.bucket}.{subject}", b""
+            )
+            headers = reply.headers or {}
+            if not reply.data and (status := headers.get("Status")):
+                if status == "404":
+                    return None
+                raise nats.js.errors.APIError.from_msg(reply)
+        if headers.get("Nats-Subject") != subject:
+            return None
+        if headers.get("KV-Operation") in (KV_DEL, KV_PURGE):
+            return None
+        return reply.data or b""
 
     async def watch(self) -> AsyncIterator[KeyedChange | object]:
         kv = await self._bucket()

@@ -29,7 +29,7 @@ Names are validated (``[A-Za-z0-9_-]``, no ``__``) before they get here, so no
 Options (``TransportConfig.options``, see :class:`NatsOptions`):
 ``servers``, ``duplicate_window`` (120 s), ``pull_expires`` (5 s),
 ``request_timeout`` (5 s), ``enqueue_retry_seconds`` (10 s),
-``max_ack_pending`` (10000), ``replicas`` (1), ``connect_timeout`` (5 s),
+``max_ack_pending`` (10000), ``prefetch`` (1), ``replicas`` (1), ``connect_timeout`` (5 s),
 ``max_reconnect_attempts`` (-1: forever), ``reconnect_time_wait`` (0.5 s),
 ``name``, ``tls_handshake_first``.
 """
