@@ -455,6 +455,8 @@ class NatsRequestQueue(RequestQueue):
         while self._buffer and not self._closed:
             await asyncio.sleep(period)
             now = loop.time()
+            # Drop what the server has taken back already (its lease ran out).
+            self._buffer = deque(h for h in self._buffer if now < h[1] + self.lease_window)
             if now - self._last_poll > self.lease_seconds:
                 continue
             due = [
