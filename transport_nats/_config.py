@@ -40,6 +40,14 @@ class NatsOptions(BaseModel):
     enqueue_retry_seconds: float = Field(default=10.0, ge=0)
     #: Consumer ``max_ack_pending``: leased, not yet settled requests per queue.
     max_ack_pending: int = Field(default=10_000, ge=1)
+    #: Requests one queue handle pulls ahead of its polls. 1 (default): a
+    #: pull asks only for as many messages as polls are waiting, nothing is
+    #: held that no poll asked for. Above 1: a poll with an empty buffer
+    #: first takes what is available now (no_wait, up to this many); the
+    #: surplus waits in a local buffer whose leases are renewed (+WPI) while
+    #: the handle is polled, and is handed back at once on close (a handed
+    #: back request has used one delivery attempt).
+    prefetch: int = Field(default=1, ge=1, le=1024)
     #: Stream replicas (1 on a single server; 3 on a cluster).
     replicas: int = Field(default=1, ge=1, le=5)
     #: Seconds to wait for the first connection; reconnects go on forever by

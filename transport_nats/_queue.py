@@ -8,14 +8,22 @@ so this queue does: a request nacked on its last attempt, or seen again after
 its ``max_attempts``-th lease expired, is copied to the dead-letter stream
 (PubAck first) and then acked away.
 
-Pulls are issued by this module, one ``batch: 1`` request per waiting poll,
-each with its own reply subject and an ``expires`` no longer than the poll's
-remaining time (and ``pull_expires``). A pull that the server never answers —
-it restarted and forgot it — is abandoned after its expiry plus a grace
-period, and every pull is re-issued at once when the client reconnects, so a
-restarted server never leaves a consumer silently stalled. A message that
-arrives for a poll that has already given up (timeout, cancellation) is kept
-and handed to the next poll while its lease is still good.
+Pulls are issued by this module, each with its own reply subject and an
+``expires`` no longer than the poll's remaining time (and ``pull_expires``),
+asking for as many messages as there are polls waiting on the handle that no
+open pull will serve (concurrent polls share pulls). Messages go to the
+oldest waiting poll; a message that arrives when no poll waits (it gave up:
+timeout, cancellation) is kept and handed to the next poll while its lease is
+still good. With ``prefetch`` > 1, a poll that finds the buffer empty first
+asks for what is available now (``no_wait``, up to ``prefetch``), the buffer
+is topped up the same way when it falls below half, and the leases of
+buffered messages are renewed (``+WPI``) while the handle is being polled.
+
+A pull that the server never answers — it restarted and forgot it — is
+abandoned after its expiry plus a grace period, and every waiting poll asks
+again at once when the client reconnects, so a restarted server never leaves
+a consumer silently stalled. PubAcks and acknowledgements are request/replies
+on the transport's shared reply subscription (``NatsTransport.requests``).
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from transport.errors import (
     UndecodableMessageError,
 )
 from transport_nats._errors import map_nats_errors
+from transport_nats._transport import check_puback
 
 if TYPE_CHECKING:
     from transport_nats._transport import NatsTransport
@@ -72,6 +81,9 @@ __all__ = ["NatsDelivery", "NatsRequestQueue"]
 log = logging.getLogger("transport.nats")
 
 _NO_WAIT_BELOW = 0.02  # a poll with less time left asks with no_wait
+
+
+_Held = tuple[Msg, float]  # a pulled message and when it arrived (its lease start)
 
 
 def _status(msg: Msg) -> str | None:
@@ -213,8 +225,16 @@ class NatsRequestQueue(RequestQueue):
         self._consumer_ready = False
         self._sub: Any = None
         self._inbox = ""
-        self._pulls: dict[str, tuple[asyncio.Future[Msg | None], float]] = {}
-        self._orphans: deque[tuple[Msg, float]] = deque()
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
+        self._prefetch = self._opts.prefetch
+        # Open pull requests: reply token -> [messages still due, local expiry].
+        self._pulls: dict[str, list[Any]] = {}
+        # Polls waiting for a message, oldest first.
+        self._waiters: deque[asyncio.Future[_Held | None]] = deque()
+        # Messages received that no poll has taken yet, with their arrival.
+        self._buffer: deque[_Held] = deque()
+        self._keeper: asyncio.Task[None] | None = None
+        self._last_poll = 0.0
         self._held: dict[int, NatsDelivery] = {}
         self._tokens = itertools.count()
         self._closed = False
@@ -304,15 +324,17 @@ class NatsRequestQueue(RequestQueue):
     async def _publish_once(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
         self._check()
         try:
-            await self._ensure_streams()
+            if not self._t.has_streams(self.stream, self.dlq_stream):
+                await self._ensure_streams()
             with map_nats_errors(f"publishing to {stream}"):
-                await self._t.js.publish(
-                    subject,
-                    body,
-                    timeout=self._opts.request_timeout,
-                    stream=stream,
-                    headers={"Nats-Msg-Id": msg_id},
-                )
+                # js.publish, without building a PubAck object nobody reads.
+                try:
+                    reply = await self._t.requests.request(
+                        subject, body, {"Nats-Msg-Id": msg_id, "Nats-Expected-Stream": stream}
+                    )
+                except nats.errors.NoRespondersError:
+                    raise nats.js.errors.NoStreamResponseError from None
+                check_puback(reply)
         except TransientTransportError:
             # Re-check the streams on the next try (a restarted or wiped
             # server may have lost them).
@@ -328,6 +350,9 @@ class NatsRequestQueue(RequestQueue):
         return request
 
     # -- consuming -----------------------------------------------------------
+    def _outstanding(self) -> int:
+        return sum(entry[0] for entry in self._pulls.values())
+
     async def _on_msg(self, msg: Msg) -> None:
         status = _status(msg)
         if status is not None:
@@ -345,81 +370,109 @@ class NatsRequestQueue(RequestQueue):
                 if status == "503" or "deleted" in desc.lower():
                     self._consumer_ready = False
                 self._blocked_until = asyncio.get_running_loop().time() + 0.2
-            if entry is not None and not entry[0].done():
-                entry[0].set_result(None)
+            self._wake_uncovered()
             return
         # A JetStream message carries its stream subject, not the pull's reply
-        # subject: the server serves waiting pulls in order, so it answers the
-        # oldest open one. If that one's poll has given up, keep the message
-        # for the next poll.
-        now = asyncio.get_running_loop().time()
-        while self._pulls:
-            token = next(iter(self._pulls))
-            future, until = self._pulls.pop(token)
-            if until < now and not future.done():
-                future.cancel()
-                continue
-            if not future.done():
-                future.set_result(msg)
+        # subject: count it against the oldest open pull (only the total
+        # matters) and hand it to the oldest waiting poll, or keep it for the
+        # next poll.
+        token = next(iter(self._pulls), None)
+        if token is not None:
+            entry = self._pulls[token]
+            entry[0] -= 1
+            if entry[0] <= 0:
+                del self._pulls[token]
+        held = (msg, asyncio.get_running_loop().time())
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(held)
                 return
-            break
-        self._orphans.append((msg, now))
+        self._buffer.append(held)
+        if self._prefetch > 1 and (self._keeper is None or self._keeper.done()):
+            self._keeper = asyncio.get_running_loop().create_task(self._keep_buffer())
+
+    def _wake_uncovered(self) -> None:
+        """Wake the polls no open pull will serve any more, so they ask again."""
+        live = [w for w in self._waiters if not w.done()]
+        uncovered = len(live) - self._outstanding()
+        while uncovered > 0 and live:
+            live.pop().set_result(None)
+            uncovered -= 1
+        self._waiters = deque(live)
 
     def _on_reconnect(self) -> None:
-        # Pull requests on a restarted server are gone: end them all now so
-        # that every waiting poll issues a fresh one.
-        pulls, self._pulls = self._pulls, {}
-        for future, _ in pulls.values():
-            if not future.done():
-                future.set_result(None)
+        # Pull requests on a restarted server are gone: forget them and wake
+        # every waiting poll, which issues a fresh one.
+        self._pulls.clear()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         self._consumer_ready = False
 
-    def _abandon(self, future: asyncio.Future[Msg | None]) -> None:
-        if future.done():
-            if not future.cancelled() and future.result() is not None:
-                msg = future.result()
-                assert msg is not None
-                self._orphans.append((msg, asyncio.get_running_loop().time()))
+    def _abandon(self, waiter: asyncio.Future[_Held | None]) -> None:
+        if waiter.done():
+            if not waiter.cancelled() and (held := waiter.result()) is not None:
+                self._buffer.appendleft(held)
         else:
-            future.cancel()
+            waiter.cancel()
 
-    async def _pull_one(self, expires: float | None) -> Msg | None:
-        """One pull request for one message; ``expires`` None asks the server
-        to answer at once (no_wait)."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        # Forget pulls the server should long have answered.
-        for token, (stale, until) in list(self._pulls.items()):
-            if until < now:
-                del self._pulls[token]
-                if not stale.done():
-                    stale.cancel()
+    async def _send_pull(self, batch: int, expires: float | None, now: float) -> None:
+        """One pull request for ``batch`` messages; ``expires`` None asks the
+        server to answer at once (no_wait)."""
         token = f"{self._inbox}.{next(self._tokens)}"
-        request: dict[str, Any] = {"batch": 1}
+        request: dict[str, Any] = {"batch": batch}
         grace = min(1.0, self._opts.request_timeout)
         if expires is None:
             request["no_wait"] = True
-            wait = grace
+            until = now + grace
         else:
             request["expires"] = max(int(expires * 1e9), 1_000_000)
-            wait = expires + grace
-        future: asyncio.Future[Msg | None] = loop.create_future()
-        self._pulls[token] = (future, now + wait)
+            until = now + expires + grace
+        self._pulls[token] = [batch, until]
         try:
             with map_nats_errors(f"pulling from {self.stream}"):
                 await self._t.nc.publish(
-                    f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}",
-                    json.dumps(request).encode(),
-                    reply=token,
+                    self._next_subject, json.dumps(request).encode(), reply=token
                 )
-            done, _ = await asyncio.wait({future}, timeout=wait)
         except BaseException:
-            self._abandon(future)
+            self._pulls.pop(token, None)
             raise
-        if not done:
-            self._abandon(future)
-            return None
-        return future.result()
+
+    def _purge_pulls(self, now: float) -> None:
+        """Forget pulls the server should long have answered."""
+        for token in [t for t, entry in self._pulls.items() if entry[1] < now]:
+            del self._pulls[token]
+
+    async def _keep_buffer(self) -> None:
+        """Renew the leases of prefetched messages no poll has taken yet, as
+        long as this handle is being polled (a handle nobody polls for a lease
+        lets them go back to the other workers)."""
+        loop = asyncio.get_running_loop()
+        period = max(self.lease_window / 3, 0.05)
+        while self._buffer and not self._closed:
+            await asyncio.sleep(period)
+            now = loop.time()
+            # Drop what the server has taken back already (its lease ran out).
+            self._buffer = deque(h for h in self._buffer if now < h[1] + self.lease_window)
+            if now - self._last_poll > self.lease_seconds:
+                continue
+            due = [
+                h for h in self._buffer if now - h[1] >= period and now < h[1] + self.lease_window
+            ]
+            if not due:
+                continue
+            results = await asyncio.gather(
+                *(self._reply(msg, b"+WPI") for msg, _ in due), return_exceptions=True
+            )
+            renewed = {id(h[0]) for h, r in zip(due, results, strict=True) if r is None}
+            if renewed:
+                self._buffer = deque(
+                    (msg, now) if id(msg) in renewed else (msg, received)
+                    for msg, received in self._buffer
+                )
 
     async def _accept(self, msg: Msg, received: float) -> NatsDelivery | None:
         """Turn a pulled message into a delivery, or dead-letter it."""
@@ -452,16 +505,24 @@ class NatsRequestQueue(RequestQueue):
         self._held[seq] = delivery
         return delivery
 
-    async def _from_orphans(self) -> NatsDelivery | None:
+    async def _from_buffer(self) -> NatsDelivery | None:
         loop = asyncio.get_running_loop()
-        while self._orphans:
-            msg, received = self._orphans.popleft()
+        while self._buffer:
+            msg, received = self._buffer.popleft()
             if loop.time() >= received + self.lease_window:
                 continue  # its lease ran out while nobody polled: redelivered by the server
             delivery = await self._accept(msg, received)
             if delivery is not None:
                 return delivery
         return None
+
+    async def _refill(self, now: float) -> None:
+        """With ``prefetch`` > 1, ask for more before the buffer runs dry."""
+        if self._prefetch <= 1 or now < self._blocked_until or not self._consumer_ready:
+            return
+        room = self._prefetch - len(self._buffer) - self._outstanding()
+        if room >= self._prefetch // 2:
+            await self._send_pull(room, None, now)  # what is there now, no more
 
     async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
         self._check()
@@ -486,11 +547,13 @@ class NatsRequestQueue(RequestQueue):
         await self._ensure_consumer()
         loop = asyncio.get_running_loop()
         may_ask = True  # even poll(0) asks the server once
+        first = True
         while True:
-            delivery = await self._from_orphans()
+            self._last_poll = now = loop.time()
+            delivery = await self._from_buffer()
             if delivery is not None:
+                await self._refill(now)
                 return delivery
-            now = loop.time()
             remaining = None if deadline is None else deadline - now
             if not may_ask and remaining is not None and remaining <= 0:
                 return None
@@ -501,17 +564,47 @@ class NatsRequestQueue(RequestQueue):
                 self._check()
                 await self._ensure_consumer()
                 continue
+            self._purge_pulls(now)
+            grace = min(1.0, self._opts.request_timeout)
             if remaining is not None and remaining < _NO_WAIT_BELOW:
                 expires = None
+                wait = grace
             else:
                 expires = (
                     self._opts.pull_expires
                     if remaining is None
                     else min(remaining, self._opts.pull_expires)
                 )
-            msg = await self._pull_one(expires)
-            if msg is not None:
-                delivery = await self._accept(msg, loop.time())
+                # Wait for the answer to this pull (its expiry status comes
+                # back about then), but never past the poll's own deadline.
+                wait = expires + grace if remaining is None else min(expires + grace, remaining)
+            # Ask for as many as there are polls waiting that no open pull will
+            # serve (one pull for many concurrent polls). With a prefetch, the
+            # first ask takes what is there now, up to the prefetch (no_wait:
+            # nothing stays open to catch requests nobody polls for); only
+            # then a waiting pull, for the waiting polls alone.
+            outstanding = self._outstanding()
+            need = sum(1 for w in self._waiters if not w.done()) + 1 - outstanding
+            room = self._prefetch - len(self._buffer) - outstanding
+            if first and self._prefetch > 1 and need > 0 and room > 1:
+                await self._send_pull(max(need, room), None, now)
+                wait = grace if remaining is None else min(grace, max(remaining, grace / 10))
+            elif need > 0 or expires is None:
+                await self._send_pull(max(need, 1), expires, now)
+            first = False
+            waiter: asyncio.Future[_Held | None] = loop.create_future()
+            self._waiters.append(waiter)
+            held: _Held | None = None
+            try:
+                async with asyncio.timeout(wait):
+                    held = await waiter
+            except TimeoutError:
+                self._abandon(waiter)
+            except BaseException:
+                self._abandon(waiter)
+                raise
+            if held is not None:
+                delivery = await self._accept(*held)
                 if delivery is not None:
                     return delivery
                 may_ask = True  # that one was dead-lettered: look for the next
@@ -524,7 +617,7 @@ class NatsRequestQueue(RequestQueue):
         """Send an ack-type reply and wait for the server's confirmation."""
         assert msg.reply
         with map_nats_errors(f"acknowledging on {self.stream}"):
-            await self._t.nc.request(msg.reply, payload, timeout=self._opts.request_timeout)
+            await self._t.requests.request(msg.reply, payload)
 
     async def _dead_letter_msg(
         self, msg: Msg, request: WorkRequest | None, error: str, attempts: int
@@ -559,6 +652,11 @@ class NatsRequestQueue(RequestQueue):
             except nats.js.errors.NotFoundError:
                 leased = 0
         messages = info.state.messages or 0
+        # Prefetched requests no poll took yet are leased for the server but
+        # waiting for this process's workers (other processes' buffers are
+        # not known here).
+        buffered = min(len(self._buffer), leased)
+        leased -= buffered
         return QueueStats(
             queue=self.name,
             depth=max(messages - leased, 0),
@@ -629,10 +727,13 @@ class NatsRequestQueue(RequestQueue):
             return
         self._closed = True
         self._t.remove_reconnect_listener(self._on_reconnect)
-        for future, _ in self._pulls.values():
-            if not future.done():
-                future.cancel()
         self._pulls.clear()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.cancel()
+        if self._keeper is not None:
+            self._keeper.cancel()
         # Hand unsettled deliveries back now, not after their ack wait.
         held = list(self._held.values())
         self._held.clear()
@@ -642,8 +743,8 @@ class NatsRequestQueue(RequestQueue):
         with contextlib.suppress(Exception):
             if self._sub is not None:
                 await self._sub.unsubscribe()
-        msgs = [d._msg for d in held] + [m for m, _ in self._orphans]
-        self._orphans.clear()
+        msgs = [d._msg for d in held] + [m for m, _ in self._buffer]
+        self._buffer.clear()
         if msgs and not nc.is_closed:
             with contextlib.suppress(Exception):
                 for msg in msgs:

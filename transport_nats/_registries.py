@@ -17,16 +17,25 @@ from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue, _is_key_valid
 
 from transport import CAUGHT_UP, CapabilityRegistry, DeliveryRegistry, KeyedChange, KeyedLog
-from transport.errors import ClosedResourceError, TransientTransportError
+from transport.errors import (
+    ClosedResourceError,
+    PermanentTransportError,
+    TransientTransportError,
+)
 from transport_nats._errors import map_nats_errors
+from transport_nats._transport import check_puback
 
 if TYPE_CHECKING:
     from transport_nats._transport import NatsTransport
 
 __all__ = ["NatsCapabilityRegistry", "NatsDeliveryRegistry", "NatsKeyedLog"]
+
+# JetStream err_code: "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE = 10058
+_RECONNECTED = object()  # put in a watcher's queue when the client reconnects
 
 #: The registries are the shared implementations over :class:`NatsKeyedLog`.
 NatsDeliveryRegistry = DeliveryRegistry
@@ -42,6 +51,7 @@ class NatsKeyedLog(KeyedLog):
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        self._prefix = ""
 
     async def _bucket(self) -> KeyValue:
         if self._closed:
@@ -53,20 +63,33 @@ class NatsKeyedLog(KeyedLog):
                 opts = self._t.options
                 with map_nats_errors(f"opening KV bucket {self.bucket}"):
                     # create_key_value is idempotent for an identical config.
-                    self._kv = await self._t.js.create_key_value(
-                        KeyValueConfig(
-                            bucket=self.bucket,
-                            history=1,
-                            storage=StorageType.FILE,
-                            replicas=opts.replicas,
-                        )
+                    # Direct gets (one request, raw reply) only on a single
+                    # replica: a follower could answer with a stale value.
+                    config = KeyValueConfig(
+                        bucket=self.bucket,
+                        history=1,
+                        storage=StorageType.FILE,
+                        replicas=opts.replicas,
+                        direct=opts.replicas == 1 or None,
                     )
+                    try:
+                        self._kv = await self._t.js.create_key_value(config)
+                    except nats.js.errors.BadRequestError as exc:
+                        if exc.err_code != _STREAM_NAME_IN_USE:
+                            raise
+                        # A bucket made with other settings (an older
+                        # release): use it as it is.
+                        self._kv = await self._t.js.key_value(self.bucket)
+                self._prefix = f"$KV.{self.bucket}."
             return self._kv
 
     async def put(self, key: str, value: bytes) -> None:
-        kv = await self._bucket()
+        await self._bucket()
+        if not _is_key_valid(key):
+            raise PermanentTransportError(f"writing {self.bucket}: invalid key")
         with map_nats_errors(f"writing {self.bucket}"):
-            await kv.put(key, value)
+            # kv.put is a JetStream publish: the same, on the shared replies.
+            check_puback(await self._t.requests.request(self._prefix + key, value))
 
     async def delete(self, key: str) -> None:
         kv = await self._bucket()
@@ -75,6 +98,8 @@ class NatsKeyedLog(KeyedLog):
 
     async def get(self, key: str) -> bytes | None:
         kv = await self._bucket()
+        if getattr(kv, "_direct", False):
+            return await self._direct_get(key)
         with map_nats_errors(f"reading {self.bucket}"):
             try:
                 entry = await kv.get(key)
@@ -84,35 +109,55 @@ class NatsKeyedLog(KeyedLog):
             return None
         return entry.value or b""
 
+    async def _direct_get(self, key: str) -> bytes | None:
+        """The latest value by a direct get (one request; the value comes back
+        as the reply's body, the KV operation in its headers) — kv.get
+        without building an entry and parsing its timestamp."""
+        if not _is_key_valid(key):
+            raise PermanentTransportError(f"reading {self.bucket}: invalid key")
+        subject = self._prefix + key
+        with map_nats_errors(f"reading {self.bucket}"):
+            reply = await self._t.requests.request(
+                f"$JS.API.DIRECT.GET.KV_{self.bucket}.{subject}", b""
+            )
+            headers = reply.headers or {}
+            if not reply.data and (status := headers.get("Status")):
+                if status == "404":
+                    return None
+                raise nats.js.errors.APIError.from_msg(reply)
+        if headers.get("Nats-Subject") != subject:
+            return None
+        if headers.get("KV-Operation") in (KV_DEL, KV_PURGE):
+            return None
+        return reply.data or b""
+
     async def watch(self) -> AsyncIterator[KeyedChange | object]:
         kv = await self._bucket()
-        loop = asyncio.get_running_loop()
-        reconnected: asyncio.Future[None] = loop.create_future()
+        interrupted = False
+        watcher: Any = None
 
         def on_reconnect() -> None:
-            if not reconnected.done():
-                reconnected.set_result(None)
+            # Wake the reader without a task per entry: a marker in the
+            # watcher's queue (or, if that is full, the flag seen next).
+            nonlocal interrupted
+            interrupted = True
+            if watcher is not None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    watcher._updates.put_nowait(_RECONNECTED)
 
         self._t.add_reconnect_listener(on_reconnect)
-        watcher: Any = None
         try:
             with map_nats_errors(f"watching {self.bucket}"):
                 watcher = await kv.watchall()
             while True:
-                getter = asyncio.ensure_future(watcher._updates.get())
-                try:
-                    await asyncio.wait({getter, reconnected}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    if not getter.done():
-                        getter.cancel()
-                if not getter.done() or getter.cancelled():
+                entry = await watcher._updates.get() if not interrupted else _RECONNECTED
+                if interrupted or entry is _RECONNECTED:
                     # The watch's ephemeral consumer may not have survived the
                     # reconnect (a restarted server forgets it): the caller
                     # re-watches; replays are idempotent.
                     raise TransientTransportError(
                         f"watch of {self.bucket} interrupted by a reconnect; re-watch"
                     )
-                entry = getter.result()
                 if entry is None:
                     yield CAUGHT_UP
                 elif isinstance(entry, KeyValue.Entry):

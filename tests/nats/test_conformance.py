@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from transport import TransportConfig
 from transport.testing import (
     CapabilityRegistryConformance,
     CrashConformance,
@@ -36,3 +39,22 @@ class TestNatsEventBus(EventBusConformance): ...
 
 
 class TestNatsEventLog(EventLogConformance): ...
+
+
+def _with_prefetch(config: TransportConfig, prefetch: int) -> TransportConfig:
+    return config.model_copy(update={"options": {**config.options, "prefetch": prefetch}})
+
+
+class TestNatsQueuePrefetch(RequestQueueConformance):
+    """The queue contract again with a prefetch buffer (leases of buffered
+    requests kept alive, handed back on close)."""
+
+    @pytest.fixture
+    def nats_config(self, nats_config: TransportConfig) -> TransportConfig:
+        return _with_prefetch(nats_config, 8)
+
+
+class TestNatsPriorityPrefetch(PriorityQueueConformance):
+    @pytest.fixture
+    def nats_config(self, nats_config: TransportConfig) -> TransportConfig:
+        return _with_prefetch(nats_config, 8)

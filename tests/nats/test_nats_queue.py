@@ -147,3 +147,59 @@ async def test_health_reports_a_dead_server_without_raising(tmp_path: Path) -> N
     finally:
         server.stop()
         await transport.aclose()
+
+
+async def test_keyed_log_get_by_direct_get(transport: Transport, namespace: str) -> None:
+    """Values, empty values, delete markers and missing keys, read with the
+    direct get (single replica)."""
+    from transport_nats._registries import NatsKeyedLog
+
+    assert isinstance(transport, NatsTransport)
+    log = NatsKeyedLog(transport, f"{namespace}__delivery__direct")
+    await log.put("a", b"one")
+    await log.put("empty", b"")
+    assert await log.get("a") == b"one"
+    assert await log.get("empty") == b""
+    assert await log.get("missing") is None
+    await log.delete("a")
+    assert await log.get("a") is None
+    await log.put("a", b"two")
+    assert await log.get("a") == b"two"
+    kv = await log._bucket()
+    assert getattr(kv, "_direct", False), "single-replica buckets use direct gets"
+
+
+async def test_prefetch_buffer_is_bounded_and_handed_back_on_close(
+    nats_config: TransportConfig, queue_name: str
+) -> None:
+    """With prefetch 4, one poll takes at most 4 from the server; closing the
+    handle hands the buffered ones back at once for another worker."""
+    config = nats_config.model_copy(update={"options": {**nats_config.options, "prefetch": 4}})
+    first = await connect(config)
+    second = await connect(nats_config)
+    try:
+        queue = first.request_queue(queue_name)
+        assert isinstance(queue, NatsRequestQueue)
+        requests = [WorkRequest(task="t", payload={"i": i}) for i in range(10)]
+        for request in requests:
+            await queue.enqueue(request)
+        delivery = await queue.poll(5)
+        assert delivery is not None
+        assert len(queue._buffer) <= 3
+        stats = await queue.stats()
+        assert stats.in_flight == 1, "buffered requests count as depth, not in flight"
+        assert stats.depth == 9
+        assert await delivery.ack()
+        await queue.aclose()
+        other = second.request_queue(queue_name)
+        seen = set()
+        start = time.monotonic()
+        while len(seen) < 9:
+            got = await other.poll(5)
+            assert got is not None, f"only {len(seen)} of 9 came back"
+            seen.add(got.request.request_id)
+            assert await got.ack()
+        assert time.monotonic() - start < 5, "buffered requests must not wait for the ack wait"
+    finally:
+        await first.aclose()
+        await second.aclose()
