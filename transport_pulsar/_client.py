@@ -2,9 +2,10 @@
 touches client threads.
 
 Every client operation is started with its ``*_async`` variant; the callback
-runs on a C++ I/O thread and hands the outcome to the event loop with
-``loop.call_soon_threadsafe`` (callback → future). The few calls that may
-block (building and shutting down the client) run on one dedicated thread.
+runs on a C++ I/O thread and hands the outcome to the event loop through
+a per-loop inbox (one ``call_soon_threadsafe`` per burst of callbacks). The
+few calls that may block (building and shutting down the client) run on one
+dedicated thread.
 Every wait has a timeout, flush and close included.
 
 Receiving is a pump, not a per-call future: a message handed over by the
@@ -19,6 +20,10 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import math
+import os
+import threading
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeAlias
@@ -32,16 +37,77 @@ __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
 
 log = logging.getLogger("transport.pulsar")
 _client_log = logging.getLogger("transport.pulsar.client")
+_OK = _pulsar.Result.Ok
+#: Granularity of the shared ack-flush timers.
+_GATE_SECONDS = 0.005
 
 # pulsar-client ships no type information: its objects are opaque here.
 Message: TypeAlias = Any
 MessageId: TypeAlias = Any
 
 
+class _LoopInbox:
+    """Hands client-thread callbacks to one event loop.
+
+    A callback the client runs on the loop's own thread (an ack, or a receive
+    served from the prefetch queue, completes inside the call) runs at once.
+    Callbacks from the client's I/O threads are queued, and one
+    ``call_soon_threadsafe`` drains whatever arrived meanwhile: a burst of
+    send receipts wakes the loop once, not once per receipt.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.get_ident()  # created on the loop's thread
+        self._items: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._lock = threading.Lock()
+        self._armed = False
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._thread:
+            fn(*args)
+            return
+        with self._lock:
+            self._items.append((fn, args))
+            if self._armed:
+                return
+            self._armed = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # loop already closed: nobody waits
+            with self._lock:
+                self._armed = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            self._armed = False
+            items, self._items = self._items, collections.deque()
+        for fn, args in items:
+            try:
+                fn(*args)
+            except Exception:  # pragma: no cover - the settle helpers do not raise
+                log.exception("pulsar callback failed")
+
+
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopInbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _LoopInbox:
+    """The inbox of ``loop`` (call on the loop's thread)."""
+    inbox = _inboxes.get(loop)
+    if inbox is None:
+        inbox = _inboxes[loop] = _LoopInbox(loop)
+    return inbox
+
+
 def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
     if future.done():
         return
-    if result == _pulsar.Result.Ok:
+    if result == _OK:
         future.set_result(value)
     else:
         future.set_exception(PulsarResultError(result))
@@ -49,11 +115,10 @@ def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
 
 def _result_callback(future: asyncio.Future[Any]) -> Callable[..., None]:
     """Callback for ``fn(..., callback(result[, value]))`` style calls."""
-    loop = future.get_loop()
+    post = _inbox(future.get_loop()).post
 
     def callback(result: Any, value: Any = None) -> None:
-        with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
-            loop.call_soon_threadsafe(_settle, future, result, value)
+        post(_settle, future, result, value)
 
     return callback
 
@@ -69,11 +134,10 @@ def _settle_v2(future: asyncio.Future[Any], value: Any) -> None:
 
 def _value_callback(future: asyncio.Future[Any]) -> Callable[[Any], None]:
     """Callback for ``*_async_v2`` calls (one argument: value or Error)."""
-    loop = future.get_loop()
+    post = _inbox(future.get_loop()).post
 
     def callback(value: Any) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle_v2, future, value)
+        post(_settle_v2, future, value)
 
     return callback
 
@@ -90,9 +154,22 @@ def _close_late_consumer(future: asyncio.Future[Any]) -> None:
         future.result().close_async(lambda *_: None)
 
 
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 async def _wait(future: asyncio.Future[Any], timeout: float, what: str) -> Any:
+    """``future``'s result, failed with a timeout after ``timeout`` seconds
+    (cancelling the wait cancels ``future``, as ``wait_for`` does)."""
     with map_pulsar_errors(what):
-        return await asyncio.wait_for(future, timeout)
+        if future.done():
+            return future.result()
+        backstop = future.get_loop().call_later(timeout, _time_out, future)
+        try:
+            return await future
+        finally:
+            backstop.cancel()
 
 
 class AsyncProducer:
@@ -166,16 +243,20 @@ class AsyncConsumer:
         self._receiving = False
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
+        self._inbox = _inbox(loop)
+        # Ack flush gates: acks whose flush deadlines fall in the same
+        # _GATE_SECONDS slot share one timer and one event.
+        self._gates: dict[int, asyncio.Event] = {}
 
     def _request(self) -> None:
         if self._receiving or self._closed or self._retry is not None:
             return
         self._receiving = True
-        loop = self._loop
+        post = self._inbox.post
+        handle = self._on_message
 
-        def on_message(result: Any, message: Any = None) -> None:  # a client thread
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._on_message, result, message)
+        def on_message(result: Any, message: Any = None) -> None:  # any client thread
+            post(handle, result, message)
 
         try:
             self._consumer.receive_async(on_message)
@@ -194,7 +275,7 @@ class AsyncConsumer:
 
     def _on_message(self, result: Any, message: Any) -> None:
         self._receiving = False
-        if result == _pulsar.Result.Ok:
+        if result == _OK:
             self._ready.append(message)
             self._arrived.set()
         elif not self._closed and result != _pulsar.Result.AlreadyClosed:
@@ -213,8 +294,10 @@ class AsyncConsumer:
                 return None
             self._arrived.clear()
             self._request()
-            # A message already prefetched is handed over at once, but through
-            # the loop: let it land before deciding that nothing is there.
+            if self._ready:  # served from the prefetch queue inside the call
+                continue
+            # A message arriving right now is handed over through the loop:
+            # let it land before deciding that nothing is there.
             await asyncio.sleep(0)
             if self._ready:
                 continue
@@ -239,7 +322,23 @@ class AsyncConsumer:
         # Waiting past that tick means a process killed after ack() returned
         # has still sent its ack.
         if self._ack_flush_wait:
-            await asyncio.sleep(self._ack_flush_wait)
+            await self._flushed()
+
+    async def _flushed(self) -> None:
+        """Wait at least ``ack_flush_wait`` from now (rounded up to the next
+        gate slot, so that concurrent acks share one timer)."""
+        loop = self._loop
+        slot = math.ceil((loop.time() + self._ack_flush_wait) / _GATE_SECONDS)
+        gate = self._gates.get(slot)
+        if gate is None:
+            gate = self._gates[slot] = asyncio.Event()
+            loop.call_at(slot * _GATE_SECONDS, self._open_gate, slot)
+        await gate.wait()
+
+    def _open_gate(self, slot: int) -> None:
+        gate = self._gates.pop(slot, None)
+        if gate is not None:
+            gate.set()
 
     def negative_acknowledge(self, message: Message) -> None:
         """Ask the broker to redeliver ``message`` (after the consumer's
@@ -312,6 +411,13 @@ class AsyncReader:
             self._pending.cancel()
 
 
+def _client_logger(kind: str) -> Any:
+    """The logger handed to pulsar-client (see the ``client_log`` option)."""
+    if kind == "stderr" and os.path.exists("/dev/stderr"):
+        return pulsar.FileLogger(pulsar.LoggerLevel.Warn, "/dev/stderr")
+    return _client_log
+
+
 class AsyncPulsarClient:
     """One ``pulsar.Client`` (one connection pool) per transport."""
 
@@ -322,6 +428,7 @@ class AsyncPulsarClient:
         operation_timeout: float,
         close_timeout: float,
         send_timeout_ms: int,
+        client_log: str = "python",
         **client_kwargs: Any,
     ) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -334,7 +441,7 @@ class AsyncPulsarClient:
             self._client = pulsar.Client(
                 service_url,
                 operation_timeout_seconds=max(1, round(operation_timeout)),
-                logger=_client_log,
+                logger=_client_logger(client_log),
                 **client_kwargs,
             )
         self._core: _pulsar.Client = self._client._client
