@@ -20,7 +20,6 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
-import math
 import os
 import threading
 import weakref
@@ -38,8 +37,6 @@ __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
 log = logging.getLogger("transport.pulsar")
 _client_log = logging.getLogger("transport.pulsar.client")
 _OK = _pulsar.Result.Ok
-#: Granularity of the shared ack-flush timers.
-_GATE_SECONDS = 0.005
 
 # pulsar-client ships no type information: its objects are opaque here.
 Message: TypeAlias = Any
@@ -123,6 +120,19 @@ def _result_callback(future: asyncio.Future[Any]) -> Callable[..., None]:
     return callback
 
 
+def _threadsafe_callback(future: asyncio.Future[Any]) -> Callable[..., None]:
+    """Like :func:`_result_callback`, but always completes through the loop
+    (``call_soon_threadsafe``), even when the client calls back inside the
+    call, as it does for an ack: the ack path keeps its original ordering."""
+    loop = future.get_loop()
+
+    def callback(result: Any, value: Any = None) -> None:
+        with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
+            loop.call_soon_threadsafe(_settle, future, result, value)
+
+    return callback
+
+
 def _settle_v2(future: asyncio.Future[Any], value: Any) -> None:
     if future.done():
         return
@@ -179,6 +189,13 @@ class AsyncProducer:
         self._producer = producer
         self.topic = topic
         self._timeout = timeout
+        self._what = f"send to {topic}"
+        # The client fails a send itself after send_timeout; ours is a
+        # backstop: one sweep a second over the sends in flight (in deadline
+        # order), not a timer per send.
+        self._backstop = timeout + 5.0
+        self._inflight: dict[asyncio.Future[Any], float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def send(
         self,
@@ -195,18 +212,41 @@ class AsyncProducer:
         builder.content(data)
         if key is not None:
             builder.partition_key(key)
-        for name, value in (properties or {}).items():
-            builder.property(name, value)
+        if properties:
+            for name, value in properties.items():
+                builder.property(name, value)
         if deliver_after:
             builder.deliver_after(timedelta(seconds=deliver_after))
         if null_value:
             builder.set_null_value()
-        future: asyncio.Future[MessageId] = asyncio.get_running_loop().create_future()
-        with map_pulsar_errors(f"send to {self.topic}"):
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[MessageId] = loop.create_future()
+        with map_pulsar_errors(self._what):
             self._producer.send_async(builder.build(), _result_callback(future))
-        # The client fails the send itself after send_timeout; ours is a backstop.
-        result: MessageId = await _wait(future, self._timeout + 5.0, f"send to {self.topic}")
-        return result
+            if future.done():  # failed inside the call
+                return future.result()
+            self._inflight[future] = loop.time() + self._backstop
+            if self._sweeper is None:
+                self._sweeper = loop.call_later(1.0, self._sweep)
+            try:
+                return await future
+            finally:
+                del self._inflight[future]
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        if not self._inflight:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired = []
+        for future, deadline in self._inflight.items():
+            if deadline > now:
+                break
+            expired.append(future)
+        for future in expired:
+            _time_out(future)
+        self._sweeper = loop.call_later(1.0, self._sweep)
 
     async def close(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -243,20 +283,16 @@ class AsyncConsumer:
         self._receiving = False
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
-        self._inbox = _inbox(loop)
-        # Ack flush gates: acks whose flush deadlines fall in the same
-        # _GATE_SECONDS slot share one timer and one event.
-        self._gates: dict[int, asyncio.Event] = {}
 
     def _request(self) -> None:
         if self._receiving or self._closed or self._retry is not None:
             return
         self._receiving = True
-        post = self._inbox.post
-        handle = self._on_message
+        loop = self._loop
 
-        def on_message(result: Any, message: Any = None) -> None:  # any client thread
-            post(handle, result, message)
+        def on_message(result: Any, message: Any = None) -> None:  # a client thread
+            with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
+                loop.call_soon_threadsafe(self._on_message, result, message)
 
         try:
             self._consumer.receive_async(on_message)
@@ -294,10 +330,8 @@ class AsyncConsumer:
                 return None
             self._arrived.clear()
             self._request()
-            if self._ready:  # served from the prefetch queue inside the call
-                continue
-            # A message arriving right now is handed over through the loop:
-            # let it land before deciding that nothing is there.
+            # A message already prefetched is handed over at once, but through
+            # the loop: let it land before deciding that nothing is there.
             await asyncio.sleep(0)
             if self._ready:
                 continue
@@ -314,7 +348,7 @@ class AsyncConsumer:
     async def acknowledge(self, message: Message, timeout: float) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
         with map_pulsar_errors(f"ack on {self.topic}"):
-            self._consumer.acknowledge_async(message, _result_callback(future))
+            self._consumer.acknowledge_async(message, _threadsafe_callback(future))
         await _wait(future, timeout, f"ack on {self.topic}")
         # The C++ client completes an ack as soon as it is queued in its ack
         # grouping tracker, which reaches the socket on the next 100 ms tick
@@ -322,23 +356,7 @@ class AsyncConsumer:
         # Waiting past that tick means a process killed after ack() returned
         # has still sent its ack.
         if self._ack_flush_wait:
-            await self._flushed()
-
-    async def _flushed(self) -> None:
-        """Wait at least ``ack_flush_wait`` from now (rounded up to the next
-        gate slot, so that concurrent acks share one timer)."""
-        loop = self._loop
-        slot = math.ceil((loop.time() + self._ack_flush_wait) / _GATE_SECONDS)
-        gate = self._gates.get(slot)
-        if gate is None:
-            gate = self._gates[slot] = asyncio.Event()
-            loop.call_at(slot * _GATE_SECONDS, self._open_gate, slot)
-        await gate.wait()
-
-    def _open_gate(self, slot: int) -> None:
-        gate = self._gates.pop(slot, None)
-        if gate is not None:
-            gate.set()
+            await asyncio.sleep(self._ack_flush_wait)
 
     def negative_acknowledge(self, message: Message) -> None:
         """Ask the broker to redeliver ``message`` (after the consumer's
