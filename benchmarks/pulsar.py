@@ -130,11 +130,9 @@ def _config(url: str, **options: Any) -> TransportConfig:
 
 
 def _raw_client(url: str) -> pulsar.Client:
-    import logging
-
-    quiet = logging.getLogger("bench.pulsar.raw")
-    quiet.setLevel(logging.WARNING)
-    return pulsar.Client(url, operation_timeout_seconds=15, logger=quiet)
+    # The library's default log routing: warnings and errors, filtered in C++.
+    logger = pulsar.FileLogger(pulsar.LoggerLevel.Warn, "/dev/stderr")
+    return pulsar.Client(url, operation_timeout_seconds=15, logger=logger)
 
 
 def _topic(prefix: str) -> str:
