@@ -3,8 +3,9 @@ touches client threads.
 
 Every client operation is started with its ``*_async`` variant; the callback
 runs on a C++ I/O thread and hands the outcome to the event loop through
-a per-loop inbox (one ``call_soon_threadsafe`` per burst of callbacks). The
-few calls that may block (building and shutting down the client) run on one
+a per-loop inbox (one ``call_soon_threadsafe`` per burst of callbacks;
+receive and ack callbacks use ``call_soon_threadsafe`` directly). The few
+calls that may block (building and shutting down the client) run on one
 dedicated thread.
 Every wait has a timeout, flush and close included.
 
@@ -46,8 +47,8 @@ MessageId: TypeAlias = Any
 class _LoopInbox:
     """Hands client-thread callbacks to one event loop.
 
-    A callback the client runs on the loop's own thread (an ack, or a receive
-    served from the prefetch queue, completes inside the call) runs at once.
+    A callback the client runs on the loop's own thread (an operation that
+    completes or fails inside the call) runs at once.
     Callbacks from the client's I/O threads are queued, and one
     ``call_soon_threadsafe`` drains whatever arrived meanwhile: a burst of
     send receipts wakes the loop once, not once per receipt.
