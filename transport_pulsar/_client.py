@@ -2,9 +2,11 @@
 touches client threads.
 
 Every client operation is started with its ``*_async`` variant; the callback
-runs on a C++ I/O thread and hands the outcome to the event loop with
-``loop.call_soon_threadsafe`` (callback → future). The few calls that may
-block (building and shutting down the client) run on one dedicated thread.
+runs on a C++ I/O thread and hands the outcome to the event loop through
+a per-loop inbox (one ``call_soon_threadsafe`` per burst of callbacks;
+receive and ack callbacks use ``call_soon_threadsafe`` directly). The few
+calls that may block (building and shutting down the client) run on one
+dedicated thread.
 Every wait has a timeout, flush and close included.
 
 Receiving is a pump, not a per-call future: a message handed over by the
@@ -19,6 +21,9 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import os
+import threading
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeAlias
@@ -32,16 +37,75 @@ __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
 
 log = logging.getLogger("transport.pulsar")
 _client_log = logging.getLogger("transport.pulsar.client")
+_OK = _pulsar.Result.Ok
 
 # pulsar-client ships no type information: its objects are opaque here.
 Message: TypeAlias = Any
 MessageId: TypeAlias = Any
 
 
+class _LoopInbox:
+    """Hands client-thread callbacks to one event loop.
+
+    A callback the client runs on the loop's own thread (an operation that
+    completes or fails inside the call) runs at once.
+    Callbacks from the client's I/O threads are queued, and one
+    ``call_soon_threadsafe`` drains whatever arrived meanwhile: a burst of
+    send receipts wakes the loop once, not once per receipt.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.get_ident()  # created on the loop's thread
+        self._items: collections.deque[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            collections.deque()
+        )
+        self._lock = threading.Lock()
+        self._armed = False
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._thread:
+            fn(*args)
+            return
+        with self._lock:
+            self._items.append((fn, args))
+            if self._armed:
+                return
+            self._armed = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # loop already closed: nobody waits
+            with self._lock:
+                self._armed = False
+
+    def _drain(self) -> None:
+        with self._lock:
+            self._armed = False
+            items, self._items = self._items, collections.deque()
+        for fn, args in items:
+            try:
+                fn(*args)
+            except Exception:  # pragma: no cover - the settle helpers do not raise
+                log.exception("pulsar callback failed")
+
+
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopInbox] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _inbox(loop: asyncio.AbstractEventLoop) -> _LoopInbox:
+    """The inbox of ``loop`` (call on the loop's thread)."""
+    inbox = _inboxes.get(loop)
+    if inbox is None:
+        inbox = _inboxes[loop] = _LoopInbox(loop)
+    return inbox
+
+
 def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
     if future.done():
         return
-    if result == _pulsar.Result.Ok:
+    if result == _OK:
         future.set_result(value)
     else:
         future.set_exception(PulsarResultError(result))
@@ -49,6 +113,18 @@ def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
 
 def _result_callback(future: asyncio.Future[Any]) -> Callable[..., None]:
     """Callback for ``fn(..., callback(result[, value]))`` style calls."""
+    post = _inbox(future.get_loop()).post
+
+    def callback(result: Any, value: Any = None) -> None:
+        post(_settle, future, result, value)
+
+    return callback
+
+
+def _threadsafe_callback(future: asyncio.Future[Any]) -> Callable[..., None]:
+    """Like :func:`_result_callback`, but always completes through the loop
+    (``call_soon_threadsafe``), even when the client calls back inside the
+    call, as it does for an ack: the ack path keeps its original ordering."""
     loop = future.get_loop()
 
     def callback(result: Any, value: Any = None) -> None:
@@ -69,11 +145,10 @@ def _settle_v2(future: asyncio.Future[Any], value: Any) -> None:
 
 def _value_callback(future: asyncio.Future[Any]) -> Callable[[Any], None]:
     """Callback for ``*_async_v2`` calls (one argument: value or Error)."""
-    loop = future.get_loop()
+    post = _inbox(future.get_loop()).post
 
     def callback(value: Any) -> None:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(_settle_v2, future, value)
+        post(_settle_v2, future, value)
 
     return callback
 
@@ -90,9 +165,22 @@ def _close_late_consumer(future: asyncio.Future[Any]) -> None:
         future.result().close_async(lambda *_: None)
 
 
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 async def _wait(future: asyncio.Future[Any], timeout: float, what: str) -> Any:
+    """``future``'s result, failed with a timeout after ``timeout`` seconds
+    (cancelling the wait cancels ``future``, as ``wait_for`` does)."""
     with map_pulsar_errors(what):
-        return await asyncio.wait_for(future, timeout)
+        if future.done():
+            return future.result()
+        backstop = future.get_loop().call_later(timeout, _time_out, future)
+        try:
+            return await future
+        finally:
+            backstop.cancel()
 
 
 class AsyncProducer:
@@ -102,6 +190,13 @@ class AsyncProducer:
         self._producer = producer
         self.topic = topic
         self._timeout = timeout
+        self._what = f"send to {topic}"
+        # The client fails a send itself after send_timeout; ours is a
+        # backstop: one sweep a second over the sends in flight (in deadline
+        # order), not a timer per send.
+        self._backstop = timeout + 5.0
+        self._inflight: dict[asyncio.Future[Any], float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def send(
         self,
@@ -118,18 +213,41 @@ class AsyncProducer:
         builder.content(data)
         if key is not None:
             builder.partition_key(key)
-        for name, value in (properties or {}).items():
-            builder.property(name, value)
+        if properties:
+            for name, value in properties.items():
+                builder.property(name, value)
         if deliver_after:
             builder.deliver_after(timedelta(seconds=deliver_after))
         if null_value:
             builder.set_null_value()
-        future: asyncio.Future[MessageId] = asyncio.get_running_loop().create_future()
-        with map_pulsar_errors(f"send to {self.topic}"):
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[MessageId] = loop.create_future()
+        with map_pulsar_errors(self._what):
             self._producer.send_async(builder.build(), _result_callback(future))
-        # The client fails the send itself after send_timeout; ours is a backstop.
-        result: MessageId = await _wait(future, self._timeout + 5.0, f"send to {self.topic}")
-        return result
+            if future.done():  # failed inside the call
+                return future.result()
+            self._inflight[future] = loop.time() + self._backstop
+            if self._sweeper is None:
+                self._sweeper = loop.call_later(1.0, self._sweep)
+            try:
+                return await future
+            finally:
+                del self._inflight[future]
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        if not self._inflight:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        expired = []
+        for future, deadline in self._inflight.items():
+            if deadline > now:
+                break
+            expired.append(future)
+        for future in expired:
+            _time_out(future)
+        self._sweeper = loop.call_later(1.0, self._sweep)
 
     async def close(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -174,7 +292,7 @@ class AsyncConsumer:
         loop = self._loop
 
         def on_message(result: Any, message: Any = None) -> None:  # a client thread
-            with contextlib.suppress(RuntimeError):
+            with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
                 loop.call_soon_threadsafe(self._on_message, result, message)
 
         try:
@@ -194,7 +312,7 @@ class AsyncConsumer:
 
     def _on_message(self, result: Any, message: Any) -> None:
         self._receiving = False
-        if result == _pulsar.Result.Ok:
+        if result == _OK:
             self._ready.append(message)
             self._arrived.set()
         elif not self._closed and result != _pulsar.Result.AlreadyClosed:
@@ -231,7 +349,7 @@ class AsyncConsumer:
     async def acknowledge(self, message: Message, timeout: float) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
         with map_pulsar_errors(f"ack on {self.topic}"):
-            self._consumer.acknowledge_async(message, _result_callback(future))
+            self._consumer.acknowledge_async(message, _threadsafe_callback(future))
         await _wait(future, timeout, f"ack on {self.topic}")
         # The C++ client completes an ack as soon as it is queued in its ack
         # grouping tracker, which reaches the socket on the next 100 ms tick
@@ -312,6 +430,13 @@ class AsyncReader:
             self._pending.cancel()
 
 
+def _client_logger(kind: str) -> Any:
+    """The logger handed to pulsar-client (see the ``client_log`` option)."""
+    if kind == "stderr" and os.path.exists("/dev/stderr"):
+        return pulsar.FileLogger(pulsar.LoggerLevel.Warn, "/dev/stderr")
+    return _client_log
+
+
 class AsyncPulsarClient:
     """One ``pulsar.Client`` (one connection pool) per transport."""
 
@@ -322,6 +447,7 @@ class AsyncPulsarClient:
         operation_timeout: float,
         close_timeout: float,
         send_timeout_ms: int,
+        client_log: str = "python",
         **client_kwargs: Any,
     ) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -334,7 +460,7 @@ class AsyncPulsarClient:
             self._client = pulsar.Client(
                 service_url,
                 operation_timeout_seconds=max(1, round(operation_timeout)),
-                logger=_client_log,
+                logger=_client_logger(client_log),
                 **client_kwargs,
             )
         self._core: _pulsar.Client = self._client._client

@@ -10,8 +10,8 @@ into the transient/permanent split, always chaining the original.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from types import TracebackType
+from typing import Literal
 
 import _pulsar
 
@@ -84,21 +84,36 @@ def is_transient(exc: BaseException) -> bool:
     return name in _TRANSIENT if name is not None else isinstance(exc, TimeoutError)
 
 
-@contextlib.contextmanager
-def map_pulsar_errors(what: str) -> Iterator[None]:
+class map_pulsar_errors:
     """Translate client failures raised inside the block.
 
     ``what`` names the operation (a topic, never a secret) for the message.
     Raises: TransientTransportError, PermanentTransportError (and its
     ConfigurationError / PayloadTooLargeError subclasses), ClosedResourceError.
+    (A class, not a generator: it wraps every send and ack.)
     """
-    try:
-        yield
-    except TransportError:
-        raise
-    except TimeoutError as exc:
-        raise TransientTransportError(f"{what}: timed out") from exc
-    except (PulsarResultError, _pulsar.PulsarException) as exc:
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        if exc is None or isinstance(exc, TransportError):
+            return False
+        what = self.what
+        if isinstance(exc, TimeoutError):
+            raise TransientTransportError(f"{what}: timed out") from exc
+        if not isinstance(exc, (PulsarResultError, _pulsar.PulsarException)):
+            return False
         name = _result_name(exc) or "UnknownError"
         if name == "AlreadyClosed":
             raise ClosedResourceError(f"{what}: client already closed") from exc

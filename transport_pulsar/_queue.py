@@ -159,6 +159,8 @@ class PulsarRequestQueue(RequestQueue):
 
     # -- connections ---------------------------------------------------------
     async def _get_producer(self) -> AsyncProducer:
+        if self._producer is not None:
+            return self._producer
         async with self._lock:
             if self._producer is None:
                 await self._t.ensure_subscription(self.topic)
@@ -168,6 +170,8 @@ class PulsarRequestQueue(RequestQueue):
             return self._producer
 
     async def _get_consumer(self) -> AsyncConsumer:
+        if self._consumer is not None:
+            return self._consumer
         async with self._lock:
             if self._consumer is None:
                 self._consumer = await self._t.retrying(lambda: self._t.subscribe(self.topic))

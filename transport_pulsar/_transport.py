@@ -26,7 +26,9 @@ Options (``TransportConfig.options``, unknown keys rejected):
 ``connection_timeout_ms`` (10000), ``send_timeout_ms`` (30000),
 ``close_timeout_seconds`` (10), ``subscribe_attempt_timeout_seconds`` (3:
 one subscribe attempt; see the pulsar-lite consumer-id note in the docs),
-``io_threads`` (1), ``ack_flush_wait_ms``
+``io_threads`` (1), ``client_log`` (``stderr``: the C++ client's warnings
+and errors on stderr | ``python``: all its lines, debug included, to the
+``transport.pulsar.client`` logger, at a cost per message), ``ack_flush_wait_ms``
 (150: how long ``ack()`` waits for the client's ack-grouping flush; 0 makes
 acks faster and lets a process killed right after ``ack()`` lose the ack), ``admin_url`` (None:
 admin REST endpoint for ``stats()``), ``listener_name``, and OAuth2
@@ -149,6 +151,7 @@ class PulsarTransport(Transport):
             operation_timeout=options.operation_timeout_seconds,
             close_timeout=options.close_timeout_seconds,
             send_timeout_ms=options.send_timeout_ms,
+            client_log=options.client_log,
             **kwargs,
         )
         self._subscribed: set[str] = set()

@@ -122,7 +122,12 @@ async def test_secrets_never_appear_in_reprs_errors_or_logs(
     transport = make(
         "pulsar://127.0.0.1:1",
         token=CANARY,
-        options={"connection_timeout_ms": 500, "operation_timeout_seconds": 2},
+        # client_log=python: the C++ client's debug lines reach caplog too.
+        options={
+            "connection_timeout_ms": 500,
+            "operation_timeout_seconds": 2,
+            "client_log": "python",
+        },
     )
     try:
         assert CANARY not in repr(transport)

@@ -1,0 +1,546 @@
+"""pulsar:// against raw pulsar-client on the same pulsar-lite broker (from the
+``pulsar-lite`` wheel, started here on a free loopback port with its metrics
+endpoint disabled, stopped by PID), in the same run, alternating.
+
+Baselines give the library's guarantees where the raw client can:
+
+* enqueue: a non-batching producer, ``send_async`` with a receipt callback
+  per message, the same number of sends in flight as the library's enqueues;
+* poll+ack: ``receive`` + ``acknowledge`` in a thread (prefetch 64, as the
+  library's consumers here), the
+  best at-least-once loop the raw client offers. Its acks are *not* on the
+  wire when ``acknowledge`` returns (the client groups them on a 100 ms
+  tick); the library's ``ack()`` waits for that tick — see
+  docs/backends/pulsar.md;
+* round trip: the raw client's own publish → receive → ack → reply publish →
+  receive, with two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pulsar
+
+from benchmarks._common import (
+    Row,
+    Sizes,
+    alternate,
+    percentile,
+    rate,
+    rss_mb,
+    run_concurrently,
+    throughput_row,
+)
+from transport import (
+    Ensemble,
+    Network,
+    TaskContext,
+    TransportConfig,
+    WorkRequest,
+    WorkResponse,
+    connect,
+)
+
+PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
+#: Worker tasks (library) / in-flight acks for poll+ack; the raw loop runs in one thread.
+CONSUMERS = 64
+#: Prefetch for the library's consumers in the throughput runs (the option
+#: ``receiver_queue_size``; the default, 1, suits long-running work).
+PREFETCH = 64
+OPTIONS = {"close_timeout_seconds": 5, "operation_timeout_seconds": 15}
+
+
+class _Broker:
+    def __init__(self) -> None:
+        import pulsar_lite
+
+        binary = Path(pulsar_lite.__file__).parent / "bin" / "pulsar-lite"
+        if not binary.is_file():
+            raise ImportError(f"pulsar-lite binary not found at {binary}")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.root = Path(tempfile.mkdtemp(prefix="bench-pulsar-"))
+        config = self.root / "pulsar-lite.toml"
+        config.write_text("[metrics]\nenabled = false\n", encoding="utf-8")
+        self.log = (self.root / "broker.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "--config",
+                str(config),
+                "--addr",
+                f"127.0.0.1:{self.port}",
+                "--db-path",
+                str(self.root / "data"),
+                "--log-level",
+                "warn",
+            ],
+            stdout=self.log,
+            stderr=self.log,
+            cwd=self.root,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("pulsar-lite did not start")
+
+    @property
+    def url(self) -> str:
+        return f"pulsar://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _body() -> bytes:
+    return WorkRequest(task="work", payload=PAYLOAD).model_dump_json().encode()
+
+
+def _config(url: str, **options: Any) -> TransportConfig:
+    return TransportConfig(url=url, namespace="bench", options={**OPTIONS, **options})
+
+
+def _raw_client(url: str) -> pulsar.Client:
+    # The library's default log routing: warnings and errors, filtered in C++.
+    logger = pulsar.FileLogger(pulsar.LoggerLevel.Warn, "/dev/stderr")
+    return pulsar.Client(url, operation_timeout_seconds=15, logger=logger)
+
+
+def _topic(prefix: str) -> str:
+    return f"persistent://public/default/bench.raw.{prefix}{uuid.uuid4().hex[:8]}"
+
+
+# -- ours ----------------------------------------------------------------------
+async def ours_enqueue(url: str, n: int, concurrency: int) -> float:
+    transport = await connect(_config(url))
+    try:
+        queue = transport.request_queue(f"e{uuid.uuid4().hex[:8]}")
+        requests = [WorkRequest(task="work", payload=PAYLOAD) for _ in range(n)]
+        await queue.enqueue(WorkRequest(task="warmup"))
+        return await rate(
+            n, lambda: run_concurrently(n, concurrency, lambda i: queue.enqueue(requests[i]))
+        )
+    finally:
+        await transport.aclose()
+
+
+async def ours_consume(url: str, n: int, **options: Any) -> float:
+    transport = await connect(_config(url, receiver_queue_size=PREFETCH, **options))
+    try:
+        queue = transport.request_queue(f"c{uuid.uuid4().hex[:8]}")
+        await run_concurrently(
+            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
+        )
+        done = 0
+
+        async def consume() -> None:
+            nonlocal done
+            while done < n:
+                delivery = await queue.poll(0.5)
+                if delivery is None:
+                    continue
+                await delivery.ack()
+                done += 1
+
+        return await rate(n, lambda: asyncio.gather(*(consume() for _ in range(CONSUMERS))))
+    finally:
+        await transport.aclose()
+
+
+async def ours_round_trip(url: str, n: int) -> list[float]:
+    transport = await connect(_config(url))
+    try:
+        queue = transport.request_queue(f"r{uuid.uuid4().hex[:8]}")
+        inbox = transport.delivery_registry("bench-caller")
+        stop = asyncio.Event()
+        handlers: set[asyncio.Task[None]] = set()
+        registry = transport.delivery_registry("bench-caller")
+
+        async def handle(delivery: Any) -> None:
+            await registry.complete(
+                delivery.request.request_id, WorkResponse(request_id=delivery.request.request_id)
+            )
+            await delivery.ack()
+
+        async def worker() -> None:
+            # One poller; each request is answered and acked in its own task,
+            # as an Ensemble with concurrency > 1 does: a worker does not hold
+            # up the next request while its previous ack is being flushed.
+            while not stop.is_set():
+                delivery = await queue.poll(0.2)
+                if delivery is None:
+                    continue
+                task = asyncio.create_task(handle(delivery))
+                handlers.add(task)
+                task.add_done_callback(handlers.discard)
+
+        task = asyncio.create_task(worker())
+        # Warm up: producer, consumer, registry watch.
+        for _ in range(3):
+            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
+            pending = await inbox.register(request.request_id)
+            await queue.enqueue(request)
+            await pending.result(10)
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
+            pending = await inbox.register(request.request_id)
+            await queue.enqueue(request)
+            await pending.result(10)
+            samples.append((time.perf_counter() - start) * 1000)
+        stop.set()
+        await task
+        if handlers:
+            await asyncio.gather(*handlers)
+        return samples
+    finally:
+        await transport.aclose()
+
+
+async def ours_ensemble(url: str, n: int) -> float:
+    transport = await connect(_config(url))
+    try:
+        name = f"bench{uuid.uuid4().hex[:8]}"
+        ens = Ensemble(name, transport=transport, concurrency=16, advertise=False)
+
+        @ens.task("work")
+        async def work(ctx: TaskContext) -> int:
+            return 1
+
+        caller = Network(transport, caller=f"{name}-caller")
+        async with ens:
+            await caller.request(name, "work", PAYLOAD, timeout=30)  # warm up
+
+            async def one(i: int) -> None:
+                await caller.request(name, "work", PAYLOAD, timeout=30)
+
+            return await rate(n, lambda: run_concurrently(n, 32, one))
+    finally:
+        await transport.aclose()
+
+
+async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
+    """Fill an ``n`` request backlog, drain it with one queue handle (one
+    poller; acks, which wait for the client's ack flush, overlap, at most
+    ``CONSUMERS`` at a time). Returns RSS before, after fill, peak while
+    draining (MB) and the drain rate."""
+    transport = await connect(_config(url, receiver_queue_size=PREFETCH))
+    try:
+        queue = transport.request_queue(f"backlog{uuid.uuid4().hex[:8]}")
+        before = rss_mb()
+        await run_concurrently(n, 64, lambda i: queue.enqueue(WorkRequest(task="w", payload=i)))
+        filled = rss_mb()
+        peak = filled
+        done = 0
+        slots = asyncio.Semaphore(CONSUMERS)
+        acks: set[asyncio.Task[bool]] = set()
+
+        async def ack(delivery: Any) -> bool:
+            try:
+                return bool(await delivery.ack())
+            finally:
+                slots.release()
+
+        start = time.perf_counter()
+        while done < n:
+            await slots.acquire()
+            delivery = await queue.poll(5)
+            if delivery is None:
+                slots.release()
+                break
+            task = asyncio.create_task(ack(delivery))
+            acks.add(task)
+            task.add_done_callback(acks.discard)
+            done += 1
+            if done % 5000 == 0:
+                peak = max(peak, rss_mb())
+        if acks:
+            await asyncio.gather(*acks)
+        drain_rate = done / (time.perf_counter() - start)
+        peak = max(peak, rss_mb())
+        if done < n:
+            raise RuntimeError(f"backlog drain stopped at {done} of {n}")
+        return before, filled, peak, drain_rate
+    finally:
+        await transport.aclose()
+
+
+# -- raw pulsar-client -----------------------------------------------------------
+async def raw_enqueue(url: str, n: int, concurrency: int) -> float:
+    """``send_async`` with a receipt callback, at most ``concurrency`` in flight."""
+
+    def run() -> float:
+        client = _raw_client(url)
+        try:
+            producer = client.create_producer(_topic("e"), batching_enabled=False)
+            body = _body()
+            producer.send(body)  # warm up
+            window = threading.Semaphore(concurrency)
+            done = threading.Event()
+            remaining = [n]
+            errors: list[Any] = []
+            lock = threading.Lock()
+
+            def receipt(result: Any, _msg_id: Any) -> None:
+                if result != pulsar.Result.Ok:
+                    errors.append(result)
+                window.release()
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+
+            start = time.perf_counter()
+            for _ in range(n):
+                window.acquire()
+                producer.send_async(body, receipt)
+            done.wait(120)
+            elapsed = time.perf_counter() - start
+            if errors or not done.is_set():
+                raise RuntimeError(f"raw sends failed: {errors[:3]}")
+            producer.close()
+            return n / elapsed
+        finally:
+            client.close()
+
+    return await asyncio.to_thread(run)
+
+
+async def raw_consume(url: str, n: int) -> float:
+    """``receive`` + ``acknowledge`` (each message decoded, like the library)."""
+
+    def run() -> float:
+        client = _raw_client(url)
+        try:
+            topic = _topic("c")
+            consumer = client.subscribe(
+                topic,
+                "w",
+                consumer_type=pulsar.ConsumerType.Shared,
+                initial_position=pulsar.InitialPosition.Earliest,
+                receiver_queue_size=PREFETCH,
+            )
+            producer = client.create_producer(
+                topic, batching_enabled=False, block_if_queue_full=True
+            )
+            body = _body()
+            failed: list[Any] = []
+            for _ in range(n):
+                producer.send_async(
+                    body,
+                    lambda result, _id: (
+                        None if result == pulsar.Result.Ok else failed.append(result)
+                    ),
+                )
+            producer.flush()
+            if failed:
+                raise RuntimeError(f"raw fill failed: {failed[:3]}")
+            start = time.perf_counter()
+            for _ in range(n):
+                msg = consumer.receive(30_000)
+                WorkRequest.model_validate_json(msg.data())
+                consumer.acknowledge(msg)
+            elapsed = time.perf_counter() - start
+            consumer.close()
+            producer.close()
+            return n / elapsed
+        finally:
+            client.close()
+
+    return await asyncio.to_thread(run)
+
+
+async def raw_round_trip(url: str, n: int) -> list[float]:
+    """Caller: send (receipt) to the request topic, wait for the reply on its
+    reply topic. Worker thread: receive, reply (receipt), ack."""
+
+    def run() -> list[float]:
+        client = _raw_client(url)
+        try:
+            requests, replies = _topic("rq"), _topic("rp")
+            worker_in = client.subscribe(requests, "w", consumer_type=pulsar.ConsumerType.Shared)
+            caller_in = client.subscribe(replies, "c", consumer_type=pulsar.ConsumerType.Shared)
+            to_worker = client.create_producer(requests, batching_enabled=False)
+            to_caller = client.create_producer(replies, batching_enabled=False)
+            stop = threading.Event()
+
+            def worker() -> None:
+                while not stop.is_set():
+                    try:
+                        msg = worker_in.receive(200)
+                    except pulsar.Timeout:
+                        continue
+                    request = WorkRequest.model_validate_json(msg.data())
+                    to_caller.send(
+                        WorkResponse(request_id=request.request_id).model_dump_json().encode()
+                    )
+                    worker_in.acknowledge(msg)
+
+            thread = threading.Thread(target=worker, daemon=True)
+            thread.start()
+            samples = []
+            for i in range(n + 3):
+                start = time.perf_counter()
+                to_worker.send(WorkRequest(task="work", payload=PAYLOAD).model_dump_json().encode())
+                reply = caller_in.receive(10_000)
+                caller_in.acknowledge(reply)
+                if i >= 3:  # warm-up
+                    samples.append((time.perf_counter() - start) * 1000)
+            stop.set()
+            thread.join(5)
+            return samples
+        finally:
+            client.close()
+
+    return await asyncio.to_thread(run)
+
+
+async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
+    broker = await asyncio.to_thread(_Broker)
+    url, r = broker.url, sizes.rounds
+    rows: list[Row] = []
+    try:
+        progress("pulsar: enqueue")
+        a, b = await alternate(
+            lambda: ours_enqueue(url, sizes.enqueue, sizes.concurrency),
+            lambda: raw_enqueue(url, sizes.enqueue, sizes.concurrency),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "pulsar",
+                "enqueue",
+                a,
+                b,
+                f"send_async + receipt, unbatched, {sizes.concurrency} in flight",
+                0.8,
+            )
+        )
+        progress("pulsar: poll+ack")
+        a, b = await alternate(
+            lambda: ours_consume(url, sizes.consume),
+            lambda: raw_consume(url, sizes.consume),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "pulsar",
+                "poll+ack",
+                a,
+                b,
+                f"receive+acknowledge loop (ours: {CONSUMERS} tasks, durable ack)",
+                0.5,
+            )
+        )
+        progress("pulsar: poll+ack without the ack flush wait")
+        a, b = await alternate(
+            lambda: ours_consume(url, sizes.consume, ack_flush_wait_ms=0),
+            lambda: raw_consume(url, sizes.consume),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "pulsar",
+                "poll+ack (no flush wait)",
+                a,
+                b,
+                "same; acks not durable on return (informational)",
+                None,
+            )
+        )
+        progress("pulsar: round trip")
+        ours_samples: list[float] = []
+        raw_samples: list[float] = []
+        for i in range(r):
+            if i % 2 == 0:
+                ours_samples += await ours_round_trip(url, sizes.round_trips)
+                raw_samples += await raw_round_trip(url, sizes.round_trips)
+            else:
+                raw_samples += await raw_round_trip(url, sizes.round_trips)
+                ours_samples += await ours_round_trip(url, sizes.round_trips)
+        for q in (0.5, 0.99):
+            o, b = percentile(ours_samples, q), percentile(raw_samples, q)
+            target = (b * 2 + 0.5) if q == 0.5 else None
+            rows.append(
+                Row(
+                    "pulsar",
+                    f"round trip p{int(q * 100)}",
+                    round(o, 3),
+                    round(b, 3),
+                    "raw publish→consume→reply round trip",
+                    "ms",
+                    round(b / o, 3),
+                    None if target is None else round(b / target, 3),
+                )
+            )
+        progress("pulsar: ensemble end to end")
+        thr = await ours_ensemble(url, sizes.round_trips * 2)
+        rows.append(
+            Row(
+                "pulsar",
+                "ensemble request/response",
+                round(thr, 1),
+                0.0,
+                "(informational)",
+                "req/s",
+                0.0,
+            )
+        )
+        backlog = 50_000 if sizes.quick else 200_000
+        progress(f"pulsar: backlog of {backlog:,} drained by one worker")
+        before, filled, peak, drain = await backlog_memory(url, backlog)
+        rows.append(
+            Row(
+                "pulsar",
+                f"backlog {backlog // 1000}k RSS peak",
+                round(peak, 1),
+                round(before, 1),
+                f"RSS before fill (MB); after fill {filled:.0f} MB",
+                "MB",
+                0.0,
+            )
+        )
+        rows.append(
+            Row(
+                "pulsar",
+                f"backlog {backlog // 1000}k drain",
+                round(drain, 1),
+                0.0,
+                "(informational)",
+                "msg/s",
+                0.0,
+            )
+        )
+    finally:
+        await asyncio.to_thread(broker.stop)
+    return rows
