@@ -78,6 +78,19 @@ def msg_position(msg: Message) -> tuple[int, int]:
     return (-1 if partition is None else partition), (-1 if offset is None else offset)
 
 
+def consume_available(consumer: Consumer, limit: int, timeout: float) -> list[Message]:
+    """Wait up to ``timeout`` for one message, then take what else is already
+    fetched (up to ``limit`` in all) without waiting.
+
+    ``Consumer.consume(n, timeout)`` waits for ``n`` messages or the whole
+    timeout, which would hold a lone record back for up to ``timeout``.
+    """
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(limit - 1, 0)] if limit > 1 else [first]
+
+
 def raw_record(msg: Message) -> RawRecord:
     headers: dict[str, bytes] = {}
     for item in msg.headers() or []:
@@ -128,7 +141,7 @@ def read_to_end(
         while targets:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic} to its end")
-            for msg in consumer.consume(500, 0.1):
+            for msg in consume_available(consumer, 500, 0.1):
                 err = msg.error()
                 p, offset = msg_position(msg)
                 if err is not None:

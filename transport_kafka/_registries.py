@@ -28,6 +28,7 @@ from transport_kafka._client import (
     RawRecord,
     TopicSpec,
     _client_logger,
+    consume_available,
     raw_record,
 )
 from transport_kafka._errors import map_kafka_errors
@@ -58,7 +59,7 @@ class _Tail:
 
     def _step(self) -> None:
         events: list[_Event] = []
-        for msg in self._consumer.consume(500, 0.05):
+        for msg in consume_available(self._consumer, 500, 0.05):
             err = msg.error()
             if err is None:
                 events.append(("rec", raw_record(msg)))
