@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -78,6 +79,19 @@ def msg_position(msg: Message) -> tuple[int, int]:
     return (-1 if partition is None else partition), (-1 if offset is None else offset)
 
 
+def consume_available(consumer: Consumer, limit: int, timeout: float) -> list[Message]:
+    """Wait up to ``timeout`` for one message, then take what else is already
+    fetched (up to ``limit`` in all) without waiting.
+
+    ``Consumer.consume(n, timeout)`` waits for ``n`` messages or the whole
+    timeout, which would hold a lone record back for up to ``timeout``.
+    """
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(limit - 1, 0)] if limit > 1 else [first]
+
+
 def raw_record(msg: Message) -> RawRecord:
     headers: dict[str, bytes] = {}
     for item in msg.headers() or []:
@@ -128,7 +142,7 @@ def read_to_end(
         while targets:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic} to its end")
-            for msg in consumer.consume(500, 0.1):
+            for msg in consume_available(consumer, 500, 0.1):
                 err = msg.error()
                 p, offset = msg_position(msg)
                 if err is not None:
@@ -147,6 +161,36 @@ def read_to_end(
         consumer.close()
 
 
+class _Reports:
+    """Delivery reports handed from the producer's poll thread to one event
+    loop in batches: one loop wake-up per batch instead of one per record."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: deque[tuple[Callable[[KafkaError | None, Message], None], Any, Any]] = deque()
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def add(self, fn: Callable[[KafkaError | None, Message], None], err: Any, msg: Any) -> None:
+        """Producer thread: queue one report, schedule a drain if none is."""
+        self._items.append((fn, err, msg))
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        # Reset first: a report queued from here on schedules another drain.
+        with self._lock:
+            self._scheduled = False
+        items = self._items
+        while items:
+            fn, err, msg = items.popleft()
+            fn(err, msg)
+
+
 class KafkaClients:
     """The clients one transport shares: an idempotent producer (with its poll
     thread), an admin client, a metadata consumer and the executor thread
@@ -163,6 +207,7 @@ class KafkaClients:
         self._lock = threading.Lock()
         self._topics: set[str] = set()
         self._closed = False
+        self._reports: _Reports | None = None
 
     @property
     def timeout(self) -> float:
@@ -256,9 +301,12 @@ class KafkaClients:
             else:
                 future.set_result(msg_position(msg))
 
+        reports = self._reports
+        if reports is None or reports.loop is not loop:
+            reports = self._reports = _Reports(loop)
+
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(resolve, err, msg)
+            reports.add(resolve, err, msg)
 
         producer = self.producer()
         try:
@@ -270,7 +318,10 @@ class KafkaClients:
                     headers=list((headers or {}).items()) or None,
                     on_delivery=on_delivery,
                 )
-                return await asyncio.wait_for(asyncio.shield(future), self.timeout + 5.0)
+                # librdkafka reports every record within message.timeout.ms;
+                # this bound only guards against a report that never comes.
+                async with asyncio.timeout(self.timeout + 5.0):
+                    return await future
         except TransientTransportError:
             # The topic may have gone (deleted, or a broker that lost its
             # data): check it again, and create it if needed, next time.

