@@ -1,0 +1,28 @@
+"""The examples run unchanged on Kafka: only the ``TRANSPORT_*`` settings differ."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests._examples import DONE, EXAMPLES, run_example
+
+from .conftest import TEST_OPTIONS
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs_on_kafka(
+    example: Path, kafka_bootstrap: str, kafka_namespace: str, tmp_path: Path
+) -> None:
+    result = run_example(
+        example,
+        tmp_path,
+        url=f"kafka://{kafka_bootstrap}",
+        namespace=f"{kafka_namespace}ex",
+        options=TEST_OPTIONS,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert DONE in result.stdout
