@@ -546,12 +546,32 @@ class AsyncPulsarClient:
         if self._closed:
             return
         self._closed = True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        callback = _result_callback(future)
+        # The C++ client finishes a close on a detached thread of its own,
+        # which calls this callback and only then drops it, taking the GIL
+        # again. Were the interpreter finalizing by then, that thread would be
+        # torn down inside a C++ destructor and the process would abort
+        # ("terminate called without an active exception"). So close() also
+        # waits for the callback's release. The weakref callback is a C
+        # builtin: it runs no bytecode, so the releasing thread never gives
+        # up the GIL in between, and once the flag is seen here that thread
+        # has left Python for good.
+        released: list[object] = []
+        tracker = weakref.ref(callback, released.append)
         try:
-            self._core.close_async(_result_callback(future))
+            self._core.close_async(callback)
+            del callback
             await asyncio.wait_for(future, self._close_timeout)
+            deadline = loop.time() + self._close_timeout
+            # Polled, not an Event: setting one from that thread would run
+            # bytecode there, which is exactly what must not happen.
+            while not released and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
         except Exception as exc:
             log.warning("pulsar client did not close cleanly (%s); shutting it down", exc)
             with contextlib.suppress(Exception):
                 await self.run_blocking(self._core.shutdown, self._close_timeout)
+        del tracker
         self._executor.shutdown(wait=False)
