@@ -52,10 +52,22 @@ def _qname(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def _worker(harness: BackendHarness, queue: str, lease: float) -> WorkerProcess:
+async def _worker(
+    harness: BackendHarness, queue: str, lease: float, *, concurrency: int = 8, work_ms: float = 5.0
+) -> WorkerProcess:
     # Eight concurrent handlers per worker process, as an ensemble would run.
     worker = await WorkerProcess.start(
-        harness, "--queue", queue, "--mode", "process", "--lease", str(lease), "--concurrency", "8"
+        harness,
+        "--queue",
+        queue,
+        "--mode",
+        "process",
+        "--lease",
+        str(lease),
+        "--concurrency",
+        str(concurrency),
+        "--work-ms",
+        str(work_ms),
     )
     await worker.wait_for("STARTED", harness.scaled(60))
     return worker
@@ -89,13 +101,21 @@ async def _drain_ledger(
 
 
 async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -> dict[str, Any]:
-    """Workers killed with SIGKILL at random points while draining a backlog."""
+    """Workers killed with SIGKILL in the middle of their work.
+
+    A producer feeds the queue at a steady rate while two worker processes
+    (16 handlers each, 0-20 ms of work per request) drain it. Each kill picks
+    a worker, waits until it has leased work, lets it run a random 50-400 ms
+    more and kills it with SIGKILL, so every kill lands on requests in flight;
+    a fresh worker replaces it.
+    """
     lease = harness.lease_seconds
     queue_name = _qname("kill")
     ledger = Ledger()
     transport = await harness.connect(max_attempts=1000)
     try:
         queue = transport.request_queue(queue_name, lease_seconds=lease)
+        await queue.stats()  # the queue exists before the first worker joins
         requests = [WorkRequest(task="job", payload={"i": i}) for i in range(sizes.requests)]
         sem = asyncio.Semaphore(64)
 
@@ -108,17 +128,37 @@ async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -
                 except TransportError:
                     ledger.indeterminate.add(r.request_id)
 
-        await asyncio.gather(*(send(r) for r in requests))
+        async def produce() -> None:
+            # About 1.5 s of work per planned kill, sent in 50 ms slices.
+            per_slice = max(1, round(sizes.requests / (sizes.kills * 1.5) * 0.05))
+            for start in range(0, len(requests), per_slice):
+                await asyncio.gather(*(send(r) for r in requests[start : start + per_slice]))
+                await asyncio.sleep(0.05)
+
+        producer = asyncio.create_task(produce())
         env_harness = _with(harness, max_attempts=1000)
-        workers = [await _worker(env_harness, queue_name, lease) for _ in range(2)]
+        workers = [
+            await _worker(env_harness, queue_name, lease, concurrency=16, work_ms=20)
+            for _ in range(2)
+        ]
         dead: list[WorkerProcess] = []
+        kills = 0
         for _ in range(sizes.kills):
-            await asyncio.sleep(random.uniform(0.1, 0.5))
             victim = workers.pop(random.randrange(len(workers)))
+            try:
+                await victim.wait_for("LEASED", harness.scaled(60))
+            except TimeoutError:
+                workers.append(victim)  # nothing left to work on
+                break
+            await asyncio.sleep(random.uniform(0.05, 0.4))
             await victim.reap()
+            kills += 1
             ledger.fault(victim.lines)
             dead.append(victim)
-            workers.append(await _worker(env_harness, queue_name, lease))
+            workers.append(
+                await _worker(env_harness, queue_name, lease, concurrency=16, work_ms=20)
+            )
+        await producer
         drained = await _drain_ledger(ledger, queue, workers, dead, harness.scaled(300))
         for worker in workers:
             await worker.reap()
@@ -131,11 +171,11 @@ async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -
         )
         return ledger.row(
             backend,
-            f"SIGKILL of workers ×{sizes.kills}",
+            f"SIGKILL of workers ×{kills}",
             window=len(ledger.in_flight_at_faults),
             duplicates_outside_window=len(ledger.duplicated - ledger.in_flight_at_faults),
             drained=drained,
-            ok=not ledger.lost and dup_ok and drained,
+            ok=not ledger.lost and dup_ok and drained and kills == sizes.kills,
         )
     finally:
         await transport.aclose()

@@ -66,8 +66,10 @@ def render(rows: list[dict[str, Any]], mode: str, elapsed: float) -> str:
         "",
         "## Faults",
         "",
-        "- **SIGKILL of workers**: two worker processes drain a backlog; one is killed with SIGKILL at a "
-        "random point and replaced, several times. `window` = requests in flight at the kills.",
+        "- **SIGKILL of workers**: a producer feeds the queue while two worker processes (16 handlers, "
+        "0-20 ms of work each) drain it; a worker that has leased work is killed with SIGKILL 50-400 ms "
+        "later and replaced, several times. `window` = requests leased and not acknowledged by the "
+        "killed workers (the only ones allowed to come back twice).",
         "- **broker SIGKILL + restart**: a producer and a worker process run while the broker is killed "
         "and restarted on the same address and data (for `sqlite://`, every process holding the file is killed).",
         "- **broker unreachable, outbox in front**: the broker is stopped for the period while a caller "

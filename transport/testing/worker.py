@@ -51,6 +51,12 @@ async def main() -> None:
         "--concurrency", type=int, default=1, help="concurrent handlers (process mode)"
     )
     parser.add_argument("--lease", type=float, default=None)
+    parser.add_argument(
+        "--work-ms",
+        type=float,
+        default=5.0,
+        help="each handler works a random 0..work-ms before acking (process mode)",
+    )
     parser.add_argument("--priority-levels", type=int, default=0)
     args = parser.parse_args()
     _die_with_parent()
@@ -92,7 +98,7 @@ async def main() -> None:
                 if delivery is None:
                     continue
                 say("LEASED", delivery.request.request_id, delivery.attempt)
-                await asyncio.sleep(random.uniform(0, 0.005))
+                await asyncio.sleep(random.uniform(0, args.work_ms / 1000))
                 say("ACKING", delivery.request.request_id)  # killed after this: outcome unknown
                 try:
                     acked = await delivery.ack()
