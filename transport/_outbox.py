@@ -35,6 +35,9 @@ __all__ = ["Outbox", "OutboxDeadLetter"]
 
 log = logging.getLogger("transport.outbox")
 
+#: Seconds between two "still unavailable" warnings during one outage.
+OUTAGE_LOG_INTERVAL = 30.0
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -103,6 +106,8 @@ class Outbox:
         self._closed = False
         #: Consecutive transient failures of the head of the line (0 when flowing).
         self.outage_failures = 0
+        self._outage_since: float | None = None
+        self._outage_logged = 0.0
 
     def _default_queue(self, name: str, levels: int) -> RequestQueue:
         if levels > 1:
@@ -200,17 +205,44 @@ class Outbox:
                 # Hold the line (FIFO) and retry; an outage never counts.
                 self.outage_failures += 1
                 pause = self._pause(self.outage_failures)
-                log.warning("outbox: transport unavailable (%s); retrying in %.2fs", exc, pause)
+                self._log_outage(exc, pause)
                 await asyncio.sleep(pause)
                 continue
             except (PermanentTransportError, ValueError) as exc:
-                self.outage_failures = 0
+                self._outage_over()
                 await self._store.write(
                     functools.partial(self._definitive_failure, row_id=row_id, error=str(exc))
                 )
                 continue
-            self.outage_failures = 0
+            self._outage_over()
             await self._store.write(functools.partial(self._delete, row_id=row_id))
+
+    def _log_outage(self, exc: Exception, pause: float) -> None:
+        """One warning when an outage starts, then one every
+        ``OUTAGE_LOG_INTERVAL`` seconds (each retry is logged at DEBUG)."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = self._outage_logged = now
+            log.warning("outbox: transport unavailable (%s); holding requests, retrying", exc)
+        elif now - self._outage_logged >= OUTAGE_LOG_INTERVAL:
+            self._outage_logged = now
+            log.warning(
+                "outbox: transport still unavailable after %.0fs and %d tries (%s)",
+                now - self._outage_since,
+                self.outage_failures,
+                exc,
+            )
+        else:
+            log.debug("outbox: transport unavailable (%s); retrying in %.2fs", exc, pause)
+
+    def _outage_over(self) -> None:
+        if self._outage_since is not None:
+            log.warning(
+                "outbox: transport reachable again after %.1fs; draining",
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
+        self.outage_failures = 0
 
     @staticmethod
     def _delete(conn: sqlite3.Connection, row_id: int) -> None:

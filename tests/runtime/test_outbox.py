@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -83,6 +84,28 @@ async def test_outage_loses_nothing_keeps_fifo_and_dead_letters_nothing(
         received.append(delivery.request.request_id)
         await delivery.ack()
     assert received == [r.request_id for r in sent], "lost or reordered"
+
+
+async def test_an_outage_is_logged_once_and_its_end_once(
+    transport: Transport, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    outage = Outage(transport.request_queue("orders3"))
+    outbox = Outbox(
+        transport,
+        tmp_path / "outbox.db",
+        retry_wait=wait_fixed(0.001),
+        queue_factory=lambda name, levels: outage,
+    )
+    with caplog.at_level(logging.DEBUG, logger="transport.outbox"):
+        async with outbox:
+            await outbox.enqueue("orders3", WorkRequest(task="t", payload=1))
+            await outbox.flush(timeout=30)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    retries = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert outage.failed_while_down == 25
+    assert len(warnings) == 2, warnings
+    assert "transport unavailable" in warnings[0] and "reachable again" in warnings[1]
+    assert len(retries) == 24  # every further retry, at DEBUG only
 
 
 async def test_only_definitive_failures_count_toward_dead_lettering(
