@@ -42,6 +42,7 @@ from transport import (
     encode,
     utcnow,
 )
+from transport._models import replace_fields
 from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, UndecodableMessageError
 from transport_inprocess._memory_events import BusState, LogState, MemoryEventBus, MemoryEventLog
@@ -175,7 +176,7 @@ class MemoryRequestQueue(RequestQueue):
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         self._check()
         if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
+            request = replace_fields(request, enqueued_at=utcnow())
         data = encode(request, self._limit)
         with self._broker.lock:
             self._state.ready.append(_Msg(data, request.request_id))
@@ -241,7 +242,7 @@ class MemoryRequestQueue(RequestQueue):
                 heapq.heappush(state.leases, (deadline, token))
                 self._held.add(token)
                 if msg.attempts != 1:
-                    request = request.model_copy(update={"attempt": msg.attempts})
+                    request = replace_fields(request, attempt=msg.attempts)
                 return MemoryDelivery(request, self, token)
             return None
 

@@ -48,6 +48,7 @@ from transport import (
     encode,
     utcnow,
 )
+from transport._models import replace_fields
 from transport._queue import seconds as _seconds
 from transport._sqlitestore import SCHEMA, SqliteStore
 from transport.errors import (
@@ -109,6 +110,25 @@ def _next_seq(conn: sqlite3.Connection, queue: str) -> int:
     return int(row[0] or 0) + 1
 
 
+def _insert_many(conn: sqlite3.Connection, items: list[tuple[str, str, bytes]]) -> list[None]:
+    """Append requests (all to one queue) in this order."""
+    name = items[0][0]
+    seq = _next_seq(conn, name)
+    conn.executemany(
+        "INSERT INTO messages(queue, seq, request_id, body, available_at) VALUES (?, ?, ?, ?, 0.0)",
+        [(name, seq + i, rid, body) for i, (_, rid, body) in enumerate(items)],
+    )
+    return [None] * len(items)
+
+
+def _delete_many(conn: sqlite3.Connection, items: list[tuple[int, int]]) -> list[bool]:
+    """Acknowledge leased rows: True for each that was still leased by that token."""
+    return [
+        conn.execute("DELETE FROM messages WHERE id = ? AND token = ?", item).rowcount == 1
+        for item in items
+    ]
+
+
 def _decodable(body: bytes) -> bool:
     try:
         decode(WorkRequest, body)
@@ -155,6 +175,7 @@ class SqliteRequestQueue(RequestQueue):
         self._held: dict[int, int] = {}
         self._lease_waiters: list[asyncio.Future[SqliteDelivery | None]] = []
         self._leaser: asyncio.Task[None] | None = None
+        self._had_work = False
         self._closed = False
 
     def _check(self) -> None:
@@ -165,23 +186,20 @@ class SqliteRequestQueue(RequestQueue):
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         self._check()
         if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
+            request = replace_fields(request, enqueued_at=utcnow())
         body = encode(request, self._t.config.max_payload_bytes)
-        name, rid = self.name, request.request_id
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO messages(queue, seq, request_id, body, available_at) VALUES (?, ?, ?, ?, ?)",
-                (name, _next_seq(conn, name), rid, body, 0.0),
-            )
-
-        await self._store.write(op)
+        # Concurrent enqueues to this queue become one INSERT of many rows.
+        await self._store.submit_many(
+            ("enqueue", self.name), _insert_many, (self.name, request.request_id, body)
+        )
         self._t._signals.notify(self.name)
         return request
 
     def _lease_op(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, WorkRequest]]:
         now = time.time()
         out: list[tuple[int, int, WorkRequest]] = []
+        leases: list[tuple[float, int, int]] = []
+        until = now + self.lease_seconds
         while len(out) < limit:
             rows = conn.execute(
                 "SELECT id, request_id, body, attempts, last_error FROM messages"
@@ -206,14 +224,16 @@ class SqliteRequestQueue(RequestQueue):
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                     continue
                 token = secrets.randbits(62)
-                conn.execute(
-                    "UPDATE messages SET available_at = ?, token = ?, attempts = attempts + 1"
-                    " WHERE id = ?",
-                    (now + self.lease_seconds, token, row_id),
-                )
+                leases.append((until, token, row_id))
                 if attempts:
-                    request = request.model_copy(update={"attempt": attempts + 1})
+                    request = replace_fields(request, attempt=attempts + 1)
                 out.append((row_id, token, request))
+            conn.executemany(
+                "UPDATE messages SET available_at = ?, token = ?, attempts = attempts + 1"
+                " WHERE id = ?",
+                leases,
+            )
+            leases.clear()
         return out
 
     def _has_work_op(self, conn: sqlite3.Connection) -> bool:
@@ -251,10 +271,15 @@ class SqliteRequestQueue(RequestQueue):
                     continue
                 try:
                     leased: list[tuple[int, int, WorkRequest]] = []
-                    if await self._store.read(self._has_work_op):
+                    # While the queue had work last round, lease straight away
+                    # (the write shares its transaction with acks queued before
+                    # it); otherwise check with a read first, so idle pollers
+                    # do not take the file's write lock.
+                    if self._had_work or await self._store.read(self._has_work_op):
                         leased = await self._store.write(
                             functools.partial(self._lease_op, limit=len(waiters))
                         )
+                    self._had_work = bool(leased)
                 except Exception as exc:
                     for w in waiters:
                         if not w.done():
@@ -299,12 +324,8 @@ class SqliteRequestQueue(RequestQueue):
 
     async def _ack(self, row_id: int, token: int) -> bool:
         self._held.pop(row_id, None)
-
-        def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute("DELETE FROM messages WHERE id = ? AND token = ?", (row_id, token))
-            return cur.rowcount == 1
-
-        return await self._store.write(op)
+        result: bool = await self._store.submit_many("ack", _delete_many, (row_id, token))
+        return result
 
     async def _nack(
         self, row_id: int, token: int, delay: float, error: str | None, dead: bool
