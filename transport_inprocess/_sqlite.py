@@ -63,6 +63,7 @@ from transport_inprocess._sqlite_events import EVENTS_SCHEMA, SqliteEventLog
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 
 _CHANGE_RETENTION_S = 3600.0
+_TOKEN_MASK = (1 << 62) - 1
 
 
 class _Signals:
@@ -72,16 +73,18 @@ class _Signals:
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
 
-    async def wait(self, name: str, timeout: float) -> None:
+    async def wait(self, name: str, timeout: float) -> bool:
+        """Wait for a notification of ``name``: True if one came, False on timeout."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(name, set())
         waiters.add(future)
         try:
             await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            pass
+            return False
         finally:
             waiters.discard(future)
+        return True
 
     def notify(self, name: str) -> None:
         for future in self._waiters.get(name, ()):
@@ -110,14 +113,29 @@ def _next_seq(conn: sqlite3.Connection, queue: str) -> int:
     return int(row[0] or 0) + 1
 
 
+# Multi-row INSERTs: one statement step for many rows (executemany steps once
+# per row). A few fixed sizes keep the statement cache small.
+_INSERT_CHUNKS = (64, 16, 4, 1)
+_INSERT_SQL = {
+    size: "INSERT INTO messages(queue, seq, request_id, body, available_at) VALUES "
+    + ", ".join(["(?, ?, ?, ?, 0.0)"] * size)
+    for size in _INSERT_CHUNKS
+}
+
+
 def _insert_many(conn: sqlite3.Connection, items: list[tuple[str, str, bytes]]) -> list[None]:
     """Append requests (all to one queue) in this order."""
     name = items[0][0]
     seq = _next_seq(conn, name)
-    conn.executemany(
-        "INSERT INTO messages(queue, seq, request_id, body, available_at) VALUES (?, ?, ?, ?, 0.0)",
-        [(name, seq + i, rid, body) for i, (_, rid, body) in enumerate(items)],
-    )
+    start = 0
+    while start < len(items):
+        size = next(c for c in _INSERT_CHUNKS if c <= len(items) - start)
+        params: list[Any] = []
+        for i in range(start, start + size):
+            _, rid, body = items[i]
+            params += (name, seq + i, rid, body)
+        conn.execute(_INSERT_SQL[size], params)
+        start += size
     return [None] * len(items)
 
 
@@ -200,6 +218,9 @@ class SqliteRequestQueue(RequestQueue):
         out: list[tuple[int, int, WorkRequest]] = []
         leases: list[tuple[float, int, int]] = []
         until = now + self.lease_seconds
+        # One random draw per round: tokens only need to differ between two
+        # leases of the same row, and a row is leased at most once per round.
+        base = secrets.randbits(62)
         while len(out) < limit:
             rows = conn.execute(
                 "SELECT id, request_id, body, attempts, last_error FROM messages"
@@ -223,7 +244,7 @@ class SqliteRequestQueue(RequestQueue):
                     _dead(conn, self.name, request_id, body, False, str(exc), attempts + 1)
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                     continue
-                token = secrets.randbits(62)
+                token = (base + len(out)) & _TOKEN_MASK
                 leases.append((until, token, row_id))
                 if attempts:
                     request = replace_fields(request, attempt=attempts + 1)
@@ -318,7 +339,10 @@ class SqliteRequestQueue(RequestQueue):
             if remaining is not None and remaining <= 0:
                 return None
             wait = interval if remaining is None else min(interval, remaining)
-            await self._t._signals.wait(self.name, wait)
+            if await self._t._signals.wait(self.name, wait):
+                # This process just wrote work to the queue: lease without
+                # the has-work read first.
+                self._had_work = True
             interval = min(interval * 2, self._t.poll_interval)
             self._check()
 
