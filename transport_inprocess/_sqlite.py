@@ -216,10 +216,10 @@ class SqliteRequestQueue(RequestQueue):
     def _lease_op(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, WorkRequest]]:
         now = time.time()
         out: list[tuple[int, int, WorkRequest]] = []
-        leases: list[tuple[float, int, int]] = []
+        leased: list[int] = []
         until = now + self.lease_seconds
-        # One random draw per round: tokens only need to differ between two
-        # leases of the same row, and a row is leased at most once per round.
+        # One random draw per round: a row's token is (base + id) mod 2**62,
+        # so two leases of one row get unrelated tokens.
         base = secrets.randbits(62)
         while len(out) < limit:
             rows = conn.execute(
@@ -244,17 +244,20 @@ class SqliteRequestQueue(RequestQueue):
                     _dead(conn, self.name, request_id, body, False, str(exc), attempts + 1)
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                     continue
-                token = (base + len(out)) & _TOKEN_MASK
-                leases.append((until, token, row_id))
+                token = (base + row_id) & _TOKEN_MASK
+                leased.append(row_id)
                 if attempts:
                     request = replace_fields(request, attempt=attempts + 1)
                 out.append((row_id, token, request))
-            conn.executemany(
-                "UPDATE messages SET available_at = ?, token = ?, attempts = attempts + 1"
-                " WHERE id = ?",
-                leases,
-            )
-            leases.clear()
+            # One statement per 500 rows (executemany steps once per row).
+            for i in range(0, len(leased), 500):
+                chunk = leased[i : i + 500]
+                conn.execute(
+                    "UPDATE messages SET available_at = ?, token = (? + id) & ?,"
+                    f" attempts = attempts + 1 WHERE id IN ({', '.join('?' * len(chunk))})",
+                    (until, base, _TOKEN_MASK, *chunk),
+                )
+            leased.clear()
         return out
 
     def _has_work_op(self, conn: sqlite3.Connection) -> bool:
