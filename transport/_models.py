@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,6 +33,33 @@ def _aware(value: datetime | None) -> datetime | None:
         # A naive timestamp is taken as UTC: the wire format is always UTC.
         return value.replace(tzinfo=UTC)
     return value
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def replace_fields(model: _M, **changes: Any) -> _M:
+    """``model.model_copy(update=changes)`` (shallow, unvalidated, known
+    fields only) without pydantic's generic copy machinery, which costs more
+    than encoding a request: backends stamp ``enqueued_at``/``attempt`` on
+    every message."""
+    cls = type(model)
+    if (
+        model.__pydantic_private__ is not None
+        or not changes.keys() <= cls.__pydantic_fields__.keys()
+    ):
+        return model.model_copy(update=changes)
+    new = cls.__new__(cls)
+    values = model.__dict__.copy()
+    values.update(changes)
+    extra = model.__pydantic_extra__
+    object.__setattr__(new, "__dict__", values)
+    object.__setattr__(new, "__pydantic_extra__", None if extra is None else extra.copy())
+    object.__setattr__(
+        new, "__pydantic_fields_set__", model.__pydantic_fields_set__ | changes.keys()
+    )
+    object.__setattr__(new, "__pydantic_private__", None)
+    return new
 
 
 def _new_request_id() -> str:

@@ -17,7 +17,7 @@ import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,20 +92,35 @@ def map_sqlite_errors(path: str) -> Iterator[None]:
         raise PermanentTransportError(f"sqlite {path}: {exc}") from exc
 
 
+Many = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+
+
 class _Op:
-    __slots__ = ("fn", "future", "loop", "write")
+    __slots__ = ("arg", "fn", "future", "key", "loop", "many", "write")
 
     def __init__(
         self,
-        fn: Callable[[sqlite3.Connection], Any],
+        fn: Callable[[sqlite3.Connection], Any] | None,
         write: bool,
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[Any],
+        key: Hashable = None,
+        many: Many | None = None,
+        arg: Any = None,
     ) -> None:
         self.fn = fn
         self.write = write
         self.loop = loop
         self.future = future
+        self.key = key
+        self.many = many
+        self.arg = arg
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        if self.many is not None:
+            return self.many(conn, [self.arg])[0]
+        assert self.fn is not None
+        return self.fn(conn)
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -208,7 +223,7 @@ class SqliteStore:
                 op = batch[i]
                 try:
                     with map_sqlite_errors(self.path):
-                        result = op.fn(conn)
+                        result = op.run(conn)
                     self._done(op, result, None)
                 except BaseException as exc:
                     self._done(op, None, exc)
@@ -226,21 +241,19 @@ class SqliteStore:
             with map_sqlite_errors(self.path):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for op in ops:
-                        conn.execute("SAVEPOINT op")
-                        try:
-                            result = op.fn(conn)
-                        except Exception as exc:
-                            conn.execute("ROLLBACK TO op")
-                            conn.execute("RELEASE op")
-                            try:
-                                with map_sqlite_errors(self.path):
-                                    raise exc
-                            except Exception as mapped:
-                                results.append((None, mapped))
+                    i = 0
+                    while i < len(ops):
+                        j = i + 1
+                        key = ops[i].key
+                        if key is not None:
+                            while j < len(ops) and ops[j].key == key:
+                                j += 1
+                        if j - i > 1 and self._run_many(conn, ops[i:j], results):
+                            i = j
                             continue
-                        conn.execute("RELEASE op")
-                        results.append((result, None))
+                        for op in ops[i:j]:
+                            self._run_one(conn, op, results)
+                        i = j
                     conn.execute("COMMIT")
                 except BaseException:
                     with contextlib.suppress(sqlite3.Error):
@@ -252,6 +265,48 @@ class SqliteStore:
             return
         for op, (result, error) in zip(ops, results, strict=True):
             self._done(op, result, error)
+
+    def _run_one(
+        self, conn: sqlite3.Connection, op: _Op, results: list[tuple[Any, BaseException | None]]
+    ) -> None:
+        # Its own SAVEPOINT: a failing operation does not undo the others.
+        conn.execute("SAVEPOINT op")
+        try:
+            result = op.run(conn)
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            try:
+                with map_sqlite_errors(self.path):
+                    raise exc
+            except Exception as mapped:
+                results.append((None, mapped))
+            return
+        conn.execute("RELEASE op")
+        results.append((result, None))
+
+    @staticmethod
+    def _run_many(
+        conn: sqlite3.Connection, ops: list[_Op], results: list[tuple[Any, BaseException | None]]
+    ) -> bool:
+        """Run consecutive operations sharing a key with one call of their
+        ``many`` function, inside one SAVEPOINT. If that fails, undo it and
+        return False: the caller then runs them one by one, so each gets its
+        own outcome exactly as if they had not been combined."""
+        many = ops[0].many
+        assert many is not None
+        conn.execute("SAVEPOINT many")
+        try:
+            out = many(conn, [op.arg for op in ops])
+            if len(out) != len(ops):
+                raise RuntimeError("batched operation returned the wrong number of results")
+        except Exception:
+            conn.execute("ROLLBACK TO many")
+            conn.execute("RELEASE many")
+            return False
+        conn.execute("RELEASE many")
+        results.extend((result, None) for result in out)
+        return True
 
     def _done(self, op: _Op, result: Any, error: BaseException | None) -> None:
         self._completed.append((op, result, error))
@@ -277,6 +332,24 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._ops.put(_Op(fn, write, loop, future))
+        return future
+
+    def submit_many(self, key: Hashable, many: Many, arg: Any) -> asyncio.Future[Any]:
+        """Schedule a write that may be combined with others: consecutive
+        writes with the same (non-None) ``key`` run as one call
+        ``many(conn, [arg, ...])`` returning one result per argument, in the
+        same transaction as usual. Writes sharing a key must pass equivalent
+        ``many`` functions. If the combined call raises, each write is run
+        alone (``many(conn, [arg])``) in its own SAVEPOINT, so one failing
+        write does not fail the others. Resolves after the commit.
+
+        Raises: ClosedResourceError.
+        """
+        if self._closed:
+            raise ClosedResourceError(f"sqlite store {self.path} is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._ops.put(_Op(None, True, loop, future, key, many, arg))
         return future
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -20,9 +20,10 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 from transport import (
@@ -42,6 +43,7 @@ from transport import (
     encode,
     utcnow,
 )
+from transport._models import replace_fields
 from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, UndecodableMessageError
 from transport_inprocess._memory_events import BusState, LogState, MemoryEventBus, MemoryEventLog
@@ -59,10 +61,11 @@ class _Msg:
     last_error: str | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
+    popped: bool = False  # taken off the waiters deque by _notify_one
 
 
 @dataclass
@@ -112,19 +115,33 @@ def reset_memory(name: str | None = None) -> None:
             _BROKERS.pop(name, None)
 
 
-def _wake(waiter: _Waiter) -> None:
-    def _set() -> None:
-        if not waiter.future.done():
-            waiter.future.set_result(None)
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    """``loop.call_soon_threadsafe(fn, *args)``, without its self-pipe write
+    (a syscall and an extra loop iteration) when ``loop`` runs this thread.
 
+    Raises: RuntimeError if ``loop`` is closed.
+    """
+    if asyncio._get_running_loop() is loop:
+        loop.call_soon(fn, *args)
+    else:
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _set_none(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _wake(waiter: _Waiter) -> None:
     with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
-        waiter.loop.call_soon_threadsafe(_set)
+        _call_soon(waiter.loop, _set_none, waiter.future)
 
 
 def _notify_one(state: _QueueState) -> None:
     # Caller holds the broker lock.
     while state.waiters:
         waiter = state.waiters.popleft()
+        waiter.popped = True
         if not waiter.future.done():
             _wake(waiter)
             return
@@ -175,7 +192,7 @@ class MemoryRequestQueue(RequestQueue):
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         self._check()
         if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
+            request = replace_fields(request, enqueued_at=utcnow())
         data = encode(request, self._limit)
         with self._broker.lock:
             self._state.ready.append(_Msg(data, request.request_id))
@@ -241,7 +258,7 @@ class MemoryRequestQueue(RequestQueue):
                 heapq.heappush(state.leases, (deadline, token))
                 self._held.add(token)
                 if msg.attempts != 1:
-                    request = request.model_copy(update={"attempt": msg.attempts})
+                    request = replace_fields(request, attempt=msg.attempts)
                 return MemoryDelivery(request, self, token)
             return None
 
@@ -279,13 +296,14 @@ class MemoryRequestQueue(RequestQueue):
                 pass
             finally:
                 with self._broker.lock:
-                    try:
+                    # (Checked with a flag, not by catching deque.remove's
+                    # ValueError: that formats the waiter's repr every time.)
+                    if not waiter.popped:
                         self._state.waiters.remove(waiter)
-                    except ValueError:
+                    elif waiter.future.done() and not waiter.future.cancelled():
                         # We were woken: if we leave without leasing (cancelled),
                         # pass the wake-up on so no message sits unnoticed.
-                        if waiter.future.done() and not waiter.future.cancelled():
-                            _notify_one(self._state)
+                        _notify_one(self._state)
             self._check()
 
     def _settle(self, token: int, how: str, delay: float | None, error: str | None) -> bool:
@@ -399,7 +417,7 @@ class MemoryKeyedLog(KeyedLog):
     def _publish(self, change: KeyedChange) -> None:
         for loop, queue in list(self._state.watchers):
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, change)
+                _call_soon(loop, queue.put_nowait, change)
             except RuntimeError:
                 self._state.watchers.remove((loop, queue))
 

@@ -48,6 +48,7 @@ from transport import (
     encode,
     utcnow,
 )
+from transport._models import replace_fields
 from transport._queue import seconds as _seconds
 from transport._sqlitestore import SCHEMA, SqliteStore
 from transport.errors import (
@@ -62,6 +63,7 @@ from transport_inprocess._sqlite_events import EVENTS_SCHEMA, SqliteEventLog
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 
 _CHANGE_RETENTION_S = 3600.0
+_TOKEN_MASK = (1 << 62) - 1
 
 
 class _Signals:
@@ -71,16 +73,18 @@ class _Signals:
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
 
-    async def wait(self, name: str, timeout: float) -> None:
+    async def wait(self, name: str, timeout: float) -> bool:
+        """Wait for a notification of ``name``: True if one came, False on timeout."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault(name, set())
         waiters.add(future)
         try:
             await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            pass
+            return False
         finally:
             waiters.discard(future)
+        return True
 
     def notify(self, name: str) -> None:
         for future in self._waiters.get(name, ()):
@@ -107,6 +111,40 @@ def _dead(
 def _next_seq(conn: sqlite3.Connection, queue: str) -> int:
     row = conn.execute("SELECT MAX(seq) FROM messages WHERE queue = ?", (queue,)).fetchone()
     return int(row[0] or 0) + 1
+
+
+# Multi-row INSERTs: one statement step for many rows (executemany steps once
+# per row). A few fixed sizes keep the statement cache small.
+_INSERT_CHUNKS = (64, 16, 4, 1)
+_INSERT_SQL = {
+    size: "INSERT INTO messages(queue, seq, request_id, body, available_at) VALUES "
+    + ", ".join(["(?, ?, ?, ?, 0.0)"] * size)
+    for size in _INSERT_CHUNKS
+}
+
+
+def _insert_many(conn: sqlite3.Connection, items: list[tuple[str, str, bytes]]) -> list[None]:
+    """Append requests (all to one queue) in this order."""
+    name = items[0][0]
+    seq = _next_seq(conn, name)
+    start = 0
+    while start < len(items):
+        size = next(c for c in _INSERT_CHUNKS if c <= len(items) - start)
+        params: list[Any] = []
+        for i in range(start, start + size):
+            _, rid, body = items[i]
+            params += (name, seq + i, rid, body)
+        conn.execute(_INSERT_SQL[size], params)
+        start += size
+    return [None] * len(items)
+
+
+def _delete_many(conn: sqlite3.Connection, items: list[tuple[int, int]]) -> list[bool]:
+    """Acknowledge leased rows: True for each that was still leased by that token."""
+    return [
+        conn.execute("DELETE FROM messages WHERE id = ? AND token = ?", item).rowcount == 1
+        for item in items
+    ]
 
 
 def _decodable(body: bytes) -> bool:
@@ -155,6 +193,7 @@ class SqliteRequestQueue(RequestQueue):
         self._held: dict[int, int] = {}
         self._lease_waiters: list[asyncio.Future[SqliteDelivery | None]] = []
         self._leaser: asyncio.Task[None] | None = None
+        self._had_work = False
         self._closed = False
 
     def _check(self) -> None:
@@ -165,23 +204,23 @@ class SqliteRequestQueue(RequestQueue):
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         self._check()
         if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
+            request = replace_fields(request, enqueued_at=utcnow())
         body = encode(request, self._t.config.max_payload_bytes)
-        name, rid = self.name, request.request_id
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO messages(queue, seq, request_id, body, available_at) VALUES (?, ?, ?, ?, ?)",
-                (name, _next_seq(conn, name), rid, body, 0.0),
-            )
-
-        await self._store.write(op)
+        # Concurrent enqueues to this queue become one INSERT of many rows.
+        await self._store.submit_many(
+            ("enqueue", self.name), _insert_many, (self.name, request.request_id, body)
+        )
         self._t._signals.notify(self.name)
         return request
 
     def _lease_op(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, WorkRequest]]:
         now = time.time()
         out: list[tuple[int, int, WorkRequest]] = []
+        leased: list[int] = []
+        until = now + self.lease_seconds
+        # One random draw per round: a row's token is (base + id) mod 2**62,
+        # so two leases of one row get unrelated tokens.
+        base = secrets.randbits(62)
         while len(out) < limit:
             rows = conn.execute(
                 "SELECT id, request_id, body, attempts, last_error FROM messages"
@@ -205,15 +244,20 @@ class SqliteRequestQueue(RequestQueue):
                     _dead(conn, self.name, request_id, body, False, str(exc), attempts + 1)
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                     continue
-                token = secrets.randbits(62)
-                conn.execute(
-                    "UPDATE messages SET available_at = ?, token = ?, attempts = attempts + 1"
-                    " WHERE id = ?",
-                    (now + self.lease_seconds, token, row_id),
-                )
+                token = (base + row_id) & _TOKEN_MASK
+                leased.append(row_id)
                 if attempts:
-                    request = request.model_copy(update={"attempt": attempts + 1})
+                    request = replace_fields(request, attempt=attempts + 1)
                 out.append((row_id, token, request))
+            # One statement per 500 rows (executemany steps once per row).
+            for i in range(0, len(leased), 500):
+                chunk = leased[i : i + 500]
+                conn.execute(
+                    "UPDATE messages SET available_at = ?, token = (? + id) & ?,"
+                    f" attempts = attempts + 1 WHERE id IN ({', '.join('?' * len(chunk))})",
+                    (until, base, _TOKEN_MASK, *chunk),
+                )
+            leased.clear()
         return out
 
     def _has_work_op(self, conn: sqlite3.Connection) -> bool:
@@ -251,10 +295,15 @@ class SqliteRequestQueue(RequestQueue):
                     continue
                 try:
                     leased: list[tuple[int, int, WorkRequest]] = []
-                    if await self._store.read(self._has_work_op):
+                    # While the queue had work last round, lease straight away
+                    # (the write shares its transaction with acks queued before
+                    # it); otherwise check with a read first, so idle pollers
+                    # do not take the file's write lock.
+                    if self._had_work or await self._store.read(self._has_work_op):
                         leased = await self._store.write(
                             functools.partial(self._lease_op, limit=len(waiters))
                         )
+                    self._had_work = bool(leased)
                 except Exception as exc:
                     for w in waiters:
                         if not w.done():
@@ -293,18 +342,17 @@ class SqliteRequestQueue(RequestQueue):
             if remaining is not None and remaining <= 0:
                 return None
             wait = interval if remaining is None else min(interval, remaining)
-            await self._t._signals.wait(self.name, wait)
+            if await self._t._signals.wait(self.name, wait):
+                # This process just wrote work to the queue: lease without
+                # the has-work read first.
+                self._had_work = True
             interval = min(interval * 2, self._t.poll_interval)
             self._check()
 
     async def _ack(self, row_id: int, token: int) -> bool:
         self._held.pop(row_id, None)
-
-        def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute("DELETE FROM messages WHERE id = ? AND token = ?", (row_id, token))
-            return cur.rowcount == 1
-
-        return await self._store.write(op)
+        result: bool = await self._store.submit_many("ack", _delete_many, (row_id, token))
+        return result
 
     async def _nack(
         self, row_id: int, token: int, delay: float, error: str | None, dead: bool

@@ -1,0 +1,47 @@
+"""``sqlite://`` batching: concurrent enqueues share one INSERT, concurrent
+polls one leasing round; each caller still sees exactly its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from transport import WorkRequest, connect
+
+
+async def test_concurrent_enqueues_keep_order_and_concurrent_polls_lease_distinct_rows(
+    tmp_path: Path,
+) -> None:
+    transport = await connect(f"sqlite:///{tmp_path / 'b.db'}")
+    try:
+        queue = transport.request_queue("q")
+        requests = [WorkRequest(task="t", payload=i) for i in range(60)]
+        # Submitted together: they end up in one group commit, in this order.
+        stored = await asyncio.gather(*(queue.enqueue(r) for r in requests))
+        assert [s.request_id for s in stored] == [r.request_id for r in requests]
+        assert all(s.enqueued_at is not None for s in stored)
+
+        deliveries = await asyncio.gather(*(queue.poll(5) for _ in range(40)))
+        assert all(d is not None for d in deliveries)
+        got = [d.request.payload for d in deliveries if d is not None]
+        assert sorted(got) == list(range(40))  # the 40 oldest, each once
+        assert len({d._token for d in deliveries if d is not None}) == 40
+
+        first = deliveries[0]
+        assert first is not None
+        assert await first.nack()
+        acks = await asyncio.gather(*(d.ack() for d in deliveries[1:] if d is not None))
+        assert acks == [True] * 39
+        assert await first.ack() is False  # already given back: its lease is gone
+        assert not any(await asyncio.gather(*(d.ack() for d in deliveries[1:] if d is not None)))
+
+        rest = await asyncio.gather(*(queue.poll(5) for _ in range(21)))
+        payloads = [d.request.payload for d in rest if d is not None]
+        assert sorted(payloads) == [0, *range(40, 60)]
+        again = next(d for d in rest if d is not None and d.request.payload == 0)
+        assert again.request.attempt == 2
+        assert all(await asyncio.gather(*(d.ack() for d in rest if d is not None)))
+        stats = await queue.stats()
+        assert stats.depth == 0 and stats.in_flight == 0
+    finally:
+        await transport.aclose()

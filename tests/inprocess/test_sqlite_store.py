@@ -1,0 +1,99 @@
+"""The group-commit store behind ``sqlite://``: combined writes keep each
+caller's own outcome, and the fast model copy matches ``model_copy``."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from transport import WorkRequest
+from transport._models import replace_fields
+from transport._sqlitestore import SqliteStore
+from transport.errors import PermanentTransportError
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL);"
+
+
+def _insert_many(conn: sqlite3.Connection, items: list[tuple[int, str | None]]) -> list[int]:
+    conn.executemany("INSERT INTO t(k, v) VALUES (?, ?)", items)
+    return [k for k, _ in items]
+
+
+calls: list[int] = []
+
+
+def _counting_insert(conn: sqlite3.Connection, items: list[tuple[int, str | None]]) -> list[int]:
+    calls.append(len(items))
+    return _insert_many(conn, items)
+
+
+async def _rows(store: SqliteStore) -> list[tuple[Any, ...]]:
+    return await store.read(lambda c: c.execute("SELECT k, v FROM t ORDER BY k").fetchall())
+
+
+async def test_combined_writes_share_one_call_and_all_commit(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"), schema=_SCHEMA)
+    await store.open()
+    try:
+        calls.clear()
+        loop = asyncio.get_running_loop()
+        block = loop.create_future()
+        # Hold the store thread so the next submissions queue up together.
+        gate = store.submit(
+            lambda c: asyncio.run_coroutine_threadsafe(_wait(block), loop).result(), write=False
+        )
+        futures = [store.submit_many("ins", _counting_insert, (i, f"v{i}")) for i in range(10)]
+        block.set_result(None)
+        await gate
+        assert await asyncio.gather(*futures) == list(range(10))
+        assert calls == [10]
+        assert await _rows(store) == [(i, f"v{i}") for i in range(10)]
+    finally:
+        await store.aclose()
+
+
+async def _wait(future: asyncio.Future[None]) -> None:
+    await future
+
+
+async def test_one_failing_combined_write_fails_alone(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"), schema=_SCHEMA)
+    await store.open()
+    try:
+        loop = asyncio.get_running_loop()
+        block = loop.create_future()
+        gate = store.submit(
+            lambda c: asyncio.run_coroutine_threadsafe(_wait(block), loop).result(), write=False
+        )
+        # v NOT NULL: the third write violates it, the others must still commit.
+        futures = [
+            store.submit_many("ins", _insert_many, (i, None if i == 2 else f"v{i}"))
+            for i in range(5)
+        ]
+        block.set_result(None)
+        await gate
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert isinstance(results[2], PermanentTransportError)
+        assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 3, 4]
+        assert await _rows(store) == [(i, f"v{i}") for i in (0, 1, 3, 4)]
+    finally:
+        await store.aclose()
+
+
+def test_replace_fields_matches_model_copy() -> None:
+    request = WorkRequest(task="work", payload={"a": [1, 2]}, headers={"h": "1"})
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    fast = replace_fields(request, enqueued_at=now, attempt=3)
+    slow = request.model_copy(update={"enqueued_at": now, "attempt": 3})
+    assert fast == slow
+    assert fast.model_fields_set == slow.model_fields_set
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert request.enqueued_at is None and request.attempt == 1  # the original is untouched
+    with pytest.raises(ValidationError):  # still frozen
+        fast.attempt = 4  # type: ignore[misc]
