@@ -11,6 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
+from benchmarks import _library as library
 from benchmarks._common import (
     Row,
     Sizes,
@@ -21,25 +22,13 @@ from benchmarks._common import (
     run_concurrently,
     throughput_row,
 )
-from transport import Ensemble, Network, TaskContext, WorkRequest, WorkResponse, connect
+from transport import WorkRequest, connect
 
 PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
 
 
 def _requests(n: int) -> list[WorkRequest]:
     return [WorkRequest(task="work", payload=PAYLOAD) for _ in range(n)]
-
-
-async def ours_enqueue(url: str, n: int, concurrency: int) -> float:
-    transport = await connect(url)
-    try:
-        queue = transport.request_queue(f"bench-{uuid.uuid4().hex[:8]}")
-        requests = _requests(n)
-        return await rate(
-            n, lambda: run_concurrently(n, concurrency, lambda i: queue.enqueue(requests[i]))
-        )
-    finally:
-        await transport.aclose()
 
 
 async def ours_consume(url: str, n: int, consumers: int) -> float:
@@ -74,63 +63,6 @@ async def ours_consume(url: str, n: int, consumers: int) -> float:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        await transport.aclose()
-
-
-async def ours_round_trip(url: str, n: int) -> list[float]:
-    transport = await connect(url)
-    try:
-        name = f"bench-{uuid.uuid4().hex[:8]}"
-        queue = transport.request_queue(name)
-        inbox = transport.delivery_registry("bench-caller")
-        stop = asyncio.Event()
-
-        async def worker() -> None:
-            registry = transport.delivery_registry("bench-caller")
-            while not stop.is_set():
-                delivery = await queue.poll(0.2)
-                if delivery is None:
-                    continue
-                await registry.complete(
-                    delivery.request.request_id,
-                    WorkResponse(request_id=delivery.request.request_id),
-                )
-                await delivery.ack()
-
-        task = asyncio.create_task(worker())
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
-            pending = await inbox.register(request.request_id)
-            await queue.enqueue(request)
-            await pending.result(10)
-            samples.append((time.perf_counter() - start) * 1000)
-        stop.set()
-        await task
-        return samples
-    finally:
-        await transport.aclose()
-
-
-async def ours_ensemble(url: str, n: int) -> float:
-    transport = await connect(url)
-    try:
-        name = f"bench{uuid.uuid4().hex[:8]}"
-        ens = Ensemble(name, transport=transport, concurrency=16, advertise=False)
-
-        @ens.task("work")
-        async def work(ctx: TaskContext) -> int:
-            return 1
-
-        caller = Network(transport, caller=f"{name}-caller")
-        async with ens:
-
-            async def one(i: int) -> None:
-                await caller.request(name, "work", PAYLOAD, timeout=30)
-
-            return await rate(n, lambda: run_concurrently(n, 32, one))
     finally:
         await transport.aclose()
 
@@ -283,7 +215,7 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
 
     say("memory: enqueue")  # type: ignore[operator]
     a, b = await alternate(
-        lambda: ours_enqueue(mem, sizes.enqueue, sizes.concurrency),
+        lambda: library.enqueue(mem, sizes.enqueue, sizes.concurrency, warm_up=False),
         lambda: asyncio_queue_put(sizes.enqueue, sizes.concurrency),
         r,
     )
@@ -301,7 +233,7 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
 
     say("sqlite: enqueue (group commit)")  # type: ignore[operator]
     a, b = await alternate(
-        lambda: ours_enqueue(sqlite_url, sizes.enqueue, sizes.concurrency),
+        lambda: library.enqueue(sqlite_url, sizes.enqueue, sizes.concurrency, warm_up=False),
         lambda: raw_sqlite_batched_insert(tmp / "raw.db", sizes.enqueue),
         r,
     )
@@ -330,7 +262,7 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
         ours_samples: list[float] = []
         raw_samples: list[float] = []
         for _ in range(r):
-            ours_samples += await ours_round_trip(url, sizes.round_trips)
+            ours_samples += await library.round_trip(url, sizes.round_trips, warm_ups=0)
             raw_samples += await raw(sizes.round_trips)
         for q in (0.5, 0.99):
             o, b = percentile(ours_samples, q), percentile(raw_samples, q)
@@ -348,18 +280,8 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
                 )
             )
         say(f"{name}: ensemble end to end")  # type: ignore[operator]
-        thr = await ours_ensemble(url, sizes.round_trips * 2)
-        rows.append(
-            Row(
-                name,
-                "ensemble request/response",
-                round(thr, 1),
-                0.0,
-                "(informational)",
-                "req/s",
-                0.0,
-            )
-        )
+        thr = await library.ensemble(url, sizes.round_trips * 2)
+        rows.append(library.ensemble_row(name, thr))
     return rows
 
 

@@ -34,6 +34,7 @@ from faststream import AckPolicy as FsAckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
+from benchmarks import _library as library
 from benchmarks._common import (
     Row,
     Sizes,
@@ -44,7 +45,7 @@ from benchmarks._common import (
     run_concurrently,
     throughput_row,
 )
-from transport import TransportConfig, WorkRequest, WorkResponse, connect
+from transport import TransportConfig, WorkRequest, connect
 
 PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
 CONSUMERS = 16
@@ -123,19 +124,6 @@ async def _until(finished: asyncio.Event, consumers: list[Any]) -> None:
 
 
 # -- ours ----------------------------------------------------------------------
-async def ours_enqueue(url: str, n: int, concurrency: int) -> float:
-    transport = await connect(TransportConfig(url=url, namespace="bench"))
-    try:
-        queue = transport.request_queue(f"e{uuid.uuid4().hex[:8]}")
-        requests = [WorkRequest(task="work", payload=PAYLOAD) for _ in range(n)]
-        await queue.enqueue(WorkRequest(task="warmup"))
-        return await rate(
-            n, lambda: run_concurrently(n, concurrency, lambda i: queue.enqueue(requests[i]))
-        )
-    finally:
-        await transport.aclose()
-
-
 def _config(url: str, prefetch: int = 1) -> TransportConfig:
     return TransportConfig(url=url, namespace="bench", options={"prefetch": prefetch})
 
@@ -161,41 +149,6 @@ async def ours_consume(url: str, n: int, prefetch: int = 1) -> float:
             finished.set()
 
         return await rate(n, lambda: _until(finished, [consume() for _ in range(CONSUMERS)]))
-    finally:
-        await transport.aclose()
-
-
-async def ours_round_trip(url: str, n: int) -> list[float]:
-    transport = await connect(TransportConfig(url=url, namespace="bench"))
-    try:
-        queue = transport.request_queue(f"r{uuid.uuid4().hex[:8]}")
-        inbox = transport.delivery_registry("bench-caller")
-        stop = asyncio.Event()
-        registry = transport.delivery_registry("bench-caller")
-
-        async def worker() -> None:
-            while not stop.is_set():
-                delivery = await queue.poll(0.2)
-                if delivery is None:
-                    continue
-                await registry.complete(
-                    delivery.request.request_id,
-                    WorkResponse(request_id=delivery.request.request_id),
-                )
-                await delivery.ack()
-
-        task = asyncio.create_task(worker())
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
-            pending = await inbox.register(request.request_id)
-            await queue.enqueue(request)
-            await pending.result(10)
-            samples.append((time.perf_counter() - start) * 1000)
-        stop.set()
-        await task
-        return samples
     finally:
         await transport.aclose()
 
@@ -428,7 +381,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
     try:
         progress("nats: enqueue")
         a, b = await alternate(
-            lambda: ours_enqueue(url, sizes.enqueue, sizes.concurrency),
+            lambda: library.enqueue(_config(url), sizes.enqueue, sizes.concurrency),
             lambda: raw_enqueue(url, sizes.enqueue, sizes.concurrency),
             r,
         )
@@ -487,7 +440,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         ours_samples: list[float] = []
         raw_samples: list[float] = []
         for _ in range(r):
-            ours_samples += await ours_round_trip(url, sizes.round_trips)
+            ours_samples += await library.round_trip(_config(url), sizes.round_trips, warm_ups=0)
             raw_samples += await raw_round_trip(url, sizes.round_trips)
         for q in (0.5, 0.99):
             o, b = percentile(ours_samples, q), percentile(raw_samples, q)
@@ -505,6 +458,12 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                     target,
                 )
             )
+        progress("nats: ensemble end to end")
+        rows.append(
+            library.ensemble_row(
+                "nats", await library.ensemble(_config(url), sizes.round_trips * 2)
+            )
+        )
         backlog = 100_000 if sizes.quick else 1_000_000
         progress(f"nats: drain a backlog of {backlog:,} with one worker")
         ours_rate, ours_rss = await ours_drain(url, backlog)

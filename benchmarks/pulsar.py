@@ -34,6 +34,7 @@ from typing import Any
 
 import pulsar
 
+from benchmarks import _library as library
 from benchmarks._common import (
     Row,
     Sizes,
@@ -45,9 +46,6 @@ from benchmarks._common import (
     throughput_row,
 )
 from transport import (
-    Ensemble,
-    Network,
-    TaskContext,
     TransportConfig,
     WorkRequest,
     WorkResponse,
@@ -140,19 +138,6 @@ def _topic(prefix: str) -> str:
 
 
 # -- ours ----------------------------------------------------------------------
-async def ours_enqueue(url: str, n: int, concurrency: int) -> float:
-    transport = await connect(_config(url))
-    try:
-        queue = transport.request_queue(f"e{uuid.uuid4().hex[:8]}")
-        requests = [WorkRequest(task="work", payload=PAYLOAD) for _ in range(n)]
-        await queue.enqueue(WorkRequest(task="warmup"))
-        return await rate(
-            n, lambda: run_concurrently(n, concurrency, lambda i: queue.enqueue(requests[i]))
-        )
-    finally:
-        await transport.aclose()
-
-
 async def ours_consume(url: str, n: int, **options: Any) -> float:
     transport = await connect(_config(url, receiver_queue_size=PREFETCH, **options))
     try:
@@ -172,79 +157,6 @@ async def ours_consume(url: str, n: int, **options: Any) -> float:
                 done += 1
 
         return await rate(n, lambda: asyncio.gather(*(consume() for _ in range(CONSUMERS))))
-    finally:
-        await transport.aclose()
-
-
-async def ours_round_trip(url: str, n: int) -> list[float]:
-    transport = await connect(_config(url))
-    try:
-        queue = transport.request_queue(f"r{uuid.uuid4().hex[:8]}")
-        inbox = transport.delivery_registry("bench-caller")
-        stop = asyncio.Event()
-        handlers: set[asyncio.Task[None]] = set()
-        registry = transport.delivery_registry("bench-caller")
-
-        async def handle(delivery: Any) -> None:
-            await registry.complete(
-                delivery.request.request_id, WorkResponse(request_id=delivery.request.request_id)
-            )
-            await delivery.ack()
-
-        async def worker() -> None:
-            # One poller; each request is answered and acked in its own task,
-            # as an Ensemble with concurrency > 1 does: a worker does not hold
-            # up the next request while its previous ack is being flushed.
-            while not stop.is_set():
-                delivery = await queue.poll(0.2)
-                if delivery is None:
-                    continue
-                task = asyncio.create_task(handle(delivery))
-                handlers.add(task)
-                task.add_done_callback(handlers.discard)
-
-        task = asyncio.create_task(worker())
-        # Warm up: producer, consumer, registry watch.
-        for _ in range(3):
-            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
-            pending = await inbox.register(request.request_id)
-            await queue.enqueue(request)
-            await pending.result(10)
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
-            pending = await inbox.register(request.request_id)
-            await queue.enqueue(request)
-            await pending.result(10)
-            samples.append((time.perf_counter() - start) * 1000)
-        stop.set()
-        await task
-        if handlers:
-            await asyncio.gather(*handlers)
-        return samples
-    finally:
-        await transport.aclose()
-
-
-async def ours_ensemble(url: str, n: int) -> float:
-    transport = await connect(_config(url))
-    try:
-        name = f"bench{uuid.uuid4().hex[:8]}"
-        ens = Ensemble(name, transport=transport, concurrency=16, advertise=False)
-
-        @ens.task("work")
-        async def work(ctx: TaskContext) -> int:
-            return 1
-
-        caller = Network(transport, caller=f"{name}-caller")
-        async with ens:
-            await caller.request(name, "work", PAYLOAD, timeout=30)  # warm up
-
-            async def one(i: int) -> None:
-                await caller.request(name, "work", PAYLOAD, timeout=30)
-
-            return await rate(n, lambda: run_concurrently(n, 32, one))
     finally:
         await transport.aclose()
 
@@ -432,7 +344,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
     try:
         progress("pulsar: enqueue")
         a, b = await alternate(
-            lambda: ours_enqueue(url, sizes.enqueue, sizes.concurrency),
+            lambda: library.enqueue(_config(url), sizes.enqueue, sizes.concurrency),
             lambda: raw_enqueue(url, sizes.enqueue, sizes.concurrency),
             r,
         )
@@ -483,11 +395,11 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         raw_samples: list[float] = []
         for i in range(r):
             if i % 2 == 0:
-                ours_samples += await ours_round_trip(url, sizes.round_trips)
+                ours_samples += await library.round_trip(_config(url), sizes.round_trips)
                 raw_samples += await raw_round_trip(url, sizes.round_trips)
             else:
                 raw_samples += await raw_round_trip(url, sizes.round_trips)
-                ours_samples += await ours_round_trip(url, sizes.round_trips)
+                ours_samples += await library.round_trip(_config(url), sizes.round_trips)
         for q in (0.5, 0.99):
             o, b = percentile(ours_samples, q), percentile(raw_samples, q)
             target = (b * 2 + 0.5) if q == 0.5 else None
@@ -504,18 +416,8 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 )
             )
         progress("pulsar: ensemble end to end")
-        thr = await ours_ensemble(url, sizes.round_trips * 2)
-        rows.append(
-            Row(
-                "pulsar",
-                "ensemble request/response",
-                round(thr, 1),
-                0.0,
-                "(informational)",
-                "req/s",
-                0.0,
-            )
-        )
+        thr = await library.ensemble(_config(url), sizes.round_trips * 2)
+        rows.append(library.ensemble_row("pulsar", thr))
         backlog = 50_000 if sizes.quick else 200_000
         progress(f"pulsar: backlog of {backlog:,} drained by one worker")
         before, filled, peak, drain = await backlog_memory(url, backlog)

@@ -1,0 +1,137 @@
+"""This library's side of the benchmarks, the same on every backend.
+
+Each function connects with ``target`` (a URL or a ``TransportConfig``),
+measures one operation through the public API only, and closes the
+transport. The raw-client baselines stay in the backend modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from benchmarks._common import Row, rate, run_concurrently
+from transport import (
+    Ensemble,
+    Network,
+    TaskContext,
+    TransportConfig,
+    WorkRequest,
+    WorkResponse,
+    connect,
+)
+
+PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
+
+Target = str | TransportConfig
+
+
+def requests(n: int) -> list[WorkRequest]:
+    return [WorkRequest(task="work", payload=PAYLOAD) for _ in range(n)]
+
+
+async def enqueue(target: Target, n: int, concurrency: int, *, warm_up: bool = True) -> float:
+    """Durable enqueues per second, ``concurrency`` in flight."""
+    transport = await connect(target)
+    try:
+        queue = transport.request_queue(f"e{uuid.uuid4().hex[:8]}")
+        batch = requests(n)
+        if warm_up:
+            await queue.enqueue(WorkRequest(task="warmup"))
+        return await rate(
+            n, lambda: run_concurrently(n, concurrency, lambda i: queue.enqueue(batch[i]))
+        )
+    finally:
+        await transport.aclose()
+
+
+async def round_trip(target: Target, n: int, *, warm_ups: int = 3) -> list[float]:
+    """Milliseconds from ``register`` + ``enqueue`` to the response, through
+    the delivery registry, one request at a time.
+
+    One poller; each request is answered and acked in its own task, as an
+    ``Ensemble`` with concurrency > 1 does: the worker does not hold up the
+    next request while the previous ack is being made durable.
+    """
+    transport = await connect(target)
+    try:
+        queue = transport.request_queue(f"r{uuid.uuid4().hex[:8]}")
+        inbox = transport.delivery_registry("bench-caller")
+        registry = transport.delivery_registry("bench-caller")
+        stop = asyncio.Event()
+        handlers: set[asyncio.Task[None]] = set()
+
+        async def handle(delivery: Any) -> None:
+            await registry.complete(
+                delivery.request.request_id, WorkResponse(request_id=delivery.request.request_id)
+            )
+            await delivery.ack()
+
+        async def worker() -> None:
+            while not stop.is_set():
+                delivery = await queue.poll(0.2)
+                if delivery is None:
+                    continue
+                task = asyncio.create_task(handle(delivery))
+                handlers.add(task)
+                task.add_done_callback(handlers.discard)
+
+        async def once() -> float:
+            start = time.perf_counter()
+            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
+            pending = await inbox.register(request.request_id)
+            await queue.enqueue(request)
+            await pending.result(10)
+            return (time.perf_counter() - start) * 1000
+
+        task = asyncio.create_task(worker())
+        try:
+            for _ in range(warm_ups):  # producer, consumer, registry watch
+                await once()
+            return [await once() for _ in range(n)]
+        finally:
+            stop.set()
+            await task
+            if handlers:
+                await asyncio.gather(*handlers)
+    finally:
+        await transport.aclose()
+
+
+async def ensemble(target: Target, n: int, *, concurrency: int = 16, callers: int = 32) -> float:
+    """Requests per second answered end to end by an ``Ensemble``
+    (``Network.request``: register, enqueue, handle, complete, ack, collect)."""
+    transport = await connect(target)
+    try:
+        name = f"bench{uuid.uuid4().hex[:8]}"
+        ens = Ensemble(name, transport=transport, concurrency=concurrency, advertise=False)
+
+        @ens.task("work")
+        async def work(ctx: TaskContext) -> int:
+            return 1
+
+        caller = Network(transport, caller=f"{name}-caller")
+        async with ens:
+            await caller.request(name, "work", PAYLOAD, timeout=60)  # warm up
+
+            async def one(i: int) -> None:
+                await caller.request(name, "work", PAYLOAD, timeout=60)
+
+            return await rate(n, lambda: run_concurrently(n, callers, one))
+    finally:
+        await transport.aclose()
+
+
+def ensemble_row(backend: str, requests_per_second: float) -> Row:
+    """The informational row of :func:`ensemble` (no baseline does the same)."""
+    return Row(
+        backend,
+        "ensemble request/response",
+        round(requests_per_second, 1),
+        0.0,
+        "(informational)",
+        "req/s",
+        0.0,
+    )
