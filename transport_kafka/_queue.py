@@ -231,6 +231,7 @@ class _QueueEngine:
         self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
         self._marked_lock = threading.Lock()  # loop adds, consumer thread drops
         self._paused = False
+        self._wake: list[TopicPartition] = []  # one assigned partition per leader
         self._last_commit = 0.0
         self._prime_targets: dict[int, int] | None = None
         self._fetched: dict[int, int] = {}
@@ -426,8 +427,21 @@ class _QueueEngine:
             elif self._paused and outstanding <= limit // 2:
                 consumer.resume(consumer.assignment())
                 self._paused = False
+                self._wake_fetchers(consumer)
         except KafkaException as exc:
             log.debug("queue %r: pause/resume: %s", self.name, exc)
+
+    def _wake_fetchers(self, consumer: Consumer) -> None:
+        """librdkafka starts fetching a resumed partition only when the
+        leader's broker thread next wakes up, up to about a second later (the
+        local buffer runs dry meanwhile and throughput halves). Any request
+        to that broker wakes it: ask one watermark per leader."""
+        limit = min(self.options.operation_timeout_s, 1.0)
+        for tp in self._wake:
+            try:
+                consumer.get_watermark_offsets(tp, timeout=limit, cached=False)
+            except KafkaException as exc:
+                log.debug("queue %r: waking the fetcher of %s: %s", self.name, tp, exc)
 
     def _commit(self, candidates: dict[int, int] | None = None) -> None:
         """Synchronously commit the safe positions (consumer thread only)."""
@@ -535,7 +549,22 @@ class _QueueEngine:
                 self._marked.setdefault(p, set()).update(o for (pp, o) in markers if pp == p)
         self._markers.update(markers)
         self._paused = False
+        self._wake = self._one_per_leader(consumer, sorted(assigned))
         log.debug("queue %r: assigned %s", self.name, sorted(assigned))
+
+    def _one_per_leader(self, consumer: Consumer, partitions: list[int]) -> list[TopicPartition]:
+        """One of ``partitions`` per leader broker (see ``_wake_fetchers``)."""
+        topic = self.topics.requests
+        leaders: dict[int, int] = {}
+        try:
+            meta = consumer.list_topics(topic, timeout=self.options.operation_timeout_s)
+            parts = meta.topics[topic].partitions
+            for p in partitions:
+                leaders.setdefault(parts[p].leader if p in parts else -1, p)
+        except (KafkaException, KeyError) as exc:
+            log.debug("queue %r: leaders unknown: %s", self.name, exc)
+            leaders = {-1: partitions[0]} if partitions else {}
+        return [TopicPartition(topic, p) for p in leaders.values()]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         safe: dict[int, int] = {}
