@@ -113,6 +113,7 @@ H_NOT_BEFORE = "ae-not-before"
 H_ERROR = "ae-error"
 
 _tokens = itertools.count(1)
+_SETTLED = b'{"s":1}'
 _TICK = 0.05
 
 
@@ -260,9 +261,13 @@ class _QueueEngine:
     async def start(self) -> None:
         if self._stopped:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
-        if self._start_task is None:
-            self._start_task = asyncio.ensure_future(self._start())
-        await asyncio.shield(self._start_task)
+        task = self._start_task
+        if task is None:
+            task = self._start_task = asyncio.ensure_future(self._start())
+        if task.done():
+            task.result()  # a failed start raises again
+        else:
+            await asyncio.shield(task)
         thread = self._thread
         if thread is not None and thread.done.done() and thread.done.exception() is not None:
             raise TransientTransportError(
@@ -694,12 +699,10 @@ class _QueueEngine:
         return sum(1 for lease in self.leases.values() if lease.state in ("held", "settling"))
 
     # -- records -------------------------------------------------------------------------
-    async def _write_marker(self, rec: _Record, value: dict[str, Any]) -> None:
+    async def _write_marker(self, rec: _Record, value: bytes) -> None:
+        """Write a state marker (JSON: ``{"d": deliveries}`` or ``{"s": 1}``)."""
         await self.clients.produce(
-            self.topics.state,
-            rec.state_key,
-            json.dumps(value).encode(),
-            what="writing delivery state",
+            self.topics.state, rec.state_key, value, what="writing delivery state"
         )
         with self._marked_lock:
             self._marked.setdefault(rec.partition, set()).add(rec.offset)
@@ -720,14 +723,14 @@ class _QueueEngine:
             return
         rec.deliveries += 1
         try:
-            await self._write_marker(rec, {"d": rec.deliveries})
+            await self._write_marker(rec, b'{"d":%d}' % rec.deliveries)
         except BaseException:
             rec.deliveries -= 1
             raise
         rec.reserved = True
 
     async def settle_record(self, rec: _Record) -> bool:
-        await self._write_marker(rec, {"s": 1})
+        await self._write_marker(rec, _SETTLED)
         return self.tracker.settle(rec.partition, rec.offset, rec.generation)
 
     async def dead_letter(
@@ -787,7 +790,7 @@ class _QueueEngine:
                 else:
                     rec.deliveries += 1
                     try:
-                        await self._write_marker(rec, {"d": rec.deliveries})
+                        await self._write_marker(rec, b'{"d":%d}' % rec.deliveries)
                     except BaseException:
                         rec.deliveries -= 1
                         raise
