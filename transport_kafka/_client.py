@@ -368,6 +368,10 @@ class KafkaClients:
             log.debug("housekeeping produce to %s failed: %s", topic, exc)
 
     # -- admin -------------------------------------------------------------------
+    def known(self, names: frozenset[str]) -> bool:
+        """Whether every topic in ``names`` is known to exist."""
+        return names <= self._topics
+
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
         """Create the topics that do not exist yet (never relying on
         auto-create). Retries transient failures."""

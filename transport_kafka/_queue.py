@@ -209,6 +209,7 @@ class _QueueEngine:
         self.clients: KafkaClients = transport.clients
         self.name = name
         self.topics: TopicNames = transport.settings.queue_topics(name)
+        self._topic_names = frozenset((self.topics.requests, self.topics.state, self.topics.dlq))
         self.options = transport.settings.options
         self.tracker = OffsetTracker()
         self.handles = 0
@@ -251,7 +252,8 @@ class _QueueEngine:
         ]
 
     async def ensure_topics(self) -> None:
-        await self.clients.ensure_topics(self.topic_specs())
+        if not self.clients.known(self._topic_names):
+            await self.clients.ensure_topics(self.topic_specs())
 
     # -- lifecycle ---------------------------------------------------------------
     @property
