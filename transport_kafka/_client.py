@@ -163,17 +163,27 @@ def read_to_end(
 
 class _Reports:
     """Delivery reports handed from the producer's poll thread to one event
-    loop in batches: one loop wake-up per batch instead of one per record."""
+    loop in batches: one loop wake-up per batch instead of one per record.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    It also bounds every wait: librdkafka reports each record within
+    ``message.timeout.ms``, but a report that never comes must not hang its
+    caller. Waits are kept in creation order (their bound is the same, so
+    their deadlines are too) under one timer, which is cheaper than a timer
+    per record.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, bound: float) -> None:
         self.loop = loop
-        self._items: deque[tuple[Callable[[KafkaError | None, Message], None], Any, Any]] = deque()
+        self.bound = bound
+        self._items: deque[tuple[asyncio.Future[tuple[int, int]], Any, Any, str]] = deque()
         self._scheduled = False
         self._lock = threading.Lock()
+        self._waits: deque[tuple[float, asyncio.Future[tuple[int, int]], str]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, fn: Callable[[KafkaError | None, Message], None], err: Any, msg: Any) -> None:
+    def add(self, future: asyncio.Future[tuple[int, int]], err: Any, msg: Any, what: str) -> None:
         """Producer thread: queue one report, schedule a drain if none is."""
-        self._items.append((fn, err, msg))
+        self._items.append((future, err, msg, what))
         with self._lock:
             if self._scheduled:
                 return
@@ -187,8 +197,35 @@ class _Reports:
             self._scheduled = False
         items = self._items
         while items:
-            fn, err, msg = items.popleft()
-            fn(err, msg)
+            future, err, msg, what = items.popleft()
+            if future.done():
+                continue
+            if err is not None:
+                future.set_exception(error_from_kafka(err, what))
+            else:
+                future.set_result(msg_position(msg))
+
+    def watch(self, future: asyncio.Future[tuple[int, int]], what: str) -> None:
+        """Loop: fail ``future`` if no report resolved it within the bound."""
+        waits = self._waits
+        while waits and waits[0][1].done():
+            waits.popleft()
+        waits.append((self.loop.time() + self.bound, future, what))
+        if self._timer is None:
+            self._timer = self.loop.call_at(waits[0][0], self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        waits = self._waits
+        now = self.loop.time()
+        while waits and (waits[0][1].done() or waits[0][0] <= now):
+            _, future, what = waits.popleft()
+            if not future.done():
+                future.set_exception(
+                    TransientTransportError(f"{what}: no delivery report in {self.bound:.0f} s")
+                )
+        if waits:
+            self._timer = self.loop.call_at(waits[0][0], self._expire)
 
 
 class KafkaClients:
@@ -292,36 +329,31 @@ class KafkaClients:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
-
-        def resolve(err: KafkaError | None, msg: Message) -> None:
-            if future.done():
-                return
-            if err is not None:
-                future.set_exception(error_from_kafka(err, what))
-            else:
-                future.set_result(msg_position(msg))
-
         reports = self._reports
         if reports is None or reports.loop is not loop:
-            reports = self._reports = _Reports(loop)
+            # librdkafka reports every record within message.timeout.ms;
+            # this bound only guards against a report that never comes.
+            reports = self._reports = _Reports(loop, self.timeout + 5.0)
+        add = reports.add
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            reports.add(resolve, err, msg)
+            add(future, err, msg, what)
 
         producer = self.producer()
         try:
-            with map_kafka_errors(what):
+            try:
                 producer.produce(
                     topic,
                     value=value,
                     key=key,
-                    headers=list((headers or {}).items()) or None,
+                    headers=list(headers.items()) if headers else None,
                     on_delivery=on_delivery,
                 )
-                # librdkafka reports every record within message.timeout.ms;
-                # this bound only guards against a report that never comes.
-                async with asyncio.timeout(self.timeout + 5.0):
-                    return await future
+            except Exception:
+                with map_kafka_errors(what):  # re-raised as a transport error
+                    raise
+            reports.watch(future, what)
+            return await future
         except TransientTransportError:
             # The topic may have gone (deleted, or a broker that lost its
             # data): check it again, and create it if needed, next time.
@@ -336,6 +368,10 @@ class KafkaClients:
             log.debug("housekeeping produce to %s failed: %s", topic, exc)
 
     # -- admin -------------------------------------------------------------------
+    def known(self, names: frozenset[str]) -> bool:
+        """Whether every topic in ``names`` is known to exist."""
+        return names <= self._topics
+
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
         """Create the topics that do not exist yet (never relying on
         auto-create). Retries transient failures."""

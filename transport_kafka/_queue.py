@@ -113,6 +113,7 @@ H_NOT_BEFORE = "ae-not-before"
 H_ERROR = "ae-error"
 
 _tokens = itertools.count(1)
+_SETTLED = b'{"s":1}'
 _TICK = 0.05
 
 
@@ -208,6 +209,7 @@ class _QueueEngine:
         self.clients: KafkaClients = transport.clients
         self.name = name
         self.topics: TopicNames = transport.settings.queue_topics(name)
+        self._topic_names = frozenset((self.topics.requests, self.topics.state, self.topics.dlq))
         self.options = transport.settings.options
         self.tracker = OffsetTracker()
         self.handles = 0
@@ -231,6 +233,7 @@ class _QueueEngine:
         self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
         self._marked_lock = threading.Lock()  # loop adds, consumer thread drops
         self._paused = False
+        self._wake: list[TopicPartition] = []  # one assigned partition per leader
         self._last_commit = 0.0
         self._prime_targets: dict[int, int] | None = None
         self._fetched: dict[int, int] = {}
@@ -249,7 +252,8 @@ class _QueueEngine:
         ]
 
     async def ensure_topics(self) -> None:
-        await self.clients.ensure_topics(self.topic_specs())
+        if not self.clients.known(self._topic_names):
+            await self.clients.ensure_topics(self.topic_specs())
 
     # -- lifecycle ---------------------------------------------------------------
     @property
@@ -259,9 +263,13 @@ class _QueueEngine:
     async def start(self) -> None:
         if self._stopped:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
-        if self._start_task is None:
-            self._start_task = asyncio.ensure_future(self._start())
-        await asyncio.shield(self._start_task)
+        task = self._start_task
+        if task is None:
+            task = self._start_task = asyncio.ensure_future(self._start())
+        if task.done():
+            task.result()  # a failed start raises again
+        else:
+            await asyncio.shield(task)
         thread = self._thread
         if thread is not None and thread.done.done() and thread.done.exception() is not None:
             raise TransientTransportError(
@@ -426,8 +434,21 @@ class _QueueEngine:
             elif self._paused and outstanding <= limit // 2:
                 consumer.resume(consumer.assignment())
                 self._paused = False
+                self._wake_fetchers(consumer)
         except KafkaException as exc:
             log.debug("queue %r: pause/resume: %s", self.name, exc)
+
+    def _wake_fetchers(self, consumer: Consumer) -> None:
+        """librdkafka starts fetching a resumed partition only when the
+        leader's broker thread next wakes up, up to about a second later (the
+        local buffer runs dry meanwhile and throughput halves). Any request
+        to that broker wakes it: ask one watermark per leader."""
+        limit = min(self.options.operation_timeout_s, 1.0)
+        for tp in self._wake:
+            try:
+                consumer.get_watermark_offsets(tp, timeout=limit, cached=False)
+            except KafkaException as exc:
+                log.debug("queue %r: waking the fetcher of %s: %s", self.name, tp, exc)
 
     def _commit(self, candidates: dict[int, int] | None = None) -> None:
         """Synchronously commit the safe positions (consumer thread only)."""
@@ -535,7 +556,22 @@ class _QueueEngine:
                 self._marked.setdefault(p, set()).update(o for (pp, o) in markers if pp == p)
         self._markers.update(markers)
         self._paused = False
+        self._wake = self._one_per_leader(consumer, sorted(assigned))
         log.debug("queue %r: assigned %s", self.name, sorted(assigned))
+
+    def _one_per_leader(self, consumer: Consumer, partitions: list[int]) -> list[TopicPartition]:
+        """One of ``partitions`` per leader broker (see ``_wake_fetchers``)."""
+        topic = self.topics.requests
+        leaders: dict[int, int] = {}
+        try:
+            meta = consumer.list_topics(topic, timeout=self.options.operation_timeout_s)
+            parts = meta.topics[topic].partitions
+            for p in partitions:
+                leaders.setdefault(parts[p].leader if p in parts else -1, p)
+        except (KafkaException, KeyError) as exc:
+            log.debug("queue %r: leaders unknown: %s", self.name, exc)
+            leaders = {-1: partitions[0]} if partitions else {}
+        return [TopicPartition(topic, p) for p in leaders.values()]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         safe: dict[int, int] = {}
@@ -665,12 +701,10 @@ class _QueueEngine:
         return sum(1 for lease in self.leases.values() if lease.state in ("held", "settling"))
 
     # -- records -------------------------------------------------------------------------
-    async def _write_marker(self, rec: _Record, value: dict[str, Any]) -> None:
+    async def _write_marker(self, rec: _Record, value: bytes) -> None:
+        """Write a state marker (JSON: ``{"d": deliveries}`` or ``{"s": 1}``)."""
         await self.clients.produce(
-            self.topics.state,
-            rec.state_key,
-            json.dumps(value).encode(),
-            what="writing delivery state",
+            self.topics.state, rec.state_key, value, what="writing delivery state"
         )
         with self._marked_lock:
             self._marked.setdefault(rec.partition, set()).add(rec.offset)
@@ -691,14 +725,14 @@ class _QueueEngine:
             return
         rec.deliveries += 1
         try:
-            await self._write_marker(rec, {"d": rec.deliveries})
+            await self._write_marker(rec, b'{"d":%d}' % rec.deliveries)
         except BaseException:
             rec.deliveries -= 1
             raise
         rec.reserved = True
 
     async def settle_record(self, rec: _Record) -> bool:
-        await self._write_marker(rec, {"s": 1})
+        await self._write_marker(rec, _SETTLED)
         return self.tracker.settle(rec.partition, rec.offset, rec.generation)
 
     async def dead_letter(
@@ -758,7 +792,7 @@ class _QueueEngine:
                 else:
                     rec.deliveries += 1
                     try:
-                        await self._write_marker(rec, {"d": rec.deliveries})
+                        await self._write_marker(rec, b'{"d":%d}' % rec.deliveries)
                     except BaseException:
                         rec.deliveries -= 1
                         raise

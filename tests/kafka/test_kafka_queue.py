@@ -144,6 +144,16 @@ async def test_bounded_buffer_pauses_and_resumes(kafka_config_factory: Any) -> N
         assert first is not None
         engine = queue._engine
         assert engine._thread is not None
+        # librdkafka would restart the fetch of a resumed partition only at
+        # its broker thread's next wake-up; the engine wakes the leader.
+        woken: list[list[tuple[str, int]]] = []
+        wake = engine._wake_fetchers
+
+        def counting_wake(consumer: Any) -> None:
+            woken.append([(tp.topic, tp.partition) for tp in engine._wake])
+            wake(consumer)
+
+        engine._wake_fetchers = counting_wake  # type: ignore[method-assign]
         paused = False
         for _ in range(20):  # each call runs between two steps of the consumer thread
             paused = await engine._thread.submit(lambda: engine._paused)
@@ -158,6 +168,11 @@ async def test_bounded_buffer_pauses_and_resumes(kafka_config_factory: Any) -> N
             await delivery.ack()
             got.append(delivery)
         assert [d.request.request_id for d in got] == [r.request_id for r in sent]
+        for _ in range(20):
+            if not await engine._thread.submit(lambda: engine._paused):
+                break
+        assert woken, "resumed without waking the fetcher"
+        assert woken[0] == [(queue.topics.requests, 0)]
     finally:
         await transport.aclose()
 
