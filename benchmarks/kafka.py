@@ -29,6 +29,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from benchmarks import _library as library
 from benchmarks._common import (
     Row,
     Sizes,
@@ -38,7 +39,7 @@ from benchmarks._common import (
     run_concurrently,
     throughput_row,
 )
-from transport import TransportConfig, WorkRequest, WorkResponse, connect
+from transport import TransportConfig, WorkRequest, connect
 
 PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
 CONSUMERS = 16
@@ -194,22 +195,6 @@ class _Clock:
 
 
 # -- enqueue -------------------------------------------------------------------
-async def ours_enqueue(bootstrap: str, n: int, concurrency: int) -> float:
-    transport = await connect(_config(bootstrap))
-    try:
-        queue = transport.request_queue(f"e{uuid.uuid4().hex[:8]}")
-        await queue.enqueue(WorkRequest(task="warmup"))
-        start = time.perf_counter()
-        await run_concurrently(
-            n,
-            concurrency,
-            lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD)),
-        )
-        return n / (time.perf_counter() - start)
-    finally:
-        await transport.aclose()
-
-
 async def raw_enqueue(bootstrap: str, n: int, concurrency: int) -> float:
     topic = f"rawe{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(_create_topic, bootstrap, topic)
@@ -390,47 +375,6 @@ async def faststream_consume(bootstrap: str, n: int) -> float:
 
 
 # -- round trip ------------------------------------------------------------------
-async def ours_round_trip(bootstrap: str, n: int) -> list[float]:
-    transport = await connect(_config(bootstrap))
-    try:
-        queue = transport.request_queue(f"r{uuid.uuid4().hex[:8]}")
-        inbox = transport.delivery_registry("bench-caller")
-        stop = asyncio.Event()
-
-        async def worker() -> None:
-            registry = transport.delivery_registry("bench-caller")
-            while not stop.is_set():
-                delivery = await queue.poll(0.2)
-                if delivery is None:
-                    continue
-                await registry.complete(
-                    delivery.request.request_id,
-                    WorkResponse(request_id=delivery.request.request_id),
-                )
-                await delivery.ack()
-
-        task = asyncio.create_task(worker())
-        # Warm-up (group join, registry watch), untimed.
-        for _ in range(3):
-            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
-            pending = await inbox.register(request.request_id)
-            await queue.enqueue(request)
-            await pending.result(30)
-        samples = []
-        for _ in range(n):
-            start = time.perf_counter()
-            request = WorkRequest(task="work", payload=PAYLOAD, reply_to="bench-caller")
-            pending = await inbox.register(request.request_id)
-            await queue.enqueue(request)
-            await pending.result(10)
-            samples.append((time.perf_counter() - start) * 1000)
-        stop.set()
-        await task
-        return samples
-    finally:
-        await transport.aclose()
-
-
 def _raw_round_trip_blocking(bootstrap: str, n: int) -> list[float]:
     """Caller produces a request (acks=all, delivery report awaited); a
     worker thread consumes it, produces a reply (acks=all) and commits; the
@@ -502,7 +446,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
     try:
         progress(f"kafka: enqueue (Tansu at {bootstrap})")
         a, b = await alternate(
-            lambda: ours_enqueue(bootstrap, sizes.enqueue, sizes.concurrency),
+            lambda: library.enqueue(_config(bootstrap), sizes.enqueue, sizes.concurrency),
             lambda: raw_enqueue(bootstrap, sizes.enqueue, sizes.concurrency),
             r,
         )
@@ -518,7 +462,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         )
         progress("kafka: enqueue vs asyncio-bridged produce")
         a, b = await alternate(
-            lambda: ours_enqueue(bootstrap, sizes.enqueue, sizes.concurrency),
+            lambda: library.enqueue(_config(bootstrap), sizes.enqueue, sizes.concurrency),
             lambda: raw_enqueue_asyncio(bootstrap, sizes.enqueue, sizes.concurrency),
             r,
         )
@@ -564,7 +508,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         ours_samples: list[float] = []
         raw_samples: list[float] = []
         for _ in range(r):
-            ours_samples += await ours_round_trip(bootstrap, sizes.round_trips)
+            ours_samples += await library.round_trip(_config(bootstrap), sizes.round_trips)
             raw_samples += await raw_round_trip(bootstrap, sizes.round_trips)
         for q in (0.5, 0.99):
             o, b_ = percentile(ours_samples, q), percentile(raw_samples, q)
@@ -581,6 +525,9 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                     round(b_ / (2 * b_ + 0.5), 3) if q == 0.5 else None,
                 )
             )
+        progress("kafka: ensemble end to end")
+        thr = await library.ensemble(_config(bootstrap), sizes.round_trips * 2)
+        rows.append(library.ensemble_row("kafka", thr))
         backlog = 50_000 if sizes.quick else 200_000
         progress(f"kafka: memory, one worker draining {backlog:,}")
         before, peak, drain = await backlog_memory(bootstrap, backlog)
