@@ -22,13 +22,8 @@ from benchmarks._common import (
     run_concurrently,
     throughput_row,
 )
+from benchmarks._library import PAYLOAD
 from transport import WorkRequest, connect
-
-PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
-
-
-def _requests(n: int) -> list[WorkRequest]:
-    return [WorkRequest(task="work", payload=PAYLOAD) for _ in range(n)]
 
 
 async def ours_consume(url: str, n: int, consumers: int) -> float:
@@ -70,13 +65,13 @@ async def ours_consume(url: str, n: int, consumers: int) -> float:
 # -- baselines ---------------------------------------------------------------
 async def asyncio_queue_put(n: int, concurrency: int) -> float:
     queue: asyncio.Queue[WorkRequest] = asyncio.Queue()
-    requests = _requests(n)
+    requests = library.requests(n)
     return await rate(n, lambda: run_concurrently(n, concurrency, lambda i: queue.put(requests[i])))
 
 
 async def asyncio_queue_consume(n: int) -> float:
     queue: asyncio.Queue[WorkRequest] = asyncio.Queue()
-    for r in _requests(n):
+    for r in library.requests(n):
         queue.put_nowait(r)
 
     async def consume() -> None:
@@ -135,7 +130,7 @@ async def raw_sqlite_batched_insert(path: Path, n: int, batch: int = 64) -> floa
     """Best case for raw SQLite: ``batch`` rows per fsynced transaction, on a
     thread. Like ``enqueue`` (and like ``raw_sqlite_consume``, which decodes
     inside the clock) it turns each request into bytes inside the clock."""
-    requests = _requests(n)
+    requests = library.requests(n)
 
     def run() -> float:
         conn = _raw_db(path, "FULL")
@@ -161,7 +156,7 @@ async def raw_sqlite_consume(path: Path, n: int, batch: int = 64) -> float:
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO q(body) VALUES (?)",
-            [(r.model_dump_json().encode(),) for r in _requests(n)],
+            [(r.model_dump_json().encode(),) for r in library.requests(n)],
         )
         conn.execute("COMMIT")
         start = time.perf_counter()

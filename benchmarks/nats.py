@@ -45,9 +45,9 @@ from benchmarks._common import (
     run_concurrently,
     throughput_row,
 )
+from benchmarks._library import PAYLOAD
 from transport import TransportConfig, WorkRequest, connect
 
-PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
 CONSUMERS = 16
 PREFETCH = 64
 

@@ -45,6 +45,7 @@ from benchmarks._common import (
     run_concurrently,
     throughput_row,
 )
+from benchmarks._library import PAYLOAD
 from transport import (
     TransportConfig,
     WorkRequest,
@@ -52,7 +53,6 @@ from transport import (
     connect,
 )
 
-PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
 #: Worker tasks (library) / in-flight acks for poll+ack; the raw loop runs in one thread.
 CONSUMERS = 64
 #: Prefetch for the library's consumers in the throughput runs (the option

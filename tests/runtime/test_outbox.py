@@ -62,16 +62,21 @@ class Outage(RequestQueue):
         await self.inner.aclose()
 
 
+def _outbox(transport: Transport, tmp_path: Path, outage: Outage, wait: float) -> Outbox:
+    """An outbox whose every request goes through ``outage``, retried every ``wait`` s."""
+    return Outbox(
+        transport,
+        tmp_path / "outbox.db",
+        retry_wait=wait_fixed(wait),
+        queue_factory=lambda name, levels: outage,
+    )
+
+
 async def test_outage_loses_nothing_keeps_fifo_and_dead_letters_nothing(
     transport: Transport, tmp_path: Path
 ) -> None:
     outage = Outage(transport.request_queue("orders"))
-    outbox = Outbox(
-        transport,
-        tmp_path / "outbox.db",
-        retry_wait=wait_fixed(0.01),
-        queue_factory=lambda name, levels: outage,
-    )
+    outbox = _outbox(transport, tmp_path, outage, 0.01)
     async with outbox:
         sent = [await outbox.enqueue("orders", WorkRequest(task="t", payload=i)) for i in range(50)]
         assert await outbox.depth() > 0  # held while the broker is down
@@ -90,12 +95,7 @@ async def test_an_outage_is_logged_once_and_its_end_once(
     transport: Transport, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     outage = Outage(transport.request_queue("orders3"))
-    outbox = Outbox(
-        transport,
-        tmp_path / "outbox.db",
-        retry_wait=wait_fixed(0.001),
-        queue_factory=lambda name, levels: outage,
-    )
+    outbox = _outbox(transport, tmp_path, outage, 0.001)
     with caplog.at_level(logging.DEBUG, logger="transport.outbox"):
         async with outbox:
             await outbox.enqueue("orders3", WorkRequest(task="t", payload=1))
@@ -112,12 +112,7 @@ async def test_only_definitive_failures_count_toward_dead_lettering(
     transport: Transport, tmp_path: Path
 ) -> None:
     outage = Outage(transport.request_queue("orders2"))
-    outbox = Outbox(
-        transport,
-        tmp_path / "outbox.db",
-        retry_wait=wait_fixed(0.01),
-        queue_factory=lambda name, levels: outage,
-    )
+    outbox = _outbox(transport, tmp_path, outage, 0.01)
     async with outbox:
         poison = await outbox.enqueue("orders2", WorkRequest(task="t", payload="poison"))
         fine = await outbox.enqueue("orders2", WorkRequest(task="t", payload="fine"))
