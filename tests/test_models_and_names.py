@@ -41,7 +41,10 @@ json_values = st.recursive(
     payload=json_values,
     headers=st.dictionaries(
         st.text(alphabet=string.ascii_lowercase + "-", min_size=1, max_size=12),
-        st.text(alphabet=st.characters(blacklist_characters="\r\n\x00"), max_size=30),
+        st.text(
+            alphabet=st.characters(blacklist_characters="\r\n\x00", blacklist_categories=("Cs",)),
+            max_size=30,
+        ),
         max_size=4,
     ),
     priority=st.integers(0, 9),
@@ -99,6 +102,18 @@ def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
 def test_malformed_records_raise_undecodable(data: bytes) -> None:
     with pytest.raises(UndecodableMessageError):
         decode(WorkRequest, data)
+
+
+_plain = st.text(alphabet=string.ascii_letters + string.digits + " é€", max_size=5)
+
+
+@given(_plain, st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), _plain)
+def test_a_header_value_with_a_lone_surrogate_is_rejected_before_sending(
+    before: str, surrogate: str, after: str
+) -> None:
+    # Not encodable as UTF-8: it would fail only when the request is sent.
+    with pytest.raises(ValueError, match="lone surrogates"):
+        WorkRequest(task="t", headers={"x": before + surrogate + after})
 
 
 def test_header_injection_is_rejected() -> None:

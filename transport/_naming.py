@@ -65,7 +65,8 @@ def validate_header(key: object, value: object) -> None:
     """Raise if a header could break a wire protocol's header block.
 
     Raises:
-        InvalidNameError: bad header name, or a value with CR, LF or NUL.
+        InvalidNameError: bad header name, or a value with CR, LF or NUL or
+            a lone surrogate (not encodable as UTF-8, so not sendable).
     """
     if not isinstance(key, str) or not _HEADER_NAME_RE.fullmatch(key):
         raise InvalidNameError("header name", key, "must be an HTTP token (no spaces or colons)")
@@ -75,6 +76,13 @@ def validate_header(key: object, value: object) -> None:
         raise InvalidNameError("header value", value, "longer than 8192 characters")
     if any(ch in value for ch in _FORBIDDEN_IN_VALUES):
         raise InvalidNameError("header value", value, "must not contain CR, LF or NUL")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidNameError(
+                "header value", value, "must be valid Unicode text (no lone surrogates)"
+            ) from None
 
 
 def internal_name(base: str, suffix: str) -> str:
