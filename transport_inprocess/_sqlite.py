@@ -87,9 +87,11 @@ class _Signals:
         return True
 
     def notify(self, name: str) -> None:
-        for future in self._waiters.get(name, ()):
-            if not future.done():
-                future.set_result(None)
+        waiters = self._waiters.get(name)
+        if waiters:
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
 
 
 def _dead(
@@ -195,6 +197,7 @@ class SqliteRequestQueue(RequestQueue):
         self._leaser: asyncio.Task[None] | None = None
         self._had_work = False
         self._closed = False
+        self._enqueue_key = ("enqueue", name)
 
     def _check(self) -> None:
         if self._closed:
@@ -202,13 +205,14 @@ class SqliteRequestQueue(RequestQueue):
         self._t._check_open()
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
-        self._check()
+        if self._closed or self._t._closed:
+            self._check()
         if request.enqueued_at is None:
             request = replace_fields(request, enqueued_at=utcnow())
         body = encode(request, self._t.config.max_payload_bytes)
         # Concurrent enqueues to this queue become one INSERT of many rows.
         await self._store.submit_many(
-            ("enqueue", self.name), _insert_many, (self.name, request.request_id, body)
+            self._enqueue_key, _insert_many, (self.name, request.request_id, body)
         )
         self._t._signals.notify(self.name)
         return request
