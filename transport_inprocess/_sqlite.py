@@ -63,6 +63,7 @@ from transport_inprocess._sqlite_events import EVENTS_SCHEMA, SqliteEventLog
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 
 _CHANGE_RETENTION_S = 3600.0
+_FEED_MAX_BEHIND = 256
 _TOKEN_MASK = (1 << 62) - 1
 
 
@@ -513,6 +514,32 @@ class SqliteRequestQueue(RequestQueue):
             self._t._signals.notify(self.name)
 
 
+class _Feed:
+    """Changes of one keyed log read inside the transaction of this
+    process's latest write to it, for this process's watchers: every change
+    of the log with ``after < seq <= upto`` (complete, because the writing
+    transaction held the file's write lock), so a watcher positioned at or
+    after ``after`` needs no read of its own."""
+
+    __slots__ = ("after", "rows", "upto")
+
+    def __init__(self, after: int, upto: int, rows: list[tuple[int, str, bytes | None]]) -> None:
+        self.after = after
+        self.upto = upto
+        self.rows = rows
+
+
+class _LogWatchers:
+    """This transport's watchers of one keyed log: their positions, and the
+    latest feed."""
+
+    __slots__ = ("feed", "positions")
+
+    def __init__(self) -> None:
+        self.positions: dict[object, int] = {}
+        self.feed: _Feed | None = None
+
+
 class SqliteKeyedLog(KeyedLog):
     """A table (current state) plus a change log that watchers tail."""
 
@@ -520,17 +547,24 @@ class SqliteKeyedLog(KeyedLog):
         self._t = transport
         self._store = transport._store
         self._name = name
+        self._watchers = transport._log_watchers.setdefault(name, _LogWatchers())
 
     async def put(self, key: str, value: bytes) -> None:
-        await self._store.write(lambda conn: self._put_op(conn, key, value))
+        self._publish(await self._store.write(lambda conn: self._put_op(conn, key, value)))
+
+    def _publish(self, feed: _Feed | None) -> None:
+        # After the commit: a feed built by a transaction that did not commit
+        # is never shown.
+        if feed is not None:
+            self._watchers.feed = feed
         self._t._signals.notify(f"kv:{self._name}")
 
-    def _put_op(self, conn: sqlite3.Connection, key: str, value: bytes | None) -> None:
+    def _put_op(self, conn: sqlite3.Connection, key: str, value: bytes | None) -> _Feed | None:
         now = time.time()
         if value is None:
             cur = conn.execute("DELETE FROM kv WHERE log = ? AND key = ?", (self._name, key))
             if cur.rowcount == 0:
-                return
+                return None
         else:
             conn.execute(
                 "INSERT OR REPLACE INTO kv(log, key, value) VALUES (?, ?, ?)",
@@ -542,10 +576,28 @@ class SqliteKeyedLog(KeyedLog):
         ).lastrowid
         if seq is not None and seq % 512 == 0:
             conn.execute("DELETE FROM kv_changes WHERE at < ?", (now - _CHANGE_RETENTION_S,))
+        positions = self._watchers.positions
+        if seq is None or not positions:
+            return None
+        # Hand this process's watchers the changes they have not seen, so they
+        # need not read them back after the commit (only when they are close
+        # behind: a lagging watcher reads its changes itself).
+        try:
+            after = min(positions.values())
+        except (RuntimeError, ValueError):  # a watcher came or went meanwhile
+            return None
+        if seq - after > _FEED_MAX_BEHIND:
+            return None
+        try:
+            rows = self._changes_op(conn, after)
+        except TransientTransportError:  # pruned: the watchers re-snapshot
+            return None
+        if not rows or rows[-1][0] != seq:  # not complete up to this change
+            return None
+        return _Feed(after, seq, rows)
 
     async def delete(self, key: str) -> None:
-        await self._store.write(lambda conn: self._put_op(conn, key, None))
-        self._t._signals.notify(f"kv:{self._name}")
+        self._publish(await self._store.write(lambda conn: self._put_op(conn, key, None)))
 
     async def get(self, key: str) -> bytes | None:
         def op(conn: sqlite3.Connection) -> bytes | None:
@@ -589,16 +641,35 @@ class SqliteKeyedLog(KeyedLog):
         yield CAUGHT_UP
         interval = 0.002
         signal = f"kv:{self._name}"
-        while True:
-            changes = await self._store.read(functools.partial(self._changes_op, after=last))
-            for seq, key, change in changes:
-                last = seq
-                yield KeyedChange(key, change)
-            if changes:
-                interval = 0.002
-                continue
-            await self._t._signals.wait(signal, interval)
-            interval = min(interval * 2, self._t.poll_interval)
+        me = object()
+        positions = self._watchers.positions
+        positions[me] = last
+        fed = False  # up to date as of this process's latest write to the log
+        try:
+            while True:
+                feed = self._watchers.feed
+                if feed is not None and feed.after <= last < feed.upto:
+                    # This process wrote the latest change: its transaction
+                    # already read what this watcher has not seen.
+                    changes = [row for row in feed.rows if row[0] > last]
+                    upto, fed = feed.upto, True
+                elif fed:
+                    changes, upto, fed = [], last, False
+                else:
+                    changes = await self._store.read(
+                        functools.partial(self._changes_op, after=last)
+                    )
+                    upto = changes[-1][0] if changes else last
+                for _seq, key, change in changes:
+                    yield KeyedChange(key, change)
+                if upto > last:
+                    last = positions[me] = upto
+                    interval = 0.002
+                    continue
+                await self._t._signals.wait(signal, interval)
+                interval = min(interval * 2, self._t.poll_interval)
+        finally:
+            positions.pop(me, None)
 
     async def aclose(self) -> None:
         return None
@@ -657,6 +728,7 @@ class SqliteTransport(Transport):
             schema=SCHEMA + EVENTS_SCHEMA,
         )
         self._signals = _Signals()
+        self._log_watchers: dict[str, _LogWatchers] = {}
         self._store_closed = False
 
     async def _start(self) -> None:
