@@ -238,6 +238,10 @@ class SqliteStore:
             j = i
             while j < len(batch) and batch[j].write:
                 j += 1
+            if self._completed:
+                # Reads done so far need not wait for the write transaction
+                # (and its fsync) that follows them.
+                self._flush_done()
             self._write_group(conn, batch[i:j])
             i = j
 
