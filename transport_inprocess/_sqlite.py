@@ -521,23 +521,25 @@ class _Feed:
     transaction held the file's write lock), so a watcher positioned at or
     after ``after`` needs no read of its own."""
 
-    __slots__ = ("after", "rows", "upto")
+    __slots__ = ("after", "rows", "upto", "writes")
 
     def __init__(self, after: int, upto: int, rows: list[tuple[int, str, bytes | None]]) -> None:
         self.after = after
         self.upto = upto
         self.rows = rows
+        self.writes = 0  # the log's write count when published
 
 
 class _LogWatchers:
     """This transport's watchers of one keyed log: their positions, and the
     latest feed."""
 
-    __slots__ = ("feed", "positions")
+    __slots__ = ("feed", "positions", "writes")
 
     def __init__(self) -> None:
         self.positions: dict[object, int] = {}
         self.feed: _Feed | None = None
+        self.writes = 0  # committed writes to the log by this transport
 
 
 class SqliteKeyedLog(KeyedLog):
@@ -555,8 +557,11 @@ class SqliteKeyedLog(KeyedLog):
     def _publish(self, feed: _Feed | None) -> None:
         # After the commit: a feed built by a transaction that did not commit
         # is never shown.
+        watchers = self._watchers
+        watchers.writes += 1
         if feed is not None:
-            self._watchers.feed = feed
+            feed.writes = watchers.writes
+            watchers.feed = feed
         self._t._signals.notify(f"kv:{self._name}")
 
     def _put_op(self, conn: sqlite3.Connection, key: str, value: bytes | None) -> _Feed | None:
@@ -644,7 +649,7 @@ class SqliteKeyedLog(KeyedLog):
         me = object()
         positions = self._watchers.positions
         positions[me] = last
-        fed = False  # up to date as of this process's latest write to the log
+        fed = -1  # up to date as of this process's write number ``fed`` to the log
         try:
             while True:
                 feed = self._watchers.feed
@@ -652,9 +657,9 @@ class SqliteKeyedLog(KeyedLog):
                     # This process wrote the latest change: its transaction
                     # already read what this watcher has not seen.
                     changes = [row for row in feed.rows if row[0] > last]
-                    upto, fed = feed.upto, True
-                elif fed:
-                    changes, upto, fed = [], last, False
+                    upto, fed = feed.upto, feed.writes
+                elif fed == self._watchers.writes:  # no local write since: wait
+                    changes, upto, fed = [], last, -1
                 else:
                     changes = await self._store.read(
                         functools.partial(self._changes_op, after=last)
