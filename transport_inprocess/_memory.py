@@ -227,7 +227,9 @@ class MemoryRequestQueue(RequestQueue):
         data = encode(request, self._limit)
         state = self._state
         with self._broker.lock:
-            state.ready.append(_Msg(data, request.request_id, 0, None, True))
+            # (A subclass may encode fields WorkRequest does not have.)
+            own = request.__class__ is WorkRequest
+            state.ready.append(_Msg(data, request.request_id, 0, None, own))
             if state.waiters:
                 _notify_one(state)
         return request

@@ -71,6 +71,27 @@ async def test_deliveries_do_not_share_mutable_state_with_the_producer() -> None
         reset_memory(name)
 
 
+class _Annotated(WorkRequest):
+    note: str = "extra"
+
+
+async def test_a_request_subclass_is_delivered_as_a_plain_work_request() -> None:
+    name = f"fast-{uuid.uuid4().hex[:8]}"
+    transport = await connect(f"memory://{name}")
+    try:
+        queue = transport.request_queue("q")
+        await queue.enqueue(_Annotated(task="t", payload=1))
+        delivery = await queue.poll(1)
+        assert delivery is not None
+        assert type(delivery.request) is WorkRequest
+        assert "note" not in delivery.request.__dict__
+        assert delivery.request.payload == 1
+        assert await delivery.ack()
+    finally:
+        await transport.aclose()
+        reset_memory(name)
+
+
 async def test_settled_leases_do_not_leave_their_timers_behind() -> None:
     name = f"fast-{uuid.uuid4().hex[:8]}"
     transport = await connect(f"memory://{name}")
