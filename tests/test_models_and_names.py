@@ -140,3 +140,43 @@ def test_naive_datetimes_are_taken_as_utc() -> None:
     assert request.enqueued_at is not None and request.enqueued_at.tzinfo is not None
     response = WorkResponse(request_id="r1", completed_at=datetime(2026, 1, 1))
     assert response.completed_at.utcoffset() is not None
+
+
+def test_generated_request_ids_are_uuid4_hex() -> None:
+    import uuid
+
+    ids = {WorkRequest(task="t").request_id for _ in range(2000)}
+    assert len(ids) == 2000
+    for rid in ids:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.hex == rid
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_name_validation_is_the_same_for_names_seen_before() -> None:
+    # Accepted names are remembered; that must not let anything else through.
+    class Name(str):
+        pass
+
+    assert validate_name("orders-1") == "orders-1"
+    assert validate_name("orders-1") == "orders-1"
+    assert validate_name(Name("orders-2")) == "orders-2"
+    for bad in ("orders__1", "orders.1", "", "-orders", "x" * 101, Name("a/b")):
+        with pytest.raises(InvalidNameError):
+            validate_name(bad)
+    with pytest.raises(InvalidNameError):
+        validate_name(b"orders-1")
+
+
+def test_replace_fields_stamps_a_copy_and_keeps_the_original() -> None:
+    from transport._models import replace_fields
+
+    request = WorkRequest(task="t", payload={"a": 1})
+    now = datetime.now(UTC)
+    stamped = replace_fields(request, enqueued_at=now, attempt=3)
+    assert request.enqueued_at is None and request.attempt == 1
+    assert stamped.enqueued_at == now and stamped.attempt == 3
+    assert stamped.request_id == request.request_id and stamped.payload == request.payload
+    assert {"enqueued_at", "attempt"} <= stamped.model_fields_set
+    assert decode(WorkRequest, encode(stamped)) == stamped

@@ -21,6 +21,10 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}")
 _FORBIDDEN_IN_VALUES = ("\r", "\n", "\x00")
 MAX_HEADER_VALUE_LENGTH = 8192
+# Names already accepted (every request names its task, every delivery is
+# re-validated on decode): a set lookup instead of the checks below.
+_VALID_NAMES: set[str] = set()
+_VALID_NAMES_MAX = 4096
 
 
 def validate_name(name: object, what: str = "name") -> str:
@@ -30,6 +34,8 @@ def validate_name(name: object, what: str = "name") -> str:
         InvalidNameError: not a string, empty, too long, or containing a
             character outside ``[A-Za-z0-9_-]``, or the reserved ``__``.
     """
+    if name.__class__ is str and name in _VALID_NAMES:
+        return name
     if not isinstance(name, str):
         raise InvalidNameError(what, name, "must be a string")
     if not name:
@@ -45,6 +51,10 @@ def validate_name(name: object, what: str = "name") -> str:
         )
     if "__" in name:
         raise InvalidNameError(what, name, "'__' is reserved for internal names")
+    if name.__class__ is str:  # not a subclass, whose hash/eq could differ
+        if len(_VALID_NAMES) >= _VALID_NAMES_MAX:
+            _VALID_NAMES.clear()
+        _VALID_NAMES.add(name)
     return name
 
 

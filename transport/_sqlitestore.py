@@ -134,7 +134,13 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
 
 def _resolve_all(items: list[tuple[_Op, Any, BaseException | None]]) -> None:
     for op, result, error in items:
-        _resolve(op.future, result, error)
+        future = op.future
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
 
 
 class SqliteStore:
@@ -232,6 +238,10 @@ class SqliteStore:
             j = i
             while j < len(batch) and batch[j].write:
                 j += 1
+            if self._completed:
+                # Reads done so far need not wait for the write transaction
+                # (and its fsync) that follows them.
+                self._flush_done()
             self._write_group(conn, batch[i:j])
             i = j
 
@@ -314,10 +324,16 @@ class SqliteStore:
     def _flush_done(self) -> None:
         # One wake-up of each caller loop per batch, not one per operation:
         # call_soon_threadsafe writes to the loop's self-pipe every time.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Op, Any, BaseException | None]]] = {}
-        for item in self._completed:
-            by_loop.setdefault(item[0].loop, []).append(item)
-        self._completed = []
+        completed, self._completed = self._completed, []
+        if not completed:
+            return
+        first = completed[0][0].loop
+        if all(item[0].loop is first for item in completed):  # the usual case: one loop
+            by_loop = {first: completed}
+        else:
+            by_loop = {}
+            for item in completed:
+                by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                 loop.call_soon_threadsafe(_resolve_all, items)

@@ -63,6 +63,7 @@ from transport_inprocess._sqlite_events import EVENTS_SCHEMA, SqliteEventLog
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 
 _CHANGE_RETENTION_S = 3600.0
+_FEED_MAX_BEHIND = 256
 _TOKEN_MASK = (1 << 62) - 1
 
 
@@ -87,9 +88,11 @@ class _Signals:
         return True
 
     def notify(self, name: str) -> None:
-        for future in self._waiters.get(name, ()):
-            if not future.done():
-                future.set_result(None)
+        waiters = self._waiters.get(name)
+        if waiters:
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
 
 
 def _dead(
@@ -195,6 +198,7 @@ class SqliteRequestQueue(RequestQueue):
         self._leaser: asyncio.Task[None] | None = None
         self._had_work = False
         self._closed = False
+        self._enqueue_key = ("enqueue", name)
 
     def _check(self) -> None:
         if self._closed:
@@ -202,13 +206,14 @@ class SqliteRequestQueue(RequestQueue):
         self._t._check_open()
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
-        self._check()
+        if self._closed or self._t._closed:
+            self._check()
         if request.enqueued_at is None:
             request = replace_fields(request, enqueued_at=utcnow())
         body = encode(request, self._t.config.max_payload_bytes)
         # Concurrent enqueues to this queue become one INSERT of many rows.
         await self._store.submit_many(
-            ("enqueue", self.name), _insert_many, (self.name, request.request_id, body)
+            self._enqueue_key, _insert_many, (self.name, request.request_id, body)
         )
         self._t._signals.notify(self.name)
         return request
@@ -509,6 +514,34 @@ class SqliteRequestQueue(RequestQueue):
             self._t._signals.notify(self.name)
 
 
+class _Feed:
+    """Changes of one keyed log read inside the transaction of this
+    process's latest write to it, for this process's watchers: every change
+    of the log with ``after < seq <= upto`` (complete, because the writing
+    transaction held the file's write lock), so a watcher positioned at or
+    after ``after`` needs no read of its own."""
+
+    __slots__ = ("after", "rows", "upto", "writes")
+
+    def __init__(self, after: int, upto: int, rows: list[tuple[int, str, bytes | None]]) -> None:
+        self.after = after
+        self.upto = upto
+        self.rows = rows
+        self.writes = 0  # the log's write count when published
+
+
+class _LogWatchers:
+    """This transport's watchers of one keyed log: their positions, and the
+    latest feed."""
+
+    __slots__ = ("feed", "positions", "writes")
+
+    def __init__(self) -> None:
+        self.positions: dict[object, int] = {}
+        self.feed: _Feed | None = None
+        self.writes = 0  # committed writes to the log by this transport
+
+
 class SqliteKeyedLog(KeyedLog):
     """A table (current state) plus a change log that watchers tail."""
 
@@ -516,17 +549,27 @@ class SqliteKeyedLog(KeyedLog):
         self._t = transport
         self._store = transport._store
         self._name = name
+        self._watchers = transport._log_watchers.setdefault(name, _LogWatchers())
 
     async def put(self, key: str, value: bytes) -> None:
-        await self._store.write(lambda conn: self._put_op(conn, key, value))
+        self._publish(await self._store.write(lambda conn: self._put_op(conn, key, value)))
+
+    def _publish(self, feed: _Feed | None) -> None:
+        # After the commit: a feed built by a transaction that did not commit
+        # is never shown.
+        watchers = self._watchers
+        watchers.writes += 1
+        if feed is not None:
+            feed.writes = watchers.writes
+            watchers.feed = feed
         self._t._signals.notify(f"kv:{self._name}")
 
-    def _put_op(self, conn: sqlite3.Connection, key: str, value: bytes | None) -> None:
+    def _put_op(self, conn: sqlite3.Connection, key: str, value: bytes | None) -> _Feed | None:
         now = time.time()
         if value is None:
             cur = conn.execute("DELETE FROM kv WHERE log = ? AND key = ?", (self._name, key))
             if cur.rowcount == 0:
-                return
+                return None
         else:
             conn.execute(
                 "INSERT OR REPLACE INTO kv(log, key, value) VALUES (?, ?, ?)",
@@ -538,10 +581,28 @@ class SqliteKeyedLog(KeyedLog):
         ).lastrowid
         if seq is not None and seq % 512 == 0:
             conn.execute("DELETE FROM kv_changes WHERE at < ?", (now - _CHANGE_RETENTION_S,))
+        positions = self._watchers.positions
+        if seq is None or not positions:
+            return None
+        # Hand this process's watchers the changes they have not seen, so they
+        # need not read them back after the commit (only when they are close
+        # behind: a lagging watcher reads its changes itself).
+        try:
+            after = min(positions.values())
+        except (RuntimeError, ValueError):  # a watcher came or went meanwhile
+            return None
+        if seq - after > _FEED_MAX_BEHIND:
+            return None
+        try:
+            rows = self._changes_op(conn, after)
+        except TransientTransportError:  # pruned: the watchers re-snapshot
+            return None
+        if not rows or rows[-1][0] != seq:  # not complete up to this change
+            return None
+        return _Feed(after, seq, rows)
 
     async def delete(self, key: str) -> None:
-        await self._store.write(lambda conn: self._put_op(conn, key, None))
-        self._t._signals.notify(f"kv:{self._name}")
+        self._publish(await self._store.write(lambda conn: self._put_op(conn, key, None)))
 
     async def get(self, key: str) -> bytes | None:
         def op(conn: sqlite3.Connection) -> bytes | None:
@@ -585,16 +646,35 @@ class SqliteKeyedLog(KeyedLog):
         yield CAUGHT_UP
         interval = 0.002
         signal = f"kv:{self._name}"
-        while True:
-            changes = await self._store.read(functools.partial(self._changes_op, after=last))
-            for seq, key, change in changes:
-                last = seq
-                yield KeyedChange(key, change)
-            if changes:
-                interval = 0.002
-                continue
-            await self._t._signals.wait(signal, interval)
-            interval = min(interval * 2, self._t.poll_interval)
+        me = object()
+        positions = self._watchers.positions
+        positions[me] = last
+        fed = -1  # up to date as of this process's write number ``fed`` to the log
+        try:
+            while True:
+                feed = self._watchers.feed
+                if feed is not None and feed.after <= last < feed.upto:
+                    # This process wrote the latest change: its transaction
+                    # already read what this watcher has not seen.
+                    changes = [row for row in feed.rows if row[0] > last]
+                    upto, fed = feed.upto, feed.writes
+                elif fed == self._watchers.writes:  # no local write since: wait
+                    changes, upto, fed = [], last, -1
+                else:
+                    changes = await self._store.read(
+                        functools.partial(self._changes_op, after=last)
+                    )
+                    upto = changes[-1][0] if changes else last
+                for _seq, key, change in changes:
+                    yield KeyedChange(key, change)
+                if upto > last:
+                    last = positions[me] = upto
+                    interval = 0.002
+                    continue
+                await self._t._signals.wait(signal, interval)
+                interval = min(interval * 2, self._t.poll_interval)
+        finally:
+            positions.pop(me, None)
 
     async def aclose(self) -> None:
         return None
@@ -653,6 +733,7 @@ class SqliteTransport(Transport):
             schema=SCHEMA + EVENTS_SCHEMA,
         )
         self._signals = _Signals()
+        self._log_watchers: dict[str, _LogWatchers] = {}
         self._store_closed = False
 
     async def _start(self) -> None:

@@ -97,3 +97,33 @@ def test_replace_fields_matches_model_copy() -> None:
     assert request.enqueued_at is None and request.attempt == 1  # the original is untouched
     with pytest.raises(ValidationError):  # still frozen
         fast.attempt = 4  # type: ignore[misc]
+
+
+async def test_a_read_does_not_wait_for_the_write_transaction_after_it(tmp_path: Path) -> None:
+    import threading
+
+    store = SqliteStore(str(tmp_path / "r.db"), schema=_SCHEMA)
+    await store.open()
+    try:
+        hold_first, hold_second = threading.Event(), threading.Event()
+
+        def blocking_write(event: threading.Event) -> Any:
+            return lambda conn: (event.wait(30), conn.execute("INSERT INTO t(v) VALUES ('x')"))[0]
+
+        first = store.submit(blocking_write(hold_first), write=True)  # occupies the thread
+        read = store.submit(
+            lambda conn: conn.execute("SELECT COUNT(*) FROM t").fetchone()[0], write=False
+        )
+        second = store.submit(blocking_write(hold_second), write=True)  # same batch as the read
+        hold_first.set()
+        assert await first is True
+        # The read resolves while the write after it is still running.
+        assert await asyncio.wait_for(read, 30) == 1
+        assert not second.done()
+        hold_second.set()
+        assert await second is True
+        assert await _rows(store) == [(1, "x"), (2, "x")]
+    finally:
+        hold_first.set()
+        hold_second.set()
+        await store.aclose()
