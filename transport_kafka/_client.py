@@ -137,12 +137,14 @@ def read_to_end(
         if not targets:
             return []
         consumer.assign([TopicPartition(topic, p, -2) for p in targets])
+        wanted = set(targets)
         out: list[RawRecord] = []
         deadline = time.monotonic() + timeout
-        while targets:
+        wait = 0.1
+        while True:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic} to its end")
-            for msg in consume_available(consumer, 500, 0.1):
+            for msg in consume_available(consumer, 500, wait):
                 err = msg.error()
                 p, offset = msg_position(msg)
                 if err is not None:
@@ -151,12 +153,19 @@ def read_to_end(
                             del targets[p]
                         continue
                     raise KafkaException(err)
-                if p not in targets:
+                if p not in wanted:
                     continue
+                # Records past the target that came in the same fetch are
+                # kept: some brokers (Tansu) report the high watermark of a
+                # multi-record batch as its base offset + 1, so the target
+                # can fall inside the last batch.
                 out.append(raw_record(msg))
-                if offset + 1 >= targets[p]:
+                if p in targets and offset + 1 >= targets[p]:
                     del targets[p]
-        return out
+            if not targets:
+                if wait == 0:
+                    return out
+                wait = 0  # one more sweep of what is already fetched
     finally:
         consumer.close()
 
@@ -496,9 +505,9 @@ class ConsumerThread:
     def __init__(self, name: str, step: Callable[[], None], finish: Callable[[], None]) -> None:
         self._step = step
         self._finish = finish
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
-            queue.SimpleQueue()
-        )
+        self._calls: queue.SimpleQueue[
+            tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]
+        ] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.done = concurrent.futures.Future[None]()
@@ -515,12 +524,23 @@ class ConsumerThread:
         self._calls.put((fn, future))
         return asyncio.wrap_future(future)
 
+    def post(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the thread between steps; its outcome is its own
+        business (it must not raise)."""
+        self._calls.put((fn, None))
+
     def run_calls(self) -> None:
         while True:
             try:
                 fn, future = self._calls.get_nowait()
             except queue.Empty:
                 return
+            if future is None:
+                try:
+                    fn()
+                except BaseException:
+                    log.exception("consumer thread %s: posted call failed", self._thread.name)
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:

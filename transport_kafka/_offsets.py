@@ -12,6 +12,9 @@ revoked, its outstanding records belong to whoever gets it next: settling
 one of them through the old generation is refused (the caller reports the
 lease as lost, the record is redelivered — never lost).
 
+A settled offset is *durable* once a commit covers it (``covered``): for a
+revoked generation, the commit made on revocation counts (``retire``).
+
 Thread-safe: the consumer thread tracks and revokes, the event loop settles.
 """
 
@@ -50,9 +53,13 @@ class _Partition:
 class OffsetTracker:
     """Per-partition bookkeeping of fetched, settled and committable offsets."""
 
+    _RETIRED_KEPT = 1024
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._parts: dict[int, _Partition] = {}
+        # (partition, generation) of revoked generations → committed position
+        self._retired: dict[tuple[int, int], int | None] = {}
 
     def assign(self, partition: int, committed: int | None) -> int:
         """Start a new generation for ``partition``; returns it."""
@@ -69,6 +76,9 @@ class OffsetTracker:
             part = self._parts.pop(partition, None)
             if part is None:
                 return None
+            self._retired[(partition, part.generation)] = part.committed
+            while len(self._retired) > self._RETIRED_KEPT:
+                del self._retired[next(iter(self._retired))]
             safe = part.safe()
             return safe if safe is not None and safe != part.committed else None
 
@@ -107,6 +117,31 @@ class OffsetTracker:
             part.outstanding.discard(offset)
             return True
 
+    def unsettle(self, partition: int, offset: int, generation: int) -> bool:
+        """Undo ``settle`` when it could not be made durable: the offset is
+        outstanding again unless a commit already covers it. False if the
+        generation is stale or the offset is already committed."""
+        with self._lock:
+            part = self._parts.get(partition)
+            if part is None or part.generation != generation:
+                return False
+            if part.committed is not None and offset < part.committed:
+                return False
+            if offset not in part.outstanding:
+                part.outstanding.add(offset)
+                heapq.heappush(part.heap, offset)
+            return True
+
+    def covered(self, partition: int, offset: int, generation: int) -> bool:
+        """True if a successful commit of ``generation`` is past ``offset``."""
+        with self._lock:
+            part = self._parts.get(partition)
+            if part is not None and part.generation == generation:
+                committed = part.committed
+            else:
+                committed = self._retired.get((partition, generation))
+            return committed is not None and offset < committed
+
     def is_outstanding(self, partition: int, offset: int, generation: int) -> bool:
         with self._lock:
             part = self._parts.get(partition)
@@ -123,12 +158,20 @@ class OffsetTracker:
                     out[p] = safe
             return out
 
-    def committed(self, partition: int, position: int) -> None:
-        """Record a successful commit of ``position``."""
+    def committed(self, partition: int, position: int, generation: int | None = None) -> None:
+        """Record a successful commit of ``position`` (for ``generation``: a
+        commit made while revoking it)."""
         with self._lock:
             part = self._parts.get(partition)
-            if part is not None and (part.committed is None or position > part.committed):
-                part.committed = position
+            if part is not None and (generation is None or part.generation == generation):
+                if part.committed is None or position > part.committed:
+                    part.committed = position
+                return
+            key = (partition, generation) if generation is not None else None
+            if key is not None and key in self._retired:
+                old = self._retired[key]
+                if old is None or position > old:
+                    self._retired[key] = position
 
     def outstanding(self) -> int:
         with self._lock:

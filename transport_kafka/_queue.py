@@ -29,13 +29,23 @@ on the queue). Kafka moves partitions between processes only on rebalance,
 i.e. when a consumer dies (session timeout), leaves (``aclose``) or joins;
 then the new owner resumes from the committed offset.
 
-**Attempts and settled markers.** Kafka counts no deliveries, so before a
-record is handed out its delivery count is written to the state topic
-(acks=all), and an ack writes a "settled" marker before the offset is
-marked done. A consumer that gets a partition replays the state topic, so
-after a crash ``attempt`` keeps counting and records acked out of order
-beyond the committed offset are not delivered again. Markers below the
-committed offset are tombstoned.
+**Attempts.** Kafka counts no deliveries, so before a record is handed out
+its delivery count is written to the state topic (acks=all). Polls in
+progress share one round of these writes, which also counts the next few
+records ahead (at most twice the polls in progress): a process killed then
+has counted a delivery of records it never handed out, as a broker counts
+a prefetched batch. A consumer that gets a partition replays the state
+topic, so after a crash ``attempt`` keeps counting.
+
+**Acks are durable on return (group commit).** An ack marks the offset
+settled locally and waits for a synchronous commit covering it; the acks
+given while one commit is on the wire share the next one. A record acked
+out of order (an earlier one is still being worked on) gets a "settled"
+marker in the state topic instead if no commit covers it within 50 ms, so
+that it is not delivered again after a crash or rebalance. If the
+partition moves to another consumer before either, the ack returns False
+(the record will be delivered again). Markers below the committed offset
+are tombstoned.
 
 **nack and delays.** A partition cannot skip one record, so ``nack(delay)``
 re-produces the request to the same topic (same key, so the same partition)
@@ -66,6 +76,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -115,6 +126,11 @@ H_ERROR = "ae-error"
 _tokens = itertools.count(1)
 _SETTLED = b'{"s":1}'
 _TICK = 0.05
+# A settled record that no commit covers yet (an earlier record is still
+# being worked on) gets a "settled" marker after this long.
+_MARKER_AFTER_S = 0.05
+_ACK_TICK = 0.001  # consumer poll timeout while acks are waiting for a commit
+_RESERVE_MAX = 256  # deliveries counted in one round of state markers
 
 
 @dataclass(eq=False, slots=True)
@@ -129,6 +145,8 @@ class _Record:
     not_before: float  # epoch seconds; 0 = at once
     last_error: str | None
     reserved: bool = False  # the next delivery is already counted in the state topic
+    request: WorkRequest | None = None  # decoded once
+    undecodable: str | None = None  # why it could not be decoded
 
     @property
     def attempts(self) -> int:
@@ -147,6 +165,90 @@ class _Lease:
     deadline: float
     state: Literal["held", "settling", "done", "lost"] = "held"
     token: int = field(default_factory=lambda: next(_tokens))
+
+
+def _replay_markers(
+    replay: Iterable[Any], assigned: set[int], committed: dict[int, int]
+) -> tuple[
+    dict[tuple[int, int], dict[str, Any]], set[tuple[int, int]], dict[int, dict[bytes, int]]
+]:
+    """Fold the state topic into per-record markers for ``assigned``
+    partitions, above their committed offsets.
+
+    Keys: ``"<p>:<offset>"`` (one record: ``{"d": n}`` or ``{"s": 1}``) and
+    ``"<p>:r<low>-<high>.<id>"`` (a round of delivery counts:
+    ``{"ds": [[offset, n], ...]}``). Counts only grow and "settled" sticks,
+    so markers merge by maximum. Returns the markers, the offsets that have
+    a one-record key, and the round keys with their highest offset.
+    """
+    markers: dict[tuple[int, int], dict[str, Any]] = {}
+    individual: set[tuple[int, int]] = set()
+    rounds: dict[int, dict[bytes, int]] = {}
+    for rec in replay:
+        key = rec.key or b""
+        try:
+            p_s, _, o_s = key.decode().partition(":")
+            p = int(p_s)
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if p not in assigned:
+            continue
+        floor = committed.get(p, -1)
+        if o_s.startswith("r"):
+            if rec.value is None:
+                rounds.get(p, {}).pop(key, None)
+                continue  # its records are all below the committed offset
+            try:
+                entries = [(int(o), int(n)) for o, n in json.loads(rec.value)["ds"]]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if not entries:
+                continue
+            rounds.setdefault(p, {})[key] = max(o for o, _ in entries)
+            for off, count in entries:
+                if off >= floor:
+                    marker = markers.setdefault((p, off), {})
+                    marker["d"] = max(count, int(marker.get("d", 0)))
+            continue
+        try:
+            off = int(o_s)
+        except ValueError:
+            continue
+        if off < floor:
+            continue
+        if rec.value is None:
+            markers.pop((p, off), None)
+            individual.discard((p, off))
+            continue
+        try:
+            loaded = json.loads(rec.value)
+        except ValueError:
+            continue
+        if not isinstance(loaded, dict):
+            continue
+        marker = markers.setdefault((p, off), {})
+        if loaded.get("s"):
+            marker["s"] = 1
+        if "d" in loaded:
+            marker["d"] = max(int(loaded["d"]), int(marker.get("d", 0)))
+        individual.add((p, off))
+    return markers, individual, rounds
+
+
+def _finish_round(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+        future.exception()  # a round nobody waits for any more is not an error
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    # Outcomes nobody may read (a cancelled waiter, a background round).
+    if not future.cancelled():
+        future.exception()
 
 
 def _int_header(headers: dict[str, bytes], name: str) -> int:
@@ -217,6 +319,7 @@ class _QueueEngine:
         self.delayed: list[tuple[float, int, _Record]] = []
         self.leases: dict[int, _Lease] = {}
         self.exhausted: list[_Lease] = []
+        self._next_deadline = float("inf")  # no held lease expires before this
         self._changed = asyncio.Event()
         self._start_task: asyncio.Future[None] | None = None
         self._maint: asyncio.Task[None] | None = None
@@ -228,10 +331,23 @@ class _QueueEngine:
         self._pollers = 0
         self._last_active = time.monotonic()
         self._handoff_task: asyncio.Task[None] | None = None
+        self._next_commit: asyncio.Future[None] | None = None
+        self._commit_token: object | None = None
+        # While acks wait for a commit, the consumer thread polls with a short
+        # timeout so that it runs the commit promptly (a commit from another
+        # thread waits for the consumer's poll to return).
+        self._acks_busy_until = 0.0
+        self._reserving: asyncio.Future[None] | None = None
         # consumer-thread state
         self._markers: dict[tuple[int, int], dict[str, Any]] = {}
         self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
         self._marked_lock = threading.Lock()  # loop adds, consumer thread drops
+        # delivery-count rounds: partition → state key → highest offset in it
+        self._marked_rounds: dict[int, dict[bytes, int]] = {}
+        self._round_prefix = os.urandom(4).hex()
+        # commits and consumer close, in order (reentrant: close calls on_revoke)
+        self._commit_lock = threading.RLock()
+        self._consumer_closed = False
         self._paused = False
         self._wake: list[TopicPartition] = []  # one assigned partition per leader
         self._last_commit = 0.0
@@ -384,7 +500,8 @@ class _QueueEngine:
             self._commit()
         self._flow_control(consumer)
         batch: list[_Record] = []
-        for msg in consume_available(consumer, 500, _TICK):
+        wait = _ACK_TICK if now < self._acks_busy_until else _TICK
+        for msg in consume_available(consumer, 500, wait):
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
@@ -451,35 +568,47 @@ class _QueueEngine:
                 log.debug("queue %r: waking the fetcher of %s: %s", self.name, tp, exc)
 
     def _commit(self, candidates: dict[int, int] | None = None) -> None:
-        """Synchronously commit the safe positions (consumer thread only)."""
+        """Synchronously commit the safe positions (consumer thread only: a
+        synchronous commit from another thread waits for the consumer's
+        poll to return)."""
         consumer = self._consumer
         if consumer is None:
             return
-        if candidates is None:
-            candidates = self.tracker.commit_candidates()
-        if not candidates:
-            return
-        tps = [TopicPartition(self.topics.requests, p, off) for p, off in candidates.items()]
-        try:
-            result = consumer.commit(offsets=tps, asynchronous=False)
-        except KafkaException as exc:
-            log.info("queue %r: commit failed, will retry: %s", self.name, exc)
-            return
-        for tp in result or []:
-            if tp.error is None:
-                self.tracker.committed(tp.partition, tp.offset)
-                self._drop_markers(tp.partition, tp.offset)
+        with self._commit_lock:  # one commit at a time: positions never go back
+            if candidates is None:
+                candidates = self.tracker.commit_candidates()
+            if not candidates:
+                return
+            generations = {p: self.tracker.generation(p) for p in candidates}
+            if self._consumer_closed:
+                return
+            tps = [TopicPartition(self.topics.requests, p, off) for p, off in candidates.items()]
+            try:
+                result = consumer.commit(offsets=tps, asynchronous=False)
+            except (KafkaException, RuntimeError) as exc:
+                log.info("queue %r: commit failed, will retry: %s", self.name, exc)
+                return
+            for tp in result or []:
+                gen = generations.get(tp.partition)
+                if tp.error is None and gen is not None:
+                    self.tracker.committed(tp.partition, tp.offset, gen)
+                    self._drop_markers(tp.partition, tp.offset)
 
     def _drop_markers(self, partition: int, below: int) -> None:
         # State markers of committed records are no longer needed: tombstone them.
         with self._marked_lock:
             marked = self._marked.get(partition)
-            if not marked:
-                return
-            done = [o for o in marked if o < below]
-            marked.difference_update(done)
+            done = [o for o in marked if o < below] if marked else []
+            if marked:
+                marked.difference_update(done)
+            rounds = self._marked_rounds.get(partition)
+            keys = [k for k, high in rounds.items() if high < below] if rounds else []
+            for key in keys:
+                del rounds[key]  # type: ignore[union-attr]
         for off in done:
             self.clients.produce_nowait(self.topics.state, f"{partition}:{off}".encode(), None)
+        for key in keys:
+            self.clients.produce_nowait(self.topics.state, key, None)
 
     def _targets(
         self, consumer: Consumer, partitions: list[TopicPartition], committed: dict[int, int]
@@ -536,24 +665,12 @@ class _QueueEngine:
                 "queue %r: state replay failed (attempt counts may restart): %s", self.name, exc
             )
             replay = []
-        markers: dict[tuple[int, int], dict[str, Any]] = {}
-        for rec in replay:
-            try:
-                p_s, _, o_s = (rec.key or b"").decode().partition(":")
-                p, off = int(p_s), int(o_s)
-            except ValueError:
-                continue
-            if p not in assigned or off < committed.get(p, -1):
-                continue
-            if rec.value is None:
-                markers.pop((p, off), None)
-            else:
-                with contextlib.suppress(ValueError):
-                    markers[(p, off)] = json.loads(rec.value)
+        markers, individual, rounds = _replay_markers(replay, assigned, committed)
         for p in assigned:
             self.tracker.assign(p, committed.get(p))
             with self._marked_lock:
-                self._marked.setdefault(p, set()).update(o for (pp, o) in markers if pp == p)
+                self._marked.setdefault(p, set()).update(o for (pp, o) in individual if pp == p)
+                self._marked_rounds.setdefault(p, {}).update(rounds.get(p, {}))
         self._markers.update(markers)
         self._paused = False
         self._wake = self._one_per_leader(consumer, sorted(assigned))
@@ -574,17 +691,23 @@ class _QueueEngine:
         return [TopicPartition(topic, p) for p in leaders.values()]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        safe: dict[int, int] = {}
-        for tp in partitions:
-            position = self.tracker.revoke(tp.partition)
-            if position is not None:
-                safe[tp.partition] = position
-        if safe:
-            tps = [TopicPartition(self.topics.requests, p, off) for p, off in safe.items()]
-            try:
-                consumer.commit(offsets=tps, asynchronous=False)
-            except KafkaException as exc:
-                log.warning("queue %r: commit on revoke failed: %s", self.name, exc)
+        with self._commit_lock:
+            safe: dict[int, tuple[int, int]] = {}
+            for tp in partitions:
+                gen = self.tracker.generation(tp.partition)
+                position = self.tracker.revoke(tp.partition)
+                if position is not None and gen is not None:
+                    safe[tp.partition] = (position, gen)
+            if safe:
+                tps = [TopicPartition(self.topics.requests, p, off) for p, (off, _) in safe.items()]
+                try:
+                    result = consumer.commit(offsets=tps, asynchronous=False)
+                except KafkaException as exc:
+                    log.warning("queue %r: commit on revoke failed: %s", self.name, exc)
+                else:
+                    for tp in result or []:
+                        if tp.error is None:
+                            self.tracker.committed(tp.partition, tp.offset, safe[tp.partition][1])
         self._forget(partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -599,6 +722,7 @@ class _QueueEngine:
         with self._marked_lock:
             for p in gone:
                 self._marked.pop(p, None)
+                self._marked_rounds.pop(p, None)
         self._post(self._purge)
 
     def _finish(self) -> None:
@@ -606,10 +730,12 @@ class _QueueEngine:
         if consumer is None:
             return
         self._commit()
-        try:
-            consumer.close()
-        except (KafkaException, RuntimeError) as exc:
-            log.warning("queue %r: consumer close: %s", self.name, exc)
+        with self._commit_lock:
+            self._consumer_closed = True
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("queue %r: consumer close: %s", self.name, exc)
 
     # -- event loop: buffer, timers, leases ------------------------------------------
     def _notify(self) -> None:
@@ -643,24 +769,36 @@ class _QueueEngine:
         self.delayed = [d for d in self.delayed if self._live(d[2])]
         heapq.heapify(self.delayed)
 
-    def _reclaim(self) -> None:
+    def _reclaim(self, *, wake: bool = True) -> None:
         """Expired leases back to the front of the buffer (or, at their last
-        attempt, to the dead-letter backlog); due delayed records to the back."""
+        attempt, to the dead-letter backlog); due delayed records to the back.
+        ``wake``: wake the waiting polls if anything is ready, else only if
+        something was moved."""
         now = time.monotonic()
-        for lease in [lease for lease in self.leases.values() if lease.deadline <= now]:
-            if lease.state != "held":
-                continue
-            self._drop_lease(lease, "lost")
-            if not self._live(lease.record):
-                continue
-            if lease.record.attempts >= lease.handle.max_attempts:
-                self.exhausted.append(lease)
-            else:
-                self.ready.appendleft(lease.record)
-        wall = time.time()
-        while self.delayed and self.delayed[0][0] <= wall:
-            self.ready.append(heapq.heappop(self.delayed)[2])
-        if self.ready:
+        moved = False
+        if now >= self._next_deadline:
+            expired = [lease for lease in self.leases.values() if lease.deadline <= now]
+            self._next_deadline = min(
+                (lease.deadline for lease in self.leases.values() if lease.deadline > now),
+                default=float("inf"),
+            )
+            for lease in expired:
+                if lease.state != "held":
+                    continue
+                self._drop_lease(lease, "lost")
+                if not self._live(lease.record):
+                    continue
+                moved = True
+                if lease.record.attempts >= lease.handle.max_attempts:
+                    self.exhausted.append(lease)
+                else:
+                    self.ready.appendleft(lease.record)
+        if self.delayed:
+            wall = time.time()
+            while self.delayed and self.delayed[0][0] <= wall:
+                self.ready.append(heapq.heappop(self.delayed)[2])
+                moved = True
+        if (moved or wake) and self.ready:
             self._notify()
 
     async def _drain_exhausted(self) -> None:
@@ -709,6 +847,20 @@ class _QueueEngine:
         with self._marked_lock:
             self._marked.setdefault(rec.partition, set()).add(rec.offset)
 
+    async def _write_counts(self, partition: int, recs: list[_Record]) -> None:
+        """One state record with the delivery counts of ``recs`` (all of
+        ``partition``), keyed uniquely so that compaction keeps it until
+        the committed offset passes all of them."""
+        low = min(r.offset for r in recs)
+        high = max(r.offset for r in recs)
+        key = f"{partition}:r{low}-{high}.{self._round_prefix}{next(_tokens)}".encode()
+        value = json.dumps({"ds": [[r.offset, r.deliveries] for r in recs]}, separators=(",", ":"))
+        await self.clients.produce(
+            self.topics.state, key, value.encode(), what="writing delivery state"
+        )
+        with self._marked_lock:
+            self._marked_rounds.setdefault(partition, {})[key] = high
+
     async def reserve_head(self) -> None:
         """Count the next delivery of the head record now, so that the next
         poll hands it out without waiting for the broker."""
@@ -719,9 +871,7 @@ class _QueueEngine:
         rec = self.ready[0]
         if rec.reserved:
             return
-        try:
-            decode(WorkRequest, rec.value or b"")
-        except UndecodableMessageError:
+        if self._decoded(rec) is None:
             return
         rec.deliveries += 1
         try:
@@ -732,8 +882,73 @@ class _QueueEngine:
         rec.reserved = True
 
     async def settle_record(self, rec: _Record) -> bool:
-        await self._write_marker(rec, _SETTLED)
-        return self.tracker.settle(rec.partition, rec.offset, rec.generation)
+        """Settle ``rec`` durably (group commit): returns True once a commit
+        covers it, or — if an earlier record keeps the committable position
+        below it for ``_MARKER_AFTER_S`` — once its "settled" marker is
+        written. False if its partition moved to another consumer before
+        either happened (the new owner delivers it again). Raises if neither
+        could be written (the record is then unsettled again)."""
+        tracker = self.tracker
+        p, off, gen = rec.partition, rec.offset, rec.generation
+        if not tracker.settle(p, off, gen):
+            return False
+        since = time.monotonic()
+        self._acks_busy_until = since + 1.0
+        while not self._stopped:
+            try:
+                await asyncio.shield(self._commit_round())
+            except Exception as exc:  # the marker below still makes it durable
+                log.info("queue %r: commit for acks failed: %s", self.name, exc)
+                break
+            if tracker.covered(p, off, gen):
+                return True
+            if not tracker.current(p, gen):
+                return False  # moved away before a commit covered it
+            if time.monotonic() - since >= _MARKER_AFTER_S:
+                break
+        try:
+            await self._write_marker(rec, _SETTLED)
+        except BaseException:
+            if not tracker.covered(p, off, gen):
+                tracker.unsettle(p, off, gen)
+            raise
+        return tracker.covered(p, off, gen) or tracker.current(p, gen)
+
+    def _commit_round(self) -> asyncio.Future[None]:
+        """The next commit the consumer thread has not started yet: every
+        ack settled before it starts is covered by it (unless an earlier
+        record is still outstanding). Fails after ``operation_timeout_s``."""
+        pending = self._next_commit
+        if pending is not None and self._commit_token is not None and not pending.done():
+            return pending
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        thread = self._thread
+        if thread is None or not thread.alive or self._consumer_closed:
+            future.set_result(None)
+            return future
+        token = object()
+        self._commit_token = token
+        self._next_commit = future
+
+        def run() -> None:  # on the consumer thread
+            if self._commit_token is token:  # later acks join a new round
+                self._commit_token = None
+            try:
+                self._commit()
+            finally:
+                with contextlib.suppress(RuntimeError):  # loop closed
+                    loop.call_soon_threadsafe(_finish_round, future, None)
+
+        timer = loop.call_later(
+            self.options.operation_timeout_s,
+            _finish_round,
+            future,
+            TransientTransportError(f"queue {self.name!r}: no commit within the timeout"),
+        )
+        future.add_done_callback(lambda _: timer.cancel())
+        thread.post(run)
+        return future
 
     async def dead_letter(
         self, rec: _Record, error: str, request: WorkRequest | None, *, attempts: int | None = None
@@ -762,45 +977,110 @@ class _QueueEngine:
             headers[H_NOT_BEFORE] = str(int((time.time() + delay) * 1000)).encode()
         await self.clients.produce(self.topics.requests, rec.key, rec.value, headers, what="nack")
 
+    def _decoded(self, rec: _Record) -> WorkRequest | None:
+        if rec.request is None and rec.undecodable is None:
+            try:
+                rec.request = decode(WorkRequest, rec.value or b"")
+            except UndecodableMessageError as exc:
+                rec.undecodable = str(exc)
+        return rec.request
+
+    async def _reserve(self, max_attempts: int) -> None:
+        """Count the next delivery of the records at the head of the buffer
+        in the state topic, one round of markers for all waiting pollers."""
+        task = self._reserving
+        if task is None or task.done():
+            task = self._reserving = asyncio.ensure_future(self._reserve_round(max_attempts))
+        await asyncio.shield(task)
+
+    def _demand(self) -> int:
+        """Polls in progress plus leases held (their workers poll next)."""
+        return self._pollers + len(self.leases)
+
+    def _reserve_ahead(self, max_attempts: int) -> None:
+        """Start the next round of delivery counts before the polls in
+        progress need it (background; a failure shows in the next poll)."""
+        if self._reserving is not None and not self._reserving.done():
+            return
+        index = min(self._demand(), len(self.ready) - 1)
+        if index >= 0 and not self.ready[index].reserved:
+            self._reserving = asyncio.ensure_future(self._reserve_round(max_attempts))
+            self._reserving.add_done_callback(_consume_outcome)
+
+    async def _reserve_round(self, max_attempts: int) -> None:
+        # Twice the demand: the next polls find their record counted
+        # already. A process killed now over-counts at most these (like a
+        # broker counting a prefetched batch as delivered).
+        want = min(_RESERVE_MAX, 2 * max(1, self._demand()))
+        picked: list[_Record] = []
+        for rec in self.ready:
+            if len(picked) >= want:
+                break
+            if rec.reserved or not self._live(rec) or self._decoded(rec) is None:
+                continue
+            if rec.attempts >= max_attempts:
+                continue
+            picked.append(rec)
+        by_partition: dict[int, list[_Record]] = {}
+        for rec in picked:
+            rec.deliveries += 1
+            by_partition.setdefault(rec.partition, []).append(rec)
+        groups = list(by_partition.items())
+        results = await asyncio.gather(
+            *(self._write_counts(p, recs) for p, recs in groups), return_exceptions=True
+        )
+        failed: BaseException | None = None
+        for (_, recs), result in zip(groups, results, strict=True):
+            for rec in recs:
+                if isinstance(result, BaseException):
+                    rec.deliveries -= 1
+                else:
+                    rec.reserved = True
+            if isinstance(result, BaseException):
+                failed = failed or result
+        if failed is not None:
+            raise failed
+
     async def take(self, handle: KafkaRequestQueue) -> KafkaDelivery | None:
         if self.cohort is not None and not self.cohort.opened:
             self.cohort.check()
             return None
-        self._reclaim()
-        await self._drain_exhausted()
+        self._reclaim(wake=False)
+        if self.exhausted:
+            await self._drain_exhausted()
         while self.ready:
-            rec = self.ready.popleft()
+            rec = self.ready[0]
             if not self._live(rec):
+                self.ready.popleft()
                 continue
-            try:
+            request = self._decoded(rec)
+            exhausted = rec.attempts - rec.reserved >= handle.max_attempts
+            if request is None or exhausted:
+                self.ready.popleft()
                 try:
-                    request = decode(WorkRequest, rec.value or b"")
-                except UndecodableMessageError as exc:
-                    await self.dead_letter(rec, str(exc), None, attempts=rec.attempts + 1)
-                    continue
-                if rec.attempts - rec.reserved >= handle.max_attempts:
-                    rec.deliveries -= rec.reserved
-                    rec.reserved = False
-                    await self.dead_letter(
-                        rec,
-                        rec.last_error or f"not acknowledged after {rec.attempts} deliveries",
-                        request,
-                    )
-                    continue
-                if rec.reserved:
-                    rec.reserved = False
-                else:
-                    rec.deliveries += 1
-                    try:
-                        await self._write_marker(rec, b'{"d":%d}' % rec.deliveries)
-                    except BaseException:
-                        rec.deliveries -= 1
-                        raise
-            except BaseException:
-                self.ready.appendleft(rec)
-                raise
+                    if request is None:
+                        reason = rec.undecodable or "undecodable"
+                        await self.dead_letter(rec, reason, None, attempts=rec.attempts + 1)
+                    else:
+                        rec.deliveries -= rec.reserved
+                        rec.reserved = False
+                        reason = (
+                            rec.last_error or f"not acknowledged after {rec.attempts} deliveries"
+                        )
+                        await self.dead_letter(rec, reason, request)
+                except BaseException:
+                    self.ready.appendleft(rec)
+                    raise
+                continue
+            if not rec.reserved:
+                await self._reserve(handle.max_attempts)
+                continue  # the head may have changed meanwhile
+            self.ready.popleft()
+            rec.reserved = False
+            self._reserve_ahead(handle.max_attempts)
             request = request.model_copy(update={"attempt": rec.attempts})
             lease = _Lease(rec, request, handle, time.monotonic() + handle.lease_seconds)
+            self._next_deadline = min(self._next_deadline, lease.deadline)
             self.leases[lease.token] = lease
             handle._held.add(lease.token)
             return KafkaDelivery(request, self, lease)
@@ -849,6 +1129,7 @@ class _QueueEngine:
         except BaseException:
             if lease.state == "settling":
                 lease.state = "held"
+                self._next_deadline = min(self._next_deadline, lease.deadline)
             raise
         self._drop_lease(lease, "done")
         return ok
