@@ -100,14 +100,29 @@ async def _drain_ledger(
     return False
 
 
+async def _busy_worker(workers: list[WorkerProcess], timeout: float) -> WorkerProcess | None:
+    """A worker that has leased work since it was last picked (the first to
+    do so, or one at random among those that already had), or None."""
+    waits = {asyncio.ensure_future(w.wait_for("LEASED", timeout)): w for w in workers}
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        busy = [waits[t] for t in done if not t.cancelled() and t.exception() is None]
+        return random.choice(busy) if busy else None
+    finally:
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+
+
 async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -> dict[str, Any]:
     """Workers killed with SIGKILL in the middle of their work.
 
     A producer feeds the queue at a steady rate while two worker processes
     (16 handlers each, 0-20 ms of work per request) drain it. Each kill picks
-    a worker, waits until it has leased work, lets it run a random 50-400 ms
-    more and kills it with SIGKILL, so every kill lands on requests in flight;
-    a fresh worker replaces it.
+    a worker that has leased work (at random among those that have; on a
+    one-partition Kafka queue only the partition's owner has), lets it run a
+    random 50-400 ms more and kills it with SIGKILL, so every kill lands on
+    requests in flight; a fresh worker replaces it.
     """
     lease = harness.lease_seconds
     queue_name = _qname("kill")
@@ -144,12 +159,10 @@ async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -
         dead: list[WorkerProcess] = []
         kills = 0
         for _ in range(sizes.kills):
-            victim = workers.pop(random.randrange(len(workers)))
-            try:
-                await victim.wait_for("LEASED", harness.scaled(60))
-            except TimeoutError:
-                workers.append(victim)  # nothing left to work on
-                break
+            victim = await _busy_worker(workers, harness.scaled(60))
+            if victim is None:
+                break  # nothing left to work on
+            workers.remove(victim)
             await asyncio.sleep(random.uniform(0.05, 0.4))
             await victim.reap()
             kills += 1
