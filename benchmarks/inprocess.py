@@ -176,26 +176,36 @@ async def raw_sqlite_consume(path: Path, n: int, batch: int = 64) -> float:
     return await asyncio.to_thread(run)
 
 
-async def backlog_memory(url: str, n: int) -> tuple[float, float, float]:
-    """Drain an ``n`` request backlog with one worker: (RSS before fill, after
-    fill, peak while draining) in MB."""
+async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
+    """Fill an ``n`` request backlog, then drain it with one worker (one
+    process, 16 handlers): (RSS before the fill, after it, peak while
+    draining) in MB, and the drain rate."""
     transport = await connect(url)
     try:
         queue = transport.request_queue(f"backlog-{uuid.uuid4().hex[:8]}")
         before = rss_mb()
         await run_concurrently(n, 64, lambda i: queue.enqueue(WorkRequest(task="w", payload=i)))
-        filled = rss_mb()
-        peak = filled
+        filled = peak = rss_mb()
         done = 0
-        while done < n:
-            delivery = await queue.poll(1)
-            if delivery is None:
-                break
-            await delivery.ack()
-            done += 1
-            if done % 10000 == 0:
-                peak = max(peak, rss_mb())
-        return before, filled, peak
+        start = time.perf_counter()
+
+        async def handler() -> None:
+            nonlocal done, peak
+            while done < n:
+                delivery = await queue.poll(1)
+                if delivery is None:
+                    if (await queue.stats()).depth == 0:
+                        return
+                    continue
+                await delivery.ack()
+                done += 1
+                if done % 10_000 == 0:
+                    peak = max(peak, rss_mb())
+
+        await asyncio.gather(*(handler() for _ in range(16)))
+        if done < n:
+            raise RuntimeError(f"backlog drain stopped at {done} of {n}")
+        return before, filled, max(peak, rss_mb()), n / (time.perf_counter() - start)
     finally:
         await transport.aclose()
 
@@ -277,6 +287,21 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
         say(f"{name}: ensemble end to end")  # type: ignore[operator]
         thr = await library.ensemble(url, sizes.round_trips * 2)
         rows.append(library.ensemble_row(name, thr))
+    backlog = 50_000 if sizes.quick else 1_000_000
+    say(f"sqlite: backlog of {backlog:,} drained by one worker")  # type: ignore[operator]
+    before, filled, peak, drain = await backlog_memory(sqlite_url, backlog)
+    rows.append(
+        Row(
+            "sqlite",
+            f"RSS growth, {backlog // 1000}k backlog",
+            round(peak - filled, 1),
+            0,
+            f"RSS {before:.0f} MB before fill, {filled:.0f} after, peak {peak:.0f}; "
+            f"drained at {drain:,.0f}/s",
+            "MB",
+            0,
+        )
+    )
     return rows
 
 
