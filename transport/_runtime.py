@@ -156,6 +156,10 @@ class Ensemble:
         self._capabilities: CapabilityRegistry | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
+        # Acks run in the background so that a worker takes its next request
+        # while the last one's ack is made durable (a flush on some backends).
+        self._acking: set[asyncio.Task[None]] = set()
+        self._ack_slots = asyncio.Semaphore(max(64, 16 * concurrency))
         self._refresher: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._started = False
@@ -310,6 +314,11 @@ class Ensemble:
                 )
                 worker.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._acking:
+            _, late = await asyncio.wait(set(self._acking), timeout=self.shutdown_grace)
+            for ack in late:
+                ack.cancel()  # its request comes back and is answered from the record
+            await asyncio.gather(*late, return_exceptions=True)
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
@@ -431,7 +440,7 @@ class Ensemble:
         if await self._already_answered(request):
             self.counts["duplicates"] += 1
             sink.increment("duplicate_skipped", labels)
-            await delivery.ack()
+            await self._ack(delivery)
             return
         spec = self._tasks.get(request.task)
         if spec is None or (request.deadline is not None and request.deadline <= utcnow()):
@@ -445,7 +454,7 @@ class Ensemble:
                 WorkResponse(request_id=request.request_id, status="rejected", error=reason),
             )
             self.counts["rejected"] += 1
-            await delivery.ack()
+            await self._ack(delivery)
             return
         queue = self.queue
         keeper = asyncio.create_task(self._keep_lease(delivery, queue.lease_seconds))
@@ -479,8 +488,39 @@ class Ensemble:
             duration_ms=(time.perf_counter() - started) * 1000,
         )
         await self._respond(request, response)
-        await delivery.ack()
+        await self._ack(delivery)
         self.counts["completed"] += 1
+
+    async def _ack(self, delivery: Delivery) -> None:
+        """Ack ``delivery`` (its response is recorded) in the background.
+
+        The worker is free for its next request while the ack is made
+        durable; at most ``max(64, 16 × concurrency)`` acks wait at once
+        (then the worker waits for a slot), and :meth:`aclose` waits for them
+        before it closes the queue. An ack that never completes (crash) means
+        a redelivery, answered from the recorded response: never a loss."""
+        await self._ack_slots.acquire()
+        try:
+            task = asyncio.create_task(self._settle(delivery))
+        except BaseException:
+            self._ack_slots.release()
+            raise
+        self._acking.add(task)
+        task.add_done_callback(self._acking.discard)
+
+    async def _settle(self, delivery: Delivery) -> None:
+        try:
+            await delivery.ack()
+        except TransportError as exc:
+            # The lease will run out and the request comes back; it is then
+            # answered from the recorded response.
+            log.warning(
+                "ensemble %s: could not ack %s: %s", self.name, delivery.request.request_id, exc
+            )
+        except Exception:
+            log.exception("ensemble %s: ack of %s failed", self.name, delivery.request.request_id)
+        finally:
+            self._ack_slots.release()
 
     async def _fail(self, delivery: Delivery, error: str, started: float) -> None:
         request = delivery.request

@@ -3,15 +3,17 @@ touches client threads.
 
 Every client operation is started with its ``*_async`` variant; the callback
 runs on a C++ I/O thread and hands the outcome to the event loop through
-a per-loop inbox (one ``call_soon_threadsafe`` per burst of callbacks;
-receive and ack callbacks use ``call_soon_threadsafe`` directly). The few
+a per-loop inbox (one ``call_soon_threadsafe`` per burst of callbacks; a
+callback the client runs inside the call, as it does for an ack or for a
+receive served from the prefetch queue, completes at once). The few
 calls that may block (building and shutting down the client) run on one
 dedicated thread.
 Every wait has a timeout, flush and close included.
 
 Receiving is a pump, not a per-call future: a message handed over by the
-client is appended to a local buffer by the loop, so a cancelled ``poll``
-can never drop a message the client already gave us.
+client goes to the first waiting caller or, if none waits any more, to a
+local buffer, so a cancelled ``poll`` can never drop a message the client
+already gave us.
 """
 
 from __future__ import annotations
@@ -121,19 +123,6 @@ def _result_callback(future: asyncio.Future[Any]) -> Callable[..., None]:
     return callback
 
 
-def _threadsafe_callback(future: asyncio.Future[Any]) -> Callable[..., None]:
-    """Like :func:`_result_callback`, but always completes through the loop
-    (``call_soon_threadsafe``), even when the client calls back inside the
-    call, as it does for an ack: the ack path keeps its original ordering."""
-    loop = future.get_loop()
-
-    def callback(result: Any, value: Any = None) -> None:
-        with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
-            loop.call_soon_threadsafe(_settle, future, result, value)
-
-    return callback
-
-
 def _settle_v2(future: asyncio.Future[Any], value: Any) -> None:
     if future.done():
         return
@@ -151,6 +140,11 @@ def _value_callback(future: asyncio.Future[Any]) -> Callable[[Any], None]:
         post(_settle_v2, future, value)
 
     return callback
+
+
+def _resolve_none(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -265,7 +259,12 @@ class AsyncConsumer:
     """A subscription member with a cancellation-safe receive pump.
 
     At most one ``receive_async`` is outstanding, and only while someone
-    waits for a message; what it yields lands in ``_ready`` on the loop.
+    waits for a message. Waiters queue up in FIFO order and each message
+    goes to exactly one of them (no wake-up of every waiter per message);
+    a message nobody waits for any more lands in ``_ready``, the front of
+    the line for the next call. A message the client already holds
+    (prefetched) completes ``receive_async`` inside the call: those are
+    handed over on the spot, without a round trip through the loop.
     """
 
     def __init__(
@@ -279,42 +278,87 @@ class AsyncConsumer:
         self._ack_flush_wait = ack_flush_wait
         self.topic = topic
         self._loop = loop
+        self._thread = threading.get_ident()  # created on the loop's thread
         self._ready: collections.deque[Message] = collections.deque()
-        self._arrived = asyncio.Event()
+        self._waiters: collections.deque[asyncio.Future[Message | None]] = collections.deque()
         self._receiving = False
+        self._requesting = False
+        self._inline: list[tuple[Any, Any]] | None = None
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
+        self._on_message_cb = self._make_callback()
+
+    def _make_callback(self) -> Callable[..., None]:
+        loop = self._loop
+        thread = self._thread
+
+        def on_message(result: Any, message: Any = None) -> None:
+            inline = self._inline
+            if inline is not None and threading.get_ident() == thread:
+                inline.append((result, message))  # completed inside receive_async
+                return
+            with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
+                loop.call_soon_threadsafe(self._arrive, result, message)
+
+        return on_message
+
+    def _waiting(self) -> bool:
+        waiters = self._waiters
+        while waiters and waiters[0].done():
+            waiters.popleft()
+        return bool(waiters)
 
     def _request(self) -> None:
-        if self._receiving or self._closed or self._retry is not None:
-            return
-        self._receiving = True
-        loop = self._loop
-
-        def on_message(result: Any, message: Any = None) -> None:  # a client thread
-            with contextlib.suppress(RuntimeError):  # loop already closed: nobody waits
-                loop.call_soon_threadsafe(self._on_message, result, message)
-
+        """Keep one receive outstanding while someone waits; serve waiters
+        from messages the client already holds without leaving the call."""
+        if self._requesting:
+            return  # re-entered from a hand-over: the running loop continues
+        self._requesting = True
         try:
-            self._consumer.receive_async(on_message)
-        except Exception as exc:
-            self._receiving = False
-            log.warning("receive on %s failed to start: %s", self.topic, exc)
-            self._schedule_retry()
+            while (
+                not self._receiving and not self._closed and self._retry is None and self._waiting()
+            ):
+                self._receiving = True
+                inline: list[tuple[Any, Any]] = []
+                self._inline = inline
+                try:
+                    self._consumer.receive_async(self._on_message_cb)
+                except Exception as exc:
+                    self._receiving = False
+                    log.warning("receive on %s failed to start: %s", self.topic, exc)
+                    self._schedule_retry()
+                    return
+                finally:
+                    self._inline = None
+                if not inline:
+                    return  # outstanding: the client calls back from its thread
+                self._on_message(*inline[0])
+        finally:
+            self._requesting = False
 
     def _schedule_retry(self) -> None:
         def again() -> None:
             self._retry = None
-            if not self._closed:
-                self._arrived.set()  # wake waiters so they re-request
+            self._request()
 
         self._retry = self._loop.call_later(0.5, again)
+
+    def _arrive(self, result: Any, message: Any) -> None:
+        self._on_message(result, message)
+        self._request()
 
     def _on_message(self, result: Any, message: Any) -> None:
         self._receiving = False
         if result == _OK:
+            if self._closed:
+                return  # closing the consumer returns it to the broker
+            waiters = self._waiters
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(message)
+                    return
             self._ready.append(message)
-            self._arrived.set()
         elif not self._closed and result != _pulsar.Result.AlreadyClosed:
             log.warning(
                 "receive on %s failed: %s; retrying", self.topic, getattr(result, "name", result)
@@ -323,24 +367,29 @@ class AsyncConsumer:
 
     async def next(self, timeout: float) -> Message | None:
         """The next message, or ``None`` after ``timeout`` seconds."""
-        deadline = self._loop.time() + timeout
-        while True:
-            if self._ready:
-                return self._ready.popleft()
-            if self._closed:
-                return None
-            self._arrived.clear()
-            self._request()
-            # A message already prefetched is handed over at once, but through
-            # the loop: let it land before deciding that nothing is there.
-            await asyncio.sleep(0)
-            if self._ready:
-                continue
-            remaining = deadline - self._loop.time()
-            if remaining <= 0:
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+        if self._ready:
+            return self._ready.popleft()
+        if self._closed:
+            return None
+        loop = self._loop
+        waiter: asyncio.Future[Message | None] = loop.create_future()
+        self._waiters.append(waiter)
+        self._request()
+        if waiter.done():  # served from the prefetch queue inside the call
+            return waiter.result()
+        timer = loop.call_later(max(timeout, 0.0), _resolve_none, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            # Handed a message in the same loop turn as the cancellation:
+            # keep it for the next caller instead of dropping it.
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self._ready.appendleft(waiter.result())
+            raise
+        finally:
+            timer.cancel()
+            if not waiter.done():
+                waiter.cancel()
 
     def push_back(self, message: Message) -> None:
         """Return a message taken by :meth:`next` but not used (front of the line)."""
@@ -349,7 +398,7 @@ class AsyncConsumer:
     async def acknowledge(self, message: Message, timeout: float) -> None:
         future: asyncio.Future[None] = self._loop.create_future()
         with map_pulsar_errors(f"ack on {self.topic}"):
-            self._consumer.acknowledge_async(message, _threadsafe_callback(future))
+            self._consumer.acknowledge_async(message, _result_callback(future))
         await _wait(future, timeout, f"ack on {self.topic}")
         # The C++ client completes an ack as soon as it is queued in its ack
         # grouping tracker, which reaches the socket on the next 100 ms tick
@@ -376,7 +425,9 @@ class AsyncConsumer:
         if self._retry is not None:
             self._retry.cancel()
         self._ready.clear()
-        self._arrived.set()
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
+            _resolve_none(waiter)
         future: asyncio.Future[None] = self._loop.create_future()
         with contextlib.suppress(Exception):
             self._consumer.close_async(_result_callback(future))

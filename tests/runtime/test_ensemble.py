@@ -367,3 +367,57 @@ def test_ensemble_configuration_errors() -> None:
     ens.add_task("t", handler)
     with pytest.raises(ValueError):
         ens.add_task("t", handler)
+
+
+async def test_worker_takes_the_next_request_while_an_ack_is_still_being_made_durable(
+    transport: Transport,
+) -> None:
+    """Acks run in the background (a durable ack can take a flush, e.g.
+    Pulsar's 100 ms tick), and close() still waits for them."""
+    from transport._metrics import InstrumentedRequestQueue, _InstrumentedDelivery
+
+    gate = asyncio.Event()
+    acks_started: list[str] = []
+
+    class GatedDelivery(_InstrumentedDelivery):
+        async def ack(self) -> bool:
+            acks_started.append(self.request.request_id)
+            await gate.wait()
+            return await super().ack()
+
+    class GatedQueue(InstrumentedRequestQueue):
+        async def poll(self, timeout: float | None = None) -> Any:
+            delivery = await self.inner.poll(timeout)
+            if delivery is None:
+                return None
+            return GatedDelivery(delivery, InMemoryMetrics(), {})
+
+    inner = transport.request_queue("gated")
+    queue = GatedQueue(inner, InMemoryMetrics())
+    handled: list[int] = []
+    all_handled = asyncio.Event()
+    ens = Ensemble("gated", transport=transport, queue=queue, concurrency=1, advertise=False)
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> int:
+        handled.append(ctx.payload)
+        if len(handled) == 3:
+            all_handled.set()
+        return int(ctx.payload)
+
+    for i in range(3):
+        await queue.enqueue(WorkRequest(task="work", payload=i))
+    await ens.start()
+    # One worker, three requests, no ack has completed: the worker did not wait.
+    await asyncio.wait_for(all_handled.wait(), 10)
+    assert handled == [0, 1, 2]
+    closing = asyncio.create_task(ens.aclose())
+    await asyncio.sleep(0.05)
+    assert not closing.done(), "close() must wait for the acks in flight"
+    gate.set()
+    await asyncio.wait_for(closing, 10)
+    assert len(acks_started) == 3
+    assert ens.counts["completed"] == 3
+    check = transport.request_queue("gated")
+    assert await check.poll(0.2) is None, "every request was acked before close returned"
+    await check.aclose()
