@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from typing import Any
 
@@ -13,9 +15,11 @@ from transport._queue import RequestQueue
 from transport._registries import CapabilityRegistry, DeliveryRegistry, PendingDelivery
 from transport._tracing import TRACEPARENT, child_traceparent, current_traceparent
 from transport._transport import Transport
-from transport.errors import TransportError
+from transport.errors import TransientTransportError, TransportError
 
 __all__ = ["Network", "NoProviderError"]
+
+log = logging.getLogger("transport.network")
 
 
 class NoProviderError(TransportError, LookupError):
@@ -34,6 +38,12 @@ class Network:
     come from its advertisement; an ensemble that has not advertised is
     reached at the queue of its name with ``default_levels`` levels.
     Priorities default to the middle level.
+
+    With an ``outbox``, :meth:`send` keeps working while the broker is
+    unreachable: a request for a named ensemble is stored locally (for its
+    queue with ``default_levels``) and the outbox registers the caller's
+    pending record and sends the request once the broker is back; the handle
+    returned waits for that record and its response.
     """
 
     def __init__(
@@ -43,11 +53,15 @@ class Network:
         caller: str,
         outbox: Outbox | None = None,
         default_levels: int = 1,
+        register_timeout: float = 5.0,
     ) -> None:
         self.transport = transport
         self.caller = validate_name(caller, "caller name")
         self.outbox = outbox
         self.default_levels = default_levels
+        #: With an outbox: how long ``send`` tries to register the pending
+        #: record on the broker before leaving that to the outbox.
+        self.register_timeout = register_timeout
         self._inbox: DeliveryRegistry | None = None
         self._capabilities: CapabilityRegistry | None = None
         self._queues: dict[tuple[str, int], RequestQueue] = {}
@@ -108,7 +122,15 @@ class Network:
         so the response is never lost, even if this process restarts.
         Raises: NoProviderError, ValueError (bad priority), the queue's errors.
         """
-        queue_name, levels = await self._resolve(target, task)
+        try:
+            queue_name, levels = await self._resolve(target, task)
+        except TransientTransportError:
+            if self.outbox is None or target is None:
+                raise
+            # Broker unreachable: the outbox holds the request for the named
+            # ensemble, at its queue with the default levels.
+            validate_name(target, "ensemble name")
+            queue_name, levels = target, self.default_levels
         level = levels // 2 if priority is None else priority
         if not 0 <= level < levels:
             raise ValueError(f"priority must be in 0..{levels - 1} for {queue_name!r}, got {level}")
@@ -123,15 +145,30 @@ class Network:
             **({"request_id": request_id} if request_id else {}),
             **fields,
         )
-        pending = await self.inbox.register(request.request_id)
-        if self.outbox is not None:
-            await self.outbox.enqueue(queue_name, request, levels=levels)
-        else:
+        if self.outbox is None:
+            pending = await self.inbox.register(request.request_id)
             queue = self._queue(queue_name, levels)
             if isinstance(queue, PriorityRequestQueue):
                 await queue.enqueue(request, priority=level)
             else:
                 await queue.enqueue(request)
+            return pending
+        deferred = False
+        try:
+            async with asyncio.timeout(self.register_timeout):
+                pending = await self.inbox.register(request.request_id)
+        except (TransientTransportError, TimeoutError) as exc:
+            # Broker unreachable: the outbox registers the pending record
+            # before it sends the request, so the response still finds us.
+            log.info(
+                "caller %s: %s is registered through the outbox (%s)",
+                self.caller,
+                request.request_id,
+                exc or "timed out",
+            )
+            deferred = True
+            pending = PendingDelivery(self.inbox, request.request_id, registration_deferred=True)
+        await self.outbox.enqueue(queue_name, request, levels=levels, register=deferred)
         return pending
 
     async def request(

@@ -2,6 +2,9 @@
 
 ``Outbox.enqueue`` returns once the request is committed to a local file; a
 background drainer sends requests to the transport strictly in FIFO order.
+A request stored with ``register=True`` (a :class:`~transport.Network` that
+could not reach the broker to register the caller's pending record) has its
+delivery record registered by the drainer first, then is sent.
 A transient failure (broker unreachable, timeout) is retried with backoff,
 forever, holding the line — an outage alone never dead-letters anything.
 Only definitive (permanent) failures count toward ``max_attempts`` (3), after
@@ -27,6 +30,7 @@ from transport._codec import decode, encode
 from transport._models import WorkRequest, utcnow
 from transport._priority import PriorityRequestQueue
 from transport._queue import RequestQueue
+from transport._registries import DeliveryRegistry
 from transport._sqlitestore import SqliteStore
 from transport._transport import Transport
 from transport.errors import ClosedResourceError, PermanentTransportError, TransientTransportError
@@ -42,7 +46,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL, levels INTEGER NOT NULL, body BLOB NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, created_at REAL NOT NULL
+    attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, created_at REAL NOT NULL,
+    register INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox_dead (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -79,8 +84,9 @@ class Outbox:
     """Durable, FIFO store-and-forward in front of a transport.
 
     Use as ``async with Outbox(transport, "outbox.db") as outbox:`` or call
-    :meth:`start` / :meth:`aclose`. ``queue_factory`` builds the destination
-    queue for (name, levels); by default the transport's.
+    :meth:`start` / :meth:`aclose`; the first :meth:`enqueue` starts it too.
+    ``queue_factory`` builds the destination queue for (name, levels); by
+    default the transport's.
     """
 
     def __init__(
@@ -99,6 +105,8 @@ class Outbox:
         self._wait = retry_wait or wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1)
         self._factory = queue_factory or self._default_queue
         self._queues: dict[tuple[str, int], RequestQueue] = {}
+        self._registries: dict[str, DeliveryRegistry] = {}
+        self._starting: asyncio.Lock | None = None
         self._store = SqliteStore(self.path, synchronous=synchronous, schema=_SCHEMA)
         self._wake = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
@@ -115,9 +123,27 @@ class Outbox:
         return self.transport.request_queue(name)
 
     async def start(self) -> None:
-        """Open the file and start draining."""
-        await self._store.open()
-        self._drainer = asyncio.create_task(self._drain(), name="outbox-drainer")
+        """Open the file and start draining (idempotent).
+
+        Raises: ClosedResourceError after :meth:`aclose`; sqlite3.Error if the
+        file cannot be opened."""
+        if self._closed:
+            raise ClosedResourceError("outbox is closed")
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._drainer is not None:
+                return
+            await self._store.open()
+            await self._store.write(self._migrate)
+            self._drainer = asyncio.create_task(self._drain(), name="outbox-drainer")
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Files written before the ``register`` column existed get it."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+        if "register" not in columns:
+            conn.execute("ALTER TABLE outbox ADD COLUMN register INTEGER NOT NULL DEFAULT 0")
 
     async def __aenter__(self) -> Outbox:
         await self.start()
@@ -126,22 +152,34 @@ class Outbox:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def enqueue(self, queue: str, request: WorkRequest, *, levels: int = 1) -> WorkRequest:
+    async def enqueue(
+        self, queue: str, request: WorkRequest, *, levels: int = 1, register: bool = False
+    ) -> WorkRequest:
         """Store ``request`` for ``queue``; returns once committed locally.
 
+        With ``register=True`` the drainer first registers the request in the
+        delivery registry named by its ``reply_to`` (idempotent), then sends
+        it: for a caller that could not reach the broker to register.
+
         Raises: PayloadTooLargeError / PermanentTransportError for a request
-        the transport would refuse anyway; ClosedResourceError.
+        the transport would refuse anyway; ValueError for ``register`` without
+        ``reply_to``; ClosedResourceError.
         """
         if self._closed:
             raise ClosedResourceError("outbox is closed")
+        if register and request.reply_to is None:
+            raise ValueError("register=True needs a request with reply_to")
+        if self._drainer is None:
+            await self.start()
         if request.enqueued_at is None:
             request = request.model_copy(update={"enqueued_at": utcnow()})
         body = encode(request, self.transport.config.max_payload_bytes)
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO outbox(queue, levels, body, created_at) VALUES (?, ?, ?, ?)",
-                (queue, levels, body, time.time()),
+                "INSERT INTO outbox(queue, levels, body, created_at, register)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (queue, levels, body, time.time(), int(register)),
             )
 
         await self._store.write(op)
@@ -183,7 +221,8 @@ class Outbox:
         while True:
             head = await self._store.read(
                 lambda c: c.execute(
-                    "SELECT id, queue, levels, body, attempts FROM outbox ORDER BY id LIMIT 1"
+                    "SELECT id, queue, levels, body, attempts, register FROM outbox"
+                    " ORDER BY id LIMIT 1"
                 ).fetchone()
             )
             if head is None:
@@ -191,9 +230,15 @@ class Outbox:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            row_id, queue_name, levels, body, _attempts = head
+            row_id, queue_name, levels, body, _attempts, register = head
             request = decode(WorkRequest, body)
             try:
+                if register and request.reply_to is not None:
+                    registry = self._registries.get(request.reply_to)
+                    if registry is None:
+                        registry = self.transport.delivery_registry(request.reply_to)
+                        self._registries[request.reply_to] = registry
+                    await registry.register(request.request_id)
                 queue = self._queues.get((queue_name, levels))
                 if queue is None:
                     queue = self._queues[(queue_name, levels)] = self._factory(queue_name, levels)
@@ -208,10 +253,26 @@ class Outbox:
                 self._log_outage(exc, pause)
                 await asyncio.sleep(pause)
                 continue
+            except ClosedResourceError:
+                log.warning(
+                    "outbox: the transport was closed; draining stops (requests stay stored)"
+                )
+                return
             except (PermanentTransportError, ValueError) as exc:
                 self._outage_over()
                 await self._store.write(
                     functools.partial(self._definitive_failure, row_id=row_id, error=str(exc))
+                )
+                continue
+            except Exception as exc:  # not an outage: counts like a definitive failure
+                log.exception("outbox: sending a request to %s failed", queue_name)
+                self._outage_over()
+                await self._store.write(
+                    functools.partial(
+                        self._definitive_failure,
+                        row_id=row_id,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
                 )
                 continue
             self._outage_over()
@@ -280,4 +341,7 @@ class Outbox:
             self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drainer
+        for registry in self._registries.values():
+            with contextlib.suppress(Exception):
+                await registry.aclose()
         await self._store.aclose()

@@ -121,10 +121,15 @@ class PendingDelivery:
     ``await pending`` waits without limit; :meth:`result` takes a timeout.
     """
 
-    def __init__(self, registry: DeliveryRegistry, request_id: str) -> None:
+    def __init__(
+        self, registry: DeliveryRegistry, request_id: str, *, registration_deferred: bool = False
+    ) -> None:
         self._registry = registry
         self.request_id = request_id
         self._response: WorkResponse | None = None
+        #: The record is written later (by an outbox's drainer): until it
+        #: appears, "no record" means "not yet", not "unknown".
+        self._deferred = registration_deferred
 
     def __await__(self) -> Generator[Any, None, WorkResponse]:
         return self.result().__await__()
@@ -145,7 +150,9 @@ class PendingDelivery:
         expired or was taken by another caller; ClosedResourceError.
         """
         if self._response is None:
-            self._response = await self._registry._take(self.request_id, timeout)
+            self._response = await self._registry._take(
+                self.request_id, timeout, missing_ok=self._deferred
+            )
         return self._response
 
 
@@ -339,12 +346,14 @@ class DeliveryRegistry:
         await self._ready()
         return sorted(self._records.values(), key=lambda r: r.created_at)
 
-    async def _take(self, request_id: str, timeout: float | None) -> WorkResponse:
+    async def _take(
+        self, request_id: str, timeout: float | None, *, missing_ok: bool = False
+    ) -> WorkResponse:
         await self._ready()
         record = self._records.get(request_id)
-        if record is None or record.state == "taken":
+        if (record is None and not missing_ok) or (record is not None and record.state == "taken"):
             raise UnknownDeliveryError(request_id)
-        if record.state == "pending":
+        if record is None or record.state == "pending":
             waiter = self._waiters.get(request_id)
             if waiter is None or waiter.done():
                 waiter = asyncio.get_running_loop().create_future()

@@ -26,6 +26,7 @@ from tenacity.wait import wait_base
 from transport._metrics import get_metrics_sink
 from transport._models import Capability, WorkRequest, WorkResponse, utcnow
 from transport._naming import validate_name
+from transport._priority import PriorityRequestQueue
 from transport._queue import Delivery, RequestQueue
 from transport._registries import CapabilityRegistry, DeliveryRegistry
 from transport._tracing import TRACEPARENT, reset_current, set_current
@@ -161,6 +162,8 @@ class Ensemble:
         self._acking: set[asyncio.Task[None]] = set()
         self._ack_slots = asyncio.Semaphore(max(64, 16 * concurrency))
         self._refresher: asyncio.Task[None] | None = None
+        self._plain: RequestQueue | None = None
+        self._forwarder: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._started = False
         self._closed = False
@@ -264,6 +267,14 @@ class Ensemble:
             asyncio.create_task(self._worker(queue), name=f"{self.name}:worker-{i}")
             for i in range(self.concurrency)
         ]
+        if self._owns_queue and isinstance(queue, PriorityRequestQueue):
+            assert self.transport is not None
+            self._plain = self.transport.request_queue(
+                self.name, lease_seconds=self._lease_seconds, max_attempts=self._max_attempts
+            )
+            self._forwarder = asyncio.create_task(
+                self._forward(self._plain, queue), name=f"{self.name}:forward"
+            )
         log.info(
             "ensemble %s started: %d workers, tasks %s",
             self.name,
@@ -302,6 +313,11 @@ class Ensemble:
             return
         self._closed = True
         self._stopping.set()
+        if self._forwarder is not None:
+            self._forwarder.cancel()  # waiting in poll(), cancellation-safe
+            await asyncio.gather(self._forwarder, return_exceptions=True)
+        if self._plain is not None:
+            await self._plain.aclose()
         # Idle workers are waiting in poll(), which is cancellation-safe.
         for worker in self._workers:
             if worker not in self._busy:
@@ -365,6 +381,27 @@ class Ensemble:
             except TransportError as exc:
                 log.warning("ensemble %s: capability refresh failed: %s", self.name, exc)
 
+    async def _forward(self, plain: RequestQueue, queue: PriorityRequestQueue) -> None:
+        """Move requests from the ensemble's plain queue (where a caller that
+        did not know its priority levels sent them, e.g. before the ensemble
+        first advertised) to the middle level of its priority queue, keeping
+        request id and enqueue time (so aging counts from the first enqueue).
+        Acked only after the copy is enqueued: a crash in between means a
+        duplicate, answered from the recorded response, never a loss."""
+        level = self.priority_levels // 2
+        while not self._stopping.is_set():
+            try:
+                delivery = await plain.poll(self._poll_timeout)
+                if delivery is None:
+                    continue
+                await queue.enqueue(delivery.request, priority=level)
+                await delivery.ack()
+            except TransportError as exc:
+                log.warning(
+                    "ensemble %s: forwarding from %s failed: %s", self.name, plain.name, exc
+                )
+                await asyncio.sleep(1.0)
+
     # -- the work loop --------------------------------------------------------
     async def _worker(self, queue: RequestQueue) -> None:
         current = asyncio.current_task()
@@ -410,7 +447,16 @@ class Ensemble:
         return record is not None and record.state != "pending"
 
     async def _respond(self, request: WorkRequest, response: WorkResponse) -> None:
-        if request.reply_to is None or self.transport is None:
+        if request.reply_to is None:
+            return
+        if self.transport is None:
+            log.error(
+                "ensemble %s: cannot route the response to %s to %r: the ensemble was built "
+                "with a queue but no transport (pass transport= to answer callers)",
+                self.name,
+                request.request_id,
+                request.reply_to,
+            )
             return
         await self._registry(request.reply_to).complete(request.request_id, response)
 

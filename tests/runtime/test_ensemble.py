@@ -421,3 +421,26 @@ async def test_worker_takes_the_next_request_while_an_ack_is_still_being_made_du
     check = transport.request_queue("gated")
     assert await check.poll(0.2) is None, "every request was acked before close returned"
     await check.aclose()
+
+
+async def test_request_sent_before_a_prioritised_ensemble_advertised_is_served(
+    transport: Transport,
+) -> None:
+    """A caller that does not know the target's levels (it has not advertised
+    yet) sends to its plain queue; the ensemble moves such requests to the
+    middle level of its priority queue instead of leaving them stranded."""
+    caller = Network(transport, caller="early-desk")  # default_levels=1
+    pending = await caller.send("kitchen3", "cook", {"dish": "soup"})
+    kitchen = Ensemble("kitchen3", transport=transport, concurrency=1, priority_levels=3)
+    levels_seen: list[int] = []
+
+    @kitchen.task("cook")
+    async def cook(ctx: TaskContext) -> str:
+        levels_seen.append(ctx.request.priority)
+        return str(ctx.payload["dish"])
+
+    async with kitchen:
+        response = await pending.result(timeout=20)
+    assert response.status == "completed"
+    assert response.result == "soup"
+    assert levels_seen == [1]  # the middle of three levels
