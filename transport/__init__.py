@@ -23,6 +23,7 @@ from transport._events import (
     validate_subject,
 )
 from transport._keyed import CAUGHT_UP, KeyedChange, KeyedLog
+from transport._logging import JsonLogFormatter, configure_logging
 from transport._metrics import (
     InMemoryMetrics,
     InstrumentedRequestQueue,
@@ -94,6 +95,7 @@ __all__ = [
     "InMemoryMetrics",
     "InstrumentedRequestQueue",
     "InvalidNameError",
+    "JsonLogFormatter",
     "KeyedChange",
     "KeyedLog",
     "LogEvent",
@@ -126,6 +128,7 @@ __all__ = [
     "WorkResponse",
     "available_backends",
     "child_traceparent",
+    "configure_logging",
     "connect",
     "current_traceparent",
     "decode",

@@ -23,7 +23,7 @@ from typing import Any, Literal, Self
 from tenacity import RetryCallState, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from transport._metrics import get_metrics_sink
+from transport._metrics import get_metrics_sink, metrics_enabled
 from transport._models import Capability, WorkRequest, WorkResponse, utcnow
 from transport._naming import validate_name
 from transport._priority import PriorityRequestQueue
@@ -113,6 +113,10 @@ class Ensemble:
     other exception → nack with exponential backoff (tenacity), and after the
     queue's ``max_attempts`` → dead letter + ``failed`` response, so a caller
     is never left waiting. An expired ``deadline`` → ``rejected`` response.
+
+    With a metrics sink set (:func:`set_metrics_sink`), the queue gauges
+    (depth/lag, in flight, dead-lettered) are refreshed every
+    ``stats_interval`` seconds while the ensemble runs (``None``: never).
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class Ensemble:
         retry_wait: wait_base | None = None,
         advertise: bool = True,
         poll_timeout: float = 1.0,
+        stats_interval: float | None = 15.0,
     ) -> None:
         self.name = validate_name(name, "ensemble name")
         if transport is None and queue is None:
@@ -152,6 +157,8 @@ class Ensemble:
         )
         self._advertise = advertise and transport is not None
         self._poll_timeout = poll_timeout
+        self._stats_interval = stats_interval
+        self._gauges: asyncio.Task[None] | None = None
         self._tasks: dict[str, TaskSpec] = {}
         self._registries: dict[str, DeliveryRegistry] = {}
         self._capabilities: CapabilityRegistry | None = None
@@ -267,6 +274,8 @@ class Ensemble:
             asyncio.create_task(self._worker(queue), name=f"{self.name}:worker-{i}")
             for i in range(self.concurrency)
         ]
+        if self._stats_interval and metrics_enabled():
+            self._gauges = asyncio.create_task(self._report_stats(), name=f"{self.name}:stats")
         if self._owns_queue and isinstance(queue, PriorityRequestQueue):
             assert self.transport is not None
             self._plain = self.transport.request_queue(
@@ -280,6 +289,7 @@ class Ensemble:
             self.name,
             self.concurrency,
             sorted(self._tasks),
+            extra=self._fields(),
         )
 
     def stop(self) -> None:
@@ -313,6 +323,9 @@ class Ensemble:
             return
         self._closed = True
         self._stopping.set()
+        if self._gauges is not None:
+            self._gauges.cancel()
+            await asyncio.gather(self._gauges, return_exceptions=True)
         if self._forwarder is not None:
             self._forwarder.cancel()  # waiting in poll(), cancellation-safe
             await asyncio.gather(self._forwarder, return_exceptions=True)
@@ -326,7 +339,9 @@ class Ensemble:
             _, late = await asyncio.wait(self._workers, timeout=self.shutdown_grace)
             for worker in late:
                 log.warning(
-                    "ensemble %s: handler still running after grace; releasing it", self.name
+                    "ensemble %s: handler still running after grace; releasing it",
+                    self.name,
+                    extra=self._fields(),
                 )
                 worker.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
@@ -344,7 +359,7 @@ class Ensemble:
                     await self._capabilities.withdraw(self.name, spec.name)
         if self._owns_queue and self._queue is not None:
             await self._queue.aclose()  # unsettled deliveries go back for redelivery
-        log.info("ensemble %s stopped (%s)", self.name, self.counts)
+        log.info("ensemble %s stopped (%s)", self.name, self.counts, extra=self._fields())
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -379,7 +394,23 @@ class Ensemble:
             try:
                 await self._advertise_all()
             except TransportError as exc:
-                log.warning("ensemble %s: capability refresh failed: %s", self.name, exc)
+                log.warning(
+                    "ensemble %s: capability refresh failed: %s",
+                    self.name,
+                    exc,
+                    extra=self._fields(),
+                )
+
+    async def _report_stats(self) -> None:
+        """With a metrics sink set: refresh the queue gauges (depth — the lag
+        on Kafka —, in flight, dead-lettered) every ``stats_interval`` s."""
+        assert self._stats_interval
+        while True:
+            try:
+                await self.queue.stats()
+            except TransportError as exc:
+                log.debug("ensemble %s: queue stats failed: %s", self.name, exc)
+            await asyncio.sleep(self._stats_interval)
 
     async def _forward(self, plain: RequestQueue, queue: PriorityRequestQueue) -> None:
         """Move requests from the ensemble's plain queue (where a caller that
@@ -410,7 +441,7 @@ class Ensemble:
             try:
                 delivery = await queue.poll(self._poll_timeout)
             except TransportError as exc:
-                log.warning("ensemble %s: poll failed: %s", self.name, exc)
+                log.warning("ensemble %s: poll failed: %s", self.name, exc, extra=self._fields())
                 await asyncio.sleep(1.0)
                 continue
             if delivery is None:
@@ -426,9 +457,21 @@ class Ensemble:
                     self.name,
                     delivery.request.request_id,
                     exc,
+                    extra=self._fields(delivery.request),
                 )
             finally:
                 self._busy.discard(current)
+
+    def _fields(self, request: WorkRequest | None = None) -> dict[str, Any]:
+        """Structured-log fields (see :class:`transport.JsonLogFormatter`)."""
+        if request is None:
+            return {"ensemble": self.name}
+        return {
+            "ensemble": self.name,
+            "task": request.task,
+            "request_id": request.request_id,
+            "attempt": request.attempt,
+        }
 
     def _labels(self, request: WorkRequest) -> dict[str, str]:
         return {"ensemble": self.name, "task": request.task}
@@ -456,6 +499,7 @@ class Ensemble:
                 self.name,
                 request.request_id,
                 request.reply_to,
+                extra=self._fields(request),
             )
             return
         await self._registry(request.reply_to).complete(request.request_id, response)
@@ -469,6 +513,7 @@ class Ensemble:
                         "ensemble %s: lease of %s was lost; it may be processed twice",
                         self.name,
                         delivery.request.request_id,
+                        extra=self._fields(delivery.request),
                     )
                     return
             except TransportError as exc:
@@ -521,6 +566,7 @@ class Ensemble:
                 request.task,
                 request.attempt,
                 exc,
+                extra=self._fields(request),
             )
             await self._retry(delivery, f"{type(exc).__name__}: {exc}", started, None)
             return
@@ -561,10 +607,19 @@ class Ensemble:
             # The lease will run out and the request comes back; it is then
             # answered from the recorded response.
             log.warning(
-                "ensemble %s: could not ack %s: %s", self.name, delivery.request.request_id, exc
+                "ensemble %s: could not ack %s: %s",
+                self.name,
+                delivery.request.request_id,
+                exc,
+                extra=self._fields(delivery.request),
             )
         except Exception:
-            log.exception("ensemble %s: ack of %s failed", self.name, delivery.request.request_id)
+            log.exception(
+                "ensemble %s: ack of %s failed",
+                self.name,
+                delivery.request.request_id,
+                extra=self._fields(delivery.request),
+            )
         finally:
             self._ack_slots.release()
 

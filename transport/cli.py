@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from transport._config import TransportConfig, load_config
 from transport._connect import connect
+from transport._logging import configure_logging
 from transport._queue import RequestQueue
 from transport._transport import Transport
 from transport.errors import TransportError
@@ -155,6 +156,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="TOML file (default: TRANSPORT_CONFIG_FILE)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="log lines on stderr"
+    )
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("health", help="check that the configured backend is reachable")
     stats = sub.add_parser("stats", help="queue depth/lag, in flight, dead-lettered")
@@ -179,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = _Output(args.json)
     try:
+        configure_logging(args.log_level, fmt=args.log_format)
         if args.config:
             config = TransportConfig.from_toml(
                 args.config, **({"url": args.url} if args.url else {})
