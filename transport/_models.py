@@ -9,7 +9,12 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from transport._naming import validate_header, validate_name, validate_request_id
+from transport._naming import (
+    validate_header,
+    validate_name,
+    validate_ordering_key,
+    validate_request_id,
+)
 
 __all__ = [
     "Capability",
@@ -87,6 +92,7 @@ class WorkRequest(_WireModel):
     idempotency key. ``enqueued_at`` is stamped once, at the first enqueue, and
     kept across redelivery and priority promotion (aging is computed from it).
     ``attempt`` is filled in by the backend on delivery (1 = first delivery).
+    ``ordering_key`` optionally groups requests that must stay in order.
     """
 
     request_id: str = Field(default_factory=_new_request_id)
@@ -98,11 +104,29 @@ class WorkRequest(_WireModel):
     deadline: datetime | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     attempt: int = Field(default=1, ge=1)
+    ordering_key: str | None = None
+    """Requests with the same ordering key go to the same partition (Kafka) /
+    key (Pulsar Key_Shared), so they are delivered in order relative to each
+    other on backends that preserve order. 1-256 characters, no control
+    characters; unset, the request id is the message key (requests spread
+    over partitions). It orders deliveries, not completions: concurrent
+    handlers may still work on two requests of one key at once, and a nacked
+    request goes to the back of its partition."""
 
     @field_validator("request_id")
     @classmethod
     def _check_request_id(cls, value: str) -> str:
         return validate_request_id(value)
+
+    @field_validator("ordering_key")
+    @classmethod
+    def _check_ordering_key(cls, value: str | None) -> str | None:
+        return None if value is None else validate_ordering_key(value)
+
+    @property
+    def message_key(self) -> str:
+        """The broker message key: ``ordering_key`` if set, else ``request_id``."""
+        return self.ordering_key if self.ordering_key is not None else self.request_id
 
     @field_validator("task")
     @classmethod

@@ -21,6 +21,9 @@ _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}")
 _FORBIDDEN_IN_VALUES = ("\r", "\n", "\x00")
 MAX_HEADER_VALUE_LENGTH = 8192
+MAX_ORDERING_KEY_LENGTH = 256
+# C0 and C1 control characters and DEL (Unicode category Cc).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Names already accepted (every request names its task, every delivery is
 # re-validated on decode): a set lookup instead of the checks below.
 _VALID_NAMES: set[str] = set()
@@ -69,6 +72,33 @@ def validate_request_id(request_id: object) -> str:
             "request id", request_id, "must be 1-128 characters of A-Z a-z 0-9 _ -"
         )
     return request_id
+
+
+def validate_ordering_key(key: object) -> str:
+    """Return ``key`` if usable as a message key on every backend, else raise.
+
+    Raises:
+        InvalidNameError: not a string of 1-256 characters, or containing a
+            control character or a lone surrogate (not encodable as UTF-8).
+    """
+    if not isinstance(key, str):
+        raise InvalidNameError("ordering key", key, "must be a string")
+    if not key:
+        raise InvalidNameError("ordering key", key, "must not be empty")
+    if len(key) > MAX_ORDERING_KEY_LENGTH:
+        raise InvalidNameError(
+            "ordering key", key, f"longer than {MAX_ORDERING_KEY_LENGTH} characters"
+        )
+    if _CONTROL_RE.search(key):
+        raise InvalidNameError("ordering key", key, "must not contain control characters")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidNameError(
+                "ordering key", key, "must be valid Unicode text (no lone surrogates)"
+            ) from None
+    return key
 
 
 def validate_header(key: object, value: object) -> None:

@@ -3,8 +3,9 @@
 Topics of queue ``Q`` in namespace ``NS`` (all created explicitly, never by
 auto-create):
 
-* ``NS.Q.requests`` — the requests, keyed by ``request_id``
-  (``partitions`` option, default 1);
+* ``NS.Q.requests`` — the requests, keyed by their ``ordering_key`` if set,
+  else by ``request_id`` (``partitions`` option, default 1): requests of one
+  ordering key share a partition, so they are handed out in enqueue order;
 * ``NS.Q.state`` — compacted, one partition: per-record delivery counts and
   "settled" markers, keyed ``"<partition>:<offset>"``;
 * ``NS.Q.dlq`` — compacted, one partition: dead letters keyed
@@ -975,6 +976,9 @@ class _QueueEngine:
             headers[H_ERROR] = last.encode()[:4096]
         if delay:
             headers[H_NOT_BEFORE] = str(int((time.time() + delay) * 1000)).encode()
+        # The record's own key (the ordering key or request id it was
+        # enqueued with): the copy stays on its partition, behind the
+        # requests of that key enqueued since.
         await self.clients.produce(self.topics.requests, rec.key, rec.value, headers, what="nack")
 
     def _decoded(self, rec: _Record) -> WorkRequest | None:
@@ -1211,7 +1215,7 @@ class KafkaRequestQueue(RequestQueue):
         await self._engine.ensure_topics()
         await self._engine.clients.produce(
             self.topics.requests,
-            request.request_id.encode(),
+            request.message_key.encode(),
             data,
             what=f"enqueue to {self.name!r}",
         )
@@ -1299,7 +1303,7 @@ class KafkaRequestQueue(RequestQueue):
                 continue
             fresh = dead.request.model_copy(update={"attempt": 1})
             await clients.produce(
-                self.topics.requests, fresh.request_id.encode(), encode(fresh), what="requeue"
+                self.topics.requests, fresh.message_key.encode(), encode(fresh), what="requeue"
             )
             await clients.produce(self.topics.dlq, key, None, what="requeue (dlq tombstone)")
             moved += 1

@@ -3,9 +3,12 @@ through one Shared (or Key_Shared) subscription.
 
 How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
 
-* enqueue: a non-batched send; returns on the broker's send receipt. The
-  first enqueue of a handle makes sure the subscription exists (a
-  zero-permit subscribe), so nothing is trimmed before a worker arrives.
+* enqueue: a non-batched send keyed by the request's ``ordering_key`` if
+  set, else its ``request_id`` (a Key_Shared subscription hands the
+  messages of one key to one consumer, in order); returns on the broker's
+  send receipt. The first enqueue of a handle makes sure the subscription
+  exists (a zero-permit subscribe), so nothing is trimmed before a worker
+  arrives.
 * poll: a message from the subscription, leased locally for
   ``lease_seconds``. Leases are client-side timers: Pulsar's own ackTimeout
   has a 10 s minimum and cannot be renewed per message. On expiry the
@@ -184,7 +187,7 @@ class PulsarRequestQueue(RequestQueue):
             request = request.model_copy(update={"enqueued_at": utcnow()})
         body = encode(request, self._t.config.max_payload_bytes)
         producer = await self._get_producer()
-        await producer.send(body, key=request.request_id)
+        await producer.send(body, key=request.message_key)
         return request
 
     async def poll(self, timeout: float | None = None) -> PulsarDelivery | None:
@@ -386,7 +389,7 @@ class PulsarRequestQueue(RequestQueue):
         producer = await self._get_producer()
         await producer.send(
             bytes(delivery._message.data()),
-            key=delivery.request.request_id,
+            key=delivery.request.message_key,
             properties=properties,
             deliver_after=delay or None,
         )

@@ -37,6 +37,7 @@ def test_own_encodings_decode_exactly_as_decode_does() -> None:
             headers={"traceparent": "00-abc-def-01", "x-key": "v"},
             deadline=datetime(2030, 1, 2, 3, 4, 5, 678, tzinfo=timezone(timedelta(hours=2))),
             attempt=4,
+            ordering_key="tenant/ü 7",
         ),
         replace_fields(WorkRequest(task="t", payload="s"), enqueued_at=datetime.now(UTC)),
         WorkRequest(task="t", enqueued_at=datetime(2026, 1, 1, 12, 0)),  # naive: taken as UTC

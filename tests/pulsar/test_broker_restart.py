@@ -22,7 +22,7 @@ def harness(
     transport_harness: PulsarHarness, pulsar_broker: PulsarLiteBroker | None
 ) -> PulsarHarness:
     if pulsar_broker is None:
-        pytest.skip("an external broker (PULSAR_SERVICE_URL) is not restarted by the tests")
+        pytest.skip("an external or containerised broker is not restarted by the tests")
     return transport_harness
 
 

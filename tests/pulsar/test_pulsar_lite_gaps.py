@@ -17,11 +17,9 @@ import pytest
 from transport_pulsar import PulsarTransport
 from transport_pulsar._client import AsyncPulsarClient
 
-from .conftest import EXTERNAL_URL, PulsarHarness
+from .conftest import ON_PULSAR_LITE, PulsarHarness
 
 pytestmark = [pytest.mark.broker]
-
-ON_PULSAR_LITE = not EXTERNAL_URL
 
 
 def lite_gap(reason: str) -> pytest.MarkDecorator:

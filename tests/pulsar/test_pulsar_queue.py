@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from transport import CAUGHT_UP, KeyedChange, WorkRequest
-from transport_pulsar import PulsarTransport
+from transport_pulsar import PulsarDelivery, PulsarTransport
 
 from .conftest import PulsarHarness
 
@@ -137,3 +137,28 @@ async def test_extend_keeps_a_lease_past_pulsars_ack_timeout_minimum(
     finally:
         await owner.aclose()
         await rival_client.aclose()
+
+
+async def test_the_ordering_key_is_the_partition_key(transport_harness: PulsarHarness) -> None:
+    t = await transport_harness.connect()
+    try:
+        q = t.request_queue(f"o{uuid.uuid4().hex[:8]}", max_attempts=3)
+        keyed = await q.enqueue(WorkRequest(task="x", ordering_key="customer-42"))
+        plain = await q.enqueue(WorkRequest(task="x"))
+        seen: dict[str, str] = {}
+        for _ in range(2):
+            d = await q.poll(5)
+            assert isinstance(d, PulsarDelivery)
+            seen[d.request.request_id] = d._message.partition_key()
+            if d.request.request_id == keyed.request_id:
+                assert await d.nack(error="again")  # republished as a copy
+            else:
+                assert await d.ack()
+        assert seen == {keyed.request_id: "customer-42", plain.request_id: plain.request_id}
+        again = await q.poll(5)
+        assert isinstance(again, PulsarDelivery)
+        assert again.request.request_id == keyed.request_id and again.attempt == 2
+        assert again._message.partition_key() == "customer-42"
+        assert await again.ack()
+    finally:
+        await t.aclose()
