@@ -173,6 +173,7 @@ class KafkaEventReader(EventReader):
         if self._closed:
             raise ClosedResourceError(f"reader of {self.stream!r} is closed")
         to = check_start(to)
+        _check_position(to)
         consumer = self._consumer
         assert consumer is not None and self._thread is not None
 
@@ -220,6 +221,16 @@ class KafkaEventReader(EventReader):
             if self._thread is not None:
                 await self._thread.join(self._log.clients.settings.options.close_timeout_s + 5)
             self._log._readers.discard(self)
+
+
+def _check_position(start: Start) -> None:
+    """Refuse a malformed position before anything is sent.
+
+    Raises: ValueError.
+    """
+    malformed = not (start.isascii() and start.isdigit()) if isinstance(start, str) else False
+    if malformed and start not in ("earliest", "latest"):
+        raise ValueError(f"not a Kafka event-log position: {start!r}")
 
 
 def _millis(moment: datetime) -> int:
@@ -309,6 +320,7 @@ class KafkaEventLog(EventLog):
         self, stream: str, start: Start = "earliest", *, cursor: str | None = None
     ) -> KafkaEventReader:
         start = check_start(start)
+        _check_position(start)
         if cursor is not None:
             validate_name(cursor, "cursor name")
         await self._ready(stream)

@@ -224,6 +224,20 @@ class EventLogConformance:
                 assert got is None, (later, got)
         await reader.aclose()
 
+    async def test_a_malformed_position_is_refused(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        log = transport.event_log()
+        await log.append(queue_name, "x")
+        with pytest.raises(ValueError):
+            await log.read(queue_name, "not-a-position")
+        reader = await log.read(queue_name, "earliest")
+        with pytest.raises(ValueError):
+            await reader.seek("not-a-position")
+        first = await reader.next(harness.scaled(10))
+        assert first is not None and first.data == "x"
+        await reader.aclose()
+
     async def test_named_cursor_resumes_after_a_restart(
         self, harness: BackendHarness, queue_name: str, make_transport: Any
     ) -> None:
