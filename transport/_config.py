@@ -103,7 +103,8 @@ class TransportConfig(BaseSettings):
         """The URL with any password replaced, safe for logs.
 
         A user part without a password (``nats://TOKEN@host``) is a token by
-        NATS convention, so it is replaced too.
+        NATS convention, so it is replaced too. Never raises (the URL was
+        validated with the config).
         """
         parts = urlsplit(self.url)
         if parts.username is None:

@@ -93,23 +93,36 @@ class subjects:
 
     @staticmethod
     def events(ensemble: str, kind: str | None = None) -> str:
-        """``agent.events.<ensemble>[.<kind>]`` — what an ensemble announces."""
+        """``agent.events.<ensemble>[.<kind>]`` — what an ensemble announces.
+
+        Raises: InvalidNameError if ``ensemble`` or ``kind`` is not a valid
+        name (wildcards, ``.``, spaces, empty, ``__``...).
+        """
         base = f"agent.events.{validate_name(ensemble, 'ensemble name')}"
         return base if kind is None else f"{base}.{validate_name(kind, 'event kind')}"
 
     @staticmethod
     def route(agent_id: str) -> str:
-        """``agent.route.<id>`` — direct messages to one agent."""
+        """``agent.route.<id>`` — direct messages to one agent.
+
+        Raises: InvalidNameError if ``agent_id`` is not a valid name.
+        """
         return f"agent.route.{validate_name(agent_id, 'agent id')}"
 
     @staticmethod
     def plugin_inbound(plugin: str) -> str:
-        """``plugin.inbound.<plugin>`` — input for a plugin."""
+        """``plugin.inbound.<plugin>`` — input for a plugin.
+
+        Raises: InvalidNameError if ``plugin`` is not a valid name.
+        """
         return f"plugin.inbound.{validate_name(plugin, 'plugin name')}"
 
     @staticmethod
     def plugin_health(plugin: str) -> str:
-        """``plugin.health.<plugin>`` — a plugin's heartbeats."""
+        """``plugin.health.<plugin>`` — a plugin's heartbeats.
+
+        Raises: InvalidNameError if ``plugin`` is not a valid name.
+        """
         return f"plugin.health.{validate_name(plugin, 'plugin name')}"
 
     ALL_EVENTS = "agent.events.>"
@@ -158,7 +171,10 @@ class Subscription(ABC):
     async def __anext__(self) -> Event: ...
 
     async def next(self, timeout: float | None = None) -> Event | None:
-        """The next event, or ``None`` after ``timeout`` seconds."""
+        """The next event, or ``None`` after ``timeout`` seconds.
+
+        Raises: StopAsyncIteration once the subscription is closed.
+        """
         try:
             async with asyncio.timeout(timeout):
                 return await self.__anext__()
@@ -167,7 +183,8 @@ class Subscription(ABC):
 
     @abstractmethod
     async def aclose(self) -> None:
-        """Stop receiving. Idempotent."""
+        """Stop receiving; a pending :meth:`next` ends. Idempotent. Does not
+        raise for an unreachable backend."""
 
     async def __aenter__(self) -> Self:
         return self
@@ -232,7 +249,14 @@ class EventBus(ABC):
         queue_group: str | None = None,
     ) -> asyncio.Task[None]:
         """Answer every request matching ``pattern`` with ``handler``'s
-        return value, in a background task (cancel it to stop)."""
+        return value, in a background task (cancel it to stop).
+
+        Guarantees: subscribed before this returns, so a request published
+        afterwards is answered. Events without ``reply_to`` are ignored.
+        Raises: as :meth:`subscribe` (at the call). The task ends with the
+        handler's exception if the handler raises (the requester then times
+        out), or with the bus's error if a reply cannot be sent.
+        """
         subscription = await self.subscribe(pattern, queue_group)
 
         async def loop() -> None:
@@ -245,7 +269,8 @@ class EventBus(ABC):
 
     @abstractmethod
     async def aclose(self) -> None:
-        """Close every subscription. Idempotent."""
+        """Close every subscription. Idempotent. Does not raise for an
+        unreachable backend."""
 
     async def __aenter__(self) -> Self:
         return self
@@ -282,7 +307,14 @@ class EventReader(ABC):
     async def __anext__(self) -> LogEvent: ...
 
     async def next(self, timeout: float | None = None) -> LogEvent | None:
-        """The next event, or ``None`` if none arrives within ``timeout``."""
+        """The next event, or ``None`` if none arrives within ``timeout``.
+
+        Guarantees: events of the stream in append order, without gaps;
+        with a named cursor, the previous event is committed first.
+        Raises: StopAsyncIteration once the reader is closed;
+        TransientTransportError if the backend fails while reading or
+        committing.
+        """
         try:
             async with asyncio.timeout(timeout):
                 return await self.__anext__()
@@ -292,16 +324,32 @@ class EventReader(ABC):
     @abstractmethod
     async def seek(self, to: Start) -> None:
         """Continue from a position (inclusive), the first event appended at
-        or after a time, or an end."""
+        or after a time, or an end (``latest``: only events appended after
+        the seek).
+
+        Raises: ValueError for a start that is not a position of this log,
+        a datetime, ``earliest`` or ``latest``; ClosedResourceError;
+        TransientTransportError.
+        """
 
     @abstractmethod
     async def commit(self) -> None:
         """Store the position after the last event returned (named cursors
-        only; a no-op otherwise)."""
+        only; a no-op otherwise).
+
+        Guarantees: durable on return: a reader restarted with this cursor
+        resumes after that event.
+        Raises: TransientTransportError.
+        """
 
     @abstractmethod
     async def aclose(self) -> None:
-        """Stop reading (commits a named cursor). Idempotent."""
+        """Stop reading (commits a named cursor). Idempotent.
+
+        Raises: TransientTransportError from the final commit on some
+        backends (the reader is closed either way; the cursor then resumes
+        at the last committed event).
+        """
 
     async def __aenter__(self) -> Self:
         return self
@@ -325,7 +373,9 @@ class EventLog(ABC):
         """Append an event; returns its position once durably stored.
 
         Guarantees: order within a stream is append order (per appender).
-        Raises: InvalidNameError, PayloadTooLargeError, TransientTransportError.
+        ``appended_at`` is the time a read or seek by time compares with.
+        Raises: InvalidNameError, PayloadTooLargeError, TransientTransportError,
+        ClosedResourceError.
         """
 
     @abstractmethod
@@ -333,14 +383,21 @@ class EventLog(ABC):
         self, stream: str, start: Start = "earliest", *, cursor: str | None = None
     ) -> EventReader:
         """A reader of ``stream`` from ``start`` (ignored for a named
-        ``cursor`` that has a stored position).
+        ``cursor`` that has a stored position): a position (inclusive), a
+        time (the first event whose ``appended_at`` is at or after it),
+        ``earliest``, or ``latest`` (only events appended after the read
+        started).
 
-        Raises: InvalidNameError, TransientTransportError.
+        Raises: InvalidNameError; ValueError for a start that is not a
+        position of this log, a datetime, ``earliest`` or ``latest``;
+        TransientTransportError; ClosedResourceError.
         """
 
     @abstractmethod
     async def aclose(self) -> None:
-        """Close every reader. Idempotent."""
+        """Close every reader (committing named cursors where it can).
+        Idempotent. Does not raise for an unreachable backend (a failed final
+        commit is swallowed: the cursor resumes at its last committed event)."""
 
     async def __aenter__(self) -> Self:
         return self

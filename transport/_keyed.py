@@ -76,4 +76,5 @@ class KeyedLog(ABC):
 
     @abstractmethod
     async def aclose(self) -> None:
-        """Release resources. Idempotent."""
+        """Release resources; what was written stays in the backend.
+        Idempotent. Does not raise for an unreachable backend."""

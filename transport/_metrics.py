@@ -35,9 +35,18 @@ Labels = tuple[tuple[str, str], ...]
 
 
 class MetricsSink(Protocol):
-    def increment(self, name: str, labels: dict[str, str], value: float = 1.0) -> None: ...
+    """Where the library reports counters and gauges. Implementations are
+    called inline on the event loop, so they must be fast and should not
+    raise: an exception from a sink propagates to the queue operation (or
+    the ensemble step) that reported it, after that operation took effect."""
 
-    def gauge(self, name: str, labels: dict[str, str], value: float) -> None: ...
+    def increment(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
+        """Add ``value`` to counter ``name`` for the series ``labels``."""
+        ...
+
+    def gauge(self, name: str, labels: dict[str, str], value: float) -> None:
+        """Set gauge ``name`` for the series ``labels`` to ``value``."""
+        ...
 
 
 class _NullSink:
@@ -57,15 +66,20 @@ class InMemoryMetrics:
         self.gauges: dict[tuple[str, Labels], float] = {}
 
     def increment(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
+        """Add ``value`` to counter ``name`` for ``labels`` (thread-safe).
+        Never raises for string labels."""
         with self._lock:
             self.counters[(name, tuple(sorted(labels.items())))] += value
 
     def gauge(self, name: str, labels: dict[str, str], value: float) -> None:
+        """Set gauge ``name`` for ``labels`` to ``value`` (thread-safe).
+        Never raises for string labels."""
         with self._lock:
             self.gauges[(name, tuple(sorted(labels.items())))] = value
 
     def count(self, name: str, **labels: str) -> float:
-        """Sum of counter ``name`` over series matching ``labels``."""
+        """Sum of counter ``name`` over the series whose labels include
+        ``labels`` (0.0 if none). A consistent snapshot; never raises."""
         with self._lock:
             return sum(
                 v
@@ -130,7 +144,12 @@ class _InstrumentedDelivery(Delivery):
 
 
 class InstrumentedRequestQueue(RequestQueue):
-    """Wraps any queue and reports what happens through it."""
+    """Wraps any queue and reports what happens through it.
+
+    Every method has the wrapped queue's guarantees and raises what it
+    raises; a metric is reported only after the operation succeeded, so an
+    exception from the sink surfaces after the operation took effect.
+    """
 
     def __init__(self, inner: RequestQueue, sink: MetricsSink) -> None:
         self.inner = inner
@@ -141,11 +160,16 @@ class InstrumentedRequestQueue(RequestQueue):
         self._labels = {"queue": inner.name}
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        """As :meth:`RequestQueue.enqueue`, then counts ``enqueued``."""
         stored = await self.inner.enqueue(request)
         self._sink.increment("enqueued", self._labels)
         return stored
 
     async def poll(self, timeout: float | None = None) -> Delivery | None:
+        """As :meth:`RequestQueue.poll`, then counts ``delivered`` (and
+        ``redelivered`` for attempt > 1); the delivery counts its
+        settlements (``acked``, ``nacked``, ``lease_extended``,
+        ``dead_lettered``) when they return ``True``."""
         delivery = await self.inner.poll(timeout)
         if delivery is None:
             return None
@@ -155,6 +179,8 @@ class InstrumentedRequestQueue(RequestQueue):
         return _InstrumentedDelivery(delivery, self._sink, self._labels)
 
     async def stats(self) -> QueueStats:
+        """As :meth:`RequestQueue.stats`, then sets the ``queue_depth``,
+        ``queue_in_flight`` (when known) and ``queue_dead_lettered`` gauges."""
         stats = await self.inner.stats()
         if stats.depth is not None:
             self._sink.gauge("queue_depth", self._labels, stats.depth)
@@ -164,10 +190,13 @@ class InstrumentedRequestQueue(RequestQueue):
         return stats
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """As :meth:`RequestQueue.dead_letters` (nothing is reported)."""
         return await self.inner.dead_letters(limit)
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
+        """As :meth:`RequestQueue.requeue_dead_letters` (nothing is reported)."""
         return await self.inner.requeue_dead_letters(request_ids)
 
     async def aclose(self) -> None:
+        """Close the wrapped queue (as :meth:`RequestQueue.aclose`)."""
         await self.inner.aclose()

@@ -213,7 +213,12 @@ class Capability(_WireModel):
         return f"{self.ensemble}.{self.name}"
 
     def expired(self, now: datetime | None = None) -> bool:
-        """True once the lease has run out."""
+        """True once the lease has run out (``expires_at`` at or before
+        ``now``, default: the current UTC time); never for an advertisement
+        without a lease.
+
+        Raises: TypeError if ``now`` is a naive datetime.
+        """
         return self.expires_at is not None and self.expires_at <= (now or utcnow())
 
 

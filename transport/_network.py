@@ -68,18 +68,38 @@ class Network:
 
     @property
     def inbox(self) -> DeliveryRegistry:
+        """This caller's delivery registry (named ``caller``), opened on first
+        use and then reused; responses to every request sent through this
+        network are recorded there.
+
+        Raises: ClosedResourceError if the transport is closed (first use).
+        """
         if self._inbox is None:
             self._inbox = self.transport.delivery_registry(self.caller)
         return self._inbox
 
     @property
     def capabilities(self) -> CapabilityRegistry:
+        """The deployment's capability registry, opened on first use and
+        then reused (where targets are looked up).
+
+        Raises: ClosedResourceError if the transport is closed (first use).
+        """
         if self._capabilities is None:
             self._capabilities = self.transport.capability_registry()
         return self._capabilities
 
     async def discover(self, task: str) -> list[Capability]:
-        """Live providers of ``task``."""
+        """Live (unexpired) providers of ``task``, sorted by ensemble name;
+        empty if there are none.
+
+        Guarantees: eventually consistent (as :meth:`CapabilityRegistry.lookup`):
+        an advertisement made elsewhere shows up once the registry has seen it.
+        Raises: InvalidNameError for a bad task name; ClosedResourceError;
+        PermanentTransportError if the registry cannot be read at all (auth,
+        configuration). A transient outage before the registry's first load
+        makes the call wait (it retries) rather than raise.
+        """
         return await self.capabilities.lookup(task)
 
     async def _resolve(self, target: str | None, task: str) -> tuple[str, int]:
@@ -189,9 +209,28 @@ class Network:
         return await pending.result(timeout)
 
     async def pending(self) -> list[PendingDelivery]:
-        """Requests of this caller still awaiting collection (after a restart)."""
+        """Handles on this caller's requests still awaiting collection
+        (pending or answered, not yet collected), oldest first — how a
+        restarted caller re-attaches.
+
+        Guarantees: includes every request whose :meth:`send` returned (its
+        record was durable first), unless collected or expired since.
+        Raises: ClosedResourceError; PermanentTransportError if the inbox
+        cannot be read at all. A transient outage before the inbox's first
+        load makes the call wait (it retries) rather than raise.
+        """
         return await self.inbox.pending()
 
     async def collect(self, request_id: str, timeout: float | None = None) -> WorkResponse:
-        """The response to an earlier request of this caller."""
+        """The response to an earlier request of this caller (possibly sent by
+        a previous run of this process), waiting up to ``timeout`` for it.
+
+        Guarantees: as :meth:`PendingDelivery.result`: on timeout the request
+        stays pending and can be collected later; once collected, the record
+        is tombstoned.
+        Raises: InvalidNameError for a malformed id; UnknownDeliveryError if
+        no live record exists (never sent by this caller, already collected,
+        or expired); DeliveryTimeoutError; ClosedResourceError;
+        TransientTransportError if the collection cannot be recorded.
+        """
         return await (await self.inbox.wait(request_id)).result(timeout)

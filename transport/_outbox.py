@@ -62,18 +62,22 @@ class OutboxDeadLetter(tuple[str, WorkRequest, str, int]):
 
     @property
     def queue(self) -> str:
+        """The destination queue the request was stored for."""
         return self[0]
 
     @property
     def request(self) -> WorkRequest:
+        """The request as it was stored (``enqueued_at`` stamped)."""
         return self[1]
 
     @property
     def error(self) -> str:
+        """The last definitive (permanent) failure."""
         return self[2]
 
     @property
     def attempts(self) -> int:
+        """Definitive failures counted before the outbox gave up."""
         return self[3]
 
 
@@ -123,10 +127,15 @@ class Outbox:
         return self.transport.request_queue(name)
 
     async def start(self) -> None:
-        """Open the file and start draining (idempotent).
+        """Open the file (creating it) and start draining in the background;
+        returns at once. Idempotent; :meth:`enqueue` calls it if needed.
 
-        Raises: ClosedResourceError after :meth:`aclose`; sqlite3.Error if the
-        file cannot be opened."""
+        Guarantees: requests left in the file by an earlier run are sent
+        first, in the order they were stored.
+        Raises: ClosedResourceError after :meth:`aclose`; ConfigurationError
+        if the file's directory does not exist; TransientTransportError /
+        PermanentTransportError if SQLite cannot open the file.
+        """
         if self._closed:
             raise ClosedResourceError("outbox is closed")
         if self._starting is None:
@@ -161,9 +170,13 @@ class Outbox:
         delivery registry named by its ``reply_to`` (idempotent), then sends
         it: for a caller that could not reach the broker to register.
 
+        Guarantees: durable on return (committed to the local file, with the
+        configured ``synchronous`` level); sent to ``queue`` in FIFO order
+        with every other stored request, at least once.
         Raises: PayloadTooLargeError / PermanentTransportError for a request
         the transport would refuse anyway; ValueError for ``register`` without
-        ``reply_to``; ClosedResourceError.
+        ``reply_to``; ClosedResourceError; TransientTransportError /
+        PermanentTransportError if the local file cannot be written.
         """
         if self._closed:
             raise ClosedResourceError("outbox is closed")
@@ -188,12 +201,26 @@ class Outbox:
         return request
 
     async def depth(self) -> int:
-        """Requests stored and not yet accepted by the transport."""
+        """Requests stored and not yet accepted by the transport (a
+        consistent read of the local file; dead letters not included).
+
+        Raises: ClosedResourceError after :meth:`aclose`;
+        TransientTransportError / PermanentTransportError if the local file
+        cannot be read.
+        """
         return int(
             await self._store.read(lambda c: c.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         )
 
     async def dead_letters(self) -> list[OutboxDeadLetter]:
+        """Every request the outbox gave up on (after ``max_attempts``
+        definitive failures), oldest first. They stay in the file and are not
+        retried.
+
+        Raises: ClosedResourceError after :meth:`aclose`;
+        TransientTransportError / PermanentTransportError if the local file
+        cannot be read; UndecodableMessageError for a corrupted row.
+        """
         rows = await self._store.read(
             lambda c: c.execute(
                 "SELECT queue, body, error, attempts FROM outbox_dead ORDER BY id"
@@ -202,9 +229,11 @@ class Outbox:
         return [OutboxDeadLetter((q, decode(WorkRequest, b), e, a)) for q, b, e, a in rows]
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything stored so far was handed to the transport.
+        """Wait until everything stored so far was handed to the transport
+        (accepted by it, or dead-lettered in the outbox).
 
-        Raises: TimeoutError.
+        Raises: TimeoutError (nothing is lost: the rest stays stored); as
+        :meth:`depth`.
         """
         async with asyncio.timeout(timeout):
             while await self.depth():
@@ -333,7 +362,12 @@ class Outbox:
             )
 
     async def aclose(self) -> None:
-        """Stop draining; what is stored stays in the file for the next run."""
+        """Stop draining; what is stored stays in the file for the next run.
+        Idempotent.
+
+        Raises: the error that stopped the drainer, if the local file failed
+        under it (TransientTransportError / PermanentTransportError).
+        """
         if self._closed:
             return
         self._closed = True

@@ -58,13 +58,20 @@ class AgingPolicy:
 
     @property
     def interval_seconds(self) -> float:
+        """``aging_interval`` in seconds (positive, checked at construction).
+        Never raises."""
         interval = self.aging_interval
         return interval.total_seconds() if isinstance(interval, timedelta) else float(interval)
 
     def effective_level(
         self, level: int, enqueued_at: datetime | None, now: datetime | None = None
     ) -> int:
-        """``level − ⌊waited / aging_interval⌋``, never below 0."""
+        """``level − ⌊waited / aging_interval⌋``, never below 0; ``level``
+        itself when ``enqueued_at`` is unknown. ``now`` defaults to ``clock()``.
+
+        Raises: TypeError if ``enqueued_at`` and ``now`` mix naive and aware
+        datetimes (the library's are all aware, UTC).
+        """
         if enqueued_at is None:
             return level
         waited = ((now or self.clock()) - enqueued_at).total_seconds()
@@ -98,6 +105,8 @@ class PriorityRequestQueue(RequestQueue):
 
     @property
     def levels(self) -> int:
+        """The number of priority levels (0 = highest); fixed for the
+        lifetime of the queue. Never raises."""
         return self.policy.levels
 
     async def enqueue(self, request: WorkRequest, priority: int | None = None) -> WorkRequest:
@@ -224,7 +233,12 @@ class PriorityRequestQueue(RequestQueue):
                     self._slots[level] = None  # lease lost: it is someone else's now
 
     async def stats(self) -> QueueStats:
-        """Totals over all levels."""
+        """Totals over all levels; a figure is ``None`` if any level does not
+        report it.
+
+        Raises: as :meth:`RequestQueue.stats` (TransientTransportError), from
+        the first level that fails.
+        """
         parts = await asyncio.gather(*(q.stats() for q in self._queues))
         depths = [p.depth for p in parts]
         in_flight = [p.in_flight for p in parts]
@@ -238,23 +252,40 @@ class PriorityRequestQueue(RequestQueue):
         )
 
     async def level_stats(self) -> list[QueueStats]:
-        """Per-level stats, level 0 first."""
+        """Per-level stats, level 0 first.
+
+        Raises: as :meth:`RequestQueue.stats` (TransientTransportError).
+        """
         return list(await asyncio.gather(*(q.stats() for q in self._queues)))
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters of every level, oldest first."""
+        """The oldest ``limit`` dead letters over every level, oldest first.
+
+        Raises: as :meth:`RequestQueue.dead_letters` (TransientTransportError).
+        """
         parts = await asyncio.gather(*(q.dead_letters(limit) for q in self._queues))
         merged = sorted((d for p in parts for d in p), key=lambda d: d.dead_lettered_at)
         return merged[:limit]
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
-        """Requeue dead letters to their own level."""
+        """Requeue dead letters (all, or those named) to their own level;
+        returns how many were requeued.
+
+        Guarantees: per level, as :meth:`RequestQueue.requeue_dead_letters`
+        (enqueued again before removed from the dead letters).
+        Raises: TransientTransportError (from the first level that fails;
+        what the other levels requeued stays requeued).
+        """
         ids = None if request_ids is None else list(request_ids)
         counts = await asyncio.gather(*(q.requeue_dead_letters(ids) for q in self._queues))
         return sum(counts)
 
     async def aclose(self) -> None:
-        """Stop background polls, close every level (held heads are released)."""
+        """Stop background polls, close every level (held heads are released
+        for redelivery without counting a failure). Idempotent.
+
+        Raises: nothing: errors of the level queues' close are swallowed.
+        """
         if self._closed:
             return
         self._closed = True

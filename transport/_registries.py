@@ -138,7 +138,8 @@ class PendingDelivery:
         return f"PendingDelivery({self.request_id!r}, done={self.done()})"
 
     def done(self) -> bool:
-        """True once the response is available without waiting."""
+        """True once the response is available without waiting (as seen by
+        this process's view of the registry). Never raises."""
         return self._response is not None or self._registry._completed(self.request_id)
 
     async def result(self, timeout: float | None = None) -> WorkResponse:
@@ -342,7 +343,13 @@ class DeliveryRegistry:
         return PendingDelivery(self, request_id)
 
     async def records(self) -> list[DeliveryRecord]:
-        """Every record currently held (for operators and the CLI)."""
+        """Every record currently held, oldest first (for operators and the
+        CLI): pending, completed and taken ones not yet removed by expiry.
+
+        Raises: ClosedResourceError; PermanentTransportError if the registry
+        cannot be read at all. A transient outage before the first load makes
+        the call wait (it retries) rather than raise.
+        """
         await self._ready()
         return sorted(self._records.values(), key=lambda r: r.created_at)
 
@@ -381,7 +388,11 @@ class DeliveryRegistry:
         return response
 
     async def aclose(self) -> None:
-        """Stop watching. Records stay in the backend. Idempotent."""
+        """Stop watching. Records stay in the backend. Idempotent.
+
+        Callers still waiting in :meth:`PendingDelivery.result` get
+        ClosedResourceError. Does not raise for an unreachable backend.
+        """
         if self._closed:
             return
         self._closed = True
@@ -500,7 +511,15 @@ class CapabilityRegistry:
         return [c for c in await self.all() if c.name == name]
 
     async def all(self) -> list[Capability]:
-        """Every live advertisement, sorted by (name, ensemble)."""
+        """Every live (unexpired) advertisement, sorted by (name, ensemble).
+
+        Guarantees: eventually consistent; advertisements made through this
+        object are included at once.
+        Raises: ClosedResourceError; PermanentTransportError if the registry
+        cannot be read at all (auth, configuration). A transient outage
+        before the first load makes the call wait (it retries) rather than
+        raise.
+        """
         await self._ready()
         now = utcnow()
         live = [c for c in self._entries.values() if not c.expired(now)]
@@ -512,6 +531,12 @@ class CapabilityRegistry:
 
         If this registry object had not loaded its state yet, advertisements
         that already existed are reported as ``advertised`` first.
+
+        Guarantees: no change made after this call is missed (the watcher is
+        registered before it returns); an expiry is reported when the lease
+        runs out even if nobody writes.
+        Raises: ClosedResourceError (at the call); while iterating, as
+        :meth:`all`.
         """
         if self._closed:
             raise ClosedResourceError("capability registry is closed")
@@ -558,7 +583,8 @@ class CapabilityRegistry:
             self._watchers.discard(queue)
 
     async def aclose(self) -> None:
-        """Stop watching; advertisements stay until they expire. Idempotent."""
+        """Stop watching; advertisements stay until they expire. Idempotent.
+        Does not raise for an unreachable backend."""
         if self._closed:
             return
         self._closed = True

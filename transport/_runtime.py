@@ -61,18 +61,26 @@ class TaskContext:
 
     @property
     def payload(self) -> Any:
+        """The request's payload, as the caller sent it. Never raises."""
         return self.request.payload
 
     @property
     def attempt(self) -> int:
+        """1-based delivery count of this request (> 1 on a redelivery).
+        Never raises."""
         return self.request.attempt
 
     @property
     def request_id(self) -> str:
+        """The request's id (the same on every redelivery). Never raises."""
         return self.request.request_id
 
     async def extend(self, seconds: float | None = None) -> bool:
-        """Renew the lease now (the runtime also does it periodically)."""
+        """Renew the lease now (the runtime also does it periodically).
+
+        Guarantees and raises: as :meth:`Delivery.extend` (``False`` if the
+        lease was already lost; TransientTransportError).
+        """
         return await self.delivery.extend(seconds)
 
 
@@ -215,7 +223,12 @@ class Ensemble:
         input_schema: dict[str, Any] | None = None,
         tags: list[str] | None = None,
     ) -> Callable[[Handler], Handler]:
-        """Decorator form of :meth:`add_task` (name defaults to the function's)."""
+        """Decorator form of :meth:`add_task` (name defaults to the function's,
+        the description to the first line of its docstring).
+
+        Raises (when the decorator is applied): InvalidNameError; ValueError
+        if the task is already registered.
+        """
 
         def register(handler: Handler) -> Handler:
             task_name = name or str(getattr(handler, "__name__", ""))
@@ -228,16 +241,29 @@ class Ensemble:
         return register
 
     def tool(self, name: str | None = None, **kw: Any) -> Callable[[Handler], Handler]:
-        """Like :meth:`task`, advertised as a tool."""
+        """Like :meth:`task`, advertised as a tool.
+
+        Raises (when the decorator is applied): as :meth:`task`.
+        """
         return self.task(name, kind="tool", **kw)
 
     @property
     def tasks(self) -> dict[str, TaskSpec]:
+        """A copy of the registered tasks by name (changing it does not change
+        the ensemble). Never raises."""
         return dict(self._tasks)
 
     # -- lifecycle ----------------------------------------------------------
     @property
     def queue(self) -> RequestQueue:
+        """The queue this ensemble serves: the injected one, or else the
+        transport's queue named after the ensemble (a priority queue when
+        ``priority_levels > 1``), opened on first use and then reused.
+
+        Raises (first use): ClosedResourceError if the transport is closed;
+        ValueError for an invalid ``lease_seconds``, ``max_attempts`` or
+        ``aging_interval``.
+        """
         if self._queue is None:
             assert self.transport is not None
             if self.priority_levels > 1:
@@ -256,7 +282,15 @@ class Ensemble:
 
     async def start(self) -> None:
         """Advertise the tasks and start the workers; returns at once.
-        Any backlog is worked off while new work keeps being accepted."""
+        Any backlog is worked off while new work keeps being accepted.
+        A second call does nothing.
+
+        Guarantees: the advertisements are durable when this returns, and are
+        refreshed in the background before their lease runs out.
+        Raises: ConfigurationError if no task is registered; as :attr:`queue`;
+        TransientTransportError / PermanentTransportError /
+        ClosedResourceError if advertising fails.
+        """
         if self._started:
             return
         if not self._tasks:
@@ -293,13 +327,20 @@ class Ensemble:
         )
 
     def stop(self) -> None:
-        """Ask the ensemble to stop polling and shut down (idempotent)."""
+        """Ask the ensemble to stop polling and shut down (idempotent); call
+        it from the event loop's thread. :meth:`run` returns once the
+        shutdown is done. Never raises."""
         self._stopping.set()
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Start, then serve until :meth:`stop` or SIGTERM/SIGINT; then stop
         polling, let in-flight handlers finish within ``shutdown_grace``
-        (the rest are released for redelivery), withdraw, and close."""
+        (the rest are released for redelivery), withdraw, and close.
+
+        Guarantees: the ensemble is closed when this returns or raises, and
+        the signal handlers it installed are removed.
+        Raises: as :meth:`start` and :meth:`aclose`.
+        """
         loop = asyncio.get_running_loop()
         installed: list[signal.Signals] = []
         if install_signal_handlers:
@@ -318,7 +359,15 @@ class Ensemble:
             await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop and release everything (see :meth:`run`). Idempotent."""
+        """Stop and release everything (see :meth:`run`). Idempotent.
+
+        Guarantees: handlers still running after ``shutdown_grace`` are
+        cancelled and their requests released for redelivery; acks still in
+        flight after ``shutdown_grace`` are cancelled too (those requests come
+        back and are answered from the recorded response, without running the
+        handler again); withdrawal failures are logged, not raised.
+        Raises: only what closing the ensemble's own queue raises.
+        """
         if self._closed:
             return
         self._closed = True

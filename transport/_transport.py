@@ -230,8 +230,14 @@ class Transport(ABC):
         return event_log
 
     async def aclose(self) -> None:
-        """Close every queue and registry made from this transport, then the
-        connection. Idempotent."""
+        """Close every queue, registry, bus and log made from this transport,
+        then the connection. Idempotent.
+
+        Guarantees: every resource is closed even if another one's close
+        fails (those errors are swallowed); requests leased and not settled
+        go back for redelivery.
+        Raises: only what the backend's own connection close raises.
+        """
         if self._closed:
             return
         self._closed = True

@@ -330,9 +330,12 @@ class KafkaClients:
         headers: dict[str, bytes] | None = None,
         *,
         what: str = "produce",
+        timestamp_ms: int | None = None,
     ) -> tuple[int, int]:
         """Produce one record and wait for its delivery report (acks=all).
 
+        ``timestamp_ms`` sets the record's CreateTime (default: the client's
+        clock when the record is produced).
         Returns (partition, offset). Raises: TransientTransportError (the
         record may or may not be stored), PermanentTransportError.
         """
@@ -357,6 +360,8 @@ class KafkaClients:
                     key=key,
                     headers=list(headers.items()) if headers else None,
                     on_delivery=on_delivery,
+                    # 0 = librdkafka stamps the current time.
+                    timestamp=timestamp_ms or 0,
                 )
             except Exception:
                 with map_kafka_errors(what):  # re-raised as a transport error

@@ -3,10 +3,16 @@
 Stream ``S`` is topic ``NS.stream.S.events`` (created explicitly, not
 compacted). ``append`` produces ``data`` as JSON with the key and headers and
 returns the record's offset as the position once the delivery report
-(acks=all) arrived; ``appended_at`` is the record timestamp (CreateTime, ms).
-A reader assigns the partition (no consumer group, no join) at a position,
-an end, or the first offset at or after a time (``offsets_for_times``), and
-keeps reading live. A named cursor stores its position as the committed
+(acks=all) arrived. ``appended_at`` is the appender's clock at millisecond
+precision; it is stored in the event and set as the record's timestamp
+(CreateTime), so a seek to a time and ``appended_at`` agree (on a topic with
+``message.timestamp.type=LogAppendTime`` the broker would overwrite the
+record timestamp; the library creates stream topics with the default,
+CreateTime). A reader assigns the partition (no consumer group, no join) at
+a position, an end, or a time: the offset ``offsets_for_times`` answers
+for the time rounded up to a millisecond, then skipping events whose
+``appended_at`` is before the time (Tansu can answer an offset a record or
+two early), and keeps reading live. A named cursor stores its position as the committed
 offset of consumer group ``NS.cursor.S.<cursor>`` (committed without joining
 the group), so a restarted reader resumes after the last committed event.
 """
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -36,6 +42,8 @@ from transport_kafka._errors import map_kafka_errors
 
 __all__ = ["KafkaEventLog", "KafkaEventReader"]
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 class KafkaEventReader(EventReader):
     """Reads one stream topic from a start position, then live."""
@@ -50,6 +58,8 @@ class KafkaEventReader(EventReader):
         self._consumer: Consumer | None = None
         self._last: int | None = None  # offset of the last event returned
         self._committed: int | None = None
+        # After a start at a time: events appended before it are skipped.
+        self._not_before: datetime | None = None
         self._closed = False
 
     async def _open(self, start: Start) -> None:
@@ -71,6 +81,7 @@ class KafkaEventReader(EventReader):
             offset = await self._call(self._stored_position)
         if offset is None:
             offset = await self._call(lambda: self._resolve(start))
+            self._not_before = start if isinstance(start, datetime) else None
         self._assign(offset)
 
     async def _call(self, fn: Any) -> Any:
@@ -92,7 +103,9 @@ class KafkaEventReader(EventReader):
         assert self._consumer is not None
         timeout = self._log.clients.timeout
         if isinstance(start, datetime):
-            millis = int(start.timestamp() * 1000)
+            # Rounded up: appended_at has millisecond precision, so the first
+            # event appended at or after ``start`` has a timestamp >= this.
+            millis = -((_EPOCH - start) // timedelta(milliseconds=1))
             [tp] = self._consumer.offsets_for_times(
                 [TopicPartition(self._topic, 0, millis)], timeout=timeout
             )
@@ -145,16 +158,22 @@ class KafkaEventReader(EventReader):
             raise StopAsyncIteration
         if self.cursor and self._last is not None:
             await self.commit()
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise TransientTransportError(f"reading {self.stream}: {item}") from item
-        self._last = int(item.position)
-        return item
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise TransientTransportError(f"reading {self.stream}: {item}") from item
+            if self._not_before is not None:
+                if item.appended_at < self._not_before:
+                    continue
+                self._not_before = None
+            self._last = int(item.position)
+            return item
 
     async def seek(self, to: Start) -> None:
         if self._closed:
             raise ClosedResourceError(f"reader of {self.stream!r} is closed")
         to = check_start(to)
+        _check_position(to)
         consumer = self._consumer
         assert consumer is not None and self._thread is not None
 
@@ -169,6 +188,7 @@ class KafkaEventReader(EventReader):
         # ``_drain`` was scheduled before this wake-up: the queue is clean.
         await asyncio.sleep(0)
         self._last = None
+        self._not_before = to if isinstance(to, datetime) else None
 
     def _drain(self) -> None:
         while not self._queue.empty():
@@ -201,6 +221,21 @@ class KafkaEventReader(EventReader):
             if self._thread is not None:
                 await self._thread.join(self._log.clients.settings.options.close_timeout_s + 5)
             self._log._readers.discard(self)
+
+
+def _check_position(start: Start) -> None:
+    """Refuse a malformed position before anything is sent.
+
+    Raises: ValueError.
+    """
+    malformed = not (start.isascii() and start.isdigit()) if isinstance(start, str) else False
+    if malformed and start not in ("earliest", "latest"):
+        raise ValueError(f"not a Kafka event-log position: {start!r}")
+
+
+def _millis(moment: datetime) -> int:
+    """Milliseconds since the epoch (exact for a millisecond-precision time)."""
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
 def _to_event(stream: str, msg: Any) -> LogEvent:
@@ -258,19 +293,26 @@ class KafkaEventLog(EventLog):
         for name, text in (headers or {}).items():
             validate_header(name, text)
         # The record value is the whole event as JSON (position excepted):
-        # validated and size-checked before anything is sent.
+        # validated and size-checked before anything is sent. appended_at is
+        # truncated to what the record timestamp (ms) holds exactly.
+        now = utcnow()
+        millis = now.microsecond // 1000
         event = LogEvent(
             stream=stream,
             position="",
             data=data,
             key=key,
             headers=dict(headers or {}),
-            appended_at=utcnow(),
+            appended_at=now.replace(microsecond=millis * 1000),
         )
         value = encode(event, self._limit)
         topic = await self._ready(stream)
         _, offset = await self.clients.produce(
-            topic, key.encode() if key is not None else None, value, what="append"
+            topic,
+            key.encode() if key is not None else None,
+            value,
+            what="append",
+            timestamp_ms=_millis(event.appended_at),
         )
         return str(offset)
 
@@ -278,6 +320,7 @@ class KafkaEventLog(EventLog):
         self, stream: str, start: Start = "earliest", *, cursor: str | None = None
     ) -> KafkaEventReader:
         start = check_start(start)
+        _check_position(start)
         if cursor is not None:
             validate_name(cursor, "cursor name")
         await self._ready(stream)

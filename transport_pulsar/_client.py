@@ -200,11 +200,16 @@ class AsyncProducer:
         properties: dict[str, str] | None = None,
         deliver_after: float | None = None,
         null_value: bool = False,
+        event_time_ms: int | None = None,
     ) -> MessageId:
         """Publish and wait for the broker's send receipt (the message is
-        durably stored once this returns)."""
+        durably stored once this returns). ``event_time_ms`` sets the
+        message's event time; its publish time is always stamped by the
+        client at send."""
         builder = _pulsar.MessageBuilder()
         builder.content(data)
+        if event_time_ms is not None:
+            builder.event_timestamp(event_time_ms)
         if key is not None:
             builder.partition_key(key)
         if properties:

@@ -1,11 +1,16 @@
 """``PulsarEventLog``: one persistent topic per stream, read with readers.
 
 * append: a non-batched send; the position is the message id
-  (``<ledger>-<entry>``), returned on the send receipt.
-* read/seek: a reader from the earliest or latest message, a position
-  (inclusive) or a time: the first event published at or after it, found by
-  reading from the earliest event (pulsar-lite does not implement seeking by
-  publish time), so a time seek costs a scan of the stream.
+  (``<ledger>-<entry>``), returned on the send receipt. ``appended_at`` is
+  the appender's clock at millisecond precision, stored in the event and also
+  sent as the message's event time (``event_timestamp``); the publish time is
+  stamped by the producer client when it sends and is not used.
+* read/seek: a reader from the earliest message, a position (inclusive), the
+  latest message (exclusive: only events appended after the reader was
+  created) or a time: the first event whose ``appended_at`` is at or after
+  it, found by reading from the earliest event (pulsar-lite does not
+  implement seeking by publish time), so a time seek costs a scan of the
+  stream, and a time seek and ``appended_at`` always agree.
 * named cursors: positions kept in a keyed topic ``<prefix>.logcursor.<stream>``
   (key = cursor name), so they survive restarts without relying on
   subscription state; a resumed reader starts after the stored event.
@@ -14,7 +19,7 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import _pulsar
@@ -44,8 +49,19 @@ def _message_id(position: str) -> MessageId:
     return _pulsar.MessageId(-1, ledger, entry, -1)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _millis(moment: datetime) -> int:
-    return int(moment.astimezone(UTC).timestamp() * 1000)
+    """Milliseconds since the epoch (exact for a millisecond-precision time)."""
+    return (moment - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _now_ms() -> datetime:
+    """The current time truncated to a millisecond: what the message's event
+    time (milliseconds) can carry exactly."""
+    now = utcnow()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def _target(start: Start) -> MessageId:
@@ -56,6 +72,17 @@ def _target(start: Start) -> MessageId:
     if start == "latest":
         return _pulsar.MessageId.latest
     return _message_id(start)
+
+
+def _inclusive(start: Start) -> bool:
+    """Whether the reader returns the message at :func:`_target`.
+
+    A position is inclusive by contract. ``latest`` must not be: an inclusive
+    reader at ``MessageId.latest`` is placed *on* the last existing message
+    (the client looks up the last message id and seeks to it), so the last
+    old event would be returned, where "latest" means only later events.
+    """
+    return start != "latest"
 
 
 class PulsarEventReader(EventReader):
@@ -73,9 +100,9 @@ class PulsarEventReader(EventReader):
         self._reader = reader
         self._skip = skip  # the committed event a resumed cursor starts on
         # Seeks to a time scan from the earliest event and skip what was
-        # published before it: pulsar-lite answers a seek by publish time
+        # appended before it: pulsar-lite answers a seek by publish time
         # with success and then delivers nothing.
-        self._not_before_ms: int | None = None
+        self._not_before: datetime | None = None
         self._last: str | None = None
         self._committed: str | None = skip
         self._closed = False
@@ -94,13 +121,13 @@ class PulsarEventReader(EventReader):
                 skip, self._skip = self._skip, None
                 if position == skip:
                     continue
-            if self._not_before_ms is not None:
-                if message.publish_timestamp() < self._not_before_ms:
-                    continue
-                self._not_before_ms = None
             event = self._decode(message, position)
             if event is None:
                 continue
+            if self._not_before is not None:
+                if event.appended_at < self._not_before:
+                    continue
+                self._not_before = None
             self._last = position
             return event
 
@@ -121,10 +148,10 @@ class PulsarEventReader(EventReader):
         # answer a seek by disconnecting the consumer, and pulsar-lite does so
         # before confirming, so the client reports the seek as failed.
         reader = await self._log._t.client.create_reader(
-            self._reader.topic, _target(to), inclusive=True
+            self._reader.topic, _target(to), inclusive=_inclusive(to)
         )
         old, self._reader = self._reader, reader
-        self._not_before_ms = _millis(to) if isinstance(to, datetime) else None
+        self._not_before = to if isinstance(to, datetime) else None
         await old.close(self._log._close_timeout)
 
     async def commit(self) -> None:
@@ -187,7 +214,7 @@ class PulsarEventLog(EventLog):
             data=data,
             key=key,
             headers=_check_headers(headers),
-            appended_at=utcnow(),
+            appended_at=_now_ms(),
         )
         body = encode(event, self._t.config.max_payload_bytes)
         producer = self._producers.get(stream)
@@ -195,7 +222,7 @@ class PulsarEventLog(EventLog):
             topic = self._t.topic("log", stream)
             producer = await self._t.retrying(lambda: self._t.client.create_producer(topic))
             self._producers[stream] = producer
-        message_id = await producer.send(body, key=key)
+        message_id = await producer.send(body, key=key, event_time_ms=_millis(event.appended_at))
         return _position(message_id)
 
     async def read(
@@ -212,10 +239,12 @@ class PulsarEventLog(EventLog):
                 start = skip
         start = check_start(start)
         topic = self._t.topic("log", stream)
-        reader = await self._t.client.create_reader(topic, _target(start), inclusive=True)
+        reader = await self._t.client.create_reader(
+            topic, _target(start), inclusive=_inclusive(start)
+        )
         event_reader = PulsarEventReader(self, stream, reader, cursor, skip)
         if isinstance(start, datetime):
-            event_reader._not_before_ms = _millis(start)
+            event_reader._not_before = start
         self._readers.add(event_reader)
         return event_reader
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -191,6 +192,50 @@ class EventLogConformance:
         await reader.seek(boundary)
         after_seek = await reader.next(harness.scaled(10))
         assert after_seek is not None and after_seek.data == "after-0"
+        await reader.aclose()
+
+    async def test_read_from_a_time_agrees_with_appended_at(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        """Starting at an event's own ``appended_at`` returns that event (or
+        an earlier one with the same time) first; starting a microsecond
+        later returns the first event appended strictly after it."""
+        log = transport.event_log()
+        for i in range(3):
+            await log.append(queue_name, i)
+        reader = await log.read(queue_name, "earliest")
+        events = [await reader.next(harness.scaled(10)) for _ in range(3)]
+        assert all(e is not None for e in events)
+        appended = [e for e in events if e is not None]
+        for event in appended:
+            at = event.appended_at
+            later = at + timedelta(microseconds=1)
+            from_at = await log.read(queue_name, at)
+            first = await from_at.next(harness.scaled(10))
+            expected = next(e for e in appended if e.appended_at >= at)
+            assert first is not None and first.position == expected.position, (at, first)
+            await from_at.aclose()
+            await reader.seek(later)
+            after = [e for e in appended if e.appended_at >= later]
+            got = await reader.next(harness.scaled(10) if after else 0.3)
+            if after:
+                assert got is not None and got.position == after[0].position, (later, got)
+            else:
+                assert got is None, (later, got)
+        await reader.aclose()
+
+    async def test_a_malformed_position_is_refused(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        log = transport.event_log()
+        await log.append(queue_name, "x")
+        with pytest.raises(ValueError):
+            await log.read(queue_name, "not-a-position")
+        reader = await log.read(queue_name, "earliest")
+        with pytest.raises(ValueError):
+            await reader.seek("not-a-position")
+        first = await reader.next(harness.scaled(10))
+        assert first is not None and first.data == "x"
         await reader.aclose()
 
     async def test_named_cursor_resumes_after_a_restart(

@@ -1,0 +1,69 @@
+"""Pulsar specifics of the event log that pulsar-lite alone would not catch."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from transport_pulsar import PulsarTransport
+from transport_pulsar._client import AsyncPulsarClient, AsyncReader
+
+from .conftest import PulsarHarness
+
+pytestmark = [pytest.mark.broker]
+
+
+async def test_latest_is_exclusive_and_positions_are_inclusive(
+    transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inclusive reader at ``MessageId.latest`` is placed on the last
+    existing message on Apache Pulsar (pulsar-lite ignores the flag there),
+    so "latest" must ask for an exclusive reader; a position is inclusive."""
+    transport = await transport_harness.connect()
+    assert isinstance(transport, PulsarTransport)
+    requested: list[bool] = []
+    create_reader = AsyncPulsarClient.create_reader
+
+    async def spy(self: AsyncPulsarClient, *args: Any, inclusive: bool = False) -> AsyncReader:
+        requested.append(inclusive)
+        return await create_reader(self, *args, inclusive=inclusive)
+
+    monkeypatch.setattr(AsyncPulsarClient, "create_reader", spy)
+    try:
+        log = transport.event_log()
+        stream = f"s{uuid.uuid4().hex[:8]}"
+        position = await log.append(stream, "old")
+        latest = await log.read(stream, "latest")
+        assert requested == [False]
+        await latest.seek(position)
+        assert requested == [False, True]
+        again = await latest.next(10)
+        assert again is not None and again.data == "old"
+        await latest.seek("latest")
+        assert requested == [False, True, False]
+        assert await latest.next(0.3) is None
+        await latest.aclose()
+    finally:
+        await transport.aclose()
+
+
+async def test_appended_at_is_the_message_event_time(transport_harness: PulsarHarness) -> None:
+    transport = await transport_harness.connect()
+    assert isinstance(transport, PulsarTransport)
+    try:
+        log = transport.event_log()
+        stream = f"s{uuid.uuid4().hex[:8]}"
+        await log.append(stream, 1)
+        event = await (await log.read(stream, "earliest")).next(10)
+        assert event is not None
+        assert event.appended_at.microsecond % 1000 == 0  # what milliseconds can hold
+        raw = await transport.client.create_reader(transport.topic("log", stream))
+        message = await raw.read_next(10)
+        assert message is not None
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
+        assert epoch + timedelta(milliseconds=message.event_timestamp()) == event.appended_at
+    finally:
+        await transport.aclose()
