@@ -283,7 +283,7 @@ class Ensemble:
     async def start(self) -> None:
         """Advertise the tasks and start the workers; returns at once.
         Any backlog is worked off while new work keeps being accepted.
-        A second call does nothing.
+        A second call does nothing (after a failed call, it tries again).
 
         Guarantees: the advertisements are durable when this returns, and are
         refreshed in the background before their lease runs out.
@@ -295,12 +295,17 @@ class Ensemble:
             return
         if not self._tasks:
             raise ConfigurationError(f"ensemble {self.name!r} has no tasks")
-        self._started = True
         queue = self.queue
+        self._started = True
         if self._advertise:
             assert self.transport is not None
-            self._capabilities = self.transport.capability_registry()
-            await self._advertise_all()
+            if self._capabilities is None:
+                self._capabilities = self.transport.capability_registry()
+            try:
+                await self._advertise_all()
+            except BaseException:
+                self._started = False  # not started: a later call tries again
+                raise
             self._refresher = asyncio.create_task(
                 self._refresh_loop(), name=f"{self.name}:advertise"
             )

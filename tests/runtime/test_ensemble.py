@@ -444,3 +444,36 @@ async def test_request_sent_before_a_prioritised_ensemble_advertised_is_served(
     assert response.status == "completed"
     assert response.result == "soup"
     assert levels_seen == [1]  # the middle of three levels
+
+
+async def test_start_can_be_retried_after_advertising_failed(transport: Transport) -> None:
+    from transport import TransientTransportError
+
+    ens = Ensemble("retry-start", transport=transport, concurrency=1)
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> int:
+        return 7
+
+    registry = transport.capability_registry()
+    real = registry.advertise
+    calls = 0
+
+    async def flaky(capability: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TransientTransportError("registry unreachable (simulated)")
+        return await real(capability)
+
+    ens._capabilities = registry
+    registry.advertise = flaky  # type: ignore[method-assign]
+    with pytest.raises(TransientTransportError):
+        await ens.start()
+    await ens.start()  # tries again, and this time starts
+    try:
+        caller = Network(transport, caller="retry-desk")
+        response = await caller.request("retry-start", "work", {}, timeout=20)
+        assert response.result == 7
+    finally:
+        await ens.aclose()
