@@ -200,7 +200,7 @@ async def ours_consume(url: str, n: int, **options: Any) -> float:
 async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
     """Fill an ``n`` request backlog, drain it with one queue handle (one
     poller; acks, which wait for the client's ack flush, overlap, at most
-    ``CONSUMERS`` at a time). Returns RSS before, after fill, peak while
+    ``ACKS_IN_FLIGHT`` at a time). Returns RSS before, after fill, peak while
     draining (MB) and the drain rate."""
     transport = await connect(_config(url, receiver_queue_size=PREFETCH))
     try:
@@ -210,7 +210,7 @@ async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
         filled = rss_mb()
         peak = filled
         done = 0
-        slots = asyncio.Semaphore(CONSUMERS)
+        slots = asyncio.Semaphore(ACKS_IN_FLIGHT)
         acks: set[asyncio.Task[bool]] = set()
 
         async def ack(delivery: Any) -> bool:
@@ -456,7 +456,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         progress("pulsar: ensemble end to end")
         thr = await library.ensemble(_config(url), sizes.round_trips * 2)
         rows.append(library.ensemble_row("pulsar", thr))
-        backlog = 50_000 if sizes.quick else 200_000
+        backlog = 50_000 if sizes.quick else 1_000_000
         progress(f"pulsar: backlog of {backlog:,} drained by one worker")
         before, filled, peak, drain = await backlog_memory(url, backlog)
         rows.append(
