@@ -10,6 +10,7 @@ import pytest
 from transport import Transport, TransportConfig
 from transport.testing import (
     BackendHarness,
+    BrokerRestartConformance,
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
@@ -69,3 +70,6 @@ class TestSqliteEventBus(EventBusConformance): ...
 
 
 class TestSqliteEventLog(EventLogConformance): ...
+
+
+class TestSqliteBrokerRestart(BrokerRestartConformance): ...

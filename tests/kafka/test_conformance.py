@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from transport.testing import (
+    BrokerRestartConformance,
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
@@ -37,3 +38,6 @@ class TestKafkaCrash(CrashConformance): ...
 
 
 class TestKafkaEventLog(EventLogConformance): ...
+
+
+class TestKafkaBrokerRestart(BrokerRestartConformance): ...

@@ -6,6 +6,7 @@ import pytest
 
 from transport import TransportConfig
 from transport.testing import (
+    BrokerRestartConformance,
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
@@ -58,3 +59,6 @@ class TestNatsPriorityPrefetch(PriorityQueueConformance):
     @pytest.fixture
     def nats_config(self, nats_config: TransportConfig) -> TransportConfig:
         return _with_prefetch(nats_config, 8)
+
+
+class TestNatsBrokerRestart(BrokerRestartConformance): ...

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from transport.testing import (
+    BrokerRestartConformance,
     CapabilityRegistryConformance,
     CrashConformance,
     DeliveryRegistryConformance,
@@ -66,3 +67,6 @@ class TestPulsarEventBus(EventBusConformance): ...
 
 
 class TestPulsarEventLog(EventLogConformance): ...
+
+
+class TestPulsarBrokerRestart(BrokerRestartConformance): ...

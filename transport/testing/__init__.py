@@ -20,10 +20,12 @@ from transport.testing._registry_suite import (
     CapabilityRegistryConformance,
     DeliveryRegistryConformance,
 )
+from transport.testing._restart_suite import BrokerRestartConformance
 from transport.testing.harness import BackendHarness
 
 __all__ = [
     "BackendHarness",
+    "BrokerRestartConformance",
     "CapabilityRegistryConformance",
     "CrashConformance",
     "DeliveryRegistryConformance",
