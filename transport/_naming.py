@@ -91,14 +91,19 @@ def validate_ordering_key(key: object) -> str:
         )
     if _CONTROL_RE.search(key):
         raise InvalidNameError("ordering key", key, "must not contain control characters")
-    if not key.isascii():
+    _require_utf8("ordering key", key)
+    return key
+
+
+def _require_utf8(kind: str, text: str) -> None:
+    """Raise if ``text`` cannot be sent as UTF-8 (a lone surrogate)."""
+    if not text.isascii():
         try:
-            key.encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidNameError(
-                "ordering key", key, "must be valid Unicode text (no lone surrogates)"
+                kind, text, "must be valid Unicode text (no lone surrogates)"
             ) from None
-    return key
 
 
 def validate_header(key: object, value: object) -> None:
@@ -116,13 +121,7 @@ def validate_header(key: object, value: object) -> None:
         raise InvalidNameError("header value", value, "longer than 8192 characters")
     if any(ch in value for ch in _FORBIDDEN_IN_VALUES):
         raise InvalidNameError("header value", value, "must not contain CR, LF or NUL")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidNameError(
-                "header value", value, "must be valid Unicode text (no lone surrogates)"
-            ) from None
+    _require_utf8("header value", value)
 
 
 def internal_name(base: str, suffix: str) -> str:

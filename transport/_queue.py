@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from datetime import timedelta
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from transport._models import DeadLetter, QueueStats, WorkRequest
 
-__all__ = ["Delivery", "RequestQueue", "seconds"]
+__all__ = ["Delivery", "RequestQueue", "hand_to_waiter", "seconds"]
+
+
+def hand_to_waiter(waiters: collections.deque[asyncio.Future[Any]], value: Any) -> bool:
+    """Give ``value`` to the first waiter still waiting (FIFO), dropping the
+    ones that gave up; ``False`` if nobody waits (keep ``value`` buffered)."""
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(value)
+            return True
+    return False
 
 
 def seconds(value: float | timedelta | None) -> float | None:

@@ -63,6 +63,7 @@ from transport import (
     utcnow,
 )
 from transport._naming import internal_name
+from transport._queue import hand_to_waiter
 from transport._queue import seconds as _seconds
 from transport.errors import (
     ClosedResourceError,
@@ -383,12 +384,8 @@ class NatsRequestQueue(RequestQueue):
             if entry[0] <= 0:
                 del self._pulls[token]
         held = (msg, asyncio.get_running_loop().time())
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(held)
-                return
+        if hand_to_waiter(self._waiters, held):
+            return
         self._buffer.append(held)
         if self._prefetch > 1 and (self._keeper is None or self._keeper.done()):
             self._keeper = asyncio.get_running_loop().create_task(self._keep_buffer())

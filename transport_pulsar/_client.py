@@ -33,6 +33,7 @@ from typing import Any, TypeAlias
 import _pulsar
 import pulsar
 
+from transport._queue import hand_to_waiter
 from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
 
 __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
@@ -357,13 +358,8 @@ class AsyncConsumer:
         if result == _OK:
             if self._closed:
                 return  # closing the consumer returns it to the broker
-            waiters = self._waiters
-            while waiters:
-                waiter = waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(message)
-                    return
-            self._ready.append(message)
+            if not hand_to_waiter(self._waiters, message):
+                self._ready.append(message)
         elif not self._closed and result != _pulsar.Result.AlreadyClosed:
             log.warning(
                 "receive on %s failed: %s; retrying", self.topic, getattr(result, "name", result)
