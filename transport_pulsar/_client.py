@@ -24,6 +24,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import random
 import threading
 import weakref
 from collections.abc import Callable
@@ -34,6 +35,7 @@ import _pulsar
 import pulsar
 
 from transport._queue import hand_to_waiter
+from transport.errors import TransientTransportError
 from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
 
 __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
@@ -151,13 +153,6 @@ def _resolve_none(future: asyncio.Future[Any]) -> None:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _close_late_consumer(future: asyncio.Future[Any]) -> None:
-    if future.cancelled() or future.exception() is not None:
-        return
-    with contextlib.suppress(Exception):
-        future.result().close_async(lambda *_: None)
 
 
 def _time_out(future: asyncio.Future[Any]) -> None:
@@ -279,8 +274,10 @@ class AsyncConsumer:
         topic: str,
         loop: asyncio.AbstractEventLoop,
         ack_flush_wait: float,
+        owner: AsyncPulsarClient | None = None,
     ) -> None:
         self._consumer = consumer
+        self._owner = owner  # the client this consumer has to itself, closed with it
         self._ack_flush_wait = ack_flush_wait
         self.topic = topic
         self._loop = loop
@@ -430,9 +427,13 @@ class AsyncConsumer:
         for waiter in waiters:
             _resolve_none(waiter)
         future: asyncio.Future[None] = self._loop.create_future()
-        with contextlib.suppress(Exception):
-            self._consumer.close_async(_result_callback(future))
-            await _wait(future, timeout, f"close consumer {self.topic}")
+        try:
+            with contextlib.suppress(Exception):
+                self._consumer.close_async(_result_callback(future))
+                await _wait(future, timeout, f"close consumer {self.topic}")
+        finally:
+            if self._owner is not None:
+                await self._owner.close()
 
 
 class AsyncReader:
@@ -505,6 +506,14 @@ class AsyncPulsarClient:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="pulsar-bridge"
         )
+        self._build = dict(
+            service_url=service_url,
+            close_timeout=close_timeout,
+            send_timeout_ms=send_timeout_ms,
+            client_log=client_log,
+            **client_kwargs,
+        )
+        self._siblings: set[AsyncPulsarClient] = set()
         self._operation_timeout = operation_timeout
         self._close_timeout = close_timeout
         self._send_timeout_ms = send_timeout_ms
@@ -517,6 +526,7 @@ class AsyncPulsarClient:
             )
         self._core: _pulsar.Client = self._client._client
         self._closed = False
+        self._parent: AsyncPulsarClient | None = None
 
     async def create_producer(self, topic: str) -> AsyncProducer:
         conf = _pulsar.ProducerConfiguration()
@@ -539,11 +549,27 @@ class AsyncPulsarClient:
         nack_delay_ms: int,
         ack_flush_wait: float,
         attempt_timeout: float,
+        budget: float,
+        id_spread: int = 0,
     ) -> AsyncConsumer:
-        """Join ``subscription``; one attempt, given up after ``attempt_timeout``.
+        """Join ``subscription`` on a client of the consumer's own.
 
-        An abandoned attempt keeps running inside the client; if it succeeds
-        later, that consumer is closed at once so it cannot hold messages.
+        pulsar-lite tells a subscription's consumers apart by consumer id
+        alone, and every client numbers its consumers from 0, so a second
+        process's consumer is refused ("Consumer 0 already exists") and the
+        broker closes that whole connection. The client keeps retrying the
+        refused subscribe, reconnecting, until its operation timeout: every
+        other consumer on that connection is disconnected again and again,
+        and the broker hands the messages it holds to other consumers while
+        they are still being processed (duplicates at live workers). On a
+        client of its own a refusal disconnects nothing else, and each
+        attempt runs to its end (that client's operation timeout is
+        ``attempt_timeout``) before the next consumer id is tried, for at
+        most ``budget`` seconds. A client of its own would number every
+        process's consumer 0, so the first id is a random one below
+        ``id_spread`` (ids are skipped with short-lived readers, about 0.4 ms
+        each): two processes then meet on an id only by chance. Apache Pulsar
+        scopes consumer ids to the connection: there ``id_spread`` can be 0.
         """
         conf = _pulsar.ConsumerConfiguration()
         conf.consumer_type(
@@ -555,15 +581,70 @@ class AsyncPulsarClient:
         conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
         # No ackTimeout: leases are enforced by the queue (the client's 10 s
         # minimum and its lack of a per-message reset rule it out).
-        future: asyncio.Future[_pulsar.Consumer] = asyncio.get_running_loop().create_future()
-        with map_pulsar_errors(f"subscribe to {topic}"):
-            self._core.subscribe_async_v2(topic, subscription, conf, _value_callback(future))
+        loop = asyncio.get_running_loop()
+        owner = self._sibling(attempt_timeout)
+        deadline = loop.time() + budget
         try:
-            consumer = await _wait(asyncio.shield(future), attempt_timeout, f"subscribe to {topic}")
+            if id_spread > 1:
+                await owner._skip_consumer_ids(topic, random.randrange(id_spread), attempt_timeout)
+            while True:
+                future: asyncio.Future[_pulsar.Consumer] = loop.create_future()
+                with map_pulsar_errors(f"subscribe to {topic}"):
+                    owner._core.subscribe_async_v2(
+                        topic, subscription, conf, _value_callback(future)
+                    )
+                try:
+                    # The client ends the attempt itself; ours is a backstop.
+                    consumer = await _wait(future, attempt_timeout + 5.0, f"subscribe to {topic}")
+                except TransientTransportError as exc:
+                    ended_by_client = isinstance(exc.__cause__, PulsarResultError)
+                    if not ended_by_client or loop.time() >= deadline:
+                        raise  # the backstop fired, or out of time: owner.close() ends it
+                    log.debug("subscribe to %s refused or timed out; trying again", topic)
+                    continue
+                return AsyncConsumer(consumer, topic, loop, ack_flush_wait, owner=owner)
         except BaseException:
-            future.add_done_callback(_close_late_consumer)
+            await owner.close()
             raise
-        return AsyncConsumer(consumer, topic, asyncio.get_running_loop(), ack_flush_wait)
+
+    async def _skip_consumer_ids(self, topic: str, count: int, timeout: float) -> None:
+        """Use up ``count`` consumer ids of this client: non-durable readers
+        at the end of ``topic``, created together and closed at once."""
+        if count <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        conf = _pulsar.ReaderConfiguration()
+        conf.receiver_queue_size(1)
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(count)]
+        with map_pulsar_errors(f"create reader on {topic}"):
+            for future in futures:
+                self._core.create_reader_async_v2(
+                    topic, _pulsar.MessageId.latest, conf, _value_callback(future)
+                )
+        done, _ = await asyncio.wait(futures, timeout=timeout + 5.0)
+        closed: list[asyncio.Future[None]] = []
+        for future in futures:
+            if future in done and future.exception() is None:
+                close: asyncio.Future[None] = loop.create_future()
+                future.result().close_async(_result_callback(close))
+                closed.append(close)
+            elif future not in done:
+                future.cancel()
+        if closed:
+            await asyncio.wait(closed, timeout=timeout + 5.0)
+        for future in closed:
+            if future.done() and not future.cancelled():
+                future.exception()  # a reader that did not close goes with the client
+
+    def _sibling(self, operation_timeout: float) -> AsyncPulsarClient:
+        """A client built like this one, closed with it at the latest."""
+        build = dict(self._build)
+        sibling = AsyncPulsarClient(
+            build.pop("service_url"), operation_timeout=operation_timeout, **build
+        )
+        sibling._parent = self
+        self._siblings.add(sibling)
+        return sibling
 
     async def create_reader(
         self, topic: str, start: MessageId | None = None, *, inclusive: bool = False
@@ -598,6 +679,10 @@ class AsyncPulsarClient:
         if self._closed:
             return
         self._closed = True
+        if self._parent is not None:
+            self._parent._siblings.discard(self)
+        for sibling in list(self._siblings):
+            await sibling.close()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         callback = _result_callback(future)

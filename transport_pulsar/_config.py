@@ -70,12 +70,18 @@ class PulsarOptions(BaseModel):
     ack_flush_wait_ms: int = Field(default=150, ge=0, le=10_000)
     operation_timeout_seconds: float = Field(default=30.0, gt=0)
     connection_timeout_ms: int = Field(default=10_000, gt=0)
-    #: One attempt to join a subscription; failed attempts are retried (with
-    #: a new consumer id) within operation_timeout_seconds. Short, because
-    #: pulsar-lite refuses a consumer whose id another connection already
-    #: uses on the subscription, and the client retries that id until its
-    #: operation timeout.
+    #: One attempt to join a subscription (the operation timeout of the
+    #: client each consumer has to itself; whole seconds, at least 1); a
+    #: failed attempt is retried with the next consumer id within
+    #: operation_timeout_seconds. Short, because pulsar-lite refuses a
+    #: consumer whose id another connection already uses on the subscription
+    #: and the client retries that id until this timeout.
     subscribe_attempt_timeout_seconds: float = Field(default=3.0, gt=0)
+    #: Each consumer has a client of its own, whose first consumer id is
+    #: random below this (pulsar-lite tells a subscription's consumers apart
+    #: by id alone, and a refused id costs an attempt). 0 or 1: start at 0
+    #: (enough on Apache Pulsar, which scopes ids to the connection).
+    consumer_id_spread: int = Field(default=128, ge=0, le=4096)
     send_timeout_ms: int = Field(default=30_000, gt=0)
     close_timeout_seconds: float = Field(default=10.0, gt=0)
     io_threads: int = Field(default=1, ge=1, le=64)

@@ -26,6 +26,8 @@ Options (``TransportConfig.options``, unknown keys rejected):
 ``connection_timeout_ms`` (10000), ``send_timeout_ms`` (30000),
 ``close_timeout_seconds`` (10), ``subscribe_attempt_timeout_seconds`` (3:
 one subscribe attempt; see the pulsar-lite consumer-id note in the docs),
+``consumer_id_spread`` (128: each consumer has a client of its own whose
+first consumer id is random below this; 0 suits Apache Pulsar),
 ``io_threads`` (1), ``client_log`` (``stderr``: the C++ client's warnings
 and errors on stderr | ``python``: all its lines, debug included, to the
 ``transport.pulsar.client`` logger, at a cost per message), ``ack_flush_wait_ms``
@@ -189,6 +191,8 @@ class PulsarTransport(Transport):
             nack_delay_ms=options.nack_redelivery_delay_ms,
             ack_flush_wait=options.ack_flush_wait_ms / 1000,
             attempt_timeout=options.subscribe_attempt_timeout_seconds,
+            budget=options.operation_timeout_seconds,
+            id_spread=options.consumer_id_spread,
         )
 
     async def ensure_subscription(self, topic: str) -> None:

@@ -15,6 +15,10 @@ from .conftest import PulsarHarness, PulsarLiteBroker, make_config
 
 
 class TestPulsarKeySharedQueue(RequestQueueConformance):
+    # test_competing_workers_never_hold_the_same_request once failed here in
+    # CI (a request held by two workers at once): a worker's refused
+    # subscribe disconnected its own working consumer on pulsar-lite (see
+    # test_pulsar_lite_gaps.py); each consumer now has a client of its own.
     @pytest.fixture
     def transport_harness(
         self, pulsar_url: str, pulsar_broker: PulsarLiteBroker | None
@@ -42,27 +46,5 @@ class TestPulsarKeySharedQueue(RequestQueueConformance):
         make_transport: Any,
     ) -> None:
         await super().test_long_handler_without_extending_is_redelivered(
-            transport, queue_name, harness, make_transport
-        )
-
-    @pytest.mark.xfail(
-        strict=False,
-        reason=(
-            "Seen once in CI on Key_Shared only (2026-11-28): 1 of 60 requests was held by two "
-            "of three workers at once; the Shared run of the same scenario has not shown it. "
-            "Suspected: pulsar-lite's Key_Shared dispatch while consumers join (the three "
-            "workers join on their first poll). Not established: a raw-client repro failed "
-            "because pulsar-lite times out the subscribe of a second consumer while the first "
-            "holds unacknowledged messages."
-        ),
-    )
-    async def test_competing_workers_never_hold_the_same_request(
-        self,
-        transport: Transport,
-        queue_name: str,
-        harness: BackendHarness,
-        make_transport: Any,
-    ) -> None:
-        await super().test_competing_workers_never_hold_the_same_request(
             transport, queue_name, harness, make_transport
         )

@@ -8,6 +8,8 @@ backend (and the line in docs/backends/pulsar.md) can be revisited.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 
@@ -93,6 +95,53 @@ def test_two_clients_join_one_subscription_at_once(pulsar_url: str) -> None:
     finally:
         first.close()
         second.close()
+
+
+@lite_gap(
+    "a refused subscribe ('Consumer 0 already exists') makes the broker close the refused "
+    "client's whole connection, and the client retries the subscribe until its operation "
+    "timeout: the same client's other consumers are disconnected each time and the broker "
+    "hands the messages they hold to other consumers while they still process them"
+)
+def test_a_refused_subscribe_leaves_the_clients_other_consumers_alone(pulsar_url: str) -> None:
+    topic = f"persistent://public/default/gap-refused-{uuid.uuid4().hex[:8]}"
+    shared = {"consumer_type": pulsar.ConsumerType.Shared, "receiver_queue_size": 1}
+    first = pulsar.Client(pulsar_url, operation_timeout_seconds=10)
+    worker = pulsar.Client(pulsar_url, operation_timeout_seconds=3)
+    other = pulsar.Client(pulsar_url, operation_timeout_seconds=10)
+    try:
+        held_by_first = first.subscribe(topic, "workers", **shared)  # consumer 0
+        producer = first.create_producer(topic, batching_enabled=False)
+        for i in range(50):
+            producer.send(b"m%d" % i)
+        held_by_first.receive(10_000)
+
+        def refused() -> None:  # consumer 0 again: refused, retried for 3 s
+            with contextlib.suppress(pulsar.Timeout):
+                worker.subscribe(topic, "workers", **shared)
+
+        attempt = threading.Thread(target=refused)
+        attempt.start()
+        time.sleep(0.3)
+        working = worker.subscribe(topic, "workers", **shared)  # consumer 1
+        held = {working.receive(10_000).data() for _ in range(3)}
+        for i in range(60):  # another client's consumers never collide with these ids
+            other.subscribe(f"{topic}-other", f"s{i}")
+        rival = other.subscribe(topic, "workers", **shared)  # consumer 60
+        seen: set[bytes] = set()
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            try:
+                message = rival.receive(500)
+            except pulsar.Timeout:
+                continue
+            seen.add(message.data())
+            rival.acknowledge(message)
+        attempt.join()
+        assert not held & seen, f"held by a live consumer, also delivered elsewhere: {held & seen}"
+    finally:
+        for client in (first, worker, other):
+            client.close()
 
 
 async def test_redelivery_count_grows_on_nack_close_and_disconnect(

@@ -162,3 +162,50 @@ async def test_the_ordering_key_is_the_partition_key(transport_harness: PulsarHa
         assert await again.ack()
     finally:
         await t.aclose()
+
+
+async def test_a_refused_subscribe_takes_nothing_from_the_processs_other_consumers(
+    transport_harness: PulsarHarness,
+) -> None:
+    """pulsar-lite refuses a consumer id another connection uses on the
+    subscription and closes the refused connection; the client retries the
+    refused subscribe until its timeout. Were the retries on the connection
+    of the process's working consumer, the broker would hand the requests it
+    holds to other workers while it still processes them. Consumer ids are
+    not spread here, so every consumer is refused id 0 (and the third id 1)."""
+    options = {**transport_harness.config.options, "consumer_id_spread": 0}
+    first, second, third = [await transport_harness.connect(options=options) for _ in range(3)]
+    try:
+        name = f"z{uuid.uuid4().hex[:8]}"
+        leases = dict(lease_seconds=60.0)
+        sent = {
+            r.request_id
+            for r in [
+                await first.request_queue(name, **leases).enqueue(
+                    WorkRequest(task="x", payload={"i": i})
+                )
+                for i in range(40)
+            ]
+        }
+        a = first.request_queue(name, **leases)
+        held_a = await a.poll(10)  # consumer 0 on the subscription
+        w = second.request_queue(name, **leases)
+        held_w = [await w.poll(15) for _ in range(5)]  # consumer 0 refused: it joins as 1
+        assert held_a is not None and all(d is not None for d in held_w)
+        held = {held_a.request.request_id} | {d.request.request_id for d in held_w if d}
+        other = third.request_queue(name, **leases)
+        seen: list[str] = []
+        # Long enough for the refused attempt's retries to have run their course.
+        end = time.monotonic() + transport_harness.config.options["operation_timeout_seconds"] + 2
+        while time.monotonic() < end:
+            d = await other.poll(0.5)
+            if d is not None:
+                seen.append(d.request.request_id)
+                assert await d.ack()
+        assert not held & set(seen), "requests still held were handed to another worker"
+        assert len(seen) == len(set(seen)) and set(seen) <= sent - held
+        for d in [held_a, *held_w]:
+            assert d is not None and await d.ack()
+    finally:
+        for t in (first, second, third):
+            await t.aclose()
