@@ -440,8 +440,18 @@ async def backlog_memory(bootstrap: str, n: int) -> tuple[float, float, float]:
 
 
 async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
-    server = await asyncio.to_thread(_Tansu)
-    bootstrap, r = server.bootstrap, sizes.rounds
+    # Tansu keeps every record in memory and slows down as it fills (the
+    # round-trip p50 grew from 20 to 69 ms over eight consecutive runs), so
+    # each stage, and each round-trip measurement, gets a fresh broker:
+    # what ran before cannot tilt a comparison.
+    servers = [await asyncio.to_thread(_Tansu)]
+
+    async def fresh() -> str:
+        await asyncio.to_thread(servers[0].stop)
+        servers[0] = await asyncio.to_thread(_Tansu)
+        return servers[0].bootstrap
+
+    bootstrap, r = servers[0].bootstrap, sizes.rounds
     rows: list[Row] = []
     try:
         progress(f"kafka: enqueue (Tansu at {bootstrap})")
@@ -461,6 +471,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
         progress("kafka: enqueue vs asyncio-bridged produce")
+        bootstrap = await fresh()
         a, b = await alternate(
             lambda: library.enqueue(_config(bootstrap), sizes.enqueue, sizes.concurrency),
             lambda: raw_enqueue_asyncio(bootstrap, sizes.enqueue, sizes.concurrency),
@@ -477,6 +488,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
         progress("kafka: poll+ack")
+        bootstrap = await fresh()
         a, b = await alternate(
             lambda: ours_consume(bootstrap, sizes.consume),
             lambda: raw_consume(bootstrap, sizes.consume),
@@ -488,6 +500,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
         progress("kafka: poll+ack vs FastStream")
+        bootstrap = await fresh()
         try:
             a, b = await alternate(
                 lambda: ours_consume(bootstrap, sizes.consume),
@@ -508,7 +521,9 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         ours_samples: list[float] = []
         raw_samples: list[float] = []
         for _ in range(r):
+            bootstrap = await fresh()
             ours_samples += await library.round_trip(_config(bootstrap), sizes.round_trips)
+            bootstrap = await fresh()
             raw_samples += await raw_round_trip(bootstrap, sizes.round_trips)
         for q in (0.5, 0.99):
             o, b_ = percentile(ours_samples, q), percentile(raw_samples, q)
@@ -526,10 +541,12 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 )
             )
         progress("kafka: ensemble end to end")
+        bootstrap = await fresh()
         thr = await library.ensemble(_config(bootstrap), sizes.round_trips * 2)
         rows.append(library.ensemble_row("kafka", thr))
         backlog = 50_000 if sizes.quick else 200_000
         progress(f"kafka: memory, one worker draining {backlog:,}")
+        bootstrap = await fresh()
         before, peak, drain = await backlog_memory(bootstrap, backlog)
         rows.append(
             Row(
@@ -543,5 +560,5 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
     finally:
-        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(servers[0].stop)
     return rows

@@ -233,7 +233,7 @@ class PulsarEventLog(EventLog):
         skip: str | None = None
         if cursor is not None:
             validate_name(cursor, "cursor name")
-            stored = (await self._cursors(stream).snapshot()).get(cursor)
+            stored = (await self._cursors(stream).synced()).get(cursor)
             if stored is not None:
                 skip = stored.decode()
                 start = skip

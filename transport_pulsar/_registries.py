@@ -17,6 +17,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from transport import CAUGHT_UP, CapabilityRegistry, DeliveryRegistry, KeyedChange, KeyedLog
+from transport._shared import SharedRun
 from transport.errors import TransientTransportError
 from transport_pulsar._client import AsyncProducer, AsyncPulsarClient, AsyncReader, Message
 from transport_pulsar._errors import PulsarResultError
@@ -68,7 +69,7 @@ class KeyedTopic:
         self._producer_lock = asyncio.Lock()
         self._reader: AsyncReader | None = None
         self._state: dict[str, bytes] = {}
-        self._sync_lock = asyncio.Lock()
+        self._sync = SharedRun(self._catch_up)
         self._readers: set[AsyncReader] = set()
 
     async def _get_producer(self) -> AsyncProducer:
@@ -123,20 +124,32 @@ class KeyedTopic:
     async def snapshot(self) -> dict[str, bytes]:
         """The committed state as of this call (every write that returned
         before the call is included)."""
-        async with self._sync_lock:
+        return dict(await self.synced())
+
+    async def synced(self) -> dict[str, bytes]:
+        """Like :meth:`snapshot`, without the copy: the mapping is not to be
+        changed, and later catch-ups may add to it. Concurrent callers share
+        catch-ups (:class:`~transport._shared.SharedRun`): a burst of ``get``
+        calls costs two GetLastMessageId round trips, not one each in a queue
+        behind a lock."""
+        return await self._sync()
+
+    async def _catch_up(self) -> dict[str, bytes]:
+        try:
             if self._reader is None:
                 self._reader = await self._client.create_reader(self.topic)
-            try:
-                await self.catch_up(self._reader, self._apply)
-            except BaseException:
-                # A half-read position is fine to continue from, but after an
-                # error start over rather than trust it.
-                reader, self._reader = self._reader, None
-                self._state = {}
+            await self.catch_up(self._reader, self._apply)
+        except Exception:
+            # A half-read position is fine to continue from, but after an
+            # error start over rather than trust it (in a new mapping: the
+            # one handed out before stays as it was).
+            reader, self._reader = self._reader, None
+            self._state = {}
+            if reader is not None:
                 with contextlib.suppress(Exception):
                     await reader.close(self._close_timeout)
-                raise
-            return dict(self._state)
+            raise
+        return self._state
 
     async def watch(self) -> AsyncIterator[KeyedChange | object]:
         """Current state, then CAUGHT_UP, then every later change."""
@@ -168,6 +181,7 @@ class KeyedTopic:
             await reader.close(self._close_timeout)
 
     async def aclose(self) -> None:
+        await self._sync.aclose()
         readers = [r for r in (self._reader, *self._readers) if r is not None]
         self._reader = None
         self._readers.clear()
@@ -192,7 +206,7 @@ class PulsarKeyedLog(KeyedLog):
         await self._topic.write(key, None)
 
     async def get(self, key: str) -> bytes | None:
-        return (await self._topic.snapshot()).get(key)
+        return (await self._topic.synced()).get(key)
 
     def watch(self) -> AsyncIterator[KeyedChange | object]:
         return self._topic.watch()

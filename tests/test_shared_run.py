@@ -1,0 +1,93 @@
+"""transport._shared.SharedRun: concurrent callers share reads, and none gets
+a result taken before its call began."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from transport._shared import SharedRun
+
+
+class _Reads:
+    """A read that takes until released; returns when it started."""
+
+    def __init__(self) -> None:
+        self.clock = itertools.count()
+        self.started: list[int] = []
+        self.release = asyncio.Event()
+        self.fail: Exception | None = None
+        self._changed = asyncio.Condition()
+
+    async def started_count(self, n: int) -> None:
+        """Until ``n`` reads have started (5 s at most)."""
+        async with asyncio.timeout(5), self._changed:
+            await self._changed.wait_for(lambda: len(self.started) >= n)
+
+    async def __call__(self) -> int:
+        stamp = next(self.clock)
+        self.started.append(stamp)
+        async with self._changed:
+            self._changed.notify_all()
+        await self.release.wait()
+        self.release.clear()
+        if self.fail is not None:
+            raise self.fail
+        return stamp
+
+
+async def test_a_burst_shares_one_read_that_starts_after_every_call() -> None:
+    reads = _Reads()
+    run = SharedRun(reads)
+    first = asyncio.create_task(run())
+    await reads.started_count(1)
+    called_at = next(reads.clock)  # every later caller calls after this
+    burst = [asyncio.create_task(run()) for _ in range(20)]
+    await asyncio.sleep(0)
+    reads.release.set()
+    assert await first == 0
+    await reads.started_count(2)
+    reads.release.set()
+    results = await asyncio.gather(*burst)
+    assert len(reads.started) == 2
+    assert all(stamp > called_at for stamp in results), "a caller got a read older than its call"
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_read_of_others() -> None:
+    reads = _Reads()
+    run = SharedRun(reads)
+    quitter, stayer = asyncio.create_task(run()), asyncio.create_task(run())
+    await reads.started_count(1)
+    quitter.cancel()
+    reads.release.set()
+    assert await stayer == 0
+    assert quitter.cancelled()
+
+
+async def test_a_failed_read_fails_its_callers_and_the_next_call_reads_again() -> None:
+    reads = _Reads()
+    run = SharedRun(reads)
+    reads.fail = RuntimeError("broker down")
+    callers = [asyncio.create_task(run()) for _ in range(3)]
+    await reads.started_count(1)
+    reads.release.set()
+    for caller in callers:
+        with pytest.raises(RuntimeError, match="broker down"):
+            await caller
+    reads.fail = None
+    again = asyncio.create_task(run())
+    await reads.started_count(2)
+    reads.release.set()
+    assert await again == 1
+
+
+async def test_aclose_cancels_a_read_in_progress() -> None:
+    reads = _Reads()
+    run = SharedRun(reads)
+    caller = asyncio.create_task(run())
+    await reads.started_count(1)
+    await run.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await caller

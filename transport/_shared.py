@@ -1,0 +1,70 @@
+"""Sharing one asynchronous read among concurrent callers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["SharedRun"]
+
+T = TypeVar("T")
+
+
+class SharedRun(Generic[T]):
+    """Runs ``fn`` for callers that need a result taken *after* their call
+    began (read-your-writes: a watermark, a catch-up), sharing runs among
+    concurrent callers.
+
+    A caller joins the next run that has not started yet; runs never
+    overlap. So a burst of N callers costs two runs (the one in progress
+    when the burst began, which none of them may use, and one for all of
+    them), not N runs queued one behind the other. A cancelled caller
+    does not cancel the run others wait for.
+    """
+
+    def __init__(self, fn: Callable[[], Awaitable[T]]) -> None:
+        self._fn = fn
+        self._next: asyncio.Future[T] | None = None
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __call__(self) -> T:
+        waiting = self._next
+        if waiting is None:
+            loop = asyncio.get_running_loop()
+            waiting = self._next = loop.create_future()
+            waiting.add_done_callback(_retrieve)
+            task = loop.create_task(self._run(waiting))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(waiting)
+
+    async def _run(self, result: asyncio.Future[T]) -> None:
+        async with self._lock:
+            if self._next is result:  # started: later callers wait for the next run
+                self._next = None
+            try:
+                value = await self._fn()
+            except asyncio.CancelledError:
+                result.cancel()
+                raise
+            except Exception as exc:
+                if not result.done():
+                    result.set_exception(exc)
+            else:
+                if not result.done():
+                    result.set_result(value)
+
+    async def aclose(self) -> None:
+        """Cancel the runs in progress or waiting."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # The callers may all be gone (cancelled): the outcome counts as seen.
+    if not future.cancelled():
+        future.exception()
