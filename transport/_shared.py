@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["SharedRun"]
+__all__ = ["SharedRun", "retrieve"]
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ class SharedRun(Generic[T]):
         if waiting is None:
             loop = asyncio.get_running_loop()
             waiting = self._next = loop.create_future()
-            waiting.add_done_callback(_retrieve)
+            waiting.add_done_callback(retrieve)
             task = loop.create_task(self._run(waiting))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -64,7 +64,8 @@ class SharedRun(Generic[T]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    # The callers may all be gone (cancelled): the outcome counts as seen.
+def retrieve(future: asyncio.Future[Any]) -> None:
+    """Done callback: mark a future's exception as seen (whoever awaited it
+    may be gone), so asyncio does not log it as never retrieved."""
     if not future.cancelled():
         future.exception()

@@ -35,6 +35,7 @@ import _pulsar
 import pulsar
 
 from transport._queue import hand_to_waiter
+from transport._shared import retrieve
 from transport.errors import TransientTransportError
 from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
 
@@ -148,11 +149,6 @@ def _value_callback(future: asyncio.Future[Any]) -> Callable[[Any], None]:
 def _resolve_none(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def _time_out(future: asyncio.Future[Any]) -> None:
@@ -459,7 +455,7 @@ class AsyncReader:
             with map_pulsar_errors(f"read {self.topic}"):
                 self._reader.read_next_async(_result_callback(future))
             # A read abandoned by a seek or close may still fail later: retrieve it.
-            future.add_done_callback(_retrieve)
+            future.add_done_callback(retrieve)
             self._pending = future
         pending = self._pending
         try:
