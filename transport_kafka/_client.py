@@ -33,9 +33,10 @@ from confluent_kafka.cimpl import NewTopic
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from transport._shared import SharedRun
-from transport.errors import ClosedResourceError, TransientTransportError
+from transport.errors import ClosedResourceError, ConfigurationError, TransientTransportError
 from transport_kafka._config import KafkaSettings
 from transport_kafka._errors import error_from_kafka, map_kafka_errors
+from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics
 
 __all__ = [
     "ConsumerThread",
@@ -102,13 +103,6 @@ def raw_record(msg: Message) -> RawRecord:
     return RawRecord(
         msg.topic() or "", partition, offset, _bytes(msg.key()), _bytes(msg.value()), headers
     )
-
-
-@dataclass(frozen=True, slots=True)
-class TopicSpec:
-    name: str
-    partitions: int
-    config: dict[str, str]
 
 
 def read_to_end(
@@ -252,7 +246,8 @@ class KafkaClients:
         self._poll_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._topics: set[str] = set()
+        self._topics: set[str] = set()  # created or checked (see ensure_topics)
+        self._warned: set[str] = set()  # warnings about existing topics, once each
         self._closed = False
         self._reports: _Reports | None = None
         self._marks: dict[tuple[str, tuple[int, ...]], SharedRun[dict[int, tuple[int, int]]]] = {}
@@ -390,10 +385,17 @@ class KafkaClients:
 
     async def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
         """Create the topics that do not exist yet (never relying on
-        auto-create). Retries transient failures."""
+        auto-create) and check the ones that already existed against their
+        spec, once per transport (:func:`~transport_kafka._topics.check_topic`).
+        Retries transient failures.
+
+        Raises: ConfigurationError naming an existing topic that would break a
+        guarantee (checked again at the next call, so a fixed topic is used).
+        """
         missing = [s for s in specs if s.name not in self._topics]
         if not missing:
             return
+        found: dict[str, TopicState] = {}
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientTransportError),
             stop=stop_after_attempt(4),
@@ -401,24 +403,42 @@ class KafkaClients:
             reraise=True,
         ):
             with attempt:
-                await self.blocking("creating topics", self._create_topics, missing)
+                found = await self.blocking("creating topics", self._create_topics, missing)
+        errors: list[str] = []
+        for spec in missing:
+            state = found.get(spec.name)
+            if state is None:
+                continue
+            problems, notes = check_topic(spec, state)
+            errors += problems
+            for note in notes:
+                if note not in self._warned:
+                    self._warned.add(note)
+                    log.warning("%s", note)
+        if errors:
+            raise ConfigurationError("; ".join(errors))
         self._topics.update(s.name for s in missing)
 
-    def _create_topics(self, specs: Sequence[TopicSpec]) -> None:
+    def _create_topics(self, specs: Sequence[TopicSpec]) -> dict[str, TopicState]:
+        """Create ``specs``; describe the ones that already existed."""
         rf = self.settings.options.replication_factor
-        futures = self.admin().create_topics(
+        admin = self.admin()
+        futures = admin.create_topics(
             [NewTopic(s.name, s.partitions, rf, config=s.config) for s in specs],
             operation_timeout=self.timeout,
             request_timeout=self.timeout,
         )
-        for future in futures.values():
+        existing: list[str] = []
+        for name, future in futures.items():
             try:
                 future.result(self.timeout)
             except KafkaException as exc:
                 err = exc.args[0]
                 if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    existing.append(name)
                     continue
                 raise
+        return describe_topics(admin, existing, self.timeout) if existing else {}
 
     async def partitions(self, topic: str) -> list[int]:
         def run() -> list[int]:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError
+from transport_kafka._topics import topic_name
 
 __all__ = ["KafkaOptions", "KafkaSettings", "TopicNames", "parse_settings"]
 
@@ -107,18 +108,25 @@ class KafkaSettings:
         return f"KafkaSettings(bootstrap={self.bootstrap!r}, namespace={self.namespace!r})"
 
     def queue_topics(self, name: str) -> TopicNames:
-        base = f"{self.namespace}.{name}"
+        """Topics and group of queue ``name`` (topic names see
+        :func:`~transport_kafka._topics.topic_name`; group names are not
+        subject to Kafka's ``.``/``_`` rule and keep the name as is).
+
+        Raises: InvalidNameError if a topic name would be too long.
+        """
+        ns = self.namespace
         return TopicNames(
-            requests=f"{base}.requests",
-            state=f"{base}.state",
-            dlq=f"{base}.dlq",
-            group=f"{self.namespace}.{self.consumer_group}.{name}",
+            requests=topic_name(ns, name, "requests"),
+            state=topic_name(ns, name, "state"),
+            dlq=topic_name(ns, name, "dlq"),
+            group=f"{ns}.{self.consumer_group}.{name}",
         )
 
     def registry_topic(self, kind: str, name: str) -> str:
-        # Four dot-separated parts, queue topics three: they cannot collide
-        # because validated names contain no dots.
-        return f"{self.namespace}.registry.{kind}.{name}"
+        return topic_name(self.namespace, "registry", kind, name)
+
+    def stream_topic(self, stream: str) -> str:
+        return topic_name(self.namespace, "stream", stream, "events")
 
     def producer_config(self) -> dict[str, Any]:
         conf: dict[str, Any] = {

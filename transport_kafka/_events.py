@@ -272,14 +272,25 @@ class KafkaEventLog(EventLog):
         return self._loop
 
     def topic(self, stream: str) -> str:
-        return f"{self.clients.settings.namespace}.stream.{stream}.events"
+        return self.clients.settings.stream_topic(stream)
 
     async def _ready(self, stream: str) -> str:
         if self._closed:
             raise ClosedResourceError("event log is closed")
         validate_name(stream, "stream name")
         topic = self.topic(stream)
-        await self.clients.ensure_topics([TopicSpec(topic, 1, {})])
+        await self.clients.ensure_topics(
+            [
+                TopicSpec(
+                    topic,
+                    1,
+                    what=f"events of stream {stream!r}",
+                    exact_partitions="an event-log stream is read as one partition "
+                    "(positions are its offsets)",
+                    compaction_loses="every event but the last of each key",
+                )
+            ]
+        )
         return topic
 
     async def append(

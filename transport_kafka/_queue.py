@@ -362,10 +362,22 @@ class _QueueEngine:
     # -- topics ------------------------------------------------------------------
     def topic_specs(self) -> list[TopicSpec]:
         compact = {"cleanup.policy": "compact"}
+        q = f"queue {self.name!r}"
+        # One partition is what ordered=True promises (a capability flag).
+        ordered = self.transport.capabilities.ordered
         return [
-            TopicSpec(self.topics.requests, self.options.partitions, {}),
-            TopicSpec(self.topics.state, 1, compact),
-            TopicSpec(self.topics.dlq, 1, compact),
+            TopicSpec(
+                self.topics.requests,
+                self.options.partitions,
+                what=f"requests of {q}",
+                exact_partitions=f"{q} reports ordered=True, which holds on one partition "
+                "only (the option partitions>1 gives that promise up)"
+                if ordered
+                else None,
+                compaction_loses="requests that share a key (ordering key or request id)",
+            ),
+            TopicSpec(self.topics.state, 1, compact, what=f"delivery state of {q}"),
+            TopicSpec(self.topics.dlq, 1, compact, what=f"dead letters of {q}"),
         ]
 
     async def ensure_topics(self) -> None:

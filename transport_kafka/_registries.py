@@ -106,7 +106,9 @@ class KafkaKeyedLog(KeyedLog):
     async def _ready(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"keyed log {self.topic!r} is closed")
-        await self._clients.ensure_topics([TopicSpec(self.topic, 1, {"cleanup.policy": "compact"})])
+        await self._clients.ensure_topics(
+            [TopicSpec(self.topic, 1, {"cleanup.policy": "compact"}, what="a registry")]
+        )
 
     async def put(self, key: str, value: bytes) -> None:
         await self._ready()

@@ -32,7 +32,9 @@ Names (``NS`` = ``config.namespace``): ``NS.<queue>.requests``,
 ``NS.<queue>.state`` (compacted), ``NS.<queue>.dlq`` (compacted), consumer
 group ``NS.<consumer_group>.<queue>``; registries
 ``NS.registry.delivery.<name>`` and ``NS.registry.capability.capabilities``
-(compacted).
+(compacted). Every ``_`` of a name is written ``__`` in topic names (Kafka
+treats ``.`` and ``_`` alike); topics that already exist are checked at
+first use (see ``transport_kafka._topics``).
 
 Options (``TransportConfig.options`` or URL query), validated by
 :class:`~transport_kafka.KafkaOptions`: ``partitions`` (1),
