@@ -16,7 +16,8 @@ import uuid
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -280,6 +281,16 @@ async def test_names_that_collided_before_are_two_working_queues(
         await second.enqueue(WorkRequest(task="second"))
         assert (await first.stats()).depth == 1
         assert (await second.stats()).depth == 2
+        # A queue named like a registry topic and a registry named like a suffix.
+        queue = a.request_queue(f"registry_delivery_{base}")
+        registry = a.delivery_registry(f"{base}_requests")
+        assert _collision_key(a.settings.queue_topics(queue.name).requests) != _collision_key(
+            a.settings.registry_topic("delivery", f"{base}_requests")
+        )
+        await queue.enqueue(WorkRequest(task="queued"))
+        await registry.register("r-1")
+        assert [p.request_id for p in await registry.pending()] == ["r-1"]
+        assert (await queue.stats()).depth == 1
     finally:
         await a.aclose()
         await b.aclose()
