@@ -728,8 +728,8 @@ class _QueueEngine:
 
     def _withdraw_from_thread(self, partitions: set[int]) -> None:
         loop = self._loop
-        if loop is None or not partitions:
-            return
+        if loop is None or not partitions or loop.is_closed() or not loop.is_running():
+            return  # nothing can run the withdrawal: the counts stay (over-count)
         try:
             future = asyncio.run_coroutine_threadsafe(self._withdraw(partitions), loop)
         except RuntimeError:  # the loop is closed: nothing to withdraw with

@@ -23,10 +23,9 @@ MAX_ATTEMPTS = 3
 
 class CleanRestartConformance:
     """Short sessions (connect, poll, settle, ``aclose()``) one after the
-    other on one queue. Every session is a new client, so the scenarios run
-    only where state is shared between clients (capability ``persistent``;
-    ``memory://`` clients of one process share a store too, so it runs them
-    as well — its clients share state within the process)."""
+    other on one queue, each a new client of the backend. No capability
+    gate: every backend shares a queue between clients (``memory://``
+    between the clients of one process, which is all these need)."""
 
     def open_queue(self, transport: Transport, name: str) -> RequestQueue:
         return transport.request_queue(name, max_attempts=MAX_ATTEMPTS)
