@@ -33,9 +33,13 @@ then the new owner resumes from the committed offset.
 **Attempts.** Kafka counts no deliveries, so before a record is handed out
 its delivery count is written to the state topic (acks=all). Polls in
 progress share one round of these writes, which also counts the next few
-records ahead (at most twice the polls in progress): a process killed then
-has counted a delivery of records it never handed out, as a broker counts
-a prefetched batch. A consumer that gets a partition replays the state
+records ahead (at most twice the polls in progress). A consumer that gives
+a partition up cleanly (``aclose()``, a rebalance) first withdraws the
+counts it reserved for records it did not hand out (it rewrites their state
+keys: the latest value of a key holds); a process killed has counted a
+delivery of those records it never handed out (at most twice the polls in
+progress plus the leases held, 256 at most), as a broker counts a
+prefetched batch. A consumer that gets a partition replays the state
 topic, so after a crash ``attempt`` keeps counting.
 
 **Acks are durable on return (group commit).** An ack marks the offset
@@ -146,6 +150,7 @@ class _Record:
     not_before: float  # epoch seconds; 0 = at once
     last_error: str | None
     reserved: bool = False  # the next delivery is already counted in the state topic
+    count_key: bytes | None = None  # the state key holding that count
     request: WorkRequest | None = None  # decoded once
     undecodable: str | None = None  # why it could not be decoded
 
@@ -178,15 +183,25 @@ def _replay_markers(
 
     Keys: ``"<p>:<offset>"`` (one record: ``{"d": n}`` or ``{"s": 1}``) and
     ``"<p>:r<low>-<high>.<id>"`` (a round of delivery counts:
-    ``{"ds": [[offset, n], ...]}``). Counts only grow and "settled" sticks,
-    so markers merge by maximum. Returns the markers, the offsets that have
-    a one-record key, and the round keys with their highest offset.
+    ``{"ds": [[offset, n], ...]}``). The latest value of a key holds (a
+    consumer that gives a partition up rewrites its keys to withdraw counts
+    it reserved but did not hand out, as compaction would keep); across keys
+    counts merge by maximum and "settled" sticks. Returns the markers, the
+    offsets that have a one-record key, and the round keys with their
+    highest offset.
     """
+    latest: dict[bytes, bytes] = {}
+    for rec in replay:
+        key = rec.key or b""
+        if rec.value is None:
+            latest.pop(key, None)
+        else:
+            latest.pop(key, None)  # keep the order of the latest writes
+            latest[key] = rec.value
     markers: dict[tuple[int, int], dict[str, Any]] = {}
     individual: set[tuple[int, int]] = set()
     rounds: dict[int, dict[bytes, int]] = {}
-    for rec in replay:
-        key = rec.key or b""
+    for key, value in latest.items():
         try:
             p_s, _, o_s = key.decode().partition(":")
             p = int(p_s)
@@ -196,11 +211,8 @@ def _replay_markers(
             continue
         floor = committed.get(p, -1)
         if o_s.startswith("r"):
-            if rec.value is None:
-                rounds.get(p, {}).pop(key, None)
-                continue  # its records are all below the committed offset
             try:
-                entries = [(int(o), int(n)) for o, n in json.loads(rec.value)["ds"]]
+                entries = [(int(o), int(n)) for o, n in json.loads(value)["ds"]]
             except (ValueError, KeyError, TypeError):
                 continue
             if not entries:
@@ -217,12 +229,8 @@ def _replay_markers(
             continue
         if off < floor:
             continue
-        if rec.value is None:
-            markers.pop((p, off), None)
-            individual.discard((p, off))
-            continue
         try:
-            loaded = json.loads(rec.value)
+            loaded = json.loads(value)
         except ValueError:
             continue
         if not isinstance(loaded, dict):
@@ -339,6 +347,9 @@ class _QueueEngine:
         # thread waits for the consumer's poll to return).
         self._acks_busy_until = 0.0
         self._reserving: asyncio.Future[None] | None = None
+        # Loop side: state keys holding reserved counts → the partition, the
+        # counts written under the key, and its records (to withdraw them).
+        self._counted: dict[bytes, tuple[int, dict[int, int], list[_Record]]] = {}
         # consumer-thread state
         self._markers: dict[tuple[int, int], dict[str, Any]] = {}
         self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
@@ -721,7 +732,72 @@ class _QueueEngine:
                     for tp in result or []:
                         if tp.error is None:
                             self.tracker.committed(tp.partition, tp.offset, safe[tp.partition][1])
+        # Still the owner until this callback returns: take back the delivery
+        # counts reserved for records not handed out (revoked above, so no
+        # poll hands them out meanwhile).
+        self._withdraw_from_thread({tp.partition for tp in partitions})
         self._forget(partitions)
+
+    def _withdraw_from_thread(self, partitions: set[int]) -> None:
+        loop = self._loop
+        if loop is None or not partitions or loop.is_closed() or not loop.is_running():
+            return  # nothing can run the withdrawal: the counts stay (over-count)
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._withdraw(partitions), loop)
+        except RuntimeError:  # the loop is closed: nothing to withdraw with
+            return
+        try:
+            future.result(self.options.operation_timeout_s)
+        except Exception as exc:  # the counts stay: attempts over-count, nothing is lost
+            future.cancel()
+            log.warning(
+                "queue %r: reserved delivery counts not withdrawn (%s): %s",
+                self.name,
+                type(exc).__name__,
+                exc,
+            )
+
+    async def _withdraw(self, partitions: set[int]) -> None:
+        """Withdraw the delivery counts reserved in the state topic for
+        records of ``partitions`` not handed out: rewrite each state key
+        holding one with the count before the reservation."""
+        pending = self._reserving
+        if pending is not None and not pending.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(pending)
+        writes: list[tuple[bytes, bytes]] = []
+        for key, (partition, counts, recs) in list(self._counted.items()):
+            if partition not in partitions:
+                continue
+            del self._counted[key]
+            taken = [r for r in recs if r.reserved and r.count_key == key]
+            for rec in taken:
+                rec.deliveries -= 1
+                rec.reserved = False
+                rec.count_key = None
+                counts[rec.offset] = rec.deliveries
+            if not taken:
+                continue
+            if key.startswith(f"{partition}:r".encode()):
+                value = json.dumps({"ds": sorted(counts.items())}, separators=(",", ":"))
+                writes.append((key, value.encode()))
+            else:
+                writes.append((key, b'{"d":%d}' % counts[taken[0].offset]))
+        if writes:
+            await asyncio.gather(
+                *(
+                    self.clients.produce(
+                        self.topics.state, key, value, what="withdrawing delivery counts"
+                    )
+                    for key, value in writes
+                )
+            )
+
+    def _prune_counted(self) -> None:
+        """Forget state keys none of whose records is still reserved there."""
+        for key, (_, _, recs) in list(self._counted.items()):
+            if not any(r.reserved and r.count_key == key for r in recs):
+                del self._counted[key]
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
@@ -778,6 +854,9 @@ class _QueueEngine:
         return self.tracker.is_outstanding(rec.partition, rec.offset, rec.generation)
 
     def _purge(self) -> None:
+        for key, (_, _, recs) in list(self._counted.items()):
+            if not any(self._live(r) for r in recs):
+                del self._counted[key]
         self.ready = deque(r for r in self.ready if self._live(r))
         self.delayed = [d for d in self.delayed if self._live(d[2])]
         heapq.heapify(self.delayed)
@@ -860,10 +939,10 @@ class _QueueEngine:
         with self._marked_lock:
             self._marked.setdefault(rec.partition, set()).add(rec.offset)
 
-    async def _write_counts(self, partition: int, recs: list[_Record]) -> None:
+    async def _write_counts(self, partition: int, recs: list[_Record]) -> bytes:
         """One state record with the delivery counts of ``recs`` (all of
         ``partition``), keyed uniquely so that compaction keeps it until
-        the committed offset passes all of them."""
+        the committed offset passes all of them. Returns its key."""
         low = min(r.offset for r in recs)
         high = max(r.offset for r in recs)
         key = f"{partition}:r{low}-{high}.{self._round_prefix}{next(_tokens)}".encode()
@@ -873,6 +952,7 @@ class _QueueEngine:
         )
         with self._marked_lock:
             self._marked_rounds.setdefault(partition, {})[key] = high
+        return key
 
     async def reserve_head(self) -> None:
         """Count the next delivery of the head record now, so that the next
@@ -893,6 +973,8 @@ class _QueueEngine:
             rec.deliveries -= 1
             raise
         rec.reserved = True
+        rec.count_key = rec.state_key
+        self._counted[rec.state_key] = (rec.partition, {rec.offset: rec.deliveries}, [rec])
 
     async def settle_record(self, rec: _Record) -> bool:
         """Settle ``rec`` durably (group commit): returns True once a commit
@@ -1046,7 +1128,8 @@ class _QueueEngine:
             *(self._write_counts(p, recs) for p, recs in groups), return_exceptions=True
         )
         failed: BaseException | None = None
-        for (_, recs), result in zip(groups, results, strict=True):
+        self._prune_counted()
+        for (partition, recs), result in zip(groups, results, strict=True):
             for rec in recs:
                 if isinstance(result, BaseException):
                     rec.deliveries -= 1
@@ -1054,6 +1137,11 @@ class _QueueEngine:
                     rec.reserved = True
             if isinstance(result, BaseException):
                 failed = failed or result
+            else:
+                key = result
+                for rec in recs:
+                    rec.count_key = key
+                self._counted[key] = (partition, {r.offset: r.deliveries for r in recs}, recs)
         if failed is not None:
             raise failed
 
@@ -1080,6 +1168,7 @@ class _QueueEngine:
                     else:
                         rec.deliveries -= rec.reserved
                         rec.reserved = False
+                        rec.count_key = None
                         reason = (
                             rec.last_error or f"not acknowledged after {rec.attempts} deliveries"
                         )
@@ -1093,6 +1182,7 @@ class _QueueEngine:
                 continue  # the head may have changed meanwhile
             self.ready.popleft()
             rec.reserved = False
+            rec.count_key = None
             self._reserve_ahead(handle.max_attempts)
             request = request.model_copy(update={"attempt": rec.attempts})
             lease = _Lease(rec, request, handle, time.monotonic() + handle.lease_seconds)

@@ -4,6 +4,7 @@ Name mapping (all names are validated before they reach the broker)::
 
     queue  <name>            persistent://<tenant>/<ns>/<prefix>.q.<name>
     its dead letters         persistent://<tenant>/<ns>/<prefix>.q.<name>__dlq
+    its hand-out counts      persistent://<tenant>/<ns>/<prefix>.q.<name>__attempts
     priority level k         persistent://<tenant>/<ns>/<prefix>.q.<name>__p<k>
     delivery registry <n>    persistent://<tenant>/<ns>/<prefix>.kv.delivery.<n>
     capability registry      persistent://<tenant>/<ns>/<prefix>.kv.capability.capabilities

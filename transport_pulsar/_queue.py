@@ -16,7 +16,17 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
   worker; a worker that dies loses its connection and the broker redelivers
   everything it held at once.
 * attempt: ``ae-attempts`` property (deliveries before a republish) +
-  the broker's redelivery count + 1.
+  this message's hand-outs so far + 1. Hand-outs are counted by the queue,
+  not by the broker: the broker's redelivery count also grows when a
+  consumer that only prefetched a message closes, and a client cannot
+  tell which messages were on their way to it then. Before a message is
+  handed to a poll its hand-out count is written to a keyed topic
+  ``<queue>__attempts`` (key: the message id); a message the broker
+  redelivers (redelivery count > 0) has its count looked up there; the
+  entry is tombstoned when the message is settled. A poll cancelled
+  between counting and handing out keeps its count locally, and a clean
+  close withdraws it. A worker killed counts at most one hand-out per poll
+  in progress that did not happen.
 * ack: individual acknowledgement. nack(): negative acknowledgement;
   nack(delay) or nack(error=): a copy carrying the attempt count, the error
   and a not-before time is published (``deliverAfter``), then the original
@@ -84,6 +94,20 @@ def _message_key(message: Message) -> str:
     return str(message.message_id())
 
 
+def _count_value(handed: int) -> bytes:
+    return b'{"n":%d}' % handed
+
+
+def _parse_count(raw: bytes | None) -> int:
+    if not raw:
+        return 0
+    try:
+        loaded = json.loads(raw)
+        return max(int(loaded["n"]), 0) if isinstance(loaded, dict) else 0
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
 class PulsarDelivery(Delivery):
     __slots__ = ("_expires", "_last_error", "_message", "_queue", "_state", "_timer")
 
@@ -125,6 +149,7 @@ class PulsarRequestQueue(RequestQueue):
         *,
         topic: str,
         dlq_topic: str,
+        attempts_topic: str,
         lease_seconds: float,
         max_attempts: int,
     ) -> None:
@@ -140,6 +165,18 @@ class PulsarRequestQueue(RequestQueue):
         self._dlq = KeyedTopic(
             transport.client, dlq_topic, timeout=self._timeout, close_timeout=self._close_timeout
         )
+        # Hand-out counts per message id (see the module docstring).
+        self._attempts = KeyedTopic(
+            transport.client,
+            attempts_topic,
+            timeout=self._timeout,
+            close_timeout=self._close_timeout,
+        )
+        # Counts written for hand-outs that did not happen (a poll cancelled
+        # or failed after counting): used by the next hand-out of the
+        # message, withdrawn on close.
+        self._counted: dict[str, int] = {}
+        self._admitting: set[str] = set()
         self._producer: AsyncProducer | None = None
         self._consumer: AsyncConsumer | None = None
         self._lock = asyncio.Lock()
@@ -214,7 +251,7 @@ class PulsarRequestQueue(RequestQueue):
                 if deadline is not None and loop.time() >= deadline:
                     return None
                 continue
-            delivery = self._admit(message)
+            delivery = await self._admit(consumer, message)
             if delivery is not None:
                 return delivery
 
@@ -225,12 +262,14 @@ class PulsarRequestQueue(RequestQueue):
             return message
         return None
 
-    def _admit(self, message: Message) -> PulsarDelivery | None:
+    async def _admit(self, consumer: AsyncConsumer, message: Message) -> PulsarDelivery | None:
         """Turn a received message into a leased delivery, or handle it
-        (hold until due, dead-letter) and return ``None``. No awaits: a
-        cancelled poll cannot lose the message between receive and lease."""
+        (hold until due, dead-letter) and return ``None``. Its hand-out is
+        counted durably first; a poll cancelled meanwhile gives the message
+        back to the consumer's buffer (it is never lost between receive and
+        lease)."""
         key = _message_key(message)
-        if key in self._held or key in self._delayed_ids:
+        if key in self._held or key in self._delayed_ids or key in self._admitting:
             return None  # a redispatch (after a reconnect) of a message we hold
         properties = message.properties()
         not_before = properties.get(NOT_BEFORE_PROPERTY)
@@ -245,8 +284,30 @@ class PulsarRequestQueue(RequestQueue):
             before = int(properties.get(ATTEMPTS_PROPERTY, "0"))
         except ValueError:
             before = 0
-        attempt = before + message.redelivery_count() + 1
-        last_error = properties.get(ERROR_PROPERTY) or None
+        self._admitting.add(key)
+        try:
+            return await self._count_and_lease(consumer, message, key, before)
+        except BaseException:
+            consumer.push_back(message)
+            raise
+        finally:
+            self._admitting.discard(key)
+
+    async def _handed_before(self, key: str, message: Message) -> int:
+        """How often ``message`` was handed out before (by any worker)."""
+        counted = self._counted.get(key)
+        if counted is not None:
+            return counted - 1  # counted for a hand-out that did not happen
+        if message.redelivery_count() == 0:
+            return 0  # never given back to the broker: never handed out
+        return _parse_count((await self._attempts.synced()).get(key))
+
+    async def _count_and_lease(
+        self, consumer: AsyncConsumer, message: Message, key: str, before: int
+    ) -> PulsarDelivery | None:
+        handed = await self._handed_before(key, message)
+        attempt = before + handed + 1
+        last_error = message.properties().get(ERROR_PROPERTY) or None
         data = bytes(message.data())
         try:
             request = decode(WorkRequest, data)
@@ -274,6 +335,12 @@ class PulsarRequestQueue(RequestQueue):
             )
             self._background(self._dead_letter_message(message, record))
             return None
+        if key not in self._counted:
+            # Counted before it is handed out: a worker killed while holding
+            # it has used an attempt. Kept locally until handed out.
+            self._counted[key] = handed + 1
+            await self._attempts.write(key, _count_value(handed + 1))
+        del self._counted[key]
         if request.attempt != attempt:
             request = request.model_copy(update={"attempt": attempt})
         delivery = PulsarDelivery(request, self, message, last_error)
@@ -332,13 +399,17 @@ class PulsarRequestQueue(RequestQueue):
         delivery._state = _SETTLING
         return True
 
-    def _finish_settle(self, delivery: PulsarDelivery, ok: bool) -> None:
+    def _finish_settle(self, delivery: PulsarDelivery, ok: bool, *, gone: bool = True) -> None:
+        """``gone``: the message was acknowledged (its hand-out count is
+        dropped); else given back to the broker (the count stays)."""
         if ok:
             delivery._state = _SETTLED
             if delivery._timer is not None:
                 delivery._timer.cancel()
                 delivery._timer = None
             self._release(delivery)
+            if gone:
+                self._forget_count(delivery._message)
             return
         # The settle failed: the lease is still ours until it runs out.
         delivery._state = _LEASED
@@ -367,16 +438,17 @@ class PulsarRequestQueue(RequestQueue):
         if not self._begin_settle(delivery):
             return False
         ok = False
+        give_back = not delay and error is None
         try:
             assert self._consumer is not None
-            if not delay and error is None:
+            if give_back:
                 self._consumer.negative_acknowledge(delivery._message)
             else:
                 await self._republish(delivery, delay, error)
                 await self._consumer.acknowledge(delivery._message, self._timeout)
             ok = True
         finally:
-            self._finish_settle(delivery, ok)
+            self._finish_settle(delivery, ok, gone=not give_back)
         return True
 
     async def _republish(self, delivery: PulsarDelivery, delay: float, error: str | None) -> None:
@@ -413,7 +485,7 @@ class PulsarRequestQueue(RequestQueue):
             )
             ok = True
         finally:
-            self._finish_settle(delivery, ok)
+            self._finish_settle(delivery, ok, gone=False)  # dropped by _dead_letter_message
         return True
 
     async def _dead_letter_message(
@@ -426,6 +498,7 @@ class PulsarRequestQueue(RequestQueue):
             await self._dlq.write(key, encode(record))
             assert self._consumer is not None
             await self._consumer.acknowledge(message, self._timeout)
+            self._forget_count(message)
         except TransportError:
             if give_back:  # background: try again on the next delivery
                 log.warning(
@@ -434,6 +507,29 @@ class PulsarRequestQueue(RequestQueue):
                 self._give_back(message)
                 return
             raise
+
+    def _forget_count(self, message: Message) -> None:
+        """Tombstone the hand-out count of an acknowledged message (in the
+        background: a failure leaves a stale entry, never a wrong count)."""
+        self._background(self._drop_count(_message_key(message)))
+
+    async def _drop_count(self, key: str) -> None:
+        try:
+            await self._attempts.write(key, None)
+        except TransportError as exc:
+            log.info("queue %r: hand-out count not dropped: %s", self.name, exc)
+
+    async def _withdraw_counts(self) -> None:
+        """Withdraw the counts of hand-outs that did not happen."""
+        counted, self._counted = self._counted, {}
+        writes = [
+            self._attempts.write(key, _count_value(n - 1) if n > 1 else None)
+            for key, n in counted.items()
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("queue %r: a hand-out count was not withdrawn: %s", self.name, result)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -534,6 +630,9 @@ class PulsarRequestQueue(RequestQueue):
         self._held.clear()
         self._delayed.clear()
         self._delayed_ids.clear()
+        if self._counted:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._withdraw_counts(), self._close_timeout)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
         # Closing the consumer hands every unsettled message back at once.
@@ -543,3 +642,5 @@ class PulsarRequestQueue(RequestQueue):
             await self._producer.close(self._close_timeout)
         with map_pulsar_errors(f"close {self.topic}"), contextlib.suppress(TransportError):
             await self._dlq.aclose()
+        with map_pulsar_errors(f"close {self.topic}"), contextlib.suppress(TransportError):
+            await self._attempts.aclose()

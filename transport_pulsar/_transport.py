@@ -257,6 +257,7 @@ class PulsarTransport(Transport):
             name,
             topic=self.topic("q", name),
             dlq_topic=self.topic("q", internal_name(name, "dlq")),
+            attempts_topic=self.topic("q", internal_name(name, "attempts")),
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
         )

@@ -10,6 +10,7 @@ from transport import Transport, TransportConfig
 from transport.testing import (
     BackendHarness,
     CapabilityRegistryConformance,
+    CleanRestartConformance,
     CrashConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
@@ -61,3 +62,6 @@ class TestMemoryEventBus(EventBusConformance): ...
 
 
 class TestMemoryEventLog(EventLogConformance): ...
+
+
+class TestMemoryCleanRestart(CleanRestartConformance): ...

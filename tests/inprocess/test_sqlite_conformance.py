@@ -12,6 +12,7 @@ from transport.testing import (
     BackendHarness,
     BrokerRestartConformance,
     CapabilityRegistryConformance,
+    CleanRestartConformance,
     CrashConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
@@ -73,3 +74,6 @@ class TestSqliteEventLog(EventLogConformance): ...
 
 
 class TestSqliteBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestSqliteCleanRestart(CleanRestartConformance): ...

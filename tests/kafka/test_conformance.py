@@ -8,6 +8,7 @@ import pytest
 from transport.testing import (
     BrokerRestartConformance,
     CapabilityRegistryConformance,
+    CleanRestartConformance,
     CrashConformance,
     DeliveryRegistryConformance,
     EventLogConformance,
@@ -41,3 +42,6 @@ class TestKafkaEventLog(EventLogConformance): ...
 
 
 class TestKafkaBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestKafkaCleanRestart(CleanRestartConformance): ...

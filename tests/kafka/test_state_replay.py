@@ -42,3 +42,19 @@ def test_a_single_tombstone_clears_its_marker() -> None:
     replay = [_rec("0:5", {"d": 1}), _rec("0:5", None)]
     markers, single, _ = _replay_markers(replay, {0}, {})
     assert markers == {} and single == set()
+
+
+def test_a_rewritten_key_withdraws_counts_and_other_keys_keep_theirs() -> None:
+    replay = [
+        _rec("0:r5-6.ab1", {"ds": [[5, 1], [6, 1]]}),  # 5 handed out, 6 only reserved
+        _rec("0:7", {"d": 2}),  # reserved for its second delivery
+        _rec("0:r6-8.ab2", {"ds": [[6, 1], [8, 1]]}),
+        # A clean close withdraws what it reserved but did not hand out:
+        _rec("0:r5-6.ab1", {"ds": [[5, 1], [6, 0]]}),
+        _rec("0:7", {"d": 1}),
+        _rec("0:r6-8.ab2", {"ds": [[6, 0], [8, 0]]}),
+    ]
+    markers, single, rounds = _replay_markers(replay, {0}, {})
+    assert markers == {(0, 5): {"d": 1}, (0, 6): {"d": 0}, (0, 7): {"d": 1}, (0, 8): {"d": 0}}
+    assert single == {(0, 7)}
+    assert rounds == {0: {b"0:r5-6.ab1": 6, b"0:r6-8.ab2": 8}}

@@ -8,6 +8,7 @@ import pytest
 from transport.testing import (
     BrokerRestartConformance,
     CapabilityRegistryConformance,
+    CleanRestartConformance,
     CrashConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
@@ -70,3 +71,6 @@ class TestPulsarEventLog(EventLogConformance): ...
 
 
 class TestPulsarBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestPulsarCleanRestart(CleanRestartConformance): ...

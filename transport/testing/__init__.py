@@ -11,6 +11,7 @@ The pytest plugin (``transport.testing.plugin``) is registered through the
 
 from transport.testing._crash_suite import CrashConformance
 from transport.testing._events_suite import EventBusConformance, EventLogConformance
+from transport.testing._lifecycle_suite import CleanRestartConformance
 from transport.testing._priority_suite import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
@@ -27,6 +28,7 @@ __all__ = [
     "BackendHarness",
     "BrokerRestartConformance",
     "CapabilityRegistryConformance",
+    "CleanRestartConformance",
     "CrashConformance",
     "DeliveryRegistryConformance",
     "EventBusConformance",

@@ -141,7 +141,7 @@ class PriorityQueueConformance:
         assert back is not None and back.request.request_id == sent.request_id
         assert back.request.priority == 2
         assert back.request.enqueued_at == sent.enqueued_at
-        assert back.attempt >= 3
+        assert back.attempt == 3  # two deliveries, then released by a clean close
         await back.ack()
 
     async def test_out_of_range_priority_is_rejected(
