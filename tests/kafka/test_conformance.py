@@ -14,7 +14,9 @@ from transport.testing import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
+    UnreachableBrokerConformance,
 )
+from transport_kafka import KafkaTransport
 
 pytestmark = pytest.mark.broker
 
@@ -41,3 +43,9 @@ class TestKafkaEventLog(EventLogConformance): ...
 
 
 class TestKafkaBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestKafkaUnreachable(UnreachableBrokerConformance):
+    transport_class = KafkaTransport
+    url_template = "kafka://127.0.0.1:{port}"
+    timeout_option = "operation_timeout_s"

@@ -15,7 +15,9 @@ from transport.testing import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
+    UnreachableBrokerConformance,
 )
+from transport_nats import NatsTransport
 
 
 class TestNatsQueue(RequestQueueConformance): ...
@@ -62,3 +64,9 @@ class TestNatsPriorityPrefetch(PriorityQueueConformance):
 
 
 class TestNatsBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestNatsUnreachable(UnreachableBrokerConformance):
+    transport_class = NatsTransport
+    url_template = "nats://127.0.0.1:{port}"
+    timeout_option = "connect_timeout"

@@ -15,7 +15,9 @@ from transport.testing import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
+    UnreachableBrokerConformance,
 )
+from transport_pulsar import PulsarTransport
 
 from .conftest import PulsarHarness, PulsarLiteBroker, make_config
 
@@ -70,3 +72,9 @@ class TestPulsarEventLog(EventLogConformance): ...
 
 
 class TestPulsarBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestPulsarUnreachable(UnreachableBrokerConformance):
+    transport_class = PulsarTransport
+    url_template = "pulsar://127.0.0.1:{port}"
+    timeout_option = "operation_timeout_seconds"

@@ -21,6 +21,7 @@ from transport.testing._registry_suite import (
     DeliveryRegistryConformance,
 )
 from transport.testing._restart_suite import BrokerRestartConformance
+from transport.testing._unreachable_suite import UnreachableBrokerConformance
 from transport.testing.harness import BackendHarness
 
 __all__ = [
@@ -34,4 +35,5 @@ __all__ = [
     "PriorityAsRequestQueueConformance",
     "PriorityQueueConformance",
     "RequestQueueConformance",
+    "UnreachableBrokerConformance",
 ]
