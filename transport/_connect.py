@@ -70,6 +70,7 @@ async def connect(
     url_or_config: str | TransportConfig | None = None,
     *,
     require: Iterable[str] = (),
+    verify: bool = False,
     **overrides: Any,
 ) -> Transport:
     """Open a transport for a URL (``sqlite:///app.db``, ``kafka://host:9092`` …)
@@ -77,27 +78,46 @@ async def connect(
     from the environment (and ``TRANSPORT_CONFIG_FILE`` if set).
 
     ``require`` names capability flags the caller needs (``"event_bus"``,
-    ``"persistent"`` …); a backend lacking one is refused up front.
+    ``"persistent"`` …, the fields of :class:`TransportCapabilities`); a
+    backend lacking one is refused up front, and so is a server that is not
+    set up for one (NATS without JetStream: ``ConfigurationError`` naming
+    ``-js``). ``require=["event_bus"]`` accepts a NATS server without
+    JetStream.
+
+    Without ``verify`` most backends connect lazily: an unreachable broker
+    fails the first operation, within the backend's operation timeout.
+    ``verify=True`` checks the broker now (a metadata round trip) and the
+    capabilities in ``require`` — all the backend offers if ``require`` is
+    empty — for services that should refuse to start without their broker.
 
     Raises:
         BackendNotAvailableError: unknown scheme or missing extra (the message
             says what to install).
         UnsupportedFeatureError: a ``require``d capability is missing.
-        ConfigurationError: invalid settings.
-        TransientTransportError: the backend is unreachable.
+        ConfigurationError: invalid settings, or a server not set up for a
+            required capability.
+        PermanentTransportError: (``verify``) credentials or TLS refused.
+        TransientTransportError: the backend is unreachable (NATS always
+            checks; the others with ``verify``), within the operation timeout.
     """
     config = load_config(url_or_config, **overrides)
     factory = _load(config.scheme)
-    wanted = set(require)
+    wanted = frozenset(require)
     unknown = wanted - set(TransportCapabilities.model_fields)
     if unknown:
         raise ValueError(f"unknown capability name(s): {', '.join(sorted(unknown))}")
     transport = await factory(config)
-    missing = sorted(f for f in wanted if not getattr(transport.capabilities, f))
-    if missing:
+    try:
+        missing = sorted(f for f in wanted if not getattr(transport.capabilities, f))
+        if missing:
+            raise UnsupportedFeatureError(
+                f"the {config.scheme}:// backend lacks required capabilities: {', '.join(missing)}"
+            )
+        transport._check_usable(wanted)
+        if verify:
+            await transport.verify(wanted or None)
+    except BaseException:
         await transport.aclose()
-        raise UnsupportedFeatureError(
-            f"the {config.scheme}:// backend lacks required capabilities: {', '.join(missing)}"
-        )
+        raise
     log.debug("connected %r", transport)
     return transport

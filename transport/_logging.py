@@ -6,17 +6,86 @@ The library logs through the standard :mod:`logging` module (loggers under
 as JSON; :func:`configure_logging` installs it (or a plain text format) on
 the root logger. Secrets never reach a log record: configuration secrets are
 ``SecretStr`` and render as ``**********``.
+
+The ``transport`` logger has a ``NullHandler``: an application that has not
+configured logging gets nothing on stderr (not even warnings, which Python
+would otherwise print through its last-resort handler).
+
+Client libraries (librdkafka, pulsar-client) log through one
+:class:`ClientLog` per backend, the logger ``transport.<backend>.client``:
+their lines are capped at INFO, because whatever they report that matters to
+the caller reaches it as an exception or in ``health()``, and a line that
+repeats within a minute (a broker that stays unreachable) is logged once,
+with the number of repeats added to its next occurrence.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import threading
+import time
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-__all__ = ["JsonLogFormatter", "configure_logging"]
+__all__ = ["ClientLog", "JsonLogFormatter", "configure_logging"]
+
+logging.getLogger("transport").addHandler(logging.NullHandler())
+
+# Numbers (ports, ids, durations, counts) do not make two lines different.
+_NUMBERS = re.compile(r"\d+")
+_KEYS_KEPT = 256
+
+
+class ClientLog(logging.Logger):
+    """A client library's logger: forwards to ``transport.<backend>.client``
+    at most at ``cap`` (INFO), and collapses repeats.
+
+    A line equal to one logged less than ``window`` seconds ago (numbers
+    ignored) is dropped and counted; the count is appended to the next
+    occurrence logged after the window (lines are never held back, so a
+    count waits for that occurrence). It is a :class:`logging.Logger`
+    because clients (pulsar-client) insist on one; only :meth:`log` is used,
+    and it may be called from any thread.
+    """
+
+    def __init__(self, backend: str, *, window: float = 60.0, cap: int = logging.INFO) -> None:
+        super().__init__(f"transport.{backend}.client")
+        self.target = logging.getLogger(self.name)
+        self.window = window
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._seen: OrderedDict[tuple[int, str], list[float]] = OrderedDict()
+
+    def log(self, level: Any, msg: object, *args: Any, **kwargs: Any) -> None:
+        if isinstance(level, str):
+            level = logging.getLevelName(level.upper())
+            if not isinstance(level, int):
+                level = logging.INFO
+        level = min(level, self.cap)
+        target = self.target
+        if not target.isEnabledFor(level):
+            return
+        text = str(msg) % args if args else str(msg)
+        key = (level, _NUMBERS.sub("#", text))
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(key)  # [first logged at, repeats since]
+            if seen is not None and now - seen[0] < self.window:
+                seen[1] += 1
+                return
+            repeats = seen[1] if seen is not None else 0
+            self._seen[key] = [now, 0]
+            self._seen.move_to_end(key)
+            while len(self._seen) > _KEYS_KEPT:
+                self._seen.popitem(last=False)
+        if repeats:
+            text = f"{text} (and {repeats} more like it since it was last logged)"
+        target.log(level, "%s", text)
+
 
 _STANDARD = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 

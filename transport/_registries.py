@@ -59,14 +59,29 @@ class _LogView:
 
     Re-watches from the start after a transient error: replays are harmless
     because the appliers are idempotent.
+
+    ``ready_timeout`` bounds the wait for the first load while the backend
+    is failing: past it, the next transient failure (or the one already
+    seen) is raised to the caller, and the view goes on retrying in the
+    background. A load that makes progress without failing is waited for.
     """
 
-    def __init__(self, log_: KeyedLog, apply: Callable[[str, bytes | None], None], what: str):
+    def __init__(
+        self,
+        log_: KeyedLog,
+        apply: Callable[[str, bytes | None], None],
+        what: str,
+        *,
+        ready_timeout: float | None = None,
+    ):
         self._log = log_
         self._apply = apply
         self._what = what
+        self._ready_timeout = ready_timeout
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
+        self._failing = asyncio.Event()
+        self._failure: TransientTransportError | None = None
         self._closed = False
 
     async def ready(self) -> None:
@@ -74,14 +89,31 @@ class _LogView:
             raise ClosedResourceError(f"{self._what} is closed")
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"view:{self._what}")
-        if not self._caught_up.is_set():
-            waiter = asyncio.ensure_future(self._caught_up.wait())
-            await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                # The watch task ended before catching up: surface its error.
-                self._task.result()
-                raise TransientTransportError(f"{self._what}: watch ended before catching up")
+        if self._caught_up.is_set():
+            return
+        task, timeout = self._task, self._ready_timeout
+        caught_up = asyncio.ensure_future(self._caught_up.wait())
+        failing = asyncio.ensure_future(self._failing.wait())
+        try:
+            await asyncio.wait(
+                {caught_up, task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if not caught_up.done() and not task.done():
+                # Out of time: give up at a failure (now, if the last attempt
+                # failed); a load that is progressing is waited for.
+                await asyncio.wait({caught_up, task, failing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            caught_up.cancel()
+            failing.cancel()
+        if self._caught_up.is_set():
+            return
+        if task.done():
+            # The watch task ended before catching up: surface its error.
+            task.result()
+            raise TransientTransportError(f"{self._what}: watch ended before catching up")
+        raise TransientTransportError(
+            f"{self._what}: not loaded within {timeout:g} s: {self._failure}"
+        ) from self._failure
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -93,8 +125,11 @@ class _LogView:
                     elif isinstance(item, KeyedChange):
                         self._apply(item.key, item.value)
                     backoff = 0.05
+                    self._failing.clear()
                 raise TransientTransportError("watch ended")
             except TransientTransportError as exc:
+                self._failure = exc
+                self._failing.set()
                 log.warning("%s: watch interrupted (%s); re-watching", self._what, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -175,6 +210,7 @@ class DeliveryRegistry:
         ttl_seconds: float = 7 * 24 * 3600.0,
         max_payload_bytes: int | None = None,
         janitor_interval: float | None = None,
+        ready_timeout: float | None = None,
     ) -> None:
         self.name = validate_name(name, "delivery registry name")
         self._log = log_
@@ -182,7 +218,9 @@ class DeliveryRegistry:
         self._limit = max_payload_bytes
         self._records: dict[str, DeliveryRecord] = {}
         self._waiters: dict[str, asyncio.Future[None]] = {}
-        self._view = _LogView(log_, self._apply_raw, f"delivery registry {name!r}")
+        self._view = _LogView(
+            log_, self._apply_raw, f"delivery registry {name!r}", ready_timeout=ready_timeout
+        )
         self._janitor_interval = janitor_interval or min(max(ttl_seconds / 4, 1.0), 60.0)
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
@@ -422,12 +460,16 @@ class CapabilityRegistry:
     refreshing disappears from lookups once it expires.
     """
 
-    def __init__(self, log_: KeyedLog, *, lease_seconds: float = 30.0) -> None:
+    def __init__(
+        self, log_: KeyedLog, *, lease_seconds: float = 30.0, ready_timeout: float | None = None
+    ) -> None:
         self._log = log_
         self._lease = lease_seconds
         self._entries: dict[str, Capability] = {}
         self._watchers: set[asyncio.Queue[tuple[str, Capability | None]]] = set()
-        self._view = _LogView(log_, self._apply_raw, "capability registry")
+        self._view = _LogView(
+            log_, self._apply_raw, "capability registry", ready_timeout=ready_timeout
+        )
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -516,9 +558,10 @@ class CapabilityRegistry:
         Guarantees: eventually consistent; advertisements made through this
         object are included at once.
         Raises: ClosedResourceError; PermanentTransportError if the registry
-        cannot be read at all (auth, configuration). A transient outage
-        before the first load makes the call wait (it retries) rather than
-        raise.
+        cannot be read at all (auth, configuration); TransientTransportError
+        if the first load keeps failing past ``ready_timeout`` (registries
+        made by a transport: its operation timeout; the load goes on
+        retrying in the background).
         """
         await self._ready()
         now = utcnow()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Protocol, Self
@@ -19,9 +20,13 @@ from transport._naming import validate_name
 from transport._priority import AgingPolicy, PriorityRequestQueue
 from transport._queue import RequestQueue
 from transport._registries import CapabilityRegistry, DeliveryRegistry
-from transport.errors import ClosedResourceError, UnsupportedFeatureError
+from transport.errors import ClosedResourceError, TransientTransportError, UnsupportedFeatureError
 
-__all__ = ["Transport", "TransportCapabilities", "TransportFactory"]
+__all__ = ["DEFAULT_OPERATION_TIMEOUT", "Transport", "TransportCapabilities", "TransportFactory"]
+
+#: The documented default bound on an operation against an unreachable
+#: broker (each backend's own timeout option defaults to at most this).
+DEFAULT_OPERATION_TIMEOUT = 30.0
 
 
 class TransportCapabilities(BaseModel):
@@ -95,6 +100,71 @@ class Transport(ABC):
 
         Guarantees: never raises for an unreachable backend; reports ``ok=False``.
         """
+
+    @property
+    def operation_timeout(self) -> float:
+        """Seconds within which an operation against an unreachable backend
+        fails with ``TransientTransportError`` (the first one included; the
+        backend's own option sets it, 30 s at most by default)."""
+        return DEFAULT_OPERATION_TIMEOUT
+
+    def _check_usable(self, features: frozenset[str]) -> None:  # noqa: B027 - optional hook
+        """Raise ``ConfigurationError`` if a capability in ``features`` that
+        this backend offers cannot work with the server as found (NATS
+        without JetStream). Backends that can tell override this; it must not
+        touch the network."""
+
+    async def _verify_backend(self, features: frozenset[str]) -> None:
+        """The up-front check behind :meth:`verify`. Backends override it to
+        tell a misconfiguration (``ConfigurationError``) or refused
+        credentials (``PermanentTransportError``) from an unreachable broker;
+        this default asks :meth:`health`."""
+        status = await self.health()
+        if not status.ok:
+            raise TransientTransportError(
+                f"{self.backend}:// backend at {self.config.redacted_url()} is not usable: "
+                f"{status.detail}"
+            )
+
+    async def verify(self, features: Iterable[str] | None = None) -> None:
+        """Check now that the backend is reachable and that ``features``
+        (capability flag names; ``None``: every capability this backend
+        offers) can be used, for services that should refuse to start
+        without their broker.
+
+        Guarantees: returns or raises within :attr:`operation_timeout`
+        (plus a few seconds of scheduling slack).
+        Raises: ValueError (unknown capability name), UnsupportedFeatureError
+        (the backend lacks one), ConfigurationError (the server is not set up
+        for one, e.g. NATS without JetStream), PermanentTransportError
+        (credentials or TLS refused), TransientTransportError (unreachable).
+        """
+        self._check_open()
+        wanted = self._features(features)
+        missing = sorted(f for f in wanted if not getattr(self.capabilities, f))
+        if missing:
+            raise UnsupportedFeatureError(
+                f"the {self.backend}:// backend lacks required capabilities: {', '.join(missing)}"
+            )
+        self._check_usable(wanted)
+        try:
+            async with asyncio.timeout(self.operation_timeout + 5.0):
+                await self._verify_backend(wanted)
+        except TimeoutError as exc:
+            raise TransientTransportError(
+                f"{self.backend}:// backend at {self.config.redacted_url()} did not answer "
+                f"within {self.operation_timeout:g} s"
+            ) from exc
+
+    def _features(self, features: Iterable[str] | None) -> frozenset[str]:
+        if features is None:
+            flags = self.capabilities.model_dump()
+            return frozenset(name for name, offered in flags.items() if offered)
+        wanted = frozenset(features)
+        unknown = wanted - set(TransportCapabilities.model_fields)
+        if unknown:
+            raise ValueError(f"unknown capability name(s): {', '.join(sorted(unknown))}")
+        return wanted
 
     def _open_event_bus(self) -> EventBus:
         """Backends with ``capabilities.event_bus`` override this."""
@@ -192,6 +262,7 @@ class Transport(ABC):
             self._open_keyed_log("delivery", name),
             ttl_seconds=self.config.registry_ttl_seconds,
             max_payload_bytes=self.config.max_payload_bytes,
+            ready_timeout=self.operation_timeout,
         )
         self._resources.append(registry)
         return registry
@@ -205,6 +276,7 @@ class Transport(ABC):
         registry = CapabilityRegistry(
             self._open_keyed_log("capability", "capabilities"),
             lease_seconds=self.config.capability_lease_seconds,
+            ready_timeout=self.operation_timeout,
         )
         self._resources.append(registry)
         return registry

@@ -30,8 +30,14 @@ from typing import Any, TypeVar
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
+from transport._logging import ClientLog
 from transport._shared import SharedRun
 from transport.errors import ClosedResourceError, ConfigurationError, TransientTransportError
 from transport_kafka._config import KafkaSettings
@@ -51,12 +57,14 @@ __all__ = [
 log = logging.getLogger("transport.kafka")
 T = TypeVar("T")
 
-_LOG_LEVELS = {0: 50, 1: 50, 2: 50, 3: 40, 4: 30, 5: 20, 6: 20, 7: 10}
+# librdkafka's lines go to the ``transport.kafka.client`` logger (never to
+# stderr by themselves), at most at INFO, repeats collapsed: an unreachable
+# broker is reported by the failing operation, not by hundreds of lines.
+_CLIENT_LOG = ClientLog("kafka")
 
 
 def _client_logger() -> logging.Logger:
-    # librdkafka logs go through Python logging instead of stderr.
-    return logging.getLogger("transport.kafka.librdkafka")
+    return _CLIENT_LOG
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,14 +404,32 @@ class KafkaClients:
         if not missing:
             return
         found: dict[str, TopicState] = {}
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TransientTransportError),
-            stop=stop_after_attempt(4),
-            wait=wait_exponential(multiplier=0.2, max=2.0),
-            reraise=True,
-        ):
-            with attempt:
-                found = await self.blocking("creating topics", self._create_topics, missing)
+        # All attempts together take at most the operation timeout: this is
+        # the first broker call of most operations, and an unreachable
+        # broker must fail them within that bound, not once per attempt.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(TransientTransportError),
+                    stop=stop_after_attempt(4),
+                    wait=wait_exponential(multiplier=0.2, max=2.0),
+                    reraise=True,
+                ):
+                    with attempt:
+                        # librdkafka looks for timed-out requests once a
+                        # second: ask for one second less than what is left.
+                        left = max(deadline - loop.time() - 1.0, 0.5)
+                        found = await self.blocking(
+                            "creating topics", self._create_topics, missing, left, limit=left
+                        )
+        except (TimeoutError, TransientTransportError) as exc:
+            detail = f": {exc}" if isinstance(exc, TransientTransportError) else ""
+            raise TransientTransportError(
+                f"Kafka at {self.settings.bootstrap} did not create or confirm the topics "
+                f"within {self.timeout:g} s{detail}"
+            ) from exc
         errors: list[str] = []
         for spec in missing:
             state = found.get(spec.name)
@@ -419,26 +445,26 @@ class KafkaClients:
             raise ConfigurationError("; ".join(errors))
         self._topics.update(s.name for s in missing)
 
-    def _create_topics(self, specs: Sequence[TopicSpec]) -> dict[str, TopicState]:
+    def _create_topics(self, specs: Sequence[TopicSpec], limit: float) -> dict[str, TopicState]:
         """Create ``specs``; describe the ones that already existed."""
         rf = self.settings.options.replication_factor
         admin = self.admin()
         futures = admin.create_topics(
             [NewTopic(s.name, s.partitions, rf, config=s.config) for s in specs],
-            operation_timeout=self.timeout,
-            request_timeout=self.timeout,
+            operation_timeout=limit,
+            request_timeout=limit,
         )
         existing: list[str] = []
         for name, future in futures.items():
             try:
-                future.result(self.timeout)
+                future.result(limit)
             except KafkaException as exc:
                 err = exc.args[0]
                 if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
                     existing.append(name)
                     continue
                 raise
-        return describe_topics(admin, existing, self.timeout) if existing else {}
+        return describe_topics(admin, existing, limit) if existing else {}
 
     async def partitions(self, topic: str) -> list[int]:
         def run() -> list[int]:
@@ -507,7 +533,7 @@ class KafkaClients:
         def run() -> int:
             return len(self.admin().list_topics(timeout=limit).topics)
 
-        return await self.blocking("listing topics", run, limit=limit)
+        return await self.blocking(f"listing topics on {self.settings.bootstrap}", run, limit=limit)
 
     # -- shutdown ------------------------------------------------------------------
     async def aclose(self) -> None:

@@ -149,6 +149,15 @@ class KafkaTransport(Transport):
             latency_ms=latency,
         )
 
+    @property
+    def operation_timeout(self) -> float:
+        return self.settings.options.operation_timeout_s
+
+    async def _verify_backend(self, features: frozenset[str]) -> None:
+        # A metadata round trip; errors keep their class (an unreachable
+        # broker is transient, refused credentials are permanent).
+        await self.clients.list_topics(limit=self.settings.options.operation_timeout_s)
+
     async def _close_backend(self) -> None:
         engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
@@ -157,7 +166,9 @@ class KafkaTransport(Transport):
 
 
 async def open_kafka(config: TransportConfig) -> KafkaTransport:
-    """Entry point for ``kafka://``. Connects lazily: nothing blocks here.
+    """Entry point for ``kafka://``. Connects lazily: nothing blocks here; an
+    unreachable broker fails the first operation within
+    ``operation_timeout_s`` (or ``connect(..., verify=True)`` at once).
 
     Raises: ConfigurationError for invalid settings.
     """

@@ -56,7 +56,12 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
-from transport.errors import ConfigurationError, PermanentTransportError, TransientTransportError
+from transport.errors import (
+    ConfigurationError,
+    PermanentTransportError,
+    TransientTransportError,
+    TransportError,
+)
 from transport_nats._config import NatsOptions, load_options, parse_servers
 from transport_nats._errors import classify_connect_error, map_nats_errors
 
@@ -66,6 +71,26 @@ log = logging.getLogger("transport.nats")
 
 # JetStream err_code: "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
+# JetStream err_code: "jetstream not enabled for account".
+_JETSTREAM_NOT_ENABLED_FOR_ACCOUNT = 10039
+#: Capabilities that need JetStream (queues, registries, the event log); the
+#: event bus is core NATS and works on any server.
+JETSTREAM_FEATURES = frozenset(TransportCapabilities.model_fields) - {"event_bus"}
+
+
+def _jetstream_off(exc: nats.js.errors.APIError) -> bool:
+    """True if ``exc`` says JetStream is not there at all: no responders on
+    the API subjects (a server without ``-js``; nats-py turns that into a
+    bare ServiceUnavailableError) or not enabled for this account."""
+    if exc.err_code == _JETSTREAM_NOT_ENABLED_FOR_ACCOUNT:
+        return True
+    return (
+        isinstance(exc, nats.js.errors.ServiceUnavailableError)
+        and exc.err_code is None
+        and not exc.description
+    )
+
+
 _LAST_ERRORS_KEPT = 10_000
 
 
@@ -172,6 +197,10 @@ class NatsTransport(Transport):
         self.nc = NatsClient()
         self.requests = Requests(self.nc, self.options.request_timeout)
         self._js: JetStreamContext | None = None
+        #: Set when the server has no JetStream: queues, registries and the
+        #: event log raise it; the event bus works.
+        self.jetstream_error: ConfigurationError | None = None
+        self._probe: asyncio.Task[None] | None = None
         self._last_error: BaseException | None = None
         self._fatal: asyncio.Future[BaseException] | None = None
         self._reconnect_listeners: set[Callable[[], None]] = set()
@@ -260,8 +289,11 @@ class NatsTransport(Transport):
             self.nc.connected_url.netloc if self.nc.connected_url else "?",
         )
         # A restarted server has forgotten streams we cached as present and
-        # every pending pull request: re-check and re-issue.
+        # every pending pull request: re-check and re-issue. It may also have
+        # been restarted with (or without) JetStream.
         self._ensured_streams.clear()
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._reprobe_jetstream())
         for listener in list(self._reconnect_listeners):
             try:
                 listener()
@@ -307,21 +339,76 @@ class NatsTransport(Transport):
         self.nc.options["max_reconnect_attempts"] = self.options.max_reconnect_attempts
         self._js = self.nc.jetstream(timeout=self.options.request_timeout)
         try:
-            with map_nats_errors("checking JetStream"):
-                await self._js.account_info()
-        except PermanentTransportError as exc:
-            await self.nc.close()
-            raise ConfigurationError(
-                f"JetStream is not enabled for this account on {where} (start nats-server with -js)"
-            ) from exc
-        except TransientTransportError:
+            await self._probe_jetstream()
+        except TransportError:
             await self.nc.close()
             raise
         await self.requests.start()
 
+    async def _probe_jetstream(self) -> None:
+        """Ask JetStream for the account's info: set :attr:`jetstream_error`
+        if JetStream is off (a server without ``-js``, or an account without
+        it), clear it if JetStream answers.
+
+        Raises: TransientTransportError (no answer), PermanentTransportError.
+        """
+        assert self._js is not None
+        where = ", ".join(self.servers)
+        try:
+            with map_nats_errors("checking JetStream"):
+                try:
+                    await self._js.account_info()
+                except nats.js.errors.APIError as exc:
+                    if not _jetstream_off(exc):
+                        raise
+                    self.jetstream_error = ConfigurationError(
+                        f"JetStream is not enabled on the NATS server at {where} (start "
+                        "nats-server with -js, or give it a jetstream {} block): request "
+                        "queues, registries and the event log need it; the event bus works "
+                        'without it (connect(url, require=["event_bus"]))'
+                    )
+                    log.info("%s", self.jetstream_error)
+                    return
+        except PermanentTransportError as exc:
+            if isinstance(exc, ConfigurationError):
+                raise
+            raise ConfigurationError(f"JetStream refused this account on {where}: {exc}") from exc
+        self.jetstream_error = None
+
+    async def _reprobe_jetstream(self) -> None:
+        try:
+            await self._probe_jetstream()
+        except Exception as exc:  # the next reconnect or use tells again
+            log.debug("JetStream check after reconnect failed: %s", exc)
+
+    def _require_jetstream(self) -> None:
+        if self.jetstream_error is not None:
+            raise self.jetstream_error
+
+    def _check_usable(self, features: frozenset[str]) -> None:
+        if features & JETSTREAM_FEATURES:
+            self._require_jetstream()
+
+    async def _verify_backend(self, features: frozenset[str]) -> None:
+        if not self.nc.is_connected:
+            raise TransientTransportError(f"not connected to NATS at {', '.join(self.servers)}")
+        if features & JETSTREAM_FEATURES:
+            await self._probe_jetstream()
+            self._require_jetstream()
+        else:
+            with map_nats_errors("NATS round trip"):
+                await self.nc.flush(timeout=max(1, round(self.options.request_timeout)))
+
+    @property
+    def operation_timeout(self) -> float:
+        """The connect budget (``connect_timeout`` × 2 per server + 1 s):
+        ``connect`` itself fails within it on an unreachable server."""
+        return self.options.connect_timeout * 2 * len(self.servers) + 1.0
+
     @property
     def js(self) -> JetStreamContext:
         self._check_open()
+        self._require_jetstream()
         assert self._js is not None
         return self._js
 
@@ -355,11 +442,13 @@ class NatsTransport(Transport):
     def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> Any:
         from transport_nats._queue import NatsRequestQueue
 
+        self._require_jetstream()
         return NatsRequestQueue(self, name, lease_seconds=lease_seconds, max_attempts=max_attempts)
 
     def _open_keyed_log(self, kind: str, name: str) -> Any:
         from transport_nats._registries import NatsKeyedLog
 
+        self._require_jetstream()
         return NatsKeyedLog(self, broker_name(self.config.namespace, kind, name))
 
     def _open_event_bus(self) -> Any:
@@ -370,6 +459,7 @@ class NatsTransport(Transport):
     def _open_event_log(self) -> Any:
         from transport_nats._events import NatsEventLog
 
+        self._require_jetstream()
         return NatsEventLog(self)
 
     async def health(self) -> HealthStatus:
@@ -380,6 +470,8 @@ class NatsTransport(Transport):
             return HealthStatus(
                 ok=False, backend="nats", detail=f"not connected to {', '.join(self.servers)}"
             )
+        if self.jetstream_error is not None:
+            return HealthStatus(ok=False, backend="nats", detail=str(self.jetstream_error))
         try:
             with map_nats_errors("health check"):
                 info = await self._js.account_info()
@@ -398,6 +490,8 @@ class NatsTransport(Transport):
 
     async def _close_backend(self) -> None:
         self._reconnect_listeners.clear()
+        if self._probe is not None:
+            self._probe.cancel()
         await self.requests.aclose()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.nc.flush(), self.options.request_timeout)
@@ -408,8 +502,13 @@ class NatsTransport(Transport):
 async def open_nats(config: TransportConfig) -> NatsTransport:
     """Entry point for ``nats://`` and ``tls://``.
 
-    Raises: ConfigurationError (bad options, JetStream off), PermanentTransportError
-    (credentials or TLS refused), TransientTransportError (no server reachable).
+    A server without JetStream is accepted: the event bus works on it, and
+    request queues, registries and the event log raise ``ConfigurationError``
+    naming ``-js`` when opened.
+
+    Raises: ConfigurationError (bad options), PermanentTransportError
+    (credentials or TLS refused), TransientTransportError (no server reachable,
+    within :attr:`NatsTransport.operation_timeout`).
     """
     transport = NatsTransport(config)
     await transport._start()

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import threading
 import weakref
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from typing import Any, TypeAlias
 import _pulsar
 import pulsar
 
+from transport._logging import ClientLog
 from transport._queue import hand_to_waiter
 from transport._shared import retrieve
 from transport.errors import TransientTransportError
@@ -42,7 +44,8 @@ from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
 __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
 
 log = logging.getLogger("transport.pulsar")
-_client_log = logging.getLogger("transport.pulsar.client")
+#: The ``transport.pulsar.client`` logger: capped at INFO, repeats collapsed.
+_client_log = ClientLog("pulsar")
 _OK = _pulsar.Result.Ok
 
 # pulsar-client ships no type information: its objects are opaque here.
@@ -479,10 +482,74 @@ class AsyncReader:
             self._pending.cancel()
 
 
+# "2026-12-02 11:53:21.755 ERROR [139738500556480] ClientConnection:485 | text"
+_LINE = re.compile(rb"^\S+ \S+ (DEBUG|INFO|WARN|ERROR)\s+\[\d+\] (.*?)\s*$")
+_LEVELS = {b"DEBUG": logging.DEBUG, b"INFO": logging.INFO, b"WARN": logging.WARNING}
+
+
+class _LogPipe:
+    """The C++ client's warnings and errors, routed to Python logging.
+
+    pulsar-client cannot filter lines for a Python logger (every line, debug
+    included, would take the GIL from a client thread), but it filters a
+    ``FileLogger`` in C++. So each client writes its warnings and errors to
+    one pipe per process, and a daemon thread reads the pipe and hands each
+    line to :data:`_client_log`. The pipe only carries what a client
+    reports as going wrong: a handful of lines per reconnect attempt.
+    """
+
+    _current: _LogPipe | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        read_fd, self.write_fd = os.pipe()
+        self.path = f"/dev/fd/{self.write_fd}"
+        self._thread = threading.Thread(
+            target=self._read, args=(read_fd,), name="pulsar-client-log", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    def path_for_client(cls) -> str | None:
+        """The pipe's path for a new client's ``FileLogger`` (None where
+        ``/dev/fd`` does not exist)."""
+        if not os.path.isdir("/dev/fd"):
+            return None
+        with cls._lock:
+            if cls._current is None:
+                cls._current = cls()
+            return cls._current.path
+
+    @classmethod
+    def forget(cls) -> None:
+        """In a forked child: the reader thread did not come along."""
+        cls._current = None
+
+    @staticmethod
+    def _read(read_fd: int) -> None:
+        with os.fdopen(read_fd, "rb") as lines:
+            for line in lines:
+                match = _LINE.match(line)
+                if match is None:
+                    text, level = line.decode(errors="replace").rstrip(), logging.WARNING
+                else:
+                    text = match.group(2).decode(errors="replace")
+                    level = _LEVELS.get(match.group(1), logging.ERROR)
+                with contextlib.suppress(Exception):  # never let logging kill the reader
+                    _client_log.log(level, "%s", text)
+
+
+os.register_at_fork(after_in_child=_LogPipe.forget)
+
+
 def _client_logger(kind: str) -> Any:
     """The logger handed to pulsar-client (see the ``client_log`` option)."""
     if kind == "stderr" and os.path.exists("/dev/stderr"):
         return pulsar.FileLogger(pulsar.LoggerLevel.Warn, "/dev/stderr")
+    if kind == "logging":
+        path = _LogPipe.path_for_client()
+        if path is not None:
+            return pulsar.FileLogger(pulsar.LoggerLevel.Warn, path)
     return _client_log
 
 
@@ -496,7 +563,7 @@ class AsyncPulsarClient:
         operation_timeout: float,
         close_timeout: float,
         send_timeout_ms: int,
-        client_log: str = "python",
+        client_log: str = "logging",
         **client_kwargs: Any,
     ) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -617,7 +684,17 @@ class AsyncPulsarClient:
                 self._core.create_reader_async_v2(
                     topic, _pulsar.MessageId.latest, conf, _value_callback(future)
                 )
-        done, _ = await asyncio.wait(futures, timeout=timeout + 5.0)
+        try:
+            done, _ = await asyncio.wait(futures, timeout=timeout + 5.0)
+        except BaseException:
+            # Cancelled (the operation ran out of time): nobody will look at
+            # these any more; a reader created later goes with the client.
+            for future in futures:
+                if future.done():
+                    retrieve(future)
+                else:
+                    future.cancel()
+            raise
         closed: list[asyncio.Future[None]] = []
         for future in futures:
             if future in done and future.exception() is None:

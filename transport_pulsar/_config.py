@@ -86,13 +86,16 @@ class PulsarOptions(BaseModel):
     send_timeout_ms: int = Field(default=30_000, gt=0)
     close_timeout_seconds: float = Field(default=10.0, gt=0)
     io_threads: int = Field(default=1, ge=1, le=64)
-    #: Where the C++ client's own log lines go. ``stderr``: its warnings and
-    #: errors, filtered in C++, written to the process's stderr. ``python``:
-    #: every line, debug included, to the ``transport.pulsar.client`` logger
-    #: — the client cannot filter lines for a Python logger, so each one
-    #: takes the GIL from a client thread (several per message: enqueue runs
-    #: about a third slower under load).
-    client_log: Literal["stderr", "python"] = "stderr"
+    #: Where the C++ client's own log lines go. ``logging`` (default): its
+    #: warnings and errors, filtered in C++, to the ``transport.pulsar.client``
+    #: logger (through a pipe read by one thread per process; at most INFO,
+    #: repeats collapsed; nothing on stderr unless logging is configured).
+    #: ``stderr``: the same lines written straight to the process's stderr.
+    #: ``python``: every line, debug included, to that logger — the client
+    #: cannot filter lines for a Python logger, so each one takes the GIL
+    #: from a client thread (several per message: enqueue runs about a third
+    #: slower under load).
+    client_log: Literal["logging", "stderr", "python"] = "logging"
     #: Pulsar admin REST endpoint (``http(s)://host:8080``) used by
     #: ``stats()``; the binary protocol has no backlog query in this client.
     admin_url: str | None = None

@@ -60,7 +60,6 @@ import pulsar
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
-    stop_after_attempt,
     stop_after_delay,
     wait_exponential,
 )
@@ -163,18 +162,41 @@ class PulsarTransport(Transport):
     def topic(self, kind: str, name: str) -> str:
         return self.settings.topic(self.config.namespace, kind, name)
 
+    @property
+    def operation_timeout(self) -> float:
+        return self.settings.options.operation_timeout_seconds
+
     async def retrying(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Run ``make`` with retries on the transient branch only, for at most
-        the operation timeout (and at least three attempts)."""
+        """Run ``make`` with retries on the transient branch only; all
+        attempts together take at most the operation timeout (an attempt
+        still running then is cancelled), so an unreachable broker fails the
+        operation within it.
+
+        Raises: TransientTransportError (the last failure, or no answer in
+        time), PermanentTransportError.
+        """
         budget = self.settings.options.operation_timeout_seconds
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TransientTransportError),
-            stop=stop_after_delay(budget) & stop_after_attempt(3),
-            wait=wait_exponential(multiplier=0.05, max=1.0),
-            reraise=True,
-        ):
-            with attempt:
-                return await make()
+        last: list[BaseException] = []
+        try:
+            async with asyncio.timeout(budget):
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(TransientTransportError),
+                    stop=stop_after_delay(budget),
+                    wait=wait_exponential(multiplier=0.05, max=1.0),
+                    reraise=True,
+                ):
+                    with attempt:
+                        try:
+                            return await make()
+                        except TransientTransportError as exc:
+                            last[:] = [exc]
+                            raise
+        except TimeoutError as exc:
+            detail = f": {last[0]}" if last else ""
+            raise TransientTransportError(
+                f"no answer from the Pulsar broker at {self.settings.service_url} within "
+                f"{budget:g} s{detail}"
+            ) from (last[0] if last else exc)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def subscribe(
@@ -293,6 +315,18 @@ class PulsarTransport(Transport):
             latency_ms=(time.perf_counter() - start) * 1000,
         )
 
+    async def _verify_backend(self, features: frozenset[str]) -> None:
+        # A topic lookup: the broker must answer (and accept the credentials).
+        try:
+            await self.client.topic_partitions(
+                self.topic("health", "probe"),
+                timeout=self.settings.options.operation_timeout_seconds,
+            )
+        except TransientTransportError as exc:
+            raise TransientTransportError(
+                f"Pulsar broker at {self.settings.service_url} did not answer: {exc}"
+            ) from exc
+
     async def _close_backend(self) -> None:
         await self.client.close()
 
@@ -300,8 +334,9 @@ class PulsarTransport(Transport):
 async def open_pulsar(config: TransportConfig) -> PulsarTransport:
     """Entry point for ``pulsar://`` and ``pulsar+ssl://``.
 
-    The client connects lazily: an unreachable broker shows up on first use
-    (and in :meth:`PulsarTransport.health`), as with every pulsar-client.
+    The client connects lazily: an unreachable broker shows up on first use,
+    within ``operation_timeout_seconds`` (and in :meth:`PulsarTransport.health`,
+    or at once with ``connect(..., verify=True)``).
     Raises: ConfigurationError.
     """
     return PulsarTransport(config)

@@ -15,7 +15,9 @@ from transport.testing import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
+    UnreachableBrokerConformance,
 )
+from transport_kafka import KafkaTransport
 
 pytestmark = pytest.mark.broker
 
@@ -45,3 +47,9 @@ class TestKafkaBrokerRestart(BrokerRestartConformance): ...
 
 
 class TestKafkaCleanRestart(CleanRestartConformance): ...
+
+
+class TestKafkaUnreachable(UnreachableBrokerConformance):
+    transport_class = KafkaTransport
+    url_template = "kafka://127.0.0.1:{port}"
+    timeout_option = "operation_timeout_s"

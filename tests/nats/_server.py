@@ -31,19 +31,29 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    """One nats-server process with JetStream on file storage.
+    """One nats-server process with JetStream on file storage (or without
+    JetStream at all: ``jetstream=False``).
 
     ``sync_interval: always`` makes every stored message fsynced before its
     PubAck (the default syncs every two minutes), so a ``kill -9`` of the
     server loses nothing acknowledged.
     """
 
-    def __init__(self, root: Path, *, extra_config: str = "", port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        extra_config: str = "",
+        port: int | None = None,
+        jetstream: bool = True,
+    ) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = root / "jetstream"
         self.port = port or free_port()
         self.extra_config = extra_config
+        #: False: a plain server (core NATS only), as started without ``-js``.
+        self.jetstream = jetstream
         self.log = root / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -53,16 +63,18 @@ class NatsServer:
 
     def _write_config(self) -> Path:
         conf = self.root / "nats-server.conf"
-        conf.write_text(
-            f"""
-listen: 127.0.0.1:{self.port}
-server_name: test_{self.port}
+        jetstream = f"""
 jetstream {{
   store_dir: "{self.store}"
   sync_interval: always
   max_memory_store: 64MB
   max_file_store: 2GB
-}}
+}}"""
+        conf.write_text(
+            f"""
+listen: 127.0.0.1:{self.port}
+server_name: test_{self.port}
+{jetstream if self.jetstream else ""}
 {self.extra_config}
 """,
             encoding="utf-8",

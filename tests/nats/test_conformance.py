@@ -16,7 +16,9 @@ from transport.testing import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
+    UnreachableBrokerConformance,
 )
+from transport_nats import NatsTransport
 
 
 class TestNatsQueue(RequestQueueConformance): ...
@@ -82,3 +84,9 @@ class TestNatsCleanRestartPrefetch(CleanRestartConformance):
     @pytest.fixture
     def nats_config(self, nats_config: TransportConfig) -> TransportConfig:
         return _with_prefetch(nats_config, 8)
+
+
+class TestNatsUnreachable(UnreachableBrokerConformance):
+    transport_class = NatsTransport
+    url_template = "nats://127.0.0.1:{port}"
+    timeout_option = "connect_timeout"

@@ -16,7 +16,9 @@ from transport.testing import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
+    UnreachableBrokerConformance,
 )
+from transport_pulsar import PulsarTransport
 
 from .conftest import PulsarHarness, PulsarLiteBroker, make_config
 
@@ -74,3 +76,9 @@ class TestPulsarBrokerRestart(BrokerRestartConformance): ...
 
 
 class TestPulsarCleanRestart(CleanRestartConformance): ...
+
+
+class TestPulsarUnreachable(UnreachableBrokerConformance):
+    transport_class = PulsarTransport
+    url_template = "pulsar://127.0.0.1:{port}"
+    timeout_option = "operation_timeout_seconds"

@@ -22,6 +22,7 @@ from transport.testing._registry_suite import (
     DeliveryRegistryConformance,
 )
 from transport.testing._restart_suite import BrokerRestartConformance
+from transport.testing._unreachable_suite import UnreachableBrokerConformance
 from transport.testing.harness import BackendHarness
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "PriorityAsRequestQueueConformance",
     "PriorityQueueConformance",
     "RequestQueueConformance",
+    "UnreachableBrokerConformance",
 ]

@@ -1,0 +1,69 @@
+"""Client-library log lines: capped at INFO, repeats collapsed, and nothing
+on stderr while the application has not configured logging."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from transport import connect
+from transport._logging import ClientLog
+
+
+def test_repeated_lines_are_collapsed_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="transport.test.client")
+    client = ClientLog("test", window=0.2)
+    for attempt in range(50):
+        client.log(logging.ERROR, "Connect to 127.0.0.1:%d failed (after %dms)", 1, attempt)
+    client.log(logging.ERROR, "another problem")
+    records = [r for r in caplog.records if r.name == "transport.test.client"]
+    assert [r.getMessage() for r in records] == [
+        "Connect to 127.0.0.1:1 failed (after 0ms)",
+        "another problem",
+    ]
+    assert all(r.levelno == logging.INFO for r in records), "client lines are capped at INFO"
+    time.sleep(0.25)  # the collapse window itself is what is under test
+    client.log(logging.ERROR, "Connect to 127.0.0.1:1 failed (after 9ms)")
+    last = [r for r in caplog.records if r.name == "transport.test.client"][-1]
+    assert last.getMessage() == (
+        "Connect to 127.0.0.1:1 failed (after 9ms) (and 49 more like it since it was last logged)"
+    )
+
+
+def test_debug_lines_stay_debug_and_disabled_levels_cost_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="transport.test2.client")
+    client = ClientLog("test2")
+    client.log("DEBUG", "a debug line")  # pulsar-client passes level names
+    client.log("INFO", "an info line")
+    assert [r.getMessage() for r in caplog.records if r.name == "transport.test2.client"] == [
+        "an info line"
+    ]
+
+
+def test_library_warnings_are_silent_without_logging_configuration() -> None:
+    code = (
+        "import logging, transport\n"
+        "logging.getLogger('transport.kafka').warning('must not reach stderr')\n"
+        "logging.getLogger('transport').error('nor this')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", f"printed on stderr without logging configured: {result.stderr!r}"
+
+
+async def test_verify_on_an_embedded_backend(tmp_path: Path) -> None:
+    transport = await connect(f"sqlite:///{tmp_path / 'x.db'}", verify=True)
+    try:
+        await transport.verify(["persistent"])
+        assert transport.operation_timeout <= 30
+    finally:
+        await transport.aclose()
