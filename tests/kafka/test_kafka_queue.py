@@ -251,8 +251,8 @@ async def test_priority_levels_open_together_even_with_a_backlog_beyond_the_buff
         started = time.monotonic()
         first = await pq.poll(20)
         assert first is not None
-        # The start-up cohort opened when level 1 paused at max_buffered, not
-        # after its deadline.
+        # Level 1 counted as loaded when it paused at max_buffered, not after
+        # the deadline for a missing assignment.
         assert time.monotonic() - started < 10
         second = await pq.poll(10)
         assert second is not None
