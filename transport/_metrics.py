@@ -178,6 +178,10 @@ class InstrumentedRequestQueue(RequestQueue):
             self._sink.increment("redelivered", self._labels)
         return _InstrumentedDelivery(delivery, self._sink, self._labels)
 
+    async def caught_up(self, timeout: float | None = None) -> bool:
+        """As :meth:`RequestQueue.caught_up` (nothing is reported)."""
+        return await self.inner.caught_up(timeout)
+
     async def stats(self) -> QueueStats:
         """As :meth:`RequestQueue.stats`, then sets the ``queue_depth``,
         ``queue_in_flight`` (when known) and ``queue_dead_lettered`` gauges."""

@@ -6,7 +6,13 @@ before it is processed, and nothing lives only in memory. Aging is computed
 from each request's ``enqueued_at`` (stamped once at first enqueue), so it is
 the same after a restart as before.
 
-Selection: the head (oldest request) of every level is leased and compared by
+Selection: before anything is served, every level whose head is not held
+here must know its head (:meth:`RequestQueue.caught_up`: a consumer that
+just joined its group or got partitions has loaded their backlog), waited for
+concurrently and within the poll's timeout: a lower level is never served
+while a higher one may still hold work that has not arrived yet, after start
+and after every rebalance. Then the head (oldest request) of every level is
+leased and compared by
 effective level = level − ⌊waited / aging_interval⌋ (never below 0), ties to the
 oldest ``enqueued_at``. Because a level is FIFO, its head is also its most-aged
 request, so comparing heads is exact on ordered backends. Heads that lose the
@@ -143,6 +149,8 @@ class PriorityRequestQueue(RequestQueue):
         try:
             while True:
                 self._harvest()
+                if not await self._levels_known(deadline):
+                    return None  # a level still loading may hold a better head
                 for level in range(self.levels):
                     if self._slots[level] is None and self._tasks[level] is None:
                         self._fill(level, await self._queues[level].poll(0))
@@ -168,6 +176,35 @@ class PriorityRequestQueue(RequestQueue):
                     await asyncio.sleep(0)
         finally:
             self._lock.release()
+
+    async def caught_up(self, timeout: float | None = None) -> bool:
+        """Every level knows its head (see :meth:`RequestQueue.caught_up`).
+
+        Raises: as :meth:`RequestQueue.caught_up`.
+        """
+        if self._closed:
+            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        loop = asyncio.get_running_loop()
+        return await self._levels_known(None if timeout is None else loop.time() + timeout)
+
+    async def _levels_known(self, deadline: float | None) -> bool:
+        """Wait, until ``deadline``, for every level whose head is not held
+        here to know its head (levels load concurrently, so a start costs
+        one backlog load, not one per level)."""
+        waiting = [q for level, q in enumerate(self._queues) if self._slots[level] is None]
+        if not waiting:
+            return True
+        loop = asyncio.get_running_loop()
+        timeout = None if deadline is None else max(0.0, deadline - loop.time())
+        if len(waiting) == 1:
+            return await waiting[0].caught_up(timeout)
+        results = await asyncio.gather(
+            *(q.caught_up(timeout) for q in waiting), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return all(results)
 
     def _fill(self, level: int, delivery: Delivery | None) -> None:
         if delivery is None:

@@ -146,6 +146,22 @@ class RequestQueue(ABC):
         Raises: TransientTransportError, ClosedResourceError.
         """
 
+    async def caught_up(self, timeout: float | None = None) -> bool:
+        """Wait until this handle knows its head: from then on ``poll(0)``
+        returns a request whenever one is available to this consumer, rather
+        than ``None`` because the backlog is still on its way (a consumer
+        joining its group, a partition just assigned). ``False`` if
+        ``timeout`` seconds passed first (``None`` waits; ``0`` only checks).
+
+        A :class:`PriorityRequestQueue` waits for this on every level before
+        it serves one, so that a lower level is never served while a higher
+        one may hold work. The default is for backends whose ``poll(0)``
+        asks the store itself: always ``True``.
+        Raises: TransientTransportError (the consumer failed),
+        ClosedResourceError.
+        """
+        return True
+
     @abstractmethod
     async def stats(self) -> QueueStats:
         """Depth (lag), in-flight and dead-letter counts.

@@ -57,8 +57,13 @@ class KafkaOptions(BaseModel):
     replication_factor: int = Field(default=-1, ge=-1, le=32)
     #: ``fetch.wait.max.ms`` of consumers (latency of an idle poll).
     fetch_wait_max_ms: int = Field(default=100, ge=0, le=60_000)
-    session_timeout_ms: int = Field(default=10_000, ge=1_000)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100)
+    #: Group liveness: how soon a dead worker's partitions move. It also
+    #: bounds the first join of a new group: Tansu holds it for half the
+    #: session timeout (Apache Kafka for ``group.initial.rebalance.delay.ms``,
+    #: 3 s by default), so 6000 (Apache Kafka's smallest accepted session)
+    #: lets a fresh worker answer its first poll within 5 s.
+    session_timeout_ms: int = Field(default=6_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(default=2_000, ge=100)
     #: librdkafka's own limit; leases are kept by a polling thread, so a
     #: handler may run far longer than this.
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)

@@ -20,7 +20,9 @@ partition (:mod:`transport_kafka._offsets`) and only the contiguous settled
 prefix is committed, every ``commit_interval_ms`` and synchronously on
 revocation and close — never past an unsettled record. When the local
 buffer holds ``max_buffered`` unsettled records, the partitions are paused
-(backpressure) and resumed at half of that.
+(backpressure) and resumed at half of that. After every assignment the
+queue is not ``caught_up()`` until the backlog of the new partitions (up to
+their high watermarks) is fetched or the buffer is full.
 
 **Leases are client-side.** Kafka has no per-record lease: a partition
 belongs to one consumer until a rebalance. A delivery not acked or extended
@@ -267,48 +269,6 @@ def _int_header(headers: dict[str, bytes], name: str) -> int:
         return 0
 
 
-class _Cohort:
-    """Engines of one transport whose consumers started together (the levels
-    of a priority queue, typically) open for hand-out together.
-
-    Each consumer joins its group and fetches its backlog at its own pace; if
-    the first primed level handed out at once, a priority queue polling its
-    levels would deliver a lower level's backlog before the higher level had
-    arrived. So no member hands out anything until every member has its
-    initial backlog buffered (or ``deadline`` passed); then the head of each
-    member is reserved (its delivery counted in the state topic), so the
-    first polls of all members complete in the same event-loop step.
-    """
-
-    WINDOW_S = 0.5
-
-    def __init__(self, max_wait: float) -> None:
-        self.members: list[_QueueEngine] = []
-        self.created = time.monotonic()
-        self.deadline = self.created + max_wait
-        self.opened = False
-        self._opening: asyncio.Task[None] | None = None
-
-    def accepts(self) -> bool:
-        return not self.opened and time.monotonic() - self.created < self.WINDOW_S
-
-    def check(self) -> None:
-        if self.opened or self._opening is not None:
-            return
-        if all(m.primed or m._stopped for m in self.members) or time.monotonic() >= self.deadline:
-            self._opening = asyncio.ensure_future(self._open())
-
-    async def _open(self) -> None:
-        try:
-            await asyncio.gather(
-                *(m.reserve_head() for m in self.members if not m._stopped), return_exceptions=True
-            )
-        finally:
-            self.opened = True
-            for member in self.members:
-                member._notify()
-
-
 class _QueueEngine:
     """One consumer-group member per (transport, queue), shared by every
     handle of that queue in the transport. Loop-side state (buffer, timers,
@@ -363,12 +323,14 @@ class _QueueEngine:
         self._paused = False
         self._wake: list[TopicPartition] = []  # one assigned partition per leader
         self._last_commit = 0.0
+        # Backlog loading ("priming"), consumer-thread side: the high
+        # watermarks that the fetch of newly assigned partitions must reach;
+        # None when nothing is loading.
         self._prime_targets: dict[int, int] | None = None
         self._fetched: dict[int, int] = {}
-        self._prime_sent = False
-        # loop-side priming: first hand-out waits for the cohort (see _Cohort)
+        # loop side: the head is known (see caught_up); until _sync_deadline
         self.primed = False
-        self.cohort: _Cohort | None = None
+        self._sync_deadline = float("inf")
 
     # -- topics ------------------------------------------------------------------
     def topic_specs(self) -> list[TopicSpec]:
@@ -424,7 +386,7 @@ class _QueueEngine:
             consumer = Consumer({**conf, "logger": _client_logger()})
             self._subscribe(consumer)
         self._consumer = consumer
-        self.cohort = self.transport._cohort_for(self)
+        self._unprime()
         self._subscribed = True
         self._thread = ConsumerThread(f"kafka-consumer-{self.name}", self._step, self._finish)
         self._thread.start()
@@ -478,6 +440,7 @@ class _QueueEngine:
         if not self._subscribed and self._consumer is not None and self._thread is not None:
             consumer = self._consumer
             self._subscribed = True
+            self._unprime()  # no partitions until the group is joined again
             await asyncio.wait_for(
                 self._thread.submit(lambda: self._subscribe(consumer)),
                 self.options.operation_timeout_s,
@@ -656,17 +619,18 @@ class _QueueEngine:
 
     def _check_primed(self) -> None:
         targets = self._prime_targets
-        if self._prime_sent or targets is None:
+        if targets is None:
             return
-        # Primed: the initial backlog is buffered, or as much of it as the
-        # bounded buffer takes (paused).
+        # Primed: the backlog of the assigned partitions is buffered, or as
+        # much of it as the bounded buffer takes (paused).
         if self._paused or all(self._fetched.get(p, 0) >= high for p, high in targets.items()):
-            self._prime_sent = True
+            self._prime_targets = None
             self._post(self._on_primed)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if not partitions:
-            if not self._prime_sent:
+            # Nothing (more) for this member: what it has is what it knows.
+            if self._prime_targets is None:
                 self._prime_targets = {}
             return
         try:
@@ -678,8 +642,15 @@ class _QueueEngine:
             log.warning("queue %r: committed offsets unavailable: %s", self.name, exc)
             committed = {}
         assigned = {tp.partition for tp in partitions}
-        if not self._prime_sent:
-            self._prime_targets = self._targets(consumer, partitions, committed)
+        # After every assignment (start, rebalance) the head is unknown until
+        # the backlog of the new partitions is fetched.
+        self._post(self._on_unprimed)
+        for p in assigned:
+            self._fetched.pop(p, None)
+        self._prime_targets = {
+            **(self._prime_targets or {}),
+            **self._targets(consumer, partitions, committed),
+        }
         try:
             replay = read_to_end(
                 self.clients.reader_config(), self.topics.state, self.options.operation_timeout_s
@@ -806,6 +777,9 @@ class _QueueEngine:
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
         gone = {tp.partition for tp in partitions}
+        if self._prime_targets is not None:
+            for p in gone:
+                self._prime_targets.pop(p, None)
         for key in [k for k in self._markers if k[0] in gone]:
             del self._markers[key]
         with self._marked_lock:
@@ -847,8 +821,46 @@ class _QueueEngine:
 
     def _on_primed(self) -> None:
         self.primed = True
-        if self.cohort is not None:
-            self.cohort.check()
+        self._notify()
+
+    def _on_unprimed(self) -> None:
+        self._unprime()
+
+    def _unprime(self) -> None:
+        self.primed = False
+        o = self.options
+        # An assignment normally arrives within a group join; past this,
+        # caught_up() stops waiting for it (and says so).
+        self._sync_deadline = time.monotonic() + o.session_timeout_ms / 1000 + 5.0
+
+    async def caught_up(self, timeout: float | None) -> bool:
+        """Wait until the backlog of every partition assigned so far is
+        buffered (the head is known), or ``timeout`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self.primed:
+            if self._stopped:
+                raise ClosedResourceError(f"queue {self.name!r} is closed")
+            thread = self._thread
+            if thread is not None and thread.done.done():
+                raise TransientTransportError(f"consumer of queue {self.name!r} stopped")
+            now = time.monotonic()
+            if now >= self._sync_deadline:
+                log.warning(
+                    "queue %r: no partition assignment within the session timeout + 5 s; "
+                    "serving without it",
+                    self.name,
+                )
+                self.primed = True
+                break
+            left = self._sync_deadline - now
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                left = min(left, remaining)
+            await self.wait(min(left, 1.0))
+        return True
 
     def _live(self, rec: _Record) -> bool:
         return self.tracker.is_outstanding(rec.partition, rec.offset, rec.generation)
@@ -917,8 +929,6 @@ class _QueueEngine:
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(_TICK)
-            if self.cohort is not None and not self.cohort.opened:
-                self.cohort.check()
             self._reclaim()
             if self._should_hand_off():
                 self._handoff_task = asyncio.create_task(self._hand_off())
@@ -953,28 +963,6 @@ class _QueueEngine:
         with self._marked_lock:
             self._marked_rounds.setdefault(partition, {})[key] = high
         return key
-
-    async def reserve_head(self) -> None:
-        """Count the next delivery of the head record now, so that the next
-        poll hands it out without waiting for the broker."""
-        while self.ready and not self._live(self.ready[0]):
-            self.ready.popleft()
-        if not self.ready:
-            return
-        rec = self.ready[0]
-        if rec.reserved:
-            return
-        if self._decoded(rec) is None:
-            return
-        rec.deliveries += 1
-        try:
-            await self._write_marker(rec, b'{"d":%d}' % rec.deliveries)
-        except BaseException:
-            rec.deliveries -= 1
-            raise
-        rec.reserved = True
-        rec.count_key = rec.state_key
-        self._counted[rec.state_key] = (rec.partition, {rec.offset: rec.deliveries}, [rec])
 
     async def settle_record(self, rec: _Record) -> bool:
         """Settle ``rec`` durably (group commit): returns True once a commit
@@ -1146,9 +1134,6 @@ class _QueueEngine:
             raise failed
 
     async def take(self, handle: KafkaRequestQueue) -> KafkaDelivery | None:
-        if self.cohort is not None and not self.cohort.opened:
-            self.cohort.check()
-            return None
         self._reclaim(wake=False)
         if self.exhausted:
             await self._drain_exhausted()
@@ -1322,6 +1307,18 @@ class KafkaRequestQueue(RequestQueue):
             what=f"enqueue to {self.name!r}",
         )
         return request
+
+    async def caught_up(self, timeout: float | None = None) -> bool:
+        """True once the backlog of the partitions assigned to this process
+        is fetched (after joining the group, and again after every
+        rebalance that assigns partitions); joins the group if needed."""
+        self._check()
+        await self._engine.start()
+        try:
+            await self._engine.poller_enter()
+            return await self._engine.caught_up(timeout)
+        finally:
+            self._engine.poller_exit()
 
     async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:
         self._check()

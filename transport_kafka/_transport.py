@@ -39,7 +39,7 @@ first use (see ``transport_kafka._topics``).
 Options (``TransportConfig.options`` or URL query), validated by
 :class:`~transport_kafka.KafkaOptions`: ``partitions`` (1),
 ``replication_factor`` (-1 = broker default), ``fetch_wait_max_ms`` (100),
-``session_timeout_ms`` (10000), ``heartbeat_interval_ms`` (3000),
+``session_timeout_ms`` (6000), ``heartbeat_interval_ms`` (2000),
 ``max_poll_interval_ms`` (300000), ``max_buffered`` (1000),
 ``commit_interval_ms`` (200), ``operation_timeout_s`` (30),
 ``close_timeout_s`` (10), ``security_protocol``, ``producer`` / ``consumer``
@@ -57,7 +57,7 @@ from transport.errors import TransportError
 from transport_kafka._client import KafkaClients
 from transport_kafka._config import KafkaSettings, parse_settings
 from transport_kafka._events import KafkaEventLog
-from transport_kafka._queue import KafkaRequestQueue, _Cohort, _QueueEngine
+from transport_kafka._queue import KafkaRequestQueue, _QueueEngine
 from transport_kafka._registries import KafkaKeyedLog
 
 __all__ = ["KafkaTransport", "open_kafka"]
@@ -85,16 +85,6 @@ class KafkaTransport(Transport):
             self.capabilities = self.capabilities.model_copy(update={"ordered": False})
         self.clients = KafkaClients(self.settings)
         self._engines: dict[str, _QueueEngine] = {}
-        self._cohort: _Cohort | None = None
-
-    def _cohort_for(self, engine: _QueueEngine) -> _Cohort:
-        """The start-up cohort ``engine`` belongs to (see ``_Cohort``)."""
-        cohort = self._cohort
-        if cohort is None or not cohort.accepts():
-            o = self.settings.options
-            cohort = self._cohort = _Cohort(o.session_timeout_ms / 1000 + 5.0)
-        cohort.members.append(engine)
-        return cohort
 
     def _acquire_engine(self, name: str) -> _QueueEngine:
         engine = self._engines.get(name)

@@ -251,8 +251,8 @@ async def test_priority_levels_open_together_even_with_a_backlog_beyond_the_buff
         started = time.monotonic()
         first = await pq.poll(20)
         assert first is not None
-        # The start-up cohort opened when level 1 paused at max_buffered, not
-        # after its deadline.
+        # Level 1 counted as loaded when it paused at max_buffered, not after
+        # the deadline for a missing assignment.
         assert time.monotonic() - started < 10
         second = await pq.poll(10)
         assert second is not None
@@ -266,5 +266,40 @@ async def test_priority_levels_open_together_even_with_a_backlog_beyond_the_buff
             got.append(delivery)
         for delivery in got:
             assert await delivery.ack()
+    finally:
+        await transport.aclose()
+
+
+async def test_a_level_that_joined_its_group_earlier_is_not_served_first(
+    kafka_config_factory: Any,
+) -> None:
+    from datetime import timedelta
+
+    from transport import PriorityRequestQueue
+
+    name = _name()
+    producer = await connect(kafka_config_factory())
+    try:
+        pq = producer.priority_queue(name, levels=3, aging_interval=timedelta(hours=1))
+        low = [(await pq.enqueue(WorkRequest(task="t"), priority=2)).request_id for _ in range(3)]
+        high = [(await pq.enqueue(WorkRequest(task="t"), priority=0)).request_id for _ in range(3)]
+    finally:
+        await producer.aclose()
+    transport = await connect(kafka_config_factory())
+    try:
+        worker = transport.priority_queue(name, levels=3, aging_interval=timedelta(hours=1))
+        assert isinstance(worker, PriorityRequestQueue)
+        # Level 2's consumer joins its group and loads its backlog first (as
+        # when levels start at different times); levels 0 and 1 join only
+        # with the priority queue's first poll, well after.
+        level2 = worker._queues[2]
+        assert await level2.caught_up(20), "level 2 did not load its backlog within 20 s"
+        got: list[str] = []
+        for n in range(6):
+            delivery = await worker.poll(10)
+            assert delivery is not None, f"poll {n + 1}: nothing within 10 s; got {got}"
+            got.append(delivery.request.request_id)
+            assert await delivery.ack()
+        assert got == high + low, "level 2 was served before level 0's backlog had arrived"
     finally:
         await transport.aclose()

@@ -144,6 +144,43 @@ class PriorityQueueConformance:
         assert back.attempt == 3  # two deliveries, then released by a clean close
         await back.ack()
 
+    @pytest.mark.parametrize("options", ["harness", "defaults"])
+    async def test_levels_filled_before_the_first_worker_are_served_in_order_from_the_first_poll(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any, options: str
+    ) -> None:
+        # "defaults": the backend's own options, as a user starts it (no
+        # tuning for the dev broker). Each poll waits 5 s, as a user's would.
+        overrides: dict[str, Any] = {"options": {}} if options == "defaults" else {}
+        producer = await make_transport(**overrides)
+        pq = producer.priority_queue(queue_name, levels=3, aging_interval=timedelta(hours=1))
+        low = [
+            (await pq.enqueue(WorkRequest(task="t", payload=i), priority=2)).request_id
+            for i in range(5)
+        ]
+        high = [
+            (await pq.enqueue(WorkRequest(task="t", payload=i), priority=0)).request_id
+            for i in range(5)
+        ]
+        await producer.aclose()
+        worker = (await make_transport(**overrides)).priority_queue(
+            queue_name, levels=3, aging_interval=timedelta(hours=1)
+        )
+        got: list[tuple[int, str]] = []
+        for n in range(10):
+            started = time.monotonic()
+            delivery = await worker.poll(timeout=5)
+            assert delivery is not None, (
+                f"poll {n + 1} of a fresh worker returned nothing within 5 s "
+                f"({time.monotonic() - started:.1f} s) while {10 - n} requests were waiting; "
+                f"served so far (level, id): {got}"
+            )
+            got.append((delivery.request.priority, delivery.request.request_id))
+            assert await delivery.ack()
+        levels = [level for level, _ in got]
+        assert levels == [0] * 5 + [2] * 5, f"served out of priority order: {levels}"
+        if harness.capabilities.ordered:
+            assert [rid for _, rid in got] == high + low
+
     async def test_out_of_range_priority_is_rejected(
         self, transport: Transport, queue_name: str
     ) -> None:
