@@ -18,8 +18,10 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
 * attempt: ``ae-attempts`` property (deliveries before a republish) +
   the broker's redelivery count + 1.
 * ack: individual acknowledgement. nack(): negative acknowledgement;
-  nack(delay) or nack(error=): a copy carrying the attempt count, the error
-  and a not-before time is published (``deliverAfter``), then the original
+  nack(delay) or nack(error=): a copy carrying the attempt count, the error,
+  the request id delivered (``ae-request-id``: a foreign body without one
+  keeps the id derived from the original message id) and a not-before time
+  is published (``deliverAfter``), then the original
   is acked. The not-before time is also enforced by the client, for
   brokers without delayed delivery.
 * dead letters: a keyed topic ``<queue>__dlq`` holding :class:`DeadLetter`
@@ -52,6 +54,7 @@ from transport import (
     encode,
     utcnow,
 )
+from transport._codec import decode_request
 from transport._queue import seconds as _seconds
 from transport.errors import (
     ClosedResourceError,
@@ -73,6 +76,7 @@ log = logging.getLogger("transport.pulsar")
 ATTEMPTS_PROPERTY = "ae-attempts"
 ERROR_PROPERTY = "ae-last-error"
 NOT_BEFORE_PROPERTY = "ae-not-before"
+REQUEST_ID_PROPERTY = "ae-request-id"
 _MAX_ERROR_CHARS = 4000
 _JOIN_GRACE_SECONDS = 0.2
 
@@ -249,7 +253,9 @@ class PulsarRequestQueue(RequestQueue):
         last_error = properties.get(ERROR_PROPERTY) or None
         data = bytes(message.data())
         try:
-            request = decode(WorkRequest, data)
+            request = decode_request(
+                data, self.topic, key, carried_id=properties.get(REQUEST_ID_PROPERTY)
+            )
         except UndecodableMessageError as exc:
             record = DeadLetter(
                 queue=self.name,
@@ -380,7 +386,10 @@ class PulsarRequestQueue(RequestQueue):
         return True
 
     async def _republish(self, delivery: PulsarDelivery, delay: float, error: str | None) -> None:
-        properties = {ATTEMPTS_PROPERTY: str(delivery.attempt)}
+        properties = {
+            ATTEMPTS_PROPERTY: str(delivery.attempt),
+            REQUEST_ID_PROPERTY: delivery.request.request_id,
+        }
         reason = error if error is not None else delivery._last_error
         if reason:
             properties[ERROR_PROPERTY] = reason[:_MAX_ERROR_CHARS]

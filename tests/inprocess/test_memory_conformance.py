@@ -14,6 +14,9 @@ from transport.testing import (
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -61,3 +64,12 @@ class TestMemoryEventBus(EventBusConformance): ...
 
 
 class TestMemoryEventLog(EventLogConformance): ...
+
+
+class TestMemoryNamespaces(NamespaceConformance): ...
+
+
+class TestMemoryForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestMemoryForeignMessages(ForeignMessageConformance): ...

@@ -11,6 +11,9 @@ from transport.testing import (
     CrashConformance,
     DeliveryRegistryConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -41,3 +44,12 @@ class TestKafkaEventLog(EventLogConformance): ...
 
 
 class TestKafkaBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestKafkaNamespaces(NamespaceConformance): ...
+
+
+class TestKafkaForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestKafkaForeignMessages(ForeignMessageConformance): ...

@@ -12,6 +12,9 @@ from transport.testing import (
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -62,3 +65,12 @@ class TestNatsPriorityPrefetch(PriorityQueueConformance):
 
 
 class TestNatsBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestNatsNamespaces(NamespaceConformance): ...
+
+
+class TestNatsForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestNatsForeignMessages(ForeignMessageConformance): ...

@@ -12,6 +12,9 @@ from transport.testing import (
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -70,3 +73,12 @@ class TestPulsarEventLog(EventLogConformance): ...
 
 
 class TestPulsarBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestPulsarNamespaces(NamespaceConformance): ...
+
+
+class TestPulsarForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestPulsarForeignMessages(ForeignMessageConformance): ...

@@ -11,6 +11,8 @@ The pytest plugin (``transport.testing.plugin``) is registered through the
 
 from transport.testing._crash_suite import CrashConformance
 from transport.testing._events_suite import EventBusConformance, EventLogConformance
+from transport.testing._lifecycle_suite import ForeignMessageConformance, ForgottenCloseConformance
+from transport.testing._namespace_suite import NamespaceConformance
 from transport.testing._priority_suite import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
@@ -31,6 +33,9 @@ __all__ = [
     "DeliveryRegistryConformance",
     "EventBusConformance",
     "EventLogConformance",
+    "ForeignMessageConformance",
+    "ForgottenCloseConformance",
+    "NamespaceConformance",
     "PriorityAsRequestQueueConformance",
     "PriorityQueueConformance",
     "RequestQueueConformance",
