@@ -43,7 +43,6 @@ from transport import (
     TransportCapabilities,
     TransportConfig,
     WorkRequest,
-    decode,
     encode,
     utcnow,
 )
@@ -249,11 +248,18 @@ class MemoryRequestQueue(RequestQueue):
             _notify_one(self._state)
 
     # -- consumer ---------------------------------------------------------
+    def _request_of(self, msg: _Msg) -> WorkRequest | None:
+        """The request as its deliveries showed it (None if undecodable)."""
+        try:
+            return decode_request(msg.data, self._broker.name, self.name, msg.ident)
+        except UndecodableMessageError:
+            return None
+
     def _dead(self, msg: _Msg, error: str, request: WorkRequest | None) -> None:
         self._state.dead.append(
             DeadLetter(
                 queue=self.name,
-                request_id=msg.request_id,
+                request_id=msg.request_id or (request.request_id if request else None),
                 request=request,
                 raw=None if request is not None else msg.data.decode("utf-8", "replace"),
                 error=error,
@@ -288,7 +294,7 @@ class MemoryRequestQueue(RequestQueue):
                     self._dead(
                         msg,
                         msg.last_error or f"not acknowledged after {msg.attempts} deliveries",
-                        _try_decode(msg.data),
+                        self._request_of(msg),
                     )
                     continue
                 try:
@@ -384,7 +390,7 @@ class MemoryRequestQueue(RequestQueue):
             msg.last_error = error or msg.last_error
             if how == "dead" or msg.attempts >= self.max_attempts:
                 reason = error or msg.last_error or f"nacked after {msg.attempts} deliveries"
-                self._dead(msg, reason, _try_decode(msg.data))
+                self._dead(msg, reason, self._request_of(msg))
                 return True
             if delay:
                 heapq.heappush(state.delayed, (time.monotonic() + delay, next(_token), msg))
@@ -462,13 +468,6 @@ def _compact_leases(state: _QueueState) -> None:
     stays within a few times the number of requests in flight."""
     state.leases = [(deadline, token) for token, (_, deadline) in state.inflight.items()]
     heapq.heapify(state.leases)
-
-
-def _try_decode(data: bytes) -> WorkRequest | None:
-    try:
-        return decode(WorkRequest, data)
-    except UndecodableMessageError:
-        return None
 
 
 @dataclass

@@ -52,7 +52,7 @@ from transport import (
     utcnow,
 )
 from transport._codec import decode_request
-from transport._models import replace_fields
+from transport._models import derived_request_id, replace_fields
 from transport._queue import seconds as _seconds
 from transport._sqlitestore import SCHEMA, SqliteStore
 from transport.errors import (
@@ -256,11 +256,17 @@ class SqliteRequestQueue(RequestQueue):
                         last_error
                         or f"not acknowledged after {attempts} deliveries (lease expired)"
                     )
+                    if request_id is None:  # a foreign body: the id its deliveries showed
+                        request_id = derived_request_id("sqlite", self._key, row_id)
                     _dead(conn, self._key, request_id, body, _decodable(body), error, attempts)
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                     continue
                 try:
-                    request = decode_request(body, "sqlite", self._key, row_id)
+                    # The row's request_id column, if set, is the id of a body
+                    # without one that was dead-lettered and requeued.
+                    request = decode_request(
+                        body, "sqlite", self._key, row_id, carried_id=request_id
+                    )
                 except UndecodableMessageError as exc:
                     _dead(conn, self._key, request_id, body, False, str(exc), attempts + 1)
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
@@ -391,6 +397,8 @@ class SqliteRequestQueue(RequestQueue):
             request_id, body, attempts, last_error = row
             reason = error or last_error
             if dead or attempts >= max_attempts:
+                if request_id is None:  # a foreign body: the id its deliveries showed
+                    request_id = derived_request_id("sqlite", name, row_id)
                 _dead(
                     conn,
                     name,
@@ -465,16 +473,18 @@ class SqliteRequestQueue(RequestQueue):
 
         def op(conn: sqlite3.Connection) -> list[DeadLetter]:
             rows = conn.execute(
-                "SELECT request_id, body, decodable, error, attempts, dead_at FROM dead_letters"
+                "SELECT id, request_id, body, decodable, error, attempts, dead_at FROM dead_letters"
                 " WHERE queue = ? ORDER BY id LIMIT ?",
                 (key, limit),
             ).fetchall()
             out = []
-            for request_id, body, decodable, error, attempts, dead_at in rows:
+            for dead_id, request_id, body, decodable, error, attempts, dead_at in rows:
                 request = None
                 if decodable:
                     with contextlib.suppress(UndecodableMessageError):
-                        request = decode(WorkRequest, body)
+                        request = decode_request(
+                            body, "sqlite-dead", key, dead_id, carried_id=request_id
+                        )
                 out.append(
                     DeadLetter(
                         queue=name,

@@ -123,3 +123,23 @@ class ForeignMessageConformance:
         assert second is not None, "the nacked foreign request was never redelivered"
         assert (second.request.request_id, second.attempt) == ("foreign-4", 2)
         assert await second.ack()
+
+    async def test_dead_letter_of_a_request_without_id_keeps_the_delivered_id(
+        self, harness: BackendHarness, queue_name: str, transport: Transport
+    ) -> None:
+        body = json.dumps({"task": "foreign", "payload": {"n": 7}}).encode()
+        await harness.inject_raw(transport, queue_name, body)
+        queue = transport.request_queue(queue_name, lease_seconds=harness.lease_seconds)
+        delivery = await queue.poll(harness.scaled(30))
+        assert delivery is not None, "the foreign request was never delivered"
+        assert await delivery.dead_letter("refused by the handler")
+        request_id = delivery.request.request_id
+        dead = await queue.dead_letters()
+        assert len(dead) == 1, f"dead letters: {dead}"
+        assert dead[0].request is not None
+        assert (dead[0].request_id, dead[0].request.request_id) == (request_id, request_id)
+        assert await queue.requeue_dead_letters() == 1
+        back = await queue.poll(harness.scaled(30))
+        assert back is not None, "the requeued foreign request was never delivered"
+        assert (back.request.request_id, back.attempt) == (request_id, 1)
+        assert await back.ack()
