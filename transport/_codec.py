@@ -6,9 +6,11 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from transport._models import WorkRequest, derived_request_id, replace_fields
+from transport._naming import _REQUEST_ID_RE
 from transport.errors import PayloadTooLargeError, PermanentTransportError, UndecodableMessageError
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "decode_request", "encode"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -27,6 +29,29 @@ def encode(model: BaseModel, limit: int | None = None) -> bytes:
     if limit is not None and len(data) > limit:
         raise PayloadTooLargeError(len(data), limit)
     return data
+
+
+def decode_request(
+    data: bytes | str, *identity: object, carried_id: str | None = None
+) -> WorkRequest:
+    """Parse a delivered body into a :class:`WorkRequest`.
+
+    A body without ``request_id`` (another program's) gets ``carried_id`` (the
+    id a backend's re-published copy of the message carries in its headers)
+    or else one derived from ``identity``, the broker's identity of the
+    message: never a fresh random id, which would make each redelivery look
+    like a new request. ``attempt`` is left to the caller, which must
+    overwrite it with the backend's own delivery count.
+
+    Raises:
+        UndecodableMessageError: not JSON, or not a valid request.
+    """
+    request = decode(WorkRequest, data)
+    if "request_id" not in request.model_fields_set:
+        if carried_id is None or not _REQUEST_ID_RE.fullmatch(carried_id):
+            carried_id = derived_request_id(*identity)
+        request = replace_fields(request, request_id=carried_id)
+    return request
 
 
 def decode(model: type[M], data: bytes | str) -> M:

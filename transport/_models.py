@@ -3,6 +3,7 @@ ignored so that older readers accept records from newer writers."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -79,6 +80,16 @@ def _new_request_id() -> str:
 
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID4_SET = (4 << 76) | (0x8000 << 48)
+
+
+def derived_request_id(*identity: object) -> str:
+    """The request id of a message that carries none (written by another
+    program), derived from the broker's identity of the message (topic,
+    partition and offset; stream and sequence; message id; row id): the same
+    on every delivery of that message, so a redelivery is recognised as the
+    same request. 32 hex digits, like a generated id."""
+    text = "\x1f".join(str(part) for part in identity)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class _WireModel(BaseModel):

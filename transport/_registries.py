@@ -599,7 +599,11 @@ class CapabilityRegistry:
                 if expiries:
                     wait = max((min(expiries) - utcnow()).total_seconds(), 0.0)
                 try:
-                    key, cap = await asyncio.wait_for(queue.get(), wait)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for
+                    # drops a cancellation that arrives together with an
+                    # item, and this loop would then never end.
+                    async with asyncio.timeout(wait):
+                        key, cap = await queue.get()
                 except TimeoutError:
                     now = utcnow()
                     for k, c in list(known.items()):

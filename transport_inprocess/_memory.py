@@ -6,7 +6,8 @@ process), native_delay ✓, lease_extension ✓.
 
 Every ``connect("memory://name")`` in a process shares one broker named
 ``name`` (``memory://`` is the broker ``default``), like clients of a server:
-a "restarted" caller re-attaches by connecting again. Requests are stored as
+a "restarted" caller re-attaches by connecting again. Clients with different
+``TransportConfig.namespace`` share nothing (a broker per name and namespace). Requests are stored as
 their JSON encoding, exactly as on the wire, so payloads that a broker would
 refuse are refused here too. Thread-safe and usable from several event loops.
 """
@@ -42,10 +43,10 @@ from transport import (
     TransportCapabilities,
     TransportConfig,
     WorkRequest,
-    decode,
     encode,
     utcnow,
 )
+from transport._codec import decode_request
 from transport._models import replace_fields
 from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, UndecodableMessageError
@@ -66,6 +67,8 @@ class _Msg:
     # ``data`` is this module's own encoding of a validated WorkRequest (not
     # foreign bytes from inject_raw): it is parsed without re-validation.
     own: bool = False
+    # Identity of a foreign message (a body may carry no request id).
+    ident: int = 0
 
 
 _FIELDS = frozenset(WorkRequest.__pydantic_fields__)
@@ -125,25 +128,29 @@ class _Broker:
         return state
 
 
-_BROKERS: dict[str, _Broker] = {}
+# One broker per (URL name, namespace): clients of one ``memory://name`` with
+# different ``TransportConfig.namespace`` share nothing.
+_BROKERS: dict[tuple[str, str], _Broker] = {}
 _BROKERS_LOCK = threading.Lock()
 
 
-def _broker(name: str) -> _Broker:
+def _broker(name: str, namespace: str) -> _Broker:
     with _BROKERS_LOCK:
-        broker = _BROKERS.get(name)
+        broker = _BROKERS.get((name, namespace))
         if broker is None:
-            broker = _BROKERS[name] = _Broker(name)
+            broker = _BROKERS[(name, namespace)] = _Broker(name)
         return broker
 
 
 def reset_memory(name: str | None = None) -> None:
-    """Forget the state of broker ``name`` (all brokers if ``None``)."""
+    """Forget the state of broker ``name``, every namespace of it (all
+    brokers if ``None``)."""
     with _BROKERS_LOCK:
         if name is None:
             _BROKERS.clear()
         else:
-            _BROKERS.pop(name, None)
+            for key in [key for key in _BROKERS if key[0] == name]:
+                del _BROKERS[key]
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
@@ -237,15 +244,22 @@ class MemoryRequestQueue(RequestQueue):
     def inject_raw(self, data: bytes) -> None:
         """Put raw bytes on the queue as if a foreign producer had (for tests)."""
         with self._broker.lock:
-            self._state.ready.append(_Msg(data, None))
+            self._state.ready.append(_Msg(data, None, ident=next(_token)))
             _notify_one(self._state)
 
     # -- consumer ---------------------------------------------------------
+    def _request_of(self, msg: _Msg) -> WorkRequest | None:
+        """The request as its deliveries showed it (None if undecodable)."""
+        try:
+            return decode_request(msg.data, self._broker.name, self.name, msg.ident)
+        except UndecodableMessageError:
+            return None
+
     def _dead(self, msg: _Msg, error: str, request: WorkRequest | None) -> None:
         self._state.dead.append(
             DeadLetter(
                 queue=self.name,
-                request_id=msg.request_id,
+                request_id=msg.request_id or (request.request_id if request else None),
                 request=request,
                 raw=None if request is not None else msg.data.decode("utf-8", "replace"),
                 error=error,
@@ -280,11 +294,15 @@ class MemoryRequestQueue(RequestQueue):
                     self._dead(
                         msg,
                         msg.last_error or f"not acknowledged after {msg.attempts} deliveries",
-                        _try_decode(msg.data),
+                        self._request_of(msg),
                     )
                     continue
                 try:
-                    request = _decode_own(msg.data) if msg.own else decode(WorkRequest, msg.data)
+                    request = (
+                        _decode_own(msg.data)
+                        if msg.own
+                        else decode_request(msg.data, self._broker.name, self.name, msg.ident)
+                    )
                 except UndecodableMessageError as exc:
                     msg.attempts += 1
                     self._dead(msg, str(exc), None)
@@ -295,7 +313,7 @@ class MemoryRequestQueue(RequestQueue):
                 state.inflight[token] = (msg, deadline)
                 _heappush(state.leases, (deadline, token))
                 self._held.add(token)
-                if msg.attempts != 1:
+                if request.attempt != msg.attempts:  # the count is ours, never the body's
                     request = replace_fields(request, attempt=msg.attempts)
                 return MemoryDelivery(request, self, token)
             return None
@@ -372,7 +390,7 @@ class MemoryRequestQueue(RequestQueue):
             msg.last_error = error or msg.last_error
             if how == "dead" or msg.attempts >= self.max_attempts:
                 reason = error or msg.last_error or f"nacked after {msg.attempts} deliveries"
-                self._dead(msg, reason, _try_decode(msg.data))
+                self._dead(msg, reason, self._request_of(msg))
                 return True
             if delay:
                 heapq.heappush(state.delayed, (time.monotonic() + delay, next(_token), msg))
@@ -452,13 +470,6 @@ def _compact_leases(state: _QueueState) -> None:
     heapq.heapify(state.leases)
 
 
-def _try_decode(data: bytes) -> WorkRequest | None:
-    try:
-        return decode(WorkRequest, data)
-    except UndecodableMessageError:
-        return None
-
-
 @dataclass
 class _LogState:
     data: dict[str, bytes] = field(default_factory=dict)
@@ -534,7 +545,7 @@ class MemoryTransport(Transport):
         super().__init__(config)
         parts = urlsplit(config.url)
         self.broker_name = (parts.netloc + parts.path).strip("/") or "default"
-        self._broker = _broker(self.broker_name)
+        self._broker = _broker(self.broker_name, config.namespace)
 
     def _open_queue(
         self, name: str, *, lease_seconds: float, max_attempts: int

@@ -13,6 +13,9 @@ Options (URL query or ``TransportConfig.options``): ``synchronous``
 work written by *other* processes; this process's own writes wake it at once),
 ``busy_timeout_ms`` (30000).
 
+Every stored name is ``<namespace>/<name>`` (``TransportConfig.namespace``):
+clients of one file with different namespaces share nothing.
+
 Leases are rows: a leased request carries a random token and an expiry in
 ``available_at``; once that passes, the row is simply eligible again, so a
 crashed worker's requests come back without any cleanup process.
@@ -48,7 +51,8 @@ from transport import (
     encode,
     utcnow,
 )
-from transport._models import replace_fields
+from transport._codec import decode_request
+from transport._models import derived_request_id, replace_fields
 from transport._queue import seconds as _seconds
 from transport._sqlitestore import SCHEMA, SqliteStore
 from transport.errors import (
@@ -72,27 +76,38 @@ class _Signals:
     at once; other processes' writes are noticed by polling."""
 
     def __init__(self) -> None:
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
 
     async def wait(self, name: str, timeout: float) -> bool:
-        """Wait for a notification of ``name``: True if one came, False on timeout."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Wait for a notification of ``name``: True if one came, False on timeout.
+
+        The future is awaited directly, not through ``asyncio.wait_for``: on
+        Python 3.11 ``wait_for`` returns the result instead of raising when a
+        cancellation and a notification arrive in the same loop iteration, so
+        a watch loop would lose the cancellation of ``asyncio.run``'s shutdown
+        and keep the interpreter from exiting.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
         waiters = self._waiters.setdefault(name, set())
         waiters.add(future)
+        timer = loop.call_later(timeout, _settle, future, False)
         try:
-            await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            return False
+            return await future
         finally:
+            timer.cancel()
             waiters.discard(future)
-        return True
 
     def notify(self, name: str) -> None:
         waiters = self._waiters.get(name)
         if waiters:
             for future in waiters:
-                if not future.done():
-                    future.set_result(None)
+                _settle(future, True)
+
+
+def _settle(future: asyncio.Future[bool], notified: bool) -> None:
+    if not future.done():
+        future.set_result(notified)
 
 
 def _dead(
@@ -192,13 +207,14 @@ class SqliteRequestQueue(RequestQueue):
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self._t = transport
+        self._key = transport._scoped(name)  # the queue's rows in this namespace
         self._store = transport._store
         self._held: dict[int, int] = {}
         self._lease_waiters: list[asyncio.Future[SqliteDelivery | None]] = []
         self._leaser: asyncio.Task[None] | None = None
         self._had_work = False
         self._closed = False
-        self._enqueue_key = ("enqueue", name)
+        self._enqueue_key = ("enqueue", self._key)
 
     def _check(self) -> None:
         if self._closed:
@@ -213,9 +229,9 @@ class SqliteRequestQueue(RequestQueue):
         body = encode(request, self._t.config.max_payload_bytes)
         # Concurrent enqueues to this queue become one INSERT of many rows.
         await self._store.submit_many(
-            self._enqueue_key, _insert_many, (self.name, request.request_id, body)
+            self._enqueue_key, _insert_many, (self._key, request.request_id, body)
         )
-        self._t._signals.notify(self.name)
+        self._t._signals.notify(self._key)
         return request
 
     def _lease_op(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, WorkRequest]]:
@@ -230,7 +246,7 @@ class SqliteRequestQueue(RequestQueue):
             rows = conn.execute(
                 "SELECT id, request_id, body, attempts, last_error FROM messages"
                 " WHERE queue = ? AND available_at <= ? ORDER BY seq LIMIT ?",
-                (self.name, now, limit - len(out)),
+                (self._key, now, limit - len(out)),
             ).fetchall()
             if not rows:
                 break
@@ -240,18 +256,24 @@ class SqliteRequestQueue(RequestQueue):
                         last_error
                         or f"not acknowledged after {attempts} deliveries (lease expired)"
                     )
-                    _dead(conn, self.name, request_id, body, _decodable(body), error, attempts)
+                    if request_id is None:  # a foreign body: the id its deliveries showed
+                        request_id = derived_request_id("sqlite", self._key, row_id)
+                    _dead(conn, self._key, request_id, body, _decodable(body), error, attempts)
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                     continue
                 try:
-                    request = decode(WorkRequest, body)
+                    # The row's request_id column, if set, is the id of a body
+                    # without one that was dead-lettered and requeued.
+                    request = decode_request(
+                        body, "sqlite", self._key, row_id, carried_id=request_id
+                    )
                 except UndecodableMessageError as exc:
-                    _dead(conn, self.name, request_id, body, False, str(exc), attempts + 1)
+                    _dead(conn, self._key, request_id, body, False, str(exc), attempts + 1)
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                     continue
                 token = (base + row_id) & _TOKEN_MASK
                 leased.append(row_id)
-                if attempts:
+                if request.attempt != attempts + 1:  # the row's count, never the body's
                     request = replace_fields(request, attempt=attempts + 1)
                 out.append((row_id, token, request))
             # One statement per 500 rows (executemany steps once per row).
@@ -269,7 +291,7 @@ class SqliteRequestQueue(RequestQueue):
         return (
             conn.execute(
                 "SELECT 1 FROM messages WHERE queue = ? AND available_at <= ? LIMIT 1",
-                (self.name, time.time()),
+                (self._key, time.time()),
             ).fetchone()
             is not None
         )
@@ -347,7 +369,7 @@ class SqliteRequestQueue(RequestQueue):
             if remaining is not None and remaining <= 0:
                 return None
             wait = interval if remaining is None else min(interval, remaining)
-            if await self._t._signals.wait(self.name, wait):
+            if await self._t._signals.wait(self._key, wait):
                 # This process just wrote work to the queue: lease without
                 # the has-work read first.
                 self._had_work = True
@@ -363,7 +385,7 @@ class SqliteRequestQueue(RequestQueue):
         self, row_id: int, token: int, delay: float, error: str | None, dead: bool
     ) -> bool:
         self._held.pop(row_id, None)
-        name, max_attempts = self.name, self.max_attempts
+        name, max_attempts = self._key, self.max_attempts
 
         def op(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
@@ -375,6 +397,8 @@ class SqliteRequestQueue(RequestQueue):
             request_id, body, attempts, last_error = row
             reason = error or last_error
             if dead or attempts >= max_attempts:
+                if request_id is None:  # a foreign body: the id its deliveries showed
+                    request_id = derived_request_id("sqlite", name, row_id)
                 _dead(
                     conn,
                     name,
@@ -395,7 +419,7 @@ class SqliteRequestQueue(RequestQueue):
 
         done = await self._store.write(op)
         if done and not delay:
-            self._t._signals.notify(self.name)
+            self._t._signals.notify(self._key)
         return done
 
     async def _extend(self, row_id: int, token: int, seconds: float | None) -> bool:
@@ -419,7 +443,7 @@ class SqliteRequestQueue(RequestQueue):
 
     async def stats(self) -> QueueStats:
         self._check()
-        name = self.name
+        name, key = self.name, self._key
 
         def op(conn: sqlite3.Connection) -> QueueStats:
             now = time.time()
@@ -428,10 +452,10 @@ class SqliteRequestQueue(RequestQueue):
                 " COALESCE(SUM(token IS NOT NULL AND available_at > ?), 0),"
                 " COALESCE(SUM(token IS NULL AND available_at > ?), 0)"
                 " FROM messages WHERE queue = ?",
-                (now, now, name),
+                (now, now, key),
             ).fetchone()
             dead = conn.execute(
-                "SELECT COUNT(*) FROM dead_letters WHERE queue = ?", (name,)
+                "SELECT COUNT(*) FROM dead_letters WHERE queue = ?", (key,)
             ).fetchone()[0]
             return QueueStats(
                 queue=name,
@@ -445,20 +469,22 @@ class SqliteRequestQueue(RequestQueue):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         self._check()
-        name = self.name
+        name, key = self.name, self._key
 
         def op(conn: sqlite3.Connection) -> list[DeadLetter]:
             rows = conn.execute(
-                "SELECT request_id, body, decodable, error, attempts, dead_at FROM dead_letters"
+                "SELECT id, request_id, body, decodable, error, attempts, dead_at FROM dead_letters"
                 " WHERE queue = ? ORDER BY id LIMIT ?",
-                (name, limit),
+                (key, limit),
             ).fetchall()
             out = []
-            for request_id, body, decodable, error, attempts, dead_at in rows:
+            for dead_id, request_id, body, decodable, error, attempts, dead_at in rows:
                 request = None
                 if decodable:
                     with contextlib.suppress(UndecodableMessageError):
-                        request = decode(WorkRequest, body)
+                        request = decode_request(
+                            body, "sqlite-dead", key, dead_id, carried_id=request_id
+                        )
                 out.append(
                     DeadLetter(
                         queue=name,
@@ -476,7 +502,7 @@ class SqliteRequestQueue(RequestQueue):
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
         self._check()
-        name = self.name
+        name = self._key
         wanted = None if request_ids is None else set(request_ids)
 
         def op(conn: sqlite3.Connection) -> int:
@@ -498,7 +524,7 @@ class SqliteRequestQueue(RequestQueue):
 
         moved = await self._store.write(op)
         if moved:
-            self._t._signals.notify(self.name)
+            self._t._signals.notify(self._key)
         return moved
 
     async def aclose(self) -> None:
@@ -511,7 +537,7 @@ class SqliteRequestQueue(RequestQueue):
         if held and not self._t._store_closed:
             with contextlib.suppress(TransportError):
                 await self._store.write(lambda conn: self._release_op(conn, held))
-            self._t._signals.notify(self.name)
+            self._t._signals.notify(self._key)
 
 
 class _Feed:
@@ -699,6 +725,30 @@ def sqlite_path(url: str) -> tuple[str, dict[str, str]]:
     return path, dict(parse_qsl(parts.query))
 
 
+_SCOPED_COLUMNS = (
+    ("messages", "queue"),
+    ("dead_letters", "queue"),
+    ("kv", "log"),
+    ("kv_changes", "log"),
+    ("events", "stream"),
+    ("event_cursors", "stream"),
+)
+
+
+def _adopt_unscoped(conn: sqlite3.Connection) -> None:
+    """Once per file: rows written before names were stored per namespace
+    (``user_version`` 0) move to the default namespace."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= 1:
+        return
+    prefix = f"{TransportConfig.model_fields['namespace'].default}/"
+    for table, column in _SCOPED_COLUMNS:
+        conn.execute(
+            f"UPDATE {table} SET {column} = ? || {column} WHERE instr({column}, '/') = 0",
+            (prefix,),
+        )
+    conn.execute("PRAGMA user_version = 1")
+
+
 class SqliteTransport(Transport):
     backend = "sqlite"
     capabilities = TransportCapabilities(
@@ -735,9 +785,18 @@ class SqliteTransport(Transport):
         self._signals = _Signals()
         self._log_watchers: dict[str, _LogWatchers] = {}
         self._store_closed = False
+        # Every queue, dead letter, keyed log and event stream is stored under
+        # ``<namespace>/<name>`` (``/`` cannot occur in a name), so clients of
+        # one file with different namespaces share nothing.
+        self._prefix = f"{config.namespace}/"
+
+    def _scoped(self, name: str) -> str:
+        """The stored name of queue, log or stream ``name`` in this namespace."""
+        return self._prefix + name
 
     async def _start(self) -> None:
         await self._store.open()
+        await self._store.write(_adopt_unscoped)
 
     def _open_queue(
         self, name: str, *, lease_seconds: float, max_attempts: int
@@ -747,7 +806,7 @@ class SqliteTransport(Transport):
         )
 
     def _open_keyed_log(self, kind: str, name: str) -> SqliteKeyedLog:
-        return SqliteKeyedLog(self, f"{kind}:{name}")
+        return SqliteKeyedLog(self, self._scoped(f"{kind}:{name}"))
 
     def _open_event_log(self) -> SqliteEventLog:
         return SqliteEventLog(self)

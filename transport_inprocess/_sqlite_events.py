@@ -64,6 +64,7 @@ class _SqliteReader(EventReader):
         self.stream = stream
         self.cursor = cursor
         self._next = next_id
+        self._key = log._t._scoped(stream)  # the stream's rows in this namespace
         self._buffer: deque[LogEvent] = deque()
         self._returned: int | None = None
         self._committed: int | None = None
@@ -77,14 +78,14 @@ class _SqliteReader(EventReader):
         t = self._log._t
         while not self._buffer:
             rows = await t._store.read(
-                functools.partial(_fetch, stream=self.stream, after=self._next)
+                functools.partial(_fetch, stream=self._key, after=self._next)
             )
             for row in rows:
                 self._buffer.append(_row_event(self.stream, row))
             if rows:
                 self._next = rows[-1][0] + 1
                 break
-            await t._signals.wait(f"events:{self.stream}", interval)
+            await t._signals.wait(f"events:{self._key}", interval)
             interval = min(interval * 2, t.poll_interval)
             if self._closed:
                 raise StopAsyncIteration
@@ -94,12 +95,12 @@ class _SqliteReader(EventReader):
 
     async def seek(self, to: Start) -> None:
         self._buffer.clear()
-        self._next = await self._log._resolve(self.stream, check_start(to))
+        self._next = await self._log._resolve(self._key, check_start(to))
 
     async def commit(self) -> None:
         if self.cursor is None or self._returned is None or self._returned == self._committed:
             return
-        stream, name, position = self.stream, self.cursor, self._returned + 1
+        stream, name, position = self._key, self.cursor, self._returned + 1
         await self._log._t._store.write(
             lambda conn: (
                 conn.execute(
@@ -148,20 +149,22 @@ class SqliteEventLog(EventLog):
         )
         body = encode(event, self._t.config.max_payload_bytes)
         stamp = now.timestamp()
+        scoped = self._t._scoped(stream)
 
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
                 "INSERT INTO events(stream, key, body, appended_at) VALUES (?, ?, ?, ?)",
-                (stream, key, body, stamp),
+                (scoped, key, body, stamp),
             )
             assert cur.lastrowid is not None
             return cur.lastrowid
 
         row_id = await self._t._store.write(op)
-        self._t._signals.notify(f"events:{stream}")
+        self._t._signals.notify(f"events:{scoped}")
         return str(row_id)
 
     async def _resolve(self, stream: str, start: Start) -> int:
+        """The row id to read from; ``stream`` is the scoped (stored) name."""
         if isinstance(start, datetime):
             stamp = start.astimezone(UTC).timestamp()
 
@@ -195,17 +198,18 @@ class SqliteEventLog(EventLog):
     ) -> EventReader:
         self._check()
         validate_name(stream, "stream name")
+        scoped = self._t._scoped(stream)
         if cursor is not None:
             validate_name(cursor, "cursor name")
             stored = await self._t._store.read(
                 lambda conn: conn.execute(
                     "SELECT position FROM event_cursors WHERE stream = ? AND name = ?",
-                    (stream, cursor),
+                    (scoped, cursor),
                 ).fetchone()
             )
             if stored is not None:
                 return _SqliteReader(self, stream, int(stored[0]), cursor)
-        return _SqliteReader(self, stream, await self._resolve(stream, check_start(start)), cursor)
+        return _SqliteReader(self, stream, await self._resolve(scoped, check_start(start)), cursor)
 
     async def aclose(self) -> None:
         self._closed = True

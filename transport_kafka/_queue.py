@@ -57,7 +57,9 @@ are tombstoned.
 **nack and delays.** A partition cannot skip one record, so ``nack(delay)``
 re-produces the request to the same topic (same key, so the same partition)
 with headers ``ae-attempts`` (deliveries so far), ``ae-not-before`` (epoch
-ms) and ``ae-error``, and then settles the original. A consumer that reads a
+ms), ``ae-error`` and ``ae-request-id`` (the id delivered, so a foreign body
+without one keeps the id derived from its original partition and offset),
+and then settles the original. A consumer that reads a
 record whose not-before time is in the future keeps it in a local timer heap
 (still unsettled, so it is never committed past and survives a crash) while
 the rest of the partition keeps flowing. A crash between the re-produce and
@@ -104,6 +106,7 @@ from transport import (
     encode,
     utcnow,
 )
+from transport._codec import decode_request
 from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
 from transport_kafka._client import (
@@ -129,6 +132,7 @@ log = logging.getLogger("transport.kafka")
 H_ATTEMPTS = "ae-attempts"
 H_NOT_BEFORE = "ae-not-before"
 H_ERROR = "ae-error"
+H_REQUEST_ID = "ae-request-id"
 
 _tokens = itertools.count(1)
 _SETTLED = b'{"s":1}'
@@ -151,6 +155,7 @@ class _Record:
     deliveries: int  # deliveries of this record (state topic + local)
     not_before: float  # epoch seconds; 0 = at once
     last_error: str | None
+    carried_id: str | None = None  # ae-request-id of a re-produced copy
     reserved: bool = False  # the next delivery is already counted in the state topic
     count_key: bytes | None = None  # the state key holding that count
     request: WorkRequest | None = None  # decoded once
@@ -510,6 +515,7 @@ class _QueueEngine:
             if not self.tracker.track(p, off, gen):
                 continue
             error = raw.headers.get(H_ERROR)
+            carried = raw.headers.get(H_REQUEST_ID)
             batch.append(
                 _Record(
                     partition=p,
@@ -521,6 +527,7 @@ class _QueueEngine:
                     deliveries=int(marker.get("d", 0)),
                     not_before=_int_header(raw.headers, H_NOT_BEFORE) / 1000,
                     last_error=error.decode("utf-8", "replace") if error else None,
+                    carried_id=carried.decode("utf-8", "replace") if carried else None,
                 )
             )
         if batch:
@@ -1053,6 +1060,8 @@ class _QueueEngine:
 
     async def republish(self, rec: _Record, delay: float | None, error: str | None) -> None:
         headers = {H_ATTEMPTS: str(rec.attempts).encode()}
+        if rec.request is not None:
+            headers[H_REQUEST_ID] = rec.request.request_id.encode()
         last = error or rec.last_error
         if last:
             headers[H_ERROR] = last.encode()[:4096]
@@ -1066,7 +1075,13 @@ class _QueueEngine:
     def _decoded(self, rec: _Record) -> WorkRequest | None:
         if rec.request is None and rec.undecodable is None:
             try:
-                rec.request = decode(WorkRequest, rec.value or b"")
+                rec.request = decode_request(
+                    rec.value or b"",
+                    self.topics.requests,
+                    rec.partition,
+                    rec.offset,
+                    carried_id=rec.carried_id,
+                )
             except UndecodableMessageError as exc:
                 rec.undecodable = str(exc)
         return rec.request

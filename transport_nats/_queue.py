@@ -62,6 +62,7 @@ from transport import (
     encode,
     utcnow,
 )
+from transport._codec import decode_request
 from transport._naming import internal_name
 from transport._queue import hand_to_waiter
 from transport._queue import seconds as _seconds
@@ -483,7 +484,7 @@ class NatsRequestQueue(RequestQueue):
         if attempt > self.max_attempts:
             request: WorkRequest | None
             try:
-                request = decode(WorkRequest, msg.data)
+                request = decode_request(msg.data, self.stream, seq)
             except UndecodableMessageError:
                 request = None
             error = self._t.last_errors.pop((self.stream, seq), None) or (
@@ -492,7 +493,7 @@ class NatsRequestQueue(RequestQueue):
             await self._dead_letter_msg(msg, request, error, attempt - 1)
             return None
         try:
-            request = decode(WorkRequest, msg.data)
+            request = decode_request(msg.data, self.stream, seq)
         except UndecodableMessageError as exc:
             await self._dead_letter_msg(msg, None, str(exc), attempt)
             return None

@@ -28,8 +28,10 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
   close withdraws it. A worker killed counts at most one hand-out per poll
   in progress that did not happen.
 * ack: individual acknowledgement. nack(): negative acknowledgement;
-  nack(delay) or nack(error=): a copy carrying the attempt count, the error
-  and a not-before time is published (``deliverAfter``), then the original
+  nack(delay) or nack(error=): a copy carrying the attempt count, the error,
+  the request id delivered (``ae-request-id``: a foreign body without one
+  keeps the id derived from the original message id) and a not-before time
+  is published (``deliverAfter``), then the original
   is acked. The not-before time is also enforced by the client, for
   brokers without delayed delivery.
 * dead letters: a keyed topic ``<queue>__dlq`` holding :class:`DeadLetter`
@@ -62,6 +64,7 @@ from transport import (
     encode,
     utcnow,
 )
+from transport._codec import decode_request
 from transport._queue import seconds as _seconds
 from transport.errors import (
     ClosedResourceError,
@@ -83,6 +86,7 @@ log = logging.getLogger("transport.pulsar")
 ATTEMPTS_PROPERTY = "ae-attempts"
 ERROR_PROPERTY = "ae-last-error"
 NOT_BEFORE_PROPERTY = "ae-not-before"
+REQUEST_ID_PROPERTY = "ae-request-id"
 _MAX_ERROR_CHARS = 4000
 _JOIN_GRACE_SECONDS = 0.2
 
@@ -307,10 +311,13 @@ class PulsarRequestQueue(RequestQueue):
     ) -> PulsarDelivery | None:
         handed = await self._handed_before(key, message)
         attempt = before + handed + 1
-        last_error = message.properties().get(ERROR_PROPERTY) or None
+        properties = message.properties()
+        last_error = properties.get(ERROR_PROPERTY) or None
         data = bytes(message.data())
         try:
-            request = decode(WorkRequest, data)
+            request = decode_request(
+                data, self.topic, key, carried_id=properties.get(REQUEST_ID_PROPERTY)
+            )
         except UndecodableMessageError as exc:
             record = DeadLetter(
                 queue=self.name,
@@ -452,7 +459,10 @@ class PulsarRequestQueue(RequestQueue):
         return True
 
     async def _republish(self, delivery: PulsarDelivery, delay: float, error: str | None) -> None:
-        properties = {ATTEMPTS_PROPERTY: str(delivery.attempt)}
+        properties = {
+            ATTEMPTS_PROPERTY: str(delivery.attempt),
+            REQUEST_ID_PROPERTY: delivery.request.request_id,
+        }
         reason = error if error is not None else delivery._last_error
         if reason:
             properties[ERROR_PROPERTY] = reason[:_MAX_ERROR_CHARS]

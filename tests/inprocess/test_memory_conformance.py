@@ -15,6 +15,9 @@ from transport.testing import (
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -65,3 +68,12 @@ class TestMemoryEventLog(EventLogConformance): ...
 
 
 class TestMemoryCleanRestart(CleanRestartConformance): ...
+
+
+class TestMemoryNamespaces(NamespaceConformance): ...
+
+
+class TestMemoryForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestMemoryForeignMessages(ForeignMessageConformance): ...

@@ -17,6 +17,9 @@ from transport.testing import (
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -28,6 +31,8 @@ class SqliteHarness(BackendHarness):
     lease_seconds = 0.8
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
+        assert isinstance(transport, SqliteTransport)
+        queue_name = transport._scoped(queue_name)  # as stored: in the client's namespace
         path, _ = sqlite_path(self.config.url)
         with sqlite3.connect(path) as conn:
             conn.execute(
@@ -77,3 +82,12 @@ class TestSqliteBrokerRestart(BrokerRestartConformance): ...
 
 
 class TestSqliteCleanRestart(CleanRestartConformance): ...
+
+
+class TestSqliteNamespaces(NamespaceConformance): ...
+
+
+class TestSqliteForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestSqliteForeignMessages(ForeignMessageConformance): ...

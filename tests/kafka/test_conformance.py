@@ -12,6 +12,9 @@ from transport.testing import (
     CrashConformance,
     DeliveryRegistryConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -53,3 +56,12 @@ class TestKafkaUnreachable(UnreachableBrokerConformance):
     transport_class = KafkaTransport
     url_template = "kafka://127.0.0.1:{port}"
     timeout_option = "operation_timeout_s"
+
+
+class TestKafkaNamespaces(NamespaceConformance): ...
+
+
+class TestKafkaForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestKafkaForeignMessages(ForeignMessageConformance): ...

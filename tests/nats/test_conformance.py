@@ -13,6 +13,9 @@ from transport.testing import (
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -90,3 +93,12 @@ class TestNatsUnreachable(UnreachableBrokerConformance):
     transport_class = NatsTransport
     url_template = "nats://127.0.0.1:{port}"
     timeout_option = "connect_timeout"
+
+
+class TestNatsNamespaces(NamespaceConformance): ...
+
+
+class TestNatsForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestNatsForeignMessages(ForeignMessageConformance): ...

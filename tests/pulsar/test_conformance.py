@@ -13,6 +13,9 @@ from transport.testing import (
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+    NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
     RequestQueueConformance,
@@ -82,3 +85,12 @@ class TestPulsarUnreachable(UnreachableBrokerConformance):
     transport_class = PulsarTransport
     url_template = "pulsar://127.0.0.1:{port}"
     timeout_option = "operation_timeout_seconds"
+
+
+class TestPulsarNamespaces(NamespaceConformance): ...
+
+
+class TestPulsarForgottenClose(ForgottenCloseConformance): ...
+
+
+class TestPulsarForeignMessages(ForeignMessageConformance): ...

@@ -11,7 +11,12 @@ The pytest plugin (``transport.testing.plugin``) is registered through the
 
 from transport.testing._crash_suite import CrashConformance
 from transport.testing._events_suite import EventBusConformance, EventLogConformance
-from transport.testing._lifecycle_suite import CleanRestartConformance
+from transport.testing._lifecycle_suite import (
+    CleanRestartConformance,
+    ForeignMessageConformance,
+    ForgottenCloseConformance,
+)
+from transport.testing._namespace_suite import NamespaceConformance
 from transport.testing._priority_suite import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
@@ -34,6 +39,9 @@ __all__ = [
     "DeliveryRegistryConformance",
     "EventBusConformance",
     "EventLogConformance",
+    "ForeignMessageConformance",
+    "ForgottenCloseConformance",
+    "NamespaceConformance",
     "PriorityAsRequestQueueConformance",
     "PriorityQueueConformance",
     "RequestQueueConformance",

@@ -1,0 +1,44 @@
+"""A script that forgets ``aclose()``: ``python -m transport.testing.forgotten_close``.
+
+Connects with ``transport.connect()`` (configuration from ``TRANSPORT_*``
+environment variables), starts ``Ensemble.run()`` as a task, makes one
+``Network.request`` to it, prints ``RESPONSE <status>`` and returns from
+``main()`` without closing anything. The interpreter must still exit:
+``asyncio.run`` cancels the tasks left behind, and every task of the library
+must end on that cancellation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from transport import Ensemble, Network, TaskContext, connect
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ensemble", required=True)
+    parser.add_argument("--caller", required=True)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    transport = await connect()
+    ensemble = Ensemble(args.ensemble, transport=transport, concurrency=2)
+
+    @ensemble.task("echo")
+    async def echo(ctx: TaskContext) -> dict[str, object]:
+        return {"echo": ctx.payload}
+
+    ensemble_run = asyncio.create_task(ensemble.run())
+    network = Network(transport, caller=args.caller)
+    response = await network.request(args.ensemble, "echo", {"n": 1}, timeout=args.timeout)
+    sys.stdout.write(f"RESPONSE {response.status}\n")
+    sys.stdout.flush()
+    del ensemble_run  # deliberately neither stopped nor awaited, nor the transport closed
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    sys.stdout.write("EXITING\n")
+    sys.stdout.flush()
