@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 
 from transport._models import DeadLetter, QueueStats, WorkRequest, utcnow
 from transport._naming import validate_name
-from transport._queue import Delivery, RequestQueue
+from transport._queue import Delivery, RequestQueue, seconds
 from transport.errors import ClosedResourceError
 
 __all__ = ["AgingPolicy", "PriorityRequestQueue"]
@@ -133,6 +133,7 @@ class PriorityRequestQueue(RequestQueue):
         """
         if self._closed:
             raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        timeout = seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:

@@ -31,7 +31,12 @@ from transport._queue import Delivery, RequestQueue
 from transport._registries import CapabilityRegistry, DeliveryRegistry
 from transport._tracing import TRACEPARENT, reset_current, set_current
 from transport._transport import Transport
-from transport.errors import ConfigurationError, PermanentTransportError, TransportError
+from transport.errors import (
+    ConfigurationError,
+    InvalidMessageError,
+    PermanentTransportError,
+    TransportError,
+)
 
 __all__ = ["Ensemble", "Handler", "PermanentTaskError", "RetryTaskError", "TaskContext", "TaskSpec"]
 
@@ -627,12 +632,17 @@ class Ensemble:
         finally:
             keeper.cancel()
             reset_current(token)
-        response = WorkResponse(
-            request_id=request.request_id,
-            status="completed",
-            result=result,
-            duration_ms=(time.perf_counter() - started) * 1000,
-        )
+        try:
+            response = WorkResponse(
+                request_id=request.request_id,
+                status="completed",
+                result=result,
+                duration_ms=(time.perf_counter() - started) * 1000,
+            )
+        except InvalidMessageError as exc:
+            # Running the handler again would return the same value.
+            await self._fail(delivery, f"the handler's result cannot be sent: {exc}", started)
+            return
         await self._respond(request, response)
         await self._ack(delivery)
         self.counts["completed"] += 1

@@ -311,6 +311,7 @@ class MemoryRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> MemoryDelivery | None:
         self._check()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         if self._state.ready:  # work is waiting: no deadline or waiter needed
             delivery = self._lease()
             if delivery is not None:

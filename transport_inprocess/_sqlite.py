@@ -336,6 +336,7 @@ class SqliteRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> SqliteDelivery | None:
         self._check()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         interval = 0.002

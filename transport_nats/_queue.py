@@ -523,6 +523,7 @@ class NatsRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
         self._check()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
         backoff = 0.05
