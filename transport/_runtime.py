@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Self
@@ -419,6 +419,29 @@ class Ensemble:
         if self._owns_queue and self._queue is not None:
             await self._queue.aclose()  # unsettled deliveries go back for redelivery
         log.info("ensemble %s stopped (%s)", self.name, self.counts, extra=self._fields())
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[Self]:
+        """Serve while the ``async with`` body runs — the ensemble and its
+        callers in one script or test::
+
+            async with kitchen.serving():
+                response = await front_desk.request("kitchen", "cook", {...})
+
+        :meth:`run` is the form for a worker process (it serves until
+        SIGTERM); this one serves until the body ends, then stops as
+        :meth:`run` does on SIGTERM (in-flight handlers get
+        ``shutdown_grace``, the rest are released, tasks withdrawn).
+
+        Guarantees: advertised and working when the body starts; closed when
+        the block is left, also on an exception (which propagates).
+        Raises: as :meth:`start` (on entry) and :meth:`aclose` (on exit).
+        """
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()

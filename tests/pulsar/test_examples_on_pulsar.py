@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._examples import DONE, EXAMPLES, run_example
+from tests._examples import DONE, EXAMPLES, ROOT, doc_blocks, run_doc_blocks, run_example
 
 from .conftest import make_config
 
@@ -21,3 +21,13 @@ def test_example_runs_on_pulsar(example: Path, pulsar_url: str, tmp_path: Path) 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert DONE in result.stdout
+
+
+def test_the_guides_local_blocks_run_on_pulsar(pulsar_url: str, tmp_path: Path) -> None:
+    blocks = [b for b in doc_blocks(ROOT / "docs/backends/pulsar.md") if b.broker]
+    assert blocks, "the guide's 'Run it locally' block is missing"
+    config = make_config(pulsar_url)
+    outputs = run_doc_blocks(
+        blocks, tmp_path, url=pulsar_url, namespace=config.namespace, options=config.options
+    )
+    assert "{'dish': 'soup'}" in "".join(outputs)
