@@ -127,9 +127,12 @@ class Ensemble:
     queue's ``max_attempts`` → dead letter + ``failed`` response, so a caller
     is never left waiting. An expired ``deadline`` → ``rejected`` response.
 
-    With a metrics sink set (:func:`set_metrics_sink`), the queue gauges
-    (depth/lag, in flight, dead-lettered) are refreshed every
-    ``stats_interval`` seconds while the ensemble runs (``None``: never).
+    Every ``stats_interval`` seconds while the ensemble runs (``None``:
+    never) it reads its queue's stats: a metrics sink
+    (:func:`set_metrics_sink`) gets the gauges (depth/lag, in flight,
+    dead-lettered), and a backlog that grew since the last reading is logged
+    (INFO). Start and stop are logged at INFO too (logger
+    ``transport.runtime``).
     """
 
     def __init__(
@@ -318,7 +321,7 @@ class Ensemble:
             asyncio.create_task(self._worker(queue), name=f"{self.name}:worker-{i}")
             for i in range(self.concurrency)
         ]
-        if self._stats_interval and metrics_enabled():
+        if self._stats_interval:
             self._gauges = asyncio.create_task(self._report_stats(), name=f"{self.name}:stats")
         if self._owns_queue and isinstance(queue, PriorityRequestQueue):
             assert self.transport is not None
@@ -329,10 +332,13 @@ class Ensemble:
                 self._forward(self._plain, queue), name=f"{self.name}:forward"
             )
         log.info(
-            "ensemble %s started: %d workers, tasks %s",
+            "ensemble %s started on %s: queue %s (%s), concurrency %d, tasks %s",
             self.name,
+            self._backend(),
+            queue.name,
+            "1 level" if self.priority_levels == 1 else f"{self.priority_levels} priority levels",
             self.concurrency,
-            sorted(self._tasks),
+            ", ".join(sorted(self._tasks)),
             extra=self._fields(),
         )
 
@@ -382,6 +388,8 @@ class Ensemble:
             return
         self._closed = True
         self._stopping.set()
+        in_flight = len(self._busy)
+        released = 0
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
@@ -396,6 +404,7 @@ class Ensemble:
                 worker.cancel()
         if self._workers:
             _, late = await asyncio.wait(self._workers, timeout=self.shutdown_grace)
+            released = len(late)
             for worker in late:
                 log.warning(
                     "ensemble %s: handler still running after grace; releasing it",
@@ -418,7 +427,17 @@ class Ensemble:
                     await self._capabilities.withdraw(self.name, spec.name)
         if self._owns_queue and self._queue is not None:
             await self._queue.aclose()  # unsettled deliveries go back for redelivery
-        log.info("ensemble %s stopped (%s)", self.name, self.counts, extra=self._fields())
+        if self._started:
+            log.info(
+                "ensemble %s stopped: %d in flight at stop, %d finished, %d released for "
+                "redelivery; %s",
+                self.name,
+                in_flight,
+                in_flight - released,
+                released,
+                ", ".join(f"{key} {value}" for key, value in self.counts.items()),
+                extra=self._fields(),
+            )
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[Self]:
@@ -483,15 +502,42 @@ class Ensemble:
                     extra=self._fields(),
                 )
 
+    def _backend(self) -> str:
+        if self.transport is None:
+            return type(self.queue).__name__
+        return self.transport.config.redacted_url()
+
     async def _report_stats(self) -> None:
-        """With a metrics sink set: refresh the queue gauges (depth — the lag
-        on Kafka —, in flight, dead-lettered) every ``stats_interval`` s."""
+        """Every ``stats_interval`` s: read the queue's stats (which refreshes
+        the gauges of a metrics sink: depth — the lag on Kafka —, in flight,
+        dead-lettered), and log a line when the backlog grew since the last
+        reading (the workers are not keeping up)."""
         assert self._stats_interval
+        last: int | None = None
+        if not metrics_enabled():
+            # Only the backlog line needs it: no broker query at start-up.
+            await asyncio.sleep(self._stats_interval)
         while True:
             try:
-                await self.queue.stats()
+                stats = await self.queue.stats()
             except TransportError as exc:
                 log.debug("ensemble %s: queue stats failed: %s", self.name, exc)
+            else:
+                depth = stats.depth
+                if depth is not None and last is not None and depth > last:
+                    log.info(
+                        "ensemble %s: backlog growing: %d waiting (was %d %gs ago), "
+                        "%s in flight, %d dead-lettered",
+                        self.name,
+                        depth,
+                        last,
+                        self._stats_interval,
+                        "?" if stats.in_flight is None else stats.in_flight,
+                        stats.dead_lettered,
+                        extra={**self._fields(), "depth": depth},
+                    )
+                if depth is not None:
+                    last = depth
             await asyncio.sleep(self._stats_interval)
 
     async def _forward(self, plain: RequestQueue, queue: PriorityRequestQueue) -> None:
