@@ -184,3 +184,19 @@ async def test_missing_capabilities_are_refused_clearly(tmp_path: Path) -> None:
         await transport.aclose()
     with pytest.raises(ValueError, match="unknown capability"):
         await connect(url, require=["teleportation"])
+
+
+def test_precedence_is_argument_then_environment_then_file_then_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the README's "Switching deployments by configuration" states it.
+    toml = tmp_path / "transport.toml"
+    toml.write_text('[transport]\nurl = "memory://from-file"\nmax_attempts = 9\n')
+    monkeypatch.delenv("TRANSPORT_URL", raising=False)
+    monkeypatch.delenv("TRANSPORT_MAX_ATTEMPTS", raising=False)
+    assert load_config().url == "sqlite:///transport.db"
+    monkeypatch.setenv("TRANSPORT_CONFIG_FILE", str(toml))
+    assert (load_config().url, load_config().max_attempts) == ("memory://from-file", 9)
+    monkeypatch.setenv("TRANSPORT_URL", "memory://from-env")
+    assert (load_config().url, load_config().max_attempts) == ("memory://from-env", 9)
+    assert load_config("memory://from-argument").url == "memory://from-argument"
