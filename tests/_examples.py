@@ -152,3 +152,31 @@ def run_doc_blocks(blocks: list[DocBlock], cwd: Path, **settings: Any) -> list[s
                 proc.kill()
                 proc.communicate()
     return outputs
+
+
+def top_on(queue: str, count: int, **settings: Any) -> list[dict[str, Any]]:
+    """Enqueue ``count`` requests on ``queue``, then run ``transport top
+    QUEUE --json`` (two refreshes) as a user would, configured by
+    ``TRANSPORT_*`` only; returns its snapshots."""
+    import asyncio
+
+    from transport import WorkRequest, connect
+
+    async def seed() -> None:
+        async with await connect(**settings) as transport:
+            handle = transport.request_queue(queue)
+            for _ in range(count):
+                await handle.enqueue(WorkRequest(task="cook"))
+            await handle.aclose()
+
+    asyncio.run(seed())
+    argv = ["top", queue, "--json", "--count", "2", "--interval", "0.2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "transport.cli", *argv],
+        env=_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]

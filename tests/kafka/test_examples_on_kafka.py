@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests._examples import DONE, EXAMPLES, ROOT, doc_blocks, run_doc_blocks, run_example
+from tests._examples import (
+    DONE,
+    EXAMPLES,
+    ROOT,
+    doc_blocks,
+    run_doc_blocks,
+    run_example,
+    top_on,
+)
 
 from .conftest import TEST_OPTIONS
 
@@ -41,3 +49,16 @@ def test_the_guides_local_blocks_run_on_kafka(
         options=TEST_OPTIONS,
     )
     assert "{'dish': 'soup'}" in "".join(outputs)
+
+
+def test_cli_top_on_kafka(kafka_bootstrap: str, kafka_namespace: str) -> None:
+    snapshots = top_on(
+        "orders",
+        3,
+        url=f"kafka://{kafka_bootstrap}",
+        namespace=f"{kafka_namespace}top",
+        options=TEST_OPTIONS,
+    )
+    assert [s["error"] for s in snapshots] == [None, None]
+    row = snapshots[-1]["queues"][0]
+    assert (row["queue"], row["depth"], row["dead_lettered"]) == ("orders", 3, 0)

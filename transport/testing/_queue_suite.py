@@ -490,21 +490,18 @@ class RequestQueueConformance:
             await queue.enqueue(WorkRequest(task="big", payload="x" * (limit + 1)))
         assert await queue.poll(0.3) is None
 
-    @pytest.mark.parametrize(
-        "payload",
-        [object(), float("nan"), float("-inf"), (1, 2), {1, 2}, {1: "one"}, b"raw"],
-        ids=["object", "nan", "-inf", "tuple", "set", "int-key", "bytes"],
-    )
     async def test_non_json_payload_is_rejected(
-        self, transport: Transport, queue_name: str, payload: object
+        self, transport: Transport, queue_name: str
     ) -> None:
         # Each would come back as something else (or not at all): refused
         # before anything is stored, with an error of the library's tree.
         queue = self.open_queue(transport, queue_name)
-        with pytest.raises(InvalidMessageError) as info:
-            await queue.enqueue(WorkRequest(task="bad", payload={"v": [payload]}))
-        assert isinstance(info.value, PermanentTransportError)
-        assert "payload['v'][0]" in str(info.value)
+        refused = [object(), float("nan"), float("-inf"), (1, 2), {1, 2}, {1: "one"}, b"raw"]
+        for payload in refused:
+            with pytest.raises(InvalidMessageError) as info:
+                await queue.enqueue(WorkRequest(task="bad", payload={"v": [payload]}))
+            assert isinstance(info.value, PermanentTransportError)
+            assert "payload['v'][0]" in str(info.value), str(info.value)
         assert await queue.poll(0.3) is None
 
     async def test_json_payloads_arrive_exactly_as_sent(
