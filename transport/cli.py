@@ -120,9 +120,15 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
                     f"--id {prefix!r} matches {len(matches)} dead letters of {args.queue} "
                     f"({shown}…): give more characters"
                 )
+            if matches[0].request is None:
+                out.progress(
+                    f"transport: dead letter {matches[0].request_id} of {args.queue} is "
+                    "undecodable; it cannot be requeued (see its raw text with --json list)"
+                )
+                return 1
             chosen.append(matches[0])
-    else:
-        chosen = [d for d in dead if d.request_id is not None]
+    else:  # undecodable ones stay where they are (requeue_dead_letters skips them)
+        chosen = [d for d in dead if d.request_id is not None and d.request is not None]
     ids = [str(d.request_id) for d in chosen]
     moved = await queue.requeue_dead_letters(ids) if ids else 0
     rows = [
