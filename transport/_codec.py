@@ -60,9 +60,37 @@ def json_value_problem(value: Any, where: str = "payload") -> str | None:
     ``1`` as ``"1"``, NaN as ``null``), so it is refused instead of converted.
     """
     try:
+        if _is_json(value):  # the common case, without building paths
+            return None
         return _problem(value, where)
     except RecursionError:
         return f"{where} is nested too deeply (or contains itself)"
+
+
+_EXACT_SCALARS = frozenset({str, int, bool, type(None)})
+_isfinite = math.isfinite
+
+
+def _is_json(value: Any) -> bool:
+    kind = type(value)
+    if kind in _EXACT_SCALARS:
+        return True
+    if kind is float:
+        return _isfinite(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            if type(item) not in _EXACT_SCALARS and not _is_json(item):
+                return False
+        return True
+    if kind is list:
+        # A loop, not all(): this runs for every message built.
+        for item in value:  # noqa: SIM110
+            if type(item) not in _EXACT_SCALARS and not _is_json(item):
+                return False
+        return True
+    return _problem(value, "") is None  # subclasses (StrEnum, OrderedDict …)
 
 
 def _problem(value: Any, where: str) -> str | None:
