@@ -83,8 +83,10 @@ class TopCollector:
         queues: list[str],
         registries: list[str],
         levels: int | None = None,
+        timeout: float = 10.0,
     ) -> None:
         self.transport = transport
+        self.timeout = timeout
         self.queues = list(queues)
         self.registries = list(registries)
         self.levels = levels
@@ -111,37 +113,46 @@ class TopCollector:
         return sorted(found.items())
 
     async def snapshot(self) -> Snapshot:
+        """Never raises for an unreachable backend: the snapshot carries the
+        error (also when it does not answer within ``timeout`` seconds)."""
         backend = self.transport.config.redacted_url()
         try:
-            rows = []
-            for name, levels in await self._targets():
-                stats = await self._queue(name, levels).stats()
-                now = time.monotonic()
-                rate = None
-                previous = self._last.get(name)
-                if stats.depth is not None:
-                    if previous is not None and now > previous[0]:
-                        rate = (stats.depth - previous[1]) / (now - previous[0])
-                    self._last[name] = (now, stats.depth)
-                rows.append(
-                    QueueRow(
-                        name,
-                        levels,
-                        stats.depth,
-                        stats.in_flight,
-                        stats.delayed,
-                        stats.dead_lettered,
-                        rate,
-                    )
+            async with asyncio.timeout(self.timeout):
+                return await self._read(backend)
+        except TimeoutError:
+            error = f"no answer within {self.timeout:g}s"
+        except (TransportError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return Snapshot(utcnow(), backend, error=error)
+
+    async def _read(self, backend: str) -> Snapshot:
+        rows = []
+        for name, levels in await self._targets():
+            stats = await self._queue(name, levels).stats()
+            now = time.monotonic()
+            rate = None
+            previous = self._last.get(name)
+            if stats.depth is not None:
+                if previous is not None and now > previous[0]:
+                    rate = (stats.depth - previous[1]) / (now - previous[0])
+                self._last[name] = (now, stats.depth)
+            rows.append(
+                QueueRow(
+                    name,
+                    levels,
+                    stats.depth,
+                    stats.in_flight,
+                    stats.delayed,
+                    stats.dead_lettered,
+                    rate,
                 )
-            registries = []
-            for name in self.registries:
-                states = Counter(
-                    r.state for r in await self.transport.delivery_registry(name).records()
-                )
-                registries.append(RegistryRow(name, states["pending"], states["completed"]))
-        except (TransportError, TimeoutError, OSError) as exc:
-            return Snapshot(utcnow(), backend, error=f"{type(exc).__name__}: {exc}")
+            )
+        registries = []
+        for name in self.registries:
+            states = Counter(
+                r.state for r in await self.transport.delivery_registry(name).records()
+            )
+            registries.append(RegistryRow(name, states["pending"], states["completed"]))
         return Snapshot(utcnow(), backend, rows, registries)
 
     async def aclose(self) -> None:

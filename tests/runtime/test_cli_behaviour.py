@@ -260,3 +260,19 @@ def test_top_in_a_real_terminal(tmp_path: Path) -> None:
         assert cells[:6] == ["kitchen", "1", "1", "0", "0", "1"], screen
     finally:
         subprocess.run([*base, "kill-server"], timeout=10, check=False)
+
+
+async def test_top_keeps_running_and_shows_the_error_when_the_backend_goes_away() -> None:
+    from rich.console import Console
+
+    from transport._top import TopCollector, render
+
+    transport = await connect("memory://top-gone")
+    collector = TopCollector(transport, ["kitchen"], [])
+    assert (await collector.snapshot()).error is None
+    await transport.aclose()  # the connection is gone under the running view
+    snapshot = await collector.snapshot()
+    assert snapshot.error is not None and "ClosedResourceError" in snapshot.error
+    console = Console(record=True, width=120, color_system=None)
+    console.print(render(snapshot))
+    assert "backend unreachable: ClosedResourceError" in console.export_text()
