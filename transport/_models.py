@@ -292,6 +292,11 @@ class QueueStats(_WireModel):
     in_flight: int | None = Field(default=None, description="leased, not yet acked")
     delayed: int | None = Field(default=None, description="nacked with a delay, not yet due")
     dead_lettered: int = 0
+    head_enqueued_at: datetime | None = Field(
+        default=None,
+        description="first enqueue time of the request next in line (how long the head "
+        "of the queue has waited); None if nothing waits or the backend cannot tell",
+    )
 
 
 class DeadLetter(_WireModel):

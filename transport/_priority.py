@@ -244,12 +244,14 @@ class PriorityRequestQueue(RequestQueue):
         depths = [p.depth for p in parts]
         in_flight = [p.in_flight for p in parts]
         delayed = [p.delayed for p in parts]
+        heads = [p.head_enqueued_at for p in parts if p.head_enqueued_at is not None]
         return QueueStats(
             queue=self.name,
             depth=None if None in depths else sum(d or 0 for d in depths),
             in_flight=None if None in in_flight else sum(i or 0 for i in in_flight),
             delayed=None if None in delayed else sum(d or 0 for d in delayed),
             dead_lettered=sum(p.dead_lettered for p in parts),
+            head_enqueued_at=min(heads, default=None),
         )
 
     async def level_stats(self) -> list[QueueStats]:

@@ -525,15 +525,19 @@ class Ensemble:
             else:
                 depth = stats.depth
                 if depth is not None and last is not None and depth > last:
+                    head = stats.head_enqueued_at
                     log.info(
                         "ensemble %s: backlog growing: %d waiting (was %d %gs ago), "
-                        "%s in flight, %d dead-lettered",
+                        "%s in flight, %d dead-lettered%s",
                         self.name,
                         depth,
                         last,
                         self._stats_interval,
                         "?" if stats.in_flight is None else stats.in_flight,
                         stats.dead_lettered,
+                        ""
+                        if head is None
+                        else f"; the next in line has waited {(utcnow() - head).total_seconds():.1f}s",
                         extra={**self._fields(), "depth": depth},
                     )
                 if depth is not None:

@@ -36,6 +36,9 @@ class QueueRow:
     #: Change of the depth per second since the last refresh: positive while
     #: the backlog grows, negative while the workers drain it.
     depth_rate: float | None
+    #: How long the request next in line has waited since its first enqueue
+    #: (None: nothing waits, or the backend cannot tell).
+    head_age_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class TopCollector:
                 if previous is not None and now > previous[0]:
                     rate = (stats.depth - previous[1]) / (now - previous[0])
                 self._last[name] = (now, stats.depth)
+            head = stats.head_enqueued_at
             rows.append(
                 QueueRow(
                     name,
@@ -145,6 +149,7 @@ class TopCollector:
                     stats.delayed,
                     stats.dead_lettered,
                     rate,
+                    None if head is None else max((utcnow() - head).total_seconds(), 0.0),
                 )
             )
         registries = []
@@ -163,6 +168,19 @@ class TopCollector:
 
 def _n(value: int | None) -> str:
     return "?" if value is None else f"{value:,}"
+
+
+def _age(row: QueueRow) -> str:
+    """The head's wait: ``-`` when nothing waits, ``?`` when the backend
+    cannot tell."""
+    seconds = row.head_age_seconds
+    if seconds is None:
+        return "-" if row.depth == 0 else "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
 def render(snapshot: Snapshot) -> RenderableType:
@@ -185,6 +203,7 @@ def render(snapshot: Snapshot) -> RenderableType:
     queues.add_column("DELAYED", justify="right")
     queues.add_column("DEAD", justify="right")
     queues.add_column("DEPTH/S", justify="right")
+    queues.add_column("HEAD AGE", justify="right")
     for row in snapshot.queues:
         rate = "" if row.depth_rate is None else f"{row.depth_rate:+.1f}"
         queues.add_row(
@@ -195,6 +214,7 @@ def render(snapshot: Snapshot) -> RenderableType:
             _n(row.delayed),
             Text(_n(row.dead_lettered), style="bold red" if row.dead_lettered else ""),
             rate,
+            _age(row),
         )
     parts: list[RenderableType] = [title, queues]
     if not snapshot.queues and snapshot.error is None:

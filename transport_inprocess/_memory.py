@@ -398,12 +398,14 @@ class MemoryRequestQueue(RequestQueue):
         with self._broker.lock:
             self._reclaim(time.monotonic())
             state = self._state
+            head = _try_decode(state.ready[0].data) if state.ready else None
             return QueueStats(
                 queue=self.name,
                 depth=len(state.ready) + len(state.delayed),
                 in_flight=len(state.inflight),
                 delayed=len(state.delayed),
                 dead_lettered=len(state.dead),
+                head_enqueued_at=None if head is None else head.enqueued_at,
             )
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

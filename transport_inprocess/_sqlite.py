@@ -150,6 +150,13 @@ def _delete_many(conn: sqlite3.Connection, items: list[tuple[int, int]]) -> list
     ]
 
 
+def _decoded(body: bytes) -> WorkRequest | None:
+    try:
+        return decode(WorkRequest, body)
+    except UndecodableMessageError:
+        return None
+
+
 def _decodable(body: bytes) -> bool:
     try:
         decode(WorkRequest, body)
@@ -434,12 +441,21 @@ class SqliteRequestQueue(RequestQueue):
             dead = conn.execute(
                 "SELECT COUNT(*) FROM dead_letters WHERE queue = ?", (name,)
             ).fetchone()[0]
+            # The next in line (the order leases take), read through the
+            # (queue, seq) index: one row decoded, whatever the backlog.
+            head = conn.execute(
+                "SELECT body FROM messages WHERE queue = ? AND available_at <= ?"
+                " ORDER BY seq LIMIT 1",
+                (name, now),
+            ).fetchone()
+            request = None if head is None else _decoded(head[0])
             return QueueStats(
                 queue=name,
                 depth=total - in_flight,
                 in_flight=in_flight,
                 delayed=delayed,
                 dead_lettered=dead,
+                head_enqueued_at=None if request is None else request.enqueued_at,
             )
 
         return await self._store.read(op)

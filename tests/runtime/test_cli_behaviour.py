@@ -203,6 +203,8 @@ async def test_top_renders_queues_and_registries(scheme: str, tmp_path: Path) ->
     cells = [c.strip() for c in row.strip("│ ").split("│")]
     assert cells[:6] == ["kitchen", "1", "6", "1", "0", "0"], cells
     assert cells[6].startswith("+"), cells
+    assert second.queues[0].head_age_seconds is not None  # r1 waits (r0 is leased)
+    assert cells[7].endswith("s"), cells
     (reg,) = [line for line in text.splitlines() if "│ front-desk" in line]
     assert [c.strip() for c in reg.strip("│ ").split("│")] == ["front-desk", "2", "0"]
 

@@ -201,3 +201,4 @@ async def test_an_ensemble_logs_a_growing_backlog(
     line = _runtime_lines(caplog, "backlog growing")[0]
     assert line.startswith("ensemble slowpoke: backlog growing: "), line
     assert "waiting (was " in line and "in flight" in line
+    assert "; the next in line has waited " in line, line
