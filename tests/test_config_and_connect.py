@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from transport import (
     BackendNotAvailableError,
     ConfigurationError,
+    InvalidNameError,
     TransportConfig,
     available_backends,
     connect,
@@ -76,18 +77,66 @@ def test_token_as_url_user_part_is_redacted() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    ("kwargs", "error", "message"),
     [
-        {"url": "no-scheme"},
-        {"namespace": "bad.namespace"},
-        {"max_attempts": 0},
-        {"lease_seconds": 0},
-        {"unknown": 1},
+        ({"url": "no-scheme"}, ConfigurationError, "setting url='no-scheme': a transport URL"),
+        ({"namespace": "bad.namespace"}, InvalidNameError, "invalid namespace 'bad.namespace'"),
+        ({"consumer_group": "a b"}, InvalidNameError, "invalid consumer group 'a b'"),
+        ({"max_attempts": 0}, ConfigurationError, "setting max_attempts=0: Input should be"),
+        ({"lease_seconds": 0}, ConfigurationError, "setting lease_seconds=0: Input should be"),
+        ({"unknown": 1}, ConfigurationError, "setting unknown=1: no such setting"),
+        ({"password": 5}, ConfigurationError, "setting password='\\*\\*\\*'"),
     ],
 )
-def test_invalid_settings_are_rejected(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ValidationError):
+def test_invalid_settings_raise_one_readable_line_of_the_error_tree(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message) as info:
         TransportConfig(**kwargs)  # type: ignore[arg-type]
+    text = str(info.value)
+    assert "\n" not in text and "pydantic" not in text and "http" not in text
+    assert not isinstance(info.value, ValidationError)
+
+
+async def test_connect_with_a_bad_url_names_the_setting_and_the_value() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        await connect("not a url")
+    assert str(info.value).startswith("invalid transport setting url='not a url': ")
+    assert "\n" not in str(info.value)
+
+
+def test_a_password_in_a_refused_url_is_not_shown() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        TransportConfig(url=f"user:{CANARY}@host")
+    assert CANARY not in str(info.value)
+
+
+def test_options_that_are_not_json_name_the_variable_and_the_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TRANSPORT_OPTIONS", "not json")
+    with pytest.raises(ConfigurationError) as info:
+        load_config()
+    assert str(info.value) == (
+        "invalid transport setting options: TRANSPORT_OPTIONS='not json' is not valid JSON"
+    )
+
+
+@pytest.mark.parametrize("setting", ["ca_file", "cert_file", "key_file"])
+async def test_a_missing_tls_file_names_the_setting_and_the_path(
+    tmp_path: Path, setting: str
+) -> None:
+    missing = tmp_path / "nowhere" / "file.pem"
+    with pytest.raises(ConfigurationError) as info:
+        await connect(f"sqlite:///{tmp_path / 'x.db'}", tls={"enabled": True, setting: missing})
+    assert str(info.value) == f"invalid transport setting tls.{setting}: {missing} does not exist"
+
+
+async def test_a_tls_file_that_exists_is_accepted(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not checked by sqlite")
+    transport = await connect(f"sqlite:///{tmp_path / 'x.db'}", tls={"ca_file": ca})
+    await transport.aclose()
 
 
 async def test_unknown_scheme_says_what_is_known() -> None:
@@ -135,3 +184,19 @@ async def test_missing_capabilities_are_refused_clearly(tmp_path: Path) -> None:
         await transport.aclose()
     with pytest.raises(ValueError, match="unknown capability"):
         await connect(url, require=["teleportation"])
+
+
+def test_precedence_is_argument_then_environment_then_file_then_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the README's "Switching deployments by configuration" states it.
+    toml = tmp_path / "transport.toml"
+    toml.write_text('[transport]\nurl = "memory://from-file"\nmax_attempts = 9\n')
+    monkeypatch.delenv("TRANSPORT_URL", raising=False)
+    monkeypatch.delenv("TRANSPORT_MAX_ATTEMPTS", raising=False)
+    assert load_config().url == "sqlite:///transport.db"
+    monkeypatch.setenv("TRANSPORT_CONFIG_FILE", str(toml))
+    assert (load_config().url, load_config().max_attempts) == ("memory://from-file", 9)
+    monkeypatch.setenv("TRANSPORT_URL", "memory://from-env")
+    assert (load_config().url, load_config().max_attempts) == ("memory://from-env", 9)
+    assert load_config("memory://from-argument").url == "memory://from-argument"

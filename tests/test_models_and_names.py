@@ -9,8 +9,10 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from transport import (
+    InvalidMessageError,
     InvalidNameError,
     PayloadTooLargeError,
     PermanentTransportError,
@@ -117,8 +119,8 @@ def test_a_header_value_with_a_lone_surrogate_is_rejected_before_sending(
 
 
 def test_header_injection_is_rejected() -> None:
-    # Raised inside model validation, so it arrives as pydantic's
-    # ValidationError — a ValueError that names the field and the reason.
+    # Raised inside model validation; the library's own error reaches the
+    # caller (InvalidNameError, also a ValueError), not pydantic's dump.
     with pytest.raises(ValueError, match="CR, LF or NUL"):
         WorkRequest(task="t", headers={"x": "a\r\nInjected: 1"})
     with pytest.raises(ValueError, match="header name"):
@@ -207,3 +209,57 @@ def test_without_an_ordering_key_the_request_id_is_the_message_key() -> None:
     # An older writer's record (no such field) still decodes.
     old = json.dumps({"request_id": "abc", "task": "t"})
     assert decode(WorkRequest, old).message_key == "abc"
+
+
+def test_an_unsafe_task_name_raises_invalid_name_error_not_pydantics() -> None:
+    with pytest.raises(InvalidNameError, match="invalid task name 'bad task'") as info:
+        WorkRequest(task="bad task")
+    assert not isinstance(info.value, ValidationError)
+
+
+def test_an_out_of_range_field_raises_one_readable_line() -> None:
+    with pytest.raises(InvalidMessageError) as info:
+        WorkRequest(task="t", priority=300)
+    assert str(info.value) == (
+        "invalid WorkRequest field priority=300: Input should be less than or equal to 255"
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (float("nan"), "payload is nan: NaN and infinities are not JSON"),
+        ({"x": float("inf")}, "payload['x'] is inf: NaN and infinities are not JSON"),
+        ([(1, 2)], "payload[0] is a tuple"),
+        ({1, 2}, "payload is a set"),
+        (datetime(2026, 1, 1, tzinfo=UTC), "payload is a datetime"),
+        ({1: "one"}, "payload has the key 1 (int): JSON object keys are strings"),
+        (b"x", "payload is a bytes"),
+    ],
+)
+def test_payloads_that_would_not_arrive_as_sent_are_refused(payload: object, message: str) -> None:
+    with pytest.raises(InvalidMessageError) as info:
+        WorkRequest(task="t", payload=payload)
+    assert str(info.value).startswith(message)
+
+
+def test_results_and_events_follow_the_same_payload_rule() -> None:
+    from transport import Event
+
+    with pytest.raises(InvalidMessageError, match="result is nan"):
+        WorkResponse(request_id="r1", result=float("nan"))
+    with pytest.raises(InvalidMessageError, match="data"):
+        Event(subject="agent.events.x", data={"when": datetime(2026, 1, 1, tzinfo=UTC)})
+
+
+def test_a_self_containing_payload_is_refused() -> None:
+    loop: list[object] = []
+    loop.append(loop)
+    with pytest.raises(InvalidMessageError, match="nested too deeply"):
+        WorkRequest(task="t", payload=loop)
+
+
+@given(payload=json_values)
+def test_every_json_value_is_accepted_and_comes_back_equal(payload: object) -> None:
+    request = WorkRequest(task="t", payload=payload)
+    assert decode(WorkRequest, encode(request)).payload == payload

@@ -8,16 +8,25 @@ Secrets are ``SecretStr``: they never appear in ``repr``, logs or errors.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from transport._naming import validate_name
-from transport.errors import ConfigurationError
+from transport.errors import ConfigurationError, TransportError
 
 __all__ = ["DEFAULT_URL", "TLSConfig", "TransportConfig", "load_config"]
 
@@ -40,6 +49,56 @@ class TLSConfig(BaseModel):
     key_file: Path | None = None
     key_password: SecretStr | None = None
     verify_hostname: bool = True
+
+
+_SECRET_FIELDS = frozenset({"password", "token", "nkey_seed", "key_password"})
+_ENV_FIELD = re.compile(r'field "([^"]+)"')
+
+
+def _shown(field: str, value: Any) -> str:
+    """``value`` as it may appear in an error: never a secret, URLs redacted."""
+    if field.rpartition(".")[2] in _SECRET_FIELDS:
+        return "'***'"
+    if isinstance(value, str) and "@" in value:
+        # A URL's user part may hold a password or a token.
+        scheme, sep, rest = value.rpartition("://")
+        value = f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def config_error(exc: ValidationError | SettingsError) -> TransportError:
+    """One readable line naming the setting and its value, in the library's
+    error tree (``ConfigurationError``, or the ``InvalidNameError`` a name
+    validator raised)."""
+    if isinstance(exc, SettingsError):
+        # pydantic-settings could not parse an environment variable (a
+        # complex field such as ``options`` is read as JSON).
+        match = _ENV_FIELD.search(str(exc))
+        field = match.group(1) if match else "?"
+        env = f"TRANSPORT_{field.upper()}"
+        value = os.environ.get(env)
+        if value is None:
+            return ConfigurationError(f"invalid transport setting {field}: {exc}")
+        return ConfigurationError(
+            f"invalid transport setting {field}: {env}={_shown(field, value)} is not valid JSON"
+        )
+    errors = exc.errors()
+    for error in errors:
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, TransportError):
+            return cause
+    if not errors:
+        return ConfigurationError(f"invalid transport settings: {exc}")
+    first = errors[0]
+    field = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "no such setting"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ConfigurationError(
+        f"invalid transport setting {field}={_shown(field, first.get('input'))}: {message}{more}"
+    )
 
 
 class TransportConfig(BaseSettings):
@@ -82,17 +141,50 @@ class TransportConfig(BaseSettings):
         default_factory=dict, description="backend-specific options (see each backend)"
     )
 
+    def __init__(self, *args: Any, **values: Any) -> None:
+        # pydantic's ValidationError (a multi-line dump with a web link) and
+        # pydantic-settings' SettingsError become one line of the error tree.
+        try:
+            super().__init__(*args, **values)
+        except (ValidationError, SettingsError) as exc:
+            raise config_error(exc) from exc
+
     @field_validator("namespace", "consumer_group")
     @classmethod
-    def _check_names(cls, value: str) -> str:
-        return validate_name(value, "namespace")
+    def _check_names(cls, value: str, info: ValidationInfo) -> str:
+        return validate_name(value, (info.field_name or "namespace").replace("_", " "))
 
     @field_validator("url")
     @classmethod
     def _check_url(cls, value: str) -> str:
         if "://" not in value:
-            raise ValueError(f"transport url must look like 'scheme://…', got {value!r}")
+            raise ValueError(
+                "a transport URL looks like 'scheme://…' (sqlite:///transport.db, "
+                "memory://, kafka://host:9092, nats://host:4222, pulsar://host:6650)"
+            )
         return value
+
+    def check_files(self) -> None:
+        """Every file the settings name exists and is readable.
+
+        Raises: ConfigurationError naming the setting and the path.
+        """
+        files = {
+            "credentials_file": self.credentials_file,
+            "tls.ca_file": self.tls.ca_file,
+            "tls.cert_file": self.tls.cert_file,
+            "tls.key_file": self.tls.key_file,
+        }
+        for setting, path in files.items():
+            if path is None:
+                continue
+            if not path.is_file():
+                problem = "is a directory" if path.is_dir() else "does not exist"
+                raise ConfigurationError(f"invalid transport setting {setting}: {path} {problem}")
+            if not os.access(path, os.R_OK):
+                raise ConfigurationError(
+                    f"invalid transport setting {setting}: {path} is not readable"
+                )
 
     @property
     def scheme(self) -> str:
@@ -141,7 +233,10 @@ class TransportConfig(BaseSettings):
         for key in env.model_fields_set:
             merged[key] = getattr(env, key)
         merged.update(overrides)
-        return cls.model_validate(merged)
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise config_error(exc) from exc
 
 
 def load_config(

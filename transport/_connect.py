@@ -102,6 +102,7 @@ async def connect(
     """
     config = load_config(url_or_config, **overrides)
     factory = _load(config.scheme)
+    config.check_files()
     wanted = frozenset(require)
     unknown = wanted - set(TransportCapabilities.model_fields)
     if unknown:

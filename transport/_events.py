@@ -22,9 +22,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
-from transport._models import _WireModel, utcnow
+from transport._models import _WireModel, check_json_value, utcnow
 from transport._naming import validate_header, validate_name
 from transport.errors import InvalidNameError
 
@@ -139,6 +139,11 @@ class Event(_WireModel):
     published_at: datetime = Field(default_factory=utcnow)
     reply_to: str | None = None
 
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_json_value(value, info)
+
 
 class LogEvent(_WireModel):
     """One record of the event log. ``position`` is opaque, backend-specific,
@@ -150,6 +155,11 @@ class LogEvent(_WireModel):
     key: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     appended_at: datetime
+
+    @field_validator("data")
+    @classmethod
+    def _check_data(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_json_value(value, info)
 
 
 def _check_headers(headers: dict[str, str] | None) -> dict[str, str]:

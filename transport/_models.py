@@ -8,14 +8,16 @@ import os
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from transport._jsonvalue import json_value_problem
 from transport._naming import (
     validate_header,
     validate_name,
     validate_ordering_key,
     validate_request_id,
 )
+from transport.errors import InvalidMessageError, TransportError
 
 __all__ = [
     "Capability",
@@ -92,8 +94,47 @@ def derived_request_id(*identity: object) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+def library_error(exc: ValidationError, what: str) -> TransportError:
+    """The library's own error for a failed validation of ``what``: the
+    :class:`TransportError` a validator raised (``InvalidNameError`` …), else
+    an :class:`InvalidMessageError` with one readable line."""
+    errors = exc.errors()
+    for error in errors:
+        cause = error.get("ctx", {}).get("error")
+        if isinstance(cause, TransportError):
+            return cause
+    first = errors[0] if errors else None
+    if first is None:
+        return InvalidMessageError(f"invalid {what}: {exc}")
+    field = ".".join(str(part) for part in first["loc"]) or what
+    shown = repr(first.get("input"))
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return InvalidMessageError(f"invalid {what} field {field}={shown}: {first['msg']}{more}")
+
+
+def check_json_value(value: Any, info: ValidationInfo) -> Any:
+    """Field validator body: refuse what JSON would not carry as sent.
+    Skipped when parsing JSON, which can only hold JSON values."""
+    if info.mode == "json":
+        return value
+    problem = json_value_problem(value, info.field_name or "value")
+    if problem is not None:
+        raise InvalidMessageError(problem)
+    return value
+
+
 class _WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, ser_json_timedelta="float")
+
+    def __init__(self, /, **data: Any) -> None:
+        # Validators raise the library's errors (InvalidNameError …); pydantic
+        # wraps them in its ValidationError. Give the caller the documented one.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise library_error(exc, type(self).__name__) from exc
 
 
 class WorkRequest(_WireModel):
@@ -128,6 +169,11 @@ class WorkRequest(_WireModel):
     @classmethod
     def _check_request_id(cls, value: str) -> str:
         return validate_request_id(value)
+
+    @field_validator("payload")
+    @classmethod
+    def _check_payload(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_json_value(value, info)
 
     @field_validator("ordering_key")
     @classmethod
@@ -176,6 +222,11 @@ class WorkResponse(_WireModel):
     @classmethod
     def _check_request_id(cls, value: str) -> str:
         return validate_request_id(value)
+
+    @field_validator("result")
+    @classmethod
+    def _check_result(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_json_value(value, info)
 
     @field_validator("completed_at")
     @classmethod
@@ -252,6 +303,11 @@ class QueueStats(_WireModel):
     in_flight: int | None = Field(default=None, description="leased, not yet acked")
     delayed: int | None = Field(default=None, description="nacked with a delay, not yet due")
     dead_lettered: int = 0
+    head_enqueued_at: datetime | None = Field(
+        default=None,
+        description="first enqueue time of the request next in line (how long the head "
+        "of the queue has waited); None if nothing waits or the backend cannot tell",
+    )
 
 
 class DeadLetter(_WireModel):

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 
 from transport._models import DeadLetter, QueueStats, WorkRequest, utcnow
 from transport._naming import validate_name
-from transport._queue import Delivery, RequestQueue
+from transport._queue import Delivery, RequestQueue, seconds
 from transport.errors import ClosedResourceError
 
 __all__ = ["AgingPolicy", "PriorityRequestQueue"]
@@ -139,6 +139,7 @@ class PriorityRequestQueue(RequestQueue):
         """
         if self._closed:
             raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        timeout = seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         try:
@@ -280,12 +281,14 @@ class PriorityRequestQueue(RequestQueue):
         depths = [p.depth for p in parts]
         in_flight = [p.in_flight for p in parts]
         delayed = [p.delayed for p in parts]
+        heads = [p.head_enqueued_at for p in parts if p.head_enqueued_at is not None]
         return QueueStats(
             queue=self.name,
             depth=None if None in depths else sum(d or 0 for d in depths),
             in_flight=None if None in in_flight else sum(i or 0 for i in in_flight),
             delayed=None if None in delayed else sum(d or 0 for d in delayed),
             dead_lettered=sum(p.dead_lettered for p in parts),
+            head_enqueued_at=min(heads, default=None),
         )
 
     async def level_stats(self) -> list[QueueStats]:

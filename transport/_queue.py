@@ -136,14 +136,16 @@ class RequestQueue(ABC):
     @abstractmethod
     async def poll(self, timeout: float | None = None) -> Delivery | None:
         """Lease the next request; ``None`` if none arrived within ``timeout``
-        seconds (``None`` waits indefinitely, ``0`` does not wait).
+        seconds (``None`` waits indefinitely, ``0`` does not wait; a negative
+        timeout is refused like a negative ``nack`` delay).
 
         Guarantees: the delivery is held by this caller alone until settled or
         until its lease (``lease_seconds``, renewable by ``extend``) expires.
         Cancellation-safe: a cancelled poll loses nothing (at worst the request
         is redelivered after its lease). Undecodable records are
         dead-lettered, never returned and never raised.
-        Raises: TransientTransportError, ClosedResourceError.
+        Raises: ValueError for a negative timeout; TransientTransportError,
+        ClosedResourceError.
         """
 
     async def caught_up(self, timeout: float | None = None) -> bool:

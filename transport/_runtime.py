@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal, Self
@@ -31,7 +31,12 @@ from transport._queue import Delivery, RequestQueue
 from transport._registries import CapabilityRegistry, DeliveryRegistry
 from transport._tracing import TRACEPARENT, reset_current, set_current
 from transport._transport import Transport
-from transport.errors import ConfigurationError, PermanentTransportError, TransportError
+from transport.errors import (
+    ConfigurationError,
+    InvalidMessageError,
+    PermanentTransportError,
+    TransportError,
+)
 
 __all__ = ["Ensemble", "Handler", "PermanentTaskError", "RetryTaskError", "TaskContext", "TaskSpec"]
 
@@ -122,9 +127,12 @@ class Ensemble:
     queue's ``max_attempts`` → dead letter + ``failed`` response, so a caller
     is never left waiting. An expired ``deadline`` → ``rejected`` response.
 
-    With a metrics sink set (:func:`set_metrics_sink`), the queue gauges
-    (depth/lag, in flight, dead-lettered) are refreshed every
-    ``stats_interval`` seconds while the ensemble runs (``None``: never).
+    Every ``stats_interval`` seconds while the ensemble runs (``None``:
+    never) it reads its queue's stats: a metrics sink
+    (:func:`set_metrics_sink`) gets the gauges (depth/lag, in flight,
+    dead-lettered), and a backlog that grew since the last reading is logged
+    (INFO). Start and stop are logged at INFO too (logger
+    ``transport.runtime``).
     """
 
     def __init__(
@@ -313,7 +321,7 @@ class Ensemble:
             asyncio.create_task(self._worker(queue), name=f"{self.name}:worker-{i}")
             for i in range(self.concurrency)
         ]
-        if self._stats_interval and metrics_enabled():
+        if self._stats_interval:
             self._gauges = asyncio.create_task(self._report_stats(), name=f"{self.name}:stats")
         if self._owns_queue and isinstance(queue, PriorityRequestQueue):
             assert self.transport is not None
@@ -324,10 +332,13 @@ class Ensemble:
                 self._forward(self._plain, queue), name=f"{self.name}:forward"
             )
         log.info(
-            "ensemble %s started: %d workers, tasks %s",
+            "ensemble %s started on %s: queue %s (%s), concurrency %d, tasks %s",
             self.name,
+            self._backend(),
+            queue.name,
+            "1 level" if self.priority_levels == 1 else f"{self.priority_levels} priority levels",
             self.concurrency,
-            sorted(self._tasks),
+            ", ".join(sorted(self._tasks)),
             extra=self._fields(),
         )
 
@@ -377,6 +388,8 @@ class Ensemble:
             return
         self._closed = True
         self._stopping.set()
+        in_flight = len(self._busy)
+        released = 0
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
@@ -391,6 +404,7 @@ class Ensemble:
                 worker.cancel()
         if self._workers:
             _, late = await asyncio.wait(self._workers, timeout=self.shutdown_grace)
+            released = len(late)
             for worker in late:
                 log.warning(
                     "ensemble %s: handler still running after grace; releasing it",
@@ -413,7 +427,40 @@ class Ensemble:
                     await self._capabilities.withdraw(self.name, spec.name)
         if self._owns_queue and self._queue is not None:
             await self._queue.aclose()  # unsettled deliveries go back for redelivery
-        log.info("ensemble %s stopped (%s)", self.name, self.counts, extra=self._fields())
+        if self._started:
+            log.info(
+                "ensemble %s stopped: %d in flight at stop, %d finished, %d released for "
+                "redelivery; %s",
+                self.name,
+                in_flight,
+                in_flight - released,
+                released,
+                ", ".join(f"{key} {value}" for key, value in self.counts.items()),
+                extra=self._fields(),
+            )
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[Self]:
+        """Serve while the ``async with`` body runs — the ensemble and its
+        callers in one script or test::
+
+            async with kitchen.serving():
+                response = await front_desk.request("kitchen", "cook", {...})
+
+        :meth:`run` is the form for a worker process (it serves until
+        SIGTERM); this one serves until the body ends, then stops as
+        :meth:`run` does on SIGTERM (in-flight handlers get
+        ``shutdown_grace``, the rest are released, tasks withdrawn).
+
+        Guarantees: advertised and working when the body starts; closed when
+        the block is left, also on an exception (which propagates).
+        Raises: as :meth:`start` (on entry) and :meth:`aclose` (on exit).
+        """
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -455,15 +502,46 @@ class Ensemble:
                     extra=self._fields(),
                 )
 
+    def _backend(self) -> str:
+        if self.transport is None:
+            return type(self.queue).__name__
+        return self.transport.config.redacted_url()
+
     async def _report_stats(self) -> None:
-        """With a metrics sink set: refresh the queue gauges (depth — the lag
-        on Kafka —, in flight, dead-lettered) every ``stats_interval`` s."""
+        """Every ``stats_interval`` s: read the queue's stats (which refreshes
+        the gauges of a metrics sink: depth — the lag on Kafka —, in flight,
+        dead-lettered), and log a line when the backlog grew since the last
+        reading (the workers are not keeping up)."""
         assert self._stats_interval
+        last: int | None = None
+        if not metrics_enabled():
+            # Only the backlog line needs it: no broker query at start-up.
+            await asyncio.sleep(self._stats_interval)
         while True:
             try:
-                await self.queue.stats()
+                stats = await self.queue.stats()
             except TransportError as exc:
                 log.debug("ensemble %s: queue stats failed: %s", self.name, exc)
+            else:
+                depth = stats.depth
+                if depth is not None and last is not None and depth > last:
+                    head = stats.head_enqueued_at
+                    log.info(
+                        "ensemble %s: backlog growing: %d waiting (was %d %gs ago), "
+                        "%s in flight, %d dead-lettered%s",
+                        self.name,
+                        depth,
+                        last,
+                        self._stats_interval,
+                        "?" if stats.in_flight is None else stats.in_flight,
+                        stats.dead_lettered,
+                        ""
+                        if head is None
+                        else f"; the next in line has waited {(utcnow() - head).total_seconds():.1f}s",
+                        extra={**self._fields(), "depth": depth},
+                    )
+                if depth is not None:
+                    last = depth
             await asyncio.sleep(self._stats_interval)
 
     async def _forward(self, plain: RequestQueue, queue: PriorityRequestQueue) -> None:
@@ -627,12 +705,17 @@ class Ensemble:
         finally:
             keeper.cancel()
             reset_current(token)
-        response = WorkResponse(
-            request_id=request.request_id,
-            status="completed",
-            result=result,
-            duration_ms=(time.perf_counter() - started) * 1000,
-        )
+        try:
+            response = WorkResponse(
+                request_id=request.request_id,
+                status="completed",
+                result=result,
+                duration_ms=(time.perf_counter() - started) * 1000,
+            )
+        except InvalidMessageError as exc:
+            # Running the handler again would return the same value.
+            await self._fail(delivery, f"the handler's result cannot be sent: {exc}", started)
+            return
         await self._respond(request, response)
         await self._ack(delivery)
         self.counts["completed"] += 1

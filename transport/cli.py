@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import sys
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from transport._config import TransportConfig, load_config
 from transport._connect import connect
 from transport._logging import configure_logging
+from transport._models import DeadLetter, HealthStatus
 from transport._queue import RequestQueue
 from transport._transport import Transport
 from transport.errors import TransportError
@@ -70,21 +72,112 @@ def _queue(transport: Transport, name: str, levels: int) -> RequestQueue:
     return transport.request_queue(name)
 
 
+async def _health(args: argparse.Namespace, config: TransportConfig, out: _Output) -> int:
+    """Report the backend's health; a backend that cannot be reached (or
+    raises, or does not answer within ``--timeout``) is reported as down in
+    the same format, never as an empty output."""
+    try:
+        async with asyncio.timeout(args.timeout):
+            transport = await connect(config)
+            try:
+                status = await transport.health()
+            finally:
+                await transport.aclose()
+    except ValueError:
+        raise  # invalid configuration: exit 2
+    except TimeoutError:
+        status = HealthStatus(
+            ok=False, backend=config.scheme, detail=f"no answer within {args.timeout:g}s"
+        )
+    except Exception as exc:  # unreachable: whatever the client raised
+        status = HealthStatus(
+            ok=False, backend=config.scheme, detail=f"{type(exc).__name__}: {exc}"
+        )
+    row = {
+        "ok": "yes" if status.ok else "NO",
+        "backend": status.backend,
+        "latency_ms": "-" if status.latency_ms is None else f"{status.latency_ms:.2f}",
+        "detail": status.detail,
+    }
+    out.emit(status, [row], ["ok", "backend", "latency_ms", "detail"])
+    return 0 if status.ok else 1
+
+
+async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) -> int:
+    dead = await queue.dead_letters(1_000_000)
+    if args.ids:
+        chosen: list[DeadLetter] = []
+        for prefix in args.ids:
+            matches = [d for d in dead if d.request_id and d.request_id.startswith(prefix)]
+            if not matches:
+                out.progress(
+                    f"transport: no dead letter of {args.queue} has an id starting with {prefix!r}"
+                )
+                return 1
+            if len({d.request_id for d in matches}) > 1:
+                shown = ", ".join(sorted({str(d.request_id) for d in matches})[:5])
+                raise ValueError(
+                    f"--id {prefix!r} matches {len(matches)} dead letters of {args.queue} "
+                    f"({shown}…): give more characters"
+                )
+            if matches[0].request is None:
+                out.progress(
+                    f"transport: dead letter {matches[0].request_id} of {args.queue} is "
+                    "undecodable; it cannot be requeued (see its raw text with --json list)"
+                )
+                return 1
+            chosen.append(matches[0])
+    else:  # undecodable ones stay where they are (requeue_dead_letters skips them)
+        chosen = [d for d in dead if d.request_id is not None and d.request is not None]
+    ids = [str(d.request_id) for d in chosen]
+    moved = await queue.requeue_dead_letters(ids) if ids else 0
+    rows = [
+        {
+            "request_id": d.request_id,
+            "task": d.request.task if d.request else "(undecodable)",
+            "attempts": d.attempts,
+            "error": (d.error[:60] + "…") if len(d.error) > 60 else d.error,
+        }
+        for d in chosen
+    ]
+    if out.as_json:
+        out.emit({"queue": args.queue, "requeued": moved, "of": len(ids), "request_ids": ids})
+    else:
+        print(f"requeued {moved} of {len(ids)} dead letter(s) of {args.queue}")
+        if rows:
+            print(_table(rows, ["request_id", "task", "attempts", "error"]))
+    return 0 if moved == len(ids) else 1
+
+
+async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> int:
+    from transport._top import TopCollector, run_top
+
+    collector = TopCollector(transport, args.queues, args.registries, args.levels)
+    try:
+        last = await run_top(
+            collector, interval=args.interval, count=args.count, as_json=out.as_json
+        )
+    finally:
+        await collector.aclose()
+    return 1 if last.error else 0
+
+
 async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) -> int:
     if args.command == "demo":
         from transport.demo import run_demo
 
         await run_demo(config.url)
         return 0
+    if args.command == "health":
+        return await _health(args, config, out)
+    if args.command == "top":
+        from transport._top import require_rich
+
+        require_rich()
     transport = await connect(config)
     try:
-        if args.command == "health":
-            status = await transport.health()
-            row = status.model_dump()
-            if status.latency_ms is not None:
-                row["latency_ms"] = f"{status.latency_ms:.2f}"
-            out.emit(status, [row], ["ok", "backend", "latency_ms", "detail"])
-            return 0 if status.ok else 1
+        if args.command == "top":
+            return await _top(args, transport, out)
         if args.command == "stats":
             stats = [await _queue(transport, q, args.levels).stats() for q in args.queues]
             rows = [s.model_dump() for s in stats]
@@ -106,13 +199,7 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
                 ]
                 out.emit(dead, rows, ["request_id", "task", "attempts", "error", "at"])
                 return 0
-            ids = args.ids or None
-            total = len(ids) if ids else len(await queue.dead_letters(1_000_000))
-            out.progress(f"requeueing {total} dead letter(s) of {args.queue}…")
-            moved = await queue.requeue_dead_letters(ids)
-            out.progress(f"requeued {moved} of {total}")
-            out.emit({"requeued": moved})
-            return 0
+            return await _requeue(args, queue, out)
         if args.command == "pending":
             records = await transport.delivery_registry(args.registry).records()
             live = [r for r in records if r.state != "taken"]
@@ -134,7 +221,7 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
                     "name": c.name,
                     "kind": c.kind,
                     "ensemble": c.ensemble,
-                    "queue": c.queue,
+                    "queue": c.queue or "-",
                     "levels": c.priority_levels,
                     "expires_at": c.expires_at.isoformat(timespec="seconds")
                     if c.expires_at
@@ -149,34 +236,169 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
         await transport.aclose()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("agentensemble-transport")
+    except importlib.metadata.PackageNotFoundError:  # a source checkout, not installed
+        return "unknown (not installed)"
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every command takes, before or after the command name
+    (``transport --json health`` and ``transport health --json``). On the
+    subcommands their default is SUPPRESS, so that an option given before
+    the command is not reset by the subcommand's default."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("global options")
+    group.add_argument(
+        "--url",
+        default=default(None),
+        help="transport URL (default: TRANSPORT_URL, then the config file, then "
+        "sqlite:///transport.db)",
+    )
+    group.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default(None),
+        help="TOML configuration file (default: TRANSPORT_CONFIG_FILE)",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="machine-readable output (JSON on stdout)",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=default("text"),
+        help="format of log lines on stderr (default: text)",
+    )
+    group.add_argument(
+        "--log-level",
+        default=default("WARNING"),
+        metavar="LEVEL",
+        help="DEBUG, INFO, WARNING (default) or ERROR",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="transport", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--url", help="transport URL (default: TRANSPORT_URL or sqlite:///transport.db)"
+    parser = argparse.ArgumentParser(
+        prog="transport",
+        description=__doc__.split("\n")[0].replace("``", ""),
+        epilog="Exit codes: 0 success, 1 failure (unhealthy or unreachable backend, "
+        "nothing requeued), 2 invalid input.",
     )
-    parser.add_argument("--config", help="TOML file (default: TRANSPORT_CONFIG_FILE)")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument(
-        "--log-format", choices=["text", "json"], default="text", help="log lines on stderr"
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        child = sub.add_parser(name, help=help, description=help)
+        _global_options(child, suppress=True)
+        return child
+
+    def levels(child: argparse.ArgumentParser) -> None:
+        child.add_argument(
+            "--levels",
+            type=_positive_int,
+            default=1,
+            help="priority levels of the queue (as its ensemble declares them; default 1)",
+        )
+
+    health = command("health", "check that the configured backend is reachable")
+    health.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=15.0,
+        help="seconds to wait for the backend before reporting it down (default 15)",
     )
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("health", help="check that the configured backend is reachable")
-    stats = sub.add_parser("stats", help="queue depth/lag, in flight, dead-lettered")
-    stats.add_argument("queues", nargs="+")
-    stats.add_argument("--levels", type=int, default=1, help="priority levels of the queue")
-    dead = sub.add_parser("dead-letters", help="list or requeue dead letters")
-    dead.add_argument("action", choices=["list", "requeue"])
-    dead.add_argument("queue")
-    dead.add_argument("--levels", type=int, default=1)
-    dead.add_argument("--limit", type=int, default=100)
-    dead.add_argument("--id", dest="ids", action="append", help="only this request id (repeatable)")
-    pending = sub.add_parser(
-        "pending", help="requests awaiting their response in a delivery registry"
+    stats = command("stats", "queue depth/lag, in flight, delayed, dead-lettered")
+    stats.add_argument("queues", nargs="+", metavar="QUEUE", help="queue name(s)")
+    levels(stats)
+    dead = command("dead-letters", "list or requeue dead letters")
+    dead.add_argument(
+        "action", choices=["list", "requeue"], help="list them, or move them back to the queue"
     )
-    pending.add_argument("registry")
-    sub.add_parser("capabilities", help="live advertised tasks and tools")
-    sub.add_parser("demo", help="run the kitchen network demo on the configured backend")
+    dead.add_argument("queue", metavar="QUEUE", help="the queue whose dead letters to use")
+    levels(dead)
+    dead.add_argument(
+        "--limit", type=_positive_int, default=100, help="list at most this many (default 100)"
+    )
+    dead.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        metavar="ID",
+        help="requeue only this request id, or a unique prefix of it (repeatable; default: all)",
+    )
+    pending = command("pending", "requests awaiting their response in a delivery registry")
+    pending.add_argument(
+        "registry", metavar="REGISTRY", help="the caller's delivery registry (its inbox)"
+    )
+    command("capabilities", "live advertised tasks and tools")
+    top = command(
+        "top",
+        "live view of queues and registries, refreshed every second (needs the 'cli' extra)",
+    )
+    top.add_argument(
+        "queues",
+        nargs="*",
+        metavar="QUEUE",
+        help="queue name(s) to show (default: every queue advertised in the capability registry)",
+    )
+    top.add_argument(
+        "--levels",
+        type=_positive_int,
+        default=None,
+        help="priority levels of the named queues (default: as advertised, else 1)",
+    )
+    top.add_argument(
+        "--registry",
+        dest="registries",
+        action="append",
+        default=[],
+        metavar="REGISTRY",
+        help="also show the pending responses of this delivery registry (repeatable)",
+    )
+    top.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=1.0,
+        help="seconds between refreshes (default 1)",
+    )
+    top.add_argument(
+        "--count",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N refreshes (default: until Ctrl-C); with --json, one JSON "
+        "object per refresh",
+    )
+    command("demo", "run the kitchen network demo on the configured backend")
     return parser
 
 

@@ -86,6 +86,11 @@ def build_network(
     return kitchen, courier
 
 
+#: Flags that describe what the test harness can do with the broker, not
+#: what the backend offers a user: not printed.
+HARNESS_FLAGS = frozenset({"restart_broker"})
+
+
 async def run_demo(url: str | None = None) -> int:
     """Run the network until every order is answered; returns how many."""
     clock = _Clock()
@@ -97,9 +102,9 @@ async def run_demo(url: str | None = None) -> int:
         url = f"sqlite:///{Path(tmp.name) / 'kitchen.db'}"
     transport = await connect(url)
     print(f"transport: {transport!r}")
-    print(
-        f"capabilities: {', '.join(k for k, v in transport.capabilities.model_dump().items() if v)}"
-    )
+    flags = transport.capabilities.model_dump()
+    shown = [name for name, on in flags.items() if on and name not in HARNESS_FLAGS]
+    print(f"capabilities: {', '.join(shown)}")
     try:
         kitchen, courier = build_network(transport, clock)
         front_desk = Network(transport, caller="front-desk", default_levels=3)

@@ -18,6 +18,7 @@ __all__ = [
     "ClosedResourceError",
     "ConfigurationError",
     "DeliveryTimeoutError",
+    "InvalidMessageError",
     "InvalidNameError",
     "PayloadTooLargeError",
     "PermanentTransportError",
@@ -67,6 +68,12 @@ class InvalidNameError(PermanentTransportError, ValueError):
         super().__init__(f"invalid {what} {shown}: {reason}")
         self.what = what
         self.reason = reason
+
+
+class InvalidMessageError(PermanentTransportError, ValueError):
+    """A request, response or event cannot be built as given: a field of the
+    wrong type or out of range, or a payload that JSON cannot carry as sent
+    (NaN or an infinity, a tuple, set, bytes or datetime, a non-string key)."""
 
 
 class PayloadTooLargeError(PermanentTransportError, ValueError):

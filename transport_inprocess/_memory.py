@@ -329,6 +329,7 @@ class MemoryRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> MemoryDelivery | None:
         self._check()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         if self._state.ready:  # work is waiting: no deadline or waiter needed
             delivery = self._lease()
             if delivery is not None:
@@ -415,12 +416,18 @@ class MemoryRequestQueue(RequestQueue):
         with self._broker.lock:
             self._reclaim(time.monotonic())
             state = self._state
+            head = None
+            if state.ready:
+                msg = state.ready[0]
+                with contextlib.suppress(UndecodableMessageError):
+                    head = decode_request(msg.data, self._broker.name, self.name, msg.ident)
             return QueueStats(
                 queue=self.name,
                 depth=len(state.ready) + len(state.delayed),
                 in_flight=len(state.inflight),
                 delayed=len(state.delayed),
                 dead_lettered=len(state.dead),
+                head_enqueued_at=None if head is None else head.enqueued_at,
             )
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

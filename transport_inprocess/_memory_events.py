@@ -156,9 +156,14 @@ class MemoryEventBus(EventBus):
         try:
             event = make_event(subject, data, headers, reply_to=inbox)
             encode(event, self._limit)
-            self._deliver(event)
-            async with asyncio.timeout(timeout):
-                return await replies.__anext__()
+            if not self._deliver(event):
+                # As NATS reports "no responders": say so instead of waiting.
+                raise TimeoutError(f"nobody answers requests on {subject!r}")
+            try:
+                async with asyncio.timeout(timeout):
+                    return await replies.__anext__()
+            except TimeoutError as exc:
+                raise TimeoutError(f"no reply on {subject!r} within {timeout:g}s") from exc
         finally:
             await replies.aclose()
 

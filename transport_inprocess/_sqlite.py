@@ -165,6 +165,13 @@ def _delete_many(conn: sqlite3.Connection, items: list[tuple[int, int]]) -> list
     ]
 
 
+def _decoded(body: bytes) -> WorkRequest | None:
+    try:
+        return decode(WorkRequest, body)
+    except UndecodableMessageError:
+        return None
+
+
 def _decodable(body: bytes) -> bool:
     try:
         decode(WorkRequest, body)
@@ -358,6 +365,7 @@ class SqliteRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> SqliteDelivery | None:
         self._check()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         interval = 0.002
@@ -457,12 +465,21 @@ class SqliteRequestQueue(RequestQueue):
             dead = conn.execute(
                 "SELECT COUNT(*) FROM dead_letters WHERE queue = ?", (key,)
             ).fetchone()[0]
+            # The next in line (the order leases take), read through the
+            # (queue, seq) index: one row decoded, whatever the backlog.
+            head = conn.execute(
+                "SELECT body FROM messages WHERE queue = ? AND available_at <= ?"
+                " ORDER BY seq LIMIT 1",
+                (name, now),
+            ).fetchone()
+            request = None if head is None else _decoded(head[0])
             return QueueStats(
                 queue=name,
                 depth=total - in_flight,
                 in_flight=in_flight,
                 delayed=delayed,
                 dead_lettered=dead,
+                head_enqueued_at=None if request is None else request.enqueued_at,
             )
 
         return await self._store.read(op)

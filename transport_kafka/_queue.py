@@ -1337,6 +1337,7 @@ class KafkaRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:
         self._check()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         await self._engine.start()

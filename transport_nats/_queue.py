@@ -35,7 +35,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -524,6 +524,7 @@ class NatsRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
         self._check()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
         backoff = 0.05
@@ -647,8 +648,12 @@ class NatsRequestQueue(RequestQueue):
             try:
                 consumer = await js.consumer_info(self.stream, self.durable)
                 leased = consumer.num_ack_pending or 0
+                # The next request the consumer has not delivered yet.
+                head_seq = (consumer.delivered.stream_seq or 0) + 1
             except nats.js.errors.NotFoundError:
                 leased = 0
+                head_seq = info.state.first_seq or 1
+            head = await self._head_enqueued_at(head_seq) if info.state.messages else None
         messages = info.state.messages or 0
         # Prefetched requests no poll took yet are leased for the server but
         # waiting for this process's workers (other processes' buffers are
@@ -663,7 +668,20 @@ class NatsRequestQueue(RequestQueue):
             in_flight=leased,
             delayed=None,
             dead_lettered=dead.state.messages or 0,
+            head_enqueued_at=head,
         )
+
+    async def _head_enqueued_at(self, seq: int) -> datetime | None:
+        """``enqueued_at`` of the first request at or after stream sequence
+        ``seq`` (None if there is none or it cannot be read)."""
+        try:
+            raw = await self._t.js.get_msg(self.stream, seq=seq, subject=self.subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        try:
+            return decode(WorkRequest, raw.data or b"").enqueued_at
+        except UndecodableMessageError:
+            return None
 
     async def _dead_records(self) -> Any:
         """Yield (sequence, record) of the dead-letter stream, oldest first."""

@@ -233,6 +233,7 @@ class PulsarRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> PulsarDelivery | None:
         self._check()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         joining = self._consumer is None
         consumer = await self._get_consumer()
         loop = asyncio.get_running_loop()

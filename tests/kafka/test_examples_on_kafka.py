@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests._examples import DONE, EXAMPLES, run_example
+from tests._examples import (
+    DONE,
+    EXAMPLES,
+    ROOT,
+    doc_blocks,
+    run_doc_blocks,
+    run_example,
+    top_on,
+)
 
 from .conftest import TEST_OPTIONS
 
@@ -26,3 +34,31 @@ def test_example_runs_on_kafka(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert DONE in result.stdout
+
+
+def test_the_guides_local_blocks_run_on_kafka(
+    kafka_bootstrap: str, kafka_namespace: str, tmp_path: Path
+) -> None:
+    blocks = [b for b in doc_blocks(ROOT / "docs/backends/kafka.md") if b.broker]
+    assert blocks, "the guide's 'Run it locally' block is missing"
+    outputs = run_doc_blocks(
+        blocks,
+        tmp_path,
+        url=f"kafka://{kafka_bootstrap}",
+        namespace=f"{kafka_namespace}doc",
+        options=TEST_OPTIONS,
+    )
+    assert "{'dish': 'soup'}" in "".join(outputs)
+
+
+def test_cli_top_on_kafka(kafka_bootstrap: str, kafka_namespace: str) -> None:
+    snapshots = top_on(
+        "orders",
+        3,
+        url=f"kafka://{kafka_bootstrap}",
+        namespace=f"{kafka_namespace}top",
+        options=TEST_OPTIONS,
+    )
+    assert [s["error"] for s in snapshots] == [None, None]
+    row = snapshots[-1]["queues"][0]
+    assert (row["queue"], row["depth"], row["dead_lettered"]) == ("orders", 3, 0)

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests._examples import DONE, EXAMPLES, run_example
+from tests._examples import (
+    DONE,
+    EXAMPLES,
+    ROOT,
+    doc_blocks,
+    run_doc_blocks,
+    run_example,
+    top_on,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 
@@ -16,3 +24,17 @@ def test_example_runs_on_nats(example: Path, nats_url: str, namespace: str, tmp_
     result = run_example(example, tmp_path, url=nats_url, namespace=namespace)
     assert result.returncode == 0, result.stderr[-3000:]
     assert DONE in result.stdout
+
+
+def test_the_guides_local_blocks_run_on_nats(nats_url: str, namespace: str, tmp_path: Path) -> None:
+    blocks = [b for b in doc_blocks(ROOT / "docs/backends/nats.md") if b.broker]
+    assert blocks, "the guide's 'Run it locally' block is missing"
+    outputs = run_doc_blocks(blocks, tmp_path, url=nats_url, namespace=namespace)
+    assert "{'dish': 'soup'}" in "".join(outputs)
+
+
+def test_cli_top_on_nats(nats_url: str, namespace: str) -> None:
+    snapshots = top_on("orders", 3, url=nats_url, namespace=namespace)
+    assert [s["error"] for s in snapshots] == [None, None]
+    row = snapshots[-1]["queues"][0]
+    assert (row["queue"], row["depth"], row["dead_lettered"]) == ("orders", 3, 0)

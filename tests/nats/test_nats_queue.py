@@ -203,3 +203,9 @@ async def test_prefetch_buffer_is_bounded_and_handed_back_on_close(
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_stats_report_the_head_of_the_queue(transport: Transport) -> None:
+    from tests._head import check_head_is_the_next_in_line
+
+    await check_head_is_the_next_in_line(transport, "orders")

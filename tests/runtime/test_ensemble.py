@@ -477,3 +477,36 @@ async def test_start_can_be_retried_after_advertising_failed(transport: Transpor
         assert response.result == 7
     finally:
         await ens.aclose()
+
+
+async def test_serving_serves_inside_the_block_and_stops_after_it(transport: Transport) -> None:
+    kitchen = Ensemble("kitchen", transport=transport, concurrency=2)
+
+    @kitchen.task("cook")
+    async def cook(ctx: TaskContext) -> dict[str, Any]:
+        return {"served": ctx.payload["dish"]}
+
+    caller = Network(transport, caller="front-desk")
+    registry = transport.capability_registry()
+    async with kitchen.serving() as serving:
+        assert serving is kitchen
+        assert [c.ensemble for c in await registry.lookup("cook")] == ["kitchen"]
+        response = await caller.request("kitchen", "cook", {"dish": "soup"}, timeout=20)
+        assert (response.status, response.result) == ("completed", {"served": "soup"})
+    # (a fresh handle: the first one's view follows the registry's watch feed)
+    after = transport.capability_registry()
+    assert await after.lookup("cook") == [], "not withdrawn when the block ended"
+    # Stopped: a request sent now waits in the queue, unanswered.
+    handle = await caller.send("kitchen", "cook", {"dish": "tea"})
+    with pytest.raises(DeliveryTimeoutError):
+        await handle.result(timeout=0.5)
+
+
+async def test_serving_stops_and_propagates_when_the_block_raises(transport: Transport) -> None:
+    kitchen = Ensemble("kitchen", transport=transport)
+    kitchen.add_task("cook", lambda ctx: asyncio.sleep(0, {"ok": True}))
+    registry = transport.capability_registry()
+    with pytest.raises(RuntimeError, match="caller failed"):
+        async with kitchen.serving():
+            raise RuntimeError("caller failed")
+    assert await registry.lookup("cook") == [], "not withdrawn after the exception"

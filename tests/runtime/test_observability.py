@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any
 
 import pytest
 
-from transport import Network, Transport, WorkRequest, set_metrics_sink
+from transport import (
+    Ensemble,
+    Network,
+    TaskContext,
+    Transport,
+    WorkRequest,
+    set_metrics_sink,
+)
 from transport._tracing import TRACEPARENT, parse_traceparent
 
 
@@ -50,7 +59,7 @@ async def test_active_opentelemetry_span_is_propagated(transport: Transport) -> 
 async def test_running_ensemble_refreshes_queue_gauges(transport: Transport) -> None:
     """Queue depth (lag on Kafka) is reported while an ensemble runs, not only
     when somebody calls stats()."""
-    from transport import Ensemble, InMemoryMetrics, TaskContext
+    from transport import Ensemble, InMemoryMetrics
 
     metrics = InMemoryMetrics()
     set_metrics_sink(metrics)
@@ -79,7 +88,7 @@ async def test_json_logs_carry_the_ensemble_and_request_fields(transport: Transp
 
     from tenacity import wait_fixed
 
-    from transport import Ensemble, TaskContext, configure_logging
+    from transport import Ensemble, configure_logging
 
     stream = io.StringIO()
     handler = configure_logging("INFO", fmt="json", stream=stream)
@@ -115,3 +124,81 @@ def test_configure_logging_refuses_an_unknown_format() -> None:
 
     with pytest.raises(ValueError, match="log format"):
         configure_logging(fmt="xml")  # type: ignore[arg-type]
+
+
+def _runtime_lines(caplog: pytest.LogCaptureFixture, needle: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "transport.runtime" and r.levelname == "INFO" and needle in r.getMessage()
+    ]
+
+
+async def test_an_ensemble_logs_its_start_and_a_graceful_stop(
+    transport: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="transport.runtime")
+    started = asyncio.Event()
+    finish = asyncio.Event()
+    kitchen = Ensemble(
+        "kitchen", transport=transport, concurrency=3, priority_levels=2, shutdown_grace=0.5
+    )
+
+    @kitchen.task("cook")
+    async def cook(ctx: TaskContext) -> dict[str, Any]:
+        started.set()
+        if ctx.payload["slow"]:
+            await asyncio.sleep(60)  # still running after shutdown_grace: released
+        await finish.wait()
+        return {}
+
+    @kitchen.task("plate")
+    async def plate(ctx: TaskContext) -> None:
+        return None
+
+    caller = Network(transport, caller="front-desk", default_levels=2)
+    await caller.send("kitchen", "cook", {"slow": True})
+    await caller.send("kitchen", "cook", {"slow": False})
+    async with kitchen.serving():
+        (line,) = _runtime_lines(caplog, "started")
+        scheme = transport.config.scheme
+        assert line.startswith(f"ensemble kitchen started on {scheme}:"), line
+        assert "queue kitchen (2 priority levels), concurrency 3, tasks cook, plate" in line
+        await asyncio.wait_for(started.wait(), 10)
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(kitchen._busy) < 2:  # both requests taken by a worker
+            assert asyncio.get_running_loop().time() < deadline, "requests not taken"
+            await asyncio.sleep(0.01)
+        asyncio.get_running_loop().call_later(0.1, finish.set)
+    (line,) = _runtime_lines(caplog, "stopped")
+    assert line.startswith(
+        "ensemble kitchen stopped: 2 in flight at stop, 1 finished, 1 released for redelivery;"
+    ), line
+    assert "completed 1" in line
+
+
+async def test_an_ensemble_logs_a_growing_backlog(
+    transport: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="transport.runtime")
+    release = asyncio.Event()
+    kitchen = Ensemble(
+        "slowpoke", transport=transport, concurrency=1, stats_interval=0.1, shutdown_grace=0.1
+    )
+
+    @kitchen.task("cook")
+    async def cook(ctx: TaskContext) -> None:
+        await release.wait()  # the only worker is stuck: the backlog grows
+
+    caller = Network(transport, caller="front-desk")
+    async with kitchen.serving():
+        deadline = asyncio.get_running_loop().time() + 15
+        while not _runtime_lines(caplog, "backlog growing"):
+            assert asyncio.get_running_loop().time() < deadline, "no backlog line logged"
+            await caller.send("slowpoke", "cook", {})
+            await asyncio.sleep(0.05)
+        release.set()
+    line = _runtime_lines(caplog, "backlog growing")[0]
+    assert line.startswith("ensemble slowpoke: backlog growing: "), line
+    assert "waiting (was " in line and "in flight" in line
+    assert "; the next in line has waited " in line, line

@@ -89,7 +89,8 @@ def test_cli_stats_dead_letters_pending_health(
     assert "req-0" in out and "oven on fire" in out
     assert cli(["--url", url, "dead-letters", "requeue", "kitchen"]) == 0
     captured = capsys.readouterr()
-    assert "requeued 1 of 1" in captured.err
+    assert "requeued 1 of 1 dead letter(s) of kitchen" in captured.out
+    assert "req-0" in captured.out and "{" not in captured.out
     assert cli(["--url", url, "--json", "stats", "kitchen"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["depth"] == 3
     assert cli(["--url", url, "pending", "front-desk"]) == 0

@@ -107,7 +107,8 @@ class EventBusConformance:
             reply = await bus.request(f"{queue_name}.ask", {"q": 1}, timeout=harness.scaled(5))
             assert reply.data == {"echo": {"q": 1}}
             started = asyncio.get_running_loop().time()
-            with pytest.raises(TimeoutError):
+            # Not a bare TimeoutError: the message names the subject.
+            with pytest.raises(TimeoutError, match=f"{queue_name}.nobody-home"):
                 await bus.request(f"{queue_name}.nobody-home", {"q": 2}, timeout=0.3)
             assert asyncio.get_running_loop().time() - started < harness.scaled(5)
         finally:

@@ -11,6 +11,7 @@ import pytest
 
 from transport import (
     Delivery,
+    InvalidMessageError,
     InvalidNameError,
     PayloadTooLargeError,
     PermanentTransportError,
@@ -492,7 +493,43 @@ class RequestQueueConformance:
     async def test_non_json_payload_is_rejected(
         self, transport: Transport, queue_name: str
     ) -> None:
+        # Each would come back as something else (or not at all): refused
+        # before anything is stored, with an error of the library's tree.
         queue = self.open_queue(transport, queue_name)
-        with pytest.raises(PermanentTransportError):
-            await queue.enqueue(WorkRequest(task="bad", payload=object()))
+        refused = [object(), float("nan"), float("-inf"), (1, 2), {1, 2}, {1: "one"}, b"raw"]
+        for payload in refused:
+            with pytest.raises(InvalidMessageError) as info:
+                await queue.enqueue(WorkRequest(task="bad", payload={"v": [payload]}))
+            assert isinstance(info.value, PermanentTransportError)
+            assert "payload['v'][0]" in str(info.value), str(info.value)
         assert await queue.poll(0.3) is None
+
+    async def test_json_payloads_arrive_exactly_as_sent(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        payload = {
+            "int": 2**70,
+            "negative": -(2**63),
+            "float": 0.1,
+            "tiny": 5e-324,
+            "bool": [True, False],
+            "none": None,
+            "text": "é€\u2028\x01\"'",
+            "nested": {"list": [[], {}, [1, [2, [3]]]], "": "empty key"},
+        }
+        queue = self.open_queue(transport, queue_name)
+        sent = await queue.enqueue(WorkRequest(task="rich", payload=payload))
+        delivery = await poll_until(queue, sent.request_id, harness.scaled(10))
+        assert delivery is not None, "the request was not delivered"
+        got = delivery.request.payload
+        assert got == payload
+        assert type(got["int"]) is int and type(got["float"]) is float
+        await delivery.ack()
+
+    async def test_negative_poll_timeout_is_rejected(
+        self, transport: Transport, queue_name: str
+    ) -> None:
+        # Consistent with nack(delay=-1) and extend(-1): not silently 0.
+        queue = self.open_queue(transport, queue_name)
+        with pytest.raises(ValueError, match="negative"):
+            await queue.poll(-1)

@@ -1,0 +1,280 @@
+"""The CLI behaves like the tools people know (kubectl, nats, kcat): global
+options anywhere, --version, help for every argument, id prefixes, JSON
+whatever happens, and a live ``top`` view."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from transport import Capability, WorkRequest, connect
+from transport.cli import _parser
+from transport.cli import main as cli
+
+
+def _db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cli.db'}"
+
+
+async def _seed(url: str, ids: list[str]) -> None:
+    """Dead-letter a request of each id on queue ``kitchen``; one pending
+    request in registry ``front-desk``."""
+    async with await connect(url) as transport:
+        queue = transport.request_queue("kitchen", max_attempts=1)
+        for request_id in ids:
+            await queue.enqueue(WorkRequest(request_id=request_id, task="cook"))
+            delivery = await queue.poll(5)
+            assert delivery is not None
+            await delivery.dead_letter("oven on fire")
+        await queue.enqueue(WorkRequest(request_id="waiting-a", task="cook"))
+        await transport.delivery_registry("front-desk").register("pending-1")
+        await queue.aclose()
+
+
+def test_global_options_are_accepted_after_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _db(tmp_path)
+    asyncio.run(_seed(url, ["5f1c77aa"]))
+    assert cli(["dead-letters", "list", "kitchen", "--json", "--url", url]) == 0
+    [dead] = json.loads(capsys.readouterr().out)
+    assert dead["request_id"] == "5f1c77aa"
+    # Before the command still works, and is not reset by the subcommand.
+    assert cli(["--json", "--url", url, "stats", "kitchen"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["dead_lettered"] == 1
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("transport 0.")
+
+
+def _actions(parser: argparse.ArgumentParser, path: str = "transport"):  # type: ignore[no-untyped-def]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _actions(child, f"{path} {name}")
+        else:
+            yield path, action
+
+
+def test_every_argument_has_help() -> None:
+    missing = [
+        f"{path} {action.dest}"
+        for path, action in _actions(_parser())
+        if not action.help or action.help == argparse.SUPPRESS
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stats", "kitchen", "--levels", "0"],
+        ["dead-letters", "list", "kitchen", "--levels", "-1"],
+        ["dead-letters", "list", "kitchen", "--limit", "0"],
+        ["top", "--interval", "0"],
+    ],
+)
+def test_non_positive_numbers_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli(argv)
+    assert info.value.code == 2
+
+
+def test_requeue_by_unique_id_prefix_prints_what_it_requeued(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _db(tmp_path)
+    asyncio.run(_seed(url, ["5f1c77aa", "5f1d0000", "9abc1234"]))
+    # Ambiguous: invalid input, nothing moved.
+    assert cli(["--url", url, "dead-letters", "requeue", "kitchen", "--id", "5f1"]) == 2
+    assert "matches 2 dead letters" in capsys.readouterr().err
+    # Nothing matches: a failure, said so.
+    assert cli(["--url", url, "dead-letters", "requeue", "kitchen", "--id", "zz"]) == 1
+    assert "no dead letter of kitchen has an id starting with 'zz'" in capsys.readouterr().err
+    assert cli(["--url", url, "dead-letters", "requeue", "kitchen", "--id", "5f1c"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("requeued 1 of 1 dead letter(s) of kitchen\n"), out
+    assert "5f1c77aa" in out and "cook" in out and "5f1d0000" not in out
+    assert cli(["--url", url, "--json", "dead-letters", "requeue", "kitchen", "--id", "9ab"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "queue": "kitchen",
+        "requeued": 1,
+        "of": 1,
+        "request_ids": ["9abc1234"],
+    }
+    assert cli(["--url", url, "--json", "dead-letters", "list", "kitchen"]) == 0
+    assert [d["request_id"] for d in json.loads(capsys.readouterr().out)] == ["5f1d0000"]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when the block ends: nobody listens
+
+
+@pytest.mark.parametrize("scheme", ["nats", "kafka", "pulsar"])
+def test_json_health_of_a_stopped_broker_is_json(
+    scheme: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"{scheme}://127.0.0.1:{_closed_port()}"
+    assert cli(["health", "--json", "--url", url, "--timeout", "3"]) == 1
+    status = json.loads(capsys.readouterr().out)
+    assert status["ok"] is False and status["backend"] == scheme
+    assert status["detail"], "the reason is missing"
+
+
+def test_capabilities_without_a_queue_show_a_dash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _db(tmp_path)
+
+    async def advertise() -> None:
+        async with await connect(url) as transport:
+            await transport.capability_registry().advertise(
+                Capability(name="search", kind="tool", ensemble="library"), lease=60
+            )
+
+    asyncio.run(advertise())
+    assert cli(["--url", url, "capabilities"]) == 0
+    out = capsys.readouterr().out
+    assert "search" in out and "None" not in out
+
+
+def test_the_demo_lists_no_test_harness_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["--url", _db(tmp_path), "demo"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("capabilities:"))
+    assert "persistent" in line and "restart_broker" not in line
+
+
+# -- transport top -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["memory", "sqlite"])
+async def test_top_renders_queues_and_registries(scheme: str, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from transport._top import TopCollector, render
+
+    url = "memory://top-render" if scheme == "memory" else _db(tmp_path)
+    async with await connect(url) as transport:
+        await transport.capability_registry().advertise(
+            Capability(name="cook", ensemble="kitchen", queue="kitchen", priority_levels=1)
+        )
+        queue = transport.request_queue("kitchen", max_attempts=1)
+        for i in range(3):
+            await queue.enqueue(WorkRequest(request_id=f"r{i}", task="cook"))
+        leased = await queue.poll(5)
+        assert leased is not None
+        await transport.delivery_registry("front-desk").register("p1")
+        await transport.delivery_registry("front-desk").register("p2")
+        collector = TopCollector(transport, [], ["front-desk"])  # queues from the registry
+        try:
+            first = await collector.snapshot()
+            for i in range(3, 7):
+                await queue.enqueue(WorkRequest(request_id=f"r{i}", task="cook"))
+            second = await collector.snapshot()
+        finally:
+            await collector.aclose()
+        await leased.dead_letter("burnt")
+        await queue.aclose()
+    assert first.error is None and first.queues[0].depth == 2
+    assert second.queues[0].depth_rate is not None and second.queues[0].depth_rate > 0
+    console = Console(record=True, width=120, color_system=None)
+    console.print(render(second))
+    text = console.export_text()
+    assert text.startswith("transport top — ") and f" UTC — {scheme}:" in text.splitlines()[0]
+    (row,) = [line for line in text.splitlines() if "│ kitchen" in line]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[:6] == ["kitchen", "1", "6", "1", "0", "0"], cells
+    assert cells[6].startswith("+"), cells
+    assert second.queues[0].head_age_seconds is not None  # r1 waits (r0 is leased)
+    assert cells[7].endswith("s"), cells
+    (reg,) = [line for line in text.splitlines() if "│ front-desk" in line]
+    assert [c.strip() for c in reg.strip("│ ").split("│")] == ["front-desk", "2", "0"]
+
+
+def test_top_refreshes_and_stops_after_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _db(tmp_path)
+    asyncio.run(_seed(url, ["d1"]))
+    argv = ["top", "kitchen", "--registry", "front-desk", "--interval", "0.1", "--count", "3"]
+    assert cli([*argv, "--json", "--url", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3, lines
+    last = json.loads(lines[-1])
+    assert last["queues"][0]["depth"] == 1 and last["queues"][0]["dead_lettered"] == 1
+    assert last["registries"] == [{"registry": "front-desk", "pending": 1, "completed": 0}]
+
+
+def test_top_of_a_stopped_broker_shows_the_error(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"nats://127.0.0.1:{_closed_port()}"
+    # connect itself fails: the usual error line, exit 1 (like health without --json).
+    assert cli(["top", "--url", url, "--count", "1"]) == 1
+    assert "transport: error:" in capsys.readouterr().err
+
+
+def test_top_in_a_real_terminal(tmp_path: Path) -> None:
+    """Run `transport top` in tmux and read the screen, as a user sees it."""
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.skip("tmux is not installed")
+    url = _db(tmp_path)
+    asyncio.run(_seed(url, ["d1"]))
+    base = [tmux, "-S", str(tmp_path / "tmux.sock")]
+    command = f"{sys.executable} -m transport.cli --url {url} top kitchen --interval 0.2"
+    subprocess.run(
+        [*base, "new-session", "-d", "-s", "top", "-x", "120", "-y", "30", command],
+        check=True,
+        timeout=10,
+    )
+    try:
+        screen = ""
+        deadline = time.monotonic() + 20
+        while "│ kitchen" not in screen:  # no event to wait for: poll the screen
+            assert time.monotonic() < deadline, f"no frame within 20 s:\n{screen}"
+            time.sleep(0.1)
+            screen = subprocess.run(
+                [*base, "capture-pane", "-p", "-t", "top"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+        assert "transport top — " in screen and " UTC — sqlite:" in screen, screen
+        (row,) = [line for line in screen.splitlines() if "│ kitchen" in line]
+        cells = [c.strip() for c in row.strip("│ ").split("│")]
+        assert cells[:6] == ["kitchen", "1", "1", "0", "0", "1"], screen
+    finally:
+        subprocess.run([*base, "kill-server"], timeout=10, check=False)
+
+
+async def test_top_keeps_running_and_shows_the_error_when_the_backend_goes_away() -> None:
+    from rich.console import Console
+
+    from transport._top import TopCollector, render
+
+    transport = await connect("memory://top-gone")
+    collector = TopCollector(transport, ["kitchen"], [])
+    assert (await collector.snapshot()).error is None
+    await transport.aclose()  # the connection is gone under the running view
+    snapshot = await collector.snapshot()
+    assert snapshot.error is not None and "ClosedResourceError" in snapshot.error
+    console = Console(record=True, width=120, color_system=None)
+    console.print(render(snapshot))
+    assert "backend unreachable: ClosedResourceError" in console.export_text()

@@ -1,0 +1,271 @@
+"""``transport top``: a live view of queues and delivery registries.
+
+Everything shown comes from the SPI (``stats()``, ``records()``, the
+capability registry), so it works the same on every backend. The rendering
+uses ``rich`` (the ``cli`` extra), imported only when a view is drawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from transport._models import utcnow
+from transport._queue import RequestQueue
+from transport._transport import Transport
+from transport.errors import BackendNotAvailableError, TransportError
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+__all__ = ["QueueRow", "RegistryRow", "Snapshot", "TopCollector", "render", "require_rich"]
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    queue: str
+    levels: int
+    depth: int | None
+    in_flight: int | None
+    delayed: int | None
+    dead_lettered: int
+    #: Change of the depth per second since the last refresh: positive while
+    #: the backlog grows, negative while the workers drain it.
+    depth_rate: float | None
+    #: How long the request next in line has waited since its first enqueue
+    #: (None: nothing waits, or the backend cannot tell).
+    head_age_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class RegistryRow:
+    registry: str
+    #: Requests sent and still awaiting their response.
+    pending: int
+    #: Responses recorded and not yet collected by the caller.
+    completed: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    at: datetime
+    backend: str
+    queues: list[QueueRow] = field(default_factory=list)
+    registries: list[RegistryRow] = field(default_factory=list)
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["at"] = self.at.isoformat(timespec="seconds")
+        return data
+
+
+def require_rich() -> None:
+    """Raises: BackendNotAvailableError (a ConfigurationError) saying what to
+    install, when ``rich`` is missing."""
+    try:
+        import rich  # noqa: F401
+    except ImportError as exc:
+        raise BackendNotAvailableError(
+            "cli", "transport top needs rich: pip install 'agentensemble-transport[cli]'"
+        ) from exc
+
+
+class TopCollector:
+    """Reads one :class:`Snapshot` per call. Named queues are shown as given;
+    without names, every queue advertised in the capability registry (with
+    its advertised priority levels)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        queues: list[str],
+        registries: list[str],
+        levels: int | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.transport = transport
+        self.timeout = timeout
+        self.queues = list(queues)
+        self.registries = list(registries)
+        self.levels = levels
+        self._handles: dict[tuple[str, int], RequestQueue] = {}
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def _queue(self, name: str, levels: int) -> RequestQueue:
+        handle = self._handles.get((name, levels))
+        if handle is None:
+            if levels > 1:
+                handle = self.transport.priority_queue(name, levels=levels)
+            else:
+                handle = self.transport.request_queue(name)
+            self._handles[(name, levels)] = handle
+        return handle
+
+    async def _targets(self) -> list[tuple[str, int]]:
+        if self.queues:
+            return [(name, self.levels or 1) for name in self.queues]
+        found: dict[str, int] = {}
+        for cap in await self.transport.capability_registry().all():
+            name = cap.queue or cap.ensemble
+            found[name] = max(found.get(name, 1), cap.priority_levels)
+        return sorted(found.items())
+
+    async def snapshot(self) -> Snapshot:
+        """Never raises for an unreachable backend: the snapshot carries the
+        error (also when it does not answer within ``timeout`` seconds)."""
+        backend = self.transport.config.redacted_url()
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._read(backend)
+        except TimeoutError:
+            error = f"no answer within {self.timeout:g}s"
+        except (TransportError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return Snapshot(utcnow(), backend, error=error)
+
+    async def _read(self, backend: str) -> Snapshot:
+        rows = []
+        for name, levels in await self._targets():
+            stats = await self._queue(name, levels).stats()
+            now = time.monotonic()
+            rate = None
+            previous = self._last.get(name)
+            if stats.depth is not None:
+                if previous is not None and now > previous[0]:
+                    rate = (stats.depth - previous[1]) / (now - previous[0])
+                self._last[name] = (now, stats.depth)
+            head = stats.head_enqueued_at
+            rows.append(
+                QueueRow(
+                    name,
+                    levels,
+                    stats.depth,
+                    stats.in_flight,
+                    stats.delayed,
+                    stats.dead_lettered,
+                    rate,
+                    None if head is None else max((utcnow() - head).total_seconds(), 0.0),
+                )
+            )
+        registries = []
+        for name in self.registries:
+            states = Counter(
+                r.state for r in await self.transport.delivery_registry(name).records()
+            )
+            registries.append(RegistryRow(name, states["pending"], states["completed"]))
+        return Snapshot(utcnow(), backend, rows, registries)
+
+    async def aclose(self) -> None:
+        for handle in self._handles.values():
+            await handle.aclose()
+        self._handles.clear()
+
+
+def _n(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+def _age(row: QueueRow) -> str:
+    """The head's wait: ``-`` when nothing waits, ``?`` when the backend
+    cannot tell."""
+    seconds = row.head_age_seconds
+    if seconds is None:
+        return "-" if row.depth == 0 else "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def render(snapshot: Snapshot) -> RenderableType:
+    """The view of one snapshot: a table of queues, one of registries."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    # One line, cut at the terminal's width rather than wrapped (long URLs).
+    title = Text(
+        f"transport top — {snapshot.at:%Y-%m-%d %H:%M:%S} UTC — {snapshot.backend}",
+        no_wrap=True,
+        overflow="ellipsis",
+    )
+    queues = Table(expand=False)
+    queues.add_column("QUEUE")
+    queues.add_column("LEVELS", justify="right")
+    queues.add_column("DEPTH", justify="right")
+    queues.add_column("IN FLIGHT", justify="right")
+    queues.add_column("DELAYED", justify="right")
+    queues.add_column("DEAD", justify="right")
+    queues.add_column("DEPTH/S", justify="right")
+    queues.add_column("HEAD AGE", justify="right")
+    for row in snapshot.queues:
+        rate = "" if row.depth_rate is None else f"{row.depth_rate:+.1f}"
+        queues.add_row(
+            row.queue,
+            str(row.levels),
+            _n(row.depth),
+            _n(row.in_flight),
+            _n(row.delayed),
+            Text(_n(row.dead_lettered), style="bold red" if row.dead_lettered else ""),
+            rate,
+            _age(row),
+        )
+    parts: list[RenderableType] = [title, queues]
+    if not snapshot.queues and snapshot.error is None:
+        parts.append(Text("no queues: name some, or start an ensemble that advertises"))
+    if snapshot.registries:
+        registries = Table(expand=False)
+        registries.add_column("REGISTRY")
+        registries.add_column("AWAITING RESPONSE", justify="right")
+        registries.add_column("ANSWERED, NOT COLLECTED", justify="right")
+        for reg in snapshot.registries:
+            registries.add_row(reg.registry, f"{reg.pending:,}", f"{reg.completed:,}")
+        parts.append(registries)
+    if snapshot.error is not None:
+        parts.append(Text(f"backend unreachable: {snapshot.error}", style="bold red"))
+    return Group(*parts)
+
+
+async def run_top(
+    collector: TopCollector,
+    *,
+    interval: float,
+    count: int | None,
+    as_json: bool,
+    console: Console | None = None,
+) -> Snapshot:
+    """Refresh every ``interval`` seconds, ``count`` times (``None``: until
+    cancelled); returns the last snapshot."""
+    import json
+
+    from rich.console import Console
+    from rich.live import Live
+
+    console = console or Console()
+    refreshes = 0
+    snapshot = await collector.snapshot()
+    if as_json:
+        while True:
+            print(json.dumps(snapshot.to_json()), flush=True)
+            refreshes += 1
+            if count is not None and refreshes >= count:
+                return snapshot
+            await asyncio.sleep(interval)
+            snapshot = await collector.snapshot()
+    try:
+        with Live(render(snapshot), console=console, auto_refresh=False) as live:
+            while True:
+                live.update(render(snapshot), refresh=True)
+                refreshes += 1
+                if count is not None and refreshes >= count:
+                    return snapshot
+                await asyncio.sleep(interval)
+                snapshot = await collector.snapshot()
+    finally:
+        console.line()
