@@ -42,6 +42,9 @@ __all__ = ["Ensemble", "Handler", "PermanentTaskError", "RetryTaskError", "TaskC
 
 log = logging.getLogger("transport.runtime")
 
+#: How long a cancelled ensemble waits for its capability withdrawals.
+_CANCELLED_WITHDRAW_S = 1.0
+
 
 class PermanentTaskError(Exception):
     """Raise from a handler to fail the request without retrying: it is
@@ -421,10 +424,8 @@ class Ensemble:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
-        if self._capabilities is not None:
-            for spec in self._tasks.values():
-                with contextlib.suppress(TransportError):
-                    await self._capabilities.withdraw(self.name, spec.name)
+        if self._capabilities is not None and self._tasks:
+            await self._withdraw_all(self._capabilities)
         if self._owns_queue and self._queue is not None:
             await self._queue.aclose()  # unsettled deliveries go back for redelivery
         if self._started:
@@ -461,6 +462,35 @@ class Ensemble:
             yield self
         finally:
             await self.aclose()
+
+    async def _withdraw_all(self, registry: CapabilityRegistry) -> None:
+        """Withdraw every task at once. When the task closing the ensemble is
+        being cancelled (``asyncio.run`` ending with the ensemble still
+        running), wait at most :data:`_CANCELLED_WITHDRAW_S`: the client's own
+        background tasks are being cancelled too, so a broker round trip may
+        never complete, and an advertisement not withdrawn expires with its
+        lease anyway."""
+
+        async def withdraw(name: str) -> None:
+            with contextlib.suppress(TransportError):
+                await registry.withdraw(self.name, name)
+
+        pending = {asyncio.ensure_future(withdraw(spec.name)) for spec in self._tasks.values()}
+        current = asyncio.current_task()
+        bound = _CANCELLED_WITHDRAW_S if current is not None and current.cancelling() else None
+        _, late = await asyncio.wait(pending, timeout=bound)
+        if late:
+            log.warning(
+                "ensemble %s: cancelled; %d capability withdrawal(s) unfinished after %.0f s,"
+                " left to expire with their lease",
+                self.name,
+                len(late),
+                _CANCELLED_WITHDRAW_S,
+                extra=self._fields(),
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -1,7 +1,7 @@
 """A script that forgets ``aclose()``: ``python -m transport.testing.forgotten_close``.
 
 Connects with ``transport.connect()`` (configuration from ``TRANSPORT_*``
-environment variables), starts ``Ensemble.run()`` as a task, makes one
+environment variables), starts ``Ensemble.run()`` (two tasks) as a task, makes one
 ``Network.request`` to it, prints ``RESPONSE <status>`` and returns from
 ``main()`` without closing anything. The interpreter must still exit:
 ``asyncio.run`` cancels the tasks left behind, and every task of the library
@@ -29,6 +29,10 @@ async def main() -> None:
     @ensemble.task("echo")
     async def echo(ctx: TaskContext) -> dict[str, object]:
         return {"echo": ctx.payload}
+
+    @ensemble.task("reverse")  # several tasks: several advertisements to withdraw
+    async def reverse(ctx: TaskContext) -> dict[str, object]:
+        return {"reversed": str(ctx.payload)[::-1]}
 
     ensemble_run = asyncio.create_task(ensemble.run())
     network = Network(transport, caller=args.caller)
