@@ -470,7 +470,7 @@ class SqliteRequestQueue(RequestQueue):
             head = conn.execute(
                 "SELECT body FROM messages WHERE queue = ? AND available_at <= ?"
                 " ORDER BY seq LIMIT 1",
-                (name, now),
+                (key, now),
             ).fetchone()
             request = None if head is None else _decoded(head[0])
             return QueueStats(
