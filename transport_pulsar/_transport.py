@@ -66,6 +66,7 @@ from tenacity import (
 )
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._naming import internal_name
 from transport.errors import (
     ConfigurationError,
@@ -276,6 +277,27 @@ class PulsarTransport(Transport):
 
     def _open_event_log(self) -> PulsarEventLog:
         return PulsarEventLog(self)
+
+    # -- provisioning and doctor (see transport_pulsar._doctor) --------------
+    def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
+        from transport_pulsar._doctor import object_topics
+
+        return object_topics(self, kind, name)
+
+    async def _existing(self, objects: list[str]) -> set[str]:
+        from transport_pulsar._doctor import existing_topics
+
+        return await existing_topics(self, objects)
+
+    async def _create(self, kind: ObjectKind, name: str) -> None:
+        from transport_pulsar._doctor import create_object
+
+        await create_object(self, kind, name)
+
+    async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+        from transport_pulsar._doctor import pulsar_doctor
+
+        return await pulsar_doctor(self, plan)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()
