@@ -38,12 +38,22 @@ class NatsServer:
     server loses nothing acknowledged.
     """
 
-    def __init__(self, root: Path, *, extra_config: str = "", port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        extra_config: str = "",
+        port: int | None = None,
+        sync_always: bool = True,
+    ) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.store = root / "jetstream"
         self.port = port or free_port()
         self.extra_config = extra_config
+        #: False starts the server with JetStream's default two-minute fsync
+        #: (an unsafe deployment, for ``doctor`` tests).
+        self.sync_always = sync_always
         self.log = root / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -59,7 +69,7 @@ listen: 127.0.0.1:{self.port}
 server_name: test_{self.port}
 jetstream {{
   store_dir: "{self.store}"
-  sync_interval: always
+  {"sync_interval: always" if self.sync_always else ""}
   max_memory_store: 64MB
   max_file_store: 2GB
 }}
