@@ -61,6 +61,9 @@ class TransportCapabilities(BaseModel):
     event_bus: bool = False
     #: Durable, replayable event log is available.
     event_log: bool = False
+    #: ``Transport.missing()`` can tell whether a queue, registry or stream
+    #: exists without creating it (false on Pulsar without ``admin_url``).
+    inspect_without_create: bool = True
 
 
 class Transport(ABC):

@@ -129,6 +129,12 @@ class PulsarTransport(Transport):
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
         self.settings = parse_settings(config)
+        if self.settings.options.admin_url is None:
+            # Without the admin API a topic cannot be looked at without the
+            # binary protocol creating it (see transport_pulsar._doctor).
+            self.capabilities = self.capabilities.model_copy(
+                update={"inspect_without_create": False}
+            )
         options = self.settings.options
         tls = config.tls
         kwargs: dict[str, Any] = {

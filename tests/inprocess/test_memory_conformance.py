@@ -16,6 +16,7 @@ from transport.testing import (
     EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
 )
 from transport_inprocess import MemoryRequestQueue, MemoryTransport, reset_memory
@@ -61,3 +62,6 @@ class TestMemoryEventBus(EventBusConformance): ...
 
 
 class TestMemoryEventLog(EventLogConformance): ...
+
+
+class TestMemoryProvisioning(ProvisioningConformance): ...

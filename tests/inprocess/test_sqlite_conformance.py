@@ -18,6 +18,7 @@ from transport.testing import (
     EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
 )
 from transport_inprocess import SqliteTransport, sqlite_path
@@ -70,6 +71,9 @@ class TestSqliteEventBus(EventBusConformance): ...
 
 
 class TestSqliteEventLog(EventLogConformance): ...
+
+
+class TestSqliteProvisioning(ProvisioningConformance): ...
 
 
 class TestSqliteBrokerRestart(BrokerRestartConformance): ...

@@ -13,6 +13,7 @@ from transport.testing import (
     EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
 )
 
@@ -38,6 +39,9 @@ class TestKafkaCrash(CrashConformance): ...
 
 
 class TestKafkaEventLog(EventLogConformance): ...
+
+
+class TestKafkaProvisioning(ProvisioningConformance): ...
 
 
 class TestKafkaBrokerRestart(BrokerRestartConformance): ...

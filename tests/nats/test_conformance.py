@@ -14,6 +14,7 @@ from transport.testing import (
     EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
 )
 
@@ -40,6 +41,9 @@ class TestNatsEventBus(EventBusConformance): ...
 
 
 class TestNatsEventLog(EventLogConformance): ...
+
+
+class TestNatsProvisioning(ProvisioningConformance): ...
 
 
 def _with_prefetch(config: TransportConfig, prefetch: int) -> TransportConfig:

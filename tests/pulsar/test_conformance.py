@@ -14,6 +14,7 @@ from transport.testing import (
     EventLogConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
 )
 
@@ -67,6 +68,9 @@ class TestPulsarEventBus(EventBusConformance): ...
 
 
 class TestPulsarEventLog(EventLogConformance): ...
+
+
+class TestPulsarProvisioning(ProvisioningConformance): ...
 
 
 class TestPulsarBrokerRestart(BrokerRestartConformance): ...

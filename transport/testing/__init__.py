@@ -15,6 +15,7 @@ from transport.testing._priority_suite import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
 )
+from transport.testing._provision_suite import ProvisioningConformance
 from transport.testing._queue_suite import RequestQueueConformance
 from transport.testing._registry_suite import (
     CapabilityRegistryConformance,
@@ -33,5 +34,6 @@ __all__ = [
     "EventLogConformance",
     "PriorityAsRequestQueueConformance",
     "PriorityQueueConformance",
+    "ProvisioningConformance",
     "RequestQueueConformance",
 ]
