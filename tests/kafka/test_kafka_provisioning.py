@@ -202,3 +202,27 @@ async def test_a_request_topic_with_finite_retention_is_refused_at_first_use(
         assert _configs(admin, t.requests).get("retention.ms") == "604800000"
     finally:
         await transport.aclose()
+
+
+async def test_doctor_on_an_unreachable_broker_reports_instead_of_raising(
+    kafka_config_factory: Any,
+) -> None:
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = kafka_config_factory(options={"operation_timeout_s": 2.0}).model_copy(
+        update={"url": f"kafka://127.0.0.1:{port}"}
+    )
+    transport = await connect(config)
+    started = time.monotonic()
+    try:
+        report = await transport.doctor()
+    finally:
+        await transport.aclose()
+    assert time.monotonic() - started < 30, "doctor did not give up within its timeout"
+    assert not report.ok
+    [finding] = report.findings
+    assert finding.severity == "error" and "could not check" in finding.finding
