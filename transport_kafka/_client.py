@@ -403,7 +403,9 @@ class KafkaClients:
             reraise=True,
         ):
             with attempt:
-                found = await self.blocking("creating topics", self._create_topics, missing)
+                found = await self.blocking(
+                    "creating or checking topics", self._create_topics, missing
+                )
         errors: list[str] = []
         for spec in missing:
             state = found.get(spec.name)
@@ -420,15 +422,21 @@ class KafkaClients:
         self._topics.update(s.name for s in missing)
 
     def _create_topics(self, specs: Sequence[TopicSpec]) -> dict[str, TopicState]:
-        """Create ``specs``; describe the ones that already existed."""
+        """Create those of ``specs`` that do not exist; describe the others.
+        Topics that exist are never sent to CreateTopics, so a principal
+        without the right to create topics can use provisioned ones."""
         rf = self.settings.options.replication_factor
         admin = self.admin()
+        present = set(admin.list_topics(timeout=self.timeout).topics)
+        existing = [s.name for s in specs if s.name in present]
+        specs = [s for s in specs if s.name not in present]
+        if not specs:
+            return describe_topics(admin, existing, self.timeout)
         futures = admin.create_topics(
             [NewTopic(s.name, s.partitions, rf, config=s.config) for s in specs],
             operation_timeout=self.timeout,
             request_timeout=self.timeout,
         )
-        existing: list[str] = []
         for name, future in futures.items():
             try:
                 future.result(self.timeout)
