@@ -199,8 +199,11 @@ def _read_plan(args: argparse.Namespace) -> ProvisionPlan:
 
     data: dict[str, Any] = {}
     if args.plan:
-        with open(args.plan, "rb") as fh:
-            data = tomllib.load(fh)
+        try:
+            with open(args.plan, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ValueError(f"cannot read the plan {args.plan!r}: {exc.strerror}") from exc
     queues = dict(data.pop("queues", {}))
     for spec in args.queue or []:
         name, _, levels = spec.partition(":")
@@ -272,7 +275,8 @@ async def _run_plan_command(args: argparse.Namespace, transport: Transport, out:
             if f.fix:
                 print(f"    fix: {f.fix}")
             if f.guarantee:
-                print(f"    voids: {f.guarantee}")
+                label = "voids" if f.severity == "error" else "weakens"
+                print(f"    {label}: {f.guarantee}")
         print("doctor: " + ("no guarantee is void" if report.ok else "a guarantee is void"))
     return 0 if report.ok else 1
 

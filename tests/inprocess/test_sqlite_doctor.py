@@ -60,6 +60,31 @@ def test_cli_doctor_exit_code_and_provision_on_sqlite(
     ]
 
 
+def test_cli_reads_a_plan_file_and_refuses_a_bad_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        'delivery_registries = ["inbox"]\ncapability_registry = true\n[queues]\norders = 2\n',
+        encoding="utf-8",
+    )
+    assert main(["--url", url, "--json", "provision", "--plan", str(plan), "--stream", "s"]) == 0
+    assert [(s["kind"], s["name"]) for s in json.loads(capsys.readouterr().out)] == [
+        ("queue", "orders__p0"),
+        ("queue", "orders__p1"),
+        ("delivery_registry", "inbox"),
+        ("capability_registry", "capabilities"),
+        ("event_stream", "s"),
+    ]
+    plan.write_text("typo = 1\n", encoding="utf-8")
+    assert main(["--url", url, "provision", "--plan", str(plan)]) == 2
+    assert "typo" in capsys.readouterr().err
+    assert main(["--url", url, "provision", "--plan", str(tmp_path / "none.toml")]) == 2
+    assert "cannot read the plan" in capsys.readouterr().err
+    assert main(["--url", url, "provision", "--queue", "bad name"]) == 2
+
+
 def test_a_plan_validates_its_names() -> None:
     with pytest.raises(ValueError, match="queue name"):
         ProvisionPlan(queues={"bad name": 1})
