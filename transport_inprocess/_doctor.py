@@ -30,7 +30,17 @@ async def sqlite_doctor(store: SqliteStore, path: str) -> list[DoctorFinding]:
 
     mode, level = await store.write(pragmas)
     findings: list[DoctorFinding] = []
-    if mode in {"off", "memory"}:
+    if path == ":memory:":
+        findings.append(
+            DoctorFinding(
+                severity="error",
+                subject=path,
+                finding="the database lives in this process's memory: nothing survives it",
+                fix="sqlite:///path/to/file.db",
+                guarantee=_CRASH,
+            )
+        )
+    elif mode in {"off", "memory"}:
         findings.append(
             DoctorFinding(
                 severity="error",

@@ -41,6 +41,17 @@ async def test_doctor_flags_a_synchronous_level_below_full(
     assert any("free on its file system" in f.finding for f in report.findings)
 
 
+async def test_doctor_flags_an_in_memory_database() -> None:
+    transport = await connect("sqlite:///:memory:")
+    try:
+        report = await transport.doctor()
+    finally:
+        await transport.aclose()
+    assert not report.ok
+    [error] = [f for f in report.findings if f.severity == "error"]
+    assert "memory" in error.finding and "crash" in error.guarantee
+
+
 def test_cli_doctor_exit_code_and_provision_on_sqlite(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
