@@ -46,6 +46,20 @@ def object_topics(transport: PulsarTransport, kind: ObjectKind, name: str) -> li
     return [transport.topic("log", name), transport.topic("logcursor", name)]
 
 
+def _wanted_retention(transport: PulsarTransport, topic: str) -> dict[str, int]:
+    """Infinite, except on an event-log stream topic with a configured
+    retention (``stream_retention_minutes`` / ``event_retention_minutes``)."""
+    o = transport.settings.options
+    local = topic.rsplit("/", 1)[-1]
+    prefix = f"{transport.config.namespace}.log."
+    if local.startswith(prefix):
+        stream = local.removeprefix(prefix)
+        minutes = o.stream_retention_minutes.get(stream, o.event_retention_minutes)
+        if minutes != -1:
+            return {"retentionTimeInMinutes": minutes, "retentionSizeInMB": -1}
+    return dict(_INFINITE)
+
+
 def _reader_only(transport: PulsarTransport, topic: str) -> bool:
     local = topic.rsplit("/", 1)[-1]
     prefix = f"{transport.config.namespace}.q."
@@ -120,7 +134,9 @@ async def create_object(transport: PulsarTransport, kind: ObjectKind, name: str)
         for topic in topics:
             await admin.call("PUT", admin.path(topic))
             if _reader_only(transport, topic):
-                await admin.call("POST", admin.path(topic) + "/retention", _INFINITE)
+                await admin.call(
+                    "POST", admin.path(topic) + "/retention", _wanted_retention(transport, topic)
+                )
     if kind == "queue":
         # The queue's subscription holds its backlog (created at Earliest).
         await transport.ensure_subscription(topics[0])
@@ -174,7 +190,10 @@ async def pulsar_doctor(
             retention = await admin.call("GET", path + "/retention?applied=true") or {}
             minutes = retention.get("retentionTimeInMinutes", 0)
             size = retention.get("retentionSizeInMB", 0)
-            if minutes != -1 or size != -1:
+            wanted = _wanted_retention(transport, topic)
+            if wanted != _INFINITE and minutes == wanted["retentionTimeInMinutes"]:
+                pass  # a stream's configured retention
+            elif minutes != -1 or size != -1:
                 findings.append(
                     DoctorFinding(
                         severity="error",

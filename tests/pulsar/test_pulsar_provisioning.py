@@ -136,7 +136,12 @@ async def test_with_admin_url_provision_sets_infinite_retention_on_reader_only_t
 ) -> None:
     admin = _AdminStandIn()
     config = make_config(pulsar_url)
-    config = config.model_copy(update={"options": {**config.options, "admin_url": admin.url}})
+    options = {
+        **config.options,
+        "admin_url": admin.url,
+        "stream_retention_minutes": {"audit": 90},
+    }
+    config = config.model_copy(update={"options": options})
     transport = await connect(config)
     try:
         assert transport.capabilities.inspect_without_create
@@ -149,7 +154,10 @@ async def test_with_admin_url_provision_sets_infinite_retention_on_reader_only_t
         queue_topics = {t for t in wanted if ".q." in t and not t.endswith("__dlq")}
         assert len(queue_topics) == 3  # orders__p0, orders__p1, mail
         infinite = {"retentionTimeInMinutes": -1, "retentionSizeInMB": -1}
-        assert admin.retention == dict.fromkeys(wanted - queue_topics, infinite)
+        audit = next(t for t in wanted if t.endswith(".log.audit"))
+        assert admin.retention.pop(audit) == {"retentionTimeInMinutes": 90, "retentionSizeInMB": -1}
+        assert admin.retention == dict.fromkeys(wanted - queue_topics - {audit}, infinite)
+        admin.retention[audit] = {"retentionTimeInMinutes": 90, "retentionSizeInMB": -1}
         assert await transport.missing(_PLAN) == []
         assert (await transport.doctor(_PLAN)).ok
         # An operator shortens the retention of a registry: doctor says so.
