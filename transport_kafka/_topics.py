@@ -15,9 +15,10 @@ be read back: distinct part lists give distinct topics under Kafka's rule.
 
 **Checks.** A topic that already exists (created by an operator, by broker
 auto-creation, by an older release or by another process with other
-options) is described once per transport at first use: its partition count
-and ``cleanup.policy`` are compared with what the library would have
-created (:class:`TopicSpec`). :func:`check_topic` says what would break a
+options) is described once per transport at first use: its partition count,
+``cleanup.policy`` and (for topics whose records must stay until consumed)
+``retention.ms`` are compared with what the library would have created
+(:class:`TopicSpec`). :func:`check_topic` says what would break a
 guarantee (a ``ConfigurationError`` naming the topic and the fix) and what
 is harmless (a warning).
 """
@@ -122,8 +123,10 @@ class TopicState:
 def describe_topics(
     admin: AdminClient, names: Sequence[str], timeout: float
 ) -> dict[str, TopicState]:
-    """Partition count and ``cleanup.policy`` of existing topics: one
-    DescribeTopics and one DescribeConfigs request (blocking).
+    """Partition count, replicas, ``cleanup.policy``, ``retention.ms``,
+    ``min.insync.replicas`` and ``unclean.leader.election.enable`` of
+    existing topics: one DescribeTopics and one DescribeConfigs request
+    (blocking).
 
     A ``cleanup.policy`` the broker does not list is Kafka's default,
     ``delete``. Raises: KafkaException (a missing topic, a broker error).
