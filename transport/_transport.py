@@ -267,10 +267,10 @@ class Transport(ABC):
         creating; see its guide), TransportError (backend unreachable).
         """
         self._check_open()
+        targets = [(kind, name, self._broker_objects(kind, name)) for kind, name in plan.objects()]
+        found = await self._existing([o for _, _, objects in targets for o in objects])
         steps: list[ProvisionStep] = []
-        for kind, name in plan.objects():
-            objects = self._broker_objects(kind, name)
-            found = await self._existing(objects)
+        for kind, name, objects in targets:
             absent = [o for o in objects if o not in found]
             if absent:
                 steps.append(
@@ -296,13 +296,15 @@ class Transport(ABC):
         ConfigurationError (an existing object voids a guarantee).
         """
         self._check_open()
+        targets = [(kind, name, self._broker_objects(kind, name)) for kind, name in plan.objects()]
+        try:
+            found: set[str] | None = await self._existing(
+                [o for _, _, objects in targets for o in objects]
+            )
+        except UnsupportedFeatureError:  # the backend cannot look without creating
+            found = None
         steps: list[ProvisionStep] = []
-        for kind, name in plan.objects():
-            objects = self._broker_objects(kind, name)
-            try:
-                found: set[str] | None = await self._existing(objects)
-            except UnsupportedFeatureError:  # the backend cannot look without creating
-                found = None
+        for kind, name, objects in targets:
             absent = objects if found is None else [o for o in objects if o not in found]
             status: ProvisionStatus
             if not absent:
