@@ -11,6 +11,12 @@ The SPI (this package) never imports a backend; backends register under the
 from transport._codec import decode, encode
 from transport._config import DEFAULT_URL, TLSConfig, TransportConfig, load_config
 from transport._connect import available_backends, connect
+from transport._doctor import (
+    DoctorFinding,
+    DoctorReport,
+    ProvisionPlan,
+    ProvisionStep,
+)
 from transport._events import (
     Event,
     EventBus,
@@ -86,6 +92,8 @@ __all__ = [
     "DeliveryRecord",
     "DeliveryRegistry",
     "DeliveryTimeoutError",
+    "DoctorFinding",
+    "DoctorReport",
     "Ensemble",
     "Event",
     "EventBus",
@@ -111,6 +119,8 @@ __all__ = [
     "PermanentTaskError",
     "PermanentTransportError",
     "PriorityRequestQueue",
+    "ProvisionPlan",
+    "ProvisionStep",
     "QueueStats",
     "RequestQueue",
     "RetryTaskError",

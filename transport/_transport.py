@@ -12,6 +12,14 @@ from typing import Protocol, Self
 from pydantic import BaseModel, ConfigDict
 
 from transport._config import TransportConfig
+from transport._doctor import (
+    DoctorFinding,
+    DoctorReport,
+    ObjectKind,
+    ProvisionPlan,
+    ProvisionStatus,
+    ProvisionStep,
+)
 from transport._events import EventBus, EventLog
 from transport._keyed import KeyedLog
 from transport._metrics import InstrumentedRequestQueue, get_metrics_sink, metrics_enabled
@@ -58,6 +66,9 @@ class TransportCapabilities(BaseModel):
     event_bus: bool = False
     #: Durable, replayable event log is available.
     event_log: bool = False
+    #: ``Transport.missing()`` can tell whether a queue, registry or stream
+    #: exists without creating it (false on Pulsar without ``admin_url``).
+    inspect_without_create: bool = True
 
 
 class Transport(ABC):
@@ -182,6 +193,25 @@ class Transport(ABC):
     async def _close_backend(self) -> None:  # noqa: B027 - optional hook
         """Release backend connections; called once by :meth:`aclose`."""
 
+    # -- provisioning and checks (backends with broker objects override) ---
+    def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
+        """Names of the broker objects (topics, streams, buckets) behind one
+        object of a plan; none where nothing is made per object (the
+        in-process backends keep everything in their store)."""
+        return []
+
+    async def _existing(self, objects: list[str]) -> set[str]:
+        """Which of ``objects`` exist, without creating anything."""
+        return set(objects)
+
+    async def _create(self, kind: ObjectKind, name: str) -> None:  # noqa: B027
+        """Create (idempotently) every broker object of one plan object."""
+
+    async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+        """Findings about the broker and the objects of ``plan`` (``None``:
+        every object of this namespace the backend can list)."""
+        return []
+
     # -- public API -------------------------------------------------------
     def request_queue(
         self,
@@ -300,6 +330,96 @@ class Transport(ABC):
         event_log = self._open_event_log()
         self._resources.append(event_log)
         return event_log
+
+    async def missing(self, plan: ProvisionPlan) -> list[ProvisionStep]:
+        """The objects of ``plan`` of which some broker object does not
+        exist. Creates nothing (read-only commands call this first).
+
+        Raises: UnsupportedFeatureError (the backend cannot tell without
+        creating; see its guide), TransportError (backend unreachable).
+        """
+        self._check_open()
+        targets = [(kind, name, self._broker_objects(kind, name)) for kind, name in plan.objects()]
+        found = await self._existing([o for _, _, objects in targets for o in objects])
+        steps: list[ProvisionStep] = []
+        for kind, name, objects in targets:
+            absent = [o for o in objects if o not in found]
+            if absent:
+                steps.append(
+                    ProvisionStep(
+                        kind=kind,
+                        name=name,
+                        broker_objects=objects,
+                        missing_objects=absent,
+                        status="missing",
+                    )
+                )
+        return steps
+
+    async def provision(self, plan: ProvisionPlan, *, dry_run: bool = False) -> list[ProvisionStep]:
+        """Create every broker object ``plan`` needs, with the settings the
+        library's guarantees rely on (retention, compaction, replicas);
+        idempotent. With ``dry_run`` nothing is created: the steps say what
+        exists and what is missing (``unknown`` where the backend cannot look
+        without creating: Pulsar without ``admin_url``; there a real run
+        creates what is missing and reports ``ensured``).
+
+        Raises: TransportError (backend unreachable, no right to create),
+        ConfigurationError (an existing object voids a guarantee).
+        """
+        self._check_open()
+        targets = [(kind, name, self._broker_objects(kind, name)) for kind, name in plan.objects()]
+        try:
+            found: set[str] | None = await self._existing(
+                [o for _, _, objects in targets for o in objects]
+            )
+        except UnsupportedFeatureError:  # the backend cannot look without creating
+            found = None
+        steps: list[ProvisionStep] = []
+        for kind, name, objects in targets:
+            absent = objects if found is None else [o for o in objects if o not in found]
+            status: ProvisionStatus
+            if not absent:
+                status = "exists"
+            elif dry_run:
+                status = "missing" if found is not None else "unknown"
+            else:
+                await self._create(kind, name)
+                status = "created" if found is not None else "ensured"
+            steps.append(
+                ProvisionStep(
+                    kind=kind,
+                    name=name,
+                    broker_objects=objects,
+                    missing_objects=absent,
+                    status=status,
+                )
+            )
+        return steps
+
+    async def doctor(self, plan: ProvisionPlan | None = None) -> DoctorReport:
+        """Check the live deployment against what the library's guarantees
+        need (durability settings of the broker, retention, compaction and
+        replicas of the objects of ``plan``, or of every object of this
+        namespace the backend can list). Creates nothing.
+
+        Guarantees: never raises for an unreachable backend (that is a
+        finding of severity ``error``).
+        """
+        self._check_open()
+        try:
+            findings = await self._doctor(plan)
+        except Exception as exc:
+            findings = [
+                DoctorFinding(
+                    severity="error",
+                    subject=self.config.redacted_url(),
+                    finding=f"could not check the deployment: {exc}",
+                    fix="make the backend reachable with the configured credentials",
+                    guarantee="every guarantee (nothing could be checked)",
+                )
+            ]
+        return DoctorReport(backend=self.backend, findings=findings)
 
     async def aclose(self) -> None:
         """Close every queue, registry, bus and log made from this transport,

@@ -13,18 +13,19 @@ import asyncio
 import importlib.metadata
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
 from transport._config import TransportConfig, load_config
 from transport._connect import connect
+from transport._doctor import ProvisionPlan
 from transport._logging import configure_logging
 from transport._models import DeadLetter, HealthStatus
 from transport._queue import RequestQueue
 from transport._transport import Transport
-from transport.errors import TransportError
+from transport.errors import TransportError, UnsupportedFeatureError
 
 __all__ = ["main"]
 
@@ -176,8 +177,13 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
         require_rich()
     transport = await connect(config)
     try:
+        if args.command in _PLAN_COMMANDS:
+            return await _run_plan_command(args, transport, out)
         if args.command == "top":
             return await _top(args, transport, out)
+        if (absent := await _absent(transport, args)) is not None:
+            out.progress(absent)
+            return 1
         if args.command == "stats":
             stats = [await _queue(transport, q, args.levels).stats() for q in args.queues]
             rows = [s.model_dump() for s in stats]
@@ -399,7 +405,139 @@ def _parser() -> argparse.ArgumentParser:
         "object per refresh",
     )
     command("demo", "run the kitchen network demo on the configured backend")
+    _add_plan_commands(command)
     return parser
+
+
+# -- provision, doctor, and the read-only guard -------------------------------
+# Read-only commands look first (Transport.missing) and never create a topic,
+# stream or table: a queue or registry that does not exist is reported.
+
+_PLAN_COMMANDS = {"provision", "doctor"}
+
+
+def _read_plan(args: argparse.Namespace) -> ProvisionPlan:
+    import tomllib
+
+    data: dict[str, Any] = {}
+    if args.plan:
+        try:
+            with open(args.plan, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ValueError(f"cannot read the plan {args.plan!r}: {exc.strerror}") from exc
+    queues = dict(data.pop("queues", {}))
+    for spec in args.queue or []:
+        name, _, levels = spec.partition(":")
+        queues[name] = int(levels) if levels else 1
+    return ProvisionPlan(
+        queues=queues,
+        delivery_registries=[*data.pop("delivery_registries", []), *(args.registry or [])],
+        capability_registry=bool(data.pop("capability_registry", False) or args.capabilities),
+        event_streams=[*data.pop("event_streams", []), *(args.stream or [])],
+        **data,
+    )
+
+
+async def _absent(transport: Transport, args: argparse.Namespace) -> str | None:
+    """Why a read-only command cannot run (what does not exist), or None."""
+    if args.command in {"stats", "dead-letters"}:
+        names = args.queues if args.command == "stats" else [args.queue]
+        plan = ProvisionPlan(queues=dict.fromkeys(names, args.levels))
+    elif args.command == "pending":
+        plan = ProvisionPlan(delivery_registries=[args.registry])
+    elif args.command == "capabilities":
+        plan = ProvisionPlan(capability_registry=True)
+    else:
+        return None
+    try:
+        missing = await transport.missing(plan)
+    except UnsupportedFeatureError as exc:
+        _Output.progress(f"transport: note: {exc}; not checked")
+        return None
+    if not missing:
+        return None
+    what = {
+        "queue": "queue",
+        "delivery_registry": "delivery registry",
+        "capability_registry": "capability registry",
+        "event_stream": "event stream",
+    }
+    lines = [
+        f"transport: {what[s.kind]} {s.name!r} does not exist "
+        f"(missing: {', '.join(s.missing_objects)}); nothing was created "
+        "(`transport provision` creates it)"
+        for s in missing
+    ]
+    return "\n".join(lines)
+
+
+async def _run_plan_command(args: argparse.Namespace, transport: Transport, out: _Output) -> int:
+    plan = _read_plan(args)
+    if args.command == "provision":
+        steps = await transport.provision(plan, dry_run=args.dry_run)
+        rows = [
+            {
+                "object": f"{s.kind} {s.name}",
+                "status": {"missing": "would create", "unknown": "would ensure"}.get(
+                    s.status, s.status
+                ),
+                "broker_objects": ", ".join(s.broker_objects) or "(in the store)",
+            }
+            for s in steps
+        ]
+        out.emit(steps, rows, ["object", "status", "broker_objects"])
+        return 0
+    report = await transport.doctor(plan if plan.objects() else None)
+    if out.as_json:
+        out.emit({"ok": report.ok, **report.model_dump(mode="json")})
+    else:
+        for f in report.findings:
+            print(f"[{f.severity.upper()}] {f.subject}: {f.finding}")
+            if f.fix:
+                print(f"    fix: {f.fix}")
+            if f.guarantee:
+                label = "voids" if f.severity == "error" else "weakens"
+                print(f"    {label}: {f.guarantee}")
+        print("doctor: " + ("no guarantee is void" if report.ok else "a guarantee is void"))
+    return 0 if report.ok else 1
+
+
+def _add_plan_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    def plan_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--plan",
+            metavar="FILE",
+            help="TOML file: queues = {name = levels}, "
+            "delivery_registries, capability_registry, event_streams",
+        )
+        p.add_argument(
+            "--queue",
+            action="append",
+            metavar="NAME[:LEVELS]",
+            help="a request queue (with its priority levels; repeatable)",
+        )
+        p.add_argument(
+            "--registry",
+            action="append",
+            metavar="NAME",
+            help="a delivery registry (repeatable)",
+        )
+        p.add_argument("--capabilities", action="store_true", help="the capability registry")
+        p.add_argument(
+            "--stream", action="append", metavar="NAME", help="an event-log stream (repeatable)"
+        )
+
+    provision = command("provision", "create every topic/stream/table a plan needs (idempotent)")
+    plan_args(provision)
+    provision.add_argument("--dry-run", action="store_true", help="print the plan, create nothing")
+    doctor = command(
+        "doctor", "check the deployment against what the guarantees need (exit 1 if void)"
+    )
+    plan_args(doctor)
+
+
+# -- end of provision / doctor ---------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:

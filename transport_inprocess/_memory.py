@@ -47,6 +47,7 @@ from transport import (
     utcnow,
 )
 from transport._codec import decode_request
+from transport._doctor import DoctorFinding, ProvisionPlan
 from transport._models import replace_fields
 from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, UndecodableMessageError
@@ -573,6 +574,17 @@ class MemoryTransport(Transport):
 
     def _open_event_log(self) -> MemoryEventLog:
         return MemoryEventLog(self._broker.events, self.config.max_payload_bytes)
+
+    async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+        return [
+            DoctorFinding(
+                severity="warning",
+                subject=f"memory://{self.broker_name}",
+                finding="everything lives in this process (capability persistent=false)",
+                fix="sqlite:// or a broker for anything that must outlive the process",
+                guarantee="requests and registry state survive the process",
+            )
+        ]
 
     async def health(self) -> HealthStatus:
         return HealthStatus(

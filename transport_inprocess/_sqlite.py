@@ -52,6 +52,7 @@ from transport import (
     utcnow,
 )
 from transport._codec import decode_request
+from transport._doctor import DoctorFinding, ProvisionPlan
 from transport._models import derived_request_id, replace_fields
 from transport._queue import seconds as _seconds
 from transport._sqlitestore import SCHEMA, SqliteStore
@@ -827,6 +828,11 @@ class SqliteTransport(Transport):
 
     def _open_event_log(self) -> SqliteEventLog:
         return SqliteEventLog(self)
+
+    async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+        from transport_inprocess._doctor import sqlite_doctor
+
+        return await sqlite_doctor(self._store, self.path)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()

@@ -422,7 +422,11 @@ class KafkaClients:
                         # second: ask for one second less than what is left.
                         left = max(deadline - loop.time() - 1.0, 0.5)
                         found = await self.blocking(
-                            "creating topics", self._create_topics, missing, left, limit=left
+                            "creating or checking topics",
+                            self._create_topics,
+                            missing,
+                            left,
+                            limit=left,
                         )
         except (TimeoutError, TransientTransportError) as exc:
             detail = f": {exc}" if isinstance(exc, TransientTransportError) else ""
@@ -446,15 +450,21 @@ class KafkaClients:
         self._topics.update(s.name for s in missing)
 
     def _create_topics(self, specs: Sequence[TopicSpec], limit: float) -> dict[str, TopicState]:
-        """Create ``specs``; describe the ones that already existed."""
+        """Create those of ``specs`` that do not exist; describe the others.
+        Topics that exist are never sent to CreateTopics, so a principal
+        without the right to create topics can use provisioned ones."""
         rf = self.settings.options.replication_factor
         admin = self.admin()
+        present = set(admin.list_topics(timeout=limit).topics)
+        existing = [s.name for s in specs if s.name in present]
+        specs = [s for s in specs if s.name not in present]
+        if not specs:
+            return describe_topics(admin, existing, limit)
         futures = admin.create_topics(
             [NewTopic(s.name, s.partitions, rf, config=s.config) for s in specs],
             operation_timeout=limit,
             request_timeout=limit,
         )
-        existing: list[str] = []
         for name, future in futures.items():
             try:
                 future.result(limit)

@@ -55,6 +55,15 @@ class KafkaOptions(BaseModel):
     partitions: int = Field(default=1, ge=1, le=10_000)
     #: Replication factor of created topics; -1 = the broker's default.
     replication_factor: int = Field(default=-1, ge=-1, le=32)
+    #: Size cap (bytes per partition) of request topics: ``retention.bytes``;
+    #: -1 (default) = none. Requests are never deleted by age
+    #: (``retention.ms=-1``); past a cap the oldest unconsumed ones are.
+    retention_bytes: int = Field(default=-1, ge=-1)
+    #: ``retention.ms`` of event-log stream topics: -1 (default) keeps every
+    #: event; a positive value lets the broker delete older events.
+    event_retention_ms: int = Field(default=-1, ge=-1)
+    #: Per-stream ``retention.ms`` overriding ``event_retention_ms``.
+    stream_retention_ms: dict[str, int] = Field(default_factory=dict)
     #: ``fetch.wait.max.ms`` of consumers (latency of an idle poll).
     fetch_wait_max_ms: int = Field(default=100, ge=0, le=60_000)
     #: Group liveness: how soon a dead worker's partitions move. It also

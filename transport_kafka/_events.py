@@ -38,6 +38,7 @@ from transport_kafka._client import (
     _client_logger,
     consume_available,
 )
+from transport_kafka._config import KafkaSettings
 from transport_kafka._errors import map_kafka_errors
 
 __all__ = ["KafkaEventLog", "KafkaEventReader"]
@@ -256,6 +257,22 @@ def _to_event(stream: str, msg: Any) -> LogEvent:
     return event.model_copy(update={"stream": stream, "position": position})
 
 
+def stream_spec(settings: KafkaSettings, stream: str) -> TopicSpec:
+    """The topic of event-log stream ``stream``, with its ``retention.ms``
+    (option ``stream_retention_ms``, else ``event_retention_ms``, -1 by
+    default: every event is kept)."""
+    options = settings.options
+    retention = options.stream_retention_ms.get(stream, options.event_retention_ms)
+    return TopicSpec(
+        settings.stream_topic(stream),
+        1,
+        {"retention.ms": str(retention)},
+        what=f"events of stream {stream!r}",
+        exact_partitions="an event-log stream is read as one partition (positions are its offsets)",
+        compaction_loses="every event but the last of each key",
+    )
+
+
 class KafkaEventLog(EventLog):
     """Streams as single-partition topics ``NS.stream.<name>.events``."""
 
@@ -279,18 +296,7 @@ class KafkaEventLog(EventLog):
             raise ClosedResourceError("event log is closed")
         validate_name(stream, "stream name")
         topic = self.topic(stream)
-        await self.clients.ensure_topics(
-            [
-                TopicSpec(
-                    topic,
-                    1,
-                    what=f"events of stream {stream!r}",
-                    exact_partitions="an event-log stream is read as one partition "
-                    "(positions are its offsets)",
-                    compaction_loses="every event but the last of each key",
-                )
-            ]
-        )
+        await self.clients.ensure_topics([stream_spec(self.clients.settings, stream)])
         return topic
 
     async def append(

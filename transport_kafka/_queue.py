@@ -121,6 +121,7 @@ from transport_kafka._client import (
 from transport_kafka._config import TopicNames
 from transport_kafka._errors import map_kafka_errors
 from transport_kafka._offsets import OffsetTracker
+from transport_kafka._topics import keep_until_consumed
 
 if TYPE_CHECKING:
     from transport_kafka._transport import KafkaTransport
@@ -353,6 +354,8 @@ class _QueueEngine:
                 if ordered
                 else None,
                 compaction_loses="requests that share a key (ordering key or request id)",
+                config=keep_until_consumed(self.options.retention_bytes),
+                retention_loses="requests not yet consumed",
             ),
             TopicSpec(self.topics.state, 1, compact, what=f"delivery state of {q}"),
             TopicSpec(self.topics.dlq, 1, compact, what=f"dead letters of {q}"),

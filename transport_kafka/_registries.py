@@ -90,6 +90,11 @@ class _View:
         self.error: BaseException | None = None
 
 
+def registry_spec(topic: str) -> TopicSpec:
+    """A registry topic: compacted (the last record of every key, kept)."""
+    return TopicSpec(topic, 1, {"cleanup.policy": "compact"}, what="a registry")
+
+
 class KafkaKeyedLog(KeyedLog):
     """A keyed log on one compacted topic (one partition)."""
 
@@ -106,9 +111,7 @@ class KafkaKeyedLog(KeyedLog):
     async def _ready(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"keyed log {self.topic!r} is closed")
-        await self._clients.ensure_topics(
-            [TopicSpec(self.topic, 1, {"cleanup.policy": "compact"}, what="a registry")]
-        )
+        await self._clients.ensure_topics([registry_spec(self.topic)])
 
     async def put(self, key: str, value: bytes) -> None:
         await self._ready()

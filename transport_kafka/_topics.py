@@ -15,9 +15,10 @@ be read back: distinct part lists give distinct topics under Kafka's rule.
 
 **Checks.** A topic that already exists (created by an operator, by broker
 auto-creation, by an older release or by another process with other
-options) is described once per transport at first use: its partition count
-and ``cleanup.policy`` are compared with what the library would have
-created (:class:`TopicSpec`). :func:`check_topic` says what would break a
+options) is described once per transport at first use: its partition count,
+``cleanup.policy`` and (for topics whose records must stay until consumed)
+``retention.ms`` are compared with what the library would have created
+(:class:`TopicSpec`). :func:`check_topic` says what would break a
 guarantee (a ``ConfigurationError`` naming the topic and the fix) and what
 is harmless (a warning).
 """
@@ -40,6 +41,7 @@ __all__ = [
     "TopicState",
     "check_topic",
     "describe_topics",
+    "keep_until_consumed",
     "topic_name",
 ]
 
@@ -90,6 +92,10 @@ class TopicSpec:
     what: str = ""
     exact_partitions: str | None = None
     compaction_loses: str = "every record but the last of each key"
+    #: What deletion by age would drop (a topic whose records must be kept
+    #: until consumed, created with ``retention.ms=-1``); ``None`` where a
+    #: finite retention is a choice (event-log streams).
+    retention_loses: str | None = None
 
     @property
     def compacted(self) -> bool:
@@ -103,23 +109,38 @@ class TopicState:
 
     partitions: int
     cleanup_policy: frozenset[str] | None
+    #: ``retention.ms`` as reported (``None``: the broker did not say, i.e.
+    #: its default, 7 days on Apache Kafka; -1: kept forever).
+    retention_ms: int | None = None
+    #: Replicas of the first partition.
+    replicas: int = 1
+    #: Topic-level ``min.insync.replicas`` and
+    #: ``unclean.leader.election.enable`` (``None``: not reported).
+    min_insync_replicas: int | None = None
+    unclean_leader_election: bool | None = None
 
 
 def describe_topics(
     admin: AdminClient, names: Sequence[str], timeout: float
 ) -> dict[str, TopicState]:
-    """Partition count and ``cleanup.policy`` of existing topics: one
-    DescribeTopics and one DescribeConfigs request (blocking).
+    """Partition count, replicas, ``cleanup.policy``, ``retention.ms``,
+    ``min.insync.replicas`` and ``unclean.leader.election.enable`` of
+    existing topics: one DescribeTopics and one DescribeConfigs request
+    (blocking).
 
     A ``cleanup.policy`` the broker does not list is Kafka's default,
     ``delete``. Raises: KafkaException (a missing topic, a broker error).
     """
     counts: dict[str, int] = {}
+    replicas: dict[str, int] = {}
     for name, future in admin.describe_topics(
         TopicCollection(list(names)), request_timeout=timeout
     ).items():
-        counts[name] = len(future.result(timeout).partitions)
+        partitions = future.result(timeout).partitions
+        counts[name] = len(partitions)
+        replicas[name] = min((len(p.replicas) for p in partitions), default=0)
     policies: dict[str, frozenset[str] | None] = {}
+    others: dict[str, dict[str, str]] = {}
     resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
     for resource, future in admin.describe_configs(resources, request_timeout=timeout).items():
         try:
@@ -133,7 +154,39 @@ def describe_topics(
         entry = entries.get("cleanup.policy")
         value = entry.value if entry is not None and entry.value else "delete"
         policies[resource.name] = frozenset(p.strip() for p in value.split(",") if p.strip())
-    return {name: TopicState(counts[name], policies.get(name)) for name in names}
+        others[resource.name] = {
+            key: str(e.value) for key, e in entries.items() if e is not None and e.value is not None
+        }
+    return {
+        name: TopicState(
+            counts[name],
+            policies.get(name),
+            retention_ms=_int(others.get(name, {}).get("retention.ms")),
+            replicas=replicas[name],
+            min_insync_replicas=_int(others.get(name, {}).get("min.insync.replicas")),
+            unclean_leader_election=_bool(
+                others.get(name, {}).get("unclean.leader.election.enable")
+            ),
+        )
+        for name in names
+    }
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def _bool(value: str | None) -> bool | None:
+    return None if value is None else value.strip().lower() == "true"
+
+
+def keep_until_consumed(retention_bytes: int = -1) -> dict[str, str]:
+    """Topic configs of a topic whose records must stay until consumed:
+    no deletion by age; by size only with an explicit cap."""
+    return {"retention.ms": "-1", "retention.bytes": str(retention_bytes)}
 
 
 def check_topic(spec: TopicSpec, found: TopicState) -> tuple[list[str], list[str]]:
@@ -178,5 +231,14 @@ def check_topic(spec: TopicSpec, found: TopicState) -> tuple[list[str], list[str
             f"{spec.compaction_loses}; set cleanup.policy=delete (kafka-configs --alter "
             f"--entity-type topics --entity-name {spec.name} --add-config "
             "cleanup.policy=delete) or delete the topic (the library then creates it)"
+        )
+    deletes = policy is None or "delete" in policy
+    retention = found.retention_ms
+    if spec.retention_loses is not None and deletes and retention is not None and retention >= 0:
+        errors.append(
+            f"{topic} has retention.ms={retention}: the broker deletes "
+            f"{spec.retention_loses} older than that; set retention.ms=-1 "
+            f"(kafka-configs --alter --entity-type topics --entity-name {spec.name} "
+            "--add-config retention.ms=-1)"
         )
     return errors, warnings

@@ -53,6 +53,7 @@ from __future__ import annotations
 import time
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport.errors import TransportError
 from transport_kafka._client import KafkaClients
 from transport_kafka._config import KafkaSettings, parse_settings
@@ -120,6 +121,27 @@ class KafkaTransport(Transport):
 
     def _open_event_log(self) -> KafkaEventLog:
         return KafkaEventLog(self.clients, self.config.max_payload_bytes)
+
+    # -- provisioning and doctor (see transport_kafka._doctor) ---------------
+    def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
+        from transport_kafka._doctor import object_specs
+
+        return [s.name for s in object_specs(self, kind, name)]
+
+    async def _existing(self, objects: list[str]) -> set[str]:
+        from transport_kafka._doctor import topic_names
+
+        return set(objects) & await topic_names(self)
+
+    async def _create(self, kind: ObjectKind, name: str) -> None:
+        from transport_kafka._doctor import object_specs
+
+        await self.clients.ensure_topics(object_specs(self, kind, name))
+
+    async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+        from transport_kafka._doctor import kafka_doctor
+
+        return await kafka_doctor(self, plan)
 
     async def health(self) -> HealthStatus:
         if self._closed:

@@ -50,6 +50,15 @@ class NatsOptions(BaseModel):
     prefetch: int = Field(default=1, ge=1, le=1024)
     #: Stream replicas (1 on a single server; 3 on a cluster).
     replicas: int = Field(default=1, ge=1, le=5)
+    #: ``max_age`` (seconds) of event-log streams: 0 (default) keeps every
+    #: event; a positive value lets the server delete older events.
+    event_max_age: float = Field(default=0.0, ge=0)
+    #: Per-stream ``max_age`` overriding ``event_max_age``.
+    stream_max_age: dict[str, float] = Field(default_factory=dict)
+    #: The server's HTTP monitoring endpoint (``http://host:8222``), read by
+    #: ``doctor`` for the JetStream settings no client API shows
+    #: (``sync_interval``). Unset: those are reported as not checked.
+    monitor_url: str | None = None
     #: Seconds to wait for the first connection; reconnects go on forever by
     #: default (``max_reconnect_attempts`` = -1).
     connect_timeout: float = Field(default=5.0, gt=0)

@@ -289,6 +289,7 @@ class NatsEventLog(EventLog):
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 num_replicas=self._t.options.replicas,
+                max_age=self._t.options.stream_max_age.get(stream, self._t.options.event_max_age),
             )
         )
 

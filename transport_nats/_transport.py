@@ -56,6 +56,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport.errors import (
     ConfigurationError,
     PermanentTransportError,
@@ -461,6 +462,27 @@ class NatsTransport(Transport):
 
         self._require_jetstream()
         return NatsEventLog(self)
+
+    # -- provisioning and doctor (see transport_nats._doctor) ----------------
+    def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
+        from transport_nats._doctor import object_streams
+
+        return object_streams(self, kind, name)
+
+    async def _existing(self, objects: list[str]) -> set[str]:
+        from transport_nats._doctor import existing_streams
+
+        return await existing_streams(self, objects)
+
+    async def _create(self, kind: ObjectKind, name: str) -> None:
+        from transport_nats._doctor import create_object
+
+        await create_object(self, kind, name)
+
+    async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+        from transport_nats._doctor import nats_doctor
+
+        return await nats_doctor(self, plan)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()

@@ -99,6 +99,11 @@ class PulsarOptions(BaseModel):
     #: Pulsar admin REST endpoint (``http(s)://host:8080``) used by
     #: ``stats()``; the binary protocol has no backlog query in this client.
     admin_url: str | None = None
+    #: Retention (minutes) ``provision`` sets on event-log stream topics
+    #: through ``admin_url``: -1 (default) keeps every event.
+    event_retention_minutes: int = Field(default=-1, ge=-1)
+    #: Per-stream retention in minutes, overriding ``event_retention_minutes``.
+    stream_retention_minutes: dict[str, int] = Field(default_factory=dict)
     # OAuth2 client-credentials flow (pulsar-client AuthenticationOauth2).
     oauth2_issuer_url: str | None = None
     oauth2_audience: str | None = None

@@ -65,6 +65,7 @@ from tenacity import (
 )
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._naming import internal_name
 from transport.errors import (
     ConfigurationError,
@@ -127,6 +128,12 @@ class PulsarTransport(Transport):
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
         self.settings = parse_settings(config)
+        if self.settings.options.admin_url is None:
+            # Without the admin API a topic cannot be looked at without the
+            # binary protocol creating it (see transport_pulsar._doctor).
+            self.capabilities = self.capabilities.model_copy(
+                update={"inspect_without_create": False}
+            )
         options = self.settings.options
         tls = config.tls
         kwargs: dict[str, Any] = {
@@ -299,6 +306,27 @@ class PulsarTransport(Transport):
 
     def _open_event_log(self) -> PulsarEventLog:
         return PulsarEventLog(self)
+
+    # -- provisioning and doctor (see transport_pulsar._doctor) --------------
+    def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
+        from transport_pulsar._doctor import object_topics
+
+        return object_topics(self, kind, name)
+
+    async def _existing(self, objects: list[str]) -> set[str]:
+        from transport_pulsar._doctor import existing_topics
+
+        return await existing_topics(self, objects)
+
+    async def _create(self, kind: ObjectKind, name: str) -> None:
+        from transport_pulsar._doctor import create_object
+
+        await create_object(self, kind, name)
+
+    async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+        from transport_pulsar._doctor import pulsar_doctor
+
+        return await pulsar_doctor(self, plan)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()

@@ -20,6 +20,7 @@ from transport.testing import (
     NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
 )
 from transport_inprocess import MemoryRequestQueue, MemoryTransport, reset_memory
@@ -77,3 +78,6 @@ class TestMemoryForgottenClose(ForgottenCloseConformance): ...
 
 
 class TestMemoryForeignMessages(ForeignMessageConformance): ...
+
+
+class TestMemoryProvisioning(ProvisioningConformance): ...

@@ -22,6 +22,7 @@ from transport.testing import (
     NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
 )
 from transport_inprocess import SqliteTransport, sqlite_path
@@ -76,6 +77,9 @@ class TestSqliteEventBus(EventBusConformance): ...
 
 
 class TestSqliteEventLog(EventLogConformance): ...
+
+
+class TestSqliteProvisioning(ProvisioningConformance): ...
 
 
 class TestSqliteBrokerRestart(BrokerRestartConformance): ...

@@ -17,6 +17,7 @@ from transport.testing import (
     NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
     UnreachableBrokerConformance,
 )
@@ -44,6 +45,9 @@ class TestKafkaCrash(CrashConformance): ...
 
 
 class TestKafkaEventLog(EventLogConformance): ...
+
+
+class TestKafkaProvisioning(ProvisioningConformance): ...
 
 
 class TestKafkaBrokerRestart(BrokerRestartConformance): ...

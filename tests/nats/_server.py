@@ -46,6 +46,7 @@ class NatsServer:
         extra_config: str = "",
         port: int | None = None,
         jetstream: bool = True,
+        sync_always: bool = True,
     ) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,9 @@ class NatsServer:
         self.extra_config = extra_config
         #: False: a plain server (core NATS only), as started without ``-js``.
         self.jetstream = jetstream
+        #: False starts the server with JetStream's default two-minute fsync
+        #: (an unsafe deployment, for ``doctor`` tests).
+        self.sync_always = sync_always
         self.log = root / "nats-server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -66,7 +70,7 @@ class NatsServer:
         jetstream = f"""
 jetstream {{
   store_dir: "{self.store}"
-  sync_interval: always
+  {"sync_interval: always" if self.sync_always else ""}
   max_memory_store: 64MB
   max_file_store: 2GB
 }}"""

@@ -18,6 +18,7 @@ from transport.testing import (
     NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
     UnreachableBrokerConformance,
 )
@@ -46,6 +47,9 @@ class TestNatsEventBus(EventBusConformance): ...
 
 
 class TestNatsEventLog(EventLogConformance): ...
+
+
+class TestNatsProvisioning(ProvisioningConformance): ...
 
 
 def _with_prefetch(config: TransportConfig, prefetch: int) -> TransportConfig:

@@ -18,6 +18,7 @@ from transport.testing import (
     NamespaceConformance,
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
+    ProvisioningConformance,
     RequestQueueConformance,
     UnreachableBrokerConformance,
 )
@@ -73,6 +74,9 @@ class TestPulsarEventBus(EventBusConformance): ...
 
 
 class TestPulsarEventLog(EventLogConformance): ...
+
+
+class TestPulsarProvisioning(ProvisioningConformance): ...
 
 
 class TestPulsarBrokerRestart(BrokerRestartConformance): ...

@@ -21,6 +21,7 @@ from transport.testing._priority_suite import (
     PriorityAsRequestQueueConformance,
     PriorityQueueConformance,
 )
+from transport.testing._provision_suite import ProvisioningConformance
 from transport.testing._queue_suite import RequestQueueConformance
 from transport.testing._registry_suite import (
     CapabilityRegistryConformance,
@@ -44,6 +45,7 @@ __all__ = [
     "NamespaceConformance",
     "PriorityAsRequestQueueConformance",
     "PriorityQueueConformance",
+    "ProvisioningConformance",
     "RequestQueueConformance",
     "UnreachableBrokerConformance",
 ]
