@@ -1,8 +1,14 @@
 """JetStream request queue: one work-queue stream per queue, one durable pull
 consumer shared by all its workers, one dead-letter stream.
 
-Leases are JetStream's ack wait (``ack_wait = lease_seconds``); the delivery
-count (``metadata.num_delivered``) is the attempt. JetStream alone never
+Leases are JetStream's ack wait (``ack_wait = lease_seconds``); the attempt
+is the delivery count (``metadata.num_delivered``) less the deliveries that
+were no hand-out: a handle that closes with messages in its buffer (never
+handed to a poll) records them in a KV bucket ``<queue>__uncounted`` (key:
+stream sequence) before giving them back, and a message delivered more than
+once has that record looked up; the record is deleted when the message is
+settled. A process killed with a buffer counts those deliveries (at most
+``prefetch``, or the one pulled for a poll that gave up). JetStream alone never
 dead-letters (``max_deliver`` only emits an advisory and keeps the message),
 so this queue does: a request nacked on its last attempt, or seen again after
 its ``max_attempts``-th lease expired, is copied to the dead-letter stream
@@ -73,6 +79,7 @@ from transport.errors import (
     UndecodableMessageError,
 )
 from transport_nats._errors import map_nats_errors
+from transport_nats._registries import NatsKeyedLog
 from transport_nats._transport import check_puback
 
 if TYPE_CHECKING:
@@ -142,7 +149,10 @@ class NatsDelivery(Delivery):
         return True
 
     async def ack(self) -> bool:
-        return await self._settle(b"+ACK")
+        if not await self._settle(b"+ACK"):
+            return False
+        self._q._forget_uncounted(self._seq)
+        return True
 
     async def nack(
         self, delay: float | timedelta | None = None, *, error: str | None = None
@@ -219,6 +229,11 @@ class NatsRequestQueue(RequestQueue):
         self.subject = f"{ns}.q.{name}"
         self.dlq_stream = f"{ns}__{internal_name(name, 'dlq')}"
         self.dlq_subject = f"{ns}.dlq.{name}"
+        # Deliveries JetStream counted that were no hand-out: a closing
+        # handle's buffered messages, per stream sequence (see _accept).
+        self._uncounted = NatsKeyedLog(transport, f"{ns}__{internal_name(name, 'uncounted')}")
+        # stream sequence -> (delivery count, deliveries that were no hand-out)
+        self._uncounted_known: dict[int, tuple[int, int]] = {}
         self.durable = transport.config.consumer_group
         # The local view of a lease ends a little before the server's, which
         # starts when it sent the message (before we received it).
@@ -241,6 +256,8 @@ class NatsRequestQueue(RequestQueue):
         self._tokens = itertools.count()
         self._closed = False
         self._blocked_until = 0.0
+        self._drops: set[asyncio.Task[None]] = set()
+        self._bucket_opening: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<NatsRequestQueue {self.name!r} stream={self.stream}>"
@@ -301,6 +318,10 @@ class NatsRequestQueue(RequestQueue):
                     self._inbox = self._t.nc.new_inbox()
                     self._sub = await self._t.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
                     self._t.add_reconnect_listener(self._on_reconnect)
+            if self._prefetch > 1:
+                # A close records the buffered messages it gives back: have
+                # the bucket ready (the transport may be closing by then).
+                await self._uncounted._bucket()
             self._consumer_ready = True
 
     # -- producing -----------------------------------------------------------
@@ -388,6 +409,10 @@ class NatsRequestQueue(RequestQueue):
         if hand_to_waiter(self._waiters, held):
             return
         self._buffer.append(held)
+        if self._bucket_opening is None:
+            # A close gives buffered messages back and records them first:
+            # open that bucket now (the transport may be closing by then).
+            self._bucket_opening = asyncio.get_running_loop().create_task(self._open_uncounted())
         if self._prefetch > 1 and (self._keeper is None or self._keeper.done()):
             self._keeper = asyncio.get_running_loop().create_task(self._keep_buffer())
 
@@ -479,8 +504,12 @@ class NatsRequestQueue(RequestQueue):
         except nats.errors.Error:
             log.warning("queue %r: ignoring a message without JetStream metadata", self.name)
             return None
-        attempt = meta.num_delivered
         seq = meta.sequence.stream
+        try:
+            attempt = meta.num_delivered - await self._uncounted_of(seq, meta.num_delivered)
+        except BaseException:
+            self._buffer.appendleft((msg, received))  # not lost to a cancelled poll
+            raise
         if attempt > self.max_attempts:
             request: WorkRequest | None
             try:
@@ -502,6 +531,65 @@ class NatsRequestQueue(RequestQueue):
         delivery = NatsDelivery(request, self, msg, seq, received + self.lease_window)
         self._held[seq] = delivery
         return delivery
+
+    async def _uncounted_of(self, seq: int, delivered: int) -> int:
+        """Deliveries of message ``seq`` that were no hand-out (sent to a
+        handle that closed with it in its buffer)."""
+        known = self._uncounted_known.get(seq)
+        if known is not None and known[0] == delivered:
+            return known[1]  # not delivered again since: no other handle wrote
+        if delivered <= 1:
+            return 0
+        raw = await self._uncounted.get(str(seq))
+        try:
+            count = min(max(int(raw or b"0"), 0), delivered - 1)
+        except ValueError:
+            count = 0
+        if count:
+            self._uncounted_known[seq] = (delivered, count)
+        return count
+
+    def _forget_uncounted(self, seq: int) -> None:
+        """Drop the record of a settled message (in the background: a
+        failure leaves a stale record of a message that is gone)."""
+        if self._uncounted_known.pop(seq, None) is None:
+            return
+
+        async def drop() -> None:
+            try:
+                await self._uncounted.delete(str(seq))
+            except TransportError as exc:
+                log.info("queue %r: uncounted-delivery record not dropped: %s", self.name, exc)
+
+        task = asyncio.get_running_loop().create_task(drop())
+        self._drops.add(task)
+        task.add_done_callback(self._drops.discard)
+
+    async def _open_uncounted(self) -> None:
+        try:
+            await self._uncounted._bucket()
+        except TransportError as exc:
+            self._bucket_opening = None  # the next buffered message tries again
+            log.info("queue %r: opening %s: %s", self.name, self._uncounted.bucket, exc)
+
+    async def _record_uncounted(self, msgs: list[Msg]) -> None:
+        """Before a closing handle gives back messages it never handed out,
+        record that JetStream's delivery of each was no hand-out."""
+
+        async def one(msg: Msg) -> None:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            count = await self._uncounted_of(seq, meta.num_delivered)
+            await self._uncounted.put(str(seq), str(count + 1).encode())
+
+        results = await asyncio.gather(*(one(m) for m in msgs), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning(
+                    "queue %r: a buffered request given back at close keeps an attempt: %s",
+                    self.name,
+                    result,
+                )
 
     async def _from_buffer(self) -> NatsDelivery | None:
         loop = asyncio.get_running_loop()
@@ -636,6 +724,7 @@ class NatsRequestQueue(RequestQueue):
         )
         await self._reply(msg, b"+ACK")
         self._t.last_errors.pop((self.stream, seq), None)
+        self._forget_uncounted(seq)
 
     # -- inspection ----------------------------------------------------------
     async def stats(self) -> QueueStats:
@@ -759,11 +848,24 @@ class NatsRequestQueue(RequestQueue):
         with contextlib.suppress(Exception):
             if self._sub is not None:
                 await self._sub.unsubscribe()
+        now = asyncio.get_running_loop().time()
+        unhanded = [m for m, received in self._buffer if now < received + self.lease_window]
         msgs = [d._msg for d in held] + [m for m, _ in self._buffer]
         self._buffer.clear()
+        if self._bucket_opening is not None and not self._bucket_opening.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._bucket_opening, self._opts.request_timeout)
+        if unhanded and not nc.is_closed:
+            # JetStream counted their delivery to this handle, which handed
+            # them to nobody: recorded first, so their next attempt is exact.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._record_uncounted(unhanded), self._opts.request_timeout)
         if msgs and not nc.is_closed:
             with contextlib.suppress(Exception):
                 for msg in msgs:
                     if msg.reply:
                         await nc.publish(msg.reply, b"-NAK")
                 await asyncio.wait_for(nc.flush(), self._opts.request_timeout)
+        if self._drops:
+            await asyncio.wait(set(self._drops), timeout=self._opts.request_timeout)
+        await self._uncounted.aclose()

@@ -78,15 +78,8 @@ class TestNatsCleanRestart(CleanRestartConformance): ...
 
 
 class TestNatsCleanRestartPrefetch(CleanRestartConformance):
-    """Clean restarts with a prefetch buffer. JetStream counts a delivery when
-    it sends a message, so the buffered requests a closing handle NAKs have
-    used an attempt (docs/backends/nats.md, "prefetch > 1 trades fairness and
-    attempt counts for throughput"): a known gap, watched by a strict xfail."""
-
-    pytestmark = pytest.mark.xfail(
-        strict=True,
-        reason="with prefetch > 1 a clean close adds an attempt to the buffered requests",
-    )
+    """Clean restarts with a prefetch buffer: the buffered requests a closing
+    handle gives back never handed out use no attempt."""
 
     @pytest.fixture
     def nats_config(self, nats_config: TransportConfig) -> TransportConfig:
