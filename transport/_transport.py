@@ -46,8 +46,10 @@ class TransportCapabilities(BaseModel):
     #: only as a contiguous prefix (Kafka offsets): after a crash, requests
     #: acked behind an unacked one may be delivered again.
     individual_acks: bool = True
-    #: Accepted requests survive a broker restart, and the test harness can
-    #: restart the broker.
+    #: Accepted requests survive a broker restart (the broker keeps them on
+    #: disk). This describes the backend, not a test broker: whether a test
+    #: broker can be restarted with its data is the harness's
+    #: ``BackendHarness.can_restart_broker``.
     restart_broker: bool = False
     #: Ephemeral subject pub/sub is available.
     event_bus: bool = False

@@ -23,6 +23,7 @@ from transport_inprocess import MemoryRequestQueue, MemoryTransport, reset_memor
 
 class MemoryHarness(BackendHarness):
     lease_seconds = 0.5
+    embedded = True
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         assert isinstance(transport, MemoryTransport)

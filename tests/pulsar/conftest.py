@@ -178,11 +178,10 @@ class PulsarHarness(BackendHarness):
     timeout_scale = 1.5
 
     def __init__(self, config: TransportConfig, broker: PulsarLiteBroker | None) -> None:
-        capabilities = PulsarTransport.capabilities
-        if broker is None:  # an external broker cannot be restarted by the tests
-            capabilities = capabilities.model_copy(update={"restart_broker": False})
-        super().__init__(config, capabilities)
+        super().__init__(config, PulsarTransport.capabilities)
         self.broker = broker
+        # An external broker can be neither stopped nor restarted by the tests.
+        self.can_restart_broker = self.can_stop_broker = broker is not None
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         assert isinstance(transport, PulsarTransport)

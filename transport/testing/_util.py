@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
+
+import pytest
 
 from transport import Delivery, RequestQueue, WorkRequest
 
@@ -78,3 +81,38 @@ async def gather_limited(coros: list[Any], limit: int = 32) -> list[Any]:
             return await coro
 
     return await asyncio.gather(*(run(c) for c in coros))
+
+
+#: Seconds kept back from a test's timeout for teardown (closing clients,
+#: reaping processes), so a scenario's own deadline always fires first.
+TEARDOWN_MARGIN = 10.0
+
+
+def timeout_of_test(request: pytest.FixtureRequest) -> float:
+    """The pytest-timeout limit of the running test (its ``timeout`` marker,
+    else the ``timeout`` ini option), or infinity when none is set."""
+    marker = request.node.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    try:
+        value = request.config.getini("timeout")
+    except ValueError:  # pytest-timeout not installed
+        return math.inf
+    return float(value) if value else math.inf
+
+
+class Budget:
+    """One deadline for a whole scenario, below the test's own timeout, so a
+    scenario that runs out of time fails with a message saying what was
+    missing instead of being killed by pytest-timeout without one."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def left(self, cap: float = math.inf) -> float:
+        """Seconds left (never negative), at most ``cap``."""
+        return max(0.0, min(cap, self.end - time.monotonic()))
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.end
