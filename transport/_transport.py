@@ -51,6 +51,11 @@ class TransportCapabilities(BaseModel):
     #: broker can be restarted with its data is the harness's
     #: ``BackendHarness.can_restart_broker``.
     restart_broker: bool = False
+    #: A request whose lease expired goes to whichever consumer of the queue
+    #: polls next. False where the broker pins it to the consumer that held
+    #: it (Pulsar ``Key_Shared``: by key hash): a hung holder that stays
+    #: connected but stops polling keeps it until its client closes.
+    expired_lease_to_any_consumer: bool = True
     #: Ephemeral subject pub/sub is available.
     event_bus: bool = False
     #: Durable, replayable event log is available.

@@ -11,6 +11,7 @@ from transport.testing import (
     BackendHarness,
     CapabilityRegistryConformance,
     CrashConformance,
+    DefaultConfigurationConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
@@ -62,3 +63,7 @@ class TestMemoryEventBus(EventBusConformance): ...
 
 
 class TestMemoryEventLog(EventLogConformance): ...
+
+
+class TestMemoryDefaultConfiguration(DefaultConfigurationConformance):
+    """Default settings and a user's poll(timeout=5) loop (no test tuning)."""

@@ -12,6 +12,7 @@ from transport.testing import (
     BackendHarness,
     CapabilityRegistryConformance,
     CrashConformance,
+    DefaultConfigurationConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
@@ -71,3 +72,7 @@ class TestSqliteEventBus(EventBusConformance): ...
 
 
 class TestSqliteEventLog(EventLogConformance): ...
+
+
+class TestSqliteDefaultConfiguration(DefaultConfigurationConformance):
+    """Default settings and a user's poll(timeout=5) loop (no test tuning)."""

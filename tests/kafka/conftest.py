@@ -179,6 +179,15 @@ class KafkaHarness(BackendHarness):
         self.broker: TansuBroker | None = broker
         self.can_stop_broker = broker is not None
 
+    def default_config(self) -> TransportConfig:
+        # replication_factor describes the cluster (a one-node dev broker),
+        # not test tuning: a user of that cluster has to write it too.
+        config = super().default_config()
+        factor = self.config.options.get("replication_factor")
+        if factor is None:
+            return config
+        return config.model_copy(update={"options": {"replication_factor": factor}})
+
     async def stop_broker(self) -> None:
         if self.broker is None:
             raise NotImplementedError("external broker: cannot stop it")

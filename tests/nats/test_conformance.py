@@ -9,6 +9,7 @@ from transport.testing import (
     BrokerRestartConformance,
     CapabilityRegistryConformance,
     CrashConformance,
+    DefaultConfigurationConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
@@ -62,3 +63,7 @@ class TestNatsPriorityPrefetch(PriorityQueueConformance):
 
 
 class TestNatsBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestNatsDefaultConfiguration(DefaultConfigurationConformance):
+    """Default settings and a user's poll(timeout=5) loop (no test tuning)."""

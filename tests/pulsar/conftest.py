@@ -235,9 +235,10 @@ def transport_harness(pulsar_url: str, pulsar_broker: PulsarLiteBroker | None) -
 #: Pulsar runs them normally), so a pulsar-lite release that closes the gap
 #: is noticed.
 PULSAR_LITE_GAPS = {
-    "test_stats_report_depth_and_dead_letters": (
+    "test_stats_report_depth_and_in_flight": (
         "pulsar-lite 0.2 has no admin REST API and does not implement CommandConsumerStats "
-        "('Unsupported command type: 25'), so the subscription backlog (stats().depth) is None"
+        "('Unsupported command type: 25'), so the subscription backlog (stats().depth) and "
+        "the unacknowledged count (stats().in_flight) are None"
     ),
 }
 

@@ -52,6 +52,22 @@ async def drain(
     return out
 
 
+async def drain_ids(queue: RequestQueue, wanted: set[str], timeout: float) -> list[Delivery]:
+    """Poll (acking everything) until every id in ``wanted`` was delivered or
+    ``timeout`` passed; returns all deliveries, the unwanted ones included."""
+    out: list[Delivery] = []
+    missing = set(wanted)
+    deadline = time.monotonic() + timeout
+    while missing and (remaining := deadline - time.monotonic()) > 0:
+        delivery = await queue.poll(min(remaining, 1.0))
+        if delivery is None:
+            continue
+        await delivery.ack()
+        out.append(delivery)
+        missing.discard(delivery.request.request_id)
+    return out
+
+
 async def poll_until(
     queue: RequestQueue, request_id: str, timeout: float, *, ack_others: bool = True
 ) -> Delivery | None:
@@ -66,6 +82,39 @@ async def poll_until(
         if ack_others:
             await delivery.ack()
     return None
+
+
+async def poll_either(
+    first: RequestQueue, second: RequestQueue, request_id: str, timeout: float
+) -> Delivery | None:
+    """Poll two queue handles at once until ``request_id`` arrives on
+    either (acking others); returns as soon as it does (the other poll is
+    cancelled, so the delivery's lease is fresh)."""
+    deadline = time.monotonic() + timeout
+    polls: dict[asyncio.Future[Delivery | None], RequestQueue] = {}
+    found: Delivery | None = None
+    try:
+        while found is None and (remaining := deadline - time.monotonic()) > 0:
+            for queue in (first, second):
+                if queue not in polls.values():
+                    polls[asyncio.ensure_future(queue.poll(min(remaining, 1.0)))] = queue
+            done, _ = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                del polls[task]
+                delivery = task.result()
+                if delivery is None:
+                    continue
+                if found is None and delivery.request.request_id == request_id:
+                    found = delivery
+                else:
+                    await delivery.ack()
+    finally:
+        for task in polls:
+            task.cancel()
+        for result in await asyncio.gather(*polls, return_exceptions=True):
+            if isinstance(result, Delivery):
+                await result.ack()  # completed before the cancel landed
+    return found
 
 
 async def expect_nothing(queue: RequestQueue, duration: float) -> Delivery | None:
