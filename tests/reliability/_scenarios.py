@@ -118,8 +118,9 @@ async def _busy_worker(workers: list[WorkerProcess], timeout: float) -> WorkerPr
 async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -> dict[str, Any]:
     """Workers killed with SIGKILL in the middle of their work.
 
-    A producer feeds the queue at a steady rate while two worker processes
-    (16 handlers each, 0-20 ms of work per request) drain it. Each kill picks
+    A producer feeds the queue, one batch per planned kill (the next batch
+    once that kill happened), while two worker processes (16 handlers each,
+    0-20 ms of work per request) drain it. Each kill picks
     a worker that has leased work (at random among those that have; on a
     one-partition Kafka queue only the partition's owner has), lets it run a
     random 50-400 ms more and kills it with SIGKILL, so every kill lands on
@@ -144,12 +145,21 @@ async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -
                 except TransportError:
                     ledger.indeterminate.add(r.request_id)
 
+        killed = [asyncio.Event() for _ in range(sizes.kills)]
+
         async def produce() -> None:
-            # About 1.5 s of work per planned kill, sent in 50 ms slices.
+            # One batch per planned kill, about 1.5 s of work sent in 50 ms
+            # slices; the next batch starts once that kill happened, so every
+            # kill finds work however slowly a replacement worker starts.
             per_slice = max(1, round(sizes.requests / (sizes.kills * 1.5) * 0.05))
-            for start in range(0, len(requests), per_slice):
-                await asyncio.gather(*(send(r) for r in requests[start : start + per_slice]))
-                await asyncio.sleep(0.05)
+            per_kill = -(-len(requests) // sizes.kills)
+            for k in range(sizes.kills):
+                batch = requests[k * per_kill : (k + 1) * per_kill]
+                for start in range(0, len(batch), per_slice):
+                    await asyncio.gather(*(send(r) for r in batch[start : start + per_slice]))
+                    await asyncio.sleep(0.05)
+                if k + 1 < sizes.kills:
+                    await killed[k].wait()
 
         producer = asyncio.create_task(produce())
         env_harness = _with(harness, max_attempts=1000)
@@ -167,11 +177,14 @@ async def sigkill_workers(backend: str, harness: BackendHarness, sizes: Sizes) -
             await asyncio.sleep(random.uniform(0.05, 0.4))
             await victim.reap()
             kills += 1
+            killed[kills - 1].set()
             ledger.fault(victim.lines)
             dead.append(victim)
             workers.append(
                 await _worker(env_harness, queue_name, lease, concurrency=16, work_ms=20)
             )
+        for event in killed:
+            event.set()  # a producer still waiting for a kill that did not come
         await producer
         drained = await _drain_ledger(ledger, queue, workers, dead, harness.scaled(300))
         for worker in workers:

@@ -77,7 +77,8 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
         "",
         "## Faults",
         "",
-        "- **SIGKILL of workers**: a producer feeds the queue while two worker processes (16 handlers, "
+        "- **SIGKILL of workers**: a producer feeds the queue (one batch per kill, the next once that "
+        "kill happened) while two worker processes (16 handlers, "
         "0-20 ms of work each) drain it; a worker that has leased work is killed with SIGKILL 50-400 ms "
         "later and replaced, several times. `window` = requests leased and not acknowledged by the "
         "killed workers (the only ones allowed to come back twice).",
