@@ -23,9 +23,9 @@ $(DEV): pyproject.toml | $(BIN)/python
 demo: $(BASE)
 	$(BIN)/python examples/kitchen_demo.py
 
-## test: the whole suite, every backend against a real broker process
+## test: the whole suite, every backend against a real broker process (slowest 25 timed)
 test: $(DEV)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 ## check: lint, format and strict typing of the library
 check: $(DEV)

@@ -59,8 +59,9 @@ class Network:
         self.caller = validate_name(caller, "caller name")
         self.outbox = outbox
         self.default_levels = default_levels
-        #: With an outbox: how long ``send`` tries to register the pending
-        #: record on the broker before leaving that to the outbox.
+        #: With an outbox: how long ``send`` tries to look the target up and
+        #: to register the pending record on the broker before leaving that
+        #: to the outbox.
         self.register_timeout = register_timeout
         self._inbox: DeliveryRegistry | None = None
         self._capabilities: CapabilityRegistry | None = None
@@ -143,8 +144,14 @@ class Network:
         Raises: NoProviderError, ValueError (bad priority), the queue's errors.
         """
         try:
-            queue_name, levels = await self._resolve(target, task)
-        except TransientTransportError:
+            if self.outbox is None or target is None:
+                queue_name, levels = await self._resolve(target, task)
+            else:
+                # The registry's first load waits through an outage (it
+                # retries): bounded here, so the outbox can take over.
+                async with asyncio.timeout(self.register_timeout):
+                    queue_name, levels = await self._resolve(target, task)
+        except (TransientTransportError, TimeoutError):
             if self.outbox is None or target is None:
                 raise
             # Broker unreachable: the outbox holds the request for the named

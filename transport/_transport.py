@@ -59,9 +59,16 @@ class TransportCapabilities(BaseModel):
     #: only as a contiguous prefix (Kafka offsets): after a crash, requests
     #: acked behind an unacked one may be delivered again.
     individual_acks: bool = True
-    #: Accepted requests survive a broker restart, and the test harness can
-    #: restart the broker.
+    #: Accepted requests survive a broker restart (the broker keeps them on
+    #: disk). This describes the backend, not a test broker: whether a test
+    #: broker can be restarted with its data is the harness's
+    #: ``BackendHarness.can_restart_broker``.
     restart_broker: bool = False
+    #: A request whose lease expired goes to whichever consumer of the queue
+    #: polls next. False where the broker pins it to the consumer that held
+    #: it (Pulsar ``Key_Shared``: by key hash): a hung holder that stays
+    #: connected but stops polling keeps it until its client closes.
+    expired_lease_to_any_consumer: bool = True
     #: Ephemeral subject pub/sub is available.
     event_bus: bool = False
     #: Durable, replayable event log is available.

@@ -240,6 +240,12 @@ class _Reports:
             self._timer = self.loop.call_at(waits[0][0], self._expire)
 
 
+def _is_fatal(exc: BaseException) -> bool:
+    """Whether a client exception means the producer is unusable for good."""
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
+
+
 class KafkaClients:
     """The clients one transport shares: an idempotent producer (with its poll
     thread), an admin client, a metadata consumer and the executor thread
@@ -271,20 +277,50 @@ class KafkaClients:
                 raise ClosedResourceError("kafka transport is closed")
             if self._producer is None:
                 with map_kafka_errors("creating producer"):
-                    self._producer = Producer(
+                    producer = Producer(
                         {**self.settings.producer_config(), "logger": _client_logger()}
                     )
+                self._producer = producer
                 self._poll_thread = threading.Thread(
-                    target=self._poll_producer, name="kafka-producer-poll", daemon=True
+                    target=self._poll_producer,
+                    args=(producer,),
+                    name="kafka-producer-poll",
+                    daemon=True,
                 )
                 self._poll_thread.start()
             return self._producer
 
-    def _poll_producer(self) -> None:
-        producer = self._producer
-        assert producer is not None
-        while not self._stop.is_set():
-            producer.poll(0.05)
+    def _poll_producer(self, producer: Producer) -> None:
+        while not self._stop.is_set() and self._producer is producer:
+            try:
+                producer.poll(0.05)
+            except KafkaException as exc:
+                if not _is_fatal(exc):
+                    log.warning("producer poll: %s", exc)
+                self._retire_producer(producer, exc)
+        if self._producer is not producer:
+            # Retired: let it report its queued records (they fail now) so
+            # no enqueue waits on a report that never comes.
+            deadline = time.monotonic() + self.settings.options.close_timeout_s
+            while len(producer) and time.monotonic() < deadline:
+                with contextlib.suppress(KafkaException):
+                    producer.poll(0.05)
+
+    def _retire_producer(self, producer: Producer, cause: BaseException | KafkaError) -> None:
+        """Drop ``producer`` if it failed fatally (an idempotent producer
+        whose id a broker no longer knows, e.g. one that lost its data):
+        it can never produce again, so the next enqueue makes a new one."""
+        if isinstance(cause, BaseException) and not _is_fatal(cause):
+            return
+        if isinstance(cause, KafkaError) and not cause.fatal():
+            return
+        with self._lock:
+            if self._producer is producer:
+                log.warning(
+                    "the producer failed fatally (%s); the next enqueue makes a new one", cause
+                )
+                self._producer = None
+                self._poll_thread = None
 
     def admin(self) -> AdminClient:
         with self._lock:
@@ -353,10 +389,13 @@ class KafkaClients:
             reports = self._reports = _Reports(loop, self.timeout + 5.0)
         add = reports.add
 
+        producer = self.producer()
+
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if err is not None and err.fatal():
+                self._retire_producer(producer, err)
             add(future, err, msg, what)
 
-        producer = self.producer()
         try:
             try:
                 producer.produce(
@@ -368,7 +407,8 @@ class KafkaClients:
                     # 0 = librdkafka stamps the current time.
                     timestamp=timestamp_ms or 0,
                 )
-            except Exception:
+            except Exception as exc:
+                self._retire_producer(producer, exc)
                 with map_kafka_errors(what):  # re-raised as a transport error
                     raise
             reports.watch(future, what)

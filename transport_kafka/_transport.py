@@ -17,8 +17,9 @@ lease_extension    ✓  client-side leases (see below), renewable forever:
 individual_acks    ✓  an ack writes a settled marker to the queue's state
                       topic, so a crash never redelivers an acked request
                       (the committed offset alone is only a prefix)
-restart_broker     ✗  on the memory-only dev broker (Tansu); a real Kafka
-                      cluster keeps data across restarts
+restart_broker     ✓  a Kafka cluster keeps accepted records across broker
+                      restarts (not provable on the memory-only dev broker,
+                      Tansu: its test harness cannot restart it with data)
 event_log          ✓  one topic per stream (``NS.stream.<name>.events``);
                       named cursors are committed group offsets
 event_bus          ✗
@@ -75,7 +76,7 @@ class KafkaTransport(Transport):
         native_delay=False,
         lease_extension=True,
         individual_acks=True,
-        restart_broker=False,
+        restart_broker=True,
         event_log=True,
     )
 

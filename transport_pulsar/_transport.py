@@ -113,6 +113,13 @@ def _authentication(config: TransportConfig, settings: PulsarSettings) -> Any:
     return None
 
 
+def key_shared_capabilities() -> TransportCapabilities:
+    """The capabilities with option ``subscription_type="key_shared"``: the
+    broker sends a key's messages, redeliveries included, to the consumer
+    owning the key, so an expired lease can go back to a hung holder."""
+    return PulsarTransport.capabilities.model_copy(update={"expired_lease_to_any_consumer": False})
+
+
 class PulsarTransport(Transport):
     backend = "pulsar"
     capabilities = TransportCapabilities(
@@ -135,6 +142,8 @@ class PulsarTransport(Transport):
                 update={"inspect_without_create": False}
             )
         options = self.settings.options
+        if options.subscription_type == "key_shared":
+            self.capabilities = key_shared_capabilities()
         tls = config.tls
         kwargs: dict[str, Any] = {
             "authentication": _authentication(config, self.settings),

@@ -12,6 +12,7 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CleanRestartConformance,
     CrashConformance,
+    DefaultConfigurationConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
@@ -28,6 +29,7 @@ from transport_inprocess import MemoryRequestQueue, MemoryTransport, reset_memor
 
 class MemoryHarness(BackendHarness):
     lease_seconds = 0.5
+    embedded = True
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         assert isinstance(transport, MemoryTransport)
@@ -81,3 +83,7 @@ class TestMemoryForeignMessages(ForeignMessageConformance): ...
 
 
 class TestMemoryProvisioning(ProvisioningConformance): ...
+
+
+class TestMemoryDefaultConfiguration(DefaultConfigurationConformance):
+    """Default settings and a user's poll(timeout=5) loop (no test tuning)."""

@@ -6,8 +6,9 @@ an external broker named by ``KAFKA_BOOTSTRAP_SERVERS``; or, with
 ``KAFKA_TESTCONTAINERS=1`` (needs a Docker engine), an Apache Kafka broker in
 a container started by testcontainers for the session (image
 ``KAFKA_TESTCONTAINERS_IMAGE``, default testcontainers' own). Tansu keeps data
-in memory only, so a broker restart loses everything: the harness does not
-offer ``restart_broker`` (capability ``restart_broker`` is false).
+in memory only, so a broker restart loses everything: the harness cannot
+restart it with its data (``can_restart_broker`` is false), although the
+backend's capability ``restart_broker`` (a real Kafka keeps data) is true.
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ class KafkaHarness(BackendHarness):
     """Conformance harness for ``kafka://`` on Tansu (or an external or
     containerised broker, which it can neither stop nor start).
 
-    No ``restart_broker``: Tansu keeps data in memory only. ``stop_broker`` /
-    ``start_broker`` (the outage scenario) restart it empty on the same port.
+    ``can_restart_broker`` is false: Tansu keeps data in memory only (a real
+    Kafka keeps it, hence the capability ``restart_broker``). ``stop_broker``
+    / ``start_broker`` (the outage scenario) restart it empty on the same port.
     """
 
     lease_seconds = 1.0
@@ -175,6 +177,16 @@ class KafkaHarness(BackendHarness):
     def __init__(self, config: TransportConfig, capabilities: Any, broker: Any = None) -> None:
         super().__init__(config, capabilities)
         self.broker: TansuBroker | None = broker
+        self.can_stop_broker = broker is not None
+
+    def default_config(self) -> TransportConfig:
+        # replication_factor describes the cluster (a one-node dev broker),
+        # not test tuning: a user of that cluster has to write it too.
+        config = super().default_config()
+        factor = self.config.options.get("replication_factor")
+        if factor is None:
+            return config
+        return config.model_copy(update={"options": {"replication_factor": factor}})
 
     async def stop_broker(self) -> None:
         if self.broker is None:

@@ -10,6 +10,7 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CleanRestartConformance,
     CrashConformance,
+    DefaultConfigurationConformance,
     DeliveryRegistryConformance,
     EventLogConformance,
     ForeignMessageConformance,
@@ -41,7 +42,10 @@ class TestKafkaDeliveryRegistry(DeliveryRegistryConformance): ...
 class TestKafkaCapabilityRegistry(CapabilityRegistryConformance): ...
 
 
-class TestKafkaCrash(CrashConformance): ...
+class TestKafkaCrash(CrashConformance):
+    # A SIGKILLed worker's partition moves after the group's session timeout:
+    # the repeated-kill scenario needs about a minute on a loaded machine.
+    pytestmark = [pytest.mark.timeout(240)]
 
 
 class TestKafkaEventLog(EventLogConformance): ...
@@ -69,3 +73,7 @@ class TestKafkaForgottenClose(ForgottenCloseConformance): ...
 
 
 class TestKafkaForeignMessages(ForeignMessageConformance): ...
+
+
+class TestKafkaDefaultConfiguration(DefaultConfigurationConformance):
+    """Default settings and a user's poll(timeout=5) loop (no test tuning)."""

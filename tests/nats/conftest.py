@@ -23,11 +23,10 @@ class NatsHarness(BackendHarness):
     timeout_scale = 1.0
 
     def __init__(self, config: TransportConfig, server: NatsServer | None) -> None:
-        caps = NatsTransport.capabilities
-        if server is None:
-            caps = caps.model_copy(update={"restart_broker": False})
-        super().__init__(config, caps)
+        super().__init__(config, NatsTransport.capabilities)
         self.server = server
+        # An external NATS_URL server can be neither stopped nor restarted.
+        self.can_restart_broker = self.can_stop_broker = server is not None
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         # Built directly: priority levels (``name__p0``) are internal names.

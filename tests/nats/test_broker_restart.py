@@ -10,11 +10,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
 import pytest
 
 from tests.nats._server import NatsServer
 from transport import Transport, TransportConfig, WorkRequest, WorkResponse, connect
 from transport.errors import TransientTransportError
+from transport_nats import NatsRequestQueue
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
@@ -35,6 +37,21 @@ def own_server(tmp_path: Path) -> Iterator[NatsServer]:
 async def _connect(server: NatsServer, namespace: str, **options: object) -> Transport:
     opts = {"reconnect_time_wait": 0.1, "request_timeout": 2.0, "pull_expires": 2.0, **options}
     return await connect(TransportConfig(url=server.url, namespace=namespace, options=opts))
+
+
+async def _until_pull_parked(server: NatsServer, queue: object, timeout: float = 10.0) -> None:
+    """Wait until the server holds a waiting pull request on the queue's
+    consumer (``num_waiting``), as seen by a separate raw client."""
+    assert isinstance(queue, NatsRequestQueue)
+    nc = await nats.connect(server.url)
+    try:
+        js = nc.jetstream()
+        deadline = time.monotonic() + timeout
+        while (await js.consumer_info(queue.stream, queue.durable)).num_waiting < 1:
+            assert time.monotonic() < deadline, f"no pull request parked within {timeout} s"
+            await asyncio.sleep(0.02)
+    finally:
+        await nc.close()
 
 
 async def test_kill_9_mid_run_loses_no_acknowledged_enqueue(
@@ -128,7 +145,7 @@ async def test_waiting_poll_resumes_after_restart_without_waiting_for_pull_expir
         first = await q_out.poll(5)
         assert first is not None and await first.ack()
         waiting = asyncio.create_task(q_out.poll(40))
-        await asyncio.sleep(0.3)  # the long pull is now parked on the server
+        await _until_pull_parked(own_server, q_out)
         await asyncio.to_thread(own_server.restart)
         request = await q_in.enqueue(WorkRequest(task="after"))
         started = time.monotonic()

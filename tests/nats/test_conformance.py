@@ -10,6 +10,7 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CleanRestartConformance,
     CrashConformance,
+    DefaultConfigurationConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
@@ -99,3 +100,7 @@ class TestNatsForgottenClose(ForgottenCloseConformance): ...
 
 
 class TestNatsForeignMessages(ForeignMessageConformance): ...
+
+
+class TestNatsDefaultConfiguration(DefaultConfigurationConformance):
+    """Default settings and a user's poll(timeout=5) loop (no test tuning)."""

@@ -10,6 +10,7 @@ from transport.testing import (
     CapabilityRegistryConformance,
     CleanRestartConformance,
     CrashConformance,
+    DefaultConfigurationConformance,
     DeliveryRegistryConformance,
     EventBusConformance,
     EventLogConformance,
@@ -45,28 +46,25 @@ class TestPulsarCapabilityRegistry(CapabilityRegistryConformance): ...
 class TestPulsarCrash(CrashConformance):
     """pulsar-lite hands a SIGKILLed consumer's unacknowledged messages to
     the other consumers only after a delay (up to tens of seconds: see the
-    README's limits), so the crash scenarios get three times the usual time
-    here; against Apache Pulsar they finish as fast as elsewhere."""
+    README's limits; all came back within 60 s when measured). Losing one
+    still fails strictly: the scenarios wait for every request up to their
+    budget (the 240 s timeout here, less teardown). Only the
+    "redelivered within the usual time" checks xfail, with the reason below,
+    when pulsar-lite is late; against Apache Pulsar they are plain checks."""
 
-    pytestmark = [
-        pytest.mark.timeout(480),
-        pytest.mark.xfail(
-            strict=False,
-            reason=(
-                "pulsar-lite 0.2 redelivers a SIGKILLed consumer's unacknowledged messages "
-                "late (a raw pulsar-client survivor still missed 814 of 2,000 messages 10 s "
-                "after 8 kills; all came back within 60 s) and, under load, not always "
-                "within these scenarios' time: they fail intermittently on this broker"
-            ),
-        ),
-    ]
+    pytestmark = [pytest.mark.timeout(240)]
 
     @pytest.fixture
     def transport_harness(
         self, pulsar_url: str, pulsar_broker: PulsarLiteBroker | None
     ) -> PulsarHarness:
         harness = PulsarHarness(make_config(pulsar_url), pulsar_broker)
-        harness.timeout_scale = 3.0
+        if pulsar_broker is not None:
+            harness.slow_crash_redelivery = (
+                "pulsar-lite 0.2 redelivers a SIGKILLed consumer's unacknowledged messages "
+                "late (a raw pulsar-client survivor still missed 814 of 2,000 messages 10 s "
+                "after 8 kills; all came back within 60 s)"
+            )
         return harness
 
 
@@ -98,3 +96,7 @@ class TestPulsarForgottenClose(ForgottenCloseConformance): ...
 
 
 class TestPulsarForeignMessages(ForeignMessageConformance): ...
+
+
+class TestPulsarDefaultConfiguration(DefaultConfigurationConformance):
+    """Default settings and a user's poll(timeout=5) loop (no test tuning)."""

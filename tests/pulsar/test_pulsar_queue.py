@@ -102,15 +102,16 @@ async def test_a_cancelled_poll_loses_nothing(transport_harness: PulsarHarness) 
         task = asyncio.create_task(q.poll(5))
         await asyncio.sleep(0.05)  # the message may be in flight to the buffer now
         task.cancel()
+        delivery = None
         with contextlib.suppress(asyncio.CancelledError):
-            early = await task
-            if early is not None:
-                assert await early.ack()
-                return
-        delivery = await q.poll(5)
-        assert delivery is not None and delivery.request.request_id == request.request_id
+            delivery = await task  # it finished before the cancel landed
+        if delivery is None:
+            delivery = await q.poll(5)
+        assert delivery is not None, "the request was lost with the cancelled poll"
+        assert delivery.request.request_id == request.request_id
         assert delivery.attempt == 1, "a cancelled poll must not cost a delivery"
         assert await delivery.ack()
+        assert await q.poll(1) is None, "delivered twice"
     finally:
         await t.aclose()
 
@@ -132,8 +133,8 @@ async def test_extend_keeps_a_lease_past_pulsars_ack_timeout_minimum(
             assert await delivery.extend()
             assert await rival.poll(0.5) is None, "redelivered while the owner kept extending"
         assert await delivery.ack()
-        assert await rival.poll(2.5) is None
-        assert request.request_id
+        assert await rival.poll(2.5) is None, "redelivered after it was acked"
+        assert delivery.request.request_id == request.request_id
     finally:
         await owner.aclose()
         await rival_client.aclose()

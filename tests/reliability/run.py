@@ -77,21 +77,26 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
         "",
         "## Faults",
         "",
-        "- **SIGKILL of workers**: a producer feeds the queue while two worker processes (16 handlers, "
+        "- **SIGKILL of workers**: a producer feeds the queue (one batch per kill, the next once that "
+        "kill happened) while two worker processes (16 handlers, "
         "0-20 ms of work each) drain it; a worker that has leased work is killed with SIGKILL 50-400 ms "
         "later and replaced, several times. `window` = requests leased and not acknowledged by the "
         "killed workers (the only ones allowed to come back twice).",
         "- **broker SIGKILL + restart**: a producer and a worker process run while the broker is killed "
-        "and restarted on the same address and data (for `sqlite://`, every process holding the file is killed).",
+        "and restarted on the same address and data (for an embedded store, `sqlite://`, every process "
+        "holding the file is killed). If the worker that lived through it stops consuming, a fresh one "
+        "finishes the drain and the row says so (`surviving_worker_stalled=True`, not ok).",
         "- **broker unreachable, outbox in front**: the broker is stopped for the period while a caller "
         "keeps enqueueing through the outbox; then it is started and the outbox drains. FIFO is checked "
         "end to end with one consumer.",
         "- **poison request**: one request always fails in an `Ensemble` with `max_attempts=3`, 200 others flow.",
-        "- **job 3× its lease, two workers**: two ensembles share a queue; the runtime extends leases.",
+        "- **job 3× its lease, two workers**: two ensembles share a queue; the runtime extends leases. "
+        "*processed*/*duplicated* count the handlers' executions per request.",
         "- **workers joining/leaving**: worker processes start and are killed every 0.5-1.5 s while a "
         "producer keeps enqueueing.",
         "- **caller SIGKILL**: a caller process sends 20 requests and is killed; an ensemble answers; "
-        "a restarted caller collects every response.",
+        "a restarted caller collects every response. *processed*/*duplicated* count the ensemble's "
+        "completed handler runs per request.",
         "",
         "## Limits of the dev brokers",
         "",

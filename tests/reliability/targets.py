@@ -22,6 +22,7 @@ async def sqlite_target() -> AsyncIterator[BackendHarness]:
         )
         harness = BackendHarness(config, SqliteTransport.capabilities)
         harness.lease_seconds = 1.0
+        harness.embedded = True
         yield harness
 
 

@@ -10,6 +10,7 @@ The pytest plugin (``transport.testing.plugin``) is registered through the
 """
 
 from transport.testing._crash_suite import CrashConformance
+from transport.testing._defaults_suite import DefaultConfigurationConformance
 from transport.testing._events_suite import EventBusConformance, EventLogConformance
 from transport.testing._lifecycle_suite import (
     CleanRestartConformance,
@@ -37,6 +38,7 @@ __all__ = [
     "CapabilityRegistryConformance",
     "CleanRestartConformance",
     "CrashConformance",
+    "DefaultConfigurationConformance",
     "DeliveryRegistryConformance",
     "EventBusConformance",
     "EventLogConformance",

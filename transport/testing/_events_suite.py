@@ -152,8 +152,9 @@ class EventLogConformance:
         log = transport.event_log()
         await log.append(queue_name, "old")
         reader = await log.read(queue_name, "latest")
+        # Caught up at the end (nothing old replayed), then waiting live.
+        assert await reader.next(0.3) is None, "'latest' replayed an older event"
         waiting = asyncio.ensure_future(reader.next(harness.scaled(10)))
-        await asyncio.sleep(0.05)
         writer = (await make_transport()).event_log()
         await writer.append(queue_name, "new")
         event = await waiting

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from transport.testing._util import TEARDOWN_MARGIN, Budget, timeout_of_test
+
 if TYPE_CHECKING:
     from transport import Transport
     from transport.testing.harness import BackendHarness
@@ -43,6 +45,15 @@ def pytest_configure(config: pytest.Config) -> None:
 def harness(transport_harness: BackendHarness) -> BackendHarness:
     """The backend under test (alias of the backend's ``transport_harness``)."""
     return transport_harness
+
+
+@pytest.fixture
+def budget(request: pytest.FixtureRequest) -> Budget:
+    """The time this test may spend: its timeout less a teardown margin.
+    Scenarios cut every wait to ``budget.left()`` so that they fail with
+    their own message (what was missing) before pytest-timeout kills them."""
+    limit = timeout_of_test(request)
+    return Budget(max(1.0, limit - max(TEARDOWN_MARGIN, 0.1 * limit)))
 
 
 @pytest.fixture
