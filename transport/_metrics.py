@@ -142,6 +142,9 @@ class _InstrumentedDelivery(Delivery):
             self._sink.increment("dead_lettered", self._labels)
         return done
 
+    async def _release_uncounted(self) -> bool:
+        return await self._inner._release_uncounted()
+
 
 class InstrumentedRequestQueue(RequestQueue):
     """Wraps any queue and reports what happens through it.

@@ -17,7 +17,9 @@ effective level = level − ⌊waited / aging_interval⌋ (never below 0), ties 
 oldest ``enqueued_at``. Because a level is FIFO, its head is also its most-aged
 request, so comparing heads is exact on ordered backends. Heads that lose the
 comparison stay leased by this queue (their leases are kept alive) and compete
-again on the next poll: at most one held request per level.
+again on the next poll: at most one held request per level. Closing gives
+them back without counting an attempt (``Delivery._release_uncounted``): an
+attempt is a hand-out to a handler.
 """
 
 from __future__ import annotations
@@ -321,8 +323,8 @@ class PriorityRequestQueue(RequestQueue):
         return sum(counts)
 
     async def aclose(self) -> None:
-        """Stop background polls, close every level (held heads are released
-        for redelivery without counting a failure). Idempotent.
+        """Stop background polls, give back the held heads without counting
+        an attempt (no handler saw them), close every level. Idempotent.
 
         Raises: nothing: errors of the level queues' close are swallowed.
         """
@@ -339,7 +341,18 @@ class PriorityRequestQueue(RequestQueue):
             task.cancel()
             with contextlib.suppress(BaseException):
                 self._fill(level, await task)
-        # Held heads are given back by the level queues' own close, which
-        # releases unsettled leases without counting a failure.
+        # Held heads were never handed to a handler: given back uncounted.
+        # One the backend could not give back so is released by its level
+        # queue's close below, which counts it.
+        held = [d for d in self._slots if d is not None]
         self._slots = [None] * self.levels
+        await asyncio.gather(*(self._give_back(d) for d in held))
         await asyncio.gather(*(q.aclose() for q in self._queues), return_exceptions=True)
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        try:
+            await delivery._release_uncounted()
+        except Exception as exc:  # the level queue's close releases it (counted)
+            log.warning(
+                "priority queue %r: a held head was not given back uncounted: %s", self.name, exc
+            )

@@ -104,6 +104,22 @@ class Delivery(ABC):
         Raises: TransientTransportError.
         """
 
+    async def _release_uncounted(self) -> bool:
+        """Give the request back for redelivery as if this delivery had not
+        happened: its next delivery has the same ``attempt``. For a delivery
+        that was never handed to a handler (a :class:`PriorityRequestQueue`
+        gives back the heads it held to compare levels); a handler's
+        deliveries are given back with :meth:`nack`. Backend SPI, not for
+        workers.
+
+        ``True``: given back, uncounted. ``False``: already settled or the
+        lease was lost, or the backend cannot give it back uncounted; the
+        caller then leaves it to the queue's close or to lease expiry, which
+        count it. This default returns ``False``: a backend overrides it.
+        Raises: TransientTransportError (the delivery stays leased).
+        """
+        return False
+
 
 class RequestQueue(ABC):
     """One named, durable queue of :class:`WorkRequest` with manual-commit

@@ -208,6 +208,9 @@ class MemoryDelivery(Delivery):
     async def dead_letter(self, error: str) -> bool:
         return self._queue._settle(self._token, "dead", None, error)
 
+    async def _release_uncounted(self) -> bool:
+        return self._queue._release_uncounted(self._token)
+
 
 class MemoryRequestQueue(RequestQueue):
     def __init__(
@@ -398,6 +401,23 @@ class MemoryRequestQueue(RequestQueue):
                 heapq.heappush(state.delayed, (time.monotonic() + delay, next(_token), msg))
             else:
                 state.ready.append(msg)
+            _notify_one(state)
+            return True
+
+    def _release_uncounted(self, token: int) -> bool:
+        # Back to the front (a head is the oldest), with this delivery's
+        # count withdrawn: its next delivery has the same attempt.
+        state = self._state
+        with self._broker.lock:
+            entry = state.inflight.pop(token, None)
+            self._held.discard(token)
+            if entry is None:
+                return False
+            if len(state.leases) > 4 * len(state.inflight) + 64:
+                _compact_leases(state)
+            msg = entry[0]
+            msg.attempts -= 1
+            state.ready.appendleft(msg)
             _notify_one(state)
             return True
 

@@ -206,6 +206,9 @@ class SqliteDelivery(Delivery):
     async def dead_letter(self, error: str) -> bool:
         return await self._queue._nack(self._row, self._token, 0.0, error, True)
 
+    async def _release_uncounted(self) -> bool:
+        return await self._queue._release_uncounted(self._row, self._token)
+
 
 class SqliteRequestQueue(RequestQueue):
     def __init__(
@@ -359,10 +362,13 @@ class SqliteRequestQueue(RequestQueue):
             self._leaser = None
 
     def _give_back(self, held: list[tuple[int, int]]) -> None:
+        # Leased for polls that gave up: never handed out, so not counted.
         for row_id, _ in held:
             self._held.pop(row_id, None)
         with contextlib.suppress(TransportError, RuntimeError):
-            self._store.submit(functools.partial(self._release_op, held=held), write=True)
+            self._store.submit(
+                functools.partial(self._release_op, held=held, uncounted=True), write=True
+            )
 
     async def poll(self, timeout: float | None = None) -> SqliteDelivery | None:
         self._check()
@@ -443,12 +449,30 @@ class SqliteRequestQueue(RequestQueue):
 
         return await self._store.write(op)
 
+    async def _release_uncounted(self, row_id: int, token: int) -> bool:
+        self._held.pop(row_id, None)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            return self._release_op(conn, [(row_id, token)], uncounted=True) == 1
+
+        done = await self._store.write(op)
+        if done:
+            self._t._signals.notify(self._key)
+        return done
+
     @staticmethod
-    def _release_op(conn: sqlite3.Connection, held: list[tuple[int, int]]) -> None:
-        # Released requests keep their place (seq) and their attempt count.
-        conn.executemany(
-            "UPDATE messages SET token = NULL, available_at = 0 WHERE id = ? AND token = ?", held
+    def _release_op(
+        conn: sqlite3.Connection, held: list[tuple[int, int]], *, uncounted: bool = False
+    ) -> int:
+        """Released requests keep their place (seq) and their attempt count,
+        less this lease's if it was never handed out (``uncounted``).
+        Returns how many were still held by these leases."""
+        count = ", attempts = MAX(attempts - 1, 0)" if uncounted else ""
+        cur = conn.executemany(
+            f"UPDATE messages SET token = NULL, available_at = 0{count} WHERE id = ? AND token = ?",
+            held,
         )
+        return cur.rowcount
 
     async def stats(self) -> QueueStats:
         self._check()

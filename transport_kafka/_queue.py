@@ -38,7 +38,8 @@ progress share one round of these writes, which also counts the next few
 records ahead (at most twice the polls in progress). A consumer that gives
 a partition up cleanly (``aclose()``, a rebalance) first withdraws the
 counts it reserved for records it did not hand out (it rewrites their state
-keys: the latest value of a key holds); a process killed has counted a
+keys: the latest value of a key holds), and a delivery given back unseen by
+a handler (a priority queue's held head) is such a reservation again; a process killed has counted a
 delivery of those records it never handed out (at most twice the polls in
 progress plus the leases held, 256 at most), as a broker counts a
 prefetched batch. A consumer that gets a partition replays the state
@@ -179,6 +180,9 @@ class _Lease:
     deadline: float
     state: Literal["held", "settling", "done", "lost"] = "held"
     token: int = field(default_factory=lambda: next(_tokens))
+    # The state key that counted this delivery, with its round's counts and
+    # records: a give-back without counting reserves the count again there.
+    counted: tuple[bytes, tuple[int, dict[int, int], list[_Record]]] | None = None
 
 
 def _replay_markers(
@@ -1184,11 +1188,15 @@ class _QueueEngine:
                 await self._reserve(handle.max_attempts)
                 continue  # the head may have changed meanwhile
             self.ready.popleft()
+            key = rec.count_key
+            entry = None if key is None else self._counted.get(key)
             rec.reserved = False
             rec.count_key = None
             self._reserve_ahead(handle.max_attempts)
             request = request.model_copy(update={"attempt": rec.attempts})
             lease = _Lease(rec, request, handle, time.monotonic() + handle.lease_seconds)
+            if key is not None and entry is not None:
+                lease.counted = (key, entry)
             self._next_deadline = min(self._next_deadline, lease.deadline)
             self.leases[lease.token] = lease
             handle._held.add(lease.token)
@@ -1206,6 +1214,22 @@ class _QueueEngine:
                 self.ready.appendleft(lease.record)
         handle._held.clear()
         self._notify()
+
+    def release_uncounted(self, lease: _Lease) -> bool:
+        """Give back a delivery no handler saw, as if it had not happened:
+        its count in the state topic becomes a reservation again (the next
+        hand-out uses it; a clean close or revocation withdraws it)."""
+        if lease.counted is None or not self._valid(lease):
+            return False
+        key, entry = lease.counted
+        rec = lease.record
+        self._drop_lease(lease, "done")
+        rec.reserved = True
+        rec.count_key = key
+        self._counted.setdefault(key, entry)
+        self.ready.appendleft(rec)
+        self._notify()
+        return True
 
     def _valid(self, lease: _Lease) -> bool:
         if lease.state != "held" or self._stopped:
@@ -1285,6 +1309,9 @@ class KafkaDelivery(Delivery):
 
     async def dead_letter(self, error: str) -> bool:
         return await self._engine.settle(self._lease, "dead", None, error)
+
+    async def _release_uncounted(self) -> bool:
+        return self._engine.release_uncounted(self._lease)
 
 
 class KafkaRequestQueue(RequestQueue):

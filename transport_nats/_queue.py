@@ -5,7 +5,8 @@ Leases are JetStream's ack wait (``ack_wait = lease_seconds``); the attempt
 is the delivery count (``metadata.num_delivered``) less the deliveries that
 were no hand-out: a handle that closes with messages in its buffer (never
 handed to a poll) records them in a KV bucket ``<queue>__uncounted`` (key:
-stream sequence) before giving them back, and a message delivered more than
+stream sequence) before giving them back, as does a delivery given back
+unseen by a handler (a priority queue's held head), and a message delivered more than
 once has that record looked up; the record is deleted when the message is
 settled. A process killed with a buffer counts those deliveries (at most
 ``prefetch``, or the one pulled for a poll that gave up). JetStream alone never
@@ -212,6 +213,21 @@ class NatsDelivery(Delivery):
         self._finish()
         return True
 
+    async def _release_uncounted(self) -> bool:
+        # JetStream counted this delivery: recorded as no hand-out in
+        # <queue>__uncounted first, then given back (NAK).
+        if not self._usable():
+            return False
+        self._settled = True
+        try:
+            await self._q._record_uncounted_one(self._msg)
+            await self._q._reply(self._msg, b"-NAK")
+        except BaseException:
+            self._settled = False
+            raise
+        self._finish()
+        return True
+
 
 class NatsRequestQueue(RequestQueue):
     """See the module docstring. Guarantees as :class:`RequestQueue`."""
@@ -409,10 +425,7 @@ class NatsRequestQueue(RequestQueue):
         if hand_to_waiter(self._waiters, held):
             return
         self._buffer.append(held)
-        if self._bucket_opening is None:
-            # A close gives buffered messages back and records them first:
-            # open that bucket now (the transport may be closing by then).
-            self._bucket_opening = asyncio.get_running_loop().create_task(self._open_uncounted())
+        self._open_uncounted_soon()
         if self._prefetch > 1 and (self._keeper is None or self._keeper.done()):
             self._keeper = asyncio.get_running_loop().create_task(self._keep_buffer())
 
@@ -530,6 +543,7 @@ class NatsRequestQueue(RequestQueue):
             request = request.model_copy(update={"attempt": attempt})
         delivery = NatsDelivery(request, self, msg, seq, received + self.lease_window)
         self._held[seq] = delivery
+        self._open_uncounted_soon()
         return delivery
 
     async def _uncounted_of(self, seq: int, delivered: int) -> int:
@@ -565,6 +579,13 @@ class NatsRequestQueue(RequestQueue):
         self._drops.add(task)
         task.add_done_callback(self._drops.discard)
 
+    def _open_uncounted_soon(self) -> None:
+        """A close gives buffered messages back, and a delivery no handler
+        saw may be given back, each recorded first: open that bucket now
+        (the transport may be closing by then)."""
+        if self._bucket_opening is None:
+            self._bucket_opening = asyncio.get_running_loop().create_task(self._open_uncounted())
+
     async def _open_uncounted(self) -> None:
         try:
             await self._uncounted._bucket()
@@ -576,13 +597,9 @@ class NatsRequestQueue(RequestQueue):
         """Before a closing handle gives back messages it never handed out,
         record that JetStream's delivery of each was no hand-out."""
 
-        async def one(msg: Msg) -> None:
-            meta = msg.metadata
-            seq = meta.sequence.stream
-            count = await self._uncounted_of(seq, meta.num_delivered)
-            await self._uncounted.put(str(seq), str(count + 1).encode())
-
-        results = await asyncio.gather(*(one(m) for m in msgs), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._record_uncounted_one(m) for m in msgs), return_exceptions=True
+        )
         for result in results:
             if isinstance(result, BaseException):
                 log.warning(
@@ -590,6 +607,17 @@ class NatsRequestQueue(RequestQueue):
                     self.name,
                     result,
                 )
+
+    async def _record_uncounted_one(self, msg: Msg) -> None:
+        """Record that JetStream's current delivery of ``msg`` was no hand-out."""
+        opening = self._bucket_opening
+        if opening is not None and not opening.done():
+            await asyncio.wait_for(asyncio.shield(opening), self._opts.request_timeout)
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        count = await self._uncounted_of(seq, meta.num_delivered) + 1
+        await self._uncounted.put(str(seq), str(count).encode())
+        self._uncounted_known[seq] = (meta.num_delivered, count)
 
     async def _from_buffer(self) -> NatsDelivery | None:
         loop = asyncio.get_running_loop()

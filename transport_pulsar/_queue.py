@@ -25,7 +25,8 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
   redelivers (redelivery count > 0) has its count looked up there; the
   entry is tombstoned when the message is settled. A poll cancelled
   between counting and handing out keeps its count locally, and a clean
-  close withdraws it. A worker killed counts at most one hand-out per poll
+  close withdraws it; a delivery given back unseen by a handler (a
+  priority queue's held head) has its count lowered first. A worker killed counts at most one hand-out per poll
   in progress that did not happen.
 * ack: individual acknowledgement. nack(): negative acknowledgement;
   nack(delay) or nack(error=): a copy carrying the attempt count, the error,
@@ -143,6 +144,9 @@ class PulsarDelivery(Delivery):
 
     async def dead_letter(self, error: str) -> bool:
         return await self._queue._settle_dead(self, error)
+
+    async def _release_uncounted(self) -> bool:
+        return await self._queue._release_uncounted(self)
 
 
 class PulsarRequestQueue(RequestQueue):
@@ -457,6 +461,30 @@ class PulsarRequestQueue(RequestQueue):
             ok = True
         finally:
             self._finish_settle(delivery, ok, gone=not give_back)
+        return True
+
+    async def _release_uncounted(self, delivery: PulsarDelivery) -> bool:
+        """Give back a delivery no handler saw: its hand-out count in
+        ``<queue>__attempts`` is lowered first, then the message is
+        negatively acknowledged."""
+        if not self._begin_settle(delivery):
+            return False
+        ok = False
+        try:
+            message = delivery._message
+            try:
+                before = int(message.properties().get(ATTEMPTS_PROPERTY, "0"))
+            except ValueError:
+                before = 0
+            handed = delivery.attempt - before - 1  # hand-outs before this one
+            await self._attempts.write(
+                _message_key(message), _count_value(handed) if handed > 0 else None
+            )
+            assert self._consumer is not None
+            self._consumer.negative_acknowledge(message)
+            ok = True
+        finally:
+            self._finish_settle(delivery, ok, gone=False)
         return True
 
     async def _republish(self, delivery: PulsarDelivery, delay: float, error: str | None) -> None:

@@ -181,6 +181,75 @@ class PriorityQueueConformance:
         if harness.capabilities.ordered:
             assert [rid for _, rid in got] == high + low
 
+    async def test_clean_sessions_count_no_attempt_for_held_heads(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        # A priority queue leases the head of every level to compare them and
+        # holds those that lost. Closing it gives them back without counting
+        # an attempt: only a hand-out to a handler counts. Seven short
+        # sessions (each a new client): every one polls one request; the
+        # second closes without acking (its request comes back with exactly
+        # one more attempt), the others ack. The level-2 heads lose to level
+        # 0 in the first sessions and are held and given back each time.
+        max_attempts = 3
+        producer = await make_transport()
+        try:
+            pq = producer.priority_queue(
+                queue_name, levels=3, aging_interval=timedelta(hours=1), max_attempts=max_attempts
+            )
+            sent = [
+                await pq.enqueue(WorkRequest(task="t", payload={"level": level, "i": i}), level)
+                for level, count in ((0, 4), (2, 2))
+                for i in range(count)
+            ]
+        finally:
+            await producer.aclose()
+        wanted = {r.request_id: r.priority for r in sent}
+        handed: dict[str, int] = {}  # hand-outs per request
+        acked: set[str] = set()
+        log: list[str] = []
+        for session in range(1, 8):
+            ack = session != 2
+            client = await make_transport()
+            try:
+                worker = client.priority_queue(
+                    queue_name,
+                    levels=3,
+                    aging_interval=timedelta(hours=1),
+                    max_attempts=max_attempts,
+                )
+                delivery = await worker.poll(harness.scaled(20))
+                assert delivery is not None, f"session {session} got nothing ({log})"
+                rid = delivery.request.request_id
+                assert rid in wanted, f"session {session} got an unknown request {rid}"
+                assert rid not in acked, f"acked request {rid} delivered again ({log})"
+                handed[rid] = handed.get(rid, 0) + 1
+                log.append(
+                    f"s{session}:p{wanted[rid]}/{rid[:8]}@{delivery.attempt}"
+                    f"{'' if ack else ' released'}"
+                )
+                # Exact: one attempt per hand-out to a handler, none for the
+                # sessions that held it as a head that lost the comparison.
+                assert delivery.attempt == handed[rid], (
+                    f"request handed out {handed[rid]} time(s) has attempt "
+                    f"{delivery.attempt} ({log})"
+                )
+                if ack:
+                    assert await delivery.ack(), f"ack in session {session} did not take effect"
+                    acked.add(rid)
+            finally:
+                await client.aclose()
+        assert acked == set(wanted), f"not every request was delivered and acked ({log})"
+        assert sorted(handed.values()) == [1, 1, 1, 1, 1, 2], log
+        checker = await make_transport()
+        try:
+            dead = await checker.priority_queue(
+                queue_name, levels=3, aging_interval=timedelta(hours=1)
+            ).dead_letters()
+        finally:
+            await checker.aclose()
+        assert dead == [], f"dead-lettered: {[(d.request_id, d.error) for d in dead]} ({log})"
+
     async def test_out_of_range_priority_is_rejected(
         self, transport: Transport, queue_name: str
     ) -> None:
