@@ -22,6 +22,9 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
+import functools
+import glob
 import logging
 import os
 import random
@@ -106,6 +109,86 @@ def _inbox(loop: asyncio.AbstractEventLoop) -> _LoopInbox:
     if inbox is None:
         inbox = _inboxes[loop] = _LoopInbox(loop)
     return inbox
+
+
+class _AckSettings:
+    """The two ack settings the Python binding of pulsar-client does not
+    expose (``ConsumerConfiguration`` keeps them in C++): the ack-grouping
+    time and ack receipts. Set through the exported C++ setters of the
+    wheel's own ``libpulsar``, on the configuration object the binding
+    wraps (pybind11 keeps a plain object's C++ pointer right after the
+    Python object header). Before anything is set, that pointer is proven:
+    the C++ getters must read back the redelivery delay just set from
+    Python and the documented grouping default. Anything unexpected (another
+    build, a renamed symbol) leaves the configuration untouched and
+    :meth:`enable_receipts` returns ``False``."""
+
+    _GET_NACK = "_ZNK6pulsar21ConsumerConfiguration31getNegativeAckRedeliveryDelayMsEv"
+    _GET_GROUPING = "_ZNK6pulsar21ConsumerConfiguration20getAckGroupingTimeMsEv"
+    _SET_GROUPING = "_ZN6pulsar21ConsumerConfiguration20setAckGroupingTimeMsEl"
+    _GET_RECEIPT = "_ZNK6pulsar21ConsumerConfiguration19isAckReceiptEnabledEv"
+    _SET_RECEIPT = "_ZN6pulsar21ConsumerConfiguration20setAckReceiptEnabledEb"
+    _DEFAULT_GROUPING_MS = 100
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        ptr = ctypes.c_void_p
+        self.get_nack = getattr(lib, self._GET_NACK)
+        self.get_nack.argtypes, self.get_nack.restype = [ptr], ctypes.c_long
+        self.get_grouping = getattr(lib, self._GET_GROUPING)
+        self.get_grouping.argtypes, self.get_grouping.restype = [ptr], ctypes.c_long
+        self.set_grouping = getattr(lib, self._SET_GROUPING)
+        self.set_grouping.argtypes, self.set_grouping.restype = [ptr, ctypes.c_long], ptr
+        self.get_receipt = getattr(lib, self._GET_RECEIPT)
+        self.get_receipt.argtypes, self.get_receipt.restype = [ptr], ctypes.c_bool
+        self.set_receipt = getattr(lib, self._SET_RECEIPT)
+        self.set_receipt.argtypes, self.set_receipt.restype = [ptr, ctypes.c_bool], ptr
+
+    @staticmethod
+    @functools.cache
+    def load() -> _AckSettings | None:
+        libs = os.path.join(os.path.dirname(os.path.dirname(pulsar.__file__)), "pulsar_client.libs")
+        found = sorted(glob.glob(os.path.join(libs, "libpulsar-*.so*")))
+        try:
+            if len(found) == 1:
+                return _AckSettings(ctypes.CDLL(found[0]))
+            problem = f"{len(found)} libpulsar files in {libs}"
+        except (OSError, AttributeError) as exc:
+            problem = str(exc)
+        log.warning(
+            "ack receipts cannot be enabled with this pulsar-client build (%s): "
+            "ack() waits ack_flush_wait_ms instead",
+            problem,
+        )
+        return None
+
+    def enable_receipts(self, conf: _pulsar.ConsumerConfiguration, nack_delay_ms: int) -> bool:
+        """Acks sent at once (no grouping), each completed by the broker's
+        receipt; ``conf`` must be fresh and have ``nack_delay_ms`` set."""
+        if type(conf) is not _pulsar.ConsumerConfiguration:
+            return False
+        address = ctypes.c_void_p.from_address(id(conf) + object.__basicsize__).value
+        if not address:
+            return False
+        if (
+            self.get_nack(address) != nack_delay_ms
+            or self.get_grouping(address) != self._DEFAULT_GROUPING_MS
+        ):
+            log.warning(
+                "ack receipts cannot be enabled: this pulsar-client build's consumer "
+                "configuration is laid out differently; ack() waits ack_flush_wait_ms instead"
+            )
+            return False
+        self.set_grouping(address, 0)
+        self.set_receipt(address, True)
+        return self.get_grouping(address) == 0 and bool(self.get_receipt(address))
+
+
+def enable_ack_receipts(conf: _pulsar.ConsumerConfiguration, nack_delay_ms: int) -> bool:
+    """Make every ack of consumers built from ``conf`` complete on the
+    broker's receipt; ``False`` (``conf`` unchanged) where this client build
+    does not allow it."""
+    settings = _AckSettings.load()
+    return settings is not None and settings.enable_receipts(conf, nack_delay_ms)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
@@ -271,10 +354,14 @@ class AsyncConsumer:
         loop: asyncio.AbstractEventLoop,
         ack_flush_wait: float,
         owner: AsyncPulsarClient | None = None,
+        *,
+        ack_receipts: bool = False,
     ) -> None:
         self._consumer = consumer
         self._owner = owner  # the client this consumer has to itself, closed with it
         self._ack_flush_wait = ack_flush_wait
+        #: Acks complete on the broker's receipt (else: the flush wait).
+        self.ack_receipts = ack_receipts
         self.topic = topic
         self._loop = loop
         self._thread = threading.get_ident()  # created on the loop's thread
@@ -394,12 +481,13 @@ class AsyncConsumer:
         with map_pulsar_errors(f"ack on {self.topic}"):
             self._consumer.acknowledge_async(message, _result_callback(future))
         await _wait(future, timeout, f"ack on {self.topic}")
-        # The C++ client completes an ack as soon as it is queued in its ack
-        # grouping tracker, which reaches the socket on the next 100 ms tick
-        # (neither ackGroupingTime nor ack receipts are settable from Python).
-        # Waiting past that tick means a process killed after ack() returned
+        # With ack receipts (see enable_ack_receipts) the client sends the
+        # ack at once and completes it on the broker's answer: done. Without
+        # them it completes an ack as soon as it is queued in its ack
+        # grouping tracker, which reaches the socket on the next 100 ms tick:
+        # waiting past that tick means a process killed after ack() returned
         # has still sent its ack.
-        if self._ack_flush_wait:
+        if self._ack_flush_wait and not self.ack_receipts:
             await asyncio.sleep(self._ack_flush_wait)
 
     def negative_acknowledge(self, message: Message) -> None:
@@ -573,6 +661,7 @@ class AsyncPulsarClient:
         )
         conf.receiver_queue_size(receiver_queue_size)
         conf.negative_ack_redelivery_delay_ms(nack_delay_ms)
+        receipts = enable_ack_receipts(conf, nack_delay_ms)
         # Earliest: a subscription created after requests were enqueued still gets them.
         conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
         # No ackTimeout: leases are enforced by the queue (the client's 10 s
@@ -598,7 +687,9 @@ class AsyncPulsarClient:
                         raise  # the backstop fired, or out of time: owner.close() ends it
                     log.debug("subscribe to %s refused or timed out; trying again", topic)
                     continue
-                return AsyncConsumer(consumer, topic, loop, ack_flush_wait, owner=owner)
+                return AsyncConsumer(
+                    consumer, topic, loop, ack_flush_wait, owner=owner, ack_receipts=receipts
+                )
         except BaseException:
             await owner.close()
             raise

@@ -31,8 +31,10 @@ first consumer id is random below this; 0 suits Apache Pulsar),
 ``io_threads`` (1), ``client_log`` (``stderr``: the C++ client's warnings
 and errors on stderr | ``python``: all its lines, debug included, to the
 ``transport.pulsar.client`` logger, at a cost per message), ``ack_flush_wait_ms``
-(150: how long ``ack()`` waits for the client's ack-grouping flush; 0 makes
-acks faster and lets a process killed right after ``ack()`` lose the ack), ``admin_url`` (None:
+(150: ``ack()`` returns on the broker's ack receipt; only where the installed
+pulsar-client does not allow receipts, it waits this long for the client's
+ack-grouping flush instead; 0 there lets a process killed right after
+``ack()`` lose the ack), ``admin_url`` (None:
 admin REST endpoint for ``stats()``), ``listener_name``, and OAuth2
 client credentials ``oauth2_issuer_url``, ``oauth2_audience``,
 ``oauth2_scope``, ``oauth2_client_id``, ``oauth2_client_secret`` (secret).
