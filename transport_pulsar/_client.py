@@ -39,7 +39,7 @@ import pulsar
 
 from transport._queue import hand_to_waiter
 from transport._shared import retrieve
-from transport.errors import TransientTransportError
+from transport.errors import ClosedResourceError, TransientTransportError
 from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
 
 __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
@@ -47,6 +47,10 @@ __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
 log = logging.getLogger("transport.pulsar")
 _client_log = logging.getLogger("transport.pulsar.client")
 _OK = _pulsar.Result.Ok
+#: Pause between attempts of an ack the client refused while reconnecting.
+_ACK_RETRY_SECONDS = 0.1
+#: Message ids acked across a reconnect, remembered to drop redispatched copies.
+_REACKED_KEPT = 4096
 
 # pulsar-client ships no type information: its objects are opaque here.
 Message: TypeAlias = Any
@@ -373,6 +377,9 @@ class AsyncConsumer:
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
         self._on_message_cb = self._make_callback()
+        # Ids of messages acked only after a reconnect: the broker may have
+        # dispatched them again meanwhile; such a copy is dropped.
+        self._reacked: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def _make_callback(self) -> Callable[..., None]:
         loop = self._loop
@@ -438,6 +445,8 @@ class AsyncConsumer:
         if result == _OK:
             if self._closed:
                 return  # closing the consumer returns it to the broker
+            if self._stale(message):
+                return
             if not hand_to_waiter(self._waiters, message):
                 self._ready.append(message)
         elif not self._closed and result != _pulsar.Result.AlreadyClosed:
@@ -448,8 +457,10 @@ class AsyncConsumer:
 
     async def next(self, timeout: float) -> Message | None:
         """The next message, or ``None`` after ``timeout`` seconds."""
-        if self._ready:
-            return self._ready.popleft()
+        while self._ready:
+            message = self._ready.popleft()
+            if not self._stale(message):
+                return message
         if self._closed:
             return None
         loop = self._loop
@@ -472,15 +483,43 @@ class AsyncConsumer:
             if not waiter.done():
                 waiter.cancel()
 
+    def _stale(self, message: Message) -> bool:
+        return bool(self._reacked) and str(message.message_id()) in self._reacked
+
     def push_back(self, message: Message) -> None:
         """Return a message taken by :meth:`next` but not used (front of the line)."""
         self._ready.appendleft(message)
 
     async def acknowledge(self, message: Message, timeout: float) -> None:
-        future: asyncio.Future[None] = self._loop.create_future()
-        with map_pulsar_errors(f"ack on {self.topic}"):
-            self._consumer.acknowledge_async(message, _result_callback(future))
-        await _wait(future, timeout, f"ack on {self.topic}")
+        loop = self._loop
+        what = f"ack on {self.topic}"
+        deadline = loop.time() + timeout
+        retried = False
+        while True:
+            future: asyncio.Future[None] = loop.create_future()
+            try:
+                with map_pulsar_errors(what):
+                    self._consumer.acknowledge_async(message, _result_callback(future))
+                await _wait(future, max(deadline - loop.time(), 0.0), what)
+                if retried:
+                    self._reacked[str(message.message_id())] = None
+                    while len(self._reacked) > _REACKED_KEPT:
+                        self._reacked.popitem(last=False)
+                break
+            except (ClosedResourceError, TransientTransportError) as exc:
+                # With receipts the client fails an ack while it is not
+                # connected (at once, as "AlreadyClosed", or when the
+                # connection drops with the receipt outstanding); a consumer
+                # we did not close reconnects by itself, and an ack may be
+                # sent again: until the deadline, it is.
+                if self._closed or not self.ack_receipts:
+                    raise
+                if loop.time() >= deadline:
+                    if isinstance(exc, TransientTransportError):
+                        raise
+                    raise TransientTransportError(f"{what}: not connected to the broker") from exc
+                retried = True
+                await asyncio.sleep(_ACK_RETRY_SECONDS)
         # With ack receipts (see enable_ack_receipts) the client sends the
         # ack at once and completes it on the broker's answer: done. Without
         # them it completes an ack as soon as it is queued in its ack
