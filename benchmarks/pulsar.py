@@ -10,8 +10,11 @@ Baselines give the library's guarantees where the raw client can:
   library's consumers here), the
   best at-least-once loop the raw client offers. Its acks are *not* on the
   wire when ``acknowledge`` returns (the client groups them on a 100 ms
-  tick); the library's ``ack()`` waits for that tick — see
+  tick); the library's ``ack()`` returns on the broker's ack receipt — see
   docs/backends/pulsar.md;
+* sequential poll+ack: one ``receive`` -> ``acknowledge`` loop in a thread,
+  one message at a time, with the library's consumer settings (prefetch 1,
+  no ack grouping, ack receipts), against one ``poll`` -> ``ack`` loop;
 * round trip: the raw client's own publish → receive → ack → reply publish →
   receive, with two threads.
 """
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _pulsar
 import pulsar
 
 from benchmarks import _library as library
@@ -52,11 +56,12 @@ from transport import (
     WorkResponse,
     connect,
 )
+from transport_pulsar._client import enable_ack_receipts
 
 #: Poller tasks (library) for poll+ack; the raw loop runs in one thread.
 CONSUMERS = 64
 #: Acks in flight at most in the library's poll+ack run: each waits for the
-#: client's ack flush (``ack_flush_wait_ms``) before it returns.
+#: broker's ack receipt before it returns.
 ACKS_IN_FLIGHT = 4096
 #: Prefetch for the library's consumers in the throughput runs (the option
 #: ``receiver_queue_size``; the default, 1, suits long-running work).
@@ -144,7 +149,7 @@ def _topic(prefix: str) -> str:
 async def ours_consume(url: str, n: int, **options: Any) -> float:
     """``CONSUMERS`` pollers; each ack runs in its own task (at most
     ``ACKS_IN_FLIGHT`` at a time), so a poller moves on while the ack waits
-    for the client's ack flush, as the raw loop moves on after
+    for the broker's ack receipt, as the raw loop moves on after
     ``acknowledge``. Timed from the start to the n-th completed ``ack()``."""
     transport = await connect(_config(url, receiver_queue_size=PREFETCH, **options))
     try:
@@ -199,7 +204,7 @@ async def ours_consume(url: str, n: int, **options: Any) -> float:
 
 async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
     """Fill an ``n`` request backlog, drain it with one queue handle (one
-    poller; acks, which wait for the client's ack flush, overlap, at most
+    poller; acks, which wait for the broker's receipt, overlap, at most
     ``ACKS_IN_FLIGHT`` at a time). Returns RSS before, after fill, peak while
     draining (MB) and the drain rate."""
     transport = await connect(_config(url, receiver_queue_size=PREFETCH))
@@ -328,6 +333,47 @@ async def raw_consume(url: str, n: int) -> float:
     return await asyncio.to_thread(run)
 
 
+async def raw_sequential(url: str, n: int) -> float:
+    """One thread: ``receive`` -> decode -> ``acknowledge``, one message at a
+    time, with the library's consumer settings: prefetch 1 (the default of
+    ``receiver_queue_size``), no ack grouping and ack receipts, so that
+    ``acknowledge`` returns on the broker's receipt as ``ack()`` does."""
+
+    def run() -> float:
+        client = _raw_client(url)
+        try:
+            topic = _topic("s")
+            conf = _pulsar.ConsumerConfiguration()
+            conf.consumer_type(pulsar.ConsumerType.Shared)
+            conf.receiver_queue_size(1)
+            conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
+            conf.negative_ack_redelivery_delay_ms(100)
+            if not enable_ack_receipts(conf, 100):
+                raise RuntimeError("this pulsar-client build does not allow ack receipts")
+            consumer = client._client.subscribe(topic, "w", conf)
+            producer = client.create_producer(
+                topic, batching_enabled=False, block_if_queue_full=True
+            )
+            body = _body()
+            for _ in range(n + 1):
+                producer.send_async(body, lambda result, _id: None)
+            producer.flush()
+            consumer.acknowledge(consumer.receive(30_000))  # warm up, as ours
+            start = time.perf_counter()
+            for _ in range(n):
+                msg = consumer.receive(30_000)
+                WorkRequest.model_validate_json(msg.data())
+                consumer.acknowledge(msg)  # waits for the broker's receipt
+            elapsed = time.perf_counter() - start
+            consumer.close()
+            producer.close()
+            return n / elapsed
+        finally:
+            client.close()
+
+    return await asyncio.to_thread(run)
+
+
 async def raw_round_trip(url: str, n: int) -> list[float]:
     """Caller: send (receipt) to the request topic, wait for the reply on its
     reply topic. Worker thread: receive, reply (receipt), ack."""
@@ -408,24 +454,25 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 "poll+ack",
                 a,
                 b,
-                f"receive+acknowledge loop (ours: {CONSUMERS} pollers, durable acks, ≤{ACKS_IN_FLIGHT} in flight)",
+                f"receive+acknowledge loop (ours: {CONSUMERS} pollers, acks on receipt, ≤{ACKS_IN_FLIGHT} in flight)",
                 0.5,
             )
         )
-        progress("pulsar: poll+ack without the ack flush wait")
+        sequential = max(sizes.consume // 4, 2000)
+        progress(f"pulsar: sequential poll+ack ({sequential:,})")
         a, b = await alternate(
-            lambda: ours_consume(url, consume, ack_flush_wait_ms=0),
-            lambda: raw_consume(url, consume),
+            lambda: library.sequential_poll_ack(_config(url), sequential),
+            lambda: raw_sequential(url, sequential),
             r,
         )
         rows.append(
             throughput_row(
                 "pulsar",
-                "poll+ack (no flush wait)",
+                "sequential poll+ack",
                 a,
                 b,
-                "same; acks not durable on return (informational)",
-                None,
+                "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, defaults)",
+                0.5,
             )
         )
         progress("pulsar: round trip")
