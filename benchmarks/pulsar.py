@@ -10,11 +10,13 @@ Baselines give the library's guarantees where the raw client can:
   library's consumers here), the
   best at-least-once loop the raw client offers. Its acks are *not* on the
   wire when ``acknowledge`` returns (the client groups them on a 100 ms
-  tick); the library's ``ack()`` returns on the broker's ack receipt — see
+  tick); the library's ``ack()`` waits for that tick by default (with the
+  ``ack_receipts`` option it returns on the broker's receipt) — see
   docs/backends/pulsar.md;
 * sequential poll+ack: one ``receive`` -> ``acknowledge`` loop in a thread,
-  one message at a time, with the library's consumer settings (prefetch 1,
-  no ack grouping, ack receipts), against one ``poll`` -> ``ack`` loop;
+  one message at a time, with the library's consumer settings under
+  ``ack_receipts`` (prefetch 1, no ack grouping, ack receipts), against one
+  ``poll`` -> ``ack`` loop with ``ack_receipts``;
 * round trip: the raw client's own publish → receive → ack → reply publish →
   receive, with two threads.
 """
@@ -61,7 +63,7 @@ from transport_pulsar._client import enable_ack_receipts
 #: Poller tasks (library) for poll+ack; the raw loop runs in one thread.
 CONSUMERS = 64
 #: Acks in flight at most in the library's poll+ack run: each waits for the
-#: broker's ack receipt before it returns.
+#: client's ack flush (``ack_flush_wait_ms``) before it returns.
 ACKS_IN_FLIGHT = 4096
 #: Prefetch for the library's consumers in the throughput runs (the option
 #: ``receiver_queue_size``; the default, 1, suits long-running work).
@@ -149,7 +151,7 @@ def _topic(prefix: str) -> str:
 async def ours_consume(url: str, n: int, **options: Any) -> float:
     """``CONSUMERS`` pollers; each ack runs in its own task (at most
     ``ACKS_IN_FLIGHT`` at a time), so a poller moves on while the ack waits
-    for the broker's ack receipt, as the raw loop moves on after
+    for the client's ack flush, as the raw loop moves on after
     ``acknowledge``. Timed from the start to the n-th completed ``ack()``."""
     transport = await connect(_config(url, receiver_queue_size=PREFETCH, **options))
     try:
@@ -204,7 +206,7 @@ async def ours_consume(url: str, n: int, **options: Any) -> float:
 
 async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
     """Fill an ``n`` request backlog, drain it with one queue handle (one
-    poller; acks, which wait for the broker's receipt, overlap, at most
+    poller; acks, which wait for the client's ack flush, overlap, at most
     ``ACKS_IN_FLIGHT`` at a time). Returns RSS before, after fill, peak while
     draining (MB) and the drain rate."""
     transport = await connect(_config(url, receiver_queue_size=PREFETCH))
@@ -454,14 +456,30 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 "poll+ack",
                 a,
                 b,
-                f"receive+acknowledge loop (ours: {CONSUMERS} pollers, acks on receipt, ≤{ACKS_IN_FLIGHT} in flight)",
+                f"receive+acknowledge loop (ours: {CONSUMERS} pollers, durable acks, ≤{ACKS_IN_FLIGHT} in flight)",
                 0.5,
+            )
+        )
+        progress("pulsar: poll+ack without the ack flush wait")
+        a, b = await alternate(
+            lambda: ours_consume(url, consume, ack_flush_wait_ms=0),
+            lambda: raw_consume(url, consume),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "pulsar",
+                "poll+ack (no flush wait)",
+                a,
+                b,
+                "same; acks not durable on return (informational)",
+                None,
             )
         )
         sequential = max(sizes.consume // 4, 2000)
         progress(f"pulsar: sequential poll+ack ({sequential:,})")
         a, b = await alternate(
-            lambda: library.sequential_poll_ack(_config(url), sequential),
+            lambda: library.sequential_poll_ack(_config(url, ack_receipts=True), sequential),
             lambda: raw_sequential(url, sequential),
             r,
         )
@@ -471,7 +489,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 "sequential poll+ack",
                 a,
                 b,
-                "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, defaults)",
+                "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, ack_receipts)",
                 0.5,
             )
         )

@@ -674,6 +674,7 @@ class AsyncPulsarClient:
         attempt_timeout: float,
         budget: float,
         id_spread: int = 0,
+        ack_receipts: bool = False,
     ) -> AsyncConsumer:
         """Join ``subscription`` on a client of the consumer's own.
 
@@ -700,7 +701,7 @@ class AsyncPulsarClient:
         )
         conf.receiver_queue_size(receiver_queue_size)
         conf.negative_ack_redelivery_delay_ms(nack_delay_ms)
-        receipts = enable_ack_receipts(conf, nack_delay_ms)
+        receipts = ack_receipts and enable_ack_receipts(conf, nack_delay_ms)
         # Earliest: a subscription created after requests were enqueued still gets them.
         conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
         # No ackTimeout: leases are enforced by the queue (the client's 10 s

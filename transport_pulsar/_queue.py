@@ -17,8 +17,8 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
   everything it held at once.
 * attempt: ``ae-attempts`` property (deliveries before a republish) +
   the broker's redelivery count + 1.
-* ack: individual acknowledgement, sent at once and returned on the
-  broker's ack receipt. nack(): negative acknowledgement;
+* ack: individual acknowledgement (with the ``ack_receipts`` option: sent
+  at once and returned on the broker's ack receipt). nack(): negative acknowledgement;
   nack(delay) or nack(error=): a copy carrying the attempt count, the error
   and a not-before time is published (``deliverAfter``), then the original
   is acked. The not-before time is also enforced by the client, for

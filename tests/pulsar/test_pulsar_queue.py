@@ -214,11 +214,12 @@ async def test_a_refused_subscribe_takes_nothing_from_the_processs_other_consume
 async def test_a_sequential_poll_ack_loop_is_not_paced_by_the_ack_flush(
     transport_harness: PulsarHarness,
 ) -> None:
-    """Each ack() completes on the broker's ack receipt, not after the
-    client's 100 ms ack-grouping tick (150 ms with the flush wait): a worker
-    looping poll -> ack is bounded by round trips, not by that tick."""
+    """With ack_receipts, each ack() completes on the broker's ack receipt,
+    not after the client's 100 ms ack-grouping tick (150 ms with the flush
+    wait): a worker looping poll -> ack is bounded by round trips."""
     n = 40
-    t = await transport_harness.connect()
+    options = {**transport_harness.config.options, "ack_receipts": True}
+    t = await transport_harness.connect(options=options)
     try:
         q = t.request_queue(f"s{uuid.uuid4().hex[:8]}")
         sent = {
