@@ -68,7 +68,8 @@ class PulsarOptions(BaseModel):
     #: Opt-in: acks sent at once (no ack grouping) and completed on the
     #: broker's ack receipt, instead of the flush wait below. Off by default:
     #: on pulsar-lite the reliability SIGKILL scenario left requests
-    #: undelivered with it on (not understood yet; see docs/backends/pulsar.md).
+    #: undelivered far more often with it on (not understood yet; see
+    #: docs/backends/pulsar.md).
     ack_receipts: bool = False
     #: Without ack receipts (or where they cannot be enabled on the installed
     #: pulsar-client; a warning says so): ack() waits this long after the
