@@ -47,6 +47,34 @@ async def enqueue(target: Target, n: int, concurrency: int, *, warm_up: bool = T
         await transport.aclose()
 
 
+async def sequential_poll_ack(target: Target, n: int) -> float:
+    """Requests per second through one worker looping ``poll`` -> ``ack``,
+    one request at a time: each ``ack()`` returns before the next ``poll``.
+    ``n`` requests are enqueued first; the first delivery (joining the
+    queue) is not timed."""
+    transport = await connect(target)
+    try:
+        queue = transport.request_queue(f"s{uuid.uuid4().hex[:8]}")
+        await run_concurrently(
+            n + 1, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
+        )
+        first = await queue.poll(30)
+        if first is None or not await first.ack():
+            raise RuntimeError("sequential poll+ack: the first request never arrived")
+
+        async def body() -> None:
+            for done in range(n):
+                delivery = await queue.poll(30)
+                if delivery is None:
+                    raise RuntimeError(f"sequential poll+ack stopped after {done} of {n}")
+                if not await delivery.ack():
+                    raise RuntimeError("ack of a live delivery returned False")
+
+        return await rate(n, body)
+    finally:
+        await transport.aclose()
+
+
 async def round_trip(target: Target, n: int, *, warm_ups: int = 3) -> list[float]:
     """Milliseconds from ``register`` + ``enqueue`` to the response, through
     the delivery registry, one request at a time.

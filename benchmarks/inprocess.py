@@ -176,6 +176,33 @@ async def raw_sqlite_consume(path: Path, n: int, batch: int = 64) -> float:
     return await asyncio.to_thread(run)
 
 
+async def raw_sqlite_sequential(path: Path, n: int) -> float:
+    """Raw at-least-once loop, one row at a time: read the oldest row,
+    'process' it, delete it in its own fsynced commit."""
+
+    def run() -> float:
+        conn = _raw_db(path, "FULL")
+        conn.execute("DELETE FROM q")
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO q(body) VALUES (?)",
+            [(r.model_dump_json().encode(),) for r in library.requests(n)],
+        )
+        conn.execute("COMMIT")
+        start = time.perf_counter()
+        for _ in range(n):
+            row_id, body = conn.execute("SELECT id, body FROM q ORDER BY id LIMIT 1").fetchone()
+            WorkRequest.model_validate_json(body)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM q WHERE id = ?", (row_id,))
+            conn.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+        conn.close()
+        return n / elapsed
+
+    return await asyncio.to_thread(run)
+
+
 async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
     """Fill an ``n`` request backlog, then drain it with one worker (one
     process, 16 handlers): (RSS before the fill, after it, peak while
@@ -256,6 +283,42 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
     rows.append(
         throughput_row(
             "sqlite", "poll+ack", a, b, "raw sqlite3 batch select+delete (synchronous=FULL)", 0.5
+        )
+    )
+
+    sequential = max(sizes.consume // 4, 2000)
+    say(f"memory: sequential poll+ack ({sequential:,})")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: library.sequential_poll_ack(mem, sequential),
+        lambda: asyncio_queue_consume(sequential),
+        r,
+    )
+    rows.append(
+        throughput_row(
+            "memory",
+            "sequential poll+ack",
+            a,
+            b,
+            "one asyncio.Queue.get+task_done loop (ours: one poll→ack loop)",
+            None,
+        )
+    )
+    # Two fsynced commits per request (lease, ack) at ~100/s: fewer requests.
+    sequential = max(sizes.consume // 40, 500)
+    say(f"sqlite: sequential poll+ack ({sequential:,})")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: library.sequential_poll_ack(sqlite_url, sequential),
+        lambda: raw_sqlite_sequential(tmp / "raw.db", sequential),
+        r,
+    )
+    rows.append(
+        throughput_row(
+            "sqlite",
+            "sequential poll+ack",
+            a,
+            b,
+            "one raw sqlite3 select+delete loop, a commit per row (synchronous=FULL)",
+            None,
         )
     )
 

@@ -334,6 +334,43 @@ async def raw_consume(bootstrap: str, n: int) -> float:
     return await asyncio.to_thread(_raw_consume_blocking, bootstrap, topic, n)
 
 
+def _raw_sequential_blocking(bootstrap: str, topic: str, n: int) -> float:
+    consumer = _consumer(bootstrap, f"g{uuid.uuid4().hex[:8]}")
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + 600
+    try:
+        first = None
+        while first is None and time.monotonic() < deadline:  # warm up, as ours
+            first = consumer.poll(0.5)
+        if first is None or first.error():
+            raise RuntimeError(f"raw sequential loop: no first record ({first})")
+        consumer.commit(message=first, asynchronous=False)
+        start = time.perf_counter()
+        done = 0
+        while done < n and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            WorkRequest.model_validate_json(msg.value())  # the no-op handler
+            consumer.commit(message=msg, asynchronous=False)  # durable before the next
+            done += 1
+        if done < n:
+            raise RuntimeError(f"raw sequential loop stopped at {done} of {n}")
+        return n / (time.perf_counter() - start)
+    finally:
+        consumer.close()
+
+
+async def raw_sequential(bootstrap: str, n: int) -> float:
+    """One ``poll`` -> decode -> synchronous ``commit`` loop, one record at a
+    time (the commit returns once the offset is stored, as ``ack()`` waits
+    for a commit covering its record)."""
+    topic = f"raws{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(_create_topic, bootstrap, topic)
+    await asyncio.to_thread(_produce_many, bootstrap, topic, n + 1, 256)
+    return await asyncio.to_thread(_raw_sequential_blocking, bootstrap, topic, n)
+
+
 async def faststream_consume(bootstrap: str, n: int) -> float:
     """FastStream's Kafka subscriber with manual ack (aiokafka underneath):
     the handler parses the request and acks (commits) each message."""
@@ -497,6 +534,24 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         rows.append(
             throughput_row(
                 "kafka", "poll+ack", a, b, "confluent-kafka consume(500) + batched commit", 0.5
+            )
+        )
+        sequential = max(sizes.consume // 20, 1000)
+        progress(f"kafka: sequential poll+ack ({sequential:,})")
+        bootstrap = await fresh()
+        a, b = await alternate(
+            lambda: library.sequential_poll_ack(_config(bootstrap), sequential),
+            lambda: raw_sequential(bootstrap, sequential),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "kafka",
+                "sequential poll+ack",
+                a,
+                b,
+                "one confluent-kafka poll+commit(sync) loop (ours: one poll→ack loop)",
+                None,
             )
         )
         progress("kafka: poll+ack vs FastStream")

@@ -201,6 +201,31 @@ async def raw_consume(url: str, n: int, batch: int, confirmed: bool) -> float:
         await nc.close()
 
 
+async def raw_sequential(url: str, n: int) -> float:
+    """One task: ``fetch(1)`` -> decode -> ``ack_sync`` (the server confirms
+    the ack, as the library's ``ack()`` waits for), one message at a time."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        name = f"RAWS{uuid.uuid4().hex[:8]}"
+        subject = await _raw_stream(js, name)
+        body = _body()
+        await run_concurrently(n + 1, 64, lambda i: js.publish(subject, body))
+        sub = await js.pull_subscribe_bind("w", stream=name)
+        [first] = await sub.fetch(1, timeout=10)  # warm up, as ours
+        await first.ack_sync()
+
+        async def body_loop() -> None:
+            for _ in range(n):
+                [msg] = await sub.fetch(1, timeout=10)
+                WorkRequest.model_validate_json(msg.data)
+                await msg.ack_sync()
+
+        return await rate(n, body_loop)
+    finally:
+        await nc.close()
+
+
 async def raw_round_trip(url: str, n: int) -> list[float]:
     """Publish to a stream (PubAck), a worker pulls one and acks (confirmed),
     replies on core NATS; the caller waits for the reply."""
@@ -433,6 +458,23 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 a,
                 b,
                 f"nats-py fetch(1)+ack_sync, {CONSUMERS} tasks",
+                None,
+            )
+        )
+        sequential = max(sizes.consume // 4, 2000)
+        progress(f"nats: sequential poll+ack ({sequential:,})")
+        a, b = await alternate(
+            lambda: library.sequential_poll_ack(_config(url), sequential),
+            lambda: raw_sequential(url, sequential),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "nats",
+                "sequential poll+ack",
+                a,
+                b,
+                "one nats-py fetch(1)+ack_sync loop (ours: one poll→ack loop, defaults)",
                 None,
             )
         )

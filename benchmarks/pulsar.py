@@ -10,8 +10,13 @@ Baselines give the library's guarantees where the raw client can:
   library's consumers here), the
   best at-least-once loop the raw client offers. Its acks are *not* on the
   wire when ``acknowledge`` returns (the client groups them on a 100 ms
-  tick); the library's ``ack()`` waits for that tick — see
+  tick); the library's ``ack()`` waits for that tick by default (with the
+  ``ack_receipts`` option it returns on the broker's receipt) — see
   docs/backends/pulsar.md;
+* sequential poll+ack: one ``receive`` -> ``acknowledge`` loop in a thread,
+  one message at a time, with the library's consumer settings under
+  ``ack_receipts`` (prefetch 1, no ack grouping, ack receipts), against one
+  ``poll`` -> ``ack`` loop with ``ack_receipts``;
 * round trip: the raw client's own publish → receive → ack → reply publish →
   receive, with two threads.
 """
@@ -32,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _pulsar
 import pulsar
 
 from benchmarks import _library as library
@@ -52,6 +58,7 @@ from transport import (
     WorkResponse,
     connect,
 )
+from transport_pulsar._client import enable_ack_receipts
 
 #: Poller tasks (library) for poll+ack; the raw loop runs in one thread.
 CONSUMERS = 64
@@ -328,6 +335,47 @@ async def raw_consume(url: str, n: int) -> float:
     return await asyncio.to_thread(run)
 
 
+async def raw_sequential(url: str, n: int) -> float:
+    """One thread: ``receive`` -> decode -> ``acknowledge``, one message at a
+    time, with the library's consumer settings: prefetch 1 (the default of
+    ``receiver_queue_size``), no ack grouping and ack receipts, so that
+    ``acknowledge`` returns on the broker's receipt as ``ack()`` does."""
+
+    def run() -> float:
+        client = _raw_client(url)
+        try:
+            topic = _topic("s")
+            conf = _pulsar.ConsumerConfiguration()
+            conf.consumer_type(pulsar.ConsumerType.Shared)
+            conf.receiver_queue_size(1)
+            conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
+            conf.negative_ack_redelivery_delay_ms(100)
+            if not enable_ack_receipts(conf, 100):
+                raise RuntimeError("this pulsar-client build does not allow ack receipts")
+            consumer = client._client.subscribe(topic, "w", conf)
+            producer = client.create_producer(
+                topic, batching_enabled=False, block_if_queue_full=True
+            )
+            body = _body()
+            for _ in range(n + 1):
+                producer.send_async(body, lambda result, _id: None)
+            producer.flush()
+            consumer.acknowledge(consumer.receive(30_000))  # warm up, as ours
+            start = time.perf_counter()
+            for _ in range(n):
+                msg = consumer.receive(30_000)
+                WorkRequest.model_validate_json(msg.data())
+                consumer.acknowledge(msg)  # waits for the broker's receipt
+            elapsed = time.perf_counter() - start
+            consumer.close()
+            producer.close()
+            return n / elapsed
+        finally:
+            client.close()
+
+    return await asyncio.to_thread(run)
+
+
 async def raw_round_trip(url: str, n: int) -> list[float]:
     """Caller: send (receipt) to the request topic, wait for the reply on its
     reply topic. Worker thread: receive, reply (receipt), ack."""
@@ -426,6 +474,23 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 b,
                 "same; acks not durable on return (informational)",
                 None,
+            )
+        )
+        sequential = max(sizes.consume // 4, 2000)
+        progress(f"pulsar: sequential poll+ack ({sequential:,})")
+        a, b = await alternate(
+            lambda: library.sequential_poll_ack(_config(url, ack_receipts=True), sequential),
+            lambda: raw_sequential(url, sequential),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "pulsar",
+                "sequential poll+ack",
+                a,
+                b,
+                "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, ack_receipts)",
+                0.5,
             )
         )
         progress("pulsar: round trip")

@@ -22,6 +22,9 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import ctypes
+import functools
+import glob
 import logging
 import os
 import random
@@ -38,7 +41,7 @@ import pulsar
 from transport._logging import ClientLog
 from transport._queue import hand_to_waiter
 from transport._shared import retrieve
-from transport.errors import TransientTransportError
+from transport.errors import ClosedResourceError, TransientTransportError
 from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
 
 __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
@@ -47,6 +50,10 @@ log = logging.getLogger("transport.pulsar")
 #: The ``transport.pulsar.client`` logger: capped at INFO, repeats collapsed.
 _client_log = ClientLog("pulsar")
 _OK = _pulsar.Result.Ok
+#: Pause between attempts of an ack the client refused while reconnecting.
+_ACK_RETRY_SECONDS = 0.1
+#: Message ids acked across a reconnect, remembered to drop redispatched copies.
+_REACKED_KEPT = 4096
 
 # pulsar-client ships no type information: its objects are opaque here.
 Message: TypeAlias = Any
@@ -109,6 +116,86 @@ def _inbox(loop: asyncio.AbstractEventLoop) -> _LoopInbox:
     if inbox is None:
         inbox = _inboxes[loop] = _LoopInbox(loop)
     return inbox
+
+
+class _AckSettings:
+    """The two ack settings the Python binding of pulsar-client does not
+    expose (``ConsumerConfiguration`` keeps them in C++): the ack-grouping
+    time and ack receipts. Set through the exported C++ setters of the
+    wheel's own ``libpulsar``, on the configuration object the binding
+    wraps (pybind11 keeps a plain object's C++ pointer right after the
+    Python object header). Before anything is set, that pointer is proven:
+    the C++ getters must read back the redelivery delay just set from
+    Python and the documented grouping default. Anything unexpected (another
+    build, a renamed symbol) leaves the configuration untouched and
+    :meth:`enable_receipts` returns ``False``."""
+
+    _GET_NACK = "_ZNK6pulsar21ConsumerConfiguration31getNegativeAckRedeliveryDelayMsEv"
+    _GET_GROUPING = "_ZNK6pulsar21ConsumerConfiguration20getAckGroupingTimeMsEv"
+    _SET_GROUPING = "_ZN6pulsar21ConsumerConfiguration20setAckGroupingTimeMsEl"
+    _GET_RECEIPT = "_ZNK6pulsar21ConsumerConfiguration19isAckReceiptEnabledEv"
+    _SET_RECEIPT = "_ZN6pulsar21ConsumerConfiguration20setAckReceiptEnabledEb"
+    _DEFAULT_GROUPING_MS = 100
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        ptr = ctypes.c_void_p
+        self.get_nack = getattr(lib, self._GET_NACK)
+        self.get_nack.argtypes, self.get_nack.restype = [ptr], ctypes.c_long
+        self.get_grouping = getattr(lib, self._GET_GROUPING)
+        self.get_grouping.argtypes, self.get_grouping.restype = [ptr], ctypes.c_long
+        self.set_grouping = getattr(lib, self._SET_GROUPING)
+        self.set_grouping.argtypes, self.set_grouping.restype = [ptr, ctypes.c_long], ptr
+        self.get_receipt = getattr(lib, self._GET_RECEIPT)
+        self.get_receipt.argtypes, self.get_receipt.restype = [ptr], ctypes.c_bool
+        self.set_receipt = getattr(lib, self._SET_RECEIPT)
+        self.set_receipt.argtypes, self.set_receipt.restype = [ptr, ctypes.c_bool], ptr
+
+    @staticmethod
+    @functools.cache
+    def load() -> _AckSettings | None:
+        libs = os.path.join(os.path.dirname(os.path.dirname(pulsar.__file__)), "pulsar_client.libs")
+        found = sorted(glob.glob(os.path.join(libs, "libpulsar-*.so*")))
+        try:
+            if len(found) == 1:
+                return _AckSettings(ctypes.CDLL(found[0]))
+            problem = f"{len(found)} libpulsar files in {libs}"
+        except (OSError, AttributeError) as exc:
+            problem = str(exc)
+        log.warning(
+            "ack receipts cannot be enabled with this pulsar-client build (%s): "
+            "ack() waits ack_flush_wait_ms instead",
+            problem,
+        )
+        return None
+
+    def enable_receipts(self, conf: _pulsar.ConsumerConfiguration, nack_delay_ms: int) -> bool:
+        """Acks sent at once (no grouping), each completed by the broker's
+        receipt; ``conf`` must be fresh and have ``nack_delay_ms`` set."""
+        if type(conf) is not _pulsar.ConsumerConfiguration:
+            return False
+        address = ctypes.c_void_p.from_address(id(conf) + object.__basicsize__).value
+        if not address:
+            return False
+        if (
+            self.get_nack(address) != nack_delay_ms
+            or self.get_grouping(address) != self._DEFAULT_GROUPING_MS
+        ):
+            log.warning(
+                "ack receipts cannot be enabled: this pulsar-client build's consumer "
+                "configuration is laid out differently; ack() waits ack_flush_wait_ms instead"
+            )
+            return False
+        self.set_grouping(address, 0)
+        self.set_receipt(address, True)
+        return self.get_grouping(address) == 0 and bool(self.get_receipt(address))
+
+
+def enable_ack_receipts(conf: _pulsar.ConsumerConfiguration, nack_delay_ms: int) -> bool:
+    """Make every ack of consumers built from ``conf`` complete on the
+    broker's receipt; ``False`` (``conf`` unchanged) where this client build
+    does not allow it."""
+    settings = _AckSettings.load()
+    return settings is not None and settings.enable_receipts(conf, nack_delay_ms)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
@@ -274,10 +361,14 @@ class AsyncConsumer:
         loop: asyncio.AbstractEventLoop,
         ack_flush_wait: float,
         owner: AsyncPulsarClient | None = None,
+        *,
+        ack_receipts: bool = False,
     ) -> None:
         self._consumer = consumer
         self._owner = owner  # the client this consumer has to itself, closed with it
         self._ack_flush_wait = ack_flush_wait
+        #: Acks complete on the broker's receipt (else: the flush wait).
+        self.ack_receipts = ack_receipts
         self.topic = topic
         self._loop = loop
         self._thread = threading.get_ident()  # created on the loop's thread
@@ -289,6 +380,9 @@ class AsyncConsumer:
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
         self._on_message_cb = self._make_callback()
+        # Ids of messages acked only after a reconnect: the broker may have
+        # dispatched them again meanwhile; such a copy is dropped.
+        self._reacked: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def _make_callback(self) -> Callable[..., None]:
         loop = self._loop
@@ -354,6 +448,8 @@ class AsyncConsumer:
         if result == _OK:
             if self._closed:
                 return  # closing the consumer returns it to the broker
+            if self._stale(message):
+                return
             if not hand_to_waiter(self._waiters, message):
                 self._ready.append(message)
         elif not self._closed and result != _pulsar.Result.AlreadyClosed:
@@ -364,8 +460,10 @@ class AsyncConsumer:
 
     async def next(self, timeout: float) -> Message | None:
         """The next message, or ``None`` after ``timeout`` seconds."""
-        if self._ready:
-            return self._ready.popleft()
+        while self._ready:
+            message = self._ready.popleft()
+            if not self._stale(message):
+                return message
         if self._closed:
             return None
         loop = self._loop
@@ -388,21 +486,50 @@ class AsyncConsumer:
             if not waiter.done():
                 waiter.cancel()
 
+    def _stale(self, message: Message) -> bool:
+        return bool(self._reacked) and str(message.message_id()) in self._reacked
+
     def push_back(self, message: Message) -> None:
         """Return a message taken by :meth:`next` but not used (front of the line)."""
         self._ready.appendleft(message)
 
     async def acknowledge(self, message: Message, timeout: float) -> None:
-        future: asyncio.Future[None] = self._loop.create_future()
-        with map_pulsar_errors(f"ack on {self.topic}"):
-            self._consumer.acknowledge_async(message, _result_callback(future))
-        await _wait(future, timeout, f"ack on {self.topic}")
-        # The C++ client completes an ack as soon as it is queued in its ack
-        # grouping tracker, which reaches the socket on the next 100 ms tick
-        # (neither ackGroupingTime nor ack receipts are settable from Python).
-        # Waiting past that tick means a process killed after ack() returned
+        loop = self._loop
+        what = f"ack on {self.topic}"
+        deadline = loop.time() + timeout
+        retried = False
+        while True:
+            future: asyncio.Future[None] = loop.create_future()
+            try:
+                with map_pulsar_errors(what):
+                    self._consumer.acknowledge_async(message, _result_callback(future))
+                await _wait(future, max(deadline - loop.time(), 0.0), what)
+                if retried:
+                    self._reacked[str(message.message_id())] = None
+                    while len(self._reacked) > _REACKED_KEPT:
+                        self._reacked.popitem(last=False)
+                break
+            except (ClosedResourceError, TransientTransportError) as exc:
+                # With receipts the client fails an ack while it is not
+                # connected (at once, as "AlreadyClosed", or when the
+                # connection drops with the receipt outstanding); a consumer
+                # we did not close reconnects by itself, and an ack may be
+                # sent again: until the deadline, it is.
+                if self._closed or not self.ack_receipts:
+                    raise
+                if loop.time() >= deadline:
+                    if isinstance(exc, TransientTransportError):
+                        raise
+                    raise TransientTransportError(f"{what}: not connected to the broker") from exc
+                retried = True
+                await asyncio.sleep(_ACK_RETRY_SECONDS)
+        # With ack receipts (see enable_ack_receipts) the client sends the
+        # ack at once and completes it on the broker's answer: done. Without
+        # them it completes an ack as soon as it is queued in its ack
+        # grouping tracker, which reaches the socket on the next 100 ms tick:
+        # waiting past that tick means a process killed after ack() returned
         # has still sent its ack.
-        if self._ack_flush_wait:
+        if self._ack_flush_wait and not self.ack_receipts:
             await asyncio.sleep(self._ack_flush_wait)
 
     def negative_acknowledge(self, message: Message) -> None:
@@ -614,6 +741,7 @@ class AsyncPulsarClient:
         attempt_timeout: float,
         budget: float,
         id_spread: int = 0,
+        ack_receipts: bool = False,
     ) -> AsyncConsumer:
         """Join ``subscription`` on a client of the consumer's own.
 
@@ -640,6 +768,7 @@ class AsyncPulsarClient:
         )
         conf.receiver_queue_size(receiver_queue_size)
         conf.negative_ack_redelivery_delay_ms(nack_delay_ms)
+        receipts = ack_receipts and enable_ack_receipts(conf, nack_delay_ms)
         # Earliest: a subscription created after requests were enqueued still gets them.
         conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
         # No ackTimeout: leases are enforced by the queue (the client's 10 s
@@ -665,7 +794,9 @@ class AsyncPulsarClient:
                         raise  # the backstop fired, or out of time: owner.close() ends it
                     log.debug("subscribe to %s refused or timed out; trying again", topic)
                     continue
-                return AsyncConsumer(consumer, topic, loop, ack_flush_wait, owner=owner)
+                return AsyncConsumer(
+                    consumer, topic, loop, ack_flush_wait, owner=owner, ack_receipts=receipts
+                )
         except BaseException:
             await owner.close()
             raise

@@ -30,9 +30,11 @@ one subscribe attempt; see the pulsar-lite consumer-id note in the docs),
 first consumer id is random below this; 0 suits Apache Pulsar),
 ``io_threads`` (1), ``client_log`` (``stderr``: the C++ client's warnings
 and errors on stderr | ``python``: all its lines, debug included, to the
-``transport.pulsar.client`` logger, at a cost per message), ``ack_flush_wait_ms``
-(150: how long ``ack()`` waits for the client's ack-grouping flush; 0 makes
-acks faster and lets a process killed right after ``ack()`` lose the ack), ``admin_url`` (None:
+``transport.pulsar.client`` logger, at a cost per message), ``ack_receipts``
+(False: opt-in, ``ack()`` sends the ack at once and returns on the broker's
+ack receipt), ``ack_flush_wait_ms`` (150: without receipts, how long
+``ack()`` waits for the client's ack-grouping flush; 0 lets a process killed
+right after ``ack()`` lose the ack), ``admin_url`` (None:
 admin REST endpoint for ``stats()``), ``listener_name``, and OAuth2
 client credentials ``oauth2_issuer_url``, ``oauth2_audience``,
 ``oauth2_scope``, ``oauth2_client_id``, ``oauth2_client_secret`` (secret).
@@ -228,6 +230,7 @@ class PulsarTransport(Transport):
             else receiver_queue_size,
             nack_delay_ms=options.nack_redelivery_delay_ms,
             ack_flush_wait=options.ack_flush_wait_ms / 1000,
+            ack_receipts=options.ack_receipts,
             attempt_timeout=options.subscribe_attempt_timeout_seconds,
             budget=options.operation_timeout_seconds,
             id_spread=options.consumer_id_spread,

@@ -93,6 +93,35 @@ async def test_acks_given_before_a_restart_are_kept(harness: PulsarHarness) -> N
         await transport.aclose()
 
 
+async def test_an_ack_given_while_the_broker_is_down_completes_once_it_is_back(
+    harness: PulsarHarness, pulsar_broker: PulsarLiteBroker
+) -> None:
+    """With ack_receipts, acks wait for the broker's receipt, so one given while the broker is
+    unreachable cannot complete then; it is sent again once the consumer
+    has reconnected, within the operation timeout, and the copy the broker
+    dispatched again on that reconnect is not handed out."""
+    options = {**harness.config.options, "ack_receipts": True}
+    transport = await harness.connect(options=options)
+    try:
+        queue = transport.request_queue(name(), lease_seconds=60)
+        request = await queue.enqueue(WorkRequest(task="x"))
+        delivery = await queue.poll(10)
+        assert delivery is not None and delivery.request.request_id == request.request_id
+        await asyncio.to_thread(pulsar_broker.kill)
+        ack = asyncio.create_task(delivery.ack())
+        await asyncio.sleep(0)  # the ack is attempted against the dead broker
+        assert not ack.done(), "an ack without a broker must not complete (nor fail at once)"
+        await asyncio.to_thread(pulsar_broker.start)
+        timeout = harness.config.options["operation_timeout_seconds"] + 5
+        assert await asyncio.wait_for(ack, timeout), "the ack did not complete after the restart"
+        again = await queue.poll(2.0)
+        assert again is None, (
+            f"an acked request was handed out again (attempt {again and again.attempt})"
+        )
+    finally:
+        await transport.aclose()
+
+
 async def test_registry_and_dead_letters_survive_a_restart(harness: PulsarHarness) -> None:
     transport = await harness.connect()
     inbox = name()

@@ -160,3 +160,20 @@ def test_public_names_import() -> None:
 
     for name in transport_pulsar.__all__:
         assert getattr(transport_pulsar, name) is not None
+
+
+def test_ack_receipts_are_set_only_on_a_proven_consumer_configuration() -> None:
+    """The C++ setters run only once the C++ getters read back what Python
+    set (the redelivery delay) and the grouping default: a configuration
+    that does not match is left alone, so a mismatched pointer never writes."""
+    import _pulsar
+
+    from transport_pulsar._client import enable_ack_receipts
+
+    conf = _pulsar.ConsumerConfiguration()
+    conf.negative_ack_redelivery_delay_ms(250)
+    assert not enable_ack_receipts(conf, 100), "a delay that does not read back must refuse"
+    assert enable_ack_receipts(conf, 250), "this pulsar-client build should allow ack receipts"
+    # Grouping is 0 now, not the default: a second call refuses rather than
+    # trusting a configuration it cannot prove.
+    assert not enable_ack_receipts(conf, 250)

@@ -210,3 +210,39 @@ async def test_a_refused_subscribe_takes_nothing_from_the_processs_other_consume
     finally:
         for t in (first, second, third):
             await t.aclose()
+
+
+async def test_a_sequential_poll_ack_loop_is_not_paced_by_the_ack_flush(
+    transport_harness: PulsarHarness,
+) -> None:
+    """With ack_receipts, each ack() completes on the broker's ack receipt,
+    not after the client's 100 ms ack-grouping tick (150 ms with the flush
+    wait): a worker looping poll -> ack is bounded by round trips."""
+    n = 40
+    options = {**transport_harness.config.options, "ack_receipts": True}
+    t = await transport_harness.connect(options=options)
+    try:
+        q = t.request_queue(f"s{uuid.uuid4().hex[:8]}")
+        sent = {
+            (await q.enqueue(WorkRequest(task="x", payload={"i": i}))).request_id for i in range(n)
+        }
+        first = await q.poll(10)  # joins the subscription (not timed)
+        assert first is not None and await first.ack()
+        consumer = q._consumer  # type: ignore[attr-defined]
+        assert consumer is not None and consumer.ack_receipts, (
+            "acks do not carry a broker receipt with this pulsar-client build: "
+            "ack() falls back to waiting out the client's ack flush"
+        )
+        got = {first.request.request_id}
+        started = time.monotonic()
+        for _ in range(n - 1):
+            delivery = await q.poll(10)
+            assert delivery is not None, f"only {len(got)} of {n} requests delivered"
+            assert await delivery.ack()
+            got.add(delivery.request.request_id)
+        elapsed = time.monotonic() - started
+        assert got == sent
+        # 39 acks paced by a 100 ms tick take at least 3.9 s.
+        assert elapsed < 2.0, f"{n - 1} sequential poll -> ack took {elapsed:.2f} s"
+    finally:
+        await t.aclose()
