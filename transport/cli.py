@@ -453,7 +453,9 @@ async def _absent(transport: Transport, args: argparse.Namespace) -> str | None:
     try:
         missing = await transport.missing(plan)
     except UnsupportedFeatureError as exc:
-        _Output.progress(f"transport: note: {exc}; not checked")
+        # Said after the command's own output, and only if it ran: a command
+        # that fails prints its one error line and nothing else.
+        args.note = f"transport: note: {exc}; not checked"
         return None
     if not missing:
         return None
@@ -551,7 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         else:
             config = load_config(args.url)
-        return asyncio.run(_run(args, config, out))
+        code = asyncio.run(_run(args, config, out))
+        if getattr(args, "note", None):
+            _Output.progress(args.note)
+        return code
     except ValueError as exc:  # invalid names, settings, unknown backend
         print(f"transport: invalid input: {exc}", file=sys.stderr)
         return 2
