@@ -310,7 +310,21 @@ class PulsarRequestQueue(RequestQueue):
             return counted - 1  # counted for a hand-out that did not happen
         if message.redelivery_count() == 0:
             return 0  # never given back to the broker: never handed out
-        return _parse_count((await self._attempts.synced()).get(key))
+        try:
+            return _parse_count((await self._attempts.synced()).get(key))
+        except TransientTransportError as exc:
+            # The count topic did not answer in time: fall back to the
+            # broker's redelivery count, which can only count more
+            # hand-outs than happened (a prefetch given back counts too),
+            # never fewer, so max_attempts still bounds the deliveries.
+            log.warning(
+                "queue %r: hand-out count of %s not readable (%s); using the broker's "
+                "redelivery count",
+                self.name,
+                key,
+                exc,
+            )
+            return int(message.redelivery_count())
 
     async def _count_and_lease(
         self, consumer: AsyncConsumer, message: Message, key: str, before: int
