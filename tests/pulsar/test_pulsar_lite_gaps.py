@@ -163,8 +163,8 @@ time.sleep(600)
 
 @lite_gap(
     "a consumer whose connection ends with a TCP reset (a SIGKILLed process with unread bytes "
-    "in its socket, e.g. a worker starved of CPU when killed) stays registered and keeps its "
-    "unacknowledged messages: they are never redelivered until the broker restarts"
+    "in its socket) stays registered and keeps its unacknowledged messages: they are never "
+    "redelivered until the broker restarts"
 )
 def test_messages_of_a_consumer_killed_with_unread_bytes_are_redelivered(
     pulsar_url: str,
