@@ -182,6 +182,22 @@ class PulsarHarness(BackendHarness):
         self.broker = broker
         # An external broker can be neither stopped nor restarted by the tests.
         self.can_restart_broker = self.can_stop_broker = broker is not None
+        self._log_start = broker.log.stat().st_size if broker and broker.log.exists() else 0
+
+    def broker_notes(self) -> str:
+        if self.broker is None or not self.broker.log.exists():
+            return ""
+        with self.broker.log.open("rb") as log:
+            log.seek(self._log_start)
+            resets = log.read().count(b"Connection reset by peer")
+        if not resets:
+            return ""
+        return (
+            f"pulsar-lite logged {resets} connection reset(s) during the test: it never "
+            "redelivers the messages of a consumer whose connection was reset "
+            "(test_pulsar_lite_gaps.py::"
+            "test_messages_of_a_consumer_killed_with_unread_bytes_are_redelivered)"
+        )
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         assert isinstance(transport, PulsarTransport)

@@ -9,6 +9,10 @@ backend (and the line in docs/backends/pulsar.md) can be revisited.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -142,6 +146,74 @@ def test_a_refused_subscribe_leaves_the_clients_other_consumers_alone(pulsar_url
     finally:
         for client in (first, worker, other):
             client.close()
+
+
+#: A consumer in a child process: joins, says READY, then sleeps holding
+#: whatever the broker dispatches to it (up to 10 messages).
+_HOLDER = """
+import sys, time, pulsar
+client = pulsar.Client(sys.argv[1], operation_timeout_seconds=10,
+                       logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error))
+client.subscribe(sys.argv[2], "workers", consumer_type=pulsar.ConsumerType.Shared,
+                 receiver_queue_size=10)
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+@lite_gap(
+    "a consumer whose connection ends with a TCP reset (a SIGKILLed process with unread bytes "
+    "in its socket) stays registered and keeps its unacknowledged messages: they are never "
+    "redelivered until the broker restarts"
+)
+def test_messages_of_a_consumer_killed_with_unread_bytes_are_redelivered(
+    pulsar_url: str,
+) -> None:
+    topic = f"persistent://public/default/gap-reset-{uuid.uuid4().hex[:8]}"
+    client = pulsar.Client(pulsar_url, operation_timeout_seconds=10)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, pulsar_url, topic],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "READY", "the holder did not join"
+        producer = client.create_producer(topic, batching_enabled=False)
+        # Stopped, the holder reads nothing: what the broker dispatches to it
+        # stays in its socket, so the kernel answers the SIGKILL with a reset
+        # instead of an orderly close. Stopping is what a CPU-starved worker
+        # looks like to the broker.
+        os.kill(holder.pid, signal.SIGSTOP)
+        sent = {f"m{i}".encode() for i in range(10)}
+        for body in sorted(sent):
+            producer.send(body)
+        time.sleep(0.5)  # the dispatch to the holder reaches its socket
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        # The holder's consumer had id 0 (see the consumer-id gaps above):
+        # one reader moves this client's next consumer id past it.
+        client.create_reader(topic, pulsar.MessageId.latest).close()
+        survivor = client.subscribe(
+            topic, "workers", consumer_type=pulsar.ConsumerType.Shared, receiver_queue_size=10
+        )
+        got: set[bytes] = set()
+        deadline = time.monotonic() + 10
+        while got != sent and time.monotonic() < deadline:
+            try:
+                message = survivor.receive(500)
+            except pulsar.Timeout:
+                continue
+            got.add(message.data())
+            survivor.acknowledge(message)
+        assert got == sent, f"{len(sent - got)} of 10 never redelivered within 10 s of the kill"
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGKILL)
+            holder.wait(10)
+        if holder.stdout is not None:
+            holder.stdout.close()
+        client.close()
 
 
 async def test_redelivery_count_grows_on_nack_close_and_disconnect(

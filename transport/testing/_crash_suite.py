@@ -144,7 +144,10 @@ class CrashConformance:
         killed_at = time.monotonic()
         got = await drain(queue, 3, budget.left())
         missing = {r.request_id for r in sent} - {d.request.request_id for d in got}
-        assert not missing, f"lost after the SIGKILL: {sorted(missing)} (killed {killed_id})"
+        assert not missing, (
+            f"lost after the SIGKILL: {sorted(missing)} (killed {killed_id}). "
+            f"{harness.broker_notes()}"
+        )
         took = time.monotonic() - killed_at
         again = next(d for d in got if d.request.request_id == killed_id)
         # Handed out once before the kill: exactly one more attempt. A kill
@@ -187,9 +190,14 @@ class CrashConformance:
         got = await drain_ids(queue, required, budget.left())
         took = time.monotonic() - killed_at
         seen = {d.request.request_id for d in got}
-        assert unacked <= seen, f"the unacked request {sorted(unacked)} was not redelivered"
+        assert unacked <= seen, (
+            f"the unacked request {sorted(unacked)} was not redelivered. {harness.broker_notes()}"
+        )
         lost = {r.request_id for r in later} - seen
-        assert not lost, f"{len(lost)} of 5 requests enqueued after the kill lost: {sorted(lost)}"
+        assert not lost, (
+            f"{len(lost)} of 5 requests enqueued after the kill lost: {sorted(lost)}. "
+            f"{harness.broker_notes()}"
+        )
         if harness.capabilities.individual_acks:
             assert not (seen & set(acked)), "acked requests came back"
         assert seen <= {r.request_id for r in sent} | {r.request_id for r in later}
@@ -244,7 +252,7 @@ class CrashConformance:
         lost = wanted - acked
         assert not lost, (
             f"{len(lost)} of {total} requests never acked after {kills} SIGKILLs in "
-            f"{took:.0f} s: {sorted(lost)[:5]}"
+            f"{took:.0f} s: {sorted(lost)[:5]}. {harness.broker_notes()}"
         )
         assert kills >= 2, f"only {kills} worker(s) killed: the scenario did not kill mid-run"
         # Duplicates only among requests that were in flight when a worker died

@@ -61,6 +61,12 @@ class BackendHarness:
         self.config = config
         self.capabilities = capabilities
 
+    def broker_notes(self) -> str:
+        """What the test broker recorded since this harness was made that
+        may explain a lost request (added to the crash scenarios' failure
+        messages; it changes no verdict). Empty if nothing or unknown."""
+        return ""
+
     async def connect(self, **overrides: Any) -> Transport:
         """A new, independent transport on the same backend (a fresh client,
         as after a process restart)."""
