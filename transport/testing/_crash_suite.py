@@ -14,6 +14,17 @@ from transport import Transport
 from transport.testing._util import Budget, drain, drain_ids, enqueue_all, make_requests
 from transport.testing.harness import BackendHarness
 
+
+def _lost(harness: BackendHarness, message: str) -> None:
+    """Fail a scenario that lost requests, unless the test broker recorded a
+    documented defect of its own during the test (then xfail with it)."""
+    gap = harness.known_broker_gap()
+    if gap:
+        pytest.xfail(f"{message}; the test broker's documented gap: {gap}")
+    notes = harness.broker_notes()
+    pytest.fail(f"{message}. {notes}" if notes else message)
+
+
 pytestmark = [pytest.mark.conformance, pytest.mark.crash, pytest.mark.asyncio]
 
 
@@ -144,10 +155,8 @@ class CrashConformance:
         killed_at = time.monotonic()
         got = await drain(queue, 3, budget.left())
         missing = {r.request_id for r in sent} - {d.request.request_id for d in got}
-        assert not missing, (
-            f"lost after the SIGKILL: {sorted(missing)} (killed {killed_id}). "
-            f"{harness.broker_notes()}"
-        )
+        if missing:
+            _lost(harness, f"lost after the SIGKILL: {sorted(missing)} (killed {killed_id})")
         took = time.monotonic() - killed_at
         again = next(d for d in got if d.request.request_id == killed_id)
         # Handed out once before the kill: exactly one more attempt. A kill
@@ -190,14 +199,13 @@ class CrashConformance:
         got = await drain_ids(queue, required, budget.left())
         took = time.monotonic() - killed_at
         seen = {d.request.request_id for d in got}
-        assert unacked <= seen, (
-            f"the unacked request {sorted(unacked)} was not redelivered. {harness.broker_notes()}"
-        )
+        if not unacked <= seen:
+            _lost(harness, f"the unacked request {sorted(unacked)} was not redelivered")
         lost = {r.request_id for r in later} - seen
-        assert not lost, (
-            f"{len(lost)} of 5 requests enqueued after the kill lost: {sorted(lost)}. "
-            f"{harness.broker_notes()}"
-        )
+        if lost:
+            _lost(
+                harness, f"{len(lost)} of 5 requests enqueued after the kill lost: {sorted(lost)}"
+            )
         if harness.capabilities.individual_acks:
             assert not (seen & set(acked)), "acked requests came back"
         assert seen <= {r.request_id for r in sent} | {r.request_id for r in later}
@@ -250,10 +258,12 @@ class CrashConformance:
             in_flight_at_kill |= set(worker.ids("LEASED")) - set(worker.ids("ACKED"))
         took = time.monotonic() - started
         lost = wanted - acked
-        assert not lost, (
-            f"{len(lost)} of {total} requests never acked after {kills} SIGKILLs in "
-            f"{took:.0f} s: {sorted(lost)[:5]}. {harness.broker_notes()}"
-        )
+        if lost:
+            _lost(
+                harness,
+                f"{len(lost)} of {total} requests never acked after {kills} SIGKILLs in "
+                f"{took:.0f} s: {sorted(lost)[:5]}",
+            )
         assert kills >= 2, f"only {kills} worker(s) killed: the scenario did not kill mid-run"
         # Duplicates only among requests that were in flight when a worker died
         # (or, without individual acks, acked but not yet committed).

@@ -64,8 +64,15 @@ class BackendHarness:
     def broker_notes(self) -> str:
         """What the test broker recorded since this harness was made that
         may explain a lost request (added to the crash scenarios' failure
-        messages; it changes no verdict). Empty if nothing or unknown."""
+        messages). Empty if nothing or unknown."""
         return ""
+
+    def known_broker_gap(self) -> str | None:
+        """A documented defect of the *test broker* (not of the backend) that
+        this test hit, with its evidence, or ``None``. A crash scenario that
+        lost requests ends as an xfail naming it only when this returns a
+        reason; every other loss fails. Default: ``None`` (no excuse)."""
+        return None
 
     async def connect(self, **overrides: Any) -> Transport:
         """A new, independent transport on the same backend (a fresh client,
