@@ -65,9 +65,11 @@ class TransportCapabilities(BaseModel):
     #: ``BackendHarness.can_restart_broker``.
     restart_broker: bool = False
     #: A request whose lease expired goes to whichever consumer of the queue
-    #: polls next. False where the broker pins it to the consumer that held
-    #: it (Pulsar ``Key_Shared``: by key hash): a hung holder that stays
-    #: connected but stops polling keeps it until its client closes.
+    #: polls next. False where the broker may give it back to the consumer
+    #: that held it (Pulsar: its dispatcher pushes redeliveries to any
+    #: consumer with permits, the holder's included; ``Key_Shared`` pins it
+    #: by key hash): a hung holder that stays connected but stops polling
+    #: may keep it until its client closes.
     expired_lease_to_any_consumer: bool = True
     #: Ephemeral subject pub/sub is available.
     event_bus: bool = False

@@ -119,7 +119,7 @@ def key_shared_capabilities() -> TransportCapabilities:
     """The capabilities with option ``subscription_type="key_shared"``: the
     broker sends a key's messages, redeliveries included, to the consumer
     owning the key, so an expired lease can go back to a hung holder."""
-    return PulsarTransport.capabilities.model_copy(update={"expired_lease_to_any_consumer": False})
+    return PulsarTransport.capabilities
 
 
 class PulsarTransport(Transport):
@@ -132,6 +132,11 @@ class PulsarTransport(Transport):
         lease_extension=True,
         restart_broker=True,
         event_log=True,
+        # An expired lease is negatively acknowledged and the broker pushes
+        # the message to a consumer with permits, which may be the holder's
+        # own (Shared) or must be it (Key_Shared): a holder that stays
+        # connected but stops polling can keep it until its client closes.
+        expired_lease_to_any_consumer=False,
     )
 
     def __init__(self, config: TransportConfig) -> None:
