@@ -380,16 +380,23 @@ class MemoryRequestQueue(RequestQueue):
                 _compact_leases(state)
             return entry is not None
 
+    def _pop_inflight(self, token: int) -> _Msg | None:
+        """Take a lease out of flight (the broker lock is held by the caller)."""
+        state = self._state
+        entry = state.inflight.pop(token, None)
+        self._held.discard(token)
+        if entry is None:
+            return None
+        if len(state.leases) > 4 * len(state.inflight) + 64:
+            _compact_leases(state)
+        return entry[0]
+
     def _settle(self, token: int, how: str, delay: float | None, error: str | None) -> bool:
         state = self._state
         with self._broker.lock:
-            entry = state.inflight.pop(token, None)
-            self._held.discard(token)
-            if entry is None:
+            msg = self._pop_inflight(token)
+            if msg is None:
                 return False
-            if len(state.leases) > 4 * len(state.inflight) + 64:
-                _compact_leases(state)
-            msg = entry[0]
             if how == "ack":
                 return True
             msg.last_error = error or msg.last_error
@@ -409,13 +416,9 @@ class MemoryRequestQueue(RequestQueue):
         # count withdrawn: its next delivery has the same attempt.
         state = self._state
         with self._broker.lock:
-            entry = state.inflight.pop(token, None)
-            self._held.discard(token)
-            if entry is None:
+            msg = self._pop_inflight(token)
+            if msg is None:
                 return False
-            if len(state.leases) > 4 * len(state.inflight) + 64:
-                _compact_leases(state)
-            msg = entry[0]
             msg.attempts -= 1
             state.ready.appendleft(msg)
             _notify_one(state)
