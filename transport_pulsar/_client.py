@@ -19,6 +19,7 @@ already gave us.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -669,6 +670,20 @@ class _LogPipe:
 os.register_at_fork(after_in_child=_LogPipe.forget)
 
 
+#: pulsar-client objects not closed yet. A program that returns without
+#: ``aclose()`` would otherwise destroy them during interpreter shutdown with
+#: their C++ threads still running, and the process aborts ("terminate called
+#: without an active exception", exit -6): they are closed at exit instead.
+_unclosed: weakref.WeakSet[pulsar.Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_unclosed_clients() -> None:
+    for client in list(_unclosed):
+        with contextlib.suppress(Exception):
+            client.close()
+
+
 def _client_logger(kind: str) -> Any:
     """The logger handed to pulsar-client (see the ``client_log`` option)."""
     if kind == "stderr" and os.path.exists("/dev/stderr"):
@@ -717,6 +732,7 @@ class AsyncPulsarClient:
         self._core: _pulsar.Client = self._client._client
         self._closed = False
         self._parent: AsyncPulsarClient | None = None
+        _unclosed.add(self._client)
 
     async def create_producer(self, topic: str) -> AsyncProducer:
         conf = _pulsar.ProducerConfiguration()
