@@ -173,7 +173,13 @@ class SqliteStore:
         if self.path != ":memory:":
             parent = Path(self.path).expanduser().resolve().parent  # noqa: ASYNC240 - once, at open
             if not parent.is_dir():
-                raise ConfigurationError(f"sqlite: directory {parent} does not exist")
+                hint = ""
+                if not Path(self.path).expanduser().is_absolute():
+                    hint = (
+                        f" ({self.path!r} is relative to the working directory; an absolute "
+                        f"path takes four slashes: sqlite:////{self.path})"
+                    )
+                raise ConfigurationError(f"sqlite: directory {parent} does not exist{hint}")
         self._thread = threading.Thread(target=self._run, name=f"sqlite:{self.path}", daemon=True)
         self._thread.start()
         await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)
