@@ -174,7 +174,7 @@ class SqliteStore:
             parent = Path(self.path).expanduser().resolve().parent  # noqa: ASYNC240 - once, at open
             if not parent.is_dir():
                 hint = ""
-                if not Path(self.path).expanduser().is_absolute():
+                if not Path(self.path).expanduser().is_absolute():  # noqa: ASYNC240
                     hint = (
                         f" ({self.path!r} is relative to the working directory; an absolute "
                         f"path takes four slashes: sqlite:////{self.path})"
