@@ -67,3 +67,15 @@ async def test_verify_on_an_embedded_backend(tmp_path: Path) -> None:
         assert transport.operation_timeout <= 30
     finally:
         await transport.aclose()
+
+
+def test_the_last_problem_is_kept_for_the_error_of_a_timed_out_operation() -> None:
+    """Even with logging not configured (the line is not emitted), the last
+    warning-or-worse line is kept, so a timeout can name its cause."""
+    client = ClientLog("problem")
+    assert client.last_problem(within=60) is None
+    client.log(logging.ERROR, "Connect to 127.0.0.1:%d failed: Connection refused", 1)
+    client.log(logging.INFO, "a routine line")  # not a problem: does not replace it
+    assert client.last_problem(within=60) == "Connect to 127.0.0.1:1 failed: Connection refused"
+    client._problem = (time.monotonic() - 120, "old")  # a line from two minutes ago
+    assert client.last_problem(within=60) is None

@@ -59,12 +59,24 @@ class ClientLog(logging.Logger):
         self.cap = cap
         self._lock = threading.Lock()
         self._seen: OrderedDict[tuple[int, str], list[float]] = OrderedDict()
+        self._problem: tuple[float, str] | None = None
+
+    def last_problem(self, within: float) -> str | None:
+        """The client's last WARNING-or-worse line if it came less than
+        ``within`` seconds ago (logged or not), to name the cause in the
+        error of an operation that timed out."""
+        problem = self._problem
+        if problem is None or time.monotonic() - problem[0] > within:
+            return None
+        return problem[1]
 
     def log(self, level: Any, msg: object, *args: Any, **kwargs: Any) -> None:
         if isinstance(level, str):
             level = logging.getLevelName(level.upper())
             if not isinstance(level, int):
                 level = logging.INFO
+        if level >= logging.WARNING:
+            self._problem = (time.monotonic(), str(msg) % args if args else str(msg))
         level = min(level, self.cap)
         target = self.target
         if not target.isEnabledFor(level):

@@ -470,6 +470,9 @@ class KafkaClients:
                         )
         except (TimeoutError, TransientTransportError) as exc:
             detail = f": {exc}" if isinstance(exc, TransientTransportError) else ""
+            problem = _CLIENT_LOG.last_problem(within=self.timeout)
+            if problem and not detail:
+                detail = f"; the client last reported: {problem}"
             raise TransientTransportError(
                 f"Kafka at {self.settings.bootstrap} did not create or confirm the topics "
                 f"within {self.timeout:g} s{detail}"

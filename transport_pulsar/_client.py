@@ -684,6 +684,11 @@ def _close_unclosed_clients() -> None:
             client.close()
 
 
+def client_problem(within: float) -> str | None:
+    """The client's last warning or error line of the past ``within`` seconds."""
+    return _client_log.last_problem(within)
+
+
 def _client_logger(kind: str) -> Any:
     """The logger handed to pulsar-client (see the ``client_log`` option)."""
     if kind == "stderr" and os.path.exists("/dev/stderr"):

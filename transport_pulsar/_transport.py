@@ -75,7 +75,7 @@ from transport.errors import (
     TransientTransportError,
     TransportError,
 )
-from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient
+from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient, client_problem
 from transport_pulsar._config import PulsarSettings, parse_settings
 from transport_pulsar._events import PulsarEventLog
 from transport_pulsar._queue import PulsarRequestQueue
@@ -216,6 +216,9 @@ class PulsarTransport(Transport):
                             raise
         except TimeoutError as exc:
             detail = f": {last[0]}" if last else ""
+            problem = client_problem(within=budget)
+            if problem and not detail:
+                detail = f"; the client last reported: {problem}"
             raise TransientTransportError(
                 f"no answer from the Pulsar broker at {self.settings.service_url} within "
                 f"{budget:g} s{detail}"
