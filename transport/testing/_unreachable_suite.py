@@ -156,14 +156,22 @@ class UnreachableBrokerConformance:
             )
             return done, time.monotonic() - started
 
+        # Interpreter start-up counts in a command's time: measured here, on
+        # this machine under its present load, by a command that needs no broker.
+        version, startup = await asyncio.to_thread(run, "--version")
+        assert version.returncode == 0, version.stderr[-3000:]
         (stats, stats_s), (health, health_s) = await asyncio.gather(
             asyncio.to_thread(run, "stats", "kitchen"), asyncio.to_thread(run, "health")
         )
         for name, done, elapsed in (("stats", stats, stats_s), ("health", health, health_s)):
             lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
             assert done.returncode != 0, f"{name} exited 0 against a down broker: {lines}"
-            # Interpreter start-up counts here too: a few more seconds.
-            assert elapsed <= bound + SLACK + 5.0, f"{name} took {elapsed:.1f} s: {lines}"
+            # Two commands start at once (twice the start-up), plus the backend's import.
+            limit = bound + SLACK + 3 * startup + 2.0
+            assert elapsed <= limit, (
+                f"{name} took {elapsed:.1f} s (limit {limit:.1f} s, start-up {startup:.1f} s): "
+                f"{lines}"
+            )
             assert len(done.stderr.strip().splitlines()) <= 1, (
                 f"{name} printed more than one line on stderr:\n{done.stderr[-3000:]}"
             )
