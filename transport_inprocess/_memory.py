@@ -46,11 +46,9 @@ from transport import (
     encode,
     utcnow,
 )
-from transport._codec import decode_request
-from transport._doctor import DoctorFinding, ProvisionPlan
-from transport._models import replace_fields
-from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, UndecodableMessageError
+from transport.kit import DoctorFinding, ProvisionPlan, decode_request, replace_fields
+from transport.kit import seconds as _seconds
 from transport_inprocess._memory_events import BusState, LogState, MemoryEventBus, MemoryEventLog
 
 __all__ = ["MemoryRequestQueue", "MemoryTransport", "open_memory", "reset_memory"]

@@ -51,11 +51,6 @@ from transport import (
     encode,
     utcnow,
 )
-from transport._codec import decode_request
-from transport._doctor import DoctorFinding, ProvisionPlan
-from transport._models import derived_request_id, replace_fields
-from transport._queue import seconds as _seconds
-from transport._sqlitestore import SCHEMA, SqliteStore
 from transport.errors import (
     ClosedResourceError,
     ConfigurationError,
@@ -63,7 +58,17 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
+from transport.kit import (
+    DoctorFinding,
+    ProvisionPlan,
+    decode_request,
+    derived_request_id,
+    replace_fields,
+)
+from transport.kit import seconds as _seconds
 from transport_inprocess._sqlite_events import EVENTS_SCHEMA, SqliteEventLog
+from transport_inprocess._sqlite_schema import SCHEMA
+from transport_inprocess._store import SqliteStore
 
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 

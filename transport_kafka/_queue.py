@@ -107,9 +107,9 @@ from transport import (
     encode,
     utcnow,
 )
-from transport._codec import decode_request
-from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
+from transport.kit import decode_request
+from transport.kit import seconds as _seconds
 from transport_kafka._client import (
     ConsumerThread,
     KafkaClients,

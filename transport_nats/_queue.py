@@ -69,16 +69,14 @@ from transport import (
     encode,
     utcnow,
 )
-from transport._codec import decode_request
-from transport._naming import internal_name
-from transport._queue import hand_to_waiter
-from transport._queue import seconds as _seconds
 from transport.errors import (
     ClosedResourceError,
     TransientTransportError,
     TransportError,
     UndecodableMessageError,
 )
+from transport.kit import decode_request, hand_to_waiter, internal_name
+from transport.kit import seconds as _seconds
 from transport_nats._errors import map_nats_errors
 from transport_nats._registries import NatsKeyedLog
 from transport_nats._transport import check_puback

@@ -56,13 +56,13 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
-from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport.errors import (
     ConfigurationError,
     PermanentTransportError,
     TransientTransportError,
     TransportError,
 )
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
 from transport_nats._config import NatsOptions, load_options, parse_servers
 from transport_nats._errors import classify_connect_error, map_nats_errors
 

@@ -66,14 +66,14 @@ from transport import (
     encode,
     utcnow,
 )
-from transport._codec import decode_request
-from transport._queue import seconds as _seconds
 from transport.errors import (
     ClosedResourceError,
     TransientTransportError,
     TransportError,
     UndecodableMessageError,
 )
+from transport.kit import decode_request
+from transport.kit import seconds as _seconds
 from transport_pulsar._client import AsyncConsumer, AsyncProducer, Message
 from transport_pulsar._errors import map_pulsar_errors
 from transport_pulsar._registries import KeyedTopic
