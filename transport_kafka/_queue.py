@@ -105,7 +105,6 @@ from transport import (
     WorkRequest,
     decode,
     encode,
-    utcnow,
 )
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
 from transport.kit import decode_request
@@ -1323,6 +1322,7 @@ class KafkaRequestQueue(RequestQueue):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_payload_bytes = transport.config.max_payload_bytes
         self._transport = transport
         self._engine = transport._acquire_engine(name)
         self._held: set[int] = set()
@@ -1335,29 +1335,24 @@ class KafkaRequestQueue(RequestQueue):
     def topics(self) -> TopicNames:
         return self._engine.topics
 
-    def _check(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
 
-    async def enqueue(self, request: WorkRequest) -> WorkRequest:
-        self._check()
-        if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
-        data = encode(request, self._transport.config.max_payload_bytes)
+    async def _store_request(self, request: WorkRequest, body: bytes) -> None:
         await self._engine.ensure_topics()
         await self._engine.clients.produce(
             self.topics.requests,
             request.message_key.encode(),
-            data,
+            body,
             what=f"enqueue to {self.name!r}",
         )
-        return request
 
     async def caught_up(self, timeout: float | None = None) -> bool:
         """True once the backlog of the partitions assigned to this process
         is fetched (after joining the group, and again after every
         rebalance that assigns partitions); joins the group if needed."""
-        self._check()
+        self._check_open()
         await self._engine.start()
         try:
             await self._engine.poller_enter()
@@ -1366,7 +1361,7 @@ class KafkaRequestQueue(RequestQueue):
             self._engine.poller_exit()
 
     async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:
-        self._check()
+        self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -1374,7 +1369,7 @@ class KafkaRequestQueue(RequestQueue):
         try:
             await self._engine.poller_enter()
             while True:
-                self._check()
+                self._check_open()
                 delivery = await self._engine.take(self)
                 if delivery is not None:
                     return delivery
@@ -1386,7 +1381,7 @@ class KafkaRequestQueue(RequestQueue):
             self._engine.poller_exit()
 
     async def stats(self) -> QueueStats:
-        self._check()
+        self._check_open()
         engine = self._engine
         clients = engine.clients
         await engine.ensure_topics()
@@ -1432,12 +1427,12 @@ class KafkaRequestQueue(RequestQueue):
         return out
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        self._check()
+        self._check_open()
         entries = await self._dead_entries()
         return [dead for _, dead in entries if dead is not None][:limit]
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
-        self._check()
+        self._check_open()
         wanted = None if request_ids is None else set(request_ids)
         moved = 0
         clients = self._engine.clients
