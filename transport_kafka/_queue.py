@@ -107,7 +107,7 @@ from transport import (
     encode,
 )
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
-from transport.kit import decode_request
+from transport.kit import decode_request, retrieve
 from transport.kit import seconds as _seconds
 from transport_kafka._client import (
     ConsumerThread,
@@ -263,12 +263,6 @@ def _finish_round(future: asyncio.Future[None], error: BaseException | None) -> 
     else:
         future.set_exception(error)
         future.exception()  # a round nobody waits for any more is not an error
-
-
-def _consume_outcome(future: asyncio.Future[Any]) -> None:
-    # Outcomes nobody may read (a cancelled waiter, a background round).
-    if not future.cancelled():
-        future.exception()
 
 
 def _int_header(headers: dict[str, bytes], name: str) -> int:
@@ -1112,7 +1106,7 @@ class _QueueEngine:
         index = min(self._demand(), len(self.ready) - 1)
         if index >= 0 and not self.ready[index].reserved:
             self._reserving = asyncio.ensure_future(self._reserve_round(max_attempts))
-            self._reserving.add_done_callback(_consume_outcome)
+            self._reserving.add_done_callback(retrieve)
 
     async def _reserve_round(self, max_attempts: int) -> None:
         # Twice the demand: the next polls find their record counted
