@@ -31,6 +31,7 @@ from transport._models import WorkRequest, utcnow
 from transport._priority import PriorityRequestQueue
 from transport._queue import RequestQueue
 from transport._registries import DeliveryRegistry
+from transport._sqlitestore import SqliteStore
 from transport._transport import Transport
 from transport.errors import ClosedResourceError, PermanentTransportError, TransientTransportError
 
@@ -110,9 +111,6 @@ class Outbox:
         self._queues: dict[tuple[str, int], RequestQueue] = {}
         self._registries: dict[str, DeliveryRegistry] = {}
         self._starting: asyncio.Lock | None = None
-        # The embedded backend's store (imported here: that package imports this one).
-        from transport_inprocess import SqliteStore
-
         self._store = SqliteStore(self.path, synchronous=synchronous, schema=_SCHEMA)
         self._wake = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None

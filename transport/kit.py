@@ -31,7 +31,9 @@ What is here, by concern:
   first waiter still waiting), :class:`SharedRun` (one run of an operation
   shared by concurrent callers that need a result taken after their call
   began), :func:`retrieve` (a done callback that marks a future's exception
-  retrieved).
+  retrieved), :class:`SqliteStore` (a SQLite file on its own thread with
+  group commit, given its schema: the store of ``sqlite://`` and of the
+  outbox).
 * **Operations** — :class:`ClientLog` (a broker client's log lines, repeated
   ones collapsed), :class:`DoctorFinding`, :class:`ProvisionPlan` and
   :data:`ObjectKind` for ``transport doctor`` and ``transport provision``.
@@ -51,6 +53,7 @@ from transport._models import derived_request_id, replace_fields, utcnow
 from transport._naming import internal_name, validate_header, validate_name
 from transport._queue import hand_to_waiter, seconds
 from transport._shared import SharedRun, retrieve
+from transport._sqlitestore import SqliteStore
 
 __all__ = [
     "ClientLog",
@@ -58,6 +61,7 @@ __all__ = [
     "ObjectKind",
     "ProvisionPlan",
     "SharedRun",
+    "SqliteStore",
     "Start",
     "WireModel",
     "check_headers",

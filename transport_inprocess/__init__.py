@@ -13,13 +13,11 @@ from transport_inprocess._sqlite import (
     open_sqlite,
     sqlite_path,
 )
-from transport_inprocess._store import SqliteStore
 
 __all__ = [
     "MemoryRequestQueue",
     "MemoryTransport",
     "SqliteRequestQueue",
-    "SqliteStore",
     "SqliteTransport",
     "open_memory",
     "open_sqlite",

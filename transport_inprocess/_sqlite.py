@@ -59,6 +59,7 @@ from transport.errors import (
 from transport.kit import (
     DoctorFinding,
     ProvisionPlan,
+    SqliteStore,
     decode_request,
     derived_request_id,
     replace_fields,
@@ -66,7 +67,6 @@ from transport.kit import (
 from transport.kit import seconds as _seconds
 from transport_inprocess._sqlite_events import EVENTS_SCHEMA, SqliteEventLog
 from transport_inprocess._sqlite_schema import SCHEMA
-from transport_inprocess._store import SqliteStore
 
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 
