@@ -76,9 +76,9 @@ from transport.errors import (
 )
 from transport.kit import decode_request, hand_to_waiter, internal_name
 from transport.kit import seconds as _seconds
+from transport_nats._client import check_puback
 from transport_nats._errors import map_nats_errors
 from transport_nats._registries import NatsKeyedLog
-from transport_nats._transport import check_puback
 
 if TYPE_CHECKING:
     from transport_nats._transport import NatsTransport
