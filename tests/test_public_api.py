@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+from pathlib import Path
 
 import pytest
 
 PACKAGES = [
     "transport",
     "transport.errors",
+    "transport.kit",
     "transport.testing",
     "transport.sync",
     "transport_inprocess",
@@ -26,3 +29,76 @@ def test_all_names_import(package: str) -> None:
     for name in names:
         assert getattr(module, name, None) is not None, f"{package}.{name} is missing"
     assert len(set(names)) == len(names)
+
+
+BACKENDS = ["transport_inprocess", "transport_kafka", "transport_nats", "transport_pulsar"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("package", BACKENDS)
+def test_backends_use_only_public_core_names(package: str) -> None:
+    """A backend is built from ``transport`` and ``transport.kit`` (and its
+    own modules), so a third-party backend can be built the same way."""
+    private = []
+    for path in sorted((ROOT / package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            modules: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            for module in modules:
+                parts = module.split(".")
+                if parts[0] == "transport" and any(part.startswith("_") for part in parts[1:]):
+                    private.append(f"{path.name}:{node.lineno} imports {module}")
+    assert not private, "\n".join(private)
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    """Library modules ``module`` imports anywhere in its code (functions
+    included: an import hidden in a function is still a dependency), except
+    under ``if TYPE_CHECKING:``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            typing_only.update(id(child) for child in ast.walk(node))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found - {module}
+
+
+def test_no_import_cycles_between_library_modules() -> None:
+    modules: dict[str, Path] = {}
+    for package in ["transport", *BACKENDS]:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            modules[name] = path
+    graph = {name: _imports(path, name) & modules.keys() for name, path in modules.items()}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        path.append(name)
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)

@@ -162,7 +162,7 @@ class LogEvent(_WireModel):
         return check_json_value(value, info)
 
 
-def _check_headers(headers: dict[str, str] | None) -> dict[str, str]:
+def check_headers(headers: dict[str, str] | None) -> dict[str, str]:
     for k, v in (headers or {}).items():
         validate_header(k, v)
     return dict(headers or {})
@@ -429,4 +429,4 @@ def check_start(start: Start) -> Start:
 def make_event(
     subject: str, data: Any, headers: dict[str, str] | None, reply_to: str | None = None
 ) -> Event:
-    return Event(subject=subject, data=data, headers=_check_headers(headers), reply_to=reply_to)
+    return Event(subject=subject, data=data, headers=check_headers(headers), reply_to=reply_to)

@@ -10,7 +10,8 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from transport._models import DeadLetter, QueueStats, WorkRequest
+from transport._codec import encode
+from transport._models import DeadLetter, QueueStats, WorkRequest, replace_fields, utcnow
 
 __all__ = ["Delivery", "RequestQueue", "hand_to_waiter", "seconds"]
 
@@ -136,8 +137,10 @@ class RequestQueue(ABC):
     name: str
     lease_seconds: float
     max_attempts: int
+    #: The largest encoded request :meth:`enqueue` accepts (``None``: no
+    #: limit); backends set it from ``TransportConfig.max_payload_bytes``.
+    max_payload_bytes: int | None = None
 
-    @abstractmethod
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         """Durably add ``request``; returns it with ``enqueued_at`` stamped.
 
@@ -147,7 +150,29 @@ class RequestQueue(ABC):
         Raises: PayloadTooLargeError, PermanentTransportError (not JSON,
         auth, config), TransientTransportError (broker unreachable or timed
         out: the request may or may not have been stored), ClosedResourceError.
+
+        For backends: this is the one enqueue template. It checks the handle
+        (:meth:`_check_open`), stamps ``enqueued_at``, encodes the request
+        within ``max_payload_bytes`` and hands both to :meth:`_store_request`,
+        the hook a backend implements (or it overrides ``enqueue`` whole).
         """
+        self._check_open()
+        if request.enqueued_at is None:
+            request = replace_fields(request, enqueued_at=utcnow())
+        await self._store_request(request, encode(request, self.max_payload_bytes))
+        return request
+
+    def _check_open(self) -> None:  # noqa: B027 - optional hook
+        """Raise ``ClosedResourceError`` if this handle or its transport is
+        closed. Backend hook; the default checks nothing."""
+
+    async def _store_request(self, request: WorkRequest, body: bytes) -> None:
+        """Store ``body`` (``request`` encoded) durably; return once the
+        backend accepted it (see :meth:`enqueue`). Backend hook of the
+        enqueue template; ``request`` gives the message key and id."""
+        raise NotImplementedError(
+            f"{type(self).__name__} implements neither _store_request nor enqueue"
+        )
 
     @abstractmethod
     async def poll(self, timeout: float | None = None) -> Delivery | None:

@@ -664,6 +664,10 @@ class Ensemble:
                 extra=self._fields(request),
             )
             return
+        # complete() reads the record again although _handle read it before
+        # the handler ran: handlers run for seconds to hours, and another
+        # worker may have answered meanwhile (or the caller taken the answer);
+        # the fresh read keeps a late completion from overwriting either.
         await self._registry(request.reply_to).complete(request.request_id, response)
 
     async def _keep_lease(self, delivery: Delivery, lease: float) -> None:

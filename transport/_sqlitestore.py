@@ -1,5 +1,5 @@
-"""The SQLite file behind ``sqlite://``: one connection on one thread per
-transport, with group commit.
+"""A SQLite file on its own thread, with group commit: the store behind
+``sqlite://`` and the outbox (each passes its own schema).
 
 Every operation is a function of the connection run on the store's thread.
 Consecutive writes submitted while a transaction is being committed are run
@@ -33,46 +33,6 @@ __all__ = ["SqliteStore", "map_sqlite_errors"]
 log = logging.getLogger("transport.sqlite")
 
 T = TypeVar("T")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    request_id TEXT,
-    body BLOB NOT NULL,
-    available_at REAL NOT NULL,
-    token INTEGER,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
-);
-CREATE INDEX IF NOT EXISTS messages_order ON messages(queue, seq);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue TEXT NOT NULL,
-    request_id TEXT,
-    body BLOB NOT NULL,
-    decodable INTEGER NOT NULL,
-    error TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    dead_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letters_queue ON dead_letters(queue, id);
-CREATE TABLE IF NOT EXISTS kv (
-    log TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value BLOB NOT NULL,
-    PRIMARY KEY (log, key)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS kv_changes (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    log TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value BLOB,
-    at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS kv_changes_log ON kv_changes(log, seq);
-"""
 
 _SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA"}
 _MAX_BATCH = 512
@@ -152,7 +112,7 @@ class SqliteStore:
         *,
         synchronous: str = "FULL",
         busy_timeout_ms: int = 30_000,
-        schema: str = SCHEMA,
+        schema: str,
     ) -> None:
         synchronous = synchronous.upper()
         if synchronous not in _SYNCHRONOUS:

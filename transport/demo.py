@@ -22,11 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transport._connect import connect
-from transport._network import Network
-from transport._registries import PendingDelivery
-from transport._runtime import Ensemble, TaskContext
-from transport._tracing import TRACEPARENT, parse_traceparent
+from transport import (
+    Ensemble,
+    Network,
+    PendingDelivery,
+    TaskContext,
+    connect,
+    current_traceparent,
+)
 
 __all__ = ["ORDERS", "build_network", "main", "run_demo"]
 
@@ -53,8 +56,10 @@ class _Clock:
 
 
 def _trace(ctx: TaskContext) -> str:
-    parsed = parse_traceparent(ctx.request.headers.get(TRACEPARENT))
-    return parsed[0][:8] if parsed else "-"
+    # The handler runs in the request's trace (W3C traceparent
+    # "00-<trace id>-<span id>-<flags>"): show the trace id's first 8 digits.
+    traceparent = current_traceparent()
+    return traceparent.split("-")[1][:8] if traceparent else "-"
 
 
 def build_network(

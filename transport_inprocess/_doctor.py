@@ -10,8 +10,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from transport._doctor import DoctorFinding
-from transport._sqlitestore import SqliteStore
+from transport.kit import DoctorFinding, SqliteStore
 
 __all__ = ["sqlite_doctor"]
 

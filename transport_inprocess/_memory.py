@@ -44,13 +44,10 @@ from transport import (
     TransportConfig,
     WorkRequest,
     encode,
-    utcnow,
 )
-from transport._codec import decode_request
-from transport._doctor import DoctorFinding, ProvisionPlan
-from transport._models import replace_fields
-from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, UndecodableMessageError
+from transport.kit import DoctorFinding, ProvisionPlan, decode_request, replace_fields
+from transport.kit import seconds as _seconds
 from transport_inprocess._memory_events import BusState, LogState, MemoryEventBus, MemoryEventLog
 
 __all__ = ["MemoryRequestQueue", "MemoryTransport", "open_memory", "reset_memory"]
@@ -220,30 +217,25 @@ class MemoryRequestQueue(RequestQueue):
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self._broker = broker
-        self._limit = limit
+        self.max_payload_bytes = limit
         self._held: set[int] = set()
         self._closed = False
         with broker.lock:
             self._state = broker.queue(name)
 
-    def _check(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
 
     # -- producer ---------------------------------------------------------
-    async def enqueue(self, request: WorkRequest) -> WorkRequest:
-        self._check()
-        if request.enqueued_at is None:
-            request = replace_fields(request, enqueued_at=utcnow())
-        data = encode(request, self._limit)
+    async def _store_request(self, request: WorkRequest, body: bytes) -> None:
         state = self._state
         with self._broker.lock:
             # (A subclass may encode fields WorkRequest does not have.)
             own = request.__class__ is WorkRequest
-            state.ready.append(_Msg(data, request.request_id, 0, None, own))
+            state.ready.append(_Msg(body, request.request_id, 0, None, own))
             if state.waiters:
                 _notify_one(state)
-        return request
 
     def inject_raw(self, data: bytes) -> None:
         """Put raw bytes on the queue as if a foreign producer had (for tests)."""
@@ -332,7 +324,7 @@ class MemoryRequestQueue(RequestQueue):
         return min(times) if times else None
 
     async def poll(self, timeout: float | None = None) -> MemoryDelivery | None:
-        self._check()
+        self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         if self._state.ready:  # work is waiting: no deadline or waiter needed
             delivery = self._lease()
@@ -369,7 +361,7 @@ class MemoryRequestQueue(RequestQueue):
                         # We were woken: if we leave without leasing (cancelled),
                         # pass the wake-up on so no message sits unnoticed.
                         _notify_one(self._state)
-            self._check()
+            self._check_open()
 
     def _ack(self, token: int) -> bool:
         state = self._state
@@ -436,7 +428,7 @@ class MemoryRequestQueue(RequestQueue):
             return True
 
     async def stats(self) -> QueueStats:
-        self._check()
+        self._check_open()
         with self._broker.lock:
             self._reclaim(time.monotonic())
             state = self._state
@@ -455,12 +447,12 @@ class MemoryRequestQueue(RequestQueue):
             )
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        self._check()
+        self._check_open()
         with self._broker.lock:
             return list(self._state.dead[:limit])
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
-        self._check()
+        self._check_open()
         wanted = None if request_ids is None else set(request_ids)
         moved = 0
         with self._broker.lock:

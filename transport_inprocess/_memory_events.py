@@ -11,24 +11,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from transport import encode
-from transport._events import (
+from transport import (
     Event,
     EventBus,
     EventLog,
     EventReader,
     LogEvent,
-    Start,
     Subscription,
-    _check_headers,
-    check_start,
-    make_event,
+    encode,
     subject_matches,
     validate_subject,
 )
-from transport._models import utcnow
-from transport._naming import validate_name
 from transport.errors import ClosedResourceError
+from transport.kit import Start, check_headers, check_start, make_event, utcnow, validate_name
 
 __all__ = ["MemoryEventBus", "MemoryEventLog"]
 
@@ -259,7 +254,7 @@ class MemoryEventLog(EventLog):
                 position=str(len(events)),
                 data=data,
                 key=key,
-                headers=_check_headers(headers),
+                headers=check_headers(headers),
                 appended_at=max(utcnow(), events[-1].appended_at) if events else utcnow(),
             )
             encode(event, self._limit)

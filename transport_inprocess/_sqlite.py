@@ -48,14 +48,7 @@ from transport import (
     TransportConfig,
     WorkRequest,
     decode,
-    encode,
-    utcnow,
 )
-from transport._codec import decode_request
-from transport._doctor import DoctorFinding, ProvisionPlan
-from transport._models import derived_request_id, replace_fields
-from transport._queue import seconds as _seconds
-from transport._sqlitestore import SCHEMA, SqliteStore
 from transport.errors import (
     ClosedResourceError,
     ConfigurationError,
@@ -63,7 +56,17 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
+from transport.kit import (
+    DoctorFinding,
+    ProvisionPlan,
+    SqliteStore,
+    decode_request,
+    derived_request_id,
+    replace_fields,
+)
+from transport.kit import seconds as _seconds
 from transport_inprocess._sqlite_events import EVENTS_SCHEMA, SqliteEventLog
+from transport_inprocess._sqlite_schema import SCHEMA
 
 __all__ = ["SqliteRequestQueue", "SqliteTransport", "open_sqlite", "sqlite_path"]
 
@@ -217,6 +220,7 @@ class SqliteRequestQueue(RequestQueue):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_payload_bytes = transport.config.max_payload_bytes
         self._t = transport
         self._key = transport._scoped(name)  # the queue's rows in this namespace
         self._store = transport._store
@@ -227,23 +231,17 @@ class SqliteRequestQueue(RequestQueue):
         self._closed = False
         self._enqueue_key = ("enqueue", self._key)
 
-    def _check(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
         self._t._check_open()
 
-    async def enqueue(self, request: WorkRequest) -> WorkRequest:
-        if self._closed or self._t._closed:
-            self._check()
-        if request.enqueued_at is None:
-            request = replace_fields(request, enqueued_at=utcnow())
-        body = encode(request, self._t.config.max_payload_bytes)
+    async def _store_request(self, request: WorkRequest, body: bytes) -> None:
         # Concurrent enqueues to this queue become one INSERT of many rows.
         await self._store.submit_many(
             self._enqueue_key, _insert_many, (self._key, request.request_id, body)
         )
         self._t._signals.notify(self._key)
-        return request
 
     def _lease_op(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, WorkRequest]]:
         now = time.time()
@@ -371,7 +369,7 @@ class SqliteRequestQueue(RequestQueue):
             )
 
     async def poll(self, timeout: float | None = None) -> SqliteDelivery | None:
-        self._check()
+        self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -389,7 +387,7 @@ class SqliteRequestQueue(RequestQueue):
                 # the has-work read first.
                 self._had_work = True
             interval = min(interval * 2, self._t.poll_interval)
-            self._check()
+            self._check_open()
 
     async def _ack(self, row_id: int, token: int) -> bool:
         self._held.pop(row_id, None)
@@ -475,7 +473,7 @@ class SqliteRequestQueue(RequestQueue):
         return cur.rowcount
 
     async def stats(self) -> QueueStats:
-        self._check()
+        self._check_open()
         name, key = self.name, self._key
 
         def op(conn: sqlite3.Connection) -> QueueStats:
@@ -510,7 +508,7 @@ class SqliteRequestQueue(RequestQueue):
         return await self._store.read(op)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        self._check()
+        self._check_open()
         name, key = self.name, self._key
 
         def op(conn: sqlite3.Connection) -> list[DeadLetter]:
@@ -543,7 +541,7 @@ class SqliteRequestQueue(RequestQueue):
         return await self._store.read(op)
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
-        self._check()
+        self._check_open()
         name = self._key
         wanted = None if request_ids is None else set(request_ids)
 

@@ -15,11 +15,9 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from transport import encode
-from transport._events import EventLog, EventReader, LogEvent, Start, _check_headers, check_start
-from transport._models import utcnow
-from transport._naming import validate_name
+from transport import EventLog, EventReader, LogEvent, encode
 from transport.errors import ClosedResourceError
+from transport.kit import Start, check_headers, check_start, utcnow, validate_name
 
 if TYPE_CHECKING:
     from transport_inprocess._sqlite import SqliteTransport
@@ -144,7 +142,7 @@ class SqliteEventLog(EventLog):
             position="0",
             data=data,
             key=key,
-            headers=_check_headers(headers),
+            headers=check_headers(headers),
             appended_at=now,
         )
         body = encode(event, self._t.config.max_payload_bytes)

@@ -37,9 +37,8 @@ from tenacity import (
     wait_exponential,
 )
 
-from transport._logging import ClientLog
-from transport._shared import SharedRun
 from transport.errors import ClosedResourceError, ConfigurationError, TransientTransportError
+from transport.kit import ClientLog, SharedRun
 from transport_kafka._config import KafkaSettings
 from transport_kafka._errors import error_from_kafka, map_kafka_errors
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics

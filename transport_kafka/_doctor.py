@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
 from transport_kafka._events import stream_spec
 from transport_kafka._registries import registry_spec
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics, topic_name

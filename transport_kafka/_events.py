@@ -26,11 +26,9 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from transport._codec import decode, encode
-from transport._events import EventLog, EventReader, LogEvent, Start, check_start
-from transport._models import utcnow
-from transport._naming import validate_header, validate_name
+from transport import EventLog, EventReader, LogEvent
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
+from transport.kit import Start, check_start, decode, encode, utcnow, validate_header, validate_name
 from transport_kafka._client import (
     ConsumerThread,
     KafkaClients,

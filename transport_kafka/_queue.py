@@ -105,11 +105,10 @@ from transport import (
     WorkRequest,
     decode,
     encode,
-    utcnow,
 )
-from transport._codec import decode_request
-from transport._queue import seconds as _seconds
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
+from transport.kit import decode_request, retrieve
+from transport.kit import seconds as _seconds
 from transport_kafka._client import (
     ConsumerThread,
     KafkaClients,
@@ -264,12 +263,6 @@ def _finish_round(future: asyncio.Future[None], error: BaseException | None) -> 
     else:
         future.set_exception(error)
         future.exception()  # a round nobody waits for any more is not an error
-
-
-def _consume_outcome(future: asyncio.Future[Any]) -> None:
-    # Outcomes nobody may read (a cancelled waiter, a background round).
-    if not future.cancelled():
-        future.exception()
 
 
 def _int_header(headers: dict[str, bytes], name: str) -> int:
@@ -1113,7 +1106,7 @@ class _QueueEngine:
         index = min(self._demand(), len(self.ready) - 1)
         if index >= 0 and not self.ready[index].reserved:
             self._reserving = asyncio.ensure_future(self._reserve_round(max_attempts))
-            self._reserving.add_done_callback(_consume_outcome)
+            self._reserving.add_done_callback(retrieve)
 
     async def _reserve_round(self, max_attempts: int) -> None:
         # Twice the demand: the next polls find their record counted
@@ -1323,6 +1316,7 @@ class KafkaRequestQueue(RequestQueue):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_payload_bytes = transport.config.max_payload_bytes
         self._transport = transport
         self._engine = transport._acquire_engine(name)
         self._held: set[int] = set()
@@ -1335,29 +1329,24 @@ class KafkaRequestQueue(RequestQueue):
     def topics(self) -> TopicNames:
         return self._engine.topics
 
-    def _check(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
 
-    async def enqueue(self, request: WorkRequest) -> WorkRequest:
-        self._check()
-        if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
-        data = encode(request, self._transport.config.max_payload_bytes)
+    async def _store_request(self, request: WorkRequest, body: bytes) -> None:
         await self._engine.ensure_topics()
         await self._engine.clients.produce(
             self.topics.requests,
             request.message_key.encode(),
-            data,
+            body,
             what=f"enqueue to {self.name!r}",
         )
-        return request
 
     async def caught_up(self, timeout: float | None = None) -> bool:
         """True once the backlog of the partitions assigned to this process
         is fetched (after joining the group, and again after every
         rebalance that assigns partitions); joins the group if needed."""
-        self._check()
+        self._check_open()
         await self._engine.start()
         try:
             await self._engine.poller_enter()
@@ -1366,7 +1355,7 @@ class KafkaRequestQueue(RequestQueue):
             self._engine.poller_exit()
 
     async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:
-        self._check()
+        self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -1374,7 +1363,7 @@ class KafkaRequestQueue(RequestQueue):
         try:
             await self._engine.poller_enter()
             while True:
-                self._check()
+                self._check_open()
                 delivery = await self._engine.take(self)
                 if delivery is not None:
                     return delivery
@@ -1386,7 +1375,7 @@ class KafkaRequestQueue(RequestQueue):
             self._engine.poller_exit()
 
     async def stats(self) -> QueueStats:
-        self._check()
+        self._check_open()
         engine = self._engine
         clients = engine.clients
         await engine.ensure_topics()
@@ -1432,12 +1421,12 @@ class KafkaRequestQueue(RequestQueue):
         return out
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        self._check()
+        self._check_open()
         entries = await self._dead_entries()
         return [dead for _, dead in entries if dead is not None][:limit]
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
-        self._check()
+        self._check_open()
         wanted = None if request_ids is None else set(request_ids)
         moved = 0
         clients = self._engine.clients

@@ -54,8 +54,8 @@ from __future__ import annotations
 import time
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
-from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport.errors import TransportError
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
 from transport_kafka._client import KafkaClients
 from transport_kafka._config import KafkaSettings, parse_settings
 from transport_kafka._events import KafkaEventLog

@@ -15,8 +15,7 @@ from urllib.parse import urlsplit
 import nats.js.errors
 from nats.js.api import StorageType
 
-from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
-from transport._naming import internal_name
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
 from transport_nats._errors import map_nats_errors
 
 if TYPE_CHECKING:

@@ -28,23 +28,21 @@ from nats.js.api import KeyValueConfig, RetentionPolicy, StorageType, StreamConf
 from nats.js.kv import KeyValue
 from pydantic import Field
 
-from transport import decode, encode, utcnow
-from transport._events import (
+from transport import (
     Event,
     EventBus,
     EventLog,
     EventReader,
     LogEvent,
-    Start,
     Subscription,
-    _check_headers,
-    check_start,
-    make_event,
+    decode,
+    encode,
+    utcnow,
     validate_subject,
 )
-from transport._models import _WireModel
-from transport._naming import validate_name
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
+from transport.kit import Start, check_headers, check_start, make_event, validate_name
+from transport.kit import WireModel as _WireModel
 from transport_nats._errors import map_nats_errors
 
 if TYPE_CHECKING:
@@ -163,7 +161,7 @@ class NatsEventBus(EventBus):
         self._check()
         if request.reply_to is None:
             raise ValueError("this event is not a request (no reply_to)")
-        event = Event(subject=request.subject, data=data, headers=_check_headers(headers))
+        event = Event(subject=request.subject, data=data, headers=check_headers(headers))
         with map_nats_errors(f"replying to {request.subject}"):
             await self._t.nc.publish(request.reply_to, encode(event, self._limit))
 
@@ -303,7 +301,7 @@ class NatsEventLog(EventLog):
     ) -> str:
         self._check()
         validate_name(stream, "stream name")
-        record = _Record(data=data, key=key, headers=_check_headers(headers))
+        record = _Record(data=data, key=key, headers=check_headers(headers))
         # The size limit applies to the event as readers receive it.
         encode(
             LogEvent(stream=stream, position="0", appended_at=utcnow(), **record.model_dump()),

@@ -67,21 +67,18 @@ from transport import (
     WorkRequest,
     decode,
     encode,
-    utcnow,
 )
-from transport._codec import decode_request
-from transport._naming import internal_name
-from transport._queue import hand_to_waiter
-from transport._queue import seconds as _seconds
 from transport.errors import (
     ClosedResourceError,
     TransientTransportError,
     TransportError,
     UndecodableMessageError,
 )
+from transport.kit import decode_request, hand_to_waiter, internal_name
+from transport.kit import seconds as _seconds
+from transport_nats._client import check_puback
 from transport_nats._errors import map_nats_errors
 from transport_nats._registries import NatsKeyedLog
-from transport_nats._transport import check_puback
 
 if TYPE_CHECKING:
     from transport_nats._transport import NatsTransport
@@ -238,6 +235,7 @@ class NatsRequestQueue(RequestQueue):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_payload_bytes = transport.config.max_payload_bytes
         self._t = transport
         self._opts = transport.options
         ns = transport.config.namespace
@@ -278,7 +276,7 @@ class NatsRequestQueue(RequestQueue):
     def __repr__(self) -> str:
         return f"<NatsRequestQueue {self.name!r} stream={self.stream}>"
 
-    def _check(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
         self._t._check_open()
@@ -361,7 +359,7 @@ class NatsRequestQueue(RequestQueue):
                 await self._publish_once(subject, stream, body, msg_id)
 
     async def _publish_once(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
-        self._check()
+        self._check_open()
         try:
             if not self._t.has_streams(self.stream, self.dlq_stream):
                 await self._ensure_streams()
@@ -380,13 +378,8 @@ class NatsRequestQueue(RequestQueue):
             self._t.forget_stream(stream)
             raise
 
-    async def enqueue(self, request: WorkRequest) -> WorkRequest:
-        self._check()
-        if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
-        body = encode(request, self._t.config.max_payload_bytes)
+    async def _store_request(self, request: WorkRequest, body: bytes) -> None:
         await self._publish(self.subject, self.stream, body, request.request_id)
-        return request
 
     # -- consuming -----------------------------------------------------------
     def _outstanding(self) -> int:
@@ -639,7 +632,7 @@ class NatsRequestQueue(RequestQueue):
             await self._send_pull(room, None, now)  # what is there now, no more
 
     async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
-        self._check()
+        self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
@@ -650,7 +643,7 @@ class NatsRequestQueue(RequestQueue):
             except TransientTransportError as exc:
                 # The server is restarting or unreachable: keep trying while
                 # the caller is willing to wait; report it only when time is up.
-                self._check()
+                self._check_open()
                 self._consumer_ready = False
                 if deadline is not None and loop.time() + backoff >= deadline:
                     raise
@@ -676,7 +669,7 @@ class NatsRequestQueue(RequestQueue):
             if now < self._blocked_until:
                 pause = self._blocked_until - now
                 await asyncio.sleep(pause if remaining is None else max(min(pause, remaining), 0))
-                self._check()
+                self._check_open()
                 await self._ensure_consumer()
                 continue
             self._purge_pulls(now)
@@ -723,7 +716,7 @@ class NatsRequestQueue(RequestQueue):
                 if delivery is not None:
                     return delivery
                 may_ask = True  # that one was dead-lettered: look for the next
-            self._check()
+            self._check_open()
             if not self._consumer_ready:
                 await self._ensure_consumer()
 
@@ -756,7 +749,7 @@ class NatsRequestQueue(RequestQueue):
 
     # -- inspection ----------------------------------------------------------
     async def stats(self) -> QueueStats:
-        self._check()
+        self._check_open()
         await self._ensure_streams()
         js = self._t.js
         with map_nats_errors(f"stats of {self.stream}"):
@@ -824,7 +817,7 @@ class NatsRequestQueue(RequestQueue):
             yield raw.seq, record
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        self._check()
+        self._check_open()
         await self._ensure_streams()
         out: list[DeadLetter] = []
         if limit <= 0:
@@ -836,7 +829,7 @@ class NatsRequestQueue(RequestQueue):
         return out
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
-        self._check()
+        self._check_open()
         await self._ensure_streams()
         wanted = None if request_ids is None else set(request_ids)
         moved = 0

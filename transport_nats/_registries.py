@@ -25,8 +25,8 @@ from transport.errors import (
     PermanentTransportError,
     TransientTransportError,
 )
+from transport_nats._client import check_puback
 from transport_nats._errors import map_nats_errors
-from transport_nats._transport import check_puback
 
 if TYPE_CHECKING:
     from transport_nats._transport import NatsTransport

@@ -39,10 +39,8 @@ from typing import Any, TypeAlias
 import _pulsar
 import pulsar
 
-from transport._logging import ClientLog
-from transport._queue import hand_to_waiter
-from transport._shared import retrieve
 from transport.errors import ClosedResourceError, TransientTransportError
+from transport.kit import ClientLog, hand_to_waiter, retrieve
 from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
 
 __all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]

@@ -21,9 +21,8 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
-from transport._naming import internal_name
 from transport.errors import TransientTransportError, UnsupportedFeatureError
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
 
 if TYPE_CHECKING:
     from transport_pulsar._transport import PulsarTransport

@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import _pulsar
 
-from transport import LogEvent, encode, utcnow
-from transport._events import EventLog, EventReader, Start, _check_headers, check_start
-from transport._naming import validate_name
+from transport import EventLog, EventReader, LogEvent, encode, utcnow
 from transport.errors import ClosedResourceError, TransportError
+from transport.kit import Start, check_headers, check_start, validate_name
 from transport_pulsar._client import AsyncProducer, AsyncReader, Message, MessageId
 from transport_pulsar._registries import KeyedTopic
 
@@ -213,7 +212,7 @@ class PulsarEventLog(EventLog):
             position="0",
             data=data,
             key=key,
-            headers=_check_headers(headers),
+            headers=check_headers(headers),
             appended_at=_now_ms(),
         )
         body = encode(event, self._t.config.max_payload_bytes)

@@ -64,16 +64,15 @@ from transport import (
     WorkRequest,
     decode,
     encode,
-    utcnow,
 )
-from transport._codec import decode_request
-from transport._queue import seconds as _seconds
 from transport.errors import (
     ClosedResourceError,
     TransientTransportError,
     TransportError,
     UndecodableMessageError,
 )
+from transport.kit import decode_request
+from transport.kit import seconds as _seconds
 from transport_pulsar._client import AsyncConsumer, AsyncProducer, Message
 from transport_pulsar._errors import map_pulsar_errors
 from transport_pulsar._registries import KeyedTopic
@@ -166,6 +165,7 @@ class PulsarRequestQueue(RequestQueue):
         self.topic = topic
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
+        self.max_payload_bytes = transport.config.max_payload_bytes
         self._t = transport
         self._opts = transport.settings.options
         self._client = transport.client
@@ -201,7 +201,7 @@ class PulsarRequestQueue(RequestQueue):
     def __repr__(self) -> str:
         return f"<PulsarRequestQueue {self.name!r} topic={self.topic!r}>"
 
-    def _check(self) -> None:
+    def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
         self._t._check_open()
@@ -227,17 +227,12 @@ class PulsarRequestQueue(RequestQueue):
             return self._consumer
 
     # -- RequestQueue --------------------------------------------------------
-    async def enqueue(self, request: WorkRequest) -> WorkRequest:
-        self._check()
-        if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
-        body = encode(request, self._t.config.max_payload_bytes)
+    async def _store_request(self, request: WorkRequest, body: bytes) -> None:
         producer = await self._get_producer()
         await producer.send(body, key=request.message_key)
-        return request
 
     async def poll(self, timeout: float | None = None) -> PulsarDelivery | None:
-        self._check()
+        self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         joining = self._consumer is None
         consumer = await self._get_consumer()
@@ -249,7 +244,7 @@ class PulsarRequestQueue(RequestQueue):
             timeout = max(timeout, _JOIN_GRACE_SECONDS)
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            self._check()
+            self._check_open()
             message = self._due_delayed()
             if message is None:
                 now = loop.time()
@@ -603,11 +598,11 @@ class PulsarRequestQueue(RequestQueue):
         return out
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        self._check()
+        self._check_open()
         return [record for _, record in await self._dead_records()][:limit]
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
-        self._check()
+        self._check_open()
         wanted = None if request_ids is None else set(request_ids)
         moved = 0
         for key, record in await self._dead_records():
@@ -625,7 +620,7 @@ class PulsarRequestQueue(RequestQueue):
         broker offers neither (pulsar-lite). ``delayed`` counts the delayed
         requests this handle holds; ``in_flight`` is the broker's count of
         dispatched-but-unacked messages where the admin API reports it."""
-        self._check()
+        self._check_open()
         dead = len(await self._dead_records())
         admin = self._opts.admin_url
         depth: int | None

@@ -17,8 +17,8 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 
 from transport import CAUGHT_UP, CapabilityRegistry, DeliveryRegistry, KeyedChange, KeyedLog
-from transport._shared import SharedRun
 from transport.errors import TransientTransportError
+from transport.kit import SharedRun
 from transport_pulsar._client import AsyncProducer, AsyncPulsarClient, AsyncReader, Message
 from transport_pulsar._errors import PulsarResultError
 

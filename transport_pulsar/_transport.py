@@ -67,14 +67,13 @@ from tenacity import (
 )
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
-from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
-from transport._naming import internal_name
 from transport.errors import (
     ConfigurationError,
     PermanentTransportError,
     TransientTransportError,
     TransportError,
 )
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
 from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient, client_problem
 from transport_pulsar._config import PulsarSettings, parse_settings
 from transport_pulsar._events import PulsarEventLog

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from transport import TransportConfig, WorkRequest, connect, encode
-from transport._sqlitestore import SCHEMA
 from transport_inprocess._sqlite import _Signals
 from transport_inprocess._sqlite_events import EVENTS_SCHEMA
+from transport_inprocess._sqlite_schema import SCHEMA
 
 pytestmark = pytest.mark.asyncio
 

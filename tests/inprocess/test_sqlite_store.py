@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from transport import WorkRequest
 from transport._models import replace_fields
-from transport._sqlitestore import SqliteStore
 from transport.errors import PermanentTransportError
+from transport.kit import SqliteStore
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL);"
 

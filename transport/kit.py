@@ -1,0 +1,82 @@
+"""The backend kit: everything a backend package needs from the core.
+
+The SPI a backend implements (:class:`~transport.Transport`,
+:class:`~transport.RequestQueue`, :class:`~transport.Delivery`,
+:class:`~transport.KeyedLog`, :class:`~transport.EventBus`,
+:class:`~transport.EventLog`, ...) and the models it stores are in
+:mod:`transport`. This module holds the helpers that every backend shipped
+with the library uses to implement them, so that a third-party backend can be
+written from public names only and behave the same way (the conformance
+suite in :mod:`transport.testing` checks that it does). No backend package
+imports a private ``transport._*`` module.
+
+What is here, by concern:
+
+* **Wire format** — :func:`encode` (JSON, payload limit enforced),
+  :func:`decode`, :func:`decode_request` (a delivered body; a body without
+  ``request_id`` gets an id derived from the broker's identity of the
+  message, so a redelivery is recognised), :class:`WireModel` (base of every
+  record on the wire: frozen, unknown fields ignored, validation errors
+  raised as the library's own), :func:`replace_fields` (a copy with fields
+  changed),
+  :func:`derived_request_id` (a stable id for a foreign message),
+  :func:`utcnow`.
+* **Names** — :func:`validate_name` (queue, registry, stream names),
+  :func:`internal_name` (``<name>__<suffix>`` objects a backend derives),
+  :func:`validate_header`, :func:`check_headers`.
+* **Events** — :func:`check_start` (the ``start`` argument of readers),
+  :data:`Start`, :func:`make_event`.
+* **Asyncio plumbing** — :func:`seconds` (timeouts and delays as float
+  seconds, negatives refused), :func:`hand_to_waiter` (give a value to the
+  first waiter still waiting), :class:`SharedRun` (one run of an operation
+  shared by concurrent callers that need a result taken after their call
+  began), :func:`retrieve` (a done callback that marks a future's exception
+  retrieved), :class:`SqliteStore` (a SQLite file on its own thread with
+  group commit, given its schema: the store of ``sqlite://`` and of the
+  outbox).
+* **Operations** — :class:`ClientLog` (a broker client's log lines, repeated
+  ones collapsed), :class:`DoctorFinding`, :class:`ProvisionPlan` and
+  :data:`ObjectKind` for ``transport doctor`` and ``transport provision``.
+
+Stability: these names follow the library's version like the SPI does; a
+change that breaks a backend is a breaking change.
+"""
+
+from __future__ import annotations
+
+from transport._codec import decode, decode_request, encode
+from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
+from transport._events import Start, check_headers, check_start, make_event
+from transport._logging import ClientLog
+from transport._models import _WireModel as WireModel
+from transport._models import derived_request_id, replace_fields, utcnow
+from transport._naming import internal_name, validate_header, validate_name
+from transport._queue import hand_to_waiter, seconds
+from transport._shared import SharedRun, retrieve
+from transport._sqlitestore import SqliteStore
+
+__all__ = [
+    "ClientLog",
+    "DoctorFinding",
+    "ObjectKind",
+    "ProvisionPlan",
+    "SharedRun",
+    "SqliteStore",
+    "Start",
+    "WireModel",
+    "check_headers",
+    "check_start",
+    "decode",
+    "decode_request",
+    "derived_request_id",
+    "encode",
+    "hand_to_waiter",
+    "internal_name",
+    "make_event",
+    "replace_fields",
+    "retrieve",
+    "seconds",
+    "utcnow",
+    "validate_header",
+    "validate_name",
+]
