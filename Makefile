@@ -6,7 +6,7 @@ BASE   := $(VENV)/.installed-base
 DEV    := $(VENV)/.installed-dev
 PYTEST_ARGS ?=
 
-.PHONY: demo test check bench reliability clean
+.PHONY: demo test check bench reliability clean schemas
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ check: $(DEV)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## schemas: regenerate docs/schemas/*.schema.json from the wire models (docs/wire.md)
+schemas: $(BASE)
+	$(BIN)/transport schema --out docs/schemas
 
 ## bench: throughput/latency against the raw clients, written to benchmarks/results.json
 bench: $(DEV)

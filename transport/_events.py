@@ -24,7 +24,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from transport._models import _WireModel, check_json_value, utcnow
+from transport._models import HEADERS_SCHEMA, NAME_SCHEMA, _WireModel, check_json_value, utcnow
 from transport._naming import validate_header, validate_name
 from transport.errors import InvalidNameError
 
@@ -135,7 +135,7 @@ class Event(_WireModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     subject: str
     data: Any = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, json_schema_extra=HEADERS_SCHEMA)
     published_at: datetime = Field(default_factory=utcnow)
     reply_to: str | None = None
 
@@ -149,11 +149,11 @@ class LogEvent(_WireModel):
     """One record of the event log. ``position`` is opaque, backend-specific,
     and can be given back to :meth:`EventLog.read` or :meth:`EventReader.seek`."""
 
-    stream: str
+    stream: str = Field(json_schema_extra=NAME_SCHEMA)
     position: str
     data: Any = None
     key: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, json_schema_extra=HEADERS_SCHEMA)
     appended_at: datetime
 
     @field_validator("data")

@@ -12,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from transport._jsonvalue import json_value_problem
 from transport._naming import (
+    HEADER_NAME_PATTERN,
+    NAME_PATTERN,
+    REQUEST_ID_PATTERN,
     validate_header,
     validate_name,
     validate_ordering_key,
@@ -114,6 +117,13 @@ def library_error(exc: ValidationError, what: str) -> TransportError:
     return InvalidMessageError(f"invalid {what} field {field}={shown}: {first['msg']}{more}")
 
 
+# JSON Schema keywords for the rules the validators enforce (docs/schemas/);
+# schema only: validation stays with the validators and their errors.
+NAME_SCHEMA: dict[str, Any] = {"pattern": NAME_PATTERN}
+REQUEST_ID_SCHEMA: dict[str, Any] = {"pattern": REQUEST_ID_PATTERN}
+HEADERS_SCHEMA: dict[str, Any] = {"propertyNames": {"pattern": HEADER_NAME_PATTERN}}
+
+
 def check_json_value(value: Any, info: ValidationInfo) -> Any:
     """Field validator body: refuse what JSON would not carry as sent.
     Skipped when parsing JSON, which can only hold JSON values."""
@@ -147,14 +157,14 @@ class WorkRequest(_WireModel):
     ``ordering_key`` optionally groups requests that must stay in order.
     """
 
-    request_id: str = Field(default_factory=_new_request_id)
-    task: str
+    request_id: str = Field(default_factory=_new_request_id, json_schema_extra=REQUEST_ID_SCHEMA)
+    task: str = Field(json_schema_extra=NAME_SCHEMA)
     payload: Any = None
-    reply_to: str | None = None
+    reply_to: str | None = Field(default=None, json_schema_extra=NAME_SCHEMA)
     priority: int = Field(default=0, ge=0, le=255)
     enqueued_at: datetime | None = None
     deadline: datetime | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: dict[str, str] = Field(default_factory=dict, json_schema_extra=HEADERS_SCHEMA)
     attempt: int = Field(default=1, ge=1)
     ordering_key: str | None = None
     """Requests with the same ordering key go to the same partition (Kafka) /
@@ -211,7 +221,7 @@ class WorkRequest(_WireModel):
 class WorkResponse(_WireModel):
     """The answer to a :class:`WorkRequest`, routed back through a delivery registry."""
 
-    request_id: str
+    request_id: str = Field(json_schema_extra=REQUEST_ID_SCHEMA)
     status: Literal["completed", "failed", "rejected"] = "completed"
     result: Any = None
     error: str | None = None
@@ -237,13 +247,13 @@ class WorkResponse(_WireModel):
 class Capability(_WireModel):
     """A task or tool an ensemble offers. ``expires_at`` is its liveness lease."""
 
-    name: str
+    name: str = Field(json_schema_extra=NAME_SCHEMA)
     kind: Literal["task", "tool"] = "task"
-    ensemble: str
+    ensemble: str = Field(json_schema_extra=NAME_SCHEMA)
     description: str = ""
     tags: list[str] = Field(default_factory=list)
     input_schema: dict[str, Any] | None = None
-    queue: str | None = None
+    queue: str | None = Field(default=None, json_schema_extra=NAME_SCHEMA)
     priority_levels: int = Field(
         default=1, ge=1, le=16, description="levels of the queue (1: plain)"
     )

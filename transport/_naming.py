@@ -16,6 +16,10 @@ import re
 from transport.errors import InvalidNameError
 
 MAX_NAME_LENGTH = 100
+#: The rules below as JSON Schema ``pattern`` keywords (docs/schemas/).
+NAME_PATTERN = r"^(?!.*__)[A-Za-z0-9][A-Za-z0-9_-]{0,99}$"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}$"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}")

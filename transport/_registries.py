@@ -21,7 +21,14 @@ from pydantic import Field
 
 from transport._codec import decode, encode
 from transport._keyed import CAUGHT_UP, KeyedChange, KeyedLog
-from transport._models import Capability, CapabilityChange, WorkResponse, _WireModel, utcnow
+from transport._models import (
+    REQUEST_ID_SCHEMA,
+    Capability,
+    CapabilityChange,
+    WorkResponse,
+    _WireModel,
+    utcnow,
+)
 from transport._naming import validate_name, validate_request_id
 from transport.errors import (
     ClosedResourceError,
@@ -47,7 +54,7 @@ _RANK = {"pending": 0, "completed": 1, "taken": 2}
 class DeliveryRecord(_WireModel):
     """One entry of a delivery registry's keyed log."""
 
-    request_id: str
+    request_id: str = Field(json_schema_extra=REQUEST_ID_SCHEMA)
     state: Literal["pending", "completed", "taken"]
     response: WorkResponse | None = None
     created_at: datetime = Field(default_factory=utcnow)

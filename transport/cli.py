@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -405,6 +406,23 @@ def _parser() -> argparse.ArgumentParser:
         "object per refresh",
     )
     command("demo", "run the kitchen network demo on the configured backend")
+    schema = command(
+        "schema",
+        "write the JSON Schema of every record the library puts on the wire "
+        "(one file per record; needs no backend)",
+    )
+    schema.add_argument(
+        "--out",
+        type=Path,
+        default=Path("docs/schemas"),
+        metavar="DIR",
+        help="directory of the schema files (default: docs/schemas)",
+    )
+    schema.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 naming every file in DIR that differs from the models",
+    )
     _add_plan_commands(command)
     return parser
 
@@ -542,9 +560,45 @@ def _add_plan_commands(command: Callable[[str, str], argparse.ArgumentParser]) -
 # -- end of provision / doctor ---------------------------------------------------
 
 
+def _schema(args: argparse.Namespace) -> int:
+    """``transport schema``: generate (or, with ``--check``, compare) the
+    wire schemas; runs without a configuration or a backend."""
+    from transport._wireschema import check_schemas, write_schemas
+
+    if args.check:
+        problems = check_schemas(args.out)
+        for name, problem in problems.items():
+            print(f"{args.out / name}: differs from the models", file=sys.stderr)
+            if problem.startswith("---"):  # a unified diff
+                print(problem, file=sys.stderr, end="")
+            else:
+                print(f"    {problem}", file=sys.stderr)
+        if problems:
+            print(
+                "transport: the wire schemas are out of date: run `make schemas` "
+                "(transport schema --out DIR) and commit the result",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{args.out}: every schema matches the models")
+        return 0
+    changed = write_schemas(args.out)
+    for name in changed:
+        print(f"wrote {args.out / name}")
+    if not changed:
+        print(f"{args.out}: up to date")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     out = _Output(args.json)
+    if args.command == "schema":
+        try:
+            return _schema(args)
+        except OSError as exc:
+            print(f"transport: error: {exc}", file=sys.stderr)
+            return 1
     try:
         configure_logging(args.log_level, fmt=args.log_format)
         if args.config:
