@@ -491,8 +491,9 @@ class RequestQueueConformance:
         second = first + timedelta(minutes=5)
         await queue.enqueue(WorkRequest(request_id="head-1", task="t", enqueued_at=first))
         await queue.enqueue(WorkRequest(request_id="head-2", task="t", enqueued_at=second))
-        # A backend that cannot tell says so (None) rather than guessing.
-        want = (first, second) if harness.capabilities.queue_head else (None, None)
+        # A backend that cannot tell says so (None) rather than guessing. The
+        # transport's own flags: this one depends on its configuration.
+        want = (first, second) if transport.capabilities.queue_head else (None, None)
         assert (await queue.stats()).head_enqueued_at == want[0], "the oldest request waits"
         delivery = await queue.poll(harness.scaled(10))
         while delivery is not None and delivery.request.request_id != "head-1":
