@@ -1446,27 +1446,30 @@ class KafkaRequestQueue(RequestQueue):
                 unread[p] = max(position, low)  # below low: trimmed by retention
         ready, delayed = engine.local_counts() if engine.running else (0, 0)
         dead = await self._dead_entries()
+        unread_heads = await self._unread_heads(unread)
         heads = engine.local_heads() if engine.running else []
-        heads += await self._unread_heads(unread)
+        # A backlog whose head could not be read: the age is unknown, not
+        # the (younger) age of what this process holds.
+        head = None if unread_heads is None else min(heads + unread_heads, default=None)
         return QueueStats(
             queue=self.name,
             depth=depth + ready + delayed,
             in_flight=engine.in_flight(),
             delayed=delayed,
             dead_lettered=len(dead),
-            head_enqueued_at=min(heads, default=None),
+            head_enqueued_at=head,
         )
 
-    async def _unread_heads(self, positions: dict[int, int]) -> list[datetime]:
+    async def _unread_heads(self, positions: dict[int, int]) -> list[datetime] | None:
         """``enqueued_at`` of the first waiting request at or after each
-        partition's position (see :meth:`stats`); empty if the read fails."""
+        partition's position (see :meth:`stats`); None if the read fails."""
         if not positions:
             return []
         try:
             found = await self._engine.clients.read_heads(self.topics.requests, positions)
         except TransientTransportError as exc:
             log.debug("queue %r: head of the backlog not read: %s", self.name, exc)
-            return []
+            return None
         now = time.time()
         out: list[datetime] = []
         for records in found.values():
