@@ -78,6 +78,11 @@ class TransportCapabilities(BaseModel):
     #: ``Transport.missing()`` can tell whether a queue, registry or stream
     #: exists without creating it (false on Pulsar without ``admin_url``).
     inspect_without_create: bool = True
+    #: ``RequestQueue.stats()`` reports ``head_enqueued_at`` (how long the
+    #: oldest waiting request has waited): false on Pulsar without
+    #: ``admin_url``, where nothing but the admin API can read the
+    #: subscription's first unacknowledged message.
+    queue_head: bool = True
 
 
 class Transport(ABC):

@@ -92,7 +92,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -1273,6 +1273,19 @@ class _QueueEngine:
                     self._thread.submit(self._commit), self.options.operation_timeout_s
                 )
 
+    def local_heads(self) -> list[datetime]:
+        """``enqueued_at`` of the oldest request held here unleased and due
+        (at most one value; decodes at most the buffer)."""
+        oldest: datetime | None = None
+        for rec in self.ready:
+            if not self._live(rec):
+                continue
+            request = self._decoded(rec)
+            at = None if request is None else request.enqueued_at
+            if at is not None and (oldest is None or at < oldest):
+                oldest = at
+        return [] if oldest is None else [oldest]
+
     def local_counts(self) -> tuple[int, int]:
         live_ready = sum(1 for r in self.ready if self._live(r))
         live_delayed = sum(1 for d in self.delayed if self._live(d[2]))
@@ -1375,6 +1388,28 @@ class KafkaRequestQueue(RequestQueue):
             self._engine.poller_exit()
 
     async def stats(self) -> QueueStats:
+        """Depth is the group's lag: for partitions this transport consumes,
+        the records it has not fetched plus the ones it holds unleased
+        (ready or delayed); for the others, the high watermark minus the
+        committed offset (their leased and out-of-order-acked records
+        included). ``in_flight`` and ``delayed`` are this transport's.
+
+        ``head_enqueued_at`` is the oldest ``enqueued_at`` among the first
+        waiting request of each partition: for partitions this transport
+        consumes, the requests it holds unleased and not delayed, and the
+        first record it has not fetched yet; for the others, the first
+        record at the group's committed offset, i.e. the oldest request
+        *not yet committed* — it may be leased by another worker, or acked
+        out of order and waiting for its commit (a settled marker), until
+        that worker commits past it. Records whose ``ae-not-before`` is in
+        the future (a delayed nack) and undecodable ones do not count. The
+        cost is bounded: one assign()-ed fetch per partition with lag, which
+        joins no group and commits nothing, within the operation timeout;
+        ``None`` if nothing waits or that read fails (the other figures are
+        still reported).
+
+        Raises: TransientTransportError (broker unreachable, timeout).
+        """
         self._check_open()
         engine = self._engine
         clients = engine.clients
@@ -1387,22 +1422,64 @@ class KafkaRequestQueue(RequestQueue):
         need = [p for p in parts if p not in owned or owned[p][1] is None]
         committed = await clients.committed(self.topics.group, topic, need) if need else {}
         depth = 0
+        unread: dict[int, int] = {}  # partition → first offset nobody here has fetched
         for p in parts:
             low, high = marks[p]
             if p in owned and owned[p][1] is not None:
-                depth += max(0, high - (owned[p][1] or 0))
+                position = owned[p][1] or 0
             else:
                 position = committed.get(p, -1)
-                depth += max(0, high - (position if position >= 0 else low))
+                position = position if position >= 0 else low
+            depth += max(0, high - position)
+            if high > max(position, low):
+                unread[p] = max(position, low)  # below low: trimmed by retention
         ready, delayed = engine.local_counts() if engine.running else (0, 0)
         dead = await self._dead_entries()
+        unread_heads = await self._unread_heads(unread)
+        heads = engine.local_heads() if engine.running else []
+        # A backlog whose head could not be read: the age is unknown, not
+        # the (younger) age of what this process holds.
+        head = None if unread_heads is None else min(heads + unread_heads, default=None)
         return QueueStats(
             queue=self.name,
             depth=depth + ready + delayed,
             in_flight=engine.in_flight(),
             delayed=delayed,
             dead_lettered=len(dead),
+            head_enqueued_at=head,
         )
+
+    async def _unread_heads(self, positions: dict[int, int]) -> list[datetime] | None:
+        """``enqueued_at`` of the first waiting request at or after each
+        partition's position (see :meth:`stats`); None if the read fails."""
+        if not positions:
+            return []
+        try:
+            found = await self._engine.clients.read_heads(self.topics.requests, positions)
+        except TransientTransportError as exc:
+            log.debug("queue %r: head of the backlog not read: %s", self.name, exc)
+            return None
+        now = time.time()
+        out: list[datetime] = []
+        for records in found.values():
+            for raw in records:
+                if _int_header(raw.headers, H_NOT_BEFORE) / 1000 > now:
+                    continue  # a delayed nack: not waiting yet
+                carried = raw.headers.get(H_REQUEST_ID)
+                try:
+                    request = decode_request(
+                        raw.value or b"",
+                        raw.topic,
+                        raw.partition,
+                        raw.offset,
+                        carried_id=carried.decode("utf-8", "replace") if carried else None,
+                    )
+                except UndecodableMessageError:
+                    continue  # dead-lettered when a worker reaches it
+                if request.enqueued_at is not None:
+                    out.append(request.enqueued_at)
+                break
+        return out
 
     async def _dead_entries(self) -> list[tuple[bytes, DeadLetter | None]]:
         await self._engine.ensure_topics()

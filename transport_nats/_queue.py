@@ -770,6 +770,18 @@ class NatsRequestQueue(RequestQueue):
         # not known here).
         buffered = min(len(self._buffer), leased)
         leased -= buffered
+        # The head too: the server's next undelivered request is younger
+        # than the ones this handle prefetched and no poll took yet.
+        now = asyncio.get_running_loop().time()
+        for msg, received in self._buffer:
+            if now >= received + self.lease_window:
+                continue  # the server has taken it back
+            try:
+                at = decode(WorkRequest, msg.data or b"").enqueued_at
+            except UndecodableMessageError:
+                continue
+            if at is not None and (head is None or at < head):
+                head = at
         return QueueStats(
             queue=self.name,
             depth=max(messages - leased, 0),

@@ -52,7 +52,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -619,14 +619,31 @@ class PulsarRequestQueue(RequestQueue):
         set, else from the broker's consumer-stats command; ``None`` if the
         broker offers neither (pulsar-lite). ``delayed`` counts the delayed
         requests this handle holds; ``in_flight`` is the broker's count of
-        dispatched-but-unacked messages where the admin API reports it."""
+        dispatched-but-unacked messages where the admin API reports it.
+
+        ``head_enqueued_at`` (only with ``admin_url``) is the ``enqueued_at``
+        of the subscription's first unacknowledged message in publish order,
+        as the admin API's peek (``.../subscription/{sub}/position/1``) reads
+        it: messages acked out of order are skipped, a leased one or a
+        delayed copy not yet due counts (like the backlog). Without the
+        admin API it is ``None``: the binary protocol gives a client no way
+        to read the subscription's position, and this process's consumer
+        sees only what the broker dispatched to it (capability
+        ``queue_head`` is false then).
+
+        Raises: TransientTransportError (broker or admin API unreachable,
+        timeout).
+        """
         self._check_open()
         dead = len(await self._dead_records())
         admin = self._opts.admin_url
         depth: int | None
         in_flight: int | None = None
+        head: datetime | None = None
         if admin is not None:
             depth, in_flight = await self._admin_backlog(admin)
+            if depth:
+                head = await self._admin_head(admin)
         else:
             depth = await self._t.subscription_backlog(self.topic)
         return QueueStats(
@@ -635,17 +652,60 @@ class PulsarRequestQueue(RequestQueue):
             in_flight=in_flight,
             delayed=len(self._delayed),
             dead_lettered=dead,
+            head_enqueued_at=head,
         )
+
+    def _admin_headers(self, accept: str) -> dict[str, str]:
+        headers = {"Accept": accept}
+        token = self._t.config.token
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+        return headers
+
+    async def _admin_head(self, admin: str) -> datetime | None:
+        """``enqueued_at`` of the first unacknowledged message of the queue
+        subscription, peeked through the admin API; None if there is none
+        (HTTP 404) or its body is not a request."""
+        import urllib.error
+        import urllib.request
+
+        path = self.topic.removeprefix("persistent://")
+        sub = quote(self._t.config.consumer_group, safe="")
+        url = f"{admin.rstrip('/')}/admin/v2/persistent/{quote(path)}/subscription/{sub}/position/1"
+        headers = self._admin_headers("application/octet-stream")
+
+        def fetch() -> tuple[bytes, str] | None:
+            req = urllib.request.Request(url, headers=headers)
+            try:
+                with urllib.request.urlopen(req, timeout=self._timeout) as response:
+                    if response.status == 204:
+                        return None
+                    return response.read(), response.headers.get("X-Pulsar-Message-ID", "")
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:  # nothing unacknowledged (or no subscription yet)
+                    return None
+                raise
+
+        try:
+            found = await self._client.run_blocking(fetch, self._timeout + 1)
+        except (OSError, ValueError, TimeoutError) as exc:
+            raise TransientTransportError(
+                f"queue {self.name!r}: admin peek failed: {type(exc).__name__}"
+            ) from exc
+        if found is None:
+            return None
+        body, message_id = found
+        try:
+            return decode_request(body, self.topic, message_id).enqueued_at
+        except UndecodableMessageError:
+            return None  # dead-lettered when a worker reaches it
 
     async def _admin_backlog(self, admin: str) -> tuple[int, int | None]:
         import urllib.request
 
         path = self.topic.removeprefix("persistent://")
         url = f"{admin.rstrip('/')}/admin/v2/persistent/{quote(path)}/stats"
-        headers = {"Accept": "application/json"}
-        token = self._t.config.token
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+        headers = self._admin_headers("application/json")
         group = self._t.config.consumer_group
 
         def fetch() -> tuple[int, int | None]:

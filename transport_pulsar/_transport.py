@@ -141,15 +141,16 @@ class PulsarTransport(Transport):
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
         self.settings = parse_settings(config)
-        if self.settings.options.admin_url is None:
-            # Without the admin API a topic cannot be looked at without the
-            # binary protocol creating it (see transport_pulsar._doctor).
-            self.capabilities = self.capabilities.model_copy(
-                update={"inspect_without_create": False}
-            )
         options = self.settings.options
         if options.subscription_type == "key_shared":
             self.capabilities = key_shared_capabilities()
+        if options.admin_url is None:
+            # Without the admin API a topic cannot be looked at without the
+            # binary protocol creating it (see transport_pulsar._doctor), and
+            # nothing reads a subscription's first unacknowledged message.
+            self.capabilities = self.capabilities.model_copy(
+                update={"inspect_without_create": False, "queue_head": False}
+            )
         tls = config.tls
         kwargs: dict[str, Any] = {
             "authentication": _authentication(config, self.settings),

@@ -62,3 +62,6 @@ def test_cli_top_on_kafka(kafka_bootstrap: str, kafka_namespace: str) -> None:
     assert [s["error"] for s in snapshots] == [None, None]
     row = snapshots[-1]["queues"][0]
     assert (row["queue"], row["depth"], row["dead_lettered"]) == ("orders", 3, 0)
+    # The oldest waiting request's age, read from the group's committed
+    # offset by a client that is not a member ("?" before it was reported).
+    assert row["head_age_seconds"] is not None and row["head_age_seconds"] >= 0, row

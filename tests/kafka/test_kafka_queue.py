@@ -303,3 +303,40 @@ async def test_a_level_that_joined_its_group_earlier_is_not_served_first(
         assert got == high + low, "level 2 was served before level 0's backlog had arrived"
     finally:
         await transport.aclose()
+
+
+async def test_the_head_seen_from_outside_the_group_is_the_oldest_request_not_committed(
+    kafka_config_factory: Any,
+) -> None:
+    """A process that is not a member (``transport top``, ``stats``) reads
+    the first record at the committed offset: a request leased by a worker
+    still counts until its ack is committed; the worker's own stats, which
+    know the lease, already show the next one. A delayed nack is not waiting."""
+    from datetime import UTC, datetime, timedelta
+
+    config = kafka_config_factory()
+    worker = await connect(config)
+    observer = await connect(config)
+    name = _name()
+    try:
+        queue = worker.request_queue(name)
+        outside = observer.request_queue(name)
+        first = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+        second = first + timedelta(minutes=5)
+        await queue.enqueue(WorkRequest(request_id="h1", task="t", enqueued_at=first))
+        await queue.enqueue(WorkRequest(request_id="h2", task="t", enqueued_at=second))
+        delivery = await queue.poll(30)
+        assert delivery is not None and delivery.request.request_id == "h1"
+        assert (await queue.stats()).head_enqueued_at == second, "the member knows h1 is leased"
+        assert (await outside.stats()).head_enqueued_at == first, "not committed yet"
+        assert await delivery.ack()
+        assert (await outside.stats()).head_enqueued_at == second, "h1's ack is committed"
+        later = await queue.poll(30)
+        assert later is not None and later.request.request_id == "h2"
+        assert await later.nack(delay=3600)
+        # h2 is now a re-produced copy due in an hour, the original settled.
+        assert (await outside.stats()).head_enqueued_at is None, "nothing is due"
+        assert (await queue.stats()).head_enqueued_at is None, "held on the delay timer"
+    finally:
+        await observer.aclose()
+        await worker.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -477,6 +478,35 @@ class RequestQueueConformance:
         stats = await queue.stats()
         assert stats.dead_lettered == 1, f"one request dead-lettered: {stats}"
         assert [d.request_id for d in await queue.dead_letters()] == [delivery.request.request_id]
+
+    async def test_stats_report_how_long_the_head_has_waited(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        assert (await queue.stats()).head_enqueued_at is None, "an empty queue has no head"
+        # Stamped by the caller (kept across redelivery like a real first
+        # enqueue time), so the expected values do not depend on timing or
+        # on the broker's timestamp precision.
+        first = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+        second = first + timedelta(minutes=5)
+        await queue.enqueue(WorkRequest(request_id="head-1", task="t", enqueued_at=first))
+        await queue.enqueue(WorkRequest(request_id="head-2", task="t", enqueued_at=second))
+        # A backend that cannot tell says so (None) rather than guessing. The
+        # transport's own flags: this one depends on its configuration.
+        want = (first, second) if transport.capabilities.queue_head else (None, None)
+        assert (await queue.stats()).head_enqueued_at == want[0], "the oldest request waits"
+        delivery = await queue.poll(harness.scaled(10))
+        while delivery is not None and delivery.request.request_id != "head-1":
+            await delivery.nack()  # unordered backend: give head-2 back, it waits again
+            delivery = await queue.poll(harness.scaled(10))
+        assert delivery is not None
+        assert await delivery.ack()
+        stats = await queue.stats()
+        assert stats.head_enqueued_at == want[1], f"head-1 acked, head-2 is next: {stats}"
+        rest = await poll_until(queue, "head-2", harness.scaled(10))
+        assert rest is not None
+        assert await rest.ack()
+        assert (await queue.stats()).head_enqueued_at is None, "nothing waits any more"
 
     # hostile input
     @pytest.mark.parametrize(
