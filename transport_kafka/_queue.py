@@ -522,10 +522,11 @@ class _GroupMember:
                 positions.append(
                     tp if position is None else TopicPartition(tp.topic, tp.partition, position)
                 )
-        if any(tp.offset >= 0 for tp in positions):
-            consumer.assign(positions)
-        for engine in self.engines:
-            engine._paused = False  # an eager assignment starts unpaused
+        if self.tentative:
+            if any(tp.offset >= 0 for tp in positions):
+                consumer.assign(positions)
+            for engine in self.engines:
+                engine._paused = False  # an eager assignment starts unpaused
         self.rebalancing = False
         for engine in self.engines:
             engine._post(engine._notify)
@@ -1144,25 +1145,35 @@ class _QueueEngine:
 
     async def caught_up(self, timeout: float | None) -> bool:
         """Wait until the backlog of every partition assigned so far is
-        buffered (the head is known), or ``timeout`` passes (False)."""
+        buffered (the head is known) and no reassignment of the member's
+        queues is under way (a priority queue's levels move together: a
+        held lower head must not win while a higher level is in transit),
+        or ``timeout`` passes (False)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while not self.primed:
+        o = self.options
+        rebalance_limit = time.monotonic() + o.session_timeout_ms / 1000 + 5.0
+        while not self.primed or self.member.rebalancing:
             if self._stopped:
                 raise ClosedResourceError(f"queue {self.name!r} is closed")
             thread = self._thread
             if thread is not None and thread.done.done():
                 raise TransientTransportError(f"consumer of queue {self.name!r} stopped")
             now = time.monotonic()
-            if now >= self._sync_deadline:
-                log.warning(
-                    "queue %r: no partition assignment within the session timeout + 5 s; "
-                    "serving without it",
-                    self.name,
-                )
-                self.primed = True
-                break
-            left = self._sync_deadline - now
+            if not self.primed:
+                if now >= self._sync_deadline:
+                    log.warning(
+                        "queue %r: no partition assignment within the session timeout + 5 s; "
+                        "serving without it",
+                        self.name,
+                    )
+                    self.primed = True
+                    continue
+                left = self._sync_deadline - now
+            else:
+                if now >= rebalance_limit:
+                    break  # served as assigned before; acks still wait for the outcome
+                left = rebalance_limit - now
             if deadline is not None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
