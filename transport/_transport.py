@@ -114,6 +114,19 @@ class Transport(ABC):
     def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> RequestQueue:
         """Build a queue handle for a validated name (may connect lazily)."""
 
+    def _open_level_queues(
+        self, name: str, levels: int, *, lease_seconds: float, max_attempts: int
+    ) -> list[RequestQueue]:
+        """Build the queue handles of the levels of priority queue ``name``
+        (``name__p0`` … ``name__p{levels-1}``). A backend whose consumers
+        belong to groups overrides this to make the levels one member."""
+        return [
+            self._open_queue(
+                f"{name}__p{level}", lease_seconds=lease_seconds, max_attempts=max_attempts
+            )
+            for level in range(levels)
+        ]
+
     @abstractmethod
     def _open_keyed_log(self, kind: str, name: str) -> KeyedLog:
         """Build the keyed log behind a registry; ``kind`` is ``delivery`` or
@@ -274,20 +287,17 @@ class Transport(ABC):
         validate_name(name, "queue name")
         policy = policy or AgingPolicy(levels=levels, aging_interval=aging_interval)
         queues = [
-            _instrument(
-                self._open_queue(
-                    f"{name}__p{level}",
-                    lease_seconds=(
-                        lease_seconds.total_seconds()
-                        if isinstance(lease_seconds, timedelta)
-                        else (lease_seconds or self.config.lease_seconds)
-                    ),
-                    max_attempts=max_attempts
-                    if max_attempts is not None
-                    else self.config.max_attempts,
-                )
+            _instrument(queue)
+            for queue in self._open_level_queues(
+                name,
+                policy.levels,
+                lease_seconds=(
+                    lease_seconds.total_seconds()
+                    if isinstance(lease_seconds, timedelta)
+                    else (lease_seconds or self.config.lease_seconds)
+                ),
+                max_attempts=max_attempts if max_attempts is not None else self.config.max_attempts,
             )
-            for level in range(policy.levels)
         ]
         pq = PriorityRequestQueue(name, queues, policy=policy)
         self._resources.append(pq)

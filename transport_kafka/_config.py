@@ -136,6 +136,11 @@ class KafkaSettings:
             group=f"{ns}.{self.consumer_group}.{name}",
         )
 
+    def priority_group(self, name: str) -> str:
+        """The one consumer group of every level of priority queue ``name``
+        (queue names have no ``.``, so it is never a plain queue's group)."""
+        return f"{self.namespace}.{self.consumer_group}.{name}.priority"
+
     def registry_topic(self, kind: str, name: str) -> str:
         return topic_name(self.namespace, "registry", kind, name)
 

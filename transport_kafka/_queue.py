@@ -12,8 +12,24 @@ auto-create):
   ``"<request_id>.<partition>.<offset>"``; a tombstone means "requeued";
 * consumer group ``NS.<consumer_group>.Q``.
 
-**Consuming.** Each transport runs one consumer per queue in the group, on
-its own thread, which polls continuously (so ``max.poll.interval.ms`` never
+**Priority queues: one membership for all levels.** The levels
+``Q__p0`` … of priority queue ``Q`` are one consumer per transport
+(:class:`_GroupMember`) subscribed to every level's request topic in the
+group ``NS.<consumer_group>.Q.priority`` with the ``range`` assignor, so
+partition k of every level belongs to the same member, a rebalance revokes
+and assigns all levels together, and a start is one group join. With one
+partition per level one process serves the whole priority queue (others
+idle, as on any ordered single-partition queue): no process serves a lower
+level while another holds a higher level's backlog. The member that joined
+first sorts first (join time in its ``client.id``) and so keeps the levels
+when another joins; ``range`` being eager, its revocation is tentative while
+it stays subscribed (safe positions committed, reserved counts withdrawn,
+nothing handed out) and partitions assigned back keep their leases and
+buffer. A level's committed positions in its former own group
+(``NS.<consumer_group>.Q__pL``) are adopted when the new group has none.
+
+**Consuming.** Each transport runs one consumer per queue (per priority
+queue) in the group, on its own thread, which polls continuously (so ``max.poll.interval.ms`` never
 expires however long a handler runs) and hands records to the event loop.
 Auto-commit and auto offset store are off. Settled offsets are tracked per
 partition (:mod:`transport_kafka._offsets`) and only the contiguous settled
@@ -82,6 +98,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import json
@@ -272,17 +289,285 @@ def _int_header(headers: dict[str, bytes], name: str) -> int:
         return 0
 
 
+class _GroupMember:
+    """One consumer-group membership: one consumer, on its own thread,
+    subscribed to the request topics of one or more queues (engines).
+
+    A plain queue is a member of its own group ``NS.<consumer_group>.<queue>``
+    with the ``assignment_strategy`` option. The levels of a priority queue
+    are one member of the group ``NS.<consumer_group>.<name>.priority``,
+    subscribed to the request topic of every level with the ``range``
+    assignor: partition k of every level goes to the same member, and every
+    rebalance (eager: all partitions revoked, then assigned) moves all levels
+    at once. A process therefore holds the heads of all levels of a
+    partition index or of none, and a start costs one group join, not one
+    per level. Hand-off (an idle process with buffered work leaves the
+    group) and rejoining are per member too."""
+
+    def __init__(
+        self, transport: KafkaTransport, group: str, strategy: str | None, label: str
+    ) -> None:
+        self.transport = transport
+        self.options = transport.settings.options
+        self.group = group
+        self.strategy = strategy  # None: the assignment_strategy option
+        self.label = label
+        self.engines: list[_QueueEngine] = []
+        self._by_topic: dict[str, _QueueEngine] = {}
+        self.consumer: Consumer | None = None
+        self.thread: ConsumerThread | None = None
+        self.subscribed = False
+        self.consumer_closed = False
+        # commits and consumer close, in order (reentrant: close calls on_revoke)
+        self.commit_lock = threading.RLock()
+        # From the start of a revocation to the end of the next assignment
+        # nothing is handed out: the queues of a member are revoked one after
+        # the other, and a lower level still held must not be served once a
+        # higher one is gone (several queues only; a plain queue's
+        # incremental revocations need no such gate).
+        self.rebalancing = False
+        # Eager rebalances (several queues, range): a revocation is only
+        # tentative while the member stays subscribed. The partitions stay
+        # with their leases and buffer until the assignment says whether
+        # they come back (kept) or went to another member (dropped then).
+        self.tentative = strategy == "range"
+        self._start_task: asyncio.Future[None] | None = None
+        self._handoff_task: asyncio.Task[None] | None = None
+        self._last_commit = 0.0
+
+    def add(self, engine: _QueueEngine) -> None:
+        self.engines.append(engine)
+        self._by_topic[engine.topics.requests] = engine
+
+    # -- lifecycle (event loop) ---------------------------------------------------
+    async def start(self) -> None:
+        """Join the group for every queue of this member (once)."""
+        task = self._start_task
+        if task is None:
+            task = self._start_task = asyncio.ensure_future(self._start())
+        if task.done():
+            task.result()  # a failed start raises again
+        else:
+            await asyncio.shield(task)
+
+    async def _start(self) -> None:
+        await asyncio.gather(*(engine.ensure_topics() for engine in self.engines))
+        loop = asyncio.get_running_loop()
+        with map_kafka_errors(f"creating consumer of {self.label!r}"):
+            consumer = self._new_consumer()
+            self._subscribe(consumer)
+        self.consumer = consumer
+        for engine in self.engines:
+            engine._started(loop)
+        self.subscribed = True
+        self.thread = ConsumerThread(f"kafka-consumer-{self.label}", self._step, self._finish)
+        self.thread.start()
+
+    def _new_consumer(self) -> Consumer:
+        conf = self.transport.settings.consumer_config(self.group, subscribe=True)
+        if self.strategy is not None:
+            conf["partition.assignment.strategy"] = self.strategy
+        if self.tentative:
+            # Member ids are "<client.id>-<uuid>" and the range assignor
+            # gives partition k of every topic to the first member id in
+            # order: the member that joined first keeps the work, and one
+            # joining later idles instead of taking it over mid-lease.
+            conf["client.id"] = f"{time.time_ns():020d}-{conf.get('client.id', 'transport')}"
+        return Consumer({**conf, "logger": _client_logger()})
+
+    def _renew(self) -> None:
+        """Consumer thread: a member joining again after a hand-off joins as
+        the newest member (it must not take the work back from the one that
+        took it over)."""
+        with self.commit_lock:
+            old = self.consumer
+            self.consumer = self._new_consumer()
+            self._subscribe(self.consumer)
+        if old is not None:
+            try:
+                old.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.debug("queue %r: closing the consumer left behind: %s", self.label, exc)
+
+    def _subscribe(self, consumer: Consumer) -> None:
+        consumer.subscribe(
+            sorted(self._by_topic),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    # A member whose queues hold buffered work but whose process stopped
+    # polling gives its partitions up (like a consumer exceeding
+    # max.poll.interval.ms, but without losing live leases), so other
+    # processes get the work; the next poll() joins the group again.
+    def consider_hand_off(self) -> None:
+        idle = self.options.handoff_idle_s
+        if not idle or not self.subscribed or self._handoff_task is not None:
+            return
+        work = False
+        for engine in self.engines:
+            state = engine._idle_with_work(idle)
+            if state is None:
+                return  # one busy queue keeps the whole member
+            work = work or state
+        if work:
+            self._handoff_task = asyncio.create_task(self._hand_off())
+
+    async def _hand_off(self) -> None:
+        thread = self.thread
+        consumer = self.consumer
+        if thread is None or consumer is None:
+            return
+        log.info("queue %r: idle with buffered work; leaving the group", self.label)
+        self.subscribed = False
+        try:
+            await asyncio.wait_for(
+                thread.submit(consumer.unsubscribe), self.options.operation_timeout_s
+            )
+        except Exception as exc:
+            log.warning("queue %r: unsubscribe failed: %s", self.label, exc)
+
+    async def rejoin(self) -> None:
+        """Join the group again after a hand-off (a poll begins)."""
+        if self._handoff_task is not None:
+            with contextlib.suppress(Exception):
+                await self._handoff_task
+            self._handoff_task = None
+        if not self.subscribed and self.consumer is not None and self.thread is not None:
+            consumer = self.consumer
+            self.subscribed = True
+            for engine in self.engines:
+                engine._unprime()  # no partitions until the group is joined again
+            join = self._renew if self.tentative else lambda: self._subscribe(consumer)
+            await asyncio.wait_for(self.thread.submit(join), self.options.operation_timeout_s)
+
+    async def stop_if_idle(self) -> None:
+        """Close the consumer once every queue of this member is stopped."""
+        if not all(engine._stopped for engine in self.engines):
+            return
+        task = self._start_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if self.thread is not None:
+            await self.thread.join(self.options.close_timeout_s + 5)
+
+    # -- consumer thread ------------------------------------------------------------
+    def _step(self) -> None:
+        consumer = self.consumer
+        assert consumer is not None
+        engines = self.engines
+        now = time.monotonic()
+        if now - self._last_commit >= self.options.commit_interval_ms / 1000:
+            self._last_commit = now
+            for engine in engines:
+                engine._commit()
+        for engine in engines:
+            engine._flow_control(consumer)
+        busy = any(now < engine._acks_busy_until for engine in engines)
+        batches: dict[_QueueEngine, list[_Record]] = {}
+        for msg in consume_available(consumer, 500, _ACK_TICK if busy else _TICK):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("queue %r: consumer error: %s", self.label, err)
+                continue
+            owner = self._by_topic.get(msg.topic() or "")
+            rec = None if owner is None else owner._ingest(msg)
+            if owner is not None and rec is not None:
+                batches.setdefault(owner, []).append(rec)
+        for engine, batch in batches.items():
+            engine._post(engine._on_records, batch)
+        for engine in engines:
+            engine._flow_control(consumer)
+            engine._check_primed()
+
+    def _finish(self) -> None:
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for engine in self.engines:
+            engine._commit()
+        with self.commit_lock:
+            self.consumer_closed = True
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("queue %r: consumer close: %s", self.label, exc)
+        for engine in self.engines:
+            engine._settle_tentative(set())
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        positions: list[TopicPartition] = []
+        for engine in self.engines:
+            own = engine._own(partitions)
+            kept = engine._settle_tentative({tp.partition for tp in own})
+            engine._on_assign(consumer, [tp for tp in own if tp.partition not in kept])
+            # A kept partition goes on from what this member fetched already
+            # (its records are buffered or leased here), not from the commit.
+            for tp in own:
+                position = kept.get(tp.partition)
+                positions.append(
+                    tp if position is None else TopicPartition(tp.topic, tp.partition, position)
+                )
+        if self.tentative:
+            if any(tp.offset >= 0 for tp in positions):
+                consumer.assign(positions)
+            for engine in self.engines:
+                engine._paused = False  # an eager assignment starts unpaused
+        self.rebalancing = False
+        for engine in self.engines:
+            engine._post(engine._notify)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if len(self.engines) > 1:
+            self.rebalancing = True
+        tentative = self.tentative and self.subscribed and not self.consumer_closed
+        for engine in self.engines:
+            own = engine._own(partitions)
+            if tentative:
+                engine._revoke_tentatively(consumer, own)
+            else:
+                engine._settle_tentative(set())  # anything pending is gone
+                engine._on_revoke(consumer, own)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if len(self.engines) > 1:
+            self.rebalancing = True
+        for engine in self.engines:
+            engine._settle_tentative(set())
+            engine._on_lost(consumer, engine._own(partitions))
+
+
 class _QueueEngine:
-    """One consumer-group member per (transport, queue), shared by every
-    handle of that queue in the transport. Loop-side state (buffer, timers,
+    """One queue in one transport, shared by every handle of that queue in
+    the transport; it consumes through its :class:`_GroupMember` (its own,
+    or the one of its priority queue). Loop-side state (buffer, timers,
     leases) is touched only on the event loop; the consumer only on its
     thread; the offset tracker is the thread-safe meeting point."""
 
-    def __init__(self, transport: KafkaTransport, name: str) -> None:
+    def __init__(
+        self, transport: KafkaTransport, name: str, member: _GroupMember | None = None
+    ) -> None:
         self.transport = transport
         self.clients: KafkaClients = transport.clients
         self.name = name
-        self.topics: TopicNames = transport.settings.queue_topics(name)
+        topics = transport.settings.queue_topics(name)
+        # A level of a priority queue had a group of its own before the
+        # levels shared one: its committed positions are adopted from there.
+        self.former_group: str | None = None
+        if member is None:  # a plain queue: a membership of its own
+            member = _GroupMember(transport, topics.group, None, name)
+        elif member.group != topics.group:
+            self.former_group = topics.group
+            topics = dataclasses.replace(topics, group=member.group)
+        self.topics: TopicNames = topics
+        self.member = member
         self._topic_names = frozenset((self.topics.requests, self.topics.state, self.topics.dlq))
         self.options = transport.settings.options
         self.tracker = OffsetTracker()
@@ -293,16 +578,11 @@ class _QueueEngine:
         self.exhausted: list[_Lease] = []
         self._next_deadline = float("inf")  # no held lease expires before this
         self._changed = asyncio.Event()
-        self._start_task: asyncio.Future[None] | None = None
         self._maint: asyncio.Task[None] | None = None
-        self._thread: ConsumerThread | None = None
-        self._consumer: Consumer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
-        self._subscribed = False
         self._pollers = 0
         self._last_active = time.monotonic()
-        self._handoff_task: asyncio.Task[None] | None = None
         self._next_commit: asyncio.Future[None] | None = None
         self._commit_token: object | None = None
         # While acks wait for a commit, the consumer thread polls with a short
@@ -320,12 +600,11 @@ class _QueueEngine:
         # delivery-count rounds: partition → state key → highest offset in it
         self._marked_rounds: dict[int, dict[bytes, int]] = {}
         self._round_prefix = os.urandom(4).hex()
-        # commits and consumer close, in order (reentrant: close calls on_revoke)
-        self._commit_lock = threading.RLock()
-        self._consumer_closed = False
         self._paused = False
         self._wake: list[TopicPartition] = []  # one assigned partition per leader
-        self._last_commit = 0.0
+        # Tentatively revoked partitions and where their fetch had got to.
+        self._pending_revoke: set[int] = set()
+        self._fetch_positions: dict[int, int] = {}
         # Backlog loading ("priming"), consumer-thread side: the high
         # watermarks that the fetch of newly assigned partitions must reach;
         # None when nothing is loading.
@@ -334,6 +613,7 @@ class _QueueEngine:
         # loop side: the head is known (see caught_up); until _sync_deadline
         self.primed = False
         self._sync_deadline = float("inf")
+        member.add(self)
 
     # -- topics ------------------------------------------------------------------
     def topic_specs(self) -> list[TopicSpec]:
@@ -362,94 +642,62 @@ class _QueueEngine:
         if not self.clients.known(self._topic_names):
             await self.clients.ensure_topics(self.topic_specs())
 
-    # -- lifecycle ---------------------------------------------------------------
+    # -- lifecycle (the consumer, its thread and the group: see _GroupMember) ----
     @property
     def running(self) -> bool:
-        return self._thread is not None and not self._stopped
+        return self.member.thread is not None and not self._stopped
+
+    @property
+    def _consumer(self) -> Consumer | None:
+        return self.member.consumer
+
+    @property
+    def _thread(self) -> ConsumerThread | None:
+        return self.member.thread
+
+    @property
+    def _consumer_closed(self) -> bool:
+        return self.member.consumer_closed
+
+    @property
+    def _commit_lock(self) -> threading.RLock:
+        return self.member.commit_lock
 
     async def start(self) -> None:
         if self._stopped:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
-        task = self._start_task
-        if task is None:
-            task = self._start_task = asyncio.ensure_future(self._start())
-        if task.done():
-            task.result()  # a failed start raises again
-        else:
-            await asyncio.shield(task)
+        await self.member.start()
         thread = self._thread
         if thread is not None and thread.done.done() and thread.done.exception() is not None:
             raise TransientTransportError(
                 f"consumer of queue {self.name!r} failed: {thread.done.exception()}"
             )
 
-    async def _start(self) -> None:
-        await self.ensure_topics()
-        self._loop = asyncio.get_running_loop()
-        conf = self.transport.settings.consumer_config(self.topics.group, subscribe=True)
-        with map_kafka_errors(f"creating consumer of {self.name!r}"):
-            consumer = Consumer({**conf, "logger": _client_logger()})
-            self._subscribe(consumer)
-        self._consumer = consumer
+    def _started(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The member subscribed (loop side, before its thread starts)."""
+        self._loop = loop
         self._unprime()
-        self._subscribed = True
-        self._thread = ConsumerThread(f"kafka-consumer-{self.name}", self._step, self._finish)
-        self._thread.start()
-        self._maint = asyncio.create_task(self._maintain(), name=f"kafka-maint-{self.name}")
+        if self._maint is None and not self._stopped:
+            self._maint = asyncio.create_task(self._maintain(), name=f"kafka-maint-{self.name}")
 
-    def _subscribe(self, consumer: Consumer) -> None:
-        consumer.subscribe(
-            [self.topics.requests],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
-
-    # An engine that holds buffered work but whose process stopped polling
-    # gives its partitions up (like a consumer exceeding max.poll.interval.ms,
-    # but without losing live leases), so other processes get the work; the
-    # next poll() joins the group again.
-    def _should_hand_off(self) -> bool:
-        idle = self.options.handoff_idle_s
-        if not idle or not self._subscribed or self._pollers or self._handoff_task is not None:
+    def _idle_with_work(self, idle: float) -> bool | None:
+        """For the member's hand-off: None if this queue is busy (a poll in
+        progress, active within ``idle`` seconds or a live lease), else
+        whether it holds buffered work."""
+        if self._stopped:
             return False
-        if time.monotonic() - self._last_active < idle:
-            return False
+        if self._pollers or time.monotonic() - self._last_active < idle:
+            return None
         if any(lease.state in ("held", "settling") for lease in self.leases.values()):
-            return False
+            return None
         ready, delayed = self.local_counts()
         return bool(ready or delayed)
-
-    async def _hand_off(self) -> None:
-        thread = self._thread
-        consumer = self._consumer
-        if thread is None or consumer is None:
-            return
-        log.info("queue %r: idle with buffered work; leaving the group", self.name)
-        self._subscribed = False
-        try:
-            await asyncio.wait_for(
-                thread.submit(consumer.unsubscribe), self.options.operation_timeout_s
-            )
-        except Exception as exc:
-            log.warning("queue %r: unsubscribe failed: %s", self.name, exc)
 
     async def poller_enter(self) -> None:
         """Called when a poll begins: joins the group again after a hand-off."""
         self._pollers += 1
         self._last_active = time.monotonic()
-        if self._handoff_task is not None:
-            with contextlib.suppress(Exception):
-                await self._handoff_task
-            self._handoff_task = None
-        if not self._subscribed and self._consumer is not None and self._thread is not None:
-            consumer = self._consumer
-            self._subscribed = True
-            self._unprime()  # no partitions until the group is joined again
-            await asyncio.wait_for(
-                self._thread.submit(lambda: self._subscribe(consumer)),
-                self.options.operation_timeout_s,
-            )
+        await self.member.rejoin()
 
     def poller_exit(self) -> None:
         self._pollers -= 1
@@ -459,16 +707,13 @@ class _QueueEngine:
         if self._stopped:
             return
         self._stopped = True
-        if self._start_task is not None and not self._start_task.done():
-            self._start_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._start_task
         if self._maint is not None:
             self._maint.cancel()
             with contextlib.suppress(BaseException):
                 await self._maint
-        if self._thread is not None:
-            await self._thread.join(self.options.close_timeout_s + 5)
+        # The member closes its consumer when its last queue stops: the
+        # revocation then commits and withdraws for every queue it served.
+        await self.member.stop_if_idle()
         for lease in self.leases.values():
             lease.state = "lost"
         self.leases.clear()
@@ -483,67 +728,48 @@ class _QueueEngine:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(fn, *args)
 
-    def _step(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        now = time.monotonic()
-        if now - self._last_commit >= self.options.commit_interval_ms / 1000:
-            self._last_commit = now
-            self._commit()
-        self._flow_control(consumer)
-        batch: list[_Record] = []
-        wait = _ACK_TICK if now < self._acks_busy_until else _TICK
-        for msg in consume_available(consumer, 500, wait):
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if err.fatal():
-                    raise KafkaException(err)
-                log.warning("queue %r: consumer error: %s", self.name, err)
-                continue
-            raw = raw_record(msg)
-            p, off = raw.partition, raw.offset
-            self._fetched[p] = max(self._fetched.get(p, 0), off + 1)
-            gen = self.tracker.generation(p)
-            if gen is None:
-                continue
-            marker = self._markers.pop((p, off), None) or {}
-            if marker.get("s"):
-                self.tracker.track(p, off, gen, settled=True)
-                continue
-            if not self.tracker.track(p, off, gen):
-                continue
-            error = raw.headers.get(H_ERROR)
-            carried = raw.headers.get(H_REQUEST_ID)
-            batch.append(
-                _Record(
-                    partition=p,
-                    offset=off,
-                    generation=gen,
-                    key=raw.key,
-                    value=raw.value,
-                    base=_int_header(raw.headers, H_ATTEMPTS),
-                    deliveries=int(marker.get("d", 0)),
-                    not_before=_int_header(raw.headers, H_NOT_BEFORE) / 1000,
-                    last_error=error.decode("utf-8", "replace") if error else None,
-                    carried_id=carried.decode("utf-8", "replace") if carried else None,
-                )
-            )
-        if batch:
-            self._post(self._on_records, batch)
-        self._flow_control(consumer)
-        self._check_primed()
+    def _ingest(self, msg: Any) -> _Record | None:
+        """A fetched record of this queue's topic (consumer thread): tracked,
+        and returned for the buffer unless already settled or stale."""
+        raw = raw_record(msg)
+        p, off = raw.partition, raw.offset
+        self._fetched[p] = max(self._fetched.get(p, 0), off + 1)
+        gen = self.tracker.generation(p)
+        if gen is None:
+            return None
+        marker = self._markers.pop((p, off), None) or {}
+        if marker.get("s"):
+            self.tracker.track(p, off, gen, settled=True)
+            return None
+        if not self.tracker.track(p, off, gen):
+            return None
+        error = raw.headers.get(H_ERROR)
+        carried = raw.headers.get(H_REQUEST_ID)
+        return _Record(
+            partition=p,
+            offset=off,
+            generation=gen,
+            key=raw.key,
+            value=raw.value,
+            base=_int_header(raw.headers, H_ATTEMPTS),
+            deliveries=int(marker.get("d", 0)),
+            not_before=_int_header(raw.headers, H_NOT_BEFORE) / 1000,
+            last_error=error.decode("utf-8", "replace") if error else None,
+            carried_id=carried.decode("utf-8", "replace") if carried else None,
+        )
+
+    def _own(self, partitions: Iterable[TopicPartition]) -> list[TopicPartition]:
+        return [tp for tp in partitions if tp.topic == self.topics.requests]
 
     def _flow_control(self, consumer: Consumer) -> None:
         outstanding = self.tracker.outstanding()
         limit = self.options.max_buffered
         try:
             if not self._paused and outstanding >= limit:
-                consumer.pause(consumer.assignment())
+                consumer.pause(self._own(consumer.assignment()))
                 self._paused = True
             elif self._paused and outstanding <= limit // 2:
-                consumer.resume(consumer.assignment())
+                consumer.resume(self._own(consumer.assignment()))
                 self._paused = False
                 self._wake_fetchers(consumer)
         except KafkaException as exc:
@@ -648,6 +874,8 @@ class _QueueEngine:
         except KafkaException as exc:
             log.warning("queue %r: committed offsets unavailable: %s", self.name, exc)
             committed = {}
+        if self.former_group is not None:
+            committed.update(self._adopt_former(consumer, partitions, committed))
         assigned = {tp.partition for tp in partitions}
         # After every assignment (start, rebalance) the head is unknown until
         # the backlog of the new partitions is fetched.
@@ -677,6 +905,54 @@ class _QueueEngine:
         self._paused = False
         self._wake = self._one_per_leader(consumer, sorted(assigned))
         log.debug("queue %r: assigned %s", self.name, sorted(assigned))
+
+    def _adopt_former(
+        self, consumer: Consumer, partitions: list[TopicPartition], committed: dict[int, int]
+    ) -> dict[int, int]:
+        """Positions of partitions that have none in this group yet, taken
+        from the level's former group of its own (before the levels of a
+        priority queue shared one group), and committed here so that the
+        fetch starts from them: without this, an upgrade would deliver
+        again every request the level ever consumed (they are kept until
+        consumed). Consumer thread, inside the assignment callback."""
+        missing = [tp.partition for tp in partitions if committed.get(tp.partition, -1) < 0]
+        if not missing or self.former_group is None:
+            return {}
+        topic = self.topics.requests
+        former = Consumer(
+            {
+                **self.transport.settings.consumer_config(self.former_group, subscribe=False),
+                "logger": _client_logger(),
+            }
+        )
+        try:
+            found = former.committed(
+                [TopicPartition(topic, p) for p in missing],
+                timeout=self.options.operation_timeout_s,
+            )
+        except KafkaException as exc:
+            log.warning("queue %r: former group's offsets unavailable: %s", self.name, exc)
+            return {}
+        finally:
+            former.close()
+        adopted = {tp.partition: tp.offset for tp in found if tp.error is None and tp.offset >= 0}
+        if not adopted:
+            return {}
+        try:
+            consumer.commit(
+                offsets=[TopicPartition(topic, p, off) for p, off in adopted.items()],
+                asynchronous=False,
+            )
+        except KafkaException as exc:
+            log.warning("queue %r: adopting the former group's offsets: %s", self.name, exc)
+            return {}
+        log.info(
+            "queue %r: adopted committed offsets %s of group %r",
+            self.name,
+            adopted,
+            self.former_group,
+        )
+        return adopted
 
     def _one_per_leader(self, consumer: Consumer, partitions: list[int]) -> list[TopicPartition]:
         """One of ``partitions`` per leader broker (see ``_wake_fetchers``)."""
@@ -715,6 +991,38 @@ class _QueueEngine:
         # poll hands them out meanwhile).
         self._withdraw_from_thread({tp.partition for tp in partitions})
         self._forget(partitions)
+
+    def _revoke_tentatively(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """An eager rebalance began (see ``_GroupMember.tentative``): commit
+        what is safe and withdraw the delivery counts reserved ahead, as a
+        revocation does (another member may get the partitions), but keep
+        them (generation, leases, buffer) until the assignment is known."""
+        if not partitions:
+            return
+        gone = {tp.partition for tp in partitions}
+        self._commit({p: off for p, off in self.tracker.commit_candidates().items() if p in gone})
+        self._withdraw_from_thread(gone)
+        self._pending_revoke |= gone
+        self._fetch_positions.update({p: self._fetched[p] for p in gone if p in self._fetched})
+
+    def _settle_tentative(self, assigned: set[int]) -> dict[int, int]:
+        """The assignment after a tentative revocation: the partitions not
+        assigned again are revoked now; returns the kept ones with the
+        position to fetch from (where this member's fetch had got to)."""
+        pending, self._pending_revoke = self._pending_revoke, set()
+        positions, self._fetch_positions = self._fetch_positions, {}
+        gone = pending - assigned
+        if gone:
+            for p in gone:
+                self.tracker.revoke(p)
+            self._forget([TopicPartition(self.topics.requests, p) for p in gone])
+        kept: dict[int, int] = {}
+        for p in pending & assigned:
+            gen = self.tracker.generation(p)
+            if gen is None:
+                continue
+            kept[p] = positions.get(p, -1001)  # OFFSET_INVALID: from the commit
+        return kept
 
     def _withdraw_from_thread(self, partitions: set[int]) -> None:
         loop = self._loop
@@ -795,18 +1103,6 @@ class _QueueEngine:
                 self._marked_rounds.pop(p, None)
         self._post(self._purge)
 
-    def _finish(self) -> None:
-        consumer = self._consumer
-        if consumer is None:
-            return
-        self._commit()
-        with self._commit_lock:
-            self._consumer_closed = True
-            try:
-                consumer.close()
-            except (KafkaException, RuntimeError) as exc:
-                log.warning("queue %r: consumer close: %s", self.name, exc)
-
     # -- event loop: buffer, timers, leases ------------------------------------------
     def _notify(self) -> None:
         self._changed.set()
@@ -842,25 +1138,35 @@ class _QueueEngine:
 
     async def caught_up(self, timeout: float | None) -> bool:
         """Wait until the backlog of every partition assigned so far is
-        buffered (the head is known), or ``timeout`` passes (False)."""
+        buffered (the head is known) and no reassignment of the member's
+        queues is under way (a priority queue's levels move together: a
+        held lower head must not win while a higher level is in transit),
+        or ``timeout`` passes (False)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while not self.primed:
+        o = self.options
+        rebalance_limit = time.monotonic() + o.session_timeout_ms / 1000 + 5.0
+        while not self.primed or self.member.rebalancing:
             if self._stopped:
                 raise ClosedResourceError(f"queue {self.name!r} is closed")
             thread = self._thread
             if thread is not None and thread.done.done():
                 raise TransientTransportError(f"consumer of queue {self.name!r} stopped")
             now = time.monotonic()
-            if now >= self._sync_deadline:
-                log.warning(
-                    "queue %r: no partition assignment within the session timeout + 5 s; "
-                    "serving without it",
-                    self.name,
-                )
-                self.primed = True
-                break
-            left = self._sync_deadline - now
+            if not self.primed:
+                if now >= self._sync_deadline:
+                    log.warning(
+                        "queue %r: no partition assignment within the session timeout + 5 s; "
+                        "serving without it",
+                        self.name,
+                    )
+                    self.primed = True
+                    continue
+                left = self._sync_deadline - now
+            else:
+                if now >= rebalance_limit:
+                    break  # served as assigned before; acks still wait for the outcome
+                left = rebalance_limit - now
             if deadline is not None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -937,8 +1243,7 @@ class _QueueEngine:
         while True:
             await asyncio.sleep(_TICK)
             self._reclaim()
-            if self._should_hand_off():
-                self._handoff_task = asyncio.create_task(self._hand_off())
+            self.member.consider_hand_off()
             try:
                 await self._drain_exhausted()
             except Exception as exc:  # retried at the next tick
@@ -1153,6 +1458,8 @@ class _QueueEngine:
         if self.exhausted:
             await self._drain_exhausted()
         while self.ready:
+            if self.member.rebalancing:
+                return None  # the member's queues are moving together (see _GroupMember)
             rec = self.ready[0]
             if not self._live(rec):
                 self.ready.popleft()
@@ -1244,6 +1551,12 @@ class _QueueEngine:
         lease.state = "settling"
         rec = lease.record
         try:
+            # Durable on return: during a reassignment, wait for its outcome
+            # (the lease was valid when the call was made).
+            await self._rebalanced()
+            if not self._live(rec):
+                self._drop_lease(lease, "lost")
+                return False
             if how == "ack":
                 ok = await self.settle_record(rec)
             elif how == "dead" or rec.attempts >= lease.handle.max_attempts:
@@ -1260,7 +1573,19 @@ class _QueueEngine:
         self._drop_lease(lease, "done")
         return ok
 
-    def extend(self, lease: _Lease, seconds: float | None) -> bool:
+    async def _rebalanced(self) -> None:
+        """Wait (up to ``operation_timeout_s``) while the member's queues are
+        being reassigned: whether a lease is still this process's is known
+        only when the assignment is (see ``_GroupMember.tentative``)."""
+        if not self.member.rebalancing:
+            return
+        deadline = time.monotonic() + self.options.operation_timeout_s
+        while self.member.rebalancing and not self._stopped and time.monotonic() < deadline:
+            await self.wait(_TICK)
+
+    async def extend(self, lease: _Lease, seconds: float | None) -> bool:
+        # During a reassignment a lease stays this process's until the
+        # assignment says otherwise (then the next extend or ack is False).
         if not self._valid(lease):
             return False
         lease.deadline = time.monotonic() + (seconds or lease.handle.lease_seconds)
@@ -1311,7 +1636,7 @@ class KafkaDelivery(Delivery):
         return await self._engine.settle(self._lease, "nack", _seconds(delay), error)
 
     async def extend(self, seconds: float | timedelta | None = None) -> bool:
-        return self._engine.extend(self._lease, _seconds(seconds))
+        return await self._engine.extend(self._lease, _seconds(seconds))
 
     async def dead_letter(self, error: str) -> bool:
         return await self._engine.settle(self._lease, "dead", None, error)
@@ -1324,14 +1649,20 @@ class KafkaRequestQueue(RequestQueue):
     """A handle on queue ``name``; see the module docstring for the design."""
 
     def __init__(
-        self, transport: KafkaTransport, name: str, *, lease_seconds: float, max_attempts: int
+        self,
+        transport: KafkaTransport,
+        name: str,
+        *,
+        lease_seconds: float,
+        max_attempts: int,
+        member: _GroupMember | None = None,
     ) -> None:
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.max_payload_bytes = transport.config.max_payload_bytes
         self._transport = transport
-        self._engine = transport._acquire_engine(name)
+        self._engine = transport._acquire_engine(name, member)
         self._held: set[int] = set()
         self._closed = False
 

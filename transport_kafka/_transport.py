@@ -8,8 +8,9 @@ ordered            ✓  with the default ``partitions=1`` and one consumer:
                       FIFO apart from redeliveries and nacks (a nacked
                       request is re-produced to the back of its partition).
                       With more partitions: per partition only.
-consumer_groups    ✓  one consumer group per queue; partitions are spread
-                      over processes and move on rebalance
+consumer_groups    ✓  one consumer group per queue (per priority queue:
+                      all levels in one); partitions are spread over
+                      processes and move on rebalance
 native_delay       ✗  ``nack(delay)`` is a not-before header honoured by
                       the consumer (a local timer)
 lease_extension    ✓  client-side leases (see below), renewable forever:
@@ -53,13 +54,19 @@ from __future__ import annotations
 
 import time
 
-from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport import (
+    HealthStatus,
+    RequestQueue,
+    Transport,
+    TransportCapabilities,
+    TransportConfig,
+)
 from transport.errors import TransportError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
 from transport_kafka._client import KafkaClients
 from transport_kafka._config import KafkaSettings, parse_settings
 from transport_kafka._events import KafkaEventLog
-from transport_kafka._queue import KafkaRequestQueue, _QueueEngine
+from transport_kafka._queue import KafkaRequestQueue, _GroupMember, _QueueEngine
 from transport_kafka._registries import KafkaKeyedLog
 
 __all__ = ["KafkaTransport", "open_kafka"]
@@ -88,10 +95,10 @@ class KafkaTransport(Transport):
         self.clients = KafkaClients(self.settings)
         self._engines: dict[str, _QueueEngine] = {}
 
-    def _acquire_engine(self, name: str) -> _QueueEngine:
+    def _acquire_engine(self, name: str, member: _GroupMember | None = None) -> _QueueEngine:
         engine = self._engines.get(name)
         if engine is None:
-            engine = self._engines[name] = _QueueEngine(self, name)
+            engine = self._engines[name] = _QueueEngine(self, name, member)
         engine.handles += 1
         return engine
 
@@ -116,6 +123,24 @@ class KafkaTransport(Transport):
         self, name: str, *, lease_seconds: float, max_attempts: int
     ) -> KafkaRequestQueue:
         return KafkaRequestQueue(self, name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+
+    def _open_level_queues(
+        self, name: str, levels: int, *, lease_seconds: float, max_attempts: int
+    ) -> list[RequestQueue]:
+        # The levels are one consumer-group member (see _GroupMember): the
+        # same process holds partition k of every level, and they move
+        # together on every rebalance. Levels this transport already serves
+        # (another handle on the same priority queue) keep their member.
+        names = [f"{name}__p{level}" for level in range(levels)]
+        member = None
+        if not any(level in self._engines for level in names):
+            member = _GroupMember(self, self.settings.priority_group(name), "range", name)
+        return [
+            KafkaRequestQueue(
+                self, level, lease_seconds=lease_seconds, max_attempts=max_attempts, member=member
+            )
+            for level in names
+        ]
 
     def _open_keyed_log(self, kind: str, name: str) -> KafkaKeyedLog:
         return KafkaKeyedLog(self.clients, self.settings.registry_topic(kind, name))
