@@ -10,13 +10,14 @@ Baselines give the library's guarantees where the raw client can:
   library's consumers here), the
   best at-least-once loop the raw client offers. Its acks are *not* on the
   wire when ``acknowledge`` returns (the client groups them on a 100 ms
-  tick); the library's ``ack()`` waits for that tick by default (with the
-  ``ack_receipts`` option it returns on the broker's receipt) — see
-  docs/backends/pulsar.md;
+  tick); the library sends acks at once and ``ack()`` returns on the
+  broker's receipt (with ``ack_receipts=False``: once handed to the
+  connection) — see docs/backends/pulsar.md;
 * sequential poll+ack: one ``receive`` -> ``acknowledge`` loop in a thread,
-  one message at a time, with the library's consumer settings under
-  ``ack_receipts`` (prefetch 1, no ack grouping, ack receipts), against one
-  ``poll`` -> ``ack`` loop with ``ack_receipts``;
+  one message at a time, with the library's default consumer settings
+  (prefetch 1, acks sent at once, ack receipts), against one ``poll`` ->
+  ``ack`` loop with the defaults; informational rows compare the same loop
+  with the client's own grouped acks, and both sides without receipts;
 * round trip: the raw client's own publish → receive → ack → reply publish →
   receive, with two threads.
 """
@@ -58,12 +59,12 @@ from transport import (
     WorkResponse,
     connect,
 )
-from transport_pulsar._client import enable_ack_receipts
+from transport_pulsar._client import send_acks_at_once
 
 #: Poller tasks (library) for poll+ack; the raw loop runs in one thread.
 CONSUMERS = 64
-#: Acks in flight at most in the library's poll+ack run: each waits for the
-#: client's ack flush (``ack_flush_wait_ms``) before it returns.
+#: Acks in flight at most in the library's poll+ack run (each runs in its
+#: own task, as an ``Ensemble`` acks in the background).
 ACKS_IN_FLIGHT = 4096
 #: Prefetch for the library's consumers in the throughput runs (the option
 #: ``receiver_queue_size``; the default, 1, suits long-running work).
@@ -150,8 +151,8 @@ def _topic(prefix: str) -> str:
 # -- ours ----------------------------------------------------------------------
 async def ours_consume(url: str, n: int, **options: Any) -> float:
     """``CONSUMERS`` pollers; each ack runs in its own task (at most
-    ``ACKS_IN_FLIGHT`` at a time), so a poller moves on while the ack waits
-    for the client's ack flush, as the raw loop moves on after
+    ``ACKS_IN_FLIGHT`` at a time), so a poller moves on while an ack waits
+    for the broker's receipt, as the raw loop moves on after
     ``acknowledge``. Timed from the start to the n-th completed ``ack()``."""
     transport = await connect(_config(url, receiver_queue_size=PREFETCH, **options))
     try:
@@ -206,7 +207,7 @@ async def ours_consume(url: str, n: int, **options: Any) -> float:
 
 async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
     """Fill an ``n`` request backlog, drain it with one queue handle (one
-    poller; acks, which wait for the client's ack flush, overlap, at most
+    poller; acks overlap in tasks of their own, at most
     ``ACKS_IN_FLIGHT`` at a time). Returns RSS before, after fill, peak while
     draining (MB) and the drain rate."""
     transport = await connect(_config(url, receiver_queue_size=PREFETCH))
@@ -335,11 +336,16 @@ async def raw_consume(url: str, n: int) -> float:
     return await asyncio.to_thread(run)
 
 
-async def raw_sequential(url: str, n: int) -> float:
+async def raw_sequential(url: str, n: int, *, acks: str = "receipts") -> float:
     """One thread: ``receive`` -> decode -> ``acknowledge``, one message at a
-    time, with the library's consumer settings: prefetch 1 (the default of
-    ``receiver_queue_size``), no ack grouping and ack receipts, so that
-    ``acknowledge`` returns on the broker's receipt as ``ack()`` does."""
+    time, prefetch 1 (the default of ``receiver_queue_size``). ``acks``:
+    ``"receipts"`` (the library's default consumer settings: no ack
+    grouping, ``acknowledge`` returns on the broker's receipt, as ``ack()``
+    does), ``"at once"`` (no grouping, ``acknowledge`` returns once the ack
+    is handed to the connection, as ``ack()`` with ``ack_receipts=False``)
+    or ``"grouped"`` (the
+    client's own default: acks grouped on a 100 ms tick, ``acknowledge``
+    returns before its ack is on the wire)."""
 
     def run() -> float:
         client = _raw_client(url)
@@ -350,8 +356,8 @@ async def raw_sequential(url: str, n: int) -> float:
             conf.receiver_queue_size(1)
             conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
             conf.negative_ack_redelivery_delay_ms(100)
-            if not enable_ack_receipts(conf, 100):
-                raise RuntimeError("this pulsar-client build does not allow ack receipts")
+            if acks != "grouped" and not send_acks_at_once(conf, 100, receipts=acks == "receipts"):
+                raise RuntimeError("this pulsar-client build does not allow ungrouped acks")
             consumer = client._client.subscribe(topic, "w", conf)
             producer = client.create_producer(
                 topic, batching_enabled=False, block_if_queue_full=True
@@ -365,7 +371,7 @@ async def raw_sequential(url: str, n: int) -> float:
             for _ in range(n):
                 msg = consumer.receive(30_000)
                 WorkRequest.model_validate_json(msg.data())
-                consumer.acknowledge(msg)  # waits for the broker's receipt
+                consumer.acknowledge(msg)  # with receipts: waits for the broker's receipt
             elapsed = time.perf_counter() - start
             consumer.close()
             producer.close()
@@ -456,31 +462,31 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 "poll+ack",
                 a,
                 b,
-                f"receive+acknowledge loop (ours: {CONSUMERS} pollers, durable acks, ≤{ACKS_IN_FLIGHT} in flight)",
+                f"receive+acknowledge loop (ours: {CONSUMERS} pollers, acks confirmed, ≤{ACKS_IN_FLIGHT} in flight)",
                 0.5,
             )
         )
-        progress("pulsar: poll+ack without the ack flush wait")
+        progress("pulsar: poll+ack without ack receipts")
         a, b = await alternate(
-            lambda: ours_consume(url, consume, ack_flush_wait_ms=0),
+            lambda: ours_consume(url, consume, ack_receipts=False),
             lambda: raw_consume(url, consume),
             r,
         )
         rows.append(
             throughput_row(
                 "pulsar",
-                "poll+ack (no flush wait)",
+                "poll+ack (no receipts)",
                 a,
                 b,
-                "same; acks not durable on return (informational)",
+                "same; ours with ack_receipts=False: acks unconfirmed on return (informational)",
                 None,
             )
         )
         sequential = max(sizes.consume // 4, 2000)
         progress(f"pulsar: sequential poll+ack ({sequential:,})")
         a, b = await alternate(
-            lambda: library.sequential_poll_ack(_config(url, ack_receipts=True), sequential),
-            lambda: raw_sequential(url, sequential),
+            lambda: library.sequential_poll_ack(_config(url), sequential),
+            lambda: raw_sequential(url, sequential, acks="receipts"),
             r,
         )
         rows.append(
@@ -489,8 +495,40 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 "sequential poll+ack",
                 a,
                 b,
-                "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, ack_receipts)",
+                "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, defaults)",
                 0.5,
+            )
+        )
+        progress(f"pulsar: sequential poll+ack against the client's grouped acks ({sequential:,})")
+        a, b = await alternate(
+            lambda: library.sequential_poll_ack(_config(url), sequential),
+            lambda: raw_sequential(url, sequential, acks="grouped"),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "pulsar",
+                "sequential (raw grouped)",
+                a,
+                b,
+                "same loop, the client's default 100 ms ack grouping (acks not sent on return; informational)",
+                None,
+            )
+        )
+        progress(f"pulsar: sequential poll+ack without ack receipts ({sequential:,})")
+        a, b = await alternate(
+            lambda: library.sequential_poll_ack(_config(url, ack_receipts=False), sequential),
+            lambda: raw_sequential(url, sequential, acks="at once"),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "pulsar",
+                "sequential (no receipts)",
+                a,
+                b,
+                "same loop, both with acks sent at once, unconfirmed (ours: ack_receipts=False; informational)",
+                None,
             )
         )
         progress("pulsar: round trip")

@@ -127,7 +127,7 @@ class _AckSettings:
     the C++ getters must read back the redelivery delay just set from
     Python and the documented grouping default. Anything unexpected (another
     build, a renamed symbol) leaves the configuration untouched and
-    :meth:`enable_receipts` returns ``False``."""
+    :meth:`configure` returns ``False``."""
 
     _GET_NACK = "_ZNK6pulsar21ConsumerConfiguration31getNegativeAckRedeliveryDelayMsEv"
     _GET_GROUPING = "_ZNK6pulsar21ConsumerConfiguration20getAckGroupingTimeMsEv"
@@ -161,15 +161,18 @@ class _AckSettings:
         except (OSError, AttributeError) as exc:
             problem = str(exc)
         log.warning(
-            "ack receipts cannot be enabled with this pulsar-client build (%s): "
-            "ack() waits ack_flush_wait_ms instead",
+            "acks cannot be sent at once with this pulsar-client build (%s): "
+            "ack() waits ack_flush_wait_ms for the client's ack flush instead",
             problem,
         )
         return None
 
-    def enable_receipts(self, conf: _pulsar.ConsumerConfiguration, nack_delay_ms: int) -> bool:
-        """Acks sent at once (no grouping), each completed by the broker's
-        receipt; ``conf`` must be fresh and have ``nack_delay_ms`` set."""
+    def configure(
+        self, conf: _pulsar.ConsumerConfiguration, nack_delay_ms: int, *, receipts: bool
+    ) -> bool:
+        """Acks sent at once (no grouping); with ``receipts`` each one is
+        completed by the broker's receipt. ``conf`` must be fresh and have
+        ``nack_delay_ms`` set."""
         if type(conf) is not _pulsar.ConsumerConfiguration:
             return False
         address = ctypes.c_void_p.from_address(id(conf) + object.__basicsize__).value
@@ -180,21 +183,32 @@ class _AckSettings:
             or self.get_grouping(address) != self._DEFAULT_GROUPING_MS
         ):
             log.warning(
-                "ack receipts cannot be enabled: this pulsar-client build's consumer "
+                "acks cannot be sent at once: this pulsar-client build's consumer "
                 "configuration is laid out differently; ack() waits ack_flush_wait_ms instead"
             )
             return False
         self.set_grouping(address, 0)
-        self.set_receipt(address, True)
-        return self.get_grouping(address) == 0 and bool(self.get_receipt(address))
+        if receipts:
+            self.set_receipt(address, True)
+        return self.get_grouping(address) == 0 and bool(self.get_receipt(address)) == receipts
+
+
+def send_acks_at_once(
+    conf: _pulsar.ConsumerConfiguration, nack_delay_ms: int, *, receipts: bool = False
+) -> bool:
+    """Make consumers built from ``conf`` write each ack to their connection
+    at once instead of grouping acks on a 100 ms tick; with ``receipts``
+    each ack also completes on the broker's receipt. ``False`` (``conf``
+    unchanged) where this client build does not allow it."""
+    settings = _AckSettings.load()
+    return settings is not None and settings.configure(conf, nack_delay_ms, receipts=receipts)
 
 
 def enable_ack_receipts(conf: _pulsar.ConsumerConfiguration, nack_delay_ms: int) -> bool:
-    """Make every ack of consumers built from ``conf`` complete on the
-    broker's receipt; ``False`` (``conf`` unchanged) where this client build
-    does not allow it."""
-    settings = _AckSettings.load()
-    return settings is not None and settings.enable_receipts(conf, nack_delay_ms)
+    """Make every ack of consumers built from ``conf`` be sent at once and
+    complete on the broker's receipt; ``False`` (``conf`` unchanged) where
+    this client build does not allow it."""
+    return send_acks_at_once(conf, nack_delay_ms, receipts=True)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, value: Any) -> None:
@@ -233,6 +247,10 @@ def _value_callback(future: asyncio.Future[Any]) -> Callable[[Any], None]:
         post(_settle_v2, future, value)
 
     return callback
+
+
+def _ignore_result(result: Any) -> None:
+    """Callback of a fire-and-forget client call."""
 
 
 def _resolve_none(future: asyncio.Future[Any]) -> None:
@@ -361,12 +379,17 @@ class AsyncConsumer:
         ack_flush_wait: float,
         owner: AsyncPulsarClient | None = None,
         *,
+        acks_at_once: bool = False,
         ack_receipts: bool = False,
     ) -> None:
         self._consumer = consumer
         self._owner = owner  # the client this consumer has to itself, closed with it
         self._ack_flush_wait = ack_flush_wait
-        #: Acks complete on the broker's receipt (else: the flush wait).
+        #: The client writes each ack to the connection at once (no ack
+        #: grouping; else: grouped on a 100 ms tick, and ack() waits
+        #: ``ack_flush_wait`` past it).
+        self.acks_at_once = acks_at_once or ack_receipts
+        #: Acks also complete on the broker's receipt.
         self.ack_receipts = ack_receipts
         self.topic = topic
         self._loop = loop
@@ -380,7 +403,7 @@ class AsyncConsumer:
         self._retry: asyncio.TimerHandle | None = None
         self._on_message_cb = self._make_callback()
         # Ids of messages acked only after a reconnect: the broker may have
-        # dispatched them again meanwhile; such a copy is dropped.
+        # dispatched them again meanwhile; such a copy is acked again, not handed out.
         self._reacked: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def _make_callback(self) -> Callable[..., None]:
@@ -448,6 +471,7 @@ class AsyncConsumer:
             if self._closed:
                 return  # closing the consumer returns it to the broker
             if self._stale(message):
+                self._ack_again(message)
                 return
             if not hand_to_waiter(self._waiters, message):
                 self._ready.append(message)
@@ -463,6 +487,7 @@ class AsyncConsumer:
             message = self._ready.popleft()
             if not self._stale(message):
                 return message
+            self._ack_again(message)
         if self._closed:
             return None
         loop = self._loop
@@ -488,6 +513,15 @@ class AsyncConsumer:
     def _stale(self, message: Message) -> bool:
         return bool(self._reacked) and str(message.message_id()) in self._reacked
 
+    def _ack_again(self, message: Message) -> None:
+        """Acknowledge a copy of a message acked across a reconnect once
+        more instead of only dropping it: the broker dispatched it again,
+        so it may not have applied that ack (one written to a connection
+        that then dropped is lost), and a copy dropped unacked would stay
+        with this consumer until it closes. A second ack is harmless."""
+        with contextlib.suppress(Exception):
+            self._consumer.acknowledge_async(message, _ignore_result)
+
     def push_back(self, message: Message) -> None:
         """Return a message taken by :meth:`next` but not used (front of the line)."""
         self._ready.appendleft(message)
@@ -509,12 +543,12 @@ class AsyncConsumer:
                         self._reacked.popitem(last=False)
                 break
             except (ClosedResourceError, TransientTransportError) as exc:
-                # With receipts the client fails an ack while it is not
-                # connected (at once, as "AlreadyClosed", or when the
-                # connection drops with the receipt outstanding); a consumer
-                # we did not close reconnects by itself, and an ack may be
-                # sent again: until the deadline, it is.
-                if self._closed or not self.ack_receipts:
+                # Sent at once, an ack fails while the consumer is not
+                # connected (at once, as "AlreadyClosed"; with receipts also
+                # when the connection drops with the receipt outstanding); a
+                # consumer we did not close reconnects by itself, and an ack
+                # may be sent again: until the deadline, it is.
+                if self._closed or not self.acks_at_once:
                     raise
                 if loop.time() >= deadline:
                     if isinstance(exc, TransientTransportError):
@@ -522,13 +556,14 @@ class AsyncConsumer:
                     raise TransientTransportError(f"{what}: not connected to the broker") from exc
                 retried = True
                 await asyncio.sleep(_ACK_RETRY_SECONDS)
-        # With ack receipts (see enable_ack_receipts) the client sends the
-        # ack at once and completes it on the broker's answer: done. Without
-        # them it completes an ack as soon as it is queued in its ack
-        # grouping tracker, which reaches the socket on the next 100 ms tick:
-        # waiting past that tick means a process killed after ack() returned
-        # has still sent its ack.
-        if self._ack_flush_wait and not self.ack_receipts:
+        # Sent at once (see send_acks_at_once), the ack is done: the client
+        # completed it once it was handed to the connection's writer (or,
+        # with receipts, on the broker's answer). Grouped (a client build
+        # where grouping cannot be turned off), the client completes an ack
+        # as soon as it is queued in its ack-grouping tracker, which reaches
+        # the socket on the next 100 ms tick: waiting past that tick means a
+        # process killed after ack() returned has still sent its ack.
+        if self._ack_flush_wait and not self.acks_at_once:
             await asyncio.sleep(self._ack_flush_wait)
 
     def negative_acknowledge(self, message: Message) -> None:
@@ -787,7 +822,7 @@ class AsyncPulsarClient:
         )
         conf.receiver_queue_size(receiver_queue_size)
         conf.negative_ack_redelivery_delay_ms(nack_delay_ms)
-        receipts = ack_receipts and enable_ack_receipts(conf, nack_delay_ms)
+        at_once = send_acks_at_once(conf, nack_delay_ms, receipts=ack_receipts)
         # Earliest: a subscription created after requests were enqueued still gets them.
         conf.subscription_initial_position(_pulsar.InitialPosition.Earliest)
         # No ackTimeout: leases are enforced by the queue (the client's 10 s
@@ -814,7 +849,13 @@ class AsyncPulsarClient:
                     log.debug("subscribe to %s refused or timed out; trying again", topic)
                     continue
                 return AsyncConsumer(
-                    consumer, topic, loop, ack_flush_wait, owner=owner, ack_receipts=receipts
+                    consumer,
+                    topic,
+                    loop,
+                    ack_flush_wait,
+                    owner=owner,
+                    acks_at_once=at_once,
+                    ack_receipts=at_once and ack_receipts,
                 )
         except BaseException:
             await owner.close()

@@ -66,16 +66,17 @@ class PulsarOptions(BaseModel):
     #: Delay of the broker redelivery after a plain ``nack()`` or a lease
     #: expiry (the client's negativeAckRedeliveryDelay).
     nack_redelivery_delay_ms: int = Field(default=100, ge=10, le=3_600_000)
-    #: Opt-in: acks sent at once (no ack grouping) and completed on the
-    #: broker's ack receipt, instead of the flush wait below. Off by default:
-    #: on pulsar-lite the reliability SIGKILL scenario left requests
-    #: undelivered far more often with it on (not understood yet; see
-    #: docs/backends/pulsar.md).
-    ack_receipts: bool = False
-    #: Without ack receipts (or where they cannot be enabled on the installed
-    #: pulsar-client; a warning says so): ack() waits this long after the
-    #: client accepted the ack, so that the C++ client's 100 ms ack-grouping
-    #: tick has put it on the wire.
+    #: ack() returns on the broker's ack receipt (acks are sent at once, the
+    #: client's ack grouping is turned off). False: acks are still sent at
+    #: once, but ack() returns when the client has handed the ack to its
+    #: connection, unconfirmed: faster, and a worker killed right after may
+    #: lose the ack (the request comes back: a duplicate). See
+    #: docs/backends/pulsar.md, "What ack() guarantees".
+    ack_receipts: bool = True
+    #: Only where acks cannot be sent at once on the installed pulsar-client
+    #: (a warning says so): ack() waits this long after the client accepted
+    #: the ack, so that the C++ client's 100 ms ack-grouping tick has put it
+    #: on the wire.
     ack_flush_wait_ms: int = Field(default=150, ge=0, le=10_000)
     operation_timeout_seconds: float = Field(default=30.0, gt=0)
     connection_timeout_ms: int = Field(default=10_000, gt=0)

@@ -28,8 +28,10 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
   close withdraws it; a delivery given back unseen by a handler (a
   priority queue's held head) has its count lowered first. A worker killed counts at most one hand-out per poll
   in progress that did not happen.
-* ack: individual acknowledgement (with the ``ack_receipts`` option: sent
-  at once and returned on the broker's ack receipt). nack(): negative acknowledgement;
+* ack: individual acknowledgement, sent at once (no client-side ack
+  grouping); returns on the broker's ack receipt (with the option
+  ``ack_receipts=False``: once handed to the connection, unconfirmed).
+  nack(): negative acknowledgement;
   nack(delay) or nack(error=): a copy carrying the attempt count, the error,
   the request id delivered (``ae-request-id``: a foreign body without one
   keeps the id derived from the original message id) and a not-before time

@@ -31,10 +31,12 @@ first consumer id is random below this; 0 suits Apache Pulsar),
 ``io_threads`` (1), ``client_log`` (``stderr``: the C++ client's warnings
 and errors on stderr | ``python``: all its lines, debug included, to the
 ``transport.pulsar.client`` logger, at a cost per message), ``ack_receipts``
-(False: opt-in, ``ack()`` sends the ack at once and returns on the broker's
-ack receipt), ``ack_flush_wait_ms`` (150: without receipts, how long
-``ack()`` waits for the client's ack-grouping flush; 0 lets a process killed
-right after ``ack()`` lose the ack), ``admin_url`` (None:
+(True: acks are sent at once and ``ack()`` returns on the broker's ack
+receipt; False: ``ack()`` returns when the client has handed the ack to its
+connection, unconfirmed), ``ack_flush_wait_ms`` (150: only where this pulsar-client
+build cannot send acks at once, how long ``ack()`` waits for the client's
+ack-grouping flush; 0 lets a process killed right after ``ack()`` lose the
+ack), ``admin_url`` (None:
 admin REST endpoint for ``stats()``), ``listener_name``, and OAuth2
 client credentials ``oauth2_issuer_url``, ``oauth2_audience``,
 ``oauth2_scope``, ``oauth2_client_id``, ``oauth2_client_secret`` (secret).

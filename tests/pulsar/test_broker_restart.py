@@ -96,12 +96,12 @@ async def test_acks_given_before_a_restart_are_kept(harness: PulsarHarness) -> N
 async def test_an_ack_given_while_the_broker_is_down_completes_once_it_is_back(
     harness: PulsarHarness, pulsar_broker: PulsarLiteBroker
 ) -> None:
-    """With ack_receipts, acks wait for the broker's receipt, so one given while the broker is
-    unreachable cannot complete then; it is sent again once the consumer
-    has reconnected, within the operation timeout, and the copy the broker
-    dispatched again on that reconnect is not handed out."""
-    options = {**harness.config.options, "ack_receipts": True}
-    transport = await harness.connect(options=options)
+    """Acks wait for the broker's receipt (ack_receipts, the default), so
+    one given while the broker is unreachable cannot complete then; it is
+    sent again once the consumer has reconnected, within the operation
+    timeout, and the copy the broker dispatched again on that reconnect is
+    not handed out."""
+    transport = await harness.connect()
     try:
         queue = transport.request_queue(name(), lease_seconds=60)
         request = await queue.enqueue(WorkRequest(task="x"))

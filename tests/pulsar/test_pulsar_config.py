@@ -3,6 +3,7 @@ except for the unreachable-broker health check, which needs none either)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 
 import pytest
@@ -177,3 +178,56 @@ def test_ack_receipts_are_set_only_on_a_proven_consumer_configuration() -> None:
     # Grouping is 0 now, not the default: a second call refuses rather than
     # trusting a configuration it cannot prove.
     assert not enable_ack_receipts(conf, 250)
+
+
+@pytest.mark.parametrize("receipts", [False, True])
+def test_acks_sent_at_once_turn_off_grouping_and_set_receipts_as_asked(receipts: bool) -> None:
+    """The default consumer configuration writes each ack at once (grouping
+    time 0) without asking for receipts; ``ack_receipts`` adds them."""
+    import _pulsar
+
+    from transport_pulsar._client import _AckSettings, send_acks_at_once
+
+    settings = _AckSettings.load()
+    assert settings is not None, "this pulsar-client build should allow acks sent at once"
+    conf = _pulsar.ConsumerConfiguration()
+    conf.negative_ack_redelivery_delay_ms(100)
+    assert send_acks_at_once(conf, 100, receipts=receipts)
+    address = ctypes.c_void_p.from_address(id(conf) + object.__basicsize__).value
+    assert settings.get_grouping(address) == 0
+    assert bool(settings.get_receipt(address)) is receipts
+
+
+async def test_a_redispatched_copy_of_a_message_acked_across_a_reconnect_is_acked_again() -> None:
+    """A copy the broker dispatches again after an ack had to be given again
+    across a reconnect is not handed out, and it is acknowledged once more:
+    dropped unacked, it would stay with the consumer until it closes (the
+    first ack may have been lost with the old connection)."""
+    import asyncio
+
+    import _pulsar
+
+    from transport_pulsar._client import AsyncConsumer
+
+    class Message:
+        def __init__(self, message_id: str) -> None:
+            self._id = message_id
+
+        def message_id(self) -> str:
+            return self._id
+
+    class Client:
+        def __init__(self) -> None:
+            self.acked: list[Message] = []
+
+        def acknowledge_async(self, message: Message, callback: object) -> None:
+            self.acked.append(message)
+
+    client = Client()
+    consumer = AsyncConsumer(client, "t", asyncio.get_running_loop(), 0.0, acks_at_once=True)
+    consumer._reacked["7:1:-1"] = None
+    copy, fresh = Message("7:1:-1"), Message("7:2:-1")
+    consumer._on_message(_pulsar.Result.Ok, copy)
+    consumer._on_message(_pulsar.Result.Ok, fresh)
+    assert client.acked == [copy]
+    assert await consumer.next(0) is fresh

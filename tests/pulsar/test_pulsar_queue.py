@@ -220,14 +220,19 @@ async def test_a_refused_subscribe_takes_nothing_from_the_processs_other_consume
             await t.aclose()
 
 
+@pytest.mark.parametrize("receipts", [True, False], ids=["default", "no_receipts"])
 async def test_a_sequential_poll_ack_loop_is_not_paced_by_the_ack_flush(
-    transport_harness: PulsarHarness,
+    transport_harness: PulsarHarness, receipts: bool
 ) -> None:
-    """With ack_receipts, each ack() completes on the broker's ack receipt,
-    not after the client's 100 ms ack-grouping tick (150 ms with the flush
-    wait): a worker looping poll -> ack is bounded by round trips."""
+    """Acks are sent at once: each ack() completes on the broker's ack
+    receipt (with ack_receipts=False: when the client has handed it to the
+    connection), not after the client's 100 ms ack-grouping tick (150 ms
+    with the flush wait): a worker looping poll -> ack is bounded by round
+    trips."""
     n = 40
-    options = {**transport_harness.config.options, "ack_receipts": True}
+    options = {**transport_harness.config.options}
+    if not receipts:
+        options["ack_receipts"] = False
     t = await transport_harness.connect(options=options)
     try:
         q = t.request_queue(f"s{uuid.uuid4().hex[:8]}")
@@ -237,10 +242,11 @@ async def test_a_sequential_poll_ack_loop_is_not_paced_by_the_ack_flush(
         first = await q.poll(10)  # joins the subscription (not timed)
         assert first is not None and await first.ack()
         consumer = q._consumer  # type: ignore[attr-defined]
-        assert consumer is not None and consumer.ack_receipts, (
-            "acks do not carry a broker receipt with this pulsar-client build: "
+        assert consumer is not None and consumer.acks_at_once, (
+            "acks cannot be sent at once with this pulsar-client build: "
             "ack() falls back to waiting out the client's ack flush"
         )
+        assert consumer.ack_receipts is receipts
         got = {first.request.request_id}
         started = time.monotonic()
         for _ in range(n - 1):

@@ -104,11 +104,14 @@ class PriorityQueueConformance:
         hot_served = 0
         deadline = started + harness.scaled(20)
         serve_times: list[float] = []
+        first_at: float | None = None  # the first delivery (the levels joined by then)
         while served_low_at is None and time.monotonic() < deadline:
             begun = time.monotonic()
             delivery = await pq.poll(1.0)
             if delivery is None:
                 continue
+            if first_at is None:
+                first_at = time.monotonic()
             await delivery.ack()
             if delivery.request.request_id == low.request_id:
                 served_low_at = time.monotonic()
@@ -122,12 +125,15 @@ class PriorityQueueConformance:
         waited = served_low_at - started
         # The five hot requests enqueued before it rightly go first (older,
         # higher level); then it must win within two aging intervals. The
-        # bound is in this backend's own time per served request.
+        # bound is in this backend's own time per served request, plus the
+        # time to the first delivery, which joined the levels (seconds on a
+        # loaded broker, and not a matter of priority).
         per_serve = sorted(serve_times)[len(serve_times) // 2] if serve_times else 0.0
-        bound = 2 * interval + 5 * per_serve + harness.scaled(3)
+        joined = (first_at or started) - started
+        bound = 2 * interval + 5 * per_serve + joined + harness.scaled(3)
         assert waited <= bound, (
             f"waited {waited:.2f}s (bound {bound:.2f}s; {hot_served} hot requests served "
-            f"first, {per_serve:.3f}s each)"
+            f"first, {per_serve:.3f}s each; first delivery after {joined:.3f}s)"
         )
         assert hot_served > 0
 
