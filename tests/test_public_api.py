@@ -10,6 +10,7 @@ PACKAGES = [
     "transport",
     "transport.errors",
     "transport.testing",
+    "transport.testing.brokers",
     "transport.sync",
     "transport_inprocess",
     "transport_kafka",
