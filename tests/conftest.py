@@ -1,0 +1,32 @@
+"""Suite-wide collection order for parallel runs.
+
+``make test`` runs the suite in several pytest-xdist workers, each handed
+whole modules or classes (``--dist loadscope``) in collection order. The
+SIGKILL and reliability scenarios (markers ``crash`` and ``slow``) are the
+longest scopes by far; started last, one of them alone would be the tail of
+the run. Under xdist they are therefore collected first; the order of the
+tests inside every module and class is kept, and a plain (serial) run keeps
+the usual order.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+LONG_MARKERS = ("crash", "slow")
+
+
+def _scope(item: pytest.Item) -> str:
+    # What loadscope hands out as one unit: the class, else the module.
+    return item.nodeid.rsplit("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not getattr(config.option, "numprocesses", None):
+        return
+    long_scopes = {
+        _scope(item)
+        for item in items
+        if any(item.get_closest_marker(name) for name in LONG_MARKERS)
+    }
+    items.sort(key=lambda item: _scope(item) not in long_scopes)  # stable
