@@ -22,7 +22,9 @@ def _scope(item: pytest.Item) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not getattr(config.option, "numprocesses", None):
+    # The workers collect (and hand the order to the scheduler); xdist gives
+    # each worker a ``workerinput`` and clears its -n option.
+    if not hasattr(config, "workerinput"):
         return
     long_scopes = {
         _scope(item)
