@@ -31,7 +31,7 @@ demo: $(BASE)
 ## in TEST_WORKERS parallel pytest-xdist workers: each worker runs whole modules or classes
 ## and starts the brokers it needs; the run fails if any test fails or none was collected
 test: $(DEV)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 ## check: lint, format and strict typing of the library
 check: $(DEV)

@@ -1,15 +1,18 @@
 """Suite-wide collection order for parallel runs.
 
 ``make test`` runs the suite in several pytest-xdist workers, each handed
-whole modules or classes (``--dist loadscope``) in collection order. The
-SIGKILL and reliability scenarios (markers ``crash`` and ``slow``) are the
-longest scopes by far; started last, one of them alone would be the tail of
-the run. Under xdist they are therefore collected first; the order of the
-tests inside every module and class is kept, and a plain (serial) run keeps
-the usual order.
+whole modules or classes (``--dist loadscope --no-loadscope-reorder``) in
+collection order. Under xdist the scopes are collected longest first, so
+none of them starts last and becomes the tail of the run: the SIGKILL and
+reliability scenarios (markers ``crash`` and ``slow``, few tests but the
+longest) first, then the others by their number of tests (what xdist's own
+reordering does). The order of the tests inside every module and class is
+kept, and a plain (serial) run keeps the usual order.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 
@@ -31,4 +34,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items
         if any(item.get_closest_marker(name) for name in LONG_MARKERS)
     }
-    items.sort(key=lambda item: _scope(item) not in long_scopes)  # stable
+    sizes = Counter(_scope(item) for item in items)
+    # Stable: every scope's items stay together and in their order.
+    items.sort(key=lambda item: (_scope(item) not in long_scopes, -sizes[_scope(item)]))
