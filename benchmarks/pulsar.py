@@ -25,17 +25,10 @@ Baselines give the library's guarantees where the raw client can:
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import _pulsar
@@ -59,6 +52,7 @@ from transport import (
     WorkResponse,
     connect,
 )
+from transport.testing.brokers import PulsarLiteBroker
 from transport_pulsar._client import send_acks_at_once
 
 #: Poller tasks (library) for poll+ack; the raw loop runs in one thread.
@@ -72,62 +66,11 @@ PREFETCH = 64
 OPTIONS = {"close_timeout_seconds": 5, "operation_timeout_seconds": 15}
 
 
-class _Broker:
-    def __init__(self) -> None:
-        import pulsar_lite
-
-        binary = Path(pulsar_lite.__file__).parent / "bin" / "pulsar-lite"
-        if not binary.is_file():
-            raise ImportError(f"pulsar-lite binary not found at {binary}")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
-        self.root = Path(tempfile.mkdtemp(prefix="bench-pulsar-"))
-        config = self.root / "pulsar-lite.toml"
-        config.write_text("[metrics]\nenabled = false\n", encoding="utf-8")
-        self.log = (self.root / "broker.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                str(binary),
-                "--config",
-                str(config),
-                "--addr",
-                f"127.0.0.1:{self.port}",
-                "--db-path",
-                str(self.root / "data"),
-                "--log-level",
-                "warn",
-            ],
-            stdout=self.log,
-            stderr=self.log,
-            cwd=self.root,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("pulsar-lite did not start")
-
-    @property
-    def url(self) -> str:
-        return f"pulsar://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+def _broker() -> PulsarLiteBroker:
+    """A pulsar-lite broker in a temporary directory (``close()`` removes it)."""
+    broker = PulsarLiteBroker()
+    broker.start()
+    return broker
 
 
 def _body() -> bytes:
@@ -428,7 +371,7 @@ async def raw_round_trip(url: str, n: int) -> list[float]:
 
 
 async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
-    broker = await asyncio.to_thread(_Broker)
+    broker = await asyncio.to_thread(_broker)
     url, r = broker.url, sizes.rounds
     rows: list[Row] = []
     try:
@@ -585,5 +528,5 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
     finally:
-        await asyncio.to_thread(broker.stop)
+        await asyncio.to_thread(broker.close)
     return rows

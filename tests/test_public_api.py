@@ -13,6 +13,7 @@ PACKAGES = [
     "transport.errors",
     "transport.kit",
     "transport.testing",
+    "transport.testing.brokers",
     "transport.sync",
     "transport_inprocess",
     "transport_kafka",

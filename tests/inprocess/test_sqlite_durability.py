@@ -60,6 +60,10 @@ async def test_enqueue_that_returned_survives_sigkill_of_the_producer(
         await transport.aclose()
 
 
+# Bounded by its 60 rounds of two worker lives (each a process start plus
+# 0.4-1.2 s of work), not by a clock: on a loaded machine most of a life is
+# the interpreter starting, so it needs more rounds than the default timeout.
+@pytest.mark.timeout(360)
 async def test_workers_killed_at_random_points_lose_nothing(harness: BackendHarness) -> None:
     total = 1500
     harness.config = harness.config.model_copy(update={"max_attempts": 50})

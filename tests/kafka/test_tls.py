@@ -5,11 +5,7 @@ bootstrap and broker — goes through TLS."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,8 +14,9 @@ import pytest_asyncio
 
 from tests._tls import make_certificate, tls_proxy
 from transport import TransportConfig, connect
+from transport.testing.brokers import TansuBroker, free_port
 
-from .conftest import TEST_OPTIONS, free_port, tansu_binary
+from .conftest import TEST_OPTIONS
 
 pytestmark = pytest.mark.broker
 
@@ -37,28 +34,12 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
 def plain_and_tls_ports() -> Iterator[tuple[int, int]]:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("the TLS proxy fronts the dev broker only")
-    plain, tls = free_port(), free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="tansu-tls-"))
-    with (workdir / "broker.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [
-                str(tansu_binary()),
-                "broker",
-                "--listener-url",
-                f"tcp://127.0.0.1:{plain}",
-                "--advertised-listener-url",
-                f"tcp://127.0.0.1:{tls}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-        )
+    broker = TansuBroker(advertised_port=free_port())
+    broker.start()
     try:
-        yield plain, tls
+        yield broker.port, broker.advertised_port
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        broker.kill()
 
 
 @pytest_asyncio.fixture

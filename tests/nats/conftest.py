@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.nats._server import NatsServer
 from transport import Transport, TransportConfig
 from transport.testing import BackendHarness
+from transport.testing.brokers import NatsServer
 from transport_nats import NatsRequestQueue, NatsTransport
 
 

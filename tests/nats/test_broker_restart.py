@@ -13,9 +13,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from tests.nats._server import NatsServer
 from transport import Transport, TransportConfig, WorkRequest, WorkResponse, connect
 from transport.errors import TransientTransportError
+from transport.testing.brokers import NatsServer
 from transport_nats import NatsRequestQueue
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]

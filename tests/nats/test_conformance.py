@@ -65,6 +65,13 @@ class TestNatsQueuePrefetch(RequestQueueConformance):
     def nats_config(self, nats_config: TransportConfig) -> TransportConfig:
         return _with_prefetch(nats_config, 8)
 
+    # Input checks that refuse before anything is sent or pulled: a prefetch
+    # buffer changes none of them, and TestNatsQueue runs them.
+    test_unsafe_queue_names_are_rejected = None
+    test_oversize_payload_is_rejected_before_anything_is_stored = None
+    test_non_json_payload_is_rejected = None
+    test_negative_poll_timeout_is_rejected = None
+
 
 class TestNatsPriorityPrefetch(PriorityQueueConformance):
     @pytest.fixture

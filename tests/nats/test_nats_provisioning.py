@@ -12,8 +12,7 @@ import nats
 import pytest
 
 from transport.cli import main
-
-from ._server import NatsServer, free_port
+from transport.testing.brokers import NatsServer, free_port
 
 
 def _server(root: Path, *, sync_always: bool) -> Iterator[tuple[NatsServer, str]]:

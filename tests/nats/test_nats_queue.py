@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import transport_nats
-from tests.nats._server import NatsServer, free_port
 from transport import Transport, TransportConfig, WorkRequest, connect
 from transport.errors import ConfigurationError, InvalidNameError, TransientTransportError
+from transport.testing.brokers import NatsServer, free_port
 from transport_nats import NatsOptions, NatsRequestQueue, NatsTransport
 from transport_nats._config import parse_servers
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from tenacity import wait_fixed
 
-from tests.nats._server import NatsServer
 from transport import Ensemble, Network, Outbox, TaskContext, TransportConfig, connect
 from transport.testing._util import Budget
+from transport.testing.brokers import NatsServer
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 

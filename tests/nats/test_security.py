@@ -12,9 +12,9 @@ import nkeys
 import pytest
 
 from tests.nats._certs import TestCA
-from tests.nats._server import NatsServer
 from transport import TLSConfig, TransportConfig, WorkRequest, connect
 from transport.errors import PermanentTransportError
+from transport.testing.brokers import NatsServer
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.nats._server import NatsServer
 from transport import ConfigurationError, connect
+from transport.testing.brokers import NatsServer
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 

@@ -3,19 +3,16 @@ broker named by ``PULSAR_SERVICE_URL``, or, with ``PULSAR_TESTCONTAINERS=1``
 (needs a Docker engine), Apache Pulsar standalone in a container started by
 testcontainers for the session (image ``PULSAR_TESTCONTAINERS_IMAGE``).
 
-pulsar-lite is started on a free 127.0.0.1 port with a temporary data
-directory and a config file that disables its metrics endpoint (which would
-otherwise bind 0.0.0.0:8080). It is stopped by its PID, never by name.
+pulsar-lite is started by ``transport.testing.brokers.PulsarLiteBroker`` on a
+free 127.0.0.1 port with a temporary data directory and a config file that
+disables its metrics endpoint (which would otherwise bind 0.0.0.0:8080). It
+is stopped by its PID, never by name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from transport import Transport, TransportConfig
+from transport.testing.brokers import PulsarLiteBroker
 from transport.testing.harness import BackendHarness
 from transport_pulsar import PulsarRequestQueue, PulsarTransport
 
@@ -31,86 +29,6 @@ USE_TESTCONTAINERS = not EXTERNAL_URL and os.environ.get("PULSAR_TESTCONTAINERS"
 PULSAR_IMAGE = os.environ.get("PULSAR_TESTCONTAINERS_IMAGE", "apachepulsar/pulsar:4.0.0")
 #: The session broker is pulsar-lite (not an external or containerised Apache Pulsar).
 ON_PULSAR_LITE = not (EXTERNAL_URL or USE_TESTCONTAINERS)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def pulsar_lite_binary() -> Path:
-    import pulsar_lite
-
-    path = Path(pulsar_lite.__file__).parent / "bin" / "pulsar-lite"
-    if not path.is_file():
-        raise RuntimeError(f"pulsar-lite binary not found at {path}")
-    return path
-
-
-class PulsarLiteBroker:
-    """One pulsar-lite process; ``restart()`` kills it with SIGKILL and starts
-    it again on the same port and data directory."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.data = workdir / "data"
-        self.config_file = workdir / "pulsar-lite.toml"
-        self.config_file.write_text("[metrics]\nenabled = false\n", encoding="utf-8")
-        self.port = _free_port()
-        self.url = f"pulsar://127.0.0.1:{self.port}"
-        self.log = workdir / "broker.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(pulsar_lite_binary()),
-                    "--config",
-                    str(self.config_file),
-                    "--addr",
-                    f"127.0.0.1:{self.port}",
-                    "--db-path",
-                    str(self.data),
-                    "--log-level",
-                    "warn",
-                ],
-                stdout=log,
-                stderr=log,
-                cwd=self.workdir,
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"pulsar-lite exited: {self.log.read_text(errors='replace')[-2000:]}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("pulsar-lite did not start listening within 20 s")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.process = None
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,13 @@ class TestPulsarKeySharedQueue(RequestQueueConformance):
         harness.capabilities = key_shared_capabilities()
         return harness
 
+    # Input checks that refuse before anything is sent or subscribed: the
+    # subscription type changes none of them, and TestPulsarQueue runs them.
+    test_unsafe_queue_names_are_rejected = None
+    test_oversize_payload_is_rejected_before_anything_is_stored = None
+    test_non_json_payload_is_rejected = None
+    test_negative_poll_timeout_is_rejected = None
+
     async def test_the_transport_reports_the_key_shared_capabilities(
         self, transport: Transport
     ) -> None:

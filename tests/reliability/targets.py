@@ -28,8 +28,8 @@ async def sqlite_target() -> AsyncIterator[BackendHarness]:
 
 @contextlib.asynccontextmanager
 async def nats_target() -> AsyncIterator[BackendHarness]:
-    from tests.nats._server import NatsServer
     from tests.nats.conftest import NatsHarness
+    from transport.testing.brokers import NatsServer
 
     with tempfile.TemporaryDirectory(prefix="reliability-nats-") as tmp:
         server = NatsServer(Path(tmp))
@@ -47,7 +47,8 @@ async def nats_target() -> AsyncIterator[BackendHarness]:
 
 @contextlib.asynccontextmanager
 async def pulsar_target() -> AsyncIterator[BackendHarness]:
-    from tests.pulsar.conftest import PulsarHarness, PulsarLiteBroker, make_config
+    from tests.pulsar.conftest import PulsarHarness, make_config
+    from transport.testing.brokers import PulsarLiteBroker
 
     with tempfile.TemporaryDirectory(prefix="reliability-pulsar-") as tmp:
         broker = PulsarLiteBroker(Path(tmp))
@@ -62,7 +63,8 @@ async def pulsar_target() -> AsyncIterator[BackendHarness]:
 async def kafka_target() -> AsyncIterator[BackendHarness]:
     import os
 
-    from tests.kafka.conftest import KafkaHarness, TansuBroker, kafka_config
+    from tests.kafka.conftest import KafkaHarness, kafka_config
+    from transport.testing.brokers import TansuBroker
     from transport_kafka import KafkaTransport
 
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -75,7 +77,7 @@ async def kafka_target() -> AsyncIterator[BackendHarness]:
         yield KafkaHarness(config, KafkaTransport.capabilities, broker)
     finally:
         if broker is not None:
-            broker.stop()
+            broker.kill()
 
 
 TARGETS: dict[str, Callable[[], Any]] = {

@@ -124,6 +124,10 @@ class CrashConformance:
     it check that the redeliveries came within the usual time
     (:func:`check_timely`)."""
 
+    # On the class, so a subclass in a backend's test module carries the
+    # markers too (a module's pytestmark only marks that module's tests).
+    pytestmark = [pytest.mark.conformance, pytest.mark.crash]
+
     @pytest.fixture(autouse=True)
     def _needs_persistence(self, harness: BackendHarness) -> None:
         if not harness.capabilities.persistent:
