@@ -5,5 +5,6 @@ loop), ``network`` (:class:`Network`, request/answer between ensembles),
 backend share) and ``shared`` (:class:`SharedRun`).
 
 Modules here import :mod:`transport._spi`, :mod:`transport._ops` and
-:mod:`transport.errors`; nothing below them imports this package.
+:mod:`transport.errors`; neither of those imports this package.
+:mod:`transport.kit` re-exports ``SqliteStore`` and ``SharedRun`` to backends.
 """
