@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from transport import connect
-from transport._logging import ClientLog
+from transport._ops.logging import ClientLog
 
 
 def test_repeated_lines_are_collapsed_and_counted(caplog: pytest.LogCaptureFixture) -> None:

@@ -172,7 +172,7 @@ def test_name_validation_is_the_same_for_names_seen_before() -> None:
 
 
 def test_replace_fields_stamps_a_copy_and_keeps_the_original() -> None:
-    from transport._models import replace_fields
+    from transport._spi.models import replace_fields
 
     request = WorkRequest(task="t", payload={"a": 1})
     now = datetime.now(UTC)

@@ -103,3 +103,31 @@ def test_no_import_cycles_between_library_modules() -> None:
         if name not in state:
             visit(name)
     assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+#: What each core subpackage may import from the library: the SPI only
+#: itself, operations the SPI, the runtime both (besides ``transport.errors``).
+LAYERS = {
+    "transport._spi": ("transport._spi",),
+    "transport._ops": ("transport._spi", "transport._ops"),
+    "transport._runtime": ("transport._spi", "transport._ops", "transport._runtime"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_core_layers_import_only_downwards(layer: str) -> None:
+    """The SPI never imports the runtime or operations, operations never the
+    runtime, and no core subpackage imports a public module built on top
+    (``transport``, ``transport.kit``, ``transport.sync``, ``transport.cli``, ...)."""
+    allowed = LAYERS[layer]
+    wrong = []
+    paths = sorted((ROOT / Path(*layer.split("."))).glob("*.py"))
+    assert paths, f"{layer} has no modules"
+    for path in paths:
+        name = f"{layer}.{path.stem}"
+        for target in _imports(path, name):
+            if target.split(".")[0] != "transport" or target.startswith("transport.errors"):
+                continue
+            if not any(target == ok or target.startswith(f"{ok}.") for ok in allowed):
+                wrong.append(f"{path.relative_to(ROOT)} imports {target}")
+    assert not wrong, "\n".join(sorted(set(wrong)))

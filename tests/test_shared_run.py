@@ -1,4 +1,4 @@
-"""transport._shared.SharedRun: concurrent callers share reads, and none gets
+"""transport._runtime.shared.SharedRun: concurrent callers share reads, and none gets
 a result taken before its call began."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from transport._shared import SharedRun
+from transport._runtime.shared import SharedRun
 
 
 class _Reads:

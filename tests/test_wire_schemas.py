@@ -14,7 +14,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from transport import Capability, DeadLetter, WorkRequest, WorkResponse, connect, encode, utcnow
-from transport._wireschema import RECORDS, check_schemas, render_schemas, write_schemas
+from transport._ops.wireschema import RECORDS, check_schemas, render_schemas, write_schemas
 from transport.cli import main
 from transport.kit import make_event
 
@@ -276,7 +276,7 @@ def test_pulsar_handout_count_validates_and_reads_back() -> None:
 
 def test_nats_log_record_is_what_the_backend_writes() -> None:
     pytest.importorskip("nats")
-    from transport._wireschema import NatsLogRecord
+    from transport._ops.wireschema import NatsLogRecord
     from transport_nats import _events as nats_events
 
     def fields(model: type[Any]) -> Any:

@@ -19,13 +19,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from transport._config import TransportConfig, load_config
-from transport._connect import connect
-from transport._doctor import ProvisionPlan
-from transport._logging import configure_logging
-from transport._models import DeadLetter, HealthStatus
-from transport._queue import RequestQueue
-from transport._transport import Transport
+from transport._ops.logging import configure_logging
+from transport._spi.config import TransportConfig, load_config
+from transport._spi.connect import connect
+from transport._spi.doctor import ProvisionPlan
+from transport._spi.models import DeadLetter, HealthStatus
+from transport._spi.queue import RequestQueue
+from transport._spi.transport import Transport
 from transport.errors import TransportError, UnsupportedFeatureError
 
 __all__ = ["main"]
@@ -152,7 +152,7 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
 
 
 async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> int:
-    from transport._top import TopCollector, run_top
+    from transport._ops.top import TopCollector, run_top
 
     collector = TopCollector(transport, args.queues, args.registries, args.levels)
     try:
@@ -173,7 +173,7 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
     if args.command == "health":
         return await _health(args, config, out)
     if args.command == "top":
-        from transport._top import require_rich
+        from transport._ops.top import require_rich
 
         require_rich()
     transport = await connect(config)
@@ -563,7 +563,7 @@ def _add_plan_commands(command: Callable[[str, str], argparse.ArgumentParser]) -
 def _schema(args: argparse.Namespace) -> int:
     """``transport schema``: generate (or, with ``--check``, compare) the
     wire schemas; runs without a configuration or a backend."""
-    from transport._wireschema import check_schemas, write_schemas
+    from transport._ops.wireschema import check_schemas, write_schemas
 
     if args.check:
         problems = check_schemas(args.out)

@@ -44,16 +44,16 @@ change that breaks a backend is a breaking change.
 
 from __future__ import annotations
 
-from transport._codec import decode, decode_request, encode
-from transport._doctor import DoctorFinding, ObjectKind, ProvisionPlan
-from transport._events import Start, check_headers, check_start, make_event
-from transport._logging import ClientLog
-from transport._models import _WireModel as WireModel
-from transport._models import derived_request_id, replace_fields, utcnow
-from transport._naming import internal_name, validate_header, validate_name
-from transport._queue import hand_to_waiter, seconds
-from transport._shared import SharedRun, retrieve
-from transport._sqlitestore import SqliteStore
+from transport._ops.logging import ClientLog
+from transport._runtime.shared import SharedRun, retrieve
+from transport._runtime.sqlitestore import SqliteStore
+from transport._spi.codec import decode, decode_request, encode
+from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
+from transport._spi.events import Start, check_headers, check_start, make_event
+from transport._spi.models import _WireModel as WireModel
+from transport._spi.models import derived_request_id, replace_fields, utcnow
+from transport._spi.naming import internal_name, validate_header, validate_name
+from transport._spi.queue import hand_to_waiter, seconds
 
 __all__ = [
     "ClientLog",

@@ -24,14 +24,14 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-from transport._config import TransportConfig
-from transport._connect import connect as _aconnect
-from transport._models import DeadLetter, HealthStatus, QueueStats, WorkRequest, WorkResponse
-from transport._network import Network
-from transport._priority import PriorityRequestQueue
-from transport._queue import Delivery, RequestQueue
-from transport._registries import DeliveryRegistry
-from transport._transport import Transport
+from transport._runtime.network import Network
+from transport._spi.config import TransportConfig
+from transport._spi.connect import connect as _aconnect
+from transport._spi.models import DeadLetter, HealthStatus, QueueStats, WorkRequest, WorkResponse
+from transport._spi.priority import PriorityRequestQueue
+from transport._spi.queue import Delivery, RequestQueue
+from transport._spi.registries import DeliveryRegistry
+from transport._spi.transport import Transport
 
 __all__ = [
     "SyncDelivery",

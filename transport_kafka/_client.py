@@ -583,7 +583,7 @@ class KafkaClients:
     async def watermarks(self, topic: str, partitions: Sequence[int]) -> dict[int, tuple[int, int]]:
         """Low and high watermarks, queried after this call began.
 
-        Concurrent callers share queries (:class:`~transport._shared.SharedRun`):
+        Concurrent callers share queries (:class:`~transport.kit.SharedRun`):
         a burst of ``get`` calls on a keyed log costs two broker round trips,
         not one each in a queue on the executor (with 32 concurrent callers
         on Tansu that wait had grown to ~370 ms per call).

@@ -129,7 +129,7 @@ class KeyedTopic:
     async def synced(self) -> dict[str, bytes]:
         """Like :meth:`snapshot`, without the copy: the mapping is not to be
         changed, and later catch-ups may add to it. Concurrent callers share
-        catch-ups (:class:`~transport._shared.SharedRun`): a burst of ``get``
+        catch-ups (:class:`~transport.kit.SharedRun`): a burst of ``get``
         calls costs two GetLastMessageId round trips, not one each in a queue
         behind a lock."""
         return await self._sync()

@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 from transport import WorkRequest, connect, decode, encode
-from transport._models import replace_fields
+from transport._spi.models import replace_fields
 from transport_inprocess import MemoryRequestQueue, reset_memory
 from transport_inprocess._memory import _decode_own
 

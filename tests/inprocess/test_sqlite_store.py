@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from transport import WorkRequest
-from transport._models import replace_fields
+from transport._spi.models import replace_fields
 from transport.errors import PermanentTransportError
 from transport.kit import SqliteStore
 

@@ -169,7 +169,7 @@ def test_the_demo_lists_no_test_harness_flags(
 async def test_top_renders_queues_and_registries(scheme: str, tmp_path: Path) -> None:
     from rich.console import Console
 
-    from transport._top import TopCollector, render
+    from transport._ops.top import TopCollector, render
 
     url = "memory://top-render" if scheme == "memory" else _db(tmp_path)
     async with await connect(url) as transport:
@@ -267,7 +267,7 @@ def test_top_in_a_real_terminal(tmp_path: Path) -> None:
 async def test_top_keeps_running_and_shows_the_error_when_the_backend_goes_away() -> None:
     from rich.console import Console
 
-    from transport._top import TopCollector, render
+    from transport._ops.top import TopCollector, render
 
     transport = await connect("memory://top-gone")
     collector = TopCollector(transport, ["kitchen"], [])

@@ -23,7 +23,7 @@ from transport import (
     set_metrics_sink,
     utcnow,
 )
-from transport._tracing import TRACEPARENT, parse_traceparent
+from transport._ops.tracing import TRACEPARENT, parse_traceparent
 
 
 def trace_id(ctx: TaskContext) -> str:
@@ -374,7 +374,7 @@ async def test_worker_takes_the_next_request_while_an_ack_is_still_being_made_du
 ) -> None:
     """Acks run in the background (a durable ack can take a flush, e.g.
     Pulsar's 100 ms tick), and close() still waits for them."""
-    from transport._metrics import InstrumentedRequestQueue, _InstrumentedDelivery
+    from transport._spi.metrics import InstrumentedRequestQueue, _InstrumentedDelivery
 
     gate = asyncio.Event()
     acks_started: list[str] = []

@@ -16,7 +16,7 @@ from transport import (
     WorkRequest,
     set_metrics_sink,
 )
-from transport._tracing import TRACEPARENT, parse_traceparent
+from transport._ops.tracing import TRACEPARENT, parse_traceparent
 
 
 async def test_prometheus_exporter_counts_queue_events(transport: Transport) -> None:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import pytest
 
 from transport import TransportConfig
-from transport._transport import DEFAULT_OPERATION_TIMEOUT, Transport
+from transport._spi.transport import DEFAULT_OPERATION_TIMEOUT, Transport
 
 pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
 

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from typing import Any, cast
 
-from transport._config import TransportConfig, load_config
-from transport._transport import Transport, TransportCapabilities, TransportFactory
+from transport._spi.config import TransportConfig, load_config
+from transport._spi.transport import Transport, TransportCapabilities, TransportFactory
 from transport.errors import BackendNotAvailableError, UnsupportedFeatureError
 
 __all__ = ["available_backends", "connect"]

@@ -6,8 +6,8 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from transport._models import WorkRequest, derived_request_id, replace_fields
-from transport._naming import _REQUEST_ID_RE
+from transport._spi.models import WorkRequest, derived_request_id, replace_fields
+from transport._spi.naming import _REQUEST_ID_RE
 from transport.errors import PayloadTooLargeError, PermanentTransportError, UndecodableMessageError
 
 __all__ = ["decode", "decode_request", "encode"]

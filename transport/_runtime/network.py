@@ -7,14 +7,14 @@ import logging
 import random
 from typing import Any
 
-from transport._models import Capability, WorkRequest, WorkResponse
-from transport._naming import validate_name
-from transport._outbox import Outbox
-from transport._priority import PriorityRequestQueue
-from transport._queue import RequestQueue
-from transport._registries import CapabilityRegistry, DeliveryRegistry, PendingDelivery
-from transport._tracing import TRACEPARENT, child_traceparent, current_traceparent
-from transport._transport import Transport
+from transport._ops.tracing import TRACEPARENT, child_traceparent, current_traceparent
+from transport._runtime.outbox import Outbox
+from transport._spi.models import Capability, WorkRequest, WorkResponse
+from transport._spi.naming import validate_name
+from transport._spi.priority import PriorityRequestQueue
+from transport._spi.queue import RequestQueue
+from transport._spi.registries import CapabilityRegistry, DeliveryRegistry, PendingDelivery
+from transport._spi.transport import Transport
 from transport.errors import TransientTransportError, TransportError
 
 __all__ = ["Network", "NoProviderError"]

@@ -24,8 +24,8 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from transport._models import HEADERS_SCHEMA, NAME_SCHEMA, _WireModel, check_json_value, utcnow
-from transport._naming import validate_header, validate_name
+from transport._spi.models import HEADERS_SCHEMA, NAME_SCHEMA, _WireModel, check_json_value, utcnow
+from transport._spi.naming import validate_header, validate_name
 from transport.errors import InvalidNameError
 
 __all__ = [

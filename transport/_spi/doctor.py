@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from transport._naming import validate_name
+from transport._spi.naming import validate_name
 
 __all__ = [
     "DoctorFinding",

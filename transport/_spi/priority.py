@@ -32,9 +32,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from transport._models import DeadLetter, QueueStats, WorkRequest, utcnow
-from transport._naming import validate_name
-from transport._queue import Delivery, RequestQueue, seconds
+from transport._spi.models import DeadLetter, QueueStats, WorkRequest, utcnow
+from transport._spi.naming import validate_name
+from transport._spi.queue import Delivery, RequestQueue, seconds
 from transport.errors import ClosedResourceError
 
 __all__ = ["AgingPolicy", "PriorityRequestQueue"]

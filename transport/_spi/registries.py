@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from transport._codec import decode, encode
-from transport._keyed import CAUGHT_UP, KeyedChange, KeyedLog
-from transport._models import (
+from transport._spi.codec import decode, encode
+from transport._spi.keyed import CAUGHT_UP, KeyedChange, KeyedLog
+from transport._spi.models import (
     REQUEST_ID_SCHEMA,
     Capability,
     CapabilityChange,
@@ -29,7 +29,7 @@ from transport._models import (
     _WireModel,
     utcnow,
 )
-from transport._naming import validate_name, validate_request_id
+from transport._spi.naming import validate_name, validate_request_id
 from transport.errors import (
     ClosedResourceError,
     DeliveryTimeoutError,

@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Protocol
 
-from transport._models import DeadLetter, QueueStats, WorkRequest
-from transport._queue import Delivery, RequestQueue
+from transport._spi.models import DeadLetter, QueueStats, WorkRequest
+from transport._spi.queue import Delivery, RequestQueue
 
 __all__ = [
     "InMemoryMetrics",

@@ -26,13 +26,13 @@ from pathlib import Path
 from tenacity import RetryCallState, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from transport._codec import decode, encode
-from transport._models import WorkRequest, utcnow
-from transport._priority import PriorityRequestQueue
-from transport._queue import RequestQueue
-from transport._registries import DeliveryRegistry
-from transport._sqlitestore import SqliteStore
-from transport._transport import Transport
+from transport._runtime.sqlitestore import SqliteStore
+from transport._spi.codec import decode, encode
+from transport._spi.models import WorkRequest, utcnow
+from transport._spi.priority import PriorityRequestQueue
+from transport._spi.queue import RequestQueue
+from transport._spi.registries import DeliveryRegistry
+from transport._spi.transport import Transport
 from transport.errors import ClosedResourceError, PermanentTransportError, TransientTransportError
 
 __all__ = ["Outbox", "OutboxDeadLetter"]

@@ -10,8 +10,8 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from transport._jsonvalue import json_value_problem
-from transport._naming import (
+from transport._spi.jsonvalue import json_value_problem
+from transport._spi.naming import (
     HEADER_NAME_PATTERN,
     NAME_PATTERN,
     REQUEST_ID_PATTERN,

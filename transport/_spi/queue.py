@@ -10,8 +10,8 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from transport._codec import encode
-from transport._models import DeadLetter, QueueStats, WorkRequest, replace_fields, utcnow
+from transport._spi.codec import encode
+from transport._spi.models import DeadLetter, QueueStats, WorkRequest, replace_fields, utcnow
 
 __all__ = ["Delivery", "RequestQueue", "hand_to_waiter", "seconds"]
 

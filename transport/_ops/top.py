@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from transport._models import utcnow
-from transport._queue import RequestQueue
-from transport._transport import Transport
+from transport._spi.models import utcnow
+from transport._spi.queue import RequestQueue
+from transport._spi.transport import Transport
 from transport.errors import BackendNotAvailableError, TransportError
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from transport._naming import validate_name
+from transport._spi.naming import validate_name
 from transport.errors import ConfigurationError, TransportError
 
 __all__ = ["DEFAULT_URL", "TLSConfig", "TransportConfig", "load_config"]

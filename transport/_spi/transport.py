@@ -11,8 +11,8 @@ from typing import Protocol, Self
 
 from pydantic import BaseModel, ConfigDict
 
-from transport._config import TransportConfig
-from transport._doctor import (
+from transport._spi.config import TransportConfig
+from transport._spi.doctor import (
     DoctorFinding,
     DoctorReport,
     ObjectKind,
@@ -20,14 +20,14 @@ from transport._doctor import (
     ProvisionStatus,
     ProvisionStep,
 )
-from transport._events import EventBus, EventLog
-from transport._keyed import KeyedLog
-from transport._metrics import InstrumentedRequestQueue, get_metrics_sink, metrics_enabled
-from transport._models import HealthStatus
-from transport._naming import validate_name
-from transport._priority import AgingPolicy, PriorityRequestQueue
-from transport._queue import RequestQueue
-from transport._registries import CapabilityRegistry, DeliveryRegistry
+from transport._spi.events import EventBus, EventLog
+from transport._spi.keyed import KeyedLog
+from transport._spi.metrics import InstrumentedRequestQueue, get_metrics_sink, metrics_enabled
+from transport._spi.models import HealthStatus
+from transport._spi.naming import validate_name
+from transport._spi.priority import AgingPolicy, PriorityRequestQueue
+from transport._spi.queue import RequestQueue
+from transport._spi.registries import CapabilityRegistry, DeliveryRegistry
 from transport.errors import ClosedResourceError, TransientTransportError, UnsupportedFeatureError
 
 __all__ = ["DEFAULT_OPERATION_TIMEOUT", "Transport", "TransportCapabilities", "TransportFactory"]

@@ -23,14 +23,14 @@ from typing import Any, Literal, Self
 from tenacity import RetryCallState, wait_exponential_jitter
 from tenacity.wait import wait_base
 
-from transport._metrics import get_metrics_sink, metrics_enabled
-from transport._models import Capability, WorkRequest, WorkResponse, utcnow
-from transport._naming import validate_name
-from transport._priority import PriorityRequestQueue
-from transport._queue import Delivery, RequestQueue
-from transport._registries import CapabilityRegistry, DeliveryRegistry
-from transport._tracing import TRACEPARENT, reset_current, set_current
-from transport._transport import Transport
+from transport._ops.tracing import TRACEPARENT, reset_current, set_current
+from transport._spi.metrics import get_metrics_sink, metrics_enabled
+from transport._spi.models import Capability, WorkRequest, WorkResponse, utcnow
+from transport._spi.naming import validate_name
+from transport._spi.priority import PriorityRequestQueue
+from transport._spi.queue import Delivery, RequestQueue
+from transport._spi.registries import CapabilityRegistry, DeliveryRegistry
+from transport._spi.transport import Transport
 from transport.errors import (
     ConfigurationError,
     InvalidMessageError,

@@ -25,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
-from transport._events import Event, LogEvent
-from transport._models import Capability, DeadLetter, WorkRequest, WorkResponse
-from transport._registries import DeliveryRecord
+from transport._spi.events import Event, LogEvent
+from transport._spi.models import Capability, DeadLetter, WorkRequest, WorkResponse
+from transport._spi.registries import DeliveryRecord
 
 __all__ = [
     "JSON_SCHEMA_DIALECT",
