@@ -244,20 +244,20 @@ def test_schemas_refuse_what_the_library_refuses(
 
 def test_kafka_state_values_validate_and_read_back() -> None:
     pytest.importorskip("confluent_kafka")
-    from transport_kafka import _queue as kafka_queue
+    from transport_kafka import _records as kafka_records
 
-    assert _errors("KafkaSettledMarker", kafka_queue._SETTLED) == []
+    assert _errors("KafkaSettledMarker", kafka_records._SETTLED) == []
 
     class Rec:
         def __init__(self, key: bytes, value: bytes) -> None:
             self.key, self.value = key, value
 
-    count = b'{"d":%d}' % 2  # the withdrawal write in KafkaQueueEngine
+    count = b'{"d":%d}' % 2  # the withdrawal write (transport_kafka._counts)
     rounds = json.dumps({"ds": [[5, 1], [6, 3]]}, separators=(",", ":")).encode()
     assert _errors("KafkaDeliveryCount", count) == []
     assert _errors("KafkaDeliveryRound", rounds) == []
-    markers, individual, _ = kafka_queue._replay_markers(
-        [Rec(b"0:4", count), Rec(b"0:r5-6.ab1", rounds), Rec(b"0:7", kafka_queue._SETTLED)],
+    markers, individual, _ = kafka_records._replay_markers(
+        [Rec(b"0:4", count), Rec(b"0:r5-6.ab1", rounds), Rec(b"0:7", kafka_records._SETTLED)],
         {0},
         {},
     )

@@ -8,7 +8,9 @@ This module is the only place that touches threads:
 * blocking calls (admin, metadata, watermarks, reading a topic to its end)
   run on a dedicated executor thread and are awaited with a timeout;
 * consumers (``ConsumerThread``) are owned by one thread each, which is the
-  only thread calling them; other code submits closures to it.
+  only thread calling them; other code submits closures to it. A queue's
+  consumer and its thread are started, stepped and closed by one owner,
+  :mod:`transport_kafka._member`.
 
 Flush and close are bounded by ``close_timeout_s``.
 """

@@ -23,7 +23,7 @@ _DURABLE = "an accepted request, response or event survives the loss of a broker
 
 def object_specs(transport: KafkaTransport, kind: ObjectKind, name: str) -> list[TopicSpec]:
     """The topics of one object of a plan, as the library creates them."""
-    from transport_kafka._queue import _QueueEngine
+    from transport_kafka._engine import _QueueEngine
 
     settings = transport.settings
     if kind == "queue":

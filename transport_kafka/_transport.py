@@ -65,8 +65,10 @@ from transport.errors import TransportError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
 from transport_kafka._client import KafkaClients
 from transport_kafka._config import KafkaSettings, parse_settings
+from transport_kafka._engine import _QueueEngine
 from transport_kafka._events import KafkaEventLog
-from transport_kafka._queue import KafkaRequestQueue, _GroupMember, _QueueEngine
+from transport_kafka._member import _GroupMember
+from transport_kafka._queue import KafkaRequestQueue
 from transport_kafka._registries import KafkaKeyedLog
 
 __all__ = ["KafkaTransport", "open_kafka"]

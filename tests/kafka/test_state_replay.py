@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from transport_kafka._client import RawRecord
-from transport_kafka._queue import _replay_markers
+from transport_kafka._records import _replay_markers
 
 
 def _rec(key: str, value: object | None) -> RawRecord:

@@ -1,0 +1,167 @@
+"""Delivery counts of a Kafka queue: reservation rounds and withdrawal.
+
+Kafka counts no deliveries, so a record's next delivery is written to the
+state topic (acks=all) before it is handed out. Polls in progress share one
+round of these writes (one state record per partition, keyed
+``"<p>:r<low>-<high>.<id>"``), which also counts the next few records ahead
+(at most twice the polls in progress and leases held, 256 at most). A
+consumer giving a partition up cleanly withdraws the counts it reserved for
+records it did not hand out, by rewriting their state keys (the latest value
+of a key holds). Event loop, except :meth:`_Counts._withdraw_from_thread`,
+which a revocation calls on the consumer thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+
+from transport.kit import retrieve
+from transport_kafka._records import (
+    _RESERVE_MAX,
+    _Record,
+    _tokens,
+)
+from transport_kafka._state import _EngineState
+
+log = logging.getLogger("transport.kafka")
+
+
+class _Counts(_EngineState):
+    """The engine's part that reserves and withdraws delivery counts."""
+
+    async def _write_counts(self, partition: int, recs: list[_Record]) -> bytes:
+        """One state record with the delivery counts of ``recs`` (all of
+        ``partition``), keyed uniquely so that compaction keeps it until
+        the committed offset passes all of them. Returns its key."""
+        low = min(r.offset for r in recs)
+        high = max(r.offset for r in recs)
+        key = f"{partition}:r{low}-{high}.{self._round_prefix}{next(_tokens)}".encode()
+        value = json.dumps({"ds": [[r.offset, r.deliveries] for r in recs]}, separators=(",", ":"))
+        await self.clients.produce(
+            self.topics.state, key, value.encode(), what="writing delivery state"
+        )
+        with self._marked_lock:
+            self._marked_rounds.setdefault(partition, {})[key] = high
+        return key
+
+    async def _reserve(self, max_attempts: int) -> None:
+        """Count the next delivery of the records at the head of the buffer
+        in the state topic, one round of markers for all waiting pollers."""
+        task = self._reserving
+        if task is None or task.done():
+            task = self._reserving = asyncio.ensure_future(self._reserve_round(max_attempts))
+        await asyncio.shield(task)
+
+    def _reserve_ahead(self, max_attempts: int) -> None:
+        """Start the next round of delivery counts before the polls in
+        progress need it (background; a failure shows in the next poll)."""
+        if self._reserving is not None and not self._reserving.done():
+            return
+        index = min(self._demand(), len(self.ready) - 1)
+        if index >= 0 and not self.ready[index].reserved:
+            self._reserving = asyncio.ensure_future(self._reserve_round(max_attempts))
+            self._reserving.add_done_callback(retrieve)
+
+    async def _reserve_round(self, max_attempts: int) -> None:
+        # Twice the demand: the next polls find their record counted
+        # already. A process killed now over-counts at most these (like a
+        # broker counting a prefetched batch as delivered).
+        want = min(_RESERVE_MAX, 2 * max(1, self._demand()))
+        picked: list[_Record] = []
+        for rec in self.ready:
+            if len(picked) >= want:
+                break
+            if rec.reserved or not self._live(rec) or self._decoded(rec) is None:
+                continue
+            if rec.attempts >= max_attempts:
+                continue
+            picked.append(rec)
+        by_partition: dict[int, list[_Record]] = {}
+        for rec in picked:
+            rec.deliveries += 1
+            by_partition.setdefault(rec.partition, []).append(rec)
+        groups = list(by_partition.items())
+        results = await asyncio.gather(
+            *(self._write_counts(p, recs) for p, recs in groups), return_exceptions=True
+        )
+        failed: BaseException | None = None
+        self._prune_counted()
+        for (partition, recs), result in zip(groups, results, strict=True):
+            for rec in recs:
+                if isinstance(result, BaseException):
+                    rec.deliveries -= 1
+                else:
+                    rec.reserved = True
+            if isinstance(result, BaseException):
+                failed = failed or result
+            else:
+                key = result
+                for rec in recs:
+                    rec.count_key = key
+                self._counted[key] = (partition, {r.offset: r.deliveries for r in recs}, recs)
+        if failed is not None:
+            raise failed
+
+    def _prune_counted(self) -> None:
+        """Forget state keys none of whose records is still reserved there."""
+        for key, (_, _, recs) in list(self._counted.items()):
+            if not any(r.reserved and r.count_key == key for r in recs):
+                del self._counted[key]
+
+    def _withdraw_from_thread(self, partitions: set[int]) -> None:
+        loop = self._loop
+        if loop is None or not partitions or loop.is_closed() or not loop.is_running():
+            return  # nothing can run the withdrawal: the counts stay (over-count)
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._withdraw(partitions), loop)
+        except RuntimeError:  # the loop is closed: nothing to withdraw with
+            return
+        try:
+            future.result(self.options.operation_timeout_s)
+        except Exception as exc:  # the counts stay: attempts over-count, nothing is lost
+            future.cancel()
+            log.warning(
+                "queue %r: reserved delivery counts not withdrawn (%s): %s",
+                self.name,
+                type(exc).__name__,
+                exc,
+            )
+
+    async def _withdraw(self, partitions: set[int]) -> None:
+        """Withdraw the delivery counts reserved in the state topic for
+        records of ``partitions`` not handed out: rewrite each state key
+        holding one with the count before the reservation."""
+        pending = self._reserving
+        if pending is not None and not pending.done():
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(pending)
+        writes: list[tuple[bytes, bytes]] = []
+        for key, (partition, counts, recs) in list(self._counted.items()):
+            if partition not in partitions:
+                continue
+            del self._counted[key]
+            taken = [r for r in recs if r.reserved and r.count_key == key]
+            for rec in taken:
+                rec.deliveries -= 1
+                rec.reserved = False
+                rec.count_key = None
+                counts[rec.offset] = rec.deliveries
+            if not taken:
+                continue
+            if key.startswith(f"{partition}:r".encode()):
+                value = json.dumps({"ds": sorted(counts.items())}, separators=(",", ":"))
+                writes.append((key, value.encode()))
+            else:
+                writes.append((key, b'{"d":%d}' % counts[taken[0].offset]))
+        if writes:
+            await asyncio.gather(
+                *(
+                    self.clients.produce(
+                        self.topics.state, key, value, what="withdrawing delivery counts"
+                    )
+                    for key, value in writes
+                )
+            )

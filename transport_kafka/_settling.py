@@ -1,0 +1,280 @@
+"""Handing out and settling deliveries of a Kafka queue (event loop).
+
+``take`` hands the head of the buffer out once its delivery is counted;
+``settle`` acks (durable on return: group commit, or a "settled" marker
+when an earlier record holds the commit back), nacks (re-produce with
+headers, then settle) or dead-letters (produce to the DLQ, then settle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Literal
+
+from transport import (
+    DeadLetter,
+    WorkRequest,
+    encode,
+)
+from transport.errors import TransientTransportError
+from transport_kafka._assignment import _Assignment
+from transport_kafka._queue import KafkaDelivery
+from transport_kafka._records import (
+    _MARKER_AFTER_S,
+    _SETTLED,
+    _TICK,
+    H_ATTEMPTS,
+    H_ERROR,
+    H_NOT_BEFORE,
+    H_REQUEST_ID,
+    _Lease,
+    _Record,
+)
+
+if TYPE_CHECKING:
+    from transport_kafka._queue import KafkaRequestQueue
+
+log = logging.getLogger("transport.kafka")
+
+
+def _finish_round(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+        future.exception()  # a round nobody waits for any more is not an error
+
+
+class _Settling(_Assignment):
+    """The engine's part that hands deliveries out and settles them."""
+
+    async def take(self, handle: KafkaRequestQueue) -> KafkaDelivery | None:
+        self._reclaim(wake=False)
+        if self.exhausted:
+            await self._drain_exhausted()
+        while self.ready:
+            if self.member.rebalancing:
+                return None  # the member's queues are moving together (see _GroupMember)
+            rec = self.ready[0]
+            if not self._live(rec):
+                self.ready.popleft()
+                continue
+            request = self._decoded(rec)
+            exhausted = rec.attempts - rec.reserved >= handle.max_attempts
+            if request is None or exhausted:
+                self.ready.popleft()
+                try:
+                    if request is None:
+                        reason = rec.undecodable or "undecodable"
+                        await self.dead_letter(rec, reason, None, attempts=rec.attempts + 1)
+                    else:
+                        rec.deliveries -= rec.reserved
+                        rec.reserved = False
+                        rec.count_key = None
+                        reason = (
+                            rec.last_error or f"not acknowledged after {rec.attempts} deliveries"
+                        )
+                        await self.dead_letter(rec, reason, request)
+                except BaseException:
+                    self.ready.appendleft(rec)
+                    raise
+                continue
+            if not rec.reserved:
+                await self._reserve(handle.max_attempts)
+                continue  # the head may have changed meanwhile
+            self.ready.popleft()
+            key = rec.count_key
+            entry = None if key is None else self._counted.get(key)
+            rec.reserved = False
+            rec.count_key = None
+            self._reserve_ahead(handle.max_attempts)
+            request = request.model_copy(update={"attempt": rec.attempts})
+            lease = _Lease(rec, request, handle, time.monotonic() + handle.lease_seconds)
+            if key is not None and entry is not None:
+                lease.counted = (key, entry)
+            self._next_deadline = min(self._next_deadline, lease.deadline)
+            self.leases[lease.token] = lease
+            handle._held.add(lease.token)
+            return KafkaDelivery(request, self, lease)
+        return None
+
+    async def settle(
+        self,
+        lease: _Lease,
+        how: Literal["ack", "nack", "dead"],
+        delay: float | None,
+        error: str | None,
+    ) -> bool:
+        if not self._valid(lease):
+            return False
+        lease.state = "settling"
+        rec = lease.record
+        try:
+            # Durable on return: during a reassignment, wait for its outcome
+            # (the lease was valid when the call was made).
+            await self._rebalanced()
+            if not self._live(rec):
+                self._drop_lease(lease, "lost")
+                return False
+            if how == "ack":
+                ok = await self.settle_record(rec)
+            elif how == "dead" or rec.attempts >= lease.handle.max_attempts:
+                reason = error or rec.last_error or f"nacked after {rec.attempts} deliveries"
+                ok = await self.dead_letter(rec, reason, lease.request)
+            else:
+                await self.republish(rec, delay, error)
+                ok = await self.settle_record(rec)
+        except BaseException:
+            if lease.state == "settling":
+                lease.state = "held"
+                self._next_deadline = min(self._next_deadline, lease.deadline)
+            raise
+        self._drop_lease(lease, "done")
+        return ok
+
+    async def _rebalanced(self) -> None:
+        """Wait (up to ``operation_timeout_s``) while the member's queues are
+        being reassigned: whether a lease is still this process's is known
+        only when the assignment is (see ``_GroupMember.tentative``)."""
+        if not self.member.rebalancing:
+            return
+        deadline = time.monotonic() + self.options.operation_timeout_s
+        while self.member.rebalancing and not self._stopped and time.monotonic() < deadline:
+            await self.wait(_TICK)
+
+    async def settle_record(self, rec: _Record) -> bool:
+        """Settle ``rec`` durably (group commit): returns True once a commit
+        covers it, or — if an earlier record keeps the committable position
+        below it for ``_MARKER_AFTER_S`` — once its "settled" marker is
+        written. False if its partition moved to another consumer before
+        either happened (the new owner delivers it again). Raises if neither
+        could be written (the record is then unsettled again)."""
+        tracker = self.tracker
+        p, off, gen = rec.partition, rec.offset, rec.generation
+        if not tracker.settle(p, off, gen):
+            return False
+        since = time.monotonic()
+        self._acks_busy_until = since + 1.0
+        while not self._stopped:
+            try:
+                await asyncio.shield(self._commit_round())
+            except Exception as exc:  # the marker below still makes it durable
+                log.info("queue %r: commit for acks failed: %s", self.name, exc)
+                break
+            if tracker.covered(p, off, gen):
+                return True
+            if not tracker.current(p, gen):
+                return False  # moved away before a commit covered it
+            if time.monotonic() - since >= _MARKER_AFTER_S:
+                break
+        try:
+            await self._write_marker(rec, _SETTLED)
+        except BaseException:
+            if not tracker.covered(p, off, gen):
+                tracker.unsettle(p, off, gen)
+            raise
+        return tracker.covered(p, off, gen) or tracker.current(p, gen)
+
+    def _commit_round(self) -> asyncio.Future[None]:
+        """The next commit the consumer thread has not started yet: every
+        ack settled before it starts is covered by it (unless an earlier
+        record is still outstanding). Fails after ``operation_timeout_s``."""
+        pending = self._next_commit
+        if pending is not None and self._commit_token is not None and not pending.done():
+            return pending
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        thread = self._thread
+        if thread is None or not thread.alive or self._consumer_closed:
+            future.set_result(None)
+            return future
+        token = object()
+        self._commit_token = token
+        self._next_commit = future
+
+        def run() -> None:  # on the consumer thread
+            if self._commit_token is token:  # later acks join a new round
+                self._commit_token = None
+            try:
+                self._commit()
+            finally:
+                with contextlib.suppress(RuntimeError):  # loop closed
+                    loop.call_soon_threadsafe(_finish_round, future, None)
+
+        timer = loop.call_later(
+            self.options.operation_timeout_s,
+            _finish_round,
+            future,
+            TransientTransportError(f"queue {self.name!r}: no commit within the timeout"),
+        )
+        future.add_done_callback(lambda _: timer.cancel())
+        thread.post(run)
+        return future
+
+    async def commit_now(self) -> None:
+        if self._thread is not None and self._thread.alive and not self._stopped:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self._thread.submit(self._commit), self.options.operation_timeout_s
+                )
+
+    async def _write_marker(self, rec: _Record, value: bytes) -> None:
+        """Write a state marker (JSON: ``{"d": deliveries}`` or ``{"s": 1}``)."""
+        await self.clients.produce(
+            self.topics.state, rec.state_key, value, what="writing delivery state"
+        )
+        with self._marked_lock:
+            self._marked.setdefault(rec.partition, set()).add(rec.offset)
+
+    async def dead_letter(
+        self, rec: _Record, error: str, request: WorkRequest | None, *, attempts: int | None = None
+    ) -> bool:
+        raw = None
+        if request is None:
+            raw = (rec.value or b"").decode("utf-8", "replace")
+        dead = DeadLetter(
+            queue=self.name,
+            request_id=request.request_id if request else None,
+            request=request,
+            raw=raw,
+            error=error,
+            attempts=attempts if attempts is not None else rec.attempts,
+        )
+        key = f"{request.request_id if request else 'raw'}.{rec.partition}.{rec.offset}".encode()
+        await self.clients.produce(self.topics.dlq, key, encode(dead), what="dead-lettering")
+        return await self.settle_record(rec)
+
+    async def republish(self, rec: _Record, delay: float | None, error: str | None) -> None:
+        headers = {H_ATTEMPTS: str(rec.attempts).encode()}
+        if rec.request is not None:
+            headers[H_REQUEST_ID] = rec.request.request_id.encode()
+        last = error or rec.last_error
+        if last:
+            headers[H_ERROR] = last.encode()[:4096]
+        if delay:
+            headers[H_NOT_BEFORE] = str(int((time.time() + delay) * 1000)).encode()
+        # The record's own key (the ordering key or request id it was
+        # enqueued with): the copy stays on its partition, behind the
+        # requests of that key enqueued since.
+        await self.clients.produce(self.topics.requests, rec.key, rec.value, headers, what="nack")
+
+    async def _drain_exhausted(self) -> None:
+        while self.exhausted:
+            lease = self.exhausted.pop(0)
+            rec = lease.record
+            if not self._live(rec):
+                continue
+            try:
+                await self.dead_letter(
+                    rec,
+                    rec.last_error or f"not acknowledged after {rec.attempts} deliveries",
+                    lease.request,
+                )
+            except BaseException:
+                self.exhausted.insert(0, lease)
+                raise
