@@ -60,7 +60,7 @@ async def topic_names(transport: KafkaTransport) -> set[str]:
     def run() -> set[str]:
         return set(clients.admin().list_topics(timeout=clients.timeout).topics)
 
-    return await clients.blocking("listing topics", run)
+    return await clients.blocking(f"listing topics on Kafka at {clients.settings.bootstrap}", run)
 
 
 async def kafka_doctor(
