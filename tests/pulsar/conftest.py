@@ -154,7 +154,9 @@ def make_config(url: str, **overrides: object) -> TransportConfig:
         "namespace": f"t{uuid.uuid4().hex[:10]}",
         "lease_seconds": 5.0,
         "options": {
-            "operation_timeout_seconds": 10,
+            # Four test workers share two cores: a reader create on pulsar-lite
+            # once took over 10 s in a parallel run.
+            "operation_timeout_seconds": 20,
             "close_timeout_seconds": 5,
             # pulsar-lite refuses a second connection's consumer that reuses a
             # consumer id on the same subscription: give up such attempts fast.
