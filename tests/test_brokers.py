@@ -13,12 +13,13 @@ from transport.testing.brokers import (
     BrokerProcess,
     NatsServer,
     PulsarLiteBroker,
+    RedisServer,
     TansuBroker,
 )
 
 pytestmark = pytest.mark.broker
 
-LAUNCHERS = [NatsServer, TansuBroker, PulsarLiteBroker]
+LAUNCHERS = [NatsServer, TansuBroker, PulsarLiteBroker, RedisServer]
 
 
 def _listening(pid: int) -> set[tuple[str, int]]:
@@ -72,6 +73,31 @@ def test_listens_on_loopback_only_and_restarts_on_the_same_port(
     finally:
         broker.stop()
     assert broker.process is None and broker.log.stat().st_size >= 0
+
+
+def _redis(port: int, *command: bytes) -> bytes:
+    """One RESP command over a plain socket; the raw reply."""
+    request = b"*%d\r\n" % len(command) + b"".join(b"$%d\r\n%s\r\n" % (len(c), c) for c in command)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        return sock.recv(4096)
+
+
+def test_redis_server_keeps_acknowledged_writes_across_a_kill(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        assert _redis(server.port, b"SET", b"k", b"v") == b"+OK\r\n"
+        assert _redis(server.port, b"CONFIG", b"GET", b"appendfsync").endswith(b"always\r\n")
+        server.restart()  # SIGKILL: only the fsynced append-only file survives
+        assert _redis(server.port, b"GET", b"k") == b"$1\r\nv\r\n"
+    finally:
+        server.stop()
+
+
+def test_redis_server_rejects_an_unknown_fsync_policy(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="appendfsync"):
+        RedisServer(tmp_path / "redis", appendfsync="sometimes")
 
 
 def test_nats_server_keeps_its_data_across_a_kill(tmp_path: Path) -> None:

