@@ -41,7 +41,7 @@ def test_backends_use_only_public_core_names(package: str) -> None:
     """A backend is built from ``transport`` and ``transport.kit`` (and its
     own modules), so a third-party backend can be built the same way."""
     private = []
-    for path in sorted((ROOT / package).glob("*.py")):
+    for path in sorted((ROOT / package).rglob("*.py")):  # subpackages too
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             modules: list[str] = []
             if isinstance(node, ast.ImportFrom) and node.module:
@@ -51,7 +51,7 @@ def test_backends_use_only_public_core_names(package: str) -> None:
             for module in modules:
                 parts = module.split(".")
                 if parts[0] == "transport" and any(part.startswith("_") for part in parts[1:]):
-                    private.append(f"{path.name}:{node.lineno} imports {module}")
+                    private.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {module}")
     assert not private, "\n".join(private)
 
 

@@ -1,13 +1,13 @@
 """In-process backends: ``memory://`` (the test double) and ``sqlite://``
 (durable, single node, the embedded default)."""
 
-from transport_inprocess._memory import (
+from transport_inprocess.memory import (
     MemoryRequestQueue,
     MemoryTransport,
     open_memory,
     reset_memory,
 )
-from transport_inprocess._sqlite import (
+from transport_inprocess.sqlite import (
     SqliteRequestQueue,
     SqliteTransport,
     open_sqlite,

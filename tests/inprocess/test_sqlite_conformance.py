@@ -39,7 +39,7 @@ class SqliteHarness(BackendHarness):
 
     async def inject_raw(self, transport: Transport, queue_name: str, data: bytes) -> None:
         assert isinstance(transport, SqliteTransport)
-        queue_name = transport._scoped(queue_name)  # as stored: in the client's namespace
+        queue_name = f"{transport.config.namespace}/{queue_name}"  # as stored: namespace/name
         path, _ = sqlite_path(self.config.url)
         with sqlite3.connect(path) as conn:
             conn.execute(

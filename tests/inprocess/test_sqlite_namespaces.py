@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from transport import TransportConfig, WorkRequest, connect, encode
-from transport_inprocess._sqlite import _Signals
-from transport_inprocess._sqlite_events import EVENTS_SCHEMA
-from transport_inprocess._sqlite_schema import SCHEMA
+from transport_inprocess.sqlite._client import _Signals
+from transport_inprocess.sqlite._schema import EVENTS_SCHEMA, SCHEMA
 
 pytestmark = pytest.mark.asyncio
 

@@ -13,34 +13,14 @@ import json
 import sqlite3
 from collections import deque
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transport import EventLog, EventReader, LogEvent, encode
 from transport.errors import ClosedResourceError
 from transport.kit import Start, check_headers, check_start, utcnow, validate_name
+from transport_inprocess.sqlite._client import SqliteContext
 
-if TYPE_CHECKING:
-    from transport_inprocess._sqlite import SqliteTransport
-
-__all__ = ["EVENTS_SCHEMA", "SqliteEventLog"]
-
-EVENTS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    stream TEXT NOT NULL,
-    key TEXT,
-    body BLOB NOT NULL,
-    appended_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_stream ON events(stream, id);
-CREATE INDEX IF NOT EXISTS events_time ON events(stream, appended_at);
-CREATE TABLE IF NOT EXISTS event_cursors (
-    stream TEXT NOT NULL,
-    name TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    PRIMARY KEY (stream, name)
-) WITHOUT ROWID;
-"""
+__all__ = ["SqliteEventLog"]
 
 
 def _row_event(stream: str, row: tuple[int, bytes]) -> LogEvent:
@@ -62,7 +42,7 @@ class _SqliteReader(EventReader):
         self.stream = stream
         self.cursor = cursor
         self._next = next_id
-        self._key = log._t._scoped(stream)  # the stream's rows in this namespace
+        self._key = log._ctx.scoped(stream)  # the stream's rows in this namespace
         self._buffer: deque[LogEvent] = deque()
         self._returned: int | None = None
         self._committed: int | None = None
@@ -73,9 +53,9 @@ class _SqliteReader(EventReader):
             raise StopAsyncIteration
         await self.commit()
         interval = 0.002
-        t = self._log._t
+        ctx = self._log._ctx
         while not self._buffer:
-            rows = await t._store.read(
+            rows = await ctx.store.read(
                 functools.partial(_fetch, stream=self._key, after=self._next)
             )
             for row in rows:
@@ -83,8 +63,8 @@ class _SqliteReader(EventReader):
             if rows:
                 self._next = rows[-1][0] + 1
                 break
-            await t._signals.wait(f"events:{self._key}", interval)
-            interval = min(interval * 2, t.poll_interval)
+            await ctx.signals.wait(f"events:{self._key}", interval)
+            interval = min(interval * 2, ctx.poll_interval)
             if self._closed:
                 raise StopAsyncIteration
         event = self._buffer.popleft()
@@ -99,7 +79,7 @@ class _SqliteReader(EventReader):
         if self.cursor is None or self._returned is None or self._returned == self._committed:
             return
         stream, name, position = self._key, self.cursor, self._returned + 1
-        await self._log._t._store.write(
+        await self._log._ctx.store.write(
             lambda conn: (
                 conn.execute(
                     "INSERT INTO event_cursors(stream, name, position) VALUES (?, ?, ?)"
@@ -118,8 +98,8 @@ class _SqliteReader(EventReader):
 
 
 class SqliteEventLog(EventLog):
-    def __init__(self, transport: SqliteTransport) -> None:
-        self._t = transport
+    def __init__(self, ctx: SqliteContext) -> None:
+        self._ctx = ctx
         self._closed = False
 
     def _check(self) -> None:
@@ -145,9 +125,9 @@ class SqliteEventLog(EventLog):
             headers=check_headers(headers),
             appended_at=now,
         )
-        body = encode(event, self._t.config.max_payload_bytes)
+        body = encode(event, self._ctx.max_payload_bytes)
         stamp = now.timestamp()
-        scoped = self._t._scoped(stream)
+        scoped = self._ctx.scoped(stream)
 
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
@@ -157,8 +137,8 @@ class SqliteEventLog(EventLog):
             assert cur.lastrowid is not None
             return cur.lastrowid
 
-        row_id = await self._t._store.write(op)
-        self._t._signals.notify(f"events:{scoped}")
+        row_id = await self._ctx.store.write(op)
+        self._ctx.signals.notify(f"events:{scoped}")
         return str(row_id)
 
     async def _resolve(self, stream: str, start: Start) -> int:
@@ -177,11 +157,11 @@ class SqliteEventLog(EventLog):
                     conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
                 )
 
-            return await self._t._store.read(at_time)
+            return await self._ctx.store.read(at_time)
         if start == "earliest":
             return 0
         if start == "latest":
-            return await self._t._store.read(
+            return await self._ctx.store.read(
                 lambda conn: int(
                     conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
                 )
@@ -196,10 +176,10 @@ class SqliteEventLog(EventLog):
     ) -> EventReader:
         self._check()
         validate_name(stream, "stream name")
-        scoped = self._t._scoped(stream)
+        scoped = self._ctx.scoped(stream)
         if cursor is not None:
             validate_name(cursor, "cursor name")
-            stored = await self._t._store.read(
+            stored = await self._ctx.store.read(
                 lambda conn: conn.execute(
                     "SELECT position FROM event_cursors WHERE stream = ? AND name = ?",
                     (scoped, cursor),

@@ -1,16 +1,7 @@
-"""``memory://[name]`` — the in-process backend and the official test double.
-
-Feature matrix: persistent ✗ (state lives as long as the process), ordered ✓
-(FIFO; redeliveries and nacks go to the back), consumer_groups ✗ (one
-process), native_delay ✓, lease_extension ✓.
-
-Every ``connect("memory://name")`` in a process shares one broker named
-``name`` (``memory://`` is the broker ``default``), like clients of a server:
-a "restarted" caller re-attaches by connecting again. Clients with different
-``TransportConfig.namespace`` share nothing (a broker per name and namespace). Requests are stored as
-their JSON encoding, exactly as on the wire, so payloads that a broker would
-refuse are refused here too. Thread-safe and usable from several event loops.
-"""
+"""``MemoryRequestQueue``: a queue of the in-process broker. Requests are
+stored as their JSON encoding, exactly as on the wire, so payloads that a
+broker would refuse are refused here too; FIFO, redeliveries and nacks go to
+the back; leases are timers in a heap."""
 
 from __future__ import annotations
 
@@ -18,169 +9,26 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any
-from urllib.parse import urlsplit
+from collections.abc import Iterable
+from datetime import timedelta
 
-from pydantic import TypeAdapter
-from pydantic_core import from_json
-
-from transport import (
-    CAUGHT_UP,
-    DeadLetter,
-    Delivery,
-    HealthStatus,
-    KeyedChange,
-    KeyedLog,
-    QueueStats,
-    RequestQueue,
-    Transport,
-    TransportCapabilities,
-    TransportConfig,
-    WorkRequest,
-    encode,
-)
+from transport import DeadLetter, Delivery, QueueStats, RequestQueue, WorkRequest, encode
 from transport.errors import ClosedResourceError, UndecodableMessageError
-from transport.kit import DoctorFinding, ProvisionPlan, decode_request, replace_fields
+from transport.kit import decode_request, replace_fields
 from transport.kit import seconds as _seconds
-from transport_inprocess._memory_events import BusState, LogState, MemoryEventBus, MemoryEventLog
+from transport_inprocess.memory._client import (
+    _Broker,
+    _Msg,
+    _notify_one,
+    _QueueState,
+    _Waiter,
+)
 
-__all__ = ["MemoryRequestQueue", "MemoryTransport", "open_memory", "reset_memory"]
+__all__ = ["MemoryDelivery", "MemoryRequestQueue"]
 
 _token = itertools.count(1)
 _heappush = heapq.heappush
-
-
-@dataclass(slots=True, eq=False)
-class _Msg:
-    data: bytes
-    request_id: str | None
-    attempts: int = 0
-    last_error: str | None = None
-    # ``data`` is this module's own encoding of a validated WorkRequest (not
-    # foreign bytes from inject_raw): it is parsed without re-validation.
-    own: bool = False
-    # Identity of a foreign message (a body may carry no request id).
-    ident: int = 0
-
-
-_FIELDS = frozenset(WorkRequest.__pydantic_fields__)
-_parse_datetime = TypeAdapter(datetime).validator.validate_python
-_setattr = object.__setattr__
-
-
-def _decode_own(data: bytes) -> WorkRequest:
-    """``decode(WorkRequest, data)`` for bytes that ``encode`` made from a
-    valid WorkRequest, without running its validators again: the same values
-    (a fresh copy of payload and headers, datetimes parsed as pydantic does),
-    at about half the cost."""
-    values = from_json(data)
-    for key in ("enqueued_at", "deadline"):
-        value = values[key]
-        if value is not None:
-            value = _parse_datetime(value)
-            values[key] = value.replace(tzinfo=UTC) if value.tzinfo is None else value
-    request = object.__new__(WorkRequest)
-    _setattr(request, "__dict__", values)
-    _setattr(request, "__pydantic_extra__", None)
-    _setattr(request, "__pydantic_fields_set__", set(_FIELDS))
-    _setattr(request, "__pydantic_private__", None)
-    return request
-
-
-@dataclass(slots=True, eq=False)
-class _Waiter:
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
-    popped: bool = False  # taken off the waiters deque by _notify_one
-
-
-@dataclass
-class _QueueState:
-    ready: deque[_Msg] = field(default_factory=deque)
-    delayed: list[tuple[float, int, _Msg]] = field(default_factory=list)
-    inflight: dict[int, tuple[_Msg, float]] = field(default_factory=dict)
-    leases: list[tuple[float, int]] = field(default_factory=list)
-    dead: list[DeadLetter] = field(default_factory=list)
-    waiters: deque[_Waiter] = field(default_factory=deque)
-
-
-class _Broker:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.lock = threading.Lock()
-        self.queues: dict[str, _QueueState] = {}
-        self.logs: dict[str, _LogState] = {}
-        self.bus = BusState()
-        self.events = LogState()
-
-    def queue(self, name: str) -> _QueueState:
-        state = self.queues.get(name)
-        if state is None:
-            state = self.queues[name] = _QueueState()
-        return state
-
-
-# One broker per (URL name, namespace): clients of one ``memory://name`` with
-# different ``TransportConfig.namespace`` share nothing.
-_BROKERS: dict[tuple[str, str], _Broker] = {}
-_BROKERS_LOCK = threading.Lock()
-
-
-def _broker(name: str, namespace: str) -> _Broker:
-    with _BROKERS_LOCK:
-        broker = _BROKERS.get((name, namespace))
-        if broker is None:
-            broker = _BROKERS[(name, namespace)] = _Broker(name)
-        return broker
-
-
-def reset_memory(name: str | None = None) -> None:
-    """Forget the state of broker ``name``, every namespace of it (all
-    brokers if ``None``)."""
-    with _BROKERS_LOCK:
-        if name is None:
-            _BROKERS.clear()
-        else:
-            for key in [key for key in _BROKERS if key[0] == name]:
-                del _BROKERS[key]
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
-    """``loop.call_soon_threadsafe(fn, *args)``, without its self-pipe write
-    (a syscall and an extra loop iteration) when ``loop`` runs this thread.
-
-    Raises: RuntimeError if ``loop`` is closed.
-    """
-    if asyncio._get_running_loop() is loop:
-        loop.call_soon(fn, *args)
-    else:
-        loop.call_soon_threadsafe(fn, *args)
-
-
-def _set_none(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-def _wake(waiter: _Waiter) -> None:
-    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits there
-        _call_soon(waiter.loop, _set_none, waiter.future)
-
-
-def _notify_one(state: _QueueState) -> None:
-    # Caller holds the broker lock.
-    while state.waiters:
-        waiter = state.waiters.popleft()
-        waiter.popped = True
-        if not waiter.future.done():
-            _wake(waiter)
-            return
 
 
 class MemoryDelivery(Delivery):
@@ -231,9 +79,7 @@ class MemoryRequestQueue(RequestQueue):
     async def _store_request(self, request: WorkRequest, body: bytes) -> None:
         state = self._state
         with self._broker.lock:
-            # (A subclass may encode fields WorkRequest does not have.)
-            own = request.__class__ is WorkRequest
-            state.ready.append(_Msg(body, request.request_id, 0, None, own))
+            state.ready.append(_Msg(body, request.request_id))
             if state.waiters:
                 _notify_one(state)
 
@@ -294,11 +140,7 @@ class MemoryRequestQueue(RequestQueue):
                     )
                     continue
                 try:
-                    request = (
-                        _decode_own(msg.data)
-                        if msg.own
-                        else decode_request(msg.data, self._broker.name, self.name, msg.ident)
-                    )
+                    request = decode_request(msg.data, self._broker.name, self.name, msg.ident)
                 except UndecodableMessageError as exc:
                     msg.attempts += 1
                     self._dead(msg, str(exc), None)
@@ -491,122 +333,3 @@ def _compact_leases(state: _QueueState) -> None:
     stays within a few times the number of requests in flight."""
     state.leases = [(deadline, token) for token, (_, deadline) in state.inflight.items()]
     heapq.heapify(state.leases)
-
-
-@dataclass
-class _LogState:
-    data: dict[str, bytes] = field(default_factory=dict)
-    watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[KeyedChange]]] = field(
-        default_factory=list
-    )
-
-
-class MemoryKeyedLog(KeyedLog):
-    def __init__(self, broker: _Broker, name: str) -> None:
-        self._broker = broker
-        with broker.lock:
-            state = broker.logs.get(name)
-            if state is None:
-                state = broker.logs[name] = _LogState()
-        self._state = state
-
-    def _publish(self, change: KeyedChange) -> None:
-        for loop, queue in list(self._state.watchers):
-            try:
-                _call_soon(loop, queue.put_nowait, change)
-            except RuntimeError:
-                self._state.watchers.remove((loop, queue))
-
-    async def put(self, key: str, value: bytes) -> None:
-        with self._broker.lock:
-            self._state.data[key] = value
-            self._publish(KeyedChange(key, value))
-
-    async def delete(self, key: str) -> None:
-        with self._broker.lock:
-            if self._state.data.pop(key, None) is not None:
-                self._publish(KeyedChange(key, None))
-
-    async def get(self, key: str) -> bytes | None:
-        with self._broker.lock:
-            return self._state.data.get(key)
-
-    async def watch(self) -> AsyncIterator[KeyedChange | object]:
-        queue: asyncio.Queue[KeyedChange] = asyncio.Queue()
-        entry = (asyncio.get_running_loop(), queue)
-        with self._broker.lock:
-            snapshot = list(self._state.data.items())
-            self._state.watchers.append(entry)
-        try:
-            for key, value in snapshot:
-                yield KeyedChange(key, value)
-            yield CAUGHT_UP
-            while True:
-                yield await queue.get()
-        finally:
-            with self._broker.lock:
-                if entry in self._state.watchers:
-                    self._state.watchers.remove(entry)
-
-    async def aclose(self) -> None:
-        return None
-
-
-class MemoryTransport(Transport):
-    backend = "memory"
-    capabilities = TransportCapabilities(
-        persistent=False,
-        ordered=True,
-        consumer_groups=False,
-        native_delay=True,
-        lease_extension=True,
-        event_bus=True,
-        event_log=True,
-    )
-
-    def __init__(self, config: TransportConfig) -> None:
-        super().__init__(config)
-        parts = urlsplit(config.url)
-        self.broker_name = (parts.netloc + parts.path).strip("/") or "default"
-        self._broker = _broker(self.broker_name, config.namespace)
-
-    def _open_queue(
-        self, name: str, *, lease_seconds: float, max_attempts: int
-    ) -> MemoryRequestQueue:
-        return MemoryRequestQueue(
-            self._broker,
-            name,
-            lease_seconds=lease_seconds,
-            max_attempts=max_attempts,
-            limit=self.config.max_payload_bytes,
-        )
-
-    def _open_keyed_log(self, kind: str, name: str) -> MemoryKeyedLog:
-        return MemoryKeyedLog(self._broker, f"{kind}:{name}")
-
-    def _open_event_bus(self) -> MemoryEventBus:
-        return MemoryEventBus(self._broker.bus, self.config.max_payload_bytes)
-
-    def _open_event_log(self) -> MemoryEventLog:
-        return MemoryEventLog(self._broker.events, self.config.max_payload_bytes)
-
-    async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
-        return [
-            DoctorFinding(
-                severity="warning",
-                subject=f"memory://{self.broker_name}",
-                finding="everything lives in this process (capability persistent=false)",
-                fix="sqlite:// or a broker for anything that must outlive the process",
-                guarantee="requests and registry state survive the process",
-            )
-        ]
-
-    async def health(self) -> HealthStatus:
-        return HealthStatus(
-            ok=not self._closed, backend="memory", detail=f"broker {self.broker_name!r}"
-        )
-
-
-async def open_memory(config: TransportConfig) -> MemoryTransport:
-    """Entry point for ``memory://``."""
-    return MemoryTransport(config)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import itertools
-import threading
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -24,39 +21,11 @@ from transport import (
 )
 from transport.errors import ClosedResourceError
 from transport.kit import Start, check_headers, check_start, make_event, utcnow, validate_name
+from transport_inprocess.memory._client import BusState, LogState, _Inbox, _Sub
 
 __all__ = ["MemoryEventBus", "MemoryEventLog"]
 
 _CLOSED = object()
-
-
-class _Inbox:
-    """A thread-safe hand-off into one subscriber's event loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    def put(self, item: Any) -> bool:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:
-            return False
-        return True
-
-
-@dataclass(eq=False)
-class _Sub:
-    pattern: str
-    group: str | None
-    inbox: _Inbox
-
-
-@dataclass
-class BusState:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    subs: list[_Sub] = field(default_factory=list)
-    turn: itertools.count[int] = field(default_factory=itertools.count)
 
 
 class _MemorySubscription(Subscription):
@@ -178,14 +147,6 @@ class MemoryEventBus(EventBus):
         self._closed = True
         for subscription in self._mine:
             await subscription.aclose()
-
-
-@dataclass
-class LogState:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    streams: dict[str, list[LogEvent]] = field(default_factory=dict)
-    cursors: dict[tuple[str, str], int] = field(default_factory=dict)
-    waiters: dict[str, list[_Inbox]] = field(default_factory=dict)
 
 
 class _MemoryReader(EventReader):

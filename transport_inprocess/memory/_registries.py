@@ -1,0 +1,63 @@
+"""``MemoryKeyedLog``: the keyed log behind both registries, a dict of the
+in-process broker with its watchers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from transport import CAUGHT_UP, KeyedChange, KeyedLog
+from transport_inprocess.memory._client import _Broker, _call_soon, _LogState
+
+__all__ = ["MemoryKeyedLog"]
+
+
+class MemoryKeyedLog(KeyedLog):
+    def __init__(self, broker: _Broker, name: str) -> None:
+        self._broker = broker
+        with broker.lock:
+            state = broker.logs.get(name)
+            if state is None:
+                state = broker.logs[name] = _LogState()
+        self._state = state
+
+    def _publish(self, change: KeyedChange) -> None:
+        for loop, queue in list(self._state.watchers):
+            try:
+                _call_soon(loop, queue.put_nowait, change)
+            except RuntimeError:
+                self._state.watchers.remove((loop, queue))
+
+    async def put(self, key: str, value: bytes) -> None:
+        with self._broker.lock:
+            self._state.data[key] = value
+            self._publish(KeyedChange(key, value))
+
+    async def delete(self, key: str) -> None:
+        with self._broker.lock:
+            if self._state.data.pop(key, None) is not None:
+                self._publish(KeyedChange(key, None))
+
+    async def get(self, key: str) -> bytes | None:
+        with self._broker.lock:
+            return self._state.data.get(key)
+
+    async def watch(self) -> AsyncIterator[KeyedChange | object]:
+        queue: asyncio.Queue[KeyedChange] = asyncio.Queue()
+        entry = (asyncio.get_running_loop(), queue)
+        with self._broker.lock:
+            snapshot = list(self._state.data.items())
+            self._state.watchers.append(entry)
+        try:
+            for key, value in snapshot:
+                yield KeyedChange(key, value)
+            yield CAUGHT_UP
+            while True:
+                yield await queue.get()
+        finally:
+            with self._broker.lock:
+                if entry in self._state.watchers:
+                    self._state.watchers.remove(entry)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,63 @@
+"""The ``sqlite://`` URL and its options, validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from transport import TransportConfig
+from transport.errors import ConfigurationError
+
+__all__ = ["SqliteSettings", "sqlite_path"]
+
+_OPTIONS = frozenset({"synchronous", "poll_interval", "busy_timeout_ms"})
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteSettings:
+    """The file and the options of one ``sqlite://`` transport: ``synchronous``
+    (``FULL`` default, ``NORMAL``, ``OFF``: fsync policy of commits),
+    ``poll_interval`` (seconds, default 0.05: how often an idle poller checks
+    for work written by *other* processes), ``busy_timeout_ms`` (30000)."""
+
+    path: str
+    synchronous: str
+    poll_interval: float
+    busy_timeout_ms: int
+
+    @classmethod
+    def from_config(cls, config: TransportConfig) -> SqliteSettings:
+        """Raises: ConfigurationError for a bad URL or option."""
+        path, query = sqlite_path(config.url)
+        options: dict[str, Any] = {**config.options, **query}
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ConfigurationError(f"unknown sqlite option(s): {', '.join(sorted(unknown))}")
+        try:
+            poll_interval = float(options.get("poll_interval", 0.05))
+            busy = int(options.get("busy_timeout_ms", 30_000))
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"bad sqlite option: {exc}") from exc
+        if poll_interval <= 0:
+            raise ConfigurationError("poll_interval must be positive")
+        return cls(path, str(options.get("synchronous", "FULL")), poll_interval, busy)
+
+
+def sqlite_path(url: str) -> tuple[str, dict[str, str]]:
+    """Split ``sqlite:///rel.db?synchronous=NORMAL`` into path and options
+    (SQLAlchemy's convention: three slashes relative, four absolute).
+
+    Raises: ConfigurationError.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ConfigurationError(f"not an sqlite URL: {url!r}")
+    if parts.netloc:
+        raise ConfigurationError(
+            f"sqlite URL {url!r} has a host part; use sqlite:///relative.db or sqlite:////abs/path.db"
+        )
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if not path:
+        raise ConfigurationError("sqlite URL needs a file path, e.g. sqlite:///transport.db")
+    return path, dict(parse_qsl(parts.query))
