@@ -228,6 +228,7 @@ def test_schemas_refuse_what_the_library_refuses(
         "WorkRequest": json.loads(encode(WorkRequest(task="cook"))),
         "WorkResponse": json.loads(encode(WorkResponse(request_id="r"))),
         "DeliveryRecord": {
+            "schema_version": 1,
             "response": None,
             "created_at": "2026-01-01T00:00:00Z",
             "expires_at": "2026-01-02T00:00:00Z",

@@ -12,7 +12,8 @@ imports a private ``transport._*`` module.
 
 What is here, by concern:
 
-* **Wire format** — :func:`encode` (JSON, payload limit enforced),
+* **Wire format** — :data:`WIRE_SCHEMA_VERSION` (the major version every
+  record carries; readers refuse later ones), :func:`encode` (JSON, payload limit enforced),
   :func:`decode`, :func:`decode_request` (a delivered body; a body without
   ``request_id`` gets an id derived from the broker's identity of the
   message, so a redelivery is recognised), :class:`WireModel` (base of every
@@ -50,12 +51,13 @@ from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import decode, decode_request, encode
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._spi.events import Start, check_headers, check_start, make_event
+from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, replace_fields, utcnow
 from transport._spi.models import _WireModel as WireModel
-from transport._spi.models import derived_request_id, replace_fields, utcnow
 from transport._spi.naming import internal_name, validate_header, validate_name
 from transport._spi.queue import hand_to_waiter, seconds
 
 __all__ = [
+    "WIRE_SCHEMA_VERSION",
     "ClientLog",
     "DoctorFinding",
     "ObjectKind",

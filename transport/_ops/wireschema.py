@@ -26,7 +26,7 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
 from transport._spi.events import Event, LogEvent
-from transport._spi.models import Capability, DeadLetter, WorkRequest, WorkResponse
+from transport._spi.models import Capability, DeadLetter, WorkRequest, WorkResponse, _WireModel
 from transport._spi.registries import DeliveryRecord
 
 __all__ = [
@@ -80,10 +80,11 @@ class PulsarHandoutCount(_BackendRecord):
     n: int = Field(ge=0, description="hand-outs of the message so far")
 
 
-class NatsLogRecord(_BackendRecord):
+class NatsLogRecord(_WireModel):
     """Body of a NATS event-log message (stream ``<ns>__log__<stream>``): the
     stream name, position (stream sequence) and ``appended_at`` (the
-    server's timestamp) are the message's, not the body's."""
+    server's timestamp) are the message's, not the body's. A wire model like
+    the records of the SPI: it carries ``schema_version``."""
 
     data: Any = None
     key: str | None = None

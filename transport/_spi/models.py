@@ -135,8 +135,33 @@ def check_json_value(value: Any, info: ValidationInfo) -> Any:
     return value
 
 
+#: The major version of the wire format this library writes (every record's
+#: ``schema_version``). Additions an older reader can ignore (a new optional
+#: field) keep it; anything else raises it. A reader accepts records of this
+#: version and earlier (a record without the field is version 1, as another
+#: program may write it) and refuses later ones, so a request from a newer
+#: writer is dead-lettered with a reason instead of being half understood.
+WIRE_SCHEMA_VERSION = 1
+
+
 class _WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, ser_json_timedelta="float")
+
+    schema_version: int = Field(
+        default=WIRE_SCHEMA_VERSION,
+        ge=1,
+        description="Major version of the wire format the record was written in.",
+    )
+
+    @field_validator("schema_version")
+    @classmethod
+    def _check_schema_version(cls, value: int) -> int:
+        if value > WIRE_SCHEMA_VERSION:
+            raise InvalidMessageError(
+                f"written in wire schema version {value}; this reader understands version "
+                f"{WIRE_SCHEMA_VERSION} and earlier (upgrade it to read such records)"
+            )
+        return value
 
     def __init__(self, /, **data: Any) -> None:
         # Validators raise the library's errors (InvalidNameError …); pydantic

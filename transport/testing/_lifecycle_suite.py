@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from transport import Delivery, RequestQueue, Transport
+from transport.kit import WIRE_SCHEMA_VERSION
 from transport.testing._util import enqueue_all, make_requests
 from transport.testing.harness import BackendHarness
 
@@ -245,6 +246,35 @@ class ForeignMessageConformance:
         assert third is not None, "the nacked foreign request was never redelivered"
         assert (third.request.request_id, third.attempt) == (request_id, 3)
         assert await third.ack()
+
+    async def test_request_of_a_future_wire_version_is_dead_lettered_with_the_reason(
+        self, harness: BackendHarness, queue_name: str, transport: Transport
+    ) -> None:
+        future = WIRE_SCHEMA_VERSION + 1
+        body = json.dumps(
+            {"schema_version": future, "request_id": "from-the-future", "task": "foreign"}
+        ).encode()
+        await harness.inject_raw(transport, queue_name, body)
+        queue = transport.request_queue(queue_name, lease_seconds=harness.lease_seconds)
+        [good] = await enqueue_all(queue, make_requests(1))
+        delivery = await queue.poll(harness.scaled(30))
+        assert delivery is not None, "the request after the future one was never delivered"
+        assert delivery.request.request_id == good.request_id, (
+            "a record of a future wire version was handed to a handler"
+        )
+        assert await delivery.ack()
+        # Dead-lettering may complete asynchronously on brokers, and no event
+        # exposes it: re-read until it shows or the deadline passes.
+        deadline = time.monotonic() + harness.scaled(10)
+        while True:
+            dead = await queue.dead_letters()
+            if dead or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert len(dead) == 1, f"dead letters: {dead}"
+        assert dead[0].request is None and dead[0].raw is not None
+        assert "from-the-future" in dead[0].raw
+        assert f"wire schema version {future}" in dead[0].error, dead[0].error
 
     async def test_attempt_in_the_body_is_ignored(
         self, harness: BackendHarness, queue_name: str, transport: Transport
