@@ -263,3 +263,16 @@ def test_a_self_containing_payload_is_refused() -> None:
 def test_every_json_value_is_accepted_and_comes_back_equal(payload: object) -> None:
     request = WorkRequest(task="t", payload=payload)
     assert decode(WorkRequest, encode(request)).payload == payload
+
+
+def test_error_header_is_cut_at_a_character_boundary_within_the_limit() -> None:
+    from transport.kit import HEADER_ERROR, MAX_ERROR_BYTES, error_header
+
+    assert HEADER_ERROR == "ae-error"
+    assert error_header("too hot") == "too hot"
+    long = "é" * MAX_ERROR_BYTES  # two bytes each
+    cut = error_header(long)
+    assert len(cut.encode()) == MAX_ERROR_BYTES and set(cut) == {"é"}
+    odd = "x" + "é" * MAX_ERROR_BYTES  # the limit falls inside a character
+    cut = error_header(odd)
+    assert len(cut.encode()) == MAX_ERROR_BYTES - 1 and cut.startswith("xé")

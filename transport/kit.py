@@ -13,7 +13,8 @@ imports a private ``transport._*`` module.
 What is here, by concern:
 
 * **Wire format** — :data:`WIRE_SCHEMA_VERSION` (the major version every
-  record carries; readers refuse later ones), :func:`encode` (JSON, payload limit enforced),
+  record carries; readers refuse later ones), the ``HEADER_*`` names of a
+  re-published copy and :func:`error_header`, :func:`encode` (JSON, payload limit enforced),
   :func:`decode`, :func:`decode_request` (a delivered body; a body without
   ``request_id`` gets an id derived from the broker's identity of the
   message, so a redelivery is recognised), :class:`WireModel` (base of every
@@ -55,8 +56,23 @@ from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, repla
 from transport._spi.models import _WireModel as WireModel
 from transport._spi.naming import internal_name, validate_header, validate_name
 from transport._spi.queue import hand_to_waiter, seconds
+from transport._spi.wireheaders import (
+    HEADER_ATTEMPTS,
+    HEADER_ERROR,
+    HEADER_NOT_BEFORE,
+    HEADER_REQUEST_ID,
+    LEGACY_ERROR_HEADERS,
+    MAX_ERROR_BYTES,
+    error_header,
+)
 
 __all__ = [
+    "HEADER_ATTEMPTS",
+    "HEADER_ERROR",
+    "HEADER_NOT_BEFORE",
+    "HEADER_REQUEST_ID",
+    "LEGACY_ERROR_HEADERS",
+    "MAX_ERROR_BYTES",
     "WIRE_SCHEMA_VERSION",
     "ClientLog",
     "DoctorFinding",
@@ -72,6 +88,7 @@ __all__ = [
     "decode_request",
     "derived_request_id",
     "encode",
+    "error_header",
     "hand_to_waiter",
     "internal_name",
     "make_event",

@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from transport import WorkRequest
+from transport.kit import HEADER_ATTEMPTS, HEADER_ERROR, HEADER_NOT_BEFORE, HEADER_REQUEST_ID
 
 if TYPE_CHECKING:
     from transport_kafka._queue import KafkaRequestQueue
 
-H_ATTEMPTS = "ae-attempts"
-H_NOT_BEFORE = "ae-not-before"
-H_ERROR = "ae-error"
-H_REQUEST_ID = "ae-request-id"
+H_ATTEMPTS = HEADER_ATTEMPTS
+H_NOT_BEFORE = HEADER_NOT_BEFORE
+H_ERROR = HEADER_ERROR
+H_REQUEST_ID = HEADER_REQUEST_ID
 
 _tokens = itertools.count(1)
 _SETTLED = b'{"s":1}'

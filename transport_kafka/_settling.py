@@ -20,6 +20,7 @@ from transport import (
     encode,
 )
 from transport.errors import TransientTransportError
+from transport.kit import error_header
 from transport_kafka._assignment import _Assignment
 from transport_kafka._queue import KafkaDelivery
 from transport_kafka._records import (
@@ -255,7 +256,7 @@ class _Settling(_Assignment):
             headers[H_REQUEST_ID] = rec.request.request_id.encode()
         last = error or rec.last_error
         if last:
-            headers[H_ERROR] = last.encode()[:4096]
+            headers[H_ERROR] = error_header(last).encode()
         if delay:
             headers[H_NOT_BEFORE] = str(int((time.time() + delay) * 1000)).encode()
         # The record's own key (the ordering key or request id it was

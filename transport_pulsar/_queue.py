@@ -73,7 +73,15 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import decode_request
+from transport.kit import (
+    HEADER_ATTEMPTS,
+    HEADER_ERROR,
+    HEADER_NOT_BEFORE,
+    HEADER_REQUEST_ID,
+    LEGACY_ERROR_HEADERS,
+    decode_request,
+    error_header,
+)
 from transport.kit import seconds as _seconds
 from transport_pulsar._client import AsyncConsumer, AsyncProducer, Message
 from transport_pulsar._errors import map_pulsar_errors
@@ -86,11 +94,10 @@ __all__ = ["PulsarDelivery", "PulsarRequestQueue"]
 
 log = logging.getLogger("transport.pulsar")
 
-ATTEMPTS_PROPERTY = "ae-attempts"
-ERROR_PROPERTY = "ae-last-error"
-NOT_BEFORE_PROPERTY = "ae-not-before"
-REQUEST_ID_PROPERTY = "ae-request-id"
-_MAX_ERROR_CHARS = 4000
+ATTEMPTS_PROPERTY = HEADER_ATTEMPTS
+ERROR_PROPERTY = HEADER_ERROR
+NOT_BEFORE_PROPERTY = HEADER_NOT_BEFORE
+REQUEST_ID_PROPERTY = HEADER_REQUEST_ID
 _JOIN_GRACE_SECONDS = 0.2
 
 _LEASED, _SETTLING, _SETTLED, _EXPIRED = "leased", "settling", "settled", "expired"
@@ -330,6 +337,8 @@ class PulsarRequestQueue(RequestQueue):
         attempt = before + handed + 1
         properties = message.properties()
         last_error = properties.get(ERROR_PROPERTY) or None
+        for legacy in LEGACY_ERROR_HEADERS:  # a copy written by an earlier release
+            last_error = last_error or properties.get(legacy) or None
         data = bytes(message.data())
         try:
             request = decode_request(
@@ -506,7 +515,7 @@ class PulsarRequestQueue(RequestQueue):
         }
         reason = error if error is not None else delivery._last_error
         if reason:
-            properties[ERROR_PROPERTY] = reason[:_MAX_ERROR_CHARS]
+            properties[ERROR_PROPERTY] = error_header(reason)
         if delay:
             properties[NOT_BEFORE_PROPERTY] = str(int((time.time() + delay) * 1000))
         producer = await self._get_producer()

@@ -69,12 +69,12 @@ async def test_pulsar_topics_properties_and_bodies_are_as_documented(pulsar_url:
         assert set(properties) == {
             "ae-attempts",
             "ae-request-id",
-            "ae-last-error",
+            "ae-error",
             "ae-not-before",
         }
         assert properties["ae-attempts"] == "1"
         assert properties["ae-request-id"] == request.request_id
-        assert properties["ae-last-error"] == "too hot"
+        assert properties["ae-error"] == "too hot"
         assert int(properties["ae-not-before"]) > original.publish_timestamp()
 
         dead = [m for m in await _read_all(transport, f"{base}.q.orders__dlq") if m.data()]
@@ -105,5 +105,44 @@ async def test_pulsar_topics_properties_and_bodies_are_as_documented(pulsar_url:
         assert event.partition_key() == "k"
         assert _errors("LogEvent", bytes(event.data())) == []
         assert json.loads(bytes(event.data()))["position"] == "0"
+    finally:
+        await transport.aclose()
+
+
+async def test_a_copy_written_by_an_earlier_release_keeps_its_error(pulsar_url: str) -> None:
+    """Before schema version 1 a nack copy carried its error as
+    ``ae-last-error``: such a copy still in a topic keeps its error when it is
+    copied again (now as ``ae-error``)."""
+    config = make_config(pulsar_url)
+    topic = f"persistent://public/default/{config.namespace}.q.legacy"
+    transport = await connect(config)
+    assert isinstance(transport, PulsarTransport)
+    try:
+        queue = transport.request_queue("legacy")
+        await queue.stats()  # the subscription exists before the copy is written
+        request = WorkRequest(task="cook")
+        producer = await transport.client.create_producer(topic)
+        try:
+            await producer.send(
+                json.dumps(json.loads(request.model_dump_json())).encode(),
+                key=request.request_id,
+                properties={
+                    "ae-attempts": "1",
+                    "ae-request-id": request.request_id,
+                    "ae-last-error": "burnt the first time",
+                },
+            )
+        finally:
+            await producer.close(5)
+        delivery = await queue.poll(timeout=30)
+        assert delivery is not None
+        assert (delivery.request.request_id, delivery.attempt) == (request.request_id, 2)
+        assert await delivery.nack(delay=0.2)  # no new error: the copy keeps the old one
+        again = await queue.poll(timeout=30)
+        assert again is not None and again.attempt == 3
+        assert await again.ack()
+        copies = [m for m in await _read_all(transport, topic) if "ae-attempts" in m.properties()]
+        assert copies[-1].properties()["ae-error"] == "burnt the first time"
+        assert "ae-last-error" not in copies[-1].properties()
     finally:
         await transport.aclose()
