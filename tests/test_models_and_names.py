@@ -276,3 +276,21 @@ def test_error_header_is_cut_at_a_character_boundary_within_the_limit() -> None:
     odd = "x" + "é" * MAX_ERROR_BYTES  # the limit falls inside a character
     cut = error_header(odd)
     assert len(cut.encode()) == MAX_ERROR_BYTES - 1 and cut.startswith("xé")
+
+
+def test_dead_letter_keeps_the_exact_bytes_of_an_undecodable_body() -> None:
+    from transport import DeadLetter, decode, encode
+
+    for body, encoding in [
+        (b"\xff\xfe\x00 not utf-8", "base64"),
+        ('{"t\u00e9xt": 1'.encode(), "utf-8"),
+    ]:
+        dead = DeadLetter(queue="q", request_id=None, request=None, raw=body, error="x", attempts=1)
+        assert dead.raw_encoding == encoding
+        assert dead.raw_bytes() == body
+        again = decode(DeadLetter, encode(dead))  # as stored and read back by a backend
+        assert (again.raw_encoding, again.raw_bytes()) == (encoding, body)
+    text = DeadLetter(
+        queue="q", request_id=None, request=None, raw="as text", error="x", attempts=1
+    )
+    assert (text.raw_encoding, text.raw_bytes()) == ("utf-8", b"as text")

@@ -235,9 +235,9 @@ class _Settling(_Assignment):
     async def dead_letter(
         self, rec: _Record, error: str, request: WorkRequest | None, *, attempts: int | None = None
     ) -> bool:
-        raw = None
+        raw: bytes | None = None
         if request is None:
-            raw = (rec.value or b"").decode("utf-8", "replace")
+            raw = rec.value or b""
         dead = DeadLetter(
             queue=self.name,
             request_id=request.request_id if request else None,

@@ -735,7 +735,7 @@ class NatsRequestQueue(RequestQueue):
             queue=self.name,
             request_id=request.request_id if request else None,
             request=request,
-            raw=None if request else msg.data.decode("utf-8", "replace"),
+            raw=None if request else msg.data,
             error=error,
             attempts=attempts,
         )

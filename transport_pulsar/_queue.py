@@ -349,7 +349,7 @@ class PulsarRequestQueue(RequestQueue):
                 queue=self.name,
                 request_id=None,
                 request=None,
-                raw=data.decode("utf-8", "replace"),
+                raw=data,
                 error=str(exc),
                 attempts=attempt,
             )

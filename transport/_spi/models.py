@@ -3,12 +3,21 @@ ignored so that older readers accept records from newer writers."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from transport._spi.jsonvalue import json_value_problem
 from transport._spi.naming import (
@@ -355,15 +364,39 @@ class QueueStats(_WireModel):
 class DeadLetter(_WireModel):
     """A request that exhausted ``max_attempts``, was dead-lettered by its
     handler, or could not be decoded (then ``request`` is None and ``raw``
-    holds the bytes as text for diagnosis)."""
+    holds the exact body: as text if it was UTF-8, else base64, as
+    ``raw_encoding`` says; :meth:`raw_bytes` gives the bytes back, so an
+    operator can repair and enqueue them). Backends pass the body as bytes
+    (``raw=body``); the model picks the encoding."""
 
     queue: str
     request_id: str | None
     request: WorkRequest | None
     raw: str | None = None
+    raw_encoding: Literal["utf-8", "base64"] = "utf-8"
     error: str
     attempts: int
     dead_lettered_at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _raw_from_bytes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("raw"), bytes | bytearray | memoryview):
+            body = bytes(data["raw"])
+            try:
+                raw, encoding = body.decode("utf-8"), "utf-8"
+            except UnicodeDecodeError:
+                raw, encoding = base64.b64encode(body).decode("ascii"), "base64"
+            data = {**data, "raw": raw, "raw_encoding": encoding}
+        return data
+
+    def raw_bytes(self) -> bytes | None:
+        """The exact body of an undecodable request (None if there is none)."""
+        if self.raw is None:
+            return None
+        if self.raw_encoding == "base64":
+            return base64.b64decode(self.raw)
+        return self.raw.encode("utf-8")
 
 
 class HealthStatus(_WireModel):

@@ -292,6 +292,12 @@ class RequestQueueConformance:
         assert len(dead) == 2
         assert all(d.request is None and d.raw for d in dead)
         assert any("schema" in (d.raw or "") for d in dead)
+        # The exact bytes are kept (base64 where they are not UTF-8), so an
+        # operator can repair and enqueue them.
+        assert sorted(d.raw_bytes() or b"" for d in dead) == sorted(
+            [b"\xff\xfe not json at all", b'{"unexpected": "schema"}']
+        )
+        assert sorted(d.raw_encoding for d in dead) == ["base64", "utf-8"]
 
     # 10
     async def test_long_handler_extending_is_not_redelivered(

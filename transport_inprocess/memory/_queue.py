@@ -103,7 +103,7 @@ class MemoryRequestQueue(RequestQueue):
                 queue=self.name,
                 request_id=msg.request_id or (request.request_id if request else None),
                 request=request,
-                raw=None if request is not None else msg.data.decode("utf-8", "replace"),
+                raw=None if request is not None else msg.data,
                 error=error,
                 attempts=msg.attempts,
             )

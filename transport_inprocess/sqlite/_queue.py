@@ -456,7 +456,7 @@ class SqliteRequestQueue(RequestQueue):
                         queue=name,
                         request_id=request_id,
                         request=request,
-                        raw=None if request else bytes(body).decode("utf-8", "replace"),
+                        raw=None if request else bytes(body),
                         error=error,
                         attempts=attempts,
                         dead_lettered_at=datetime.fromtimestamp(dead_at, UTC),
