@@ -16,12 +16,18 @@ def _events_kind(kind: str) -> str:
     return subjects.events("kitchen", kind)
 
 
+def _outbound_instance(instance: str) -> str:
+    return subjects.plugin_outbound("slack", instance)
+
+
 HELPERS: list[tuple[str, Callable[[str], str], str]] = [
     ("events", subjects.events, "agent.events.{}"),
     ("events-kind", _events_kind, "agent.events.kitchen.{}"),
     ("route", subjects.route, "agent.route.{}"),
     ("plugin_inbound", subjects.plugin_inbound, "plugin.inbound.{}"),
     ("plugin_health", subjects.plugin_health, "plugin.health.{}"),
+    ("plugin_outbound", subjects.plugin_outbound, "plugin.outbound.{}"),
+    ("plugin_outbound-instance", _outbound_instance, "plugin.outbound.slack.{}"),
 ]
 
 
@@ -63,7 +69,24 @@ def test_events_refuses_an_unsafe_ensemble_with_a_kind(token: str) -> None:
 @pytest.mark.parametrize("value", [None, 3, b"kitchen"])
 def test_helpers_refuse_non_strings(value: object) -> None:
     for label, helper, _ in HELPERS:
-        if label == "events-kind" and value is None:
-            continue  # no kind: the ensemble's base subject (tested above)
+        if label in ("events-kind", "plugin_outbound-instance") and value is None:
+            continue  # optional last token: the base subject (tested above)
         with pytest.raises(InvalidNameError):
             helper(value)  # type: ignore[arg-type]
+
+
+def test_plugin_outbound_channels_and_instances() -> None:
+    one = subjects.plugin_outbound("slack", "team-a")
+    assert one == "plugin.outbound.slack.team-a"
+    assert subject_matches("plugin.outbound.slack.>", one)
+    assert subject_matches(subjects.ALL_PLUGIN_OUTBOUND, one)
+    assert subject_matches(subjects.ALL_PLUGIN_OUTBOUND, subjects.plugin_outbound("email"))
+    assert not subject_matches("plugin.outbound.slack.>", subjects.plugin_outbound("email", "x"))
+    assert not subject_matches(subjects.ALL_PLUGIN_OUTBOUND, subjects.plugin_inbound("slack"))
+    assert validate_subject(subjects.ALL_PLUGIN_OUTBOUND, pattern=True)
+
+
+@pytest.mark.parametrize("token", UNSAFE)
+def test_plugin_outbound_refuses_an_unsafe_channel_with_an_instance(token: str) -> None:
+    with pytest.raises(InvalidNameError):
+        subjects.plugin_outbound(token, "x")

@@ -118,6 +118,19 @@ class subjects:
         return f"plugin.inbound.{validate_name(plugin, 'plugin name')}"
 
     @staticmethod
+    def plugin_outbound(channel: str, instance: str | None = None) -> str:
+        """``plugin.outbound.<channel>[.<instance>]`` — what plugins send out
+        on a channel (``slack``, ``email``...), optionally for one instance of
+        it. Subscribe to ``plugin.outbound.<channel>.>`` for every instance,
+        or :attr:`ALL_PLUGIN_OUTBOUND` for every channel.
+
+        Raises: InvalidNameError if ``channel`` or ``instance`` is not a
+        valid name.
+        """
+        base = f"plugin.outbound.{validate_name(channel, 'channel name')}"
+        return base if instance is None else f"{base}.{validate_name(instance, 'instance name')}"
+
+    @staticmethod
     def plugin_health(plugin: str) -> str:
         """``plugin.health.<plugin>`` — a plugin's heartbeats.
 
@@ -127,6 +140,7 @@ class subjects:
 
     ALL_EVENTS = "agent.events.>"
     ALL_PLUGIN_HEALTH = "plugin.health.*"
+    ALL_PLUGIN_OUTBOUND = "plugin.outbound.>"
 
 
 class Event(_WireModel):
