@@ -70,6 +70,8 @@ from transport._spi.events import (
 )
 from transport._spi.keyed import CAUGHT_UP, KeyedChange, KeyedLog
 from transport._spi.metrics import (
+    SECONDS_BUCKETS,
+    Histogram,
     InMemoryMetrics,
     InstrumentedRequestQueue,
     MetricsSink,
@@ -187,6 +189,8 @@ __all__ = [  # noqa: RUF022 - grouped by layer, sorted by role within a group
     "DoctorReport",
     "MetricsSink",
     "InMemoryMetrics",
+    "Histogram",
+    "SECONDS_BUCKETS",
     "InstrumentedRequestQueue",
     "get_metrics_sink",
     "set_metrics_sink",

@@ -5,8 +5,10 @@
 
     set_metrics_sink(PrometheusMetrics())     # then prometheus_client.start_http_server(9100)
 
-Counters are exported as ``transport_<name>_total`` and gauges as
-``transport_<name>``, labelled by ``queue`` / ``ensemble`` / ``task``.
+Counters are exported as ``transport_<name>_total``, gauges as
+``transport_<name>`` and histograms as ``transport_<name>`` (``_bucket``,
+``_sum``, ``_count``; buckets :data:`transport.SECONDS_BUCKETS`, a
+millisecond to an hour), labelled by ``queue`` / ``ensemble`` / ``task``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ try:
     import prometheus_client
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError("pip install 'agentensemble-transport[prometheus]'") from exc
+
+from transport import SECONDS_BUCKETS
 
 __all__ = ["PrometheusMetrics"]
 
@@ -31,6 +35,7 @@ class PrometheusMetrics:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._gauges: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._histograms: dict[tuple[str, tuple[str, ...]], Any] = {}
 
     def _metric(
         self,
@@ -43,12 +48,16 @@ class PrometheusMetrics:
         with self._lock:
             metric = store.get(key)
             if metric is None:
+                extra: dict[str, Any] = (
+                    {"buckets": SECONDS_BUCKETS} if kind is prometheus_client.Histogram else {}
+                )
                 metric = kind(
                     name,
                     f"{name.replace('_', ' ')} ({self._namespace})",
                     list(key[1]),
                     namespace=self._namespace,
                     registry=self._registry,
+                    **extra,
                 )
                 store[key] = metric
         return metric.labels(**labels) if labels else metric
@@ -58,3 +67,6 @@ class PrometheusMetrics:
 
     def gauge(self, name: str, labels: dict[str, str], value: float) -> None:
         self._metric(prometheus_client.Gauge, self._gauges, name, labels).set(value)
+
+    def observe(self, name: str, labels: dict[str, str], value: float) -> None:
+        self._metric(prometheus_client.Histogram, self._histograms, name, labels).observe(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -38,6 +39,48 @@ async def test_prometheus_exporter_counts_queue_events(transport: Transport) -> 
     assert 'transport_enqueued_total{queue="prom"} 1.0' in text
     assert 'transport_acked_total{queue="prom"} 1.0' in text
     assert 'transport_queue_depth{queue="prom"} 0.0' in text
+    assert 'transport_queue_wait_seconds_count{queue="prom",task="t"} 1.0' in text
+    assert 'transport_queue_wait_seconds_bucket{le="3600.0",queue="prom",task="t"} 1.0' in text
+
+
+async def test_histograms_of_queue_wait_and_handler_time(transport: Transport) -> None:
+    """How long a request waited for its first delivery (by its first enqueue
+    time: a redelivery is not a second wait) and how long its handler ran."""
+    from transport import InMemoryMetrics
+    from transport.kit import replace_fields, utcnow
+
+    metrics = InMemoryMetrics()
+    set_metrics_sink(metrics)
+    try:
+        queue = transport.request_queue("waited")
+        old = replace_fields(WorkRequest(task="slow"), enqueued_at=utcnow() - timedelta(seconds=40))
+        await queue.enqueue(old)
+        first = await queue.poll(5)
+        assert first is not None and first.attempt == 1
+        assert await first.nack()
+        again = await queue.poll(5)
+        assert again is not None and again.attempt == 2
+        assert await again.ack()
+        waited = metrics.histogram("queue_wait_seconds", queue="waited", task="slow")
+        assert waited.count == 1  # the redelivery is not counted as a wait
+        assert 40 <= waited.sum < 40 + 30
+        assert waited.quantile(0.5) == 60.0  # the bucket (30, 60]
+
+        ens = Ensemble("timed", transport=transport, advertise=False)
+
+        @ens.task("nap")
+        async def nap(ctx: TaskContext) -> str:
+            await asyncio.sleep(0.05)  # the work being measured
+            return "rested"
+
+        caller = Network(transport, caller="timer")
+        async with ens:
+            pending = await caller.send("timed", "nap", {})
+            assert (await pending.result(timeout=10)).result == "rested"
+        ran = metrics.histogram("handler_seconds", ensemble="timed", queue="timed", task="nap")
+        assert ran.count == 1 and 0.05 <= ran.sum < 5
+    finally:
+        set_metrics_sink(None)
 
 
 async def test_active_opentelemetry_span_is_propagated(transport: Transport) -> None:

@@ -24,7 +24,7 @@ from tenacity import RetryCallState, wait_exponential_jitter
 from tenacity.wait import wait_base
 
 from transport._ops.tracing import TRACEPARENT, reset_current, set_current
-from transport._spi.metrics import get_metrics_sink, metrics_enabled
+from transport._spi.metrics import get_metrics_sink, metrics_enabled, observer
 from transport._spi.models import Capability, WorkRequest, WorkResponse, utcnow
 from transport._spi.naming import validate_name
 from transport._spi.priority import PriorityRequestQueue
@@ -739,6 +739,13 @@ class Ensemble:
         finally:
             keeper.cancel()
             reset_current(token)
+            observe = observer(sink)
+            if observe is not None:
+                observe(
+                    "handler_seconds",
+                    {**labels, "queue": queue.name},
+                    time.perf_counter() - started,
+                )
         try:
             response = WorkResponse(
                 request_id=request.request_id,

@@ -8,22 +8,29 @@ tests and dashboards in-process, or ``transport.prometheus.PrometheusMetrics``
 Counters: ``enqueued``, ``delivered``, ``redelivered`` (attempt > 1),
 ``acked``, ``nacked``, ``dead_lettered``, ``lease_extended``,
 ``handler_failed``, ``duplicate_skipped``. Gauges: ``queue_depth``,
-``queue_in_flight``, ``queue_dead_lettered``. Labels: ``queue`` (and
+``queue_in_flight``, ``queue_dead_lettered``. Histograms (seconds):
+``queue_wait_seconds`` (first enqueue to first delivery, labels ``queue``
+and ``task``), ``handler_seconds`` (a handler's run, whatever its outcome,
+labels ``ensemble``, ``queue``, ``task``). Labels: ``queue`` (and
 ``ensemble``, ``task`` from the runtime).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
-from transport._spi.models import DeadLetter, QueueStats, WorkRequest
+from transport._spi.models import DeadLetter, QueueStats, WorkRequest, utcnow
 from transport._spi.queue import Delivery, RequestQueue
 
 __all__ = [
+    "SECONDS_BUCKETS",
+    "Histogram",
     "InMemoryMetrics",
     "InstrumentedRequestQueue",
     "MetricsSink",
@@ -32,6 +39,13 @@ __all__ = [
 ]
 
 Labels = tuple[tuple[str, str], ...]
+
+#: Upper bounds (seconds) of the histogram buckets: from a millisecond to
+#: an hour, for requests that wait and run from milliseconds to hours.
+SECONDS_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
 
 
 class MetricsSink(Protocol):
@@ -48,6 +62,18 @@ class MetricsSink(Protocol):
         """Set gauge ``name`` for the series ``labels`` to ``value``."""
         ...
 
+    def observe(self, name: str, labels: dict[str, str], value: float) -> None:
+        """Add one observation ``value`` (seconds) to histogram ``name``.
+
+        Optional: a sink written before histograms existed may lack it; the
+        library then reports no observations to it."""
+        ...
+
+
+def observer(sink: MetricsSink) -> Callable[[str, dict[str, str], float], None] | None:
+    """``sink.observe``, or None for a sink without histograms."""
+    return getattr(sink, "observe", None)
+
 
 class _NullSink:
     def increment(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
@@ -55,6 +81,39 @@ class _NullSink:
 
     def gauge(self, name: str, labels: dict[str, str], value: float) -> None:
         return None
+
+    def observe(self, name: str, labels: dict[str, str], value: float) -> None:
+        return None
+
+
+@dataclass
+class Histogram:
+    """Observations of one series: ``counts[i]`` of them were at most
+    ``SECONDS_BUCKETS[i]`` and above the bound before (the last count: above
+    every bound)."""
+
+    count: int = 0
+    sum: float = 0.0
+    counts: list[int] = field(default_factory=lambda: [0] * (len(SECONDS_BUCKETS) + 1))
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        self.counts[bisect.bisect_left(SECONDS_BUCKETS, value)] += 1
+
+    def quantile(self, q: float) -> float | None:
+        """Upper bound of the bucket holding quantile ``q`` (0..1): an
+        estimate no lower than the true value (None without observations;
+        ``inf`` when it lies above the last bound)."""
+        if not self.count:
+            return None
+        rank = q * self.count
+        seen = 0
+        for bound, n in zip((*SECONDS_BUCKETS, float("inf")), self.counts, strict=True):
+            seen += n
+            if seen >= rank and n:
+                return bound
+        return float("inf")
 
 
 class InMemoryMetrics:
@@ -64,6 +123,7 @@ class InMemoryMetrics:
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, Labels], float] = defaultdict(float)
         self.gauges: dict[tuple[str, Labels], float] = {}
+        self.histograms: dict[tuple[str, Labels], Histogram] = {}
 
     def increment(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
         """Add ``value`` to counter ``name`` for ``labels`` (thread-safe).
@@ -76,6 +136,29 @@ class InMemoryMetrics:
         Never raises for string labels."""
         with self._lock:
             self.gauges[(name, tuple(sorted(labels.items())))] = value
+
+    def observe(self, name: str, labels: dict[str, str], value: float) -> None:
+        """Add ``value`` to histogram ``name`` for ``labels`` (thread-safe,
+        bounded memory: bucket counts, not the values). Never raises for
+        string labels and a number."""
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            histogram = self.histograms.get(key)
+            if histogram is None:
+                histogram = self.histograms[key] = Histogram()
+            histogram.add(value)
+
+    def histogram(self, name: str, **labels: str) -> Histogram:
+        """Histogram ``name`` merged over the series whose labels include
+        ``labels`` (empty if none). A consistent snapshot; never raises."""
+        merged = Histogram()
+        with self._lock:
+            for (n, ls), h in self.histograms.items():
+                if n == name and set(labels.items()) <= set(ls):
+                    merged.count += h.count
+                    merged.sum += h.sum
+                    merged.counts = [a + b for a, b in zip(merged.counts, h.counts, strict=True)]
+        return merged
 
     def count(self, name: str, **labels: str) -> float:
         """Sum of counter ``name`` over the series whose labels include
@@ -160,6 +243,7 @@ class InstrumentedRequestQueue(RequestQueue):
         self.lease_seconds = inner.lease_seconds
         self.max_attempts = inner.max_attempts
         self._sink = sink
+        self._observe = observer(sink)
         self._labels = {"queue": inner.name}
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
@@ -170,15 +254,20 @@ class InstrumentedRequestQueue(RequestQueue):
 
     async def poll(self, timeout: float | None = None) -> Delivery | None:
         """As :meth:`RequestQueue.poll`, then counts ``delivered`` (and
-        ``redelivered`` for attempt > 1); the delivery counts its
-        settlements (``acked``, ``nacked``, ``lease_extended``,
-        ``dead_lettered``) when they return ``True``."""
+        ``redelivered`` for attempt > 1) and, on a first delivery, observes
+        ``queue_wait_seconds`` (since the first enqueue, by the enqueuer's
+        clock); the delivery counts its settlements (``acked``, ``nacked``,
+        ``lease_extended``, ``dead_lettered``) when they return ``True``."""
         delivery = await self.inner.poll(timeout)
         if delivery is None:
             return None
         self._sink.increment("delivered", self._labels)
         if delivery.attempt > 1:
             self._sink.increment("redelivered", self._labels)
+        elif self._observe is not None and delivery.request.enqueued_at is not None:
+            waited = (utcnow() - delivery.request.enqueued_at).total_seconds()
+            labels = {"queue": self.name, "task": delivery.request.task}
+            self._observe("queue_wait_seconds", labels, max(waited, 0.0))
         return _InstrumentedDelivery(delivery, self._sink, self._labels)
 
     async def caught_up(self, timeout: float | None = None) -> bool:
