@@ -47,7 +47,7 @@ from transport._runtime.ensemble import (
     TaskContext,
 )
 from transport._runtime.network import Network, NoProviderError
-from transport._runtime.outbox import Outbox, OutboxDeadLetter
+from transport._runtime.outbox import Outbox, OutboxDeadEvent, OutboxDeadLetter, OutboxFile
 from transport._spi.codec import decode, encode
 from transport._spi.config import DEFAULT_URL, TLSConfig, TransportConfig, load_config
 from transport._spi.connect import available_backends, connect
@@ -182,6 +182,8 @@ __all__ = [  # noqa: RUF022 - grouped by layer, sorted by role within a group
     "NoProviderError",
     "Outbox",
     "OutboxDeadLetter",
+    "OutboxDeadEvent",
+    "OutboxFile",
     # operations: provisioning and doctor records, metrics, tracing, logging
     "ProvisionPlan",
     "ProvisionStep",

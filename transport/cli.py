@@ -151,6 +151,51 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
     return 0 if moved == len(ids) else 1
 
 
+async def _outbox(args: argparse.Namespace, out: _Output) -> int:
+    """``transport outbox list|requeue FILE``: the file only, no backend."""
+    from transport._runtime.outbox import OutboxFile
+
+    if not args.file.is_file():
+        out.progress(f"transport: no outbox file at {args.file}")
+        return 1
+    async with OutboxFile(args.file) as box:
+        if args.action == "list":
+            depth = await box.depth()
+            dead = await box.dead()
+            if out.as_json:
+                out.emit({"file": str(args.file), "waiting": depth, "dead": dead})
+                return 0
+            waiting = ", ".join(f"{n} {kind}(s)" for kind, n in sorted(depth.items()))
+            print(f"{args.file}: waiting {waiting or 'nothing'}; {len(dead)} dead letter(s)")
+            rows = [
+                {
+                    "id": d["id"],
+                    "kind": d["kind"],
+                    "target": d["target"],
+                    "attempts": d["attempts"],
+                    "error": (d["error"][:60] + "…") if len(d["error"]) > 60 else d["error"],
+                }
+                for d in dead
+            ]
+            if rows:
+                print(_table(rows, ["id", "kind", "target", "attempts", "error"]))
+            return 0
+        wanted = None if not args.ids else set(args.ids)
+        known = {d["id"] for d in await box.dead()}
+        if wanted is not None and (missing := wanted - known):
+            out.progress(
+                f"transport: no dead letter with id {', '.join(map(str, sorted(missing)))} "
+                f"in {args.file}"
+            )
+            return 1
+        moved = await box.requeue_dead(wanted)
+        if out.as_json:
+            out.emit({"file": str(args.file), "requeued": moved})
+        else:
+            print(f"requeued {moved} dead letter(s) of {args.file} (sent when its outbox runs)")
+        return 0
+
+
 async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> int:
     from transport._ops.top import TopCollector, run_top
 
@@ -405,6 +450,21 @@ def _parser() -> argparse.ArgumentParser:
         help="stop after N refreshes (default: until Ctrl-C); with --json, one JSON "
         "object per refresh",
     )
+    outbox = command(
+        "outbox",
+        "what an outbox file holds: waiting rows and dead letters (list), or move its "
+        "dead letters back into the line (requeue); needs no backend",
+    )
+    outbox.add_argument("action", choices=["list", "requeue"], help="list, or requeue")
+    outbox.add_argument("file", type=Path, metavar="FILE", help="the outbox's SQLite file")
+    outbox.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        type=_positive_int,
+        metavar="ID",
+        help="requeue only the dead letter with this id (repeatable; default: all)",
+    )
     command("demo", "run the kitchen network demo on the configured backend")
     schema = command(
         "schema",
@@ -597,6 +657,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _schema(args)
         except OSError as exc:
+            print(f"transport: error: {exc}", file=sys.stderr)
+            return 1
+    if args.command == "outbox":
+        try:
+            return asyncio.run(_outbox(args, out))
+        except TransportError as exc:
             print(f"transport: error: {exc}", file=sys.stderr)
             return 1
     try:

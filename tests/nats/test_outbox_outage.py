@@ -70,3 +70,57 @@ async def test_network_with_an_outbox_sends_and_collects_through_a_killed_broker
     finally:
         await outbox.aclose()
         await transport.aclose()
+
+
+async def test_event_appends_and_bus_publishes_wait_in_the_outbox_through_a_killed_broker(
+    own_server: NatsServer, tmp_path: Path, namespace: str, budget: Budget
+) -> None:
+    """Appends (and, opted into, publishes) stored while nats-server is dead
+    reach the log and the bus once it is back, in the order stored."""
+    config = TransportConfig(
+        url=own_server.url,
+        namespace=namespace,
+        options={"request_timeout": 1.0, "reconnect_time_wait": 0.1},
+    )
+    transport = await connect(config)
+    outbox = Outbox(transport, tmp_path / "outbox.db", retry_wait=wait_fixed(0.2))
+    log = transport.event_log()
+    await log.append("audit", {"n": 0})  # the stream exists before the outage
+    bus = transport.event_bus()
+    subscription = await bus.subscribe("kitchen.orders.>")
+    seen: list[object] = []
+
+    async def collect() -> None:
+        async for event in subscription:
+            seen.append(event.data)
+            if len(seen) == 3:
+                return
+
+    collector = asyncio.create_task(collect())
+    try:
+        await asyncio.to_thread(own_server.kill)
+        async with asyncio.timeout(10):  # stored locally: never waits for the broker
+            for n in (1, 2, 3):
+                await outbox.append("audit", {"n": n}, key=f"k{n}", headers={"x-n": str(n)})
+                await outbox.publish(f"kitchen.orders.o{n}", n)
+        assert await outbox.depth() == 6
+        await asyncio.to_thread(own_server.start)
+        await outbox.flush(timeout=budget.left(30))
+        async with asyncio.timeout(budget.left(30)):
+            await collector
+        assert seen == [1, 2, 3]
+        reader = await log.read("audit", "earliest")
+        events = []
+        async with asyncio.timeout(budget.left(30)):
+            while len(events) < 4:
+                events.append(await anext(reader))
+        await reader.aclose()
+        assert [e.data for e in events] == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}]
+        assert [e.key for e in events[1:]] == ["k1", "k2", "k3"]
+        assert [e.headers.get("x-n") for e in events[1:]] == ["1", "2", "3"]
+        assert await outbox.dead_events() == []
+    finally:
+        collector.cancel()
+        await subscription.aclose()
+        await outbox.aclose()
+        await transport.aclose()

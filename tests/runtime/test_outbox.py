@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tenacity import wait_fixed
@@ -12,14 +16,21 @@ from tenacity import wait_fixed
 from transport import (
     DeadLetter,
     Delivery,
+    EventLog,
+    EventReader,
+    LogEvent,
     Outbox,
+    OutboxFile,
     PermanentTransportError,
     QueueStats,
     RequestQueue,
     TransientTransportError,
     Transport,
     WorkRequest,
+    encode,
 )
+from transport.cli import main as cli
+from transport.kit import Start
 
 
 class Outage(RequestQueue):
@@ -170,3 +181,152 @@ async def test_outbox_starts_on_first_enqueue(transport: Transport, tmp_path: Pa
     delivery = await transport.request_queue("lazy").poll(5)
     assert delivery is not None and delivery.request.payload == 1
     await outbox.aclose()
+
+
+class RefusingLog(EventLog):
+    """An event log in front of a real one that is unreachable for its first
+    ``down`` appends and refuses, for good, data that says ``poison``."""
+
+    def __init__(self, inner: EventLog, down: int) -> None:
+        self.inner = inner
+        self.down = down
+        self.refused = 0
+        self.refuse_poison = True
+
+    async def append(
+        self,
+        stream: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
+        if self.down > 0:
+            self.down -= 1
+            raise TransientTransportError("broker unreachable (simulated)")
+        if data == "poison" and self.refuse_poison:
+            self.refused += 1
+            raise PermanentTransportError("refused by broker policy (simulated)")
+        return await self.inner.append(stream, data, key=key, headers=headers)
+
+    async def read(
+        self, stream: str, start: Start = "earliest", *, cursor: str | None = None
+    ) -> EventReader:
+        return await self.inner.read(stream, start, cursor=cursor)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _events(transport: Transport, stream: str, n: int) -> list[LogEvent]:
+    reader = await transport.event_log().read(stream, "earliest")
+    try:
+        async with asyncio.timeout(10):
+            return [await anext(reader) for _ in range(n)]
+    finally:
+        await reader.aclose()
+
+
+async def test_appends_keep_their_order_with_requests_and_poison_is_dead_lettered(
+    transport: Transport, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = RefusingLog(transport.event_log(), down=5)
+    path = tmp_path / "outbox.db"
+    outbox = Outbox(transport, path, retry_wait=wait_fixed(0.01), event_log=log)
+    async with outbox:
+        await outbox.append("audit", {"n": 1}, key="a", headers={"x": "1"})
+        await outbox.enqueue("orders", WorkRequest(task="t", payload=1))
+        await outbox.append("audit", "poison")
+        await outbox.append("audit", {"n": 2})
+        await outbox.flush(timeout=10)
+        assert log.refused == outbox.max_attempts  # only definitive refusals count
+        [dead] = await outbox.dead_events()
+        assert (dead.kind, dead.target, dead.data, dead.attempts) == (
+            "event",
+            "audit",
+            "poison",
+            outbox.max_attempts,
+        )
+        assert "refused by broker policy" in dead.error
+        assert await outbox.dead_letters() == []  # requests only: none dead
+    events = await _events(transport, "audit", 2)
+    assert [(e.data, e.key, e.headers) for e in events] == [
+        ({"n": 1}, "a", {"x": "1"}),
+        ({"n": 2}, None, {}),
+    ]
+    delivery = await transport.request_queue("orders").poll(5)
+    assert delivery is not None and delivery.request.payload == 1
+
+    # The operator looks at the file and puts the dead letter back in line.
+    assert await asyncio.to_thread(cli, ["outbox", "list", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 dead letter(s)" in out and "audit" in out and "refused by broker" in out
+    assert await asyncio.to_thread(cli, ["--json", "outbox", "list", str(path)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [d["kind"] for d in listed["dead"]] == ["event"]
+    assert await asyncio.to_thread(cli, ["outbox", "requeue", str(path), "--id", "999"]) == 1
+    assert "no dead letter with id 999" in capsys.readouterr().err
+    assert (
+        await asyncio.to_thread(
+            cli, ["outbox", "requeue", str(path), "--id", str(listed["dead"][0]["id"])]
+        )
+        == 0
+    )
+    assert "requeued 1 dead letter(s)" in capsys.readouterr().out
+    async with OutboxFile(path) as box:
+        assert await box.depth() == {"event": 1}
+        assert await box.dead() == []
+    # The next run of the outbox sends it (the broker accepts it now).
+    async with Outbox(transport, path, retry_wait=wait_fixed(0.01)) as again:
+        await again.flush(timeout=10)
+    assert [e.data for e in await _events(transport, "audit", 3)] == [{"n": 1}, {"n": 2}, "poison"]
+
+
+async def test_a_running_outbox_sends_rows_requeued_by_another_process(
+    transport: Transport, tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.db"
+    log = RefusingLog(transport.event_log(), down=0)
+    async with Outbox(transport, path, retry_wait=wait_fixed(0.01), event_log=log) as outbox:
+        await outbox.append("audit", "poison")
+        await outbox.flush(timeout=10)
+        assert len(await outbox.dead_events()) == 1
+        log.refuse_poison = False  # the broker's policy changed
+        async with OutboxFile(path) as box:  # as `transport outbox requeue` does
+            assert await box.requeue_dead() == 1
+        # Not woken by this process (no store, no flush): the idle line
+        # looks at the file again by itself.
+        assert [e.data for e in await _events(transport, "audit", 1)] == ["poison"]
+
+
+def test_outbox_cli_reports_a_missing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(["outbox", "list", str(tmp_path / "none.db")]) == 1
+    assert "no outbox file" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+
+
+async def test_a_file_of_an_earlier_release_is_migrated_and_drained(
+    transport: Transport, tmp_path: Path
+) -> None:
+    path = tmp_path / "old.db"
+    body = encode(WorkRequest(task="t", payload="kept", request_id="old-1"))
+    with sqlite3.connect(path) as conn:  # the schema before events went through the outbox
+        conn.executescript(
+            "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL,"
+            " levels INTEGER NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+            " last_error TEXT, created_at REAL NOT NULL, register INTEGER NOT NULL DEFAULT 0);"
+            "CREATE TABLE outbox_dead (id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL,"
+            " body BLOB NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,"
+            " dead_at REAL NOT NULL);"
+        )
+        conn.execute(
+            "INSERT INTO outbox(queue, levels, body, created_at) VALUES ('legacy', 1, ?, 0)",
+            (body,),
+        )
+    conn.close()
+    async with Outbox(transport, path, retry_wait=wait_fixed(0.01)) as outbox:
+        await outbox.flush(timeout=10)
+    delivery = await transport.request_queue("legacy").poll(5)
+    assert delivery is not None and delivery.request.request_id == "old-1"

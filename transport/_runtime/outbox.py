@@ -1,7 +1,11 @@
-"""An SQLite disk queue in front of ``enqueue`` for when the broker is down.
+"""An SQLite disk queue in front of every publish for when the broker is down.
 
 ``Outbox.enqueue`` returns once the request is committed to a local file; a
 background drainer sends requests to the transport strictly in FIFO order.
+``Outbox.append`` does the same for event-log appends and (opt-in, by
+calling it instead of the bus) ``Outbox.publish`` for event-bus publishes:
+one line, in the order things were stored, so FIFO per queue, per stream
+and per subject.
 A request stored with ``register=True`` (a :class:`~transport.Network` that
 could not reach the broker to register the caller's pending record) has its
 delivery record registered by the drainer first, then is sent.
@@ -9,7 +13,10 @@ A transient failure (broker unreachable, timeout) is retried with backoff,
 forever, holding the line — an outage alone never dead-letters anything.
 Only definitive (permanent) failures count toward ``max_attempts`` (3), after
 which the request moves to the outbox's dead-letter table and the line moves
-on. A request whose enqueue timed out may be sent twice (at-least-once).
+on (events and publishes alike: :meth:`Outbox.dead_events`). A request whose
+enqueue timed out may be sent twice (at-least-once). Dead letters stay in the
+file until they are requeued (:meth:`OutboxFile.requeue_dead`, or
+``transport outbox FILE requeue``), which puts them at the end of the line.
 """
 
 from __future__ import annotations
@@ -20,41 +27,103 @@ import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, Literal
 
 from tenacity import RetryCallState, wait_exponential_jitter
 from tenacity.wait import wait_base
 
 from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import decode, encode
-from transport._spi.models import WorkRequest, utcnow
+from transport._spi.events import EventBus, EventLog, check_headers, validate_subject
+from transport._spi.models import WorkRequest, _WireModel, utcnow
+from transport._spi.naming import validate_name
 from transport._spi.priority import PriorityRequestQueue
 from transport._spi.queue import RequestQueue
 from transport._spi.registries import DeliveryRegistry
 from transport._spi.transport import Transport
-from transport.errors import ClosedResourceError, PermanentTransportError, TransientTransportError
+from transport.errors import (
+    ClosedResourceError,
+    PermanentTransportError,
+    TransientTransportError,
+    UnsupportedFeatureError,
+)
 
-__all__ = ["Outbox", "OutboxDeadLetter"]
+__all__ = ["Outbox", "OutboxDeadEvent", "OutboxDeadLetter", "OutboxFile"]
 
 log = logging.getLogger("transport.outbox")
 
 #: Seconds between two "still unavailable" warnings during one outage.
 OUTAGE_LOG_INTERVAL = 30.0
+#: Seconds between two looks at the file while the line is empty, so that
+#: rows requeued by another process (``transport outbox FILE requeue``) go out.
+IDLE_CHECK_INTERVAL = 1.0
+
+Kind = Literal["request", "event", "publish"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL, levels INTEGER NOT NULL, body BLOB NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, created_at REAL NOT NULL,
-    register INTEGER NOT NULL DEFAULT 0
+    register INTEGER NOT NULL DEFAULT 0, kind TEXT NOT NULL DEFAULT 'request'
 );
 CREATE TABLE IF NOT EXISTS outbox_dead (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL, body BLOB NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
-    dead_at REAL NOT NULL
+    dead_at REAL NOT NULL, kind TEXT NOT NULL DEFAULT 'request', levels INTEGER NOT NULL DEFAULT 1
 );
 """
+
+
+class _Stored(_WireModel):
+    """What the outbox keeps of an event-log append or a bus publish."""
+
+    data: Any = None
+    key: str | None = None
+    headers: dict[str, str] = {}
+
+
+class OutboxDeadEvent(tuple[str, str, _Stored, str, int]):
+    """(kind, target, event, error, attempts) of an event-log append
+    (kind ``"event"``, target: the stream) or a bus publish (``"publish"``,
+    target: the subject) the outbox gave up on."""
+
+    @property
+    def kind(self) -> str:
+        """``"event"`` or ``"publish"``."""
+        return self[0]
+
+    @property
+    def target(self) -> str:
+        """The stream or subject it was stored for."""
+        return self[1]
+
+    @property
+    def data(self) -> Any:
+        """The event's data."""
+        return self[2].data
+
+    @property
+    def key(self) -> str | None:
+        """The event's key (event-log appends)."""
+        return self[2].key
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The event's headers."""
+        return self[2].headers
+
+    @property
+    def error(self) -> str:
+        """The last definitive (permanent) failure."""
+        return self[3]
+
+    @property
+    def attempts(self) -> int:
+        """Definitive failures counted before the outbox gave up."""
+        return self[4]
 
 
 class OutboxDeadLetter(tuple[str, WorkRequest, str, int]):
@@ -81,6 +150,112 @@ class OutboxDeadLetter(tuple[str, WorkRequest, str, int]):
         return self[3]
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Files written by earlier releases get the columns added since
+    (``register``; ``kind``, and ``levels`` of dead letters)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if "register" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN register INTEGER NOT NULL DEFAULT 0")
+    if "kind" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'request'")
+    dead_columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox_dead)")}
+    if "kind" not in dead_columns:
+        conn.execute("ALTER TABLE outbox_dead ADD COLUMN kind TEXT NOT NULL DEFAULT 'request'")
+    if "levels" not in dead_columns:
+        conn.execute("ALTER TABLE outbox_dead ADD COLUMN levels INTEGER NOT NULL DEFAULT 1")
+
+
+class OutboxFile:
+    """An outbox's file without a transport: what waits, what was given up
+    on, and requeueing it (``transport outbox FILE``). Safe beside a running
+    :class:`Outbox` on the same file (SQLite transactions); a running outbox
+    sends requeued rows within ``IDLE_CHECK_INTERVAL`` seconds of an idle line.
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        self.path = str(path)
+        self._store = SqliteStore(self.path, synchronous=synchronous, schema=_SCHEMA)
+        self._opened = False
+
+    async def open(self) -> None:
+        """Open (creating it if needed: an empty outbox) and migrate the file.
+
+        Raises: ConfigurationError if its directory does not exist;
+        TransientTransportError / PermanentTransportError from SQLite.
+        """
+        if not self._opened:
+            await self._store.open()
+            await self._store.write(_migrate)
+            self._opened = True
+
+    async def __aenter__(self) -> OutboxFile:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def depth(self) -> dict[str, int]:
+        """Rows waiting to be sent, by kind (``request``, ``event``, ``publish``)."""
+        rows = await self._store.read(
+            lambda c: c.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind").fetchall()
+        )
+        return {kind: int(n) for kind, n in rows}
+
+    async def dead(self) -> list[dict[str, Any]]:
+        """Every row given up on, oldest first: ``id``, ``kind``, ``target``
+        (queue, stream or subject), ``error``, ``attempts``, ``dead_at`` (epoch
+        seconds) and ``body`` (the stored JSON, as text)."""
+        rows = await self._store.read(
+            lambda c: c.execute(
+                "SELECT id, kind, queue, error, attempts, dead_at, body FROM outbox_dead ORDER BY id"
+            ).fetchall()
+        )
+        return [
+            {
+                "id": row_id,
+                "kind": kind,
+                "target": target,
+                "error": error,
+                "attempts": attempts,
+                "dead_at": dead_at,
+                "body": bytes(body).decode("utf-8", "replace"),
+            }
+            for row_id, kind, target, error, attempts, dead_at, body in rows
+        ]
+
+    async def requeue_dead(self, ids: Iterable[int] | None = None) -> int:
+        """Move dead rows (all, or those with these ids) back to the end of
+        the line with their attempts reset; returns how many moved.
+
+        Guarantees: each row moves in one transaction (never lost, never
+        doubled).
+        """
+        wanted = None if ids is None else set(ids)
+
+        def op(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT id, kind, queue, levels, body FROM outbox_dead ORDER BY id"
+            ).fetchall()
+            moved = 0
+            for row_id, kind, target, levels, body in rows:
+                if wanted is not None and row_id not in wanted:
+                    continue
+                conn.execute(
+                    "INSERT INTO outbox(queue, levels, body, created_at, kind) VALUES (?, ?, ?, ?, ?)",
+                    (target, levels, body, time.time(), kind),
+                )
+                conn.execute("DELETE FROM outbox_dead WHERE id = ?", (row_id,))
+                moved += 1
+            return moved
+
+        return int(await self._store.write(op))
+
+    async def aclose(self) -> None:
+        """Close the file. Idempotent."""
+        await self._store.aclose()
+
+
 QueueFactory = Callable[[str, int], RequestQueue]
 
 
@@ -90,7 +265,8 @@ class Outbox:
     Use as ``async with Outbox(transport, "outbox.db") as outbox:`` or call
     :meth:`start` / :meth:`aclose`; the first :meth:`enqueue` starts it too.
     ``queue_factory`` builds the destination queue for (name, levels); by
-    default the transport's.
+    default the transport's. ``event_log`` / ``event_bus`` are where appends
+    and publishes go; by default the transport's (opened when first needed).
     """
 
     def __init__(
@@ -102,6 +278,8 @@ class Outbox:
         retry_wait: wait_base | None = None,
         queue_factory: QueueFactory | None = None,
         synchronous: str = "FULL",
+        event_log: EventLog | None = None,
+        event_bus: EventBus | None = None,
     ) -> None:
         self.transport = transport
         self.path = str(path)
@@ -110,6 +288,8 @@ class Outbox:
         self._factory = queue_factory or self._default_queue
         self._queues: dict[tuple[str, int], RequestQueue] = {}
         self._registries: dict[str, DeliveryRegistry] = {}
+        self._event_log = event_log
+        self._event_bus = event_bus
         self._starting: asyncio.Lock | None = None
         self._store = SqliteStore(self.path, synchronous=synchronous, schema=_SCHEMA)
         self._wake = asyncio.Event()
@@ -149,10 +329,7 @@ class Outbox:
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
-        """Files written before the ``register`` column existed get it."""
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
-        if "register" not in columns:
-            conn.execute("ALTER TABLE outbox ADD COLUMN register INTEGER NOT NULL DEFAULT 0")
+        _migrate(conn)
 
     async def __aenter__(self) -> Outbox:
         await self.start()
@@ -200,9 +377,90 @@ class Outbox:
         self._wake.set()
         return request
 
+    async def append(
+        self,
+        stream: str,
+        data: Any = None,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Store an event-log append for ``stream``; returns once committed
+        locally (its position is known only once it is sent: use the event
+        log directly when you need it).
+
+        Guarantees: durable on return; appended in the order stored, after
+        everything stored before it, at least once.
+        Raises: UnsupportedFeatureError if the backend has no event log;
+        InvalidNameError for a bad stream name; ValueError for bad headers;
+        PayloadTooLargeError / PermanentTransportError for data the log would
+        refuse; ClosedResourceError; errors of the local file as
+        :meth:`enqueue`.
+        """
+        if not self.transport.capabilities.event_log:
+            raise UnsupportedFeatureError(f"{self.transport.backend} has no event log")
+        validate_name(stream, "stream name")
+        event = _Stored(data=data, key=key, headers=check_headers(headers))
+        await self._store_row(
+            "event", stream, encode(event, self.transport.config.max_payload_bytes)
+        )
+
+    async def publish(
+        self, subject: str, data: Any = None, *, headers: dict[str, str] | None = None
+    ) -> None:
+        """Store an event-bus publish on ``subject`` (opt-in: a bus publish
+        is otherwise fire-and-forget and fails in an outage); returns once
+        committed locally. It is published when the broker is back, to the
+        subscribers present then.
+
+        Guarantees: durable on return; published in the order stored, at
+        least once.
+        Raises: UnsupportedFeatureError if the backend has no event bus;
+        InvalidNameError for a bad subject (wildcards included); otherwise as
+        :meth:`append`.
+        """
+        if not self.transport.capabilities.event_bus:
+            raise UnsupportedFeatureError(f"{self.transport.backend} has no event bus")
+        validate_subject(subject)
+        event = _Stored(data=data, headers=check_headers(headers))
+        await self._store_row(
+            "publish", subject, encode(event, self.transport.config.max_payload_bytes)
+        )
+
+    async def _store_row(self, kind: Kind, target: str, body: bytes) -> None:
+        if self._closed:
+            raise ClosedResourceError("outbox is closed")
+        if self._drainer is None:
+            await self.start()
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO outbox(queue, levels, body, created_at, kind) VALUES (?, 1, ?, ?, ?)",
+                (target, body, time.time(), kind),
+            )
+
+        await self._store.write(op)
+        self._empty.clear()
+        self._wake.set()
+
+    async def dead_events(self) -> list[OutboxDeadEvent]:
+        """Every event-log append and bus publish the outbox gave up on,
+        oldest first (requests: :meth:`dead_letters`).
+
+        Raises: as :meth:`dead_letters`.
+        """
+        rows = await self._store.read(
+            lambda c: c.execute(
+                "SELECT kind, queue, body, error, attempts FROM outbox_dead"
+                " WHERE kind != 'request' ORDER BY id"
+            ).fetchall()
+        )
+        return [OutboxDeadEvent((k, t, decode(_Stored, b), e, a)) for k, t, b, e, a in rows]
+
     async def depth(self) -> int:
-        """Requests stored and not yet accepted by the transport (a
-        consistent read of the local file; dead letters not included).
+        """Requests, appends and publishes stored and not yet accepted by the
+        transport (a consistent read of the local file; dead letters not
+        included).
 
         Raises: ClosedResourceError after :meth:`aclose`;
         TransientTransportError / PermanentTransportError if the local file
@@ -223,7 +481,8 @@ class Outbox:
         """
         rows = await self._store.read(
             lambda c: c.execute(
-                "SELECT queue, body, error, attempts FROM outbox_dead ORDER BY id"
+                "SELECT queue, body, error, attempts FROM outbox_dead"
+                " WHERE kind = 'request' ORDER BY id"
             ).fetchall()
         )
         return [OutboxDeadLetter((q, decode(WorkRequest, b), e, a)) for q, b, e, a in rows]
@@ -250,18 +509,27 @@ class Outbox:
         while True:
             head = await self._store.read(
                 lambda c: c.execute(
-                    "SELECT id, queue, levels, body, attempts, register FROM outbox"
+                    "SELECT id, queue, levels, body, attempts, register, kind FROM outbox"
                     " ORDER BY id LIMIT 1"
                 ).fetchone()
             )
             if head is None:
                 self._empty.set()
                 self._wake.clear()
-                await self._wake.wait()
+                # Woken by a store of this process, or a look at the file
+                # now and then (rows requeued by another process).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_CHECK_INTERVAL):
+                        await self._wake.wait()
                 continue
-            row_id, queue_name, levels, body, _attempts, register = head
-            request = decode(WorkRequest, body)
+            row_id, queue_name, levels, body, _attempts, register, kind = head
             try:
+                if kind != "request":
+                    await self._send_event(kind, queue_name, decode(_Stored, body))
+                    self._outage_over()
+                    await self._store.write(functools.partial(self._delete, row_id=row_id))
+                    continue
+                request = decode(WorkRequest, body)
                 if register and request.reply_to is not None:
                     registry = self._registries.get(request.reply_to)
                     if registry is None:
@@ -307,6 +575,18 @@ class Outbox:
             self._outage_over()
             await self._store.write(functools.partial(self._delete, row_id=row_id))
 
+    async def _send_event(self, kind: str, target: str, event: _Stored) -> None:
+        if kind == "event":
+            if self._event_log is None:
+                self._event_log = self.transport.event_log()
+            await self._event_log.append(target, event.data, key=event.key, headers=event.headers)
+        elif kind == "publish":
+            if self._event_bus is None:
+                self._event_bus = self.transport.event_bus()
+            await self._event_bus.publish(target, event.data, headers=event.headers)
+        else:
+            raise PermanentTransportError(f"unknown outbox row kind {kind!r}")
+
     def _log_outage(self, exc: Exception, pause: float) -> None:
         """One warning when an outage starts, then one every
         ``OUTAGE_LOG_INTERVAL`` seconds (each retry is logged at DEBUG)."""
@@ -340,20 +620,26 @@ class Outbox:
 
     def _definitive_failure(self, conn: sqlite3.Connection, row_id: int, error: str) -> None:
         row = conn.execute(
-            "SELECT queue, body, attempts FROM outbox WHERE id = ?", (row_id,)
+            "SELECT queue, body, attempts, kind, levels FROM outbox WHERE id = ?", (row_id,)
         ).fetchone()
         if row is None:
             return
-        queue, body, attempts = row
+        queue, body, attempts, kind, levels = row
         attempts += 1
         if attempts >= self.max_attempts:
             conn.execute(
-                "INSERT INTO outbox_dead(queue, body, error, attempts, dead_at) VALUES (?, ?, ?, ?, ?)",
-                (queue, body, error, attempts, time.time()),
+                "INSERT INTO outbox_dead(queue, body, error, attempts, dead_at, kind, levels)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (queue, body, error, attempts, time.time(), kind, levels),
             )
             conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+            what = {"request": "a request for", "event": "an append to", "publish": "a publish on"}
             log.error(
-                "outbox: gave up on a request for %s after %d attempts: %s", queue, attempts, error
+                "outbox: gave up on %s %s after %d attempts: %s",
+                what.get(kind, "a row for"),
+                queue,
+                attempts,
+                error,
             )
         else:
             conn.execute(
@@ -375,7 +661,8 @@ class Outbox:
             self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drainer
-        for registry in self._registries.values():
-            with contextlib.suppress(Exception):
-                await registry.aclose()
+        for handle in [*self._registries.values(), self._event_log, self._event_bus]:
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    await handle.aclose()
         await self._store.aclose()
