@@ -134,7 +134,7 @@ def test_core_layers_import_only_downwards(layer: str) -> None:
 
 
 #: Backends whose children get a context object from ``_client``.
-CONTEXT_BACKENDS = ["transport_kafka", "transport_nats"]
+CONTEXT_BACKENDS = ["transport_kafka", "transport_nats", "transport_pulsar"]
 
 
 @pytest.mark.parametrize("package", CONTEXT_BACKENDS)
