@@ -131,3 +131,41 @@ def test_core_layers_import_only_downwards(layer: str) -> None:
             if not any(target == ok or target.startswith(f"{ok}.") for ok in allowed):
                 wrong.append(f"{path.relative_to(ROOT)} imports {target}")
     assert not wrong, "\n".join(sorted(set(wrong)))
+
+
+#: Backends whose children get a context object from ``_client``.
+CONTEXT_BACKENDS = [
+    "transport_kafka",
+    "transport_nats",
+    "transport_pulsar",
+    "transport_inprocess.memory",
+    "transport_inprocess.sqlite",
+]
+
+
+@pytest.mark.parametrize("package", CONTEXT_BACKENDS)
+def test_backend_children_never_import_the_transport_module(package: str) -> None:
+    """Queues, registries, logs, engines and doctors get the backend's
+    context (from ``_client``), never the transport: only ``__init__`` and
+    ``_transport`` itself import ``<package>._transport``, and no other
+    module does, not even under ``if TYPE_CHECKING:``."""
+    target = f"{package}._transport"
+    paths = sorted((ROOT / Path(*package.split("."))).glob("*.py"))
+    assert any(path.stem == "_transport" for path in paths), f"{package} has no _transport"
+    wrong = []
+    for path in paths:
+        if path.stem in {"__init__", "_transport"}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            modules: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = "" if node.level > 1 else f"{package}."
+                module = f"{base}{node.module}" if node.module else package
+                modules = [module, *(f"{module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            if target in modules:
+                wrong.append(f"{path.name}:{node.lineno} imports {target}")
+    assert not wrong, "\n".join(wrong)

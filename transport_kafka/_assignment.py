@@ -230,7 +230,7 @@ class _Assignment(_Counts, _Leases):
         topic = self.topics.requests
         former = Consumer(
             {
-                **self.transport.settings.consumer_config(self.former_group, subscribe=False),
+                **self.ctx.settings.consumer_config(self.former_group, subscribe=False),
                 "logger": _client_logger(),
             }
         )

@@ -13,6 +13,9 @@ This module is the only place that touches threads:
   :mod:`transport_kafka._member`.
 
 Flush and close are bounded by ``close_timeout_s``.
+
+:class:`KafkaContext` is what the transport hands every queue, registry,
+log and doctor it creates: they never see the transport itself.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -45,9 +48,13 @@ from transport_kafka._config import KafkaSettings
 from transport_kafka._errors import error_from_kafka, map_kafka_errors
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics
 
+if TYPE_CHECKING:
+    from transport_kafka._engine import Engines
+
 __all__ = [
     "ConsumerThread",
     "KafkaClients",
+    "KafkaContext",
     "RawRecord",
     "TopicSpec",
     "msg_position",
@@ -764,3 +771,32 @@ class ConsumerThread:
         self.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.wrap_future(self.done), limit)
+
+
+class KafkaContext:
+    """What the children of one transport (queue handles and their engines,
+    group members, registries, event logs, the doctor) share: the settings,
+    the clients, the payload limit, whether queues are ordered, and the
+    engine registry. Built once by the transport; children keep it and never
+    see the transport.
+
+    ``engines`` is the class of the engine registry (it is defined with the
+    engines, which are built from this context)."""
+
+    __slots__ = ("clients", "engines", "max_payload_bytes", "ordered", "settings")
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        clients: KafkaClients,
+        *,
+        max_payload_bytes: int,
+        ordered: bool,
+        engines: Callable[[KafkaContext], Engines],
+    ) -> None:
+        self.settings = settings
+        self.clients = clients
+        self.max_payload_bytes = max_payload_bytes
+        #: One partition per request topic: FIFO is promised (a capability flag).
+        self.ordered = ordered
+        self.engines: Engines = engines(self)

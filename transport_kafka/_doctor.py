@@ -6,28 +6,24 @@ against what the library's guarantees need."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
+from transport_kafka._client import KafkaContext
 from transport_kafka._events import stream_spec
 from transport_kafka._registries import registry_spec
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics, topic_name
-
-if TYPE_CHECKING:
-    from transport_kafka._transport import KafkaTransport
 
 __all__ = ["kafka_doctor", "object_specs", "topic_names"]
 
 _DURABLE = "an accepted request, response or event survives the loss of a broker"
 
 
-def object_specs(transport: KafkaTransport, kind: ObjectKind, name: str) -> list[TopicSpec]:
+def object_specs(ctx: KafkaContext, kind: ObjectKind, name: str) -> list[TopicSpec]:
     """The topics of one object of a plan, as the library creates them."""
     from transport_kafka._engine import _QueueEngine
 
-    settings = transport.settings
+    settings = ctx.settings
     if kind == "queue":
-        return _QueueEngine(transport, name).topic_specs()
+        return _QueueEngine(ctx, name).topic_specs()
     if kind == "delivery_registry":
         return [registry_spec(settings.registry_topic("delivery", name))]
     if kind == "capability_registry":
@@ -35,27 +31,27 @@ def object_specs(transport: KafkaTransport, kind: ObjectKind, name: str) -> list
     return [stream_spec(settings, name)]
 
 
-def _spec_of(transport: KafkaTransport, topic: str) -> TopicSpec | None:
+def _spec_of(ctx: KafkaContext, topic: str) -> TopicSpec | None:
     """The spec of a topic of this namespace, recognised by its name."""
     parts = [p.replace("__", "_") for p in topic.split(".")]
-    ns = transport.settings.namespace
+    ns = ctx.settings.namespace
     if len(parts) < 3 or parts[0] != ns:
         return None
     specs: list[TopicSpec] = []
     if len(parts) == 3 and parts[2] in {"requests", "state", "dlq"}:
-        specs = object_specs(transport, "queue", parts[1])
+        specs = object_specs(ctx, "queue", parts[1])
     elif len(parts) == 4 and parts[1] == "registry" and parts[2] == "delivery":
-        specs = object_specs(transport, "delivery_registry", parts[3])
+        specs = object_specs(ctx, "delivery_registry", parts[3])
     elif len(parts) == 4 and parts[1] == "registry" and parts[2] == "capability":
-        specs = object_specs(transport, "capability_registry", parts[3])
+        specs = object_specs(ctx, "capability_registry", parts[3])
     elif len(parts) == 4 and parts[1] == "stream" and parts[3] == "events":
-        specs = object_specs(transport, "event_stream", parts[2])
+        specs = object_specs(ctx, "event_stream", parts[2])
     return next((s for s in specs if s.name == topic), None)
 
 
-async def topic_names(transport: KafkaTransport) -> set[str]:
+async def topic_names(ctx: KafkaContext) -> set[str]:
     """Every topic the broker lists (creates nothing)."""
-    clients = transport.clients
+    clients = ctx.clients
 
     def run() -> set[str]:
         return set(clients.admin().list_topics(timeout=clients.timeout).topics)
@@ -63,22 +59,18 @@ async def topic_names(transport: KafkaTransport) -> set[str]:
     return await clients.blocking(f"listing topics on Kafka at {clients.settings.bootstrap}", run)
 
 
-async def kafka_doctor(
-    transport: KafkaTransport, plan: ProvisionPlan | None
-) -> list[DoctorFinding]:
-    clients = transport.clients
-    prefix = topic_name(transport.settings.namespace) + "."
+async def kafka_doctor(ctx: KafkaContext, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+    clients = ctx.clients
+    prefix = topic_name(ctx.settings.namespace) + "."
 
     def run() -> tuple[int, list[TopicSpec], list[TopicSpec], dict[str, TopicState]]:
         admin = clients.admin()
         meta = admin.list_topics(timeout=clients.timeout)
         present = set(meta.topics)
         if plan is not None:
-            specs = [
-                s for kind, name in plan.objects() for s in object_specs(transport, kind, name)
-            ]
+            specs = [s for kind, name in plan.objects() for s in object_specs(ctx, kind, name)]
         else:
-            found = (_spec_of(transport, t) for t in sorted(present) if t.startswith(prefix))
+            found = (_spec_of(ctx, t) for t in sorted(present) if t.startswith(prefix))
             specs = [s for s in found if s is not None]
         existing = [s for s in specs if s.name in present]
         missing = [s for s in specs if s.name not in present]
@@ -102,8 +94,8 @@ async def kafka_doctor(
         findings.append(
             DoctorFinding(
                 severity="warning",
-                subject=transport.settings.bootstrap,
-                finding=f"no topic of namespace {transport.settings.namespace!r} to check",
+                subject=ctx.settings.bootstrap,
+                finding=f"no topic of namespace {ctx.settings.namespace!r} to check",
                 fix="name the queues, registries and streams (--queue, --registry, --stream) "
                 "or provision them first",
             )

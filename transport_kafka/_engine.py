@@ -94,7 +94,9 @@ high watermark (last record per key wins); ``requeue_dead_letters()``
 re-produces the request first and tombstones its DLQ key second (a crash in
 between gives a duplicate, never a loss).
 
-**Layout.** One engine per queue and transport, shared by its handles:
+**Layout.** One engine per queue and transport, shared by its handles
+(counted in the transport's :class:`Engines`, reached through its
+:class:`~transport_kafka._client.KafkaContext`):
 :class:`_QueueEngine` (here: topics, start, stop, the maintenance task)
 joins its parts, each on the fields of :mod:`._state`:
 :mod:`._counts` (delivery-count rounds and their withdrawal),
@@ -115,14 +117,13 @@ import time
 from typing import TYPE_CHECKING
 
 from transport.errors import ClosedResourceError, TransientTransportError
-from transport_kafka._client import TopicSpec
+from transport_kafka._client import KafkaContext, TopicSpec
 from transport_kafka._records import _TICK
 from transport_kafka._settling import _Settling
 from transport_kafka._topics import keep_until_consumed
 
 if TYPE_CHECKING:
     from transport_kafka._member import _GroupMember
-    from transport_kafka._transport import KafkaTransport
 
 log = logging.getLogger("transport.kafka")
 
@@ -135,17 +136,15 @@ class _QueueEngine(_Settling):
     thread; the offset tracker is the thread-safe meeting point. Its parts
     are listed under **Layout** in the module docstring."""
 
-    def __init__(
-        self, transport: KafkaTransport, name: str, member: _GroupMember | None = None
-    ) -> None:
-        super().__init__(transport, name, member)
+    def __init__(self, ctx: KafkaContext, name: str, member: _GroupMember | None = None) -> None:
+        super().__init__(ctx, name, member)
         self.member.add(self)
 
     def topic_specs(self) -> list[TopicSpec]:
         compact = {"cleanup.policy": "compact"}
         q = f"queue {self.name!r}"
         # One partition is what ordered=True promises (a capability flag).
-        ordered = self.transport.capabilities.ordered
+        ordered = self.ctx.ordered
         return [
             TopicSpec(
                 self.topics.requests,
@@ -234,3 +233,45 @@ class _QueueEngine(_Settling):
                 await self._drain_exhausted()
             except Exception as exc:  # retried at the next tick
                 log.warning("queue %r: dead-lettering failed: %s", self.name, exc)
+
+
+class Engines:
+    """The queue engines of one transport, by queue name. Every handle of a
+    queue shares its engine: :meth:`acquire` creates it for the first handle,
+    :meth:`release` stops it when the last handle is closed, :meth:`stop_all`
+    stops every engine when the transport closes."""
+
+    def __init__(self, ctx: KafkaContext) -> None:
+        self._ctx = ctx
+        self._by_name: dict[str, _QueueEngine] = {}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, name: str) -> _QueueEngine:
+        return self._by_name[name]
+
+    def acquire(self, name: str, member: _GroupMember | None = None) -> _QueueEngine:
+        """The engine of queue ``name`` (created with ``member``, or a
+        membership of its own, if no handle holds it), counted once more."""
+        engine = self._by_name.get(name)
+        if engine is None:
+            engine = self._by_name[name] = _QueueEngine(self._ctx, name, member)
+        engine.handles += 1
+        return engine
+
+    async def release(self, name: str) -> None:
+        """A handle of ``name`` is closed: stop its engine if it was the last."""
+        engine = self._by_name.get(name)
+        if engine is None:
+            return
+        engine.handles -= 1
+        if engine.handles <= 0:
+            del self._by_name[name]
+            await engine.stop()
+
+    async def stop_all(self) -> None:
+        """Stop every engine (the transport is closing)."""
+        engines, self._by_name = list(self._by_name.values()), {}
+        for engine in engines:
+            await engine.stop()

@@ -31,7 +31,7 @@ from transport.errors import ClosedResourceError, TransientTransportError, Undec
 from transport.kit import Start, check_start, decode, encode, utcnow, validate_header, validate_name
 from transport_kafka._client import (
     ConsumerThread,
-    KafkaClients,
+    KafkaContext,
     TopicSpec,
     _client_logger,
     consume_available,
@@ -274,9 +274,9 @@ def stream_spec(settings: KafkaSettings, stream: str) -> TopicSpec:
 class KafkaEventLog(EventLog):
     """Streams as single-partition topics ``NS.stream.<name>.events``."""
 
-    def __init__(self, clients: KafkaClients, max_payload_bytes: int) -> None:
-        self.clients = clients
-        self._limit = max_payload_bytes
+    def __init__(self, ctx: KafkaContext) -> None:
+        self.clients = ctx.clients
+        self._limit = ctx.max_payload_bytes
         self._readers: set[KafkaEventReader] = set()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None

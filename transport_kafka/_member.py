@@ -26,6 +26,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from transport_kafka._client import (
     ConsumerThread,
+    KafkaContext,
     _client_logger,
     consume_available,
 )
@@ -38,7 +39,6 @@ from transport_kafka._records import (
 
 if TYPE_CHECKING:
     from transport_kafka._engine import _QueueEngine
-    from transport_kafka._transport import KafkaTransport
 
 log = logging.getLogger("transport.kafka")
 
@@ -58,11 +58,9 @@ class _GroupMember:
     per level. Hand-off (an idle process with buffered work leaves the
     group) and rejoining are per member too."""
 
-    def __init__(
-        self, transport: KafkaTransport, group: str, strategy: str | None, label: str
-    ) -> None:
-        self.transport = transport
-        self.options = transport.settings.options
+    def __init__(self, ctx: KafkaContext, group: str, strategy: str | None, label: str) -> None:
+        self.ctx = ctx
+        self.options = ctx.settings.options
         self.group = group
         self.strategy = strategy  # None: the assignment_strategy option
         self.label = label
@@ -118,7 +116,7 @@ class _GroupMember:
         self.thread.start()
 
     def _new_consumer(self) -> Consumer:
-        conf = self.transport.settings.consumer_config(self.group, subscribe=True)
+        conf = self.ctx.settings.consumer_config(self.group, subscribe=True)
         if self.strategy is not None:
             conf["partition.assignment.strategy"] = self.strategy
         if self.tentative:

@@ -28,6 +28,7 @@ from transport import (
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
 from transport.kit import decode_request
 from transport.kit import seconds as _seconds
+from transport_kafka._client import KafkaContext
 from transport_kafka._config import TopicNames
 from transport_kafka._records import (
     _TICK,
@@ -40,7 +41,6 @@ from transport_kafka._records import (
 if TYPE_CHECKING:
     from transport_kafka._member import _GroupMember
     from transport_kafka._settling import _Settling
-    from transport_kafka._transport import KafkaTransport
 
 __all__ = ["KafkaDelivery", "KafkaRequestQueue"]
 
@@ -80,7 +80,7 @@ class KafkaRequestQueue(RequestQueue):
 
     def __init__(
         self,
-        transport: KafkaTransport,
+        ctx: KafkaContext,
         name: str,
         *,
         lease_seconds: float,
@@ -90,9 +90,9 @@ class KafkaRequestQueue(RequestQueue):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
-        self.max_payload_bytes = transport.config.max_payload_bytes
-        self._transport = transport
-        self._engine = transport._acquire_engine(name, member)
+        self.max_payload_bytes = ctx.max_payload_bytes
+        self._ctx = ctx
+        self._engine = ctx.engines.acquire(name, member)
         self._held: set[int] = set()
         self._closed = False
 
@@ -286,4 +286,4 @@ class KafkaRequestQueue(RequestQueue):
             return
         self._closed = True
         self._engine.release(self)
-        await self._transport._release_engine(self.name)
+        await self._ctx.engines.release(self.name)

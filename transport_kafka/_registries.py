@@ -25,6 +25,7 @@ from transport.errors import ClosedResourceError, TransientTransportError
 from transport_kafka._client import (
     ConsumerThread,
     KafkaClients,
+    KafkaContext,
     RawRecord,
     TopicSpec,
     _client_logger,
@@ -98,9 +99,9 @@ def registry_spec(topic: str) -> TopicSpec:
 class KafkaKeyedLog(KeyedLog):
     """A keyed log on one compacted topic (one partition)."""
 
-    def __init__(self, clients: KafkaClients, topic: str) -> None:
+    def __init__(self, ctx: KafkaContext, topic: str) -> None:
         self.topic = topic
-        self._clients = clients
+        self._clients = ctx.clients
         self._view: _View | None = None
         self._view_task: asyncio.Task[None] | None = None
         self._closed = False

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -30,6 +30,7 @@ from transport.kit import decode_request
 from transport_kafka._client import (
     ConsumerThread,
     KafkaClients,
+    KafkaContext,
 )
 from transport_kafka._config import TopicNames
 from transport_kafka._member import _GroupMember
@@ -39,33 +40,28 @@ from transport_kafka._records import (
     _Record,
 )
 
-if TYPE_CHECKING:
-    from transport_kafka._transport import KafkaTransport
-
 
 class _EngineState:
     """The fields of one queue engine and the primitives every part uses
     (see the module docstring); no behaviour of its own."""
 
-    def __init__(
-        self, transport: KafkaTransport, name: str, member: _GroupMember | None = None
-    ) -> None:
-        self.transport = transport
-        self.clients: KafkaClients = transport.clients
+    def __init__(self, ctx: KafkaContext, name: str, member: _GroupMember | None = None) -> None:
+        self.ctx = ctx
+        self.clients: KafkaClients = ctx.clients
         self.name = name
-        topics = transport.settings.queue_topics(name)
+        topics = ctx.settings.queue_topics(name)
         # A level of a priority queue had a group of its own before the
         # levels shared one: its committed positions are adopted from there.
         self.former_group: str | None = None
         if member is None:  # a plain queue: a membership of its own
-            member = _GroupMember(transport, topics.group, None, name)
+            member = _GroupMember(ctx, topics.group, None, name)
         elif member.group != topics.group:
             self.former_group = topics.group
             topics = dataclasses.replace(topics, group=member.group)
         self.topics: TopicNames = topics
         self.member = member
         self._topic_names = frozenset((self.topics.requests, self.topics.state, self.topics.dlq))
-        self.options = transport.settings.options
+        self.options = ctx.settings.options
         self.tracker = OffsetTracker()
         self.handles = 0
         self.ready: deque[_Record] = deque()

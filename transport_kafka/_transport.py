@@ -63,9 +63,9 @@ from transport import (
 )
 from transport.errors import TransportError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
-from transport_kafka._client import KafkaClients
+from transport_kafka._client import KafkaClients, KafkaContext
 from transport_kafka._config import KafkaSettings, parse_settings
-from transport_kafka._engine import _QueueEngine
+from transport_kafka._engine import Engines, _QueueEngine
 from transport_kafka._events import KafkaEventLog
 from transport_kafka._member import _GroupMember
 from transport_kafka._queue import KafkaRequestQueue
@@ -95,36 +95,31 @@ class KafkaTransport(Transport):
         if self.settings.options.partitions > 1:
             self.capabilities = self.capabilities.model_copy(update={"ordered": False})
         self.clients = KafkaClients(self.settings)
-        self._engines: dict[str, _QueueEngine] = {}
-
-    def _acquire_engine(self, name: str, member: _GroupMember | None = None) -> _QueueEngine:
-        engine = self._engines.get(name)
-        if engine is None:
-            engine = self._engines[name] = _QueueEngine(self, name, member)
-        engine.handles += 1
-        return engine
-
-    async def _release_engine(self, name: str) -> None:
-        engine = self._engines.get(name)
-        if engine is None:
-            return
-        engine.handles -= 1
-        if engine.handles <= 0:
-            del self._engines[name]
-            await engine.stop()
+        # What every queue, registry, log and the doctor get instead of the
+        # transport.
+        self.ctx = KafkaContext(
+            self.settings,
+            self.clients,
+            max_payload_bytes=config.max_payload_bytes,
+            ordered=self.capabilities.ordered,
+            engines=Engines,
+        )
+        self._engines = self.ctx.engines
 
     async def inject_raw(self, queue_name: str, data: bytes) -> None:
         """Write ``data`` verbatim to the request topic of ``queue_name``
         (an internal name such as ``orders__p0`` is allowed), as a foreign
         producer would. For tests."""
-        engine = _QueueEngine(self, queue_name)
+        engine = _QueueEngine(self.ctx, queue_name)
         await engine.ensure_topics()
         await self.clients.produce(engine.topics.requests, None, data, what="inject")
 
     def _open_queue(
         self, name: str, *, lease_seconds: float, max_attempts: int
     ) -> KafkaRequestQueue:
-        return KafkaRequestQueue(self, name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+        return KafkaRequestQueue(
+            self.ctx, name, lease_seconds=lease_seconds, max_attempts=max_attempts
+        )
 
     def _open_level_queues(
         self, name: str, levels: int, *, lease_seconds: float, max_attempts: int
@@ -136,40 +131,44 @@ class KafkaTransport(Transport):
         names = [f"{name}__p{level}" for level in range(levels)]
         member = None
         if not any(level in self._engines for level in names):
-            member = _GroupMember(self, self.settings.priority_group(name), "range", name)
+            member = _GroupMember(self.ctx, self.settings.priority_group(name), "range", name)
         return [
             KafkaRequestQueue(
-                self, level, lease_seconds=lease_seconds, max_attempts=max_attempts, member=member
+                self.ctx,
+                level,
+                lease_seconds=lease_seconds,
+                max_attempts=max_attempts,
+                member=member,
             )
             for level in names
         ]
 
     def _open_keyed_log(self, kind: str, name: str) -> KafkaKeyedLog:
-        return KafkaKeyedLog(self.clients, self.settings.registry_topic(kind, name))
+        return KafkaKeyedLog(self.ctx, self.settings.registry_topic(kind, name))
 
     def _open_event_log(self) -> KafkaEventLog:
-        return KafkaEventLog(self.clients, self.config.max_payload_bytes)
+        return KafkaEventLog(self.ctx)
 
     # -- provisioning and doctor (see transport_kafka._doctor) ---------------
     def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
         from transport_kafka._doctor import object_specs
 
-        return [s.name for s in object_specs(self, kind, name)]
+        return [s.name for s in object_specs(self.ctx, kind, name)]
 
     async def _existing(self, objects: list[str]) -> set[str]:
         from transport_kafka._doctor import topic_names
 
-        return set(objects) & await topic_names(self)
+        return set(objects) & await topic_names(self.ctx)
 
     async def _create(self, kind: ObjectKind, name: str) -> None:
         from transport_kafka._doctor import object_specs
 
-        await self.clients.ensure_topics(object_specs(self, kind, name))
+        await self.clients.ensure_topics(object_specs(self.ctx, kind, name))
 
     async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
         from transport_kafka._doctor import kafka_doctor
 
-        return await kafka_doctor(self, plan)
+        return await kafka_doctor(self.ctx, plan)
 
     async def health(self) -> HealthStatus:
         if self._closed:
@@ -199,9 +198,7 @@ class KafkaTransport(Transport):
         await self.clients.list_topics(limit=self.settings.options.operation_timeout_s)
 
     async def _close_backend(self) -> None:
-        engines, self._engines = list(self._engines.values()), {}
-        for engine in engines:
-            await engine.stop()
+        await self._engines.stop_all()
         await self.clients.aclose()
 
 

@@ -1,21 +1,37 @@
 """The NATS client bridge: request/reply on one reply subscription for the
-hot paths, PubAck checks and broker object names. Used by the transport and
-by every queue, registry and log (which import it from here, not from the
-transport module)."""
+hot paths, PubAck checks, broker object names, and :class:`NatsContext`, what
+the transport hands every queue, registry, log and the doctor it creates (they
+import it from here and never see the transport)."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
 
-__all__ = ["Requests", "broker_name", "check_puback"]
+from transport import TransportConfig
+from transport.errors import ConfigurationError
+from transport_nats._config import NatsOptions
+from transport_nats._errors import map_nats_errors
+
+__all__ = ["NatsContext", "Requests", "broker_name", "check_puback"]
+
+log = logging.getLogger("transport.nats")
+
+# JetStream err_code: "stream name already in use with a different configuration".
+_STREAM_NAME_IN_USE = 10058
+_LAST_ERRORS_KEPT = 10_000
 
 
 class Requests:
@@ -97,3 +113,115 @@ def check_puback(reply: Msg) -> None:
 def broker_name(namespace: str, *parts: str) -> str:
     """Stream/bucket name from validated parts, joined by the reserved ``__``."""
     return "__".join((namespace, *parts))
+
+
+class NatsContext:
+    """What the children of one transport (queues, keyed logs, the event bus
+    and log, the doctor) share: the connection, its request/reply helper, the
+    validated options, the configuration, and the few operations they call.
+    Built once by the transport; children keep it and never see the
+    transport.
+
+    The transport sets :attr:`jetstream` when it has connected and
+    :attr:`jetstream_error` whenever it probes JetStream; ``check_open``
+    raises ``ClosedResourceError`` once the transport is closed."""
+
+    __slots__ = (
+        "_ensured_streams",
+        "_reconnect_listeners",
+        "check_open",
+        "config",
+        "jetstream",
+        "jetstream_error",
+        "last_errors",
+        "nc",
+        "options",
+        "requests",
+    )
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        requests: Requests,
+        options: NatsOptions,
+        config: TransportConfig,
+        check_open: Callable[[], None],
+    ) -> None:
+        self.nc = nc
+        self.requests = requests
+        self.options = options
+        self.config = config
+        self.check_open = check_open
+        #: The JetStream API of the connection (None before connecting).
+        self.jetstream: JetStreamContext | None = None
+        #: Set when the server has no JetStream: queues, registries and the
+        #: event log raise it; the event bus works.
+        self.jetstream_error: ConfigurationError | None = None
+        self._reconnect_listeners: set[Callable[[], None]] = set()
+        self._ensured_streams: set[str] = set()
+        # Last nack error per (stream, sequence), so a request whose final
+        # lease expires in this process is dead-lettered with it.
+        self.last_errors: OrderedDict[tuple[str, int], str] = OrderedDict()
+
+    def require_jetstream(self) -> None:
+        """Raises: ConfigurationError if the server has no JetStream."""
+        if self.jetstream_error is not None:
+            raise self.jetstream_error
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream API. Raises: ClosedResourceError, ConfigurationError."""
+        self.check_open()
+        self.require_jetstream()
+        assert self.jetstream is not None
+        return self.jetstream
+
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Create the stream, or update it if it exists with other settings."""
+        assert config.name is not None
+        if config.name in self._ensured_streams:
+            return
+        with map_nats_errors(f"creating stream {config.name}"):
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:
+                    raise
+                await self.js.update_stream(config)
+        self._ensured_streams.add(config.name)
+
+    def has_streams(self, *names: str) -> bool:
+        return all(name in self._ensured_streams for name in names)
+
+    def forget_stream(self, name: str) -> None:
+        self._ensured_streams.discard(name)
+
+    def forget_streams(self) -> None:
+        """Every stream is checked again at its next use (after a reconnect:
+        a restarted server may have lost them)."""
+        self._ensured_streams.clear()
+
+    def remember_error(self, stream: str, seq: int, error: str) -> None:
+        self.last_errors[(stream, seq)] = error
+        self.last_errors.move_to_end((stream, seq))
+        while len(self.last_errors) > _LAST_ERRORS_KEPT:
+            self.last_errors.popitem(last=False)
+
+    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        self._reconnect_listeners.add(listener)
+
+    def remove_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        self._reconnect_listeners.discard(listener)
+
+    def reconnected(self) -> None:
+        """Call every reconnect listener (a failing one is logged, never
+        raised: this runs on the client's task)."""
+        for listener in list(self._reconnect_listeners):
+            try:
+                listener()
+            except Exception:  # a listener must never break the client's task
+                log.exception("reconnect listener failed")
+
+    def close(self) -> None:
+        """The transport is closing: no listener is called any more."""
+        self._reconnect_listeners.clear()

@@ -9,17 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import nats.js.errors
 from nats.js.api import StorageType
 
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
+from transport_nats._client import NatsContext, broker_name
 from transport_nats._errors import map_nats_errors
-
-if TYPE_CHECKING:
-    from transport_nats._transport import NatsTransport
+from transport_nats._events import NatsEventLog
+from transport_nats._queue import NatsRequestQueue
+from transport_nats._registries import NatsKeyedLog
 
 __all__ = ["create_object", "existing_streams", "nats_doctor", "object_streams"]
 
@@ -27,9 +28,9 @@ _DURABLE = "an acknowledged enqueue, response or event survives a server crash o
 _KEPT = "requests, dead letters and registry state are kept until consumed or deleted"
 
 
-def object_streams(transport: NatsTransport, kind: ObjectKind, name: str) -> list[str]:
+def object_streams(ctx: NatsContext, kind: ObjectKind, name: str) -> list[str]:
     """JetStream stream names behind one object of a plan."""
-    ns = transport.config.namespace
+    ns = ctx.config.namespace
     if kind == "queue":
         return [f"{ns}__{name}", f"{ns}__{internal_name(name, 'dlq')}"]
     if kind == "delivery_registry":
@@ -39,42 +40,48 @@ def object_streams(transport: NatsTransport, kind: ObjectKind, name: str) -> lis
     return [f"{ns}__log__{name}"]
 
 
-async def existing_streams(transport: NatsTransport, names: list[str]) -> set[str]:
+async def existing_streams(ctx: NatsContext, names: list[str]) -> set[str]:
     found: set[str] = set()
     for name in names:
         with map_nats_errors(f"looking up stream {name}"):
             try:
-                await transport.js.stream_info(name)
+                await ctx.js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 continue
         found.add(name)
     return found
 
 
-async def create_object(transport: NatsTransport, kind: ObjectKind, name: str) -> None:
+async def create_object(ctx: NatsContext, kind: ObjectKind, name: str) -> None:
     """Create the streams (and a queue's durable consumer, a registry's
     bucket) exactly as first use would."""
+    ctx.require_jetstream()
     if kind == "queue":
-        queue = transport._open_queue(
+        queue = NatsRequestQueue(
+            ctx,
             name,
-            lease_seconds=transport.config.lease_seconds,
-            max_attempts=transport.config.max_attempts,
+            lease_seconds=ctx.config.lease_seconds,
+            max_attempts=ctx.config.max_attempts,
         )
         try:
             await queue._ensure_consumer()
         finally:
             await queue.aclose()
     elif kind in ("delivery_registry", "capability_registry"):
-        log = transport._open_keyed_log(
-            "delivery" if kind == "delivery_registry" else "capability",
-            name if kind == "delivery_registry" else "capabilities",
+        log = NatsKeyedLog(
+            ctx,
+            broker_name(
+                ctx.config.namespace,
+                "delivery" if kind == "delivery_registry" else "capability",
+                name if kind == "delivery_registry" else "capabilities",
+            ),
         )
         try:
             await log._bucket()
         finally:
             await log.aclose()
     else:
-        event_log = transport._open_event_log()
+        event_log = NatsEventLog(ctx)
         try:
             await event_log._ensure(name)
         finally:
@@ -87,8 +94,8 @@ def _read_varz(url: str, timeout: float) -> dict[str, Any]:
     return data
 
 
-async def _server_findings(transport: NatsTransport) -> list[DoctorFinding]:
-    url = transport.options.monitor_url
+async def _server_findings(ctx: NatsContext) -> list[DoctorFinding]:
+    url = ctx.options.monitor_url
     subject = "nats-server"
     if url is None:
         return [
@@ -111,7 +118,7 @@ async def _server_findings(transport: NatsTransport) -> list[DoctorFinding]:
                 fix="monitor_url=http://host:8222",
             )
         ]
-    varz = await asyncio.to_thread(_read_varz, url, transport.options.request_timeout)
+    varz = await asyncio.to_thread(_read_varz, url, ctx.options.request_timeout)
     config = (varz.get("jetstream") or {}).get("config") or {}
     subject = f"nats-server {varz.get('server_name', '')} {varz.get('version', '')}".strip()
     if not config:
@@ -205,8 +212,8 @@ def _stream_findings(name: str, info: Any, kind: str) -> list[DoctorFinding]:
     return out
 
 
-def _kind_of(transport: NatsTransport, stream: str) -> str | None:
-    ns = transport.config.namespace
+def _kind_of(ctx: NatsContext, stream: str) -> str | None:
+    ns = ctx.config.namespace
     if stream.startswith(f"KV_{ns}__"):
         return "registry"
     if stream.startswith(f"{ns}__log__"):
@@ -216,20 +223,20 @@ def _kind_of(transport: NatsTransport, stream: str) -> str | None:
     return None
 
 
-async def nats_doctor(transport: NatsTransport, plan: ProvisionPlan | None) -> list[DoctorFinding]:
-    findings = await _server_findings(transport)
-    js = transport.js
+async def nats_doctor(ctx: NatsContext, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+    findings = await _server_findings(ctx)
+    js = ctx.js
     targets: list[tuple[str, str]] = []
     if plan is not None:
         for kind, name in plan.objects():
             short = "registry" if kind.endswith("registry") else kind
-            targets += [(s, short) for s in object_streams(transport, kind, name)]
+            targets += [(s, short) for s in object_streams(ctx, kind, name)]
     else:
         with map_nats_errors("listing streams"):
             names = await js.streams_info()
         for info in names:
             stream = info.config.name or ""
-            recognised = _kind_of(transport, stream)
+            recognised = _kind_of(ctx, stream)
             if recognised is not None:
                 targets.append((stream, recognised))
     for stream, role in targets:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -43,10 +43,8 @@ from transport import (
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
 from transport.kit import Start, check_headers, check_start, make_event, validate_name
 from transport.kit import WireModel as _WireModel
+from transport_nats._client import NatsContext
 from transport_nats._errors import map_nats_errors
-
-if TYPE_CHECKING:
-    from transport_nats._transport import NatsTransport
 
 __all__ = ["NatsEventBus", "NatsEventLog"]
 
@@ -96,17 +94,17 @@ class _NatsSubscription(Subscription):
 class NatsEventBus(EventBus):
     """Core NATS publish/subscribe (see the module docstring)."""
 
-    def __init__(self, transport: NatsTransport) -> None:
-        self._t = transport
-        self._prefix = f"{transport.config.namespace}.ev."
-        self._limit = transport.config.max_payload_bytes
+    def __init__(self, ctx: NatsContext) -> None:
+        self._ctx = ctx
+        self._prefix = f"{ctx.config.namespace}.ev."
+        self._limit = ctx.config.max_payload_bytes
         self._subs: list[_NatsSubscription] = []
         self._closed = False
 
     def _check(self) -> None:
         if self._closed:
             raise ClosedResourceError("event bus is closed")
-        self._t._check_open()
+        self._ctx.check_open()
 
     async def publish(
         self, subject: str, data: Any = None, *, headers: dict[str, str] | None = None
@@ -115,7 +113,7 @@ class NatsEventBus(EventBus):
         event = make_event(validate_subject(subject), data, headers)
         body = encode(event, self._limit)
         with map_nats_errors(f"publishing {subject}"):
-            await self._t.nc.publish(self._prefix + subject, body)
+            await self._ctx.nc.publish(self._prefix + subject, body)
 
     async def subscribe(self, pattern: str, queue_group: str | None = None) -> Subscription:
         self._check()
@@ -124,12 +122,12 @@ class NatsEventBus(EventBus):
             validate_name(queue_group, "queue group")
         subscription = _NatsSubscription(pattern, queue_group)
         with map_nats_errors(f"subscribing to {pattern}"):
-            subscription.sub = await self._t.nc.subscribe(
+            subscription.sub = await self._ctx.nc.subscribe(
                 self._prefix + pattern, queue=queue_group or "", cb=subscription.on_msg
             )
             # Registered on the server before this returns: events published
             # afterwards by any client are seen.
-            await self._t.nc.flush(max(1, round(self._t.options.request_timeout)))
+            await self._ctx.nc.flush(max(1, round(self._ctx.options.request_timeout)))
         self._subs.append(subscription)
         return subscription
 
@@ -145,7 +143,7 @@ class NatsEventBus(EventBus):
         event = make_event(validate_subject(subject), data, headers)
         body = encode(event, self._limit)
         try:
-            reply = await self._t.nc.request(self._prefix + subject, body, timeout=timeout)
+            reply = await self._ctx.nc.request(self._prefix + subject, body, timeout=timeout)
         except nats.errors.NoRespondersError as exc:
             raise TimeoutError(f"nobody answers requests on {subject!r}") from exc
         except nats.errors.TimeoutError as exc:
@@ -163,7 +161,7 @@ class NatsEventBus(EventBus):
             raise ValueError("this event is not a request (no reply_to)")
         event = Event(subject=request.subject, data=data, headers=check_headers(headers))
         with map_nats_errors(f"replying to {request.subject}"):
-            await self._t.nc.publish(request.reply_to, encode(event, self._limit))
+            await self._ctx.nc.publish(request.reply_to, encode(event, self._limit))
 
     async def aclose(self) -> None:
         if self._closed:
@@ -199,7 +197,7 @@ class _NatsReader(EventReader):
             self._wake.set()
 
         with map_nats_errors(f"watching {self.stream}"):
-            self._sub = await self._log._t.nc.subscribe(
+            self._sub = await self._log._ctx.nc.subscribe(
                 self._log._subject(self.stream), cb=on_append
             )
 
@@ -260,10 +258,10 @@ class _NatsReader(EventReader):
 class NatsEventLog(EventLog):
     """JetStream streams as event logs (see the module docstring)."""
 
-    def __init__(self, transport: NatsTransport) -> None:
-        self._t = transport
-        self._ns = transport.config.namespace
-        self._limit = transport.config.max_payload_bytes
+    def __init__(self, ctx: NatsContext) -> None:
+        self._ctx = ctx
+        self._ns = ctx.config.namespace
+        self._limit = ctx.config.max_payload_bytes
         self._readers: list[_NatsReader] = []
         self._cursors: KeyValue | None = None
         self._closed = False
@@ -271,7 +269,7 @@ class NatsEventLog(EventLog):
     def _check(self) -> None:
         if self._closed:
             raise ClosedResourceError("event log is closed")
-        self._t._check_open()
+        self._ctx.check_open()
 
     def _stream(self, stream: str) -> str:
         return f"{self._ns}__log__{stream}"
@@ -280,14 +278,16 @@ class NatsEventLog(EventLog):
         return f"{self._ns}.log.{stream}"
 
     async def _ensure(self, stream: str) -> None:
-        await self._t.ensure_stream(
+        await self._ctx.ensure_stream(
             StreamConfig(
                 name=self._stream(stream),
                 subjects=[self._subject(stream)],
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
-                num_replicas=self._t.options.replicas,
-                max_age=self._t.options.stream_max_age.get(stream, self._t.options.event_max_age),
+                num_replicas=self._ctx.options.replicas,
+                max_age=self._ctx.options.stream_max_age.get(
+                    stream, self._ctx.options.event_max_age
+                ),
             )
         )
 
@@ -309,10 +309,10 @@ class NatsEventLog(EventLog):
         )
         await self._ensure(stream)
         with map_nats_errors(f"appending to {stream}"):
-            ack = await self._t.js.publish(
+            ack = await self._ctx.js.publish(
                 self._subject(stream),
                 encode(record),
-                timeout=self._t.options.request_timeout,
+                timeout=self._ctx.options.request_timeout,
                 stream=self._stream(stream),
             )
         return str(ack.seq)
@@ -321,7 +321,7 @@ class NatsEventLog(EventLog):
         """The first event at or after ``seq``, or None."""
         with map_nats_errors(f"reading {stream}"):
             try:
-                raw = await self._t.js.get_msg(
+                raw = await self._ctx.js.get_msg(
                     self._stream(stream), seq=max(seq, 1), subject=self._subject(stream), next=True
                 )
             except nats.js.errors.NotFoundError:
@@ -344,7 +344,7 @@ class NatsEventLog(EventLog):
 
     async def _bounds(self, stream: str) -> tuple[int, int]:
         with map_nats_errors(f"reading {stream}"):
-            info = await self._t.js.stream_info(self._stream(stream))
+            info = await self._ctx.js.stream_info(self._stream(stream))
         return info.state.first_seq or 1, info.state.last_seq or 0
 
     async def _seq_for(self, stream: str, start: Start) -> int:
@@ -376,12 +376,12 @@ class NatsEventLog(EventLog):
     async def _cursor_bucket(self) -> KeyValue:
         if self._cursors is None:
             with map_nats_errors("opening the cursor bucket"):
-                self._cursors = await self._t.js.create_key_value(
+                self._cursors = await self._ctx.js.create_key_value(
                     KeyValueConfig(
                         bucket=f"{self._ns}__log_cursors",
                         history=1,
                         storage=StorageType.FILE,
-                        replicas=self._t.options.replicas,
+                        replicas=self._ctx.options.replicas,
                     )
                 )
         return self._cursors

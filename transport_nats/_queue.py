@@ -30,7 +30,7 @@ A pull that the server never answers — it restarted and forgot it — is
 abandoned after its expiry plus a grace period, and every waiting poll asks
 again at once when the client reconnects, so a restarted server never leaves
 a consumer silently stalled. PubAcks and acknowledgements are request/replies
-on the transport's shared reply subscription (``NatsTransport.requests``).
+on the transport's shared reply subscription (``NatsContext.requests``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import logging
 from collections import deque
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -76,12 +76,9 @@ from transport.errors import (
 )
 from transport.kit import decode_request, hand_to_waiter, internal_name
 from transport.kit import seconds as _seconds
-from transport_nats._client import check_puback
+from transport_nats._client import NatsContext, check_puback
 from transport_nats._errors import map_nats_errors
 from transport_nats._registries import NatsKeyedLog
-
-if TYPE_CHECKING:
-    from transport_nats._transport import NatsTransport
 
 __all__ = ["NatsDelivery", "NatsRequestQueue"]
 
@@ -161,7 +158,7 @@ class NatsDelivery(Delivery):
         if self.attempt >= self._q.max_attempts:
             return await self.dead_letter(error or f"nacked after {self.attempt} deliveries")
         if error:
-            self._q._t.remember_error(self._q.stream, self._seq, error)
+            self._q._ctx.remember_error(self._q.stream, self._seq, error)
         if wait > 0:
             return await self._settle(b"-NAK " + json.dumps({"delay": int(wait * 1e9)}).encode())
         return await self._settle(b"-NAK")
@@ -229,26 +226,24 @@ class NatsDelivery(Delivery):
 class NatsRequestQueue(RequestQueue):
     """See the module docstring. Guarantees as :class:`RequestQueue`."""
 
-    def __init__(
-        self, transport: NatsTransport, name: str, *, lease_seconds: float, max_attempts: int
-    ):
+    def __init__(self, ctx: NatsContext, name: str, *, lease_seconds: float, max_attempts: int):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
-        self.max_payload_bytes = transport.config.max_payload_bytes
-        self._t = transport
-        self._opts = transport.options
-        ns = transport.config.namespace
+        self.max_payload_bytes = ctx.config.max_payload_bytes
+        self._ctx = ctx
+        self._opts = ctx.options
+        ns = ctx.config.namespace
         self.stream = f"{ns}__{name}"
         self.subject = f"{ns}.q.{name}"
         self.dlq_stream = f"{ns}__{internal_name(name, 'dlq')}"
         self.dlq_subject = f"{ns}.dlq.{name}"
         # Deliveries JetStream counted that were no hand-out: a closing
         # handle's buffered messages, per stream sequence (see _accept).
-        self._uncounted = NatsKeyedLog(transport, f"{ns}__{internal_name(name, 'uncounted')}")
+        self._uncounted = NatsKeyedLog(ctx, f"{ns}__{internal_name(name, 'uncounted')}")
         # stream sequence -> (delivery count, deliveries that were no hand-out)
         self._uncounted_known: dict[int, tuple[int, int]] = {}
-        self.durable = transport.config.consumer_group
+        self.durable = ctx.config.consumer_group
         # The local view of a lease ends a little before the server's, which
         # starts when it sent the message (before we received it).
         self.lease_window = lease_seconds - min(0.05 * lease_seconds, 0.25)
@@ -279,14 +274,14 @@ class NatsRequestQueue(RequestQueue):
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
-        self._t._check_open()
+        self._ctx.check_open()
 
     # -- setup -------------------------------------------------------------
     async def _ensure_streams(self) -> None:
-        if self._t.has_streams(self.stream, self.dlq_stream):
+        if self._ctx.has_streams(self.stream, self.dlq_stream):
             return
         opts = self._opts
-        await self._t.ensure_stream(
+        await self._ctx.ensure_stream(
             StreamConfig(
                 name=self.stream,
                 subjects=[self.subject],
@@ -297,7 +292,7 @@ class NatsRequestQueue(RequestQueue):
                 num_replicas=opts.replicas,
             )
         )
-        await self._t.ensure_stream(
+        await self._ctx.ensure_stream(
             StreamConfig(
                 name=self.dlq_stream,
                 subjects=[self.dlq_subject],
@@ -316,7 +311,7 @@ class NatsRequestQueue(RequestQueue):
                 return
             await self._ensure_streams()
             with map_nats_errors(f"creating consumer {self.durable} on {self.stream}"):
-                await self._t.js.add_consumer(
+                await self._ctx.js.add_consumer(
                     self.stream,
                     ConsumerConfig(
                         durable_name=self.durable,
@@ -329,9 +324,9 @@ class NatsRequestQueue(RequestQueue):
                     ),
                 )
                 if self._sub is None:
-                    self._inbox = self._t.nc.new_inbox()
-                    self._sub = await self._t.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
-                    self._t.add_reconnect_listener(self._on_reconnect)
+                    self._inbox = self._ctx.nc.new_inbox()
+                    self._sub = await self._ctx.nc.subscribe(f"{self._inbox}.*", cb=self._on_msg)
+                    self._ctx.add_reconnect_listener(self._on_reconnect)
             if self._prefetch > 1:
                 # A close records the buffered messages it gives back: have
                 # the bucket ready (the transport may be closing by then).
@@ -361,12 +356,12 @@ class NatsRequestQueue(RequestQueue):
     async def _publish_once(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
         self._check_open()
         try:
-            if not self._t.has_streams(self.stream, self.dlq_stream):
+            if not self._ctx.has_streams(self.stream, self.dlq_stream):
                 await self._ensure_streams()
             with map_nats_errors(f"publishing to {stream}"):
                 # js.publish, without building a PubAck object nobody reads.
                 try:
-                    reply = await self._t.requests.request(
+                    reply = await self._ctx.requests.request(
                         subject, body, {"Nats-Msg-Id": msg_id, "Nats-Expected-Stream": stream}
                     )
                 except nats.errors.NoRespondersError:
@@ -375,7 +370,7 @@ class NatsRequestQueue(RequestQueue):
         except TransientTransportError:
             # Re-check the streams on the next try (a restarted or wiped
             # server may have lost them).
-            self._t.forget_stream(stream)
+            self._ctx.forget_stream(stream)
             raise
 
     async def _store_request(self, request: WorkRequest, body: bytes) -> None:
@@ -463,7 +458,7 @@ class NatsRequestQueue(RequestQueue):
         self._pulls[token] = [batch, until]
         try:
             with map_nats_errors(f"pulling from {self.stream}"):
-                await self._t.nc.publish(
+                await self._ctx.nc.publish(
                     self._next_subject, json.dumps(request).encode(), reply=token
                 )
         except BaseException:
@@ -522,7 +517,7 @@ class NatsRequestQueue(RequestQueue):
                 request = decode_request(msg.data, self.stream, seq)
             except UndecodableMessageError:
                 request = None
-            error = self._t.last_errors.pop((self.stream, seq), None) or (
+            error = self._ctx.last_errors.pop((self.stream, seq), None) or (
                 f"not acknowledged after {attempt - 1} deliveries (lease expired)"
             )
             await self._dead_letter_msg(msg, request, error, attempt - 1)
@@ -725,7 +720,7 @@ class NatsRequestQueue(RequestQueue):
         """Send an ack-type reply and wait for the server's confirmation."""
         assert msg.reply
         with map_nats_errors(f"acknowledging on {self.stream}"):
-            await self._t.requests.request(msg.reply, payload)
+            await self._ctx.requests.request(msg.reply, payload)
 
     async def _dead_letter_msg(
         self, msg: Msg, request: WorkRequest | None, error: str, attempts: int
@@ -744,14 +739,14 @@ class NatsRequestQueue(RequestQueue):
             self.dlq_subject, self.dlq_stream, encode(record), f"dlq-{self.stream}-{seq}"
         )
         await self._reply(msg, b"+ACK")
-        self._t.last_errors.pop((self.stream, seq), None)
+        self._ctx.last_errors.pop((self.stream, seq), None)
         self._forget_uncounted(seq)
 
     # -- inspection ----------------------------------------------------------
     async def stats(self) -> QueueStats:
         self._check_open()
         await self._ensure_streams()
-        js = self._t.js
+        js = self._ctx.js
         with map_nats_errors(f"stats of {self.stream}"):
             info = await js.stream_info(self.stream)
             dead = await js.stream_info(self.dlq_stream)
@@ -797,7 +792,7 @@ class NatsRequestQueue(RequestQueue):
         """``enqueued_at`` of the first request at or after stream sequence
         ``seq`` (None if there is none or it cannot be read)."""
         try:
-            raw = await self._t.js.get_msg(self.stream, seq=seq, subject=self.subject, next=True)
+            raw = await self._ctx.js.get_msg(self.stream, seq=seq, subject=self.subject, next=True)
         except nats.js.errors.NotFoundError:
             return None
         try:
@@ -808,7 +803,7 @@ class NatsRequestQueue(RequestQueue):
     async def _dead_records(self) -> Any:
         """Yield (sequence, record) of the dead-letter stream, oldest first."""
         seq = 1
-        js = self._t.js
+        js = self._ctx.js
         while True:
             with map_nats_errors(f"reading {self.dlq_stream}"):
                 try:
@@ -856,7 +851,7 @@ class NatsRequestQueue(RequestQueue):
                 self.subject, self.stream, body, f"{request.request_id}-requeue-{seq}"
             )
             with map_nats_errors(f"removing dead letter from {self.dlq_stream}"):
-                await self._t.js.delete_msg(self.dlq_stream, seq)
+                await self._ctx.js.delete_msg(self.dlq_stream, seq)
             moved += 1
         return moved
 
@@ -864,7 +859,7 @@ class NatsRequestQueue(RequestQueue):
         if self._closed:
             return
         self._closed = True
-        self._t.remove_reconnect_listener(self._on_reconnect)
+        self._ctx.remove_reconnect_listener(self._on_reconnect)
         self._pulls.clear()
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
@@ -875,7 +870,7 @@ class NatsRequestQueue(RequestQueue):
         # Hand unsettled deliveries back now, not after their ack wait.
         held = list(self._held.values())
         self._held.clear()
-        nc = self._t.nc
+        nc = self._ctx.nc
         for delivery in held:
             delivery._finish()
         with contextlib.suppress(Exception):

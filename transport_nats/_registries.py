@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
@@ -25,11 +25,8 @@ from transport.errors import (
     PermanentTransportError,
     TransientTransportError,
 )
-from transport_nats._client import check_puback
+from transport_nats._client import NatsContext, check_puback
 from transport_nats._errors import map_nats_errors
-
-if TYPE_CHECKING:
-    from transport_nats._transport import NatsTransport
 
 __all__ = ["NatsCapabilityRegistry", "NatsDeliveryRegistry", "NatsKeyedLog"]
 
@@ -45,8 +42,8 @@ NatsCapabilityRegistry = CapabilityRegistry
 class NatsKeyedLog(KeyedLog):
     """A JetStream KV bucket as a :class:`KeyedLog`."""
 
-    def __init__(self, transport: NatsTransport, bucket: str) -> None:
-        self._t = transport
+    def __init__(self, ctx: NatsContext, bucket: str) -> None:
+        self._ctx = ctx
         self.bucket = bucket
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()
@@ -60,7 +57,7 @@ class NatsKeyedLog(KeyedLog):
             return self._kv
         async with self._lock:
             if self._kv is None:
-                opts = self._t.options
+                opts = self._ctx.options
                 with map_nats_errors(f"opening KV bucket {self.bucket}"):
                     # create_key_value is idempotent for an identical config.
                     # Direct gets (one request, raw reply) only on a single
@@ -73,13 +70,13 @@ class NatsKeyedLog(KeyedLog):
                         direct=opts.replicas == 1 or None,
                     )
                     try:
-                        self._kv = await self._t.js.create_key_value(config)
+                        self._kv = await self._ctx.js.create_key_value(config)
                     except nats.js.errors.BadRequestError as exc:
                         if exc.err_code != _STREAM_NAME_IN_USE:
                             raise
                         # A bucket made with other settings (an older
                         # release): use it as it is.
-                        self._kv = await self._t.js.key_value(self.bucket)
+                        self._kv = await self._ctx.js.key_value(self.bucket)
                 self._prefix = f"$KV.{self.bucket}."
             return self._kv
 
@@ -89,7 +86,7 @@ class NatsKeyedLog(KeyedLog):
             raise PermanentTransportError(f"writing {self.bucket}: invalid key")
         with map_nats_errors(f"writing {self.bucket}"):
             # kv.put is a JetStream publish: the same, on the shared replies.
-            check_puback(await self._t.requests.request(self._prefix + key, value))
+            check_puback(await self._ctx.requests.request(self._prefix + key, value))
 
     async def delete(self, key: str) -> None:
         kv = await self._bucket()
@@ -117,7 +114,7 @@ class NatsKeyedLog(KeyedLog):
             raise PermanentTransportError(f"reading {self.bucket}: invalid key")
         subject = self._prefix + key
         with map_nats_errors(f"reading {self.bucket}"):
-            reply = await self._t.requests.request(
+            reply = await self._ctx.requests.request(
                 f"$JS.API.DIRECT.GET.KV_{self.bucket}.{subject}", b""
             )
             headers = reply.headers or {}
@@ -145,7 +142,7 @@ class NatsKeyedLog(KeyedLog):
                 with contextlib.suppress(asyncio.QueueFull):
                     watcher._updates.put_nowait(_RECONNECTED)
 
-        self._t.add_reconnect_listener(on_reconnect)
+        self._ctx.add_reconnect_listener(on_reconnect)
         try:
             with map_nats_errors(f"watching {self.bucket}"):
                 watcher = await kv.watchall()
@@ -168,7 +165,7 @@ class NatsKeyedLog(KeyedLog):
                 else:  # the watcher was stopped
                     raise TransientTransportError(f"watch of {self.bucket} stopped")
         finally:
-            self._t.remove_reconnect_listener(on_reconnect)
+            self._ctx.remove_reconnect_listener(on_reconnect)
             if watcher is not None:
                 with contextlib.suppress(Exception):
                     await watcher.stop()

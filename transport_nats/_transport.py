@@ -41,16 +41,12 @@ import contextlib
 import logging
 import ssl
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
 from transport.errors import (
@@ -60,7 +56,7 @@ from transport.errors import (
     TransportError,
 )
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
-from transport_nats._client import Requests, broker_name
+from transport_nats._client import NatsContext, Requests, broker_name
 from transport_nats._config import NatsOptions, load_options, parse_servers
 from transport_nats._errors import classify_connect_error, map_nats_errors
 
@@ -68,8 +64,6 @@ __all__ = ["NatsTransport", "open_nats"]
 
 log = logging.getLogger("transport.nats")
 
-# JetStream err_code: "stream name already in use with a different configuration".
-_STREAM_NAME_IN_USE = 10058
 # JetStream err_code: "jetstream not enabled for account".
 _JETSTREAM_NOT_ENABLED_FOR_ACCOUNT = 10039
 #: Capabilities that need JetStream (queues, registries, the event log); the
@@ -88,9 +82,6 @@ def _jetstream_off(exc: nats.js.errors.APIError) -> bool:
         and exc.err_code is None
         and not exc.description
     )
-
-
-_LAST_ERRORS_KEPT = 10_000
 
 
 class NatsTransport(Transport):
@@ -114,18 +105,12 @@ class NatsTransport(Transport):
         self.servers, self._url_creds = parse_servers(config.url, self.options.servers)
         self.nc = NatsClient()
         self.requests = Requests(self.nc, self.options.request_timeout)
-        self._js: JetStreamContext | None = None
-        #: Set when the server has no JetStream: queues, registries and the
-        #: event log raise it; the event bus works.
-        self.jetstream_error: ConfigurationError | None = None
+        # What every queue, registry, log and the doctor get instead of the
+        # transport (the JetStream API is set on it once connected).
+        self.ctx = NatsContext(self.nc, self.requests, self.options, config, self._check_open)
         self._probe: asyncio.Task[None] | None = None
         self._last_error: BaseException | None = None
         self._fatal: asyncio.Future[BaseException] | None = None
-        self._reconnect_listeners: set[Callable[[], None]] = set()
-        self._ensured_streams: set[str] = set()
-        # Last nack error per (stream, sequence), so a request whose final
-        # lease expires in this process is dead-lettered with it.
-        self.last_errors: OrderedDict[tuple[str, int], str] = OrderedDict()
 
     # -- connection ------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -209,20 +194,10 @@ class NatsTransport(Transport):
         # A restarted server has forgotten streams we cached as present and
         # every pending pull request: re-check and re-issue. It may also have
         # been restarted with (or without) JetStream.
-        self._ensured_streams.clear()
+        self.ctx.forget_streams()
         if self._probe is None or self._probe.done():
             self._probe = asyncio.ensure_future(self._reprobe_jetstream())
-        for listener in list(self._reconnect_listeners):
-            try:
-                listener()
-            except Exception:  # a listener must never break the client's task
-                log.exception("reconnect listener failed")
-
-    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
-        self._reconnect_listeners.add(listener)
-
-    def remove_reconnect_listener(self, listener: Callable[[], None]) -> None:
-        self._reconnect_listeners.discard(listener)
+        self.ctx.reconnected()
 
     async def _start(self) -> None:
         kwargs = self._connect_kwargs()
@@ -255,7 +230,7 @@ class NatsTransport(Transport):
         finally:
             self._fatal = None
         self.nc.options["max_reconnect_attempts"] = self.options.max_reconnect_attempts
-        self._js = self.nc.jetstream(timeout=self.options.request_timeout)
+        self.ctx.jetstream = self.nc.jetstream(timeout=self.options.request_timeout)
         try:
             await self._probe_jetstream()
         except TransportError:
@@ -270,28 +245,29 @@ class NatsTransport(Transport):
 
         Raises: TransientTransportError (no answer), PermanentTransportError.
         """
-        assert self._js is not None
+        js = self.ctx.jetstream
+        assert js is not None
         where = ", ".join(self.servers)
         try:
             with map_nats_errors("checking JetStream"):
                 try:
-                    await self._js.account_info()
+                    await js.account_info()
                 except nats.js.errors.APIError as exc:
                     if not _jetstream_off(exc):
                         raise
-                    self.jetstream_error = ConfigurationError(
+                    self.ctx.jetstream_error = ConfigurationError(
                         f"JetStream is not enabled on the NATS server at {where} (start "
                         "nats-server with -js, or give it a jetstream {} block): request "
                         "queues, registries and the event log need it; the event bus works "
                         'without it (connect(url, require=["event_bus"]))'
                     )
-                    log.info("%s", self.jetstream_error)
+                    log.info("%s", self.ctx.jetstream_error)
                     return
         except PermanentTransportError as exc:
             if isinstance(exc, ConfigurationError):
                 raise
             raise ConfigurationError(f"JetStream refused this account on {where}: {exc}") from exc
-        self.jetstream_error = None
+        self.ctx.jetstream_error = None
 
     async def _reprobe_jetstream(self) -> None:
         try:
@@ -300,8 +276,7 @@ class NatsTransport(Transport):
             log.debug("JetStream check after reconnect failed: %s", exc)
 
     def _require_jetstream(self) -> None:
-        if self.jetstream_error is not None:
-            raise self.jetstream_error
+        self.ctx.require_jetstream()
 
     def _check_usable(self, features: frozenset[str]) -> None:
         if features & JETSTREAM_FEATURES:
@@ -324,86 +299,62 @@ class NatsTransport(Transport):
         return self.options.connect_timeout * 2 * len(self.servers) + 1.0
 
     @property
-    def js(self) -> JetStreamContext:
-        self._check_open()
-        self._require_jetstream()
-        assert self._js is not None
-        return self._js
-
-    async def ensure_stream(self, config: StreamConfig) -> None:
-        """Create the stream, or update it if it exists with other settings."""
-        assert config.name is not None
-        if config.name in self._ensured_streams:
-            return
-        with map_nats_errors(f"creating stream {config.name}"):
-            try:
-                await self.js.add_stream(config)
-            except nats.js.errors.BadRequestError as exc:
-                if exc.err_code != _STREAM_NAME_IN_USE:
-                    raise
-                await self.js.update_stream(config)
-        self._ensured_streams.add(config.name)
-
-    def has_streams(self, *names: str) -> bool:
-        return all(name in self._ensured_streams for name in names)
-
-    def forget_stream(self, name: str) -> None:
-        self._ensured_streams.discard(name)
-
-    def remember_error(self, stream: str, seq: int, error: str) -> None:
-        self.last_errors[(stream, seq)] = error
-        self.last_errors.move_to_end((stream, seq))
-        while len(self.last_errors) > _LAST_ERRORS_KEPT:
-            self.last_errors.popitem(last=False)
+    def jetstream_error(self) -> ConfigurationError | None:
+        """Set when the server has no JetStream: queues, registries and the
+        event log raise it; the event bus works."""
+        return self.ctx.jetstream_error
 
     # -- Transport SPI -----------------------------------------------------
     def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> Any:
         from transport_nats._queue import NatsRequestQueue
 
         self._require_jetstream()
-        return NatsRequestQueue(self, name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+        return NatsRequestQueue(
+            self.ctx, name, lease_seconds=lease_seconds, max_attempts=max_attempts
+        )
 
     def _open_keyed_log(self, kind: str, name: str) -> Any:
         from transport_nats._registries import NatsKeyedLog
 
         self._require_jetstream()
-        return NatsKeyedLog(self, broker_name(self.config.namespace, kind, name))
+        return NatsKeyedLog(self.ctx, broker_name(self.config.namespace, kind, name))
 
     def _open_event_bus(self) -> Any:
         from transport_nats._events import NatsEventBus
 
-        return NatsEventBus(self)
+        return NatsEventBus(self.ctx)
 
     def _open_event_log(self) -> Any:
         from transport_nats._events import NatsEventLog
 
         self._require_jetstream()
-        return NatsEventLog(self)
+        return NatsEventLog(self.ctx)
 
     # -- provisioning and doctor (see transport_nats._doctor) ----------------
     def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
         from transport_nats._doctor import object_streams
 
-        return object_streams(self, kind, name)
+        return object_streams(self.ctx, kind, name)
 
     async def _existing(self, objects: list[str]) -> set[str]:
         from transport_nats._doctor import existing_streams
 
-        return await existing_streams(self, objects)
+        return await existing_streams(self.ctx, objects)
 
     async def _create(self, kind: ObjectKind, name: str) -> None:
         from transport_nats._doctor import create_object
 
-        await create_object(self, kind, name)
+        await create_object(self.ctx, kind, name)
 
     async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
         from transport_nats._doctor import nats_doctor
 
-        return await nats_doctor(self, plan)
+        return await nats_doctor(self.ctx, plan)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()
-        if self._closed or self._js is None:
+        js = self.ctx.jetstream
+        if self._closed or js is None:
             return HealthStatus(ok=False, backend="nats", detail="transport is closed")
         if not self.nc.is_connected:
             return HealthStatus(
@@ -413,7 +364,7 @@ class NatsTransport(Transport):
             return HealthStatus(ok=False, backend="nats", detail=str(self.jetstream_error))
         try:
             with map_nats_errors("health check"):
-                info = await self._js.account_info()
+                info = await js.account_info()
         except Exception as exc:
             return HealthStatus(ok=False, backend="nats", detail=str(exc))
         url = self.nc.connected_url
@@ -428,7 +379,7 @@ class NatsTransport(Transport):
         )
 
     async def _close_backend(self) -> None:
-        self._reconnect_listeners.clear()
+        self.ctx.close()
         if self._probe is not None:
             self._probe.cancel()
         await self.requests.aclose()

@@ -14,6 +14,9 @@ Receiving is a pump, not a per-call future: a message handed over by the
 client goes to the first waiting caller or, if none waits any more, to a
 local buffer, so a cancelled ``poll`` can never drop a message the client
 already gave us.
+
+:class:`PulsarContext` is what the transport hands every queue, log and the
+doctor it creates: they never see the transport itself.
 """
 
 from __future__ import annotations
@@ -30,20 +33,38 @@ import logging
 import os
 import random
 import re
+import ssl
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import _pulsar
 import pulsar
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
-from transport.errors import ClosedResourceError, TransientTransportError
+from transport import TransportConfig
+from transport.errors import ClosedResourceError, PermanentTransportError, TransientTransportError
 from transport.kit import ClientLog, hand_to_waiter, retrieve
+from transport_pulsar._config import PulsarSettings
 from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
+from transport_pulsar._wire import subscription_backlog
 
-__all__ = ["AsyncConsumer", "AsyncProducer", "AsyncPulsarClient", "AsyncReader"]
+__all__ = [
+    "AsyncConsumer",
+    "AsyncProducer",
+    "AsyncPulsarClient",
+    "AsyncReader",
+    "PulsarContext",
+]
+
+T = TypeVar("T")
 
 log = logging.getLogger("transport.pulsar")
 #: The ``transport.pulsar.client`` logger: capped at INFO, repeats collapsed.
@@ -976,3 +997,150 @@ class AsyncPulsarClient:
                 await self.run_blocking(self._core.shutdown, self._close_timeout)
         del tracker
         self._executor.shutdown(wait=False)
+
+
+class PulsarContext:
+    """What the children of one transport (queues, event logs, the doctor)
+    share: the client, the validated settings, the configuration, topic
+    names, and the operations they call (retries within the operation
+    timeout, subscribing, the queue subscription and its backlog). Built
+    once by the transport; children keep it and never see the transport.
+    ``check_open`` raises ``ClosedResourceError`` once the transport is
+    closed."""
+
+    __slots__ = (
+        "_backlog_query",
+        "_subscribe_lock",
+        "_subscribed",
+        "check_open",
+        "client",
+        "config",
+        "settings",
+    )
+
+    def __init__(
+        self,
+        client: AsyncPulsarClient,
+        settings: PulsarSettings,
+        config: TransportConfig,
+        check_open: Callable[[], None],
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.config = config
+        self.check_open = check_open
+        self._subscribed: set[str] = set()
+        self._subscribe_lock = asyncio.Lock()
+        self._backlog_query: bool | None = None  # does the broker answer CommandConsumerStats?
+
+    def topic(self, kind: str, name: str) -> str:
+        return self.settings.topic(self.config.namespace, kind, name)
+
+    async def retrying(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Run ``make`` with retries on the transient branch only; all
+        attempts together take at most the operation timeout (an attempt
+        still running then is cancelled), so an unreachable broker fails the
+        operation within it.
+
+        Raises: TransientTransportError (the last failure, or no answer in
+        time), PermanentTransportError.
+        """
+        budget = self.settings.options.operation_timeout_seconds
+        last: list[BaseException] = []
+        try:
+            async with asyncio.timeout(budget):
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(TransientTransportError),
+                    stop=stop_after_delay(budget),
+                    wait=wait_exponential(multiplier=0.05, max=1.0),
+                    reraise=True,
+                ):
+                    with attempt:
+                        try:
+                            return await make()
+                        except TransientTransportError as exc:
+                            last[:] = [exc]
+                            raise
+        except TimeoutError as exc:
+            detail = f": {last[0]}" if last else ""
+            problem = client_problem(within=budget)
+            if problem and not detail:
+                detail = f"; the client last reported: {problem}"
+            raise TransientTransportError(
+                f"no answer from the Pulsar broker at {self.settings.service_url} within "
+                f"{budget:g} s{detail}"
+            ) from (last[0] if last else exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def subscribe(
+        self, topic: str, *, receiver_queue_size: int | None = None
+    ) -> AsyncConsumer:
+        options = self.settings.options
+        return await self.client.subscribe(
+            topic,
+            self.config.consumer_group,
+            key_shared=options.subscription_type == "key_shared",
+            receiver_queue_size=options.receiver_queue_size
+            if receiver_queue_size is None
+            else receiver_queue_size,
+            nack_delay_ms=options.nack_redelivery_delay_ms,
+            ack_flush_wait=options.ack_flush_wait_ms / 1000,
+            ack_receipts=options.ack_receipts,
+            attempt_timeout=options.subscribe_attempt_timeout_seconds,
+            budget=options.operation_timeout_seconds,
+            id_spread=options.consumer_id_spread,
+        )
+
+    async def ensure_subscription(self, topic: str) -> None:
+        """Create the queue's durable subscription before the first enqueue:
+        Pulsar keeps a topic's messages for its subscriptions, so one must
+        exist before any request is accepted. A zero-permit consumer joins
+        and leaves without being dispatched anything."""
+        async with self._subscribe_lock:
+            if topic in self._subscribed:
+                return
+            consumer = await self.retrying(lambda: self.subscribe(topic, receiver_queue_size=0))
+            await consumer.close(self.settings.options.close_timeout_seconds)
+            self._subscribed.add(topic)
+
+    async def subscription_backlog(self, topic: str) -> int | None:
+        """The backlog of the queue subscription on ``topic`` over the binary
+        protocol, or ``None`` if the broker does not answer that command."""
+        if self._backlog_query is False:
+            return None
+        host, _, port = self.settings.service_url.split("://", 1)[1].split(",")[0].rpartition(":")
+        tls: ssl.SSLContext | None = None
+        if self.settings.use_tls:
+            tls = ssl.create_default_context(
+                cafile=str(self.config.tls.ca_file) if self.config.tls.ca_file else None
+            )
+            tls.check_hostname = self.config.tls.verify_hostname
+            if self.config.tls.cert_file and self.config.tls.key_file:
+                tls.load_cert_chain(self.config.tls.cert_file, self.config.tls.key_file)
+        # An unsupported command is silently ignored by some brokers: the
+        # first query waits briefly and the answer is remembered.
+        first = self._backlog_query is None
+        try:
+            result = await subscription_backlog(
+                host.strip("[]"),
+                int(port or (6651 if self.settings.use_tls else 6650)),
+                topic=topic,
+                subscription=self.config.consumer_group,
+                subscription_type=self.settings.options.subscription_type,
+                token=self.config.token.get_secret_value() if self.config.token else None,
+                tls=tls,
+                timeout=2.0 if first else self.settings.options.operation_timeout_seconds,
+            )
+        except (TransientTransportError, PermanentTransportError) as exc:
+            if not first:
+                raise
+            unanswered = isinstance(exc.__cause__, TimeoutError)
+            if unanswered or isinstance(exc, PermanentTransportError):
+                # No answer at all, or a refusal: the broker lacks the command.
+                log.warning(
+                    "broker does not report subscription backlogs (%s); depth is unknown", exc
+                )
+                self._backlog_query = False
+            return None
+        self._backlog_query = True
+        return result.backlog

@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from transport.errors import TransientTransportError, UnsupportedFeatureError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
-
-if TYPE_CHECKING:
-    from transport_pulsar._transport import PulsarTransport
+from transport_pulsar._client import PulsarContext
 
 __all__ = ["PulsarAdmin", "create_object", "object_topics", "pulsar_doctor"]
 
@@ -33,24 +31,24 @@ _KEPT = "registry state, dead letters and event history are kept until deleted"
 _INFINITE = {"retentionTimeInMinutes": -1, "retentionSizeInMB": -1}
 
 
-def object_topics(transport: PulsarTransport, kind: ObjectKind, name: str) -> list[str]:
+def object_topics(ctx: PulsarContext, kind: ObjectKind, name: str) -> list[str]:
     """The topics of one object of a plan; the first of a queue is read
     through its subscription, every other one by readers only."""
     if kind == "queue":
-        return [transport.topic("q", name), transport.topic("q", internal_name(name, "dlq"))]
+        return [ctx.topic("q", name), ctx.topic("q", internal_name(name, "dlq"))]
     if kind == "delivery_registry":
-        return [transport.topic("kv.delivery", name)]
+        return [ctx.topic("kv.delivery", name)]
     if kind == "capability_registry":
-        return [transport.topic("kv.capability", "capabilities")]
-    return [transport.topic("log", name), transport.topic("logcursor", name)]
+        return [ctx.topic("kv.capability", "capabilities")]
+    return [ctx.topic("log", name), ctx.topic("logcursor", name)]
 
 
-def _wanted_retention(transport: PulsarTransport, topic: str) -> dict[str, int]:
+def _wanted_retention(ctx: PulsarContext, topic: str) -> dict[str, int]:
     """Infinite, except on an event-log stream topic with a configured
     retention (``stream_retention_minutes`` / ``event_retention_minutes``)."""
-    o = transport.settings.options
+    o = ctx.settings.options
     local = topic.rsplit("/", 1)[-1]
-    prefix = f"{transport.config.namespace}.log."
+    prefix = f"{ctx.config.namespace}.log."
     if local.startswith(prefix):
         stream = local.removeprefix(prefix)
         minutes = o.stream_retention_minutes.get(stream, o.event_retention_minutes)
@@ -59,19 +57,19 @@ def _wanted_retention(transport: PulsarTransport, topic: str) -> dict[str, int]:
     return dict(_INFINITE)
 
 
-def _reader_only(transport: PulsarTransport, topic: str) -> bool:
+def _reader_only(ctx: PulsarContext, topic: str) -> bool:
     local = topic.rsplit("/", 1)[-1]
-    prefix = f"{transport.config.namespace}.q."
+    prefix = f"{ctx.config.namespace}.q."
     return not local.startswith(prefix) or local.endswith("__dlq")
 
 
 class PulsarAdmin:
     """The few admin REST calls provisioning and doctor need."""
 
-    def __init__(self, transport: PulsarTransport, url: str) -> None:
-        self._t = transport
+    def __init__(self, ctx: PulsarContext, url: str) -> None:
+        self._ctx = ctx
         self._base = url.rstrip("/") + "/admin/v2/persistent/"
-        self._timeout = transport.settings.options.operation_timeout_seconds
+        self._timeout = ctx.settings.options.operation_timeout_seconds
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         headers = {"Accept": "application/json"}
@@ -79,7 +77,7 @@ class PulsarAdmin:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        token = self._t.config.token
+        token = self._ctx.config.token
         if token is not None:
             headers["Authorization"] = f"Bearer {token.get_secret_value()}"
         req = urllib.request.Request(self._base + path, data=data, headers=headers, method=method)
@@ -89,7 +87,7 @@ class PulsarAdmin:
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         try:
-            return await self._t.client.run_blocking(
+            return await self._ctx.client.run_blocking(
                 lambda: self._call(method, path, body), self._timeout + 1
             )
         except urllib.error.HTTPError as exc:
@@ -106,18 +104,18 @@ class PulsarAdmin:
         return quote(topic.removeprefix("persistent://"))
 
     async def topics(self) -> set[str]:
-        o = self._t.settings.options
+        o = self._ctx.settings.options
         names = await self.call("GET", f"{quote(o.tenant)}/{quote(o.pulsar_namespace)}")
         return {str(n) for n in names or []}
 
 
-def admin_for(transport: PulsarTransport) -> PulsarAdmin | None:
-    url = transport.settings.options.admin_url
-    return None if url is None else PulsarAdmin(transport, url)
+def admin_for(ctx: PulsarContext) -> PulsarAdmin | None:
+    url = ctx.settings.options.admin_url
+    return None if url is None else PulsarAdmin(ctx, url)
 
 
-async def existing_topics(transport: PulsarTransport, topics: list[str]) -> set[str]:
-    admin = admin_for(transport)
+async def existing_topics(ctx: PulsarContext, topics: list[str]) -> set[str]:
+    admin = admin_for(ctx)
     if admin is None:
         raise UnsupportedFeatureError(
             "pulsar:// cannot tell whether a topic exists without the option admin_url "
@@ -126,33 +124,31 @@ async def existing_topics(transport: PulsarTransport, topics: list[str]) -> set[
     return set(topics) & await admin.topics()
 
 
-async def create_object(transport: PulsarTransport, kind: ObjectKind, name: str) -> None:
-    topics = object_topics(transport, kind, name)
-    admin = admin_for(transport)
+async def create_object(ctx: PulsarContext, kind: ObjectKind, name: str) -> None:
+    topics = object_topics(ctx, kind, name)
+    admin = admin_for(ctx)
     if admin is not None:
         for topic in topics:
             await admin.call("PUT", admin.path(topic))
-            if _reader_only(transport, topic):
+            if _reader_only(ctx, topic):
                 await admin.call(
-                    "POST", admin.path(topic) + "/retention", _wanted_retention(transport, topic)
+                    "POST", admin.path(topic) + "/retention", _wanted_retention(ctx, topic)
                 )
     if kind == "queue":
         # The queue's subscription holds its backlog (created at Earliest).
-        await transport.ensure_subscription(topics[0])
+        await ctx.ensure_subscription(topics[0])
     if admin is None:
         # Reader-only topics come into being when a reader or producer
         # touches them; without the admin API their retention is the
         # namespace's (see doctor).
         for topic in topics if kind != "queue" else topics[1:]:
-            reader = await transport.client.create_reader(topic)
-            await reader.close(transport.settings.options.close_timeout_seconds)
+            reader = await ctx.client.create_reader(topic)
+            await reader.close(ctx.settings.options.close_timeout_seconds)
 
 
-async def pulsar_doctor(
-    transport: PulsarTransport, plan: ProvisionPlan | None
-) -> list[DoctorFinding]:
-    admin = admin_for(transport)
-    subject = transport.settings.service_url
+async def pulsar_doctor(ctx: PulsarContext, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+    admin = admin_for(ctx)
+    subject = ctx.settings.service_url
     if admin is None:
         return [
             DoctorFinding(
@@ -168,9 +164,9 @@ async def pulsar_doctor(
         ]
     present = await admin.topics()
     if plan is not None:
-        topics = [t for kind, name in plan.objects() for t in object_topics(transport, kind, name)]
+        topics = [t for kind, name in plan.objects() for t in object_topics(ctx, kind, name)]
     else:
-        prefix = f"{transport.config.namespace}."
+        prefix = f"{ctx.config.namespace}."
         topics = sorted(t for t in present if t.rsplit("/", 1)[-1].startswith(prefix))
     findings: list[DoctorFinding] = []
     for topic in topics:
@@ -185,11 +181,11 @@ async def pulsar_doctor(
             )
             continue
         path = admin.path(topic)
-        if _reader_only(transport, topic):
+        if _reader_only(ctx, topic):
             retention = await admin.call("GET", path + "/retention?applied=true") or {}
             minutes = retention.get("retentionTimeInMinutes", 0)
             size = retention.get("retentionSizeInMB", 0)
-            wanted = _wanted_retention(transport, topic)
+            wanted = _wanted_retention(ctx, topic)
             if wanted != _INFINITE and minutes == wanted["retentionTimeInMinutes"]:
                 pass  # a stream's configured retention
             elif minutes != -1 or size != -1:

@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import contextlib
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import _pulsar
 
 from transport import EventLog, EventReader, LogEvent, encode, utcnow
 from transport.errors import ClosedResourceError, TransportError
 from transport.kit import Start, check_headers, check_start, validate_name
-from transport_pulsar._client import AsyncProducer, AsyncReader, Message, MessageId
+from transport_pulsar._client import (
+    AsyncProducer,
+    AsyncReader,
+    Message,
+    MessageId,
+    PulsarContext,
+)
 from transport_pulsar._registries import KeyedTopic
-
-if TYPE_CHECKING:
-    from transport_pulsar._transport import PulsarTransport
 
 __all__ = ["PulsarEventLog", "PulsarEventReader"]
 
@@ -146,7 +149,7 @@ class PulsarEventReader(EventReader):
         # A fresh reader at the target rather than the seek command: brokers
         # answer a seek by disconnecting the consumer, and pulsar-lite does so
         # before confirming, so the client reports the seek as failed.
-        reader = await self._log._t.client.create_reader(
+        reader = await self._log._ctx.client.create_reader(
             self._reader.topic, _target(to), inclusive=_inclusive(to)
         )
         old, self._reader = self._reader, reader
@@ -172,9 +175,9 @@ class PulsarEventReader(EventReader):
 
 
 class PulsarEventLog(EventLog):
-    def __init__(self, transport: PulsarTransport) -> None:
-        self._t = transport
-        self._close_timeout = transport.settings.options.close_timeout_seconds
+    def __init__(self, ctx: PulsarContext) -> None:
+        self._ctx = ctx
+        self._close_timeout = ctx.settings.options.close_timeout_seconds
         self._producers: dict[str, AsyncProducer] = {}
         self._cursor_topics: dict[str, KeyedTopic] = {}
         self._readers: set[PulsarEventReader] = set()
@@ -183,15 +186,15 @@ class PulsarEventLog(EventLog):
     def _check(self) -> None:
         if self._closed:
             raise ClosedResourceError("event log is closed")
-        self._t._check_open()
+        self._ctx.check_open()
 
     def _cursors(self, stream: str) -> KeyedTopic:
         topic = self._cursor_topics.get(stream)
         if topic is None:
-            options = self._t.settings.options
+            options = self._ctx.settings.options
             topic = self._cursor_topics[stream] = KeyedTopic(
-                self._t.client,
-                self._t.topic("logcursor", stream),
+                self._ctx.client,
+                self._ctx.topic("logcursor", stream),
                 timeout=options.operation_timeout_seconds,
                 close_timeout=options.close_timeout_seconds,
             )
@@ -215,11 +218,11 @@ class PulsarEventLog(EventLog):
             headers=check_headers(headers),
             appended_at=_now_ms(),
         )
-        body = encode(event, self._t.config.max_payload_bytes)
+        body = encode(event, self._ctx.config.max_payload_bytes)
         producer = self._producers.get(stream)
         if producer is None:
-            topic = self._t.topic("log", stream)
-            producer = await self._t.retrying(lambda: self._t.client.create_producer(topic))
+            topic = self._ctx.topic("log", stream)
+            producer = await self._ctx.retrying(lambda: self._ctx.client.create_producer(topic))
             self._producers[stream] = producer
         message_id = await producer.send(body, key=key, event_time_ms=_millis(event.appended_at))
         return _position(message_id)
@@ -237,8 +240,8 @@ class PulsarEventLog(EventLog):
                 skip = stored.decode()
                 start = skip
         start = check_start(start)
-        topic = self._t.topic("log", stream)
-        reader = await self._t.client.create_reader(
+        topic = self._ctx.topic("log", stream)
+        reader = await self._ctx.client.create_reader(
             topic, _target(start), inclusive=_inclusive(start)
         )
         event_reader = PulsarEventReader(self, stream, reader, cursor, skip)

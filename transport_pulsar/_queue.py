@@ -55,7 +55,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 from transport import (
@@ -83,12 +83,9 @@ from transport.kit import (
     error_header,
 )
 from transport.kit import seconds as _seconds
-from transport_pulsar._client import AsyncConsumer, AsyncProducer, Message
+from transport_pulsar._client import AsyncConsumer, AsyncProducer, Message, PulsarContext
 from transport_pulsar._errors import map_pulsar_errors
 from transport_pulsar._registries import KeyedTopic
-
-if TYPE_CHECKING:
-    from transport_pulsar._transport import PulsarTransport
 
 __all__ = ["PulsarDelivery", "PulsarRequestQueue"]
 
@@ -161,7 +158,7 @@ class PulsarDelivery(Delivery):
 class PulsarRequestQueue(RequestQueue):
     def __init__(
         self,
-        transport: PulsarTransport,
+        ctx: PulsarContext,
         name: str,
         *,
         topic: str,
@@ -174,18 +171,18 @@ class PulsarRequestQueue(RequestQueue):
         self.topic = topic
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
-        self.max_payload_bytes = transport.config.max_payload_bytes
-        self._t = transport
-        self._opts = transport.settings.options
-        self._client = transport.client
+        self.max_payload_bytes = ctx.config.max_payload_bytes
+        self._ctx = ctx
+        self._opts = ctx.settings.options
+        self._client = ctx.client
         self._timeout = self._opts.operation_timeout_seconds
         self._close_timeout = self._opts.close_timeout_seconds
         self._dlq = KeyedTopic(
-            transport.client, dlq_topic, timeout=self._timeout, close_timeout=self._close_timeout
+            ctx.client, dlq_topic, timeout=self._timeout, close_timeout=self._close_timeout
         )
         # Hand-out counts per message id (see the module docstring).
         self._attempts = KeyedTopic(
-            transport.client,
+            ctx.client,
             attempts_topic,
             timeout=self._timeout,
             close_timeout=self._close_timeout,
@@ -213,7 +210,7 @@ class PulsarRequestQueue(RequestQueue):
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
-        self._t._check_open()
+        self._ctx.check_open()
 
     # -- connections ---------------------------------------------------------
     async def _get_producer(self) -> AsyncProducer:
@@ -221,8 +218,8 @@ class PulsarRequestQueue(RequestQueue):
             return self._producer
         async with self._lock:
             if self._producer is None:
-                await self._t.ensure_subscription(self.topic)
-                self._producer = await self._t.retrying(
+                await self._ctx.ensure_subscription(self.topic)
+                self._producer = await self._ctx.retrying(
                     lambda: self._client.create_producer(self.topic)
                 )
             return self._producer
@@ -232,7 +229,7 @@ class PulsarRequestQueue(RequestQueue):
             return self._consumer
         async with self._lock:
             if self._consumer is None:
-                self._consumer = await self._t.retrying(lambda: self._t.subscribe(self.topic))
+                self._consumer = await self._ctx.retrying(lambda: self._ctx.subscribe(self.topic))
             return self._consumer
 
     # -- RequestQueue --------------------------------------------------------
@@ -656,7 +653,7 @@ class PulsarRequestQueue(RequestQueue):
             if depth:
                 head = await self._admin_head(admin)
         else:
-            depth = await self._t.subscription_backlog(self.topic)
+            depth = await self._ctx.subscription_backlog(self.topic)
         return QueueStats(
             queue=self.name,
             depth=depth,
@@ -668,7 +665,7 @@ class PulsarRequestQueue(RequestQueue):
 
     def _admin_headers(self, accept: str) -> dict[str, str]:
         headers = {"Accept": accept}
-        token = self._t.config.token
+        token = self._ctx.config.token
         if token is not None:
             headers["Authorization"] = f"Bearer {token.get_secret_value()}"
         return headers
@@ -681,7 +678,7 @@ class PulsarRequestQueue(RequestQueue):
         import urllib.request
 
         path = self.topic.removeprefix("persistent://")
-        sub = quote(self._t.config.consumer_group, safe="")
+        sub = quote(self._ctx.config.consumer_group, safe="")
         url = f"{admin.rstrip('/')}/admin/v2/persistent/{quote(path)}/subscription/{sub}/position/1"
         headers = self._admin_headers("application/octet-stream")
 
@@ -717,7 +714,7 @@ class PulsarRequestQueue(RequestQueue):
         path = self.topic.removeprefix("persistent://")
         url = f"{admin.rstrip('/')}/admin/v2/persistent/{quote(path)}/stats"
         headers = self._admin_headers("application/json")
-        group = self._t.config.consumer_group
+        group = self._ctx.config.consumer_group
 
         def fetch() -> tuple[int, int | None]:
             req = urllib.request.Request(url, headers=headers)

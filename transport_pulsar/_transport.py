@@ -52,36 +52,26 @@ Topic names: see :mod:`transport_pulsar._config`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pulsar
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
 from transport.errors import (
     ConfigurationError,
-    PermanentTransportError,
     TransientTransportError,
     TransportError,
 )
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
-from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient, client_problem
+from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient, PulsarContext
 from transport_pulsar._config import PulsarSettings, parse_settings
 from transport_pulsar._events import PulsarEventLog
 from transport_pulsar._queue import PulsarRequestQueue
 from transport_pulsar._registries import KeyedTopic, PulsarKeyedLog
-from transport_pulsar._wire import subscription_backlog
 
 __all__ = ["PulsarTransport", "open_pulsar"]
 
@@ -180,131 +170,38 @@ class PulsarTransport(Transport):
             client_log=options.client_log,
             **kwargs,
         )
-        self._subscribed: set[str] = set()
-        self._subscribe_lock = asyncio.Lock()
-        self._backlog_query: bool | None = None  # does the broker answer CommandConsumerStats?
+        # What every queue, log and the doctor get instead of the transport.
+        self.ctx = PulsarContext(self.client, self.settings, config, self._check_open)
 
     def topic(self, kind: str, name: str) -> str:
-        return self.settings.topic(self.config.namespace, kind, name)
+        return self.ctx.topic(kind, name)
 
     @property
     def operation_timeout(self) -> float:
         return self.settings.options.operation_timeout_seconds
 
     async def retrying(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Run ``make`` with retries on the transient branch only; all
-        attempts together take at most the operation timeout (an attempt
-        still running then is cancelled), so an unreachable broker fails the
-        operation within it.
-
-        Raises: TransientTransportError (the last failure, or no answer in
-        time), PermanentTransportError.
-        """
-        budget = self.settings.options.operation_timeout_seconds
-        last: list[BaseException] = []
-        try:
-            async with asyncio.timeout(budget):
-                async for attempt in AsyncRetrying(
-                    retry=retry_if_exception_type(TransientTransportError),
-                    stop=stop_after_delay(budget),
-                    wait=wait_exponential(multiplier=0.05, max=1.0),
-                    reraise=True,
-                ):
-                    with attempt:
-                        try:
-                            return await make()
-                        except TransientTransportError as exc:
-                            last[:] = [exc]
-                            raise
-        except TimeoutError as exc:
-            detail = f": {last[0]}" if last else ""
-            problem = client_problem(within=budget)
-            if problem and not detail:
-                detail = f"; the client last reported: {problem}"
-            raise TransientTransportError(
-                f"no answer from the Pulsar broker at {self.settings.service_url} within "
-                f"{budget:g} s{detail}"
-            ) from (last[0] if last else exc)
-        raise AssertionError("unreachable")  # pragma: no cover
+        """See :meth:`PulsarContext.retrying`."""
+        return await self.ctx.retrying(make)
 
     async def subscribe(
         self, topic: str, *, receiver_queue_size: int | None = None
     ) -> AsyncConsumer:
-        options = self.settings.options
-        return await self.client.subscribe(
-            topic,
-            self.config.consumer_group,
-            key_shared=options.subscription_type == "key_shared",
-            receiver_queue_size=options.receiver_queue_size
-            if receiver_queue_size is None
-            else receiver_queue_size,
-            nack_delay_ms=options.nack_redelivery_delay_ms,
-            ack_flush_wait=options.ack_flush_wait_ms / 1000,
-            ack_receipts=options.ack_receipts,
-            attempt_timeout=options.subscribe_attempt_timeout_seconds,
-            budget=options.operation_timeout_seconds,
-            id_spread=options.consumer_id_spread,
-        )
+        return await self.ctx.subscribe(topic, receiver_queue_size=receiver_queue_size)
 
     async def ensure_subscription(self, topic: str) -> None:
-        """Create the queue's durable subscription before the first enqueue:
-        Pulsar keeps a topic's messages for its subscriptions, so one must
-        exist before any request is accepted. A zero-permit consumer joins
-        and leaves without being dispatched anything."""
-        async with self._subscribe_lock:
-            if topic in self._subscribed:
-                return
-            consumer = await self.retrying(lambda: self.subscribe(topic, receiver_queue_size=0))
-            await consumer.close(self.settings.options.close_timeout_seconds)
-            self._subscribed.add(topic)
+        """See :meth:`PulsarContext.ensure_subscription`."""
+        await self.ctx.ensure_subscription(topic)
 
     async def subscription_backlog(self, topic: str) -> int | None:
-        """The backlog of the queue subscription on ``topic`` over the binary
-        protocol, or ``None`` if the broker does not answer that command."""
-        if self._backlog_query is False:
-            return None
-        host, _, port = self.settings.service_url.split("://", 1)[1].split(",")[0].rpartition(":")
-        tls: ssl.SSLContext | None = None
-        if self.settings.use_tls:
-            tls = ssl.create_default_context(
-                cafile=str(self.config.tls.ca_file) if self.config.tls.ca_file else None
-            )
-            tls.check_hostname = self.config.tls.verify_hostname
-            if self.config.tls.cert_file and self.config.tls.key_file:
-                tls.load_cert_chain(self.config.tls.cert_file, self.config.tls.key_file)
-        # An unsupported command is silently ignored by some brokers: the
-        # first query waits briefly and the answer is remembered.
-        first = self._backlog_query is None
-        try:
-            result = await subscription_backlog(
-                host.strip("[]"),
-                int(port or (6651 if self.settings.use_tls else 6650)),
-                topic=topic,
-                subscription=self.config.consumer_group,
-                subscription_type=self.settings.options.subscription_type,
-                token=self.config.token.get_secret_value() if self.config.token else None,
-                tls=tls,
-                timeout=2.0 if first else self.settings.options.operation_timeout_seconds,
-            )
-        except (TransientTransportError, PermanentTransportError) as exc:
-            if not first:
-                raise
-            unanswered = isinstance(exc.__cause__, TimeoutError)
-            if unanswered or isinstance(exc, PermanentTransportError):
-                # No answer at all, or a refusal: the broker lacks the command.
-                log.warning(
-                    "broker does not report subscription backlogs (%s); depth is unknown", exc
-                )
-                self._backlog_query = False
-            return None
-        self._backlog_query = True
-        return result.backlog
+        """See :meth:`PulsarContext.subscription_backlog`."""
+        return await self.ctx.subscription_backlog(topic)
 
     def _open_queue(
         self, name: str, *, lease_seconds: float, max_attempts: int
     ) -> PulsarRequestQueue:
         return PulsarRequestQueue(
-            self,
+            self.ctx,
             name,
             topic=self.topic("q", name),
             dlq_topic=self.topic("q", internal_name(name, "dlq")),
@@ -327,28 +224,28 @@ class PulsarTransport(Transport):
         )
 
     def _open_event_log(self) -> PulsarEventLog:
-        return PulsarEventLog(self)
+        return PulsarEventLog(self.ctx)
 
     # -- provisioning and doctor (see transport_pulsar._doctor) --------------
     def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
         from transport_pulsar._doctor import object_topics
 
-        return object_topics(self, kind, name)
+        return object_topics(self.ctx, kind, name)
 
     async def _existing(self, objects: list[str]) -> set[str]:
         from transport_pulsar._doctor import existing_topics
 
-        return await existing_topics(self, objects)
+        return await existing_topics(self.ctx, objects)
 
     async def _create(self, kind: ObjectKind, name: str) -> None:
         from transport_pulsar._doctor import create_object
 
-        await create_object(self, kind, name)
+        await create_object(self.ctx, kind, name)
 
     async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
         from transport_pulsar._doctor import pulsar_doctor
 
-        return await pulsar_doctor(self, plan)
+        return await pulsar_doctor(self.ctx, plan)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()

@@ -32,7 +32,7 @@ class NatsHarness(BackendHarness):
         # Built directly: priority levels (``name__p0``) are internal names.
         assert isinstance(transport, NatsTransport)
         queue = NatsRequestQueue(
-            transport, queue_name, lease_seconds=self.lease_seconds, max_attempts=1
+            transport.ctx, queue_name, lease_seconds=self.lease_seconds, max_attempts=1
         )
         try:
             await queue._publish(queue.subject, queue.stream, data, f"raw-{uuid.uuid4().hex}")

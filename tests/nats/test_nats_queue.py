@@ -51,7 +51,7 @@ async def test_unreachable_server_is_transient() -> None:
 
 def test_broker_names_follow_the_documented_mapping(nats_config: TransportConfig) -> None:
     transport = NatsTransport(nats_config)
-    queue = NatsRequestQueue(transport, "orders", lease_seconds=1, max_attempts=3)
+    queue = NatsRequestQueue(transport.ctx, "orders", lease_seconds=1, max_attempts=3)
     ns = nats_config.namespace
     assert (queue.stream, queue.subject) == (f"{ns}__orders", f"{ns}.q.orders")
     assert (queue.dlq_stream, queue.dlq_subject) == (f"{ns}__orders__dlq", f"{ns}.dlq.orders")
@@ -155,7 +155,7 @@ async def test_keyed_log_get_by_direct_get(transport: Transport, namespace: str)
     from transport_nats._registries import NatsKeyedLog
 
     assert isinstance(transport, NatsTransport)
-    log = NatsKeyedLog(transport, f"{namespace}__delivery__direct")
+    log = NatsKeyedLog(transport.ctx, f"{namespace}__delivery__direct")
     await log.put("a", b"one")
     await log.put("empty", b"")
     assert await log.get("a") == b"one"
