@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from transport import TransportConfig
+from transport import TransportConfig, validate_subject
 from transport.errors import ConfigurationError
 
 __all__ = ["NatsOptions", "parse_servers"]
@@ -50,6 +50,20 @@ class NatsOptions(BaseModel):
     prefetch: int = Field(default=1, ge=1, le=1024)
     #: Stream replicas (1 on a single server; 3 on a cluster).
     replicas: int = Field(default=1, ge=1, le=5)
+    #: Subject prefix of the event bus on the wire. Empty (default): subject
+    #: ``s`` is ``s`` on the wire, so plain NATS clients publish to and
+    #: subscribe on the documented subjects directly. Set (e.g. to the
+    #: namespace) to isolate buses sharing a server: ``s`` is then
+    #: ``<bus_prefix>.s``, and events published without it are not seen.
+    bus_prefix: str = ""
+
+    @field_validator("bus_prefix")
+    @classmethod
+    def _check_bus_prefix(cls, value: str) -> str:
+        # Tokens as in any subject, no wildcards (a ValueError: reported as
+        # an invalid option).
+        return value if value == "" else validate_subject(value)
+
     #: ``max_age`` (seconds) of event-log streams: 0 (default) keeps every
     #: event; a positive value lets the server delete older events.
     event_max_age: float = Field(default=0.0, ge=0)

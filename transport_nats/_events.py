@@ -1,8 +1,12 @@
 """Event bus on core NATS and event log on JetStream.
 
-Bus: subject ``s`` is published as ``<ns>.ev.<s>`` (subscriptions likewise,
-with NATS's own ``*``/``>`` wildcards and queue groups); at-most-once, no
-persistence; ``request`` is a NATS request (no responders → TimeoutError).
+Bus: subject ``s`` is published as ``s`` (or ``<bus_prefix>.s`` with the
+option ``bus_prefix``; subscriptions likewise, with NATS's own ``*``/``>``
+wildcards and queue groups); at-most-once, no persistence; ``request`` is a
+NATS request (no responders → TimeoutError). The body is an
+:class:`~transport.Event`; a message another program published with any
+other body is received as an event of that subject whose ``data`` is the
+body (parsed JSON, else text) and whose headers are the message's valid ones.
 
 Log: stream ``s`` is the JetStream stream ``<ns>__log__<s>`` (limits
 retention, file storage, subject ``<ns>.log.<s>``); a position is the stream
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from datetime import datetime
 from typing import Any
@@ -54,20 +59,48 @@ _CLOSED = object()
 _RECHECK = 1.0  # seconds between re-checks of a waiting log reader
 
 
+def _foreign_event(msg: Msg, subject: str) -> Event:
+    """A message another program published: its body as ``data`` (JSON if it
+    parses, else text), its valid headers.
+
+    Raises: UndecodableMessageError if the body is neither.
+    """
+    try:
+        data: Any = json.loads(msg.data) if msg.data else None
+    except ValueError:
+        try:
+            data = msg.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UndecodableMessageError(f"a body that is neither JSON nor text: {exc}") from exc
+    headers: dict[str, str] = {}
+    for name, value in (msg.headers or {}).items():
+        with contextlib.suppress(ValueError):
+            headers.update(check_headers({name: value}))
+    try:
+        return Event(subject=subject, data=data, headers=headers)
+    except ValueError as exc:
+        raise UndecodableMessageError(str(exc)) from exc
+
+
 class _NatsSubscription(Subscription):
-    def __init__(self, pattern: str, queue_group: str | None) -> None:
+    def __init__(self, pattern: str, queue_group: str | None, prefix: str = "") -> None:
         self.pattern = pattern
         self.queue_group = queue_group
+        self.prefix = prefix
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.sub: Any = None
         self._closed = False
 
     async def on_msg(self, msg: Msg) -> None:
+        subject = msg.subject[len(self.prefix) :]
         try:
             event = decode(Event, msg.data)
-        except UndecodableMessageError as exc:
-            log.warning("event bus: dropping an undecodable event on %s: %s", msg.subject, exc)
-            return
+        except UndecodableMessageError:
+            try:
+                event = _foreign_event(msg, subject)
+            except UndecodableMessageError as exc:
+                log.warning("event bus: dropping an undecodable event on %s: %s", msg.subject, exc)
+                return
         if msg.reply:
             event = event.model_copy(update={"reply_to": msg.reply})
         self.queue.put_nowait(event)
@@ -96,7 +129,8 @@ class NatsEventBus(EventBus):
 
     def __init__(self, ctx: NatsContext) -> None:
         self._ctx = ctx
-        self._prefix = f"{ctx.config.namespace}.ev."
+        bus_prefix = ctx.options.bus_prefix
+        self._prefix = f"{bus_prefix}." if bus_prefix else ""
         self._limit = ctx.config.max_payload_bytes
         self._subs: list[_NatsSubscription] = []
         self._closed = False
@@ -120,7 +154,7 @@ class NatsEventBus(EventBus):
         validate_subject(pattern, pattern=True)
         if queue_group is not None:
             validate_name(queue_group, "queue group")
-        subscription = _NatsSubscription(pattern, queue_group)
+        subscription = _NatsSubscription(pattern, queue_group, self._prefix)
         with map_nats_errors(f"subscribing to {pattern}"):
             subscription.sub = await self._ctx.nc.subscribe(
                 self._prefix + pattern, queue=queue_group or "", cb=subscription.on_msg

@@ -19,7 +19,7 @@ queue stream (work-queue)     ``ns__q``, subject ``ns.q.q``
 dead-letter stream (limits)   ``ns__q__dlq``, subject ``ns.dlq.q``
 durable pull consumer         ``TransportConfig.consumer_group``
 registry KV bucket            ``ns__delivery__<name>``, ``ns__capability__capabilities``
-event bus subject ``s``       ``ns.ev.s`` (core NATS)
+event bus subject ``s``       ``s`` (core NATS; ``<bus_prefix>.s`` with that option)
 event log stream ``s``        ``ns__log__s``, subject ``ns.log.s``; cursors in ``ns__log_cursors``
 ============================  =========================================
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from jsonschema import Draft202012Validator
 
-from transport import TransportConfig, WorkRequest, connect
+from transport import Event, TransportConfig, WorkRequest, connect
 
 pytestmark = pytest.mark.broker
 
@@ -83,7 +84,7 @@ async def test_nats_objects_and_bodies_are_as_documented(
             assert raw.subject == f"{ns}.log.audit"
             assert _errors("NatsLogRecord", raw.data or b"") == []
 
-            sub = await nc.subscribe(f"{ns}.ev.agent.events.kitchen")
+            sub = await nc.subscribe("agent.events.kitchen")  # the subject as written
             await nc.flush()
             # This test checks what is on the wire, not delivery: the bus is
             # core NATS (at most once), so publish again until one arrives.
@@ -101,3 +102,70 @@ async def test_nats_objects_and_bodies_are_as_documented(
             assert (event["subject"], event["reply_to"]) == ("agent.events.kitchen", None)
     finally:
         await nc.close()
+
+
+async def test_plain_nats_clients_and_the_bus_share_the_documented_subjects(
+    nats_config: TransportConfig,
+) -> None:
+    """With the default (no ``bus_prefix``) a plain NATS client publishing on
+    ``plugin.inbound.pricing`` reaches ``bus.subscribe("plugin.inbound.>")``,
+    with its own body as the event's data, and a plain ``request`` is
+    answered by ``bus.serve``."""
+    transport = await connect(nats_config)
+    nc = await nats.connect(nats_config.url)
+    bus = transport.event_bus()
+    try:
+        subscription = await bus.subscribe("plugin.inbound.>")
+        await nc.publish("plugin.inbound.pricing", b'{"dish": "soup"}', headers={"x-from": "plain"})
+        await nc.publish("plugin.inbound.stock", b"just text")
+        first = await subscription.next(timeout=10)
+        second = await subscription.next(timeout=10)
+        assert first is not None and second is not None
+        assert (first.subject, first.data, first.headers) == (
+            "plugin.inbound.pricing",
+            {"dish": "soup"},
+            {"x-from": "plain"},
+        )
+        assert (second.subject, second.data) == ("plugin.inbound.stock", "just text")
+        await subscription.aclose()
+
+        async def price(event: Event) -> Any:
+            return {"price": 4, "for": event.data}
+
+        server = await bus.serve("plugin.inbound.pricing", price)
+        try:
+            reply = await nc.request("plugin.inbound.pricing", b'"soup"', timeout=10)
+        finally:
+            server.cancel()
+        answered = json.loads(reply.data)
+        assert answered["data"] == {"price": 4, "for": "soup"}
+    finally:
+        await nc.close()
+        await transport.aclose()
+
+
+async def test_bus_prefix_isolates_buses_on_one_server(nats_config: TransportConfig) -> None:
+    isolated = nats_config.model_copy(
+        update={"options": {**nats_config.options, "bus_prefix": nats_config.namespace}}
+    )
+    plain_transport = await connect(nats_config)
+    isolated_transport = await connect(isolated)
+    nc = await nats.connect(nats_config.url)
+    try:
+        mine = await isolated_transport.event_bus().subscribe("agent.events.>")
+        raw = await nc.subscribe(f"{nats_config.namespace}.agent.events.>")
+        await nc.flush()
+        await plain_transport.event_bus().publish("agent.events.kitchen", "unprefixed")
+        await isolated_transport.event_bus().publish("agent.events.kitchen", "prefixed")
+        got = await mine.next(timeout=10)
+        assert got is not None and (got.subject, got.data) == ("agent.events.kitchen", "prefixed")
+        # The unprefixed one was published first: had it crossed, it would
+        # have arrived first.
+        assert await mine.next(timeout=0.5) is None
+        wire = await raw.next_msg(timeout=10)
+        assert wire.subject == f"{nats_config.namespace}.agent.events.kitchen"
+        await mine.aclose()
+    finally:
+        await nc.close()
+        await isolated_transport.aclose()
+        await plain_transport.aclose()
