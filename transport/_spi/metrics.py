@@ -293,6 +293,13 @@ class InstrumentedRequestQueue(RequestQueue):
         """As :meth:`RequestQueue.requeue_dead_letters` (nothing is reported)."""
         return await self.inner.requeue_dead_letters(request_ids)
 
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        """As :meth:`RequestQueue.replace_dead_letter`, then counts ``enqueued``."""
+        done = await self.inner.replace_dead_letter(dead_letter_id, request)
+        if done:
+            self._sink.increment("enqueued", self._labels)
+        return done
+
     async def aclose(self) -> None:
         """Close the wrapped queue (as :meth:`RequestQueue.aclose`)."""
         await self.inner.aclose()

@@ -377,6 +377,11 @@ class DeadLetter(_WireModel):
     error: str
     attempts: int
     dead_lettered_at: datetime = Field(default_factory=utcnow)
+    dead_letter_id: str | None = Field(
+        default=None,
+        description="the backend's id of this dead letter, for "
+        "RequestQueue.replace_dead_letter (set when listed by dead_letters())",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -306,8 +306,30 @@ class PriorityRequestQueue(RequestQueue):
         Raises: as :meth:`RequestQueue.dead_letters` (TransientTransportError).
         """
         parts = await asyncio.gather(*(q.dead_letters(limit) for q in self._queues))
-        merged = sorted((d for p in parts for d in p), key=lambda d: d.dead_lettered_at)
+        merged = sorted(
+            (
+                d
+                if d.dead_letter_id is None
+                else d.model_copy(update={"dead_letter_id": f"{level}:{d.dead_letter_id}"})
+                for level, p in enumerate(parts)
+                for d in p
+            ),
+            key=lambda d: d.dead_lettered_at,
+        )
         return merged[:limit]
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        """As :meth:`RequestQueue.replace_dead_letter` on the level the dead
+        letter is in (its id, as :meth:`dead_letters` gives it, names the
+        level); ``request`` goes to that level.
+
+        Raises: ValueError for an id this queue did not give out; as
+        :meth:`RequestQueue.replace_dead_letter`.
+        """
+        level, sep, inner = dead_letter_id.partition(":")
+        if not sep or not level.isdigit() or int(level) >= self.levels:
+            raise ValueError(f"not a dead letter id of this priority queue: {dead_letter_id!r}")
+        return await self._queues[int(level)].replace_dead_letter(inner, request)
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
         """Requeue dead letters (all, or those named) to their own level;

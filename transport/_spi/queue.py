@@ -12,6 +12,7 @@ from typing import Any, Self
 
 from transport._spi.codec import encode
 from transport._spi.models import DeadLetter, QueueStats, WorkRequest, replace_fields, utcnow
+from transport.errors import UnsupportedFeatureError
 
 __all__ = ["Delivery", "RequestQueue", "hand_to_waiter", "seconds"]
 
@@ -229,6 +230,25 @@ class RequestQueue(ABC):
         dead-letter queue (a crash in between gives a duplicate, never a loss).
         Raises: TransientTransportError.
         """
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        """Put ``request`` on the queue in place of the dead letter
+        ``dead_letter_id`` (from :attr:`DeadLetter.dead_letter_id`), then
+        remove that dead letter. Meant for what ``requeue_dead_letters``
+        leaves alone: an undecodable body, repaired by an operator from
+        :meth:`DeadLetter.raw_bytes`. Returns False (and enqueues nothing) if
+        there is no such dead letter.
+
+        Guarantees: ``request`` is enqueued (as by :meth:`enqueue`, its
+        ``attempt`` starting again at 1) before the dead letter is removed: a
+        crash in between leaves both, a duplicate, never a loss.
+        Raises: UnsupportedFeatureError where the backend cannot (the default
+        of this base class); what :meth:`enqueue` raises;
+        TransientTransportError.
+        """
+        raise UnsupportedFeatureError(
+            f"{type(self).__name__} cannot replace dead letters (no replace_dead_letter)"
+        )
 
     @abstractmethod
     async def aclose(self) -> None:

@@ -19,6 +19,7 @@ from transport import (
     RequestQueue,
     Transport,
     WorkRequest,
+    decode,
 )
 from transport.testing._util import drain, enqueue_all, make_requests, poll_either, poll_until
 from transport.testing.harness import BackendHarness
@@ -298,6 +299,44 @@ class RequestQueueConformance:
             [b"\xff\xfe not json at all", b'{"unexpected": "schema"}']
         )
         assert sorted(d.raw_encoding for d in dead) == ["base64", "utf-8"]
+
+    async def test_an_undecodable_dead_letter_is_repaired_and_replaced(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        broken = b'{"request_id": "repair-1", "task": "cook", "payload": "caf\xe9"}'  # latin-1
+        await harness.inject_raw(transport, self.raw_target(queue_name), broken)
+        [good] = await enqueue_all(queue, make_requests(1))
+        delivery = await poll_until(queue, good.request_id, harness.scaled(15), ack_others=False)
+        assert delivery is not None
+        await delivery.ack()
+        deadline = time.monotonic() + harness.scaled(10)
+        while True:
+            dead = await queue.dead_letters()
+            if dead or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert len(dead) == 1 and dead[0].dead_letter_id is not None, dead
+        assert dead[0].raw_bytes() == broken and dead[0].raw_encoding == "base64"
+        # The operator repairs the bytes and puts the request back.
+        repaired = decode(WorkRequest, (dead[0].raw_bytes() or b"").decode("latin-1").encode())
+        assert await queue.replace_dead_letter(dead[0].dead_letter_id, repaired)
+        back = await queue.poll(harness.scaled(15))
+        assert back is not None, "the repaired request was never delivered"
+        assert (back.request.request_id, back.request.payload, back.attempt) == (
+            "repair-1",
+            "caf\u00e9",
+            1,
+        )
+        assert await back.ack()
+        deadline = time.monotonic() + harness.scaled(10)
+        while True:
+            left = await queue.dead_letters()
+            if not left or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert left == []
+        assert not await queue.replace_dead_letter(dead[0].dead_letter_id, repaired)
 
     # 10
     async def test_long_handler_extending_is_not_redelivered(

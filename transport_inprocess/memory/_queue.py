@@ -106,6 +106,7 @@ class MemoryRequestQueue(RequestQueue):
                 raw=None if request is not None else msg.data,
                 error=error,
                 attempts=msg.attempts,
+                dead_letter_id=str(next(_token)),
             )
         )
 
@@ -310,6 +311,16 @@ class MemoryRequestQueue(RequestQueue):
             for _ in range(moved):
                 _notify_one(self._state)
         return moved
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        self._check_open()
+        with self._broker.lock:
+            if not any(d.dead_letter_id == dead_letter_id for d in self._state.dead):
+                return False
+        await self.enqueue(replace_fields(request, attempt=1))
+        with self._broker.lock:
+            self._state.dead = [d for d in self._state.dead if d.dead_letter_id != dead_letter_id]
+        return True
 
     async def aclose(self) -> None:
         if self._closed:

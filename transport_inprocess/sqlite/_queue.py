@@ -27,13 +27,14 @@ from transport import (
     RequestQueue,
     WorkRequest,
     decode,
+    encode,
 )
 from transport.errors import (
     ClosedResourceError,
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import decode_request, derived_request_id, replace_fields
+from transport.kit import decode_request, derived_request_id, replace_fields, utcnow
 from transport.kit import seconds as _seconds
 from transport_inprocess.sqlite._client import SqliteContext
 
@@ -460,6 +461,7 @@ class SqliteRequestQueue(RequestQueue):
                         error=error,
                         attempts=attempts,
                         dead_lettered_at=datetime.fromtimestamp(dead_at, UTC),
+                        dead_letter_id=str(dead_id),
                     )
                 )
             return out
@@ -489,6 +491,32 @@ class SqliteRequestQueue(RequestQueue):
             return moved
 
         moved = await self._store.write(op)
+        if moved:
+            self._ctx.signals.notify(self._key)
+        return moved
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        self._check_open()
+        if not dead_letter_id.isdigit():
+            return False
+        row_id, key = int(dead_letter_id), self._key
+        stamped = request.enqueued_at or utcnow()
+        fresh = replace_fields(request, attempt=1, enqueued_at=stamped)
+        body = encode(fresh, self.max_payload_bytes)
+
+        def op(conn: sqlite3.Connection) -> bool:
+            # One transaction: the request is enqueued and the dead letter
+            # removed together (stronger than enqueue-before-remove).
+            found = conn.execute(
+                "SELECT 1 FROM dead_letters WHERE id = ? AND queue = ?", (row_id, key)
+            ).fetchone()
+            if found is None:
+                return False
+            _insert_many(conn, [(key, fresh.request_id, body)])
+            conn.execute("DELETE FROM dead_letters WHERE id = ?", (row_id,))
+            return True
+
+        moved = bool(await self._store.write(op))
         if moved:
             self._ctx.signals.notify(self._key)
         return moved
