@@ -20,11 +20,17 @@ Baselines give the library's guarantees where the raw client can:
   with the client's own grouped acks, and both sides without receipts;
 * round trip: the raw client's own publish → receive → ack → reply publish →
   receive, with two threads.
+
+``python -m benchmarks.pulsar [N] [ROUNDS]`` runs only the sequential rows
+(N requests, default 2,000; ROUNDS alternating rounds, default 3) and prints
+the load average around them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 import uuid
@@ -370,6 +376,49 @@ async def raw_round_trip(url: str, n: int) -> list[float]:
     return await asyncio.to_thread(run)
 
 
+async def sequential_rows(
+    url: str, n: int, rounds: int, progress: Callable[[str], None]
+) -> list[Row]:
+    """The sequential poll→ack rows: one worker, one request at a time,
+    ``n`` requests, ``rounds`` alternating rounds (median)."""
+    rows: list[Row] = []
+    # (label, our ack_receipts, the raw loop's acks, note, target)
+    variants: list[tuple[str, bool, str, str, float | None]] = [
+        (
+            "sequential poll+ack",
+            True,
+            "receipts",
+            "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, defaults)",
+            0.5,
+        ),
+        (
+            "sequential (raw grouped)",
+            True,
+            "grouped",
+            "same loop, the client's default 100 ms ack grouping (acks not sent on return; informational)",
+            None,
+        ),
+        (
+            "sequential (no receipts)",
+            False,
+            "at once",
+            "same loop, both with acks sent at once, unconfirmed (ours: ack_receipts=False; informational)",
+            None,
+        ),
+    ]
+    for label, receipts, raw_acks, note, target in variants:
+        progress(f"pulsar: {label} ({n:,})")
+        a, b = await alternate(
+            lambda receipts=receipts: library.sequential_poll_ack(
+                _config(url, ack_receipts=receipts), n
+            ),
+            lambda raw_acks=raw_acks: raw_sequential(url, n, acks=raw_acks),
+            rounds,
+        )
+        rows.append(throughput_row("pulsar", label, a, b, note, target))
+    return rows
+
+
 async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
     broker = await asyncio.to_thread(_broker)
     url, r = broker.url, sizes.rounds
@@ -426,40 +475,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
         sequential = max(sizes.consume // 4, 2000)
-        # (label, our ack_receipts, the raw loop's acks, note, target)
-        variants: list[tuple[str, bool, str, str, float | None]] = [
-            (
-                "sequential poll+ack",
-                True,
-                "receipts",
-                "one receive+acknowledge loop, prefetch 1, ack receipts (ours: one poll→ack loop, defaults)",
-                0.5,
-            ),
-            (
-                "sequential (raw grouped)",
-                True,
-                "grouped",
-                "same loop, the client's default 100 ms ack grouping (acks not sent on return; informational)",
-                None,
-            ),
-            (
-                "sequential (no receipts)",
-                False,
-                "at once",
-                "same loop, both with acks sent at once, unconfirmed (ours: ack_receipts=False; informational)",
-                None,
-            ),
-        ]
-        for label, receipts, raw_acks, note, target in variants:
-            progress(f"pulsar: {label} ({sequential:,})")
-            a, b = await alternate(
-                lambda receipts=receipts: library.sequential_poll_ack(
-                    _config(url, ack_receipts=receipts), sequential
-                ),
-                lambda raw_acks=raw_acks: raw_sequential(url, sequential, acks=raw_acks),
-                r,
-            )
-            rows.append(throughput_row("pulsar", label, a, b, note, target))
+        rows += await sequential_rows(url, sequential, r, progress)
         progress("pulsar: round trip")
         ours_samples: list[float] = []
         raw_samples: list[float] = []
@@ -516,3 +532,29 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
     finally:
         await asyncio.to_thread(broker.close)
     return rows
+
+
+async def _sequential_main(n: int, rounds: int) -> None:
+    broker = await asyncio.to_thread(_broker)
+    try:
+        before = os.getloadavg()
+        rows = await sequential_rows(broker.url, n, rounds, lambda line: print(line, flush=True))
+        after = os.getloadavg()
+    finally:
+        await asyncio.to_thread(broker.close)
+    for row in rows:
+        print(
+            f"{row.operation:26s} ours {row.ours:10,.1f}  raw {row.baseline:10,.1f} msg/s"
+            f"  ratio {row.ratio:.2f}"
+        )
+    print(f"load average {before[0]:.2f} {before[1]:.2f} -> {after[0]:.2f} {after[1]:.2f}")
+
+
+if __name__ == "__main__":
+    # Just the sequential rows: python -m benchmarks.pulsar [N] [ROUNDS]
+    asyncio.run(
+        _sequential_main(
+            int(sys.argv[1]) if len(sys.argv) > 1 else 2000,
+            int(sys.argv[2]) if len(sys.argv) > 2 else 3,
+        )
+    )
