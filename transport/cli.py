@@ -20,10 +20,11 @@ from typing import Any
 from pydantic import BaseModel
 
 from transport._ops.logging import configure_logging
+from transport._spi.codec import decode
 from transport._spi.config import TransportConfig, load_config
 from transport._spi.connect import connect
 from transport._spi.doctor import ProvisionPlan
-from transport._spi.models import DeadLetter, HealthStatus
+from transport._spi.models import DeadLetter, HealthStatus, WorkRequest
 from transport._spi.queue import RequestQueue
 from transport._spi.transport import Transport
 from transport.errors import TransportError, UnsupportedFeatureError
@@ -196,6 +197,32 @@ async def _outbox(args: argparse.Namespace, out: _Output) -> int:
         return 0
 
 
+async def _replace(args: argparse.Namespace, queue: RequestQueue, out: _Output) -> int:
+    """``dead-letters replace QUEUE --dead-letter ID --body FILE``."""
+    if not args.dead_letter or args.body is None:
+        raise ValueError("replace needs --dead-letter ID and --body FILE")
+    try:
+        data = args.body.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {args.body}: {exc.strerror}") from exc
+    try:
+        request = decode(WorkRequest, data)
+    except TransportError as exc:
+        raise ValueError(f"{args.body} is not a valid request: {exc}") from exc
+    if not await queue.replace_dead_letter(args.dead_letter, request):
+        out.progress(f"transport: {args.queue} has no dead letter {args.dead_letter!r}")
+        return 1
+    if out.as_json:
+        out.emit(
+            {"queue": args.queue, "replaced": args.dead_letter, "request_id": request.request_id}
+        )
+    else:
+        print(
+            f"replaced dead letter {args.dead_letter} of {args.queue} by request {request.request_id}"
+        )
+    return 0
+
+
 async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> int:
     from transport._ops.top import TopCollector, run_top
 
@@ -246,11 +273,16 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
                         "attempts": d.attempts,
                         "error": (d.error[:60] + "…") if len(d.error) > 60 else d.error,
                         "at": d.dead_lettered_at.isoformat(timespec="seconds"),
+                        "dead_letter_id": d.dead_letter_id or "-",
                     }
                     for d in dead
                 ]
-                out.emit(dead, rows, ["request_id", "task", "attempts", "error", "at"])
+                out.emit(
+                    dead, rows, ["request_id", "task", "attempts", "error", "at", "dead_letter_id"]
+                )
                 return 0
+            if args.action == "replace":
+                return await _replace(args, queue, out)
             return await _requeue(args, queue, out)
         if args.command == "pending":
             records = await transport.delivery_registry(args.registry).records()
@@ -391,9 +423,12 @@ def _parser() -> argparse.ArgumentParser:
     stats = command("stats", "queue depth/lag, in flight, delayed, dead-lettered")
     stats.add_argument("queues", nargs="+", metavar="QUEUE", help="queue name(s)")
     levels(stats)
-    dead = command("dead-letters", "list or requeue dead letters")
+    dead = command("dead-letters", "list, requeue or replace (repair) dead letters")
     dead.add_argument(
-        "action", choices=["list", "requeue"], help="list them, or move them back to the queue"
+        "action",
+        choices=["list", "requeue", "replace"],
+        help="list them; move them back to the queue; or put a repaired request (--body) "
+        "in place of one (--dead-letter), e.g. an undecodable body fixed by hand",
     )
     dead.add_argument("queue", metavar="QUEUE", help="the queue whose dead letters to use")
     levels(dead)
@@ -406,6 +441,17 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ID",
         help="requeue only this request id, or a unique prefix of it (repeatable; default: all)",
+    )
+    dead.add_argument(
+        "--dead-letter",
+        metavar="DEAD_LETTER_ID",
+        help="replace: the dead letter's id (the dead_letter_id column of list)",
+    )
+    dead.add_argument(
+        "--body",
+        type=Path,
+        metavar="FILE",
+        help="replace: a file holding the repaired request as JSON (see docs/wire.md)",
     )
     pending = command("pending", "requests awaiting their response in a delivery registry")
     pending.add_argument(

@@ -26,7 +26,7 @@ from transport import (
     encode,
 )
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
-from transport.kit import decode_request
+from transport.kit import decode_request, replace_fields
 from transport.kit import seconds as _seconds
 from transport_kafka._client import KafkaContext
 from transport_kafka._config import TopicNames
@@ -261,7 +261,22 @@ class KafkaRequestQueue(RequestQueue):
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         self._check_open()
         entries = await self._dead_entries()
-        return [dead for _, dead in entries if dead is not None][:limit]
+        return [
+            dead.model_copy(update={"dead_letter_id": key.decode("utf-8", "replace")})
+            for key, dead in entries
+            if dead is not None
+        ][:limit]
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        self._check_open()
+        key = dead_letter_id.encode()
+        if not any(k == key and dead is not None for k, dead in await self._dead_entries()):
+            return False
+        await self.enqueue(replace_fields(request, attempt=1))
+        await self._engine.clients.produce(
+            self.topics.dlq, key, None, what="replacing a dead letter (dlq tombstone)"
+        )
+        return True
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
         self._check_open()

@@ -74,7 +74,7 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import decode_request, hand_to_waiter, internal_name
+from transport.kit import decode_request, hand_to_waiter, internal_name, replace_fields
 from transport.kit import seconds as _seconds
 from transport_nats._client import NatsContext, check_puback
 from transport_nats._errors import map_nats_errors
@@ -829,11 +829,32 @@ class NatsRequestQueue(RequestQueue):
         out: list[DeadLetter] = []
         if limit <= 0:
             return out
-        async for _, record in self._dead_records():
-            out.append(record)
+        async for seq, record in self._dead_records():
+            out.append(record.model_copy(update={"dead_letter_id": str(seq)}))
             if len(out) >= limit:
                 break
         return out
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        self._check_open()
+        await self._ensure_streams()
+        if not dead_letter_id.isdigit():
+            return False
+        seq = int(dead_letter_id)
+        with map_nats_errors(f"reading {self.dlq_stream}"):
+            try:
+                await self._ctx.js.get_msg(self.dlq_stream, seq=seq)
+            except nats.js.errors.NotFoundError:
+                return False
+        await self.enqueue(replace_fields(request, attempt=1))
+        # Already gone (removed meanwhile by another replace): the request is
+        # enqueued all the same.
+        with (
+            map_nats_errors(f"removing dead letter from {self.dlq_stream}"),
+            contextlib.suppress(nats.js.errors.NotFoundError),
+        ):
+            await self._ctx.js.delete_msg(self.dlq_stream, seq)
+        return True
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
         self._check_open()

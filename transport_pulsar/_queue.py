@@ -607,7 +607,18 @@ class PulsarRequestQueue(RequestQueue):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         self._check_open()
-        return [record for _, record in await self._dead_records()][:limit]
+        return [
+            record.model_copy(update={"dead_letter_id": key})
+            for key, record in await self._dead_records()
+        ][:limit]
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        self._check_open()
+        if not any(key == dead_letter_id for key, _ in await self._dead_records()):
+            return False
+        await self.enqueue(request.model_copy(update={"attempt": 1}))
+        await self._dlq.write(dead_letter_id, None)
+        return True
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
         self._check_open()

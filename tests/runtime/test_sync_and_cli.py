@@ -119,3 +119,43 @@ def test_cli_demo_runs_the_kitchen_network(
 ) -> None:
     assert cli(["--url", "memory://cli-demo", "demo"]) == 0
     assert "all 9 orders answered; pending now: 0" in capsys.readouterr().out
+
+
+async def _dead_letter_a_broken_body(url: str, path: Path) -> None:
+    """Another program writes a body that is not UTF-8; a worker's poll
+    dead-letters it."""
+    import sqlite3
+
+    transport = await connect(url)  # creates the tables
+    try:
+        with sqlite3.connect(path) as conn:
+            conn.execute(
+                "INSERT INTO messages(queue, seq, request_id, body, available_at)"
+                " VALUES ('agentensemble/kitchen', 1, NULL, ?, 0)",
+                (b'{"request_id": "fix-1", "task": "cook", "payload": "caf\xe9"}',),
+            )
+        conn.close()
+        assert await transport.request_queue("kitchen").poll(0.5) is None
+    finally:
+        await transport.aclose()
+
+
+def test_cli_replaces_a_repaired_dead_letter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _db(tmp_path)
+    asyncio.run(_dead_letter_a_broken_body(url, tmp_path / "cli.db"))
+    assert cli(["--url", url, "--json", "dead-letters", "list", "kitchen"]) == 0
+    [dead] = json.loads(capsys.readouterr().out)
+    assert dead["raw_encoding"] == "base64" and dead["request"] is None
+    repaired = tmp_path / "fixed.json"
+    repaired.write_text('{"request_id": "fix-1", "task": "cook", "payload": "caf\u00e9"}')
+    args = ["--url", url, "dead-letters", "replace", "kitchen"]
+    assert cli([*args, "--dead-letter", dead["dead_letter_id"], "--body", str(repaired)]) == 0
+    assert "by request fix-1" in capsys.readouterr().out
+    assert cli(["--url", url, "--json", "stats", "kitchen"]) == 0
+    [stats] = json.loads(capsys.readouterr().out)
+    assert (stats["depth"], stats["dead_lettered"]) == (1, 0)
+    assert cli([*args, "--dead-letter", dead["dead_letter_id"], "--body", str(repaired)]) == 1
+    assert "no dead letter" in capsys.readouterr().err
+    assert cli([*args, "--dead-letter", "1"]) == 2  # no --body: invalid input
