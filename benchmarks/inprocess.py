@@ -118,6 +118,37 @@ async def ours_put_get_ack(url: str, n: int) -> float:
         await transport.aclose()
 
 
+async def memory_bus_latency(url: str, n: int) -> list[float]:
+    """Publish→receive on the memory:// event bus, one event at a time (ms)."""
+    transport = await connect(url)
+    try:
+        bus = transport.event_bus()
+        subject = f"bench.lat.{uuid.uuid4().hex[:8]}"
+        subscription = await bus.subscribe(subject)
+        samples = []
+        for i in range(n):
+            start = time.perf_counter()
+            await bus.publish(subject, i)
+            event = await subscription.next(timeout=5)
+            assert event is not None and event.data == i
+            samples.append((time.perf_counter() - start) * 1000)
+        await subscription.aclose()
+        return samples
+    finally:
+        await transport.aclose()
+
+
+async def asyncio_queue_latency(n: int) -> list[float]:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    samples = []
+    for i in range(n):
+        start = time.perf_counter()
+        queue.put_nowait(i)
+        assert await queue.get() == i
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
 def _raw_db(path: Path, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -350,6 +381,26 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
         say(f"{name}: ensemble end to end")  # type: ignore[operator]
         thr = await library.ensemble(url, sizes.round_trips * 2)
         rows.append(library.ensemble_row(name, thr))
+    say("memory: event bus publish→receive")  # type: ignore[operator]
+    ours_bus: list[float] = []
+    raw_bus: list[float] = []
+    for _ in range(r):
+        ours_bus += await memory_bus_latency(mem, sizes.round_trips)
+        raw_bus += await asyncio_queue_latency(sizes.round_trips)
+    for q in (0.5, 0.99):
+        o, b = percentile(ours_bus, q), percentile(raw_bus, q)
+        rows.append(
+            Row(
+                "memory",
+                f"bus publish→receive p{int(q * 100)}",
+                round(o, 3),
+                round(b, 3),
+                "asyncio.Queue put→get (informational: no encoding, no routing)",
+                "ms",
+                round(b / o, 3),
+                None,
+            )
+        )
     backlog = 50_000 if sizes.quick else 1_000_000
     say(f"sqlite: backlog of {backlog:,} drained by one worker")  # type: ignore[operator]
     before, filled, peak, drain = await backlog_memory(sqlite_url, backlog)
