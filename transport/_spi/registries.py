@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncGenerator, Callable, Generator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import Field
+from pydantic_core import from_json
 
 from transport._spi.codec import decode, encode
 from transport._spi.keyed import CAUGHT_UP, KeyedChange, KeyedLog
 from transport._spi.models import (
     REQUEST_ID_SCHEMA,
+    WIRE_SCHEMA_VERSION,
     Capability,
     CapabilityChange,
     WorkResponse,
@@ -49,6 +52,22 @@ __all__ = [
 log = logging.getLogger("transport.registry")
 
 _RANK = {"pending": 0, "completed": 1, "taken": 2}
+_CREATED_MASK = (1 << 34) - 1  # seconds since the epoch, good until the year 2514
+
+
+def _seconds(value: object, *, up: bool) -> int:
+    """Whole seconds since the epoch of an ISO-8601 time as the encoder
+    writes it (a naive one is UTC, as the models read it), rounded up or
+    down.
+
+    Raises: ValueError, TypeError.
+    """
+    if not isinstance(value, str):
+        raise TypeError("not a time")
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return math.ceil(moment.timestamp()) if up else math.floor(moment.timestamp())
 
 
 class DeliveryRecord(_WireModel):
@@ -223,7 +242,12 @@ class DeliveryRegistry:
         self._log = log_
         self._ttl = ttl_seconds
         self._limit = max_payload_bytes
+        # Pending and completed records; collected ("taken") ones are kept
+        # apart, as one int each (expiry and creation second): a caller
+        # collecting 100 requests/s holds a week of them, and they are only
+        # needed to refuse a late completion and to expire them.
         self._records: dict[str, DeliveryRecord] = {}
+        self._taken: dict[str, int] = {}
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._view = _LogView(
             log_, self._apply_raw, f"delivery registry {name!r}", ready_timeout=ready_timeout
@@ -236,6 +260,9 @@ class DeliveryRegistry:
     def _apply_raw(self, key: str, value: bytes | None) -> None:
         if value is None:
             self._records.pop(key, None)
+            self._taken.pop(key, None)
+            return
+        if self._apply_taken_raw(value):
             return
         try:
             record = decode(DeliveryRecord, value)
@@ -244,7 +271,52 @@ class DeliveryRegistry:
             return
         self._apply(record)
 
+    def _apply_taken_raw(self, value: bytes) -> bool:
+        """The replay's fast path: most records of a busy caller's registry
+        are taken markers; read them without building a model. False for
+        anything else (decoded the normal way, errors included)."""
+        try:
+            fields = from_json(value)
+            if not isinstance(fields, dict) or fields.get("state") != "taken":
+                return False
+            if fields.get("schema_version", 1) != WIRE_SCHEMA_VERSION:
+                return False
+            request_id = validate_request_id(fields["request_id"])
+            created = _seconds(fields["created_at"], up=False)
+            expires = _seconds(fields["expires_at"], up=True)
+        except (ValueError, TypeError, KeyError, TransportError):
+            return False
+        self._mark_taken(request_id, created, expires)
+        return True
+
+    def _mark_taken(self, request_id: str, created: int, expires: int) -> None:
+        self._records.pop(request_id, None)
+        self._taken[request_id] = (expires << 34) | (created & _CREATED_MASK)
+        waiter = self._waiters.get(request_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _taken_record(self, request_id: str) -> DeliveryRecord | None:
+        packed = self._taken.get(request_id)
+        if packed is None:
+            return None
+        return DeliveryRecord(
+            request_id=request_id,
+            state="taken",
+            created_at=datetime.fromtimestamp(packed & _CREATED_MASK, UTC),
+            expires_at=datetime.fromtimestamp(packed >> 34, UTC),
+        )
+
     def _apply(self, record: DeliveryRecord) -> None:
+        if record.request_id in self._taken:
+            return  # taken is final: a late completion never resurrects it
+        if record.state == "taken":
+            self._mark_taken(
+                record.request_id,
+                math.floor(record.created_at.timestamp()),
+                math.ceil(record.expires_at.timestamp()),
+            )
+            return
         current = self._records.get(record.request_id)
         if current is not None and _RANK[record.state] <= _RANK[current.state]:
             return  # stale, duplicate or late: never move backwards
@@ -269,14 +341,17 @@ class DeliveryRegistry:
         while True:
             await asyncio.sleep(self._janitor_interval)
             now = utcnow()
-            for request_id, record in list(self._records.items()):
-                if record.expires_at <= now:
-                    try:
-                        await self._log.delete(request_id)
-                    except TransientTransportError as exc:
-                        log.warning("delivery registry %r: expiry failed: %s", self.name, exc)
-                        break
-                    self._records.pop(request_id, None)
+            cutoff = int(now.timestamp())
+            expired = [rid for rid, r in self._records.items() if r.expires_at <= now]
+            expired += [rid for rid, packed in self._taken.items() if packed >> 34 <= cutoff]
+            for request_id in expired:
+                try:
+                    await self._log.delete(request_id)
+                except TransientTransportError as exc:
+                    log.warning("delivery registry %r: expiry failed: %s", self.name, exc)
+                    break
+                self._records.pop(request_id, None)
+                self._taken.pop(request_id, None)
 
     async def _put(self, record: DeliveryRecord) -> None:
         await self._log.put(record.request_id, encode(record, self._limit))
@@ -295,7 +370,7 @@ class DeliveryRegistry:
         """
         validate_request_id(request_id)
         await self._ready()
-        if request_id not in self._records:
+        if request_id not in self._records and request_id not in self._taken:
             ttl_s = ttl.total_seconds() if isinstance(ttl, timedelta) else (ttl or self._ttl)
             now = utcnow()
             await self._put(
@@ -322,6 +397,8 @@ class DeliveryRegistry:
             raise ValueError(f"response is for {response.request_id!r}, not {request_id!r}")
         if self._closed:
             raise ClosedResourceError(f"delivery registry {self.name!r} is closed")
+        if request_id in self._taken:
+            return False
         current = self._records.get(request_id)
         if current is None:
             raw = await self._log.get(request_id)
@@ -351,6 +428,9 @@ class DeliveryRegistry:
         Raises: InvalidNameError, TransientTransportError.
         """
         validate_request_id(request_id)
+        taken = self._taken_record(request_id)
+        if taken is not None:
+            return taken
         current = self._records.get(request_id)
         if current is not None and current.state != "pending":
             return current
@@ -383,7 +463,7 @@ class DeliveryRegistry:
         validate_request_id(request_id)
         await self._ready()
         record = self._records.get(request_id)
-        if record is None or record.state == "taken":
+        if record is None or request_id in self._taken:
             raise UnknownDeliveryError(request_id)
         return PendingDelivery(self, request_id)
 
@@ -396,14 +476,18 @@ class DeliveryRegistry:
         the call wait (it retries) rather than raise.
         """
         await self._ready()
-        return sorted(self._records.values(), key=lambda r: r.created_at)
+        taken = [self._taken_record(rid) for rid in list(self._taken)]
+        every = [*self._records.values(), *(r for r in taken if r is not None)]
+        return sorted(every, key=lambda r: r.created_at)
 
     async def _take(
         self, request_id: str, timeout: float | None, *, missing_ok: bool = False
     ) -> WorkResponse:
         await self._ready()
+        if request_id in self._taken:
+            raise UnknownDeliveryError(request_id)
         record = self._records.get(request_id)
-        if (record is None and not missing_ok) or (record is not None and record.state == "taken"):
+        if record is None and not missing_ok:
             raise UnknownDeliveryError(request_id)
         if record is None or record.state == "pending":
             waiter = self._waiters.get(request_id)
@@ -416,7 +500,7 @@ class DeliveryRegistry:
             except TimeoutError:
                 raise DeliveryTimeoutError(request_id, timeout or 0.0) from None
             record = self._records.get(request_id)
-            if record is None or record.state == "taken" or record.response is None:
+            if request_id in self._taken or record is None or record.response is None:
                 raise UnknownDeliveryError(request_id)
         self._waiters.pop(request_id, None)
         response = record.response

@@ -20,6 +20,7 @@ __all__ = ["SqliteKeyedLog"]
 
 _CHANGE_RETENTION_S = 3600.0
 _FEED_MAX_BEHIND = 256
+_SNAPSHOT_PAGE = 2000  # keys read per step of a watcher's first snapshot
 
 
 class SqliteKeyedLog(KeyedLog):
@@ -93,14 +94,13 @@ class SqliteKeyedLog(KeyedLog):
 
         return await self._store.read(op)
 
-    def _snapshot_op(self, conn: sqlite3.Connection) -> tuple[list[tuple[str, bytes]], int]:
-        conn.execute("BEGIN")
-        try:
-            rows = conn.execute("SELECT key, value FROM kv WHERE log = ?", (self._name,)).fetchall()
-            last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM kv_changes").fetchone()[0]
-        finally:
-            conn.execute("COMMIT")
-        return [(k, bytes(v)) for k, v in rows], int(last)
+    def _page_op(self, conn: sqlite3.Connection, after: str | None) -> list[tuple[str, bytes]]:
+        """The next ``_SNAPSHOT_PAGE`` keys of the log after key ``after``."""
+        rows = conn.execute(
+            "SELECT key, value FROM kv WHERE log = ? AND key > ? ORDER BY key LIMIT ?",
+            (self._name, "" if after is None else after, _SNAPSHOT_PAGE),
+        ).fetchall()
+        return [(k, bytes(v)) for k, v in rows]
 
     def _changes_op(
         self, conn: sqlite3.Connection, after: int
@@ -120,9 +120,28 @@ class SqliteKeyedLog(KeyedLog):
         return [(s, k, None if v is None else bytes(v)) for s, k, v in rows]
 
     async def watch(self) -> AsyncIterator[KeyedChange | object]:
-        rows, last = await self._store.read(self._snapshot_op)
-        for key, value in rows:
-            yield KeyedChange(key, value)
+        # The snapshot is read a page at a time (a registry may hold hundreds
+        # of thousands of keys): what changes meanwhile is in the change log
+        # after ``last``, read next, and applying a change twice is harmless.
+        last = await self._store.read(
+            lambda conn: int(
+                conn.execute("SELECT COALESCE(MAX(seq), 0) FROM kv_changes").fetchone()[0]
+            )
+        )
+        after: str | None = None
+        while True:
+            page = await self._store.read(functools.partial(self._page_op, after=after))
+            for key, value in page:
+                yield KeyedChange(key, value)
+            if len(page) < _SNAPSHOT_PAGE:
+                break
+            after = page[-1][0]
+        caught = await self._store.read(functools.partial(self._changes_op, after=last))
+        while caught:
+            for seq, key, change in caught:
+                yield KeyedChange(key, change)
+                last = seq
+            caught = await self._store.read(functools.partial(self._changes_op, after=last))
         yield CAUGHT_UP
         interval = 0.002
         signal = f"kv:{self._name}"
