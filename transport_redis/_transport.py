@@ -96,7 +96,6 @@ class RedisTransport(Transport):
         if not (self.endpoint.tls or tls.enabled):
             return {}
         if tls.cert_file is not None and tls.key_password is not None:
-            # redis-py takes no key password: load the chain here.
             raise ConfigurationError(
                 "an encrypted TLS client key (tls.key_password) is not supported by the "
                 "Redis backend; use an unencrypted key file"
@@ -105,7 +104,6 @@ class RedisTransport(Transport):
             if path is not None and not path.is_file():
                 raise ConfigurationError(f"TLS file {path} does not exist")
         return {
-            "ssl": True,
             "ssl_cert_reqs": "required",
             "ssl_ca_certs": str(tls.ca_file) if tls.ca_file else None,
             "ssl_certfile": str(tls.cert_file) if tls.cert_file else None,
@@ -118,7 +116,13 @@ class RedisTransport(Transport):
         cfg, opts, ep = self.config, self.options, self.endpoint
         username = cfg.username or ep.username
         password = cfg.password.get_secret_value() if cfg.password else ep.password
-        return aioredis.Redis(
+        tls = self._tls_kwargs()
+        # A blocking pool: a burst of concurrent operations waits for a free
+        # connection (up to request_timeout) instead of failing.
+        pool = aioredis.BlockingConnectionPool(
+            max_connections=opts.max_connections,
+            timeout=opts.request_timeout,
+            connection_class=aioredis.SSLConnection if tls else aioredis.Connection,
             host=ep.host,
             port=ep.port,
             db=ep.db,
@@ -131,12 +135,11 @@ class RedisTransport(Transport):
             # server fails within the operation timeout.
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[rex.ConnectionError],
-            max_connections=opts.max_connections,
             client_name=opts.name,
             health_check_interval=0,
-            decode_responses=False,
-            **self._tls_kwargs(),
+            **tls,
         )
+        return aioredis.Redis.from_pool(pool)
 
     async def _start(self) -> None:
         where = self.endpoint.where
