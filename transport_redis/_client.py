@@ -81,7 +81,11 @@ class RedisClient:
     mapping, and ``closed``."""
 
     def __init__(self, redis: aioredis.Redis, where: str, request_timeout: float) -> None:
-        self.redis = redis
+        # Typed loosely on purpose: redis-py annotates every reply as the
+        # union of its RESP2 and RESP3 shapes (and sync and async), which
+        # says nothing here; the shapes this backend reads are RESP2 with
+        # bytes (decode_responses off), checked by the tests.
+        self.redis: Any = redis
         self.where = where
         self.request_timeout = request_timeout
         self.closed = False

@@ -7,9 +7,13 @@ against the subscription's own pattern (``*`` one token, ``>`` the rest)
 before it is handed out. One pub/sub connection per bus carries every
 subscription; a subscription returns once the server confirmed it, so an
 event published afterwards by any client is seen. Queue groups: each event
-goes to one member — one process per event wins ``SET NX`` on
-``<ns>:evq:<group>:<event id>`` (kept one minute) and hands it to one of
-its local members in turn. At most once, no persistence: an event published
+goes to one member. Members are listed in the sorted set
+``<ns>:evq:<group>:<pattern>:members`` (score: when the entry lapses; renewed every
+10 s while the bus runs, so a crashed process's members leave within 30 s);
+every process that sees an event picks the member at ``crc32(event id)``
+modulo the live members, and the process holding it delivers it after
+winning ``SET NX`` on ``<ns>:evq:<group>:<pattern>:<event id>`` (kept one minute),
+so two processes with different views of the members never both deliver. At most once, no persistence: an event published
 while a subscriber is disconnected is not seen by it. ``request`` subscribes
 to an inbox channel ``<ns>:inbox:<random>`` first, then publishes with
 ``reply_to`` set; no reply within the timeout (nobody listening included)
@@ -30,10 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import re
+import time
 import uuid
+import zlib
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -73,6 +78,8 @@ log = logging.getLogger("transport.redis")
 _CLOSED = object()
 _BLOCK_MS = 1000
 _GROUP_CLAIM_MS = 60_000
+_MEMBER_TTL_S = 30.0
+_MEMBER_RENEW_S = 10.0
 _POSITION = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_SEQ = 2**64 - 1
@@ -89,6 +96,7 @@ class _RedisSubscription(Subscription):
         self.queue_group = queue_group
         self.glob = glob
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.member = f"{bus._id}:{uuid.uuid4().hex[:12]}"
         self._bus = bus
         self._closed = False
 
@@ -122,7 +130,9 @@ class RedisEventBus(EventBus):
         self._subs: dict[str, list[_RedisSubscription]] = {}  # by glob
         self._confirm: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._inboxes: dict[str, asyncio.Future[Event]] = {}
-        self._turn = itertools.count()
+        self._id = uuid.uuid4().hex
+        self._members: dict[str, _RedisSubscription] = {}
+        self._renewed = 0.0
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -173,6 +183,8 @@ class RedisEventBus(EventBus):
         tokens = ["*" if t in ("*", ">") else t for t in pattern.split(".")]
         glob = self._channel(".".join(tokens))
         subscription = _RedisSubscription(self, pattern, glob, queue_group)
+        if queue_group is not None:
+            await self._join(subscription)
         async with self._lock:
             first = glob not in self._subs
             self._subs.setdefault(glob, []).append(subscription)
@@ -186,7 +198,40 @@ class RedisEventBus(EventBus):
                     raise
         return subscription
 
+    def _members_key(self, group: str, pattern: str) -> str:
+        return f"{self._ns}:evq:{group}:{pattern}:members"
+
+    async def _join(self, subscription: _RedisSubscription) -> None:
+        assert subscription.queue_group is not None
+        self._members[subscription.member] = subscription
+        with self._client.errors(f"joining queue group {subscription.queue_group}"):
+            await self._client.redis.zadd(
+                self._members_key(subscription.queue_group, subscription.pattern),
+                {subscription.member: time.time() + _MEMBER_TTL_S},
+            )
+
+    async def _renew_members(self) -> None:
+        if time.monotonic() - self._renewed < _MEMBER_RENEW_S or not self._members:
+            return
+        self._renewed = time.monotonic()
+        lapse = time.time() + _MEMBER_TTL_S
+        with contextlib.suppress(TransportError), self._client.errors("renewing group members"):
+            async with self._client.redis.pipeline(transaction=False) as pipe:
+                for member, sub in self._members.items():
+                    assert sub.queue_group is not None
+                    key = self._members_key(sub.queue_group, sub.pattern)
+                    pipe.zadd(key, {member: lapse})
+                    pipe.zremrangebyscore(key, "-inf", time.time())
+                await pipe.execute()
+
     async def _unsubscribe(self, subscription: _RedisSubscription) -> None:
+        if self._members.pop(subscription.member, None) is not None:
+            assert subscription.queue_group is not None
+            with contextlib.suppress(Exception):
+                await self._client.redis.zrem(
+                    self._members_key(subscription.queue_group, subscription.pattern),
+                    subscription.member,
+                )
         async with self._lock:
             members = self._subs.get(subscription.glob, [])
             if subscription in members:
@@ -212,6 +257,7 @@ class RedisEventBus(EventBus):
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
+            await self._renew_members()
             if message is None:
                 continue
             kind = message.get("type")
@@ -249,29 +295,41 @@ class RedisEventBus(EventBus):
             log.warning("event bus: dropping an undecodable event: %s", exc)
             return
         plain: list[_RedisSubscription] = []
-        groups: dict[str, list[_RedisSubscription]] = {}
+        groups: set[tuple[str, str]] = set()
         for sub in members:
             if sub._closed or not subject_matches(sub.pattern, event.subject):
                 continue
             if sub.queue_group is None:
                 plain.append(sub)
             else:
-                groups.setdefault(sub.queue_group, []).append(sub)
+                groups.add((sub.queue_group, sub.pattern))
         for sub in plain:
             sub.queue.put_nowait(event)
-        for group, local in groups.items():
-            if await self._win(group, event.id):
-                local[next(self._turn) % len(local)].queue.put_nowait(event)
+        for group, pattern in groups:
+            chosen = await self._chosen(group, pattern, event)
+            if chosen is not None:
+                chosen.queue.put_nowait(event)
 
-    async def _win(self, group: str, event_id: str) -> bool:
-        """Whether this process delivers ``event_id`` to its members of ``group``."""
-        claim = f"{self._ns}:evq:{group}:{event_id}"
+    async def _chosen(self, group: str, pattern: str, event: Event) -> _RedisSubscription | None:
+        """This process's member of ``group`` that gets ``event``, if any."""
         try:
-            with self._client.errors("queue group claim"):
-                return bool(await self._client.redis.set(claim, b"1", nx=True, px=_GROUP_CLAIM_MS))
+            with self._client.errors("queue group"):
+                live = await self._client.redis.zrangebyscore(
+                    self._members_key(group, pattern), time.time(), "+inf"
+                )
+                if not live:
+                    return None
+                names = sorted(_text(m) for m in live)
+                member = names[zlib.crc32(event.id.encode()) % len(names)]
+                local = self._members.get(member)
+                if local is None or local._closed:
+                    return None
+                claim = f"{self._ns}:evq:{group}:{pattern}:{event.id}"
+                won = await self._client.redis.set(claim, b"1", nx=True, px=_GROUP_CLAIM_MS)
         except TransportError as exc:
             log.warning("event bus: queue group %s dropped an event: %s", group, exc)
-            return False
+            return None
+        return local if won else None
 
     async def request(
         self,
@@ -321,6 +379,16 @@ class RedisEventBus(EventBus):
         self._closed = True
         subs = [s for members in self._subs.values() for s in members]
         self._subs = {}
+        joined, self._members = self._members, {}
+        for member, sub in joined.items():
+            assert sub.queue_group is not None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(
+                    self._client.redis.zrem(
+                        self._members_key(sub.queue_group, sub.pattern), member
+                    ),
+                    self._client.request_timeout,
+                )
         for sub in subs:
             sub._closed = True
             sub.queue.put_nowait(_CLOSED)

@@ -409,7 +409,9 @@ class RedisRequestQueue(RequestQueue):
             try:
                 # From the start of the stream: requests enqueued before any
                 # worker existed are delivered.
-                await self._client.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+                await self._client.redis.xgroup_create(
+                    self.stream, self.group, id="0", mkstream=True
+                )
             except rex.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -452,7 +454,9 @@ class RedisRequestQueue(RequestQueue):
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0.001:
                 return None
-            pause = self._claim_interval if remaining is None else min(remaining, self._claim_interval)
+            pause = (
+                self._claim_interval if remaining is None else min(remaining, self._claim_interval)
+            )
             if due_ms >= 0:
                 pause = min(pause, due_ms / 1000 + 0.001)
             await self._wait_for_new(newest, pause)
@@ -520,8 +524,12 @@ class RedisRequestQueue(RequestQueue):
             )
         except UndecodableMessageError as exc:
             placeholder = WorkRequest(request_id="undecodable", task="undecodable")
-            await self._nack(RedisDelivery(placeholder, self, entry, count), 0.0, str(exc), dead=True)
-            log.warning("queue %r: dead-lettered an undecodable entry %s: %s", self.name, entry, exc)
+            await self._nack(
+                RedisDelivery(placeholder, self, entry, count), 0.0, str(exc), dead=True
+            )
+            log.warning(
+                "queue %r: dead-lettered an undecodable entry %s: %s", self.name, entry, exc
+            )
             return None
         delivery = RedisDelivery(replace_fields(request, attempt=attempt), self, entry, count)
         self._held[entry] = delivery
@@ -624,7 +632,11 @@ class RedisRequestQueue(RequestQueue):
                     self._extended.pop(entry, None)
                     continue
                 left = until - loop.time()
-                idle = 0 if left > self.lease_seconds else int((self.lease_seconds - max(left, 0)) * 1000)
+                idle = (
+                    0
+                    if left > self.lease_seconds
+                    else int((self.lease_seconds - max(left, 0)) * 1000)
+                )
                 if left <= self.lease_seconds:
                     self._extended.pop(entry, None)
                 try:

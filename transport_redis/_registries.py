@@ -101,8 +101,8 @@ class RedisKeyedLog(KeyedLog):
     async def watch(self) -> AsyncIterator[KeyedChange | object]:
         self._check_open()
         state, position = await self._snapshot()
-        for key, value in state.items():
-            yield KeyedChange(key.decode(), bytes(value))
+        for name, current in state.items():
+            yield KeyedChange(name.decode(), bytes(current))
         yield CAUGHT_UP
         redis = self._client.redis
         while True:
@@ -118,7 +118,7 @@ class RedisKeyedLog(KeyedLog):
                 key = fields.get(b"key")
                 if key is not None:
                     deleted = fields.get(b"deleted") is not None
-                    value = None if deleted else bytes(fields.get(b"value", b""))
+                    value: bytes | None = None if deleted else bytes(fields.get(b"value", b""))
                     yield KeyedChange(key.decode(), value)
                 position = entry_id
 
