@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from transport import TransportConfig, WorkRequest, connect
+from transport.testing._util import enqueue_all, make_requests, poll_until
 from transport.testing.brokers import RedisServer
 from transport.testing.harness import BackendHarness
-from transport.testing._util import enqueue_all, make_requests, poll_until
 from transport_redis import RedisRequestQueue, RedisTransport
 from transport_redis._client import keys
 
