@@ -523,9 +523,13 @@ class RedisRequestQueue(RequestQueue):
                 body, "redis", self.stream, entry, carried_id=_text(carried) if carried else None
             )
         except UndecodableMessageError as exc:
-            placeholder = WorkRequest(request_id="undecodable", task="undecodable")
+            placeholder = WorkRequest(task="undecodable")
             await self._nack(
-                RedisDelivery(placeholder, self, entry, count), 0.0, str(exc), dead=True
+                RedisDelivery(placeholder, self, entry, count),
+                0.0,
+                str(exc),
+                dead=True,
+                carried="",
             )
             log.warning(
                 "queue %r: dead-lettered an undecodable entry %s: %s", self.name, entry, exc
@@ -538,7 +542,6 @@ class RedisRequestQueue(RequestQueue):
     async def _sweep_orphans(self) -> None:
         """Give back (uncounted) entries pending for this consumer that no
         delivery of this handle holds: leases whose reply was lost."""
-        self._maybe_orphans = False
         with self._client.errors(f"checking leases of {self.name}"):
             pending = await self._client.redis.xpending_range(
                 self.stream, self.group, "-", "+", 1000, consumername=self.consumer
@@ -554,6 +557,7 @@ class RedisRequestQueue(RequestQueue):
                 [self.group, self.consumer, entry, count, max(count - 1, 0)],
                 f"giving back a lease of {self.name}",
             )
+        self._maybe_orphans = False
 
     # -- settling ----------------------------------------------------------
     def _lease_args(self, delivery: RedisDelivery) -> list[Any]:
@@ -571,7 +575,17 @@ class RedisRequestQueue(RequestQueue):
             del self._held[delivery._entry]
         self._extended.pop(delivery._entry, None)
 
-    async def _nack(self, delivery: RedisDelivery, delay: float, error: str, *, dead: bool) -> bool:
+    async def _nack(
+        self,
+        delivery: RedisDelivery,
+        delay: float,
+        error: str,
+        *,
+        dead: bool,
+        carried: str | None = None,
+    ) -> bool:
+        """Nack or dead-letter; ``carried``: the request id the re-added
+        entry or dead letter keeps (default: the delivered one)."""
         reply = await self._client.run(
             _NACK,
             self._keys,
@@ -581,7 +595,7 @@ class RedisRequestQueue(RequestQueue):
                 error,
                 1 if dead else 0,
                 self.max_attempts,
-                delivery.request.request_id if delivery.request.task != "undecodable" else "",
+                delivery.request.request_id if carried is None else carried,
             ],
             f"{'dead-lettering' if dead else 'nacking'} on {self.name}",
         )
