@@ -38,6 +38,11 @@ class RedisOptions(BaseModel):
     #: Connections of the client's pool (each waiting ``poll`` holds one
     #: while it blocks).
     max_connections: int = Field(default=64, ge=2, le=10_000)
+    #: Consumers of a queue's group with nothing pending that have not been
+    #: seen for this long (handles of crashed processes) are deleted when a
+    #: handle first uses the queue. Harmless for a live handle: its next
+    #: read makes its consumer again.
+    idle_consumer_seconds: float = Field(default=3600.0, ge=0)
     #: Seconds the change stream of a registry keeps a change (watchers that
     #: fall further behind re-read the current state).
     registry_change_retention: float = Field(default=3600.0, gt=0)

@@ -228,6 +228,23 @@ end
 return 0
 """
 
+# ARGV: group, idle_ms. Consumers of crashed handles stay in the group (a
+# clean close deletes its own): those with nothing pending that have not
+# been seen for idle_ms are deleted. Nothing is lost: a deleted consumer had
+# nothing pending, and a live handle's next read makes its consumer again.
+_PRUNE = """
+local gone = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if tonumber(info.pending) == 0 and tonumber(info.idle) >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info.name)
+    gone = gone + 1
+  end
+end
+return gone
+"""
+
 # KEYS: stream, dlq, delayed. ARGV: group, lease_ms.
 _STATS = (
     _FIELDS
@@ -416,6 +433,15 @@ class RedisRequestQueue(RequestQueue):
                 if "BUSYGROUP" not in str(exc):
                     raise
         self._group_ready = True
+        try:
+            await self._client.run(
+                _PRUNE,
+                [self.stream],
+                [self.group, int(self._t.options.idle_consumer_seconds * 1000)],
+                f"pruning idle consumers of {self.name}",
+            )
+        except TransportError as exc:  # housekeeping only
+            log.debug("queue %r: pruning idle consumers failed: %s", self.name, exc)
 
     async def _script(self, source: str, keys_: list[str], args: list[Any], what: str) -> Any:
         """Run a queue script; a consumer group lost with a server restart

@@ -20,7 +20,7 @@ validated (``[A-Za-z0-9_-]``, no ``__``) before they get here.
 
 Options (``TransportConfig.options``, see :class:`RedisOptions`):
 ``connect_timeout`` (5 s), ``request_timeout`` (5 s), ``claim_interval``
-(0.5 s), ``max_connections`` (64), ``registry_change_retention`` (3600 s),
+(0.5 s), ``max_connections`` (64), ``idle_consumer_seconds`` (3600 s), ``registry_change_retention`` (3600 s),
 ``event_max_len`` (0: keep every event), ``db`` (0), ``name``.
 Credentials: ``TransportConfig.username`` (ACL user) and ``password``
 (``SecretStr``), or ``redis://user:password@host``; TLS:

@@ -20,7 +20,7 @@ from transport.testing.harness import BackendHarness
 from transport_redis import RedisRequestQueue, RedisTransport
 from transport_redis._client import keys
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.broker, pytest.mark.timeout(90)]
 
 
 def _queue(transport: object, name: str, **kw: float) -> RedisRequestQueue:
@@ -227,3 +227,33 @@ async def test_enqueue_wire_is_readable_by_another_program(
     delivery = await poll_until(queue, sent.request_id, harness.scaled(10))
     assert delivery is not None
     await delivery.ack()
+
+
+async def test_idle_consumers_of_crashed_handles_are_pruned(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness, make_transport: object
+) -> None:
+    # Consumers left by crashed handles: one with nothing pending is deleted
+    # when a handle next opens the queue; one with a pending entry is kept.
+    queue = _queue(transport, queue_name)
+    await enqueue_all(queue, make_requests(2))
+    held = await queue.poll(harness.scaled(10))
+    assert held is not None
+    stream = keys.queue(transport.config.namespace, queue_name)
+    group = transport.config.consumer_group
+    redis = transport.client.redis
+    await redis.xgroup_createconsumer(stream, group, "crashed-empty")
+    await redis.xreadgroup(group, "crashed-busy", {stream: ">"}, count=1)
+    names = {c["name"].decode() for c in await redis.xinfo_consumers(stream, group)}
+    assert {"crashed-empty", "crashed-busy", queue.consumer} <= names
+    # "Unseen for long enough" without waiting an hour: a client whose
+    # threshold is zero.
+    options = {**transport.config.options, "idle_consumer_seconds": 0}
+    pruner = await make_transport(options=options)  # type: ignore[operator]
+    stats = await pruner.request_queue(queue_name).stats()
+    assert stats.in_flight == 2
+    await _queue(pruner, queue_name).poll(0)  # first use: prunes
+    names = {c["name"].decode() for c in await redis.xinfo_consumers(stream, group)}
+    assert "crashed-empty" not in names
+    assert "crashed-busy" in names, "a consumer with a pending entry must be kept"
+    assert queue.consumer in names, "a consumer holding a lease must be kept"
+    assert await held.ack()

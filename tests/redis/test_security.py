@@ -17,7 +17,7 @@ from transport import TLSConfig, TransportConfig, WorkRequest, connect
 from transport.errors import PermanentTransportError
 from transport.testing.brokers import RedisServer, free_port
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.broker, pytest.mark.timeout(90)]
 
 CANARY = "canary-Secr3t-do-not-log"
 # The default user may only PING (so the launcher can tell the server is
