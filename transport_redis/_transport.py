@@ -83,6 +83,16 @@ class RedisTransport(Transport):
 
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
+        unused = [
+            name
+            for name in ("token", "nkey_seed", "credentials_file", "sasl_mechanism")
+            if getattr(config, name) is not None
+        ]
+        if unused:
+            raise ConfigurationError(
+                f"redis:// does not use {', '.join(unused)}: set username (ACL user) "
+                "and password instead"
+            )
         self.options: RedisOptions = load_options(config)
         self.endpoint: RedisEndpoint = parse_url(config.url, self.options)
         self.server_version = ""

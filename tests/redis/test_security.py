@@ -156,3 +156,12 @@ async def test_rediss_refuses_a_certificate_for_another_host(
     finally:
         other.stop()
     assert server.url
+
+
+async def test_settings_of_other_backends_are_refused_not_ignored() -> None:
+    # A token meant as the password must not be silently dropped.
+    from transport.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="token") as info:
+        await connect(_config("redis://127.0.0.1:1", token=SecretStr(CANARY)))
+    assert CANARY not in str(info.value)
