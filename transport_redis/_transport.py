@@ -140,9 +140,12 @@ class RedisTransport(Transport):
             password=password,
             socket_connect_timeout=opts.connect_timeout,
             socket_timeout=opts.request_timeout,
-            # One retry on a fresh connection when a pooled one turns out
-            # dead (a restarted server); no back-off, so an unreachable
-            # server fails within the operation timeout.
+            # One retry, on a fresh connection, of a command whose
+            # connection broke: pooled connections of a restarted server are
+            # found dead only when used. No back-off, so an unreachable
+            # server still fails within the operation timeout. The price: a
+            # command that ran but lost its reply runs again (an enqueue is
+            # stored twice; a settle answers False, having taken effect).
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[rex.ConnectionError],
             client_name=opts.name,
