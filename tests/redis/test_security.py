@@ -165,3 +165,33 @@ async def test_settings_of_other_backends_are_refused_not_ignored() -> None:
     with pytest.raises(ConfigurationError, match="token") as info:
         await connect(_config("redis://127.0.0.1:1", token=SecretStr(CANARY)))
     assert CANARY not in str(info.value)
+
+
+async def test_mutual_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    from tests.nats._certs import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    server_cert, server_key = ca.issue("server", dns=["localhost"], ips=["127.0.0.1"])
+    client_cert, client_key = ca.issue("client", dns=[], ips=[], client=True)
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "mtls",
+        extra_config=(
+            f"tls-port {tls_port}\n"
+            f'tls-cert-file "{server_cert}"\n'
+            f'tls-key-file "{server_key}"\n'
+            f'tls-ca-cert-file "{ca.ca_file}"\n'
+            "tls-auth-clients yes\n"
+        ),
+    )
+    server.start()
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}"
+        with_cert = TLSConfig(ca_file=ca.ca_file, cert_file=client_cert, key_file=client_key)
+        async with await connect(_config(url, tls=with_cert)) as transport:
+            assert (await transport.health()).ok
+        # Without a client certificate the server ends the handshake: refused.
+        with pytest.raises(PermanentTransportError, match="TLS"):
+            await connect(_config(url, tls=TLSConfig(ca_file=ca.ca_file)))
+    finally:
+        server.stop()
