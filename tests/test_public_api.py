@@ -19,6 +19,7 @@ PACKAGES = [
     "transport_kafka",
     "transport_nats",
     "transport_pulsar",
+    "transport_redis",
 ]
 
 
@@ -32,7 +33,13 @@ def test_all_names_import(package: str) -> None:
     assert len(set(names)) == len(names)
 
 
-BACKENDS = ["transport_inprocess", "transport_kafka", "transport_nats", "transport_pulsar"]
+BACKENDS = [
+    "transport_inprocess",
+    "transport_kafka",
+    "transport_nats",
+    "transport_pulsar",
+    "transport_redis",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -80,9 +80,29 @@ async def kafka_target() -> AsyncIterator[BackendHarness]:
             broker.kill()
 
 
+@contextlib.asynccontextmanager
+async def redis_target() -> AsyncIterator[BackendHarness]:
+    from tests.redis.conftest import RedisHarness
+    from transport.testing.brokers import RedisServer
+
+    with tempfile.TemporaryDirectory(prefix="reliability-redis-") as tmp:
+        server = RedisServer(Path(tmp))  # append-only file, appendfsync always
+        server.start()
+        try:
+            config = TransportConfig(
+                url=server.url,
+                namespace=f"rel{uuid.uuid4().hex[:8]}",
+                options={"request_timeout": 3.0, "connect_timeout": 2.0, "claim_interval": 0.1},
+            )
+            yield RedisHarness(config, server)
+        finally:
+            server.stop()
+
+
 TARGETS: dict[str, Callable[[], Any]] = {
     "sqlite": sqlite_target,
     "nats": nats_target,
     "pulsar": pulsar_target,
     "kafka": kafka_target,
+    "redis": redis_target,
 }

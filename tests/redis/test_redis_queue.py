@@ -1,0 +1,259 @@
+"""Redis-specific queue behaviour beyond the conformance suite: what the
+stream holds (retention, wire fields), leases longer than one lease,
+delays longer than one lease, cancelled polls, and durability across a
+``kill -9`` of the server with and without the append-only file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from transport import TransportConfig, WorkRequest, connect
+from transport.testing._util import enqueue_all, make_requests, poll_until
+from transport.testing.brokers import RedisServer
+from transport.testing.harness import BackendHarness
+from transport_redis import RedisRequestQueue, RedisTransport
+from transport_redis._client import keys
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.broker, pytest.mark.timeout(90)]
+
+
+def _queue(transport: object, name: str, **kw: float) -> RedisRequestQueue:
+    assert isinstance(transport, RedisTransport)
+    queue = transport.request_queue(name, **kw)  # type: ignore[arg-type]
+    assert isinstance(queue, RedisRequestQueue)
+    return queue
+
+
+async def test_acked_requests_leave_the_stream_and_the_wire_is_plain_json(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness
+) -> None:
+    queue = _queue(transport, queue_name)
+    [sent] = await enqueue_all(queue, make_requests(1))
+    redis = transport.client.redis
+    stream = keys.queue(transport.config.namespace, queue_name)
+    [(_, fields)] = await redis.xrange(stream)
+    assert set(fields) == {b"body"}
+    body = json.loads(fields[b"body"])
+    assert body["request_id"] == sent.request_id and body["task"] == sent.task
+    delivery = await queue.poll(harness.scaled(10))
+    assert delivery is not None
+    assert await delivery.ack()
+    assert await redis.xlen(stream) == 0, "an acked request must not stay in the stream"
+    summary = await redis.xpending(stream, transport.config.consumer_group)
+    assert summary["pending"] == 0
+
+
+async def test_nack_error_and_attempts_travel_with_the_re_added_entry(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness
+) -> None:
+    queue = _queue(transport, queue_name)
+    await enqueue_all(queue, make_requests(1))
+    first = await queue.poll(harness.scaled(10))
+    assert first is not None
+    assert await first.nack(error="busy")
+    stream = keys.queue(transport.config.namespace, queue_name)
+    [(_, fields)] = await transport.client.redis.xrange(stream)
+    assert (fields[b"attempts"], fields[b"error"]) == (b"1", b"busy")
+    again = await queue.poll(harness.scaled(10))
+    assert again is not None and again.attempt == 2
+    assert await again.ack()
+
+
+async def test_a_delay_longer_than_the_lease_is_kept(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness
+) -> None:
+    lease = harness.lease_seconds
+    queue = _queue(transport, queue_name, lease_seconds=lease)
+    [request] = await enqueue_all(queue, make_requests(1))
+    delivery = await queue.poll(harness.scaled(10))
+    assert delivery is not None
+    delay = 3 * lease
+    nacked = time.monotonic()
+    assert await delivery.nack(delay=delay)
+    assert (await queue.stats()).delayed == 1
+    back = await poll_until(queue, request.request_id, delay + harness.scaled(10))
+    assert back is not None, "the delayed request never came back"
+    assert time.monotonic() - nacked >= delay - 0.05
+    assert back.attempt == 2
+    assert await back.ack()
+
+
+async def test_extend_longer_than_the_lease_then_lapse(
+    transport: RedisTransport,
+    queue_name: str,
+    harness: BackendHarness,
+    make_transport: object,
+) -> None:
+    lease = harness.lease_seconds
+    queue = _queue(transport, queue_name, lease_seconds=lease)
+    [request] = await enqueue_all(queue, make_requests(1))
+    held = await queue.poll(harness.scaled(10))
+    assert held is not None
+    span = 3 * lease
+    extended = time.monotonic()
+    assert await held.extend(span)
+    rival = _queue(await make_transport(), queue_name, lease_seconds=lease)  # type: ignore[operator]
+    stolen = await rival.poll(span - 0.5)
+    assert stolen is None, "redelivered within an extension longer than the lease"
+    # The extension ends; the holder's handle stops renewing and the lease
+    # runs out one lease later.
+    again = await poll_until(rival, request.request_id, lease + harness.scaled(10))
+    assert again is not None and again.attempt == 2
+    assert time.monotonic() - extended >= span
+    assert await held.ack() is False
+    assert await again.ack()
+
+
+async def test_cancelled_polls_cost_no_attempt(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness
+) -> None:
+    queue = _queue(transport, queue_name, max_attempts=1000)
+    [request] = await enqueue_all(queue, make_requests(1))
+    handed_out = 0
+    rng = random.Random(7)
+    for _ in range(150):
+        task = asyncio.ensure_future(queue.poll(harness.scaled(5)))
+        await asyncio.sleep(rng.uniform(0, 0.004))
+        task.cancel()
+        try:
+            delivery = await task
+        except asyncio.CancelledError:
+            continue
+        assert delivery is not None, "a poll with a 5 s timeout returned nothing"
+        handed_out += 1
+        assert delivery.attempt == handed_out, "a cancelled poll used an attempt"
+        assert await delivery.nack()
+    # Orphans are given back in the background: the request comes back
+    # (not after a lease) with one attempt per handing-out only.
+    final = await poll_until(queue, request.request_id, harness.scaled(10))
+    assert final is not None, "a cancelled poll lost the request"
+    assert final.attempt == handed_out + 1, f"handed out {handed_out} times"
+    assert handed_out < 150, "no poll was cancelled: the test proved nothing"
+    assert await final.ack()
+
+
+async def test_clean_close_deletes_its_consumer(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness, make_transport: object
+) -> None:
+    producer = _queue(transport, queue_name)
+    await enqueue_all(producer, make_requests(2))
+    client = await make_transport()  # type: ignore[operator]
+    worker = _queue(client, queue_name)
+    delivery = await worker.poll(harness.scaled(10))
+    assert delivery is not None
+    await client.aclose()
+    stream = keys.queue(transport.config.namespace, queue_name)
+    consumers = await transport.client.redis.xinfo_consumers(
+        stream, transport.config.consumer_group
+    )
+    names = {c["name"].decode() for c in consumers}
+    assert worker.consumer not in names, "a closed handle's consumer stays in the group"
+
+
+async def _filled_then_killed(server: RedisServer, namespace: str, name: str) -> list[str]:
+    config = TransportConfig(url=server.url, namespace=namespace)
+    async with await connect(config) as transport:
+        sent = await enqueue_all(transport.request_queue(name), make_requests(50))
+    await asyncio.to_thread(server.kill)  # SIGKILL: no shutdown save
+    await asyncio.to_thread(server.start)
+    return [r.request_id for r in sent]
+
+
+async def _all_ids(url: str, namespace: str, name: str, count: int) -> set[str]:
+    async with await connect(TransportConfig(url=url, namespace=namespace)) as transport:
+        queue = transport.request_queue(name)
+        got: set[str] = set()
+        while len(got) < count:
+            delivery = await queue.poll(1.0)
+            if delivery is None:
+                break
+            got.add(delivery.request.request_id)
+            await delivery.ack()
+        return got
+
+
+async def test_aof_always_keeps_every_acknowledged_enqueue_across_kill_9(
+    tmp_path: Path, namespace: str, queue_name: str
+) -> None:
+    server = RedisServer(tmp_path / "aof", appendfsync="always")
+    server.start()
+    try:
+        sent = await _filled_then_killed(server, namespace, queue_name)
+        assert await _all_ids(server.url, namespace, queue_name, len(sent)) == set(sent)
+    finally:
+        server.stop()
+
+
+async def test_without_the_aof_a_restart_loses_everything_and_doctor_says_so(
+    tmp_path: Path, namespace: str, queue_name: str
+) -> None:
+    # The contrast that shows the test above can fail, and why doctor
+    # insists on appendonly.
+    server = RedisServer(tmp_path / "noaof", aof=False)
+    server.start()
+    try:
+        await _filled_then_killed(server, namespace, queue_name)
+        assert await _all_ids(server.url, namespace, queue_name, 50) == set()
+        async with await connect(TransportConfig(url=server.url, namespace=namespace)) as t:
+            report = await t.doctor()
+        assert not report.ok
+        assert any("appendonly is off" in f.finding for f in report.findings), report
+    finally:
+        server.stop()
+
+
+async def test_doctor_accepts_appendfsync_always(transport: RedisTransport) -> None:
+    report = await transport.doctor()
+    assert report.ok, report
+    assert any("appendfsync always" in f.finding for f in report.findings), report
+
+
+async def test_enqueue_wire_is_readable_by_another_program(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness
+) -> None:
+    # Another program reads the stream with plain commands: the body is the
+    # documented WorkRequest JSON.
+    queue = _queue(transport, queue_name)
+    sent = await queue.enqueue(WorkRequest(task="interop", payload={"k": [1, 2]}))
+    stream = keys.queue(transport.config.namespace, queue_name)
+    [(_, fields)] = await transport.client.redis.xrange(stream)
+    assert json.loads(fields[b"body"])["payload"] == {"k": [1, 2]}
+    delivery = await poll_until(queue, sent.request_id, harness.scaled(10))
+    assert delivery is not None
+    await delivery.ack()
+
+
+async def test_idle_consumers_of_crashed_handles_are_pruned(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness, make_transport: object
+) -> None:
+    # Consumers left by crashed handles: one with nothing pending is deleted
+    # when a handle next opens the queue; one with a pending entry is kept.
+    queue = _queue(transport, queue_name)
+    await enqueue_all(queue, make_requests(2))
+    held = await queue.poll(harness.scaled(10))
+    assert held is not None
+    stream = keys.queue(transport.config.namespace, queue_name)
+    group = transport.config.consumer_group
+    redis = transport.client.redis
+    await redis.xgroup_createconsumer(stream, group, "crashed-empty")
+    await redis.xreadgroup(group, "crashed-busy", {stream: ">"}, count=1)
+    names = {c["name"].decode() for c in await redis.xinfo_consumers(stream, group)}
+    assert {"crashed-empty", "crashed-busy", queue.consumer} <= names
+    # "Unseen for long enough" without waiting an hour: a client whose
+    # threshold is zero.
+    options = {**transport.config.options, "idle_consumer_seconds": 0}
+    pruner = await make_transport(options=options)  # type: ignore[operator]
+    stats = await pruner.request_queue(queue_name).stats()
+    assert stats.in_flight == 2
+    await _queue(pruner, queue_name).poll(0)  # first use: prunes
+    names = {c["name"].decode() for c in await redis.xinfo_consumers(stream, group)}
+    assert "crashed-empty" not in names
+    assert "crashed-busy" in names, "a consumer with a pending entry must be kept"
+    assert queue.consumer in names, "a consumer holding a lease must be kept"
+    assert await held.ack()
