@@ -739,10 +739,11 @@ class RedisRequestQueue(RequestQueue):
             queue=self.name,
             request_id=request.request_id if request is not None else request_id,
             request=request,
-            raw=None if request is not None else _text(body) or "(empty)",
+            raw=None if request is not None else bytes(body),
             error=_text(fields.get("error", b"")),
             attempts=attempts,
             dead_lettered_at=_entry_time(entry),
+            dead_letter_id=entry,
         )
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
@@ -764,6 +765,22 @@ class RedisRequestQueue(RequestQueue):
             _REQUEUE, [self.stream, self.dlq], moving, f"requeueing dead letters of {self.name}"
         )
         return int(moved)
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        self._check_open()
+        with self._client.errors(f"reading dead letters of {self.name}"):
+            try:
+                found = await self._client.redis.xrange(
+                    self.dlq, dead_letter_id, dead_letter_id, count=1
+                )
+            except rex.ResponseError:  # not a stream entry id
+                return False
+        if not found:
+            return False
+        await self.enqueue(replace_fields(request, attempt=1))
+        with self._client.errors(f"removing dead letter {dead_letter_id} of {self.name}"):
+            await self._client.redis.xdel(self.dlq, dead_letter_id)
+        return True
 
     # -- close --------------------------------------------------------------
     async def aclose(self) -> None:

@@ -77,6 +77,7 @@ async def test_redis_objects_and_bodies_are_as_documented(
             [(entry_id, fields)] = await raw.xrange(f"{ns}:log:{{audit}}")
             assert entry_id.decode() == position
             assert json.loads(fields[b"event"]) == {
+                "schema_version": 1,
                 "data": {"n": 1},
                 "key": "k",
                 "headers": {"h": "v"},
