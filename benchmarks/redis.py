@@ -519,10 +519,24 @@ async def _versus(
     return throughput_row(BACKEND, operation, a, b, baseline_name, target)
 
 
-async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
+async def run(
+    sizes: Sizes,
+    progress: Callable[[str], None],
+    *,
+    jobs_n: int | None = None,
+    crash_bound: float | None = None,
+    ours_target: str | None = None,
+) -> list[Row]:
+    """Every Redis row. ``jobs_n`` is the task-queue job count (default 300,
+    3,000 with ``--full``), ``crash_bound`` how long the SIGKILL check waits
+    for the jobs after the kill (default 20 s, 120 s with ``--full``);
+    ``ours_target`` is where ours runs (default: the redis-server, when a
+    ``redis`` backend is registered; another URL only exercises these rows,
+    as the smoke test does)."""
     server = await asyncio.to_thread(_server)
-    url, r = server.url, sizes.rounds
-    missing = ours_missing()
+    r = sizes.rounds
+    url = ours_target or server.url
+    missing = "" if ours_target else ours_missing()
     have_ours = not missing
     if missing:
         progress(f"redis: ours n/a ({missing}); raw and task-queue rows only")
@@ -536,7 +550,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 (lambda: library.enqueue(_config(url), sizes.enqueue, sizes.concurrency))
                 if have_ours
                 else None,
-                lambda: raw_enqueue(url, sizes.enqueue, sizes.concurrency),
+                lambda: raw_enqueue(server.url, sizes.enqueue, sizes.concurrency),
                 r,
                 f"redis-py XADD, {sizes.concurrency} in flight ({FSYNC})",
                 0.8,
@@ -548,19 +562,19 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 (lambda: library.enqueue(_config(url), sizes.enqueue, sizes.concurrency))
                 if have_ours
                 else None,
-                lambda: raw_enqueue_pipelined(url, sizes.enqueue, BATCH),
+                lambda: raw_enqueue_pipelined(server.url, sizes.enqueue, BATCH),
                 r,
                 f"redis-py XADD pipelines of {BATCH} ({FSYNC})",
                 None,
             )
         )
-        sequential = max(sizes.enqueue // 4, 500)
+        sequential = max(sizes.enqueue // 4, min(500, sizes.enqueue))
         progress(f"redis: enqueue one at a time ({sequential:,})")
         rows.append(
             await _versus(
                 "enqueue (one at a time)",
                 (lambda: library.enqueue(_config(url), sequential, 1)) if have_ours else None,
-                lambda: raw_enqueue(url, sequential, 1),
+                lambda: raw_enqueue(server.url, sequential, 1),
                 r,
                 f"one redis-py XADD loop ({FSYNC})",
                 None,
@@ -571,7 +585,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             await _versus(
                 f"poll+ack ({CONSUMERS} pollers)",
                 (lambda: ours_consume(_config(url), sizes.consume)) if have_ours else None,
-                lambda: raw_consume(url, sizes.consume, BATCH),
+                lambda: raw_consume(server.url, sizes.consume, BATCH),
                 r,
                 f"redis-py XREADGROUP COUNT {BATCH} + one XACK per batch ({FSYNC})",
                 0.5,
@@ -584,13 +598,15 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 (lambda: library.sequential_poll_ack(_config(url), sequential))
                 if have_ours
                 else None,
-                lambda: raw_sequential(url, sequential),
+                lambda: raw_sequential(server.url, sequential),
                 r,
                 f"one redis-py XREADGROUP COUNT 1 + XACK loop ({FSYNC})",
                 None,
             )
         )
-        rows += await task_queues(url, url if have_ours else None, sizes, progress, logs)
+        rows += await task_queues(
+            server.url, url if have_ours else None, sizes, progress, logs, jobs_n, crash_bound
+        )
     finally:
         await asyncio.to_thread(server.close)
     return rows
@@ -602,11 +618,14 @@ async def task_queues(
     sizes: Sizes,
     progress: Callable[[str], None],
     logs: Path,
+    jobs_n: int | None = None,
+    crash_bound: float | None = None,
 ) -> list[Row]:
     """The task-queue rows: each contender's enqueue and one-worker
     processing rate against ours (target 2x), and the SIGKILL check."""
-    jobs_n = 300 if sizes.quick else 3000
-    bound = 20.0 if sizes.quick else 120.0
+    if jobs_n is None:
+        jobs_n = 300 if sizes.quick else 3000
+    bound = crash_bound or (20.0 if sizes.quick else 120.0)
     timeout = 120.0 if sizes.quick else 600.0
     ours: tuple[float, float] | None = None
     ours_survives = ""
