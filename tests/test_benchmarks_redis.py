@@ -1,7 +1,8 @@
 """The Redis benchmark's quick path at a tiny size (``benchmarks/redis.py``).
 
 Not a timed assertion: it checks that every row is produced with positive
-rates, raw redis-py, Celery, Dramatiq and RQ alike, and that the SIGKILL
+rates, raw redis-py, Celery, Dramatiq, RQ and taskiq
+alike, and that the SIGKILL
 check reports for each. Ours runs on ``sqlite://`` here (the rows' code
 through the public API, until a ``redis`` backend is registered), whose
 leases bring a killed worker's request back.
@@ -48,14 +49,14 @@ async def test_every_redis_row_has_positive_rates_and_a_sigkill_verdict(tmp_path
             assert r.ours > 0 and r.baseline > 0 and r.ratio > 0, r
             assert "appendfsync always" in r.baseline_name, r
     survived = [r.baseline_name for r in rows if r.operation == "survives SIGKILLed worker"]
-    assert [name.split()[0] for name in survived] == ["Celery", "Dramatiq", "RQ"]
+    assert [name.split()[0] for name in survived] == ["Celery", "Dramatiq", "RQ", "taskiq-redis"]
     for name in survived:
         assert re.search(r": (yes after [\d.]+ s|no within \d+ s)", name), name
         assert "ours: yes after" in name, name
     jobs_rows = [
         r.baseline_name.split()[0] for r in rows if r.operation == "jobs: 1 worker process"
     ]
-    assert jobs_rows == ["Celery", "Dramatiq", "RQ"]
+    assert jobs_rows == ["Celery", "Dramatiq", "RQ", "taskiq-redis"]
 
 
 def test_a_row_without_our_figure_prints_na_and_keeps_its_target() -> None:
