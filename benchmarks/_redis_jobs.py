@@ -6,10 +6,12 @@ harness, in another process, can time the workers and see which jobs ran:
 
 - throughput jobs ``INCR`` a counter; the first stores its wall-clock time,
   the last stores its own and pushes to a list the harness waits on;
-- crash jobs push their number to ``started`` when they begin; the first one
-  to begin (``SET NX`` of ``hang``) then sleeps until its worker is killed,
-  and every job that finishes adds its number to ``done`` (a set: a job run
-  twice counts once) and pushes it to ``done-list`` (waited on).
+- of the crash jobs, the first to begin takes ``hang`` (``SET NX``), then
+  pushes its number to ``started`` (the harness waits on it, so a kill comes
+  after ``hang`` is taken: a copy delivered again does not hang) and sleeps
+  until its worker is killed; every job that finishes adds its number to
+  ``done`` (a set: a job run twice counts once) and pushes it to
+  ``done-list`` (waited on).
 
 ``python -m benchmarks._redis_jobs URL REDIS_URL QUEUE RUN TOTAL CRASH LEASE``
 runs this library's worker: one ``poll -> job -> ack`` loop (concurrency 1)
@@ -47,8 +49,8 @@ def job(client: Any, run: str, i: int, total: int, crash: bool) -> None:
             client.set(k["last"], repr(time.time()))
             client.rpush(k["finished"], 1)
         return
-    client.rpush(k["started"], i)
     if client.set(k["hang"], i, nx=True):
+        client.rpush(k["started"], i)
         time.sleep(HANG_SECONDS)  # the harness SIGKILLs the worker here
     client.sadd(k["done"], i)
     client.rpush(k["done-list"], i)
@@ -65,8 +67,8 @@ async def ajob(client: Any, run: str, i: int, total: int, crash: bool) -> None:
             await client.set(k["last"], repr(time.time()))
             await client.rpush(k["finished"], 1)
         return
-    await client.rpush(k["started"], i)
     if await client.set(k["hang"], i, nx=True):
+        await client.rpush(k["started"], i)
         await asyncio.sleep(HANG_SECONDS)
     await client.sadd(k["done"], i)
     await client.rpush(k["done-list"], i)

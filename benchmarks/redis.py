@@ -569,9 +569,9 @@ async def run(
     crash_bound: float | None = None,
     ours_target: str | None = None,
 ) -> list[Row]:
-    """Every Redis row. ``jobs_n`` is the task-queue job count (default 300,
+    """Every Redis row. ``jobs_n`` is the task-queue job count (default 200,
     3,000 with ``--full``), ``crash_bound`` how long the SIGKILL check waits
-    for the jobs after the kill (default 15 s, 120 s with ``--full``);
+    for the jobs after the kill (default 12 s, 120 s with ``--full``);
     ``ours_target`` is where ours runs (default: the redis-server, when a
     ``redis`` backend is registered; another URL only exercises these rows,
     as the smoke test does)."""
@@ -666,8 +666,8 @@ async def task_queues(
     """The task-queue rows: each contender's enqueue and one-worker
     processing rate against ours (target 2x), and the SIGKILL check."""
     if jobs_n is None:
-        jobs_n = 300 if sizes.quick else 3000
-    bound = crash_bound or (15.0 if sizes.quick else 120.0)
+        jobs_n = 200 if sizes.quick else 3000
+    bound = crash_bound or (12.0 if sizes.quick else 120.0)
     timeout = 120.0 if sizes.quick else 600.0
     ours: tuple[float, float] | None = None
     ours_survives = ""
