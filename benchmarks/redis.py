@@ -14,7 +14,7 @@ consumer decodes the request as ours does.
 "n/a (backend not installed)" until a ``redis`` backend is registered; the
 raw and task-queue rows run either way.
 
-Task queues: ``N`` no-op jobs (each one ``INCR`` of a counter, the same for
+Task queues (one round each): ``N`` no-op jobs (each one ``INCR`` of a counter, the same for
 every library and ours), enqueued by a plain loop in this process (the rate
 is the "enqueue" row), then processed by ONE worker process at concurrency 1
 (Celery ``-c 1`` prefork, ``worker_prefetch_multiplier=1``,
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -575,6 +576,9 @@ async def run(
     ``ours_target`` is where ours runs (default: the redis-server, when a
     ``redis`` backend is registered; another URL only exercises these rows,
     as the smoke test does)."""
+    if shutil.which("redis-server") is None:
+        progress("redis: skipped (no redis-server on PATH: apt-get install redis-server)")
+        return []
     server = await asyncio.to_thread(_server)
     r = sizes.rounds
     url = ours_target or server.url

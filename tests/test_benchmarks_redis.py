@@ -38,7 +38,7 @@ async def test_every_redis_row_has_positive_rates_and_a_sigkill_verdict(tmp_path
         sizes,
         seen.append,
         jobs_n=10,
-        crash_bound=30.0,
+        crash_bound=20.0,
         ours_target=f"sqlite:///{tmp_path}/bench.db",
     )
 
