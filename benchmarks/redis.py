@@ -418,6 +418,23 @@ def ours_contender(target: str, redis_url: str) -> Contender:
     )
 
 
+def _session_members(sid: int) -> list[int]:
+    """PIDs of the processes in session ``sid`` (Linux ``/proc``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp session ...; comm may hold spaces
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid:
+            found.append(int(entry))
+    return found
+
+
 class Worker:
     """A worker process in its own session (so that a SIGKILL of its group
     takes its children too), output to a log file."""
@@ -440,9 +457,15 @@ class Worker:
             )
 
     def kill(self) -> None:
-        """SIGKILL the worker's process group and reap the worker."""
+        """SIGKILL every process of the worker's session -- its process
+        group, and children that moved to a group of their own (RQ's work
+        horse does: a SIGKILL of the worker's group leaves it running the
+        job) -- and reap the worker."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in _session_members(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.proc.wait()
 
     def stop(self, grace: float = 5.0) -> None:
