@@ -20,13 +20,14 @@ from pathlib import Path
 
 from benchmarks._common import Row, Sizes
 
-ALL = ["memory", "sqlite", "nats", "kafka", "pulsar"]
+ALL = ["memory", "sqlite", "nats", "kafka", "pulsar", "redis"]
 MODULES = {
     "memory": "inprocess",
     "sqlite": "inprocess",
     "nats": "nats",
     "kafka": "kafka",
     "pulsar": "pulsar",
+    "redis": "redis",
 }
 
 
@@ -41,8 +42,14 @@ def table(rows: list[Row]) -> str:
         target = "" if r.target is None else (f"{'✓' if r.ratio >= r.target else '✗'} {r.target:g}")
         ratio = "" if r.ratio == 0 else f"{r.ratio:.2f}"
         base = "" if r.baseline == 0 else f"{r.baseline:,.1f}"
+        ours = f"{r.ours:,.1f}"
+        if r.missing:  # no figure of ours: the target is shown, unmet or met by nobody
+            ours, ratio, target = "n/a", "", "" if r.target is None else f"{r.target:g}"
+        elif not r.unit:  # a row of text only
+            ours = ""
         lines.append(
-            f"{r.backend:<8} {r.operation:<26} {r.ours:>12,.1f} {base:>12} {r.unit:<6} {ratio:>7} {target:>7}  {r.baseline_name}"
+            f"{r.backend:<8} {r.operation:<26} {ours:>12} {base:>12} {r.unit:<6} {ratio:>7} {target:>7}  {r.baseline_name}"
+            + (f" — ours: n/a ({r.missing})" if r.missing and r.unit else "")
         )
     return "\n".join(lines)
 

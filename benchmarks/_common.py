@@ -38,11 +38,17 @@ class Row:
     ratio: float
     target: float | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)
+    #: why this library has no figure in the row ("" when it has one)
+    missing: str = ""
 
     def json(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("samples")
         data["met"] = None if self.target is None else self.ratio >= self.target
+        if self.missing:
+            data["ours"] = data["ratio"] = data["met"] = None
+        else:
+            data.pop("missing")
         return data
 
 
