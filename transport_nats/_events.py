@@ -161,7 +161,7 @@ class NatsEventBus(EventBus):
             )
             # Registered on the server before this returns: events published
             # afterwards by any client are seen.
-            await self._ctx.nc.flush(max(1, round(self._ctx.options.request_timeout)))
+            await self._ctx.round_trip(self._ctx.options.request_timeout)
         self._subs.append(subscription)
         return subscription
 

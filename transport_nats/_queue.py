@@ -914,7 +914,9 @@ class NatsRequestQueue(RequestQueue):
                 for msg in msgs:
                     if msg.reply:
                         await nc.publish(msg.reply, b"-NAK")
-                await asyncio.wait_for(nc.flush(), self._opts.request_timeout)
+                await asyncio.wait_for(
+                    self._ctx.round_trip(self._opts.request_timeout), self._opts.request_timeout
+                )
         if self._drops:
             await asyncio.wait(set(self._drops), timeout=self._opts.request_timeout)
         await self._uncounted.aclose()
