@@ -155,24 +155,35 @@ async def test_aiokafka_request_is_answered_by_an_ensemble(
             check_capability(capability.value)
 
 
+def _env(library_dir: Path | None) -> dict[str, str] | None:
+    """kcat's environment: this one, with ``library_dir`` first on
+    ``LD_LIBRARY_PATH`` if given."""
+    return None if library_dir is None else {**os.environ, "LD_LIBRARY_PATH": str(library_dir)}
+
+
 @dataclass
 class _Kcat:
-    """How to run kcat against the session's broker."""
+    """How to run kcat against the session's broker. (The environment is
+    built when kcat runs, so that no repr of this shows it.)"""
 
     bootstrap: str
-    env: dict[str, str] | None
+    library_dir: Path | None
     note: str
 
     def argv(self, *args: str) -> list[str]:
         return ["kcat", "-b", self.bootstrap, "-q", *args]
 
+    @property
+    def env(self) -> dict[str, str] | None:
+        return _env(self.library_dir)
 
-def _probe(bootstrap: str, env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+
+def _probe(bootstrap: str, library_dir: Path | None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["kcat", "-b", bootstrap, "-L", "-m", "20"],
+        ["kcat", "-b", bootstrap, "-L", "-m", "10"],
         capture_output=True,
         text=True,
-        env=env,
+        env=_env(library_dir),
         timeout=WAIT_S,
         check=False,
     )
@@ -200,14 +211,13 @@ def kcat(kafka_bootstrap: str, tmp_path: Path) -> _Kcat:
     if library is None:
         pytest.skip(f"kcat's librdkafka cannot talk to this broker: {probe.stderr[-500:]}")
     (tmp_path / "librdkafka.so.1").symlink_to(library)
-    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
-    again = _probe(kafka_bootstrap, env)
+    again = _probe(kafka_bootstrap, tmp_path)
     if again.returncode != 0:
         pytest.skip(
             "kcat's librdkafka cannot talk to this broker, not even the wheel's: "
             f"{probe.stderr[-500:]} / {again.stderr[-500:]}"
         )
-    return _Kcat(kafka_bootstrap, env, f"kcat on {library.name} (its own librdkafka failed)")
+    return _Kcat(kafka_bootstrap, tmp_path, f"kcat on {library.name} (its own librdkafka failed)")
 
 
 async def _kcat_find(kcat: _Kcat, topic: str, accept: Callable[[dict[str, Any]], bool]) -> Any:
