@@ -9,6 +9,17 @@ ensemble's ``Capability``.
 Bus: core NATS publish and subscribe in both directions with
 ``transport.event_bus()``, and request/reply both ways (a raw ``nc.request``
 answered by ``bus.serve``, a ``bus.request`` answered by a raw responder).
+
+A subscription is known to the server only after a round trip that follows
+its SUB: nats-py 2.16's ``flush()`` writes its PING straight to the socket
+while the SUB still waits in the client's pending buffer for the flusher
+task, so the PONG can come back before the server has the SUB, and a message
+another connection publishes in that gap is not delivered (measured: 13 of
+300 raw subscribe+flush, then publish from another connection; 5 of 300
+``bus.subscribe`` then a foreign publish). The tests synchronise on a round
+trip that provably follows the SUB: a second flush for a raw subscriber
+(:func:`_registered`), an event or request the library sends to its own new
+subscription for the bus's.
 """
 
 from __future__ import annotations
@@ -47,6 +58,14 @@ WAIT_S = 30.0
 def _wire_subject(config: TransportConfig, subject: str) -> str:
     """The NATS subject a bus subject travels on (docs/wire.md, "bus subject")."""
     return f"{config.namespace}.ev.{subject}"
+
+
+async def _registered(nc: Client) -> None:
+    """Return once the server has every SUB ``nc`` sent so far: the first
+    flush's round trip lets the flusher task write the pending SUB, the
+    second PING goes out after it (see the module docstring)."""
+    await nc.flush()
+    await nc.flush()
 
 
 @pytest.fixture
@@ -118,6 +137,11 @@ async def test_raw_publish_reaches_a_bus_subscriber(
     async with await connect(nats_config) as transport:
         bus = transport.event_bus()
         async with await bus.subscribe("agent.events.*") as subscription:
+            # The library's own event leaves after its SUB on the same
+            # connection: once it is back, the server has the subscription.
+            await bus.publish("agent.events.probe")
+            probe = await subscription.next(timeout=WAIT_S)
+            assert probe is not None and probe.subject == "agent.events.probe"
             event_id, body = _foreign_event("agent.events.kitchen", {"n": 1, "from": "raw"})
             await raw.publish(_wire_subject(nats_config, "agent.events.kitchen"), body)
             await raw.flush()
@@ -136,7 +160,7 @@ async def test_bus_publish_reaches_a_raw_subscriber(
 ) -> None:
     received: asyncio.Queue[Msg] = asyncio.Queue()
     sub = await raw.subscribe(_wire_subject(nats_config, "agent.events.*"), cb=received.put)
-    await raw.flush()  # the interest is on the server before the bus publishes
+    await _registered(raw)  # the interest is on the server before the bus publishes
     try:
         async with await connect(nats_config) as transport:
             await transport.event_bus().publish(
@@ -164,8 +188,13 @@ async def test_raw_request_is_answered_by_bus_serve(
         return {"sum": sum(event.data["terms"]), "asked": event.id}
 
     async with await connect(nats_config) as transport:
-        server = await transport.event_bus().serve("tools.add", add)
+        bus = transport.event_bus()
+        server = await bus.serve("tools.add", add)
         try:
+            # Answered on the library's own connection: the server has the
+            # serving subscription (see the module docstring).
+            own = await bus.request("tools.add", {"terms": []}, timeout=WAIT_S)
+            assert own.data["sum"] == 0
             event_id, body = _foreign_event("tools.add", {"terms": [1, 2, 39]})
             reply = await raw.request(_wire_subject(nats_config, "tools.add"), body, timeout=WAIT_S)
         finally:
@@ -187,7 +216,7 @@ async def test_bus_request_is_answered_by_a_raw_responder(
         await msg.respond(body)
 
     sub = await raw.subscribe(_wire_subject(nats_config, "tools.double"), cb=respond)
-    await raw.flush()
+    await _registered(raw)
     try:
         async with await connect(nats_config) as transport:
             reply = await transport.event_bus().request("tools.double", {"x": 21}, timeout=WAIT_S)
