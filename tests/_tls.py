@@ -52,16 +52,40 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 @contextlib.asynccontextmanager
 async def tls_proxy(upstream_port: int, cert: Path, key: Path, port: int = 0) -> AsyncIterator[int]:
     """Terminate TLS on 127.0.0.1:``port`` (0: any free port) and forward the
-    plain bytes to 127.0.0.1:``upstream_port``; yields the listening port."""
+    plain bytes to 127.0.0.1:``upstream_port``; yields the listening port.
+    On exit every proxied connection is closed and its tasks are done, so no
+    stream outlives the event loop (a writer collected after its loop closed
+    warns inside whichever test runs next)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
+    writers: set[asyncio.StreamWriter] = set()
+    handlers: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
-        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        writers.add(writer)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                "127.0.0.1", upstream_port
+            )
+            writers.add(upstream_writer)
+            await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        finally:
+            handlers.discard(task)
 
     server = await asyncio.start_server(handle, "127.0.0.1", port, ssl=context)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
+        for writer in writers:
+            writer.close()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        for writer in writers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+        await server.wait_closed()

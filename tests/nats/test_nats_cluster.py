@@ -81,13 +81,16 @@ async def _leader(raw: nats.NATS, stream: str, budget: Budget) -> str:
         await asyncio.sleep(0.1)
 
 
-def _config(cluster: NatsCluster, first: NatsServer, namespace: str) -> TransportConfig:
-    """R3 everywhere; the client starts on ``first`` and knows every server."""
+def _config(
+    cluster: NatsCluster, first: NatsServer, namespace: str, *, only_first: bool = False
+) -> TransportConfig:
+    """R3 everywhere; the client knows every server (it picks one at random,
+    and moves to another when its connection breaks), or only ``first``."""
     return TransportConfig(
         url=first.url,
         namespace=namespace,
         options={
-            "servers": [u for u in cluster.urls if u != first.url],
+            "servers": [] if only_first else [u for u in cluster.urls if u != first.url],
             "replicas": 3,
             "pull_expires": 2.0,
             "request_timeout": 3.0,
@@ -160,7 +163,11 @@ async def _run_through(
     assert info.config.num_replicas == 3, info.config
     leader = cluster.by_name(await _leader(raw, stream, budget))
     first = next(m for m in cluster.members if m is not leader)
-    transport = await connect(_config(cluster, first, namespace))
+    # A killed server closes its connections, so a client on it moves to
+    # another at once; a cut-off one keeps them open and silent until the
+    # client's ping timeout (minutes). The partition is of the leader from
+    # its peers, with the client on the majority side.
+    transport = await connect(_config(cluster, first, namespace, only_first=fault == "pause"))
     run = Run(transport, queue)
     done = asyncio.Event()
     worker = asyncio.create_task(run.work(done))
