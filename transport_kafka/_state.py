@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from transport import WorkRequest
 from transport.errors import UndecodableMessageError
-from transport.kit import decode_request
+from transport.kit import decode_request, request_codec_for
 from transport_kafka._client import (
     ConsumerThread,
     KafkaClients,
@@ -66,6 +66,8 @@ class _EngineState:
         self.member = member
         self._topic_names = frozenset((self.topics.requests, self.topics.state, self.topics.dlq))
         self.options = transport.settings.options
+        # The transport's request dialect (its queue handles carry the same).
+        self.request_codec = request_codec_for(transport.config)
         self.tracker = OffsetTracker()
         self.handles = 0
         self.ready: deque[_Record] = deque()
@@ -160,6 +162,7 @@ class _EngineState:
                     rec.partition,
                     rec.offset,
                     carried_id=rec.carried_id,
+                    codec=self.request_codec,
                 )
             except UndecodableMessageError as exc:
                 rec.undecodable = str(exc)

@@ -78,6 +78,7 @@ class KafkaTransport(Transport):
     """One set of Kafka clients (producer, admin, one consumer per queue)."""
 
     backend = "kafka"
+    _reads_request_codec = True
     capabilities = TransportCapabilities(
         persistent=True,
         ordered=True,
@@ -120,6 +121,13 @@ class KafkaTransport(Transport):
         engine = _QueueEngine(self, queue_name)
         await engine.ensure_topics()
         await self.clients.produce(engine.topics.requests, None, data, what="inject")
+
+    async def publish_foreign(self, destination: str, key: bytes | None, body: bytes) -> None:
+        """Produce ``body`` to topic ``destination`` as given (no namespace,
+        no rewriting; the topic is not created by the library) and wait for
+        its acks=all delivery report."""
+        self._check_open()
+        await self.clients.produce(destination, key, body, what=f"publish to {destination!r}")
 
     def _open_queue(
         self, name: str, *, lease_seconds: float, max_attempts: int
