@@ -154,9 +154,7 @@ async def test_a_python_callers_request_is_on_the_wire_as_jackson_writes_it(
         )
         await transport.request_queue(queue).enqueue(request)
     # What a Java KafkaRequestQueue consuming queue name "<queue>.requests" reads.
-    [record] = await asyncio.to_thread(
-        _read, kafka_bootstrap, f"agentensemble.{queue}.requests", 1
-    )
+    [record] = await asyncio.to_thread(_read, kafka_bootstrap, f"agentensemble.{queue}.requests", 1)
     assert record.key() == b"c0ffee00-1111-4222-8333-444455556666"
     # new WorkRequest(id, "py-caller", "count-stock", "How many tomatoes?", Priority.LOW,
     #   null, new DeliverySpec(TOPIC, "agentensemble.py-replies"),

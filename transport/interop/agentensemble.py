@@ -612,7 +612,9 @@ class AgentEnsembleCodec:
             head = data.lstrip()[:1].encode()
         if head != b"{":
             return None
-        marker = b'"requestId"' if isinstance(data, bytes | bytearray | memoryview) else '"requestId"'
+        marker = (
+            b'"requestId"' if isinstance(data, bytes | bytearray | memoryview) else '"requestId"'
+        )
         if marker not in data:  # type: ignore[operator]
             return None  # the common case: skip parsing a native body twice
         try:
