@@ -67,7 +67,7 @@ def request_codec_for(config: TransportConfig) -> RequestCodec | None:
     if name == "native":
         return None
     if name == "agentensemble":
-        from transport.interop.agentensemble import AgentEnsembleCodec
+        from transport._spi.agentensemble import AgentEnsembleCodec
 
         return AgentEnsembleCodec()
     raise ConfigurationError(f"unknown request_codec {name!r} (native, agentensemble)")
