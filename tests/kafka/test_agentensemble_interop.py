@@ -14,6 +14,7 @@ The Java side's queue name is ``<queue>.requests``: its topic
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any
@@ -164,4 +165,49 @@ async def test_a_python_callers_request_is_on_the_wire_as_jackson_writes_it(
         b'"task":"count-stock","context":"How many tomatoes?","priority":"LOW",'
         b'"delivery":{"method":"TOPIC","address":"agentensemble.py-replies"},'
         b'"traceContext":{"traceparent":"' + TRACEPARENT.encode() + b'"}}'
+    )
+
+
+async def test_a_java_ensembles_response_reaches_a_python_caller_through_an_event_log(
+    kafka_config_factory: Any, kafka_bootstrap: str
+) -> None:
+    queue = f"pantry{uuid.uuid4().hex[:8]}"
+    stream = f"replies{uuid.uuid4().hex[:8]}"
+    reply_topic = f"agentensemble.stream.{stream}.events"  # the Kafka topic of that stream
+    config = kafka_config_factory(namespace="agentensemble", request_codec="agentensemble")
+    async with await connect(config) as transport:
+        await transport.provision(ProvisionPlan(event_streams=[stream]))
+        request = WorkRequest(
+            task="count-stock",
+            payload="How many tomatoes?",
+            headers=ae.java_headers("py-caller", delivery=("TOPIC", reply_topic)),
+        )
+        await transport.request_queue(queue).enqueue(request)
+
+        # The Java ensemble: KafkaRequestQueue.dequeue("<queue>.requests") reads the
+        # record, and KafkaTopicDelivery produces the response to delivery.address.
+        [record] = await asyncio.to_thread(
+            _read, kafka_bootstrap, f"agentensemble.{queue}.requests", 1
+        )
+        java_view = json.loads(record.value())
+        assert java_view["delivery"] == {"method": "TOPIC", "address": reply_topic}
+        # new WorkResponse(requestId, "COMPLETED", "42 tomatoes", null, 7L)
+        answer = (
+            f'{{"requestId":"{java_view["requestId"]}","status":"COMPLETED",'
+            f'"result":"42 tomatoes","durationMs":7}}'
+        ).encode()
+        await asyncio.to_thread(
+            _produce, kafka_bootstrap, reply_topic, java_view["requestId"].encode(), answer
+        )
+
+        async with transport.event_log() as log:
+            reader = await log.read(stream)
+            event = await reader.next(timeout=30)
+    assert event is not None
+    response = ae.decode_response(event.data)
+    assert response.request_id == request.request_id
+    assert (response.status, response.result, response.duration_ms) == (
+        "completed",
+        "42 tomatoes",
+        7.0,
     )
