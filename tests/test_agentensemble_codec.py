@@ -24,7 +24,7 @@ from transport import (
 )
 from transport.errors import InvalidMessageError
 from transport.interop import agentensemble as ae
-from transport.kit import decode_request
+from transport.kit import decode_request, encode
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -118,6 +118,24 @@ def test_a_python_callers_request_is_what_jackson_writes() -> None:
     assert ae.encode_request(request) == expected
 
 
+def test_strings_are_escaped_as_jackson_escapes_them() -> None:
+    # Short escapes for \b \t \n \f \r, \u00XX (upper-case hex) for other
+    # control characters; DEL, '/', U+2028 and non-ASCII are written as they are.
+    request = WorkRequest(
+        request_id="r1",
+        task="t",
+        payload="\b\t\n\f\r\x1f\x7f/\u2028\U0001f345\\",
+        headers=ae.java_headers("py"),
+    )
+    expected = (
+        '{"requestId":"r1","from":"py","task":"t",'
+        '"context":"\\b\\t\\n\\f\\r\\u001F\x7f/\u2028\U0001f345\\\\",'
+        '"priority":"NORMAL","delivery":{"method":"WEBSOCKET"}}'
+    ).encode("utf-8")
+    assert ae.encode_request(request) == expected
+    assert ae.decode_request(expected, now=NOW).payload == request.payload
+
+
 def test_an_unset_priority_is_normal_and_a_level_past_low_is_low() -> None:
     base = WorkRequest(request_id="r1", task="t", headers=ae.java_headers("py"))
     assert b'"priority":"NORMAL"' in ae.encode_request(base)
@@ -207,8 +225,6 @@ def test_the_codec_reads_java_bodies_only_when_selected() -> None:
     assert decode_request(JAVA_FULL, "topic", 0, 7, codec=codec).request_id == "req-42"
     # A native body on a queue with the codec is read as before.
     native = WorkRequest(request_id="n1", task="t", payload={"k": [1]}, priority=5)
-    from transport.kit import encode
-
     decoded = decode_request(encode(native), "topic", 0, 8, codec=codec)
     assert decoded == native
     # A native body that happens to hold the text "requestId" is still native.

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from transport._spi.models import WorkRequest, WorkResponse, utcnow
 from transport.errors import (
     InvalidMessageError,
+    PayloadTooLargeError,
     TransportError,
     UndecodableMessageError,
     UnsupportedFeatureError,
@@ -230,14 +231,21 @@ def _loads(data: bytes | str) -> Any:
 
 
 # -- Jackson's JSON text ------------------------------------------------------
-_SHORT_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n"}
-_SHORT_ESCAPES_2: Final = {"\f": "\\f", "\r": "\\r"}
+_SHORT_ESCAPES: Final = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
 _NEEDS_ESCAPE = re.compile(r'[\x00-\x1f"\\]')
 
 
 def _escape(match: re.Match[str]) -> str:
     ch = match.group(0)
-    short = _SHORT_ESCAPES.get(ch) or _SHORT_ESCAPES_2.get(ch)
+    short = _SHORT_ESCAPES.get(ch)
     # Jackson writes other control characters as \u00XX with upper-case hex.
     return short if short is not None else f"\\u{ord(ch):04X}"
 
@@ -325,8 +333,6 @@ def encode_request(request: WorkRequest, limit: int | None = None) -> bytes:
     ``reply_to``, a payload that is not text, a bad delivery method, cache
     policy or max age header), PayloadTooLargeError (over ``limit``).
     """
-    from transport.errors import PayloadTooLargeError
-
     headers = request.headers
     sender = headers.get(HEADER_FROM)
     if sender is None:
@@ -468,7 +474,8 @@ def decode_request(
     context = _text(obj, "context")
     priority = _enum(obj, "priority", list(PRIORITY_LEVELS)) or "NORMAL"
     arrival = now or utcnow()
-    headers: dict[str, str] = {HEADER_FROM: sender or ""}
+    assert sender is not None  # required above
+    headers: dict[str, str] = {HEADER_FROM: sender}
     deadline = None
     if obj.get("deadline") is not None:
         duration = parse_duration(obj["deadline"], "deadline")
@@ -608,17 +615,10 @@ class AgentEnsembleCodec:
 
         Raises: UndecodableMessageError (of the shape, but invalid).
         """
-        if isinstance(data, bytes | bytearray | memoryview):
-            head = bytes(data).lstrip()[:1]
-        else:
-            head = data.lstrip()[:1].encode()
-        if head != b"{":
+        raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+        # The common case, a native body, is not parsed twice.
+        if raw.lstrip()[:1] != b"{" or b'"requestId"' not in raw:
             return None
-        marker = (
-            b'"requestId"' if isinstance(data, bytes | bytearray | memoryview) else '"requestId"'
-        )
-        if marker not in data:  # type: ignore[operator]
-            return None  # the common case: skip parsing a native body twice
         try:
             obj = _loads(data)
         except (ValueError, UnicodeDecodeError):
