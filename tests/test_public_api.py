@@ -12,6 +12,7 @@ PACKAGES = [
     "transport",
     "transport.errors",
     "transport.kit",
+    "transport.interop.agentensemble",
     "transport.testing",
     "transport.testing.brokers",
     "transport.sync",

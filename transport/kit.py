@@ -17,7 +17,10 @@ What is here, by concern:
   re-published copy and :func:`error_header`, :func:`encode` (JSON, payload limit enforced),
   :func:`decode`, :func:`decode_request` (a delivered body; a body without
   ``request_id`` gets an id derived from the broker's identity of the
-  message, so a redelivery is recognised), :class:`WireModel` (base of every
+  message, so a redelivery is recognised; pass ``codec=queue.request_codec``
+  so another program's dialect is read, and set ``Transport._reads_request_codec``),
+  :class:`RequestCodec` and :func:`request_codec_for` (the dialect
+  ``TransportConfig.request_codec`` selects), :class:`WireModel` (base of every
   record on the wire: frozen, unknown fields ignored, validation errors
   raised as the library's own), :func:`replace_fields` (a copy with fields
   changed),
@@ -49,7 +52,7 @@ from __future__ import annotations
 from transport._ops.logging import ClientLog
 from transport._runtime.shared import SharedRun, retrieve
 from transport._runtime.sqlitestore import SqliteStore
-from transport._spi.codec import decode, decode_request, encode
+from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._spi.events import Start, check_headers, check_start, make_event
 from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, replace_fields, utcnow
@@ -78,6 +81,7 @@ __all__ = [
     "DoctorFinding",
     "ObjectKind",
     "ProvisionPlan",
+    "RequestCodec",
     "SharedRun",
     "SqliteStore",
     "Start",
@@ -93,6 +97,7 @@ __all__ = [
     "internal_name",
     "make_event",
     "replace_fields",
+    "request_codec_for",
     "retrieve",
     "seconds",
     "utcnow",

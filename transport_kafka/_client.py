@@ -43,7 +43,7 @@ from tenacity import (
 )
 
 from transport.errors import ClosedResourceError, ConfigurationError, TransientTransportError
-from transport.kit import ClientLog, SharedRun
+from transport.kit import ClientLog, RequestCodec, SharedRun
 from transport_kafka._config import KafkaSettings
 from transport_kafka._errors import error_from_kafka, map_kafka_errors
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics
@@ -783,7 +783,7 @@ class KafkaContext:
     ``engines`` is the class of the engine registry (it is defined with the
     engines, which are built from this context)."""
 
-    __slots__ = ("clients", "engines", "max_payload_bytes", "ordered", "settings")
+    __slots__ = ("clients", "engines", "max_payload_bytes", "ordered", "request_codec", "settings")
 
     def __init__(
         self,
@@ -793,10 +793,14 @@ class KafkaContext:
         max_payload_bytes: int,
         ordered: bool,
         engines: Callable[[KafkaContext], Engines],
+        request_codec: RequestCodec | None = None,
     ) -> None:
         self.settings = settings
         self.clients = clients
         self.max_payload_bytes = max_payload_bytes
+        #: The request dialect of this transport's queues
+        #: (``TransportConfig.request_codec``; None: the library's own).
+        self.request_codec = request_codec
         #: One partition per request topic: FIFO is promised (a capability flag).
         self.ordered = ordered
         self.engines: Engines = engines(self)

@@ -234,6 +234,7 @@ class KafkaRequestQueue(RequestQueue):
                         raw.partition,
                         raw.offset,
                         carried_id=carried.decode("utf-8", "replace") if carried else None,
+                        codec=self.request_codec,
                     )
                 except UndecodableMessageError:
                     continue  # dead-lettered when a worker reaches it

@@ -62,6 +62,8 @@ class _EngineState:
         self.member = member
         self._topic_names = frozenset((self.topics.requests, self.topics.state, self.topics.dlq))
         self.options = ctx.settings.options
+        # The transport's request dialect (its queue handles carry the same).
+        self.request_codec = ctx.request_codec
         self.tracker = OffsetTracker()
         self.handles = 0
         self.ready: deque[_Record] = deque()
@@ -156,6 +158,7 @@ class _EngineState:
                     rec.partition,
                     rec.offset,
                     carried_id=rec.carried_id,
+                    codec=self.request_codec,
                 )
             except UndecodableMessageError as exc:
                 rec.undecodable = str(exc)

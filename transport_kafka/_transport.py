@@ -62,7 +62,7 @@ from transport import (
     TransportConfig,
 )
 from transport.errors import TransportError
-from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, request_codec_for
 from transport_kafka._client import KafkaClients, KafkaContext
 from transport_kafka._config import KafkaSettings, parse_settings
 from transport_kafka._engine import Engines, _QueueEngine
@@ -78,6 +78,7 @@ class KafkaTransport(Transport):
     """One set of Kafka clients (producer, admin, one consumer per queue)."""
 
     backend = "kafka"
+    _reads_request_codec = True
     capabilities = TransportCapabilities(
         persistent=True,
         ordered=True,
@@ -103,6 +104,7 @@ class KafkaTransport(Transport):
             max_payload_bytes=config.max_payload_bytes,
             ordered=self.capabilities.ordered,
             engines=Engines,
+            request_codec=request_codec_for(config),
         )
         self._engines = self.ctx.engines
 
@@ -113,6 +115,13 @@ class KafkaTransport(Transport):
         engine = _QueueEngine(self.ctx, queue_name)
         await engine.ensure_topics()
         await self.clients.produce(engine.topics.requests, None, data, what="inject")
+
+    async def publish_foreign(self, destination: str, key: bytes | None, body: bytes) -> None:
+        """Produce ``body`` to topic ``destination`` as given (no namespace,
+        no rewriting; the topic is not created by the library) and wait for
+        its acks=all delivery report."""
+        self._check_open()
+        await self.clients.produce(destination, key, body, what=f"publish to {destination!r}")
 
     def _open_queue(
         self, name: str, *, lease_seconds: float, max_attempts: int

@@ -38,7 +38,23 @@ from transport.errors import (
     TransportError,
 )
 
-__all__ = ["Ensemble", "Handler", "PermanentTaskError", "RetryTaskError", "TaskContext", "TaskSpec"]
+__all__ = [
+    "Ensemble",
+    "Handler",
+    "PermanentTaskError",
+    "ResponseHook",
+    "RetryTaskError",
+    "TaskContext",
+    "TaskSpec",
+]
+
+#: A response-delivery hook (``Ensemble(respond=...)``): called with every
+#: request and its response before the ``reply_to`` registry; ``True`` means
+#: it delivered the response (the registry is not used). It raises
+#: PermanentTransportError for a response that can never be delivered (the
+#: request is then dead-lettered with that error) and TransientTransportError
+#: like a registry. Example: :class:`transport.interop.agentensemble.AgentEnsembleResponder`.
+ResponseHook = Callable[[WorkRequest, WorkResponse], Awaitable[bool]]
 
 log = logging.getLogger("transport.runtime")
 
@@ -130,6 +146,13 @@ class Ensemble:
     queue's ``max_attempts`` → dead letter + ``failed`` response, so a caller
     is never left waiting. An expired ``deadline`` → ``rejected`` response.
 
+    ``respond`` (a :data:`ResponseHook`) delivers responses the caller does
+    not collect from a delivery registry, e.g. an AgentEnsemble (Java)
+    caller's ``TOPIC`` delivery
+    (:class:`transport.interop.agentensemble.AgentEnsembleResponder`). Such
+    requests have no ``reply_to``, so a redelivered one is run again and
+    answered again (at-least-once; the caller deduplicates by request id).
+
     Every ``stats_interval`` seconds while the ensemble runs (``None``:
     never) it reads its queue's stats: a metrics sink
     (:func:`set_metrics_sink`) gets the gauges (depth/lag, in flight,
@@ -154,6 +177,7 @@ class Ensemble:
         advertise: bool = True,
         poll_timeout: float = 1.0,
         stats_interval: float | None = 15.0,
+        respond: ResponseHook | None = None,
     ) -> None:
         self.name = validate_name(name, "ensemble name")
         if transport is None and queue is None:
@@ -177,6 +201,7 @@ class Ensemble:
         self._advertise = advertise and transport is not None
         self._poll_timeout = poll_timeout
         self._stats_interval = stats_interval
+        self._respond_hook = respond
         self._gauges: asyncio.Task[None] | None = None
         self._tasks: dict[str, TaskSpec] = {}
         self._registries: dict[str, DeliveryRegistry] = {}
@@ -651,9 +676,25 @@ class Ensemble:
         record = await self._registry(request.reply_to).record(request.request_id)
         return record is not None and record.state != "pending"
 
-    async def _respond(self, request: WorkRequest, response: WorkResponse) -> None:
+    async def _respond(self, request: WorkRequest, response: WorkResponse) -> str | None:
+        """Deliver ``response``: through the ``respond`` hook if it takes it,
+        else to the ``reply_to`` registry. Returns why it can never be
+        delivered (the caller dead-letters the request), else ``None``."""
+        if self._respond_hook is not None:
+            try:
+                if await self._respond_hook(request, response):
+                    return None
+            except PermanentTransportError as exc:
+                log.error(
+                    "ensemble %s: the response to %s cannot be delivered: %s",
+                    self.name,
+                    request.request_id,
+                    exc,
+                    extra=self._fields(request),
+                )
+                return f"response not deliverable: {exc}"
         if request.reply_to is None:
-            return
+            return None
         if self.transport is None:
             log.error(
                 "ensemble %s: cannot route the response to %s to %r: the ensemble was built "
@@ -663,12 +704,13 @@ class Ensemble:
                 request.reply_to,
                 extra=self._fields(request),
             )
-            return
+            return None
         # complete() reads the record again although _handle read it before
         # the handler ran: handlers run for seconds to hours, and another
         # worker may have answered meanwhile (or the caller taken the answer);
         # the fresh read keeps a late completion from overwriting either.
         await self._registry(request.reply_to).complete(request.request_id, response)
+        return None
 
     async def _keep_lease(self, delivery: Delivery, lease: float) -> None:
         while True:
@@ -706,12 +748,15 @@ class Ensemble:
                 if spec is None
                 else "deadline passed before the request was started"
             )
-            await self._respond(
+            undeliverable = await self._respond(
                 request,
                 WorkResponse(request_id=request.request_id, status="rejected", error=reason),
             )
             self.counts["rejected"] += 1
-            await self._ack(delivery)
+            if undeliverable is not None:
+                await delivery.dead_letter(undeliverable)
+            else:
+                await self._ack(delivery)
             return
         queue = self.queue
         keeper = asyncio.create_task(self._keep_lease(delivery, queue.lease_seconds))
@@ -757,7 +802,11 @@ class Ensemble:
             # Running the handler again would return the same value.
             await self._fail(delivery, f"the handler's result cannot be sent: {exc}", started)
             return
-        await self._respond(request, response)
+        undeliverable = await self._respond(request, response)
+        if undeliverable is not None:
+            await delivery.dead_letter(undeliverable)
+            self.counts["failed"] += 1
+            return
         await self._ack(delivery)
         self.counts["completed"] += 1
 

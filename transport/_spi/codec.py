@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from transport._spi.models import WorkRequest, derived_request_id, replace_fields
 from transport._spi.naming import _REQUEST_ID_RE
-from transport.errors import PayloadTooLargeError, PermanentTransportError, UndecodableMessageError
+from transport.errors import (
+    ConfigurationError,
+    PayloadTooLargeError,
+    PermanentTransportError,
+    UndecodableMessageError,
+)
 
-__all__ = ["decode", "decode_request", "encode"]
+if TYPE_CHECKING:
+    from transport._spi.config import TransportConfig
+
+__all__ = ["RequestCodec", "decode", "decode_request", "encode", "request_codec_for"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,10 +39,50 @@ def encode(model: BaseModel, limit: int | None = None) -> bytes:
     return data
 
 
+class RequestCodec(Protocol):
+    """Another program's request dialect, selected by
+    ``TransportConfig.request_codec`` (see :func:`request_codec_for`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def encode_request(self, request: WorkRequest, limit: int | None = None) -> bytes:
+        """The request in this dialect. Raises: PayloadTooLargeError,
+        InvalidMessageError (the dialect cannot carry it)."""
+        ...
+
+    def decode_request(self, data: bytes | str) -> WorkRequest | None:
+        """The request if ``data`` is of this dialect's shape, else ``None``.
+        Raises: UndecodableMessageError (of the shape, but invalid)."""
+        ...
+
+
+def request_codec_for(config: TransportConfig) -> RequestCodec | None:
+    """The request codec ``config.request_codec`` selects; ``None`` for the
+    library's own format (``"native"``, the default).
+
+    Raises: ConfigurationError for an unknown codec name.
+    """
+    name = config.request_codec
+    if name == "native":
+        return None
+    if name == "agentensemble":
+        from transport._spi.agentensemble import AgentEnsembleCodec
+
+        return AgentEnsembleCodec()
+    raise ConfigurationError(f"unknown request_codec {name!r} (native, agentensemble)")
+
+
 def decode_request(
-    data: bytes | str, *identity: object, carried_id: str | None = None
+    data: bytes | str,
+    *identity: object,
+    carried_id: str | None = None,
+    codec: RequestCodec | None = None,
 ) -> WorkRequest:
     """Parse a delivered body into a :class:`WorkRequest`.
+
+    With ``codec`` (the queue's ``request_codec``), a body of that codec's
+    shape is read by it; every other body as the library's own record.
 
     A body without ``request_id`` (another program's) gets ``carried_id`` (the
     id a backend's re-published copy of the message carries in its headers)
@@ -46,6 +94,10 @@ def decode_request(
     Raises:
         UndecodableMessageError: not JSON, or not a valid request.
     """
+    if codec is not None:
+        foreign = codec.decode_request(data)
+        if foreign is not None:
+            return foreign
     request = decode(WorkRequest, data)
     if "request_id" not in request.model_fields_set:
         if carried_id is None or not _REQUEST_ID_RE.fullmatch(carried_id):

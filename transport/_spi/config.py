@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -139,6 +139,12 @@ class TransportConfig(BaseSettings):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     options: dict[str, Any] = Field(
         default_factory=dict, description="backend-specific options (see each backend)"
+    )
+    request_codec: Literal["native", "agentensemble"] = Field(
+        default="native",
+        description="request dialect of the request queues: native, or agentensemble (the "
+        "Java project's Jackson records: written on enqueue, recognised by shape on "
+        "delivery; kafka:// and memory:// only; docs/interop-java.md)",
     )
 
     def __init__(self, *args: Any, **values: Any) -> None:

@@ -10,7 +10,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self
 
-from transport._spi.codec import encode
+from transport._spi.codec import RequestCodec, encode
 from transport._spi.models import DeadLetter, QueueStats, WorkRequest, replace_fields, utcnow
 from transport.errors import UnsupportedFeatureError
 
@@ -141,6 +141,10 @@ class RequestQueue(ABC):
     #: The largest encoded request :meth:`enqueue` accepts (``None``: no
     #: limit); backends set it from ``TransportConfig.max_payload_bytes``.
     max_payload_bytes: int | None = None
+    #: The request dialect of this queue (``TransportConfig.request_codec``;
+    #: ``None``: the library's own). Set by the transport that opens the
+    #: queue; backends pass it to ``decode_request``.
+    request_codec: RequestCodec | None = None
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         """Durably add ``request``; returns it with ``enqueued_at`` stamped.
@@ -154,13 +158,19 @@ class RequestQueue(ABC):
 
         For backends: this is the one enqueue template. It checks the handle
         (:meth:`_check_open`), stamps ``enqueued_at``, encodes the request
-        within ``max_payload_bytes`` and hands both to :meth:`_store_request`,
+        (with :attr:`request_codec` if set) within ``max_payload_bytes`` and hands both to :meth:`_store_request`,
         the hook a backend implements (or it overrides ``enqueue`` whole).
         """
         self._check_open()
         if request.enqueued_at is None:
             request = replace_fields(request, enqueued_at=utcnow())
-        await self._store_request(request, encode(request, self.max_payload_bytes))
+        codec = self.request_codec
+        body = (
+            encode(request, self.max_payload_bytes)
+            if codec is None
+            else codec.encode_request(request, self.max_payload_bytes)
+        )
+        await self._store_request(request, body)
         return request
 
     def _check_open(self) -> None:  # noqa: B027 - optional hook

@@ -7,10 +7,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from datetime import timedelta
 from types import TracebackType
-from typing import Protocol, Self
+from typing import ClassVar, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict
 
+from transport._spi.codec import request_codec_for
 from transport._spi.config import TransportConfig
 from transport._spi.doctor import (
     DoctorFinding,
@@ -108,6 +109,36 @@ class Transport(ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"{self!r} is closed")
+
+    #: Whether this backend's queues pass their ``request_codec`` to
+    #: ``decode_request`` (a backend sets it once they do); without it
+    #: ``TransportConfig.request_codec`` other than ``native`` is refused.
+    _reads_request_codec: ClassVar[bool] = False
+
+    def _with_codec(self, queue: RequestQueue) -> RequestQueue:
+        codec = request_codec_for(self.config)
+        if codec is not None:
+            if not self._reads_request_codec:
+                raise UnsupportedFeatureError(
+                    f"request_codec={codec.name!r} is not supported on {self.backend}:// "
+                    "(kafka:// and memory:// support it)"
+                )
+            queue.request_codec = codec
+        return queue
+
+    async def publish_foreign(self, destination: str, key: bytes | None, body: bytes) -> None:
+        """Write ``body`` as one message to ``destination``, a name another
+        program chose (on Kafka: a topic, used as given: no namespace, no
+        name rewriting), keyed by ``key``. For answering programs that name
+        their own reply destination, such as AgentEnsemble's ``TOPIC``
+        delivery (:mod:`transport.interop.agentensemble`).
+
+        Guarantees: returns once the broker durably accepted the message
+        (Kafka: acks=all delivery report).
+        Raises: UnsupportedFeatureError (this backend has no such thing;
+        the default), TransientTransportError, PermanentTransportError.
+        """
+        raise UnsupportedFeatureError(f"{self.backend}:// cannot publish to a foreign destination")
 
     # -- what backends implement -----------------------------------------
     @abstractmethod
@@ -264,7 +295,9 @@ class Transport(ABC):
         attempts = max_attempts if max_attempts is not None else self.config.max_attempts
         if attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        queue = _instrument(self._open_queue(name, lease_seconds=lease, max_attempts=attempts))
+        queue = _instrument(
+            self._with_codec(self._open_queue(name, lease_seconds=lease, max_attempts=attempts))
+        )
         self._resources.append(queue)
         return queue
 
@@ -287,7 +320,7 @@ class Transport(ABC):
         validate_name(name, "queue name")
         policy = policy or AgingPolicy(levels=levels, aging_interval=aging_interval)
         queues = [
-            _instrument(queue)
+            _instrument(self._with_codec(queue))
             for queue in self._open_level_queues(
                 name,
                 policy.levels,

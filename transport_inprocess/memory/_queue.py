@@ -93,7 +93,9 @@ class MemoryRequestQueue(RequestQueue):
     def _request_of(self, msg: _Msg) -> WorkRequest | None:
         """The request as its deliveries showed it (None if undecodable)."""
         try:
-            return decode_request(msg.data, self._broker.name, self.name, msg.ident)
+            return decode_request(
+                msg.data, self._broker.name, self.name, msg.ident, codec=self.request_codec
+            )
         except UndecodableMessageError:
             return None
 
@@ -141,7 +143,9 @@ class MemoryRequestQueue(RequestQueue):
                     )
                     continue
                 try:
-                    request = decode_request(msg.data, self._broker.name, self.name, msg.ident)
+                    request = decode_request(
+                        msg.data, self._broker.name, self.name, msg.ident, codec=self.request_codec
+                    )
                 except UndecodableMessageError as exc:
                     msg.attempts += 1
                     self._dead(msg, str(exc), None)
@@ -279,7 +283,9 @@ class MemoryRequestQueue(RequestQueue):
             if state.ready:
                 msg = state.ready[0]
                 with contextlib.suppress(UndecodableMessageError):
-                    head = decode_request(msg.data, self._broker.name, self.name, msg.ident)
+                    head = decode_request(
+                        msg.data, self._broker.name, self.name, msg.ident, codec=self.request_codec
+                    )
             return QueueStats(
                 queue=self.name,
                 depth=len(state.ready) + len(state.delayed),

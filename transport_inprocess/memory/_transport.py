@@ -17,6 +17,7 @@ __all__ = ["MemoryTransport", "open_memory"]
 
 class MemoryTransport(Transport):
     backend = "memory"
+    _reads_request_codec = True
     capabilities = TransportCapabilities(
         persistent=False,
         ordered=True,
