@@ -148,6 +148,7 @@ CONTEXT_BACKENDS = [
     "transport_pulsar",
     "transport_inprocess.memory",
     "transport_inprocess.sqlite",
+    "transport_redis",
 ]
 
 

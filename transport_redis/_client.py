@@ -24,14 +24,18 @@ event-bus channel of subject ``s``      ``ns:ev:s``
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 
 from transport.errors import ClosedResourceError
 from transport_redis._errors import map_redis_errors
+
+if TYPE_CHECKING:
+    from transport import TransportConfig
+    from transport_redis._config import RedisEndpoint, RedisOptions
 
 __all__ = ["RedisClient", "Script", "keys"]
 
@@ -116,3 +120,30 @@ class RedisClient:
     def errors(self, what: str) -> Iterator[None]:
         with map_redis_errors(what, self.where):
             yield
+
+
+class RedisContext:
+    """What the children of one transport (queues, keyed logs, the event bus
+    and log, the doctor) share: the client, the configuration, the validated
+    options and the endpoint, the server's version once connected, and
+    ``check_open`` (raises ``ClosedResourceError`` once the transport is
+    closed). Built once by the transport; children keep it and never see the
+    transport."""
+
+    __slots__ = ("check_open", "client", "config", "endpoint", "options", "server_version")
+
+    def __init__(
+        self,
+        client: RedisClient,
+        config: TransportConfig,
+        options: RedisOptions,
+        endpoint: RedisEndpoint,
+        check_open: Callable[[], None],
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.options = options
+        self.endpoint = endpoint
+        self.check_open = check_open
+        #: ``redis_version`` of the server (empty before connecting).
+        self.server_version = ""

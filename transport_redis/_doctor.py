@@ -7,16 +7,12 @@ checked)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import redis.exceptions as rex
 
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
-from transport_redis._client import keys
+from transport_redis._client import RedisContext, keys
 from transport_redis._errors import map_redis_errors
-
-if TYPE_CHECKING:
-    from transport_redis._transport import RedisTransport
+from transport_redis._queue import RedisRequestQueue
 
 __all__ = ["create_object", "existing_keys", "object_keys", "redis_doctor"]
 
@@ -24,10 +20,10 @@ _DURABLE = "an acknowledged enqueue, response or event survives a server crash o
 _KEPT = "requests, dead letters and registry state are kept until consumed or deleted"
 
 
-def object_keys(transport: RedisTransport, kind: ObjectKind, name: str) -> list[str]:
+def object_keys(ctx: RedisContext, kind: ObjectKind, name: str) -> list[str]:
     """The keys behind one object of a plan (the queue stream with its
     consumer group; a registry's change stream; an event-log stream)."""
-    ns = transport.config.namespace
+    ns = ctx.config.namespace
     if kind == "queue":
         return [keys.queue(ns, name)]
     if kind == "delivery_registry":
@@ -37,34 +33,35 @@ def object_keys(transport: RedisTransport, kind: ObjectKind, name: str) -> list[
     return [keys.event_stream(ns, name)]
 
 
-async def existing_keys(transport: RedisTransport, names: list[str]) -> set[str]:
+async def existing_keys(ctx: RedisContext, names: list[str]) -> set[str]:
     found: set[str] = set()
-    redis = transport.client.redis
+    redis = ctx.client.redis
     for name in names:
-        with map_redis_errors(f"looking up {name}", transport.endpoint.where):
+        with map_redis_errors(f"looking up {name}", ctx.endpoint.where):
             if await redis.exists(name):
                 found.add(name)
     return found
 
 
-async def create_object(transport: RedisTransport, kind: ObjectKind, name: str) -> None:
+async def create_object(ctx: RedisContext, kind: ObjectKind, name: str) -> None:
     """Create the keys exactly as first use would: a queue's stream with its
     consumer group; an empty stream for a registry or event log."""
     if kind == "queue":
-        queue = transport._open_queue(
+        queue = RedisRequestQueue(
+            ctx,
             name,
-            lease_seconds=transport.config.lease_seconds,
-            max_attempts=transport.config.max_attempts,
+            lease_seconds=ctx.config.lease_seconds,
+            max_attempts=ctx.config.max_attempts,
         )
         try:
             await queue._ensure_group()
         finally:
             await queue.aclose()
         return
-    for key in object_keys(transport, kind, name):
-        with map_redis_errors(f"creating {key}", transport.endpoint.where):
+    for key in object_keys(ctx, kind, name):
+        with map_redis_errors(f"creating {key}", ctx.endpoint.where):
             # An empty stream: one entry added and trimmed away at once.
-            await transport.client.redis.xadd(key, {"created": b"1"}, maxlen=0, approximate=False)
+            await ctx.client.redis.xadd(key, {"created": b"1"}, maxlen=0, approximate=False)
 
 
 def _setting(config: dict[bytes | str, bytes | str], name: str) -> str | None:
@@ -74,11 +71,11 @@ def _setting(config: dict[bytes | str, bytes | str], name: str) -> str | None:
     return None
 
 
-async def _server_findings(transport: RedisTransport) -> list[DoctorFinding]:
-    subject = f"redis-server {transport.endpoint.where} {transport.server_version}".strip()
-    redis = transport.client.redis
+async def _server_findings(ctx: RedisContext) -> list[DoctorFinding]:
+    subject = f"redis-server {ctx.endpoint.where} {ctx.server_version}".strip()
+    redis = ctx.client.redis
     try:
-        with map_redis_errors("CONFIG GET", transport.endpoint.where):
+        with map_redis_errors("CONFIG GET", ctx.endpoint.where):
             try:
                 config = {}
                 for name in ("appendonly", "appendfsync", "maxmemory-policy"):
@@ -152,14 +149,12 @@ async def _server_findings(transport: RedisTransport) -> list[DoctorFinding]:
     return out
 
 
-async def redis_doctor(
-    transport: RedisTransport, plan: ProvisionPlan | None
-) -> list[DoctorFinding]:
-    findings = await _server_findings(transport)
+async def redis_doctor(ctx: RedisContext, plan: ProvisionPlan | None) -> list[DoctorFinding]:
+    findings = await _server_findings(ctx)
     if plan is None:
         return findings
-    targets = [key for kind, name in plan.objects() for key in object_keys(transport, kind, name)]
-    present = await existing_keys(transport, targets)
+    targets = [key for kind, name in plan.objects() for key in object_keys(ctx, kind, name)]
+    present = await existing_keys(ctx, targets)
     for key in targets:
         if key in present:
             findings.append(DoctorFinding(severity="ok", subject=key, finding="exists"))

@@ -41,7 +41,7 @@ import uuid
 import zlib
 from collections import deque
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field
 
@@ -66,10 +66,7 @@ from transport.errors import (
 )
 from transport.kit import Start, check_headers, check_start, make_event, validate_name
 from transport.kit import WireModel as _WireModel
-from transport_redis._client import keys
-
-if TYPE_CHECKING:
-    from transport_redis._transport import RedisTransport
+from transport_redis._client import RedisContext, keys
 
 __all__ = ["RedisEventBus", "RedisEventLog"]
 
@@ -120,11 +117,11 @@ class _RedisSubscription(Subscription):
 class RedisEventBus(EventBus):
     """Redis pub/sub (see the module docstring)."""
 
-    def __init__(self, transport: RedisTransport) -> None:
-        self._t = transport
-        self._client = transport.client
-        self._ns = transport.config.namespace
-        self._limit = transport.config.max_payload_bytes
+    def __init__(self, ctx: RedisContext) -> None:
+        self._ctx = ctx
+        self._client = ctx.client
+        self._ns = ctx.config.namespace
+        self._limit = ctx.config.max_payload_bytes
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._subs: dict[str, list[_RedisSubscription]] = {}  # by glob
@@ -139,7 +136,7 @@ class RedisEventBus(EventBus):
     def _check(self) -> None:
         if self._closed:
             raise ClosedResourceError("event bus is closed")
-        self._t._check_open()
+        self._ctx.check_open()
         self._client.check_open()
 
     def _channel(self, subject: str) -> str:
@@ -499,19 +496,19 @@ class _RedisReader(EventReader):
 class RedisEventLog(EventLog):
     """Redis streams as event logs (see the module docstring)."""
 
-    def __init__(self, transport: RedisTransport) -> None:
-        self._t = transport
-        self._client = transport.client
-        self._ns = transport.config.namespace
-        self._limit = transport.config.max_payload_bytes
-        self._max_len = transport.options.event_max_len
+    def __init__(self, ctx: RedisContext) -> None:
+        self._ctx = ctx
+        self._client = ctx.client
+        self._ns = ctx.config.namespace
+        self._limit = ctx.config.max_payload_bytes
+        self._max_len = ctx.options.event_max_len
         self._readers: list[_RedisReader] = []
         self._closed = False
 
     def _check(self) -> None:
         if self._closed:
             raise ClosedResourceError("event log is closed")
-        self._t._check_open()
+        self._ctx.check_open()
         self._client.check_open()
 
     def _key(self, stream: str) -> str:

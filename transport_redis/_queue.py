@@ -46,7 +46,7 @@ import secrets
 import socket
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis.exceptions as rex
 
@@ -59,10 +59,7 @@ from transport.errors import (
 )
 from transport.kit import decode_request, replace_fields
 from transport.kit import seconds as _seconds
-from transport_redis._client import RedisClient, keys
-
-if TYPE_CHECKING:
-    from transport_redis._transport import RedisTransport
+from transport_redis._client import RedisClient, RedisContext, keys
 
 __all__ = ["RELEASED_CONSUMER", "RedisDelivery", "RedisRequestQueue"]
 
@@ -383,22 +380,22 @@ class RedisRequestQueue(RequestQueue):
     shared by every worker of the queue; each handle is one consumer."""
 
     def __init__(
-        self, transport: RedisTransport, name: str, *, lease_seconds: float, max_attempts: int
+        self, ctx: RedisContext, name: str, *, lease_seconds: float, max_attempts: int
     ) -> None:
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
-        self.max_payload_bytes = transport.config.max_payload_bytes
-        self._t = transport
-        self._client: RedisClient = transport.client
-        ns = transport.config.namespace
+        self.max_payload_bytes = ctx.config.max_payload_bytes
+        self._ctx = ctx
+        self._client: RedisClient = ctx.client
+        ns = ctx.config.namespace
         self.stream = keys.queue(ns, name)
         self.dlq = keys.dead_letters(ns, name)
         self.delayed = keys.delayed(ns, name)
-        self.group = transport.config.consumer_group
+        self.group = ctx.config.consumer_group
         self.consumer = consumer_name()
         self._lease_ms = max(int(lease_seconds * 1000), 1)
-        self._claim_interval = transport.options.claim_interval
+        self._claim_interval = ctx.options.claim_interval
         self._group_ready = False
         self._closed = False
         self._held: dict[str, RedisDelivery] = {}
@@ -413,7 +410,7 @@ class RedisRequestQueue(RequestQueue):
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
-        self._t._check_open()
+        self._ctx.check_open()
 
     @property
     def _keys(self) -> list[str]:
@@ -437,7 +434,7 @@ class RedisRequestQueue(RequestQueue):
             await self._client.run(
                 _PRUNE,
                 [self.stream],
-                [self.group, int(self._t.options.idle_consumer_seconds * 1000)],
+                [self.group, int(self._ctx.options.idle_consumer_seconds * 1000)],
                 f"pruning idle consumers of {self.name}",
             )
         except TransportError as exc:  # housekeeping only

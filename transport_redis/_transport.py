@@ -45,9 +45,13 @@ from redis.backoff import NoBackoff
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
 from transport.errors import ConfigurationError, TransientTransportError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
-from transport_redis._client import RedisClient, keys
+from transport_redis._client import RedisClient, RedisContext, keys
 from transport_redis._config import RedisEndpoint, RedisOptions, load_options, parse_url
+from transport_redis._doctor import create_object, existing_keys, object_keys, redis_doctor
 from transport_redis._errors import classify_connect_error, map_redis_errors
+from transport_redis._events import RedisEventBus, RedisEventLog
+from transport_redis._queue import RedisRequestQueue
+from transport_redis._registries import RedisKeyedLog
 
 __all__ = ["RedisTransport", "open_redis"]
 
@@ -95,10 +99,17 @@ class RedisTransport(Transport):
             )
         self.options: RedisOptions = load_options(config)
         self.endpoint: RedisEndpoint = parse_url(config.url, self.options)
-        self.server_version = ""
         self.client = RedisClient(
             self._make_redis(), self.endpoint.where, self.options.request_timeout
         )
+        self.ctx = RedisContext(
+            self.client, config, self.options, self.endpoint, check_open=self._check_open
+        )
+
+    @property
+    def server_version(self) -> str:
+        """``redis_version`` of the server (empty before connecting)."""
+        return self.ctx.server_version
 
     # -- connection ------------------------------------------------------
     def _tls_kwargs(self) -> dict[str, Any]:
@@ -162,7 +173,7 @@ class RedisTransport(Transport):
         except (rex.RedisError, OSError, TimeoutError) as exc:
             await self._close_pool()
             raise classify_connect_error(exc, where) from exc
-        self.server_version = str(info.get("redis_version", ""))
+        self.ctx.server_version = str(info.get("redis_version", ""))
         if self.server_version and _version(self.server_version) < _MIN_VERSION:
             await self._close_pool()
             raise ConfigurationError(
@@ -182,13 +193,11 @@ class RedisTransport(Transport):
 
     # -- Transport SPI -----------------------------------------------------
     def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> Any:
-        from transport_redis._queue import RedisRequestQueue
-
-        return RedisRequestQueue(self, name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+        return RedisRequestQueue(
+            self.ctx, name, lease_seconds=lease_seconds, max_attempts=max_attempts
+        )
 
     def _open_keyed_log(self, kind: str, name: str) -> Any:
-        from transport_redis._registries import RedisKeyedLog
-
         ns = self.config.namespace
         return RedisKeyedLog(
             self.client,
@@ -198,35 +207,23 @@ class RedisTransport(Transport):
         )
 
     def _open_event_bus(self) -> Any:
-        from transport_redis._events import RedisEventBus
-
-        return RedisEventBus(self)
+        return RedisEventBus(self.ctx)
 
     def _open_event_log(self) -> Any:
-        from transport_redis._events import RedisEventLog
-
-        return RedisEventLog(self)
+        return RedisEventLog(self.ctx)
 
     # -- provisioning and doctor (see transport_redis._doctor) --------------
     def _broker_objects(self, kind: ObjectKind, name: str) -> list[str]:
-        from transport_redis._doctor import object_keys
-
-        return object_keys(self, kind, name)
+        return object_keys(self.ctx, kind, name)
 
     async def _existing(self, objects: list[str]) -> set[str]:
-        from transport_redis._doctor import existing_keys
-
-        return await existing_keys(self, objects)
+        return await existing_keys(self.ctx, objects)
 
     async def _create(self, kind: ObjectKind, name: str) -> None:
-        from transport_redis._doctor import create_object
-
-        await create_object(self, kind, name)
+        await create_object(self.ctx, kind, name)
 
     async def _doctor(self, plan: ProvisionPlan | None) -> list[DoctorFinding]:
-        from transport_redis._doctor import redis_doctor
-
-        return await redis_doctor(self, plan)
+        return await redis_doctor(self.ctx, plan)
 
     async def health(self) -> HealthStatus:
         start = time.perf_counter()
