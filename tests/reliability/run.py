@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.reliability._cluster import cluster_fault
 from tests.reliability._scenarios import Sizes, run_all
 from tests.reliability.targets import TARGETS
+from transport.testing._util import Budget
 
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = [
@@ -97,6 +99,13 @@ def render(runs: dict[str, dict[str, Any]]) -> str:
         "- **caller SIGKILL**: a caller process sends 20 requests and is killed; an ensemble answers; "
         "a restarted caller collects every response. *processed*/*duplicated* count the ensemble's "
         "completed handler runs per request.",
+        "- **nats-cluster** (three nats-server processes, one JetStream cluster, R3 streams; "
+        "`tests/reliability/_cluster.py`): one client produces and works through a queue, answering "
+        "through a registry and logging to a stream. *stream leader SIGKILL + restart*: the queue "
+        "stream's leader is killed a third of the way in and restarted once a new leader is "
+        "elected. *stream leader cut off*: it is stopped (SIGSTOP: its connections stay open and "
+        "silent, as in a network partition) for 30 s with the client on the majority side; "
+        "`processed_while_cut_off` counts the work done meanwhile.",
         "",
         "## Limits of the dev brokers",
         "",
@@ -133,8 +142,22 @@ async def main() -> int:
     for backend in backends:
         began = time.monotonic()
         async with TARGETS[backend]() as harness:
-            with tempfile.TemporaryDirectory() as tmp:
-                rows = await run_all(backend, harness, sizes, Path(tmp), progress)
+            if backend == "nats-cluster":
+                rows = []
+                for fault in ("kill", "pause"):
+                    progress(f"{backend}: {fault}")
+                    rows.append(
+                        await cluster_fault(
+                            harness,
+                            fault,
+                            requests=sizes.requests // 3,
+                            cut_off_seconds=30.0,
+                            budget=Budget(300),
+                        )
+                    )
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    rows = await run_all(backend, harness, sizes, Path(tmp), progress)
         ran += rows
         runs[backend] = {
             "mode": "full" if args.full else "quick",

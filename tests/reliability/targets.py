@@ -99,10 +99,26 @@ async def redis_target() -> AsyncIterator[BackendHarness]:
             server.stop()
 
 
+@contextlib.asynccontextmanager
+async def nats_cluster_target() -> AsyncIterator[Any]:
+    """Three nats-server processes forming one JetStream cluster (its own
+    scenarios: ``tests.reliability._cluster``)."""
+    from transport.testing.brokers import NatsCluster
+
+    with tempfile.TemporaryDirectory(prefix="reliability-nats-cluster-") as tmp:
+        cluster = NatsCluster(Path(tmp))
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
 TARGETS: dict[str, Callable[[], Any]] = {
     "sqlite": sqlite_target,
     "nats": nats_target,
     "pulsar": pulsar_target,
     "kafka": kafka_target,
     "redis": redis_target,
+    "nats-cluster": nats_cluster_target,
 }
