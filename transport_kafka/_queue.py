@@ -183,6 +183,7 @@ class KafkaRequestQueue(RequestQueue):
         need = [p for p in parts if p not in owned or owned[p][1] is None]
         committed = await clients.committed(self.topics.group, topic, need) if need else {}
         depth = 0
+        lag: dict[str, int] = {}
         unread: dict[int, int] = {}  # partition → first offset nobody here has fetched
         for p in parts:
             low, high = marks[p]
@@ -191,7 +192,8 @@ class KafkaRequestQueue(RequestQueue):
             else:
                 position = committed.get(p, -1)
                 position = position if position >= 0 else low
-            depth += max(0, high - position)
+            lag[str(p)] = max(0, high - position)
+            depth += lag[str(p)]
             if high > max(position, low):
                 unread[p] = max(position, low)  # below low: trimmed by retention
         ready, delayed = engine.local_counts() if engine.running else (0, 0)
@@ -208,6 +210,7 @@ class KafkaRequestQueue(RequestQueue):
             delayed=delayed,
             dead_lettered=len(dead),
             head_enqueued_at=head,
+            partition_lag=lag,
         )
 
     async def _unread_heads(self, positions: dict[int, int]) -> list[datetime] | None:

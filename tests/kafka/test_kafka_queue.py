@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from transport import Delivery, WorkRequest, connect
+from transport import Delivery, InMemoryMetrics, WorkRequest, connect, set_metrics_sink
 from transport_kafka import KafkaRequestQueue, KafkaTransport
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
@@ -211,6 +211,9 @@ async def test_partitions_option_creates_partitioned_request_topics(
         assert isinstance(queue, KafkaRequestQueue)
         sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(12)]
         assert await transport.clients.partitions(queue.topics.requests) == [0, 1, 2]
+        before = await queue.stats()
+        assert before.partition_lag is not None and set(before.partition_lag) == {"0", "1", "2"}
+        assert sum(before.partition_lag.values()) == before.depth == 12
         got = []
         while len(got) < 12:
             delivery = await queue.poll(15)
@@ -218,8 +221,29 @@ async def test_partitions_option_creates_partitioned_request_topics(
             await delivery.ack()
             got.append(delivery.request.request_id)
         assert sorted(got) == sorted(r.request_id for r in sent)
-        assert (await queue.stats()).depth == 0
+        after = await queue.stats()
+        assert after.depth == 0 and after.partition_lag == {"0": 0, "1": 0, "2": 0}
     finally:
+        await transport.aclose()
+
+
+async def test_partition_lag_reaches_the_metrics_sink(kafka_config_factory: Any) -> None:
+    metrics = InMemoryMetrics()
+    set_metrics_sink(metrics)
+    transport = await connect(kafka_config_factory(options={"partitions": 2}))
+    try:
+        name = _name()
+        queue = transport.request_queue(name)
+        for i in range(6):
+            await queue.enqueue(WorkRequest(task="t", payload=i, ordering_key=f"k{i}"))
+        stats = await queue.stats()
+        assert stats.partition_lag is not None
+        for partition, lag in stats.partition_lag.items():
+            key = ("queue_partition_lag", (("partition", partition), ("queue", name)))
+            assert metrics.gauges[key] == lag
+        assert sum(stats.partition_lag.values()) == 6
+    finally:
+        set_metrics_sink(None)
         await transport.aclose()
 
 

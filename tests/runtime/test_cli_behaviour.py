@@ -278,3 +278,24 @@ async def test_top_keeps_running_and_shows_the_error_when_the_backend_goes_away(
     console = Console(record=True, width=120, color_system=None)
     console.print(render(snapshot))
     assert "backend unreachable: ClosedResourceError" in console.export_text()
+
+
+def test_top_shows_lag_by_partition_only_where_a_backend_reports_it() -> None:
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+
+    from transport._ops.top import QueueRow, Snapshot, render
+
+    def text(rows: list[QueueRow]) -> str:
+        console = Console(record=True, width=160, color_system=None)
+        console.print(render(Snapshot(datetime.now(UTC), "kafka", rows)))
+        return console.export_text()
+
+    kafka = QueueRow("orders", 1, 15, 2, 0, 0, None, 3.0, {"0": 12, "1": 0, "2": 3})
+    shown = text([kafka])
+    assert "LAG BY PARTITION" in shown and "0:12 1:0 2:3" in shown
+    plain = QueueRow("orders", 1, 15, 2, 0, 0, None, 3.0)
+    assert "LAG BY PARTITION" not in text([plain])
+    many = QueueRow("orders", 1, 45, 0, 0, 0, None, None, {str(p): p for p in range(10)})
+    assert "9:9 8:8" in text([many]) and "+2" in text([many])

@@ -39,6 +39,9 @@ class QueueRow:
     #: How long the request next in line has waited since its first enqueue
     #: (None: nothing waits, or the backend cannot tell).
     head_age_seconds: float | None = None
+    #: Lag per partition (Kafka; keyed "<level>:<partition>" for priority
+    #: queues); None where the backend has no partitions.
+    partition_lag: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class TopCollector:
                     stats.dead_lettered,
                     rate,
                     None if head is None else max((utcnow() - head).total_seconds(), 0.0),
+                    stats.partition_lag,
                 )
             )
         registries = []
@@ -164,6 +168,15 @@ class TopCollector:
         for handle in self._handles.values():
             await handle.aclose()
         self._handles.clear()
+
+
+def _lags(lags: dict[str, int] | None) -> str:
+    """``0:12 1:0 2:3`` (partition:lag), the largest first past eight."""
+    if not lags:
+        return ""
+    shown = sorted(lags.items(), key=lambda kv: -kv[1])[:8] if len(lags) > 8 else lags.items()
+    more = f" +{len(lags) - 8}" if len(lags) > 8 else ""
+    return " ".join(f"{k}:{v}" for k, v in shown) + more
 
 
 def _n(value: int | None) -> str:
@@ -204,9 +217,13 @@ def render(snapshot: Snapshot) -> RenderableType:
     queues.add_column("DEAD", justify="right")
     queues.add_column("DEPTH/S", justify="right")
     queues.add_column("HEAD AGE", justify="right")
+    # Only where a backend reports partitions (Kafka): narrow terminals.
+    show_lag = any(row.partition_lag for row in snapshot.queues)
+    if show_lag:
+        queues.add_column("LAG BY PARTITION")
     for row in snapshot.queues:
         rate = "" if row.depth_rate is None else f"{row.depth_rate:+.1f}"
-        queues.add_row(
+        cells: list[RenderableType] = [
             row.queue,
             str(row.levels),
             _n(row.depth),
@@ -215,7 +232,10 @@ def render(snapshot: Snapshot) -> RenderableType:
             Text(_n(row.dead_lettered), style="bold red" if row.dead_lettered else ""),
             rate,
             _age(row),
-        )
+        ]
+        if show_lag:
+            cells.append(_lags(row.partition_lag))
+        queues.add_row(*cells)
     parts: list[RenderableType] = [title, queues]
     if not snapshot.queues and snapshot.error is None:
         parts.append(Text("no queues: name some, or start an ensemble that advertises"))

@@ -8,7 +8,8 @@ tests and dashboards in-process, or ``transport.prometheus.PrometheusMetrics``
 Counters: ``enqueued``, ``delivered``, ``redelivered`` (attempt > 1),
 ``acked``, ``nacked``, ``dead_lettered``, ``lease_extended``,
 ``handler_failed``, ``duplicate_skipped``. Gauges: ``queue_depth``,
-``queue_in_flight``, ``queue_dead_lettered``. Histograms (seconds):
+``queue_in_flight``, ``queue_dead_lettered``, ``queue_partition_lag``
+(labels ``queue`` and ``partition``; Kafka). Histograms (seconds):
 ``queue_wait_seconds`` (first enqueue to first delivery, labels ``queue``
 and ``task``), ``handler_seconds`` (a handler's run, whatever its outcome,
 labels ``ensemble``, ``queue``, ``task``). Labels: ``queue`` (and
@@ -276,13 +277,18 @@ class InstrumentedRequestQueue(RequestQueue):
 
     async def stats(self) -> QueueStats:
         """As :meth:`RequestQueue.stats`, then sets the ``queue_depth``,
-        ``queue_in_flight`` (when known) and ``queue_dead_lettered`` gauges."""
+        ``queue_in_flight`` (when known), ``queue_dead_lettered`` and, per
+        partition (Kafka), ``queue_partition_lag`` gauges."""
         stats = await self.inner.stats()
         if stats.depth is not None:
             self._sink.gauge("queue_depth", self._labels, stats.depth)
         if stats.in_flight is not None:
             self._sink.gauge("queue_in_flight", self._labels, stats.in_flight)
         self._sink.gauge("queue_dead_lettered", self._labels, stats.dead_lettered)
+        for partition, lag in (stats.partition_lag or {}).items():
+            self._sink.gauge(
+                "queue_partition_lag", {"queue": self.name, "partition": partition}, lag
+            )
         return stats
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

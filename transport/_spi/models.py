@@ -359,6 +359,11 @@ class QueueStats(_WireModel):
         description="first enqueue time of the request next in line (how long the head "
         "of the queue has waited); None if nothing waits or the backend cannot tell",
     )
+    partition_lag: dict[str, int] | None = Field(
+        default=None,
+        description="consumer lag per partition (Kafka: high watermark minus the group's "
+        "position, by partition number); None where the backend has no partitions",
+    )
 
 
 class DeadLetter(_WireModel):

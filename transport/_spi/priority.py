@@ -274,7 +274,7 @@ class PriorityRequestQueue(RequestQueue):
 
     async def stats(self) -> QueueStats:
         """Totals over all levels; a figure is ``None`` if any level does not
-        report it.
+        report it. ``partition_lag`` is keyed ``"<level>:<partition>"``.
 
         Raises: as :meth:`RequestQueue.stats` (TransientTransportError), from
         the first level that fails.
@@ -291,6 +291,14 @@ class PriorityRequestQueue(RequestQueue):
             delayed=None if None in delayed else sum(d or 0 for d in delayed),
             dead_lettered=sum(p.dead_lettered for p in parts),
             head_enqueued_at=min(heads, default=None),
+            # Each level has its own partitions: keyed "<level>:<partition>".
+            partition_lag=None
+            if all(p.partition_lag is None for p in parts)
+            else {
+                f"{level}:{partition}": lag
+                for level, p in enumerate(parts)
+                for partition, lag in (p.partition_lag or {}).items()
+            },
         )
 
     async def level_stats(self) -> list[QueueStats]:
