@@ -200,6 +200,48 @@ class RequestQueue(ABC):
         ClosedResourceError.
         """
 
+    async def poll_many(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        """Lease up to ``max_count`` requests: waits (as :meth:`poll`) up to
+        ``timeout`` for the first, then takes what is available now without
+        waiting. An empty list if none arrived in time.
+
+        Guarantees: each delivery as one from :meth:`poll` (its own lease,
+        attempt and settlement); cancellation-safe like :meth:`poll` (a
+        cancelled call may leave requests it had leased to their leases,
+        never loses one). This default calls :meth:`poll`; backends that can
+        lease many in one step do so.
+        Raises: ValueError for ``max_count`` < 1 or a negative timeout; as
+        :meth:`poll`.
+        """
+        if max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        first = await self.poll(timeout)
+        if first is None:
+            return []
+        out = [first]
+        while len(out) < max_count:
+            more = await self.poll(0)
+            if more is None:
+                break
+            out.append(more)
+        return out
+
+    async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
+        """Acknowledge many deliveries of this queue at once; one result per
+        delivery, in order, each as :meth:`Delivery.ack` returns it.
+
+        Guarantees: every ack is attempted even if one fails; then the first
+        error is raised (the others took effect or not as their results
+        would have said). Backends batch them where they can.
+        Raises: the first error of an ack (TransientTransportError...).
+        """
+        items = list(deliveries)
+        results = await asyncio.gather(*(d.ack() for d in items), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [bool(r) for r in results]
+
     async def caught_up(self, timeout: float | None = None) -> bool:
         """Wait until this handle knows its head: from then on ``poll(0)``
         returns a request whenever one is available to this consumer, rather

@@ -300,6 +300,27 @@ class RequestQueueConformance:
         )
         assert sorted(d.raw_encoding for d in dead) == ["base64", "utf-8"]
 
+    async def test_poll_many_and_ack_many_take_and_settle_batches(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        with pytest.raises(ValueError):
+            await queue.poll_many(0, 0)
+        assert await queue.poll_many(3, 0) == []
+        sent = await enqueue_all(queue, make_requests(10))
+        got: list[Delivery] = []
+        deadline = time.monotonic() + harness.scaled(30)
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            batch = await queue.poll_many(4, harness.scaled(15))
+            assert len(batch) <= 4
+            got += batch
+        ids = [d.request.request_id for d in got]
+        assert sorted(ids) == sorted(r.request_id for r in sent), "lost or duplicated in batches"
+        assert all(d.attempt == 1 for d in got)
+        assert await queue.ack_many(got) == [True] * len(got)
+        assert await queue.ack_many(got[:2]) == [False, False]  # settled already
+        assert await queue.poll(harness.scaled(1)) is None, "an acked request came back"
+
     async def test_an_undecodable_dead_letter_is_repaired_and_replaced(
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:
