@@ -90,9 +90,11 @@ end
 
 # KEYS: stream, dlq, delayed. ARGV: group, consumer, lease_ms, max_attempts,
 # n (how many polls are waiting: at most n leases are taken, nothing more).
-# Returns {leases, newest entry id, ms until the next delayed request is due
-# or -1}; each lease is {id, delivery count, attempt, fields}. The newest id
-# and the delay are looked up only when fewer than n leases were found.
+# Returns one flat array (cheap to parse): newest entry id, ms until the next
+# delayed request is due or -1, then five values per lease: id, delivery
+# count, attempt, body (nil if the entry has none), carried request id (nil
+# if none). The newest id and the delay are looked up only when fewer than n
+# leases were found.
 _LEASE = (
     _FIELDS
     + """
@@ -111,6 +113,16 @@ for _, member in ipairs(due) do
   redis.call('ZREM', delayed, member)
 end
 local got = {}
+local function lease(id, count, attempt, f)
+  got[#got + 1] = {id, count, attempt, f.body or false, f.request_id or false}
+end
+local function reply(newest, wait)
+  local out = {newest, wait}
+  for _, g in ipairs(got) do
+    for i = 1, 5 do out[#out + 1] = g[i] end
+  end
+  return out
+end
 local looked = 0
 while #got < n and looked < 100 do
   local p = redis.call('XPENDING', stream, group, 'IDLE', lease_ms, '-', '+', n - #got)
@@ -132,7 +144,7 @@ while #got < n and looked < 100 do
         redis.call('XDEL', stream, id)
       else
         redis.call('XCLAIM', stream, group, me, 0, id, 'RETRYCOUNT', count + 1, 'JUSTID')
-        got[#got + 1] = {id, count + 1, done + 1, e[1][2]}
+        lease(id, count + 1, done + 1, f)
       end
     end
   end
@@ -142,17 +154,18 @@ if #got < n then
     'STREAMS', stream, '>')
   if r then
     for _, e in ipairs(r[1][2]) do
-      got[#got + 1] = {e[1], 1, attempts_of(fields(e[2])) + 1, e[2]}
+      local f = fields(e[2])
+      lease(e[1], 1, attempts_of(f) + 1, f)
     end
   end
 end
-if #got >= n then return {got, '0-0', -1} end
+if #got >= n then return reply('0-0', -1) end
 local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 local wait = -1
 if #nxt > 0 then wait = math.max(tonumber(nxt[2]) - now, 0) end
-if #last > 0 then return {got, last[1][1], wait} end
-return {got, '0-0', wait}
+if #last > 0 then return reply(last[1][1], wait) end
+return reply('0-0', wait)
 """
 )
 
@@ -667,16 +680,29 @@ class RedisRequestQueue(RequestQueue):
             # be pending for this consumer that nobody holds.
             self._maybe_orphans = True
             raise
-        leased = [await self._delivery(*lease) for lease in reply[0]]
-        return leased, (_text(reply[1]), int(reply[2]))
+        leased: list[RedisDelivery | None] = []
+        try:
+            for i in range(2, len(reply) - 4, 5):
+                leased.append(await self._delivery(*reply[i : i + 5]))
+        except BaseException:
+            # Dead-lettering an undecodable entry failed: the leases of this
+            # reply are handed to no poll; the next poll gives them back.
+            for delivery in leased:
+                if delivery is not None:
+                    self._forget(delivery)
+            self._maybe_orphans = True
+            raise
+        return leased, (_text(reply[0]), int(reply[1]))
 
     async def _delivery(
-        self, raw_entry: Any, raw_count: Any, raw_attempt: Any, flat: list[Any]
+        self,
+        raw_entry: Any,
+        raw_count: Any,
+        raw_attempt: Any,
+        body: bytes | None,
+        carried: bytes | None,
     ) -> RedisDelivery | None:
         entry, count, attempt = _text(raw_entry), int(raw_count), int(raw_attempt)
-        fields = _pairs(flat)
-        body = fields.get("body")
-        carried = fields.get("request_id")
         try:
             if body is None:
                 raise UndecodableMessageError("stream entry has no 'body' field")
