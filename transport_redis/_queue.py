@@ -30,6 +30,12 @@ Guarantees and how they are kept:
 * Settles check the lease: the entry must still be pending for this handle's
   consumer with the delivery count it was handed out with, so a stale ack,
   nack or extend is a harmless ``False``.
+* Round trips are shared, never leases: the polls of one handle waiting at
+  the same time share one lease script that takes at most one lease per
+  waiting poll (no prefetch); acks of one handle issued while an ack script
+  is on its way go together in the next one (each checked and answered on
+  its own); concurrent enqueues of one handle go in one pipeline of
+  ``XADD`` (each answered on its own).
 
 Retention: an acked entry is deleted at once, so a queue stream holds only
 requests not yet acked (no ``MAXLEN`` trimming, which could drop unacked
