@@ -463,6 +463,7 @@ class RedisRequestQueue(RequestQueue):
         self._leaser: asyncio.Task[None] | None = None
         self._adds: list[tuple[bytes, asyncio.Future[None]]] = []
         self._adder: asyncio.Task[None] | None = None
+        self._adding = False
         self._acks: list[tuple[RedisDelivery, asyncio.Future[bool]]] = []
         self._acker: asyncio.Task[None] | None = None
 
@@ -521,6 +522,15 @@ class RedisRequestQueue(RequestQueue):
         command, so one failing fails only its own enqueue. A cancelled
         enqueue may still have been stored (as a single ``XADD`` may)."""
         self._client.check_open()
+        if self._adder is None and not self._adding:
+            # Nothing on its way: this XADD goes at once, by itself.
+            self._adding = True
+            try:
+                with self._client.errors(f"enqueue to {self.name}"):
+                    await self._client.redis.xadd(self.stream, {"body": body})
+            finally:
+                self._adding = False
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._adds.append((body, done))
         if self._adder is None:
