@@ -169,11 +169,28 @@ class _LogView:
                 await asyncio.sleep(2.0)
 
     async def aclose(self) -> None:
+        """Stop watching: the watch task is cancelled and waited for, at most
+        ``_CLOSE_WAIT`` seconds (a client library that does not give up a
+        blocking read on cancellation must not hang the close; the task then
+        ends on its own, its result ignored)."""
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=_CLOSE_WAIT)
+            if not done:
+                log.warning("%s: the watch did not stop within %gs", self._what, _CLOSE_WAIT)
+                self._task.add_done_callback(_ignore_result)
+            else:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    self._task.result()
+
+
+_CLOSE_WAIT = 5.0
+
+
+def _ignore_result(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class PendingDelivery:
