@@ -143,9 +143,16 @@ class _LogView:
 
     async def _run(self) -> None:
         backoff = 0.05
-        while True:
+        # ``_closed`` is checked, not only cancellation relied on: a client
+        # library that turns a cancellation into an error of its own (a
+        # timeout racing the cancel) must not leave this loop re-watching a
+        # closed log forever, and a loop that outlives its event loop's
+        # shutdown would hang it.
+        while not self._closed:
             try:
                 async for item in self._log.watch():
+                    if self._closed:
+                        return
                     if item is CAUGHT_UP:
                         self._caught_up.set()
                     elif isinstance(item, KeyedChange):
@@ -153,13 +160,21 @@ class _LogView:
                     backoff = 0.05
                     self._failing.clear()
                 raise TransientTransportError("watch ended")
+            except ClosedResourceError:
+                if self._closed or self._caught_up.is_set():
+                    return  # the log (or its transport) was closed under us
+                raise
             except TransientTransportError as exc:
+                if self._closed:
+                    return
                 self._failure = exc
                 self._failing.set()
                 log.warning("%s: watch interrupted (%s); re-watching", self._what, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             except TransportError as exc:
+                if self._closed:
+                    return
                 # Before the first catch-up a permanent error (auth, config)
                 # is the caller's to see; once the watch has worked, the
                 # backend is usable, so keep the view alive and retry.
