@@ -23,6 +23,7 @@ from benchmarks._common import (
     throughput_row,
 )
 from benchmarks._library import PAYLOAD
+from benchmarks.scaleout import scaleout_rows
 from transport import WorkRequest, connect
 
 
@@ -416,6 +417,7 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
             0,
         )
     )
+    rows += await scaleout_rows("sqlite", f"sqlite:///{tmp / 'scale.db'}", {}, sizes.quick, say)  # type: ignore[arg-type]
     return rows
 
 

@@ -32,6 +32,7 @@ from benchmarks._common import (
     throughput_row,
 )
 from benchmarks._library import PAYLOAD
+from benchmarks.scaleout import scaleout_rows
 from transport import TransportConfig, WorkRequest, connect
 from transport.testing.brokers import TansuBroker
 
@@ -565,6 +566,25 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 "MB",
                 0,
             )
+        )
+        bootstrap = await fresh()
+        # The default (partitions=1: one process works at a time) and the
+        # partitioned mode several processes share.
+        rows += await scaleout_rows(
+            "kafka",
+            f"kafka://{bootstrap}",
+            {},
+            sizes.quick,
+            progress,
+            note="partitions=1 (default)",
+        )
+        rows += await scaleout_rows(
+            "kafka",
+            f"kafka://{bootstrap}",
+            {"partitions": 4},
+            sizes.quick,
+            progress,
+            label=" (partitions=4)",
         )
     finally:
         await asyncio.to_thread(servers[0].close)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.kafka.conftest import KafkaHarness, kafka_config
 from transport.testing import (
     BrokerRestartConformance,
     CapabilityRegistryConformance,
@@ -22,6 +23,7 @@ from transport.testing import (
     RequestQueueConformance,
     UnreachableBrokerConformance,
 )
+from transport.testing.brokers import TansuBroker
 from transport_kafka import KafkaTransport
 
 pytestmark = pytest.mark.broker
@@ -77,3 +79,38 @@ class TestKafkaForeignMessages(ForeignMessageConformance): ...
 
 class TestKafkaDefaultConfiguration(DefaultConfigurationConformance):
     """Default settings and a user's poll(timeout=5) loop (no test tuning)."""
+
+
+# -- the partitioned mode (option ``partitions=N``) -----------------------------
+# Several worker processes share a queue only when its request topic has
+# several partitions; the same scenarios run on four (``ordered`` is then
+# false: the FIFO checks are skipped, order holds per ordering key).
+PARTITIONS = 4
+
+
+@pytest.fixture
+def _partitioned(
+    kafka_bootstrap: str, kafka_namespace: str, tansu_broker: TansuBroker | None
+) -> KafkaHarness:
+    config = kafka_config(kafka_bootstrap, kafka_namespace, options={"partitions": PARTITIONS})
+    capabilities = KafkaTransport.capabilities.model_copy(update={"ordered": False})
+    return KafkaHarness(config, capabilities, tansu_broker)
+
+
+class _Partitioned:
+    @pytest.fixture
+    def transport_harness(self, _partitioned: KafkaHarness) -> KafkaHarness:
+        return _partitioned
+
+
+class TestKafkaPartitionedQueue(_Partitioned, RequestQueueConformance): ...
+
+
+class TestKafkaPartitionedPriority(_Partitioned, PriorityQueueConformance): ...
+
+
+class TestKafkaPartitionedCrash(_Partitioned, CrashConformance):
+    pytestmark = [pytest.mark.timeout(240)]
+
+
+class TestKafkaPartitionedCleanRestart(_Partitioned, CleanRestartConformance): ...

@@ -20,7 +20,7 @@ import pytest
 
 from transport import Delivery, RequestQueue, Transport
 from transport.kit import WIRE_SCHEMA_VERSION
-from transport.testing._util import enqueue_all, make_requests
+from transport.testing._util import await_dead_letters, enqueue_all, make_requests
 from transport.testing.harness import BackendHarness
 
 pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
@@ -263,14 +263,7 @@ class ForeignMessageConformance:
             "a record of a future wire version was handed to a handler"
         )
         assert await delivery.ack()
-        # Dead-lettering may complete asynchronously on brokers, and no event
-        # exposes it: re-read until it shows or the deadline passes.
-        deadline = time.monotonic() + harness.scaled(10)
-        while True:
-            dead = await queue.dead_letters()
-            if dead or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        dead = await await_dead_letters(queue, 1, harness.scaled(10))
         assert len(dead) == 1, f"dead letters: {dead}"
         assert dead[0].request is None and dead[0].raw is not None
         assert "from-the-future" in dead[0].raw

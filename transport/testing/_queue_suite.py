@@ -21,7 +21,14 @@ from transport import (
     WorkRequest,
     decode,
 )
-from transport.testing._util import drain, enqueue_all, make_requests, poll_either, poll_until
+from transport.testing._util import (
+    await_dead_letters,
+    drain,
+    enqueue_all,
+    make_requests,
+    poll_either,
+    poll_until,
+)
 from transport.testing.harness import BackendHarness
 
 pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
@@ -282,14 +289,7 @@ class RequestQueueConformance:
         delivery = await poll_until(queue, good.request_id, harness.scaled(15), ack_others=False)
         assert delivery is not None
         await delivery.ack()
-        # Dead-lettering may complete asynchronously on brokers, and no event
-        # exposes it: re-read until it shows or the deadline passes.
-        deadline = time.monotonic() + harness.scaled(10)
-        while True:
-            dead = await queue.dead_letters()
-            if len(dead) >= 2 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        dead = await await_dead_letters(queue, 2, harness.scaled(10))
         assert len(dead) == 2
         assert all(d.request is None and d.raw for d in dead)
         assert any("schema" in (d.raw or "") for d in dead)
@@ -331,12 +331,7 @@ class RequestQueueConformance:
         delivery = await poll_until(queue, good.request_id, harness.scaled(15), ack_others=False)
         assert delivery is not None
         await delivery.ack()
-        deadline = time.monotonic() + harness.scaled(10)
-        while True:
-            dead = await queue.dead_letters()
-            if dead or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        dead = await await_dead_letters(queue, 1, harness.scaled(10))
         assert len(dead) == 1 and dead[0].dead_letter_id is not None, dead
         assert dead[0].raw_bytes() == broken and dead[0].raw_encoding == "base64"
         # The operator repairs the bytes and puts the request back.

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from transport import Delivery, RequestQueue, WorkRequest
+from transport import DeadLetter, Delivery, RequestQueue, WorkRequest
 
 
 def make_requests(n: int, task: str = "work", **fields: Any) -> list[WorkRequest]:
@@ -115,6 +115,24 @@ async def poll_either(
             if isinstance(result, Delivery):
                 await result.ack()  # completed before the cancel landed
     return found
+
+
+async def await_dead_letters(queue: RequestQueue, n: int, timeout: float) -> list[DeadLetter]:
+    """Re-read the dead letters until there are ``n`` or ``timeout`` passes.
+
+    Dead-lettering an undecodable record may complete asynchronously on
+    brokers, and no event exposes it. Polls go on meanwhile, as a worker's
+    would: where the backend has no single order (several partitions) the
+    undecodable records may lie behind requests already handed out, and only
+    a poll reaches them. Nothing may be delivered meanwhile (fails the test).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        dead = await queue.dead_letters()
+        if len(dead) >= n or time.monotonic() > deadline:
+            return dead
+        extra = await queue.poll(0.05)
+        assert extra is None, f"delivered although undecodable: {extra.request!r}"
 
 
 async def expect_nothing(queue: RequestQueue, duration: float) -> Delivery | None:
