@@ -593,8 +593,9 @@ async def run(
     jobs_n: int | None = None,
     crash_bound: float | None = None,
     ours_target: str | None = None,
+    scale_out: bool = True,
 ) -> list[Row]:
-    """Every Redis row. ``jobs_n`` is the task-queue job count (default 200,
+    """Every Redis row (``scale_out``: with the scale-out rows). ``jobs_n`` is the task-queue job count (default 200,
     3,000 with ``--full``), ``crash_bound`` how long the SIGKILL check waits
     for the jobs after the kill (default 12 s, 120 s with ``--full``);
     ``ours_target`` is where ours runs (default: the redis-server, when a
@@ -674,7 +675,7 @@ async def run(
                 None,
             )
         )
-        if have_ours:
+        if have_ours and scale_out:
             rows += await scaleout_rows(BACKEND, url, {}, sizes.quick, progress)
         rows += await task_queues(
             server.url, url if have_ours else None, sizes, progress, logs, jobs_n, crash_bound

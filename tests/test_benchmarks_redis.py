@@ -40,6 +40,7 @@ async def test_every_redis_row_has_positive_rates_and_a_sigkill_verdict(tmp_path
         jobs_n=10,
         crash_bound=20.0,
         ours_target=f"sqlite:///{tmp_path}/bench.db",
+        scale_out=False,  # tests/test_benchmarks_scaleout.py covers those rows' harness
     )
 
     assert {r.operation for r in rows} == THROUGHPUT | {"survives SIGKILLed worker"}

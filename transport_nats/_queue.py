@@ -84,7 +84,7 @@ __all__ = ["NatsDelivery", "NatsRequestQueue"]
 
 log = logging.getLogger("transport.nats")
 
-_NO_WAIT_BELOW = 0.02  # a poll with less time left asks with no_wait
+_NO_WAIT_BELOW = 0.02  # a poll with less time left asks with a pull held this long
 
 
 _Held = tuple[Msg, float]  # a pulled message and when it arrived (its lease start)
@@ -669,9 +669,16 @@ class NatsRequestQueue(RequestQueue):
                 continue
             self._purge_pulls(now)
             grace = min(1.0, self._opts.request_timeout)
-            if remaining is not None and remaining < _NO_WAIT_BELOW:
-                expires = None
-                wait = grace
+            short = remaining is not None and remaining < _NO_WAIT_BELOW
+            expires: float | None
+            if short:
+                # Little or no time left (poll(0)): a pull the server holds
+                # for _NO_WAIT_BELOW, not a no_wait one: right after a
+                # publish's PubAck the consumer may not have counted the new
+                # message yet, and a no_wait pull then answers "none" although
+                # the request is there (seen under load).
+                expires = _NO_WAIT_BELOW
+                wait = expires + grace
             else:
                 expires = (
                     self._opts.pull_expires
@@ -692,7 +699,7 @@ class NatsRequestQueue(RequestQueue):
             if first and self._prefetch > 1 and need > 0 and room > 1:
                 await self._send_pull(max(need, room), None, now)
                 wait = grace if remaining is None else min(grace, max(remaining, grace / 10))
-            elif need > 0 or expires is None:
+            elif need > 0 or short:
                 await self._send_pull(max(need, 1), expires, now)
             first = False
             waiter: asyncio.Future[_Held | None] = loop.create_future()

@@ -245,3 +245,43 @@ async def test_an_ensemble_logs_a_growing_backlog(
     assert line.startswith("ensemble slowpoke: backlog growing: "), line
     assert "waiting (was " in line and "in flight" in line
     assert "; the next in line has waited " in line, line
+
+
+async def test_batches_keep_the_backends_own_batch_and_are_counted(transport: Transport) -> None:
+    """An instrumented queue's poll_many and ack_many are the wrapped
+    queue's (its native batch, where it has one), each delivery counted."""
+    from transport import InMemoryMetrics
+    from transport._spi.metrics import InstrumentedRequestQueue
+
+    metrics = InMemoryMetrics()
+    set_metrics_sink(metrics)
+    try:
+        queue = transport.request_queue("batched")
+        assert isinstance(queue, InstrumentedRequestQueue)
+        inner = queue.inner
+        calls: list[str] = []
+        native_poll_many, native_ack_many = inner.poll_many, inner.ack_many
+
+        async def poll_many(max_count: int, timeout: float | None = None) -> Any:
+            calls.append(f"poll_many({max_count})")
+            return await native_poll_many(max_count, timeout)
+
+        async def ack_many(deliveries: Any) -> Any:
+            items = list(deliveries)
+            calls.append(f"ack_many({len(items)})")
+            return await native_ack_many(items)
+
+        inner.poll_many = poll_many  # type: ignore[method-assign]
+        inner.ack_many = ack_many  # type: ignore[method-assign]
+        for i in range(5):
+            await queue.enqueue(WorkRequest(task="t", payload=i))
+        got = await queue.poll_many(5, timeout=5)
+        assert len(got) == 5
+        assert await queue.ack_many(got) == [True] * 5
+        assert calls == ["poll_many(5)", "ack_many(5)"]
+        assert metrics.count("delivered", queue="batched") == 5
+        assert metrics.count("acked", queue="batched") == 5
+        assert await queue.ack_many(got) == [False] * 5  # settled already: not counted again
+        assert metrics.count("acked", queue="batched") == 5
+    finally:
+        set_metrics_sink(None)

@@ -262,6 +262,24 @@ class InstrumentedRequestQueue(RequestQueue):
         delivery = await self.inner.poll(timeout)
         if delivery is None:
             return None
+        return self._delivered(delivery)
+
+    async def poll_many(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        """As :meth:`RequestQueue.poll_many` of the wrapped queue (its native
+        batch, where it has one); each delivery reported as by :meth:`poll`."""
+        return [self._delivered(d) for d in await self.inner.poll_many(max_count, timeout)]
+
+    async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
+        """As :meth:`RequestQueue.ack_many` of the wrapped queue; counts
+        ``acked`` per ``True``. Deliveries of this wrapper are unwrapped."""
+        items = [d._inner if isinstance(d, _InstrumentedDelivery) else d for d in deliveries]
+        results = await self.inner.ack_many(items)
+        done = sum(1 for r in results if r)
+        if done:
+            self._sink.increment("acked", self._labels, done)
+        return results
+
+    def _delivered(self, delivery: Delivery) -> Delivery:
         self._sink.increment("delivered", self._labels)
         if delivery.attempt > 1:
             self._sink.increment("redelivered", self._labels)

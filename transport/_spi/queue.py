@@ -208,8 +208,10 @@ class RequestQueue(ABC):
         Guarantees: each delivery as one from :meth:`poll` (its own lease,
         attempt and settlement); cancellation-safe like :meth:`poll` (a
         cancelled call may leave requests it had leased to their leases,
-        never loses one). This default calls :meth:`poll`; backends that can
-        lease many in one step do so.
+        never loses one). This default calls :meth:`poll` for the first, then
+        ``max_count - 1`` concurrent ``poll(0)``; a failing one of those is
+        not raised (what the others leased is handed out; the next call
+        meets the error). Backends that can lease many in one step do so.
         Raises: ValueError for ``max_count`` < 1 or a negative timeout; as
         :meth:`poll`.
         """
@@ -218,13 +220,15 @@ class RequestQueue(ABC):
         first = await self.poll(timeout)
         if first is None:
             return []
-        out = [first]
-        while len(out) < max_count:
-            more = await self.poll(0)
-            if more is None:
-                break
-            out.append(more)
-        return out
+        if max_count == 1:
+            return [first]
+        # The rest at once, as concurrent polls (which backends serve
+        # together where they can: one leasing round, one pull), not one
+        # round trip after the other.
+        more = await asyncio.gather(
+            *(self.poll(0) for _ in range(max_count - 1)), return_exceptions=True
+        )
+        return [first, *(d for d in more if isinstance(d, Delivery))]
 
     async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
         """Acknowledge many deliveries of this queue at once; one result per

@@ -232,22 +232,36 @@ class SqliteRequestQueue(RequestQueue):
             is not None
         )
 
-    async def _try_lease(self) -> SqliteDelivery | None:
+    async def _try_lease(self, n: int = 1) -> list[SqliteDelivery]:
         # Concurrent polls of this handle are served by one leasing round:
-        # one transaction leases a row for each waiting poller (and shares
-        # its commit), instead of one transaction per poll.
-        waiter: asyncio.Future[SqliteDelivery | None] = asyncio.get_running_loop().create_future()
-        self._lease_waiters.append(waiter)
+        # one transaction leases a row for each waiting poll (``n`` for a
+        # poll_many) and shares its commit, instead of one transaction each.
+        loop = asyncio.get_running_loop()
+        waiters: list[asyncio.Future[SqliteDelivery | None]] = [
+            loop.create_future() for _ in range(n)
+        ]
+        self._lease_waiters.extend(waiters)
         if self._leaser is None:
             self._leaser = asyncio.create_task(self._lease_rounds())
         try:
-            return await waiter
+            await asyncio.wait(waiters)
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                orphan = waiter.result()
-                if orphan is not None:  # leased for us after all: give it back
-                    self._give_back([(orphan._row, orphan._token)])
+            for waiter in waiters:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    orphan = waiter.result()
+                    if orphan is not None:  # leased for us after all: give it back
+                        self._give_back([(orphan._row, orphan._token)])
+                else:
+                    waiter.cancel()
             raise
+        got = [w.result() for w in waiters if w.exception() is None]
+        leased = [d for d in got if d is not None]
+        failed = next((w.exception() for w in waiters if w.exception() is not None), None)
+        if failed is not None:
+            if leased:  # one round fails as a whole; nothing of it is handed out
+                self._give_back([(d._row, d._token) for d in leased])
+            raise failed
+        return leased
 
     async def _lease_rounds(self) -> None:
         try:
@@ -296,18 +310,30 @@ class SqliteRequestQueue(RequestQueue):
             )
 
     async def poll(self, timeout: float | None = None) -> SqliteDelivery | None:
+        got = await self._poll(1, timeout)
+        return got[0] if got else None
+
+    async def poll_many(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        """As :meth:`RequestQueue.poll_many`: up to ``max_count`` leased in
+        one transaction (shared with the concurrent polls of this handle),
+        waiting as :meth:`poll` while none is there."""
+        if max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        return list(await self._poll(max_count, timeout))
+
+    async def _poll(self, n: int, timeout: float | None) -> list[SqliteDelivery]:
         self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         interval = 0.002
         while True:
-            delivery = await self._try_lease()
-            if delivery is not None:
-                return delivery
+            got = await self._try_lease(n)
+            if got:
+                return got
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
-                return None
+                return []
             wait = interval if remaining is None else min(interval, remaining)
             if await self._ctx.signals.wait(self._key, wait):
                 # This process just wrote work to the queue: lease without
@@ -315,38 +341,6 @@ class SqliteRequestQueue(RequestQueue):
                 self._had_work = True
             interval = min(interval * 2, self._ctx.poll_interval)
             self._check_open()
-
-    async def poll_many(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
-        """As :meth:`RequestQueue.poll_many`: the first as :meth:`poll`, the
-        rest leased in one transaction."""
-        if max_count < 1:
-            raise ValueError("max_count must be at least 1")
-        first = await self.poll(timeout)
-        if first is None:
-            return []
-        out: list[Delivery] = [first]
-        if max_count > 1:
-            rest = asyncio.ensure_future(
-                self._store.write(functools.partial(self._lease_op, limit=max_count - 1))
-            )
-            try:
-                leased = await asyncio.shield(rest)
-            except asyncio.CancelledError:
-                # Nothing reaches the caller: what was leased goes back
-                # uncounted, like a cancelled poll's.
-                self._give_back([(first._row, first._token)])
-                rest.add_done_callback(self._give_back_leased)
-                raise
-            for row_id, token, request in leased:
-                self._held[row_id] = token
-                out.append(SqliteDelivery(request, self, row_id, token))
-        return out
-
-    def _give_back_leased(
-        self, leasing: asyncio.Future[list[tuple[int, int, WorkRequest]]]
-    ) -> None:
-        if not leasing.cancelled() and leasing.exception() is None:
-            self._give_back([(row_id, token) for row_id, token, _ in leasing.result()])
 
     async def _ack(self, row_id: int, token: int) -> bool:
         self._held.pop(row_id, None)
