@@ -1,0 +1,215 @@
+"""Registries stay small: a caller restarting on a registry that holds many
+collected responses.
+
+A collected response stays in the delivery registry as a ``taken`` record for
+``registry_ttl_seconds`` (7 days): a caller answering 100 requests/s has
+millions of them. This fills a registry with ``n`` collected responses the
+way a caller leaves them -- per request a ``pending``, a ``completed`` (with a
+small response) and a ``taken`` record, written straight to the registry's
+keyed log (what ``register``, ``complete`` and ``result`` write, without the
+round trips) -- then times, in a fresh process, a caller's restart:
+``connect`` + ``delivery_registry(name).pending()`` (which waits for the
+replay), and its RSS growth. The baseline is the same restart on an empty
+registry of the same broker. Targets: at most 5 s and 50 MB above the empty
+registry (for 200,000; ``--full``).
+
+``python -m benchmarks.registry URL [--n N]``; each backend module calls
+:func:`registry_rows` with its broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from benchmarks._common import Row
+from transport import TransportConfig, WorkResponse, connect
+from transport.kit import encode, utcnow
+
+N_QUICK, N_FULL = 20_000, 200_000
+TARGET_SECONDS, TARGET_MB = 5.0, 50.0
+
+
+def _config(url: str, options: dict[str, Any], namespace: str) -> TransportConfig:
+    return TransportConfig(url=url, namespace=namespace, options=options)
+
+
+async def fill(
+    url: str,
+    options: dict[str, Any],
+    namespace: str,
+    name: str,
+    n: int,
+    progress: Callable[[str], None],
+) -> None:
+    """Write ``n`` collected responses (pending, completed, taken) into
+    delivery registry ``name``."""
+    from transport._spi.registries import DeliveryRecord
+
+    transport = await connect(_config(url, options, namespace))
+    try:
+        registry = transport.delivery_registry(name)
+        log_ = registry._log  # the registry's keyed log: what its writes go to
+        now = utcnow()
+        expires = now + timedelta(days=7)
+        done = 0
+        started = time.perf_counter()
+
+        async def one(i: int) -> None:
+            rid = f"req-{i:08d}"
+            response = WorkResponse(request_id=rid, status="completed", result={"i": i})
+            for record in (
+                DeliveryRecord(request_id=rid, state="pending", created_at=now, expires_at=expires),
+                DeliveryRecord(
+                    request_id=rid,
+                    state="completed",
+                    response=response,
+                    created_at=now,
+                    expires_at=expires,
+                ),
+                DeliveryRecord(request_id=rid, state="taken", created_at=now, expires_at=expires),
+            ):
+                await log_.put(rid, encode(record))
+
+        it = iter(range(n))
+
+        async def worker() -> None:
+            nonlocal done
+            for i in it:
+                await one(i)
+                done += 1
+                if done % 20_000 == 0:
+                    rate = done / (time.perf_counter() - started)
+                    progress(f"registry: filled {done:,} of {n:,} ({rate:,.0f}/s)")
+
+        await asyncio.gather(*(worker() for _ in range(64)))
+        await registry.aclose()
+    finally:
+        await transport.aclose()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _restart(url: str, options: dict[str, Any], namespace: str, name: str) -> None:
+    """The measured process: a caller starting on registry ``name``."""
+    before = _rss_mb()
+    started = time.perf_counter()
+    transport = await connect(_config(url, options, namespace))
+    try:
+        registry = transport.delivery_registry(name)
+        live = await registry.pending()
+        seconds = time.perf_counter() - started
+        print(json.dumps({"seconds": seconds, "rss_mb": _rss_mb() - before, "live": len(live)}))
+    finally:
+        await transport.aclose()
+
+
+async def restart(
+    url: str, options: dict[str, Any], namespace: str, name: str
+) -> tuple[float, float, int]:
+    """(seconds, RSS growth MB, live records) of a fresh caller process."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.registry",
+        "--restart",
+        url,
+        json.dumps(options),
+        namespace,
+        name,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the restarted caller failed (exit {proc.returncode})")
+    figures = json.loads(out.decode().strip().splitlines()[-1])
+    return figures["seconds"], figures["rss_mb"], figures["live"]
+
+
+async def registry_rows(
+    backend: str,
+    url: str,
+    options: dict[str, Any],
+    quick: bool,
+    progress: Callable[[str], None],
+    n: int | None = None,
+) -> list[Row]:
+    """The restart rows of one backend: time and RSS above an empty registry."""
+    n = n or (N_QUICK if quick else N_FULL)
+    namespace = f"rg{uuid.uuid4().hex[:6]}"
+    progress(f"{backend}: registry with {n:,} collected responses")
+    await fill(url, options, namespace, "caller", n, progress)
+    empty = await restart(url, options, namespace, "empty")
+    full = await restart(url, options, namespace, "caller")
+    if full[2] != 0:
+        raise RuntimeError(f"{full[2]} collected responses replayed as live")
+    label = f"{n // 1000}k collected responses"
+    seconds, mb = full[0] - empty[0], full[1] - empty[1]
+    met = "met" if seconds <= TARGET_SECONDS else "missed"
+    met_mb = "met" if mb <= TARGET_MB else "missed"
+    return [
+        Row(
+            backend,
+            f"caller restart, {label}",
+            round(full[0], 2),
+            round(empty[0], 2),
+            f"the same restart on an empty registry: {seconds:+.2f} s"
+            f" (target at most {TARGET_SECONDS:g} s: {met})",
+            "s",
+            0.0,
+        ),
+        Row(
+            backend,
+            f"caller RSS, {label}",
+            round(full[1], 1),
+            round(empty[1], 1),
+            f"the same restart on an empty registry: {mb:+.1f} MB"
+            f" (target at most {TARGET_MB:g} MB above it: {met_mb})",
+            "MB",
+            0.0,
+        ),
+    ]
+
+
+async def _main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.registry")
+    parser.add_argument("url")
+    parser.add_argument("--options", default="{}")
+    parser.add_argument("--n", type=int, default=N_QUICK)
+    parser.add_argument("--backend", default="")
+    args = parser.parse_args()
+    started = time.perf_counter()
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    backend = args.backend or args.url.split(":", 1)[0]
+    rows = await registry_rows(
+        backend, args.url, json.loads(args.options), True, progress, n=args.n
+    )
+    for r in rows:
+        print(f"{r.backend:<8} {r.operation:<36} {r.ours:>8} {r.unit:<3} {r.baseline_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--restart":
+        _, _, url, options, namespace, name = sys.argv
+        asyncio.run(_restart(url, json.loads(options), namespace, name))
+        sys.exit(0)
+    sys.exit(asyncio.run(_main()))
