@@ -30,6 +30,12 @@ Guarantees and how they are kept:
 * Settles check the lease: the entry must still be pending for this handle's
   consumer with the delivery count it was handed out with, so a stale ack,
   nack or extend is a harmless ``False``.
+* Round trips are shared, never leases: the polls of one handle waiting at
+  the same time share one lease script that takes at most one lease per
+  waiting poll (no prefetch); acks of one handle issued while an ack script
+  is on its way go together in the next one (each checked and answered on
+  its own); concurrent enqueues of one handle go in one pipeline of
+  ``XADD`` (each answered on its own).
 
 Retention: an acked entry is deleted at once, so a queue stream holds only
 requests not yet acked (no ``MAXLEN`` trimming, which could drop unacked
@@ -46,7 +52,7 @@ import secrets
 import socket
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis.exceptions as rex
 
@@ -85,15 +91,20 @@ local function attempts_of(f)
 end
 """
 
-# KEYS: stream, dlq, delayed. ARGV: group, consumer, lease_ms, max_attempts.
-# Returns {1, id, delivery count, attempt, fields} for a lease, or
-# {0, newest entry id, ms until the next delayed request is due or -1}.
+# KEYS: stream, dlq, delayed. ARGV: group, consumer, lease_ms, max_attempts,
+# n (how many polls are waiting: at most n leases are taken, nothing more).
+# Returns one flat array (cheap to parse): newest entry id, ms until the next
+# delayed request is due or -1, then five values per lease: id, delivery
+# count, attempt, body (nil if the entry has none), carried request id (nil
+# if none). The newest id and the delay are looked up only when fewer than n
+# leases were found.
 _LEASE = (
     _FIELDS
     + """
 local stream, dlq, delayed = KEYS[1], KEYS[2], KEYS[3]
 local group, me = ARGV[1], ARGV[2]
 local lease_ms, max_attempts = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, 100)
 for _, member in ipairs(due) do
@@ -104,39 +115,60 @@ for _, member in ipairs(due) do
   redis.call('XADD', unpack(args))
   redis.call('ZREM', delayed, member)
 end
-for _ = 1, 100 do
-  local p = redis.call('XPENDING', stream, group, 'IDLE', lease_ms, '-', '+', 1)
+local got = {}
+local function lease(id, count, attempt, f)
+  got[#got + 1] = {id, count, attempt, f.body or false, f.request_id or false}
+end
+local function reply(newest, wait)
+  local out = {newest, wait}
+  for _, g in ipairs(got) do
+    for i = 1, 5 do out[#out + 1] = g[i] end
+  end
+  return out
+end
+local looked = 0
+while #got < n and looked < 100 do
+  local p = redis.call('XPENDING', stream, group, 'IDLE', lease_ms, '-', '+', n - #got)
   if #p == 0 then break end
-  local id, count = p[1][1], tonumber(p[1][4])
-  local e = redis.call('XRANGE', stream, id, id)
-  if #e == 0 then
-    redis.call('XACK', stream, group, id)
-  else
-    local f = fields(e[1][2])
-    local done = attempts_of(f) + count
-    if done >= max_attempts then
-      local err = f.error or ('not acknowledged after ' .. done .. ' deliveries (lease expired)')
-      redis.call('XADD', dlq, '*', 'body', f.body or '', 'error', err,
-        'attempts', tostring(done), 'request_id', f.request_id or '', 'source', id)
+  for _, item in ipairs(p) do
+    looked = looked + 1
+    local id, count = item[1], tonumber(item[4])
+    local e = redis.call('XRANGE', stream, id, id)
+    if #e == 0 then
       redis.call('XACK', stream, group, id)
-      redis.call('XDEL', stream, id)
     else
-      redis.call('XCLAIM', stream, group, me, 0, id, 'RETRYCOUNT', count + 1, 'JUSTID')
-      return {1, id, count + 1, done + 1, e[1][2]}
+      local f = fields(e[1][2])
+      local done = attempts_of(f) + count
+      if done >= max_attempts then
+        local err = f.error or ('not acknowledged after ' .. done .. ' deliveries (lease expired)')
+        redis.call('XADD', dlq, '*', 'body', f.body or '', 'error', err,
+          'attempts', tostring(done), 'request_id', f.request_id or '', 'source', id)
+        redis.call('XACK', stream, group, id)
+        redis.call('XDEL', stream, id)
+      else
+        redis.call('XCLAIM', stream, group, me, 0, id, 'RETRYCOUNT', count + 1, 'JUSTID')
+        lease(id, count + 1, done + 1, f)
+      end
     end
   end
 end
-local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', 1, 'STREAMS', stream, '>')
-if r then
-  local e = r[1][2][1]
-  return {1, e[1], 1, attempts_of(fields(e[2])) + 1, e[2]}
+if #got < n then
+  local r = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', n - #got,
+    'STREAMS', stream, '>')
+  if r then
+    for _, e in ipairs(r[1][2]) do
+      local f = fields(e[2])
+      lease(e[1], 1, attempts_of(f) + 1, f)
+    end
+  end
 end
+if #got >= n then return reply('0-0', -1) end
 local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
 local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')
 local wait = -1
 if #nxt > 0 then wait = math.max(tonumber(nxt[2]) - now, 0) end
-if #last > 0 then return {0, last[1][1], wait} end
-return {0, '0-0', wait}
+if #last > 0 then return reply(last[1][1], wait) end
+return reply('0-0', wait)
 """
 )
 
@@ -148,14 +180,24 @@ if #p == 0 or p[1][2] ~= ARGV[2] or tonumber(p[1][4]) ~= tonumber(ARGV[4]) then
 end
 """
 
-_ACK = (
-    _OWNED
-    + """
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-return 1
+# Acks of one handle, checked one by one. ARGV: group, consumer, then an
+# entry id and its delivery count per ack. Returns 1 or 0 per ack.
+_ACK = """
+local group, me = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
+  if #p == 0 or p[1][2] ~= me or tonumber(p[1][4]) ~= tonumber(ARGV[i + 1]) then
+    out[#out + 1] = 0
+  else
+    redis.call('XACK', KEYS[1], group, id)
+    redis.call('XDEL', KEYS[1], id)
+    out[#out + 1] = 1
+  end
+end
+return out
 """
-)
 
 # KEYS: stream, dlq, delayed. ARGV: group, consumer, id, count, delay_ms,
 # error, dead (1/0), max_attempts, delivered request id.
@@ -322,6 +364,12 @@ def consumer_name() -> str:
     return f"{host or 'host'}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+#: What one lease attempt gives a poll: a delivery, ``None`` (an undecodable
+#: entry was dead-lettered: look again) or (newest entry id, ms until the next
+#: delayed request is due or -1).
+_Leased: TypeAlias = "RedisDelivery | tuple[str, int] | None"
+
+
 class RedisDelivery(Delivery):
     """One leased entry: its id and the delivery count it was handed out
     with (the lease's identity, checked by every settle)."""
@@ -340,7 +388,7 @@ class RedisDelivery(Delivery):
     async def ack(self) -> bool:
         if self._settled:
             return False
-        done = await self._queue._settle(self, _ACK, [])
+        done = await self._queue._ack(self)
         self._settled = True
         return done
 
@@ -405,6 +453,16 @@ class RedisRequestQueue(RequestQueue):
         self._background: set[asyncio.Task[Any]] = set()
         self._maybe_orphans = False
         self._leasing: set[asyncio.Future[Any]] = set()
+        # Polls waiting for the lease script (one call at a time leases for
+        # every poll waiting when it starts), enqueues waiting for the next
+        # pipeline, acks waiting for the next ack script.
+        self._poll_waiters: list[asyncio.Future[_Leased]] = []
+        self._leaser: asyncio.Task[None] | None = None
+        self._adds: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._adder: asyncio.Task[None] | None = None
+        self._adding = False
+        self._acks: list[tuple[RedisDelivery, asyncio.Future[bool]]] = []
+        self._acker: asyncio.Task[None] | None = None
 
     # -- helpers ----------------------------------------------------------
     def _check_open(self) -> None:
@@ -455,9 +513,70 @@ class RedisRequestQueue(RequestQueue):
 
     # -- enqueue ----------------------------------------------------------
     async def _store_request(self, request: WorkRequest, body: bytes) -> None:
+        """Returns once the server accepted this request's ``XADD``.
+        Concurrent enqueues of one handle share a pipeline (one round trip,
+        one fsync with ``appendfsync always``); each ``XADD`` is its own
+        command, so one failing fails only its own enqueue. A cancelled
+        enqueue may still have been stored (as a single ``XADD`` may)."""
         self._client.check_open()
-        with self._client.errors(f"enqueue to {self.name}"):
-            await self._client.redis.xadd(self.stream, {"body": body})
+        if self._adder is None and not self._adding:
+            # Nothing on its way: this XADD goes at once, by itself.
+            self._adding = True
+            try:
+                with self._client.errors(f"enqueue to {self.name}"):
+                    await self._client.redis.xadd(self.stream, {"body": body})
+            finally:
+                self._adding = False
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._adds.append((body, done))
+        if self._adder is None:
+            self._adder = asyncio.ensure_future(self._add_rounds())
+            self._background.add(self._adder)
+            self._adder.add_done_callback(self._background.discard)
+        await done
+
+    async def _add_rounds(self) -> None:
+        try:
+            while self._adds:
+                batch, self._adds = [a for a in self._adds if not a[1].done()], []
+                if not batch:
+                    continue
+                try:
+                    if len(batch) == 1:
+                        with self._client.errors(f"enqueue to {self.name}"):
+                            replies: list[Any] = [
+                                await self._client.redis.xadd(self.stream, {"body": batch[0][0]})
+                            ]
+                    else:
+                        with self._client.errors(f"enqueue to {self.name}"):
+                            pipe = self._client.redis.pipeline(transaction=False)
+                            for body, _ in batch:
+                                pipe.xadd(self.stream, {"body": body})
+                            replies = await pipe.execute(raise_on_error=False)
+                except Exception as exc:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                for (_, done), reply in zip(batch, replies, strict=True):
+                    if done.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        try:
+                            with self._client.errors(f"enqueue to {self.name}"):
+                                raise reply
+                        except Exception as exc:
+                            done.set_exception(exc)
+                    else:
+                        done.set_result(None)
+        except BaseException:
+            for _, done in self._adds:
+                done.cancel()
+            self._adds = []
+            raise
+        finally:
+            self._adder = None
 
     # -- poll -------------------------------------------------------------
     async def poll(self, timeout: float | None = None) -> RedisDelivery | None:
@@ -492,24 +611,62 @@ class RedisRequestQueue(RequestQueue):
         with self._client.errors(f"polling {self.name}"):
             await self._client.redis.xread({self.stream: newest}, count=1, block=block)
 
-    async def _lease_shielded(self) -> RedisDelivery | tuple[str, int] | None:
-        # The lease script runs to its end even if the poll is cancelled: a
-        # lease taken for a poll that gave up is given back uncounted.
-        task = asyncio.ensure_future(self._lease())
-        self._leasing.add(task)
-        task.add_done_callback(self._leasing.discard)
+    async def _lease_shielded(self) -> _Leased:
+        """One lease for this poll: a delivery, ``None`` (look again) or
+        (newest entry id, ms until a delayed request is due).
+
+        The polls of a handle waiting at the same time share one lease
+        script (``n`` = the number waiting, so nothing is leased that no
+        poll asked for). The script runs to its end even if the poll is
+        cancelled: a lease taken for a poll that gave up goes to another
+        waiting poll or is given back uncounted."""
+        found: asyncio.Future[_Leased] = asyncio.get_running_loop().create_future()
+        self._poll_waiters.append(found)
+        if self._leaser is None:
+            self._leaser = asyncio.ensure_future(self._lease_rounds())
+            self._leasing.add(self._leaser)
+            self._leaser.add_done_callback(self._leasing.discard)
         try:
-            return await asyncio.shield(task)
+            return await found
         except asyncio.CancelledError:
-            task.add_done_callback(self._give_back_orphan)
+            # Handed a lease in the same step as the cancellation.
+            if found.done() and not found.cancelled() and found.exception() is None:
+                orphan = found.result()
+                if isinstance(orphan, RedisDelivery):
+                    self._spawn(orphan._release_uncounted())
             raise
 
-    def _give_back_orphan(self, task: asyncio.Task[RedisDelivery | tuple[str, int] | None]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        orphan = task.result()
-        if isinstance(orphan, RedisDelivery):
-            self._spawn(orphan._release_uncounted())
+    async def _lease_rounds(self) -> None:
+        try:
+            while True:
+                asked = [f for f in self._poll_waiters if not f.done()]
+                self._poll_waiters = list(asked)
+                if not asked:
+                    return
+                try:
+                    leased, idle = await self._lease(len(asked))
+                except Exception as exc:
+                    for f in asked:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                waiting = iter([f for f in self._poll_waiters if not f.done()])
+                for item in leased:
+                    taker = next(waiting, None)
+                    if taker is not None:
+                        taker.set_result(item)
+                    elif isinstance(item, RedisDelivery):
+                        self._spawn(item._release_uncounted())
+                for f in asked:
+                    if not f.done():
+                        f.set_result(idle)
+        except BaseException:
+            for f in self._poll_waiters:
+                f.cancel()
+            raise
+        finally:
+            self._poll_waiters = [f for f in self._poll_waiters if not f.done()]
+            self._leaser = None
 
     def _spawn(self, coro: Any) -> None:
         async def quietly() -> None:
@@ -520,12 +677,15 @@ class RedisRequestQueue(RequestQueue):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _lease(self) -> RedisDelivery | tuple[str, int] | None:
+    async def _lease(self, n: int) -> tuple[list[RedisDelivery | None], tuple[str, int]]:
+        """Up to ``n`` leases (``None`` for an undecodable entry, which is
+        dead-lettered), and (newest entry id, ms until a delayed request is
+        due) for the polls left without one."""
         try:
             reply = await self._script(
                 _LEASE,
                 self._keys,
-                [self.group, self.consumer, self._lease_ms, self.max_attempts],
+                [self.group, self.consumer, self._lease_ms, self.max_attempts, n],
                 f"polling {self.name}",
             )
         except TransientTransportError:
@@ -533,12 +693,29 @@ class RedisRequestQueue(RequestQueue):
             # be pending for this consumer that nobody holds.
             self._maybe_orphans = True
             raise
-        if int(reply[0]) == 0:
-            return _text(reply[1]), int(reply[2])
-        entry, count, attempt = _text(reply[1]), int(reply[2]), int(reply[3])
-        fields = _pairs(reply[4])
-        body = fields.get("body")
-        carried = fields.get("request_id")
+        leased: list[RedisDelivery | None] = []
+        try:
+            for i in range(2, len(reply) - 4, 5):
+                leased.append(await self._delivery(*reply[i : i + 5]))
+        except BaseException:
+            # Dead-lettering an undecodable entry failed: the leases of this
+            # reply are handed to no poll; the next poll gives them back.
+            for delivery in leased:
+                if delivery is not None:
+                    self._forget(delivery)
+            self._maybe_orphans = True
+            raise
+        return leased, (_text(reply[0]), int(reply[1]))
+
+    async def _delivery(
+        self,
+        raw_entry: Any,
+        raw_count: Any,
+        raw_attempt: Any,
+        body: bytes | None,
+        carried: bytes | None,
+    ) -> RedisDelivery | None:
+        entry, count, attempt = _text(raw_entry), int(raw_count), int(raw_attempt)
         try:
             if body is None:
                 raise UndecodableMessageError("stream entry has no 'body' field")
@@ -586,12 +763,45 @@ class RedisRequestQueue(RequestQueue):
     def _lease_args(self, delivery: RedisDelivery) -> list[Any]:
         return [self.group, self.consumer, delivery._entry, delivery._count]
 
-    async def _settle(self, delivery: RedisDelivery, source: str, extra: list[Any]) -> bool:
-        reply = await self._client.run(
-            source, [self.stream], self._lease_args(delivery) + extra, f"settling on {self.name}"
-        )
-        self._forget(delivery)
-        return bool(int(reply))
+    async def _ack(self, delivery: RedisDelivery) -> bool:
+        """Acks of this handle issued while an ack script is on its way go
+        together in the next one (each checked on its own)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._acks.append((delivery, done))
+        if self._acker is None:
+            self._acker = asyncio.ensure_future(self._ack_rounds())
+            self._background.add(self._acker)
+            self._acker.add_done_callback(self._background.discard)
+        return await done
+
+    async def _ack_rounds(self) -> None:
+        try:
+            while self._acks:
+                batch, self._acks = self._acks, []
+                args: list[Any] = [self.group, self.consumer]
+                for delivery, _ in batch:
+                    args += [delivery._entry, delivery._count]
+                try:
+                    replies = await self._client.run(
+                        _ACK, [self.stream], args, f"settling on {self.name}"
+                    )
+                except Exception as exc:
+                    for delivery, done in batch:
+                        self._forget(delivery)
+                        if not done.done():
+                            done.set_exception(exc)
+                    continue
+                for (delivery, done), reply in zip(batch, replies, strict=True):
+                    self._forget(delivery)
+                    if not done.done():
+                        done.set_result(bool(int(reply)))
+        except BaseException:
+            for _, done in self._acks:
+                done.cancel()
+            self._acks = []
+            raise
+        finally:
+            self._acker = None
 
     def _forget(self, delivery: RedisDelivery) -> None:
         if self._held.get(delivery._entry) is delivery:

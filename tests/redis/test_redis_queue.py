@@ -19,6 +19,7 @@ from transport.testing.brokers import RedisServer
 from transport.testing.harness import BackendHarness
 from transport_redis import RedisRequestQueue, RedisTransport
 from transport_redis._client import keys
+from transport_redis._queue import RedisDelivery
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.broker, pytest.mark.timeout(90)]
 
@@ -257,3 +258,51 @@ async def test_idle_consumers_of_crashed_handles_are_pruned(
     assert "crashed-busy" in names, "a consumer with a pending entry must be kept"
     assert queue.consumer in names, "a consumer holding a lease must be kept"
     assert await held.ack()
+
+
+async def test_concurrent_polls_share_one_lease_script_and_take_no_more_than_asked(
+    transport: RedisTransport, queue_name: str, harness: BackendHarness
+) -> None:
+    queue = _queue(transport, queue_name)
+    sent = await enqueue_all(queue, make_requests(10))
+    stream = keys.queue(transport.config.namespace, queue_name)
+    redis = transport.client.redis
+    await redis.config_resetstat()
+    # Four polls waiting at once: one script call, four leases, six left unread.
+    got = await asyncio.gather(*(queue.poll(harness.scaled(10)) for _ in range(4)))
+    assert all(d is not None for d in got)
+    assert len({d.request.request_id for d in got if d is not None}) == 4
+    summary = await redis.xpending(stream, transport.config.consumer_group)
+    assert summary["pending"] == 4, "a lease was taken that no poll asked for"
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_xreadgroup"]["calls"] == 1, stats.get("cmdstat_xreadgroup")
+    # Acks issued together: each is checked and answered on its own (a
+    # stale one among them is False and the others still take effect).
+    first = got[0]
+    assert first is not None
+    assert await first.ack()
+    stale = RedisDelivery(first.request, queue, first._entry, first._count)
+    await redis.config_resetstat()
+    acked = await asyncio.gather(stale.ack(), *(d.ack() for d in got[1:] if d is not None))
+    assert acked == [False, True, True, True]
+    stats = await redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1, "acks issued together went one by one"
+    assert (await redis.xpending(stream, transport.config.consumer_group))["pending"] == 0
+    assert await redis.xlen(stream) == 6
+    rest = [await queue.poll(harness.scaled(10)) for _ in range(6)]
+    assert {d.request.request_id for d in [*got, *rest] if d is not None} == {
+        r.request_id for r in sent
+    }
+    assert all([await d.ack() for d in rest if d is not None])
+
+
+async def test_concurrent_enqueues_are_each_stored_once(
+    transport: RedisTransport, queue_name: str
+) -> None:
+    queue = _queue(transport, queue_name)
+    requests = make_requests(50)
+    await asyncio.gather(*(queue.enqueue(r) for r in requests))
+    stream = keys.queue(transport.config.namespace, queue_name)
+    rows = await transport.client.redis.xrange(stream)
+    ids = [json.loads(fields[b"body"])["request_id"] for _, fields in rows]
+    assert sorted(ids) == sorted(r.request_id for r in requests)
