@@ -9,9 +9,11 @@ never include the password (redis-py's own messages do not carry it either).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import Iterator
+from typing import Any
 
 import redis.exceptions as rex
 
@@ -69,10 +71,32 @@ def classify_connect_error(exc: BaseException, where: str) -> TransportError:
     )
 
 
+def _cancel_requests() -> tuple[asyncio.Task[Any] | None, int]:
+    """The running task and its count of cancellation requests (no task
+    outside a running event loop)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return None, 0
+    return task, 0 if task is None else task.cancelling()
+
+
 @contextlib.contextmanager
 def map_redis_errors(what: str, where: str = "") -> Iterator[None]:
     """Map redis-py errors raised inside the block (``what`` names the
-    operation, ``where`` the server)."""
+    operation, ``where`` the server), and raise a cancellation redis-py lost.
+
+    redis-py sends every command under ``asyncio.wait_for`` (the socket
+    timeout). On Python 3.11 that returns the send's result when the caller
+    is cancelled just after the send finished, so the command goes on to
+    its reply as if never cancelled, and a loop of such calls (a worker's
+    ``while True: await queue.poll(0.2)``) never ends. A cancellation
+    requested while the block ran (the task's count of cancellation
+    requests rose) that the block did not raise is raised here, as
+    ``CancelledError``, when the block ends; the command may have taken
+    effect, as a command cancelled in flight may.
+    """
+    task, cancels = _cancel_requests()
     at = f" at {where}" if where else ""
     try:
         yield
@@ -113,3 +137,5 @@ def map_redis_errors(what: str, where: str = "") -> Iterator[None]:
         raise PermanentTransportError(f"{what}: Redis{at} rejected it: {text}") from exc
     except rex.RedisError as exc:
         raise TransientTransportError(f"{what}: Redis{at} error: {exc}") from exc
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError(f"{what}: cancelled (the command itself completed)")

@@ -9,9 +9,11 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from redis.asyncio.connection import Connection
 
 from transport import TransportConfig, WorkRequest, connect
 from transport.testing._util import enqueue_all, make_requests, poll_until
@@ -137,6 +139,49 @@ async def test_cancelled_polls_cost_no_attempt(
     assert final.attempt == handed_out + 1, f"handed out {handed_out} times"
     assert handed_out < 150, "no poll was cancelled: the test proved nothing"
     assert await final.ack()
+
+
+async def test_a_cancel_landing_as_a_poll_sends_its_wait_ends_the_poll(
+    transport: RedisTransport,
+    queue_name: str,
+    harness: BackendHarness,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py sends each command under ``asyncio.wait_for`` (the socket
+    timeout), which on Python 3.11 returns the send's result when the
+    caller is cancelled just after the send finished: the cancellation was
+    lost, and a worker's ``while True: await queue.poll(0.2)`` loop went on
+    polling after its task was cancelled (a hang for whoever awaits it).
+    The cancel is aimed at that step: right after the poll's ``XREAD``
+    went out."""
+    queue = _queue(transport, queue_name)
+    sent_wait = asyncio.Event()
+    poller: asyncio.Task[None] | None = None
+    original = Connection._send_packed_command
+
+    async def send(self: Connection, command: Iterable[bytes]) -> None:
+        chunks = list(command)
+        await original(self, chunks)
+        if poller is not None and not sent_wait.is_set() and b"\r\nXREAD\r\n" in chunks[0]:
+            sent_wait.set()
+            poller.cancel()
+
+    monkeypatch.setattr(Connection, "_send_packed_command", send)
+
+    async def worker() -> None:
+        while True:
+            await queue.poll(0.2)
+
+    poller = asyncio.create_task(worker())
+    try:
+        async with asyncio.timeout(harness.scaled(10)):
+            await sent_wait.wait()
+        done, _ = await asyncio.wait({poller}, timeout=harness.scaled(5))
+        assert done, "the poll loop went on after its task was cancelled"
+        assert poller.cancelled()
+    finally:
+        poller.cancel()
+        await asyncio.wait({poller}, timeout=harness.scaled(5))
 
 
 async def test_clean_close_deletes_its_consumer(
