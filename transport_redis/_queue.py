@@ -470,6 +470,16 @@ class RedisRequestQueue(RequestQueue):
             raise ClosedResourceError(f"queue {self.name!r} is closed")
         self._ctx.check_open()
 
+    def _interrupted(self, what: str) -> TransportError:
+        """The error a call waiting on a shared round trip gets when the
+        task making it was cancelled (a close that timed out, a loop shutting
+        down): the call itself was not cancelled, so it gets an error of the
+        queue's, never a cancellation of its own or no answer at all. The
+        round trip may have taken effect (as one whose reply was lost)."""
+        if self._closed:
+            return ClosedResourceError(f"queue {self.name!r} is closed")
+        return TransientTransportError(f"{what} on {self.name}: the shared call was cancelled")
+
     @property
     def _keys(self) -> list[str]:
         return [self.stream, self.dlq, self.delayed]
@@ -519,7 +529,7 @@ class RedisRequestQueue(RequestQueue):
         command, so one failing fails only its own enqueue. A cancelled
         enqueue may still have been stored (as a single ``XADD`` may)."""
         self._client.check_open()
-        if self._adder is None and not self._adding:
+        if (self._adder is None or self._adder.done()) and not self._adding:
             # Nothing on its way: this XADD goes at once, by itself.
             self._adding = True
             try:
@@ -530,13 +540,14 @@ class RedisRequestQueue(RequestQueue):
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._adds.append((body, done))
-        if self._adder is None:
+        if self._adder is None or self._adder.done():
             self._adder = asyncio.ensure_future(self._add_rounds())
             self._background.add(self._adder)
             self._adder.add_done_callback(self._background.discard)
         await done
 
     async def _add_rounds(self) -> None:
+        batch: list[tuple[bytes, asyncio.Future[None]]] = []
         try:
             while self._adds:
                 batch, self._adds = [a for a in self._adds if not a[1].done()], []
@@ -571,8 +582,9 @@ class RedisRequestQueue(RequestQueue):
                     else:
                         done.set_result(None)
         except BaseException:
-            for _, done in self._adds:
-                done.cancel()
+            for _, done in [*batch, *self._adds]:
+                if not done.done():
+                    done.set_exception(self._interrupted("enqueue"))
             self._adds = []
             raise
         finally:
@@ -622,7 +634,7 @@ class RedisRequestQueue(RequestQueue):
         waiting poll or is given back uncounted."""
         found: asyncio.Future[_Leased] = asyncio.get_running_loop().create_future()
         self._poll_waiters.append(found)
-        if self._leaser is None:
+        if self._leaser is None or self._leaser.done():
             self._leaser = asyncio.ensure_future(self._lease_rounds())
             self._leasing.add(self._leaser)
             self._leaser.add_done_callback(self._leasing.discard)
@@ -661,8 +673,10 @@ class RedisRequestQueue(RequestQueue):
                     if not f.done():
                         f.set_result(idle)
         except BaseException:
+            self._maybe_orphans = True  # the script may have leased for them
             for f in self._poll_waiters:
-                f.cancel()
+                if not f.done():
+                    f.set_exception(self._interrupted("polling"))
             raise
         finally:
             self._poll_waiters = [f for f in self._poll_waiters if not f.done()]
@@ -768,13 +782,14 @@ class RedisRequestQueue(RequestQueue):
         together in the next one (each checked on its own)."""
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._acks.append((delivery, done))
-        if self._acker is None:
+        if self._acker is None or self._acker.done():
             self._acker = asyncio.ensure_future(self._ack_rounds())
             self._background.add(self._acker)
             self._acker.add_done_callback(self._background.discard)
         return await done
 
     async def _ack_rounds(self) -> None:
+        batch: list[tuple[RedisDelivery, asyncio.Future[bool]]] = []
         try:
             while self._acks:
                 batch, self._acks = self._acks, []
@@ -796,8 +811,9 @@ class RedisRequestQueue(RequestQueue):
                     if not done.done():
                         done.set_result(bool(int(reply)))
         except BaseException:
-            for _, done in self._acks:
-                done.cancel()
+            for _, done in [*batch, *self._acks]:
+                if not done.done():
+                    done.set_exception(self._interrupted("settling"))
             self._acks = []
             raise
         finally:

@@ -9,19 +9,21 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection
 
 from transport import TransportConfig, WorkRequest, connect
+from transport.errors import TransientTransportError
 from transport.testing._util import enqueue_all, make_requests, poll_until
 from transport.testing.brokers import RedisServer
 from transport.testing.harness import BackendHarness
 from transport_redis import RedisRequestQueue, RedisTransport
 from transport_redis._client import keys
-from transport_redis._queue import RedisDelivery
+from transport_redis._queue import _ACK, _LEASE, RedisDelivery
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.broker, pytest.mark.timeout(90)]
 
@@ -182,6 +184,51 @@ async def test_a_cancel_landing_as_a_poll_sends_its_wait_ends_the_poll(
     finally:
         poller.cancel()
         await asyncio.wait({poller}, timeout=harness.scaled(5))
+
+
+async def test_polls_and_acks_waiting_on_a_cancelled_shared_call_get_an_error(
+    transport: RedisTransport,
+    queue_name: str,
+    harness: BackendHarness,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The task making a shared lease or ack call may be cancelled (a close
+    that timed out, a loop shutting down); the polls and acks waiting on it
+    were not: they get an error of the queue's, not a cancellation and not
+    a wait without end."""
+    queue = _queue(transport, queue_name)
+    await enqueue_all(queue, make_requests(1))
+    held = await queue.poll(harness.scaled(10))
+    assert held is not None
+    client = transport.client
+    original = client.run
+    entered = asyncio.Event()
+
+    async def stuck(source: str, keys_: list[str], args: list[Any], what: str) -> Any:
+        if source in (_ACK, _LEASE):
+            entered.set()
+            await asyncio.Event().wait()  # never answers: only a cancel ends it
+        return await original(source, keys_, args, what)
+
+    monkeypatch.setattr(client, "run", stuck)
+    starts: list[tuple[Callable[[], Awaitable[object]], str]] = [
+        (lambda: queue.poll(harness.scaled(10)), "_leaser"),
+        (held.ack, "_acker"),
+    ]
+    for start, worker in starts:
+        entered.clear()
+        call = asyncio.ensure_future(start())
+        async with asyncio.timeout(harness.scaled(10)):
+            await entered.wait()
+        shared = getattr(queue, worker)
+        assert shared is not None and not shared.done()
+        shared.cancel()
+        async with asyncio.timeout(harness.scaled(10)):
+            with pytest.raises(TransientTransportError, match="shared call was cancelled"):
+                await call
+    monkeypatch.undo()
+    # The handle still works: the lease was never lost.
+    assert await held.ack()
 
 
 async def test_clean_close_deletes_its_consumer(
