@@ -145,7 +145,15 @@ class NatsKeyedLog(KeyedLog):
         self._ctx.add_reconnect_listener(on_reconnect)
         try:
             with map_nats_errors(f"watching {self.bucket}"):
+                # Caught up once the entry at the stream's last sequence (as
+                # of now) is seen: nats-py signals "no more pending" from the
+                # new consumer's num_pending, which right after its creation
+                # can still be 0 with entries on their way (seen under load:
+                # a restarted caller found none of its pending records).
+                state = (await self._ctx.js.stream_info(kv._stream)).state
+                target = state.last_seq if state.messages else 0
                 watcher = await kv.watchall()
+            caught_up = False
             while True:
                 entry = await watcher._updates.get() if not interrupted else _RECONNECTED
                 if interrupted or entry is _RECONNECTED:
@@ -155,13 +163,18 @@ class NatsKeyedLog(KeyedLog):
                     raise TransientTransportError(
                         f"watch of {self.bucket} interrupted by a reconnect; re-watch"
                     )
-                if entry is None:
-                    yield CAUGHT_UP
+                if entry is None:  # nats-py's marker: trusted only for an empty stream
+                    if not caught_up and target == 0:
+                        caught_up = True
+                        yield CAUGHT_UP
                 elif isinstance(entry, KeyValue.Entry):
                     if entry.operation in (KV_DEL, KV_PURGE):
                         yield KeyedChange(entry.key, None)
                     else:
                         yield KeyedChange(entry.key, entry.value or b"")
+                    if not caught_up and (entry.revision or 0) >= target:
+                        caught_up = True
+                        yield CAUGHT_UP
                 else:  # the watcher was stopped
                     raise TransientTransportError(f"watch of {self.bucket} stopped")
         finally:
