@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import Row, Sizes
+from benchmarks._common import Row, Sizes, progress_printer
 
 ALL = ["memory", "sqlite", "nats", "kafka", "pulsar", "redis"]
 MODULES = {
@@ -64,10 +64,7 @@ async def main() -> int:
     sizes = Sizes.for_mode(not args.full, args.rounds)
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     rows: list[Row] = []
-    started = time.perf_counter()
-
-    def progress(text: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {text}", file=sys.stderr, flush=True)
+    progress = progress_printer()
 
     done_modules: set[str] = set()
     for backend in wanted:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from transport import TransportConfig
 
 
 @dataclass
@@ -25,6 +28,21 @@ class Sizes:
         if quick:
             return cls(quick=True, enqueue=2000, consume=2000, round_trips=200, rounds=rounds)
         return cls(quick=False, enqueue=20000, consume=20000, round_trips=2000, rounds=rounds)
+
+
+def config(url: str, options: dict[str, Any], namespace: str) -> TransportConfig:
+    """The configuration a measurement connects with."""
+    return TransportConfig(url=url, namespace=namespace, options=options)
+
+
+def progress_printer() -> Callable[[str], None]:
+    """A progress callback printing ``[seconds since now] text`` to stderr."""
+    started = time.perf_counter()
+
+    def progress(text: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {text}", file=sys.stderr, flush=True)
+
+    return progress
 
 
 @dataclass

@@ -30,16 +30,12 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from benchmarks._common import Row
-from transport import TransportConfig, WorkResponse, connect
+from benchmarks._common import Row, config, progress_printer
+from transport import WorkResponse, connect
 from transport.kit import encode, utcnow
 
 N_QUICK, N_FULL = 20_000, 200_000
 TARGET_SECONDS, TARGET_MB = 5.0, 50.0
-
-
-def _config(url: str, options: dict[str, Any], namespace: str) -> TransportConfig:
-    return TransportConfig(url=url, namespace=namespace, options=options)
 
 
 async def fill(
@@ -54,7 +50,7 @@ async def fill(
     delivery registry ``name``."""
     from transport._spi.registries import DeliveryRecord
 
-    transport = await connect(_config(url, options, namespace))
+    transport = await connect(config(url, options, namespace))
     try:
         registry = transport.delivery_registry(name)
         log_ = registry._log  # the registry's keyed log: what its writes go to
@@ -108,7 +104,7 @@ async def _restart(url: str, options: dict[str, Any], namespace: str, name: str)
     """The measured process: a caller starting on registry ``name``."""
     before = _rss_mb()
     started = time.perf_counter()
-    transport = await connect(_config(url, options, namespace))
+    transport = await connect(config(url, options, namespace))
     try:
         registry = transport.delivery_registry(name)
         live = await registry.pending()
@@ -159,31 +155,26 @@ async def registry_rows(
     if full[2] != 0:
         raise RuntimeError(f"{full[2]} collected responses replayed as live")
     label = f"{n // 1000}k collected responses"
-    seconds, mb = full[0] - empty[0], full[1] - empty[1]
-    met = "met" if seconds <= TARGET_SECONDS else "missed"
-    met_mb = "met" if mb <= TARGET_MB else "missed"
-    return [
-        Row(
-            backend,
-            f"caller restart, {label}",
-            round(full[0], 2),
-            round(empty[0], 2),
-            f"the same restart on an empty registry: {seconds:+.2f} s"
-            f" (target at most {TARGET_SECONDS:g} s: {met})",
-            "s",
-            0.0,
-        ),
-        Row(
-            backend,
-            f"caller RSS, {label}",
-            round(full[1], 1),
-            round(empty[1], 1),
-            f"the same restart on an empty registry: {mb:+.1f} MB"
-            f" (target at most {TARGET_MB:g} MB above it: {met_mb})",
-            "MB",
-            0.0,
-        ),
-    ]
+    rows = []
+    for operation, index, unit, target, digits, above in (
+        ("caller restart", 0, "s", TARGET_SECONDS, 2, ""),
+        ("caller RSS", 1, "MB", TARGET_MB, 1, " above it"),
+    ):
+        grown = full[index] - empty[index]
+        met = "met" if grown <= target else "missed"
+        rows.append(
+            Row(
+                backend,
+                f"{operation}, {label}",
+                round(full[index], digits),
+                round(empty[index], digits),
+                f"the same restart on an empty registry: {grown:+.{digits}f} {unit}"
+                f" (target at most {target:g} {unit}{above}: {met})",
+                unit,
+                0.0,
+            )
+        )
+    return rows
 
 
 async def _main() -> int:
@@ -193,10 +184,7 @@ async def _main() -> int:
     parser.add_argument("--n", type=int, default=N_QUICK)
     parser.add_argument("--backend", default="")
     args = parser.parse_args()
-    started = time.perf_counter()
-
-    def progress(text: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {text}", file=sys.stderr, flush=True)
+    progress = progress_printer()
 
     backend = args.backend or args.url.split(":", 1)[0]
     rows = await registry_rows(

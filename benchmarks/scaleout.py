@@ -27,8 +27,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks._common import Row, run_concurrently
-from transport import Ensemble, TaskContext, TransportConfig, WorkRequest, connect
+from benchmarks._common import Row, config, progress_printer, run_concurrently
+from transport import Ensemble, TaskContext, WorkRequest, connect
 
 HANDLER_SECONDS = 0.05
 CONCURRENCY = 4
@@ -38,13 +38,9 @@ TARGETS = {2: 1.8, 4: 3.2}
 SECONDS_QUICK, SECONDS_FULL = 5.0, 20.0
 
 
-def _config(url: str, options: dict[str, Any], namespace: str) -> TransportConfig:
-    return TransportConfig(url=url, namespace=namespace, options=options)
-
-
 # -- the worker process ----------------------------------------------------------
 async def _worker(url: str, options: dict[str, Any], namespace: str, queue: str) -> None:
-    transport = await connect(_config(url, options, namespace))
+    transport = await connect(config(url, options, namespace))
     out = sys.stdout
 
     async def work(ctx: TaskContext) -> dict[str, Any]:
@@ -67,7 +63,7 @@ async def _worker(url: str, options: dict[str, Any], namespace: str, queue: str)
 
 # -- the harness -----------------------------------------------------------------
 async def _enqueue(url: str, options: dict[str, Any], namespace: str, queue: str, n: int) -> None:
-    transport = await connect(_config(url, options, namespace))
+    transport = await connect(config(url, options, namespace))
     try:
         q = transport.request_queue(queue)
         await run_concurrently(n, 64, lambda i: q.enqueue(WorkRequest(task="work", payload={})))
@@ -183,10 +179,7 @@ async def _main() -> int:
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--backend", default="")
     args = parser.parse_args()
-    started = time.perf_counter()
-
-    def progress(text: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {text}", file=sys.stderr, flush=True)
+    progress = progress_printer()
 
     backend = args.backend or args.url.split(":", 1)[0]
     rows = await scaleout_rows(backend, args.url, json.loads(args.options), not args.full, progress)

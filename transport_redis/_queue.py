@@ -470,6 +470,13 @@ class RedisRequestQueue(RequestQueue):
             raise ClosedResourceError(f"queue {self.name!r} is closed")
         self._ctx.check_open()
 
+    def _interrupt(self, waiting: Iterable[asyncio.Future[Any]], what: str) -> None:
+        """Answer every call still waiting on an interrupted shared round
+        trip with :meth:`_interrupted`."""
+        for future in waiting:
+            if not future.done():
+                future.set_exception(self._interrupted(what))
+
     def _interrupted(self, what: str) -> TransportError:
         """The error a call waiting on a shared round trip gets when the
         task making it was cancelled (a close that timed out, a loop shutting
@@ -582,9 +589,7 @@ class RedisRequestQueue(RequestQueue):
                     else:
                         done.set_result(None)
         except BaseException:
-            for _, done in [*batch, *self._adds]:
-                if not done.done():
-                    done.set_exception(self._interrupted("enqueue"))
+            self._interrupt((done for _, done in [*batch, *self._adds]), "enqueue")
             self._adds = []
             raise
         finally:
@@ -674,9 +679,7 @@ class RedisRequestQueue(RequestQueue):
                         f.set_result(idle)
         except BaseException:
             self._maybe_orphans = True  # the script may have leased for them
-            for f in self._poll_waiters:
-                if not f.done():
-                    f.set_exception(self._interrupted("polling"))
+            self._interrupt(self._poll_waiters, "polling")
             raise
         finally:
             self._poll_waiters = [f for f in self._poll_waiters if not f.done()]
@@ -811,9 +814,7 @@ class RedisRequestQueue(RequestQueue):
                     if not done.done():
                         done.set_result(bool(int(reply)))
         except BaseException:
-            for _, done in [*batch, *self._acks]:
-                if not done.done():
-                    done.set_exception(self._interrupted("settling"))
+            self._interrupt((done for _, done in [*batch, *self._acks]), "settling")
             self._acks = []
             raise
         finally:
