@@ -12,7 +12,10 @@ reserved ahead. Anything for the event loop is posted to it.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
+import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -25,6 +28,7 @@ from transport_kafka._client import (
 from transport_kafka._counts import _Counts
 from transport_kafka._leases import _Leases
 from transport_kafka._records import (
+    _SETTLED,
     H_ATTEMPTS,
     H_ERROR,
     H_NOT_BEFORE,
@@ -35,6 +39,9 @@ from transport_kafka._records import (
 )
 
 log = logging.getLogger("transport.kafka")
+
+#: How often a revocation waiting for a hand-over runs the commits that acks wait for.
+_HANDOVER_TICK = 0.02
 
 
 class _Assignment(_Counts, _Leases):
@@ -278,6 +285,16 @@ class _Assignment(_Counts, _Leases):
         return [TopicPartition(topic, p) for p in leaders.values()]
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        handing_over = (
+            bool(partitions)
+            and self.member.subscribed  # not a hand-off of an idle member
+            and not self._stopped
+            and not self._consumer_closed
+        )
+        if handing_over:
+            # A rebalance (another process joined): let the requests handed
+            # out from these partitions finish before they move.
+            self._hand_over_from_thread({tp.partition for tp in partitions})
         with self._commit_lock:
             safe: dict[int, tuple[int, int]] = {}
             for tp in partitions:
@@ -300,6 +317,94 @@ class _Assignment(_Counts, _Leases):
         # poll hands them out meanwhile).
         self._withdraw_from_thread({tp.partition for tp in partitions})
         self._forget(partitions)
+
+    def _hand_over_from_thread(self, partitions: set[int]) -> None:
+        """Consumer thread, inside a revocation: run :meth:`_hand_over` on
+        the event loop and wait for it. The group waits too (this member
+        rejoins when the callback returns), for ``handover_wait_s`` at most;
+        the partitions' other records are not fetched meanwhile."""
+        # Past max.poll.interval.ms the group would drop this member mid-way.
+        limit = min(self.options.handover_wait_s, self.options.max_poll_interval_ms / 2000)
+        loop = self._loop
+        if not limit or loop is None or loop.is_closed() or not loop.is_running():
+            return
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._hand_over(partitions, limit), loop)
+        except RuntimeError:  # the loop is closed
+            return
+        end = time.monotonic() + limit + self.options.operation_timeout_s
+        try:
+            while True:
+                try:
+                    future.result(_HANDOVER_TICK)
+                    break
+                except concurrent.futures.TimeoutError:
+                    if time.monotonic() >= end:
+                        raise
+                # Acks of the partitions this member keeps wait for a commit
+                # round, which only this thread can run: run it from here.
+                run, self._round_run = self._round_run, None
+                if run is not None:
+                    run()
+        except Exception as exc:  # what is not settled is delivered again: never lost
+            future.cancel()
+            log.warning(
+                "queue %r: hand-over of partitions %s: %s: %s",
+                self.name,
+                sorted(partitions),
+                type(exc).__name__,
+                exc,
+            )
+
+    async def _hand_over(self, partitions: set[int], limit: float) -> None:
+        """Event loop: wait up to ``limit`` seconds until every request handed
+        out from ``partitions`` is settled (nothing more of them is handed out
+        meanwhile), then make the settled ones that the revocation's commit
+        cannot cover (an earlier record of the partition was never handed
+        out) durable with a "settled" marker, so that the next owner skips
+        them and their acks return True. Requests still held at the end are
+        delivered again by the next owner."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        self._handing_over |= partitions
+        try:
+            await self._await_hand_over(partitions, deadline, limit)
+        finally:
+            self._handing_over -= partitions
+
+    async def _await_hand_over(self, partitions: set[int], deadline: float, limit: float) -> None:
+        loop = asyncio.get_running_loop()
+        watched = [
+            lease.record
+            for lease in list(self.leases.values())
+            if lease.record.partition in partitions and lease.state in ("held", "settling")
+        ]
+        while any(self._live(rec) for rec in watched):
+            left = deadline - loop.time()
+            if left <= 0:
+                held = sum(1 for rec in watched if self._live(rec))
+                log.info(
+                    "queue %r: %d request(s) still being handled after %gs while their "
+                    "partitions move to another consumer: they will be delivered again",
+                    self.name,
+                    held,
+                    limit,
+                )
+                break
+            await self.wait(left)
+        # Acks made during the hand-over write their markers: wait for them.
+        await asyncio.gather(*list(self._hand_over_writes), return_exceptions=True)
+        beyond = []
+        for rec in watched:
+            if self._live(rec):
+                continue
+            position = self.tracker.position(rec.partition, rec.generation)
+            if position is not None and rec.offset >= position:
+                beyond.append(rec)
+        if beyond:
+            await asyncio.gather(*(self._write_marker(rec, _SETTLED) for rec in beyond))
+            for rec in beyond:
+                rec.marked_at_handover = True
 
     def _revoke_tentatively(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """An eager rebalance began (see ``_GroupMember.tentative``): commit

@@ -52,7 +52,7 @@ class KafkaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     #: Partitions of each request topic. 1 (the default) keeps FIFO order.
-    partitions: int = Field(default=1, ge=1, le=10_000)
+    partitions: int = Field(default=4, ge=1, le=10_000)
     #: Replication factor of created topics; -1 = the broker's default.
     replication_factor: int = Field(default=-1, ge=-1, le=32)
     #: Size cap (bytes per partition) of request topics: ``retention.bytes``;
@@ -82,6 +82,14 @@ class KafkaOptions(BaseModel):
     #: for this long (and holds no live lease) leaves the consumer group so
     #: other processes get its partitions; 0 disables.
     handoff_idle_s: float = Field(default=5.0, ge=0)
+    #: How long a process giving partitions up in a rebalance (another
+    #: process joined) waits for the handlers of the requests it holds from
+    #: them to settle before it lets go: a request settled within it is not
+    #: delivered again, one still held past it is (to the new owner, one
+    #: attempt more). At most half of ``max_poll_interval_ms`` is waited
+    #: (the group would drop a member that blocks its poll longer); 0 = let
+    #: go at once.
+    handover_wait_s: float = Field(default=30.0, ge=0)
     #: Partition assignment strategy: cooperative-sticky keeps partitions
     #: (and the leases of records in them) with their owner when members join.
     assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = "cooperative-sticky"

@@ -47,6 +47,14 @@ class _Counts(_EngineState):
             self._marked_rounds.setdefault(partition, {})[key] = high
         return key
 
+    async def _write_marker(self, rec: _Record, value: bytes) -> None:
+        """Write a state marker (JSON: ``{"d": deliveries}`` or ``{"s": 1}``)."""
+        await self.clients.produce(
+            self.topics.state, rec.state_key, value, what="writing delivery state"
+        )
+        with self._marked_lock:
+            self._marked.setdefault(rec.partition, set()).add(rec.offset)
+
     async def _reserve(self, max_attempts: int) -> None:
         """Count the next delivery of the records at the head of the buffer
         in the state topic, one round of markers for all waiting pollers."""

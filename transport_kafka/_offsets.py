@@ -147,6 +147,15 @@ class OffsetTracker:
             part = self._parts.get(partition)
             return part is not None and part.generation == generation and offset in part.outstanding
 
+    def position(self, partition: int, generation: int) -> int | None:
+        """The position a commit of ``generation`` could reach now (every
+        offset below it is settled), or None."""
+        with self._lock:
+            part = self._parts.get(partition)
+            if part is None or part.generation != generation:
+                return None
+            return part.safe()
+
     def commit_candidates(self) -> dict[int, int]:
         """Partition → position that may be committed and is ahead of the
         last commit."""

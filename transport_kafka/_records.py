@@ -56,6 +56,9 @@ class _Record:
     count_key: bytes | None = None  # the state key holding that count
     request: WorkRequest | None = None  # decoded once
     undecodable: str | None = None  # why it could not be decoded
+    # Settled, and made durable by a "settled" marker written while its
+    # partition was being handed over (no commit of this generation covers it).
+    marked_at_handover: bool = False
 
     @property
     def attempts(self) -> int:

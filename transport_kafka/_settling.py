@@ -62,8 +62,8 @@ class _Settling(_Assignment):
             if self.member.rebalancing:
                 return None  # the member's queues are moving together (see _GroupMember)
             rec = self.ready[0]
-            if not self._live(rec):
-                self.ready.popleft()
+            if not self._live(rec) or rec.partition in self._handing_over:
+                self.ready.popleft()  # gone, or going: the next owner hands it out
                 continue
             request = self._decoded(rec)
             exhausted = rec.attempts - rec.reserved >= handle.max_attempts
@@ -159,6 +159,8 @@ class _Settling(_Assignment):
         p, off, gen = rec.partition, rec.offset, rec.generation
         if not tracker.settle(p, off, gen):
             return False
+        if p in self._handing_over:
+            return await self._settle_at_hand_over(rec)
         since = time.monotonic()
         self._acks_busy_until = since + 1.0
         while not self._stopped:
@@ -167,7 +169,7 @@ class _Settling(_Assignment):
             except Exception as exc:  # the marker below still makes it durable
                 log.info("queue %r: commit for acks failed: %s", self.name, exc)
                 break
-            if tracker.covered(p, off, gen):
+            if tracker.covered(p, off, gen) or rec.marked_at_handover:
                 return True
             if not tracker.current(p, gen):
                 return False  # moved away before a commit covered it
@@ -179,7 +181,25 @@ class _Settling(_Assignment):
             if not tracker.covered(p, off, gen):
                 tracker.unsettle(p, off, gen)
             raise
-        return tracker.covered(p, off, gen) or tracker.current(p, gen)
+        return tracker.covered(p, off, gen) or tracker.current(p, gen) or rec.marked_at_handover
+
+    async def _settle_at_hand_over(self, rec: _Record) -> bool:
+        """An ack while ``rec``'s partition is being handed over (the
+        consumer thread waits in the revocation, see ``_hand_over``): made
+        durable by a "settled" marker, which the hand-over waits for before
+        the partition moves (the next owner then skips the record)."""
+        write = asyncio.ensure_future(self._write_marker(rec, _SETTLED))
+        self._hand_over_writes.add(write)
+        write.add_done_callback(self._hand_over_writes.discard)
+        self._notify()  # wakes the hand-over
+        try:
+            await asyncio.shield(write)
+        except BaseException:
+            if write.done():  # the marker was not written: not durable
+                self.tracker.unsettle(rec.partition, rec.offset, rec.generation)
+            raise
+        rec.marked_at_handover = True
+        return True
 
     def _commit_round(self) -> asyncio.Future[None]:
         """The next commit the consumer thread has not started yet: every
@@ -214,6 +234,7 @@ class _Settling(_Assignment):
             TransientTransportError(f"queue {self.name!r}: no commit within the timeout"),
         )
         future.add_done_callback(lambda _: timer.cancel())
+        self._round_run = run  # a hand-over in progress runs it (see _hand_over_from_thread)
         thread.post(run)
         return future
 
@@ -223,14 +244,6 @@ class _Settling(_Assignment):
                 await asyncio.wait_for(
                     self._thread.submit(self._commit), self.options.operation_timeout_s
                 )
-
-    async def _write_marker(self, rec: _Record, value: bytes) -> None:
-        """Write a state marker (JSON: ``{"d": deliveries}`` or ``{"s": 1}``)."""
-        await self.clients.produce(
-            self.topics.state, rec.state_key, value, what="writing delivery state"
-        )
-        with self._marked_lock:
-            self._marked.setdefault(rec.partition, set()).add(rec.offset)
 
     async def dead_letter(
         self, rec: _Record, error: str, request: WorkRequest | None, *, attempts: int | None = None

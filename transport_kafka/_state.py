@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -96,6 +96,15 @@ class _EngineState:
         self._round_prefix = os.urandom(4).hex()
         self._paused = False
         self._wake: list[TopicPartition] = []  # one assigned partition per leader
+        # Loop side: partitions a rebalance is taking away while their
+        # handed-out requests are given time to settle (nothing more of them
+        # is handed out meanwhile).
+        self._handing_over: set[int] = set()
+        # The commit round posted last: the consumer thread runs it early
+        # while it waits in a revocation (see _hand_over_from_thread).
+        self._round_run: Callable[[], None] | None = None
+        # Loop side: "settled" markers being written by acks during a hand-over.
+        self._hand_over_writes: set[asyncio.Future[None]] = set()
         # Tentatively revoked partitions and where their fetch had got to.
         self._pending_revoke: set[int] = set()
         self._fetch_positions: dict[int, int] = {}

@@ -95,6 +95,8 @@ class KafkaTransport(Transport):
         self.settings = settings or parse_settings(config)
         if self.settings.options.partitions > 1:
             self.capabilities = self.capabilities.model_copy(update={"ordered": False})
+        else:  # one partition: one consumer at a time, the others stand by
+            self.capabilities = self.capabilities.model_copy(update={"scale_out": False})
         self.clients = KafkaClients(self.settings)
         # What every queue, registry, log and the doctor get instead of the
         # transport.

@@ -27,6 +27,11 @@ from transport_kafka import KafkaTransport
 
 #: Settings that make the dev broker answer quickly (see docs/backends/kafka.md).
 TEST_OPTIONS: dict[str, Any] = {
+    # The strict-FIFO mode: the single-partition scenarios (order, offsets,
+    # the priority group's one partition per level). The default (4
+    # partitions) runs in test_conformance.py's partitioned classes and in
+    # TestKafkaDefaultConfiguration.
+    "partitions": 1,
     "fetch_wait_max_ms": 10,
     "session_timeout_ms": 6000,
     "heartbeat_interval_ms": 1000,

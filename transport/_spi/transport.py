@@ -52,6 +52,11 @@ class TransportCapabilities(BaseModel):
     ordered: bool
     #: Several worker processes can share one queue.
     consumer_groups: bool
+    #: Consumers of one queue in different clients all receive requests
+    #: while they all poll, so adding worker processes adds throughput.
+    #: False on Kafka with one partition per queue (``partitions=1``, strict
+    #: FIFO): a second consumer stands by until the first one leaves.
+    scale_out: bool = True
     #: ``nack(delay)`` is honoured by the broker, not by a client-side timer.
     native_delay: bool
     #: ``extend()`` renews the lease on the broker.

@@ -9,6 +9,7 @@ written by another program (TESTING.md lifecycle)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -145,6 +146,81 @@ class CleanRestartConformance:
         assert [(d.request_id, d.attempts) for d in dead] == [(released, MAX_ATTEMPTS)], [
             (d.request_id, d.attempts, d.error) for d in dead
         ]
+
+    async def test_a_worker_joining_takes_no_request_being_handled(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """Scale-out: a second worker starts while the first one is handling
+        requests. What the first holds is not delivered again (its acks take
+        effect), every request is handed out once at attempt 1, and where
+        the backend shares a queue's work (capability ``scale_out``) the new
+        worker gets some of it."""
+        producer = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(producer, make_requests(8))
+        first = self.open_queue(await make_transport(), queue_name)
+        held: list[Delivery] = []  # all of them: on every partition where there are some
+        for _ in range(len(sent)):
+            delivery = await first.poll(harness.scaled(20))
+            assert delivery is not None, f"the first worker got {len(held)} of {len(sent)}"
+            held.append(delivery)
+        sent += await enqueue_all(producer, make_requests(40))
+        wanted = {r.request_id for r in sent}
+        handed: Counter[str] = Counter(d.request.request_id for d in held)
+        acked: set[str] = set()
+        late: list[str] = []  # deliveries after the first one, with their attempt
+        by_worker: Counter[str] = Counter()
+        joined = asyncio.Event()  # the new worker got its first request
+        deadline = time.monotonic() + harness.scaled(60)
+
+        async def work(queue: RequestQueue, who: str) -> None:
+            while not wanted <= acked and time.monotonic() < deadline:
+                delivery = await queue.poll(0.5)
+                if delivery is None:
+                    continue
+                rid = delivery.request.request_id
+                handed[rid] += 1
+                by_worker[who] += 1
+                if handed[rid] > 1 or delivery.attempt != 1:
+                    late.append(f"{who}:{rid}@{delivery.attempt}")
+                joined.set()
+                assert await delivery.ack(), f"{who}: ack of {rid} did not take effect"
+                acked.add(rid)
+
+        joiner = self.open_queue(await make_transport(), queue_name)
+        joining = asyncio.create_task(work(joiner, "joiner"))
+        try:
+            # The first worker's handlers finish once the new worker is
+            # serving, or (where it gets nothing while another holds the
+            # queue, or must wait for these handlers) after a while: long
+            # enough that a backend moving held requests has moved them.
+            # Meanwhile they keep their leases, as long handlers do.
+            until = time.monotonic() + harness.scaled(8)
+            while not joined.is_set() and time.monotonic() < until:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(joined.wait(), harness.lease_seconds / 3)
+                for delivery in held:
+                    assert await delivery.extend(), (
+                        f"the first worker's lease on {delivery.request.request_id} was "
+                        f"taken away while being handled ({late})"
+                    )
+            for delivery in held:
+                assert await delivery.ack(), (
+                    f"the first worker's ack of {delivery.request.request_id} did not take "
+                    f"effect: the request was taken away while being handled ({late})"
+                )
+                acked.add(delivery.request.request_id)
+            await work(first, "first")
+            await joining
+        finally:
+            joining.cancel()
+            with contextlib.suppress(BaseException):
+                await joining
+        assert not late, f"delivered again while or after being handled: {late}"
+        assert handed.keys() == wanted, f"{len(wanted - handed.keys())} request(s) never delivered"
+        if harness.capabilities.scale_out:
+            assert by_worker["joiner"] > 0, f"the new worker got no work: {dict(by_worker)}"
+        dead = await producer.dead_letters()
+        assert dead == [], [(d.request_id, d.error) for d in dead]
 
 
 #: How long after its last line a script that forgot ``aclose()`` may take

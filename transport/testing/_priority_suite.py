@@ -179,7 +179,8 @@ class PriorityQueueConformance:
             for i in range(5)
         ]
         await producer.aclose()
-        worker = (await make_transport(**overrides)).priority_queue(
+        worker_client = await make_transport(**overrides)
+        worker = worker_client.priority_queue(
             queue_name, levels=3, aging_interval=timedelta(hours=1)
         )
         got: list[tuple[int, str]] = []
@@ -195,7 +196,7 @@ class PriorityQueueConformance:
             assert await delivery.ack()
         levels = [level for level, _ in got]
         assert levels == [0] * 5 + [2] * 5, f"served out of priority order: {levels}"
-        if harness.capabilities.ordered:
+        if worker_client.capabilities.ordered:  # of these options (Kafka: one partition)
             assert [rid for _, rid in got] == high + low
 
     async def test_clean_sessions_count_no_attempt_for_held_heads(
