@@ -51,7 +51,10 @@ class KafkaOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    #: Partitions of each request topic. 1 (the default) keeps FIFO order.
+    #: Partitions of each request topic: how many worker processes can share
+    #: a queue. With the default 4, order holds per ``ordering_key``; 1 is
+    #: the strict-FIFO mode (capability ``ordered``; one process works at a
+    #: time, the others stand by).
     partitions: int = Field(default=4, ge=1, le=10_000)
     #: Replication factor of created topics; -1 = the broker's default.
     replication_factor: int = Field(default=-1, ge=-1, le=32)

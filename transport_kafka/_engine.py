@@ -5,8 +5,9 @@ Topics of queue ``Q`` in namespace ``NS`` (all created explicitly, never by
 auto-create):
 
 * ``NS.Q.requests`` — the requests, keyed by their ``ordering_key`` if set,
-  else by ``request_id`` (``partitions`` option, default 1): requests of one
-  ordering key share a partition, so they are handed out in enqueue order;
+  else by ``request_id`` (``partitions`` option, default 4; 1 is the
+  strict-FIFO mode): requests of one ordering key share a partition, so
+  they are handed out in enqueue order;
 * ``NS.Q.state`` — compacted, one partition: per-record delivery counts and
   "settled" markers, keyed ``"<partition>:<offset>"``;
 * ``NS.Q.dlq`` — compacted, one partition: dead letters keyed
@@ -35,7 +36,13 @@ expires however long a handler runs) and hands records to the event loop.
 Auto-commit and auto offset store are off. Settled offsets are tracked per
 partition (:mod:`transport_kafka._offsets`) and only the contiguous settled
 prefix is committed, every ``commit_interval_ms`` and synchronously on
-revocation and close — never past an unsettled record. When the local
+revocation and close — never past an unsettled record. **Hand-over:** a
+revocation while the consumer stays in the group (another process joined)
+first waits, up to ``handover_wait_s``, for the requests handed out from the
+revoked partitions to be settled (no more of them are handed out
+meanwhile; the thread runs the commits that acks of the kept partitions
+wait for); acks made meanwhile write "settled" markers, so the next owner
+skips those records and the acks return True. When the local
 buffer holds ``max_buffered`` unsettled records, the partitions are paused
 (backpressure) and resumed at half of that. After every assignment the
 queue is not ``caught_up()`` until the backlog of the new partitions (up to

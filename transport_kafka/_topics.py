@@ -205,9 +205,16 @@ def check_topic(spec: TopicSpec, found: TopicState) -> tuple[list[str], list[str
                 f"delete the topic (the library then creates it with {spec.partitions})"
             )
         else:
+            hint = ""
+            if found.partitions < spec.partitions:
+                hint = (
+                    f" (at most {found.partitions} worker process(es) share it; to grow it: "
+                    f"kafka-topics --alter --topic {spec.name} --partitions {spec.partitions}, "
+                    "after which requests of one ordering key may go to another partition)"
+                )
             warnings.append(
                 f"{topic} has {found.partitions} partitions where the library would create "
-                f"{spec.partitions}; it is used as is"
+                f"{spec.partitions}; it is used as is{hint}"
             )
     policy = found.cleanup_policy
     if policy is None:

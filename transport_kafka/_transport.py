@@ -4,10 +4,13 @@ Feature matrix:
 
 =================  =====================================================
 persistent         ✓  requests and registry state live in the broker
-ordered            ✓  with the default ``partitions=1`` and one consumer:
-                      FIFO apart from redeliveries and nacks (a nacked
-                      request is re-produced to the back of its partition).
-                      With more partitions: per partition only.
+ordered            ✗  by default (4 partitions: order per ``ordering_key``);
+                      ✓ with ``partitions=1`` and one consumer: FIFO apart
+                      from redeliveries and nacks (a nacked request is
+                      re-produced to the back of its partition)
+scale_out          ✓  by default: up to ``partitions`` worker processes
+                      share a queue; ✗ with ``partitions=1`` (one works,
+                      the others stand by)
 consumer_groups    ✓  one consumer group per queue (per priority queue:
                       all levels in one); partitions are spread over
                       processes and move on rebalance
@@ -79,9 +82,10 @@ class KafkaTransport(Transport):
 
     backend = "kafka"
     _reads_request_codec = True
+    #: With the default options (several partitions); see :meth:`capabilities_for`.
     capabilities = TransportCapabilities(
         persistent=True,
-        ordered=True,
+        ordered=False,
         consumer_groups=True,
         native_delay=False,
         lease_extension=True,
@@ -90,13 +94,19 @@ class KafkaTransport(Transport):
         event_log=True,
     )
 
+    @classmethod
+    def capabilities_for(cls, partitions: int) -> TransportCapabilities:
+        """The capabilities with ``partitions`` per request topic: one is
+        the strict-FIFO mode (``ordered``; one consumer works at a time, the
+        others stand by), more share a queue (``scale_out``)."""
+        if partitions > 1:
+            return cls.capabilities
+        return cls.capabilities.model_copy(update={"ordered": True, "scale_out": False})
+
     def __init__(self, config: TransportConfig, settings: KafkaSettings | None = None) -> None:
         super().__init__(config)
         self.settings = settings or parse_settings(config)
-        if self.settings.options.partitions > 1:
-            self.capabilities = self.capabilities.model_copy(update={"ordered": False})
-        else:  # one partition: one consumer at a time, the others stand by
-            self.capabilities = self.capabilities.model_copy(update={"scale_out": False})
+        self.capabilities = self.capabilities_for(self.settings.options.partitions)
         self.clients = KafkaClients(self.settings)
         # What every queue, registry, log and the doctor get instead of the
         # transport.

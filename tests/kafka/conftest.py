@@ -144,7 +144,8 @@ def transport_harness(
     kafka_bootstrap: str, kafka_namespace: str, tansu_broker: TansuBroker | None
 ) -> KafkaHarness:
     config = kafka_config(kafka_bootstrap, kafka_namespace)
-    return KafkaHarness(config, KafkaTransport.capabilities, tansu_broker)
+    capabilities = KafkaTransport.capabilities_for(TEST_OPTIONS["partitions"])
+    return KafkaHarness(config, capabilities, tansu_broker)
 
 
 @pytest.fixture

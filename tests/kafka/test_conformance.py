@@ -81,10 +81,11 @@ class TestKafkaDefaultConfiguration(DefaultConfigurationConformance):
     """Default settings and a user's poll(timeout=5) loop (no test tuning)."""
 
 
-# -- the partitioned mode (option ``partitions=N``) -----------------------------
+# -- the partitioned mode (the default: ``partitions=4``) -------------------------
 # Several worker processes share a queue only when its request topic has
-# several partitions; the same scenarios run on four (``ordered`` is then
-# false: the FIFO checks are skipped, order holds per ordering key).
+# several partitions; the classes above run the strict-FIFO mode (one
+# partition, TEST_OPTIONS), these the default (``ordered`` is then false: the
+# FIFO checks are skipped, order holds per ordering key).
 PARTITIONS = 4
 
 
@@ -93,7 +94,7 @@ def _partitioned(
     kafka_bootstrap: str, kafka_namespace: str, tansu_broker: TansuBroker | None
 ) -> KafkaHarness:
     config = kafka_config(kafka_bootstrap, kafka_namespace, options={"partitions": PARTITIONS})
-    capabilities = KafkaTransport.capabilities.model_copy(update={"ordered": False})
+    capabilities = KafkaTransport.capabilities_for(PARTITIONS)
     return KafkaHarness(config, capabilities, tansu_broker)
 
 

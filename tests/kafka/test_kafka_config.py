@@ -132,8 +132,12 @@ def test_error_mapping() -> None:
 
 
 def test_capabilities_are_honest() -> None:
-    caps = KafkaTransport.capabilities
-    assert caps.persistent and caps.ordered and caps.consumer_groups and caps.lease_extension
+    caps = KafkaTransport.capabilities  # the defaults: several partitions
+    assert caps.persistent and caps.consumer_groups and caps.lease_extension
+    assert caps.scale_out and not caps.ordered  # order per ordering key
+    fifo = KafkaTransport.capabilities_for(1)
+    assert fifo.ordered and not fifo.scale_out  # one consumer works, the others stand by
+    assert KafkaTransport(TransportConfig(url="kafka://h:1")).capabilities == caps
     assert caps.individual_acks  # settled markers in the state topic
     assert not caps.native_delay
     assert caps.restart_broker  # a Kafka cluster keeps data (Tansu cannot show it)

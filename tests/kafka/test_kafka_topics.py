@@ -25,7 +25,7 @@ from transport import WorkRequest, connect
 from transport.errors import ConfigurationError, InvalidNameError
 from transport_kafka import KafkaTransport
 from transport_kafka._config import KafkaOptions, KafkaSettings
-from transport_kafka._topics import MAX_TOPIC_LENGTH, topic_name
+from transport_kafka._topics import MAX_TOPIC_LENGTH, TopicSpec, TopicState, check_topic, topic_name
 
 # -- naming (no broker) ---------------------------------------------------------
 
@@ -294,3 +294,18 @@ async def test_names_that_collided_before_are_two_working_queues(
     finally:
         await a.aclose()
         await b.aclose()
+
+
+def test_a_request_topic_with_fewer_partitions_than_the_default_is_used_and_says_how_to_grow() -> (
+    None
+):
+    # A queue created with one partition (the default of earlier releases)
+    # keeps working after an upgrade; the warning names the command that
+    # lets more processes share it, and what it costs.
+    spec = TopicSpec("ns.q.requests", 4, {"cleanup.policy": "delete"}, what="requests of 'q'")
+    errors, warnings = check_topic(spec, TopicState(1, frozenset({"delete"}), retention_ms=-1))
+    assert errors == []
+    [warning] = warnings
+    assert "has 1 partitions where the library would create 4; it is used as is" in warning
+    assert "kafka-topics --alter --topic ns.q.requests --partitions 4" in warning
+    assert "ordering key" in warning

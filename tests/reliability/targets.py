@@ -65,7 +65,7 @@ async def kafka_target() -> AsyncIterator[BackendHarness]:
 
     from tests.kafka.conftest import KafkaHarness, kafka_config
     from transport.testing.brokers import TansuBroker
-    from transport_kafka import KafkaTransport
+    from transport_kafka import KafkaOptions, KafkaTransport
 
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     broker = None if external else TansuBroker()
@@ -73,8 +73,13 @@ async def kafka_target() -> AsyncIterator[BackendHarness]:
         broker.start()
     try:
         bootstrap = external or (broker.bootstrap if broker else "")
-        config = kafka_config(bootstrap, f"rel{uuid.uuid4().hex[:8]}")
-        yield KafkaHarness(config, KafkaTransport.capabilities, broker)
+        # The library's default partition count (the tests' TEST_OPTIONS pin
+        # one partition for the strict-FIFO scenarios): what users run.
+        partitions = KafkaOptions().partitions
+        config = kafka_config(
+            bootstrap, f"rel{uuid.uuid4().hex[:8]}", options={"partitions": partitions}
+        )
+        yield KafkaHarness(config, KafkaTransport.capabilities_for(partitions), broker)
     finally:
         if broker is not None:
             broker.kill()
