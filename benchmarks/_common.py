@@ -96,6 +96,7 @@ def throughput_row(
     base: list[float],
     baseline_name: str,
     target: float | None,
+    unit: str = "msg/s",
 ) -> Row:
     o, b = statistics.median(ours), statistics.median(base)
     return Row(
@@ -104,7 +105,7 @@ def throughput_row(
         round(o, 1),
         round(b, 1),
         baseline_name,
-        "msg/s",
+        unit,
         round(o / b, 3),
         target,
         {"ours": ours, "baseline": base},

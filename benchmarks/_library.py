@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from benchmarks._common import Row, rate, run_concurrently
+from benchmarks._common import Row, rate, run_concurrently, throughput_row
 from transport import (
     Ensemble,
     Network,
@@ -24,6 +24,8 @@ from transport import (
 )
 
 PAYLOAD = {"dish": "soup", "table": 7, "notes": "x" * 200}
+#: Callers in flight in the request/response rows (ours and FastStream's).
+CALLERS = 32
 
 Target = str | TransportConfig
 
@@ -128,7 +130,9 @@ async def round_trip(target: Target, n: int, *, warm_ups: int = 3) -> list[float
         await transport.aclose()
 
 
-async def ensemble(target: Target, n: int, *, concurrency: int = 16, callers: int = 32) -> float:
+async def ensemble(
+    target: Target, n: int, *, concurrency: int = 16, callers: int = CALLERS
+) -> float:
     """Requests per second answered end to end by an ``Ensemble``
     (``Network.request``: register, enqueue, handle, complete, ack, collect)."""
     transport = await connect(target)
@@ -150,6 +154,22 @@ async def ensemble(target: Target, n: int, *, concurrency: int = 16, callers: in
             return await rate(n, lambda: run_concurrently(n, callers, one))
     finally:
         await transport.aclose()
+
+
+def request_reply_row(backend: str, ours: list[float], theirs: list[float], how: str) -> Row:
+    """``Ensemble`` request/response against FastStream's request/reply on
+    the same broker (target: at least as many per second, although ours is
+    durable and theirs is not)."""
+    return throughput_row(
+        backend,
+        "ensemble request/response",
+        ours,
+        theirs,
+        f"FastStream request/reply, {CALLERS} callers ({how}; not durable: a request in "
+        "flight is lost with its process, ours is a durable queue + delivery registry)",
+        1.0,
+        unit="req/s",
+    )
 
 
 def ensemble_row(backend: str, requests_per_second: float) -> Row:

@@ -333,6 +333,28 @@ async def faststream_consume(url: str, n: int) -> float:
         await nc.close()
 
 
+async def faststream_request_reply(url: str, n: int) -> float:
+    """FastStream's request/reply (core NATS, an inbox per request) against
+    a subscriber that answers in the same process, ``CALLERS`` in flight."""
+    subject = f"fs.rr.{uuid.uuid4().hex[:8]}"
+    broker = NatsBroker(url, logger=None)
+
+    @broker.subscriber(subject)
+    async def handle(body: dict[str, Any]) -> int:
+        return 1
+
+    await broker.start()
+    try:
+        await broker.request(PAYLOAD, subject, timeout=10)  # warm up
+
+        async def one(i: int) -> None:
+            await broker.request(PAYLOAD, subject, timeout=10)
+
+        return await rate(n, lambda: run_concurrently(n, library.CALLERS, one))
+    finally:
+        await broker.stop()
+
+
 # -- a backlog drained by one worker ---------------------------------------------
 class _PeakRss:
     """Samples the process's RSS while a drain runs."""
@@ -535,12 +557,13 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                     round(b / (b + 0.1), 3),
                 )
             )
-        progress("nats: ensemble end to end")
-        rows.append(
-            library.ensemble_row(
-                "nats", await library.ensemble(_config(url), sizes.round_trips * 2)
-            )
+        progress("nats: ensemble end to end vs FastStream request/reply")
+        a, b = await alternate(
+            lambda: library.ensemble(_config(url), sizes.round_trips * 2),
+            lambda: faststream_request_reply(url, sizes.round_trips * 2),
+            r,
         )
+        rows.append(library.request_reply_row("nats", a, b, "core NATS inbox"))
         backlog = 100_000 if sizes.quick else 1_000_000
         progress(f"nats: drain a backlog of {backlog:,} with one worker")
         ours_rate, ours_rss = await ours_drain(url, backlog)

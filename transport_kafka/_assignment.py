@@ -374,15 +374,25 @@ class _Assignment(_Counts, _Leases):
 
     async def _await_hand_over(self, partitions: set[int], deadline: float, limit: float) -> None:
         loop = asyncio.get_running_loop()
-        watched = [
-            lease.record
+        leases = [
+            lease
             for lease in list(self.leases.values())
             if lease.record.partition in partitions and lease.state in ("held", "settling")
         ]
-        while any(self._live(rec) for rec in watched):
+        watched = [lease.record for lease in leases]
+
+        def unsettled() -> int:
+            # A lease given back (handle closed) or expired is not waited for.
+            return sum(
+                1
+                for lease in leases
+                if lease.state in ("held", "settling") and self._live(lease.record)
+            )
+
+        while unsettled() and not self._stopped:
             left = deadline - loop.time()
             if left <= 0:
-                held = sum(1 for rec in watched if self._live(rec))
+                held = unsettled()
                 log.info(
                     "queue %r: %d request(s) still being handled after %gs while their "
                     "partitions move to another consumer: they will be delivered again",
@@ -396,7 +406,7 @@ class _Assignment(_Counts, _Leases):
         await asyncio.gather(*list(self._hand_over_writes), return_exceptions=True)
         beyond = []
         for rec in watched:
-            if self._live(rec):
+            if self._live(rec) or rec.marked_at_handover:
                 continue
             position = self.tracker.position(rec.partition, rec.generation)
             if position is not None and rec.offset >= position:

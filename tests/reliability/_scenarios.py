@@ -297,8 +297,10 @@ async def outbox_outage(
             sent: list[str] = []
             start = time.monotonic()
             while time.monotonic() - start < sizes.outage_seconds:
+                # One ordering key: FIFO is then observable on every backend
+                # (a partitioned queue orders per key).
                 request = await outbox.enqueue(
-                    queue_name, WorkRequest(task="job", payload=len(sent))
+                    queue_name, WorkRequest(task="job", payload=len(sent), ordering_key="outbox")
                 )
                 sent.append(request.request_id)
                 await asyncio.sleep(0.01)
