@@ -3,7 +3,8 @@
 Starts what it needs, runs every operation for this library and for the
 baseline alternately (median of ``--rounds``), prints a table of ratios
 (higher is better: ours/baseline for throughput, baseline/ours for latency)
-and writes ``benchmarks/results.json``.
+and writes ``benchmarks/results.json``. A run of some backends replaces
+only their rows there; each row says which run measured it (``measured``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks._common import Row, Sizes, progress_printer
 
@@ -33,6 +35,30 @@ MODULES = {
 
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
+
+
+def merge(
+    previous: dict[str, Any] | None, run: dict[str, Any], ran: set[str]
+) -> list[dict[str, Any]]:
+    """The rows of ``run`` (each stamped with the run as ``measured``) in
+    place of the rows of the backends in ``ran``; the rows of the other
+    backends of ``previous`` are kept (stamped with their own run if they
+    carry no stamp yet). Backends in the order of ``ALL``."""
+    stamp = {k: run[k] for k in ("generated_at", "mode", "rounds")}
+    stamp["command"] = "python -m benchmarks" + (
+        "" if set(ALL) <= ran else f" --backends {','.join(b for b in ALL if b in ran)}"
+    )
+    fresh = [{**row, "measured": row.get("measured", stamp)} for row in run["rows"]]
+    kept: list[dict[str, Any]] = []
+    if previous is not None:
+        old = {k: previous.get(k) for k in ("generated_at", "mode", "rounds")}
+        for row in previous.get("rows", []):
+            if row.get("backend") not in ran:
+                kept.append({**row, "measured": row.get("measured", old)})
+    order = {b: i for i, b in enumerate(ALL)}
+    every = fresh + kept
+    # A stable sort: each backend's rows keep their own order.
+    return sorted(every, key=lambda row: order.get(row.get("backend", ""), len(ALL)))
 
 
 def table(rows: list[Row]) -> str:
@@ -82,14 +108,17 @@ async def main() -> int:
         produced = await module.run(sizes, progress)
         rows += [r for r in produced if r.backend in wanted]
     print(table(rows))
-    result = {
+    result: dict[str, Any] = {
         "machine": machine(),
         "mode": "quick" if sizes.quick else "full",
         "rounds": sizes.rounds,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": [r.json() for r in rows],
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # noqa: ASYNC240 - once, at the end
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else None  # noqa: ASYNC240
+    result["rows"] = merge(previous, result, set(wanted))
+    out.write_text(json.dumps(result, indent=2) + "\n")  # noqa: ASYNC240 - once, at the end
     print(f"\nwritten {args.out} ({machine()})")
     return 0
 

@@ -59,8 +59,10 @@ from transport.testing.brokers import RedisServer
 
 BACKEND = "redis"
 FSYNC = "appendfsync always"
-CONSUMERS = 16
+#: Raw reads this many entries per XREADGROUP; ours runs as many pollers
+#: (their polls share one lease script) or takes them with poll_many.
 BATCH = 64
+CONSUMERS = BATCH
 CRASH_JOBS = 3
 OURS_CRASH_LEASE = 5.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +122,30 @@ async def ours_consume(target: str | TransportConfig, n: int) -> float:
             finished.set()
 
         return await rate(n, lambda: _until(finished, [consume() for _ in range(CONSUMERS)]))
+    finally:
+        await transport.aclose()
+
+
+async def ours_consume_batches(target: str | TransportConfig, n: int) -> float:
+    """One loop: ``poll_many(BATCH)`` -> ``ack_many`` (the batch path) over
+    a backlog of ``n``."""
+    transport = await connect(target)
+    try:
+        queue = transport.request_queue(f"c{uuid.uuid4().hex[:8]}")
+        await run_concurrently(
+            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
+        )
+
+        async def body_loop() -> None:
+            done = 0
+            while done < n:
+                batch = await queue.poll_many(BATCH, 1.0)
+                if not batch:
+                    raise RuntimeError(f"ours poll_many+ack_many stopped after {done} of {n}")
+                await queue.ack_many(batch)
+                done += len(batch)
+
+        return await rate(n, body_loop)
     finally:
         await transport.aclose()
 
@@ -651,17 +677,23 @@ async def run(
                 None,
             )
         )
-        progress("redis: poll+ack")
-        rows.append(
-            await _versus(
-                f"poll+ack ({CONSUMERS} pollers)",
-                (lambda: ours_consume(_config(url), sizes.consume)) if have_ours else None,
-                lambda: raw_consume(server.url, sizes.consume, BATCH),
-                r,
-                f"redis-py XREADGROUP COUNT {BATCH} + one XACK per batch ({FSYNC})",
-                0.5,
+        # Ours with as many requests in flight as the raw reader takes per
+        # call: that many pollers, and the batch path.
+        for operation, ours in (
+            (f"poll+ack ({CONSUMERS} pollers)", ours_consume),
+            (f"poll_many({BATCH})+ack_many", ours_consume_batches),
+        ):
+            progress(f"redis: {operation}")
+            rows.append(
+                await _versus(
+                    operation,
+                    (lambda ours=ours: ours(_config(url), sizes.consume)) if have_ours else None,
+                    lambda: raw_consume(server.url, sizes.consume, BATCH),
+                    r,
+                    f"redis-py XREADGROUP COUNT {BATCH} + one XACK per batch ({FSYNC})",
+                    0.5,
+                )
             )
-        )
         progress(f"redis: sequential poll+ack ({sequential:,})")
         rows.append(
             await _versus(

@@ -24,7 +24,8 @@ pytestmark = [pytest.mark.broker, pytest.mark.crash, pytest.mark.timeout(600)]
 THROUGHPUT = {
     "enqueue (8 in flight)",
     "enqueue (one at a time)",
-    "poll+ack (16 pollers)",
+    "poll+ack (64 pollers)",
+    "poll_many(64)+ack_many",
     "sequential poll+ack",
     "jobs: enqueue",
     "jobs: 1 worker process",
