@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import itertools
 import logging
 import os
 import random
@@ -542,6 +543,37 @@ class AsyncConsumer:
         with this consumer until it closes. A second ack is harmless."""
         with contextlib.suppress(Exception):
             self._consumer.acknowledge_async(message, _ignore_result)
+
+    def ahead(self, count: int) -> list[Message]:
+        """Up to ``count`` messages next in line, left there: those received
+        already, then ones the client holds prefetched, moved into the line
+        without a round trip (the client then asks the broker for more, as
+        a ``receive`` would). Nothing is waited for."""
+        ready = self._ready
+        while ready and self._stale(ready[0]):
+            self._ack_again(ready.popleft())
+        while (
+            len(ready) < count
+            and not self._receiving
+            and not self._requesting
+            and not self._closed
+            and self._retry is None
+            and not self._waiting()
+        ):
+            inline: list[tuple[Any, Any]] = []
+            self._inline = inline
+            self._receiving = True
+            try:
+                self._consumer.receive_async(self._on_message_cb)
+            except Exception:
+                self._receiving = False
+                break
+            finally:
+                self._inline = None
+            if not inline:
+                break  # outstanding: it lands in the line when it arrives
+            self._on_message(*inline[0])  # nobody waits: into the line
+        return list(itertools.islice(ready, count))
 
     def push_back(self, message: Message) -> None:
         """Return a message taken by :meth:`next` but not used (front of the line)."""

@@ -26,8 +26,12 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
   entry is tombstoned when the message is settled. A poll cancelled
   between counting and handing out keeps its count locally, and a clean
   close withdraws it; a delivery given back unseen by a handler (a
-  priority queue's held head) has its count lowered first. A worker killed counts at most one hand-out per poll
-  in progress that did not happen.
+  priority queue's held head) has its count lowered first. An ack also
+  counts the next messages in line ahead (one; up to four while acks come
+  faster than one per 5 ms), beside the ack, so that the polls that hand
+  them out need not wait for a write; a clean close withdraws what was
+  not handed out. A worker killed counts at most one hand-out per poll in
+  progress, and one per message counted ahead, that did not happen.
 * ack: individual acknowledgement, sent at once (no client-side ack
   grouping); returns on the broker's ack receipt (with the option
   ``ack_receipts=False``: once handed to the connection, unconfirmed).
@@ -81,6 +85,7 @@ from transport.kit import (
     LEGACY_ERROR_HEADERS,
     decode_request,
     error_header,
+    retrieve,
 )
 from transport.kit import seconds as _seconds
 from transport_pulsar._client import AsyncConsumer, AsyncProducer, Message, PulsarContext
@@ -96,6 +101,11 @@ ERROR_PROPERTY = HEADER_ERROR
 NOT_BEFORE_PROPERTY = HEADER_NOT_BEFORE
 REQUEST_ID_PROPERTY = HEADER_REQUEST_ID
 _JOIN_GRACE_SECONDS = 0.2
+# Hand-outs counted ahead (see PulsarRequestQueue._reserve_next): one, or
+# up to _RESERVE_MAX while acks follow each other within _HOT_GAP_SECONDS
+# (a loop faster than a count write; a slow one does not hoard messages).
+_RESERVE_MAX = 4
+_HOT_GAP_SECONDS = 0.005
 
 _LEASED, _SETTLING, _SETTLED, _EXPIRED = "leased", "settling", "settled", "expired"
 _tiebreak = itertools.count()
@@ -191,7 +201,13 @@ class PulsarRequestQueue(RequestQueue):
         # or failed after counting): used by the next hand-out of the
         # message, withdrawn on close.
         self._counted: dict[str, int] = {}
+        # The writes of those counts, by message id: a poll awaits the one
+        # for its message (started by a reservation or by a poll that was
+        # cancelled), and writes again if it failed.
+        self._count_writes: dict[str, asyncio.Future[None]] = {}
         self._admitting: set[str] = set()
+        self._reserved: set[str] = set()  # see _reserve_next
+        self._last_ack = 0.0
         self._producer: AsyncProducer | None = None
         self._consumer: AsyncConsumer | None = None
         self._lock = asyncio.Lock()
@@ -350,6 +366,7 @@ class PulsarRequestQueue(RequestQueue):
                 error=str(exc),
                 attempts=attempt,
             )
+            self._unreserve(key)
             self._background(self._dead_letter_message(message, record))
             return None
         if attempt > self.max_attempts:
@@ -363,20 +380,80 @@ class PulsarRequestQueue(RequestQueue):
                 error=last_error or f"not acknowledged after {deliveries} deliveries",
                 attempts=deliveries,
             )
+            self._unreserve(key)
             self._background(self._dead_letter_message(message, record))
             return None
-        if key not in self._counted:
+        write = self._count_writes.get(key)
+        if key not in self._counted or (
+            write is not None and write.done() and (write.cancelled() or write.exception())
+        ):
             # Counted before it is handed out: a worker killed while holding
-            # it has used an attempt. Kept locally until handed out.
+            # it has used an attempt. Kept locally until handed out; the
+            # write goes on if this poll is cancelled, and the next poll of
+            # the message waits for it (or writes again if it failed).
             self._counted[key] = handed + 1
-            await self._attempts.write(key, _count_value(handed + 1))
+            write = self._count_writes[key] = asyncio.ensure_future(
+                self._attempts.write(key, _count_value(handed + 1))
+            )
+            write.add_done_callback(retrieve)
+        if write is not None:
+            await asyncio.shield(write)
         del self._counted[key]
+        self._count_writes.pop(key, None)
         if request.attempt != attempt:
             request = request.model_copy(update={"attempt": attempt})
         delivery = PulsarDelivery(request, self, message, last_error)
         self._lease(delivery, self.lease_seconds)
         self._held[key] = delivery
         return delivery
+
+    def _reserve_next(self) -> None:
+        """Count hand-outs ahead: the messages next in line (received, or
+        prefetched by the client) get their counts written now, while an
+        ack is on its way, so the polls that hand them out find them
+        counted instead of waiting for a write. Only messages never given
+        back to the broker (their count is 1, without a lookup), and at most
+        ``_reserve_depth()`` not handed out yet. A clean close withdraws
+        the reservations not handed out; a worker killed over-counts them
+        by one each, as a broker counts a prefetched message redelivered."""
+        consumer = self._consumer
+        if consumer is None or self._closed:
+            return
+        reserved = self._reserved
+        for key in [k for k in reserved if k not in self._counted]:
+            reserved.discard(key)
+        room = self._reserve_depth() - len(reserved)
+        if room <= 0:
+            return
+        for message in consumer.ahead(len(reserved) + room):
+            if room <= 0:
+                break
+            key = _message_key(message)
+            if key in self._counted or key in self._held or key in self._admitting:
+                continue
+            if message.redelivery_count() != 0 or message.properties().get(NOT_BEFORE_PROPERTY):
+                continue  # looked up / maybe held back: counted when handed out
+            reserved.add(key)
+            self._counted[key] = 1
+            write = self._count_writes[key] = asyncio.ensure_future(
+                self._attempts.write(key, _count_value(1))
+            )
+            write.add_done_callback(retrieve)
+            room -= 1
+
+    def _reserve_depth(self) -> int:
+        """One ahead; up to ``_RESERVE_MAX`` while acks come faster than
+        one per ``_HOT_GAP_SECONDS``."""
+        now = asyncio.get_running_loop().time()
+        hot = now - self._last_ack < _HOT_GAP_SECONDS
+        self._last_ack = now
+        return _RESERVE_MAX if hot else 1
+
+    def _unreserve(self, key: str) -> None:
+        """A counted message that is not handed out but settled otherwise
+        (dead-lettered): its count goes with the message."""
+        self._counted.pop(key, None)
+        self._count_writes.pop(key, None)
 
     # -- leases ----------------------------------------------------------------
     def _lease(self, delivery: PulsarDelivery, seconds: float) -> None:
@@ -453,6 +530,10 @@ class PulsarRequestQueue(RequestQueue):
         ok = False
         try:
             assert self._consumer is not None
+            try:
+                self._reserve_next()  # the next polls' counts, written beside this ack
+            except Exception as exc:  # an optimisation: the polls count instead
+                log.debug("queue %r: no hand-out counted ahead: %s", self.name, exc)
             await self._consumer.acknowledge(delivery._message, self._timeout)
             ok = True
         finally:
@@ -577,7 +658,11 @@ class PulsarRequestQueue(RequestQueue):
             log.info("queue %r: hand-out count not dropped: %s", self.name, exc)
 
     async def _withdraw_counts(self) -> None:
-        """Withdraw the counts of hand-outs that did not happen."""
+        """Withdraw the counts of hand-outs that did not happen (after the
+        writes of them still on their way: the withdrawal must land last)."""
+        in_flight = [w for w in self._count_writes.values() if not w.done()]
+        if in_flight:
+            await asyncio.wait(in_flight)
         counted, self._counted = self._counted, {}
         writes = [
             self._attempts.write(key, _count_value(n - 1) if n > 1 else None)
@@ -761,6 +846,7 @@ class PulsarRequestQueue(RequestQueue):
         if self._counted:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._withdraw_counts(), self._close_timeout)
+        self._count_writes.clear()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
         # Closing the consumer hands every unsettled message back at once.

@@ -147,6 +147,50 @@ class CleanRestartConformance:
             (d.request_id, d.attempts, d.error) for d in dead
         ]
 
+    async def test_a_fast_worker_closing_cleanly_leaves_no_count_behind(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """A worker handling requests back to back (where backends count the
+        next hand-outs ahead, beside its acks) closes cleanly in the middle
+        of the backlog: every request it did not hand to its handler comes
+        to the next worker at attempt 1, and none it acked comes back."""
+        producer = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(producer, make_requests(24))
+        wanted = {r.request_id for r in sent}
+        acked: set[str] = set()
+        fast = await make_transport()
+        try:
+            queue = self.open_queue(fast, queue_name)
+            for _ in range(10):
+                delivery = await queue.poll(harness.scaled(20))
+                assert delivery is not None, f"the fast worker got {len(acked)} of 10"
+                assert delivery.attempt == 1, (delivery.request.request_id, delivery.attempt)
+                assert await delivery.ack(), "ack of a live delivery did not take effect"
+                acked.add(delivery.request.request_id)
+        finally:
+            await fast.aclose()
+        rest: dict[str, int] = {}
+        deadline = time.monotonic() + harness.scaled(60)
+        nxt = await make_transport()
+        try:
+            queue = self.open_queue(nxt, queue_name)
+            while len(rest) < len(wanted - acked) and time.monotonic() < deadline:
+                delivery = await queue.poll(1.0)
+                if delivery is None:
+                    continue
+                rid = delivery.request.request_id
+                assert rid not in acked, f"acked request {rid} delivered again"
+                assert rid not in rest, f"{rid} delivered twice to the next worker"
+                rest[rid] = delivery.attempt
+                assert await delivery.ack()
+        finally:
+            await nxt.aclose()
+        assert rest.keys() == wanted - acked, f"{len(wanted - acked - rest.keys())} never came"
+        counted = {rid: n for rid, n in rest.items() if n != 1}
+        assert not counted, f"handed out for the first time at a later attempt: {counted}"
+        dead = await producer.dead_letters()
+        assert dead == [], [(d.request_id, d.error) for d in dead]
+
     async def test_a_worker_joining_takes_no_request_being_handled(
         self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
     ) -> None:
