@@ -448,6 +448,10 @@ class AsyncConsumer:
             waiters.popleft()
         return bool(waiters)
 
+    def waiting(self) -> bool:
+        """Whether a :meth:`next` call is waiting for a message."""
+        return self._waiting()
+
     def _request(self) -> None:
         """Keep one receive outstanding while someone waits; serve waiters
         from messages the client already holds without leaving the call."""

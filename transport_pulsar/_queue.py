@@ -205,6 +205,7 @@ class PulsarRequestQueue(RequestQueue):
         # for its message (started by a reservation or by a poll that was
         # cancelled), and writes again if it failed.
         self._count_writes: dict[str, asyncio.Future[None]] = {}
+        self._unconfirmed: set[str] = set()  # counts whose write may not have been stored
         self._admitting: set[str] = set()
         self._reserved: set[str] = set()  # see _reserve_next
         self._last_ack = 0.0
@@ -383,23 +384,27 @@ class PulsarRequestQueue(RequestQueue):
             self._unreserve(key)
             self._background(self._dead_letter_message(message, record))
             return None
-        write = self._count_writes.get(key)
-        if key not in self._counted or (
-            write is not None and write.done() and (write.cancelled() or write.exception())
-        ):
+        ahead = self._count_writes.get(key)
+        if ahead is not None:  # counted ahead (see _reserve_next): wait for that write
+            try:
+                await asyncio.shield(ahead)
+            except asyncio.CancelledError:
+                raise  # the write goes on; the next poll of the message waits for it
+            except BaseException:
+                self._count_writes.pop(key, None)
+                self._unconfirmed.add(key)  # it may or may not be stored: write again
+                raise
+            self._count_writes.pop(key, None)
+        elif key not in self._counted or key in self._unconfirmed:
             # Counted before it is handed out: a worker killed while holding
-            # it has used an attempt. Kept locally until handed out; the
-            # write goes on if this poll is cancelled, and the next poll of
-            # the message waits for it (or writes again if it failed).
+            # it has used an attempt. Kept locally until handed out; a write
+            # cancelled or failed (stored or not) is made again by the next
+            # poll of the message.
             self._counted[key] = handed + 1
-            write = self._count_writes[key] = asyncio.ensure_future(
-                self._attempts.write(key, _count_value(handed + 1))
-            )
-            write.add_done_callback(retrieve)
-        if write is not None:
-            await asyncio.shield(write)
+            self._unconfirmed.add(key)
+            await self._attempts.write(key, _count_value(handed + 1))
+            self._unconfirmed.discard(key)
         del self._counted[key]
-        self._count_writes.pop(key, None)
         if request.attempt != attempt:
             request = request.model_copy(update={"attempt": attempt})
         delivery = PulsarDelivery(request, self, message, last_error)
@@ -411,13 +416,17 @@ class PulsarRequestQueue(RequestQueue):
         """Count hand-outs ahead: the messages next in line (received, or
         prefetched by the client) get their counts written now, while an
         ack is on its way, so the polls that hand them out find them
-        counted instead of waiting for a write. Only messages never given
+        counted instead of waiting for a write. Only when no poll is in
+        progress (a worker settling, then polling: concurrent polls overlap
+        their writes with each other anyway), only messages never given
         back to the broker (their count is 1, without a lookup), and at most
         ``_reserve_depth()`` not handed out yet. A clean close withdraws
         the reservations not handed out; a worker killed over-counts them
         by one each, as a broker counts a prefetched message redelivered."""
         consumer = self._consumer
-        if consumer is None or self._closed:
+        if consumer is None or self._closed or self._admitting or consumer.waiting():
+            # Polls in progress overlap their count writes with each other
+            # already: counting ahead would add work, not hide a wait.
             return
         reserved = self._reserved
         for key in [k for k in reserved if k not in self._counted]:
@@ -454,6 +463,7 @@ class PulsarRequestQueue(RequestQueue):
         (dead-lettered): its count goes with the message."""
         self._counted.pop(key, None)
         self._count_writes.pop(key, None)
+        self._unconfirmed.discard(key)
 
     # -- leases ----------------------------------------------------------------
     def _lease(self, delivery: PulsarDelivery, seconds: float) -> None:
