@@ -26,11 +26,11 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
   entry is tombstoned when the message is settled. A poll cancelled
   between counting and handing out keeps its count locally, and a clean
   close withdraws it; a delivery given back unseen by a handler (a
-  priority queue's held head) has its count lowered first. An ack also
-  counts the next messages in line ahead (one; up to four while acks come
-  faster than one per 5 ms), beside the ack, so that the polls that hand
-  them out need not wait for a write; a clean close withdraws what was
-  not handed out. A worker killed counts at most one hand-out per poll in
+  priority queue's held head) has its count lowered first. An ack with no
+  poll in progress also counts the next messages in line ahead (one; up
+  to four while acks come faster than one per 5 ms), beside the ack, so
+  that the polls that hand them out need not wait for a write; a clean
+  close withdraws what was not handed out. A worker killed counts at most one hand-out per poll in
   progress, and one per message counted ahead, that did not happen.
 * ack: individual acknowledgement, sent at once (no client-side ack
   grouping); returns on the broker's ack receipt (with the option
