@@ -427,6 +427,9 @@ class AsyncConsumer:
         # Ids of messages acked only after a reconnect: the broker may have
         # dispatched them again meanwhile; such a copy is acked again, not handed out.
         self._reacked: collections.OrderedDict[str, None] = collections.OrderedDict()
+        #: Called with a message taken out of the line without being
+        #: handed out (a copy of one acked already).
+        self.on_drop: Callable[[Message], None] | None = None
 
     def _make_callback(self) -> Callable[..., None]:
         loop = self._loop
@@ -451,6 +454,11 @@ class AsyncConsumer:
     def waiting(self) -> bool:
         """Whether a :meth:`next` call is waiting for a message."""
         return self._waiting()
+
+    def is_stale(self, message: Message) -> bool:
+        """Whether ``message`` is a copy of one acked already (dropped, not
+        handed out, when it comes up)."""
+        return self._stale(message)
 
     def _request(self) -> None:
         """Keep one receive outstanding while someone waits; serve waiters
@@ -514,6 +522,8 @@ class AsyncConsumer:
             if not self._stale(message):
                 return message
             self._ack_again(message)
+            if self.on_drop is not None:
+                self.on_drop(message)
         if self._closed:
             return None
         loop = self._loop
@@ -555,7 +565,10 @@ class AsyncConsumer:
         a ``receive`` would). Nothing is waited for."""
         ready = self._ready
         while ready and self._stale(ready[0]):
-            self._ack_again(ready.popleft())
+            dropped = ready.popleft()
+            self._ack_again(dropped)
+            if self.on_drop is not None:
+                self.on_drop(dropped)
         while (
             len(ready) < count
             and not self._receiving

@@ -103,7 +103,7 @@ REQUEST_ID_PROPERTY = HEADER_REQUEST_ID
 _JOIN_GRACE_SECONDS = 0.2
 # Hand-outs counted ahead (see PulsarRequestQueue._reserve_next): one, or
 # up to _RESERVE_MAX while acks follow each other within _HOT_GAP_SECONDS
-# (a loop faster than a count write; a slow one does not hoard messages).
+# (a loop faster than a count write; a steadily slow one holds no more).
 _RESERVE_MAX = 4
 _HOT_GAP_SECONDS = 0.005
 
@@ -201,9 +201,9 @@ class PulsarRequestQueue(RequestQueue):
         # or failed after counting): used by the next hand-out of the
         # message, withdrawn on close.
         self._counted: dict[str, int] = {}
-        # The writes of those counts, by message id: a poll awaits the one
-        # for its message (started by a reservation or by a poll that was
-        # cancelled), and writes again if it failed.
+        # Writes of counts started ahead (see _reserve_next), by message id:
+        # the poll that hands the message out awaits it, or writes again if
+        # it failed (as for the counts in _unconfirmed).
         self._count_writes: dict[str, asyncio.Future[None]] = {}
         self._unconfirmed: set[str] = set()  # counts whose write may not have been stored
         self._admitting: set[str] = set()
@@ -246,7 +246,9 @@ class PulsarRequestQueue(RequestQueue):
             return self._consumer
         async with self._lock:
             if self._consumer is None:
-                self._consumer = await self._ctx.retrying(lambda: self._ctx.subscribe(self.topic))
+                consumer = await self._ctx.retrying(lambda: self._ctx.subscribe(self.topic))
+                consumer.on_drop = self._dropped
+                self._consumer = consumer
             return self._consumer
 
     # -- RequestQueue --------------------------------------------------------
@@ -385,11 +387,22 @@ class PulsarRequestQueue(RequestQueue):
             self._background(self._dead_letter_message(message, record))
             return None
         ahead = self._count_writes.get(key)
+        if ahead is not None and ahead.done() and (ahead.cancelled() or ahead.exception()):
+            # Counted ahead, but that write failed (stored or not): write again.
+            self._count_writes.pop(key, None)
+            self._unconfirmed.add(key)
+            ahead = None
         if ahead is not None:  # counted ahead (see _reserve_next): wait for that write
             try:
                 await asyncio.shield(ahead)
             except asyncio.CancelledError:
-                raise  # the write goes on; the next poll of the message waits for it
+                if not ahead.cancelled():
+                    raise  # this poll was cancelled: the write goes on for the next one
+                self._count_writes.pop(key, None)
+                self._unconfirmed.add(key)
+                raise TransientTransportError(
+                    f"queue {self.name!r}: a hand-out count write was cancelled"
+                ) from None
             except BaseException:
                 self._count_writes.pop(key, None)
                 self._unconfirmed.add(key)  # it may or may not be stored: write again
@@ -404,6 +417,7 @@ class PulsarRequestQueue(RequestQueue):
             self._unconfirmed.add(key)
             await self._attempts.write(key, _count_value(handed + 1))
             self._unconfirmed.discard(key)
+        self._check_open()  # closed meanwhile: the close withdraws the count
         del self._counted[key]
         if request.attempt != attempt:
             request = request.model_copy(update={"attempt": attempt})
@@ -424,9 +438,17 @@ class PulsarRequestQueue(RequestQueue):
         the reservations not handed out; a worker killed over-counts them
         by one each, as a broker counts a prefetched message redelivered."""
         consumer = self._consumer
-        if consumer is None or self._closed or self._admitting or consumer.waiting():
+        if (
+            consumer is None
+            or self._closed
+            or self._admitting
+            or consumer.waiting()
+            or self.max_attempts < 2
+        ):
             # Polls in progress overlap their count writes with each other
-            # already: counting ahead would add work, not hide a wait.
+            # already: counting ahead would add work, not hide a wait. With
+            # a single attempt, a count ahead that a killed worker leaves
+            # behind would dead-letter a request no handler saw.
             return
         reserved = self._reserved
         for key in [k for k in reserved if k not in self._counted]:
@@ -440,7 +462,11 @@ class PulsarRequestQueue(RequestQueue):
             key = _message_key(message)
             if key in self._counted or key in self._held or key in self._admitting:
                 continue
-            if message.redelivery_count() != 0 or message.properties().get(NOT_BEFORE_PROPERTY):
+            if (
+                consumer.is_stale(message)
+                or message.redelivery_count() != 0
+                or message.properties().get(NOT_BEFORE_PROPERTY)
+            ):
                 continue  # looked up / maybe held back: counted when handed out
             reserved.add(key)
             self._counted[key] = 1
@@ -464,6 +490,16 @@ class PulsarRequestQueue(RequestQueue):
         self._counted.pop(key, None)
         self._count_writes.pop(key, None)
         self._unconfirmed.discard(key)
+        self._reserved.discard(key)
+
+    def _dropped(self, message: Message) -> None:
+        """The consumer dropped a copy of a message acked already (see
+        ``AsyncConsumer.on_drop``): a count written for it ahead is dropped
+        too, and tombstoned."""
+        key = _message_key(message)
+        if key in self._reserved and key in self._counted:
+            self._unreserve(key)
+            self._background(self._drop_count(key))
 
     # -- leases ----------------------------------------------------------------
     def _lease(self, delivery: PulsarDelivery, seconds: float) -> None:
@@ -672,7 +708,9 @@ class PulsarRequestQueue(RequestQueue):
         writes of them still on their way: the withdrawal must land last)."""
         in_flight = [w for w in self._count_writes.values() if not w.done()]
         if in_flight:
-            await asyncio.wait(in_flight)
+            # Sent ones stay in order on the producer; this waits for writes
+            # not yet sent, then withdraws all the same.
+            await asyncio.wait(in_flight, timeout=max(self._close_timeout / 2, 0.1))
         counted, self._counted = self._counted, {}
         writes = [
             self._attempts.write(key, _count_value(n - 1) if n > 1 else None)

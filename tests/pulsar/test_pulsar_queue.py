@@ -260,3 +260,78 @@ async def test_a_sequential_poll_ack_loop_is_not_paced_by_the_ack_flush(
         assert elapsed < 2.0, f"{n - 1} sequential poll -> ack took {elapsed:.2f} s"
     finally:
         await t.aclose()
+
+
+async def test_an_ack_counts_the_next_hand_out_ahead_and_a_failed_count_is_written_again(
+    transport_harness: PulsarHarness,
+) -> None:
+    """A worker's ack writes the next request's count beside it; the poll that
+    hands that request out then writes nothing. A count ahead whose write
+    failed is written again by the poll (never handed out uncounted), and a
+    clean close leaves no count behind."""
+    from transport.errors import TransientTransportError
+    from transport_pulsar._queue import PulsarRequestQueue, _message_key
+
+    t = await transport_harness.connect()
+    assert isinstance(t, PulsarTransport)
+    name = f"a{uuid.uuid4().hex[:8]}"
+    writes: list[tuple[str, bytes | None, bool]] = []  # key, value, during a poll
+    fail_next = [False]
+    try:
+        q = t._open_queue(name, lease_seconds=5.0, max_attempts=3)
+        assert isinstance(q, PulsarRequestQueue)
+        for i in range(6):
+            await q.enqueue(WorkRequest(task="x", payload=i))
+        write = q._attempts.write
+
+        async def recording(key: str, value: bytes | None) -> None:
+            writes.append((key, value, bool(q._admitting)))
+            if fail_next[0] and value is not None:
+                fail_next[0] = False
+                raise TransientTransportError("injected: count write failed")
+            await write(key, value)
+
+        q._attempts.write = recording  # type: ignore[method-assign]
+        first = await q.poll(10)
+        assert first is not None and first.attempt == 1
+        writes.clear()
+        assert await first.ack()
+        ahead = [k for k, v, polling in writes if v == b'{"n":1}' and not polling]
+        assert ahead, f"the ack counted nothing ahead: {writes}"
+        writes.clear()
+        second = await q.poll(10)
+        assert second is not None and second.attempt == 1
+        assert _message_key(second._message) == ahead[0]
+        counted = [(k, v) for k, v, polling in writes if polling and v is not None]
+        assert counted == [], f"the poll wrote a count although it was written ahead: {writes}"
+        # The next count ahead fails: the poll writes it again.
+        fail_next[0] = True
+        writes.clear()
+        assert await second.ack()
+        for _ in range(100):  # the write ahead runs in the background
+            if not fail_next[0]:
+                break
+            await asyncio.sleep(0.01)
+        assert not fail_next[0], f"no count was written ahead: {writes}"
+        third = await q.poll(10)
+        assert third is not None and third.attempt == 1
+        key = _message_key(third._message)
+        again = [k for k, v, polling in writes if k == key and v == b'{"n":1}' and polling]
+        assert again, f"the failed count was not written again before the hand-out: {writes}"
+        assert await third.ack()
+        await q.aclose()  # a handle of _open_queue is not closed by the transport
+    finally:
+        await t.aclose()
+    # A clean close withdrew what was counted ahead: the rest come at attempt 1.
+    t2 = await transport_harness.connect()
+    try:
+        q2 = t2.request_queue(name, lease_seconds=5.0, max_attempts=3)
+        rest = []
+        for _ in range(3):
+            d = await q2.poll(10)
+            assert d is not None
+            rest.append(d.attempt)
+            assert await d.ack()
+        assert rest == [1, 1, 1], rest
+    finally:
+        await t2.aclose()
