@@ -102,6 +102,10 @@ class PulsarHarness(BackendHarness):
         self.can_restart_broker = self.can_stop_broker = broker is not None
         self._log_start = broker.log.stat().st_size if broker and broker.log.exists() else 0
 
+    def mark_test_start(self) -> None:
+        broker = self.broker
+        self._log_start = broker.log.stat().st_size if broker and broker.log.exists() else 0
+
     def broker_notes(self) -> str:
         if self.broker is None or not self.broker.log.exists():
             return ""

@@ -67,6 +67,10 @@ class BackendHarness:
         messages). Empty if nothing or unknown."""
         return ""
 
+    def mark_test_start(self) -> None:
+        """A new test (or reliability scenario) begins: evidence that
+        :meth:`known_broker_gap` reads is taken from here on. Default: no-op."""
+
     def known_broker_gap(self) -> str | None:
         """A documented defect of the *test broker* (not of the backend) that
         this test hit, with its evidence, or ``None``. A crash scenario that
