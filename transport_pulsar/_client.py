@@ -470,23 +470,34 @@ class AsyncConsumer:
             while (
                 not self._receiving and not self._closed and self._retry is None and self._waiting()
             ):
-                self._receiving = True
-                inline: list[tuple[Any, Any]] = []
-                self._inline = inline
                 try:
-                    self._consumer.receive_async(self._on_message_cb)
+                    got = self._receive_now()
                 except Exception as exc:
-                    self._receiving = False
                     log.warning("receive on %s failed to start: %s", self.topic, exc)
                     self._schedule_retry()
                     return
-                finally:
-                    self._inline = None
-                if not inline:
+                if got is None:
                     return  # outstanding: the client calls back from its thread
-                self._on_message(*inline[0])
+                self._on_message(*got)
         finally:
             self._requesting = False
+
+    def _receive_now(self) -> tuple[Any, Any] | None:
+        """Start one ``receive_async``: its ``(result, message)`` if the
+        client completed it inside the call (a message it held), else
+        ``None`` (outstanding: the callback comes from the client's thread).
+        Raises what ``receive_async`` raised, with nothing outstanding."""
+        self._receiving = True
+        inline: list[tuple[Any, Any]] = []
+        self._inline = inline
+        try:
+            self._consumer.receive_async(self._on_message_cb)
+        except Exception:
+            self._receiving = False
+            raise
+        finally:
+            self._inline = None
+        return inline[0] if inline else None
 
     def _schedule_retry(self) -> None:
         def again() -> None:
@@ -577,19 +588,13 @@ class AsyncConsumer:
             and self._retry is None
             and not self._waiting()
         ):
-            inline: list[tuple[Any, Any]] = []
-            self._inline = inline
-            self._receiving = True
             try:
-                self._consumer.receive_async(self._on_message_cb)
+                got = self._receive_now()
             except Exception:
-                self._receiving = False
                 break
-            finally:
-                self._inline = None
-            if not inline:
+            if got is None:
                 break  # outstanding: it lands in the line when it arrives
-            self._on_message(*inline[0])  # nobody waits: into the line
+            self._on_message(*got)  # nobody waits: into the line
         return list(itertools.islice(ready, count))
 
     def push_back(self, message: Message) -> None:

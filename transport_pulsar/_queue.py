@@ -207,7 +207,6 @@ class PulsarRequestQueue(RequestQueue):
         self._count_writes: dict[str, asyncio.Future[None]] = {}
         self._unconfirmed: set[str] = set()  # counts whose write may not have been stored
         self._admitting: set[str] = set()
-        self._reserved: set[str] = set()  # see _reserve_next
         self._last_ack = 0.0
         self._producer: AsyncProducer | None = None
         self._consumer: AsyncConsumer | None = None
@@ -450,13 +449,11 @@ class PulsarRequestQueue(RequestQueue):
             # a single attempt, a count ahead that a killed worker leaves
             # behind would dead-letter a request no handler saw.
             return
-        reserved = self._reserved
-        for key in [k for k in reserved if k not in self._counted]:
-            reserved.discard(key)
-        room = self._reserve_depth() - len(reserved)
+        reserved = len(self._count_writes)  # counted ahead, not handed out yet
+        room = self._reserve_depth() - reserved
         if room <= 0:
             return
-        for message in consumer.ahead(len(reserved) + room):
+        for message in consumer.ahead(reserved + room):
             if room <= 0:
                 break
             key = _message_key(message)
@@ -468,7 +465,6 @@ class PulsarRequestQueue(RequestQueue):
                 or message.properties().get(NOT_BEFORE_PROPERTY)
             ):
                 continue  # looked up / maybe held back: counted when handed out
-            reserved.add(key)
             self._counted[key] = 1
             write = self._count_writes[key] = asyncio.ensure_future(
                 self._attempts.write(key, _count_value(1))
@@ -490,14 +486,13 @@ class PulsarRequestQueue(RequestQueue):
         self._counted.pop(key, None)
         self._count_writes.pop(key, None)
         self._unconfirmed.discard(key)
-        self._reserved.discard(key)
 
     def _dropped(self, message: Message) -> None:
         """The consumer dropped a copy of a message acked already (see
         ``AsyncConsumer.on_drop``): a count written for it ahead is dropped
         too, and tombstoned."""
         key = _message_key(message)
-        if key in self._reserved and key in self._counted:
+        if key in self._counted:
             self._unreserve(key)
             self._background(self._drop_count(key))
 

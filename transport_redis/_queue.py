@@ -621,18 +621,12 @@ class RedisRequestQueue(RequestQueue):
             await self._wait_for_new(newest, pause)
             self._check_open()
 
-    async def poll_many(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
-        """As the base class: the first as :meth:`poll`, then the rest in one
-        lease script (``n = max_count - 1``), not as that many polls. A
-        failing second script is not raised (the first is handed out; the
-        next call meets the error); a call cancelled meanwhile gives what the
-        script leased back uncounted once it returns."""
-        if max_count < 1:
-            raise ValueError("max_count must be at least 1")
-        first = await self.poll(timeout)
-        if first is None or max_count == 1:
-            return [] if first is None else [first]
-        more = asyncio.ensure_future(self._lease(max_count - 1))
+    async def _poll_more(self, first: Delivery, count: int) -> list[Delivery]:
+        """The rest of a :meth:`poll_many` in one lease script, not as that
+        many polls. A failing script is not raised (the first is handed out;
+        the next call meets the error); a call cancelled meanwhile gives
+        ``first`` and what the script leased back uncounted."""
+        more = asyncio.ensure_future(self._lease(count))
         try:
             leased, _ = await asyncio.shield(more)
         except asyncio.CancelledError:
@@ -640,8 +634,8 @@ class RedisRequestQueue(RequestQueue):
             self._spawn(first._release_uncounted())
             raise
         except TransportError:
-            return [first]
-        return [first, *(d for d in leased if d is not None)]
+            return []
+        return [d for d in leased if d is not None]
 
     def _give_back_leased(self, done: asyncio.Future[Any]) -> None:
         """Leases of a ``poll_many`` cancelled while its script ran: back,

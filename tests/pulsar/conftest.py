@@ -100,7 +100,7 @@ class PulsarHarness(BackendHarness):
         self.broker = broker
         # An external broker can be neither stopped nor restarted by the tests.
         self.can_restart_broker = self.can_stop_broker = broker is not None
-        self._log_start = broker.log.stat().st_size if broker and broker.log.exists() else 0
+        self.mark_test_start()
 
     def mark_test_start(self) -> None:
         broker = self.broker

@@ -222,13 +222,16 @@ class RequestQueue(ABC):
             return []
         if max_count == 1:
             return [first]
-        # The rest at once, as concurrent polls (which backends serve
-        # together where they can: one leasing round, one pull), not one
-        # round trip after the other.
-        more = await asyncio.gather(
-            *(self.poll(0) for _ in range(max_count - 1)), return_exceptions=True
-        )
-        return [first, *(d for d in more if isinstance(d, Delivery))]
+        return [first, *await self._poll_more(first, max_count - 1)]
+
+    async def _poll_more(self, first: Delivery, count: int) -> list[Delivery]:
+        """Backend hook of :meth:`poll_many`: up to ``count`` more deliveries
+        available now, after ``first`` (leased already); a failure is not
+        raised. The default takes them as concurrent polls (which backends
+        serve together where they can: one leasing round, one pull), not
+        one round trip after the other."""
+        more = await asyncio.gather(*(self.poll(0) for _ in range(count)), return_exceptions=True)
+        return [d for d in more if isinstance(d, Delivery)]
 
     async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
         """Acknowledge many deliveries of this queue at once; one result per
