@@ -36,6 +36,7 @@ import random
 import re
 import ssl
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -353,6 +354,29 @@ class AsyncProducer:
                 return await future
             finally:
                 del self._inflight[future]
+
+    def send_before(
+        self,
+        data: bytes,
+        *,
+        key: str,
+        deadline: float,
+        properties: dict[str, str] | None = None,
+        null_value: bool = False,
+    ) -> None:
+        """Publish from any thread without an event loop (at interpreter
+        exit), waiting for the receipt until ``deadline`` (``time.monotonic``)
+        at most; the outcome is not reported."""
+        builder = _pulsar.MessageBuilder()
+        builder.content(data)
+        builder.partition_key(key)
+        for name, value in (properties or {}).items():
+            builder.property(name, value)
+        if null_value:
+            builder.set_null_value()
+        done = threading.Event()
+        self._producer.send_async(builder.build(), lambda *_: done.set())
+        done.wait(max(deadline - time.monotonic(), 0.0))
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -785,8 +809,20 @@ os.register_at_fork(after_in_child=_LogPipe.forget)
 _unclosed: weakref.WeakSet[pulsar.Client] = weakref.WeakSet()
 
 
+#: Handles with something to undo before their clients close at exit
+#: (counts written ahead of a hand-out that did not happen): each has a
+#: ``_undo_at_exit(deadline)`` method, and leaves the set when it closes.
+#: Strong references: a program that forgot ``aclose()`` has dropped its own.
+_undo_at_exit: set[Any] = set()
+_UNDO_AT_EXIT_SECONDS = 2.0
+
+
 @atexit.register
 def _close_unclosed_clients() -> None:
+    deadline = time.monotonic() + _UNDO_AT_EXIT_SECONDS
+    for handle in list(_undo_at_exit):
+        with contextlib.suppress(Exception):
+            handle._undo_at_exit(deadline)
     for client in list(_unclosed):
         with contextlib.suppress(Exception):
             client.close()

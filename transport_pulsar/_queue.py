@@ -88,7 +88,13 @@ from transport.kit import (
     retrieve,
 )
 from transport.kit import seconds as _seconds
-from transport_pulsar._client import AsyncConsumer, AsyncProducer, Message, PulsarContext
+from transport_pulsar._client import (
+    AsyncConsumer,
+    AsyncProducer,
+    Message,
+    PulsarContext,
+    _undo_at_exit,
+)
 from transport_pulsar._errors import map_pulsar_errors
 from transport_pulsar._registries import KeyedTopic
 
@@ -466,6 +472,7 @@ class PulsarRequestQueue(RequestQueue):
             ):
                 continue  # looked up / maybe held back: counted when handed out
             self._counted[key] = 1
+            _undo_at_exit.add(self)  # a program ending without aclose() withdraws it too
             write = self._count_writes[key] = asyncio.ensure_future(
                 self._attempts.write(key, _count_value(1))
             )
@@ -716,6 +723,18 @@ class PulsarRequestQueue(RequestQueue):
             if isinstance(result, BaseException):
                 log.warning("queue %r: a hand-out count was not withdrawn: %s", self.name, result)
 
+    def _undo_at_exit(self, deadline: float) -> None:
+        """At interpreter exit, for a handle never closed: withdraw the counts
+        of hand-outs that did not happen (as :meth:`_withdraw_counts`, without
+        an event loop, until ``deadline``), so that a program that forgot
+        ``aclose()`` does not use up attempts of requests it never handled."""
+        if self._closed:
+            return
+        for key, n in list(self._counted.items()):
+            if time.monotonic() >= deadline:
+                return
+            self._attempts.write_at_exit(key, _count_value(n - 1) if n > 1 else None, deadline)
+
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -879,6 +898,7 @@ class PulsarRequestQueue(RequestQueue):
         if self._closed:
             return
         self._closed = True
+        _undo_at_exit.discard(self)
         for delivery in list(self._held.values()):
             if delivery._timer is not None:
                 delivery._timer.cancel()

@@ -86,6 +86,22 @@ class KeyedTopic:
         else:
             await producer.send(value, key=key)
 
+    def write_at_exit(self, key: str, value: bytes | None, deadline: float) -> None:
+        """:meth:`write` at interpreter exit (no event loop), waiting for the
+        receipt until ``deadline`` at most; nothing if no producer was made."""
+        if self._producer is None:
+            return
+        if value is None:
+            self._producer.send_before(
+                b"",
+                key=key,
+                deadline=deadline,
+                properties={TOMBSTONE_PROPERTY: "1"},
+                null_value=True,
+            )
+        else:
+            self._producer.send_before(value, key=key, deadline=deadline)
+
     async def _mark(self) -> None:
         producer = await self._get_producer()
         await producer.send(b"", properties={MARKER_PROPERTY: "1"})
