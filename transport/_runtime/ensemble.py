@@ -671,10 +671,25 @@ class Ensemble:
         return registry
 
     async def _already_answered(self, request: WorkRequest) -> bool:
+        """True if the request need not run: its caller's registry holds its
+        response already, or no registration at all — the response was
+        collected (a redelivery after the caller had its answer), the
+        registration expired, or there never was one; a response would be
+        refused (:meth:`DeliveryRegistry.complete` returns ``False``)."""
         if request.reply_to is None or self.transport is None:
             return False
         record = await self._registry(request.reply_to).record(request.request_id)
-        return record is not None and record.state != "pending"
+        if record is None:
+            log.info(
+                "ensemble %s: %s not run: no caller awaits its response in registry %r "
+                "(collected already, expired, or never registered)",
+                self.name,
+                request.request_id,
+                request.reply_to,
+                extra=self._fields(request),
+            )
+            return True
+        return record.state != "pending"
 
     async def _respond(self, request: WorkRequest, response: WorkResponse) -> str | None:
         """Deliver ``response``: through the ``respond`` hook if it takes it,

@@ -18,10 +18,16 @@ __all__ = ["CAUGHT_UP", "KeyedChange", "KeyedLog"]
 
 @dataclass(frozen=True, slots=True)
 class KeyedChange:
-    """A write to a key; ``value`` None is a delete (tombstone)."""
+    """A write to a key; ``value`` None is a delete (tombstone).
+
+    ``position`` is where the change sits in the log, as an opaque token the
+    same log's :meth:`KeyedLog.watch_from` (and :meth:`KeyedLog.forget`)
+    accept; ``None`` where the log has no use for one.
+    """
 
     key: str
     value: bytes | None
+    position: bytes | None = None
 
 
 class _CaughtUp:
@@ -40,7 +46,21 @@ class KeyedLog(ABC):
     """Last-writer-wins map replicated through a log.
 
     Keys are ``[A-Za-z0-9_.-]`` strings (callers validate); values are bytes.
+
+    Two optional abilities bound what a reader replays:
+
+    - ``resumable`` logs (a log that keeps its history, as a Kafka or Pulsar
+      topic does until it is compacted, if ever) accept
+      :meth:`watch_from` a position and store one checkpoint
+      (:meth:`save_checkpoint` / :meth:`load_checkpoint`): the shared
+      readers write the live state's oldest records and a resume position
+      into it, and a new reader starts there instead of at the beginning.
+    - logs whose deletes leave a marker forever (JetStream KV) implement
+      :meth:`forget`, which the readers call for tombstones they have seen.
     """
+
+    #: True when :meth:`watch_from` and the checkpoint methods work.
+    resumable: bool = False
 
     @abstractmethod
     async def put(self, key: str, value: bytes) -> None:
@@ -73,6 +93,42 @@ class KeyedLog(ABC):
         Guarantees: a change written after the watch started is yielded.
         Raises: TransientTransportError while iterating.
         """
+
+    def watch_from(self, position: bytes) -> AsyncIterator[KeyedChange | object]:
+        """Like :meth:`watch`, replaying the changes from ``position`` (a
+        :attr:`KeyedChange.position` of this log; that change included) on,
+        in write order, each with its position. Only where ``resumable``.
+
+        Raises: NotImplementedError where the log is not resumable.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot watch from a position")
+
+    async def load_checkpoint(self) -> bytes | None:
+        """The last checkpoint saved by :meth:`save_checkpoint` (by any
+        process), ``None`` if there is none. Only where ``resumable``.
+
+        Raises: TransientTransportError.
+        """
+        return None
+
+    async def save_checkpoint(self, data: bytes) -> None:
+        """Store ``data`` as the log's checkpoint (last writer wins). Only
+        where ``resumable``.
+
+        Raises: TransientTransportError, NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no checkpoint")
+
+    async def forget(self, key: str, position: bytes) -> None:
+        """Remove what the log keeps of ``key`` up to ``position`` (a
+        tombstone's position), where a delete leaves a marker that every
+        later replay would read. A later write to ``key`` is never removed.
+        Default: nothing (the log removes tombstones itself, or never holds
+        them).
+
+        Raises: TransientTransportError.
+        """
+        return None
 
     @abstractmethod
     async def aclose(self) -> None:

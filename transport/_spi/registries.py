@@ -1,25 +1,29 @@
 """Delivery and capability registries, built once on :class:`KeyedLog`.
 
-Delivery records move ``pending`` → ``completed`` (carrying the response) →
-``taken`` (a small tombstone marker written once the caller has the
-response). A reader applies a record only if its state ranks at least as high
-as the one it holds, so a late or duplicate completion can never resurrect a
-taken entry, whatever order replicas see the writes in. Records are deleted
-for real (a log tombstone) only after they expire.
+A delivery registry holds a request's registration (``pending``, key
+``p.<id>``) and its response (``completed``, key ``c.<id>``, carrying the
+registration's ``created_at``). A completion counts only beside the
+registration it was written for, whatever order a reader sees the two in, so
+collecting a response deletes both and a late or duplicate completion written
+afterwards can never resurrect it: nothing of a collected response stays in
+the registry. Live records that nobody collects are deleted once they expire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import collections
 import contextlib
 import logging
 import math
-from collections.abc import AsyncGenerator, Callable, Generator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 
 from transport._spi.codec import decode, encode
 from transport._spi.keyed import CAUGHT_UP, KeyedChange, KeyedLog
@@ -51,7 +55,6 @@ __all__ = [
 
 log = logging.getLogger("transport.registry")
 
-_RANK = {"pending": 0, "completed": 1, "taken": 2}
 _CREATED_MASK = (1 << 34) - 1  # seconds since the epoch, good until the year 2514
 
 
@@ -83,13 +86,28 @@ class DeliveryRecord(_WireModel):
 class _LogView:
     """Runs ``log.watch()`` in a background task, feeding ``apply``.
 
-    Re-watches from the start after a transient error: replays are harmless
-    because the appliers are idempotent.
+    Re-watches after a transient error: from the last position seen on a
+    resumable log, else from the start (replays are harmless because the
+    appliers are idempotent).
 
     ``ready_timeout`` bounds the wait for the first load while the backend
     is failing: past it, the next transient failure (or the one already
     seen) is raised to the caller, and the view goes on retrying in the
     background. A load that makes progress without failing is waited for.
+
+    **Bounded replays.** On a resumable log (one that keeps its history)
+    the view also holds the raw live records with their positions, in log
+    order, and every :data:`_CHECKPOINT_EVERY` changes saves a checkpoint:
+    the oldest live records (up to :data:`_CARRY_BYTES`) and the position
+    of the next one. A new view loads the checkpoint, applies the records
+    it carries and replays from that position, so a restart reads what is
+    live and what changed recently, not the log's whole history. The
+    checkpoint is consistent by construction: the records before the resume
+    position that are still live are exactly the ones it carries.
+
+    On a log whose deletes leave markers (:meth:`KeyedLog.forget`), the
+    tombstones it sees are forgotten :data:`_FORGET_AFTER` seconds later
+    (watchers that follow the log live have seen them by then).
     """
 
     def __init__(
@@ -109,6 +127,15 @@ class _LogView:
         self._failing = asyncio.Event()
         self._failure: TransientTransportError | None = None
         self._closed = False
+        self._resumable = bool(getattr(log_, "resumable", False))
+        self._forgets = type(log_).forget is not KeyedLog.forget
+        #: Resumable logs: the live records (position, value) in log order.
+        self._live: dict[str, tuple[bytes, bytes]] = {}
+        self._position: bytes | None = None  # of the last change seen
+        self._since_checkpoint = 0
+        self._saving: asyncio.Task[None] | None = None
+        self._tombstones: collections.deque[tuple[float, str, bytes]] = collections.deque()
+        self._forgetting: asyncio.Task[None] | None = None
 
     async def ready(self) -> None:
         if self._closed:
@@ -141,6 +168,113 @@ class _LogView:
             f"{self._what}: not loaded within {timeout:g} s: {self._failure}"
         ) from self._failure
 
+    async def _changes(self) -> AsyncIterator[KeyedChange | object]:
+        """The watch to follow: from the last position seen (a re-watch of a
+        resumable log), from the checkpoint (a first watch of one that has
+        a checkpoint), else from the start."""
+        if not self._resumable:
+            return self._log.watch()
+        if self._position is not None:
+            return self._log.watch_from(self._position)
+        checkpoint = await self._log.load_checkpoint()
+        resume = self._load_checkpoint(checkpoint) if checkpoint is not None else None
+        if resume is None:
+            return self._log.watch()
+        return self._log.watch_from(resume)
+
+    def _load_checkpoint(self, data: bytes) -> bytes | None:
+        """Apply the records a checkpoint carries; its resume position, or
+        ``None`` (replay from the start) for one that cannot be read."""
+        try:
+            fields = from_json(data)
+            if fields.get("version") != 1:
+                raise ValueError(f"version {fields.get('version')!r}")
+            resume = base64.b64decode(fields["resume"])
+            carried = [
+                (str(key), base64.b64decode(position), base64.b64decode(value))
+                for key, position, value in fields["records"]
+            ]
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("%s: ignoring an unreadable checkpoint (%s)", self._what, exc)
+            return None
+        for key, position, value in carried:
+            self._live[key] = (position, value)
+            self._apply(key, value)
+        return resume
+
+    def _checkpoint(self) -> bytes | None:
+        """A checkpoint of the live records held now (``None`` if nothing
+        was seen yet): the oldest up to :data:`_CARRY_BYTES`, and the
+        position of the first one not carried (or of the last change seen,
+        replayed again harmlessly, if all are carried)."""
+        if self._position is None:
+            return None
+        carried: list[list[str]] = []
+        size = 0
+        resume = self._position
+        for key, (position, value) in self._live.items():
+            size += len(key) + len(position) + len(value)
+            if size > _CARRY_BYTES:
+                resume = position
+                break
+            carried.append(
+                [key, base64.b64encode(position).decode(), base64.b64encode(value).decode()]
+            )
+        return to_json(
+            {
+                "version": 1,
+                "resume": base64.b64encode(resume).decode(),
+                "records": carried,
+                "written_at": utcnow().isoformat(),
+            }
+        )
+
+    def _seen(self, change: KeyedChange) -> None:
+        """Position bookkeeping of a change applied from the log."""
+        position = change.position
+        if position is None:
+            return
+        self._position = position
+        if self._resumable:
+            self._live.pop(change.key, None)
+            if change.value is not None:
+                self._live[change.key] = (position, change.value)
+            self._since_checkpoint += 1
+            if (
+                self._since_checkpoint >= _CHECKPOINT_EVERY
+                and self._caught_up.is_set()
+                and (self._saving is None or self._saving.done())
+            ):
+                self._since_checkpoint = 0
+                data = self._checkpoint()
+                if data is not None:
+                    self._saving = asyncio.create_task(self._save(data))
+        if self._forgets and change.value is None:
+            self._tombstones.append((time.monotonic() + _FORGET_AFTER, change.key, position))
+            if self._forgetting is None or self._forgetting.done():
+                self._forgetting = asyncio.create_task(self._forget())
+
+    async def _save(self, data: bytes) -> None:
+        try:
+            await self._log.save_checkpoint(data)
+        except TransportError as exc:
+            log.warning("%s: checkpoint not saved (%s); the next one is tried", self._what, exc)
+
+    async def _forget(self) -> None:
+        while self._tombstones and not self._closed:
+            due, key, position = self._tombstones[0]
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            try:
+                await self._log.forget(key, position)
+            except TransportError as exc:
+                log.warning("%s: a tombstone not removed (%s); retrying", self._what, exc)
+                await asyncio.sleep(5.0)
+                continue
+            self._tombstones.popleft()
+
     async def _run(self) -> None:
         backoff = 0.05
         # ``_closed`` is checked, not only cancellation relied on: a client
@@ -150,13 +284,25 @@ class _LogView:
         # shutdown would hang it.
         while not self._closed:
             try:
-                async for item in self._log.watch():
+                async for item in await self._changes():
                     if self._closed:
                         return
                     if item is CAUGHT_UP:
+                        first = not self._caught_up.is_set()
                         self._caught_up.set()
+                        if (
+                            first
+                            and self._resumable
+                            and self._since_checkpoint >= _CHECKPOINT_EVERY
+                        ):
+                            # A long replay: save, so the next start is short.
+                            self._since_checkpoint = 0
+                            data = self._checkpoint()
+                            if data is not None:
+                                self._saving = asyncio.create_task(self._save(data))
                     elif isinstance(item, KeyedChange):
                         self._apply(item.key, item.value)
+                        self._seen(item)
                     backoff = 0.05
                     self._failing.clear()
                 raise TransientTransportError("watch ended")
@@ -187,19 +333,33 @@ class _LogView:
         """Stop watching: the watch task is cancelled and waited for, at most
         ``_CLOSE_WAIT`` seconds (a client library that does not give up a
         blocking read on cancellation must not hang the close; the task then
-        ends on its own, its result ignored)."""
+        ends on its own, its result ignored). A checkpoint being saved is
+        waited for within the same bound."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            done, _ = await asyncio.wait({self._task}, timeout=_CLOSE_WAIT)
-            if not done:
+        tasks = [t for t in (self._task, self._forgetting) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if self._saving is not None and not self._saving.done():
+            tasks.append(self._saving)
+        if tasks:
+            done, not_done = await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
+            if not_done:
                 log.warning("%s: the watch did not stop within %gs", self._what, _CLOSE_WAIT)
-                self._task.add_done_callback(_ignore_result)
-            else:
+                for task in not_done:
+                    task.cancel()
+                    task.add_done_callback(_ignore_result)
+            for task in done:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    self._task.result()
+                    task.result()
 
 
+#: Changes between two checkpoints of a resumable log's view.
+_CHECKPOINT_EVERY = 2_000
+#: Live records a checkpoint carries at most (bytes of keys, positions and
+#: values): what is older than its resume position and still live.
+_CARRY_BYTES = 256 * 1024
+#: Seconds after which a seen tombstone is removed from a log that keeps them.
+_FORGET_AFTER = 60.0
 _CLOSE_WAIT = 5.0
 
 
@@ -258,6 +418,17 @@ class DeliveryRegistry:
     backend's keyed log, so a restarted caller re-attaches with
     :meth:`pending` / :meth:`wait` and receives responses that arrived while
     it was down.
+
+    **Keys.** A request's registration is the ``pending`` record under
+    ``p.<id>``, its response the ``completed`` record under ``c.<id>``
+    (carrying the registration's ``created_at``). A completion counts only
+    beside the registration it was written for, so collecting a response
+    deletes both keys and leaves nothing behind: a late or duplicate
+    completion written after that finds no registration and is ignored by
+    every reader (and ``complete`` returns ``False`` for it). What a registry
+    holds, replays and keeps in memory is what is live — pending and
+    uncollected requests — not its history. Records written by earlier
+    releases (one key per request, ``taken`` markers) are still read.
     """
 
     def __init__(
@@ -274,11 +445,15 @@ class DeliveryRegistry:
         self._log = log_
         self._ttl = ttl_seconds
         self._limit = max_payload_bytes
-        # Pending and completed records; collected ("taken") ones are kept
-        # apart, as one int each (expiry and creation second): a caller
-        # collecting 100 requests/s holds a week of them, and they are only
-        # needed to refuse a late completion and to expire them.
-        self._records: dict[str, DeliveryRecord] = {}
+        #: Registrations (``p.<id>``, or an earlier release's record).
+        self._pending: dict[str, DeliveryRecord] = {}
+        #: Completions (``c.<id>``), also those without their registration
+        #: (late ones, kept until they expire and the janitor deletes them).
+        self._done: dict[str, DeliveryRecord] = {}
+        #: Ids held under an earlier release's key (the bare request id).
+        self._legacy: set[str] = set()
+        #: An earlier release's ``taken`` markers (expiry and creation second
+        #: packed in one int), held only to delete them once they expire.
         self._taken: dict[str, int] = {}
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._view = _LogView(
@@ -290,23 +465,73 @@ class DeliveryRegistry:
 
     # -- view maintenance -------------------------------------------------
     def _apply_raw(self, key: str, value: bytes | None) -> None:
-        if value is None:
-            self._records.pop(key, None)
-            self._taken.pop(key, None)
+        kind, dot, request_id = key.partition(".")
+        if not dot:
+            self._apply_legacy(key, value)
             return
-        if self._apply_taken_raw(value):
+        if kind not in ("p", "c"):
+            return  # not a key of this release: left alone
+        if value is None:
+            (self._pending if kind == "p" else self._done).pop(request_id, None)
+            self._wake(request_id)
             return
         try:
             record = decode(DeliveryRecord, value)
         except UndecodableMessageError as exc:
             log.warning("delivery registry %r: skipping bad record %r: %s", self.name, key, exc)
             return
-        self._apply(record)
+        expected = "pending" if kind == "p" else "completed"
+        if record.request_id != request_id or record.state != expected:
+            log.warning("delivery registry %r: skipping misfiled record %r", self.name, key)
+            return
+        (self._pending if kind == "p" else self._done)[request_id] = record
+        self._wake(request_id)
+
+    def _apply_legacy(self, request_id: str, value: bytes | None) -> None:
+        """A record of an earlier release, under the bare request id."""
+        if value is None:
+            self._taken.pop(request_id, None)
+            self._drop_legacy(request_id)
+            return
+        if self._apply_taken_raw(value):
+            return
+        try:
+            record = decode(DeliveryRecord, value)
+        except UndecodableMessageError as exc:
+            log.warning(
+                "delivery registry %r: skipping bad record %r: %s", self.name, request_id, exc
+            )
+            return
+        if record.request_id != request_id:
+            return
+        if record.state == "taken":
+            self._mark_taken(
+                request_id,
+                math.floor(record.created_at.timestamp()),
+                math.ceil(record.expires_at.timestamp()),
+            )
+            return
+        if request_id in self._taken:
+            return  # taken is final: a late completion never resurrects it
+        current = self._pending.get(request_id)
+        if current is not None and request_id in self._legacy and record.state == "pending":
+            return  # never backwards from completed
+        self._legacy.add(request_id)
+        self._pending[request_id] = record
+        if record.state == "completed":
+            self._done[request_id] = record
+        self._wake(request_id)
+
+    def _drop_legacy(self, request_id: str) -> None:
+        if request_id in self._legacy:
+            self._legacy.discard(request_id)
+            self._pending.pop(request_id, None)
+            self._done.pop(request_id, None)
+            self._wake(request_id)
 
     def _apply_taken_raw(self, value: bytes) -> bool:
-        """The replay's fast path: most records of a busy caller's registry
-        are taken markers; read them without building a model. False for
-        anything else (decoded the normal way, errors included)."""
+        """An earlier release's ``taken`` marker, read without building a
+        model. False for anything else (decoded the normal way)."""
         try:
             fields = from_json(value)
             if not isinstance(fields, dict) or fields.get("state") != "taken":
@@ -322,11 +547,8 @@ class DeliveryRegistry:
         return True
 
     def _mark_taken(self, request_id: str, created: int, expires: int) -> None:
-        self._records.pop(request_id, None)
         self._taken[request_id] = (expires << 34) | (created & _CREATED_MASK)
-        waiter = self._waiters.get(request_id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._drop_legacy(request_id)
 
     def _taken_record(self, request_id: str) -> DeliveryRecord | None:
         packed = self._taken.get(request_id)
@@ -339,28 +561,28 @@ class DeliveryRegistry:
             expires_at=datetime.fromtimestamp(packed >> 34, UTC),
         )
 
-    def _apply(self, record: DeliveryRecord) -> None:
-        if record.request_id in self._taken:
-            return  # taken is final: a late completion never resurrects it
-        if record.state == "taken":
-            self._mark_taken(
-                record.request_id,
-                math.floor(record.created_at.timestamp()),
-                math.ceil(record.expires_at.timestamp()),
-            )
-            return
-        current = self._records.get(record.request_id)
-        if current is not None and _RANK[record.state] <= _RANK[current.state]:
-            return  # stale, duplicate or late: never move backwards
-        self._records[record.request_id] = record
-        if record.state != "pending":
-            waiter = self._waiters.get(record.request_id)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+    def _wake(self, request_id: str) -> None:
+        """Wake a collector waiting on ``request_id`` (it looks again)."""
+        waiter = self._waiters.get(request_id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @staticmethod
+    def _matches(registration: DeliveryRecord, completion: DeliveryRecord | None) -> bool:
+        return completion is not None and completion.created_at == registration.created_at
 
     def _completed(self, request_id: str) -> bool:
-        record = self._records.get(request_id)
-        return record is not None and record.state == "completed"
+        registration = self._pending.get(request_id)
+        return registration is not None and self._matches(registration, self._done.get(request_id))
+
+    def _current(self, request_id: str) -> DeliveryRecord | None:
+        """The live record of ``request_id`` in this view: its completion if
+        it has one, else its registration."""
+        registration = self._pending.get(request_id)
+        if registration is None:
+            return None
+        completion = self._done.get(request_id)
+        return completion if self._matches(registration, completion) else registration
 
     async def _ready(self) -> None:
         if self._closed:
@@ -369,25 +591,68 @@ class DeliveryRegistry:
         if self._janitor is None:
             self._janitor = asyncio.create_task(self._run_janitor())
 
+    def _keys(self, request_id: str) -> list[str]:
+        """The log keys that hold ``request_id``'s live entry."""
+        if request_id in self._legacy:
+            return [request_id, f"c.{request_id}"]
+        return [f"p.{request_id}", f"c.{request_id}"]
+
     async def _run_janitor(self) -> None:
         while True:
             await asyncio.sleep(self._janitor_interval)
             now = utcnow()
             cutoff = int(now.timestamp())
-            expired = [rid for rid, r in self._records.items() if r.expires_at <= now]
-            expired += [rid for rid, packed in self._taken.items() if packed >> 34 <= cutoff]
-            for request_id in expired:
+            expired = [
+                (rid, self._keys(rid)) for rid, r in self._pending.items() if r.expires_at <= now
+            ]
+            expired += [
+                (rid, [f"c.{rid}"])
+                for rid, r in self._done.items()
+                if rid not in self._pending and r.expires_at <= now
+            ]
+            expired += [
+                (rid, [rid]) for rid, packed in self._taken.items() if packed >> 34 <= cutoff
+            ]
+            for request_id, keys in expired:
                 try:
-                    await self._log.delete(request_id)
+                    for key in keys:
+                        await self._log.delete(key)
                 except TransientTransportError as exc:
                     log.warning("delivery registry %r: expiry failed: %s", self.name, exc)
                     break
-                self._records.pop(request_id, None)
-                self._taken.pop(request_id, None)
+                if request_id in self._legacy or keys == [request_id]:
+                    self._taken.pop(request_id, None)
+                    self._drop_legacy(request_id)
+                if keys != [request_id]:
+                    self._pending.pop(request_id, None)
+                    self._done.pop(request_id, None)
+                    self._wake(request_id)
 
-    async def _put(self, record: DeliveryRecord) -> None:
-        await self._log.put(record.request_id, encode(record, self._limit))
-        self._apply(record)
+    async def _lookup(self, request_id: str) -> tuple[DeliveryRecord | None, DeliveryRecord | None]:
+        """(registration, completion) of ``request_id`` as committed: read
+        from the log (a view that may lag is not trusted for a decision)."""
+
+        def parse(raw: bytes | None) -> DeliveryRecord | None:
+            if raw is None:
+                return None
+            try:
+                return decode(DeliveryRecord, raw)
+            except UndecodableMessageError:
+                return None
+
+        raw_pending, raw_done = await asyncio.gather(
+            self._log.get(f"p.{request_id}"), self._log.get(f"c.{request_id}")
+        )
+        registration, completion = parse(raw_pending), parse(raw_done)
+        if registration is None:
+            legacy = parse(await self._log.get(request_id))
+            if legacy is not None and legacy.state == "pending":
+                registration = legacy
+            elif legacy is not None and legacy.state == "completed":
+                registration = completion = legacy
+        if registration is not None and registration.state != "pending" and completion is None:
+            registration = None
+        return registration, completion
 
     # -- public API -------------------------------------------------------
     async def register(
@@ -396,31 +661,33 @@ class DeliveryRegistry:
         """Record that a response to ``request_id`` is awaited. Call before
         sending the request.
 
-        Guarantees: durable on return; registering an id again returns a
-        handle on the existing record.
+        Guarantees: durable on return; registering an id that is live again
+        returns a handle on the existing record (an id whose response was
+        collected is registered anew).
         Raises: InvalidNameError, TransientTransportError, ClosedResourceError.
         """
         validate_request_id(request_id)
         await self._ready()
-        if request_id not in self._records and request_id not in self._taken:
+        if request_id not in self._pending:
             ttl_s = ttl.total_seconds() if isinstance(ttl, timedelta) else (ttl or self._ttl)
             now = utcnow()
-            await self._put(
-                DeliveryRecord(
-                    request_id=request_id,
-                    state="pending",
-                    created_at=now,
-                    expires_at=now + timedelta(seconds=ttl_s),
-                )
+            record = DeliveryRecord(
+                request_id=request_id,
+                state="pending",
+                created_at=now,
+                expires_at=now + timedelta(seconds=ttl_s),
             )
+            await self._log.put(f"p.{request_id}", encode(record, self._limit))
+            self._pending.setdefault(request_id, record)
         return PendingDelivery(self, request_id)
 
     async def complete(self, request_id: str, response: WorkResponse) -> bool:
         """Record the response to ``request_id``; callable from any process.
 
         Guarantees: durable on return. Returns ``False`` (and changes nothing)
-        if the request was already completed or its response already taken:
-        duplicate and late completions are harmless.
+        if the request was already completed, its response already collected,
+        or it was never registered (or expired): duplicate and late
+        completions are harmless.
         Raises: ValueError if ``response.request_id`` differs; PayloadTooLargeError;
         TransientTransportError.
         """
@@ -431,31 +698,33 @@ class DeliveryRegistry:
             raise ClosedResourceError(f"delivery registry {self.name!r} is closed")
         if request_id in self._taken:
             return False
-        current = self._records.get(request_id)
-        if current is None:
-            raw = await self._log.get(request_id)
-            if raw is not None:
-                with contextlib.suppress(UndecodableMessageError):
-                    current = decode(DeliveryRecord, raw)
-        if current is not None and current.state != "pending":
+        registration = self._pending.get(request_id)
+        completion = self._done.get(request_id)
+        if registration is None:
+            registration, completion = await self._lookup(request_id)
+        if registration is None:
             return False
-        now = utcnow()
-        expires = current.expires_at if current else now + timedelta(seconds=self._ttl)
-        await self._put(
-            DeliveryRecord(
-                request_id=request_id,
-                state="completed",
-                response=response,
-                created_at=current.created_at if current else now,
-                expires_at=expires,
-            )
+        if self._matches(registration, completion):
+            return False
+        record = DeliveryRecord(
+            request_id=request_id,
+            state="completed",
+            response=response,
+            created_at=registration.created_at,
+            expires_at=registration.expires_at,
         )
+        await self._log.put(f"c.{request_id}", encode(record, self._limit))
+        if request_id in self._pending:
+            self._done[request_id] = record
+            self._wake(request_id)
         return True
 
     async def record(self, request_id: str) -> DeliveryRecord | None:
-        """The committed record for ``request_id`` (``None`` if absent or
-        expired), read from the backend without loading the whole registry —
-        what the runtime uses to detect a request that was already answered.
+        """The committed record for ``request_id``: its ``completed`` record
+        once answered, its ``pending`` one before, ``None`` if there is
+        neither (never registered, expired, or its response collected), read
+        from the backend without loading the whole registry — what the
+        runtime uses to detect a request that was already answered.
 
         Raises: InvalidNameError, TransientTransportError.
         """
@@ -463,16 +732,12 @@ class DeliveryRegistry:
         taken = self._taken_record(request_id)
         if taken is not None:
             return taken
-        current = self._records.get(request_id)
-        if current is not None and current.state != "pending":
-            return current
-        raw = await self._log.get(request_id)
-        if raw is None:
-            return current
-        try:
-            return decode(DeliveryRecord, raw)
-        except UndecodableMessageError:
-            return current
+        if self._completed(request_id):
+            return self._current(request_id)
+        registration, completion = await self._lookup(request_id)
+        if registration is None:
+            return None
+        return completion if self._matches(registration, completion) else registration
 
     async def pending(self) -> list[PendingDelivery]:
         """Handles on every request of this registry still awaiting collection
@@ -482,8 +747,7 @@ class DeliveryRegistry:
         Raises: TransientTransportError, ClosedResourceError.
         """
         await self._ready()
-        live = [r for r in self._records.values() if r.state != "taken"]
-        live.sort(key=lambda r: r.created_at)
+        live = sorted(self._pending.values(), key=lambda r: r.created_at)
         return [PendingDelivery(self, r.request_id) for r in live]
 
     async def wait(self, request_id: str) -> PendingDelivery:
@@ -494,22 +758,23 @@ class DeliveryRegistry:
         """
         validate_request_id(request_id)
         await self._ready()
-        record = self._records.get(request_id)
-        if record is None or request_id in self._taken:
+        if request_id not in self._pending:
             raise UnknownDeliveryError(request_id)
         return PendingDelivery(self, request_id)
 
     async def records(self) -> list[DeliveryRecord]:
-        """Every record currently held, oldest first (for operators and the
-        CLI): pending, completed and taken ones not yet removed by expiry.
+        """Every live record held, oldest first (for operators and the CLI):
+        pending and completed ones (and ``taken`` markers an earlier release
+        left, until they expire).
 
         Raises: ClosedResourceError; PermanentTransportError if the registry
         cannot be read at all. A transient outage before the first load makes
         the call wait (it retries) rather than raise.
         """
         await self._ready()
+        live = [self._current(rid) for rid in list(self._pending)]
         taken = [self._taken_record(rid) for rid in list(self._taken)]
-        every = [*self._records.values(), *(r for r in taken if r is not None)]
+        every = [r for r in (*live, *taken) if r is not None]
         return sorted(every, key=lambda r: r.created_at)
 
     async def _take(
@@ -518,34 +783,38 @@ class DeliveryRegistry:
         await self._ready()
         if request_id in self._taken:
             raise UnknownDeliveryError(request_id)
-        record = self._records.get(request_id)
-        if record is None and not missing_ok:
+        if request_id not in self._pending and not missing_ok:
             raise UnknownDeliveryError(request_id)
-        if record is None or record.state == "pending":
-            waiter = self._waiters.get(request_id)
-            if waiter is None or waiter.done():
-                waiter = asyncio.get_running_loop().create_future()
-                self._waiters[request_id] = waiter
+        if not self._completed(request_id):
+            # Woken at every change of this id: registered (a deferred
+            # registration appearing), completed, or gone (collected by
+            # another caller, expired).
+            seen = request_id in self._pending
             try:
                 async with asyncio.timeout(timeout):
-                    await asyncio.shield(waiter)
+                    while not self._completed(request_id):
+                        if request_id in self._pending:
+                            seen = True
+                        elif seen or not missing_ok:
+                            raise UnknownDeliveryError(request_id)
+                        waiter = self._waiters.get(request_id)
+                        if waiter is None or waiter.done():
+                            waiter = asyncio.get_running_loop().create_future()
+                            self._waiters[request_id] = waiter
+                        await asyncio.shield(waiter)
             except TimeoutError:
                 raise DeliveryTimeoutError(request_id, timeout or 0.0) from None
-            record = self._records.get(request_id)
-            if request_id in self._taken or record is None or record.response is None:
-                raise UnknownDeliveryError(request_id)
         self._waiters.pop(request_id, None)
-        response = record.response
+        completion = self._done[request_id]
+        response = completion.response
         assert response is not None
-        now = utcnow()
-        await self._put(
-            DeliveryRecord(
-                request_id=request_id,
-                state="taken",
-                created_at=record.created_at,
-                expires_at=now + timedelta(seconds=self._ttl),
-            )
-        )
+        # Collect: delete the registration and the completion. A completion
+        # written after this finds no registration: it is ignored.
+        keys = self._keys(request_id)
+        await asyncio.gather(*(self._log.delete(key) for key in keys))
+        self._pending.pop(request_id, None)
+        self._done.pop(request_id, None)
+        self._legacy.discard(request_id)
         return response
 
     async def aclose(self) -> None:
