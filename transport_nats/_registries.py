@@ -1,7 +1,9 @@
 """Registries on JetStream KV: one bucket per registry (file storage,
 history 1). ``put`` returns after the server stored the value; ``delete``
-writes a KV delete marker (tombstone); ``watch`` is a KV watch (an ordered
-push consumer), not polling.
+writes a KV delete marker (tombstone), which a registry's view removes a
+minute after it saw it (``forget``: a subject purge below the marker), so a
+later watch replays what is live, not every key ever deleted; ``watch`` is a
+KV watch (an ordered push consumer), not polling.
 
 The shared :class:`~transport.DeliveryRegistry` and
 :class:`~transport.CapabilityRegistry` supply the semantics; this module only
@@ -168,11 +170,16 @@ class NatsKeyedLog(KeyedLog):
                         caught_up = True
                         yield CAUGHT_UP
                 elif isinstance(entry, KeyValue.Entry):
+                    position = str(entry.revision).encode() if entry.revision else None
                     if entry.operation in (KV_DEL, KV_PURGE):
-                        yield KeyedChange(entry.key, None)
+                        yield KeyedChange(entry.key, None, position)
                     else:
-                        yield KeyedChange(entry.key, entry.value or b"")
-                    if not caught_up and (entry.revision or 0) >= target:
+                        yield KeyedChange(entry.key, entry.value or b"", position)
+                    # Caught up at the stream's last sequence as of the start,
+                    # or at the last entry the new consumer had to deliver
+                    # (``delta``, from the server, per message): the last
+                    # sequence itself may be a removed tombstone.
+                    if not caught_up and ((entry.revision or 0) >= target or entry.delta == 0):
                         caught_up = True
                         yield CAUGHT_UP
                 else:  # the watcher was stopped
@@ -182,6 +189,20 @@ class NatsKeyedLog(KeyedLog):
             if watcher is not None:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
+
+    async def forget(self, key: str, position: bytes) -> None:
+        """Remove a delete marker (and anything older) of ``key``: a KV
+        delete leaves one message per key that every later watch replays.
+        A purge of the key's subject below the marker's sequence + 1, so a
+        later write to the key stays. Live watchers have seen the marker by
+        then (the registries call this a minute after they saw it)."""
+        kv = await self._bucket()
+        if not _is_key_valid(key):
+            raise PermanentTransportError(f"purging {self.bucket}: invalid key")
+        with map_nats_errors(f"removing a delete marker from {self.bucket}"):
+            await self._ctx.js.purge_stream(
+                kv._stream, seq=int(position) + 1, subject=self._prefix + key
+            )
 
     async def aclose(self) -> None:
         self._closed = True

@@ -136,6 +136,9 @@ class _LogView:
         self._saving: asyncio.Task[None] | None = None
         self._tombstones: collections.deque[tuple[float, str, bytes]] = collections.deque()
         self._forgetting: asyncio.Task[None] | None = None
+        #: Changes applied from the log so far (and an event for waiting on it).
+        self.changes = 0
+        self._changed: asyncio.Event | None = None
 
     async def ready(self) -> None:
         if self._closed:
@@ -254,6 +257,18 @@ class _LogView:
             if self._forgetting is None or self._forgetting.done():
                 self._forgetting = asyncio.create_task(self._forget())
 
+    async def settled(self, changes: int) -> None:
+        """Wait until ``changes`` changes were applied from the log and the
+        upkeep they started (a checkpoint, tombstone removal) is done."""
+        while self.changes < changes:
+            self._changed = asyncio.Event()
+            await self._changed.wait()
+        while True:
+            busy = [t for t in (self._saving, self._forgetting) if t is not None and not t.done()]
+            if not busy:
+                return
+            await asyncio.wait(busy)
+
     async def _save(self, data: bytes) -> None:
         try:
             await self._log.save_checkpoint(data)
@@ -303,6 +318,9 @@ class _LogView:
                     elif isinstance(item, KeyedChange):
                         self._apply(item.key, item.value)
                         self._seen(item)
+                        self.changes += 1
+                        if self._changed is not None:
+                            self._changed.set()
                     backoff = 0.05
                     self._failing.clear()
                 raise TransientTransportError("watch ended")

@@ -129,6 +129,93 @@ class DeliveryRegistryConformance:
             await again.wait("t-1")
         assert await again.complete("t-1", _response("t-1", later=True)) is False
 
+    async def test_a_collected_response_leaves_nothing_and_a_restart_replays_what_is_live(
+        self,
+        harness: BackendHarness,
+        queue_name: str,
+        make_transport: Any,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """300 requests answered, 290 collected: a caller starting afterwards
+        reads the 10 live entries and what changed since the last
+        checkpoint, not the history of 1,200 writes (registrations,
+        responses and their deletions)."""
+        from transport._spi import registries
+
+        monkeypatch.setattr(registries, "_CHECKPOINT_EVERY", 100)
+        monkeypatch.setattr(registries, "_FORGET_AFTER", 0.0)
+        caller = (await make_transport()).delivery_registry(queue_name)
+        ids = [f"h-{i:03d}" for i in range(300)]
+        pending = [await caller.register(rid) for rid in ids]
+        for rid in ids:
+            assert await caller.complete(rid, _response(rid))
+        for handle in pending[:290]:
+            await handle.result(harness.scaled(10))
+        assert await caller.complete(ids[0], _response(ids[0], late=True)) is False
+        assert sorted(r.request_id for r in await caller.records()) == ids[290:]
+        # The caller's view does its background upkeep (checkpoints of a log
+        # that keeps history, removal of kept tombstones) once it has seen
+        # the 1,180 writes: wait for it.
+        async with asyncio.timeout(harness.scaled(60)):
+            await caller._view.settled(300 + 300 + 290 * 2)
+
+        replayed: list[str] = []
+        fresh = (await make_transport()).delivery_registry(queue_name)
+        probe = registries._LogView(fresh._log, lambda key, value: replayed.append(key), "probe")
+        try:
+            await probe.ready()
+        finally:
+            await probe.aclose()
+        assert len(replayed) <= 20 + 100 + 10, (
+            f"a restart replayed {len(replayed)} changes for 10 live entries"
+        )
+        assert sorted(p.request_id for p in await fresh.pending()) == ids[290:]
+        with pytest.raises(UnknownDeliveryError):
+            await fresh.wait(ids[0])
+        response = await (await fresh.wait(ids[295])).result(harness.scaled(10))
+        assert response.result == {"for": ids[295]}
+
+    async def test_records_of_an_earlier_release_are_still_served(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        """Registries written before the registration/response split (one
+        record per request under its bare id, ``taken`` markers) keep
+        working: pending ones complete, completed ones are collected once,
+        collected ones stay collected."""
+        from transport._spi.registries import DeliveryRecord
+        from transport.kit import encode, utcnow
+
+        writer = (await make_transport()).delivery_registry(queue_name)
+        now = utcnow()
+        later = now + timedelta(hours=1)
+        for record in (
+            DeliveryRecord(request_id="old-1", state="pending", created_at=now, expires_at=later),
+            DeliveryRecord(
+                request_id="old-2",
+                state="completed",
+                response=_response("old-2"),
+                created_at=now,
+                expires_at=later,
+            ),
+            DeliveryRecord(request_id="old-3", state="taken", created_at=now, expires_at=later),
+        ):
+            await writer._log.put(record.request_id, encode(record))
+        caller = (await make_transport()).delivery_registry(queue_name)
+        assert sorted(p.request_id for p in await caller.pending()) == ["old-1", "old-2"]
+        worker = (await make_transport()).delivery_registry(queue_name)
+        assert await worker.complete("old-3", _response("old-3")) is False
+        assert await worker.complete("old-2", _response("old-2", again=True)) is False
+        assert await worker.complete("old-1", _response("old-1"))
+        first = await (await caller.wait("old-1")).result(harness.scaled(10))
+        assert first.result == {"for": "old-1"}
+        second = await (await caller.wait("old-2")).result(harness.scaled(10))
+        assert second.result == {"for": "old-2"}
+        assert await worker.complete("old-1", _response("old-1", late=True)) is False
+        again = (await make_transport()).delivery_registry(queue_name)
+        assert [p.request_id for p in await again.pending()] == []
+        with pytest.raises(UnknownDeliveryError):
+            await again.wait("old-3")
+
 
 async def _next_change(
     changes: AsyncIterator[CapabilityChange], timeout: float, kind: str, name: str
