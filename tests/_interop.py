@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,33 @@ def foreign_request(request_id: str, payload: dict[str, Any]) -> bytes:
         }
     ).encode()
 
+
+
+def registration_key(request_id: str) -> str:
+    """Where a caller registers ``request_id`` in its delivery registry."""
+    return f"p.{request_id}"
+
+
+def response_key(request_id: str) -> str:
+    """Where the response to ``request_id`` is written."""
+    return f"c.{request_id}"
+
+
+def foreign_registration(request_id: str) -> bytes:
+    """The ``pending`` ``DeliveryRecord`` a foreign caller writes under
+    :func:`registration_key` before it sends the request (docs/wire.md: a
+    request nobody registered is not run, its response could not be
+    delivered), by hand, with an hour to live."""
+    now = datetime.now(UTC)
+    return json.dumps(
+        {
+            "schema_version": 1,
+            "request_id": request_id,
+            "state": "pending",
+            "created_at": now.isoformat(),
+            "expires_at": (now + timedelta(hours=1)).isoformat(),
+        }
+    ).encode()
 
 def kitchen(transport: Transport) -> Ensemble:
     """The ensemble that answers the foreign requests (one level, so its

@@ -1,9 +1,11 @@
 """Python's ``sqlite3`` module on the database file of ``sqlite://``, as
 docs/wire.md describes it: a request row INSERTed into ``messages``
 (``queue`` = ``NS/Q``, the next ``seq`` of that queue, ``request_id``,
-``body``, ``available_at``) is answered by an ``Ensemble``; the completed
-``DeliveryRecord`` is SELECTed from ``kv`` (``log`` = ``NS/delivery:R``,
-``key`` = request id) and the ensemble's ``Capability`` from ``kv`` (``log`` =
+``body``, ``available_at``), after its registration (a ``pending``
+``DeliveryRecord`` INSERTed into ``kv`` and ``kv_changes``, ``log`` =
+``NS/delivery:R``, ``key`` = ``p.<request id>``), is answered by an
+``Ensemble``; the completed ``DeliveryRecord`` is SELECTed from ``kv``
+(``key`` = ``c.<request id>``) and the ensemble's ``Capability`` from ``kv`` (``log`` =
 ``NS/capability:capabilities``, ``key`` = ``<ensemble>.<name>``).
 
 (tests/test_wire_schemas.py reads what the library writes to the file, and
@@ -27,9 +29,12 @@ from tests._interop import (
     check_capability,
     check_completed,
     foreign_payload,
+    foreign_registration,
     foreign_request,
     foreign_request_id,
     kitchen,
+    registration_key,
+    response_key,
 )
 from transport import TransportConfig, connect
 
@@ -56,6 +61,17 @@ def _insert_request(path: Path, queue: str, request_id: str, body: bytes) -> int
         return cursor.lastrowid
 
 
+def _register(path: Path, log: str, key: str, value: bytes) -> None:
+    """A registration as another program writes it: the row in ``kv`` and,
+    for the registry's watchers, the change in ``kv_changes``."""
+    with _connect(path) as conn, conn:
+        conn.execute("INSERT INTO kv(log, key, value) VALUES (?, ?, ?)", (log, key, value))
+        conn.execute(
+            "INSERT INTO kv_changes(log, key, value, at) VALUES (?, ?, ?, ?)",
+            (log, key, value, time.time()),
+        )
+
+
 def _value(path: Path, log: str, key: str) -> bytes | None:
     with _connect(path) as conn:
         row = conn.execute("SELECT value FROM kv WHERE log = ? AND key = ?", (log, key)).fetchone()
@@ -79,6 +95,13 @@ async def test_sqlite3_request_is_answered_by_an_ensemble(tmp_path: Path) -> Non
     request_id = foreign_request_id()
     payload = foreign_payload("sqlite3")
     async with await connect(config) as transport, kitchen(transport).serving():
+        await asyncio.to_thread(
+            _register,
+            path,
+            f"{ns}/delivery:{REPLY_TO}",
+            registration_key(request_id),
+            foreign_registration(request_id),
+        )
         row_id = await asyncio.to_thread(
             _insert_request,
             path,
@@ -87,7 +110,7 @@ async def test_sqlite3_request_is_answered_by_an_ensemble(tmp_path: Path) -> Non
             foreign_request(request_id, payload),
         )
         value = await asyncio.to_thread(
-            _wait_completed, path, f"{ns}/delivery:{REPLY_TO}", request_id
+            _wait_completed, path, f"{ns}/delivery:{REPLY_TO}", response_key(request_id)
         )
         check_completed(value, request_id, payload)
 

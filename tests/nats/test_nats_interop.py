@@ -2,8 +2,9 @@
 
 JetStream: a request published to ``NS.q.Q`` in stream ``NS__Q`` (headers
 ``Nats-Msg-Id`` and ``Nats-Expected-Stream``) is answered by an ``Ensemble``
-on ``nats://``; a KV watch of bucket ``NS__delivery__R`` sees the completed
-``DeliveryRecord`` and a KV get of ``NS__capability__capabilities`` the
+on ``nats://`` once registered (a ``pending`` ``DeliveryRecord`` put at key
+``p.<id>`` of bucket ``NS__delivery__R``); a KV watch of ``c.<id>`` sees the
+completed ``DeliveryRecord`` and a KV get of ``NS__capability__capabilities`` the
 ensemble's ``Capability``.
 
 Bus: core NATS publish and subscribe in both directions with
@@ -43,9 +44,12 @@ from tests._interop import (
     check_capability,
     check_completed,
     foreign_payload,
+    foreign_registration,
     foreign_request,
     foreign_request_id,
     kitchen,
+    registration_key,
+    response_key,
     schema_errors,
 )
 from transport import Event, TransportConfig, connect
@@ -103,7 +107,9 @@ async def test_raw_jetstream_request_is_answered_by_an_ensemble(
     async with await connect(nats_config) as transport:
         await transport.provision(PLAN)
         registry = await js.key_value(f"{ns}__delivery__{REPLY_TO}")
-        watcher = await registry.watch(request_id)
+        # Registered before it is sent: a request nobody awaits is not run.
+        await registry.put(registration_key(request_id), foreign_registration(request_id))
+        watcher = await registry.watch(response_key(request_id))
         try:
             async with kitchen(transport).serving():
                 ack = await js.publish(
@@ -119,10 +125,10 @@ async def test_raw_jetstream_request_is_answered_by_an_ensemble(
                         entry = await watcher.updates(timeout=WAIT_S)
                         if entry is not None and _is_completed(entry.value):
                             break
-                assert entry.key == request_id
+                assert entry.key == response_key(request_id)
                 check_completed(entry.value, request_id, payload)
                 # What a plain get returns is the same record.
-                got = await registry.get(request_id)
+                got = await registry.get(response_key(request_id))
                 assert got.value == entry.value
 
                 capabilities = await js.key_value(f"{ns}__capability__capabilities")

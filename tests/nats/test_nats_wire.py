@@ -74,7 +74,7 @@ async def test_nats_objects_and_bodies_are_as_documented(
             registry = transport.delivery_registry("front-desk")
             await registry.register("req-1")
             bucket = f"{ns}__delivery__front-desk"
-            raw = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.req-1")
+            raw = await js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.p.req-1")
             assert _errors("DeliveryRecord", raw.data or b"") == []
             assert json.loads(raw.data or b"")["state"] == "pending"
 

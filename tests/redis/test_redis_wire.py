@@ -67,10 +67,10 @@ async def test_redis_objects_and_bodies_are_as_documented(
             registry = transport.delivery_registry("caller")
             await registry.register("r-1")
             await registry.complete("r-1", WorkResponse(request_id="r-1", status="completed"))
-            record = await raw.hget(f"{ns}:kv:{{delivery:caller}}", "r-1")
+            record = await raw.hget(f"{ns}:kv:{{delivery:caller}}", "p.r-1")
             assert record is not None and _errors("DeliveryRecord", record) == []
             changes = await raw.xrange(f"{ns}:kv:{{delivery:caller}}:log")
-            assert [f[b"key"] for _, f in changes] == [b"r-1", b"r-1"]
+            assert [f[b"key"] for _, f in changes] == [b"p.r-1", b"c.r-1"]
 
             log = transport.event_log()
             position = await log.append("audit", {"n": 1}, key="k", headers={"h": "v"})

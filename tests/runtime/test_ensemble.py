@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -155,6 +156,38 @@ async def test_redelivered_request_already_answered_is_not_run_again(transport: 
     assert ens.counts["duplicates"] == 1
     assert response.result == "charged"
     assert runs[request.request_id] == 1
+
+
+async def test_request_nobody_awaits_is_not_run(
+    transport: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request naming a registry where nothing is registered for it (its
+    response collected long ago, its registration expired, or never made):
+    its response could never be delivered, so its handler does not run."""
+    runs: Counter[str] = Counter()
+    ens = Ensemble("lost", transport=transport, concurrency=1)
+
+    @ens.task("charge")
+    async def charge(ctx: TaskContext) -> str:
+        runs[ctx.request_id] += 1
+        return "charged"
+
+    inbox = transport.delivery_registry("c6")
+    stray = WorkRequest(task="charge", reply_to="c6")  # never registered
+    queue = transport.request_queue("lost")
+    await queue.enqueue(stray)
+    marker = WorkRequest(task="charge", reply_to="c6")
+    marker_pending = await inbox.register(marker.request_id)
+    await queue.enqueue(marker)
+    with caplog.at_level(logging.INFO, logger="transport"):
+        async with ens:
+            await marker_pending.result(timeout=20)
+    assert runs == {marker.request_id: 1}
+    assert ens.counts["duplicates"] == 1
+    assert any(
+        stray.request_id in r.getMessage() and "no caller awaits" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_long_handler_keeps_its_lease_automatically(

@@ -60,8 +60,12 @@ class NamespaceConformance:
         await in_alpha.register("ns-req-1")
         assert await in_beta.record("ns-req-1") is None, "beta sees alpha's record"
         assert await in_beta.pending() == [], "beta lists alpha's pending request"
-        # Completing the same id in beta writes beta's own record only.
+        # Completing an id alpha registered does nothing in beta (nobody
+        # registered it there); registered in beta too, the completion
+        # writes beta's own record only.
         response = WorkResponse(request_id="ns-req-1", result="from beta")
+        assert await in_beta.complete("ns-req-1", response) is False
+        await in_beta.register("ns-req-1")
         assert await in_beta.complete("ns-req-1", response)
         record = await in_alpha.record("ns-req-1")
         assert record is not None and record.state == "pending", (
