@@ -71,7 +71,6 @@ def foreign_request(request_id: str, payload: dict[str, Any]) -> bytes:
     ).encode()
 
 
-
 def registration_key(request_id: str) -> str:
     """Where a caller registers ``request_id`` in its delivery registry."""
     return f"p.{request_id}"
@@ -97,6 +96,7 @@ def foreign_registration(request_id: str) -> bytes:
             "expires_at": (now + timedelta(hours=1)).isoformat(),
         }
     ).encode()
+
 
 def kitchen(transport: Transport) -> Ensemble:
     """The ensemble that answers the foreign requests (one level, so its

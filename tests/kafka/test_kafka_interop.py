@@ -1,7 +1,9 @@
 """Clients this library does not use, on the topics docs/wire.md names:
-aiokafka and ``kcat`` produce a request to ``NS.Q.requests`` (key = request
-id), an ``Ensemble`` on ``kafka://`` answers it, and the same client reads
-the completed ``DeliveryRecord`` from the registry's compacted topic and the
+aiokafka and ``kcat`` register a request (a ``pending`` ``DeliveryRecord``
+with key ``p.<id>`` on the registry's compacted topic) and produce it to
+``NS.Q.requests`` (key = request id), an ``Ensemble`` on ``kafka://``
+answers it, and the same client reads the completed ``DeliveryRecord``
+(key ``c.<id>``) from the registry's topic and the
 ensemble's ``Capability`` record from the capability registry's.
 
 ``kcat`` is Debian's package (``.ci/run`` installs it where ``apt-get``
@@ -38,9 +40,12 @@ from tests._interop import (
     check_capability,
     check_completed,
     foreign_payload,
+    foreign_registration,
     foreign_request,
     foreign_request_id,
     kitchen,
+    registration_key,
+    response_key,
 )
 from transport import connect
 
@@ -128,6 +133,12 @@ async def test_aiokafka_request_is_answered_by_an_ensemble(
             producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
             await producer.start()
             try:
+                # Registered before it is sent: a request nobody awaits is not run.
+                await producer.send_and_wait(
+                    topics.registry,
+                    foreign_registration(request_id),
+                    key=registration_key(request_id).encode(),
+                )
                 sent = await producer.send_and_wait(
                     topics.requests,
                     foreign_request(request_id, payload),
@@ -140,7 +151,7 @@ async def test_aiokafka_request_is_answered_by_an_ensemble(
             record = await _aiokafka_find(
                 kafka_bootstrap,
                 topics.registry,
-                lambda r: r.key == request_id.encode() and _is_completed(r.value),
+                lambda r: r.key == response_key(request_id).encode() and _is_completed(r.value),
             )
             assert record is not None
             check_completed(record.value, request_id, payload)
@@ -264,6 +275,24 @@ async def _kcat_read_to_end(kcat: _Kcat, topic: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.strip()]
 
 
+async def _kcat_produce(kcat: _Kcat, topic: str, key: str, body: bytes) -> None:
+    """One message from stdin (kcat splits on newlines; the body has none)."""
+    producer = await asyncio.create_subprocess_exec(
+        *kcat.argv("-P", "-t", topic, "-k", key, "-c", "1"),
+        stdin=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=kcat.env,
+    )
+    try:
+        async with asyncio.timeout(WAIT_S):
+            _, stderr = await producer.communicate(body)
+    finally:
+        if producer.returncode is None:
+            producer.kill()
+            await producer.wait()
+    assert producer.returncode == 0, stderr.decode(errors="replace")
+
+
 async def test_kcat_request_is_answered_by_an_ensemble(
     kafka_config_factory: Any, kcat: _Kcat
 ) -> None:
@@ -275,27 +304,22 @@ async def test_kcat_request_is_answered_by_an_ensemble(
     async with await connect(kafka_config_factory(namespace=ns)) as transport:
         await transport.provision(PLAN)
         async with kitchen(transport).serving():
-            # One message from stdin (kcat splits on newlines; the body has none).
-            producer = await asyncio.create_subprocess_exec(
-                *kcat.argv("-P", "-t", topics.requests, "-k", request_id, "-c", "1"),
-                stdin=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=kcat.env,
+            # Registered before it is sent: a request nobody awaits is not run.
+            await _kcat_produce(
+                kcat,
+                topics.registry,
+                registration_key(request_id),
+                foreign_registration(request_id),
             )
-            try:
-                async with asyncio.timeout(WAIT_S):
-                    _, stderr = await producer.communicate(foreign_request(request_id, payload))
-            finally:
-                if producer.returncode is None:
-                    producer.kill()
-                    await producer.wait()
-            assert producer.returncode == 0, stderr.decode(errors="replace")
+            await _kcat_produce(
+                kcat, topics.requests, request_id, foreign_request(request_id, payload)
+            )
 
             envelope = await _kcat_find(
                 kcat,
                 topics.registry,
                 lambda e: (
-                    e["key"] == request_id
+                    e["key"] == response_key(request_id)
                     and e["payload"] is not None
                     and json.loads(e["payload"])["state"] == "completed"
                 ),

@@ -113,7 +113,7 @@ async def test_kafka_topics_headers_and_bodies_are_as_documented(
         (kept,) = await asyncio.to_thread(
             _read, kafka_bootstrap, f"{doubled}.registry.delivery.front__desk", 1
         )
-        assert kept.key() == b"req-1"
+        assert kept.key() == b"p.req-1"
         assert _errors("DeliveryRecord", kept.value()) == []
 
         position = await transport.event_log().append("audit", {"x": 1}, key="k")

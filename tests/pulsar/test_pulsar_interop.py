@@ -1,8 +1,10 @@
 """The ``pulsar`` module used directly (its own client, not
 ``transport_pulsar``) on what docs/wire.md names: a request sent to
-``NS.q.Q`` (partition key = request id) is answered by an ``Ensemble`` on
-``pulsar://``; a plain reader of the registry's keyed topic
-``NS.kv.delivery.R`` finds the completed ``DeliveryRecord``, and one of
+``NS.q.Q`` (partition key = request id), registered first (a ``pending``
+``DeliveryRecord`` sent to the registry's keyed topic ``NS.kv.delivery.R``
+with partition key ``p.<id>``), is answered by an ``Ensemble`` on
+``pulsar://``; a plain reader of that topic finds the completed
+``DeliveryRecord`` (partition key ``c.<id>``), and one of
 ``NS.kv.capability.capabilities`` the ensemble's ``Capability``."""
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ from tests._interop import (
     check_capability,
     check_completed,
     foreign_payload,
+    foreign_registration,
     foreign_request,
     foreign_request_id,
     kitchen,
+    registration_key,
+    response_key,
 )
 from tests.pulsar.conftest import make_config
 from transport import connect
@@ -101,6 +106,14 @@ async def test_raw_pulsar_request_is_answered_by_an_ensemble(pulsar_url: str) ->
     async with await connect(config) as transport:
         await transport.provision(PLAN)
         async with kitchen(transport).serving():
+            # Registered before it is sent: a request nobody awaits is not run.
+            await asyncio.to_thread(
+                _send,
+                pulsar_url,
+                f"{base}.kv.delivery.{REPLY_TO}",
+                foreign_registration(request_id),
+                registration_key(request_id),
+            )
             await asyncio.to_thread(
                 _send,
                 pulsar_url,
@@ -113,7 +126,7 @@ async def test_raw_pulsar_request_is_answered_by_an_ensemble(pulsar_url: str) ->
                 pulsar_url,
                 f"{base}.kv.delivery.{REPLY_TO}",
                 lambda m: (
-                    m.partition_key() == request_id
+                    m.partition_key() == response_key(request_id)
                     and _is_record(m)
                     and json.loads(m.data())["state"] == "completed"
                 ),
