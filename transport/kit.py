@@ -29,6 +29,9 @@ What is here, by concern:
 * **Names** — :func:`validate_name` (queue, registry, stream names),
   :func:`internal_name` (``<name>__<suffix>`` objects a backend derives),
   :func:`validate_header`, :func:`check_headers`.
+* **Keyed logs** — :func:`read_checkpoint` (the resume position and records
+  of a checkpoint the shared registry readers saved, for a log that reads
+  its own from a position).
 * **Events** — :func:`check_start` (the ``start`` argument of readers),
   :data:`Start`, :func:`make_event`.
 * **Asyncio plumbing** — :func:`seconds` (timeouts and delays as float
@@ -55,6 +58,7 @@ from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._spi.events import Start, check_headers, check_start, make_event
+from transport._spi.keyed import read_checkpoint
 from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, replace_fields, utcnow
 from transport._spi.models import _WireModel as WireModel
 from transport._spi.naming import internal_name, validate_header, validate_name
@@ -96,6 +100,7 @@ __all__ = [
     "hand_to_waiter",
     "internal_name",
     "make_event",
+    "read_checkpoint",
     "replace_fields",
     "request_codec_for",
     "retrieve",

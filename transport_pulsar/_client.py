@@ -76,6 +76,8 @@ _OK = _pulsar.Result.Ok
 _ACK_RETRY_SECONDS = 0.1
 #: Message ids acked across a reconnect, remembered to drop redispatched copies.
 _REACKED_KEPT = 4096
+#: Reads served from a reader's prefetch queue before the event loop gets a turn.
+_READS_PER_TURN = 64
 
 # pulsar-client ships no type information: its objects are opaque here.
 Message: TypeAlias = Any
@@ -704,12 +706,54 @@ class AsyncReader:
         self.topic = topic
         self._timeout = timeout
         self._pending: asyncio.Future[Message] | None = None
+        self._last: MessageId | None = None
+        self._served = 0  # reads in a row served without waiting
+
+    def fresh(self, message: Message) -> bool:
+        """Whether ``message`` comes after every message this reader called
+        fresh before (it is then remembered as the last one). A reader reads
+        a topic in order, so one that does not is a copy: pulsar-lite sends
+        a reader messages that were published concurrently more than once —
+        the one just read again, and now and then earlier ones (up to a few
+        hundred back) followed by the rest again."""
+        message_id = message.message_id()
+        last = self._last
+        if last is not None and message_id.partition() == last.partition() and message_id <= last:
+            return False
+        self._last = message_id
+        return True
 
     async def has_message_available(self) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         with map_pulsar_errors(f"read {self.topic}"):
             self._reader.has_message_available_async(_result_callback(future))
         return bool(await _wait(future, self._timeout, f"read {self.topic}"))
+
+    async def poll(self) -> Message | None:
+        """A message the client has received already, without waiting for
+        the broker; ``None`` if it holds none. Unlike ``read_next(0)`` it
+        leaves no read pending behind: a pending read can take the next
+        message while ``has_message_available`` is being asked, which then
+        answers as if that message had been read (a catch-up would stop one
+        message short)."""
+        self._served += 1
+        if self._served >= _READS_PER_TURN:
+            # A turn for the loop's other tasks now and then (nothing is
+            # taken yet if this is cancelled).
+            self._served = 0
+            await asyncio.sleep(0)
+        pending = self._pending
+        if pending is not None:
+            if not pending.done():
+                return None
+            self._pending = None
+            with map_pulsar_errors(f"read {self.topic}"):
+                return pending.result()
+        with map_pulsar_errors(f"read {self.topic}"):
+            try:
+                return self._reader.read_next(0)  # the receive queue only: no wait
+            except _pulsar.Timeout:
+                return None
 
     async def read_next(self, timeout: float | None = None) -> Message | None:
         """The next message; ``None`` if none arrived within ``timeout``."""
@@ -721,15 +765,31 @@ class AsyncReader:
             future.add_done_callback(retrieve)
             self._pending = future
         pending = self._pending
-        try:
+        if pending.done():
+            # Served from the prefetch queue inside the call: no trip
+            # through the event loop per message (a catch-up reads
+            # thousands), but a turn for the loop's other tasks now and then.
+            self._served += 1
+            if self._served >= _READS_PER_TURN:
+                self._served = 0
+                await asyncio.sleep(0)  # cancelled here: the message stays pending
+            self._pending = None
             with map_pulsar_errors(f"read {self.topic}"):
-                message = await asyncio.wait_for(asyncio.shield(pending), timeout)
+                return pending.result()
+        self._served = 0
+        try:
+            message = await asyncio.wait_for(asyncio.shield(pending), timeout)
         except TimeoutError:
-            return None
+            if not pending.done():
+                return None  # waited out: the read stays pending for the next call
+            self._pending = None  # it completed as the wait ran out
+            with map_pulsar_errors(f"read {self.topic}"):
+                return pending.result()
         except BaseException:
             if pending.done():
                 self._pending = None
-            raise
+            with map_pulsar_errors(f"read {self.topic}"):
+                raise
         self._pending = None
         return message
 
@@ -1035,6 +1095,62 @@ class AsyncPulsarClient:
             self._core.create_reader_async_v2(topic, begin, conf, _value_callback(future))
         reader = await _wait(future, self._operation_timeout + 5.0, f"create reader on {topic}")
         return AsyncReader(reader, topic, self._operation_timeout + 5.0)
+
+    async def last_message_id(self, topic: str) -> MessageId | None:
+        """The id of the last message of ``topic``; ``None`` if it holds none.
+
+        The binding's readers cannot ask (a reader at ``MessageId.latest``
+        with ``inclusive`` would be placed on the last message by a seek,
+        which pulsar-lite confirms and then ignores), so a consumer asks:
+        on a subscription of its own (a random ``ae-last-`` name, at the
+        latest position, no permits: nothing is dispatched to it), removed
+        again at once. A process killed in between leaves that subscription
+        behind (its backlog grows with the topic; delete it by name).
+        pulsar-lite answers an empty topic with an error ("Topic has no
+        messages"), Apache Pulsar with an entry id of -1: both are ``None``.
+
+        Raises: TransientTransportError, PermanentTransportError.
+        """
+        conf = _pulsar.ConsumerConfiguration()
+        conf.consumer_type(pulsar.ConsumerType.Exclusive)
+        conf.receiver_queue_size(0)
+        conf.subscription_initial_position(_pulsar.InitialPosition.Latest)
+        subscription = f"ae-last-{os.urandom(8).hex()}"
+        loop = asyncio.get_running_loop()
+        timeout = self._operation_timeout + 5.0
+        future: asyncio.Future[_pulsar.Consumer] = loop.create_future()
+        with map_pulsar_errors(f"subscribe to {topic}"):
+            self._core.subscribe_async_v2(topic, subscription, conf, _value_callback(future))
+        consumer = await _wait(future, timeout, f"subscribe to {topic}")
+        try:
+            asked: asyncio.Future[MessageId] = loop.create_future()
+            with map_pulsar_errors(f"last message id of {topic}"):
+                consumer.get_last_message_id_async(_result_callback(asked))
+            try:
+                last = await _wait(asked, timeout, f"last message id of {topic}")
+            except TransientTransportError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, PulsarResultError) and cause.result_name == "UnknownError":
+                    return None  # pulsar-lite: "Topic has no messages"
+                raise
+            return None if last.entry_id() < 0 else last
+        finally:
+            gone: asyncio.Future[None] = loop.create_future()
+            try:
+                with map_pulsar_errors(f"unsubscribe {subscription} from {topic}"):
+                    consumer.unsubscribe_async(_result_callback(gone))
+                await _wait(gone, self._close_timeout, f"unsubscribe from {topic}")
+            except Exception as exc:
+                log.warning(
+                    "subscription %s on %s not removed (%s); delete it by name",
+                    subscription,
+                    topic,
+                    exc,
+                )
+                closed: asyncio.Future[None] = loop.create_future()
+                with contextlib.suppress(Exception):
+                    consumer.close_async(_result_callback(closed))
+                    await _wait(closed, self._close_timeout, f"close consumer on {topic}")
 
     async def topic_partitions(self, topic: str, timeout: float) -> list[str]:
         """A metadata round trip to the broker (used as a health probe)."""

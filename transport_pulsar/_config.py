@@ -7,7 +7,9 @@ Name mapping (all names are validated before they reach the broker)::
     its hand-out counts      persistent://<tenant>/<ns>/<prefix>.q.<name>__attempts
     priority level k         persistent://<tenant>/<ns>/<prefix>.q.<name>__p<k>
     delivery registry <n>    persistent://<tenant>/<ns>/<prefix>.kv.delivery.<n>
+    its checkpoints          persistent://<tenant>/<ns>/<prefix>.kv.delivery.<n>__checkpoint
     capability registry      persistent://<tenant>/<ns>/<prefix>.kv.capability.capabilities
+    its checkpoints          persistent://<tenant>/<ns>/<prefix>.kv.capability.capabilities__checkpoint
     subscription             <consumer_group>
 
 ``<prefix>`` is ``TransportConfig.namespace``; ``<tenant>``/``<ns>`` are the

@@ -1,7 +1,7 @@
 """Provisioning and ``doctor`` for ``pulsar://``.
 
-Topics read only by readers (the dead letters of a queue, the registries,
-the event-log streams and their cursors) have no durable subscription that
+Topics read only by readers (the dead letters of a queue, the registries
+and their checkpoint topics, the event-log streams and their cursors) have no durable subscription that
 holds their messages: Pulsar's default retention (none) lets the broker
 delete them once a ledger rolls over. With ``admin_url`` set, ``provision``
 creates every topic through the admin REST API and gives those topics
@@ -24,6 +24,7 @@ from urllib.parse import quote
 from transport.errors import TransientTransportError, UnsupportedFeatureError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
 from transport_pulsar._client import PulsarContext
+from transport_pulsar._registries import checkpoint_name
 
 __all__ = ["PulsarAdmin", "create_object", "object_topics", "pulsar_doctor"]
 
@@ -37,9 +38,12 @@ def object_topics(ctx: PulsarContext, kind: ObjectKind, name: str) -> list[str]:
     if kind == "queue":
         return [ctx.topic("q", name), ctx.topic("q", internal_name(name, "dlq"))]
     if kind == "delivery_registry":
-        return [ctx.topic("kv.delivery", name)]
+        return [ctx.topic("kv.delivery", name), ctx.topic("kv.delivery", checkpoint_name(name))]
     if kind == "capability_registry":
-        return [ctx.topic("kv.capability", "capabilities")]
+        return [
+            ctx.topic("kv.capability", "capabilities"),
+            ctx.topic("kv.capability", checkpoint_name("capabilities")),
+        ]
     return [ctx.topic("log", name), ctx.topic("logcursor", name)]
 
 

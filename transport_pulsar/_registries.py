@@ -8,18 +8,40 @@ and, for readers that drop that flag, an ``ae-tombstone`` property. State is
 rebuilt by a reader from the earliest message up to the topic's last message
 (``hasMessageAvailable`` turns false: :data:`~transport.CAUGHT_UP`), then
 followed live. Last writer wins per key, in topic order.
+
+**Checkpoints.** A topic keeps every message (pulsar-lite never deletes;
+Apache Pulsar keeps them under the infinite retention the readers need, and
+compacts only when an operator runs compaction), so a reader from the
+earliest message replays the registry's whole history. A registry's keyed
+topic is therefore resumable: every change carries its position (the
+serialized message id), a reader can start at a position (inclusive), and
+the shared registry readers save a checkpoint now and then — the live
+records older than a resume position, and that position — as one message
+of a companion topic ``<topic>__checkpoint``. The last message of that
+topic is the checkpoint (its id asked with GetLastMessageId, the message
+read by a reader placed on it): a new reader applies the records it carries
+and reads the keyed topic from its resume position, not from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
+import _pulsar
+
 from transport import CAUGHT_UP, CapabilityRegistry, DeliveryRegistry, KeyedChange, KeyedLog
-from transport.errors import TransientTransportError
-from transport.kit import SharedRun
-from transport_pulsar._client import AsyncProducer, AsyncPulsarClient, AsyncReader, Message
+from transport.errors import PermanentTransportError, TransientTransportError
+from transport.kit import SharedRun, internal_name, read_checkpoint
+from transport_pulsar._client import (
+    AsyncProducer,
+    AsyncPulsarClient,
+    AsyncReader,
+    Message,
+    MessageId,
+)
 from transport_pulsar._errors import PulsarResultError
 
 __all__ = [
@@ -27,6 +49,7 @@ __all__ = [
     "PulsarCapabilityRegistry",
     "PulsarDeliveryRegistry",
     "PulsarKeyedLog",
+    "checkpoint_name",
 ]
 
 #: The shared registry implementations run unchanged on a PulsarKeyedLog.
@@ -35,19 +58,56 @@ PulsarCapabilityRegistry = CapabilityRegistry
 
 MARKER_PROPERTY = "ae-marker"
 TOMBSTONE_PROPERTY = "ae-tombstone"
+#: ``<registry>__checkpoint``: the registry's checkpoint topic, beside its keyed topic.
+CHECKPOINT_SUFFIX = "checkpoint"
+
+log = logging.getLogger("transport.pulsar")
 
 
-def keyed_change(message: Message) -> KeyedChange | None:
-    """The change a message carries, or ``None`` for markers and unkeyed noise."""
+def checkpoint_name(name: str) -> str:
+    """The name (``kind`` prefix left to the caller) of the checkpoint topic
+    of the registry ``name``."""
+    return internal_name(name, CHECKPOINT_SUFFIX)
+
+
+def keyed_change(message: Message, *, positioned: bool = False) -> KeyedChange | None:
+    """The change a message carries (with its serialized message id as
+    position if ``positioned``), or ``None`` for markers and unkeyed noise."""
     properties = message.properties()
     if MARKER_PROPERTY in properties:
         return None
     key = message.partition_key()
     if not key:
         return None
+    position = message.message_id().serialize() if positioned else None
     if message.has_null_value() or properties.get(TOMBSTONE_PROPERTY) == "1":
-        return KeyedChange(key, None)
-    return KeyedChange(key, bytes(message.data()))
+        return KeyedChange(key, None, position)
+    return KeyedChange(key, bytes(message.data()), position)
+
+
+def _message_id(position: bytes) -> MessageId | None:
+    """The message id a position encodes; ``None`` for one that does not."""
+    try:
+        return _pulsar.MessageId.deserialize(position)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+
+
+def _same_message(a: MessageId, b: MessageId) -> bool:
+    return (a.ledger_id(), a.entry_id(), a.batch_index()) == (
+        b.ledger_id(),
+        b.entry_id(),
+        b.batch_index(),
+    )
+
+
+def _topic_unusable(exc: BaseException) -> bool:
+    """Whether a failure says the topic does not exist (and is not created
+    on use) or may not be read: not one that goes away by retrying."""
+    cause = exc.__cause__
+    if isinstance(exc, PermanentTransportError):
+        return True
+    return isinstance(cause, PulsarResultError) and cause.result_name == "TopicNotFound"
 
 
 def _is_empty_topic_error(exc: BaseException) -> bool:
@@ -56,17 +116,31 @@ def _is_empty_topic_error(exc: BaseException) -> bool:
 
 
 class KeyedTopic:
-    """Writes to one keyed topic, and an incrementally maintained view of it."""
+    """Writes to one keyed topic, and an incrementally maintained view of it.
+
+    With a ``checkpoint_topic`` (a registry's), the view behind :meth:`synced`
+    starts from the last checkpoint saved there (see the module docstring),
+    and :meth:`watch` can start at a position; without one (dead letters,
+    hand-out counts, cursors) every reader starts at the earliest message.
+    """
 
     def __init__(
-        self, client: AsyncPulsarClient, topic: str, *, timeout: float, close_timeout: float
+        self,
+        client: AsyncPulsarClient,
+        topic: str,
+        *,
+        timeout: float,
+        close_timeout: float,
+        checkpoint_topic: str | None = None,
     ):
         self._client = client
         self.topic = topic
+        self.checkpoint_topic = checkpoint_topic
         self._timeout = timeout
         self._close_timeout = close_timeout
         self._producer: AsyncProducer | None = None
         self._producer_lock = asyncio.Lock()
+        self._checkpoint_producer: AsyncProducer | None = None
         self._reader: AsyncReader | None = None
         self._state: dict[str, bytes] = {}
         self._sync = SharedRun(self._catch_up)
@@ -119,17 +193,66 @@ class KeyedTopic:
         await self._mark()
         return await reader.has_message_available()
 
+    async def _next_available(self, reader: AsyncReader) -> Message | None:
+        """The reader's next message; ``None`` once it has read the topic's
+        last message. Copies of messages read before are skipped
+        (:meth:`AsyncReader.fresh`): a change applied again out of order
+        would bring back a value overwritten since."""
+        while True:
+            # What the client holds already needs no question to the broker.
+            message = await reader.poll()
+            if message is None:
+                if not await self._available(reader):
+                    return None
+                message = await reader.read_next(self._timeout)
+                if message is None:
+                    raise TransientTransportError(
+                        f"read {self.topic}: no message although one is available"
+                    )
+            if reader.fresh(message):
+                return message
+
     async def catch_up(self, reader: AsyncReader, apply: Callable[[KeyedChange], None]) -> None:
         """Read until the reader has seen the topic's last message."""
-        while await self._available(reader):
-            message = await reader.read_next(self._timeout)
-            if message is None:
-                raise TransientTransportError(
-                    f"read {self.topic}: no message although one is available"
-                )
+        while (message := await self._next_available(reader)) is not None:
             change = keyed_change(message)
             if change is not None:
                 apply(change)
+
+    async def _reader_on(self, position: bytes) -> tuple[AsyncReader, Message] | None:
+        """A reader on the message at ``position`` (inclusive) and that
+        message; ``None`` if the topic does not hold it (any more): a
+        position of another topic, or of this one before it was deleted."""
+        start = _message_id(position)
+        if start is None:
+            return None
+        reader = await self._client.create_reader(self.topic, start, inclusive=True)
+        try:
+            # A reader placed on a missing id starts at the next message
+            # there is (or at the end): the first message tells.
+            first = await self._next_available(reader)
+        except BaseException:
+            await reader.close(self._close_timeout)
+            raise
+        if first is not None and _same_message(first.message_id(), start):
+            return reader, first
+        await reader.close(self._close_timeout)
+        return None
+
+    async def _reader_at(self, position: bytes | None) -> tuple[AsyncReader, Message | None]:
+        """A reader on ``position`` and the message there, else (no
+        position, or one the topic does not hold) one from the earliest
+        message and ``None``."""
+        if position is not None:
+            found = await self._reader_on(position)
+            if found is not None:
+                return found
+            log.warning(
+                "%s: position %s is not in the topic; reading from the earliest message",
+                self.topic,
+                position.hex(),
+            )
+        return await self._client.create_reader(self.topic), None
 
     def _apply(self, change: KeyedChange) -> None:
         if change.value is None:
@@ -153,7 +276,7 @@ class KeyedTopic:
     async def _catch_up(self) -> dict[str, bytes]:
         try:
             if self._reader is None:
-                self._reader = await self._client.create_reader(self.topic)
+                self._reader = await self._start_view()
             await self.catch_up(self._reader, self._apply)
         except Exception:
             # A half-read position is fine to continue from, but after an
@@ -167,29 +290,117 @@ class KeyedTopic:
             raise
         return self._state
 
-    async def watch(self) -> AsyncIterator[KeyedChange | object]:
-        """Current state, then CAUGHT_UP, then every later change."""
-        reader = await self._client.create_reader(self.topic)
+    async def _start_view(self) -> AsyncReader:
+        """The view's reader: on the checkpoint's resume position, with the
+        records it carries and the message there applied, if there is a
+        usable checkpoint; else from the earliest message."""
+        loaded = await self._load_checkpoint()
+        if loaded is None:
+            return await self._client.create_reader(self.topic)
+        _, records, reader, first = loaded
+        for key, _, value in records:
+            self._state[key] = value
+        change = keyed_change(first)
+        if change is not None:
+            self._apply(change)
+        return reader
+
+    async def _load_checkpoint(
+        self,
+    ) -> tuple[bytes, list[tuple[str, bytes, bytes]], AsyncReader, Message] | None:
+        """The last checkpoint saved (raw, and its records) with a reader on
+        its resume position and the message there; ``None`` if there is no
+        checkpoint, or it cannot be read, or its position is not in the
+        topic (a checkpoint of a topic deleted since: its records are not
+        this topic's)."""
+        if self.checkpoint_topic is None:
+            return None
+        try:
+            last = await self._client.last_message_id(self.checkpoint_topic)
+        except (TransientTransportError, PermanentTransportError) as exc:
+            if not _topic_unusable(exc):
+                raise
+            # A broker without topic auto-creation and a registry provisioned
+            # before checkpoints existed: replay from the start, as before.
+            log.warning(
+                "%s: no checkpoint read (%s); `transport provision` creates the topic",
+                self.checkpoint_topic,
+                exc,
+            )
+            return None
+        if last is None:
+            return None
+        reader = await self._client.create_reader(self.checkpoint_topic, last, inclusive=True)
+        try:
+            message = await reader.read_next(self._timeout)
+        finally:
+            await reader.close(self._close_timeout)
+        if message is None:
+            raise TransientTransportError(
+                f"read {self.checkpoint_topic}: its last message did not arrive"
+            )
+        data = bytes(message.data())
+        try:
+            resume, records = read_checkpoint(data)
+        except ValueError as exc:
+            log.warning("%s: ignoring an unreadable checkpoint (%s)", self.checkpoint_topic, exc)
+            return None
+        found = await self._reader_on(resume)
+        if found is None:
+            log.warning(
+                "%s: ignoring the checkpoint: its position %s is not in %s",
+                self.checkpoint_topic,
+                resume.hex(),
+                self.topic,
+            )
+            return None
+        reader, first = found
+        return data, records, reader, first
+
+    async def load_checkpoint(self) -> bytes | None:
+        """The last checkpoint saved, if it is usable (see
+        :meth:`_load_checkpoint`); ``None`` otherwise."""
+        loaded = await self._load_checkpoint()
+        if loaded is None:
+            return None
+        data, _, reader, _ = loaded
+        await reader.close(self._close_timeout)
+        return data
+
+    async def save_checkpoint(self, data: bytes) -> None:
+        """Append ``data`` to the checkpoint topic (its last message is the
+        checkpoint)."""
+        if self.checkpoint_topic is None:
+            raise NotImplementedError(f"{self.topic} has no checkpoint topic")
+        async with self._producer_lock:
+            if self._checkpoint_producer is None:
+                self._checkpoint_producer = await self._client.create_producer(
+                    self.checkpoint_topic
+                )
+            producer = self._checkpoint_producer
+        await producer.send(data)
+
+    async def watch(self, position: bytes | None = None) -> AsyncIterator[KeyedChange | object]:
+        """Every change from ``position`` on (inclusive; from the earliest
+        message without one, or if the topic does not hold it), each with
+        its position, in topic order; then CAUGHT_UP once the topic's last
+        message was read; then every later change."""
+        reader, message = await self._reader_at(position)
         self._readers.add(reader)
         try:
-            state: dict[str, bytes] = {}
-
-            def fold(change: KeyedChange) -> None:
-                if change.value is None:
-                    state.pop(change.key, None)
-                else:
-                    state[change.key] = change.value
-
-            await self.catch_up(reader, fold)
-            for key, value in state.items():
-                yield KeyedChange(key, value)
-            state.clear()
+            if message is None:
+                message = await self._next_available(reader)
+            while message is not None:
+                change = keyed_change(message, positioned=True)
+                if change is not None:
+                    yield change
+                message = await self._next_available(reader)
             yield CAUGHT_UP
             while True:
                 message = await reader.read_next(None)
-                if message is None:
+                if message is None or not reader.fresh(message):
                     continue
-                change = keyed_change(message)
+                change = keyed_change(message, positioned=True)
                 if change is not None:
                     yield change
         finally:
@@ -203,17 +414,23 @@ class KeyedTopic:
         self._readers.clear()
         for reader in readers:
             await reader.close(self._close_timeout)
-        if self._producer is not None:
-            producer, self._producer = self._producer, None
-            await producer.close(self._close_timeout)
+        for attribute in ("_producer", "_checkpoint_producer"):
+            producer = getattr(self, attribute)
+            if producer is not None:
+                setattr(self, attribute, None)
+                await producer.close(self._close_timeout)
 
 
 class PulsarKeyedLog(KeyedLog):
-    """A registry's keyed log on one Pulsar topic (see the module docstring)."""
+    """A registry's keyed log on one Pulsar topic (see the module docstring):
+    resumable when its topic has a checkpoint topic."""
+
+    resumable = True
 
     def __init__(self, topic: KeyedTopic) -> None:
         self._topic = topic
         self._closed = False
+        self.resumable = topic.checkpoint_topic is not None
 
     async def put(self, key: str, value: bytes) -> None:
         await self._topic.write(key, value)
@@ -226,6 +443,15 @@ class PulsarKeyedLog(KeyedLog):
 
     def watch(self) -> AsyncIterator[KeyedChange | object]:
         return self._topic.watch()
+
+    def watch_from(self, position: bytes) -> AsyncIterator[KeyedChange | object]:
+        return self._topic.watch(position)
+
+    async def load_checkpoint(self) -> bytes | None:
+        return await self._topic.load_checkpoint()
+
+    async def save_checkpoint(self, data: bytes) -> None:
+        await self._topic.save_checkpoint(data)
 
     async def aclose(self) -> None:
         if self._closed:

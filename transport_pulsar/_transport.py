@@ -71,7 +71,7 @@ from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient, PulsarCon
 from transport_pulsar._config import PulsarSettings, parse_settings
 from transport_pulsar._events import PulsarEventLog
 from transport_pulsar._queue import PulsarRequestQueue
-from transport_pulsar._registries import KeyedTopic, PulsarKeyedLog
+from transport_pulsar._registries import KeyedTopic, PulsarKeyedLog, checkpoint_name
 
 __all__ = ["PulsarTransport", "open_pulsar"]
 
@@ -220,6 +220,7 @@ class PulsarTransport(Transport):
                 self.topic(f"kv.{kind}", name),
                 timeout=options.operation_timeout_seconds,
                 close_timeout=options.close_timeout_seconds,
+                checkpoint_topic=self.topic(f"kv.{kind}", checkpoint_name(name)),
             )
         )
 

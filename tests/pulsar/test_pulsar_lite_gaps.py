@@ -216,6 +216,93 @@ def test_messages_of_a_consumer_killed_with_unread_bytes_are_redelivered(
         client.close()
 
 
+@lite_gap(
+    "a reader following a topic gets messages published concurrently more than once: the one "
+    "just read again (hundreds of times in 2,000), and now and then earlier ones (up to a few "
+    "hundred back) followed by the rest again; readers in the backend skip what is not after "
+    "the last message they read (AsyncReader.fresh)"
+)
+def test_a_reader_gets_concurrently_published_messages_once_in_order(pulsar_url: str) -> None:
+    topic = f"persistent://public/default/gap-copies-{uuid.uuid4().hex[:8]}"
+    client = pulsar.Client(pulsar_url, operation_timeout_seconds=10)
+    try:
+        producer = client.create_producer(topic, batching_enabled=False)
+        producer.send(b"first")
+        reader = client.create_reader(topic, pulsar.MessageId.earliest, receiver_queue_size=200)
+        total = 1 + 50 * 40
+        read: list[tuple[int, int]] = []
+        everything = threading.Event()
+        stop = threading.Event()
+
+        def follow() -> None:
+            while not stop.is_set():
+                try:
+                    message = reader.read_next(200)
+                except pulsar.Timeout:
+                    continue
+                read.append((message.message_id().ledger_id(), message.message_id().entry_id()))
+                if len(set(read)) == total:
+                    everything.set()
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        receipts = threading.Semaphore(0)
+        for _ in range(50):  # bursts of 40 sends in flight at once
+            for i in range(40):
+                producer.send_async(b"x", lambda *_: receipts.release(), partition_key=f"k{i}")
+            for _ in range(40):
+                receipts.acquire()
+        everything.wait(10)
+        time.sleep(0.5)  # a window for copies sent after the last message
+        stop.set()
+        follower.join()
+        sent = total
+        assert len(set(read)) == sent
+        assert read == sorted(set(read)), f"{len(read) - sent} copies among {len(read)} reads"
+    finally:
+        client.close()
+
+
+@lite_gap(
+    "a seek is confirmed and then ignored, so a reader at MessageId.latest with "
+    "startMessageIdInclusive (placed on the last message by a seek) waits for the next message; "
+    "the registry checkpoints ask a consumer for the last message id instead"
+)
+def test_an_inclusive_reader_at_latest_reads_the_last_message(pulsar_url: str) -> None:
+    topic = f"persistent://public/default/gap-latest-{uuid.uuid4().hex[:8]}"
+    client = pulsar.Client(pulsar_url, operation_timeout_seconds=10)
+    try:
+        producer = client.create_producer(topic, batching_enabled=False)
+        for i in range(3):
+            producer.send(f"m{i}".encode())
+        reader = client.create_reader(
+            topic, pulsar.MessageId.latest, start_message_id_inclusive=True
+        )
+        assert reader.has_message_available()  # the client seeks to the last message here
+        assert reader.read_next(3000).data() == b"m2"
+    finally:
+        client.close()
+
+
+def test_the_last_message_is_found_through_a_consumer_and_read_inclusively(
+    pulsar_url: str,
+) -> None:
+    """What the registry checkpoints rely on instead (works on both)."""
+    topic = f"persistent://public/default/gap-last-{uuid.uuid4().hex[:8]}"
+    client = pulsar.Client(pulsar_url, operation_timeout_seconds=10)
+    try:
+        producer = client.create_producer(topic, batching_enabled=False)
+        ids = [producer.send(f"m{i}".encode()) for i in range(3)]
+        asker = client.subscribe(topic, f"ae-last-{uuid.uuid4().hex[:8]}", receiver_queue_size=0)
+        last = asker.get_last_message_id()
+        asker.unsubscribe()
+        assert (last.ledger_id(), last.entry_id()) == (ids[-1].ledger_id(), ids[-1].entry_id())
+        reader = client.create_reader(topic, last, start_message_id_inclusive=True)
+        assert reader.read_next(3000).data() == b"m2"
+    finally:
+        client.close()
+
+
 async def test_redelivery_count_grows_on_nack_close_and_disconnect(
     transport_harness: PulsarHarness,
 ) -> None:

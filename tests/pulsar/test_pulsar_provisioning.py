@@ -153,6 +153,15 @@ async def test_with_admin_url_provision_sets_infinite_retention_on_reader_only_t
         assert admin.topics == wanted
         queue_topics = {t for t in wanted if ".q." in t and not t.endswith("__dlq")}
         assert len(queue_topics) == 3  # orders__p0, orders__p1, mail
+        # Each registry has a checkpoint topic beside its keyed topic (read
+        # by readers only: infinite retention, below).
+        base = f"persistent://public/default/{config.namespace}"
+        assert {
+            f"{base}.kv.delivery.inbox",
+            f"{base}.kv.delivery.inbox__checkpoint",
+            f"{base}.kv.capability.capabilities",
+            f"{base}.kv.capability.capabilities__checkpoint",
+        } <= wanted
         infinite = {"retentionTimeInMinutes": -1, "retentionSizeInMB": -1}
         audit = next(t for t in wanted if t.endswith(".log.audit"))
         assert admin.retention.pop(audit) == {"retentionTimeInMinutes": 90, "retentionSizeInMB": -1}

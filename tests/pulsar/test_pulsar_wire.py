@@ -97,7 +97,7 @@ async def test_pulsar_topics_properties_and_bodies_are_as_documented(pulsar_url:
         records = [
             m for m in await _read_all(transport, f"{base}.kv.delivery.front-desk") if m.data()
         ]
-        assert [m.partition_key() for m in records] == ["p.req-1"]
+        assert [m.partition_key() for m in records] == ["p.req-1"]  # the registration
         assert _errors("DeliveryRecord", bytes(records[0].data())) == []
 
         await transport.event_log().append("audit", {"x": 1}, key="k")

@@ -9,11 +9,13 @@ semantics from one shared implementation.
 
 from __future__ import annotations
 
+import base64
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-__all__ = ["CAUGHT_UP", "KeyedChange", "KeyedLog"]
+__all__ = ["CAUGHT_UP", "KeyedChange", "KeyedLog", "read_checkpoint"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,3 +136,27 @@ class KeyedLog(ABC):
     async def aclose(self) -> None:
         """Release resources; what was written stays in the backend.
         Idempotent. Does not raise for an unreachable backend."""
+
+
+def read_checkpoint(data: bytes) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
+    """The resume position and the carried ``(key, position, value)`` records
+    of a checkpoint as the shared readers write it
+    (``{"version":1,"resume":b64,"records":[[key,b64,b64],...]}``), for a
+    log that reads its own checkpoint.
+
+    Raises: ValueError (not such a checkpoint).
+    """
+    try:
+        fields = json.loads(data)
+        if fields.get("version") != 1:
+            raise ValueError(f"checkpoint version {fields.get('version')!r}")
+        resume = base64.b64decode(fields["resume"], validate=True)
+        records = [
+            (key, base64.b64decode(position, validate=True), base64.b64decode(value, validate=True))
+            for key, position, value in fields["records"]
+        ]
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"not a checkpoint: {exc!r}") from None
+    if not all(isinstance(key, str) for key, _, _ in records):
+        raise ValueError("not a checkpoint: a key is not a string")
+    return resume, records
