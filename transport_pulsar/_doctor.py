@@ -47,11 +47,20 @@ def object_topics(ctx: PulsarContext, kind: ObjectKind, name: str) -> list[str]:
     return [ctx.topic("log", name), ctx.topic("logcursor", name)]
 
 
+#: Retention (MB) of a registry's checkpoint topic: its oldest checkpoints go.
+CHECKPOINT_RETENTION_MB = 64
+
+
 def _wanted_retention(ctx: PulsarContext, topic: str) -> dict[str, int]:
     """Infinite, except on an event-log stream topic with a configured
-    retention (``stream_retention_minutes`` / ``event_retention_minutes``)."""
+    retention (``stream_retention_minutes`` / ``event_retention_minutes``)
+    and on checkpoint topics (:data:`CHECKPOINT_RETENTION_MB`)."""
     o = ctx.settings.options
     local = topic.rsplit("/", 1)[-1]
+    if local.endswith("__checkpoint"):
+        # Only the last message is read: kept for good, bounded in size
+        # (each view appends one every 2,000 changes of its registry).
+        return {"retentionTimeInMinutes": -1, "retentionSizeInMB": CHECKPOINT_RETENTION_MB}
     prefix = f"{ctx.config.namespace}.log."
     if local.startswith(prefix):
         stream = local.removeprefix(prefix)

@@ -154,7 +154,8 @@ async def test_with_admin_url_provision_sets_infinite_retention_on_reader_only_t
         queue_topics = {t for t in wanted if ".q." in t and not t.endswith("__dlq")}
         assert len(queue_topics) == 3  # orders__p0, orders__p1, mail
         # Each registry has a checkpoint topic beside its keyed topic (read
-        # by readers only: infinite retention, below).
+        # by readers only, its last message only: kept without a time limit,
+        # 64 MB at most, below).
         base = f"persistent://public/default/{config.namespace}"
         assert {
             f"{base}.kv.delivery.inbox",
@@ -165,12 +166,23 @@ async def test_with_admin_url_provision_sets_infinite_retention_on_reader_only_t
         infinite = {"retentionTimeInMinutes": -1, "retentionSizeInMB": -1}
         audit = next(t for t in wanted if t.endswith(".log.audit"))
         assert admin.retention.pop(audit) == {"retentionTimeInMinutes": 90, "retentionSizeInMB": -1}
-        assert admin.retention == dict.fromkeys(wanted - queue_topics - {audit}, infinite)
+        checkpoints = {t for t in wanted if t.endswith("__checkpoint")}
+        assert len(checkpoints) == 2
+        for topic in checkpoints:
+            assert admin.retention.pop(topic) == {
+                "retentionTimeInMinutes": -1,
+                "retentionSizeInMB": 64,
+            }
+        assert admin.retention == dict.fromkeys(
+            wanted - queue_topics - checkpoints - {audit}, infinite
+        )
         admin.retention[audit] = {"retentionTimeInMinutes": 90, "retentionSizeInMB": -1}
+        for topic in checkpoints:
+            admin.retention[topic] = {"retentionTimeInMinutes": -1, "retentionSizeInMB": 64}
         assert await transport.missing(_PLAN) == []
         assert (await transport.doctor(_PLAN)).ok
         # An operator shortens the retention of a registry: doctor says so.
-        registry = next(t for t in wanted if ".kv.delivery." in t)
+        registry = next(t for t in wanted if t.endswith(".kv.delivery.inbox"))
         admin.retention[registry] = {"retentionTimeInMinutes": 60, "retentionSizeInMB": 10}
         report = await transport.doctor(_PLAN)
         assert not report.ok
