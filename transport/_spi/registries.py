@@ -276,19 +276,36 @@ class _LogView:
             log.warning("%s: checkpoint not saved (%s); the next one is tried", self._what, exc)
 
     async def _forget(self) -> None:
+        """Remove the tombstones that are due, up to :data:`_FORGET_BATCH`
+        at a time (a busy caller deletes two keys per collected response)."""
         while self._tombstones and not self._closed:
-            due, key, position = self._tombstones[0]
-            wait = due - time.monotonic()
+            wait = self._tombstones[0][0] - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue
-            try:
-                await self._log.forget(key, position)
-            except TransportError as exc:
-                log.warning("%s: a tombstone not removed (%s); retrying", self._what, exc)
+            now = time.monotonic()
+            batch: list[tuple[float, str, bytes]] = []
+            while self._tombstones and len(batch) < _FORGET_BATCH:
+                if self._tombstones[0][0] > now:
+                    break
+                batch.append(self._tombstones.popleft())
+            results = await asyncio.gather(
+                *(self._log.forget(key, position) for _, key, position in batch),
+                return_exceptions=True,
+            )
+            failed = [item for item, r in zip(batch, results, strict=True) if r is not None]
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                if not all(isinstance(e, TransportError) for e in errors):
+                    raise next(e for e in errors if not isinstance(e, TransportError))
+                log.warning(
+                    "%s: %d tombstones not removed (%s); retrying",
+                    self._what,
+                    len(failed),
+                    errors[0],
+                )
+                self._tombstones.extendleft(reversed(failed))
                 await asyncio.sleep(5.0)
-                continue
-            self._tombstones.popleft()
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -378,6 +395,8 @@ _CHECKPOINT_EVERY = 2_000
 _CARRY_BYTES = 256 * 1024
 #: Seconds after which a seen tombstone is removed from a log that keeps them.
 _FORGET_AFTER = 60.0
+#: Tombstones removed concurrently.
+_FORGET_BATCH = 32
 _CLOSE_WAIT = 5.0
 
 
