@@ -124,6 +124,9 @@ async def test_aiokafka_request_is_answered_by_an_ensemble(
         # What an operator runs before other programs use the topics (the
         # library never relies on auto-create).
         await transport.provision(PLAN)
+        # The caller's registration (a response is recorded only for a
+        # registered request); the request itself comes from aiokafka.
+        await transport.delivery_registry(REPLY_TO).register(request_id)
         async with kitchen(transport).serving():
             producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
             await producer.start()
@@ -140,7 +143,7 @@ async def test_aiokafka_request_is_answered_by_an_ensemble(
             record = await _aiokafka_find(
                 kafka_bootstrap,
                 topics.registry,
-                lambda r: r.key == request_id.encode() and _is_completed(r.value),
+                lambda r: r.key == f"c.{request_id}".encode() and _is_completed(r.value),
             )
             assert record is not None
             check_completed(record.value, request_id, payload)
@@ -274,6 +277,7 @@ async def test_kcat_request_is_answered_by_an_ensemble(
     payload = foreign_payload("kcat")
     async with await connect(kafka_config_factory(namespace=ns)) as transport:
         await transport.provision(PLAN)
+        await transport.delivery_registry(REPLY_TO).register(request_id)  # as above
         async with kitchen(transport).serving():
             # One message from stdin (kcat splits on newlines; the body has none).
             producer = await asyncio.create_subprocess_exec(
@@ -295,7 +299,7 @@ async def test_kcat_request_is_answered_by_an_ensemble(
                 kcat,
                 topics.registry,
                 lambda e: (
-                    e["key"] == request_id
+                    e["key"] == f"c.{request_id}"
                     and e["payload"] is not None
                     and json.loads(e["payload"])["state"] == "completed"
                 ),
