@@ -29,6 +29,9 @@ What is here, by concern:
 * **Names** — :func:`validate_name` (queue, registry, stream names),
   :func:`internal_name` (``<name>__<suffix>`` objects a backend derives),
   :func:`validate_header`, :func:`check_headers`.
+* **Registries** — :func:`read_checkpoint` (the records and resume position
+  of a resumable keyed log's checkpoint, for a backend whose own reads start
+  from it).
 * **Events** — :func:`check_start` (the ``start`` argument of readers),
   :data:`Start`, :func:`make_event`.
 * **Asyncio plumbing** — :func:`seconds` (timeouts and delays as float
@@ -59,6 +62,7 @@ from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, repla
 from transport._spi.models import _WireModel as WireModel
 from transport._spi.naming import internal_name, validate_header, validate_name
 from transport._spi.queue import hand_to_waiter, seconds
+from transport._spi.registries import read_checkpoint
 from transport._spi.wireheaders import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
@@ -96,6 +100,7 @@ __all__ = [
     "hand_to_waiter",
     "internal_name",
     "make_event",
+    "read_checkpoint",
     "replace_fields",
     "request_codec_for",
     "retrieve",

@@ -51,6 +51,7 @@ __all__ = [
     "DeliveryRecord",
     "DeliveryRegistry",
     "PendingDelivery",
+    "read_checkpoint",
 ]
 
 log = logging.getLogger("transport.registry")
@@ -186,15 +187,8 @@ class _LogView:
         """Apply the records a checkpoint carries; its resume position, or
         ``None`` (replay from the start) for one that cannot be read."""
         try:
-            fields = from_json(data)
-            if fields.get("version") != 1:
-                raise ValueError(f"version {fields.get('version')!r}")
-            resume = base64.b64decode(fields["resume"])
-            carried = [
-                (str(key), base64.b64decode(position), base64.b64decode(value))
-                for key, position, value in fields["records"]
-            ]
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            resume, carried = read_checkpoint(data)
+        except ValueError as exc:
             log.warning("%s: ignoring an unreadable checkpoint (%s)", self._what, exc)
             return None
         for key, position, value in carried:
@@ -351,6 +345,28 @@ class _LogView:
             for task in done:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     task.result()
+
+
+def read_checkpoint(data: bytes) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:
+    """The resume position and the carried ``(key, position, value)``
+    records of a checkpoint as :class:`_LogView` saves it
+    (``{"version": 1, "resume": b64, "records": [[key, b64, b64], ...]}``),
+    for a backend that builds a view of its own from it.
+
+    Raises: ValueError (not a checkpoint of version 1).
+    """
+    try:
+        fields = from_json(data)
+        if fields.get("version") != 1:
+            raise ValueError(f"version {fields.get('version')!r}")
+        resume = base64.b64decode(fields["resume"])
+        carried = [
+            (str(key), base64.b64decode(position), base64.b64decode(value))
+            for key, position, value in fields["records"]
+        ]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"not a checkpoint: {exc}") from None
+    return resume, carried
 
 
 #: Changes between two checkpoints of a resumable log's view.
