@@ -32,7 +32,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from tenacity import (
@@ -59,6 +67,7 @@ __all__ = [
     "TopicSpec",
     "msg_position",
     "raw_record",
+    "read_last",
     "read_to_end",
 ]
 
@@ -85,6 +94,9 @@ class RawRecord:
     key: bytes | None
     value: bytes | None
     headers: dict[str, bytes]
+    #: The record's timestamp (ms since the epoch; CreateTime unless the
+    #: topic says LogAppendTime), ``None`` where the client has none.
+    timestamp_ms: int | None = None
 
 
 def _bytes(value: str | bytes | None) -> bytes | None:
@@ -116,8 +128,15 @@ def raw_record(msg: Message) -> RawRecord:
         name, value = item[0], item[1]
         headers[str(name)] = _bytes(value) or b""
     partition, offset = msg_position(msg)
+    kind, stamp = msg.timestamp()
     return RawRecord(
-        msg.topic() or "", partition, offset, _bytes(msg.key()), _bytes(msg.value()), headers
+        msg.topic() or "",
+        partition,
+        offset,
+        _bytes(msg.key()),
+        _bytes(msg.value()),
+        headers,
+        None if kind == TIMESTAMP_NOT_AVAILABLE else stamp,
     )
 
 
@@ -227,6 +246,47 @@ def read_heads(
                 if len(out[p]) < limit:
                     out[p].append(raw_record(msg))
                 waiting.discard(p)
+        return out
+    finally:
+        consumer.close()
+
+
+def read_last(
+    conf: dict[str, Any], topic: str, starts: Mapping[int, int], timeout: float
+) -> dict[int, RawRecord]:
+    """The last record of each partition of ``topic`` at or after
+    ``starts`` (partition → offset), read to the partition's end (blocking;
+    call it on a worker thread). For a topic of which only the newest record
+    matters: start one record before the high watermark. Reading to the end
+    rather than taking the record at ``high - 1`` copes with brokers that
+    report the high watermark of a batch of several records as its base
+    offset + 1 (Tansu). A partition with nothing at or after its start is
+    left out. The consumer is only ``assign()``-ed.
+
+    Raises: KafkaException, TimeoutError.
+    """
+    out: dict[int, RawRecord] = {}
+    if not starts:
+        return out
+    consumer = Consumer({**conf, "logger": _client_logger()})
+    try:
+        consumer.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
+        waiting = set(starts)
+        deadline = time.monotonic() + timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"reading the last record of {topic}")
+            for msg in consume_available(consumer, 500, min(left, 0.1)):
+                err = msg.error()
+                p, _ = msg_position(msg)
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        waiting.discard(p)
+                        continue
+                    raise KafkaException(err)
+                if p in starts:
+                    out[p] = raw_record(msg)
         return out
     finally:
         consumer.close()
@@ -657,6 +717,33 @@ class KafkaClients:
             self.timeout,
             limit,
         )
+
+    async def read_last(self, topic: str, starts: Mapping[int, int]) -> dict[int, RawRecord]:
+        """:func:`read_last` on the executor, bounded by the operation timeout.
+
+        Raises: TransientTransportError on timeout; mapped client errors.
+        """
+        return await self.blocking(
+            f"reading the last record of {topic}",
+            read_last,
+            self.reader_config(),
+            topic,
+            dict(starts),
+            self.timeout,
+        )
+
+    async def describe(self, topic: str) -> TopicState:
+        """What the broker says about existing ``topic`` (its id, partitions,
+        configuration): :func:`~transport_kafka._topics.describe_topics`.
+
+        Raises: TransientTransportError, mapped client errors.
+        """
+        admin = self.admin()
+        return (
+            await self.blocking(
+                f"describing {topic}", describe_topics, admin, [topic], self.timeout
+            )
+        )[topic]
 
     async def list_topics(self, limit: float) -> int:
         def run() -> int:

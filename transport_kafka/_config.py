@@ -155,6 +155,10 @@ class KafkaSettings:
     def registry_topic(self, kind: str, name: str) -> str:
         return topic_name(self.namespace, "registry", kind, name)
 
+    def registry_checkpoint_topic(self, kind: str, name: str) -> str:
+        """The topic holding the checkpoint of registry ``name``'s keyed log."""
+        return topic_name(self.namespace, "registry", kind, name, "checkpoint")
+
     def stream_topic(self, stream: str) -> str:
         return topic_name(self.namespace, "stream", stream, "events")
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
 from transport_kafka._client import KafkaContext
 from transport_kafka._events import stream_spec
-from transport_kafka._registries import registry_spec
+from transport_kafka._registries import checkpoint_spec, registry_spec
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics, topic_name
 
 __all__ = ["kafka_doctor", "object_specs", "topic_names"]
 
+_CAPABILITIES = ("capability", "capabilities")
 _DURABLE = "an accepted request, response or event survives the loss of a broker"
 
 
@@ -24,10 +25,12 @@ def object_specs(ctx: KafkaContext, kind: ObjectKind, name: str) -> list[TopicSp
     settings = ctx.settings
     if kind == "queue":
         return _QueueEngine(ctx, name).topic_specs()
-    if kind == "delivery_registry":
-        return [registry_spec(settings.registry_topic("delivery", name))]
-    if kind == "capability_registry":
-        return [registry_spec(settings.registry_topic("capability", "capabilities"))]
+    if kind in ("delivery_registry", "capability_registry"):
+        registry = ("delivery", name) if kind == "delivery_registry" else _CAPABILITIES
+        return [
+            registry_spec(settings.registry_topic(*registry)),
+            checkpoint_spec(settings.registry_checkpoint_topic(*registry)),
+        ]
     return [stream_spec(settings, name)]
 
 
@@ -40,9 +43,9 @@ def _spec_of(ctx: KafkaContext, topic: str) -> TopicSpec | None:
     specs: list[TopicSpec] = []
     if len(parts) == 3 and parts[2] in {"requests", "state", "dlq"}:
         specs = object_specs(ctx, "queue", parts[1])
-    elif len(parts) == 4 and parts[1] == "registry" and parts[2] == "delivery":
+    elif len(parts) in (4, 5) and parts[1] == "registry" and parts[2] == "delivery":
         specs = object_specs(ctx, "delivery_registry", parts[3])
-    elif len(parts) == 4 and parts[1] == "registry" and parts[2] == "capability":
+    elif len(parts) in (4, 5) and parts[1] == "registry" and parts[2] == "capability":
         specs = object_specs(ctx, "capability_registry", parts[3])
     elif len(parts) == 4 and parts[1] == "stream" and parts[3] == "events":
         specs = object_specs(ctx, "event_stream", parts[2])

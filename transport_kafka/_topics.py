@@ -118,6 +118,12 @@ class TopicState:
     #: ``unclean.leader.election.enable`` (``None``: not reported).
     min_insync_replicas: int | None = None
     unclean_leader_election: bool | None = None
+    #: The topic's id (a deleted and re-created topic has another one);
+    #: ``None`` where the broker has none.
+    topic_id: str | None = None
+    #: ``delete.retention.ms``: how long compaction keeps a tombstone
+    #: (``None``: not reported; Apache Kafka's default is 1 day).
+    delete_retention_ms: int | None = None
 
 
 def describe_topics(
@@ -133,12 +139,16 @@ def describe_topics(
     """
     counts: dict[str, int] = {}
     replicas: dict[str, int] = {}
+    ids: dict[str, str | None] = {}
     for name, future in admin.describe_topics(
         TopicCollection(list(names)), request_timeout=timeout
     ).items():
-        partitions = future.result(timeout).partitions
+        description = future.result(timeout)
+        partitions = description.partitions
         counts[name] = len(partitions)
         replicas[name] = min((len(p.replicas) for p in partitions), default=0)
+        topic_id = str(description.topic_id) if description.topic_id is not None else ""
+        ids[name] = None if topic_id.strip("A=") == "" else topic_id
     policies: dict[str, frozenset[str] | None] = {}
     others: dict[str, dict[str, str]] = {}
     resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
@@ -167,6 +177,8 @@ def describe_topics(
             unclean_leader_election=_bool(
                 others.get(name, {}).get("unclean.leader.election.enable")
             ),
+            topic_id=ids.get(name),
+            delete_retention_ms=_int(others.get(name, {}).get("delete.retention.ms")),
         )
         for name in names
     }

@@ -37,7 +37,8 @@ Names (``NS`` = ``config.namespace``): ``NS.<queue>.requests``,
 ``NS.<queue>.state`` (compacted), ``NS.<queue>.dlq`` (compacted), consumer
 group ``NS.<consumer_group>.<queue>``; registries
 ``NS.registry.delivery.<name>`` and ``NS.registry.capability.capabilities``
-(compacted). Every ``_`` of a name is written ``__`` in topic names (Kafka
+(compacted), each with a compacted ``.checkpoint`` topic (where a restarting
+reader starts instead of the registry's whole history). Every ``_`` of a name is written ``__`` in topic names (Kafka
 treats ``.`` and ``_`` alike); topics that already exist are checked at
 first use (see ``transport_kafka._topics``).
 
@@ -165,7 +166,11 @@ class KafkaTransport(Transport):
         ]
 
     def _open_keyed_log(self, kind: str, name: str) -> KafkaKeyedLog:
-        return KafkaKeyedLog(self.ctx, self.settings.registry_topic(kind, name))
+        return KafkaKeyedLog(
+            self.ctx,
+            self.settings.registry_topic(kind, name),
+            self.settings.registry_checkpoint_topic(kind, name),
+        )
 
     def _open_event_log(self) -> KafkaEventLog:
         return KafkaEventLog(self.ctx)

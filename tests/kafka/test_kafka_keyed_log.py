@@ -59,10 +59,12 @@ async def test_put_get_delete_and_replay_after_restart(kafka_config_factory: Any
                 state[change.key] = change.value
         assert state == {"a": b"3", "c": b"4"}
         assert [c.key for c in history][:3] == ["a", "b", "a"]
+        # Each change carries its position: partition and offset.
+        assert [c.position for c in history] == [b"0:%d" % i for i in range(len(history))]
         # ...then live changes.
         await log.put("d", b"5")
         live = await asyncio.wait_for(watch.__anext__(), 10)
-        assert live == KeyedChange("d", b"5")
+        assert live == KeyedChange("d", b"5", b"0:6")
         await watch.aclose()
         await log.aclose()
         await other.aclose()
@@ -79,7 +81,7 @@ async def test_watch_of_an_empty_log_is_caught_up_at_once(kafka_config_factory: 
         history, watch = await _until_caught_up(log, timeout=5)
         assert history == []
         await log.put("k", b"v")
-        assert await asyncio.wait_for(watch.__anext__(), 10) == KeyedChange("k", b"v")
+        assert await asyncio.wait_for(watch.__anext__(), 10) == KeyedChange("k", b"v", b"0:0")
         await watch.aclose()
         await log.aclose()
     finally:

@@ -72,8 +72,8 @@ def _plan_topics(namespace: str) -> set[str]:
     for queue in ("orders__p0", "orders__p1", "mail"):
         t = s.queue_topics(queue)
         out |= {t.requests, t.state, t.dlq}
-    out.add(s.registry_topic("delivery", "inbox"))
-    out.add(s.registry_topic("capability", "capabilities"))
+    for kind, name in (("delivery", "inbox"), ("capability", "capabilities")):
+        out |= {s.registry_topic(kind, name), s.registry_checkpoint_topic(kind, name)}
     out |= {s.stream_topic("audit"), s.stream_topic("short")}
     return out
 
@@ -98,6 +98,40 @@ def test_read_only_commands_on_an_empty_broker_create_nothing(
     assert main(["health"]) == 0
     capsys.readouterr()
     assert _topics(admin) == before, "a read-only command created topics"
+
+
+def test_a_registry_without_its_checkpoint_topic_is_reported_and_nothing_is_created(
+    cli_env: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A registry topic made by an earlier release (or an operator), without
+    # the checkpoint topic: the read-only command names what is missing and
+    # creates nothing; provision creates the checkpoint topic, compacted.
+    bootstrap, namespace = cli_env
+    admin = _admin(bootstrap)
+    s = _settings(namespace)
+    registry = s.registry_topic("delivery", "inbox")
+    checkpoint = s.registry_checkpoint_topic("delivery", "inbox")
+    assert checkpoint == f"{registry}.checkpoint"
+    [future] = admin.create_topics(
+        [NewTopic(registry, 1, 1, config={"cleanup.policy": "compact"})]
+    ).values()
+    future.result(10)
+    before = _topics(admin)
+    assert main(["pending", "inbox"]) == 1
+    err = capsys.readouterr().err
+    assert f"delivery registry 'inbox' does not exist (missing: {checkpoint})" in err, err
+    assert _topics(admin) == before, "a read-only command created topics"
+
+    assert main(["--json", "provision", "--registry", "inbox"]) == 0
+    [step] = json.loads(capsys.readouterr().out)
+    assert step["status"] == "created" and step["missing_objects"] == [checkpoint], step
+    assert _configs(admin, checkpoint).get("cleanup.policy") == "compact"
+    assert main(["--json", "pending", "inbox"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    # Without a plan, doctor finds the checkpoint topic by its name.
+    assert main(["--json", "doctor"]) == 0
+    subjects = {f["subject"] for f in json.loads(capsys.readouterr().out)["findings"]}
+    assert {registry, checkpoint} <= subjects
 
 
 def test_provision_dry_run_creates_nothing_then_provision_creates_idempotently(
@@ -135,6 +169,8 @@ def test_provision_dry_run_creates_nothing_then_provision_creates_idempotently(
     for registry in (
         s.registry_topic("delivery", "inbox"),
         s.registry_topic("capability", "capabilities"),
+        s.registry_checkpoint_topic("delivery", "inbox"),
+        s.registry_checkpoint_topic("capability", "capabilities"),
     ):
         assert _configs(admin, registry).get("cleanup.policy") == "compact", registry
     assert _configs(admin, s.stream_topic("audit")).get("retention.ms") == "-1"

@@ -48,7 +48,7 @@ def _topics_of(target: tuple[str, str, str]) -> list[str]:
         return [t.requests, t.state, t.dlq]
     if kind == "stream":
         return [s.stream_topic(name)]
-    return [s.registry_topic(kind, name)]
+    return [s.registry_topic(kind, name), s.registry_checkpoint_topic(kind, name)]
 
 
 def _read_back(topic: str) -> tuple[str, str, str, str]:
@@ -69,6 +69,9 @@ def _read_back(topic: str) -> tuple[str, str, str, str]:
     parts.append(current)
     if len(parts) == 3:
         return parts[0], "queue", parts[1], parts[2]
+    if len(parts) == 5:
+        assert parts[1] == "registry" and parts[4] == "checkpoint", parts
+        return parts[0], parts[2], parts[3], "checkpoint"
     assert len(parts) == 4, parts
     if parts[1] == "registry":
         return parts[0], parts[2], parts[3], ""
@@ -100,6 +103,12 @@ def test_every_topic_reads_back_to_its_target_when_dots_and_underscores_are_alik
     assert _read_back(topics.state) == (namespace, "queue", queue, "state")
     assert _read_back(topics.dlq) == (namespace, "queue", queue, "dlq")
     assert _read_back(s.registry_topic(kind, name)) == (namespace, kind, name, "")
+    assert _read_back(s.registry_checkpoint_topic(kind, name)) == (
+        namespace,
+        kind,
+        name,
+        "checkpoint",
+    )
     assert _read_back(s.stream_topic(name)) == (namespace, "stream", name, "events")
 
 
@@ -112,6 +121,10 @@ def test_every_topic_reads_back_to_its_target_when_dots_and_underscores_are_alik
         (("acme", "queue", "registry_delivery_inbox"), ("acme", "delivery", "inbox_requests")),
         # a queue in a namespace ending in a registry word against a registry
         (("acme_registry", "queue", "delivery"), ("acme", "delivery", "requests")),
+        # a registry named like another registry's checkpoint topic
+        (("acme", "delivery", "inbox_checkpoint"), ("acme", "delivery", "inbox")),
+        # a queue named like a checkpoint topic's parts
+        (("acme", "queue", "registry_delivery_inbox_checkpoint"), ("acme", "delivery", "inbox")),
     ],
 )
 def test_formerly_colliding_names_map_to_distinct_topics(
@@ -125,6 +138,10 @@ def test_topic_names_double_underscores_and_keep_other_names() -> None:
     s = _settings("prod")
     assert s.queue_topics("orders").requests == "prod.orders.requests"
     assert s.registry_topic("delivery", "inbox-1") == "prod.registry.delivery.inbox-1"
+    assert (
+        s.registry_checkpoint_topic("delivery", "in_box")
+        == "prod.registry.delivery.in__box.checkpoint"
+    )
     assert s.stream_topic("audit") == "prod.stream.audit.events"
     assert s.queue_topics("eu_orders").requests == "prod.eu__orders.requests"
     assert s.queue_topics("orders__p0").state == "prod.orders____p0.state"

@@ -5,6 +5,7 @@ a nack copy, and bodies that validate against docs/schemas/."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicCollection, TopicPartition
+from confluent_kafka.admin import AdminClient
 from jsonschema import Draft202012Validator
 
 from transport import WorkRequest, connect
@@ -110,11 +112,27 @@ async def test_kafka_topics_headers_and_bodies_are_as_documented(
 
         registry = transport.delivery_registry("front_desk")
         await registry.register("req-1")
-        (kept,) = await asyncio.to_thread(
-            _read, kafka_bootstrap, f"{doubled}.registry.delivery.front__desk", 1
-        )
+        registry_topic = f"{doubled}.registry.delivery.front__desk"
+        (kept,) = await asyncio.to_thread(_read, kafka_bootstrap, registry_topic, 1)
         assert kept.key() == b"p.req-1"
         assert _errors("DeliveryRecord", kept.value()) == []
+        # A checkpoint as the registry's view writes it (here on demand).
+        checkpoint = registry._view._checkpoint()
+        assert checkpoint is not None
+        await registry._log.save_checkpoint(checkpoint)
+        (saved,) = await asyncio.to_thread(
+            _read, kafka_bootstrap, f"{registry_topic}.checkpoint", 1
+        )
+        assert saved.key() == b"checkpoint"
+        admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+        [description] = admin.describe_topics(TopicCollection([registry_topic])).values()
+        topic_id = str(description.result(10).topic_id)
+        assert dict(saved.headers() or []) == {"ae-topic-id": topic_id.encode()}
+        body = json.loads(saved.value())
+        assert body["version"] == 1 and base64.b64decode(body["resume"]) == b"0:0"
+        [[key, position, value]] = body["records"]
+        assert key == "p.req-1" and base64.b64decode(position) == b"0:0"
+        assert base64.b64decode(value) == kept.value()
 
         position = await transport.event_log().append("audit", {"x": 1}, key="k")
         (event,) = await asyncio.to_thread(

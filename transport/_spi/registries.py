@@ -26,7 +26,7 @@ from pydantic import Field
 from pydantic_core import from_json, to_json
 
 from transport._spi.codec import decode, encode
-from transport._spi.keyed import CAUGHT_UP, KeyedChange, KeyedLog
+from transport._spi.keyed import CAUGHT_UP, KeyedChange, KeyedLog, read_checkpoint
 from transport._spi.models import (
     REQUEST_ID_SCHEMA,
     WIRE_SCHEMA_VERSION,
@@ -189,15 +189,8 @@ class _LogView:
         """Apply the records a checkpoint carries; its resume position, or
         ``None`` (replay from the start) for one that cannot be read."""
         try:
-            fields = from_json(data)
-            if fields.get("version") != 1:
-                raise ValueError(f"version {fields.get('version')!r}")
-            resume = base64.b64decode(fields["resume"])
-            carried = [
-                (str(key), base64.b64decode(position), base64.b64decode(value))
-                for key, position, value in fields["records"]
-            ]
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            resume, carried = read_checkpoint(data)
+        except ValueError as exc:
             log.warning("%s: ignoring an unreadable checkpoint (%s)", self._what, exc)
             return None
         for key, position, value in carried:
