@@ -23,6 +23,7 @@ from benchmarks._common import (
     throughput_row,
 )
 from benchmarks._library import PAYLOAD
+from benchmarks.registry import registry_rows
 from benchmarks.scaleout import scaleout_rows
 from transport import WorkRequest, connect
 
@@ -418,6 +419,7 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
         )
     )
     rows += await scaleout_rows("sqlite", f"sqlite:///{tmp / 'scale.db'}", {}, sizes.quick, say)  # type: ignore[arg-type]
+    rows += await registry_rows("sqlite", f"sqlite:///{tmp / 'registry.db'}", {}, sizes.quick, say)  # type: ignore[arg-type]
     return rows
 
 

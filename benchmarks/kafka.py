@@ -32,6 +32,7 @@ from benchmarks._common import (
     throughput_row,
 )
 from benchmarks._library import PAYLOAD
+from benchmarks.registry import registry_rows
 from benchmarks.scaleout import scaleout_rows
 from transport import TransportConfig, WorkRequest, connect
 from transport.testing.brokers import TansuBroker
@@ -589,6 +590,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             label=" (partitions=1)",
             note="strict FIFO: one process works at a time",
         )
+        rows += await registry_rows("kafka", f"kafka://{bootstrap}", {}, sizes.quick, progress)
     finally:
         await asyncio.to_thread(servers[0].close)
     return rows

@@ -39,6 +39,7 @@ from benchmarks._common import (
     throughput_row,
 )
 from benchmarks._library import PAYLOAD
+from benchmarks.registry import registry_rows
 from benchmarks.scaleout import scaleout_rows
 from transport import TransportConfig, WorkRequest, connect
 from transport.testing.brokers import NatsServer
@@ -591,6 +592,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
         rows += await scaleout_rows("nats", url, {}, sizes.quick, progress)
+        rows += await registry_rows("nats", url, {}, sizes.quick, progress)
     finally:
         await asyncio.to_thread(server.close)
     return rows

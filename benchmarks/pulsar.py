@@ -52,6 +52,7 @@ from benchmarks._common import (
     throughput_row,
 )
 from benchmarks._library import PAYLOAD
+from benchmarks.registry import registry_rows
 from benchmarks.scaleout import scaleout_rows
 from transport import (
     TransportConfig,
@@ -531,6 +532,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
             )
         )
         rows += await scaleout_rows("pulsar", url, {}, sizes.quick, progress)
+        rows += await registry_rows("pulsar", url, {}, sizes.quick, progress)
     finally:
         await asyncio.to_thread(broker.close)
     return rows

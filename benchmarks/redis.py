@@ -53,6 +53,7 @@ from benchmarks import _library as library
 from benchmarks import _redis_jobs as jobs
 from benchmarks._common import Row, Sizes, alternate, rate, run_concurrently, throughput_row
 from benchmarks._library import PAYLOAD
+from benchmarks.registry import registry_rows
 from benchmarks.scaleout import scaleout_rows
 from transport import TransportConfig, WorkRequest, available_backends, connect
 from transport.testing.brokers import RedisServer
@@ -709,6 +710,7 @@ async def run(
         )
         if have_ours and scale_out:
             rows += await scaleout_rows(BACKEND, url, {}, sizes.quick, progress)
+            rows += await registry_rows(BACKEND, url, {}, sizes.quick, progress)
         rows += await task_queues(
             server.url, url if have_ours else None, sizes, progress, logs, jobs_n, crash_bound
         )

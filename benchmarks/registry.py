@@ -184,7 +184,7 @@ async def registry_rows(
     full = await restart(url, options, namespace, "caller")
     if full[2] != 0:
         raise RuntimeError(f"{full[2]} collected responses replayed as live")
-    label = f"{n // 1000}k collected responses"
+    label = f"{n // 1000}k collected responses" if n >= 1000 else f"{n} collected responses"
     rows = []
     for operation, index, unit, target, digits, above in (
         ("caller restart", 0, "s", TARGET_SECONDS, 2, ""),
