@@ -375,8 +375,13 @@ class KafkaKeyedLog(KeyedLog):
                     ended.add(p)
                 else:
                     raise TransientTransportError(f"reading {self.topic}: {item}")
+                # Caught up at the end of every partition to replay, read
+                # after the watch started (an end-of-partition event): the
+                # high watermark alone can fall short (Tansu reports a batch
+                # of several records as its base offset + 1), and the rest
+                # of such a batch must not come after CAUGHT_UP.
                 if not caught_up and all(
-                    p in ended or positions.get(p, 0) >= t for p, t in targets.items()
+                    p in ended and positions.get(p, 0) >= t for p, t in targets.items()
                 ):
                     caught_up = True
                     yield CAUGHT_UP

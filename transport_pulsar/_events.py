@@ -116,8 +116,8 @@ class PulsarEventReader(EventReader):
         await self.commit()
         while True:
             message = await self._reader.read_next(None)
-            if message is None:
-                continue
+            if message is None or not self._reader.fresh(message):
+                continue  # nothing yet, or a copy (pulsar-lite sends readers some)
             position = _position(message.message_id())
             if self._skip is not None:
                 skip, self._skip = self._skip, None

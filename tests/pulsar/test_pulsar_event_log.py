@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -65,5 +66,47 @@ async def test_appended_at_is_the_message_event_time(transport_harness: PulsarHa
         assert message is not None
         epoch = datetime(1970, 1, 1, tzinfo=UTC)
         assert epoch + timedelta(milliseconds=message.event_timestamp()) == event.appended_at
+    finally:
+        await transport.aclose()
+
+
+async def test_events_appended_concurrently_are_read_once_in_order(
+    transport_harness: PulsarHarness,
+) -> None:
+    """pulsar-lite sends a reader copies of messages published concurrently
+    (the one just read again, now and then a few hundred earlier ones): a
+    reader of the log hands out each event once, in position order."""
+    transport = await transport_harness.connect()
+    try:
+        log = transport.event_log()
+        stream = f"s{uuid.uuid4().hex[:8]}"
+        n = 2_000
+        numbers = iter(range(n))
+
+        async def appender() -> None:
+            for i in numbers:
+                await log.append(stream, i)
+
+        # The reader follows the stream while it is written (pulsar-lite's
+        # copies go to readers that are at the end when messages arrive).
+        await log.append(stream, -1)
+        reader = await log.read(stream, "earliest")
+        first = await reader.next(10)
+        assert first is not None and first.data == -1
+        seen: list[int] = []
+
+        async def read_all() -> None:
+            while len(seen) < n:
+                event = await reader.next(10)
+                assert event is not None, f"only {len(seen)} of {n} events read"
+                seen.append(event.data)
+
+        reading = asyncio.create_task(read_all())
+        await asyncio.gather(*(appender() for _ in range(64)))
+        await asyncio.wait_for(reading, 60)
+        extra = await reader.next(1.0)
+        await reader.aclose()
+        assert extra is None, f"an event handed out again: {extra.data if extra else None}"
+        assert sorted(seen) == list(range(n)), "an event read twice, or one missing"
     finally:
         await transport.aclose()
