@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -200,6 +200,31 @@ def read_to_end(
         consumer.close()
 
 
+def _consume_until(
+    consumer: Consumer, waiting: set[int], timeout: float, what: str
+) -> Iterator[tuple[int, int, Any]]:
+    """(partition, offset, message) of every record the assigned consumer
+    reads while ``waiting`` (which the caller may shrink) holds partitions;
+    a partition's end-of-partition event removes it.
+
+    Raises: KafkaException, TimeoutError (``timeout`` seconds passed first).
+    """
+    deadline = time.monotonic() + timeout
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"reading {what}")
+        for msg in consume_available(consumer, 500, min(left, 0.1)):
+            err = msg.error()
+            p, offset = msg_position(msg)
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    waiting.discard(p)
+                    continue
+                raise KafkaException(err)
+            yield p, offset, msg
+
+
 def read_heads(
     conf: dict[str, Any],
     topic: str,
@@ -228,24 +253,12 @@ def read_heads(
     try:
         consumer.assign([TopicPartition(topic, p, offset) for p, offset in positions.items()])
         waiting = set(positions)
-        deadline = time.monotonic() + timeout
-        while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"reading the head of {topic}")
-            for msg in consume_available(consumer, 500, min(left, 0.1)):
-                err = msg.error()
-                p, offset = msg_position(msg)
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        waiting.discard(p)
-                        continue
-                    raise KafkaException(err)
-                if p not in out or offset < positions[p]:
-                    continue
-                if len(out[p]) < limit:
-                    out[p].append(raw_record(msg))
-                waiting.discard(p)
+        for p, offset, msg in _consume_until(consumer, waiting, timeout, f"the head of {topic}"):
+            if p not in out or offset < positions[p]:
+                continue
+            if len(out[p]) < limit:
+                out[p].append(raw_record(msg))
+            waiting.discard(p)
         return out
     finally:
         consumer.close()
@@ -272,21 +285,9 @@ def read_last(
     try:
         consumer.assign([TopicPartition(topic, p, offset) for p, offset in starts.items()])
         waiting = set(starts)
-        deadline = time.monotonic() + timeout
-        while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"reading the last record of {topic}")
-            for msg in consume_available(consumer, 500, min(left, 0.1)):
-                err = msg.error()
-                p, _ = msg_position(msg)
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        waiting.discard(p)
-                        continue
-                    raise KafkaException(err)
-                if p in starts:
-                    out[p] = raw_record(msg)
+        for p, _, msg in _consume_until(consumer, waiting, timeout, f"the last record of {topic}"):
+            if p in starts:
+                out[p] = raw_record(msg)
         return out
     finally:
         consumer.close()

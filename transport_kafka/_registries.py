@@ -44,7 +44,6 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from transport import CAUGHT_UP, CapabilityRegistry, DeliveryRegistry, KeyedChange, KeyedLog
 from transport.errors import (
     ClosedResourceError,
-    InvalidNameError,
     TransientTransportError,
     TransportError,
 )
@@ -60,7 +59,7 @@ from transport_kafka._client import (
     raw_record,
 )
 from transport_kafka._errors import map_kafka_errors
-from transport_kafka._topics import MAX_TOPIC_LENGTH, TopicState
+from transport_kafka._topics import TopicState, checked_length
 
 __all__ = ["KafkaCapabilityRegistry", "KafkaDeliveryRegistry", "KafkaKeyedLog"]
 
@@ -100,15 +99,7 @@ def checkpoint_topic(topic: str) -> str:
 
     Raises: InvalidNameError if it would be longer than Kafka allows.
     """
-    name = f"{topic}.checkpoint"
-    if len(name) > MAX_TOPIC_LENGTH:
-        raise InvalidNameError(
-            "Kafka topic",
-            name,
-            f"longer than {MAX_TOPIC_LENGTH} characters (each '_' of a name is written "
-            "as '__'); use shorter names",
-        )
-    return name
+    return checked_length(f"{topic}.checkpoint")
 
 
 def _position(partition: int, offset: int) -> bytes:

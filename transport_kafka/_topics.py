@@ -40,6 +40,7 @@ __all__ = [
     "TopicSpec",
     "TopicState",
     "check_topic",
+    "checked_length",
     "describe_topics",
     "keep_until_consumed",
     "topic_name",
@@ -62,7 +63,15 @@ def topic_name(*parts: str) -> str:
     Raises:
         InvalidNameError: the topic would be longer than Kafka allows.
     """
-    name = ".".join(part.replace("_", "__") for part in parts)
+    return checked_length(".".join(part.replace("_", "__") for part in parts))
+
+
+def checked_length(name: str) -> str:
+    """``name`` if Kafka accepts a topic name that long.
+
+    Raises:
+        InvalidNameError: it is longer than Kafka allows.
+    """
     if len(name) > MAX_TOPIC_LENGTH:
         raise InvalidNameError(
             "Kafka topic",
