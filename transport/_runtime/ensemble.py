@@ -29,7 +29,7 @@ from transport._spi.models import Capability, WorkRequest, WorkResponse, utcnow
 from transport._spi.naming import validate_name
 from transport._spi.priority import PriorityRequestQueue
 from transport._spi.queue import Delivery, RequestQueue
-from transport._spi.registries import CapabilityRegistry, DeliveryRegistry
+from transport._spi.registries import CapabilityRegistry, DeliveryRecord, DeliveryRegistry
 from transport._spi.transport import Transport
 from transport.errors import (
     ConfigurationError,
@@ -205,6 +205,9 @@ class Ensemble:
         self._gauges: asyncio.Task[None] | None = None
         self._tasks: dict[str, TaskSpec] = {}
         self._registries: dict[str, DeliveryRegistry] = {}
+        #: The registration of each request being handled (read before its
+        #: handler runs), by request id.
+        self._registrations: dict[str, DeliveryRecord] = {}
         self._capabilities: CapabilityRegistry | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
@@ -679,6 +682,10 @@ class Ensemble:
         if request.reply_to is None or self.transport is None:
             return False
         record = await self._registry(request.reply_to).record(request.request_id)
+        if record is not None and record.state == "pending":
+            # Kept for the completion: it then reads only whether another
+            # worker answered meanwhile (one read, not two).
+            self._registrations[request.request_id] = record
         if record is None:
             log.info(
                 "ensemble %s: %s not run: no caller awaits its response in registry %r "
@@ -724,7 +731,9 @@ class Ensemble:
         # the handler ran: handlers run for seconds to hours, and another
         # worker may have answered meanwhile (or the caller taken the answer);
         # the fresh read keeps a late completion from overwriting either.
-        await self._registry(request.reply_to).complete(request.request_id, response)
+        await self._registry(request.reply_to)._complete(
+            request.request_id, response, self._registrations.get(request.request_id)
+        )
         return None
 
     async def _keep_lease(self, delivery: Delivery, lease: float) -> None:
@@ -748,6 +757,12 @@ class Ensemble:
         return float(self._retry_wait(state))
 
     async def _handle(self, delivery: Delivery) -> None:
+        try:
+            await self._handle_one(delivery)
+        finally:
+            self._registrations.pop(delivery.request.request_id, None)
+
+    async def _handle_one(self, delivery: Delivery) -> None:
         request = delivery.request
         sink = get_metrics_sink()
         labels = self._labels(request)

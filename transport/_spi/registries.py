@@ -721,6 +721,14 @@ class DeliveryRegistry:
         Raises: ValueError if ``response.request_id`` differs; PayloadTooLargeError;
         TransientTransportError.
         """
+        return await self._complete(request_id, response, None)
+
+    async def _complete(
+        self, request_id: str, response: WorkResponse, known: DeliveryRecord | None
+    ) -> bool:
+        """:meth:`complete`, given the registration read earlier (``known``,
+        or ``None``): then only the completion is read again. A registration
+        that went since (expired) makes the completion one no reader counts."""
         validate_request_id(request_id)
         if response.request_id != request_id:
             raise ValueError(f"response is for {response.request_id!r}, not {request_id!r}")
@@ -730,7 +738,14 @@ class DeliveryRegistry:
             return False
         registration = self._pending.get(request_id)
         completion = self._done.get(request_id)
-        if registration is None:
+        if registration is None and known is not None and known.state == "pending":
+            registration = known
+            raw = await self._log.get(f"c.{request_id}")
+            completion = None
+            if raw is not None:
+                with contextlib.suppress(UndecodableMessageError):
+                    completion = decode(DeliveryRecord, raw)
+        elif registration is None:
             registration, completion = await self._lookup(request_id)
         if registration is None:
             return False
