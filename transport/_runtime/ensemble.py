@@ -727,10 +727,10 @@ class Ensemble:
                 extra=self._fields(request),
             )
             return None
-        # complete() reads the record again although _handle read it before
-        # the handler ran: handlers run for seconds to hours, and another
-        # worker may have answered meanwhile (or the caller taken the answer);
-        # the fresh read keeps a late completion from overwriting either.
+        # The registration read before the handler ran is reused; the response
+        # is read again: handlers run for seconds to hours, and another worker
+        # may have answered meanwhile (a completion never overwrites another;
+        # one written after the caller collected is ignored by every reader).
         await self._registry(request.reply_to)._complete(
             request.request_id, response, self._registrations.get(request.request_id)
         )

@@ -83,6 +83,17 @@ class DeliveryRecord(_WireModel):
     expires_at: datetime
 
 
+def _decoded(raw: bytes | None) -> DeliveryRecord | None:
+    """A delivery record read from a keyed log; ``None`` for none or one
+    that does not decode."""
+    if raw is None:
+        return None
+    try:
+        return decode(DeliveryRecord, raw)
+    except UndecodableMessageError:
+        return None
+
+
 class _LogView:
     """Runs ``log.watch()`` in a background task, feeding ``apply``.
 
@@ -662,20 +673,12 @@ class DeliveryRegistry:
         """(registration, completion) of ``request_id`` as committed: read
         from the log (a view that may lag is not trusted for a decision)."""
 
-        def parse(raw: bytes | None) -> DeliveryRecord | None:
-            if raw is None:
-                return None
-            try:
-                return decode(DeliveryRecord, raw)
-            except UndecodableMessageError:
-                return None
-
         raw_pending, raw_done = await asyncio.gather(
             self._log.get(f"p.{request_id}"), self._log.get(f"c.{request_id}")
         )
-        registration, completion = parse(raw_pending), parse(raw_done)
+        registration, completion = _decoded(raw_pending), _decoded(raw_done)
         if registration is None:
-            legacy = parse(await self._log.get(request_id))
+            legacy = _decoded(await self._log.get(request_id))
             if legacy is not None and legacy.state == "pending":
                 registration = legacy
             elif legacy is not None and legacy.state == "completed":
@@ -740,11 +743,7 @@ class DeliveryRegistry:
         completion = self._done.get(request_id)
         if registration is None and known is not None and known.state == "pending":
             registration = known
-            raw = await self._log.get(f"c.{request_id}")
-            completion = None
-            if raw is not None:
-                with contextlib.suppress(UndecodableMessageError):
-                    completion = decode(DeliveryRecord, raw)
+            completion = _decoded(await self._log.get(f"c.{request_id}"))
         elif registration is None:
             registration, completion = await self._lookup(request_id)
         if registration is None:
