@@ -80,12 +80,20 @@ async def tls_proxy(upstream_port: int, cert: Path, key: Path, port: int = 0) ->
         yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
-        for writer in writers:
-            writer.close()
-        for task in list(handlers):
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        for writer in writers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 2)
+        # A connection whose handshake was under way when the server closed
+        # can still start a handler (and add writers) while this waits:
+        # repeat until none is left, iterating over copies.
+        while handlers or writers:
+            closing = list(writers)
+            writers.clear()
+            for writer in closing:
+                writer.close()
+            tasks = list(handlers)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            handlers.difference_update(tasks)
+            for writer in closing:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 2)
         await server.wait_closed()
