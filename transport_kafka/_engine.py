@@ -203,14 +203,17 @@ class _QueueEngine(_Settling):
         ready, delayed = self.local_counts()
         return bool(ready or delayed)
 
-    async def poller_enter(self) -> None:
-        """Called when a poll begins: joins the group again after a hand-off."""
+    async def poller_enter(self, more: int = 0) -> None:
+        """Called when a poll begins (``more``: the further deliveries a
+        batch poll wants): joins the group again after a hand-off."""
         self._pollers += 1
+        self._batch_demand += more
         self._last_active = time.monotonic()
         await self.member.rejoin()
 
-    def poller_exit(self) -> None:
+    def poller_exit(self, more: int = 0) -> None:
         self._pollers -= 1
+        self._batch_demand -= more
         self._last_active = time.monotonic()
 
     async def stop(self) -> None:

@@ -143,9 +143,12 @@ class OffsetTracker:
             return committed is not None and offset < committed
 
     def is_outstanding(self, partition: int, offset: int, generation: int) -> bool:
-        with self._lock:
-            part = self._parts.get(partition)
-            return part is not None and part.generation == generation and offset in part.outstanding
+        # No lock: one dict lookup and one set lookup are atomic reads, and a
+        # caller racing a concurrent settle or revoke sees either side of it,
+        # as it would a moment earlier or later with the lock (the hot path:
+        # several checks per delivery).
+        part = self._parts.get(partition)
+        return part is not None and part.generation == generation and offset in part.outstanding
 
     def position(self, partition: int, generation: int) -> int | None:
         """The position a commit of ``generation`` could reach now (every

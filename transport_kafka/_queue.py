@@ -131,22 +131,86 @@ class KafkaRequestQueue(RequestQueue):
     async def poll(self, timeout: float | None = None) -> KafkaDelivery | None:
         self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         await self._engine.start()
         try:
             await self._engine.poller_enter()
-            while True:
-                self._check_open()
-                delivery = await self._engine.take(self)
-                if delivery is not None:
-                    return delivery
-                remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0:
-                    return None
-                await self._engine.wait(_TICK if remaining is None else min(remaining, 1.0))
+            return await self._take_first(timeout)
         finally:
             self._engine.poller_exit()
+
+    async def poll_many(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        """As :meth:`RequestQueue.poll_many`, from the engine's buffer: the
+        rest of the batch is what is buffered now, its delivery counts
+        written in rounds of up to 256 records per state-topic write (the
+        whole batch counts as demand, so the rounds are full ones)."""
+        if max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        self._check_open()
+        timeout = _seconds(timeout)
+        engine = self._engine
+        await engine.start()
+        more = max_count - 1
+        try:
+            await engine.poller_enter(more)
+            first = await self._take_first(timeout)
+            if first is None:
+                return []
+            batch: list[Delivery] = [first]
+            try:
+                while len(batch) < max_count and engine.ready and not self._closed:
+                    delivery = await engine.take(self)
+                    if delivery is None:
+                        break
+                    batch.append(delivery)
+            except Exception as exc:  # what was leased is handed out; the next call meets it
+                log.debug("queue %r: poll_many stopped after %d: %s", self.name, len(batch), exc)
+            return batch
+        finally:
+            engine.poller_exit(more)
+
+    async def _take_first(self, timeout: float | None) -> KafkaDelivery | None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            self._check_open()
+            delivery = await self._engine.take(self)
+            if delivery is not None:
+                return delivery
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                return None
+            await self._engine.wait(_TICK if remaining is None else min(remaining, 1.0))
+
+    async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
+        """As :meth:`RequestQueue.ack_many`: this queue's deliveries are
+        settled together (one group commit covers them all; a "settled"
+        marker only for those an earlier unsettled record keeps uncovered),
+        any other delivery by its own ``ack``."""
+        items = list(deliveries)
+        engine = self._engine
+        mine: list[int] = []
+        leases: list[_Lease] = []
+        others: list[int] = []
+        for i, delivery in enumerate(items):
+            if isinstance(delivery, KafkaDelivery) and delivery._engine is engine:
+                mine.append(i)
+                leases.append(delivery._lease)
+            else:
+                others.append(i)
+        results: list[bool | BaseException] = [False] * len(items)
+
+        async def one_by_one() -> list[bool | BaseException]:
+            return await asyncio.gather(*(items[i].ack() for i in others), return_exceptions=True)
+
+        batch, single = await asyncio.gather(engine.ack_leases(leases), one_by_one())
+        for i, result in zip(mine, batch, strict=True):
+            results[i] = result
+        for i, result in zip(others, single, strict=True):
+            results[i] = result
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [bool(r) for r in results]
 
     async def stats(self) -> QueueStats:
         """Depth is the group's lag: for partitions this transport consumes,

@@ -37,7 +37,7 @@ _TICK = 0.05
 # being worked on) gets a "settled" marker after this long.
 _MARKER_AFTER_S = 0.05
 _ACK_TICK = 0.001  # consumer poll timeout while acks are waiting for a commit
-_RESERVE_MAX = 256  # deliveries counted in one round of state markers
+_RESERVE_MAX = 1024  # deliveries counted in one round of state markers
 
 
 @dataclass(eq=False, slots=True)

@@ -20,7 +20,7 @@ from transport import (
     encode,
 )
 from transport.errors import TransientTransportError
-from transport.kit import error_header
+from transport.kit import error_header, replace_fields
 from transport_kafka._assignment import _Assignment
 from transport_kafka._queue import KafkaDelivery
 from transport_kafka._records import (
@@ -94,13 +94,17 @@ class _Settling(_Assignment):
             rec.reserved = False
             rec.count_key = None
             self._reserve_ahead(handle.max_attempts)
-            request = request.model_copy(update={"attempt": rec.attempts})
+            if request.attempt != rec.attempts:  # the count is ours, never the body's
+                request = replace_fields(request, attempt=rec.attempts)
             lease = _Lease(rec, request, handle, time.monotonic() + handle.lease_seconds)
             if key is not None and entry is not None:
                 lease.counted = (key, entry)
             self._next_deadline = min(self._next_deadline, lease.deadline)
             self.leases[lease.token] = lease
             handle._held.add(lease.token)
+            # Its ack will want a commit soon: the consumer thread polls
+            # with the short tick meanwhile, so it runs the commit promptly.
+            self._acks_busy_until = lease.deadline - handle.lease_seconds + 1.0
             return KafkaDelivery(request, self, lease)
         return None
 
@@ -137,6 +141,103 @@ class _Settling(_Assignment):
             raise
         self._drop_lease(lease, "done")
         return ok
+
+    async def ack_leases(self, leases: list[_Lease]) -> list[bool | BaseException]:
+        """Ack many leases as ``settle(lease, "ack")`` would each, together:
+        one wait for a reassignment, one commit round for all of them, and
+        "settled" markers (written concurrently) only for those an earlier
+        record keeps uncovered past ``_MARKER_AFTER_S``. One result per
+        lease, in order: its ack's result or the error that left it
+        unsettled (that lease is held again, as after a failed ``ack``)."""
+        results: list[bool | BaseException] = [False] * len(leases)
+        settling = [i for i, lease in enumerate(leases) if self._valid(lease)]
+        for i in settling:
+            leases[i].state = "settling"
+        tracker = self.tracker
+        waiting: list[int] = []
+        handovers: list[int] = []
+        completed = False
+        try:
+            await self._rebalanced()
+            for i in settling:
+                lease = leases[i]
+                rec = lease.record
+                if not self._live(rec):
+                    self._drop_lease(lease, "lost")
+                elif not tracker.settle(rec.partition, rec.offset, rec.generation):
+                    self._drop_lease(lease, "done")
+                elif rec.partition in self._handing_over:
+                    handovers.append(i)
+                else:
+                    waiting.append(i)
+            if handovers:
+                done = await asyncio.gather(
+                    *(self._settle_at_hand_over(leases[i].record) for i in handovers),
+                    return_exceptions=True,
+                )
+                for i, result in zip(handovers, done, strict=True):
+                    results[i] = result
+            waiting = await self._commit_covering(leases, waiting, results)
+            if waiting:
+                written = await asyncio.gather(
+                    *(self._write_marker(leases[i].record, _SETTLED) for i in waiting),
+                    return_exceptions=True,
+                )
+                for i, error in zip(waiting, written, strict=True):
+                    rec = leases[i].record
+                    p, off, gen = rec.partition, rec.offset, rec.generation
+                    if isinstance(error, BaseException) and not tracker.covered(p, off, gen):
+                        tracker.unsettle(p, off, gen)
+                        results[i] = error
+                        continue
+                    results[i] = (
+                        tracker.covered(p, off, gen)
+                        or tracker.current(p, gen)
+                        or rec.marked_at_handover
+                    )
+            completed = True
+        finally:
+            for i in settling:
+                lease = leases[i]
+                if lease.state != "settling":
+                    continue
+                if not completed or isinstance(results[i], BaseException):
+                    lease.state = "held"  # not settled: held again, as after a failed ack
+                    self._next_deadline = min(self._next_deadline, lease.deadline)
+                else:
+                    self._drop_lease(lease, "done")
+        return results
+
+    async def _commit_covering(
+        self, leases: list[_Lease], waiting: list[int], results: list[bool | BaseException]
+    ) -> list[int]:
+        """Wait for commit rounds until each settled record of ``waiting`` is
+        covered (result True) or its partition moved away (False), for at
+        most ``_MARKER_AFTER_S``; returns those still uncovered."""
+        tracker = self.tracker
+        since = time.monotonic()
+        self._acks_busy_until = since + 1.0
+        while waiting and not self._stopped:
+            try:
+                await asyncio.shield(self._commit_round())
+            except Exception as exc:  # the markers still make them durable
+                log.info("queue %r: commit for acks failed: %s", self.name, exc)
+                break
+            left = []
+            for i in waiting:
+                rec = leases[i].record
+                if tracker.covered(rec.partition, rec.offset, rec.generation) or (
+                    rec.marked_at_handover
+                ):
+                    results[i] = True
+                elif not tracker.current(rec.partition, rec.generation):
+                    results[i] = False
+                else:
+                    left.append(i)
+            waiting = left
+            if time.monotonic() - since >= _MARKER_AFTER_S:
+                break
+        return waiting
 
     async def _rebalanced(self) -> None:
         """Wait (up to ``operation_timeout_s``) while the member's queues are

@@ -76,6 +76,9 @@ class _EngineState:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._pollers = 0
+        # Deliveries that batch polls in progress (poll_many) still want
+        # beyond their first: counted ahead with the rest of the demand.
+        self._batch_demand = 0
         self._last_active = time.monotonic()
         self._next_commit: asyncio.Future[None] | None = None
         self._commit_token: object | None = None
@@ -174,8 +177,9 @@ class _EngineState:
         return rec.request
 
     def _demand(self) -> int:
-        """Polls in progress plus leases held (their workers poll next)."""
-        return self._pollers + len(self.leases)
+        """Polls in progress (a batch poll for as many as it wants) plus
+        leases held (their workers poll next)."""
+        return self._pollers + self._batch_demand + len(self.leases)
 
     def in_flight(self) -> int:
         return sum(1 for lease in self.leases.values() if lease.state in ("held", "settling"))

@@ -626,6 +626,55 @@ class NatsRequestQueue(RequestQueue):
         if room >= self._prefetch // 2:
             await self._send_pull(room, None, now)  # what is there now, no more
 
+    async def _poll_more(self, first: Delivery, count: int) -> list[Delivery]:
+        """The rest of a ``poll_many`` batch: what is buffered, then one pull
+        for the rest, held by the server as briefly as a ``poll(0)``'s (a
+        pull for many, where concurrent ``poll(0)`` calls would each send
+        their own). A failure ends the batch (the next call meets it)."""
+        more: list[Delivery] = []
+        loop = asyncio.get_running_loop()
+        try:
+            while len(more) < count and self._buffer:
+                delivery = await self._from_buffer()
+                if delivery is None:
+                    break
+                more.append(delivery)
+            need = count - len(more)
+            now = loop.time()
+            if need <= 0 or self._closed or not self._consumer_ready or now < self._blocked_until:
+                return more
+            waiters: list[asyncio.Future[_Held | None]] = [
+                loop.create_future() for _ in range(need)
+            ]
+            self._waiters.extend(waiters)
+            try:
+                await self._send_pull(need, _NO_WAIT_BELOW, now)
+                grace = min(1.0, self._opts.request_timeout)
+                # Each waiter gets a message, or None once the pull has
+                # ended (its status wakes the waiters it no longer covers).
+                await asyncio.wait(waiters, timeout=_NO_WAIT_BELOW + grace)
+            except BaseException:
+                for waiter in waiters:
+                    self._abandon(waiter)  # a message it got goes back to the buffer
+                raise
+            held: list[_Held] = []
+            for waiter in waiters:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    held.append(waiter.result())  # type: ignore[arg-type]
+                else:
+                    self._abandon(waiter)
+            for index, item in enumerate(held):
+                try:
+                    delivery = await self._accept(*item)
+                except BaseException:
+                    self._buffer.extend(held[index + 1 :])  # the next poll takes them
+                    raise
+                if delivery is not None:
+                    more.append(delivery)
+        except Exception as exc:
+            log.debug("queue %r: poll_many stopped after %d: %s", self.name, len(more) + 1, exc)
+        return more
+
     async def poll(self, timeout: float | None = None) -> NatsDelivery | None:
         self._check_open()
         timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend

@@ -364,3 +364,61 @@ async def test_the_head_seen_from_outside_the_group_is_the_oldest_request_not_co
     finally:
         await observer.aclose()
         await worker.aclose()
+
+
+async def test_a_batch_poll_counts_its_deliveries_in_one_round_and_a_clean_close_withdraws_the_rest(
+    kafka_config_factory: Any,
+) -> None:
+    """``poll_many`` takes from the buffer with the whole batch as demand: its
+    delivery counts are written ahead in rounds (one state record for many),
+    and the counts written for requests it did not hand out are withdrawn by
+    a clean close, so the next consumer sees them at attempt 1. ``ack_many``
+    makes the batch durable with one commit: nothing acked comes back."""
+    config = kafka_config_factory()
+    name = _name()
+    transport = await connect(config)
+    try:
+        queue = transport.request_queue(name)
+        sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(60)]
+        got: list[Delivery] = []
+        deadline = time.monotonic() + 30
+        while len(got) < 25 and time.monotonic() < deadline:
+            got += await queue.poll_many(25 - len(got), 15)
+        assert len(got) == 25 and all(d.attempt == 1 for d in got)
+        assert [d.request.request_id for d in got] == [r.request_id for r in sent[:25]]
+        assert await queue.ack_many(got) == [True] * 25
+        assert await queue.ack_many(got[:3]) == [False] * 3  # settled already
+        ahead = sum(1 for r in queue._engine.ready if r.reserved)  # type: ignore[attr-defined]
+        assert ahead > 0, "nothing was counted ahead for the batch"
+    finally:
+        await transport.aclose()
+    transport = await connect(config)
+    try:
+        queue = transport.request_queue(name)
+        rest: list[Delivery] = []
+        deadline = time.monotonic() + 30
+        while len(rest) < 35 and time.monotonic() < deadline:
+            rest += await queue.poll_many(50, 15)
+        ids = [d.request.request_id for d in rest]
+        assert ids == [r.request_id for r in sent[25:]], "lost, duplicated or acked ones back"
+        assert [d.attempt for d in rest] == [1] * 35, "a clean close left counts behind"
+        assert await queue.ack_many(rest) == [True] * 35
+    finally:
+        await transport.aclose()
+
+
+async def test_ack_many_settles_deliveries_of_other_queues_by_their_own_ack(
+    kafka_config_factory: Any,
+) -> None:
+    transport = await connect(kafka_config_factory())
+    try:
+        first, second = transport.request_queue(_name()), transport.request_queue(_name())
+        await first.enqueue(WorkRequest(task="t", payload=1))
+        await second.enqueue(WorkRequest(task="t", payload=2))
+        mine = await first.poll(15)
+        theirs = await second.poll(15)
+        assert mine is not None and theirs is not None
+        assert await first.ack_many([theirs, mine]) == [True, True]
+        assert await first.poll(1) is None and await second.poll(1) is None
+    finally:
+        await transport.aclose()

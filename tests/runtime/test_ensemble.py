@@ -543,3 +543,57 @@ async def test_serving_stops_and_propagates_when_the_block_raises(transport: Tra
         async with kitchen.serving():
             raise RuntimeError("caller failed")
     assert await registry.lookup("cook") == [], "not withdrawn after the exception"
+
+
+async def test_idle_workers_share_one_poll_many_and_hold_no_more_than_they_run(
+    transport: Transport,
+) -> None:
+    """With concurrency > 1 the workers lease through ``poll_many``, for as
+    many requests as workers are idle: the four workers started together ask
+    once for four, and no more requests are ever leased than workers are free
+    to run them (a batch never waits for a busy worker)."""
+    queue = transport.request_queue("batcher")
+    for i in range(12):
+        await queue.enqueue(WorkRequest(task="work", payload={"n": i}))
+    asked: list[int] = []
+    held = most_held = 0
+    original = queue.poll_many
+
+    async def poll_many(max_count: int, timeout: float | None = None) -> list[Any]:
+        nonlocal held, most_held
+        asked.append(max_count)
+        batch = await original(max_count, timeout)
+        held += len(batch)
+        most_held = max(most_held, held)
+        return batch
+
+    queue.poll_many = poll_many  # type: ignore[method-assign]
+    gate = asyncio.Event()
+    four_running = asyncio.Event()
+    all_done = asyncio.Event()
+    running = 0
+    done: list[int] = []
+    ens = Ensemble("batcher", queue=queue, concurrency=4, stats_interval=None)
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> None:
+        nonlocal running, held
+        running += 1
+        if running == 4:
+            four_running.set()
+        await gate.wait()
+        held -= 1
+        running -= 1
+        done.append(ctx.payload["n"])
+        if len(done) == 12:
+            all_done.set()
+
+    async with ens:
+        await asyncio.wait_for(four_running.wait(), 20)
+        assert asked[0] == 4, f"the four idle workers were not asked for together: {asked}"
+        assert most_held == 4
+        gate.set()
+        await asyncio.wait_for(all_done.wait(), 20)
+    assert sorted(done) == list(range(12))
+    assert max(asked) <= 4 and most_held <= 4, (asked, most_held)
+    await queue.aclose()

@@ -11,6 +11,7 @@ are acked without running the handler again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import signal
@@ -211,6 +212,12 @@ class Ensemble:
         self._capabilities: CapabilityRegistry | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._busy: set[asyncio.Task[None]] = set()
+        # With concurrency > 1, idle workers share one poll_many for as many
+        # requests as they are (see _next): its deliveries wait here, one per
+        # idle worker, until each takes its own.
+        self._idle = 0
+        self._fetch: asyncio.Task[int] | None = None
+        self._handoff: collections.deque[Delivery] = collections.deque()
         # Acks run in the background so that a worker takes its next request
         # while the last one's ack is made durable (a flush on some backends).
         self._acking: set[asyncio.Task[None]] = set()
@@ -444,6 +451,7 @@ class Ensemble:
                 )
                 worker.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+        await self._release_fetched()
         if self._acking:
             _, late = await asyncio.wait(set(self._acking), timeout=self.shutdown_grace)
             for ack in late:
@@ -467,6 +475,28 @@ class Ensemble:
                 ", ".join(f"{key} {value}" for key, value in self.counts.items()),
                 extra=self._fields(),
             )
+
+    async def _release_fetched(self) -> None:
+        """At stop, after the workers: cancel a shared poll still waiting
+        (cancellation-safe) and give back, uncounted, what was fetched for
+        workers that stopped before taking it (else the queue's close or the
+        lease expiry gives it back)."""
+        fetch = self._fetch
+        if fetch is not None:
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+        while self._handoff:
+            delivery = self._handoff.popleft()
+            try:
+                await delivery._release_uncounted()
+            except TransportError as exc:
+                log.info(
+                    "ensemble %s: %s left to its lease: %s",
+                    self.name,
+                    delivery.request.request_id,
+                    exc,
+                    extra=self._fields(delivery.request),
+                )
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[Self]:
@@ -624,12 +654,54 @@ class Ensemble:
                 await asyncio.sleep(1.0)
 
     # -- the work loop --------------------------------------------------------
+    async def _next(self, queue: RequestQueue) -> Delivery | None:
+        """The next request for this idle worker; ``None`` if none came within
+        the poll timeout.
+
+        With ``concurrency`` > 1 the idle workers share one
+        :meth:`RequestQueue.poll_many` for as many requests as there are idle
+        workers when it starts (a worker that becomes idle later waits
+        for it too, and starts the next if it got nothing): one leasing
+        round trip for the lot where the backend has a batch path, and never
+        more requests held than workers free to run them (a batch does not
+        wait for a busy worker). Its deliveries are taken at once, one per
+        waiting worker."""
+        if self.concurrency == 1:
+            return await queue.poll(self._poll_timeout)
+        self._idle += 1
+        try:
+            while True:
+                if self._handoff:
+                    return self._handoff.popleft()
+                fetch = self._fetch
+                if fetch is None:
+                    fetch = self._fetch = asyncio.create_task(
+                        self._fetch_for_idle(queue), name=f"{self.name}:poll"
+                    )
+                # Shielded: a waiting worker cancelled at stop leaves the
+                # poll to the others (the stop cancels it after the workers).
+                await asyncio.shield(fetch)
+                if not self._handoff and fetch.result() == 0:
+                    return None  # nothing came within the poll timeout
+        finally:
+            self._idle -= 1
+
+    async def _fetch_for_idle(self, queue: RequestQueue) -> int:
+        try:
+            # Counted when the poll starts, so that workers started together
+            # (or freed in the same loop iteration) are asked for together.
+            batch = await queue.poll_many(max(1, self._idle), self._poll_timeout)
+            self._handoff.extend(batch)
+            return len(batch)
+        finally:
+            self._fetch = None
+
     async def _worker(self, queue: RequestQueue) -> None:
         current = asyncio.current_task()
         assert current is not None
         while not self._stopping.is_set():
             try:
-                delivery = await queue.poll(self._poll_timeout)
+                delivery = await self._next(queue)
             except TransportError as exc:
                 log.warning("ensemble %s: poll failed: %s", self.name, exc, extra=self._fields())
                 await asyncio.sleep(1.0)

@@ -210,6 +210,36 @@ class MemoryRequestQueue(RequestQueue):
                         _notify_one(self._state)
             self._check_open()
 
+    async def _poll_more(self, first: Delivery, count: int) -> list[Delivery]:
+        """The rest of a ``poll_many`` batch: leased one after the other
+        from what is ready now (no waiting, no task per delivery)."""
+        more: list[Delivery] = []
+        while len(more) < count and self._state.ready and not self._closed:
+            delivery = self._lease()
+            if delivery is None:
+                break
+            more.append(delivery)
+        return more
+
+    async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
+        """As :meth:`RequestQueue.ack_many`: this queue's deliveries are
+        settled directly (no task per delivery), others by their own
+        ``ack``."""
+        results: list[bool] = []
+        error: Exception | None = None
+        for delivery in deliveries:
+            if isinstance(delivery, MemoryDelivery) and delivery._queue is self:
+                results.append(self._ack(delivery._token))
+                continue
+            try:
+                results.append(bool(await delivery.ack()))
+            except Exception as exc:  # every ack is attempted, then the first error
+                error = error or exc
+                results.append(False)
+        if error is not None:
+            raise error
+        return results
+
     def _ack(self, token: int) -> bool:
         state = self._state
         with self._broker.lock:
