@@ -4,7 +4,8 @@ Kafka counts no deliveries, so a record's next delivery is written to the
 state topic (acks=all) before it is handed out. Polls in progress share one
 round of these writes (one state record per partition, keyed
 ``"<p>:r<low>-<high>.<id>"``), which also counts the next few records ahead
-(at most twice the polls in progress and leases held, 256 at most). A
+(at most twice the demand: polls in progress, the rest of a batch poll,
+leases held; 1,024 at most). A
 consumer giving a partition up cleanly withdraws the counts it reserved for
 records it did not hand out, by rewriting their state keys (the latest value
 of a key holds). Event loop, except :meth:`_Counts._withdraw_from_thread`,

@@ -64,8 +64,9 @@ a partition up cleanly (``aclose()``, a rebalance) first withdraws the
 counts it reserved for records it did not hand out (it rewrites their state
 keys: the latest value of a key holds), and a delivery given back unseen by
 a handler (a priority queue's held head) is such a reservation again; a process killed has counted a
-delivery of those records it never handed out (at most twice the polls in
-progress plus the leases held, 256 at most), as a broker counts a
+delivery of those records it never handed out (at most twice the demand:
+polls in progress, the rest of a batch poll, leases held; 1,024 at most),
+as a broker counts a
 prefetched batch. A consumer that gets a partition replays the state
 topic, so after a crash ``attempt`` keeps counting.
 

@@ -141,7 +141,7 @@ class KafkaRequestQueue(RequestQueue):
     async def poll_many(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
         """As :meth:`RequestQueue.poll_many`, from the engine's buffer: the
         rest of the batch is what is buffered now, its delivery counts
-        written in rounds of up to 256 records per state-topic write (the
+        written in rounds of up to 1,024 records per state-topic write (the
         whole batch counts as demand, so the rounds are full ones)."""
         if max_count < 1:
             raise ValueError("max_count must be at least 1")
