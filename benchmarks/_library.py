@@ -77,6 +77,34 @@ async def sequential_poll_ack(target: Target, n: int) -> float:
         await transport.aclose()
 
 
+async def batch_poll_ack(target: Target, n: int, batch: int = 64) -> float:
+    """Requests per second through one loop taking ``poll_many(batch)`` and
+    settling it with ``ack_many`` (the batch path; each ``ack_many``
+    returns once the acks are durable), timed from the first batch
+    received to the last ack. ``n`` requests are enqueued first (untimed)."""
+    transport = await connect(target)
+    try:
+        queue = transport.request_queue(f"b{uuid.uuid4().hex[:8]}")
+        await run_concurrently(
+            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
+        )
+        done = 0
+        start: float | None = None
+        while done < n:
+            got = await queue.poll_many(batch, 30)
+            if not got:
+                raise RuntimeError(f"poll_many+ack_many stopped after {done} of {n}")
+            if start is None:
+                start = time.perf_counter()
+            if not all(await queue.ack_many(got)):
+                raise RuntimeError("ack_many of live deliveries returned False")
+            done += len(got)
+        assert start is not None
+        return n / (time.perf_counter() - start)
+    finally:
+        await transport.aclose()
+
+
 async def round_trip(target: Target, n: int, *, warm_ups: int = 3) -> list[float]:
     """Milliseconds from ``register`` + ``enqueue`` to the response, through
     the delivery registry, one request at a time.

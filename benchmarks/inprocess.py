@@ -319,6 +319,38 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
         )
     )
 
+    say("memory, sqlite: poll_many(64)+ack_many")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: library.batch_poll_ack(mem, sizes.consume),
+        lambda: asyncio_queue_consume(sizes.consume),
+        r,
+    )
+    rows.append(
+        throughput_row(
+            "memory",
+            "poll_many(64)+ack_many",
+            a,
+            b,
+            "asyncio.Queue.get+task_done (ours: one batch loop)",
+            None,
+        )
+    )
+    a, b = await alternate(
+        lambda: library.batch_poll_ack(sqlite_url, sizes.consume),
+        lambda: raw_sqlite_consume(tmp / "raw.db", sizes.consume),
+        r,
+    )
+    rows.append(
+        throughput_row(
+            "sqlite",
+            "poll_many(64)+ack_many",
+            a,
+            b,
+            "raw sqlite3 batch select+delete of 64, one commit (synchronous=FULL)",
+            0.5,
+        )
+    )
+
     sequential = max(sizes.consume // 4, 2000)
     say(f"memory: sequential poll+ack ({sequential:,})")  # type: ignore[operator]
     a, b = await alternate(

@@ -170,6 +170,37 @@ async def raw_consume(url: str, n: int, batch: int, confirmed: bool) -> float:
         await nc.close()
 
 
+async def raw_consume_batches(url: str, n: int, batch: int) -> float:
+    """One loop: ``fetch(batch)``, decode each, then every ack confirmed by
+    the server (``ack_sync``, concurrently) before the next fetch: the raw
+    counterpart of ``poll_many`` + ``ack_many``."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        name = f"RAWB{uuid.uuid4().hex[:8]}"
+        subject = await _raw_stream(js, name)
+        body = _body()
+        await run_concurrently(n, 64, lambda i: js.publish(subject, body))
+        sub = await js.pull_subscribe_bind("w", stream=name)
+        done = 0
+        start: float | None = None
+        while done < n:
+            try:
+                msgs = await sub.fetch(batch, timeout=0.5)
+            except nats.errors.TimeoutError:
+                continue
+            if start is None:
+                start = time.perf_counter()
+            for msg in msgs:
+                WorkRequest.model_validate_json(msg.data)
+            await asyncio.gather(*(msg.ack_sync() for msg in msgs))
+            done += len(msgs)
+        assert start is not None
+        return n / (time.perf_counter() - start)
+    finally:
+        await nc.close()
+
+
 async def raw_sequential(url: str, n: int) -> float:
     """One task: ``fetch(1)`` -> decode -> ``ack_sync`` (the server confirms
     the ack, as the library's ``ack()`` waits for), one message at a time."""
@@ -480,6 +511,22 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 b,
                 f"FastStream pull_sub(batch {PREFETCH}), manual ack",
                 2.0,
+            )
+        )
+        progress(f"nats: poll_many({PREFETCH})+ack_many")
+        a, b = await alternate(
+            lambda: library.batch_poll_ack(_config(url), sizes.consume, PREFETCH),
+            lambda: raw_consume_batches(url, sizes.consume, PREFETCH),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "nats",
+                f"poll_many({PREFETCH})+ack_many",
+                a,
+                b,
+                f"nats-py fetch({PREFETCH}) + ack_sync of each, together (ours: one batch loop)",
+                None,
             )
         )
         progress("nats: poll+ack, default prefetch")
