@@ -1121,7 +1121,16 @@ class AsyncPulsarClient:
         future: asyncio.Future[_pulsar.Consumer] = loop.create_future()
         with map_pulsar_errors(f"subscribe to {topic}"):
             self._core.subscribe_async_v2(topic, subscription, conf, _value_callback(future))
-        consumer = await _wait(future, timeout, f"subscribe to {topic}")
+        try:
+            consumer = await _wait(future, timeout, f"subscribe to {topic}")
+        except TransientTransportError as exc:
+            # Usually the first call of a process that meets a broker that
+            # is down (a registry's view starts here): say so, as enqueue does.
+            problem = client_problem(within=timeout)
+            hint = f"; the client last reported: {problem}" if problem else ""
+            raise TransientTransportError(
+                f"no answer from the Pulsar broker at {self._build['service_url']} ({exc}){hint}"
+            ) from exc
         try:
             asked: asyncio.Future[MessageId] = loop.create_future()
             with map_pulsar_errors(f"last message id of {topic}"):

@@ -62,6 +62,8 @@ async def _first_operation(config: dict[str, Any], op: str) -> dict[str, Any]:
                 await transport.request_queue("kitchen").enqueue(WorkRequest(task="cook"))
             elif op == "registry":
                 await transport.capability_registry().all()
+            elif op == "pending":  # a caller's first look at its delivery registry
+                await transport.delivery_registry("front-desk").pending()
             elif op == "event_log" and transport.capabilities.event_log:
                 await transport.event_log().append("orders", {"n": 1})
         finally:
@@ -118,7 +120,7 @@ class UnreachableBrokerConformance:
 
     async def test_first_operations_fail_fast_and_quietly(self) -> None:
         config = self.config(SHORT_TIMEOUT).model_dump(mode="json", exclude_none=True)
-        ops = ["enqueue", "registry", "event_log", "verify"]
+        ops = ["enqueue", "registry", "pending", "event_log", "verify"]
         code = "from transport.testing._unreachable_suite import probe_main; probe_main()"
         result = await asyncio.to_thread(
             subprocess.run,
@@ -140,6 +142,11 @@ class UnreachableBrokerConformance:
             assert outcome["elapsed"] <= bound + SLACK, (
                 f"{op} failed after {outcome['elapsed']:.1f} s, over the operation timeout "
                 f"of {bound:g} s (+{SLACK:g} s slack): {outcome['message']}"
+            )
+            address = str(config["url"]).split("://", 1)[1].split("?")[0].split("/")[0]
+            assert address in outcome["message"], (
+                f"{op}: the error does not name the broker it could not reach ({address}): "
+                f"{outcome['message']}"
             )
 
     async def test_cli_against_a_down_broker_exits_nonzero_with_one_line(self) -> None:
