@@ -191,6 +191,52 @@ class CleanRestartConformance:
         dead = await producer.dead_letters()
         assert dead == [], [(d.request_id, d.error) for d in dead]
 
+    async def test_a_batch_worker_closing_cleanly_counts_only_what_it_handed_out(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """A worker on the batch path (``poll_many``, where backends count a
+        whole batch ahead) acks part of its batch and closes cleanly: the
+        next worker gets the part it released at attempt 2, every request it
+        never handed out at attempt 1, and none it acked."""
+        producer = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(producer, make_requests(16))
+        wanted = {r.request_id for r in sent}
+        batch: list[Delivery] = []
+        first = await make_transport()
+        try:
+            queue = self.open_queue(first, queue_name)
+            deadline = time.monotonic() + harness.scaled(30)
+            while len(batch) < 6 and time.monotonic() < deadline:
+                batch += await queue.poll_many(6 - len(batch), harness.scaled(10))
+            assert len(batch) == 6, f"the batch worker got {len(batch)} of 6"
+            assert [d.attempt for d in batch] == [1] * 6
+            assert await queue.ack_many(batch[:3]) == [True] * 3
+        finally:
+            await first.aclose()  # the other three go back, each handed out once
+        acked = {d.request.request_id for d in batch[:3]}
+        released = {d.request.request_id for d in batch[3:]}
+        rest: dict[str, int] = {}
+        deadline = time.monotonic() + harness.scaled(60)
+        nxt = await make_transport()
+        try:
+            queue = self.open_queue(nxt, queue_name)
+            while len(rest) < len(wanted - acked) and time.monotonic() < deadline:
+                for delivery in await queue.poll_many(8, 1.0):
+                    rid = delivery.request.request_id
+                    assert rid not in acked, f"acked request {rid} delivered again"
+                    assert rid not in rest, f"{rid} delivered twice to the next worker"
+                    rest[rid] = delivery.attempt
+                    assert await delivery.ack()
+        finally:
+            await nxt.aclose()
+        assert rest.keys() == wanted - acked, f"{len(wanted - acked - rest.keys())} never came"
+        expected = {rid: 2 if rid in released else 1 for rid in rest}
+        assert rest == expected, {
+            rid: (n, expected[rid]) for rid, n in rest.items() if n != expected[rid]
+        }
+        dead = await producer.dead_letters()
+        assert dead == [], [(d.request_id, d.error) for d in dead]
+
     async def test_a_worker_joining_takes_no_request_being_handled(
         self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
     ) -> None:
