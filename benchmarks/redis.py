@@ -129,26 +129,8 @@ async def ours_consume(target: str | TransportConfig, n: int) -> float:
 
 async def ours_consume_batches(target: str | TransportConfig, n: int) -> float:
     """One loop: ``poll_many(BATCH)`` -> ``ack_many`` (the batch path) over
-    a backlog of ``n``."""
-    transport = await connect(target)
-    try:
-        queue = transport.request_queue(f"c{uuid.uuid4().hex[:8]}")
-        await run_concurrently(
-            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
-        )
-
-        async def body_loop() -> None:
-            done = 0
-            while done < n:
-                batch = await queue.poll_many(BATCH, 1.0)
-                if not batch:
-                    raise RuntimeError(f"ours poll_many+ack_many stopped after {done} of {n}")
-                await queue.ack_many(batch)
-                done += len(batch)
-
-        return await rate(n, body_loop)
-    finally:
-        await transport.aclose()
+    a backlog of ``n`` (the loop every backend's batch row runs)."""
+    return await library.batch_poll_ack(target, n, BATCH)
 
 
 async def _until(finished: asyncio.Event, consumers: list[Any]) -> None:

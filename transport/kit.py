@@ -36,7 +36,9 @@ What is here, by concern:
   :data:`Start`, :func:`make_event`.
 * **Asyncio plumbing** — :func:`seconds` (timeouts and delays as float
   seconds, negatives refused), :func:`hand_to_waiter` (give a value to the
-  first waiter still waiting), :class:`SharedRun` (one run of an operation
+  first waiter still waiting), :func:`ack_each` and :func:`acked_or_raise`
+  (acks of a batch one by one, and its results or first error: for the
+  deliveries a native ``ack_many`` does not settle itself), :class:`SharedRun` (one run of an operation
   shared by concurrent callers that need a result taken after their call
   began), :func:`retrieve` (a done callback that marks a future's exception
   retrieved), :class:`SqliteStore` (a SQLite file on its own thread with
@@ -62,7 +64,7 @@ from transport._spi.keyed import read_checkpoint
 from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, replace_fields, utcnow
 from transport._spi.models import _WireModel as WireModel
 from transport._spi.naming import internal_name, validate_header, validate_name
-from transport._spi.queue import hand_to_waiter, seconds
+from transport._spi.queue import ack_each, acked_or_raise, hand_to_waiter, seconds
 from transport._spi.wireheaders import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
@@ -90,6 +92,8 @@ __all__ = [
     "SqliteStore",
     "Start",
     "WireModel",
+    "ack_each",
+    "acked_or_raise",
     "check_headers",
     "check_start",
     "decode",

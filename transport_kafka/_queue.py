@@ -26,7 +26,7 @@ from transport import (
     encode,
 )
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
-from transport.kit import decode_request, replace_fields
+from transport.kit import ack_each, acked_or_raise, decode_request, replace_fields
 from transport.kit import seconds as _seconds
 from transport_kafka._client import KafkaContext
 from transport_kafka._config import TopicNames
@@ -198,19 +198,14 @@ class KafkaRequestQueue(RequestQueue):
             else:
                 others.append(i)
         results: list[bool | BaseException] = [False] * len(items)
-
-        async def one_by_one() -> list[bool | BaseException]:
-            return await asyncio.gather(*(items[i].ack() for i in others), return_exceptions=True)
-
-        batch, single = await asyncio.gather(engine.ack_leases(leases), one_by_one())
+        batch, single = await asyncio.gather(
+            engine.ack_leases(leases), ack_each(items[i] for i in others)
+        )
         for i, result in zip(mine, batch, strict=True):
             results[i] = result
         for i, result in zip(others, single, strict=True):
             results[i] = result
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return [bool(r) for r in results]
+        return acked_or_raise(results)
 
     async def stats(self) -> QueueStats:
         """Depth is the group's lag: for partitions this transport consumes,

@@ -28,6 +28,25 @@ def hand_to_waiter(waiters: collections.deque[asyncio.Future[Any]], value: Any) 
     return False
 
 
+async def ack_each(deliveries: Iterable[Delivery]) -> list[bool | BaseException]:
+    """Ack every delivery by its own ``ack()``, concurrently; one result per
+    delivery, in order: its result, or the error its ack raised. The
+    default of :meth:`RequestQueue.ack_many`, and what a backend's native
+    ``ack_many`` uses for deliveries that are not its own."""
+    return await asyncio.gather(*(d.ack() for d in deliveries), return_exceptions=True)
+
+
+def acked_or_raise(results: Iterable[bool | BaseException]) -> list[bool]:
+    """The results of an ``ack_many``: the first error raised, once every
+    ack was attempted; else the booleans."""
+    out: list[bool] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        out.append(bool(result))
+    return out
+
+
 def seconds(value: float | timedelta | None) -> float | None:
     """Normalise a duration given as seconds or ``timedelta``.
 
@@ -242,12 +261,7 @@ class RequestQueue(ABC):
         would have said). Backends batch them where they can.
         Raises: the first error of an ack (TransientTransportError...).
         """
-        items = list(deliveries)
-        results = await asyncio.gather(*(d.ack() for d in items), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return [bool(r) for r in results]
+        return acked_or_raise(await ack_each(deliveries))
 
     async def caught_up(self, timeout: float | None = None) -> bool:
         """Wait until this handle knows its head: from then on ``poll(0)``

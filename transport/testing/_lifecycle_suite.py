@@ -52,6 +52,40 @@ class CleanRestartConformance:
         finally:
             await client.aclose()
 
+    async def _next_worker_takes(
+        self,
+        make_transport: Any,
+        name: str,
+        harness: BackendHarness,
+        count: int,
+        acked: set[str],
+        *,
+        batch: bool,
+    ) -> dict[str, int]:
+        """A new worker takes and acks ``count`` requests (one ``poll`` at a
+        time, or ``poll_many(8)`` with ``batch``), none of them in
+        ``acked`` and none twice; returns each one's attempt."""
+        rest: dict[str, int] = {}
+        deadline = time.monotonic() + harness.scaled(60)
+        nxt = await make_transport()
+        try:
+            queue = self.open_queue(nxt, name)
+            while len(rest) < count and time.monotonic() < deadline:
+                if batch:
+                    got = await queue.poll_many(8, 1.0)
+                else:
+                    one = await queue.poll(1.0)
+                    got = [] if one is None else [one]
+                for delivery in got:
+                    rid = delivery.request.request_id
+                    assert rid not in acked, f"acked request {rid} delivered again"
+                    assert rid not in rest, f"{rid} delivered twice to the next worker"
+                    rest[rid] = delivery.attempt
+                    assert await delivery.ack()
+        finally:
+            await nxt.aclose()
+        return rest
+
     async def test_clean_sessions_count_only_deliveries(
         self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
     ) -> None:
@@ -169,22 +203,9 @@ class CleanRestartConformance:
                 acked.add(delivery.request.request_id)
         finally:
             await fast.aclose()
-        rest: dict[str, int] = {}
-        deadline = time.monotonic() + harness.scaled(60)
-        nxt = await make_transport()
-        try:
-            queue = self.open_queue(nxt, queue_name)
-            while len(rest) < len(wanted - acked) and time.monotonic() < deadline:
-                delivery = await queue.poll(1.0)
-                if delivery is None:
-                    continue
-                rid = delivery.request.request_id
-                assert rid not in acked, f"acked request {rid} delivered again"
-                assert rid not in rest, f"{rid} delivered twice to the next worker"
-                rest[rid] = delivery.attempt
-                assert await delivery.ack()
-        finally:
-            await nxt.aclose()
+        rest = await self._next_worker_takes(
+            make_transport, queue_name, harness, len(wanted - acked), acked, batch=False
+        )
         assert rest.keys() == wanted - acked, f"{len(wanted - acked - rest.keys())} never came"
         counted = {rid: n for rid, n in rest.items() if n != 1}
         assert not counted, f"handed out for the first time at a later attempt: {counted}"
@@ -215,20 +236,9 @@ class CleanRestartConformance:
             await first.aclose()  # the other three go back, each handed out once
         acked = {d.request.request_id for d in batch[:3]}
         released = {d.request.request_id for d in batch[3:]}
-        rest: dict[str, int] = {}
-        deadline = time.monotonic() + harness.scaled(60)
-        nxt = await make_transport()
-        try:
-            queue = self.open_queue(nxt, queue_name)
-            while len(rest) < len(wanted - acked) and time.monotonic() < deadline:
-                for delivery in await queue.poll_many(8, 1.0):
-                    rid = delivery.request.request_id
-                    assert rid not in acked, f"acked request {rid} delivered again"
-                    assert rid not in rest, f"{rid} delivered twice to the next worker"
-                    rest[rid] = delivery.attempt
-                    assert await delivery.ack()
-        finally:
-            await nxt.aclose()
+        rest = await self._next_worker_takes(
+            make_transport, queue_name, harness, len(wanted - acked), acked, batch=True
+        )
         assert rest.keys() == wanted - acked, f"{len(wanted - acked - rest.keys())} never came"
         expected = {rid: 2 if rid in released else 1 for rid in rest}
         assert rest == expected, {

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from transport import DeadLetter, Delivery, QueueStats, RequestQueue, WorkRequest, encode
 from transport.errors import ClosedResourceError, UndecodableMessageError
-from transport.kit import decode_request, replace_fields
+from transport.kit import ack_each, acked_or_raise, decode_request, replace_fields
 from transport.kit import seconds as _seconds
 from transport_inprocess.memory._client import (
     _Broker,
@@ -225,20 +225,17 @@ class MemoryRequestQueue(RequestQueue):
         """As :meth:`RequestQueue.ack_many`: this queue's deliveries are
         settled directly (no task per delivery), others by their own
         ``ack``."""
-        results: list[bool] = []
-        error: Exception | None = None
-        for delivery in deliveries:
+        items = list(deliveries)
+        results: list[bool | BaseException] = [False] * len(items)
+        others: list[int] = []
+        for i, delivery in enumerate(items):
             if isinstance(delivery, MemoryDelivery) and delivery._queue is self:
-                results.append(self._ack(delivery._token))
-                continue
-            try:
-                results.append(bool(await delivery.ack()))
-            except Exception as exc:  # every ack is attempted, then the first error
-                error = error or exc
-                results.append(False)
-        if error is not None:
-            raise error
-        return results
+                results[i] = self._ack(delivery._token)
+            else:
+                others.append(i)
+        for i, result in zip(others, await ack_each(items[i] for i in others), strict=True):
+            results[i] = result
+        return acked_or_raise(results)
 
     def _ack(self, token: int) -> bool:
         state = self._state
