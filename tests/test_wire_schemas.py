@@ -274,9 +274,12 @@ def test_pulsar_handout_count_validates_and_reads_back() -> None:
     pytest.importorskip("pulsar")
     from transport_pulsar import _queue as pulsar_queue
 
-    value = pulsar_queue._count_value(3)
+    queue = pulsar_queue.PulsarRequestQueue.__new__(pulsar_queue.PulsarRequestQueue)
+    queue._token = b"0a1b2c3d4e5f"
+    value = queue._count_value(3)
     assert _errors("PulsarHandoutCount", value) == []
     assert pulsar_queue._parse_count(value) == 3
+    assert pulsar_queue._parse_count(b'{"n":2}') == 2  # written by an earlier release
 
 
 def test_nats_log_record_is_what_the_backend_writes() -> None:

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from transport.errors import TransientTransportError, UnsupportedFeatureError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
 from transport_pulsar._client import PulsarContext
+from transport_pulsar._queue import attempts_name
 from transport_pulsar._registries import checkpoint_name
 
 __all__ = ["PulsarAdmin", "create_object", "object_topics", "pulsar_doctor"]
@@ -36,7 +37,12 @@ def object_topics(ctx: PulsarContext, kind: ObjectKind, name: str) -> list[str]:
     """The topics of one object of a plan; the first of a queue is read
     through its subscription, every other one by readers only."""
     if kind == "queue":
-        return [ctx.topic("q", name), ctx.topic("q", internal_name(name, "dlq"))]
+        return [
+            ctx.topic("q", name),
+            ctx.topic("q", internal_name(name, "dlq")),
+            ctx.topic("q", attempts_name(name)),
+            ctx.topic("q", checkpoint_name(attempts_name(name))),
+        ]
     if kind == "delivery_registry":
         return [ctx.topic("kv.delivery", name), ctx.topic("kv.delivery", checkpoint_name(name))]
     if kind == "capability_registry":
@@ -73,7 +79,9 @@ def _wanted_retention(ctx: PulsarContext, topic: str) -> dict[str, int]:
 def _reader_only(ctx: PulsarContext, topic: str) -> bool:
     local = topic.rsplit("/", 1)[-1]
     prefix = f"{ctx.config.namespace}.q."
-    return not local.startswith(prefix) or local.endswith("__dlq")
+    # A queue's dead letters, hand-out counts and their checkpoints are read
+    # by readers only, like every topic that is not a queue.
+    return not local.startswith(prefix) or local.endswith(("__dlq", "__attempts", "__checkpoint"))
 
 
 class PulsarAdmin:

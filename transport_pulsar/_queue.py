@@ -17,13 +17,17 @@ How the :class:`~transport.RequestQueue` contract maps onto Pulsar:
   everything it held at once.
 * attempt: ``ae-attempts`` property (deliveries before a republish) +
   this message's hand-outs so far + 1. Hand-outs are counted by the queue,
-  not by the broker: the broker's redelivery count also grows when a
-  consumer that only prefetched a message closes, and a client cannot
-  tell which messages were on their way to it then. Before a message is
-  handed to a poll its hand-out count is written to a keyed topic
-  ``<queue>__attempts`` (key: the message id); a message the broker
-  redelivers (redelivery count > 0) has its count looked up there; the
-  entry is tombstoned when the message is settled. A poll cancelled
+  not by the broker: the broker's redelivery count is no measure of them
+  (pulsar-lite also counts a message a consumer only prefetched; Apache
+  Pulsar does not count a delivery whose consumer disconnected, and forgets
+  every count when the subscription's last consumer leaves). Before a
+  message is handed to a poll its hand-out count is written to a keyed
+  topic ``<queue>__attempts`` (key: the message id), after looking it up
+  there (every message, whatever its redelivery count): the count is
+  written as this worker's view has it, then the view is read until it
+  has applied that write, and written again if another worker's count for
+  the message showed up meanwhile (see ``_count``); the entry is
+  tombstoned when the message is settled. A poll cancelled
   between counting and handing out keeps its count locally, and a clean
   close withdraws it; a delivery given back unseen by a handler (a
   priority queue's held head) has its count lowered first. An ack with no
@@ -85,6 +89,7 @@ from transport.kit import (
     LEGACY_ERROR_HEADERS,
     decode_request,
     error_header,
+    internal_name,
     retrieve,
 )
 from transport.kit import seconds as _seconds
@@ -98,7 +103,7 @@ from transport_pulsar._client import (
 from transport_pulsar._errors import map_pulsar_errors
 from transport_pulsar._registries import KeyedTopic
 
-__all__ = ["PulsarDelivery", "PulsarRequestQueue"]
+__all__ = ["PulsarDelivery", "PulsarRequestQueue", "attempts_name"]
 
 log = logging.getLogger("transport.pulsar")
 
@@ -111,18 +116,23 @@ _JOIN_GRACE_SECONDS = 0.2
 # up to _RESERVE_MAX while acks follow each other within _HOT_GAP_SECONDS
 # (a loop faster than a count write; a steadily slow one holds no more).
 _RESERVE_MAX = 4
+# Changes to the hand-out counts between two checkpoints of a worker's view.
+_COUNTS_CHECKPOINT_EVERY = 10_000
 _HOT_GAP_SECONDS = 0.005
 
 _LEASED, _SETTLING, _SETTLED, _EXPIRED = "leased", "settling", "settled", "expired"
 _tiebreak = itertools.count()
 
 
+def attempts_name(queue: str) -> str:
+    """The name (``kind`` prefix left to the caller) of the topic holding the
+    hand-out counts of ``queue``; its checkpoints are in
+    ``checkpoint_name(attempts_name(queue))``."""
+    return internal_name(queue, "attempts")
+
+
 def _message_key(message: Message) -> str:
     return str(message.message_id())
-
-
-def _count_value(handed: int) -> bytes:
-    return b'{"n":%d}' % handed
 
 
 def _parse_count(raw: bytes | None) -> int:
@@ -180,6 +190,7 @@ class PulsarRequestQueue(RequestQueue):
         topic: str,
         dlq_topic: str,
         attempts_topic: str,
+        attempts_checkpoint_topic: str,
         lease_seconds: float,
         max_attempts: int,
     ) -> None:
@@ -202,6 +213,10 @@ class PulsarRequestQueue(RequestQueue):
             attempts_topic,
             timeout=self._timeout,
             close_timeout=self._close_timeout,
+            # A new worker's first lookup reads from the last checkpoint,
+            # not the topic's whole history.
+            checkpoint_topic=attempts_checkpoint_topic,
+            checkpoint_every=_COUNTS_CHECKPOINT_EVERY,
         )
         # Counts written for hand-outs that did not happen (a poll cancelled
         # or failed after counting): used by the next hand-out of the
@@ -212,6 +227,14 @@ class PulsarRequestQueue(RequestQueue):
         # it failed (as for the counts in _unconfirmed).
         self._count_writes: dict[str, asyncio.Future[None]] = {}
         self._unconfirmed: set[str] = set()  # counts whose write may not have been stored
+        # Messages being counted, and changes to their counts by other
+        # workers seen meanwhile (see _count); this handle's own counts
+        # carry its token.
+        self._watching: set[str] = set()
+        self._foreign: dict[str, bytes | None] = {}
+        self._token = uuid.uuid4().hex[:12].encode()
+        self._mark = b'"by":"%s"' % self._token
+        self._attempts.observer = self._observe
         self._admitting: set[str] = set()
         self._last_ack = 0.0
         self._producer: AsyncProducer | None = None
@@ -328,33 +351,96 @@ class PulsarRequestQueue(RequestQueue):
         finally:
             self._admitting.discard(key)
 
-    async def _handed_before(self, key: str, message: Message) -> int:
-        """How often ``message`` was handed out before (by any worker)."""
+    async def _count(self, key: str, message: Message) -> int:
+        """Store the hand-out count of ``message`` before it is handed out
+        (a worker killed while holding it has used an attempt); the number
+        of hand-outs before this one, by any worker.
+
+        The count is looked up in the view of ``<queue>__attempts``, even
+        at redelivery count 0: Apache Pulsar does not count a delivery whose
+        consumer disconnected (a killed worker's message comes back at the
+        count it had) and forgets every count when the subscription's last
+        consumer leaves. The view may lag; instead of asking the broker for
+        the topic's end first, the count is written and the view read until
+        it has applied that write: a count another worker stored for the
+        message came before it (that worker wrote it before its hand-out,
+        which was before the broker gave the message to us), so it has been
+        seen then, and if it differs from the one assumed the count is
+        written again before the hand-out. Kept locally (``_counted``) until
+        handed out; a write or read cancelled or failed is made again by the
+        next poll of the message."""
+        attempts = self._attempts
         counted = self._counted.get(key)
-        if counted is not None:
-            return counted - 1  # counted for a hand-out that did not happen
-        if message.redelivery_count() == 0:
-            return 0  # never given back to the broker: never handed out
-        try:
-            return _parse_count((await self._attempts.synced()).get(key))
-        except TransientTransportError as exc:
-            # The count topic did not answer in time: fall back to the
-            # broker's redelivery count, which can only count more
-            # hand-outs than happened (a prefetch given back counts too),
-            # never fewer, so max_attempts still bounds the deliveries.
-            log.warning(
-                "queue %r: hand-out count of %s not readable (%s); using the broker's "
-                "redelivery count",
-                self.name,
-                key,
-                exc,
-            )
-            return int(message.redelivery_count())
+        if counted is not None and key not in self._unconfirmed:
+            return counted - 1  # stored for a hand-out that did not happen
+        if attempts.view is None:
+            try:
+                await attempts.synced()  # the first lookup: the whole topic
+            except TransientTransportError as exc:
+                return await self._count_unverified(key, message, exc)
+        view = attempts.view
+        assert view is not None
+        if counted is None:
+            # Changes by other workers from here on are noted (_observe).
+            self._watching.add(key)
+            self._foreign.pop(key, None)
+            handed = _parse_count(view.get(key))
+        else:
+            handed = counted - 1
+        self._counted[key] = handed + 1
+        self._unconfirmed.add(key)
+        written = await attempts.write(key, self._count_value(handed + 1))
+        await attempts.read_through(written)
+        while key in self._foreign:  # stored by another worker meanwhile
+            stored = _parse_count(self._foreign.pop(key))
+            if stored == handed:
+                break
+            handed = stored
+            self._counted[key] = handed + 1
+            written = await attempts.write(key, self._count_value(handed + 1))
+            await attempts.read_through(written)
+        self._unconfirmed.discard(key)
+        return handed
+
+    async def _count_unverified(self, key: str, message: Message, exc: Exception) -> int:
+        """:meth:`_count` when the count topic cannot be read: the broker's
+        redelivery count stands in (it can be lower than the hand-outs on
+        Apache Pulsar, see :meth:`_count`), and the count is written."""
+        log.warning(
+            "queue %r: hand-out count of %s not readable (%s); using the broker's redelivery count",
+            self.name,
+            key,
+            exc,
+        )
+        counted = self._counted.get(key)
+        handed = counted - 1 if counted is not None else int(message.redelivery_count())
+        self._counted[key] = handed + 1
+        self._unconfirmed.add(key)
+        await self._attempts.write(key, self._count_value(handed + 1))
+        self._unconfirmed.discard(key)
+        return handed
+
+    def _count_value(self, handed: int) -> bytes:
+        return b'{"n":%d,"by":"%s"}' % (handed, self._token)
+
+    def _observe(self, key: str, value: bytes | None) -> None:
+        """A change the count view applied: one for a message being counted
+        here, not written by this handle, is noted for :meth:`_count`."""
+        if key in self._watching and (value is None or self._mark not in value):
+            self._foreign[key] = value
+
+    def _stop_watching(self, key: str) -> None:
+        self._watching.discard(key)
+        self._foreign.pop(key, None)
 
     async def _count_and_lease(
         self, consumer: AsyncConsumer, message: Message, key: str, before: int
     ) -> PulsarDelivery | None:
-        handed = await self._handed_before(key, message)
+        counted_ahead = await self._counted_ahead(key)
+        if counted_ahead is not None:
+            handed = counted_ahead - 1
+        else:
+            handed = await self._count(key, message)
         attempt = before + handed + 1
         properties = message.properties()
         last_error = properties.get(ERROR_PROPERTY) or None
@@ -391,39 +477,9 @@ class PulsarRequestQueue(RequestQueue):
             self._unreserve(key)
             self._background(self._dead_letter_message(message, record))
             return None
-        ahead = self._count_writes.get(key)
-        if ahead is not None and ahead.done() and (ahead.cancelled() or ahead.exception()):
-            # Counted ahead, but that write failed (stored or not): write again.
-            self._count_writes.pop(key, None)
-            self._unconfirmed.add(key)
-            ahead = None
-        if ahead is not None:  # counted ahead (see _reserve_next): wait for that write
-            try:
-                await asyncio.shield(ahead)
-            except asyncio.CancelledError:
-                if not ahead.cancelled():
-                    raise  # this poll was cancelled: the write goes on for the next one
-                self._count_writes.pop(key, None)
-                self._unconfirmed.add(key)
-                raise TransientTransportError(
-                    f"queue {self.name!r}: a hand-out count write was cancelled"
-                ) from None
-            except BaseException:
-                self._count_writes.pop(key, None)
-                self._unconfirmed.add(key)  # it may or may not be stored: write again
-                raise
-            self._count_writes.pop(key, None)
-        elif key not in self._counted or key in self._unconfirmed:
-            # Counted before it is handed out: a worker killed while holding
-            # it has used an attempt. Kept locally until handed out; a write
-            # cancelled or failed (stored or not) is made again by the next
-            # poll of the message.
-            self._counted[key] = handed + 1
-            self._unconfirmed.add(key)
-            await self._attempts.write(key, _count_value(handed + 1))
-            self._unconfirmed.discard(key)
         self._check_open()  # closed meanwhile: the close withdraws the count
         del self._counted[key]
+        self._stop_watching(key)
         if request.attempt != attempt:
             request = request.model_copy(update={"attempt": attempt})
         delivery = PulsarDelivery(request, self, message, last_error)
@@ -431,15 +487,44 @@ class PulsarRequestQueue(RequestQueue):
         self._held[key] = delivery
         return delivery
 
+    async def _counted_ahead(self, key: str) -> int | None:
+        """The count stored ahead for ``key`` (see :meth:`_reserve_next`),
+        after waiting for that write; ``None`` if it was not counted ahead,
+        or that lookup or write failed (the poll counts it again)."""
+        ahead = self._count_writes.get(key)
+        if ahead is None:
+            return None
+        if ahead.done() and (ahead.cancelled() or ahead.exception() is not None):
+            # Counted ahead, but that write failed (stored or not): write again.
+            self._count_writes.pop(key, None)
+            self._unconfirmed.add(key)
+            return None
+        try:
+            await asyncio.shield(ahead)
+        except asyncio.CancelledError:
+            if not ahead.cancelled():
+                raise  # this poll was cancelled: the write goes on for the next one
+            self._count_writes.pop(key, None)
+            self._unconfirmed.add(key)
+            raise TransientTransportError(
+                f"queue {self.name!r}: a hand-out count write was cancelled"
+            ) from None
+        except BaseException:
+            self._count_writes.pop(key, None)
+            self._unconfirmed.add(key)  # it may or may not be stored: write again
+            raise
+        self._count_writes.pop(key, None)
+        return None if key in self._unconfirmed else self._counted.get(key)
+
     def _reserve_next(self) -> None:
         """Count hand-outs ahead: the messages next in line (received, or
         prefetched by the client) get their counts written now, while an
         ack is on its way, so the polls that hand them out find them
         counted instead of waiting for a write. Only when no poll is in
         progress (a worker settling, then polling: concurrent polls overlap
-        their writes with each other anyway), only messages never given
-        back to the broker (their count is 1, without a lookup), and at most
-        ``_reserve_depth()`` not handed out yet. A clean close withdraws
+        their writes with each other anyway), only messages not held back
+        for a not-before time (each count looked up, then written), and at
+        most ``_reserve_depth()`` not handed out yet. A clean close withdraws
         the reservations not handed out; a worker killed over-counts them
         by one each, as a broker counts a prefetched message redelivered."""
         consumer = self._consumer
@@ -463,21 +548,28 @@ class PulsarRequestQueue(RequestQueue):
             if room <= 0:
                 break
             key = _message_key(message)
-            if key in self._counted or key in self._held or key in self._admitting:
-                continue
             if (
-                consumer.is_stale(message)
-                or message.redelivery_count() != 0
-                or message.properties().get(NOT_BEFORE_PROPERTY)
+                key in self._counted
+                or key in self._count_writes
+                or key in self._held
+                or key in self._admitting
             ):
-                continue  # looked up / maybe held back: counted when handed out
-            self._counted[key] = 1
-            _undo_at_exit.add(self)  # a program ending without aclose() withdraws it too
-            write = self._count_writes[key] = asyncio.ensure_future(
-                self._attempts.write(key, _count_value(1))
-            )
+                continue
+            if consumer.is_stale(message) or message.properties().get(NOT_BEFORE_PROPERTY):
+                continue  # dropped / maybe held back: counted when handed out
+            write = self._count_writes[key] = asyncio.ensure_future(self._count_ahead(key, message))
             write.add_done_callback(retrieve)
             room -= 1
+
+    async def _count_ahead(self, key: str, message: Message) -> None:
+        """Look up and store the hand-out count of a message next in line
+        (see :meth:`_reserve_next`); nothing once the queue is closed or the
+        reservation was dropped meanwhile."""
+        self._check_open()
+        if self._count_writes.get(key) is not asyncio.current_task():
+            return
+        _undo_at_exit.add(self)  # a program ending without aclose() withdraws it too
+        await self._count(key, message)
 
     def _reserve_depth(self) -> int:
         """One ahead; up to ``_RESERVE_MAX`` while acks come faster than
@@ -493,6 +585,7 @@ class PulsarRequestQueue(RequestQueue):
         self._counted.pop(key, None)
         self._count_writes.pop(key, None)
         self._unconfirmed.discard(key)
+        self._stop_watching(key)
 
     def _dropped(self, message: Message) -> None:
         """The consumer dropped a copy of a message acked already (see
@@ -625,7 +718,7 @@ class PulsarRequestQueue(RequestQueue):
                 before = 0
             handed = delivery.attempt - before - 1  # hand-outs before this one
             await self._attempts.write(
-                _message_key(message), _count_value(handed) if handed > 0 else None
+                _message_key(message), self._count_value(handed) if handed > 0 else None
             )
             assert self._consumer is not None
             self._consumer.negative_acknowledge(message)
@@ -715,7 +808,7 @@ class PulsarRequestQueue(RequestQueue):
             await asyncio.wait(in_flight, timeout=max(self._close_timeout / 2, 0.1))
         counted, self._counted = self._counted, {}
         writes = [
-            self._attempts.write(key, _count_value(n - 1) if n > 1 else None)
+            self._attempts.write(key, self._count_value(n - 1) if n > 1 else None)
             for key, n in counted.items()
         ]
         results = await asyncio.gather(*writes, return_exceptions=True)
@@ -733,7 +826,7 @@ class PulsarRequestQueue(RequestQueue):
         for key, n in list(self._counted.items()):
             if time.monotonic() >= deadline:
                 return
-            self._attempts.write_at_exit(key, _count_value(n - 1) if n > 1 else None, deadline)
+            self._attempts.write_at_exit(key, self._count_value(n - 1) if n > 1 else None, deadline)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -26,14 +26,16 @@ and reads the keyed topic from its resume position, not from the start.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import _pulsar
+from pydantic_core import to_json
 
 from transport import CAUGHT_UP, CapabilityRegistry, DeliveryRegistry, KeyedChange, KeyedLog
-from transport.errors import PermanentTransportError, TransientTransportError
+from transport.errors import PermanentTransportError, TransientTransportError, TransportError
 from transport.kit import SharedRun, internal_name, read_checkpoint
 from transport_pulsar._client import (
     AsyncProducer,
@@ -60,6 +62,9 @@ MARKER_PROPERTY = "ae-marker"
 TOMBSTONE_PROPERTY = "ae-tombstone"
 #: ``<registry>__checkpoint``: the registry's checkpoint topic, beside its keyed topic.
 CHECKPOINT_SUFFIX = "checkpoint"
+#: The largest checkpoint a view saves of itself (a broker's default message
+#: size limit is 5 MB).
+_VIEW_CHECKPOINT_MAX_BYTES = 4 * 1024 * 1024
 
 log = logging.getLogger("transport.pulsar")
 
@@ -132,10 +137,16 @@ class KeyedTopic:
         timeout: float,
         close_timeout: float,
         checkpoint_topic: str | None = None,
+        checkpoint_every: int | None = None,
     ):
         self._client = client
         self.topic = topic
         self.checkpoint_topic = checkpoint_topic
+        # Save a checkpoint of the view itself every ``checkpoint_every``
+        # changes it applies (a registry's shared reader saves its own).
+        self._checkpoint_every = checkpoint_every if checkpoint_topic is not None else None
+        self._since_checkpoint = 0
+        self._saving: asyncio.Task[None] | None = None
         self._timeout = timeout
         self._close_timeout = close_timeout
         self._producer: AsyncProducer | None = None
@@ -145,6 +156,11 @@ class KeyedTopic:
         self._state: dict[str, bytes] = {}
         self._sync = SharedRun(self._catch_up)
         self._readers: set[AsyncReader] = set()
+        # The view's reader is read by one catch-up or read-through at a time.
+        self._read_lock = asyncio.Lock()
+        self._position: MessageId | None = None  # the last message the view applied
+        #: Called with every change the view applies (see the queue's hand-out counts).
+        self.observer: Callable[[str, bytes | None], None] | None = None
 
     async def _get_producer(self) -> AsyncProducer:
         async with self._producer_lock:
@@ -152,13 +168,15 @@ class KeyedTopic:
                 self._producer = await self._client.create_producer(self.topic)
             return self._producer
 
-    async def write(self, key: str, value: bytes | None) -> None:
-        """Append a value (or a tombstone); durable when this returns."""
+    async def write(self, key: str, value: bytes | None) -> MessageId:
+        """Append a value (or a tombstone); durable when this returns, with
+        the id of the message written."""
         producer = await self._get_producer()
         if value is None:
-            await producer.send(b"", key=key, properties={TOMBSTONE_PROPERTY: "1"}, null_value=True)
-        else:
-            await producer.send(value, key=key)
+            return await producer.send(
+                b"", key=key, properties={TOMBSTONE_PROPERTY: "1"}, null_value=True
+            )
+        return await producer.send(value, key=key)
 
     def write_at_exit(self, key: str, value: bytes | None, deadline: float) -> None:
         """:meth:`write` at interpreter exit (no event loop), waiting for the
@@ -212,13 +230,6 @@ class KeyedTopic:
             if reader.fresh(message):
                 return message
 
-    async def catch_up(self, reader: AsyncReader, apply: Callable[[KeyedChange], None]) -> None:
-        """Read until the reader has seen the topic's last message."""
-        while (message := await self._next_available(reader)) is not None:
-            change = keyed_change(message)
-            if change is not None:
-                apply(change)
-
     async def _reader_on(self, position: bytes) -> tuple[AsyncReader, Message] | None:
         """A reader on the message at ``position`` (inclusive) and that
         message; ``None`` if the topic does not hold it (any more): a
@@ -259,6 +270,79 @@ class KeyedTopic:
             self._state.pop(change.key, None)
         else:
             self._state[change.key] = change.value
+        if self.observer is not None:
+            self.observer(change.key, change.value)
+
+    def _apply_message(self, message: Message) -> None:
+        change = keyed_change(message)
+        if change is not None:
+            self._apply(change)
+        self._position = message.message_id()
+        if self._checkpoint_every is not None:
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= self._checkpoint_every and (
+                self._saving is None or self._saving.done()
+            ):
+                self._since_checkpoint = 0
+                self._saving = asyncio.get_running_loop().create_task(
+                    self._save_view(self._view_checkpoint())
+                )
+
+    def _view_checkpoint(self) -> bytes:
+        """The view as a checkpoint: every live record, resuming at the
+        last message applied (applied again on load, harmlessly)."""
+        assert self._position is not None
+        resume = base64.b64encode(self._position.serialize()).decode()
+        records = [
+            [key, resume, base64.b64encode(value).decode()] for key, value in self._state.items()
+        ]
+        return to_json({"version": 1, "resume": resume, "records": records})
+
+    async def _save_view(self, data: bytes) -> None:
+        if len(data) > _VIEW_CHECKPOINT_MAX_BYTES:
+            log.warning(
+                "%s: checkpoint not saved: %d live records take %d bytes (at most %d)",
+                self.topic,
+                len(self._state),
+                len(data),
+                _VIEW_CHECKPOINT_MAX_BYTES,
+            )
+            return
+        try:
+            await self.save_checkpoint(data)
+        except TransportError as exc:
+            log.warning("%s: checkpoint not saved (%s); the next one is tried", self.topic, exc)
+
+    @property
+    def view(self) -> dict[str, bytes] | None:
+        """The view as far as it has been read (no round trip); ``None``
+        before the first :meth:`synced`."""
+        return self._state if self._reader is not None else None
+
+    async def read_through(self, message_id: MessageId) -> None:
+        """Read until the view has applied ``message_id``, a message this
+        handle wrote: every message written before it is in the view then,
+        without asking the broker for the topic's last message."""
+        async with self._read_lock:
+            reader = self._reader
+            if reader is None:
+                raise TransientTransportError(f"read {self.topic}: no view to read through")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._timeout
+            while self._position is None or self._position < message_id:
+                message = await reader.poll()
+                if message is None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise TransientTransportError(
+                            f"read {self.topic}: a message written was not read back "
+                            f"within {self._timeout:g} s"
+                        )
+                    message = await reader.read_next(remaining)
+                    if message is None:
+                        continue
+                if reader.fresh(message):
+                    self._apply_message(message)
 
     async def snapshot(self) -> dict[str, bytes]:
         """The committed state as of this call (every write that returned
@@ -274,16 +358,22 @@ class KeyedTopic:
         return await self._sync()
 
     async def _catch_up(self) -> dict[str, bytes]:
+        async with self._read_lock:
+            return await self._catch_up_locked()
+
+    async def _catch_up_locked(self) -> dict[str, bytes]:
         try:
             if self._reader is None:
                 self._reader = await self._start_view()
-            await self.catch_up(self._reader, self._apply)
+            while (message := await self._next_available(self._reader)) is not None:
+                self._apply_message(message)
         except Exception:
             # A half-read position is fine to continue from, but after an
             # error start over rather than trust it (in a new mapping: the
             # one handed out before stays as it was).
             reader, self._reader = self._reader, None
             self._state = {}
+            self._position = None
             if reader is not None:
                 with contextlib.suppress(Exception):
                     await reader.close(self._close_timeout)
@@ -300,9 +390,7 @@ class KeyedTopic:
         _, records, reader, first = loaded
         for key, _, value in records:
             self._state[key] = value
-        change = keyed_change(first)
-        if change is not None:
-            self._apply(change)
+        self._apply_message(first)
         return reader
 
     async def _load_checkpoint(
@@ -409,6 +497,8 @@ class KeyedTopic:
 
     async def aclose(self) -> None:
         await self._sync.aclose()
+        if self._saving is not None and not self._saving.done():
+            await asyncio.wait({self._saving}, timeout=self._close_timeout)
         readers = [r for r in (self._reader, *self._readers) if r is not None]
         self._reader = None
         self._readers.clear()

@@ -70,7 +70,7 @@ from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_nam
 from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient, PulsarContext
 from transport_pulsar._config import PulsarSettings, parse_settings
 from transport_pulsar._events import PulsarEventLog
-from transport_pulsar._queue import PulsarRequestQueue
+from transport_pulsar._queue import PulsarRequestQueue, attempts_name
 from transport_pulsar._registries import KeyedTopic, PulsarKeyedLog, checkpoint_name
 
 __all__ = ["PulsarTransport", "open_pulsar"]
@@ -205,7 +205,8 @@ class PulsarTransport(Transport):
             name,
             topic=self.topic("q", name),
             dlq_topic=self.topic("q", internal_name(name, "dlq")),
-            attempts_topic=self.topic("q", internal_name(name, "attempts")),
+            attempts_topic=self.topic("q", attempts_name(name)),
+            attempts_checkpoint_topic=self.topic("q", checkpoint_name(attempts_name(name))),
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
         )

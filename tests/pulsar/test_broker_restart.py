@@ -4,6 +4,11 @@ directory (pulsar-lite only: an external broker is not ours to kill)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -188,5 +193,79 @@ async def test_event_log_and_its_cursors_survive_a_restart(harness: PulsarHarnes
         replay = await log.read(stream, positions[1])
         first = await replay.next(10)
         assert first is not None and first.data == 1 and first.position == positions[1]
+    finally:
+        await transport.aclose()
+
+
+KILLED_WORKER = """
+import asyncio, sys
+from transport import connect
+
+async def main():
+    transport = await connect()
+    queue = transport.request_queue(sys.argv[1], max_attempts=2)
+    delivery = await queue.poll(30)
+    assert delivery is not None and delivery.attempt == 1, delivery
+    print("HOLDING", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_workers_delivery_counts_when_the_broker_forgot_its_redelivery_count(
+    harness: PulsarHarness,
+) -> None:
+    """The broker's redelivery count is no measure of deliveries: Apache
+    Pulsar does not count one whose consumer disconnected (a killed worker's
+    request comes back at count 0) and forgets every count when the
+    subscription's last consumer leaves; pulsar-lite forgets them at a
+    restart. A request that a worker took and was killed holding must still
+    come back at attempt 2, and be dead-lettered once it has reached
+    max_attempts such workers."""
+    config = harness.config
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSPORT_")}
+    env.update(
+        TRANSPORT_URL=config.url,
+        TRANSPORT_NAMESPACE=config.namespace,
+        TRANSPORT_OPTIONS=json.dumps(config.options),
+    )
+    queue_name = name()
+
+    def take_and_die() -> None:
+        with subprocess.Popen(
+            [sys.executable, "-c", KILLED_WORKER, queue_name],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as worker:
+            try:
+                assert worker.stdout is not None and worker.stderr is not None
+                line = worker.stdout.readline()  # the worker polls within 30 s or exits
+                assert line.strip() == "HOLDING", (line, worker.stderr.read())
+            finally:
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.wait(10)
+
+    transport = await harness.connect()
+    try:
+        queue = transport.request_queue(queue_name, max_attempts=2)
+        sent = await queue.enqueue(WorkRequest(task="crashes-its-worker"))
+        await asyncio.to_thread(take_and_die)
+        await harness.restart_broker()  # every redelivery count is 0 again
+        again = await queue.poll(60)
+        assert again is not None and again.request.request_id == sent.request_id
+        assert again.attempt == 2, "the killed worker's delivery was not counted"
+        await queue.aclose()  # a clean close gives it back, counted twice now
+        await harness.restart_broker()  # the counts are forgotten again
+
+        second = transport.request_queue(queue_name, max_attempts=2)
+        assert await second.poll(3) is None, "delivered a third time with max_attempts=2"
+        deadline = time.monotonic() + 30
+        while not (dead := await second.dead_letters()) and time.monotonic() < deadline:
+            await second.poll(1)  # dead-lettering runs in the background
+        assert [d.request_id for d in dead] == [sent.request_id]
+        assert dead[0].attempts == 2, dead[0]
     finally:
         await transport.aclose()

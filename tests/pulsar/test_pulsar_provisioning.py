@@ -151,7 +151,11 @@ async def test_with_admin_url_provision_sets_infinite_retention_on_reader_only_t
         assert {s.status for s in steps} == {"created"}
         wanted = {t for s in steps for t in s.broker_objects}
         assert admin.topics == wanted
-        queue_topics = {t for t in wanted if ".q." in t and not t.endswith("__dlq")}
+        queue_topics = {
+            t
+            for t in wanted
+            if ".q." in t and not t.endswith(("__dlq", "__attempts", "__checkpoint"))
+        }
         assert len(queue_topics) == 3  # orders__p0, orders__p1, mail
         # Each registry has a checkpoint topic beside its keyed topic (read
         # by readers only, its last message only: kept without a time limit,
@@ -162,12 +166,15 @@ async def test_with_admin_url_provision_sets_infinite_retention_on_reader_only_t
             f"{base}.kv.delivery.inbox__checkpoint",
             f"{base}.kv.capability.capabilities",
             f"{base}.kv.capability.capabilities__checkpoint",
+            # A queue's hand-out counts, and the checkpoints of workers' views of them.
+            f"{base}.q.mail__attempts",
+            f"{base}.q.mail__attempts__checkpoint",
         } <= wanted
         infinite = {"retentionTimeInMinutes": -1, "retentionSizeInMB": -1}
         audit = next(t for t in wanted if t.endswith(".log.audit"))
         assert admin.retention.pop(audit) == {"retentionTimeInMinutes": 90, "retentionSizeInMB": -1}
         checkpoints = {t for t in wanted if t.endswith("__checkpoint")}
-        assert len(checkpoints) == 2
+        assert len(checkpoints) == 5  # two registries, three queues' hand-out counts
         for topic in checkpoints:
             assert admin.retention.pop(topic) == {
                 "retentionTimeInMinutes": -1,

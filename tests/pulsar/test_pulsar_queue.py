@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -278,7 +279,7 @@ async def test_an_ack_counts_the_next_hand_out_ahead_and_a_failed_count_is_writt
     failed is written again by the poll (never handed out uncounted), and a
     clean close leaves no count behind."""
     from transport.errors import TransientTransportError
-    from transport_pulsar._queue import PulsarRequestQueue, _message_key
+    from transport_pulsar._queue import PulsarRequestQueue, _message_key, _parse_count
 
     t = await transport_harness.connect()
     assert isinstance(t, PulsarTransport)
@@ -292,12 +293,12 @@ async def test_an_ack_counts_the_next_hand_out_ahead_and_a_failed_count_is_writt
             await q.enqueue(WorkRequest(task="x", payload=i))
         write = q._attempts.write
 
-        async def recording(key: str, value: bytes | None) -> None:
+        async def recording(key: str, value: bytes | None) -> Any:
             writes.append((key, value, bool(q._admitting)))
             if fail_next[0] and value is not None:
                 fail_next[0] = False
                 raise TransientTransportError("injected: count write failed")
-            await write(key, value)
+            return await write(key, value)
 
         q._attempts.write = recording  # type: ignore[method-assign]
         first = await q.poll(10)
@@ -315,7 +316,10 @@ async def test_an_ack_counts_the_next_hand_out_ahead_and_a_failed_count_is_writt
             raise AssertionError("the next request was not prefetched within 5 s")
         writes.clear()
         assert await first.ack()
-        ahead = [k for k, v, polling in writes if v == b'{"n":1}' and not polling]
+        # The count ahead is looked up, then written, in the background.
+        if q._count_writes:
+            await asyncio.wait(list(q._count_writes.values()), timeout=10)
+        ahead = [k for k, v, polling in writes if _parse_count(v) == 1 and not polling]
         assert ahead, f"the ack counted nothing ahead: {writes}"
         writes.clear()
         second = await q.poll(10)
@@ -335,7 +339,7 @@ async def test_an_ack_counts_the_next_hand_out_ahead_and_a_failed_count_is_writt
         third = await q.poll(10)
         assert third is not None and third.attempt == 1
         key = _message_key(third._message)
-        again = [k for k, v, polling in writes if k == key and v == b'{"n":1}' and polling]
+        again = [k for k, v, polling in writes if k == key and _parse_count(v) == 1 and polling]
         assert again, f"the failed count was not written again before the hand-out: {writes}"
         assert await third.ack()
         await q.aclose()  # a handle of _open_queue is not closed by the transport
@@ -354,3 +358,58 @@ async def test_an_ack_counts_the_next_hand_out_ahead_and_a_failed_count_is_writt
         assert rest == [1, 1, 1], rest
     finally:
         await t2.aclose()
+
+
+async def test_a_new_workers_count_lookup_starts_at_the_last_checkpoint(
+    transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers save checkpoints of their view of the hand-out counts, so a
+    new worker's first lookup reads from the last one, not the topic's whole
+    history — and still finds a count written long before: a request a
+    worker held while it handled twelve others, then gave back by closing,
+    comes to the next worker at attempt 2."""
+    from transport_pulsar import _queue as pulsar_queue
+
+    monkeypatch.setattr(pulsar_queue, "_COUNTS_CHECKPOINT_EVERY", 6)
+    name = f"c{uuid.uuid4().hex[:8]}"
+    first = await transport_harness.connect()
+    try:
+        queue = first.request_queue(name, max_attempts=5)
+        for i in range(30):
+            await queue.enqueue(WorkRequest(task="x", payload=i))
+        held = await queue.poll(10)
+        assert held is not None and held.attempt == 1
+        for _ in range(12):
+            delivery = await queue.poll(10)
+            assert delivery is not None and delivery.attempt == 1
+            assert await delivery.ack()
+    finally:
+        await first.aclose()  # gives back the held request, counted once
+
+    second = await transport_harness.connect()
+    try:
+        assert isinstance(second, PulsarTransport)
+        queue2 = second._open_queue(name, lease_seconds=5.0, max_attempts=5)
+        assert isinstance(queue2, pulsar_queue.PulsarRequestQueue)
+        attempts = queue2._attempts
+        load = attempts._load_checkpoint
+        loaded: list[object] = []
+
+        async def spying() -> Any:
+            result = await load()
+            loaded.append(result)
+            return result
+
+        attempts._load_checkpoint = spying  # type: ignore[method-assign]
+        seen = {}
+        for _ in range(17):
+            delivery = await queue2.poll(10)
+            assert delivery is not None, f"got {len(seen)} of 17"
+            seen[delivery.request.payload] = delivery.attempt
+            assert await delivery.ack()
+        assert loaded and loaded[0] is not None, "the first lookup did not start at a checkpoint"
+        assert seen[held.request.payload] == 2, seen
+        assert sorted(a for p, a in seen.items() if p != held.request.payload) == [1] * 16
+        await queue2.aclose()  # a handle of _open_queue is not closed by the transport
+    finally:
+        await second.aclose()

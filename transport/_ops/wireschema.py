@@ -78,6 +78,10 @@ class PulsarHandoutCount(_BackendRecord):
     request message's id): how often the message was handed to a poll."""
 
     n: int = Field(ge=0, description="hand-outs of the message so far")
+    by: str | None = Field(
+        default=None,
+        description="an opaque token of the queue handle that wrote the count (optional)",
+    )
 
 
 class NatsLogRecord(_WireModel):
