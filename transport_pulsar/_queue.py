@@ -135,6 +135,16 @@ def _message_key(message: Message) -> str:
     return str(message.message_id())
 
 
+def _merge_count(held: bytes | None, new: bytes | None) -> bytes | None:
+    """The count a reader holds after ``new`` (see ``_count_value``): a
+    tombstone or a set count replaces; a claim replaces a smaller count
+    only, so a worker that wrote a count from a stale view never lowered
+    the count another worker stored."""
+    if new is None or held is None or b'"set":1' in new:
+        return new
+    return new if _parse_count(new) >= _parse_count(held) else held
+
+
 def _parse_count(raw: bytes | None) -> int:
     if not raw:
         return 0
@@ -217,6 +227,7 @@ class PulsarRequestQueue(RequestQueue):
             # not the topic's whole history.
             checkpoint_topic=attempts_checkpoint_topic,
             checkpoint_every=_COUNTS_CHECKPOINT_EVERY,
+            merge=_merge_count,
         )
         # Counts written for hand-outs that did not happen (a poll cancelled
         # or failed after counting): used by the next hand-out of the
@@ -232,6 +243,7 @@ class PulsarRequestQueue(RequestQueue):
         # carry its token.
         self._watching: set[str] = set()
         self._foreign: dict[str, bytes | None] = {}
+        self._watch_generation: dict[str, int] = {}  # the view a watch started on
         self._token = uuid.uuid4().hex[:12].encode()
         self._mark = b'"by":"%s"' % self._token
         self._attempts.observer = self._observe
@@ -374,64 +386,57 @@ class PulsarRequestQueue(RequestQueue):
         if counted is not None and key not in self._unconfirmed:
             return counted - 1  # stored for a hand-out that did not happen
         if attempts.view is None:
-            try:
-                await attempts.synced()  # the first lookup: the whole topic
-            except TransientTransportError as exc:
-                return await self._count_unverified(key, message, exc)
+            # The first lookup: from the last checkpoint (or the topic's
+            # start). Not readable: the poll fails, nothing is handed out.
+            await attempts.synced()
         view = attempts.view
         assert view is not None
-        if counted is None:
-            # Changes by other workers from here on are noted (_observe).
+        if counted is None or self._watch_generation.get(key) != attempts.generation:
+            # Changes by other workers from here on are merged onto the
+            # count the view holds now (_observe).
+            held = view.get(key)
+            if counted is None or held is None or self._mark not in held:
+                self._foreign[key] = held
             self._watching.add(key)
-            self._foreign.pop(key, None)
-            handed = _parse_count(view.get(key))
-        else:
-            handed = counted - 1
+            self._watch_generation[key] = attempts.generation
+        handed = counted - 1 if counted is not None else _parse_count(view.get(key))
         self._counted[key] = handed + 1
         self._unconfirmed.add(key)
+        self._check_open()  # closed meanwhile: nothing more is written
         written = await attempts.write(key, self._count_value(handed + 1))
         await attempts.read_through(written)
-        while key in self._foreign:  # stored by another worker meanwhile
-            stored = _parse_count(self._foreign.pop(key))
-            if stored == handed:
-                break
+        # Every count written before ours is in the view now, among them one
+        # by a worker that held the message before; ours is a claim readers
+        # merge as the larger, so a stale guess never lowered a count.
+        stored = _parse_count(self._foreign.get(key))
+        if stored != handed:
+            self._check_open()
+            self._counted[key] = stored + 1
+            # Lowered (a count withdrawn by its worker after we read it):
+            # set; raised: claimed, as every count.
+            await attempts.write(key, self._count_value(stored + 1, set_=stored < handed))
             handed = stored
-            self._counted[key] = handed + 1
-            written = await attempts.write(key, self._count_value(handed + 1))
-            await attempts.read_through(written)
         self._unconfirmed.discard(key)
         return handed
 
-    async def _count_unverified(self, key: str, message: Message, exc: Exception) -> int:
-        """:meth:`_count` when the count topic cannot be read: the broker's
-        redelivery count stands in (it can be lower than the hand-outs on
-        Apache Pulsar, see :meth:`_count`), and the count is written."""
-        log.warning(
-            "queue %r: hand-out count of %s not readable (%s); using the broker's redelivery count",
-            self.name,
-            key,
-            exc,
-        )
-        counted = self._counted.get(key)
-        handed = counted - 1 if counted is not None else int(message.redelivery_count())
-        self._counted[key] = handed + 1
-        self._unconfirmed.add(key)
-        await self._attempts.write(key, self._count_value(handed + 1))
-        self._unconfirmed.discard(key)
-        return handed
-
-    def _count_value(self, handed: int) -> bytes:
+    def _count_value(self, handed: int, *, set_: bool = False) -> bytes:
+        """A hand-out count as written: a claim (readers keep the larger of
+        it and the count they hold), or with ``set_`` the count itself (a
+        withdrawal, a lowering)."""
+        if set_:
+            return b'{"n":%d,"by":"%s","set":1}' % (handed, self._token)
         return b'{"n":%d,"by":"%s"}' % (handed, self._token)
 
     def _observe(self, key: str, value: bytes | None) -> None:
         """A change the count view applied: one for a message being counted
-        here, not written by this handle, is noted for :meth:`_count`."""
+        here, not written by this handle, is merged for :meth:`_count`."""
         if key in self._watching and (value is None or self._mark not in value):
-            self._foreign[key] = value
+            self._foreign[key] = _merge_count(self._foreign.get(key), value)
 
     def _stop_watching(self, key: str) -> None:
         self._watching.discard(key)
         self._foreign.pop(key, None)
+        self._watch_generation.pop(key, None)
 
     async def _count_and_lease(
         self, consumer: AsyncConsumer, message: Message, key: str, before: int
@@ -717,9 +722,13 @@ class PulsarRequestQueue(RequestQueue):
             except ValueError:
                 before = 0
             handed = delivery.attempt - before - 1  # hand-outs before this one
-            await self._attempts.write(
-                _message_key(message), self._count_value(handed) if handed > 0 else None
+            written = await self._attempts.write(
+                _message_key(message), self._count_value(handed, set_=True) if handed > 0 else None
             )
+            # Read back before the message is given back: a later count of it
+            # by this handle must not take the count it lowered for its own.
+            if self._attempts.view is not None:
+                await self._attempts.read_through(written)
             assert self._consumer is not None
             self._consumer.negative_acknowledge(message)
             ok = True
@@ -806,10 +815,29 @@ class PulsarRequestQueue(RequestQueue):
             # Sent ones stay in order on the producer; this waits for writes
             # not yet sent, then withdraws all the same.
             await asyncio.wait(in_flight, timeout=max(self._close_timeout / 2, 0.1))
+        for write in self._count_writes.values():
+            write.cancel()  # one still reading checks the close before it writes
         counted, self._counted = self._counted, {}
+        # A count not read back yet was claimed on a view that may have been
+        # stale: read the topic to its end first, to withdraw it to the count
+        # other workers stored; if that fails it stays (one hand-out too many
+        # at most), as lowering it blindly could take away such a count.
+        unsure = [key for key in counted if key in self._unconfirmed]
+        if unsure:
+            try:
+                await self._attempts.synced()
+            except TransportError as exc:
+                log.warning(
+                    "queue %r: %d hand-out counts not withdrawn (%s)", self.name, len(unsure), exc
+                )
+            else:
+                for key in unsure:
+                    counted[key] = _parse_count(self._foreign.get(key)) + 1
+                self._unconfirmed.difference_update(unsure)
         writes = [
-            self._attempts.write(key, self._count_value(n - 1) if n > 1 else None)
+            self._attempts.write(key, self._count_value(n - 1, set_=True) if n > 1 else None)
             for key, n in counted.items()
+            if key not in self._unconfirmed
         ]
         results = await asyncio.gather(*writes, return_exceptions=True)
         for result in results:
@@ -823,10 +851,19 @@ class PulsarRequestQueue(RequestQueue):
         ``aclose()`` does not use up attempts of requests it never handled."""
         if self._closed:
             return
-        for key, n in list(self._counted.items()):
+        counted = dict(self._counted)
+        unsure = [key for key in counted if key in self._unconfirmed]
+        if unsure and self._attempts.catch_up_at_exit(deadline):  # see _withdraw_counts
+            for key in unsure:
+                counted[key] = _parse_count(self._foreign.get(key)) + 1
+            self._unconfirmed.difference_update(unsure)
+        for key, n in counted.items():
             if time.monotonic() >= deadline:
                 return
-            self._attempts.write_at_exit(key, self._count_value(n - 1) if n > 1 else None, deadline)
+            if key in self._unconfirmed:
+                continue
+            value = self._count_value(n - 1, set_=True) if n > 1 else None
+            self._attempts.write_at_exit(key, value, deadline)
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1002,6 +1039,8 @@ class PulsarRequestQueue(RequestQueue):
         if self._counted:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._withdraw_counts(), self._close_timeout)
+        for write in self._count_writes.values():
+            write.cancel()
         self._count_writes.clear()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._close_timeout)

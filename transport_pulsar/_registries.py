@@ -29,7 +29,10 @@ import asyncio
 import base64
 import contextlib
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import _pulsar
 from pydantic_core import to_json
@@ -65,6 +68,7 @@ CHECKPOINT_SUFFIX = "checkpoint"
 #: The largest checkpoint a view saves of itself (a broker's default message
 #: size limit is 5 MB).
 _VIEW_CHECKPOINT_MAX_BYTES = 4 * 1024 * 1024
+_VIEW_CHECKPOINT_MAX_RECORDS = 30_000
 
 log = logging.getLogger("transport.pulsar")
 
@@ -138,6 +142,7 @@ class KeyedTopic:
         close_timeout: float,
         checkpoint_topic: str | None = None,
         checkpoint_every: int | None = None,
+        merge: Callable[[bytes | None, bytes | None], bytes | None] | None = None,
     ):
         self._client = client
         self.topic = topic
@@ -147,6 +152,12 @@ class KeyedTopic:
         self._checkpoint_every = checkpoint_every if checkpoint_topic is not None else None
         self._since_checkpoint = 0
         self._saving: asyncio.Task[None] | None = None
+        # How a value written meets the one the view holds (default: the
+        # last writer wins).
+        self._merge = merge
+        self._ready = False  # the view has caught up once (and not failed since)
+        #: Counts the views built: a new one after a read failed.
+        self.generation = 0
         self._timeout = timeout
         self._close_timeout = close_timeout
         self._producer: AsyncProducer | None = None
@@ -266,10 +277,13 @@ class KeyedTopic:
         return await self._client.create_reader(self.topic), None
 
     def _apply(self, change: KeyedChange) -> None:
-        if change.value is None:
+        value = change.value
+        if self._merge is not None:
+            value = self._merge(self._state.get(change.key), value)
+        if value is None:
             self._state.pop(change.key, None)
         else:
-            self._state[change.key] = change.value
+            self._state[change.key] = value
         if self.observer is not None:
             self.observer(change.key, change.value)
 
@@ -283,22 +297,89 @@ class KeyedTopic:
             if self._since_checkpoint >= self._checkpoint_every and (
                 self._saving is None or self._saving.done()
             ):
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:  # at interpreter exit (catch_up_at_exit)
+                    return
                 self._since_checkpoint = 0
-                self._saving = asyncio.get_running_loop().create_task(
-                    self._save_view(self._view_checkpoint())
-                )
+                self._saving = loop.create_task(self._save_view(self._view_checkpoint()))
 
-    def _view_checkpoint(self) -> bytes:
+    def catch_up_at_exit(self, deadline: float) -> bool:
+        """Without an event loop (at interpreter exit): apply every message
+        written after the view's position, through a reader of its own,
+        until ``deadline`` (``time.monotonic``) at most; whether the view
+        caught up with the topic's end."""
+        if not self._ready or self._position is None:
+            return False
+
+        def wait(start: Callable[[Callable[..., None]], None]) -> Any:
+            done = threading.Event()
+            box: list[Any] = []
+
+            def callback(*args: Any) -> None:
+                box.append(args)
+                done.set()
+
+            start(callback)
+            if not done.wait(max(deadline - time.monotonic(), 0.0)):
+                raise TimeoutError
+            return box[0]
+
+        conf = _pulsar.ReaderConfiguration()
+        conf.receiver_queue_size(200)
+        conf.start_message_id_inclusive(False)
+        try:
+            result, reader = wait(
+                lambda cb: self._client._core.create_reader_async(
+                    self.topic, self._position, conf, cb
+                )
+            )
+            if result != _pulsar.Result.Ok:
+                return False
+        except (TimeoutError, Exception):
+            return False
+        try:
+            while time.monotonic() < deadline:
+                result, available = wait(reader.has_message_available_async)
+                if result != _pulsar.Result.Ok:
+                    return False
+                if not available:
+                    return True
+                left = int((deadline - time.monotonic()) * 1000)
+                if left <= 0:
+                    return False
+                message = reader.read_next(left)
+                if self._position is None or self._position < message.message_id():
+                    self._apply_message(message)
+            return False
+        except Exception:  # a timeout, the client closing: not caught up
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                reader.close_async(lambda *_: None)
+
+    def _view_checkpoint(self) -> bytes | None:
         """The view as a checkpoint: every live record, resuming at the
-        last message applied (applied again on load, harmlessly)."""
+        last message applied (applied again on load, harmlessly); ``None``
+        if it would be too large."""
         assert self._position is not None
+        if len(self._state) > _VIEW_CHECKPOINT_MAX_RECORDS:
+            log.warning(
+                "%s: checkpoint not saved: %d live records (at most %d)",
+                self.topic,
+                len(self._state),
+                _VIEW_CHECKPOINT_MAX_RECORDS,
+            )
+            return None
         resume = base64.b64encode(self._position.serialize()).decode()
         records = [
             [key, resume, base64.b64encode(value).decode()] for key, value in self._state.items()
         ]
         return to_json({"version": 1, "resume": resume, "records": records})
 
-    async def _save_view(self, data: bytes) -> None:
+    async def _save_view(self, data: bytes | None) -> None:
+        if data is None:
+            return
         if len(data) > _VIEW_CHECKPOINT_MAX_BYTES:
             log.warning(
                 "%s: checkpoint not saved: %d live records take %d bytes (at most %d)",
@@ -316,33 +397,35 @@ class KeyedTopic:
     @property
     def view(self) -> dict[str, bytes] | None:
         """The view as far as it has been read (no round trip); ``None``
-        before the first :meth:`synced`."""
-        return self._state if self._reader is not None else None
+        until a :meth:`synced` has completed (again, after a read failed)."""
+        return self._state if self._ready else None
 
     async def read_through(self, message_id: MessageId) -> None:
         """Read until the view has applied ``message_id``, a message this
         handle wrote: every message written before it is in the view then,
         without asking the broker for the topic's last message."""
-        async with self._read_lock:
-            reader = self._reader
-            if reader is None:
-                raise TransientTransportError(f"read {self.topic}: no view to read through")
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self._timeout
-            while self._position is None or self._position < message_id:
-                message = await reader.poll()
-                if message is None:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise TransientTransportError(
-                            f"read {self.topic}: a message written was not read back "
-                            f"within {self._timeout:g} s"
-                        )
-                    message = await reader.read_next(remaining)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        try:
+            async with asyncio.timeout_at(deadline), self._read_lock:
+                reader = self._reader
+                if reader is None or not self._ready:
+                    raise TransientTransportError(f"read {self.topic}: no view to read through")
+                while self._position is None or self._position < message_id:
+                    message = await reader.poll()
                     if message is None:
-                        continue
-                if reader.fresh(message):
-                    self._apply_message(message)
+                        message = await reader.read_next(max(deadline - loop.time(), 0.0))
+                        if message is None:
+                            continue
+                    if reader.fresh(message):
+                        self._apply_message(message)
+        except TimeoutError:
+            # A reader that does not deliver is not trusted again: the next
+            # lookup builds the view anew.
+            await self._reset()
+            raise TransientTransportError(
+                f"read {self.topic}: a message written was not read back within {self._timeout:g} s"
+            ) from None
 
     async def snapshot(self) -> dict[str, bytes]:
         """The committed state as of this call (every write that returned
@@ -364,6 +447,7 @@ class KeyedTopic:
     async def _catch_up_locked(self) -> dict[str, bytes]:
         try:
             if self._reader is None:
+                self.generation += 1
                 self._reader = await self._start_view()
             while (message := await self._next_available(self._reader)) is not None:
                 self._apply_message(message)
@@ -371,14 +455,20 @@ class KeyedTopic:
             # A half-read position is fine to continue from, but after an
             # error start over rather than trust it (in a new mapping: the
             # one handed out before stays as it was).
-            reader, self._reader = self._reader, None
-            self._state = {}
-            self._position = None
-            if reader is not None:
-                with contextlib.suppress(Exception):
-                    await reader.close(self._close_timeout)
+            await self._reset()
             raise
+        self._ready = True
         return self._state
+
+    async def _reset(self) -> None:
+        """Drop the view (the next :meth:`synced` builds it anew)."""
+        reader, self._reader = self._reader, None
+        self._ready = False
+        self._state = {}
+        self._position = None
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.close(self._close_timeout)
 
     async def _start_view(self) -> AsyncReader:
         """The view's reader: on the checkpoint's resume position, with the

@@ -19,7 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import GenerateJsonSchema
@@ -80,7 +80,13 @@ class PulsarHandoutCount(_BackendRecord):
     n: int = Field(ge=0, description="hand-outs of the message so far")
     by: str | None = Field(
         default=None,
-        description="an opaque token of the queue handle that wrote the count (optional)",
+        description="an opaque token of the queue handle that wrote the count",
+    )
+    set: int | None = Field(
+        default=None,
+        description="1: the count is set to n (a count withdrawn or lowered); "
+        "absent: n is a hand-out claimed, and readers keep the larger of it and "
+        "the count they hold",
     )
 
 
@@ -128,7 +134,12 @@ class _WireSchema(GenerateJsonSchema):
 
 
 def _schema(stem: str, model: type[BaseModel]) -> dict[str, Any]:
-    schema = model.model_json_schema(mode="serialization", schema_generator=_WireSchema)
+    # A backend's own records are written by hand, optional fields left out:
+    # what a reader accepts (validation mode) is their contract.
+    mode: Literal["validation", "serialization"] = (
+        "validation" if issubclass(model, _BackendRecord) else "serialization"
+    )
+    schema = model.model_json_schema(mode=mode, schema_generator=_WireSchema)
     return {"$schema": JSON_SCHEMA_DIALECT, "$id": f"{stem}.schema.json", **schema}
 
 
