@@ -378,9 +378,13 @@ class PulsarRequestQueue(RequestQueue):
         message came before it (that worker wrote it before its hand-out,
         which was before the broker gave the message to us), so it has been
         seen then, and if it differs from the one assumed the count is
-        written again before the hand-out. Kept locally (``_counted``) until
+        written again before the hand-out. A count written is a claim that
+        readers merge as the larger (``_merge_count``), so one written from
+        a stale view never lowers a count stored before it, even if this
+        worker dies before its correction. Kept locally (``_counted``) until
         handed out; a write or read cancelled or failed is made again by the
-        next poll of the message."""
+        next poll of the message. The count topic unreadable fails the poll:
+        nothing is handed out without its count."""
         attempts = self._attempts
         counted = self._counted.get(key)
         if counted is not None and key not in self._unconfirmed:
