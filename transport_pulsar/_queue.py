@@ -142,7 +142,7 @@ def _merge_count(held: bytes | None, new: bytes | None) -> bytes | None:
     the count another worker stored."""
     if new is None or held is None or b'"set":1' in new:
         return new
-    return new if _parse_count(new) >= _parse_count(held) else held
+    return new if _parse_count(new) > _parse_count(held) else held
 
 
 def _parse_count(raw: bytes | None) -> int:
@@ -413,6 +413,10 @@ class PulsarRequestQueue(RequestQueue):
         # by a worker that held the message before; ours is a claim readers
         # merge as the larger, so a stale guess never lowered a count.
         stored = _parse_count(self._foreign.get(key))
+        if stored < handed and self._watch_generation.get(key) != attempts.generation:
+            # The view was rebuilt meanwhile (a checkpoint's records are not
+            # seen as changes): what was merged may be short, so never lower.
+            stored = handed
         if stored != handed:
             self._check_open()
             self._counted[key] = stored + 1
@@ -835,9 +839,7 @@ class PulsarRequestQueue(RequestQueue):
                     "queue %r: %d hand-out counts not withdrawn (%s)", self.name, len(unsure), exc
                 )
             else:
-                for key in unsure:
-                    counted[key] = _parse_count(self._foreign.get(key)) + 1
-                self._unconfirmed.difference_update(unsure)
+                self._resolve_unsure(unsure, counted)
         writes = [
             self._attempts.write(key, self._count_value(n - 1, set_=True) if n > 1 else None)
             for key, n in counted.items()
@@ -847,6 +849,17 @@ class PulsarRequestQueue(RequestQueue):
         for result in results:
             if isinstance(result, BaseException):
                 log.warning("queue %r: a hand-out count was not withdrawn: %s", self.name, result)
+
+    def _resolve_unsure(self, unsure: list[str], counted: dict[str, int]) -> None:
+        """Counts not read back, once the view has read the topic to its
+        end: each is withdrawn to what other workers stored for the
+        message, unless the view was rebuilt since its watch began (what
+        was merged may be short: it stays, one hand-out too many at most)."""
+        generation = self._attempts.generation
+        for key in unsure:
+            if self._watch_generation.get(key) == generation:
+                counted[key] = _parse_count(self._foreign.get(key)) + 1
+                self._unconfirmed.discard(key)
 
     def _undo_at_exit(self, deadline: float) -> None:
         """At interpreter exit, for a handle never closed: withdraw the counts
@@ -858,9 +871,7 @@ class PulsarRequestQueue(RequestQueue):
         counted = dict(self._counted)
         unsure = [key for key in counted if key in self._unconfirmed]
         if unsure and self._attempts.catch_up_at_exit(deadline):  # see _withdraw_counts
-            for key in unsure:
-                counted[key] = _parse_count(self._foreign.get(key)) + 1
-            self._unconfirmed.difference_update(unsure)
+            self._resolve_unsure(unsure, counted)
         for key, n in counted.items():
             if time.monotonic() >= deadline:
                 return
@@ -1048,6 +1059,11 @@ class PulsarRequestQueue(RequestQueue):
         self._count_writes.clear()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
+        # The counts written (withdrawals above) reach the broker before the
+        # consumer gives its messages back: one landing after another worker
+        # counted a message again would take that count away.
+        with map_pulsar_errors(f"close {self.topic}"), contextlib.suppress(TransportError):
+            await self._attempts.aclose()
         # Closing the consumer hands every unsettled message back at once.
         if self._consumer is not None:
             await self._consumer.close(self._close_timeout)
@@ -1055,5 +1071,3 @@ class PulsarRequestQueue(RequestQueue):
             await self._producer.close(self._close_timeout)
         with map_pulsar_errors(f"close {self.topic}"), contextlib.suppress(TransportError):
             await self._dlq.aclose()
-        with map_pulsar_errors(f"close {self.topic}"), contextlib.suppress(TransportError):
-            await self._attempts.aclose()

@@ -404,28 +404,34 @@ class KeyedTopic:
         """Read until the view has applied ``message_id``, a message this
         handle wrote: every message written before it is in the view then,
         without asking the broker for the topic's last message."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        try:
-            async with asyncio.timeout_at(deadline), self._read_lock:
-                reader = self._reader
-                if reader is None or not self._ready:
-                    raise TransientTransportError(f"read {self.topic}: no view to read through")
-                while self._position is None or self._position < message_id:
-                    message = await reader.poll()
-                    if message is None:
-                        message = await reader.read_next(max(deadline - loop.time(), 0.0))
+        # Whoever holds the lock reads for a bounded time: the wait for it is
+        # bounded too. Only the reads are timed, and a reset happens under
+        # the lock (never under a catch-up using the reader).
+        async with self._read_lock:
+            reader = self._reader
+            if reader is None or not self._ready:
+                self._ready = False  # the next lookup builds the view
+                raise TransientTransportError(f"read {self.topic}: no view to read through")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    while self._position is None or self._position < message_id:
+                        message = await reader.poll()
                         if message is None:
-                            continue
-                    if reader.fresh(message):
-                        self._apply_message(message)
-        except TimeoutError:
-            # A reader that does not deliver is not trusted again: the next
-            # lookup builds the view anew.
-            await self._reset()
-            raise TransientTransportError(
-                f"read {self.topic}: a message written was not read back within {self._timeout:g} s"
-            ) from None
+                            message = await reader.read_next(max(deadline - loop.time(), 0.0))
+                            if message is None:
+                                continue
+                        if reader.fresh(message):
+                            self._apply_message(message)
+            except TimeoutError:
+                # A reader that does not deliver is not trusted again: the
+                # next lookup builds the view anew.
+                await self._reset()
+                raise TransientTransportError(
+                    f"read {self.topic}: a message written was not read back "
+                    f"within {self._timeout:g} s"
+                ) from None
 
     async def snapshot(self) -> dict[str, bytes]:
         """The committed state as of this call (every write that returned
