@@ -16,6 +16,7 @@ from benchmarks._common import Row, rate, run_concurrently, throughput_row
 from transport import (
     Ensemble,
     Network,
+    RequestQueue,
     TaskContext,
     TransportConfig,
     WorkRequest,
@@ -49,6 +50,13 @@ async def enqueue(target: Target, n: int, concurrency: int, *, warm_up: bool = T
         await transport.aclose()
 
 
+async def fill(queue: RequestQueue, n: int) -> None:
+    """Enqueue ``n`` requests (64 at a time): a benchmark's backlog."""
+    await run_concurrently(
+        n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
+    )
+
+
 async def sequential_poll_ack(target: Target, n: int) -> float:
     """Requests per second through one worker looping ``poll`` -> ``ack``,
     one request at a time: each ``ack()`` returns before the next ``poll``.
@@ -57,9 +65,7 @@ async def sequential_poll_ack(target: Target, n: int) -> float:
     transport = await connect(target)
     try:
         queue = transport.request_queue(f"s{uuid.uuid4().hex[:8]}")
-        await run_concurrently(
-            n + 1, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
-        )
+        await fill(queue, n + 1)
         first = await queue.poll(30)
         if first is None or not await first.ack():
             raise RuntimeError("sequential poll+ack: the first request never arrived")
@@ -85,9 +91,7 @@ async def batch_poll_ack(target: Target, n: int, batch: int = 64) -> float:
     transport = await connect(target)
     try:
         queue = transport.request_queue(f"b{uuid.uuid4().hex[:8]}")
-        await run_concurrently(
-            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
-        )
+        await fill(queue, n)
         done = 0
         start: float | None = None
         while done < n:

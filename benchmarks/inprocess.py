@@ -33,9 +33,7 @@ async def ours_consume(url: str, n: int, consumers: int) -> float:
     try:
         name = f"bench-{uuid.uuid4().hex[:8]}"
         queue = transport.request_queue(name)
-        await run_concurrently(
-            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
-        )
+        await library.fill(queue, n)
         done = 0
         finished = asyncio.Event()
 

@@ -61,6 +61,16 @@ def _body() -> bytes:
     return WorkRequest(task="work", payload=PAYLOAD).model_dump_json().encode()
 
 
+async def _raw_backlog(js: Any, prefix: str, n: int) -> str:
+    """A new work-queue stream (``prefix`` + random) with its consumer
+    ``w`` and ``n`` requests published to it; its name."""
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    subject = await _raw_stream(js, name)
+    body = _body()
+    await run_concurrently(n, 64, lambda i: js.publish(subject, body))
+    return name
+
+
 async def _raw_stream(js: Any, name: str) -> str:
     subject = f"raw.{name}"
     await js.add_stream(
@@ -101,9 +111,7 @@ async def ours_consume(url: str, n: int, prefetch: int = 1) -> float:
     transport = await connect(_config(url, prefetch))
     try:
         queue = transport.request_queue(f"c{uuid.uuid4().hex[:8]}")
-        await run_concurrently(
-            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
-        )
+        await library.fill(queue, n)
         done = 0
         finished = asyncio.Event()
 
@@ -143,10 +151,7 @@ async def raw_consume(url: str, n: int, batch: int, confirmed: bool) -> float:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        name = f"RAWC{uuid.uuid4().hex[:8]}"
-        subject = await _raw_stream(js, name)
-        body = _body()
-        await run_concurrently(n, 64, lambda i: js.publish(subject, body))
+        name = await _raw_backlog(js, "RAWC", n)
         done = 0
         tasks = CONSUMERS if batch == 1 else 1
         finished = asyncio.Event()
@@ -177,10 +182,7 @@ async def raw_consume_batches(url: str, n: int, batch: int) -> float:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        name = f"RAWB{uuid.uuid4().hex[:8]}"
-        subject = await _raw_stream(js, name)
-        body = _body()
-        await run_concurrently(n, 64, lambda i: js.publish(subject, body))
+        name = await _raw_backlog(js, "RAWB", n)
         sub = await js.pull_subscribe_bind("w", stream=name)
         done = 0
         start: float | None = None
@@ -207,10 +209,7 @@ async def raw_sequential(url: str, n: int) -> float:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        name = f"RAWS{uuid.uuid4().hex[:8]}"
-        subject = await _raw_stream(js, name)
-        body = _body()
-        await run_concurrently(n + 1, 64, lambda i: js.publish(subject, body))
+        name = await _raw_backlog(js, "RAWS", n + 1)
         sub = await js.pull_subscribe_bind("w", stream=name)
         [first] = await sub.fetch(1, timeout=10)  # warm up, as ours
         await first.ack_sync()

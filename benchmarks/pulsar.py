@@ -108,9 +108,7 @@ async def ours_consume(url: str, n: int, **options: Any) -> float:
     transport = await connect(_config(url, receiver_queue_size=PREFETCH, **options))
     try:
         queue = transport.request_queue(f"c{uuid.uuid4().hex[:8]}")
-        await run_concurrently(
-            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
-        )
+        await library.fill(queue, n)
         polled = acked = 0
         finished = asyncio.Event()
         slots = asyncio.Semaphore(ACKS_IN_FLIGHT)

@@ -106,9 +106,7 @@ async def ours_consume(target: str | TransportConfig, n: int) -> float:
     transport = await connect(target)
     try:
         queue = transport.request_queue(f"c{uuid.uuid4().hex[:8]}")
-        await run_concurrently(
-            n, 64, lambda i: queue.enqueue(WorkRequest(task="work", payload=PAYLOAD))
-        )
+        await library.fill(queue, n)
         done = 0
         finished = asyncio.Event()
 

@@ -31,7 +31,7 @@ What is here, by concern:
   :func:`validate_header`, :func:`check_headers`.
 * **Keyed logs** — :func:`read_checkpoint` (the resume position and records
   of a checkpoint the shared registry readers saved, for a log that reads
-  its own from a position).
+  its own from a position), :func:`encode_checkpoint` (one in that format).
 * **Events** — :func:`check_start` (the ``start`` argument of readers),
   :data:`Start`, :func:`make_event`.
 * **Asyncio plumbing** — :func:`seconds` (timeouts and delays as float
@@ -60,7 +60,7 @@ from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._spi.events import Start, check_headers, check_start, make_event
-from transport._spi.keyed import read_checkpoint
+from transport._spi.keyed import encode_checkpoint, read_checkpoint
 from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, replace_fields, utcnow
 from transport._spi.models import _WireModel as WireModel
 from transport._spi.naming import internal_name, validate_header, validate_name
@@ -100,6 +100,7 @@ __all__ = [
     "decode_request",
     "derived_request_id",
     "encode",
+    "encode_checkpoint",
     "error_header",
     "hand_to_waiter",
     "internal_name",

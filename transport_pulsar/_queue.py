@@ -238,12 +238,11 @@ class PulsarRequestQueue(RequestQueue):
         # it failed (as for the counts in _unconfirmed).
         self._count_writes: dict[str, asyncio.Future[None]] = {}
         self._unconfirmed: set[str] = set()  # counts whose write may not have been stored
-        # Messages being counted, and changes to their counts by other
-        # workers seen meanwhile (see _count); this handle's own counts
-        # carry its token.
-        self._watching: set[str] = set()
+        # Messages being counted (by the view their watch started on), and
+        # changes to their counts by other workers seen meanwhile (see
+        # _count); this handle's own counts carry its token.
+        self._watch_generation: dict[str, int] = {}
         self._foreign: dict[str, bytes | None] = {}
-        self._watch_generation: dict[str, int] = {}  # the view a watch started on
         self._token = uuid.uuid4().hex[:12].encode()
         self._mark = b'"by":"%s"' % self._token
         self._attempts.observer = self._observe
@@ -401,7 +400,6 @@ class PulsarRequestQueue(RequestQueue):
             held = view.get(key)
             if counted is None or held is None or self._mark not in held:
                 self._foreign[key] = held
-            self._watching.add(key)
             self._watch_generation[key] = attempts.generation
         handed = counted - 1 if counted is not None else _parse_count(view.get(key))
         self._counted[key] = handed + 1
@@ -438,11 +436,10 @@ class PulsarRequestQueue(RequestQueue):
     def _observe(self, key: str, value: bytes | None) -> None:
         """A change the count view applied: one for a message being counted
         here, not written by this handle, is merged for :meth:`_count`."""
-        if key in self._watching and (value is None or self._mark not in value):
+        if key in self._watch_generation and (value is None or self._mark not in value):
             self._foreign[key] = _merge_count(self._foreign.get(key), value)
 
     def _stop_watching(self, key: str) -> None:
-        self._watching.discard(key)
         self._foreign.pop(key, None)
         self._watch_generation.pop(key, None)
 
@@ -823,8 +820,6 @@ class PulsarRequestQueue(RequestQueue):
             # Sent ones stay in order on the producer; this waits for writes
             # not yet sent, then withdraws all the same.
             await asyncio.wait(in_flight, timeout=max(self._close_timeout / 2, 0.1))
-        for write in self._count_writes.values():
-            write.cancel()  # one still reading checks the close before it writes
         counted, self._counted = self._counted, {}
         # A count not read back yet was claimed on a view that may have been
         # stale: read the topic to its end first, to withdraw it to the count

@@ -26,7 +26,6 @@ and reads the keyed topic from its resume position, not from the start.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import threading
@@ -35,11 +34,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import _pulsar
-from pydantic_core import to_json
 
 from transport import CAUGHT_UP, CapabilityRegistry, DeliveryRegistry, KeyedChange, KeyedLog
 from transport.errors import PermanentTransportError, TransientTransportError, TransportError
-from transport.kit import SharedRun, internal_name, read_checkpoint
+from transport.kit import SharedRun, encode_checkpoint, internal_name, read_checkpoint
 from transport_pulsar._client import (
     AsyncProducer,
     AsyncPulsarClient,
@@ -371,11 +369,8 @@ class KeyedTopic:
                 _VIEW_CHECKPOINT_MAX_RECORDS,
             )
             return None
-        resume = base64.b64encode(self._position.serialize()).decode()
-        records = [
-            [key, resume, base64.b64encode(value).decode()] for key, value in self._state.items()
-        ]
-        return to_json({"version": 1, "resume": resume, "records": records})
+        resume = self._position.serialize()
+        return encode_checkpoint(resume, ((key, resume, v) for key, v in self._state.items()))
 
     async def _save_view(self, data: bytes | None) -> None:
         if data is None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import base64
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["CAUGHT_UP", "KeyedChange", "KeyedLog", "read_checkpoint"]
+from pydantic_core import to_json
+
+__all__ = ["CAUGHT_UP", "KeyedChange", "KeyedLog", "encode_checkpoint", "read_checkpoint"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,26 @@ class KeyedLog(ABC):
     async def aclose(self) -> None:
         """Release resources; what was written stays in the backend.
         Idempotent. Does not raise for an unreachable backend."""
+
+
+def encode_checkpoint(
+    resume: bytes, records: Iterable[tuple[str, bytes, bytes]], **extra: Any
+) -> bytes:
+    """A checkpoint as :func:`read_checkpoint` reads it: the resume position,
+    the carried ``(key, position, value)`` records, and ``extra`` fields
+    (ignored by readers)."""
+    b64 = base64.b64encode
+    return to_json(
+        {
+            "version": 1,
+            "resume": b64(resume).decode(),
+            "records": [
+                [key, b64(position).decode(), b64(value).decode()]
+                for key, position, value in records
+            ],
+            **extra,
+        }
+    )
 
 
 def read_checkpoint(data: bytes) -> tuple[bytes, list[tuple[str, bytes, bytes]]]:

@@ -12,7 +12,6 @@ the registry. Live records that nobody collects are deleted once they expire.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import logging
@@ -23,10 +22,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import Field
-from pydantic_core import from_json, to_json
+from pydantic_core import from_json
 
 from transport._spi.codec import decode, encode
-from transport._spi.keyed import CAUGHT_UP, KeyedChange, KeyedLog, read_checkpoint
+from transport._spi.keyed import (
+    CAUGHT_UP,
+    KeyedChange,
+    KeyedLog,
+    encode_checkpoint,
+    read_checkpoint,
+)
 from transport._spi.models import (
     REQUEST_ID_SCHEMA,
     WIRE_SCHEMA_VERSION,
@@ -216,7 +221,7 @@ class _LogView:
         replayed again harmlessly, if all are carried)."""
         if self._position is None:
             return None
-        carried: list[list[str]] = []
+        carried: list[tuple[str, bytes, bytes]] = []
         size = 0
         resume = self._position
         for key, (position, value) in self._live.items():
@@ -224,17 +229,8 @@ class _LogView:
             if size > _CARRY_BYTES:
                 resume = position
                 break
-            carried.append(
-                [key, base64.b64encode(position).decode(), base64.b64encode(value).decode()]
-            )
-        return to_json(
-            {
-                "version": 1,
-                "resume": base64.b64encode(resume).decode(),
-                "records": carried,
-                "written_at": utcnow().isoformat(),
-            }
-        )
+            carried.append((key, position, value))
+        return encode_checkpoint(resume, carried, written_at=utcnow().isoformat())
 
     def _seen(self, change: KeyedChange) -> None:
         """Position bookkeeping of a change applied from the log."""
