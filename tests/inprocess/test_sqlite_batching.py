@@ -45,3 +45,33 @@ async def test_concurrent_enqueues_keep_order_and_concurrent_polls_lease_distinc
         assert stats.depth == 0 and stats.in_flight == 0
     finally:
         await transport.aclose()
+
+
+async def test_ack_many_settles_rows_of_several_leasing_rounds_and_refuses_stale_ones(
+    tmp_path: Path,
+) -> None:
+    transport = await connect(f"sqlite:///{tmp_path / 'b.db'}")
+    try:
+        queue = transport.request_queue("q")
+        other = transport.request_queue("other")
+        for i in range(6):
+            await queue.enqueue(WorkRequest(task="t", payload=i))
+        await other.enqueue(WorkRequest(task="t", payload="elsewhere"))
+        first = await queue.poll_many(3, 5)  # one leasing round
+        second = await queue.poll_many(3, 5)  # another: other tokens
+        foreign = await other.poll(5)
+        assert len(first) == 3 and len(second) == 3 and foreign is not None
+        stale = second[1]
+        assert await stale.nack()  # given back: its lease is gone
+        again = await queue.poll(5)  # and leased anew (a third round)
+        assert again is not None and again.request.payload == stale.request.payload
+
+        results = await queue.ack_many([*first, foreign, *second])
+        assert results == [True, True, True, True, True, False, True]
+        assert await again.ack()  # the stale ack took nothing from its new holder
+        assert await queue.ack_many(first) == [False, False, False]  # already settled
+        for q in (queue, other):
+            stats = await q.stats()
+            assert stats.depth == 0 and stats.in_flight == 0
+    finally:
+        await transport.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,37 @@ async def test_a_read_does_not_wait_for_the_write_transaction_after_it(tmp_path:
         hold_first.set()
         hold_second.set()
         await store.aclose()
+
+
+async def test_writes_submitted_in_one_loop_iteration_reach_the_thread_together(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"), schema=_SCHEMA)
+    await store.open()
+    try:
+        calls.clear()
+        futures = []
+        for i in range(10):
+            futures.append(store.submit_many("ins", _counting_insert, (i, f"v{i}")))
+            # The idle thread gets the GIL here: handed over one by one, the
+            # first write would start a transaction of its own.
+            time.sleep(0.002)  # noqa: ASYNC251 - holding the loop is the point
+        assert await asyncio.gather(*futures) == list(range(10))
+        assert calls == [10]  # handed over together at the end of the iteration
+    finally:
+        await store.aclose()
+
+
+async def test_a_write_submitted_just_before_close_still_commits(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path, schema=_SCHEMA)
+    await store.open()
+    pending = store.submit_many("ins", _insert_many, (1, "kept"))
+    await store.aclose()  # in the same iteration as the submission
+    assert await pending == 1
+    reopened = SqliteStore(path, schema=_SCHEMA)
+    await reopened.open()
+    try:
+        assert await _rows(reopened) == [(1, "kept")]
+    finally:
+        await reopened.aclose()

@@ -5,7 +5,11 @@ Every operation is a function of the connection run on the store's thread.
 Consecutive writes submitted while a transaction is being committed are run
 together in the next transaction (each inside its own SAVEPOINT, so one
 failing operation does not undo the others) and share its fsync; each caller
-still resumes only after *its* commit. Several processes may share the file:
+still resumes only after *its* commit. Operations submitted during one
+iteration of a caller's event loop reach the thread together, at the end of
+that iteration (one wake-up of the thread, one transaction for them all,
+rather than a transaction started by the first while the others are still
+being submitted). Several processes may share the file:
 WAL mode, ``BEGIN IMMEDIATE`` and a busy timeout serialise writers.
 """
 
@@ -122,7 +126,10 @@ class SqliteStore:
         self._schema = schema
         self._completed: list[tuple[_Op, Any, BaseException | None]] = []
         self._busy_timeout_ms = busy_timeout_ms
-        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._ops: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
+        # Per caller loop: operations submitted in its current iteration,
+        # handed to the thread together by one call_soon at its end.
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -170,10 +177,10 @@ class SqliteStore:
         self._ready.set()
         try:
             while True:
-                op = self._ops.get()
-                if op is None:
+                first = self._ops.get()
+                if first is None:
                     return
-                batch = [op]
+                batch = first
                 while len(batch) < _MAX_BATCH:
                     try:
                         nxt = self._ops.get_nowait()
@@ -182,7 +189,7 @@ class SqliteStore:
                     if nxt is None:
                         self._ops.put(None)  # finish this batch, then stop
                         break
-                    batch.append(nxt)
+                    batch += nxt
                 self._execute(conn, batch)
                 self._flush_done()
         finally:
@@ -313,7 +320,7 @@ class SqliteStore:
             raise ClosedResourceError(f"sqlite store {self.path} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._ops.put(_Op(fn, write, loop, future))
+        self._hand_over(_Op(fn, write, loop, future))
         return future
 
     def submit_many(self, key: Hashable, many: Many, arg: Any) -> asyncio.Future[Any]:
@@ -331,8 +338,21 @@ class SqliteStore:
             raise ClosedResourceError(f"sqlite store {self.path} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._ops.put(_Op(None, True, loop, future, key, many, arg))
+        self._hand_over(_Op(None, True, loop, future, key, many, arg))
         return future
+
+    def _hand_over(self, op: _Op) -> None:
+        pending = self._pending.get(op.loop)
+        if pending is None:
+            self._pending[op.loop] = [op]
+            op.loop.call_soon(self._flush_pending, op.loop)
+        else:
+            pending.append(op)
+
+    def _flush_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        ops = self._pending.pop(loop, None)
+        if ops:
+            self._ops.put(ops)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a (group-committed) write transaction."""
@@ -347,6 +367,8 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
+        for loop in list(self._pending):  # submitted in this iteration: still run
+            self._flush_pending(loop)
         self._ops.put(None)
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)

@@ -34,7 +34,14 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import decode_request, derived_request_id, replace_fields, utcnow
+from transport.kit import (
+    ack_each,
+    acked_or_raise,
+    decode_request,
+    derived_request_id,
+    replace_fields,
+    utcnow,
+)
 from transport.kit import seconds as _seconds
 from transport_inprocess.sqlite._client import SqliteContext
 
@@ -91,11 +98,26 @@ def _insert_many(conn: sqlite3.Connection, items: list[tuple[str, str, bytes]]) 
 
 
 def _delete_many(conn: sqlite3.Connection, items: list[tuple[int, int]]) -> list[bool]:
-    """Acknowledge leased rows: True for each that was still leased by that token."""
-    return [
-        conn.execute("DELETE FROM messages WHERE id = ? AND token = ?", item).rowcount == 1
-        for item in items
-    ]
+    """Acknowledge leased rows: True for each that was still leased by that
+    token. A leasing round gives row ``id`` the token ``(base + id) mod
+    2**62``, so the rows of one round are deleted by one statement per 500
+    (``token = (base + id) & mask``), not one DELETE per row."""
+    rounds: dict[int, list[int]] = {}
+    for row_id, token in items:
+        rounds.setdefault((token - row_id) & _TOKEN_MASK, []).append(row_id)
+    deleted: set[int] = set()
+    for base, rows in rounds.items():
+        for i in range(0, len(rows), 500):
+            chunk = rows[i : i + 500]
+            deleted.update(
+                row_id
+                for (row_id,) in conn.execute(
+                    f"DELETE FROM messages WHERE id IN ({', '.join('?' * len(chunk))})"
+                    " AND token = (? + id) & ? RETURNING id",
+                    (*chunk, base, _TOKEN_MASK),
+                )
+            )
+    return [row_id in deleted for row_id, _ in items]
 
 
 def _decoded(body: bytes) -> WorkRequest | None:
@@ -152,7 +174,7 @@ class SqliteRequestQueue(RequestQueue):
         self._key = ctx.scoped(name)  # the queue's rows in this namespace
         self._store = ctx.store
         self._held: dict[int, int] = {}
-        self._lease_waiters: list[asyncio.Future[SqliteDelivery | None]] = []
+        self._lease_waiters: list[tuple[int, asyncio.Future[list[SqliteDelivery]]]] = []
         self._leaser: asyncio.Task[None] | None = None
         self._had_work = False
         self._closed = False
@@ -234,39 +256,27 @@ class SqliteRequestQueue(RequestQueue):
 
     async def _try_lease(self, n: int = 1) -> list[SqliteDelivery]:
         # Concurrent polls of this handle are served by one leasing round:
-        # one transaction leases a row for each waiting poll (``n`` for a
-        # poll_many) and shares its commit, instead of one transaction each.
-        loop = asyncio.get_running_loop()
-        waiters: list[asyncio.Future[SqliteDelivery | None]] = [
-            loop.create_future() for _ in range(n)
-        ]
-        self._lease_waiters.extend(waiters)
+        # one transaction leases up to ``n`` rows for each waiting poll (1
+        # for a poll, ``n`` for a poll_many) and shares its commit, instead
+        # of one transaction each. Each poll waits on one future.
+        waiter: asyncio.Future[list[SqliteDelivery]] = asyncio.get_running_loop().create_future()
+        self._lease_waiters.append((n, waiter))
         if self._leaser is None:
             self._leaser = asyncio.create_task(self._lease_rounds())
         try:
-            await asyncio.wait(waiters)
+            return await waiter
         except asyncio.CancelledError:
-            for waiter in waiters:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                    orphan = waiter.result()
-                    if orphan is not None:  # leased for us after all: give it back
-                        self._give_back([(orphan._row, orphan._token)])
-                else:
-                    waiter.cancel()
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Leased for us after all: give it back, never handed out.
+                self._give_back([(d._row, d._token) for d in waiter.result()])
+            else:
+                waiter.cancel()
             raise
-        got = [w.result() for w in waiters if w.exception() is None]
-        leased = [d for d in got if d is not None]
-        failed = next((w.exception() for w in waiters if w.exception() is not None), None)
-        if failed is not None:
-            if leased:  # one round fails as a whole; nothing of it is handed out
-                self._give_back([(d._row, d._token) for d in leased])
-            raise failed
-        return leased
 
     async def _lease_rounds(self) -> None:
         try:
             while self._lease_waiters:
-                waiters = [w for w in self._lease_waiters if not w.done()]
+                waiters = [(n, w) for n, w in self._lease_waiters if not w.done()]
                 self._lease_waiters.clear()
                 if not waiters:
                     continue
@@ -278,25 +288,27 @@ class SqliteRequestQueue(RequestQueue):
                     # do not take the file's write lock.
                     if self._had_work or await self._store.read(self._has_work_op):
                         leased = await self._store.write(
-                            functools.partial(self._lease_op, limit=len(waiters))
+                            functools.partial(self._lease_op, limit=sum(n for n, _ in waiters))
                         )
                     self._had_work = bool(leased)
                 except Exception as exc:
-                    for w in waiters:
+                    for _, w in waiters:
                         if not w.done():
                             w.set_exception(exc)
                     continue
-                for w in waiters:
-                    if w.done():
+                taken = 0
+                for n, w in waiters:
+                    if w.done():  # cancelled meanwhile: its share goes to the next
                         continue
-                    if leased:
-                        row_id, token, request = leased.pop(0)
+                    share = leased[taken : taken + n]
+                    taken += len(share)
+                    deliveries = []
+                    for row_id, token, request in share:
                         self._held[row_id] = token
-                        w.set_result(SqliteDelivery(request, self, row_id, token))
-                    else:
-                        w.set_result(None)
-                if leased:  # every poller gave up meanwhile
-                    self._give_back([(row_id, token) for row_id, token, _ in leased])
+                        deliveries.append(SqliteDelivery(request, self, row_id, token))
+                    w.set_result(deliveries)
+                if taken < len(leased):  # every poller gave up meanwhile
+                    self._give_back([(row_id, token) for row_id, token, _ in leased[taken:]])
         finally:
             self._leaser = None
 
@@ -341,6 +353,41 @@ class SqliteRequestQueue(RequestQueue):
                 self._had_work = True
             interval = min(interval * 2, self._ctx.poll_interval)
             self._check_open()
+
+    async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
+        """As :meth:`RequestQueue.ack_many`: this handle's deliveries are
+        deleted in one statement pair of one group-committed transaction (no
+        task per delivery); others are acked by their own ``ack``."""
+        items = list(deliveries)
+        results: list[bool | BaseException] = [False] * len(items)
+        mine: list[int] = []
+        others: list[int] = []
+        for i, delivery in enumerate(items):
+            if isinstance(delivery, SqliteDelivery) and delivery._queue is self:
+                mine.append(i)
+            else:
+                others.append(i)
+        own: asyncio.Future[list[bool]] | None = None
+        if mine:
+            rows = [(items[i]._row, items[i]._token) for i in mine]  # type: ignore[attr-defined]
+            for row_id, _ in rows:
+                self._held.pop(row_id, None)
+            try:
+                own = self._store.submit(functools.partial(_delete_many, items=rows), write=True)
+            except Exception as exc:  # closed: each of them fails as its ack() would
+                for i in mine:
+                    results[i] = exc
+        if others:
+            for i, result in zip(others, await ack_each(items[i] for i in others), strict=True):
+                results[i] = result
+        if own is not None:
+            try:
+                for i, result in zip(mine, await own, strict=True):
+                    results[i] = result
+            except Exception as exc:
+                for i in mine:
+                    results[i] = exc
+        return acked_or_raise(results)
 
     async def _ack(self, row_id: int, token: int) -> bool:
         self._held.pop(row_id, None)
