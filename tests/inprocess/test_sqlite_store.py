@@ -162,3 +162,31 @@ async def test_a_write_submitted_just_before_close_still_commits(tmp_path: Path)
         assert await _rows(reopened) == [(1, "kept")]
     finally:
         await reopened.aclose()
+
+
+def _level(conn: sqlite3.Connection) -> int:
+    # Read inside the write transaction: the level its commit uses
+    # (1 = NORMAL, 2 = FULL).
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+async def test_only_a_transaction_of_unsynced_writes_alone_skips_the_fsync(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"), schema=_SCHEMA)  # synchronous=FULL
+    await store.open()
+    try:
+        assert await store.write(_level, sync=False) == 1
+        assert await store.write(_level) == 2
+        # Submitted together, they share one transaction: fsynced, since
+        # one of them asks for it.
+        both = [store.submit(_level, write=True, sync=False), store.submit(_level, write=True)]
+        assert await asyncio.gather(*both) == [2, 2]
+        assert await store.write(_level, sync=False) == 1
+    finally:
+        await store.aclose()
+    relaxed = SqliteStore(str(tmp_path / "r.db"), schema=_SCHEMA, synchronous="OFF")
+    await relaxed.open()
+    try:  # a level below NORMAL is never raised
+        assert await relaxed.write(_level, sync=False) == 0
+        assert await relaxed.write(_level) == 0
+    finally:
+        await relaxed.aclose()

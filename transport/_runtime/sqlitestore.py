@@ -60,7 +60,7 @@ Many = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 
 
 class _Op:
-    __slots__ = ("arg", "fn", "future", "key", "loop", "many", "write")
+    __slots__ = ("arg", "fn", "future", "key", "loop", "many", "sync", "write")
 
     def __init__(
         self,
@@ -71,9 +71,11 @@ class _Op:
         key: Hashable = None,
         many: Many | None = None,
         arg: Any = None,
+        sync: bool = True,
     ) -> None:
         self.fn = fn
         self.write = write
+        self.sync = sync
         self.loop = loop
         self.future = future
         self.key = key
@@ -123,6 +125,11 @@ class SqliteStore:
             raise ConfigurationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
         self.path = path
         self.synchronous = synchronous
+        # A transaction of writes that all passed sync=False commits at this
+        # level: without an fsync of its own under FULL/EXTRA (durable with
+        # the next fsynced commit, which syncs the whole WAL before it).
+        self._unsynced_level = "NORMAL" if synchronous in ("FULL", "EXTRA") else synchronous
+        self._level = synchronous  # the connection's level now
         self._schema = schema
         self._completed: list[tuple[_Op, Any, BaseException | None]] = []
         self._busy_timeout_ms = busy_timeout_ms
@@ -222,6 +229,12 @@ class SqliteStore:
         results: list[tuple[Any, BaseException | None]] = []
         try:
             with map_sqlite_errors(self.path):
+                level = self.synchronous
+                if not any(op.sync for op in ops):
+                    level = self._unsynced_level
+                if level != self._level:  # (not allowed inside a transaction)
+                    conn.execute(f"PRAGMA synchronous={level}")
+                    self._level = level
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     i = 0
@@ -311,8 +324,17 @@ class SqliteStore:
             with contextlib.suppress(RuntimeError):  # the caller's loop is gone
                 loop.call_soon_threadsafe(_resolve_all, items)
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> asyncio.Future[T]:
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, write: bool, sync: bool = True
+    ) -> asyncio.Future[T]:
         """Schedule ``fn``; the future resolves after its transaction commits.
+
+        ``sync=False`` (writes only): the write needs no fsync of its own. A
+        transaction of such writes alone commits at ``synchronous=NORMAL``
+        when the store's level is FULL or EXTRA: it survives a crash of the
+        process at once, and a power loss once any later fsynced commit (of
+        this or another process) synced the write-ahead log, which holds it.
+        A transaction with any other write is fsynced as usual.
 
         Raises: ClosedResourceError.
         """
@@ -320,7 +342,7 @@ class SqliteStore:
             raise ClosedResourceError(f"sqlite store {self.path} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._hand_over(_Op(fn, write, loop, future))
+        self._hand_over(_Op(fn, write, loop, future, sync=sync))
         return future
 
     def submit_many(self, key: Hashable, many: Many, arg: Any) -> asyncio.Future[Any]:
@@ -354,9 +376,10 @@ class SqliteStore:
         if ops:
             self._ops.put(ops)
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in a (group-committed) write transaction."""
-        return await self.submit(fn, write=True)
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, sync: bool = True) -> T:
+        """Run ``fn`` in a (group-committed) write transaction; ``sync`` as
+        for :meth:`submit`."""
+        return await self.submit(fn, write=True, sync=sync)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` outside a write transaction (a consistent read)."""

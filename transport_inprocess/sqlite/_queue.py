@@ -287,8 +287,15 @@ class SqliteRequestQueue(RequestQueue):
                     # it); otherwise check with a read first, so idle pollers
                     # do not take the file's write lock.
                     if self._had_work or await self._store.read(self._has_work_op):
+                        # Not fsynced on its own (sync=False): a lease is
+                        # bookkeeping, made durable by the next fsynced
+                        # commit. A process crash keeps it (the write-ahead
+                        # log is in the OS's cache); a power loss may forget
+                        # the leases since the last fsync: those requests
+                        # are delivered again, that delivery not counted.
                         leased = await self._store.write(
-                            functools.partial(self._lease_op, limit=sum(n for n, _ in waiters))
+                            functools.partial(self._lease_op, limit=sum(n for n, _ in waiters)),
+                            sync=False,
                         )
                     self._had_work = bool(leased)
                 except Exception as exc:
