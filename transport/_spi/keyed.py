@@ -9,10 +9,11 @@ semantics from one shared implementation.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,29 @@ class KeyedLog(ABC):
 
         Raises: TransientTransportError.
         """
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The latest values of ``keys``, in order, each as :meth:`get`
+        returns it. This default reads them concurrently; a backend that
+        reads several in one step overrides it.
+
+        Raises: TransientTransportError.
+        """
+        if len(keys) == 1:
+            return [await self.get(keys[0])]
+        return list(await asyncio.gather(*(self.get(key) for key in keys)))
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Tombstone each of ``keys``, as :meth:`delete` does; durable on
+        return. This default deletes them concurrently; a backend that
+        writes several in one step overrides it.
+
+        Raises: TransientTransportError (some may have been deleted).
+        """
+        if len(keys) == 1:
+            await self.delete(keys[0])
+        else:
+            await asyncio.gather(*(self.delete(key) for key in keys))
 
     @abstractmethod
     def watch(self) -> AsyncIterator[KeyedChange | object]:

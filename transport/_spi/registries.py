@@ -669,9 +669,7 @@ class DeliveryRegistry:
         """(registration, completion) of ``request_id`` as committed: read
         from the log (a view that may lag is not trusted for a decision)."""
 
-        raw_pending, raw_done = await asyncio.gather(
-            self._log.get(f"p.{request_id}"), self._log.get(f"c.{request_id}")
-        )
+        raw_pending, raw_done = await self._log.get_many((f"p.{request_id}", f"c.{request_id}"))
         registration, completion = _decoded(raw_pending), _decoded(raw_done)
         if registration is None:
             legacy = _decoded(await self._log.get(request_id))
@@ -851,7 +849,7 @@ class DeliveryRegistry:
         # Collect: delete the registration and the completion. A completion
         # written after this finds no registration: it is ignored.
         keys = self._keys(request_id)
-        await asyncio.gather(*(self._log.delete(key) for key in keys))
+        await self._log.delete_many(keys)
         self._pending.pop(request_id, None)
         self._done.pop(request_id, None)
         self._legacy.discard(request_id)

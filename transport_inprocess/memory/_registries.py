@@ -4,7 +4,7 @@ in-process broker with its watchers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from transport import CAUGHT_UP, KeyedChange, KeyedLog
 from transport_inprocess.memory._client import _Broker, _call_soon, _LogState
@@ -41,6 +41,17 @@ class MemoryKeyedLog(KeyedLog):
     async def get(self, key: str) -> bytes | None:
         with self._broker.lock:
             return self._state.data.get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._broker.lock:
+            data = self._state.data
+            return [data.get(key) for key in keys]
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        with self._broker.lock:
+            for key in keys:
+                if self._state.data.pop(key, None) is not None:
+                    self._publish(KeyedChange(key, None))
 
     async def watch(self) -> AsyncIterator[KeyedChange | object]:
         queue: asyncio.Queue[KeyedChange] = asyncio.Queue()

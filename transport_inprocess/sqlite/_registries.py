@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from transport import CAUGHT_UP, KeyedChange, KeyedLog
 from transport.errors import TransientTransportError
@@ -85,14 +85,28 @@ class SqliteKeyedLog(KeyedLog):
     async def delete(self, key: str) -> None:
         self._publish(await self._store.write(lambda conn: self._put_op(conn, key, None)))
 
-    async def get(self, key: str) -> bytes | None:
-        def op(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute(
-                "SELECT value FROM kv WHERE log = ? AND key = ?", (self._name, key)
-            ).fetchone()
-            return None if row is None else bytes(row[0])
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """One transaction for all of them."""
+        feeds = await self._store.write(lambda conn: [self._put_op(conn, k, None) for k in keys])
+        for feed in feeds:
+            self._publish(feed)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One read for all of them."""
+
+        def op(conn: sqlite3.Connection) -> list[bytes | None]:
+            out: list[bytes | None] = []
+            for key in keys:
+                row = conn.execute(
+                    "SELECT value FROM kv WHERE log = ? AND key = ?", (self._name, key)
+                ).fetchone()
+                out.append(None if row is None else bytes(row[0]))
+            return out
 
         return await self._store.read(op)
+
+    async def get(self, key: str) -> bytes | None:
+        return (await self.get_many((key,)))[0]
 
     def _page_op(self, conn: sqlite3.Connection, after: str | None) -> list[tuple[str, bytes]]:
         """The next ``_SNAPSHOT_PAGE`` keys of the log after key ``after``."""
