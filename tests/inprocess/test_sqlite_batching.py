@@ -66,12 +66,26 @@ async def test_ack_many_settles_rows_of_several_leasing_rounds_and_refuses_stale
         again = await queue.poll(5)  # and leased anew (a third round)
         assert again is not None and again.request.payload == stale.request.payload
 
-        results = await queue.ack_many([*first, foreign, *second])
-        assert results == [True, True, True, True, True, False, True]
+        results = await queue.ack_many([*first, foreign, *second, first[0]])
+        assert results == [True, True, True, True, True, False, True, False]  # once each
         assert await again.ack()  # the stale ack took nothing from its new holder
         assert await queue.ack_many(first) == [False, False, False]  # already settled
         for q in (queue, other):
             stats = await q.stats()
             assert stats.depth == 0 and stats.in_flight == 0
+    finally:
+        await transport.aclose()
+
+
+async def test_two_concurrent_acks_of_one_delivery_take_effect_once(tmp_path: Path) -> None:
+    transport = await connect(f"sqlite:///{tmp_path / 'b.db'}")
+    try:
+        queue = transport.request_queue("q")
+        await queue.enqueue(WorkRequest(task="t"))
+        delivery = await queue.poll(5)
+        assert delivery is not None
+        # Submitted in one iteration: they share one combined DELETE.
+        results = await asyncio.gather(delivery.ack(), delivery.ack())
+        assert sorted(results) == [False, True]
     finally:
         await transport.aclose()

@@ -117,7 +117,11 @@ def _delete_many(conn: sqlite3.Connection, items: list[tuple[int, int]]) -> list
                     (*chunk, base, _TOKEN_MASK),
                 )
             )
-    return [row_id in deleted for row_id, _ in items]
+    out: list[bool] = []
+    for row_id, _ in items:  # a row acked twice in one call took effect once
+        out.append(row_id in deleted)
+        deleted.discard(row_id)
+    return out
 
 
 def _decoded(body: bytes) -> WorkRequest | None:
