@@ -4,9 +4,15 @@ polls one leasing round; each caller still sees exactly its own outcome."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
+from typing import Any
 
-from transport import WorkRequest, connect
+import pytest
+
+from transport import WorkRequest, WorkResponse, connect
+from transport.kit import SqliteStore
+from transport_inprocess.sqlite import _queue as sqlite_queue
 
 
 async def test_concurrent_enqueues_keep_order_and_concurrent_polls_lease_distinct_rows(
@@ -89,3 +95,59 @@ async def test_two_concurrent_acks_of_one_delivery_take_effect_once(tmp_path: Pa
         assert sorted(results) == [False, True]
     finally:
         await transport.aclose()
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["returning", "sqlite-before-3.35"])
+async def test_a_stale_and_a_current_ack_of_one_row_in_one_call_credit_the_current_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returning: bool
+) -> None:
+    monkeypatch.setattr(sqlite_queue, "_RETURNING", returning)
+    transport = await connect(f"sqlite:///{tmp_path / 'b.db'}")
+    try:
+        queue = transport.request_queue("q")
+        for settle in ("ack_many", "gather"):
+            await queue.enqueue(WorkRequest(task="t", payload=settle))
+            stale = await queue.poll(5)
+            assert stale is not None
+            assert await stale.nack()  # its lease is gone; the row is leased anew
+            fresh = await queue.poll(5)
+            assert fresh is not None and fresh.request.payload == stale.request.payload
+            if settle == "ack_many":
+                results = await queue.ack_many([stale, fresh])
+            else:  # two acks of one iteration share one combined DELETE
+                results = list(await asyncio.gather(stale.ack(), fresh.ack()))
+            assert results == [False, True], settle
+        stats = await queue.stats()
+        assert stats.depth == 0 and stats.in_flight == 0
+    finally:
+        await transport.aclose()
+
+
+async def test_only_leases_commit_without_their_own_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    levels: list[tuple[str, str]] = []  # (what the transaction held, its commit level)
+    original = SqliteStore._write_group
+
+    def spy(self: SqliteStore, conn: sqlite3.Connection, ops: list[Any]) -> None:
+        original(self, conn, ops)
+        names = {getattr(getattr(op.fn, "func", op.fn), "__name__", "") for op in ops}
+        what = "lease" if names == {"_lease_op"} else "other"
+        levels.append((what, self._level))
+
+    monkeypatch.setattr(SqliteStore, "_write_group", spy)
+    transport = await connect(f"sqlite:///{tmp_path / 'b.db'}")  # synchronous=FULL
+    try:
+        queue = transport.request_queue("q")
+        registry = transport.delivery_registry("caller")
+        await registry.register("r1")
+        await queue.enqueue(WorkRequest(task="t", request_id="r1", reply_to="caller"))
+        delivery = await queue.poll(5)
+        assert delivery is not None
+        await registry.complete("r1", WorkResponse(request_id="r1"))
+        assert await delivery.ack()
+    finally:
+        await transport.aclose()
+    assert ("lease", "NORMAL") in levels
+    assert all(level == "FULL" for what, level in levels if what == "other"), levels
+    assert all(level == "NORMAL" for what, level in levels if what == "lease"), levels

@@ -97,31 +97,48 @@ def _insert_many(conn: sqlite3.Connection, items: list[tuple[str, str, bytes]]) 
     return [None] * len(items)
 
 
+# DELETE ... RETURNING needs SQLite 3.35 (2021); older libraries read the
+# rows still held first (inside the same write transaction: no race).
+_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
+
+
 def _delete_many(conn: sqlite3.Connection, items: list[tuple[int, int]]) -> list[bool]:
     """Acknowledge leased rows: True for each that was still leased by that
-    token. A leasing round gives row ``id`` the token ``(base + id) mod
-    2**62``, so the rows of one round are deleted by one statement per 500
-    (``token = (base + id) & mask``), not one DELETE per row."""
+    token, once (a row acked twice in one call, or by a stale and a current
+    delivery, takes effect for the one holding its token, the first such).
+    A leasing round gives row ``id`` the token ``(base + id) mod 2**62``, so
+    the rows of one round are deleted by one statement per 500 (``token =
+    (base + id) & mask``), not one DELETE per row."""
     rounds: dict[int, list[int]] = {}
     for row_id, token in items:
         rounds.setdefault((token - row_id) & _TOKEN_MASK, []).append(row_id)
-    deleted: set[int] = set()
+    deleted: set[tuple[int, int]] = set()
     for base, rows in rounds.items():
         for i in range(0, len(rows), 500):
             chunk = rows[i : i + 500]
-            deleted.update(
-                row_id
-                for (row_id,) in conn.execute(
-                    f"DELETE FROM messages WHERE id IN ({', '.join('?' * len(chunk))})"
-                    " AND token = (? + id) & ? RETURNING id",
-                    (*chunk, base, _TOKEN_MASK),
+            held = f"id IN ({', '.join('?' * len(chunk))}) AND token = (? + id) & ?"
+            args = (*chunk, base, _TOKEN_MASK)
+            if _RETURNING:
+                cursor = conn.execute(
+                    f"DELETE FROM messages WHERE {held} RETURNING id, token", args
                 )
-            )
+                deleted.update(cursor)
+                continue
+            found = conn.execute(f"SELECT id, token FROM messages WHERE {held}", args).fetchall()
+            if found:
+                ids = [row_id for row_id, _ in found]
+                conn.execute(f"DELETE FROM messages WHERE id IN ({', '.join('?' * len(ids))})", ids)
+                deleted.update(found)
     out: list[bool] = []
-    for row_id, _ in items:  # a row acked twice in one call took effect once
-        out.append(row_id in deleted)
-        deleted.discard(row_id)
+    for item in items:
+        out.append(item in deleted)
+        deleted.discard(item)
     return out
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _decoded(body: bytes) -> WorkRequest | None:
@@ -389,6 +406,8 @@ class SqliteRequestQueue(RequestQueue):
                 for i in mine:
                     results[i] = exc
         if others:
+            if own is not None:  # a cancelled call leaves it unawaited: retrieve its outcome
+                own.add_done_callback(_retrieve)
             for i, result in zip(others, await ack_each(items[i] for i in others), strict=True):
                 results[i] = result
         if own is not None:
