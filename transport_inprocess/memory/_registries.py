@@ -34,13 +34,10 @@ class MemoryKeyedLog(KeyedLog):
             self._publish(KeyedChange(key, value))
 
     async def delete(self, key: str) -> None:
-        with self._broker.lock:
-            if self._state.data.pop(key, None) is not None:
-                self._publish(KeyedChange(key, None))
+        await self.delete_many((key,))
 
     async def get(self, key: str) -> bytes | None:
-        with self._broker.lock:
-            return self._state.data.get(key)
+        return (await self.get_many((key,)))[0]
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         with self._broker.lock:

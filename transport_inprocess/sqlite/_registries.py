@@ -83,7 +83,7 @@ class SqliteKeyedLog(KeyedLog):
         return _Feed(after, seq, rows)
 
     async def delete(self, key: str) -> None:
-        self._publish(await self._store.write(lambda conn: self._put_op(conn, key, None)))
+        await self.delete_many((key,))
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         """One transaction for all of them."""
