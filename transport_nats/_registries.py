@@ -98,9 +98,7 @@ class NatsKeyedLog(KeyedLog):
             # kv.delete is a JetStream publish of an empty body with the
             # delete operation in its headers: the same, on the shared replies
             # (nats-py's own request path costs about twice the CPU).
-            check_puback(
-                await self._ctx.requests.request(self._prefix + key, b"", {KV_OP: KV_DEL})
-            )
+            check_puback(await self._ctx.requests.request(self._prefix + key, b"", {KV_OP: KV_DEL}))
 
     async def get(self, key: str) -> bytes | None:
         kv = await self._bucket()
