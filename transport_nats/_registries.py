@@ -83,22 +83,23 @@ class NatsKeyedLog(KeyedLog):
             return self._kv
 
     async def put(self, key: str, value: bytes) -> None:
-        await self._bucket()
-        if not _is_key_valid(key):
-            raise PermanentTransportError(f"writing {self.bucket}: invalid key")
-        with map_nats_errors(f"writing {self.bucket}"):
-            # kv.put is a JetStream publish: the same, on the shared replies.
-            check_puback(await self._ctx.requests.request(self._prefix + key, value))
+        await self._publish(key, value, None, "writing")
 
     async def delete(self, key: str) -> None:
+        # A delete marker: an empty body with the operation in its headers.
+        await self._publish(key, b"", {KV_OP: KV_DEL}, "deleting from")
+
+    async def _publish(
+        self, key: str, value: bytes, headers: dict[str, str] | None, doing: str
+    ) -> None:
+        """What ``kv.put``/``kv.delete`` do (a JetStream publish to the key's
+        subject), on the shared replies rather than nats-py's request path
+        (a new inbox token, future and timeout per request)."""
         await self._bucket()
         if not _is_key_valid(key):
-            raise PermanentTransportError(f"deleting from {self.bucket}: invalid key")
-        with map_nats_errors(f"deleting from {self.bucket}"):
-            # kv.delete is a JetStream publish of an empty body with the
-            # delete operation in its headers: the same, on the shared replies
-            # (nats-py's own request path costs about twice the CPU).
-            check_puback(await self._ctx.requests.request(self._prefix + key, b"", {KV_OP: KV_DEL}))
+            raise PermanentTransportError(f"{doing} {self.bucket}: invalid key")
+        with map_nats_errors(f"{doing} {self.bucket}"):
+            check_puback(await self._ctx.requests.request(self._prefix + key, value, headers))
 
     async def get(self, key: str) -> bytes | None:
         kv = await self._bucket()
