@@ -92,6 +92,22 @@ async def main() -> int:
     rows: list[Row] = []
     progress = progress_printer()
 
+    out = Path(args.out)
+
+    def save() -> None:
+        """Merge the rows measured so far into ``out``: a run that dies late
+        (a broker gone, a stage that hangs) keeps what it had measured."""
+        result: dict[str, Any] = {
+            "machine": machine(),
+            "mode": "quick" if sizes.quick else "full",
+            "rounds": sizes.rounds,
+            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rows": [r.json() for r in rows],
+        }
+        previous = json.loads(out.read_text()) if out.exists() else None
+        result["rows"] = merge(previous, result, {b for b in wanted if MODULES[b] in done_modules})
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     done_modules: set[str] = set()
     for backend in wanted:
         module_name = MODULES.get(backend)
@@ -107,18 +123,9 @@ async def main() -> int:
         done_modules.add(module_name)
         produced = await module.run(sizes, progress)
         rows += [r for r in produced if r.backend in wanted]
+        save()  # after each backend module: seconds once per module, not per row
+        progress(f"{module_name}: rows written to {args.out}")
     print(table(rows))
-    result: dict[str, Any] = {
-        "machine": machine(),
-        "mode": "quick" if sizes.quick else "full",
-        "rounds": sizes.rounds,
-        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rows": [r.json() for r in rows],
-    }
-    out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.exists() else None  # noqa: ASYNC240
-    result["rows"] = merge(previous, result, set(wanted))
-    out.write_text(json.dumps(result, indent=2) + "\n")  # noqa: ASYNC240 - once, at the end
     print(f"\nwritten {args.out} ({machine()})")
     return 0
 

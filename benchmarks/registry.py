@@ -42,6 +42,14 @@ from transport.kit import encode, utcnow
 
 N_QUICK, N_FULL = 20_000, 200_000
 TARGET_SECONDS, TARGET_MB = 5.0, 50.0
+#: Seconds the fill waits, after its last write, for the registry's view to
+#: have applied every change and done its upkeep; then the stage gives up
+#: (rows "n/a" with the reason) instead of holding up the whole run.
+SETTLE_TIMEOUT = 300.0
+
+
+class NotSettledError(RuntimeError):
+    """The registry's view did not apply the fill's changes in time."""
 
 
 async def fill(
@@ -104,7 +112,13 @@ async def fill(
 
         await asyncio.gather(*(worker() for _ in range(64)))
         settling = time.perf_counter()
-        await registry._view.settled(4 * n)
+        try:
+            await asyncio.wait_for(registry._view.settled(4 * n), SETTLE_TIMEOUT)
+        except TimeoutError:
+            raise NotSettledError(
+                f"the registry's view had applied {registry._view.changes:,} of the fill's "
+                f"{4 * n:,} changes {SETTLE_TIMEOUT:g} s after the fill and had not settled"
+            ) from None
         progress(
             f"registry: the view saw {4 * n:,} changes and did its upkeep"
             f" ({time.perf_counter() - settling:.0f} s after the fill)"
@@ -179,12 +193,19 @@ async def registry_rows(
     n = n or (N_QUICK if quick else N_FULL)
     namespace = f"rg{uuid.uuid4().hex[:6]}"
     progress(f"{backend}: registry with {n:,} collected responses")
-    await fill(url, options, namespace, "caller", n, progress)
+    label = f"{n // 1000}k collected responses" if n >= 1000 else f"{n} collected responses"
+    try:
+        await fill(url, options, namespace, "caller", n, progress)
+    except NotSettledError as exc:
+        progress(f"{backend}: registry stage given up: {exc}")
+        return [
+            Row(backend, f"{operation}, {label}", 0.0, 0.0, "", unit, 0.0, missing=str(exc))
+            for operation, unit in (("caller restart", "s"), ("caller RSS", "MB"))
+        ]
     empty = await restart(url, options, namespace, "empty")
     full = await restart(url, options, namespace, "caller")
     if full[2] != 0:
         raise RuntimeError(f"{full[2]} collected responses replayed as live")
-    label = f"{n // 1000}k collected responses" if n >= 1000 else f"{n} collected responses"
     rows = []
     for operation, index, unit, target, digits, above in (
         ("caller restart", 0, "s", TARGET_SECONDS, 2, ""),
