@@ -47,9 +47,9 @@ async def test_the_stream_leader_killed_and_restarted_mid_run(
 ) -> None:
     budget = Budget(180)
     run, _ = await run_through(cluster, raw, "kill", budget)
-    assert not run.missing()
+    assert not run.missing(), run.report()
     duplicated = sum(n - 1 for n in run.processed.values())
-    assert duplicated <= IN_FLIGHT_WINDOW, run.processed.most_common(5)
+    assert duplicated <= IN_FLIGHT_WINDOW, (run.processed.most_common(5), run.report())
     assert len(run.acknowledged) + len(run.indeterminate) == run.requests
 
 
@@ -58,11 +58,11 @@ async def test_the_stream_leader_partitioned_away_for_30_s(
 ) -> None:
     budget = Budget(200)
     run, processed_during = await run_through(cluster, raw, "pause", budget)
-    assert not run.missing()
+    assert not run.missing(), run.report()
     # The two others elected a leader and went on while it was cut off.
     assert processed_during > 0, "no request was processed while the leader was cut off"
     duplicated = sum(n - 1 for n in run.processed.values())
-    assert duplicated <= IN_FLIGHT_WINDOW, run.processed.most_common(5)
+    assert duplicated <= IN_FLIGHT_WINDOW, (run.processed.most_common(5), run.report())
 
 
 def test_the_cluster_launcher_refuses_fewer_than_three(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections import Counter
 from typing import Any
@@ -94,6 +95,20 @@ class Run:
         self.processed: Counter[str] = Counter()
         self.sent = 0
         self.progress = asyncio.Event()
+        #: What the worker's failed attempts raised (type and message), counted.
+        self.errors: Counter[str] = Counter()
+        #: Seconds into the run at which each phase ended, in order.
+        self.phases: dict[str, float] = {}
+
+    def report(self) -> str:
+        """What a failed assertion shows: the phases, what is missing and
+        what the worker met."""
+        phases = ", ".join(f"{name} at {t:.0f} s" for name, t in self.phases.items())
+        return (
+            f"{len(self.acknowledged)} acknowledged, {len(self.indeterminate)} indeterminate,"
+            f" {len(self.processed)} processed, {len(self.missing())} missing; phases: {phases};"
+            f" worker errors: {self.errors.most_common(3)}"
+        )
 
     async def produce(self) -> None:
         for n in range(self.requests):
@@ -119,8 +134,10 @@ class Run:
                 )
                 await self.log.append("done", request_id)
                 await delivery.ack()
-            except TransportError:
-                continue  # the cluster is electing a leader: the lease brings it back
+            except TransportError as exc:
+                # The cluster is electing a leader: the lease brings it back.
+                self.errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
+                continue
             self.processed[request_id] += 1
             self.progress.set()
 
@@ -159,44 +176,69 @@ async def run_through(
     worker = asyncio.create_task(run.work(done))
     producer = asyncio.create_task(run.produce())
     processed_during = 0
+    started = time.monotonic()
+
+    def phase(name: str) -> None:
+        run.phases[name] = time.monotonic() - started
+
     try:
-        while run.sent < requests // 3:  # a third sent: the fault strikes mid-run
-            assert not budget.expired(), "the producer made no progress before the fault"
-            await asyncio.sleep(0.05)
-        if fault == "kill":
-            old_name = f"test_{leader.port}"
-            await asyncio.to_thread(leader.kill)
-            # The two others elect a new leader while it is dead.
-            while (await _leader(raw, stream, budget)) == old_name:
-                assert not budget.expired(), "no new stream leader after the kill"
-                await asyncio.sleep(0.1)
-            await asyncio.to_thread(leader.start)
-        else:
-            await asyncio.to_thread(leader.pause)
-            before = sum(run.processed.values())
-            await asyncio.sleep(cut_off_seconds)  # the partition lasts this long
-            processed_during = sum(run.processed.values()) - before
-            await asyncio.to_thread(leader.resume)
-        await asyncio.wait_for(producer, budget.left())
-        while run.missing() and not budget.expired():  # what is still missing then: lost
-            run.progress.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.progress.wait(), 1.0)
+        try:
+            while run.sent < requests // 3:  # a third sent: the fault strikes mid-run
+                assert not budget.expired(), "the producer made no progress before the fault"
+                await asyncio.sleep(0.05)
+            if fault == "kill":
+                old_name = f"test_{leader.port}"
+                await asyncio.to_thread(leader.kill)
+                # The two others elect a new leader while it is dead.
+                while (await _leader(raw, stream, budget)) == old_name:
+                    assert not budget.expired(), "no new stream leader after the kill"
+                    await asyncio.sleep(0.1)
+                await asyncio.to_thread(leader.start)
+            else:
+                await asyncio.to_thread(leader.pause)
+                before = sum(run.processed.values())
+                await asyncio.sleep(cut_off_seconds)  # the partition lasts this long
+                processed_during = sum(run.processed.values()) - before
+                await asyncio.to_thread(leader.resume)
+            phase("fault over")
+            try:
+                await asyncio.wait_for(producer, budget.left())
+            except TimeoutError:
+                raise AssertionError(f"the producer did not finish: {run.report()}") from None
+            phase("all sent")
+            while run.missing() and not budget.expired():  # what is still missing then: lost
+                run.progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(run.progress.wait(), 1.0)
+            phase("all processed" if not run.missing() else "out of time")
+        finally:
+            done.set()
+            producer.cancel()
+            await asyncio.gather(worker, producer, return_exceptions=True)
+        if run.missing():
+            return run, processed_during  # the caller's check says what is missing
+        # Every answer reached the registry, and the log holds every completion.
+        for request_id in list(run.acknowledged)[:20]:
+            record = await run.registry.record(request_id)
+            assert record is not None and record.state == "completed", (request_id, record)
+        phase("registry read")
+        reader = await run.log.read("done", "earliest")
+        logged: set[str] = set()
+        try:
+            # At least 20 s, past the budget if need be (the test's timeout
+            # leaves room): the read is the scenario's last step.
+            async with asyncio.timeout(max(budget.left(), 20.0)):
+                while not (run.acknowledged - run.missing()) <= logged:
+                    logged.add(str((await anext(reader)).data))
+        except TimeoutError:
+            unlogged = len(run.acknowledged - run.missing() - logged)
+            raise AssertionError(
+                f"{unlogged} completions not read back from the event log: {run.report()}"
+            ) from None
+        finally:
+            await reader.aclose()
     finally:
-        done.set()
-        producer.cancel()
-        await asyncio.gather(worker, producer, return_exceptions=True)
-    # Every answer reached the registry, and the log holds every completion.
-    for request_id in list(run.acknowledged)[:20]:
-        record = await run.registry.record(request_id)
-        assert record is not None and record.state == "completed", request_id
-    reader = await run.log.read("done", "earliest")
-    logged: set[str] = set()
-    async with asyncio.timeout(budget.left(60)):
-        while not (run.acknowledged - run.missing()) <= logged:
-            logged.add(str((await anext(reader)).data))
-    await reader.aclose()
-    await transport.aclose()
+        await transport.aclose()
     return run, processed_during
 
 
