@@ -67,6 +67,10 @@ CHECKPOINT_SUFFIX = "checkpoint"
 #: size limit is 5 MB).
 _VIEW_CHECKPOINT_MAX_BYTES = 4 * 1024 * 1024
 _VIEW_CHECKPOINT_MAX_RECORDS = 30_000
+#: Seconds a watch's reader waits for the next message before the broker is
+#: asked whether one is due (see :meth:`KeyedTopic._due`): a
+#: GetLastMessageId round trip per idle spell.
+_IDLE_CHECK = 30.0
 
 log = logging.getLogger("transport.pulsar")
 
@@ -238,6 +242,26 @@ class KeyedTopic:
                     )
             if reader.fresh(message):
                 return message
+
+    async def _due(self, reader: AsyncReader) -> Message | None:
+        """After :data:`_IDLE_CHECK` seconds without a message: the message
+        the topic holds for ``reader`` if there is one, which must then
+        arrive within the operation timeout; ``None`` if none is due. A
+        reader that holds a due message back is given up with
+        :class:`~transport.errors.TransientTransportError` (its watcher
+        re-watches from the last position it applied): a follower's reader
+        on pulsar-lite has been seen to go quiet with messages due, which
+        left a registry's view, and every caller waiting on it, behind for
+        good."""
+        if not await self._available(reader):
+            return None
+        message = await reader.read_next(self._timeout)
+        if message is None:
+            raise TransientTransportError(
+                f"read {self.topic}: the reader stopped delivering (a message is due and"
+                f" none arrived within {self._timeout:g} s); re-reading from the last position"
+            )
+        return message
 
     async def _reader_on(self, position: bytes) -> tuple[AsyncReader, Message] | None:
         """A reader on the message at ``position`` (inclusive) and that
@@ -576,7 +600,9 @@ class KeyedTopic:
                 message = await self._next_available(reader)
             yield CAUGHT_UP
             while True:
-                message = await reader.read_next(None)
+                message = await reader.read_next(_IDLE_CHECK)
+                if message is None:
+                    message = await self._due(reader)
                 if message is None or not reader.fresh(message):
                     continue
                 change = keyed_change(message, positioned=True)

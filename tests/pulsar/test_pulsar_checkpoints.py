@@ -18,6 +18,7 @@ from transport._spi.registries import _CARRY_BYTES, _LogView
 from transport.errors import TransientTransportError
 from transport.kit import read_checkpoint
 from transport_pulsar import PulsarTransport
+from transport_pulsar import _registries as pulsar_registries
 from transport_pulsar._errors import PulsarResultError
 from transport_pulsar._registries import PulsarKeyedLog
 
@@ -320,6 +321,42 @@ async def test_a_delivery_registry_saves_checkpoints_as_it_goes_and_restarts_fro
             await restarted.aclose()
     finally:
         await transport.aclose()
+
+
+async def test_a_view_whose_reader_stops_delivering_reads_on_from_its_last_position(
+    transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry view's reader on pulsar-lite once went quiet with messages
+    due (a 200,000-response benchmark fill never settled): every caller
+    waiting on that view would wait for good. The view's reader is made to
+    withhold every message here; the view notices the due message when it
+    has been idle, gives the reader up and reads on from its last position,
+    and the caller gets the response another process wrote."""
+    monkeypatch.setattr(pulsar_registries, "_IDLE_CHECK", 0.5)
+    caller = await _connect(transport_harness)
+    worker = await _connect(transport_harness)
+    name = f"st{uuid.uuid4().hex[:8]}"
+    try:
+        log = CountingLog(caller._open_keyed_log("delivery", name))
+        registry = DeliveryRegistry(name, log)
+        handle = await registry.register("r1")
+        await registry.pending()  # the view caught up and follows the topic
+        (reader,) = log.inner._topic._readers
+
+        async def withheld(timeout: float | None = None) -> None:
+            await asyncio.sleep(3600 if timeout is None else timeout)
+
+        monkeypatch.setattr(reader, "read_next", withheld)
+        assert await worker.delivery_registry(name).complete(
+            "r1", WorkResponse(request_id="r1", result=1)
+        )
+        assert (await handle.result(timeout=60)).result == 1
+        # Read on from where it was: a position, not the start again.
+        assert len(log.watched_from) == 2 and log.watched_from[1] is not None
+        await registry.aclose()
+    finally:
+        await worker.aclose()
+        await caller.aclose()
 
 
 async def test_a_live_watch_yields_each_change_once_in_topic_order(
