@@ -41,7 +41,8 @@ What is here, by concern:
   deliveries a native ``ack_many`` does not settle itself), :class:`SharedRun` (one run of an operation
   shared by concurrent callers that need a result taken after their call
   began), :func:`retrieve` (a done callback that marks a future's exception
-  retrieved), :class:`SqliteStore` (a SQLite file on its own thread with
+  retrieved), :func:`wait_within` (``asyncio.wait_for`` without its
+  Python 3.11 race that loses a cancellation), :class:`SqliteStore` (a SQLite file on its own thread with
   group commit, given its schema: the store of ``sqlite://`` and of the
   outbox).
 * **Operations** — :class:`ClientLog` (a broker client's log lines, repeated
@@ -55,7 +56,7 @@ change that breaks a backend is a breaking change.
 from __future__ import annotations
 
 from transport._ops.logging import ClientLog
-from transport._runtime.shared import SharedRun, retrieve
+from transport._runtime.shared import SharedRun, retrieve, wait_within
 from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
@@ -113,4 +114,5 @@ __all__ = [
     "utcnow",
     "validate_header",
     "validate_name",
+    "wait_within",
 ]

@@ -51,7 +51,7 @@ from tenacity import (
 )
 
 from transport.errors import ClosedResourceError, ConfigurationError, TransientTransportError
-from transport.kit import ClientLog, RequestCodec, SharedRun
+from transport.kit import ClientLog, RequestCodec, SharedRun, wait_within
 from transport_kafka._config import KafkaSettings
 from transport_kafka._errors import error_from_kafka, map_kafka_errors
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics
@@ -481,7 +481,7 @@ class KafkaClients:
         loop = asyncio.get_running_loop()
         bound = (limit or self.timeout) + 5.0
         with map_kafka_errors(what):
-            return await asyncio.wait_for(loop.run_in_executor(self._executor, fn, *args), bound)
+            return await wait_within(loop.run_in_executor(self._executor, fn, *args), bound)
 
     async def produce(
         self,
@@ -774,9 +774,7 @@ class KafkaClients:
                 self._meta.close()
 
         try:
-            await asyncio.wait_for(
-                loop.run_in_executor(self._executor, shutdown), close_timeout + 5
-            )
+            await wait_within(loop.run_in_executor(self._executor, shutdown), close_timeout + 5)
         except Exception as exc:  # shutdown is best effort and bounded
             log.warning("kafka client shutdown: %s", exc)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -858,7 +856,7 @@ class ConsumerThread:
     async def join(self, limit: float) -> None:
         self.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.wrap_future(self.done), limit)
+            await wait_within(asyncio.wrap_future(self.done), limit)
 
 
 class KafkaContext:

@@ -28,7 +28,16 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from transport import EventLog, EventReader, LogEvent
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
-from transport.kit import Start, check_start, decode, encode, utcnow, validate_header, validate_name
+from transport.kit import (
+    Start,
+    check_start,
+    decode,
+    encode,
+    utcnow,
+    validate_header,
+    validate_name,
+    wait_within,
+)
 from transport_kafka._client import (
     ConsumerThread,
     KafkaContext,
@@ -87,7 +96,7 @@ class KafkaEventReader(EventReader):
         """A blocking consumer call, on the transport's executor before the
         reader thread runs, or on the reader thread afterwards."""
         if self._thread is not None:
-            return await asyncio.wait_for(self._thread.submit(fn), self._log.clients.timeout + 5)
+            return await wait_within(self._thread.submit(fn), self._log.clients.timeout + 5)
         return await self._log.clients.blocking(f"reading {self.stream}", fn)
 
     def _stored_position(self) -> int | None:
@@ -183,7 +192,7 @@ class KafkaEventReader(EventReader):
             self._log.loop.call_soon_threadsafe(self._drain)
 
         with map_kafka_errors(f"seeking {self.stream}"):
-            await asyncio.wait_for(self._thread.submit(move), self._log.clients.timeout + 5)
+            await wait_within(self._thread.submit(move), self._log.clients.timeout + 5)
         # ``_drain`` was scheduled before this wake-up: the queue is clean.
         await asyncio.sleep(0)
         self._last = None
@@ -206,7 +215,7 @@ class KafkaEventReader(EventReader):
             consumer.commit(offsets=[TopicPartition(self._topic, 0, position)], asynchronous=False)
 
         with map_kafka_errors(f"committing cursor {self.cursor!r}"):
-            await asyncio.wait_for(self._thread.submit(run), self._log.clients.timeout + 5)
+            await wait_within(self._thread.submit(run), self._log.clients.timeout + 5)
         self._committed = position
 
     async def aclose(self) -> None:

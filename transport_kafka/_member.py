@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from transport.kit import wait_within
 from transport_kafka._client import (
     ConsumerThread,
     KafkaContext,
@@ -174,9 +175,7 @@ class _GroupMember:
         log.info("queue %r: idle with buffered work; leaving the group", self.label)
         self.subscribed = False
         try:
-            await asyncio.wait_for(
-                thread.submit(consumer.unsubscribe), self.options.operation_timeout_s
-            )
+            await wait_within(thread.submit(consumer.unsubscribe), self.options.operation_timeout_s)
         except Exception as exc:
             log.warning("queue %r: unsubscribe failed: %s", self.label, exc)
 
@@ -192,7 +191,7 @@ class _GroupMember:
             for engine in self.engines:
                 engine._unprime()  # no partitions until the group is joined again
             join = self._renew if self.tentative else lambda: self._subscribe(consumer)
-            await asyncio.wait_for(self.thread.submit(join), self.options.operation_timeout_s)
+            await wait_within(self.thread.submit(join), self.options.operation_timeout_s)
 
     async def stop_if_idle(self) -> None:
         """Close the consumer once every queue of this member is stopped."""

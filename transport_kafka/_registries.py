@@ -47,7 +47,7 @@ from transport.errors import (
     TransientTransportError,
     TransportError,
 )
-from transport.kit import read_checkpoint
+from transport.kit import read_checkpoint, wait_within
 from transport_kafka._client import (
     ConsumerThread,
     KafkaClients,
@@ -248,7 +248,7 @@ class KafkaKeyedLog(KeyedLog):
                 raise TransientTransportError(f"reading {self.topic}: timed out catching up")
             event = view.changed
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(remaining, 0.5))
+                await wait_within(event.wait(), min(remaining, 0.5))
         return view.data.get(key)
 
     async def _ensure_view(self) -> _View:

@@ -20,7 +20,7 @@ from transport import (
     encode,
 )
 from transport.errors import TransientTransportError
-from transport.kit import error_header, replace_fields
+from transport.kit import error_header, replace_fields, wait_within
 from transport_kafka._assignment import _Assignment
 from transport_kafka._queue import KafkaDelivery
 from transport_kafka._records import (
@@ -342,7 +342,7 @@ class _Settling(_Assignment):
     async def commit_now(self) -> None:
         if self._thread is not None and self._thread.alive and not self._stopped:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
+                await wait_within(
                     self._thread.submit(self._commit), self.options.operation_timeout_s
                 )
 

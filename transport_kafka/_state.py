@@ -26,7 +26,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from transport import WorkRequest
 from transport.errors import UndecodableMessageError
-from transport.kit import decode_request
+from transport.kit import decode_request, wait_within
 from transport_kafka._client import (
     ConsumerThread,
     KafkaClients,
@@ -156,7 +156,7 @@ class _EngineState:
     async def wait(self, limit: float | None) -> None:
         event = self._changed
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), limit)
+            await wait_within(event.wait(), limit)
 
     def _live(self, rec: _Record) -> bool:
         return self.tracker.is_outstanding(rec.partition, rec.offset, rec.generation)

@@ -74,7 +74,7 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import decode_request, hand_to_waiter, internal_name, replace_fields
+from transport.kit import decode_request, hand_to_waiter, internal_name, replace_fields, wait_within
 from transport.kit import seconds as _seconds
 from transport_nats._client import NatsContext, check_puback
 from transport_nats._errors import map_nats_errors
@@ -600,7 +600,7 @@ class NatsRequestQueue(RequestQueue):
         """Record that JetStream's current delivery of ``msg`` was no hand-out."""
         opening = self._bucket_opening
         if opening is not None and not opening.done():
-            await asyncio.wait_for(asyncio.shield(opening), self._opts.request_timeout)
+            await wait_within(asyncio.shield(opening), self._opts.request_timeout)
         meta = msg.metadata
         seq = meta.sequence.stream
         count = await self._uncounted_of(seq, meta.num_delivered) + 1
@@ -959,18 +959,18 @@ class NatsRequestQueue(RequestQueue):
         self._buffer.clear()
         if self._bucket_opening is not None and not self._bucket_opening.done():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._bucket_opening, self._opts.request_timeout)
+                await wait_within(self._bucket_opening, self._opts.request_timeout)
         if unhanded and not nc.is_closed:
             # JetStream counted their delivery to this handle, which handed
             # them to nobody: recorded first, so their next attempt is exact.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._record_uncounted(unhanded), self._opts.request_timeout)
+                await wait_within(self._record_uncounted(unhanded), self._opts.request_timeout)
         if msgs and not nc.is_closed:
             with contextlib.suppress(Exception):
                 for msg in msgs:
                     if msg.reply:
                         await nc.publish(msg.reply, b"-NAK")
-                await asyncio.wait_for(
+                await wait_within(
                     self._ctx.round_trip(self._opts.request_timeout), self._opts.request_timeout
                 )
         if self._drops:

@@ -55,7 +55,7 @@ from transport.errors import (
     TransientTransportError,
     TransportError,
 )
-from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, wait_within
 from transport_nats._client import NatsContext, Requests, broker_name
 from transport_nats._config import NatsOptions, load_options, parse_servers
 from transport_nats._errors import classify_connect_error, map_nats_errors
@@ -384,9 +384,9 @@ class NatsTransport(Transport):
             self._probe.cancel()
         await self.requests.aclose()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.flush(), self.options.request_timeout)
+            await wait_within(self.nc.flush(), self.options.request_timeout)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.close(), self.options.request_timeout)
+            await wait_within(self.nc.close(), self.options.request_timeout)
 
 
 async def open_nats(config: TransportConfig) -> NatsTransport:

@@ -53,7 +53,7 @@ from tenacity import (
 
 from transport import TransportConfig
 from transport.errors import ClosedResourceError, PermanentTransportError, TransientTransportError
-from transport.kit import ClientLog, hand_to_waiter, retrieve
+from transport.kit import ClientLog, hand_to_waiter, retrieve, wait_within
 from transport_pulsar._config import PulsarSettings
 from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
 from transport_pulsar._wire import subscription_backlog
@@ -778,7 +778,7 @@ class AsyncReader:
                 return pending.result()
         self._served = 0
         try:
-            message = await asyncio.wait_for(asyncio.shield(pending), timeout)
+            message = await wait_within(asyncio.shield(pending), timeout)
         except TimeoutError:
             if not pending.done():
                 return None  # waited out: the read stays pending for the next call
@@ -786,7 +786,10 @@ class AsyncReader:
             with map_pulsar_errors(f"read {self.topic}"):
                 return pending.result()
         except BaseException:
-            if pending.done():
+            # A read that failed is dropped (the next call reads anew); a
+            # message that arrived as this call was cancelled stays pending
+            # for the next call.
+            if pending.done() and (pending.cancelled() or pending.exception() is not None):
                 self._pending = None
             with map_pulsar_errors(f"read {self.topic}"):
                 raise
@@ -1172,7 +1175,7 @@ class AsyncPulsarClient:
     async def run_blocking(self, fn: Callable[[], Any], timeout: float) -> Any:
         """Run a blocking call on the bridge's dedicated thread."""
         loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self._executor, fn), timeout)
+        return await wait_within(loop.run_in_executor(self._executor, fn), timeout)
 
     async def close(self) -> None:
         """Close every producer, consumer and reader; bounded by the close timeout."""
@@ -1200,7 +1203,7 @@ class AsyncPulsarClient:
         try:
             self._core.close_async(callback)
             del callback
-            await asyncio.wait_for(future, self._close_timeout)
+            await wait_within(future, self._close_timeout)
             deadline = loop.time() + self._close_timeout
             # Polled, not an Event: setting one from that thread would run
             # bytecode there, which is exactly what must not happen.

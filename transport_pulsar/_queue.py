@@ -91,6 +91,7 @@ from transport.kit import (
     error_header,
     internal_name,
     retrieve,
+    wait_within,
 )
 from transport.kit import seconds as _seconds
 from transport_pulsar._client import (
@@ -1048,7 +1049,7 @@ class PulsarRequestQueue(RequestQueue):
         self._delayed_ids.clear()
         if self._counted:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._withdraw_counts(), self._close_timeout)
+                await wait_within(self._withdraw_counts(), self._close_timeout)
         for write in self._count_writes.values():
             write.cancel()
         self._count_writes.clear()

@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 
 from transport.errors import PermanentTransportError, TransientTransportError
+from transport.kit import wait_within
 
 __all__ = ["SubscriptionBacklog", "subscription_backlog"]
 
@@ -186,6 +187,6 @@ async def _exchange(
     request_id += 1
     writer.write(_command(_CLOSE_CONSUMER, _int_field(1, consumer_id) + _int_field(2, request_id)))
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(answer(_SUCCESS), 2.0)
+        await wait_within(answer(_SUCCESS), 2.0)
     backlog = stats.get(15, 0)
     return SubscriptionBacklog(backlog=int(backlog) if isinstance(backlog, int) else 0)

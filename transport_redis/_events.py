@@ -64,7 +64,7 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import Start, check_headers, check_start, make_event, validate_name
+from transport.kit import Start, check_headers, check_start, make_event, validate_name, wait_within
 from transport.kit import WireModel as _WireModel
 from transport_redis._client import RedisContext, keys
 
@@ -380,7 +380,7 @@ class RedisEventBus(EventBus):
         for member, sub in joined.items():
             assert sub.queue_group is not None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
+                await wait_within(
                     self._client.redis.zrem(
                         self._members_key(sub.queue_group, sub.pattern), member
                     ),
@@ -394,7 +394,7 @@ class RedisEventBus(EventBus):
             await asyncio.gather(self._reader, return_exceptions=True)
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pubsub.aclose(), self._client.request_timeout)
+                await wait_within(self._pubsub.aclose(), self._client.request_timeout)
 
 
 # -- log ---------------------------------------------------------------------

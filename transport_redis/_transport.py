@@ -44,7 +44,7 @@ from redis.backoff import NoBackoff
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
 from transport.errors import ConfigurationError, TransientTransportError
-from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, wait_within
 from transport_redis._client import RedisClient, RedisContext, keys
 from transport_redis._config import RedisEndpoint, RedisOptions, load_options, parse_url
 from transport_redis._doctor import create_object, existing_keys, object_keys, redis_doctor
@@ -245,7 +245,7 @@ class RedisTransport(Transport):
     async def _close_pool(self) -> None:
         self.client.closed = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.redis.aclose(), self.options.request_timeout)
+            await wait_within(self.client.redis.aclose(), self.options.request_timeout)
 
     async def _close_backend(self) -> None:
         await self._close_pool()

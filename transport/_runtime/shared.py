@@ -1,4 +1,5 @@
-"""Sharing one asynchronous read among concurrent callers."""
+"""Sharing one asynchronous read among concurrent callers, and a
+timeout that never loses a cancellation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["SharedRun", "retrieve"]
+__all__ = ["SharedRun", "retrieve", "wait_within"]
 
 T = TypeVar("T")
 
@@ -69,3 +70,20 @@ def retrieve(future: asyncio.Future[Any]) -> None:
     may be gone), so asyncio does not log it as never retrieved."""
     if not future.cancelled():
         future.exception()
+
+
+async def wait_within(aw: Awaitable[T], timeout: float | None) -> T:
+    """``await aw``, failing with :class:`TimeoutError` (and ``aw``
+    cancelled) after ``timeout`` seconds; ``None`` waits without limit.
+
+    Use it instead of :func:`asyncio.wait_for`: on Python 3.11, a caller
+    cancelled just as the awaitable completes gets the awaitable's result
+    from ``wait_for`` and the cancellation is gone, so a loop around it
+    never ends (a program's tasks are cancelled at exit and one keeps
+    running: the interpreter does not exit). This is built on
+    :func:`asyncio.timeout`, as ``wait_for`` is from 3.12 on, which lets a
+    cancellation through whatever else happened meanwhile."""
+    if timeout is None:
+        return await aw
+    async with asyncio.timeout(timeout):
+        return await aw

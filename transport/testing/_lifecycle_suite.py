@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from transport import Delivery, RequestQueue, Transport
-from transport.kit import WIRE_SCHEMA_VERSION
+from transport.kit import WIRE_SCHEMA_VERSION, wait_within
 from transport.testing._util import await_dead_letters, enqueue_all, make_requests
 from transport.testing.harness import BackendHarness
 
@@ -297,7 +297,7 @@ class CleanRestartConformance:
             until = time.monotonic() + harness.scaled(8)
             while not joined.is_set() and time.monotonic() < until:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(joined.wait(), harness.lease_seconds / 3)
+                    await wait_within(joined.wait(), harness.lease_seconds / 3)
                 for delivery in held:
                     assert await delivery.extend(), (
                         f"the first worker's lease on {delivery.request.request_id} was "

@@ -21,6 +21,7 @@ from transport import (
     WorkRequest,
     decode,
 )
+from transport.kit import wait_within
 from transport.testing._util import (
     await_dead_letters,
     drain,
@@ -126,7 +127,7 @@ class RequestQueueConformance:
 
         tasks = [asyncio.create_task(work(q)) for q in workers]
         try:
-            await asyncio.wait_for(done.wait(), harness.scaled(60))
+            await wait_within(done.wait(), harness.scaled(60))
         finally:
             done.set()
             await asyncio.gather(*tasks)

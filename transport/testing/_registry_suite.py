@@ -18,6 +18,7 @@ from transport import (
     UnknownDeliveryError,
     WorkResponse,
 )
+from transport.kit import wait_within
 from transport.testing.harness import BackendHarness
 
 pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
@@ -228,7 +229,7 @@ async def _next_change(
                 return change
         raise AssertionError("watch ended")
 
-    return await asyncio.wait_for(find(), timeout)
+    return await wait_within(find(), timeout)
 
 
 class CapabilityRegistryConformance:
