@@ -233,33 +233,29 @@ class KeyedTopic:
             # What the client holds already needs no question to the broker.
             message = await reader.poll()
             if message is None:
-                if not await self._available(reader):
-                    return None
-                message = await reader.read_next(self._timeout)
+                message = await self._due(reader)
                 if message is None:
-                    raise TransientTransportError(
-                        f"read {self.topic}: no message although one is available"
-                    )
+                    return None
             if reader.fresh(message):
                 return message
 
     async def _due(self, reader: AsyncReader) -> Message | None:
-        """After :data:`_IDLE_CHECK` seconds without a message: the message
-        the topic holds for ``reader`` if there is one, which must then
-        arrive within the operation timeout; ``None`` if none is due. A
-        reader that holds a due message back is given up with
-        :class:`~transport.errors.TransientTransportError` (its watcher
-        re-watches from the last position it applied): a follower's reader
-        on pulsar-lite has been seen to go quiet with messages due, which
-        left a registry's view, and every caller waiting on it, behind for
-        good."""
+        """The message the topic holds for ``reader`` if there is one (asked
+        of the broker), which must then arrive within the operation timeout;
+        ``None`` if none is due. A reader that holds a due message back is
+        given up with :class:`~transport.errors.TransientTransportError`
+        (a catch-up starts over; a watch, asking after :data:`_IDLE_CHECK`
+        seconds without a message, is re-watched from the last position
+        applied): a follower's reader on pulsar-lite has been seen to go
+        quiet with messages due, which left a registry's view, and every
+        caller waiting on it, behind for good."""
         if not await self._available(reader):
             return None
         message = await reader.read_next(self._timeout)
         if message is None:
             raise TransientTransportError(
                 f"read {self.topic}: the reader stopped delivering (a message is due and"
-                f" none arrived within {self._timeout:g} s); re-reading from the last position"
+                f" none arrived within {self._timeout:g} s)"
             )
         return message
 
