@@ -21,7 +21,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote
 
-from transport.errors import TransientTransportError, UnsupportedFeatureError
+from transport.errors import TransientTransportError, TransportError, UnsupportedFeatureError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
 from transport_pulsar._client import PulsarContext
 from transport_pulsar._queue import attempts_name
@@ -170,6 +170,15 @@ async def create_object(ctx: PulsarContext, kind: ObjectKind, name: str) -> None
 async def pulsar_doctor(ctx: PulsarContext, plan: ProvisionPlan | None) -> list[DoctorFinding]:
     admin = admin_for(ctx)
     subject = ctx.settings.service_url
+    # The broker must answer first: without an admin API nothing below asks
+    # it, and a doctor that checked nothing must not report nothing void.
+    try:
+        await ctx.client.topic_partitions(
+            ctx.topic("health", "probe"),
+            timeout=min(5.0, ctx.settings.options.operation_timeout_seconds),
+        )
+    except (TransportError, TimeoutError) as exc:
+        raise TransientTransportError(f"Pulsar broker at {subject} did not answer: {exc}") from exc
     if admin is None:
         return [
             DoctorFinding(

@@ -11,6 +11,7 @@ import pytest
 
 from transport import ProvisionPlan, WorkRequest, connect
 from transport.errors import UnsupportedFeatureError
+from transport.testing._unreachable_suite import closed_port
 
 from .conftest import make_config
 
@@ -33,6 +34,21 @@ async def test_without_admin_url_doctor_says_retention_was_not_checked(pulsar_ur
     assert finding.severity == "warning"
     assert "retention and deduplication not checked" in finding.finding
     assert "admin_url" in finding.fix and finding.guarantee
+
+
+async def test_doctor_on_a_broker_that_does_not_answer_reports_an_error() -> None:
+    """Without an admin API the doctor asked nothing, and a closed port
+    got "no guarantee is void": the broker is asked first."""
+    transport = await connect(make_config(f"pulsar://127.0.0.1:{closed_port()}"))
+    try:
+        report = await transport.doctor(_PLAN)
+    finally:
+        await transport.aclose()
+    assert not report.ok
+    [finding] = report.findings
+    assert finding.severity == "error"
+    assert "did not answer" in finding.finding
+    assert finding.guarantee == "every guarantee (nothing could be checked)"
 
 
 async def test_without_admin_url_provision_ensures_every_topic_and_the_queue_subscription(
