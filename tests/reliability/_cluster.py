@@ -124,6 +124,7 @@ class Run:
 
     async def work(self, until: asyncio.Event) -> None:
         while not until.is_set():
+            done = False
             try:
                 delivery = await self.queue.poll(1.0)
                 if delivery is None:
@@ -133,11 +134,17 @@ class Run:
                     request_id, WorkResponse(request_id=request_id, result=delivery.request.payload)
                 )
                 await self.log.append("done", request_id)
+                # The work is done (answered and logged): an ack that fails
+                # from here on may still have taken effect, in which case the
+                # request is not delivered again; if it did not, the lease
+                # brings it back and it counts as a duplicate.
+                done = True
                 await delivery.ack()
             except TransportError as exc:
                 # The cluster is electing a leader: the lease brings it back.
                 self.errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
-                continue
+                if not done:
+                    continue
             self.processed[request_id] += 1
             self.progress.set()
 
