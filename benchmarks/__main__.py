@@ -22,6 +22,7 @@ from typing import Any
 
 from benchmarks._common import Row, Sizes, progress_printer
 
+DEFAULT_ROUNDS = 3
 ALL = ["memory", "sqlite", "nats", "kafka", "pulsar", "redis"]
 MODULES = {
     "memory": "inprocess",
@@ -37,6 +38,20 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
+def command(full: bool, rounds: int, backends: set[str]) -> str:
+    """The command line that measures ``backends`` as this run did."""
+    return (
+        "python -m benchmarks"
+        + (" --full" if full else "")
+        + ("" if rounds == DEFAULT_ROUNDS else f" --rounds {rounds}")
+        + (
+            ""
+            if set(ALL) <= backends
+            else f" --backends {','.join(b for b in ALL if b in backends)}"
+        )
+    )
+
+
 def merge(
     previous: dict[str, Any] | None, run: dict[str, Any], ran: set[str]
 ) -> list[dict[str, Any]]:
@@ -45,9 +60,7 @@ def merge(
     backends of ``previous`` are kept (stamped with their own run if they
     carry no stamp yet). Backends in the order of ``ALL``."""
     stamp = {k: run[k] for k in ("generated_at", "mode", "rounds")}
-    stamp["command"] = "python -m benchmarks" + (
-        "" if set(ALL) <= ran else f" --backends {','.join(b for b in ALL if b in ran)}"
-    )
+    stamp["command"] = command(run["mode"] == "full", run["rounds"], ran)
     fresh = [{**row, "measured": row.get("measured", stamp)} for row in run["rows"]]
     kept: list[dict[str, Any]] = []
     if previous is not None:
@@ -83,7 +96,7 @@ def table(rows: list[Row]) -> str:
 async def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--full", action="store_true", help="larger sizes (default: quick)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     parser.add_argument("--backends", default=",".join(ALL))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results.json"))
     args = parser.parse_args()

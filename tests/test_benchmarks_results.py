@@ -50,3 +50,14 @@ def test_a_full_run_replaces_everything() -> None:
         }
     ]
     assert merge(None, _run("new", []), {"redis"}) == []
+
+
+def test_the_stamp_gives_the_command_that_measured_the_rows() -> None:
+    run = {"generated_at": "new", "mode": "full", "rounds": 5, "rows": [{"backend": "nats"}]}
+    (row,) = merge(None, run, {"nats", "kafka"})
+    assert row["measured"]["command"] == (  # type: ignore[index]
+        "python -m benchmarks --full --rounds 5 --backends nats,kafka"
+    )
+    run = {"generated_at": "new", "mode": "full", "rounds": 3, "rows": [{"backend": "nats"}]}
+    (row,) = merge(None, run, {"nats"})
+    assert row["measured"]["command"] == "python -m benchmarks --full --backends nats"  # type: ignore[index]
