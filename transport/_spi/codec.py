@@ -6,7 +6,12 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from transport._spi.models import WorkRequest, derived_request_id, replace_fields
+from transport._spi.models import (
+    WorkRequest,
+    derived_request_id,
+    fast_work_request,
+    replace_fields,
+)
 from transport._spi.naming import _REQUEST_ID_RE
 from transport.errors import (
     ConfigurationError,
@@ -112,6 +117,10 @@ def decode(model: type[M], data: bytes | str) -> M:
     Raises:
         UndecodableMessageError: not JSON, or not a valid ``model``.
     """
+    if model is WorkRequest:
+        fast = fast_work_request(data)
+        if fast is not None:
+            return fast  # type: ignore[return-value]
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:
