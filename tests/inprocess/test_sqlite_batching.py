@@ -151,3 +151,37 @@ async def test_only_leases_commit_without_their_own_fsync(
     assert ("lease", "NORMAL") in levels
     assert all(level == "FULL" for what, level in levels if what == "other"), levels
     assert all(level == "NORMAL" for what, level in levels if what == "lease"), levels
+
+
+async def test_a_poll_after_the_last_ready_request_asks_with_a_read_not_a_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease that took everything ready says so: the next poll (a worker
+    going back for more) reads first instead of opening a write transaction
+    that leases nothing and holds up the other writers of the file."""
+    transport = await connect(f"sqlite:///{tmp_path / 'b.db'}")
+    try:
+        queue = transport.request_queue("q")
+        for i in range(3):
+            await queue.enqueue(WorkRequest(task="t", payload=i))
+        leases: list[int] = []
+        original = sqlite_queue.SqliteRequestQueue._lease_op
+
+        def counting(self: Any, conn: sqlite3.Connection, limit: int) -> Any:
+            out = original(self, conn, limit)
+            leases.append(len(out[0] if isinstance(out, tuple) else out))
+            return out
+
+        monkeypatch.setattr(sqlite_queue.SqliteRequestQueue, "_lease_op", counting)
+        first = await queue.poll_many(2, 5)  # two of three: more are ready
+        second = await queue.poll(5)  # leases straight away: the last one
+        assert len(first) == 2 and second is not None
+        assert await queue.poll(0.05) is None  # drained: no write transaction
+        assert leases == [2, 1]
+        await queue.enqueue(WorkRequest(task="t", payload=3))  # and it still sees new work
+        late = await queue.poll(5)
+        assert late is not None and late.request.payload == 3
+        assert leases == [2, 1, 1]
+        assert all(await queue.ack_many([*first, second, late]))
+    finally:
+        await transport.aclose()

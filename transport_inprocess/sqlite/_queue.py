@@ -213,22 +213,32 @@ class SqliteRequestQueue(RequestQueue):
         )
         self._ctx.signals.notify(self._key)
 
-    def _lease_op(self, conn: sqlite3.Connection, limit: int) -> list[tuple[int, int, WorkRequest]]:
+    def _lease_op(
+        self, conn: sqlite3.Connection, limit: int
+    ) -> tuple[list[tuple[int, int, WorkRequest]], bool]:
+        """Lease up to ``limit`` rows; with whether more were ready (one row
+        more is read to tell: the next poll then leases straight away, or
+        first asks with a read, which takes no write lock)."""
         now = time.time()
         out: list[tuple[int, int, WorkRequest]] = []
         leased: list[int] = []
         until = now + self.lease_seconds
+        more = False
         # One random draw per round: a row's token is (base + id) mod 2**62,
         # so two leases of one row get unrelated tokens.
         base = secrets.randbits(62)
         while len(out) < limit:
+            wanted = limit - len(out)
             rows = conn.execute(
                 "SELECT id, request_id, body, attempts, last_error FROM messages"
                 " WHERE queue = ? AND available_at <= ? ORDER BY seq LIMIT ?",
-                (self._key, now, limit - len(out)),
+                (self._key, now, wanted + 1),
             ).fetchall()
             if not rows:
                 break
+            more = len(rows) > wanted
+            if more:
+                del rows[wanted:]
             for row_id, request_id, body, attempts, last_error in rows:
                 if attempts >= self.max_attempts:
                     error = (
@@ -264,7 +274,7 @@ class SqliteRequestQueue(RequestQueue):
                     (until, base, _TOKEN_MASK, *chunk),
                 )
             leased.clear()
-        return out
+        return out, more
 
     def _has_work_op(self, conn: sqlite3.Connection) -> bool:
         return (
@@ -303,6 +313,7 @@ class SqliteRequestQueue(RequestQueue):
                     continue
                 try:
                     leased: list[tuple[int, int, WorkRequest]] = []
+                    more = False
                     # While the queue had work last round, lease straight away
                     # (the write shares its transaction with acks queued before
                     # it); otherwise check with a read first, so idle pollers
@@ -314,11 +325,13 @@ class SqliteRequestQueue(RequestQueue):
                         # log is in the OS's cache); a power loss may forget
                         # the leases since the last fsync: those requests
                         # are delivered again, that delivery not counted.
-                        leased = await self._store.write(
+                        leased, more = await self._store.write(
                             functools.partial(self._lease_op, limit=sum(n for n, _ in waiters)),
                             sync=False,
                         )
-                    self._had_work = bool(leased)
+                    # Nothing more ready: the next poll asks with a read
+                    # first instead of taking the write lock for nothing.
+                    self._had_work = more
                 except Exception as exc:
                     for _, w in waiters:
                         if not w.done():
