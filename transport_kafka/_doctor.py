@@ -6,6 +6,9 @@ against what the library's guarantees need."""
 
 from __future__ import annotations
 
+from confluent_kafka import KafkaException
+
+from transport.errors import TransientTransportError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
 from transport_kafka._client import KafkaContext
 from transport_kafka._events import stream_spec
@@ -15,6 +18,8 @@ from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe
 __all__ = ["kafka_doctor", "object_specs", "topic_names"]
 
 _CAPABILITIES = ("capability", "capabilities")
+#: How long ``doctor`` waits for the broker's first answer.
+_PROBE_S = 5.0
 _DURABLE = "an accepted request, response or event survives the loss of a broker"
 
 
@@ -68,7 +73,18 @@ async def kafka_doctor(ctx: KafkaContext, plan: ProvisionPlan | None) -> list[Do
 
     def run() -> tuple[int, list[TopicSpec], list[TopicSpec], dict[str, TopicState]]:
         admin = clients.admin()
-        meta = admin.list_topics(timeout=clients.timeout)
+        # A broker that answers does so in milliseconds: a wrong address or
+        # a broker that is down is reported after a few seconds, not after
+        # the whole operation timeout (30 s by default) of a silent retry.
+        probe = min(_PROBE_S, clients.timeout)
+        try:
+            meta = admin.list_topics(timeout=probe)
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args else exc
+            reason = error.str() if hasattr(error, "str") else str(error)
+            raise TransientTransportError(
+                f"no answer from Kafka at {ctx.settings.bootstrap} within {probe:g} s: {reason}"
+            ) from exc
         present = set(meta.topics)
         if plan is not None:
             specs = [s for kind, name in plan.objects() for s in object_specs(ctx, kind, name)]

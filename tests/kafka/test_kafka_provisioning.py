@@ -262,3 +262,29 @@ async def test_doctor_on_an_unreachable_broker_reports_instead_of_raising(
     assert not report.ok
     [finding] = report.findings
     assert finding.severity == "error" and "could not check" in finding.finding
+
+
+async def test_doctor_on_a_wrong_address_answers_within_seconds(
+    kafka_config_factory: Any,
+) -> None:
+    """With the default 30 s operation timeout, a typo in the URL is
+    reported after the doctor's short probe, not after 30 s of retries."""
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = kafka_config_factory(options={"operation_timeout_s": 30.0}).model_copy(
+        update={"url": f"kafka://127.0.0.1:{port}"}
+    )
+    transport = await connect(config)
+    started = time.monotonic()
+    try:
+        report = await transport.doctor()
+    finally:
+        await transport.aclose()
+    elapsed = time.monotonic() - started
+    assert elapsed < 15, f"doctor took {elapsed:.1f} s to report an address nobody answers on"
+    [finding] = report.findings
+    assert finding.severity == "error" and f"127.0.0.1:{port}" in finding.finding
