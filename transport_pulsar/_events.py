@@ -19,13 +19,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import _pulsar
 
 from transport import EventLog, EventReader, LogEvent, encode, utcnow
-from transport.errors import ClosedResourceError, TransportError
+from transport.errors import ClosedResourceError, TransientTransportError, TransportError
 from transport.kit import Start, check_headers, check_start, validate_name
 from transport_pulsar._client import (
     AsyncProducer,
@@ -37,6 +38,12 @@ from transport_pulsar._client import (
 from transport_pulsar._registries import KeyedTopic
 
 __all__ = ["PulsarEventLog", "PulsarEventReader"]
+
+log = logging.getLogger("transport.pulsar")
+
+#: Seconds a reader waits for an event before it asks the broker whether
+#: one is due (see :meth:`PulsarEventReader._due`).
+_IDLE_CHECK = 30.0
 
 
 def _position(message_id: Any) -> str:
@@ -95,12 +102,19 @@ class PulsarEventReader(EventReader):
         reader: AsyncReader,
         cursor: str | None,
         skip: str | None,
+        start: Start,
     ) -> None:
         self.stream = stream
         self.cursor = cursor
         self._log = log
         self._reader = reader
         self._skip = skip  # the committed event a resumed cursor starts on
+        # Where the reader was placed (at open or by the last seek), for a
+        # reader given up before it returned an event (see _reopen).
+        self._start: Start = start
+        self._opened_at = _now_ms()
+        self._returned: str | None = None  # the last event returned since then
+        self._start_skip = skip  # skipped at the start (a resumed cursor's event)
         # Seeks to a time scan from the earliest event and skip what was
         # appended before it: pulsar-lite answers a seek by publish time
         # with success and then delivers nothing.
@@ -115,7 +129,9 @@ class PulsarEventReader(EventReader):
         # "Each event is committed when the next one is requested."
         await self.commit()
         while True:
-            message = await self._reader.read_next(None)
+            message = await self._reader.read_next(_IDLE_CHECK)
+            if message is None:
+                message = await self._due()
             if message is None or not self._reader.fresh(message):
                 continue  # nothing yet, or a copy (pulsar-lite sends readers some)
             position = _position(message.message_id())
@@ -130,8 +146,54 @@ class PulsarEventReader(EventReader):
                 if event.appended_at < self._not_before:
                     continue
                 self._not_before = None
-            self._last = position
+            self._last = self._returned = position
             return event
+
+    async def _due(self) -> Message | None:
+        """After :data:`_IDLE_CHECK` seconds without an event: the event the
+        broker holds for this reader, which must then arrive within the
+        operation timeout, else the reader is given up and a new one placed
+        where this one was (:meth:`_reopen`); ``None`` if none is due (or
+        the broker could not be asked: the reader waits on). A reader on
+        pulsar-lite has been seen to go quiet with messages due (a
+        registry's keyed topic); an event reader would then wait for good."""
+        try:
+            if not await self._reader.has_message_available():
+                return None
+        except TransientTransportError as exc:  # unreachable, or a topic never written
+            log.debug("event log %r: asking for a due event: %s", self.stream, exc)
+            return None
+        message = await self._reader.read_next(self._log._timeout)
+        if message is None:
+            log.warning(
+                "event log %r: the reader stopped delivering (an event is due and none"
+                " arrived within %g s); reading on with a new reader",
+                self.stream,
+                self._log._timeout,
+            )
+            await self._reopen()
+        return message
+
+    async def _reopen(self) -> None:
+        """Replace the reader with one placed where it was: on the last
+        event returned (inclusive, skipped again), else where it was opened
+        or seeked to; one opened at ``latest`` that returned nothing reads
+        from the earliest event, skipping what was appended before it was
+        opened (by ``appended_at``, the appender's clock)."""
+        if self._returned is not None:
+            start: Start = self._returned
+            self._skip = self._returned
+        elif self._start == "latest":
+            start = "earliest"
+            self._not_before = self._opened_at
+        else:
+            start = self._start
+            self._skip = self._start_skip
+        reader = await self._log._ctx.client.create_reader(
+            self._reader.topic, _target(start), inclusive=_inclusive(start)
+        )
+        old, self._reader = self._reader, reader
+        await old.close(self._log._close_timeout)
 
     def _decode(self, message: Message, position: str) -> LogEvent | None:
         try:
@@ -154,6 +216,8 @@ class PulsarEventReader(EventReader):
         )
         old, self._reader = self._reader, reader
         self._not_before = to if isinstance(to, datetime) else None
+        self._start, self._opened_at, self._returned = to, _now_ms(), None
+        self._start_skip = None
         await old.close(self._log._close_timeout)
 
     async def commit(self) -> None:
@@ -178,6 +242,7 @@ class PulsarEventLog(EventLog):
     def __init__(self, ctx: PulsarContext) -> None:
         self._ctx = ctx
         self._close_timeout = ctx.settings.options.close_timeout_seconds
+        self._timeout = ctx.settings.options.operation_timeout_seconds
         self._producers: dict[str, AsyncProducer] = {}
         self._cursor_topics: dict[str, KeyedTopic] = {}
         self._readers: set[PulsarEventReader] = set()
@@ -244,7 +309,7 @@ class PulsarEventLog(EventLog):
         reader = await self._ctx.client.create_reader(
             topic, _target(start), inclusive=_inclusive(start)
         )
-        event_reader = PulsarEventReader(self, stream, reader, cursor, skip)
+        event_reader = PulsarEventReader(self, stream, reader, cursor, skip, start)
         if isinstance(start, datetime):
             event_reader._not_before = start
         self._readers.add(event_reader)

@@ -110,3 +110,52 @@ async def test_events_appended_concurrently_are_read_once_in_order(
         assert sorted(seen) == list(range(n)), "an event read twice, or one missing"
     finally:
         await transport.aclose()
+
+
+@pytest.mark.parametrize("start", ["earliest", "latest", "cursor"])
+async def test_a_reader_that_stops_delivering_is_replaced_where_it_was(
+    transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch, start: str
+) -> None:
+    """A reader on pulsar-lite has been seen to go quiet with messages due
+    (a registry's keyed topic). Here the event reader's reader withholds
+    every message: the event reader notices the due event when it has been
+    idle, replaces the reader where it was and returns the next event once,
+    neither an earlier one again nor one appended before a ``latest``
+    reader was opened."""
+    from transport_pulsar import _events
+
+    monkeypatch.setattr(_events, "_IDLE_CHECK", 0.5)
+    transport = await transport_harness.connect()
+    assert isinstance(transport, PulsarTransport)
+    try:
+        log = transport.event_log()
+        assert isinstance(log, _events.PulsarEventLog)
+        log._timeout = 2.0  # how long a due event may take before the reader is replaced
+        stream = f"s{uuid.uuid4().hex[:8]}"
+        await log.append(stream, "before")
+        if start == "cursor":
+            first = await log.read(stream, cursor="c")
+            event = await first.next(10)
+            assert event is not None and event.data == "before"
+            await first.aclose()  # commits "before": a resumed reader starts after it
+            reader = await log.read(stream, cursor="c")
+        else:
+            reader = await log.read(stream, start)
+        if start == "earliest":
+            event = await reader.next(10)
+            assert event is not None and event.data == "before"
+        assert isinstance(reader, _events.PulsarEventReader)
+        quiet = reader._reader
+
+        async def withheld(timeout: float | None = None) -> None:
+            await asyncio.sleep(3600 if timeout is None else timeout)
+
+        monkeypatch.setattr(quiet, "read_next", withheld)
+        await log.append(stream, "after")
+        event = await reader.next(60)
+        assert event is not None and event.data == "after"
+        assert reader._reader is not quiet  # replaced
+        assert await reader.next(1.5) is None  # nothing twice
+        await reader.aclose()
+    finally:
+        await transport.aclose()
