@@ -6,11 +6,12 @@ against what the library's guarantees need."""
 
 from __future__ import annotations
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
 from transport.errors import TransientTransportError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan
 from transport_kafka._client import KafkaContext
+from transport_kafka._errors import error_from_kafka
 from transport_kafka._events import stream_spec
 from transport_kafka._registries import checkpoint_spec, registry_spec
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics, topic_name
@@ -81,6 +82,10 @@ async def kafka_doctor(ctx: KafkaContext, plan: ProvisionPlan | None) -> list[Do
             meta = admin.list_topics(timeout=probe)
         except KafkaException as exc:
             error = exc.args[0] if exc.args else exc
+            if isinstance(error, KafkaError):
+                mapped = error_from_kafka(error, "doctor: metadata")
+                if not isinstance(mapped, TransientTransportError):
+                    raise mapped from exc  # refused credentials, a bad setting: as it is
             reason = error.str() if hasattr(error, "str") else str(error)
             raise TransientTransportError(
                 f"no answer from Kafka at {ctx.settings.bootstrap} within {probe:g} s: {reason}"

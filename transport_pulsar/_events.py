@@ -18,8 +18,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,7 +44,7 @@ __all__ = ["PulsarEventLog", "PulsarEventReader"]
 log = logging.getLogger("transport.pulsar")
 
 #: Seconds a reader waits for an event before it asks the broker whether
-#: one is due (see :meth:`PulsarEventReader._due`).
+#: one is due (see :meth:`PulsarEventReader._read`).
 _IDLE_CHECK = 30.0
 
 
@@ -122,6 +124,11 @@ class PulsarEventReader(EventReader):
         self._last: str | None = None
         self._committed: str | None = skip
         self._closed = False
+        # The stall guard's state (see _read): since when the reader has
+        # delivered nothing, and by when a message known to be due must come.
+        self._idle_since = time.monotonic()
+        self._due_by: float | None = None
+        self._reopening: asyncio.Future[None] | None = None
 
     async def __anext__(self) -> LogEvent:
         if self._closed:
@@ -129,9 +136,7 @@ class PulsarEventReader(EventReader):
         # "Each event is committed when the next one is requested."
         await self.commit()
         while True:
-            message = await self._reader.read_next(_IDLE_CHECK)
-            if message is None:
-                message = await self._due()
+            message = await self._read()
             if message is None or not self._reader.fresh(message):
                 continue  # nothing yet, or a copy (pulsar-lite sends readers some)
             position = _position(message.message_id())
@@ -149,50 +154,97 @@ class PulsarEventReader(EventReader):
             self._last = self._returned = position
             return event
 
-    async def _due(self) -> Message | None:
-        """After :data:`_IDLE_CHECK` seconds without an event: the event the
-        broker holds for this reader, which must then arrive within the
-        operation timeout, else the reader is given up and a new one placed
-        where this one was (:meth:`_reopen`); ``None`` if none is due (or
-        the broker could not be asked: the reader waits on). A reader on
-        pulsar-lite has been seen to go quiet with messages due (a
-        registry's keyed topic); an event reader would then wait for good."""
-        try:
-            if not await self._reader.has_message_available():
+    async def _read(self) -> Message | None:
+        """The next message of the reader, or ``None`` after a wait.
+
+        Guards against a reader that stops delivering (a reader on
+        pulsar-lite has been seen to go quiet with messages due, on a
+        registry's keyed topic; an event reader would then wait for good):
+        after :data:`_IDLE_CHECK` seconds without a message it asks the
+        broker whether one is due, and if one is and does not arrive within
+        the operation timeout, the reader is replaced where it was
+        (:meth:`_reopen`). The idle time and the deadline are kept on the
+        reader, so callers polling with short ``next(timeout)`` calls are
+        guarded as well as one waiting for good."""
+        now = time.monotonic()
+        if self._due_by is not None:
+            if now >= self._due_by:
+                log.warning(
+                    "event log %r: the reader stopped delivering (an event is due and"
+                    " none arrived within %g s); reading on with a new reader",
+                    self.stream,
+                    self._log._timeout,
+                )
+                await self._replace()
                 return None
-        except TransientTransportError as exc:  # unreachable, or a topic never written
-            log.debug("event log %r: asking for a due event: %s", self.stream, exc)
-            return None
-        message = await self._reader.read_next(self._log._timeout)
-        if message is None:
-            log.warning(
-                "event log %r: the reader stopped delivering (an event is due and none"
-                " arrived within %g s); reading on with a new reader",
-                self.stream,
-                self._log._timeout,
-            )
-            await self._reopen()
+            wait = self._due_by - now
+        else:
+            wait = self._idle_since + _IDLE_CHECK - now
+            if wait <= 0:
+                if await self._is_due():
+                    self._due_by = time.monotonic() + self._log._timeout
+                else:
+                    self._idle_since = time.monotonic()  # ask again after a while
+                return None
+        message = await self._reader.read_next(wait)
+        if message is not None:  # the reader delivers
+            self._idle_since, self._due_by = time.monotonic(), None
         return message
+
+    async def _is_due(self) -> bool:
+        """Whether the broker holds a message for this reader; ``False`` if
+        it cannot be asked (unreachable, or a topic never written): the
+        reader waits on."""
+        try:
+            return bool(await self._reader.has_message_available())
+        except TransientTransportError as exc:
+            log.debug("event log %r: asking for a due event: %s", self.stream, exc)
+            return False
+
+    async def _replace(self) -> None:
+        """Run :meth:`_reopen` once, to its end even when the caller's
+        ``next(timeout)`` ends first (the next call then waits for it)."""
+        if self._reopening is None:
+            self._reopening = asyncio.ensure_future(self._reopen())
+        try:
+            await asyncio.shield(self._reopening)
+        finally:
+            if self._reopening.done():
+                self._reopening = None
 
     async def _reopen(self) -> None:
         """Replace the reader with one placed where it was: on the last
         event returned (inclusive, skipped again), else where it was opened
         or seeked to; one opened at ``latest`` that returned nothing reads
         from the earliest event, skipping what was appended before it was
-        opened (by ``appended_at``, the appender's clock)."""
+        opened (by ``appended_at``, the appender's clock). If no reader can
+        be created (the broker is down), the old one is kept and the check
+        runs again after another idle period."""
         if self._returned is not None:
             start: Start = self._returned
-            self._skip = self._returned
         elif self._start == "latest":
             start = "earliest"
-            self._not_before = self._opened_at
         else:
             start = self._start
+        try:
+            reader = await self._log._ctx.client.create_reader(
+                self._reader.topic, _target(start), inclusive=_inclusive(start)
+            )
+        except TransientTransportError as exc:
+            log.warning("event log %r: no new reader (%s); waiting on", self.stream, exc)
+            self._idle_since, self._due_by = time.monotonic(), None
+            return
+        if self._closed:  # closed meanwhile
+            await reader.close(self._log._close_timeout)
+            return
+        if self._returned is not None:
+            self._skip = self._returned
+        elif self._start == "latest":
+            self._not_before = self._opened_at
+        else:
             self._skip = self._start_skip
-        reader = await self._log._ctx.client.create_reader(
-            self._reader.topic, _target(start), inclusive=_inclusive(start)
-        )
         old, self._reader = self._reader, reader
+        self._idle_since, self._due_by = time.monotonic(), None
         await old.close(self._log._close_timeout)
 
     def _decode(self, message: Message, position: str) -> LogEvent | None:
@@ -218,6 +270,7 @@ class PulsarEventReader(EventReader):
         self._not_before = to if isinstance(to, datetime) else None
         self._start, self._opened_at, self._returned = to, _now_ms(), None
         self._start_skip = None
+        self._idle_since, self._due_by = time.monotonic(), None
         await old.close(self._log._close_timeout)
 
     async def commit(self) -> None:
@@ -235,6 +288,10 @@ class PulsarEventReader(EventReader):
         finally:
             self._closed = True
             self._log._readers.discard(self)
+            if self._reopening is not None and not self._reopening.done():
+                # It closes the reader it creates once it sees this one closed.
+                with contextlib.suppress(Exception):
+                    await self._reopening
             await self._reader.close(self._log._close_timeout)
 
 

@@ -288,3 +288,34 @@ async def test_doctor_on_a_wrong_address_answers_within_seconds(
     assert elapsed < 15, f"doctor took {elapsed:.1f} s to report an address nobody answers on"
     [finding] = report.findings
     assert finding.severity == "error" and f"127.0.0.1:{port}" in finding.finding
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("_AUTHENTICATION", "_AUTHENTICATION"),  # said as it is
+        ("_TRANSPORT", "no answer from Kafka"),  # a broker that does not answer
+    ],
+)
+async def test_doctor_reports_refused_credentials_as_such_not_as_no_answer(
+    kafka_config_factory: Any, monkeypatch: pytest.MonkeyPatch, code: str, expected: str
+) -> None:
+    """The short metadata probe words a broker that does not answer as
+    such; an error the broker did answer with (refused credentials) is
+    reported as that error, so the fix it points to is the right one."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    transport = await connect(kafka_config_factory())
+    assert isinstance(transport, KafkaTransport)
+
+    class Refusing:
+        def list_topics(self, timeout: float) -> None:
+            raise KafkaException(KafkaError(getattr(KafkaError, code), "refused (test)"))
+
+    monkeypatch.setattr(transport.clients, "admin", Refusing)
+    try:
+        report = await transport.doctor()
+    finally:
+        await transport.aclose()
+    [finding] = report.findings
+    assert finding.severity == "error" and expected in finding.finding

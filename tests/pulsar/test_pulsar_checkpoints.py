@@ -181,7 +181,8 @@ async def test_a_restart_replays_from_the_checkpoint_and_ends_in_the_same_state(
         await first.ready()
         assert first_log.watched_from[0] is None and first_log.resumed_only()
         assert first_log.yields[0] == history or len(first_log.yields) > 1
-        assert first_log.yielded >= history
+        # A re-watch re-reads from its position, not the whole topic again.
+        assert history <= first_log.yielded < history + history // 2, first_log.yields
         assert first_state == expected
         await asyncio.wait_for(first_log.saved_event.wait(), 30)
         resume, carried = read_checkpoint(first_log.saved[-1])

@@ -112,16 +112,21 @@ async def test_events_appended_concurrently_are_read_once_in_order(
         await transport.aclose()
 
 
+@pytest.mark.parametrize("polling", ["one wait", "short waits"])
 @pytest.mark.parametrize("start", ["earliest", "latest", "cursor"])
 async def test_a_reader_that_stops_delivering_is_replaced_where_it_was(
-    transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch, start: str
+    transport_harness: PulsarHarness,
+    monkeypatch: pytest.MonkeyPatch,
+    start: str,
+    polling: str,
 ) -> None:
     """A reader on pulsar-lite has been seen to go quiet with messages due
     (a registry's keyed topic). Here the event reader's reader withholds
     every message: the event reader notices the due event when it has been
     idle, replaces the reader where it was and returns the next event once,
     neither an earlier one again nor one appended before a ``latest``
-    reader was opened."""
+    reader was opened. A caller polling with ``next(timeout)`` shorter than
+    the idle period is guarded as well as one waiting for good."""
     from transport_pulsar import _events
 
     monkeypatch.setattr(_events, "_IDLE_CHECK", 0.5)
@@ -152,10 +157,61 @@ async def test_a_reader_that_stops_delivering_is_replaced_where_it_was(
 
         monkeypatch.setattr(quiet, "read_next", withheld)
         await log.append(stream, "after")
-        event = await reader.next(60)
+        if polling == "one wait":
+            event = await reader.next(60)
+        else:
+            for _ in range(150):  # 60 s in calls shorter than the idle period
+                if (event := await reader.next(0.4)) is not None:
+                    break
         assert event is not None and event.data == "after"
         assert reader._reader is not quiet  # replaced
         assert await reader.next(1.5) is None  # nothing twice
+        await reader.aclose()
+    finally:
+        await transport.aclose()
+
+
+async def test_a_stalled_reader_that_cannot_be_replaced_waits_on_and_tries_again(
+    transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If no new reader can be created when one is due (the broker refuses),
+    the event reader keeps the old one, does not raise to the caller, and
+    tries again after another idle period."""
+    from transport.errors import TransientTransportError
+    from transport_pulsar import _events
+
+    monkeypatch.setattr(_events, "_IDLE_CHECK", 0.5)
+    transport = await transport_harness.connect()
+    assert isinstance(transport, PulsarTransport)
+    try:
+        log = transport.event_log()
+        assert isinstance(log, _events.PulsarEventLog)
+        log._timeout = 1.0
+        stream = f"s{uuid.uuid4().hex[:8]}"
+        reader = await log.read(stream, "earliest")
+        assert isinstance(reader, _events.PulsarEventReader)
+        quiet = reader._reader
+
+        async def withheld(timeout: float | None = None) -> None:
+            await asyncio.sleep(3600 if timeout is None else timeout)
+
+        monkeypatch.setattr(quiet, "read_next", withheld)
+        client = log._ctx.client
+        create = client.create_reader
+        refused = 0
+
+        async def refuse_once(*args: object, **kwargs: object) -> object:
+            nonlocal refused
+            if refused == 0:
+                refused += 1
+                raise TransientTransportError("refused (test)")
+            return await create(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(client, "create_reader", refuse_once)
+        await log.append(stream, "only")
+        event = await reader.next(60)
+        assert event is not None and event.data == "only"
+        assert refused == 1 and reader._reader is not quiet
         await reader.aclose()
     finally:
         await transport.aclose()
