@@ -474,6 +474,24 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 None,
             )
         )
+        progress(f"pulsar: poll_many({PREFETCH})+ack_many ({consume:,})")
+        a, b = await alternate(
+            lambda: library.batch_poll_ack(
+                _config(url, receiver_queue_size=PREFETCH), consume, PREFETCH
+            ),
+            lambda: raw_consume(url, consume),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "pulsar",
+                f"poll_many({PREFETCH})+ack_many",
+                a,
+                b,
+                "receive+acknowledge loop (ours: one batch loop, acks confirmed)",
+                0.5,
+            )
+        )
         sequential = max(sizes.consume // 4, 2000)
         rows += await sequential_rows(url, sequential, r, progress)
         progress("pulsar: round trip")

@@ -623,6 +623,24 @@ class AsyncConsumer:
             self._on_message(*got)  # nobody waits: into the line
         return list(itertools.islice(ready, count))
 
+    def take_now(self, count: int) -> list[Message]:
+        """Up to ``count`` messages available now, taken out of the line:
+        those received already, then ones the client holds prefetched (as
+        :meth:`ahead`). Nothing is waited for; a copy of a message acked
+        already is dropped (acked again), not returned."""
+        self.ahead(count)
+        ready = self._ready
+        taken: list[Message] = []
+        while ready and len(taken) < count:
+            message = ready.popleft()
+            if self._stale(message):
+                self._ack_again(message)
+                if self.on_drop is not None:
+                    self.on_drop(message)
+                continue
+            taken.append(message)
+        return taken
+
     def push_back(self, message: Message) -> None:
         """Return a message taken by :meth:`next` but not used (front of the line)."""
         self._ready.appendleft(message)

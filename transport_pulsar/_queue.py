@@ -87,6 +87,8 @@ from transport.kit import (
     HEADER_NOT_BEFORE,
     HEADER_REQUEST_ID,
     LEGACY_ERROR_HEADERS,
+    ack_each,
+    acked_or_raise,
     decode_request,
     error_header,
     internal_name,
@@ -324,6 +326,76 @@ class PulsarRequestQueue(RequestQueue):
             delivery = await self._admit(consumer, message)
             if delivery is not None:
                 return delivery
+
+    async def _poll_more(self, first: Delivery, count: int) -> list[Delivery]:
+        """The rest of a ``poll_many`` batch: the delayed copies due now and
+        the messages the consumer has received or holds prefetched, taken
+        without waiting and counted together (their count writes in flight
+        at once, each read back once the view has them); a message whose
+        count could not be stored goes back to the front of the line, as
+        for a failed ``poll``, and is not raised."""
+        consumer = self._consumer
+        if consumer is None or self._closed:
+            return []
+        messages: list[Message] = []
+        while len(messages) < count and (due := self._due_delayed()) is not None:
+            messages.append(due)
+        if len(messages) < count:
+            messages += consumer.take_now(count - len(messages))
+        if not messages:
+            return []
+        admitted = await asyncio.gather(
+            *(self._admit(consumer, message) for message in messages), return_exceptions=True
+        )
+        more: list[Delivery] = []
+        for result in admitted:
+            if isinstance(result, PulsarDelivery):
+                more.append(result)
+            elif isinstance(result, BaseException):
+                log.debug("queue %r: poll_many: one not handed out: %s", self.name, result)
+        return more
+
+    async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
+        """As :meth:`RequestQueue.ack_many`: this queue's deliveries are
+        acknowledged together (every ack sent before the first receipt is
+        awaited; each returns on its own receipt, as :meth:`Delivery.ack`),
+        with the next messages' counts written ahead once for the batch;
+        any other delivery by its own ``ack``."""
+        items = list(deliveries)
+        results: list[bool | BaseException] = [False] * len(items)
+        mine: list[tuple[int, PulsarDelivery]] = []
+        others: list[int] = []
+        for i, delivery in enumerate(items):
+            if isinstance(delivery, PulsarDelivery) and delivery._queue is self:
+                if self._begin_settle(delivery):
+                    mine.append((i, delivery))
+            else:
+                others.append(i)
+        if mine:
+            try:
+                self._reserve_next()  # the next polls' counts, written beside these acks
+            except Exception as exc:  # an optimisation: the polls count instead
+                log.debug("queue %r: no hand-out counted ahead: %s", self.name, exc)
+        acks = asyncio.gather(
+            *(self._acknowledge(delivery) for _, delivery in mine), return_exceptions=True
+        )
+        for (i, _), result in zip(mine, await acks, strict=True):
+            results[i] = result
+        for i, result in zip(others, await ack_each(items[i] for i in others), strict=True):
+            results[i] = result
+        return acked_or_raise(results)
+
+    async def _acknowledge(self, delivery: PulsarDelivery) -> bool:
+        """Acknowledge a delivery whose settling has begun; its lease ends
+        with the receipt (or stays, the ack failed)."""
+        ok = False
+        try:
+            assert self._consumer is not None
+            await self._consumer.acknowledge(delivery._message, self._timeout)
+            ok = True
+        finally:
+            self._finish_settle(delivery, ok)
+        return True
 
     def _due_delayed(self) -> Message | None:
         if self._delayed and self._delayed[0][0] <= time.time():
@@ -679,18 +751,11 @@ class PulsarRequestQueue(RequestQueue):
     async def _ack(self, delivery: PulsarDelivery) -> bool:
         if not self._begin_settle(delivery):
             return False
-        ok = False
         try:
-            assert self._consumer is not None
-            try:
-                self._reserve_next()  # the next polls' counts, written beside this ack
-            except Exception as exc:  # an optimisation: the polls count instead
-                log.debug("queue %r: no hand-out counted ahead: %s", self.name, exc)
-            await self._consumer.acknowledge(delivery._message, self._timeout)
-            ok = True
-        finally:
-            self._finish_settle(delivery, ok)
-        return True
+            self._reserve_next()  # the next polls' counts, written beside this ack
+        except Exception as exc:  # an optimisation: the polls count instead
+            log.debug("queue %r: no hand-out counted ahead: %s", self.name, exc)
+        return await self._acknowledge(delivery)
 
     async def _nack(self, delivery: PulsarDelivery, delay: float, error: str | None) -> bool:
         if delivery.attempt >= self.max_attempts:

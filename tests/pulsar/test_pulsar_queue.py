@@ -413,3 +413,76 @@ async def test_a_new_workers_count_lookup_starts_at_the_last_checkpoint(
         await queue2.aclose()  # a handle of _open_queue is not closed by the transport
     finally:
         await second.aclose()
+
+
+async def test_a_batch_is_taken_from_what_the_consumer_holds_and_a_failed_count_goes_back(
+    transport_harness: PulsarHarness,
+) -> None:
+    """``poll_many`` takes the rest of its batch from the messages the
+    consumer holds, counting them together. A message whose count write
+    fails is not handed out, nor lost: it is the next one polled, at the
+    attempt it would have had. A delayed copy that is due joins a batch."""
+    from transport.errors import TransientTransportError
+    from transport_pulsar._queue import PulsarRequestQueue
+
+    config = transport_harness.config
+    # A consumer that prefetches (the default, 1, holds one message ahead).
+    options = {**config.options, "receiver_queue_size": 16}
+    t = await transport_harness.connect(options=options)
+    assert isinstance(t, PulsarTransport)
+    name = f"b{uuid.uuid4().hex[:8]}"
+    try:
+        q = t._open_queue(name, lease_seconds=10.0, max_attempts=3)
+        assert isinstance(q, PulsarRequestQueue)
+        sent = [await q.enqueue(WorkRequest(task="x", payload=i)) for i in range(8)]
+        write = q._attempts.write
+        failed: list[str] = []
+
+        async def failing_once(key: str, value: bytes | None) -> Any:
+            if value is not None and not failed and q._admitting and len(q._admitting) > 1:
+                failed.append(key)  # a count of the batch's rest
+                raise TransientTransportError("injected: count write failed")
+            return await write(key, value)
+
+        q._attempts.write = failing_once  # type: ignore[method-assign]
+        got: list[Any] = []
+        deadline = time.monotonic() + 30
+        while len(got) < 7 and time.monotonic() < deadline:
+            got += await q.poll_many(8, 5)
+        assert failed, "no count of a batch's rest was written (nothing was batched)"
+        assert len(got) == 7, [d.request.payload for d in got]
+        again = await q.poll(10)
+        assert again is not None and again.attempt == 1, "the failed one was lost or miscounted"
+        ids = sorted(d.request.request_id for d in [*got, again])
+        assert ids == sorted(r.request_id for r in sent)
+        assert all(d.attempt == 1 for d in got)
+        # A delayed copy that is due is taken with the batch.
+        assert await again.nack(delay=0.3)
+        assert await q.ack_many(got[1:]) == [True] * 6
+        await asyncio.sleep(0.5)  # the nack's delay runs out (the copy is held by this handle)
+        batch = await q.poll_many(4, 10)
+        assert [d.request.request_id for d in batch] == [again.request.request_id]
+        assert batch[0].attempt == 2
+        assert await q.ack_many([*batch, got[0]]) == [True, True]
+        assert await q.ack_many(batch) == [False]  # settled already
+        await q.aclose()
+    finally:
+        await t.aclose()
+
+
+async def test_ack_many_settles_deliveries_of_other_queues_by_their_own_ack(
+    transport_harness: PulsarHarness,
+) -> None:
+    t = await transport_harness.connect()
+    try:
+        first = t.request_queue(f"o{uuid.uuid4().hex[:8]}")
+        second = t.request_queue(f"o{uuid.uuid4().hex[:8]}")
+        await first.enqueue(WorkRequest(task="t", payload=1))
+        await second.enqueue(WorkRequest(task="t", payload=2))
+        mine = await first.poll(15)
+        theirs = await second.poll(15)
+        assert mine is not None and theirs is not None
+        assert await first.ack_many([theirs, mine]) == [True, True]
+        assert await first.poll(1) is None and await second.poll(1) is None
+    finally:
+        await t.aclose()
