@@ -344,9 +344,24 @@ class PulsarRequestQueue(RequestQueue):
             messages += consumer.take_now(count - len(messages))
         if not messages:
             return []
-        admitted = await asyncio.gather(
-            *(self._admit(consumer, message) for message in messages), return_exceptions=True
-        )
+        started: set[int] = set()
+
+        async def admit(index: int, message: Message) -> PulsarDelivery | None:
+            started.add(index)  # from here on _admit gives it back if it fails
+            return await self._admit(consumer, message)
+
+        try:
+            admitted = await asyncio.gather(
+                *(admit(i, message) for i, message in enumerate(messages)),
+                return_exceptions=True,
+            )
+        except BaseException:
+            # Cancelled: gather ends once every admission has ended; one
+            # cancelled before it started never took its message in hand.
+            for i in reversed(range(len(messages))):
+                if i not in started:
+                    consumer.push_back(messages[i])
+            raise
         more: list[Delivery] = []
         for result in admitted:
             if isinstance(result, PulsarDelivery):

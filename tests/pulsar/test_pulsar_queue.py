@@ -486,3 +486,51 @@ async def test_ack_many_settles_deliveries_of_other_queues_by_their_own_ack(
         assert await first.poll(1) is None and await second.poll(1) is None
     finally:
         await t.aclose()
+
+
+async def test_a_batch_cancelled_while_it_is_counted_loses_nothing(
+    transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``poll_many`` cancelled right after taking the rest of its batch from
+    the consumer, before counting any of it: those messages go back to the
+    line and are the next ones polled, at attempt 1 (the first delivery,
+    leased already, comes back after its lease, as the contract allows)."""
+    from transport_pulsar._client import AsyncConsumer
+
+    config = transport_harness.config
+    t = await transport_harness.connect(options={**config.options, "receiver_queue_size": 16})
+    try:
+        q = t.request_queue(f"c{uuid.uuid4().hex[:8]}", lease_seconds=2.0)
+        sent = {(await q.enqueue(WorkRequest(task="x", payload=i))).request_id for i in range(6)}
+        first = await q.poll(10)  # the consumer now holds the rest prefetched
+        assert first is not None
+        assert await first.nack()  # back to the broker, to be the batch's first again
+        take_now = AsyncConsumer.take_now
+        taken: list[int] = []
+
+        def take_then_cancel(self: AsyncConsumer, count: int) -> list[Any]:
+            got = take_now(self, count)
+            taken.append(len(got))
+            task = asyncio.current_task()
+            assert task is not None
+            asyncio.get_running_loop().call_soon(task.cancel)
+            return got
+
+        monkeypatch.setattr(AsyncConsumer, "take_now", take_then_cancel)
+        deadline = time.monotonic() + 15
+        while not taken and time.monotonic() < deadline:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.create_task(q.poll_many(6, 5))
+        assert taken and taken[0] > 0, "the batch took nothing from the consumer"
+        monkeypatch.setattr(AsyncConsumer, "take_now", take_now)
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 15
+        while len(seen) < len(sent) and time.monotonic() < deadline:
+            delivery = await q.poll(1)
+            if delivery is not None:
+                seen.setdefault(delivery.request.request_id, delivery.attempt)
+                assert await delivery.ack()
+        assert set(seen) == sent, f"lost: {sorted(sent - set(seen))}"
+        assert sorted(seen.values())[: taken[0]] == [1] * taken[0], seen
+    finally:
+        await t.aclose()
