@@ -405,20 +405,3 @@ async def test_a_batch_poll_counts_its_deliveries_in_one_round_and_a_clean_close
         assert await queue.ack_many(rest) == [True] * 35
     finally:
         await transport.aclose()
-
-
-async def test_ack_many_settles_deliveries_of_other_queues_by_their_own_ack(
-    kafka_config_factory: Any,
-) -> None:
-    transport = await connect(kafka_config_factory())
-    try:
-        first, second = transport.request_queue(_name()), transport.request_queue(_name())
-        await first.enqueue(WorkRequest(task="t", payload=1))
-        await second.enqueue(WorkRequest(task="t", payload=2))
-        mine = await first.poll(15)
-        theirs = await second.poll(15)
-        assert mine is not None and theirs is not None
-        assert await first.ack_many([theirs, mine]) == [True, True]
-        assert await first.poll(1) is None and await second.poll(1) is None
-    finally:
-        await transport.aclose()

@@ -112,6 +112,11 @@ async def test_events_appended_concurrently_are_read_once_in_order(
         await transport.aclose()
 
 
+async def _withheld(timeout: float | None = None) -> None:
+    """A reader's ``read_next`` that delivers nothing: a reader gone quiet."""
+    await asyncio.sleep(3600 if timeout is None else timeout)
+
+
 @pytest.mark.parametrize("polling", ["one wait", "short waits"])
 @pytest.mark.parametrize("start", ["earliest", "latest", "cursor"])
 async def test_a_reader_that_stops_delivering_is_replaced_where_it_was(
@@ -152,10 +157,7 @@ async def test_a_reader_that_stops_delivering_is_replaced_where_it_was(
         assert isinstance(reader, _events.PulsarEventReader)
         quiet = reader._reader
 
-        async def withheld(timeout: float | None = None) -> None:
-            await asyncio.sleep(3600 if timeout is None else timeout)
-
-        monkeypatch.setattr(quiet, "read_next", withheld)
+        monkeypatch.setattr(quiet, "read_next", _withheld)
         await log.append(stream, "after")
         if polling == "one wait":
             event = await reader.next(60)
@@ -192,10 +194,7 @@ async def test_a_stalled_reader_that_cannot_be_replaced_waits_on_and_tries_again
         assert isinstance(reader, _events.PulsarEventReader)
         quiet = reader._reader
 
-        async def withheld(timeout: float | None = None) -> None:
-            await asyncio.sleep(3600 if timeout is None else timeout)
-
-        monkeypatch.setattr(quiet, "read_next", withheld)
+        monkeypatch.setattr(quiet, "read_next", _withheld)
         client = log._ctx.client
         create = client.create_reader
         refused = 0

@@ -470,24 +470,6 @@ async def test_a_batch_is_taken_from_what_the_consumer_holds_and_a_failed_count_
         await t.aclose()
 
 
-async def test_ack_many_settles_deliveries_of_other_queues_by_their_own_ack(
-    transport_harness: PulsarHarness,
-) -> None:
-    t = await transport_harness.connect()
-    try:
-        first = t.request_queue(f"o{uuid.uuid4().hex[:8]}")
-        second = t.request_queue(f"o{uuid.uuid4().hex[:8]}")
-        await first.enqueue(WorkRequest(task="t", payload=1))
-        await second.enqueue(WorkRequest(task="t", payload=2))
-        mine = await first.poll(15)
-        theirs = await second.poll(15)
-        assert mine is not None and theirs is not None
-        assert await first.ack_many([theirs, mine]) == [True, True]
-        assert await first.poll(1) is None and await second.poll(1) is None
-    finally:
-        await t.aclose()
-
-
 async def test_a_batch_cancelled_while_it_is_counted_loses_nothing(
     transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -322,6 +322,24 @@ class RequestQueueConformance:
         assert await queue.ack_many(got[:2]) == [False, False]  # settled already
         assert await queue.poll(harness.scaled(1)) is None, "an acked request came back"
 
+    async def test_ack_many_settles_a_delivery_of_another_queue_by_its_own_ack(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        first = self.open_queue(transport, queue_name)
+        second = self.open_queue(transport, f"{queue_name}o")
+        [one] = await enqueue_all(first, make_requests(1))
+        [two] = await enqueue_all(second, make_requests(1))
+        mine = await first.poll(harness.scaled(15))
+        theirs = await second.poll(harness.scaled(15))
+        assert mine is not None and theirs is not None
+        assert (mine.request.request_id, theirs.request.request_id) == (
+            one.request_id,
+            two.request_id,
+        )
+        assert await first.ack_many([theirs, mine]) == [True, True]
+        assert await first.poll(harness.scaled(1)) is None, "an acked request came back"
+        assert await second.poll(harness.scaled(1)) is None, "an acked request came back"
+
     async def test_an_undecodable_dead_letter_is_repaired_and_replaced(
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:
