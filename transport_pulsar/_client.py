@@ -558,9 +558,7 @@ class AsyncConsumer:
             message = self._ready.popleft()
             if not self._stale(message):
                 return message
-            self._ack_again(message)
-            if self.on_drop is not None:
-                self.on_drop(message)
+            self._drop(message)
         if self._closed:
             return None
         loop = self._loop
@@ -586,6 +584,13 @@ class AsyncConsumer:
     def _stale(self, message: Message) -> bool:
         return bool(self._reacked) and str(message.message_id()) in self._reacked
 
+    def _drop(self, message: Message) -> None:
+        """Take a copy of a message acked already out of the line: acked
+        again (see :meth:`_ack_again`) and reported to ``on_drop``."""
+        self._ack_again(message)
+        if self.on_drop is not None:
+            self.on_drop(message)
+
     def _ack_again(self, message: Message) -> None:
         """Acknowledge a copy of a message acked across a reconnect once
         more instead of only dropping it: the broker dispatched it again,
@@ -602,10 +607,7 @@ class AsyncConsumer:
         a ``receive`` would). Nothing is waited for."""
         ready = self._ready
         while ready and self._stale(ready[0]):
-            dropped = ready.popleft()
-            self._ack_again(dropped)
-            if self.on_drop is not None:
-                self.on_drop(dropped)
+            self._drop(ready.popleft())
         while (
             len(ready) < count
             and not self._receiving
@@ -634,11 +636,9 @@ class AsyncConsumer:
         while ready and len(taken) < count:
             message = ready.popleft()
             if self._stale(message):
-                self._ack_again(message)
-                if self.on_drop is not None:
-                    self.on_drop(message)
-                continue
-            taken.append(message)
+                self._drop(message)
+            else:
+                taken.append(message)
         return taken
 
     def push_back(self, message: Message) -> None:

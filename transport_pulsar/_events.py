@@ -126,8 +126,9 @@ class PulsarEventReader(EventReader):
         self._closed = False
         # The stall guard's state (see _read): since when the reader has
         # delivered nothing, and by when a message known to be due must come.
-        self._idle_since = time.monotonic()
+        self._idle_since = 0.0
         self._due_by: float | None = None
+        self._delivering()
         self._reopening: asyncio.Future[None] | None = None
 
     async def __anext__(self) -> LogEvent:
@@ -187,9 +188,13 @@ class PulsarEventReader(EventReader):
                     self._idle_since = time.monotonic()  # ask again after a while
                 return None
         message = await self._reader.read_next(wait)
-        if message is not None:  # the reader delivers
-            self._idle_since, self._due_by = time.monotonic(), None
+        if message is not None:
+            self._delivering()
         return message
+
+    def _delivering(self) -> None:
+        """The reader delivers (or is new): the stall guard starts over."""
+        self._idle_since, self._due_by = time.monotonic(), None
 
     async def _is_due(self) -> bool:
         """Whether the broker holds a message for this reader; ``False`` if
@@ -220,31 +225,31 @@ class PulsarEventReader(EventReader):
         opened (by ``appended_at``, the appender's clock). If no reader can
         be created (the broker is down), the old one is kept and the check
         runs again after another idle period."""
+        start: Start
+        skip: str | None = None
+        not_before: datetime | None = None
         if self._returned is not None:
-            start: Start = self._returned
+            start = skip = self._returned
         elif self._start == "latest":
-            start = "earliest"
+            start, not_before = "earliest", self._opened_at
         else:
-            start = self._start
+            start, skip = self._start, self._start_skip
         try:
             reader = await self._log._ctx.client.create_reader(
                 self._reader.topic, _target(start), inclusive=_inclusive(start)
             )
         except TransientTransportError as exc:
             log.warning("event log %r: no new reader (%s); waiting on", self.stream, exc)
-            self._idle_since, self._due_by = time.monotonic(), None
+            self._delivering()  # asked again after another idle period
             return
         if self._closed:  # closed meanwhile
             await reader.close(self._log._close_timeout)
             return
-        if self._returned is not None:
-            self._skip = self._returned
-        elif self._start == "latest":
-            self._not_before = self._opened_at
-        else:
-            self._skip = self._start_skip
+        self._skip = skip
+        if not_before is not None:
+            self._not_before = not_before
         old, self._reader = self._reader, reader
-        self._idle_since, self._due_by = time.monotonic(), None
+        self._delivering()
         await old.close(self._log._close_timeout)
 
     def _decode(self, message: Message, position: str) -> LogEvent | None:
@@ -270,7 +275,7 @@ class PulsarEventReader(EventReader):
         self._not_before = to if isinstance(to, datetime) else None
         self._start, self._opened_at, self._returned = to, _now_ms(), None
         self._start_skip = None
-        self._idle_since, self._due_by = time.monotonic(), None
+        self._delivering()
         await old.close(self._log._close_timeout)
 
     async def commit(self) -> None:

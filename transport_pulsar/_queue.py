@@ -387,10 +387,7 @@ class PulsarRequestQueue(RequestQueue):
             else:
                 others.append(i)
         if mine:
-            try:
-                self._reserve_next()  # the next polls' counts, written beside these acks
-            except Exception as exc:  # an optimisation: the polls count instead
-                log.debug("queue %r: no hand-out counted ahead: %s", self.name, exc)
+            self._count_next_ahead()
         acks = asyncio.gather(
             *(self._acknowledge(delivery) for _, delivery in mine), return_exceptions=True
         )
@@ -766,11 +763,17 @@ class PulsarRequestQueue(RequestQueue):
     async def _ack(self, delivery: PulsarDelivery) -> bool:
         if not self._begin_settle(delivery):
             return False
-        try:
-            self._reserve_next()  # the next polls' counts, written beside this ack
-        except Exception as exc:  # an optimisation: the polls count instead
-            log.debug("queue %r: no hand-out counted ahead: %s", self.name, exc)
+        self._count_next_ahead()
         return await self._acknowledge(delivery)
+
+    def _count_next_ahead(self) -> None:
+        """:meth:`_reserve_next` beside an ack: the next polls' counts,
+        written while the ack is on its way. An optimisation only: if it
+        fails, the polls count instead."""
+        try:
+            self._reserve_next()
+        except Exception as exc:
+            log.debug("queue %r: no hand-out counted ahead: %s", self.name, exc)
 
     async def _nack(self, delivery: PulsarDelivery, delay: float, error: str | None) -> bool:
         if delivery.attempt >= self.max_attempts:
