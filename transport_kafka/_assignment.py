@@ -22,7 +22,6 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from transport_kafka._client import (
     _client_logger,
-    raw_record,
     read_to_end,
 )
 from transport_kafka._counts import _Counts
@@ -49,42 +48,57 @@ class _Assignment(_Counts, _Leases):
 
     def _ingest(self, msg: Any) -> _Record | None:
         """A fetched record of this queue's topic (consumer thread): tracked,
-        and returned for the buffer unless already settled or stale."""
-        raw = raw_record(msg)
-        p, off = raw.partition, raw.offset
-        self._fetched[p] = max(self._fetched.get(p, 0), off + 1)
-        gen = self.tracker.generation(p)
-        if gen is None:
+        and returned for the buffer unless already settled or stale. (Read
+        from the client's message directly: this runs for every record, on
+        the thread that shares the interpreter lock with the event loop.)"""
+        p, off = msg.partition(), msg.offset()
+        fetched = self._fetched
+        if fetched.get(p, 0) <= off:
+            fetched[p] = off + 1
+        marker = self._markers.pop((p, off), None) if self._markers else None
+        settled = bool(marker and marker.get("s"))
+        gen = self.tracker.track_fetched(p, off, settled)
+        if gen is None or settled:
             return None
-        marker = self._markers.pop((p, off), None) or {}
-        if marker.get("s"):
-            self.tracker.track(p, off, gen, settled=True)
-            return None
-        if not self.tracker.track(p, off, gen):
-            return None
-        error = raw.headers.get(H_ERROR)
-        carried = raw.headers.get(H_REQUEST_ID)
+        headers = msg.headers()
+        base = not_before = 0
+        error = carried = None
+        if headers:
+            found: dict[str, bytes] = {}
+            for item in headers:
+                value = item[1]
+                found[str(item[0])] = (value.encode() if isinstance(value, str) else value) or b""
+            base = _int_header(found, H_ATTEMPTS)
+            not_before = _int_header(found, H_NOT_BEFORE)
+            raw_error, raw_carried = found.get(H_ERROR), found.get(H_REQUEST_ID)
+            error = raw_error.decode("utf-8", "replace") if raw_error else None
+            carried = raw_carried.decode("utf-8", "replace") if raw_carried else None
+        key, value = msg.key(), msg.value()
         return _Record(
             partition=p,
             offset=off,
             generation=gen,
-            key=raw.key,
-            value=raw.value,
-            base=_int_header(raw.headers, H_ATTEMPTS),
-            deliveries=int(marker.get("d", 0)),
-            not_before=_int_header(raw.headers, H_NOT_BEFORE) / 1000,
-            last_error=error.decode("utf-8", "replace") if error else None,
-            carried_id=carried.decode("utf-8", "replace") if carried else None,
+            key=key.encode() if isinstance(key, str) else key,
+            value=value.encode() if isinstance(value, str) else value,
+            base=base,
+            deliveries=int(marker.get("d", 0)) if marker else 0,
+            not_before=not_before / 1000,
+            last_error=error,
+            carried_id=carried,
         )
 
     def _flow_control(self, consumer: Consumer) -> None:
-        outstanding = self.tracker.outstanding()
+        # What is buffered and not handed out: the records the application
+        # holds (leases) are bounded by its own concurrency, and counting
+        # them would stop the fetch of the next batch while a batch is
+        # being worked on (one lease dict read; exact enough from here).
+        buffered = self.tracker.outstanding() - len(self.leases)
         limit = self.options.max_buffered
         try:
-            if not self._paused and outstanding >= limit:
+            if not self._paused and buffered >= limit:
                 consumer.pause(self._own(consumer.assignment()))
                 self._paused = True
-            elif self._paused and outstanding <= limit // 2:
+            elif self._paused and buffered <= limit // 2:
                 consumer.resume(self._own(consumer.assignment()))
                 self._paused = False
                 self._wake_fetchers(consumer)

@@ -79,8 +79,10 @@ class KafkaOptions(BaseModel):
     #: librdkafka's own limit; leases are kept by a polling thread, so a
     #: handler may run far longer than this.
     max_poll_interval_ms: int = Field(default=300_000, ge=1_000)
-    #: Records fetched but not yet settled before partitions are paused.
-    max_buffered: int = Field(default=1_000, ge=1)
+    #: Records fetched and not yet handed out before partitions are paused
+    #: (deliveries the application holds do not count: they are bounded by
+    #: its concurrency, and the next batch is fetched while one is worked on).
+    max_buffered: int = Field(default=2_000, ge=1)
     #: A process that holds fetched but undelivered work and has not polled
     #: for this long (and holds no live lease) leaves the consumer group so
     #: other processes get its partitions; 0 disables.

@@ -43,7 +43,8 @@ revoked partitions to be settled (no more of them are handed out
 meanwhile; the thread runs the commits that acks of the kept partitions
 wait for); acks made meanwhile write "settled" markers, so the next owner
 skips those records and the acks return True. When the local
-buffer holds ``max_buffered`` unsettled records, the partitions are paused
+buffer holds ``max_buffered`` records fetched and not handed out (the
+deliveries the application holds do not count), the partitions are paused
 (backpressure) and resumed at half of that. After every assignment the
 queue is not ``caught_up()`` until the backlog of the new partitions (up to
 their high watermarks) is fetched or the buffer is full.

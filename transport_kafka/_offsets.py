@@ -107,6 +107,22 @@ class OffsetTracker:
                 heapq.heappush(part.heap, offset)
             return True
 
+    def track_fetched(self, partition: int, offset: int, settled: bool) -> int | None:
+        """:meth:`track` under the partition's current generation (one lock
+        for both): that generation, or None if the partition is not
+        assigned or ``offset`` is already committed."""
+        with self._lock:
+            part = self._parts.get(partition)
+            if part is None or (part.committed is not None and offset < part.committed):
+                return None
+            high = part.high
+            if high is None or offset >= high:
+                part.high = offset + 1
+            if not settled and offset not in part.outstanding:
+                part.outstanding.add(offset)
+                heapq.heappush(part.heap, offset)
+            return part.generation
+
     def settle(self, partition: int, offset: int, generation: int) -> bool:
         """Mark ``offset`` done. False if the generation is stale or it was
         not outstanding (already settled)."""

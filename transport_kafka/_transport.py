@@ -46,7 +46,7 @@ Options (``TransportConfig.options`` or URL query), validated by
 :class:`~transport_kafka.KafkaOptions`: ``partitions`` (1),
 ``replication_factor`` (-1 = broker default), ``fetch_wait_max_ms`` (100),
 ``session_timeout_ms`` (6000), ``heartbeat_interval_ms`` (2000),
-``max_poll_interval_ms`` (300000), ``max_buffered`` (1000),
+``max_poll_interval_ms`` (300000), ``max_buffered`` (2000),
 ``commit_interval_ms`` (200), ``operation_timeout_s`` (30),
 ``close_timeout_s`` (10), ``security_protocol``, ``producer`` / ``consumer``
 (librdkafka passthrough, except the keys guarantees depend on).

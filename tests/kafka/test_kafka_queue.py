@@ -261,6 +261,37 @@ async def test_health_reports_an_unreachable_broker(kafka_config_factory: Any) -
         await transport.aclose()
 
 
+async def test_requests_held_by_the_application_do_not_fill_the_buffer(
+    kafka_config_factory: Any,
+) -> None:
+    """``max_buffered`` bounds what is fetched and not handed out: a batch
+    being worked on must not stop the fetch of the next one (until
+    2026-12-04 leases counted, and a worker holding ``max_buffered``
+    requests paused its partitions until it acked some)."""
+    transport = await connect(kafka_config_factory(options={"max_buffered": 5}))
+    try:
+        queue = transport.request_queue(_name())
+
+        async def take(count: int, why: str) -> list[Delivery]:
+            taken: list[Delivery] = []
+            while len(taken) < count:
+                got = await queue.poll_many(count - len(taken), 15)
+                assert got, f"{why} after {len(taken)}"
+                taken.extend(got)
+            return taken
+
+        first = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(12)]
+        held = await take(12, "stalled")
+        assert [d.request.request_id for d in held] == [r.request_id for r in first]
+        later = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(12, 15)]
+        # All twelve are still held: the next ones come all the same.
+        more = await take(3, "nothing fetched while twelve requests are held")
+        assert [d.request.request_id for d in more] == [r.request_id for r in later]
+        assert all(await queue.ack_many(held + more))
+    finally:
+        await transport.aclose()
+
+
 async def test_priority_levels_open_together_even_with_a_backlog_beyond_the_buffer(
     kafka_config_factory: Any,
 ) -> None:
