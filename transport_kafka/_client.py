@@ -410,6 +410,10 @@ class KafkaClients:
                 self._poll_thread.start()
             return self._producer
 
+    def existing_producer(self) -> Producer | None:
+        """The producer if one was made (and not retired), else ``None``."""
+        return self._producer
+
     def _poll_producer(self, producer: Producer) -> None:
         while not self._stop.is_set() and self._producer is producer:
             try:
@@ -857,6 +861,11 @@ class ConsumerThread:
         self.stop()
         with contextlib.suppress(Exception):
             await wait_within(asyncio.wrap_future(self.done), limit)
+
+    def join_now(self, limit: float) -> None:
+        """Stop and wait up to ``limit`` seconds, blocking (no event loop)."""
+        self.stop()
+        self._thread.join(max(0.0, limit))
 
 
 class KafkaContext:

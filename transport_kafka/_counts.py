@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 
 from transport.kit import retrieve
 from transport_kafka._records import (
@@ -41,9 +42,18 @@ class _Counts(_EngineState):
         high = max(r.offset for r in recs)
         key = f"{partition}:r{low}-{high}.{self._round_prefix}{next(_tokens)}".encode()
         value = json.dumps({"ds": [[r.offset, r.deliveries] for r in recs]}, separators=(",", ":"))
-        await self.clients.produce(
-            self.topics.state, key, value.encode(), what="writing delivery state"
-        )
+        # Until its report comes the round is not in ``_counted``: a
+        # program ending meanwhile (its tasks cancelled) withdraws it at
+        # exit by key (see _withdraw_at_exit).
+        self._rounds_unconfirmed.add(key)
+        try:
+            await self.clients.produce(
+                self.topics.state, key, value.encode(), what="writing delivery state"
+            )
+        except Exception:
+            self._rounds_unconfirmed.discard(key)
+            raise
+        self._rounds_unconfirmed.discard(key)
         with self._marked_lock:
             self._marked_rounds.setdefault(partition, {})[key] = high
         return key
@@ -147,9 +157,24 @@ class _Counts(_EngineState):
         if pending is not None and not pending.done():
             with contextlib.suppress(BaseException):
                 await asyncio.shield(pending)
+        writes = self._withdrawals(partitions)
+        if writes:
+            await asyncio.gather(
+                *(
+                    self.clients.produce(
+                        self.topics.state, key, value, what="withdrawing delivery counts"
+                    )
+                    for key, value in writes
+                )
+            )
+
+    def _withdrawals(self, partitions: set[int] | None) -> list[tuple[bytes, bytes]]:
+        """The state writes that withdraw the counts reserved for records
+        of ``partitions`` (every partition: ``None``) not handed out; those
+        records are no longer reserved once this returns."""
         writes: list[tuple[bytes, bytes]] = []
         for key, (partition, counts, recs) in list(self._counted.items()):
-            if partition not in partitions:
+            if partitions is not None and partition not in partitions:
                 continue
             del self._counted[key]
             taken = [r for r in recs if r.reserved and r.count_key == key]
@@ -165,12 +190,36 @@ class _Counts(_EngineState):
                 writes.append((key, value.encode()))
             else:
                 writes.append((key, b'{"d":%d}' % counts[taken[0].offset]))
-        if writes:
-            await asyncio.gather(
-                *(
-                    self.clients.produce(
-                        self.topics.state, key, value, what="withdrawing delivery counts"
-                    )
-                    for key, value in writes
-                )
+        return writes
+
+    def _withdraw_at_exit(self, deadline: float) -> None:
+        """At interpreter exit, with the event loop gone (a program that
+        ended without ``aclose()``): withdraw every reserved count with
+        the producer directly, waiting for the writes until ``deadline``."""
+        writes: list[tuple[bytes, bytes | None]] = [*self._withdrawals(None)]
+        # A round whose report never reached the loop counted only records
+        # not handed out (a hand-out waits for that report): its key goes.
+        writes.extend((key, None) for key in sorted(self._rounds_unconfirmed))
+        self._rounds_unconfirmed.clear()
+        producer = self.clients.existing_producer()
+        if not writes or producer is None:
+            return
+        failed: list[object] = []
+
+        def report(err: object, _msg: object) -> None:
+            if err is not None:
+                failed.append(err)
+
+        try:
+            for key, value in writes:
+                producer.produce(self.topics.state, value=value, key=key, on_delivery=report)
+            left = producer.flush(max(0.0, deadline - time.monotonic()))
+        except Exception as exc:  # the counts stay: attempts over-count, nothing is lost
+            failed.append(exc)
+            left = 0
+        if left or failed:
+            log.warning(
+                "queue %r: reserved delivery counts not withdrawn at exit (%s)",
+                self.name,
+                failed[0] if failed else f"{left} writes not confirmed in time",
             )

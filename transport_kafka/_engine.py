@@ -61,8 +61,9 @@ then the new owner resumes from the committed offset.
 its delivery count is written to the state topic (acks=all). Polls in
 progress share one round of these writes, which also counts the next few
 records ahead (at most twice the polls in progress). A consumer that gives
-a partition up cleanly (``aclose()``, a rebalance) first withdraws the
-counts it reserved for records it did not hand out (it rewrites their state
+a partition up cleanly (``aclose()``, a rebalance, interpreter exit
+without ``aclose()``) first withdraws the counts it reserved for records
+it did not hand out (it rewrites their state
 keys: the latest value of a key holds), and a delivery given back unseen by
 a handler (a priority queue's held head) is such a reservation again; a process killed has counted a
 delivery of those records it never handed out (at most twice the demand:

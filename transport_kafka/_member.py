@@ -16,6 +16,7 @@ consumer only through ``ConsumerThread.submit``/``post``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import threading
@@ -42,6 +43,21 @@ if TYPE_CHECKING:
     from transport_kafka._engine import _QueueEngine
 
 log = logging.getLogger("transport.kafka")
+
+#: Members whose consumer thread runs. A program that ends without
+#: ``aclose()`` has them closed at interpreter exit (:func:`_close_at_exit`);
+#: strong references, since such a program has dropped its own.
+_running: set[_GroupMember] = set()
+#: What closing them at exit may take, all together.
+_CLOSE_AT_EXIT_SECONDS = 3.0
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    deadline = time.monotonic() + _CLOSE_AT_EXIT_SECONDS
+    for member in list(_running):
+        with contextlib.suppress(Exception):
+            member.close_at_exit(deadline)
 
 
 class _GroupMember:
@@ -115,6 +131,7 @@ class _GroupMember:
         self.subscribed = True
         self.thread = ConsumerThread(f"kafka-consumer-{self.label}", self._step, self._finish)
         self.thread.start()
+        _running.add(self)
 
     def _new_consumer(self) -> Consumer:
         conf = self.ctx.settings.consumer_config(self.group, subscribe=True)
@@ -204,6 +221,24 @@ class _GroupMember:
                 await task
         if self.thread is not None:
             await self.thread.join(self.options.close_timeout_s + 5)
+        _running.discard(self)
+
+    def close_at_exit(self, deadline: float) -> None:
+        """Interpreter exit, the event loop gone, the transport never
+        closed: withdraw the delivery counts reserved ahead (as a clean
+        close does), then stop the consumer thread, which commits what is
+        settled and closes the consumer. Closing it leaves the group, so
+        the next worker gets the partitions at once instead of after this
+        member's session timeout, and its requests come back counted as a
+        clean close counts them: +1 for those handed out, nothing for the
+        rest. Blocking, bounded by ``deadline``."""
+        _running.discard(self)
+        thread = self.thread
+        if thread is None or not thread.alive:
+            return
+        for engine in self.engines:
+            engine._withdraw_at_exit(deadline)
+        thread.join_now(deadline - time.monotonic())
 
     # -- consumer thread ------------------------------------------------------------
     def _step(self) -> None:

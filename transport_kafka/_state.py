@@ -90,6 +90,8 @@ class _EngineState:
         # Loop side: state keys holding reserved counts → the partition, the
         # counts written under the key, and its records (to withdraw them).
         self._counted: dict[bytes, tuple[int, dict[int, int], list[_Record]]] = {}
+        # Loop side: state keys of rounds written and not yet reported.
+        self._rounds_unconfirmed: set[bytes] = set()
         # consumer-thread state
         self._markers: dict[tuple[int, int], dict[str, Any]] = {}
         self._marked: dict[int, set[int]] = {}  # offsets with state markers, per partition
