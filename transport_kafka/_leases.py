@@ -160,15 +160,31 @@ class _Leases(_EngineState):
         hand-out uses it; a clean close or revocation withdraws it)."""
         if lease.counted is None or not self._valid(lease):
             return False
-        key, entry = lease.counted
+        self.ready.appendleft(self._reserve_again(lease, lease.counted))
+        self._notify()
+        return True
+
+    def _reserve_unseen_again(self) -> None:
+        """At exit: the deliveries a priority queue held to compare levels
+        (no handler saw them) become reservations again, for
+        ``_withdraw_at_exit`` to withdraw as a clean close does."""
+        for lease in list(self.leases.values()):
+            counted = lease.counted
+            if lease.unseen and lease.state == "held" and counted and self._live(lease.record):
+                self._reserve_again(lease, counted)
+
+    def _reserve_again(
+        self, lease: _Lease, counted: tuple[bytes, tuple[int, dict[int, int], list[_Record]]]
+    ) -> _Record:
+        """End ``lease`` and make its count a reservation again (under the
+        state key that counted it); returns its record."""
+        key, entry = counted
         rec = lease.record
         self._drop_lease(lease, "done")
         rec.reserved = True
         rec.count_key = key
         self._counted.setdefault(key, entry)
-        self.ready.appendleft(rec)
-        self._notify()
-        return True
+        return rec
 
     def _valid(self, lease: _Lease) -> bool:
         if lease.state != "held" or self._stopped:

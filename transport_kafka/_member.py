@@ -237,6 +237,7 @@ class _GroupMember:
         if thread is None or not thread.alive:
             return
         for engine in self.engines:
+            engine._reserve_unseen_again()
             engine._withdraw_at_exit(deadline)
         thread.join_now(deadline - time.monotonic())
 

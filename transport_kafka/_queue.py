@@ -71,6 +71,9 @@ class KafkaDelivery(Delivery):
     async def dead_letter(self, error: str) -> bool:
         return await self._engine.settle(self._lease, "dead", None, error)
 
+    def _mark_unseen(self, unseen: bool) -> None:
+        self._lease.unseen = unseen
+
     async def _release_uncounted(self) -> bool:
         return self._engine.release_uncounted(self._lease)
 

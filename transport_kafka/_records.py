@@ -80,6 +80,9 @@ class _Lease:
     # The state key that counted this delivery, with its round's counts and
     # records: a give-back without counting reserves the count again there.
     counted: tuple[bytes, tuple[int, dict[int, int], list[_Record]]] | None = None
+    # Held by a priority queue to compare levels, no handler has it: given
+    # back uncounted at exit too (see _Counts._withdraw_at_exit).
+    unseen: bool = False
 
 
 def _int_header(headers: dict[str, bytes], name: str) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -15,16 +16,23 @@ from transport import WorkRequest, connect
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
 # Takes two requests, acks the first, prints the id of the second and
-# returns from main() holding it, the transport never closed.
+# returns from main() holding it, the transport never closed. With
+# "priority": from a two-level priority queue, which also holds the head of
+# the level it did not serve (no handler saw that one).
 _FORGETFUL_WORKER = """
 import asyncio, sys
+from datetime import timedelta
 from transport import TransportConfig, connect
 
 async def main() -> None:
     config = TransportConfig.model_validate_json(sys.argv[1])
-    queue = (await connect(config)).request_queue(sys.argv[2])
-    got = await queue.poll_many(2, 60)
-    assert len(got) == 2, got
+    transport = await connect(config)
+    if sys.argv[3] == "priority":
+        queue = transport.priority_queue(sys.argv[2], levels=2, aging_interval=timedelta(hours=1))
+        got = [await queue.poll(60), await queue.poll(60)]
+    else:
+        got = await transport.request_queue(sys.argv[2]).poll_many(2, 60)
+    assert len(got) == 2 and None not in got, got
     assert await got[0].ack()
     print("HELD", got[1].request.request_id, flush=True)
 
@@ -33,17 +41,26 @@ asyncio.run(main())
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["plain", "priority"])
 async def test_a_worker_ending_without_aclose_burns_no_attempt(
-    kafka_config_factory: Any, queue_name: str
+    kafka_config_factory: Any, queue_name: str, kind: str
 ) -> None:
     """Until 2026-12-04 the counts reserved ahead by such a worker stayed in
     the state topic: the next worker got 6 of the 48 requests it had never
-    handed out at attempt 2 (and waited for its session timeout first)."""
+    handed out at attempt 2 (and waited for its session timeout first); a
+    priority queue's held head of the other level came back at attempt 2."""
     config = kafka_config_factory()
     producer = await connect(config)
     try:
-        queue = producer.request_queue(queue_name)
-        sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(30)]
+        if kind == "priority":
+            pq = producer.priority_queue(queue_name, levels=2, aging_interval=timedelta(hours=1))
+            sent = [
+                await pq.enqueue(WorkRequest(task="t", payload=i), priority=i % 2)
+                for i in range(30)
+            ]
+        else:
+            queue = producer.request_queue(queue_name)
+            sent = [await queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(30)]
     finally:
         await producer.aclose()
     proc = await asyncio.create_subprocess_exec(
@@ -52,6 +69,7 @@ async def test_a_worker_ending_without_aclose_burns_no_attempt(
         _FORGETFUL_WORKER,
         config.model_dump_json(),
         queue_name,
+        kind,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -63,14 +81,23 @@ async def test_a_worker_ending_without_aclose_burns_no_attempt(
 
     worker = await connect(config)
     try:
-        queue = worker.request_queue(queue_name)
         attempts: dict[str, int] = {}
-        while len(attempts) < len(sent) - 1:
-            got = await queue.poll_many(16, 60)
-            assert got, f"stalled after {len(attempts)} of {len(sent) - 1}"
-            for delivery in got:
-                attempts[delivery.request.request_id] = delivery.attempt
-            assert all(await queue.ack_many(got))
+        if kind == "priority":
+            levels = worker.priority_queue(queue_name, levels=2, aging_interval=timedelta(hours=1))
+            while len(attempts) < len(sent) - 1:
+                one = await levels.poll(60)
+                assert one is not None, f"stalled after {len(attempts)} of {len(sent) - 1}"
+                attempts[one.request.request_id] = one.attempt
+                assert await one.ack()
+            await levels.aclose()
+        else:
+            queue = worker.request_queue(queue_name)
+            while len(attempts) < len(sent) - 1:
+                got = await queue.poll_many(16, 60)
+                assert got, f"stalled after {len(attempts)} of {len(sent) - 1}"
+                for delivery in got:
+                    attempts[delivery.request.request_id] = delivery.attempt
+                assert all(await queue.ack_many(got))
     finally:
         await worker.aclose()
     # The acked one is gone; the held one was handed out once; no other was.

@@ -226,6 +226,9 @@ class _InstrumentedDelivery(Delivery):
             self._sink.increment("dead_lettered", self._labels)
         return done
 
+    def _mark_unseen(self, unseen: bool) -> None:
+        self._inner._mark_unseen(unseen)
+
     async def _release_uncounted(self) -> bool:
         return await self._inner._release_uncounted()
 

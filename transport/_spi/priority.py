@@ -213,6 +213,7 @@ class PriorityRequestQueue(RequestQueue):
         if delivery is None:
             return
         self._slots[level] = delivery
+        delivery._mark_unseen(True)
         self._held_since[level] = asyncio.get_running_loop().time()
         if self._keeper is None:
             self._keeper = asyncio.create_task(self._keep_leases())
@@ -248,6 +249,8 @@ class PriorityRequestQueue(RequestQueue):
             return None
         chosen = self._slots[best_level]
         self._slots[best_level] = None
+        if chosen is not None:
+            chosen._mark_unseen(False)
         return chosen
 
     async def _keep_leases(self) -> None:

@@ -125,6 +125,15 @@ class Delivery(ABC):
         Raises: TransientTransportError.
         """
 
+    def _mark_unseen(self, unseen: bool) -> None:
+        """Backend SPI, not for workers: ``True`` while a
+        :class:`PriorityRequestQueue` holds this delivery to compare levels
+        (no handler has it), ``False`` once it is handed out. A backend that
+        gives deliveries back on its own when a program ends without
+        ``aclose()`` gives these back uncounted, as a clean close does. This
+        default does nothing."""
+        return None
+
     async def _release_uncounted(self) -> bool:
         """Give the request back for redelivery as if this delivery had not
         happened: its next delivery has the same ``attempt``. For a delivery
