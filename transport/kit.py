@@ -42,7 +42,9 @@ What is here, by concern:
   shared by concurrent callers that need a result taken after their call
   began), :func:`retrieve` (a done callback that marks a future's exception
   retrieved), :func:`wait_within` (``asyncio.wait_for`` without its
-  Python 3.11 race that loses a cancellation), :class:`SqliteStore` (a SQLite file on its own thread with
+  Python 3.11 race that loses a cancellation), :class:`AtExit` (objects
+  to settle within a time bound when a program ends without ``aclose()``),
+  :class:`SqliteStore` (a SQLite file on its own thread with
   group commit, given its schema: the store of ``sqlite://`` and of the
   outbox).
 * **Operations** — :class:`ClientLog` (a broker client's log lines, repeated
@@ -56,6 +58,7 @@ change that breaks a backend is a breaking change.
 from __future__ import annotations
 
 from transport._ops.logging import ClientLog
+from transport._runtime.atexit import AtExit
 from transport._runtime.shared import SharedRun, retrieve, wait_within
 from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
@@ -84,6 +87,7 @@ __all__ = [
     "LEGACY_ERROR_HEADERS",
     "MAX_ERROR_BYTES",
     "WIRE_SCHEMA_VERSION",
+    "AtExit",
     "ClientLog",
     "DoctorFinding",
     "ObjectKind",

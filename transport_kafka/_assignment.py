@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from transport_kafka._client import (
     _client_logger,
+    decode_headers,
     read_to_end,
 )
 from transport_kafka._counts import _Counts
@@ -64,10 +65,7 @@ class _Assignment(_Counts, _Leases):
         base = not_before = 0
         error = carried = None
         if headers:
-            found: dict[str, bytes] = {}
-            for item in headers:
-                value = item[1]
-                found[str(item[0])] = (value.encode() if isinstance(value, str) else value) or b""
+            found = decode_headers(headers)
             base = _int_header(found, H_ATTEMPTS)
             not_before = _int_header(found, H_NOT_BEFORE)
             raw_error, raw_carried = found.get(H_ERROR), found.get(H_REQUEST_ID)

@@ -65,6 +65,7 @@ __all__ = [
     "KafkaContext",
     "RawRecord",
     "TopicSpec",
+    "decode_headers",
     "msg_position",
     "raw_record",
     "read_last",
@@ -122,11 +123,21 @@ def consume_available(consumer: Consumer, limit: int, timeout: float) -> list[Me
     return [first, *consumer.consume(limit - 1, 0)] if limit > 1 else [first]
 
 
+def decode_headers(
+    headers: Sequence[tuple[str, str | bytes | None]] | Mapping[str, str | bytes | None] | None,
+) -> dict[str, bytes]:
+    """A message's headers (``msg.headers()``) as ``{name: bytes}``; the
+    last of a repeated name wins, a null value reads as ``b""``."""
+    found: dict[str, bytes] = {}
+    items = headers.items() if isinstance(headers, Mapping) else headers or ()
+    for item in items:
+        value = item[1]
+        found[str(item[0])] = (value.encode() if isinstance(value, str) else value) or b""
+    return found
+
+
 def raw_record(msg: Message) -> RawRecord:
-    headers: dict[str, bytes] = {}
-    for item in msg.headers() or []:
-        name, value = item[0], item[1]
-        headers[str(name)] = _bytes(value) or b""
+    headers = decode_headers(msg.headers())
     partition, offset = msg_position(msg)
     kind, stamp = msg.timestamp()
     return RawRecord(

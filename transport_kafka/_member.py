@@ -16,7 +16,6 @@ consumer only through ``ConsumerThread.submit``/``post``.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import logging
 import threading
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from transport.kit import wait_within
+from transport.kit import AtExit, wait_within
 from transport_kafka._client import (
     ConsumerThread,
     KafkaContext,
@@ -45,19 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("transport.kafka")
 
 #: Members whose consumer thread runs. A program that ends without
-#: ``aclose()`` has them closed at interpreter exit (:func:`_close_at_exit`);
-#: strong references, since such a program has dropped its own.
-_running: set[_GroupMember] = set()
-#: What closing them at exit may take, all together.
-_CLOSE_AT_EXIT_SECONDS = 3.0
-
-
-@atexit.register
-def _close_at_exit() -> None:
-    deadline = time.monotonic() + _CLOSE_AT_EXIT_SECONDS
-    for member in list(_running):
-        with contextlib.suppress(Exception):
-            member.close_at_exit(deadline)
+#: ``aclose()`` has them closed at interpreter exit, within 3 s for all
+#: (:meth:`_GroupMember.close_at_exit`).
+_running: AtExit[_GroupMember] = AtExit(
+    3.0, lambda member, deadline: member.close_at_exit(deadline)
+)
 
 
 class _GroupMember:

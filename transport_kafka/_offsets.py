@@ -99,13 +99,7 @@ class OffsetTracker:
             part = self._parts.get(partition)
             if part is None or part.generation != generation:
                 return False
-            if part.committed is not None and offset < part.committed:
-                return False  # already committed: a refetch after a seek
-            part.high = offset + 1 if part.high is None else max(part.high, offset + 1)
-            if not settled and offset not in part.outstanding:
-                part.outstanding.add(offset)
-                heapq.heappush(part.heap, offset)
-            return True
+            return self._track(part, offset, settled)
 
     def track_fetched(self, partition: int, offset: int, settled: bool) -> int | None:
         """:meth:`track` under the partition's current generation (one lock
@@ -113,15 +107,23 @@ class OffsetTracker:
         assigned or ``offset`` is already committed."""
         with self._lock:
             part = self._parts.get(partition)
-            if part is None or (part.committed is not None and offset < part.committed):
+            if part is None or not self._track(part, offset, settled):
                 return None
-            high = part.high
-            if high is None or offset >= high:
-                part.high = offset + 1
-            if not settled and offset not in part.outstanding:
-                part.outstanding.add(offset)
-                heapq.heappush(part.heap, offset)
             return part.generation
+
+    @staticmethod
+    def _track(part: _Partition, offset: int, settled: bool) -> bool:
+        """Record ``offset`` in ``part`` (the caller holds the lock). False
+        if a commit already covers it (a refetch after a seek)."""
+        if part.committed is not None and offset < part.committed:
+            return False
+        high = part.high
+        if high is None or offset >= high:
+            part.high = offset + 1
+        if not settled and offset not in part.outstanding:
+            part.outstanding.add(offset)
+            heapq.heappush(part.heap, offset)
+        return True
 
     def settle(self, partition: int, offset: int, generation: int) -> bool:
         """Mark ``offset`` done. False if the generation is stale or it was
