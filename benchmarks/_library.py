@@ -50,6 +50,23 @@ async def enqueue(target: Target, n: int, concurrency: int, *, warm_up: bool = T
         await transport.aclose()
 
 
+async def enqueue_many(target: Target, n: int, batch: int) -> float:
+    """Durable enqueues per second through ``enqueue_many``, ``batch``
+    requests per call, one call after the other."""
+    transport = await connect(target)
+    try:
+        queue = transport.request_queue(f"m{uuid.uuid4().hex[:8]}")
+        items = requests(n)
+
+        async def body() -> None:
+            for i in range(0, n, batch):
+                await queue.enqueue_many(items[i : i + batch])
+
+        return await rate(n, body)
+    finally:
+        await transport.aclose()
+
+
 async def fill(queue: RequestQueue, n: int) -> None:
     """Enqueue ``n`` requests (64 at a time): a benchmark's backlog."""
     await run_concurrently(

@@ -305,6 +305,22 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
             "sqlite", "enqueue", a, b, "raw sqlite3 batched inserts (synchronous=FULL)", 0.8
         )
     )
+    say("sqlite: enqueue_many(64)")  # type: ignore[operator]
+    a, b = await alternate(
+        lambda: library.enqueue_many(sqlite_url, sizes.enqueue, 64),
+        lambda: raw_sqlite_batched_insert(tmp / "raw.db", sizes.enqueue),
+        r,
+    )
+    rows.append(
+        throughput_row(
+            "sqlite",
+            "enqueue_many(64)",
+            a,
+            b,
+            "raw sqlite3 batched inserts of 64 (synchronous=FULL; ours: one call per 64, informational)",
+            None,
+        )
+    )
     say("sqlite: poll+ack")  # type: ignore[operator]
     a, b = await alternate(
         lambda: ours_consume(sqlite_url, sizes.consume, 32),

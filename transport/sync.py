@@ -104,6 +104,9 @@ class SyncRequestQueue:
             raise ValueError("priority given for a queue without priority levels")
         return self._runner.run(self._inner.enqueue(request))
 
+    def enqueue_many(self, requests: Iterable[WorkRequest]) -> list[WorkRequest]:
+        return self._runner.run(self._inner.enqueue_many(list(requests)))
+
     def poll(self, timeout: float | None = None) -> SyncDelivery | None:
         delivery = self._runner.run(self._inner.poll(timeout))
         return None if delivery is None else SyncDelivery(delivery, self._runner)

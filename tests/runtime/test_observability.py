@@ -248,7 +248,7 @@ async def test_an_ensemble_logs_a_growing_backlog(
 
 
 async def test_batches_keep_the_backends_own_batch_and_are_counted(transport: Transport) -> None:
-    """An instrumented queue's poll_many and ack_many are the wrapped
+    """An instrumented queue's enqueue_many, poll_many and ack_many are the wrapped
     queue's (its native batch, where it has one), each delivery counted."""
     from transport import InMemoryMetrics
     from transport._spi.metrics import InstrumentedRequestQueue
@@ -261,6 +261,12 @@ async def test_batches_keep_the_backends_own_batch_and_are_counted(transport: Tr
         inner = queue.inner
         calls: list[str] = []
         native_poll_many, native_ack_many = inner.poll_many, inner.ack_many
+        native_enqueue_many = inner.enqueue_many
+
+        async def enqueue_many(requests: Any) -> Any:
+            items = list(requests)
+            calls.append(f"enqueue_many({len(items)})")
+            return await native_enqueue_many(items)
 
         async def poll_many(max_count: int, timeout: float | None = None) -> Any:
             calls.append(f"poll_many({max_count})")
@@ -273,12 +279,13 @@ async def test_batches_keep_the_backends_own_batch_and_are_counted(transport: Tr
 
         inner.poll_many = poll_many  # type: ignore[method-assign]
         inner.ack_many = ack_many  # type: ignore[method-assign]
-        for i in range(5):
-            await queue.enqueue(WorkRequest(task="t", payload=i))
+        inner.enqueue_many = enqueue_many  # type: ignore[method-assign]
+        await queue.enqueue_many([WorkRequest(task="t", payload=i) for i in range(5)])
+        assert metrics.count("enqueued", queue="batched") == 5
         got = await queue.poll_many(5, timeout=5)
         assert len(got) == 5
         assert await queue.ack_many(got) == [True] * 5
-        assert calls == ["poll_many(5)", "ack_many(5)"]
+        assert calls == ["enqueue_many(5)", "poll_many(5)", "ack_many(5)"]
         assert metrics.count("delivered", queue="batched") == 5
         assert metrics.count("acked", queue="batched") == 5
         assert await queue.ack_many(got) == [False] * 5  # settled already: not counted again

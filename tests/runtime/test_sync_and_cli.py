@@ -45,6 +45,12 @@ def test_sync_facade_enqueue_poll_ack_and_request() -> None:
             delivery = queue.poll(timeout=5)
             assert delivery is not None and delivery.request.request_id == stored.request_id
             assert delivery.ack() is True and delivery.ack() is False
+            batch = queue.enqueue_many(WorkRequest(task="t", payload=i) for i in range(3))
+            assert [r.payload for r in batch] == [0, 1, 2]
+            for request in batch:
+                delivery = queue.poll(timeout=5)
+                assert delivery is not None and delivery.request.request_id == request.request_id
+                assert delivery.ack() is True
             assert queue.stats().depth == 0
             response = transport.request(
                 "echo", "echo", {"hello": "world"}, caller="sync-caller", timeout=10

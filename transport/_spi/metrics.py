@@ -256,6 +256,14 @@ class InstrumentedRequestQueue(RequestQueue):
         self._sink.increment("enqueued", self._labels)
         return stored
 
+    async def enqueue_many(self, requests: Iterable[WorkRequest]) -> list[WorkRequest]:
+        """As :meth:`RequestQueue.enqueue_many` of the wrapped queue (its
+        native batch, where it has one), then counts ``enqueued`` for each."""
+        stored = await self.inner.enqueue_many(requests)
+        if stored:
+            self._sink.increment("enqueued", self._labels, len(stored))
+        return stored
+
     async def poll(self, timeout: float | None = None) -> Delivery | None:
         """As :meth:`RequestQueue.poll`, then counts ``delivered`` (and
         ``redelivered`` for attempt > 1) and, on a first delivery, observes

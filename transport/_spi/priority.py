@@ -134,6 +134,51 @@ class PriorityRequestQueue(RequestQueue):
             request = request.model_copy(update={"priority": level})
         return await self._queues[level].enqueue(request)
 
+    async def enqueue_many(self, requests: Iterable[WorkRequest]) -> list[WorkRequest]:
+        """Enqueue each request at its ``priority``; returns them stamped, in
+        the order given.
+
+        Guarantees: as :meth:`RequestQueue.enqueue_many` (every request's
+        level and encoding are checked before any is stored); each level's
+        requests are stored by that level's ``enqueue_many`` (its native
+        batch, where it has one), the levels concurrently.
+        Raises: ValueError if a ``priority`` is outside ``0..levels-1``; as
+        :meth:`RequestQueue.enqueue_many`.
+        """
+        if self._closed:
+            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        items = list(requests)
+        for item in items:
+            if not isinstance(item, WorkRequest):
+                raise TypeError(f"enqueue_many takes WorkRequest items, got {type(item).__name__}")
+        self._encode_all(items)
+        by_level: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            by_level.setdefault(item.priority, []).append(i)
+        levels = list(by_level)
+        results = await asyncio.gather(
+            *(self._queues[lv].enqueue_many([items[i] for i in by_level[lv]]) for lv in levels),
+            return_exceptions=True,
+        )
+        out: list[WorkRequest | None] = [None] * len(items)
+        for level, result in zip(levels, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result
+            for i, stored in zip(by_level[level], result, strict=True):
+                out[i] = stored
+        return [item for item in out if item is not None]
+
+    def _encode_all(self, requests: list[WorkRequest]) -> list[bytes]:
+        """Each request encoded as its level's queue would; a level out of
+        range raises ValueError (before anything is stored)."""
+        out: list[bytes] = []
+        for request in requests:
+            level = request.priority
+            if not 0 <= level < self.levels:
+                raise ValueError(f"priority must be in 0..{self.levels - 1}, got {level!r}")
+            out += self._queues[level]._encode_all([request])
+        return out
+
     async def poll(self, timeout: float | None = None) -> Delivery | None:
         """Lease the request with the best effective level (see module doc).
 

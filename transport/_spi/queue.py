@@ -47,6 +47,15 @@ def acked_or_raise(results: Iterable[bool | BaseException]) -> list[bool]:
     return out
 
 
+def _stored_or_raise(results: Iterable[WorkRequest | BaseException]) -> list[WorkRequest]:
+    out: list[WorkRequest] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        out.append(result)
+    return out
+
+
 def seconds(value: float | timedelta | None) -> float | None:
     """Normalise a duration given as seconds or ``timedelta``.
 
@@ -200,6 +209,80 @@ class RequestQueue(ABC):
         )
         await self._store_request(request, body)
         return request
+
+    async def enqueue_many(self, requests: Iterable[WorkRequest]) -> list[WorkRequest]:
+        """Durably add many requests in one call; returns them with
+        ``enqueued_at`` stamped, in the order given.
+
+        Guarantees: on return every request is durably accepted, as by
+        :meth:`enqueue`. Every request is stamped and encoded before any is
+        stored, so one that is too large or not JSON raises
+        ``PayloadTooLargeError`` / ``PermanentTransportError`` with nothing
+        stored. Then every store is attempted, and the first error is raised
+        once all have ended: after a broker error some requests may be
+        stored, so a retry of the whole call may store those twice
+        (at-least-once, as a retried :meth:`enqueue`; handlers dedupe by
+        ``request_id``). ``memory://`` and ``sqlite://`` store the call in
+        one step (all or nothing, in list order); other backends send the
+        requests concurrently, as concurrent :meth:`enqueue` calls would be,
+        with no order among them.
+
+        For backends: the template stamps and encodes, then hands the pairs
+        to :meth:`_store_requests` (default: :meth:`_store_request` for
+        each, concurrently); a backend that stores many in one step
+        overrides that hook. A class that overrides :meth:`enqueue` whole
+        (a wrapper) gets each request enqueued by its own :meth:`enqueue`,
+        concurrently, the first error raised once all have ended.
+        Raises: TypeError for an item that is not a ``WorkRequest``; as
+        :meth:`enqueue`.
+        """
+        items = list(requests)
+        for item in items:
+            if not isinstance(item, WorkRequest):
+                raise TypeError(f"enqueue_many takes WorkRequest items, got {type(item).__name__}")
+        if not items:
+            self._check_open()
+            return []
+        cls = type(self)
+        if cls.enqueue is not RequestQueue.enqueue or (
+            cls._store_request is RequestQueue._store_request
+            and cls._store_requests is RequestQueue._store_requests
+        ):
+            self._encode_all(items)  # refused before any is stored, as below
+            results = await asyncio.gather(
+                *(self.enqueue(item) for item in items), return_exceptions=True
+            )
+            return _stored_or_raise(results)
+        self._check_open()
+        now = utcnow()
+        stamped = [
+            item if item.enqueued_at is not None else replace_fields(item, enqueued_at=now)
+            for item in items
+        ]
+        await self._store_requests(stamped, self._encode_all(stamped))
+        return stamped
+
+    def _encode_all(self, requests: list[WorkRequest]) -> list[bytes]:
+        """Each request encoded as :meth:`enqueue` would (this queue's codec,
+        within ``max_payload_bytes``). Raises: as :func:`encode`."""
+        codec = self.request_codec
+        limit = self.max_payload_bytes
+        if codec is None:
+            return [encode(item, limit) for item in requests]
+        return [codec.encode_request(item, limit) for item in requests]
+
+    async def _store_requests(self, requests: list[WorkRequest], bodies: list[bytes]) -> None:
+        """Store many encoded requests durably (backend hook of
+        :meth:`enqueue_many`; ``bodies[i]`` is ``requests[i]`` encoded).
+        The default stores each with :meth:`_store_request`, concurrently,
+        and raises the first error once all have ended."""
+        results = await asyncio.gather(
+            *(self._store_request(r, b) for r, b in zip(requests, bodies, strict=True)),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def _check_open(self) -> None:  # noqa: B027 - optional hook
         """Raise ``ClosedResourceError`` if this handle or its transport is

@@ -322,6 +322,39 @@ class RequestQueueConformance:
         assert await queue.ack_many(got[:2]) == [False, False]  # settled already
         assert await queue.poll(harness.scaled(1)) is None, "an acked request came back"
 
+    async def test_enqueue_many_stores_a_batch_as_single_enqueues_would(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        queue = self.open_queue(transport, queue_name)
+        assert await queue.enqueue_many([]) == []
+        with pytest.raises(TypeError):
+            await queue.enqueue_many([WorkRequest(task="t"), {"task": "t"}])  # type: ignore[list-item]
+        # One request too large: refused before any of the batch is stored
+        # (on a priority queue the two would go to different levels).
+        limit = transport.config.max_payload_bytes
+        refused = [
+            WorkRequest(task="t", payload=1, priority=1),
+            WorkRequest(task="big", payload="x" * limit),
+        ]
+        with pytest.raises(PayloadTooLargeError):
+            await queue.enqueue_many(refused)
+        kept = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+        batch = [*make_requests(11), WorkRequest(task="t", payload={"i": 11}, enqueued_at=kept)]
+        stored = await queue.enqueue_many(iter(batch))
+        assert [r.request_id for r in stored] == [r.request_id for r in batch]
+        assert all(r.enqueued_at is not None for r in stored)
+        assert stored[-1].enqueued_at == kept, "a given enqueued_at is kept"
+        got = await drain(queue, len(batch), harness.scaled(20))
+        ids = [d.request.request_id for d in got]
+        assert sorted(ids) == sorted(r.request_id for r in batch), "lost or duplicated"
+        assert await queue.poll(harness.scaled(1)) is None, (
+            "a request of the refused batch was stored"
+        )
+        assert all(d.attempt == 1 for d in got)
+        by_id = {d.request.request_id: d.request for d in got}
+        assert [by_id[r.request_id].payload for r in batch] == [r.payload for r in batch]
+        assert by_id[batch[-1].request_id].enqueued_at == kept
+
     async def test_ack_many_settles_a_delivery_of_another_queue_by_its_own_ack(
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:

@@ -83,6 +83,17 @@ class MemoryRequestQueue(RequestQueue):
             if state.waiters:
                 _notify_one(state)
 
+    async def _store_requests(self, requests: list[WorkRequest], bodies: list[bytes]) -> None:
+        # enqueue_many: all at once, in order, one waiting poller woken per request.
+        state = self._state
+        with self._broker.lock:
+            state.ready.extend(
+                _Msg(body, request.request_id)
+                for request, body in zip(requests, bodies, strict=True)
+            )
+            for _ in range(min(len(bodies), len(state.waiters))):
+                _notify_one(state)
+
     def inject_raw(self, data: bytes) -> None:
         """Put raw bytes on the queue as if a foreign producer had (for tests)."""
         with self._broker.lock:

@@ -213,6 +213,14 @@ class SqliteRequestQueue(RequestQueue):
         )
         self._ctx.signals.notify(self._key)
 
+    async def _store_requests(self, requests: list[WorkRequest], bodies: list[bytes]) -> None:
+        # enqueue_many: one INSERT of many rows, in one transaction (all or
+        # nothing, in order).
+        key = self._key
+        items = [(key, r.request_id, b) for r, b in zip(requests, bodies, strict=True)]
+        await self._store.write(functools.partial(_insert_many, items=items))
+        self._ctx.signals.notify(key)
+
     def _lease_op(
         self, conn: sqlite3.Connection, limit: int
     ) -> tuple[list[tuple[int, int, WorkRequest]], bool]:
