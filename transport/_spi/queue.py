@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import collections
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from transport._spi.codec import RequestCodec, encode
 from transport._spi.models import DeadLetter, QueueStats, WorkRequest, replace_fields, utcnow
@@ -45,6 +45,26 @@ def acked_or_raise(results: Iterable[bool | BaseException]) -> list[bool]:
             raise result
         out.append(bool(result))
     return out
+
+
+#: At most this many stores of one ``enqueue_many`` call are in flight at
+#: once (the default path: concurrent ``enqueue`` / ``_store_request``).
+ENQUEUE_WINDOW = 256
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+async def _windowed(
+    one: Callable[[_T], Awaitable[_R]], items: list[_T]
+) -> list[_R | BaseException]:
+    """``one(item)`` for every item, in list order, at most
+    :data:`ENQUEUE_WINDOW` in flight; one result or error per item."""
+    results: list[_R | BaseException] = []
+    for start in range(0, len(items), ENQUEUE_WINDOW):
+        chunk = items[start : start + ENQUEUE_WINDOW]
+        results += await asyncio.gather(*(one(item) for item in chunk), return_exceptions=True)
+    return results
 
 
 def _stored_or_raise(results: Iterable[WorkRequest | BaseException]) -> list[WorkRequest]:
@@ -224,8 +244,9 @@ class RequestQueue(ABC):
         (at-least-once, as a retried :meth:`enqueue`; handlers dedupe by
         ``request_id``). ``memory://`` and ``sqlite://`` store the call in
         one step (all or nothing, in list order); other backends send the
-        requests concurrently, as concurrent :meth:`enqueue` calls would be,
-        with no order among them.
+        requests concurrently, as concurrent :meth:`enqueue` calls would be
+        (at most 256 in flight, so a call of any size is fine), with no
+        order among them.
 
         For backends: the template stamps and encodes, then hands the pairs
         to :meth:`_store_requests` (default: :meth:`_store_request` for
@@ -249,10 +270,7 @@ class RequestQueue(ABC):
             and cls._store_requests is RequestQueue._store_requests
         ):
             self._encode_all(items)  # refused before any is stored, as below
-            results = await asyncio.gather(
-                *(self.enqueue(item) for item in items), return_exceptions=True
-            )
-            return _stored_or_raise(results)
+            return _stored_or_raise(await _windowed(self.enqueue, items))
         self._check_open()
         now = utcnow()
         stamped = [
@@ -274,12 +292,12 @@ class RequestQueue(ABC):
     async def _store_requests(self, requests: list[WorkRequest], bodies: list[bytes]) -> None:
         """Store many encoded requests durably (backend hook of
         :meth:`enqueue_many`; ``bodies[i]`` is ``requests[i]`` encoded).
-        The default stores each with :meth:`_store_request`, concurrently,
-        and raises the first error once all have ended."""
-        results = await asyncio.gather(
-            *(self._store_request(r, b) for r, b in zip(requests, bodies, strict=True)),
-            return_exceptions=True,
-        )
+        The default stores each with :meth:`_store_request`, at most
+        :data:`ENQUEUE_WINDOW` at a time (a call of 100,000 requests must not
+        put 100,000 sends in flight at once: client queues have limits), and
+        raises the first error once all have ended."""
+        pairs = list(zip(requests, bodies, strict=True))
+        results = await _windowed(lambda pair: self._store_request(*pair), pairs)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
