@@ -58,13 +58,22 @@ _R = TypeVar("_R")
 async def _windowed(
     one: Callable[[_T], Awaitable[_R]], items: list[_T]
 ) -> list[_R | BaseException]:
-    """``one(item)`` for every item, in list order, at most
-    :data:`ENQUEUE_WINDOW` in flight; one result or error per item."""
-    results: list[_R | BaseException] = []
-    for start in range(0, len(items), ENQUEUE_WINDOW):
-        chunk = items[start : start + ENQUEUE_WINDOW]
-        results += await asyncio.gather(*(one(item) for item in chunk), return_exceptions=True)
-    return results
+    """``one(item)`` for every item, started in list order, at most
+    :data:`ENQUEUE_WINDOW` in flight (a sliding window: the next starts as
+    soon as one ends); one result or error per item, in order."""
+    results: list[_R | BaseException | None] = [None] * len(items)
+    indexes = iter(range(len(items)))
+
+    async def worker() -> None:
+        for i in indexes:
+            try:
+                results[i] = await one(items[i])
+            except Exception as exc:
+                results[i] = exc
+
+    workers = min(ENQUEUE_WINDOW, len(items))
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return results  # type: ignore[return-value]
 
 
 def _stored_or_raise(results: Iterable[WorkRequest | BaseException]) -> list[WorkRequest]:
