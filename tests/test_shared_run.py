@@ -91,3 +91,45 @@ async def test_aclose_cancels_a_read_in_progress() -> None:
     await run.aclose()
     with pytest.raises(asyncio.CancelledError):
         await caller
+
+
+async def test_in_flight_runs_once_for_concurrent_callers_and_survives_a_cancelled_one() -> None:
+    from transport.kit import InFlight
+
+    runs: list[str] = []
+    release = asyncio.Event()
+
+    async def create(key: str) -> None:
+        runs.append(key)
+        await release.wait()
+
+    in_flight: InFlight[str] = InFlight()
+    callers = [asyncio.create_task(in_flight.run("a", lambda: create("a"))) for _ in range(50)]
+    other = asyncio.create_task(in_flight.run("b", lambda: create("b")))
+    await asyncio.sleep(0)  # every caller joins before the run can end
+    callers[0].cancel()
+    release.set()
+    results = await asyncio.gather(*callers, other, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert results[1:] == [None] * 50
+    assert sorted(runs) == ["a", "b"], runs  # one run per key, the cancelled caller did not stop it
+
+
+async def test_in_flight_gives_the_error_to_every_caller_and_runs_again_after() -> None:
+    from transport.kit import InFlight
+
+    attempts = 0
+
+    async def failing() -> None:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(0)
+        raise RuntimeError(f"attempt {attempts}")
+
+    in_flight: InFlight[str] = InFlight()
+    results = await asyncio.gather(
+        *(in_flight.run("k", failing) for _ in range(5)), return_exceptions=True
+    )
+    assert [str(r) for r in results] == ["attempt 1"] * 5
+    with pytest.raises(RuntimeError, match="attempt 2"):
+        await in_flight.run("k", failing)

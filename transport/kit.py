@@ -40,7 +40,8 @@ What is here, by concern:
   (acks of a batch one by one, and its results or first error: for the
   deliveries a native ``ack_many`` does not settle itself), :class:`SharedRun` (one run of an operation
   shared by concurrent callers that need a result taken after their call
-  began), :func:`retrieve` (a done callback that marks a future's exception
+  began), :class:`InFlight` (at most one run of an operation per key,
+  joined by the callers that ask while it runs), :func:`retrieve` (a done callback that marks a future's exception
   retrieved), :func:`wait_within` (``asyncio.wait_for`` without its
   Python 3.11 race that loses a cancellation), :class:`AtExit` (objects
   to settle within a time bound when a program ends without ``aclose()``),
@@ -59,7 +60,7 @@ from __future__ import annotations
 
 from transport._ops.logging import ClientLog
 from transport._runtime.atexit import AtExit
-from transport._runtime.shared import SharedRun, retrieve, wait_within
+from transport._runtime.shared import InFlight, SharedRun, retrieve, wait_within
 from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
@@ -90,6 +91,7 @@ __all__ = [
     "AtExit",
     "ClientLog",
     "DoctorFinding",
+    "InFlight",
     "ObjectKind",
     "ProvisionPlan",
     "RequestCodec",

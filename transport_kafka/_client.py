@@ -51,7 +51,7 @@ from tenacity import (
 )
 
 from transport.errors import ClosedResourceError, ConfigurationError, TransientTransportError
-from transport.kit import ClientLog, RequestCodec, SharedRun, wait_within
+from transport.kit import ClientLog, InFlight, RequestCodec, SharedRun, wait_within
 from transport_kafka._config import KafkaSettings
 from transport_kafka._errors import error_from_kafka, map_kafka_errors
 from transport_kafka._topics import TopicSpec, TopicState, check_topic, describe_topics
@@ -392,6 +392,8 @@ class KafkaClients:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._topics: set[str] = set()  # created or checked (see ensure_topics)
+        # In-flight creations and checks, shared by concurrent callers.
+        self._ensuring: InFlight[frozenset[str]] = InFlight()
         self._warned: set[str] = set()  # warnings about existing topics, once each
         self._closed = False
         self._reports: _Reports | None = None
@@ -572,12 +574,23 @@ class KafkaClients:
         spec, once per transport (:func:`~transport_kafka._topics.check_topic`).
         Retries transient failures.
 
+        Concurrent callers that find the same topics missing share one
+        creation and check (a burst of 20,000 first enqueues on a new queue
+        made 20,000 of them, and most timed out behind each other on the
+        client's thread pool); a caller cancelled does not cancel it for
+        the others.
+
         Raises: ConfigurationError naming an existing topic that would break a
-        guarantee (checked again at the next call, so a fixed topic is used).
+        guarantee (checked again at the next call, so a fixed topic is used);
+        TransientTransportError.
         """
         missing = [s for s in specs if s.name not in self._topics]
         if not missing:
             return
+        names = frozenset(s.name for s in missing)
+        await self._ensuring.run(names, lambda: self._create_or_check(missing))
+
+    async def _create_or_check(self, missing: Sequence[TopicSpec]) -> None:
         found: dict[str, TopicState] = {}
         # All attempts together take at most the operation timeout: this is
         # the first broker call of most operations, and an unreachable

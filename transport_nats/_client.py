@@ -22,6 +22,7 @@ from nats.js.api import StreamConfig
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError
+from transport.kit import InFlight
 from transport_nats._config import NatsOptions
 from transport_nats._errors import map_nats_errors
 
@@ -128,6 +129,7 @@ class NatsContext:
 
     __slots__ = (
         "_ensured_streams",
+        "_ensuring",
         "_reconnect_listeners",
         "check_open",
         "config",
@@ -159,6 +161,8 @@ class NatsContext:
         self.jetstream_error: ConfigurationError | None = None
         self._reconnect_listeners: set[Callable[[], None]] = set()
         self._ensured_streams: set[str] = set()
+        # Stream creations in flight, shared by concurrent callers.
+        self._ensuring: InFlight[str] = InFlight()
         # Last nack error per (stream, sequence), so a request whose final
         # lease expires in this process is dead-lettered with it.
         self.last_errors: OrderedDict[tuple[str, int], str] = OrderedDict()
@@ -196,10 +200,21 @@ class NatsContext:
         return self.jetstream
 
     async def ensure_stream(self, config: StreamConfig) -> None:
-        """Create the stream, or update it if it exists with other settings."""
+        """Create the stream, or update it if it exists with other settings.
+
+        Concurrent callers share one creation of a stream (a burst of 20,000
+        first enqueues on a new queue made 20,000 requests to the server,
+        and most timed out behind each other); a caller cancelled does not
+        cancel it for the others.
+        Raises: TransientTransportError, PermanentTransportError.
+        """
         assert config.name is not None
         if config.name in self._ensured_streams:
             return
+        await self._ensuring.run(config.name, lambda: self._create_stream(config))
+
+    async def _create_stream(self, config: StreamConfig) -> None:
+        assert config.name is not None
         with map_nats_errors(f"creating stream {config.name}"):
             try:
                 await self.js.add_stream(config)

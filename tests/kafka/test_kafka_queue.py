@@ -177,6 +177,34 @@ async def test_bounded_buffer_pauses_and_resumes(kafka_config_factory: Any) -> N
         await transport.aclose()
 
 
+async def test_a_burst_of_first_enqueues_creates_the_topics_once(
+    kafka_config_factory: Any,
+) -> None:
+    """Concurrent first enqueues on a new queue share one creation and
+    check of its topics (each made its own before: 20,000 of them timed out
+    behind each other on the client's thread pool)."""
+    transport = await connect(kafka_config_factory())
+    assert isinstance(transport, KafkaTransport)
+    clients = transport.clients
+    calls: list[list[str]] = []
+    create = clients._create_topics
+
+    def counted(specs: Any, limit: float) -> Any:
+        calls.append(sorted(s.name for s in specs))
+        return create(specs, limit)
+
+    clients._create_topics = counted  # type: ignore[method-assign]
+    try:
+        queue = transport.request_queue(_name())
+        stored = await asyncio.gather(
+            *(queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(300))
+        )
+        assert len({r.request_id for r in stored}) == 300
+        assert len(calls) == 1, f"{len(calls)} creations for one queue's topics"
+    finally:
+        await transport.aclose()
+
+
 async def test_topics_and_group_follow_the_documented_names(kafka_config_factory: Any) -> None:
     transport = await connect(kafka_config_factory(namespace="acme", consumer_group="cooks"))
     assert isinstance(transport, KafkaTransport)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +73,32 @@ async def test_poll_zero_is_prompt(transport: Transport, queue_name: str) -> Non
     assert time.monotonic() - started < 0.5
     assert delivery is not None and delivery.request.request_id == sent.request_id
     assert await delivery.ack()
+
+
+async def test_a_burst_of_first_enqueues_creates_the_streams_once(
+    transport: Transport, queue_name: str
+) -> None:
+    """Concurrent first enqueues on a new queue share one creation of each
+    stream (each made its own before: of 20,000, most timed out)."""
+    assert isinstance(transport, NatsTransport)
+    js = transport.ctx.js
+    created: list[str] = []
+    add_stream = js.add_stream
+
+    async def counted(config: Any = None, **params: Any) -> Any:
+        created.append(config.name)
+        return await add_stream(config, **params)
+
+    js.add_stream = counted  # type: ignore[method-assign]
+    queue = transport.request_queue(queue_name)
+    stored = await asyncio.gather(
+        *(queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(300))
+    )
+    assert len({r.request_id for r in stored}) == 300
+    assert len(created) == len(set(created)), (
+        f"{len(created)} creations of {len(set(created))} streams"
+    )
+    assert (await queue.stats()).depth == 300
 
 
 async def test_retried_enqueue_is_stored_once(transport: Transport, queue_name: str) -> None:

@@ -7,9 +7,45 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["SharedRun", "retrieve", "wait_within"]
+__all__ = ["InFlight", "SharedRun", "retrieve", "wait_within"]
 
 T = TypeVar("T")
+K = TypeVar("K")
+
+
+class InFlight(Generic[K]):
+    """At most one run of an operation per key at a time, shared by the
+    callers that ask for it while it runs (creating a topic or a stream
+    that a burst of first calls all find missing). A caller cancelled does
+    not cancel the run for the others; a run's error reaches every caller
+    that waited for it, and the next call after it starts a new run.
+    Keyed per event loop too: a run belongs to the loop that started it.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[asyncio.AbstractEventLoop, K], asyncio.Task[None]] = {}
+
+    async def run(self, key: K, fn: Callable[[], Awaitable[None]]) -> None:
+        """Join the run for ``key`` in progress, or start ``fn()`` as it."""
+        loop = asyncio.get_running_loop()
+        slot = (loop, key)
+        task = self._runs.get(slot)
+        if task is None:
+
+            async def run_fn() -> None:
+                await fn()
+
+            task = loop.create_task(run_fn())
+            self._runs[slot] = task
+            task.add_done_callback(lambda done: self._finished(slot, done))
+        await asyncio.shield(task)
+
+    def _finished(
+        self, slot: tuple[asyncio.AbstractEventLoop, K], task: asyncio.Task[None]
+    ) -> None:
+        if self._runs.get(slot) is task:
+            del self._runs[slot]
+        retrieve(task)  # every caller waiting for it got its error
 
 
 class SharedRun(Generic[T]):
