@@ -358,8 +358,13 @@ class RequestQueueConformance:
     async def test_ack_many_settles_a_delivery_of_another_queue_by_its_own_ack(
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:
-        first = self.open_queue(transport, queue_name)
-        second = self.open_queue(transport, f"{queue_name}o")
+        # ``mine`` is held while the second queue's consumer joins, which can
+        # outlast a short lease on a loaded machine (a Pulsar subscribe there
+        # once took over 10 s): with a lease this long, an ack of False can
+        # only mean a wrong ack, not an expired lease.
+        lease = harness.scaled(60)
+        first = self.open_queue(transport, queue_name, lease_seconds=lease)
+        second = self.open_queue(transport, f"{queue_name}o", lease_seconds=lease)
         [one] = await enqueue_all(first, make_requests(1))
         [two] = await enqueue_all(second, make_requests(1))
         mine = await first.poll(harness.scaled(15))
