@@ -1,6 +1,6 @@
 """RequestQueue.enqueue_many's default path (the one third-party backends
-and Kafka, NATS, Pulsar and Redis use): bounded in flight, every store
-attempted, the first error raised once all have ended."""
+and Kafka, NATS, Pulsar and Redis use): bounded in flight, no store started
+after a failure, the first error raised once those in flight have ended."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ class _DefaultPath(MemoryRequestQueue):
     in_flight = 0
     most = 0
     fail_task: str | None = None
+    started = 0
 
     async def _store_request(self, request: WorkRequest, body: bytes) -> None:
         cls = type(self)
+        cls.started += 1
         cls.in_flight += 1
         cls.most = max(cls.most, cls.in_flight)
         try:
@@ -43,7 +45,7 @@ async def _default_path_queue(name: str) -> _DefaultPath:
     inner = plain.inner if hasattr(plain, "inner") else plain
     assert isinstance(inner, MemoryRequestQueue)
     inner.__class__ = _DefaultPath
-    _DefaultPath.in_flight = _DefaultPath.most = 0
+    _DefaultPath.in_flight = _DefaultPath.most = _DefaultPath.started = 0
     _DefaultPath.fail_task = None
     return inner  # type: ignore[return-value]
 
@@ -68,3 +70,15 @@ async def test_every_store_is_attempted_and_the_first_error_raised_after() -> No
     assert _DefaultPath.in_flight == 0, "raised before every store had ended"
     got = await queue.poll_many(10, 1)
     assert sorted(d.request.payload for d in got) == [0, 1, 2, 3, 4]
+
+
+async def test_after_a_failure_no_further_store_starts() -> None:
+    """A broker that is down fails every store after its timeout: a call of
+    many windows must wait out one timeout, not one per window."""
+    queue = await _default_path_queue("em-stop")
+    _DefaultPath.fail_task = "t"
+    count = 4 * ENQUEUE_WINDOW
+    with pytest.raises(TransientTransportError):
+        await queue.enqueue_many(WorkRequest(task="t", payload=i) for i in range(count))
+    assert _DefaultPath.started <= 2 * ENQUEUE_WINDOW, _DefaultPath.started
+    assert _DefaultPath.in_flight == 0

@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 
 from transport._spi.models import DeadLetter, QueueStats, WorkRequest, utcnow
 from transport._spi.naming import validate_name
-from transport._spi.queue import Delivery, RequestQueue, seconds
+from transport._spi.queue import Delivery, RequestQueue, seconds, work_requests
 from transport.errors import ClosedResourceError
 
 __all__ = ["AgingPolicy", "PriorityRequestQueue"]
@@ -128,8 +128,7 @@ class PriorityRequestQueue(RequestQueue):
         if self._closed:
             raise ClosedResourceError(f"priority queue {self.name!r} is closed")
         level = request.priority if priority is None else priority
-        if not isinstance(level, int) or not 0 <= level < self.levels:
-            raise ValueError(f"priority must be in 0..{self.levels - 1}, got {level!r}")
+        self._check_level(level)
         if request.priority != level:
             request = request.model_copy(update={"priority": level})
         return await self._queues[level].enqueue(request)
@@ -147,15 +146,16 @@ class PriorityRequestQueue(RequestQueue):
         """
         if self._closed:
             raise ClosedResourceError(f"priority queue {self.name!r} is closed")
-        items = list(requests)
-        for item in items:
-            if not isinstance(item, WorkRequest):
-                raise TypeError(f"enqueue_many takes WorkRequest items, got {type(item).__name__}")
-        self._encode_all(items)
+        items = work_requests(requests)
         by_level: dict[int, list[int]] = {}
         for i, item in enumerate(items):
+            self._check_level(item.priority)
             by_level.setdefault(item.priority, []).append(i)
         levels = list(by_level)
+        if len(levels) > 1:
+            # One level's enqueue_many checks its share before storing any;
+            # across levels, everything is checked here first.
+            self._encode_all(items)
         results = await asyncio.gather(
             *(self._queues[lv].enqueue_many([items[i] for i in by_level[lv]]) for lv in levels),
             return_exceptions=True,
@@ -173,11 +173,13 @@ class PriorityRequestQueue(RequestQueue):
         range raises ValueError (before anything is stored)."""
         out: list[bytes] = []
         for request in requests:
-            level = request.priority
-            if not 0 <= level < self.levels:
-                raise ValueError(f"priority must be in 0..{self.levels - 1}, got {level!r}")
-            out += self._queues[level]._encode_all([request])
+            self._check_level(request.priority)
+            out += self._queues[request.priority]._encode_all([request])
         return out
+
+    def _check_level(self, level: int) -> None:
+        if not isinstance(level, int) or not 0 <= level < self.levels:
+            raise ValueError(f"priority must be in 0..{self.levels - 1}, got {level!r}")
 
     async def poll(self, timeout: float | None = None) -> Delivery | None:
         """Lease the request with the best effective level (see module doc).

@@ -39,12 +39,7 @@ async def ack_each(deliveries: Iterable[Delivery]) -> list[bool | BaseException]
 def acked_or_raise(results: Iterable[bool | BaseException]) -> list[bool]:
     """The results of an ``ack_many``: the first error raised, once every
     ack was attempted; else the booleans."""
-    out: list[bool] = []
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-        out.append(bool(result))
-    return out
+    return [bool(result) for result in _results_or_raise(results)]
 
 
 #: At most this many stores of one ``enqueue_many`` call are in flight at
@@ -58,31 +53,51 @@ _R = TypeVar("_R")
 async def _windowed(
     one: Callable[[_T], Awaitable[_R]], items: list[_T]
 ) -> list[_R | BaseException]:
-    """``one(item)`` for every item, started in list order, at most
+    """``one(item)`` for the items, started in list order, at most
     :data:`ENQUEUE_WINDOW` in flight (a sliding window: the next starts as
-    soon as one ends); one result or error per item, in order."""
+    soon as one ends); one result or error per item started, in order.
+    Once one has failed no further item starts (those in flight end), so a
+    broker that is down costs one timeout, not one per window of items;
+    the items not started come after every error in the list."""
     results: list[_R | BaseException | None] = [None] * len(items)
     indexes = iter(range(len(items)))
+    failed = False
 
     async def worker() -> None:
+        nonlocal failed
         for i in indexes:
+            if failed:
+                return
             try:
                 results[i] = await one(items[i])
             except Exception as exc:
                 results[i] = exc
+                failed = True
 
     workers = min(ENQUEUE_WINDOW, len(items))
     await asyncio.gather(*(worker() for _ in range(workers)))
     return results  # type: ignore[return-value]
 
 
-def _stored_or_raise(results: Iterable[WorkRequest | BaseException]) -> list[WorkRequest]:
-    out: list[WorkRequest] = []
+def _results_or_raise(results: Iterable[_R | BaseException]) -> list[_R]:
+    """The results of a batch whose every item was attempted: the first
+    error raised, else the results in order."""
+    out: list[_R] = []
     for result in results:
         if isinstance(result, BaseException):
             raise result
         out.append(result)
     return out
+
+
+def work_requests(requests: Iterable[WorkRequest]) -> list[WorkRequest]:
+    """``requests`` as a list. Raises: TypeError for an item that is not a
+    ``WorkRequest`` (``enqueue_many``'s argument check)."""
+    items = list(requests)
+    for item in items:
+        if not isinstance(item, WorkRequest):
+            raise TypeError(f"enqueue_many takes WorkRequest items, got {type(item).__name__}")
+    return items
 
 
 def seconds(value: float | timedelta | None) -> float | None:
@@ -247,8 +262,10 @@ class RequestQueue(ABC):
         :meth:`enqueue`. Every request is stamped and encoded before any is
         stored, so one that is too large or not JSON raises
         ``PayloadTooLargeError`` / ``PermanentTransportError`` with nothing
-        stored. Then every store is attempted, and the first error is raised
-        once all have ended: after a broker error some requests may be
+        stored. Then the requests are stored; once one store has failed no
+        further one starts, and the first error is raised once those in
+        flight have ended (a broker that is down costs one timeout, not one
+        per request): after a broker error some requests may be
         stored, so a retry of the whole call may store those twice
         (at-least-once, as a retried :meth:`enqueue`; handlers dedupe by
         ``request_id``). ``memory://`` and ``sqlite://`` store the call in
@@ -262,14 +279,11 @@ class RequestQueue(ABC):
         each, concurrently); a backend that stores many in one step
         overrides that hook. A class that overrides :meth:`enqueue` whole
         (a wrapper) gets each request enqueued by its own :meth:`enqueue`,
-        concurrently, the first error raised once all have ended.
+        concurrently, in the same window.
         Raises: TypeError for an item that is not a ``WorkRequest``; as
         :meth:`enqueue`.
         """
-        items = list(requests)
-        for item in items:
-            if not isinstance(item, WorkRequest):
-                raise TypeError(f"enqueue_many takes WorkRequest items, got {type(item).__name__}")
+        items = work_requests(requests)
         if not items:
             self._check_open()
             return []
@@ -279,7 +293,7 @@ class RequestQueue(ABC):
             and cls._store_requests is RequestQueue._store_requests
         ):
             self._encode_all(items)  # refused before any is stored, as below
-            return _stored_or_raise(await _windowed(self.enqueue, items))
+            return _results_or_raise(await _windowed(self.enqueue, items))
         self._check_open()
         now = utcnow()
         stamped = [
@@ -303,13 +317,11 @@ class RequestQueue(ABC):
         :meth:`enqueue_many`; ``bodies[i]`` is ``requests[i]`` encoded).
         The default stores each with :meth:`_store_request`, at most
         :data:`ENQUEUE_WINDOW` at a time (a call of 100,000 requests must not
-        put 100,000 sends in flight at once: client queues have limits), and
-        raises the first error once all have ended."""
+        put 100,000 sends in flight at once: client queues have limits),
+        starts none after a failure, and raises the first error once those
+        in flight have ended."""
         pairs = list(zip(requests, bodies, strict=True))
-        results = await _windowed(lambda pair: self._store_request(*pair), pairs)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        _results_or_raise(await _windowed(lambda pair: self._store_request(*pair), pairs))
 
     def _check_open(self) -> None:  # noqa: B027 - optional hook
         """Raise ``ClosedResourceError`` if this handle or its transport is
