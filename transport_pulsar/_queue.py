@@ -87,6 +87,7 @@ from transport.kit import (
     HEADER_NOT_BEFORE,
     HEADER_REQUEST_ID,
     LEGACY_ERROR_HEADERS,
+    InFlight,
     ack_each,
     acked_or_raise,
     decode_request,
@@ -254,6 +255,7 @@ class PulsarRequestQueue(RequestQueue):
         self._producer: AsyncProducer | None = None
         self._consumer: AsyncConsumer | None = None
         self._lock = asyncio.Lock()
+        self._creating: InFlight[str] = InFlight()
         # Leased and held-back messages by message id: after a reconnect the
         # broker dispatches every unacked message again, also to this
         # consumer; a copy of one we still hold is dropped, not handed out twice.
@@ -273,15 +275,21 @@ class PulsarRequestQueue(RequestQueue):
 
     # -- connections ---------------------------------------------------------
     async def _get_producer(self) -> AsyncProducer:
-        if self._producer is not None:
-            return self._producer
+        # Concurrent first enqueues share one creation: with the broker down,
+        # each used to wait out its own operation timeout behind the lock,
+        # one after the other (20 enqueues: over 200 s instead of 30 s).
+        if self._producer is None:
+            await self._creating.run("producer", self._create_producer)
+        assert self._producer is not None
+        return self._producer
+
+    async def _create_producer(self) -> None:
         async with self._lock:
             if self._producer is None:
                 await self._ctx.ensure_subscription(self.topic)
                 self._producer = await self._ctx.retrying(
                     lambda: self._client.create_producer(self.topic)
                 )
-            return self._producer
 
     async def _get_consumer(self) -> AsyncConsumer:
         if self._consumer is not None:

@@ -516,3 +516,29 @@ async def test_a_batch_cancelled_while_it_is_counted_loses_nothing(
         assert sorted(seen.values())[: taken[0]] == [1] * taken[0], seen
     finally:
         await t.aclose()
+
+
+async def test_concurrent_first_enqueues_to_a_broker_that_is_down_fail_within_one_timeout() -> None:
+    """They share one producer creation: each used to wait out its own
+    operation timeout behind the others (20 of them: over 200 s at 30 s)."""
+    from transport import TransientTransportError, TransportConfig, connect
+    from transport.testing.brokers import free_port
+
+    timeout = 2.0
+    config = TransportConfig(
+        url=f"pulsar://127.0.0.1:{free_port()}",
+        options={"operation_timeout_seconds": timeout},
+    )
+    transport = await connect(config)
+    try:
+        queue = transport.request_queue("down")
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(queue.enqueue(WorkRequest(task="t", payload=i)) for i in range(10)),
+            return_exceptions=True,
+        )
+        waited = time.monotonic() - started
+        assert all(isinstance(r, TransientTransportError) for r in results), results
+        assert waited < 4 * timeout, f"{waited:.1f} s for 10 enqueues (one after the other: 10 x)"
+    finally:
+        await transport.aclose()
