@@ -40,12 +40,21 @@ class DeliveryRegistryConformance:
         random.shuffle(order)
 
         async def complete_all() -> None:
-            for rid in order:
-                assert await worker.complete(rid, _response(rid))
+            for n, rid in enumerate(order):
+                assert await worker.complete(rid, _response(rid)), (
+                    f"complete({rid!r}) returned False after {n} completions: "
+                    "the second client did not find its registration"
+                )
 
-        completer = asyncio.create_task(complete_all())
-        results = await asyncio.gather(*(p.result(harness.scaled(30)) for p in pending))
-        await completer
+        # A completion that fails (False or an error) fails the test at once,
+        # saying so, instead of leaving the collectors to time out.
+        completer = asyncio.ensure_future(complete_all())
+        collecting = asyncio.gather(*(p.result(harness.scaled(30)) for p in pending))
+        try:
+            results, _ = await asyncio.gather(collecting, completer)
+        finally:
+            collecting.cancel()
+            completer.cancel()
         assert [r.request_id for r in results] == ids
         assert all(r.result == {"for": r.request_id} for r in results)
 
