@@ -152,6 +152,112 @@ async def test_stored_requests_survive_a_restart_of_the_outbox(
     assert delivery is not None and delivery.request.request_id == request.request_id
 
 
+class Recording(Outage):
+    """A reachable queue that records every enqueue; after ``fail_after``
+    of them it fails ``failures`` times (transiently), and with ``hold``
+    set it blocks the enqueue after ``hold_after`` of them until released."""
+
+    def __init__(self, inner: RequestQueue, *, fail_after: int = -1, failures: int = 0) -> None:
+        super().__init__(inner)
+        self.down = False
+        self.fail_after = fail_after
+        self.failures = failures
+        self.sent: list[str] = []
+        self.hold_after: int | None = None
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        if len(self.sent) == self.fail_after and self.failures > 0:
+            self.failures -= 1
+            raise TransientTransportError("broker unreachable (simulated)")
+        if self.hold_after is not None and len(self.sent) == self.hold_after:
+            self.holding.set()
+            await self.release.wait()
+        self.sent.append(request.request_id)
+        return await self.inner.enqueue(request)
+
+
+async def _stored_while_down(transport: Transport, path: Path, queue: str, n: int) -> list[str]:
+    """``n`` requests stored in the outbox file at ``path`` by an outbox
+    whose broker never answered (nothing sent)."""
+    stuck = Outage(transport.request_queue(queue))
+    stuck.failed_while_down = -(10**9)
+    first = Outbox(transport, path, retry_wait=wait_fixed(10), queue_factory=lambda n, lv: stuck)
+    async with first:
+        stored = [await first.enqueue(queue, WorkRequest(task="t", payload=i)) for i in range(n)]
+    return [r.request_id for r in stored]
+
+
+async def test_the_drainer_deletes_what_it_sent_in_batches(
+    transport: Transport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The head of the line is read DRAIN_BATCH rows at a time; those sent
+    # are deleted in one write, not one write (and fsync) per row.
+    from transport._runtime import outbox as outbox_module
+
+    path = tmp_path / "outbox.db"
+    ids = await _stored_while_down(transport, path, "batched", 150)
+    deletes: list[int] = []
+    original = Outbox._delete
+
+    def counted(conn: sqlite3.Connection, ids: list[int]) -> None:
+        deletes.append(len(ids))
+        original(conn, ids)
+
+    monkeypatch.setattr(Outbox, "_delete", staticmethod(counted))
+    recording = Recording(transport.request_queue("batched"))
+    second = Outbox(transport, path, queue_factory=lambda n, lv: recording)
+    async with second:
+        await second.flush(timeout=30)
+    assert recording.sent == ids
+    assert (
+        deletes
+        == [64, 64, 22]
+        == [min(outbox_module.DRAIN_BATCH, 150 - i) for i in range(0, 150, 64)]
+    )
+
+
+async def test_a_failure_in_the_middle_of_a_batch_sends_nothing_twice(
+    transport: Transport, tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.db"
+    ids = await _stored_while_down(transport, path, "midway", 40)
+    recording = Recording(transport.request_queue("midway"), fail_after=25, failures=3)
+    second = Outbox(
+        transport, path, retry_wait=wait_fixed(0.01), queue_factory=lambda n, lv: recording
+    )
+    async with second:
+        await second.flush(timeout=30)
+    assert recording.failures == 0
+    # The 25 sent before the failure were not sent again after it.
+    assert recording.sent == ids
+
+
+async def test_a_close_while_sending_sends_nothing_twice(
+    transport: Transport, tmp_path: Path
+) -> None:
+    path = tmp_path / "outbox.db"
+    ids = await _stored_while_down(transport, path, "closing", 20)
+    recording = Recording(transport.request_queue("closing"))
+    recording.hold_after = 7
+    second = Outbox(transport, path, queue_factory=lambda n, lv: recording)
+    await second.start()
+    await asyncio.wait_for(recording.holding.wait(), 30)
+    await second.aclose()  # cancels the drainer inside the 8th send
+    assert recording.sent == ids[:7]
+    again = Recording(transport.request_queue("closing"))
+    async with Outbox(transport, path, queue_factory=lambda n, lv: again) as third:
+        await third.flush(timeout=30)
+    assert again.sent == ids[7:], "the rows sent before the close were sent again"
+    received = []
+    queue = transport.request_queue("closing")
+    while (delivery := await queue.poll(0.5)) is not None:
+        received.append(delivery.request.request_id)
+        await delivery.ack()
+    assert received == ids
+
+
 @pytest.mark.parametrize("levels", [3])
 async def test_outbox_feeds_priority_queues(
     transport: Transport, tmp_path: Path, levels: int

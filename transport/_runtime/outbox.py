@@ -14,7 +14,13 @@ forever, holding the line — an outage alone never dead-letters anything.
 Only definitive (permanent) failures count toward ``max_attempts`` (3), after
 which the request moves to the outbox's dead-letter table and the line moves
 on (events and publishes alike: :meth:`Outbox.dead_events`). A request whose
-enqueue timed out may be sent twice (at-least-once). Dead letters stay in the
+enqueue timed out may be sent twice (at-least-once). The drainer reads the
+head of the line :data:`DRAIN_BATCH` rows at a time and sends them one after
+the other, each once the one before it was accepted; the rows sent are
+deleted from the file in one write when the batch ends, at its first failure,
+or when the outbox is closed (a clean close sends nothing twice), so a
+process killed meanwhile sends up to ``DRAIN_BATCH`` requests again on its
+next start (at-least-once; one write per row before). Dead letters stay in the
 file until they are requeued (:meth:`OutboxFile.requeue_dead`, or
 ``transport outbox FILE requeue``), which puts them at the end of the line.
 """
@@ -59,6 +65,10 @@ OUTAGE_LOG_INTERVAL = 30.0
 #: Seconds between two looks at the file while the line is empty, so that
 #: rows requeued by another process (``transport outbox FILE requeue``) go out.
 IDLE_CHECK_INTERVAL = 1.0
+#: Rows the drainer reads from the head of the line at a time. They are sent
+#: one after the other as before; those sent are deleted in one write (a
+#: process killed meanwhile sends them again: at most this many duplicates).
+DRAIN_BATCH = 64
 
 Kind = Literal["request", "event", "publish"]
 
@@ -507,13 +517,14 @@ class Outbox:
 
     async def _drain(self) -> None:
         while True:
-            head = await self._store.read(
+            rows = await self._store.read(
                 lambda c: c.execute(
                     "SELECT id, queue, levels, body, attempts, register, kind FROM outbox"
-                    " ORDER BY id LIMIT 1"
-                ).fetchone()
+                    " ORDER BY id LIMIT ?",
+                    (DRAIN_BATCH,),
+                ).fetchall()
             )
-            if head is None:
+            if not rows:
                 self._empty.set()
                 self._wake.clear()
                 # Woken by a store of this process, or a look at the file
@@ -522,58 +533,84 @@ class Outbox:
                     async with asyncio.timeout(IDLE_CHECK_INTERVAL):
                         await self._wake.wait()
                 continue
-            row_id, queue_name, levels, body, _attempts, register, kind = head
-            try:
-                if kind != "request":
-                    await self._send_event(kind, queue_name, decode(_Stored, body))
-                    self._outage_over()
-                    await self._store.write(functools.partial(self._delete, row_id=row_id))
-                    continue
-                request = decode(WorkRequest, body)
-                if register and request.reply_to is not None:
-                    registry = self._registries.get(request.reply_to)
-                    if registry is None:
-                        registry = self.transport.delivery_registry(request.reply_to)
-                        self._registries[request.reply_to] = registry
-                    await registry.register(request.request_id)
-                queue = self._queues.get((queue_name, levels))
-                if queue is None:
-                    queue = self._queues[(queue_name, levels)] = self._factory(queue_name, levels)
-                if isinstance(queue, PriorityRequestQueue):
-                    await queue.enqueue(request, priority=min(request.priority, queue.levels - 1))
-                else:
-                    await queue.enqueue(request)
-            except TransientTransportError as exc:
-                # Hold the line (FIFO) and retry; an outage never counts.
-                self.outage_failures += 1
-                pause = self._pause(self.outage_failures)
-                self._log_outage(exc, pause)
-                await asyncio.sleep(pause)
-                continue
-            except ClosedResourceError:
-                log.warning(
-                    "outbox: the transport was closed; draining stops (requests stay stored)"
-                )
+            if not await self._send_rows(rows):
                 return
-            except (PermanentTransportError, ValueError) as exc:
-                self._outage_over()
-                await self._store.write(
-                    functools.partial(self._definitive_failure, row_id=row_id, error=str(exc))
-                )
-                continue
-            except Exception as exc:  # not an outage: counts like a definitive failure
-                log.exception("outbox: sending a request to %s failed", queue_name)
-                self._outage_over()
-                await self._store.write(
-                    functools.partial(
-                        self._definitive_failure,
-                        row_id=row_id,
-                        error=f"{type(exc).__name__}: {exc}",
+
+    async def _send_rows(self, rows: list[tuple[Any, ...]]) -> bool:
+        """Send ``rows`` (the head of the line) one after the other, each
+        once the one before it was accepted, and delete those sent in one
+        write (also when cancelled: a clean close sends nothing twice). At
+        the first failure the rest wait: a transient one pauses, a
+        definitive one is counted against its row, and the line is read
+        again from its head. ``False``: the transport was closed."""
+        sent: list[int] = []
+        try:
+            for row in rows:
+                row_id, queue_name, levels, body, _attempts, register, kind = row
+                try:
+                    await self._send_row(queue_name, levels, body, register, kind)
+                except TransientTransportError as exc:
+                    # Hold the line (FIFO) and retry; an outage never counts.
+                    self.outage_failures += 1
+                    pause = self._pause(self.outage_failures)
+                    self._log_outage(exc, pause)
+                    await self._delete_sent(sent)
+                    await asyncio.sleep(pause)
+                    return True
+                except ClosedResourceError:
+                    log.warning(
+                        "outbox: the transport was closed; draining stops (requests stay stored)"
                     )
+                    return False
+                except (PermanentTransportError, ValueError) as exc:
+                    error = str(exc)
+                except Exception as exc:  # not an outage: counts like a definitive failure
+                    log.exception("outbox: sending a request to %s failed", queue_name)
+                    error = f"{type(exc).__name__}: {exc}"
+                else:
+                    self._outage_over()
+                    sent.append(row_id)
+                    continue
+                self._outage_over()
+                await self._delete_sent(sent)
+                await self._store.write(
+                    functools.partial(self._definitive_failure, row_id=row_id, error=error)
                 )
-                continue
-            self._outage_over()
-            await self._store.write(functools.partial(self._delete, row_id=row_id))
+                return True
+        finally:
+            if sent:
+                # Sent rows are deleted even by a cancelled drainer (the
+                # write is shielded; a close waits for the drainer).
+                await asyncio.shield(self._store.write(functools.partial(self._delete, ids=sent)))
+        return True
+
+    async def _delete_sent(self, sent: list[int]) -> None:
+        if sent:
+            ids = sent[:]
+            sent.clear()
+            await self._store.write(functools.partial(self._delete, ids=ids))
+
+    async def _send_row(
+        self, queue_name: str, levels: int, body: bytes, register: int, kind: str
+    ) -> None:
+        """Send one stored row to its destination; raises as that does."""
+        if kind != "request":
+            await self._send_event(kind, queue_name, decode(_Stored, body))
+            return
+        request = decode(WorkRequest, body)
+        if register and request.reply_to is not None:
+            registry = self._registries.get(request.reply_to)
+            if registry is None:
+                registry = self.transport.delivery_registry(request.reply_to)
+                self._registries[request.reply_to] = registry
+            await registry.register(request.request_id)
+        queue = self._queues.get((queue_name, levels))
+        if queue is None:
+            queue = self._queues[(queue_name, levels)] = self._factory(queue_name, levels)
+        if isinstance(queue, PriorityRequestQueue):
+            await queue.enqueue(request, priority=min(request.priority, queue.levels - 1))
+        else:
+            await queue.enqueue(request)
 
     async def _send_event(self, kind: str, target: str, event: _Stored) -> None:
         if kind == "event":
@@ -615,8 +652,8 @@ class Outbox:
         self.outage_failures = 0
 
     @staticmethod
-    def _delete(conn: sqlite3.Connection, row_id: int) -> None:
-        conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+    def _delete(conn: sqlite3.Connection, ids: list[int]) -> None:
+        conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     def _definitive_failure(self, conn: sqlite3.Connection, row_id: int, error: str) -> None:
         row = conn.execute(
