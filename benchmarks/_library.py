@@ -8,16 +8,20 @@ transport. The raw-client baselines stay in the backend modules.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from benchmarks._common import Row, rate, run_concurrently, throughput_row
 from transport import (
     Ensemble,
     Network,
+    Outbox,
     RequestQueue,
     TaskContext,
+    TransientTransportError,
     TransportConfig,
     WorkRequest,
     WorkResponse,
@@ -231,4 +235,52 @@ def ensemble_row(backend: str, requests_per_second: float) -> Row:
         "(informational)",
         "req/s",
         0.0,
+    )
+
+
+class _Unreachable(RequestQueue):
+    """A destination that is always down: the outbox stores and holds."""
+
+    name = "unreachable"
+    lease_seconds = 30.0
+    max_attempts = 5
+
+    async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        raise TransientTransportError("unreachable (benchmark)")
+
+
+async def outbox_drain(target: Target, n: int) -> float:
+    """Requests per second an :class:`~transport.Outbox` forwards: ``n``
+    requests stored while the destination was unreachable (untimed), then a
+    new outbox on the file, timed until ``flush()`` returns (every request
+    accepted by the queue)."""
+    transport = await connect(target)
+    try:
+        name = f"o{uuid.uuid4().hex[:8]}"
+        await transport.request_queue(name).enqueue(WorkRequest(task="warmup"))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "outbox.db"
+            async with Outbox(
+                transport, path, queue_factory=lambda queue, levels: _Unreachable()
+            ) as holding:
+                for request in requests(n):
+                    await holding.enqueue(name, request)
+            async with Outbox(transport, path) as outbox:
+                return await rate(n, lambda: outbox.flush(600))
+    finally:
+        await transport.aclose()
+
+
+def outbox_rows(backend: str, drained: list[float], sequential: list[float]) -> Row:
+    """The outbox's forwarding rate against one ``enqueue`` after the other
+    (what a line that sends each request once the one before it was
+    accepted can reach on this backend; informational)."""
+    return throughput_row(
+        backend,
+        "outbox drain",
+        drained,
+        sequential,
+        "one enqueue after the other, awaited (the outbox's FIFO sending; informational)",
+        None,
+        unit="req/s",
     )

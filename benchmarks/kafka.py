@@ -506,6 +506,15 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 None,
             )
         )
+        drain = max(sizes.enqueue // 10, 500)
+        progress(f"kafka: outbox drain ({drain:,})")
+        bootstrap = await fresh()
+        a, b = await alternate(
+            lambda: library.outbox_drain(_config(bootstrap), drain),
+            lambda: library.enqueue(_config(bootstrap), drain, 1),
+            r,
+        )
+        rows.append(library.outbox_rows("kafka", a, b))
         progress("kafka: poll+ack")
         bootstrap = await fresh()
         a, b = await alternate(
