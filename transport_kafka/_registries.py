@@ -167,6 +167,8 @@ class _View:
         #: Per partition, the offset up to which ``data`` reflects it.
         self.positions: dict[int, int] = {}
         self.changed = asyncio.Event()
+        #: The last read error, until the next record or end of partition
+        #: (librdkafka reports a failed fetch and retries it).
         self.error: BaseException | None = None
 
 
@@ -241,11 +243,13 @@ class KafkaKeyedLog(KeyedLog):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._clients.timeout
         while any(view.positions.get(p, 0) < high for p, (_, high) in marks.items()):
-            if view.error is not None:
-                raise TransientTransportError(f"reading {self.topic}: {view.error}")
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TransientTransportError(f"reading {self.topic}: timed out catching up")
+                # The client retries a read that failed (a broker
+                # reconnecting, a fetch timing out): an error reported on
+                # the way is only the reason given here.
+                why = f" (last read error: {view.error})" if view.error is not None else ""
+                raise TransientTransportError(f"reading {self.topic}: timed out catching up{why}")
             event = view.changed
             with contextlib.suppress(TimeoutError):
                 await wait_within(event.wait(), min(remaining, 0.5))
@@ -298,6 +302,9 @@ class KafkaKeyedLog(KeyedLog):
                     view.positions[p] = max(view.positions.get(p, 0), offset)
                 else:
                     view.error = item
+                    log.debug("%s: read error (the client retries): %s", self.topic, item)
+                if kind != "error":
+                    view.error = None  # reading again
                 if tail.queue.empty():
                     view.changed.set()
                     view.changed = asyncio.Event()

@@ -86,3 +86,37 @@ async def test_watch_of_an_empty_log_is_caught_up_at_once(kafka_config_factory: 
         await log.aclose()
     finally:
         await transport.aclose()
+
+
+async def test_a_read_error_the_client_recovers_from_does_not_break_get(
+    kafka_config_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # librdkafka reports a failed fetch (a broker connection reset, a fetch
+    # timing out under load) as an error message and fetches again. One such
+    # report used to fail every later get() that had to wait for the view.
+    from confluent_kafka import KafkaError, KafkaException
+
+    from transport_kafka import _registries
+
+    tails: list[Any] = []
+    original = _registries._Tail.__init__
+
+    def remember(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        tails.append(self)
+
+    monkeypatch.setattr(_registries._Tail, "__init__", remember)
+    name = f"r{uuid.uuid4().hex[:8]}"
+    transport = await connect(kafka_config_factory())
+    assert isinstance(transport, KafkaTransport)
+    try:
+        log = transport._open_keyed_log("delivery", name)
+        await log.put("a", b"1")
+        assert await log.get("a") == b"1"
+        [tail] = tails  # the view behind get()
+        tail.queue.put_nowait(("error", KafkaException(KafkaError(KafkaError._TRANSPORT))))
+        for i in range(3):
+            await log.put("a", str(i).encode())
+            assert await log.get("a") == str(i).encode()
+    finally:
+        await transport.aclose()
