@@ -11,14 +11,18 @@ import asyncio
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from benchmarks._common import Row, rate, run_concurrently, throughput_row
 from transport import (
+    DeadLetter,
+    Delivery,
     Ensemble,
     Network,
     Outbox,
+    QueueStats,
     RequestQueue,
     TaskContext,
     TransientTransportError,
@@ -248,6 +252,21 @@ class _Unreachable(RequestQueue):
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         raise TransientTransportError("unreachable (benchmark)")
 
+    async def poll(self, timeout: float | None = None) -> Delivery | None:
+        raise TransientTransportError("unreachable (benchmark)")
+
+    async def stats(self) -> QueueStats:
+        raise TransientTransportError("unreachable (benchmark)")
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        raise TransientTransportError("unreachable (benchmark)")
+
+    async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
+        raise TransientTransportError("unreachable (benchmark)")
+
+    async def aclose(self) -> None:
+        return None
+
 
 async def outbox_drain(target: Target, n: int) -> float:
     """Requests per second an :class:`~transport.Outbox` forwards: ``n``
@@ -265,6 +284,8 @@ async def outbox_drain(target: Target, n: int) -> float:
             ) as holding:
                 for request in requests(n):
                     await holding.enqueue(name, request)
+                if await holding.depth() != n:
+                    raise RuntimeError("outbox drain: the requests were not all held")
             async with Outbox(transport, path) as outbox:
                 return await rate(n, lambda: outbox.flush(600))
     finally:

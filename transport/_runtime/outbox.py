@@ -585,10 +585,11 @@ class Outbox:
         return True
 
     async def _delete_sent(self, sent: list[int]) -> None:
+        """Delete the rows in ``sent`` (emptied), shielded from a close."""
         if sent:
             ids = sent[:]
             sent.clear()
-            await self._store.write(functools.partial(self._delete, ids=ids))
+            await asyncio.shield(self._store.write(functools.partial(self._delete, ids=ids)))
 
     async def _send_row(
         self, queue_name: str, levels: int, body: bytes, register: int, kind: str
