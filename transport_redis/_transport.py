@@ -70,6 +70,42 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+class FairConnectionPool(aioredis.BlockingConnectionPool):
+    """redis-py's blocking pool, handing connections out in the order they
+    were asked for.
+
+    With more concurrent commands than connections, redis-py's pool can
+    starve a waiter: a task that releases a connection and at once asks for
+    one again takes it back before the waiter it woke runs, so with 64
+    writers looping on a pool of 64 one of them failed with "No connection
+    available" after ``request_timeout`` while connections were released
+    every millisecond. A FIFO semaphore of ``max_connections`` permits,
+    taken before the pool and given back after it, queues the askers fairly;
+    the pool's own wait and timeout still apply.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(self.max_connections)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            await wait_within(self._turns.acquire(), self.timeout)
+        except TimeoutError as exc:
+            raise rex.ConnectionError("No connection available.") from exc
+        try:
+            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except BaseException:
+            self._turns.release()
+            raise
+
+    async def release(self, connection: Any) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            self._turns.release()
+
+
 class RedisTransport(Transport):
     """One redis-py connection pool shared by every queue, registry and log."""
 
@@ -139,8 +175,9 @@ class RedisTransport(Transport):
         password = cfg.password.get_secret_value() if cfg.password else ep.password
         tls = self._tls_kwargs()
         # A blocking pool: a burst of concurrent operations waits for a free
-        # connection (up to request_timeout) instead of failing.
-        pool = aioredis.BlockingConnectionPool(
+        # connection (up to request_timeout, in the order they asked)
+        # instead of failing.
+        pool = FairConnectionPool(
             max_connections=opts.max_connections,
             timeout=opts.request_timeout,
             connection_class=aioredis.SSLConnection if tls else aioredis.Connection,

@@ -398,3 +398,32 @@ async def test_concurrent_enqueues_are_each_stored_once(
     rows = await transport.client.redis.xrange(stream)
     ids = [json.loads(fields[b"body"])["request_id"] for _, fields in rows]
     assert sorted(ids) == sorted(r.request_id for r in requests)
+
+
+async def test_more_concurrent_commands_than_connections_all_get_their_turn(
+    redis_config: TransportConfig,
+) -> None:
+    # 16 writers looping on a pool of 4 connections, one held by a blocking
+    # registry watch: with redis-py's own pool a writer that released its
+    # connection took it straight back, and a waiter starved until it failed
+    # with "No connection available" after request_timeout (1 s here).
+    config = redis_config.model_copy(
+        update={"options": {**redis_config.options, "max_connections": 4, "request_timeout": 1.0}}
+    )
+    transport = await connect(config)
+    try:
+        registry = transport.delivery_registry("fair")
+        await registry.pending()  # its view now holds a connection in a blocking read
+        stop = asyncio.get_running_loop().time() + 4.0
+        done = [0] * 16
+
+        async def writer(n: int) -> None:
+            while asyncio.get_running_loop().time() < stop:
+                await registry.register(f"r{n}-{done[n]}")
+                done[n] += 1
+
+        await asyncio.gather(*(writer(n) for n in range(16)))
+        assert all(done), done
+        assert len(await registry.pending()) == sum(done)
+    finally:
+        await transport.aclose()
