@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import Row, rate, run_concurrently, throughput_row
+from benchmarks._common import Row, alternate, rate, run_concurrently, throughput_row
 from transport import (
     DeadLetter,
     Delivery,
@@ -292,10 +292,14 @@ async def outbox_drain(target: Target, n: int) -> float:
         await transport.aclose()
 
 
-def outbox_rows(backend: str, drained: list[float], sequential: list[float]) -> Row:
-    """The outbox's forwarding rate against one ``enqueue`` after the other
-    (what a line that sends each request once the one before it was
-    accepted can reach on this backend; informational)."""
+async def outbox_row(backend: str, target: Target, n: int, rounds: int) -> Row:
+    """:func:`outbox_drain` of ``n`` requests against one ``enqueue`` after
+    the other (what a line that sends each request once the one before it
+    was accepted can reach on this backend; informational), alternating,
+    ``rounds`` each."""
+    drained, sequential = await alternate(
+        lambda: outbox_drain(target, n), lambda: enqueue(target, n, 1), rounds
+    )
     return throughput_row(
         backend,
         "outbox drain",

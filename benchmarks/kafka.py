@@ -509,12 +509,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         drain = max(sizes.enqueue // 10, 500)
         progress(f"kafka: outbox drain ({drain:,})")
         bootstrap = await fresh()
-        a, b = await alternate(
-            lambda: library.outbox_drain(_config(bootstrap), drain),
-            lambda: library.enqueue(_config(bootstrap), drain, 1),
-            r,
-        )
-        rows.append(library.outbox_rows("kafka", a, b))
+        rows.append(await library.outbox_row("kafka", _config(bootstrap), drain, r))
         progress("kafka: poll+ack")
         bootstrap = await fresh()
         a, b = await alternate(

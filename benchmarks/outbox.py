@@ -18,7 +18,7 @@ import sys
 import uuid
 
 from benchmarks import _library as library
-from benchmarks._common import alternate, config
+from benchmarks._common import config
 
 
 async def _main() -> int:
@@ -29,12 +29,7 @@ async def _main() -> int:
     parser.add_argument("--options", default="{}", help="transport options, as JSON")
     args = parser.parse_args()
     target = config(args.url, json.loads(args.options), f"ob{uuid.uuid4().hex[:6]}")
-    drained, sequential = await alternate(
-        lambda: library.outbox_drain(target, args.n),
-        lambda: library.enqueue(target, args.n, 1),
-        args.rounds,
-    )
-    row = library.outbox_rows(args.url.split(":", 1)[0], drained, sequential)
+    row = await library.outbox_row(args.url.split(":", 1)[0], target, args.n, args.rounds)
     print(
         f"{row.backend:<8} outbox drain {row.ours:>9,.1f} req/s   one enqueue after the "
         f"other {row.baseline:>9,.1f} req/s   ratio {row.ratio:.2f}   ({args.n:,} requests, "

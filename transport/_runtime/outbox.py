@@ -578,10 +578,9 @@ class Outbox:
                 )
                 return True
         finally:
-            if sent:
-                # Sent rows are deleted even by a cancelled drainer (the
-                # write is shielded; a close waits for the drainer).
-                await asyncio.shield(self._store.write(functools.partial(self._delete, ids=sent)))
+            # Sent rows are deleted even by a cancelled drainer (the write is
+            # shielded; a close waits for the drainer).
+            await self._delete_sent(sent)
         return True
 
     async def _delete_sent(self, sent: list[int]) -> None:
