@@ -189,6 +189,15 @@ async def _stored_while_down(transport: Transport, path: Path, queue: str, n: in
     return [r.request_id for r in stored]
 
 
+async def _drained(queue: RequestQueue) -> list[str]:
+    """The request ids ``queue`` holds, in delivery order (each acked)."""
+    received = []
+    while (delivery := await queue.poll(0.5)) is not None:
+        received.append(delivery.request.request_id)
+        await delivery.ack()
+    return received
+
+
 async def test_the_drainer_deletes_what_it_sent_in_batches(
     transport: Transport, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -250,12 +259,7 @@ async def test_a_close_while_sending_sends_nothing_twice(
     async with Outbox(transport, path, queue_factory=lambda n, lv: again) as third:
         await third.flush(timeout=30)
     assert again.sent == ids[7:], "the rows sent before the close were sent again"
-    received = []
-    queue = transport.request_queue("closing")
-    while (delivery := await queue.poll(0.5)) is not None:
-        received.append(delivery.request.request_id)
-        await delivery.ack()
-    assert received == ids
+    assert await _drained(transport.request_queue("closing")) == ids
 
 
 @pytest.mark.parametrize("levels", [3])
@@ -386,6 +390,33 @@ async def test_appends_keep_their_order_with_requests_and_poison_is_dead_lettere
     async with Outbox(transport, path, retry_wait=wait_fixed(0.01)) as again:
         await again.flush(timeout=10)
     assert [e.data for e in await _events(transport, "audit", 3)] == [{"n": 1}, {"n": 2}, "poison"]
+
+
+async def test_two_outboxes_on_one_file_send_each_request_once_in_order(
+    transport: Transport, tmp_path: Path
+) -> None:
+    # Two outboxes on one file (two replicas sharing it, a restart beside
+    # the old process; flock excludes two of one process alike): one drains,
+    # the other stands by. Both draining sent every row twice, out of order.
+    path = tmp_path / "outbox.db"
+    ids = await _stored_while_down(transport, path, "shared", 300)
+    first = Recording(transport.request_queue("shared"))
+    second = Recording(transport.request_queue("shared"))
+    a = Outbox(transport, path, queue_factory=lambda n, lv: first)
+    b = Outbox(transport, path, queue_factory=lambda n, lv: second)
+    async with a, b:
+        await asyncio.gather(a.flush(timeout=30), b.flush(timeout=30))
+        assert sorted([first.sent, second.sent], key=len) == [[], ids]
+        # The one standing by takes over when the other closes: what it
+        # stores then goes out through itself.
+        standby, standby_sent = (b, second) if first.sent else (a, first)
+        await (a if standby is b else b).aclose()
+        later = [
+            await standby.enqueue("shared", WorkRequest(task="t", payload=i)) for i in range(5)
+        ]
+        await standby.flush(timeout=30)
+    assert standby_sent.sent == [r.request_id for r in later]
+    assert await _drained(transport.request_queue("shared")) == ids + [r.request_id for r in later]
 
 
 async def test_a_running_outbox_sends_rows_requeued_by_another_process(

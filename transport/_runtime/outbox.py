@@ -23,6 +23,14 @@ process killed meanwhile sends up to ``DRAIN_BATCH`` requests again on its
 next start (at-least-once; one write per row before). Dead letters stay in the
 file until they are requeued (:meth:`OutboxFile.requeue_dead`, or
 ``transport outbox FILE requeue``), which puts them at the end of the line.
+
+One outbox drains a file at a time: the drainer holds an exclusive lock on
+``<file>.drain-lock`` (``flock``; released by a close and by the system when
+the process ends, ``kill -9`` included). Another :class:`Outbox` on the same
+file, in this process or another (a second replica, a restart overlapping
+the old process), stores requests in it as usual and stands by, trying the
+lock every :data:`IDLE_CHECK_INTERVAL` seconds, and takes over draining when
+the holder stops. Two drainers would send every row twice and out of order.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -55,6 +64,11 @@ from transport.errors import (
     TransientTransportError,
     UnsupportedFeatureError,
 )
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: one outbox per file is then the deployment's to ensure
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["Outbox", "OutboxDeadEvent", "OutboxDeadLetter", "OutboxFile"]
 
@@ -269,6 +283,42 @@ class OutboxFile:
 QueueFactory = Callable[[str, int], RequestQueue]
 
 
+class _DrainLock:
+    """The right to drain one outbox file: an exclusive ``flock`` on
+    ``<file>.drain-lock`` (per open file, so two outboxes of one process
+    exclude each other too), dropped by :meth:`release` or by the system
+    when the process ends. Always granted where ``flock`` does not exist."""
+
+    def __init__(self, path: str) -> None:
+        self.path = None if path == ":memory:" else os.path.realpath(path) + ".drain-lock"
+        self._fd: int | None = None
+        self._held = False
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (never waits); whether it is held now."""
+        if self._held:
+            return True
+        if fcntl is not None and self.path is not None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+        self._held = True
+        return True
+
+    def release(self) -> None:
+        self._held = False
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the file drops the lock
+
+
 class Outbox:
     """Durable, FIFO store-and-forward in front of a transport.
 
@@ -302,6 +352,7 @@ class Outbox:
         self._event_bus = event_bus
         self._starting: asyncio.Lock | None = None
         self._store = SqliteStore(self.path, synchronous=synchronous, schema=_SCHEMA)
+        self._lock = _DrainLock(self.path)
         self._wake = asyncio.Event()
         self._drainer: asyncio.Task[None] | None = None
         self._empty = asyncio.Event()
@@ -516,6 +567,32 @@ class Outbox:
         return float(self._wait(state))
 
     async def _drain(self) -> None:
+        try:
+            await self._take_the_line()
+            await self._drain_locked()
+        finally:
+            self._lock.release()
+
+    async def _take_the_line(self) -> None:
+        """Wait until this outbox holds the file's drain lock. Meanwhile
+        another outbox drains the file: the rows stored here go out through
+        it, and :meth:`flush` returns once the file is empty."""
+        standing_by = False
+        while not self._lock.try_acquire():
+            if not standing_by:
+                standing_by = True
+                log.info(
+                    "outbox %s: another outbox (in this process or another) is draining this"
+                    " file; this one stores requests in it and takes over when that one stops",
+                    self.path,
+                )
+            if not await self.depth():
+                self._empty.set()
+            await asyncio.sleep(IDLE_CHECK_INTERVAL)
+        if standing_by:
+            log.info("outbox %s: took over draining the file", self.path)
+
+    async def _drain_locked(self) -> None:
         while True:
             rows = await self._store.read(
                 lambda c: c.execute(
