@@ -329,6 +329,92 @@ async def test_capabilities_are_advertised_refreshed_and_withdrawn(transport: Tr
     await changes.aclose()
 
 
+async def _replica(transport: Transport) -> Ensemble:
+    """A started replica of ensemble ``kitchen`` (3 levels) serving ``cook``."""
+    replica = Ensemble("kitchen", transport=transport, concurrency=1, priority_levels=3)
+
+    @replica.task("cook")
+    async def cook(ctx: TaskContext) -> Any:
+        return ctx.payload
+
+    await replica.start()
+    return replica
+
+
+async def test_a_replica_that_stops_leaves_the_advertisement_to_the_one_running(
+    runtime_url: str,
+) -> None:
+    # A rolling restart: two replicas of one ensemble, one stops. Withdrawing
+    # its advertisement hid the ensemble until the other one's next refresh
+    # (up to a third of a lease: 10 s by default) and a caller asking for any
+    # provider got NoProviderError meanwhile. 30 s leases: no refresh happens
+    # during the test, so only the stop decides what callers see.
+    from transport import connect
+
+    transports = [await connect(runtime_url, capability_lease_seconds=30.0) for _ in range(3)]
+    staying_t, stopping_t, caller_t = transports
+    try:
+        staying = await _replica(staying_t)
+        stopping = await _replica(stopping_t)  # reads the other's advertisement at start
+        await stopping.aclose()
+        # A fresh handle reads what is committed now.
+        [cap] = await caller_t.capability_registry().lookup("cook")
+        assert (cap.ensemble, cap.priority_levels) == ("kitchen", 3)
+        response = await Network(caller_t, caller="front").request(
+            None, "cook", {"dish": "soup"}, timeout=20
+        )
+        assert response.result == {"dish": "soup"}
+        await staying.aclose()
+    finally:
+        for t in transports:
+            await t.aclose()
+
+
+async def test_the_last_replica_standing_withdraws(transport: Transport) -> None:
+    # Leases of 2 s: the replica left alone sees the other's last lease run
+    # past half its length (1 s) and withdraws when it stops.
+    first, second = await _replica(transport), await _replica(transport)
+    await second.aclose()
+    [until] = first._others.values()  # the stopped replica's last lease end
+    # The time is what is tested here: wait until that lease has less than
+    # half a lease left.
+    await asyncio.sleep((until - utcnow()).total_seconds() - 1.0 + 0.05)
+    await first.aclose()
+    assert await transport.capability_registry().lookup("cook") == []
+
+
+async def test_an_advertisement_withdrawn_under_a_running_replica_comes_back_at_once(
+    runtime_url: str,
+) -> None:
+    # A replica that stops without having seen this one (it started a moment
+    # ago) withdraws the advertisement: the running one advertises again when
+    # it sees that, not at its next refresh (10 s away with 30 s leases).
+    from transport import connect
+
+    running_t = await connect(runtime_url, capability_lease_seconds=30.0)
+    other_t = await connect(runtime_url, capability_lease_seconds=30.0)
+    try:
+        running = await _replica(running_t)
+        registry = other_t.capability_registry()
+        assert [c.ensemble for c in await registry.lookup("cook")] == ["kitchen"]
+        changes = registry.watch()
+        await registry.withdraw("kitchen", "cook")
+        kinds = []
+        async with asyncio.timeout(5):
+            async for change in changes:
+                kinds.append(change.kind)
+                if change.kind == "advertised":
+                    assert change.capability is not None
+                    assert change.capability.instance == running.instance
+                    break
+        assert kinds == ["withdrawn", "advertised"]
+        await changes.aclose()
+        await running.aclose()
+    finally:
+        await running_t.aclose()
+        await other_t.aclose()
+
+
 async def test_caller_reattaches_after_restart(runtime_url: str) -> None:
     from transport import connect
 

@@ -16,9 +16,10 @@ import contextlib
 import logging
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal, Self
 
 from tenacity import RetryCallState, wait_exponential_jitter
@@ -33,6 +34,7 @@ from transport._spi.queue import Delivery, RequestQueue
 from transport._spi.registries import CapabilityRegistry, DeliveryRecord, DeliveryRegistry
 from transport._spi.transport import Transport
 from transport.errors import (
+    ClosedResourceError,
     ConfigurationError,
     InvalidMessageError,
     PermanentTransportError,
@@ -223,6 +225,12 @@ class Ensemble:
         self._acking: set[asyncio.Task[None]] = set()
         self._ack_slots = asyncio.Semaphore(max(64, 16 * concurrency))
         self._refresher: asyncio.Task[None] | None = None
+        #: This run's id in its advertisements: replicas of one ensemble
+        #: (processes running it under the same name) tell theirs apart.
+        self.instance = uuid.uuid4().hex
+        #: Per task: the latest lease end seen in another replica's advertisement.
+        self._others: dict[str, datetime] = {}
+        self._follower: asyncio.Task[None] | None = None
         self._plain: RequestQueue | None = None
         self._forwarder: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -347,10 +355,21 @@ class Ensemble:
             assert self.transport is not None
             if self._capabilities is None:
                 self._capabilities = self.transport.capability_registry()
+            following = asyncio.Event()
+            self._follower = asyncio.create_task(
+                self._follow_replicas(self._capabilities, following),
+                name=f"{self.name}:replicas",
+            )
             try:
+                await following.wait()  # watching: no later advertisement is missed
+                for capability in await self._capabilities.all():
+                    self._note(capability)
                 await self._advertise_all()
             except BaseException:
                 self._started = False  # not started: a later call tries again
+                self._follower.cancel()
+                await asyncio.gather(self._follower, return_exceptions=True)
+                self._follower = None
                 raise
             self._refresher = asyncio.create_task(
                 self._refresh_loop(), name=f"{self.name}:advertise"
@@ -457,9 +476,10 @@ class Ensemble:
             for ack in late:
                 ack.cancel()  # its request comes back and is answered from the record
             await asyncio.gather(*late, return_exceptions=True)
-        if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
+        for background in (self._refresher, self._follower):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
         if self._capabilities is not None and self._tasks:
             await self._withdraw_all(self._capabilities)
         if self._owns_queue and self._queue is not None:
@@ -533,7 +553,21 @@ class Ensemble:
             with contextlib.suppress(TransportError):
                 await registry.withdraw(self.name, name)
 
-        pending = {asyncio.ensure_future(withdraw(spec.name)) for spec in self._tasks.values()}
+        kept = self._kept_by_others()
+        if kept:
+            log.info(
+                "ensemble %s: another replica advertises %s; its advertisement stays",
+                self.name,
+                ", ".join(sorted(kept)),
+                extra=self._fields(),
+            )
+        pending = {
+            asyncio.ensure_future(withdraw(spec.name))
+            for spec in self._tasks.values()
+            if spec.name not in kept
+        }
+        if not pending:
+            return
         current = asyncio.current_task()
         bound = _CANCELLED_WITHDRAW_S if current is not None and current.cancelling() else None
         _, late = await asyncio.wait(pending, timeout=bound)
@@ -568,7 +602,80 @@ class Ensemble:
             input_schema=spec.input_schema,
             queue=self.name,
             priority_levels=self.priority_levels,
+            instance=self.instance,
         )
+
+    def _note(self, capability: Capability | None) -> None:
+        """Remember the lease of another replica's advertisement of one of
+        this ensemble's tasks."""
+        if (
+            capability is None
+            or capability.ensemble != self.name
+            or capability.name not in self._tasks
+            or capability.instance == self.instance
+            or capability.expires_at is None
+        ):
+            return
+        seen = self._others.get(capability.name)
+        if seen is None or capability.expires_at > seen:
+            self._others[capability.name] = capability.expires_at
+
+    def _kept_by_others(self) -> set[str]:
+        """The tasks another replica advertises and keeps refreshing: its
+        last advertisement seen has more than half a lease left (a replica
+        refreshes every third of a lease, so a live one always has about two
+        thirds left). Stopping, this replica leaves those advertisements in
+        place: withdrawing one would hide the ensemble from callers until
+        the other replica's next refresh, up to a third of a lease (every
+        rolling restart did). The price: replicas that all stop within half
+        a lease of each other leave the advertisement to run out with its
+        lease, as a crashed one does."""
+        assert self.transport is not None
+        margin = timedelta(seconds=self.transport.config.capability_lease_seconds / 2)
+        now = utcnow()
+        return {name for name, until in self._others.items() if until - now > margin}
+
+    async def _follow_replicas(
+        self, registry: CapabilityRegistry, following: asyncio.Event
+    ) -> None:
+        """Follow the advertisements of this ensemble's tasks: note the other
+        replicas' (see :meth:`_kept_by_others`), and advertise again at once
+        one withdrawn while this replica runs (by a replica that stopped
+        without having seen this one)."""
+        while True:
+            try:
+                changes = registry.watch()
+            except ClosedResourceError:
+                following.set()
+                return
+            following.set()
+            try:
+                async for change in changes:
+                    if change.ensemble != self.name or change.name not in self._tasks:
+                        continue
+                    if change.kind == "advertised":
+                        self._note(change.capability)
+                    elif change.kind == "withdrawn" and not self._stopping.is_set():
+                        log.info(
+                            "ensemble %s: %s was withdrawn while this replica runs;"
+                            " advertising it again",
+                            self.name,
+                            change.name,
+                            extra=self._fields(),
+                        )
+                        await registry.advertise(self._capability(self._tasks[change.name]))
+            except ClosedResourceError:
+                return
+            except TransportError as exc:
+                log.warning(
+                    "ensemble %s: following the capability registry failed (%s); retrying",
+                    self.name,
+                    exc,
+                    extra=self._fields(),
+                )
+                await asyncio.sleep(1.0)
+            finally:
+                await changes.aclose()
 
     async def _advertise_all(self) -> None:
         assert self._capabilities is not None

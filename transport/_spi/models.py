@@ -370,6 +370,14 @@ class Capability(_WireModel):
         default=1, ge=1, le=16, description="levels of the queue (1: plain)"
     )
     expires_at: datetime | None = None
+    instance: str | None = Field(
+        default=None,
+        max_length=128,
+        description=(
+            "the running ensemble (one id per replica and run) that wrote the record: a"
+            " replica that stops leaves an advertisement another replica keeps refreshing"
+        ),
+    )
 
     @field_validator("name")
     @classmethod
