@@ -415,6 +415,27 @@ async def test_an_advertisement_withdrawn_under_a_running_replica_comes_back_at_
         await other_t.aclose()
 
 
+async def test_an_ensemble_whose_transport_is_closed_under_it_stops_with_one_error(
+    runtime_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The transport closed first (the wrong order): every worker and the
+    # forwarder logged "poll failed" every second forever and run() never
+    # returned.
+    from transport import connect
+
+    transport = await connect(runtime_url)
+    ens = Ensemble("kitchen", transport=transport, concurrency=4, priority_levels=3)
+    ens.add_task("cook", lambda ctx: asyncio.sleep(0, 1))
+    await ens.start()
+    running = asyncio.create_task(ens.run(install_signal_handlers=False))
+    caplog.set_level(logging.WARNING, logger="transport.runtime")
+    await transport.aclose()
+    await asyncio.wait_for(running, 10)
+    records = [r for r in caplog.records if r.name == "transport.runtime"]
+    assert [r.levelname for r in records] == ["ERROR"], [r.getMessage() for r in records]
+    assert "closed while the ensemble is running" in records[0].getMessage()
+
+
 async def test_caller_reattaches_after_restart(runtime_url: str) -> None:
     from transport import connect
 

@@ -689,6 +689,9 @@ class Ensemble:
             await asyncio.sleep(period)
             try:
                 await self._advertise_all()
+            except ClosedResourceError as exc:
+                self._closed_under(exc)
+                return
             except TransportError as exc:
                 log.warning(
                     "ensemble %s: capability refresh failed: %s",
@@ -754,11 +757,30 @@ class Ensemble:
                     continue
                 await queue.enqueue(delivery.request, priority=level)
                 await delivery.ack()
+            except ClosedResourceError as exc:
+                self._closed_under(exc)
+                return
             except TransportError as exc:
                 log.warning(
                     "ensemble %s: forwarding from %s failed: %s", self.name, plain.name, exc
                 )
                 await asyncio.sleep(1.0)
+
+    def _closed_under(self, exc: ClosedResourceError) -> None:
+        """The transport (or the ensemble's queue) was closed while the
+        ensemble runs: it cannot work any more. Stop, with one error (a
+        background loop retrying every second would log forever, and
+        :meth:`run` would never return)."""
+        if self._stopping.is_set():
+            return  # stopping anyway
+        log.error(
+            "ensemble %s: %s while the ensemble is running; stopping it"
+            " (close an ensemble before its transport)",
+            self.name,
+            exc,
+            extra=self._fields(),
+        )
+        self._stopping.set()
 
     # -- the work loop --------------------------------------------------------
     async def _next(self, queue: RequestQueue) -> Delivery | None:
@@ -809,6 +831,9 @@ class Ensemble:
         while not self._stopping.is_set():
             try:
                 delivery = await self._next(queue)
+            except ClosedResourceError as exc:
+                self._closed_under(exc)
+                return
             except TransportError as exc:
                 log.warning("ensemble %s: poll failed: %s", self.name, exc, extra=self._fields())
                 await asyncio.sleep(1.0)
