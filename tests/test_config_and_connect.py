@@ -69,6 +69,30 @@ def test_secrets_never_appear_in_reprs_or_logs(caplog: pytest.LogCaptureFixture)
     assert config.password is not None and config.password.get_secret_value() == CANARY
 
 
+def test_secrets_in_backend_options_never_appear_in_reprs_or_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Options hold secrets too: librdkafka passthrough, Pulsar auth
+    # parameters, admin and monitoring URLs with credentials.
+    options = {
+        "producer": {"sasl.password": CANARY, "ssl.key.pem": CANARY, "linger.ms": 5},
+        "consumer": {"sasl.oauthbearer.client.secret": CANARY},
+        "auth_params": f"token:{CANARY}",
+        "admin_url": f"http://admin:{CANARY}@127.0.0.1:8080",
+        "monitor_url": f"http://{CANARY}@127.0.0.1:8222",
+        "prefetch": 64,
+    }
+    config = TransportConfig(url="kafka://broker:9092", options=options)
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("transport").info("config %r %s", config, config)
+    for text in (repr(config), str(config), caplog.text):
+        assert CANARY not in text
+        # What is not secret stays readable.
+        assert "'linger.ms': 5" in text and "'prefetch': 64" in text
+        assert "http://***@127.0.0.1:8080" in text
+    assert config.options["producer"]["sasl.password"] == CANARY  # the value itself is kept
+
+
 def test_token_as_url_user_part_is_redacted() -> None:
     config = TransportConfig(url=f"nats://{CANARY}@h1:4222,h2:4222")
     assert CANARY not in repr(config) and CANARY not in config.redacted_url()

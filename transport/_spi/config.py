@@ -59,12 +59,44 @@ def _shown(field: str, value: Any) -> str:
     """``value`` as it may appear in an error: never a secret, URLs redacted."""
     if field.rpartition(".")[2] in _SECRET_FIELDS:
         return "'***'"
+    if _SECRET_OPTION.search(field.rpartition(".")[2]):
+        return "'***'"
     if isinstance(value, str) and "@" in value:
-        # A URL's user part may hold a password or a token.
-        scheme, sep, rest = value.rpartition("://")
-        value = f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
-    shown = repr(value)
+        value = _redact_url(value)  # a URL's user part may hold a password or a token
+    shown = repr(redact_options(value))
     return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+#: Option names (any part, case-insensitive) whose values are secrets:
+#: librdkafka's ``sasl.password``, ``ssl.key.password``, ``ssl.key.pem``,
+#: ``sasl.oauthbearer.client.secret``, Pulsar's ``auth_params``, tokens …
+_SECRET_OPTION = re.compile(
+    r"pass(word|wd|phrase)?|secret|token|credential|auth_?params|private|\.pem$|api_?key|seed",
+    re.IGNORECASE,
+)
+
+
+def _redact_url(value: str) -> str:
+    """A URL's user part (it may hold a password or a token) replaced."""
+    scheme, sep, rest = value.rpartition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+
+
+def redact_options(value: Any, key: str = "") -> Any:
+    """``options`` as they may be shown (``repr``, logs): the values of
+    secret-looking keys and the user part of URLs replaced by ``***``,
+    recursively."""
+    if key and _SECRET_OPTION.search(key):
+        return "***"
+    if isinstance(value, dict):
+        return {k: redact_options(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact_options(v) for v in value)
+    if isinstance(value, SecretStr):
+        return value
+    if isinstance(value, str) and "@" in value and "://" in value:
+        return _redact_url(value)
+    return value
 
 
 def config_error(exc: ValidationError | SettingsError) -> TransportError:
@@ -215,7 +247,12 @@ class TransportConfig(BaseSettings):
 
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():
-            yield key, (self.redacted_url() if key == "url" else value)
+            if key == "url":
+                yield key, self.redacted_url()
+            elif key == "options":
+                yield key, redact_options(value)
+            else:
+                yield key, value
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], **overrides: Any) -> TransportConfig:
