@@ -81,6 +81,7 @@ class _Settling(_Assignment):
                             rec.last_error or f"not acknowledged after {rec.attempts} deliveries"
                         )
                         await self.dead_letter(rec, reason, request)
+                        handle._report_exhausted(request, reason)
                 except BaseException:
                     self.ready.appendleft(rec)
                     raise
@@ -384,12 +385,10 @@ class _Settling(_Assignment):
             rec = lease.record
             if not self._live(rec):
                 continue
+            reason = rec.last_error or f"not acknowledged after {rec.attempts} deliveries"
             try:
-                await self.dead_letter(
-                    rec,
-                    rec.last_error or f"not acknowledged after {rec.attempts} deliveries",
-                    lease.request,
-                )
+                await self.dead_letter(rec, reason, lease.request)
             except BaseException:
                 self.exhausted.insert(0, lease)
                 raise
+            lease.handle._report_exhausted(lease.request, reason)

@@ -521,6 +521,7 @@ class NatsRequestQueue(RequestQueue):
                 f"not acknowledged after {attempt - 1} deliveries (lease expired)"
             )
             await self._dead_letter_msg(msg, request, error, attempt - 1)
+            self._report_exhausted(request, error)
             return None
         try:
             request = decode_request(msg.data, self.stream, seq)

@@ -579,6 +579,7 @@ class PulsarRequestQueue(RequestQueue):
             )
             self._unreserve(key)
             self._background(self._dead_letter_message(message, record))
+            self._report_exhausted(record.request, record.error)
             return None
         self._check_open()  # closed meanwhile: the close withdraws the count
         del self._counted[key]
@@ -722,6 +723,7 @@ class PulsarRequestQueue(RequestQueue):
                 or f"not acknowledged after {delivery.attempt} deliveries (lease expired)",
             )
             self._background(self._dead_letter_message(delivery._message, record))
+            self._report_exhausted(delivery.request, record.error)
         else:
             self._give_back(delivery._message)
 

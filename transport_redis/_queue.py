@@ -94,10 +94,12 @@ end
 # KEYS: stream, dlq, delayed. ARGV: group, consumer, lease_ms, max_attempts,
 # n (how many polls are waiting: at most n leases are taken, nothing more).
 # Returns one flat array (cheap to parse): newest entry id, ms until the next
-# delayed request is due or -1, then five values per lease: id, delivery
-# count, attempt, body (nil if the entry has none), carried request id (nil
-# if none). The newest id and the delay are looked up only when fewer than n
-# leases were found.
+# delayed request is due or -1, the number of leases, then five values per
+# lease: id, delivery count, attempt, body (nil if the entry has none),
+# carried request id (nil if none); then four per entry it dead-lettered
+# with its attempts used up: id, body (nil if none), error, carried request
+# id (nil if none). The newest id and the delay are looked up only when fewer
+# than n leases were found.
 _LEASE = (
     _FIELDS
     + """
@@ -115,14 +117,17 @@ for _, member in ipairs(due) do
   redis.call('XADD', unpack(args))
   redis.call('ZREM', delayed, member)
 end
-local got = {}
+local got, dead = {}, {}
 local function lease(id, count, attempt, f)
   got[#got + 1] = {id, count, attempt, f.body or false, f.request_id or false}
 end
 local function reply(newest, wait)
-  local out = {newest, wait}
+  local out = {newest, wait, #got}
   for _, g in ipairs(got) do
     for i = 1, 5 do out[#out + 1] = g[i] end
+  end
+  for _, d in ipairs(dead) do
+    for i = 1, 4 do out[#out + 1] = d[i] end
   end
   return out
 end
@@ -145,6 +150,7 @@ while #got < n and looked < 100 do
           'attempts', tostring(done), 'request_id', f.request_id or '', 'source', id)
         redis.call('XACK', stream, group, id)
         redis.call('XDEL', stream, id)
+        dead[#dead + 1] = {id, f.body or false, err, f.request_id or false}
       else
         redis.call('XCLAIM', stream, group, me, 0, id, 'RETRYCOUNT', count + 1, 'JUSTID')
         lease(id, count + 1, done + 1, f)
@@ -736,9 +742,13 @@ class RedisRequestQueue(RequestQueue):
             # be pending for this consumer that nobody holds.
             self._maybe_orphans = True
             raise
+        end = 3 + 5 * int(reply[2])
+        dead = reply[end:]
+        for i in range(0, len(dead) - 3, 4):
+            self._report_dead(*dead[i : i + 4])
         leased: list[RedisDelivery | None] = []
         try:
-            for i in range(2, len(reply) - 4, 5):
+            for i in range(3, end, 5):
                 leased.append(await self._delivery(*reply[i : i + 5]))
         except BaseException:
             # Dead-lettering an undecodable entry failed: the leases of this
@@ -749,6 +759,23 @@ class RedisRequestQueue(RequestQueue):
             self._maybe_orphans = True
             raise
         return leased, (_text(reply[0]), int(reply[1]))
+
+    def _report_dead(
+        self, raw_entry: Any, body: bytes | None, error: Any, carried: bytes | None
+    ) -> None:
+        """Report an entry the lease script dead-lettered with its attempts
+        used up (an undecodable one has nobody to answer)."""
+        if body is None:
+            return
+        with contextlib.suppress(UndecodableMessageError):
+            request = decode_request(
+                body,
+                "redis",
+                self.stream,
+                _text(raw_entry),
+                carried_id=_text(carried) if carried else None,
+            )
+            self._report_exhausted(request, _text(error))
 
     async def _delivery(
         self,

@@ -167,8 +167,8 @@ async def test_a_poll_after_the_last_ready_request_asks_with_a_read_not_a_write(
         leases: list[int] = []
         original = sqlite_queue.SqliteRequestQueue._lease_op
 
-        def counting(self: Any, conn: sqlite3.Connection, limit: int) -> Any:
-            out = original(self, conn, limit)
+        def counting(self: Any, conn: sqlite3.Connection, limit: int, **kw: Any) -> Any:
+            out = original(self, conn, limit, **kw)
             leases.append(len(out[0] if isinstance(out, tuple) else out))
             return out
 

@@ -436,6 +436,31 @@ async def test_an_ensemble_whose_transport_is_closed_under_it_stops_with_one_err
     assert "closed while the ensemble is running" in records[0].getMessage()
 
 
+async def test_a_request_whose_attempts_ran_out_without_a_handler_is_answered_failed(
+    transport: Transport,
+) -> None:
+    # Workers that died (or were stopped) holding a request used up its
+    # attempts: the queue dead-letters it at the next hand-out, where no
+    # handler sees it. Its caller waited until its timeout (for ever without
+    # one); the ensemble whose poll found it exhausted now answers it.
+    caller = Network(transport, caller="front")
+    handle = await caller.send("kitchen", "cook", {"dish": "soup"})
+    crashed = transport.request_queue("kitchen", max_attempts=2)
+    for attempt in (1, 2):  # taken, never settled: each 2 s lease runs out
+        delivery = await crashed.poll(10)
+        assert delivery is not None and delivery.attempt == attempt
+    ens = Ensemble("kitchen", transport=transport, concurrency=1, max_attempts=2)
+    ens.add_task("cook", lambda ctx: asyncio.sleep(0, "never run"))
+    async with ens:
+        response = await handle.result(timeout=20)
+    assert response.status == "failed"
+    assert response.error is not None
+    assert response.error.startswith("not acknowledged after 2 deliveries")
+    assert ens.counts["failed"] == 1 and ens.counts["completed"] == 0
+    dead = await transport.request_queue("kitchen").dead_letters()
+    assert [d.request_id for d in dead] == [handle.request_id]
+
+
 async def test_caller_reattaches_after_restart(runtime_url: str) -> None:
     from transport import connect
 

@@ -231,6 +231,8 @@ class Ensemble:
         #: Per task: the latest lease end seen in another replica's advertisement.
         self._others: dict[str, datetime] = {}
         self._follower: asyncio.Task[None] | None = None
+        #: Answers to requests the queue dead-lettered on its own (see _exhausted).
+        self._answering: set[asyncio.Task[None]] = set()
         self._plain: RequestQueue | None = None
         self._forwarder: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -350,6 +352,7 @@ class Ensemble:
         if not self._tasks:
             raise ConfigurationError(f"ensemble {self.name!r} has no tasks")
         queue = self.queue
+        queue.set_exhausted_hook(self._exhausted)
         self._started = True
         if self._advertise:
             assert self.transport is not None
@@ -475,6 +478,11 @@ class Ensemble:
             _, late = await asyncio.wait(set(self._acking), timeout=self.shutdown_grace)
             for ack in late:
                 ack.cancel()  # its request comes back and is answered from the record
+            await asyncio.gather(*late, return_exceptions=True)
+        if self._answering:
+            _, late = await asyncio.wait(set(self._answering), timeout=self.shutdown_grace)
+            for answer in late:
+                answer.cancel()
             await asyncio.gather(*late, return_exceptions=True)
         for background in (self._refresher, self._follower):
             if background is not None:
@@ -939,6 +947,43 @@ class Ensemble:
             request.request_id, response, self._registrations.get(request.request_id)
         )
         return None
+
+    def _exhausted(self, request: WorkRequest, reason: str) -> None:
+        """The queue dead-lettered ``request`` on its own, its attempts used
+        up without a handler finishing it (workers crashed or were stopped
+        on it, or its lease ran out): answer ``failed`` -- nobody else will,
+        and its caller would wait until its timeout, or for ever. In the
+        background: the queue's hook must not block."""
+        self.counts["failed"] += 1
+        get_metrics_sink().increment("handler_failed", self._labels(request))
+        log.warning(
+            "ensemble %s: %s was dead-lettered by the queue (%s); answering failed",
+            self.name,
+            request.request_id,
+            reason,
+            extra=self._fields(request),
+        )
+        response = WorkResponse(request_id=request.request_id, status="failed", error=reason)
+        task = asyncio.get_running_loop().create_task(self._answer_exhausted(request, response))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer_exhausted(self, request: WorkRequest, response: WorkResponse) -> None:
+        for attempt in range(1, 4):
+            try:
+                await self._respond(request, response)
+                return
+            except TransportError as exc:
+                if attempt == 3:
+                    log.error(
+                        "ensemble %s: could not answer %s (%s); its caller gets no response",
+                        self.name,
+                        request.request_id,
+                        exc,
+                        extra=self._fields(request),
+                    )
+                    return
+                await asyncio.sleep(attempt)
 
     async def _keep_lease(self, delivery: Delivery, lease: float) -> None:
         while True:

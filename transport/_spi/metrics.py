@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from transport._spi.models import DeadLetter, QueueStats, WorkRequest, utcnow
-from transport._spi.queue import Delivery, RequestQueue
+from transport._spi.queue import Delivery, ExhaustedHook, RequestQueue
 
 __all__ = [
     "SECONDS_BUCKETS",
@@ -249,6 +249,11 @@ class InstrumentedRequestQueue(RequestQueue):
         self._sink = sink
         self._observe = observer(sink)
         self._labels = {"queue": inner.name}
+
+    def set_exhausted_hook(self, hook: ExhaustedHook | None) -> None:
+        """As :meth:`RequestQueue.set_exhausted_hook` of the wrapped queue."""
+        super().set_exhausted_hook(hook)
+        self.inner.set_exhausted_hook(hook)
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         """As :meth:`RequestQueue.enqueue`, then counts ``enqueued``."""

@@ -34,7 +34,13 @@ from datetime import datetime, timedelta
 
 from transport._spi.models import DeadLetter, QueueStats, WorkRequest, utcnow
 from transport._spi.naming import validate_name
-from transport._spi.queue import Delivery, RequestQueue, seconds, work_requests
+from transport._spi.queue import (
+    Delivery,
+    ExhaustedHook,
+    RequestQueue,
+    seconds,
+    work_requests,
+)
 from transport.errors import ClosedResourceError
 
 __all__ = ["AgingPolicy", "PriorityRequestQueue"]
@@ -110,6 +116,12 @@ class PriorityRequestQueue(RequestQueue):
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+
+    def set_exhausted_hook(self, hook: ExhaustedHook | None) -> None:
+        """As :meth:`RequestQueue.set_exhausted_hook`, for every level."""
+        super().set_exhausted_hook(hook)
+        for queue in self._queues:
+            queue.set_exhausted_hook(hook)
 
     @property
     def levels(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
@@ -204,6 +205,12 @@ class Delivery(ABC):
         return False
 
 
+log = logging.getLogger("transport")
+
+#: ``hook(request, reason)``: see :meth:`RequestQueue.set_exhausted_hook`.
+ExhaustedHook = Callable[[WorkRequest, str], None]
+
+
 class RequestQueue(ABC):
     """One named, durable queue of :class:`WorkRequest` with manual-commit
     semantics, shared by all workers of an ensemble.
@@ -226,6 +233,35 @@ class RequestQueue(ABC):
     #: ``None``: the library's own). Set by the transport that opens the
     #: queue; backends pass it to ``decode_request``.
     request_codec: RequestCodec | None = None
+    _exhausted_hook: ExhaustedHook | None = None
+
+    def set_exhausted_hook(self, hook: ExhaustedHook | None) -> None:
+        """Call ``hook(request, reason)`` whenever this queue itself moves a
+        request to the dead letters because its attempts are used up: found
+        at a hand-out (or, on some backends, at the expiry of its lease) with
+        ``max_attempts`` deliveries made and none settled -- its workers
+        crashed, were stopped on it, or let its lease run out. Nobody else
+        learns of it: the :class:`~transport.Ensemble` answers such a
+        request ``failed`` so that its caller is not left waiting.
+
+        Not called for :meth:`Delivery.dead_letter` or a nack (whoever made
+        those knows), nor for an undecodable body. Called on the event loop,
+        at least once per such move (a requeued request may be reported
+        again); it must not block, and an exception it raises is logged.
+        Wrappers (priority and instrumented queues) pass it on.
+        """
+        self._exhausted_hook = hook
+
+    def _report_exhausted(self, request: WorkRequest | None, reason: str) -> None:
+        """For backends: report a request dead-lettered with its attempts
+        used up (see :meth:`set_exhausted_hook`)."""
+        hook = self._exhausted_hook
+        if hook is None or request is None:
+            return
+        try:
+            hook(request, reason)
+        except Exception:
+            log.exception("queue %r: the exhausted-request hook failed", self.name)
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         """Durably add ``request``; returns it with ``enqueued_at`` stamped.

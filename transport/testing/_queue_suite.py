@@ -245,6 +245,10 @@ class RequestQueueConformance:
         queue = self.open_queue(
             transport, queue_name, max_attempts=2, lease_seconds=harness.lease_seconds
         )
+        # Dead-lettered by the queue itself: reported to its exhausted hook
+        # (the Ensemble answers the caller from it; nobody else knows).
+        reported: list[tuple[str, str]] = []
+        queue.set_exhausted_hook(lambda r, reason: reported.append((r.request_id, reason)))
         [request] = await enqueue_all(queue, make_requests(1))
         timeout = harness.scaled(10) + harness.lease_seconds * 2
         first = await poll_until(queue, request.request_id, timeout)
@@ -255,6 +259,7 @@ class RequestQueueConformance:
         dead = await queue.dead_letters()
         assert [d.request_id for d in dead] == [request.request_id]
         assert dead[0].attempts == 2
+        assert reported == [(request.request_id, dead[0].error)]
 
     async def test_dead_letters_can_be_requeued(
         self, transport: Transport, queue_name: str, harness: BackendHarness

@@ -147,11 +147,10 @@ class MemoryRequestQueue(RequestQueue):
             while state.ready:
                 msg = state.ready.popleft()
                 if msg.attempts >= self.max_attempts:
-                    self._dead(
-                        msg,
-                        msg.last_error or f"not acknowledged after {msg.attempts} deliveries",
-                        self._request_of(msg),
-                    )
+                    reason = msg.last_error or f"not acknowledged after {msg.attempts} deliveries"
+                    exhausted = self._request_of(msg)
+                    self._dead(msg, reason, exhausted)
+                    self._report_exhausted(exhausted, reason)
                     continue
                 try:
                     request = decode_request(

@@ -222,11 +222,16 @@ class SqliteRequestQueue(RequestQueue):
         self._ctx.signals.notify(key)
 
     def _lease_op(
-        self, conn: sqlite3.Connection, limit: int
+        self,
+        conn: sqlite3.Connection,
+        limit: int,
+        exhausted: list[tuple[WorkRequest, str]] | None = None,
     ) -> tuple[list[tuple[int, int, WorkRequest]], bool]:
         """Lease up to ``limit`` rows; with whether more were ready (one row
         more is read to tell: the next poll then leases straight away, or
-        first asks with a read, which takes no write lock)."""
+        first asks with a read, which takes no write lock). The requests it
+        dead-letters with their attempts used up go to ``exhausted``, with
+        the reason (reported once the transaction committed)."""
         now = time.time()
         out: list[tuple[int, int, WorkRequest]] = []
         leased: list[int] = []
@@ -257,6 +262,16 @@ class SqliteRequestQueue(RequestQueue):
                         request_id = derived_request_id("sqlite", self._key, row_id)
                     _dead(conn, self._key, request_id, body, _decodable(body), error, attempts)
                     conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                    if exhausted is not None:
+                        with contextlib.suppress(UndecodableMessageError):
+                            exhausted.append(
+                                (
+                                    decode_request(
+                                        body, "sqlite", self._key, row_id, carried_id=request_id
+                                    ),
+                                    error,
+                                )
+                            )
                     continue
                 try:
                     # The row's request_id column, if set, is the id of a body
@@ -333,10 +348,17 @@ class SqliteRequestQueue(RequestQueue):
                         # log is in the OS's cache); a power loss may forget
                         # the leases since the last fsync: those requests
                         # are delivered again, that delivery not counted.
+                        exhausted: list[tuple[WorkRequest, str]] = []
                         leased, more = await self._store.write(
-                            functools.partial(self._lease_op, limit=sum(n for n, _ in waiters)),
+                            functools.partial(
+                                self._lease_op,
+                                limit=sum(n for n, _ in waiters),
+                                exhausted=exhausted,
+                            ),
                             sync=False,
                         )
+                        for request, reason in exhausted:
+                            self._report_exhausted(request, reason)
                     # Nothing more ready: the next poll asks with a read
                     # first instead of taking the write lock for nothing.
                     self._had_work = more
