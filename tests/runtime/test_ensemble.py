@@ -461,6 +461,32 @@ async def test_a_request_whose_attempts_ran_out_without_a_handler_is_answered_fa
     assert [d.request_id for d in dead] == [handle.request_id]
 
 
+async def test_a_caller_keeps_the_levels_of_an_ensemble_restarting(transport: Transport) -> None:
+    # Stopped, the ensemble is not advertised: the caller fell back to one
+    # level, so send(priority=2) raised ValueError and priority 0 was served
+    # at the middle level (through the plain queue's forwarder).
+    seen: list[tuple[str, int]] = []
+
+    def kitchen() -> Ensemble:
+        ens = Ensemble("kitchen", transport=transport, concurrency=1, priority_levels=3)
+
+        @ens.task("cook")
+        async def cook(ctx: TaskContext) -> int:
+            seen.append((ctx.payload, ctx.request.priority))
+            return ctx.request.priority
+
+        return ens
+
+    caller = Network(transport, caller="desk")
+    async with kitchen().serving():
+        assert (await caller.request("kitchen", "cook", "up", priority=2, timeout=20)).result == 2
+    assert await transport.capability_registry().lookup("cook") == []  # withdrawn
+    handles = [await caller.send("kitchen", "cook", f"p{p}", priority=p) for p in (0, 2)]
+    async with kitchen().serving():
+        assert [(await h.result(timeout=20)).result for h in handles] == [0, 2]
+    assert seen == [("up", 2), ("p0", 0), ("p2", 2)]
+
+
 async def test_caller_reattaches_after_restart(runtime_url: str) -> None:
     from transport import connect
 

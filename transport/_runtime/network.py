@@ -35,8 +35,9 @@ class Network:
 
     Targets are ensemble names, or ``None`` to pick any live provider of the
     task from the capability registry. The target's queue and priority levels
-    come from its advertisement; an ensemble that has not advertised is
-    reached at the queue of its name with ``default_levels`` levels.
+    come from its advertisement; an ensemble not advertised now is reached
+    where its last advertisement this network saw said (it is restarting),
+    else at the queue of its name with ``default_levels`` levels.
     Priorities default to the middle level.
 
     With an ``outbox``, :meth:`send` keeps working while the broker is
@@ -66,6 +67,9 @@ class Network:
         self._inbox: DeliveryRegistry | None = None
         self._capabilities: CapabilityRegistry | None = None
         self._queues: dict[tuple[str, int], RequestQueue] = {}
+        #: Per target ensemble: the queue and levels of its last advertisement
+        #: seen, used while it is not advertised (a restart between two runs).
+        self._known: dict[str, tuple[str, int]] = {}
 
     @property
     def inbox(self) -> DeliveryRegistry:
@@ -109,11 +113,15 @@ class Network:
             validate_name(target, "ensemble name")
             providers = [p for p in providers if p.ensemble == target]
             if not providers:
-                return target, self.default_levels
+                # Not advertised now (restarting, or never): where it was
+                # last seen, so a request keeps its level across a restart.
+                return self._known.get(target, (target, self.default_levels))
         if not providers:
             raise NoProviderError(f"no live ensemble advertises task {task!r}")
         chosen = random.choice(providers)
-        return chosen.queue or chosen.ensemble, chosen.priority_levels
+        where = (chosen.queue or chosen.ensemble, chosen.priority_levels)
+        self._known[chosen.ensemble] = where
+        return where
 
     def _queue(self, name: str, levels: int) -> RequestQueue:
         queue = self._queues.get((name, levels))
