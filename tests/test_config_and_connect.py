@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,40 @@ def test_precedence_is_argument_then_environment_then_file_then_default(
     monkeypatch.setenv("TRANSPORT_URL", "memory://from-env")
     assert (load_config().url, load_config().max_attempts) == ("memory://from-env", 9)
     assert load_config("memory://from-argument").url == "memory://from-argument"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"namespace": "a.b"}, InvalidNameError, "invalid namespace 'a.b'"),
+        ({"lease_seconds": -5}, ConfigurationError, "lease_seconds=-5"),
+        ({"nonexistent_setting": 1}, ConfigurationError, "no such setting"),
+    ],
+)
+def test_overrides_of_a_config_object_are_validated_as_for_a_url(
+    overrides: dict[str, object], error: type[Exception], message: str
+) -> None:
+    # They were copied in unchecked: a namespace "a.b" reached the broker,
+    # a typo was ignored.
+    base = TransportConfig(url="memory://checked", max_attempts=7)
+    with pytest.raises(error, match=re.escape(message)):
+        load_config(base, **overrides)
+    with pytest.raises(error, match=re.escape(message)):
+        load_config("memory://checked", **overrides)
+    kept = load_config(base, lease_seconds=5)
+    assert (kept.url, kept.max_attempts, kept.lease_seconds) == ("memory://checked", 7, 5)
+
+
+@pytest.mark.parametrize(
+    ("url", "options"), [("memory://x?synchronous=FULL", {}), ("memory://", {"nope": 1})]
+)
+async def test_memory_takes_no_options(url: str, options: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError, match="memory:// takes no options"):
+        await connect(url, options=options)
+
+
+def test_an_unsafe_name_in_a_provision_plan_is_the_librarys_error() -> None:
+    from transport import ProvisionPlan
+
+    with pytest.raises(InvalidNameError, match=re.escape("invalid queue name 'bad.name'")):
+        ProvisionPlan(queues={"bad.name": 1})

@@ -63,6 +63,7 @@ from transport._runtime.atexit import AtExit
 from transport._runtime.shared import InFlight, SharedRun, retrieve, wait_within
 from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
+from transport._spi.config import options_error
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._spi.events import Start, check_headers, check_start, make_event
 from transport._spi.keyed import encode_checkpoint, read_checkpoint
@@ -112,6 +113,7 @@ __all__ = [
     "hand_to_waiter",
     "internal_name",
     "make_event",
+    "options_error",
     "read_checkpoint",
     "replace_fields",
     "request_codec_for",

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError
+from transport.kit import options_error
 from transport_kafka._topics import topic_name
 
 __all__ = ["KafkaOptions", "KafkaSettings", "TopicNames", "parse_settings"]
@@ -239,7 +240,7 @@ def parse_settings(config: TransportConfig) -> KafkaSettings:
     try:
         options = KafkaOptions.model_validate({**query, **config.options})
     except ValidationError as exc:
-        raise ConfigurationError(f"invalid kafka options: {exc}") from None
+        raise options_error("kafka", exc) from None
     for key in options.producer:
         if key in _OWNED_PRODUCER:
             raise ConfigurationError(f"producer option {key!r} is set by the library")

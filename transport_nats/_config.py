@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from transport import TransportConfig, validate_subject
 from transport.errors import ConfigurationError
+from transport.kit import options_error
 
 __all__ = ["NatsOptions", "parse_servers"]
 
@@ -92,11 +93,7 @@ def load_options(config: TransportConfig) -> NatsOptions:
     try:
         return NatsOptions.model_validate(config.options)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigurationError(f"invalid nats option(s): {problems}") from exc
+        raise options_error("nats", exc) from None
 
 
 def parse_servers(url: str, extra: list[str]) -> tuple[list[str], dict[str, Any]]:

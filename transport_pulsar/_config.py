@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError, InvalidNameError
+from transport.kit import options_error
 
 __all__ = ["PulsarOptions", "PulsarSettings", "parse_settings", "validate_topic_part"]
 
@@ -182,11 +183,7 @@ def parse_settings(config: TransportConfig) -> PulsarSettings:
     try:
         options = PulsarOptions.model_validate(dict(config.options))
     except ValidationError as exc:
-        # Field names and messages only: never the (possibly secret) input values.
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigurationError(f"invalid pulsar options: {problems}") from None
+        raise options_error("pulsar", exc) from None
     auth_kinds = [
         bool(config.token),
         bool(config.username or config.password),

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError
+from transport.kit import options_error
 
 __all__ = ["RedisEndpoint", "RedisOptions", "load_options", "parse_url"]
 
@@ -63,11 +64,7 @@ def load_options(config: TransportConfig) -> RedisOptions:
     try:
         return RedisOptions.model_validate(config.options)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigurationError(f"invalid redis option(s): {problems}") from exc
+        raise options_error("redis", exc) from None
 
 
 @dataclass(frozen=True)

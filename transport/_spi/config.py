@@ -99,6 +99,15 @@ def redact_options(value: Any, key: str = "") -> Any:
     return value
 
 
+def options_error(backend: str, exc: ValidationError) -> ConfigurationError:
+    """One line naming each bad backend option and what is wrong with it:
+    option names and messages only, never the (possibly secret) values."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}" for err in exc.errors()
+    )
+    return ConfigurationError(f"invalid {backend} option(s): {problems}")
+
+
 def config_error(exc: ValidationError | SettingsError) -> TransportError:
     """One readable line naming the setting and its value, in the library's
     error tree (``ConfigurationError``, or the ``InvalidNameError`` a name
@@ -287,11 +296,18 @@ def load_config(
 ) -> TransportConfig:
     """Resolve the configuration ``connect`` uses.
 
-    A ``TransportConfig`` is taken as is; a string is a URL; ``None`` reads the
-    environment and, if ``TRANSPORT_CONFIG_FILE`` is set, that TOML file.
+    A ``TransportConfig`` is taken as is (``overrides`` validated on top of
+    it, as for a URL); a string is a URL; ``None`` reads the environment
+    and, if ``TRANSPORT_CONFIG_FILE`` is set, that TOML file.
+
+    Raises: ConfigurationError (or InvalidNameError) for a bad or unknown
+    setting.
     """
     if isinstance(url_or_config, TransportConfig):
-        return url_or_config.model_copy(update=overrides) if overrides else url_or_config
+        if not overrides:
+            return url_or_config
+        given = {name: getattr(url_or_config, name) for name in TransportConfig.model_fields}
+        return TransportConfig(**{**given, **overrides})
     if isinstance(url_or_config, str):
         overrides = {"url": url_or_config, **overrides}
     path = os.environ.get("TRANSPORT_CONFIG_FILE")

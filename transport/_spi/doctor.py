@@ -11,10 +11,11 @@ checks the broker's and the objects' settings.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from transport._spi.models import library_error
 from transport._spi.naming import validate_name
 
 __all__ = [
@@ -55,6 +56,14 @@ class ProvisionPlan(BaseModel):
     delivery_registries: list[str] = Field(default_factory=list)
     capability_registry: bool = False
     event_streams: list[str] = Field(default_factory=list)
+
+    def __init__(self, /, **data: Any) -> None:
+        # The library's errors (InvalidNameError for an unsafe name), not
+        # pydantic's multi-line ValidationError.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise library_error(exc, "provision plan") from exc
 
     @field_validator("queues")
     @classmethod

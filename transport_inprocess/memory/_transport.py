@@ -3,9 +3,10 @@ and hands out its queues, keyed logs, event bus and event log."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from transport import HealthStatus, Transport, TransportCapabilities, TransportConfig
+from transport.errors import ConfigurationError
 from transport.kit import DoctorFinding, ProvisionPlan
 from transport_inprocess.memory._client import _broker
 from transport_inprocess.memory._events import MemoryEventBus, MemoryEventLog
@@ -31,6 +32,11 @@ class MemoryTransport(Transport):
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
         parts = urlsplit(config.url)
+        given = sorted(
+            {*config.options, *(k for k, _ in parse_qsl(parts.query, keep_blank_values=True))}
+        )
+        if given:
+            raise ConfigurationError(f"memory:// takes no options (given: {', '.join(given)})")
         self.broker_name = (parts.netloc + parts.path).strip("/") or "default"
         self._broker = _broker(self.broker_name, config.namespace)
 
