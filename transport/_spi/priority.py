@@ -49,6 +49,9 @@ log = logging.getLogger("transport.priority")
 
 # How long one background poll of an empty level waits before it is re-issued.
 _POLL_SLICE = 1.0
+#: Seconds a queue cancelled without ``aclose()`` (its event loop ending)
+#: spends giving its held heads back.
+_SHUTDOWN_GIVE_BACK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,34 @@ class PriorityRequestQueue(RequestQueue):
         return chosen
 
     async def _keep_leases(self) -> None:
+        try:
+            await self._renew_held()
+        except asyncio.CancelledError:
+            if not self._closed:
+                await self._give_back_at_shutdown()
+            raise
+
+    async def _give_back_at_shutdown(self) -> None:
+        """Cancelled without :meth:`aclose`: the event loop is ending with
+        this queue open (``asyncio.run`` returning from a program that forgot
+        ``aclose()``). Give the held heads back uncounted while the loop
+        still runs, within :data:`_SHUTDOWN_GIVE_BACK_S`: no handler saw
+        them, and left leased each would come back with one attempt more
+        (a short script run again and again dead-lettered requests nobody
+        handled). Where the level queue cannot act any more at that point
+        (its client's own tasks are being cancelled too), the lease runs out
+        and counts, as before."""
+        held = [d for d in self._slots if d is not None]
+        if not held:
+            return
+        self._slots = [None] * self.levels
+        giving = asyncio.ensure_future(asyncio.gather(*(self._give_back(d) for d in held)))
+        _, late = await asyncio.wait({giving}, timeout=_SHUTDOWN_GIVE_BACK_S)
+        if late:
+            giving.cancel()
+            await asyncio.gather(giving, return_exceptions=True)
+
+    async def _renew_held(self) -> None:
         # Held heads are leased to this process: renew them well before expiry
         # so no other worker gets them while they wait for their turn here.
         period = max(self.lease_seconds / 3, 0.05)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from transport import Delivery, RequestQueue, Transport
+from transport import Delivery, RequestQueue, Transport, WorkRequest
 from transport.kit import WIRE_SCHEMA_VERSION, wait_within
 from transport.testing._util import await_dead_letters, enqueue_all, make_requests
 from transport.testing.harness import BackendHarness
@@ -375,6 +375,44 @@ class ForgottenCloseConformance:
                 proc.kill()
                 await proc.wait()
             stderr_task.cancel()
+
+    async def test_a_priority_worker_that_forgets_aclose_gives_back_the_heads_it_held(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        # A priority queue holds the head of every level to compare them; a
+        # script that took one request and ended without aclose() left the
+        # others leased, and each came back with one attempt more: run a
+        # few times, it dead-lettered a request no handler had seen.
+        if harness.config.scheme == "memory":
+            pytest.skip("nothing outlives a memory:// process")
+        transport = await make_transport()
+        queue = transport.priority_queue(queue_name, levels=3)
+        await queue.enqueue(WorkRequest(task="t", payload="low"), priority=2)
+        for i in range(2):
+            await queue.enqueue(WorkRequest(task="t", payload=f"high{i}"), priority=0)
+        await queue.aclose()
+        for i in range(2):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "transport.testing.forgotten_close",
+                "--priority-once",
+                queue_name,
+                "--timeout",
+                str(harness.scaled(30)),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=harness.subprocess_env(lease_seconds=harness.lease_seconds),
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), harness.scaled(60))
+            assert proc.returncode == 0, err.decode()[-2000:]
+            assert out.decode().split("\n")[0] == f"HANDLED high{i} 1", out
+        queue = transport.priority_queue(queue_name, levels=3)
+        low = await queue.poll(harness.scaled(10) + harness.lease_seconds * 3)
+        assert low is not None and low.request.payload == "low"
+        assert low.attempt == 1, "the heads the scripts held were counted as deliveries"
+        await low.ack()
+        await queue.aclose()
 
 
 class ForeignMessageConformance:

@@ -5,7 +5,8 @@ environment variables), starts ``Ensemble.run()`` (two tasks) as a task, makes o
 ``Network.request`` to it, prints ``RESPONSE <status>`` and returns from
 ``main()`` without closing anything. The interpreter must still exit:
 ``asyncio.run`` cancels the tasks left behind, and every task of the library
-must end on that cancellation.
+must end on that cancellation. With ``--priority-once QUEUE`` it takes one
+request of a priority queue instead (see :func:`priority_once`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,34 @@ import sys
 from transport import Ensemble, Network, TaskContext, connect
 
 
+async def priority_once(queue_name: str, timeout: float) -> None:
+    """Take one request from priority queue ``queue_name`` (3 levels), ack
+    it, print ``HANDLED <payload> <attempt>`` and return without closing:
+    the heads the queue held on the other levels to compare them must go
+    back uncounted."""
+    transport = await connect()
+    queue = transport.priority_queue(queue_name, levels=3)
+    delivery = await queue.poll(timeout)
+    if delivery is None:
+        sys.stdout.write("NOTHING\n")
+        return
+    await delivery.ack()
+    sys.stdout.write(f"HANDLED {delivery.request.payload} {delivery.attempt}\n")
+    sys.stdout.flush()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ensemble", required=True)
-    parser.add_argument("--caller", required=True)
+    parser.add_argument("--ensemble")
+    parser.add_argument("--caller")
+    parser.add_argument("--priority-once", metavar="QUEUE")
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
+    if args.priority_once:
+        await priority_once(args.priority_once, args.timeout)
+        return
+    if not args.ensemble or not args.caller:
+        parser.error("--ensemble and --caller are required")
     transport = await connect()
     ensemble = Ensemble(args.ensemble, transport=transport, concurrency=2)
 
