@@ -18,7 +18,7 @@ from transport.cli import main
         ("FULL", True, None),
         ("EXTRA", True, None),
         ("NORMAL", False, "power loss"),
-        ("OFF", False, "crash of the process"),
+        ("OFF", False, "power loss"),  # SQLite: OFF survives a crash of the process
     ],
 )
 async def test_doctor_flags_a_synchronous_level_below_full(
