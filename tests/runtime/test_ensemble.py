@@ -487,6 +487,37 @@ async def test_a_caller_keeps_the_levels_of_an_ensemble_restarting(transport: Tr
     assert seen == [("up", 2), ("p0", 0), ("p2", 2)]
 
 
+async def test_a_second_stop_releases_the_running_handlers_at_once(transport: Transport) -> None:
+    # Under run(), a second SIGTERM or Ctrl-C during the shutdown grace hit
+    # the default action: SIGTERM ended the process with nothing given back
+    # (the request waited out its lease), SIGINT raised KeyboardInterrupt.
+    # The handlers now stay installed and a second stop() releases the
+    # running handlers without waiting out the grace.
+    started, never = asyncio.Event(), asyncio.Event()
+
+    async def slow(ctx: TaskContext) -> int:
+        started.set()
+        await never.wait()
+        return 1
+
+    ens = Ensemble("kitchen", transport=transport, concurrency=1, shutdown_grace=60)
+    ens.add_task("cook", slow)
+    handle = await Network(transport, caller="desk").send("kitchen", "cook")
+    running = asyncio.create_task(ens.run(install_signal_handlers=False))
+    await asyncio.wait_for(started.wait(), 10)
+    ens.stop()  # the first: waits up to 60 s for the handler
+    await asyncio.sleep(0)
+    assert not running.done()
+    ens.stop()  # the second: releases it now
+    await asyncio.wait_for(running, 10)
+    assert not never.is_set()
+    again = transport.request_queue("kitchen")
+    delivery = await again.poll(10)  # given back, not left to its lease
+    assert delivery is not None and delivery.request.request_id == handle.request_id
+    assert delivery.attempt == 2
+    await delivery.ack()
+
+
 async def test_caller_reattaches_after_restart(runtime_url: str) -> None:
     from transport import connect
 

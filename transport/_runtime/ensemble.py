@@ -236,6 +236,8 @@ class Ensemble:
         self._plain: RequestQueue | None = None
         self._forwarder: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        #: Set by a second stop(): the running handlers are released at once.
+        self._forced = asyncio.Event()
         self._started = False
         self._closed = False
         #: Counters of this ensemble's outcomes (also sent to the metrics sink).
@@ -403,9 +405,20 @@ class Ensemble:
         )
 
     def stop(self) -> None:
-        """Ask the ensemble to stop polling and shut down (idempotent); call
-        it from the event loop's thread. :meth:`run` returns once the
-        shutdown is done. Never raises."""
+        """Ask the ensemble to stop polling and shut down; call it from the
+        event loop's thread. :meth:`run` returns once the shutdown is done.
+        Called again while the ensemble is stopping (a second SIGTERM or
+        Ctrl-C under :meth:`run`), it stops waiting for the handlers still
+        running: they are released for redelivery at once, and the shutdown
+        goes on (acks in flight, withdrawals, closing). Never raises."""
+        if self._stopping.is_set() and not self._forced.is_set():
+            log.warning(
+                "ensemble %s: asked to stop again; releasing the %d running handler(s) now",
+                self.name,
+                len(self._busy),
+                extra=self._fields(),
+            )
+            self._forced.set()
         self._stopping.set()
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
@@ -429,6 +442,11 @@ class Ensemble:
         try:
             await self.start()
             await self._stopping.wait()
+            # The handlers stay while it closes: a second signal makes it
+            # release the running handlers instead of waiting out the grace
+            # (the default action would end the process with nothing given
+            # back: SIGTERM at once, SIGINT with a KeyboardInterrupt).
+            await self.aclose()
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
@@ -463,11 +481,11 @@ class Ensemble:
             if worker not in self._busy:
                 worker.cancel()
         if self._workers:
-            _, late = await asyncio.wait(self._workers, timeout=self.shutdown_grace)
+            late = await self._within_grace(set(self._workers))
             released = len(late)
             for worker in late:
                 log.warning(
-                    "ensemble %s: handler still running after grace; releasing it",
+                    "ensemble %s: handler still running at the end of the grace; releasing it",
                     self.name,
                     extra=self._fields(),
                 )
@@ -773,6 +791,25 @@ class Ensemble:
                     "ensemble %s: forwarding from %s failed: %s", self.name, plain.name, exc
                 )
                 await asyncio.sleep(1.0)
+
+    async def _within_grace(self, tasks: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
+        """Wait for ``tasks`` for ``shutdown_grace`` at most, or until
+        :meth:`stop` is called again; the ones still running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_grace
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            while tasks and not self._forced.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                done, _ = await asyncio.wait(
+                    tasks | {forced}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                tasks = tasks - done
+        finally:
+            forced.cancel()
+        return {t for t in tasks if not t.done()}
 
     def _closed_under(self, exc: ClosedResourceError) -> None:
         """The transport (or the ensemble's queue) was closed while the
