@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import sys
@@ -254,16 +255,20 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
             return await _run_plan_command(args, transport, out)
         if args.command == "top":
             return await _top(args, transport, out)
+        if args.command in {"stats", "dead-letters"}:
+            args.queue_levels = await _queue_levels(
+                transport, args.queues if args.command == "stats" else [args.queue], args.levels
+            )
         if (absent := await _absent(transport, args)) is not None:
             out.progress(absent)
             return 1
         if args.command == "stats":
-            stats = [await _queue(transport, q, args.levels).stats() for q in args.queues]
+            stats = [await _queue(transport, q, args.queue_levels[q]).stats() for q in args.queues]
             rows = [s.model_dump() for s in stats]
             out.emit(stats, rows, ["queue", "depth", "in_flight", "delayed", "dead_lettered"])
             return 0
         if args.command == "dead-letters":
-            queue = _queue(transport, args.queue, args.levels)
+            queue = _queue(transport, args.queue, args.queue_levels[args.queue])
             if args.action == "list":
                 dead = await queue.dead_letters(args.limit)
                 rows = [
@@ -409,8 +414,9 @@ def _parser() -> argparse.ArgumentParser:
         child.add_argument(
             "--levels",
             type=_positive_int,
-            default=1,
-            help="priority levels of the queue (as its ensemble declares them; default 1)",
+            default=None,
+            help="priority levels of the queue (default: as its ensemble advertises them in"
+            " the capability registry, else 1)",
         )
 
     health = command("health", "check that the configured backend is reachable")
@@ -563,11 +569,33 @@ def _read_plan(args: argparse.Namespace) -> ProvisionPlan:
     )
 
 
+#: Seconds the CLI waits for the capability registry to learn a queue's levels.
+_LEVELS_LOOKUP_S = 10.0
+
+
+async def _queue_levels(
+    transport: Transport, names: list[str], given: int | None
+) -> dict[str, int]:
+    """Each queue's priority levels: ``--levels`` if given, else as the
+    capability registry advertises them (the queue of a live ensemble),
+    else 1. A registry that cannot be read within :data:`_LEVELS_LOOKUP_S`
+    counts as advertising nothing."""
+    if given is not None:
+        return dict.fromkeys(names, given)
+    advertised: dict[str, int] = {}
+    with contextlib.suppress(TransportError, UnsupportedFeatureError, TimeoutError):
+        async with asyncio.timeout(_LEVELS_LOOKUP_S):
+            capabilities = await transport.capability_registry().all()
+        for cap in capabilities:
+            name = cap.queue or cap.ensemble
+            advertised[name] = max(advertised.get(name, 1), cap.priority_levels)
+    return {name: advertised.get(name, 1) for name in names}
+
+
 async def _absent(transport: Transport, args: argparse.Namespace) -> str | None:
     """Why a read-only command cannot run (what does not exist), or None."""
     if args.command in {"stats", "dead-letters"}:
-        names = args.queues if args.command == "stats" else [args.queue]
-        plan = ProvisionPlan(queues=dict.fromkeys(names, args.levels))
+        plan = ProvisionPlan(queues=args.queue_levels)
     elif args.command == "pending":
         plan = ProvisionPlan(delivery_registries=[args.registry])
     elif args.command == "capabilities":

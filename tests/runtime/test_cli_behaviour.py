@@ -153,6 +153,39 @@ def test_capabilities_without_a_queue_show_a_dash(
     assert "search" in out and "None" not in out
 
 
+def test_stats_and_dead_letters_of_a_priority_queue_use_its_advertised_levels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without --levels they read the plain queue of that name: zeros and
+    # "(none)" for a 3-level queue holding work (and "does not exist" on a
+    # broker).
+    url = _db(tmp_path)
+
+    async def seed() -> None:
+        async with await connect(url) as transport:
+            queue = transport.priority_queue("kitchen", levels=3)
+            await queue.enqueue(WorkRequest(task="cook"), priority=2)
+            await queue.enqueue(WorkRequest(request_id="burnt-1", task="cook"), priority=0)
+            delivery = await queue.poll(5)
+            assert delivery is not None and delivery.request.request_id == "burnt-1"
+            await delivery.dead_letter("oven on fire")
+            await queue.aclose()
+            await transport.capability_registry().advertise(
+                Capability(name="cook", ensemble="kitchen", queue="kitchen", priority_levels=3),
+                lease=60,
+            )
+
+    asyncio.run(seed())
+    assert cli(["--json", "--url", url, "stats", "kitchen"]) == 0
+    [stats] = json.loads(capsys.readouterr().out)
+    assert (stats["depth"], stats["dead_lettered"]) == (1, 1)
+    assert cli(["--json", "--url", url, "dead-letters", "list", "kitchen"]) == 0
+    assert [d["request_id"] for d in json.loads(capsys.readouterr().out)] == ["burnt-1"]
+    # --levels still wins: the plain queue of that name is empty.
+    assert cli(["--json", "--url", url, "stats", "kitchen", "--levels", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["depth"] == 0
+
+
 def test_the_demo_lists_no_test_harness_flags(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
