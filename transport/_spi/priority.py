@@ -341,7 +341,9 @@ class PriorityRequestQueue(RequestQueue):
         _, late = await asyncio.wait({giving}, timeout=_SHUTDOWN_GIVE_BACK_S)
         if late:
             giving.cancel()
-            await asyncio.gather(giving, return_exceptions=True)
+        # Retrieved in every case: a level queue whose own tasks were
+        # cancelled with this one fails here (its lease then runs out).
+        await asyncio.gather(giving, return_exceptions=True)
 
     async def _renew_held(self) -> None:
         # Held heads are leased to this process: renew them well before expiry
