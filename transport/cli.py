@@ -416,7 +416,8 @@ def _parser() -> argparse.ArgumentParser:
             type=_positive_int,
             default=None,
             help="priority levels of the queue (default: as its ensemble advertises them in"
-            " the capability registry, else 1)",
+            " the capability registry, where the backend can look without creating anything;"
+            " else 1)",
         )
 
     health = command("health", "check that the configured backend is reachable")
@@ -578,10 +579,21 @@ async def _queue_levels(
 ) -> dict[str, int]:
     """Each queue's priority levels: ``--levels`` if given, else as the
     capability registry advertises them (the queue of a live ensemble),
-    else 1. A registry that cannot be read within :data:`_LEVELS_LOOKUP_S`
-    counts as advertising nothing."""
+    else 1. A registry that does not exist, or cannot be read within
+    :data:`_LEVELS_LOOKUP_S`, counts as advertising nothing.
+
+    Raises: TransientTransportError if the broker cannot be asked."""
     if given is not None:
         return dict.fromkeys(names, given)
+    # Read only a registry that exists: a read-only command creates nothing
+    # (and an unreachable broker is reported once, by this check).
+    try:
+        if await transport.missing(ProvisionPlan(capability_registry=True)):
+            return dict.fromkeys(names, 1)
+    except UnsupportedFeatureError:
+        # The backend cannot tell without creating (Pulsar without an admin
+        # URL, whose readers create topics): not read.
+        return dict.fromkeys(names, 1)
     advertised: dict[str, int] = {}
     with contextlib.suppress(TransportError, UnsupportedFeatureError, TimeoutError):
         async with asyncio.timeout(_LEVELS_LOOKUP_S):

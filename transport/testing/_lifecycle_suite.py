@@ -404,7 +404,7 @@ class ForgottenCloseConformance:
                 stderr=asyncio.subprocess.PIPE,
                 env=harness.subprocess_env(lease_seconds=harness.lease_seconds),
             )
-            out, err = await asyncio.wait_for(proc.communicate(), harness.scaled(60))
+            out, err = await wait_within(proc.communicate(), harness.scaled(60))
             assert proc.returncode == 0, err.decode()[-2000:]
             assert out.decode().split("\n")[0] == f"HANDLED high{i} 1", out
         queue = transport.priority_queue(queue_name, levels=3)
