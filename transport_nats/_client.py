@@ -116,6 +116,12 @@ def broker_name(namespace: str, *parts: str) -> str:
     return "__".join((namespace, *parts))
 
 
+#: Bytes kept for the headers of a publish (``Nats-Msg-Id`` with a request
+#: id and suffix, ``Nats-Expected-Stream``, trace and event headers) below
+#: the server's ``max_payload``.
+HEADER_ALLOWANCE = 4096
+
+
 class NatsContext:
     """What the children of one transport (queues, keyed logs, the event bus
     and log, the doctor) share: the connection, its request/reply helper, the
@@ -185,6 +191,18 @@ class NatsContext:
         wait = max(1, round(timeout))
         await self.nc.flush(wait)
         await self.nc.flush(wait)
+
+    @property
+    def body_limit(self) -> int:
+        """The largest body a publish with the library's headers may carry:
+        ``max_payload_bytes``, and never more than the server's
+        ``max_payload`` less :data:`HEADER_ALLOWANCE` (the server counts the
+        headers in it; one message over it closes the connection)."""
+        limit = self.config.max_payload_bytes
+        server = getattr(self.nc, "max_payload", 0) or 0
+        if server > 0:
+            limit = min(limit, server - HEADER_ALLOWANCE)
+        return limit
 
     def require_jetstream(self) -> None:
         """Raises: ConfigurationError if the server has no JetStream."""

@@ -131,7 +131,7 @@ class NatsEventBus(EventBus):
         self._ctx = ctx
         bus_prefix = ctx.options.bus_prefix
         self._prefix = f"{bus_prefix}." if bus_prefix else ""
-        self._limit = ctx.config.max_payload_bytes
+        self._limit = ctx.body_limit
         self._subs: list[_NatsSubscription] = []
         self._closed = False
 
@@ -295,7 +295,7 @@ class NatsEventLog(EventLog):
     def __init__(self, ctx: NatsContext) -> None:
         self._ctx = ctx
         self._ns = ctx.config.namespace
-        self._limit = ctx.config.max_payload_bytes
+        self._limit = ctx.body_limit
         self._readers: list[_NatsReader] = []
         self._cursors: KeyValue | None = None
         self._closed = False

@@ -74,7 +74,14 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import decode_request, hand_to_waiter, internal_name, replace_fields, wait_within
+from transport.kit import (
+    decode_request,
+    hand_to_waiter,
+    internal_name,
+    replace_fields,
+    utcnow,
+    wait_within,
+)
 from transport.kit import seconds as _seconds
 from transport_nats._client import NatsContext, check_puback
 from transport_nats._errors import map_nats_errors
@@ -230,7 +237,7 @@ class NatsRequestQueue(RequestQueue):
         self.name = name
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
-        self.max_payload_bytes = ctx.config.max_payload_bytes
+        self.max_payload_bytes = ctx.body_limit
         self._ctx = ctx
         self._opts = ctx.options
         ns = ctx.config.namespace
@@ -903,7 +910,14 @@ class NatsRequestQueue(RequestQueue):
                 await self._ctx.js.get_msg(self.dlq_stream, seq=seq)
             except nats.js.errors.NotFoundError:
                 return False
-        await self.enqueue(replace_fields(request, attempt=1))
+        repaired = replace_fields(request, attempt=1)
+        if repaired.enqueued_at is None:
+            repaired = replace_fields(repaired, enqueued_at=utcnow())
+        # A distinct message id, as for a requeue: the request's own id may
+        # still be inside the stream's duplicate window (the repaired request
+        # keeps it), and JetStream would swallow the publish as a duplicate.
+        body = encode(repaired, self.max_payload_bytes)
+        await self._publish(self.subject, self.stream, body, f"{request.request_id}-replace-{seq}")
         # Already gone (removed meanwhile by another replace): the request is
         # enqueued all the same.
         with (

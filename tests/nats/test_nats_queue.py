@@ -237,3 +237,26 @@ async def test_stats_report_the_head_of_the_queue(transport: Transport) -> None:
     from tests._head import check_head_is_the_next_in_line
 
     await check_head_is_the_next_in_line(transport, "orders")
+
+
+async def test_a_request_within_the_limit_but_over_the_servers_with_headers_is_refused(
+    transport: Transport, queue_name: str
+) -> None:
+    # The server counts the headers (Nats-Msg-Id, Nats-Expected-Stream) in
+    # its max_payload: a body just under max_payload_bytes (1 MiB, the
+    # server's default too) went out, the server closed the connection
+    # ("maximum payload exceeded") and every later operation of the
+    # transport failed for good. It is refused before anything is sent now.
+    from transport.errors import PayloadTooLargeError
+
+    queue = transport.request_queue(queue_name)
+    await queue.enqueue(WorkRequest(task="t", payload="small"))
+    limit = transport.config.max_payload_bytes
+    edge = WorkRequest(task="t", payload="x" * (limit - 300))
+    assert len(edge.model_dump_json().encode()) < limit
+    with pytest.raises(PayloadTooLargeError):
+        await queue.enqueue(edge)
+    await queue.enqueue(WorkRequest(task="t", payload="still fine"))
+    assert (await transport.health()).ok
+    got = [await queue.poll(5) for _ in range(2)]
+    assert [d.request.payload for d in got if d is not None] == ["small", "still fine"]

@@ -383,6 +383,28 @@ class RequestQueueConformance:
         assert await first.poll(harness.scaled(1)) is None, "an acked request came back"
         assert await second.poll(harness.scaled(1)) is None, "an acked request came back"
 
+    async def test_a_dead_letter_replaced_by_its_repaired_request_is_delivered_once(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        # The repaired request keeps its id (as `transport dead-letters
+        # replace --body` takes it from the listing). On NATS the publish
+        # used that id as its Nats-Msg-Id and JetStream dropped it as a
+        # duplicate of the original enqueue: replaced, reported, lost.
+        queue = self.open_queue(transport, queue_name)
+        [request] = await enqueue_all(queue, make_requests(1))
+        delivery = await poll_until(queue, request.request_id, harness.scaled(15))
+        assert delivery is not None
+        assert await delivery.dead_letter("no dish")
+        [dead] = await await_dead_letters(queue, 1, harness.scaled(10))
+        assert dead.request is not None and dead.dead_letter_id is not None
+        repaired = dead.request.model_copy(update={"payload": {"dish": "soup"}})
+        assert await queue.replace_dead_letter(dead.dead_letter_id, repaired)
+        back = await poll_until(queue, request.request_id, harness.scaled(15))
+        assert back is not None, "the repaired request was never delivered"
+        assert (back.request.payload, back.attempt) == ({"dish": "soup"}, 1)
+        assert await back.ack()
+        assert await poll_until(queue, request.request_id, harness.scaled(2)) is None
+
     async def test_an_undecodable_dead_letter_is_repaired_and_replaced(
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:
