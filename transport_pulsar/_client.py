@@ -580,6 +580,17 @@ class AsyncConsumer:
             if not waiter.done():
                 waiter.cancel()
 
+    async def wait_ready(self, timeout: float) -> bool:
+        """Whether a message is in line within ``timeout`` seconds; it stays
+        in line (the front, for the next :meth:`next`)."""
+        if self._ready:
+            return True
+        message = await self.next(timeout)
+        if message is None:
+            return False
+        self.push_back(message)
+        return True
+
     def _stale(self, message: Message) -> bool:
         return bool(self._reacked) and str(message.message_id()) in self._reacked
 

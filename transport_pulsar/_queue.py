@@ -116,6 +116,9 @@ ERROR_PROPERTY = HEADER_ERROR
 NOT_BEFORE_PROPERTY = HEADER_NOT_BEFORE
 REQUEST_ID_PROPERTY = HEADER_REQUEST_ID
 _JOIN_GRACE_SECONDS = 0.2
+#: After a hand-out, how long the broker may take to dispatch the next
+#: message on the permit it returned (see PulsarRequestQueue.caught_up).
+_DISPATCH_GRACE_SECONDS = 0.2
 # Hand-outs counted ahead (see PulsarRequestQueue._reserve_next): one, or
 # up to _RESERVE_MAX while acks follow each other within _HOT_GAP_SECONDS
 # (a loop faster than a count write; a steadily slow one holds no more).
@@ -254,6 +257,7 @@ class PulsarRequestQueue(RequestQueue):
         self._last_ack = 0.0
         self._producer: AsyncProducer | None = None
         self._consumer: AsyncConsumer | None = None
+        self._handed_out_at = float("-inf")  # loop time of the last hand-out
         self._lock = asyncio.Lock()
         self._creating: InFlight[str] = InFlight()
         # Leased and held-back messages by message id: after a reconnect the
@@ -333,7 +337,33 @@ class PulsarRequestQueue(RequestQueue):
                 continue
             delivery = await self._admit(consumer, message)
             if delivery is not None:
+                self._handed_out_at = loop.time()
                 return delivery
+
+    async def caught_up(self, timeout: float | None = None) -> bool:
+        """As :meth:`RequestQueue.caught_up`. ``poll(0)`` answers from what
+        the consumer has received, and right after a hand-out the broker is
+        still dispatching the next message on the permit that hand-out
+        returned (with the default prefetch of 1 nothing else is held): a
+        priority queue asking then took an empty receive queue for an empty
+        level and served a lower one (seen under load). So until
+        :data:`_DISPATCH_GRACE_SECONDS` after the last hand-out this waits for
+        a message to arrive (kept in line), also past a shorter ``timeout``:
+        like the first poll after joining, a priority queue's ``poll(0)``
+        may take that long, and then answers right (a ``poll(0)`` loop
+        draining a queue does not stop early).
+
+        Raises: ClosedResourceError.
+        """
+        self._check_open()
+        _seconds(timeout)  # a negative timeout is refused, as for poll
+        consumer = self._consumer
+        if consumer is None:
+            return True  # the first poll gives the first dispatch a moment (join grace)
+        left = self._handed_out_at + _DISPATCH_GRACE_SECONDS - asyncio.get_running_loop().time()
+        if left > 0:
+            await consumer.wait_ready(left)
+        return True
 
     async def _poll_more(self, first: Delivery, count: int) -> list[Delivery]:
         """The rest of a ``poll_many`` batch: the delayed copies due now and
@@ -376,6 +406,8 @@ class PulsarRequestQueue(RequestQueue):
                 more.append(result)
             elif isinstance(result, BaseException):
                 log.debug("queue %r: poll_many: one not handed out: %s", self.name, result)
+        if more:
+            self._handed_out_at = asyncio.get_running_loop().time()
         return more
 
     async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:

@@ -542,3 +542,31 @@ async def test_concurrent_first_enqueues_to_a_broker_that_is_down_fail_within_on
         assert waited < 4 * timeout, f"{waited:.1f} s for 10 enqueues (one after the other: 10 x)"
     finally:
         await transport.aclose()
+
+
+async def test_right_after_a_hand_out_caught_up_waits_for_the_next_dispatch(
+    transport_harness: PulsarHarness,
+) -> None:
+    # With the default prefetch of 1 the consumer holds nothing right after a
+    # hand-out: the broker is still dispatching the next message on the
+    # permit it returned. caught_up() said so at once, and a priority queue
+    # took the empty receive queue for an empty level and served a lower one
+    # (seen in a loaded CI run: [0, 0, 1, 0, 0, ...]).
+    t = await transport_harness.connect()
+    try:
+        q = t.request_queue(f"hd{uuid.uuid4().hex[:6]}")
+        for i in range(3):
+            await q.enqueue(WorkRequest(task="x", payload=i))
+        for i in range(3):
+            d = await q.poll(10)
+            assert d is not None and d.request.payload == i
+            assert await q.caught_up(0)
+            if i < 2:  # the next one is in line, without waiting in poll
+                consumer = q._consumer  # type: ignore[attr-defined]
+                assert consumer is not None and consumer._ready, f"after {i}"
+            await d.ack()
+        started = time.monotonic()
+        assert await q.caught_up(0)  # nothing more: waits out the grace, once
+        assert time.monotonic() - started < 1.0
+    finally:
+        await t.aclose()
