@@ -33,6 +33,7 @@ from transport.kit import (
     check_start,
     decode,
     encode,
+    to_millisecond,
     utcnow,
     validate_header,
     validate_name,
@@ -89,7 +90,7 @@ class KafkaEventReader(EventReader):
             offset = await self._call(self._stored_position)
         if offset is None:
             offset = await self._call(lambda: self._resolve(start))
-            self._not_before = start if isinstance(start, datetime) else None
+            self._not_before = to_millisecond(start) if isinstance(start, datetime) else None
         self._assign(offset)
 
     async def _call(self, fn: Any) -> Any:
@@ -111,9 +112,9 @@ class KafkaEventReader(EventReader):
         assert self._consumer is not None
         timeout = self._log.clients.timeout
         if isinstance(start, datetime):
-            # Rounded up: appended_at has millisecond precision, so the first
-            # event appended at or after ``start`` has a timestamp >= this.
-            millis = -((_EPOCH - start) // timedelta(milliseconds=1))
+            # appended_at has millisecond precision: compared at it (an
+            # event of the same millisecond counts as at or after ``start``).
+            millis = _millis(to_millisecond(start))
             [tp] = self._consumer.offsets_for_times(
                 [TopicPartition(self._topic, 0, millis)], timeout=timeout
             )
@@ -196,7 +197,7 @@ class KafkaEventReader(EventReader):
         # ``_drain`` was scheduled before this wake-up: the queue is clean.
         await asyncio.sleep(0)
         self._last = None
-        self._not_before = to if isinstance(to, datetime) else None
+        self._not_before = to_millisecond(to) if isinstance(to, datetime) else None
 
     def _drain(self) -> None:
         while not self._queue.empty():

@@ -29,7 +29,7 @@ import _pulsar
 
 from transport import EventLog, EventReader, LogEvent, encode, utcnow
 from transport.errors import ClosedResourceError, TransientTransportError, TransportError
-from transport.kit import Start, check_headers, check_start, validate_name
+from transport.kit import Start, check_headers, check_start, to_millisecond, validate_name
 from transport_pulsar._client import (
     AsyncProducer,
     AsyncReader,
@@ -272,7 +272,7 @@ class PulsarEventReader(EventReader):
             self._reader.topic, _target(to), inclusive=_inclusive(to)
         )
         old, self._reader = self._reader, reader
-        self._not_before = to if isinstance(to, datetime) else None
+        self._not_before = to_millisecond(to) if isinstance(to, datetime) else None
         self._start, self._opened_at, self._returned = to, _now_ms(), None
         self._start_skip = None
         self._delivering()
@@ -373,7 +373,7 @@ class PulsarEventLog(EventLog):
         )
         event_reader = PulsarEventReader(self, stream, reader, cursor, skip, start)
         if isinstance(start, datetime):
-            event_reader._not_before = start
+            event_reader._not_before = to_millisecond(start)
         self._readers.add(event_reader)
         return event_reader
 

@@ -64,7 +64,15 @@ from transport.errors import (
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import Start, check_headers, check_start, make_event, validate_name, wait_within
+from transport.kit import (
+    Start,
+    check_headers,
+    check_start,
+    make_event,
+    to_millisecond,
+    validate_name,
+    wait_within,
+)
 from transport.kit import WireModel as _WireModel
 from transport_redis._client import RedisContext, keys
 
@@ -429,9 +437,10 @@ def _time_of(entry_id: str) -> datetime:
     return _EPOCH + timedelta(milliseconds=_parse(entry_id)[0])
 
 
-def _first_ms_at_or_after(at: datetime) -> int:
-    micros = (at - _EPOCH) // timedelta(microseconds=1)
-    return -(-micros // 1000)
+def _millisecond_of(at: datetime) -> int:
+    """The entry-id millisecond ``at`` falls in: entries of that millisecond
+    count as at or after it (entry ids have millisecond precision)."""
+    return (to_millisecond(at) - _EPOCH) // timedelta(milliseconds=1)
 
 
 class _RedisReader(EventReader):
@@ -575,7 +584,7 @@ class RedisEventLog(EventLog):
                 newest = await self._client.redis.xrevrange(self._key(stream), "+", "-", count=1)
             return _text(newest[0][0]) if newest else "0-0"
         if isinstance(start, datetime):
-            return _before(_first_ms_at_or_after(start), 0)
+            return _before(_millisecond_of(start), 0)
         return _before(*_parse(start))
 
     def _cursors(self, stream: str) -> str:

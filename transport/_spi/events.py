@@ -430,6 +430,16 @@ class EventLog(ABC):
         await self.aclose()
 
 
+def to_millisecond(moment: datetime) -> datetime:
+    """``moment`` cut to the millisecond: the time a read from a time is
+    compared at on backends that stamp ``appended_at`` in milliseconds
+    (Kafka, Pulsar, Redis), so that an event appended in the same
+    millisecond as ``moment`` counts as at or after it (``opened =
+    datetime.now(UTC)``, then an append, then ``read(stream, opened)``
+    missed that event there)."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 def check_start(start: Start) -> Start:
     if isinstance(start, datetime):
         return start if start.tzinfo else start.replace(tzinfo=utcnow().tzinfo)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
 from transport import Event, InvalidNameError, Transport, subject_matches, utcnow
+from transport.kit import to_millisecond
 from transport.testing.harness import BackendHarness
 
 pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
@@ -196,12 +197,32 @@ class EventLogConformance:
         assert after_seek is not None and after_seek.data == "after-0"
         await reader.aclose()
 
+    async def test_a_read_from_now_returns_the_event_appended_next(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        # The README's pattern: note the time, append, read from that time.
+        # appended_at is stamped in milliseconds on Kafka, Pulsar and Redis,
+        # and an event of the same millisecond as the time noted (just after
+        # it) was skipped: 30 of 30 reads missed it on Kafka.
+        log = transport.event_log()
+        for i in range(5):
+            stream = f"{queue_name}-{i}"
+            opened = utcnow()
+            await log.append(stream, {"order": i})
+            async with await log.read(stream, opened) as reader:
+                event = await reader.next(harness.scaled(10))
+            assert event is not None and event.data == {"order": i}, (i, opened)
+
     async def test_read_from_a_time_agrees_with_appended_at(
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:
         """Starting at an event's own ``appended_at`` returns that event (or
         an earlier one with the same time) first; starting a microsecond
-        later returns the first event appended strictly after it."""
+        later returns the first event appended after it, compared at the
+        backend's precision: where ``appended_at`` has milliseconds (Kafka,
+        Pulsar, Redis), a time within an event's millisecond still finds it
+        (else an event appended just after a time noted in the same
+        millisecond would be missed)."""
         log = transport.event_log()
         for i in range(3):
             await log.append(queue_name, i)
@@ -209,6 +230,11 @@ class EventLogConformance:
         events = [await reader.next(harness.scaled(10)) for _ in range(3)]
         assert all(e is not None for e in events)
         appended = [e for e in events if e is not None]
+        millis = all(e.appended_at.microsecond % 1000 == 0 for e in appended)
+
+        def stamp(moment: datetime) -> datetime:
+            return to_millisecond(moment) if millis else moment
+
         for event in appended:
             at = event.appended_at
             later = at + timedelta(microseconds=1)
@@ -218,7 +244,7 @@ class EventLogConformance:
             assert first is not None and first.position == expected.position, (at, first)
             await from_at.aclose()
             await reader.seek(later)
-            after = [e for e in appended if e.appended_at >= later]
+            after = [e for e in appended if e.appended_at >= stamp(later)]
             got = await reader.next(harness.scaled(10) if after else 0.3)
             if after:
                 assert got is not None and got.position == after[0].position, (later, got)
