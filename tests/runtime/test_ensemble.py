@@ -518,6 +518,36 @@ async def test_a_second_stop_releases_the_running_handlers_at_once(transport: Tr
     await delivery.ack()
 
 
+async def test_a_result_too_large_to_store_fails_the_request_at_once(runtime_url: str) -> None:
+    # The response passed the build check but its record was over the size
+    # limit: settling failed, the handler ran again one lease apart until
+    # the attempts ran out, and the caller got "not acknowledged after N
+    # deliveries", which hid the cause.
+    from transport import connect
+
+    transport = await connect(runtime_url, max_payload_bytes=4000, lease_seconds=2.0)
+    try:
+        runs = 0
+
+        async def big(ctx: TaskContext) -> str:
+            nonlocal runs
+            runs += 1
+            return "x" * 5000
+
+        ens = Ensemble("kitchen", transport=transport, concurrency=1, max_attempts=3)
+        ens.add_task("cook", big)
+        async with ens:
+            response = await Network(transport, caller="desk").request(
+                "kitchen", "cook", timeout=20
+            )
+        assert response.status == "failed"
+        assert response.error is not None
+        assert "the handler's result cannot be sent" in response.error
+        assert runs == 1
+    finally:
+        await transport.aclose()
+
+
 async def test_caller_reattaches_after_restart(runtime_url: str) -> None:
     from transport import connect
 

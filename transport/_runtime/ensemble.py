@@ -1118,7 +1118,16 @@ class Ensemble:
             # Running the handler again would return the same value.
             await self._fail(delivery, f"the handler's result cannot be sent: {exc}", started)
             return
-        undeliverable = await self._respond(request, response)
+        try:
+            undeliverable = await self._respond(request, response)
+        except PermanentTransportError as exc:
+            # The response cannot be stored (over the size limit once
+            # encoded, nested deeper than the encoder goes): running the
+            # handler again would give the same result. It was retried until
+            # its attempts ran out, one lease apart, and the caller got a
+            # reason that hid the cause.
+            await self._fail(delivery, f"the handler's result cannot be sent: {exc}", started)
+            return
         if undeliverable is not None:
             await delivery.dead_letter(undeliverable)
             self.counts["failed"] += 1
