@@ -225,6 +225,25 @@ def test_an_out_of_range_field_raises_one_readable_line() -> None:
     )
 
 
+def _nested(levels: int) -> dict[str, object]:
+    top: dict[str, object] = {}
+    inner = top
+    for _ in range(levels - 1):
+        inner["a"] = {}
+        inner = inner["a"]  # type: ignore[assignment]
+    return top
+
+
+def test_a_payload_nested_to_the_limit_is_sent_as_it_is() -> None:
+    from transport._spi.jsonvalue import MAX_NESTING
+
+    deep = _nested(MAX_NESTING)
+    request = WorkRequest(task="t", payload=deep)
+    assert decode(WorkRequest, encode(request)).payload == deep
+    with pytest.raises(InvalidMessageError, match=f"nested more than {MAX_NESTING} levels"):
+        WorkRequest(task="t", payload=_nested(MAX_NESTING + 1))
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
@@ -235,6 +254,11 @@ def test_an_out_of_range_field_raises_one_readable_line() -> None:
         (datetime(2026, 1, 1, tzinfo=UTC), "payload is a datetime"),
         ({1: "one"}, "payload has the key 1 (int): JSON object keys are strings"),
         (b"x", "payload is a bytes"),
+        # Accepted here, then refused by the encoder at enqueue with another
+        # error type (PermanentTransportError, not a ValueError):
+        ({"s": "\ud800"}, "payload['s'] holds a lone surrogate"),
+        ({"\udfff": 1}, "payload key holds a lone surrogate"),
+        (_nested(201), "payload['a']['a']"),
     ],
 )
 def test_payloads_that_would_not_arrive_as_sent_are_refused(payload: object, message: str) -> None:
@@ -255,7 +279,7 @@ def test_results_and_events_follow_the_same_payload_rule() -> None:
 def test_a_self_containing_payload_is_refused() -> None:
     loop: list[object] = []
     loop.append(loop)
-    with pytest.raises(InvalidMessageError, match="nested too deeply"):
+    with pytest.raises(InvalidMessageError, match="nested"):
         WorkRequest(task="t", payload=loop)
 
 

@@ -10,52 +10,88 @@ __all__ = ["json_value_problem"]
 
 
 _SCALARS = (str, int, type(None))  # bool is an int
+#: Lists and dicts nested deeper than this are refused: the encoder gives up
+#: at 255 levels of the whole record (the payload sits a few levels down).
+MAX_NESTING = 200
 
 
 def json_value_problem(value: Any, where: str = "payload") -> str | None:
     """Why ``value`` would not arrive as sent through JSON, or ``None`` if it would.
 
     The rule is strict, the same on every backend: ``None``, ``bool``,
-    ``int``, finite ``float``, ``str``, ``list`` and ``dict`` with ``str``
-    keys, nested freely. Everything else would come back as something else
-    (a tuple as a list, a set as a list, a datetime as a string, the int key
-    ``1`` as ``"1"``, NaN as ``null``), so it is refused instead of converted.
+    ``int``, finite ``float``, ``str`` (encodable as UTF-8: no lone
+    surrogate), ``list`` and ``dict`` with ``str`` keys, nested up to
+    :data:`MAX_NESTING` levels. Everything else would come back as something
+    else (a tuple as a list, a set as a list, a datetime as a string, the
+    int key ``1`` as ``"1"``, NaN as ``null``) or not be sent at all, so it
+    is refused instead of converted.
     """
     try:
-        if _is_json(value):  # the common case, without building paths
+        if _is_json(value, 0):  # the common case, without building paths
             return None
-        return _problem(value, where)
+        return _problem(value, where, 0)
     except RecursionError:
         return f"{where} is nested too deeply (or contains itself)"
 
 
-_EXACT_SCALARS = frozenset({str, int, bool, type(None)})
+def _text_problem(value: str, where: str) -> str | None:
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{where} holds a lone surrogate ({_short(value)}): not encodable as UTF-8"
+    return None
+
+
+def _too_deep(where: str) -> str:
+    return f"{where} is nested more than {MAX_NESTING} levels deep"
+
+
 _isfinite = math.isfinite
 
 
-def _is_json(value: Any) -> bool:
+_EXACT_OTHER_SCALARS = frozenset({int, bool, type(None)})
+
+
+def _is_json_item(item: Any, depth: int) -> bool:
+    kind = type(item)
+    if kind is str:
+        return item.isascii() or _text_problem(item, "") is None
+    return kind in _EXACT_OTHER_SCALARS or _is_json(item, depth)
+
+
+def _is_json(value: Any, depth: int) -> bool:
     kind = type(value)
-    if kind in _EXACT_SCALARS:
+    if kind is str:
+        return value.isascii() or _text_problem(value, "") is None
+    if kind in _EXACT_OTHER_SCALARS:
         return True
     if kind is float:
         return _isfinite(value)
     if kind is dict:
+        if depth >= MAX_NESTING:
+            return False
         for key, item in value.items():
-            if type(key) is not str:
+            if type(key) is not str or not (key.isascii() or _text_problem(key, "") is None):
                 return False
-            if type(item) not in _EXACT_SCALARS and not _is_json(item):
+            if not _is_json_item(item, depth + 1):
                 return False
         return True
     if kind is list:
+        if depth >= MAX_NESTING:
+            return False
         # A loop, not all(): this runs for every message built.
         for item in value:  # noqa: SIM110
-            if type(item) not in _EXACT_SCALARS and not _is_json(item):
+            if not _is_json_item(item, depth + 1):
                 return False
         return True
-    return _problem(value, "") is None  # subclasses (StrEnum, OrderedDict …)
+    return _problem(value, "", depth) is None  # subclasses (StrEnum, OrderedDict …)
 
 
-def _problem(value: Any, where: str) -> str | None:
+def _problem(value: Any, where: str, depth: int) -> str | None:
+    if isinstance(value, str):
+        return _text_problem(value, where)
     if isinstance(value, _SCALARS):
         return None
     if isinstance(value, float):
@@ -63,19 +99,25 @@ def _problem(value: Any, where: str) -> str | None:
             return None
         return f"{where} is {value!r}: NaN and infinities are not JSON"
     if isinstance(value, list):
+        if depth >= MAX_NESTING:
+            return _too_deep(where)
         for index, item in enumerate(value):
-            problem = _problem(item, f"{where}[{index}]")
+            problem = _problem(item, f"{where}[{index}]", depth + 1)
             if problem is not None:
                 return problem
         return None
     if isinstance(value, dict):
+        if depth >= MAX_NESTING:
+            return _too_deep(where)
         for key, item in value.items():
             if not isinstance(key, str):
                 return (
                     f"{where} has the key {key!r} ({type(key).__name__}): "
                     "JSON object keys are strings, convert it first"
                 )
-            problem = _problem(item, f"{where}[{key!r}]")
+            problem = _text_problem(key, f"{where} key") or _problem(
+                item, f"{where}[{key!r}]", depth + 1
+            )
             if problem is not None:
                 return problem
         return None
