@@ -33,6 +33,11 @@ _SASL_MECHANISMS = {
 
 # librdkafka keys the library owns: a passthrough may not change them, because
 # the delivery guarantees depend on them.
+#: Bytes of a record kept below the producer's message.max.bytes for what
+#: is not the request body: key, headers, and a dead letter's fields (its
+#: error is at most 4 KiB).
+RECORD_ALLOWANCE = 8192
+
 _OWNED_PRODUCER = {"acks", "enable.idempotence", "bootstrap.servers", "on_delivery"}
 _OWNED_CONSUMER = {
     "enable.auto.commit",
@@ -164,6 +169,21 @@ class KafkaSettings:
 
     def stream_topic(self, stream: str) -> str:
         return topic_name(self.namespace, "stream", stream, "events")
+
+    def body_limit(self, configured: int) -> int:
+        """The largest record value the library sends: ``configured``
+        (``max_payload_bytes``), and never more than the producer's
+        ``message.max.bytes`` (librdkafka's default: 1,000,000) less
+        :data:`RECORD_ALLOWANCE` for the key, the headers and a dead letter's
+        wrapping (over it, librdkafka refuses the record with
+        MSG_SIZE_TOO_LARGE after the request was accepted for sending, and
+        a request at the limit could not be dead-lettered)."""
+        producer = self.producer_config().get("message.max.bytes", 1_000_000)
+        try:
+            client_limit = int(producer)
+        except (TypeError, ValueError):
+            client_limit = 1_000_000
+        return max(min(configured, client_limit - RECORD_ALLOWANCE), 1)
 
     def producer_config(self) -> dict[str, Any]:
         conf: dict[str, Any] = {

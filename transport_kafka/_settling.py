@@ -358,7 +358,7 @@ class _Settling(_Assignment):
             request_id=request.request_id if request else None,
             request=request,
             raw=raw,
-            error=error,
+            error=error_header(error),  # at most 4 KiB: the record stays under the limit
             attempts=attempts if attempts is not None else rec.attempts,
         )
         key = f"{request.request_id if request else 'raw'}.{rec.partition}.{rec.offset}".encode()

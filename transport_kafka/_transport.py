@@ -114,7 +114,7 @@ class KafkaTransport(Transport):
         self.ctx = KafkaContext(
             self.settings,
             self.clients,
-            max_payload_bytes=config.max_payload_bytes,
+            max_payload_bytes=self.settings.body_limit(config.max_payload_bytes),
             ordered=self.capabilities.ordered,
             engines=Engines,
             request_codec=request_codec_for(config),

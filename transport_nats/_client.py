@@ -116,10 +116,11 @@ def broker_name(namespace: str, *parts: str) -> str:
     return "__".join((namespace, *parts))
 
 
-#: Bytes kept for the headers of a publish (``Nats-Msg-Id`` with a request
-#: id and suffix, ``Nats-Expected-Stream``, trace and event headers) below
-#: the server's ``max_payload``.
-HEADER_ALLOWANCE = 4096
+#: Bytes kept below the server's ``max_payload`` for what is not the body:
+#: the headers of a publish (``Nats-Msg-Id`` with a request id and suffix,
+#: ``Nats-Expected-Stream``, trace and event headers) and a dead letter's
+#: fields around the request (its error is at most 4 KiB).
+HEADER_ALLOWANCE = 8192
 
 
 class NatsContext:

@@ -76,6 +76,7 @@ from transport.errors import (
 )
 from transport.kit import (
     decode_request,
+    error_header,
     hand_to_waiter,
     internal_name,
     replace_fields,
@@ -795,7 +796,7 @@ class NatsRequestQueue(RequestQueue):
             request_id=request.request_id if request else None,
             request=request,
             raw=None if request else msg.data,
-            error=error,
+            error=error_header(error),  # at most 4 KiB: the record stays under the limit
             attempts=attempts,
         )
         # Message id from the source sequence: retrying the copy stores it once.

@@ -464,3 +464,33 @@ async def test_a_batch_poll_counts_its_deliveries_in_one_round_and_a_clean_close
         assert await queue.ack_many(rest) == [True] * 35
     finally:
         await transport.aclose()
+
+
+async def test_the_body_limit_is_the_producers_and_a_request_at_it_can_be_dead_lettered(
+    kafka_config_factory: Any,
+) -> None:
+    # librdkafka's message.max.bytes (1,000,000 by default) is below the
+    # default max_payload_bytes (1 MiB): a request between the two was
+    # accepted, then refused by the client with MSG_SIZE_TOO_LARGE; one just
+    # under it could not be dead-lettered (the dead letter wraps it with its
+    # error). The library's limit is now the producer's less 8 KiB.
+    from transport.errors import PayloadTooLargeError
+    from transport_kafka._config import RECORD_ALLOWANCE
+
+    transport = await connect(kafka_config_factory())
+    try:
+        assert isinstance(transport, KafkaTransport)
+        queue = transport.request_queue(_name(), max_attempts=1)
+        limit = queue.max_payload_bytes
+        assert limit == 1_000_000 - RECORD_ALLOWANCE
+        with pytest.raises(PayloadTooLargeError):
+            await queue.enqueue(WorkRequest(task="t", payload="x" * 995_000))
+        edge = WorkRequest(task="t", payload="x" * (limit - 400))
+        await queue.enqueue(edge)
+        delivery = await queue.poll(30)
+        assert delivery is not None and delivery.request.request_id == edge.request_id
+        assert await delivery.dead_letter("E" * 10_000)  # cut to 4 KiB in the record
+        [dead] = await queue.dead_letters()
+        assert dead.request_id == edge.request_id and len(dead.error.encode()) <= 4096
+    finally:
+        await transport.aclose()
