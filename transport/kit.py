@@ -65,7 +65,14 @@ from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
 from transport._spi.config import options_error
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
-from transport._spi.events import Start, check_headers, check_start, make_event, to_millisecond
+from transport._spi.events import (
+    EventInbox,
+    Start,
+    check_headers,
+    check_start,
+    make_event,
+    to_millisecond,
+)
 from transport._spi.keyed import encode_checkpoint, read_checkpoint
 from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, replace_fields, utcnow
 from transport._spi.models import _WireModel as WireModel
@@ -92,6 +99,7 @@ __all__ = [
     "AtExit",
     "ClientLog",
     "DoctorFinding",
+    "EventInbox",
     "InFlight",
     "ObjectKind",
     "ProvisionPlan",

@@ -46,7 +46,7 @@ from transport import (
     validate_subject,
 )
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
-from transport.kit import Start, check_headers, check_start, make_event, validate_name
+from transport.kit import EventInbox, Start, check_headers, check_start, make_event, validate_name
 from transport.kit import WireModel as _WireModel
 from transport_nats._client import NatsContext
 from transport_nats._errors import map_nats_errors
@@ -87,7 +87,7 @@ class _NatsSubscription(Subscription):
         self.pattern = pattern
         self.queue_group = queue_group
         self.prefix = prefix
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queue = EventInbox(f"subscription {pattern!r}")
         self.sub: Any = None
         self._closed = False
 

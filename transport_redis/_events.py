@@ -65,6 +65,7 @@ from transport.errors import (
     UndecodableMessageError,
 )
 from transport.kit import (
+    EventInbox,
     Start,
     check_headers,
     check_start,
@@ -100,7 +101,7 @@ class _RedisSubscription(Subscription):
         self.pattern = pattern
         self.queue_group = queue_group
         self.glob = glob
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queue = EventInbox(f"subscription {pattern!r}")
         self.member = f"{bus._id}:{uuid.uuid4().hex[:12]}"
         self._bus = bus
         self._closed = False

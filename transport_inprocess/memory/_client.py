@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transport import DeadLetter, KeyedChange, LogEvent
+from transport.kit import EventInbox
 
 __all__ = ["reset_memory"]
 
@@ -134,7 +135,7 @@ class _Inbox:
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queue = EventInbox("a memory:// subscription")
 
     def put(self, item: Any) -> bool:
         try:
