@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from transport._ops.logging import configure_logging
+from transport._ops.top import advertised_levels
 from transport._spi.codec import decode
 from transport._spi.config import TransportConfig, load_config
 from transport._spi.connect import connect
@@ -597,10 +598,7 @@ async def _queue_levels(
     advertised: dict[str, int] = {}
     with contextlib.suppress(TransportError, UnsupportedFeatureError, TimeoutError):
         async with asyncio.timeout(_LEVELS_LOOKUP_S):
-            capabilities = await transport.capability_registry().all()
-        for cap in capabilities:
-            name = cap.queue or cap.ensemble
-            advertised[name] = max(advertised.get(name, 1), cap.priority_levels)
+            advertised = advertised_levels(await transport.capability_registry().all())
     return {name: advertised.get(name, 1) for name in names}
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from transport._spi.models import utcnow
+from transport._spi.models import Capability, utcnow
 from transport._spi.queue import RequestQueue
 from transport._spi.transport import Transport
 from transport.errors import BackendNotAvailableError, TransportError
@@ -78,6 +79,16 @@ def require_rich() -> None:
         ) from exc
 
 
+def advertised_levels(capabilities: Iterable[Capability]) -> dict[str, int]:
+    """Each advertised queue (an ensemble's queue, else its name) and its
+    priority levels (the most any advertisement of it declares)."""
+    found: dict[str, int] = {}
+    for cap in capabilities:
+        name = cap.queue or cap.ensemble
+        found[name] = max(found.get(name, 1), cap.priority_levels)
+    return found
+
+
 class TopCollector:
     """Reads one :class:`Snapshot` per call. Named queues are shown as given;
     without names, every queue advertised in the capability registry (with
@@ -112,10 +123,7 @@ class TopCollector:
     async def _targets(self) -> list[tuple[str, int]]:
         if self.queues:
             return [(name, self.levels or 1) for name in self.queues]
-        found: dict[str, int] = {}
-        for cap in await self.transport.capability_registry().all():
-            name = cap.queue or cap.ensemble
-            found[name] = max(found.get(name, 1), cap.priority_levels)
+        found = advertised_levels(await self.transport.capability_registry().all())
         return sorted(found.items())
 
     async def snapshot(self) -> Snapshot:
