@@ -966,8 +966,14 @@ class NatsRequestQueue(RequestQueue):
         nc = self._ctx.nc
         for delivery in held:
             delivery._finish()
-        with contextlib.suppress(Exception):
-            if self._sub is not None:
+        if self._sub is not None:
+            # Drained, not just unsubscribed: a message the server sent
+            # before it saw the UNSUB (a redelivery of one just given back
+            # to a pull still open) lands in the buffer and is given back
+            # below; dropped, it would wait out its ack wait and count.
+            with contextlib.suppress(Exception):
+                await wait_within(self._sub.drain(), self._opts.request_timeout)
+            with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
         now = asyncio.get_running_loop().time()
         unhanded = [m for m, received in self._buffer if now < received + self.lease_window]

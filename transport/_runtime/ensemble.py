@@ -213,7 +213,8 @@ class Ensemble:
         self._registrations: dict[str, DeliveryRecord] = {}
         self._capabilities: CapabilityRegistry | None = None
         self._workers: list[asyncio.Task[None]] = []
-        self._busy: set[asyncio.Task[None]] = set()
+        # Workers running a handler, each with the delivery it handles.
+        self._busy: dict[asyncio.Task[None], Delivery] = {}
         # With concurrency > 1, idle workers share one poll_many for as many
         # requests as they are (see _next): its deliveries wait here, one per
         # idle worker, until each takes its own.
@@ -409,7 +410,7 @@ class Ensemble:
         event loop's thread. :meth:`run` returns once the shutdown is done.
         Called again while the ensemble is stopping (a second SIGTERM or
         Ctrl-C under :meth:`run`), it stops waiting for the handlers still
-        running: they are released for redelivery at once, and the shutdown
+        running: they are given back (uncounted) at once, and the shutdown
         goes on (acks in flight, withdrawals, closing). Never raises."""
         if self._stopping.is_set() and not self._forced.is_set():
             log.warning(
@@ -456,7 +457,9 @@ class Ensemble:
         """Stop and release everything (see :meth:`run`). Idempotent.
 
         Guarantees: handlers still running after ``shutdown_grace`` are
-        cancelled and their requests released for redelivery; acks still in
+        cancelled and their requests given back for redelivery without
+        counting an attempt (every built-in backend; a backend that cannot
+        leaves them to the queue's close, which counts); acks still in
         flight after ``shutdown_grace`` are cancelled too (those requests come
         back and are answered from the recorded response, without running the
         handler again); withdrawal failures are logged, not raised.
@@ -468,6 +471,7 @@ class Ensemble:
         self._stopping.set()
         in_flight = len(self._busy)
         released = 0
+        interrupted: list[Delivery] = []
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
@@ -483,6 +487,7 @@ class Ensemble:
         if self._workers:
             late = await self._within_grace(set(self._workers))
             released = len(late)
+            interrupted = [self._busy[worker] for worker in late if worker in self._busy]
             for worker in late:
                 log.warning(
                     "ensemble %s: handler still running at the end of the grace; releasing it",
@@ -491,7 +496,11 @@ class Ensemble:
                 )
                 worker.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+        # No poll of this process may be waiting when they are given back:
+        # it would take them again (NATS redelivers a NAKed message at once)
+        # and, cancelled, leave them to their lease.
         await self._release_fetched()
+        await self._give_back(interrupted)
         if self._acking:
             _, late = await asyncio.wait(set(self._acking), timeout=self.shutdown_grace)
             for ack in late:
@@ -522,6 +531,28 @@ class Ensemble:
                 extra=self._fields(),
             )
 
+    async def _give_back(self, deliveries: list[Delivery]) -> None:
+        """Give back, uncounted, requests fetched for no handler, and those
+        whose handlers the shutdown interrupted: stopping a worker is no
+        failure of the request, and a job longer than ``shutdown_grace``
+        must not use up an attempt at every deploy. (A handler that never
+        returns is then tried again at every clean restart without ever
+        being dead-lettered; a killed process, a lease that runs out and a
+        handler error still count.) One the backend cannot give back
+        uncounted, or that was settled meanwhile, is left to the queue's
+        close (which counts it) or to its lease."""
+        for delivery in deliveries:
+            try:
+                await delivery._release_uncounted()
+            except TransportError as exc:
+                log.info(
+                    "ensemble %s: %s not given back uncounted: %s",
+                    self.name,
+                    delivery.request.request_id,
+                    exc,
+                    extra=self._fields(delivery.request),
+                )
+
     async def _release_fetched(self) -> None:
         """At stop, after the workers: cancel a shared poll still waiting
         (cancellation-safe) and give back, uncounted, what was fetched for
@@ -531,18 +562,9 @@ class Ensemble:
         if fetch is not None:
             fetch.cancel()
             await asyncio.gather(fetch, return_exceptions=True)
-        while self._handoff:
-            delivery = self._handoff.popleft()
-            try:
-                await delivery._release_uncounted()
-            except TransportError as exc:
-                log.info(
-                    "ensemble %s: %s left to its lease: %s",
-                    self.name,
-                    delivery.request.request_id,
-                    exc,
-                    extra=self._fields(delivery.request),
-                )
+        fetched = list(self._handoff)
+        self._handoff.clear()
+        await self._give_back(fetched)
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[Self]:
@@ -885,7 +907,7 @@ class Ensemble:
                 continue
             if delivery is None:
                 continue
-            self._busy.add(current)
+            self._busy[current] = delivery
             try:
                 await self._handle(delivery)
             except TransportError as exc:
@@ -899,7 +921,7 @@ class Ensemble:
                     extra=self._fields(delivery.request),
                 )
             finally:
-                self._busy.discard(current)
+                self._busy.pop(current, None)
 
     def _fields(self, request: WorkRequest | None = None) -> dict[str, Any]:
         """Structured-log fields (see :class:`transport.JsonLogFormatter`)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from transport import Delivery, RequestQueue, Transport, WorkRequest
+from transport import Delivery, Ensemble, RequestQueue, TaskContext, Transport, WorkRequest
 from transport.kit import WIRE_SCHEMA_VERSION, wait_within
 from transport.testing._util import await_dead_letters, enqueue_all, make_requests
 from transport.testing.harness import BackendHarness
@@ -319,6 +319,50 @@ class CleanRestartConformance:
         assert handed.keys() == wanted, f"{len(wanted - handed.keys())} request(s) never delivered"
         if harness.capabilities.scale_out:
             assert by_worker["joiner"] > 0, f"the new worker got no work: {dict(by_worker)}"
+        dead = await producer.dead_letters()
+        assert dead == [], [(d.request_id, d.error) for d in dead]
+
+    async def test_an_ensemble_stopped_past_its_grace_gives_the_request_back_uncounted(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """A deploy stops a worker whose handler outlasts ``shutdown_grace``:
+        the request comes back to the next worker at the same attempt. A
+        job longer than the grace used to lose an attempt at every clean
+        restart, and was dead-lettered after ``max_attempts`` deploys
+        without ever failing."""
+        producer = self.open_queue(transport, queue_name)
+        [sent] = await enqueue_all(producer, make_requests(1))
+        started, never = asyncio.Event(), asyncio.Event()
+
+        async def long_job(ctx: TaskContext) -> None:
+            started.set()
+            await never.wait()
+
+        worker = await make_transport()
+        try:
+            ensemble = Ensemble(
+                queue_name,
+                transport=worker,
+                concurrency=2,
+                shutdown_grace=0.2,
+                advertise=False,
+                max_attempts=MAX_ATTEMPTS,
+            )
+            ensemble.add_task(sent.task, long_job)
+            await ensemble.start()
+            try:
+                await wait_within(started.wait(), harness.scaled(30))
+            finally:
+                await ensemble.aclose()
+        finally:
+            await worker.aclose()
+        assert not never.is_set()
+        attempts = await self._next_worker_takes(
+            make_transport, queue_name, harness, 1, set(), batch=False
+        )
+        assert attempts == {sent.request_id: 1}, (
+            f"after a stop that interrupted its handler: {attempts} (attempt 2: the stop counted)"
+        )
         dead = await producer.dead_letters()
         assert dead == [], [(d.request_id, d.error) for d in dead]
 
