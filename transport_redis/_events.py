@@ -355,7 +355,11 @@ class RedisEventBus(EventBus):
             async with self._lock:
                 await self._command("subscribe", inbox)
             with self._client.errors(f"request to {subject}"):
-                await self._client.redis.publish(self._channel(subject), body)
+                receivers = await self._client.redis.publish(self._channel(subject), body)
+            if not receivers:
+                # PUBLISH counts the subscribers it reached (patterns too):
+                # nobody to answer, as NATS reports "no responders".
+                raise TimeoutError(f"nobody answers requests on {subject!r}")
             try:
                 async with asyncio.timeout(timeout):
                     return await reply

@@ -112,6 +112,13 @@ class EventBusConformance:
             with pytest.raises(TimeoutError, match=f"{queue_name}.nobody-home"):
                 await bus.request(f"{queue_name}.nobody-home", {"q": 2}, timeout=0.3)
             assert asyncio.get_running_loop().time() - started < harness.scaled(5)
+            # Nobody subscribed: known at once, not after the timeout (a
+            # caller with a generous timeout must not hang on a typo).
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TimeoutError, match="nobody answers"):
+                await bus.request(f"{queue_name}.nobody-home", {"q": 3}, timeout=60)
+            waited = asyncio.get_running_loop().time() - started
+            assert waited < harness.scaled(5), f"{waited:.1f} s to learn nobody listens"
         finally:
             server.cancel()
             await asyncio.gather(server, return_exceptions=True)
