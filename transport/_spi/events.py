@@ -456,6 +456,10 @@ class EventLog(ABC):
         ``earliest``, or ``latest`` (only events appended after the read
         started).
 
+        A well-formed position after the end of the log is accepted where
+        the backend's positions allow it (``memory://``, ``sqlite://``,
+        ``nats://``, ``kafka://``): the reader waits for the log to reach it.
+
         Raises: InvalidNameError; ValueError for a start that is not a
         position of this log, a datetime, ``earliest`` or ``latest``;
         TransientTransportError; ClosedResourceError.
