@@ -136,15 +136,89 @@ def test_a_password_in_a_refused_url_is_not_shown() -> None:
     assert CANARY not in str(info.value)
 
 
-def test_options_that_are_not_json_name_the_variable_and_the_value(
+def test_options_that_are_not_json_name_the_variable_but_not_the_value(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("TRANSPORT_OPTIONS", "not json")
+    # The value was echoed: '{"producer": {"sasl.password": <secret>}}'
+    # with one quote missing put the password in the error.
+    monkeypatch.setenv("TRANSPORT_OPTIONS", '{"producer": {"sasl.password": ' + CANARY + "}}")
     with pytest.raises(ConfigurationError) as info:
         load_config()
     assert str(info.value) == (
-        "invalid transport setting options: TRANSPORT_OPTIONS='not json' is not valid JSON"
+        "invalid transport setting options: TRANSPORT_OPTIONS is not valid JSON"
+        " (its value is not shown: it may hold secrets)"
     )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TRANSPORT_TLS", '{"key_password": ' + CANARY + "}"),  # not JSON
+        ("TRANSPORT_OPTIONS", f'["sasl.password={CANARY}"]'),  # JSON, not an object
+    ],
+)
+def test_a_section_that_is_not_a_mapping_is_not_shown(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as info:
+        load_config()
+    assert CANARY not in str(info.value)
+    assert variable.removeprefix("TRANSPORT_").lower() in str(info.value)
+
+
+def test_toml_options_that_are_not_a_table_are_not_shown(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text(f'[transport]\nurl = "memory://"\noptions = "sasl.password={CANARY}"\n')
+    with pytest.raises(ConfigurationError) as info:
+        TransportConfig.from_toml(path)
+    assert CANARY not in str(info.value)
+    assert "options=<str, not shown>" in str(info.value)
+
+
+def test_an_unparsed_kafka_user_part_is_not_shown() -> None:
+    pytest.importorskip("confluent_kafka")
+    from transport_kafka._config import parse_settings
+
+    # An unencoded '/' in the password ends the user part early: the rest
+    # of the password looked like a host and was echoed.
+    config = TransportConfig(url=f"kafka://alice:{CANARY}/x@127.0.0.1:9092")
+    with pytest.raises(ConfigurationError) as info:
+        parse_settings(config)
+    assert CANARY not in str(info.value)
+    assert "percent-encode" in str(info.value)
+
+
+def test_the_environment_overrides_the_files_tls_and_options_key_by_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TRANSPORT_TLS__CA_FILE alone replaced the file's whole [tls] table:
+    # `enabled` and the client certificate were dropped, and nats:// then
+    # connected in plain text. TRANSPORT_OPTIONS replaced the file's
+    # options whole, dropping its SASL settings alike.
+    path = tmp_path / "transport.toml"
+    path.write_text(
+        '[transport]\nurl = "memory://"\n'
+        '[transport.tls]\nenabled = true\ncert_file = "/etc/c.pem"\nkey_file = "/etc/k.pem"\n'
+        "[transport.options]\npartitions = 8\n"
+        '[transport.options.producer]\n"security.protocol" = "SASL_SSL"\n"linger.ms" = 5\n'
+    )
+    monkeypatch.setenv("TRANSPORT_CONFIG_FILE", str(path))
+    monkeypatch.setenv("TRANSPORT_TLS__CA_FILE", "/etc/ca.pem")
+    monkeypatch.setenv("TRANSPORT_OPTIONS", '{"producer": {"linger.ms": 1}}')
+    config = load_config()
+    assert config.tls.enabled
+    assert (config.tls.ca_file, config.tls.cert_file, config.tls.key_file) == (
+        Path("/etc/ca.pem"),
+        Path("/etc/c.pem"),
+        Path("/etc/k.pem"),
+    )
+    assert config.options == {
+        "partitions": 8,
+        "producer": {"security.protocol": "SASL_SSL", "linger.ms": 1},
+    }
+    monkeypatch.setenv("TRANSPORT_TLS__ENABLED", "false")  # an explicit setting still wins
+    assert not load_config().tls.enabled
 
 
 @pytest.mark.parametrize("setting", ["ca_file", "cert_file", "key_file"])

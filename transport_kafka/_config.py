@@ -239,6 +239,13 @@ def _split_url(url: str) -> tuple[str, str | None, str | None, dict[str, str]]:
     for host in hosts:
         name, sep, port = host.rpartition(":")
         if not sep or not name or not port.isdigit():
+            if "@" in url:
+                # The user part did not parse (a '/' in the password ends
+                # it early): what is left may be the password itself.
+                raise ConfigurationError(
+                    "kafka:// host must be host:port; the user part of the URL did not parse "
+                    "(percent-encode '/', '@', ':' and '?' in a user name or password)"
+                )
             raise ConfigurationError(f"kafka:// host must be host:port, got {host!r}")
     return ",".join(hosts), user, password, dict(parse_qsl(query))
 

@@ -55,10 +55,19 @@ _SECRET_FIELDS = frozenset({"password", "token", "nkey_seed", "key_password"})
 _ENV_FIELD = re.compile(r'field "([^"]+)"')
 
 
+#: Settings that hold other settings (secrets among them): a value that is
+#: not a mapping, which could not be read key by key, is never shown.
+_SECTIONS = frozenset({"options", "tls"})
+
+
 def _shown(field: str, value: Any) -> str:
     """``value`` as it may appear in an error: never a secret, URLs redacted."""
     if field.rpartition(".")[2] in _SECRET_FIELDS:
         return "'***'"
+    if field.partition(".")[0] in _SECTIONS and not isinstance(value, dict):
+        # Text that was meant as a mapping (invalid JSON, a TOML string, a
+        # list) may hold a password; its type is what is wrong with it.
+        return f"<{type(value).__name__}, not shown>"
     if _SECRET_OPTION.search(field.rpartition(".")[2]):
         return "'***'"
     if isinstance(value, str) and "@" in value:
@@ -121,6 +130,11 @@ def config_error(exc: ValidationError | SettingsError) -> TransportError:
         value = os.environ.get(env)
         if value is None:
             return ConfigurationError(f"invalid transport setting {field}: {exc}")
+        if field in _SECTIONS:
+            return ConfigurationError(
+                f"invalid transport setting {field}: {env} is not valid JSON"
+                " (its value is not shown: it may hold secrets)"
+            )
         return ConfigurationError(
             f"invalid transport setting {field}: {env}={_shown(field, value)} is not valid JSON"
         )
@@ -283,12 +297,30 @@ class TransportConfig(BaseSettings):
         env = cls()  # what the environment sets
         merged = {**section}
         for key in env.model_fields_set:
-            merged[key] = getattr(env, key)
+            merged[key] = _over(merged.get(key), getattr(env, key))
         merged.update(overrides)
         try:
             return cls.model_validate(merged)
         except ValidationError as exc:
             raise config_error(exc) from exc
+
+
+def _over(file_value: Any, env_value: Any) -> Any:
+    """The environment's value of a setting over the file's, key by key for
+    the sections (``tls``, ``options``): ``TRANSPORT_TLS__CA_FILE`` alone
+    used to replace the file's whole ``[tls]`` table, so the file's
+    ``enabled = true`` and client certificate were dropped and a
+    ``nats://`` connection went out in plain text."""
+    if isinstance(env_value, BaseModel):
+        if not isinstance(file_value, dict):
+            return env_value
+        return {**file_value, **{k: getattr(env_value, k) for k in env_value.model_fields_set}}
+    if isinstance(env_value, dict) and isinstance(file_value, dict):
+        merged = dict(file_value)
+        for key, value in env_value.items():
+            merged[key] = _over(file_value.get(key), value)
+        return merged
+    return env_value
 
 
 def load_config(
