@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import json
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from transport._ops.logging import configure_logging
-from transport._ops.top import advertised_levels
+from transport._ops.top import queue_levels
 from transport._spi.codec import decode
 from transport._spi.config import TransportConfig, load_config
 from transport._spi.connect import connect
@@ -257,7 +256,7 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
         if args.command == "top":
             return await _top(args, transport, out)
         if args.command in {"stats", "dead-letters"}:
-            args.queue_levels = await _queue_levels(
+            args.queue_levels = await queue_levels(
                 transport, args.queues if args.command == "stats" else [args.queue], args.levels
             )
         if (absent := await _absent(transport, args)) is not None:
@@ -569,37 +568,6 @@ def _read_plan(args: argparse.Namespace) -> ProvisionPlan:
         event_streams=[*data.pop("event_streams", []), *(args.stream or [])],
         **data,
     )
-
-
-#: Seconds the CLI waits for the capability registry to learn a queue's levels.
-_LEVELS_LOOKUP_S = 10.0
-
-
-async def _queue_levels(
-    transport: Transport, names: list[str], given: int | None
-) -> dict[str, int]:
-    """Each queue's priority levels: ``--levels`` if given, else as the
-    capability registry advertises them (the queue of a live ensemble),
-    else 1. A registry that does not exist, or cannot be read within
-    :data:`_LEVELS_LOOKUP_S`, counts as advertising nothing.
-
-    Raises: TransientTransportError if the broker cannot be asked."""
-    if given is not None:
-        return dict.fromkeys(names, given)
-    # Read only a registry that exists: a read-only command creates nothing
-    # (and an unreachable broker is reported once, by this check).
-    try:
-        if await transport.missing(ProvisionPlan(capability_registry=True)):
-            return dict.fromkeys(names, 1)
-    except UnsupportedFeatureError:
-        # The backend cannot tell without creating (Pulsar without an admin
-        # URL, whose readers create topics): not read.
-        return dict.fromkeys(names, 1)
-    advertised: dict[str, int] = {}
-    with contextlib.suppress(TransportError, UnsupportedFeatureError, TimeoutError):
-        async with asyncio.timeout(_LEVELS_LOOKUP_S):
-            advertised = advertised_levels(await transport.capability_registry().all())
-    return {name: advertised.get(name, 1) for name in names}
 
 
 async def _absent(transport: Transport, args: argparse.Namespace) -> str | None:

@@ -101,6 +101,15 @@ async def test_read_only_commands_leave_an_empty_server_empty_and_provision_crea
     ]:
         assert await _run(argv) == 1, argv
         assert what in capsys.readouterr().err, argv
+    # top: a typo'd queue or registry is shown as missing, not created
+    # (it created both streams and the registry's bucket).
+    top = ["--json", "top", "typo", "--registry", "inbox", "--count", "1"]
+    assert await _run([*top, "--interval", "0.1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["missing"] == ["queue 'typo'", "delivery registry 'inbox'"], shown
+    assert shown["queues"] == [] and shown["registries"] == []
+    assert await _run(["--json", "top", "--count", "1"]) == 0  # advertised queues: none
+    assert json.loads(capsys.readouterr().out)["queues"] == []
     assert await _run(["health"]) == 0
     capsys.readouterr()
     assert await _run(["--json", "provision", "--dry-run", *_PLAN]) == 0

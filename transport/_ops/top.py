@@ -8,6 +8,7 @@ uses ``rich`` (the ``cli`` extra), imported only when a view is drawn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -15,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from transport._spi.doctor import ProvisionPlan
 from transport._spi.models import Capability, utcnow
 from transport._spi.queue import RequestQueue
 from transport._spi.transport import Transport
-from transport.errors import BackendNotAvailableError, TransportError
+from transport.errors import BackendNotAvailableError, TransportError, UnsupportedFeatureError
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -61,6 +63,9 @@ class Snapshot:
     queues: list[QueueRow] = field(default_factory=list)
     registries: list[RegistryRow] = field(default_factory=list)
     error: str | None = None
+    #: Named queues and registries that do not exist on the backend (shown
+    #: as such: a view never creates them), e.g. ``["queue 'orders'"]``.
+    missing: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -89,6 +94,35 @@ def advertised_levels(capabilities: Iterable[Capability]) -> dict[str, int]:
     return found
 
 
+#: Seconds the CLI waits for the capability registry to learn a queue's levels.
+_LEVELS_LOOKUP_S = 10.0
+
+
+async def queue_levels(transport: Transport, names: list[str], given: int | None) -> dict[str, int]:
+    """Each queue's priority levels: ``--levels`` if given, else as the
+    capability registry advertises them (the queue of a live ensemble),
+    else 1. A registry that does not exist, or cannot be read within
+    :data:`_LEVELS_LOOKUP_S`, counts as advertising nothing.
+
+    Raises: TransientTransportError if the broker cannot be asked."""
+    if given is not None:
+        return dict.fromkeys(names, given)
+    # Read only a registry that exists: a read-only command creates nothing
+    # (and an unreachable broker is reported once, by this check).
+    try:
+        if await transport.missing(ProvisionPlan(capability_registry=True)):
+            return dict.fromkeys(names, 1)
+    except UnsupportedFeatureError:
+        # The backend cannot tell without creating (Pulsar without an admin
+        # URL, whose readers create topics): not read.
+        return dict.fromkeys(names, 1)
+    advertised: dict[str, int] = {}
+    with contextlib.suppress(TransportError, UnsupportedFeatureError, TimeoutError):
+        async with asyncio.timeout(_LEVELS_LOOKUP_S):
+            advertised = advertised_levels(await transport.capability_registry().all())
+    return {name: advertised.get(name, 1) for name in names}
+
+
 class TopCollector:
     """Reads one :class:`Snapshot` per call. Named queues are shown as given;
     without names, every queue advertised in the capability registry (with
@@ -109,6 +143,29 @@ class TopCollector:
         self.levels = levels
         self._handles: dict[tuple[str, int], RequestQueue] = {}
         self._last: dict[str, tuple[float, int]] = {}
+        #: Objects seen to exist (a named one is looked for, never created,
+        #: until it does: a typo must not create topics or streams).
+        self._exist: set[tuple[str, str, int]] = set()
+        self._levels: dict[str, int] | None = None
+
+    async def _absent(self, kind: str, name: str, levels: int = 1) -> bool:
+        """Whether a named queue or registry does not exist (looked up until
+        it does; a backend that cannot tell without creating counts it as
+        existing, as ``transport stats`` does)."""
+        key = (kind, name, levels)
+        if key in self._exist:
+            return False
+        if kind == "queue":
+            plan = ProvisionPlan(queues={name: levels})
+        else:
+            plan = ProvisionPlan(delivery_registries=[name])
+        try:
+            if await self.transport.missing(plan):
+                return True
+        except UnsupportedFeatureError:
+            pass
+        self._exist.add(key)
+        return False
 
     def _queue(self, name: str, levels: int) -> RequestQueue:
         handle = self._handles.get((name, levels))
@@ -122,7 +179,14 @@ class TopCollector:
 
     async def _targets(self) -> list[tuple[str, int]]:
         if self.queues:
-            return [(name, self.levels or 1) for name in self.queues]
+            if self._levels is None:  # as given, else as advertised (looked up once)
+                self._levels = await queue_levels(self.transport, self.queues, self.levels)
+            return [(name, self._levels[name]) for name in self.queues]
+        # Every advertised queue: none while there is no capability registry
+        # (reading it would create it).
+        with contextlib.suppress(UnsupportedFeatureError):
+            if await self.transport.missing(ProvisionPlan(capability_registry=True)):
+                return []
         found = advertised_levels(await self.transport.capability_registry().all())
         return sorted(found.items())
 
@@ -141,7 +205,11 @@ class TopCollector:
 
     async def _read(self, backend: str) -> Snapshot:
         rows = []
+        missing: list[str] = []
         for name, levels in await self._targets():
+            if self.queues and await self._absent("queue", name, levels):
+                missing.append(f"queue {name!r}")
+                continue
             stats = await self._queue(name, levels).stats()
             now = time.monotonic()
             rate = None
@@ -166,11 +234,14 @@ class TopCollector:
             )
         registries = []
         for name in self.registries:
+            if await self._absent("registry", name):
+                missing.append(f"delivery registry {name!r}")
+                continue
             states = Counter(
                 r.state for r in await self.transport.delivery_registry(name).records()
             )
             registries.append(RegistryRow(name, states["pending"], states["completed"]))
-        return Snapshot(utcnow(), backend, rows, registries)
+        return Snapshot(utcnow(), backend, rows, registries, missing=missing)
 
     async def aclose(self) -> None:
         for handle in self._handles.values():
@@ -245,7 +316,7 @@ def render(snapshot: Snapshot) -> RenderableType:
             cells.append(_lags(row.partition_lag))
         queues.add_row(*cells)
     parts: list[RenderableType] = [title, queues]
-    if not snapshot.queues and snapshot.error is None:
+    if not snapshot.queues and snapshot.error is None and not snapshot.missing:
         parts.append(Text("no queues: name some, or start an ensemble that advertises"))
     if snapshot.registries:
         registries = Table(expand=False)
@@ -255,6 +326,13 @@ def render(snapshot: Snapshot) -> RenderableType:
         for reg in snapshot.registries:
             registries.add_row(reg.registry, f"{reg.pending:,}", f"{reg.completed:,}")
         parts.append(registries)
+    if snapshot.missing:
+        parts.append(
+            Text(
+                f"does not exist (nothing created): {', '.join(snapshot.missing)}",
+                style="bold yellow",
+            )
+        )
     if snapshot.error is not None:
         parts.append(Text(f"backend unreachable: {snapshot.error}", style="bold red"))
     return Group(*parts)
