@@ -153,12 +153,37 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
     return 0 if moved == len(ids) else 1
 
 
+def _not_an_outbox(path: Path) -> str | None:
+    """Why ``path`` is not an outbox's file (looked at read-only), or None."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        return f"cannot open it: {exc}"
+    try:
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+    except sqlite3.DatabaseError as exc:
+        return str(exc)  # "file is not a database"
+    finally:
+        conn.close()
+    return None if "outbox" in tables else "it has no outbox table"
+
+
 async def _outbox(args: argparse.Namespace, out: _Output) -> int:
     """``transport outbox list|requeue FILE``: the file only, no backend."""
     from transport._runtime.outbox import OutboxFile
 
     if not args.file.is_file():
         out.progress(f"transport: no outbox file at {args.file}")
+        return 1
+    if (reason := _not_an_outbox(args.file)) is not None:
+        # Opening it as an outbox would add the outbox's tables to the file
+        # (and switch it to WAL): another program's database, or the
+        # transport's own, given by mistake.
+        out.progress(f"transport: {args.file} is not an outbox file ({reason}); left unchanged")
         return 1
     async with OutboxFile(args.file) as box:
         if args.action == "list":

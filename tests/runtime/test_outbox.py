@@ -444,6 +444,30 @@ def test_outbox_cli_reports_a_missing_file(
     assert not (tmp_path / "none.db").exists()
 
 
+@pytest.mark.parametrize("action", ["list", "requeue"])
+def test_outbox_cli_leaves_a_file_that_is_no_outbox_unchanged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    # An application's database (or the transport's own) given by mistake
+    # got the outbox's tables added and was switched to WAL, exit 0.
+    app = tmp_path / "app.db"
+    with sqlite3.connect(app) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    conn.close()
+    before = app.read_bytes()
+    assert cli(["outbox", action, str(app)]) == 1
+    assert "is not an outbox file (it has no outbox table); left unchanged" in (
+        capsys.readouterr().err
+    )
+    assert app.read_bytes() == before
+    assert not (tmp_path / "app.db-wal").exists()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database at all\n" * 100)
+    assert cli(["outbox", action, str(text)]) == 1
+    assert "is not an outbox file (file is not a database)" in capsys.readouterr().err
+    assert text.read_text() == "not a database at all\n" * 100
+
+
 async def test_a_file_of_an_earlier_release_is_migrated_and_drained(
     transport: Transport, tmp_path: Path
 ) -> None:
