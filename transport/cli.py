@@ -639,7 +639,12 @@ async def _run_plan_command(args: argparse.Namespace, transport: Transport, out:
                 "status": {"missing": "would create", "unknown": "would ensure"}.get(
                     s.status, s.status
                 ),
-                "broker_objects": ", ".join(s.broker_objects) or "(in the store)",
+                # What a real run would create: the missing ones, not those
+                # that exist already (a dry run said "would create" for all).
+                "broker_objects": ", ".join(
+                    s.missing_objects if s.status == "missing" else s.broker_objects
+                )
+                or "(in the store)",
             }
             for s in steps
         ]

@@ -144,6 +144,18 @@ async def test_read_only_commands_leave_an_empty_server_empty_and_provision_crea
     sync = [f for f in report["findings"] if "sync_interval" in f["finding"]]
     assert [f["severity"] for f in sync] == ["ok"], sync
 
+    # One stream of the queue gone: a dry run names what it would create,
+    # not every stream of the queue (it listed those that exist too).
+    nc = await nats.connect(server.url)
+    try:
+        await nc.jetstream().delete_stream("prod__orders__p1__dlq")
+    finally:
+        await nc.close()
+    assert await _run(["provision", "--dry-run", "--queue", "orders:2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (line,) = [x for x in lines if "queue orders__p1" in x]
+    assert line.split()[2:] == ["would", "create", "prod__orders__p1__dlq"], line
+
 
 async def test_doctor_flags_a_server_with_the_default_fsync_interval(
     unsafe_server: tuple[NatsServer, str],
