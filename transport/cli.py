@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from transport._ops.logging import configure_logging
-from transport._ops.top import queue_levels
+from transport._ops.top import advertised_queue_levels
 from transport._spi.codec import decode
 from transport._spi.config import TransportConfig, load_config
 from transport._spi.connect import connect
@@ -262,6 +262,15 @@ async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> 
     return 1 if last.error else 0
 
 
+def _plain_note(names: list[str]) -> str:
+    """Said of queues read as plain ones that showed nothing: a priority
+    queue nobody advertises (its ensemble is not running) reads so too."""
+    return (
+        f"transport: note: {', '.join(map(repr, names))} read as a plain queue (no live "
+        "ensemble advertises its levels); for a priority queue pass --levels N"
+    )
+
+
 async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) -> int:
     if args.command == "demo":
         from transport.demo import run_demo
@@ -280,17 +289,39 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
             return await _run_plan_command(args, transport, out)
         if args.command == "top":
             return await _top(args, transport, out)
+        guessed: set[str] = set()  # read as plain queues for want of their levels
         if args.command in {"stats", "dead-letters"}:
-            args.queue_levels = await queue_levels(
-                transport, args.queues if args.command == "stats" else [args.queue], args.levels
-            )
+            names = args.queues if args.command == "stats" else [args.queue]
+            advertised = await advertised_queue_levels(transport)
+            args.queue_levels = {n: args.levels or advertised.get(n, 1) for n in names}
+            guessed = {n for n in names if args.levels is None and n not in advertised}
+            notes = [
+                f"transport: note: queue {n!r} is advertised with {advertised[n]} levels; "
+                f"--levels {args.levels} reads {args.levels} of them"
+                for n in names
+                if args.levels is not None and advertised.get(n, args.levels) != args.levels
+            ]
+            if notes:
+                args.note = "\n".join(notes)
         if (absent := await _absent(transport, args)) is not None:
+            if guessed:
+                absent += (
+                    "\ntransport: hint: no live ensemble advertises the levels of "
+                    f"{', '.join(map(repr, sorted(guessed)))}; for a priority queue pass --levels N"
+                )
             out.progress(absent)
             return 1
         if args.command == "stats":
             stats = [await _queue(transport, q, args.queue_levels[q]).stats() for q in args.queues]
             rows = [s.model_dump() for s in stats]
             out.emit(stats, rows, ["queue", "depth", "in_flight", "delayed", "dead_lettered"])
+            empty = [
+                s.queue
+                for s in stats
+                if s.queue in guessed and not (s.depth or s.in_flight or s.dead_lettered)
+            ]
+            if empty:
+                args.note = _plain_note(empty)
             return 0
         if args.command == "dead-letters":
             queue = _queue(transport, args.queue, args.queue_levels[args.queue])
@@ -310,6 +341,8 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
                 out.emit(
                     dead, rows, ["request_id", "task", "attempts", "error", "at", "dead_letter_id"]
                 )
+                if not dead and args.queue in guessed:
+                    args.note = _plain_note([args.queue])
                 return 0
             if args.action == "replace":
                 return await _replace(args, queue, out)

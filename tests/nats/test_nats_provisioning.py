@@ -95,6 +95,9 @@ async def test_read_only_commands_leave_an_empty_server_empty_and_provision_crea
     _use(monkeypatch, server, monitor)
     for argv, what in [
         (["stats", "typo"], "queue 'typo' does not exist"),
+        # A priority queue whose ensemble is not running: not a plain queue
+        # to provision ("`transport provision` creates it" alone misled).
+        (["stats", "typo"], "levels of 'typo'; for a priority queue pass --levels N"),
         (["dead-letters", "list", "typo", "--levels", "2"], "queue 'typo__p0' does not exist"),
         (["pending", "inbox"], "delivery registry 'inbox' does not exist"),
         (["capabilities"], "capability registry 'capabilities' does not exist"),

@@ -181,9 +181,38 @@ def test_stats_and_dead_letters_of_a_priority_queue_use_its_advertised_levels(
     assert (stats["depth"], stats["dead_lettered"]) == (1, 1)
     assert cli(["--json", "--url", url, "dead-letters", "list", "kitchen"]) == 0
     assert [d["request_id"] for d in json.loads(capsys.readouterr().out)] == ["burnt-1"]
-    # --levels still wins: the plain queue of that name is empty.
+    # --levels still wins: the plain queue of that name is empty; fewer
+    # levels than advertised are read, and the difference is said.
     assert cli(["--json", "--url", url, "stats", "kitchen", "--levels", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["depth"] == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["depth"] == 0
+    assert "queue 'kitchen' is advertised with 3 levels; --levels 1 reads 1 of them" in (
+        captured.err
+    )
+
+
+def test_a_priority_queue_nobody_advertises_reads_empty_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its ensemble not running, nothing gives the levels: the plain queue of
+    # that name read zeros and "(none)", exit 0, and nothing said why.
+    url = _db(tmp_path)
+
+    async def seed() -> None:
+        async with await connect(url) as transport:
+            queue = transport.priority_queue("kitchen", levels=3)
+            await queue.enqueue(WorkRequest(task="cook"), priority=2)
+            await queue.aclose()
+
+    asyncio.run(seed())
+    hint = "'kitchen' read as a plain queue (no live ensemble advertises its levels)"
+    assert cli(["--url", url, "stats", "kitchen"]) == 0
+    assert hint in capsys.readouterr().err
+    assert cli(["--url", url, "dead-letters", "list", "kitchen"]) == 0
+    assert hint in capsys.readouterr().err
+    assert cli(["--json", "--url", url, "stats", "kitchen", "--levels", "3"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["depth"] == 1 and captured.err == ""
 
 
 def test_the_demo_lists_no_test_harness_flags(

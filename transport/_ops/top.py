@@ -107,20 +107,30 @@ async def queue_levels(transport: Transport, names: list[str], given: int | None
     Raises: TransientTransportError if the broker cannot be asked."""
     if given is not None:
         return dict.fromkeys(names, given)
+    advertised = await advertised_queue_levels(transport)
+    return {name: advertised.get(name, 1) for name in names}
+
+
+async def advertised_queue_levels(transport: Transport) -> dict[str, int]:
+    """The levels of every queue the capability registry advertises; empty
+    if it does not exist (it is not created), cannot be read without
+    creating it, or does not answer within :data:`_LEVELS_LOOKUP_S`.
+
+    Raises: TransientTransportError if the broker cannot be asked."""
     # Read only a registry that exists: a read-only command creates nothing
     # (and an unreachable broker is reported once, by this check).
     try:
         if await transport.missing(ProvisionPlan(capability_registry=True)):
-            return dict.fromkeys(names, 1)
+            return {}
     except UnsupportedFeatureError:
         # The backend cannot tell without creating (Pulsar without an admin
         # URL, whose readers create topics): not read.
-        return dict.fromkeys(names, 1)
+        return {}
     advertised: dict[str, int] = {}
     with contextlib.suppress(TransportError, UnsupportedFeatureError, TimeoutError):
         async with asyncio.timeout(_LEVELS_LOOKUP_S):
             advertised = advertised_levels(await transport.capability_registry().all())
-    return {name: advertised.get(name, 1) for name in names}
+    return advertised
 
 
 class TopCollector:
