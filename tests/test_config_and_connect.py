@@ -336,3 +336,19 @@ def test_an_unsafe_name_in_a_provision_plan_is_the_librarys_error() -> None:
 
     with pytest.raises(InvalidNameError, match=re.escape("invalid queue name 'bad.name'")):
         ProvisionPlan(queues={"bad.name": 1})
+
+
+def test_a_misspelt_environment_variable_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # TRANSPORT_MAX_ATTEMPT=3 was ignored without a word (a misspelt TOML
+    # key is refused).
+    monkeypatch.setenv("TRANSPORT_MAX_ATTEMPT", "3")
+    monkeypatch.setenv("TRANSPORT_TLS__CA_FILE", "/etc/ca.pem")  # known: no warning
+    with caplog.at_level(logging.WARNING, logger="transport.config"):
+        config = load_config("memory://")
+    assert config.max_attempts != 3
+    assert [r.getMessage() for r in caplog.records] == [
+        "environment variable TRANSPORT_MAX_ATTEMPT names no transport setting and is"
+        " ignored (did you mean TRANSPORT_MAX_ATTEMPTS?)"
+    ]

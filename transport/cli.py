@@ -36,7 +36,8 @@ __all__ = ["main"]
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     if not rows:
         return "(none)"
-    cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+    # None is what a backend cannot tell: "?", as `top` shows it.
+    cells = [["?" if row.get(c) is None else str(row.get(c, "")) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
@@ -262,12 +263,38 @@ async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> 
     return 1 if last.error else 0
 
 
+#: How many priority levels the CLI looks for when none are advertised.
+_LEVEL_PROBE = 16
+
+
+async def _has_levels(transport: Transport, name: str) -> bool:
+    """Whether ``name`` looks like a priority queue: level queues of it
+    (``<name>__p0`` …, the first :data:`_LEVEL_PROBE`) exist and hold
+    something. Creates nothing (a backend that cannot tell without
+    creating is not asked)."""
+    try:
+        absent = await transport.missing(ProvisionPlan(queues={name: _LEVEL_PROBE}))
+    except UnsupportedFeatureError:
+        return False
+    missing = {step.name for step in absent}
+    present = [k for k in range(_LEVEL_PROBE) if f"{name}__p{k}" not in missing]
+    if not present:
+        return False
+    queue = transport.priority_queue(name, levels=max(present) + 1)
+    try:
+        stats = await queue.stats()
+    finally:
+        await queue.aclose()
+    return bool(stats.depth or stats.in_flight or stats.dead_lettered)
+
+
 def _plain_note(names: list[str]) -> str:
     """Said of queues read as plain ones that showed nothing: a priority
     queue nobody advertises (its ensemble is not running) reads so too."""
     return (
-        f"transport: note: {', '.join(map(repr, names))} read as a plain queue (no live "
-        "ensemble advertises its levels); for a priority queue pass --levels N"
+        f"transport: note: {', '.join(map(repr, names))} read as a plain queue, but its "
+        "priority levels hold requests and no live ensemble advertises how many: "
+        "pass --levels N"
     )
 
 
@@ -304,10 +331,11 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
             if notes:
                 args.note = "\n".join(notes)
         if (absent := await _absent(transport, args)) is not None:
-            if guessed:
+            prioritised = [n for n in sorted(guessed) if await _has_levels(transport, n)]
+            if prioritised:
                 absent += (
-                    "\ntransport: hint: no live ensemble advertises the levels of "
-                    f"{', '.join(map(repr, sorted(guessed)))}; for a priority queue pass --levels N"
+                    f"\ntransport: hint: {', '.join(map(repr, prioritised))} has priority "
+                    "levels and no live ensemble advertises how many: pass --levels N"
                 )
             out.progress(absent)
             return 1
@@ -318,7 +346,9 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
             empty = [
                 s.queue
                 for s in stats
-                if s.queue in guessed and not (s.depth or s.in_flight or s.dead_lettered)
+                if s.queue in guessed
+                and not (s.depth or s.in_flight or s.dead_lettered)
+                and await _has_levels(transport, s.queue)
             ]
             if empty:
                 args.note = _plain_note(empty)
@@ -341,7 +371,7 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
                 out.emit(
                     dead, rows, ["request_id", "task", "attempts", "error", "at", "dead_letter_id"]
                 )
-                if not dead and args.queue in guessed:
+                if not dead and args.queue in guessed and await _has_levels(transport, args.queue):
                     args.note = _plain_note([args.queue])
                 return 0
             if args.action == "replace":
@@ -456,8 +486,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transport",
         description=__doc__.split("\n")[0].replace("``", ""),
-        epilog="Exit codes: 0 success, 1 failure (unhealthy or unreachable backend, "
-        "nothing requeued), 2 invalid input.",
+        epilog="Exit codes: 0 success, 1 failure (unhealthy or unreachable backend, an "
+        "object that does not exist, an --id that matches no dead letter; requeueing all "
+        'with none to requeue is a success: "requeued 0 of 0"), 2 invalid input.',
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _global_options(parser, suppress=False)
@@ -618,6 +649,8 @@ def _read_plan(args: argparse.Namespace) -> ProvisionPlan:
     queues = dict(data.pop("queues", {}))
     for spec in args.queue or []:
         name, _, levels = spec.partition(":")
+        if levels and not levels.isdigit():
+            raise ValueError(f"--queue {spec!r}: the levels after ':' must be a number")
         queues[name] = int(levels) if levels else 1
     return ProvisionPlan(
         queues=queues,

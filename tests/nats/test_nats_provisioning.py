@@ -11,6 +11,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from transport import WorkRequest, connect
 from transport.cli import main
 from transport.testing.brokers import NatsServer, free_port
 
@@ -95,9 +96,6 @@ async def test_read_only_commands_leave_an_empty_server_empty_and_provision_crea
     _use(monkeypatch, server, monitor)
     for argv, what in [
         (["stats", "typo"], "queue 'typo' does not exist"),
-        # A priority queue whose ensemble is not running: not a plain queue
-        # to provision ("`transport provision` creates it" alone misled).
-        (["stats", "typo"], "levels of 'typo'; for a priority queue pass --levels N"),
         (["dead-letters", "list", "typo", "--levels", "2"], "queue 'typo__p0' does not exist"),
         (["pending", "inbox"], "delivery registry 'inbox' does not exist"),
         (["capabilities"], "capability registry 'capabilities' does not exist"),
@@ -125,6 +123,20 @@ async def test_read_only_commands_leave_an_empty_server_empty_and_provision_crea
     assert {s["status"] for s in json.loads(capsys.readouterr().out)} == {"created"}
     assert await _run(["--json", "provision", *_PLAN]) == 0
     assert {s["status"] for s in json.loads(capsys.readouterr().out)} == {"exists"}
+
+    # A priority queue holding work whose ensemble does not run (nothing
+    # advertises its levels): the plain queue of that name does not exist,
+    # and the error says to pass --levels rather than only to provision it.
+    async with await connect() as transport:
+        orders = transport.priority_queue("orders", levels=2)
+        await orders.enqueue(WorkRequest(task="t"), priority=1)
+        await orders.aclose()
+    assert await _run(["stats", "orders"]) == 1
+    err = capsys.readouterr().err
+    assert "queue 'orders' does not exist" in err, err
+    assert "'orders' has priority levels" in err and "pass --levels N" in err, err
+    assert await _run(["--json", "stats", "orders", "--levels", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["depth"] == 1
 
     streams = await _streams(server.url)
     assert set(streams) == _WANTED

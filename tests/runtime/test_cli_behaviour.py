@@ -205,7 +205,7 @@ def test_a_priority_queue_nobody_advertises_reads_empty_with_a_note(
             await queue.aclose()
 
     asyncio.run(seed())
-    hint = "'kitchen' read as a plain queue (no live ensemble advertises its levels)"
+    hint = "'kitchen' read as a plain queue, but its priority levels hold requests"
     assert cli(["--url", url, "stats", "kitchen"]) == 0
     assert hint in capsys.readouterr().err
     assert cli(["--url", url, "dead-letters", "list", "kitchen"]) == 0
@@ -213,6 +213,9 @@ def test_a_priority_queue_nobody_advertises_reads_empty_with_a_note(
     assert cli(["--json", "--url", url, "stats", "kitchen", "--levels", "3"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)[0]["depth"] == 1 and captured.err == ""
+    # A plain queue that is empty gets no note.
+    assert cli(["--url", url, "stats", "pantry"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_the_demo_lists_no_test_harness_flags(
@@ -361,3 +364,21 @@ def test_top_shows_lag_by_partition_only_where_a_backend_reports_it() -> None:
     assert "LAG BY PARTITION" not in text([plain])
     many = QueueRow("orders", 1, 45, 0, 0, 0, None, None, {str(p): p for p in range(10)})
     assert "9:9 8:8" in text([many]) and "+2" in text([many])
+
+
+def test_a_value_the_backend_cannot_tell_is_shown_as_a_question_mark() -> None:
+    # stats printed "None" (NATS delayed, Pulsar depth) where top shows "?".
+    from transport.cli import _table
+
+    text = _table([{"queue": "q", "depth": None, "delayed": 0}], ["queue", "depth", "delayed"])
+    assert text.splitlines()[1].split() == ["q", "?", "0"]
+
+
+def test_provision_names_the_flag_of_levels_that_are_not_a_number(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # It said "invalid literal for int() with base 10: 'abc'".
+    assert cli(["--url", "memory://", "provision", "--queue", "kitchen:abc"]) == 2
+    assert "--queue 'kitchen:abc': the levels after ':' must be a number" in (
+        capsys.readouterr().err
+    )

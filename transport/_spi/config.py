@@ -7,6 +7,8 @@ Secrets are ``SecretStr``: they never appear in ``repr``, logs or errors.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 import tomllib
@@ -323,6 +325,29 @@ def _over(file_value: Any, env_value: Any) -> Any:
     return env_value
 
 
+_warned: set[str] = set()
+
+
+def _warn_unknown_variables() -> None:
+    """Warn (once each) about ``TRANSPORT_*`` environment variables that
+    name no setting: a typo such as ``TRANSPORT_MAX_ATTEMPT=3`` was ignored
+    without a word, while a misspelt TOML key is refused."""
+    known = {"TRANSPORT_CONFIG_FILE"}
+    for name in TransportConfig.model_fields:
+        known.add(f"TRANSPORT_{name.upper()}")
+    known.update(f"TRANSPORT_TLS__{name.upper()}" for name in TLSConfig.model_fields)
+    for variable in os.environ:
+        upper = variable.upper()
+        if not upper.startswith("TRANSPORT_") or upper in known or variable in _warned:
+            continue
+        _warned.add(variable)
+        close = difflib.get_close_matches(upper, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        logging.getLogger("transport.config").warning(
+            "environment variable %s names no transport setting and is ignored%s", variable, hint
+        )
+
+
 def load_config(
     url_or_config: str | TransportConfig | None = None, **overrides: Any
 ) -> TransportConfig:
@@ -342,6 +367,7 @@ def load_config(
         return TransportConfig(**{**given, **overrides})
     if isinstance(url_or_config, str):
         overrides = {"url": url_or_config, **overrides}
+    _warn_unknown_variables()
     path = os.environ.get("TRANSPORT_CONFIG_FILE")
     if path:
         return TransportConfig.from_toml(path, **overrides)
