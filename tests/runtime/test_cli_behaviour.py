@@ -382,3 +382,23 @@ def test_provision_names_the_flag_of_levels_that_are_not_a_number(
     assert "--queue 'kitchen:abc': the levels after ':' must be a number" in (
         capsys.readouterr().err
     )
+
+
+def test_top_into_a_pipe_shows_whole_queue_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Not a terminal: rich assumed 80 columns and cut names ("customer…").
+    url = _db(tmp_path)
+    name = "customer-support-escalations-of-the-night-shift"
+
+    async def seed() -> None:
+        async with await connect(url) as transport:
+            queue = transport.request_queue(name)
+            await queue.enqueue(WorkRequest(task="cook"))
+            await queue.aclose()
+
+    asyncio.run(seed())
+    assert cli(["--url", url, "top", name, "--count", "1"]) == 0
+    out = capsys.readouterr().out
+    (row,) = [line for line in out.splitlines() if name in line]
+    assert row.split("│")[3].strip() == "1", row  # its depth, in the same line

@@ -363,7 +363,12 @@ async def run_top(
     from rich.console import Console
     from rich.live import Live
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            # Piped or redirected: rich assumes 80 columns and cut queue
+            # names to fit; a file has no width to respect.
+            console = Console(width=max(console.width, 240))
     refreshes = 0
     snapshot = await collector.snapshot()
     if as_json:
