@@ -28,7 +28,7 @@ from transport._spi.doctor import ProvisionPlan
 from transport._spi.models import DeadLetter, HealthStatus, WorkRequest
 from transport._spi.queue import RequestQueue
 from transport._spi.transport import Transport
-from transport.errors import TransportError, UnsupportedFeatureError
+from transport.errors import ConfigurationError, TransportError, UnsupportedFeatureError
 
 __all__ = ["main"]
 
@@ -698,7 +698,13 @@ async def _absent(transport: Transport, args: argparse.Namespace) -> str | None:
 async def _run_plan_command(args: argparse.Namespace, transport: Transport, out: _Output) -> int:
     plan = _read_plan(args)
     if args.command == "provision":
-        steps = await transport.provision(plan, dry_run=args.dry_run)
+        try:
+            steps = await transport.provision(plan, dry_run=args.dry_run)
+        except ConfigurationError as exc:
+            # An existing broker object that voids a guarantee: no invalid
+            # input of the command (exit 2), a deployment to fix (exit 1).
+            out.progress(f"transport: cannot provision: {exc} (`transport doctor` says more)")
+            return 1
         rows = [
             {
                 "object": f"{s.kind} {s.name}",

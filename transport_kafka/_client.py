@@ -648,6 +648,19 @@ class KafkaClients:
         admin = self.admin()
         present = set(admin.list_topics(timeout=limit).topics)
         existing = [s.name for s in specs if s.name in present]
+        if existing and len(existing) < len(specs):
+            # Check what exists before creating the rest: a topic that voids
+            # a guarantee refuses the whole call, which must not leave the
+            # others created (a queue half provisioned, then refused).
+            described = describe_topics(admin, existing, limit)
+            errors = [
+                problem
+                for spec in specs
+                if spec.name in described
+                for problem in check_topic(spec, described[spec.name])[0]
+            ]
+            if errors:
+                raise ConfigurationError("; ".join(errors))
         specs = [s for s in specs if s.name not in present]
         if not specs:
             return describe_topics(admin, existing, limit)

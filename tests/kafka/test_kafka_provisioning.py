@@ -213,6 +213,18 @@ def test_doctor_flags_topics_an_operator_created_badly(
     ), report
     assert not any(subject == t.dlq for subject, _ in errors), report
     assert all(f["fix"] and f["guarantee"] for f in report["findings"] if f["severity"] == "error")
+    # A queue whose requests topic exists with finite retention and whose
+    # other topics do not: provision refuses it as a deployment to fix
+    # (exit 1; it said "invalid input", exit 2) and creates nothing.
+    other = _settings(namespace).queue_topics("batch")
+    [future] = admin.create_topics(
+        [NewTopic(other.requests, 1, 1, config={"retention.ms": "86400000"})]
+    ).values()
+    future.result(10)
+    assert main(["provision", "--queue", "batch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("transport: cannot provision: ") and "retention.ms=86400000" in err, err
+    assert not {other.state, other.dlq} & set(admin.list_topics(timeout=10).topics)
     # Without a plan, doctor finds the namespace's topics by their names.
     assert main(["--json", "doctor"]) == 1
     subjects = {f["subject"] for f in json.loads(capsys.readouterr().out)["findings"]}
@@ -234,8 +246,12 @@ async def test_a_request_topic_with_finite_retention_is_refused_at_first_use(
     try:
         with pytest.raises(ConfigurationError, match=r"retention\.ms=604800000"):
             await transport.request_queue("q").enqueue(WorkRequest(task="t"))
-        # The library never alters an operator's topic; it refuses it.
+        # The library never alters an operator's topic; it refuses it, and
+        # creates none of the queue's other topics meanwhile (the state and
+        # dead-letter topics were created, then the call refused).
         assert _configs(admin, t.requests).get("retention.ms") == "604800000"
+        present = set(admin.list_topics(timeout=10).topics)
+        assert t.state not in present and t.dlq not in present, present
     finally:
         await transport.aclose()
 
