@@ -818,3 +818,36 @@ async def test_idle_workers_share_one_poll_many_and_hold_no_more_than_they_run(
     assert sorted(done) == list(range(12))
     assert max(asked) <= 4 and most_held <= 4, (asked, most_held)
     await queue.aclose()
+
+
+async def test_a_send_whose_enqueue_fails_leaves_no_registration(runtime_url: str) -> None:
+    # Registered, then refused at enqueue (here: over the size limit once
+    # encoded): the registration stayed pending for the registry's TTL,
+    # listed by pending() after every restart and never answered.
+    from transport import PayloadTooLargeError, connect
+
+    transport = await connect(runtime_url, max_payload_bytes=2000)
+    try:
+        network = Network(transport, caller="desk", default_levels=1)
+        with pytest.raises(PayloadTooLargeError):
+            await network.send("kitchen", "cook", "x" * 5000)
+        assert await network.pending() == []
+        again = Network(transport, caller="desk")  # a restarted caller sees none either
+        assert await again.pending() == []
+        kept = await network.send("kitchen", "cook", "small")  # a send that works stays
+        assert [p.request_id for p in await network.pending()] == [kept.request_id]
+    finally:
+        await transport.aclose()
+
+
+async def test_a_priority_for_an_ensemble_never_seen_names_default_levels(
+    transport: Transport,
+) -> None:
+    # A caller started while the priority ensemble is down knows no levels:
+    # the ValueError did not say why, nor what to do.
+    network = Network(transport, caller="desk")
+    with pytest.raises(ValueError, match=r"never saw them: pass Network\(default_levels=N\)"):
+        await network.send("kitchen", "cook", priority=2)
+    assert await network.pending() == []
+    sized = Network(transport, caller="desk", default_levels=3)
+    await sized.send("kitchen", "cook", priority=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from typing import Any
@@ -168,7 +169,16 @@ class Network:
             queue_name, levels = target, self.default_levels
         level = levels // 2 if priority is None else priority
         if not 0 <= level < levels:
-            raise ValueError(f"priority must be in 0..{levels - 1} for {queue_name!r}, got {level}")
+            unseen = target is not None and target not in self._known
+            hint = (
+                " (no live ensemble advertises its levels and this caller never saw them: "
+                "pass Network(default_levels=N))"
+                if unseen
+                else ""
+            )
+            raise ValueError(
+                f"priority must be in 0..{levels - 1} for {queue_name!r}, got {level}{hint}"
+            )
         headers = dict(headers or {})
         headers.setdefault(TRACEPARENT, child_traceparent(current_traceparent()))
         request = WorkRequest(
@@ -183,10 +193,19 @@ class Network:
         if self.outbox is None:
             pending = await self.inbox.register(request.request_id)
             queue = self._queue(queue_name, levels)
-            if isinstance(queue, PriorityRequestQueue):
-                await queue.enqueue(request, priority=level)
-            else:
-                await queue.enqueue(request)
+            try:
+                if isinstance(queue, PriorityRequestQueue):
+                    await queue.enqueue(request, priority=level)
+                else:
+                    await queue.enqueue(request)
+            except Exception:
+                # Not sent: its registration would stay pending until the
+                # registry's TTL (days), listed by pending() after every
+                # restart and never answered. (If the broker stored it after
+                # all, the ensemble finds no registration and does not run it.)
+                with contextlib.suppress(TransportError):
+                    await self.inbox.discard(request.request_id)
+                raise
             return pending
         deferred = False
         try:

@@ -777,6 +777,26 @@ class DeliveryRegistry:
             return None
         return completion if self._matches(registration, completion) else registration
 
+    async def discard(self, request_id: str) -> bool:
+        """Withdraw the registration of ``request_id`` (and a response
+        recorded for it): for a request that was not sent after all. A
+        response completed later finds no registration and is ignored, and
+        an ``Ensemble`` acks a delivered copy without running its handler.
+        Callers waiting on it get ``UnknownDeliveryError``.
+
+        Returns whether there was a live registration.
+        Raises: InvalidNameError, TransientTransportError, ClosedResourceError.
+        """
+        validate_request_id(request_id)
+        await self._ready()
+        live = request_id in self._pending
+        await self._log.delete_many(self._keys(request_id))
+        self._pending.pop(request_id, None)
+        self._done.pop(request_id, None)
+        self._legacy.discard(request_id)
+        self._wake(request_id)
+        return live
+
     async def pending(self) -> list[PendingDelivery]:
         """Handles on every request of this registry still awaiting collection
         (pending or completed, not yet taken), oldest first. Use after a

@@ -125,6 +125,26 @@ class DeliveryRegistryConformance:
         assert await worker.complete("r-3", _response("r-3"))
         assert (await late).result == {"for": "r-3"}
 
+    async def test_a_discarded_registration_is_gone_for_every_client(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        """``discard``: a registration whose request was not sent after all
+        (``Network.send`` withdraws it when its enqueue fails)."""
+        registry = (await make_transport()).delivery_registry(queue_name)
+        waiting = await registry.register("d-1")
+        await registry.register("d-2")
+        collector = asyncio.create_task(waiting.result(harness.scaled(20)))
+        await asyncio.sleep(0)  # let it start waiting (woken by discard, or finding it gone)
+        assert await registry.discard("d-1") is True
+        with pytest.raises(UnknownDeliveryError):
+            await collector
+        assert await registry.discard("d-1") is False  # gone already
+        assert [p.request_id for p in await registry.pending()] == ["d-2"]
+        worker = (await make_transport()).delivery_registry(queue_name)
+        assert await worker.complete("d-1", _response("d-1")) is False  # nobody awaits it
+        after = (await make_transport()).delivery_registry(queue_name)
+        assert [p.request_id for p in await after.pending()] == ["d-2"]
+
     async def test_taken_entries_never_return(
         self, harness: BackendHarness, queue_name: str, make_transport: Any
     ) -> None:
