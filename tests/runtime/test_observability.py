@@ -10,8 +10,12 @@ from typing import Any
 import pytest
 
 from transport import (
+    DeadLetter,
+    Delivery,
     Ensemble,
     Network,
+    QueueStats,
+    RequestQueue,
     TaskContext,
     Transport,
     WorkRequest,
@@ -169,11 +173,11 @@ def test_configure_logging_refuses_an_unknown_format() -> None:
         configure_logging(fmt="xml")  # type: ignore[arg-type]
 
 
-def _runtime_lines(caplog: pytest.LogCaptureFixture, needle: str) -> list[str]:
+def _runtime_lines(caplog: pytest.LogCaptureFixture, needle: str, level: str = "INFO") -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "transport.runtime" and r.levelname == "INFO" and needle in r.getMessage()
+        if r.name == "transport.runtime" and r.levelname == level and needle in r.getMessage()
     ]
 
 
@@ -292,3 +296,60 @@ async def test_batches_keep_the_backends_own_batch_and_are_counted(transport: Tr
         assert metrics.count("acked", queue="batched") == 5
     finally:
         set_metrics_sink(None)
+
+
+class _Stalled(RequestQueue):
+    """A queue whose consumer gets nothing (a stalled consumer group): polls
+    come back empty while the requests wait; stats are the real queue's."""
+
+    def __init__(self, inner: RequestQueue) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.lease_seconds = inner.lease_seconds
+        self.max_attempts = inner.max_attempts
+        self.readings = 0
+
+    async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        return await self.inner.enqueue(request)
+
+    async def poll(self, timeout: float | None = None) -> Delivery | None:
+        await asyncio.sleep(min(timeout or 0.0, 0.05))
+        return None
+
+    async def stats(self) -> QueueStats:
+        self.readings += 1
+        return await self.inner.stats()
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return []
+
+    async def requeue_dead_letters(self, request_ids: Any = None) -> int:
+        return 0
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_an_ensemble_warns_once_when_the_backlog_does_not_move(
+    transport: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A consumer group that stopped getting requests (Kafka after rebalances
+    # it never completed) left workers idle and the backlog standing with
+    # nothing logged: "backlog growing" is said only while it grows.
+    caplog.set_level(logging.INFO, logger="transport.runtime")
+    inner = transport.request_queue("stuck")
+    await inner.enqueue(WorkRequest(task="cook"))
+    stalled = _Stalled(inner)
+    kitchen = Ensemble("stuck", queue=stalled, concurrency=1, stats_interval=0.05, advertise=False)
+    kitchen.add_task("cook", lambda ctx: None)
+    async with kitchen.serving():
+        deadline = asyncio.get_running_loop().time() + 10
+        while not _runtime_lines(caplog, "backlog not moving", "WARNING"):
+            assert asyncio.get_running_loop().time() < deadline, "no warning"
+            await asyncio.sleep(0.05)
+        seen = stalled.readings
+        while stalled.readings < seen + 3:  # more readings of the same stall
+            assert asyncio.get_running_loop().time() < deadline, "no more readings"
+            await asyncio.sleep(0.05)
+    (line,) = _runtime_lines(caplog, "backlog not moving", "WARNING")  # once per stall
+    assert line.startswith("ensemble stuck: backlog not moving: 1 waiting, the next in line"), line

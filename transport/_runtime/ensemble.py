@@ -757,9 +757,15 @@ class Ensemble:
         """Every ``stats_interval`` s: read the queue's stats (which refreshes
         the gauges of a metrics sink: depth — the lag on Kafka —, in flight,
         dead-lettered), and log a line when the backlog grew since the last
-        reading (the workers are not keeping up)."""
+        reading (the workers are not keeping up), and a warning once when it
+        stands still: the same request next in line at two readings, nothing
+        handled here meanwhile, and no handler running (no worker of the
+        queue is getting requests)."""
         assert self._stats_interval
         last: int | None = None
+        last_head: datetime | None = None
+        last_handled = -1
+        stalled = False  # said once per stall
         if not metrics_enabled():
             # Only the backlog line needs it: no broker query at start-up.
             await asyncio.sleep(self._stats_interval)
@@ -786,6 +792,34 @@ class Ensemble:
                         else f"; the next in line has waited {(utcnow() - head).total_seconds():.1f}s",
                         extra={**self._fields(), "depth": depth},
                     )
+                head = stats.head_enqueued_at
+                handled = sum(self.counts.values())
+                if (
+                    depth
+                    and last
+                    and depth >= last
+                    and head is not None
+                    and head == last_head
+                    and handled == last_handled
+                    and not self._busy
+                ):
+                    if not stalled:
+                        stalled = True
+                        log.warning(
+                            "ensemble %s: backlog not moving: %d waiting, the next in line "
+                            "(enqueued %.0fs ago) not taken in %gs, and this process is idle; "
+                            "no worker of the queue is getting requests (a stalled consumer "
+                            "group, a broker problem; or, on Kafka, workers standing by while "
+                            "another holds the partitions)",
+                            self.name,
+                            depth,
+                            (utcnow() - head).total_seconds(),
+                            self._stats_interval,
+                            extra={**self._fields(), "depth": depth},
+                        )
+                else:
+                    stalled = False
+                last_head, last_handled = head, handled
                 if depth is not None:
                     last = depth
             await asyncio.sleep(self._stats_interval)
