@@ -25,6 +25,7 @@ import concurrent.futures
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -50,7 +51,13 @@ from tenacity import (
     wait_exponential,
 )
 
-from transport.errors import ClosedResourceError, ConfigurationError, TransientTransportError
+from transport.errors import (
+    ClosedResourceError,
+    ConfigurationError,
+    PermanentTransportError,
+    TransientTransportError,
+    TransportError,
+)
 from transport.kit import ClientLog, InFlight, RequestCodec, SharedRun, wait_within
 from transport_kafka._config import KafkaSettings
 from transport_kafka._errors import error_from_kafka, map_kafka_errors
@@ -79,6 +86,29 @@ T = TypeVar("T")
 # stderr by themselves), at most at INFO, repeats collapsed: an unreachable
 # broker is reported by the failing operation, not by hundreds of lines.
 _CLIENT_LOG = ClientLog("kafka")
+
+#: librdkafka's log lines of a failed authentication or TLS handshake:
+#: retrying does not help (credentials, mechanism, certificates).
+_AUTH_FAILURE = re.compile(
+    r"SASL|[Aa]uthenticat|SSL handshake failed|certificate verify failed", re.ASCII
+)
+
+
+def _refused_login(error: TransientTransportError, bound: float, bootstrap: str) -> TransportError:
+    """``error`` (an operation that failed or timed out), or a
+    PermanentTransportError naming the cause if the clients' last problem
+    within ``bound`` seconds was a failed login or TLS handshake with one of
+    the ``bootstrap`` brokers: librdkafka reports it only in its log, and
+    the operation only as "Broker transport failure" or a timeout, as if
+    the broker were down."""
+    problem = _CLIENT_LOG.last_problem(within=bound)
+    if problem is None or not _AUTH_FAILURE.search(problem):
+        return error
+    if not any(host in problem for host in bootstrap.split(",")):
+        return error  # another transport's brokers (the log is the process's)
+    if problem in str(error):
+        return PermanentTransportError(f"authentication or TLS failed: {error}")
+    return PermanentTransportError(f"authentication or TLS failed: {error}; the client: {problem}")
 
 
 def _client_logger() -> logging.Logger:
@@ -497,8 +527,11 @@ class KafkaClients:
             raise ClosedResourceError("kafka transport is closed")
         loop = asyncio.get_running_loop()
         bound = (limit or self.timeout) + 5.0
-        with map_kafka_errors(what):
-            return await wait_within(loop.run_in_executor(self._executor, fn, *args), bound)
+        try:
+            with map_kafka_errors(what):
+                return await wait_within(loop.run_in_executor(self._executor, fn, *args), bound)
+        except TransientTransportError as exc:
+            raise _refused_login(exc, bound, self.settings.bootstrap) from exc
 
     async def produce(
         self,
@@ -621,9 +654,13 @@ class KafkaClients:
             problem = _CLIENT_LOG.last_problem(within=self.timeout)
             if problem and not detail:
                 detail = f"; the client last reported: {problem}"
-            raise TransientTransportError(
-                f"Kafka at {self.settings.bootstrap} did not create or confirm the topics "
-                f"within {self.timeout:g} s{detail}"
+            raise _refused_login(
+                TransientTransportError(
+                    f"Kafka at {self.settings.bootstrap} did not create or confirm the topics "
+                    f"within {self.timeout:g} s{detail}"
+                ),
+                self.timeout,
+                self.settings.bootstrap,
             ) from exc
         errors: list[str] = []
         for spec in missing:

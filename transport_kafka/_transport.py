@@ -65,7 +65,7 @@ from transport import (
     TransportCapabilities,
     TransportConfig,
 )
-from transport.errors import TransportError
+from transport.errors import PermanentTransportError, TransportError
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, request_codec_for
 from transport_kafka._client import KafkaClients, KafkaContext
 from transport_kafka._config import KafkaSettings, parse_settings
@@ -205,7 +205,8 @@ class KafkaTransport(Transport):
                 limit=min(5.0, self.settings.options.operation_timeout_s)
             )
         except TransportError as exc:
-            return HealthStatus(ok=False, backend="kafka", detail=f"broker unreachable: {exc}")
+            what = "login refused" if isinstance(exc, PermanentTransportError) else "unreachable"
+            return HealthStatus(ok=False, backend="kafka", detail=f"broker {what}: {exc}")
         latency = (time.perf_counter() - started) * 1000
         return HealthStatus(
             ok=True,

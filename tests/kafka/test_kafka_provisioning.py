@@ -14,9 +14,9 @@ import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
-from transport import WorkRequest, connect
+from transport import TransportConfig, WorkRequest, connect
 from transport.cli import main
-from transport.errors import ConfigurationError
+from transport.errors import ConfigurationError, PermanentTransportError
 from transport_kafka import KafkaTransport
 from transport_kafka._config import KafkaOptions, KafkaSettings
 
@@ -252,6 +252,34 @@ async def test_a_request_topic_with_finite_retention_is_refused_at_first_use(
         assert _configs(admin, t.requests).get("retention.ms") == "604800000"
         present = set(admin.list_topics(timeout=10).topics)
         assert t.state not in present and t.dlq not in present, present
+    finally:
+        await transport.aclose()
+
+
+async def test_a_refused_login_is_a_permanent_error_naming_the_cause(
+    tansu_broker: Any,
+) -> None:
+    # SASL against a broker that refuses it (Tansu has no SASL; a wrong
+    # password on a real cluster fails the same way in librdkafka): health
+    # said "broker unreachable: ... Broker transport failure" and an enqueue
+    # waited out the operation timeout with a TransientTransportError, the
+    # cause only in the client's log.
+    if tansu_broker is None:
+        pytest.skip("needs the Tansu broker (no SASL)")
+    config = TransportConfig(
+        url=f"kafka://{tansu_broker.bootstrap}",
+        username="bob",
+        password="not-the-password",
+        sasl_mechanism="PLAIN",
+        options={"operation_timeout_s": 4},
+    )
+    transport = await connect(config)
+    try:
+        health = await transport.health()
+        assert not health.ok and health.detail.startswith("broker login refused: "), health
+        assert "SASL" in health.detail and "not-the-password" not in health.detail
+        with pytest.raises(PermanentTransportError, match="authentication or TLS failed"):
+            await transport.request_queue("q").enqueue(WorkRequest(task="t"))
     finally:
         await transport.aclose()
 
