@@ -45,7 +45,12 @@ from transport import (
     utcnow,
     validate_subject,
 )
-from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
+from transport.errors import (
+    ClosedResourceError,
+    InvalidNameError,
+    TransientTransportError,
+    UndecodableMessageError,
+)
 from transport.kit import EventInbox, Start, check_headers, check_start, make_event, validate_name
 from transport.kit import WireModel as _WireModel
 from transport_nats._client import NatsContext
@@ -124,6 +129,48 @@ class _NatsSubscription(Subscription):
         self.queue.put_nowait(_CLOSED)
 
 
+#: Second tokens of the library's own subjects on NATS (``<namespace>.q.<queue>``,
+#: ``<namespace>.dlq.<queue>``, ``<namespace>.log.<stream>``): JetStream streams
+#: capture every core publish on them, and a core subscription sees them.
+_INTERNAL_KINDS = frozenset({"q", "dlq", "log"})
+
+
+def _reaches_internal(wire: str) -> bool:
+    """Whether the subject or pattern ``wire`` (as sent, prefix included)
+    names the library's own subjects (second token ``q``, ``dlq`` or
+    ``log``), or is a pattern that matches them in every namespace (``>``,
+    ``*.>``, ``*.*.…``). A pattern starting with a literal token reaches at
+    most the namespace of that name: a deliberate choice, not an accident
+    (namespaces are no security boundary between clients of one server:
+    NATS accounts and permissions are)."""
+    tokens = wire.split(".")
+    if tokens[0] == ">":
+        return True
+    if len(tokens) < 2:
+        return False
+    return tokens[1] in _INTERNAL_KINDS or (tokens[0] == "*" and tokens[1] in ("*", ">"))
+
+
+def _bus_subject(prefix: str, subject: str, *, pattern: bool = False) -> str:
+    """The subject as sent, refused if it can reach the library's own
+    subjects: an event published there would land in a queue or an event
+    log of any namespace (bypassing its checks), and a subscription would
+    read the requests and events of every namespace on the server.
+
+    Raises: InvalidNameError."""
+    wire = prefix + validate_subject(subject, pattern=pattern)
+    if _reaches_internal(wire):
+        what = "subscription pattern" if pattern else "subject"
+        raise InvalidNameError(
+            what,
+            subject,
+            f"on NATS '{wire}' reaches the library's queue and event-log subjects "
+            "('<namespace>.q|dlq|log.<name>'): use another second token, or a literal "
+            "first one (such as 'agent.events.>')",
+        )
+    return wire
+
+
 class NatsEventBus(EventBus):
     """Core NATS publish/subscribe (see the module docstring)."""
 
@@ -144,20 +191,21 @@ class NatsEventBus(EventBus):
         self, subject: str, data: Any = None, *, headers: dict[str, str] | None = None
     ) -> None:
         self._check()
-        event = make_event(validate_subject(subject), data, headers)
+        wire = _bus_subject(self._prefix, subject)
+        event = make_event(subject, data, headers)
         body = encode(event, self._limit)
         with map_nats_errors(f"publishing {subject}"):
-            await self._ctx.nc.publish(self._prefix + subject, body)
+            await self._ctx.nc.publish(wire, body)
 
     async def subscribe(self, pattern: str, queue_group: str | None = None) -> Subscription:
         self._check()
-        validate_subject(pattern, pattern=True)
+        wire = _bus_subject(self._prefix, pattern, pattern=True)
         if queue_group is not None:
             validate_name(queue_group, "queue group")
         subscription = _NatsSubscription(pattern, queue_group, self._prefix)
         with map_nats_errors(f"subscribing to {pattern}"):
             subscription.sub = await self._ctx.nc.subscribe(
-                self._prefix + pattern, queue=queue_group or "", cb=subscription.on_msg
+                wire, queue=queue_group or "", cb=subscription.on_msg
             )
             # Registered on the server before this returns: events published
             # afterwards by any client are seen.
@@ -174,10 +222,11 @@ class NatsEventBus(EventBus):
         headers: dict[str, str] | None = None,
     ) -> Event:
         self._check()
-        event = make_event(validate_subject(subject), data, headers)
+        wire = _bus_subject(self._prefix, subject)
+        event = make_event(subject, data, headers)
         body = encode(event, self._limit)
         try:
-            reply = await self._ctx.nc.request(self._prefix + subject, body, timeout=timeout)
+            reply = await self._ctx.nc.request(wire, body, timeout=timeout)
         except nats.errors.NoRespondersError as exc:
             raise TimeoutError(f"nobody answers requests on {subject!r}") from exc
         except nats.errors.TimeoutError as exc:
@@ -193,6 +242,11 @@ class NatsEventBus(EventBus):
         self._check()
         if request.reply_to is None:
             raise ValueError("this event is not a request (no reply_to)")
+        if not request.reply_to.startswith("_INBOX."):
+            # A reply goes where the request says: any subject, a queue's
+            # or an event log's of any namespace included, unless it is an
+            # inbox (what NATS request/reply uses).
+            raise ValueError(f"reply_to {request.reply_to!r} is not a NATS inbox (_INBOX.…)")
         event = Event(subject=request.subject, data=data, headers=check_headers(headers))
         with map_nats_errors(f"replying to {request.subject}"):
             await self._ctx.nc.publish(request.reply_to, encode(event, self._limit))

@@ -221,3 +221,51 @@ async def test_nkey_seed(tmp_path: Path, namespace: str) -> None:
         assert other_seed not in str(info.value)
     finally:
         server.stop()
+
+
+async def test_the_event_bus_cannot_reach_the_queues_and_logs_of_a_namespace(
+    tmp_path: Path,
+) -> None:
+    # The bus is core NATS on the subjects as written: publishing on
+    # '<ns>.q.<queue>' put a message into that namespace's queue (dead-lettered
+    # there as not a request), on '<ns>.log.<stream>' appended a forged event
+    # to its durable log, and a subscription to '*.q.>' read the requests of
+    # every namespace on the server.
+    from transport import Event, InvalidNameError
+
+    server = NatsServer(tmp_path / "bus")
+    server.start()
+    try:
+        a = await connect(server.url, namespace="tenanta")
+        b = await connect(server.url, namespace="tenantb")
+        try:
+            kitchen = b.request_queue("kitchen")
+            await kitchen.enqueue(WorkRequest(task="cook", payload={"secret": "b-only"}))
+            await b.event_log().append("audit", {"ok": 1})
+            bus = a.event_bus()
+            for pattern in ["*.q.>", ">", "*.>", "*.*.kitchen", "tenantb.q.*", "tenantb.log.>"]:
+                with pytest.raises(InvalidNameError, match="queue and event-log subjects"):
+                    await bus.subscribe(pattern)
+            for subject in ["tenantb.q.kitchen", "tenantb.log.audit", "tenantb.dlq.kitchen"]:
+                with pytest.raises(InvalidNameError, match="queue and event-log subjects"):
+                    await bus.publish(subject, {"forged": True})
+                with pytest.raises(InvalidNameError):
+                    await bus.request(subject, {"forged": True}, timeout=1)
+            # A forged reply_to does not turn a reply into a publish there.
+            forged = Event(subject="agent.ask", data=None, reply_to="tenantb.q.kitchen")
+            with pytest.raises(ValueError, match="not a NATS inbox"):
+                await bus.reply(forged, {"forged": True})
+            assert (await kitchen.stats()).depth == 1 and await kitchen.dead_letters() == []
+            reader = await b.event_log().read("audit", "earliest")
+            assert [(await reader.next(5)).data, await reader.next(0.3)] == [{"ok": 1}, None]  # type: ignore[union-attr]
+            await reader.aclose()
+            # The documented subjects and patterns still work.
+            async with await bus.subscribe("agent.events.>") as events:
+                await bus.publish("agent.events.kitchen.opened", {"at": "10:00"})
+                got = await events.next(5)
+                assert got is not None and got.subject == "agent.events.kitchen.opened"
+        finally:
+            await a.aclose()
+            await b.aclose()
+    finally:
+        server.stop()
