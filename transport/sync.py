@@ -3,7 +3,7 @@
 The event loop runs on a private daemon thread; every call is handed to it
 and waited for. Safe to use from several threads at once::
 
-    from transport import sync
+    from transport import WorkRequest, sync
 
     with sync.connect("sqlite:///app.db") as transport:
         queue = transport.request_queue("kitchen")
@@ -12,13 +12,16 @@ and waited for. Safe to use from several threads at once::
         if delivery:
             ...
             delivery.ack()
+        # with an ensemble "kitchen" serving (in another process):
         response = transport.request("kitchen", "cook", {"dish": "soup"}, caller="script", timeout=30)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import warnings
 from collections.abc import Coroutine, Iterable
 from datetime import timedelta
 from types import TracebackType
@@ -32,6 +35,7 @@ from transport._spi.priority import PriorityRequestQueue
 from transport._spi.queue import Delivery, RequestQueue
 from transport._spi.registries import DeliveryRegistry
 from transport._spi.transport import Transport
+from transport.errors import ClosedResourceError
 
 __all__ = [
     "SyncDelivery",
@@ -44,6 +48,9 @@ __all__ = [
 T = TypeVar("T")
 
 
+_warned_running_loop = False
+
+
 class _LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -51,17 +58,54 @@ class _LoopThread:
             target=self.loop.run_forever, name="transport-sync", daemon=True
         )
         self._thread.start()
+        self.stopped = False
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        global _warned_running_loop
         if threading.current_thread() is self._thread:
+            coro.close()
             raise RuntimeError("blocking transport call from inside its own event loop")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        if self.stopped:
+            coro.close()
+            raise ClosedResourceError("this sync transport is closed")
+        if not _warned_running_loop and _in_running_loop():
+            _warned_running_loop = True
+            warnings.warn(
+                "transport.sync called from a running event loop blocks that loop until the "
+                "call returns (its tasks do not run meanwhile); use the async API there",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            # Interrupted (Ctrl-C, a signal handler raising) or timed out: the
+            # call must not go on behind the caller's back (a poll would take
+            # a request nobody receives, left to its lease and counted).
+            # Cancelled calls are cancellation-safe.
+            if not future.done():
+                future.cancel()
+                with contextlib.suppress(BaseException):
+                    future.result(5)
+            raise
 
     def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class SyncDelivery:
@@ -190,6 +234,9 @@ class SyncTransport:
         return self._runner.run(self._inner.health())
 
     def close(self) -> None:
+        """Close the transport and its event-loop thread. Idempotent."""
+        if self._runner.stopped:
+            return
         try:
             self._runner.run(self._inner.aclose(), timeout=30)
         finally:

@@ -165,3 +165,62 @@ def test_cli_replaces_a_repaired_dead_letter(
     assert cli([*args, "--dead-letter", dead["dead_letter_id"], "--body", str(repaired)]) == 1
     assert "no dead letter" in capsys.readouterr().err
     assert cli([*args, "--dead-letter", "1"]) == 2  # no --body: invalid input
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_sync_poll_does_not_go_on_taking_requests(tmp_path: Path) -> None:
+    # Ctrl-C (here a signal handler raising) during a sync poll left the poll
+    # running on the facade's loop: it took the next request, which nobody
+    # received, and it came back after its lease at attempt 2.
+    import os
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    # SIGUSR1, not SIGALRM: pytest-timeout's alarm stays its own.
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        with sync.connect(f"sqlite:///{tmp_path / 'i.db'}") as transport:
+            queue = transport.request_queue("kitchen")
+            timer.start()
+            with pytest.raises(_Interrupted):
+                queue.poll(timeout=5)
+            sent = queue.enqueue(WorkRequest(task="cook"))
+            delivery = queue.poll(timeout=5)
+            assert delivery is not None and delivery.request.request_id == sent.request_id
+            assert delivery.attempt == 1
+            assert delivery.ack()
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_sync_transport_closes_twice_and_refuses_calls_after(tmp_path: Path) -> None:
+    from transport.errors import ClosedResourceError
+
+    transport = sync.connect(f"sqlite:///{tmp_path / 'c.db'}")
+    queue = transport.request_queue("kitchen")
+    transport.close()
+    transport.close()  # RuntimeError: Event loop is closed, before
+    with pytest.raises(ClosedResourceError, match="sync transport is closed"):
+        queue.stats()
+
+
+def test_a_sync_call_inside_a_running_loop_warns_that_it_blocks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transport.sync as sync_module
+
+    monkeypatch.setattr(sync_module, "_warned_running_loop", False)
+    with sync.connect(f"sqlite:///{tmp_path / 'w.db'}") as transport:
+
+        async def inside() -> None:
+            with pytest.warns(RuntimeWarning, match="blocks that loop"):
+                transport.health()
+
+        asyncio.run(inside())
