@@ -90,7 +90,7 @@ def test_secrets_in_backend_options_never_appear_in_reprs_or_logs(
         assert CANARY not in text
         # What is not secret stays readable.
         assert "'linger.ms': 5" in text and "'prefetch': 64" in text
-        assert "http://***@127.0.0.1:8080" in text
+        assert "http://admin:***@127.0.0.1:8080" in text
     assert config.options["producer"]["sasl.password"] == CANARY  # the value itself is kept
 
 
@@ -352,3 +352,32 @@ def test_a_misspelt_environment_variable_is_warned_about(
         "environment variable TRANSPORT_MAX_ATTEMPT names no transport setting and is"
         " ignored (did you mean TRANSPORT_MAX_ATTEMPTS?)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # An unencoded '/' (or '?', '#') in the password ended the parsed user
+        # part early: the password was shown.
+        (f"nats://u:{CANARY[:6]}/{CANARY[7:]}@h:4222", "nats://u:***@h:4222"),
+        (f"redis://:{CANARY[:6]}?{CANARY[7:]}@h:6379/0", "redis://:***@h:6379/0"),
+        # One user part per host: every host is kept (only the last was).
+        (
+            f"nats://u:{CANARY}@h1:4222,u:{CANARY}@h2:4222",
+            "nats://u:***@h1:4222,u:***@h2:4222",
+        ),
+        (f"nats://{CANARY}@h:4222", "nats://***@h:4222"),
+    ],
+)
+def test_urls_are_redacted_in_reprs_dumps_and_errors(url: str, shown: str) -> None:
+    config = TransportConfig(url=url, options={"producer": {"sasl.password": CANARY}})
+    assert config.redacted_url() == shown
+    for text in (repr(config), str(config.model_dump()), config.model_dump_json()):
+        assert CANARY[:6] not in text and CANARY[7:] not in text, text
+    assert shown in repr(config)
+
+
+async def test_an_sqlite_url_with_a_user_part_is_refused_without_its_password() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        await connect(f"sqlite://u:{CANARY}@/x.db")
+    assert CANARY not in str(info.value) and "has a host part" in str(info.value)

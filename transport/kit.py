@@ -63,7 +63,7 @@ from transport._runtime.atexit import AtExit
 from transport._runtime.shared import InFlight, SharedRun, retrieve, wait_within
 from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
-from transport._spi.config import options_error
+from transport._spi.config import options_error, redact_url
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._spi.events import (
     EventInbox,
@@ -123,6 +123,7 @@ __all__ = [
     "make_event",
     "options_error",
     "read_checkpoint",
+    "redact_url",
     "replace_fields",
     "request_codec_for",
     "retrieve",

@@ -23,6 +23,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -87,10 +88,36 @@ _SECRET_OPTION = re.compile(
 )
 
 
-def _redact_url(value: str) -> str:
-    """A URL's user part (it may hold a password or a token) replaced."""
-    scheme, sep, rest = value.rpartition("://")
-    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+def redact_url(url: str) -> str:
+    """``url`` with every password (and a user part without one: a token,
+    by NATS convention) replaced by ``***``, the user names kept. Robust to
+    what a validated URL may still hold: a password with an unencoded ``/``,
+    ``?`` or ``#`` (the user part is everything up to the last ``@`` of the
+    authority), and one user part per host (``nats://u:p@h1,u:p@h2``).
+    Never raises; a URL without ``@`` is returned as is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL; what looks like a user part is hidden all the same
+        return f"***@{url.rpartition('@')[2]}" if "@" in url else url
+    at = rest.rfind("@")
+    if at < 0:
+        return url
+    # The authority ends at the first '/', '?' or '#' after its last '@'.
+    ends = [i for i in (rest.find(ch, at) for ch in "/?#") if i != -1]
+    end = min(ends, default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+
+    def masked(part: str) -> str:
+        userinfo, _, host = part.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        return f"{user}:***@{host}" if colon else f"***@{host}"
+
+    segments = authority.split(",")
+    if all("@" in segment for segment in segments):
+        return f"{scheme}://{','.join(masked(segment) for segment in segments)}{tail}"
+    return f"{scheme}://{masked(authority)}{tail}"
+
+
+_redact_url = redact_url
 
 
 def redact_options(value: Any, key: str = "") -> Any:
@@ -261,14 +288,17 @@ class TransportConfig(BaseSettings):
         NATS convention, so it is replaced too. Never raises (the URL was
         validated with the config).
         """
-        parts = urlsplit(self.url)
-        if parts.username is None:
-            return self.url
-        userinfo, _, hostport = parts.netloc.rpartition("@")
-        if parts.password is None:
-            return parts._replace(netloc=f"***@{hostport}").geturl()
-        user = userinfo.partition(":")[0]
-        return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
+        return redact_url(self.url)
+
+    @field_serializer("url")
+    def _dump_url(self, url: str) -> str:
+        # model_dump()/model_dump_json() are what gets logged or stored:
+        # the URL's password goes the way of the SecretStr fields.
+        return redact_url(url)
+
+    @field_serializer("options")
+    def _dump_options(self, options: dict[str, Any]) -> Any:
+        return redact_options(options)
 
     def __repr_args__(self) -> Any:
         for key, value in super().__repr_args__():

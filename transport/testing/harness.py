@@ -140,6 +140,8 @@ class BackendHarness:
         backend with ``transport.connect()`` (``TRANSPORT_*`` variables)."""
         env = dict(os.environ)
         data = self.config.model_dump(mode="json", exclude_none=True)
+        # Dumps redact the URL's password and secret options: the real ones.
+        data.update(url=self.config.url, options=self.config.options)
         data.update(overrides)
         for key, value in data.items():
             if key == "tls" or key in {"password", "token", "nkey_seed"}:

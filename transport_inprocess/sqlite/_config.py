@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError
+from transport.kit import redact_url
 
 __all__ = ["SqliteSettings", "sqlite_path"]
 
@@ -55,7 +56,8 @@ def sqlite_path(url: str) -> tuple[str, dict[str, str]]:
         raise ConfigurationError(f"not an sqlite URL: {url!r}")
     if parts.netloc:
         raise ConfigurationError(
-            f"sqlite URL {url!r} has a host part; use sqlite:///relative.db or sqlite:////abs/path.db"
+            f"sqlite URL {redact_url(url)!r} has a host part; use sqlite:///relative.db or "
+            "sqlite:////abs/path.db"
         )
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     if not path:
