@@ -252,7 +252,7 @@ def test_a_payload_nested_to_the_limit_is_sent_as_it_is() -> None:
         ([(1, 2)], "payload[0] is a tuple"),
         ({1, 2}, "payload is a set"),
         (datetime(2026, 1, 1, tzinfo=UTC), "payload is a datetime"),
-        ({1: "one"}, "payload has the key 1 (int): JSON object keys are strings"),
+        ({1: "one"}, "payload has the key 1 (int): JSON object keys are plain strings"),
         (b"x", "payload is a bytes"),
         # Accepted here, then refused by the encoder at enqueue with another
         # error type (PermanentTransportError, not a ValueError):
@@ -318,3 +318,38 @@ def test_dead_letter_keeps_the_exact_bytes_of_an_undecodable_body() -> None:
         queue="q", request_id=None, request=None, raw="as text", error="x", attempts=1
     )
     assert (text.raw_encoding, text.raw_bytes()) == ("utf-8", b"as text")
+
+
+def test_subclasses_of_json_types_are_refused() -> None:
+    # A str Enum, an IntEnum or a dict subclass passed the build check and
+    # arrived as the plain type ("arrive as sent, or are refused").
+    import enum
+
+    class Colour(str, enum.Enum):  # noqa: UP042 - the case users write
+        RED = "red"
+
+    class Level(enum.IntEnum):
+        HIGH = 1
+
+    for payload in ({"c": Colour.RED}, Level.HIGH, {Colour.RED: 1}):
+        with pytest.raises(InvalidMessageError, match=r"subclass|plain strings"):
+            WorkRequest(task="t", payload=payload)
+    assert WorkRequest(task="t", payload={"c": Colour.RED.value}).payload == {"c": "red"}
+
+
+def test_a_copy_with_updates_is_validated_like_a_new_request() -> None:
+    # pydantic's model_copy does not validate: a bad task name or a set
+    # payload reached the broker (dead-lettered there, or sent as a list).
+    request = WorkRequest(task="t", payload={"n": 1})
+    with pytest.raises(InvalidNameError):
+        request.model_copy(update={"task": "a.b>"})
+    with pytest.raises(InvalidMessageError, match="a set"):
+        request.model_copy(update={"payload": {1, 2}})
+    copy = request.model_copy(update={"payload": {"n": 2}})
+    assert (copy.request_id, copy.payload) == (request.request_id, {"n": 2})
+    assert copy.model_fields_set == request.model_fields_set | {"payload"}
+
+
+def test_a_misspelt_argument_is_refused_with_the_closest_name() -> None:
+    with pytest.raises(TypeError, match=r"'reply_too' \(did you mean 'reply_to'\?\)"):
+        WorkRequest(task="t", reply_too="desk")  # type: ignore[call-arg]

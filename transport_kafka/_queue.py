@@ -354,7 +354,7 @@ class KafkaRequestQueue(RequestQueue):
                 continue
             if wanted is not None and dead.request_id not in wanted:
                 continue
-            fresh = dead.request.model_copy(update={"attempt": 1})
+            fresh = replace_fields(dead.request, attempt=1)
             await clients.produce(
                 self.topics.requests, fresh.message_key.encode(), encode(fresh), what="requeue"
             )

@@ -537,7 +537,7 @@ class NatsRequestQueue(RequestQueue):
             await self._dead_letter_msg(msg, None, str(exc), attempt)
             return None
         if request.attempt != attempt:
-            request = request.model_copy(update={"attempt": attempt})
+            request = replace_fields(request, attempt=attempt)
         delivery = NatsDelivery(request, self, msg, seq, received + self.lease_window)
         self._held[seq] = delivery
         self._open_uncounted_soon()
@@ -937,7 +937,7 @@ class NatsRequestQueue(RequestQueue):
             request = record.request
             if request is None or (wanted is not None and request.request_id not in wanted):
                 continue
-            body = encode(request.model_copy(update={"attempt": 1}))
+            body = encode(replace_fields(request, attempt=1))
             # A distinct message id: the original id may still be inside the
             # duplicate window, and the requeue must not be swallowed.
             await self._publish(

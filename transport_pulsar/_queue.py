@@ -93,6 +93,7 @@ from transport.kit import (
     decode_request,
     error_header,
     internal_name,
+    replace_fields,
     retrieve,
     wait_within,
 )
@@ -605,7 +606,7 @@ class PulsarRequestQueue(RequestQueue):
             record = DeadLetter(
                 queue=self.name,
                 request_id=request.request_id,
-                request=request.model_copy(update={"attempt": deliveries}),
+                request=replace_fields(request, attempt=deliveries),
                 error=last_error or f"not acknowledged after {deliveries} deliveries",
                 attempts=deliveries,
             )
@@ -617,7 +618,7 @@ class PulsarRequestQueue(RequestQueue):
         del self._counted[key]
         self._stop_watching(key)
         if request.attempt != attempt:
-            request = request.model_copy(update={"attempt": attempt})
+            request = replace_fields(request, attempt=attempt)
         delivery = PulsarDelivery(request, self, message, last_error)
         self._lease(delivery, self.lease_seconds)
         self._held[key] = delivery
@@ -1029,7 +1030,7 @@ class PulsarRequestQueue(RequestQueue):
         self._check_open()
         if not any(key == dead_letter_id for key, _ in await self._dead_records()):
             return False
-        await self.enqueue(request.model_copy(update={"attempt": 1}))
+        await self.enqueue(replace_fields(request, attempt=1))
         await self._dlq.write(dead_letter_id, None)
         return True
 
@@ -1040,7 +1041,7 @@ class PulsarRequestQueue(RequestQueue):
         for key, record in await self._dead_records():
             if record.request is None or (wanted is not None and record.request_id not in wanted):
                 continue
-            await self.enqueue(record.request.model_copy(update={"attempt": 1}))
+            await self.enqueue(replace_fields(record.request, attempt=1))
             await self._dlq.write(key, None)
             moved += 1
         return moved

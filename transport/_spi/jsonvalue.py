@@ -89,7 +89,29 @@ def _is_json(value: Any, depth: int) -> bool:
     return _problem(value, "", depth) is None  # subclasses (StrEnum, OrderedDict …)
 
 
+_PLAIN = (bool, str, int, float, list, dict)
+
+
+def _subclass_problem(value: Any, where: str) -> str | None:
+    """A subclass of a JSON type (a str Enum, an IntEnum, a dict subclass)
+    arrives as the plain type: refused as the other conversions are."""
+    kind = type(value)
+    if kind in _PLAIN or value is None:
+        return None
+    base = next((b for b in _PLAIN if isinstance(value, b)), None)
+    if base is None:
+        return None
+    a = "an" if base.__name__[0] in "aeiou" else "a"
+    return (
+        f"{where} is a {kind.__name__} ({_short(value)}), {a} {base.__name__} subclass: it "
+        f"would arrive as a plain {base.__name__}; pass {a} {base.__name__} (an Enum's .value)"
+    )
+
+
 def _problem(value: Any, where: str, depth: int) -> str | None:
+    subclass = _subclass_problem(value, where)
+    if subclass is not None:
+        return subclass
     if isinstance(value, str):
         return _text_problem(value, where)
     if isinstance(value, _SCALARS):
@@ -110,10 +132,10 @@ def _problem(value: Any, where: str, depth: int) -> str | None:
         if depth >= MAX_NESTING:
             return _too_deep(where)
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str:
                 return (
                     f"{where} has the key {key!r} ({type(key).__name__}): "
-                    "JSON object keys are strings, convert it first"
+                    "JSON object keys are plain strings, convert it first"
                 )
             problem = _text_problem(key, f"{where} key") or _problem(
                 item, f"{where}[{key!r}]", depth + 1

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import copy
+import difflib
 import hashlib
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -176,6 +178,19 @@ class _WireModel(BaseModel):
         return value
 
     def __init__(self, /, **data: Any) -> None:
+        # Direct construction only (decoding ignores unknown fields: records
+        # of a newer writer): a misspelt argument was dropped without a word
+        # (WorkRequest(task=..., reply_too=...) never got its response).
+        fields = type(self).model_fields
+        unknown = [name for name in data if name not in fields]
+        if unknown:
+            hints = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, list(fields), n=1)
+                hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected keyword argument(s) {', '.join(hints)}"
+            )
         # Validators raise the library's errors (InvalidNameError …); pydantic
         # wraps them in its ValidationError. Give the caller the documented one.
         try:
@@ -233,6 +248,20 @@ class WorkRequest(_WireModel):
     @classmethod
     def _check_ordering_key(cls, value: str | None) -> str | None:
         return None if value is None else validate_ordering_key(value)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """As pydantic's, but a copy with ``update`` is validated like a new
+        request: pydantic does not validate updates, so a bad task name, a
+        set payload (sent as a list) or a header with a newline reached the
+        broker. (The library's own copies use :func:`replace_fields`.)
+
+        Raises: InvalidNameError, InvalidMessageError."""
+        copy = super().model_copy(update=update, deep=deep)
+        if not update:
+            return copy
+        checked = type(copy)(**{name: getattr(copy, name) for name in type(copy).model_fields})
+        object.__setattr__(checked, "__pydantic_fields_set__", set(copy.model_fields_set))
+        return checked
 
     @property
     def message_key(self) -> str:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from transport._spi.models import DeadLetter, QueueStats, WorkRequest, utcnow
+from transport._spi.models import DeadLetter, QueueStats, WorkRequest, replace_fields, utcnow
 from transport._spi.naming import validate_name
 from transport._spi.queue import (
     Delivery,
@@ -145,7 +145,7 @@ class PriorityRequestQueue(RequestQueue):
         level = request.priority if priority is None else priority
         self._check_level(level)
         if request.priority != level:
-            request = request.model_copy(update={"priority": level})
+            request = replace_fields(request, priority=level)
         return await self._queues[level].enqueue(request)
 
     async def enqueue_many(self, requests: Iterable[WorkRequest]) -> list[WorkRequest]:

@@ -347,7 +347,7 @@ class MemoryRequestQueue(RequestQueue):
                 if dead.request is None or (wanted is not None and dead.request_id not in wanted):
                     keep.append(dead)
                     continue
-                fresh = dead.request.model_copy(update={"attempt": 1})
+                fresh = replace_fields(dead.request, attempt=1)
                 self._state.ready.append(_Msg(encode(fresh), fresh.request_id))
                 moved += 1
             self._state.dead = keep
