@@ -18,9 +18,11 @@ from transport import (
     Delivery,
     EventLog,
     EventReader,
+    InvalidNameError,
     LogEvent,
     Outbox,
     OutboxFile,
+    PayloadTooLargeError,
     PermanentTransportError,
     QueueStats,
     RequestQueue,
@@ -491,3 +493,25 @@ async def test_a_file_of_an_earlier_release_is_migrated_and_drained(
         await outbox.flush(timeout=10)
     delivery = await transport.request_queue("legacy").poll(5)
     assert delivery is not None and delivery.request.request_id == "old-1"
+
+
+async def test_a_request_the_queue_would_refuse_is_refused_when_stored(
+    transport: Transport, tmp_path: Path
+) -> None:
+    # An invalid queue name, or a body over the queue's own limit (below
+    # max_payload_bytes on NATS), was stored, tried three times and
+    # dead-lettered; appends and publishes were refused at once.
+    outbox = Outbox(transport, tmp_path / "outbox.db")
+    try:
+        with pytest.raises(InvalidNameError):
+            await outbox.enqueue("bad.name", WorkRequest(task="cook"))
+        limited = transport.request_queue("kitchen")
+        limited.max_payload_bytes = 1000  # as a broker with a lower limit sets it
+        outbox._queues[("kitchen", 1)] = limited
+        with pytest.raises(PayloadTooLargeError):
+            await outbox.enqueue("kitchen", WorkRequest(task="cook", payload="x" * 2000))
+        assert await outbox.depth() == 0
+        await outbox.enqueue("kitchen", WorkRequest(task="cook", payload="x" * 100))
+        assert await outbox.depth() == 1
+    finally:
+        await outbox.aclose()

@@ -52,7 +52,7 @@ from tenacity.wait import wait_base
 from transport._runtime.sqlitestore import SqliteStore
 from transport._spi.codec import decode, encode
 from transport._spi.events import EventBus, EventLog, check_headers, validate_subject
-from transport._spi.models import WorkRequest, _WireModel, utcnow
+from transport._spi.models import WorkRequest, _WireModel, replace_fields, utcnow
 from transport._spi.naming import validate_name
 from transport._spi.priority import PriorityRequestQueue
 from transport._spi.queue import RequestQueue
@@ -362,6 +362,14 @@ class Outbox:
         self._outage_since: float | None = None
         self._outage_logged = 0.0
 
+    def _handle(self, name: str, levels: int) -> RequestQueue:
+        """The queue handle requests for ``name`` are sent through (made by
+        the queue factory once; opening one does not reach the broker)."""
+        queue = self._queues.get((name, levels))
+        if queue is None:
+            queue = self._queues[(name, levels)] = self._factory(name, levels)
+        return queue
+
     def _default_queue(self, name: str, levels: int) -> RequestQueue:
         if levels > 1:
             return self.transport.priority_queue(name, levels=levels)
@@ -422,9 +430,18 @@ class Outbox:
             raise ValueError("register=True needs a request with reply_to")
         if self._drainer is None:
             await self.start()
+        # Refused now what the transport would refuse at send time (it was
+        # stored, tried three times, then dead-lettered): a bad queue name,
+        # a request over the queue's own limit (NATS: the server's
+        # max_payload less its header allowance, below max_payload_bytes).
+        validate_name(queue, "queue name")
+        if levels < 1:
+            raise ValueError(f"levels must be at least 1, got {levels}")
         if request.enqueued_at is None:
-            request = request.model_copy(update={"enqueued_at": utcnow()})
-        body = encode(request, self.transport.config.max_payload_bytes)
+            request = replace_fields(request, enqueued_at=utcnow())
+        limit = self.transport.config.max_payload_bytes
+        own = self._handle(queue, levels).max_payload_bytes
+        body = encode(request, limit if own is None else min(own, limit))
 
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -681,9 +698,7 @@ class Outbox:
                 registry = self.transport.delivery_registry(request.reply_to)
                 self._registries[request.reply_to] = registry
             await registry.register(request.request_id)
-        queue = self._queues.get((queue_name, levels))
-        if queue is None:
-            queue = self._queues[(queue_name, levels)] = self._factory(queue_name, levels)
+        queue = self._handle(queue_name, levels)
         if isinstance(queue, PriorityRequestQueue):
             await queue.enqueue(request, priority=min(request.priority, queue.levels - 1))
         else:
