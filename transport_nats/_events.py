@@ -194,8 +194,17 @@ class NatsEventBus(EventBus):
         wire = _bus_subject(self._prefix, subject)
         event = make_event(subject, data, headers)
         body = encode(event, self._limit)
+        nc = self._ctx.nc
+        if not nc.is_connected:
+            # nats-py would buffer it while it reconnects and never raise:
+            # lost without a word if the server comes back after the buffer
+            # filled or the process ends, and an Outbox would take it as sent.
+            raise TransientTransportError(
+                f"publishing {subject}: not connected to the NATS server (reconnecting); "
+                "the event was not sent"
+            )
         with map_nats_errors(f"publishing {subject}"):
-            await self._ctx.nc.publish(wire, body)
+            await nc.publish(wire, body)
 
     async def subscribe(self, pattern: str, queue_group: str | None = None) -> Subscription:
         self._check()

@@ -14,6 +14,7 @@ import pytest
 from tenacity import wait_fixed
 
 from transport import Ensemble, Network, Outbox, TaskContext, TransportConfig, connect
+from transport.errors import TransientTransportError
 from transport.testing._util import Budget
 from transport.testing.brokers import NatsServer
 
@@ -121,6 +122,46 @@ async def test_event_appends_and_bus_publishes_wait_in_the_outbox_through_a_kill
         assert await outbox.dead_events() == []
     finally:
         collector.cancel()
+        await subscription.aclose()
+        await outbox.aclose()
+        await transport.aclose()
+
+
+async def test_bus_publishes_are_held_while_the_client_reconnects(
+    own_server: NatsServer, tmp_path: Path, namespace: str, budget: Budget
+) -> None:
+    """nats-py buffers a publish while it reconnects and never raises: the
+    outbox took three publishes as sent during an outage ("flushed", depth 0)
+    and none reached the subscriber. A publish now fails while the client is
+    not connected, so the outbox holds the line until the server is back."""
+    config = TransportConfig(
+        url=own_server.url,
+        namespace=namespace,
+        options={"request_timeout": 1.0, "reconnect_time_wait": 0.1},
+    )
+    transport = await connect(config)
+    outbox = Outbox(transport, tmp_path / "outbox.db", retry_wait=wait_fixed(0.2))
+    bus = transport.event_bus()
+    subscription = await bus.subscribe("kitchen.orders.>")
+    try:
+        await asyncio.to_thread(own_server.kill)
+        for n in (1, 2, 3):
+            await outbox.publish(f"kitchen.orders.o{n}", n)
+        async with asyncio.timeout(budget.left(20)):
+            while outbox.outage_failures < 2:  # noqa: ASYNC110 - tried, and held the line
+                await asyncio.sleep(0.05)
+        assert await outbox.depth() == 3
+        with pytest.raises(TransientTransportError, match="not connected"):
+            await bus.publish("kitchen.orders.direct", 0)
+        await asyncio.to_thread(own_server.start)
+        await outbox.flush(timeout=budget.left(30))
+        seen = []
+        async with asyncio.timeout(budget.left(30)):
+            while len(seen) < 3:
+                event = await anext(subscription)
+                seen.append(event.data)
+        assert seen == [1, 2, 3]
+    finally:
         await subscription.aclose()
         await outbox.aclose()
         await transport.aclose()
