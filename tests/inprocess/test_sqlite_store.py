@@ -190,3 +190,35 @@ async def test_only_a_transaction_of_unsynced_writes_alone_skips_the_fsync(tmp_p
         assert await relaxed.write(_level) == 0
     finally:
         await relaxed.aclose()
+
+
+def test_switching_to_wal_is_retried_while_the_file_is_locked() -> None:
+    # A worker process opening a fresh file while another one set it up
+    # failed at start: "PRAGMA journal_mode=WAL" -> "database is locked"
+    # (SQLite does not wait for the switch with the busy timeout). Seen in a
+    # run of test_sigterm_finishes_in_flight_work_and_exits_cleanly on a
+    # loaded machine; simulated here.
+    import sqlite3
+
+    from transport._runtime.sqlitestore import _use_wal
+
+    class Locked:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.statements: list[str] = []
+
+        def execute(self, sql: str) -> Any:
+            self.statements.append(sql)
+            if self.failures:
+                self.failures -= 1
+                raise sqlite3.OperationalError("database is locked")
+            return self
+
+        def fetchone(self) -> tuple[str]:
+            return ("delete",)
+
+    conn = Locked(failures=3)
+    _use_wal(conn, within=5.0)  # type: ignore[arg-type]
+    assert conn.statements[-1] == "PRAGMA journal_mode=WAL" and conn.failures == 0
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _use_wal(Locked(failures=10_000), within=0.2)  # type: ignore[arg-type]

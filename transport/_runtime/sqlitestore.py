@@ -21,6 +21,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,6 +110,24 @@ def _resolve_all(items: list[tuple[_Op, Any, BaseException | None]]) -> None:
             future.set_exception(error)
 
 
+def _use_wal(conn: sqlite3.Connection, within: float) -> None:
+    """Put the file in WAL mode. Switching the mode needs the file to itself
+    and SQLite does not wait for that with the busy timeout: a process that
+    opened the file while another was writing failed at start with
+    "database is locked". A file already in WAL mode (any but the first
+    opening) is left as it is; otherwise the switch is retried."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc).lower() or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SqliteStore:
     """Owns the connection and its thread. Create with :meth:`open`."""
 
@@ -169,7 +188,7 @@ class SqliteStore:
             timeout=self._busy_timeout_ms / 1000,
         )
         conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-        conn.execute("PRAGMA journal_mode=WAL")
+        _use_wal(conn, self._busy_timeout_ms / 1000)
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         conn.executescript(self._schema)  # idempotent; serialised by the busy timeout
         return conn
