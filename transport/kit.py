@@ -71,6 +71,7 @@ from transport._spi.events import (
     check_headers,
     check_start,
     make_event,
+    position_number,
     to_millisecond,
 )
 from transport._spi.keyed import encode_checkpoint, read_checkpoint
@@ -122,6 +123,7 @@ __all__ = [
     "internal_name",
     "make_event",
     "options_error",
+    "position_number",
     "read_checkpoint",
     "redact_url",
     "replace_fields",

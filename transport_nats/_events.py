@@ -51,7 +51,15 @@ from transport.errors import (
     TransientTransportError,
     UndecodableMessageError,
 )
-from transport.kit import EventInbox, Start, check_headers, check_start, make_event, validate_name
+from transport.kit import (
+    EventInbox,
+    Start,
+    check_headers,
+    check_start,
+    make_event,
+    position_number,
+    validate_name,
+)
 from transport.kit import WireModel as _WireModel
 from transport_nats._client import NatsContext
 from transport_nats._errors import map_nats_errors
@@ -465,10 +473,7 @@ class NatsEventLog(EventLog):
                 else:
                     low = found[0] + 1
             return low
-        try:
-            return max(int(start), 1)
-        except ValueError:
-            raise ValueError(f"not a position of this log: {start!r}") from None
+        return max(position_number(start), 1)
 
     async def _cursor_bucket(self) -> KeyValue:
         if self._cursors is None:

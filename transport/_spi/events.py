@@ -488,6 +488,17 @@ def to_millisecond(moment: datetime) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
+def position_number(start: str) -> int:
+    """A numbered log position (``memory://``, ``sqlite://``, ``nats://``)
+    from its text: decimal digits only. ``"-1"`` read from the earliest
+    event and ``" 5"`` or ``"+5"`` were taken as numbers.
+
+    Raises: ValueError (not a position of this log)."""
+    if not (start.isascii() and start.isdigit()):
+        raise ValueError(f"not a position of this log: {start!r}")
+    return int(start)
+
+
 def check_start(start: Start) -> Start:
     if isinstance(start, datetime):
         return start if start.tzinfo else start.replace(tzinfo=utcnow().tzinfo)

@@ -20,7 +20,15 @@ from transport import (
     validate_subject,
 )
 from transport.errors import ClosedResourceError
-from transport.kit import Start, check_headers, check_start, make_event, utcnow, validate_name
+from transport.kit import (
+    Start,
+    check_headers,
+    check_start,
+    make_event,
+    position_number,
+    utcnow,
+    validate_name,
+)
 from transport_inprocess.memory._client import BusState, LogState, _Inbox, _Sub
 
 __all__ = ["MemoryEventBus", "MemoryEventLog"]
@@ -233,10 +241,7 @@ class MemoryEventLog(EventLog):
                 return len(events)
             if isinstance(start, datetime):
                 return bisect.bisect_left([e.appended_at for e in events], start)
-            try:
-                return max(int(start), 0)
-            except ValueError:
-                raise ValueError(f"not a position of this log: {start!r}") from None
+            return position_number(start)
 
     async def read(
         self, stream: str, start: Start = "earliest", *, cursor: str | None = None

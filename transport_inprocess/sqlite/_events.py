@@ -17,7 +17,7 @@ from typing import Any
 
 from transport import EventLog, EventReader, LogEvent, encode
 from transport.errors import ClosedResourceError
-from transport.kit import Start, check_headers, check_start, utcnow, validate_name
+from transport.kit import Start, check_headers, check_start, position_number, utcnow, validate_name
 from transport_inprocess.sqlite._client import SqliteContext
 
 __all__ = ["SqliteEventLog"]
@@ -166,10 +166,7 @@ class SqliteEventLog(EventLog):
                     conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
                 )
             )
-        try:
-            return int(start)
-        except ValueError:
-            raise ValueError(f"not a position of this log: {start!r}") from None
+        return position_number(start)
 
     async def read(
         self, stream: str, start: Start = "earliest", *, cursor: str | None = None
