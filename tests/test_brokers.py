@@ -126,3 +126,22 @@ def test_close_removes_only_a_directory_it_made(tmp_path: Path) -> None:
     with made:
         assert made.running
     assert not made.root.exists()
+
+
+async def test_redis_server_with_a_password_starts_and_takes_it(tmp_path: Path) -> None:
+    # Its readiness PING was answered NOAUTH, never PONG: start() timed out
+    # although the docstring offers requirepass through extra_config.
+    from transport import PermanentTransportError, TransportConfig, connect
+
+    server = RedisServer(tmp_path / "redis", extra_config="requirepass s3cret-pw")
+    server.start(timeout=20)
+    try:
+        with pytest.raises(PermanentTransportError):
+            await (await connect(server.url)).health()
+        transport = await connect(TransportConfig(url=server.url, password="s3cret-pw"))
+        try:
+            assert (await transport.health()).ok
+        finally:
+            await transport.aclose()
+    finally:
+        server.close()
