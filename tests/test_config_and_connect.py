@@ -381,3 +381,14 @@ async def test_an_sqlite_url_with_a_user_part_is_refused_without_its_password() 
     with pytest.raises(ConfigurationError) as info:
         await connect(f"sqlite://u:{CANARY}@/x.db")
     assert CANARY not in str(info.value) and "has a host part" in str(info.value)
+
+
+def test_a_bad_tls_setting_is_one_configuration_error() -> None:
+    # TLSConfig(...) raised pydantic's multi-line ValidationError.
+    from transport import TLSConfig
+
+    with pytest.raises(ConfigurationError) as info:
+        TLSConfig(bogus=1)  # type: ignore[call-arg]
+    assert str(info.value) == "invalid transport setting tls.bogus=1: no such setting"
+    with pytest.raises(ConfigurationError, match="tls.key_password='\\*\\*\\*'"):
+        TLSConfig(key_password=[CANARY])  # type: ignore[arg-type]

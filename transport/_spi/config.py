@@ -46,6 +46,14 @@ class TLSConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def __init__(self, /, **data: Any) -> None:
+        # One line in the library's error tree, as for TransportConfig (it
+        # raised pydantic's multi-line ValidationError).
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error(exc, prefix="tls.") from None
+
     enabled: bool = False
     ca_file: Path | None = None
     cert_file: Path | None = None
@@ -67,7 +75,9 @@ def _shown(field: str, value: Any) -> str:
     """``value`` as it may appear in an error: never a secret, URLs redacted."""
     if field.rpartition(".")[2] in _SECRET_FIELDS:
         return "'***'"
-    if field.partition(".")[0] in _SECTIONS and not isinstance(value, dict):
+    if (field in _SECTIONS and not isinstance(value, dict)) or (
+        field.startswith("options.") and isinstance(value, str)
+    ):
         # Text that was meant as a mapping (invalid JSON, a TOML string, a
         # list) may hold a password; its type is what is wrong with it.
         return f"<{type(value).__name__}, not shown>"
@@ -146,10 +156,10 @@ def options_error(backend: str, exc: ValidationError) -> ConfigurationError:
     return ConfigurationError(f"invalid {backend} option(s): {problems}")
 
 
-def config_error(exc: ValidationError | SettingsError) -> TransportError:
+def config_error(exc: ValidationError | SettingsError, prefix: str = "") -> TransportError:
     """One readable line naming the setting and its value, in the library's
     error tree (``ConfigurationError``, or the ``InvalidNameError`` a name
-    validator raised)."""
+    validator raised); ``prefix`` goes before the setting's name (``tls.``)."""
     if isinstance(exc, SettingsError):
         # pydantic-settings could not parse an environment variable (a
         # complex field such as ``options`` is read as JSON).
@@ -175,7 +185,7 @@ def config_error(exc: ValidationError | SettingsError) -> TransportError:
     if not errors:
         return ConfigurationError(f"invalid transport settings: {exc}")
     first = errors[0]
-    field = ".".join(str(part) for part in first["loc"])
+    field = prefix + ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "no such setting"
