@@ -390,5 +390,5 @@ def test_a_bad_tls_setting_is_one_configuration_error() -> None:
     with pytest.raises(ConfigurationError) as info:
         TLSConfig(bogus=1)  # type: ignore[call-arg]
     assert str(info.value) == "invalid transport setting tls.bogus=1: no such setting"
-    with pytest.raises(ConfigurationError, match="tls.key_password='\\*\\*\\*'"):
+    with pytest.raises(ConfigurationError, match=r"tls\.key_password='\*\*\*'"):
         TLSConfig(key_password=[CANARY])  # type: ignore[arg-type]
