@@ -851,3 +851,15 @@ async def test_a_priority_for_an_ensemble_never_seen_names_default_levels(
     assert await network.pending() == []
     sized = Network(transport, caller="desk", default_levels=3)
     await sized.send("kitchen", "cook", priority=2)
+
+
+def test_an_empty_task_name_is_refused_not_replaced_by_the_functions(
+    transport: Transport,
+) -> None:
+    from transport import InvalidNameError
+
+    ens = Ensemble("kitchen", transport=transport, advertise=False)
+    with pytest.raises(InvalidNameError):
+
+        @ens.task("")
+        async def cook(ctx: TaskContext) -> None: ...

@@ -290,7 +290,9 @@ class Ensemble:
         """
 
         def register(handler: Handler) -> Handler:
-            task_name = name or str(getattr(handler, "__name__", ""))
+            # Only None falls back to the function's name: an empty name is
+            # refused as add_task refuses it (it silently became the name).
+            task_name = str(getattr(handler, "__name__", "")) if name is None else name
             doc = description or (handler.__doc__ or "").strip().split("\n")[0]
             self.add_task(
                 task_name, handler, kind=kind, description=doc, input_schema=input_schema, tags=tags
