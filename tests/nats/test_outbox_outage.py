@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 from tenacity import wait_fixed
 
-from transport import Ensemble, Network, Outbox, TaskContext, TransportConfig, connect
+from transport import (
+    Ensemble,
+    Network,
+    Outbox,
+    TaskContext,
+    Transport,
+    TransportConfig,
+    connect,
+)
 from transport.errors import TransientTransportError
 from transport.testing._util import Budget
 from transport.testing.brokers import NatsServer
@@ -36,12 +44,7 @@ def own_server(tmp_path: Path) -> Iterator[NatsServer]:
 async def test_network_with_an_outbox_sends_and_collects_through_a_killed_broker(
     own_server: NatsServer, tmp_path: Path, namespace: str, budget: Budget
 ) -> None:
-    config = TransportConfig(
-        url=own_server.url,
-        namespace=namespace,
-        options={"request_timeout": 1.0, "reconnect_time_wait": 0.1},
-    )
-    transport = await connect(config)
+    transport = await _quick_reconnecting(own_server, namespace)
     outbox = Outbox(transport, tmp_path / "outbox.db", retry_wait=wait_fixed(0.2))
     try:
         network = Network(transport, caller="desk", outbox=outbox, register_timeout=0.5)
@@ -73,17 +76,23 @@ async def test_network_with_an_outbox_sends_and_collects_through_a_killed_broker
         await transport.aclose()
 
 
+async def _quick_reconnecting(server: NatsServer, namespace: str) -> Transport:
+    """A client that notices an outage within a second and reconnects fast."""
+    return await connect(
+        TransportConfig(
+            url=server.url,
+            namespace=namespace,
+            options={"request_timeout": 1.0, "reconnect_time_wait": 0.1},
+        )
+    )
+
+
 async def test_event_appends_and_bus_publishes_wait_in_the_outbox_through_a_killed_broker(
     own_server: NatsServer, tmp_path: Path, namespace: str, budget: Budget
 ) -> None:
     """Appends (and, opted into, publishes) stored while nats-server is dead
     reach the log and the bus once it is back, in the order stored."""
-    config = TransportConfig(
-        url=own_server.url,
-        namespace=namespace,
-        options={"request_timeout": 1.0, "reconnect_time_wait": 0.1},
-    )
-    transport = await connect(config)
+    transport = await _quick_reconnecting(own_server, namespace)
     outbox = Outbox(transport, tmp_path / "outbox.db", retry_wait=wait_fixed(0.2))
     log = transport.event_log()
     await log.append("audit", {"n": 0})  # the stream exists before the outage
@@ -134,12 +143,7 @@ async def test_bus_publishes_are_held_while_the_client_reconnects(
     outbox took three publishes as sent during an outage ("flushed", depth 0)
     and none reached the subscriber. A publish now fails while the client is
     not connected, so the outbox holds the line until the server is back."""
-    config = TransportConfig(
-        url=own_server.url,
-        namespace=namespace,
-        options={"request_timeout": 1.0, "reconnect_time_wait": 0.1},
-    )
-    transport = await connect(config)
+    transport = await _quick_reconnecting(own_server, namespace)
     outbox = Outbox(transport, tmp_path / "outbox.db", retry_wait=wait_fixed(0.2))
     bus = transport.event_bus()
     subscription = await bus.subscribe("kitchen.orders.>")

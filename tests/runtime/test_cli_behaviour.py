@@ -153,6 +153,26 @@ def test_capabilities_without_a_queue_show_a_dash(
     assert "search" in out and "None" not in out
 
 
+async def _seed_priority_kitchen(url: str, *, burnt: bool, advertised: bool) -> None:
+    """A 3-level queue "kitchen" holding one request at level 2; with
+    ``burnt``, request "burnt-1" dead-lettered from level 0; with
+    ``advertised``, a live advertisement of its levels."""
+    async with await connect(url) as transport:
+        queue = transport.priority_queue("kitchen", levels=3)
+        await queue.enqueue(WorkRequest(task="cook"), priority=2)
+        if burnt:
+            await queue.enqueue(WorkRequest(request_id="burnt-1", task="cook"), priority=0)
+            delivery = await queue.poll(5)
+            assert delivery is not None and delivery.request.request_id == "burnt-1"
+            await delivery.dead_letter("oven on fire")
+        await queue.aclose()
+        if advertised:
+            await transport.capability_registry().advertise(
+                Capability(name="cook", ensemble="kitchen", queue="kitchen", priority_levels=3),
+                lease=60,
+            )
+
+
 def test_stats_and_dead_letters_of_a_priority_queue_use_its_advertised_levels(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -160,22 +180,7 @@ def test_stats_and_dead_letters_of_a_priority_queue_use_its_advertised_levels(
     # "(none)" for a 3-level queue holding work (and "does not exist" on a
     # broker).
     url = _db(tmp_path)
-
-    async def seed() -> None:
-        async with await connect(url) as transport:
-            queue = transport.priority_queue("kitchen", levels=3)
-            await queue.enqueue(WorkRequest(task="cook"), priority=2)
-            await queue.enqueue(WorkRequest(request_id="burnt-1", task="cook"), priority=0)
-            delivery = await queue.poll(5)
-            assert delivery is not None and delivery.request.request_id == "burnt-1"
-            await delivery.dead_letter("oven on fire")
-            await queue.aclose()
-            await transport.capability_registry().advertise(
-                Capability(name="cook", ensemble="kitchen", queue="kitchen", priority_levels=3),
-                lease=60,
-            )
-
-    asyncio.run(seed())
+    asyncio.run(_seed_priority_kitchen(url, burnt=True, advertised=True))
     assert cli(["--json", "--url", url, "stats", "kitchen"]) == 0
     [stats] = json.loads(capsys.readouterr().out)
     assert (stats["depth"], stats["dead_lettered"]) == (1, 1)
@@ -197,14 +202,7 @@ def test_a_priority_queue_nobody_advertises_reads_empty_with_a_note(
     # Its ensemble not running, nothing gives the levels: the plain queue of
     # that name read zeros and "(none)", exit 0, and nothing said why.
     url = _db(tmp_path)
-
-    async def seed() -> None:
-        async with await connect(url) as transport:
-            queue = transport.priority_queue("kitchen", levels=3)
-            await queue.enqueue(WorkRequest(task="cook"), priority=2)
-            await queue.aclose()
-
-    asyncio.run(seed())
+    asyncio.run(_seed_priority_kitchen(url, burnt=False, advertised=False))
     hint = "'kitchen' read as a plain queue, but its priority levels hold requests"
     assert cli(["--url", url, "stats", "kitchen"]) == 0
     assert hint in capsys.readouterr().err

@@ -84,7 +84,7 @@ def _shown(field: str, value: Any) -> str:
     if _SECRET_OPTION.search(field.rpartition(".")[2]):
         return "'***'"
     if isinstance(value, str) and "@" in value:
-        value = _redact_url(value)  # a URL's user part may hold a password or a token
+        value = redact_url(value)  # a URL's user part may hold a password or a token
     shown = repr(redact_options(value))
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
@@ -127,9 +127,6 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{masked(authority)}{tail}"
 
 
-_redact_url = redact_url
-
-
 def redact_options(value: Any, key: str = "") -> Any:
     """``options`` as they may be shown (``repr``, logs): the values of
     secret-looking keys and the user part of URLs replaced by ``***``,
@@ -143,7 +140,7 @@ def redact_options(value: Any, key: str = "") -> Any:
     if isinstance(value, SecretStr):
         return value
     if isinstance(value, str) and "@" in value and "://" in value:
-        return _redact_url(value)
+        return redact_url(value)
     return value
 
 
