@@ -1,0 +1,94 @@
+"""``WorkRequest(...)`` checks its common arguments without pydantic's
+generic pass: the result and the errors must be those of the full path
+(``WorkRequest.model_validate``, which never takes the shortcut)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from transport import WorkRequest
+from transport._spi.models import library_error
+from transport.errors import TransportError
+
+_RID = "0123456789abcdef0123456789abcdef"
+
+GOOD: list[dict[str, Any]] = [
+    {"task": "work"},
+    {"task": "work", "payload": {"a": [1, 2.5, None, True, "x"]}},
+    {"task": "work", "payload": None},
+    {"task": "work", "payload": "text"},
+    {"task": "w-1_x", "payload": [], "reply_to": "caller-1"},
+    {"task": "work", "request_id": _RID},
+    {"task": "work", "reply_to": None, "request_id": _RID, "payload": 0},
+    {"task": "work", "payload": {"ü": "ö"}},
+]
+
+BAD: list[dict[str, Any]] = [
+    {},
+    {"payload": 1},
+    {"task": ""},
+    {"task": "a.b"},
+    {"task": "a__b"},
+    {"task": "x" * 101},
+    {"task": 5},
+    {"task": "work", "reply_to": "a>b"},
+    {"task": "work", "reply_to": 7},
+    {"task": "work", "request_id": "has space"},
+    {"task": "work", "request_id": ""},
+    {"task": "work", "request_id": 12},
+    {"task": "work", "payload": {1: "int key"}},
+    {"task": "work", "payload": {"a": float("nan")}},
+    {"task": "work", "payload": (1, 2)},
+    {"task": "work", "payload": {"s": {1, 2}}},
+    {"task": "work", "payload": "\ud800"},
+]
+
+
+def _state(request: WorkRequest) -> tuple[Any, ...]:
+    dumped = request.model_dump()
+    dumped.pop("request_id")
+    return (
+        dumped,
+        request.model_fields_set,
+        request.__pydantic_extra__,
+        request.__pydantic_private__,
+        request.model_dump_json(exclude={"request_id"}),
+    )
+
+
+@pytest.mark.parametrize("kwargs", GOOD, ids=repr)
+def test_a_request_built_directly_is_the_one_validation_builds(kwargs: dict[str, Any]) -> None:
+    direct = WorkRequest(**kwargs)
+    validated = WorkRequest.model_validate(kwargs)
+    assert _state(direct) == _state(validated)
+    if "request_id" in kwargs:
+        assert direct.request_id == validated.request_id == kwargs["request_id"]
+    else:
+        assert direct.request_id != validated.request_id  # a fresh id each
+        assert len(direct.request_id) == 32
+    assert WorkRequest.model_validate_json(direct.model_dump_json()) == direct
+    assert direct.headers == {} and direct.headers is not WorkRequest(**kwargs).headers
+    with pytest.raises(Exception, match="frozen"):
+        direct.task = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kwargs", BAD, ids=repr)
+def test_a_bad_argument_raises_what_validation_raises(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(TransportError) as direct:
+        WorkRequest(**kwargs)
+    with pytest.raises(ValidationError) as validation:
+        WorkRequest.model_validate(kwargs)
+    full = library_error(validation.value, "WorkRequest")  # what __init__ raises after it
+    assert type(direct.value) is type(full)
+    assert str(direct.value) == str(full)
+
+
+def test_the_shortcut_is_taken_and_other_arguments_are_not_lost() -> None:
+    request = WorkRequest(task="work", payload=1, priority=3, headers={"k": "v"})
+    assert (request.priority, request.headers) == (3, {"k": "v"})
+    assert request.model_fields_set == {"task", "payload", "priority", "headers"}
+    with pytest.raises(TypeError, match="reply_to"):
+        WorkRequest(task="work", reply_too="x")  # type: ignore[call-arg]
