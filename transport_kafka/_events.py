@@ -66,6 +66,9 @@ class KafkaEventReader(EventReader):
         self._thread: ConsumerThread | None = None
         self._consumer: Consumer | None = None
         self._last: int | None = None  # offset of the last event returned
+        # Where the reader was placed (its start, a seek): what a commit
+        # stores while no event was returned since.
+        self._placed: int | None = None
         self._committed: int | None = None
         # After a start at a time: events appended before it are skipped.
         self._not_before: datetime | None = None
@@ -87,10 +90,11 @@ class KafkaEventReader(EventReader):
             self._consumer = Consumer(conf)
         offset: int | None = None
         if self.cursor:
-            offset = await self._call(self._stored_position)
+            offset = self._committed = await self._call(self._stored_position)
         if offset is None:
             offset = await self._call(lambda: self._resolve(start))
             self._not_before = to_millisecond(start) if isinstance(start, datetime) else None
+        self._placed = offset
         self._assign(offset)
 
     async def _call(self, fn: Any) -> Any:
@@ -165,7 +169,7 @@ class KafkaEventReader(EventReader):
     async def __anext__(self) -> LogEvent:
         if self._closed:
             raise StopAsyncIteration
-        if self.cursor and self._last is not None:
+        if self.cursor:
             await self.commit()
         while True:
             item = await self._queue.get()
@@ -186,17 +190,19 @@ class KafkaEventReader(EventReader):
         consumer = self._consumer
         assert consumer is not None and self._thread is not None
 
-        def move() -> None:
+        def move() -> int:
             offset = self._resolve(to)
             consumer.assign([TopicPartition(self._topic, 0, offset)])
             # Events fetched before the seek are dropped on the loop side.
             self._log.loop.call_soon_threadsafe(self._drain)
+            return offset
 
         with map_kafka_errors(f"seeking {self.stream}"):
-            await wait_within(self._thread.submit(move), self._log.clients.timeout + 5)
+            offset = await wait_within(self._thread.submit(move), self._log.clients.timeout + 5)
         # ``_drain`` was scheduled before this wake-up: the queue is clean.
         await asyncio.sleep(0)
         self._last = None
+        self._placed = offset
         self._not_before = to_millisecond(to) if isinstance(to, datetime) else None
 
     def _drain(self) -> None:
@@ -204,10 +210,12 @@ class KafkaEventReader(EventReader):
             self._queue.get_nowait()
 
     async def commit(self) -> None:
-        if not self.cursor or self._last is None or self._thread is None:
+        # After the last event returned, or where the reader was placed
+        # (``latest``, a seek) if it returned none since.
+        if not self.cursor or self._thread is None:
             return
-        position = self._last + 1
-        if self._committed == position:
+        position = self._last + 1 if self._last is not None else self._placed
+        if position is None or self._committed == position:
             return
         consumer = self._consumer
         assert consumer is not None

@@ -290,8 +290,7 @@ class _NatsReader(EventReader):
         self._log = log_
         self.stream = stream
         self.cursor = cursor
-        self._next = next_seq
-        self._returned: int | None = None
+        self._next = next_seq  # where the reader stands: what a commit stores
         self._committed: int | None = None
         self._wake = asyncio.Event()
         self._sub: Any = None
@@ -327,7 +326,6 @@ class _NatsReader(EventReader):
             backoff = 0.05
             if found is not None:
                 seq, event = found
-                self._returned = seq
                 self._next = seq + 1
                 return event
             with contextlib.suppress(TimeoutError):
@@ -340,9 +338,11 @@ class _NatsReader(EventReader):
         self._next = await self._log._seq_for(self.stream, check_start(to))
 
     async def commit(self) -> None:
-        if self.cursor is None or self._returned is None:
+        # The position after the last event returned, or where the reader
+        # was placed (``latest``, a seek) if it returned none since.
+        if self.cursor is None:
             return
-        position = self._returned + 1
+        position = self._next
         if position != self._committed:
             await self._log._store_cursor(self.stream, self.cursor, position)
             self._committed = position

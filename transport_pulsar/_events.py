@@ -121,7 +121,9 @@ class PulsarEventReader(EventReader):
         # appended before it: pulsar-lite answers a seek by publish time
         # with success and then delivers nothing.
         self._not_before: datetime | None = None
-        self._last: str | None = None
+        # What a commit stores: the last event returned, or, while none was
+        # returned since the reader was placed, the placement (see _placement).
+        self._last: str | None = skip
         self._committed: str | None = skip
         self._closed = False
         # The stall guard's state (see _read): since when the reader has
@@ -265,6 +267,7 @@ class PulsarEventReader(EventReader):
             raise ClosedResourceError("event reader is closed")
         self._skip = None
         to = check_start(to)
+        placed = await self._log._placement(self._reader.topic, to) if self.cursor else None
         # A fresh reader at the target rather than the seek command: brokers
         # answer a seek by disconnecting the consumer, and pulsar-lite does so
         # before confirming, so the client reports the seek as failed.
@@ -275,6 +278,7 @@ class PulsarEventReader(EventReader):
         self._not_before = to_millisecond(to) if isinstance(to, datetime) else None
         self._start, self._opened_at, self._returned = to, _now_ms(), None
         self._start_skip = None
+        self._last = placed
         self._delivering()
         await old.close(self._log._close_timeout)
 
@@ -354,24 +358,43 @@ class PulsarEventLog(EventLog):
         message_id = await producer.send(body, key=key, event_time_ms=_millis(event.appended_at))
         return _position(message_id)
 
+    async def _placement(self, topic: str, start: Start) -> str | None:
+        """What a named cursor placed at ``start`` stores until it returns an
+        event (a stored value is the last event read, skipped on resuming):
+        the topic's last message for ``latest`` (looked up before the reader
+        is created, so an event appended in between is read again rather
+        than missed), ``earliest`` as such; ``None`` (nothing stored) for a
+        position or a time, which a stored value cannot express."""
+        if start == "earliest":
+            return "earliest"
+        if start == "latest":
+            last = await self._ctx.client.last_message_id(topic)
+            return "earliest" if last is None else _position(last)
+        return None
+
     async def read(
         self, stream: str, start: Start = "earliest", *, cursor: str | None = None
     ) -> EventReader:
         self._check()
         validate_name(stream, "stream name")
         skip: str | None = None
+        placed: str | None = None
+        topic = self._ctx.topic("log", stream)
         if cursor is not None:
             validate_name(cursor, "cursor name")
             stored = (await self._cursors(stream).synced()).get(cursor)
             if stored is not None:
                 skip = stored.decode()
                 start = skip
+            else:
+                placed = await self._placement(topic, check_start(start))
         start = check_start(start)
-        topic = self._ctx.topic("log", stream)
         reader = await self._ctx.client.create_reader(
             topic, _target(start), inclusive=_inclusive(start)
         )
         event_reader = PulsarEventReader(self, stream, reader, cursor, skip, start)
+        if placed is not None:
+            event_reader._last = placed
         if isinstance(start, datetime):
             event_reader._not_before = to_millisecond(start)
         self._readers.add(event_reader)

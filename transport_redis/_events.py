@@ -453,9 +453,8 @@ class _RedisReader(EventReader):
         self._log = log_
         self.stream = stream
         self.cursor = cursor
-        self._after = after
+        self._after = after  # the last event returned, or where the reader was placed
         self._buffer: deque[LogEvent] = deque()
-        self._returned: str | None = None
         self._committed: str | None = None
         self._closed = False
 
@@ -481,7 +480,7 @@ class _RedisReader(EventReader):
         if self._closed:
             raise StopAsyncIteration
         event = self._buffer.popleft()
-        self._after = self._returned = event.position
+        self._after = event.position
         return event
 
     async def seek(self, to: Start) -> None:
@@ -492,11 +491,14 @@ class _RedisReader(EventReader):
         self._after = after
 
     async def commit(self) -> None:
-        if self.cursor is None or self._returned is None:
+        # After the last event returned, or where the reader was placed
+        # (``latest``, a seek) if it returned none since.
+        if self.cursor is None:
             return
-        if self._returned != self._committed:
-            await self._log._store_cursor(self.stream, self.cursor, self._returned)
-            self._committed = self._returned
+        after = self._after
+        if after != self._committed:
+            await self._log._store_cursor(self.stream, self.cursor, after)
+            self._committed = after
 
     async def aclose(self) -> None:
         if self._closed:

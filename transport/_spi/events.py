@@ -362,7 +362,12 @@ class EventReader(ABC):
     With a ``cursor`` name, the position is stored durably: each event is
     committed when the next one is requested (or by :meth:`commit`), so a
     reader restarted with the same cursor resumes after the last committed
-    event (at-least-once: the last uncommitted event is read again).
+    event (at-least-once: the last uncommitted event is read again). A
+    reader that returned no event since it was placed (its start, a
+    :meth:`seek`) commits that placement: a cursor opened at ``latest`` and
+    closed before any event came resumes there, so events appended while it
+    was down are read (``pulsar://`` stores a placement at ``latest`` or
+    ``earliest`` only, not at a position or a time).
     """
 
     stream: str
@@ -402,8 +407,9 @@ class EventReader(ABC):
 
     @abstractmethod
     async def commit(self) -> None:
-        """Store the position after the last event returned (named cursors
-        only; a no-op otherwise).
+        """Store the position after the last event returned, or where the
+        reader was placed if it returned none since (named cursors only; a
+        no-op otherwise).
 
         Guarantees: durable on return: a reader restarted with this cursor
         resumes after that event.

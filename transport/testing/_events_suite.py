@@ -296,3 +296,36 @@ class EventLogConformance:
         assert first_of_other is not None and first_of_other.data == 0
         await resumed.aclose()
         await other.aclose()
+
+    async def test_a_named_cursor_that_read_nothing_resumes_where_it_was_placed(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        """A cursor opened at ``latest`` and closed before any event came
+        stores where it stood: events appended while its reader was down are
+        read after the restart (they were skipped: the cursor began at
+        ``latest`` again). Likewise a cursor moved by ``seek``."""
+        first = await make_transport()
+        log = first.event_log()
+        await log.append(queue_name, "before")
+        placed = await log.read(queue_name, "latest", cursor="late")
+        await placed.aclose()
+        sought = await log.read(queue_name, "latest", cursor="sought")
+        await sought.seek("earliest")
+        await sought.aclose()
+        await first.aclose()
+        second = await make_transport()
+        log = second.event_log()
+        await log.append(queue_name, "while-down")
+        resumed = await log.read(queue_name, "latest", cursor="late")
+        got = await resumed.next(harness.scaled(10))
+        assert got is not None and got.data == "while-down", got
+        again = await log.read(queue_name, "latest", cursor="sought")
+        from_seek = [await again.next(harness.scaled(10)) for _ in range(2)]
+        assert [e.data for e in from_seek if e] == ["before", "while-down"]
+        await again.seek("earliest")  # after reading: the seek is what is stored
+        await again.aclose()
+        await resumed.aclose()
+        back = await log.read(queue_name, "latest", cursor="sought")
+        first_back = await back.next(harness.scaled(10))
+        assert first_back is not None and first_back.data == "before", first_back
+        await back.aclose()

@@ -158,12 +158,19 @@ class MemoryEventBus(EventBus):
 
 
 class _MemoryReader(EventReader):
-    def __init__(self, log: MemoryEventLog, stream: str, index: int, cursor: str | None) -> None:
+    def __init__(
+        self,
+        log: MemoryEventLog,
+        stream: str,
+        index: int,
+        cursor: str | None,
+        stored: int | None = None,
+    ) -> None:
         self._log = log
         self.stream = stream
         self.cursor = cursor
-        self._next = index
-        self._returned: int | None = None
+        self._next = index  # where the reader stands: what a commit stores
+        self._committed: int | None = stored
         self._closed = False
 
     async def __anext__(self) -> LogEvent:
@@ -176,7 +183,6 @@ class _MemoryReader(EventReader):
                 events = state.streams.get(self.stream, [])
                 if self._next < len(events):
                     event = events[self._next]
-                    self._returned = self._next
                     self._next += 1
                     return event
                 inbox = _Inbox()
@@ -189,9 +195,12 @@ class _MemoryReader(EventReader):
         self._next = self._log._index_for(self.stream, check_start(to))
 
     async def commit(self) -> None:
-        if self.cursor is not None and self._returned is not None:
+        # The position after the last event returned, or where the reader
+        # was placed (``latest``, a seek) if it returned none since.
+        if self.cursor is not None and self._next != self._committed:
             with self._log._state.lock:
-                self._log._state.cursors[(self.stream, self.cursor)] = self._returned + 1
+                self._log._state.cursors[(self.stream, self.cursor)] = self._next
+            self._committed = self._next
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -254,7 +263,7 @@ class MemoryEventLog(EventLog):
             with self._state.lock:
                 stored = self._state.cursors.get((stream, cursor))
             if stored is not None:
-                return _MemoryReader(self, stream, stored, cursor)
+                return _MemoryReader(self, stream, stored, cursor, stored)
         return _MemoryReader(self, stream, self._index_for(stream, check_start(start)), cursor)
 
     async def aclose(self) -> None:

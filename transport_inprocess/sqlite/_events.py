@@ -37,15 +37,21 @@ def _fetch(conn: sqlite3.Connection, stream: str, after: int) -> list[tuple[int,
 
 
 class _SqliteReader(EventReader):
-    def __init__(self, log: SqliteEventLog, stream: str, next_id: int, cursor: str | None) -> None:
+    def __init__(
+        self,
+        log: SqliteEventLog,
+        stream: str,
+        next_id: int,
+        cursor: str | None,
+        stored: int | None = None,
+    ) -> None:
         self._log = log
         self.stream = stream
         self.cursor = cursor
         self._next = next_id
         self._key = log._ctx.scoped(stream)  # the stream's rows in this namespace
         self._buffer: deque[LogEvent] = deque()
-        self._returned: int | None = None
-        self._committed: int | None = None
+        self._committed: int | None = stored  # the position the cursor holds
         self._closed = False
 
     async def __anext__(self) -> LogEvent:
@@ -67,18 +73,21 @@ class _SqliteReader(EventReader):
             interval = min(interval * 2, ctx.poll_interval)
             if self._closed:
                 raise StopAsyncIteration
-        event = self._buffer.popleft()
-        self._returned = int(event.position)
-        return event
+        return self._buffer.popleft()
 
     async def seek(self, to: Start) -> None:
         self._buffer.clear()
         self._next = await self._log._resolve(self._key, check_start(to))
 
     async def commit(self) -> None:
-        if self.cursor is None or self._returned is None or self._returned == self._committed:
+        if self.cursor is None:
             return
-        stream, name, position = self._key, self.cursor, self._returned + 1
+        # The position after the last event returned, or where the reader
+        # was placed (``latest``, a seek) if it returned none since.
+        position = int(self._buffer[0].position) if self._buffer else self._next
+        if position == self._committed:
+            return
+        stream, name = self._key, self.cursor
         await self._log._ctx.store.write(
             lambda conn: (
                 conn.execute(
@@ -89,7 +98,7 @@ class _SqliteReader(EventReader):
                 and None
             )
         )
-        self._committed = self._returned
+        self._committed = position
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -183,7 +192,7 @@ class SqliteEventLog(EventLog):
                 ).fetchone()
             )
             if stored is not None:
-                return _SqliteReader(self, stream, int(stored[0]), cursor)
+                return _SqliteReader(self, stream, int(stored[0]), cursor, int(stored[0]))
         return _SqliteReader(self, stream, await self._resolve(scoped, check_start(start)), cursor)
 
     async def aclose(self) -> None:
