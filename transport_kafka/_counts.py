@@ -88,12 +88,20 @@ class _Counts(_EngineState):
         # Twice the demand: the next polls find their record counted
         # already. A process killed now over-counts at most these (like a
         # broker counting a prefetched batch as delivered).
+        # Those counted by an earlier round and not handed out yet are part
+        # of it: at most that many are ever reserved and not handed out.
         want = min(_RESERVE_MAX, 2 * max(1, self._demand()))
         picked: list[_Record] = []
+        ahead = 0
         for rec in self.ready:
-            if len(picked) >= want:
+            if len(picked) + ahead >= want:
                 break
-            if rec.reserved or not self._live(rec) or self._decoded(rec) is None:
+            if not self._live(rec):
+                continue
+            if rec.reserved:
+                ahead += 1
+                continue
+            if self._decoded(rec) is None:
                 continue
             if rec.attempts >= max_attempts:
                 continue

@@ -466,6 +466,35 @@ async def test_a_batch_poll_counts_its_deliveries_in_one_round_and_a_clean_close
         await transport.aclose()
 
 
+async def test_counts_reserved_ahead_stay_within_twice_the_demand(
+    kafka_config_factory: Any,
+) -> None:
+    """A ``kill -9`` adds an attempt to the records counted ahead and not
+    handed out: at most twice the demand (polls in progress, the rest of a
+    batch, leases held). A round counting ahead after a batch was handed out
+    counts those an earlier round reserved as part of it (it added twice
+    the demand on top of them: 48 reserved with 16 leases held)."""
+    config = kafka_config_factory()
+    transport = await connect(config)
+    try:
+        queue = transport.request_queue(_name())
+        await queue.enqueue_many([WorkRequest(task="t", payload=i) for i in range(200)])
+        engine = queue._engine  # type: ignore[attr-defined]
+        held: list[Delivery] = []
+        deadline = time.monotonic() + 30
+        for target in (16, 32, 48):  # batches of 16, all held: the demand is the leases
+            while len(held) < target:
+                assert time.monotonic() < deadline, "the batches did not come"
+                held += await queue.poll_many(target - len(held), 15)
+            while engine._reserving is not None and not engine._reserving.done():
+                await asyncio.shield(engine._reserving)
+            ahead = sum(1 for r in engine.ready if r.reserved)
+            assert 0 < ahead <= 2 * engine._demand(), (ahead, engine._demand())
+        assert await queue.ack_many(held) == [True] * len(held)
+    finally:
+        await transport.aclose()
+
+
 async def test_the_body_limit_is_the_producers_and_a_request_at_it_can_be_dead_lettered(
     kafka_config_factory: Any,
 ) -> None:
