@@ -33,6 +33,7 @@ from transport.kit import (
     check_start,
     decode,
     encode,
+    position_number,
     to_millisecond,
     utcnow,
     validate_header,
@@ -173,6 +174,8 @@ class KafkaEventReader(EventReader):
             await self.commit()
         while True:
             item = await self._queue.get()
+            if self._closed:  # woken by the close (see aclose)
+                raise StopAsyncIteration
             if isinstance(item, BaseException):
                 raise TransientTransportError(f"reading {self.stream}: {item}") from item
             if self._not_before is not None:
@@ -212,8 +215,12 @@ class KafkaEventReader(EventReader):
     async def commit(self) -> None:
         # After the last event returned, or where the reader was placed
         # (``latest``, a seek) if it returned none since.
-        if not self.cursor or self._thread is None:
-            return
+        if not self.cursor or self._thread is None or self._closed:
+            return  # (a closed reader committed at its close)
+        await self._commit(self._log.clients.timeout + 5)
+
+    async def _commit(self, limit: float) -> None:
+        assert self._thread is not None
         position = self._last + 1 if self._last is not None else self._placed
         if position is None or self._committed == position:
             return
@@ -224,19 +231,29 @@ class KafkaEventReader(EventReader):
             consumer.commit(offsets=[TopicPartition(self._topic, 0, position)], asynchronous=False)
 
         with map_kafka_errors(f"committing cursor {self.cursor!r}"):
-            await wait_within(self._thread.submit(run), self._log.clients.timeout + 5)
+            await wait_within(self._thread.submit(run), limit)
         self._committed = position
 
     async def aclose(self) -> None:
+        """Commit a named cursor (within the operation timeout: a broker that
+        is down fails the close with TransientTransportError once it is
+        over) and stop reading; a read waiting for an event ends."""
         if self._closed:
             return
+        join = self._log.clients.settings.options.close_timeout_s + 5
         try:
             if self.cursor and self._thread is not None and self._thread.alive:
-                await self.commit()
+                try:
+                    await self._commit(self._log.clients.timeout)
+                except TransientTransportError:
+                    join = 1.0  # the consumer thread is stuck in that commit
+                    raise
         finally:
             self._closed = True
+            # A read waiting for the next event ends now.
+            self._queue.put_nowait(ClosedResourceError(f"reader of {self.stream!r} is closed"))
             if self._thread is not None:
-                await self._thread.join(self._log.clients.settings.options.close_timeout_s + 5)
+                await self._thread.join(join)
             self._log._readers.discard(self)
 
 
@@ -245,9 +262,11 @@ def _check_position(start: Start) -> None:
 
     Raises: ValueError.
     """
-    malformed = not (start.isascii() and start.isdigit()) if isinstance(start, str) else False
-    if malformed and start not in ("earliest", "latest"):
-        raise ValueError(f"not a Kafka event-log position: {start!r}")
+    if isinstance(start, str) and start not in ("earliest", "latest"):
+        try:
+            position_number(start)  # digits only, within Kafka's 64-bit offsets
+        except ValueError:
+            raise ValueError(f"not a Kafka event-log position: {start!r}") from None
 
 
 def _millis(moment: datetime) -> int:

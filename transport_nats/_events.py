@@ -316,7 +316,13 @@ class _NatsReader(EventReader):
             self._wake.clear()
             try:
                 found = await self._log._get(self.stream, self._next)
+            except ClosedResourceError:
+                if self._closed:  # closed (with its transport) while reading
+                    raise StopAsyncIteration from None
+                raise
             except TransientTransportError as exc:
+                if self._closed:
+                    raise StopAsyncIteration from None
                 # Server restarting or unreachable: keep waiting (a caller's
                 # ``next(timeout)`` bounds it).
                 log.warning("event log %s: read retrying after: %s", self.stream, exc)
@@ -335,13 +341,15 @@ class _NatsReader(EventReader):
                 raise StopAsyncIteration
 
     async def seek(self, to: Start) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"reader of {self.stream!r} is closed")
         self._next = await self._log._seq_for(self.stream, check_start(to))
 
     async def commit(self) -> None:
         # The position after the last event returned, or where the reader
         # was placed (``latest``, a seek) if it returned none since.
-        if self.cursor is None:
-            return
+        if self.cursor is None or self._closed:
+            return  # (a closed reader committed at its close)
         position = self._next
         if position != self._committed:
             await self._log._store_cursor(self.stream, self.cursor, position)

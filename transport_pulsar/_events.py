@@ -139,7 +139,19 @@ class PulsarEventReader(EventReader):
         # "Each event is committed when the next one is requested."
         await self.commit()
         while True:
-            message = await self._read()
+            try:
+                message = await self._read()
+            except (ClosedResourceError, asyncio.CancelledError):
+                # Closed while waiting: the client fails the pending read
+                # (ClosedResourceError) or the close cancels it, which
+                # reaches this task through its shield although nobody
+                # cancelled the task: the iteration ends.
+                task = asyncio.current_task()
+                if self._closed and (task is None or not task.cancelling()):
+                    raise StopAsyncIteration from None
+                raise
+            if self._closed:
+                raise StopAsyncIteration
             if message is None or not self._reader.fresh(message):
                 continue  # nothing yet, or a copy (pulsar-lite sends readers some)
             position = _position(message.message_id())
@@ -283,6 +295,8 @@ class PulsarEventReader(EventReader):
         await old.close(self._log._close_timeout)
 
     async def commit(self) -> None:
+        if self._closed:
+            return  # committed at its close
         if self.cursor is None or self._last is None or self._last == self._committed:
             return
         await self._log._cursors(self.stream).write(self.cursor, self._last.encode())

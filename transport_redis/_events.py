@@ -457,6 +457,9 @@ class _RedisReader(EventReader):
         self._buffer: deque[LogEvent] = deque()
         self._committed: str | None = None
         self._closed = False
+        # The blocking read in progress: a close cancels it (the read ends
+        # at once, and its connection is dropped, not left blocked).
+        self._reading: asyncio.Future[list[LogEvent]] | None = None
 
     async def __anext__(self) -> LogEvent:
         if self._closed:
@@ -466,9 +469,19 @@ class _RedisReader(EventReader):
         while not self._buffer:
             if self._closed:
                 raise StopAsyncIteration
+            reading = self._reading = asyncio.ensure_future(
+                self._log._read_after(self.stream, self._after)
+            )
             try:
-                events = await self._log._read_after(self.stream, self._after)
+                events = await reading
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and (task is None or not task.cancelling()):
+                    raise StopAsyncIteration from None  # the close cancelled the read
+                raise
             except TransientTransportError as exc:
+                if self._closed:
+                    raise StopAsyncIteration from None
                 # Server restarting or unreachable: keep waiting (a caller's
                 # ``next(timeout)`` bounds it).
                 log.warning("event log %s: read retrying after: %s", self.stream, exc)
@@ -493,8 +506,8 @@ class _RedisReader(EventReader):
     async def commit(self) -> None:
         # After the last event returned, or where the reader was placed
         # (``latest``, a seek) if it returned none since.
-        if self.cursor is None:
-            return
+        if self.cursor is None or self._closed:
+            return  # (a closed reader committed at its close)
         after = self._after
         if after != self._committed:
             await self._log._store_cursor(self.stream, self.cursor, after)
@@ -507,6 +520,10 @@ class _RedisReader(EventReader):
             await self.commit()
         finally:
             self._closed = True
+            reading = self._reading
+            if reading is not None and not reading.done():
+                reading.cancel()
+                await asyncio.wait({reading}, timeout=1.0)
 
 
 class RedisEventLog(EventLog):

@@ -499,10 +499,15 @@ def position_number(start: str) -> int:
     from its text: decimal digits only. ``"-1"`` read from the earliest
     event and ``" 5"`` or ``"+5"`` were taken as numbers.
 
-    Raises: ValueError (not a position of this log)."""
-    if not (start.isascii() and start.isdigit()):
+    Raises: ValueError (not a position of this log; also a number past
+    the signed 64-bit range, which no backend's positions reach and which
+    their clients could not send)."""
+    if not (start.isascii() and start.isdigit()) or len(start) > 19 or int(start) > _MAX_POSITION:
         raise ValueError(f"not a position of this log: {start!r}")
     return int(start)
+
+
+_MAX_POSITION = 2**63 - 1
 
 
 def check_start(start: Start) -> Start:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from transport import Event, InvalidNameError, Transport, subject_matches, utcnow
+from transport.errors import ClosedResourceError
 from transport.kit import to_millisecond
 from transport.testing.harness import BackendHarness
 
@@ -122,6 +123,19 @@ class EventBusConformance:
         finally:
             server.cancel()
             await asyncio.gather(server, return_exceptions=True)
+
+
+async def _three_read(
+    log: Any, stream: str, cursor: str, appended: int, harness: BackendHarness
+) -> Any:
+    """Append ``appended`` events (0, 1, ...) and return a reader with
+    ``cursor`` that has returned the first three."""
+    for i in range(appended):
+        await log.append(stream, i)
+    reader = await log.read(stream, "earliest", cursor=cursor)
+    got = [await reader.next(harness.scaled(10)) for _ in range(3)]
+    assert [e.data for e in got if e] == [0, 1, 2]
+    return reader
 
 
 class EventLogConformance:
@@ -275,18 +289,20 @@ class EventLogConformance:
         assert first is not None and first.data == "x"
         await reader.aclose()
 
+    @pytest.mark.parametrize("closed_by", ["reader", "transport"])
     async def test_named_cursor_resumes_after_a_restart(
-        self, harness: BackendHarness, queue_name: str, make_transport: Any
+        self, harness: BackendHarness, queue_name: str, make_transport: Any, closed_by: str
     ) -> None:
+        """Closing the reader commits its cursor; so does closing the
+        transport (or the log) with the reader still open, which closes it:
+        a restart resumes after the last event returned."""
         first = await make_transport()
-        log = first.event_log()
-        for i in range(5):
-            await log.append(queue_name, i)
-        reader = await log.read(queue_name, "earliest", cursor="audit")
-        got = [await reader.next(harness.scaled(10)) for _ in range(3)]
-        assert [e.data for e in got if e] == [0, 1, 2]
-        await reader.aclose()  # commits: resume after event 2
+        reader = await _three_read(first.event_log(), queue_name, "audit", 5, harness)
+        if closed_by == "reader":
+            await reader.aclose()  # commits: resume after event 2
         await first.aclose()
+        with pytest.raises(StopAsyncIteration):  # closed, by hand or with its transport
+            await reader.next(harness.scaled(1))
         restarted = (await make_transport()).event_log()
         resumed = await restarted.read(queue_name, "earliest", cursor="audit")
         rest = [await resumed.next(harness.scaled(10)) for _ in range(2)]
@@ -296,6 +312,61 @@ class EventLogConformance:
         assert first_of_other is not None and first_of_other.data == 0
         await resumed.aclose()
         await other.aclose()
+
+    @pytest.mark.parametrize("closing", ["reader", "log", "transport"])
+    async def test_closing_a_reader_ends_an_iteration_waiting_in_it(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, closing: str
+    ) -> None:
+        """A task iterating a reader that waits for the next event ends
+        (``StopAsyncIteration``: the ``async for`` finishes) when the reader
+        or its log is closed, without an error and without a later append."""
+        log = transport.event_log()
+        reader = await log.read(queue_name, "latest")
+        started = asyncio.Event()
+
+        async def consume() -> list[Any]:
+            seen = []
+            started.set()
+            async for event in reader:
+                seen.append(event.data)
+            return seen
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        await asyncio.sleep(0.2)  # into its wait for an event (nothing signals that)
+        closer: Any = {"reader": reader, "log": log, "transport": transport}[closing]
+        await closer.aclose()
+        done, _ = await asyncio.wait({task}, timeout=harness.scaled(10))
+        assert done, "the iteration did not end when its reader was closed"
+        assert task.result() == []
+
+    async def test_a_closed_reader_refuses_to_seek_and_keeps_its_cursor(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        log = transport.event_log()
+        reader = await _three_read(log, queue_name, "closed-seek", 4, harness)
+        await reader.aclose()
+        with pytest.raises(ClosedResourceError):
+            await reader.seek("earliest")
+        await reader.commit()  # nothing to commit after the close
+        resumed = await log.read(queue_name, "earliest", cursor="closed-seek")
+        first = await resumed.next(harness.scaled(10))
+        assert first is not None and first.data == 3, first
+        await resumed.aclose()
+
+    async def test_a_position_beyond_64_bits_is_refused(
+        self, transport: Transport, queue_name: str
+    ) -> None:
+        log = transport.event_log()
+        await log.append(queue_name, "x")
+        for huge in ("9223372036854775808", "18446744073709551616", "9" * 40):
+            with pytest.raises(ValueError):
+                reader = await log.read(queue_name, huge)
+                await reader.aclose()
+        reader = await log.read(queue_name, "earliest")
+        with pytest.raises(ValueError):
+            await reader.seek("9" * 40)
+        await reader.aclose()
 
     async def test_a_named_cursor_that_read_nothing_resumes_where_it_was_placed(
         self, harness: BackendHarness, queue_name: str, make_transport: Any

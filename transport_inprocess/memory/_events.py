@@ -172,6 +172,7 @@ class _MemoryReader(EventReader):
         self._next = index  # where the reader stands: what a commit stores
         self._committed: int | None = stored
         self._closed = False
+        self._inbox: _Inbox | None = None  # set while a read waits for an append
 
     async def __anext__(self) -> LogEvent:
         if self._closed:
@@ -185,18 +186,25 @@ class _MemoryReader(EventReader):
                     event = events[self._next]
                     self._next += 1
                     return event
-                inbox = _Inbox()
+                inbox = self._inbox = _Inbox()
                 state.waiters.setdefault(self.stream, []).append(inbox)
-            await inbox.queue.get()
+            try:
+                await inbox.queue.get()
+            finally:
+                self._inbox = None
             if self._closed:
                 raise StopAsyncIteration
 
     async def seek(self, to: Start) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"reader of {self.stream!r} is closed")
         self._next = self._log._index_for(self.stream, check_start(to))
 
     async def commit(self) -> None:
         # The position after the last event returned, or where the reader
         # was placed (``latest``, a seek) if it returned none since.
+        if self._closed:
+            return  # committed by its close
         if self.cursor is not None and self._next != self._committed:
             with self._log._state.lock:
                 self._log._state.cursors[(self.stream, self.cursor)] = self._next
@@ -206,6 +214,10 @@ class _MemoryReader(EventReader):
         if not self._closed:
             await self.commit()
             self._closed = True
+            self._log._readers.discard(self)
+            inbox = self._inbox
+            if inbox is not None:  # a read waiting for an append ends now
+                inbox.put(None)
 
 
 class MemoryEventLog(EventLog):
@@ -213,6 +225,7 @@ class MemoryEventLog(EventLog):
         self._state = state
         self._limit = limit
         self._closed = False
+        self._readers: set[_MemoryReader] = set()
 
     async def append(
         self,
@@ -263,8 +276,15 @@ class MemoryEventLog(EventLog):
             with self._state.lock:
                 stored = self._state.cursors.get((stream, cursor))
             if stored is not None:
-                return _MemoryReader(self, stream, stored, cursor, stored)
-        return _MemoryReader(self, stream, self._index_for(stream, check_start(start)), cursor)
+                reader = _MemoryReader(self, stream, stored, cursor, stored)
+                self._readers.add(reader)
+                return reader
+        reader = _MemoryReader(self, stream, self._index_for(stream, check_start(start)), cursor)
+        self._readers.add(reader)
+        return reader
 
     async def aclose(self) -> None:
+        """Close every reader (committing named cursors), then the log."""
         self._closed = True
+        for reader in list(self._readers):
+            await reader.aclose()

@@ -8,6 +8,7 @@ are noticed within ``poll_interval``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sqlite3
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from transport import EventLog, EventReader, LogEvent, encode
-from transport.errors import ClosedResourceError
+from transport.errors import ClosedResourceError, TransportError
 from transport.kit import Start, check_headers, check_start, position_number, utcnow, validate_name
 from transport_inprocess.sqlite._client import SqliteContext
 
@@ -61,9 +62,14 @@ class _SqliteReader(EventReader):
         interval = 0.002
         ctx = self._log._ctx
         while not self._buffer:
-            rows = await ctx.store.read(
-                functools.partial(_fetch, stream=self._key, after=self._next)
-            )
+            try:
+                rows = await ctx.store.read(
+                    functools.partial(_fetch, stream=self._key, after=self._next)
+                )
+            except ClosedResourceError:
+                if self._closed:  # closed (with its transport) while reading
+                    raise StopAsyncIteration from None
+                raise
             for row in rows:
                 self._buffer.append(_row_event(self.stream, row))
             if rows:
@@ -76,12 +82,14 @@ class _SqliteReader(EventReader):
         return self._buffer.popleft()
 
     async def seek(self, to: Start) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"reader of {self.stream!r} is closed")
         self._buffer.clear()
         self._next = await self._log._resolve(self._key, check_start(to))
 
     async def commit(self) -> None:
-        if self.cursor is None:
-            return
+        if self.cursor is None or self._closed:
+            return  # a closed reader committed at its close
         # The position after the last event returned, or where the reader
         # was placed (``latest``, a seek) if it returned none since.
         position = int(self._buffer[0].position) if self._buffer else self._next
@@ -102,14 +110,18 @@ class _SqliteReader(EventReader):
 
     async def aclose(self) -> None:
         if not self._closed:
-            await self.commit()
-            self._closed = True
+            try:
+                await self.commit()
+            finally:
+                self._closed = True
+                self._log._readers.discard(self)
 
 
 class SqliteEventLog(EventLog):
     def __init__(self, ctx: SqliteContext) -> None:
         self._ctx = ctx
         self._closed = False
+        self._readers: set[_SqliteReader] = set()
 
     def _check(self) -> None:
         if self._closed:
@@ -192,8 +204,18 @@ class SqliteEventLog(EventLog):
                 ).fetchone()
             )
             if stored is not None:
-                return _SqliteReader(self, stream, int(stored[0]), cursor, int(stored[0]))
-        return _SqliteReader(self, stream, await self._resolve(scoped, check_start(start)), cursor)
+                reader = _SqliteReader(self, stream, int(stored[0]), cursor, int(stored[0]))
+                self._readers.add(reader)
+                return reader
+        start_id = await self._resolve(scoped, check_start(start))
+        reader = _SqliteReader(self, stream, start_id, cursor)
+        self._readers.add(reader)
+        return reader
 
     async def aclose(self) -> None:
+        """Close every reader (committing named cursors where the file can
+        still be written), then the log."""
         self._closed = True
+        for reader in list(self._readers):
+            with contextlib.suppress(TransportError):
+                await reader.aclose()
