@@ -92,3 +92,18 @@ def test_the_shortcut_is_taken_and_other_arguments_are_not_lost() -> None:
     assert request.model_fields_set == {"task", "payload", "priority", "headers"}
     with pytest.raises(TypeError, match="reply_to"):
         WorkRequest(task="work", reply_too="x")  # type: ignore[call-arg]
+
+
+def test_a_subclass_is_built_by_pydantic_with_its_own_fields_and_validators() -> None:
+    from pydantic import field_validator
+
+    class Tagged(WorkRequest):
+        tag: str = "none"
+
+        @field_validator("task")
+        @classmethod
+        def _upper(cls, value: str) -> str:
+            return value.upper()
+
+    request = Tagged(task="work", payload=1)
+    assert (request.tag, request.task) == ("none", "WORK")

@@ -269,7 +269,8 @@ class WorkRequest(_WireModel):
         # same validators without pydantic's generic pass (more than half of
         # the cost of a new request); anything else takes the full path,
         # whose result and errors these match (tests/test_models_fast.py).
-        if data.keys() <= _FAST_FIELDS:
+        # Not for a subclass, whose own fields and validators would be skipped.
+        if type(self) is WorkRequest and data.keys() <= _FAST_FIELDS:
             task = data.get("task")
             reply_to = data.get("reply_to")
             request_id = data.get("request_id")
