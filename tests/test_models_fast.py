@@ -44,6 +44,11 @@ BAD: list[dict[str, Any]] = [
     {"task": "work", "payload": (1, 2)},
     {"task": "work", "payload": {"s": {1, 2}}},
     {"task": "work", "payload": "\ud800"},
+    {"task": "work", "request_id": None},
+    # Two bad arguments: the first in field order is reported.
+    {"task": "a.b", "request_id": "bad id"},
+    {"task": "work", "reply_to": "a>b", "request_id": "bad id"},
+    {"task": "work", "reply_to": "a>b", "payload": float("nan")},
 ]
 
 

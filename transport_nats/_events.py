@@ -330,6 +330,8 @@ class _NatsReader(EventReader):
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
+            if self._closed:  # closed while reading: the event comes again
+                raise StopAsyncIteration
             if found is not None:
                 seq, event = found
                 self._next = seq + 1
@@ -362,6 +364,8 @@ class _NatsReader(EventReader):
             await self.commit()
         finally:
             self._closed = True
+            with contextlib.suppress(ValueError):
+                self._log._readers.remove(self)
             self._wake.set()
             if self._sub is not None:
                 with contextlib.suppress(Exception):

@@ -29,7 +29,14 @@ import _pulsar
 
 from transport import EventLog, EventReader, LogEvent, encode, utcnow
 from transport.errors import ClosedResourceError, TransientTransportError, TransportError
-from transport.kit import Start, check_headers, check_start, to_millisecond, validate_name
+from transport.kit import (
+    Start,
+    check_headers,
+    check_start,
+    position_number,
+    to_millisecond,
+    validate_name,
+)
 from transport_pulsar._client import (
     AsyncProducer,
     AsyncReader,
@@ -53,8 +60,10 @@ def _position(message_id: Any) -> str:
 
 
 def _message_id(position: str) -> MessageId:
+    """Raises: ValueError (not ``<ledger>-<entry>``, each digits only
+    within 64 bits)."""
     try:
-        ledger, entry = (int(part) for part in position.split("-"))
+        ledger, entry = (position_number(part) for part in position.split("-"))
     except ValueError:
         raise ValueError(f"not a position of this log: {position!r}") from None
     return _pulsar.MessageId(-1, ledger, entry, -1)

@@ -520,6 +520,8 @@ class _RedisReader(EventReader):
             await self.commit()
         finally:
             self._closed = True
+            with contextlib.suppress(ValueError):
+                self._log._readers.remove(self)
             reading = self._reading
             if reading is not None and not reading.done():
                 reading.cancel()

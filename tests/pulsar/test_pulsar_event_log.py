@@ -214,3 +214,24 @@ async def test_a_stalled_reader_that_cannot_be_replaced_waits_on_and_tries_again
         await reader.aclose()
     finally:
         await transport.aclose()
+
+
+async def test_a_position_is_two_numbers_within_64_bits(
+    transport_harness: PulsarHarness,
+) -> None:
+    """``<ledger>-<entry>``, digits only: a number past 2**63-1 was a
+    TypeError from the client's constructor, and ``" 1-2"`` was accepted."""
+    transport = await transport_harness.connect()
+    try:
+        log = transport.event_log()
+        stream = f"pos{uuid.uuid4().hex[:8]}"
+        await log.append(stream, "x")
+        for bad in ("9223372036854775808-0", "0-9223372036854775808", " 1-2", "+1-2", "1-2-3"):
+            with pytest.raises(ValueError):
+                await log.read(stream, bad)
+        reader = await log.read(stream, "earliest")
+        with pytest.raises(ValueError):
+            await reader.seek("9223372036854775808-0")
+        await reader.aclose()
+    finally:
+        await transport.aclose()

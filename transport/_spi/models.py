@@ -277,20 +277,21 @@ class WorkRequest(_WireModel):
             if (
                 task.__class__ is str
                 and (reply_to is None or reply_to.__class__ is str)
-                and (request_id is None or request_id.__class__ is str)
+                and ("request_id" not in data or request_id.__class__ is str)
             ):
                 payload = data.get("payload")
-                validate_name(task, "task name")
-                if reply_to is not None:
-                    validate_name(reply_to, "reply_to registry name")
+                # In pydantic's field order: the first error is the one raised.
                 if request_id is None:
                     request_id = _new_request_id()
                 else:
                     validate_request_id(request_id)
+                validate_name(task, "task name")
                 if payload is not None:
                     problem = json_value_problem(payload, "payload")
                     if problem is not None:
                         raise InvalidMessageError(problem)
+                if reply_to is not None:
+                    validate_name(reply_to, "reply_to registry name")
                 _setattr(
                     self,
                     "__dict__",

@@ -354,6 +354,19 @@ class EventLogConformance:
         assert first is not None and first.data == 3, first
         await resumed.aclose()
 
+    async def test_a_refused_seek_leaves_the_reader_and_its_cursor_as_they_were(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        log = transport.event_log()
+        reader = await _three_read(log, queue_name, "refused-seek", 5, harness)
+        with pytest.raises(ValueError):
+            await reader.seek("not-a-position")
+        await reader.aclose()
+        resumed = await log.read(queue_name, "earliest", cursor="refused-seek")
+        rest = [await resumed.next(harness.scaled(10)) for _ in range(2)]
+        assert [e.data for e in rest if e] == [3, 4]
+        await resumed.aclose()
+
     async def test_a_position_beyond_64_bits_is_refused(
         self, transport: Transport, queue_name: str
     ) -> None:

@@ -70,6 +70,8 @@ class _SqliteReader(EventReader):
                 if self._closed:  # closed (with its transport) while reading
                     raise StopAsyncIteration from None
                 raise
+            if self._closed:  # closed while reading: what was read comes again
+                raise StopAsyncIteration
             for row in rows:
                 self._buffer.append(_row_event(self.stream, row))
             if rows:
@@ -84,8 +86,11 @@ class _SqliteReader(EventReader):
     async def seek(self, to: Start) -> None:
         if self._closed:
             raise ClosedResourceError(f"reader of {self.stream!r} is closed")
+        # Resolved first: a start refused (or a failed read) leaves the
+        # reader, its buffer and what it commits, as they were.
+        start = await self._log._resolve(self._key, check_start(to))
         self._buffer.clear()
-        self._next = await self._log._resolve(self._key, check_start(to))
+        self._next = start
 
     async def commit(self) -> None:
         if self.cursor is None or self._closed:
