@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import nats.js.errors
@@ -34,6 +34,8 @@ __all__ = ["NatsCapabilityRegistry", "NatsDeliveryRegistry", "NatsKeyedLog"]
 
 # JetStream err_code: "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE = 10058
+#: JetStream: the expected last subject sequence did not match.
+_WRONG_LAST_SEQUENCE = 10071
 _RECONNECTED = object()  # put in a watcher's queue when the client reconnects
 
 #: The registries are the shared implementations over :class:`NatsKeyedLog`.
@@ -100,6 +102,37 @@ class NatsKeyedLog(KeyedLog):
             raise PermanentTransportError(f"{doing} {self.bucket}: invalid key")
         with map_nats_errors(f"{doing} {self.bucket}"):
             check_puback(await self._ctx.requests.request(self._prefix + key, value, headers))
+
+    atomic_claims = True
+
+    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+        """A delete marker published only if the key's last message is the
+        value read (``Nats-Expected-Last-Subject-Sequence``): of concurrent
+        claimants, one wins; the others' markers are refused. The keys
+        ``also`` are deleted alongside (whoever wins deletes them too)."""
+        kv = await self._bucket()
+        if not _is_key_valid(key):
+            raise PermanentTransportError(f"deleting from {self.bucket}: invalid key")
+        with map_nats_errors(f"reading {self.bucket}"):
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:  # also KeyDeletedError
+                return False
+        if entry.operation in (KV_DEL, KV_PURGE) or not entry.revision:
+            return False
+        headers = {KV_OP: KV_DEL, "Nats-Expected-Last-Subject-Sequence": str(entry.revision)}
+        with map_nats_errors(f"deleting from {self.bucket}"):
+            replies = await asyncio.gather(
+                self._ctx.requests.request(self._prefix + key, b"", headers),
+                *(self.delete(other) for other in also),
+            )
+            try:
+                check_puback(replies[0])  # type: ignore[arg-type]
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _WRONG_LAST_SEQUENCE:
+                    return False  # claimed (or changed) by another since the read
+                raise
+        return True
 
     async def get(self, key: str) -> bytes | None:
         kv = await self._bucket()

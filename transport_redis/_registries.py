@@ -18,7 +18,7 @@ supplies the :class:`~transport.KeyedLog`.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from transport import CAUGHT_UP, CapabilityRegistry, DeliveryRegistry, KeyedChange, KeyedLog
 from transport.errors import ClosedResourceError, TransientTransportError
@@ -36,6 +36,22 @@ _BLOCK_MS = 1000
 def _ms(entry_id: bytes | str) -> int:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(text.split("-", 1)[0])
+
+
+# KEYS: state hash, changes stream; ARGV: MINID cutoff (ms), the key
+# claimed, the other keys deleted with it.
+_CLAIM = """
+if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], '*', 'key', ARGV[2], 'deleted', '1')
+for i = 3, #ARGV do
+  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[1], '*', 'key', ARGV[i], 'deleted', '1')
+  end
+end
+return 1
+"""
 
 
 class RedisKeyedLog(KeyedLog):
@@ -80,6 +96,21 @@ class RedisKeyedLog(KeyedLog):
 
     async def put(self, key: str, value: bytes) -> None:
         await self._write(key, value)
+
+    atomic_claims = True
+
+    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+        """The deletes and their change records in one script: one
+        claimant wins."""
+        self._check_open()
+        cutoff = int(time.time() * 1000) - self._retention_ms
+        claimed = await self._client.run(
+            _CLAIM,
+            [self.state_key, self.changes_key],
+            [cutoff, key, *also],
+            f"writing {self.state_key}",
+        )
+        return bool(claimed)
 
     async def delete(self, key: str) -> None:
         await self._write(key, None)

@@ -113,6 +113,24 @@ class KeyedLog(ABC):
         else:
             await asyncio.gather(*(self.delete(key) for key in keys))
 
+    #: True where :meth:`claim` is atomic: of processes claiming one key at
+    #: once, exactly one gets ``True``.
+    atomic_claims: bool = False
+
+    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+        """Delete ``key`` if it holds a value, and the keys ``also`` (in the
+        same step where the log can); whether this call deleted ``key``.
+
+        Where :attr:`atomic_claims` is true, concurrent claims of one value
+        (by any processes) return ``True`` once. This default deletes them
+        all, as :meth:`delete_many`, and returns ``True``: logs that cannot
+        delete conditionally (Kafka, Pulsar) cannot tell.
+
+        Raises: TransientTransportError (they may or may not have been deleted).
+        """
+        await self.delete_many([key, *also])
+        return True
+
     @abstractmethod
     def watch(self) -> AsyncIterator[KeyedChange | object]:
         """Replay the current state (or the whole history, in write order),

@@ -438,7 +438,9 @@ class PendingDelivery:
         Guarantees: the same response on every call; on timeout the record
         stays (until the registry TTL) and a later call can still collect it.
         Raises: DeliveryTimeoutError; UnknownDeliveryError if the record
-        expired or was taken by another caller; ClosedResourceError.
+        expired or was taken by another caller (also one collecting it at
+        the same moment, on backends whose log claims atomically: not
+        Kafka, Pulsar); ClosedResourceError.
         """
         if self._response is None:
             self._response = await self._registry._take(
@@ -868,8 +870,13 @@ class DeliveryRegistry:
         assert response is not None
         # Collect: delete the registration and the completion. A completion
         # written after this finds no registration: it is ignored.
-        keys = self._keys(request_id)
-        await self._log.delete_many(keys)
+        if request_id in self._legacy:
+            await self._log.delete_many(self._keys(request_id))
+        elif not await self._log.claim(f"c.{request_id}", also=(f"p.{request_id}",)):
+            # Collected by another caller at the same time (two processes
+            # attached to one registry): where the log claims atomically,
+            # one of them gets the response (not on Kafka, Pulsar).
+            raise UnknownDeliveryError(request_id)
         self._pending.pop(request_id, None)
         self._done.pop(request_id, None)
         self._legacy.discard(request_id)

@@ -145,6 +145,40 @@ class DeliveryRegistryConformance:
         after = (await make_transport()).delivery_registry(queue_name)
         assert [p.request_id for p in await after.pending()] == ["d-2"]
 
+    async def test_a_response_collected_by_two_clients_at_once_goes_to_one(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        """Two processes attached to one registry (an overlapping restart,
+        two replicas of one caller) collect the same responses at once: each
+        goes to one of them, the other gets ``UnknownDeliveryError``. Where
+        the keyed log cannot claim atomically (``atomic_claims`` false:
+        Kafka, Pulsar) both may get it (README limit)."""
+        first = (await make_transport()).delivery_registry(queue_name)
+        second = (await make_transport()).delivery_registry(queue_name)
+        ids = [f"both-{i}" for i in range(5)]
+        for rid in ids:
+            await first.register(rid)
+        handles = [await first.wait(rid) for rid in ids] + [await second.wait(rid) for rid in ids]
+        collecting = [
+            asyncio.ensure_future(handle.result(harness.scaled(20))) for handle in handles
+        ]
+        worker = (await make_transport()).delivery_registry(queue_name)
+        for rid in ids:
+            assert await worker.complete(rid, _response(rid))
+        outcomes = await asyncio.gather(*collecting, return_exceptions=True)
+        atomic = first._log.atomic_claims
+        for i, rid in enumerate(ids):
+            pair = (outcomes[i], outcomes[i + len(ids)])
+            got = [o for o in pair if isinstance(o, WorkResponse)]
+            assert all(o.request_id == rid for o in got)
+            assert all(isinstance(o, WorkResponse | UnknownDeliveryError) for o in pair), pair
+            if atomic:
+                assert len(got) == 1, (rid, pair)
+            else:
+                assert got, (rid, pair)
+        after = (await make_transport()).delivery_registry(queue_name)
+        assert await after.pending() == []  # nothing left behind by either
+
     async def test_taken_entries_never_return(
         self, harness: BackendHarness, queue_name: str, make_transport: Any
     ) -> None:

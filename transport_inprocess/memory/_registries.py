@@ -44,6 +44,18 @@ class MemoryKeyedLog(KeyedLog):
             data = self._state.data
             return [data.get(key) for key in keys]
 
+    atomic_claims = True
+
+    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+        with self._broker.lock:
+            if self._state.data.pop(key, None) is None:
+                return False
+            self._publish(KeyedChange(key, None))
+            for other in also:
+                if self._state.data.pop(other, None) is not None:
+                    self._publish(KeyedChange(other, None))
+            return True
+
     async def delete_many(self, keys: Sequence[str]) -> None:
         with self._broker.lock:
             for key in keys:

@@ -91,6 +91,26 @@ class SqliteKeyedLog(KeyedLog):
         for feed in feeds:
             self._publish(feed)
 
+    atomic_claims = True
+
+    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+        """In one write transaction (the file's lock): one claimant wins."""
+
+        def op(conn: sqlite3.Connection) -> list[_Feed | None] | None:
+            held = conn.execute(
+                "SELECT 1 FROM kv WHERE log = ? AND key = ?", (self._name, key)
+            ).fetchone()
+            if held is None:
+                return None
+            return [self._put_op(conn, k, None) for k in (key, *also)]
+
+        feeds = await self._store.write(op)
+        if feeds is None:
+            return False
+        for feed in feeds:
+            self._publish(feed)
+        return True
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """One read for all of them."""
 
