@@ -36,6 +36,8 @@ __all__ = ["NatsCapabilityRegistry", "NatsDeliveryRegistry", "NatsKeyedLog"]
 _STREAM_NAME_IN_USE = 10058
 #: JetStream: the expected last subject sequence did not match.
 _WRONG_LAST_SEQUENCE = 10071
+#: Conditional deletes a claim tries while the key keeps changing under it.
+_CLAIM_TRIES = 4
 _RECONNECTED = object()  # put in a watcher's queue when the client reconnects
 
 #: The registries are the shared implementations over :class:`NatsKeyedLog`.
@@ -105,34 +107,48 @@ class NatsKeyedLog(KeyedLog):
 
     atomic_claims = True
 
-    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+    async def claim(
+        self, key: str, also: Sequence[str] = (), *, position: bytes | None = None
+    ) -> bool:
         """A delete marker published only if the key's last message is the
-        value read (``Nats-Expected-Last-Subject-Sequence``): of concurrent
-        claimants, one wins; the others' markers are refused. The keys
-        ``also`` are deleted alongside (whoever wins deletes them too)."""
+        value seen (``Nats-Expected-Last-Subject-Sequence``: ``position``,
+        the revision the caller's view applied, else the one read now): of
+        concurrent claimants, one wins; the others' markers are refused. The
+        keys ``also`` are deleted alongside (whoever wins deletes them too).
+        A refused marker is tried again at the value read then, as long as
+        the key holds one (a value written again since the hint)."""
         kv = await self._bucket()
         if not _is_key_valid(key):
             raise PermanentTransportError(f"deleting from {self.bucket}: invalid key")
-        with map_nats_errors(f"reading {self.bucket}"):
-            try:
-                entry = await kv.get(key)
-            except nats.js.errors.KeyNotFoundError:  # also KeyDeletedError
-                return False
-        if entry.operation in (KV_DEL, KV_PURGE) or not entry.revision:
-            return False
-        headers = {KV_OP: KV_DEL, "Nats-Expected-Last-Subject-Sequence": str(entry.revision)}
-        with map_nats_errors(f"deleting from {self.bucket}"):
-            replies = await asyncio.gather(
-                self._ctx.requests.request(self._prefix + key, b"", headers),
-                *(self.delete(other) for other in also),
-            )
-            try:
-                check_puback(replies[0])  # type: ignore[arg-type]
-            except nats.js.errors.APIError as exc:
-                if exc.err_code == _WRONG_LAST_SEQUENCE:
-                    return False  # claimed (or changed) by another since the read
-                raise
-        return True
+        revision = int(position) if position is not None and position.isdigit() else None
+        for _ in range(_CLAIM_TRIES):
+            if revision is None:
+                with map_nats_errors(f"reading {self.bucket}"):
+                    try:
+                        entry = await kv.get(key)
+                    except nats.js.errors.KeyNotFoundError:  # also KeyDeletedError
+                        return False
+                if entry.operation in (KV_DEL, KV_PURGE) or not entry.revision:
+                    return False
+                revision = entry.revision
+            headers = {KV_OP: KV_DEL, "Nats-Expected-Last-Subject-Sequence": str(revision)}
+            with map_nats_errors(f"deleting from {self.bucket}"):
+                replies = await asyncio.gather(
+                    self._ctx.requests.request(self._prefix + key, b"", headers),
+                    *(self.delete(other) for other in also),
+                )
+                also = ()
+                try:
+                    check_puback(replies[0])  # type: ignore[arg-type]
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != _WRONG_LAST_SEQUENCE:
+                        raise
+                    revision = None  # claimed, or written again, since: look
+                    continue
+            return True
+        raise TransientTransportError(
+            f"deleting from {self.bucket}: {key!r} changed under every claim ({_CLAIM_TRIES})"
+        )
 
     async def get(self, key: str) -> bytes | None:
         kv = await self._bucket()

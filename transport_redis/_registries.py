@@ -99,7 +99,9 @@ class RedisKeyedLog(KeyedLog):
 
     atomic_claims = True
 
-    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+    async def claim(
+        self, key: str, also: Sequence[str] = (), *, position: bytes | None = None
+    ) -> bool:
         """The deletes and their change records in one script: one
         claimant wins."""
         self._check_open()

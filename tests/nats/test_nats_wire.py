@@ -187,3 +187,27 @@ async def test_a_subscription_sees_the_first_event_published_after_it_returns(
     finally:
         await other.close()
         await transport.aclose()
+
+
+async def test_a_claim_deletes_once_and_survives_a_stale_hint(nats_config: TransportConfig) -> None:
+    """``claim`` deletes conditionally on the value's revision: a second
+    claim of the same value finds it gone; a hint older than the value
+    (written again since) costs a read, not the claim."""
+    transport = await connect(nats_config)
+    try:
+        log_ = transport.delivery_registry("claims")._log  # type: ignore[attr-defined]
+        kv = await log_._bucket()
+        await log_.put("c.x", b"1")
+        stale = str((await kv.get("c.x")).revision).encode()
+        await log_.put("c.x", b"2")  # written again: the hint is stale
+        await log_.put("p.x", b"p")
+        assert await log_.claim("c.x", also=("p.x",), position=stale) is True
+        assert await log_.get_many(["c.x", "p.x"]) == [None, None]
+        await log_.put("c.y", b"1")
+        current = str((await kv.get("c.y")).revision).encode()
+        assert await log_.claim("c.y", position=current) is True
+        assert await log_.claim("c.y", position=current) is False  # claimed already
+        assert await log_.claim("c.y") is False
+        assert await log_.claim("c.never") is False
+    finally:
+        await transport.aclose()

@@ -117,9 +117,14 @@ class KeyedLog(ABC):
     #: once, exactly one gets ``True``.
     atomic_claims: bool = False
 
-    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+    async def claim(
+        self, key: str, also: Sequence[str] = (), *, position: bytes | None = None
+    ) -> bool:
         """Delete ``key`` if it holds a value, and the keys ``also`` (in the
         same step where the log can); whether this call deleted ``key``.
+        ``position``, where known, is the :attr:`KeyedChange.position` of the
+        value the caller saw: a hint that spares a read where the log deletes
+        conditionally on it (a stale one costs that read).
 
         Where :attr:`atomic_claims` is true, concurrent claims of one value
         (by any processes) return ``True`` once. This default deletes them

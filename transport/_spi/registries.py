@@ -133,11 +133,16 @@ class _LogView:
         what: str,
         *,
         ready_timeout: float | None = None,
+        track: Callable[[str], bool] | None = None,
     ):
         self._log = log_
         self._apply = apply
         self._what = what
         self._ready_timeout = ready_timeout
+        #: Keys for which the position of their live value is kept
+        #: (:meth:`position_of`), chosen by ``track``.
+        self._track = track
+        self._positions: dict[str, bytes] = {}
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
         self._failing = asyncio.Event()
@@ -232,9 +237,19 @@ class _LogView:
             carried.append((key, position, value))
         return encode_checkpoint(resume, carried, written_at=utcnow().isoformat())
 
+    def position_of(self, key: str) -> bytes | None:
+        """The position of the live value of a tracked ``key`` as this view
+        applied it (``None`` if unknown)."""
+        return self._positions.get(key)
+
     def _seen(self, change: KeyedChange) -> None:
         """Position bookkeeping of a change applied from the log."""
         position = change.position
+        if self._track is not None and self._track(change.key):
+            if change.value is None or position is None:
+                self._positions.pop(change.key, None)
+            else:
+                self._positions[change.key] = position
         if position is None:
             return
         self._position = position
@@ -400,6 +415,10 @@ _FORGET_BATCH = 32
 _CLOSE_WAIT = 5.0
 
 
+def _is_completion_key(key: str) -> bool:
+    return key.startswith("c.")
+
+
 def _ignore_result(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
@@ -496,7 +515,11 @@ class DeliveryRegistry:
         self._taken: dict[str, int] = {}
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._view = _LogView(
-            log_, self._apply_raw, f"delivery registry {name!r}", ready_timeout=ready_timeout
+            log_,
+            self._apply_raw,
+            f"delivery registry {name!r}",
+            ready_timeout=ready_timeout,
+            track=_is_completion_key,
         )
         self._janitor_interval = janitor_interval or min(max(ttl_seconds / 4, 1.0), 60.0)
         self._janitor: asyncio.Task[None] | None = None
@@ -872,7 +895,11 @@ class DeliveryRegistry:
         # written after this finds no registration: it is ignored.
         if request_id in self._legacy:
             await self._log.delete_many(self._keys(request_id))
-        elif not await self._log.claim(f"c.{request_id}", also=(f"p.{request_id}",)):
+        elif not await self._log.claim(
+            f"c.{request_id}",
+            also=(f"p.{request_id}",),
+            position=self._view.position_of(f"c.{request_id}"),
+        ):
             # Collected by another caller at the same time (two processes
             # attached to one registry): where the log claims atomically,
             # one of them gets the response (not on Kafka, Pulsar).

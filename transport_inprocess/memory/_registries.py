@@ -46,7 +46,9 @@ class MemoryKeyedLog(KeyedLog):
 
     atomic_claims = True
 
-    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+    async def claim(
+        self, key: str, also: Sequence[str] = (), *, position: bytes | None = None
+    ) -> bool:
         with self._broker.lock:
             if self._state.data.pop(key, None) is None:
                 return False

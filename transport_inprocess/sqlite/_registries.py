@@ -93,7 +93,9 @@ class SqliteKeyedLog(KeyedLog):
 
     atomic_claims = True
 
-    async def claim(self, key: str, also: Sequence[str] = ()) -> bool:
+    async def claim(
+        self, key: str, also: Sequence[str] = (), *, position: bytes | None = None
+    ) -> bool:
         """In one write transaction (the file's lock): one claimant wins."""
 
         def op(conn: sqlite3.Connection) -> list[_Feed | None] | None:
