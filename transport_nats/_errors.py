@@ -48,7 +48,7 @@ def classify_connect_error(exc: BaseException | None, where: str) -> TransportEr
         return PermanentTransportError(f"TLS handshake with NATS server at {where} failed: {exc}")
     if isinstance(exc, nats.errors.SecureConnRequiredError | nats.errors.SecureConnWantedError):
         return PermanentTransportError(
-            f"TLS setting does not match the NATS server at {where}: {type(exc).__name__}"
+            f"TLS setting does not match the NATS server at {where}: {type(exc).__name__} ({exc})"
         )
     detail = f" ({type(exc).__name__}: {text})" if exc is not None else ""
     return TransientTransportError(f"no NATS server reachable at {where}{detail}")

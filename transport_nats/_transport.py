@@ -84,6 +84,37 @@ def _jetstream_off(exc: nats.js.errors.APIError) -> bool:
     )
 
 
+class _PlainTextRefused(nats.errors.SecureConnWantedError):
+    def __str__(self) -> str:
+        return (
+            "TLS was asked for (tls:// or tls settings) and the server does not offer it;"
+            " not connecting in plain text"
+        )
+
+
+class _Client(NatsClient):
+    """nats-py's client, refusing to talk in plain text when TLS was asked
+    for (a ``tls://`` URL or ``tls`` settings). nats-py upgrades to TLS only
+    when the server's INFO says ``tls_required``; otherwise it sends CONNECT,
+    credentials included, in the clear: to a server without TLS, or through
+    anyone stripping that flag. A server that offers TLS without requiring
+    it (``allow_non_tls``) is upgraded all the same."""
+
+    require_tls = False
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        if (
+            initial_connection
+            and self.require_tls
+            and not info.get("tls_required")
+            and not self.options.get("tls_handshake_first")
+        ):
+            if not info.get("tls_available"):
+                raise _PlainTextRefused
+            info["tls_required"] = True  # upgrade: the caller's dict is the server info
+        await super()._process_info(info, initial_connection)
+
+
 class NatsTransport(Transport):
     """One NATS connection (with JetStream) shared by every queue and registry."""
 
@@ -103,7 +134,7 @@ class NatsTransport(Transport):
         super().__init__(config)
         self.options: NatsOptions = load_options(config)
         self.servers, self._url_creds = parse_servers(config.url, self.options.servers)
-        self.nc = NatsClient()
+        self.nc = _Client()
         self.requests = Requests(self.nc, self.options.request_timeout)
         # What every queue, registry, log and the doctor get instead of the
         # transport (the JetStream API is set on it once connected).
@@ -173,6 +204,7 @@ class NatsTransport(Transport):
         tls = self._tls_context()
         if tls is not None:
             kwargs["tls"] = tls
+        self.nc.require_tls = tls is not None
         return kwargs
 
     async def _on_error(self, exc: Exception) -> None:

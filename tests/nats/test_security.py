@@ -4,6 +4,7 @@ verification on, so a certificate for another host is refused)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,3 +270,45 @@ async def test_the_event_bus_cannot_reach_the_queues_and_logs_of_a_namespace(
             await b.aclose()
     finally:
         server.stop()
+
+
+async def test_tls_asked_for_never_talks_plain_text(password_server: NatsServer) -> None:
+    """A ``tls://`` URL against a server without TLS (or someone stripping
+    the server's ``tls_required``): nats-py sent CONNECT, password included,
+    in the clear and connected without TLS. Refused before CONNECT, as a
+    permanent error; the server receives nothing."""
+    import socket
+    import threading
+
+    with pytest.raises(PermanentTransportError, match="not connecting in plain text"):
+        await connect(TransportConfig(url=f"tls://alice:s3cr3tpw@127.0.0.1:{password_server.port}"))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    received: list[bytes] = []
+
+    def fake_server() -> None:  # INFO without tls_required, then records what comes
+        connection, _ = listener.accept()
+        with connection:
+            connection.sendall(
+                b'INFO {"server_id":"X","version":"2.10.0","proto":1,'
+                b'"max_payload":1048576,"headers":true,"auth_required":true}\r\n'
+            )
+            connection.settimeout(5)
+            with contextlib.suppress(OSError):
+                while chunk := connection.recv(4096):
+                    received.append(chunk)
+
+    thread = threading.Thread(target=fake_server, daemon=True)
+    thread.start()
+    try:
+        port = listener.getsockname()[1]
+        config = TransportConfig(
+            url=f"nats://alice:s3cr3tpw@127.0.0.1:{port}", tls=TLSConfig(enabled=True)
+        )
+        with pytest.raises(PermanentTransportError, match="not connecting in plain text"):
+            await connect(config)
+        thread.join(10)
+    finally:
+        listener.close()
+    assert b"s3cr3tpw" not in b"".join(received) and b"CONNECT" not in b"".join(received)
