@@ -112,3 +112,16 @@ def test_a_subclass_is_built_by_pydantic_with_its_own_fields_and_validators() ->
 
     request = Tagged(task="work", payload=1)
     assert (request.tag, request.task) == ("none", "WORK")
+
+
+def test_a_dead_letter_too_large_keeps_everything_but_the_raw_body() -> None:
+    from transport import DeadLetter
+    from transport.kit import decode, encode_dead_letter
+
+    big = DeadLetter(
+        queue="q", request_id=None, request=None, raw=b"\x80" * 3000, error="bad", attempts=1
+    )
+    assert decode(DeadLetter, encode_dead_letter(big, None)).raw_bytes() == b"\x80" * 3000
+    assert decode(DeadLetter, encode_dead_letter(big, 10_000)).raw_bytes() == b"\x80" * 3000
+    kept = decode(DeadLetter, encode_dead_letter(big, 1_000))
+    assert kept.raw is None and kept.error.startswith("bad (its body, 3,000 bytes")

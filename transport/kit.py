@@ -62,7 +62,14 @@ from transport._ops.logging import ClientLog
 from transport._runtime.atexit import AtExit
 from transport._runtime.shared import InFlight, SharedRun, retrieve, wait_within
 from transport._runtime.sqlitestore import SqliteStore
-from transport._spi.codec import RequestCodec, decode, decode_request, encode, request_codec_for
+from transport._spi.codec import (
+    RequestCodec,
+    decode,
+    decode_request,
+    encode,
+    encode_dead_letter,
+    request_codec_for,
+)
 from transport._spi.config import options_error, redact_url
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._spi.events import (
@@ -118,6 +125,7 @@ __all__ = [
     "derived_request_id",
     "encode",
     "encode_checkpoint",
+    "encode_dead_letter",
     "error_header",
     "hand_to_waiter",
     "internal_name",

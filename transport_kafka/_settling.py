@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, Literal
 from transport import (
     DeadLetter,
     WorkRequest,
-    encode,
 )
 from transport.errors import TransientTransportError
-from transport.kit import error_header, replace_fields, wait_within
+from transport.kit import encode_dead_letter, error_header, replace_fields, wait_within
 from transport_kafka._assignment import _Assignment
 from transport_kafka._queue import KafkaDelivery
 from transport_kafka._records import (
@@ -362,7 +361,8 @@ class _Settling(_Assignment):
             attempts=attempts if attempts is not None else rec.attempts,
         )
         key = f"{request.request_id if request else 'raw'}.{rec.partition}.{rec.offset}".encode()
-        await self.clients.produce(self.topics.dlq, key, encode(dead), what="dead-lettering")
+        body = encode_dead_letter(dead, self.ctx.max_payload_bytes)
+        await self.clients.produce(self.topics.dlq, key, body, what="dead-lettering")
         return await self.settle_record(rec)
 
     async def republish(self, rec: _Record, delay: float | None, error: str | None) -> None:

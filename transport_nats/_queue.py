@@ -76,6 +76,7 @@ from transport.errors import (
 )
 from transport.kit import (
     decode_request,
+    encode_dead_letter,
     error_header,
     hand_to_waiter,
     internal_name,
@@ -801,7 +802,10 @@ class NatsRequestQueue(RequestQueue):
         )
         # Message id from the source sequence: retrying the copy stores it once.
         await self._publish(
-            self.dlq_subject, self.dlq_stream, encode(record), f"dlq-{self.stream}-{seq}"
+            self.dlq_subject,
+            self.dlq_stream,
+            encode_dead_letter(record, self.max_payload_bytes),
+            f"dlq-{self.stream}-{seq}",
         )
         await self._reply(msg, b"+ACK")
         self._ctx.last_errors.pop((self.stream, seq), None)

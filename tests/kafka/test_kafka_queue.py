@@ -523,3 +523,26 @@ async def test_the_body_limit_is_the_producers_and_a_request_at_it_can_be_dead_l
         assert dead.request_id == edge.request_id and len(dead.error.encode()) <= 4096
     finally:
         await transport.aclose()
+
+
+async def test_a_body_too_large_for_its_dead_letter_does_not_block_the_queue(
+    kafka_config_factory: Any,
+) -> None:
+    """Another program's undecodable body near the producer's limit: its
+    dead letter (the body as base64, a third larger) was refused
+    (MSG_SIZE_TOO_LARGE) at every poll, so no request of the queue was
+    delivered any more. It is dead-lettered without the body."""
+    transport = await connect(kafka_config_factory())
+    try:
+        assert isinstance(transport, KafkaTransport)
+        name = _name()
+        queue = transport.request_queue(name)
+        await transport.inject_raw(name, b"\x80" * 900_000)
+        valid = await queue.enqueue(WorkRequest(task="t", payload=1))
+        delivery = await queue.poll(30)
+        assert delivery is not None and delivery.request.request_id == valid.request_id
+        assert await delivery.ack()
+        [dead] = await queue.dead_letters()
+        assert dead.raw is None and "900,000 bytes, was too large to keep" in dead.error
+    finally:
+        await transport.aclose()

@@ -260,3 +260,22 @@ async def test_a_request_within_the_limit_but_over_the_servers_with_headers_is_r
     assert (await transport.health()).ok
     got = [await queue.poll(5) for _ in range(2)]
     assert [d.request.payload for d in got if d is not None] == ["small", "still fine"]
+
+
+async def test_a_body_too_large_for_its_dead_letter_is_dead_lettered_without_it(
+    transport: Transport, queue_name: str, transport_harness: Any
+) -> None:
+    """Another program's undecodable body near the server's limit: its dead
+    letter (the body as base64, a third larger) exceeded the limit, so the
+    message came back every lease period, never dead-lettered. It is
+    dead-lettered without the body, the error says so, and the request
+    behind it is delivered."""
+    queue = transport.request_queue(queue_name, max_attempts=3)
+    await transport_harness.inject_raw(transport, queue_name, b"\x80" * 900_000)
+    valid = await queue.enqueue(WorkRequest(task="t", payload=1))
+    delivery = await queue.poll(10)
+    assert delivery is not None and delivery.request.request_id == valid.request_id
+    assert await delivery.ack()
+    [dead] = await queue.dead_letters()
+    assert dead.raw is None and dead.request is None
+    assert "900,000 bytes, was too large to keep" in dead.error, dead.error

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from transport._spi.models import (
+    DeadLetter,
     WorkRequest,
     derived_request_id,
     fast_work_request,
@@ -42,6 +43,25 @@ def encode(model: BaseModel, limit: int | None = None) -> bytes:
     if limit is not None and len(data) > limit:
         raise PayloadTooLargeError(len(data), limit)
     return data
+
+
+def encode_dead_letter(record: DeadLetter, limit: int | None) -> bytes:
+    """A dead letter as stored: without the raw body of an undecodable
+    request if the record would exceed ``limit`` with it (another program's
+    body near the broker's limit grows by a third as base64); the error then
+    says so. A poison message whose dead letter cannot be written would
+    otherwise stay at the head of the queue for good."""
+    body = encode(record)
+    if limit is None or len(body) <= limit or record.raw is None:
+        return body
+    size = len(record.raw_bytes() or b"")
+    kept = replace_fields(
+        record,
+        raw=None,
+        raw_encoding="utf-8",
+        error=f"{record.error} (its body, {size:,} bytes, was too large to keep here)",
+    )
+    return encode(kept)
 
 
 class RequestCodec(Protocol):
