@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import logging
 import signal
 import time
@@ -288,6 +289,13 @@ class Ensemble:
         Raises (when the decorator is applied): InvalidNameError; ValueError
         if the task is already registered.
         """
+
+        if callable(name):
+            # ``@ensemble.task`` without parentheses: the function arrived as
+            # the name and nothing would be registered under its name.
+            raise TypeError(
+                "Ensemble.task is used with parentheses: @ensemble.task() or @ensemble.task('name')"
+            )
 
         def register(handler: Handler) -> Handler:
             # Only None falls back to the function's name: an empty name is
@@ -1137,7 +1145,14 @@ class Ensemble:
         token = set_current(request.headers.get(TRACEPARENT))
         started = time.perf_counter()
         try:
-            result = await spec.handler(TaskContext(request, delivery, self))
+            outcome = spec.handler(TaskContext(request, delivery, self))
+            if not inspect.isawaitable(outcome):
+                # A plain ``def`` handler: retrying cannot help.
+                raise PermanentTaskError(
+                    f"the handler of task {spec.name!r} returned a {type(outcome).__name__},"
+                    " not an awaitable: define it with 'async def'"
+                )
+            result = await outcome
         except (PermanentTaskError, PermanentTransportError) as exc:
             await self._fail(delivery, f"{type(exc).__name__}: {exc}", started)
             return
