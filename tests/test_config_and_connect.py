@@ -267,6 +267,13 @@ async def test_sqlite_url_conventions(tmp_path: Path, monkeypatch: pytest.Monkey
         await connect(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
     with pytest.raises(ConfigurationError):
         await connect(f"sqlite:///{tmp_path / 'x.db'}", options={"no_such_option": 1})
+    # "~" is the home directory (it was checked expanded, then opened as
+    # written: "unable to open database file", a transient error).
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    home = await connect("sqlite:///~/in-home.db")
+    await home.aclose()
+    assert (tmp_path / "home" / "in-home.db").exists()
 
 
 async def test_missing_capabilities_are_refused_clearly(tmp_path: Path) -> None:

@@ -125,3 +125,15 @@ def test_a_dead_letter_too_large_keeps_everything_but_the_raw_body() -> None:
     assert decode(DeadLetter, encode_dead_letter(big, 10_000)).raw_bytes() == b"\x80" * 3000
     kept = decode(DeadLetter, encode_dead_letter(big, 1_000))
     assert kept.raw is None and kept.error.startswith("bad (its body, 3,000 bytes")
+
+
+def test_a_missing_field_is_named_without_echoing_the_arguments() -> None:
+    from transport import WorkResponse
+    from transport.errors import InvalidMessageError
+
+    with pytest.raises(InvalidMessageError) as missing:
+        WorkResponse(result={"api_key": "sk-live-123"})  # type: ignore[call-arg]
+    assert str(missing.value) == "invalid WorkResponse: field request_id is required"
+    with pytest.raises(InvalidMessageError, match="field task is required") as no_task:
+        WorkRequest(payload={"dish": "soup"})  # type: ignore[call-arg]
+    assert "soup" not in str(no_task.value)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -488,7 +490,8 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0].replace("``", ""),
         epilog="Exit codes: 0 success, 1 failure (unhealthy or unreachable backend, an "
         "object that does not exist, an --id that matches no dead letter; requeueing all "
-        'with none to requeue is a success: "requeued 0 of 0"), 2 invalid input.',
+        'with none to requeue is a success: "requeued 0 of 0"), 2 invalid input, '
+        "141 the output's reader went away (a pipe into head).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _global_options(parser, suppress=False)
@@ -805,11 +808,25 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader of the output went away (``| head``): stop quietly, as
+        # other command-line tools do, with the shell's code for SIGPIPE.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     out = _Output(args.json)
     if args.command == "schema":
         try:
             return _schema(args)
+        except BrokenPipeError:
+            raise
         except OSError as exc:
             print(f"transport: error: {exc}", file=sys.stderr)
             return 1

@@ -400,3 +400,34 @@ def test_top_into_a_pipe_shows_whole_queue_names(
     out = capsys.readouterr().out
     (row,) = [line for line in out.splitlines() if name in line]
     assert row.split("│")[3].strip() == "1", row  # its depth, in the same line
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """``transport ... | head -1``: the reader goes away while the command
+    writes. It printed a traceback (BrokenPipeError) and exited 1; it stops
+    quietly with the shell's code for SIGPIPE."""
+    url = f"sqlite:///{tmp_path / 'pipe.db'}"
+
+    async def fill() -> None:
+        transport = await connect(url)
+        try:
+            queue = transport.request_queue("big")
+            await queue.enqueue_many([WorkRequest(task="t", payload=i) for i in range(300)])
+            for delivery in await queue.poll_many(300, 5):
+                await delivery.dead_letter("x" * 100)
+        finally:
+            await transport.aclose()
+
+    asyncio.run(fill())
+    code = (
+        "import sys; from transport.cli import main; "
+        f"sys.exit(main(['--url', {url!r}, 'dead-letters', 'list', 'big', '--limit', '1000']))"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # the reader is gone before the output comes
+        stderr = process.stderr.read().decode()
+        assert process.wait(60) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -181,8 +181,9 @@ class SqliteStore:
                 raise self._startup_error
 
     def _connect(self) -> sqlite3.Connection:
+        path = self.path if self.path == ":memory:" else str(Path(self.path).expanduser())
         conn = sqlite3.connect(
-            self.path,
+            path,  # "~" expanded, as the directory check at open() does
             isolation_level=None,
             check_same_thread=False,
             timeout=self._busy_timeout_ms / 1000,

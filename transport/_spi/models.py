@@ -124,10 +124,13 @@ def library_error(exc: ValidationError, what: str) -> TransportError:
     if first is None:
         return InvalidMessageError(f"invalid {what}: {exc}")
     field = ".".join(str(part) for part in first["loc"]) or what
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first.get("type") == "missing":
+        # Its "input" is the whole set of arguments, payload included.
+        return InvalidMessageError(f"invalid {what}: field {field} is required{more}")
     shown = repr(first.get("input"))
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return InvalidMessageError(f"invalid {what} field {field}={shown}: {first['msg']}{more}")
 
 
