@@ -137,3 +137,16 @@ def test_a_missing_field_is_named_without_echoing_the_arguments() -> None:
     with pytest.raises(InvalidMessageError, match="field task is required") as no_task:
         WorkRequest(payload={"dish": "soup"})  # type: ignore[call-arg]
     assert "soup" not in str(no_task.value)
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_tokens_are_undecodable(token: str) -> None:
+    """docs/wire.md: NaN/Infinity tokens make a record undecodable (they were
+    read as floats and handed to handlers); inside a string they are text."""
+    from transport.errors import UndecodableMessageError
+    from transport.kit import decode_request
+
+    with pytest.raises(UndecodableMessageError, match="NaN/Infinity"):
+        decode_request(f'{{"request_id":"a1","task":"t","payload":{{"v":{token}}}}}'.encode())
+    text = decode_request(f'{{"request_id":"a1","task":"t","payload":"{token}"}}'.encode())
+    assert text.payload == token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -137,6 +138,11 @@ def decode(model: type[M], data: bytes | str) -> M:
     Raises:
         UndecodableMessageError: not JSON, or not a valid ``model``.
     """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if (b"NaN" in raw or b"Infinity" in raw) and _non_finite(raw):
+        # pydantic's JSON parser takes these tokens as floats; JSON has
+        # no such numbers (and the library never writes them).
+        raise UndecodableMessageError(f"not a valid {model.__name__}: NaN/Infinity is not JSON")
     if model is WorkRequest:
         fast = fast_work_request(data)
         if fast is not None:
@@ -150,3 +156,17 @@ def decode(model: type[M], data: bytes | str) -> M:
         ) from exc
     except (ValueError, TypeError) as exc:
         raise UndecodableMessageError(f"not a valid {model.__name__}: {exc}") from exc
+
+
+def _refuse_constant(token: str) -> None:
+    raise ValueError(token)
+
+
+def _non_finite(raw: bytes) -> bool:
+    """Whether ``raw`` holds a NaN/Infinity token outside strings (only
+    asked when the bytes occur at all)."""
+    try:
+        json.loads(raw, parse_constant=_refuse_constant)
+    except ValueError as exc:
+        return str(exc) in ("NaN", "Infinity", "-Infinity")
+    return False
