@@ -265,6 +265,8 @@ async def test_sqlite_url_conventions(tmp_path: Path, monkeypatch: pytest.Monkey
         await connect("sqlite://host/file.db")
     with pytest.raises(ConfigurationError):
         await connect(f"sqlite:///{tmp_path / 'missing-dir' / 'x.db'}")
+    with pytest.raises(ConfigurationError, match="is a directory"):
+        await connect(f"sqlite:///{tmp_path}")  # was "unable to open", transient
     with pytest.raises(ConfigurationError):
         await connect(f"sqlite:///{tmp_path / 'x.db'}", options={"no_such_option": 1})
     # "~" is the home directory (it was checked expanded, then opened as
@@ -290,6 +292,11 @@ async def test_missing_capabilities_are_refused_clearly(tmp_path: Path) -> None:
         await transport.aclose()
     with pytest.raises(ValueError, match="unknown capability"):
         await connect(url, require=["teleportation"])
+    # One name as a string is that name (its letters were taken as names).
+    with pytest.raises(UnsupportedFeatureError, match="event_bus"):
+        await connect(url, require="event_bus")
+    with pytest.raises(ValueError, match=r"unknown capability name\(s\): teleportation$"):
+        await connect(url, require="teleportation")
 
 
 def test_precedence_is_argument_then_environment_then_file_then_default(

@@ -173,6 +173,11 @@ class SqliteStore:
                         f"path takes four slashes: sqlite:////{self.path})"
                     )
                 raise ConfigurationError(f"sqlite: directory {parent} does not exist{hint}")
+            if Path(self.path).expanduser().is_dir():  # noqa: ASYNC240 - once, at open
+                raise ConfigurationError(
+                    f"sqlite: {self.path} is a directory; the URL names the database file"
+                    " (sqlite:////path/to/file.db)"
+                )
         self._thread = threading.Thread(target=self._run, name=f"sqlite:{self.path}", daemon=True)
         self._thread.start()
         await asyncio.get_running_loop().run_in_executor(None, self._ready.wait)

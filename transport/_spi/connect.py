@@ -103,6 +103,8 @@ async def connect(
     config = load_config(url_or_config, **overrides)
     factory = _load(config.scheme)
     config.check_files()
+    if isinstance(require, str):  # a single name: its letters were taken as names
+        require = [require]
     wanted = frozenset(require)
     unknown = wanted - set(TransportCapabilities.model_fields)
     if unknown:

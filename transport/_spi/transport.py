@@ -234,6 +234,8 @@ class Transport(ABC):
         if features is None:
             flags = self.capabilities.model_dump()
             return frozenset(name for name, offered in flags.items() if offered)
+        if isinstance(features, str):  # a single name, not its letters
+            features = [features]
         wanted = frozenset(features)
         unknown = wanted - set(TransportCapabilities.model_fields)
         if unknown:
