@@ -364,8 +364,7 @@ class _NatsReader(EventReader):
             await self.commit()
         finally:
             self._closed = True
-            with contextlib.suppress(ValueError):
-                self._log._readers.remove(self)
+            self._log._readers.discard(self)
             self._wake.set()
             if self._sub is not None:
                 with contextlib.suppress(Exception):
@@ -379,7 +378,7 @@ class NatsEventLog(EventLog):
         self._ctx = ctx
         self._ns = ctx.config.namespace
         self._limit = ctx.body_limit
-        self._readers: list[_NatsReader] = []
+        self._readers: set[_NatsReader] = set()
         self._cursors: KeyValue | None = None
         self._closed = False
 
@@ -532,14 +531,14 @@ class NatsEventLog(EventLog):
         if stored is not None:
             reader._committed = stored
         await reader._start()
-        self._readers.append(reader)
+        self._readers.add(reader)
         return reader
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        readers, self._readers = self._readers, []
+        readers, self._readers = self._readers, set()
         for reader in readers:
             with contextlib.suppress(Exception):
                 await reader.aclose()

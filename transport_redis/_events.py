@@ -520,8 +520,7 @@ class _RedisReader(EventReader):
             await self.commit()
         finally:
             self._closed = True
-            with contextlib.suppress(ValueError):
-                self._log._readers.remove(self)
+            self._log._readers.discard(self)
             reading = self._reading
             if reading is not None and not reading.done():
                 reading.cancel()
@@ -537,7 +536,7 @@ class RedisEventLog(EventLog):
         self._ns = ctx.config.namespace
         self._limit = ctx.config.max_payload_bytes
         self._max_len = ctx.options.event_max_len
-        self._readers: list[_RedisReader] = []
+        self._readers: set[_RedisReader] = set()
         self._closed = False
 
     def _check(self) -> None:
@@ -642,13 +641,13 @@ class RedisEventLog(EventLog):
         reader = _RedisReader(self, stream, after, cursor)
         if stored is not None:
             reader._committed = stored
-        self._readers.append(reader)
+        self._readers.add(reader)
         return reader
 
     async def aclose(self) -> None:
         if self._closed:
             return
-        readers, self._readers = self._readers, []
+        readers, self._readers = self._readers, set()
         for reader in readers:
             with contextlib.suppress(Exception):
                 await reader.aclose()

@@ -143,6 +143,8 @@ class SqliteStore:
         if synchronous not in _SYNCHRONOUS:
             raise ConfigurationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}")
         self.path = path
+        # The file opened: "~" expanded (the path as given stays for messages).
+        self._file = path if path == ":memory:" else str(Path(path).expanduser())
         self.synchronous = synchronous
         # A transaction of writes that all passed sync=False commits at this
         # level: without an fsync of its own under FULL/EXTRA (durable with
@@ -164,16 +166,17 @@ class SqliteStore:
     async def open(self) -> None:
         """Open the file (creating it and its schema) on the store thread."""
         if self.path != ":memory:":
-            parent = Path(self.path).expanduser().resolve().parent  # noqa: ASYNC240 - once, at open
+            file = Path(self._file)
+            parent = file.resolve().parent  # noqa: ASYNC240 - once, at open
             if not parent.is_dir():
                 hint = ""
-                if not Path(self.path).expanduser().is_absolute():  # noqa: ASYNC240
+                if not file.is_absolute():
                     hint = (
                         f" ({self.path!r} is relative to the working directory; an absolute "
                         f"path takes four slashes: sqlite:////{self.path})"
                     )
                 raise ConfigurationError(f"sqlite: directory {parent} does not exist{hint}")
-            if Path(self.path).expanduser().is_dir():  # noqa: ASYNC240 - once, at open
+            if file.is_dir():  # noqa: ASYNC240 - once, at open
                 raise ConfigurationError(
                     f"sqlite: {self.path} is a directory; the URL names the database file"
                     " (sqlite:////path/to/file.db)"
@@ -186,9 +189,8 @@ class SqliteStore:
                 raise self._startup_error
 
     def _connect(self) -> sqlite3.Connection:
-        path = self.path if self.path == ":memory:" else str(Path(self.path).expanduser())
         conn = sqlite3.connect(
-            path,  # "~" expanded, as the directory check at open() does
+            self._file,
             isolation_level=None,
             check_same_thread=False,
             timeout=self._busy_timeout_ms / 1000,

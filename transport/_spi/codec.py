@@ -138,8 +138,11 @@ def decode(model: type[M], data: bytes | str) -> M:
     Raises:
         UndecodableMessageError: not JSON, or not a valid ``model``.
     """
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if (b"NaN" in raw or b"Infinity" in raw) and _non_finite(raw):
+    if isinstance(data, str):
+        suspect = "NaN" in data or "Infinity" in data
+    else:
+        suspect = b"NaN" in data or b"Infinity" in data
+    if suspect and _non_finite(data):
         # pydantic's JSON parser takes these tokens as floats; JSON has
         # no such numbers (and the library never writes them).
         raise UndecodableMessageError(f"not a valid {model.__name__}: NaN/Infinity is not JSON")
@@ -162,11 +165,11 @@ def _refuse_constant(token: str) -> None:
     raise ValueError(token)
 
 
-def _non_finite(raw: bytes) -> bool:
-    """Whether ``raw`` holds a NaN/Infinity token outside strings (only
-    asked when the bytes occur at all)."""
+def _non_finite(data: bytes | str) -> bool:
+    """Whether ``data`` holds a NaN/Infinity token outside strings (only
+    asked when the letters occur at all)."""
     try:
-        json.loads(raw, parse_constant=_refuse_constant)
+        json.loads(data, parse_constant=_refuse_constant)
     except ValueError as exc:
         return str(exc) in ("NaN", "Infinity", "-Infinity")
     return False
