@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from transport import (
+    DeadLetter,
     InvalidMessageError,
     InvalidNameError,
     PayloadTooLargeError,
@@ -226,10 +227,12 @@ def test_an_out_of_range_field_raises_one_readable_line() -> None:
 
 
 def _nested(levels: int) -> dict[str, object]:
-    top: dict[str, object] = {}
+    # The innermost level is not empty: the decoder does not count an
+    # empty container as a level.
+    top: dict[str, object] = {"leaf": 1}
     inner = top
     for _ in range(levels - 1):
-        inner["a"] = {}
+        inner["a"] = {"leaf": 1}
         inner = inner["a"]  # type: ignore[assignment]
     return top
 
@@ -240,8 +243,26 @@ def test_a_payload_nested_to_the_limit_is_sent_as_it_is() -> None:
     deep = _nested(MAX_NESTING)
     request = WorkRequest(task="t", payload=deep)
     assert decode(WorkRequest, encode(request)).payload == deep
+    # The deepest record holding a payload: a dead letter of the request.
+    letter = DeadLetter(
+        queue="q", request_id=request.request_id, request=request, error="e", attempts=1
+    )
+    assert decode(DeadLetter, encode(letter)).request == request
     with pytest.raises(InvalidMessageError, match=f"nested more than {MAX_NESTING} levels"):
         WorkRequest(task="t", payload=_nested(MAX_NESTING + 1))
+
+
+def test_an_int_longer_than_the_decoder_takes_is_refused_when_built() -> None:
+    from transport._spi.jsonvalue import MAX_INT_DIGITS
+
+    longest = -(10**MAX_INT_DIGITS - 1)
+    request = WorkRequest(task="t", payload={"n": [longest]})
+    assert decode(WorkRequest, encode(request)).payload == {"n": [longest]}
+    for too_long in (10**MAX_INT_DIGITS, -(10**MAX_INT_DIGITS)):
+        with pytest.raises(InvalidMessageError, match=r"payload\['n'\]\[0\] is an int of more"):
+            WorkRequest(task="t", payload={"n": [too_long]})
+        with pytest.raises(InvalidMessageError, match="result is an int of more"):
+            WorkResponse(request_id="r", result=too_long)
 
 
 @pytest.mark.parametrize(

@@ -9,22 +9,26 @@ from typing import Any
 __all__ = ["json_value_problem"]
 
 
-_SCALARS = (str, int, type(None))  # bool is an int
-#: Lists and dicts nested deeper than this are refused: the encoder gives up
-#: at 255 levels of the whole record (the payload sits a few levels down).
-MAX_NESTING = 200
+#: Lists and dicts nested deeper than this are refused. The decoder gives up
+#: past 200 levels of the whole record, and a payload sits two levels down
+#: in the deepest record that carries it (a dead letter holding the request).
+MAX_NESTING = 198
+#: Ints of more digits are refused: the decoder (like Python's own
+#: ``int(str)``) refuses numbers longer than 4,300 digits.
+MAX_INT_DIGITS = 4300
+_INT_BOUND: int = 10**MAX_INT_DIGITS
 
 
 def json_value_problem(value: Any, where: str = "payload") -> str | None:
     """Why ``value`` would not arrive as sent through JSON, or ``None`` if it would.
 
     The rule is strict, the same on every backend: ``None``, ``bool``,
-    ``int``, finite ``float``, ``str`` (encodable as UTF-8: no lone
-    surrogate), ``list`` and ``dict`` with ``str`` keys, nested up to
-    :data:`MAX_NESTING` levels. Everything else would come back as something
-    else (a tuple as a list, a set as a list, a datetime as a string, the
-    int key ``1`` as ``"1"``, NaN as ``null``) or not be sent at all, so it
-    is refused instead of converted.
+    ``int`` (up to :data:`MAX_INT_DIGITS` digits), finite ``float``, ``str``
+    (encodable as UTF-8: no lone surrogate), ``list`` and ``dict`` with
+    ``str`` keys, nested up to :data:`MAX_NESTING` levels. Everything else
+    would come back as something else (a tuple as a list, a set as a list, a
+    datetime as a string, the int key ``1`` as ``"1"``, NaN as ``null``), or
+    not be sent or decoded at all, so it is refused instead of converted.
     """
     try:
         if _is_json(value, 0):  # the common case, without building paths
@@ -51,13 +55,15 @@ def _too_deep(where: str) -> str:
 _isfinite = math.isfinite
 
 
-_EXACT_OTHER_SCALARS = frozenset({int, bool, type(None)})
+_EXACT_OTHER_SCALARS = frozenset({bool, type(None)})
 
 
 def _is_json_item(item: Any, depth: int) -> bool:
     kind = type(item)
     if kind is str:
         return item.isascii() or _text_problem(item, "") is None
+    if kind is int:
+        return -_INT_BOUND < item < _INT_BOUND  # type: ignore[no-any-return]
     return kind in _EXACT_OTHER_SCALARS or _is_json(item, depth)
 
 
@@ -65,6 +71,8 @@ def _is_json(value: Any, depth: int) -> bool:
     kind = type(value)
     if kind is str:
         return value.isascii() or _text_problem(value, "") is None
+    if kind is int:
+        return -_INT_BOUND < value < _INT_BOUND  # type: ignore[no-any-return]
     if kind in _EXACT_OTHER_SCALARS:
         return True
     if kind is float:
@@ -114,8 +122,15 @@ def _problem(value: Any, where: str, depth: int) -> str | None:
         return subclass
     if isinstance(value, str):
         return _text_problem(value, where)
-    if isinstance(value, _SCALARS):
+    if isinstance(value, bool) or value is None:
         return None
+    if isinstance(value, int):
+        if -_INT_BOUND < value < _INT_BOUND:
+            return None
+        return (
+            f"{where} is an int of more than {MAX_INT_DIGITS:,} digits: JSON decoders "
+            "(Python's own included) refuse it; send it as a string"
+        )
     if isinstance(value, float):
         if math.isfinite(value):
             return None

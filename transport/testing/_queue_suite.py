@@ -729,6 +729,29 @@ class RequestQueueConformance:
         assert type(got["int"]) is int and type(got["float"]) is float
         await delivery.ack()
 
+    async def test_the_deepest_and_longest_accepted_payload_arrives_and_dead_letters(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        # What building a request accepts must be decodable at delivery and
+        # in its dead letter (the deepest record holding it): a payload one
+        # level deeper, or one digit longer, was accepted here and then
+        # arrived as an undecodable message, or its dead letter was unlisted.
+        from transport._spi.jsonvalue import MAX_INT_DIGITS, MAX_NESTING
+
+        deep: Any = [-(10**MAX_INT_DIGITS - 1)]
+        for _ in range(MAX_NESTING - 1):
+            deep = [deep]
+        queue = self.open_queue(transport, queue_name)
+        sent = await queue.enqueue(WorkRequest(task="deep", payload=deep))
+        delivery = await poll_until(queue, sent.request_id, harness.scaled(10))
+        assert delivery is not None, "the request was not delivered"
+        assert delivery.request.payload == deep
+        assert await delivery.dead_letter("kept for inspection")
+        [dead] = await await_dead_letters(queue, 1, harness.scaled(10))
+        assert dead.request is not None and dead.request.payload == deep
+        with pytest.raises(InvalidMessageError, match="nested more than"):
+            WorkRequest(task="deep", payload=[deep])
+
     async def test_negative_poll_timeout_is_rejected(
         self, transport: Transport, queue_name: str
     ) -> None:
