@@ -269,6 +269,21 @@ async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> 
 _LEVEL_PROBE = 16
 
 
+async def _level_count(transport: Transport, name: str) -> int:
+    """How many priority levels of ``name`` exist (``<name>__p0`` … without
+    a gap, the first :data:`_LEVEL_PROBE`); 0 if none, or if the backend
+    cannot tell without creating them."""
+    try:
+        absent = await transport.missing(ProvisionPlan(queues={name: _LEVEL_PROBE}))
+    except UnsupportedFeatureError:
+        return 0
+    missing = {step.name for step in absent}
+    count = 0
+    while count < _LEVEL_PROBE and f"{name}__p{count}" not in missing:
+        count += 1
+    return count
+
+
 async def _has_levels(transport: Transport, name: str) -> bool:
     """Whether ``name`` looks like a priority queue: level queues of it
     (``<name>__p0`` …, the first :data:`_LEVEL_PROBE`) exist and hold
@@ -332,7 +347,24 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
             ]
             if notes:
                 args.note = "\n".join(notes)
-        if (absent := await _absent(transport, args)) is not None:
+        absent = await _absent(transport, args)
+        if absent is not None and guessed:
+            # A plain queue that does not exist, whose level queues do (as
+            # `provision --queue name:N` leaves it): read as those levels.
+            found = {n: await _level_count(transport, n) for n in sorted(guessed)}
+            found = {n: k for n, k in found.items() if k}
+            if found:
+                args.queue_levels.update(found)
+                guessed -= set(found)
+                note = "\n".join(
+                    f"transport: note: read {n!r} as a priority queue of {k} levels "
+                    "(its level queues exist, no plain queue does, and no live ensemble "
+                    "advertises how many; --levels N says)"
+                    for n, k in found.items()
+                )
+                args.note = f"{args.note}\n{note}" if getattr(args, "note", None) else note
+                absent = await _absent(transport, args)
+        if absent is not None:
             prioritised = [n for n in sorted(guessed) if await _has_levels(transport, n)]
             if prioritised:
                 absent += (
@@ -509,7 +541,7 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="priority levels of the queue (default: as its ensemble advertises them in"
             " the capability registry, where the backend can look without creating anything;"
-            " else 1)",
+            " else as many as exist when no plain queue of that name does; else 1)",
         )
 
     health = command("health", "check that the configured backend is reachable")

@@ -124,19 +124,31 @@ async def test_read_only_commands_leave_an_empty_server_empty_and_provision_crea
     assert await _run(["--json", "provision", *_PLAN]) == 0
     assert {s["status"] for s in json.loads(capsys.readouterr().out)} == {"exists"}
 
-    # A priority queue holding work whose ensemble does not run (nothing
-    # advertises its levels): the plain queue of that name does not exist,
-    # and the error says to pass --levels rather than only to provision it.
+    # A priority queue whose ensemble does not run (nothing advertises its
+    # levels), just provisioned with `--queue orders:2`: no plain queue of
+    # that name exists, its levels do, so the read commands read those (they
+    # said it did not exist and that provisioning would create it).
+    for argv in (["stats", "orders"], ["dead-letters", "list", "orders"]):
+        assert await _run(["--json", *argv]) == 0, argv
+        out = capsys.readouterr()
+        shown = json.loads(out.out)
+        if argv[0] == "stats":
+            [stats] = shown
+            assert (stats["queue"], stats["depth"], stats["dead_lettered"]) == ("orders", 0, 0)
+        else:
+            assert shown == [], shown
+        assert "read 'orders' as a priority queue of 2 levels" in out.err, out.err
     async with await connect() as transport:
         orders = transport.priority_queue("orders", levels=2)
         await orders.enqueue(WorkRequest(task="t"), priority=1)
         await orders.aclose()
-    assert await _run(["stats", "orders"]) == 1
-    err = capsys.readouterr().err
-    assert "queue 'orders' does not exist" in err, err
-    assert "'orders' has priority levels" in err and "pass --levels N" in err, err
+    assert await _run(["--json", "stats", "orders"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["depth"] == 1
     assert await _run(["--json", "stats", "orders", "--levels", "2"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["depth"] == 1
+    # A name with neither: still reported as missing.
+    assert await _run(["stats", "orderz"]) == 1
+    assert "queue 'orderz' does not exist" in capsys.readouterr().err
 
     streams = await _streams(server.url)
     assert set(streams) == _WANTED

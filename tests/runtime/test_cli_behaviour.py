@@ -431,3 +431,21 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         stderr = process.stderr.read().decode()
         assert process.wait(60) == 141, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_python_dash_m_transport_runs_the_command(tmp_path: Path) -> None:
+    # Where the console script is not on PATH (a venv not activated).
+    url = f"sqlite:///{tmp_path}/x.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "transport", "--url", url, "--json", "health"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "usage: transport"
+        in subprocess.run(
+            [sys.executable, "-m", "transport", "stats"], capture_output=True, text=True, timeout=60
+        ).stderr
+    )
