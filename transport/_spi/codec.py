@@ -151,7 +151,9 @@ def decode(model: type[M], data: bytes | str) -> M:
         if fast is not None:
             return fast  # type: ignore[return-value]
     try:
-        return model.model_validate_json(data)
+        # The validator itself: the model's classmethod maps errors for its
+        # callers; here they are UndecodableMessageError.
+        return model.__pydantic_validator__.validate_json(data)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise UndecodableMessageError(
             f"not a valid {model.__name__}: {exc.error_count()} error(s); first: "

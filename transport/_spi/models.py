@@ -131,6 +131,8 @@ def library_error(exc: ValidationError, what: str) -> TransportError:
     shown = repr(first.get("input"))
     if len(shown) > 60:
         shown = shown[:57] + "..."
+    if not first["loc"]:  # the whole input (not JSON, not an object)
+        return InvalidMessageError(f"invalid {what} {shown}: {first['msg']}{more}")
     return InvalidMessageError(f"invalid {what} field {field}={shown}: {first['msg']}{more}")
 
 
@@ -200,6 +202,32 @@ class _WireModel(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise library_error(exc, type(self).__name__) from exc
+
+    # pydantic's own parsing classmethods raise the library's errors too (the
+    # README: never pydantic's ValidationError): an InvalidMessageError, or
+    # the TransportError a validator raised. ``decode`` maps its own.
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise library_error(exc, cls.__name__) from exc
+
+    @classmethod
+    def model_validate_json(
+        cls, json_data: str | bytes | bytearray, *args: Any, **kwargs: Any
+    ) -> Self:
+        try:
+            return super().model_validate_json(json_data, *args, **kwargs)
+        except ValidationError as exc:
+            raise library_error(exc, cls.__name__) from exc
+
+    @classmethod
+    def model_validate_strings(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate_strings(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise library_error(exc, cls.__name__) from exc
 
     # Pydantic calls a model's own ``__init__`` from ``model_validate_json``
     # too, which would validate every decoded message twice (JSON, then the
