@@ -4,11 +4,12 @@ ignored so that older readers accept records from newer writers."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import difflib
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Self, TypeVar
 
@@ -111,6 +112,15 @@ def derived_request_id(*identity: object) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+@contextlib.contextmanager
+def _library_errors(what: str) -> Iterator[None]:
+    """pydantic's ValidationError as :func:`library_error` makes it."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise library_error(exc, what) from exc
+
+
 def library_error(exc: ValidationError, what: str) -> TransportError:
     """The library's own error for a failed validation of ``what``: the
     :class:`TransportError` a validator raised (``InvalidNameError`` …), else
@@ -208,26 +218,20 @@ class _WireModel(BaseModel):
     # the TransportError a validator raised. ``decode`` maps its own.
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
-        try:
+        with _library_errors(cls.__name__):
             return super().model_validate(obj, *args, **kwargs)
-        except ValidationError as exc:
-            raise library_error(exc, cls.__name__) from exc
 
     @classmethod
     def model_validate_json(
         cls, json_data: str | bytes | bytearray, *args: Any, **kwargs: Any
     ) -> Self:
-        try:
+        with _library_errors(cls.__name__):
             return super().model_validate_json(json_data, *args, **kwargs)
-        except ValidationError as exc:
-            raise library_error(exc, cls.__name__) from exc
 
     @classmethod
     def model_validate_strings(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
-        try:
+        with _library_errors(cls.__name__):
             return super().model_validate_strings(obj, *args, **kwargs)
-        except ValidationError as exc:
-            raise library_error(exc, cls.__name__) from exc
 
     # Pydantic calls a model's own ``__init__`` from ``model_validate_json``
     # too, which would validate every decoded message twice (JSON, then the
