@@ -17,7 +17,10 @@ effective level = level − ⌊waited / aging_interval⌋ (never below 0), ties 
 oldest ``enqueued_at``. Because a level is FIFO, its head is also its most-aged
 request, so comparing heads is exact on ordered backends. Heads that lose the
 comparison stay leased by this queue (their leases are kept alive) and compete
-again on the next poll: at most one held request per level. Closing gives
+again on the next poll: at most one held request per level. A head a level
+poll leases after the poll that started it returned is held the same way.
+Heads held while nobody polls this queue (every handler busy) are given back
+uncounted after a third of the lease, so other workers can take them. Closing gives
 them back without counting an attempt (``Delivery._release_uncounted``): an
 attempt is a hand-out to a handler.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -116,9 +120,12 @@ class PriorityRequestQueue(RequestQueue):
         self._slots: list[Delivery | None] = [None] * policy.levels
         self._held_since: list[float] = [0.0] * policy.levels
         self._tasks: list[asyncio.Task[Delivery | None] | None] = [None] * policy.levels
+        self._error: BaseException | None = None  # of a level poll that ended between polls
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._polls = 0  # polls in progress
+        self._last_poll = 0.0  # loop time the last poll ended
 
     def set_exhausted_hook(self, hook: ExhaustedHook | None) -> None:
         """As :meth:`RequestQueue.set_exhausted_hook`, for every level."""
@@ -206,6 +213,16 @@ class PriorityRequestQueue(RequestQueue):
         timeout = seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        self._polls += 1
+        try:
+            return await self._poll(loop, deadline)
+        finally:
+            self._polls -= 1
+            self._last_poll = loop.time()
+
+    async def _poll(
+        self, loop: asyncio.AbstractEventLoop, deadline: float | None
+    ) -> Delivery | None:
         try:
             async with asyncio.timeout_at(deadline):
                 await self._lock.acquire()
@@ -228,7 +245,12 @@ class PriorityRequestQueue(RequestQueue):
                 slice_ = _POLL_SLICE if remaining is None else min(remaining, _POLL_SLICE)
                 for level in range(self.levels):
                     if self._slots[level] is None and self._tasks[level] is None:
-                        self._tasks[level] = asyncio.create_task(self._queues[level].poll(slice_))
+                        task = asyncio.create_task(self._queues[level].poll(slice_))
+                        # A level poll may lease its head after this poll
+                        # returned: it is held (its lease kept alive) at once,
+                        # not left to run out in a finished task.
+                        task.add_done_callback(functools.partial(self._landed, level))
+                        self._tasks[level] = task
                 pending = {t for t in self._tasks if t is not None}
                 done, _ = await asyncio.wait(
                     pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
@@ -281,20 +303,26 @@ class PriorityRequestQueue(RequestQueue):
             self._keeper = asyncio.create_task(self._keep_leases())
 
     def _harvest(self) -> None:
-        error: BaseException | None = None
         for level, task in enumerate(self._tasks):
-            if task is None or not task.done():
-                continue
-            self._tasks[level] = None
-            if task.cancelled():
-                continue
-            exc = task.exception()
-            if exc is not None:
-                error = exc
-                continue
-            self._fill(level, task.result())
+            if task is not None and task.done():
+                self._landed(level, task)
+        error, self._error = self._error, None
         if error is not None:
             raise error
+
+    def _landed(self, level: int, task: asyncio.Task[Delivery | None]) -> None:
+        """A level poll ended: its head is held (or its error kept for the
+        next poll). Once per task, whichever sees it first."""
+        if self._tasks[level] is not task:
+            return  # taken already (or by aclose)
+        self._tasks[level] = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._error = exc
+            return
+        self._fill(level, task.result())
 
     def _choose(self) -> Delivery | None:
         now = self.policy.clock()
@@ -352,6 +380,19 @@ class PriorityRequestQueue(RequestQueue):
         loop = asyncio.get_running_loop()
         while not self._closed:
             await asyncio.sleep(period)
+            if (
+                not self._polls
+                and not self._lock.locked()
+                and loop.time() - self._last_poll >= period
+                and any(d is not None for d in self._slots)
+            ):
+                # Nobody polls here (every handler busy, for minutes or
+                # hours): give the heads back uncounted rather than keep them
+                # from other workers; the next poll leases them again.
+                held = [d for d in self._slots if d is not None]
+                self._slots = [None] * self.levels
+                await asyncio.gather(*(self._give_back(d) for d in held))
+                continue
             for level, delivery in enumerate(self._slots):
                 if delivery is None or loop.time() - self._held_since[level] < period:
                     continue
@@ -463,6 +504,7 @@ class PriorityRequestQueue(RequestQueue):
         for level, task in enumerate(self._tasks):
             if task is None:
                 continue
+            self._tasks[level] = None  # its done callback leaves it to this
             task.cancel()
             with contextlib.suppress(BaseException):
                 self._fill(level, await task)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from transport import AgingPolicy, RequestQueue, Transport, WorkRequest, utcnow
+from transport import AgingPolicy, Delivery, RequestQueue, Transport, WorkRequest, utcnow
 from transport.testing._queue_suite import RequestQueueConformance
 from transport.testing._util import drain
 from transport.testing.harness import BackendHarness
@@ -198,6 +199,63 @@ class PriorityQueueConformance:
         assert levels == [0] * 5 + [2] * 5, f"served out of priority order: {levels}"
         if worker_client.capabilities.ordered:  # of these options (Kafka: one partition)
             assert [rid for _, rid in got] == high + low
+
+    async def test_a_head_leased_after_its_poll_returned_is_not_handed_out_twice(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        # A poll of empty levels waits on one poll per level and returns when
+        # one answers; the others go on and may lease their level's head
+        # after it returned. That head was left in a finished task, its lease
+        # not kept alive: while its worker handled a request for longer than
+        # the lease, the head ran out, the other worker got it at attempt 2,
+        # and the busy worker's next poll handed out its stale copy too (one
+        # request handled twice at once). Two workers, both in the group
+        # before anything is sent (no rebalance while work is held).
+        lease = harness.lease_seconds
+        hour = timedelta(hours=1)
+        clients = [await make_transport(), await make_transport()]
+        workers = [
+            c.priority_queue(queue_name, levels=3, aging_interval=hour, lease_seconds=lease)
+            for c in clients
+        ]
+        for worker in workers:
+            assert await worker.caught_up(harness.scaled(20))
+        producer = clients[0].priority_queue(queue_name, levels=3, aging_interval=hour)
+        polls = {asyncio.create_task(w.poll(harness.scaled(3 * lease + 10))): w for w in workers}
+        deadline = time.monotonic() + harness.scaled(10)
+        while not all(any(t is not None and not t.done() for t in w._tasks) for w in workers):
+            assert time.monotonic() < deadline, "the workers' level polls did not start"
+            await asyncio.sleep(0.01)
+        first = await producer.enqueue(WorkRequest(task="t", payload="first"), priority=0)
+        done, _ = await asyncio.wait(polls, return_when=asyncio.FIRST_COMPLETED)
+        busy_poll = done.pop()
+        busy, got = polls.pop(busy_poll), busy_poll.result()
+        assert got is not None and got.request.request_id == first.request_id
+        late = await producer.enqueue(WorkRequest(task="t", payload="late"), priority=2)
+        [idle_poll] = polls
+
+        async def handled_at_once(poll: Awaitable[Delivery | None]) -> tuple[str, int] | None:
+            delivery = await poll
+            if delivery is None:
+                return None
+            await delivery.ack()
+            return delivery.request.request_id, delivery.attempt
+
+        by_idle = asyncio.create_task(handled_at_once(idle_poll))
+        for _ in range(6):  # the busy worker handles `first` for 3 leases
+            await asyncio.sleep(lease / 2)
+            assert await got.extend()
+        assert await got.ack()
+        handed = []
+        if (taken := await handled_at_once(busy.poll(0.5))) is not None:
+            handed.append(taken)
+        if (taken := await by_idle) is not None:
+            handed.append(taken)
+        assert handed == [(late.request_id, 1)], (
+            f"handed out (id, attempt): {handed}; the late head is {late.request_id}"
+        )
+        for client in clients:
+            await client.aclose()
 
     async def test_clean_sessions_count_no_attempt_for_held_heads(
         self, harness: BackendHarness, queue_name: str, make_transport: Any
