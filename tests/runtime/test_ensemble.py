@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import Counter
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -836,6 +837,39 @@ async def test_a_send_whose_enqueue_fails_leaves_no_registration(runtime_url: st
         assert await again.pending() == []
         kept = await network.send("kitchen", "cook", "small")  # a send that works stays
         assert [p.request_id for p in await network.pending()] == [kept.request_id]
+    finally:
+        await transport.aclose()
+
+
+async def test_a_send_cancelled_before_its_request_was_stored_leaves_no_registration(
+    tmp_path: Path,
+) -> None:
+    # A caller's timeout or a cancelled task is not a kill: cancelled between
+    # register and enqueue, the registration stayed pending for the
+    # registry's TTL (days), listed by pending() and never answered.
+    from transport import connect
+
+    transport = await connect(f"sqlite:///{tmp_path / 'cancel.db'}")
+    try:
+        network = Network(transport, caller="desk", default_levels=1)
+        cancelled = 0
+        for i in range(120):
+            try:
+                async with asyncio.timeout(0.0005 * (i % 8)):
+                    await network.send("kitchen", "cook", i)
+            except TimeoutError:
+                cancelled += 1
+        assert cancelled, "no send was cancelled: the scenario did not run"
+        registered = {p.request_id for p in await network.pending()}
+        queue = transport.request_queue("kitchen")
+        stored = set()
+        while (delivery := await queue.poll(0.2)) is not None:
+            stored.add(delivery.request.request_id)
+            await delivery.ack()
+        assert registered - stored == set(), (
+            f"{len(registered - stored)} registrations of requests never sent "
+            f"({cancelled} of 120 sends cancelled)"
+        )
     finally:
         await transport.aclose()
 

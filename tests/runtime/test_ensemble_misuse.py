@@ -3,9 +3,21 @@ says what to write instead."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
 import pytest
 
-from transport import Ensemble, Network, connect
+from transport import (
+    Ensemble,
+    InMemoryMetrics,
+    Network,
+    Transport,
+    WorkResponse,
+    connect,
+    set_metrics_sink,
+)
 
 
 async def test_task_without_parentheses_is_refused_at_once() -> None:
@@ -40,4 +52,107 @@ async def test_a_plain_def_handler_fails_the_request_at_once_saying_why() -> Non
         [dead] = await transport.request_queue("misuse").dead_letters()
         assert dead.attempts == 1  # not retried
     finally:
+        await transport.aclose()
+
+
+async def _serve_one_bad_then_one_good(
+    transport: Transport, ensemble: Ensemble, caller: Network
+) -> tuple[WorkResponse, WorkResponse]:
+    async with ensemble.serving():
+        bad = await caller.request("misuse", "bad", {}, timeout=20)
+        good = await caller.request("misuse", "good", {}, timeout=20)
+    return bad, good
+
+
+def _bad_and_good(ensemble: Ensemble, bad: Callable[[], Awaitable[object]]) -> None:
+    @ensemble.task("bad")
+    async def bad_task(ctx: object) -> object:
+        return await bad()
+
+    @ensemble.task("good")
+    async def good_task(ctx: object) -> dict[str, bool]:
+        return {"ok": True}
+
+
+async def test_a_handler_raising_cancelled_error_fails_its_request_and_the_workers_go_on() -> None:
+    # The handler awaits something cancelled elsewhere: CancelledError comes
+    # out of it although nobody cancelled the worker. It ended the worker
+    # silently, one per redelivery, until the ensemble served nothing.
+    transport = await connect("memory://misuse-cancel")
+    try:
+        ensemble = Ensemble(
+            "misuse", transport=transport, concurrency=2, max_attempts=2, lease_seconds=1
+        )
+
+        async def cancelled_elsewhere() -> object:
+            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            future.cancel()
+            return await future
+
+        _bad_and_good(ensemble, cancelled_elsewhere)
+        bad, good = await _serve_one_bad_then_one_good(
+            transport, ensemble, Network(transport, caller="misuse-caller")
+        )
+        assert bad.status == "failed" and "CancelledError" in (bad.error or ""), bad
+        assert good.status == "completed", good
+    finally:
+        await transport.aclose()
+
+
+async def test_an_exception_whose_message_raises_fails_its_request() -> None:
+    transport = await connect("memory://misuse-str")
+    try:
+        ensemble = Ensemble("misuse", transport=transport, max_attempts=1)
+
+        class Unprintable(Exception):
+            def __str__(self) -> str:
+                raise RuntimeError("no message")
+
+        async def raises() -> object:
+            raise Unprintable
+
+        _bad_and_good(ensemble, raises)
+        bad, good = await _serve_one_bad_then_one_good(
+            transport, ensemble, Network(transport, caller="misuse-caller")
+        )
+        assert bad.status == "failed" and "Unprintable" in (bad.error or ""), bad
+        assert good.status == "completed", good
+    finally:
+        await transport.aclose()
+
+
+async def test_a_metrics_sink_that_raises_does_not_stop_the_workers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # One exception from a sink (here at the first delivery) ended the worker
+    # and, through the shared fetch, every worker: nothing logged, nothing
+    # served, only a "backlog not moving" warning blaming the broker.
+    class RaisesOnce(InMemoryMetrics):
+        raised = 0
+
+        def increment(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
+            if name == "delivered" and not self.raised:
+                self.raised += 1
+                raise RuntimeError("sink down")
+            super().increment(name, labels, value)
+
+    sink = RaisesOnce()
+    set_metrics_sink(sink)
+    transport = await connect("memory://misuse-sink")
+    try:
+        ensemble = Ensemble("misuse", transport=transport, concurrency=4, lease_seconds=1)
+
+        @ensemble.task("good")
+        async def good_task(ctx: object) -> dict[str, bool]:
+            return {"ok": True}
+
+        caller = Network(transport, caller="misuse-caller")
+        with caplog.at_level(logging.ERROR, logger="transport"):
+            async with ensemble.serving():
+                answers = [await caller.request("misuse", "good", {}, timeout=20) for _ in range(3)]
+        assert sink.raised == 1
+        assert [a.status for a in answers] == ["completed"] * 3
+        assert any("sink down" in (r.exc_text or "") for r in caplog.records), caplog.text
+    finally:
+        set_metrics_sink(None)
         await transport.aclose()

@@ -66,6 +66,16 @@ log = logging.getLogger("transport.runtime")
 _CANCELLED_WITHDRAW_S = 1.0
 
 
+def _described(exc: BaseException) -> str:
+    """``Type: message`` of an exception, also when its ``__str__`` raises
+    (a handler's own exception class: the worker must go on)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(its message could not be read)"
+    return f"{type(exc).__name__}: {text}"
+
+
 class PermanentTaskError(Exception):
     """Raise from a handler to fail the request without retrying: it is
     dead-lettered and the caller gets a ``failed`` response at once."""
@@ -949,6 +959,13 @@ class Ensemble:
                 log.warning("ensemble %s: poll failed: %s", self.name, exc, extra=self._fields())
                 await asyncio.sleep(1.0)
                 continue
+            except Exception:
+                # Not the broker (a metrics sink or a queue wrapper that
+                # raised): the worker goes on. It used to end without a
+                # word, and the ensemble served nothing more.
+                log.exception("ensemble %s: poll failed", self.name, extra=self._fields())
+                await asyncio.sleep(1.0)
+                continue
             if delivery is None:
                 continue
             self._busy[current] = delivery
@@ -962,6 +979,14 @@ class Ensemble:
                     self.name,
                     delivery.request.request_id,
                     exc,
+                    extra=self._fields(delivery.request),
+                )
+            except Exception:
+                # As above; the lease runs out and the request comes back.
+                log.exception(
+                    "ensemble %s: handling %s failed",
+                    self.name,
+                    delivery.request.request_id,
                     extra=self._fields(delivery.request),
                 )
             finally:
@@ -1154,21 +1179,30 @@ class Ensemble:
                 )
             result = await outcome
         except (PermanentTaskError, PermanentTransportError) as exc:
-            await self._fail(delivery, f"{type(exc).__name__}: {exc}", started)
+            await self._fail(delivery, _described(exc), started)
             return
         except RetryTaskError as exc:
-            await self._retry(delivery, f"{type(exc).__name__}: {exc}", started, exc.delay)
+            await self._retry(delivery, _described(exc), started, exc.delay)
             return
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            current = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and (
+                current is None or current.cancelling()
+            ):
+                raise  # this worker is being stopped
+            # A CancelledError nobody asked this worker for (the handler
+            # awaited something cancelled elsewhere) fails the attempt as any
+            # other exception: it used to end the worker silently, one per
+            # redelivery, until the ensemble served nothing.
             log.warning(
-                "ensemble %s: %s failed on attempt %d: %r",
+                "ensemble %s: %s failed on attempt %d: %s",
                 self.name,
                 request.task,
                 request.attempt,
-                exc,
+                _described(exc),
                 extra=self._fields(request),
             )
-            await self._retry(delivery, f"{type(exc).__name__}: {exc}", started, None)
+            await self._retry(delivery, _described(exc), started, None)
             return
         finally:
             keeper.cancel()

@@ -23,6 +23,10 @@ __all__ = ["Network", "NoProviderError"]
 log = logging.getLogger("transport.network")
 
 
+#: How long withdrawing the registration of a request not sent may take.
+_WITHDRAW_S = 5.0
+
+
 class NoProviderError(TransportError, LookupError):
     """No live ensemble advertises the requested task."""
 
@@ -191,20 +195,21 @@ class Network:
             **fields,
         )
         if self.outbox is None:
-            pending = await self.inbox.register(request.request_id)
             queue = self._queue(queue_name, levels)
             try:
+                pending = await self.inbox.register(request.request_id)
                 if isinstance(queue, PriorityRequestQueue):
                     await queue.enqueue(request, priority=level)
                 else:
                     await queue.enqueue(request)
-            except Exception:
-                # Not sent: its registration would stay pending until the
-                # registry's TTL (days), listed by pending() after every
-                # restart and never answered. (If the broker stored it after
-                # all, the ensemble finds no registration and does not run it.)
-                with contextlib.suppress(TransportError):
-                    await self.inbox.discard(request.request_id)
+            except BaseException:
+                # Not sent, or the caller gave up (a timeout or a cancelled
+                # task is not a kill): its registration would stay pending
+                # until the registry's TTL (days), listed by pending() after
+                # every restart and never answered. (If the broker stored the
+                # request after all, the ensemble finds no registration and
+                # does not run it.)
+                await self._withdraw(request.request_id)
                 raise
             return pending
         deferred = False
@@ -222,8 +227,20 @@ class Network:
             )
             deferred = True
             pending = PendingDelivery(self.inbox, request.request_id, registration_deferred=True)
-        await self.outbox.enqueue(queue_name, request, levels=levels, register=deferred)
+        try:
+            await self.outbox.enqueue(queue_name, request, levels=levels, register=deferred)
+        except BaseException:
+            if not deferred:
+                await self._withdraw(request.request_id)
+            raise
         return pending
+
+    async def _withdraw(self, request_id: str) -> None:
+        """Discard the registration of a request that was not sent, within
+        :data:`_WITHDRAW_S` (best effort: a broker that is down keeps it)."""
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with asyncio.timeout(_WITHDRAW_S):
+                await self.inbox.discard(request_id)
 
     async def request(
         self,
