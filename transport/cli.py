@@ -136,7 +136,10 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
             chosen.append(matches[0])
     else:  # undecodable ones stay where they are (requeue_dead_letters skips them)
         chosen = [d for d in dead if d.request_id is not None and d.request is not None]
-    ids = [str(d.request_id) for d in chosen]
+    ids = list(dict.fromkeys(str(d.request_id) for d in chosen))
+    # Every decodable dead letter of those ids moves (a request enqueued twice
+    # and dead-lettered twice has two): all of them are what was asked for.
+    chosen = [d for d in dead if d.request is not None and d.request_id in set(ids)]
     moved = await queue.requeue_dead_letters(ids) if ids else 0
     rows = [
         {
@@ -148,12 +151,12 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
         for d in chosen
     ]
     if out.as_json:
-        out.emit({"queue": args.queue, "requeued": moved, "of": len(ids), "request_ids": ids})
+        out.emit({"queue": args.queue, "requeued": moved, "of": len(chosen), "request_ids": ids})
     else:
-        print(f"requeued {moved} of {len(ids)} dead letter(s) of {args.queue}")
+        print(f"requeued {moved} of {len(chosen)} dead letter(s) of {args.queue}")
         if rows:
             print(_table(rows, ["request_id", "task", "attempts", "error"]))
-    return 0 if moved == len(ids) else 1
+    return 0 if moved >= len(chosen) else 1
 
 
 def _not_an_outbox(path: Path) -> str | None:

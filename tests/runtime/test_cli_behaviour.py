@@ -119,6 +119,21 @@ def test_requeue_by_unique_id_prefix_prints_what_it_requeued(
     assert [d["request_id"] for d in json.loads(capsys.readouterr().out)] == ["5f1d0000"]
 
 
+def test_requeue_of_a_request_dead_lettered_twice_moves_both_and_succeeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One request enqueued twice (an at-least-once enqueue retried) and
+    # dead-lettered twice: both went back, and the command said "requeued 2
+    # of 1" and exited 1, so scripts retried a requeue that had worked.
+    url = _db(tmp_path)
+    asyncio.run(_seed(url, ["twice-1", "twice-1"]))
+    assert cli(["--url", url, "dead-letters", "requeue", "kitchen", "--id", "twice"]) == 0
+    assert capsys.readouterr().out.startswith("requeued 2 of 2 dead letter(s) of kitchen\n")
+    assert cli(["--url", url, "--json", "stats", "kitchen"]) == 0
+    [stats] = json.loads(capsys.readouterr().out)
+    assert (stats["depth"], stats["dead_lettered"]) == (3, 0)  # with "waiting-a"
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
