@@ -94,6 +94,40 @@ def test_secrets_in_backend_options_never_appear_in_reprs_or_logs(
     assert config.options["producer"]["sasl.password"] == CANARY  # the value itself is kept
 
 
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        (
+            {"pasword": CANARY},
+            "pasword: no such setting (its value is not shown); did you mean 'password'?",
+        ),
+        (
+            {"tls": {"key_pasword": CANARY}},
+            "tls.key_pasword: no such setting (its value is not "
+            "shown); did you mean 'tls.key_password'?",
+        ),
+    ],
+)
+def test_a_misspelt_setting_is_named_without_its_value(
+    settings: dict[str, object], error: str
+) -> None:
+    # The secret-name check cannot recognise a typo: the value of an unknown
+    # setting was echoed ("pasword='...': no such setting").
+    with pytest.raises(ConfigurationError) as info:
+        TransportConfig(url="memory://", **settings)  # type: ignore[arg-type]
+    assert CANARY not in str(info.value)
+    assert str(info.value) == f"invalid transport setting {error}"
+
+
+def test_a_password_in_the_url_query_is_redacted() -> None:
+    for url in (f"redis://u:{CANARY}@h/0?password={CANARY}&db=1", f"redis://h/0?password={CANARY}"):
+        config = TransportConfig(url=url)
+        for text in (repr(config), config.model_dump_json(), config.redacted_url()):
+            assert CANARY not in text, text
+        assert "password=***" in config.redacted_url()
+    assert TransportConfig(url="redis://h/0?db=1").redacted_url() == "redis://h/0?db=1"
+
+
 def test_token_as_url_user_part_is_redacted() -> None:
     config = TransportConfig(url=f"nats://{CANARY}@h1:4222,h2:4222")
     assert CANARY not in repr(config) and CANARY not in config.redacted_url()
@@ -109,7 +143,11 @@ def test_token_as_url_user_part_is_redacted() -> None:
         ({"consumer_group": "a b"}, InvalidNameError, "invalid consumer group 'a b'"),
         ({"max_attempts": 0}, ConfigurationError, "setting max_attempts=0: Input should be"),
         ({"lease_seconds": 0}, ConfigurationError, "setting lease_seconds=0: Input should be"),
-        ({"unknown": 1}, ConfigurationError, "setting unknown=1: no such setting"),
+        (
+            {"unknown": 1},
+            ConfigurationError,
+            r"setting unknown: no such setting \(its value is not",
+        ),
         ({"password": 5}, ConfigurationError, "setting password='\\*\\*\\*'"),
     ],
 )
@@ -403,6 +441,8 @@ def test_a_bad_tls_setting_is_one_configuration_error() -> None:
 
     with pytest.raises(ConfigurationError) as info:
         TLSConfig(bogus=1)  # type: ignore[call-arg]
-    assert str(info.value) == "invalid transport setting tls.bogus=1: no such setting"
+    assert str(info.value) == (
+        "invalid transport setting tls.bogus: no such setting (its value is not shown)"
+    )
     with pytest.raises(ConfigurationError, match=r"tls\.key_password='\*\*\*'"):
         TLSConfig(key_password=[CANARY])  # type: ignore[arg-type]

@@ -83,8 +83,8 @@ def _shown(field: str, value: Any) -> str:
         return f"<{type(value).__name__}, not shown>"
     if _SECRET_OPTION.search(field.rpartition(".")[2]):
         return "'***'"
-    if isinstance(value, str) and "@" in value:
-        value = redact_url(value)  # a URL's user part may hold a password or a token
+    if isinstance(value, str) and ("@" in value or "?" in value):
+        value = redact_url(value)  # a URL's user part or query may hold a password
     shown = repr(redact_options(value))
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
@@ -104,13 +104,14 @@ def redact_url(url: str) -> str:
     what a validated URL may still hold: a password with an unencoded ``/``,
     ``?`` or ``#`` (the user part is everything up to the last ``@`` of the
     authority), and one user part per host (``nats://u:p@h1,u:p@h2``).
-    Never raises; a URL without ``@`` is returned as is."""
+    Query parameters whose names look secret (``?password=…``) are masked
+    too. Never raises."""
     scheme, sep, rest = url.partition("://")
     if not sep:  # not a URL; what looks like a user part is hidden all the same
         return f"***@{url.rpartition('@')[2]}" if "@" in url else url
     at = rest.rfind("@")
     if at < 0:
-        return url
+        return f"{scheme}://{_redact_query(rest)}"
     # The authority ends at the first '/', '?' or '#' after its last '@'.
     ends = [i for i in (rest.find(ch, at) for ch in "/?#") if i != -1]
     end = min(ends, default=len(rest))
@@ -122,9 +123,24 @@ def redact_url(url: str) -> str:
         return f"{user}:***@{host}" if colon else f"***@{host}"
 
     segments = authority.split(",")
+    tail = _redact_query(tail)
     if all("@" in segment for segment in segments):
         return f"{scheme}://{','.join(masked(segment) for segment in segments)}{tail}"
     return f"{scheme}://{masked(authority)}{tail}"
+
+
+def _redact_query(tail: str) -> str:
+    """A URL's path, query and fragment with the values of secret-looking
+    query parameters (``?password=…``) replaced by ``***``."""
+    path, sep, query = tail.partition("?")
+    if not sep:
+        return tail
+    query, hash_, fragment = query.partition("#")
+    params = []
+    for param in query.split("&"):
+        name, eq, _ = param.partition("=")
+        params.append(f"{name}=***" if eq and _SECRET_OPTION.search(name) else param)
+    return f"{path}?{'&'.join(params)}{hash_}{fragment}"
 
 
 def redact_options(value: Any, key: str = "") -> Any:
@@ -139,7 +155,7 @@ def redact_options(value: Any, key: str = "") -> Any:
         return type(value)(redact_options(v) for v in value)
     if isinstance(value, SecretStr):
         return value
-    if isinstance(value, str) and "@" in value and "://" in value:
+    if isinstance(value, str) and "://" in value and ("@" in value or "?" in value):
         return redact_url(value)
     return value
 
@@ -184,9 +200,17 @@ def config_error(exc: ValidationError | SettingsError, prefix: str = "") -> Tran
     first = errors[0]
     field = prefix + ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "no such setting"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if first["type"] == "extra_forbidden":
+        # A misspelt name is what a secret's name check cannot recognise
+        # (``pasword``): the value of an unknown setting is never shown.
+        known = TLSConfig.model_fields if prefix == "tls." else TransportConfig.model_fields
+        close = difflib.get_close_matches(str(first["loc"][-1]), list(known), n=1)
+        hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+        return ConfigurationError(
+            f"invalid transport setting {field}: no such setting (its value is not shown){hint}"
+            f"{more}"
+        )
     return ConfigurationError(
         f"invalid transport setting {field}={_shown(field, first.get('input'))}: {message}{more}"
     )
