@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -14,6 +15,7 @@ from transport import (
     InMemoryMetrics,
     Network,
     Transport,
+    WorkRequest,
     WorkResponse,
     connect,
     set_metrics_sink,
@@ -155,4 +157,52 @@ async def test_a_metrics_sink_that_raises_does_not_stop_the_workers(
         assert any("sink down" in (r.exc_text or "") for r in caplog.records), caplog.text
     finally:
         set_metrics_sink(None)
+        await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    ("settings", "error"),
+    [
+        ({"poll_timeout": -1}, "poll_timeout must be a finite number of seconds above 0"),
+        ({"poll_timeout": float("nan")}, "poll_timeout must be a finite"),
+        ({"poll_timeout": "1"}, "poll_timeout must be a number of seconds"),
+        ({"stats_interval": -5}, "stats_interval must be a finite"),
+        ({"shutdown_grace": -1}, "shutdown_grace must be a finite number of seconds 0 or more"),
+        ({"concurrency": 2.5}, "concurrency must be an integer of at least 1, got 2.5"),
+        ({"concurrency": True}, "concurrency must be an integer"),
+        ({"priority_levels": "3"}, "priority_levels must be an integer"),
+        ({"priority_levels": 3, "aging_interval": float("nan")}, "aging_interval must be"),
+        ({"priority_levels": 3, "aging_interval": "5"}, "aging_interval must be a timedelta"),
+    ],
+)
+async def test_settings_that_would_serve_nothing_are_refused_when_built(
+    settings: dict[str, object], error: str
+) -> None:
+    # Each was accepted; the ensemble then failed at start, or its workers
+    # failed every poll (a negative poll timeout) and it served nothing.
+    transport = await connect("memory://misuse-settings")
+    try:
+        with pytest.raises(ValueError, match=re.escape(error)):
+            Ensemble("misuse", transport=transport, **settings)  # type: ignore[arg-type]
+    finally:
+        await transport.aclose()
+
+
+async def test_a_priority_that_is_not_an_int_is_refused() -> None:
+    transport = await connect("memory://misuse-priority")
+    try:
+        queue = transport.priority_queue("misuse", levels=3)
+        for bad in (True, 1.0, "1"):
+            with pytest.raises(ValueError, match="priority must be"):
+                await queue.enqueue(WorkRequest(task="t"), priority=bad)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match="priority must be an int"):
+                await Network(transport, caller="c", default_levels=3).send(
+                    "misuse",
+                    "t",
+                    priority=bad,  # type: ignore[arg-type]
+                )
+        with pytest.raises(ValueError, match="levels must be a positive integer"):
+            transport.priority_queue("misuse", levels=True)
+        assert await queue.poll(0) is None
+    finally:
         await transport.aclose()

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import math
 import signal
 import time
 import uuid
@@ -30,7 +31,7 @@ from transport._ops.tracing import TRACEPARENT, reset_current, set_current
 from transport._spi.metrics import get_metrics_sink, metrics_enabled, observer
 from transport._spi.models import Capability, WorkRequest, WorkResponse, utcnow
 from transport._spi.naming import validate_name
-from transport._spi.priority import PriorityRequestQueue
+from transport._spi.priority import AgingPolicy, PriorityRequestQueue
 from transport._spi.queue import Delivery, RequestQueue
 from transport._spi.registries import CapabilityRegistry, DeliveryRecord, DeliveryRegistry
 from transport._spi.transport import Transport
@@ -64,6 +65,23 @@ log = logging.getLogger("transport.runtime")
 
 #: How long a cancelled ensemble waits for its capability withdrawals.
 _CANCELLED_WITHDRAW_S = 1.0
+
+
+def _check_count(name: str, value: object) -> None:
+    """Raises ValueError unless ``value`` is an int of at least 1 (not a
+    bool, not a float): it failed only at start, or served nothing."""
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+
+
+def _check_seconds(name: str, value: object, *, zero: bool = False) -> None:
+    """Raises ValueError unless ``value`` is a finite number of seconds above
+    0 (or 0 with ``zero``): a negative poll timeout made every poll fail."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = "0 or more" if zero else "above 0"
+        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
 
 
 def _described(exc: BaseException) -> str:
@@ -196,10 +214,14 @@ class Ensemble:
         self.name = validate_name(name, "ensemble name")
         if transport is None and queue is None:
             raise ConfigurationError("an Ensemble needs a transport or a queue")
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        if priority_levels < 1:
-            raise ValueError("priority_levels must be at least 1")
+        _check_count("concurrency", concurrency)
+        _check_count("priority_levels", priority_levels)
+        _check_seconds("poll_timeout", poll_timeout)
+        _check_seconds("shutdown_grace", shutdown_grace, zero=True)
+        if stats_interval is not None:
+            _check_seconds("stats_interval", stats_interval)
+        if priority_levels > 1:  # its aging interval, checked now rather than at start
+            AgingPolicy(levels=priority_levels, aging_interval=aging_interval)
         self.transport = transport
         self.concurrency = concurrency
         self.priority_levels = priority_levels

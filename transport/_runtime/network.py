@@ -172,6 +172,8 @@ class Network:
             validate_name(target, "ensemble name")
             queue_name, levels = target, self.default_levels
         level = levels // 2 if priority is None else priority
+        if type(level) is not int:  # "1", 1.0 and True are not levels
+            raise ValueError(f"priority must be an int, got {level!r}")
         if not 0 <= level < levels:
             unseen = target is not None and target not in self._known
             hint = (

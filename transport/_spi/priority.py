@@ -70,12 +70,17 @@ class AgingPolicy:
     clock: Callable[[], datetime] = field(default=utcnow, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.levels, int) or self.levels < 1:
+        if type(self.levels) is not int or self.levels < 1:  # a bool is not a count
             raise ValueError(f"levels must be a positive integer, got {self.levels!r}")
         if self.levels > 16:
             raise ValueError("at most 16 priority levels are supported")
-        if self.interval_seconds <= 0:
-            raise ValueError("aging_interval must be positive")
+        interval = self.aging_interval
+        if not isinstance(interval, timedelta) and (
+            isinstance(interval, bool) or not isinstance(interval, int | float)
+        ):
+            raise ValueError(f"aging_interval must be a timedelta or seconds, got {interval!r}")
+        if not math.isfinite(self.interval_seconds) or self.interval_seconds <= 0:
+            raise ValueError(f"aging_interval must be positive and finite, got {interval!r}")
 
     @property
     def interval_seconds(self) -> float:
@@ -200,7 +205,7 @@ class PriorityRequestQueue(RequestQueue):
         return out
 
     def _check_level(self, level: int) -> None:
-        if not isinstance(level, int) or not 0 <= level < self.levels:
+        if type(level) is not int or not 0 <= level < self.levels:  # True is not level 1
             raise ValueError(f"priority must be in 0..{self.levels - 1}, got {level!r}")
 
     async def poll(self, timeout: float | None = None) -> Delivery | None:
