@@ -353,3 +353,43 @@ async def test_an_ensemble_warns_once_when_the_backlog_does_not_move(
             await asyncio.sleep(0.05)
     (line,) = _runtime_lines(caplog, "backlog not moving", "WARNING")  # once per stall
     assert line.startswith("ensemble stuck: backlog not moving: 1 waiting, the next in line"), line
+
+
+async def test_every_way_to_the_dead_letters_is_counted_and_requeues_are_enqueues(
+    transport: Transport,
+) -> None:
+    # Only Delivery.dead_letter() was counted: a nack on the last attempt
+    # (which dead-letters) counted as `nacked` only, a request found with its
+    # attempts used up at a hand-out not at all, and requeueing counted no
+    # `enqueued` (replacing did). Alerts on `dead_lettered` missed them.
+    from transport import InMemoryMetrics
+
+    sink = InMemoryMetrics()
+    set_metrics_sink(sink)
+    try:
+        queue = transport.request_queue("dl-metrics", max_attempts=2, lease_seconds=0.3)
+        reported: list[str] = []
+        queue.set_exhausted_hook(lambda request, reason: reported.append(request.request_id))
+        nacked = await queue.enqueue(WorkRequest(task="nacked"))
+        for attempt in (1, 2):  # nacked at each attempt: the second dead-letters it
+            delivery = await queue.poll(5)
+            assert delivery is not None and delivery.attempt == attempt
+            assert await delivery.nack()
+        expired = await queue.enqueue(WorkRequest(task="expired"))
+        for attempt in (1, 2):  # leases left to run out: found used up at the next poll
+            delivery = await queue.poll(5)
+            assert delivery is not None and delivery.request.request_id == expired.request_id
+            assert delivery.attempt == attempt
+        assert await queue.poll(1.0) is None
+        explicit = await queue.enqueue(WorkRequest(task="explicit"))
+        delivery = await queue.poll(5)
+        assert delivery is not None and await delivery.dead_letter("bad")
+        dead = {d.request_id for d in await queue.dead_letters()}
+        assert dead == {nacked.request_id, expired.request_id, explicit.request_id}
+        assert sink.count("dead_lettered", queue="dl-metrics") == 3
+        assert reported == [expired.request_id]  # the user's hook still hears of it
+        enqueued = sink.count("enqueued", queue="dl-metrics")
+        assert await queue.requeue_dead_letters() == 3
+        assert sink.count("enqueued", queue="dl-metrics") == enqueued + 3
+    finally:
+        set_metrics_sink(None)

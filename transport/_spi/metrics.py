@@ -192,13 +192,21 @@ def metrics_enabled() -> bool:
 
 
 class _InstrumentedDelivery(Delivery):
-    __slots__ = ("_inner", "_labels", "_sink")
+    __slots__ = ("_inner", "_labels", "_last", "_sink")
 
-    def __init__(self, inner: Delivery, sink: MetricsSink, labels: dict[str, str]) -> None:
+    def __init__(
+        self,
+        inner: Delivery,
+        sink: MetricsSink,
+        labels: dict[str, str],
+        max_attempts: int | None = None,
+    ) -> None:
         super().__init__(inner.request)
         self._inner = inner
         self._sink = sink
         self._labels = labels
+        # Its last attempt: a nack moves it to the dead letters.
+        self._last = max_attempts is not None and inner.attempt >= max_attempts
 
     async def ack(self) -> bool:
         done = await self._inner.ack()
@@ -212,6 +220,8 @@ class _InstrumentedDelivery(Delivery):
         done = await self._inner.nack(delay, error=error)
         if done:
             self._sink.increment("nacked", self._labels)
+            if self._last:  # its last attempt: the nack moved it to the dead letters
+                self._sink.increment("dead_lettered", self._labels)
         return done
 
     async def extend(self, seconds: float | timedelta | None = None) -> bool:
@@ -249,11 +259,17 @@ class InstrumentedRequestQueue(RequestQueue):
         self._sink = sink
         self._observe = observer(sink)
         self._labels = {"queue": inner.name}
+        # The queue's own dead-lettering (attempts used up at a hand-out or
+        # a lease's expiry) is counted here, then reported to the hook set.
+        inner.set_exhausted_hook(self._exhausted)
 
     def set_exhausted_hook(self, hook: ExhaustedHook | None) -> None:
         """As :meth:`RequestQueue.set_exhausted_hook` of the wrapped queue."""
         super().set_exhausted_hook(hook)
-        self.inner.set_exhausted_hook(hook)
+
+    def _exhausted(self, request: WorkRequest, reason: str) -> None:
+        self._sink.increment("dead_lettered", self._labels)
+        self._report_exhausted(request, reason)
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         """As :meth:`RequestQueue.enqueue`, then counts ``enqueued``."""
@@ -303,7 +319,7 @@ class InstrumentedRequestQueue(RequestQueue):
             waited = (utcnow() - delivery.request.enqueued_at).total_seconds()
             labels = {"queue": self.name, "task": delivery.request.task}
             self._observe("queue_wait_seconds", labels, max(waited, 0.0))
-        return _InstrumentedDelivery(delivery, self._sink, self._labels)
+        return _InstrumentedDelivery(delivery, self._sink, self._labels, self.max_attempts)
 
     async def caught_up(self, timeout: float | None = None) -> bool:
         """As :meth:`RequestQueue.caught_up` (nothing is reported)."""
@@ -330,8 +346,12 @@ class InstrumentedRequestQueue(RequestQueue):
         return await self.inner.dead_letters(limit)
 
     async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
-        """As :meth:`RequestQueue.requeue_dead_letters` (nothing is reported)."""
-        return await self.inner.requeue_dead_letters(request_ids)
+        """As :meth:`RequestQueue.requeue_dead_letters`, then counts
+        ``enqueued`` for each request requeued."""
+        moved = await self.inner.requeue_dead_letters(request_ids)
+        if moved:
+            self._sink.increment("enqueued", self._labels, moved)
+        return moved
 
     async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
         """As :meth:`RequestQueue.replace_dead_letter`, then counts ``enqueued``."""

@@ -550,10 +550,13 @@ class QueueStats(_WireModel):
 
     queue: str
     depth: int | None = Field(
-        description="requests waiting to be delivered (lag on Kafka); None if the broker cannot tell"
+        description="requests waiting to be delivered, those delayed by a nack included (lag "
+        "on Kafka; on NATS a delayed one counts as in flight); None if the broker cannot tell"
     )
     in_flight: int | None = Field(default=None, description="leased, not yet acked")
-    delayed: int | None = Field(default=None, description="nacked with a delay, not yet due")
+    delayed: int | None = Field(
+        default=None, description="nacked with a delay, not yet due (also counted in depth)"
+    )
     dead_lettered: int = 0
     head_enqueued_at: datetime | None = Field(
         default=None,
