@@ -684,6 +684,8 @@ def _read_plan(args: argparse.Namespace) -> ProvisionPlan:
                 data = tomllib.load(fh)
         except OSError as exc:
             raise ValueError(f"cannot read the plan {args.plan!r}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"the plan {args.plan!r} is not valid TOML: {exc}") from exc
     queues = dict(data.pop("queues", {}))
     for spec in args.queue or []:
         name, _, levels = spec.partition(":")

@@ -93,6 +93,9 @@ def test_cli_reads_a_plan_file_and_refuses_a_bad_one(
     assert "typo" in capsys.readouterr().err
     assert main(["--url", url, "provision", "--plan", str(tmp_path / "none.toml")]) == 2
     assert "cannot read the plan" in capsys.readouterr().err
+    plan.write_text("queues = {orders = \n", encoding="utf-8")  # not TOML: the file is named
+    assert main(["--url", url, "provision", "--plan", str(plan)]) == 2
+    assert f"the plan {str(plan)!r} is not valid TOML" in capsys.readouterr().err
     assert main(["--url", url, "provision", "--queue", "bad name"]) == 2
 
 

@@ -4,6 +4,7 @@ caller's own outcome, and the fast model copy matches ``model_copy``."""
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -222,3 +223,22 @@ def test_switching_to_wal_is_retried_while_the_file_is_locked() -> None:
     assert conn.statements[-1] == "PRAGMA journal_mode=WAL" and conn.failures == 0
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         _use_wal(Locked(failures=10_000), within=0.2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("poll_interval=abc", "invalid sqlite option poll_interval='abc': must be a number"),
+        ("busy_timeout_ms=1.5", "invalid sqlite option busy_timeout_ms='1.5': must be an integer"),
+        ("poll_interval=nan", "invalid sqlite option poll_interval=nan: must be a positive"),
+        ("poll_interval=0", "invalid sqlite option poll_interval=0.0: must be a positive"),
+        ("busy_timeout_ms=-1", "invalid sqlite option busy_timeout_ms=-1: must be 0 or more"),
+    ],
+)
+async def test_a_bad_sqlite_option_is_named(tmp_path: Path, query: str, error: str) -> None:
+    # The error said "bad sqlite option: could not convert string to float:
+    # 'abc'" without naming the option (the README: errors name the setting).
+    from transport import ConfigurationError, connect
+
+    with pytest.raises(ConfigurationError, match=re.escape(error)):
+        await connect(f"sqlite:///{tmp_path / 'x.db'}?{query}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -35,14 +36,32 @@ class SqliteSettings:
         unknown = set(options) - _OPTIONS
         if unknown:
             raise ConfigurationError(f"unknown sqlite option(s): {', '.join(sorted(unknown))}")
-        try:
-            poll_interval = float(options.get("poll_interval", 0.05))
-            busy = int(options.get("busy_timeout_ms", 30_000))
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(f"bad sqlite option: {exc}") from exc
-        if poll_interval <= 0:
-            raise ConfigurationError("poll_interval must be positive")
+        poll_interval = _number("poll_interval", options.get("poll_interval", 0.05), float)
+        busy = _number("busy_timeout_ms", options.get("busy_timeout_ms", 30_000), int)
+        if not math.isfinite(poll_interval) or poll_interval <= 0:
+            raise ConfigurationError(
+                f"invalid sqlite option poll_interval={poll_interval!r}: must be a positive "
+                "number of seconds"
+            )
+        if busy < 0:
+            raise ConfigurationError(
+                f"invalid sqlite option busy_timeout_ms={busy!r}: must be 0 or more"
+            )
         return cls(path, str(options.get("synchronous", "FULL")), poll_interval, busy)
+
+
+def _number(name: str, value: Any, kind: type[float] | type[int]) -> Any:
+    """``value`` (an option, perhaps text from the URL) as ``kind``; a
+    ConfigurationError naming the option if it is not one."""
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        what = "an integer" if kind is int else "a number"
+        raise ConfigurationError(
+            f"invalid sqlite option {name}={value!r}: must be {what}"
+        ) from None
 
 
 def sqlite_path(url: str) -> tuple[str, dict[str, str]]:
