@@ -206,3 +206,36 @@ async def test_a_priority_that_is_not_an_int_is_refused() -> None:
         assert await queue.poll(0) is None
     finally:
         await transport.aclose()
+
+
+async def test_a_handler_that_ignores_cancellation_does_not_keep_the_ensemble_from_stopping(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Past shutdown_grace its worker is cancelled; this handler catches that
+    # and goes on. aclose() waited for it without limit: the process never
+    # stopped, whatever the signals.
+    transport = await connect("memory://misuse-stubborn")
+    release = asyncio.Event()
+    started = asyncio.Event()
+    try:
+        ensemble = Ensemble("misuse", transport=transport, shutdown_grace=0.2)
+
+        @ensemble.task("stubborn")
+        async def stubborn(ctx: object) -> None:
+            started.set()
+            while not release.is_set():
+                try:  # noqa: SIM105 - the mistake, written as users write it
+                    await asyncio.sleep(0.05)
+                except asyncio.CancelledError:
+                    pass  # the mistake
+
+        await ensemble.start()
+        await Network(transport, caller="misuse-caller").send("misuse", "stubborn", {})
+        await asyncio.wait_for(started.wait(), 10)
+        with caplog.at_level(logging.ERROR, logger="transport"):
+            await asyncio.wait_for(ensemble.aclose(), 20)
+        assert "ignored their cancellation" in caplog.text, caplog.text
+    finally:
+        release.set()  # let the stray task end before the loop does
+        await asyncio.sleep(0.1)
+        await transport.aclose()

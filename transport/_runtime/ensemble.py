@@ -63,6 +63,9 @@ ResponseHook = Callable[[WorkRequest, WorkResponse], Awaitable[bool]]
 
 log = logging.getLogger("transport.runtime")
 
+#: How long a stopping ensemble waits for a released handler to end.
+_IGNORED_CANCEL_S = 5.0
+
 #: How long a cancelled ensemble waits for its capability withdrawals.
 _CANCELLED_WITHDRAW_S = 1.0
 
@@ -537,7 +540,22 @@ class Ensemble:
                     extra=self._fields(),
                 )
                 worker.cancel()
-            await asyncio.gather(*self._workers, return_exceptions=True)
+            _, stuck = await asyncio.wait(self._workers, timeout=_IGNORED_CANCEL_S)
+            if stuck:
+                # Its handler caught the cancellation and goes on: waiting
+                # for it kept the process from ever stopping.
+                log.error(
+                    "ensemble %s: %d handler(s) ignored their cancellation (they catch "
+                    "CancelledError) %.0f s after being released; stopping without them, "
+                    "their requests are given back",
+                    self.name,
+                    len(stuck),
+                    _IGNORED_CANCEL_S,
+                    extra=self._fields(),
+                )
+            await asyncio.gather(
+                *(w for w in self._workers if w not in stuck), return_exceptions=True
+            )
         # No poll of this process may be waiting when they are given back:
         # it would take them again (NATS redelivers a NAKed message at once)
         # and, cancelled, leave them to their lease.
