@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import nats.js.errors
 from nats.js.api import StorageType
 
-from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name
+from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_name, redact_url
 from transport_nats._client import NatsContext, broker_name
 from transport_nats._errors import map_nats_errors
 from transport_nats._events import NatsEventLog
@@ -118,7 +118,22 @@ async def _server_findings(ctx: NatsContext) -> list[DoctorFinding]:
                 fix="monitor_url=http://host:8222",
             )
         ]
-    varz = await asyncio.to_thread(_read_varz, url, ctx.options.request_timeout)
+    try:
+        varz = await asyncio.to_thread(_read_varz, url, ctx.options.request_timeout)
+    except (OSError, ValueError) as exc:
+        # The broker may be fine: say which endpoint failed, and what it
+        # leaves unchecked (it read as "every guarantee void").
+        return [
+            DoctorFinding(
+                severity="error",
+                subject=subject,
+                finding=f"the monitoring endpoint monitor_url={redact_url(url)!r} could not be "
+                f"read ({redact_url(str(exc))}): JetStream sync_interval not checked",
+                fix="point the option monitor_url at the server's monitoring port "
+                "(http://host:8222, reachable from here)",
+                guarantee=_DURABLE,
+            )
+        ]
     config = (varz.get("jetstream") or {}).get("config") or {}
     subject = f"nats-server {varz.get('server_name', '')} {varz.get('version', '')}".strip()
     if not config:

@@ -210,3 +210,23 @@ async def test_doctor_without_monitor_url_says_sync_interval_was_not_checked(
     report = json.loads(capsys.readouterr().out)
     [finding] = [f for f in report["findings"] if "sync_interval" in f["finding"]]
     assert finding["severity"] == "warning" and "not checked" in finding["finding"]
+
+
+async def test_doctor_with_an_unreachable_monitor_url_names_it_and_checks_the_rest(
+    safe_server: tuple[NatsServer, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The broker is fine and the monitoring URL is wrong: doctor said it
+    # "could not check the deployment", every guarantee void, and named
+    # neither the option nor the URL.
+    server, _ = safe_server
+    _use(monkeypatch, server, f"http://127.0.0.1:{free_port()}")
+    assert await _run(["--json", "doctor", "--queue", "orders"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    [error] = [f for f in report["findings"] if f["severity"] == "error"]
+    assert "monitor_url='http://127.0.0.1:" in error["finding"], error
+    assert "sync_interval not checked" in error["finding"]
+    assert "could not check the deployment" not in json.dumps(report)
+    # The rest was still checked (here: the queue's stream does not exist yet).
+    assert any("stream does not exist" in f["finding"] for f in report["findings"]), report
