@@ -406,6 +406,26 @@ def test_a_misspelt_environment_variable_is_warned_about(
     ]
 
 
+def test_a_misspelt_environment_variable_is_warned_about_with_a_config_file(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # The environment is read under a TOML file too (it wins over the file),
+    # but only connect()'s own path warned about a misspelt variable.
+    from transport._spi import config as config_module
+
+    monkeypatch.setattr(config_module, "_warned", set())
+    monkeypatch.setenv("TRANSPORT_NAMESPCE", "prod")
+    path = tmp_path / "transport.toml"
+    path.write_text('[transport]\nurl = "memory://"\n', encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="transport.config"):
+        config = TransportConfig.from_toml(path)
+    assert config.namespace != "prod"
+    assert [r.getMessage() for r in caplog.records] == [
+        "environment variable TRANSPORT_NAMESPCE names no transport setting and is"
+        " ignored (did you mean TRANSPORT_NAMESPACE?)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [

@@ -357,6 +357,7 @@ class TransportConfig(BaseSettings):
         section = data.get("transport", data)
         if not isinstance(section, dict):
             raise ConfigurationError(f"{path}: [transport] must be a table")
+        _warn_unknown_variables()  # the environment is read here too
         env = cls()  # what the environment sets
         merged = {**section}
         for key in env.model_fields_set:
