@@ -85,7 +85,14 @@ from transport._spi.keyed import encode_checkpoint, read_checkpoint
 from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, replace_fields, utcnow
 from transport._spi.models import _WireModel as WireModel
 from transport._spi.naming import internal_name, validate_header, validate_name
-from transport._spi.queue import ack_each, acked_or_raise, hand_to_waiter, seconds
+from transport._spi.queue import (
+    REQUEUED_HEADER,
+    ack_each,
+    acked_or_raise,
+    hand_to_waiter,
+    requeued,
+    seconds,
+)
 from transport._spi.wireheaders import (
     HEADER_ATTEMPTS,
     HEADER_ERROR,
@@ -103,6 +110,7 @@ __all__ = [
     "HEADER_REQUEST_ID",
     "LEGACY_ERROR_HEADERS",
     "MAX_ERROR_BYTES",
+    "REQUEUED_HEADER",
     "WIRE_SCHEMA_VERSION",
     "AtExit",
     "ClientLog",
@@ -136,6 +144,7 @@ __all__ = [
     "redact_url",
     "replace_fields",
     "request_codec_for",
+    "requeued",
     "retrieve",
     "seconds",
     "to_millisecond",

@@ -26,7 +26,7 @@ from transport import (
     encode,
 )
 from transport.errors import ClosedResourceError, TransientTransportError, UndecodableMessageError
-from transport.kit import ack_each, acked_or_raise, decode_request, replace_fields
+from transport.kit import ack_each, acked_or_raise, decode_request, requeued
 from transport.kit import seconds as _seconds
 from transport_kafka._client import KafkaContext
 from transport_kafka._config import TopicNames
@@ -338,7 +338,7 @@ class KafkaRequestQueue(RequestQueue):
         key = dead_letter_id.encode()
         if not any(k == key and dead is not None for k, dead in await self._dead_entries()):
             return False
-        await self.enqueue(replace_fields(request, attempt=1))
+        await self.enqueue(requeued(request))
         await self._engine.clients.produce(
             self.topics.dlq, key, None, what="replacing a dead letter (dlq tombstone)"
         )
@@ -354,7 +354,7 @@ class KafkaRequestQueue(RequestQueue):
                 continue
             if wanted is not None and dead.request_id not in wanted:
                 continue
-            fresh = replace_fields(dead.request, attempt=1)
+            fresh = requeued(dead.request)
             await clients.produce(
                 self.topics.requests, fresh.message_key.encode(), encode(fresh), what="requeue"
             )

@@ -81,6 +81,7 @@ from transport.kit import (
     hand_to_waiter,
     internal_name,
     replace_fields,
+    requeued,
     utcnow,
     wait_within,
 )
@@ -915,7 +916,7 @@ class NatsRequestQueue(RequestQueue):
                 await self._ctx.js.get_msg(self.dlq_stream, seq=seq)
             except nats.js.errors.NotFoundError:
                 return False
-        repaired = replace_fields(request, attempt=1)
+        repaired = requeued(request)
         if repaired.enqueued_at is None:
             repaired = replace_fields(repaired, enqueued_at=utcnow())
         # A distinct message id, as for a requeue: the request's own id may
@@ -941,7 +942,7 @@ class NatsRequestQueue(RequestQueue):
             request = record.request
             if request is None or (wanted is not None and request.request_id not in wanted):
                 continue
-            body = encode(replace_fields(request, attempt=1))
+            body = encode(requeued(request))
             # A distinct message id: the original id may still be inside the
             # duplicate window, and the requeue must not be swallowed.
             await self._publish(

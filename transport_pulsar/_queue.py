@@ -94,6 +94,7 @@ from transport.kit import (
     error_header,
     internal_name,
     replace_fields,
+    requeued,
     retrieve,
     wait_within,
 )
@@ -1030,7 +1031,7 @@ class PulsarRequestQueue(RequestQueue):
         self._check_open()
         if not any(key == dead_letter_id for key, _ in await self._dead_records()):
             return False
-        await self.enqueue(replace_fields(request, attempt=1))
+        await self.enqueue(requeued(request))
         await self._dlq.write(dead_letter_id, None)
         return True
 
@@ -1041,7 +1042,7 @@ class PulsarRequestQueue(RequestQueue):
         for key, record in await self._dead_records():
             if record.request is None or (wanted is not None and record.request_id not in wanted):
                 continue
-            await self.enqueue(replace_fields(record.request, attempt=1))
+            await self.enqueue(requeued(record.request))
             await self._dlq.write(key, None)
             moved += 1
         return moved

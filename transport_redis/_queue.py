@@ -56,14 +56,14 @@ from typing import Any, TypeAlias
 
 import redis.exceptions as rex
 
-from transport import DeadLetter, Delivery, QueueStats, RequestQueue, WorkRequest, decode
+from transport import DeadLetter, Delivery, QueueStats, RequestQueue, WorkRequest, decode, encode
 from transport.errors import (
     ClosedResourceError,
     TransientTransportError,
     TransportError,
     UndecodableMessageError,
 )
-from transport.kit import decode_request, replace_fields
+from transport.kit import decode_request, replace_fields, requeued
 from transport.kit import seconds as _seconds
 from transport_redis._client import RedisClient, RedisContext, keys
 
@@ -334,11 +334,11 @@ _REQUEUE = (
     _FIELDS
     + """
 local moved = 0
-for i = 1, #ARGV do
+for i = 1, #ARGV, 2 do
   local e = redis.call('XRANGE', KEYS[2], ARGV[i], ARGV[i])
   if #e > 0 then
     local f = fields(e[1][2])
-    local args = {KEYS[1], '*', 'body', f.body or ''}
+    local args = {KEYS[1], '*', 'body', ARGV[i + 1]}
     if f.request_id and f.request_id ~= '' then
       args[#args + 1] = 'request_id'; args[#args + 1] = f.request_id
     end
@@ -1035,7 +1035,8 @@ class RedisRequestQueue(RequestQueue):
                 continue  # undecodable dead letters stay where they are
             if wanted is not None and record.request_id not in wanted:
                 continue
-            moving.append(entry)
+            # Each goes back as a first delivery, marked as requeued.
+            moving += [entry, encode(requeued(record.request))]
         if not moving:
             return 0
         moved = await self._client.run(
@@ -1054,7 +1055,7 @@ class RedisRequestQueue(RequestQueue):
                 return False
         if not found:
             return False
-        await self.enqueue(replace_fields(request, attempt=1))
+        await self.enqueue(requeued(request))
         with self._client.errors(f"removing dead letter {dead_letter_id} of {self.name}"):
             await self._client.redis.xdel(self.dlq, dead_letter_id)
         return True

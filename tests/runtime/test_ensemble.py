@@ -841,6 +841,48 @@ async def test_a_send_whose_enqueue_fails_leaves_no_registration(runtime_url: st
         await transport.aclose()
 
 
+@pytest.mark.parametrize("collected", [True, False], ids=["collected", "not-collected"])
+async def test_a_requeued_dead_letter_runs_again_although_its_caller_was_answered(
+    transport: Transport, collected: bool
+) -> None:
+    # The operator's repair: the handler failed for good (the caller got
+    # `failed`, the request was dead-lettered), the bug is fixed, the dead
+    # letter is requeued. The ensemble acked it unrun (its caller answered
+    # or gone): "requeued 1 of 1", and the work was deleted.
+    fixed = asyncio.Event()
+    runs: list[bool] = []
+    ens = Ensemble("repair", transport=transport, concurrency=1, advertise=False)
+
+    @ens.task("cook")
+    async def cook(ctx: TaskContext) -> str:
+        runs.append(fixed.is_set())
+        if not fixed.is_set():
+            raise PermanentTaskError("bug in cook")
+        return "cooked"
+
+    caller = Network(transport, caller="repair-desk", default_levels=1)
+    queue = transport.request_queue("repair")
+    async with ens.serving():
+        handle = await caller.send("repair", "cook", {})
+        if collected:
+            assert (await handle.result(timeout=20)).status == "failed"
+        deadline = asyncio.get_running_loop().time() + 20
+        while not (dead_letters := await queue.dead_letters()):
+            assert asyncio.get_running_loop().time() < deadline, "never dead-lettered"
+            await asyncio.sleep(0.05)
+        [dead] = dead_letters
+        fixed.set()
+        assert await queue.requeue_dead_letters([dead.request_id or ""]) == 1
+        deadline = asyncio.get_running_loop().time() + 20
+        while runs != [False, True]:
+            assert asyncio.get_running_loop().time() < deadline, f"runs: {runs}"
+            await asyncio.sleep(0.05)
+    stats = await queue.stats()
+    assert (stats.depth, stats.dead_lettered) == (0, 0)
+    if not collected:  # the caller keeps the first answer; the new one cannot replace it
+        assert (await handle.result(timeout=5)).status == "failed"
+
+
 async def test_a_send_cancelled_before_its_request_was_stored_leaves_no_registration(
     tmp_path: Path,
 ) -> None:

@@ -32,7 +32,7 @@ from transport._spi.metrics import get_metrics_sink, metrics_enabled, observer
 from transport._spi.models import Capability, WorkRequest, WorkResponse, utcnow
 from transport._spi.naming import validate_name
 from transport._spi.priority import AgingPolicy, PriorityRequestQueue
-from transport._spi.queue import Delivery, RequestQueue
+from transport._spi.queue import REQUEUED_HEADER, Delivery, RequestQueue
 from transport._spi.registries import CapabilityRegistry, DeliveryRecord, DeliveryRegistry
 from transport._spi.transport import Transport
 from transport.errors import (
@@ -1060,6 +1060,18 @@ class Ensemble:
         registration expired, or there never was one; a response would be
         refused (:meth:`DeliveryRegistry.complete` returns ``False``)."""
         if request.reply_to is None or self.transport is None:
+            return False
+        if REQUEUED_HEADER in request.headers:
+            # Put back from the dead letters by an operator, to run again:
+            # its caller was answered (``failed``) before it was dead-lettered,
+            # so the new response cannot reach it (``complete`` refuses it).
+            log.info(
+                "ensemble %s: %s was requeued from the dead letters; running it again "
+                "(its caller was answered already and gets no new response)",
+                self.name,
+                request.request_id,
+                extra=self._fields(request),
+            )
             return False
         record = await self._registry(request.reply_to).record(request.request_id)
         if record is not None and record.state == "pending":

@@ -101,6 +101,20 @@ def work_requests(requests: Iterable[WorkRequest]) -> list[WorkRequest]:
     return items
 
 
+#: Header of a request put back from the dead letters (``requeue_dead_letters``,
+#: ``replace_dead_letter``; its value: when, ISO 8601 UTC). An ``Ensemble``
+#: runs such a request again although its caller was answered already (it
+#: acks unrun a redelivery whose caller was answered or collected).
+REQUEUED_HEADER = "transport-requeued-at"
+
+
+def requeued(request: WorkRequest) -> WorkRequest:
+    """``request`` as a backend puts it back from the dead letters: a first
+    delivery again (``attempt`` 1), marked with :data:`REQUEUED_HEADER`."""
+    stamp = utcnow().isoformat(timespec="seconds")
+    return replace_fields(request, attempt=1, headers={**request.headers, REQUEUED_HEADER: stamp})
+
+
 def seconds(value: float | timedelta | None) -> float | None:
     """Normalise a duration given as seconds or ``timedelta``.
 

@@ -21,7 +21,7 @@ from transport import (
     WorkRequest,
     decode,
 )
-from transport.kit import wait_within
+from transport.kit import REQUEUED_HEADER, wait_within
 from transport.testing._util import (
     await_dead_letters,
     drain,
@@ -281,6 +281,8 @@ class RequestQueueConformance:
         back = await poll_until(queue, request.request_id, harness.scaled(10))
         assert back is not None and back.request.payload == request.payload
         assert back.attempt == 1
+        # Marked, so that an Ensemble runs it again (its caller was answered).
+        assert REQUEUED_HEADER in back.request.headers
         await back.ack()
         assert await queue.dead_letters() == []
 
@@ -406,6 +408,7 @@ class RequestQueueConformance:
         back = await poll_until(queue, request.request_id, harness.scaled(15))
         assert back is not None, "the repaired request was never delivered"
         assert (back.request.payload, back.attempt) == ({"dish": "soup"}, 1)
+        assert REQUEUED_HEADER in back.request.headers
         assert await back.ack()
         assert await poll_until(queue, request.request_id, harness.scaled(2)) is None
 

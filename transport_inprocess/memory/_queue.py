@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from transport import DeadLetter, Delivery, QueueStats, RequestQueue, WorkRequest, encode
 from transport.errors import ClosedResourceError, UndecodableMessageError
-from transport.kit import ack_each, acked_or_raise, decode_request, replace_fields
+from transport.kit import ack_each, acked_or_raise, decode_request, replace_fields, requeued
 from transport.kit import seconds as _seconds
 from transport_inprocess.memory._client import (
     _Broker,
@@ -347,7 +347,7 @@ class MemoryRequestQueue(RequestQueue):
                 if dead.request is None or (wanted is not None and dead.request_id not in wanted):
                     keep.append(dead)
                     continue
-                fresh = replace_fields(dead.request, attempt=1)
+                fresh = requeued(dead.request)
                 self._state.ready.append(_Msg(encode(fresh), fresh.request_id))
                 moved += 1
             self._state.dead = keep
@@ -360,7 +360,7 @@ class MemoryRequestQueue(RequestQueue):
         with self._broker.lock:
             if not any(d.dead_letter_id == dead_letter_id for d in self._state.dead):
                 return False
-        await self.enqueue(replace_fields(request, attempt=1))
+        await self.enqueue(requeued(request))
         with self._broker.lock:
             self._state.dead = [d for d in self._state.dead if d.dead_letter_id != dead_letter_id]
         return True

@@ -40,6 +40,7 @@ from transport.kit import (
     decode_request,
     derived_request_id,
     replace_fields,
+    requeued,
     utcnow,
 )
 from transport.kit import seconds as _seconds
@@ -628,6 +629,11 @@ class SqliteRequestQueue(RequestQueue):
             for dead_id, request_id, body in rows:
                 if wanted is not None and request_id not in wanted:
                     continue
+                with contextlib.suppress(UndecodableMessageError):  # else moved as it is
+                    request = decode_request(
+                        body, "sqlite-dead", name, dead_id, carried_id=request_id
+                    )
+                    body = encode(requeued(request))
                 conn.execute(
                     "INSERT INTO messages(queue, seq, request_id, body, available_at) VALUES (?, ?, ?, ?, 0)",
                     (name, _next_seq(conn, name), request_id, body),
@@ -647,7 +653,7 @@ class SqliteRequestQueue(RequestQueue):
             return False
         row_id, key = int(dead_letter_id), self._key
         stamped = request.enqueued_at or utcnow()
-        fresh = replace_fields(request, attempt=1, enqueued_at=stamped)
+        fresh = requeued(replace_fields(request, enqueued_at=stamped))
         body = encode(fresh, self.max_payload_bytes)
 
         def op(conn: sqlite3.Connection) -> bool:
