@@ -126,6 +126,13 @@ def test_a_password_in_the_url_query_is_redacted() -> None:
             assert CANARY not in text, text
         assert "password=***" in config.redacted_url()
     assert TransportConfig(url="redis://h/0?db=1").redacted_url() == "redis://h/0?db=1"
+    # An '@' inside the query's secret is not the end of a user part.
+    for url, shown in [
+        (f"redis://host/0?password=p@{CANARY}", "redis://host/0?password=***"),
+        (f"redis://h:6379?password=p@{CANARY}&db=1", "redis://h:6379?password=***&db=1"),
+        (f"redis://u:{CANARY}@h/0?password=p@{CANARY}", "redis://u:***@h/0?password=***"),
+    ]:
+        assert TransportConfig(url=url).redacted_url() == shown
 
 
 def test_token_as_url_user_part_is_redacted() -> None:

@@ -7,6 +7,7 @@ stream's storage, replicas and limits."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.request
 from typing import Any
@@ -90,7 +91,9 @@ async def create_object(ctx: NatsContext, kind: ObjectKind, name: str) -> None:
 
 def _read_varz(url: str, timeout: float) -> dict[str, Any]:
     with urllib.request.urlopen(url.rstrip("/") + "/varz", timeout=timeout) as resp:
-        data: dict[str, Any] = json.loads(resp.read())
+        data = json.loads(resp.read())
+    if not isinstance(data, dict):
+        raise ValueError("its /varz is not a JSON object")
     return data
 
 
@@ -120,7 +123,7 @@ async def _server_findings(ctx: NatsContext) -> list[DoctorFinding]:
         ]
     try:
         varz = await asyncio.to_thread(_read_varz, url, ctx.options.request_timeout)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         # The broker may be fine: say which endpoint failed, and what it
         # leaves unchecked (it read as "every guarantee void").
         return [

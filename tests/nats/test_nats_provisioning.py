@@ -212,16 +212,20 @@ async def test_doctor_without_monitor_url_says_sync_interval_was_not_checked(
     assert finding["severity"] == "warning" and "not checked" in finding["finding"]
 
 
+@pytest.mark.parametrize("wrong", ["closed port", "client port"])
 async def test_doctor_with_an_unreachable_monitor_url_names_it_and_checks_the_rest(
     safe_server: tuple[NatsServer, str],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    wrong: str,
 ) -> None:
     # The broker is fine and the monitoring URL is wrong: doctor said it
     # "could not check the deployment", every guarantee void, and named
-    # neither the option nor the URL.
+    # neither the option nor the URL. The client port (a common mistake)
+    # answers with INFO, not HTTP.
     server, _ = safe_server
-    _use(monkeypatch, server, f"http://127.0.0.1:{free_port()}")
+    port = free_port() if wrong == "closed port" else server.port
+    _use(monkeypatch, server, f"http://127.0.0.1:{port}")
     assert await _run(["--json", "doctor", "--queue", "orders"]) == 1
     report = json.loads(capsys.readouterr().out)
     [error] = [f for f in report["findings"] if f["severity"] == "error"]

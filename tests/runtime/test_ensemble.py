@@ -22,6 +22,7 @@ from transport import (
     TaskContext,
     Transport,
     WorkRequest,
+    WorkResponse,
     set_metrics_sink,
     utcnow,
 )
@@ -881,6 +882,33 @@ async def test_a_requeued_dead_letter_runs_again_although_its_caller_was_answere
     assert (stats.depth, stats.dead_lettered) == (0, 0)
     if not collected:  # the caller keeps the first answer; the new one cannot replace it
         assert (await handle.result(timeout=5)).status == "failed"
+
+
+async def test_a_cancelled_re_send_under_a_live_id_keeps_the_first_registration(
+    transport: Transport,
+) -> None:
+    # An idempotent re-send with the same request_id that timed out withdrew
+    # the registration the first send made: its response was lost.
+    network = Network(transport, caller="desk", default_levels=1)
+    first = await network.send("kitchen", "cook", {}, request_id="order-0001")
+    queue = network._queue("kitchen", 1)
+    gate = asyncio.Event()
+    original = queue.enqueue
+
+    async def slow_enqueue(request: WorkRequest) -> WorkRequest:
+        await gate.wait()
+        return await original(request)
+
+    queue.enqueue = slow_enqueue  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await network.send("kitchen", "cook", {}, request_id="order-0001")
+    queue.enqueue = original  # type: ignore[method-assign]
+    assert [p.request_id for p in await network.pending()] == [first.request_id]
+    await transport.delivery_registry("desk").complete(
+        "order-0001", WorkResponse(request_id="order-0001", result="served")
+    )
+    assert (await first.result(timeout=5)).result == "served"
 
 
 async def test_a_send_cancelled_before_its_request_was_stored_leaves_no_registration(

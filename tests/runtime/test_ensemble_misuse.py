@@ -4,6 +4,7 @@ says what to write instead."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -204,6 +205,12 @@ async def test_a_priority_that_is_not_an_int_is_refused() -> None:
         with pytest.raises(ValueError, match="levels must be a positive integer"):
             transport.priority_queue("misuse", levels=True)
         assert await queue.poll(0) is None
+
+        class Level(enum.IntEnum):
+            LOW = 2
+
+        stored = await queue.enqueue(WorkRequest(task="t"), priority=Level.LOW)
+        assert stored.priority == 2 and type(stored.priority) is int
     finally:
         await transport.aclose()
 

@@ -393,3 +393,29 @@ async def test_every_way_to_the_dead_letters_is_counted_and_requeues_are_enqueue
         assert sink.count("enqueued", queue="dl-metrics") == enqueued + 3
     finally:
         set_metrics_sink(None)
+
+
+async def test_a_sink_that_raises_does_not_keep_the_exhausted_hook_from_running(
+    transport: Transport,
+) -> None:
+    # The count came first: a sink raising there kept the hook (the
+    # Ensemble's, which answers the caller `failed`) from running.
+    from transport import InMemoryMetrics
+
+    class Raising(InMemoryMetrics):
+        def increment(self, name: str, labels: dict[str, str], value: float = 1.0) -> None:
+            if name == "dead_lettered":
+                raise RuntimeError("sink down")
+            super().increment(name, labels, value)
+
+    set_metrics_sink(Raising())
+    try:
+        queue = transport.request_queue("dl-hook", max_attempts=1, lease_seconds=0.3)
+        reported: list[str] = []
+        queue.set_exhausted_hook(lambda request, reason: reported.append(request.request_id))
+        sent = await queue.enqueue(WorkRequest(task="t"))
+        assert await queue.poll(5) is not None  # its lease runs out
+        assert await queue.poll(1.0) is None  # found used up: dead-lettered
+        assert reported == [sent.request_id]
+    finally:
+        set_metrics_sink(None)

@@ -172,8 +172,9 @@ class Network:
             validate_name(target, "ensemble name")
             queue_name, levels = target, self.default_levels
         level = levels // 2 if priority is None else priority
-        if type(level) is not int:  # "1", 1.0 and True are not levels
+        if not isinstance(level, int) or isinstance(level, bool):  # "1", 1.0, True
             raise ValueError(f"priority must be an int, got {level!r}")
+        level = int(level)  # an IntEnum's value
         if not 0 <= level < levels:
             unseen = target is not None and target not in self._known
             hint = (
@@ -196,6 +197,10 @@ class Network:
             **({"request_id": request_id} if request_id else {}),
             **fields,
         )
+        # A re-send under an id that is live returns the existing record:
+        # a failed or cancelled re-send must not withdraw it (it deleted the
+        # first send's response).
+        live = bool(request_id) and await self.inbox.record(request.request_id) is not None
         if self.outbox is None:
             queue = self._queue(queue_name, levels)
             try:
@@ -211,7 +216,8 @@ class Network:
                 # every restart and never answered. (If the broker stored the
                 # request after all, the ensemble finds no registration and
                 # does not run it.)
-                await self._withdraw(request.request_id)
+                if not live:
+                    await self._withdraw(request.request_id)
                 raise
             return pending
         deferred = False
@@ -232,7 +238,7 @@ class Network:
         try:
             await self.outbox.enqueue(queue_name, request, levels=levels, register=deferred)
         except BaseException:
-            if not deferred:
+            if not deferred and not live:
                 await self._withdraw(request.request_id)
             raise
         return pending

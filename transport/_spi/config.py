@@ -110,6 +110,12 @@ def redact_url(url: str) -> str:
     if not sep:  # not a URL; what looks like a user part is hidden all the same
         return f"***@{url.rpartition('@')[2]}" if "@" in url else url
     at = rest.rfind("@")
+    query = rest.find("?")
+    if 0 <= query < at and "=" in rest[query:at]:
+        # The last '@' lies in a query parameter (``?password=p@ss``), not
+        # in a user part: mask the query first, then look again.
+        rest = rest[:query] + _redact_query(rest[query:])
+        at = rest.rfind("@")
     if at < 0:
         return f"{scheme}://{_redact_query(rest)}"
     # The authority ends at the first '/', '?' or '#' after its last '@'.

@@ -268,8 +268,10 @@ class InstrumentedRequestQueue(RequestQueue):
         super().set_exhausted_hook(hook)
 
     def _exhausted(self, request: WorkRequest, reason: str) -> None:
-        self._sink.increment("dead_lettered", self._labels)
+        # The hook first: a sink that raises must not keep the Ensemble's
+        # hook from answering the caller `failed`.
         self._report_exhausted(request, reason)
+        self._sink.increment("dead_lettered", self._labels)
 
     async def enqueue(self, request: WorkRequest) -> WorkRequest:
         """As :meth:`RequestQueue.enqueue`, then counts ``enqueued``."""

@@ -129,6 +129,7 @@ class PriorityRequestQueue(RequestQueue):
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._giving: asyncio.Future[list[None]] | None = None  # the keeper's give-back
         self._polls = 0  # polls in progress
         self._last_poll = 0.0  # loop time the last poll ended
 
@@ -156,7 +157,8 @@ class PriorityRequestQueue(RequestQueue):
             raise ClosedResourceError(f"priority queue {self.name!r} is closed")
         level = request.priority if priority is None else priority
         self._check_level(level)
-        if request.priority != level:
+        level = int(level)  # an IntEnum's value
+        if request.priority != level or type(request.priority) is not int:
             request = replace_fields(request, priority=level)
         return await self._queues[level].enqueue(request)
 
@@ -205,7 +207,7 @@ class PriorityRequestQueue(RequestQueue):
         return out
 
     def _check_level(self, level: int) -> None:
-        if type(level) is not int or not 0 <= level < self.levels:  # True is not level 1
+        if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < self.levels:
             raise ValueError(f"priority must be in 0..{self.levels - 1}, got {level!r}")
 
     async def poll(self, timeout: float | None = None) -> Delivery | None:
@@ -396,7 +398,12 @@ class PriorityRequestQueue(RequestQueue):
                 # from other workers; the next poll leases them again.
                 held = [d for d in self._slots if d is not None]
                 self._slots = [None] * self.levels
-                await asyncio.gather(*(self._give_back(d) for d in held))
+                # Shielded: aclose() cancelling the keeper meanwhile waits for
+                # it (cancelled, the heads were counted by the level's close).
+                self._giving = asyncio.ensure_future(
+                    asyncio.gather(*(self._give_back(d) for d in held))
+                )
+                await asyncio.shield(self._giving)
                 continue
             for level, delivery in enumerate(self._slots):
                 if delivery is None or loop.time() - self._held_since[level] < period:
@@ -506,6 +513,8 @@ class PriorityRequestQueue(RequestQueue):
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
+        if self._giving is not None:  # heads the keeper was giving back
+            await asyncio.gather(self._giving, return_exceptions=True)
         for level, task in enumerate(self._tasks):
             if task is None:
                 continue
