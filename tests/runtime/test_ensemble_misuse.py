@@ -8,10 +8,13 @@ import enum
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from transport import (
+    Delivery,
     Ensemble,
     InMemoryMetrics,
     Network,
@@ -245,4 +248,42 @@ async def test_a_handler_that_ignores_cancellation_does_not_keep_the_ensemble_fr
     finally:
         release.set()  # let the stray task end before the loop does
         await asyncio.sleep(0.1)
+        await transport.aclose()
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_a_priority_queue_closed_while_giving_heads_back_counts_no_attempt(
+    backend: str, tmp_path: Path
+) -> None:
+    # The keeper gives held heads back when nobody polls; aclose() cancelled
+    # it in the middle, and the level queue's close released those heads
+    # counted: a head no handler saw came back at attempt 2.
+    url = f"sqlite:///{tmp_path / 'p.db'}" if backend == "sqlite" else "memory://misuse-keeper"
+    transport = await connect(url)
+    try:
+        hour = timedelta(hours=1)
+        queue = transport.priority_queue("keeper", levels=2, aging_interval=hour, lease_seconds=0.6)
+        await queue.enqueue(WorkRequest(task="t", payload="hi"), priority=0)
+        low = await queue.enqueue(WorkRequest(task="t", payload="lo"), priority=1)
+        got = await queue.poll(5)
+        assert got is not None and got.request.payload == "hi"  # `lo` is held
+        original = queue._give_back
+        giving = asyncio.Event()
+
+        async def slow_give_back(delivery: Delivery) -> None:
+            giving.set()
+            await asyncio.sleep(0.3)  # a broker round trip
+            await original(delivery)
+
+        queue._give_back = slow_give_back  # type: ignore[method-assign]
+        # Nobody polls: the keeper starts giving the held head back.
+        await asyncio.wait_for(giving.wait(), 10)
+        await got.ack()
+        await queue.aclose()
+        again = transport.priority_queue("keeper", levels=2, aging_interval=hour)
+        back = await again.poll(5)
+        assert back is not None and back.request.request_id == low.request_id
+        assert back.attempt == 1, "a held head nobody handled came back counted"
+        await back.ack()
+    finally:
         await transport.aclose()
