@@ -231,6 +231,13 @@ class PriorityQueueConformance:
         busy_poll = done.pop()
         busy, got = polls.pop(busy_poll), busy_poll.result()
         assert got is not None and got.request.request_id == first.request_id
+
+        async def keep_lease() -> None:  # as a runtime keeps a running handler's
+            while True:
+                await asyncio.sleep(lease / 4)
+                assert await got.extend(), "the busy worker lost its lease"
+
+        keeper = asyncio.create_task(keep_lease())
         late = await producer.enqueue(WorkRequest(task="t", payload="late"), priority=2)
         [idle_poll] = polls
 
@@ -242,9 +249,9 @@ class PriorityQueueConformance:
             return delivery.request.request_id, delivery.attempt
 
         by_idle = asyncio.create_task(handled_at_once(idle_poll))
-        for _ in range(12):  # the busy worker handles `first` for 3 leases
-            await asyncio.sleep(lease / 4)
-            assert await got.extend()
+        await asyncio.sleep(3 * lease)  # the busy worker handles `first` for 3 leases
+        assert not keeper.done(), keeper.exception()
+        keeper.cancel()
         assert await got.ack()
         handed = []
         if (taken := await handled_at_once(busy.poll(0.5))) is not None:
