@@ -139,7 +139,8 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
     ids = list(dict.fromkeys(str(d.request_id) for d in chosen))
     # Every decodable dead letter of those ids moves (a request enqueued twice
     # and dead-lettered twice has two): all of them are what was asked for.
-    chosen = [d for d in dead if d.request is not None and d.request_id in set(ids)]
+    wanted = set(ids)
+    chosen = [d for d in dead if d.request is not None and d.request_id in wanted]
     moved = await queue.requeue_dead_letters(ids) if ids else 0
     rows = [
         {
@@ -272,32 +273,33 @@ async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> 
 _LEVEL_PROBE = 16
 
 
-async def _level_count(transport: Transport, name: str) -> int:
-    """How many priority levels of ``name`` exist (``<name>__p0`` … without
-    a gap, the first :data:`_LEVEL_PROBE`); 0 if none, or if the backend
-    cannot tell without creating them."""
+async def _present_levels(transport: Transport, name: str) -> list[int]:
+    """Which priority levels of ``name`` exist (``<name>__p0`` …, the first
+    :data:`_LEVEL_PROBE`); none if the backend cannot tell without creating
+    them."""
     try:
         absent = await transport.missing(ProvisionPlan(queues={name: _LEVEL_PROBE}))
     except UnsupportedFeatureError:
-        return 0
+        return []
     missing = {step.name for step in absent}
+    return [k for k in range(_LEVEL_PROBE) if f"{name}__p{k}" not in missing]
+
+
+async def _level_count(transport: Transport, name: str) -> int:
+    """How many priority levels of ``name`` exist from level 0 without a
+    gap; 0 if none (or the backend cannot tell without creating them)."""
+    present = set(await _present_levels(transport, name))
     count = 0
-    while count < _LEVEL_PROBE and f"{name}__p{count}" not in missing:
+    while count in present:
         count += 1
     return count
 
 
 async def _has_levels(transport: Transport, name: str) -> bool:
     """Whether ``name`` looks like a priority queue: level queues of it
-    (``<name>__p0`` …, the first :data:`_LEVEL_PROBE`) exist and hold
-    something. Creates nothing (a backend that cannot tell without
-    creating is not asked)."""
-    try:
-        absent = await transport.missing(ProvisionPlan(queues={name: _LEVEL_PROBE}))
-    except UnsupportedFeatureError:
-        return False
-    missing = {step.name for step in absent}
-    present = [k for k in range(_LEVEL_PROBE) if f"{name}__p{k}" not in missing]
+    exist and hold something. Creates nothing (a backend that cannot tell
+    without creating is not asked)."""
+    present = await _present_levels(transport, name)
     if not present:
         return False
     queue = transport.priority_queue(name, levels=max(present) + 1)

@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,9 +19,7 @@ from transport import (
     Ensemble,
     InMemoryMetrics,
     Network,
-    Transport,
     WorkRequest,
-    WorkResponse,
     connect,
     set_metrics_sink,
 )
@@ -61,67 +60,58 @@ async def test_a_plain_def_handler_fails_the_request_at_once_saying_why() -> Non
         await transport.aclose()
 
 
-async def _serve_one_bad_then_one_good(
-    transport: Transport, ensemble: Ensemble, caller: Network
-) -> tuple[WorkResponse, WorkResponse]:
-    async with ensemble.serving():
-        bad = await caller.request("misuse", "bad", {}, timeout=20)
-        good = await caller.request("misuse", "good", {}, timeout=20)
-    return bad, good
-
-
-def _bad_and_good(ensemble: Ensemble, bad: Callable[[], Awaitable[object]]) -> None:
-    @ensemble.task("bad")
-    async def bad_task(ctx: object) -> object:
-        return await bad()
-
-    @ensemble.task("good")
-    async def good_task(ctx: object) -> dict[str, bool]:
-        return {"ok": True}
-
-
-async def test_a_handler_raising_cancelled_error_fails_its_request_and_the_workers_go_on() -> None:
+async def _cancelled_elsewhere() -> object:
     # The handler awaits something cancelled elsewhere: CancelledError comes
-    # out of it although nobody cancelled the worker. It ended the worker
-    # silently, one per redelivery, until the ensemble served nothing.
-    transport = await connect("memory://misuse-cancel")
+    # out of it although nobody cancelled the worker.
+    future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    future.cancel()
+    return await future
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+async def _raises_unprintable() -> object:
+    raise _Unprintable
+
+
+@pytest.mark.parametrize(
+    ("bad", "settings", "named"),
+    [
+        (
+            _cancelled_elsewhere,
+            {"concurrency": 2, "max_attempts": 2, "lease_seconds": 1},
+            "CancelledError",
+        ),
+        (_raises_unprintable, {"max_attempts": 1}, "_Unprintable"),
+    ],
+    ids=["cancelled-error", "unprintable-exception"],
+)
+async def test_a_handler_exception_that_ended_its_worker_fails_the_request_and_workers_go_on(
+    bad: Callable[[], Awaitable[object]], settings: dict[str, Any], named: str
+) -> None:
+    # Each ended the worker silently (a CancelledError one per redelivery,
+    # until the ensemble served nothing; an exception whose message raises
+    # while its error was written).
+    transport = await connect(f"memory://misuse-{named}")
     try:
-        ensemble = Ensemble(
-            "misuse", transport=transport, concurrency=2, max_attempts=2, lease_seconds=1
-        )
+        ensemble = Ensemble("misuse", transport=transport, **settings)
 
-        async def cancelled_elsewhere() -> object:
-            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-            future.cancel()
-            return await future
+        @ensemble.task("bad")
+        async def bad_task(ctx: object) -> object:
+            return await bad()
 
-        _bad_and_good(ensemble, cancelled_elsewhere)
-        bad, good = await _serve_one_bad_then_one_good(
-            transport, ensemble, Network(transport, caller="misuse-caller")
-        )
-        assert bad.status == "failed" and "CancelledError" in (bad.error or ""), bad
-        assert good.status == "completed", good
-    finally:
-        await transport.aclose()
+        @ensemble.task("good")
+        async def good_task(ctx: object) -> dict[str, bool]:
+            return {"ok": True}
 
-
-async def test_an_exception_whose_message_raises_fails_its_request() -> None:
-    transport = await connect("memory://misuse-str")
-    try:
-        ensemble = Ensemble("misuse", transport=transport, max_attempts=1)
-
-        class Unprintable(Exception):
-            def __str__(self) -> str:
-                raise RuntimeError("no message")
-
-        async def raises() -> object:
-            raise Unprintable
-
-        _bad_and_good(ensemble, raises)
-        bad, good = await _serve_one_bad_then_one_good(
-            transport, ensemble, Network(transport, caller="misuse-caller")
-        )
-        assert bad.status == "failed" and "Unprintable" in (bad.error or ""), bad
+        caller = Network(transport, caller="misuse-caller")
+        async with ensemble.serving():
+            failed = await caller.request("misuse", "bad", {}, timeout=20)
+            good = await caller.request("misuse", "good", {}, timeout=20)
+        assert failed.status == "failed" and named in (failed.error or ""), failed
         assert good.status == "completed", good
     finally:
         await transport.aclose()

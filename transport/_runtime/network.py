@@ -200,7 +200,7 @@ class Network:
         # A re-send under an id that is live returns the existing record:
         # a failed or cancelled re-send must not withdraw it (it deleted the
         # first send's response).
-        live = bool(request_id) and await self.inbox.record(request.request_id) is not None
+        live = bool(request_id) and await self.inbox._is_registered(request.request_id)
         if self.outbox is None:
             queue = self._queue(queue_name, levels)
             try:

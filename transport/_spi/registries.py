@@ -782,6 +782,12 @@ class DeliveryRegistry:
             self._wake(request_id)
         return True
 
+    async def _is_registered(self, request_id: str) -> bool:
+        """Whether :meth:`register` would return the existing record for
+        ``request_id`` (a live registration in this registry's view)."""
+        await self._ready()
+        return request_id in self._pending
+
     async def record(self, request_id: str) -> DeliveryRecord | None:
         """The committed record for ``request_id``: its ``completed`` record
         once answered, its ``pending`` one before, ``None`` if there is
