@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from confluent_kafka import (
+    OFFSET_END,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
@@ -401,6 +402,48 @@ class _Reports:
             self._timer = self.loop.call_at(waits[0][0], self._expire)
 
 
+#: The flush of a lone record runs in steps until the record is reported,
+#: the first this long, each next one twice as long up to the maximum: a
+#: flush returns only when the producer holds nothing, so under load a step
+#: keeps records produced meanwhile from lingering until it ends. Short
+#: first steps end it soon after a prompt report; growing ones keep a slow
+#: report (a new connection, a broker that is down) from waking the thread
+#: a thousand times a second (see _send_lone_records).
+_LONE_FLUSH_STEP_S = 0.001
+_LONE_FLUSH_MAX_STEP_S = 0.05
+#: Wakes the flush thread to look at its stop conditions (set: nothing to flush).
+_WAKE = threading.Event()
+_WAKE.set()
+
+
+class _Pace:
+    """Which records to send without lingering (event loop only).
+
+    A record is *lone* when the producer holds no other and records have
+    been coming further apart than ``linger.ms``: a moving average of the
+    gaps between records, each gap counted as at most ten lingers, so that
+    after a pause the next lone record is sent at once and a few records
+    close together make the producer linger again. With ``linger.ms`` 0
+    nothing lingers, so nothing is lone.
+    """
+
+    #: Weight of the newest gap in the moving average.
+    WEIGHT = 0.125
+
+    def __init__(self, linger_s: float) -> None:
+        self.linger_s = linger_s
+        self._cap = max(10 * linger_s, 0.01)
+        self.gap = self._cap
+        self._last = float("-inf")
+
+    def lone(self, now: float, held: int) -> bool:
+        """Count a record produced at ``now`` (monotonic seconds) while the
+        producer held ``held`` others; whether it is lone."""
+        self.gap += (min(now - self._last, self._cap) - self.gap) * self.WEIGHT
+        self._last = now
+        return self.linger_s > 0 and held == 0 and self.gap > self.linger_s
+
+
 def _is_fatal(exc: BaseException) -> bool:
     """Whether a client exception means the producer is unusable for good."""
     err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
@@ -419,6 +462,15 @@ class KafkaClients:
         self._meta: Consumer | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kafka-io")
         self._poll_thread: threading.Thread | None = None
+        self._flush_thread: threading.Thread | None = None
+        # Lone records for the flush thread: an event set by each one's report.
+        self._lone: queue.SimpleQueue[threading.Event] = queue.SimpleQueue()
+        conf = settings.producer_config()  # the alias, set after linger.ms, wins
+        linger = conf.get("queue.buffering.max.ms", conf.get("linger.ms", 0))
+        try:
+            self._pace = _Pace(float(linger) / 1000)
+        except (TypeError, ValueError):
+            self._pace = _Pace(0.0)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._topics: set[str] = set()  # created or checked (see ensure_topics)
@@ -428,6 +480,7 @@ class KafkaClients:
         self._closed = False
         self._reports: _Reports | None = None
         self._marks: dict[tuple[str, tuple[int, ...]], SharedRun[dict[int, tuple[int, int]]]] = {}
+        self._highs: dict[tuple[str, tuple[int, ...]], SharedRun[dict[int, int]]] = {}
 
     @property
     def timeout(self) -> float:
@@ -451,6 +504,14 @@ class KafkaClients:
                     daemon=True,
                 )
                 self._poll_thread.start()
+                self._lone = queue.SimpleQueue()
+                self._flush_thread = threading.Thread(
+                    target=self._send_lone_records,
+                    args=(producer, self._lone),
+                    name="kafka-producer-flush",
+                    daemon=True,
+                )
+                self._flush_thread.start()
             return self._producer
 
     def existing_producer(self) -> Producer | None:
@@ -473,6 +534,46 @@ class KafkaClients:
                 with contextlib.suppress(KafkaException):
                     producer.poll(0.05)
 
+    def _send_lone_records(
+        self, producer: Producer, lone: queue.SimpleQueue[threading.Event]
+    ) -> None:
+        """Send a lone record at once: one produced while the producer held
+        no other and records have been coming further apart than
+        ``linger.ms`` (a moving average of the gaps).
+
+        ``linger.ms`` (1 by default) lets records produced close together
+        share a request, which enqueue throughput needs. When records come
+        further apart than that, lingering batches nothing and only delays
+        each one, and a request's round trip awaits several such writes one
+        after the other (registration, enqueue, delivery count, response,
+        collection). A flush makes librdkafka send what it holds without
+        lingering: it runs, in growing steps (``_LONE_FLUSH_STEP_S``), until
+        the record is reported (its report reaches its caller through the
+        poll thread or this one) or its ``message.timeout.ms`` has passed.
+        Under load (records closer together) nothing is flushed: a flush
+        would keep the records produced meanwhile from sharing requests.
+        """
+        bound = self.settings.options.operation_timeout_s
+        while not self._stop.is_set() and self._producer is producer:
+            try:
+                reported = lone.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            deadline = time.monotonic() + bound
+            step = _LONE_FLUSH_STEP_S
+            while (
+                not reported.is_set()
+                and not self._stop.is_set()
+                and self._producer is producer
+                and time.monotonic() < deadline
+            ):
+                try:
+                    producer.flush(step)
+                except KafkaException as exc:  # the poll thread reports and retires
+                    log.debug("producer flush: %s", exc)
+                    break
+                step = min(step * 2, _LONE_FLUSH_MAX_STEP_S)
+
     def _retire_producer(self, producer: Producer, cause: BaseException | KafkaError) -> None:
         """Drop ``producer`` if it failed fatally (an idempotent producer
         whose id a broker no longer knows, e.g. one that lost its data):
@@ -487,7 +588,8 @@ class KafkaClients:
                     "the producer failed fatally (%s); the next enqueue makes a new one", cause
                 )
                 self._producer = None
-                self._poll_thread = None
+                self._poll_thread = self._flush_thread = None
+                self._lone.put(_WAKE)  # its flush thread ends
 
     def admin(self) -> AdminClient:
         with self._lock:
@@ -560,8 +662,15 @@ class KafkaClients:
         add = reports.add
 
         producer = self.producer()
+        # A record the producer will hold alone, while records come further
+        # apart than linger.ms, is flushed (see _send_lone_records); its
+        # report ends that flush.
+        lone = self._pace.lone(time.monotonic(), len(producer))
+        reported = threading.Event() if lone else None
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            if reported is not None:
+                reported.set()
             if err is not None and err.fatal():
                 self._retire_producer(producer, err)
             add(future, err, msg, what)
@@ -582,6 +691,8 @@ class KafkaClients:
                 with map_kafka_errors(what):  # re-raised as a transport error
                     raise
             reports.watch(future, what)
+            if reported is not None:
+                self._lone.put(reported)
             return await future
         except TransientTransportError:
             # The topic may have gone (deleted, or a broker that lost its
@@ -755,6 +866,31 @@ class KafkaClients:
             shared = self._marks[key] = SharedRun(query)
         return await shared()
 
+    async def high_watermarks(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
+        """High watermarks only, queried after this call began: one
+        ListOffsets request (``latest``), where :meth:`watermarks` sends
+        two (the low watermark too). Shared among concurrent callers as
+        :meth:`watermarks` is."""
+        key = (topic, tuple(partitions))
+        shared = self._highs.get(key)
+        if shared is None:
+
+            def run() -> dict[int, int]:
+                wanted = [TopicPartition(topic, p, OFFSET_END) for p in key[1]]
+                found = self._meta_consumer().offsets_for_times(wanted, timeout=self.timeout)
+                marks: dict[int, int] = {}
+                for tp in found:
+                    if tp.error is not None:
+                        raise KafkaException(tp.error)
+                    marks[tp.partition] = max(tp.offset, 0)
+                return marks
+
+            async def query() -> dict[int, int]:
+                return await self.blocking(f"high watermarks of {topic}", run)
+
+            shared = self._highs[key] = SharedRun(query)
+        return await shared()
+
     async def committed(self, group: str, topic: str, partitions: Sequence[int]) -> dict[int, int]:
         """Committed offsets of ``group`` (``-1`` where none)."""
 
@@ -837,6 +973,8 @@ class KafkaClients:
         self._closed = True
         for shared in self._marks.values():
             await shared.aclose()
+        for high in self._highs.values():
+            await high.aclose()
         close_timeout = self.settings.options.close_timeout_s
         loop = asyncio.get_running_loop()
 
@@ -846,8 +984,11 @@ class KafkaClients:
                 if left:
                     log.warning("%d records not delivered at close", left)
             self._stop.set()
+            self._lone.put(_WAKE)  # the flush thread sees the stop at once
             if self._poll_thread is not None:
                 self._poll_thread.join(close_timeout)
+            if self._flush_thread is not None:
+                self._flush_thread.join(close_timeout)
             if self._meta is not None:
                 self._meta.close()
 

@@ -239,10 +239,10 @@ class KafkaKeyedLog(KeyedLog):
         # only looked up once (a keyed log topic has one partition).
         if view is None:
             view = await self._ensure_view()
-        marks = await self._clients.watermarks(self.topic, view.partitions)
+        marks = await self._clients.high_watermarks(self.topic, view.partitions)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._clients.timeout
-        while any(view.positions.get(p, 0) < high for p, (_, high) in marks.items()):
+        while any(view.positions.get(p, 0) < high for p, high in marks.items()):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 # The client retries a read that failed (a broker

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from transport.errors import PermanentTransportError, TransientTransportError
-from transport_kafka._client import _Reports
+from transport_kafka._client import _Pace, _Reports
 
 
 class _Msg:
@@ -70,3 +70,27 @@ async def test_a_report_that_never_comes_fails_the_waiter() -> None:
     reports.watch(again, "third")
     with pytest.raises(TransientTransportError, match="third"):
         await again
+
+
+def test_records_far_apart_are_lone_and_records_close_together_linger() -> None:
+    """A record the producer holds alone is sent at once while records come
+    further apart than linger.ms; under load they linger to share requests,
+    and after a pause the next one is sent at once again."""
+    pace = _Pace(0.001)  # linger.ms = 1
+    now = 100.0
+    assert pace.lone(now, 0), "the first record after start"
+    assert not pace.lone(now, 1), "the producer holds another record"
+    # A round trip's writes, one after the other, ~0.5-3 ms apart: lone.
+    for gap in (0.0005, 0.003, 0.002, 0.0005, 0.0025) * 4:
+        now += gap
+        assert pace.lone(now, 0)
+    # 5,000 records a second: they linger (after a few, the average falls).
+    busy = []
+    for _ in range(200):
+        now += 0.0002
+        busy.append(pace.lone(now, 0))
+    assert not any(busy[20:]), "records 0.2 ms apart still sent without lingering"
+    # A pause of a second: the next lone record goes at once.
+    now += 1.0
+    assert pace.lone(now, 0)
+    assert not _Pace(0.0).lone(now, 0), "linger.ms 0: nothing lingers anyway"

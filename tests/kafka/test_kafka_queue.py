@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 import uuid
 from typing import Any
@@ -175,6 +176,34 @@ async def test_bounded_buffer_pauses_and_resumes(kafka_config_factory: Any) -> N
         assert woken[0] == [(queue.topics.requests, 0)]
     finally:
         await transport.aclose()
+
+
+async def test_a_lone_write_is_sent_at_once_whatever_linger_ms(
+    kafka_config_factory: Any,
+) -> None:
+    """A record produced while the producer holds no other (one awaited
+    enqueue, registration, response) goes out at once instead of after
+    ``linger.ms``, which only batches records produced together; closing
+    the transport ends the producer's threads."""
+    config = kafka_config_factory(
+        options={"producer": {"linger.ms": 20_000}, "operation_timeout_s": 60.0}
+    )
+    transport = await connect(config)
+    try:
+        queue = transport.request_queue(_name())
+        registry = transport.delivery_registry(_name())
+        # Without the flush each of these waits out the 20 s linger.
+        async with asyncio.timeout(10):
+            await queue.enqueue(WorkRequest(task="t", payload=1))
+            await registry.register("r1")
+            delivery = await queue.poll(5)  # its delivery count is one more write
+        assert delivery is not None and delivery.request.payload == 1
+        async with asyncio.timeout(10):
+            assert await delivery.ack()
+    finally:
+        await transport.aclose()
+    left = [t.name for t in threading.enumerate() if t.name.startswith("kafka-producer")]
+    assert left == [], f"producer threads alive after aclose(): {left}"
 
 
 async def test_a_burst_of_first_enqueues_creates_the_topics_once(
