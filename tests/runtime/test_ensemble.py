@@ -377,7 +377,20 @@ async def test_a_replica_that_stops_leaves_the_advertisement_to_the_one_running(
 async def test_the_last_replica_standing_withdraws(transport: Transport) -> None:
     # Leases of 2 s: the replica left alone sees the other's last lease run
     # past half its length (1 s) and withdraws when it stops.
-    first, second = await _replica(transport), await _replica(transport)
+    first = await _replica(transport)
+    # The first replica notes the second's advertisement from its registry
+    # watch, which a loaded machine can deliver after the second has started.
+    noted = asyncio.Event()
+    note = first._note
+
+    def noting(capability: Any) -> None:
+        note(capability)
+        if first._others:
+            noted.set()
+
+    first._note = noting  # type: ignore[method-assign]
+    second = await _replica(transport)
+    await asyncio.wait_for(noted.wait(), 10)
     await second.aclose()
     [until] = first._others.values()  # the stopped replica's last lease end
     # The time is what is tested here: wait until that lease has less than
