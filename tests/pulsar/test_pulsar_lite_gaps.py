@@ -28,8 +28,10 @@ from .conftest import ON_PULSAR_LITE, PulsarHarness
 pytestmark = [pytest.mark.broker]
 
 
-def lite_gap(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(ON_PULSAR_LITE, strict=True, reason=f"pulsar-lite 0.2: {reason}")
+def lite_gap(reason: str, *, every_run: bool = True) -> pytest.MarkDecorator:
+    """A pulsar-lite gap: the test fails there (strictly, unless the gap
+    shows in most runs only: ``every_run=False``)."""
+    return pytest.mark.xfail(ON_PULSAR_LITE, strict=every_run, reason=f"pulsar-lite 0.2: {reason}")
 
 
 async def _client(harness: PulsarHarness) -> tuple[PulsarTransport, AsyncPulsarClient]:
@@ -220,7 +222,8 @@ def test_messages_of_a_consumer_killed_with_unread_bytes_are_redelivered(
     "a reader following a topic gets messages published concurrently more than once: the one "
     "just read again (hundreds of times in 2,000), and now and then earlier ones (up to a few "
     "hundred back) followed by the rest again; readers in the backend skip what is not after "
-    "the last message they read (AsyncReader.fresh)"
+    "the last message they read (AsyncReader.fresh); seen in most runs, not all",
+    every_run=False,
 )
 def test_a_reader_gets_concurrently_published_messages_once_in_order(pulsar_url: str) -> None:
     topic = f"persistent://public/default/gap-copies-{uuid.uuid4().hex[:8]}"
