@@ -570,3 +570,74 @@ async def test_right_after_a_hand_out_caught_up_waits_for_the_next_dispatch(
         assert time.monotonic() - started < 1.0
     finally:
         await t.aclose()
+
+
+async def test_consumer_ids_are_spread_with_readers_on_a_topic_of_their_own(
+    transport_harness: PulsarHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The readers that use up consumer ids go to the namespace's ``ids``
+    topic, never to the queue's: pulsar-lite keeps a closed reader's cursor,
+    and every later send to that topic costs more for each (a queue topic
+    with 60 closed readers took sends at about a third of the rate)."""
+    from transport_pulsar._client import AsyncPulsarClient
+
+    skipped: list[tuple[str, int]] = []
+    original = AsyncPulsarClient._skip_consumer_ids
+
+    async def recording(self: AsyncPulsarClient, topic: str, count: int, timeout: float) -> bool:
+        skipped.append((topic, count))
+        return await original(self, topic, count, timeout)
+
+    monkeypatch.setattr(AsyncPulsarClient, "_skip_consumer_ids", recording)
+    monkeypatch.setattr("transport_pulsar._client.random.randrange", lambda n: 5)
+    options = {**transport_harness.config.options, "consumer_id_spread": 128}
+    t = await transport_harness.connect(options=options)
+    assert isinstance(t, PulsarTransport)
+    try:
+        q = t.request_queue(f"ids{uuid.uuid4().hex[:8]}")
+        sent = await q.enqueue(WorkRequest(task="x"))  # the subscription is created
+        got = await q.poll(10)  # the queue's consumer joins
+        assert got is not None and got.request.request_id == sent.request_id
+        assert await got.ack()
+        ids_topic = t.ctx.topic("ids", "skipped")
+        assert skipped == [(ids_topic, 5), (ids_topic, 5)]
+        assert q.topic not in {topic for topic, _ in skipped}
+    finally:
+        await t.aclose()
+
+
+async def test_a_refused_ids_topic_leaves_ids_unspread_and_says_so_once(
+    pulsar_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that refuses readers on the ids topic (no auto-creation, no
+    permission) does not fail the subscribe: the consumer joins without a
+    spread id, one warning says so, and the client does not try again."""
+    from transport_pulsar._client import AsyncPulsarClient
+
+    monkeypatch.setattr("transport_pulsar._client.random.randrange", lambda n: 5)
+    client = AsyncPulsarClient(
+        pulsar_url, operation_timeout=10, close_timeout=5, send_timeout_ms=10_000
+    )
+    topic = f"persistent://public/default/refused-ids-{uuid.uuid4().hex[:8]}"
+    consumers = []
+    try:
+        for _ in range(2):
+            consumer = await client.subscribe(
+                topic,
+                "s",
+                key_shared=False,
+                receiver_queue_size=1,
+                nack_delay_ms=1000,
+                ack_flush_wait=0.0,
+                attempt_timeout=5.0,
+                budget=10.0,
+                id_spread=64,
+                id_topic="persistent://refused",  # not a topic name: every reader refused
+            )
+            consumers.append(consumer)
+        warnings = [r for r in caplog.records if "consumer ids are not spread" in r.getMessage()]
+        assert len(warnings) == 1 and client._ids_refused
+    finally:
+        for consumer in consumers:
+            await consumer.close(5)
+        await client.close()
