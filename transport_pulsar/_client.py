@@ -54,7 +54,7 @@ from transport import TransportConfig
 from transport.errors import ClosedResourceError, PermanentTransportError, TransientTransportError
 from transport.kit import AtExit, ClientLog, hand_to_waiter, retrieve, wait_within
 from transport_pulsar._config import PulsarSettings
-from transport_pulsar._errors import PulsarResultError, map_pulsar_errors
+from transport_pulsar._errors import PulsarResultError, is_transient, map_pulsar_errors
 from transport_pulsar._wire import subscription_backlog
 
 __all__ = [
@@ -931,6 +931,15 @@ def _client_logger(kind: str) -> Any:
     return _client_log
 
 
+def _refusal(error: BaseException) -> bool:
+    """Whether a failed reader create is the broker's refusal (the topic
+    does not exist and is not created, no permission, not a topic name)
+    rather than a failure that goes away by itself."""
+    if isinstance(error, PulsarResultError) and error.result_name == "TopicNotFound":
+        return True
+    return not is_transient(error)
+
+
 class AsyncPulsarClient:
     """One ``pulsar.Client`` (one connection pool) per transport."""
 
@@ -1084,7 +1093,9 @@ class AsyncPulsarClient:
     async def _skip_consumer_ids(self, topic: str, count: int, timeout: float) -> bool:
         """Use up ``count`` consumer ids of this client: non-durable readers
         at the end of ``topic``, created together and closed at once.
-        ``False`` if none of them could be created (the topic refused)."""
+        ``False`` if the broker refused them (none created, and one refused
+        for good: no such topic, no permission, not a topic name); a broker
+        that did not answer in time is not a refusal."""
         if count <= 0:
             return True
         loop = asyncio.get_running_loop()
@@ -1108,19 +1119,22 @@ class AsyncPulsarClient:
                     future.cancel()
             raise
         closed: list[asyncio.Future[None]] = []
+        refused = False
         for future in futures:
-            if future in done and future.exception() is None:
+            if future in done and (error := future.exception()) is not None:
+                refused = refused or _refusal(error)
+            elif future in done:
                 close: asyncio.Future[None] = loop.create_future()
                 future.result().close_async(_result_callback(close))
                 closed.append(close)
-            elif future not in done:
+            else:
                 future.cancel()
         if closed:
             await asyncio.wait(closed, timeout=timeout + 5.0)
         for future in closed:
             if future.done() and not future.cancelled():
                 future.exception()  # a reader that did not close goes with the client
-        return bool(closed)
+        return bool(closed) or not refused
 
     def _sibling(self, operation_timeout: float) -> AsyncPulsarClient:
         """A client built like this one, closed with it at the latest."""

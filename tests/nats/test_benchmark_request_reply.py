@@ -22,4 +22,6 @@ async def test_ensemble_and_faststream_answer_every_request(nats_url: str) -> No
     assert row.operation == "ensemble request/response"
     assert row.target == 1.0 and row.unit == "req/s"
     assert "not durable" in row.baseline_name
-    assert row.ratio == pytest.approx(ours / theirs, rel=0.01)
+    # The row keeps three decimals: a 1% tolerance failed for a ratio of
+    # 0.0325 on a loaded machine (0.033 shown).
+    assert row.ratio == round(ours / theirs, 3)

@@ -231,3 +231,17 @@ async def test_a_redispatched_copy_of_a_message_acked_across_a_reconnect_is_acke
     consumer._on_message(_pulsar.Result.Ok, fresh)
     assert client.acked == [copy]
     assert await consumer.next(0) is fresh
+
+
+def test_only_a_lasting_refusal_turns_consumer_id_spreading_off() -> None:
+    """The readers that spread consumer ids stop being tried for a refusal
+    that lasts (no such topic on a broker without auto-creation, no
+    permission, not a topic name), not for a broker that did not answer."""
+    from transport_pulsar._client import _refusal
+    from transport_pulsar._errors import PulsarResultError
+
+    for lasting in ("TopicNotFound", "AuthorizationError", "InvalidTopicName", "NotAllowedError"):
+        assert _refusal(PulsarResultError(lasting)), lasting
+    for passing in ("Timeout", "ConnectError", "Disconnected", "ServiceUnitNotReady"):
+        assert not _refusal(PulsarResultError(passing)), passing
+    assert not _refusal(TimeoutError())
