@@ -479,8 +479,9 @@ class KafkaClients:
         self._warned: set[str] = set()  # warnings about existing topics, once each
         self._closed = False
         self._reports: _Reports | None = None
-        self._marks: dict[tuple[str, tuple[int, ...]], SharedRun[dict[int, tuple[int, int]]]] = {}
-        self._highs: dict[tuple[str, tuple[int, ...]], SharedRun[dict[int, int]]] = {}
+        # Offset queries shared by concurrent callers (see _shared_query),
+        # by (query, topic, partitions).
+        self._queries: dict[tuple[str, str, tuple[int, ...]], SharedRun[Any]] = {}
 
     @property
     def timeout(self) -> float:
@@ -839,57 +840,60 @@ class KafkaClients:
 
         return await self.blocking(f"metadata of {topic}", run)
 
-    async def watermarks(self, topic: str, partitions: Sequence[int]) -> dict[int, tuple[int, int]]:
-        """Low and high watermarks, queried after this call began.
-
-        Concurrent callers share queries (:class:`~transport.kit.SharedRun`):
-        a burst of ``get`` calls on a keyed log costs two broker round trips,
-        not one each in a queue on the executor (with 32 concurrent callers
-        on Tansu that wait had grown to ~370 ms per call).
-        """
-        key = (topic, tuple(partitions))
-        shared = self._marks.get(key)
+    async def _shared_query(
+        self, name: str, topic: str, partitions: Sequence[int], run: Callable[[list[int]], T]
+    ) -> T:
+        """``run(partitions)`` on the executor thread, started after this
+        call began and shared by the callers that come while it runs
+        (:class:`~transport.kit.SharedRun`): a burst of ``get`` calls on a
+        keyed log costs one query, not one each in a queue on the executor
+        (with 32 concurrent callers on Tansu that wait had grown to ~370 ms
+        per call)."""
+        key = (name, topic, tuple(partitions))
+        shared = self._queries.get(key)
         if shared is None:
+            wanted = list(key[2])
 
-            def run() -> dict[int, tuple[int, int]]:
-                meta = self._meta_consumer()
-                return {
-                    p: meta.get_watermark_offsets(
-                        TopicPartition(topic, p), timeout=self.timeout, cached=False
-                    )
-                    for p in key[1]
-                }
+            async def query() -> T:
+                return await self.blocking(f"{name} of {topic}", run, wanted)
 
-            async def query() -> dict[int, tuple[int, int]]:
-                return await self.blocking(f"watermarks of {topic}", run)
+            shared = self._queries[key] = SharedRun(query)
+        result: T = await shared()
+        return result
 
-            shared = self._marks[key] = SharedRun(query)
-        return await shared()
+    async def watermarks(self, topic: str, partitions: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """Low and high watermarks, queried after this call began (shared
+        among concurrent callers: :meth:`_shared_query`)."""
+
+        def run(wanted: list[int]) -> dict[int, tuple[int, int]]:
+            meta = self._meta_consumer()
+            return {
+                p: meta.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=self.timeout, cached=False
+                )
+                for p in wanted
+            }
+
+        return await self._shared_query("watermarks", topic, partitions, run)
 
     async def high_watermarks(self, topic: str, partitions: Sequence[int]) -> dict[int, int]:
         """High watermarks only, queried after this call began: one
         ListOffsets request (``latest``), where :meth:`watermarks` sends
         two (the low watermark too). Shared among concurrent callers as
         :meth:`watermarks` is."""
-        key = (topic, tuple(partitions))
-        shared = self._highs.get(key)
-        if shared is None:
 
-            def run() -> dict[int, int]:
-                wanted = [TopicPartition(topic, p, OFFSET_END) for p in key[1]]
-                found = self._meta_consumer().offsets_for_times(wanted, timeout=self.timeout)
-                marks: dict[int, int] = {}
-                for tp in found:
-                    if tp.error is not None:
-                        raise KafkaException(tp.error)
-                    marks[tp.partition] = max(tp.offset, 0)
-                return marks
+        def run(wanted: list[int]) -> dict[int, int]:
+            found = self._meta_consumer().offsets_for_times(
+                [TopicPartition(topic, p, OFFSET_END) for p in wanted], timeout=self.timeout
+            )
+            marks: dict[int, int] = {}
+            for tp in found:
+                if tp.error is not None:
+                    raise KafkaException(tp.error)
+                marks[tp.partition] = max(tp.offset, 0)
+            return marks
 
-            async def query() -> dict[int, int]:
-                return await self.blocking(f"high watermarks of {topic}", run)
-
-            shared = self._highs[key] = SharedRun(query)
-        return await shared()
+        return await self._shared_query("high watermarks", topic, partitions, run)
 
     async def committed(self, group: str, topic: str, partitions: Sequence[int]) -> dict[int, int]:
         """Committed offsets of ``group`` (``-1`` where none)."""
@@ -971,10 +975,8 @@ class KafkaClients:
         if self._closed:
             return
         self._closed = True
-        for shared in self._marks.values():
+        for shared in self._queries.values():
             await shared.aclose()
-        for high in self._highs.values():
-            await high.aclose()
         close_timeout = self.settings.options.close_timeout_s
         loop = asyncio.get_running_loop()
 
