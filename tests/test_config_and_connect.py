@@ -18,6 +18,7 @@ from transport import (
     connect,
     load_config,
 )
+from transport._spi.config import looks_secret
 
 CANARY = "canary-S3cr3t-7f3a"
 
@@ -133,6 +134,34 @@ def test_a_password_in_the_url_query_is_redacted() -> None:
         (f"redis://u:{CANARY}@h/0?password=p@{CANARY}", "redis://u:***@h/0?password=***"),
     ]:
         assert TransportConfig(url=url).redacted_url() == shown
+
+
+@pytest.mark.parametrize("name", ["tokn", "passwrod", "secert", "sasl.pasword", "api-tolken"])
+def test_a_misspelt_secret_name_is_redacted_in_the_url_query_and_options(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The secret-name pattern cannot recognise a typo: ``?tokn=...`` and an
+    # option ``sasl.pasword`` were shown in the config's repr and logs.
+    config = TransportConfig(
+        url=f"kafka://broker:9092?{name}={CANARY}&linger.ms=5",
+        options={"producer": {name: CANARY, "linger.ms": 5}},
+    )
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("transport").info("config %r", config)
+    for text in (repr(config), config.redacted_url(), caplog.text):
+        assert CANARY not in text, text
+        assert "linger.ms" in text and "5" in text  # what is not secret stays readable
+    assert config.redacted_url() == f"kafka://broker:9092?{name}=***&linger.ms=5"
+
+
+@pytest.mark.parametrize(
+    "name", ["topic", "socket", "session", "retries", "timeout", "synchronous", "db", "key"]
+)
+def test_ordinary_option_names_are_not_taken_for_secrets(name: str) -> None:
+    assert not looks_secret(name)
+    assert (
+        TransportConfig(url=f"sqlite:///x.db?{name}=7").redacted_url() == f"sqlite:///x.db?{name}=7"
+    )
 
 
 def test_token_as_url_user_part_is_redacted() -> None:

@@ -8,6 +8,7 @@ Secrets are ``SecretStr``: they never appear in ``repr``, logs or errors.
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import os
 import re
@@ -81,7 +82,7 @@ def _shown(field: str, value: Any) -> str:
         # Text that was meant as a mapping (invalid JSON, a TOML string, a
         # list) may hold a password; its type is what is wrong with it.
         return f"<{type(value).__name__}, not shown>"
-    if _SECRET_OPTION.search(field.rpartition(".")[2]):
+    if looks_secret(field.rpartition(".")[2]):
         return "'***'"
     if isinstance(value, str) and ("@" in value or "?" in value):
         value = redact_url(value)  # a URL's user part or query may hold a password
@@ -96,6 +97,26 @@ _SECRET_OPTION = re.compile(
     r"pass(word|wd|phrase)?|secret|token|credential|auth_?params|private|\.pem$|api_?key|seed",
     re.IGNORECASE,
 )
+#: A misspelt secret name (``pasword``, ``tokn``, ``secert``) escapes the
+#: pattern above: a name part this close to one of these words is secret too.
+_SECRET_WORDS = ("password", "passwd", "passphrase", "secret", "token", "credential", "private")
+_NAME_PARTS = re.compile(r"[^A-Za-z0-9]+")
+
+
+@functools.lru_cache(maxsize=1024)
+def looks_secret(name: str) -> bool:
+    """Whether the value of a setting, option or URL query parameter called
+    ``name`` must never be shown: a secret-looking name, or a misspelling of
+    one (a non-secret value may be hidden by mistake; a secret never shown)."""
+    if _SECRET_OPTION.search(name):
+        return True
+    for part in _NAME_PARTS.split(name.lower()):
+        if len(part) < 4:
+            continue
+        for word in _SECRET_WORDS:
+            if difflib.SequenceMatcher(None, part, word).ratio() >= 0.8:
+                return True
+    return False
 
 
 def redact_url(url: str) -> str:
@@ -145,7 +166,7 @@ def _redact_query(tail: str) -> str:
     params = []
     for param in query.split("&"):
         name, eq, _ = param.partition("=")
-        params.append(f"{name}=***" if eq and _SECRET_OPTION.search(name) else param)
+        params.append(f"{name}=***" if eq and looks_secret(name) else param)
     return f"{path}?{'&'.join(params)}{hash_}{fragment}"
 
 
@@ -153,7 +174,7 @@ def redact_options(value: Any, key: str = "") -> Any:
     """``options`` as they may be shown (``repr``, logs): the values of
     secret-looking keys and the user part of URLs replaced by ``***``,
     recursively."""
-    if key and _SECRET_OPTION.search(key):
+    if key and looks_secret(key):
         return "***"
     if isinstance(value, dict):
         return {k: redact_options(v, str(k)) for k, v in value.items()}
