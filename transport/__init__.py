@@ -14,6 +14,7 @@ The SPI at a glance (``transport._spi``). A backend subclasses
 
     Transport              health() · verify() · provision() / missing() / doctor() · aclose()
       backend hooks        _open_queue(name, ...) -> RequestQueue
+                           _queue_handle(name, ...) (optional: handles sharing a queue)
                            _open_keyed_log(kind, name) -> KeyedLog
                            _open_event_bus() / _open_event_log() (optional)
       request_queue()      RequestQueue: enqueue · poll -> Delivery · stats · dead_letters

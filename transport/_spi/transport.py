@@ -150,6 +150,12 @@ class Transport(ABC):
     def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> RequestQueue:
         """Build a queue handle for a validated name (may connect lazily)."""
 
+    def _queue_handle(self, name: str, *, lease_seconds: float, max_attempts: int) -> RequestQueue:
+        """The handle :meth:`request_queue` returns: by default a new
+        :meth:`_open_queue`. A backend whose handles should share one
+        consumer per queue overrides it."""
+        return self._open_queue(name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+
     def _open_level_queues(
         self, name: str, levels: int, *, lease_seconds: float, max_attempts: int
     ) -> list[RequestQueue]:
@@ -303,7 +309,7 @@ class Transport(ABC):
         if attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         queue = _instrument(
-            self._with_codec(self._open_queue(name, lease_seconds=lease, max_attempts=attempts))
+            self._with_codec(self._queue_handle(name, lease_seconds=lease, max_attempts=attempts))
         )
         self._resources.append(queue)
         return queue
