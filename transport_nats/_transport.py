@@ -119,6 +119,8 @@ class NatsTransport(Transport):
     """One NATS connection (with JetStream) shared by every queue and registry."""
 
     backend = "nats"
+    # A handle pulls into a buffer and keeps a subscription: handles share one.
+    _shares_queues = True
     capabilities = TransportCapabilities(
         persistent=True,
         ordered=True,

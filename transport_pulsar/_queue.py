@@ -165,7 +165,7 @@ def _parse_count(raw: bytes | None) -> int:
 
 
 class PulsarDelivery(Delivery):
-    __slots__ = ("_expires", "_last_error", "_message", "_owner", "_queue", "_state", "_timer")
+    __slots__ = ("_expires", "_last_error", "_message", "_queue", "_state", "_timer")
 
     def __init__(
         self,
@@ -181,7 +181,6 @@ class PulsarDelivery(Delivery):
         self._state = _LEASED
         self._expires = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._owner: object | None = None  # the handle that handed it out (_handles)
 
     async def ack(self) -> bool:
         return await self._queue._ack(self)
@@ -761,16 +760,6 @@ class PulsarRequestQueue(RequestQueue):
             self._report_exhausted(delivery.request, record.error)
         else:
             self._give_back(delivery._message)
-
-    def _give_up_owned_by(self, owner: object) -> None:
-        """Give back now, as leases that ran out, the unsettled deliveries
-        that ``owner`` (a closing handle) handed out."""
-        for delivery in list(self._held.values()):
-            if delivery._owner is owner and delivery._state == _LEASED:
-                if delivery._timer is not None:
-                    delivery._timer.cancel()
-                    delivery._timer = None
-                self._expire(delivery)
 
     def _release(self, delivery: PulsarDelivery) -> None:
         key = _message_key(delivery._message)

@@ -70,7 +70,6 @@ from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, internal_nam
 from transport_pulsar._client import AsyncConsumer, AsyncPulsarClient, PulsarContext
 from transport_pulsar._config import PulsarSettings, parse_settings
 from transport_pulsar._events import PulsarEventLog
-from transport_pulsar._handles import PulsarQueueHandle, SharedQueue
 from transport_pulsar._queue import PulsarRequestQueue, attempts_name
 from transport_pulsar._registries import KeyedTopic, PulsarKeyedLog, checkpoint_name
 
@@ -116,6 +115,8 @@ def key_shared_capabilities() -> TransportCapabilities:
 
 class PulsarTransport(Transport):
     backend = "pulsar"
+    # A handle's consumer holds what it prefetched: handles share one.
+    _shares_queues = True
     capabilities = TransportCapabilities(
         persistent=True,
         ordered=False,
@@ -134,8 +135,6 @@ class PulsarTransport(Transport):
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
         self.settings = parse_settings(config)
-        #: The queues shared by this transport's handles, by (name, lease, attempts).
-        self._shared_queues: dict[tuple[str, float, int], SharedQueue] = {}
         options = self.settings.options
         if options.subscription_type == "key_shared":
             self.capabilities = key_shared_capabilities()
@@ -213,25 +212,6 @@ class PulsarTransport(Transport):
             lease_seconds=lease_seconds,
             max_attempts=max_attempts,
         )
-
-    def _queue_handle(
-        self, name: str, *, lease_seconds: float, max_attempts: int
-    ) -> PulsarQueueHandle:
-        """A handle on the queue this transport shares among all handles of
-        ``name`` with these settings (see :mod:`transport_pulsar._handles`):
-        one consumer, however many handles a program opens."""
-        key = (name, lease_seconds, max_attempts)
-        shared = self._shared_queues.get(key)
-        if shared is None or shared.core._closed:
-            core = self._open_queue(name, lease_seconds=lease_seconds, max_attempts=max_attempts)
-            shared = self._shared_queues[key] = SharedQueue(core, self._forget_shared)
-        return shared.handle()
-
-    def _forget_shared(self, shared: SharedQueue) -> None:
-        core = shared.core
-        key = (core.name, core.lease_seconds, core.max_attempts)
-        if self._shared_queues.get(key) is shared:
-            del self._shared_queues[key]
 
     def _open_keyed_log(self, kind: str, name: str) -> PulsarKeyedLog:
         if kind not in {"delivery", "capability"}:

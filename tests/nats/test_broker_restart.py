@@ -14,6 +14,7 @@ import nats
 import pytest
 
 from transport import Transport, TransportConfig, WorkRequest, WorkResponse, connect
+from transport._spi.shared import SharedQueueHandle
 from transport.errors import TransientTransportError
 from transport.testing.brokers import NatsServer
 from transport_nats import NatsRequestQueue
@@ -42,7 +43,7 @@ async def _connect(server: NatsServer, namespace: str, **options: object) -> Tra
 async def _until_pull_parked(server: NatsServer, queue: object, timeout: float = 10.0) -> None:
     """Wait until the server holds a waiting pull request on the queue's
     consumer (``num_waiting``), as seen by a separate raw client."""
-    assert isinstance(queue, NatsRequestQueue)
+    assert isinstance(queue, NatsRequestQueue | SharedQueueHandle)
     nc = await nats.connect(server.url)
     try:
         js = nc.jetstream()

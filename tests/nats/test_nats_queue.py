@@ -12,6 +12,7 @@ import pytest
 
 import transport_nats
 from transport import Transport, TransportConfig, WorkRequest, connect
+from transport._spi.shared import SharedQueueHandle
 from transport.errors import ConfigurationError, InvalidNameError, TransientTransportError
 from transport.testing.brokers import NatsServer, free_port
 from transport_nats import NatsOptions, NatsRequestQueue, NatsTransport
@@ -206,8 +207,9 @@ async def test_prefetch_buffer_is_bounded_and_handed_back_on_close(
     first = await connect(config)
     second = await connect(nats_config)
     try:
-        queue = first.request_queue(queue_name)
-        assert isinstance(queue, NatsRequestQueue)
+        queue: Any = first.request_queue(queue_name)
+        # A handle on the queue the transport shares (its internals below).
+        assert isinstance(queue, SharedQueueHandle)
         requests = [WorkRequest(task="t", payload={"i": i}) for i in range(10)]
         for request in requests:
             await queue.enqueue(request)
@@ -220,7 +222,7 @@ async def test_prefetch_buffer_is_bounded_and_handed_back_on_close(
         assert await delivery.ack()
         await queue.aclose()
         other = second.request_queue(queue_name)
-        seen = set()
+        seen: set[str] = set()
         start = time.monotonic()
         while len(seen) < 9:
             got = await other.poll(5)

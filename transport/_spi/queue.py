@@ -139,7 +139,8 @@ class Delivery(ABC):
     with another worker (then the outcome is a redelivery, never a loss).
     """
 
-    __slots__ = ("request",)
+    # __weakref__: a shared queue's handle keeps what it handed out weakly.
+    __slots__ = ("__weakref__", "request")
 
     def __init__(self, request: WorkRequest) -> None:
         #: The request, with ``attempt`` filled in (1 = first delivery).

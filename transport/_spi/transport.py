@@ -29,6 +29,7 @@ from transport._spi.naming import validate_name
 from transport._spi.priority import AgingPolicy, PriorityRequestQueue
 from transport._spi.queue import RequestQueue
 from transport._spi.registries import CapabilityRegistry, DeliveryRegistry
+from transport._spi.shared import SharedQueue, SharedQueueHandle
 from transport.errors import ClosedResourceError, TransientTransportError, UnsupportedFeatureError
 
 __all__ = ["DEFAULT_OPERATION_TIMEOUT", "Transport", "TransportCapabilities", "TransportFactory"]
@@ -107,6 +108,8 @@ class Transport(ABC):
             RequestQueue | DeliveryRegistry | CapabilityRegistry | EventBus | EventLog
         ] = []
         self._closed = False
+        #: The queues this transport's handles share (see _shares_queues).
+        self._shared_queues: dict[tuple[str, float, int], SharedQueue] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.config.redacted_url()}>"
@@ -150,11 +153,33 @@ class Transport(ABC):
     def _open_queue(self, name: str, *, lease_seconds: float, max_attempts: int) -> RequestQueue:
         """Build a queue handle for a validated name (may connect lazily)."""
 
+    #: Whether the handles :meth:`request_queue` returns share one queue
+    #: (one :meth:`_open_queue`) per name and settings, closed with the last
+    #: handle (see :mod:`transport._spi.shared`): for a backend whose queue
+    #: handle takes messages ahead of its polls (prefetch, pull buffers).
+    _shares_queues: ClassVar[bool] = False
+
     def _queue_handle(self, name: str, *, lease_seconds: float, max_attempts: int) -> RequestQueue:
-        """The handle :meth:`request_queue` returns: by default a new
-        :meth:`_open_queue`. A backend whose handles should share one
-        consumer per queue overrides it."""
-        return self._open_queue(name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+        """The handle :meth:`request_queue` returns: a new :meth:`_open_queue`,
+        or, if the backend :attr:`_shares_queues`, a handle on the queue
+        this transport shares for ``name`` and these settings."""
+        if not self._shares_queues:
+            return self._open_queue(name, lease_seconds=lease_seconds, max_attempts=max_attempts)
+        key = (name, lease_seconds, max_attempts)
+        shared = self._shared_queues.get(key)
+        if shared is None or shared.closed:
+            shared = self._shared_queues[key] = SharedQueue(
+                key,
+                lambda: self._open_queue(
+                    name, lease_seconds=lease_seconds, max_attempts=max_attempts
+                ),
+                self._forget_shared,
+            )
+        return shared.handle()
+
+    def _forget_shared(self, shared: SharedQueue) -> None:
+        if self._shared_queues.get(shared.key) is shared:
+            del self._shared_queues[shared.key]
 
     def _open_level_queues(
         self, name: str, levels: int, *, lease_seconds: float, max_attempts: int
@@ -308,10 +333,12 @@ class Transport(ABC):
         attempts = max_attempts if max_attempts is not None else self.config.max_attempts
         if attempts < 1:
             raise ValueError("max_attempts must be at least 1")
-        queue = _instrument(
-            self._with_codec(self._queue_handle(name, lease_seconds=lease, max_attempts=attempts))
-        )
-        self._resources.append(queue)
+        handle = self._queue_handle(name, lease_seconds=lease, max_attempts=attempts)
+        queue = _instrument(self._with_codec(handle))
+        if not isinstance(handle, SharedQueueHandle):
+            # A shared queue is closed by aclose itself (see _shared_queues):
+            # a program opening a handle per poll does not pile them up here.
+            self._resources.append(queue)
         return queue
 
     def priority_queue(
@@ -504,6 +531,8 @@ class Transport(ABC):
             return
         self._closed = True
         resources, self._resources = self._resources, []
+        shared, self._shared_queues = self._shared_queues, {}
+        resources += [queue for s in shared.values() for queue in s.backend_handles()]
         await asyncio.gather(*(r.aclose() for r in resources), return_exceptions=True)
         await self._close_backend()
 

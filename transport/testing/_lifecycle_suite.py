@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from transport import Delivery, Ensemble, RequestQueue, TaskContext, Transport, WorkRequest
+from transport.errors import ClosedResourceError
 from transport.kit import WIRE_SCHEMA_VERSION, wait_within
 from transport.testing._util import await_dead_letters, enqueue_all, make_requests
 from transport.testing.harness import BackendHarness
@@ -246,6 +247,77 @@ class CleanRestartConformance:
         }
         dead = await producer.dead_letters()
         assert dead == [], [(d.request_id, d.error) for d in dead]
+
+    async def test_a_handle_per_poll_gets_every_waiting_request(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """A loop that opens a new handle for each poll (and never closes
+        them) gets every waiting request, each at attempt 1, none held back
+        by a handle nobody polls any more. On Pulsar it got one of three and
+        then nothing for a lease: each handle's consumer held what it had
+        prefetched."""
+        producer = self.open_queue(transport, queue_name)
+        sent = await enqueue_all(producer, make_requests(6))
+        worker = await make_transport()
+        got: dict[str, int] = {}
+        try:
+            for _ in range(6):
+                delivery = await self.open_queue(worker, queue_name).poll(harness.scaled(10))
+                assert delivery is not None, f"got {len(got)} of 6, then nothing"
+                got[delivery.request.request_id] = delivery.attempt
+                assert await delivery.ack(), "ack of a live delivery did not take effect"
+        finally:
+            await worker.aclose()
+        assert got == {r.request_id: 1 for r in sent}
+
+    async def test_closing_one_of_two_handles_gives_back_what_it_held(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        """Two handles of one queue in one transport: closing one gives its
+        unsettled delivery back (to the other, at attempt 2: it was handed
+        out) and leaves the other working; the closed one refuses to poll."""
+        closing = self.open_queue(transport, queue_name)
+        staying = self.open_queue(transport, queue_name)
+        [sent] = await enqueue_all(closing, make_requests(1))
+        held = await closing.poll(harness.scaled(10))
+        assert held is not None and held.attempt == 1
+        await closing.aclose()
+        with pytest.raises(ClosedResourceError):
+            await closing.poll(0)
+        again = await staying.poll(harness.scaled(20))
+        assert again is not None, "the closed handle's delivery never came back"
+        assert (again.request.request_id, again.attempt) == (sent.request_id, 2)
+        assert await again.ack()
+        assert not await held.ack(), "the closed handle's delivery was still its to settle"
+        [more] = await enqueue_all(staying, make_requests(1))
+        last = await staying.poll(harness.scaled(10))
+        assert last is not None and last.request.request_id == more.request_id
+        assert await last.ack()
+
+    async def test_a_worker_handle_closing_beside_an_open_producer_gives_back_its_backlog(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """A process enqueues and works one queue through two handles of one
+        transport; the worker's handle closes (an ``Ensemble`` stopping)
+        while the producer's stays open: what the worker had taken ahead of
+        its polls (prefetched, pulled) reaches another process's worker now,
+        at attempt 1, not when the transport closes."""
+        process = await make_transport()
+        try:
+            producer = self.open_queue(process, queue_name)
+            sent = await enqueue_all(producer, make_requests(8))
+            worker = self.open_queue(process, queue_name)
+            first = await worker.poll(harness.scaled(10))
+            assert first is not None
+            assert await first.ack()
+            await worker.aclose()
+            rest = await self._next_worker_takes(
+                make_transport, queue_name, harness, 7, {first.request.request_id}, batch=False
+            )
+            first_id = first.request.request_id
+            assert rest == {r.request_id: 1 for r in sent if r.request_id != first_id}
+        finally:
+            await process.aclose()
 
     async def test_a_worker_joining_takes_no_request_being_handled(
         self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any

@@ -1,0 +1,240 @@
+"""Queue handles of one transport that share one queue per name.
+
+On a backend whose queue handle takes messages ahead of its polls (Pulsar
+prefetches, NATS pulls into a buffer), a program that opened a handle per
+poll (``transport.request_queue("orders").poll(5)`` in a loop) left what
+each handle had taken with a handle nobody polled: on Pulsar the first of
+three waiting requests came and then nothing for a whole lease; on NATS
+every such handle kept a subscription and a task until the transport
+closed. A backend that sets ``Transport._shares_queues`` hands out light
+handles (:class:`SharedQueueHandle`) over shared backend handles instead:
+
+* the *consumer*: one backend handle for everything that polls and
+  settles, created by the first poll of any handle and closed when the
+  last handle that polled is closed -- so what it prefetched goes back as
+  soon as nobody polls any more, even while handles that only enqueue stay
+  open (an ``Ensemble`` stopping beside a producer in the same transport);
+* the *producer*: one backend handle for enqueues and the dead letters,
+  closed with the last handle.
+
+Both close with the transport. Closing one of several polling handles nacks
+the deliveries it handed out and did not settle (kept weakly per handle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from transport._spi.queue import Delivery, RequestQueue
+from transport._spi.queue import seconds as _seconds
+from transport.errors import ClosedResourceError
+
+if TYPE_CHECKING:
+    from transport._spi.codec import RequestCodec
+    from transport._spi.models import DeadLetter, QueueStats, WorkRequest
+
+__all__ = ["SharedQueue", "SharedQueueHandle"]
+
+#: A poll of a handle waits in slices this long, so that closing the handle
+#: (while others keep the consumer open) ends its poll within one slice.
+_SLICE_SECONDS = 1.0
+
+
+class SharedQueue:
+    """The backend handles shared by the handles of one queue (name and
+    settings) of one transport, and those handles."""
+
+    def __init__(
+        self,
+        key: tuple[str, float, int],
+        open_queue: Callable[[], RequestQueue],
+        on_last_close: Callable[[SharedQueue], None],
+    ) -> None:
+        self.key = key
+        self._open_queue = open_queue
+        self._on_last_close = on_last_close
+        self.handles: set[SharedQueueHandle] = set()
+        self.polling: set[SharedQueueHandle] = set()
+        self.request_codec: RequestCodec | None = None
+        self.consumer: RequestQueue | None = None
+        self.producer: RequestQueue = self._open()
+
+    def _open(self) -> RequestQueue:
+        queue = self._open_queue()
+        queue.set_exhausted_hook(self._report)
+        queue.request_codec = self.request_codec
+        return queue
+
+    def _report(self, request: WorkRequest, reason: str) -> None:
+        # Reported to the hook of every open handle.
+        for handle in list(self.handles):
+            handle._report_exhausted(request, reason)
+
+    @property
+    def closed(self) -> bool:
+        """The transport closed the backend handles (see Transport.aclose)."""
+        return bool(getattr(self.producer, "_closed", False))
+
+    def handle(self) -> SharedQueueHandle:
+        handle = SharedQueueHandle(self)
+        self.handles.add(handle)
+        return handle
+
+    def consumer_for(self, handle: SharedQueueHandle) -> RequestQueue:
+        if self.consumer is None:
+            self.consumer = self._open()
+        self.polling.add(handle)
+        return self.consumer
+
+    async def release(self, handle: SharedQueueHandle) -> None:
+        """``handle`` is closing: close what no open handle uses any more."""
+        self.handles.discard(handle)
+        if handle in self.polling:
+            self.polling.discard(handle)
+            consumer = self.consumer
+            if consumer is not None:
+                if not self.polling:
+                    self.consumer = None
+                    await consumer.aclose()  # gives back what it held or prefetched
+                else:
+                    await handle._give_back()
+        if not self.handles:
+            self._on_last_close(self)
+            await self.producer.aclose()
+
+    def backend_handles(self) -> list[RequestQueue]:
+        return [q for q in (self.consumer, self.producer) if q is not None]
+
+
+class SharedQueueHandle(RequestQueue):
+    """A :class:`RequestQueue` over the backend handles its transport shares
+    for this queue (see the module docstring). Attributes it does not have
+    are the consumer's (the producer's until a handle polled)."""
+
+    def __init__(self, shared: SharedQueue) -> None:
+        self._shared = shared
+        producer = shared.producer
+        self.name = producer.name
+        self.lease_seconds = producer.lease_seconds
+        self.max_attempts = producer.max_attempts
+        self.max_payload_bytes = producer.max_payload_bytes
+        self._handed: weakref.WeakSet[Delivery] = weakref.WeakSet()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return repr(self._shared.producer)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for what this class does not define (internals of the queue).
+        shared = self.__dict__.get("_shared")
+        if shared is None:
+            raise AttributeError(name)
+        return getattr(shared.consumer or shared.producer, name)
+
+    @property
+    def request_codec(self) -> RequestCodec | None:
+        return self._shared.request_codec
+
+    @request_codec.setter
+    def request_codec(self, codec: RequestCodec | None) -> None:
+        shared = self._shared
+        shared.request_codec = codec
+        for queue in shared.backend_handles():
+            queue.request_codec = codec
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"queue {self.name!r} is closed")
+        self._shared.producer._check_open()
+
+    # -- RequestQueue ------------------------------------------------------------
+    async def enqueue(self, request: WorkRequest) -> WorkRequest:
+        self._check_open()
+        return await self._shared.producer.enqueue(request)
+
+    async def enqueue_many(self, requests: Iterable[WorkRequest]) -> list[WorkRequest]:
+        self._check_open()
+        return await self._shared.producer.enqueue_many(requests)
+
+    async def poll(self, timeout: float | None = None) -> Delivery | None:
+        got = await self._sliced(lambda q, t: q.poll(t), timeout)
+        if got is not None:
+            self._handed.add(got)
+        return got  # type: ignore[no-any-return]
+
+    async def poll_many(self, max_count: int, timeout: float | None = None) -> list[Delivery]:
+        if max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        got: list[Delivery] = await self._sliced(lambda q, t: q.poll_many(max_count, t), timeout)
+        for delivery in got:
+            self._handed.add(delivery)
+        return got
+
+    async def _sliced(
+        self, poll: Callable[[RequestQueue, float], Any], timeout: float | None
+    ) -> Any:
+        self._check_open()
+        timeout = _seconds(timeout)  # a negative timeout is refused, as for nack/extend
+        consumer = self._shared.consumer_for(self)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            remaining = _SLICE_SECONDS if deadline is None else deadline - loop.time()
+            got = await poll(consumer, max(0.0, min(remaining, _SLICE_SECONDS)))
+            if self._closed:
+                # Closed while this poll waited: what it got was never handed
+                # to the caller, so it goes back uncounted.
+                for delivery in got if isinstance(got, list) else [got] if got else []:
+                    with contextlib.suppress(Exception):
+                        await delivery._release_uncounted()
+                raise ClosedResourceError(f"queue {self.name!r} is closed")
+            if got or (deadline is not None and loop.time() >= deadline):
+                return got
+
+    async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
+        consumer = self._shared.consumer
+        if consumer is None:  # nothing of this queue to settle: each by its own ack
+            return await super().ack_many(deliveries)
+        return await consumer.ack_many(deliveries)
+
+    async def caught_up(self, timeout: float | None = None) -> bool:
+        self._check_open()
+        return await self._shared.consumer_for(self).caught_up(timeout)
+
+    async def stats(self) -> QueueStats:
+        self._check_open()
+        shared = self._shared
+        return await (shared.consumer or shared.producer).stats()
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        self._check_open()
+        return await self._shared.producer.dead_letters(limit)
+
+    async def requeue_dead_letters(self, request_ids: Iterable[str] | None = None) -> int:
+        self._check_open()
+        return await self._shared.producer.requeue_dead_letters(request_ids)
+
+    async def replace_dead_letter(self, dead_letter_id: str, request: WorkRequest) -> bool:
+        self._check_open()
+        return await self._shared.producer.replace_dead_letter(dead_letter_id, request)
+
+    async def _give_back(self) -> None:
+        handed = list(self._handed)
+        self._handed = weakref.WeakSet()
+        # An already settled delivery's nack is a no-op (False).
+        await asyncio.gather(*(d.nack() for d in handed), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Close this handle. The consumer closes with the last handle that
+        polled (it gives back what it held or prefetched); otherwise the
+        deliveries this handle handed out and did not settle are nacked now
+        (each counted, as for a lease that ran out). The producer closes
+        with the last handle."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._shared.release(self)
