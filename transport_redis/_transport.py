@@ -110,6 +110,8 @@ class RedisTransport(Transport):
     """One redis-py connection pool shared by every queue, registry and log."""
 
     backend = "redis"
+    # Each handle is a consumer of the group (deleted at its close): handles share one.
+    _shares_queues = True
     capabilities = TransportCapabilities(
         persistent=True,
         ordered=True,

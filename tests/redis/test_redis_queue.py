@@ -17,21 +17,24 @@ import pytest
 from redis.asyncio.connection import Connection
 
 from transport import TransportConfig, WorkRequest, connect
+from transport._spi.shared import SharedQueueHandle
 from transport.errors import TransientTransportError
 from transport.testing._util import enqueue_all, make_requests, poll_until
 from transport.testing.brokers import RedisServer
 from transport.testing.harness import BackendHarness
-from transport_redis import RedisRequestQueue, RedisTransport
+from transport_redis import RedisTransport
 from transport_redis._client import keys
 from transport_redis._queue import _ACK, _LEASE, RedisDelivery
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.broker, pytest.mark.timeout(90)]
 
 
-def _queue(transport: object, name: str, **kw: float) -> RedisRequestQueue:
+def _queue(transport: object, name: str, **kw: float) -> Any:
+    """A handle on the queue the transport shares (its internals are the
+    shared RedisRequestQueue's)."""
     assert isinstance(transport, RedisTransport)
     queue = transport.request_queue(name, **kw)  # type: ignore[arg-type]
-    assert isinstance(queue, RedisRequestQueue)
+    assert isinstance(queue, SharedQueueHandle)
     return queue
 
 
