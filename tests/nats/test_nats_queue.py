@@ -235,6 +235,30 @@ async def test_prefetch_buffer_is_bounded_and_handed_back_on_close(
         await second.aclose()
 
 
+async def test_a_handle_per_poll_keeps_no_subscription_or_task_per_handle(
+    transport: Transport, queue_name: str
+) -> None:
+    """Each handle pulled through an inbox subscription of its own, with a
+    task, kept until the transport closed: a loop opening a handle per poll
+    grew by one of each per iteration (300 iterations: 307 tasks). The
+    handles of one transport now share one."""
+    producer = transport.request_queue(queue_name)
+    assert isinstance(transport, NatsTransport)
+
+    async def one() -> None:
+        await producer.enqueue(WorkRequest(task="t"))
+        delivery = await transport.request_queue(queue_name).poll(5)
+        assert delivery is not None and await delivery.ack()
+
+    await one()  # the first poll opens what the handles share
+    tasks = len(asyncio.all_tasks())
+    subscriptions = len(transport.nc._subs)
+    for _ in range(30):
+        await one()
+    assert len(asyncio.all_tasks()) <= tasks + 2
+    assert len(transport.nc._subs) <= subscriptions + 2
+
+
 async def test_stats_report_the_head_of_the_queue(transport: Transport) -> None:
     from tests._head import check_head_is_the_next_in_line
 
