@@ -318,6 +318,12 @@ class Transport(ABC):
     ) -> RequestQueue:
         """A handle on the durable queue ``name`` (created on first use).
 
+        Cheap to call for every poll: on backends whose consumers take
+        messages ahead of their polls, the handles of one transport share
+        one consumer per name and settings, closed with the last handle
+        that polled (``transport._spi.shared``). Closing a handle gives back
+        the deliveries it handed out and did not settle.
+
         ``lease_seconds`` and ``max_attempts`` default to the config's.
         Raises: InvalidNameError, ClosedResourceError, ValueError.
         """
