@@ -136,7 +136,10 @@ def test_a_password_in_the_url_query_is_redacted() -> None:
         assert TransportConfig(url=url).redacted_url() == shown
 
 
-@pytest.mark.parametrize("name", ["tokn", "passwrod", "secert", "sasl.pasword", "api-tolken"])
+@pytest.mark.parametrize(
+    "name",
+    ["tokn", "passwrod", "secert", "sasl.pasword", "api-tolken", "clientSecert", "db_pwd", "sig"],
+)
 def test_a_misspelt_secret_name_is_redacted_in_the_url_query_and_options(
     name: str, caplog: pytest.LogCaptureFixture
 ) -> None:

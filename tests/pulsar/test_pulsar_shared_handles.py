@@ -129,32 +129,58 @@ async def test_a_poll_waiting_on_a_closed_handle_ends_while_others_stay_open(
         await t.aclose()
 
 
-async def test_every_open_handle_hears_of_a_request_whose_attempts_ran_out(
+async def test_a_request_whose_attempts_ran_out_is_reported_once_to_the_polling_handle(
     transport_harness: PulsarHarness,
 ) -> None:
+    # As from a queue of its own: once, to the handle that polls (an
+    # Ensemble's), not to every handle of the queue (a sender's too).
     t = await transport_harness.connect()
     try:
         name = _name()
-        first = t.request_queue(name, lease_seconds=1.0, max_attempts=1)
-        second = t.request_queue(name, lease_seconds=1.0, max_attempts=1)
+        sender = t.request_queue(name, lease_seconds=1.0, max_attempts=1)
+        worker = t.request_queue(name, lease_seconds=1.0, max_attempts=1)
         heard: list[str] = []
-        both = asyncio.Event()
+        reported = asyncio.Event()
 
         def hook(who: str) -> Callable[[WorkRequest, str], None]:
             def report(request: WorkRequest, reason: str) -> None:
                 heard.append(who)
-                if len(heard) >= 2:
-                    both.set()
+                reported.set()
 
             return report
 
-        first.set_exhausted_hook(hook("first"))
-        second.set_exhausted_hook(hook("second"))
-        await first.enqueue(WorkRequest(task="cook"))
-        delivery = await first.poll(10)
+        sender.set_exhausted_hook(hook("sender"))
+        worker.set_exhausted_hook(hook("worker"))
+        await sender.enqueue(WorkRequest(task="cook"))
+        delivery = await worker.poll(10)
         assert delivery is not None  # and its lease runs out: attempts used up
-        await asyncio.wait_for(both.wait(), 15)
-        assert sorted(heard) == ["first", "second"]
-        assert len(await second.dead_letters()) == 1
+        await asyncio.wait_for(reported.wait(), 15)
+        assert len(await sender.dead_letters()) == 1
+        assert heard == ["worker"]
+    finally:
+        await t.aclose()
+
+
+async def test_closing_a_handle_on_a_last_attempt_dead_letters_and_reports_it(
+    transport_harness: PulsarHarness,
+) -> None:
+    # The nack that gives it back dead-letters it (its attempts are used
+    # up): the queue's polling handle hears of it, so an Ensemble answers
+    # its caller, as when a queue of its own found it at the next hand-out.
+    t = await transport_harness.connect()
+    try:
+        name = _name()
+        closing = t.request_queue(name, max_attempts=1)
+        staying = t.request_queue(name, max_attempts=1)
+        assert await staying.poll(0) is None  # polls too: closing is not the last
+        reasons: list[str] = []
+        staying.set_exhausted_hook(lambda request, reason: reasons.append(reason))
+        sent = await closing.enqueue(WorkRequest(task="cook"))
+        held = await closing.poll(10)
+        assert held is not None and held.attempt == 1
+        await closing.aclose()
+        assert len(reasons) == 1 and "its handle was closed" in reasons[0]
+        [dead] = await staying.dead_letters()
+        assert dead.request_id == sent.request_id and "its handle was closed" in dead.error
     finally:
         await t.aclose()

@@ -101,6 +101,9 @@ _SECRET_OPTION = re.compile(
 #: pattern above: a name part this close to one of these words is secret too.
 _SECRET_WORDS = ("password", "passwd", "passphrase", "secret", "token", "credential", "private")
 _NAME_PARTS = re.compile(r"[^A-Za-z0-9]+")
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+#: Whole name parts that are secrets too short or too unlike the words above.
+_SECRET_PARTS = frozenset({"pwd", "bearer", "authorization", "privkey", "apikey", "sig"})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -110,7 +113,10 @@ def looks_secret(name: str) -> bool:
     one (a non-secret value may be hidden by mistake; a secret never shown)."""
     if _SECRET_OPTION.search(name):
         return True
-    for part in _NAME_PARTS.split(name.lower()):
+    words = _CAMEL.sub(r"\1_\2", name)  # clientSecert: client, secert
+    for part in _NAME_PARTS.split(words.lower()):
+        if part in _SECRET_PARTS:
+            return True
         if len(part) < 4:
             continue
         for word in _SECRET_WORDS:

@@ -17,8 +17,10 @@ handles (:class:`SharedQueueHandle`) over shared backend handles instead:
 * the *producer*: one backend handle for enqueues and the dead letters,
   closed with the last handle.
 
-Both close with the transport. Closing one of several polling handles nacks
-the deliveries it handed out and did not settle (kept weakly per handle).
+Both close with the transport. Handles are held weakly (one dropped without
+``aclose()`` is forgotten). Closing one of several polling handles nacks the
+deliveries it handed out and did not settle (kept weakly per handle). See
+``docs/contract.md``, item 23.
 """
 
 from __future__ import annotations
@@ -57,8 +59,16 @@ class SharedQueue:
         self.key = key
         self._open_queue = open_queue
         self._on_last_close = on_last_close
-        self.handles: set[SharedQueueHandle] = set()
-        self.polling: set[SharedQueueHandle] = set()
+        # Weakly, in the order they came: a handle dropped without aclose()
+        # (a handle per poll) is forgotten, not kept until the transport closes.
+        self.handles: weakref.WeakKeyDictionary[SharedQueueHandle, None] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.polling: weakref.WeakKeyDictionary[SharedQueueHandle, None] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: Set when the transport starts closing: no consumer is opened any more.
+        self.closing = False
         self.request_codec: RequestCodec | None = None
         self.consumer: RequestQueue | None = None
         self.producer: RequestQueue = self._open()
@@ -70,9 +80,13 @@ class SharedQueue:
         return queue
 
     def _report(self, request: WorkRequest, reason: str) -> None:
-        # Reported to the hook of every open handle.
-        for handle in list(self.handles):
-            handle._report_exhausted(request, reason)
+        # Once, as a queue of its own reported it: to the first polling
+        # handle with a hook (an Ensemble's), else to the first handle with one.
+        for group in (self.polling, self.handles):
+            for handle in list(group):
+                if handle._exhausted_hook is not None:
+                    handle._report_exhausted(request, reason)
+                    return
 
     @property
     def closed(self) -> bool:
@@ -81,20 +95,22 @@ class SharedQueue:
 
     def handle(self) -> SharedQueueHandle:
         handle = SharedQueueHandle(self)
-        self.handles.add(handle)
+        self.handles[handle] = None
         return handle
 
     def consumer_for(self, handle: SharedQueueHandle) -> RequestQueue:
+        if self.closing:
+            raise ClosedResourceError(f"queue {handle.name!r} is closed")
         if self.consumer is None:
             self.consumer = self._open()
-        self.polling.add(handle)
+        self.polling[handle] = None
         return self.consumer
 
     async def release(self, handle: SharedQueueHandle) -> None:
         """``handle`` is closing: close what no open handle uses any more."""
-        self.handles.discard(handle)
+        self.handles.pop(handle, None)
         if handle in self.polling:
-            self.polling.discard(handle)
+            del self.polling[handle]
             consumer = self.consumer
             if consumer is not None:
                 if not self.polling:
@@ -182,9 +198,18 @@ class SharedQueueHandle(RequestQueue):
         consumer = self._shared.consumer_for(self)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        shared = self._shared
         while True:
-            remaining = _SLICE_SECONDS if deadline is None else deadline - loop.time()
-            got = await poll(consumer, max(0.0, min(remaining, _SLICE_SECONDS)))
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            if len(shared.polling) > 1:
+                # Others poll too: closing this handle must end this poll
+                # without closing the consumer, so wait in slices.
+                wait = _SLICE_SECONDS if remaining is None else min(remaining, _SLICE_SECONDS)
+            else:
+                # The only poller: its close closes the consumer, which ends
+                # the poll; the backend's own retries keep the whole timeout.
+                wait = remaining  # type: ignore[assignment]
+            got = await poll(consumer, wait)
             if self._closed:
                 # Closed while this poll waited: what it got was never handed
                 # to the caller, so it goes back uncounted.
@@ -226,7 +251,18 @@ class SharedQueueHandle(RequestQueue):
         handed = list(self._handed)
         self._handed = weakref.WeakSet()
         # An already settled delivery's nack is a no-op (False).
-        await asyncio.gather(*(d.nack() for d in handed), return_exceptions=True)
+        await asyncio.gather(*(self._give_back_one(d) for d in handed), return_exceptions=True)
+
+    async def _give_back_one(self, delivery: Delivery) -> None:
+        if delivery.attempt < self.max_attempts:
+            await delivery.nack()
+            return
+        # Its last attempt: the nack dead-letters it. A queue of its own
+        # would have found it at the next hand-out and reported it (an
+        # Ensemble then answers its caller); so it is reported here.
+        reason = f"not acknowledged after {delivery.attempt} deliveries (its handle was closed)"
+        if await delivery.nack(error=reason):
+            self._shared._report(delivery.request, reason)
 
     async def aclose(self) -> None:
         """Close this handle. The consumer closes with the last handle that

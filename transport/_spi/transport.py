@@ -538,6 +538,8 @@ class Transport(ABC):
         self._closed = True
         resources, self._resources = self._resources, []
         shared, self._shared_queues = self._shared_queues, {}
+        for queue in shared.values():
+            queue.closing = True  # no consumer opens while the others close
         resources += [queue for s in shared.values() for queue in s.backend_handles()]
         await asyncio.gather(*(r.aclose() for r in resources), return_exceptions=True)
         await self._close_backend()
