@@ -88,11 +88,6 @@ class SharedQueue:
                     handle._report_exhausted(request, reason)
                     return
 
-    @property
-    def closed(self) -> bool:
-        """The transport closed the backend handles (see Transport.aclose)."""
-        return bool(getattr(self.producer, "_closed", False))
-
     def handle(self) -> SharedQueueHandle:
         handle = SharedQueueHandle(self)
         self.handles[handle] = None

@@ -167,7 +167,7 @@ class Transport(ABC):
             return self._open_queue(name, lease_seconds=lease_seconds, max_attempts=max_attempts)
         key = (name, lease_seconds, max_attempts)
         shared = self._shared_queues.get(key)
-        if shared is None or shared.closed:
+        if shared is None:  # the last handle's close or aclose() forgets it
             shared = self._shared_queues[key] = SharedQueue(
                 key,
                 lambda: self._open_queue(
