@@ -509,7 +509,9 @@ class RequestQueue(ABC):
     async def aclose(self) -> None:
         """Release this handle. Requests leased through it and not yet settled
         are given back for redelivery; enqueues that returned are durable.
-        Idempotent."""
+        A ``poll``/``poll_many`` of this handle still waiting ends with
+        ``ClosedResourceError`` within a second (never a ``CancelledError``
+        nobody asked for). Idempotent."""
 
     async def __aenter__(self) -> Self:
         return self

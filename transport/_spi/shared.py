@@ -121,6 +121,23 @@ class SharedQueue:
         return [q for q in (self.consumer, self.producer) if q is not None]
 
 
+#: Background give-backs of deliveries a cancelled poll got (kept until done).
+_releasing: set[asyncio.Future[Any]] = set()
+
+
+def _release_in_background(deliveries: list[Delivery]) -> None:
+    for delivery in deliveries:
+        future = asyncio.ensure_future(delivery._release_uncounted())
+        _releasing.add(future)
+        future.add_done_callback(_released)
+
+
+def _released(future: asyncio.Future[Any]) -> None:
+    _releasing.discard(future)
+    if not future.cancelled():
+        future.exception()  # retrieved: the lease runs out instead
+
+
 class SharedQueueHandle(RequestQueue):
     """A :class:`RequestQueue` over the backend handles its transport shares
     for this queue (see the module docstring). Attributes it does not have
@@ -134,6 +151,10 @@ class SharedQueueHandle(RequestQueue):
         self.max_attempts = producer.max_attempts
         self.max_payload_bytes = producer.max_payload_bytes
         self._handed: weakref.WeakSet[Delivery] = weakref.WeakSet()
+        # Polls of this handle waiting on the consumer unsliced (see
+        # _sliced): its aclose() cancels them, and they raise
+        # ClosedResourceError.
+        self._waiting: set[asyncio.Future[Any]] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -204,7 +225,7 @@ class SharedQueueHandle(RequestQueue):
                 # The only poller: its close closes the consumer, which ends
                 # the poll; the backend's own retries keep the whole timeout.
                 wait = remaining  # type: ignore[assignment]
-            got = await poll(consumer, wait)
+            got = await self._poll_once(poll, consumer, wait)
             if self._closed:
                 # Closed while this poll waited: what it got was never handed
                 # to the caller, so it goes back uncounted.
@@ -214,6 +235,40 @@ class SharedQueueHandle(RequestQueue):
                 raise ClosedResourceError(f"queue {self.name!r} is closed")
             if got or (deadline is not None and loop.time() >= deadline):
                 return got
+
+    async def _poll_once(
+        self,
+        poll: Callable[[RequestQueue, float], Any],
+        consumer: RequestQueue,
+        wait: float | None,
+    ) -> Any:
+        """One poll of the consumer. A wait longer than a slice (a lone
+        poller's) runs as a task that this handle's close cancels: the
+        consumer stays open if another handle began polling meanwhile, and
+        nothing else would end it. A poll ended by this handle's close, or
+        by the consumer closing under it, raises ClosedResourceError, not
+        the ``CancelledError`` of a task nobody cancelled."""
+        task: asyncio.Future[Any] | None = None
+        try:
+            if wait is not None and wait <= _SLICE_SECONDS:
+                return await poll(consumer, wait)
+            task = asyncio.ensure_future(poll(consumer, wait))  # type: ignore[arg-type]
+            self._waiting.add(task)
+            try:
+                return await task
+            finally:
+                self._waiting.discard(task)
+        except asyncio.CancelledError:
+            if task is not None and task.done() and not task.cancelled():
+                # The poll got its result as the caller was cancelled: never
+                # handed out, so it goes back uncounted (as the backend's own
+                # poll does when cancelled).
+                got = None if task.exception() is not None else task.result()
+                _release_in_background(got if isinstance(got, list) else [got] if got else [])
+            current = asyncio.current_task()
+            if self._closed and (current is None or not current.cancelling()):
+                raise ClosedResourceError(f"queue {self.name!r} is closed") from None
+            raise
 
     async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
         consumer = self._shared.consumer
@@ -268,4 +323,6 @@ class SharedQueueHandle(RequestQueue):
         if self._closed:
             return
         self._closed = True
+        for task in list(self._waiting):
+            task.cancel()
         await self._shared.release(self)

@@ -294,6 +294,51 @@ class CleanRestartConformance:
         assert last is not None and last.request.request_id == more.request_id
         assert await last.ack()
 
+    @pytest.mark.parametrize("second_poller", [False, True], ids=["alone", "beside-a-later-poller"])
+    async def test_closing_a_handle_ends_the_poll_waiting_on_it(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, second_poller: bool
+    ) -> None:
+        """A worker's ``poll(None)`` waits on an empty queue; the program
+        closes that handle (its shutdown path). The poll ends with
+        ``ClosedResourceError`` -- not a hang, not a ``CancelledError`` in a
+        task nobody cancelled -- also when another handle of the queue in the
+        same transport began polling after it (and keeps polling). Work
+        enqueued afterwards goes to the handle still open."""
+        closing = self.open_queue(transport, queue_name)
+        assert await closing.poll(0) is None  # the consumer is open and the queue empty
+        waiting = asyncio.create_task(closing.poll(None))
+        other = self.open_queue(transport, queue_name)
+        other_poll: asyncio.Task[Delivery | None] | None = None
+        try:
+            # Still waiting a moment later (a poll that failed or returned
+            # at once would make the rest of the test meaningless).
+            done, _ = await asyncio.wait({waiting}, timeout=harness.scaled(0.5))
+            assert not done, f"poll(None) on an empty queue ended: {waiting.result()!r}"
+            if second_poller:
+                other_poll = asyncio.create_task(other.poll(harness.scaled(30)))
+                done, _ = await asyncio.wait({other_poll}, timeout=harness.scaled(0.5))
+                assert not done, "the second handle's poll on an empty queue ended"
+            await closing.aclose()
+            done, _ = await asyncio.wait({waiting}, timeout=harness.scaled(5))
+            assert done, "closing the handle left its poll(None) waiting"
+            assert not waiting.cancelled(), "the poll's task was cancelled, nobody cancelled it"
+            error = waiting.exception()
+            assert isinstance(error, ClosedResourceError), f"the poll ended with {error!r}"
+            [sent] = await enqueue_all(other, make_requests(1))
+            if other_poll is None:
+                other_poll = asyncio.create_task(other.poll(harness.scaled(10)))
+            got = await other_poll
+            assert got is not None, "the open handle got nothing after the other was closed"
+            assert got.request.request_id == sent.request_id
+            assert await got.ack()
+        finally:
+            for task in (waiting, other_poll):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+            await other.aclose()
+
     async def test_a_worker_handle_closing_beside_an_open_producer_gives_back_its_backlog(
         self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
     ) -> None:

@@ -23,6 +23,7 @@ from transport_inprocess.memory._client import (
     _notify_one,
     _QueueState,
     _Waiter,
+    _wake,
 )
 
 __all__ = ["MemoryDelivery", "MemoryRequestQueue"]
@@ -67,6 +68,9 @@ class MemoryRequestQueue(RequestQueue):
         self._broker = broker
         self.max_payload_bytes = limit
         self._held: set[int] = set()
+        # This handle's polls waiting for work: its aclose() wakes them (they
+        # then raise ClosedResourceError), as the waiters are the queue's.
+        self._waiters: set[_Waiter] = set()
         self._closed = False
         with broker.lock:
             self._state = broker.queue(name)
@@ -200,6 +204,7 @@ class MemoryRequestQueue(RequestQueue):
             with self._broker.lock:
                 wake = self._next_wake()
                 self._state.waiters.append(waiter)
+            self._waiters.add(waiter)
             limit = deadline
             if wake is not None:
                 limit = wake if limit is None else min(limit, wake)
@@ -209,6 +214,7 @@ class MemoryRequestQueue(RequestQueue):
             except TimeoutError:
                 pass
             finally:
+                self._waiters.discard(waiter)
                 with self._broker.lock:
                     # (Checked with a flag, not by catching deque.remove's
                     # ValueError: that formats the waiter's repr every time.)
@@ -378,6 +384,13 @@ class MemoryRequestQueue(RequestQueue):
                     state.ready.appendleft(entry[0])
                     _notify_one(state)
             self._held.clear()
+            # Polls of this handle waiting for work end now (ClosedResourceError).
+            for waiter in self._waiters:
+                if not waiter.popped:
+                    waiter.popped = True
+                    state.waiters.remove(waiter)
+                if not waiter.future.done():
+                    _wake(waiter)
 
 
 def _compact_leases(state: _QueueState) -> None:
