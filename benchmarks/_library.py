@@ -82,6 +82,61 @@ async def fill(queue: RequestQueue, n: int) -> None:
     )
 
 
+async def pipelined_poll_ack(
+    queue: RequestQueue, n: int, pollers: int, in_flight: int
+) -> tuple[float, float]:
+    """``pollers`` loops polling one request at a time; each ack runs in its
+    own task (at most ``in_flight`` at a time), so a poller moves on while
+    its ack is made durable -- as an ``Ensemble`` with concurrency > 1 acks,
+    and as a raw loop moves on after an asynchronous commit or
+    ``acknowledge``. Returns ``time.perf_counter()`` at the first delivery
+    and at the n-th ``ack()`` returned (each must return True)."""
+    polled = acked = 0
+    first: float | None = None
+    finished = asyncio.Event()
+    slots = asyncio.Semaphore(in_flight)
+    acks: set[asyncio.Task[None]] = set()
+
+    async def ack(delivery: Delivery) -> None:
+        nonlocal acked
+        try:
+            if not await delivery.ack():
+                raise RuntimeError("ack of a live delivery returned False")
+            acked += 1
+            if acked == n:
+                finished.set()
+        finally:
+            slots.release()
+
+    async def consume() -> None:
+        nonlocal polled, first
+        while polled < n:
+            await slots.acquire()
+            delivery = await queue.poll(0.5)
+            if delivery is None:
+                slots.release()
+                continue
+            if first is None:
+                first = time.perf_counter()
+            polled += 1
+            task = asyncio.create_task(ack(delivery))  # the no-op handler returned
+            acks.add(task)
+            task.add_done_callback(acks.discard)
+
+    tasks = [asyncio.create_task(consume()) for _ in range(pollers)]
+    try:
+        await asyncio.wait_for(finished.wait(), 600)
+        end = time.perf_counter()
+    finally:
+        for task in tasks:
+            task.cancel()  # idle ones wait in poll(), which is cancellation-safe
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in list(acks):
+        task.result() if task.done() else await task  # a failed ack fails the run
+    assert first is not None
+    return first, end
+
+
 async def sequential_poll_ack(target: Target, n: int) -> float:
     """Requests per second through one worker looping ``poll`` -> ``ack``,
     one request at a time: each ``ack()`` returns before the next ``poll``.

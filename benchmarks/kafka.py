@@ -38,6 +38,8 @@ from transport import TransportConfig, WorkRequest, connect
 from transport.testing.brokers import TansuBroker
 
 CONSUMERS = 16
+#: Acks in flight at most in the pipelined poll+ack row (as the Pulsar row).
+ACKS_IN_FLIGHT = 4096
 #: ours takes batches as large as the raw consumer's consume(500)
 BATCH = 500
 FETCH_WAIT_MS = 10
@@ -243,6 +245,20 @@ async def ours_consume(bootstrap: str, n: int, sample_rss: list[float] | None = 
 
         await asyncio.wait_for(asyncio.gather(*(consume() for _ in range(CONSUMERS))), 600)
         return clock.rate(n)
+    finally:
+        await transport.aclose()
+
+
+async def ours_consume_pipelined(bootstrap: str, n: int) -> float:
+    """``CONSUMERS`` pollers, each ack durable on return in its own task
+    (``library.pipelined_poll_ack``), timed from the first delivery to the
+    n-th ack (the group join before it excluded, as on the raw side)."""
+    name = await _ours_backlog(bootstrap, n)
+    transport = await connect(_config(bootstrap))
+    try:
+        queue = transport.request_queue(name)
+        first, last = await library.pipelined_poll_ack(queue, n, CONSUMERS, ACKS_IN_FLIGHT)
+        return n / (last - first)
     finally:
         await transport.aclose()
 
@@ -513,7 +529,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         progress("kafka: poll+ack")
         bootstrap = await fresh()
         a, b = await alternate(
-            lambda: ours_consume(bootstrap, sizes.consume),
+            lambda: ours_consume_pipelined(bootstrap, sizes.consume),
             lambda: raw_consume(bootstrap, sizes.consume),
             r,
         )
@@ -523,8 +539,27 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
                 "poll+ack",
                 a,
                 b,
-                f"confluent-kafka consume(500) + batched commit (ours: {CONSUMERS} pollers, one by one)",
+                f"confluent-kafka consume(500) + batched commit (ours: {CONSUMERS} pollers, one by"
+                f" one, each ack durable on return in its own task, ≤{ACKS_IN_FLIGHT} in flight)",
                 0.2,
+            )
+        )
+        progress("kafka: poll+ack, each ack awaited by its poller")
+        bootstrap = await fresh()
+        a, b = await alternate(
+            lambda: ours_consume(bootstrap, sizes.consume),
+            lambda: raw_consume(bootstrap, sizes.consume),
+            r,
+        )
+        rows.append(
+            throughput_row(
+                "kafka",
+                "poll+ack (ack awaited)",
+                a,
+                b,
+                f"same (ours: {CONSUMERS} pollers, each waits for its ack's commit before"
+                " polling again; informational)",
+                None,
             )
         )
         progress(f"kafka: poll_many({BATCH})+ack_many")

@@ -46,7 +46,6 @@ from benchmarks._common import (
     Sizes,
     alternate,
     percentile,
-    rate,
     rss_mb,
     run_concurrently,
     throughput_row,
@@ -109,47 +108,9 @@ async def ours_consume(url: str, n: int, **options: Any) -> float:
     try:
         queue = transport.request_queue(f"c{uuid.uuid4().hex[:8]}")
         await library.fill(queue, n)
-        polled = acked = 0
-        finished = asyncio.Event()
-        slots = asyncio.Semaphore(ACKS_IN_FLIGHT)
-        acks: set[asyncio.Task[None]] = set()
-
-        async def ack(delivery: Any) -> None:
-            nonlocal acked
-            try:
-                if not await delivery.ack():
-                    raise RuntimeError("ack of a live delivery returned False")
-                acked += 1
-                if acked == n:
-                    finished.set()
-            finally:
-                slots.release()
-
-        async def consume() -> None:
-            nonlocal polled
-            while polled < n:
-                await slots.acquire()
-                delivery = await queue.poll(0.5)
-                if delivery is None:
-                    slots.release()
-                    continue
-                polled += 1
-                task = asyncio.create_task(ack(delivery))  # the no-op handler returned
-                acks.add(task)
-                task.add_done_callback(acks.discard)
-
-        async def body() -> None:
-            pollers = [asyncio.create_task(consume()) for _ in range(CONSUMERS)]
-            try:
-                await asyncio.wait_for(finished.wait(), 600)
-            finally:
-                for poller in pollers:
-                    poller.cancel()  # idle ones wait in poll(), which is cancellation-safe
-                await asyncio.gather(*pollers, return_exceptions=True)
-            for task in list(acks):
-                task.result() if task.done() else await task
-
-        return await rate(n, body)
+        start = time.perf_counter()
+        _, last = await library.pipelined_poll_ack(queue, n, CONSUMERS, ACKS_IN_FLIGHT)
+        return n / (last - start)
     finally:
         await transport.aclose()
 

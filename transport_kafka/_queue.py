@@ -201,9 +201,15 @@ class KafkaRequestQueue(RequestQueue):
             else:
                 others.append(i)
         results: list[bool | BaseException] = [False] * len(items)
-        batch, single = await asyncio.gather(
-            engine.ack_leases(leases), ack_each(items[i] for i in others)
-        )
+        if others:
+            batch, single = await asyncio.gather(
+                engine.ack_leases(leases), ack_each(items[i] for i in others)
+            )
+        else:
+            # Only this queue's deliveries (the usual case): settled in this
+            # step, so the commit round is requested at once, not after
+            # whatever the loop runs before a new task's first step.
+            batch, single = await engine.ack_leases(leases), []
         for i, result in zip(mine, batch, strict=True):
             results[i] = result
         for i, result in zip(others, single, strict=True):
