@@ -448,7 +448,11 @@ class NatsRequestQueue(RequestQueue):
 
     def _abandon(self, waiter: asyncio.Future[_Held | None]) -> None:
         if waiter.done():
-            if not waiter.cancelled() and (held := waiter.result()) is not None:
+            if (
+                not waiter.cancelled()
+                and waiter.exception() is None
+                and (held := waiter.result()) is not None
+            ):
                 self._buffer.appendleft(held)
         else:
             waiter.cancel()
@@ -670,7 +674,12 @@ class NatsRequestQueue(RequestQueue):
                 raise
             held: list[_Held] = []
             for waiter in waiters:
-                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                if (
+                    waiter.done()
+                    and not waiter.cancelled()
+                    and waiter.exception() is None  # closed meanwhile
+                    and waiter.result() is not None
+                ):
                     held.append(waiter.result())  # type: ignore[arg-type]
                 else:
                     self._abandon(waiter)
@@ -962,7 +971,9 @@ class NatsRequestQueue(RequestQueue):
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             if not waiter.done():
-                waiter.cancel()
+                # The poll waiting on it raises this (a cancelled future would
+                # surface as a CancelledError in a task nobody cancelled).
+                waiter.set_exception(ClosedResourceError(f"queue {self.name!r} is closed"))
         if self._keeper is not None:
             self._keeper.cancel()
         # Hand unsettled deliveries back now, not after their ack wait.

@@ -530,7 +530,8 @@ class Transport(ABC):
 
         Guarantees: every resource is closed even if another one's close
         fails (those errors are swallowed); requests leased and not settled
-        go back for redelivery.
+        go back for redelivery; a ``poll`` still waiting ends with
+        ``ClosedResourceError``.
         Raises: only what the backend's own connection close raises.
         """
         if self._closed:

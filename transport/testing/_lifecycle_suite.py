@@ -339,6 +339,33 @@ class CleanRestartConformance:
                         await task
             await other.aclose()
 
+    async def test_closing_the_transport_ends_a_poll_waiting_on_it(
+        self, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """A worker's ``poll(None)`` waits on an empty queue when the
+        program closes the whole transport (``async with connect(...)``
+        ending): the poll ends with ``ClosedResourceError``, not a hang and
+        not a ``CancelledError`` in a task nobody cancelled."""
+        client = await make_transport()
+        queue = self.open_queue(client, queue_name)
+        assert await queue.poll(0) is None
+        waiting = asyncio.create_task(queue.poll(None))
+        try:
+            done, _ = await asyncio.wait({waiting}, timeout=harness.scaled(0.5))
+            assert not done, f"poll(None) on an empty queue ended: {waiting.result()!r}"
+            await client.aclose()
+            done, _ = await asyncio.wait({waiting}, timeout=harness.scaled(5))
+            assert done, "closing the transport left its poll(None) waiting"
+            assert not waiting.cancelled(), "the poll's task was cancelled, nobody cancelled it"
+            error = waiting.exception()
+            assert isinstance(error, ClosedResourceError), f"the poll ended with {error!r}"
+        finally:
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(BaseException):
+                    await waiting
+            await client.aclose()
+
     async def test_a_worker_handle_closing_beside_an_open_producer_gives_back_its_backlog(
         self, transport: Transport, queue_name: str, harness: BackendHarness, make_transport: Any
     ) -> None:
