@@ -284,14 +284,15 @@ def request_reply_row(backend: str, ours: list[float], theirs: list[float], how:
     )
 
 
-def ensemble_row(backend: str, requests_per_second: float) -> Row:
-    """The informational row of :func:`ensemble` (no baseline does the same)."""
+def ensemble_row(backend: str, requests_per_second: float, why: str = "") -> Row:
+    """The informational row of :func:`ensemble` (no baseline does the same;
+    ``why``: why there is none on this broker)."""
     return Row(
         backend,
         "ensemble request/response",
         round(requests_per_second, 1),
         0.0,
-        "(informational)",
+        f"(informational{': ' + why if why else ''})",
         "req/s",
         0.0,
     )
