@@ -93,18 +93,24 @@ async def pipelined_poll_ack(
     and at the n-th ``ack()`` returned (each must return True)."""
     polled = acked = 0
     first: float | None = None
+    end = 0.0
+    failed: list[BaseException] = []
     finished = asyncio.Event()
     slots = asyncio.Semaphore(in_flight)
     acks: set[asyncio.Task[None]] = set()
 
     async def ack(delivery: Delivery) -> None:
-        nonlocal acked
+        nonlocal acked, end
         try:
             if not await delivery.ack():
                 raise RuntimeError("ack of a live delivery returned False")
             acked += 1
             if acked == n:
+                end = time.perf_counter()
                 finished.set()
+        except Exception as exc:  # fails the run at once (not after the wait)
+            failed.append(exc)
+            finished.set()
         finally:
             slots.release()
 
@@ -126,13 +132,13 @@ async def pipelined_poll_ack(
     tasks = [asyncio.create_task(consume()) for _ in range(pollers)]
     try:
         await asyncio.wait_for(finished.wait(), 600)
-        end = time.perf_counter()
     finally:
         for task in tasks:
             task.cancel()  # idle ones wait in poll(), which is cancellation-safe
         await asyncio.gather(*tasks, return_exceptions=True)
-    for task in list(acks):
-        task.result() if task.done() else await task  # a failed ack fails the run
+        await asyncio.gather(*acks, return_exceptions=True)
+    if failed:
+        raise failed[0]
     assert first is not None
     return first, end
 

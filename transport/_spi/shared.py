@@ -121,21 +121,15 @@ class SharedQueue:
         return [q for q in (self.consumer, self.producer) if q is not None]
 
 
-#: Background give-backs of deliveries a cancelled poll got (kept until done).
-_releasing: set[asyncio.Future[Any]] = set()
-
-
-def _release_in_background(deliveries: list[Delivery]) -> None:
-    for delivery in deliveries:
-        future = asyncio.ensure_future(delivery._release_uncounted())
-        _releasing.add(future)
-        future.add_done_callback(_released)
-
-
-def _released(future: asyncio.Future[Any]) -> None:
-    _releasing.discard(future)
-    if not future.cancelled():
-        future.exception()  # retrieved: the lease runs out instead
+async def _release_uncounted(deliveries: list[Delivery]) -> None:
+    """Give back deliveries a cancelled poll got (shielded: a second
+    cancellation does not stop it; one that fails runs out its lease)."""
+    if deliveries:
+        releases = asyncio.gather(
+            *(d._release_uncounted() for d in deliveries), return_exceptions=True
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(releases)
 
 
 class SharedQueueHandle(RequestQueue):
@@ -246,9 +240,14 @@ class SharedQueueHandle(RequestQueue):
         poller's) runs as a task that this handle's close cancels: the
         consumer stays open if another handle began polling meanwhile, and
         nothing else would end it. A poll ended by this handle's close, or
-        by the consumer closing under it, raises ClosedResourceError, not
-        the ``CancelledError`` of a task nobody cancelled."""
+        by the consumer closing under it as the transport closes, raises
+        ClosedResourceError, not the ``CancelledError`` of a task nobody
+        cancelled."""
         task: asyncio.Future[Any] | None = None
+        current = asyncio.current_task()
+        # Cancellations of the caller's task before this poll (caught and
+        # not uncancelled) do not make a close look like a cancellation.
+        cancelled_before = 0 if current is None else current.cancelling()
         try:
             if wait is not None and wait <= _SLICE_SECONDS:
                 return await poll(consumer, wait)
@@ -262,11 +261,12 @@ class SharedQueueHandle(RequestQueue):
             if task is not None and task.done() and not task.cancelled():
                 # The poll got its result as the caller was cancelled: never
                 # handed out, so it goes back uncounted (as the backend's own
-                # poll does when cancelled).
+                # poll does when cancelled), before the caller can go on to
+                # close the consumer (which would count it).
                 got = None if task.exception() is not None else task.result()
-                _release_in_background(got if isinstance(got, list) else [got] if got else [])
-            current = asyncio.current_task()
-            if self._closed and (current is None or not current.cancelling()):
+                await _release_uncounted(got if isinstance(got, list) else [got] if got else [])
+            caller_cancelled = current is not None and current.cancelling() > cancelled_before
+            if (self._closed or self._shared.closing) and not caller_cancelled:
                 raise ClosedResourceError(f"queue {self.name!r} is closed") from None
             raise
 

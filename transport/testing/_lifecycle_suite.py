@@ -339,6 +339,44 @@ class CleanRestartConformance:
                         await task
             await other.aclose()
 
+    async def test_closing_a_handle_ends_a_poll_of_a_task_that_swallowed_a_cancel(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        """A worker task caught a ``CancelledError`` earlier and went on (so
+        its task counts a cancellation request it never undid), then waits
+        in ``poll(None)``. Closing the handle ends that poll with
+        ``ClosedResourceError`` all the same: the earlier cancellation is not
+        mistaken for one of this poll."""
+        queue = self.open_queue(transport, queue_name)
+        assert await queue.poll(0) is None
+        waiting_to_be_cancelled = asyncio.Event()
+
+        async def worker() -> Delivery | None:
+            try:
+                waiting_to_be_cancelled.set()
+                await asyncio.sleep(harness.scaled(30))
+            except asyncio.CancelledError:
+                pass  # swallowed, not uncancel()ed
+            return await queue.poll(None)
+
+        task = asyncio.create_task(worker())
+        try:
+            await waiting_to_be_cancelled.wait()
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=harness.scaled(0.5))
+            assert not done, f"the worker's poll(None) on an empty queue ended: {task!r}"
+            await queue.aclose()
+            done, _ = await asyncio.wait({task}, timeout=harness.scaled(5))
+            assert done, "closing the handle left the poll(None) waiting"
+            assert not task.cancelled(), "the poll ended as cancelled: the close was taken for it"
+            error = task.exception()
+            assert isinstance(error, ClosedResourceError), f"the poll ended with {error!r}"
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
     async def test_closing_the_transport_ends_a_poll_waiting_on_it(
         self, queue_name: str, harness: BackendHarness, make_transport: Any
     ) -> None:

@@ -37,6 +37,7 @@ class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
     popped: bool = False  # taken off the waiters deque by _notify_one
+    closed: bool = False  # woken because its handle closed (no work came)
 
 
 @dataclass

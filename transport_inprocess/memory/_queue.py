@@ -204,7 +204,7 @@ class MemoryRequestQueue(RequestQueue):
             with self._broker.lock:
                 wake = self._next_wake()
                 self._state.waiters.append(waiter)
-            self._waiters.add(waiter)
+                self._waiters.add(waiter)
             limit = deadline
             if wake is not None:
                 limit = wake if limit is None else min(limit, wake)
@@ -214,13 +214,15 @@ class MemoryRequestQueue(RequestQueue):
             except TimeoutError:
                 pass
             finally:
-                self._waiters.discard(waiter)
                 with self._broker.lock:
+                    self._waiters.discard(waiter)
                     # (Checked with a flag, not by catching deque.remove's
                     # ValueError: that formats the waiter's repr every time.)
                     if not waiter.popped:
                         self._state.waiters.remove(waiter)
-                    elif waiter.future.done() and not waiter.future.cancelled():
+                    elif (
+                        waiter.future.done() and not waiter.future.cancelled() and not waiter.closed
+                    ):
                         # We were woken: if we leave without leasing (cancelled),
                         # pass the wake-up on so no message sits unnoticed.
                         _notify_one(self._state)
@@ -386,10 +388,9 @@ class MemoryRequestQueue(RequestQueue):
             self._held.clear()
             # Polls of this handle waiting for work end now (ClosedResourceError).
             for waiter in self._waiters:
-                if not waiter.popped:
-                    waiter.popped = True
+                if not waiter.popped:  # (else a wake-up for work is on its way: passed on)
+                    waiter.popped = waiter.closed = True
                     state.waiters.remove(waiter)
-                if not waiter.future.done():
                     _wake(waiter)
 
 
