@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from transport import (
     BackendNotAvailableError,
+    ClosedResourceError,
     ConfigurationError,
     InvalidNameError,
     TransportConfig,
@@ -205,6 +207,34 @@ async def test_connect_with_a_bad_url_names_the_setting_and_the_value() -> None:
         await connect("not a url")
     assert str(info.value).startswith("invalid transport setting url='not a url': ")
     assert "\n" not in str(info.value)
+
+
+async def test_connect_used_as_an_async_context_manager_closes_the_transport() -> None:
+    """``async with connect(url) as transport:`` (what users write first)
+    opens the transport and closes it when the block ends, also when the
+    block raises; ``await connect(...)`` and ``create_task(connect(...))``
+    still work, as for any coroutine."""
+    async with connect("memory://") as transport:
+        queue = transport.request_queue("jobs")
+        assert await queue.poll(0) is None
+    with pytest.raises(ClosedResourceError):
+        transport.request_queue("jobs")
+    with pytest.raises(RuntimeError, match="inside the block"):
+        async with connect("memory://") as raising:
+            raise RuntimeError("inside the block")
+    with pytest.raises(ClosedResourceError):
+        raising.request_queue("jobs")
+    awaited = await connect("memory://")
+    tasked = await asyncio.create_task(connect("memory://"))
+    try:
+        assert await awaited.request_queue("jobs").poll(0) is None
+        assert await tasked.request_queue("jobs").poll(0) is None
+    finally:
+        await awaited.aclose()
+        await tasked.aclose()
+    with pytest.raises(ConfigurationError):
+        async with connect("not a url"):
+            pass
 
 
 def test_a_password_in_a_refused_url_is_not_shown() -> None:

@@ -7,6 +7,9 @@ The SPI (this package) never imports a backend; backends register under the
     queue = transport.request_queue("kitchen")
     await queue.enqueue(WorkRequest(task="cook", payload={"dish": "soup"}))
 
+    async with connect("sqlite:///app.db") as transport:  # closed when the block ends
+        ...
+
 The SPI at a glance (``transport._spi``). A backend subclasses
 ``Transport`` and implements its hooks, a ``RequestQueue`` with its
 ``Delivery``, a ``KeyedLog`` and, where it has events, ``EventBus`` /
@@ -51,7 +54,7 @@ from transport._runtime.network import Network, NoProviderError
 from transport._runtime.outbox import Outbox, OutboxDeadEvent, OutboxDeadLetter, OutboxFile
 from transport._spi.codec import decode, encode
 from transport._spi.config import DEFAULT_URL, TLSConfig, TransportConfig, load_config
-from transport._spi.connect import available_backends, connect
+from transport._spi.connect import Connecting, available_backends, connect
 from transport._spi.doctor import (
     DoctorFinding,
     DoctorReport,
@@ -121,6 +124,7 @@ __all__ = [  # noqa: RUF022 - grouped by layer, sorted by role within a group
     "TransportCapabilities",
     "TransportFactory",
     "connect",
+    "Connecting",
     "available_backends",
     "TransportConfig",
     "TLSConfig",

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Generator, Iterable
 from importlib.metadata import entry_points
+from types import TracebackType
 from typing import Any, cast
 
 from transport._spi.config import TransportConfig, load_config
 from transport._spi.transport import Transport, TransportCapabilities, TransportFactory
 from transport.errors import BackendNotAvailableError, UnsupportedFeatureError
 
-__all__ = ["available_backends", "connect"]
+__all__ = ["Connecting", "available_backends", "connect"]
 
 log = logging.getLogger("transport")
 
@@ -66,13 +67,52 @@ def _load(scheme: str) -> TransportFactory:
     return cast(TransportFactory, getattr(module, attr))
 
 
-async def connect(
+class Connecting(Coroutine[Any, Any, Transport]):
+    """What :func:`connect` returns: awaited, the open :class:`Transport`;
+    as ``async with connect(...) as transport:``, the transport, closed on
+    leaving the block (the same as ``async with await connect(...)``). It is
+    a coroutine, so ``asyncio.run``, ``create_task`` and ``wait_for`` take
+    it as they take any."""
+
+    __slots__ = ("_coro", "_transport")
+
+    def __init__(self, coro: Coroutine[Any, Any, Transport]) -> None:
+        self._coro = coro
+        self._transport: Transport | None = None
+
+    def send(self, value: Any) -> Any:
+        return self._coro.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._coro.throw(*args)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, Transport]:
+        return self._coro.__await__()
+
+    async def __aenter__(self) -> Transport:
+        self._transport = await self._coro
+        return self._transport
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._transport is not None:
+            await self._transport.aclose()
+
+
+def connect(
     url_or_config: str | TransportConfig | None = None,
     *,
     require: Iterable[str] = (),
     verify: bool = False,
     **overrides: Any,
-) -> Transport:
+) -> Connecting:
     """Open a transport for a URL (``sqlite:///app.db``, ``kafka://host:9092`` …)
     or a :class:`TransportConfig`; ``None`` reads ``TRANSPORT_URL`` and friends
     from the environment (and ``TRANSPORT_CONFIG_FILE`` if set).
@@ -99,7 +139,20 @@ async def connect(
         PermanentTransportError: (``verify``) credentials or TLS refused.
         TransientTransportError: the backend is unreachable (NATS always
             checks; the others with ``verify``), within the operation timeout.
+
+    Await it (``transport = await connect(...)``, then ``aclose()``), or use
+    it as an async context manager: ``async with connect(...) as
+    transport:`` closes the transport when the block ends.
     """
+    return Connecting(_connect(url_or_config, require, verify, overrides))
+
+
+async def _connect(
+    url_or_config: str | TransportConfig | None,
+    require: Iterable[str],
+    verify: bool,
+    overrides: dict[str, Any],
+) -> Transport:
     config = load_config(url_or_config, **overrides)
     factory = _load(config.scheme)
     config.check_files()
