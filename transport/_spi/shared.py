@@ -323,6 +323,11 @@ class SharedQueueHandle(RequestQueue):
         if self._closed:
             return
         self._closed = True
-        for task in list(self._waiting):
+        waiting = list(self._waiting)
+        for task in waiting:
             task.cancel()
+        if waiting:
+            # Their backend polls end (cancellation-safe) before the consumer
+            # may close under them.
+            await asyncio.gather(*waiting, return_exceptions=True)
         await self._shared.release(self)
