@@ -117,6 +117,17 @@ class SharedQueue:
             self._on_last_close(self)
             await self.producer.aclose()
 
+    async def end_polls(self) -> None:
+        """The transport is closing: polls of its handles still waiting on
+        the consumer end now (ClosedResourceError), before the consumer
+        and the connection close under them (a backend read cut by the
+        connection closing may retry on a new connection)."""
+        waiting = [task for handle in list(self.handles) for task in handle._waiting]
+        for task in waiting:
+            task.cancel()
+        if waiting:
+            await asyncio.gather(*waiting, return_exceptions=True)
+
     def backend_handles(self) -> list[RequestQueue]:
         return [q for q in (self.consumer, self.producer) if q is not None]
 

@@ -541,6 +541,7 @@ class Transport(ABC):
         shared, self._shared_queues = self._shared_queues, {}
         for queue in shared.values():
             queue.closing = True  # no consumer opens while the others close
+        await asyncio.gather(*(s.end_polls() for s in shared.values()), return_exceptions=True)
         resources += [queue for s in shared.values() for queue in s.backend_handles()]
         await asyncio.gather(*(r.aclose() for r in resources), return_exceptions=True)
         await self._close_backend()
