@@ -248,6 +248,26 @@ async def round_trip(target: Target, n: int, *, warm_ups: int = 3) -> list[float
         await transport.aclose()
 
 
+async def bus_latency(target: Target, n: int) -> list[float]:
+    """Publish→receive on the event bus, one event at a time (ms each)."""
+    transport = await connect(target)
+    try:
+        bus = transport.event_bus()
+        subject = f"bench.lat.{uuid.uuid4().hex[:8]}"
+        subscription = await bus.subscribe(subject)
+        samples = []
+        for i in range(n):
+            start = time.perf_counter()
+            await bus.publish(subject, i)
+            event = await subscription.next(timeout=5)
+            assert event is not None and event.data == i
+            samples.append((time.perf_counter() - start) * 1000)
+        await subscription.aclose()
+        return samples
+    finally:
+        await transport.aclose()
+
+
 async def ensemble(
     target: Target, n: int, *, concurrency: int = 16, callers: int = CALLERS
 ) -> float:

@@ -118,26 +118,6 @@ async def ours_put_get_ack(url: str, n: int) -> float:
         await transport.aclose()
 
 
-async def memory_bus_latency(url: str, n: int) -> list[float]:
-    """Publish→receive on the memory:// event bus, one event at a time (ms)."""
-    transport = await connect(url)
-    try:
-        bus = transport.event_bus()
-        subject = f"bench.lat.{uuid.uuid4().hex[:8]}"
-        subscription = await bus.subscribe(subject)
-        samples = []
-        for i in range(n):
-            start = time.perf_counter()
-            await bus.publish(subject, i)
-            event = await subscription.next(timeout=5)
-            assert event is not None and event.data == i
-            samples.append((time.perf_counter() - start) * 1000)
-        await subscription.aclose()
-        return samples
-    finally:
-        await transport.aclose()
-
-
 async def asyncio_queue_latency(n: int) -> list[float]:
     queue: asyncio.Queue[int] = asyncio.Queue()
     samples = []
@@ -433,7 +413,7 @@ async def run(sizes: Sizes, progress: object) -> list[Row]:
     ours_bus: list[float] = []
     raw_bus: list[float] = []
     for _ in range(r):
-        ours_bus += await memory_bus_latency(mem, sizes.round_trips)
+        ours_bus += await library.bus_latency(mem, sizes.round_trips)
         raw_bus += await asyncio_queue_latency(sizes.round_trips)
     for q in (0.5, 0.99):
         o, b = percentile(ours_bus, q), percentile(raw_bus, q)

@@ -225,26 +225,6 @@ async def raw_sequential(url: str, n: int) -> float:
         await nc.close()
 
 
-async def ours_bus_latency(config: TransportConfig, n: int) -> list[float]:
-    """Publish→receive on the event bus, one event at a time (ms each)."""
-    transport = await connect(config)
-    try:
-        bus = transport.event_bus()
-        subject = f"bench.lat.{uuid.uuid4().hex[:8]}"
-        subscription = await bus.subscribe(subject)
-        samples = []
-        for i in range(n):
-            start = time.perf_counter()
-            await bus.publish(subject, i)
-            event = await subscription.next(timeout=5)
-            assert event is not None and event.data == i
-            samples.append((time.perf_counter() - start) * 1000)
-        await subscription.aclose()
-        return samples
-    finally:
-        await transport.aclose()
-
-
 async def raw_bus_latency(url: str, n: int) -> list[float]:
     """The same with nats-py: a core publish of the same JSON, a subscriber
     that parses it."""
@@ -590,7 +570,7 @@ async def run(sizes: Sizes, progress: Callable[[str], None]) -> list[Row]:
         ours_bus: list[float] = []
         raw_bus: list[float] = []
         for _ in range(r):
-            ours_bus += await ours_bus_latency(_config(url), sizes.round_trips)
+            ours_bus += await library.bus_latency(_config(url), sizes.round_trips)
             raw_bus += await raw_bus_latency(url, sizes.round_trips)
         for q in (0.5, 0.99):
             o, b = percentile(ours_bus, q), percentile(raw_bus, q)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -51,7 +52,15 @@ import redis.asyncio as aredis
 
 from benchmarks import _library as library
 from benchmarks import _redis_jobs as jobs
-from benchmarks._common import Row, Sizes, alternate, rate, run_concurrently, throughput_row
+from benchmarks._common import (
+    Row,
+    Sizes,
+    alternate,
+    percentile,
+    rate,
+    run_concurrently,
+    throughput_row,
+)
 from benchmarks._library import PAYLOAD
 from benchmarks.registry import registry_rows
 from benchmarks.scaleout import scaleout_rows
@@ -245,6 +254,121 @@ async def raw_sequential(url: str, n: int) -> float:
         return await rate(n, body_loop)
     finally:
         await client.aclose()
+
+
+async def raw_round_trip(url: str, n: int) -> list[float]:
+    """``XADD`` a request, a worker reads it (``XREADGROUP COUNT 1``),
+    decodes it, ``RPUSH``es the reply and ``XACK``s; the caller waits for the
+    reply with ``BLPOP``. Every write is in the AOF (``appendfsync always``)
+    before it returns, as ours are."""
+    caller = aredis.Redis.from_url(url)
+    worker_client = aredis.Redis.from_url(url)
+    stream = f"rawr{uuid.uuid4().hex[:8]}"
+    replies = f"{stream}-replies"
+    stop = asyncio.Event()
+    try:
+        await caller.xgroup_create(stream, "w", id="0", mkstream=True)
+
+        async def worker() -> None:
+            while not stop.is_set():
+                reply = await worker_client.xreadgroup("w", "c", {stream: ">"}, count=1, block=200)
+                if not reply:
+                    continue
+                [(entry_id, fields)] = reply[0][1]
+                request = WorkRequest.model_validate_json(fields[b"body"])
+                await worker_client.rpush(replies, request.request_id)
+                await worker_client.xack(stream, "w", entry_id)
+
+        task = asyncio.create_task(worker())
+        try:
+            samples = []
+            for _ in range(n):
+                start = time.perf_counter()
+                await caller.xadd(stream, {"body": _body()})
+                if await caller.blpop([replies], timeout=10) is None:
+                    raise RuntimeError("raw round trip: no reply within 10 s")
+                samples.append((time.perf_counter() - start) * 1000)
+            return samples
+        finally:
+            stop.set()
+            await task
+    finally:
+        await caller.aclose()
+        await worker_client.aclose()
+
+
+async def raw_bus_latency(url: str, n: int) -> list[float]:
+    """The same with redis-py: ``PUBLISH`` of the same JSON, a subscriber
+    that parses it."""
+    publisher = aredis.Redis.from_url(url)
+    pubsub = publisher.pubsub()
+    try:
+        channel = f"bench.lat.{uuid.uuid4().hex[:8]}"
+        await pubsub.subscribe(channel)
+        while (await pubsub.get_message(timeout=5)) is None:  # the subscribe confirmation
+            pass
+        samples = []
+        for i in range(n):
+            start = time.perf_counter()
+            body = json.dumps({"subject": channel, "data": i, "headers": {}}).encode()
+            await publisher.publish(channel, body)
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            if message is None:
+                raise RuntimeError("raw bus latency: no message within 5 s")
+            assert json.loads(message["data"])["data"] == i
+            samples.append((time.perf_counter() - start) * 1000)
+        return samples
+    finally:
+        await pubsub.aclose()
+        await publisher.aclose()
+
+
+async def faststream_request_reply(url: str, n: int) -> float:
+    """FastStream's Redis request/reply (a channel, a reply channel per
+    request) against a subscriber that answers in the same process,
+    ``CALLERS`` in flight."""
+    from faststream.redis import RedisBroker
+
+    channel = f"fs.rr.{uuid.uuid4().hex[:8]}"
+    broker = RedisBroker(url, logger=None)
+
+    @broker.subscriber(channel)
+    async def handle(body: dict[str, Any]) -> int:
+        return 1
+
+    await broker.start()
+    try:
+        await broker.request(PAYLOAD, channel, timeout=10)  # warm up
+
+        async def one(i: int) -> None:
+            await broker.request(PAYLOAD, channel, timeout=10)
+
+        return await rate(n, lambda: run_concurrently(n, library.CALLERS, one))
+    finally:
+        await broker.stop()
+
+
+def _latency_rows(
+    operation: str, ours: list[float], raw: list[float], baseline: str, target: Any
+) -> list[Row]:
+    """p50 and p99 rows; ``target(raw_p50)`` gives the p50 target as a
+    ratio raw/ours (None: informational)."""
+    rows = []
+    for q in (0.5, 0.99):
+        o, b = percentile(ours, q), percentile(raw, q)
+        rows.append(
+            Row(
+                BACKEND,
+                f"{operation} p{int(q * 100)}",
+                round(o, 3),
+                round(b, 3),
+                baseline,
+                "ms",
+                round(b / o, 3),
+                target(b) if q == 0.5 and target is not None else None,
+            )
+        )
+    return rows
 
 
 # -- task queues and worker processes ---------------------------------------------
@@ -688,6 +812,8 @@ async def run(
                 None,
             )
         )
+        if have_ours:
+            rows += await _latency_and_ensemble_rows(url, server.url, sizes, progress)
         if have_ours and scale_out:
             rows += await scaleout_rows(BACKEND, url, {}, sizes.quick, progress)
             rows += await registry_rows(BACKEND, url, {}, sizes.quick, progress)
@@ -696,6 +822,51 @@ async def run(
         )
     finally:
         await asyncio.to_thread(server.close)
+    return rows
+
+
+async def _latency_and_ensemble_rows(
+    url: str, redis_url: str, sizes: Sizes, progress: Callable[[str], None]
+) -> list[Row]:
+    """Round trips through the delivery registry, event-bus latency, and an
+    ``Ensemble`` against FastStream's request/reply (alternating rounds;
+    ours on ``url``, the raw client and FastStream on ``redis_url``)."""
+    r = sizes.rounds
+    rows: list[Row] = []
+    progress("redis: round trip")
+    ours_samples: list[float] = []
+    raw_samples: list[float] = []
+    for _ in range(r):
+        ours_samples += await library.round_trip(_config(url), sizes.round_trips, warm_ups=0)
+        raw_samples += await raw_round_trip(redis_url, sizes.round_trips)
+    # The p50 target is ours <= 2 x raw + 0.5 ms, as a ratio raw/ours.
+    rows += _latency_rows(
+        "round trip",
+        ours_samples,
+        raw_samples,
+        f"raw XADD→XREADGROUP→RPUSH reply→XACK, caller BLPOP ({FSYNC})",
+        lambda b: round(b / (2 * b + 0.5), 3),
+    )
+    progress("redis: event bus publish→receive")
+    ours_bus: list[float] = []
+    raw_bus: list[float] = []
+    for _ in range(r):
+        ours_bus += await library.bus_latency(_config(url), sizes.round_trips)
+        raw_bus += await raw_bus_latency(redis_url, sizes.round_trips)
+    rows += _latency_rows(
+        "bus publish→receive",
+        ours_bus,
+        raw_bus,
+        "redis-py PUBLISH + subscriber parsing the same JSON (informational)",
+        None,
+    )
+    progress("redis: ensemble end to end vs FastStream request/reply")
+    a, b = await alternate(
+        lambda: library.ensemble(_config(url), sizes.round_trips * 2),
+        lambda: faststream_request_reply(redis_url, sizes.round_trips * 2),
+        r,
+    )
+    rows.append(library.request_reply_row(BACKEND, a, b, "Redis pub/sub reply channel"))
     return rows
 
 

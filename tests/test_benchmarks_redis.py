@@ -1,11 +1,10 @@
 """The Redis benchmark's quick path at a tiny size (``benchmarks/redis.py``).
 
 Not a timed assertion: it checks that every row is produced with positive
-rates, raw redis-py, Celery, Dramatiq, RQ and taskiq
-alike, and that the SIGKILL
-check reports for each. Ours runs on ``sqlite://`` here (the rows' code
-through the public API, until a ``redis`` backend is registered), whose
-leases bring a killed worker's request back.
+rates (latencies), raw redis-py, FastStream's request/reply, Celery,
+Dramatiq, RQ and taskiq alike, and that the SIGKILL
+check reports for each. Ours runs on the benchmark's own redis-server,
+through the ``redis://`` backend.
 """
 
 from __future__ import annotations
@@ -30,6 +29,12 @@ THROUGHPUT = {
     "jobs: enqueue",
     "jobs: 1 worker process",
 }
+LATENCY = {
+    "round trip p50",
+    "round trip p99",
+    "bus publish→receive p50",
+    "bus publish→receive p99",
+}
 
 
 async def test_every_redis_row_has_positive_rates_and_a_sigkill_verdict(tmp_path: Path) -> None:
@@ -40,16 +45,30 @@ async def test_every_redis_row_has_positive_rates_and_a_sigkill_verdict(tmp_path
         seen.append,
         jobs_n=10,
         crash_bound=20.0,
-        ours_target=f"sqlite:///{tmp_path}/bench.db",
         scale_out=False,  # tests/test_benchmarks_scaleout.py covers those rows' harness
     )
 
-    assert {r.operation for r in rows} == THROUGHPUT | {"survives SIGKILLed worker"}
+    assert {r.operation for r in rows} == THROUGHPUT | LATENCY | {
+        "ensemble request/response",
+        "survives SIGKILLed worker",
+    }
     for r in rows:
         assert r.backend == "redis" and not r.missing, r
         if r.operation in THROUGHPUT:
             assert r.ours > 0 and r.baseline > 0 and r.ratio > 0, r
             assert "appendfsync always" in r.baseline_name, r
+        if r.operation in LATENCY:
+            assert r.unit == "ms" and r.ours > 0 and r.baseline > 0, r
+            # ours and baseline are shown rounded: the ratio is of the unrounded ones
+            assert abs(r.ratio - r.baseline / r.ours) < 0.002, r
+    [p50] = [r for r in rows if r.operation == "round trip p50"]
+    assert p50.target is not None, p50
+    assert abs(p50.target - p50.baseline / (2 * p50.baseline + 0.5)) < 0.002, p50
+    assert "appendfsync always" in p50.baseline_name, p50
+    [ensemble] = [r for r in rows if r.operation == "ensemble request/response"]
+    assert ensemble.ours > 0 and ensemble.baseline > 0 and ensemble.target == 1.0, ensemble
+    assert "FastStream request/reply" in ensemble.baseline_name, ensemble
+    assert "not durable" in ensemble.baseline_name, ensemble
     survived = [r.baseline_name for r in rows if r.operation == "survives SIGKILLed worker"]
     assert [name.split()[0] for name in survived] == ["Celery", "Dramatiq", "RQ", "taskiq-redis"]
     for name in survived:

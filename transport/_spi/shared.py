@@ -143,6 +143,11 @@ async def _release_uncounted(deliveries: list[Delivery]) -> None:
             await asyncio.shield(releases)
 
 
+def _as_list(got: Any) -> list[Delivery]:
+    """What a ``poll`` (a delivery or None) or ``poll_many`` (a list) returned."""
+    return got if isinstance(got, list) else [got] if got is not None else []
+
+
 class SharedQueueHandle(RequestQueue):
     """A :class:`RequestQueue` over the backend handles its transport shares
     for this queue (see the module docstring). Attributes it does not have
@@ -234,9 +239,7 @@ class SharedQueueHandle(RequestQueue):
             if self._closed:
                 # Closed while this poll waited: what it got was never handed
                 # to the caller, so it goes back uncounted.
-                for delivery in got if isinstance(got, list) else [got] if got else []:
-                    with contextlib.suppress(Exception):
-                        await delivery._release_uncounted()
+                await _release_uncounted(_as_list(got))
                 raise ClosedResourceError(f"queue {self.name!r} is closed")
             if got or (deadline is not None and loop.time() >= deadline):
                 return got
@@ -275,7 +278,7 @@ class SharedQueueHandle(RequestQueue):
                 # poll does when cancelled), before the caller can go on to
                 # close the consumer (which would count it).
                 got = None if task.exception() is not None else task.result()
-                await _release_uncounted(got if isinstance(got, list) else [got] if got else [])
+                await _release_uncounted(_as_list(got))
             caller_cancelled = current is not None and current.cancelling() > cancelled_before
             if (self._closed or self._shared.closing) and not caller_cancelled:
                 raise ClosedResourceError(f"queue {self.name!r} is closed") from None

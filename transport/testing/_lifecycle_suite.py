@@ -30,6 +30,33 @@ pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
 MAX_ATTEMPTS = 3
 
 
+async def _assert_still_waiting(
+    task: asyncio.Task[Any], harness: BackendHarness, what: str
+) -> None:
+    """The poll in ``task`` is still waiting a moment later (a poll that
+    failed or returned at once would make the rest of a test meaningless)."""
+    done, _ = await asyncio.wait({task}, timeout=harness.scaled(0.5))
+    assert not done, f"{what} ended: {task!r}"
+
+
+async def _assert_ends_closed(task: asyncio.Task[Any], harness: BackendHarness, what: str) -> None:
+    """``task``'s poll ends soon with ``ClosedResourceError``: not a hang,
+    not a ``CancelledError`` in a task nobody cancelled."""
+    done, _ = await asyncio.wait({task}, timeout=harness.scaled(5))
+    assert done, f"{what} left its poll(None) waiting"
+    assert not task.cancelled(), "the poll's task was cancelled, nobody cancelled it"
+    error = task.exception()
+    assert isinstance(error, ClosedResourceError), f"the poll ended with {error!r}"
+
+
+async def _cancel_unfinished(*tasks: asyncio.Task[Any] | None) -> None:
+    for task in tasks:
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
 class CleanRestartConformance:
     """Short sessions (connect, poll, settle, ``aclose()``) one after the
     other on one queue, each a new client of the backend. No capability
@@ -310,20 +337,12 @@ class CleanRestartConformance:
         other = self.open_queue(transport, queue_name)
         other_poll: asyncio.Task[Delivery | None] | None = None
         try:
-            # Still waiting a moment later (a poll that failed or returned
-            # at once would make the rest of the test meaningless).
-            done, _ = await asyncio.wait({waiting}, timeout=harness.scaled(0.5))
-            assert not done, f"poll(None) on an empty queue ended: {waiting.result()!r}"
+            await _assert_still_waiting(waiting, harness, "poll(None) on an empty queue")
             if second_poller:
                 other_poll = asyncio.create_task(other.poll(harness.scaled(30)))
-                done, _ = await asyncio.wait({other_poll}, timeout=harness.scaled(0.5))
-                assert not done, "the second handle's poll on an empty queue ended"
+                await _assert_still_waiting(other_poll, harness, "the second handle's poll")
             await closing.aclose()
-            done, _ = await asyncio.wait({waiting}, timeout=harness.scaled(5))
-            assert done, "closing the handle left its poll(None) waiting"
-            assert not waiting.cancelled(), "the poll's task was cancelled, nobody cancelled it"
-            error = waiting.exception()
-            assert isinstance(error, ClosedResourceError), f"the poll ended with {error!r}"
+            await _assert_ends_closed(waiting, harness, "closing the handle")
             [sent] = await enqueue_all(other, make_requests(1))
             if other_poll is None:
                 other_poll = asyncio.create_task(other.poll(harness.scaled(10)))
@@ -332,11 +351,7 @@ class CleanRestartConformance:
             assert got.request.request_id == sent.request_id
             assert await got.ack()
         finally:
-            for task in (waiting, other_poll):
-                if task is not None and not task.done():
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+            await _cancel_unfinished(waiting, other_poll)
             await other.aclose()
 
     async def test_closing_a_handle_ends_a_poll_of_a_task_that_swallowed_a_cancel(
@@ -363,19 +378,11 @@ class CleanRestartConformance:
         try:
             await waiting_to_be_cancelled.wait()
             task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=harness.scaled(0.5))
-            assert not done, f"the worker's poll(None) on an empty queue ended: {task!r}"
+            await _assert_still_waiting(task, harness, "the worker's poll(None) on an empty queue")
             await queue.aclose()
-            done, _ = await asyncio.wait({task}, timeout=harness.scaled(5))
-            assert done, "closing the handle left the poll(None) waiting"
-            assert not task.cancelled(), "the poll ended as cancelled: the close was taken for it"
-            error = task.exception()
-            assert isinstance(error, ClosedResourceError), f"the poll ended with {error!r}"
+            await _assert_ends_closed(task, harness, "closing the handle")
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            await _cancel_unfinished(task)
 
     async def test_closing_the_transport_ends_a_poll_waiting_on_it(
         self, queue_name: str, harness: BackendHarness, make_transport: Any
@@ -389,19 +396,11 @@ class CleanRestartConformance:
         assert await queue.poll(0) is None
         waiting = asyncio.create_task(queue.poll(None))
         try:
-            done, _ = await asyncio.wait({waiting}, timeout=harness.scaled(0.5))
-            assert not done, f"poll(None) on an empty queue ended: {waiting.result()!r}"
+            await _assert_still_waiting(waiting, harness, "poll(None) on an empty queue")
             await client.aclose()
-            done, _ = await asyncio.wait({waiting}, timeout=harness.scaled(5))
-            assert done, "closing the transport left its poll(None) waiting"
-            assert not waiting.cancelled(), "the poll's task was cancelled, nobody cancelled it"
-            error = waiting.exception()
-            assert isinstance(error, ClosedResourceError), f"the poll ended with {error!r}"
+            await _assert_ends_closed(waiting, harness, "closing the transport")
         finally:
-            if not waiting.done():
-                waiting.cancel()
-                with contextlib.suppress(BaseException):
-                    await waiting
+            await _cancel_unfinished(waiting)
             await client.aclose()
 
     async def test_a_worker_handle_closing_beside_an_open_producer_gives_back_its_backlog(
