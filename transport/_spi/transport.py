@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from datetime import timedelta
@@ -95,7 +96,12 @@ class TransportCapabilities(BaseModel):
 class Transport(ABC):
     """One connection to one backend, from which queues and registries are made.
 
-    Every object it hands out is closed by :meth:`aclose`.
+    Every object it hands out and the program still holds is closed by
+    :meth:`aclose`; one the program dropped is freed, not kept (a
+    ``request_queue(name)`` or ``delivery_registry(name).complete(...)`` per
+    call costs nothing that piles up). A registry's view follows the
+    backend until the registry is closed: keep a registry you ``register``
+    with or wait on.
     """
 
     #: URL scheme of the backend (``memory``, ``sqlite``, ``kafka`` …).
@@ -104,9 +110,15 @@ class Transport(ABC):
 
     def __init__(self, config: TransportConfig) -> None:
         self.config = config
-        self._resources: list[
+        # Weak: the transport closes what is still in use when it closes,
+        # but does not keep alive what a program opened per call and dropped
+        # (``transport.delivery_registry(reply_to).complete(...)`` in a worker
+        # loop kept every registry, ~8 KB a request, until the transport
+        # closed). An object with work in progress is held by that work (its
+        # tasks, threads, deliveries or pending responses).
+        self._resources: weakref.WeakSet[
             RequestQueue | DeliveryRegistry | CapabilityRegistry | EventBus | EventLog
-        ] = []
+        ] = weakref.WeakSet()
         self._closed = False
         #: The queues this transport's handles share (see _shares_queues).
         self._shared_queues: dict[tuple[str, float, int], SharedQueue] = {}
@@ -344,7 +356,7 @@ class Transport(ABC):
         if not isinstance(handle, SharedQueueHandle):
             # A shared queue is closed by aclose itself (see _shared_queues):
             # a program opening a handle per poll does not pile them up here.
-            self._resources.append(queue)
+            self._resources.add(queue)
         return queue
 
     def priority_queue(
@@ -379,7 +391,7 @@ class Transport(ABC):
             )
         ]
         pq = PriorityRequestQueue(name, queues, policy=policy)
-        self._resources.append(pq)
+        self._resources.add(pq)
         return pq
 
     def delivery_registry(self, name: str) -> DeliveryRegistry:
@@ -397,7 +409,7 @@ class Transport(ABC):
             max_payload_bytes=self.config.max_payload_bytes,
             ready_timeout=self.operation_timeout,
         )
-        self._resources.append(registry)
+        self._resources.add(registry)
         return registry
 
     def capability_registry(self) -> CapabilityRegistry:
@@ -411,7 +423,7 @@ class Transport(ABC):
             lease_seconds=self.config.capability_lease_seconds,
             ready_timeout=self.operation_timeout,
         )
-        self._resources.append(registry)
+        self._resources.add(registry)
         return registry
 
     def event_bus(self) -> EventBus:
@@ -421,7 +433,7 @@ class Transport(ABC):
         """
         self._check_open()
         bus = self._open_event_bus()
-        self._resources.append(bus)
+        self._resources.add(bus)
         return bus
 
     def event_log(self) -> EventLog:
@@ -431,7 +443,7 @@ class Transport(ABC):
         """
         self._check_open()
         event_log = self._open_event_log()
-        self._resources.append(event_log)
+        self._resources.add(event_log)
         return event_log
 
     async def missing(self, plan: ProvisionPlan) -> list[ProvisionStep]:
@@ -537,7 +549,7 @@ class Transport(ABC):
         if self._closed:
             return
         self._closed = True
-        resources, self._resources = self._resources, []
+        resources, self._resources = list(self._resources), weakref.WeakSet()
         shared, self._shared_queues = self._shared_queues, {}
         for queue in shared.values():
             queue.closing = True  # no consumer opens while the others close

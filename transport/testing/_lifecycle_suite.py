@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import sys
 import time
 import uuid
+import weakref
 from collections import Counter
 from typing import Any
 
 import pytest
 
-from transport import Delivery, Ensemble, RequestQueue, TaskContext, Transport, WorkRequest
+from transport import (
+    Delivery,
+    Ensemble,
+    RequestQueue,
+    TaskContext,
+    Transport,
+    WorkRequest,
+    WorkResponse,
+)
 from transport.errors import ClosedResourceError
 from transport.kit import WIRE_SCHEMA_VERSION, wait_within
 from transport.testing._util import await_dead_letters, enqueue_all, make_requests
@@ -600,6 +610,49 @@ class ForgottenCloseConformance:
                 proc.kill()
                 await proc.wait()
             stderr_task.cancel()
+
+    async def test_handles_opened_per_call_and_dropped_are_not_kept(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any
+    ) -> None:
+        """A worker loop that opens a handle per call and never closes it --
+        ``transport.delivery_registry(request.reply_to).complete(...)``,
+        ``transport.request_queue(name).poll()`` -- as the README's own
+        example reads: the transport does not keep those handles alive (it
+        kept every one, about 5 KB a request, until it closed). What a
+        program still holds keeps working and is closed with the transport."""
+        transport = await make_transport()
+        try:
+            held = transport.request_queue(queue_name)
+            inbox = transport.delivery_registry(f"{queue_name}-inbox")
+            dropped: list[weakref.ref[Any]] = []
+            for request in make_requests(3):
+                request = request.model_copy(update={"reply_to": f"{queue_name}-inbox"})
+                pending = await inbox.register(request.request_id)
+                queue = transport.request_queue(queue_name)
+                await queue.enqueue(request)
+                dropped.append(weakref.ref(queue))
+                queue = transport.request_queue(queue_name)
+                delivery = await queue.poll(harness.scaled(10))
+                assert delivery is not None and delivery.request.request_id == request.request_id
+                dropped.append(weakref.ref(queue))
+                registry = transport.delivery_registry(f"{queue_name}-inbox")
+                answer = WorkResponse(request_id=request.request_id)
+                assert await registry.complete(request.request_id, answer)
+                dropped.append(weakref.ref(registry))
+                assert await delivery.ack()
+                assert (await pending.result(harness.scaled(10))).request_id == request.request_id
+                del queue, registry, delivery
+            gc.collect()
+            kept = [ref() for ref in dropped if ref() is not None]
+            assert not kept, f"{len(kept)} of {len(dropped)} dropped handles still alive: {kept}"
+            [last] = await enqueue_all(held, make_requests(1))
+            got = await held.poll(harness.scaled(10))
+            assert got is not None and got.request.request_id == last.request_id
+            assert await got.ack()
+        finally:
+            await transport.aclose()
+        with pytest.raises(ClosedResourceError):
+            await held.poll(0)
 
     async def test_a_priority_worker_that_forgets_aclose_gives_back_the_heads_it_held(
         self, harness: BackendHarness, queue_name: str, make_transport: Any
