@@ -110,6 +110,21 @@ def test_nats_server_keeps_its_data_across_a_kill(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_a_relative_root_works(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``NatsServer(Path("data"))`` (as a third-party backend's test might
+    write it): the broker runs in its root and was given a relative config
+    path it could not find there."""
+    monkeypatch.chdir(tmp_path)
+    server = NatsServer(Path("relative") / "nats")
+    server.start()
+    try:
+        assert server.root == tmp_path / "relative" / "nats"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+            pass
+    finally:
+        server.stop()
+
+
 def test_a_broker_that_exits_at_start_raises_with_its_log(tmp_path: Path) -> None:
     server = NatsServer(tmp_path / "bad", extra_config="this is { not a config")
     with pytest.raises(RuntimeError, match="nats-server exited"):

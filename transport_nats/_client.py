@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 
 from transport import TransportConfig
-from transport.errors import ConfigurationError
+from transport.errors import ConfigurationError, TransientTransportError
 from transport.kit import InFlight
 from transport_nats._config import NatsOptions
 from transport_nats._errors import map_nats_errors
@@ -140,10 +140,12 @@ class NatsContext:
         "_reconnect_listeners",
         "check_open",
         "config",
+        "down_since",
         "jetstream",
         "jetstream_error",
         "last_errors",
         "nc",
+        "operation_timeout",
         "options",
         "requests",
     )
@@ -161,6 +163,11 @@ class NatsContext:
         self.options = options
         self.config = config
         self.check_open = check_open
+        #: The transport's operation timeout (set by the transport): how long
+        #: an operation waits out an outage before it raises.
+        self.operation_timeout = 11.0
+        #: When the connection went down (event-loop time; None: up).
+        self.down_since: float | None = None
         #: The JetStream API of the connection (None before connecting).
         self.jetstream: JetStreamContext | None = None
         #: Set when the server has no JetStream: queues, registries and the
@@ -259,6 +266,17 @@ class NatsContext:
         self.last_errors.move_to_end((stream, seq))
         while len(self.last_errors) > _LAST_ERRORS_KEPT:
             self.last_errors.popitem(last=False)
+
+    def check_connected(self, what: str) -> None:
+        """Raise TransientTransportError while the connection is down
+        (reconnecting). Called before a publish that must not wait in the
+        client's reconnect buffer: nats-py keeps what is published while
+        disconnected and sends it after reconnecting, so an ``enqueue`` that
+        had already raised would be stored minutes later, and a pull request
+        would take messages for a poll that had long given up."""
+        if not self.nc.is_connected:
+            state = "reconnecting" if self.nc.is_reconnecting else "not connected"
+            raise TransientTransportError(f"{what}: NATS unavailable ({state})")
 
     def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
         self._reconnect_listeners.add(listener)

@@ -424,6 +424,8 @@ class NatsEventLog(EventLog):
             self._limit,
         )
         await self._ensure(stream)
+        # Not into the reconnect buffer: appended after this call raised.
+        self._ctx.check_connected(f"appending to {stream}")
         with map_nats_errors(f"appending to {stream}"):
             ack = await self._ctx.js.publish(
                 self._subject(stream),

@@ -319,6 +319,7 @@ class NatsRequestQueue(RequestQueue):
         async with self._setup_lock:
             if self._consumer_ready:
                 return
+            self._ctx.check_connected(f"creating consumer {self.durable} on {self.stream}")
             await self._ensure_streams()
             with map_nats_errors(f"creating consumer {self.durable} on {self.stream}"):
                 await self._ctx.js.add_consumer(
@@ -365,6 +366,8 @@ class NatsRequestQueue(RequestQueue):
 
     async def _publish_once(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
         self._check_open()
+        # Not into the reconnect buffer: stored after this enqueue raised.
+        self._ctx.check_connected(f"publishing to {stream}")
         try:
             if not self._ctx.has_streams(self.stream, self.dlq_stream):
                 await self._ensure_streams()
@@ -469,6 +472,9 @@ class NatsRequestQueue(RequestQueue):
         else:
             request["expires"] = max(int(expires * 1e9), 1_000_000)
             until = now + expires + grace
+        # Not into the reconnect buffer: sent after reconnecting, a pull
+        # would take messages for a poll that has long given up.
+        self._ctx.check_connected(f"pulling from {self.stream}")
         self._pulls[token] = [batch, until]
         try:
             with map_nats_errors(f"pulling from {self.stream}"):
@@ -701,15 +707,26 @@ class NatsRequestQueue(RequestQueue):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
         backoff = 0.05
+        failing_since: float | None = None
         while True:
             try:
                 return await self._poll_until(deadline)
             except TransientTransportError as exc:
                 # The server is restarting or unreachable: keep trying while
-                # the caller is willing to wait; report it only when time is up.
+                # the caller is willing to wait, up to the operation timeout
+                # (the README's promise for a broker that does not answer);
+                # report it then, or when the poll's own time is up.
                 self._check_open()
                 self._consumer_ready = False
-                if deadline is not None and loop.time() + backoff >= deadline:
+                now = loop.time()
+                if failing_since is None:
+                    # From when the connection went down, if it did: a poll
+                    # that was waiting on a pull notices only when it asks again.
+                    down = self._ctx.down_since
+                    failing_since = now if down is None else min(down, now)
+                if (deadline is not None and now + backoff >= deadline) or (
+                    now + backoff - failing_since >= self._ctx.operation_timeout
+                ):
                     raise
                 log.warning("queue %r: poll retrying after: %s", self.name, exc)
                 await asyncio.sleep(backoff)
@@ -728,6 +745,9 @@ class NatsRequestQueue(RequestQueue):
                 return delivery
             remaining = None if deadline is None else deadline - now
             if not may_ask and remaining is not None and remaining <= 0:
+                # Empty, or cut off: a poll that ends while the connection is
+                # down says so instead of answering "no request".
+                self._ctx.check_connected(f"polling {self.stream}")
                 return None
             may_ask = False
             if now < self._blocked_until:

@@ -102,6 +102,8 @@ class NatsKeyedLog(KeyedLog):
         await self._bucket()
         if not _is_key_valid(key):
             raise PermanentTransportError(f"{doing} {self.bucket}: invalid key")
+        # Not into the reconnect buffer: written after this call raised.
+        self._ctx.check_connected(f"{doing} {self.bucket}")
         with map_nats_errors(f"{doing} {self.bucket}"):
             check_puback(await self._ctx.requests.request(self._prefix + key, value, headers))
 

@@ -141,6 +141,7 @@ class NatsTransport(Transport):
         # What every queue, registry, log and the doctor get instead of the
         # transport (the JetStream API is set on it once connected).
         self.ctx = NatsContext(self.nc, self.requests, self.options, config, self._check_open)
+        self.ctx.operation_timeout = self.operation_timeout
         self._probe: asyncio.Task[None] | None = None
         self._last_error: BaseException | None = None
         self._fatal: asyncio.Future[BaseException] | None = None
@@ -219,8 +220,11 @@ class NatsTransport(Transport):
 
     async def _on_disconnected(self) -> None:
         log.info("disconnected from NATS")
+        if self.ctx.down_since is None:
+            self.ctx.down_since = asyncio.get_running_loop().time()
 
     async def _on_reconnected(self) -> None:
+        self.ctx.down_since = None
         log.info(
             "reconnected to NATS at %s",
             self.nc.connected_url.netloc if self.nc.connected_url else "?",

@@ -214,3 +214,88 @@ async def test_event_log_reader_and_cursor_survive_a_restart(
     finally:
         await reader_side.aclose()
         await writer_side.aclose()
+
+
+async def _until_down(transport: Transport, timeout: float = 10.0) -> None:
+    """Wait until the transport has seen the server go (health not ok)."""
+    deadline = time.monotonic() + timeout
+    while (await transport.health()).ok:
+        assert time.monotonic() < deadline, f"the server's stop not seen within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_enqueue_that_raised_in_an_outage_is_not_stored_after_it(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """The server is down: ``enqueue`` raises ``TransientTransportError``
+    within the operation timeout, and the request is not stored when the
+    server comes back (nats-py kept it in its reconnect buffer and sent it
+    then, so a request the caller was told had failed was handled anyway,
+    at attempt 1, and a caller that retried it with a new id got it twice)."""
+    transport = await _connect(own_server, namespace, enqueue_retry_seconds=1, connect_timeout=1)
+    try:
+        queue = transport.request_queue("work")
+        warm = await queue.enqueue(WorkRequest(task="t", payload="warm"))
+        got = await queue.poll(10)
+        assert got is not None and got.request.request_id == warm.request_id
+        assert await got.ack()
+        own_server.stop()
+        await _until_down(transport)
+        failed = WorkRequest(task="t", payload="failed")
+        started = time.monotonic()
+        with pytest.raises(TransientTransportError, match="unavailable"):
+            await queue.enqueue(failed)
+        took = time.monotonic() - started
+        assert took < transport.operation_timeout + 1, f"enqueue raised after {took:.1f} s"
+        own_server.start()
+        after = await asyncio.wait_for(_enqueue_when_back(queue, "after"), 30)
+        got = await queue.poll(10)
+        assert got is not None, "nothing delivered after the server came back"
+        assert got.request.payload != "failed", "the enqueue that raised was stored after all"
+        assert got.request.request_id == after.request_id
+        assert await got.ack()
+        assert await queue.poll(1) is None
+    finally:
+        await transport.aclose()
+
+
+async def _enqueue_when_back(queue: object, payload: str) -> WorkRequest:
+    assert isinstance(queue, NatsRequestQueue | SharedQueueHandle)
+    while True:
+        try:
+            return await queue.enqueue(WorkRequest(task="t", payload=payload))
+        except TransientTransportError:
+            await asyncio.sleep(0.1)
+
+
+async def test_a_poll_in_an_outage_raises_instead_of_answering_empty(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """The server is down: ``poll(timeout)`` raises ``TransientTransportError``
+    when its time is up (it returned ``None``, as for an empty queue, and a
+    worker could not tell an outage from idleness), ``poll(None)`` within
+    the operation timeout; once the server is back, polls work again."""
+    transport = await _connect(own_server, namespace, connect_timeout=1)
+    try:
+        queue = transport.request_queue("work")
+        assert await queue.poll(0) is None  # the consumer exists
+        waiting = asyncio.ensure_future(queue.poll(None))
+        await _until_pull_parked(own_server, queue)  # it waits on a pull the server holds
+        own_server.stop()
+        await _until_down(transport)
+        for timeout in (0, 1):
+            started = time.monotonic()
+            with pytest.raises(TransientTransportError, match="unavailable"):
+                await queue.poll(timeout)
+            took = time.monotonic() - started
+            assert took < timeout + 1, f"poll({timeout}) raised after {took:.1f} s"
+        limit = transport.operation_timeout + 1
+        with pytest.raises(TransientTransportError):
+            await asyncio.wait_for(waiting, limit + 3)
+        own_server.start()
+        sent = await asyncio.wait_for(_enqueue_when_back(queue, "back"), 30)
+        got = await queue.poll(10)
+        assert got is not None and got.request.request_id == sent.request_id
+        assert await got.ack()
+    finally:
+        await transport.aclose()

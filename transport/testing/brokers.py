@@ -151,7 +151,13 @@ class BrokerProcess:
 
     def __init__(self, root: Path | None = None, *, port: int | None = None) -> None:
         self._owns_root = root is None
-        self.root = Path(tempfile.mkdtemp(prefix=f"{self.name}-")) if root is None else root
+        # Absolute: the broker runs in ``root`` and is given paths in it (a
+        # relative root named a config file the broker could not find).
+        self.root = (
+            Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+            if root is None
+            else Path(root).absolute()
+        )
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.log = self.root / self.log_name
