@@ -159,3 +159,19 @@ def test_generated_bodies_decode_alike(body: dict[str, Any]) -> None:
     if fast is not None:
         assert isinstance(full, WorkRequest), (body, full)
         _same(fast, full)
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (b'{"payload": 1}', "task: Field required"),
+        (b'{"task": "x", "priority": 999}', "priority: Input should be less than or equal to 255"),
+        (b"[1, 2]", "first: Input should be an object"),
+    ],
+)
+def test_a_refused_body_names_the_field_at_fault(body: bytes, names: str) -> None:
+    """The reason a foreign body is dead-lettered with says which field is
+    wrong (it said only "Field required")."""
+    with pytest.raises(UndecodableMessageError) as caught:
+        decode_request(body)
+    assert str(caught.value).endswith(names), str(caught.value)

@@ -7,6 +7,7 @@ verification, bad configuration, oversize messages — retrying cannot help.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import Iterator
@@ -50,8 +51,17 @@ def classify_connect_error(exc: BaseException | None, where: str) -> TransportEr
         return PermanentTransportError(
             f"TLS setting does not match the NATS server at {where}: {type(exc).__name__} ({exc})"
         )
-    detail = f" ({type(exc).__name__}: {text})" if exc is not None else ""
-    return TransientTransportError(f"no NATS server reachable at {where}{detail}")
+    if exc is None:
+        return TransientTransportError(f"no NATS server reachable at {where}")
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | nats.errors.TimeoutError):
+        # Something took the connection and never spoke NATS (or too slowly):
+        # another service's port, a proxy, a paused server.
+        return TransientTransportError(
+            f"no NATS server answered at {where} within the connect timeout (is it a "
+            "NATS server's client port, and is the server running?)"
+        )
+    detail = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return TransientTransportError(f"no NATS server reachable at {where} ({detail})")
 
 
 @contextlib.contextmanager

@@ -66,9 +66,24 @@ def classify_connect_error(exc: BaseException, where: str) -> TransportError:
         return PermanentTransportError(
             f"Redis server at {where} requires a password: set TransportConfig.password"
         )
+    if isinstance(exc, rex.InvalidResponse):
+        # Something answered, but not in Redis's protocol (another service's
+        # port): say so, without echoing what it sent (a NATS server's INFO
+        # line, say, a whole kilobyte of it).
+        return PermanentTransportError(
+            f"the server at {where} does not speak the Redis protocol (is it a Redis "
+            f"server's port, and does it want TLS, rediss://?): it answered {_excerpt(exc)}"
+        )
     return TransientTransportError(
         f"no Redis server reachable at {where} ({type(exc).__name__}: {exc})"
     )
+
+
+def _excerpt(exc: BaseException, limit: int = 40) -> str:
+    text = str(exc)
+    start = text.find("b'")
+    shown = text[start + 2 :] if start >= 0 else text
+    return repr(shown[:limit] + ("…" if len(shown) > limit else ""))
 
 
 def _cancel_requests() -> tuple[asyncio.Task[Any] | None, int]:

@@ -52,6 +52,30 @@ async def test_unreachable_server_is_transient() -> None:
         )
 
 
+async def test_a_port_that_never_speaks_nats_is_named_as_such() -> None:
+    """Something accepts the connection and says nothing (another service's
+    port, a paused server): the error says no NATS server answered, not an
+    empty "(TimeoutError: )"."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(TransientTransportError, match="no NATS server answered") as caught:
+            await connect(
+                TransportConfig(url=f"nats://127.0.0.1:{port}", options={"connect_timeout": 1})
+            )
+        assert "connect timeout" in str(caught.value)
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 def test_broker_names_follow_the_documented_mapping(nats_config: TransportConfig) -> None:
     transport = NatsTransport(nats_config)
     queue = NatsRequestQueue(transport.ctx, "orders", lease_seconds=1, max_attempts=3)

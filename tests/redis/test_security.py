@@ -5,6 +5,7 @@ errors; TLS checks the certificate and the hostname."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +201,29 @@ async def test_mutual_tls_with_a_client_certificate(tmp_path: Path) -> None:
         assert "TLS" in str(refused.value) or "reset" in str(refused.value).lower()
     finally:
         server.stop()
+
+
+async def test_a_port_of_another_protocol_is_named_as_such() -> None:
+    """``redis://`` pointed at another service (here one that greets as a
+    NATS server does): a permanent error that says the server does not
+    speak Redis, with a short excerpt of what it sent, not a kilobyte of it."""
+    greeting = b'INFO {"server_id":"' + b"N" * 900 + b'","version":"2.15.1"}\r\n'
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
+        await writer.drain()
+        await reader.read(1024)
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(
+            PermanentTransportError, match="does not speak the Redis protocol"
+        ) as caught:
+            await connect(f"redis://127.0.0.1:{port}")
+        message = str(caught.value)
+        assert "INFO {" in message and len(message) < 300, message
+    finally:
+        server.close()
+        await server.wait_closed()

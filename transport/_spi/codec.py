@@ -156,11 +156,20 @@ def decode(model: type[M], data: bytes | str) -> M:
         return model.__pydantic_validator__.validate_json(data)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise UndecodableMessageError(
-            f"not a valid {model.__name__}: {exc.error_count()} error(s); first: "
-            f"{exc.errors()[0]['msg'] if exc.errors() else exc}"
+            f"not a valid {model.__name__}: {exc.error_count()} error(s); first: {_first(exc)}"
         ) from exc
     except (ValueError, TypeError) as exc:
         raise UndecodableMessageError(f"not a valid {model.__name__}: {exc}") from exc
+
+
+def _first(exc: ValidationError) -> str:
+    """The first error, with the field it is about (``task: Field
+    required``; a dead letter's reason said only "Field required")."""
+    errors = exc.errors()
+    if not errors:
+        return str(exc)
+    where = ".".join(str(part) for part in errors[0]["loc"])
+    return f"{where}: {errors[0]['msg']}" if where else errors[0]["msg"]
 
 
 def _refuse_constant(token: str) -> None:
