@@ -1063,21 +1063,26 @@ class ConsumerThread:
             log.exception("consumer thread %s failed", self._thread.name)
             with contextlib.suppress(BaseException):
                 self._finish()
-            self.done.set_exception(exc)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                self.done.set_exception(exc)
             return
         try:
             self._finish()
         finally:
             self.run_calls()
-            self.done.set_result(None)
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                self.done.set_result(None)
 
     def stop(self) -> None:
         self._stop.set()
 
     async def join(self, limit: float) -> None:
         self.stop()
+        # Shielded: a join cancelled (a close cancelled at the loop's end)
+        # must not cancel ``done``, which the thread completes when it ends
+        # (it raised InvalidStateError in the thread, collected by pytest).
         with contextlib.suppress(Exception):
-            await wait_within(asyncio.wrap_future(self.done), limit)
+            await wait_within(asyncio.shield(asyncio.wrap_future(self.done)), limit)
 
     def join_now(self, limit: float) -> None:
         """Stop and wait up to ``limit`` seconds, blocking (no event loop)."""

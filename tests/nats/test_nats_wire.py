@@ -195,7 +195,8 @@ async def test_a_claim_deletes_once_and_survives_a_stale_hint(nats_config: Trans
     (written again since) costs a read, not the claim."""
     transport = await connect(nats_config)
     try:
-        log_ = transport.delivery_registry("claims")._log  # type: ignore[attr-defined]
+        registry = transport.delivery_registry("claims")  # kept: its log closes with it
+        log_ = registry._log
         kv = await log_._bucket()
         await log_.put("c.x", b"1")
         stale = str((await kv.get("c.x")).revision).encode()

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -97,6 +98,67 @@ def _decoded(raw: bytes | None) -> DeliveryRecord | None:
         return decode(DeliveryRecord, raw)
     except UndecodableMessageError:
         return None
+
+
+def _weakly(method: Callable[[str, bytes | None], None]) -> Callable[[str, bytes | None], None]:
+    """``method`` (a registry's applier) called through a weak reference:
+    the view's task must not keep a registry the program dropped alive."""
+    ref = weakref.WeakMethod(method)
+
+    def apply(key: str, value: bytes | None) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(key, value)
+
+    return apply
+
+
+async def _janitor(ref: weakref.ref[Any], interval: float) -> None:
+    """A registry's expiry rounds, every ``interval`` s, as long as the
+    registry is alive (held weakly between rounds, for the same reason)."""
+    while True:
+        await asyncio.sleep(interval)
+        registry = ref()
+        if registry is None:
+            return
+        await registry._expire()
+        del registry
+
+
+#: Closes of registries a program dropped without ``aclose()`` (kept until done).
+_closing_dropped: set[asyncio.Task[None]] = set()
+
+
+def _close_when_dropped(
+    registry: object, view: _LogView, log_: KeyedLog, tasks: list[asyncio.Task[None]]
+) -> weakref.finalize[Any, Any]:
+    """When ``registry`` is garbage-collected unclosed, stop its view and
+    close its log on the running event loop (its view followed the backend
+    until the transport closed: a task and a backend reader per
+    ``transport.capability_registry()`` call), and cancel ``tasks`` (its
+    janitor, added when it starts). Detach it in ``aclose``."""
+    finalizer = weakref.finalize(registry, _close_dropped, view, log_, tasks)
+    finalizer.atexit = False
+    return finalizer
+
+
+def _close_dropped(view: _LogView, log_: KeyedLog, tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:  # the janitor: it holds the registry only between rounds
+        task.cancel()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # collected outside the loop: nothing can run now
+        return
+
+    async def close() -> None:
+        with contextlib.suppress(Exception):
+            await view.aclose()
+        with contextlib.suppress(Exception):
+            await log_.aclose()
+
+    task = loop.create_task(close())
+    _closing_dropped.add(task)
+    task.add_done_callback(_closing_dropped.discard)
 
 
 class _LogView:
@@ -516,7 +578,7 @@ class DeliveryRegistry:
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._view = _LogView(
             log_,
-            self._apply_raw,
+            _weakly(self._apply_raw),
             f"delivery registry {name!r}",
             ready_timeout=ready_timeout,
             track=_is_completion_key,
@@ -524,6 +586,8 @@ class DeliveryRegistry:
         self._janitor_interval = janitor_interval or min(max(ttl_seconds / 4, 1.0), 60.0)
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
+        self._background: list[asyncio.Task[None]] = []
+        self._dropped = _close_when_dropped(self, self._view, log_, self._background)
 
     # -- view maintenance -------------------------------------------------
     def _apply_raw(self, key: str, value: bytes | None) -> None:
@@ -651,7 +715,8 @@ class DeliveryRegistry:
             raise ClosedResourceError(f"delivery registry {self.name!r} is closed")
         await self._view.ready()
         if self._janitor is None:
-            self._janitor = asyncio.create_task(self._run_janitor())
+            self._janitor = asyncio.create_task(_janitor(weakref.ref(self), self._janitor_interval))
+            self._background.append(self._janitor)
 
     def _keys(self, request_id: str) -> list[str]:
         """The log keys that hold ``request_id``'s live entry."""
@@ -659,36 +724,33 @@ class DeliveryRegistry:
             return [request_id, f"c.{request_id}"]
         return [f"p.{request_id}", f"c.{request_id}"]
 
-    async def _run_janitor(self) -> None:
-        while True:
-            await asyncio.sleep(self._janitor_interval)
-            now = utcnow()
-            cutoff = int(now.timestamp())
-            expired = [
-                (rid, self._keys(rid)) for rid, r in self._pending.items() if r.expires_at <= now
-            ]
-            expired += [
-                (rid, [f"c.{rid}"])
-                for rid, r in self._done.items()
-                if rid not in self._pending and r.expires_at <= now
-            ]
-            expired += [
-                (rid, [rid]) for rid, packed in self._taken.items() if packed >> 34 <= cutoff
-            ]
-            for request_id, keys in expired:
-                try:
-                    for key in keys:
-                        await self._log.delete(key)
-                except TransientTransportError as exc:
-                    log.warning("delivery registry %r: expiry failed: %s", self.name, exc)
-                    break
-                if request_id in self._legacy or keys == [request_id]:
-                    self._taken.pop(request_id, None)
-                    self._drop_legacy(request_id)
-                if keys != [request_id]:
-                    self._pending.pop(request_id, None)
-                    self._done.pop(request_id, None)
-                    self._wake(request_id)
+    async def _expire(self) -> None:
+        """One round of the janitor: delete what expired."""
+        now = utcnow()
+        cutoff = int(now.timestamp())
+        expired = [
+            (rid, self._keys(rid)) for rid, r in self._pending.items() if r.expires_at <= now
+        ]
+        expired += [
+            (rid, [f"c.{rid}"])
+            for rid, r in self._done.items()
+            if rid not in self._pending and r.expires_at <= now
+        ]
+        expired += [(rid, [rid]) for rid, packed in self._taken.items() if packed >> 34 <= cutoff]
+        for request_id, keys in expired:
+            try:
+                for key in keys:
+                    await self._log.delete(key)
+            except TransientTransportError as exc:
+                log.warning("delivery registry %r: expiry failed: %s", self.name, exc)
+                break
+            if request_id in self._legacy or keys == [request_id]:
+                self._taken.pop(request_id, None)
+                self._drop_legacy(request_id)
+            if keys != [request_id]:
+                self._pending.pop(request_id, None)
+                self._done.pop(request_id, None)
+                self._wake(request_id)
 
     async def _lookup(self, request_id: str) -> tuple[DeliveryRecord | None, DeliveryRecord | None]:
         """(registration, completion) of ``request_id`` as committed: read
@@ -924,6 +986,7 @@ class DeliveryRegistry:
         if self._closed:
             return
         self._closed = True
+        self._dropped.detach()
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -958,10 +1021,12 @@ class CapabilityRegistry:
         self._entries: dict[str, Capability] = {}
         self._watchers: set[asyncio.Queue[tuple[str, Capability | None]]] = set()
         self._view = _LogView(
-            log_, self._apply_raw, "capability registry", ready_timeout=ready_timeout
+            log_, _weakly(self._apply_raw), "capability registry", ready_timeout=ready_timeout
         )
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
+        self._background: list[asyncio.Task[None]] = []
+        self._dropped = _close_when_dropped(self, self._view, log_, self._background)
 
     def _apply_raw(self, key: str, value: bytes | None) -> None:
         if value is None:
@@ -988,21 +1053,20 @@ class CapabilityRegistry:
             raise ClosedResourceError("capability registry is closed")
         await self._view.ready()
         if self._janitor is None:
-            self._janitor = asyncio.create_task(self._run_janitor())
+            self._janitor = asyncio.create_task(_janitor(weakref.ref(self), max(self._lease, 1.0)))
+            self._background.append(self._janitor)
 
-    async def _run_janitor(self) -> None:
+    async def _expire(self) -> None:
         # Long-dead providers are removed from the log so it does not grow
         # without bound; a grace of one lease avoids racing a late refresh.
-        while True:
-            await asyncio.sleep(max(self._lease, 1.0))
-            cutoff = utcnow() - timedelta(seconds=self._lease)
-            for key, cap in list(self._entries.items()):
-                if cap.expires_at is not None and cap.expires_at <= cutoff:
-                    try:
-                        await self._log.delete(key)
-                    except TransientTransportError as exc:
-                        log.warning("capability registry: expiry failed: %s", exc)
-                        break
+        cutoff = utcnow() - timedelta(seconds=self._lease)
+        for key, cap in list(self._entries.items()):
+            if cap.expires_at is not None and cap.expires_at <= cutoff:
+                try:
+                    await self._log.delete(key)
+                except TransientTransportError as exc:
+                    log.warning("capability registry: expiry failed: %s", exc)
+                    break
 
     async def advertise(
         self, capability: Capability, *, lease: float | timedelta | None = None
@@ -1125,6 +1189,7 @@ class CapabilityRegistry:
         if self._closed:
             return
         self._closed = True
+        self._dropped.detach()
         if self._janitor is not None:
             self._janitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -99,9 +99,7 @@ class Transport(ABC):
     Every object it hands out and the program still holds is closed by
     :meth:`aclose`; one the program dropped is freed, not kept (a
     ``request_queue(name)`` or ``delivery_registry(name).complete(...)`` per
-    call costs nothing that piles up). A registry's view follows the
-    backend until the registry is closed: keep a registry you ``register``
-    with or wait on.
+    call costs nothing that piles up; a dropped registry's view stops).
     """
 
     #: URL scheme of the backend (``memory``, ``sqlite``, ``kafka`` …).

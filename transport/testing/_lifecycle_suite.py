@@ -618,8 +618,10 @@ class ForgottenCloseConformance:
         ``transport.delivery_registry(request.reply_to).complete(...)``,
         ``transport.request_queue(name).poll()`` -- as the README's own
         example reads: the transport does not keep those handles alive (it
-        kept every one, about 5 KB a request, until it closed). What a
-        program still holds keeps working and is closed with the transport."""
+        kept every one, about 5 KB a request, until it closed), and the view
+        of a registry dropped that way stops (a ``capability_registry()`` per
+        lookup kept a task and a backend reader each). What a program still
+        holds keeps working and is closed with the transport."""
         transport = await make_transport()
         try:
             held = transport.request_queue(queue_name)
@@ -641,10 +643,27 @@ class ForgottenCloseConformance:
                 dropped.append(weakref.ref(registry))
                 assert await delivery.ack()
                 assert (await pending.result(harness.scaled(10))).request_id == request.request_id
-                del queue, registry, delivery
+                # Registries whose view follows the backend (started by
+                # pending() and lookup()), opened per call and dropped.
+                registry = transport.delivery_registry(f"{queue_name}-inbox")
+                assert await registry.pending() == []
+                dropped.append(weakref.ref(registry))
+                capabilities = transport.capability_registry()
+                assert await capabilities.lookup(f"{queue_name}-none") == []
+                dropped.append(weakref.ref(capabilities))
+                del queue, registry, delivery, capabilities
             gc.collect()
             kept = [ref() for ref in dropped if ref() is not None]
             assert not kept, f"{len(kept)} of {len(dropped)} dropped handles still alive: {kept}"
+            # ... and their views stop: only the inbox's still follows the log.
+            views: list[asyncio.Task[Any]] = []
+            async with asyncio.timeout(harness.scaled(10)):
+                while True:
+                    views = [t for t in asyncio.all_tasks() if t.get_name().startswith("view:")]
+                    if len(views) <= 1:
+                        break
+                    await asyncio.sleep(0.01)
+            assert [t.get_name() for t in views] == [f"view:delivery registry '{queue_name}-inbox'"]
             [last] = await enqueue_all(held, make_requests(1))
             got = await held.poll(harness.scaled(10))
             assert got is not None and got.request.request_id == last.request_id
