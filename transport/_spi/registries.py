@@ -143,12 +143,32 @@ def _close_when_dropped(
 
 
 def _close_dropped(view: _LogView, log_: KeyedLog, tasks: list[asyncio.Task[None]]) -> None:
+    # A finalizer runs wherever the registry was collected: on its loop's
+    # thread, in another thread, or after the loop ended. Act on the loop
+    # the registry's tasks run on (else the one running here), from its
+    # own thread; with no loop running, nothing can run and nothing is done.
+    started = [t for t in (*tasks, view._task) if t is not None]
+    try:
+        here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    loop = started[0].get_loop() if started else here
+    if loop is None or loop.is_closed():
+        return
+    if loop is here:
+        _start_closing(loop, view, log_, tasks)
+    elif loop.is_running():
+        loop.call_soon_threadsafe(_start_closing, loop, view, log_, tasks)
+
+
+def _start_closing(
+    loop: asyncio.AbstractEventLoop,
+    view: _LogView,
+    log_: KeyedLog,
+    tasks: list[asyncio.Task[None]],
+) -> None:
     for task in tasks:  # the janitor: it holds the registry only between rounds
         task.cancel()
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # collected outside the loop: nothing can run now
-        return
 
     async def close() -> None:
         with contextlib.suppress(Exception):
@@ -156,9 +176,9 @@ def _close_dropped(view: _LogView, log_: KeyedLog, tasks: list[asyncio.Task[None
         with contextlib.suppress(Exception):
             await log_.aclose()
 
-    task = loop.create_task(close())
-    _closing_dropped.add(task)
-    task.add_done_callback(_closing_dropped.discard)
+    closing = loop.create_task(close())
+    _closing_dropped.add(closing)
+    closing.add_done_callback(_closing_dropped.discard)
 
 
 class _LogView:
