@@ -83,3 +83,62 @@ async def test_a_log_closed_under_a_live_registry_ends_its_watch() -> None:
     await asyncio.wait_for(task, timeout=5)
     assert log_.watches == 1
     await registry.aclose()
+
+
+async def test_a_registry_dropped_in_another_thread_is_closed_on_its_loop() -> None:
+    """A registry a program dropped is collected wherever the last
+    reference went: here in another thread. Its view stops and its log
+    closes on the loop its tasks run on, and nothing is raised there."""
+    import gc
+    import threading
+
+    from transport import connect
+
+    async with connect("memory://") as transport:
+        kept = [transport.capability_registry() for _ in range(3)]
+        for registry in kept:
+            await registry.all()  # starts its view and janitor
+        del registry
+
+        def views() -> list[asyncio.Task[object]]:
+            return [t for t in asyncio.all_tasks() if t.get_name().startswith("view:")]
+
+        assert len(views()) == 3
+        errors: list[BaseException] = []
+
+        def drop() -> None:
+            try:
+                kept.clear()
+                gc.collect()
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=drop)
+        thread.start()
+        thread.join()
+        assert not errors
+        async with asyncio.timeout(5):
+            while views():
+                await asyncio.sleep(0.01)
+
+
+def test_a_registry_collected_after_its_loop_ended_does_nothing() -> None:
+    """Collected after ``asyncio.run`` returned (its loop closed): the
+    finalizer has no loop to act on and does nothing (no exception, no
+    warning; the test runs with warnings as errors)."""
+    import gc
+
+    from transport import connect
+
+    left: list[object] = []
+
+    async def main() -> None:
+        transport = await connect("memory://")
+        registry = transport.capability_registry()
+        await registry.all()
+        left.append(registry)
+        await transport.aclose()
+
+    asyncio.run(main())
+    left.clear()
+    gc.collect()
