@@ -113,13 +113,13 @@ async def test_a_registry_dropped_in_another_thread_is_closed_on_its_loop() -> N
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
+        running = views()
         thread = threading.Thread(target=drop)
         thread.start()
         thread.join()
         assert not errors
-        async with asyncio.timeout(5):
-            while views():
-                await asyncio.sleep(0.01)
+        _, still = await asyncio.wait(running, timeout=5)
+        assert not still, f"views of dropped registries still running: {still}"
 
 
 def test_a_registry_collected_after_its_loop_ended_does_nothing() -> None:
