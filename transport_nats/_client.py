@@ -6,6 +6,7 @@ import it from here and never see the transport)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -135,6 +136,7 @@ class NatsContext:
     raises ``ClosedResourceError`` once the transport is closed."""
 
     __slots__ = (
+        "_connected",
         "_ensured_streams",
         "_ensuring",
         "_reconnect_listeners",
@@ -168,6 +170,9 @@ class NatsContext:
         self.operation_timeout = 11.0
         #: When the connection went down (event-loop time; None: up).
         self.down_since: float | None = None
+        #: Set while the connection is up (cleared by :meth:`disconnected`).
+        self._connected = asyncio.Event()
+        self._connected.set()
         #: The JetStream API of the connection (None before connecting).
         self.jetstream: JetStreamContext | None = None
         #: Set when the server has no JetStream: queues, registries and the
@@ -278,6 +283,23 @@ class NatsContext:
             state = "reconnecting" if self.nc.is_reconnecting else "not connected"
             raise TransientTransportError(f"{what}: NATS unavailable ({state})")
 
+    async def wait_connected(self, what: str) -> None:
+        """Wait for a connection that is down to come back, up to
+        ``request_timeout`` (what a write sent into the reconnect buffer used
+        to wait for its reply), then :meth:`check_connected`: a short
+        reconnect does not fail a registry write or an append."""
+        if not self.nc.is_connected:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.request_timeout):
+                    await self._connected.wait()
+        self.check_connected(what)
+
+    def disconnected(self, now: float) -> None:
+        """The connection went down at ``now`` (event-loop time)."""
+        if self.down_since is None:
+            self.down_since = now
+        self._connected.clear()
+
     def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
         self._reconnect_listeners.add(listener)
 
@@ -285,8 +307,10 @@ class NatsContext:
         self._reconnect_listeners.discard(listener)
 
     def reconnected(self) -> None:
-        """Call every reconnect listener (a failing one is logged, never
-        raised: this runs on the client's task)."""
+        """The connection is back: call every reconnect listener (a failing
+        one is logged, never raised: this runs on the client's task)."""
+        self.down_since = None
+        self._connected.set()
         for listener in list(self._reconnect_listeners):
             try:
                 listener()

@@ -96,7 +96,13 @@ def _foreign_event(msg: Msg, subject: str) -> Event:
 
 
 class _NatsSubscription(Subscription):
-    def __init__(self, pattern: str, queue_group: str | None, prefix: str = "") -> None:
+    def __init__(
+        self, pattern: str, queue_group: str | None, prefix: str = "", bus: Any = None
+    ) -> None:
+        # The bus, held: it closes this subscription when the transport
+        # closes, also when the program kept only the subscription
+        # (``await transport.event_bus().subscribe(...)``).
+        self._bus = bus
         self.pattern = pattern
         self.queue_group = queue_group
         self.prefix = prefix
@@ -219,7 +225,7 @@ class NatsEventBus(EventBus):
         wire = _bus_subject(self._prefix, pattern, pattern=True)
         if queue_group is not None:
             validate_name(queue_group, "queue group")
-        subscription = _NatsSubscription(pattern, queue_group, self._prefix)
+        subscription = _NatsSubscription(pattern, queue_group, self._prefix, self)
         with map_nats_errors(f"subscribing to {pattern}"):
             subscription.sub = await self._ctx.nc.subscribe(
                 wire, queue=queue_group or "", cb=subscription.on_msg
@@ -424,8 +430,9 @@ class NatsEventLog(EventLog):
             self._limit,
         )
         await self._ensure(stream)
-        # Not into the reconnect buffer: appended after this call raised.
-        self._ctx.check_connected(f"appending to {stream}")
+        # Not into the reconnect buffer (appended after this call raised):
+        # a short reconnect is waited out, a longer one raises.
+        await self._ctx.wait_connected(f"appending to {stream}")
         with map_nats_errors(f"appending to {stream}"):
             ack = await self._ctx.js.publish(
                 self._subject(stream),

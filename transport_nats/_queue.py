@@ -275,6 +275,9 @@ class NatsRequestQueue(RequestQueue):
         self._tokens = itertools.count()
         self._closed = False
         self._blocked_until = 0.0
+        #: When this handle last sent a pull (event-loop time): a poll failing
+        #: since before then has recovered in between.
+        self._pulled_at = 0.0
         self._drops: set[asyncio.Task[None]] = set()
         self._bucket_opening: asyncio.Task[None] | None = None
 
@@ -484,6 +487,7 @@ class NatsRequestQueue(RequestQueue):
         except BaseException:
             self._pulls.pop(token, None)
             raise
+        self._pulled_at = now
 
     def _purge_pulls(self, now: float) -> None:
         """Forget pulls the server should long have answered."""
@@ -719,11 +723,14 @@ class NatsRequestQueue(RequestQueue):
                 self._check_open()
                 self._consumer_ready = False
                 now = loop.time()
-                if failing_since is None:
-                    # From when the connection went down, if it did: a poll
-                    # that was waiting on a pull notices only when it asks again.
-                    down = self._ctx.down_since
-                    failing_since = now if down is None else min(down, now)
+                down = self._ctx.down_since
+                if down is not None:
+                    # From when this outage began (a poll waiting on a pull
+                    # notices only when it asks again); an earlier outage
+                    # this poll rode out does not count.
+                    failing_since = min(down, now)
+                elif failing_since is None or self._pulled_at > failing_since:
+                    failing_since = now  # failing while connected, or again after recovering
                 if (deadline is not None and now + backoff >= deadline) or (
                     now + backoff - failing_since >= self._ctx.operation_timeout
                 ):

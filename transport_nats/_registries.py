@@ -102,8 +102,9 @@ class NatsKeyedLog(KeyedLog):
         await self._bucket()
         if not _is_key_valid(key):
             raise PermanentTransportError(f"{doing} {self.bucket}: invalid key")
-        # Not into the reconnect buffer: written after this call raised.
-        self._ctx.check_connected(f"{doing} {self.bucket}")
+        # Not into the reconnect buffer (written after this call raised):
+        # a short reconnect is waited out, a longer one raises.
+        await self._ctx.wait_connected(f"{doing} {self.bucket}")
         with map_nats_errors(f"{doing} {self.bucket}"):
             check_puback(await self._ctx.requests.request(self._prefix + key, value, headers))
 
@@ -124,6 +125,10 @@ class NatsKeyedLog(KeyedLog):
             raise PermanentTransportError(f"deleting from {self.bucket}: invalid key")
         revision = int(position) if position is not None and position.isdigit() else None
         for _ in range(_CLAIM_TRIES):
+            # Before any of its writes: a marker sent into the reconnect
+            # buffer while the deletes beside it raised would take the
+            # response after the caller was told the claim failed.
+            await self._ctx.wait_connected(f"deleting from {self.bucket}")
             if revision is None:
                 with map_nats_errors(f"reading {self.bucket}"):
                     try:
@@ -256,6 +261,7 @@ class NatsKeyedLog(KeyedLog):
         kv = await self._bucket()
         if not _is_key_valid(key):
             raise PermanentTransportError(f"purging {self.bucket}: invalid key")
+        await self._ctx.wait_connected(f"purging {self.bucket}")
         with map_nats_errors(f"removing a delete marker from {self.bucket}"):
             await self._ctx.js.purge_stream(
                 kv._stream, seq=int(position) + 1, subject=self._prefix + key

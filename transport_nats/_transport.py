@@ -220,11 +220,9 @@ class NatsTransport(Transport):
 
     async def _on_disconnected(self) -> None:
         log.info("disconnected from NATS")
-        if self.ctx.down_since is None:
-            self.ctx.down_since = asyncio.get_running_loop().time()
+        self.ctx.disconnected(asyncio.get_running_loop().time())
 
     async def _on_reconnected(self) -> None:
-        self.ctx.down_since = None
         log.info(
             "reconnected to NATS at %s",
             self.nc.connected_url.netloc if self.nc.connected_url else "?",

@@ -479,6 +479,11 @@ class _RedisReader(EventReader):
                 if self._closed and (task is None or not task.cancelling()):
                     raise StopAsyncIteration from None  # the close cancelled the read
                 raise
+            except ClosedResourceError:
+                # The log or its transport closed as this read began (before
+                # the close reached this reader): the iteration ends, as it
+                # does for a read the close cancels.
+                raise StopAsyncIteration from None
             except TransientTransportError as exc:
                 if self._closed:
                     raise StopAsyncIteration from None

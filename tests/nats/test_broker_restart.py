@@ -299,3 +299,131 @@ async def test_a_poll_in_an_outage_raises_instead_of_answering_empty(
         assert await got.ack()
     finally:
         await transport.aclose()
+
+
+async def _until_up(transport: Transport, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (await transport.health()).ok:
+        assert time.monotonic() < deadline, f"not reconnected within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_registry_write_rides_out_a_short_reconnect(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """A registry write made while the connection is down waits for it to
+    come back (up to ``request_timeout``) instead of failing at once: an
+    ``Ensemble`` whose ``complete`` failed would run the handler again."""
+    transport = await _connect(own_server, namespace, request_timeout=10.0)
+    try:
+        registry = transport.delivery_registry("inbox")
+        first = WorkRequest(task="t")
+        await registry.register(first.request_id)
+        own_server.stop()
+        await _until_down(transport)
+        second = WorkRequest(task="t")
+        writing = asyncio.ensure_future(registry.register(second.request_id))
+        done, _ = await asyncio.wait({writing}, timeout=0.5)
+        assert not done, f"the write did not wait for the connection: {writing!r}"
+        own_server.start()
+        pending = await asyncio.wait_for(writing, 15)
+        assert pending.request_id == second.request_id
+        assert {p.request_id for p in await registry.pending()} >= {
+            first.request_id,
+            second.request_id,
+        }
+    finally:
+        await transport.aclose()
+
+
+async def test_a_claim_that_raised_in_an_outage_takes_nothing_later(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """A collect (``claim``) that fails while the server is down sends
+    nothing that could take the response after the caller was told it
+    failed: its delete marker went into the reconnect buffer while the
+    deletes beside it raised, and deleted the response on reconnect."""
+    transport = await _connect(own_server, namespace, request_timeout=1.0, connect_timeout=1)
+    try:
+        registry = transport.delivery_registry("claims")  # kept: its log closes with it
+        log_ = registry._log
+        await log_.put("c.x", b"response")
+        await log_.put("p.x", b"registration")
+        kv = await log_._bucket()
+        revision = str((await kv.get("c.x")).revision).encode()
+        own_server.stop()
+        await _until_down(transport)
+        with pytest.raises(TransientTransportError, match="unavailable"):
+            await log_.claim("c.x", also=("p.x",), position=revision)
+        own_server.start()
+        await _until_up(transport)
+        assert await log_.get_many(["c.x", "p.x"]) == [b"response", b"registration"]
+        assert await log_.claim("c.x", also=("p.x",), position=revision) is True
+    finally:
+        await transport.aclose()
+
+
+async def test_a_poll_shared_by_two_handles_rides_out_a_short_outage(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """Two handles of one queue poll (their polls then wait in one-second
+    slices): a server that is back within the operation timeout does not
+    fail either poll, and work enqueued then reaches one of them."""
+    transport = await _connect(own_server, namespace, connect_timeout=3)  # 7 s
+    try:
+        first, second = transport.request_queue("work"), transport.request_queue("work")
+        assert await first.poll(0) is None
+        polls = [asyncio.ensure_future(q.poll(None)) for q in (first, second)]
+        own_server.stop()
+        await _until_down(transport)
+        done, _ = await asyncio.wait(polls, timeout=1.5)
+        assert not done, f"a poll raised in a short outage: {done}"
+        own_server.start()
+        sent = await asyncio.wait_for(_enqueue_when_back(first, "after"), 30)
+        done, _ = await asyncio.wait(polls, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        assert done, "neither poll got the request enqueued after the outage"
+        got = next(iter(done)).result()
+        assert got is not None and got.request.request_id == sent.request_id
+        assert await got.ack()
+    finally:
+        for poll in polls:
+            poll.cancel()
+        await asyncio.gather(*polls, return_exceptions=True)
+        await transport.aclose()
+
+
+async def test_a_second_outage_is_timed_from_its_own_start(
+    own_server: NatsServer, namespace: str
+) -> None:
+    """A ``poll(None)`` rode out one outage; a second one later is timed
+    from its own start: the poll does not raise at its first failure
+    because the first outage began more than the operation timeout ago."""
+    # Operation timeout 7 s: a stop of the server (JetStream flushing) and
+    # its start take a few seconds of the outage already.
+    transport = await _connect(own_server, namespace, connect_timeout=3)
+    try:
+        queue = transport.request_queue("work")
+        assert await queue.poll(0) is None
+        polling = asyncio.ensure_future(queue.poll(None))
+        own_server.stop()
+        await _until_down(transport)
+        done, _ = await asyncio.wait({polling}, timeout=1.0)
+        assert not done, f"the poll raised in the first, short outage: {polling!r}"
+        own_server.start()
+        await _until_up(transport)
+        await _until_pull_parked(own_server, queue)  # it asks the server again
+        # Longer than the operation timeout after the first outage began.
+        done, _ = await asyncio.wait({polling}, timeout=transport.operation_timeout)
+        assert not done, f"the poll ended while the server was up: {polling!r}"
+        own_server.stop()
+        await _until_down(transport)
+        done, _ = await asyncio.wait({polling}, timeout=1.0)
+        assert not done, f"the poll raised at once in the second outage: {polling!r}"
+        with pytest.raises(TransientTransportError):
+            await asyncio.wait_for(polling, transport.operation_timeout + 10)
+    finally:
+        polling.cancel()
+        await asyncio.gather(polling, return_exceptions=True)
+        if not own_server.running:
+            own_server.start()
+        await transport.aclose()

@@ -129,6 +129,16 @@ async def _janitor(ref: weakref.ref[Any], interval: float) -> None:
 _closing_dropped: set[asyncio.Task[None]] = set()
 
 
+async def finish_closing_dropped(timeout: float) -> None:
+    """Wait (up to ``timeout`` s) for the closes of dropped registries that
+    run on this loop: a transport closing its client waits for them first,
+    so that they do not close their logs against a closed client."""
+    loop = asyncio.get_running_loop()
+    pending = [t for t in _closing_dropped if t.get_loop() is loop and not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+
+
 def _close_when_dropped(
     registry: object, view: _LogView, log_: KeyedLog, tasks: list[asyncio.Task[None]]
 ) -> weakref.finalize[Any, Any]:

@@ -26,14 +26,13 @@ deliveries it handed out and did not settle (kept weakly per handle). See
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from transport._spi.queue import Delivery, RequestQueue
 from transport._spi.queue import seconds as _seconds
-from transport.errors import ClosedResourceError
+from transport.errors import ClosedResourceError, TransientTransportError
 
 if TYPE_CHECKING:
     from transport._spi.codec import RequestCodec
@@ -55,8 +54,11 @@ class SharedQueue:
         key: tuple[str, float, int],
         open_queue: Callable[[], RequestQueue],
         on_last_close: Callable[[SharedQueue], None],
+        operation_timeout: float = 30.0,
     ) -> None:
         self.key = key
+        #: The transport's: how long a sliced poll rides out a failing backend.
+        self.operation_timeout = operation_timeout
         self._open_queue = open_queue
         self._on_last_close = on_last_close
         # Weakly, in the order they came: a handle dropped without aclose()
@@ -133,14 +135,18 @@ class SharedQueue:
 
 
 async def _release_uncounted(deliveries: list[Delivery]) -> None:
-    """Give back deliveries a cancelled poll got (shielded: a second
-    cancellation does not stop it; one that fails runs out its lease)."""
+    """Give back deliveries a poll got and will not hand out (shielded: a
+    cancellation of the caller meanwhile does not stop it, and is raised
+    once it is done; one that fails runs out its lease)."""
     if deliveries:
         releases = asyncio.gather(
             *(d._release_uncounted() for d in deliveries), return_exceptions=True
         )
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await asyncio.shield(releases)
+        except asyncio.CancelledError:
+            await asyncio.wait({releases})
+            raise
 
 
 def _as_list(got: Any) -> list[Delivery]:
@@ -225,6 +231,7 @@ class SharedQueueHandle(RequestQueue):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         shared = self._shared
+        failing_since: float | None = None
         while True:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             if len(shared.polling) > 1:
@@ -235,7 +242,25 @@ class SharedQueueHandle(RequestQueue):
                 # The only poller: its close closes the consumer, which ends
                 # the poll; the backend's own retries keep the whole timeout.
                 wait = remaining  # type: ignore[assignment]
-            got = await self._poll_once(poll, consumer, wait)
+            try:
+                got = await self._poll_once(poll, consumer, wait)
+            except TransientTransportError:
+                # A slice that ended in an outage: the caller's poll raises
+                # when its own time is up or the outage has lasted the
+                # operation timeout, as the backend's poll of the whole
+                # timeout would, not at the end of a one-second slice.
+                now = loop.time()
+                failing_since = now if failing_since is None else failing_since
+                if (
+                    wait == remaining
+                    or (deadline is not None and now >= deadline)
+                    or now - failing_since >= shared.operation_timeout
+                ):
+                    raise
+                pause = 0.2 if deadline is None else min(0.2, max(0.0, deadline - now))
+                await asyncio.sleep(pause)
+                continue
+            failing_since = None
             if self._closed:
                 # Closed while this poll waited: what it got was never handed
                 # to the caller, so it goes back uncounted.

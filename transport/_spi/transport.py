@@ -29,7 +29,11 @@ from transport._spi.models import HealthStatus
 from transport._spi.naming import validate_name
 from transport._spi.priority import AgingPolicy, PriorityRequestQueue
 from transport._spi.queue import RequestQueue
-from transport._spi.registries import CapabilityRegistry, DeliveryRegistry
+from transport._spi.registries import (
+    CapabilityRegistry,
+    DeliveryRegistry,
+    finish_closing_dropped,
+)
 from transport._spi.shared import SharedQueue, SharedQueueHandle
 from transport.errors import ClosedResourceError, TransientTransportError, UnsupportedFeatureError
 
@@ -184,6 +188,7 @@ class Transport(ABC):
                     name, lease_seconds=lease_seconds, max_attempts=max_attempts
                 ),
                 self._forget_shared,
+                self.operation_timeout,
             )
         return shared.handle()
 
@@ -554,6 +559,7 @@ class Transport(ABC):
         await asyncio.gather(*(s.end_polls() for s in shared.values()), return_exceptions=True)
         resources += [queue for s in shared.values() for queue in s.backend_handles()]
         await asyncio.gather(*(r.aclose() for r in resources), return_exceptions=True)
+        await finish_closing_dropped(self.operation_timeout)
         await self._close_backend()
 
     async def __aenter__(self) -> Self:

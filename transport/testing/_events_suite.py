@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
@@ -39,6 +40,33 @@ class EventBusConformance:
     def test_subject_matching_table(self) -> None:
         for pattern, subject, expected in MATCH_TABLE:
             assert subject_matches(pattern, subject) is expected, (pattern, subject)
+
+    async def test_a_subscription_of_a_dropped_bus_ends_when_the_transport_closes(
+        self, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """A program keeps only the subscription
+        (``await transport.event_bus().subscribe(...)``): closing the
+        transport still ends an ``async for`` waiting in it."""
+        client = await make_transport()
+        subscription = await client.event_bus().subscribe(f"{queue_name}.x")
+        gc.collect()
+        started = asyncio.Event()
+
+        async def consume() -> list[Any]:
+            started.set()
+            return [event.data async for event in subscription]
+
+        task = asyncio.create_task(consume())
+        try:
+            await started.wait()
+            await client.aclose()
+            done, _ = await asyncio.wait({task}, timeout=harness.scaled(10))
+            assert done, "the subscription's iteration went on after the transport closed"
+            assert task.result() == []
+        finally:
+            if not task.done():
+                task.cancel()
+            await client.aclose()
 
     async def test_wildcard_subscriptions_receive_exactly_their_subjects(
         self, transport: Transport, queue_name: str, harness: BackendHarness
@@ -339,6 +367,33 @@ class EventLogConformance:
         done, _ = await asyncio.wait({task}, timeout=harness.scaled(10))
         assert done, "the iteration did not end when its reader was closed"
         assert task.result() == []
+
+    async def test_a_reader_of_a_dropped_log_ends_when_the_transport_closes(
+        self, queue_name: str, harness: BackendHarness, make_transport: Any
+    ) -> None:
+        """A program keeps only the reader
+        (``await transport.event_log().read(...)``): closing the transport
+        still ends an ``async for`` waiting in it."""
+        client = await make_transport()
+        reader = await client.event_log().read(queue_name, "latest")
+        gc.collect()
+        started = asyncio.Event()
+
+        async def consume() -> list[Any]:
+            started.set()
+            return [event.data async for event in reader]
+
+        task = asyncio.create_task(consume())
+        try:
+            await started.wait()
+            await client.aclose()
+            done, _ = await asyncio.wait({task}, timeout=harness.scaled(10))
+            assert done, "the reader's iteration went on after the transport closed"
+            assert task.result() == []
+        finally:
+            if not task.done():
+                task.cancel()
+            await client.aclose()
 
     async def test_a_closed_reader_refuses_to_seek_and_keeps_its_cursor(
         self, transport: Transport, queue_name: str, harness: BackendHarness
