@@ -31,6 +31,32 @@ MATCH_TABLE = [
 ]
 
 
+async def _ends_when_the_transport_closes(
+    client: Transport, iterable: Any, harness: BackendHarness
+) -> None:
+    """``iterable`` is all the program keeps (what made it was dropped and
+    collected): an ``async for`` waiting in it ends, without an error, when
+    ``client`` closes."""
+    gc.collect()
+    started = asyncio.Event()
+
+    async def consume() -> list[Any]:
+        started.set()
+        return [event.data async for event in iterable]
+
+    task = asyncio.create_task(consume())
+    try:
+        await started.wait()
+        await client.aclose()
+        done, _ = await asyncio.wait({task}, timeout=harness.scaled(10))
+        assert done, "the iteration went on after the transport closed"
+        assert task.result() == []
+    finally:
+        if not task.done():
+            task.cancel()
+        await client.aclose()
+
+
 class EventBusConformance:
     @pytest.fixture(autouse=True)
     def _needs_bus(self, harness: BackendHarness) -> None:
@@ -49,24 +75,7 @@ class EventBusConformance:
         transport still ends an ``async for`` waiting in it."""
         client = await make_transport()
         subscription = await client.event_bus().subscribe(f"{queue_name}.x")
-        gc.collect()
-        started = asyncio.Event()
-
-        async def consume() -> list[Any]:
-            started.set()
-            return [event.data async for event in subscription]
-
-        task = asyncio.create_task(consume())
-        try:
-            await started.wait()
-            await client.aclose()
-            done, _ = await asyncio.wait({task}, timeout=harness.scaled(10))
-            assert done, "the subscription's iteration went on after the transport closed"
-            assert task.result() == []
-        finally:
-            if not task.done():
-                task.cancel()
-            await client.aclose()
+        await _ends_when_the_transport_closes(client, subscription, harness)
 
     async def test_wildcard_subscriptions_receive_exactly_their_subjects(
         self, transport: Transport, queue_name: str, harness: BackendHarness
@@ -376,24 +385,7 @@ class EventLogConformance:
         still ends an ``async for`` waiting in it."""
         client = await make_transport()
         reader = await client.event_log().read(queue_name, "latest")
-        gc.collect()
-        started = asyncio.Event()
-
-        async def consume() -> list[Any]:
-            started.set()
-            return [event.data async for event in reader]
-
-        task = asyncio.create_task(consume())
-        try:
-            await started.wait()
-            await client.aclose()
-            done, _ = await asyncio.wait({task}, timeout=harness.scaled(10))
-            assert done, "the reader's iteration went on after the transport closed"
-            assert task.result() == []
-        finally:
-            if not task.done():
-                task.cancel()
-            await client.aclose()
+        await _ends_when_the_transport_closes(client, reader, harness)
 
     async def test_a_closed_reader_refuses_to_seek_and_keeps_its_cursor(
         self, transport: Transport, queue_name: str, harness: BackendHarness
