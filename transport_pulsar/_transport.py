@@ -168,7 +168,12 @@ class PulsarTransport(Transport):
             self.settings.service_url,
             operation_timeout=options.operation_timeout_seconds,
             close_timeout=options.close_timeout_seconds,
-            send_timeout_ms=options.send_timeout_ms,
+            # Within the operation timeout, as every operation is (README,
+            # "Unreachable broker"): with operation_timeout_seconds=10 an
+            # enqueue to a stopped broker raised after the 30 s send timeout.
+            send_timeout_ms=min(
+                options.send_timeout_ms, max(1, int(options.operation_timeout_seconds * 1000))
+            ),
             client_log=options.client_log,
             **kwargs,
         )

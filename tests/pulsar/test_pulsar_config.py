@@ -245,3 +245,25 @@ def test_only_a_lasting_refusal_turns_consumer_id_spreading_off() -> None:
     for passing in ("Timeout", "ConnectError", "Disconnected", "ServiceUnitNotReady"):
         assert not _refusal(PulsarResultError(passing)), passing
     assert not _refusal(TimeoutError())
+
+
+@pytest.mark.parametrize(
+    ("options", "expected_ms"),
+    [
+        ({}, 30_000),
+        ({"operation_timeout_seconds": 10}, 10_000),
+        ({"operation_timeout_seconds": 10, "send_timeout_ms": 4_000}, 4_000),
+    ],
+)
+async def test_a_send_fails_within_the_operation_timeout(
+    options: dict[str, object], expected_ms: int
+) -> None:
+    """A send to a broker that does not answer fails within the operation
+    timeout, as every operation does: with ``operation_timeout_seconds=10``
+    an enqueue to a stopped pulsar-lite raised after the 30 s send timeout
+    (checked with a stopped broker: 30.0 s before, 10.0 s after)."""
+    transport = make(options=options)
+    try:
+        assert transport.client._send_timeout_ms == expected_ms
+    finally:
+        await transport.aclose()
