@@ -456,6 +456,14 @@ class AsyncConsumer:
         #: handed out (a copy of one acked already).
         self.on_drop: Callable[[Message], None] | None = None
 
+    def connected(self) -> bool:
+        """Whether the client's connection for this consumer is up (it
+        reconnects by itself; a receive meanwhile just waits)."""
+        try:
+            return bool(self._consumer.is_connected())
+        except Exception:  # a closed consumer: not connected
+            return False
+
     def _make_callback(self) -> Callable[..., None]:
         loop = self._loop
         thread = self._thread

@@ -324,17 +324,41 @@ class PulsarRequestQueue(RequestQueue):
             # "nothing" means an empty queue, not a consumer still warming up.
             timeout = max(timeout, _JOIN_GRACE_SECONDS)
         deadline = None if timeout is None else loop.time() + timeout
+        # A poll that ends while the broker is unreachable says so, instead
+        # of answering "no request" (a worker could not tell an outage from
+        # an idle queue); ``poll(None)`` once it has been down for the
+        # operation timeout.
+        down_since: float | None = None
         while True:
             self._check_open()
             message = self._due_delayed()
             if message is None:
                 now = loop.time()
-                remaining = 3600.0 if deadline is None else max(deadline - now, 0.0)
+                # Waits without a deadline wake every few seconds (a local
+                # wait, no round trip) to look at the connection, every
+                # second while it is down.
+                remaining = (
+                    (1.0 if down_since is not None else 5.0)
+                    if deadline is None
+                    else max(deadline - now, 0.0)
+                )
                 if self._delayed:
                     remaining = min(remaining, max(self._delayed[0][0] - time.time(), 0.0))
                 message = await consumer.next(remaining)
             if message is None:
-                if deadline is not None and loop.time() >= deadline:
+                now = loop.time()
+                if consumer.connected():
+                    down_since = None
+                else:
+                    down_since = now if down_since is None else down_since
+                    if (deadline is not None and now >= deadline) or (
+                        now - down_since >= self._timeout
+                    ):
+                        raise TransientTransportError(
+                            f"polling {self.topic}: the broker is unreachable (the client is "
+                            "reconnecting)"
+                        )
+                if deadline is not None and now >= deadline:
                     return None
                 continue
             delivery = await self._admit(consumer, message)

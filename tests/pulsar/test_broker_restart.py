@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from transport import WorkRequest, WorkResponse
+from transport.errors import TransientTransportError
 from transport.testing._util import drain, make_requests
 
 from .conftest import PulsarHarness, PulsarLiteBroker
@@ -268,4 +269,47 @@ async def test_a_killed_workers_delivery_counts_when_the_broker_forgot_its_redel
         assert [d.request_id for d in dead] == [sent.request_id]
         assert dead[0].attempts == 2, dead[0]
     finally:
+        await transport.aclose()
+
+
+async def test_a_poll_while_the_broker_is_down_raises_instead_of_answering_empty(
+    harness: PulsarHarness, pulsar_broker: PulsarLiteBroker
+) -> None:
+    """The broker is stopped: ``poll(timeout)`` raises
+    ``TransientTransportError`` when its time is up instead of returning
+    ``None`` as for an empty queue (a worker could not tell an outage from
+    an idle queue: three ``poll(2)`` in a row answered ``None``); once the
+    broker is back, polls work again."""
+    options = {**harness.config.options, "operation_timeout_seconds": 10}
+    transport = await harness.connect(options=options)
+    stopped = False
+    try:
+        queue = transport.request_queue(name())
+        sent = await queue.enqueue(WorkRequest(task="t", payload="warm"))
+        got = await queue.poll(20)
+        assert got is not None and got.request.request_id == sent.request_id
+        assert await got.ack()
+        await asyncio.to_thread(pulsar_broker.stop)
+        stopped = True
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(TransientTransportError, match="unreachable"):
+                await queue.poll(2)
+            took = time.monotonic() - started
+            assert took < 2 + 2, f"poll(2) raised after {took:.1f} s"
+        await asyncio.to_thread(pulsar_broker.start)
+        stopped = False
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                after = await queue.enqueue(WorkRequest(task="t", payload="after"))
+                break
+            except TransientTransportError:
+                assert time.monotonic() < deadline, "no enqueue within 60 s of the restart"
+        got = await queue.poll(30)
+        assert got is not None and got.request.request_id == after.request_id
+        assert await got.ack()
+    finally:
+        if stopped:
+            await asyncio.to_thread(pulsar_broker.start)
         await transport.aclose()
