@@ -38,7 +38,13 @@ _SASL_MECHANISMS = {
 #: error is at most 4 KiB).
 RECORD_ALLOWANCE = 8192
 
-_OWNED_PRODUCER = {"acks", "enable.idempotence", "bootstrap.servers", "on_delivery"}
+_OWNED_PRODUCER = {
+    "acks",
+    "enable.idempotence",
+    "bootstrap.servers",
+    "on_delivery",
+    "allow.auto.create.topics",
+}
 _OWNED_CONSUMER = {
     "enable.auto.commit",
     "enable.auto.offset.store",
@@ -193,6 +199,7 @@ class KafkaSettings:
             "acks": "all",
             "enable.idempotence": True,
             "message.timeout.ms": int(self.options.operation_timeout_s * 1000),
+            "allow.auto.create.topics": False,
         }
         return conf
 

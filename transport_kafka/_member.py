@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -94,6 +95,11 @@ class _GroupMember:
         self._start_task: asyncio.Future[None] | None = None
         self._handoff_task: asyncio.Task[None] | None = None
         self._last_commit = 0.0
+        # When no broker of the cluster was reachable from this member's
+        # consumer since (time.monotonic()), or None: set by librdkafka's
+        # "all brokers down" error, cleared by its statistics once a broker
+        # connection is up again (written on the consumer thread).
+        self.down_since: float | None = None
 
     def add(self, engine: _QueueEngine) -> None:
         self.engines.append(engine)
@@ -134,7 +140,48 @@ class _GroupMember:
             # order: the member that joined first keeps the work, and one
             # joining later idles instead of taking it over mid-lease.
             conf["client.id"] = f"{time.time_ns():020d}-{conf.get('client.id', 'transport')}"
-        return Consumer({**conf, "logger": _client_logger()})
+        return Consumer({**self._watch_reachability(conf), "logger": _client_logger()})
+
+    def _watch_reachability(self, conf: dict[str, Any]) -> dict[str, Any]:
+        """``conf`` with callbacks that keep :attr:`down_since` (a user's own
+        ``error_cb``/``stats_cb`` are still called). librdkafka reports no
+        connection state to ask for: it signals "all brokers down" as an
+        error, and its statistics (at most every second) list each broker's
+        state, which is how this member learns that a broker is back."""
+        user_error = conf.get("error_cb")
+        user_stats = conf.get("stats_cb")
+
+        def on_error(err: KafkaError) -> None:
+            if err.code() == KafkaError._ALL_BROKERS_DOWN and self.down_since is None:
+                self.down_since = time.monotonic()
+            if user_error is not None:
+                user_error(err)
+
+        def on_stats(raw: str) -> None:
+            try:
+                brokers = json.loads(raw).get("brokers") or {}
+                up = any(b.get("state") in ("UP", "UPDATE") for b in brokers.values())
+            except (ValueError, AttributeError):
+                up = None
+            if up:
+                self.down_since = None
+            elif up is not None and self.down_since is None:
+                self.down_since = time.monotonic()
+            if user_stats is not None:
+                user_stats(raw)
+
+        interval = int(conf.get("statistics.interval.ms") or 0)
+        return {
+            **conf,
+            "error_cb": on_error,
+            "stats_cb": on_stats,
+            "statistics.interval.ms": min(interval, 1000) if interval > 0 else 1000,
+        }
+
+    def unreachable_for(self) -> float | None:
+        """Seconds since no broker was reachable, or None if one is."""
+        since = self.down_since
+        return None if since is None else time.monotonic() - since
 
     def _renew(self) -> None:
         """Consumer thread: a member joining again after a hand-off joins as

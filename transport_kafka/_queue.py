@@ -180,9 +180,25 @@ class KafkaRequestQueue(RequestQueue):
             if delivery is not None:
                 return delivery
             remaining = None if deadline is None else deadline - loop.time()
+            if remaining is None or remaining <= 0:
+                self._check_reachable(ended=remaining is not None)
             if remaining is not None and remaining <= 0:
                 return None
             await self._engine.wait(_TICK if remaining is None else min(remaining, 1.0))
+
+    def _check_reachable(self, *, ended: bool) -> None:
+        """A poll that ends while no broker is reachable raises instead of
+        answering "empty" (at its timeout, as on the other backends); one
+        without a timeout raises once the brokers have been unreachable for
+        the operation timeout."""
+        down = self._engine.member.unreachable_for()
+        if down is None:
+            return
+        limit = self._engine.ctx.settings.options.operation_timeout_s
+        if ended or down >= limit:
+            raise TransientTransportError(
+                f"queue {self.name!r}: no Kafka broker reachable for {down:.1f} s"
+            )
 
     async def ack_many(self, deliveries: Iterable[Delivery]) -> list[bool]:
         """As :meth:`RequestQueue.ack_many`: this queue's deliveries are

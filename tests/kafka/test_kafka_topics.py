@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from transport import WorkRequest, connect
-from transport.errors import ConfigurationError, InvalidNameError
+from transport.errors import ConfigurationError, InvalidNameError, TransientTransportError
 from transport_kafka import KafkaTransport
 from transport_kafka._config import KafkaOptions, KafkaSettings
 from transport_kafka._topics import MAX_TOPIC_LENGTH, TopicSpec, TopicState, check_topic, topic_name
@@ -326,3 +326,25 @@ def test_a_request_topic_with_fewer_partitions_than_the_default_is_used_and_says
     assert "has 1 partitions where the library would create 4; it is used as is" in warning
     assert "kafka-topics --alter --topic ns.q.requests --partitions 4" in warning
     assert "ordering key" in warning
+
+
+async def test_the_producer_never_creates_a_topic_with_the_broker_defaults(
+    kafka_bootstrap: str, kafka_config_factory: Any
+) -> None:
+    """A record produced to a topic that does not exist (deleted under a
+    running client, or a broker that lost its data) must not make the broker
+    create it with its own defaults (partitions, ``retention.ms`` of 7 days on
+    a request topic): the library creates its topics itself, with their
+    settings. With librdkafka's default ``allow.auto.create.topics=true`` on
+    the producer, Tansu created such a topic on the producer's metadata
+    request, and the queue then refused it (4 partitions for an ordered
+    queue)."""
+    transport = await _kafka(kafka_config_factory, operation_timeout_s=2.0)
+    topic = f"{transport.settings.namespace}.{_uid()}.requests"
+    try:
+        with pytest.raises(TransientTransportError):
+            await transport.clients.produce(topic, None, b"{}", what="produce")
+    finally:
+        await transport.aclose()
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    assert topic not in admin.list_topics(timeout=10).topics
