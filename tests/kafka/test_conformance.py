@@ -7,6 +7,7 @@ import pytest
 
 from tests.kafka.conftest import KafkaHarness, kafka_config
 from transport.testing import (
+    BrokerOutageConformance,
     BrokerRestartConformance,
     CapabilityRegistryConformance,
     CleanRestartConformance,
@@ -57,6 +58,9 @@ class TestKafkaProvisioning(ProvisioningConformance): ...
 
 
 class TestKafkaBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestKafkaBrokerOutage(BrokerOutageConformance): ...
 
 
 class TestKafkaCleanRestart(CleanRestartConformance): ...

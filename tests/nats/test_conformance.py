@@ -9,6 +9,7 @@ import pytest
 from transport import TransportConfig
 from transport.testing import (
     BackendHarness,
+    BrokerOutageConformance,
     BrokerRestartConformance,
     CapabilityRegistryConformance,
     CleanRestartConformance,
@@ -83,6 +84,9 @@ class TestNatsPriorityPrefetch(PriorityQueueConformance):
 
 
 class TestNatsBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestNatsBrokerOutage(BrokerOutageConformance): ...
 
 
 class TestNatsCleanRestart(CleanRestartConformance): ...

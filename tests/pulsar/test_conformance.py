@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from transport.testing import (
+    BrokerOutageConformance,
     BrokerRestartConformance,
     CapabilityRegistryConformance,
     CleanRestartConformance,
@@ -103,6 +104,9 @@ class TestPulsarProvisioning(ProvisioningConformance): ...
 
 
 class TestPulsarBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestPulsarBrokerOutage(BrokerOutageConformance): ...
 
 
 class TestPulsarCleanRestart(CleanRestartConformance): ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from transport.testing import (
+    BrokerOutageConformance,
     BrokerRestartConformance,
     CapabilityRegistryConformance,
     CleanRestartConformance,
@@ -51,6 +52,9 @@ class TestRedisProvisioning(ProvisioningConformance): ...
 
 
 class TestRedisBrokerRestart(BrokerRestartConformance): ...
+
+
+class TestRedisBrokerOutage(BrokerOutageConformance): ...
 
 
 class TestRedisCleanRestart(CleanRestartConformance): ...

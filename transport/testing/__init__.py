@@ -28,12 +28,13 @@ from transport.testing._registry_suite import (
     CapabilityRegistryConformance,
     DeliveryRegistryConformance,
 )
-from transport.testing._restart_suite import BrokerRestartConformance
+from transport.testing._restart_suite import BrokerOutageConformance, BrokerRestartConformance
 from transport.testing._unreachable_suite import UnreachableBrokerConformance
 from transport.testing.harness import BackendHarness
 
 __all__ = [
     "BackendHarness",
+    "BrokerOutageConformance",
     "BrokerRestartConformance",
     "CapabilityRegistryConformance",
     "CleanRestartConformance",

@@ -67,3 +67,49 @@ class BrokerRestartConformance:
             f"{budget.seconds:.0f} s of the test's start (lost across the restart): "
             f"{sorted(missing)[:5]}"
         )
+
+
+class BrokerOutageConformance:
+    """Runs where the harness can stop and start the test broker
+    (``harness.can_stop_broker``), its data kept or not: what a worker
+    sees while the broker is down."""
+
+    @pytest.mark.timeout(180)
+    async def test_a_poll_while_the_broker_is_down_raises_instead_of_answering_empty(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, budget: Budget
+    ) -> None:
+        """A ``poll(timeout)`` that ends while the broker is unreachable
+        raises ``TransientTransportError`` (at its timeout at the latest)
+        instead of returning ``None`` as for an empty queue: a worker must
+        be able to tell an outage from an idle queue (contract item 25).
+        On Kafka, NATS and Pulsar three ``poll(2)`` in a row answered
+        ``None`` with the broker stopped, until each backend was changed.
+        Once the broker is back, polls answer again."""
+        if not harness.can_stop_broker:
+            pytest.skip("this harness cannot stop the broker")
+        queue = transport.request_queue(queue_name)
+        sent = await queue.enqueue(WorkRequest(task="warm-up"))
+        got = await queue.poll(budget.left(harness.scaled(30)))
+        assert got is not None and got.request.request_id == sent.request_id
+        assert await got.ack()
+        await harness.stop_broker()
+        try:
+            assert not await harness.broker_answers(budget.left(harness.scaled(10))), (
+                "the broker still answers after stop_broker(): the scenario would prove nothing"
+            )
+            for _ in range(2):
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(TransientTransportError):
+                    await asyncio.wait_for(queue.poll(2), budget.left(harness.scaled(30)))
+                took = asyncio.get_running_loop().time() - started
+                assert took < 2 + harness.scaled(3), f"poll(2) raised after {took:.1f} s"
+        finally:
+            await harness.start_broker()
+        errors: list[str] = []
+        while True:
+            assert not budget.expired(), f"polls still raise after the restart: {errors[-3:]}"
+            try:
+                await queue.poll(1)  # a broker restarted without its data may hold nothing
+                break
+            except TransientTransportError as exc:  # still reconnecting
+                errors.append(str(exc))
