@@ -183,8 +183,33 @@ class KafkaRequestQueue(RequestQueue):
             if remaining is None or remaining <= 0:
                 self._check_reachable(ended=remaining is not None)
             if remaining is not None and remaining <= 0:
+                if not self._engine.primed:
+                    # Still joining the group, or fetching the backlog of
+                    # partitions just assigned: "nothing" would mean "not
+                    # known yet", not "empty". A poll's time is extended
+                    # until the head is known (a first join takes about 3 s
+                    # with the broker's group.initial.rebalance.delay.ms;
+                    # bounded by the operation timeout), as pulsar:// gives
+                    # a first poll a grace. A drain loop of poll(timeout=3)
+                    # on a cold start ended at once with 200 requests waiting.
+                    await self._until_primed()
+                    deadline = loop.time()
+                    continue
                 return None
             await self._engine.wait(_TICK if remaining is None else min(remaining, 1.0))
+
+    async def _until_primed(self) -> None:
+        """Wait until the engine knows its head (see :meth:`caught_up`), at
+        most the operation timeout; a delivery arriving meanwhile ends the
+        wait too (the next take finds it)."""
+        engine = self._engine
+        limit = asyncio.get_running_loop().time() + engine.ctx.settings.options.operation_timeout_s
+        while not engine.primed and not engine.ready and not self._closed:
+            left = limit - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            self._check_reachable(ended=False)
+            await engine.wait(min(left, 1.0))
 
     def _check_reachable(self, *, ended: bool) -> None:
         """A poll that ends while no broker is reachable raises instead of

@@ -70,6 +70,49 @@ class DefaultConfigurationConformance:
         if worker_client.capabilities.ordered:  # on default settings (Kafka: not)
             assert got == [r.request_id for r in sent], "not in enqueue order"
 
+    async def test_a_short_poll_of_a_new_worker_finds_the_waiting_backlog(
+        self, harness: BackendHarness, queue_name: str, default_clients: list[Transport]
+    ) -> None:
+        """A new worker's first ``poll(timeout=1)`` with requests waiting
+        returns one: a backend still joining (a Kafka consumer group's first
+        join takes about 3 s, the broker's ``group.initial.rebalance.delay.ms``)
+        extends the poll until it knows its head, instead of answering
+        ``None``, which a drain loop reads as "done" (one ended at once on a
+        cold start with 200 requests waiting)."""
+        producer = (await self._client(harness, default_clients)).request_queue(queue_name)
+        sent = await enqueue_all(producer, make_requests(3))
+        worker = (await self._client(harness, default_clients)).request_queue(queue_name)
+        delivery = await worker.poll(timeout=1.0)
+        assert delivery is not None, (
+            f"a new worker's poll(timeout=1) on default settings returned nothing with "
+            f"{len(sent)} requests waiting"
+        )
+        assert delivery.request.request_id in {r.request_id for r in sent}
+        assert await delivery.ack()
+
+    async def test_a_short_poll_of_a_new_priority_worker_serves_the_best_waiting_level(
+        self, harness: BackendHarness, queue_name: str, default_clients: list[Transport]
+    ) -> None:
+        """As above for a priority queue: its first ``poll(timeout=1)`` waits
+        until every level knows its head, then serves the best one (a Kafka
+        priority queue served nothing of 15 waiting requests to a drain loop
+        of ``poll(timeout=3)``)."""
+        producer = (await self._client(harness, default_clients)).priority_queue(
+            queue_name, levels=3
+        )
+        sent = {}
+        for level in (2, 1, 0):
+            [request] = make_requests(1)
+            sent[level] = await producer.enqueue(request, priority=level)
+        worker = (await self._client(harness, default_clients)).priority_queue(queue_name, levels=3)
+        delivery = await worker.poll(timeout=1.0)
+        assert delivery is not None, (
+            "a new priority worker's poll(timeout=1) on default settings returned nothing "
+            "with a request waiting on each of 3 levels"
+        )
+        assert delivery.request.request_id == sent[0].request_id, "not the best level first"
+        assert await delivery.ack()
+
     async def test_a_request_enqueued_while_a_worker_waits_is_delivered_to_it(
         self, harness: BackendHarness, queue_name: str, default_clients: list[Transport]
     ) -> None:
