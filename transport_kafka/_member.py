@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from transport_kafka._engine import _QueueEngine
 
 log = logging.getLogger("transport.kafka")
+
+#: A broker with a connection up, in librdkafka's statistics JSON.
+_BROKER_UP = re.compile(r'"state":\s*"UP')
 
 #: Members whose consumer thread runs. A program that ends without
 #: ``aclose()`` has them closed at interpreter exit, within 3 s for all
@@ -158,14 +161,12 @@ class _GroupMember:
                 user_error(err)
 
         def on_stats(raw: str) -> None:
-            try:
-                brokers = json.loads(raw).get("brokers") or {}
-                up = any(b.get("state") in ("UP", "UPDATE") for b in brokers.values())
-            except (ValueError, AttributeError):
-                up = None
-            if up:
+            # Only brokers have an upper-case state ("UP", "UPDATE" when
+            # connected; the group's is lower-case): a substring test, not
+            # a parse of the whole document (every topic and partition).
+            if _BROKER_UP.search(raw):
                 self.down_since = None
-            elif up is not None and self.down_since is None:
+            elif self.down_since is None:
                 self.down_since = time.monotonic()
             if user_stats is not None:
                 user_stats(raw)

@@ -174,42 +174,31 @@ class KafkaRequestQueue(RequestQueue):
     async def _take_first(self, timeout: float | None) -> KafkaDelivery | None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        extended = False
         while True:
             self._check_open()
             delivery = await self._engine.take(self)
             if delivery is not None:
                 return delivery
             remaining = None if deadline is None else deadline - loop.time()
-            if remaining is None or remaining <= 0:
-                self._check_reachable(ended=remaining is not None)
-            if remaining is not None and remaining <= 0:
-                if not self._engine.primed:
-                    # Still joining the group, or fetching the backlog of
-                    # partitions just assigned: "nothing" would mean "not
-                    # known yet", not "empty". A poll's time is extended
-                    # until the head is known (a first join takes about 3 s
-                    # with the broker's group.initial.rebalance.delay.ms;
-                    # bounded by the operation timeout), as pulsar:// gives
-                    # a first poll a grace. A drain loop of poll(timeout=3)
-                    # on a cold start ended at once with 200 requests waiting.
-                    await self._until_primed()
-                    deadline = loop.time()
-                    continue
-                return None
+            if remaining is None:
+                self._check_reachable(ended=False)
+            elif remaining <= 0:
+                self._check_reachable(ended=True)
+                if extended or self._engine.primed:
+                    return None
+                # Still joining the group, or fetching the backlog of
+                # partitions just assigned: "nothing" would mean "not known
+                # yet", not "empty". The poll's time is extended once until
+                # the head is known (a first join takes about 3 s with the
+                # broker's group.initial.rebalance.delay.ms), at most the
+                # operation timeout, as pulsar:// gives a first poll a
+                # grace. A drain loop of poll(timeout=3) on a cold start
+                # ended at once with 200 requests waiting.
+                extended = True
+                await self._engine.caught_up(self._engine.options.operation_timeout_s)
+                continue
             await self._engine.wait(_TICK if remaining is None else min(remaining, 1.0))
-
-    async def _until_primed(self) -> None:
-        """Wait until the engine knows its head (see :meth:`caught_up`), at
-        most the operation timeout; a delivery arriving meanwhile ends the
-        wait too (the next take finds it)."""
-        engine = self._engine
-        limit = asyncio.get_running_loop().time() + engine.ctx.settings.options.operation_timeout_s
-        while not engine.primed and not engine.ready and not self._closed:
-            left = limit - asyncio.get_running_loop().time()
-            if left <= 0:
-                return
-            self._check_reachable(ended=False)
-            await engine.wait(min(left, 1.0))
 
     def _check_reachable(self, *, ended: bool) -> None:
         """A poll that ends while no broker is reachable raises instead of
@@ -219,7 +208,7 @@ class KafkaRequestQueue(RequestQueue):
         down = self._engine.member.unreachable_for()
         if down is None:
             return
-        limit = self._engine.ctx.settings.options.operation_timeout_s
+        limit = self._engine.options.operation_timeout_s
         if ended or down >= limit:
             raise TransientTransportError(
                 f"queue {self.name!r}: no Kafka broker reachable for {down:.1f} s"

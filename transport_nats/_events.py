@@ -97,7 +97,7 @@ def _foreign_event(msg: Msg, subject: str) -> Event:
 
 class _NatsSubscription(Subscription):
     def __init__(
-        self, pattern: str, queue_group: str | None, prefix: str = "", bus: Any = None
+        self, pattern: str, queue_group: str | None, prefix: str, bus: NatsEventBus
     ) -> None:
         # The bus, held: it closes this subscription when the transport
         # closes, also when the program kept only the subscription

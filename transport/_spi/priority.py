@@ -238,17 +238,13 @@ class PriorityRequestQueue(RequestQueue):
         try:
             while True:
                 self._harvest()
-                if not await self._levels_known(deadline):
-                    # The poll's time is up while a level is still loading
-                    # (a Kafka group's first join takes about 3 s): that
-                    # level may hold a better head, and "nothing" would read
-                    # as "empty" (a drain loop of poll(timeout=3) on a cold
-                    # start served nothing of 15 waiting requests). The poll
-                    # is extended until every level knows its head, as a
-                    # plain queue's is; each backend bounds that wait.
-                    await self._levels_known(None)
-                    deadline = loop.time()
-                    continue
+                # A level still loading may hold a better head, and
+                # "nothing" would read as "empty" (a drain loop of
+                # poll(timeout=3) on a Kafka cold start served nothing of 15
+                # waiting requests): wait until every level knows its head,
+                # past the poll's timeout if need be, as a plain queue's
+                # poll does; each backend bounds that wait.
+                await self._levels_known(None)
                 for level in range(self.levels):
                     if self._slots[level] is None and self._tasks[level] is None:
                         self._fill(level, await self._queues[level].poll(0))
