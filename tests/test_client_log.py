@@ -79,3 +79,38 @@ def test_the_last_problem_is_kept_for_the_error_of_a_timed_out_operation() -> No
     assert client.last_problem(within=60) == "Connect to 127.0.0.1:1 failed: Connection refused"
     client._problem = (time.monotonic() - 120, "old")  # a line from two minutes ago
     assert client.last_problem(within=60) is None
+
+
+def test_an_outage_is_logged_at_its_start_every_interval_and_at_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from transport.kit import OutageLog
+
+    caplog.set_level(logging.DEBUG, logger="transport.test.outage")
+    now = [100.0]
+    outage = OutageLog(
+        logging.getLogger("transport.test.outage"),
+        "worker: poll",
+        interval=30,
+        clock=lambda: now[0],
+    )
+    outage.recovered()  # nothing was failing: says nothing
+    assert outage.failing_for is None
+    for _ in range(70):  # one failure a second for 70 s
+        outage.failed(ConnectionError("refused"), "retrying", queue="q")
+        now[0] += 1.0
+    assert outage.failures == 70 and outage.failing_for == 70.0
+    outage.recovered()
+    assert outage.failures == 0 and outage.failing_for is None
+    records = [r for r in caplog.records if r.name == "transport.test.outage"]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "worker: poll failed (refused); retrying",
+        "worker: poll still failing after 30 s and 31 tries (refused); retrying",
+        "worker: poll still failing after 60 s and 61 tries (refused); retrying",
+        "worker: poll works again after 70.0 s (70 failed tries)",
+    ]
+    assert sum(r.levelno == logging.DEBUG for r in records) == 67
+    assert all(getattr(r, "queue", None) == "q" for r in records if r.levelno == logging.DEBUG)
+    outage.failed(ConnectionError("again"))  # a new outage starts its own clock
+    assert caplog.records[-1].getMessage() == "worker: poll failed (again); retrying"

@@ -49,7 +49,8 @@ What is here, by concern:
   group commit, given its schema: the store of ``sqlite://`` and of the
   outbox).
 * **Operations** — :class:`ClientLog` (a broker client's log lines, repeated
-  ones collapsed), :class:`DoctorFinding`, :class:`ProvisionPlan` and
+  ones collapsed), :class:`OutageLog` (a retry loop's failures logged once
+  per outage, with a reminder every 30 s and a line when it is over), :class:`DoctorFinding`, :class:`ProvisionPlan` and
   :data:`ObjectKind` for ``transport doctor`` and ``transport provision``.
 
 Stability: these names follow the library's version like the SPI does; a
@@ -85,6 +86,7 @@ from transport._spi.keyed import encode_checkpoint, read_checkpoint
 from transport._spi.models import WIRE_SCHEMA_VERSION, derived_request_id, replace_fields, utcnow
 from transport._spi.models import _WireModel as WireModel
 from transport._spi.naming import internal_name, validate_header, validate_name
+from transport._spi.outage import OutageLog
 from transport._spi.queue import (
     REQUEUED_HEADER,
     ack_each,
@@ -118,6 +120,7 @@ __all__ = [
     "EventInbox",
     "InFlight",
     "ObjectKind",
+    "OutageLog",
     "ProvisionPlan",
     "RequestCodec",
     "SharedRun",

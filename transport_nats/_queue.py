@@ -735,7 +735,8 @@ class NatsRequestQueue(RequestQueue):
                     now + backoff - failing_since >= self._ctx.operation_timeout
                 ):
                     raise
-                log.warning("queue %r: poll retrying after: %s", self.name, exc)
+                # The caller is told if it lasts (the poll raises): not a warning each time.
+                log.debug("queue %r: poll retrying after: %s", self.name, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
 

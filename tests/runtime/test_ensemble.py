@@ -980,3 +980,77 @@ def test_an_empty_task_name_is_refused_not_replaced_by_the_functions(
 
         @ens.task("")
         async def cook(ctx: TaskContext) -> None: ...
+
+
+async def test_settling_that_fails_in_an_outage_is_tried_again_without_running_the_handler_again(
+    transport: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker unreachable when a handler has finished: recording the
+    response failed three times, then the ack twice. Each step is tried
+    again under the kept lease (2 s here, outlived by the retries) instead
+    of being left to the lease, which ran the handler again at attempt 2 (a
+    job of hours, for a blip at its end) and answered from a redelivery.
+    The outage is logged once at its start and once at its end per step."""
+    from transport import TransientTransportError
+    from transport._spi.metrics import InstrumentedRequestQueue, _InstrumentedDelivery
+
+    ack_failures = 2
+
+    class FlakyAck(_InstrumentedDelivery):
+        async def ack(self) -> bool:
+            nonlocal ack_failures
+            if ack_failures:
+                ack_failures -= 1
+                raise TransientTransportError("broker unreachable (simulated ack)")
+            return await super().ack()
+
+    class FlakyQueue(InstrumentedRequestQueue):
+        async def poll(self, timeout: float | None = None) -> Any:
+            delivery = await self.inner.poll(timeout)
+            return None if delivery is None else FlakyAck(delivery, InMemoryMetrics(), {})
+
+    queue = FlakyQueue(transport.request_queue("blip"), InMemoryMetrics())
+    runs: list[int] = []
+    ens = Ensemble("blip", transport=transport, queue=queue, concurrency=1, advertise=False)
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> str:
+        runs.append(ctx.request.attempt)
+        return "done"
+
+    registry = ens._registry("blip-desk")
+    real_complete = registry._complete
+    complete_failures = 3
+
+    async def flaky_complete(*args: Any) -> bool:
+        nonlocal complete_failures
+        if complete_failures:
+            complete_failures -= 1
+            raise TransientTransportError("broker unreachable (simulated complete)")
+        return await real_complete(*args)
+
+    registry._complete = flaky_complete  # type: ignore[method-assign]
+    inbox = transport.delivery_registry("blip-desk")
+    request = WorkRequest(task="work", reply_to="blip-desk")
+    pending = await inbox.register(request.request_id)
+    await queue.enqueue(request)
+    with caplog.at_level(logging.DEBUG, logger="transport.runtime"):
+        async with ens:
+            response = await pending.result(timeout=30)
+            assert response.status == "completed" and response.result == "done"
+            while ack_failures:  # noqa: ASYNC110 - the ack is retried in the background
+                await asyncio.sleep(0.05)
+    assert (complete_failures, ack_failures) == (0, 0)
+    assert runs == [1], f"the handler ran at attempts {runs}"
+    assert ens.counts["completed"] == 1 and ens.counts["duplicates"] == 0, ens.counts
+    check = transport.request_queue("blip")
+    assert await check.poll(0.5) is None, "the request was acked before close returned"
+    await check.aclose()
+    what = "ensemble blip: settling a finished request"
+    said = [r for r in caplog.records if r.getMessage().startswith(what)]
+    warnings = [r.getMessage() for r in said if r.levelno == logging.WARNING]
+    assert len(warnings) == 4, warnings
+    assert "simulated complete" in warnings[0] and "works again" in warnings[1]
+    assert "(3 failed tries)" in warnings[1]
+    assert "simulated ack" in warnings[2] and "(2 failed tries)" in warnings[3]
+    assert sum(r.levelno == logging.DEBUG for r in said) == 3

@@ -117,7 +117,8 @@ async def test_an_outage_is_logged_once_and_its_end_once(
     retries = [r for r in caplog.records if r.levelno == logging.DEBUG]
     assert outage.failed_while_down == 25
     assert len(warnings) == 2, warnings
-    assert "transport unavailable" in warnings[0] and "reachable again" in warnings[1]
+    assert "outbox: sending failed" in warnings[0] and "holding requests" in warnings[0]
+    assert "outbox: sending works again after" in warnings[1] and "(25 failed tries)" in warnings[1]
     assert len(retries) == 24  # every further retry, at DEBUG only
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 from tenacity import RetryCallState, wait_exponential_jitter
 from tenacity.wait import wait_base
@@ -31,6 +32,7 @@ from transport._ops.tracing import TRACEPARENT, reset_current, set_current
 from transport._spi.metrics import get_metrics_sink, metrics_enabled, observer
 from transport._spi.models import Capability, WorkRequest, WorkResponse, utcnow
 from transport._spi.naming import validate_name
+from transport._spi.outage import OutageLog
 from transport._spi.priority import AgingPolicy, PriorityRequestQueue
 from transport._spi.queue import REQUEUED_HEADER, Delivery, RequestQueue
 from transport._spi.registries import CapabilityRegistry, DeliveryRecord, DeliveryRegistry
@@ -40,6 +42,7 @@ from transport.errors import (
     ConfigurationError,
     InvalidMessageError,
     PermanentTransportError,
+    TransientTransportError,
     TransportError,
 )
 
@@ -68,6 +71,11 @@ _IGNORED_CANCEL_S = 5.0
 
 #: How long a cancelled ensemble waits for its capability withdrawals.
 _CANCELLED_WITHDRAW_S = 1.0
+
+#: The longest pause between two tries of a settling step in an outage.
+_SETTLE_RETRY_MAX_S = 5.0
+
+T = TypeVar("T")
 
 
 def _check_count(name: str, value: object) -> None:
@@ -273,6 +281,13 @@ class Ensemble:
         self._plain: RequestQueue | None = None
         self._forwarder: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        # Each retry loop logs an outage once, a reminder every 30 s, and its end.
+        self._poll_outage = OutageLog(log, f"ensemble {name}: poll")
+        self._settle_outage = OutageLog(log, f"ensemble {name}: settling a finished request")
+        self._extend_outage = OutageLog(log, f"ensemble {name}: lease extension")
+        self._refresh_outage = OutageLog(log, f"ensemble {name}: capability refresh")
+        self._follow_outage = OutageLog(log, f"ensemble {name}: following the capability registry")
+        self._forward_outage = OutageLog(log, f"ensemble {name}: forwarding from the plain queue")
         #: Set by a second stop(): the running handlers are released at once.
         self._forced = asyncio.Event()
         self._started = False
@@ -759,6 +774,7 @@ class Ensemble:
             following.set()
             try:
                 async for change in changes:
+                    self._follow_outage.recovered(**self._fields())
                     if change.ensemble != self.name or change.name not in self._tasks:
                         continue
                     if change.kind == "advertised":
@@ -775,12 +791,7 @@ class Ensemble:
             except ClosedResourceError:
                 return
             except TransportError as exc:
-                log.warning(
-                    "ensemble %s: following the capability registry failed (%s); retrying",
-                    self.name,
-                    exc,
-                    extra=self._fields(),
-                )
+                self._follow_outage.failed(exc, "retrying every second", **self._fields())
                 await asyncio.sleep(1.0)
             finally:
                 await changes.aclose()
@@ -801,12 +812,9 @@ class Ensemble:
                 self._closed_under(exc)
                 return
             except TransportError as exc:
-                log.warning(
-                    "ensemble %s: capability refresh failed: %s",
-                    self.name,
-                    exc,
-                    extra=self._fields(),
-                )
+                self._refresh_outage.failed(exc, f"again in {period:g} s", **self._fields())
+            else:
+                self._refresh_outage.recovered(**self._fields())
 
     def _backend(self) -> str:
         if self.transport is None:
@@ -899,13 +907,12 @@ class Ensemble:
                     continue
                 await queue.enqueue(delivery.request, priority=level)
                 await delivery.ack()
+                self._forward_outage.recovered()
             except ClosedResourceError as exc:
                 self._closed_under(exc)
                 return
             except TransportError as exc:
-                log.warning(
-                    "ensemble %s: forwarding from %s failed: %s", self.name, plain.name, exc
-                )
+                self._forward_outage.failed(exc, f"retrying ({plain.name} to {queue.name})")
                 await asyncio.sleep(1.0)
 
     async def _within_grace(self, tasks: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
@@ -996,7 +1003,7 @@ class Ensemble:
                 self._closed_under(exc)
                 return
             except TransportError as exc:
-                log.warning("ensemble %s: poll failed: %s", self.name, exc, extra=self._fields())
+                self._poll_outage.failed(exc, "retrying every second", **self._fields())
                 await asyncio.sleep(1.0)
                 continue
             except Exception:
@@ -1006,14 +1013,16 @@ class Ensemble:
                 log.exception("ensemble %s: poll failed", self.name, extra=self._fields())
                 await asyncio.sleep(1.0)
                 continue
+            self._poll_outage.recovered(**self._fields())
             if delivery is None:
                 continue
             self._busy[current] = delivery
             try:
                 await self._handle(delivery)
             except TransportError as exc:
-                # Settling failed (broker unreachable): the lease will run out
-                # and the request comes back. Never a loss.
+                # Settling failed for good (the lease was lost while the
+                # broker was unreachable, or a permanent error): the request
+                # comes back. Never a loss.
                 log.warning(
                     "ensemble %s: could not settle %s: %s",
                     self.name,
@@ -1178,7 +1187,39 @@ class Ensemble:
                     )
                     return
             except TransportError as exc:
-                log.warning("ensemble %s: lease extension failed: %s", self.name, exc)
+                self._extend_outage.failed(exc, "trying again", **self._fields())
+            else:
+                self._extend_outage.recovered(**self._fields())
+
+    async def _settling(
+        self, step: Callable[[], Awaitable[T]], keeper: asyncio.Task[None] | None
+    ) -> T:
+        """Run ``step``, a settling step after the handler ran (recording the
+        response, dead-lettering, nacking, acking), until it is done. A
+        transient failure (the broker unreachable) is tried again, 0.5 s
+        later doubling to 5 s, while ``keeper`` keeps the delivery's lease;
+        it used to be left to the lease, which ran the handler again (a job
+        of hours, for a blip at its end), used an attempt and made the
+        caller wait a lease longer. Raises the last error once the lease is
+        lost (``keeper`` ended: another worker may have the request), any
+        other error at once; a stop cancels it after ``shutdown_grace``
+        (with the handlers, or with the acks in flight: ``keeper`` None)."""
+        pause = 0.5
+        while True:
+            try:
+                result = await step()
+            except TransientTransportError as exc:
+                if keeper is not None and keeper.done():
+                    raise
+                self._settle_outage.failed(exc, "trying again", **self._fields())
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _SETTLE_RETRY_MAX_S)
+                continue
+            self._settle_outage.recovered(**self._fields())
+            # The broker answers: an outage the lease extensions met is over
+            # too (the request they kept is settled; the next may be far off).
+            self._extend_outage.recovered(**self._fields())
+            return result
 
     def _backoff(self, attempt: int) -> float:
         state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
@@ -1217,8 +1258,21 @@ class Ensemble:
             else:
                 await self._ack(delivery)
             return
+        # The lease is kept from here until the request is settled: a
+        # settling step that fails in an outage is tried again under it.
+        keeper = asyncio.create_task(self._keep_lease(delivery, self.queue.lease_seconds))
+        try:
+            await self._run_handler(delivery, spec, keeper)
+        finally:
+            keeper.cancel()
+
+    async def _run_handler(
+        self, delivery: Delivery, spec: TaskSpec, keeper: asyncio.Task[None]
+    ) -> None:
+        request = delivery.request
+        sink = get_metrics_sink()
+        labels = self._labels(request)
         queue = self.queue
-        keeper = asyncio.create_task(self._keep_lease(delivery, queue.lease_seconds))
         token = set_current(request.headers.get(TRACEPARENT))
         started = time.perf_counter()
         try:
@@ -1231,10 +1285,10 @@ class Ensemble:
                 )
             result = await outcome
         except (PermanentTaskError, PermanentTransportError) as exc:
-            await self._fail(delivery, _described(exc), started)
+            await self._fail(delivery, _described(exc), started, keeper)
             return
         except RetryTaskError as exc:
-            await self._retry(delivery, _described(exc), started, exc.delay)
+            await self._retry(delivery, _described(exc), started, exc.delay, keeper)
             return
         except (Exception, asyncio.CancelledError) as exc:
             current = asyncio.current_task()
@@ -1254,10 +1308,9 @@ class Ensemble:
                 _described(exc),
                 extra=self._fields(request),
             )
-            await self._retry(delivery, _described(exc), started, None)
+            await self._retry(delivery, _described(exc), started, None, keeper)
             return
         finally:
-            keeper.cancel()
             reset_current(token)
             observe = observer(sink)
             if observe is not None:
@@ -1275,20 +1328,26 @@ class Ensemble:
             )
         except InvalidMessageError as exc:
             # Running the handler again would return the same value.
-            await self._fail(delivery, f"the handler's result cannot be sent: {exc}", started)
+            await self._fail(
+                delivery, f"the handler's result cannot be sent: {exc}", started, keeper
+            )
             return
         try:
-            undeliverable = await self._respond(request, response)
+            undeliverable = await self._settling(
+                functools.partial(self._respond, request, response), keeper
+            )
         except PermanentTransportError as exc:
             # The response cannot be stored (over the size limit once
             # encoded, nested deeper than the encoder goes): running the
             # handler again would give the same result. It was retried until
             # its attempts ran out, one lease apart, and the caller got a
             # reason that hid the cause.
-            await self._fail(delivery, f"the handler's result cannot be sent: {exc}", started)
+            await self._fail(
+                delivery, f"the handler's result cannot be sent: {exc}", started, keeper
+            )
             return
         if undeliverable is not None:
-            await delivery.dead_letter(undeliverable)
+            await self._settling(functools.partial(delivery.dead_letter, undeliverable), keeper)
             self.counts["failed"] += 1
             return
         await self._ack(delivery)
@@ -1313,10 +1372,12 @@ class Ensemble:
 
     async def _settle(self, delivery: Delivery) -> None:
         try:
-            await delivery.ack()
+            # Tried again through an outage (its response is recorded: the
+            # lease running out would only bring it back to be acked).
+            await self._settling(delivery.ack, None)
         except TransportError as exc:
-            # The lease will run out and the request comes back; it is then
-            # answered from the recorded response.
+            # Refused for good: the lease will run out and the request comes
+            # back; it is then answered from the recorded response.
             log.warning(
                 "ensemble %s: could not ack %s: %s",
                 self.name,
@@ -1334,7 +1395,9 @@ class Ensemble:
         finally:
             self._ack_slots.release()
 
-    async def _fail(self, delivery: Delivery, error: str, started: float) -> None:
+    async def _fail(
+        self, delivery: Delivery, error: str, started: float, keeper: asyncio.Task[None]
+    ) -> None:
         request = delivery.request
         response = WorkResponse(
             request_id=request.request_id,
@@ -1344,17 +1407,24 @@ class Ensemble:
         )
         # Answer first: a crash after this leaves a redelivery that is then
         # recognised as already answered.
-        await self._respond(request, response)
-        await delivery.dead_letter(error)
+        await self._settling(functools.partial(self._respond, request, response), keeper)
+        await self._settling(functools.partial(delivery.dead_letter, error), keeper)
         self.counts["failed"] += 1
         get_metrics_sink().increment("handler_failed", self._labels(request))
 
     async def _retry(
-        self, delivery: Delivery, error: str, started: float, delay: float | None
+        self,
+        delivery: Delivery,
+        error: str,
+        started: float,
+        delay: float | None,
+        keeper: asyncio.Task[None],
     ) -> None:
         if delivery.attempt >= self.queue.max_attempts:
-            await self._fail(delivery, f"{error} (after {delivery.attempt} attempts)", started)
+            await self._fail(
+                delivery, f"{error} (after {delivery.attempt} attempts)", started, keeper
+            )
             return
         wait = delay if delay is not None else self._backoff(delivery.attempt)
-        await delivery.nack(delay=wait, error=error)
+        await self._settling(functools.partial(delivery.nack, delay=wait, error=error), keeper)
         self.counts["retried"] += 1

@@ -54,6 +54,7 @@ from transport._spi.codec import decode, encode
 from transport._spi.events import EventBus, EventLog, check_headers, validate_subject
 from transport._spi.models import WorkRequest, _WireModel, replace_fields, utcnow
 from transport._spi.naming import validate_name
+from transport._spi.outage import OutageLog
 from transport._spi.priority import PriorityRequestQueue
 from transport._spi.queue import RequestQueue
 from transport._spi.registries import DeliveryRegistry
@@ -74,8 +75,6 @@ __all__ = ["Outbox", "OutboxDeadEvent", "OutboxDeadLetter", "OutboxFile"]
 
 log = logging.getLogger("transport.outbox")
 
-#: Seconds between two "still unavailable" warnings during one outage.
-OUTAGE_LOG_INTERVAL = 30.0
 #: Seconds between two looks at the file while the line is empty, so that
 #: rows requeued by another process (``transport outbox FILE requeue``) go out.
 IDLE_CHECK_INTERVAL = 1.0
@@ -357,10 +356,7 @@ class Outbox:
         self._drainer: asyncio.Task[None] | None = None
         self._empty = asyncio.Event()
         self._closed = False
-        #: Consecutive transient failures of the head of the line (0 when flowing).
-        self.outage_failures = 0
-        self._outage_since: float | None = None
-        self._outage_logged = 0.0
+        self._outage = OutageLog(log, "outbox: sending")
 
     def _handle(self, name: str, levels: int) -> RequestQueue:
         """The queue handle requests for ``name`` are sent through (made by
@@ -645,9 +641,8 @@ class Outbox:
                     await self._send_row(queue_name, levels, body, register, kind)
                 except TransientTransportError as exc:
                     # Hold the line (FIFO) and retry; an outage never counts.
-                    self.outage_failures += 1
-                    pause = self._pause(self.outage_failures)
-                    self._log_outage(exc, pause)
+                    pause = self._pause(self.outage_failures + 1)
+                    self._outage.failed(exc, "holding requests, retrying")
                     await self._delete_sent(sent)
                     await asyncio.sleep(pause)
                     return True
@@ -662,10 +657,10 @@ class Outbox:
                     log.exception("outbox: sending a request to %s failed", queue_name)
                     error = f"{type(exc).__name__}: {exc}"
                 else:
-                    self._outage_over()
+                    self._outage.recovered()
                     sent.append(row_id)
                     continue
-                self._outage_over()
+                self._outage.recovered()
                 await self._delete_sent(sent)
                 await self._store.write(
                     functools.partial(self._definitive_failure, row_id=row_id, error=error)
@@ -716,32 +711,10 @@ class Outbox:
         else:
             raise PermanentTransportError(f"unknown outbox row kind {kind!r}")
 
-    def _log_outage(self, exc: Exception, pause: float) -> None:
-        """One warning when an outage starts, then one every
-        ``OUTAGE_LOG_INTERVAL`` seconds (each retry is logged at DEBUG)."""
-        now = time.monotonic()
-        if self._outage_since is None:
-            self._outage_since = self._outage_logged = now
-            log.warning("outbox: transport unavailable (%s); holding requests, retrying", exc)
-        elif now - self._outage_logged >= OUTAGE_LOG_INTERVAL:
-            self._outage_logged = now
-            log.warning(
-                "outbox: transport still unavailable after %.0fs and %d tries (%s)",
-                now - self._outage_since,
-                self.outage_failures,
-                exc,
-            )
-        else:
-            log.debug("outbox: transport unavailable (%s); retrying in %.2fs", exc, pause)
-
-    def _outage_over(self) -> None:
-        if self._outage_since is not None:
-            log.warning(
-                "outbox: transport reachable again after %.1fs; draining",
-                time.monotonic() - self._outage_since,
-            )
-            self._outage_since = None
-        self.outage_failures = 0
+    @property
+    def outage_failures(self) -> int:
+        """Consecutive transient failures of the head of the line (0 when flowing)."""
+        return self._outage.failures
 
     @staticmethod
     def _delete(conn: sqlite3.Connection, ids: list[int]) -> None:

@@ -43,6 +43,7 @@ from transport._spi.models import (
     utcnow,
 )
 from transport._spi.naming import validate_name, validate_request_id
+from transport._spi.outage import OutageLog
 from transport.errors import (
     ClosedResourceError,
     DeliveryTimeoutError,
@@ -238,6 +239,7 @@ class _LogView:
         self._task: asyncio.Task[None] | None = None
         self._caught_up = asyncio.Event()
         self._failing = asyncio.Event()
+        self._outage = OutageLog(log, f"{what}: watch")
         self._failure: TransientTransportError | None = None
         self._closed = False
         self._resumable = bool(getattr(log_, "resumable", False))
@@ -447,6 +449,7 @@ class _LogView:
                             self._changed.set()
                     backoff = 0.05
                     self._failing.clear()
+                    self._outage.recovered()
                 raise TransientTransportError("watch ended")
             except ClosedResourceError:
                 if self._closed or self._caught_up.is_set():
@@ -457,7 +460,7 @@ class _LogView:
                     return
                 self._failure = exc
                 self._failing.set()
-                log.warning("%s: watch interrupted (%s); re-watching", self._what, exc)
+                self._outage.failed(exc, "re-watching")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             except TransportError as exc:
