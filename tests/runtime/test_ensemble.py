@@ -985,12 +985,13 @@ def test_an_empty_task_name_is_refused_not_replaced_by_the_functions(
 async def test_settling_that_fails_in_an_outage_is_tried_again_without_running_the_handler_again(
     transport: Transport, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The broker unreachable when a handler has finished: recording the
-    response failed three times, then the ack twice. Each step is tried
-    again under the kept lease (2 s here, outlived by the retries) instead
-    of being left to the lease, which ran the handler again at attempt 2 (a
-    job of hours, for a blip at its end) and answered from a redelivery.
-    The outage is logged once at its start and once at its end per step."""
+    """The broker unreachable around a handler: reading the caller's
+    registration failed twice before it ran, recording the response three
+    times after, then the ack twice. Each step is tried again under the
+    kept lease (2 s here, outlived by the retries) instead of being left to
+    the lease, which ran the handler again at attempt 2 (a job of hours, for
+    a blip at its end) and answered from a redelivery. The outage is logged
+    once at its start and once at its end per step."""
     from transport import TransientTransportError
     from transport._spi.metrics import InstrumentedRequestQueue, _InstrumentedDelivery
 
@@ -1030,6 +1031,17 @@ async def test_settling_that_fails_in_an_outage_is_tried_again_without_running_t
         return await real_complete(*args)
 
     registry._complete = flaky_complete  # type: ignore[method-assign]
+    real_record = registry.record
+    record_failures = 2
+
+    async def flaky_record(request_id: str) -> Any:
+        nonlocal record_failures
+        if record_failures:
+            record_failures -= 1
+            raise TransientTransportError("broker unreachable (simulated registration read)")
+        return await real_record(request_id)
+
+    registry.record = flaky_record  # type: ignore[method-assign]
     inbox = transport.delivery_registry("blip-desk")
     request = WorkRequest(task="work", reply_to="blip-desk")
     pending = await inbox.register(request.request_id)
@@ -1040,17 +1052,18 @@ async def test_settling_that_fails_in_an_outage_is_tried_again_without_running_t
             assert response.status == "completed" and response.result == "done"
             while ack_failures:  # noqa: ASYNC110 - the ack is retried in the background
                 await asyncio.sleep(0.05)
-    assert (complete_failures, ack_failures) == (0, 0)
+    assert (record_failures, complete_failures, ack_failures) == (0, 0, 0)
     assert runs == [1], f"the handler ran at attempts {runs}"
     assert ens.counts["completed"] == 1 and ens.counts["duplicates"] == 0, ens.counts
     check = transport.request_queue("blip")
     assert await check.poll(0.5) is None, "the request was acked before close returned"
     await check.aclose()
-    what = "ensemble blip: settling a finished request"
+    what = "ensemble blip: settling a request"
     said = [r for r in caplog.records if r.getMessage().startswith(what)]
     warnings = [r.getMessage() for r in said if r.levelno == logging.WARNING]
-    assert len(warnings) == 4, warnings
-    assert "simulated complete" in warnings[0] and "works again" in warnings[1]
-    assert "(3 failed tries)" in warnings[1]
-    assert "simulated ack" in warnings[2] and "(2 failed tries)" in warnings[3]
-    assert sum(r.levelno == logging.DEBUG for r in said) == 3
+    assert len(warnings) == 6, warnings
+    assert "simulated registration read" in warnings[0] and "(2 failed tries)" in warnings[1]
+    assert "simulated complete" in warnings[2] and "works again" in warnings[3]
+    assert "(3 failed tries)" in warnings[3]
+    assert "simulated ack" in warnings[4] and "(2 failed tries)" in warnings[5]
+    assert sum(r.levelno == logging.DEBUG for r in said) == 4

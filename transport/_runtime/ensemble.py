@@ -283,7 +283,7 @@ class Ensemble:
         self._stopping = asyncio.Event()
         # Each retry loop logs an outage once, a reminder every 30 s, and its end.
         self._poll_outage = OutageLog(log, f"ensemble {name}: poll")
-        self._settle_outage = OutageLog(log, f"ensemble {name}: settling a finished request")
+        self._settle_outage = OutageLog(log, f"ensemble {name}: settling a request")
         self._extend_outage = OutageLog(log, f"ensemble {name}: lease extension")
         self._refresh_outage = OutageLog(log, f"ensemble {name}: capability refresh")
         self._follow_outage = OutageLog(log, f"ensemble {name}: following the capability registry")
@@ -903,10 +903,9 @@ class Ensemble:
         while not self._stopping.is_set():
             try:
                 delivery = await plain.poll(self._poll_timeout)
-                if delivery is None:
-                    continue
-                await queue.enqueue(delivery.request, priority=level)
-                await delivery.ack()
+                if delivery is not None:
+                    await queue.enqueue(delivery.request, priority=level)
+                    await delivery.ack()
                 self._forward_outage.recovered()
             except ClosedResourceError as exc:
                 self._closed_under(exc)
@@ -1194,8 +1193,9 @@ class Ensemble:
     async def _settling(
         self, step: Callable[[], Awaitable[T]], keeper: asyncio.Task[None] | None
     ) -> T:
-        """Run ``step``, a settling step after the handler ran (recording the
-        response, dead-lettering, nacking, acking), until it is done. A
+        """Run ``step``, a step of settling a request (reading its caller's
+        registration; after the handler ran: recording the response,
+        dead-lettering, nacking, acking), until it is done. A
         transient failure (the broker unreachable) is tried again, 0.5 s
         later doubling to 5 s, while ``keeper`` keeps the delivery's lease;
         it used to be left to the lease, which ran the handler again (a job
@@ -1233,12 +1233,20 @@ class Ensemble:
             self._registrations.pop(delivery.request.request_id, None)
 
     async def _handle_one(self, delivery: Delivery) -> None:
+        # The lease is kept from here until the request is settled: a step
+        # that fails in an outage (reading the caller's registration,
+        # recording the response, settling) is tried again under it.
+        keeper = asyncio.create_task(self._keep_lease(delivery, self.queue.lease_seconds))
+        try:
+            await self._handle_kept(delivery, keeper)
+        finally:
+            keeper.cancel()
+
+    async def _handle_kept(self, delivery: Delivery, keeper: asyncio.Task[None]) -> None:
         request = delivery.request
-        sink = get_metrics_sink()
-        labels = self._labels(request)
-        if await self._already_answered(request):
+        if await self._settling(functools.partial(self._already_answered, request), keeper):
             self.counts["duplicates"] += 1
-            sink.increment("duplicate_skipped", labels)
+            get_metrics_sink().increment("duplicate_skipped", self._labels(request))
             await self._ack(delivery)
             return
         spec = self._tasks.get(request.task)
@@ -1248,23 +1256,17 @@ class Ensemble:
                 if spec is None
                 else "deadline passed before the request was started"
             )
-            undeliverable = await self._respond(
-                request,
-                WorkResponse(request_id=request.request_id, status="rejected", error=reason),
+            rejected = WorkResponse(request_id=request.request_id, status="rejected", error=reason)
+            undeliverable = await self._settling(
+                functools.partial(self._respond, request, rejected), keeper
             )
             self.counts["rejected"] += 1
             if undeliverable is not None:
-                await delivery.dead_letter(undeliverable)
+                await self._settling(functools.partial(delivery.dead_letter, undeliverable), keeper)
             else:
                 await self._ack(delivery)
             return
-        # The lease is kept from here until the request is settled: a
-        # settling step that fails in an outage is tried again under it.
-        keeper = asyncio.create_task(self._keep_lease(delivery, self.queue.lease_seconds))
-        try:
-            await self._run_handler(delivery, spec, keeper)
-        finally:
-            keeper.cancel()
+        await self._run_handler(delivery, spec, keeper)
 
     async def _run_handler(
         self, delivery: Delivery, spec: TaskSpec, keeper: asyncio.Task[None]
