@@ -1067,3 +1067,67 @@ async def test_settling_that_fails_in_an_outage_is_tried_again_without_running_t
     assert "(3 failed tries)" in warnings[3]
     assert "simulated ack" in warnings[4] and "(2 failed tries)" in warnings[5]
     assert sum(r.levelno == logging.DEBUG for r in said) == 4
+
+
+async def test_a_response_recorded_after_its_lease_ran_out_answers_the_redelivery(
+    transport: Transport,
+) -> None:
+    """A long outage at the end of a handler: the response cannot be
+    recorded, nor the lease extended, so the lease (2 s) runs out and the
+    request is given out again, to another worker of the same process. The
+    response is still recorded once the broker answers, and that delivery
+    waits for it and is answered from it: the handler ran once. (In a 40 s
+    NATS outage, three of four requests in flight ran a second time.)"""
+    from transport import TransientTransportError
+    from transport._spi.metrics import InstrumentedRequestQueue, _InstrumentedDelivery
+
+    loop = asyncio.get_running_loop()
+    down_until = [float("inf")]  # the outage starts when the handler returns
+
+    class NoExtend(_InstrumentedDelivery):
+        async def extend(self, seconds: Any = None) -> bool:
+            if loop.time() < down_until[0]:
+                raise TransientTransportError("broker unreachable (simulated extend)")
+            return await super().extend(seconds)
+
+    class Queue(InstrumentedRequestQueue):
+        async def poll_many(self, max_count: int, timeout: float | None = None) -> Any:
+            got = await self.inner.poll_many(max_count, timeout)
+            return [NoExtend(d, InMemoryMetrics(), {}) for d in got]
+
+    queue = Queue(transport.request_queue("long-blip"), InMemoryMetrics())
+    runs: list[int] = []
+    ens = Ensemble("long-blip", transport=transport, queue=queue, concurrency=2, advertise=False)
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> str:
+        runs.append(ctx.request.attempt)
+        down_until[0] = loop.time() + 4.0  # twice the lease
+        return "done"
+
+    registry = ens._registry("long-desk")
+    real_complete = registry._complete
+    failed = 0
+
+    async def complete_after_the_outage(*args: Any) -> bool:
+        nonlocal failed
+        if loop.time() < down_until[0]:
+            failed += 1
+            raise TransientTransportError("broker unreachable (simulated complete)")
+        return await real_complete(*args)
+
+    registry._complete = complete_after_the_outage  # type: ignore[method-assign]
+    inbox = transport.delivery_registry("long-desk")
+    request = WorkRequest(task="work", reply_to="long-desk")
+    pending = await inbox.register(request.request_id)
+    await queue.enqueue(request)
+    async with ens:
+        response = await pending.result(timeout=30)
+        # The redelivery ends answered (a duplicate) or run again.
+        async with asyncio.timeout(20):
+            while ens.counts["duplicates"] + len(runs) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    assert response.status == "completed" and response.result == "done"
+    assert failed >= 3, f"the outage outlived the lease: {failed} failed writes"
+    assert runs == [1], f"the handler ran at attempts {runs}"
+    assert ens.counts["completed"] == 1 and ens.counts["duplicates"] == 1, ens.counts

@@ -72,8 +72,11 @@ _IGNORED_CANCEL_S = 5.0
 #: How long a cancelled ensemble waits for its capability withdrawals.
 _CANCELLED_WITHDRAW_S = 1.0
 
-#: The longest pause between two tries of a settling step in an outage.
-_SETTLE_RETRY_MAX_S = 5.0
+#: The longest pause between two tries of a settling step in an outage:
+#: short, because once the broker is back a lease that ran out meanwhile
+#: hands the request to another worker, which runs it again unless the
+#: response is recorded first.
+_SETTLE_RETRY_MAX_S = 2.0
 
 T = TypeVar("T")
 
@@ -284,6 +287,9 @@ class Ensemble:
         # Each retry loop logs an outage once, a reminder every 30 s, and its end.
         self._poll_outage = OutageLog(log, f"ensemble {name}: poll")
         self._settle_outage = OutageLog(log, f"ensemble {name}: settling a request")
+        #: Request id -> done when this process has recorded its response
+        #: (tried again through an outage; see _recording).
+        self._recording_now: dict[str, asyncio.Future[None]] = {}
         self._extend_outage = OutageLog(log, f"ensemble {name}: lease extension")
         self._refresh_outage = OutageLog(log, f"ensemble {name}: capability refresh")
         self._follow_outage = OutageLog(log, f"ensemble {name}: following the capability registry")
@@ -1190,6 +1196,23 @@ class Ensemble:
             else:
                 self._extend_outage.recovered(**self._fields())
 
+    async def _recording(self, request: WorkRequest, response: WorkResponse) -> str | None:
+        """:meth:`_respond` through an outage, also past the lease: the
+        response is the handler's real outcome. A delivery of the same
+        request that reaches this process meanwhile (its lease ran out in a
+        long outage, and the broker, back, gave it out again) waits for it
+        and is then answered from it, instead of running the handler again
+        (:meth:`_handle_kept`)."""
+        rid = request.request_id
+        done = asyncio.get_running_loop().create_future()
+        mine = self._recording_now.setdefault(rid, done) is done
+        try:
+            return await self._settling(functools.partial(self._respond, request, response), None)
+        finally:
+            if mine:
+                del self._recording_now[rid]
+                done.set_result(None)
+
     async def _settling(
         self, step: Callable[[], Awaitable[T]], keeper: asyncio.Task[None] | None
     ) -> T:
@@ -1197,7 +1220,7 @@ class Ensemble:
         registration; after the handler ran: recording the response,
         dead-lettering, nacking, acking), until it is done. A
         transient failure (the broker unreachable) is tried again, 0.5 s
-        later doubling to 5 s, while ``keeper`` keeps the delivery's lease;
+        later doubling to 2 s, while ``keeper`` keeps the delivery's lease;
         it used to be left to the lease, which ran the handler again (a job
         of hours, for a blip at its end), used an attempt and made the
         caller wait a lease longer. Raises the last error once the lease is
@@ -1244,6 +1267,11 @@ class Ensemble:
 
     async def _handle_kept(self, delivery: Delivery, keeper: asyncio.Task[None]) -> None:
         request = delivery.request
+        recording = self._recording_now.get(request.request_id)
+        if recording is not None:
+            # An earlier delivery's response is still being recorded here:
+            # this one is answered from it, not run again.
+            await asyncio.shield(recording)
         if await self._settling(functools.partial(self._already_answered, request), keeper):
             self.counts["duplicates"] += 1
             get_metrics_sink().increment("duplicate_skipped", self._labels(request))
@@ -1257,9 +1285,7 @@ class Ensemble:
                 else "deadline passed before the request was started"
             )
             rejected = WorkResponse(request_id=request.request_id, status="rejected", error=reason)
-            undeliverable = await self._settling(
-                functools.partial(self._respond, request, rejected), keeper
-            )
+            undeliverable = await self._recording(request, rejected)
             self.counts["rejected"] += 1
             if undeliverable is not None:
                 await self._settling(functools.partial(delivery.dead_letter, undeliverable), keeper)
@@ -1335,9 +1361,7 @@ class Ensemble:
             )
             return
         try:
-            undeliverable = await self._settling(
-                functools.partial(self._respond, request, response), keeper
-            )
+            undeliverable = await self._recording(request, response)
         except PermanentTransportError as exc:
             # The response cannot be stored (over the size limit once
             # encoded, nested deeper than the encoder goes): running the
@@ -1409,7 +1433,7 @@ class Ensemble:
         )
         # Answer first: a crash after this leaves a redelivery that is then
         # recognised as already answered.
-        await self._settling(functools.partial(self._respond, request, response), keeper)
+        await self._recording(request, response)
         await self._settling(functools.partial(delivery.dead_letter, error), keeper)
         self.counts["failed"] += 1
         get_metrics_sink().increment("handler_failed", self._labels(request))
