@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -982,6 +983,38 @@ def test_an_empty_task_name_is_refused_not_replaced_by_the_functions(
         async def cook(ctx: TaskContext) -> None: ...
 
 
+def _first(n: int) -> Callable[[], bool]:
+    """True for the first ``n`` calls, then False."""
+    left = [n]
+
+    def down() -> bool:
+        if left[0]:
+            left[0] -= 1
+            return True
+        return False
+
+    return down
+
+
+class _Blip:
+    """Makes ``obj.name`` (a coroutine method) raise TransientTransportError
+    while ``down()`` says so, as in a broker outage; counts those calls."""
+
+    def __init__(self, obj: Any, name: str, what: str, down: Callable[[], bool]) -> None:
+        from transport import TransientTransportError
+
+        self.failures = 0
+        real = getattr(obj, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if down():
+                self.failures += 1
+                raise TransientTransportError(f"broker unreachable (simulated {what})")
+            return await real(*args, **kwargs)
+
+        setattr(obj, name, call)
+
+
 async def test_settling_that_fails_in_an_outage_is_tried_again_without_running_the_handler_again(
     transport: Transport, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1020,28 +1053,8 @@ async def test_settling_that_fails_in_an_outage_is_tried_again_without_running_t
         return "done"
 
     registry = ens._registry("blip-desk")
-    real_complete = registry._complete
-    complete_failures = 3
-
-    async def flaky_complete(*args: Any) -> bool:
-        nonlocal complete_failures
-        if complete_failures:
-            complete_failures -= 1
-            raise TransientTransportError("broker unreachable (simulated complete)")
-        return await real_complete(*args)
-
-    registry._complete = flaky_complete  # type: ignore[method-assign]
-    real_record = registry.record
-    record_failures = 2
-
-    async def flaky_record(request_id: str) -> Any:
-        nonlocal record_failures
-        if record_failures:
-            record_failures -= 1
-            raise TransientTransportError("broker unreachable (simulated registration read)")
-        return await real_record(request_id)
-
-    registry.record = flaky_record  # type: ignore[method-assign]
+    complete = _Blip(registry, "_complete", "complete", _first(3))
+    record = _Blip(registry, "record", "registration read", _first(2))
     inbox = transport.delivery_registry("blip-desk")
     request = WorkRequest(task="work", reply_to="blip-desk")
     pending = await inbox.register(request.request_id)
@@ -1052,7 +1065,7 @@ async def test_settling_that_fails_in_an_outage_is_tried_again_without_running_t
             assert response.status == "completed" and response.result == "done"
             while ack_failures:  # noqa: ASYNC110 - the ack is retried in the background
                 await asyncio.sleep(0.05)
-    assert (record_failures, complete_failures, ack_failures) == (0, 0, 0)
+    assert (record.failures, complete.failures, ack_failures) == (2, 3, 0)
     assert runs == [1], f"the handler ran at attempts {runs}"
     assert ens.counts["completed"] == 1 and ens.counts["duplicates"] == 0, ens.counts
     check = transport.request_queue("blip")
@@ -1106,17 +1119,7 @@ async def test_a_response_recorded_after_its_lease_ran_out_answers_the_redeliver
         return "done"
 
     registry = ens._registry("long-desk")
-    real_complete = registry._complete
-    failed = 0
-
-    async def complete_after_the_outage(*args: Any) -> bool:
-        nonlocal failed
-        if loop.time() < down_until[0]:
-            failed += 1
-            raise TransientTransportError("broker unreachable (simulated complete)")
-        return await real_complete(*args)
-
-    registry._complete = complete_after_the_outage  # type: ignore[method-assign]
+    complete = _Blip(registry, "_complete", "complete", lambda: loop.time() < down_until[0])
     inbox = transport.delivery_registry("long-desk")
     request = WorkRequest(task="work", reply_to="long-desk")
     pending = await inbox.register(request.request_id)
@@ -1128,6 +1131,6 @@ async def test_a_response_recorded_after_its_lease_ran_out_answers_the_redeliver
             while ens.counts["duplicates"] + len(runs) < 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
     assert response.status == "completed" and response.result == "done"
-    assert failed >= 3, f"the outage outlived the lease: {failed} failed writes"
+    assert complete.failures >= 3, f"the outage outlived the lease: {complete.failures} failures"
     assert runs == [1], f"the handler ran at attempts {runs}"
     assert ens.counts["completed"] == 1 and ens.counts["duplicates"] == 1, ens.counts
