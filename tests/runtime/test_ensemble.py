@@ -1134,3 +1134,35 @@ async def test_a_response_recorded_after_its_lease_ran_out_answers_the_redeliver
     assert complete.failures >= 3, f"the outage outlived the lease: {complete.failures} failures"
     assert runs == [1], f"the handler ran at attempts {runs}"
     assert ens.counts["completed"] == 1 and ens.counts["duplicates"] == 1, ens.counts
+
+
+async def test_a_stop_in_an_outage_releases_a_request_still_being_settled_after_the_grace(
+    transport: Transport, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping while a finished request's response cannot be written: the
+    retries get ``shutdown_grace``, then the request is released, and the
+    log says why (it said "handler still running" of a handler long done)."""
+    ens = Ensemble("stop-blip", transport=transport, concurrency=1, shutdown_grace=0.5)
+    ran = asyncio.Event()
+
+    @ens.task("work")
+    async def work(ctx: TaskContext) -> str:
+        ran.set()
+        return "done"
+
+    registry = ens._registry("stop-desk")
+    complete = _Blip(registry, "_complete", "complete", lambda: True)
+    inbox = transport.delivery_registry("stop-desk")
+    request = WorkRequest(task="work", reply_to="stop-desk")
+    await inbox.register(request.request_id)
+    await transport.request_queue("stop-blip").enqueue(request)
+    with caplog.at_level(logging.WARNING, logger="transport.runtime"):
+        await ens.start()
+        await asyncio.wait_for(ran.wait(), 20)
+        while complete.failures < 2:  # noqa: ASYNC110 - retrying in the worker
+            await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):
+            await ens.aclose()
+    said = [r.getMessage() for r in caplog.records]
+    assert any("request still being settled" in m and "releasing it" in m for m in said), said
+    assert not any("handler still running" in m for m in said), said

@@ -287,6 +287,8 @@ class Ensemble:
         # Each retry loop logs an outage once, a reminder every 30 s, and its end.
         self._poll_outage = OutageLog(log, f"ensemble {name}: poll")
         self._settle_outage = OutageLog(log, f"ensemble {name}: settling a request")
+        #: Tasks trying a settling step again in an outage (see _settling).
+        self._retrying: set[asyncio.Task[Any]] = set()
         #: Request id -> done when this process has recorded its response
         #: (tried again through an outage; see _recording).
         self._recording_now: dict[str, asyncio.Future[None]] = {}
@@ -556,8 +558,11 @@ class Ensemble:
             interrupted = [self._busy[worker] for worker in late if worker in self._busy]
             for worker in late:
                 log.warning(
-                    "ensemble %s: handler still running at the end of the grace; releasing it",
+                    "ensemble %s: %s at the end of the grace; releasing it",
                     self.name,
+                    "request still being settled (the broker does not answer)"
+                    if worker in self._retrying
+                    else "handler still running",
                     extra=self._fields(),
                 )
                 worker.cancel()
@@ -1228,21 +1233,29 @@ class Ensemble:
         other error at once; a stop cancels it after ``shutdown_grace``
         (with the handlers, or with the acks in flight: ``keeper`` None)."""
         pause = 0.5
-        while True:
-            try:
-                result = await step()
-            except TransientTransportError as exc:
-                if keeper is not None and keeper.done():
-                    raise
-                self._settle_outage.failed(exc, "trying again", **self._fields())
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, _SETTLE_RETRY_MAX_S)
-                continue
-            self._settle_outage.recovered(**self._fields())
-            # The broker answers: an outage the lease extensions met is over
-            # too (the request they kept is settled; the next may be far off).
-            self._extend_outage.recovered(**self._fields())
-            return result
+        current = asyncio.current_task()
+        try:
+            while True:
+                try:
+                    result = await step()
+                except TransientTransportError as exc:
+                    if keeper is not None and keeper.done():
+                        raise
+                    self._settle_outage.failed(exc, "trying again", **self._fields())
+                    if current is not None:
+                        self._retrying.add(current)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _SETTLE_RETRY_MAX_S)
+                    continue
+                break
+        finally:
+            if current is not None:
+                self._retrying.discard(current)
+        self._settle_outage.recovered(**self._fields())
+        # The broker answers: an outage the lease extensions met is over too
+        # (the request they kept is settled; the next may be far off).
+        self._extend_outage.recovered(**self._fields())
+        return result
 
     def _backoff(self, attempt: int) -> float:
         state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
