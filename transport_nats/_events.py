@@ -53,6 +53,7 @@ from transport.errors import (
 )
 from transport.kit import (
     EventInbox,
+    OutageLog,
     Start,
     check_headers,
     check_start,
@@ -301,6 +302,8 @@ class _NatsReader(EventReader):
         self._wake = asyncio.Event()
         self._sub: Any = None
         self._closed = False
+        # A server restarting: the read retries, logged once per outage.
+        self._outage = OutageLog(log, f"event log {stream}: read")
 
     async def _start(self) -> None:
         async def on_append(_: Msg) -> None:
@@ -331,11 +334,12 @@ class _NatsReader(EventReader):
                     raise StopAsyncIteration from None
                 # Server restarting or unreachable: keep waiting (a caller's
                 # ``next(timeout)`` bounds it).
-                log.warning("event log %s: read retrying after: %s", self.stream, exc)
+                self._outage.failed(exc, "retrying")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
+            self._outage.recovered()
             if self._closed:  # closed while reading: the event comes again
                 raise StopAsyncIteration
             if found is not None:

@@ -66,6 +66,7 @@ from transport.errors import (
 )
 from transport.kit import (
     EventInbox,
+    OutageLog,
     Start,
     check_headers,
     check_start,
@@ -457,6 +458,8 @@ class _RedisReader(EventReader):
         self._buffer: deque[LogEvent] = deque()
         self._committed: str | None = None
         self._closed = False
+        # A server restarting: the read retries, logged once per outage.
+        self._outage = OutageLog(log, f"event log {stream}: read")
         # The blocking read in progress: a close cancels it (the read ends
         # at once, and its connection is dropped, not left blocked).
         self._reading: asyncio.Future[list[LogEvent]] | None = None
@@ -489,11 +492,12 @@ class _RedisReader(EventReader):
                     raise StopAsyncIteration from None
                 # Server restarting or unreachable: keep waiting (a caller's
                 # ``next(timeout)`` bounds it).
-                log.warning("event log %s: read retrying after: %s", self.stream, exc)
+                self._outage.failed(exc, "retrying")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
+            self._outage.recovered()
             self._buffer.extend(events)
         if self._closed:
             raise StopAsyncIteration

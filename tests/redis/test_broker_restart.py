@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -70,9 +71,16 @@ async def test_registry_waiter_resolves_after_a_server_restart(
         await worker.aclose()
 
 
+def _read_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("event log audit: read")]
+
+
 async def test_event_log_reader_continues_after_a_server_restart(
-    own_server: RedisServer, namespace: str
+    own_server: RedisServer, namespace: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The reader waits through the outage and reads on; it logs the outage
+    once when it starts and once when it is over (it logged a warning for
+    every retry, one a second for as long as the server was down)."""
     client = await _connect(own_server, namespace)
     try:
         log = client.event_log()
@@ -80,12 +88,21 @@ async def test_event_log_reader_continues_after_a_server_restart(
         reader = await log.read("audit", "earliest")
         first = await reader.next(10)
         assert first is not None and first.data == "before"
-        waiting = asyncio.ensure_future(reader.next(40))
-        await asyncio.to_thread(own_server.kill)
-        await asyncio.to_thread(own_server.start)
-        await _retrying("append", lambda: log.append("audit", "after"))
-        event = await waiting
+        with caplog.at_level(logging.DEBUG, logger="transport.redis"):
+            waiting = asyncio.ensure_future(reader.next(40))
+            await asyncio.to_thread(own_server.kill)
+            async with asyncio.timeout(20):  # the reader meets the outage three times
+                while len(_read_lines(caplog)) < 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await asyncio.to_thread(own_server.start)
+            await _retrying("append", lambda: log.append("audit", "after"))
+            event = await waiting
         assert event is not None and event.data == "after", "the reader lost its place"
+        said = _read_lines(caplog)
+        warnings = [r.getMessage() for r in said if r.levelno == logging.WARNING]
+        assert len(warnings) == 2, warnings
+        assert "read failed" in warnings[0] and "read works again after" in warnings[1]
+        assert sum(r.levelno == logging.DEBUG for r in said) >= 2
         await reader.aclose()
     finally:
         await client.aclose()
