@@ -285,17 +285,22 @@ class Ensemble:
         self._forwarder: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         # Each retry loop logs an outage once, a reminder every 30 s, and its end.
-        self._poll_outage = OutageLog(log, f"ensemble {name}: poll")
-        self._settle_outage = OutageLog(log, f"ensemble {name}: settling a request")
+        fields = {"ensemble": self.name}  # what self._fields() gives
+        self._poll_outage = OutageLog(log, f"ensemble {name}: poll", fields=fields)
+        self._settle_outage = OutageLog(log, f"ensemble {name}: settling a request", fields=fields)
         #: Tasks trying a settling step again in an outage (see _settling).
         self._retrying: set[asyncio.Task[Any]] = set()
         #: Request id -> done when this process has recorded its response
         #: (tried again through an outage; see _recording).
         self._recording_now: dict[str, asyncio.Future[None]] = {}
-        self._extend_outage = OutageLog(log, f"ensemble {name}: lease extension")
-        self._refresh_outage = OutageLog(log, f"ensemble {name}: capability refresh")
-        self._follow_outage = OutageLog(log, f"ensemble {name}: following the capability registry")
-        self._forward_outage = OutageLog(log, f"ensemble {name}: forwarding from the plain queue")
+        self._extend_outage = OutageLog(log, f"ensemble {name}: lease extension", fields=fields)
+        self._refresh_outage = OutageLog(log, f"ensemble {name}: capability refresh", fields=fields)
+        self._follow_outage = OutageLog(
+            log, f"ensemble {name}: following the capability registry", fields=fields
+        )
+        self._forward_outage = OutageLog(
+            log, f"ensemble {name}: forwarding from the plain queue", fields=fields
+        )
         #: Set by a second stop(): the running handlers are released at once.
         self._forced = asyncio.Event()
         self._started = False
@@ -785,7 +790,7 @@ class Ensemble:
             following.set()
             try:
                 async for change in changes:
-                    self._follow_outage.recovered(**self._fields())
+                    self._follow_outage.recovered()
                     if change.ensemble != self.name or change.name not in self._tasks:
                         continue
                     if change.kind == "advertised":
@@ -802,7 +807,7 @@ class Ensemble:
             except ClosedResourceError:
                 return
             except TransportError as exc:
-                self._follow_outage.failed(exc, "retrying every second", **self._fields())
+                self._follow_outage.failed(exc, "retrying every second")
                 await asyncio.sleep(1.0)
             finally:
                 await changes.aclose()
@@ -823,9 +828,9 @@ class Ensemble:
                 self._closed_under(exc)
                 return
             except TransportError as exc:
-                self._refresh_outage.failed(exc, f"again in {period:g} s", **self._fields())
+                self._refresh_outage.failed(exc, f"again in {period:g} s")
             else:
-                self._refresh_outage.recovered(**self._fields())
+                self._refresh_outage.recovered()
 
     def _backend(self) -> str:
         if self.transport is None:
@@ -1013,7 +1018,7 @@ class Ensemble:
                 self._closed_under(exc)
                 return
             except TransportError as exc:
-                self._poll_outage.failed(exc, "retrying every second", **self._fields())
+                self._poll_outage.failed(exc, "retrying every second")
                 await asyncio.sleep(1.0)
                 continue
             except Exception:
@@ -1023,7 +1028,7 @@ class Ensemble:
                 log.exception("ensemble %s: poll failed", self.name, extra=self._fields())
                 await asyncio.sleep(1.0)
                 continue
-            self._poll_outage.recovered(**self._fields())
+            self._poll_outage.recovered()
             if delivery is None:
                 continue
             self._busy[current] = delivery
@@ -1197,9 +1202,9 @@ class Ensemble:
                     )
                     return
             except TransportError as exc:
-                self._extend_outage.failed(exc, "trying again", **self._fields())
+                self._extend_outage.failed(exc, "trying again")
             else:
-                self._extend_outage.recovered(**self._fields())
+                self._extend_outage.recovered()
 
     async def _recording(self, request: WorkRequest, response: WorkResponse) -> str | None:
         """:meth:`_respond` through an outage, also past the lease: the
@@ -1241,7 +1246,7 @@ class Ensemble:
                 except TransientTransportError as exc:
                     if keeper is not None and keeper.done():
                         raise
-                    self._settle_outage.failed(exc, "trying again", **self._fields())
+                    self._settle_outage.failed(exc, "trying again")
                     if current is not None:
                         self._retrying.add(current)
                     await asyncio.sleep(pause)
@@ -1251,10 +1256,10 @@ class Ensemble:
         finally:
             if current is not None:
                 self._retrying.discard(current)
-        self._settle_outage.recovered(**self._fields())
+        self._settle_outage.recovered()
         # The broker answers: an outage the lease extensions met is over too
         # (the request they kept is settled; the next may be far off).
-        self._extend_outage.recovered(**self._fields())
+        self._extend_outage.recovered()
         return result
 
     def _backoff(self, attempt: int) -> float:

@@ -21,8 +21,9 @@ class OutageLog:
     failed poll wrote 45 warnings in a 10 s broker outage (four workers,
     the queue's own retries), one every 0.2 s for as long as it lasted.
 
-    ``what`` names the loop in its lines ("ensemble kitchen: polls").
-    Event loop or one thread; no lock.
+    ``what`` names the loop in its lines ("ensemble kitchen: poll");
+    ``fields`` are structured-log fields of every line (a call may add
+    more). Event loop or one thread; no lock.
     """
 
     def __init__(
@@ -30,11 +31,13 @@ class OutageLog:
         logger: logging.Logger,
         what: str,
         *,
+        fields: dict[str, Any] | None = None,
         interval: float = OUTAGE_LOG_INTERVAL,
         clock: Any = time.monotonic,
     ) -> None:
         self._log = logger
         self.what = what
+        self._fields = fields or {}
         self.interval = interval
         self._clock = clock
         self._since: float | None = None
@@ -52,7 +55,7 @@ class OutageLog:
         """Log one failure; ``then`` says what the loop does next."""
         now = self._clock()
         self.failures += 1
-        fields = extra or None
+        fields = {**self._fields, **extra} or None
         if self._since is None:
             self._since = self._logged = now
             self._log.warning("%s failed (%s); %s", self.what, exc, then, extra=fields)
@@ -82,5 +85,5 @@ class OutageLog:
             self.what,
             took,
             tries,
-            extra=extra or None,
+            extra={**self._fields, **extra} or None,
         )
