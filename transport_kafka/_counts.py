@@ -109,15 +109,22 @@ class _Counts(_EngineState):
         by_partition: dict[int, list[_Record]] = {}
         for rec in picked:
             rec.deliveries += 1
+            rec.counting = True
             by_partition.setdefault(rec.partition, []).append(rec)
         groups = list(by_partition.items())
-        results = await asyncio.gather(
-            *(self._write_counts(p, recs) for p, recs in groups), return_exceptions=True
-        )
+        try:
+            results = await asyncio.gather(
+                *(self._write_counts(p, recs) for p, recs in groups), return_exceptions=True
+            )
+        except BaseException:  # cancelled: the counts may be written (an over-count)
+            for rec in picked:
+                rec.counting = False
+            raise
         failed: BaseException | None = None
         self._prune_counted()
         for (partition, recs), result in zip(groups, results, strict=True):
             for rec in recs:
+                rec.counting = False
                 if isinstance(result, BaseException):
                     rec.deliveries -= 1
                 else:

@@ -53,6 +53,9 @@ class _Record:
     last_error: str | None
     carried_id: str | None = None  # ae-request-id of a re-produced copy
     reserved: bool = False  # the next delivery is already counted in the state topic
+    # Picked by a round whose state write is in flight: ``deliveries``
+    # already includes the coming delivery, which is not made yet.
+    counting: bool = False
     count_key: bytes | None = None  # the state key holding that count
     request: WorkRequest | None = None  # decoded once
     undecodable: str | None = None  # why it could not be decoded

@@ -64,6 +64,11 @@ class _Settling(_Assignment):
             if not self._live(rec) or rec.partition in self._handing_over:
                 self.ready.popleft()  # gone, or going: the next owner hands it out
                 continue
+            if rec.counting:
+                # Its count (the coming delivery included) is being
+                # written: not exhausted by a delivery not made yet.
+                await self._reserve(handle.max_attempts)
+                continue
             request = self._decoded(rec)
             exhausted = rec.attempts - rec.reserved >= handle.max_attempts
             if request is None or exhausted:

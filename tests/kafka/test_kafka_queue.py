@@ -575,3 +575,54 @@ async def test_a_body_too_large_for_its_dead_letter_does_not_block_the_queue(
         assert dead.raw is None and "900,000 bytes, was too large to keep" in dead.error
     finally:
         await transport.aclose()
+
+
+async def test_a_request_being_counted_is_not_dead_lettered_as_exhausted(
+    kafka_config_factory: Any,
+) -> None:
+    """A record that a round of delivery counts has picked, while the round's
+    state write is in flight, is not yet reserved, but its count already
+    includes the coming delivery. A poll that met it at the head of the
+    buffer took that count for a delivery made: on its last attempt the
+    request was dead-lettered "not acknowledged after N deliveries" without
+    that delivery (max_attempts=1, 16 pollers, 4,000 requests: 11 never
+    handed out). The state writes are slowed here so that polls always find
+    a round in flight."""
+    config = kafka_config_factory()
+    transport = await connect(config)
+    try:
+        queue = transport.request_queue(_name(), max_attempts=1)
+        await queue.enqueue_many([WorkRequest(task="t", payload=i) for i in range(120)])
+        engine = queue._engine  # type: ignore[attr-defined]
+        produce = engine.clients.produce
+
+        async def slow_state_writes(topic: str, *args: Any, **kwargs: Any) -> Any:
+            if topic == engine.topics.state:
+                await asyncio.sleep(0.05)  # a slow broker: the round stays in flight
+            return await produce(topic, *args, **kwargs)
+
+        engine.clients.produce = slow_state_writes
+        first = await queue.poll(30)
+        assert first is not None and first.attempt == 1
+        attempts: list[int] = [first.attempt]
+        acks: list[asyncio.Task[bool]] = [asyncio.create_task(first.ack())]
+        async with asyncio.timeout(30):
+            while len(engine.ready) < 119:  # the whole backlog fetched
+                await engine._changed.wait()  # set as records arrive
+
+        async def poller() -> None:
+            while len(attempts) < 120:
+                delivery = await queue.poll(2)
+                if delivery is None:
+                    return
+                attempts.append(delivery.attempt)
+                acks.append(asyncio.create_task(delivery.ack()))
+
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(poller() for _ in range(8)))
+            assert all(await asyncio.gather(*acks))
+        dead = await queue.dead_letters(200)
+        assert [d.error for d in dead] == [], "dead-lettered without their delivery"
+        assert sorted(attempts) == [1] * 120
+    finally:
+        await transport.aclose()

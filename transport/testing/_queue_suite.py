@@ -243,6 +243,32 @@ class RequestQueueConformance:
         assert record.attempts == 3
         assert (await queue.stats()).dead_lettered == 1
 
+    async def test_concurrent_polls_hand_out_every_request_on_its_only_attempt(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        """``max_attempts=1``, eight pollers, each ack in its own task: every
+        request is handed out once, at attempt 1, and none is dead-lettered
+        as exhausted without that delivery (a backend counting deliveries
+        ahead in rounds must not take a count being written for a delivery
+        made)."""
+        queue = self.open_queue(transport, queue_name, max_attempts=1)
+        sent = await queue.enqueue_many(make_requests(300))
+        seen: list[tuple[str, int]] = []
+        acks: list[asyncio.Task[bool]] = []
+        deadline = time.monotonic() + harness.scaled(60)
+
+        async def poller() -> None:
+            while len(seen) < len(sent) and time.monotonic() < deadline:
+                delivery = await queue.poll(1.0)
+                if delivery is not None:
+                    seen.append((delivery.request.request_id, delivery.attempt))
+                    acks.append(asyncio.create_task(delivery.ack()))
+
+        await asyncio.gather(*(poller() for _ in range(8)))
+        assert all(await asyncio.gather(*acks))
+        assert [d.error for d in await queue.dead_letters(400)] == []
+        assert sorted(seen) == sorted((r.request_id, 1) for r in sent)
+
     async def test_lease_expiry_counts_toward_max_attempts(
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:
