@@ -5,7 +5,8 @@ state topic (acks=all) before it is handed out. Polls in progress share one
 round of these writes (one state record per partition, keyed
 ``"<p>:r<low>-<high>.<id>"``), which also counts the next few records ahead
 (at most twice the demand: polls in progress, the rest of a batch poll,
-leases held; 1,024 at most). A
+leases held; 1,024 at most; with ``max_attempts=1`` none ahead, only the
+polls in progress and the rest of a batch). A
 consumer giving a partition up cleanly withdraws the counts it reserved for
 records it did not hand out, by rewriting their state keys (the latest value
 of a key holds). Event loop, except :meth:`_Counts._withdraw_from_thread`,
@@ -76,8 +77,10 @@ class _Counts(_EngineState):
 
     def _reserve_ahead(self, max_attempts: int) -> None:
         """Start the next round of delivery counts before the polls in
-        progress need it (background; a failure shows in the next poll)."""
-        if self._reserving is not None and not self._reserving.done():
+        progress need it (background; a failure shows in the next poll).
+        Not with a single attempt: a count ahead that a killed process
+        leaves behind would dead-letter a request no handler saw."""
+        if max_attempts < 2 or (self._reserving is not None and not self._reserving.done()):
             return
         index = min(self._demand(), len(self.ready) - 1)
         if index >= 0 and not self.ready[index].reserved:
@@ -90,7 +93,13 @@ class _Counts(_EngineState):
         # broker counting a prefetched batch as delivered).
         # Those counted by an earlier round and not handed out yet are part
         # of it: at most that many are ever reserved and not handed out.
-        want = min(_RESERVE_MAX, 2 * max(1, self._demand()))
+        # With a single attempt only the polls in progress (and the rest of
+        # a batch) are counted: a record counted and not handed out before a
+        # kill would be exhausted without a delivery.
+        if max_attempts < 2:
+            want = min(_RESERVE_MAX, max(1, self._pollers + self._batch_demand))
+        else:
+            want = min(_RESERVE_MAX, 2 * max(1, self._demand()))
         picked: list[_Record] = []
         ahead = 0
         for rec in self.ready:

@@ -11,7 +11,14 @@ import time
 import pytest
 
 from transport import Transport
-from transport.testing._util import Budget, drain, drain_ids, enqueue_all, make_requests
+from transport.testing._util import (
+    Budget,
+    await_dead_letters,
+    drain,
+    drain_ids,
+    enqueue_all,
+    make_requests,
+)
 from transport.testing.harness import BackendHarness
 
 
@@ -171,6 +178,50 @@ class CrashConformance:
         assert all(a in (1, 2) for a in others), others
         bound = harness.scaled(30) + 2 * harness.lease_seconds
         check_timely(harness, "redelivery after SIGKILL", took, bound)
+
+    async def test_sigkill_at_max_attempts_1_dead_letters_only_the_request_handed_out(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, budget: Budget
+    ) -> None:
+        """``max_attempts=1``: a request is never run twice. A worker killed
+        holding one request used that request's only attempt, and no other:
+        the requests it had prefetched, reserved or counted ahead without
+        handing them out are delivered to the next worker (at attempt 1),
+        not dead-lettered as exhausted without any handler having seen
+        them."""
+        queue = transport.request_queue(
+            queue_name, lease_seconds=harness.lease_seconds, max_attempts=1
+        )
+        sent = await enqueue_all(queue, make_requests(20))
+        worker = await WorkerProcess.start(
+            harness,
+            "--queue",
+            queue_name,
+            "--mode",
+            "hold",
+            "--count",
+            "1",
+            "--lease",
+            str(harness.lease_seconds),
+            "--max-attempts",
+            "1",
+        )
+        try:
+            await worker.wait_for("READY", budget.left(harness.scaled(60)))
+        finally:
+            await worker.reap()
+        [killed_id] = worker.ids("LEASED")
+        others = {r.request_id for r in sent} - {killed_id}
+        got = await drain_ids(queue, others, budget.left())
+        dead = await queue.dead_letters(50)
+        unseen = sorted(d.request_id or "" for d in dead if d.request_id in others)
+        assert not unseen, f"dead-lettered without a delivery: {unseen}"
+        missing = others - {d.request.request_id for d in got}
+        if missing:
+            _lost(harness, f"lost after the SIGKILL: {sorted(missing)}")
+        assert {d.request.request_id: d.attempt for d in got} == dict.fromkeys(others, 1)
+        if not dead:  # the killed one's only attempt is used: it goes to the dead letters
+            dead = await await_dead_letters(queue, 1, budget.left(harness.scaled(10)))
+        assert [d.request_id for d in dead] == [killed_id]
 
     async def test_sigkill_after_out_of_order_acks_redelivers_the_unacked(
         self, transport: Transport, queue_name: str, harness: BackendHarness, budget: Budget

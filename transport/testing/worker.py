@@ -58,16 +58,22 @@ async def main() -> None:
         help="each handler works a random 0..work-ms before acking (process mode)",
     )
     parser.add_argument("--priority-levels", type=int, default=0)
+    parser.add_argument("--max-attempts", type=int, default=None)
     args = parser.parse_args()
     _die_with_parent()
     transport = await connect()
     queue: RequestQueue
     if args.priority_levels:
         queue = transport.priority_queue(
-            args.queue, levels=args.priority_levels, lease_seconds=args.lease
+            args.queue,
+            levels=args.priority_levels,
+            lease_seconds=args.lease,
+            max_attempts=args.max_attempts,
         )
     else:
-        queue = transport.request_queue(args.queue, lease_seconds=args.lease)
+        queue = transport.request_queue(
+            args.queue, lease_seconds=args.lease, max_attempts=args.max_attempts
+        )
     say("STARTED")
     if args.mode == "produce":
         # ATTEMPT before, ENQUEUED after a successful return, INDETERMINATE if
