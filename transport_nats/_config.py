@@ -47,7 +47,9 @@ class NatsOptions(BaseModel):
     #: first takes what is available now (no_wait, up to this many); the
     #: surplus waits in a local buffer whose leases are renewed (+WPI) while
     #: the handle is polled, and is handed back at once on close (a handed
-    #: back request has used one delivery attempt).
+    #: back request has used one delivery attempt). Queues opened with
+    #: ``max_attempts=1`` do not prefetch: a kill would leave their buffer
+    #: exhausted, dead-lettered without a handler having seen it.
     prefetch: int = Field(default=1, ge=1, le=1024)
     #: Stream replicas (1 on a single server; 3 on a cluster).
     replicas: int = Field(default=1, ge=1, le=5)

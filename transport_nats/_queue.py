@@ -262,7 +262,9 @@ class NatsRequestQueue(RequestQueue):
         self._sub: Any = None
         self._inbox = ""
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.durable}"
-        self._prefetch = self._opts.prefetch
+        # Not with a single attempt: JetStream counts a buffered message as
+        # delivered, so a kill would leave requests no handler saw exhausted.
+        self._prefetch = self._opts.prefetch if max_attempts > 1 else 1
         # Open pull requests: reply token -> [messages still due, local expiry].
         self._pulls: dict[str, list[Any]] = {}
         # Polls waiting for a message, oldest first.

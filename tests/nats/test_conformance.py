@@ -83,6 +83,21 @@ class TestNatsPriorityPrefetch(PriorityQueueConformance):
         return _with_prefetch(nats_config, 8)
 
 
+class TestNatsCrashPrefetch(CrashConformance):
+    """A SIGKILL with a prefetch buffer at ``max_attempts=1``: the requests
+    buffered and never handed out keep their only attempt."""
+
+    @pytest.fixture
+    def nats_config(self, nats_config: TransportConfig) -> TransportConfig:
+        return _with_prefetch(nats_config, 8)
+
+    # What a buffer does to a kill at more attempts (one over-count each)
+    # is the attempt table's; TestNatsCrash runs these without one.
+    test_sigkill_mid_handler_is_redelivered_with_higher_attempt = None
+    test_sigkill_after_out_of_order_acks_redelivers_the_unacked = None
+    test_repeated_sigkills_lose_nothing = None
+
+
 class TestNatsBrokerRestart(BrokerRestartConformance): ...
 
 
