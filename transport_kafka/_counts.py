@@ -192,6 +192,31 @@ class _Counts(_EngineState):
                 )
             )
 
+    def _withdrawal_of(self, rec: _Record) -> tuple[bytes, bytes] | None:
+        """Withdraw the count reserved for ``rec`` alone: it is no longer
+        reserved once this returns; the state write that withdraws it
+        (its round's key with its count lowered, the others' as they are),
+        or ``None`` if no count is reserved for it."""
+        key = rec.count_key
+        entry = None if key is None else self._counted.get(key)
+        if key is None or entry is None or not rec.reserved:
+            return None
+        partition, counts, _ = entry
+        rec.deliveries -= 1
+        rec.reserved = False
+        rec.count_key = None
+        counts[rec.offset] = rec.deliveries
+        self._prune_counted()
+        return key, self._state_value(key, partition, counts, rec.offset)
+
+    @staticmethod
+    def _state_value(key: bytes, partition: int, counts: dict[int, int], offset: int) -> bytes:
+        """The value of state key ``key`` holding ``counts`` (a round's), or
+        the count of ``offset`` (a one-record key)."""
+        if key.startswith(f"{partition}:r".encode()):
+            return json.dumps({"ds": sorted(counts.items())}, separators=(",", ":")).encode()
+        return b'{"d":%d}' % counts[offset]
+
     def _withdrawals(self, partitions: set[int] | None) -> list[tuple[bytes, bytes]]:
         """The state writes that withdraw the counts reserved for records
         of ``partitions`` (every partition: ``None``) not handed out; those
@@ -209,11 +234,7 @@ class _Counts(_EngineState):
                 counts[rec.offset] = rec.deliveries
             if not taken:
                 continue
-            if key.startswith(f"{partition}:r".encode()):
-                value = json.dumps({"ds": sorted(counts.items())}, separators=(",", ":"))
-                writes.append((key, value.encode()))
-            else:
-                writes.append((key, b'{"d":%d}' % counts[taken[0].offset]))
+            writes.append((key, self._state_value(key, partition, counts, taken[0].offset)))
         return writes
 
     def _withdraw_at_exit(self, deadline: float) -> None:

@@ -154,16 +154,6 @@ class _Leases(_EngineState):
         handle._held.clear()
         self._notify()
 
-    def release_uncounted(self, lease: _Lease) -> bool:
-        """Give back a delivery no handler saw, as if it had not happened:
-        its count in the state topic becomes a reservation again (the next
-        hand-out uses it; a clean close or revocation withdraws it)."""
-        if lease.counted is None or not self._valid(lease):
-            return False
-        self.ready.appendleft(self._reserve_again(lease, lease.counted))
-        self._notify()
-        return True
-
     def _reserve_unseen_again(self) -> None:
         """At exit: the deliveries a priority queue held to compare levels
         (no handler saw them) become reservations again, for

@@ -75,7 +75,7 @@ class KafkaDelivery(Delivery):
         self._lease.unseen = unseen
 
     async def _release_uncounted(self) -> bool:
-        return self._engine.release_uncounted(self._lease)
+        return await self._engine.release_uncounted(self._lease)
 
 
 class KafkaRequestQueue(RequestQueue):

@@ -113,6 +113,28 @@ class _Settling(_Assignment):
             return KafkaDelivery(request, self, lease)
         return None
 
+    async def release_uncounted(self, lease: _Lease) -> bool:
+        """Give back a delivery no handler saw, as if it had not happened:
+        its count in the state topic becomes a reservation again (the next
+        hand-out uses it; a clean close or revocation withdraws it). With a
+        single attempt the count is withdrawn at once instead: left as a
+        reservation, a kill would exhaust the request unseen."""
+        if lease.counted is None or not self._valid(lease):
+            return False
+        rec = self._reserve_again(lease, lease.counted)
+        if lease.handle.max_attempts < 2:
+            write = self._withdrawal_of(rec)  # unreserved before anyone can take it
+            self.ready.appendleft(rec)
+            self._notify()
+            if write is not None:
+                await self.clients.produce(
+                    self.topics.state, *write, what="withdrawing a delivery count"
+                )
+            return True
+        self.ready.appendleft(rec)
+        self._notify()
+        return True
+
     async def settle(
         self,
         lease: _Lease,

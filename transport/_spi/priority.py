@@ -20,7 +20,10 @@ comparison stay leased by this queue (their leases are kept alive) and compete
 again on the next poll: at most one held request per level. A head a level
 poll leases after the poll that started it returned is held the same way.
 Heads held while nobody polls this queue (every handler busy) are given back
-uncounted after a third of the lease, so other workers can take them. Closing gives
+uncounted after a third of the lease, so other workers can take them. With
+``max_attempts=1`` none is held between polls: a kill would use the only
+attempt of every head held, so the losers are given back uncounted before
+the winner is returned. Closing gives
 them back without counting an attempt (``Delivery._release_uncounted``): an
 attempt is a hand-out to a handler.
 """
@@ -250,6 +253,8 @@ class PriorityRequestQueue(RequestQueue):
                         self._fill(level, await self._queues[level].poll(0))
                 best = self._choose()
                 if best is not None:
+                    if self.max_attempts < 2:
+                        await self._give_back_losers()
                     return best
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
@@ -534,6 +539,22 @@ class PriorityRequestQueue(RequestQueue):
         self._slots = [None] * self.levels
         await asyncio.gather(*(self._give_back(d) for d in held))
         await asyncio.gather(*(q.aclose() for q in self._queues), return_exceptions=True)
+
+    async def _give_back_losers(self) -> None:
+        """With a single attempt, heads are not held between polls: each
+        has used its one attempt if this process is killed holding it (a
+        kill would dead-letter requests no handler saw), so the heads that
+        lost the comparison, and those level polls still running lease,
+        are given back uncounted before the winner is returned."""
+        for level, task in enumerate(self._tasks):
+            if task is not None:
+                task.cancel()  # a cancelled level poll gives back what it took
+                with contextlib.suppress(BaseException):
+                    await task
+                self._tasks[level] = None
+        held = [d for d in self._slots if d is not None]
+        self._slots = [None] * self.levels
+        await asyncio.gather(*(self._give_back(d) for d in held))
 
     async def _give_back(self, delivery: Delivery) -> None:
         try:
