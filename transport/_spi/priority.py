@@ -248,9 +248,7 @@ class PriorityRequestQueue(RequestQueue):
                 # past the poll's timeout if need be, as a plain queue's
                 # poll does; each backend bounds that wait.
                 await self._levels_known(None)
-                for level in range(self.levels):
-                    if self._slots[level] is None and self._tasks[level] is None:
-                        self._fill(level, await self._queues[level].poll(0))
+                await self._poll_empty_levels()
                 best = self._choose()
                 if best is not None:
                     if self.max_attempts < 2:
@@ -280,6 +278,33 @@ class PriorityRequestQueue(RequestQueue):
                     await asyncio.sleep(0)
         finally:
             self._lock.release()
+
+    async def _poll_empty_levels(self) -> None:
+        """``poll(0)`` every level whose head is not held here (nor being
+        polled), concurrently: a broker's "nothing now" takes a round trip or
+        more (on NATS a pull held 20 ms), and asked level by level, a queue
+        whose higher levels are empty paid it once per empty level on every
+        poll (NATS, three levels, work only at the lowest: 43 ms a poll).
+        What the others took is held even if one of them fails."""
+        empty = [
+            level
+            for level in range(self.levels)
+            if self._slots[level] is None and self._tasks[level] is None
+        ]
+        if len(empty) == 1:
+            self._fill(empty[0], await self._queues[empty[0]].poll(0))
+            return
+        results = await asyncio.gather(
+            *(self._queues[level].poll(0) for level in empty), return_exceptions=True
+        )
+        error: BaseException | None = None
+        for level, result in zip(empty, results, strict=True):
+            if isinstance(result, BaseException):
+                error = error or result
+            else:
+                self._fill(level, result)
+        if error is not None:
+            raise error
 
     async def caught_up(self, timeout: float | None = None) -> bool:
         """Every level knows its head (see :meth:`RequestQueue.caught_up`).
