@@ -125,15 +125,13 @@ class _Counts(_EngineState):
             results = await asyncio.gather(
                 *(self._write_counts(p, recs) for p, recs in groups), return_exceptions=True
             )
-        except BaseException:  # cancelled: the counts may be written (an over-count)
+        finally:  # written, failed or cancelled (then maybe written: an over-count)
             for rec in picked:
                 rec.counting = False
-            raise
         failed: BaseException | None = None
         self._prune_counted()
         for (partition, recs), result in zip(groups, results, strict=True):
             for rec in recs:
-                rec.counting = False
                 if isinstance(result, BaseException):
                     rec.deliveries -= 1
                 else:

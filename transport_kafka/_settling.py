@@ -122,17 +122,14 @@ class _Settling(_Assignment):
         if lease.counted is None or not self._valid(lease):
             return False
         rec = self._reserve_again(lease, lease.counted)
-        if lease.handle.max_attempts < 2:
-            write = self._withdrawal_of(rec)  # unreserved before anyone can take it
-            self.ready.appendleft(rec)
-            self._notify()
-            if write is not None:
-                await self.clients.produce(
-                    self.topics.state, *write, what="withdrawing a delivery count"
-                )
-            return True
+        # Unreserved (with one attempt) before anyone can take it again.
+        write = self._withdrawal_of(rec) if lease.handle.max_attempts < 2 else None
         self.ready.appendleft(rec)
         self._notify()
+        if write is not None:
+            await self.clients.produce(
+                self.topics.state, *write, what="withdrawing a delivery count"
+            )
         return True
 
     async def settle(

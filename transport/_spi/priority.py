@@ -403,10 +403,9 @@ class PriorityRequestQueue(RequestQueue):
         handled). Where the level queue cannot act any more at that point
         (its client's own tasks are being cancelled too), the lease runs out
         and counts, as before."""
-        held = [d for d in self._slots if d is not None]
+        held = self._unhold()
         if not held:
             return
-        self._slots = [None] * self.levels
         giving = asyncio.ensure_future(asyncio.gather(*(self._give_back(d) for d in held)))
         _, late = await asyncio.wait({giving}, timeout=_SHUTDOWN_GIVE_BACK_S)
         if late:
@@ -431,8 +430,7 @@ class PriorityRequestQueue(RequestQueue):
                 # Nobody polls here (every handler busy, for minutes or
                 # hours): give the heads back uncounted rather than keep them
                 # from other workers; the next poll leases them again.
-                held = [d for d in self._slots if d is not None]
-                self._slots = [None] * self.levels
+                held = self._unhold()
                 # Shielded: aclose() cancelling the keeper meanwhile waits for
                 # it (cancelled, the heads were counted by the level's close).
                 self._giving = asyncio.ensure_future(
@@ -560,9 +558,7 @@ class PriorityRequestQueue(RequestQueue):
         # Held heads were never handed to a handler: given back uncounted.
         # One the backend could not give back so is released by its level
         # queue's close below, which counts it.
-        held = [d for d in self._slots if d is not None]
-        self._slots = [None] * self.levels
-        await asyncio.gather(*(self._give_back(d) for d in held))
+        await asyncio.gather(*(self._give_back(d) for d in self._unhold()))
         await asyncio.gather(*(q.aclose() for q in self._queues), return_exceptions=True)
 
     async def _give_back_losers(self) -> None:
@@ -577,9 +573,13 @@ class PriorityRequestQueue(RequestQueue):
                 with contextlib.suppress(BaseException):
                     await task
                 self._tasks[level] = None
+        await asyncio.gather(*(self._give_back(d) for d in self._unhold()))
+
+    def _unhold(self) -> list[Delivery]:
+        """The held heads, no longer held here (to be given back)."""
         held = [d for d in self._slots if d is not None]
         self._slots = [None] * self.levels
-        await asyncio.gather(*(self._give_back(d) for d in held))
+        return held
 
     async def _give_back(self, delivery: Delivery) -> None:
         try:
