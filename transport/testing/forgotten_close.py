@@ -20,7 +20,7 @@ from transport import Ensemble, Network, TaskContext, connect
 
 async def priority_once(queue_name: str, timeout: float) -> None:
     """Take one request from priority queue ``queue_name`` (3 levels), ack
-    it, print ``HANDLED <payload> <attempt>`` and return without closing:
+    it, print ``HANDLED <payload> <attempt> acked=<ack's result>`` and return without closing:
     the heads the queue held on the other levels to compare them must go
     back uncounted."""
     transport = await connect()
@@ -29,8 +29,8 @@ async def priority_once(queue_name: str, timeout: float) -> None:
     if delivery is None:
         sys.stdout.write("NOTHING\n")
         return
-    await delivery.ack()
-    sys.stdout.write(f"HANDLED {delivery.request.payload} {delivery.attempt}\n")
+    acked = await delivery.ack()
+    sys.stdout.write(f"HANDLED {delivery.request.payload} {delivery.attempt} acked={acked}\n")
     sys.stdout.flush()
 
 
