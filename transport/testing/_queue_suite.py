@@ -527,9 +527,24 @@ class RequestQueueConformance:
             assert again is not None, "an expired lease must be redelivered (to either consumer)"
         assert again.attempt == 2
         # Its lease is as short as the stale one's: extended at once, so a
-        # loaded machine's pause before the ack cannot expire it too (on
-        # Pulsar a 1 s lease did, in one CI run of the priority variant).
-        assert await again.extend(harness.scaled(30))
+        # loaded machine's pause before the ack cannot expire it too. It can
+        # still be lost before that (on Pulsar, priority variant, two CI runs
+        # of 2026-12: extend() returned False at once, the test broker having
+        # reset a connection in one of them): then it must come back once
+        # more, one attempt later, and that copy is the one settled.
+        for _ in range(3):
+            if await again.extend(harness.scaled(30)):
+                break
+            lost = again.attempt
+            if harness.capabilities.expired_lease_to_any_consumer:
+                found = await poll_until(rival, request.request_id, within)
+            else:
+                found = await poll_either(queue, rival, request.request_id, within)
+            assert found is not None, f"attempt {lost}, whose lease was lost, never came back"
+            assert found.attempt == lost + 1, (found.attempt, lost)
+            again = found
+        else:
+            raise AssertionError("three redeliveries in a row lost their lease at once")
         assert await again.ack()
         assert await stale.ack() is False, "ack of a stale delivery is a harmless no-op"
         assert await rival.poll(lease + 0.5) is None
