@@ -1,0 +1,244 @@
+"""``python -m benchmarks.floors [--n N] [--rounds R]``: how far the missed
+in-process targets of ``make bench`` can be reached at all.
+
+For each of them, the work every request needs done in the plainest way
+(one thread, no event loop, no store thread), beside the row's raw baseline
+and this library, alternating (median of ``--rounds``):
+
+* ``memory`` put+get+ack against kombu's memory transport: only building,
+  stamping (``enqueued_at``), encoding and decoding each request -- the JSON
+  round trip every backend makes and ``memory://`` keeps (a handler cannot
+  change a stored request, a payload that would not survive JSON is
+  refused) -- with no queue at all.
+* ``sqlite`` enqueue against raw batched inserts: the multi-row ``INSERT``
+  of 64 requests into this backend's own table (its columns and index),
+  with the next sequence number read, one fsynced commit per 64.
+* ``sqlite`` poll+ack (32 pollers) and ``poll_many(64)``: per round of 32 or
+  64 rows, the lease (``SELECT``, ``UPDATE``, a commit without fsync), the
+  decoding of each request and the ack (``DELETE … RETURNING``, an fsynced
+  commit), as this backend does, in one thread.
+
+A ratio of the floor below a row's target means the target cannot be met
+without giving up what the floor does; above it, the gap is this
+library's own work (see ``docs/backends/sqlite.md``, "Performance").
+Not part of ``make bench``: it writes no results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from benchmarks import _library as library
+from benchmarks._library import PAYLOAD
+from benchmarks.inprocess import (
+    kombu_put_get_ack,
+    ours_consume,
+    ours_put_get_ack,
+    raw_sqlite_batched_insert,
+    raw_sqlite_consume,
+)
+from transport import WorkRequest
+from transport._spi.codec import decode_request, encode
+from transport._spi.models import replace_fields, utcnow
+from transport_inprocess.sqlite._schema import SCHEMA
+
+_QUEUE = "floor"
+_TOKEN_MASK = (1 << 62) - 1
+
+
+def codec_floor(n: int) -> float:
+    """Requests per second through build + stamp + encode + decode alone."""
+    start = time.perf_counter()
+    for _ in range(n):
+        request = replace_fields(WorkRequest(task="work", payload=PAYLOAD), enqueued_at=utcnow())
+        decode_request(encode(request), "memory", _QUEUE, 0)
+    return n / (time.perf_counter() - start)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def enqueue_floor(path: Path, n: int, batch: int = 64) -> float:
+    """This backend's 64-row INSERTs, one fsynced commit each, stamping and
+    encoding inside the clock (as ``enqueue`` and the raw baseline do)."""
+    requests = library.requests(n)
+    sql = "INSERT INTO messages(queue, seq, request_id, body, available_at) VALUES " + ", ".join(
+        ["(?, ?, ?, ?, 0.0)"] * batch
+    )
+    conn = _connect(path)
+    try:
+        start = time.perf_counter()
+        for i in range(0, n, batch):
+            params: list[object] = []
+            conn.execute("BEGIN IMMEDIATE")
+            (seq,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), -1) + 1 FROM messages WHERE queue = ?", (_QUEUE,)
+            ).fetchone()
+            for j, request in enumerate(requests[i : i + batch]):
+                stamped = replace_fields(request, enqueued_at=utcnow())
+                params += (_QUEUE, seq + j, stamped.request_id, encode(stamped))
+            conn.execute(sql, params)
+            conn.execute("COMMIT")
+        return n / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+def consume_floor(path: Path, n: int, batch: int) -> float:
+    """Lease ``batch`` rows (unsynced commit), decode them, delete them
+    (fsynced commit), until ``n`` are done; the backlog is written first,
+    outside the clock."""
+    conn = _connect(path)
+    try:
+        conn.execute("DELETE FROM messages")
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO messages(queue, seq, request_id, body, available_at)"
+            " VALUES (?, ?, ?, ?, 0)",
+            [
+                (_QUEUE, i, r.request_id, encode(replace_fields(r, enqueued_at=utcnow())))
+                for i, r in enumerate(library.requests(n))
+            ],
+        )
+        conn.execute("COMMIT")
+        start = time.perf_counter()
+        done = 0
+        while done < n:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            rows = conn.execute(
+                "SELECT id, request_id, body, attempts, last_error FROM messages"
+                " WHERE queue = ? AND available_at <= ? ORDER BY seq LIMIT ?",
+                (_QUEUE, now, batch + 1),
+            ).fetchall()[:batch]
+            ids = [row[0] for row in rows]
+            marks = ", ".join("?" * len(ids))
+            conn.execute(
+                "UPDATE messages SET available_at = ?, token = (? + id) & ?,"
+                f" attempts = attempts + 1 WHERE id IN ({marks})",
+                (now + 30, 7, _TOKEN_MASK, *ids),
+            )
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA synchronous=FULL")
+            for row in rows:
+                decode_request(row[2], "sqlite", _QUEUE, row[0])
+            conn.execute("BEGIN IMMEDIATE")
+            deleted = conn.execute(
+                f"DELETE FROM messages WHERE id IN ({marks}) AND token = (? + id) & ? RETURNING id",
+                (*ids, 7, _TOKEN_MASK),
+            ).fetchall()
+            conn.execute("COMMIT")
+            if len(deleted) != len(ids):
+                raise RuntimeError("floor: a leased row was not deleted")
+            done += len(rows)
+        return n / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+Measure = Callable[[], Awaitable[float]]
+
+
+async def _rows(n: int, rounds: int, say: Callable[[str], None]) -> list[tuple[str, ...]]:
+    tmp = Path(tempfile.mkdtemp(prefix="floors-"))
+    count = 0
+
+    def fresh(name: str) -> Path:
+        nonlocal count
+        count += 1
+        return tmp / f"{name}-{count}.db"
+
+    cases: list[tuple[str, float | None, Measure, Measure, Measure]] = [
+        (
+            "memory put+get+ack (vs kombu)",
+            5.0,
+            lambda: kombu_put_get_ack(n),
+            lambda: asyncio.to_thread(codec_floor, n),
+            lambda: ours_put_get_ack("memory://floors", n),
+        ),
+        (
+            "sqlite enqueue, 64 in flight",
+            0.8,
+            lambda: raw_sqlite_batched_insert(fresh("raw"), n),
+            lambda: asyncio.to_thread(enqueue_floor, fresh("floor"), n),
+            lambda: library.enqueue(f"sqlite:///{fresh('ours')}", n, 64, warm_up=False),
+        ),
+        (
+            "sqlite poll+ack, 32 pollers",
+            0.5,
+            lambda: raw_sqlite_consume(fresh("raw"), n),
+            lambda: asyncio.to_thread(consume_floor, fresh("floor"), n, 32),
+            lambda: ours_consume(f"sqlite:///{fresh('ours')}", n, 32),
+        ),
+        (
+            "sqlite poll_many(64)+ack_many",
+            0.5,
+            lambda: raw_sqlite_consume(fresh("raw"), n),
+            lambda: asyncio.to_thread(consume_floor, fresh("floor"), n, 64),
+            lambda: library.batch_poll_ack(f"sqlite:///{fresh('ours')}", n),
+        ),
+    ]
+    out = []
+    for name, target, base, floor, ours in cases:
+        say(name)
+        results: dict[str, list[float]] = {"base": [], "floor": [], "ours": []}
+        for i in range(rounds):
+            order = [("base", base), ("floor", floor), ("ours", ours)]
+            for key, measure in order if i % 2 == 0 else order[::-1]:
+                results[key].append(await measure())
+        b, f, o = (statistics.median(results[k]) for k in ("base", "floor", "ours"))
+        out.append(
+            (
+                name,
+                f"{b:,.0f}",
+                f"{f:,.0f}",
+                f"{f / b:.2f}",
+                f"{o:,.0f}",
+                f"{o / b:.2f}",
+                "" if target is None else f"{target:g}",
+            )
+        )
+    return out
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.floors")
+    parser.add_argument("--n", type=int, default=20_480, help="requests per measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    n = max(64, args.n - args.n % 64)  # whole batches of 64
+    started = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    rows = await _rows(n, args.rounds, say)
+    head = ("row", "baseline/s", "floor/s", "floor ×", "ours/s", "ours ×", "target")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    print(f"\n{n:,} requests per measurement, median of {args.rounds} alternating rounds")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
