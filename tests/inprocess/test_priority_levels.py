@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from transport import WorkRequest, connect
@@ -37,4 +38,73 @@ async def test_empty_levels_are_asked_for_their_head_at_once_not_one_after_the_o
         assert sorted(asked) == [0, 1]
         assert delivery is not None and delivery.request.request_id == sent.request_id
         assert await delivery.ack()
+        await queue.aclose()
+
+
+async def test_a_head_held_past_a_tenth_of_its_lease_goes_out_with_a_whole_lease() -> None:
+    """A head that lost a comparison is held here and renewed only every
+    third of a lease, so it could go out with two thirds of the lease the
+    handler is promised. Held for more than a tenth of the lease, it is
+    renewed to a whole lease before it is handed out; held briefly (the
+    common case: from the poll before), it is handed out without a write."""
+    async with await connect("memory://renew-held") as transport:
+        queue = transport.priority_queue("orders", levels=2, lease_seconds=2.0)
+        for level in (1, 1, 0, 0):
+            await queue.enqueue(WorkRequest(task="t"), level)
+        slots: Any = queue._slots  # type: ignore[attr-defined]
+        held_since: list[float] = queue._held_since  # type: ignore[attr-defined]
+        first = await queue.poll(1)
+        assert first is not None
+        held = slots[1]
+        assert held is not None
+        level_queue: Any = held._queue
+        extended: list[int] = []
+        extend = level_queue._extend
+
+        def recording(token: int, seconds: float | None) -> bool:
+            extended.append(token)
+            result: bool = extend(token, seconds)
+            return result
+
+        level_queue._extend = recording
+        # Held since the poll before, a moment ago: no renewal on the way out.
+        second = await queue.poll(1)
+        assert second is not None and second is not held  # the other high one
+        assert extended == []
+        # Held for half a second: a quarter of the lease gone.
+        held_since[1] -= 0.5
+        third = await queue.poll(1)
+        assert third is held
+        assert extended == [held._token]
+        _, deadline = level_queue._state.inflight[held._token]
+        assert deadline - time.monotonic() > 1.9
+        for delivery in (first, second, third):
+            assert await delivery.ack()
+        await queue.aclose()
+
+
+async def test_a_held_head_whose_lease_ran_out_is_not_handed_out() -> None:
+    """A held head whose lease was lost meanwhile (the event loop stalled
+    past a renewal, and the level took the request back) is someone else's:
+    it is not handed out; the request comes back through its level, one
+    attempt later."""
+    async with await connect("memory://lost-held") as transport:
+        queue = transport.priority_queue("orders", levels=2, lease_seconds=2.0)
+        low = await queue.enqueue(WorkRequest(task="t"), 1)
+        await queue.enqueue(WorkRequest(task="t"), 0)
+        first = await queue.poll(1)
+        assert first is not None and first.request.request_id != low.request_id
+        slots: Any = queue._slots  # type: ignore[attr-defined]
+        held = slots[1]
+        assert held is not None and held.request.request_id == low.request_id
+        level_queue: Any = held._queue
+        with level_queue._broker.lock:
+            level_queue._reclaim(time.monotonic() + 10)  # every lease runs out
+        queue._held_since[1] -= 1.0  # type: ignore[attr-defined]
+        again = await queue.poll(1)
+        assert again is not None and again is not held
+        assert (again.request.request_id, again.attempt) == (low.request_id, 2)
+        assert await held.ack() is False
+        assert await again.ack()
+        assert await first.ack()
         await queue.aclose()

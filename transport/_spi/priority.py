@@ -20,7 +20,10 @@ comparison stay leased by this queue (their leases are kept alive) and compete
 again on the next poll: at most one held request per level. A head a level
 poll leases after the poll that started it returned is held the same way.
 Heads held while nobody polls this queue (every handler busy) are given back
-uncounted after a third of the lease, so other workers can take them. With
+uncounted after a third of the lease, so other workers can take them. A
+head held for more than a tenth of its lease is renewed to a whole lease
+before it is handed out (its handler is promised ``lease_seconds``), and one
+whose lease was lost while held is not handed out. With
 ``max_attempts=1`` none is held between polls: a kill would use the only
 attempt of every head held, so the losers are given back uncounted before
 the winner is returned. Closing gives
@@ -59,6 +62,11 @@ _POLL_SLICE = 1.0
 #: Seconds a queue cancelled without ``aclose()`` (its event loop ending)
 #: spends giving its held heads back.
 _SHUTDOWN_GIVE_BACK_S = 1.0
+#: A head held here for more than this share of the lease is renewed to a
+#: whole lease before it is handed out: a handler is promised
+#: ``lease_seconds`` from its poll, and a held head is only renewed every
+#: third of a lease (it could go out with two thirds of it left).
+_RENEW_AT_HAND_OUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -249,8 +257,11 @@ class PriorityRequestQueue(RequestQueue):
                 # poll does; each backend bounds that wait.
                 await self._levels_known(None)
                 await self._poll_empty_levels()
-                best = self._choose()
-                if best is not None:
+                chosen = self._choose()
+                if chosen is not None:
+                    best, held_since = chosen
+                    if not await self._renewed(best, loop.time() - held_since):
+                        continue  # its lease ran out while held: it is someone else's now
                     if self.max_attempts < 2:
                         await self._give_back_losers()
                     return best
@@ -366,7 +377,27 @@ class PriorityRequestQueue(RequestQueue):
             return
         self._fill(level, task.result())
 
-    def _choose(self) -> Delivery | None:
+    async def _renewed(self, delivery: Delivery, held_for: float) -> bool:
+        """Renew ``delivery``, a head about to be handed out, to a whole
+        lease if it was held here for more than a tenth of one (a handler
+        gets ``lease_seconds`` from its poll, as from a plain queue's).
+        ``False`` if its lease was lost meanwhile (an event loop stalled past
+        a renewal): it is not handed out. A renewal that fails hands it out
+        as it is (most of its lease is left)."""
+        if held_for <= self.lease_seconds * _RENEW_AT_HAND_OUT:
+            return True
+        try:
+            return await delivery.extend()
+        except Exception as exc:
+            log.warning(
+                "priority queue %r: renewing a head before handing it out failed: %s",
+                self.name,
+                exc,
+            )
+            return True
+
+    def _choose(self) -> tuple[Delivery, float] | None:
+        """The head to hand out and when it was last leased here."""
         now = self.policy.clock()
         best_level = -1
         best_key: tuple[int, datetime, int] | None = None
@@ -381,9 +412,10 @@ class PriorityRequestQueue(RequestQueue):
             return None
         chosen = self._slots[best_level]
         self._slots[best_level] = None
-        if chosen is not None:
-            chosen._mark_unseen(False)
-        return chosen
+        if chosen is None:
+            return None
+        chosen._mark_unseen(False)
+        return chosen, self._held_since[best_level]
 
     async def _keep_leases(self) -> None:
         try:
