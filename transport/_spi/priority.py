@@ -23,7 +23,10 @@ Heads held while nobody polls this queue (every handler busy) are given back
 uncounted after a third of the lease, so other workers can take them. A
 head held for more than a tenth of its lease is renewed to a whole lease
 before it is handed out (its handler is promised ``lease_seconds``), and one
-whose lease was lost while held is not handed out. With
+whose lease was lost while held is not handed out. Levels found empty keep
+being asked in the background while the winner is handled (what arrives is
+held for the next poll, which need not ask them again: an empty level's
+answer costs a round trip or more). With
 ``max_attempts=1`` none is held between polls: a kill would use the only
 attempt of every head held, so the losers are given back uncounted before
 the winner is returned. Closing gives
@@ -136,6 +139,8 @@ class PriorityRequestQueue(RequestQueue):
         self._slots: list[Delivery | None] = [None] * policy.levels
         self._held_since: list[float] = [0.0] * policy.levels
         self._tasks: list[asyncio.Task[Delivery | None] | None] = [None] * policy.levels
+        # Levels whose last answer here was "nothing now".
+        self._empty: list[bool] = [False] * policy.levels
         self._error: BaseException | None = None  # of a level poll that ended between polls
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
@@ -247,6 +252,12 @@ class PriorityRequestQueue(RequestQueue):
         except TimeoutError:
             return None
         try:
+            if any(t is not None and not t.done() for t in self._tasks):
+                # Level polls kept running since the last poll (see below):
+                # one that has just been answered lands in these steps,
+                # before anything is chosen.
+                await asyncio.sleep(0)
+                await asyncio.sleep(0)
             while True:
                 self._harvest()
                 # A level still loading may hold a better head, and
@@ -264,19 +275,21 @@ class PriorityRequestQueue(RequestQueue):
                         continue  # its lease ran out while held: it is someone else's now
                     if self.max_attempts < 2:
                         await self._give_back_losers()
+                    else:
+                        # The levels that were empty keep being asked while
+                        # the winner is handled: what arrives there is held
+                        # for the next poll, which need not ask them again
+                        # ("nothing now" costs a round trip or more: a pull
+                        # held 20 ms on NATS, once per poll). Not the levels
+                        # with work: a poll still running there would say
+                        # nothing of a head about to arrive, and a lower
+                        # level's would win.
+                        self._ask_levels(_POLL_SLICE, empty_only=True)
                     return best
                 remaining = None if deadline is None else deadline - loop.time()
                 if remaining is not None and remaining <= 0:
                     return None
-                slice_ = _POLL_SLICE if remaining is None else min(remaining, _POLL_SLICE)
-                for level in range(self.levels):
-                    if self._slots[level] is None and self._tasks[level] is None:
-                        task = asyncio.create_task(self._queues[level].poll(slice_))
-                        # A level poll may lease its head after this poll
-                        # returned: it is held (its lease kept alive) at once,
-                        # not left to run out in a finished task.
-                        task.add_done_callback(functools.partial(self._landed, level))
-                        self._tasks[level] = task
+                self._ask_levels(_POLL_SLICE if remaining is None else min(remaining, _POLL_SLICE))
                 pending = {t for t in self._tasks if t is not None}
                 done, _ = await asyncio.wait(
                     pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
@@ -289,6 +302,21 @@ class PriorityRequestQueue(RequestQueue):
                     await asyncio.sleep(0)
         finally:
             self._lock.release()
+
+    def _ask_levels(self, slice_: float, *, empty_only: bool = False) -> None:
+        """A background ``poll(slice_)`` of every level whose head is not
+        held here nor being asked for (``empty_only``: of those whose last
+        answer was "nothing now")."""
+        for level in range(self.levels):
+            if empty_only and not self._empty[level]:
+                continue
+            if self._slots[level] is None and self._tasks[level] is None:
+                task = asyncio.create_task(self._queues[level].poll(slice_))
+                # A level poll may lease its head after the poll that started
+                # it returned: it is held (its lease kept alive) at once, not
+                # left to run out in a finished task.
+                task.add_done_callback(functools.partial(self._landed, level))
+                self._tasks[level] = task
 
     async def _poll_empty_levels(self) -> None:
         """``poll(0)`` every level whose head is not held here (nor being
@@ -347,6 +375,7 @@ class PriorityRequestQueue(RequestQueue):
         return all(results)
 
     def _fill(self, level: int, delivery: Delivery | None) -> None:
+        self._empty[level] = delivery is None
         if delivery is None:
             return
         self._slots[level] = delivery
