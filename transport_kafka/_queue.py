@@ -277,7 +277,11 @@ class KafkaRequestQueue(RequestQueue):
         topic = self.topics.requests
         parts = await clients.partitions(topic)
         marks = await clients.watermarks(topic, parts)
+        # The fetch positions and the local buffer in the same loop step: a
+        # batch fetched between the two was counted twice, as lag and as
+        # buffered (depth 5 of 4 requests, seen in a fresh-clone run).
         owned = engine.tracker.snapshot() if engine.running else {}
+        ready, delayed = engine.local_counts() if engine.running else (0, 0)
         need = [p for p in parts if p not in owned or owned[p][1] is None]
         committed = await clients.committed(self.topics.group, topic, need) if need else {}
         depth = 0
@@ -294,7 +298,6 @@ class KafkaRequestQueue(RequestQueue):
             depth += lag[str(p)]
             if high > max(position, low):
                 unread[p] = max(position, low)  # below low: trimmed by retention
-        ready, delayed = engine.local_counts() if engine.running else (0, 0)
         dead = await self._dead_entries()
         unread_heads = await self._unread_heads(unread)
         heads = engine.local_heads() if engine.running else []
