@@ -253,11 +253,8 @@ class PriorityRequestQueue(RequestQueue):
             return None
         try:
             if any(t is not None and not t.done() for t in self._tasks):
-                # Level polls kept running since the last poll (see below):
-                # one that has just been answered lands in these steps,
-                # before anything is chosen.
-                await asyncio.sleep(0)
-                await asyncio.sleep(0)
+                # Level polls kept running since the last poll (see below).
+                await self._let_level_polls_land()
             while True:
                 self._harvest()
                 # A level still loading may hold a better head, and
@@ -295,13 +292,18 @@ class PriorityRequestQueue(RequestQueue):
                     pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
                 )
                 if done:
-                    # Level polls answered by the same broker round trip finish
-                    # in consecutive loop steps: let them land before choosing,
-                    # so a lower level does not win by a step.
-                    await asyncio.sleep(0)
-                    await asyncio.sleep(0)
+                    await self._let_level_polls_land()
         finally:
             self._lock.release()
+
+    @staticmethod
+    async def _let_level_polls_land() -> None:
+        """Two loop steps: a level poll just answered (level polls answered
+        by the same broker round trip finish in consecutive steps) resumes,
+        then its done callback holds its head, before anything is chosen,
+        so a lower level does not win by a step."""
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
 
     def _ask_levels(self, slice_: float, *, empty_only: bool = False) -> None:
         """A background ``poll(slice_)`` of every level whose head is not
@@ -330,9 +332,6 @@ class PriorityRequestQueue(RequestQueue):
             for level in range(self.levels)
             if self._slots[level] is None and self._tasks[level] is None
         ]
-        if len(empty) == 1:
-            self._fill(empty[0], await self._queues[empty[0]].poll(0))
-            return
         results = await asyncio.gather(
             *(self._queues[level].poll(0) for level in empty), return_exceptions=True
         )
