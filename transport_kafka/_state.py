@@ -100,7 +100,9 @@ class _EngineState:
         self._marked_rounds: dict[int, dict[bytes, int]] = {}
         self._round_prefix = os.urandom(4).hex()
         self._paused = False
-        self._wake: list[TopicPartition] = []  # one assigned partition per leader
+        # One assigned partition per leader; None: not asked since the last
+        # assignment.
+        self._wake: list[TopicPartition] | None = []
         # Loop side: partitions a rebalance is taking away while their
         # handed-out requests are given time to settle (nothing more of them
         # is handed out meanwhile).

@@ -151,8 +151,8 @@ async def test_bounded_buffer_pauses_and_resumes(kafka_config_factory: Any) -> N
         wake = engine._wake_fetchers
 
         def counting_wake(consumer: Any) -> None:
-            woken.append([(tp.topic, tp.partition) for tp in engine._wake])
-            wake(consumer)
+            wake(consumer)  # asks the leaders first after an assignment
+            woken.append([(tp.topic, tp.partition) for tp in engine._wake or []])
 
         engine._wake_fetchers = counting_wake  # type: ignore[method-assign]
         paused = False
