@@ -5,7 +5,7 @@ each client while such a call runs; calling ``poll``/``consume``/``close``/
 that state early, and the next callback served by the same ``poll()`` aborts
 the whole process (``CallState_get: Assertion `cs != NULL' failed``).
 
-Until 2026-12-07 a queue's assignment callback asked its own consumer for
+Until 2026-12-06 a queue's assignment callback asked its own consumer for
 the partition leaders (``list_topics``): a process whose consumer had log
 lines or statistics queued behind the assignment died on a C assertion (seen
 twice in fresh-clone runs, once in an example, once in a test worker). With
