@@ -71,7 +71,7 @@ from transport._spi.codec import (
     encode_dead_letter,
     request_codec_for,
 )
-from transport._spi.config import options_error, redact_url
+from transport._spi.config import options_error, redact_url, url_options
 from transport._spi.doctor import DoctorFinding, ObjectKind, ProvisionPlan
 from transport._spi.events import (
     EventInbox,
@@ -151,6 +151,7 @@ __all__ = [
     "retrieve",
     "seconds",
     "to_millisecond",
+    "url_options",
     "utcnow",
     "validate_header",
     "validate_name",

@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError
-from transport.kit import options_error
+from transport.kit import options_error, url_options
 from transport_kafka._topics import topic_name
 
 __all__ = ["KafkaOptions", "KafkaSettings", "TopicNames", "parse_settings"]
@@ -231,7 +231,7 @@ class KafkaSettings:
         return dict(self.common)
 
 
-def _split_url(url: str) -> tuple[str, str | None, str | None, dict[str, str]]:
+def _split_url(url: str) -> tuple[str, str | None, str | None, str]:
     rest = url.split("://", 1)[1]
     rest, _, query = rest.partition("?")
     rest = rest.split("/", 1)[0]
@@ -254,7 +254,7 @@ def _split_url(url: str) -> tuple[str, str | None, str | None, dict[str, str]]:
                     "(percent-encode '/', '@', ':' and '?' in a user name or password)"
                 )
             raise ConfigurationError(f"kafka:// host must be host:port, got {host!r}")
-    return ",".join(hosts), user, password, dict(parse_qsl(query))
+    return ",".join(hosts), user, password, query
 
 
 def _oauth_cb(token: str) -> Any:
@@ -272,7 +272,7 @@ def parse_settings(config: TransportConfig) -> KafkaSettings:
     """
     bootstrap, url_user, url_password, query = _split_url(config.url)
     try:
-        options = KafkaOptions.model_validate({**query, **config.options})
+        options = KafkaOptions.model_validate(url_options("kafka", query, config.options))
     except ValidationError as exc:
         raise options_error("kafka", exc) from None
     for key in options.producer:

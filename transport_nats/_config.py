@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from transport import TransportConfig, validate_subject
 from transport.errors import ConfigurationError
-from transport.kit import options_error
+from transport.kit import options_error, url_options
 
-__all__ = ["NatsOptions", "parse_servers"]
+__all__ = ["NatsOptions", "parse_servers", "without_query"]
 
 
 class NatsOptions(BaseModel):
@@ -93,9 +93,20 @@ def load_options(config: TransportConfig) -> NatsOptions:
     Raises: ConfigurationError (unknown key or bad value).
     """
     try:
-        return NatsOptions.model_validate(config.options)
+        return NatsOptions.model_validate(url_options("nats", _query(config.url), config.options))
     except ValidationError as exc:
         raise options_error("nats", exc) from None
+
+
+def _query(url: str) -> str:
+    """The query string of a NATS URL (as for ``kafka://``, the URL's first
+    ``?`` starts it: percent-encode one in a password)."""
+    return url.partition("?")[2].partition("#")[0]
+
+
+def without_query(url: str) -> str:
+    """``url`` without its query string (see :func:`_query`)."""
+    return url.partition("?")[0]
 
 
 def parse_servers(url: str, extra: list[str]) -> tuple[list[str], dict[str, Any]]:
@@ -124,7 +135,9 @@ def parse_servers(url: str, extra: list[str]) -> tuple[list[str], dict[str, Any]
         if not parts.hostname:
             raise ConfigurationError("NATS url has an empty host")
         if parts.path not in ("", "/") or parts.query:
-            raise ConfigurationError("NATS url takes no path or query; use TransportConfig.options")
+            raise ConfigurationError(
+                "NATS url takes no path; options go in its query or in TransportConfig.options"
+            )
         if i == 0 and parts.username is not None:
             if parts.password is not None:
                 creds = {"user": parts.username, "password": parts.password}

@@ -57,7 +57,7 @@ from transport.errors import (
 )
 from transport.kit import DoctorFinding, ObjectKind, ProvisionPlan, wait_within
 from transport_nats._client import NatsContext, Requests, broker_name
-from transport_nats._config import NatsOptions, load_options, parse_servers
+from transport_nats._config import NatsOptions, load_options, parse_servers, without_query
 from transport_nats._errors import classify_connect_error, map_nats_errors
 
 __all__ = ["NatsTransport", "open_nats"]
@@ -135,7 +135,9 @@ class NatsTransport(Transport):
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
         self.options: NatsOptions = load_options(config)
-        self.servers, self._url_creds = parse_servers(config.url, self.options.servers)
+        self.servers, self._url_creds = parse_servers(
+            without_query(config.url), self.options.servers
+        )
         self.nc = _Client()
         self.requests = Requests(self.nc, self.options.request_timeout)
         # What every queue, registry, log and the doctor get instead of the

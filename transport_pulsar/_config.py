@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError, InvalidNameError
-from transport.kit import options_error
+from transport.kit import options_error, url_options
 
 __all__ = ["PulsarOptions", "PulsarSettings", "parse_settings", "validate_topic_part"]
 
@@ -167,9 +167,9 @@ def parse_settings(config: TransportConfig) -> PulsarSettings:
         raise ConfigurationError(
             "credentials in the pulsar URL are not supported; use token/username/password settings"
         )
-    if parts.path not in {"", "/"} or parts.query or parts.fragment:
+    if parts.path not in {"", "/"} or parts.fragment:
         raise ConfigurationError(
-            "a pulsar URL is pulsar://host:port[,host:port] with nothing after it"
+            "a pulsar URL is pulsar://host:port[,host:port][?option=value&...]"
         )
     if not parts.netloc:
         raise ConfigurationError("the pulsar URL needs a host, e.g. pulsar://localhost:6650")
@@ -181,7 +181,7 @@ def parse_settings(config: TransportConfig) -> PulsarSettings:
     if (config.tls.cert_file is None) != (config.tls.key_file is None):
         raise ConfigurationError("tls.cert_file and tls.key_file must be given together")
     try:
-        options = PulsarOptions.model_validate(dict(config.options))
+        options = PulsarOptions.model_validate(url_options("pulsar", parts.query, config.options))
     except ValidationError as exc:
         raise options_error("pulsar", exc) from None
     auth_kinds = [

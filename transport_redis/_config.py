@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError
-from transport.kit import options_error
+from transport.kit import options_error, url_options
 
 __all__ = ["RedisEndpoint", "RedisOptions", "load_options", "parse_url"]
 
@@ -62,7 +62,9 @@ def load_options(config: TransportConfig) -> RedisOptions:
     Raises: ConfigurationError (unknown key or bad value).
     """
     try:
-        return RedisOptions.model_validate(config.options)
+        return RedisOptions.model_validate(
+            url_options("redis", urlsplit(config.url).query, config.options)
+        )
     except ValidationError as exc:
         raise options_error("redis", exc) from None
 
@@ -103,8 +105,8 @@ def parse_url(url: str, options: RedisOptions) -> RedisEndpoint:
         raise ConfigurationError("Redis url has an invalid port") from exc
     if not parts.hostname:
         raise ConfigurationError("Redis url has an empty host")
-    if parts.query or parts.fragment:
-        raise ConfigurationError("Redis url takes no query; use TransportConfig.options")
+    if parts.fragment:
+        raise ConfigurationError("Redis url takes no fragment")
     path = parts.path.strip("/")
     db = options.db if options.db is not None else 0
     if path:

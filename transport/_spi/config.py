@@ -13,9 +13,10 @@ import logging
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -191,6 +192,33 @@ def redact_options(value: Any, key: str = "") -> Any:
     if isinstance(value, str) and "://" in value and ("@" in value or "?" in value):
         return redact_url(value)
     return value
+
+
+def url_options(backend: str, query: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A backend's options: those of the URL's query string (``?a=1&b=x``,
+    values as strings, which the backend's option model converts) together
+    with ``TransportConfig.options``. An option given twice in the query, or
+    both in the query and in ``options``, is refused rather than one of the
+    two silently winning (the error names the option, never a value).
+
+    Raises: ConfigurationError.
+    """
+    merged: dict[str, Any] = {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ConfigurationError(f"{backend}: the URL's query is not name=value&...") from None
+    for name, value in pairs:
+        if name in merged:
+            raise ConfigurationError(f"{backend}: option {name!r} is given twice in the URL")
+        merged[name] = value
+    for name, value in options.items():
+        if name in merged:
+            raise ConfigurationError(
+                f"{backend}: option {name!r} is given both in the URL and in options; give it once"
+            )
+        merged[name] = value
+    return merged
 
 
 def options_error(backend: str, exc: ValidationError) -> ConfigurationError:

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from transport import TransportConfig
 from transport.errors import ConfigurationError
-from transport.kit import redact_url
+from transport.kit import redact_url, url_options
 
 __all__ = ["SqliteSettings", "sqlite_path"]
 
@@ -31,8 +31,8 @@ class SqliteSettings:
     @classmethod
     def from_config(cls, config: TransportConfig) -> SqliteSettings:
         """Raises: ConfigurationError for a bad URL or option."""
-        path, query = sqlite_path(config.url)
-        options: dict[str, Any] = {**config.options, **query}
+        path, _ = sqlite_path(config.url)
+        options = url_options("sqlite", urlsplit(config.url).query, config.options)
         unknown = set(options) - _OPTIONS
         if unknown:
             raise ConfigurationError(f"unknown sqlite option(s): {', '.join(sorted(unknown))}")
