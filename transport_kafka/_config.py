@@ -231,9 +231,9 @@ class KafkaSettings:
         return dict(self.common)
 
 
-def _split_url(url: str) -> tuple[str, str | None, str | None, str]:
+def _split_url(url: str) -> tuple[str, str | None, str | None]:
     rest = url.split("://", 1)[1]
-    rest, _, query = rest.partition("?")
+    rest = rest.partition("?")[0]
     rest = rest.split("/", 1)[0]
     user = password = None
     if "@" in rest:
@@ -254,7 +254,7 @@ def _split_url(url: str) -> tuple[str, str | None, str | None, str]:
                     "(percent-encode '/', '@', ':' and '?' in a user name or password)"
                 )
             raise ConfigurationError(f"kafka:// host must be host:port, got {host!r}")
-    return ",".join(hosts), user, password, query
+    return ",".join(hosts), user, password
 
 
 def _oauth_cb(token: str) -> Any:
@@ -270,9 +270,9 @@ def parse_settings(config: TransportConfig) -> KafkaSettings:
 
     Raises: ConfigurationError (never echoing secrets).
     """
-    bootstrap, url_user, url_password, query = _split_url(config.url)
+    bootstrap, url_user, url_password = _split_url(config.url)
     try:
-        options = KafkaOptions.model_validate(url_options("kafka", query, config.options))
+        options = KafkaOptions.model_validate(url_options("kafka", config.url, config.options))
     except ValidationError as exc:
         raise options_error("kafka", exc) from None
     for key in options.producer:

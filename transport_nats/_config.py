@@ -93,19 +93,14 @@ def load_options(config: TransportConfig) -> NatsOptions:
     Raises: ConfigurationError (unknown key or bad value).
     """
     try:
-        return NatsOptions.model_validate(url_options("nats", _query(config.url), config.options))
+        return NatsOptions.model_validate(url_options("nats", config.url, config.options))
     except ValidationError as exc:
         raise options_error("nats", exc) from None
 
 
-def _query(url: str) -> str:
-    """The query string of a NATS URL (as for ``kafka://``, the URL's first
-    ``?`` starts it: percent-encode one in a password)."""
-    return url.partition("?")[2].partition("#")[0]
-
-
 def without_query(url: str) -> str:
-    """``url`` without its query string (see :func:`_query`)."""
+    """``url`` without its query string (from its first ``?``, as
+    :func:`transport.kit.url_options` reads it)."""
     return url.partition("?")[0]
 
 

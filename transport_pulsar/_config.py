@@ -181,7 +181,7 @@ def parse_settings(config: TransportConfig) -> PulsarSettings:
     if (config.tls.cert_file is None) != (config.tls.key_file is None):
         raise ConfigurationError("tls.cert_file and tls.key_file must be given together")
     try:
-        options = PulsarOptions.model_validate(url_options("pulsar", parts.query, config.options))
+        options = PulsarOptions.model_validate(url_options("pulsar", config.url, config.options))
     except ValidationError as exc:
         raise options_error("pulsar", exc) from None
     auth_kinds = [

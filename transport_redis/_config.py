@@ -62,9 +62,7 @@ def load_options(config: TransportConfig) -> RedisOptions:
     Raises: ConfigurationError (unknown key or bad value).
     """
     try:
-        return RedisOptions.model_validate(
-            url_options("redis", urlsplit(config.url).query, config.options)
-        )
+        return RedisOptions.model_validate(url_options("redis", config.url, config.options))
     except ValidationError as exc:
         raise options_error("redis", exc) from None
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from transport import TransportConfig, WorkRequest, connect
+from tests._url_options import check_query_option
+from transport import TransportConfig
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
@@ -14,16 +15,4 @@ pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 async def test_an_option_in_the_url_query_reaches_the_transport(
     nats_config: TransportConfig,
 ) -> None:
-    base = nats_config
-    options = {k: v for k, v in base.options.items() if k != "pull_expires"}
-    config = base.model_copy(update={"url": f"{base.url}?pull_expires=2.0", "options": options})
-    transport = await connect(config)
-    try:
-        assert float(transport.options.pull_expires) == 2.0  # type: ignore[attr-defined]
-        queue = transport.request_queue("urloptions")
-        sent = await queue.enqueue(WorkRequest(task="t", payload=1))
-        got = await queue.poll(30)
-        assert got is not None and got.request.request_id == sent.request_id
-        assert await got.ack()
-    finally:
-        await transport.aclose()
+    await check_query_option(nats_config, "pull_expires", 2.0, lambda t: t.options.pull_expires)

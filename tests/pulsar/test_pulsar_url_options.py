@@ -6,25 +6,16 @@ from __future__ import annotations
 
 import pytest
 
+from tests._url_options import check_query_option
 from tests.pulsar.conftest import make_config
-from transport import WorkRequest, connect
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio]
 
 
 async def test_an_option_in_the_url_query_reaches_the_transport(pulsar_url: str) -> None:
-    base = make_config(pulsar_url)
-    options = {k: v for k, v in base.options.items() if k != "close_timeout_seconds"}
-    config = base.model_copy(
-        update={"url": f"{base.url}?close_timeout_seconds=5", "options": options}
+    await check_query_option(
+        make_config(pulsar_url),
+        "close_timeout_seconds",
+        5,
+        lambda t: t.settings.options.close_timeout_seconds,
     )
-    transport = await connect(config)
-    try:
-        assert float(transport.settings.options.close_timeout_seconds) == 5  # type: ignore[attr-defined]
-        queue = transport.request_queue("urloptions")
-        sent = await queue.enqueue(WorkRequest(task="t", payload=1))
-        got = await queue.poll(30)
-        assert got is not None and got.request.request_id == sent.request_id
-        assert await got.ack()
-    finally:
-        await transport.aclose()

@@ -194,15 +194,17 @@ def redact_options(value: Any, key: str = "") -> Any:
     return value
 
 
-def url_options(backend: str, query: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """A backend's options: those of the URL's query string (``?a=1&b=x``,
-    values as strings, which the backend's option model converts) together
+def url_options(backend: str, url: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A backend's options: those of ``url``'s query string (``?a=1&b=x``,
+    from its first ``?``: percent-encode one in a password; values as
+    strings, which the backend's option model converts) together
     with ``TransportConfig.options``. An option given twice in the query, or
     both in the query and in ``options``, is refused rather than one of the
     two silently winning (the error names the option, never a value).
 
     Raises: ConfigurationError.
     """
+    query = url.partition("?")[2].partition("#")[0]
     merged: dict[str, Any] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))

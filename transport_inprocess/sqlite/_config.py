@@ -32,7 +32,7 @@ class SqliteSettings:
     def from_config(cls, config: TransportConfig) -> SqliteSettings:
         """Raises: ConfigurationError for a bad URL or option."""
         path, _ = sqlite_path(config.url)
-        options = url_options("sqlite", urlsplit(config.url).query, config.options)
+        options = url_options("sqlite", config.url, config.options)
         unknown = set(options) - _OPTIONS
         if unknown:
             raise ConfigurationError(f"unknown sqlite option(s): {', '.join(sorted(unknown))}")
