@@ -17,22 +17,33 @@ and this library, alternating (median of ``--rounds``):
   64 rows, the lease (``SELECT``, ``UPDATE``, a commit without fsync), the
   decoding of each request and the ack (``DELETE … RETURNING``, an fsynced
   commit), as this backend does, in one thread.
+* with ``--kafka`` (starts its own Tansu broker, stopped by its PID):
+  ``kafka`` ``poll_many(500)`` + ``ack_many`` against the raw
+  ``consume(500)`` loop with asynchronous commits: per batch of the raw
+  client's ``consume(500)``, the batch's delivery counts written as one
+  record of a state topic and awaited (``acks=all``) before any request of
+  it is decoded, each request decoded as the raw loop does, then a
+  synchronous commit of the batch (acks durable on return): the durable
+  steps ``kafka://`` makes, in one thread, without an event loop.
 
 A ratio of the floor below a row's target means the target cannot be met
 without giving up what the floor does; above it, the gap is this
 library's own work (see ``docs/backends/sqlite.md``, "Performance").
-Not part of ``make bench``: it writes no results.
+Not part of ``make bench``: it writes no results. ``--kafka`` adds the Kafka
+batch row (about a minute more).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -153,7 +164,85 @@ def consume_floor(path: Path, n: int, batch: int) -> float:
 Measure = Callable[[], Awaitable[float]]
 
 
-async def _rows(n: int, rounds: int, say: Callable[[str], None]) -> list[tuple[str, ...]]:
+def kafka_batch_floor(bootstrap: str, topic: str, n: int) -> float:
+    """Requests per second through the durable steps of the Kafka batch path
+    in one thread (see the module docstring): ``n`` records of ``topic``
+    (filled by the caller), timed as the raw loop is, from the first record
+    received to the last."""
+    from confluent_kafka import TopicPartition
+
+    from benchmarks import kafka
+
+    state = f"floorstate{uuid.uuid4().hex[:8]}"
+    kafka._create_topic(bootstrap, state)
+    producer = kafka._producer(bootstrap)
+    producer.produce(state, b"warmup")
+    producer.flush(15)
+    consumer = kafka._consumer(bootstrap, f"g{uuid.uuid4().hex[:8]}")
+    consumer.subscribe([topic])
+    clock = kafka._Clock()
+    done = 0
+    deadline = time.monotonic() + 600
+    try:
+        while done < n and time.monotonic() < deadline:
+            msgs = [m for m in consumer.consume(kafka.BATCH, 0.5) if not m.error()]
+            if not msgs:
+                continue
+            clock.tick()  # received: the count write below is timed
+            last: dict[int, int] = {}
+            for msg in msgs:
+                last[msg.partition()] = msg.offset()
+            # The batch's delivery counts, durable before it is handed out.
+            counts = json.dumps([[m.partition(), m.offset(), 1] for m in msgs]).encode()
+            producer.produce(state, key=b"round", value=counts)
+            if producer.flush(15):
+                raise RuntimeError("floor: a delivery-count record was not written")
+            for msg in msgs:
+                clock.tick()
+                if msg.value() != b"warmup":
+                    WorkRequest.model_validate_json(msg.value())  # as the raw loop
+                done += 1
+            # Acks durable on return: a synchronous commit of the batch.
+            consumer.commit(
+                offsets=[TopicPartition(topic, p, o + 1) for p, o in last.items()],
+                asynchronous=False,
+            )
+    finally:
+        consumer.close()
+    if done < n:
+        raise RuntimeError(f"floor: stopped at {done} of {n}")
+    return clock.rate(n)
+
+
+async def kafka_floor(bootstrap: str, n: int) -> float:
+    """:func:`kafka_batch_floor` over a backlog the raw producer fills, as
+    for the raw loop of the row."""
+    from benchmarks import kafka
+
+    topic = f"floor{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(kafka._create_topic, bootstrap, topic)
+    await asyncio.to_thread(kafka._produce_many, bootstrap, topic, n - 1, 256)
+    return await asyncio.to_thread(kafka_batch_floor, bootstrap, topic, n)
+
+
+def _kafka_case(bootstrap: str, n: int) -> tuple[str, float | None, Measure, Measure, Measure]:
+    from benchmarks import kafka
+
+    # Whole batches: a raw consume(500) with fewer records left waits out
+    # its timeout (0.5 s), which would be timed on the raw and floor sides.
+    n = max(kafka.BATCH, n - n % kafka.BATCH)
+    return (
+        f"kafka poll_many({kafka.BATCH})+ack_many",
+        0.5,
+        lambda: kafka.raw_consume(bootstrap, n),
+        lambda: kafka_floor(bootstrap, n),
+        lambda: kafka.ours_consume_batches(bootstrap, n),
+    )
+
+
+async def _rows(
+    n: int, rounds: int, say: Callable[[str], None], *, kafka_bootstrap: str | None = None
+) -> list[tuple[str, ...]]:
     tmp = Path(tempfile.mkdtemp(prefix="floors-"))
     count = 0
 
@@ -192,6 +281,8 @@ async def _rows(n: int, rounds: int, say: Callable[[str], None]) -> list[tuple[s
             lambda: library.batch_poll_ack(f"sqlite:///{fresh('ours')}", n),
         ),
     ]
+    if kafka_bootstrap is not None:
+        cases.append(_kafka_case(kafka_bootstrap, n))
     out = []
     for name, target, base, floor, ours in cases:
         say(name)
@@ -219,6 +310,11 @@ async def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.floors")
     parser.add_argument("--n", type=int, default=20_480, help="requests per measurement")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--kafka",
+        action="store_true",
+        help="also the Kafka batch row, on a Tansu broker started for it",
+    )
     args = parser.parse_args()
     n = max(64, args.n - args.n % 64)  # whole batches of 64
     started = time.perf_counter()
@@ -226,7 +322,20 @@ async def main() -> int:
     def say(text: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
-    rows = await _rows(n, args.rounds, say)
+    broker = None
+    if args.kafka:
+        from transport.testing.brokers import TansuBroker
+
+        say("starting a Tansu broker")
+        broker = TansuBroker()
+        broker.start()
+    try:
+        rows = await _rows(
+            n, args.rounds, say, kafka_bootstrap=None if broker is None else broker.bootstrap
+        )
+    finally:
+        if broker is not None:
+            broker.stop()
     head = ("row", "baseline/s", "floor/s", "floor ×", "ours/s", "ours ×", "target")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
@@ -236,7 +345,12 @@ async def main() -> int:
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
-    print(f"\n{n:,} requests per measurement, median of {args.rounds} alternating rounds")
+    kafka_n = ""
+    if args.kafka:
+        from benchmarks.kafka import BATCH
+
+        kafka_n = f" (the Kafka row: {max(BATCH, n - n % BATCH):,}, whole batches)"
+    print(f"\n{n:,} requests per measurement{kafka_n}, median of {args.rounds} alternating rounds")
     return 0
 
 
