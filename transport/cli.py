@@ -28,6 +28,7 @@ from transport._spi.config import TransportConfig, load_config
 from transport._spi.connect import connect
 from transport._spi.doctor import ProvisionPlan
 from transport._spi.models import DeadLetter, HealthStatus, WorkRequest
+from transport._spi.priority import MAX_PRIORITY_LEVELS
 from transport._spi.queue import RequestQueue
 from transport._spi.transport import Transport
 from transport.errors import ConfigurationError, TransportError, UnsupportedFeatureError
@@ -270,7 +271,7 @@ async def _top(args: argparse.Namespace, transport: Transport, out: _Output) -> 
 
 
 #: How many priority levels the CLI looks for when none are advertised.
-_LEVEL_PROBE = 16
+_LEVEL_PROBE = MAX_PRIORITY_LEVELS
 
 
 async def _present_levels(transport: Transport, name: str) -> list[int]:

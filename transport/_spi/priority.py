@@ -41,7 +41,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -59,6 +59,9 @@ from transport.errors import ClosedResourceError
 __all__ = ["AgingPolicy", "PriorityRequestQueue"]
 
 log = logging.getLogger("transport.priority")
+
+#: The most levels a priority queue may have.
+MAX_PRIORITY_LEVELS = 16
 
 # How long one background poll of an empty level waits before it is re-issued.
 _POLL_SLICE = 1.0
@@ -86,8 +89,8 @@ class AgingPolicy:
     def __post_init__(self) -> None:
         if type(self.levels) is not int or self.levels < 1:  # a bool is not a count
             raise ValueError(f"levels must be a positive integer, got {self.levels!r}")
-        if self.levels > 16:
-            raise ValueError("at most 16 priority levels are supported")
+        if self.levels > MAX_PRIORITY_LEVELS:
+            raise ValueError(f"at most {MAX_PRIORITY_LEVELS} priority levels are supported")
         interval = self.aging_interval
         if not isinstance(interval, timedelta) and (
             isinstance(interval, bool) or not isinstance(interval, int | float)
@@ -128,7 +131,14 @@ class PriorityRequestQueue(RequestQueue):
     ties go to the oldest.
     """
 
-    def __init__(self, name: str, queues: list[RequestQueue], *, policy: AgingPolicy) -> None:
+    def __init__(
+        self,
+        name: str,
+        queues: list[RequestQueue],
+        *,
+        policy: AgingPolicy,
+        level_check: Callable[[], Awaitable[str | None]] | None = None,
+    ) -> None:
         if len(queues) != policy.levels:
             raise ValueError("one queue per level is required")
         self.name = validate_name(name, "queue name")
@@ -148,6 +158,10 @@ class PriorityRequestQueue(RequestQueue):
         self._giving: asyncio.Future[list[None]] | None = None  # the keeper's give-back
         self._polls = 0  # polls in progress
         self._last_poll = 0.0  # loop time the last poll ended
+        # Asked once, at the first poll: whether levels above ours exist
+        # (producers using more levels strand what they enqueue there).
+        self._level_check = level_check
+        self._level_check_task: asyncio.Task[None] | None = None
 
     def set_exhausted_hook(self, hook: ExhaustedHook | None) -> None:
         """As :meth:`RequestQueue.set_exhausted_hook`, for every level."""
@@ -222,6 +236,26 @@ class PriorityRequestQueue(RequestQueue):
             out += self._queues[request.priority]._encode_all([request])
         return out
 
+    async def _check_levels(self, check: Callable[[], Awaitable[str | None]]) -> None:
+        """Warn once if levels above this queue's exist (see
+        :meth:`Transport.priority_queue`); never fails a poll."""
+        try:
+            warning = await check()
+        except Exception as exc:  # a check that cannot be made says nothing
+            log.debug(
+                "priority queue %r: levels above %d not checked: %s", self.name, self.levels, exc
+            )
+            return
+        if warning is not None:
+            log.warning("%s", warning)
+
+    async def _levels_checked(self) -> None:
+        """Wait for the check of the levels above this queue's, if one was
+        started (tests)."""
+        if self._level_check_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._level_check_task)
+
     def _check_level(self, level: int) -> None:
         if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level < self.levels:
             raise ValueError(f"priority must be in 0..{self.levels - 1}, got {level!r}")
@@ -236,6 +270,8 @@ class PriorityRequestQueue(RequestQueue):
         timeout = seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        if self._level_check is not None and self._level_check_task is None:
+            self._level_check_task = asyncio.create_task(self._check_levels(self._level_check))
         self._polls += 1
         try:
             return await self._poll(loop, deadline)
@@ -602,6 +638,10 @@ class PriorityRequestQueue(RequestQueue):
         if self._closed:
             return
         self._closed = True
+        if self._level_check_task is not None and not self._level_check_task.done():
+            self._level_check_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._level_check_task
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

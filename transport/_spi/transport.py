@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from transport._spi.keyed import KeyedLog
 from transport._spi.metrics import InstrumentedRequestQueue, get_metrics_sink, metrics_enabled
 from transport._spi.models import HealthStatus
 from transport._spi.naming import validate_name
-from transport._spi.priority import AgingPolicy, PriorityRequestQueue
+from transport._spi.priority import MAX_PRIORITY_LEVELS, AgingPolicy, PriorityRequestQueue
 from transport._spi.queue import RequestQueue
 from transport._spi.registries import (
     CapabilityRegistry,
@@ -195,6 +196,59 @@ class Transport(ABC):
     def _forget_shared(self, shared: SharedQueue) -> None:
         if self._shared_queues.get(shared.key) is shared:
             del self._shared_queues[shared.key]
+
+    #: Whether this backend keeps every queue in its own store (nothing
+    #: per queue on a broker, :meth:`_broker_objects` empty), so that a
+    #: queue handle's ``stats()`` tells, without creating anything, whether
+    #: a priority level above a worker's holds requests. Backends with
+    #: broker objects are asked whether those exist instead.
+    _levels_by_stats: ClassVar[bool] = False
+
+    async def _levels_above(
+        self, name: str, levels: int, *, lease_seconds: float, max_attempts: int
+    ) -> str | None:
+        """The warning for priority queue ``name`` polled with ``levels``
+        levels whose higher levels (``name__p{levels}`` and up, to the most
+        levels a priority queue may have) exist on the broker, or, where
+        :attr:`_levels_by_stats`, hold requests: producers opened with more
+        levels enqueue there, and no poll of this queue takes what they do.
+        ``None`` if there are none, or the backend cannot tell without
+        creating them. Creates nothing."""
+        above = {k: f"{name}__p{k}" for k in range(levels, MAX_PRIORITY_LEVELS)}
+        if not above:
+            return None
+        objects = {k: self._broker_objects("queue", level) for k, level in above.items()}
+        if any(objects.values()):
+            try:
+                found = await self._existing([o for objs in objects.values() for o in objs])
+            except UnsupportedFeatureError:
+                return None
+            present = [k for k, objs in objects.items() if objs and set(objs) <= found]
+            where = "exist on the broker"
+        elif self._levels_by_stats:
+            present = []
+            for k, level in above.items():
+                queue = self._open_queue(
+                    level, lease_seconds=lease_seconds, max_attempts=max_attempts
+                )
+                try:
+                    stats = await queue.stats()
+                finally:
+                    await queue.aclose()
+                if stats.depth or stats.in_flight or stats.delayed:
+                    present.append(k)
+            where = "hold requests"
+        else:
+            return None
+        if not present:
+            return None
+        shown = ", ".join(str(k) for k in present)
+        return (
+            f"priority queue {name!r} is polled with {levels} levels (0-{levels - 1}), but its "
+            f"level(s) {shown} {where}: producers opened with more levels enqueue there, and "
+            f"no poll of this queue takes those requests. Open it with levels={present[-1] + 1}, "
+            "as they do."
+        )
 
     def _open_level_queues(
         self, name: str, levels: int, *, lease_seconds: float, max_attempts: int
@@ -393,7 +447,18 @@ class Transport(ABC):
                 max_attempts=max_attempts if max_attempts is not None else self.config.max_attempts,
             )
         ]
-        pq = PriorityRequestQueue(name, queues, policy=policy)
+        pq = PriorityRequestQueue(
+            name,
+            queues,
+            policy=policy,
+            level_check=functools.partial(
+                self._levels_above,
+                name,
+                policy.levels,
+                lease_seconds=queues[0].lease_seconds,
+                max_attempts=queues[0].max_attempts,
+            ),
+        )
         self._resources.add(pq)
         return pq
 

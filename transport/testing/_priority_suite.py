@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Awaitable
 from datetime import datetime, timedelta
@@ -10,7 +12,16 @@ from typing import Any
 
 import pytest
 
-from transport import AgingPolicy, Delivery, RequestQueue, Transport, WorkRequest, utcnow
+from transport import (
+    AgingPolicy,
+    Delivery,
+    ProvisionPlan,
+    RequestQueue,
+    Transport,
+    WorkRequest,
+    utcnow,
+)
+from transport.errors import UnsupportedFeatureError
 from transport.testing._queue_suite import RequestQueueConformance
 from transport.testing._util import drain
 from transport.testing.harness import BackendHarness
@@ -332,6 +343,63 @@ class PriorityQueueConformance:
         finally:
             await checker.aclose()
         assert dead == [], f"dead-lettered: {[(d.request_id, d.error) for d in dead]} ({log})"
+
+    async def test_a_worker_with_fewer_levels_than_its_producers_is_warned(
+        self,
+        harness: BackendHarness,
+        queue_name: str,
+        make_transport: Any,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        # Producers use 5 levels, a worker opens 3: what they enqueue at
+        # level 4 is never polled. The worker says so once, at its first
+        # poll, where the backend can tell without creating anything.
+        hour = timedelta(hours=1)
+        producer = await make_transport()
+        pq = producer.priority_queue(queue_name, levels=5, aging_interval=hour)
+        urgent = await pq.enqueue(WorkRequest(task="t", payload="urgent"), priority=0)
+        stranded = await pq.enqueue(WorkRequest(task="t", payload="low"), priority=4)
+        await producer.aclose()
+
+        def warnings() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "transport.priority" and r.levelno == logging.WARNING
+            ]
+
+        worker_client = await make_transport()
+        try:
+            await worker_client.missing(ProvisionPlan(queues={queue_name: 5}))
+            can_tell = True
+        except UnsupportedFeatureError:  # pulsar:// without the admin API
+            can_tell = False
+
+        async def first_poll(client: Transport, levels: int) -> str:
+            """The request id a new worker of ``levels`` levels handles
+            first, once its check of the levels above is done."""
+            worker = client.priority_queue(queue_name, levels=levels, aging_interval=hour)
+            with caplog.at_level(logging.WARNING, logger="transport.priority"):
+                delivery = await worker.poll(harness.scaled(10))
+                assert delivery is not None
+                assert await delivery.ack()
+                await worker._levels_checked()
+            await worker.aclose()
+            return delivery.request.request_id
+
+        assert await first_poll(worker_client, 3) == urgent.request_id
+        if can_tell:
+            [said] = warnings()
+            assert f"priority queue {queue_name!r} is polled with 3 levels" in said, said
+            shown = re.search(r"level\(s\) ([0-9, ]+) ", said)
+            assert shown is not None and "4" in shown.group(1).split(", "), said
+            assert "levels=5" in said, said
+        else:
+            assert warnings() == []
+        # A worker opened as its producers are is not warned, and gets it.
+        caplog.clear()
+        assert await first_poll(await make_transport(), 5) == stranded.request_id
+        assert warnings() == []
 
     async def test_out_of_range_priority_is_rejected(
         self, transport: Transport, queue_name: str

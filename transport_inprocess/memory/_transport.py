@@ -18,6 +18,9 @@ __all__ = ["MemoryTransport", "open_memory"]
 
 class MemoryTransport(Transport):
     backend = "memory"
+    # Every queue is in the store: stats() tells a priority level above a
+    # worker's holds requests without creating anything.
+    _levels_by_stats = True
     _reads_request_codec = True
     capabilities = TransportCapabilities(
         persistent=False,

@@ -26,6 +26,9 @@ __all__ = ["SqliteTransport", "open_sqlite"]
 
 class SqliteTransport(Transport):
     backend = "sqlite"
+    # Every queue is in the store: stats() tells a priority level above a
+    # worker's holds requests without creating anything.
+    _levels_by_stats = True
     capabilities = TransportCapabilities(
         persistent=True,
         ordered=True,
