@@ -217,13 +217,13 @@ class Transport(ABC):
         above = {k: f"{name}__p{k}" for k in range(levels, MAX_PRIORITY_LEVELS)}
         if not above:
             return None
-        objects = {k: self._broker_objects("queue", level) for k, level in above.items()}
-        if any(objects.values()):
+        if any(self._broker_objects("queue", level) for level in above.values()):
             try:
-                found = await self._existing([o for objs in objects.values() for o in objs])
+                plan = ProvisionPlan(queues={name: MAX_PRIORITY_LEVELS})
+                absent = {step.name for step in await self.missing(plan)}
             except UnsupportedFeatureError:
                 return None
-            present = [k for k, objs in objects.items() if objs and set(objs) <= found]
+            present = [k for k, level in above.items() if level not in absent]
             where = "exist on the broker"
         elif self._levels_by_stats:
             present = []
