@@ -42,6 +42,8 @@ log = logging.getLogger("transport.kafka")
 
 #: How often a revocation waiting for a hand-over runs the commits that acks wait for.
 _HANDOVER_TICK = 0.02
+#: How long a wake of a resumed partition's fetcher waits for its answer.
+_WAKE_WAIT_S = 0.001
 
 
 class _Assignment(_Counts, _Leases):
@@ -108,14 +110,17 @@ class _Assignment(_Counts, _Leases):
         leader's broker thread next wakes up, up to about a second later (the
         local buffer runs dry meanwhile and throughput halves). Any request
         to that broker wakes it: ask one watermark per leader."""
-        limit = min(self.options.operation_timeout_s, 1.0)
         if self._wake is None:  # assigned since: the leaders are asked here
             own = sorted(tp.partition for tp in self._own(consumer.assignment()))
             self._wake = self._one_per_leader(consumer, own)
         for tp in self._wake:
             try:
-                consumer.get_watermark_offsets(tp, timeout=limit, cached=False)
-            except KafkaException as exc:
+                # Sending the request is what wakes the broker's thread; the
+                # answer is not needed (waiting for it held the commit rounds
+                # acks wait for behind a 10-30 ms listing on Tansu), so the
+                # wait is short and its timeout expected.
+                consumer.get_watermark_offsets(tp, timeout=_WAKE_WAIT_S, cached=False)
+            except KafkaException as exc:  # a timeout, as a rule: the wake is sent
                 log.debug("queue %r: waking the fetcher of %s: %s", self.name, tp, exc)
 
     def _commit(self, candidates: dict[int, int] | None = None) -> None:

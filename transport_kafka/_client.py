@@ -1011,12 +1011,15 @@ class ConsumerThread:
     def __init__(self, name: str, step: Callable[[], None], finish: Callable[[], None]) -> None:
         self._step = step
         self._finish = finish
-        self._calls: queue.SimpleQueue[
-            tuple[Callable[[], Any], concurrent.futures.Future[Any] | None]
-        ] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._posted: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.done = concurrent.futures.Future[None]()
+        #: Why the thread ended, if a step raised (read without a lock).
+        self.failed: BaseException | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -1031,22 +1034,32 @@ class ConsumerThread:
         return asyncio.wrap_future(future)
 
     def post(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the thread between steps; its outcome is its own
-        business (it must not raise)."""
-        self._calls.put((fn, None))
+        """Run ``fn`` on the thread as soon as it can: between steps, or
+        inside one by :meth:`run_posted`; its outcome is its own business
+        (it must not raise)."""
+        self._posted.put(fn)
+
+    def run_posted(self) -> None:
+        """Run the calls :meth:`post` queued (on the thread; a step calls
+        it as soon as its blocking wait returns, so a posted call waits for
+        no work the step does afterwards)."""
+        while True:
+            try:
+                fn = self._posted.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn()
+            except BaseException:
+                log.exception("consumer thread %s: posted call failed", self._thread.name)
 
     def run_calls(self) -> None:
+        self.run_posted()
         while True:
             try:
                 fn, future = self._calls.get_nowait()
             except queue.Empty:
                 return
-            if future is None:
-                try:
-                    fn()
-                except BaseException:
-                    log.exception("consumer thread %s: posted call failed", self._thread.name)
-                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -1060,6 +1073,7 @@ class ConsumerThread:
                 self.run_calls()
                 self._step()
         except BaseException as exc:
+            self.failed = exc
             log.exception("consumer thread %s failed", self._thread.name)
             with contextlib.suppress(BaseException):
                 self._finish()

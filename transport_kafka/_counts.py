@@ -105,10 +105,13 @@ class _Counts(_EngineState):
         for rec in self.ready:
             if len(picked) + ahead >= want:
                 break
-            if not self._live(rec):
-                continue
             if rec.reserved:
+                # Counted already (not checked for being live: one settled
+                # or moved away meanwhile only makes this round smaller,
+                # and the walk over a long counted run stays cheap).
                 ahead += 1
+                continue
+            if not self._live(rec):
                 continue
             if self._decoded(rec) is None:
                 continue

@@ -179,11 +179,12 @@ class _QueueEngine(_Settling):
     async def start(self) -> None:
         if self._stopped:
             raise ClosedResourceError(f"queue {self.name!r} is closed")
-        await self.member.start()
+        if not self.member.started:  # started: checked without a coroutine per poll
+            await self.member.start()
         thread = self._thread
-        if thread is not None and thread.done.done() and thread.done.exception() is not None:
+        if thread is not None and thread.failed is not None:
             raise TransientTransportError(
-                f"consumer of queue {self.name!r} failed: {thread.done.exception()}"
+                f"consumer of queue {self.name!r} failed: {thread.failed}"
             )
 
     def _started(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -212,7 +213,8 @@ class _QueueEngine(_Settling):
         self._pollers += 1
         self._batch_demand += more
         self._last_active = time.monotonic()
-        await self.member.rejoin()
+        if self.member.rejoining:
+            await self.member.rejoin()
 
     def poller_exit(self, more: int = 0) -> None:
         self._pollers -= 1

@@ -109,6 +109,22 @@ class _GroupMember:
         self._by_topic[engine.topics.requests] = engine
 
     # -- lifecycle (event loop) ---------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """The start succeeded (a failed one raises again in :meth:`start`)."""
+        task = self._start_task
+        return (
+            task is not None and task.done() and not task.cancelled() and task.exception() is None
+        )
+
+    @property
+    def rejoining(self) -> bool:
+        """:meth:`rejoin` has work to do (a hand-off ends, or the group is
+        to be joined again)."""
+        return self._handoff_task is not None or (
+            not self.subscribed and self.consumer is not None and self.thread is not None
+        )
+
     async def start(self) -> None:
         """Join the group for every queue of this member (once)."""
         task = self._start_task
@@ -294,7 +310,14 @@ class _GroupMember:
             engine._flow_control(consumer)
         busy = any(now < engine._acks_busy_until for engine in engines)
         batches: dict[_QueueEngine, list[_Record]] = {}
-        for msg in consume_available(consumer, 500, _ACK_TICK if busy else _TICK):
+        fetched = consume_available(consumer, 500, _ACK_TICK if busy else _TICK)
+        # A commit round acks are waiting for runs before this batch is read
+        # (ingesting it can take milliseconds while the event loop holds the
+        # interpreter lock); the records it did not track yet are above
+        # every position it may commit.
+        if self.thread is not None:
+            self.thread.run_posted()
+        for msg in fetched:
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:

@@ -53,7 +53,7 @@ class KafkaDelivery(Delivery):
     __slots__ = ("_engine", "_lease")
 
     def __init__(self, request: WorkRequest, engine: _Settling, lease: _Lease) -> None:
-        super().__init__(request)
+        self.request = request  # as Delivery.__init__ (one per delivery: no super() call)
         self._engine = engine
         self._lease = lease
 
@@ -160,11 +160,7 @@ class KafkaRequestQueue(RequestQueue):
                 return []
             batch: list[Delivery] = [first]
             try:
-                while len(batch) < max_count and engine.ready and not self._closed:
-                    delivery = await engine.take(self)
-                    if delivery is None:
-                        break
-                    batch.append(delivery)
+                await engine.take_many(self, max_count - 1, batch)
             except Exception as exc:  # what was leased is handed out; the next call meets it
                 log.debug("queue %r: poll_many stopped after %d: %s", self.name, len(batch), exc)
             return batch

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from transport import (
     DeadLetter,
+    Delivery,
     WorkRequest,
 )
 from transport.errors import TransientTransportError
@@ -40,7 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("transport.kafka")
 
 
-def _finish_round(future: asyncio.Future[None], error: BaseException | None) -> None:
+def _finish_round(
+    future: asyncio.Future[None], waiters: list[asyncio.Future[None]], error: BaseException | None
+) -> None:
+    """End a commit round (the thread ran it, or it timed out): its future
+    and the futures of the acks waiting for it (see ``_Settling._round``)."""
     if future.done():
         return
     if error is None:
@@ -48,6 +53,14 @@ def _finish_round(future: asyncio.Future[None], error: BaseException | None) -> 
     else:
         future.set_exception(error)
         future.exception()  # a round nobody waits for any more is not an error
+    for waiter in waiters:
+        if waiter.done():  # its ack was cancelled
+            continue
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+    waiters.clear()
 
 
 class _Settling(_Assignment):
@@ -113,6 +126,77 @@ class _Settling(_Assignment):
             return KafkaDelivery(request, self, lease)
         return None
 
+    async def take_many(self, handle: KafkaRequestQueue, limit: int, out: list[Delivery]) -> None:
+        """Hand up to ``limit`` more deliveries out into ``out``, as that
+        many ``take`` calls would: the run of records at the head of the
+        buffer whose count is written already is leased in one pass
+        (:meth:`_take_counted`); a head that needs more (a count to write,
+        a dead letter, a record gone) goes through ``take``. Stops when
+        nothing is ready; an error after some deliveries were handed out
+        leaves them in ``out``."""
+        target = len(out) + limit
+        self._reclaim(wake=False)
+        while len(out) < target and self.ready and not handle._closed:
+            if self._take_counted(handle, target - len(out), out):
+                continue
+            delivery = await self.take(handle)
+            if delivery is None:
+                return
+            out.append(delivery)
+
+    def _take_counted(self, handle: KafkaRequestQueue, limit: int, out: list[Delivery]) -> int:
+        """Lease, without waiting, up to ``limit`` records from the head of
+        the buffer as ``take`` would hand each out: live, counted (reserved,
+        no count being written), decoded and not exhausted; stops at the
+        first record that is not. Returns how many were handed out."""
+        if self.member.rebalancing:
+            return 0
+        ready = self.ready
+        outstanding = self.tracker.is_outstanding
+        handing_over = self._handing_over
+        counted = self._counted
+        leases = self.leases
+        held = handle._held
+        max_attempts = handle.max_attempts
+        now = time.monotonic()
+        deadline = now + handle.lease_seconds
+        taken = 0
+        while taken < limit and ready:
+            rec = ready[0]
+            if not outstanding(rec.partition, rec.offset, rec.generation):
+                ready.popleft()  # settled or moved away meanwhile
+                continue
+            request = rec.request
+            if (
+                request is None
+                or not rec.reserved
+                or rec.counting
+                or rec.partition in handing_over
+                or rec.base + rec.deliveries - 1 >= max_attempts
+            ):
+                break
+            ready.popleft()
+            key = rec.count_key
+            rec.reserved = False
+            rec.count_key = None
+            attempts = rec.base + rec.deliveries
+            if request.attempt != attempts:  # the count is ours, never the body's
+                request = replace_fields(request, attempt=attempts)
+            lease = _Lease(rec, request, handle, deadline)
+            if key is not None:
+                entry = counted.get(key)
+                if entry is not None:
+                    lease.counted = (key, entry)
+            leases[lease.token] = lease
+            held.add(lease.token)
+            out.append(KafkaDelivery(request, self, lease))
+            taken += 1
+        if taken:
+            self._next_deadline = min(self._next_deadline, deadline)
+            self._acks_busy_until = now + 1.0
+            self._reserve_ahead(max_attempts)
+        return taken
+
     async def release_uncounted(self, lease: _Lease) -> bool:
         """Give back a delivery no handler saw, as if it had not happened:
         its count in the state topic becomes a reservation again (the next
@@ -146,7 +230,8 @@ class _Settling(_Assignment):
         try:
             # Durable on return: during a reassignment, wait for its outcome
             # (the lease was valid when the call was made).
-            await self._rebalanced()
+            if self.member.rebalancing:
+                await self._rebalanced()
             if not self._live(rec):
                 self._drop_lease(lease, "lost")
                 return False
@@ -182,7 +267,8 @@ class _Settling(_Assignment):
         handovers: list[int] = []
         completed = False
         try:
-            await self._rebalanced()
+            if self.member.rebalancing:
+                await self._rebalanced()
             for i in settling:
                 lease = leases[i]
                 rec = lease.record
@@ -243,7 +329,7 @@ class _Settling(_Assignment):
         self._acks_busy_until = since + 1.0
         while waiting and not self._stopped:
             try:
-                await asyncio.shield(self._commit_round())
+                await self._round()
             except Exception as exc:  # the markers still make them durable
                 log.info("queue %r: commit for acks failed: %s", self.name, exc)
                 break
@@ -290,7 +376,7 @@ class _Settling(_Assignment):
         self._acks_busy_until = since + 1.0
         while not self._stopped:
             try:
-                await asyncio.shield(self._commit_round())
+                await self._round()
             except Exception as exc:  # the marker below still makes it durable
                 log.info("queue %r: commit for acks failed: %s", self.name, exc)
                 break
@@ -326,6 +412,23 @@ class _Settling(_Assignment):
         rec.marked_at_handover = True
         return True
 
+    def _round(self) -> asyncio.Future[None]:
+        """A future of the caller's own that ends as the next commit round
+        does (:meth:`_commit_round`): cancelling it leaves the round to the
+        other acks, as ``asyncio.shield`` of the round would, at one future
+        per ack instead of two and their callbacks."""
+        future = self._commit_round()
+        waiter = future.get_loop().create_future()
+        if future.done():
+            error = future.exception()
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+        else:
+            self._round_waiters.append(waiter)
+        return waiter
+
     def _commit_round(self) -> asyncio.Future[None]:
         """The next commit the consumer thread has not started yet: every
         ack settled before it starts is covered by it (unless an earlier
@@ -342,6 +445,8 @@ class _Settling(_Assignment):
         token = object()
         self._commit_token = token
         self._next_commit = future
+        waiters: list[asyncio.Future[None]] = []
+        self._round_waiters = waiters
 
         def run() -> None:  # on the consumer thread
             if self._commit_token is token:  # later acks join a new round
@@ -350,12 +455,13 @@ class _Settling(_Assignment):
                 self._commit()
             finally:
                 with contextlib.suppress(RuntimeError):  # loop closed
-                    loop.call_soon_threadsafe(_finish_round, future, None)
+                    loop.call_soon_threadsafe(_finish_round, future, waiters, None)
 
         timer = loop.call_later(
             self.options.operation_timeout_s,
             _finish_round,
             future,
+            waiters,
             TransientTransportError(f"queue {self.name!r}: no commit within the timeout"),
         )
         future.add_done_callback(lambda _: timer.cancel())

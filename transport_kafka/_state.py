@@ -82,6 +82,8 @@ class _EngineState:
         self._last_active = time.monotonic()
         self._next_commit: asyncio.Future[None] | None = None
         self._commit_token: object | None = None
+        # The futures of the acks waiting for the round ``_next_commit``.
+        self._round_waiters: list[asyncio.Future[None]] = []
         # While acks wait for a commit, the consumer thread polls with a short
         # timeout so that it runs the commit promptly (a commit from another
         # thread waits for the consumer's poll to return).

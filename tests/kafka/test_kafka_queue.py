@@ -495,6 +495,38 @@ async def test_a_batch_poll_counts_its_deliveries_in_one_round_and_a_clean_close
         await transport.aclose()
 
 
+async def test_an_ack_cancelled_while_it_waits_for_the_commit_leaves_the_round_to_the_others(
+    kafka_config_factory: Any,
+) -> None:
+    """Acks share one commit round; each waits on a future of its own, so a
+    cancelled ack (its handler's task cancelled) does not cancel the round:
+    the other ack made with it still returns True once the commit covers it."""
+    transport = await connect(kafka_config_factory())
+    try:
+        queue = transport.request_queue(_name())
+        await queue.enqueue_many([WorkRequest(task="t", payload=i) for i in range(2)])
+        held: list[Delivery] = []
+        deadline = time.monotonic() + 30
+        while len(held) < 2:
+            assert time.monotonic() < deadline, "the requests did not come"
+            held += await queue.poll_many(2 - len(held), 15)
+        engine = queue._engine  # type: ignore[attr-defined]
+        first = asyncio.create_task(held[0].ack())
+        second = asyncio.create_task(held[1].ack())
+        await asyncio.sleep(0)  # one loop step: both run to their wait for the round
+        assert len(engine._round_waiters) == 2
+        round_ = engine._next_commit
+        first.cancel()
+        assert await second is True
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert not round_.cancelled()
+        # Settled before it was cancelled: the commit covered it too.
+        assert await _committed(transport, queue) == 2
+    finally:
+        await transport.aclose()
+
+
 async def test_counts_reserved_ahead_stay_within_twice_the_demand(
     kafka_config_factory: Any,
 ) -> None:
