@@ -135,6 +135,21 @@ class OffsetTracker:
             part.outstanding.discard(offset)
             return True
 
+    def settle_many(self, offsets: list[tuple[int, int, int]]) -> list[bool]:
+        """:meth:`settle` for each ``(partition, offset, generation)``, under
+        one lock (a batch ack)."""
+        out: list[bool] = []
+        with self._lock:
+            parts = self._parts
+            for partition, offset, generation in offsets:
+                part = parts.get(partition)
+                if part is None or part.generation != generation or offset not in part.outstanding:
+                    out.append(False)
+                else:
+                    part.outstanding.discard(offset)
+                    out.append(True)
+        return out
+
     def unsettle(self, partition: int, offset: int, generation: int) -> bool:
         """Undo ``settle`` when it could not be made durable: the offset is
         outstanding again unless a commit already covers it. False if the
@@ -159,6 +174,20 @@ class OffsetTracker:
             else:
                 committed = self._retired.get((partition, generation))
             return committed is not None and offset < committed
+
+    def covered_many(self, offsets: list[tuple[int, int, int]]) -> list[bool]:
+        """:meth:`covered` for each ``(partition, offset, generation)``,
+        under one lock."""
+        with self._lock:
+            out: list[bool] = []
+            for partition, offset, generation in offsets:
+                part = self._parts.get(partition)
+                if part is not None and part.generation == generation:
+                    committed = part.committed
+                else:
+                    committed = self._retired.get((partition, generation))
+                out.append(committed is not None and offset < committed)
+            return out
 
     def is_outstanding(self, partition: int, offset: int, generation: int) -> bool:
         # No lock: one dict lookup and one set lookup are atomic reads, and a

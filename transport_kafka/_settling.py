@@ -259,9 +259,22 @@ class _Settling(_Assignment):
         lease, in order: its ack's result or the error that left it
         unsettled (that lease is held again, as after a failed ``ack``)."""
         results: list[bool | BaseException] = [False] * len(leases)
-        settling = [i for i, lease in enumerate(leases) if self._valid(lease)]
-        for i in settling:
-            leases[i].state = "settling"
+        settling: list[int] = []
+        if not self._stopped:
+            now = time.monotonic()
+            expired = False
+            for i, lease in enumerate(leases):
+                # As _valid(lease), with one clock read for the batch (and
+                # being live is what settling it below checks).
+                if lease.state != "held":
+                    continue
+                if now >= lease.deadline:
+                    expired = True
+                    continue
+                lease.state = "settling"
+                settling.append(i)
+            if expired:
+                self._reclaim()
         tracker = self.tracker
         waiting: list[int] = []
         handovers: list[int] = []
@@ -269,14 +282,13 @@ class _Settling(_Assignment):
         try:
             if self.member.rebalancing:
                 await self._rebalanced()
-            for i in settling:
-                lease = leases[i]
-                rec = lease.record
-                if not self._live(rec):
-                    self._drop_lease(lease, "lost")
-                elif not tracker.settle(rec.partition, rec.offset, rec.generation):
-                    self._drop_lease(lease, "done")
-                elif rec.partition in self._handing_over:
+            recs = [leases[i].record for i in settling]
+            settled = tracker.settle_many([(r.partition, r.offset, r.generation) for r in recs])
+            handing_over = self._handing_over
+            for i, rec, ok in zip(settling, recs, settled, strict=True):
+                if not ok:  # settled already, or gone with its partition
+                    self._drop_lease(leases[i], "lost")
+                elif rec.partition in handing_over:
                     handovers.append(i)
                 else:
                     waiting.append(i)
@@ -307,6 +319,7 @@ class _Settling(_Assignment):
                     )
             completed = True
         finally:
+            live = self.leases
             for i in settling:
                 lease = leases[i]
                 if lease.state != "settling":
@@ -314,8 +327,10 @@ class _Settling(_Assignment):
                 if not completed or isinstance(results[i], BaseException):
                     lease.state = "held"  # not settled: held again, as after a failed ack
                     self._next_deadline = min(self._next_deadline, lease.deadline)
-                else:
-                    self._drop_lease(lease, "done")
+                else:  # _drop_lease(lease, "done"), inline: once per delivery
+                    lease.state = "done"
+                    live.pop(lease.token, None)
+                    lease.handle._held.discard(lease.token)
         return results
 
     async def _commit_covering(
@@ -334,11 +349,10 @@ class _Settling(_Assignment):
                 log.info("queue %r: commit for acks failed: %s", self.name, exc)
                 break
             left = []
-            for i in waiting:
-                rec = leases[i].record
-                if tracker.covered(rec.partition, rec.offset, rec.generation) or (
-                    rec.marked_at_handover
-                ):
+            recs = [leases[i].record for i in waiting]
+            covered = tracker.covered_many([(r.partition, r.offset, r.generation) for r in recs])
+            for i, rec, done in zip(waiting, recs, covered, strict=True):
+                if done or rec.marked_at_handover:
                     results[i] = True
                 elif not tracker.current(rec.partition, rec.generation):
                     results[i] = False

@@ -124,3 +124,29 @@ def test_any_ack_order_never_commits_past_an_unsettled_offset(n: int, rnd: rando
             tracker.committed(0, candidate)
             last_commit = candidate
     assert last_commit == n
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 9), st.booleans()), max_size=30))
+def test_batch_settle_and_covered_answer_as_one_call_each(
+    calls: list[tuple[int, int, bool]],
+) -> None:
+    """``settle_many`` and ``covered_many`` (a batch ack) give, in order, what
+    ``settle`` and ``covered`` give one by one: duplicates in a batch, stale
+    generations and unknown offsets included."""
+    one, many = OffsetTracker(), OffsetTracker()
+    gens: dict[int, tuple[int, int]] = {}
+    for p in (0, 1):  # partition 2 is never assigned
+        gens[p] = (one.assign(p, committed=3), many.assign(p, committed=3))
+        for off in range(3, 8):
+            one.track(p, off, gens[p][0])
+            many.track(p, off, gens[p][1])
+    stale = 0  # a generation neither tracker has
+    batch_one = [(p, o, gens[p][0] if p in gens and fresh else stale) for p, o, fresh in calls]
+    batch_many = [(p, o, gens[p][1] if p in gens and fresh else stale) for p, o, fresh in calls]
+    expected = [one.settle(*c) for c in batch_one]
+    assert many.settle_many(batch_many) == expected
+    assert one.commit_candidates() == many.commit_candidates()
+    for p, position in one.commit_candidates().items():
+        one.committed(p, position)
+        many.committed(p, position)
+    assert many.covered_many(batch_many) == [one.covered(*c) for c in batch_one]
