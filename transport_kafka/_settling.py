@@ -106,24 +106,11 @@ class _Settling(_Assignment):
             if not rec.reserved:
                 await self._reserve(handle.max_attempts)
                 continue  # the head may have changed meanwhile
-            self.ready.popleft()
-            key = rec.count_key
-            entry = None if key is None else self._counted.get(key)
-            rec.reserved = False
-            rec.count_key = None
-            self._reserve_ahead(handle.max_attempts)
-            if request.attempt != rec.attempts:  # the count is ours, never the body's
-                request = replace_fields(request, attempt=rec.attempts)
-            lease = _Lease(rec, request, handle, time.monotonic() + handle.lease_seconds)
-            if key is not None and entry is not None:
-                lease.counted = (key, entry)
-            self._next_deadline = min(self._next_deadline, lease.deadline)
-            self.leases[lease.token] = lease
-            handle._held.add(lease.token)
-            # Its ack will want a commit soon: the consumer thread polls
-            # with the short tick meanwhile, so it runs the commit promptly.
-            self._acks_busy_until = lease.deadline - handle.lease_seconds + 1.0
-            return KafkaDelivery(request, self, lease)
+            # Counted, decoded, live and not exhausted: handed out as a
+            # batch poll hands out each of its run.
+            out: list[Delivery] = []
+            if self._take_counted(handle, 1, out):
+                return out[0]  # type: ignore[return-value]
         return None
 
     async def take_many(self, handle: KafkaRequestQueue, limit: int, out: list[Delivery]) -> None:
@@ -193,6 +180,8 @@ class _Settling(_Assignment):
             taken += 1
         if taken:
             self._next_deadline = min(self._next_deadline, deadline)
+            # Their acks will want a commit soon: the consumer thread polls
+            # with the short tick meanwhile, so it runs the commit promptly.
             self._acks_busy_until = now + 1.0
             self._reserve_ahead(max_attempts)
         return taken
