@@ -83,6 +83,77 @@ async def test_a_head_held_past_a_tenth_of_its_lease_goes_out_with_a_whole_lease
         await queue.aclose()
 
 
+def _level_0_answers_late(queue: Any, delay: float) -> Any:
+    """Make level 0's ``poll`` answer ``delay`` seconds after level 1's has
+    (a loaded broker), and then take back every lease that ran out, as a
+    broker does (``memory://`` reclaims lazily). Returns level 1's queue."""
+    answered = asyncio.Event()
+    quick, slow = queue._queues[1], queue._queues[0]
+    quick_poll, slow_poll = quick.poll, slow.poll
+
+    async def answering(timeout: float | None = None) -> Any:
+        delivery = await quick_poll(timeout)
+        answered.set()
+        return delivery
+
+    async def answering_late(timeout: float | None = None) -> Any:
+        async with asyncio.timeout(5):
+            await answered.wait()
+        await asyncio.sleep(delay)  # the slow broker round trip itself
+        with quick._broker.lock:
+            quick._reclaim(time.monotonic())
+        return await slow_poll(timeout)
+
+    quick.poll, slow.poll = answering, answering_late
+    return quick
+
+
+async def test_a_head_is_held_from_when_its_level_answered_not_from_the_slowest_level() -> None:
+    """The empty levels are asked together. On a loaded broker one level
+    answered seconds after another (CI, Pulsar), and the head the quick
+    level had leased was held as if leased when the slow one answered: it
+    went out without the renewal its age called for, and its lease could
+    run out before the handler's ack. Here level 0 answers half a second (a
+    quarter of the lease) after level 1: level 1's head goes out renewed to
+    a whole lease."""
+    async with await connect("memory://held-from-answer") as transport:
+        queue = transport.priority_queue("orders", levels=2, lease_seconds=2.0)
+        sent = await queue.enqueue(WorkRequest(task="t"), 1)
+        quick = _level_0_answers_late(queue, 0.5)
+        extended: list[int] = []
+        extend = quick._extend
+
+        def recording(token: int, seconds: float | None) -> bool:
+            extended.append(token)
+            result: bool = extend(token, seconds)
+            return result
+
+        quick._extend = recording
+        delivery = await queue.poll(3)
+        assert delivery is not None and delivery.request.request_id == sent.request_id
+        assert extended == [delivery._token]  # type: ignore[attr-defined]
+        _, deadline = quick._state.inflight[delivery._token]  # type: ignore[attr-defined]
+        assert deadline - time.monotonic() > 1.9
+        assert await delivery.ack()
+        await queue.aclose()
+
+
+async def test_a_head_is_kept_alive_while_a_slower_level_answers_past_its_lease() -> None:
+    """Level 0 answers after more than a whole lease: level 1's head, taken
+    at once, is held (and renewed) from then on, so it goes out at its
+    first attempt and its ack counts; not lost to its own lease while the
+    poll waited for the slow level."""
+    async with await connect("memory://held-past-lease") as transport:
+        queue = transport.priority_queue("orders", levels=2, lease_seconds=0.6)
+        sent = await queue.enqueue(WorkRequest(task="t"), 1)
+        _level_0_answers_late(queue, 1.0)
+        delivery = await queue.poll(5)
+        assert delivery is not None and delivery.request.request_id == sent.request_id
+        assert delivery.attempt == 1
+        assert await delivery.ack()
+        await queue.aclose()
+
+
 async def test_a_held_head_whose_lease_ran_out_is_not_handed_out() -> None:
     """A held head whose lease was lost meanwhile (the event loop stalled
     past a renewal, and the level took the request back) is someone else's:

@@ -368,15 +368,19 @@ class PriorityRequestQueue(RequestQueue):
             for level in range(self.levels)
             if self._slots[level] is None and self._tasks[level] is None
         ]
-        results = await asyncio.gather(
-            *(self._queues[level].poll(0) for level in empty), return_exceptions=True
-        )
+
+        async def ask(level: int) -> None:
+            # Held as soon as this level answers, not once the slowest has:
+            # its lease is kept alive from then on (a level answering
+            # seconds after another on a loaded broker left the quick
+            # level's head unrenewed, and it went out with its lease run out).
+            self._fill(level, await self._queues[level].poll(0))
+
+        results = await asyncio.gather(*(ask(level) for level in empty), return_exceptions=True)
         error: BaseException | None = None
-        for level, result in zip(empty, results, strict=True):
+        for result in results:
             if isinstance(result, BaseException):
                 error = error or result
-            else:
-                self._fill(level, result)
         if error is not None:
             raise error
 
