@@ -15,7 +15,7 @@ import importlib.metadata
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from transport._ops.logging import configure_logging
 from transport._ops.top import advertised_queue_levels
 from transport._spi.codec import decode
-from transport._spi.config import TransportConfig, load_config
+from transport._spi.config import TransportConfig, load_config, url_options
 from transport._spi.connect import connect
 from transport._spi.doctor import ProvisionPlan
 from transport._spi.models import DeadLetter, HealthStatus, WorkRequest
@@ -72,6 +72,51 @@ class _Output:
     @staticmethod
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
+
+
+#: Seconds a command may go without an answer before it says it is still
+#: waiting: against a broker that is down, a Kafka or Pulsar client keeps
+#: trying until its operation timeout (30 s by default), and a command
+#: silent that long reads as a hang.
+_SLOW_NOTICE_S = 3.0
+
+#: The setting that bounds that wait, per URL scheme, and its default.
+_GIVES_UP = {
+    "kafka": ("operation_timeout_s", 30.0),
+    "pulsar": ("operation_timeout_seconds", 30.0),
+}
+
+
+def _still_waiting(config: TransportConfig) -> str:
+    scheme = config.url.split("://", 1)[0].split("+", 1)[0]
+    until = "until the backend's timeout"
+    if scheme in _GIVES_UP:
+        option, default = _GIVES_UP[scheme]
+        try:
+            given = url_options(scheme, config.url, config.options).get(option)
+        except ConfigurationError:  # the backend says so itself
+            given = None
+        until = (
+            f"until its {option} of {given} s runs out"
+            if given is not None
+            else f"until its {option} of {default:g} s (the default) runs out; "
+            f"?{option}=5 in the URL gives up sooner"
+        )
+    return (
+        f"transport: no answer from {config.redacted_url()} after {_SLOW_NOTICE_S:g} s; "
+        f"still trying {until}. Ctrl-C stops."
+    )
+
+
+async def _noticed(config: TransportConfig, work: Awaitable[int]) -> int:
+    """``work``, saying once on stderr that it is still waiting if it has
+    not ended after :data:`_SLOW_NOTICE_S`."""
+    loop = asyncio.get_running_loop()
+    notice = loop.call_later(_SLOW_NOTICE_S, _Output.progress, _still_waiting(config))
+    try:
+        return await work
+    finally:
+        notice.cancel()
 
 
 def _queue(transport: Transport, name: str, levels: int) -> RequestQueue:
@@ -884,7 +929,10 @@ def _main(argv: Sequence[str] | None) -> int:
             )
         else:
             config = load_config(args.url)
-        code = asyncio.run(_run(args, config, out))
+        work = _run(args, config, out)
+        if args.command not in {"top", "demo"}:  # those show their own progress
+            work = _noticed(config, work)
+        code = asyncio.run(work)
         if getattr(args, "note", None):
             _Output.progress(args.note)
         return code

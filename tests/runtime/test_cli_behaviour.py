@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from transport import Capability, WorkRequest, connect
-from transport.cli import _parser
+from transport import Capability, TransportConfig, WorkRequest, connect
+from transport.cli import _GIVES_UP, _parser, _still_waiting
 from transport.cli import main as cli
 
 
@@ -149,6 +149,37 @@ def test_json_health_of_a_stopped_broker_is_json(
     status = json.loads(capsys.readouterr().out)
     assert status["ok"] is False and status["backend"] == scheme
     assert status["detail"], "the reason is missing"
+
+
+def test_a_command_on_a_broker_that_is_down_says_it_is_still_waiting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Kafka client retries a broker that is down until its operation
+    timeout (30 s by default), and `transport stats` said nothing for that
+    long. After a short while it says it is still waiting, until when and how
+    to give up sooner (never showing the password); then the error."""
+    monkeypatch.setattr("transport.cli._SLOW_NOTICE_S", 0.5)
+    url = f"kafka://ops:hunter2@127.0.0.1:{_closed_port()}?operation_timeout_s=3"
+    assert cli(["stats", "orders", "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    notice = err.index("transport: no answer from kafka://ops:***@127.0.0.1:")
+    assert "still trying until its operation_timeout_s of 3 s runs out" in err, err
+    assert notice < err.index("transport: error:"), err
+
+
+def test_the_still_waiting_notice_names_each_backends_own_timeout() -> None:
+    from transport_kafka._config import KafkaOptions
+    from transport_pulsar._config import PulsarOptions
+
+    for scheme, model in (("kafka", KafkaOptions), ("pulsar", PulsarOptions)):
+        option, default = _GIVES_UP[scheme]
+        assert model.model_fields[option].default == default
+        said = _still_waiting(TransportConfig(url=f"{scheme}://127.0.0.1:1"))
+        assert f"its {option} of {default:g} s (the default)" in said, said
+        assert f"?{option}=5 in the URL" in said, said
+    said = _still_waiting(TransportConfig(url="nats://127.0.0.1:1"))
+    assert "until the backend's timeout" in said, said
 
 
 def test_capabilities_without_a_queue_show_a_dash(
