@@ -6,6 +6,8 @@ import asyncio
 import time
 from typing import Any
 
+import pytest
+
 from transport import WorkRequest, connect
 
 
@@ -148,6 +150,43 @@ async def test_a_head_is_kept_alive_while_a_slower_level_answers_past_its_lease(
         sent = await queue.enqueue(WorkRequest(task="t"), 1)
         _level_0_answers_late(queue, 1.0)
         delivery = await queue.poll(5)
+        assert delivery is not None and delivery.request.request_id == sent.request_id
+        assert delivery.attempt == 1
+        assert await delivery.ack()
+        await queue.aclose()
+
+
+async def test_a_poll_cancelled_while_a_level_answers_keeps_the_heads_others_took() -> None:
+    """A poll cancelled (a caller's timeout, a shutdown) while one level
+    is still answering: the head another level already leased is held for
+    the next poll, not dropped to run out its lease and come back one
+    attempt later."""
+    async with await connect("memory://cancelled-ask") as transport:
+        queue = transport.priority_queue("orders", levels=2, lease_seconds=30.0)
+        sent = await queue.enqueue(WorkRequest(task="t"), 1)
+        answered = asyncio.Event()
+        quick: Any = queue._queues[1]  # type: ignore[attr-defined]
+        slow: Any = queue._queues[0]  # type: ignore[attr-defined]
+        quick_poll, slow_poll = quick.poll, slow.poll
+
+        async def answering(timeout: float | None = None) -> Any:
+            delivery = await quick_poll(timeout)
+            answered.set()
+            return delivery
+
+        async def never_answering(timeout: float | None = None) -> Any:
+            async with asyncio.timeout(5):
+                await asyncio.Event().wait()  # until the poll is cancelled
+
+        quick.poll, slow.poll = answering, never_answering
+        polling = asyncio.create_task(queue.poll(5))
+        async with asyncio.timeout(5):
+            await answered.wait()
+        polling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await polling
+        quick.poll, slow.poll = quick_poll, slow_poll
+        delivery = await queue.poll(1)
         assert delivery is not None and delivery.request.request_id == sent.request_id
         assert delivery.attempt == 1
         assert await delivery.ack()
