@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from transport import WorkRequest, connect
+from transport.errors import ClosedResourceError
 
 
 async def test_empty_levels_are_asked_for_their_head_at_once_not_one_after_the_other() -> None:
@@ -191,6 +192,61 @@ async def test_a_poll_cancelled_while_a_level_answers_keeps_the_heads_others_too
         assert delivery.attempt == 1
         assert await delivery.ack()
         await queue.aclose()
+
+
+async def test_a_head_a_level_answers_with_after_aclose_gave_back_the_rest_is_given_back_too() -> (
+    None
+):
+    """``aclose()`` gives the held heads back uncounted, then closes the
+    levels; a level that answers a poll still running in between used to
+    leave its head in a slot after the close, and the poll handed it out
+    from the closed queue (the level's close then counted it: attempt 2
+    for the next worker). Now it is given back uncounted and the poll ends
+    with ``ClosedResourceError``, as a poll still waiting on a closed
+    handle does: the next worker gets the request at attempt 1."""
+    async with await connect("memory://closing-ask") as transport:
+        queue = transport.priority_queue("orders", levels=2, lease_seconds=30.0)
+        sent = await queue.enqueue(WorkRequest(task="t"), 1)
+        unheld, asked = asyncio.Event(), asyncio.Event()
+        levels: list[Any] = queue._queues  # type: ignore[attr-defined]
+        polls = [level.poll for level in levels]
+
+        def answering_after_unhold(poll: Any) -> Any:
+            async def answer(timeout: float | None = None) -> Any:
+                asked.set()
+                async with asyncio.timeout(5):
+                    await unheld.wait()
+                return await poll(timeout)
+
+            return answer
+
+        for level, poll in zip(levels, polls, strict=True):
+            level.poll = answering_after_unhold(poll)
+        polling = asyncio.create_task(queue.poll(5))
+        async with asyncio.timeout(5):
+            await asked.wait()  # the poll is asking the levels
+
+        def closing_after_the_poll(close: Any) -> Any:
+            async def closing() -> None:
+                unheld.set()  # aclose() gave its held heads back: now the levels answer
+                await asyncio.wait({polling}, timeout=5)
+                await close()
+
+            return closing
+
+        for level in levels:
+            level.aclose = closing_after_the_poll(level.aclose)
+        await queue.aclose()
+        with pytest.raises(ClosedResourceError):
+            await polling
+        for level, poll in zip(levels, polls, strict=True):
+            level.poll = poll
+        again = transport.priority_queue("orders", levels=2, lease_seconds=30.0)
+        delivery = await again.poll(1)
+        assert delivery is not None and delivery.request.request_id == sent.request_id
+        assert delivery.attempt == 1
+        assert await delivery.ack()
+        await again.aclose()
 
 
 async def test_a_held_head_whose_lease_ran_out_is_not_handed_out() -> None:

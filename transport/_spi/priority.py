@@ -183,8 +183,7 @@ class PriorityRequestQueue(RequestQueue):
         Raises: ValueError if ``priority`` is outside ``0..levels-1``; as
         :meth:`RequestQueue.enqueue`.
         """
-        if self._closed:
-            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        self._check_not_closed()
         level = request.priority if priority is None else priority
         self._check_level(level)
         level = int(level)  # an IntEnum's value
@@ -203,8 +202,7 @@ class PriorityRequestQueue(RequestQueue):
         Raises: ValueError if a ``priority`` is outside ``0..levels-1``; as
         :meth:`RequestQueue.enqueue_many`.
         """
-        if self._closed:
-            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        self._check_not_closed()
         items = work_requests(requests)
         by_level: dict[int, list[int]] = {}
         for i, item in enumerate(items):
@@ -265,8 +263,7 @@ class PriorityRequestQueue(RequestQueue):
 
         Guarantees and raises: as :meth:`RequestQueue.poll`.
         """
-        if self._closed:
-            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        self._check_not_closed()
         timeout = seconds(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -292,6 +289,7 @@ class PriorityRequestQueue(RequestQueue):
                 # Level polls kept running since the last poll (see below).
                 await self._let_level_polls_land()
             while True:
+                self._check_not_closed()
                 self._harvest()
                 # A level still loading may hold a better head, and
                 # "nothing" would read as "empty" (a drain loop of
@@ -301,6 +299,7 @@ class PriorityRequestQueue(RequestQueue):
                 # poll does; each backend bounds that wait.
                 await self._levels_known(None)
                 await self._poll_empty_levels()
+                self._check_not_closed()
                 chosen = self._choose()
                 if chosen is not None:
                     best, held_since = chosen
@@ -331,6 +330,13 @@ class PriorityRequestQueue(RequestQueue):
                     await self._let_level_polls_land()
         finally:
             self._lock.release()
+
+    def _check_not_closed(self) -> None:
+        """Raise ``ClosedResourceError`` once :meth:`aclose` has begun; a
+        poll waiting then ends at its next step (what the levels answer it
+        meanwhile is given back, see :meth:`_poll_empty_levels`)."""
+        if self._closed:
+            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
 
     @staticmethod
     async def _let_level_polls_land() -> None:
@@ -374,7 +380,13 @@ class PriorityRequestQueue(RequestQueue):
             # its lease is kept alive from then on (a level answering
             # seconds after another on a loaded broker left the quick
             # level's head unrenewed, and it went out with its lease run out).
-            self._fill(level, await self._queues[level].poll(0))
+            delivery = await self._queues[level].poll(0)
+            if delivery is not None and self._closed:
+                # Closing: given back, not held (aclose() may have given
+                # the held heads back already).
+                await self._give_back(delivery)
+                return
+            self._fill(level, delivery)
 
         results = await asyncio.gather(*(ask(level) for level in empty), return_exceptions=True)
         error: BaseException | None = None
@@ -389,8 +401,7 @@ class PriorityRequestQueue(RequestQueue):
 
         Raises: as :meth:`RequestQueue.caught_up`.
         """
-        if self._closed:
-            raise ClosedResourceError(f"priority queue {self.name!r} is closed")
+        self._check_not_closed()
         loop = asyncio.get_running_loop()
         return await self._levels_known(None if timeout is None else loop.time() + timeout)
 
