@@ -58,10 +58,19 @@ def _dump(value: Any) -> Any:
 class _Output:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
+        #: The "still waiting" notice not printed yet (see _noticed).
+        self.notice: asyncio.TimerHandle | None = None
+
+    def answered(self) -> None:
+        """The command has its answer: no "still waiting" notice after it
+        (closing the client may still take a while)."""
+        if self.notice is not None:
+            self.notice.cancel()
 
     def emit(
         self, data: Any, rows: list[dict[str, Any]] | None = None, columns: Sequence[str] = ()
     ) -> None:
+        self.answered()
         if self.as_json:
             print(json.dumps(_dump(data), indent=2, default=str))
         elif rows is not None:
@@ -69,12 +78,17 @@ class _Output:
         else:
             print(data)
 
+    def say(self, text: str) -> None:
+        """A line of the command's answer on stderr (a result or an error)."""
+        self.answered()
+        self.progress(text)
+
     @staticmethod
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-#: Seconds a command may go without an answer before it says it is still
+#: Seconds a command may go without its answer before it says it is still
 #: waiting: against a broker that is down, a Kafka or Pulsar client keeps
 #: trying until its operation timeout (30 s by default), and a command
 #: silent that long reads as a hang.
@@ -88,35 +102,35 @@ _GIVES_UP = {
 
 
 def _still_waiting(config: TransportConfig) -> str:
-    scheme = config.url.split("://", 1)[0].split("+", 1)[0]
-    until = "until the backend's timeout"
+    down = "a broker that is down is reported when the backend gives up"
+    scheme = config.scheme.split("+", 1)[0]  # pulsar+ssl
     if scheme in _GIVES_UP:
         option, default = _GIVES_UP[scheme]
         try:
             given = url_options(scheme, config.url, config.options).get(option)
         except ConfigurationError:  # the backend says so itself
             given = None
-        until = (
-            f"until its {option} of {given} s runs out"
+        down = (
+            f"a broker that is down is reported when its {option} of {given} s runs out"
             if given is not None
-            else f"until its {option} of {default:g} s (the default) runs out; "
-            f"?{option}=5 in the URL gives up sooner"
+            else f"a broker that is down is reported when its {option} of {default:g} s "
+            f"(the default) runs out; ?{option}=5 in the URL gives up sooner"
         )
     return (
-        f"transport: no answer from {config.redacted_url()} after {_SLOW_NOTICE_S:g} s; "
-        f"still trying {until}. Ctrl-C stops."
+        f"transport: still waiting for {config.redacted_url()} after {_SLOW_NOTICE_S:g} s "
+        f"({down}). Ctrl-C stops."
     )
 
 
-async def _noticed(config: TransportConfig, work: Awaitable[int]) -> int:
+async def _noticed(config: TransportConfig, out: _Output, work: Awaitable[int]) -> int:
     """``work``, saying once on stderr that it is still waiting if it has
-    not ended after :data:`_SLOW_NOTICE_S`."""
+    no answer after :data:`_SLOW_NOTICE_S`."""
     loop = asyncio.get_running_loop()
-    notice = loop.call_later(_SLOW_NOTICE_S, _Output.progress, _still_waiting(config))
+    out.notice = loop.call_later(_SLOW_NOTICE_S, _Output.progress, _still_waiting(config))
     try:
         return await work
     finally:
-        notice.cancel()
+        out.answered()
 
 
 def _queue(transport: Transport, name: str, levels: int) -> RequestQueue:
@@ -163,7 +177,7 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
         for prefix in args.ids:
             matches = [d for d in dead if d.request_id and d.request_id.startswith(prefix)]
             if not matches:
-                out.progress(
+                out.say(
                     f"transport: no dead letter of {args.queue} has an id starting with {prefix!r}"
                 )
                 return 1
@@ -174,7 +188,7 @@ async def _requeue(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
                     f"({shown}…): give more characters"
                 )
             if matches[0].request is None:
-                out.progress(
+                out.say(
                     f"transport: dead letter {matches[0].request_id} of {args.queue} is "
                     "undecodable; it cannot be requeued (see its raw text with --json list)"
                 )
@@ -230,13 +244,13 @@ async def _outbox(args: argparse.Namespace, out: _Output) -> int:
     from transport._runtime.outbox import OutboxFile
 
     if not args.file.is_file():
-        out.progress(f"transport: no outbox file at {args.file}")
+        out.say(f"transport: no outbox file at {args.file}")
         return 1
     if (reason := _not_an_outbox(args.file)) is not None:
         # Opening it as an outbox would add the outbox's tables to the file
         # (and switch it to WAL): another program's database, or the
         # transport's own, given by mistake.
-        out.progress(f"transport: {args.file} is not an outbox file ({reason}); left unchanged")
+        out.say(f"transport: {args.file} is not an outbox file ({reason}); left unchanged")
         return 1
     async with OutboxFile(args.file) as box:
         if args.action == "list":
@@ -263,7 +277,7 @@ async def _outbox(args: argparse.Namespace, out: _Output) -> int:
         wanted = None if not args.ids else set(args.ids)
         known = {d["id"] for d in await box.dead()}
         if wanted is not None and (missing := wanted - known):
-            out.progress(
+            out.say(
                 f"transport: no dead letter with id {', '.join(map(str, sorted(missing)))} "
                 f"in {args.file}"
             )
@@ -289,7 +303,7 @@ async def _replace(args: argparse.Namespace, queue: RequestQueue, out: _Output) 
     except TransportError as exc:
         raise ValueError(f"{args.body} is not a valid request: {exc}") from exc
     if not await queue.replace_dead_letter(args.dead_letter, request):
-        out.progress(f"transport: {args.queue} has no dead letter {args.dead_letter!r}")
+        out.say(f"transport: {args.queue} has no dead letter {args.dead_letter!r}")
         return 1
     if out.as_json:
         out.emit(
@@ -422,7 +436,7 @@ async def _run(args: argparse.Namespace, config: TransportConfig, out: _Output) 
                     f"\ntransport: hint: {', '.join(map(repr, prioritised))} has priority "
                     "levels and no live ensemble advertises how many: pass --levels N"
                 )
-            out.progress(absent)
+            out.say(absent)
             return 1
         if args.command == "stats":
             stats = [await _queue(transport, q, args.queue_levels[q]).stats() for q in args.queues]
@@ -791,7 +805,7 @@ async def _run_plan_command(args: argparse.Namespace, transport: Transport, out:
         except ConfigurationError as exc:
             # An existing broker object that voids a guarantee: no invalid
             # input of the command (exit 2), a deployment to fix (exit 1).
-            out.progress(f"transport: cannot provision: {exc} (`transport doctor` says more)")
+            out.say(f"transport: cannot provision: {exc} (`transport doctor` says more)")
             return 1
         rows = [
             {
@@ -930,8 +944,8 @@ def _main(argv: Sequence[str] | None) -> int:
         else:
             config = load_config(args.url)
         work = _run(args, config, out)
-        if args.command not in {"top", "demo"}:  # those show their own progress
-            work = _noticed(config, work)
+        if args.command not in {"top", "demo", "health"}:  # their own progress or limit
+            work = _noticed(config, out, work)
         code = asyncio.run(work)
         if getattr(args, "note", None):
             _Output.progress(args.note)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from transport import Capability, TransportConfig, WorkRequest, connect
-from transport.cli import _GIVES_UP, _parser, _still_waiting
+from transport.cli import _GIVES_UP, _noticed, _Output, _parser, _still_waiting
 from transport.cli import main as cli
 
 
@@ -163,9 +163,45 @@ def test_a_command_on_a_broker_that_is_down_says_it_is_still_waiting(
     assert cli(["stats", "orders", "--url", url]) == 1
     err = capsys.readouterr().err
     assert "hunter2" not in err
-    notice = err.index("transport: no answer from kafka://ops:***@127.0.0.1:")
-    assert "still trying until its operation_timeout_s of 3 s runs out" in err, err
+    notice = err.index("transport: still waiting for kafka://ops:***@127.0.0.1:")
+    assert "reported when its operation_timeout_s of 3 s runs out" in err, err
     assert notice < err.index("transport: error:"), err
+
+
+def test_health_has_its_own_limit_and_no_still_waiting_notice(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Kafka's health check gives up after min(5 s, operation_timeout_s):
+    # the notice would name a limit that is not the one health waits for.
+    monkeypatch.setattr("transport.cli._SLOW_NOTICE_S", 0.2)
+    url = f"kafka://127.0.0.1:{_closed_port()}?operation_timeout_s=1"
+    assert cli(["health", "--url", url]) == 1
+    captured = capsys.readouterr()
+    assert "NO" in captured.out
+    assert "after 0.2 s" not in captured.err, captured.err  # no notice
+
+
+async def test_no_still_waiting_notice_after_the_answer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Closing the client after the answer can take seconds (Kafka flushes
+    and joins its threads): the notice is for a command without its answer,
+    not for one that printed it."""
+    monkeypatch.setattr("transport.cli._SLOW_NOTICE_S", 0.2)
+    out = _Output(as_json=False)
+
+    async def answer_then_close_slowly() -> int:
+        out.emit("the answer")
+        await asyncio.sleep(0.5)  # the client's close
+        return 0
+
+    assert (
+        await _noticed(TransportConfig(url="kafka://127.0.0.1:1"), out, answer_then_close_slowly())
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out == "the answer\n"
+    assert "still waiting" not in captured.err, captured.err
 
 
 def test_the_still_waiting_notice_names_each_backends_own_timeout() -> None:
@@ -175,11 +211,14 @@ def test_the_still_waiting_notice_names_each_backends_own_timeout() -> None:
     for scheme, model in (("kafka", KafkaOptions), ("pulsar", PulsarOptions)):
         option, default = _GIVES_UP[scheme]
         assert model.model_fields[option].default == default
-        said = _still_waiting(TransportConfig(url=f"{scheme}://127.0.0.1:1"))
-        assert f"its {option} of {default:g} s (the default)" in said, said
-        assert f"?{option}=5 in the URL" in said, said
+        for url in (f"{scheme}://127.0.0.1:1", f"{scheme.upper()}://127.0.0.1:1"):
+            said = _still_waiting(TransportConfig(url=url))
+            assert f"its {option} of {default:g} s (the default)" in said, said
+            assert f"?{option}=5 in the URL" in said, said
+    said = _still_waiting(TransportConfig(url="pulsar+ssl://127.0.0.1:1"))
+    assert "operation_timeout_seconds of 30 s" in said, said
     said = _still_waiting(TransportConfig(url="nats://127.0.0.1:1"))
-    assert "until the backend's timeout" in said, said
+    assert "reported when the backend gives up" in said, said
 
 
 def test_capabilities_without_a_queue_show_a_dash(
