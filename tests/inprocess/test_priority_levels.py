@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -86,10 +87,12 @@ async def test_a_head_held_past_a_tenth_of_its_lease_goes_out_with_a_whole_lease
         await queue.aclose()
 
 
-def _level_0_answers_late(queue: Any, delay: float) -> Any:
-    """Make level 0's ``poll`` answer ``delay`` seconds after level 1's has
-    (a loaded broker), and then take back every lease that ran out, as a
-    broker does (``memory://`` reclaims lazily). Returns level 1's queue."""
+def _two_levels_answering(
+    queue: Any, level_0: Callable[[Any, asyncio.Event, Any], Awaitable[Any]]
+) -> tuple[asyncio.Event, Callable[[], None]]:
+    """Level 1's ``poll`` of ``queue`` sets the returned event once it has
+    answered; level 0's becomes ``level_0(level 1's queue, that event, its
+    own poll)``. Also returns what restores both polls."""
     answered = asyncio.Event()
     quick, slow = queue._queues[1], queue._queues[0]
     quick_poll, slow_poll = quick.poll, slow.poll
@@ -99,16 +102,31 @@ def _level_0_answers_late(queue: Any, delay: float) -> Any:
         answered.set()
         return delivery
 
-    async def answering_late(timeout: float | None = None) -> Any:
+    async def answering_level_0(timeout: float | None = None) -> Any:
+        return await level_0(quick, answered, lambda: slow_poll(timeout))
+
+    def restore() -> None:
+        quick.poll, slow.poll = quick_poll, slow_poll
+
+    quick.poll, slow.poll = answering, answering_level_0
+    return answered, restore
+
+
+def _level_0_answers_late(queue: Any, delay: float) -> Any:
+    """Make level 0's ``poll`` answer ``delay`` seconds after level 1's has
+    (a loaded broker), and then take back every lease that ran out, as a
+    broker does (``memory://`` reclaims lazily). Returns level 1's queue."""
+
+    async def late(quick: Any, answered: asyncio.Event, poll: Any) -> Any:
         async with asyncio.timeout(5):
             await answered.wait()
         await asyncio.sleep(delay)  # the slow broker round trip itself
         with quick._broker.lock:
             quick._reclaim(time.monotonic())
-        return await slow_poll(timeout)
+        return await poll()
 
-    quick.poll, slow.poll = answering, answering_late
-    return quick
+    _two_levels_answering(queue, late)
+    return queue._queues[1]
 
 
 async def test_a_head_is_held_from_when_its_level_answered_not_from_the_slowest_level() -> None:
@@ -157,6 +175,33 @@ async def test_a_head_is_kept_alive_while_a_slower_level_answers_past_its_lease(
         await queue.aclose()
 
 
+async def _cancel_a_poll_after_level_1_answered(queue: Any) -> None:
+    """Poll ``queue`` (two levels) while level 0 never answers, and cancel
+    the poll once level 1 has answered; the levels' polls are restored."""
+
+    async def never(quick: Any, answered: asyncio.Event, poll: Any) -> Any:
+        async with asyncio.timeout(5):
+            await asyncio.Event().wait()  # until the poll is cancelled
+
+    answered, restore = _two_levels_answering(queue, never)
+    try:
+        polling = asyncio.create_task(queue.poll(5))
+        async with asyncio.timeout(5):
+            await answered.wait()
+        polling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await polling
+    finally:
+        restore()
+
+
+async def _next_poll_gets_at_attempt_1(queue: Any, sent: WorkRequest) -> None:
+    delivery = await queue.poll(1)
+    assert delivery is not None and delivery.request.request_id == sent.request_id
+    assert delivery.attempt == 1
+    assert await delivery.ack()
+
+
 async def test_a_poll_cancelled_while_a_level_answers_keeps_the_heads_others_took() -> None:
     """A poll cancelled (a caller's timeout, a shutdown) while one level
     is still answering: the head another level already leased is held for
@@ -165,32 +210,27 @@ async def test_a_poll_cancelled_while_a_level_answers_keeps_the_heads_others_too
     async with await connect("memory://cancelled-ask") as transport:
         queue = transport.priority_queue("orders", levels=2, lease_seconds=30.0)
         sent = await queue.enqueue(WorkRequest(task="t"), 1)
-        answered = asyncio.Event()
-        quick: Any = queue._queues[1]  # type: ignore[attr-defined]
-        slow: Any = queue._queues[0]  # type: ignore[attr-defined]
-        quick_poll, slow_poll = quick.poll, slow.poll
+        await _cancel_a_poll_after_level_1_answered(queue)
+        await _next_poll_gets_at_attempt_1(queue, sent)
+        await queue.aclose()
 
-        async def answering(timeout: float | None = None) -> Any:
-            delivery = await quick_poll(timeout)
-            answered.set()
-            return delivery
 
-        async def never_answering(timeout: float | None = None) -> Any:
-            async with asyncio.timeout(5):
-                await asyncio.Event().wait()  # until the poll is cancelled
-
-        quick.poll, slow.poll = answering, never_answering
-        polling = asyncio.create_task(queue.poll(5))
-        async with asyncio.timeout(5):
-            await answered.wait()
-        polling.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await polling
-        quick.poll, slow.poll = quick_poll, slow_poll
-        delivery = await queue.poll(1)
-        assert delivery is not None and delivery.request.request_id == sent.request_id
-        assert delivery.attempt == 1
-        assert await delivery.ack()
+async def test_with_one_attempt_a_cancelled_poll_gives_back_what_its_levels_took() -> None:
+    """With ``max_attempts=1`` a priority queue holds no head between polls:
+    held, a head is dead-lettered unseen if the process is killed. A poll
+    cancelled while one level still answers gives back, uncounted and at
+    once, the head another level already took (it used to stay held until
+    the keeper's idle round, a third of a lease later)."""
+    async with await connect("memory://one-attempt-cancelled") as transport:
+        queue = transport.priority_queue("orders", levels=2, max_attempts=1, lease_seconds=30.0)
+        sent = await queue.enqueue(WorkRequest(task="t"), 1)
+        await _cancel_a_poll_after_level_1_answered(queue)
+        giving: set[Any] = getattr(queue, "_giving_back", set())
+        assert giving, "nothing is being given back: the head stays held"
+        await asyncio.gather(*giving)
+        level = await queue._queues[1].stats()  # type: ignore[attr-defined]
+        assert (level.depth, level.in_flight) == (1, 0)
+        await _next_poll_gets_at_attempt_1(queue, sent)
         await queue.aclose()
 
 

@@ -156,6 +156,8 @@ class PriorityRequestQueue(RequestQueue):
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
         self._giving: asyncio.Future[list[None]] | None = None  # the keeper's give-back
+        # Give-backs after a poll that ended without a delivery (see poll).
+        self._giving_back: set[asyncio.Future[None]] = set()
         self._polls = 0  # polls in progress
         self._last_poll = 0.0  # loop time the last poll ended
         # Asked once, at the first poll: whether levels above ours exist
@@ -272,6 +274,19 @@ class PriorityRequestQueue(RequestQueue):
         self._polls += 1
         try:
             return await self._poll(loop, deadline)
+        except BaseException:
+            if self.max_attempts < 2 and not self._closed:
+                # With a single attempt no head is held between polls (a
+                # kill would dead-letter requests no handler saw): a poll
+                # cancelled or failed while its levels answered gives back
+                # what they took, at once rather than at the keeper's next
+                # round, a third of a lease later.
+                # (Not under the poll lock: aclose() waits for it, and a
+                # poll waiting for its levels holds the lock until they close.)
+                task = asyncio.ensure_future(self._give_back_losers())
+                self._giving_back.add(task)
+                task.add_done_callback(self._giving_back.discard)
+            raise
         finally:
             self._polls -= 1
             self._last_poll = loop.time()
@@ -663,6 +678,8 @@ class PriorityRequestQueue(RequestQueue):
                 await self._keeper
         if self._giving is not None:  # heads the keeper was giving back
             await asyncio.gather(self._giving, return_exceptions=True)
+        if self._giving_back:  # heads a failed poll was giving back
+            await asyncio.gather(*self._giving_back, return_exceptions=True)
         for level, task in enumerate(self._tasks):
             if task is None:
                 continue
