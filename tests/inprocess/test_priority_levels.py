@@ -45,6 +45,20 @@ async def test_empty_levels_are_asked_for_their_head_at_once_not_one_after_the_o
         await queue.aclose()
 
 
+def _record_extends(level_queue: Any) -> list[int]:
+    """The tokens a ``memory://`` level queue renews from now on, in order."""
+    extended: list[int] = []
+    extend = level_queue._extend
+
+    def recording(token: int, seconds: float | None) -> bool:
+        extended.append(token)
+        result: bool = extend(token, seconds)
+        return result
+
+    level_queue._extend = recording
+    return extended
+
+
 async def test_a_head_held_past_a_tenth_of_its_lease_goes_out_with_a_whole_lease() -> None:
     """A head that lost a comparison is held here and renewed only every
     third of a lease, so it could go out with two thirds of the lease the
@@ -62,15 +76,7 @@ async def test_a_head_held_past_a_tenth_of_its_lease_goes_out_with_a_whole_lease
         held = slots[1]
         assert held is not None
         level_queue: Any = held._queue
-        extended: list[int] = []
-        extend = level_queue._extend
-
-        def recording(token: int, seconds: float | None) -> bool:
-            extended.append(token)
-            result: bool = extend(token, seconds)
-            return result
-
-        level_queue._extend = recording
+        extended = _record_extends(level_queue)
         # Held since the poll before, a moment ago: no renewal on the way out.
         second = await queue.poll(1)
         assert second is not None and second is not held  # the other high one
@@ -141,15 +147,7 @@ async def test_a_head_is_held_from_when_its_level_answered_not_from_the_slowest_
         queue = transport.priority_queue("orders", levels=2, lease_seconds=2.0)
         sent = await queue.enqueue(WorkRequest(task="t"), 1)
         quick = _level_0_answers_late(queue, 0.5)
-        extended: list[int] = []
-        extend = quick._extend
-
-        def recording(token: int, seconds: float | None) -> bool:
-            extended.append(token)
-            result: bool = extend(token, seconds)
-            return result
-
-        quick._extend = recording
+        extended = _record_extends(quick)
         delivery = await queue.poll(3)
         assert delivery is not None and delivery.request.request_id == sent.request_id
         assert extended == [delivery._token]  # type: ignore[attr-defined]
@@ -225,7 +223,7 @@ async def test_with_one_attempt_a_cancelled_poll_gives_back_what_its_levels_took
         queue = transport.priority_queue("orders", levels=2, max_attempts=1, lease_seconds=30.0)
         sent = await queue.enqueue(WorkRequest(task="t"), 1)
         await _cancel_a_poll_after_level_1_answered(queue)
-        giving: set[Any] = getattr(queue, "_giving_back", set())
+        giving: set[Any] = getattr(queue, "_giving", set())
         assert giving, "nothing is being given back: the head stays held"
         await asyncio.gather(*giving)
         level = await queue._queues[1].stats()  # type: ignore[attr-defined]

@@ -44,6 +44,7 @@ import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from transport._spi.models import DeadLetter, QueueStats, WorkRequest, replace_fields, utcnow
 from transport._spi.naming import validate_name
@@ -155,9 +156,9 @@ class PriorityRequestQueue(RequestQueue):
         self._lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
-        self._giving: asyncio.Future[list[None]] | None = None  # the keeper's give-back
-        # Give-backs after a poll that ended without a delivery (see poll).
-        self._giving_back: set[asyncio.Future[None]] = set()
+        # Held heads being given back in the background (by the keeper, or
+        # after a poll that ended without a delivery); aclose() waits for them.
+        self._giving: set[asyncio.Future[Any]] = set()
         self._polls = 0  # polls in progress
         self._last_poll = 0.0  # loop time the last poll ended
         # Asked once, at the first poll: whether levels above ours exist
@@ -283,9 +284,7 @@ class PriorityRequestQueue(RequestQueue):
                 # round, a third of a lease later.
                 # (Not under the poll lock: aclose() waits for it, and a
                 # poll waiting for its levels holds the lock until they close.)
-                task = asyncio.ensure_future(self._give_back_losers())
-                self._giving_back.add(task)
-                task.add_done_callback(self._giving_back.discard)
+                self._give_back_in_background(self._give_back_losers())
             raise
         finally:
             self._polls -= 1
@@ -559,10 +558,11 @@ class PriorityRequestQueue(RequestQueue):
                 held = self._unhold()
                 # Shielded: aclose() cancelling the keeper meanwhile waits for
                 # it (cancelled, the heads were counted by the level's close).
-                self._giving = asyncio.ensure_future(
-                    asyncio.gather(*(self._give_back(d) for d in held))
+                await asyncio.shield(
+                    self._give_back_in_background(
+                        asyncio.gather(*(self._give_back(d) for d in held))
+                    )
                 )
-                await asyncio.shield(self._giving)
                 continue
             for level, delivery in enumerate(self._slots):
                 if delivery is None or loop.time() - self._held_since[level] < period:
@@ -676,10 +676,8 @@ class PriorityRequestQueue(RequestQueue):
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keeper
-        if self._giving is not None:  # heads the keeper was giving back
-            await asyncio.gather(self._giving, return_exceptions=True)
-        if self._giving_back:  # heads a failed poll was giving back
-            await asyncio.gather(*self._giving_back, return_exceptions=True)
+        if self._giving:  # heads being given back in the background
+            await asyncio.gather(*self._giving, return_exceptions=True)
         for level, task in enumerate(self._tasks):
             if task is None:
                 continue
@@ -706,6 +704,14 @@ class PriorityRequestQueue(RequestQueue):
                     await task
                 self._tasks[level] = None
         await asyncio.gather(*(self._give_back(d) for d in self._unhold()))
+
+    def _give_back_in_background(self, work: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Run ``work``, a give-back of held heads, as a future that
+        :meth:`aclose` waits for (whoever started it may be cancelled)."""
+        future = asyncio.ensure_future(work)
+        self._giving.add(future)
+        future.add_done_callback(self._giving.discard)
+        return future
 
     def _unhold(self) -> list[Delivery]:
         """The held heads, no longer held here (to be given back)."""
