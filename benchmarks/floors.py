@@ -25,18 +25,34 @@ and this library, alternating (median of ``--rounds``):
   it is decoded, each request decoded as the raw loop does, then a
   synchronous commit of the batch (acks durable on return): the durable
   steps ``kafka://`` makes, in one thread, without an event loop.
+* with ``--nats`` (starts its own nats-server, JetStream on file storage
+  with its default fsync interval, as ``benchmarks.nats``; stopped by its
+  PID): ``nats`` ``Ensemble`` request/response against FastStream's
+  request/reply (core NATS, nothing kept): per request, the durable steps
+  an ``Ensemble`` request makes on ``nats://``, with raw nats-py in one
+  process and no library: the caller registers it (a key-value put),
+  enqueues it (a JetStream publish with ``Nats-Msg-Id``, the PubAck
+  awaited) and waits for its answer on a watch of the bucket; a worker
+  (16 requests at a time, pulled from a durable consumer) decodes it, puts
+  the answer and acks with the server's confirmation; the caller collects
+  the answer (deleting both keys, together). Four acknowledged writes and
+  one confirmed ack per request, as many callers and handlers as the row
+  (``--n`` / 5 requests per measurement: this row runs at a few thousand a
+  second).
 
 A ratio of the floor below a row's target means the target cannot be met
 without giving up what the floor does; above it, the gap is this
 library's own work (see ``docs/backends/sqlite.md``, "Performance").
 Not part of ``make bench``: it writes no results. ``--kafka`` adds the Kafka
-batch row (about a minute more).
+batch row (about a minute more), ``--nats`` the NATS request/response row
+(about a minute more).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sqlite3
 import statistics
@@ -46,8 +62,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from benchmarks import _library as library
+from benchmarks._common import rate, run_concurrently
 from benchmarks._library import PAYLOAD
 from benchmarks.inprocess import (
     kombu_put_get_ack,
@@ -225,6 +243,119 @@ async def kafka_floor(bootstrap: str, n: int) -> float:
     return await asyncio.to_thread(kafka_batch_floor, bootstrap, topic, n)
 
 
+async def nats_ensemble_floor(
+    url: str,
+    n: int,
+    *,
+    concurrency: int = 16,
+    callers: int = library.CALLERS,
+    inspect: Callable[[Any, str, str], Awaitable[None]] | None = None,
+) -> float:
+    """Requests per second answered through the durable steps of an
+    ``Ensemble`` request on ``nats://`` (module docstring), ``callers`` in
+    flight and ``concurrency`` handled at a time, timed as
+    :func:`benchmarks._library.ensemble` is (after one warm-up request).
+    ``inspect(js, stream, bucket)`` runs before the stream and bucket are
+    deleted (the test checks what was kept there)."""
+    import nats
+    from nats.js.api import KeyValueConfig, StorageType
+
+    from benchmarks import nats as bench
+
+    tag = uuid.uuid4().hex[:8]
+    stream = bucket = f"floor{tag}"
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    tasks: set[asyncio.Task[None]] = set()
+    try:
+        subject = await bench._raw_stream(js, stream)  # work queue, durable "w"
+        kv = await js.create_key_value(
+            KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE)
+        )
+        answers: dict[str, asyncio.Future[bytes]] = {}
+        watcher = await kv.watch("c.>")
+        pulled = await js.pull_subscribe(subject, durable="w", stream=stream)
+        slots = asyncio.Semaphore(concurrency)
+
+        async def watch() -> None:
+            async for entry in watcher:
+                if entry is None or entry.value is None or entry.operation not in (None, "PUT"):
+                    continue  # the end of the initial values, a delete
+                future = answers.pop(entry.key[2:], None)
+                if future is not None and not future.done():
+                    future.set_result(entry.value)
+
+        async def handle(msg: Any) -> None:
+            try:
+                request = WorkRequest.model_validate_json(msg.data)
+                await kv.put(f"c.{request.request_id}", b'{"result":1}')
+                await msg.ack_sync()
+            finally:
+                slots.release()
+
+        async def work() -> None:
+            while True:
+                await slots.acquire()
+                free = 1
+                while not slots.locked() and free < concurrency:
+                    await slots.acquire()
+                    free += 1
+                try:
+                    msgs = await pulled.fetch(batch=free, timeout=1)
+                except nats.errors.TimeoutError:
+                    msgs = []
+                for _ in range(free - len(msgs)):
+                    slots.release()
+                for msg in msgs:
+                    task = asyncio.create_task(handle(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+        async def one(i: int) -> None:
+            request = WorkRequest(task="work", payload=PAYLOAD)
+            rid = request.request_id
+            answer = asyncio.get_running_loop().create_future()
+            answers[rid] = answer
+            await kv.put(f"p.{rid}", b'{"pending":1}')
+            await js.publish(
+                subject, request.model_dump_json().encode(), headers={"Nats-Msg-Id": rid}
+            )
+            await answer
+            await asyncio.gather(kv.delete(f"c.{rid}"), kv.delete(f"p.{rid}"))
+
+        loops = [asyncio.create_task(watch()), asyncio.create_task(work())]
+        try:
+            await one(-1)  # warm up
+            result = await rate(n, lambda: run_concurrently(n, callers, one))
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, *tasks, return_exceptions=True)
+            await watcher.stop()
+        if inspect is not None:
+            await inspect(js, stream, bucket)
+        return result
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_stream(stream)
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(bucket)
+        await nc.close()
+
+
+def _nats_case(url: str, n: int) -> tuple[str, float | None, Measure, Measure, Measure]:
+    from benchmarks import nats as bench
+
+    n = max(200, n // 5)
+    return (
+        "nats ensemble request/response (vs FastStream)",
+        1.0,
+        lambda: bench.faststream_request_reply(url, n),
+        lambda: nats_ensemble_floor(url, n),
+        lambda: library.ensemble(bench._config(url), n),
+    )
+
+
 def _kafka_case(bootstrap: str, n: int) -> tuple[str, float | None, Measure, Measure, Measure]:
     from benchmarks import kafka
 
@@ -241,7 +372,12 @@ def _kafka_case(bootstrap: str, n: int) -> tuple[str, float | None, Measure, Mea
 
 
 async def _rows(
-    n: int, rounds: int, say: Callable[[str], None], *, kafka_bootstrap: str | None = None
+    n: int,
+    rounds: int,
+    say: Callable[[str], None],
+    *,
+    kafka_bootstrap: str | None = None,
+    nats_url: str | None = None,
 ) -> list[tuple[str, ...]]:
     tmp = Path(tempfile.mkdtemp(prefix="floors-"))
     count = 0
@@ -283,6 +419,8 @@ async def _rows(
     ]
     if kafka_bootstrap is not None:
         cases.append(_kafka_case(kafka_bootstrap, n))
+    if nats_url is not None:
+        cases.append(_nats_case(nats_url, n))
     out = []
     for name, target, base, floor, ours in cases:
         say(name)
@@ -315,6 +453,11 @@ async def main() -> int:
         action="store_true",
         help="also the Kafka batch row, on a Tansu broker started for it",
     )
+    parser.add_argument(
+        "--nats",
+        action="store_true",
+        help="also the NATS request/response row, on a nats-server started for it",
+    )
     args = parser.parse_args()
     n = max(64, args.n - args.n % 64)  # whole batches of 64
     started = time.perf_counter()
@@ -329,13 +472,25 @@ async def main() -> int:
         say("starting a Tansu broker")
         broker = TansuBroker()
         broker.start()
+    nats_server = None
+    if args.nats:
+        from benchmarks.nats import _server
+
+        say("starting a nats-server")
+        nats_server = _server()
     try:
         rows = await _rows(
-            n, args.rounds, say, kafka_bootstrap=None if broker is None else broker.bootstrap
+            n,
+            args.rounds,
+            say,
+            kafka_bootstrap=None if broker is None else broker.bootstrap,
+            nats_url=None if nats_server is None else nats_server.url,
         )
     finally:
         if broker is not None:
             broker.stop()
+        if nats_server is not None:
+            nats_server.close()
     head = ("row", "baseline/s", "floor/s", "floor ×", "ours/s", "ours ×", "target")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
@@ -350,6 +505,8 @@ async def main() -> int:
         from benchmarks.kafka import BATCH
 
         kafka_n = f" (the Kafka row: {max(BATCH, n - n % BATCH):,}, whole batches)"
+    if args.nats:
+        kafka_n += f" (the NATS row: {max(200, n // 5):,})"
     print(f"\n{n:,} requests per measurement{kafka_n}, median of {args.rounds} alternating rounds")
     return 0
 
