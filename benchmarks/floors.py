@@ -39,13 +39,23 @@ and this library, alternating (median of ``--rounds``):
   one confirmed ack per request, as many callers and handlers as the row
   (``--n`` / 5 requests per measurement: this row runs at a few thousand a
   second).
+* with ``--pulsar`` (starts its own pulsar-lite, stopped by its PID):
+  ``pulsar`` enqueue (64 in flight) against the raw client's
+  ``send_async`` loop in a thread (the same bytes every time, a receipt
+  callback): the least an asyncio ``enqueue`` that returns on the broker's
+  receipt does with this client -- stamp ``enqueued_at`` and encode each
+  request (the row's requests are built before the timer, as for ours),
+  ``send_async`` it on an unbatched producer, and complete one future per
+  request from the receipt callbacks, which wake the event loop once per
+  burst of receipts (one ``call_soon_threadsafe`` while earlier ones are
+  still waiting to be run).
 
 A ratio of the floor below a row's target means the target cannot be met
 without giving up what the floor does; above it, the gap is this
 library's own work (see ``docs/backends/sqlite.md``, "Performance").
 Not part of ``make bench``: it writes no results. ``--kafka`` adds the Kafka
 batch row (about a minute more), ``--nats`` the NATS request/response row
-(about a minute more).
+and ``--pulsar`` the Pulsar enqueue row (about a minute more each).
 """
 
 from __future__ import annotations
@@ -343,6 +353,74 @@ async def nats_ensemble_floor(
         await nc.close()
 
 
+async def pulsar_enqueue_floor(
+    url: str, n: int, concurrency: int = 64, *, topic: str | None = None
+) -> float:
+    """Durable enqueues per second through the least an asyncio ``enqueue``
+    does with pulsar-client (module docstring), ``concurrency`` in flight,
+    timed after one warm-up send, to ``topic`` (a new one by default)."""
+    import collections
+    import threading
+
+    import pulsar
+
+    from benchmarks import pulsar as bench
+
+    client = await asyncio.to_thread(bench._raw_client, url)
+    try:
+        producer = await asyncio.to_thread(
+            client.create_producer, topic or bench._topic("floor"), batching_enabled=False
+        )
+        loop = asyncio.get_running_loop()
+        received: collections.deque[tuple[asyncio.Future[None], Any]] = collections.deque()
+        lock = threading.Lock()
+
+        def run_receipts() -> None:
+            while received:
+                future, result = received.popleft()
+                if future.done():
+                    continue
+                if result == pulsar.Result.Ok:
+                    future.set_result(None)
+                else:
+                    future.set_exception(RuntimeError(f"send failed: {result}"))
+
+        def receipt_for(future: asyncio.Future[None]) -> Callable[[Any, Any], None]:
+            def receipt(result: Any, _message_id: Any) -> None:  # a client thread
+                with lock:
+                    wake = not received
+                    received.append((future, result))
+                if wake:
+                    loop.call_soon_threadsafe(run_receipts)
+
+            return receipt
+
+        batch = library.requests(n + 1)
+
+        async def one(i: int) -> None:
+            future: asyncio.Future[None] = loop.create_future()
+            body = encode(replace_fields(batch[i], enqueued_at=utcnow()))
+            producer.send_async(body, receipt_for(future))
+            await future
+
+        await one(n)  # warm up
+        return await rate(n, lambda: run_concurrently(n, concurrency, one))
+    finally:
+        await asyncio.to_thread(client.close)
+
+
+def _pulsar_case(url: str, n: int) -> tuple[str, float | None, Measure, Measure, Measure]:
+    from benchmarks import pulsar as bench
+
+    return (
+        "pulsar enqueue, 64 in flight",
+        0.8,
+        lambda: bench.raw_enqueue(url, n, 64),
+        lambda: pulsar_enqueue_floor(url, n, 64),
+        lambda: library.enqueue(bench._config(url), n, 64),
+    )
+
+
 def _nats_case(url: str, n: int) -> tuple[str, float | None, Measure, Measure, Measure]:
     from benchmarks import nats as bench
 
@@ -378,6 +456,7 @@ async def _rows(
     *,
     kafka_bootstrap: str | None = None,
     nats_url: str | None = None,
+    pulsar_url: str | None = None,
 ) -> list[tuple[str, ...]]:
     tmp = Path(tempfile.mkdtemp(prefix="floors-"))
     count = 0
@@ -421,6 +500,8 @@ async def _rows(
         cases.append(_kafka_case(kafka_bootstrap, n))
     if nats_url is not None:
         cases.append(_nats_case(nats_url, n))
+    if pulsar_url is not None:
+        cases.append(_pulsar_case(pulsar_url, n))
     out = []
     for name, target, base, floor, ours in cases:
         say(name)
@@ -458,6 +539,11 @@ async def main() -> int:
         action="store_true",
         help="also the NATS request/response row, on a nats-server started for it",
     )
+    parser.add_argument(
+        "--pulsar",
+        action="store_true",
+        help="also the Pulsar enqueue row, on a pulsar-lite broker started for it",
+    )
     args = parser.parse_args()
     n = max(64, args.n - args.n % 64)  # whole batches of 64
     started = time.perf_counter()
@@ -478,6 +564,12 @@ async def main() -> int:
 
         say("starting a nats-server")
         nats_server = _server()
+    pulsar_broker = None
+    if args.pulsar:
+        from benchmarks.pulsar import _broker
+
+        say("starting a pulsar-lite broker")
+        pulsar_broker = _broker()
     try:
         rows = await _rows(
             n,
@@ -485,12 +577,15 @@ async def main() -> int:
             say,
             kafka_bootstrap=None if broker is None else broker.bootstrap,
             nats_url=None if nats_server is None else nats_server.url,
+            pulsar_url=None if pulsar_broker is None else pulsar_broker.url,
         )
     finally:
         if broker is not None:
             broker.stop()
         if nats_server is not None:
             nats_server.close()
+        if pulsar_broker is not None:
+            pulsar_broker.close()
     head = ("row", "baseline/s", "floor/s", "floor ×", "ours/s", "ours ×", "target")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [head, *rows]:
