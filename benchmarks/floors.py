@@ -64,6 +64,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -458,7 +459,32 @@ async def _rows(
     nats_url: str | None = None,
     pulsar_url: str | None = None,
 ) -> list[tuple[str, ...]]:
+    # Its databases hold every request of every round (hundreds of MB).
     tmp = Path(tempfile.mkdtemp(prefix="floors-"))
+    try:
+        return await _measure(
+            tmp,
+            n,
+            rounds,
+            say,
+            kafka_bootstrap=kafka_bootstrap,
+            nats_url=nats_url,
+            pulsar_url=pulsar_url,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _measure(
+    tmp: Path,
+    n: int,
+    rounds: int,
+    say: Callable[[str], None],
+    *,
+    kafka_bootstrap: str | None,
+    nats_url: str | None,
+    pulsar_url: str | None,
+) -> list[tuple[str, ...]]:
     count = 0
 
     def fresh(name: str) -> Path:
@@ -581,7 +607,7 @@ async def main() -> int:
         )
     finally:
         if broker is not None:
-            broker.stop()
+            broker.close()
         if nats_server is not None:
             nats_server.close()
         if pulsar_broker is not None:

@@ -822,6 +822,8 @@ async def run(
         )
     finally:
         await asyncio.to_thread(server.close)
+        # The task-queue workers' logs: a failure quotes the tail of its log.
+        shutil.rmtree(logs, ignore_errors=True)
     return rows
 
 

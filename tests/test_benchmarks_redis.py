@@ -17,6 +17,7 @@ import pytest
 from benchmarks import redis as bench
 from benchmarks.__main__ import table
 from benchmarks._common import Row, Sizes
+from tests._tmpdirs import record_mkdtemp
 
 pytestmark = [pytest.mark.broker, pytest.mark.crash, pytest.mark.timeout(600)]
 
@@ -37,9 +38,12 @@ LATENCY = {
 }
 
 
-async def test_every_redis_row_has_positive_rates_and_a_sigkill_verdict(tmp_path: Path) -> None:
+async def test_every_redis_row_has_positive_rates_and_a_sigkill_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sizes = Sizes(quick=True, enqueue=40, consume=40, round_trips=5, concurrency=8, rounds=1)
     seen: list[str] = []
+    logs = record_mkdtemp(monkeypatch, "bench-redis-")
     rows = await bench.run(
         sizes,
         seen.append,
@@ -48,6 +52,8 @@ async def test_every_redis_row_has_positive_rates_and_a_sigkill_verdict(tmp_path
         scale_out=False,  # tests/test_benchmarks_scaleout.py covers those rows' harness
     )
 
+    # The task-queue workers' logs are not left behind.
+    assert len(logs) == 1 and not logs[0].exists(), logs
     assert {r.operation for r in rows} == THROUGHPUT | LATENCY | {
         "ensemble request/response",
         "survives SIGKILLed worker",

@@ -78,6 +78,7 @@ def tansu_broker() -> Iterator[TansuBroker | None]:
         yield broker
     finally:
         broker.kill()
+        broker.close()  # its directory (a killed broker keeps it, for a restart)
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ def own_broker() -> Iterator[TansuBroker]:
         yield broker
     finally:
         broker.kill()
+        broker.close()  # its directory
 
 
 #: How long a client may take to enqueue again once the broker is back (a

@@ -40,6 +40,7 @@ def plain_and_tls_ports() -> Iterator[tuple[int, int]]:
         yield broker.port, broker.advertised_port
     finally:
         broker.kill()
+        broker.close()  # its directory
 
 
 @pytest_asyncio.fixture
