@@ -64,7 +64,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import sqlite3
 import statistics
 import sys
@@ -460,10 +459,9 @@ async def _rows(
     pulsar_url: str | None = None,
 ) -> list[tuple[str, ...]]:
     # Its databases hold every request of every round (hundreds of MB).
-    tmp = Path(tempfile.mkdtemp(prefix="floors-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="floors-", ignore_cleanup_errors=True) as tmp:
         return await _measure(
-            tmp,
+            Path(tmp),
             n,
             rounds,
             say,
@@ -471,8 +469,6 @@ async def _rows(
             nats_url=nats_url,
             pulsar_url=pulsar_url,
         )
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _measure(
@@ -621,14 +617,14 @@ async def main() -> int:
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
-    kafka_n = ""
+    sizes = ""
     if args.kafka:
         from benchmarks.kafka import BATCH
 
-        kafka_n = f" (the Kafka row: {max(BATCH, n - n % BATCH):,}, whole batches)"
+        sizes = f" (the Kafka row: {max(BATCH, n - n % BATCH):,}, whole batches)"
     if args.nats:
-        kafka_n += f" (the NATS row: {max(200, n // 5):,})"
-    print(f"\n{n:,} requests per measurement{kafka_n}, median of {args.rounds} alternating rounds")
+        sizes += f" (the NATS row: {max(200, n // 5):,})"
+    print(f"\n{n:,} requests per measurement{sizes}, median of {args.rounds} alternating rounds")
     return 0
 
 

@@ -4,7 +4,6 @@ against raw SQLite with the same ``synchronous`` setting."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import sqlite3
 import tempfile
 import threading
@@ -252,11 +251,8 @@ async def backlog_memory(url: str, n: int) -> tuple[float, float, float, float]:
 async def run(sizes: Sizes, progress: object) -> list[Row]:
     # Its databases hold every request of every round, the 1,000,000-request
     # backlog's included: removed at the end, whatever happened.
-    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    try:
-        return await _run(tmp, sizes, progress)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as tmp:
+        return await _run(Path(tmp), sizes, progress)
 
 
 async def _run(tmp: Path, sizes: Sizes, progress: object) -> list[Row]:

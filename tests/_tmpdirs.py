@@ -11,13 +11,14 @@ import pytest
 
 def record_mkdtemp(monkeypatch: pytest.MonkeyPatch, prefix: str | None = None) -> list[Path]:
     """The directories ``tempfile.mkdtemp`` makes from now on in this test
-    (with ``prefix``, only those made with that prefix), in order."""
+    (``tempfile.TemporaryDirectory`` included; with ``prefix``, only those
+    whose name starts with it), in order."""
     made: list[Path] = []
     mkdtemp = tempfile.mkdtemp
 
     def recorded(*args: Any, **kwargs: Any) -> str:
         path = mkdtemp(*args, **kwargs)
-        if prefix is None or kwargs.get("prefix") == prefix:
+        if prefix is None or Path(path).name.startswith(prefix):
             made.append(Path(path))
         return path
 
