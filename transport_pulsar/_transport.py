@@ -16,7 +16,7 @@ lease_extension ✓    leases are client-side timers, renewable without limit
 restart_broker ✓     accepted requests survive a broker restart (proven on
                      pulsar-lite by tests/pulsar/test_broker_restart.py)
 event_log      ✓     a topic per stream, readers, cursors in a keyed topic
-event_bus      ✗     use nats:// or memory://
+event_bus      ✗     use nats://, redis:// or memory://
 ============== ===== =====================================================
 
 Options (``TransportConfig.options``, unknown keys rejected):

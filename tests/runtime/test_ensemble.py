@@ -346,6 +346,20 @@ async def _replica(transport: Transport) -> Ensemble:
     return replica
 
 
+def _noted(replica: Ensemble) -> asyncio.Event:
+    """An event set once ``replica`` has noted another replica's advertisement."""
+    noted = asyncio.Event()
+    note = replica._note
+
+    def noting(capability: Any) -> None:
+        note(capability)
+        if replica._others:
+            noted.set()
+
+    replica._note = noting  # type: ignore[method-assign]
+    return noted
+
+
 async def test_a_replica_that_stops_leaves_the_advertisement_to_the_one_running(
     runtime_url: str,
 ) -> None:
@@ -381,15 +395,7 @@ async def test_the_last_replica_standing_withdraws(transport: Transport) -> None
     first = await _replica(transport)
     # The first replica notes the second's advertisement from its registry
     # watch, which a loaded machine can deliver after the second has started.
-    noted = asyncio.Event()
-    note = first._note
-
-    def noting(capability: Any) -> None:
-        note(capability)
-        if first._others:
-            noted.set()
-
-    first._note = noting  # type: ignore[method-assign]
+    noted = _noted(first)
     second = await _replica(transport)
     await asyncio.wait_for(noted.wait(), 10)
     await second.aclose()
@@ -428,6 +434,59 @@ async def test_an_advertisement_withdrawn_under_a_running_replica_comes_back_at_
         assert kinds == ["withdrawn", "advertised"]
         await changes.aclose()
         await running.aclose()
+    finally:
+        await running_t.aclose()
+        await other_t.aclose()
+
+
+async def test_a_replica_that_saw_the_other_withdraw_withdraws_at_its_own_stop(
+    runtime_url: str,
+) -> None:
+    # The other replica's advertisement is noted, then withdrawn (it
+    # stopped): the one left advertises again and, stopping in turn,
+    # withdraws. It kept the withdrawn replica's lease end and left its
+    # advertisement for callers to find until the lease ran out (seen on
+    # Kafka, whose registry replayed an earlier run's advertisement and
+    # withdrawal to a replica started again within half a lease).
+    from transport import Capability, connect
+
+    running_t = await connect(runtime_url, capability_lease_seconds=30.0)
+    other_t = await connect(runtime_url, capability_lease_seconds=30.0)
+    try:
+        running = await _replica(running_t)
+        noted = _noted(running)
+        registry = other_t.capability_registry()
+        changes = registry.watch()
+        await registry.advertise(
+            Capability(
+                name="cook",
+                ensemble="kitchen",
+                queue="kitchen",
+                priority_levels=3,
+                instance="other-replica",
+            )
+        )
+        async with asyncio.timeout(10):
+            await noted.wait()
+        await registry.withdraw("kitchen", "cook")  # the other replica stopped
+        withdrawn = False
+        async with asyncio.timeout(10):
+            async for change in changes:
+                if change.kind == "withdrawn":
+                    withdrawn = True
+                elif (
+                    withdrawn
+                    and change.capability is not None
+                    and change.capability.instance == running.instance
+                ):
+                    break  # advertised again by the one left
+        await changes.aclose()
+        await running.aclose()
+        fresh_t = await connect(runtime_url)  # reads what is committed now
+        try:
+            assert await fresh_t.capability_registry().lookup("cook") == []
+        finally:
+            await fresh_t.aclose()
     finally:
         await running_t.aclose()
         await other_t.aclose()

@@ -66,6 +66,11 @@ ResponseHook = Callable[[WorkRequest, WorkResponse], Awaitable[bool]]
 
 log = logging.getLogger("transport.runtime")
 
+
+def _attempts(n: int) -> str:
+    return "1 attempt" if n == 1 else f"{n} attempts"
+
+
 #: How long a stopping ensemble waits for a released handler to end.
 _IGNORED_CANCEL_S = 5.0
 
@@ -795,7 +800,13 @@ class Ensemble:
                         continue
                     if change.kind == "advertised":
                         self._note(change.capability)
-                    elif change.kind == "withdrawn" and not self._stopping.is_set():
+                    elif change.kind == "withdrawn":
+                        # Whoever advertised it last has stopped: a replica
+                        # still running advertises it again (as below), and
+                        # is noted then. Kept, its lease would make this
+                        # replica leave its own advertisement at stop.
+                        self._others.pop(change.name, None)
+                    if change.kind == "withdrawn" and not self._stopping.is_set():
                         log.info(
                             "ensemble %s: %s was withdrawn while this replica runs;"
                             " advertising it again",
@@ -1466,7 +1477,7 @@ class Ensemble:
     ) -> None:
         if delivery.attempt >= self.queue.max_attempts:
             await self._fail(
-                delivery, f"{error} (after {delivery.attempt} attempts)", started, keeper
+                delivery, f"{error} (after {_attempts(delivery.attempt)})", started, keeper
             )
             return
         wait = delay if delay is not None else self._backoff(delivery.attempt)

@@ -114,6 +114,18 @@ def _weakly(method: Callable[[str, bytes | None], None]) -> Callable[[str, bytes
     return apply
 
 
+def _weakly_call(method: Callable[[], None]) -> Callable[[], None]:
+    """As :func:`_weakly`, for a method without arguments."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+
+    return call
+
+
 async def _janitor(ref: weakref.ref[Any], interval: float) -> None:
     """A registry's expiry rounds, every ``interval`` s, as long as the
     registry is alive (held weakly between rounds, for the same reason)."""
@@ -227,9 +239,12 @@ class _LogView:
         *,
         ready_timeout: float | None = None,
         track: Callable[[str], bool] | None = None,
+        on_loaded: Callable[[], None] | None = None,
     ):
         self._log = log_
         self._apply = apply
+        #: Called once, when the first replay has been applied (caught up).
+        self._on_loaded = on_loaded
         self._what = what
         self._ready_timeout = ready_timeout
         #: Keys for which the position of their live value is kept
@@ -254,6 +269,11 @@ class _LogView:
         #: Changes applied from the log so far (and an event for waiting on it).
         self.changes = 0
         self._changed: asyncio.Event | None = None
+
+    @property
+    def loaded(self) -> bool:
+        """The first replay has been applied."""
+        return self._caught_up.is_set()
 
     async def ready(self) -> None:
         if self._closed:
@@ -431,6 +451,8 @@ class _LogView:
                     if item is CAUGHT_UP:
                         first = not self._caught_up.is_set()
                         self._caught_up.set()
+                        if first and self._on_loaded is not None:
+                            self._on_loaded()
                         if (
                             first
                             and self._resumable
@@ -1054,7 +1076,11 @@ class CapabilityRegistry:
         self._entries: dict[str, Capability] = {}
         self._watchers: set[asyncio.Queue[tuple[str, Capability | None]]] = set()
         self._view = _LogView(
-            log_, _weakly(self._apply_raw), "capability registry", ready_timeout=ready_timeout
+            log_,
+            _weakly(self._apply_raw),
+            "capability registry",
+            ready_timeout=ready_timeout,
+            on_loaded=_weakly_call(self._loaded),
         )
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
@@ -1078,8 +1104,26 @@ class CapabilityRegistry:
                 return
         else:
             self._entries[key] = capability
+        if not self._view.loaded:
+            # The first load replays the log -- on Kafka and Pulsar its
+            # history, earlier runs' advertisements and withdrawals
+            # included. Watchers get the state it ends in (_loaded), not
+            # those old changes: a new replica took an earlier run's
+            # withdrawal for one made while it ran.
+            return
         for queue in self._watchers:
             queue.put_nowait((key, capability))
+
+    def _loaded(self) -> None:
+        """The first load is applied: the live advertisements it found are
+        reported to the watchers registered before it ended."""
+        if not self._watchers:
+            return
+        now = utcnow()
+        for key, capability in self._entries.items():
+            if not capability.expired(now):
+                for queue in self._watchers:
+                    queue.put_nowait((key, capability))
 
     async def _ready(self) -> None:
         if self._closed:
@@ -1159,8 +1203,10 @@ class CapabilityRegistry:
         """Changes from this call on: advertised (new or refreshed), withdrawn,
         expired, as an async iterator; close it (``aclose``) when done.
 
-        If this registry object had not loaded its state yet, advertisements
-        that already existed are reported as ``advertised`` first.
+        If this registry object had not loaded its state yet, the live
+        advertisements its load finds are reported as ``advertised`` first;
+        the changes the load replays (on Kafka and Pulsar the log's history:
+        earlier runs' advertisements and withdrawals) are not reported.
 
         Guarantees: no change made after this call is missed (the watcher is
         registered before it returns); an expiry is reported when the lease
@@ -1172,7 +1218,11 @@ class CapabilityRegistry:
             raise ClosedResourceError("capability registry is closed")
         queue: asyncio.Queue[tuple[str, Capability | None]] = asyncio.Queue()
         self._watchers.add(queue)  # registered now: nothing after this call is missed
-        known = {k: c for k, c in self._entries.items() if not c.expired()}
+        # Before the load has ended the entries are a partial replay: the
+        # watcher learns the state the load ends in instead (_loaded).
+        known = (
+            {k: c for k, c in self._entries.items() if not c.expired()} if self._view.loaded else {}
+        )
         return self._watch(queue, known)
 
     async def _watch(

@@ -346,7 +346,7 @@ class Transport(ABC):
         """Backends with ``capabilities.event_bus`` override this."""
         raise UnsupportedFeatureError(
             f"the {self.backend}:// backend has no event bus (capability 'event_bus' is false); "
-            "use nats:// or memory:// for ephemeral pub/sub"
+            "use nats://, redis:// or memory:// for ephemeral pub/sub"
         )
 
     def _open_event_log(self) -> EventLog:

@@ -35,10 +35,16 @@ async def priority_once(queue_name: str, timeout: float) -> None:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--ensemble")
-    parser.add_argument("--caller")
-    parser.add_argument("--priority-once", metavar="QUEUE")
+    parser = argparse.ArgumentParser(
+        prog="python -m transport.testing.forgotten_close",
+        usage="%(prog)s (--ensemble NAME --caller NAME | --priority-once QUEUE) [--timeout S]",
+        description="A script that forgets aclose(): the interpreter must still exit.",
+    )
+    parser.add_argument("--ensemble", metavar="NAME", help="the ensemble to run (with --caller)")
+    parser.add_argument("--caller", metavar="NAME", help="the caller that requests it")
+    parser.add_argument(
+        "--priority-once", metavar="QUEUE", help="take one request of a priority queue instead"
+    )
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args()
     if args.priority_once:
