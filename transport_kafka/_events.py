@@ -183,6 +183,7 @@ class KafkaEventReader(EventReader):
                     continue
                 self._not_before = None
             self._last = int(item.position)
+            self._holding = True
             return item
 
     async def seek(self, to: Start) -> None:
@@ -205,6 +206,7 @@ class KafkaEventReader(EventReader):
         # ``_drain`` was scheduled before this wake-up: the queue is clean.
         await asyncio.sleep(0)
         self._last = None
+        self._holding = False
         self._placed = offset
         self._not_before = to_millisecond(to) if isinstance(to, datetime) else None
 
@@ -223,6 +225,7 @@ class KafkaEventReader(EventReader):
         assert self._thread is not None
         position = self._last + 1 if self._last is not None else self._placed
         if position is None or self._committed == position:
+            self._holding = False
             return
         consumer = self._consumer
         assert consumer is not None
@@ -233,6 +236,7 @@ class KafkaEventReader(EventReader):
         with map_kafka_errors(f"committing cursor {self.cursor!r}"):
             await wait_within(self._thread.submit(run), limit)
         self._committed = position
+        self._holding = False
 
     async def aclose(self) -> None:
         """Commit a named cursor (within the operation timeout: a broker that
@@ -242,7 +246,8 @@ class KafkaEventReader(EventReader):
             return
         join = self._log.clients.settings.options.close_timeout_s + 5
         try:
-            if self.cursor and self._thread is not None and self._thread.alive:
+            alive = self._thread is not None and self._thread.alive
+            if self.cursor and alive and self._final_commit_due():
                 try:
                     await self._commit(self._log.clients.timeout)
                 except TransientTransportError:

@@ -345,6 +345,7 @@ class _NatsReader(EventReader):
             if found is not None:
                 seq, event = found
                 self._next = seq + 1
+                self._holding = True
                 return event
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_RECHECK):
@@ -356,6 +357,7 @@ class _NatsReader(EventReader):
         if self._closed:
             raise ClosedResourceError(f"reader of {self.stream!r} is closed")
         self._next = await self._log._seq_for(self.stream, check_start(to))
+        self._holding = False
 
     async def commit(self) -> None:
         # The position after the last event returned, or where the reader
@@ -366,12 +368,14 @@ class _NatsReader(EventReader):
         if position != self._committed:
             await self._log._store_cursor(self.stream, self.cursor, position)
             self._committed = position
+        self._holding = False
 
     async def aclose(self) -> None:
         if self._closed:
             return
         try:
-            await self.commit()
+            if self._final_commit_due():
+                await self.commit()
         finally:
             self._closed = True
             self._log._readers.discard(self)

@@ -176,6 +176,7 @@ class PulsarEventReader(EventReader):
                     continue
                 self._not_before = None
             self._last = self._returned = position
+            self._holding = True
             return event
 
     async def _read(self) -> Message | None:
@@ -300,6 +301,7 @@ class PulsarEventReader(EventReader):
         self._start, self._opened_at, self._returned = to, _now_ms(), None
         self._start_skip = None
         self._last = placed
+        self._holding = False
         self._delivering()
         await old.close(self._log._close_timeout)
 
@@ -307,16 +309,19 @@ class PulsarEventReader(EventReader):
         if self._closed:
             return  # committed at its close
         if self.cursor is None or self._last is None or self._last == self._committed:
+            self._holding = False
             return
         await self._log._cursors(self.stream).write(self.cursor, self._last.encode())
         self._committed = self._last
+        self._holding = False
 
     async def aclose(self) -> None:
         if self._closed:
             return
         try:
-            with contextlib.suppress(TransportError):
-                await self.commit()
+            if self._final_commit_due():
+                with contextlib.suppress(TransportError):
+                    await self.commit()
         finally:
             self._closed = True
             self._log._readers.discard(self)

@@ -503,6 +503,7 @@ class _RedisReader(EventReader):
             raise StopAsyncIteration
         event = self._buffer.popleft()
         self._after = event.position
+        self._holding = True
         return event
 
     async def seek(self, to: Start) -> None:
@@ -511,6 +512,7 @@ class _RedisReader(EventReader):
         after = await self._log._after_for(self.stream, check_start(to))
         self._buffer.clear()
         self._after = after
+        self._holding = False
 
     async def commit(self) -> None:
         # After the last event returned, or where the reader was placed
@@ -521,12 +523,14 @@ class _RedisReader(EventReader):
         if after != self._committed:
             await self._log._store_cursor(self.stream, self.cursor, after)
             self._committed = after
+        self._holding = False
 
     async def aclose(self) -> None:
         if self._closed:
             return
         try:
-            await self.commit()
+            if self._final_commit_due():
+                await self.commit()
         finally:
             self._closed = True
             self._log._readers.discard(self)

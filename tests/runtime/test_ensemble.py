@@ -1225,3 +1225,72 @@ async def test_a_stop_in_an_outage_releases_a_request_still_being_settled_after_
     said = [r.getMessage() for r in caplog.records]
     assert any("request still being settled" in m and "releasing it" in m for m in said), said
     assert not any("handler still running" in m for m in said), said
+
+
+@pytest.mark.parametrize("how", ["cancelled during the grace", "left running"])
+async def test_a_handler_cancelled_with_its_ensemble_is_given_back_uncounted(
+    runtime_url: str, transport: Transport, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two ways a stop gets cancelled, both seen with scripts: a second
+    Ctrl-C under ``serving()`` cancels the close while it waits out the
+    grace; ``asyncio.run`` ending with ``run()`` still a task cancels the
+    workers before the close runs. Either way the running request came back
+    at attempt 2 and the stop line said it had finished."""
+    caplog.set_level(logging.INFO, logger="transport.runtime")
+    started = asyncio.Event()
+    first = Ensemble(
+        "cut-short", transport=transport, concurrency=1, shutdown_grace=60, advertise=False
+    )
+
+    @first.task("work")
+    async def stuck(ctx: TaskContext) -> str:
+        started.set()
+        await asyncio.Event().wait()  # runs until cancelled
+        return "never"
+
+    if how == "left running":
+        running = asyncio.create_task(first.run(install_signal_handlers=False))
+        pending = await Network(transport, caller="c8").send("cut-short", "work")
+        async with asyncio.timeout(10):
+            await started.wait()
+        # As asyncio.run does at its end: every task cancelled at once.
+        for task in (running, *first._workers):
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    else:
+
+        async def script() -> None:
+            async with first.serving():
+                await asyncio.Event().wait()  # until Ctrl-C
+
+        in_grace = asyncio.Event()
+        within_grace = first._within_grace
+
+        async def waiting_out_the_grace(tasks: set[asyncio.Task[None]]) -> Any:
+            in_grace.set()
+            return await within_grace(tasks)
+
+        first._within_grace = waiting_out_the_grace  # type: ignore[method-assign]
+        running = asyncio.create_task(script())
+        pending = await Network(transport, caller="c8").send("cut-short", "work")
+        async with asyncio.timeout(10):
+            await started.wait()
+        running.cancel()  # the first Ctrl-C: the close waits out the 60 s grace
+        async with asyncio.timeout(10):
+            await in_grace.wait()
+        running.cancel()  # the second one
+        with pytest.raises(asyncio.CancelledError):
+            await running
+    assert first._closed
+    [stopped] = [r.getMessage() for r in caplog.records if " stopped: " in r.getMessage()]
+    assert "1 in flight at stop, 0 finished, 1 released for redelivery" in stopped, stopped
+    second = Ensemble("cut-short", transport=transport, concurrency=1, advertise=False)
+
+    @second.task("work")
+    async def quick(ctx: TaskContext) -> int:
+        return ctx.attempt
+
+    async with second:
+        response = await pending.result(timeout=20)
+    assert (response.status, response.result) == ("completed", 1)

@@ -267,6 +267,10 @@ class Ensemble:
         self._workers: list[asyncio.Task[None]] = []
         # Workers running a handler, each with the delivery it handles.
         self._busy: dict[asyncio.Task[None], Delivery] = {}
+        #: Requests whose handler was cancelled with its worker (by the
+        #: close, or by ``asyncio.run`` ending with the ensemble running):
+        #: the close gives them back uncounted.
+        self._interrupted: list[Delivery] = []
         # With concurrency > 1, idle workers share one poll_many for as many
         # requests as they are (see _next): its deliveries wait here, one per
         # idle worker, until each takes its own.
@@ -547,9 +551,11 @@ class Ensemble:
             return
         self._closed = True
         self._stopping.set()
-        in_flight = len(self._busy)
-        released = 0
+        # Handlers cancelled before this close (asyncio.run ending with the
+        # ensemble running cancels every task) count as in flight.
+        in_flight = len(self._busy) + len(self._interrupted)
         interrupted: list[Delivery] = []
+        cancelled = False
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
@@ -563,16 +569,33 @@ class Ensemble:
             if worker not in self._busy:
                 worker.cancel()
         if self._workers:
-            late = await self._within_grace(set(self._workers))
-            released = len(late)
+            try:
+                late = await self._within_grace(set(self._workers))
+            except asyncio.CancelledError:
+                # Cancelled while waiting out the grace: a second Ctrl-C under
+                # serving() (asyncio.run then cancels every task), or the
+                # program ending during the close. The running handlers are
+                # released now, as a second signal under run() does, the close
+                # goes on, and the cancellation is raised at its end.
+                cancelled = True
+                late = {worker for worker in self._workers if worker in self._busy}
+                log.warning(
+                    "ensemble %s: cancelled while stopping; releasing the %d running "
+                    "handler(s) now",
+                    self.name,
+                    len(late),
+                    extra=self._fields(),
+                )
             interrupted = [self._busy[worker] for worker in late if worker in self._busy]
+            cut_short = cancelled or self._forced.is_set()
             for worker in late:
                 log.warning(
-                    "ensemble %s: %s at the end of the grace; releasing it",
+                    "ensemble %s: %s %s; releasing it",
                     self.name,
                     "request still being settled (the broker does not answer)"
                     if worker in self._retrying
                     else "handler still running",
+                    "with the grace cut short" if cut_short else "at the end of the grace",
                     extra=self._fields(),
                 )
                 worker.cancel()
@@ -592,6 +615,9 @@ class Ensemble:
             await asyncio.gather(
                 *(w for w in self._workers if w not in stuck), return_exceptions=True
             )
+        # Also those whose workers were cancelled before or by this close.
+        interrupted += [d for d in self._interrupted if all(d is not i for i in interrupted)]
+        released = len(interrupted)
         # No poll of this process may be waiting when they are given back:
         # it would take them again (NATS redelivers a NAKed message at once)
         # and, cancelled, leave them to their lease.
@@ -626,6 +652,8 @@ class Ensemble:
                 ", ".join(f"{key} {value}" for key, value in self.counts.items()),
                 extra=self._fields(),
             )
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _give_back(self, deliveries: list[Delivery]) -> None:
         """Give back, uncounted, requests fetched for no handler, and those
@@ -1045,6 +1073,9 @@ class Ensemble:
             self._busy[current] = delivery
             try:
                 await self._handle(delivery)
+            except asyncio.CancelledError:
+                self._interrupted.append(delivery)
+                raise
             except TransportError as exc:
                 # Settling failed for good (the lease was lost while the
                 # broker was unreachable, or a permanent error): the request

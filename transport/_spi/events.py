@@ -372,6 +372,18 @@ class EventReader(ABC):
 
     stream: str
     cursor: str | None
+    #: An event was returned that no commit, seek or request for the next
+    #: one has followed yet (backends keep this up to date).
+    _holding = False
+    #: The close commits nothing past the event being held: set by
+    #: ``__aexit__`` when the block ends with an exception, and by a
+    #: transport that an exception closes.
+    _keep_last = False
+
+    def _final_commit_due(self) -> bool:
+        """Whether the close commits: not past an event being handled when
+        an exception (an error, a cancellation, Ctrl-C) ended the reading."""
+        return not (self._keep_last and self._holding)
 
     def __aiter__(self) -> Self:
         return self
@@ -420,6 +432,12 @@ class EventReader(ABC):
     async def aclose(self) -> None:
         """Stop reading (commits a named cursor). Idempotent.
 
+        Leaving ``async with`` on an exception (a handler's error, a
+        cancellation, Ctrl-C) closes without committing the last event
+        returned: the handling it was in did not finish, and a reader
+        restarted with the cursor reads it again. A transport closed by
+        ``async with`` on an exception closes its open readers the same way.
+
         Raises: TransientTransportError from the final commit on some
         backends (the reader is closed either way; the cursor then resumes
         at the last committed event).
@@ -428,12 +446,27 @@ class EventReader(ABC):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self._keep_last = True
         await self.aclose()
 
 
 class EventLog(ABC):
     """Durable, replayable streams of events."""
+
+    def _keep_last_events(self) -> None:
+        """Its open readers close without committing the event each is
+        handling (a transport closed by an exception; see
+        :meth:`EventReader.aclose`). The backends' logs keep their open
+        readers in ``_readers``."""
+        for reader in list(getattr(self, "_readers", ())):
+            reader._keep_last = True
 
     @abstractmethod
     async def append(

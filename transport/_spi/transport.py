@@ -636,6 +636,12 @@ class Transport(ABC):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc_type is not None:
+            # An event being handled when the exception ended the block is
+            # read again by its cursor (see EventReader.aclose).
+            for resource in list(self._resources):
+                if isinstance(resource, EventLog):
+                    resource._keep_last_events()
         await self.aclose()
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from transport import Event, InvalidNameError, Transport, subject_matches, utcnow
 from transport.errors import ClosedResourceError
-from transport.kit import to_millisecond
+from transport.kit import to_millisecond, wait_within
 from transport.testing.harness import BackendHarness
 
 pytestmark = [pytest.mark.conformance, pytest.mark.asyncio]
@@ -349,6 +349,67 @@ class EventLogConformance:
         assert first_of_other is not None and first_of_other.data == 0
         await resumed.aclose()
         await other.aclose()
+
+    @pytest.mark.parametrize("ended_by", ["error", "cancel", "transport"])
+    async def test_an_exception_leaves_the_event_being_handled_to_be_read_again(
+        self, harness: BackendHarness, queue_name: str, make_transport: Any, ended_by: str
+    ) -> None:
+        """A handler's error (or a cancellation, Ctrl-C) leaving ``async
+        with`` of the reader -- or of a transport with the reader open --
+        while event 2 is handled closes without committing it: a restart
+        with the cursor reads event 2 again. The close committed it and the
+        event was lost to that consumer (at-least-once: read again rather
+        than never)."""
+        first = await make_transport()
+        log = first.event_log()
+        for i in range(5):
+            await log.append(queue_name, i)
+        handling = asyncio.Event()
+
+        async def consume(reader: Any) -> None:
+            async for event in reader:
+                if event.data == 2:
+                    handling.set()
+                    if ended_by == "cancel":
+                        await asyncio.Event().wait()  # a handler that is cancelled
+                    raise RuntimeError("the handler failed")
+
+        if ended_by == "error":
+            with pytest.raises(RuntimeError):
+                async with await log.read(queue_name, "earliest", cursor="billing") as reader:
+                    await consume(reader)
+        elif ended_by == "cancel":
+
+            async def task() -> None:
+                async with await log.read(queue_name, "earliest", cursor="billing") as reader:
+                    await consume(reader)
+
+            running = asyncio.create_task(task())
+            await wait_within(handling.wait(), harness.scaled(10))
+            running.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await running
+        else:
+            reader = await log.read(queue_name, "earliest", cursor="billing")  # left open
+            with pytest.raises(RuntimeError):
+                async with first:
+                    await consume(reader)
+        await first.aclose()
+        restarted = await make_transport()
+        resumed = await restarted.event_log().read(queue_name, "earliest", cursor="billing")
+        again = await resumed.next(harness.scaled(10))
+        assert again is not None and again.data == 2, again
+        await resumed.aclose()
+        # A block left without an exception commits what it returned.
+        async with await restarted.event_log().read(
+            queue_name, "earliest", cursor="billing"
+        ) as reader:
+            event = await reader.next(harness.scaled(10))
+            assert event is not None and event.data == 3, event
+        resumed = await restarted.event_log().read(queue_name, "earliest", cursor="billing")
+        last = await resumed.next(harness.scaled(10))
+        assert last is not None and last.data == 4, last
+        await resumed.aclose()
 
     @pytest.mark.parametrize("closing", ["reader", "log", "transport"])
     async def test_closing_a_reader_ends_an_iteration_waiting_in_it(

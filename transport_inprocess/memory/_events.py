@@ -185,6 +185,7 @@ class _MemoryReader(EventReader):
                 if self._next < len(events):
                     event = events[self._next]
                     self._next += 1
+                    self._holding = True
                     return event
                 inbox = self._inbox = _Inbox()
                 state.waiters.setdefault(self.stream, []).append(inbox)
@@ -199,6 +200,7 @@ class _MemoryReader(EventReader):
         if self._closed:
             raise ClosedResourceError(f"reader of {self.stream!r} is closed")
         self._next = self._log._index_for(self.stream, check_start(to))
+        self._holding = False
 
     async def commit(self) -> None:
         # The position after the last event returned, or where the reader
@@ -209,10 +211,12 @@ class _MemoryReader(EventReader):
             with self._log._state.lock:
                 self._log._state.cursors[(self.stream, self.cursor)] = self._next
             self._committed = self._next
+        self._holding = False
 
     async def aclose(self) -> None:
         if not self._closed:
-            await self.commit()
+            if self._final_commit_due():
+                await self.commit()
             self._closed = True
             self._log._readers.discard(self)
             inbox = self._inbox

@@ -81,7 +81,9 @@ class _SqliteReader(EventReader):
             interval = min(interval * 2, ctx.poll_interval)
             if self._closed:
                 raise StopAsyncIteration
-        return self._buffer.popleft()
+        event = self._buffer.popleft()
+        self._holding = True
+        return event
 
     async def seek(self, to: Start) -> None:
         if self._closed:
@@ -91,6 +93,7 @@ class _SqliteReader(EventReader):
         start = await self._log._resolve(self._key, check_start(to))
         self._buffer.clear()
         self._next = start
+        self._holding = False
 
     async def commit(self) -> None:
         if self.cursor is None or self._closed:
@@ -99,6 +102,7 @@ class _SqliteReader(EventReader):
         # was placed (``latest``, a seek) if it returned none since.
         position = int(self._buffer[0].position) if self._buffer else self._next
         if position == self._committed:
+            self._holding = False
             return
         stream, name = self._key, self.cursor
         await self._log._ctx.store.write(
@@ -112,11 +116,13 @@ class _SqliteReader(EventReader):
             )
         )
         self._committed = position
+        self._holding = False
 
     async def aclose(self) -> None:
         if not self._closed:
             try:
-                await self.commit()
+                if self._final_commit_due():
+                    await self.commit()
             finally:
                 self._closed = True
                 self._log._readers.discard(self)
