@@ -535,3 +535,44 @@ def test_a_bad_tls_setting_is_one_configuration_error() -> None:
     )
     with pytest.raises(ConfigurationError, match=r"tls\.key_password='\*\*\*'"):
         TLSConfig(key_password=[CANARY])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("kafka://127.0.0.1:99999", "not 1-65535"),
+        ("pulsar://127.0.0.1:notaport", "not 1-65535"),
+        ("nats://u:S3cr3t@h1:4222,h2:0", "not 1-65535"),
+        ("kafka://h:9092,", "stray comma"),
+        ("kafka://h:9092,,h2:9092", "stray comma"),
+        ("nats://u:S3cr3t@[::1", "closing ']'"),
+        ("kafka://:9092", "no host"),
+        ("redis://h:", "not 1-65535"),
+    ],
+)
+def test_a_malformed_server_in_the_url_is_a_configuration_error(url: str, says: str) -> None:
+    # A bare ValueError from a client's parser ("Invalid IPv6 URL", "invalid
+    # hostname"), or accepted and failing only at the first call as
+    # "unreachable" (port 99999, an empty entry of a server list).
+    with pytest.raises(ConfigurationError, match=re.escape(says)) as caught:
+        TransportConfig(url=url)
+    assert "S3cr3t" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "kafka://a:9092,b:9092",
+        "nats://[::1]:4222",
+        "nats://u:p@h1:4222,u:p@h2:4222",
+        "nats://TOKEN@h",
+        "kafka://alice:pass/with@127.0.0.1:9092",  # an unencoded '/' in a password
+        "redis://:pw@h:6379/3?password=a@b",
+        "pulsar+ssl://h:6651",
+        "redis://",
+        "sqlite:///x.db",
+        "memory://anything",
+    ],
+)
+def test_well_formed_urls_are_accepted(url: str) -> None:
+    assert TransportConfig(url=url).url == url

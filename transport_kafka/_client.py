@@ -450,6 +450,75 @@ def _is_fatal(exc: BaseException) -> bool:
     return isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
 
 
+class _DaemonExecutor(concurrent.futures.Executor):
+    """An executor on daemon threads for the client's blocking calls. The
+    standard one's threads are joined at interpreter exit: a topic creation
+    or metadata call waiting out the operation timeout on a broker that is
+    down held the exit of a script that had given up and closed (Ctrl-C
+    included) for up to 30 s. The client's other threads are daemons too."""
+
+    def __init__(self, workers: int, prefix: str) -> None:
+        self._work: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None
+        ] = queue.SimpleQueue()
+        self._workers = workers
+        self._prefix = prefix
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._shut = False
+
+    def submit(  # type: ignore[override]
+        self, fn: Callable[..., T], /, *args: Any
+    ) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if not self._threads:  # started on first use: connect() stays cheap
+                for i in range(self._workers):
+                    thread = threading.Thread(
+                        target=self._run, name=f"{self._prefix}_{i}", daemon=True
+                    )
+                    thread.start()
+                    self._threads.append(thread)
+            self._work.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shut = True
+            if cancel_futures:
+                pending: list[Any] = []
+                while True:
+                    try:
+                        pending.append(self._work.get_nowait())
+                    except queue.Empty:
+                        break
+                for item in pending:
+                    if item is not None:
+                        item[0].cancel()
+            for _ in self._threads:
+                self._work.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
 class KafkaClients:
     """The clients one transport shares: an idempotent producer (with its poll
     thread), an admin client, a metadata consumer and the executor thread
@@ -460,7 +529,7 @@ class KafkaClients:
         self._producer: Producer | None = None
         self._admin: AdminClient | None = None
         self._meta: Consumer | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kafka-io")
+        self._executor = _DaemonExecutor(2, "kafka-io")
         self._poll_thread: threading.Thread | None = None
         self._flush_thread: threading.Thread | None = None
         # Lone records for the flush thread: an event set by each one's report.

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from transport.errors import TransientTransportError
 from transport.kit import AtExit, wait_within
 from transport_kafka._client import (
     ConsumerThread,
@@ -126,8 +127,18 @@ class _GroupMember:
         )
 
     async def start(self) -> None:
-        """Join the group for every queue of this member (once)."""
+        """Join the group for every queue of this member (once). A start
+        that failed for a transient reason (no broker reachable, the topics
+        not confirmed in time) is tried again by the next call; a permanent
+        failure (authorization, configuration) raises again."""
         task = self._start_task
+        if task is not None and task.done() and not task.cancelled():
+            error = task.exception()
+            if isinstance(error, TransientTransportError):
+                # A worker that began polling during an outage got this
+                # error at once from every later poll, even with the broker
+                # back, until its process restarted.
+                task = None
         if task is None:
             task = self._start_task = asyncio.ensure_future(self._start())
         if task.done():
@@ -140,7 +151,14 @@ class _GroupMember:
         loop = asyncio.get_running_loop()
         with map_kafka_errors(f"creating consumer of {self.label!r}"):
             consumer = self._new_consumer()
-            self._subscribe(consumer)
+            try:
+                self._subscribe(consumer)
+            except BaseException:
+                # A failed start is tried again (see start): not one
+                # consumer left behind per attempt.
+                with contextlib.suppress(Exception):
+                    consumer.close()
+                raise
         self.consumer = consumer
         for engine in self.engines:
             engine._started(loop)

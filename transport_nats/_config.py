@@ -81,6 +81,15 @@ class NatsOptions(BaseModel):
     connect_timeout: float = Field(default=5.0, gt=0)
     max_reconnect_attempts: int = Field(default=-1, ge=-1)
     reconnect_time_wait: float = Field(default=0.5, ge=0)
+    #: Seconds between the client's PINGs, and how many may go unanswered
+    #: before the connection counts as lost (then reconnecting, and polls
+    #: raise instead of answering "empty"): a server that stops answering
+    #: with its connection open (hung, or cut off by a network partition)
+    #: is noticed within about ``ping_interval × (max_outstanding_pings + 1)``
+    #: (30 s by default; the client's own defaults, 120 s and 2, made it 6
+    #: minutes of empty polls).
+    ping_interval: float = Field(default=10.0, gt=0)
+    max_outstanding_pings: int = Field(default=2, ge=1)
     #: Client name shown in the server's monitoring.
     name: str | None = None
     #: TLS handshake before the NATS INFO (server option ``handshake_first``).

@@ -352,22 +352,40 @@ class NatsRequestQueue(RequestQueue):
     # -- producing -----------------------------------------------------------
     async def _publish(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
         """Publish and wait for the PubAck, retrying transient failures with
-        the same ``Nats-Msg-Id`` (the stream stores it once)."""
+        the same ``Nats-Msg-Id`` (the stream stores it once), for
+        ``enqueue_retry_seconds`` in all: an attempt still waiting for its
+        PubAck then is given up too (it may still be stored, as one whose
+        PubAck was lost). The last attempt used to get its whole
+        ``request_timeout`` on top: 15.5 s where 11 s are documented."""
+        window = self._opts.enqueue_retry_seconds
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             await self._publish_once(subject, stream, body, msg_id)
             return
-        except TransientTransportError:
-            if self._opts.enqueue_retry_seconds <= 0:
+        except TransientTransportError as exc:
+            if window <= 0:
                 raise
+            last: TransientTransportError = exc
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientTransportError),
-            stop=stop_after_delay(self._opts.enqueue_retry_seconds),
+            stop=stop_after_delay(window),
             wait=wait_exponential(multiplier=0.05, max=1.0),
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                await self._publish_once(subject, stream, body, msg_id)
+        try:
+            async with asyncio.timeout_at(started + window):
+                async for attempt in retrying:
+                    with attempt:
+                        try:
+                            await self._publish_once(subject, stream, body, msg_id)
+                        except TransientTransportError as exc:
+                            last = exc
+                            raise
+        except TimeoutError:
+            raise TransientTransportError(
+                f"{last} (enqueue retried for {window:g} s, enqueue_retry_seconds)"
+            ) from last
 
     async def _publish_once(self, subject: str, stream: str, body: bytes, msg_id: str) -> None:
         self._check_open()

@@ -31,7 +31,7 @@ Options (``TransportConfig.options``, see :class:`NatsOptions`):
 ``request_timeout`` (5 s), ``enqueue_retry_seconds`` (10 s),
 ``max_ack_pending`` (10000), ``prefetch`` (1), ``replicas`` (1), ``connect_timeout`` (5 s),
 ``max_reconnect_attempts`` (-1: forever), ``reconnect_time_wait`` (0.5 s),
-``name``, ``tls_handshake_first``.
+``ping_interval`` (10 s), ``max_outstanding_pings`` (2), ``name``, ``tls_handshake_first``.
 """
 
 from __future__ import annotations
@@ -179,6 +179,8 @@ class NatsTransport(Transport):
             "name": opts.name,
             "connect_timeout": opts.connect_timeout,
             "reconnect_time_wait": opts.reconnect_time_wait,
+            "ping_interval": opts.ping_interval,
+            "max_outstanding_pings": opts.max_outstanding_pings,
             # Few attempts for the first connection, so a wrong password or an
             # unreachable server is reported quickly; unlimited afterwards.
             "max_reconnect_attempts": 1,

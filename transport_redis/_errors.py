@@ -66,6 +66,13 @@ def classify_connect_error(exc: BaseException, where: str) -> TransportError:
         return PermanentTransportError(
             f"Redis server at {where} requires a password: set TransportConfig.password"
         )
+    if isinstance(exc, rex.ResponseError) and "DB index is out of range" in str(exc):
+        # The server answered: retrying cannot help ("unreachable" said so).
+        return ConfigurationError(
+            f"Redis server at {where} has no database of the number the URL's path "
+            "gives (redis://host:6379/N; the server's 'databases' setting, 16 by default, "
+            "numbers them 0 to databases-1)"
+        )
     if isinstance(exc, rex.InvalidResponse):
         # Something answered, but not in Redis's protocol (another service's
         # port): say so, without echoing what it sent (a NATS server's INFO

@@ -812,10 +812,22 @@ class RedisRequestQueue(RequestQueue):
     async def _sweep_orphans(self) -> None:
         """Give back (uncounted) entries pending for this consumer that no
         delivery of this handle holds: leases whose reply was lost."""
-        with self._client.errors(f"checking leases of {self.name}"):
-            pending = await self._client.redis.xpending_range(
-                self.stream, self.group, "-", "+", 1000, consumername=self.consumer
-            )
+        try:
+            with self._client.errors(f"checking leases of {self.name}"):
+                pending = await self._client.redis.xpending_range(
+                    self.stream, self.group, "-", "+", 1000, consumername=self.consumer
+                )
+        except TransportError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # No consumer group, so nothing pending for this consumer: the
+            # lease that failed was the queue's first, during an outage
+            # (the group was never made), or the server restarted without
+            # its data. The next lease makes the group. This read raised
+            # NOGROUP at every poll, as a permanent error, for good.
+            self._group_ready = False
+            self._maybe_orphans = False
+            return
         for item in pending:
             entry = _text(item["message_id"])
             if entry in self._held:

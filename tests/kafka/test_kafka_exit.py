@@ -104,3 +104,45 @@ async def test_a_worker_ending_without_aclose_burns_no_attempt(
     assert attempts.pop(held) == 2
     assert attempts == {r.request_id: 1 for r in sent if r.request_id in attempts}
     assert len(attempts) == len(sent) - 2
+
+
+# Gives up on an enqueue to a broker that is not there, closes, returns.
+_GIVES_UP = """
+import asyncio, sys
+from transport import WorkRequest, connect
+
+async def main() -> None:
+    transport = await connect(f"kafka://127.0.0.1:{sys.argv[1]}")
+    queue = transport.request_queue("kitchen")
+    try:
+        async with asyncio.timeout(2):
+            await queue.enqueue(WorkRequest(task="t"))
+    except TimeoutError:
+        print("GAVE UP", flush=True)
+    await transport.aclose()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(120)
+async def test_a_script_that_gives_up_on_a_broker_that_is_down_exits_at_once() -> None:
+    """The topic creation it started waits out the operation timeout (30 s)
+    on a client thread; the script has given up and closed, and its
+    process used to stay until that call returned: a Ctrl-C'd CLI command
+    or script took about 30 s to end."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _GIVES_UP, str(port), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await child.communicate()
+    took = loop.time() - started
+    assert child.returncode == 0 and b"GAVE UP" in out, out
+    # 2 s given up after, the interpreter's start and exit; not the 30 s.
+    assert took < 15, f"the process ended {took:.1f} s after it started"

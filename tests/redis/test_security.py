@@ -15,7 +15,11 @@ from pydantic import SecretStr
 
 from tests._tls import make_certificate
 from transport import TLSConfig, TransportConfig, WorkRequest, connect
-from transport.errors import PermanentTransportError, TransientTransportError
+from transport.errors import (
+    ConfigurationError,
+    PermanentTransportError,
+    TransientTransportError,
+)
 from transport.testing.brokers import RedisServer, free_port
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.broker, pytest.mark.timeout(90)]
@@ -227,3 +231,17 @@ async def test_a_port_of_another_protocol_is_named_as_such() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_database_number_the_server_does_not_have_is_a_configuration_error(
+    redis_url: str,
+) -> None:
+    """The server answers "DB index is out of range": it is reachable, and
+    retrying cannot help. It was reported as "no Redis server reachable"
+    (a transient error, retried by workers forever)."""
+    base = redis_url.split("?", 1)[0].rstrip("/")
+    if base.count("/") > 2:  # the URL names a database already
+        base = base.rsplit("/", 1)[0]
+    with pytest.raises(ConfigurationError, match="no database of the number") as caught:
+        await connect(f"{base}/99")
+    assert "reachable" not in str(caught.value)

@@ -279,6 +279,49 @@ def config_error(exc: ValidationError | SettingsError, prefix: str = "") -> Tran
     )
 
 
+#: Schemes whose URL names a file or an in-process name, not servers.
+_LOCAL_SCHEMES = frozenset({"sqlite", "memory"})
+
+
+def _check_servers(url: str) -> None:
+    """The URL's servers (``host``, ``host:port``, ``[v6]:port``,
+    comma-separated) are well formed: a malformed one raised a bare
+    ``ValueError`` from deep inside a client, or was accepted and failed
+    only at the first call as "unreachable" (port 99999, an empty entry).
+    The message never shows the URL (it may hold a password)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in _LOCAL_SCHEMES:
+        return
+    # Read from the redacted URL, whose user parts are masked: a password
+    # may hold '/', ':' or ',' and must never reach a message.
+    rest = redact_url(url).split("://", 1)[1]
+    at = rest.rfind("@")
+    ends = [i for i in (rest.find(ch, at + 1) for ch in "/?#") if i != -1]
+    authority = rest[: min(ends, default=len(rest))]
+    if not authority.rpartition("@")[2]:
+        return  # the backend's default server, or a setting that names them
+    for segment in authority.split(","):
+        entry = segment.rpartition("@")[2]
+        if not entry:
+            raise ValueError("an empty server in the URL's server list (a stray comma)")
+        host, port = entry, ""
+        if entry.startswith("["):
+            end = entry.find("]")
+            if end < 0:
+                raise ValueError(f"IPv6 address without its closing ']' in the URL: {entry!r}")
+            host, rest = entry[: end + 1], entry[end + 1 :]
+            if rest and not rest.startswith(":"):
+                raise ValueError(f"a server in the URL is not host:port: {entry!r}")
+            port = rest[1:]
+        elif ":" in entry:
+            host, _, port = entry.rpartition(":")
+        if not host or host == "[]":
+            raise ValueError(f"a server in the URL has no host: {entry!r}")
+        has_port = port or (":" in entry and not entry.startswith("["))
+        if has_port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"port {port!r} of a server in the URL is not 1-65535")
+
+
 class TransportConfig(BaseSettings):
     """Everything a backend needs to connect.
 
@@ -346,6 +389,7 @@ class TransportConfig(BaseSettings):
                 "a transport URL looks like 'scheme://…' (sqlite:///transport.db, "
                 "memory://, kafka://host:9092, nats://host:4222, pulsar://host:6650)"
             )
+        _check_servers(value)
         return value
 
     def check_files(self) -> None:

@@ -115,3 +115,42 @@ class BrokerOutageConformance:
                 break
             except TransientTransportError as exc:  # still reconnecting
                 errors.append(str(exc))
+
+    @pytest.mark.timeout(240)
+    async def test_a_queue_first_used_while_the_broker_is_down_works_once_it_is_back(
+        self, transport: Transport, queue_name: str, harness: BackendHarness, budget: Budget
+    ) -> None:
+        """A worker that starts polling during an outage carries on once the
+        broker is back, with the same handle. On Kafka the first poll's
+        failed start (its topics not confirmed) was kept and raised again by
+        every later poll at once, even with the broker back, until the
+        process restarted."""
+        if not harness.can_stop_broker:
+            pytest.skip("this harness cannot stop the broker")
+        await harness.stop_broker()
+        try:
+            assert not await harness.broker_answers(budget.left(harness.scaled(10))), (
+                "the broker still answers after stop_broker(): the scenario would prove nothing"
+            )
+            queue = transport.request_queue(queue_name)
+            async with asyncio.timeout(budget.left(harness.scaled(60))):
+                with pytest.raises(TransientTransportError):
+                    await queue.poll(2)
+        finally:
+            await harness.start_broker()
+        errors: list[str] = []
+        sent: WorkRequest | None = None
+        while True:
+            assert not budget.expired(), f"still failing after the restart: {errors[-3:]}"
+            try:
+                if sent is None:
+                    sent = await queue.enqueue(WorkRequest(task="after-the-outage"))
+                got = await queue.poll(harness.scaled(5))
+            except TransientTransportError as exc:  # still reconnecting
+                errors.append(str(exc))
+                await asyncio.sleep(0.2)  # retry pacing, as a worker's loop has
+                continue
+            if got is not None:
+                break
+        assert got.request.request_id == sent.request_id
+        assert await got.ack()
