@@ -112,8 +112,15 @@ def test_cli_schema_check_fails_and_names_the_file(
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # --check writes nothing
 
 
-def test_cli_schema_check_of_a_missing_directory_fails(tmp_path: Path) -> None:
+def test_cli_schema_check_of_a_missing_directory_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Run outside the repository (the default --out is relative), it listed
+    # every schema as "differs from the models".
     assert main(["schema", "--out", str(tmp_path / "nowhere"), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "repository root" in err, err
+    assert "differs" not in err
 
 
 # -- what the library writes validates ----------------------------------------------

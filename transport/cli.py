@@ -882,6 +882,14 @@ def _schema(args: argparse.Namespace) -> int:
     from transport._ops.wireschema import check_schemas, write_schemas
 
     if args.check:
+        if not args.out.is_dir():
+            print(
+                f"transport: {args.out} is not a directory (--out names the schema files' "
+                "directory; the default, docs/schemas, is relative: run it from the "
+                "repository root)",
+                file=sys.stderr,
+            )
+            return 1
         problems = check_schemas(args.out)
         for name, problem in problems.items():
             print(f"{args.out / name}: differs from the models", file=sys.stderr)

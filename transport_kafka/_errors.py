@@ -56,6 +56,13 @@ def error_from_kafka(err: KafkaError, what: str) -> TransportError:
     """Classify one ``KafkaError`` (from an exception or a delivery report)."""
     code = err.code()
     message = f"{what}: {err.name()}: {err.str()}"
+    if code == KafkaError._MSG_TIMED_OUT:
+        # librdkafka's words alone ("Local: Message timed out") left a user
+        # guessing why.
+        message += (
+            " (no broker acknowledged the record within the delivery timeout: the"
+            " brokers are unreachable, or its topic is gone)"
+        )
     if code in _SIZE_CODES:
         exc: TransportError = PermanentTransportError(
             f"{message} (record too large for the broker)"

@@ -132,6 +132,8 @@ def test_error_mapping() -> None:
     with pytest.raises(TransientTransportError) as exc, map_kafka_errors("enqueue"):
         raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT))
     assert isinstance(exc.value.__cause__, KafkaException)
+    # librdkafka's "Local: Message timed out" alone did not say why.
+    assert "brokers are unreachable, or its topic is gone" in str(exc.value)
     with pytest.raises(ConfigurationError), map_kafka_errors("config"):
         raise KafkaException(KafkaError(KafkaError._INVALID_ARG))
     with pytest.raises(TransientTransportError), map_kafka_errors("produce"):
