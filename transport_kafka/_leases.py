@@ -76,7 +76,13 @@ class _Leases(_EngineState):
                 raise TransientTransportError(f"consumer of queue {self.name!r} stopped")
             now = time.monotonic()
             if not self.primed:
-                if now >= self._sync_deadline:
+                # Not while an assignment is being taken in (its blocking
+                # calls are bounded by the operation timeout): it is about
+                # to say what this engine holds.
+                limit = self._sync_deadline
+                if self.member.rebalancing:
+                    limit += o.operation_timeout_s
+                if now >= limit:
                     log.warning(
                         "queue %r: no partition assignment within the session timeout + 5 s; "
                         "serving without it",
@@ -84,7 +90,7 @@ class _Leases(_EngineState):
                     )
                     self.primed = True
                     continue
-                left = self._sync_deadline - now
+                left = limit - now
             else:
                 if now >= rebalance_limit:
                     break  # served as assigned before; acks still wait for the outcome

@@ -370,6 +370,14 @@ class _GroupMember:
             engine._settle_tentative(set())
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if len(self.engines) > 1:
+            # The levels learn their assignment one after the other, each
+            # with blocking calls (committed offsets, watermarks): until the
+            # last one has, none is served, and none is taken to know its
+            # head for want of an assignment (see _Leases.caught_up). A
+            # worker restarted seconds after a crash got its assignment just
+            # as that wait ran out, and served a lower level first.
+            self.rebalancing = True
         positions: list[TopicPartition] = []
         for engine in self.engines:
             own = engine._own(partitions)

@@ -427,26 +427,32 @@ class Transport(ABC):
         policy: AgingPolicy | None = None,
     ) -> PriorityRequestQueue:
         """A :class:`PriorityRequestQueue` over one queue per level
-        (``name__p0`` … ``name__p{levels-1}``) of this backend.
+        (``name__p0`` … ``name__p{levels-1}``) of this backend; with one
+        level, over the plain queue ``name``, as an ``Ensemble`` of
+        ``priority_levels=1``, ``Network``, the outbox and provisioning take
+        one level to be (a producer can open ``priority_queue(cap.queue,
+        levels=cap.priority_levels)`` for any advertisement).
 
         Raises: InvalidNameError, ValueError (levels < 1, interval ≤ 0).
         """
         self._check_open()
         validate_name(name, "queue name")
         policy = policy or AgingPolicy(levels=levels, aging_interval=aging_interval)
-        queues = [
-            _instrument(self._with_codec(queue))
-            for queue in self._open_level_queues(
-                name,
-                policy.levels,
-                lease_seconds=(
-                    lease_seconds.total_seconds()
-                    if isinstance(lease_seconds, timedelta)
-                    else (lease_seconds or self.config.lease_seconds)
-                ),
-                max_attempts=max_attempts if max_attempts is not None else self.config.max_attempts,
+        lease = (
+            lease_seconds.total_seconds()
+            if isinstance(lease_seconds, timedelta)
+            else (lease_seconds or self.config.lease_seconds)
+        )
+        attempts = max_attempts if max_attempts is not None else self.config.max_attempts
+        if policy.levels == 1:
+            # It was name__p0, a queue no one-level consumer reads: requests
+            # enqueued that way to a one-level ensemble were never served.
+            opened = [self._open_queue(name, lease_seconds=lease, max_attempts=attempts)]
+        else:
+            opened = self._open_level_queues(
+                name, policy.levels, lease_seconds=lease, max_attempts=attempts
             )
-        ]
+        queues = [_instrument(self._with_codec(queue)) for queue in opened]
         pq = PriorityRequestQueue(
             name,
             queues,

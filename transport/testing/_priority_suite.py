@@ -59,6 +59,26 @@ class PriorityQueueConformance:
         if harness.capabilities.ordered:
             assert [d.request.request_id for d in got] == sent[0] + sent[1] + sent[2]
 
+    async def test_a_priority_queue_of_one_level_is_the_plain_queue(
+        self, transport: Transport, queue_name: str, harness: BackendHarness
+    ) -> None:
+        """One level means the plain queue ``name``, as for an ``Ensemble`` of
+        ``priority_levels=1`` (what its advertisement says), ``Network`` and
+        the outbox. ``priority_queue(name, levels=1)`` used ``name__p0``: a
+        producer enqueueing by the advertisement stranded every request."""
+        pq = transport.priority_queue(queue_name, levels=1)
+        sent = await pq.enqueue(WorkRequest(task="t"), priority=0)
+        plain = transport.request_queue(queue_name)
+        got = await plain.poll(harness.scaled(30))
+        assert got is not None and got.request.request_id == sent.request_id
+        assert await got.ack()
+        await plain.aclose()  # a consumer that may hold the next one ahead
+        producer = transport.request_queue(queue_name)
+        again = await producer.enqueue(WorkRequest(task="t"))
+        taken = await pq.poll(harness.scaled(30))
+        assert taken is not None and taken.request.request_id == again.request_id
+        assert await taken.ack()
+
     async def test_aging_promotes_one_level_per_interval(
         self, transport: Transport, queue_name: str, harness: BackendHarness
     ) -> None:
