@@ -121,6 +121,13 @@ _JOIN_GRACE_SECONDS = 0.2
 #: After a hand-out, how long the broker may take to dispatch the next
 #: message on the permit it returned (see PulsarRequestQueue.caught_up).
 _DISPATCH_GRACE_SECONDS = 0.2
+#: While polls find nothing, the broker is asked for this queue's topic (a
+#: lookup, one round trip) at most this often, with this timeout: the
+#: client's consumer says "connected" until its keepalive gives up, about
+#: 60 s after a broker went silent with the connection open (hung, or cut
+#: off by a partition), and polls answered "empty" all that time.
+_PROBE_EVERY_SECONDS = 5.0
+_PROBE_TIMEOUT_SECONDS = 5.0
 # Hand-outs counted ahead (see PulsarRequestQueue._reserve_next): one, or
 # up to _RESERVE_MAX while acks follow each other within _HOT_GAP_SECONDS
 # (a loop faster than a count write; a steadily slow one holds no more).
@@ -260,6 +267,11 @@ class PulsarRequestQueue(RequestQueue):
         self._producer: AsyncProducer | None = None
         self._consumer: AsyncConsumer | None = None
         self._handed_out_at = float("-inf")  # loop time of the last hand-out
+        # The broker's last sign of life seen by an idle poll (loop time),
+        # the lookup asking for one, and whether the last one went unanswered.
+        self._answered_at = float("-inf")
+        self._probe: asyncio.Future[None] | None = None
+        self._silent = False
         self._lock = asyncio.Lock()
         self._creating: InFlight[str] = InFlight()
         # Leased and held-back messages by message id: after a reconnect the
@@ -347,7 +359,7 @@ class PulsarRequestQueue(RequestQueue):
                 message = await consumer.next(remaining)
             if message is None:
                 now = loop.time()
-                if consumer.connected():
+                if consumer.connected() and self._broker_answers(now):
                     down_since = None
                 else:
                     down_since = now if down_since is None else down_since
@@ -361,10 +373,30 @@ class PulsarRequestQueue(RequestQueue):
                 if deadline is not None and now >= deadline:
                     return None
                 continue
+            self._answered_at, self._silent = loop.time(), False  # a message: it answers
             delivery = await self._admit(consumer, message)
             if delivery is not None:
                 self._handed_out_at = loop.time()
                 return delivery
+
+    def _broker_answers(self, now: float) -> bool:
+        """For a poll that found nothing: False once a lookup of this queue's
+        topic went unanswered (until one is answered or a message comes);
+        starts a lookup when the last sign of life is older than
+        :data:`_PROBE_EVERY_SECONDS` and none is on its way."""
+        if self._probe is None and now - self._answered_at >= _PROBE_EVERY_SECONDS:
+            self._probe = asyncio.ensure_future(self._lookup())
+        return not self._silent
+
+    async def _lookup(self) -> None:
+        try:
+            await self._client.topic_partitions(self.topic, timeout=_PROBE_TIMEOUT_SECONDS)
+        except (TransportError, TimeoutError):
+            self._silent = True
+        else:
+            self._answered_at, self._silent = asyncio.get_running_loop().time(), False
+        finally:
+            self._probe = None
 
     async def caught_up(self, timeout: float | None = None) -> bool:
         """As :meth:`RequestQueue.caught_up`. ``poll(0)`` answers from what
@@ -1191,6 +1223,10 @@ class PulsarRequestQueue(RequestQueue):
             return
         self._closed = True
         _undo_at_exit.discard(self)
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         for delivery in list(self._held.values()):
             if delivery._timer is not None:
                 delivery._timer.cancel()
