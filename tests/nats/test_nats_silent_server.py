@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._silent import seconds_until_polls_raise
 from transport import TransientTransportError, WorkRequest, connect
 from transport.testing.brokers import NatsServer
 
@@ -35,25 +36,9 @@ async def test_polls_raise_once_a_silent_server_misses_its_pings(server: NatsSer
     transport = await connect(server.url, options={"ping_interval": 1, "max_outstanding_pings": 2})
     try:
         queue = transport.request_queue("silent")
-        sent = await queue.enqueue(WorkRequest(task="before"))
-        got = await queue.poll(10)
-        assert got is not None and got.request.request_id == sent.request_id
-        assert await got.ack()
-        loop = asyncio.get_running_loop()
-        server.pause()
-        try:
-            paused = loop.time()
-            empty = 0
-            with pytest.raises(TransientTransportError):
-                async with asyncio.timeout(30):
-                    while True:
-                        assert await queue.poll(1) is None
-                        empty += 1
-            took = loop.time() - paused
-            # Three missed PINGs a second apart, then the next poll.
-            assert took < 10, f"{empty} empty polls over {took:.1f} s"
-        finally:
-            server.resume()
+        took, empty = await seconds_until_polls_raise(queue, server, poll=1, within=30)
+        # Three missed PINGs a second apart, then the next poll.
+        assert took < 10, f"{empty} empty polls over {took:.1f} s"
         after: WorkRequest | None = None
         async with asyncio.timeout(30):
             while True:  # reconnecting: calls raise until it is back

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from transport import TransientTransportError, WorkRequest, connect
+from tests._silent import seconds_until_polls_raise
+from transport import TransientTransportError, connect
 from transport.testing.brokers import PulsarLiteBroker
 
 from .conftest import ON_PULSAR_LITE
@@ -37,25 +38,9 @@ async def test_polls_raise_once_a_silent_broker_misses_a_lookup(broker: PulsarLi
     transport = await connect(broker.url)
     try:
         queue = transport.request_queue("silent")
-        sent = await queue.enqueue(WorkRequest(task="before"))
-        got = await queue.poll(10)
-        assert got is not None and got.request.request_id == sent.request_id
-        assert await got.ack()
-        loop = asyncio.get_running_loop()
-        broker.pause()
-        try:
-            paused = loop.time()
-            empty = 0
-            with pytest.raises(TransientTransportError):
-                async with asyncio.timeout(40):
-                    while True:
-                        assert await queue.poll(2) is None
-                        empty += 1
-            took = loop.time() - paused
-            # A lookup every 5 s, unanswered after 5 s, then the poll's end.
-            assert took < 15, f"{empty} empty polls over {took:.1f} s"
-        finally:
-            broker.resume()
+        took, empty = await seconds_until_polls_raise(queue, broker, poll=2, within=40)
+        # A lookup every 5 s, unanswered after 5 s, then the poll's end.
+        assert took < 15, f"{empty} empty polls over {took:.1f} s"
         async with asyncio.timeout(60):
             while True:  # the client reconnects: polls may raise meanwhile
                 try:

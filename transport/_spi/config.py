@@ -126,6 +126,15 @@ def looks_secret(name: str) -> bool:
     return False
 
 
+def _authority_end(rest: str) -> int:
+    """Where the authority of ``rest`` (a URL after ``scheme://``) ends: at
+    the first '/', '?' or '#' after its last '@' (a password may hold
+    them), else at the end."""
+    at = rest.rfind("@")
+    ends = [i for i in (rest.find(ch, at + 1) for ch in "/?#") if i != -1]
+    return min(ends, default=len(rest))
+
+
 def redact_url(url: str) -> str:
     """``url`` with every password (and a user part without one: a token,
     by NATS convention) replaced by ``***``, the user names kept. Robust to
@@ -146,9 +155,7 @@ def redact_url(url: str) -> str:
         at = rest.rfind("@")
     if at < 0:
         return f"{scheme}://{_redact_query(rest)}"
-    # The authority ends at the first '/', '?' or '#' after its last '@'.
-    ends = [i for i in (rest.find(ch, at) for ch in "/?#") if i != -1]
-    end = min(ends, default=len(rest))
+    end = _authority_end(rest)
     authority, tail = rest[:end], rest[end:]
 
     def masked(part: str) -> str:
@@ -295,9 +302,7 @@ def _check_servers(url: str) -> None:
     # Read from the redacted URL, whose user parts are masked: a password
     # may hold '/', ':' or ',' and must never reach a message.
     rest = redact_url(url).split("://", 1)[1]
-    at = rest.rfind("@")
-    ends = [i for i in (rest.find(ch, at + 1) for ch in "/?#") if i != -1]
-    authority = rest[: min(ends, default=len(rest))]
+    authority = rest[: _authority_end(rest)]
     if not authority.rpartition("@")[2]:
         return  # the backend's default server, or a setting that names them
     for segment in authority.split(","):

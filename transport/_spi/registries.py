@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec
 
 from pydantic import Field
 from pydantic_core import from_json
@@ -101,27 +101,19 @@ def _decoded(raw: bytes | None) -> DeliveryRecord | None:
         return None
 
 
-def _weakly(method: Callable[[str, bytes | None], None]) -> Callable[[str, bytes | None], None]:
-    """``method`` (a registry's applier) called through a weak reference:
-    the view's task must not keep a registry the program dropped alive."""
+_P = ParamSpec("_P")
+
+
+def _weakly(method: Callable[_P, None]) -> Callable[_P, None]:
+    """``method`` (a registry's applier, or its hook for the end of the
+    first load) called through a weak reference: the view's task must not
+    keep a registry the program dropped alive."""
     ref = weakref.WeakMethod(method)
 
-    def apply(key: str, value: bytes | None) -> None:
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> None:
         bound = ref()
         if bound is not None:
-            bound(key, value)
-
-    return apply
-
-
-def _weakly_call(method: Callable[[], None]) -> Callable[[], None]:
-    """As :func:`_weakly`, for a method without arguments."""
-    ref = weakref.WeakMethod(method)
-
-    def call() -> None:
-        bound = ref()
-        if bound is not None:
-            bound()
+            bound(*args, **kwargs)
 
     return call
 
@@ -1080,7 +1072,7 @@ class CapabilityRegistry:
             _weakly(self._apply_raw),
             "capability registry",
             ready_timeout=ready_timeout,
-            on_loaded=_weakly_call(self._loaded),
+            on_loaded=_weakly(self._loaded),
         )
         self._janitor: asyncio.Task[None] | None = None
         self._closed = False
